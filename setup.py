@@ -1,0 +1,53 @@
+"""swift-gkd-plugin: Generalized Knowledge Distillation for ms-swift, as a plugin."""
+import os
+
+from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PTH = 'swift_gkd_plugin.pth'
+
+
+class BuildWithPth(build_py):
+    """Ships ``swift_gkd_plugin.pth`` at the top of site-packages: it activates the plugin in every process."""
+
+    def run(self):
+        super().run()
+        self.copy_file(os.path.join(HERE, PTH), os.path.join(self.build_lib, PTH), preserve_mode=0)
+
+    def get_outputs(self, include_bytecode=1):
+        return super().get_outputs(include_bytecode) + [os.path.join(self.build_lib, PTH)]
+
+
+def read_version():
+    with open(os.path.join(HERE, 'swift_gkd_plugin', '__init__.py')) as f:
+        for line in f:
+            if line.startswith('__version__'):
+                return line.split('=')[1].strip().strip("'\"")
+    raise RuntimeError('no __version__')
+
+
+setup(
+    name='swift-gkd-plugin',
+    version=read_version(),
+    description='Generalized Knowledge Distillation (GKD) trainer for ms-swift: swift rlhf / megatron rlhf --rlhf_type gkd',
+    long_description=open(os.path.join(HERE, 'README.md'), encoding='utf-8').read(),
+    long_description_content_type='text/markdown',
+    packages=find_packages(include=['swift_gkd_plugin', 'swift_gkd_plugin.*']),
+    python_requires='>=3.10',
+    install_requires=[
+        'ms-swift>=4.6.0,<4.7',
+        'msgspec',  # ms-swift 4.6 imports it in swift.rlhf_trainers but does not declare it
+    ],
+    extras_require={
+        'deepspeed': ['deepspeed>=0.17'],
+        'vllm': ['vllm>=0.10.2'],
+        'megatron': ['megatron-core>=0.14', 'mcore-bridge'],
+        'dev': ['pytest>=8', 'pytest-timeout', 'psutil', 'tokenizers'],
+    },
+    entry_points={'console_scripts': ['swift-gkd = swift_gkd_plugin.cli:main']},
+    cmdclass={'build_py': BuildWithPth},
+    include_package_data=False,
+    zip_safe=False,
+    classifiers=['Programming Language :: Python :: 3', 'License :: OSI Approved :: Apache Software License'],
+)

@@ -1,0 +1,76 @@
+"""Start-up hook, imported by ``swift_gkd_plugin.pth`` in every Python process of the environment.
+
+It must cost nothing: it imports neither torch nor ms-swift. It only registers post-import hooks so that, when a
+process imports ms-swift's rlhf pipeline or trainer factory, the plugin's arguments and trainer are put in place
+(see :mod:`swift_gkd_plugin.activation`). ``SWIFT_GKD_PLUGIN=0`` leaves ms-swift untouched.
+"""
+import importlib.abc
+import importlib.util
+import os
+import sys
+
+_OFF_VALUES = {'0', 'false', 'no', 'off'}
+
+# module name -> function name in swift_gkd_plugin.activation, called right after that module has executed
+_HOOKS = {
+    'swift.pipelines.train.rlhf': 'on_rlhf_pipeline_imported',
+    'swift.trainers.trainer_factory': 'on_trainer_factory_imported',
+    'swift.megatron.pipelines.train.rlhf': 'on_megatron_rlhf_pipeline_imported',
+}
+
+
+def auto_activation_enabled() -> bool:
+    return os.environ.get('SWIFT_GKD_PLUGIN', '1').strip().lower() not in _OFF_VALUES
+
+
+class _Loader(importlib.abc.Loader):
+    """Delegates to the real loader, then runs the plugin's hook on the fresh module."""
+
+    def __init__(self, inner, hook_name):
+        self._inner = inner
+        self._hook_name = hook_name
+
+    def create_module(self, spec):
+        return self._inner.create_module(spec)
+
+    def exec_module(self, module):
+        self._inner.exec_module(module)
+        from swift_gkd_plugin import activation
+        getattr(activation, self._hook_name)(module)
+
+
+class _PostImportFinder(importlib.abc.MetaPathFinder):
+
+    def find_spec(self, fullname, path=None, target=None):
+        hook_name = _HOOKS.get(fullname)
+        if hook_name is None:
+            return None
+        for finder in sys.meta_path:  # the real spec, from the finders after us
+            if finder is self or not hasattr(finder, 'find_spec'):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, 'exec_module'):
+                    spec.loader = _Loader(spec.loader, hook_name)
+                return spec
+        return None
+
+
+def install() -> None:
+    if not auto_activation_enabled():
+        return
+    if any(isinstance(f, _PostImportFinder) for f in sys.meta_path):
+        return
+    sys.meta_path.insert(0, _PostImportFinder())
+    # Modules imported before this point (unusual: the .pth runs at start-up) are patched right away.
+    already = [name for name in _HOOKS if name in sys.modules]
+    if already:
+        from swift_gkd_plugin import activation
+        for name in already:
+            getattr(activation, _HOOKS[name])(sys.modules[name])
+
+
+try:
+    install()
+except Exception as exc:  # never break an unrelated Python process because of the plugin
+    sys.stderr.write(f'swift_gkd_plugin: auto-activation failed: {exc!r}\n')

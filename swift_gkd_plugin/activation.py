@@ -1,0 +1,84 @@
+"""Puts the plugin's arguments and trainer in place inside ms-swift. The one module that patches ms-swift.
+
+Two ways in, same effect:
+
+* automatic (default): ``swift_gkd_plugin.pth`` installs import hooks (:mod:`swift_gkd_plugin._bootstrap`) that
+  call the ``on_*_imported`` functions below as soon as ms-swift's modules are imported, in every process,
+  torchrun ranks included. The plugin's arguments class is then used to parse the command line, so its flags
+  are accepted like ms-swift's own.
+* explicit: ``--external_plugins "$(swift-gkd plugin-path)"`` (for users who set ``SWIFT_GKD_PLUGIN=0``).
+  ms-swift imports that file after parsing, so :func:`activate_from_external_plugin` patches the already-created
+  arguments' checks and the trainer factory instead (see its docstring for plugin flags in this mode).
+
+Nothing here runs for ``swift sft`` or other pipelines; other rlhf types keep ms-swift's trainers.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+TRAINER_PATH = 'swift_gkd_plugin.swift.trainer.GKDPluginTrainer'
+CONFIG_PATH = 'swift_gkd_plugin.swift.arguments.GKDPluginConfig'
+MEGATRON_TRAINER_NAME = 'MegatronGKDTrainer'
+
+_state = {'trainer_factory': False, 'rlhf_pipeline': False}
+
+
+def on_trainer_factory_imported(module) -> None:
+    """Route ``rlhf_type='gkd'`` to the plugin's trainer and training-arguments classes (dotted paths, lazy)."""
+    factory = module.TrainerFactory
+    factory.TRAINER_MAPPING['gkd'] = TRAINER_PATH
+    factory.TRAINING_ARGS_MAPPING['gkd'] = CONFIG_PATH
+    _state['trainer_factory'] = True
+
+
+def on_rlhf_pipeline_imported(module) -> None:
+    """Parse ``swift rlhf`` command lines with the plugin's arguments class (ms-swift's plus the plugin's flags)."""
+    from swift_gkd_plugin.swift.arguments import GKDPluginRLHFArguments
+    pipeline = module.SwiftRLHF
+    if pipeline.args_class is GKDPluginRLHFArguments:
+        return
+    original_parse = pipeline._parse_args
+    base_cls = pipeline.args_class
+
+    def _parse_args(self, args=None):
+        # An RLHFArguments object built by the caller is used as is (it simply lacks the plugin's flags).
+        if isinstance(args, base_cls):
+            return args
+        return original_parse(self, args)
+
+    pipeline.args_class = GKDPluginRLHFArguments
+    pipeline._parse_args = _parse_args
+    module.RLHFArguments = GKDPluginRLHFArguments
+    _state['rlhf_pipeline'] = True
+
+
+def on_megatron_rlhf_pipeline_imported(module) -> None:
+    """Megatron-SWIFT support lands with the Megatron issue; until then ms-swift's Megatron GKD runs unchanged."""
+
+
+def activate_from_external_plugin() -> None:
+    """Activation through ``--external_plugins``, which ms-swift imports inside ``BaseArguments.__post_init__``.
+
+    Parsing is over by then, so the arguments object is ms-swift's own class. The plugin's validation replaces
+    ``RLHFArguments._check_gkd`` (which runs later in the same ``__post_init__``) and the trainer factory is
+    rerouted. Plugin-only flags on the command line cannot be parsed any more in this process: if there are any,
+    a ``swift rlhf`` child process re-executes itself once with the plugin enabled, so that they are parsed like
+    ms-swift's own flags; elsewhere a clear error says what to do.
+    """
+    from swift.arguments import RLHFArguments
+    from swift.trainers import trainer_factory
+
+    from swift_gkd_plugin.swift.arguments import GKDPluginRLHFArguments, plugin_flags_in
+    flags = plugin_flags_in(sys.argv[1:])
+    if flags:
+        entry = os.path.basename(sys.argv[0])
+        if entry == 'rlhf.py' and os.environ.get('SWIFT_GKD_PLUGIN_REEXEC') != '1':
+            env = dict(os.environ, SWIFT_GKD_PLUGIN='1', SWIFT_GKD_PLUGIN_REEXEC='1')
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.execve(sys.executable, [sys.executable] + sys.argv, env)
+        raise ValueError(f'swift_gkd_plugin flags {flags} need the plugin active while the command line is parsed: '
+                         'unset SWIFT_GKD_PLUGIN (or set it to 1) instead of using --external_plugins.')
+    RLHFArguments._check_gkd = GKDPluginRLHFArguments._check_gkd
+    on_trainer_factory_imported(trainer_factory)

@@ -1,0 +1,105 @@
+"""``swift-gkd``: helper commands of the plugin.
+
+    swift-gkd plugin-path        the file to pass to --external_plugins (explicit activation)
+    swift-gkd demo [--steps N]   build a tiny teacher and student offline and distil one into the other on CPU
+    swift-gkd version
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+import swift_gkd_plugin
+
+OFFLINE_ENV = {
+    'HF_HUB_OFFLINE': '1',
+    'HF_DATASETS_OFFLINE': '1',
+    'TRANSFORMERS_OFFLINE': '1',
+    'MODELSCOPE_OFFLINE': '1',
+    'USE_HF': '1',
+}
+
+
+def plugin_path() -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(swift_gkd_plugin.__file__)), 'plugin', 'activate_swift_gkd.py')
+
+
+def demo_command(ws: dict, output_dir: str, steps: int, lmbda: float, seed: int) -> list:
+    """The ``swift rlhf`` command line of the demo (also a working example of the flags a CPU run needs)."""
+    return [
+        'swift', 'rlhf', '--rlhf_type', 'gkd',
+        '--model', ws['student'], '--model_type', 'qwen3',
+        '--teacher_model', ws['teacher'], '--teacher_model_type', 'qwen3',
+        '--template', 'qwen3_nothinking',
+        '--dataset', ws['train'],
+        '--tuner_type', 'full', '--torch_dtype', 'float32', '--check_model', 'false',
+        '--lmbda', str(lmbda), '--beta', '0.5', '--temperature', '1.0', '--max_completion_length', '16',
+        '--max_steps', str(steps), '--learning_rate', '3e-3', '--warmup_ratio', '0.0',
+        '--lr_scheduler_type', 'constant',
+        '--per_device_train_batch_size', '8', '--gradient_accumulation_steps', '1',
+        '--max_length', '128', '--logging_steps', '5', '--save_strategy', 'no',
+        '--report_to', 'none', '--dataloader_num_workers', '0', '--dataset_num_proc', '1',
+        '--seed', str(seed), '--output_dir', output_dir,
+    ]
+
+
+def run_demo(args) -> int:
+    from swift_gkd_plugin.testing import tiny
+
+    root = os.path.abspath(args.workdir)
+    t0 = time.time()
+    print(f'[swift-gkd demo] building the tiny teacher and student in {root} ...', flush=True)
+    ws = tiny.build_demo_workspace(root, seed=args.seed)
+    test_rows = tiny.read_rows(ws['test'])
+    tokenizer = tiny.load_tokenizer(ws['student'])
+    before = tiny.score(ws['student'], tokenizer, test_rows)
+    teacher = tiny.score(ws['teacher'], tokenizer, test_rows)
+    print(f'[swift-gkd demo] ready in {time.time() - t0:.0f}s: teacher {tiny.describe(ws["teacher"])}, '
+          f'student {tiny.describe(ws["student"])}', flush=True)
+
+    output_dir = os.path.join(root, 'output')
+    cmd = demo_command(ws, output_dir, args.steps, args.lmbda, args.seed)
+    print('[swift-gkd demo] running: ' + ' '.join(cmd), flush=True)
+    env = dict(os.environ, **OFFLINE_ENV)
+    env.pop('SWIFT_GKD_PLUGIN', None)
+    proc = subprocess.run(cmd, env=env)
+    if proc.returncode != 0:
+        print(f'[swift-gkd demo] swift rlhf failed with exit code {proc.returncode}', file=sys.stderr)
+        return proc.returncode
+    trained = tiny.latest_checkpoint(output_dir)
+    after = tiny.score(trained, tokenizer, test_rows)
+    print('')
+    print(f'[swift-gkd demo] {tiny.SCORE_NAME} on {len(test_rows)} held-out prompts:')
+    print(f'    teacher               {teacher:.3f}')
+    print(f'    student before GKD    {before:.3f}')
+    print(f'    student after GKD     {after:.3f}   ({args.steps} steps, lmbda={args.lmbda}, '
+          f'{time.time() - t0:.0f}s in all)')
+    print(f'    trained student: {trained}')
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog='swift-gkd', description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = parser.add_subparsers(dest='command', required=True)
+    sub.add_parser('plugin-path', help='print the file to pass to --external_plugins')
+    sub.add_parser('version', help='print the plugin version')
+    demo = sub.add_parser('demo', help='distil a tiny teacher into a tiny student on CPU, offline')
+    demo.add_argument('--workdir', default='swift_gkd_demo', help='where models, data and outputs go')
+    demo.add_argument('--steps', type=int, default=40, help='GKD optimizer steps')
+    demo.add_argument('--lmbda', type=float, default=0.5, help='probability of an on-policy step')
+    demo.add_argument('--seed', type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.command == 'plugin-path':
+        print(plugin_path())
+        return 0
+    if args.command == 'version':
+        print(swift_gkd_plugin.__version__)
+        return 0
+    return run_demo(args)
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,5 @@
+"""Framework-free GKD core: divergences, losses and the mode policy. Imports torch only, never ms-swift."""
+from .divergence import align_vocab, generalized_jsd
+from .modes import Mode, choose_mode
+
+__all__ = ['Mode', 'align_vocab', 'choose_mode', 'generalized_jsd']

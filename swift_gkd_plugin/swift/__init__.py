@@ -1,0 +1,1 @@
+"""Adapters that plug the core into ms-swift's transformers/DeepSpeed pipeline."""

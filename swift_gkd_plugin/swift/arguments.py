@@ -1,0 +1,144 @@
+"""The plugin's command-line flags and the checks that refuse bad GKD input before any model is loaded."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from typing import List, Literal, Optional
+
+from swift.arguments import RLHFArguments
+from swift.rlhf_trainers import GKDConfig
+from swift.utils import get_logger
+
+import swift_gkd_plugin
+
+logger = get_logger()
+
+
+@dataclass
+class GKDPluginArgumentsMixin:
+    """Flags that ms-swift's GKD does not have. Each is declared on the command-line arguments and on the trainer's
+    config (ms-swift only forwards fields that the config class declares)."""
+    gkd_loss_impl: Literal['auto', 'fused', 'dense'] = field(
+        default='auto',
+        metadata={'help': 'GKD loss implementation: auto (fused where it applies, else dense), fused, or dense.'})
+
+
+PLUGIN_FLAGS: List[str] = [f.name for f in fields(GKDPluginArgumentsMixin)]
+GKD_LOSS_IMPLS = ('auto', 'fused', 'dense')
+
+
+def plugin_flags_in(argv: List[str]) -> List[str]:
+    """The plugin-only flags present in a command line (``--flag value`` or ``--flag=value``)."""
+    found = []
+    for token in argv:
+        name = token[2:].split('=', 1)[0] if token.startswith('--') else None
+        if name in PLUGIN_FLAGS:
+            found.append(f'--{name}')
+    return found
+
+
+def check_gkd_scalars(args) -> None:
+    """Range checks that need nothing but the flags; each message names the flag and the allowed values."""
+    beta = args.beta
+    if beta is not None and not 0.0 <= beta <= 1.0:
+        raise ValueError(f'--beta must be in [0, 1] for GKD (0 = KL(teacher||student), 1 = KL(student||teacher)), '
+                         f'got {beta}')
+    if not 0.0 <= args.lmbda <= 1.0:
+        raise ValueError(f'--lmbda must be in [0, 1] (the probability of an on-policy step), got {args.lmbda}')
+    if not args.temperature > 0:
+        raise ValueError(f'--temperature must be > 0, got {args.temperature}')
+    may_sample = args.lmbda > 0 or args.seq_kd
+    max_len = args.max_completion_length
+    if may_sample and (max_len is None or max_len <= 0):
+        raise ValueError(f'--max_completion_length must be > 0 when sampling is possible (--lmbda > 0 or '
+                         f'--seq_kd true), got {max_len}')
+    impl = getattr(args, 'gkd_loss_impl', 'auto')
+    if impl not in GKD_LOSS_IMPLS:
+        raise ValueError(f'--gkd_loss_impl must be one of {list(GKD_LOSS_IMPLS)}, got {impl!r}')
+    topk = args.gkd_logits_topk
+    if topk is not None and topk <= 0:
+        raise ValueError(f'--gkd_logits_topk must be a positive integer (or unset for the full vocabulary), got {topk}')
+
+
+def resolve_model_dir(flag: str, model_id: str, revision: Optional[str], args) -> str:
+    """A local directory for ``model_id`` (a path or a hub id), or a ValueError that names ``flag``."""
+    path = os.path.abspath(os.path.expanduser(model_id))
+    if os.path.isdir(path):
+        return path
+    if model_id.startswith(('/', './', '../', '~')) or os.path.exists(path):
+        raise ValueError(f'{flag} {model_id!r}: no such model directory')
+    from swift.utils import safe_snapshot_download
+    try:  # config and tokenizer files only, never the weights
+        return safe_snapshot_download(
+            model_id, revision=revision, download_model=False, use_hf=args.use_hf, hub_token=args.hub_token)
+    except Exception as exc:
+        raise ValueError(f'{flag} {model_id!r} cannot be found: not a local directory, and the hub lookup failed '
+                         f'({type(exc).__name__}: {exc})') from exc
+
+
+def _load_vocab(model_dir: str):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True).get_vocab()
+    except Exception as exc:  # e.g. a processor-only multimodal repo: the pipeline will report real problems
+        logger.warning(f'swift_gkd_plugin: cannot read the tokenizer of {model_dir} to compare vocabularies ({exc})')
+        return None
+
+
+def check_teacher(args) -> None:
+    """The teacher exists and speaks the student's vocabulary (a larger lm_head over the same tokenizer is fine)."""
+    if args.teacher_model is None:
+        return
+    teacher_dir = resolve_model_dir('--teacher_model', args.teacher_model, args.teacher_model_revision, args)
+    student_dir = getattr(args, 'model_dir', None)
+    if student_dir is None or os.path.realpath(student_dir) == os.path.realpath(teacher_dir):
+        return
+    student_vocab, teacher_vocab = _load_vocab(student_dir), _load_vocab(teacher_dir)
+    if student_vocab is None or teacher_vocab is None or student_vocab == teacher_vocab:
+        return
+    only_s = len(set(student_vocab.items()) - set(teacher_vocab.items()))
+    only_t = len(set(teacher_vocab.items()) - set(student_vocab.items()))
+    raise ValueError(
+        f'teacher and student tokenizers differ: --model {args.model!r} has {len(student_vocab)} tokens, '
+        f'--teacher_model {args.teacher_model!r} has {len(teacher_vocab)} ({only_s} token/id pairs only in the '
+        f'student, {only_t} only in the teacher). GKD compares distributions token by token, so both must use the '
+        'same tokenizer (a teacher whose lm_head is larger over the same tokenizer is fine).')
+
+
+@dataclass
+class GKDPluginRLHFArguments(GKDPluginArgumentsMixin, RLHFArguments):
+    """ms-swift's ``RLHFArguments`` plus the plugin's flags and checks; used to parse ``swift rlhf``."""
+
+    def __post_init__(self):
+        if self.rlhf_type == 'gkd':
+            check_gkd_scalars(self)  # before ms-swift resolves models or connects to vLLM servers
+        super().__post_init__()
+
+    def _check_gkd(self):
+        if self.rlhf_type != 'gkd':
+            changed = [f'--{f.name}' for f in fields(GKDPluginArgumentsMixin) if getattr(self, f.name) != f.default]
+            if changed:
+                raise ValueError(f'{changed} only apply to --rlhf_type gkd (got --rlhf_type {self.rlhf_type})')
+            return
+        check_gkd_scalars(self)
+        logger.info(f'swift_gkd_plugin {swift_gkd_plugin.__version__}: GKD trainer active '
+                    f'(lmbda={self.lmbda}, seq_kd={self.seq_kd}, beta={self.beta}, temperature={self.temperature})')
+        from swift.utils import is_mp
+        if is_mp() and self.use_vllm:
+            raise ValueError('--use_vllm true is not compatible with device_map model parallelism: set '
+                             'NPROC_PER_NODE to the number of processes.')
+        if self.async_generate:
+            raise ValueError('--async_generate true is not supported for GKD (allowed: false)')
+        if self.teacher_model_server is not None:
+            if self.gkd_logits_topk is None:
+                raise ValueError('--gkd_logits_topk is required with --teacher_model_server (the server returns '
+                                 'top-k log-probabilities)')
+            if self.seq_kd:
+                raise ValueError('--seq_kd true needs a local teacher that can sample (--teacher_model, or the '
+                                 'student base with LoRA); a --teacher_model_server only scores responses')
+        check_teacher(self)
+
+
+@dataclass
+class GKDPluginConfig(GKDPluginArgumentsMixin, GKDConfig):
+    """The trainer's configuration: ms-swift's ``GKDConfig`` plus the plugin's flags."""

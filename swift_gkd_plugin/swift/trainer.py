@@ -1,0 +1,232 @@
+"""The GKD trainer that ``swift rlhf --rlhf_type gkd`` runs once the plugin is active (transformers/DeepSpeed path).
+
+It reuses ms-swift's rollout infrastructure (``RolloutTrainerMixin``: templates, transformers and vLLM engines,
+vLLM client, teacher-server client, OPSD encoding) by subclassing ms-swift's ``GKDTrainer``, and replaces the GKD
+logic with the plugin's core:
+
+* the mode of each generation batch comes from :func:`swift_gkd_plugin.core.choose_mode` (on-policy, seq_kd with
+  the teacher sampling, or off-policy), identical on every rank and reproducible on resume;
+* the loss is the generalized JSD of :mod:`swift_gkd_plugin.core` on response tokens, summed in float32 and divided
+  by the number of response tokens of the whole optimizer step (all micro-batches, all ranks), so its value and
+  gradient do not depend on how the step is split into micro-batches or ranks.
+"""
+from __future__ import annotations
+
+import json
+import os
+from contextlib import ExitStack, contextmanager, nullcontext
+from copy import copy
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from swift.infer_engine import TransformersEngine
+from swift.infer_engine.protocol import RolloutOutput
+from swift.rlhf_trainers.gkd_loss import DataSource
+from swift.rlhf_trainers.gkd_trainer import GKDTrainer
+from swift.trainers import disable_gradient_checkpointing
+from swift.utils import get_logger, unwrap_model_for_generation
+
+from swift_gkd_plugin.core import Mode, align_vocab, choose_mode, generalized_jsd
+from swift_gkd_plugin.core.modes import mode_draw
+
+logger = get_logger()
+
+_DATA_SOURCE = {Mode.ON_POLICY: DataSource.STUDENT, Mode.SEQ_KD: DataSource.TEACHER, Mode.OFF_POLICY: DataSource.DATASET}
+
+
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Labels aligned with the logits that predict them (position i predicts token i + 1); -100 = no loss."""
+    return F.pad(labels[..., 1:], (0, 1), value=-100)
+
+
+def count_loss_tokens(labels: torch.Tensor) -> int:
+    return int((labels[..., 1:] != -100).sum())
+
+
+class GKDPluginTrainer(GKDTrainer):
+    """ms-swift's GKD trainer with the plugin's modes (seq_kd included), loss, normalisation and metrics."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # compute_loss already divides by the step's token count: the HF Trainer must not divide by the number
+        # of gradient-accumulation steps again (nor DeepSpeed, which the Trainer tells via scale_wrt_gas=False).
+        self.loss_is_scaled_for_ga = True
+        self._gkd_mode = Mode.OFF_POLICY
+        self._teacher_engine = None
+        self._mode_log = os.path.join(self.args.output_dir, 'gkd_modes', f'rank{self.args.process_index}.jsonl')
+
+    # ------------------------------------------------------------------ modes and sampling
+    def _rollout_samples(self, inputs):
+        """Pick the mode of this generation batch and produce its responses."""
+        training = self.model.training
+        step = int(self.state.global_step)
+        mode = choose_mode(self.args.seed, step, self.args.lmbda, self.args.seq_kd) if training else Mode.OFF_POLICY
+        self._gkd_mode = mode
+        self._data_source = _DATA_SOURCE[mode]
+        if training:
+            self._record_mode(step, mode)
+
+        if self.template.truncation_strategy == 'raise':
+            inputs = self.resample_encode_failed_inputs(inputs, strip_response=mode.needs_generation)
+        samples = self.to_samples(inputs)
+        if mode is Mode.ON_POLICY:
+            samples = self._generate_completions(samples)
+            self._log_student_completions(samples)
+        elif mode is Mode.SEQ_KD:
+            samples = self._generate_with_teacher(samples)
+        return samples
+
+    def _record_mode(self, step: int, mode: Mode) -> None:
+        for m in Mode:
+            self.custom_metrics['train'][f'gkd/mode_{m.value}'].update(float(m is mode))
+        os.makedirs(os.path.dirname(self._mode_log), exist_ok=True)
+        with open(self._mode_log, 'a') as f:
+            f.write(json.dumps({'step': step, 'mode': mode.value, 'draw': mode_draw(self.args.seed, step)}) + '\n')
+
+    def _generate_with_teacher(self, samples):
+        """seq_kd: the teacher samples the responses (transformers engine on the teacher's weights)."""
+        if self.teacher_model is None and not self._teacher_use_disable_adapter:
+            # The teacher is the student itself (no --teacher_model): its samples are the student's.
+            return self._generate_completions(samples)
+        samples = self._preprocess_inputs(samples)
+        requests = self.samples2requests(samples)
+        with self._teacher_sampling_context() as engine:
+            results = engine.infer(requests, self._get_request_config(), use_tqdm=False)
+        outputs = [r if isinstance(r, RolloutOutput) else RolloutOutput(response=r) for r in results]
+        samples = self._postprocess_rollout_outputs(samples, outputs)
+        if self.model.training:
+            self.model.train()  # the transformers engine switches the model it drives to eval()
+        return samples
+
+    def _infer_template(self):
+        template = copy(self.template)
+        template.padding_free = False
+        template.sequence_parallel_size = 1
+        template.remove_unused_columns = True
+        return template
+
+    @contextmanager
+    def _teacher_sampling_context(self):
+        with ExitStack() as stack:
+            if self._teacher_use_disable_adapter:
+                # One copy of the weights: the teacher is the student's base with the LoRA adapter switched off.
+                unwrapped = stack.enter_context(
+                    unwrap_model_for_generation(
+                        self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation))
+                stack.enter_context(unwrapped.disable_adapter())
+                engine = TransformersEngine(unwrapped, template=self._infer_template(), max_batch_size=0)
+            else:
+                stack.enter_context(self.load_teacher_model_context())
+                unwrapped = stack.enter_context(
+                    unwrap_model_for_generation(
+                        self.teacher_model, self.accelerator,
+                        gather_deepspeed3_params=self.teacher_ds3_gather_for_generation is not False))
+                if self._teacher_engine is None or self._teacher_engine.model is not unwrapped:
+                    self._teacher_engine = TransformersEngine(unwrapped, template=self._infer_template(),
+                                                              max_batch_size=0)
+                engine = self._teacher_engine
+            stack.enter_context(self.template.generate_context())
+            yield engine
+
+    # ------------------------------------------------------------------ batching and normalisation
+    def _generate_and_score_completions(self, inputs) -> List[Dict[str, Any]]:
+        """Attach to every micro-batch the number of response tokens of its whole optimizer step.
+
+        Micro-batches ``[i * GA, (i + 1) * GA)`` of one generation batch form optimizer step ``i``; their counts
+        are summed over all micro-batches and all ranks with one all-reduce per generation batch.
+        """
+        batches = super()._generate_and_score_completions(inputs)
+        training = self.model.training
+        group = self.args.gradient_accumulation_steps if training else 1
+        counts = torch.zeros((len(batches) + group - 1) // group, dtype=torch.float64, device=self.accelerator.device)
+        for i, batch in enumerate(batches):
+            counts[i // group] += count_loss_tokens(batch['model_inputs']['labels'])
+        if training and self.accelerator.num_processes > 1:
+            counts = self.accelerator.reduce(counts, reduction='sum')
+        for i, batch in enumerate(batches):
+            batch['gkd_step_tokens'] = float(counts[i // group])
+            batch['gkd_mode'] = self._gkd_mode
+        return batches
+
+    # ------------------------------------------------------------------ loss
+    def _teacher_forward(self, model, teacher_inputs):
+        fwd = {k: v for k, v in teacher_inputs.items() if k != 'labels'}
+        if self._is_self_distillation:
+            adapter = (self.accelerator.unwrap_model(model).disable_adapter()
+                       if self._teacher_use_disable_adapter else nullcontext())
+            with torch.no_grad(), adapter, disable_gradient_checkpointing(model,
+                                                                         self.args.gradient_checkpointing_kwargs):
+                return model(**fwd).logits
+        with torch.no_grad(), self.load_teacher_model_context(), disable_gradient_checkpointing(
+                self.teacher_model, self.args.gradient_checkpointing_kwargs):
+            return self.teacher_model(**fwd).logits
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        model_inputs = inputs['model_inputs']
+        teacher_inputs = inputs['teacher_model_inputs']
+        gkd_batch = inputs['gkd_batch']
+        mode: Mode = inputs.get('gkd_mode', Mode.OFF_POLICY)
+
+        if self.get_use_logits_to_keep(self.template.sequence_parallel_size == 1):
+            # Only the response positions need logits; each side is trimmed by its own labels.
+            self.prepare_logits_to_keep(model_inputs)
+            if not self.use_teacher_api:
+                self.prepare_logits_to_keep(teacher_inputs)
+
+        outputs = model(**{k: v for k, v in model_inputs.items() if k != 'labels'})
+        student_labels = shift_labels(model_inputs['labels'])
+        student_mask = student_labels != -100
+        teacher_mask = shift_labels(teacher_inputs['labels']) != -100
+        n_student, n_teacher = int(student_mask.sum()), int(teacher_mask.sum())
+        if n_student != n_teacher:
+            raise ValueError(f'teacher and student views hold different numbers of response tokens ({n_teacher} vs '
+                             f'{n_student}): the teacher must score exactly the student response tokens')
+        student = outputs.logits[student_mask]
+
+        if self.use_teacher_api:
+            per_token, agree = self._topk_divergence(student, gkd_batch.teacher_topk_indices[teacher_mask],
+                                                     gkd_batch.teacher_topk_logprobs[teacher_mask])
+        else:
+            teacher = self._teacher_forward(model, teacher_inputs)[teacher_mask]
+            if self.gkd_logits_topk is not None:
+                logprobs, ids = torch.log_softmax(teacher.float(), -1).topk(self.gkd_logits_topk, dim=-1)
+                per_token, agree = self._topk_divergence(student, ids, logprobs)
+            else:
+                student_aligned, teacher_aligned = align_vocab(student, teacher)
+                per_token = generalized_jsd(student_aligned, teacher_aligned, self.args.beta, self.args.temperature)
+                agree = (student_aligned.argmax(-1) == teacher_aligned.argmax(-1))
+
+        total = per_token.sum()
+        if self.args.sft_alpha > 0 and mode is not Mode.ON_POLICY:
+            ce = F.cross_entropy(student.float(), student_labels[student_mask], reduction='sum')
+            total = total + self.args.sft_alpha * ce
+
+        step_tokens = inputs.get('gkd_step_tokens', float(n_student))
+        # DDP and DeepSpeed average gradients over ranks: scaling by the world size makes the gradient that of
+        # (sum over every response token of the step) / (their count).
+        world = self.accelerator.num_processes if self.model.training else 1
+        loss = total * (world / max(step_tokens, 1.0))
+        if n_student == 0:
+            loss = loss + outputs.logits.sum() * 0.0  # keep the graph connected for DDP/ZeRO
+        self._log_loss_metrics(mode, per_token.detach(), agree)
+        return (loss, outputs) if return_outputs else loss
+
+    def _topk_divergence(self, student_logits, teacher_ids, teacher_logprobs):
+        """Divergence over the teacher's top-k support, both sides renormalised over it (ms-swift's definition)."""
+        uncovered = torch.isinf(teacher_logprobs).all(-1)
+        teacher_ids = teacher_ids.clamp(min=0, max=student_logits.shape[-1] - 1)
+        student_k = student_logits.gather(-1, teacher_ids)
+        teacher_k = teacher_logprobs.masked_fill(uncovered[:, None], 0.0)
+        per_token = generalized_jsd(student_k, teacher_k, self.args.beta, self.args.temperature)
+        per_token = per_token.masked_fill(uncovered, 0.0)
+        agree = (student_logits.argmax(-1) == teacher_ids.gather(-1, teacher_k.argmax(-1, keepdim=True))[:, 0])
+        return per_token, agree[~uncovered]
+
+    def _log_loss_metrics(self, mode: Mode, per_token: torch.Tensor, agree: torch.Tensor) -> None:
+        split = 'train' if self.model.training else 'eval'
+        if per_token.numel() == 0:
+            return
+        self.custom_metrics[split][f'gkd/loss_{mode.value}'].update(per_token.float().mean())
+        if agree.numel():
+            self.custom_metrics[split]['gkd/top1_agreement'].update(agree.float().mean())

@@ -1,0 +1,1 @@
+"""Offline test fixtures: tiny Qwen3-style models, tokenizer and a synthetic chat task (see :mod:`.tiny`)."""
