@@ -1,0 +1,454 @@
+"""Fused ``lm_head`` + generalized-JSD distillation loss, computed chunk by chunk on hidden states.
+
+:func:`fused_linear_jsd` never materialises the ``[N, V]`` logits. For each chunk of active tokens it forms the
+student logits (one matmul), the teacher logits (one matmul, no grad) or uses the teacher's top-k, computes the
+divergence and its closed-form gradient with respect to the student logits, and immediately turns that gradient
+into the chunk's ``grad_hidden`` and accumulates ``grad_weight`` / ``grad_bias``. The extra memory is
+``O(chunk x V)`` float32 scratch (reused across chunks) plus the ``[V, H]`` weight gradient every method needs;
+the work is the four matmuls of a plain ``lm_head`` forward/backward plus a fixed number of elementwise passes.
+
+Definitions, with ``s = log_softmax(z_student / T)`` and ``t = log_softmax(z_teacher / T)`` in float32:
+
+* ``beta == 0``: ``D = KL(teacher || student) = sum_v p_t (t - s)``
+* ``beta == 1``: ``D = KL(student || teacher) = sum_v p_s (s - t)``
+* ``0 < beta < 1``: ``m = log(beta p_t + (1 - beta) p_s)`` (formed with ``logaddexp``),
+  ``D = beta KL(teacher || M) + (1 - beta) KL(student || M)``.
+
+Closed-form gradients with respect to the student logits ``z`` (``u = z / T``, so ``dD/dz = dD/du / T``):
+
+* ``beta == 0``: ``dD/du = p_s - p_t``
+* ``beta == 1``: ``dD/du = p_s (s - t - D)``
+* ``0 < beta < 1``: ``dD/du = (1 - beta) p_s (s - m - KL(student || M))``. (Holding ``s`` free,
+  ``dD/ds = (1 - beta) p_s (s - m)``: the terms through ``m`` cancel because ``beta p_t + (1 - beta) p_s = M``;
+  the ``log_softmax`` Jacobian then subtracts ``p_s`` times the row sum ``(1 - beta) KL(student || M)``.)
+
+Masked vocabulary entries (``-inf`` in a bias) are replaced by a large finite negative logit (``-1e30``) before
+anything else, so probabilities there are exactly 0 and every difference stays finite: the value and the gradient
+never hold NaN or Inf. A student entry at ``-inf`` where the teacher has mass is a true infinite ``KL(t || s)``
+for ``beta == 0`` (likewise the reverse for ``beta == 1``); it comes out as a huge finite number instead.
+
+Top-k teachers and the optional tail bucket are defined in :mod:`swift_gkd_plugin.core.topk`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple, Union
+
+import torch
+
+from .topk import bucket_divergence, teacher_tail_logmass
+
+__all__ = ['fused_linear_jsd', 'default_chunk_size']
+
+_NEG_LOGIT = -1e30  # finite stand-in for -inf logits: exp() underflows to exactly 0, differences stay finite
+_SCRATCH_BYTES = 512 * 2**20  # float32 scratch targeted by the automatic chunk size
+_MAX_CHUNK = 1024
+
+Number = Union[float, int, torch.Tensor]
+
+
+def default_chunk_size(vocab_size: int, num_buffers: int = 5) -> int:
+    """Rows per chunk so that ``num_buffers`` float32 ``[chunk, vocab_size]`` buffers take about 512 MiB.
+
+    A few hundred rows keep the matmuls efficient (CPU and GPU) while the scratch stays independent of ``N``;
+    at ``V = 151936`` and the 5 buffers of ``0 < beta < 1`` this gives 176 rows.
+    """
+    rows = _SCRATCH_BYTES // (4 * num_buffers * max(vocab_size, 1))
+    return int(max(16, min(_MAX_CHUNK, rows // 16 * 16)))
+
+
+def fused_linear_jsd(student_hidden: torch.Tensor,
+                     student_weight: torch.Tensor,
+                     student_bias: Optional[torch.Tensor] = None,
+                     *,
+                     teacher_hidden: Optional[torch.Tensor] = None,
+                     teacher_weight: Optional[torch.Tensor] = None,
+                     teacher_bias: Optional[torch.Tensor] = None,
+                     teacher_topk_ids: Optional[torch.Tensor] = None,
+                     teacher_topk_logprobs: Optional[torch.Tensor] = None,
+                     mask: Optional[torch.Tensor] = None,
+                     labels: Optional[torch.Tensor] = None,
+                     beta: float = 0.5,
+                     temperature: float = 1.0,
+                     sft_alpha: float = 0.0,
+                     topk_tail: bool = False,
+                     chunk_size: Optional[int] = None,
+                     normalizer: Optional[Number] = None,
+                     sft_normalizer: Optional[Number] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    r"""Generalized-JSD distillation loss of a linear head, fused and chunked over tokens.
+
+    The teacher is either a linear head on its own hidden states (``teacher_hidden`` + ``teacher_weight``) or a
+    top-k table (``teacher_topk_ids`` + ``teacher_topk_logprobs``); exactly one must be given. The teacher gets no
+    gradient. Leading dimensions of the hidden states (e.g. ``[B, S, H]``) are flattened to ``N`` tokens; ``mask``,
+    ``labels`` and the top-k tensors follow the same layout.
+
+    Args:
+        student_hidden: ``[N, Hs]`` hidden states feeding the student's ``lm_head``.
+        student_weight: ``[V, Hs]`` student ``lm_head`` weight.
+        student_bias: optional ``[V]`` bias; ``-inf`` entries mask vocabulary entries.
+        teacher_hidden: ``[N, Ht]`` teacher hidden states (``Ht`` may differ from ``Hs``).
+        teacher_weight: ``[Vt, Ht]`` teacher ``lm_head`` weight. If ``Vt != V`` the smaller side is padded with the
+            other side's logits (ms-swift's rule), so the extra entries appear identically in both distributions.
+        teacher_bias: optional ``[Vt]`` bias.
+        teacher_topk_ids: ``[N, k]`` integer ids ``< V`` of the teacher's top-k tokens.
+        teacher_topk_logprobs: ``[N, k]`` their full-vocabulary log-probabilities at temperature 1; ``-inf`` marks
+            unused slots. Rows with no finite entry are treated as inactive.
+        mask: ``[N]`` bool, the tokens that take part (default: all).
+        labels: ``[N]`` next-token ids for the SFT term, ``-100`` to ignore; required when ``sft_alpha > 0``.
+        beta: interpolation in ``[0, 1]``: 0 is ``KL(teacher || student)``, 1 is ``KL(student || teacher)``.
+        temperature: ``T > 0``, applied to both distributions (not to the SFT term).
+        sft_alpha: weight of the cross-entropy of the untempered student logits against ``labels``, over the
+            active tokens whose label is not ``-100``.
+        topk_tail: with a top-k teacher, add the bucket of the remaining mass on both sides
+            (see :mod:`swift_gkd_plugin.core.topk`).
+        chunk_size: tokens per chunk; default :func:`default_chunk_size` (about 512 MiB of float32 scratch).
+        normalizer: divides the summed divergence (float or 0-dim tensor, read once on the host); default: the
+            number of active tokens. A zero normalizer (e.g. no active token) gives a zero loss and zero gradients.
+        sft_normalizer: divides the summed cross-entropy; default: the number of active tokens with a label.
+
+    Returns:
+        ``(loss, stats)``. ``loss`` is a float32 scalar,
+        ``sum_active D / normalizer + sft_alpha * sum_labelled CE / sft_normalizer``; its gradients flow to
+        ``student_hidden``, ``student_weight`` and ``student_bias`` in their own dtypes. ``stats`` holds detached
+        per-call sums: ``num_tokens`` (active tokens), ``divergence_sum``, ``top1_agree`` (tokens whose student
+        argmax has the teacher's maximal logit; for top-k teachers, is the top-1 id of the top-k; ties count as
+        agreement), ``num_sft_tokens`` and ``sft_sum`` (summed cross-entropy).
+
+    Shapes may be in any float dtype; all reductions accumulate in float32. The matmuls run in the weights' dtype
+    and are upcast chunk by chunk; ``grad_weight`` is accumulated in float32.
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f'beta must be in [0, 1], got {beta}')
+    if not temperature > 0:
+        raise ValueError(f'temperature must be > 0, got {temperature}')
+    full = teacher_weight is not None or teacher_hidden is not None
+    topk = teacher_topk_ids is not None or teacher_topk_logprobs is not None
+    if full == topk:
+        raise ValueError('give either teacher_hidden + teacher_weight or teacher_topk_ids + teacher_topk_logprobs')
+    if full and (teacher_weight is None or teacher_hidden is None):
+        raise ValueError('teacher_hidden and teacher_weight go together')
+    if topk and (teacher_topk_ids is None or teacher_topk_logprobs is None):
+        raise ValueError('teacher_topk_ids and teacher_topk_logprobs go together')
+    if sft_alpha and labels is None:
+        raise ValueError('sft_alpha > 0 needs labels')
+
+    hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
+    n_all, vocab = hidden.shape[0], student_weight.shape[0]
+    active = torch.ones(n_all, dtype=torch.bool, device=hidden.device) if mask is None else mask.reshape(-1).bool()
+    plan = _Plan(beta=float(beta), temperature=float(temperature), tail=bool(topk_tail), vocab=vocab)
+    if full:
+        plan.teacher_weight = teacher_weight
+        plan.teacher_bias = None if teacher_bias is None else _finite_bias(teacher_bias)
+    else:
+        logprobs = teacher_topk_logprobs.reshape(n_all, -1).float()
+        active = active & (logprobs > float('-inf')).any(-1)  # no teacher information: nothing to distil
+    idx = active.nonzero().squeeze(1)
+    if full:
+        plan.teacher_hidden = teacher_hidden.reshape(n_all, -1).index_select(0, idx)
+    else:
+        ids = teacher_topk_ids.reshape(n_all, -1).index_select(0, idx).long()
+        plan.topk_logprobs = logprobs.index_select(0, idx)
+        valid = plan.topk_logprobs > float('-inf')
+        if bool((valid & ((ids < 0) | (ids >= vocab))).any()):
+            raise ValueError(f'teacher_topk_ids must lie in [0, {vocab}) (the student vocabulary)')
+        plan.topk_ids = ids
+    num_tokens = int(idx.numel())
+    if sft_alpha:
+        plan.labels = labels.reshape(-1).index_select(0, idx).long()
+        num_sft = int((plan.labels != -100).sum())
+        plan.sft_scale = _inverse(sft_normalizer if sft_normalizer is not None else num_sft) * float(sft_alpha)
+    else:
+        num_sft = 0
+    plan.div_scale = _inverse(normalizer if normalizer is not None else num_tokens)
+    plan.chunk_size = int(chunk_size) if chunk_size else None
+    plan.grad_enabled = torch.is_grad_enabled()
+
+    bias = None if student_bias is None else student_bias
+    loss = _FusedLinearJSD.apply(hidden.index_select(0, idx), student_weight, bias, plan)
+    stats = {k: v.detach() for k, v in plan.stats.items()}
+    stats['num_tokens'] = torch.tensor(num_tokens, device=hidden.device)
+    stats['num_sft_tokens'] = torch.tensor(num_sft, device=hidden.device)
+    return loss, stats
+
+
+@dataclass
+class _Plan:
+    """Everything the autograd function needs besides its differentiable inputs; ``stats`` is filled in."""
+    beta: float
+    temperature: float
+    tail: bool
+    vocab: int
+    teacher_hidden: Optional[torch.Tensor] = None
+    teacher_weight: Optional[torch.Tensor] = None
+    teacher_bias: Optional[torch.Tensor] = None
+    topk_ids: Optional[torch.Tensor] = None
+    topk_logprobs: Optional[torch.Tensor] = None
+    labels: Optional[torch.Tensor] = None
+    div_scale: float = 0.0
+    sft_scale: float = 0.0
+    chunk_size: Optional[int] = None
+    grad_enabled: bool = True
+    stats: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _inverse(x: Number) -> float:
+    x = float(x)
+    return 0.0 if x == 0 else 1.0 / x
+
+
+def _finite_bias(bias: torch.Tensor) -> torch.Tensor:
+    # float32 so that the -1e30 stand-in survives fp16, where it would overflow back to -inf
+    return bias.detach().float().clamp_min(_NEG_LOGIT)
+
+
+class _FusedLinearJSD(torch.autograd.Function):
+    """Forward computes the loss and all gradients; backward only rescales them by the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, plan):
+        need = [plan.grad_enabled and bool(n) for n in ctx.needs_input_grad[:3]]
+        loss, grads = _run(hidden, weight, bias, plan, *need)
+        ctx.save_for_backward(*grads)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grads = list(ctx.saved_tensors)
+        if bool(grad_loss != 1):
+            grads = [None if g is None else g * grad_loss.to(g.dtype) for g in grads]
+        return grads[0], grads[1], grads[2], None
+
+
+def _run(hidden, weight, bias, plan: _Plan, need_h: bool, need_w: bool, need_b: bool):
+    """The chunk loop. Returns ``(loss, (grad_hidden, grad_weight, grad_bias))``, unneeded grads ``None``."""
+    n, dev, f32 = hidden.shape[0], hidden.device, torch.float32
+    vocab = weight.shape[0]
+    full = plan.teacher_weight is not None
+    vmax = max(vocab, plan.teacher_weight.shape[0]) if full else vocab
+    want_grad = need_h or need_w or need_b
+    sft = plan.labels is not None and plan.sft_scale != 0
+
+    grad_h = torch.empty(n, hidden.shape[1], dtype=f32, device=dev) if need_h else None
+    grad_w = torch.zeros(weight.shape, dtype=f32, device=dev) if need_w else None
+    grad_b = torch.zeros(vocab, dtype=f32, device=dev) if need_b else None
+    div_sum = torch.zeros((), dtype=f32, device=dev)
+    sft_sum = torch.zeros((), dtype=f32, device=dev)
+    agree = torch.zeros((), dtype=torch.long, device=dev)
+
+    if n:
+        names = _buffer_names(plan, full, sft)
+        rows = min(n, plan.chunk_size or default_chunk_size(vmax, len(names)))
+        bufs = {k: torch.empty(rows, vmax, dtype=f32, device=dev) for k in names}
+        if weight.dtype != f32 and want_grad:  # the gradient in the matmul dtype, reused across chunks
+            bufs['half'] = torch.empty(rows, vocab, dtype=weight.dtype, device=dev)
+        bias_f = None if bias is None else _finite_bias(bias)
+        for start in range(0, n, rows):
+            sl = slice(start, min(start + rows, n))
+            h = hidden[sl].to(weight.dtype)
+            c = h.shape[0]
+            view = {k: b[:c] for k, b in bufs.items()}
+            if full:
+                d, ce, ag, alpha = _full_chunk(view, h, weight, bias_f, plan, sl, sft)
+            else:
+                d, ce, ag, alpha = _topk_chunk(view, h, weight, bias_f, plan, sl, sft)
+            div_sum += d
+            sft_sum += ce
+            agree += ag
+            if want_grad:
+                _backprop_chunk(view, h, weight, alpha, sl, grad_h, grad_w, grad_b)
+        del bufs
+
+    plan.stats.update(divergence_sum=div_sum, sft_sum=sft_sum, top1_agree=agree)
+    loss = div_sum * plan.div_scale + sft_sum * plan.sft_scale
+    grads = (None if grad_h is None else grad_h.to(hidden.dtype),
+             None if grad_w is None else grad_w.to(weight.dtype),
+             None if grad_b is None else grad_b.to(bias.dtype))
+    return loss, grads
+
+
+def _buffer_names(plan: _Plan, full: bool, sft: bool):
+    """The float32 ``[chunk, V]`` scratch buffers a configuration needs (``a`` always holds the gradient)."""
+    if not full:
+        return ['a']
+    names = ['a', 'b']
+    if plan.beta == 0:
+        names += ['q'] + (['p'] if sft else [])
+    elif plan.beta == 1:
+        names += ['p']
+    else:
+        names += ['p', 'q', 'r']
+    if sft and _separate_ce(plan):
+        names.append('e')
+    return names
+
+
+def _separate_ce(plan: _Plan) -> bool:
+    # The SFT term reuses the student's log_softmax only when it is the untempered, unpadded one.
+    return plan.temperature != 1 or plan.teacher_weight.shape[0] > plan.vocab
+
+
+def _logits_into(out, hidden, weight, bias_f, scale: float):
+    """``out <- (hidden @ weight.T + bias) * scale`` in float32 (``out`` may be a column slice)."""
+    if weight.dtype == torch.float32:
+        if bias_f is None:
+            torch.addmm(out, hidden, weight.t(), beta=0, alpha=scale, out=out)
+        else:
+            torch.addmm(bias_f * scale if scale != 1 else bias_f, hidden, weight.t(), alpha=scale, out=out)
+    else:  # half matmul, upcast and bias in one pass
+        prod = hidden @ weight.t()
+        if bias_f is None:
+            torch.mul(prod, scale, out=out)
+        else:
+            torch.add(bias_f * scale, prod, alpha=scale, out=out)
+
+
+def _rowdot(x, y):
+    """Row-wise dot product without an ``[C, V]`` temporary."""
+    return torch.bmm(x.unsqueeze(1), y.unsqueeze(2)).view(-1)
+
+
+def _label_rows(plan: _Plan, sl):
+    """Labels with ignored ones replaced by 0, and the per-row SFT weight (``sft_scale`` or 0)."""
+    lab = plan.labels[sl]
+    keep = lab != -100
+    return torch.where(keep, lab, 0).unsqueeze(1), keep.float() * plan.sft_scale
+
+
+def _full_chunk(buf, h, weight, bias_f, plan: _Plan, sl, sft: bool):
+    """One chunk against a teacher head. Leaves the gradient w.r.t. the student logits in ``buf['a']``.
+
+    Returns ``(divergence sum, cross-entropy sum, top-1 agreements, matmul scale of buf['a'])``.
+    """
+    a, b = buf['a'], buf['b']
+    vocab, vt = plan.vocab, plan.teacher_weight.shape[0]
+    beta, inv_t = plan.beta, 1.0 / plan.temperature
+    _logits_into(a[:, :vocab], h, weight, bias_f, inv_t)
+    with torch.no_grad():
+        _logits_into(b[:, :vt], plan.teacher_hidden[sl].to(plan.teacher_weight.dtype), plan.teacher_weight,
+                     plan.teacher_bias, inv_t)
+    # the teacher's argmax is a student argmax when the student's logit there is maximal (no second argmax pass)
+    t_arg = b[:, :vt].argmax(-1, keepdim=True)
+    s_at = a[:, :vocab].gather(1, t_arg.clamp(max=vocab - 1))
+    agree = ((t_arg < vocab) & (s_at >= a[:, :vocab].amax(-1, keepdim=True))).sum()
+    if vt > vocab:  # align: the student's missing entries take the teacher's logits, so they cancel
+        a[:, vocab:].copy_(b[:, vocab:])
+    elif vocab > vt:
+        b[:, vt:].copy_(a[:, vt:])
+
+    ce, p1 = a.new_zeros(()), None
+    if sft:
+        lab, w = _label_rows(plan, sl)
+        if _separate_ce(plan):
+            e = buf['e'][:, :vocab]
+            torch.mul(a[:, :vocab], plan.temperature, out=e)
+            torch.log_softmax(e, -1, out=e)
+            ce = -(e.gather(1, lab).squeeze(1) * (w != 0)).sum()
+            p1 = e.exp_()
+
+    torch.log_softmax(a, -1, out=a)  # s
+    torch.log_softmax(b, -1, out=b)  # t
+    if sft and p1 is None:
+        ce = -(a.gather(1, lab).squeeze(1) * (w != 0)).sum()
+    if beta == 0:
+        q = torch.exp(b, out=buf['q'])  # p_t
+        div = _rowdot(q, b.sub_(a))  # sum p_t (t - s)
+        if sft and p1 is None:
+            p1 = torch.exp(a, out=buf['p'])
+            torch.sub(p1, q, out=a)
+        else:
+            a.exp_().sub_(q)  # dD/du = p_s - p_t
+    elif beta == 1:
+        p = torch.exp(a, out=buf['p'])
+        div = _rowdot(p, a.sub_(b))  # sum p_s (s - t)
+        a.sub_(div.unsqueeze(1)).mul_(p)  # dD/du = p_s (s - t - D)
+        p1 = p if sft and p1 is None else p1
+    else:
+        p, q, r = torch.exp(a, out=buf['p']), torch.exp(b, out=buf['q']), buf['r']
+        # m = log(1 - beta) + r with r = logaddexp(s, t + log(beta / (1 - beta))): one shift instead of two
+        log_b, log_1mb = math.log(beta), math.log1p(-beta)
+        torch.logaddexp(a, b.add_(log_b - log_1mb), out=r)
+        ks = _rowdot(p, a.sub_(r))  # KL(s || M) + log(1 - beta), as sum_v p_s = 1
+        kt = _rowdot(q, b.sub_(r))  # KL(t || M) + log(beta)
+        div = beta * (kt - log_b) + (1 - beta) * (ks - log_1mb)
+        a.sub_(ks.unsqueeze(1)).mul_(p)  # p_s (s - m - KL(s || M)); the (1 - beta) goes into the scale
+        inv_t = inv_t * (1 - beta)
+        p1 = p if sft and p1 is None else p1
+
+    if not sft:
+        return div.sum(), ce, agree, plan.div_scale * inv_t
+    a.mul_(plan.div_scale * inv_t)
+    g = a[:, :vocab]
+    g.addcmul_(p1[:, :vocab], w.unsqueeze(1))  # + sft_scale (softmax(z) - onehot) on labelled rows
+    g.scatter_add_(1, lab, -w.unsqueeze(1))
+    return div.sum(), ce, agree, 1.0
+
+
+def _topk_chunk(buf, h, weight, bias_f, plan: _Plan, sl, sft: bool):
+    """One chunk against a top-k teacher; same contract as :func:`_full_chunk`."""
+    a = buf['a'][:, :plan.vocab]
+    _logits_into(a, h, weight, bias_f, 1.0)  # untempered: the temperature applies on the bucket support
+    lp = plan.topk_logprobs[sl]
+    valid = lp > float('-inf')
+    top1 = plan.topk_ids[sl].gather(1, lp.argmax(-1, keepdim=True))  # a valid slot: rows are covered
+    ids = torch.where(valid, plan.topk_ids[sl], top1)  # unused slots point at a harmless, valid id
+    mx = a.amax(-1, keepdim=True)
+    agree = (a.gather(1, top1) >= mx).sum()
+    y = a.gather(1, ids).masked_fill_(~valid, float('-inf'))  # student bucket logits on the top-k
+    ce, lab, w = a.new_zeros(()), None, None
+    if sft:
+        lab, w = _label_rows(plan, sl)
+        z_lab = a.gather(1, lab).squeeze(1)
+
+    if not plan.tail:
+        div, dy = bucket_divergence(y, lp, plan.beta, plan.temperature)
+        if sft:
+            a.sub_(mx).exp_()
+            total = a.sum(-1, keepdim=True)
+            ce = -((z_lab - (mx + total.log()).squeeze(1)) * (w != 0)).sum()
+            a.mul_(w.unsqueeze(1) / total)  # sft_scale softmax(z)
+        else:
+            a.zero_()
+        a.scatter_add_(1, ids, dy * plan.div_scale)
+    else:
+        # student tail logit: logsumexp over the complement of the top-k, shifted by the complement's own max so
+        # that it cannot underflow however peaked the student is
+        a.scatter_(1, ids, float('-inf'))  # duplicates from unused slots write -inf too: deterministic
+        mx_tail = a.amax(-1, keepdim=True).clamp_min(_NEG_LOGIT)  # clamp: an empty complement is all -inf
+        a.sub_(mx_tail).exp_()
+        tail_sum = a.sum(-1)
+        y_tail = mx_tail.squeeze(1) + tail_sum.log()
+        t_tail = teacher_tail_logmass(lp, valid.sum(-1), plan.vocab)
+        div, dy = bucket_divergence(torch.cat([y, y_tail.unsqueeze(1)], 1),
+                                    torch.cat([lp, t_tail.unsqueeze(1)], 1), plan.beta, plan.temperature)
+        # d y_tail / d z_v = exp(z_v - y_tail) = a_v / tail_sum on the complement (a is 0 on the top-k)
+        coef = torch.where(tail_sum > 0, dy[:, -1] / tail_sum, 0.0) * plan.div_scale
+        k_grad = dy[:, :-1] * plan.div_scale
+        if sft:  # softmax(z) = a * exp(mx_tail - lse) on the complement, exp(y - lse) on the top-k
+            lse = torch.logaddexp(y_tail, torch.logsumexp(y, -1))
+            ce = -((z_lab - lse) * (w != 0)).sum()
+            coef = coef + w * torch.exp(mx_tail.squeeze(1) - lse)
+            k_grad = k_grad + torch.exp(y - lse.unsqueeze(1)) * w.unsqueeze(1)
+        a.mul_(coef.unsqueeze(1))
+        a.scatter_add_(1, ids, k_grad.masked_fill_(~valid, 0.0))
+    if sft:
+        a.scatter_add_(1, lab, -w.unsqueeze(1))
+    return div.sum(), ce, agree, 1.0
+
+
+def _backprop_chunk(buf, h, weight, alpha: float, sl, grad_h, grad_w, grad_b):
+    """Turn ``alpha * buf['a']`` (d loss / d student logits of the chunk) into hidden, weight and bias grads."""
+    g = buf['a'][:, :weight.shape[0]]
+    if grad_b is not None:
+        grad_b.add_(g.sum(0), alpha=alpha)
+    if weight.dtype == torch.float32:
+        if grad_h is not None:
+            torch.addmm(grad_h[sl], g, weight, beta=0, alpha=alpha, out=grad_h[sl])
+        if grad_w is not None:
+            grad_w.addmm_(g.t(), h, alpha=alpha)
+        return
+    gh = buf['half'].copy_(g)
+    if grad_h is not None:
+        torch.mul(gh @ weight, alpha, out=grad_h[sl])
+    if grad_w is not None:  # rounded once per chunk, accumulated in float32
+        grad_w.add_(gh.t() @ h, alpha=alpha)

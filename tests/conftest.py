@@ -1,0 +1,137 @@
+"""Shared fixtures: tiny offline models and a runner for the real ``swift rlhf`` command line."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import pytest
+
+OFFLINE_ENV = {
+    'HF_HUB_OFFLINE': '1',
+    'HF_DATASETS_OFFLINE': '1',
+    'TRANSFORMERS_OFFLINE': '1',
+    'MODELSCOPE_OFFLINE': '1',
+    'USE_HF': '1',
+    'TOKENIZERS_PARALLELISM': 'false',
+    'OMP_NUM_THREADS': '1',
+}
+SWIFT = os.path.join(os.path.dirname(sys.executable), 'swift')
+
+
+@dataclass
+class Workspace:
+    root: str
+    student: str
+    teacher: str
+    other_vocab_teacher: str
+    train: str
+    fixed: str  # four rows: a fixed batch for "the loss falls" checks
+
+
+@pytest.fixture(scope='session')
+def tiny_ws(tmp_path_factory) -> Workspace:
+    from swift_gkd_plugin.testing import tiny
+    root = str(tmp_path_factory.mktemp('tiny'))
+    tok = tiny.build_tokenizer(os.path.join(root, 'tok'))
+    student = tiny.build_model(os.path.join(root, 'student'), tok, seed=0)
+    teacher = tiny.build_model(os.path.join(root, 'teacher'), tok, seed=1, hidden_size=96, intermediate_size=192)
+    # a teacher whose tokenizer has 16 more tokens: a different vocabulary
+    other_tok = tiny.load_tokenizer(os.path.join(root, 'tok'))
+    other_tok.add_tokens([f'<extra_{i}>' for i in range(16)])
+    other = tiny.build_model(os.path.join(root, 'other_teacher'), other_tok, seed=2)
+    rows = tiny.make_rows(64, seed=0, split='train')
+    train = tiny.write_dataset(os.path.join(root, 'train.jsonl'), rows)
+    fixed = tiny.write_dataset(os.path.join(root, 'fixed.jsonl'), rows[:4])
+    return Workspace(root, student, teacher, other, train, fixed)
+
+
+@dataclass
+class SwiftRun:
+    returncode: int
+    output: str
+    output_dir: str
+    logs: List[Dict] = field(default_factory=list)  # logging.jsonl rows that carry a training loss
+
+    @property
+    def losses(self) -> List[float]:
+        return [r['loss'] for r in self.logs]
+
+    def modes(self, rank: int = 0) -> List[Dict]:
+        path = glob.glob(os.path.join(self.output_dir, '**', 'gkd_modes', f'rank{rank}.jsonl'), recursive=True)
+        assert path, f'no mode log for rank {rank} under {self.output_dir}'
+        with open(sorted(path)[-1]) as f:
+            return [json.loads(line) for line in f]
+
+    def checkpoints(self) -> List[str]:
+        return sorted(glob.glob(os.path.join(self.output_dir, '**', 'checkpoint-*'), recursive=True),
+                      key=lambda p: int(p.rsplit('-', 1)[1]))
+
+
+def base_args(ws: Workspace, output_dir: str, **overrides) -> List[str]:
+    """A CPU-friendly ``swift rlhf --rlhf_type gkd`` command line; ``overrides`` replace or add flags."""
+    flags = {
+        'rlhf_type': 'gkd',
+        'model': ws.student,
+        'model_type': 'qwen3',
+        'teacher_model': ws.teacher,
+        'teacher_model_type': 'qwen3',
+        'template': 'qwen3_nothinking',
+        'dataset': ws.train,
+        'tuner_type': 'full',
+        'torch_dtype': 'float32',
+        'check_model': 'false',
+        'max_completion_length': '8',
+        'max_steps': '3',
+        'per_device_train_batch_size': '2',
+        'gradient_accumulation_steps': '1',
+        'max_length': '128',
+        'logging_steps': '1',
+        'save_strategy': 'no',
+        'report_to': 'none',
+        'dataloader_num_workers': '0',
+        'dataset_num_proc': '1',
+        'output_dir': output_dir,
+        'add_version': 'false',
+    }
+    for key, value in overrides.items():
+        if value is None:
+            flags.pop(key, None)
+        else:
+            flags[key] = str(value)
+    argv = []
+    for key, value in flags.items():
+        argv += [f'--{key}', value]
+    return argv
+
+
+def run_swift(argv: List[str], *, env: Optional[Dict[str, str]] = None, nproc: int = 1, timeout: int = 600,
+              check: bool = True, command: str = 'rlhf') -> SwiftRun:
+    """Run ``swift <command> argv`` in a child process, as a user would, and collect its logs."""
+    full_env = dict(os.environ, **OFFLINE_ENV)
+    full_env.pop('SWIFT_GKD_PLUGIN', None)
+    if nproc > 1:
+        full_env['NPROC_PER_NODE'] = str(nproc)
+        full_env['MASTER_PORT'] = str(_free_port())
+    full_env.update(env or {})
+    proc = subprocess.run([SWIFT, command] + argv, env=full_env, capture_output=True, text=True, timeout=timeout)
+    output = proc.stdout + proc.stderr
+    output_dir = argv[argv.index('--output_dir') + 1] if '--output_dir' in argv else ''
+    if check and proc.returncode != 0:
+        raise AssertionError(f'swift {command} failed ({proc.returncode}):\n{output[-6000:]}')
+    logs = []
+    for path in sorted(glob.glob(os.path.join(output_dir, '**', 'logging.jsonl'), recursive=True)):
+        with open(path) as f:
+            logs += [row for row in map(json.loads, f) if 'loss' in row]
+    return SwiftRun(proc.returncode, output, output_dir, logs)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]

@@ -1,0 +1,375 @@
+"""fused_linear_jsd against a float64 autograd reference that materialises the full logits."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from swift_gkd_plugin.core.fused_loss import fused_linear_jsd
+
+N, HS, HT, V = 37, 16, 12, 50
+NEG_INF = float('-inf')
+
+
+# --------------------------------------------------------------------------------------------------------------
+# reference: dense float64, autograd, written from the definitions
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _terms(p, x, y):
+    """sum_v p (x - y), zero where p == 0 (double where: no NaN in the value or the gradient)."""
+    keep = p > 0
+    return (p * torch.where(keep, x - torch.where(keep, y, torch.zeros_like(y)), torch.zeros_like(x))).sum(-1)
+
+
+def ref_divergence(s_logits, t_logits, beta, temperature):
+    s = torch.log_softmax(s_logits / temperature, -1)
+    t = torch.log_softmax(t_logits / temperature, -1)
+    ps, pt = s.exp(), t.exp()
+    if beta == 0:
+        return _terms(pt, t, s)
+    if beta == 1:
+        return _terms(ps, s, t)
+    both = (ps == 0) & (pt == 0)
+    zero = torch.zeros_like(s)
+    m = torch.logaddexp(torch.where(both, zero, s) + math.log1p(-beta), torch.where(both, zero, t) + math.log(beta))
+    m = torch.where(both, torch.full_like(m, NEG_INF), m)
+    return beta * _terms(pt, t, m) + (1 - beta) * _terms(ps, s, m)
+
+
+def ref_align(zs, zt):
+    vs, vt = zs.shape[-1], zt.shape[-1]
+    if vs < vt:
+        zs = torch.cat([zs, zt[:, vs:]], -1)
+    elif vs > vt:
+        zt = torch.cat([zt, zs[:, vt:].detach()], -1)
+    return zs, zt
+
+
+def ref_topk_buckets(z, ids, lp, tail):
+    """Student and teacher bucket logits for a top-k teacher, from the module docstring."""
+    valid = lp > NEG_INF
+    y = torch.where(valid, z.gather(1, ids), torch.full_like(lp, NEG_INF))
+    if not tail:
+        return y, lp
+    # unused slots may repeat a valid id: count instead of writing booleans
+    in_k = torch.zeros_like(z, dtype=torch.long).scatter_add(1, torch.where(valid, ids, 0), valid.long()) > 0
+    empty = in_k.all(-1, keepdim=True)
+    comp = torch.where(in_k, torch.full_like(z, NEG_INF), z)
+    comp = torch.where(empty, torch.zeros_like(z), comp)  # keep logsumexp's gradient finite on empty rows
+    y_tail = torch.where(empty, torch.full_like(y[:, :1], NEG_INF), comp.logsumexp(-1, keepdim=True))
+    mass = lp.exp().sum(-1, keepdim=True)
+    t_tail = torch.where(empty | (mass >= 1), torch.full_like(mass, NEG_INF), torch.log1p(-mass.clamp(max=1)))
+    return torch.cat([y, y_tail], 1), torch.cat([lp, t_tail], 1)
+
+
+def reference(hs, w, b=None, *, ht=None, wt=None, bt=None, ids=None, lp=None, mask=None, labels=None, beta=0.5,
+              temperature=1.0, sft_alpha=0.0, topk_tail=False, normalizer=None):
+    """Returns (loss, grads of hs, w, b in float64, per-token divergences)."""
+    hs64 = hs.detach().double().requires_grad_()
+    w64 = w.detach().double().requires_grad_()
+    b64 = None if b is None else b.detach().double().requires_grad_()
+    z = hs64 @ w64.T + (0 if b64 is None else b64)
+    if wt is not None:
+        zt = ht.double() @ wt.double().T + (0 if bt is None else bt.double())
+        zs_al, zt_al = ref_align(z, zt)
+        d = ref_divergence(zs_al, zt_al, beta, temperature)
+        covered = torch.ones(z.shape[0], dtype=torch.bool)
+    else:
+        lp64 = lp.double()
+        covered = (lp64 > NEG_INF).any(-1)
+        # uncovered rows are dropped below; give them a harmless finite teacher (half the mass) meanwhile
+        lp64 = torch.where(covered[:, None], lp64, torch.full_like(lp64, math.log(0.5 / lp64.shape[1])))
+        y, tl = ref_topk_buckets(z, ids.long(), lp64, topk_tail)
+        d = ref_divergence(y, tl, beta, temperature)
+    active = covered if mask is None else covered & mask
+    d_act = d[active]
+    norm = active.sum() if normalizer is None else normalizer
+    loss = d_act.sum() / norm if float(norm) != 0 else d_act.sum() * 0
+    if sft_alpha:
+        keep = active & (labels != -100)
+        ce = torch.nn.functional.cross_entropy(z[keep], labels[keep], reduction='sum')
+        if keep.any():
+            loss = loss + sft_alpha * ce / keep.sum()
+    loss.backward()
+    grads = (hs64.grad, w64.grad, None if b64 is None else b64.grad)
+    return loss.detach(), grads, d.detach(), active
+
+
+# --------------------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------------------
+
+
+def make_inputs(seed=0, n=N, hs=HS, ht=HT, v=V, vt=V, bias=True, dtype=torch.float32, scale=2.0):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, s=1.0):
+        return (torch.randn(*shape, generator=g) * s).to(dtype)
+
+    x = dict(hs=r(n, hs), w=r(v, hs, s=scale / math.sqrt(hs)), ht=r(n, ht), wt=r(vt, ht, s=scale / math.sqrt(ht)))
+    x['b'] = r(v, s=0.5) if bias else None
+    x['bt'] = r(vt, s=0.5) if bias else None
+    x['mask'] = torch.rand(n, generator=g) > 0.25
+    x['labels'] = torch.randint(0, v, (n, ), generator=g)
+    x['labels'][torch.rand(n, generator=g) < 0.3] = -100
+    return x
+
+
+def topk_of(x, k, unused=0, drop_row=True):
+    """Teacher top-k from the teacher head: full-vocab log-probs at T=1; ``unused`` trailing slots of every third
+    row are -inf (with garbage ids), and with ``drop_row`` row 5 has no information at all."""
+    zt = (x['ht'].double() @ x['wt'].double().T + x['bt'].double()).float()
+    lp, ids = torch.log_softmax(zt, -1).topk(k, -1)
+    if unused:
+        lp[::3, k - unused:] = NEG_INF
+        ids[::3, k - unused:] = 0
+    if drop_row:
+        lp[5] = NEG_INF
+    return ids, lp
+
+
+def run(x, *, topk=None, **kw):
+    hs = x['hs'].clone().requires_grad_()
+    w = x['w'].clone().requires_grad_()
+    b = None if x['b'] is None else x['b'].clone().requires_grad_()
+    if topk is None:
+        loss, stats = fused_linear_jsd(hs, w, b, teacher_hidden=x['ht'], teacher_weight=x['wt'],
+                                       teacher_bias=x['bt'], **kw)
+    else:
+        loss, stats = fused_linear_jsd(hs, w, b, teacher_topk_ids=topk[0], teacher_topk_logprobs=topk[1], **kw)
+    loss.backward()
+    return loss.detach(), (hs.grad, w.grad, None if b is None else b.grad), stats
+
+
+def ref_of(x, *, topk=None, **kw):
+    kw = dict(kw)
+    kw.pop('chunk_size', None)
+    kw['topk_tail'] = kw.get('topk_tail', False)
+    if topk is None:
+        return reference(x['hs'], x['w'], x['b'], ht=x['ht'], wt=x['wt'], bt=x['bt'], **kw)
+    return reference(x['hs'], x['w'], x['b'], ids=topk[0], lp=topk[1], **kw)
+
+
+def rel_err(got, want):
+    got, want = got.double(), want.double()
+    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
+
+
+def assert_close(got, ref, tol=1e-5):
+    loss, grads, _ = got
+    rloss, rgrads, _, _ = ref
+    assert torch.isfinite(loss)
+    assert rel_err(loss, rloss) <= tol, (float(loss), float(rloss))
+    for name, g, rg in zip(('hidden', 'weight', 'bias'), grads, rgrads):
+        if rg is None:
+            assert g is None
+            continue
+        assert torch.isfinite(g).all(), name
+        assert rel_err(g, rg) <= tol, (name, rel_err(g, rg))
+
+
+BETAS = [0.0, 0.1, 0.5, 0.9, 1.0]
+TEMPS = [0.5, 1.0, 2.0]
+
+# --------------------------------------------------------------------------------------------------------------
+# full-vocabulary teacher
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('temperature', TEMPS)
+@pytest.mark.parametrize('beta', BETAS)
+@pytest.mark.parametrize('chunk_size', [6, 64])  # 6 does not divide the active count, 64 exceeds it
+def test_full_vocab_matches_reference(beta, temperature, chunk_size):
+    x = make_inputs(seed=int(beta * 10) + int(temperature * 4))
+    kw = dict(mask=x['mask'], beta=beta, temperature=temperature)
+    got = run(x, chunk_size=chunk_size, **kw)
+    ref = ref_of(x, **kw)
+    assert_close(got, ref)
+    _, _, stats = got
+    _, _, d, active = ref
+    assert int(stats['num_tokens']) == int(active.sum())
+    assert rel_err(stats['divergence_sum'], d[active].sum()) <= 1e-5
+
+
+@pytest.mark.parametrize('beta', [0.0, 0.5, 1.0])
+def test_no_mask_no_bias_divisible_chunks(beta):
+    x = make_inputs(seed=3, n=36, bias=False)
+    kw = dict(beta=beta, temperature=1.0)
+    assert_close(run(x, chunk_size=12, **kw), ref_of(x, **kw))
+
+
+@pytest.mark.parametrize('vt', [V + 7, V - 5])
+@pytest.mark.parametrize('beta', [0.0, 0.5, 1.0])
+def test_vocab_mismatch_and_teacher_hidden_size(vt, beta):
+    x = make_inputs(seed=4, vt=vt, ht=24)
+    kw = dict(mask=x['mask'], beta=beta, temperature=2.0)
+    assert_close(run(x, chunk_size=8, **kw), ref_of(x, **kw))
+
+
+@pytest.mark.parametrize('temperature', [1.0, 2.0])
+@pytest.mark.parametrize('beta', [0.0, 0.5, 1.0])
+@pytest.mark.parametrize('vt', [V, V + 7])
+def test_sft_term(beta, temperature, vt):
+    x = make_inputs(seed=5, vt=vt)
+    kw = dict(mask=x['mask'], labels=x['labels'], beta=beta, temperature=temperature, sft_alpha=0.7)
+    got = run(x, chunk_size=10, **kw)
+    assert_close(got, ref_of(x, **kw))
+    stats = got[2]
+    keep = x['mask'] & (x['labels'] != -100)
+    z = x['hs'].double() @ x['w'].double().T + x['b'].double()
+    ce = torch.nn.functional.cross_entropy(z[keep], x['labels'][keep], reduction='sum')
+    assert int(stats['num_sft_tokens']) == int(keep.sum())
+    assert rel_err(stats['sft_sum'], ce) <= 1e-5
+
+
+def test_top1_agreement_and_custom_normalizer():
+    x = make_inputs(seed=6)
+    norm = torch.tensor(11.0)
+    kw = dict(mask=x['mask'], beta=0.5, normalizer=norm)
+    got = run(x, chunk_size=7, **kw)
+    assert_close(got, ref_of(x, **kw))
+    m = x['mask']
+    zs = x['hs'] @ x['w'].T + x['b']
+    zt = x['ht'] @ x['wt'].T + x['bt']
+    assert int(got[2]['top1_agree']) == int((zs.argmax(-1) == zt.argmax(-1))[m].sum())
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize('beta', [0.0, 0.5, 1.0])
+def test_half_inputs(dtype, beta):
+    x = make_inputs(seed=7, dtype=dtype)
+    kw = dict(mask=x['mask'], labels=x['labels'], beta=beta, temperature=1.0, sft_alpha=0.3)
+    loss, grads, _ = run(x, chunk_size=9, **kw)
+    assert loss.dtype == torch.float32
+    assert [g.dtype for g in grads] == [dtype] * 3
+    assert_close((loss, grads, None), ref_of(x, **kw), tol=2e-2)
+
+
+@pytest.mark.parametrize('beta', BETAS)
+def test_masked_vocab_entries_no_nan(beta):
+    """-inf bias entries (on both heads, as for padded vocabularies) must not produce NaN or Inf."""
+    x = make_inputs(seed=8)
+    x['b'][[3, 17, 40]] = NEG_INF
+    x['bt'][[3, 17, 40]] = NEG_INF
+    x['labels'][torch.isin(x['labels'], torch.tensor([3, 17, 40]))] = 4  # a masked label is an infinite CE
+    kw = dict(mask=x['mask'], labels=x['labels'], beta=beta, temperature=0.5, sft_alpha=0.5)
+    loss, grads, _ = got = run(x, chunk_size=8, **kw)
+    assert_close(got, ref_of(x, **kw))
+    assert float(grads[1][[3, 17, 40]].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize('beta', [0.1, 0.5, 0.9])
+def test_student_only_masked_entries(beta):
+    """Only the student masks entries: the mixture keeps the divergence finite for 0 < beta < 1."""
+    x = make_inputs(seed=9)
+    x['b'][[0, 1, 2, 30]] = NEG_INF
+    kw = dict(mask=x['mask'], beta=beta, temperature=1.0)
+    assert_close(run(x, chunk_size=8, **kw), ref_of(x, **kw))
+
+
+def test_empty_chunk_and_empty_batch():
+    x = make_inputs(seed=10)
+    mask = x['mask'].clone()
+    mask[:16] = False  # the first chunks of 8 tokens hold no active token
+    kw = dict(mask=mask, beta=0.5, labels=x['labels'], sft_alpha=0.5)
+    assert_close(run(x, chunk_size=8, **kw), ref_of(x, **kw))
+
+    for topk in (None, topk_of(x, 5)):
+        loss, grads, stats = run(x, topk=topk, mask=torch.zeros(N, dtype=torch.bool), beta=0.5,
+                                 labels=x['labels'], sft_alpha=0.5)
+        assert float(loss) == 0.0 and int(stats['num_tokens']) == 0
+        for g in grads:
+            assert torch.equal(g, torch.zeros_like(g))
+
+
+def test_grad_output_scaling_no_grad_and_batch_dims():
+    x = make_inputs(seed=11)
+    hs = x['hs'].clone().requires_grad_()
+    loss, _ = fused_linear_jsd(hs.view(1, N, HS), x['w'], teacher_hidden=x['ht'].view(1, N, HT),
+                               teacher_weight=x['wt'], mask=x['mask'].view(1, N), beta=0.5)
+    (3 * loss).backward()
+    _, (g_ref, _, _), _ = run(dict(x, b=None, bt=None), mask=x['mask'], beta=0.5)
+    assert rel_err(hs.grad, 3 * g_ref) <= 1e-6
+    with torch.no_grad():
+        loss2, _ = fused_linear_jsd(hs, x['w'], teacher_hidden=x['ht'], teacher_weight=x['wt'], mask=x['mask'],
+                                    beta=0.5)
+    assert not loss2.requires_grad and rel_err(loss2, loss.detach()) <= 1e-6
+
+
+# --------------------------------------------------------------------------------------------------------------
+# top-k teacher
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('tail', [False, True])
+@pytest.mark.parametrize('temperature', TEMPS)
+@pytest.mark.parametrize('beta', BETAS)
+def test_topk_matches_reference(beta, temperature, tail):
+    x = make_inputs(seed=12 + int(beta * 10))
+    topk = topk_of(x, 8, unused=3)
+    kw = dict(mask=x['mask'], beta=beta, temperature=temperature, topk_tail=tail)
+    got = run(x, topk=topk, chunk_size=7, **kw)
+    ref = ref_of(x, topk=topk, **kw)
+    assert_close(got, ref)
+    assert int(got[2]['num_tokens']) == int(ref[3].sum())  # the uncovered row is inactive
+
+
+@pytest.mark.parametrize('tail', [False, True])
+@pytest.mark.parametrize('beta', [0.0, 0.5, 1.0])
+def test_topk_sft_and_masked_entries(beta, tail):
+    x = make_inputs(seed=13)
+    x['b'][[3, 17]] = NEG_INF
+    x['labels'][torch.isin(x['labels'], torch.tensor([3, 17]))] = 4
+    topk = topk_of(x, 6, unused=2)
+    kw = dict(mask=x['mask'], labels=x['labels'], beta=beta, temperature=2.0, topk_tail=tail, sft_alpha=0.4)
+    assert_close(run(x, topk=topk, chunk_size=10, **kw), ref_of(x, topk=topk, **kw))
+
+
+def test_topk_top1_agreement():
+    x = make_inputs(seed=14)
+    topk = topk_of(x, 4)
+    _, _, stats = run(x, topk=topk, mask=x['mask'], beta=0.5)
+    zs = x['hs'] @ x['w'].T + x['b']
+    active = x['mask'] & (topk[1] > NEG_INF).any(-1)
+    assert int(stats['top1_agree']) == int((zs.argmax(-1) == topk[0][:, 0])[active].sum())
+
+
+@pytest.mark.parametrize('temperature', TEMPS)
+@pytest.mark.parametrize('beta', [0.0, 0.5, 1.0])
+def test_tail_with_full_support_equals_full_loss(beta, temperature):
+    """k == V: the tail is empty on both sides and the loss is the full-vocabulary one (at every T)."""
+    x = make_inputs(seed=15)
+    topk = topk_of(x, V, drop_row=False)
+    kw = dict(mask=x['mask'], beta=beta, temperature=temperature)
+    got = run(x, topk=topk, topk_tail=True, chunk_size=9, **kw)
+    full = run(x, chunk_size=9, **kw)
+    assert rel_err(got[0], full[0]) <= 1e-5
+    for g, fg in zip(got[1], full[1]):
+        assert rel_err(g, fg) <= 1e-5
+
+
+def test_tail_error_decreases_with_k():
+    x = make_inputs(seed=16, scale=4.0)
+    kw = dict(mask=x['mask'], beta=0.5, temperature=1.0)
+    full = float(run(x, **kw)[0])
+    errs = []
+    for k in (2, 5, 10, 20, 35, V):
+        topk = topk_of(x, k, drop_row=False)
+        errs.append(abs(float(run(x, topk=topk, topk_tail=True, **kw)[0]) - full))
+    assert all(b < a for a, b in zip(errs, errs[1:])), errs
+    assert errs[-1] <= 1e-5 * full
+
+
+def test_argument_errors():
+    x = make_inputs()
+    with pytest.raises(ValueError):
+        fused_linear_jsd(x['hs'], x['w'])
+    with pytest.raises(ValueError):
+        fused_linear_jsd(x['hs'], x['w'], teacher_hidden=x['ht'], teacher_weight=x['wt'], beta=1.5)
+    with pytest.raises(ValueError):
+        fused_linear_jsd(x['hs'], x['w'], teacher_hidden=x['ht'], teacher_weight=x['wt'], sft_alpha=1.0)
+    ids, lp = topk_of(x, 4)
+    with pytest.raises(ValueError):
+        fused_linear_jsd(x['hs'], x['w'], teacher_topk_ids=ids + V, teacher_topk_logprobs=lp)
