@@ -47,7 +47,8 @@ setup(
     },
     entry_points={'console_scripts': ['swift-gkd = swift_gkd_plugin.cli:main']},
     cmdclass={'build_py': BuildWithPth},
-    include_package_data=False,
+    # plugin/ is deliberately not a package: ms-swift puts its directory on sys.path (see activation.py)
+    package_data={'swift_gkd_plugin': ['plugin/*.py']},
     zip_safe=False,
     classifiers=['Programming Language :: Python :: 3', 'License :: OSI Approved :: Apache Software License'],
 )

@@ -144,18 +144,24 @@ def fused_linear_jsd(student_hidden: torch.Tensor,
         logprobs = teacher_topk_logprobs.reshape(n_all, -1).float()
         active = active & (logprobs > float('-inf')).any(-1)  # no teacher information: nothing to distil
     idx = active.nonzero().squeeze(1)
+    everyone = idx.numel() == n_all  # then skip the gathers (and their scatter in backward)
+
+    def rows(t):
+        t = t.reshape(n_all, -1)
+        return t if everyone else t.index_select(0, idx)
+
     if full:
-        plan.teacher_hidden = teacher_hidden.reshape(n_all, -1).index_select(0, idx)
+        plan.teacher_hidden = rows(teacher_hidden)
     else:
-        ids = teacher_topk_ids.reshape(n_all, -1).index_select(0, idx).long()
-        plan.topk_logprobs = logprobs.index_select(0, idx)
+        ids = rows(teacher_topk_ids).long()
+        plan.topk_logprobs = rows(logprobs)
         valid = plan.topk_logprobs > float('-inf')
         if bool((valid & ((ids < 0) | (ids >= vocab))).any()):
             raise ValueError(f'teacher_topk_ids must lie in [0, {vocab}) (the student vocabulary)')
         plan.topk_ids = ids
     num_tokens = int(idx.numel())
     if sft_alpha:
-        plan.labels = labels.reshape(-1).index_select(0, idx).long()
+        plan.labels = rows(labels).reshape(-1).long()
         num_sft = int((plan.labels != -100).sum())
         plan.sft_scale = _inverse(sft_normalizer if sft_normalizer is not None else num_sft) * float(sft_alpha)
     else:
@@ -164,8 +170,7 @@ def fused_linear_jsd(student_hidden: torch.Tensor,
     plan.chunk_size = int(chunk_size) if chunk_size else None
     plan.grad_enabled = torch.is_grad_enabled()
 
-    bias = None if student_bias is None else student_bias
-    loss = _FusedLinearJSD.apply(hidden.index_select(0, idx), student_weight, bias, plan)
+    loss = _FusedLinearJSD.apply(rows(hidden), student_weight, student_bias, plan)
     stats = {k: v.detach() for k, v in plan.stats.items()}
     stats['num_tokens'] = torch.tensor(num_tokens, device=hidden.device)
     stats['num_sft_tokens'] = torch.tensor(num_sft, device=hidden.device)
@@ -230,7 +235,7 @@ def _run(hidden, weight, bias, plan: _Plan, need_h: bool, need_w: bool, need_b: 
     sft = plan.labels is not None and plan.sft_scale != 0
 
     grad_h = torch.empty(n, hidden.shape[1], dtype=f32, device=dev) if need_h else None
-    grad_w = torch.zeros(weight.shape, dtype=f32, device=dev) if need_w else None
+    grad_w = torch.empty(weight.shape, dtype=f32, device=dev) if need_w else None  # first chunk overwrites
     grad_b = torch.zeros(vocab, dtype=f32, device=dev) if need_b else None
     div_sum = torch.zeros((), dtype=f32, device=dev)
     sft_sum = torch.zeros((), dtype=f32, device=dev)
@@ -256,8 +261,10 @@ def _run(hidden, weight, bias, plan: _Plan, need_h: bool, need_w: bool, need_b: 
             sft_sum += ce
             agree += ag
             if want_grad:
-                _backprop_chunk(view, h, weight, alpha, sl, grad_h, grad_w, grad_b)
+                _backprop_chunk(view, h, weight, alpha, sl, grad_h, grad_w, grad_b, first=start == 0)
         del bufs
+    elif grad_w is not None:
+        grad_w.zero_()
 
     plan.stats.update(divergence_sum=div_sum, sft_sum=sft_sum, top1_agree=agree)
     loss = div_sum * plan.div_scale + sft_sum * plan.sft_scale
@@ -436,8 +443,11 @@ def _topk_chunk(buf, h, weight, bias_f, plan: _Plan, sl, sft: bool):
     return div.sum(), ce, agree, 1.0
 
 
-def _backprop_chunk(buf, h, weight, alpha: float, sl, grad_h, grad_w, grad_b):
-    """Turn ``alpha * buf['a']`` (d loss / d student logits of the chunk) into hidden, weight and bias grads."""
+def _backprop_chunk(buf, h, weight, alpha: float, sl, grad_h, grad_w, grad_b, first: bool):
+    """Turn ``alpha * buf['a']`` (d loss / d student logits of the chunk) into hidden, weight and bias grads.
+
+    The first chunk overwrites ``grad_w`` (allocated uninitialised: no separate zero-fill pass over ``[V, H]``).
+    """
     g = buf['a'][:, :weight.shape[0]]
     if grad_b is not None:
         grad_b.add_(g.sum(0), alpha=alpha)
@@ -445,10 +455,13 @@ def _backprop_chunk(buf, h, weight, alpha: float, sl, grad_h, grad_w, grad_b):
         if grad_h is not None:
             torch.addmm(grad_h[sl], g, weight, beta=0, alpha=alpha, out=grad_h[sl])
         if grad_w is not None:
-            grad_w.addmm_(g.t(), h, alpha=alpha)
+            torch.addmm(grad_w, g.t(), h, beta=0 if first else 1, alpha=alpha, out=grad_w)
         return
-    gh = buf['half'].copy_(g)
+    gh = buf['half'][:g.shape[0]].copy_(g)
     if grad_h is not None:
         torch.mul(gh @ weight, alpha, out=grad_h[sl])
     if grad_w is not None:  # rounded once per chunk, accumulated in float32
-        grad_w.add_(gh.t() @ h, alpha=alpha)
+        if first:
+            torch.mul(gh.t() @ h, alpha, out=grad_w)
+        else:
+            grad_w.add_(gh.t() @ h, alpha=alpha)

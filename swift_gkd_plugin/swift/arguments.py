@@ -47,11 +47,12 @@ def check_gkd_scalars(args) -> None:
         raise ValueError(f'--lmbda must be in [0, 1] (the probability of an on-policy step), got {args.lmbda}')
     if not args.temperature > 0:
         raise ValueError(f'--temperature must be > 0, got {args.temperature}')
-    may_sample = args.lmbda > 0 or args.seq_kd
+    # Refused even when nothing is sampled (--lmbda 0, --seq_kd false): ms-swift turns it into the generation
+    # config's max_new_tokens, which transformers rejects later, after the models are loaded.
     max_len = args.max_completion_length
-    if may_sample and (max_len is None or max_len <= 0):
-        raise ValueError(f'--max_completion_length must be > 0 when sampling is possible (--lmbda > 0 or '
-                         f'--seq_kd true), got {max_len}')
+    if max_len is None or max_len <= 0:
+        sampling = 'sampling is on' if args.lmbda > 0 or args.seq_kd else 'it is also the generation length'
+        raise ValueError(f'--max_completion_length must be > 0 ({sampling}), got {max_len}')
     impl = getattr(args, 'gkd_loss_impl', 'auto')
     if impl not in GKD_LOSS_IMPLS:
         raise ValueError(f'--gkd_loss_impl must be one of {list(GKD_LOSS_IMPLS)}, got {impl!r}')

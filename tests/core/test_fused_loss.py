@@ -321,6 +321,7 @@ def test_topk_matches_reference(beta, temperature, tail):
 def test_topk_sft_and_masked_entries(beta, tail):
     x = make_inputs(seed=13)
     x['b'][[3, 17]] = NEG_INF
+    x['bt'][[3, 17]] = NEG_INF  # the teacher never reports a token the student cannot produce
     x['labels'][torch.isin(x['labels'], torch.tensor([3, 17]))] = 4
     topk = topk_of(x, 6, unused=2)
     kw = dict(mask=x['mask'], labels=x['labels'], beta=beta, temperature=2.0, topk_tail=tail, sft_alpha=0.4)

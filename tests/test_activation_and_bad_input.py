@@ -1,0 +1,106 @@
+"""Activation (automatic, opt-out, explicit) and the early refusal of bad input, through the real CLI."""
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import SWIFT, base_args, run_swift
+
+SWIFT_GKD = os.path.join(os.path.dirname(sys.executable), 'swift-gkd')
+MODEL_LOADED_MARKERS = ('model_parameter_info', 'Loading weights')
+
+
+def _plugin_path():
+    return subprocess.run([SWIFT_GKD, 'plugin-path'], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_plugin_path_is_an_importable_file():
+    path = _plugin_path()
+    assert os.path.isfile(path) and path.endswith('.py')
+    # ms-swift puts the file's directory on sys.path: nothing there may shadow a real package
+    assert os.listdir(os.path.dirname(path)) == [os.path.basename(path)] or set(os.listdir(
+        os.path.dirname(path))) <= {os.path.basename(path), '__pycache__'}
+
+
+def test_opt_out_runs_ms_swift_trainer(tiny_ws, tmp_path):
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), lmbda=0, max_steps=1), env={'SWIFT_GKD_PLUGIN': '0'})
+    assert 'swift_gkd_plugin' not in run.output
+    assert not os.path.exists(tmp_path / 'out' / 'gkd_modes')
+    # ms-swift's own trainer still refuses what only the plugin can do
+    refused = run_swift(
+        base_args(tiny_ws, str(tmp_path / 'out2'), lmbda=0, seq_kd='true', max_steps=1),
+        env={'SWIFT_GKD_PLUGIN': '0'},
+        check=False)
+    assert refused.returncode != 0 and 'seq_kd' in refused.output
+
+
+def test_explicit_activation_through_external_plugins(tiny_ws, tmp_path):
+    run = run_swift(
+        base_args(tiny_ws, str(tmp_path / 'out'), lmbda=0, seq_kd='true', max_steps=2,
+                  external_plugins=_plugin_path()),
+        env={'SWIFT_GKD_PLUGIN': '0'})
+    assert 'swift_gkd_plugin 0.1.0' in run.output
+    assert [m['mode'] for m in run.modes()] == ['seq_kd', 'seq_kd']
+
+
+def test_explicit_activation_accepts_plugin_flags(tiny_ws, tmp_path):
+    run = run_swift(
+        base_args(tiny_ws, str(tmp_path / 'out'), lmbda=0, max_steps=1, gkd_loss_impl='dense',
+                  external_plugins=_plugin_path()),
+        env={'SWIFT_GKD_PLUGIN': '0'})
+    assert 'swift_gkd_plugin 0.1.0' in run.output
+    assert run.modes()[0]['mode'] == 'off_policy'
+
+
+def test_swift_sft_is_untouched(tiny_ws, tmp_path):
+    argv = ['--model', tiny_ws.student, '--model_type', 'qwen3', '--template', 'qwen3_nothinking', '--dataset',
+            tiny_ws.fixed, '--tuner_type', 'full', '--torch_dtype', 'float32', '--check_model', 'false',
+            '--max_steps', '1', '--per_device_train_batch_size', '2', '--gradient_accumulation_steps', '1',
+            '--save_strategy', 'no', '--report_to', 'none', '--output_dir', str(tmp_path / 'sft'),
+            '--dataset_num_proc', '1']
+    run = run_swift(argv, command='sft')
+    assert 'swift_gkd_plugin' not in run.output
+    bad = run_swift(argv + ['--gkd_loss_impl', 'dense'], command='sft', check=False)
+    assert bad.returncode != 0 and 'remaining_argv' in bad.output
+
+
+BAD_INPUTS = [
+    ({'beta': 1.5}, ['--beta must be in [0, 1]', '1.5']),
+    ({'beta': -0.1}, ['--beta must be in [0, 1]']),
+    ({'lmbda': -0.1}, ['--lmbda must be in [0, 1]']),
+    ({'lmbda': 2}, ['--lmbda must be in [0, 1]']),
+    ({'temperature': 0}, ['--temperature must be > 0']),
+    ({'temperature': -1}, ['--temperature must be > 0']),
+    ({'lmbda': 0.5, 'max_completion_length': 0}, ['--max_completion_length must be > 0']),
+    ({'lmbda': 0, 'seq_kd': 'true', 'max_completion_length': -4}, ['--max_completion_length must be > 0']),
+    ({'lmbda': 0, 'max_completion_length': 0}, ['--max_completion_length must be > 0']),
+    ({'teacher_model': '/nonexistent/teacher'}, ['--teacher_model', '/nonexistent/teacher', 'no such model']),
+    ({'gkd_loss_impl': 'bogus'}, ['--gkd_loss_impl', 'bogus', 'auto', 'fused', 'dense']),
+    ({'gkd_logits_topk': 0}, ['--gkd_logits_topk must be a positive integer']),
+    ({'lmbdaa': 0.5}, ['remaining_argv', '--lmbdaa']),
+]
+
+
+@pytest.mark.parametrize('flags,needles', BAD_INPUTS, ids=[str(f) for f, _ in BAD_INPUTS])
+def test_bad_input_is_refused_before_any_model_is_loaded(tiny_ws, tmp_path, flags, needles):
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), **flags), check=False, timeout=120)
+    assert run.returncode != 0
+    for needle in needles:
+        assert needle in run.output, f'{needle!r} missing from:\n{run.output[-3000:]}'
+    assert not any(marker in run.output for marker in MODEL_LOADED_MARKERS)
+
+
+def test_teacher_with_another_vocabulary_is_refused_naming_both(tiny_ws, tmp_path):
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), teacher_model=tiny_ws.other_vocab_teacher),
+                    check=False, timeout=120)
+    assert run.returncode != 0
+    assert 'tokenizers differ' in run.output
+    assert tiny_ws.student in run.output and tiny_ws.other_vocab_teacher in run.output
+    assert not any(marker in run.output for marker in MODEL_LOADED_MARKERS)
+
+
+def test_plugin_flags_are_refused_for_other_rlhf_types(tiny_ws, tmp_path):
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), rlhf_type='dpo', teacher_model=None,
+                              teacher_model_type=None, gkd_loss_impl='dense'), check=False, timeout=120)
+    assert run.returncode != 0
+    assert "['--gkd_loss_impl'] only apply to --rlhf_type gkd" in run.output
