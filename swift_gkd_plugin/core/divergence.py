@@ -18,7 +18,11 @@ import math
 
 import torch
 
-__all__ = ['generalized_jsd', 'kl_from_log_probs']
+__all__ = ['align_vocab', 'generalized_jsd', 'kl_from_log_probs']
+
+# Log-probabilities are floored here: exp() of it is exactly 0 in float32 (as of anything below about -104), and
+# unlike -inf it keeps logaddexp() and its backward finite for entries both models mask out.
+LOG_PROB_FLOOR = -1e4
 
 
 def kl_from_log_probs(target_log_probs: torch.Tensor, input_log_probs: torch.Tensor) -> torch.Tensor:
@@ -61,8 +65,9 @@ def generalized_jsd(student_logits: torch.Tensor,
     n = student_logits.shape[0]
     out = []
     for start in range(0, n, chunk_size):
-        s = torch.log_softmax(student_logits[start:start + chunk_size].float() / temperature, dim=-1)
-        t = torch.log_softmax(teacher_logits[start:start + chunk_size].float() / temperature, dim=-1)
+        s = torch.log_softmax(student_logits[start:start + chunk_size].float() / temperature, -1)
+        t = torch.log_softmax(teacher_logits[start:start + chunk_size].float() / temperature, -1)
+        s, t = s.clamp(min=LOG_PROB_FLOOR), t.clamp(min=LOG_PROB_FLOOR)
         if beta == 0:
             d = kl_from_log_probs(t, s)
         elif beta == 1:
@@ -71,8 +76,8 @@ def generalized_jsd(student_logits: torch.Tensor,
             m = torch.logaddexp(t + math.log(beta), s + math.log1p(-beta))
             d = beta * kl_from_log_probs(t, m) + (1 - beta) * kl_from_log_probs(s, m)
         out.append(d)
-    if not out:
-        return student_logits.new_zeros((0, ), dtype=torch.float32) + 0 * student_logits.float().sum()
+    if not out:  # no position: an empty result that still belongs to the student's graph
+        return student_logits.float().sum(-1)
     return torch.cat(out)
 
 
