@@ -43,7 +43,8 @@ setup(
         'deepspeed': ['deepspeed>=0.17'],
         'vllm': ['vllm>=0.10.2'],
         'megatron': ['megatron-core>=0.14', 'mcore-bridge'],
-        'dev': ['pytest>=8', 'pytest-timeout', 'psutil', 'tokenizers'],
+        'dev': ['pytest>=8', 'pytest-xdist', 'pytest-timeout', 'psutil'],
+        'bench': ['liger-kernel', 'psutil'],  # the optional Liger peer of benchmarks/bench_loss.py
     },
     entry_points={'console_scripts': ['swift-gkd = swift_gkd_plugin.cli:main']},
     cmdclass={'build_py': BuildWithPth},

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -27,10 +28,16 @@ def plugin_path() -> str:
     return os.path.join(os.path.dirname(os.path.abspath(swift_gkd_plugin.__file__)), 'plugin', 'activate_swift_gkd.py')
 
 
+def swift_executable() -> str:
+    """ms-swift's ``swift`` script of this environment (even when the environment is not activated)."""
+    beside = os.path.join(os.path.dirname(sys.executable), 'swift')
+    return beside if os.path.exists(beside) else (shutil.which('swift') or 'swift')
+
+
 def demo_command(ws: dict, output_dir: str, steps: int, lmbda: float, seed: int) -> list:
     """The ``swift rlhf`` command line of the demo (also a working example of the flags a CPU run needs)."""
     return [
-        'swift', 'rlhf', '--rlhf_type', 'gkd',
+        swift_executable(), 'rlhf', '--rlhf_type', 'gkd',
         '--model', ws['student'], '--model_type', 'qwen3',
         '--teacher_model', ws['teacher'], '--teacher_model_type', 'qwen3',
         '--template', 'qwen3_nothinking',
@@ -40,7 +47,8 @@ def demo_command(ws: dict, output_dir: str, steps: int, lmbda: float, seed: int)
         '--max_steps', str(steps), '--learning_rate', '3e-3', '--warmup_ratio', '0.0',
         '--lr_scheduler_type', 'constant',
         '--per_device_train_batch_size', '8', '--gradient_accumulation_steps', '1',
-        '--max_length', '128', '--logging_steps', '5', '--save_strategy', 'no',
+        '--max_length', '128', '--logging_steps', '5',
+        '--save_strategy', 'steps', '--save_steps', str(steps), '--save_only_model', 'true', '--add_version', 'false',
         '--report_to', 'none', '--dataloader_num_workers', '0', '--dataset_num_proc', '1',
         '--seed', str(seed), '--output_dir', output_dir,
     ]
@@ -53,14 +61,15 @@ def run_demo(args) -> int:
     t0 = time.time()
     print(f'[swift-gkd demo] building the tiny teacher and student in {root} ...', flush=True)
     ws = tiny.build_demo_workspace(root, seed=args.seed)
-    test_rows = tiny.read_rows(ws['test'])
+    test_rows = tiny.read_dataset(ws['test'])
     tokenizer = tiny.load_tokenizer(ws['student'])
     before = tiny.score(ws['student'], tokenizer, test_rows)
     teacher = tiny.score(ws['teacher'], tokenizer, test_rows)
-    print(f'[swift-gkd demo] ready in {time.time() - t0:.0f}s: teacher {tiny.describe(ws["teacher"])}, '
-          f'student {tiny.describe(ws["student"])}', flush=True)
+    print(f'[swift-gkd demo] ready in {time.time() - t0:.0f}s: teacher {tiny.count_parameters(ws["teacher"]):,} '
+          f'parameters, student {tiny.count_parameters(ws["student"]):,} parameters', flush=True)
 
     output_dir = os.path.join(root, 'output')
+    shutil.rmtree(output_dir, ignore_errors=True)
     cmd = demo_command(ws, output_dir, args.steps, args.lmbda, args.seed)
     print('[swift-gkd demo] running: ' + ' '.join(cmd), flush=True)
     env = dict(os.environ, **OFFLINE_ENV)
@@ -69,10 +78,10 @@ def run_demo(args) -> int:
     if proc.returncode != 0:
         print(f'[swift-gkd demo] swift rlhf failed with exit code {proc.returncode}', file=sys.stderr)
         return proc.returncode
-    trained = tiny.latest_checkpoint(output_dir)
+    trained = os.path.join(output_dir, f'checkpoint-{args.steps}')
     after = tiny.score(trained, tokenizer, test_rows)
     print('')
-    print(f'[swift-gkd demo] {tiny.SCORE_NAME} on {len(test_rows)} held-out prompts:')
+    print(f'[swift-gkd demo] next-token accuracy on the responses of {len(test_rows)} held-out prompts:')
     print(f'    teacher               {teacher:.3f}')
     print(f'    student before GKD    {before:.3f}')
     print(f'    student after GKD     {after:.3f}   ({args.steps} steps, lmbda={args.lmbda}, '

@@ -48,11 +48,11 @@ _MAX_CHUNK = 1024
 Number = Union[float, int, torch.Tensor]
 
 
-def default_chunk_size(vocab_size: int, num_buffers: int = 5) -> int:
+def default_chunk_size(vocab_size: int, num_buffers: int = 4) -> int:
     """Rows per chunk so that ``num_buffers`` float32 ``[chunk, vocab_size]`` buffers take about 512 MiB.
 
     A few hundred rows keep the matmuls efficient (CPU and GPU) while the scratch stays independent of ``N``;
-    at ``V = 151936`` and the 5 buffers of ``0 < beta < 1`` this gives 176 rows.
+    at ``V = 151936`` and the 4 buffers of ``0 < beta < 1`` this gives 208 rows.
     """
     rows = _SCRATCH_BYTES // (4 * num_buffers * max(vocab_size, 1))
     return int(max(16, min(_MAX_CHUNK, rows // 16 * 16)))
@@ -284,7 +284,7 @@ def _buffer_names(plan: _Plan, full: bool, sft: bool):
     elif plan.beta == 1:
         names += ['p']
     else:
-        names += ['p', 'q', 'r']
+        names += ['p', 'q']
     if sft and _separate_ce(plan):
         names.append('e')
     return names
@@ -371,15 +371,18 @@ def _full_chunk(buf, h, weight, bias_f, plan: _Plan, sl, sft: bool):
         a.sub_(div.unsqueeze(1)).mul_(p)  # dD/du = p_s (s - t - D)
         p1 = p if sft and p1 is None else p1
     else:
-        p, q, r = torch.exp(a, out=buf['p']), torch.exp(b, out=buf['q']), buf['r']
-        # m = log(1 - beta) + r with r = logaddexp(s, t + log(beta / (1 - beta))): one shift instead of two
+        p, q = torch.exp(a, out=buf['p']), torch.exp(b, out=buf['q'])
+        # m = log(1 - beta) + s + sp with sp = softplus(delta), delta = t - s + log(beta / (1 - beta)): then
+        # s - m = -sp - log(1 - beta) and t - m = delta - sp - log(beta), without forming m (one buffer fewer)
         log_b, log_1mb = math.log(beta), math.log1p(-beta)
-        torch.logaddexp(a, b.add_(log_b - log_1mb), out=r)
-        ks = _rowdot(p, a.sub_(r))  # KL(s || M) + log(1 - beta), as sum_v p_s = 1
-        kt = _rowdot(q, b.sub_(r))  # KL(t || M) + log(beta)
-        div = beta * (kt - log_b) + (1 - beta) * (ks - log_1mb)
-        a.sub_(ks.unsqueeze(1)).mul_(p)  # p_s (s - m - KL(s || M)); the (1 - beta) goes into the scale
-        inv_t = inv_t * (1 - beta)
+        delta = b.sub_(a).add_(log_b - log_1mb)
+        sp = torch.logaddexp(delta, delta.new_zeros(()), out=a)  # softplus, exact at +-1e30
+        ks = _rowdot(p, sp)  # = -KL(s || M) - log(1 - beta), as sum_v p_s = 1
+        kt = _rowdot(q, delta.sub_(sp))  # = KL(t || M) + log(beta)
+        div = beta * (kt - log_b) - (1 - beta) * (ks + log_1mb)
+        # dD/du = (1 - beta) p_s (s - m - KL(s || M)) = -(1 - beta) p_s (sp - ks): sign and factor go to the scale
+        sp.sub_(ks.unsqueeze(1)).mul_(p)
+        inv_t = -inv_t * (1 - beta)
         p1 = p if sft and p1 is None else p1
 
     if not sft:

@@ -68,8 +68,8 @@ EXTRA_TOKENS: Tuple[str, ...] = ('<think>', '</think>')
 #: Alphabet of the reversal task.
 SYMBOLS: str = 'abcdefghijklmnopqrstuvwxyz'
 #: Shortest / longest sequence in the task.
-MIN_LEN: int = 3
-MAX_LEN: int = 5
+MIN_LEN: int = 4
+MAX_LEN: int = 4
 #: The user message is ``PROMPT_PREFIX + ' '.join(sequence)``.
 PROMPT_PREFIX: str = 'Reverse: '
 #: Fraction (1 / _TEST_MODULUS) of all sequences that belong to the test split.
