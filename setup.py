@@ -43,7 +43,7 @@ setup(
         'deepspeed': ['deepspeed>=0.17'],
         'vllm': ['vllm>=0.10.2'],
         'megatron': ['megatron-core>=0.14', 'mcore-bridge'],
-        'dev': ['pytest>=8', 'pytest-xdist', 'pytest-timeout', 'psutil'],
+        'dev': ['pytest>=8', 'pytest-xdist', 'pytest-timeout', 'psutil', 'deepspeed'],
         'bench': ['liger-kernel', 'psutil'],  # the optional Liger peer of benchmarks/bench_loss.py
     },
     entry_points={'console_scripts': ['swift-gkd = swift_gkd_plugin.cli:main']},

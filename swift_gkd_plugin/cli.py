@@ -15,6 +15,8 @@ import time
 
 import swift_gkd_plugin
 
+LEARNING_RATE = '3e-3'
+
 OFFLINE_ENV = {
     'HF_HUB_OFFLINE': '1',
     'HF_DATASETS_OFFLINE': '1',
@@ -44,7 +46,7 @@ def demo_command(ws: dict, output_dir: str, steps: int, lmbda: float, seed: int)
         '--dataset', ws['train'],
         '--tuner_type', 'full', '--torch_dtype', 'float32', '--check_model', 'false',
         '--lmbda', str(lmbda), '--beta', '0.5', '--temperature', '1.0', '--max_completion_length', '16',
-        '--max_steps', str(steps), '--learning_rate', '3e-3', '--warmup_ratio', '0.0',
+        '--max_steps', str(steps), '--learning_rate', LEARNING_RATE, '--warmup_ratio', '0.0',
         '--lr_scheduler_type', 'constant',
         '--per_device_train_batch_size', '8', '--gradient_accumulation_steps', '1',
         '--max_length', '128', '--logging_steps', '5',

@@ -57,3 +57,19 @@ def test_off_policy_loss_equals_ms_swift_builtin(tiny_ws, tmp_path, beta, temper
     assert len(ours.losses) == len(builtin.losses) == 2
     for a, b in zip(ours.losses, builtin.losses):
         assert _rel(a, b) < 1e-5, (ours.losses, builtin.losses)
+
+
+def test_step_loss_is_the_same_on_one_process_two_ranks_and_zero2(tiny_ws, tmp_path):
+    """8 rows per step: 1 process x 4 rows x 2 accumulation steps, 2 DDP ranks x 2 x 2, and the same under ZeRO-2."""
+    pytest.importorskip('deepspeed')
+    common = dict(lmbda=0, max_steps=2, gradient_accumulation_steps=2, seed=11)
+    single = run_swift(base_args(tiny_ws, str(tmp_path / 'single'), per_device_train_batch_size=4, **common))
+    ddp = run_swift(base_args(tiny_ws, str(tmp_path / 'ddp'), per_device_train_batch_size=2, use_cpu='true',
+                              **common), nproc=2)
+    zero2 = run_swift(base_args(tiny_ws, str(tmp_path / 'zero2'), per_device_train_batch_size=2, use_cpu='true',
+                                deepspeed='zero2', fp16='false', **common), nproc=2)
+    for other in (ddp, zero2):
+        assert len(other.logs) == len(single.logs) == 2
+        for a, b in zip(single.logs, other.logs):
+            assert _rel(a['loss'], b['loss']) < 1e-5, (single.losses, other.losses)
+            assert _rel(a['grad_norm'], b['grad_norm']) < 1e-4
