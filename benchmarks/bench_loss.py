@@ -19,11 +19,11 @@ Methods:
   ``torch.compile``); skipped with a note if it does not import.
 * ``fused``: ``swift_gkd_plugin.core.fused_loss.fused_linear_jsd`` (default chunk size).
 
-Timing: one warm-up step (on ``min(N, 256)`` rows; ``liger`` on ``min(N, 1024)`` rows, which is the shape of its
-compiled chunk, so the measured steps do not include compilation), then at least one measured step and more while
-the worker's time budget lasts (up to ``--max-repeats``); the median is reported. The budget of each worker is the
-remaining total budget (``--time-budget-s``) split over the remaining workers, which keeps the default run under
-15 minutes on 2 CPU cores.
+Timing: one warm-up step (on ``min(N, 64)`` rows; ``liger`` on ``min(N, 1024)`` rows, the shape of its compiled
+chunk, so that the measured steps do not include compilation), then at least one measured step and more while the
+worker's time budget lasts (up to ``--max-repeats``); the median wall time is reported, with the median CPU time
+(user + system, all threads) of the worker beside it, which is less sensitive to other load on the machine. The
+budget of each worker is the remaining total budget (``--time-budget-s``) split over the remaining workers.
 
 Peak extra memory: on CPU, the kernel's peak resident set size of the worker (``VmHWM`` in ``/proc/self/status``)
 during the measured steps, minus its resident size just before them (inputs allocated, gradients cleared). The
@@ -211,7 +211,7 @@ def run_worker(args):
             if cuda:
                 torch.cuda.synchronize()
 
-        step(min(n, 1024 if method == 'liger' else 256))  # warm-up (liger: its compiled chunk shape)
+        step(min(n, 1024 if method == 'liger' else 64))  # warm-up (liger: its compiled chunk shape)
         clear()
         import gc
         gc.collect()
@@ -226,19 +226,20 @@ def run_worker(args):
                 limit = int(_status_mib('VmSize') * 2**20 + args.mem_limit_gb * 2**30)
                 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
             peak_rss = _PeakRSS()
-        times = []
+        times, cpu = [], []
         for _ in range(max(1, args.max_repeats)):
             clear()
             sync()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             loss = step(n)
             sync()
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
             if time.perf_counter() - t_start + times[-1] > args.budget_s:
                 break
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else peak_rss.read() - base
         result.update(status='ok', time_s=statistics.median(times), times=[round(t, 3) for t in times],
-                      peak_extra_mib=peak, loss=loss)
+                      cpu_s=statistics.median(cpu), peak_extra_mib=peak, loss=loss)
     except Exception as exc:  # report, never crash the table
         result.update(status='oom' if _is_oom(exc) else 'error', error=f'{type(exc).__name__}: {exc}'[:300])
     print(json.dumps(result), flush=True)
@@ -255,6 +256,31 @@ def _available_gib():
             return int(re.search(r'MemAvailable:\s+(\d+)', f.read()).group(1)) / 2**20
     except OSError:
         return None
+
+
+def _loadavg():
+    try:
+        return ' '.join(open('/proc/loadavg').read().split()[:3])
+    except OSError:
+        return 'n/a'
+
+
+def _machine():
+    import platform
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            cpu = re.search(r'model name\s*:\s*(.*)', f.read()).group(1)
+    except (OSError, AttributeError):
+        pass
+    total = None
+    try:
+        with open('/proc/meminfo') as f:
+            total = int(re.search(r'MemTotal:\s+(\d+)', f.read()).group(1)) / 2**20
+    except (OSError, AttributeError):
+        pass
+    mem = f'{total:.0f} GiB RAM' if total else 'RAM n/a'
+    return f'{cpu}, {os.cpu_count()} CPUs, {mem}, load average at the start {_loadavg()}'
 
 
 def _spawn(args, method, n, budget):
@@ -281,9 +307,9 @@ def _spawn(args, method, n, budget):
 
 def _fmt(r):
     if r['status'] != 'ok':
-        return f"{r['method']:>6} {r['n']:>6}  {r['status'].upper():>9}  {'':>12}  {'':>12}  {r.get('error', '')[:60]}"
-    return (f"{r['method']:>6} {r['n']:>6}  {r['time_s']:>9.2f}  {r['peak_extra_mib']:>12.0f}  {r['loss']:>12.6f}  "
-            f"{len(r['times'])} ({', '.join(f'{t:.2f}' for t in r['times'])})")
+        return f"{r['method']:>6} {r['n']:>6}  {r['status'].upper():>9}  {'':>8}  {'':>12}  {'':>10}  {r.get('error', '')[:70]}"
+    return (f"{r['method']:>6} {r['n']:>6}  {r['time_s']:>9.2f}  {r['cpu_s']:>8.2f}  {r['peak_extra_mib']:>12.0f}  "
+            f"{r['loss']:>10.6f}  {len(r['times'])} ({', '.join(f'{t:.2f}' for t in r['times'])})")
 
 
 def final_line(results, methods):
@@ -317,7 +343,9 @@ def main(argv=None):
         args.mem_limit_gb = round(avail - 1.0, 1) if avail and avail > 2 else None
     print(f'# device={args.device} H={args.hidden} V={args.vocab} dtype={args.dtype} beta={args.beta} '
           f'T={args.temperature} N={ns} cpus={os.cpu_count()} mem_limit_gb={args.mem_limit_gb}', flush=True)
-    print(f"{'method':>6} {'N':>6}  {'time_s':>9}  {'peak_MiB':>12}  {'loss':>12}  repeats (s)", flush=True)
+    print(f'# {_machine()}', flush=True)
+    print(f"{'method':>6} {'N':>6}  {'time_s':>9}  {'cpu_s':>8}  {'peak_MiB':>12}  {'loss':>10}  repeats (wall s)",
+          flush=True)
     results, start = [], time.perf_counter()
     jobs = [(m, n) for n in ns for m in args.methods]
     for i, (method, n) in enumerate(jobs):
@@ -327,7 +355,7 @@ def main(argv=None):
         print(_fmt(r), flush=True)
         if r['status'] == 'unavailable':
             print(f'# {method} is unavailable: {r.get("error", "")}', flush=True)
-    print(f'# total {time.perf_counter() - start:.0f} s', flush=True)
+    print(f'# total {time.perf_counter() - start:.0f} s; load average at the end {_loadavg()}', flush=True)
     fused = {r['n']: r for r in results if r['method'] == 'fused' and r['status'] == 'ok'}
     if len(fused) > 1:
         n0, n1 = sorted(fused)[:2]

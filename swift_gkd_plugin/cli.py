@@ -2,6 +2,8 @@
 
     swift-gkd plugin-path        the file to pass to --external_plugins (explicit activation)
     swift-gkd demo [--steps N]   build a tiny teacher and student offline and distil one into the other on CPU
+    swift-gkd serve-teacher --model PATH [--template T] [--port 8000] [--topk 64] ...
+                                 serve a teacher's top-k log-probabilities over HTTP (no vLLM needed)
     swift-gkd version
 """
 from __future__ import annotations
@@ -102,7 +104,12 @@ def main(argv=None) -> int:
     demo.add_argument('--steps', type=int, default=40, help='GKD optimizer steps')
     demo.add_argument('--lmbda', type=float, default=0.5, help='probability of an on-policy step')
     demo.add_argument('--seed', type=int, default=0)
+    from swift_gkd_plugin.server import cli as server_cli
+    serve = sub.add_parser('serve-teacher', help="serve a teacher's top-k log-probabilities over HTTP (no vLLM)")
+    server_cli.add_arguments(serve)
     args = parser.parse_args(argv)
+    if args.command == 'serve-teacher':
+        return server_cli.run(args)
     if args.command == 'plugin-path':
         print(plugin_path())
         return 0

@@ -111,9 +111,9 @@ def fused_linear_jsd(student_hidden: torch.Tensor,
         ``(loss, stats)``. ``loss`` is a float32 scalar,
         ``sum_active D / normalizer + sft_alpha * sum_labelled CE / sft_normalizer``; its gradients flow to
         ``student_hidden``, ``student_weight`` and ``student_bias`` in their own dtypes. ``stats`` holds detached
-        per-call sums: ``num_tokens`` (active tokens), ``divergence_sum``, ``top1_agree`` (tokens whose student
-        argmax has the teacher's maximal logit; for top-k teachers, is the top-1 id of the top-k; ties count as
-        agreement), ``num_sft_tokens`` and ``sft_sum`` (summed cross-entropy).
+        per-call sums: ``num_tokens`` (active tokens), ``divergence_sum``, ``top1_agree`` (active tokens where the
+        teacher's argmax, for a top-k teacher the top-1 id of its top-k, is also an argmax of the student logits;
+        ties count as agreement), ``num_sft_tokens`` and ``sft_sum`` (summed cross-entropy).
 
     Shapes may be in any float dtype; all reductions accumulate in float32. The matmuls run in the weights' dtype
     and are upcast chunk by chunk; ``grad_weight`` is accumulated in float32.
@@ -316,10 +316,10 @@ def _rowdot(x, y):
 
 
 def _label_rows(plan: _Plan, sl):
-    """Labels with ignored ones replaced by 0, and the per-row SFT weight (``sft_scale`` or 0)."""
+    """``[C, 1]`` labels with the ignored ones replaced by 0, the ``[C]`` kept-row mask and SFT weights."""
     lab = plan.labels[sl]
     keep = lab != -100
-    return torch.where(keep, lab, 0).unsqueeze(1), keep.float() * plan.sft_scale
+    return torch.where(keep, lab, 0).unsqueeze(1), keep, keep.float() * plan.sft_scale
 
 
 def _full_chunk(buf, h, weight, bias_f, plan: _Plan, sl, sft: bool):
@@ -345,18 +345,18 @@ def _full_chunk(buf, h, weight, bias_f, plan: _Plan, sl, sft: bool):
 
     ce, p1 = a.new_zeros(()), None
     if sft:
-        lab, w = _label_rows(plan, sl)
+        lab, keep, w = _label_rows(plan, sl)
         if _separate_ce(plan):
             e = buf['e'][:, :vocab]
             torch.mul(a[:, :vocab], plan.temperature, out=e)
             torch.log_softmax(e, -1, out=e)
-            ce = -(e.gather(1, lab).squeeze(1) * (w != 0)).sum()
+            ce = -(e.gather(1, lab).squeeze(1) * keep).sum()
             p1 = e.exp_()
 
     torch.log_softmax(a, -1, out=a)  # s
     torch.log_softmax(b, -1, out=b)  # t
     if sft and p1 is None:
-        ce = -(a.gather(1, lab).squeeze(1) * (w != 0)).sum()
+        ce = -(a.gather(1, lab).squeeze(1) * keep).sum()
     if beta == 0:
         q = torch.exp(b, out=buf['q'])  # p_t
         div = _rowdot(q, b.sub_(a))  # sum p_t (t - s)
@@ -407,7 +407,7 @@ def _topk_chunk(buf, h, weight, bias_f, plan: _Plan, sl, sft: bool):
     y = a.gather(1, ids).masked_fill_(~valid, float('-inf'))  # student bucket logits on the top-k
     ce, lab, w = a.new_zeros(()), None, None
     if sft:
-        lab, w = _label_rows(plan, sl)
+        lab, keep, w = _label_rows(plan, sl)
         z_lab = a.gather(1, lab).squeeze(1)
 
     if not plan.tail:
@@ -415,7 +415,7 @@ def _topk_chunk(buf, h, weight, bias_f, plan: _Plan, sl, sft: bool):
         if sft:
             a.sub_(mx).exp_()
             total = a.sum(-1, keepdim=True)
-            ce = -((z_lab - (mx + total.log()).squeeze(1)) * (w != 0)).sum()
+            ce = -((z_lab - (mx + total.log()).squeeze(1)) * keep).sum()
             a.mul_(w.unsqueeze(1) / total)  # sft_scale softmax(z)
         else:
             a.zero_()
@@ -436,7 +436,7 @@ def _topk_chunk(buf, h, weight, bias_f, plan: _Plan, sl, sft: bool):
         k_grad = dy[:, :-1] * plan.div_scale
         if sft:  # softmax(z) = a * exp(mx_tail - lse) on the complement, exp(y - lse) on the top-k
             lse = torch.logaddexp(y_tail, torch.logsumexp(y, -1))
-            ce = -((z_lab - lse) * (w != 0)).sum()
+            ce = -((z_lab - lse) * keep).sum()
             coef = coef + w * torch.exp(mx_tail.squeeze(1) - lse)
             k_grad = k_grad + torch.exp(y - lse.unsqueeze(1)) * w.unsqueeze(1)
         a.mul_(coef.unsqueeze(1))

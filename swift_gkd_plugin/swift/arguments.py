@@ -138,6 +138,10 @@ class GKDPluginRLHFArguments(GKDPluginArgumentsMixin, RLHFArguments):
                 raise ValueError('--seq_kd true needs a local teacher that can sample (--teacher_model, or the '
                                  'student base with LoRA); a --teacher_model_server only scores responses')
         check_teacher(self)
+        if self.teacher_model is not None and self.teacher_model == self.model:
+            # ms-swift only shares the base for LoRA students (it then clears teacher_model before we get here).
+            logger.info(f'--teacher_model is --model with --tuner_type {self.tuner_type}: a separate frozen copy of '
+                        'the teacher is loaded (only a LoRA student can share the base weights with its teacher)')
 
 
 @dataclass

@@ -22,13 +22,15 @@ import torch
 import torch.nn.functional as F
 from swift.infer_engine import TransformersEngine
 from swift.infer_engine.protocol import RolloutOutput
+from swift.rlhf_trainers.gkd_helpers import encode_gkd_samples
 from swift.rlhf_trainers.gkd_loss import DataSource
 from swift.rlhf_trainers.gkd_trainer import GKDTrainer
 from swift.trainers import disable_gradient_checkpointing
-from swift.utils import get_logger, unwrap_model_for_generation
+from swift.utils import get_logger, remove_response, to_device, unwrap_model_for_generation
 
 from swift_gkd_plugin.core import Mode, align_vocab, choose_mode, generalized_jsd
 from swift_gkd_plugin.core.modes import mode_draw
+from swift_gkd_plugin.core.offload import TeacherOffloader
 
 logger = get_logger()
 
@@ -44,6 +46,35 @@ def count_loss_tokens(labels: torch.Tensor) -> int:
     return int((labels[..., 1:] != -100).sum())
 
 
+def prepare_teacher_view(sample) -> None:
+    """Privileged teacher prompts: ``teacher_prompt`` (replaces the last user turn, ms-swift's OPSD) or
+    ``teacher_messages`` (the teacher's whole prompt conversation; the student's response is appended to it)."""
+    teacher_messages = sample.teacher_messages
+    if teacher_messages and teacher_messages[-1].get('role') != 'assistant':
+        response = sample.messages[-1] if sample.messages and sample.messages[-1]['role'] == 'assistant' else None
+        if response is not None:
+            sample.teacher_messages = [dict(m) for m in teacher_messages] + [dict(response)]
+    sample.build_teacher_view()
+
+
+def _row_name(sample) -> str:
+    user = [m['content'] for m in sample.messages if m['role'] == 'user']
+    text = user[-1] if user else ''
+    text = text if isinstance(text, str) else str(text)
+    return f'the dataset row whose last user message is {text[:120]!r}'
+
+
+def check_views_aligned(sample, student: dict, teacher: dict) -> None:
+    """The teacher view must score exactly the student's response tokens, in the same order."""
+    s_ids = [t for t, l in zip(student['input_ids'], student['labels']) if l != -100]
+    t_ids = [t for t, l in zip(teacher['input_ids'], teacher['labels']) if l != -100]
+    if s_ids != t_ids:
+        raise ValueError(f'cannot align the teacher prompt with the student response for {_row_name(sample)}: the '
+                         f'teacher view scores {len(t_ids)} response tokens, the student view {len(s_ids)}'
+                         f'{"" if len(s_ids) != len(t_ids) else " (different tokens)"}. Check its teacher_prompt / '
+                         'teacher_messages column: it must hold only the prompt, not a response.')
+
+
 class GKDPluginTrainer(GKDTrainer):
     """ms-swift's GKD trainer with the plugin's modes (seq_kd included), loss, normalisation and metrics."""
 
@@ -55,6 +86,34 @@ class GKDPluginTrainer(GKDTrainer):
         self._gkd_mode = Mode.OFF_POLICY
         self._teacher_engine = None
         self._mode_log = os.path.join(self.args.output_dir, 'gkd_modes', f'rank{self.args.process_index}.jsonl')
+        self._teacher_offloader = None
+        if self.args.offload_teacher_model and self.teacher_model is not None and not self.is_teacher_ds3:
+            # ZeRO-3 teachers keep ms-swift's offload of their partitions; replicated teachers use ours.
+            self._teacher_offloader = TeacherOffloader(
+                self.accelerator.unwrap_model(self.teacher_model), self.accelerator.device)
+        self._log_teacher_placement()
+
+    def _log_teacher_placement(self) -> None:
+        if self._teacher_use_disable_adapter:
+            logger.info('Using shared base model architecture:\n'
+                        '  - Student model: base_model + LoRA (trainable)\n'
+                        '  - Teacher model: base_model with LoRA disabled (frozen)')
+        elif self.teacher_model is not None:
+            where = 'offloaded to CPU between uses' if self.args.offload_teacher_model else 'resident'
+            logger.info(f'Teacher model: a separate frozen model ({where})')
+        elif self.use_teacher_api:
+            logger.info(f'Teacher model: served at {self.teacher_model_server}')
+        else:
+            logger.info('Teacher model: the student itself (no --teacher_model), frozen for the teacher forward')
+
+    @contextmanager
+    def load_teacher_model_context(self):
+        if self._teacher_offloader is not None and self._teacher_offloader.enabled:
+            with self._teacher_offloader.resident():
+                yield
+        else:
+            with super().load_teacher_model_context():
+                yield
 
     # ------------------------------------------------------------------ modes and sampling
     def _rollout_samples(self, inputs):
@@ -89,8 +148,16 @@ class GKDPluginTrainer(GKDTrainer):
         if self.teacher_model is None and not self._teacher_use_disable_adapter:
             # The teacher is the student itself (no --teacher_model): its samples are the student's.
             return self._generate_completions(samples)
+        for sample in samples:
+            prepare_teacher_view(sample)
         samples = self._preprocess_inputs(samples)
         requests = self.samples2requests(samples)
+        for sample, request in zip(samples, requests):
+            if sample.teacher_messages:  # privileged prompt: the teacher samples from its own prompt
+                request.messages = [dict(m) for m in sample.teacher_messages]
+                remove_response(request.messages)
+                if sample.teacher_images is not None:
+                    request.images = sample.teacher_images
         with self._teacher_sampling_context() as engine:
             results = engine.infer(requests, self._get_request_config(), use_tqdm=False)
         outputs = [r if isinstance(r, RolloutOutput) else RolloutOutput(response=r) for r in results]
@@ -130,6 +197,23 @@ class GKDPluginTrainer(GKDTrainer):
             yield engine
 
     # ------------------------------------------------------------------ batching and normalisation
+    def _encode_samples(self, samples):
+        """Encode both views; a teacher view that does not score the student's response tokens names its row."""
+        template = self.template
+        for sample in samples:
+            prepare_teacher_view(sample)
+        with self._template_context(template):
+            student_list, teacher_list, has_teacher_view = encode_gkd_samples(samples, template)
+        for sample, student, teacher in zip(samples, student_list, teacher_list):
+            if not has_teacher_view:
+                break
+            check_views_aligned(sample, student, teacher)
+        with self._template_context(template):
+            encoded = to_device(template.data_collator(student_list), self.accelerator.device)
+            teacher_encoded = (to_device(template.data_collator(teacher_list), self.accelerator.device)
+                               if has_teacher_view else None)
+        return encoded, teacher_encoded
+
     def _generate_and_score_completions(self, inputs) -> List[Dict[str, Any]]:
         """Attach to every micro-batch the number of response tokens of its whole optimizer step.
 
@@ -174,6 +258,8 @@ class GKDPluginTrainer(GKDTrainer):
             if not self.use_teacher_api:
                 self.prepare_logits_to_keep(teacher_inputs)
 
+        if self._teacher_offloader is not None and not self.use_teacher_api:
+            self._teacher_offloader.prefetch()  # the upload overlaps the student's forward
         outputs = model(**{k: v for k, v in model_inputs.items() if k != 'labels'})
         student_labels = shift_labels(model_inputs['labels'])
         student_mask = student_labels != -100

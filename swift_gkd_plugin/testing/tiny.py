@@ -13,9 +13,11 @@ The synthetic task
 ------------------
 *Reverse a short sequence of letters.*  The user message is
 ``"Reverse: a c d b"`` and the assistant answer is ``"b d c a"``.  Sequences
-have :data:`MIN_LEN`..:data:`MAX_LEN` symbols drawn (with repetition) from
-:data:`SYMBOLS`.  The answer follows a rule rather than memorised facts, so a
-model that learnt it also solves held-out prompts.  Train and test prompts are
+have :data:`MIN_LEN`..:data:`MAX_LEN` (4) symbols drawn (with repetition) from
+:data:`SYMBOLS` (``a``..``h``); every letter is one token (``' c'``), so the
+answer is 4 letter tokens plus ``<|im_end|>``.  The answer follows a rule
+rather than memorised facts, so a model that learnt it also solves held-out
+prompts.  Train and test prompts are
 disjoint by construction: every sequence is assigned to exactly one split by
 a stable hash (see :func:`split_of`).
 
@@ -38,6 +40,7 @@ Typical use::
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -45,7 +48,7 @@ import random
 import shutil
 import time
 import zlib
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -65,9 +68,10 @@ __all__ = [
 SPECIAL_TOKENS: Tuple[str, ...] = ('<|endoftext|>', '<|im_start|>', '<|im_end|>')
 #: Qwen3's thinking markers, added as ordinary (non-special) added tokens.
 EXTRA_TOKENS: Tuple[str, ...] = ('<think>', '</think>')
-#: Alphabet of the reversal task.
-SYMBOLS: str = 'abcdefghijklmnopqrstuvwxyz'
-#: Shortest / longest sequence in the task.
+#: Alphabet of the reversal task.  Small on purpose: with 8 symbols and a fixed length a 2-layer student
+#: learns the rule (and visibly improves under distillation) within a few dozen steps.
+SYMBOLS: str = 'abcdefgh'
+#: Shortest / longest sequence in the task (8**4 = 4096 distinct sequences, 844 of them in the test split).
 MIN_LEN: int = 4
 MAX_LEN: int = 4
 #: The user message is ``PROMPT_PREFIX + ' '.join(sequence)``.
@@ -94,11 +98,8 @@ STUDENT_KWARGS: Dict[str, int] = dict(hidden_size=64, num_layers=2, num_heads=4,
 TEACHER_KWARGS: Dict[str, int] = dict(hidden_size=96, num_layers=3, num_heads=4, num_kv_heads=2, intermediate_size=256)
 
 #: Bump when anything that changes the produced workspace files changes (invalidates caches).
-WORKSPACE_VERSION: int = 1
+WORKSPACE_VERSION: int = 2
 _MARKER = 'tiny_workspace.json'
-
-TokenizerLike = Any  # a transformers PreTrainedTokenizerFast (kept untyped to avoid importing at module import time)
-
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Task
@@ -131,6 +132,14 @@ def _row(seq: Sequence[str]) -> Dict[str, Any]:
     }
 
 
+def _num_sequences(split: str) -> int:
+    """Number of distinct task sequences belonging to ``split`` (exact; the task space is small)."""
+    total = 0
+    for length in range(MIN_LEN, MAX_LEN + 1):
+        total += sum(split_of(seq) == split for seq in itertools.product(SYMBOLS, repeat=length))
+    return total
+
+
 def make_rows(n: int, seed: int = 0, split: str = 'train') -> List[Dict[str, Any]]:
     """Generate ``n`` distinct task rows in ms-swift's ``messages`` format.
 
@@ -139,7 +148,8 @@ def make_rows(n: int, seed: int = 0, split: str = 'train') -> List[Dict[str, Any
     ``[MIN_LEN, MAX_LEN]`` and symbols are drawn uniformly (with repetition) from :data:`SYMBOLS`.
 
     Args:
-        n: number of rows (all prompts within one call are distinct).
+        n: number of rows; all prompts within one call are distinct, so ``n`` may not exceed the number of
+            sequences of the split (3,252 train / 844 test with the default task), else ``ValueError``.
         seed: RNG seed; the same ``(n, seed, split)`` always gives the same list, and a longer list with the
             same seed/split starts with the shorter one.
         split: ``'train'`` or ``'test'``.  Only sequences whose :func:`split_of` equals ``split`` are produced,
@@ -147,14 +157,13 @@ def make_rows(n: int, seed: int = 0, split: str = 'train') -> List[Dict[str, Any
     """
     if split not in ('train', 'test'):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    available = _num_sequences(split)
+    if n > available:
+        raise ValueError(f'only {available} distinct {split} sequences exist, {n} rows requested')
     rng = random.Random(2 * int(seed) + (split == 'test'))
     rows: List[Dict[str, Any]] = []
     seen = set()
-    attempts = 0
     while len(rows) < n:
-        attempts += 1
-        if attempts > 100 * n + 10000:
-            raise RuntimeError(f'could not generate {n} distinct {split} rows')
         length = rng.randint(MIN_LEN, MAX_LEN)
         seq = tuple(rng.choice(SYMBOLS) for _ in range(length))
         if seq in seen or split_of(seq) != split:
@@ -200,16 +209,20 @@ The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor 
 
 
 def _tokenizer_corpus() -> List[str]:
-    """Deterministic training corpus: rendered task conversations (both splits) plus filler text."""
+    """Deterministic training corpus: task-like conversations plus filler text.
+
+    The conversations use all letters and digits (not only :data:`SYMBOLS`) with lengths 1-6, so the
+    tokenizer does not depend on the task parameters and every ``' x'`` (space + letter/digit) is one token.
+    Special tokens are not part of the corpus (they are added as whole tokens anyway).
+    """
+    rng = random.Random(12345)
+    alphabet = 'abcdefghijklmnopqrstuvwxyz0123456789'
     texts: List[str] = []
-    for split in ('train', 'test'):
-        for row in make_rows(1500, seed=12345, split=split):
-            q, a = row['messages'][0]['content'], row['messages'][1]['content']
-            # Special tokens are not part of the corpus (they are added as whole tokens anyway).
-            texts.append(f'user\n{q}\n')
-            texts.append(f'assistant\n{a}\n')
-    filler = _FILLER.splitlines()
-    texts.extend(filler * 20)
+    for _ in range(3000):
+        seq = [rng.choice(alphabet) for _ in range(rng.randint(1, 6))]
+        texts.append(f"user\n{PROMPT_PREFIX}{' '.join(seq)}\n")
+        texts.append(f"assistant\n{' '.join(reversed(seq))}\n")
+    texts.extend(_FILLER.splitlines() * 20)
     texts.extend(['system\n', 'user\n', 'assistant\n'] * 50)
     return texts
 
@@ -490,10 +503,10 @@ def _default_threads() -> int:
 def train_teacher(model_dir: str,
                   rows: Sequence[Dict[str, Any]],
                   *,
-                  steps: int = 300,
+                  steps: int = 250,
                   lr: float = 3e-3,
                   batch_size: int = 32,
-                  warmup_steps: int = 30,
+                  warmup_steps: Optional[int] = None,
                   weight_decay: float = 0.0,
                   seed: int = 0,
                   num_threads: Optional[int] = None,
@@ -503,13 +516,14 @@ def train_teacher(model_dir: str,
     Training is standard causal-LM cross-entropy on the response tokens only (``{a}<|im_end|>\\n``; the
     prompt is masked with ``-100``), with sequences encoded exactly as ms-swift's ``qwen3_nothinking`` template
     does (see :func:`encode_row`).  Optimiser: AdamW (betas 0.9/0.98), linear warm-up for ``warmup_steps``
-    then cosine decay to 10% of ``lr``, gradient clipping at 1.0.  Mini-batches of ``batch_size`` rows are
-    drawn by shuffling ``rows`` with ``random.Random(seed)`` (epoch after epoch); the torch RNG is seeded
-    with ``seed`` too (and restored afterwards), so the result is deterministic for a given thread count.
+    (default ``min(30, steps // 10)``) then cosine decay to 10% of ``lr``, gradient clipping at 1.0.
+    Mini-batches of ``batch_size`` rows are drawn by shuffling ``rows`` with ``random.Random(seed)`` (epoch
+    after epoch); the torch RNG is seeded with ``seed`` too (and restored afterwards), so the result is
+    deterministic for a given thread count.
 
-    With the defaults (300 steps, batch 32, lr 3e-3) the :data:`TEACHER_KWARGS` model learns the reversal rule
-    (held-out :func:`score` 1.0) in about 10-18 s on one CPU thread; the :data:`STUDENT_KWARGS` model needs
-    only ~150 steps (~5 s) to reach a held-out score of ~0.9.
+    With the defaults (250 steps, batch 32, lr 3e-3) the :data:`TEACHER_KWARGS` model learns the reversal rule
+    (held-out :func:`score` 1.0; 200 steps already suffice) in about 10-20 s on one CPU thread; the
+    :data:`STUDENT_KWARGS` model reaches a held-out score of ~0.8-0.9 after 60 steps (~2 s).
 
     Args:
         model_dir: directory produced by :func:`build_model` (holds the tokenizer too); overwritten.
@@ -530,6 +544,8 @@ def train_teacher(model_dir: str,
     encoded = [encode_row(tokenizer, r) for r in rows]
     if not encoded:
         raise ValueError('no training rows')
+    if warmup_steps is None:
+        warmup_steps = min(30, steps // 10)
     rng = random.Random(seed)
     order: List[int] = []
     losses: List[float] = []
@@ -545,7 +561,7 @@ def train_teacher(model_dir: str,
                                 lr=lr, betas=(0.9, 0.98), eps=1e-8)
 
         def lr_at(step: int) -> float:
-            if step < warmup_steps:
+            if warmup_steps and step < warmup_steps:
                 return lr * (step + 1) / warmup_steps
             progress = (step - warmup_steps) / max(1, steps - warmup_steps)
             return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
@@ -720,7 +736,7 @@ def build_demo_workspace(root: str,
                          seed: int = 0,
                          n_train: int = 2000,
                          n_test: int = 200,
-                         teacher_steps: int = 300,
+                         teacher_steps: int = 250,
                          student_steps: int = 0,
                          force: bool = False,
                          verbose: bool = False) -> Dict[str, Any]:
@@ -743,12 +759,15 @@ def build_demo_workspace(root: str,
     Returns:
         dict with ``root``, ``tokenizer``, ``teacher``, ``student``, ``train``, ``test`` (absolute paths),
         ``teacher_score`` / ``student_score`` (:func:`score` on the test rows), ``teacher_exact_match`` /
-        ``student_exact_match`` (:func:`exact_match` on the test rows), ``teacher_train`` (stats of
-        :func:`train_teacher`), ``params`` and ``reused``.
+        ``student_exact_match`` (:func:`exact_match` on the test rows), ``teacher_train`` /
+        ``student_train`` (stats of :func:`train_teacher`, ``None`` when not trained), ``teacher_parameters`` /
+        ``student_parameters``, ``params`` and ``reused``.  With the defaults: teacher 390,960 parameters,
+        score 1.0; student 131,456 parameters, score ~0.00; about 30 s to build on one CPU thread.
     """
     root = os.path.abspath(root)
     params = dict(seed=seed, n_train=n_train, n_test=n_test, teacher_steps=teacher_steps,
-                  student_steps=student_steps, teacher=TEACHER_KWARGS, student=STUDENT_KWARGS)
+                  student_steps=student_steps, teacher=TEACHER_KWARGS, student=STUDENT_KWARGS,
+                  task=dict(symbols=SYMBOLS, min_len=MIN_LEN, max_len=MAX_LEN, prompt_prefix=PROMPT_PREFIX))
     paths = {
         'root': root,
         'tokenizer': os.path.join(root, 'tokenizer'),
@@ -783,7 +802,7 @@ def build_demo_workspace(root: str,
     build_model(paths['teacher'], tokenizer, seed=seed, **TEACHER_KWARGS)
     teacher_stats = train_teacher(paths['teacher'], train_rows, steps=teacher_steps, seed=seed,
                                   log_every=100 if verbose else 0)
-    log(f'teacher trained in {teacher_stats["seconds"]:.1f}s (loss {teacher_stats["final_loss"]:.3f})')
+    log(f'teacher trained in {teacher_stats["seconds"]:.1f}s (final loss {teacher_stats["final_loss"]})')
     build_model(paths['student'], tokenizer, seed=seed + 1, **STUDENT_KWARGS)
     student_stats = None
     if student_steps:

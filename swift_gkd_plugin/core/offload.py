@@ -1,0 +1,81 @@
+"""Keeping a frozen model's weights on the CPU except while it runs, with the upload overlapped on CUDA.
+
+The teacher is frozen, so its weights never need to travel back: the CPU copy is the master copy (pinned, so that
+host-to-device copies can be asynchronous), the GPU copy is made for one use and simply dropped afterwards. On
+CUDA, :meth:`TeacherOffloader.prefetch` starts the upload on a side stream so that it overlaps the student's
+forward; :meth:`TeacherOffloader.resident` makes the compute stream wait for it, points the module at the GPU
+tensors, and drops them when the block ends. Without CUDA every method is a no-op.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+__all__ = ['TeacherOffloader']
+
+
+class TeacherOffloader:
+    """Offloads the parameters and buffers of a frozen ``module`` to pinned CPU memory.
+
+    Args:
+        module: the frozen model; its tensors are moved to the CPU on construction.
+        device: where it runs (``cuda:N``); a CPU device makes the offloader a no-op.
+    """
+
+    def __init__(self, module: nn.Module, device: torch.device):
+        self.module = module
+        self.device = torch.device(device)
+        self.enabled = self.device.type == 'cuda'
+        self._tensors: List[torch.Tensor] = []  # the module's parameters and buffers, in a fixed order
+        self._host: List[torch.Tensor] = []  # their pinned CPU master copies
+        self._staged: Optional[List[torch.Tensor]] = None  # device copies in flight or in use
+        self._event = None
+        self._stream = torch.cuda.Stream(device=self.device) if self.enabled else None
+        if not self.enabled:
+            return
+        with torch.no_grad():
+            for tensor in list(module.parameters()) + [b for b in module.buffers() if b is not None]:
+                host = tensor.data.to('cpu')
+                self._tensors.append(tensor)
+                self._host.append(host.pin_memory())
+                tensor.data = self._host[-1]
+        torch.cuda.empty_cache()
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._host)
+
+    def prefetch(self) -> None:
+        """Start copying the weights to the device on a side stream (returns at once; idempotent)."""
+        if not self.enabled or self._staged is not None:
+            return
+        # The side stream must not start before the compute stream has finished with memory it may reuse.
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._stream):
+            self._staged = [h.to(self.device, non_blocking=True) for h in self._host]
+            self._event = torch.cuda.Event()
+            self._event.record(self._stream)
+
+    @contextmanager
+    def resident(self):
+        """The module's weights live on the device inside this block and return to the CPU copy afterwards."""
+        if not self.enabled:
+            yield self.module
+            return
+        self.prefetch()  # no-op when already prefetched
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_event(self._event)
+        staged = self._staged
+        try:
+            for tensor, dev in zip(self._tensors, staged):
+                dev.record_stream(compute)  # allocated on the side stream, used on the compute stream
+                tensor.data = dev
+            yield self.module
+        finally:
+            for tensor, host in zip(self._tensors, self._host):
+                tensor.data = host
+            self._staged = None
+            self._event = None

@@ -1,0 +1,469 @@
+"""Generalized JSD over a vocabulary split across tensor-parallel ranks (pure ``torch.distributed``).
+
+Megatron's output layer is column-parallel: each of the ``tp`` ranks of a tensor-parallel group holds the logits of
+the *same* ``N`` tokens for a contiguous slice ``[vocab_start, vocab_start + V_r)`` of the vocabulary (slices may
+have different widths, e.g. when ``V`` is not divisible by ``tp``). Everything a full-vocabulary quantity needs is
+recovered with a few all-reduces over that group:
+
+* the log-normaliser ``lse = max + log(sum exp(u - max))``: one all-reduce ``MAX`` and one ``SUM`` (student and
+  teacher share them);
+* the per-token divergence: the per-rank partial sums of the KL terms, one all-reduce ``SUM``.
+
+Definitions (as in :mod:`swift_gkd_plugin.core.divergence`), with ``s = log_softmax(z_student / T)`` and
+``t = log_softmax(z_teacher / T)``:
+
+* ``beta == 0``: ``D = KL(teacher || student) = sum_v p_t (t - s)``
+* ``beta == 1``: ``D = KL(student || teacher) = sum_v p_s (s - t)``
+* ``0 < beta < 1``: ``m = log(beta p_t + (1 - beta) p_s)``, ``D = beta KL(teacher || M) + (1 - beta) KL(student || M)``.
+
+Zero-probability entries (``-inf`` logits, e.g. padded vocabulary) contribute 0 to the value and the gradient.
+
+Autograd conventions (Megatron's): a tensor that is identical on every rank of the group ("replicated", e.g. the
+``[N]`` divergence) receives the full gradient of the (identical) per-rank loss on every rank; the backward of an
+all-reduce-SUM that produced it is therefore the identity (:func:`reduce_from_tensor_parallel_region`), and each rank
+ends up with the gradient of its own vocabulary shard. ``torch.distributed.all_reduce`` itself is not differentiable;
+the autograd functions below place the collectives explicitly. Every rank of the group must call these functions with
+the same ``N`` (and the same ``mask`` / top-k tensors), and must run the backward (the loss is the same everywhere):
+the collectives are matched one for one, also for ``N == 0`` (empty all-reduces are still issued, so ranks never
+wait on each other).
+
+Precision: float32 whatever the input dtype, except that float64 inputs are computed (and returned) in float64.
+
+Context parallelism (different tokens on different ranks of a CP group) needs only a global token count:
+:func:`token_count_all_reduce` and :func:`normalize_loss`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.distributed as dist
+
+from .topk import bucket_divergence, teacher_tail_logmass
+
+__all__ = [
+    'context_parallel_mean',
+    'normalize_loss',
+    'reduce_from_tensor_parallel_region',
+    'token_count_all_reduce',
+    'vocab_parallel_generalized_jsd',
+    'vocab_parallel_log_softmax',
+    'vocab_parallel_logsumexp',
+    'vocab_parallel_topk_jsd',
+]
+
+_NEG_LOGIT = -1e30  # finite stand-in for -inf logits: exp() underflows to exactly 0, differences stay finite
+
+Group = Optional['dist.ProcessGroup']
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# collectives
+
+
+def _group_size(group: Group) -> int:
+    """Ranks in ``group``; 1 when ``torch.distributed`` is not initialised (then every function is single-process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
+
+
+def _all_reduce(t: torch.Tensor, op, group: Group) -> torch.Tensor:
+    """In-place all-reduce of a contiguous tensor, a no-op on a one-rank group. Returns ``t``."""
+    if _group_size(group) > 1:
+        dist.all_reduce(t, op=op, group=group)
+    return t
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _row_max(u: torch.Tensor) -> torch.Tensor:
+    """``amax`` over the last dimension, ``-inf`` for an empty shard."""
+    if u.shape[-1] == 0:
+        return u.new_full(u.shape[:-1], float('-inf'))
+    return u.amax(-1)
+
+
+def _vocab_parallel_lse(tensors: Sequence[torch.Tensor], group: Group) -> torch.Tensor:
+    """Full-vocabulary ``logsumexp`` of several ``[N, V_r]`` shards with one ``MAX`` and one ``SUM`` all-reduce.
+
+    Returns ``[len(tensors), N]``; a row whose entries are all ``-inf`` (on every rank) gives ``-inf``.
+    """
+    mx = torch.stack([_row_max(u) for u in tensors]).contiguous()
+    _all_reduce(mx, dist.ReduceOp.MAX, group)
+    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))  # all -inf rows: exp(-inf - 0) = 0, no nan
+    sums = torch.stack([(u - m.unsqueeze(-1)).exp().sum(-1) for u, m in zip(tensors, mx)]).contiguous()
+    _all_reduce(sums, dist.ReduceOp.SUM, group)
+    return mx + sums.log()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# differentiable building blocks
+
+
+class _ReduceFromTensorParallelRegion(torch.autograd.Function):
+    """All-reduce SUM of per-rank partials; backward is the identity (the output is replicated)."""
+
+    @staticmethod
+    def forward(ctx, partial, group):
+        return _all_reduce(partial.contiguous().clone(), dist.ReduceOp.SUM, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def reduce_from_tensor_parallel_region(partial: torch.Tensor, group: Group = None) -> torch.Tensor:
+    """Sum of ``partial`` over the ranks of ``group`` (replicated result); gradient: identity to every rank."""
+    return _ReduceFromTensorParallelRegion.apply(partial, group)
+
+
+class _VocabParallelLogSoftmax(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, logits, group):
+        u = logits.to(_compute_dtype(logits.dtype))
+        lse = _vocab_parallel_lse([u], group)[0]
+        out = u - lse.unsqueeze(-1)
+        ctx.group = group
+        ctx.in_dtype = logits.dtype
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (out, ) = ctx.saved_tensors
+        # d s_w / d z_v = delta_vw - p_v: grad_z = g - p * sum_w g_w, where the sum runs over the full vocabulary
+        total = _all_reduce(grad.sum(-1).contiguous(), dist.ReduceOp.SUM, ctx.group)
+        grad_in = grad - out.exp() * total.unsqueeze(-1)
+        return grad_in.to(ctx.in_dtype), None
+
+
+def vocab_parallel_log_softmax(logits_shard: torch.Tensor, group: Group = None) -> torch.Tensor:
+    """``log_softmax`` over a vocabulary split across ``group``; returns this rank's ``[N, V_r]`` slice.
+
+    Forward: all-reduce ``MAX`` of the local maxima, all-reduce ``SUM`` of the local ``sum exp``. Backward:
+    ``grad - softmax * all_reduce_SUM(grad.sum(-1))`` (one all-reduce, so every rank must run the backward).
+    Computed in float32 (float64 for float64 input); the gradient comes back in the input's dtype.
+    """
+    return _VocabParallelLogSoftmax.apply(logits_shard, group)
+
+
+class _VocabParallelLogSumExp(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, logits, group):
+        u = logits.to(_compute_dtype(logits.dtype))
+        lse = _vocab_parallel_lse([u], group)[0]
+        ctx.in_dtype = logits.dtype
+        ctx.save_for_backward(u, lse)
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad):
+        u, lse = ctx.saved_tensors
+        # d lse / d z_v = exp(z_v - lse), local; rows with lse == -inf (all -inf) get no gradient
+        finite = torch.isfinite(lse)
+        p = (u - torch.where(finite, lse, torch.zeros_like(lse)).unsqueeze(-1)).exp()
+        coef = torch.where(finite, grad, torch.zeros_like(grad))
+        return (p * coef.unsqueeze(-1)).to(ctx.in_dtype), None
+
+
+def vocab_parallel_logsumexp(logits_shard: torch.Tensor, group: Group = None) -> torch.Tensor:
+    """Full-vocabulary ``logsumexp`` (``[N]``, replicated) of a vocabulary split across ``group``.
+
+    The backward needs no communication (``d lse / d z_v = softmax_v`` is local); rows that are ``-inf`` everywhere
+    give ``-inf`` and a zero gradient.
+    """
+    return _VocabParallelLogSumExp.apply(logits_shard, group)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# full-vocabulary generalized JSD
+
+
+class _VocabParallelGJSD(torch.autograd.Function):
+    """Per-token generalized JSD with its closed-form gradient, computed in forward (backward: a rescale, no comm).
+
+    Closed forms (``u = z / T``, ``dD/dz = dD/du / T``), see :mod:`swift_gkd_plugin.core.fused_loss`:
+    ``beta == 0``: ``p_s - p_t``; ``beta == 1``: ``p_s (s - t - D)``; else ``(1 - beta) p_s (s - m - KL(s || M))``.
+    ``D`` and ``KL(s || M)`` are full-vocabulary (all-reduced) values.
+    """
+
+    @staticmethod
+    def forward(ctx, student, teacher, beta, temperature, group, chunk_size, want_grad):
+        cd = _compute_dtype(student.dtype)
+        n = student.shape[0]
+        grad = torch.empty(student.shape, dtype=cd, device=student.device) if want_grad else None
+        out = []
+        rows = max(1, int(chunk_size)) if chunk_size else max(n, 1)
+        # range(0, max(n, 1)): one pass even for n == 0, so that the collectives still happen on every rank
+        for start in range(0, max(n, 1), rows):
+            sl = slice(start, start + rows)
+            d, g = _gjsd_chunk(student[sl], teacher[sl], beta, temperature, group, cd, want_grad)
+            out.append(d)
+            if want_grad:
+                grad[sl] = g
+        ctx.in_dtype = student.dtype
+        if want_grad:
+            ctx.save_for_backward(grad)
+        return torch.cat(out)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad, ) = ctx.saved_tensors
+        return (grad * grad_out.to(grad.dtype).unsqueeze(-1)).to(ctx.in_dtype), None, None, None, None, None, None
+
+
+def _gjsd_chunk(student, teacher, beta: float, temperature: float, group: Group, cd, want_grad: bool):
+    inv_t = 1.0 / temperature
+    u = (student.detach().to(cd) * inv_t).clamp_min(_NEG_LOGIT)
+    v = (teacher.detach().to(cd) * inv_t).clamp_min(_NEG_LOGIT)
+    lse = _vocab_parallel_lse([u, v], group)
+    s = u.sub_(lse[0].unsqueeze(-1))  # in place: u is a private copy
+    t = v.sub_(lse[1].unsqueeze(-1))
+    ps, pt = s.exp(), t.exp()
+    grad = None
+    if beta == 0:
+        div = _all_reduce((pt * (t - s)).sum(-1), dist.ReduceOp.SUM, group)
+        if want_grad:
+            grad = ps.sub_(pt)
+    elif beta == 1:
+        diff = s - t
+        div = _all_reduce((ps * diff).sum(-1), dist.ReduceOp.SUM, group)
+        if want_grad:
+            grad = diff.sub_(div.unsqueeze(-1)).mul_(ps)
+    else:
+        m = torch.logaddexp(t + math.log(beta), s + math.log1p(-beta))
+        sm, tm = s - m, t.sub_(m)
+        kl = torch.stack([(pt * tm).sum(-1), (ps * sm).sum(-1)]).contiguous()
+        _all_reduce(kl, dist.ReduceOp.SUM, group)
+        div = beta * kl[0] + (1 - beta) * kl[1]
+        if want_grad:
+            grad = sm.sub_(kl[1].unsqueeze(-1)).mul_(ps).mul_(1 - beta)
+    if grad is not None:
+        grad.mul_(inv_t)
+    return div, grad
+
+
+def _check(beta: float, temperature: float):
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f'beta must be in [0, 1], got {beta}')
+    if not temperature > 0:
+        raise ValueError(f'temperature must be > 0, got {temperature}')
+
+
+def _select_rows(mask: Optional[torch.Tensor], n: int):
+    """Indices of the active rows, or ``None`` when every row is active (no gather/scatter)."""
+    if mask is None:
+        return None
+    mask = mask.reshape(-1).bool()
+    if mask.numel() != n:
+        raise ValueError(f'mask has {mask.numel()} entries for {n} rows')
+    if bool(mask.all()):
+        return None
+    return mask.nonzero().squeeze(1)
+
+
+def _scatter_rows(values: torch.Tensor, idx: Optional[torch.Tensor], n: int) -> torch.Tensor:
+    if idx is None:
+        return values
+    return values.new_zeros(n).index_put((idx, ), values)  # differentiable; inactive rows are 0 with 0 gradient
+
+
+def vocab_parallel_generalized_jsd(student_shard: torch.Tensor,
+                                   teacher_shard: torch.Tensor,
+                                   beta: float,
+                                   temperature: float = 1.0,
+                                   group: Group = None,
+                                   *,
+                                   mask: Optional[torch.Tensor] = None,
+                                   chunk_size: Optional[int] = None) -> torch.Tensor:
+    """Per-token generalized JSD of logits whose vocabulary is split across the ranks of ``group``.
+
+    Args:
+        student_shard: ``[N, V_r]`` this rank's slice of the student logits (differentiable, any float dtype).
+        teacher_shard: ``[N, V_r]`` the teacher logits of the same slice (no gradient). Student and teacher must be
+            split the same way (align padded vocabularies before splitting).
+        beta: in ``[0, 1]``; 0 is ``KL(teacher || student)``, 1 is ``KL(student || teacher)``.
+        temperature: ``T > 0``, divides both logits.
+        group: the tensor-parallel group (``None``: the default group; a one-rank group or an uninitialised
+            ``torch.distributed`` gives the dense single-process result).
+        mask: optional ``[N]`` bool, the same on every rank; inactive rows get 0 and no gradient, and are never read
+            (they may hold garbage).
+        chunk_size: rows per pass (bounds the ``[chunk, V_r]`` temporaries; 3 all-reduces per pass);
+            default: all rows at once.
+
+    Returns:
+        ``[N]`` divergences, identical on every rank, float32 (float64 for float64 input). The gradient flows to
+        ``student_shard`` only, computed in closed form during the forward; the backward issues no collective.
+    """
+    _check(beta, temperature)
+    if student_shard.shape != teacher_shard.shape or student_shard.dim() != 2:
+        raise ValueError(f'student {tuple(student_shard.shape)} and teacher {tuple(teacher_shard.shape)} shards must '
+                         'be [N, V_r] of the same shape')
+    n = student_shard.shape[0]
+    idx = _select_rows(mask, n)
+    s, t = (student_shard, teacher_shard) if idx is None else (student_shard[idx], teacher_shard[idx])
+    want_grad = torch.is_grad_enabled() and student_shard.requires_grad
+    div = _VocabParallelGJSD.apply(s, t.detach(), float(beta), float(temperature), group, chunk_size, want_grad)
+    return _scatter_rows(div, idx, n)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# top-k teacher
+
+
+class _BucketJSD(torch.autograd.Function):
+    """:func:`~swift_gkd_plugin.core.topk.bucket_divergence` with its closed-form gradient (student side only)."""
+
+    @staticmethod
+    def forward(ctx, student_buckets, teacher_buckets, beta, temperature):
+        div, grad = bucket_divergence(student_buckets.detach(), teacher_buckets, beta, temperature)
+        ctx.save_for_backward(grad)
+        return div
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad, ) = ctx.saved_tensors
+        return grad * grad_out.unsqueeze(-1), None, None, None
+
+
+def vocab_parallel_topk_jsd(student_shard: torch.Tensor,
+                            vocab_start: int,
+                            teacher_topk_ids: torch.Tensor,
+                            teacher_topk_logprobs: torch.Tensor,
+                            beta: float,
+                            temperature: float = 1.0,
+                            group: Group = None,
+                            tail: bool = False,
+                            *,
+                            vocab_size: Optional[int] = None,
+                            mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-token generalized JSD against a top-k teacher, the student's vocabulary split across ``group``.
+
+    The definition is the single-process one of :mod:`swift_gkd_plugin.core.topk` (as used by
+    :func:`~swift_gkd_plugin.core.fused_loss.fused_linear_jsd`): both sides renormalised over the valid top-k ids
+    (``tail=False``), or with one more bucket holding the remaining mass on both sides (``tail=True``: teacher
+    ``log(1 - sum_K exp(l))``, student ``logsumexp`` of its logits outside ``K``), tempered on the buckets.
+
+    Communication: the student logits at the top-k ids are gathered from the ranks that own them (masked local
+    gather + all-reduce ``SUM``); with ``tail``, the complement's ``logsumexp`` costs one ``MAX`` and one ``SUM``
+    all-reduce more (and one scalar all-reduce for ``vocab_size`` when it is not given).
+
+    Args:
+        student_shard: ``[N, V_r]`` this rank's slice of the student logits, covering the global ids
+            ``[vocab_start, vocab_start + V_r)`` (differentiable, any float dtype; slices may differ in width).
+        vocab_start: first global id of this rank's slice.
+        teacher_topk_ids: ``[N, k]`` global token ids (the same on every rank).
+        teacher_topk_logprobs: ``[N, k]`` their full-vocabulary log-probabilities at temperature 1; ``-inf`` marks
+            unused slots. Rows without a finite entry carry no teacher information: they get 0 and no gradient.
+        beta, temperature: as in :func:`vocab_parallel_generalized_jsd`.
+        group: the tensor-parallel group.
+        tail: add the tail bucket.
+        vocab_size: the student's full vocabulary size (sum of the slice widths); only used with ``tail`` (a row
+            whose valid ids cover it has an empty teacher tail); computed with an all-reduce when not given.
+        mask: optional ``[N]`` bool, the same on every rank; inactive rows get 0 and no gradient.
+
+    Returns:
+        ``[N]`` divergences, identical on every rank, float32 (float64 for float64 input).
+    """
+    _check(beta, temperature)
+    if student_shard.dim() != 2 or teacher_topk_ids.shape != teacher_topk_logprobs.shape \
+            or teacher_topk_ids.shape[0] != student_shard.shape[0]:
+        raise ValueError(f'student shard {tuple(student_shard.shape)}, ids {tuple(teacher_topk_ids.shape)} and '
+                         f'logprobs {tuple(teacher_topk_logprobs.shape)} must be [N, V_r], [N, k], [N, k]')
+    n, width = student_shard.shape
+    cd = _compute_dtype(student_shard.dtype)
+    lp = teacher_topk_logprobs.detach().to(device=student_shard.device, dtype=cd)
+    ids = teacher_topk_ids.to(student_shard.device).long()
+    valid = lp > float('-inf')
+    active = valid.any(-1)
+    if mask is not None:
+        active = active & mask.reshape(-1).to(active.device).bool()
+    if n and ids.shape[1]:  # unused slots point at the row's top-1 id: a valid id, and nothing is gathered twice
+        top1 = ids.gather(1, lp.argmax(-1, keepdim=True))
+        ids = torch.where(valid, ids, top1)
+    local = ids - int(vocab_start)
+    own = (local >= 0) & (local < width) & valid
+    local = local.clamp(0, max(width - 1, 0))
+
+    if width:  # the same -1e30 stand-in for -inf logits as the fused loss
+        picked = student_shard.gather(1, local).to(cd).clamp_min(_NEG_LOGIT)
+        picked = torch.where(own, picked, torch.zeros((), dtype=cd, device=picked.device))
+    else:
+        picked = student_shard.new_zeros(ids.shape, dtype=cd) + student_shard.sum().to(cd) * 0  # keeps the graph
+    y = reduce_from_tensor_parallel_region(picked, group).masked_fill(~valid, float('-inf'))
+    teacher = lp
+    if tail:
+        if vocab_size is None:
+            vs = torch.tensor([width], dtype=torch.int64, device=student_shard.device)
+            vocab_size = int(_all_reduce(vs, dist.ReduceOp.SUM, group).item())
+        # the student's complement of K: its top-k ids masked out on the rank that owns them (ids owned elsewhere
+        # write into a dummy last column; every write is True, so duplicates are deterministic)
+        hit = torch.zeros(n, width + 1, dtype=torch.bool, device=student_shard.device)
+        hit.scatter_(1, torch.where(own, local, width), True)
+        y_tail = vocab_parallel_logsumexp(student_shard.to(cd).masked_fill(hit[:, :width], float('-inf')), group)
+        y = torch.cat([y, y_tail.unsqueeze(1)], 1)
+        teacher = torch.cat([lp, teacher_tail_logmass(lp, valid.sum(-1), int(vocab_size)).unsqueeze(1)], 1)
+
+    idx = None if bool(active.all()) else active.nonzero().squeeze(1)
+    if idx is not None:
+        y, teacher = y[idx], teacher[idx]
+    div = _BucketJSD.apply(y, teacher, float(beta), float(temperature))
+    return _scatter_rows(div, idx, n)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# context parallelism: token counts and normalisation
+
+Count = Union[int, float, torch.Tensor]
+
+
+def token_count_all_reduce(count: Count, group: Group = None, device: Optional[torch.device] = None) -> torch.Tensor:
+    """Total number of active tokens over ``group`` (e.g. a context-parallel group), as a float32 0-dim tensor.
+
+    ``count`` is this rank's number (int / float / 0-dim tensor) or a bool mask of its active tokens (summed).
+    Integer counts are reduced in int64 (exact), floating ones (weighted counts) in float32. A Python number goes
+    to ``device`` (default: CUDA's current device for an NCCL group, else CPU). Every rank of the group must call
+    it, also with a zero count.
+    """
+    if isinstance(count, torch.Tensor):
+        t = count.detach()
+        if device is not None:
+            t = t.to(device)
+        if t.dtype == torch.bool or t.dim() > 0:
+            t = t.sum()
+    else:
+        if device is None:
+            device = torch.device('cpu')
+            if _group_size(group) > 1 and dist.get_backend(group) == 'nccl':
+                device = torch.device('cuda', torch.cuda.current_device())
+        t = torch.tensor(count, device=device)
+    t = t.to(torch.float32 if t.is_floating_point() else torch.int64).reshape(()).clone()
+    return _all_reduce(t, dist.ReduceOp.SUM, group).float()
+
+
+def normalize_loss(loss_sum: torch.Tensor, global_count: Count, scale: float = 1.0) -> torch.Tensor:
+    """``loss_sum * scale / global_count``, and 0 (with zero gradient) when the global count is 0.
+
+    ``loss_sum`` is the sum of this rank's per-token losses, ``global_count`` the total from
+    :func:`token_count_all_reduce`. Summed over the ranks of the CP group the results give the global per-token
+    mean (``scale == 1``); gradients flow only through this rank's ``loss_sum`` (the count is a constant). When the
+    framework *averages* gradients over the CP ranks (e.g. Megatron's default reduction over the DP x CP group), pass
+    ``scale = cp_size`` so that the averaged gradient is the gradient of the global mean. No host synchronisation.
+    """
+    count = torch.as_tensor(global_count, device=loss_sum.device).detach().to(loss_sum.dtype)
+    nonzero = count > 0
+    factor = torch.where(nonzero, scale / torch.where(nonzero, count, torch.ones_like(count)), torch.zeros_like(count))
+    return loss_sum * factor
+
+
+def context_parallel_mean(loss_sum: torch.Tensor, local_count: Count, group: Group = None,
+                          scale: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`token_count_all_reduce` then :func:`normalize_loss`; returns ``(loss, global_count)``."""
+    total = token_count_all_reduce(local_count, group, device=loss_sum.device)
+    return normalize_loss(loss_sum, total, scale), total

@@ -1,0 +1,92 @@
+"""``swift-gkd serve-teacher``: flags and entry point (heavy imports happen only in :func:`run`)."""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import sys
+
+API_KEY_ENV = 'SWIFT_GKD_TEACHER_API_KEY'
+LOOPBACK_NAMES = {'localhost', 'ip6-localhost'}
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip('[]')).is_loopback
+    except ValueError:
+        return False
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--model', required=True, help='teacher model directory (or hub id)')
+    parser.add_argument('--model_type', default=None, help="ms-swift model type (e.g. qwen3); default: detected")
+    parser.add_argument('--template', default=None,
+                        help="ms-swift template used to encode messages; use the trainer's --template (e.g. "
+                        "qwen3_nothinking) so that tokenization matches exactly; default: the model's")
+    parser.add_argument('--adapters', nargs='+', default=[], help='PEFT adapter directories merged into the model')
+    parser.add_argument('--host', default='127.0.0.1',
+                        help='address to bind (default loopback only; any other address requires an API key)')
+    parser.add_argument('--port', type=int, default=8000)
+    parser.add_argument('--topk', type=int, default=64,
+                        help='largest k served (requests asking for more get 422) and the default k of /v1/topk')
+    parser.add_argument('--api_key', default=None,
+                        help=f'require this key on every request (or set {API_KEY_ENV}, which keeps it out of ps)')
+    parser.add_argument('--max_batch_tokens', type=int, default=8192,
+                        help='padded tokens (longest x count) per forward batch; also the longest sequence accepted')
+    parser.add_argument('--max_queue', type=int, default=1024,
+                        help='sequences waiting for a batch; beyond it requests get 503 with Retry-After')
+    parser.add_argument('--max_request_tokens', type=int, default=262144, help='tokens in one request (413 beyond)')
+    parser.add_argument('--max_body_mb', type=float, default=64.0, help='request body size limit in MiB (413 beyond)')
+    parser.add_argument('--max_length', type=int, default=None,
+                        help="template max_length for messages (default: the model's)")
+    parser.add_argument('--batch_wait_ms', type=float, default=0.0,
+                        help='wait this long before each batch so that concurrent requests can join it')
+    parser.add_argument('--torch_dtype', default='auto', help='auto (bfloat16 on GPU, float32 on CPU), float32, '
+                        'bfloat16 or float16')
+    parser.add_argument('--device', default='auto', help='auto, cpu, cuda, cuda:1, ...')
+    parser.add_argument('--served_model_name', default=None)
+    parser.add_argument('--num_threads', type=int, default=None, help='torch CPU threads')
+    parser.add_argument('--log_level', default='info', choices=['debug', 'info', 'warning', 'error'])
+
+
+def run(args: argparse.Namespace) -> int:
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    if not is_loopback(args.host) and not api_key:
+        print(f'swift-gkd serve-teacher: refusing to bind {args.host!r} without an API key: pass --api_key or set '
+              f'{API_KEY_ENV} (or bind 127.0.0.1)', file=sys.stderr)
+        return 2
+    for name in ('topk', 'max_batch_tokens', 'max_queue', 'max_request_tokens'):
+        if getattr(args, name) < 1:
+            print(f'swift-gkd serve-teacher: --{name} must be >= 1', file=sys.stderr)
+            return 2
+    server_logger = logging.getLogger('swift_gkd_plugin.server')
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter('%(asctime)s %(levelname)s [teacher-server] %(message)s'))
+    server_logger.addHandler(handler)
+    server_logger.setLevel(getattr(logging, args.log_level.upper()))
+    server_logger.propagate = False
+
+    import torch
+    import uvicorn
+
+    from .app import ServerConfig, create_app
+    from .backend import TransformersTeacher
+
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    teacher = TransformersTeacher.load(args.model, model_type=args.model_type, template=args.template,
+                                       adapters=args.adapters, torch_dtype=args.torch_dtype, device=args.device,
+                                       max_length=args.max_length, served_model_name=args.served_model_name)
+    config = ServerConfig(topk=args.topk, api_key=api_key, max_batch_tokens=args.max_batch_tokens,
+                          max_queue=args.max_queue, max_request_tokens=args.max_request_tokens,
+                          max_body_bytes=int(args.max_body_mb * 2**20), batch_wait_ms=args.batch_wait_ms)
+    app = create_app(teacher, config)
+    logging.getLogger('swift_gkd_plugin.server').info(
+        f'serving {teacher.name} on http://{args.host}:{args.port} (top-k <= {config.topk}, '
+        f'{"API key required" if api_key else "no API key"})')
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
+                timeout_keep_alive=30)
+    return 0

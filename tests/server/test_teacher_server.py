@@ -1,0 +1,553 @@
+"""``swift-gkd serve-teacher``: a teacher server without vLLM, started as a real subprocess on loopback.
+
+Checks that its answers equal a direct forward of the teacher on both endpoints (ms-swift's ``/infer/`` through
+ms-swift's own ``VLLMInferClient`` + ``parse_prompt_logprobs``, and the compact ``/v1/topk`` through
+``TeacherClient``), the API key, refusals of malformed / oversize requests, concurrency, the bounded queue, the
+client's retries against a killed and restarted server, and real ``swift rlhf --teacher_model_server`` runs.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from conftest import OFFLINE_ENV, base_args, run_swift
+
+from swift_gkd_plugin.server import TeacherClient, TeacherServerError
+from swift_gkd_plugin.testing import tiny
+
+SWIFT_GKD = os.path.join(os.path.dirname(sys.executable), 'swift-gkd')
+TEMPLATE = 'qwen3_nothinking'
+SERVER_TOPK = 16
+MAX_BATCH_TOKENS = 1024  # also the longest sequence the main server accepts
+KEY = 'test-key-0123456789'
+AUTH = {'Authorization': f'Bearer {KEY}'}
+
+# ms-swift's VLLMInferClient is a plain HTTP client, but its constructor refuses to run unless vLLM is importable.
+# vLLM is not installed here, so runs that go through ms-swift's client load this --external_plugins file, which only
+# lifts that check (the client and everything else stay ms-swift's own code).
+VLLM_CHECK_SHIM = '''
+import swift.rlhf_trainers.vllm_client as _vllm_client
+_vllm_client.is_vllm_available = lambda: True
+'''
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+class Server:
+
+    def __init__(self, ws, log_path: str, *extra: str, port: int = None, env=None):
+        self.port = port or _free_port()
+        self.url = f'http://127.0.0.1:{self.port}'
+        self.log_path = log_path
+        cmd = [SWIFT_GKD, 'serve-teacher', '--model', ws.teacher, '--model_type', 'qwen3', '--template', TEMPLATE,
+               '--port', str(self.port), '--topk', str(SERVER_TOPK), '--torch_dtype', 'float32', '--device', 'cpu',
+               '--max_batch_tokens', str(MAX_BATCH_TOKENS), *extra]
+        full_env = dict(os.environ, **OFFLINE_ENV)
+        full_env.pop('SWIFT_GKD_TEACHER_API_KEY', None)
+        full_env.update(env or {})
+        self._log = open(log_path, 'ab')
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env)
+
+    def wait(self, timeout: float = 180.0, headers=None):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f'teacher server exited ({self.proc.returncode}):\n{self.log()[-4000:]}')
+            try:
+                if httpx.get(f'{self.url}/health/', headers=headers, timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise AssertionError(f'teacher server not ready after {timeout}s:\n{self.log()[-4000:]}')
+
+    def log(self) -> str:
+        with open(self.log_path, encoding='utf-8', errors='replace') as f:
+            return f.read()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(15)
+        self._log.close()
+
+
+@pytest.fixture(scope='module')
+def servers(tiny_ws, tmp_path_factory):
+    """Two servers started together: the main one, and one with an API key and a one-sequence queue."""
+    logs = tmp_path_factory.mktemp('teacher_server_logs')
+    started = {
+        'main': Server(tiny_ws, str(logs / 'main.log'), '--max_request_tokens', '4096', '--max_body_mb', '0.25'),
+        'keyed': Server(tiny_ws, str(logs / 'keyed.log'), '--max_queue', '1', '--max_batch_tokens', '512',
+                        env={'SWIFT_GKD_TEACHER_API_KEY': KEY}),
+    }
+    try:
+        started['main'].wait()
+        started['keyed'].wait(headers=AUTH)
+        yield started
+    finally:
+        for s in started.values():
+            s.stop()
+
+
+@pytest.fixture(scope='module')
+def reference(tiny_ws):
+    """Direct forwards of the teacher: full-vocabulary log_softmax (float32) and exact float64 tails."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_ws.teacher, dtype=torch.float32).eval()
+
+    @torch.no_grad()
+    def logprobs(ids):
+        logits = model(input_ids=torch.tensor([ids])).logits[0]
+        return torch.log_softmax(logits.float(), -1), torch.log_softmax(logits.double(), -1)
+
+    def topk_at(ids, positions, k):
+        lp, lp64 = logprobs(ids)
+        lp, lp64 = lp[positions], lp64[positions]
+        vals, idx = lp.topk(k, -1)
+        tail = torch.log1p(-lp64.gather(-1, idx).exp().sum(-1))
+        return idx, vals, tail
+
+    topk_at.logprobs = logprobs
+    return topk_at
+
+
+@pytest.fixture(scope='module')
+def tokenizer(tiny_ws):
+    return tiny.load_tokenizer(tiny_ws.teacher)
+
+
+@pytest.fixture(scope='module')
+def template(tiny_ws):
+    """ms-swift's template for the teacher, in inference mode (as a vLLM teacher server encodes requests)."""
+    from swift.model import get_processor
+    from swift.template import get_template
+    tpl = get_template(get_processor(tiny_ws.teacher, model_type='qwen3'), template_type=TEMPLATE)
+    tpl.set_mode('transformers')
+    return tpl
+
+
+def _chat_pairs(tokenizer, n, seed=0):
+    """(prompt_ids, response_ids) of task rows rendered in the qwen3_nothinking chat format."""
+    pairs = []
+    for row in tiny.make_rows(n, seed=seed):
+        enc = tiny.encode_row(tokenizer, row)
+        ids, labels = enc['input_ids'], enc['labels']
+        start = next(i for i, t in enumerate(labels) if t != -100)
+        pairs.append((list(ids[:start]), list(ids[start:])))
+    return pairs
+
+
+def _random_pairs(n, vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        p = int(torch.randint(1, 40, (1, ), generator=g))
+        r = int(torch.randint(1, 30, (1, ), generator=g))
+        ids = torch.randint(0, vocab, (p + r, ), generator=g).tolist()
+        out.append((ids[:p], ids[p:]))
+    return out
+
+
+def _assert_matches(result, ref_ids, ref_lp, ref_tail=None):
+    assert torch.equal(result.ids, ref_ids), 'top-k ids differ from a direct forward'
+    assert torch.allclose(result.logprobs, ref_lp, atol=1e-5, rtol=0), (result.logprobs - ref_lp).abs().max()
+    if ref_tail is not None:
+        assert result.tail is not None
+        assert torch.allclose(result.tail.double(), ref_tail, atol=1e-5, rtol=0), (result.tail - ref_tail).abs().max()
+
+
+def _post_topk(url, sequences, k, headers=None, client=None):
+    body = {'sequences': sequences, 'topk': k}
+    return (client or httpx).post(f'{url}/v1/topk', json=body, headers=headers, timeout=60)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# correctness
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize('binary', [True, False], ids=['msgpack', 'json-base64'])
+def test_topk_endpoint_equals_direct_forward(servers, reference, tokenizer, binary):
+    client = TeacherClient(servers['main'].url, timeout=30, retries=0, binary=binary)
+    pairs = _chat_pairs(tokenizer, 6) + _random_pairs(6, len(tokenizer))
+    for k, tail in [(8, True), (SERVER_TOPK, False), (1, True)]:
+        results = client.topk(pairs, topk=k, with_tail=tail)
+        assert len(results) == len(pairs)
+        for (prompt, response), res in zip(pairs, results):
+            ids = prompt + response
+            positions = list(range(len(prompt) - 1, len(ids) - 1))
+            assert res.ids.shape == (len(response), k)
+            ref_ids, ref_lp, ref_tail = reference(ids, positions, k)
+            _assert_matches(res, ref_ids, ref_lp, ref_tail if tail else None)
+            if not tail:
+                assert res.tail is None
+
+    # (input_ids, positions): arbitrary positions of a sequence, in any order
+    ids = pairs[0][0] + pairs[0][1]
+    positions = [0, len(ids) - 1, 3, 2]
+    res = client.topk_at([(ids, positions)], topk=8, with_tail=True)[0]
+    _assert_matches(res, *reference(ids, positions, 8))
+
+    # messages encoded by the server's ms-swift template: the scored tokens are the response (+ its suffix)
+    row = tiny.make_rows(1, seed=3)[0]
+    res = client.topk_messages([row['messages']], topk=8, with_tail=True)[0]
+    enc = tiny.encode_row(tokenizer, row)  # the tiny chat format is ms-swift's qwen3_nothinking rendering
+    assert res.input_ids == list(enc['input_ids'])
+    assert res.positions == [p for p in range(len(enc['labels']) - 1) if enc['labels'][p + 1] != -100]
+    _assert_matches(res, *reference(res.input_ids, res.positions, 8))
+
+
+@pytest.mark.timeout(120)
+def test_topk_plain_json_lists_and_float16(servers, reference, tokenizer):
+    url = servers['main'].url
+    prompt, response = _chat_pairs(tokenizer, 1, seed=5)[0]
+    r = httpx.post(f'{url}/v1/topk', json={'sequences': [{'prompt_ids': prompt, 'response_ids': response}], 'topk': 4,
+                                           'with_tail': True, 'encoding': 'list'}, timeout=30)
+    assert r.status_code == 200, r.text
+    item = r.json()['results'][0]
+    ref_ids, ref_lp, ref_tail = reference(prompt + response, list(range(len(prompt) - 1, len(prompt + response) - 1)),
+                                          4)
+    assert item['ids'] == ref_ids.tolist()
+    assert np.allclose(item['logprobs'], ref_lp.numpy(), atol=1e-5, rtol=0)
+    assert np.allclose(item['tail'], ref_tail.numpy(), atol=1e-5, rtol=0)
+    half = TeacherClient(url, retries=0, logprobs_dtype='float16').topk([(prompt, response)], topk=4)[0]
+    assert torch.equal(half.ids, ref_ids)
+    assert torch.allclose(half.logprobs, ref_lp, atol=1e-2, rtol=1e-3)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize('topk', [8, 0])
+def test_ms_swift_client_parses_infer_answers(servers, reference, template, tokenizer, monkeypatch, topk):
+    """ms-swift's own teacher path: VLLMInferClient + RequestConfig + parse_prompt_logprobs, as in
+    RolloutTrainerMixin._infer_teacher_requests, on requests built like gkd_helpers.build_teacher_requests."""
+    import swift.rlhf_trainers.vllm_client as vllm_client
+    from swift.infer_engine import RequestConfig
+    from swift.infer_engine.protocol import RolloutInferRequest
+    from swift.rlhf_trainers.utils import parse_prompt_logprobs, replace_assistant_response_with_ids
+    monkeypatch.setattr(vllm_client, 'is_vllm_available', lambda: True)
+    client = vllm_client.VLLMInferClient(base_urls=[servers['main'].url], connection_timeout=30)
+
+    requests_, expected_ids = [], []
+    for i, row in enumerate(tiny.make_rows(5, seed=7)):
+        messages = [dict(m) for m in row['messages']]
+        if i % 2:  # a sampled response, sent as token ids (token-in-token-out)
+            ids = tokenizer.encode(messages[-1]['content'] + ' x', add_special_tokens=False)
+            messages = replace_assistant_response_with_ids(messages, ids)
+        req = RolloutInferRequest(messages=messages)
+        req.add_eos = 'auto'
+        requests_.append(req)
+        expected_ids.append(template.encode(asdict(req))['input_ids'])
+
+    handle = {'all_requests': requests_}
+    request_config = RequestConfig(prompt_logprobs=topk, max_tokens=1, temperature=0.0)
+    responses = client.infer(handle['all_requests'], request_config=request_config, use_tqdm=False)
+    parsed = [parse_prompt_logprobs(r, topk=topk) for r in responses]
+    assert len(parsed) == len(requests_)
+    for resp, (lps, ixs), ids in zip(responses, parsed, expected_ids):
+        assert resp.prompt_token_ids == ids, 'the server encoded the request differently from ms-swift'
+        assert len(lps) == len(ids) - 1
+        positions = list(range(len(ids) - 1))
+        if topk:
+            ref_ids, ref_lp, _ = reference(ids, positions, topk)
+            assert torch.equal(torch.tensor(ixs), ref_ids)
+            assert torch.allclose(torch.tensor(lps), ref_lp, atol=1e-5, rtol=0)
+            # ranks are vLLM's: 1..k for the top-k, the true rank for an extra (actual) token
+            for p, entry in enumerate(resp.prompt_logprobs[1:]):
+                actual = entry.get(str(ids[p + 1]))
+                assert actual is not None
+                lp_full, _ = reference.logprobs(ids)
+                assert actual['rank'] == int((lp_full[p] > lp_full[p, ids[p + 1]]).sum()) + 1
+        else:  # the sampled (actual) token's log-prob only
+            lp_full, _ = reference.logprobs(ids)
+            assert [x[0] for x in ixs] == ids[1:]
+            assert torch.allclose(torch.tensor([x[0] for x in lps]), lp_full[positions, ids[1:]], atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# security and refusals
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_api_key_required_on_every_request(servers, reference, tokenizer):
+    url = servers['keyed'].url
+    body = {'sequences': [{'prompt_ids': [1, 2, 3], 'response_ids': [4, 5]}], 'topk': 2}
+    for headers in [{}, {'Authorization': 'Bearer wrong'}, {'X-API-Key': 'wrong'}, {'Authorization': KEY},
+                    {'Authorization': f'Bearer {KEY}x'}]:
+        assert httpx.get(f'{url}/health/', headers=headers).status_code == 401
+        r = httpx.post(f'{url}/v1/topk', json=body, headers=headers)
+        assert r.status_code == 401 and r.headers.get('www-authenticate') == 'Bearer'
+        assert httpx.post(f'{url}/infer/', json={'infer_requests': []}, headers=headers).status_code == 401
+    for headers in [AUTH, {'X-API-Key': KEY}]:
+        assert httpx.get(f'{url}/health/', headers=headers).status_code == 200
+        assert httpx.post(f'{url}/v1/topk', json=body, headers=headers).status_code == 200
+    # the client: the right key works, a wrong one fails at once (no retries on 401) with a clear message
+    prompt, response = _chat_pairs(tokenizer, 1)[0]
+    res = TeacherClient(url, api_key=KEY, retries=0).topk([(prompt, response)], topk=4)[0]
+    ids = prompt + response
+    _assert_matches(res, *reference(ids, list(range(len(prompt) - 1, len(ids) - 1)), 4)[:2])
+    with pytest.raises(TeacherServerError, match='401') as err:
+        TeacherClient(url, api_key='nope', retries=5, backoff=10).health()
+    assert err.value.attempts == 1 and err.value.status == 401 and url in str(err.value)
+
+
+@pytest.mark.timeout(60)
+def test_non_loopback_bind_needs_a_key(tiny_ws):
+    env = dict(os.environ, **OFFLINE_ENV)
+    env.pop('SWIFT_GKD_TEACHER_API_KEY', None)
+    proc = subprocess.run([SWIFT_GKD, 'serve-teacher', '--model', tiny_ws.teacher, '--host', '0.0.0.0', '--port',
+                           str(_free_port())], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert 'API key' in proc.stderr and 'SWIFT_GKD_TEACHER_API_KEY' in proc.stderr
+
+
+@pytest.mark.timeout(120)
+def test_malformed_and_oversize_requests_are_refused(servers, reference, tokenizer):
+    server = servers['main']
+    url = server.url
+    vocab = httpx.get(f'{url}/health/').json()['vocab_size']
+    ok = {'prompt_ids': [1, 2, 3], 'response_ids': [4, 5]}
+    malformed = [
+        b'not json', b'[1, 2]', b'{"sequences": []}', b'{"sequences": "x"}',
+        json.dumps({'sequences': [{'prompt_ids': [1, 2]}]}).encode(),
+        json.dumps({'sequences': [{'prompt_ids': [], 'response_ids': [1]}]}).encode(),
+        json.dumps({'sequences': [{'prompt_ids': [1], 'response_ids': []}]}).encode(),
+        json.dumps({'sequences': [{'prompt_ids': [1, 'a'], 'response_ids': [2]}]}).encode(),
+        json.dumps({'sequences': [{'prompt_ids': [1, 2.5], 'response_ids': [2]}]}).encode(),
+        json.dumps({'sequences': [{'prompt_ids': [1, -1], 'response_ids': [2]}]}).encode(),
+        json.dumps({'sequences': [{'prompt_ids': [1], 'response_ids': [vocab]}]}).encode(),
+        json.dumps({'sequences': [ok], 'topk': 0}).encode(),
+        json.dumps({'sequences': [ok], 'topk': SERVER_TOPK + 1}).encode(),
+        json.dumps({'sequences': [ok], 'unknown': 1}).encode(),
+        json.dumps({'sequences': [{'input_ids': [1, 2, 3], 'positions': [3]}]}).encode(),
+        json.dumps({'sequences': [{**ok, 'messages': [{'role': 'user', 'content': 'x'}]}]}).encode(),
+        json.dumps({'sequences': [{'messages': [{'role': 'banana', 'content': 'x'}]}]}).encode(),
+    ]
+    for body in malformed:
+        r = httpx.post(f'{url}/v1/topk', content=body, headers={'Content-Type': 'application/json'})
+        assert r.status_code == 422, (body, r.status_code, r.text)
+        assert r.json()['object'] == 'error'
+    bad_infer = [
+        {'infer_requests': 'x'},
+        {'infer_requests': [{'messages': []}]},
+        {'infer_requests': [{'messages': [{'role': 'user', 'content': 'hi'}], 'images': ['x.png']}]},
+        {'infer_requests': [{'messages': [{'role': 'user', 'content': 'hi'}]}], 'request_config': {'max_tokens': 9}},
+        {'infer_requests': [{'messages': [{'role': 'user', 'content': 'hi'}]}],
+         'request_config': {'prompt_logprobs': SERVER_TOPK + 1}},
+        {'infer_requests': [{'messages': [{'role': 'user', 'content': 'hi'}, {'role': 'assistant', 'content': [-4]}]}],
+         'request_config': {'prompt_logprobs': 2}},
+    ]
+    for body in bad_infer:
+        r = httpx.post(f'{url}/infer/', json=body)
+        assert r.status_code == 422, (body, r.status_code, r.text)
+
+    too_long = {'sequences': [{'prompt_ids': [1] * MAX_BATCH_TOKENS, 'response_ids': [2, 3]}]}
+    r = httpx.post(f'{url}/v1/topk', json=too_long)
+    assert r.status_code == 413 and 'per sequence' in r.json()['message']
+    too_many_tokens = {'sequences': [{'prompt_ids': [1] * 500, 'response_ids': [2]}] * 9}  # > --max_request_tokens
+    r = httpx.post(f'{url}/v1/topk', json=too_many_tokens)
+    assert r.status_code == 413 and 'max_request_tokens' in r.json()['message']
+    huge_body = b'{"sequences": [' + b' ' * (300 * 1024) + b']}'  # > --max_body_mb 0.25
+    r = httpx.post(f'{url}/v1/topk', content=huge_body, headers={'Content-Type': 'application/json'})
+    assert r.status_code == 413
+    long_chat = {'infer_requests': [{'messages': [{'role': 'user', 'content': 'a ' * 5000}]}],
+                 'request_config': {'prompt_logprobs': 2}}
+    assert httpx.post(f'{url}/infer/', json=long_chat).status_code == 413
+
+    # still healthy, still correct, every refusal logged
+    assert server.alive()
+    health = httpx.get(f'{url}/health/').json()
+    assert health['status'] == 'ok' and health['batcher']['worker_alive']
+    prompt, response = _chat_pairs(tokenizer, 1, seed=9)[0]
+    res = TeacherClient(url, retries=0).topk([(prompt, response)], topk=8, with_tail=True)[0]
+    ids = prompt + response
+    _assert_matches(res, *reference(ids, list(range(len(prompt) - 1, len(ids) - 1)), 8))
+    log = server.log()
+    assert '"POST /v1/topk" 422' in log and '"POST /v1/topk" 413' in log and '"POST /v1/topk" 200' in log
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# load
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+def test_100_concurrent_clients(servers, reference, tokenizer):
+    url = servers['main'].url
+    pool = _chat_pairs(tokenizer, 10, seed=11) + _random_pairs(10, len(tokenizer), seed=11)
+    expected = []
+    for prompt, response in pool:
+        ids = prompt + response
+        expected.append(reference(ids, list(range(len(prompt) - 1, len(ids) - 1)), 8))
+    start = threading.Barrier(100)
+
+    def worker(w):
+        out = []
+        with httpx.Client(timeout=120) as client:
+            start.wait()
+            for j in range(5):
+                i = (7 * w + j) % len(pool)
+                prompt, response = pool[i]
+                r = _post_topk(url, [{'prompt_ids': prompt, 'response_ids': response}], 8, client=client)
+                out.append((i, r.status_code, r.json()))
+        return out
+
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(100) as ex:
+        answers = [a for chunk in ex.map(worker, range(100)) for a in chunk]
+    elapsed = time.monotonic() - t0
+    assert len(answers) == 500
+    assert all(status == 200 for _, status, _ in answers), {s for _, s, _ in answers}
+    for i, _, doc in answers:
+        item = doc['results'][0]
+        n = item['num_positions']
+        ids = np.frombuffer(base64.b64decode(item['ids']), '<i4').reshape(n, 8)
+        lps = np.frombuffer(base64.b64decode(item['logprobs']), '<f4').reshape(n, 8)
+        ref_ids, ref_lp, _ = expected[i]
+        assert np.array_equal(ids, ref_ids.numpy())
+        assert np.allclose(lps, ref_lp.numpy(), atol=1e-5, rtol=0)
+    assert elapsed < 240, f'500 requests took {elapsed:.0f}s'
+    stats = httpx.get(f'{url}/health/').json()['batcher']
+    assert stats['batches'] < stats['sequences'], 'concurrent requests were never batched together'
+
+
+@pytest.mark.timeout(180)
+def test_full_queue_answers_503_with_retry_after(servers, reference):
+    server = servers['keyed']  # --max_queue 1 --max_batch_tokens 512
+    url = server.url
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(0, 440, (500, ), generator=g).tolist() for _ in range(8)]
+    start = threading.Barrier(40)
+
+    def worker(w):
+        ids = seqs[w % len(seqs)]
+        with httpx.Client(timeout=120) as client:
+            start.wait()
+            r = _post_topk(url, [{'prompt_ids': ids[:400], 'response_ids': ids[400:]}], 4, headers=AUTH,
+                           client=client)
+        return w, r
+
+    with ThreadPoolExecutor(40) as ex:
+        answers = list(ex.map(worker, range(40)))
+    statuses = [r.status_code for _, r in answers]
+    assert set(statuses) <= {200, 503}, statuses
+    assert 503 in statuses and 200 in statuses, statuses
+    for w, r in answers:
+        if r.status_code == 503:
+            assert int(r.headers['Retry-After']) >= 1
+            assert 'busy' in r.json()['message']
+        else:
+            ids = seqs[w % len(seqs)]
+            item = r.json()['results'][0]
+            got = np.frombuffer(base64.b64decode(item['ids']), '<i4').reshape(-1, 4)
+            assert np.array_equal(got, reference(ids, list(range(399, 499)), 4)[0].numpy())
+    # a request with more sequences than the queue can ever hold is refused as too large, not as busy
+    r = _post_topk(url, [{'prompt_ids': [1], 'response_ids': [2]}] * 2, 4, headers=AUTH)
+    assert r.status_code == 413
+    assert server.alive() and httpx.get(f'{url}/health/', headers=AUTH).json()['batcher']['worker_alive']
+    # the client rides out 503s (honouring Retry-After)
+    with ThreadPoolExecutor(4) as ex:
+        futures = [ex.submit(TeacherClient(url, api_key=KEY, retries=20, backoff=0.2, max_backoff=2).topk_at,
+                             [(seqs[i], list(range(10)))], 4) for i in range(4)]
+        for i, f in enumerate(futures):
+            assert torch.equal(f.result()[0].ids, reference(seqs[i], list(range(10)), 4)[0])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# failure and recovery
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+def test_client_reports_a_killed_server_and_recovers_after_restart(tiny_ws, tmp_path, reference, tokenizer):
+    server = Server(tiny_ws, str(tmp_path / 'a.log')).wait()
+    prompt, response = _chat_pairs(tokenizer, 1, seed=13)[0]
+    ids = prompt + response
+    ref = reference(ids, list(range(len(prompt) - 1, len(ids) - 1)), 8)
+    try:
+        client = TeacherClient(server.url, timeout=10, retries=2, backoff=0.05)
+        _assert_matches(client.topk([(prompt, response)], topk=8, with_tail=True)[0], *ref)
+        server.proc.kill()
+        server.proc.wait(10)
+        t0 = time.monotonic()
+        with pytest.raises(TeacherServerError) as err:
+            client.topk([(prompt, response)], topk=8)
+        message = str(err.value)
+        assert f'{server.url}/v1/topk' in message and 'after 3 attempts' in message
+        assert 'connection' in message.lower() and 'refused' in message.lower(), message
+        assert err.value.attempts == 3 and time.monotonic() - t0 < 5
+        with pytest.raises(TeacherServerError, match='health'):
+            client.health()
+
+        # restart on the same port while a patient client is already retrying
+        restarted = {}
+
+        def restart():
+            time.sleep(1.0)
+            restarted['server'] = Server(tiny_ws, str(tmp_path / 'b.log'), port=server.port)
+
+        th = threading.Thread(target=restart)
+        th.start()
+        patient = TeacherClient(server.url, timeout=10, retries=200, backoff=0.2, max_backoff=1.0)
+        res = patient.topk([(prompt, response)], topk=8, with_tail=True)[0]
+        th.join()
+        _assert_matches(res, *ref)
+    finally:
+        server.stop()
+        if 'server' in locals().get('restarted', {}):
+            restarted['server'].stop()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# real training against the server
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize('plugin', ['plugin', 'ms-swift'])
+def test_swift_rlhf_trains_against_the_server(tiny_ws, servers, tmp_path, plugin):
+    """``swift rlhf --teacher_model_server URL --gkd_logits_topk 8`` trains against the server (with the plugin's
+    trainer, and with ms-swift's own one), and its losses equal those of the same run with the local teacher."""
+    server = servers['main']
+    shim = tmp_path / 'allow_vllm_infer_client.py'
+    shim.write_text(VLLM_CHECK_SHIM)
+    n_infer = server.log().count('"POST /infer/" 200')
+    env = {'SWIFT_GKD_PLUGIN': '0'} if plugin == 'ms-swift' else {}
+    remote = run_swift(
+        base_args(tiny_ws, str(tmp_path / 'remote'), teacher_model=None, teacher_model_type=None,
+                  teacher_model_server=server.url, gkd_logits_topk=8, external_plugins=str(shim)), env=env)
+    assert len(remote.losses) == 3 and all(np.isfinite(remote.losses)), remote.output[-3000:]
+    assert server.log().count('"POST /infer/" 200') >= n_infer + 3, 'the trainer did not query the teacher server'
+    assert ('GKD trainer active' in remote.output) == (plugin == 'plugin')
+    local = run_swift(base_args(tiny_ws, str(tmp_path / 'local'), gkd_logits_topk=8), env=env)
+    assert np.allclose(remote.losses, local.losses, rtol=1e-4, atol=1e-7), (remote.losses, local.losses)
