@@ -54,7 +54,8 @@ def parse_args(argv=None):
     p.add_argument('--topk', type=int, default=64, help='k of the throughput and bytes measurements')
     p.add_argument('--beta', type=float, default=0.5)
     p.add_argument('--loss-rows', type=int, default=64, help='test rows of the loss-error part')
-    p.add_argument('--threads', type=int, default=2, help='torch threads of the server and of the direct forwards')
+    p.add_argument('--threads', type=int, default=1,
+                   help='torch threads of the server and of the direct forwards (one is fastest for the tiny model)')
     p.add_argument('--max-batch-tokens', type=int, default=4096)
     p.add_argument('--json-out', default=None)
     return p.parse_args(argv)
@@ -347,7 +348,7 @@ def main(argv=None):
     t0 = time.time()
     server, url = start_server(ws['teacher'], args, os.path.join(args.workdir, 'server.log'))
     print(f'[bench] server ready in {time.time() - t0:.1f}s at {url}', flush=True)
-    results = {'vocab': vocab, 'mean_tokens_per_sequence': mean_len, 'threads': args.threads,
+    results = {'load_start': os.getloadavg()[0], 'vocab': vocab, 'mean_tokens_per_sequence': mean_len, 'threads': args.threads,
                'seqs_per_request': args.seqs_per_request, 'topk': args.topk}
     try:
         # ---- 1. throughput
@@ -373,8 +374,7 @@ def main(argv=None):
                               for r in client.infer(b[1], request_config=config, use_tqdm=False)]
 
         print(f'[bench] sequential direct forwards ({args.seconds:g}s) ...', flush=True)
-        direct = direct_throughput(teacher, pairs, k, args.seconds)
-        results['direct'] = direct
+        direct_before = direct_throughput(teacher, pairs, k, args.seconds)
         tp = []
         for name, make in [('/v1/topk (TeacherClient, msgpack, +tail)', make_compact),
                            ('/infer/ (ms-swift VLLMInferClient + parse_prompt_logprobs)', make_infer)]:
@@ -385,6 +385,12 @@ def main(argv=None):
                 r['endpoint'] = name
                 tp.append(r)
         results['throughput'] = tp
+        print(f'[bench] sequential direct forwards again ({args.seconds:g}s) ...', flush=True)
+        direct_after = direct_throughput(teacher, pairs, k, args.seconds)
+        # the machine's load may change during the run: the baseline is the mean of a measurement before and after
+        direct = {key: (direct_before[key] + direct_after[key]) / 2 for key in ('tokens_per_s', 'p50_ms', 'p95_ms')}
+        direct.update(before=direct_before, after=direct_after)
+        results['direct'] = direct
 
         # ---- 2. bytes per token
         print('[bench] bytes on the wire ...', flush=True)
@@ -406,12 +412,16 @@ def main(argv=None):
 
     # ---- report
     print('')
+    print(f'(load average at the start {results["load_start"]:.1f}, at the end {os.getloadavg()[0]:.1f}, on '
+          f'{os.cpu_count()} cores: timings are only comparable within one run)')
     print(f'== 1. throughput: tokens/s (prompt + response tokens scored), k={k}, {spr} sequences per request, '
-          f'{args.threads} torch threads, client and server on the same {os.cpu_count()} cores')
+          f'{args.threads} torch thread(s), client and server on the same {os.cpu_count()} cores; latencies are per '
+          'request (direct: per sequence)')
     print(f'{"method":<62} {"clients":>7} {"tokens/s":>10} {"vs direct":>9} {"req p50 ms":>10} {"p95 ms":>8} '
           f'{"errors":>6}')
     print(f'{"sequential direct forwards (1 sequence at a time)":<62} {"-":>7} {direct["tokens_per_s"]:>10.0f} '
-          f'{1.0:>8.2f}x {direct["p50_ms"]:>10.1f} {direct["p95_ms"]:>8.1f} {0:>6}')
+          f'{1.0:>8.2f}x {direct["p50_ms"]:>10.1f} {direct["p95_ms"]:>8.1f} {0:>6}   (before '
+          f'{direct["before"]["tokens_per_s"]:.0f}, after {direct["after"]["tokens_per_s"]:.0f})')
     for r in tp:
         print(f'{r["endpoint"]:<62} {r["clients"]:>7} {r["tokens_per_s"]:>10.0f} '
               f'{r["tokens_per_s"] / direct["tokens_per_s"]:>8.2f}x {r["p50_ms"]:>10.1f} {r["p95_ms"]:>8.1f} '
@@ -452,8 +462,8 @@ def main(argv=None):
               f'({direct["tokens_per_s"]:.0f} tokens/s)')
     print(f'  k={k}: /infer/ JSON {infer64["per_token"]:.0f} B per response token; compact msgpack f32 + tail '
           f'{mp64["per_token"]:.0f} B ({infer64["per_token"] / mp64["per_token"]:.1f}x smaller), JSON base64 '
-          f'{b64["per_token"]:.0f} B; full float32 logits {4 * vocab} B here and {4 * QWEN_VOCAB:,} B at V={QWEN_VOCAB} '
-          f'({4 * QWEN_VOCAB / mp64["per_token"]:.0f}x the compact answer)')
+          f'{b64["per_token"]:.0f} B; full float32 logits {4 * vocab} B here and {4 * QWEN_VOCAB:,} B at '
+          f'V={QWEN_VOCAB} ({4 * QWEN_VOCAB / mp64["per_token"]:.0f}x the compact answer)')
     for k_ in (8, 64):
         sel = [r for r in le if r['k'] == k_]
         if sel:

@@ -66,6 +66,8 @@ def activate_from_external_plugin() -> None:
     a ``swift rlhf`` child process re-executes itself once with the plugin enabled, so that they are parsed like
     ms-swift's own flags; elsewhere a clear error says what to do.
     """
+    if _state['rlhf_pipeline']:
+        return  # auto-activation already parsed this command line with the plugin's arguments (or a re-exec did)
     from swift.arguments import RLHFArguments
     from swift.trainers import trainer_factory
 

@@ -30,8 +30,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from .backend import DynamicBatcher, EncodeError, QueueFull, ScoreSpec, TooLong, TransformersTeacher
-from .protocol import (IDS_DTYPE, LOGPROB_DTYPES, MSGPACK, TAIL_DTYPE, InferBody, TopKRequest, TopKSequence,
-                       pack_array)
+from .protocol import IDS_DTYPE, LOGPROB_DTYPES, MSGPACK, TAIL_DTYPE, InferBody, TopKRequest, pack_array
 
 try:
     import msgpack
@@ -47,8 +46,8 @@ class ServerConfig:
     """Limits and policy of one server (the ``serve-teacher`` flags)."""
 
     def __init__(self, *, topk: int = 64, api_key: Optional[str] = None, max_batch_tokens: int = 8192,
-                 max_queue: int = 1024, max_request_tokens: int = 262144, max_body_bytes: int = 64 * 2**20,
-                 max_seq_len: Optional[int] = None, batch_wait_ms: float = 0.0):
+                 max_queue: int = 4096, max_request_tokens: int = 1048576, max_body_bytes: int = 64 * 2**20,
+                 max_seq_len: Optional[int] = None, batch_wait_ms: float = 0.0, public_health: bool = False):
         self.topk = int(topk)
         self.api_key = api_key or None
         self.max_batch_tokens = int(max_batch_tokens)
@@ -57,6 +56,7 @@ class ServerConfig:
         self.max_body_bytes = int(max_body_bytes)
         self.max_seq_len = int(max_seq_len) if max_seq_len else self.max_batch_tokens
         self.batch_wait_ms = float(batch_wait_ms)
+        self.public_health = bool(public_health)  # GET /health without the key (ms-swift's client checks it so)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -111,7 +111,9 @@ class _Gate:
 
         try:
             headers = dict(scope.get('headers') or [])
-            if not self._authorized(headers):
+            public = self.config.public_health and scope['method'] == 'GET' and scope.get('path') in (
+                '/health', '/health/')
+            if not public and not self._authorized(headers):
                 return await self._reply(send_logged, 401, 'missing or invalid API key', {
                     'WWW-Authenticate': 'Bearer'})
             if scope['method'] in ('POST', 'PUT', 'PATCH'):
@@ -146,11 +148,13 @@ class _Gate:
                 return await self.app(scope, replay, send_logged)
             return await self.app(scope, receive, send_logged)
         finally:
-            if scope.get('path') not in ('/health', '/health/') or status[0] != 200:
-                client = scope.get('client') or ('-', 0)
-                extra = ' '.join(f'{k}={v}' for k, v in info.items())
-                logger.info(f'{client[0]}:{client[1]} "{scope["method"]} {scope.get("path")}" {status[0] or "-"} '
-                            f'{(time.perf_counter() - t0) * 1e3:.1f}ms out={sent[0]}B {extra}'.rstrip())
+            # successful health checks (polled by clients and load balancers) only at debug level
+            quiet = scope.get('path') in ('/health', '/health/') and status[0] == 200
+            client = scope.get('client') or ('-', 0)
+            extra = ' '.join(f'{k}={v}' for k, v in info.items())
+            logger.log(logging.DEBUG if quiet else logging.INFO,
+                       f'{client[0]}:{client[1]} "{scope["method"]} {scope.get("path")}" {status[0] or "-"} '
+                       f'{(time.perf_counter() - t0) * 1e3:.1f}ms out={sent[0]}B {extra}'.rstrip())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -195,12 +199,14 @@ def create_app(teacher: TransformersTeacher, config: ServerConfig) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException):
+        _log_error(request, str(exc.detail))
         return JSONResponse({'object': 'error', 'message': str(exc.detail), 'code': exc.status_code},
                             status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
         errors = [{k: v for k, v in e.items() if k not in ('input', 'url', 'ctx')} for e in exc.errors()]
+        _log_error(request, '; '.join(f'{".".join(map(str, e.get("loc", ())))}: {e.get("msg")}' for e in errors))
         return JSONResponse({'object': 'error', 'message': 'malformed request', 'detail': _jsonable(errors),
                              'code': 422}, status_code=422)
 
@@ -260,23 +266,23 @@ def create_app(teacher: TransformersTeacher, config: ServerConfig) -> FastAPI:
     # ---------------------------------------------------------------- ms-swift's protocol
 
     async def _parse(request: Request, model_cls):
+        """Decode (JSON or msgpack) and validate the body, off the event loop (bodies may be megabytes)."""
         raw = await request.body()
         ctype = request.headers.get('content-type', '').split(';')[0].strip().lower()
-        try:
-            if ctype == MSGPACK:
-                if msgpack is None:
-                    raise _error(415, 'msgpack is not installed on the server: send JSON')
-                data = msgpack.unpackb(raw, raw=False)
-            else:
-                data = json.loads(raw)
-        except HTTPException:
-            raise
-        except Exception as e:
-            raise _error(422, f'malformed body: {type(e).__name__}: {e}')
-        try:
-            return model_cls.model_validate(data)
-        except ValidationError as e:
-            raise RequestValidationError(e.errors())
+        if ctype == MSGPACK and msgpack is None:
+            raise _error(415, 'msgpack is not installed on the server: send JSON')
+
+        def decode():
+            try:
+                data = msgpack.unpackb(raw, raw=False) if ctype == MSGPACK else json.loads(raw)
+            except Exception as e:
+                raise _error(422, f'malformed body: {type(e).__name__}: {e}')
+            try:
+                return model_cls.model_validate(data)
+            except ValidationError as e:
+                raise RequestValidationError(e.errors())
+
+        return await run_in_threadpool(decode)
 
     @app.post('/infer/')
     @app.post('/infer')
@@ -438,6 +444,12 @@ def _prompt_logprobs(ids: List[int], res, k: int, table: List[str]) -> List[Opti
             entry[key] = {'logprob': t_lp[p], 'rank': int(t_rank[p]), 'decoded_token': table[tok]}
         out.append(entry)
     return out
+
+
+def _log_error(request: Request, message: str):
+    log = request.scope.get('state', {}).get('log')
+    if log is not None:
+        log['error'] = json.dumps(message[:160])
 
 
 def _jsonable(obj):

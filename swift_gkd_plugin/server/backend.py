@@ -21,7 +21,7 @@ import os
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -158,9 +158,10 @@ class TransformersTeacher:
         hf_model.requires_grad_(False)
         teacher = cls(hf_model, tokenizer, tpl, train_tpl, name=served_model_name or os.path.basename(
             os.path.normpath(model)), max_length=max_length or (tpl.max_length if tpl is not None else None))
+        tpl_name = getattr(getattr(tpl, 'template_meta', None), 'template_type', None)
         logger.info(f'teacher {model!r} loaded in {time.time() - t0:.1f}s on {dev} ({dtype}), vocabulary '
-                    f'{teacher.vocab_size}, template {getattr(tpl, "template_type", None) or (tpl and type(tpl).__name__)}'
-                    f', head-only scoring {"on" if teacher._split else "off (full forward)"}')
+                    f'{teacher.vocab_size}, template {tpl_name}, head-only scoring '
+                    f'{"on" if teacher._split else "off (full forward)"}')
         return teacher
 
     # ------------------------------------------------------------------------------------------------------------

@@ -34,11 +34,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='largest k served (requests asking for more get 422) and the default k of /v1/topk')
     parser.add_argument('--api_key', default=None,
                         help=f'require this key on every request (or set {API_KEY_ENV}, which keeps it out of ps)')
+    parser.add_argument('--public_health', action='store_true',
+                        help='answer GET /health without the API key (ms-swift\'s VLLMInferClient checks it so)')
     parser.add_argument('--max_batch_tokens', type=int, default=8192,
                         help='padded tokens (longest x count) per forward batch; also the longest sequence accepted')
-    parser.add_argument('--max_queue', type=int, default=1024,
-                        help='sequences waiting for a batch; beyond it requests get 503 with Retry-After')
-    parser.add_argument('--max_request_tokens', type=int, default=262144, help='tokens in one request (413 beyond)')
+    parser.add_argument('--max_queue', type=int, default=4096,
+                        help='sequences waiting for a batch; beyond it requests get 503 with Retry-After (a request '
+                        'with more sequences than this gets 413)')
+    parser.add_argument('--max_request_tokens', type=int, default=1048576, help='tokens in one request (413 beyond)')
     parser.add_argument('--max_body_mb', type=float, default=64.0, help='request body size limit in MiB (413 beyond)')
     parser.add_argument('--max_length', type=int, default=None,
                         help="template max_length for messages (default: the model's)")
@@ -82,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
                                        max_length=args.max_length, served_model_name=args.served_model_name)
     config = ServerConfig(topk=args.topk, api_key=api_key, max_batch_tokens=args.max_batch_tokens,
                           max_queue=args.max_queue, max_request_tokens=args.max_request_tokens,
-                          max_body_bytes=int(args.max_body_mb * 2**20), batch_wait_ms=args.batch_wait_ms)
+                          max_body_bytes=int(args.max_body_mb * 2**20), batch_wait_ms=args.batch_wait_ms,
+                          public_health=args.public_health)
     app = create_app(teacher, config)
     logging.getLogger('swift_gkd_plugin.server').info(
         f'serving {teacher.name} on http://{args.host}:{args.port} (top-k <= {config.topk}, '

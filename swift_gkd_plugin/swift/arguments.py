@@ -106,6 +106,45 @@ def check_teacher(args) -> None:
         'same tokenizer (a teacher whose lm_head is larger over the same tokenizer is fine).')
 
 
+def check_teacher_adapters(args) -> None:
+    """``--teacher_adapters``: a frozen adapter on the teacher's base, sharing the student's base when it can.
+
+    When the teacher's base is the student's (no ``--teacher_model``, or the same one) and the student is a LoRA,
+    the adapter is loaded next to the student's on the one copy of the base weights: ``teacher_model`` is cleared so
+    that ms-swift's pipeline does not load the base a second time.
+    """
+    adapters = args.teacher_adapters or []
+    if isinstance(adapters, str):
+        adapters = args.teacher_adapters = [adapters]
+    if not adapters:
+        return
+    if len(adapters) != 1:
+        raise ValueError(f'--teacher_adapters takes one adapter directory, got {len(adapters)}: {adapters}')
+    adapter = adapters[0]
+    if not os.path.isdir(adapter):
+        raise ValueError(f'--teacher_adapters {adapter!r}: no such adapter directory')
+    if args.teacher_model_server is not None:
+        raise ValueError('--teacher_adapters cannot be combined with --teacher_model_server: the server serves '
+                         'its own model (start it with --adapters instead)')
+    shared_base = args.teacher_model is None or args.teacher_model == args.model
+    if shared_base and args.tuner_type != 'lora':
+        raise ValueError(f'--teacher_adapters on the student\'s own base needs a LoRA student (--tuner_type lora, got '
+                         f'{args.tuner_type!r}): a fully tuned student changes the base the teacher adapter sits on. '
+                         'Pass the teacher\'s base as --teacher_model to load a separate frozen teacher.')
+    base_dir = args.model_dir if shared_base else resolve_model_dir('--teacher_model', args.teacher_model,
+                                                                    args.teacher_model_revision, args)
+    from swift_gkd_plugin.swift.peft_utils import adapter_base_mismatch
+    problem = adapter_base_mismatch(adapter, base_dir)
+    if problem:
+        raise ValueError(f'--teacher_adapters {adapter!r} does not fit the teacher base {base_dir!r}: {problem}')
+    if shared_base:
+        args.teacher_model = None
+        args._teacher_use_disable_adapter = False
+        logger.info('Using shared base model architecture:\n'
+                    '  - Student model: base_model + LoRA (trainable)\n'
+                    f'  - Teacher model: base_model + teacher adapter {adapter} (frozen)')
+
+
 @dataclass
 class GKDPluginRLHFArguments(GKDPluginArgumentsMixin, RLHFArguments):
     """ms-swift's ``RLHFArguments`` plus the plugin's flags and checks; used to parse ``swift rlhf``."""
@@ -138,6 +177,7 @@ class GKDPluginRLHFArguments(GKDPluginArgumentsMixin, RLHFArguments):
                 raise ValueError('--seq_kd true needs a local teacher that can sample (--teacher_model, or the '
                                  'student base with LoRA); a --teacher_model_server only scores responses')
         check_teacher(self)
+        check_teacher_adapters(self)
         if self.teacher_model is not None and self.teacher_model == self.model:
             # ms-swift only shares the base for LoRA students (it then clears teacher_model before we get here).
             logger.info(f'--teacher_model is --model with --tuner_type {self.tuner_type}: a separate frozen copy of '
@@ -147,3 +187,5 @@ class GKDPluginRLHFArguments(GKDPluginArgumentsMixin, RLHFArguments):
 @dataclass
 class GKDPluginConfig(GKDPluginArgumentsMixin, GKDConfig):
     """The trainer's configuration: ms-swift's ``GKDConfig`` plus the plugin's flags."""
+    # forwarded from the command line so that the trainer can load a teacher adapter on the shared base
+    teacher_adapters: List[str] = field(default_factory=list)

@@ -31,6 +31,7 @@ from swift.utils import get_logger, remove_response, to_device, unwrap_model_for
 from swift_gkd_plugin.core import Mode, align_vocab, choose_mode, generalized_jsd
 from swift_gkd_plugin.core.modes import mode_draw
 from swift_gkd_plugin.core.offload import TeacherOffloader
+from swift_gkd_plugin.swift.peft_utils import TEACHER_ADAPTER, active_adapter, load_frozen_adapter
 
 logger = get_logger()
 
@@ -86,6 +87,11 @@ class GKDPluginTrainer(GKDTrainer):
         self._gkd_mode = Mode.OFF_POLICY
         self._teacher_engine = None
         self._mode_log = os.path.join(self.args.output_dir, 'gkd_modes', f'rank{self.args.process_index}.jsonl')
+        self._teacher_adapter = None
+        if self.args.teacher_adapters and self.teacher_model is None and not self.use_teacher_api:
+            # one copy of the base: the teacher is the student's base with the frozen teacher adapter active
+            self._teacher_adapter = self.args.teacher_adapters[0]
+            load_frozen_adapter(self.model, self._teacher_adapter)
         self._teacher_offloader = None
         if self.args.offload_teacher_model and self.teacher_model is not None and not self.is_teacher_ds3:
             # ZeRO-3 teachers keep ms-swift's offload of their partitions; replicated teachers use ours.
@@ -94,7 +100,10 @@ class GKDPluginTrainer(GKDTrainer):
         self._log_teacher_placement()
 
     def _log_teacher_placement(self) -> None:
-        if self._teacher_use_disable_adapter:
+        if self._teacher_adapter is not None:
+            logger.info(f'Teacher model: the student base with the frozen adapter {self._teacher_adapter} (one copy '
+                        'of the base weights)')
+        elif self._teacher_use_disable_adapter:
             logger.info('Using shared base model architecture:\n'
                         '  - Student model: base_model + LoRA (trainable)\n'
                         '  - Teacher model: base_model with LoRA disabled (frozen)')
@@ -143,9 +152,17 @@ class GKDPluginTrainer(GKDTrainer):
         with open(self._mode_log, 'a') as f:
             f.write(json.dumps({'step': step, 'mode': mode.value, 'draw': mode_draw(self.args.seed, step)}) + '\n')
 
+    def _teacher_view_of_student(self, unwrapped):
+        """The student module as the teacher, when both share the base: adapter off, or the teacher adapter on."""
+        if self._teacher_adapter is not None:
+            return active_adapter(unwrapped, TEACHER_ADAPTER)
+        if self._teacher_use_disable_adapter:
+            return unwrapped.disable_adapter()
+        return nullcontext()
+
     def _generate_with_teacher(self, samples):
         """seq_kd: the teacher samples the responses (transformers engine on the teacher's weights)."""
-        if self.teacher_model is None and not self._teacher_use_disable_adapter:
+        if self.teacher_model is None and not self._teacher_use_disable_adapter and self._teacher_adapter is None:
             # The teacher is the student itself (no --teacher_model): its samples are the student's.
             return self._generate_completions(samples)
         for sample in samples:
@@ -176,12 +193,12 @@ class GKDPluginTrainer(GKDTrainer):
     @contextmanager
     def _teacher_sampling_context(self):
         with ExitStack() as stack:
-            if self._teacher_use_disable_adapter:
-                # One copy of the weights: the teacher is the student's base with the LoRA adapter switched off.
+            if self.teacher_model is None:
+                # One copy of the weights: the teacher is the student's base (adapter off or teacher adapter on).
                 unwrapped = stack.enter_context(
                     unwrap_model_for_generation(
                         self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation))
-                stack.enter_context(unwrapped.disable_adapter())
+                stack.enter_context(self._teacher_view_of_student(unwrapped))
                 engine = TransformersEngine(unwrapped, template=self._infer_template(), max_batch_size=0)
             else:
                 stack.enter_context(self.load_teacher_model_context())
@@ -237,10 +254,9 @@ class GKDPluginTrainer(GKDTrainer):
     def _teacher_forward(self, model, teacher_inputs):
         fwd = {k: v for k, v in teacher_inputs.items() if k != 'labels'}
         if self._is_self_distillation:
-            adapter = (self.accelerator.unwrap_model(model).disable_adapter()
-                       if self._teacher_use_disable_adapter else nullcontext())
-            with torch.no_grad(), adapter, disable_gradient_checkpointing(model,
-                                                                         self.args.gradient_checkpointing_kwargs):
+            teacher_view = self._teacher_view_of_student(self.accelerator.unwrap_model(model))
+            with torch.no_grad(), teacher_view, disable_gradient_checkpointing(model,
+                                                                              self.args.gradient_checkpointing_kwargs):
                 return model(**fwd).logits
         with torch.no_grad(), self.load_teacher_model_context(), disable_gradient_checkpointing(
                 self.teacher_model, self.args.gradient_checkpointing_kwargs):

@@ -551,3 +551,109 @@ def test_swift_rlhf_trains_against_the_server(tiny_ws, servers, tmp_path, plugin
     assert ('GKD trainer active' in remote.output) == (plugin == 'plugin')
     local = run_swift(base_args(tiny_ws, str(tmp_path / 'local'), gkd_logits_topk=8), env=env)
     assert np.allclose(remote.losses, local.losses, rtol=1e-4, atol=1e-7), (remote.losses, local.losses)
+
+
+@pytest.mark.timeout(180)
+def test_adapters_are_merged(tiny_ws, tmp_path):
+    """``--adapters``: a PEFT LoRA adapter is merged into the teacher; scores equal the PEFT model's forward."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from swift_gkd_plugin.server.backend import ScoreSpec, TransformersTeacher
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_ws.teacher, dtype=torch.float32)
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=['q_proj', 'v_proj', 'down_proj'],
+                                                 init_lora_weights=False)).eval()
+    peft_model.save_pretrained(str(tmp_path / 'adapter'))
+    teacher = TransformersTeacher.load(tiny_ws.teacher, model_type='qwen3', template=TEMPLATE,
+                                       adapters=[str(tmp_path / 'adapter')], torch_dtype='float32', device='cpu')
+    ids = torch.randint(0, 440, (24, )).tolist()
+    res = teacher.score([ScoreSpec(ids, torch.arange(5, 23), topk=8, with_tail=True)])[0]
+    plain = AutoModelForCausalLM.from_pretrained(tiny_ws.teacher, dtype=torch.float32).eval()
+    with torch.no_grad():
+        lp = torch.log_softmax(peft_model(input_ids=torch.tensor([ids])).logits[0, 5:23].float(), -1)
+        lp_plain = torch.log_softmax(plain(input_ids=torch.tensor([ids])).logits[0, 5:23].float(), -1)
+    assert (lp - lp_plain).abs().max() > 1e-3, 'the adapter should change the teacher'
+    vals, idx = lp.topk(8, -1)
+    assert torch.equal(res.ids, idx)
+    assert torch.allclose(res.logprobs, vals, atol=1e-5, rtol=0)
+    assert torch.allclose(res.tail, torch.logsumexp(lp.scatter(-1, idx, float('-inf')), -1), atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope='module')
+def inproc_teacher(tiny_ws):
+    from swift_gkd_plugin.server.backend import TransformersTeacher
+    return TransformersTeacher.load(tiny_ws.teacher, model_type='qwen3', template=TEMPLATE, torch_dtype='float32',
+                                    device='cpu')
+
+
+class InProcessServer:
+    """The app under uvicorn in a thread of this process (to reach into the teacher)."""
+
+    def __init__(self, teacher, **config):
+        import uvicorn
+
+        from swift_gkd_plugin.server import ServerConfig, create_app
+        self.port = _free_port()
+        self.url = f'http://127.0.0.1:{self.port}'
+        app = create_app(teacher, ServerConfig(**config))
+        self.server = uvicorn.Server(uvicorn.Config(app, host='127.0.0.1', port=self.port, log_level='warning'))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), 'in-process server did not start'
+            time.sleep(0.05)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.mark.timeout(120)
+def test_a_failing_sequence_fails_only_its_request(inproc_teacher, reference, monkeypatch):
+    """An exception in the forward of one sequence: its request gets 500, the others of the same batch their
+    answers, and the batcher keeps serving."""
+    real_score = inproc_teacher.score
+    POISON = 13
+
+    def score(specs):
+        if any(s.input_ids[0] == POISON for s in specs):
+            raise RuntimeError('poisoned sequence')
+        return real_score(specs)
+
+    monkeypatch.setattr(inproc_teacher, 'score', score)
+    server = InProcessServer(inproc_teacher, topk=8, batch_wait_ms=200)  # 200 ms: the requests share a batch
+    try:
+        g = torch.Generator().manual_seed(1)
+        seqs = [[POISON if i % 3 == 0 else 1] + torch.randint(0, 440, (20, ), generator=g).tolist()
+                for i in range(9)]
+        with ThreadPoolExecutor(9) as ex:
+            answers = list(ex.map(lambda ids: _post_topk(server.url, [{'prompt_ids': ids[:10],
+                                                                       'response_ids': ids[10:]}], 8), seqs))
+        for ids, r in zip(seqs, answers):
+            if ids[0] == POISON:
+                assert r.status_code == 500 and 'poisoned sequence' in r.json()['message']
+            else:
+                assert r.status_code == 200, r.text
+                item = r.json()['results'][0]
+                got = np.frombuffer(base64.b64decode(item['ids']), '<i4').reshape(-1, 8)
+                assert np.array_equal(got, reference(ids, list(range(9, 20)), 8)[0].numpy())
+        health = httpx.get(f'{server.url}/health/').json()['batcher']
+        assert health['worker_alive'] and health['failures'] == 3 and health['batches'] < 9
+        assert _post_topk(server.url, [{'prompt_ids': [1, 2], 'response_ids': [3]}], 8).status_code == 200
+    finally:
+        server.stop()
+
+
+@pytest.mark.timeout(60)
+def test_public_health_keeps_the_rest_private(inproc_teacher):
+    server = InProcessServer(inproc_teacher, topk=8, api_key=KEY, public_health=True)
+    try:
+        assert httpx.get(f'{server.url}/health').status_code == 200
+        assert httpx.get(f'{server.url}/v1/models').status_code == 401
+        body = {'sequences': [{'prompt_ids': [1], 'response_ids': [2]}]}
+        assert httpx.post(f'{server.url}/v1/topk', json=body).status_code == 401
+        assert httpx.post(f'{server.url}/v1/topk', json=body, headers=AUTH).status_code == 200
+    finally:
+        server.stop()
