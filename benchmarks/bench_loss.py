@@ -312,6 +312,20 @@ def _fmt(r):
             f"{r['loss']:>10.6f}  {len(r['times'])} ({', '.join(f'{t:.2f}' for t in r['times'])})")
 
 
+def summary_lines(results):
+    """Per N: fused against every other method that finished there (memory: other/fused, time: fused/other)."""
+    by = {(r['method'], r['n']): r for r in results if r['status'] == 'ok'}
+    lines = []
+    for n in sorted({r['n'] for r in results}):
+        f = by.get(('fused', n))
+        if f is None:
+            continue
+        parts = [f"{m} mem {o['peak_extra_mib'] / f['peak_extra_mib']:.2f}x less, time {f['time_s'] / o['time_s']:.2f}x "
+                 f"(cpu {f['cpu_s'] / o['cpu_s']:.2f}x)" for (m, k), o in by.items() if k == n and m != 'fused']
+        lines.append(f'# N={n} fused vs ' + '; '.join(parts))
+    return lines
+
+
 def final_line(results, methods):
     """The comparison line for the largest N at which every (available) method finished."""
     by = {(r['method'], r['n']): r for r in results}
@@ -361,6 +375,8 @@ def main(argv=None):
         n0, n1 = sorted(fused)[:2]
         growth = fused[n1]['peak_extra_mib'] / fused[n0]['peak_extra_mib'] - 1
         print(f'# fused peak extra memory grows {100 * growth:+.1f}% from N={n0} to N={n1}', flush=True)
+    for line in summary_lines(results):
+        print(line, flush=True)
     if args.json_out:
         with open(args.json_out, 'w') as f:
             json.dump(results, f, indent=1)

@@ -135,3 +135,36 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope='session')
+def adapters(tiny_ws) -> Dict[str, str]:
+    """LoRA adapters with non-zero weights: ``fit`` and ``student_start`` (a fixed starting point for a LoRA student,
+    independent of the random state) fit the student's base; ``misfit`` was made on the (wider) teacher."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    out = {}
+    torch.manual_seed(0)
+    for name, base in [('fit', tiny_ws.student), ('misfit', tiny_ws.teacher), ('student_start', tiny_ws.student)]:
+        model = get_peft_model(
+            AutoModelForCausalLM.from_pretrained(base),
+            LoraConfig(r=4, lora_alpha=8, target_modules=['q_proj', 'v_proj', 'down_proj'], init_lora_weights=False))
+        out[name] = os.path.join(tiny_ws.root, f'adapter_{name}')
+        model.save_pretrained(out[name])
+    # the student's own files under another name: ms-swift then loads a separate teacher
+    out['student_alias'] = os.path.join(tiny_ws.root, 'student_alias')
+    if not os.path.exists(out['student_alias']):
+        os.symlink(tiny_ws.student, out['student_alias'])
+    return out
+
+
+@pytest.fixture(scope='session')
+def trained_ws(tmp_path_factory):
+    """The demo workspace (a teacher trained to reverse letters perfectly), built once for all xdist workers."""
+    from filelock import FileLock
+
+    from swift_gkd_plugin.testing import tiny
+    shared = tmp_path_factory.getbasetemp().parent  # common to the xdist workers of one run
+    with FileLock(str(shared / 'trained_ws.lock')):
+        return tiny.build_demo_workspace(str(shared / 'trained_ws'), n_train=200, n_test=50)

@@ -145,6 +145,14 @@ def check_teacher_adapters(args) -> None:
                     f'  - Teacher model: base_model + teacher adapter {adapter} (frozen)')
 
 
+def keep_teacher_messages_column() -> None:
+    """ms-swift keeps only the dataset columns it knows (``teacher_prompt`` among them); GKD runs also keep
+    ``teacher_messages``, the teacher's whole prompt conversation."""
+    from swift.dataset.preprocessor.core import RowPreprocessor
+    if 'teacher_messages' not in RowPreprocessor.standard_keys:
+        RowPreprocessor.standard_keys.append('teacher_messages')
+
+
 @dataclass
 class GKDPluginRLHFArguments(GKDPluginArgumentsMixin, RLHFArguments):
     """ms-swift's ``RLHFArguments`` plus the plugin's flags and checks; used to parse ``swift rlhf``."""
@@ -173,11 +181,15 @@ class GKDPluginRLHFArguments(GKDPluginArgumentsMixin, RLHFArguments):
             if self.gkd_logits_topk is None:
                 raise ValueError('--gkd_logits_topk is required with --teacher_model_server (the server returns '
                                  'top-k log-probabilities)')
+            if self.offload_teacher_model:
+                raise ValueError('--offload_teacher_model true has no effect with --teacher_model_server (the '
+                                 'teacher lives on the server): remove one of them')
             if self.seq_kd:
                 raise ValueError('--seq_kd true needs a local teacher that can sample (--teacher_model, or the '
                                  'student base with LoRA); a --teacher_model_server only scores responses')
         check_teacher(self)
         check_teacher_adapters(self)
+        keep_teacher_messages_column()
         if self.teacher_model is not None and self.teacher_model == self.model:
             # ms-swift only shares the base for LoRA students (it then clears teacher_model before we get here).
             logger.info(f'--teacher_model is --model with --tuner_type {self.tuner_type}: a separate frozen copy of '

@@ -58,6 +58,23 @@ def prepare_teacher_view(sample) -> None:
     sample.build_teacher_view()
 
 
+def check_privileged_columns(dataset) -> None:
+    """``teacher_prompt`` holds strings; ``teacher_messages`` holds lists of {role, content} messages."""
+    features = getattr(dataset, 'features', None)
+    if not features:
+        return
+    prompt = features.get('teacher_prompt')
+    if prompt is not None and getattr(prompt, 'dtype', None) not in ('string', 'large_string'):
+        raise ValueError(f'dataset column teacher_prompt must hold strings (the teacher\'s version of the last user '
+                         f'message), got {prompt}')
+    messages = features.get('teacher_messages')
+    if messages is not None:
+        inner = getattr(messages, 'feature', None)
+        if not isinstance(inner, dict) or 'role' not in inner or 'content' not in inner:
+            raise ValueError('dataset column teacher_messages must hold lists of {"role": ..., "content": ...} '
+                             f'messages (the teacher\'s prompt conversation), got {messages}')
+
+
 def _row_name(sample) -> str:
     user = [m['content'] for m in sample.messages if m['role'] == 'user']
     text = user[-1] if user else ''
@@ -87,6 +104,8 @@ class GKDPluginTrainer(GKDTrainer):
         self._gkd_mode = Mode.OFF_POLICY
         self._teacher_engine = None
         self._mode_log = os.path.join(self.args.output_dir, 'gkd_modes', f'rank{self.args.process_index}.jsonl')
+        check_privileged_columns(self.train_dataset)
+        check_privileged_columns(self.eval_dataset)
         self._teacher_adapter = None
         if self.args.teacher_adapters and self.teacher_model is None and not self.use_teacher_api:
             # one copy of the base: the teacher is the student's base with the frozen teacher adapter active
@@ -143,6 +162,7 @@ class GKDPluginTrainer(GKDTrainer):
             self._log_student_completions(samples)
         elif mode is Mode.SEQ_KD:
             samples = self._generate_with_teacher(samples)
+            self._log_student_completions(samples)  # with --log_completions: the teacher's samples, same table
         return samples
 
     def _record_mode(self, step: int, mode: Mode) -> None:

@@ -1,0 +1,168 @@
+"""Where the teacher lives: shared base (adapter off / teacher adapter on), separate copy, offload; privileged
+teacher prompts; the bad inputs of each. All through the real ``swift rlhf`` pipeline."""
+import json
+import os
+import re
+
+import pytest
+from conftest import base_args, run_swift
+
+LORA = dict(tuner_type='lora', lora_dropout=0, lmbda=0, max_steps=3, seed=3, learning_rate=5e-3)
+
+
+def _rel(a, b):
+    return abs(a - b) / max(abs(a), abs(b), 1e-12)
+
+
+def _weights_loaded(run) -> int:
+    """How many models were loaded: transformers starts one 'Loading weights' progress bar (at 0%) per model."""
+    return len(re.findall(r'Loading weights:\s+0%', run.output))
+
+
+def assert_same_losses(a, b, tol=1e-5):
+    assert len(a.losses) == len(b.losses) > 0
+    for x, y in zip(a.losses, b.losses):
+        assert _rel(x, y) < tol, (a.losses, b.losses)
+
+
+def test_shared_base_teacher_is_the_base_with_the_adapter_disabled(tiny_ws, adapters, tmp_path):
+    """Student = base + a (non-zero) LoRA; teacher = the same module with the adapter off: one copy of the base,
+    and exactly the losses of a separately loaded base teacher."""
+    shared = run_swift(base_args(tiny_ws, str(tmp_path / 'shared'), teacher_model=tiny_ws.student,
+                                 adapters=adapters['fit'], **LORA))
+    separate = run_swift(base_args(tiny_ws, str(tmp_path / 'separate'), teacher_model=adapters['student_alias'],
+                                   adapters=adapters['fit'], **LORA))
+    assert ('Using shared base model architecture:\n  - Student model: base_model + LoRA (trainable)\n'
+            '  - Teacher model: base_model with LoRA disabled (frozen)') in shared.output
+    assert _weights_loaded(shared) == 1 and _weights_loaded(separate) == 2
+    assert shared.losses[0] > 0
+    assert_same_losses(shared, separate)
+
+
+def test_teacher_adapter_on_the_shared_base_equals_a_separate_teacher(tiny_ws, adapters, tmp_path):
+    # both students start from the same saved adapter (a random LoRA init would depend on what was loaded before)
+    shared = run_swift(base_args(tiny_ws, str(tmp_path / 'shared'), teacher_model=None,
+                                 adapters=adapters['student_start'], teacher_adapters=adapters['fit'], **LORA))
+    separate = run_swift(base_args(tiny_ws, str(tmp_path / 'separate'), teacher_model=adapters['student_alias'],
+                                   adapters=adapters['student_start'], teacher_adapters=adapters['fit'], **LORA))
+    assert 'Teacher model: base_model + teacher adapter' in shared.output
+    assert _weights_loaded(shared) == 1 and _weights_loaded(separate) == 2
+    assert_same_losses(shared, separate)
+
+
+@pytest.mark.parametrize('mode', [{'lmbda': 0, 'seq_kd': 'true'}, {'lmbda': 1}])
+def test_teacher_adapter_on_the_shared_base_samples_and_trains(tiny_ws, adapters, tmp_path, mode):
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), teacher_model=tiny_ws.student,
+                              teacher_adapters=adapters['fit'], **{**LORA, **mode}))
+    assert len(run.losses) == 3 and all(x > 0 for x in run.losses)
+
+
+def test_full_tuning_with_the_same_model_loads_a_separate_copy(tiny_ws, tmp_path):
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), teacher_model=tiny_ws.student, lmbda=0, max_steps=1))
+    assert 'a separate frozen copy of the teacher is loaded' in run.output
+    assert _weights_loaded(run) == 2
+
+
+def test_offloaded_and_resident_teachers_give_the_same_losses(tiny_ws, tmp_path):
+    common = dict(lmbda=0.5, seq_kd='true', max_steps=3, seed=4)
+    resident = run_swift(base_args(tiny_ws, str(tmp_path / 'resident'), **common))
+    offloaded = run_swift(base_args(tiny_ws, str(tmp_path / 'offloaded'), offload_teacher_model='true', **common))
+    assert 'offloaded to CPU between uses' in offloaded.output
+    assert_same_losses(resident, offloaded, tol=1e-6)
+
+
+# ---------------------------------------------------------------- privileged teacher prompts
+def _with_columns(tiny_ws, path, make):
+    rows = [json.loads(line) for line in open(tiny_ws.fixed)]
+    with open(path, 'w') as f:
+        for row in rows:
+            f.write(json.dumps({**row, **make(row)}) + '\n')
+    return str(path)
+
+
+def _question(row):
+    return row['messages'][0]['content']
+
+
+def test_teacher_prompt_identical_to_the_student_prompt_changes_nothing(tiny_ws, tmp_path):
+    same = _with_columns(tiny_ws, tmp_path / 'same.jsonl', lambda r: {'teacher_prompt': _question(r)})
+    other = _with_columns(tiny_ws, tmp_path / 'other.jsonl',
+                          lambda r: {'teacher_prompt': _question(r) + ' Think about the order of letters.'})
+    common = dict(lmbda=0, max_steps=2, seed=5, per_device_train_batch_size=4)
+    plain = run_swift(base_args(tiny_ws, str(tmp_path / 'plain'), dataset=tiny_ws.fixed, **common))
+    identical = run_swift(base_args(tiny_ws, str(tmp_path / 'identical'), dataset=same, **common))
+    privileged = run_swift(base_args(tiny_ws, str(tmp_path / 'privileged'), dataset=other, **common))
+    assert_same_losses(plain, identical)
+    assert _rel(plain.losses[0], privileged.losses[0]) > 1e-3  # the teacher did read its own prompt
+
+
+@pytest.mark.parametrize('mode', [{'lmbda': 0}, {'lmbda': 1}, {'lmbda': 0, 'seq_kd': 'true'}])
+def test_teacher_messages_column_in_every_mode(tiny_ws, tmp_path, mode):
+    data = _with_columns(tiny_ws, tmp_path / 'tm.jsonl', lambda r: {'teacher_messages': [
+        {'role': 'system', 'content': 'You reverse sequences of letters.'},
+        {'role': 'user', 'content': _question(r)}]})
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), dataset=data, max_steps=2, **mode))
+    assert len(run.losses) == 2 and all(x > 0 for x in run.losses)
+
+
+def test_seq_kd_teacher_samples_from_its_own_prompt(trained_ws, tiny_ws, tmp_path):
+    """The trained teacher reverses whatever its prompt says: with every teacher prompt asking for 'a b c d', its
+    samples are 'd c b a' although the students' prompts ask for other sequences."""
+    rows = [json.loads(line) for line in open(trained_ws['train'])][:4]
+    data = tmp_path / 'privileged.jsonl'
+    with open(data, 'w') as f:
+        for row in rows:
+            f.write(json.dumps({**row, 'teacher_prompt': 'Reverse: a b c d'}) + '\n')
+    argv = base_args(tiny_ws, str(tmp_path / 'out'), model=trained_ws['student'], teacher_model=trained_ws['teacher'],
+                     dataset=str(data), lmbda=0, seq_kd='true', temperature=0.05, max_completion_length=12,
+                     max_steps=2, per_device_train_batch_size=4, log_completions='true')
+    run = run_swift(argv)
+    with open(os.path.join(run.output_dir, 'completions.jsonl')) as f:
+        completions = [c for line in f for c in json.loads(line)['completion']]
+    assert len(completions) == 8
+    assert all(c.strip() == 'd c b a' for c in completions), completions
+    assert all('a b c d' not in r['messages'][0]['content'] for r in rows)
+
+
+def test_misaligned_teacher_view_names_the_row(tiny_ws, tmp_path):
+    data = _with_columns(tiny_ws, tmp_path / 'bad.jsonl', lambda r: {'teacher_messages': [
+        {'role': 'user', 'content': _question(r)}, {'role': 'assistant', 'content': 'not the student response'}]})
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), dataset=data, lmbda=0, max_steps=1), check=False)
+    assert run.returncode != 0
+    assert 'cannot align the teacher prompt with the student response for the dataset row' in run.output
+    assert "last user message is 'Reverse:" in run.output
+
+
+@pytest.mark.parametrize('column,value,needle', [
+    ('teacher_prompt', 7, 'dataset column teacher_prompt must hold strings'),
+    ('teacher_messages', 'just a string', 'dataset column teacher_messages must hold lists'),
+])
+def test_privileged_column_of_the_wrong_type_is_refused(tiny_ws, tmp_path, column, value, needle):
+    data = _with_columns(tiny_ws, tmp_path / 'bad.jsonl', lambda r: {column: value})
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), dataset=data, lmbda=0, max_steps=1), check=False)
+    assert run.returncode != 0 and needle in run.output, run.output[-3000:]
+
+
+# ---------------------------------------------------------------- bad teacher placements
+def test_teacher_adapter_that_does_not_fit_the_base_is_refused_early(tiny_ws, adapters, tmp_path):
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), teacher_model=None, tuner_type='lora',
+                              teacher_adapters=adapters['misfit']), check=False, timeout=120)
+    assert run.returncode != 0
+    assert f"--teacher_adapters '{adapters['misfit']}' does not fit the teacher base" in run.output
+    assert 'has shape' in run.output and 'Loading weights' not in run.output
+
+
+def test_teacher_adapter_on_a_fully_tuned_student_base_is_refused(tiny_ws, adapters, tmp_path):
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), teacher_model=None, tuner_type='full',
+                              teacher_adapters=adapters['fit']), check=False, timeout=120)
+    assert run.returncode != 0
+    assert "--teacher_adapters on the student's own base needs a LoRA student (--tuner_type lora" in run.output
+    assert 'Loading weights' not in run.output
+
+
+def test_offload_with_a_teacher_server_is_refused(tiny_ws, tmp_path):
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), teacher_model=None, teacher_model_type=None,
+                              teacher_model_server='http://127.0.0.1:9', gkd_logits_topk=4,
+                              offload_teacher_model='true'), check=False, timeout=120)
+    assert run.returncode != 0
+    assert '--offload_teacher_model true has no effect with --teacher_model_server' in run.output
