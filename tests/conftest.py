@@ -102,10 +102,10 @@ def base_args(ws: Workspace, output_dir: str, **overrides) -> List[str]:
         if value is None:
             flags.pop(key, None)
         else:
-            flags[key] = str(value)
+            flags[key] = [str(v) for v in value] if isinstance(value, (list, tuple)) else str(value)
     argv = []
     for key, value in flags.items():
-        argv += [f'--{key}', value]
+        argv += [f'--{key}', *value] if isinstance(value, list) else [f'--{key}', value]
     return argv
 
 

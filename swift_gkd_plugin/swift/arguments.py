@@ -21,6 +21,10 @@ class GKDPluginArgumentsMixin:
     gkd_loss_impl: Literal['auto', 'fused', 'dense'] = field(
         default='auto',
         metadata={'help': 'GKD loss implementation: auto (fused where it applies, else dense), fused, or dense.'})
+    gkd_topk_tail: bool = field(
+        default=False,
+        metadata={'help': 'With top-k teachers (--gkd_logits_topk, teacher servers): add a bucket holding the '
+                  'probability mass outside the top-k on both sides (fused loss).'})
 
 
 PLUGIN_FLAGS: List[str] = [f.name for f in fields(GKDPluginArgumentsMixin)]
@@ -57,6 +61,11 @@ def check_gkd_scalars(args) -> None:
     if impl not in GKD_LOSS_IMPLS:
         raise ValueError(f'--gkd_loss_impl must be one of {list(GKD_LOSS_IMPLS)}, got {impl!r}')
     topk = args.gkd_logits_topk
+    if getattr(args, 'gkd_topk_tail', False):
+        if topk is None:
+            raise ValueError('--gkd_topk_tail true needs --gkd_logits_topk (the tail is the mass outside the top-k)')
+        if impl == 'dense':
+            raise ValueError('--gkd_topk_tail true needs --gkd_loss_impl auto or fused (the dense loss has no tail)')
     if topk is not None and topk <= 0:
         raise ValueError(f'--gkd_logits_topk must be a positive integer (or unset for the full vocabulary), got {topk}')
 

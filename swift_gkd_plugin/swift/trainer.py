@@ -29,8 +29,10 @@ from swift.trainers import disable_gradient_checkpointing
 from swift.utils import get_logger, remove_response, to_device, unwrap_model_for_generation
 
 from swift_gkd_plugin.core import Mode, align_vocab, choose_mode, generalized_jsd
+from swift_gkd_plugin.core.fused_loss import fused_linear_jsd
 from swift_gkd_plugin.core.modes import mode_draw
 from swift_gkd_plugin.core.offload import TeacherOffloader
+from swift_gkd_plugin.swift.hidden_states import fused_fallback_reason, head_bypassed, output_head, topk_from_hidden
 from swift_gkd_plugin.swift.peft_utils import TEACHER_ADAPTER, active_adapter, load_frozen_adapter
 
 logger = get_logger()
@@ -117,6 +119,23 @@ class GKDPluginTrainer(GKDTrainer):
             self._teacher_offloader = TeacherOffloader(
                 self.accelerator.unwrap_model(self.teacher_model), self.accelerator.device)
         self._log_teacher_placement()
+        self._fused = self._decide_loss_impl()
+
+    def _decide_loss_impl(self) -> bool:
+        """--gkd_loss_impl: fused wherever it applies; otherwise dense, and the log says why (once)."""
+        impl = self.args.gkd_loss_impl
+        if impl == 'dense':
+            logger.info('swift_gkd_plugin: GKD loss implementation: dense (--gkd_loss_impl dense)')
+            return False
+        reason = fused_fallback_reason(self)
+        if reason is None:
+            logger.info(f'swift_gkd_plugin: GKD loss implementation: fused (--gkd_loss_impl {impl})')
+            return True
+        if self.args.gkd_topk_tail:
+            raise ValueError(f'--gkd_topk_tail true needs the fused loss, which cannot apply here ({reason})')
+        logger.warning(f'swift_gkd_plugin: --gkd_loss_impl {impl}: the fused loss cannot apply here ({reason}); '
+                       'using the dense loss')
+        return False
 
     def _log_teacher_placement(self) -> None:
         if self._teacher_adapter is not None:
@@ -271,16 +290,28 @@ class GKDPluginTrainer(GKDTrainer):
         return batches
 
     # ------------------------------------------------------------------ loss
-    def _teacher_forward(self, model, teacher_inputs):
+    def _teacher_forward(self, model, teacher_inputs, hidden: bool = False):
+        """The teacher's logits, or (``hidden=True``) its last hidden states and output head ``(weight, bias)``."""
         fwd = {k: v for k, v in teacher_inputs.items() if k != 'labels'}
         if self._is_self_distillation:
-            teacher_view = self._teacher_view_of_student(self.accelerator.unwrap_model(model))
-            with torch.no_grad(), teacher_view, disable_gradient_checkpointing(model,
-                                                                              self.args.gradient_checkpointing_kwargs):
-                return model(**fwd).logits
+            unwrapped = self.accelerator.unwrap_model(model)
+            with torch.no_grad(), self._teacher_view_of_student(unwrapped), disable_gradient_checkpointing(
+                    model, self.args.gradient_checkpointing_kwargs), head_bypassed(unwrapped, hidden):
+                out = model(**fwd).logits
+            if not hidden:
+                return out
+            weight, bias = output_head(unwrapped)  # the student's own head, frozen for the teacher's side
+            return out, (weight.detach(), None if bias is None else bias.detach())
+        unwrapped = self.accelerator.unwrap_model(self.teacher_model)
         with torch.no_grad(), self.load_teacher_model_context(), disable_gradient_checkpointing(
                 self.teacher_model, self.args.gradient_checkpointing_kwargs):
-            return self.teacher_model(**fwd).logits
+            with head_bypassed(unwrapped, hidden):
+                out = self.teacher_model(**fwd).logits
+            if not hidden:
+                return out
+            weight, bias = output_head(unwrapped)
+            # detach(): an offloaded teacher's parameters point back to the CPU copy when the block ends
+            return out, (weight.detach().to(out.device), None if bias is None else bias.detach().to(out.device))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         model_inputs = inputs['model_inputs']
@@ -296,7 +327,9 @@ class GKDPluginTrainer(GKDTrainer):
 
         if self._teacher_offloader is not None and not self.use_teacher_api:
             self._teacher_offloader.prefetch()  # the upload overlaps the student's forward
-        outputs = model(**{k: v for k, v in model_inputs.items() if k != 'labels'})
+        fused = self._fused
+        with head_bypassed(self.accelerator.unwrap_model(model), fused):
+            outputs = model(**{k: v for k, v in model_inputs.items() if k != 'labels'})
         student_labels = shift_labels(model_inputs['labels'])
         student_mask = student_labels != -100
         teacher_mask = shift_labels(teacher_inputs['labels']) != -100
@@ -305,6 +338,17 @@ class GKDPluginTrainer(GKDTrainer):
             raise ValueError(f'teacher and student views hold different numbers of response tokens ({n_teacher} vs '
                              f'{n_student}): the teacher must score exactly the student response tokens')
         student = outputs.logits[student_mask]
+        step_tokens = inputs.get('gkd_step_tokens', float(n_student))
+        # DDP and DeepSpeed average gradients over ranks: scaling by the world size makes the gradient that of
+        # (sum over every response token of the step) / (their count).
+        world = self.accelerator.num_processes if self.model.training else 1
+        normalizer = max(step_tokens, 1.0) / world
+        sft_alpha = self.args.sft_alpha if mode is not Mode.ON_POLICY else 0.0
+
+        if fused:
+            loss = self._fused_loss(model, student, student_labels[student_mask], teacher_inputs, teacher_mask,
+                                    gkd_batch, mode, normalizer, sft_alpha)
+            return (loss, outputs) if return_outputs else loss
 
         if self.use_teacher_api:
             per_token, agree = self._topk_divergence(student, gkd_batch.teacher_topk_indices[teacher_mask],
@@ -320,19 +364,44 @@ class GKDPluginTrainer(GKDTrainer):
                 agree = (student_aligned.argmax(-1) == teacher_aligned.argmax(-1))
 
         total = per_token.sum()
-        if self.args.sft_alpha > 0 and mode is not Mode.ON_POLICY:
+        if sft_alpha > 0:
             ce = F.cross_entropy(student.float(), student_labels[student_mask], reduction='sum')
-            total = total + self.args.sft_alpha * ce
-
-        step_tokens = inputs.get('gkd_step_tokens', float(n_student))
-        # DDP and DeepSpeed average gradients over ranks: scaling by the world size makes the gradient that of
-        # (sum over every response token of the step) / (their count).
-        world = self.accelerator.num_processes if self.model.training else 1
-        loss = total * (world / max(step_tokens, 1.0))
+            total = total + sft_alpha * ce
+        loss = total / normalizer
         if n_student == 0:
             loss = loss + outputs.logits.sum() * 0.0  # keep the graph connected for DDP/ZeRO
         self._log_loss_metrics(mode, per_token.detach(), agree)
         return (loss, outputs) if return_outputs else loss
+
+    def _fused_loss(self, model, student_hidden, labels, teacher_inputs, teacher_mask, gkd_batch, mode: Mode,
+                    normalizer: float, sft_alpha: float) -> torch.Tensor:
+        """The fused loss: ``student_hidden`` [N, H] are the active rows; the head is applied chunk by chunk."""
+        weight, bias = output_head(self.accelerator.unwrap_model(model))
+        teacher = {}
+        if self.use_teacher_api:
+            ids = gkd_batch.teacher_topk_indices[teacher_mask]
+            logprobs = gkd_batch.teacher_topk_logprobs[teacher_mask].float()
+            outside = ids >= weight.shape[0]  # the teacher's padded output rows: no such token for the student
+            teacher = dict(teacher_topk_ids=ids.masked_fill(outside, 0),
+                           teacher_topk_logprobs=logprobs.masked_fill(outside, float('-inf')))
+        else:
+            t_hidden, (t_weight, t_bias) = self._teacher_forward(model, teacher_inputs, hidden=True)
+            t_hidden = t_hidden[teacher_mask]
+            if self.gkd_logits_topk is not None:
+                ids, logprobs = topk_from_hidden(t_hidden, t_weight, t_bias, self.gkd_logits_topk, weight.shape[0])
+                teacher = dict(teacher_topk_ids=ids, teacher_topk_logprobs=logprobs)
+            else:
+                teacher = dict(teacher_hidden=t_hidden, teacher_weight=t_weight, teacher_bias=t_bias)
+        loss, stats = fused_linear_jsd(
+            student_hidden, weight, bias, **teacher, labels=labels if sft_alpha > 0 else None,
+            beta=self.args.beta, temperature=self.args.temperature, sft_alpha=sft_alpha,
+            topk_tail=self.args.gkd_topk_tail, normalizer=normalizer, sft_normalizer=normalizer)
+        n = float(stats['num_tokens'])
+        if n:
+            split = 'train' if self.model.training else 'eval'
+            self.custom_metrics[split][f'gkd/loss_{mode.value}'].update(stats['divergence_sum'].float() / n)
+            self.custom_metrics[split]['gkd/top1_agreement'].update(stats['top1_agree'].float() / n)
+        return loss
 
     def _topk_divergence(self, student_logits, teacher_ids, teacher_logprobs):
         """Divergence over the teacher's top-k support, both sides renormalised over it (ms-swift's definition)."""

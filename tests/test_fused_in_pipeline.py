@@ -1,0 +1,79 @@
+"""Inside real ``swift rlhf`` runs, the fused loss gives the dense loss's values and gradients, everywhere."""
+import json
+
+import pytest
+from conftest import base_args, run_swift
+
+
+def _rel(a, b):
+    """Relative difference, with an absolute floor of 1e-7 below which float32 rounding and the 4-digit logs of
+    tiny losses dominate."""
+    return abs(a - b) / max(abs(a), abs(b), 1e-2)
+
+
+def _configs(tiny_ws, adapters, tmp_path):
+    privileged = tmp_path / 'privileged.jsonl'
+    with open(privileged, 'w') as f:
+        for line in open(tiny_ws.fixed):
+            row = json.loads(line)
+            f.write(json.dumps({**row, 'teacher_prompt': row['messages'][0]['content'] + ' (reverse it)'}) + '\n')
+    return {
+        'separate_teacher_all_modes_sft': dict(lmbda=0.5, seq_kd='true', sft_alpha=0.3),
+        'shared_base_lora': dict(tuner_type='lora', lora_dropout=0, teacher_model=tiny_ws.student,
+                                 adapters=adapters['student_start'], lmbda=0.5),
+        'teacher_adapter': dict(tuner_type='lora', lora_dropout=0, teacher_model=None,
+                                adapters=adapters['student_start'], teacher_adapters=adapters['fit'], lmbda=0),
+        'privileged_prompts': dict(dataset=str(privileged), lmbda=0.5, seq_kd='true'),
+        'local_topk': dict(gkd_logits_topk=8, lmbda=0, beta=0.3),
+        # the student itself is the teacher, reading the privileged prompt (the no-prompt case is 0 by definition)
+        'self_distillation_privileged': dict(teacher_model=None, teacher_model_type=None, dataset=str(privileged),
+                                             lmbda=0, temperature=2.0),
+    }
+
+
+CASES = ['separate_teacher_all_modes_sft', 'shared_base_lora', 'teacher_adapter', 'privileged_prompts', 'local_topk',
+         'self_distillation_privileged']
+
+
+@pytest.mark.parametrize('case', CASES)
+def test_fused_equals_dense(tiny_ws, adapters, tmp_path, case):
+    flags = dict(max_steps=3, seed=3, gradient_accumulation_steps=2, **_configs(tiny_ws, adapters, tmp_path)[case])
+    dense = run_swift(base_args(tiny_ws, str(tmp_path / 'dense'), gkd_loss_impl='dense', **flags))
+    fused = run_swift(base_args(tiny_ws, str(tmp_path / 'fused'), gkd_loss_impl='fused', **flags))
+    assert 'GKD loss implementation: fused' in fused.output
+    assert len(dense.logs) == len(fused.logs) == 3
+    for d, f in zip(dense.logs, fused.logs):
+        assert _rel(d['loss'], f['loss']) < 1e-5, (dense.losses, fused.losses)
+        assert _rel(d['grad_norm'], f['grad_norm']) < 1e-4
+
+
+def test_fused_equals_dense_on_two_ranks(tiny_ws, tmp_path):
+    flags = dict(max_steps=2, seed=3, use_cpu='true', lmbda=0.5, seq_kd='true')
+    dense = run_swift(base_args(tiny_ws, str(tmp_path / 'dense'), gkd_loss_impl='dense', **flags), nproc=2)
+    fused = run_swift(base_args(tiny_ws, str(tmp_path / 'fused'), gkd_loss_impl='fused', **flags), nproc=2)
+    for d, f in zip(dense.logs, fused.logs):
+        assert _rel(d['loss'], f['loss']) < 1e-5 and _rel(d['grad_norm'], f['grad_norm']) < 1e-4
+
+
+def test_top_k_tail_trains_with_the_fused_loss(tiny_ws, tmp_path):
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), gkd_logits_topk=4, gkd_topk_tail='true', lmbda=0,
+                              max_steps=2))
+    assert 'GKD loss implementation: fused (--gkd_loss_impl auto)' in run.output
+    assert len(run.losses) == 2 and all(x > 0 for x in run.losses)
+
+
+def test_lora_on_the_output_head_falls_back_to_dense_and_says_why(tiny_ws, tmp_path):
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), tuner_type='lora', target_modules=['q_proj', 'lm_head'],
+                              lmbda=0, max_steps=1))
+    assert 'the fused loss cannot apply here (the student output head is a' in run.output
+    assert 'using the dense loss' in run.output
+    assert run.output.count('the fused loss cannot apply here') == 1
+
+
+@pytest.mark.parametrize('flags,needle', [
+    ({'gkd_topk_tail': 'true'}, '--gkd_topk_tail true needs --gkd_logits_topk'),
+    ({'gkd_topk_tail': 'true', 'gkd_logits_topk': 4, 'gkd_loss_impl': 'dense'}, 'the dense loss has no tail'),
+])
+def test_tail_without_its_prerequisites_is_refused(tiny_ws, tmp_path, flags, needle):
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), **flags), check=False, timeout=120)
+    assert run.returncode != 0 and needle in run.output
