@@ -38,6 +38,7 @@ setup(
     install_requires=[
         'ms-swift>=4.6.0,<4.7',
         'msgspec',  # ms-swift 4.6 imports it in swift.rlhf_trainers but does not declare it
+        'msgpack',  # the compact wire format of the teacher server (JSON + base64 otherwise)
     ],
     extras_require={
         'deepspeed': ['deepspeed>=0.17'],

@@ -21,6 +21,12 @@ class GKDPluginArgumentsMixin:
     gkd_loss_impl: Literal['auto', 'fused', 'dense'] = field(
         default='auto',
         metadata={'help': 'GKD loss implementation: auto (fused where it applies, else dense), fused, or dense.'})
+    teacher_api_key: Optional[str] = field(
+        default=None,
+        metadata={'help': 'API key of --teacher_model_server (default: the SWIFT_GKD_TEACHER_API_KEY environment '
+                  'variable, which, unlike the flag, is not written to args.json).'})
+    teacher_server_timeout: float = field(default=120.0, metadata={'help': 'seconds per teacher-server request'})
+    teacher_server_retries: int = field(default=3, metadata={'help': 'retries of a failed teacher-server request'})
     gkd_topk_tail: bool = field(
         default=False,
         metadata={'help': 'With top-k teachers (--gkd_logits_topk, teacher servers): add a bucket holding the '
@@ -60,6 +66,10 @@ def check_gkd_scalars(args) -> None:
     impl = getattr(args, 'gkd_loss_impl', 'auto')
     if impl not in GKD_LOSS_IMPLS:
         raise ValueError(f'--gkd_loss_impl must be one of {list(GKD_LOSS_IMPLS)}, got {impl!r}')
+    if getattr(args, 'teacher_server_timeout', 1.0) <= 0:
+        raise ValueError(f'--teacher_server_timeout must be > 0 seconds, got {args.teacher_server_timeout}')
+    if getattr(args, 'teacher_server_retries', 0) < 0:
+        raise ValueError(f'--teacher_server_retries must be >= 0, got {args.teacher_server_retries}')
     topk = args.gkd_logits_topk
     if getattr(args, 'gkd_topk_tail', False):
         if topk is None:
@@ -190,6 +200,12 @@ class GKDPluginRLHFArguments(GKDPluginArgumentsMixin, RLHFArguments):
             if self.gkd_logits_topk is None:
                 raise ValueError('--gkd_logits_topk is required with --teacher_model_server (the server returns '
                                  'top-k log-probabilities)')
+            from swift.rlhf_trainers.gkd_helpers import parse_teacher_model_server
+            if len(parse_teacher_model_server(self.teacher_model_server)) != 1:
+                raise ValueError('--teacher_model_server: the plugin trainer takes one teacher URL (several teachers '
+                                 'routed by tag are not supported yet); got ' + str(self.teacher_model_server))
+            if self.padding_free or self.packing:
+                raise ValueError('--teacher_model_server does not support --padding_free / --packing yet')
             if self.offload_teacher_model:
                 raise ValueError('--offload_teacher_model true has no effect with --teacher_model_server (the '
                                  'teacher lives on the server): remove one of them')

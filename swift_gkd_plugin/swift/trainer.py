@@ -32,6 +32,7 @@ from swift_gkd_plugin.core import Mode, align_vocab, choose_mode, generalized_js
 from swift_gkd_plugin.core.fused_loss import fused_linear_jsd
 from swift_gkd_plugin.core.modes import mode_draw
 from swift_gkd_plugin.core.offload import TeacherOffloader
+from swift_gkd_plugin.server.client import TeacherClient
 from swift_gkd_plugin.swift.hidden_states import fused_fallback_reason, head_bypassed, output_head, topk_from_hidden
 from swift_gkd_plugin.swift.peft_utils import TEACHER_ADAPTER, active_adapter, load_frozen_adapter
 
@@ -161,6 +162,52 @@ class GKDPluginTrainer(GKDTrainer):
         else:
             with super().load_teacher_model_context():
                 yield
+
+    # ------------------------------------------------------------------ teacher server
+    def _setup_teacher(self) -> None:
+        """A served teacher is reached through the plugin's client (no vLLM needed), from every rank."""
+        server = getattr(self, 'teacher_model_server', None)
+        self.teacher_model_server = None  # keep ms-swift from building its vLLM client
+        super()._setup_teacher()
+        self.teacher_model_server = server
+        if server is None:
+            return
+        from swift.rlhf_trainers.gkd_helpers import parse_teacher_model_server
+        self.use_teacher_api = True
+        self._is_self_distillation = False
+        self.teacher_configs = parse_teacher_model_server(server)
+        self.teacher_clients = [
+            TeacherClient(cfg.url, api_key=self.args.teacher_api_key, timeout=self.args.teacher_server_timeout,
+                          retries=self.args.teacher_server_retries) for cfg in self.teacher_configs
+        ]
+
+    def _postprocess_batch(self, samples, batch_encoded_inputs) -> None:
+        """One request per generation batch: the teacher's top-k at every response position of every row."""
+        if not self.use_teacher_api:
+            return
+        requests, places = [], []
+        for b, batch in enumerate(batch_encoded_inputs):
+            inputs = batch['teacher_model_inputs']
+            labels, ids = inputs['labels'], inputs['input_ids']
+            attention = inputs.get('attention_mask')
+            for row in range(ids.shape[0]):
+                keep = attention[row].bool() if attention is not None else torch.ones_like(ids[row], dtype=torch.bool)
+                offset = int(keep.nonzero()[0]) if keep.any() else 0  # left padding
+                row_ids, row_labels = ids[row][keep], labels[row][keep]
+                positions = (row_labels[1:] != -100).nonzero().flatten()
+                requests.append((row_ids.tolist(), positions.tolist()))
+                places.append((b, row, positions + offset))
+        results = self.teacher_clients[0].topk_at(requests, topk=self.gkd_logits_topk)
+        k = self.gkd_logits_topk
+        for batch in batch_encoded_inputs:
+            shape = tuple(batch['teacher_model_inputs']['input_ids'].shape) + (k, )
+            device = batch['teacher_model_inputs']['input_ids'].device
+            batch['gkd_batch'].teacher_topk_logprobs = torch.full(shape, float('-inf'), device=device)
+            batch['gkd_batch'].teacher_topk_indices = torch.zeros(shape, dtype=torch.long, device=device)
+        for (b, row, positions), result in zip(places, results):
+            gkd_batch = batch_encoded_inputs[b]['gkd_batch']
+            gkd_batch.teacher_topk_logprobs[row, positions] = result.logprobs.to(device).float()
+            gkd_batch.teacher_topk_indices[row, positions] = result.ids.to(device).long()
 
     # ------------------------------------------------------------------ modes and sampling
     def _rollout_samples(self, inputs):

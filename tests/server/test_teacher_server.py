@@ -537,20 +537,45 @@ def test_client_reports_a_killed_server_and_recovers_after_restart(tiny_ws, tmp_
 @pytest.mark.parametrize('plugin', ['plugin', 'ms-swift'])
 def test_swift_rlhf_trains_against_the_server(tiny_ws, servers, tmp_path, plugin):
     """``swift rlhf --teacher_model_server URL --gkd_logits_topk 8`` trains against the server (with the plugin's
-    trainer, and with ms-swift's own one), and its losses equal those of the same run with the local teacher."""
+    trainer, through its own client and the compact endpoint; and with ms-swift's own trainer and client through
+    ``/infer/``), and its losses equal those of the same run with the local teacher."""
     server = servers['main']
-    shim = tmp_path / 'allow_vllm_infer_client.py'
-    shim.write_text(VLLM_CHECK_SHIM)
-    n_infer = server.log().count('"POST /infer/" 200')
-    env = {'SWIFT_GKD_PLUGIN': '0'} if plugin == 'ms-swift' else {}
+    if plugin == 'plugin':
+        env, extra, endpoint = {}, {}, '"POST /v1/topk" 200'
+    else:
+        shim = tmp_path / 'allow_vllm_infer_client.py'
+        shim.write_text(VLLM_CHECK_SHIM)
+        env, extra, endpoint = {'SWIFT_GKD_PLUGIN': '0'}, {'external_plugins': str(shim)}, '"POST /infer/" 200'
+    n_calls = server.log().count(endpoint)
     remote = run_swift(
         base_args(tiny_ws, str(tmp_path / 'remote'), teacher_model=None, teacher_model_type=None,
-                  teacher_model_server=server.url, gkd_logits_topk=8, external_plugins=str(shim)), env=env)
+                  teacher_model_server=server.url, gkd_logits_topk=8, **extra), env=env)
     assert len(remote.losses) == 3 and all(np.isfinite(remote.losses)), remote.output[-3000:]
-    assert server.log().count('"POST /infer/" 200') >= n_infer + 3, 'the trainer did not query the teacher server'
+    assert server.log().count(endpoint) >= n_calls + 3, 'the trainer did not query the teacher server'
     assert ('GKD trainer active' in remote.output) == (plugin == 'plugin')
     local = run_swift(base_args(tiny_ws, str(tmp_path / 'local'), gkd_logits_topk=8), env=env)
     assert np.allclose(remote.losses, local.losses, rtol=1e-4, atol=1e-7), (remote.losses, local.losses)
+
+
+@pytest.mark.timeout(600)
+def test_swift_rlhf_with_the_tail_bucket_against_the_server(tiny_ws, servers, tmp_path):
+    server = servers['main']
+    remote = run_swift(base_args(tiny_ws, str(tmp_path / 'remote'), teacher_model=None, teacher_model_type=None,
+                                 teacher_model_server=server.url, gkd_logits_topk=8, gkd_topk_tail='true'))
+    local = run_swift(base_args(tiny_ws, str(tmp_path / 'local'), gkd_logits_topk=8, gkd_topk_tail='true'))
+    assert 'GKD loss implementation: fused' in remote.output
+    assert np.allclose(remote.losses, local.losses, rtol=1e-4, atol=1e-7), (remote.losses, local.losses)
+
+
+@pytest.mark.timeout(300)
+def test_swift_rlhf_names_an_unreachable_server(tiny_ws, tmp_path):
+    url = f'http://127.0.0.1:{_free_port()}'
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), teacher_model=None, teacher_model_type=None,
+                              teacher_model_server=url, gkd_logits_topk=8, teacher_server_retries=1,
+                              teacher_server_timeout=2), check=False)
+    assert run.returncode != 0
+    assert f'teacher server {url}/v1/topk failed after 2 attempts' in run.output
+    assert 'Connection refused' in run.output or 'connection failed' in run.output
 
 
 @pytest.mark.timeout(180)
