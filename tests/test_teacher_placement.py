@@ -166,3 +166,31 @@ def test_offload_with_a_teacher_server_is_refused(tiny_ws, tmp_path):
                               offload_teacher_model='true'), check=False, timeout=120)
     assert run.returncode != 0
     assert '--offload_teacher_model true has no effect with --teacher_model_server' in run.output
+
+
+# ---------------------------------------------------------------- mixture of experts
+@pytest.fixture(scope='module')
+def moe_models(tiny_ws):
+    from swift_gkd_plugin.testing import tiny
+    tok = tiny.load_tokenizer(tiny_ws.student)
+    student = tiny.build_model(os.path.join(tiny_ws.root, 'moe_student'), tok, seed=5, moe=True)
+    teacher = tiny.build_model(os.path.join(tiny_ws.root, 'moe_teacher'), tok, seed=6, moe=True, hidden_size=96,
+                               intermediate_size=192)
+    return student, teacher
+
+
+@pytest.mark.parametrize('placement', ['separate', 'shared_base'])
+def test_moe_student_trains_with_either_teacher_placement(tiny_ws, moe_models, tmp_path, placement):
+    student, teacher = moe_models
+    flags = dict(model=student, model_type='qwen3_moe', lmbda=0.5, seq_kd='true', max_steps=3,
+                 per_device_train_batch_size=4, dataset=tiny_ws.fixed, learning_rate=5e-3)
+    if placement == 'separate':
+        flags.update(teacher_model=teacher, teacher_model_type='qwen3_moe')
+    else:
+        flags.update(teacher_model=student, teacher_model_type='qwen3_moe', tuner_type='lora',
+                     target_modules=['q_proj', 'k_proj', 'v_proj', 'o_proj'], sft_alpha=0.5)
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), **flags))
+    assert len(run.losses) == 3 and all(x == x and x >= 0 for x in run.losses)
+    if placement == 'shared_base':
+        assert 'Teacher model: base_model with LoRA disabled (frozen)' in run.output
+        assert _weights_loaded(run) == 1

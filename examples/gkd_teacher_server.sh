@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# A teacher served over HTTP (no vLLM needed) on other GPUs, and a student trained against its top-k log-probs.
+# 通过 HTTP 提供教师服务（无需 vLLM，可在其他 GPU 上），学生基于其 top-k 对数概率训练。
+set -euo pipefail
+export SWIFT_GKD_TEACHER_API_KEY=${SWIFT_GKD_TEACHER_API_KEY:-change-me}
+
+# 1) the server: another address than 127.0.0.1 requires the API key / 绑定非本机地址必须设置 API key
+CUDA_VISIBLE_DEVICES=7 swift-gkd serve-teacher \
+    --model Qwen/Qwen2.5-7B-Instruct --template qwen2_5 \
+    --host 0.0.0.0 --port 8000 --topk 64 --max_batch_tokens 16384 &
+SERVER=$!
+trap 'kill $SERVER' EXIT
+
+# 2) training: the key comes from the environment (not written to args.json) / key 从环境变量读取，不写入 args.json
+CUDA_VISIBLE_DEVICES=0,1,2,3,4,5,6 NPROC_PER_NODE=7 \
+swift rlhf \
+    --rlhf_type gkd \
+    --model Qwen/Qwen2.5-0.5B-Instruct \
+    --teacher_model_server http://127.0.0.1:8000 \
+    --gkd_logits_topk 32 \
+    --gkd_topk_tail true \
+    --dataset 'AI-ModelScope/alpaca-gpt4-data-en#5000' \
+    --tuner_type full \
+    --torch_dtype bfloat16 \
+    --lmbda 0.5 \
+    --beta 0.5 \
+    --temperature 0.9 \
+    --max_completion_length 512 \
+    --per_device_train_batch_size 4 \
+    --gradient_accumulation_steps 2 \
+    --learning_rate 1e-5 \
+    --output_dir output/gkd-served-teacher
