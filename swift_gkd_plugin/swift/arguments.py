@@ -200,10 +200,6 @@ class GKDPluginRLHFArguments(GKDPluginArgumentsMixin, RLHFArguments):
             if self.gkd_logits_topk is None:
                 raise ValueError('--gkd_logits_topk is required with --teacher_model_server (the server returns '
                                  'top-k log-probabilities)')
-            from swift.rlhf_trainers.gkd_helpers import parse_teacher_model_server
-            if len(parse_teacher_model_server(self.teacher_model_server)) != 1:
-                raise ValueError('--teacher_model_server: the plugin trainer takes one teacher URL (several teachers '
-                                 'routed by tag are not supported yet); got ' + str(self.teacher_model_server))
             if self.padding_free or self.packing:
                 raise ValueError('--teacher_model_server does not support --padding_free / --packing yet')
             if self.offload_teacher_model:

@@ -197,7 +197,15 @@ class GKDPluginTrainer(GKDTrainer):
                 positions = (row_labels[1:] != -100).nonzero().flatten()
                 requests.append((row_ids.tolist(), positions.tolist()))
                 places.append((b, row, positions + offset))
-        results = self.teacher_clients[0].topk_at(requests, topk=self.gkd_logits_topk)
+        # each sample goes to the teacher whose tags hold its tag (ms-swift's rule); one request per teacher
+        from swift.rlhf_trainers.gkd_helpers import route_samples_to_teachers
+        routing = route_samples_to_teachers(samples, self.teacher_configs, tag_key=self.args.teacher_tag_key)
+        results = [None] * len(requests)
+        for t_idx, indices in routing.items():
+            if indices:
+                answers = self.teacher_clients[t_idx].topk_at([requests[i] for i in indices], topk=self.gkd_logits_topk)
+                for i, answer in zip(indices, answers):
+                    results[i] = answer
         k = self.gkd_logits_topk
         for batch in batch_encoded_inputs:
             shape = tuple(batch['teacher_model_inputs']['input_ids'].shape) + (k, )

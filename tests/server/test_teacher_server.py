@@ -567,6 +567,25 @@ def test_swift_rlhf_with_the_tail_bucket_against_the_server(tiny_ws, servers, tm
     assert np.allclose(remote.losses, local.losses, rtol=1e-4, atol=1e-7), (remote.losses, local.losses)
 
 
+@pytest.mark.timeout(600)
+def test_swift_rlhf_routes_samples_to_teachers_by_dataset_tag(tiny_ws, servers, tmp_path):
+    """Two datasets, two teacher entries (the same server under two URL spellings): each sample goes to the
+    teacher of its dataset tag, and the losses equal the local teacher's."""
+    url = servers['main'].url
+    rows = [json.loads(line) for line in open(tiny_ws.fixed)]
+    parts = []
+    for i in range(2):
+        path = tmp_path / f'part{i}.jsonl'
+        path.write_text(''.join(json.dumps(r) + '\n' for r in rows[2 * i:2 * i + 2]))
+        parts.append(str(path))
+    teachers = json.dumps([{'url': url, 'tags': [parts[0]]}, {'url': url + '/', 'tags': [parts[1]]}])
+    common = dict(dataset=parts, per_device_train_batch_size=4, gkd_logits_topk=8, lmbda=0)
+    remote = run_swift(base_args(tiny_ws, str(tmp_path / 'remote'), teacher_model=None, teacher_model_type=None,
+                                 teacher_model_server=teachers, **common))
+    local = run_swift(base_args(tiny_ws, str(tmp_path / 'local'), **common))
+    assert np.allclose(remote.losses, local.losses, rtol=1e-4, atol=1e-7), (remote.losses, local.losses)
+
+
 @pytest.mark.timeout(300)
 def test_swift_rlhf_names_an_unreachable_server(tiny_ws, tmp_path):
     url = f'http://127.0.0.1:{_free_port()}'
