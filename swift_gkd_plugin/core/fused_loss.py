@@ -45,6 +45,8 @@ _NEG_LOGIT = -1e30  # finite stand-in for -inf logits: exp() underflows to exact
 _SCRATCH_BYTES = 2**30  # float32 scratch targeted by the automatic chunk size
 _MAX_CHUNK = 1024
 
+Number = Union[float, int, torch.Tensor]
+
 
 def default_chunk_size(vocab_size: int, num_buffers: int = 4) -> int:
     """Rows per chunk so that ``num_buffers`` float32 ``[chunk, vocab_size]`` buffers take about 1 GiB.
