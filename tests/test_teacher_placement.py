@@ -194,3 +194,16 @@ def test_moe_student_trains_with_either_teacher_placement(tiny_ws, moe_models, t
     if placement == 'shared_base':
         assert 'Teacher model: base_model with LoRA disabled (frozen)' in run.output
         assert _weights_loaded(run) == 1
+
+
+def test_shared_base_under_zero2_and_zero3_on_two_processes(tiny_ws, adapters, tmp_path):
+    """One copy of the base, sharded or not: ZeRO-2 and ZeRO-3 give the same losses as plain DDP."""
+    pytest.importorskip('deepspeed')
+    flags = dict(teacher_model=tiny_ws.student, tuner_type='lora', lora_dropout=0, adapters=adapters['fit'],
+                 lmbda=0.5, seq_kd='true', max_steps=2, use_cpu='true', seed=3)
+    ddp = run_swift(base_args(tiny_ws, str(tmp_path / 'ddp'), **flags), nproc=2)
+    runs = {z: run_swift(base_args(tiny_ws, str(tmp_path / z), deepspeed=z, fp16='false', **flags), nproc=2)
+            for z in ('zero2', 'zero3')}
+    for z, run in runs.items():
+        assert 'Teacher model: base_model with LoRA disabled (frozen)' in run.output, z
+        assert_same_losses(ddp, run)

@@ -164,6 +164,19 @@ def check_teacher_adapters(args) -> None:
                     f'  - Teacher model: base_model + teacher adapter {adapter} (frozen)')
 
 
+def init_gloo_for_cpu_zero3(args) -> None:
+    """ZeRO-3 builds the model under ``deepspeed.zero.Init``, which needs the process group first; on GPUs the
+    launcher's NCCL set-up provides it, on CPU (``--use_cpu true``, several processes) nothing does: start gloo."""
+    ds = args.deepspeed
+    if not (args.use_cpu and isinstance(ds, dict) and ds.get('zero_optimization', {}).get('stage') == 3):
+        return
+    if int(os.environ.get('WORLD_SIZE', '1')) <= 1:
+        return
+    import deepspeed
+    if not deepspeed.comm.is_initialized():  # wraps torch.distributed's group when one exists already
+        deepspeed.init_distributed(dist_backend='gloo')
+
+
 def keep_teacher_messages_column() -> None:
     """ms-swift keeps only the dataset columns it knows (``teacher_prompt`` among them); GKD runs also keep
     ``teacher_messages``, the teacher's whole prompt conversation."""
@@ -211,6 +224,7 @@ class GKDPluginRLHFArguments(GKDPluginArgumentsMixin, RLHFArguments):
         check_teacher(self)
         check_teacher_adapters(self)
         keep_teacher_messages_column()
+        init_gloo_for_cpu_zero3(self)
         if self.teacher_model is not None and self.teacher_model == self.model:
             # ms-swift only shares the base for LoRA students (it then clears teacher_model before we get here).
             logger.info(f'--teacher_model is --model with --tuner_type {self.tuner_type}: a separate frozen copy of '
