@@ -21,7 +21,7 @@ TRAINER_PATH = 'swift_gkd_plugin.swift.trainer.GKDPluginTrainer'
 CONFIG_PATH = 'swift_gkd_plugin.swift.arguments.GKDPluginConfig'
 MEGATRON_TRAINER_NAME = 'MegatronGKDTrainer'
 
-_state = {'trainer_factory': False, 'rlhf_pipeline': False}
+_state = {'rlhf_pipeline': False}  # True once this process parses swift rlhf with the plugin's arguments
 
 
 def on_trainer_factory_imported(module) -> None:
@@ -29,7 +29,6 @@ def on_trainer_factory_imported(module) -> None:
     factory = module.TrainerFactory
     factory.TRAINER_MAPPING['gkd'] = TRAINER_PATH
     factory.TRAINING_ARGS_MAPPING['gkd'] = CONFIG_PATH
-    _state['trainer_factory'] = True
 
 
 def on_rlhf_pipeline_imported(module) -> None:

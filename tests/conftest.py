@@ -11,15 +11,9 @@ from typing import Dict, List, Optional
 
 import pytest
 
-OFFLINE_ENV = {
-    'HF_HUB_OFFLINE': '1',
-    'HF_DATASETS_OFFLINE': '1',
-    'TRANSFORMERS_OFFLINE': '1',
-    'MODELSCOPE_OFFLINE': '1',
-    'USE_HF': '1',
-    'TOKENIZERS_PARALLELISM': 'false',
-    'OMP_NUM_THREADS': '1',
-}
+from swift_gkd_plugin.cli import OFFLINE_ENV as CLI_OFFLINE_ENV
+
+OFFLINE_ENV = {**CLI_OFFLINE_ENV, 'TOKENIZERS_PARALLELISM': 'false', 'OMP_NUM_THREADS': '1'}
 SWIFT = os.path.join(os.path.dirname(sys.executable), 'swift')
 
 

@@ -425,7 +425,9 @@ class GKDPluginTrainer(GKDTrainer):
         loss = total / normalizer
         if n_student == 0:
             loss = loss + outputs.logits.sum() * 0.0  # keep the graph connected for DDP/ZeRO
-        self._log_loss_metrics(mode, per_token.detach(), agree)
+        if per_token.numel():
+            self._log_loss_metrics(mode, per_token.detach().float().mean(),
+                                   agree.float().mean() if agree.numel() else None)
         return (loss, outputs) if return_outputs else loss
 
     def _fused_loss(self, model, student_hidden, labels, teacher_inputs, teacher_mask, gkd_batch, mode: Mode,
@@ -451,11 +453,9 @@ class GKDPluginTrainer(GKDTrainer):
             student_hidden, weight, bias, **teacher, labels=labels if sft_alpha > 0 else None,
             beta=self.args.beta, temperature=self.args.temperature, sft_alpha=sft_alpha,
             topk_tail=self.args.gkd_topk_tail, normalizer=normalizer, sft_normalizer=normalizer)
-        n = float(stats['num_tokens'])
+        n = int(stats['num_tokens'])
         if n:
-            split = 'train' if self.model.training else 'eval'
-            self.custom_metrics[split][f'gkd/loss_{mode.value}'].update(stats['divergence_sum'].float() / n)
-            self.custom_metrics[split]['gkd/top1_agreement'].update(stats['top1_agree'].float() / n)
+            self._log_loss_metrics(mode, stats['divergence_sum'].float() / n, stats['top1_agree'].float() / n)
         return loss
 
     def _topk_divergence(self, student_logits, teacher_ids, teacher_logprobs):
@@ -469,10 +469,9 @@ class GKDPluginTrainer(GKDTrainer):
         agree = (student_logits.argmax(-1) == teacher_ids.gather(-1, teacher_k.argmax(-1, keepdim=True))[:, 0])
         return per_token, agree[~uncovered]
 
-    def _log_loss_metrics(self, mode: Mode, per_token: torch.Tensor, agree: torch.Tensor) -> None:
+    def _log_loss_metrics(self, mode: Mode, divergence_mean, agreement_mean) -> None:
+        """Per-mode mean divergence and top-1 agreement of one micro-batch (both loss implementations)."""
         split = 'train' if self.model.training else 'eval'
-        if per_token.numel() == 0:
-            return
-        self.custom_metrics[split][f'gkd/loss_{mode.value}'].update(per_token.float().mean())
-        if agree.numel():
-            self.custom_metrics[split]['gkd/top1_agreement'].update(agree.float().mean())
+        self.custom_metrics[split][f'gkd/loss_{mode.value}'].update(divergence_mean)
+        if agreement_mean is not None:
+            self.custom_metrics[split]['gkd/top1_agreement'].update(agreement_mean)
