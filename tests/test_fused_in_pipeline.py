@@ -55,6 +55,24 @@ def test_fused_equals_dense_on_two_ranks(tiny_ws, tmp_path):
         assert _rel(d['loss'], f['loss']) < 1e-5 and _rel(d['grad_norm'], f['grad_norm']) < 1e-4
 
 
+@pytest.mark.parametrize('case', ['full_tuning_separate_teacher', 'shared_base_lora'])
+def test_fused_equals_dense_under_zero3_on_two_processes(tiny_ws, adapters, tmp_path, case):
+    """ZeRO-3 partitions both output heads: the fused loss gathers them for its forward, and the head's full-size
+    gradient reaches the shards (full tuning: the head is trained; the grad-norm includes its gradient)."""
+    pytest.importorskip('deepspeed')
+    flags = dict(max_steps=2, seed=3, use_cpu='true', lmbda=0.5, seq_kd='true', deepspeed='zero3', fp16='false',
+                 learning_rate=1e-3)
+    if case == 'shared_base_lora':
+        flags.update(tuner_type='lora', lora_dropout=0, teacher_model=tiny_ws.student, adapters=adapters['fit'])
+    dense = run_swift(base_args(tiny_ws, str(tmp_path / 'dense'), gkd_loss_impl='dense', **flags), nproc=2)
+    fused = run_swift(base_args(tiny_ws, str(tmp_path / 'fused'), gkd_loss_impl='fused', **flags), nproc=2)
+    assert 'GKD loss implementation: fused (--gkd_loss_impl fused)' in fused.output
+    assert len(dense.logs) == len(fused.logs) == 2
+    for d, f in zip(dense.logs, fused.logs):
+        assert _rel(d['loss'], f['loss']) < 1e-5, (dense.losses, fused.losses)
+        assert _rel(d['grad_norm'], f['grad_norm']) < 1e-4, (dense.logs, fused.logs)
+
+
 def test_top_k_tail_trains_with_the_fused_loss(tiny_ws, tmp_path):
     run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), gkd_logits_topk=4, gkd_topk_tail='true', lmbda=0,
                               max_steps=2))

@@ -7,8 +7,8 @@ applies the real head chunk by chunk.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Optional, Tuple
+from contextlib import contextmanager, nullcontext
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -35,6 +35,36 @@ def output_head(model: nn.Module) -> Tuple[torch.Tensor, Optional[torch.Tensor]]
     """``(weight, bias)`` of the output head, for the fused loss."""
     head = causal_lm(model).get_output_embeddings()
     return head.weight, getattr(head, 'bias', None)
+
+
+def head_is_sharded(model: nn.Module) -> bool:
+    """Whether DeepSpeed ZeRO-3 partitions the model's output head."""
+    return hasattr(output_head(model)[0], 'ds_id')
+
+
+def head_rows(model: nn.Module) -> int:
+    """The number of output rows (the vocabulary the head scores), also for a ZeRO-3 shard."""
+    weight = output_head(model)[0]
+    return weight.ds_shape[0] if hasattr(weight, 'ds_shape') else weight.shape[0]
+
+
+def gathered_heads(models: List[Optional[nn.Module]]):
+    """A context in which the output heads of ``models`` hold their full weights, also under DeepSpeed ZeRO-3.
+
+    ZeRO-3 keeps only a shard of each parameter outside the forward of the module that owns it, and a bypassed
+    head never runs its forward. For reading only (a frozen teacher's head): a gradient must not reach a head
+    gathered this way, since ZeRO-3 accumulates it only into a whole parameter. Outside ZeRO-3 this is a no-op.
+    """
+    params = []
+    for model in models:
+        if model is None:
+            continue
+        weight, bias = output_head(model)
+        params += [p for p in (weight, bias) if p is not None and hasattr(p, 'ds_id')]
+    if not params:
+        return nullcontext()
+    import deepspeed
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 @contextmanager
@@ -71,12 +101,6 @@ def fused_fallback_reason(trainer) -> Optional[str]:
         for attr in _LOGIT_TRANSFORMS:
             if getattr(config, attr, None) not in (None, 0, 1, 1.0):
                 return f'the {label} model transforms its logits after the head ({attr})'
-    if trainer.is_deepspeed_enabled:
-        stage = trainer.accelerator.state.deepspeed_plugin.zero_stage
-        if stage == 3:
-            return 'DeepSpeed ZeRO-3 partitions the student output head'
-    if trainer.is_teacher_ds3:
-        return 'the teacher runs under DeepSpeed ZeRO-3 (partitioned output head)'
     if trainer.template.sequence_parallel_size > 1:
         return 'sequence parallelism'
     if getattr(trainer.args, 'ddp_find_unused_parameters', None):

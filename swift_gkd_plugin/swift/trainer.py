@@ -33,7 +33,8 @@ from swift_gkd_plugin.core.fused_loss import fused_linear_jsd
 from swift_gkd_plugin.core.modes import mode_draw
 from swift_gkd_plugin.core.offload import TeacherOffloader
 from swift_gkd_plugin.server.client import TeacherClient
-from swift_gkd_plugin.swift.hidden_states import fused_fallback_reason, head_bypassed, output_head, topk_from_hidden
+from swift_gkd_plugin.swift.hidden_states import (fused_fallback_reason, gathered_heads, head_bypassed, head_is_sharded,
+                                                  head_rows, output_head, topk_from_hidden)
 from swift_gkd_plugin.swift.peft_utils import TEACHER_ADAPTER, active_adapter, load_frozen_adapter
 
 logger = get_logger()
@@ -380,11 +381,6 @@ class GKDPluginTrainer(GKDTrainer):
             if not self.use_teacher_api:
                 self.prepare_logits_to_keep(teacher_inputs)
 
-        if self._teacher_offloader is not None and not self.use_teacher_api:
-            self._teacher_offloader.prefetch()  # the upload overlaps the student's forward
-        fused = self._fused
-        with head_bypassed(self.accelerator.unwrap_model(model), fused):
-            outputs = model(**{k: v for k, v in model_inputs.items() if k != 'labels'})
         student_labels = shift_labels(model_inputs['labels'])
         student_mask = student_labels != -100
         teacher_mask = shift_labels(teacher_inputs['labels']) != -100
@@ -392,19 +388,23 @@ class GKDPluginTrainer(GKDTrainer):
         if n_student != n_teacher:
             raise ValueError(f'teacher and student views hold different numbers of response tokens ({n_teacher} vs '
                              f'{n_student}): the teacher must score exactly the student response tokens')
-        student = outputs.logits[student_mask]
         step_tokens = inputs.get('gkd_step_tokens', float(n_student))
         # DDP and DeepSpeed average gradients over ranks: scaling by the world size makes the gradient that of
         # (sum over every response token of the step) / (their count).
         world = self.accelerator.num_processes if self.model.training else 1
         normalizer = max(step_tokens, 1.0) / world
         sft_alpha = self.args.sft_alpha if mode is not Mode.ON_POLICY else 0.0
+        fwd = {k: v for k, v in model_inputs.items() if k != 'labels'}
 
-        if fused:
-            loss = self._fused_loss(model, student, student_labels[student_mask], teacher_inputs, teacher_mask,
-                                    gkd_batch, mode, normalizer, sft_alpha)
+        if self._teacher_offloader is not None and not self.use_teacher_api:
+            self._teacher_offloader.prefetch()  # the upload overlaps the student's forward
+        if self._fused:
+            loss, outputs = self._fused_loss(model, fwd, student_mask, student_labels[student_mask], teacher_inputs,
+                                             teacher_mask, gkd_batch, mode, normalizer, sft_alpha)
             return (loss, outputs) if return_outputs else loss
 
+        outputs = model(**fwd)
+        student = outputs.logits[student_mask]
         if self.use_teacher_api:
             per_token, agree = self._topk_divergence(student, gkd_batch.teacher_topk_indices[teacher_mask],
                                                      gkd_batch.teacher_topk_logprobs[teacher_mask])
@@ -430,27 +430,80 @@ class GKDPluginTrainer(GKDTrainer):
                                    agree.float().mean() if agree.numel() else None)
         return (loss, outputs) if return_outputs else loss
 
-    def _fused_loss(self, model, student_hidden, labels, teacher_inputs, teacher_mask, gkd_batch, mode: Mode,
-                    normalizer: float, sft_alpha: float) -> torch.Tensor:
-        """The fused loss: ``student_hidden`` [N, H] are the active rows; the head is applied chunk by chunk."""
-        weight, bias = output_head(self.accelerator.unwrap_model(model))
-        teacher = {}
+    # ------------------------------------------------------------------ fused loss
+    def _fused_loss(self, model, fwd, student_mask, labels, teacher_inputs, teacher_mask, gkd_batch, mode: Mode,
+                    normalizer: float, sft_alpha: float):
+        """The fused loss on the student's last hidden states; the heads are applied chunk by chunk.
+
+        Without ZeRO-3: the student's forward (head bypassed), then the teacher's side, then the loss.
+        Under ZeRO-3 the student's head is only a shard outside its forward, and the head's gradient must arrive
+        while it is whole. So the teacher's side comes first (a shared-base teacher is this same engine, which
+        cannot run inside its own forward), and the student's forward and the loss run together as the forward
+        of the engine's module: the head, read there, becomes an external parameter of that module, which
+        DeepSpeed gathers for the forward and again for the backward (as TRL and ms-swift do for Liger's loss).
+        """
+        student = self.accelerator.unwrap_model(model)
+        teacher = None if self.teacher_model is None else self.accelerator.unwrap_model(self.teacher_model)
+        loss_args = dict(labels=labels, mode=mode, normalizer=normalizer, sft_alpha=sft_alpha)
+        if not head_is_sharded(student):
+            with head_bypassed(student):
+                outputs = model(**fwd)
+            with gathered_heads([teacher]):  # a ZeRO-3 teacher under a replicated student
+                teacher_side = self._fused_teacher_side(model, teacher_inputs, teacher_mask, gkd_batch)
+                loss = self._fused_apply(student, outputs.logits[student_mask], teacher_side, **loss_args)
+            return loss, outputs
+
+        with gathered_heads([student, teacher]):  # reads only: the teacher's top-k or its head
+            teacher_side = self._fused_teacher_side(model, teacher_inputs, teacher_mask, gkd_batch)
+        with gathered_heads([teacher]):
+
+            def forward_and_loss(**kwargs):
+                with head_bypassed(student):
+                    outputs = original_forward(**kwargs)
+                return self._fused_apply(student, outputs.logits[student_mask], teacher_side, **loss_args), outputs
+
+            original_forward = student.forward
+            patched = student.__dict__.get('forward')  # e.g. accelerate's autocast wrapper
+            student.forward = forward_and_loss  # an instance attribute: nn.Module.__call__ dispatches to it
+            try:
+                loss, outputs = model(**fwd)
+            finally:
+                if patched is None:
+                    del student.forward
+                else:
+                    student.forward = patched
+        return loss, outputs
+
+    def _fused_teacher_side(self, model, teacher_inputs, teacher_mask, gkd_batch) -> Dict[str, Any]:
+        """The teacher's part of the fused loss's arguments: top-k ids and log-probs, or hidden states and head.
+
+        A shared-base teacher's head is the student's own head, left out here (``teacher_head='student'``) and
+        read at the loss, where ZeRO-3 keeps it gathered.
+        """
+        student_vocab = head_rows(self.accelerator.unwrap_model(model))
         if self.use_teacher_api:
             ids = gkd_batch.teacher_topk_indices[teacher_mask]
             logprobs = gkd_batch.teacher_topk_logprobs[teacher_mask].float()
-            outside = ids >= weight.shape[0]  # the teacher's padded output rows: no such token for the student
-            teacher = dict(teacher_topk_ids=ids.masked_fill(outside, 0),
-                           teacher_topk_logprobs=logprobs.masked_fill(outside, float('-inf')))
-        else:
-            t_hidden, (t_weight, t_bias) = self._teacher_forward(model, teacher_inputs, hidden=True)
-            t_hidden = t_hidden[teacher_mask]
-            if self.gkd_logits_topk is not None:
-                ids, logprobs = topk_from_hidden(t_hidden, t_weight, t_bias, self.gkd_logits_topk, weight.shape[0])
-                teacher = dict(teacher_topk_ids=ids, teacher_topk_logprobs=logprobs)
-            else:
-                teacher = dict(teacher_hidden=t_hidden, teacher_weight=t_weight, teacher_bias=t_bias)
+            outside = ids >= student_vocab  # the teacher's padded output rows: no such token for the student
+            return dict(teacher_topk_ids=ids.masked_fill(outside, 0),
+                        teacher_topk_logprobs=logprobs.masked_fill(outside, float('-inf')))
+        t_hidden, (t_weight, t_bias) = self._teacher_forward(model, teacher_inputs, hidden=True)
+        t_hidden = t_hidden[teacher_mask]
+        if self.gkd_logits_topk is not None:
+            ids, logprobs = topk_from_hidden(t_hidden, t_weight, t_bias, self.gkd_logits_topk, student_vocab)
+            return dict(teacher_topk_ids=ids, teacher_topk_logprobs=logprobs)
+        if self._is_self_distillation:
+            return dict(teacher_hidden=t_hidden, teacher_head='student')
+        return dict(teacher_hidden=t_hidden, teacher_weight=t_weight, teacher_bias=t_bias)
+
+    def _fused_apply(self, student, student_hidden, teacher_side, *, labels, mode: Mode, normalizer: float,
+                     sft_alpha: float) -> torch.Tensor:
+        weight, bias = output_head(student)
+        teacher_side = dict(teacher_side)
+        if teacher_side.pop('teacher_head', None) == 'student':  # frozen for the teacher's side
+            teacher_side.update(teacher_weight=weight.detach(), teacher_bias=None if bias is None else bias.detach())
         loss, stats = fused_linear_jsd(
-            student_hidden, weight, bias, **teacher, labels=labels if sft_alpha > 0 else None,
+            student_hidden, weight, bias, **teacher_side, labels=labels if sft_alpha > 0 else None,
             beta=self.args.beta, temperature=self.args.temperature, sft_alpha=sft_alpha,
             topk_tail=self.args.gkd_topk_tail, normalizer=normalizer, sft_normalizer=normalizer)
         n = int(stats['num_tokens'])
