@@ -16,6 +16,7 @@ _HOOKS = {
     'swift.pipelines.train.rlhf': 'on_rlhf_pipeline_imported',
     'swift.trainers.trainer_factory': 'on_trainer_factory_imported',
     'swift.megatron.pipelines.train.rlhf': 'on_megatron_rlhf_pipeline_imported',
+    'swift.cli._megatron.main': 'on_megatron_cli_imported',
 }
 
 

@@ -19,7 +19,6 @@ import sys
 
 TRAINER_PATH = 'swift_gkd_plugin.swift.trainer.GKDPluginTrainer'
 CONFIG_PATH = 'swift_gkd_plugin.swift.arguments.GKDPluginConfig'
-MEGATRON_TRAINER_NAME = 'MegatronGKDTrainer'
 
 _state = {'rlhf_pipeline': False}  # True once this process parses swift rlhf with the plugin's arguments
 
@@ -52,8 +51,52 @@ def on_rlhf_pipeline_imported(module) -> None:
     _state['rlhf_pipeline'] = True
 
 
+def on_megatron_cli_imported(module) -> None:
+    """The ``megatron`` launcher: refuse a bad ``megatron rlhf --rlhf_type gkd`` command line before any rank starts
+    (and so before CUDA, transformer-engine or a model is touched)."""
+    original = module.cli_main
+    if getattr(original, '_swift_gkd_plugin', False):
+        return
+
+    def cli_main():
+        argv = sys.argv[1:]
+        if argv and argv[0] == 'rlhf':
+            from swift_gkd_plugin.megatron.checks import check_megatron_command_line
+            try:
+                check_megatron_command_line(argv[1:])
+            except ValueError as exc:
+                sys.stderr.write(f'megatron rlhf: error: {exc}\n')
+                sys.exit(2)
+        return original()
+
+    cli_main._swift_gkd_plugin = True
+    module.cli_main = cli_main
+
+
 def on_megatron_rlhf_pipeline_imported(module) -> None:
-    """Megatron-SWIFT support lands with the Megatron issue; until then ms-swift's Megatron GKD runs unchanged."""
+    """Parse ``megatron rlhf`` with the plugin's arguments class and build the plugin's trainer for 'gkd'."""
+    from swift_gkd_plugin.megatron.arguments import GKDPluginMegatronRLHFArguments
+    pipeline = module.MegatronRLHF
+    if pipeline.args_class is GKDPluginMegatronRLHFArguments:
+        return
+    original_parse, original_prepare = pipeline._parse_args, pipeline.prepare_trainer
+    base_cls = pipeline.args_class
+
+    def _parse_args(self, args=None):
+        if isinstance(args, base_cls):  # built by the caller: used as is
+            return args
+        return original_parse(self, args)
+
+    def prepare_trainer(self):
+        if self.args.rlhf_type != 'gkd':
+            return original_prepare(self)
+        from swift_gkd_plugin.megatron.trainer import GKDPluginMegatronTrainer
+        return GKDPluginMegatronTrainer(self.args, self.template, vllm_client=self._prepare_vllm_client())
+
+    pipeline.args_class = GKDPluginMegatronRLHFArguments
+    pipeline._parse_args = _parse_args
+    pipeline.prepare_trainer = prepare_trainer
+    module.MegatronRLHFArguments = GKDPluginMegatronRLHFArguments
 
 
 def activate_from_external_plugin() -> None:
@@ -70,7 +113,8 @@ def activate_from_external_plugin() -> None:
     from swift.arguments import RLHFArguments
     from swift.trainers import trainer_factory
 
-    from swift_gkd_plugin.swift.arguments import GKDPluginRLHFArguments, plugin_flags_in
+    from swift_gkd_plugin.flags import plugin_flags_in
+    from swift_gkd_plugin.swift.arguments import GKDPluginRLHFArguments
     flags = plugin_flags_in(sys.argv[1:])
     if flags:
         entry = os.path.basename(sys.argv[0])

@@ -55,6 +55,10 @@ def test_teacher_adapter_on_the_shared_base_samples_and_trains(tiny_ws, adapters
     run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), teacher_model=tiny_ws.student,
                               teacher_adapters=adapters['fit'], **{**LORA, **mode}))
     assert len(run.losses) == 3 and all(x > 0 for x in run.losses)
+    # sampling with the student's own module must leave it in train mode: training metrics, not eval_ ones
+    expected = 'gkd/mode_seq_kd' if 'seq_kd' in mode else 'gkd/mode_on_policy'
+    for row in run.logs:
+        assert row.get(expected) == 1.0 and not any(k.startswith('eval_') for k in row), row
 
 
 def test_full_tuning_with_the_same_model_loads_a_separate_copy(tiny_ws, tmp_path):

@@ -3,81 +3,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, fields
-from typing import List, Literal, Optional
+from typing import List, Optional
 
 from swift.arguments import RLHFArguments
 from swift.rlhf_trainers import GKDConfig
 from swift.utils import get_logger
 
 import swift_gkd_plugin
+from swift_gkd_plugin.flags import GKDPluginArgumentsMixin, check_gkd_scalars, check_teacher_server_flags
 
 logger = get_logger()
-
-
-@dataclass
-class GKDPluginArgumentsMixin:
-    """Flags that ms-swift's GKD does not have. Each is declared on the command-line arguments and on the trainer's
-    config (ms-swift only forwards fields that the config class declares)."""
-    gkd_loss_impl: Literal['auto', 'fused', 'dense'] = field(
-        default='auto',
-        metadata={'help': 'GKD loss implementation: auto (fused where it applies, else dense), fused, or dense.'})
-    teacher_api_key: Optional[str] = field(
-        default=None,
-        metadata={'help': 'API key of --teacher_model_server (default: the SWIFT_GKD_TEACHER_API_KEY environment '
-                  'variable, which, unlike the flag, is not written to args.json).'})
-    teacher_server_timeout: float = field(default=120.0, metadata={'help': 'seconds per teacher-server request'})
-    teacher_server_retries: int = field(default=3, metadata={'help': 'retries of a failed teacher-server request'})
-    gkd_topk_tail: bool = field(
-        default=False,
-        metadata={'help': 'With top-k teachers (--gkd_logits_topk, teacher servers): add a bucket holding the '
-                  'probability mass outside the top-k on both sides (fused loss).'})
-
-
-PLUGIN_FLAGS: List[str] = [f.name for f in fields(GKDPluginArgumentsMixin)]
-GKD_LOSS_IMPLS = ('auto', 'fused', 'dense')
-
-
-def plugin_flags_in(argv: List[str]) -> List[str]:
-    """The plugin-only flags present in a command line (``--flag value`` or ``--flag=value``)."""
-    found = []
-    for token in argv:
-        name = token[2:].split('=', 1)[0] if token.startswith('--') else None
-        if name in PLUGIN_FLAGS:
-            found.append(f'--{name}')
-    return found
-
-
-def check_gkd_scalars(args) -> None:
-    """Range checks that need nothing but the flags; each message names the flag and the allowed values."""
-    beta = args.beta
-    if beta is not None and not 0.0 <= beta <= 1.0:
-        raise ValueError(f'--beta must be in [0, 1] for GKD (0 = KL(teacher||student), 1 = KL(student||teacher)), '
-                         f'got {beta}')
-    if not 0.0 <= args.lmbda <= 1.0:
-        raise ValueError(f'--lmbda must be in [0, 1] (the probability of an on-policy step), got {args.lmbda}')
-    if not args.temperature > 0:
-        raise ValueError(f'--temperature must be > 0, got {args.temperature}')
-    # Refused even when nothing is sampled (--lmbda 0, --seq_kd false): ms-swift turns it into the generation
-    # config's max_new_tokens, which transformers rejects later, after the models are loaded.
-    max_len = args.max_completion_length
-    if max_len is None or max_len <= 0:
-        sampling = 'sampling is on' if args.lmbda > 0 or args.seq_kd else 'it is also the generation length'
-        raise ValueError(f'--max_completion_length must be > 0 ({sampling}), got {max_len}')
-    impl = getattr(args, 'gkd_loss_impl', 'auto')
-    if impl not in GKD_LOSS_IMPLS:
-        raise ValueError(f'--gkd_loss_impl must be one of {list(GKD_LOSS_IMPLS)}, got {impl!r}')
-    if getattr(args, 'teacher_server_timeout', 1.0) <= 0:
-        raise ValueError(f'--teacher_server_timeout must be > 0 seconds, got {args.teacher_server_timeout}')
-    if getattr(args, 'teacher_server_retries', 0) < 0:
-        raise ValueError(f'--teacher_server_retries must be >= 0, got {args.teacher_server_retries}')
-    topk = args.gkd_logits_topk
-    if getattr(args, 'gkd_topk_tail', False):
-        if topk is None:
-            raise ValueError('--gkd_topk_tail true needs --gkd_logits_topk (the tail is the mass outside the top-k)')
-        if impl == 'dense':
-            raise ValueError('--gkd_topk_tail true needs --gkd_loss_impl auto or fused (the dense loss has no tail)')
-    if topk is not None and topk <= 0:
-        raise ValueError(f'--gkd_logits_topk must be a positive integer (or unset for the full vocabulary), got {topk}')
 
 
 def resolve_model_dir(flag: str, model_id: str, revision: Optional[str], args) -> str:
@@ -209,18 +144,9 @@ class GKDPluginRLHFArguments(GKDPluginArgumentsMixin, RLHFArguments):
                              'NPROC_PER_NODE to the number of processes.')
         if self.async_generate:
             raise ValueError('--async_generate true is not supported for GKD (allowed: false)')
-        if self.teacher_model_server is not None:
-            if self.gkd_logits_topk is None:
-                raise ValueError('--gkd_logits_topk is required with --teacher_model_server (the server returns '
-                                 'top-k log-probabilities)')
-            if self.padding_free or self.packing:
-                raise ValueError('--teacher_model_server does not support --padding_free / --packing yet')
-            if self.offload_teacher_model:
-                raise ValueError('--offload_teacher_model true has no effect with --teacher_model_server (the '
-                                 'teacher lives on the server): remove one of them')
-            if self.seq_kd:
-                raise ValueError('--seq_kd true needs a local teacher that can sample (--teacher_model, or the '
-                                 'student base with LoRA); a --teacher_model_server only scores responses')
+        check_teacher_server_flags(self)
+        if self.teacher_model_server is not None and (self.padding_free or self.packing):
+            raise ValueError('--teacher_model_server does not support --padding_free / --packing yet')
         check_teacher(self)
         check_teacher_adapters(self)
         keep_teacher_messages_column()

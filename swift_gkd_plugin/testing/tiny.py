@@ -227,6 +227,23 @@ def _tokenizer_corpus() -> List[str]:
     return texts
 
 
+def train_bpe(corpus: Iterable[str], special_tokens: Sequence[str], vocab_size: int):
+    """A deterministic byte-level BPE ``tokenizers.Tokenizer`` trained on ``corpus``, ``special_tokens`` first."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        show_progress=False,
+        special_tokens=[AddedToken(t, special=True, normalized=False) for t in special_tokens],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(corpus, trainer=trainer)
+    return tok
+
+
 def build_tokenizer(out_dir: str):
     """Train a tiny byte-level BPE tokenizer and save it (as a ``PreTrainedTokenizerFast``) into ``out_dir``.
 
@@ -245,20 +262,10 @@ def build_tokenizer(out_dir: str):
     Returns:
         the loaded ``transformers.PreTrainedTokenizerFast``.
     """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=_BPE_VOCAB_SIZE,
-        min_frequency=2,
-        show_progress=False,
-        special_tokens=[AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(_tokenizer_corpus(), trainer=trainer)
+    tok = train_bpe(_tokenizer_corpus(), SPECIAL_TOKENS, _BPE_VOCAB_SIZE)
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in EXTRA_TOKENS])
 
     hf_tok = PreTrainedTokenizerFast(

@@ -1,0 +1,48 @@
+"""Privileged teacher prompts: the teacher's view of a GKD sample, shared by the transformers and Megatron trainers."""
+from __future__ import annotations
+
+
+def prepare_teacher_view(sample) -> None:
+    """Privileged teacher prompts: ``teacher_prompt`` (replaces the last user turn, ms-swift's OPSD) or
+    ``teacher_messages`` (the teacher's whole prompt conversation; the student's response is appended to it)."""
+    teacher_messages = sample.teacher_messages
+    if teacher_messages and teacher_messages[-1].get('role') != 'assistant':
+        response = sample.messages[-1] if sample.messages and sample.messages[-1]['role'] == 'assistant' else None
+        if response is not None:
+            sample.teacher_messages = [dict(m) for m in teacher_messages] + [dict(response)]
+    sample.build_teacher_view()
+
+
+def check_privileged_columns(dataset) -> None:
+    """``teacher_prompt`` holds strings; ``teacher_messages`` holds lists of {role, content} messages."""
+    features = getattr(dataset, 'features', None)
+    if not features:
+        return
+    prompt = features.get('teacher_prompt')
+    if prompt is not None and getattr(prompt, 'dtype', None) not in ('string', 'large_string'):
+        raise ValueError(f'dataset column teacher_prompt must hold strings (the teacher\'s version of the last user '
+                         f'message), got {prompt}')
+    messages = features.get('teacher_messages')
+    if messages is not None:
+        inner = getattr(messages, 'feature', None)
+        if not isinstance(inner, dict) or 'role' not in inner or 'content' not in inner:
+            raise ValueError('dataset column teacher_messages must hold lists of {"role": ..., "content": ...} '
+                             f'messages (the teacher\'s prompt conversation), got {messages}')
+
+
+def _row_name(sample) -> str:
+    user = [m['content'] for m in sample.messages if m['role'] == 'user']
+    text = user[-1] if user else ''
+    text = text if isinstance(text, str) else str(text)
+    return f'the dataset row whose last user message is {text[:120]!r}'
+
+
+def check_views_aligned(sample, student: dict, teacher: dict) -> None:
+    """The teacher view must score exactly the student's response tokens, in the same order."""
+    s_ids = [t for t, l in zip(student['input_ids'], student['labels']) if l != -100]
+    t_ids = [t for t, l in zip(teacher['input_ids'], teacher['labels']) if l != -100]
+    if s_ids != t_ids:
+        raise ValueError(f'cannot align the teacher prompt with the student response for {_row_name(sample)}: the '
+                         f'teacher view scores {len(t_ids)} response tokens, the student view {len(s_ids)}'
+                         f'{"" if len(s_ids) != len(t_ids) else " (different tokens)"}. Check its teacher_prompt / '
+                         'teacher_messages column: it must hold only the prompt, not a response.')

@@ -1,0 +1,179 @@
+"""A vision-language student and teacher (tiny LLaVA-1.5, images in the dataset rows) through the real
+``swift rlhf`` pipeline: a separate teacher in every mode, and the shared base (teacher = base, LoRA off).
+
+The tiny models are ms-swift's ``llava1_5_hf`` model type / template (CLIP vision tower + Llama decoder): its
+image path needs only Pillow (the Qwen-VL templates need torchvision, see
+:mod:`swift_gkd_plugin.testing.tiny_multimodal`).  The task -- name the colour of a square -- can only be solved
+from the image, so models trained on it show whether the image reached each forward and each sampler.
+"""
+import json
+import math
+import os
+import re
+import shutil
+from collections import Counter
+
+import pytest
+from conftest import Workspace, base_args, run_swift
+
+from swift_gkd_plugin.testing import tiny_multimodal as tmm
+
+N_ROWS = 8  # one batch of 8 rows per step: each step sees every row once
+MODES = {'off_policy': {'lmbda': 0}, 'on_policy': {'lmbda': 1}, 'seq_kd': {'lmbda': 0, 'seq_kd': 'true'}}
+LORA = dict(tuner_type='lora', lora_dropout=0, seed=3, learning_rate=5e-3)
+
+
+def _build(root):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    tok = tmm.build_tokenizer(os.path.join(root, 'tok'))
+    tmm.build_model(os.path.join(root, 'student'), tok, seed=0, **tmm.STUDENT_KWARGS)
+    teacher = tmm.build_model(os.path.join(root, 'teacher'), tok, seed=1, **tmm.TEACHER_KWARGS)
+    trained_student = tmm.build_model(os.path.join(root, 'trained_student'), tok, seed=2, **tmm.STUDENT_KWARGS)
+    images = tmm.write_images(os.path.join(root, 'images'))
+    every_image = tmm.make_rows(images, len(images), seed=0)
+    for path in (teacher, trained_student):
+        tmm.train(path, every_image, steps=120)
+        assert tmm.accuracy(path, every_image) == 1.0, f'{path} did not learn the colours'
+
+    model = tmm.load_model(teacher)
+    with torch.no_grad():  # the image features become zeros: the decoder sees no image at all
+        model.model.multi_modal_projector.linear_2.weight.zero_()
+        model.model.multi_modal_projector.linear_2.bias.zero_()
+    model.save_pretrained(os.path.join(root, 'blind_teacher'))
+    tok.save_pretrained(os.path.join(root, 'blind_teacher'))
+    tmm.build_processor(os.path.join(root, 'blind_teacher'), tok)
+
+    rows = tmm.make_rows(images, N_ROWS, seed=1)
+    assert len({r['messages'][-1]['content'] for r in rows}) >= 3
+    tmm.write_dataset(os.path.join(root, 'train.jsonl'), rows)
+
+    torch.manual_seed(0)
+    lora = get_peft_model(tmm.load_model(trained_student), LoraConfig(
+        r=4, lora_alpha=32, target_modules=r'.*language_model.*\.(q_proj|v_proj|down_proj)', init_lora_weights=False))
+    lora.save_pretrained(os.path.join(root, 'adapter_fit'))
+    # the trained student's files under another name: ms-swift then loads a separate teacher
+    os.symlink(trained_student, os.path.join(root, 'trained_student_alias'))
+
+
+@pytest.fixture(scope='module')
+def mm(tmp_path_factory) -> Workspace:
+    """Tiny LLaVA models, built once for all xdist workers: ``student`` (random), ``teacher`` (wider, trained: names
+    every colour), ``blind_teacher`` (the trained teacher with its image features zeroed), ``trained_student``
+    (student size, trained), ``adapter`` (a non-zero LoRA on the trained student's decoder), ``alias`` (a symlink to
+    the trained student) and ``train`` (8 image rows; ``answers`` counts their colours)."""
+    from filelock import FileLock
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get('PYTEST_XDIST_WORKER'):
+        shared = shared.parent  # common to the xdist workers of this run (and to no other run)
+    root = str(shared / 'tiny_mm')
+    with FileLock(str(shared / 'tiny_mm.lock')):
+        done = os.path.join(root, 'done')
+        if not os.path.exists(done):
+            shutil.rmtree(root, ignore_errors=True)
+            _build(root)
+            open(done, 'w').close()
+    train = os.path.join(root, 'train.jsonl')
+    ws = Workspace(root, os.path.join(root, 'student'), os.path.join(root, 'teacher'), '', train, train)
+    ws.blind_teacher = os.path.join(root, 'blind_teacher')
+    ws.trained_student = os.path.join(root, 'trained_student')
+    ws.adapter = os.path.join(root, 'adapter_fit')
+    ws.alias = os.path.join(root, 'trained_student_alias')
+    ws.answers = Counter(r['messages'][-1]['content'] for r in tmm.read_dataset(train))
+    return ws
+
+
+def mm_args(ws, output_dir, **overrides):
+    flags = dict(model_type=tmm.MODEL_TYPE, teacher_model_type=tmm.MODEL_TYPE, template=tmm.TEMPLATE,
+                 per_device_train_batch_size=N_ROWS, max_steps=2, seed=7, learning_rate=1e-3)
+    return base_args(ws, output_dir, **{**flags, **overrides})
+
+
+def _weights_loaded(run) -> int:
+    return len(re.findall(r'Loading weights:\s+0%', run.output))
+
+
+def _rel(a, b):
+    return abs(a - b) / max(abs(a), abs(b), 1e-12)
+
+
+def _completions_per_step(run):
+    with open(os.path.join(run.output_dir, 'completions.jsonl')) as f:
+        return [[c.strip() for c in json.loads(line)['completion']] for line in f]
+
+
+def _assert_trained(run, mode, steps=2):
+    assert [m['mode'] for m in run.modes()] == [mode] * steps
+    assert len(run.losses) == steps and all(math.isfinite(x) and x >= 0 for x in run.losses), run.losses
+    for row in run.logs:
+        assert not any(k.startswith('eval_') for k in row), f'the training step ran in eval mode: {row}'
+        assert row[f'gkd/mode_{mode}'] == 1.0, row
+
+
+# ---------------------------------------------------------------- separate teacher
+@pytest.mark.parametrize('mode', list(MODES))
+def test_separate_teacher_trains_in_every_mode(mm, tmp_path, mode):
+    """A random student, the trained teacher as a separate model. With seq_kd the teacher samples (nearly greedily):
+    in every step its 8 samples name exactly the colours of the 8 images, which only the images tell (the text
+    prompt is the same in every row)."""
+    sampling = dict(temperature=0.05, log_completions='true') if mode == 'seq_kd' else {}
+    run = run_swift(mm_args(mm, str(tmp_path / 'out'), **sampling, **MODES[mode]))
+    assert 'Teacher model: a separate frozen model' in run.output
+    assert _weights_loaded(run) == 2
+    _assert_trained(run, mode)
+    if mode == 'seq_kd':
+        for step in _completions_per_step(run):
+            assert Counter(step) == mm.answers, step
+
+
+def test_the_student_samples_from_the_image(mm, tmp_path):
+    """On-policy with a trained student: its own samples name the colours of the images."""
+    run = run_swift(mm_args(mm, str(tmp_path / 'out'), model=mm.trained_student, temperature=0.05,
+                            log_completions='true', **MODES['on_policy']))
+    _assert_trained(run, 'on_policy')
+    for step in _completions_per_step(run):
+        assert Counter(step) == mm.answers, step
+
+
+def test_the_separate_teacher_forward_sees_each_rows_image(mm, tmp_path):
+    """Off-policy, trained student and trained teacher: their top-1 tokens agree on every response token only if the
+    teacher's forward got each row's own image; a teacher that cannot see images gives other losses."""
+    common = dict(model=mm.trained_student, temperature=1.0, **MODES['off_policy'])
+    seeing = run_swift(mm_args(mm, str(tmp_path / 'seeing'), **common))
+    blind = run_swift(mm_args(mm, str(tmp_path / 'blind'), teacher_model=mm.blind_teacher, **common))
+    assert all(row['gkd/top1_agreement'] == 1.0 for row in seeing.logs), seeing.logs
+    assert _rel(seeing.losses[0], blind.losses[0]) > 1e-2, (seeing.losses, blind.losses)
+    assert seeing.losses[0] < blind.losses[0]
+
+
+# ---------------------------------------------------------------- shared base
+def test_shared_base_teacher_is_the_base_with_the_adapter_disabled(mm, tmp_path):
+    """Student = trained base + a non-zero LoRA; teacher = the same module with the adapter off: one copy of the
+    base, and exactly the losses of a separately loaded base teacher."""
+    common = dict(model=mm.trained_student, adapters=mm.adapter, **LORA, **MODES['off_policy'])
+    shared = run_swift(mm_args(mm, str(tmp_path / 'shared'), teacher_model=mm.trained_student, **common))
+    separate = run_swift(mm_args(mm, str(tmp_path / 'separate'), teacher_model=mm.alias, **common))
+    assert ('Using shared base model architecture:\n  - Student model: base_model + LoRA (trainable)\n'
+            '  - Teacher model: base_model with LoRA disabled (frozen)') in shared.output
+    assert _weights_loaded(shared) == 1 and _weights_loaded(separate) == 2
+    _assert_trained(shared, 'off_policy')
+    assert shared.losses[0] > 0
+    assert len(shared.losses) == len(separate.losses)
+    for a, b in zip(shared.losses, separate.losses):
+        assert _rel(a, b) < 1e-5, (shared.losses, separate.losses)
+
+
+@pytest.mark.parametrize('mode', ['on_policy', 'seq_kd'])
+def test_shared_base_trains_with_sampling(mm, tmp_path, mode):
+    """A LoRA student on the base it shares with the teacher, in the sampling modes. With seq_kd the teacher (the
+    trained base, adapter off) samples: its samples name the colours of the images. The student must be back in
+    train mode after the teacher sampled with its module (else the step's metrics are logged as eval_*)."""
+    run = run_swift(mm_args(mm, str(tmp_path / 'out'), model=mm.trained_student, teacher_model=mm.trained_student,
+                            adapters=mm.adapter, temperature=0.05, log_completions='true', **LORA, **MODES[mode]))
+    assert 'Teacher model: base_model with LoRA disabled (frozen)' in run.output
+    assert _weights_loaded(run) == 1
+    _assert_trained(run, mode)
+    if mode == 'seq_kd':
+        for step in _completions_per_step(run):
+            assert Counter(step) == mm.answers, step
