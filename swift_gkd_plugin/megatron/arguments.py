@@ -1,0 +1,52 @@
+"""``megatron rlhf`` arguments: ms-swift's ``MegatronRLHFArguments`` plus the plugin's flags and checks.
+
+Importing this module imports Megatron-SWIFT (CUDA and transformer-engine required).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from swift.megatron.arguments import MegatronRLHFArguments
+from swift.utils import get_logger, is_vllm_available
+
+import swift_gkd_plugin
+from swift_gkd_plugin.megatron.checks import MegatronGKDFlagsMixin, check_megatron_gkd
+from swift_gkd_plugin.swift.arguments import keep_teacher_messages_column
+
+logger = get_logger()
+
+
+@dataclass
+class GKDPluginMegatronRLHFArguments(MegatronGKDFlagsMixin, MegatronRLHFArguments):
+    """Parses ``megatron rlhf``; for ``--rlhf_type gkd`` the plugin's checks run before ms-swift's set-up."""
+
+    def __post_init__(self):
+        if self.rlhf_type != 'gkd':
+            changed = [f'--{f.name}' for f in fields(MegatronGKDFlagsMixin) if getattr(self, f.name) != f.default]
+            if changed:
+                raise ValueError(f'{changed} only apply to --rlhf_type gkd (got --rlhf_type {self.rlhf_type})')
+            super().__post_init__()
+            return
+        check_megatron_gkd(self)
+        # ms-swift's Megatron arguments refuse seq_kd (its trainer cannot let the teacher sample); ours can.
+        seq_kd, self.seq_kd = self.seq_kd, False
+        try:
+            super().__post_init__()
+        finally:
+            self.seq_kd = seq_kd
+        if self.use_vllm and not is_vllm_available():
+            # ms-swift's Megatron default is use_vllm=True; without vLLM the plugin samples from the model itself.
+            logger.info('swift_gkd_plugin: vLLM is not installed: on-policy steps sample from the training model')
+            self.use_vllm = False
+        sampling = self.seq_kd or (self.lmbda > 0 and not self.use_vllm)
+        if sampling and (self.context_parallel_size or 1) > 1:
+            raise ValueError('sampling from the Megatron model (seq_kd, or on-policy steps without vLLM) needs '
+                             f'--context_parallel_size 1 (got {self.context_parallel_size}); pass --use_vllm true '
+                             'for on-policy steps, or train seq_kd without context parallelism')
+        vpp = getattr(self, 'virtual_pipeline_model_parallel_size', None)
+        if sampling and vpp not in (None, 1):
+            raise ValueError('sampling from the Megatron model (seq_kd, or on-policy steps without vLLM) does not '
+                             f'support virtual pipeline stages (--virtual_pipeline_model_parallel_size {vpp})')
+        keep_teacher_messages_column()
+        logger.info(f'swift_gkd_plugin {swift_gkd_plugin.__version__}: GKD trainer active (megatron; '
+                    f'lmbda={self.lmbda}, seq_kd={self.seq_kd}, beta={self.beta}, temperature={self.temperature})')

@@ -1,0 +1,129 @@
+"""``megatron rlhf --rlhf_type gkd``: the plugin's Megatron flags and the checks that need nothing but the flags.
+
+Framework-free (no Megatron, no ms-swift import), because the checks run twice:
+
+* in the ``megatron`` launcher process, on its command line, before any rank is started, any CUDA or
+  transformer-engine import and any model load (:func:`check_megatron_command_line`); a bad flag costs the user
+  seconds, not a cluster allocation;
+* in every rank, on the parsed arguments (:class:`swift_gkd_plugin.megatron.arguments.GKDPluginMegatronRLHFArguments`),
+  for callers that build the arguments in Python.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field, fields
+from typing import List, Optional, Sequence
+
+from swift_gkd_plugin.flags import GKDPluginArgumentsMixin, check_gkd_scalars, check_teacher_server_flags
+
+MEGATRON_LOSS_IMPLS = ('auto', 'dense')
+
+
+@dataclass
+class MegatronGKDFlagsMixin(GKDPluginArgumentsMixin):
+    """The plugin's flags for ``megatron rlhf`` (those of ``swift rlhf`` plus the Megatron-only ones)."""
+    teacher_tensor_model_parallel_size: Optional[int] = field(
+        default=None,
+        metadata={'help': 'Tensor-parallel size of a --teacher_model. The Megatron teacher is built in the '
+                  "student's parallel layout: only the student's --tensor_model_parallel_size (the default) is "
+                  'supported; serve a teacher in another layout and pass --teacher_model_server.'})
+
+
+MEGATRON_PLUGIN_FLAGS: List[str] = [f.name for f in fields(MegatronGKDFlagsMixin)]
+
+
+def check_megatron_gkd(args) -> None:
+    """All flag-only checks of a Megatron GKD run (``args`` has the attributes of ms-swift's Megatron arguments).
+
+    ``args.beta`` may be None (ms-swift's Megatron default, resolved to 0.5 for GKD).
+    """
+    if args.gkd_loss_impl not in MEGATRON_LOSS_IMPLS:
+        raise ValueError(f'--gkd_loss_impl {args.gkd_loss_impl!r} is not available in megatron rlhf (allowed: '
+                         f'{list(MEGATRON_LOSS_IMPLS)}): the output layer is vocabulary-parallel there, and the '
+                         'loss is computed on the logit shards, chunk by chunk, with the tensor-parallel '
+                         'all-reduces; the fused loss on hidden states is for swift rlhf')
+    check_gkd_scalars(_scalar_view(args))
+    check_teacher_server_flags(args)
+    teacher_tp = args.teacher_tensor_model_parallel_size
+    student_tp = args.tensor_model_parallel_size or 1
+    if teacher_tp is not None and teacher_tp != student_tp:
+        raise ValueError(
+            f'--teacher_tensor_model_parallel_size {teacher_tp} differs from --tensor_model_parallel_size '
+            f'{student_tp}: a Megatron teacher is built in the student\'s parallel layout (the same tensor, pipeline, '
+            'context and expert parallel sizes), so only the student\'s value is supported. For a teacher in another '
+            'layout, serve it (`swift-gkd serve-teacher` or `swift deploy`) and pass --teacher_model_server.')
+    if args.seq_kd and (getattr(args, 'context_parallel_size', None) or 1) > 1:
+        raise ValueError('--seq_kd true samples from the Megatron teacher, which needs --context_parallel_size 1 '
+                         f'(got {args.context_parallel_size})')
+    if getattr(args, 'teacher_adapters', None):
+        raise ValueError('--teacher_adapters is supported by swift rlhf only; for megatron rlhf merge the adapter '
+                         'into the teacher first (`swift export --adapters ADAPTER --merge_lora true`) and pass the '
+                         'merged model as --teacher_model')
+
+
+def _scalar_view(args):
+    """What the shared scalar checks see: ``beta`` resolved (None -> 0.5, ms-swift's GKD default), and the loss
+    implementation as 'auto' (in megatron rlhf both implementations are the vocabulary-parallel loss, tail included)."""
+    view = argparse.Namespace(**{k: getattr(args, k) for k in _SCALAR_NAMES})
+    view.beta = 0.5 if args.beta is None else args.beta
+    view.gkd_loss_impl = 'auto'
+    return view
+
+
+_SCALAR_NAMES = ('beta', 'lmbda', 'temperature', 'max_completion_length', 'seq_kd', 'gkd_loss_impl',
+                 'teacher_server_timeout', 'teacher_server_retries', 'gkd_logits_topk', 'gkd_topk_tail')
+
+
+def _bool(value: str) -> bool:
+    low = str(value).strip().lower()
+    if low in ('true', '1', 'yes', 'y', 't'):
+        return True
+    if low in ('false', '0', 'no', 'n', 'f'):
+        return False
+    raise argparse.ArgumentTypeError(f'expected true or false, got {value!r}')
+
+
+def _command_line_parser() -> argparse.ArgumentParser:
+    """The flags the checks read, with ms-swift 4.6's Megatron defaults; everything else is left to ms-swift."""
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    p.add_argument('--rlhf_type', default='dpo')
+    p.add_argument('--beta', type=float, default=None)
+    p.add_argument('--lmbda', type=float, default=0.5)
+    p.add_argument('--temperature', type=float, default=0.9)
+    p.add_argument('--max_completion_length', type=int, default=512)
+    p.add_argument('--seq_kd', type=_bool, default=False)
+    p.add_argument('--gkd_logits_topk', type=int, default=None)
+    p.add_argument('--teacher_model', default=None)
+    p.add_argument('--teacher_model_server', default=None)
+    p.add_argument('--offload_teacher_model', type=_bool, default=False)
+    p.add_argument('--teacher_adapters', nargs='*', default=[])
+    p.add_argument('--tensor_model_parallel_size', type=int, default=1)
+    p.add_argument('--context_parallel_size', type=int, default=1)
+    kinds = {'bool': _bool, 'int': int, 'Optional[int]': int, 'float': float}  # annotations are strings here
+    for f in fields(MegatronGKDFlagsMixin):
+        p.add_argument(f'--{f.name}', type=kinds.get(str(f.type), str), default=f.default)
+    return p
+
+
+def parse_megatron_command_line(argv: Sequence[str]) -> argparse.Namespace:
+    """The flags of a ``megatron rlhf`` command line that the checks need (unknown flags are ignored)."""
+    try:
+        ns, _ = _command_line_parser().parse_known_args(list(argv))
+    except SystemExit as exc:  # argparse's own message was printed; turn it into an exception that names it
+        raise ValueError(f'megatron rlhf: cannot read the GKD flags of {list(argv)}') from exc
+    return ns
+
+
+def check_megatron_command_line(argv: Sequence[str]) -> None:
+    """Refuse a bad ``megatron rlhf --rlhf_type gkd`` command line in the launcher, before any rank starts.
+
+    Plugin flags with another ``--rlhf_type`` are refused too (they would be silently ignored otherwise).
+    """
+    ns = parse_megatron_command_line(argv)
+    if ns.rlhf_type != 'gkd':
+        given = [f'--{name}' for name in MEGATRON_PLUGIN_FLAGS if f'--{name}' in argv
+                 or any(a.startswith(f'--{name}=') for a in argv)]
+        if given:
+            raise ValueError(f'{given} only apply to --rlhf_type gkd (got --rlhf_type {ns.rlhf_type})')
+        return
+    check_megatron_gkd(ns)

@@ -1,0 +1,107 @@
+"""Sampling without vLLM in ``megatron rlhf``: from samples to prompt tokens, and from sampled tokens back to samples.
+
+The glue between ms-swift's GKD samples (``swift.rl_core.data.GKDSample``) and the framework-free sampling loop
+(:func:`swift_gkd_plugin.megatron.generation.generate`). Uses ms-swift's template and protocol classes only (no
+Megatron import), so that it runs, and is tested, without CUDA.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from swift.infer_engine.protocol import (ChatCompletionResponse, ChatCompletionResponseChoice, ChatMessage,
+                                         RolloutOutput, UsageInfo)
+from swift.utils import remove_response
+
+from swift_gkd_plugin.core.modes import Mode
+
+_MEDIA = ('images', 'videos', 'audios')
+
+
+def has_media(sample) -> bool:
+    return any(getattr(sample, key, None) for key in _MEDIA)
+
+
+def prompt_request(sample, teacher: bool = False):
+    """The inference request of a sample's prompt (its response removed); ``teacher=True``: the teacher's view
+    (``teacher_messages``, from a ``teacher_prompt`` or ``teacher_messages`` column) when the sample has one."""
+    request = sample.to_infer_request()
+    messages = getattr(sample, 'teacher_messages', None) if teacher else None
+    request.messages = [dict(m) for m in (messages or request.messages)]
+    remove_response(request.messages)
+    if teacher and messages and getattr(sample, 'teacher_images', None) is not None:
+        request.images = sample.teacher_images
+    return request
+
+
+def encode_prompts(template, samples: Sequence, teacher: bool = False) -> List[List[int]]:
+    """Prompt token ids (ending with the assistant's generation prompt), as ms-swift's inference engines make them.
+
+    Sampling from the Megatron model re-encodes only token ids, so samples with images, videos or audio are refused
+    (use vLLM for multimodal on-policy or seq_kd steps).
+    """
+    ids = []
+    with template.generate_context():
+        for sample in samples:
+            if has_media(sample):
+                raise ValueError('sampling from the Megatron model without vLLM supports text-only samples; this '
+                                 'batch has images, videos or audio: pass --use_vllm true for multimodal on-policy '
+                                 'or seq_kd steps')
+            ids.append(list(template.encode(prompt_request(sample, teacher))['input_ids']))
+    return ids
+
+
+def rollout_outputs(tokenizer, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
+                    eos_token_ids: Sequence[int]) -> List[RolloutOutput]:
+    """ms-swift rollout outputs for sampled completions, with their token ids (so that the training encoding uses
+    exactly the sampled tokens, not a re-tokenisation of the decoded text)."""
+    eos = set(eos_token_ids)
+    outputs = []
+    for prompt, tokens in zip(prompts, completions):
+        tokens = list(tokens)
+        finished = bool(tokens) and tokens[-1] in eos
+        text = tokenizer.decode(tokens[:-1] if finished else tokens, skip_special_tokens=False)
+        choice = ChatCompletionResponseChoice(
+            index=0, message=ChatMessage(role='assistant', content=text),
+            finish_reason='stop' if finished else 'length', token_ids=tokens)
+        usage = UsageInfo(prompt_tokens=len(prompt), completion_tokens=len(tokens),
+                          total_tokens=len(prompt) + len(tokens))
+        outputs.append(RolloutOutput(response=ChatCompletionResponse(model='megatron', choices=[choice], usage=usage),
+                                     response_token_ids=[tokens]))
+    return outputs
+
+
+def collate_for_forward(template, sequences: Sequence[Sequence[int]],
+                        padding_to: Optional[int] = None) -> Tuple[Dict[str, torch.Tensor], List[Tuple[int, int]]]:
+    """A training-format batch of token sequences (no loss positions) and the ``(row, column)`` of each sequence's
+    last token in the model's logits: right-padded rows, or one packed row with ``--padding_free``."""
+    items = [{'input_ids': list(seq), 'labels': [-100] * len(seq), 'length': len(seq)} for seq in sequences]
+    batch = template.data_collator(items, padding_to=padding_to)
+    lengths = [len(seq) for seq in sequences]
+    if template.padding_free:
+        ends = torch.tensor(lengths).cumsum(0).tolist()
+        positions = [(0, end - 1) for end in ends]
+    else:
+        positions = [(row, length - 1) for row, length in enumerate(lengths)]
+    return batch, positions
+
+
+def last_logits(logits: torch.Tensor, positions: Sequence[Tuple[int, int]]) -> torch.Tensor:
+    """The ``[B, V_r]`` logits at each sequence's last token, from ``[rows, seq, V_r]`` logits."""
+    rows = torch.tensor([r for r, _ in positions], device=logits.device)
+    cols = torch.tensor([c for _, c in positions], device=logits.device)
+    return logits[rows, cols]
+
+
+def sampler_for(mode: Mode, use_vllm: bool, has_separate_teacher_or_view: bool) -> Optional[str]:
+    """Who produces the responses of a generation batch in ``megatron rlhf``.
+
+    ``None``: the dataset (off-policy); ``'vllm'``: ms-swift's rollout (student, vLLM colocate or server);
+    ``'student'``: the training model itself; ``'teacher'``: the teacher model (or the student's base with the adapter
+    off). seq_kd without a distinct teacher (self-distillation with no teacher view) samples from the student.
+    """
+    if mode is Mode.OFF_POLICY:
+        return None
+    if mode is Mode.SEQ_KD and has_separate_teacher_or_view:
+        return 'teacher'
+    return 'vllm' if use_vllm else 'student'

@@ -1,0 +1,271 @@
+"""The plugin's GKD trainer for Megatron-SWIFT (``megatron rlhf --rlhf_type gkd``).
+
+Built on ms-swift's ``MegatronGKDTrainer`` (its rollout mixin, bridge, teacher loading, offload and shared-base
+LoRA teacher, micro-batch encoding and teacher API routing); the plugin replaces:
+
+* the mode policy: :func:`swift_gkd_plugin.core.choose_mode` on Megatron's iteration counter (restored on resume),
+  so every rank takes the same decision, the same one as ``swift rlhf`` for the same seed and step; seq_kd included;
+* sampling: vLLM through ms-swift's rollout when ``--use_vllm true``; otherwise, and always for seq_kd, the model
+  itself samples (:mod:`swift_gkd_plugin.megatron.generation`), where ms-swift falls back to dataset responses or
+  raises NotImplementedError;
+* the loss: the plugin's vocabulary-parallel generalized JSD and top-k (with ``--gkd_topk_tail``) on the logit
+  shards of the tensor-parallel group, Megatron's padded vocabulary rows masked out, teacher top-k taken from true
+  log-probabilities.
+
+Importing this module imports Megatron-SWIFT (CUDA and transformer-engine required).
+"""
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from typing import Dict, List, Optional
+
+import torch
+from megatron.core import mpu
+from swift.megatron.trainers.gkd_trainer import MegatronGKDTrainer
+from swift.megatron.trainers.gkd_utils import vocab_parallel_topk
+from swift.megatron.utils import forward_step_helper, get_padding_to
+from swift.rlhf_trainers.gkd_loss import DataSource, TeacherOutput
+from swift.utils import get_logger, to_device
+from transformers.utils import ContextManagers
+
+from swift_gkd_plugin.core import Mode, choose_mode
+from swift_gkd_plugin.core.modes import mode_draw
+from swift_gkd_plugin.core.tensor_parallel import (vocab_parallel_generalized_jsd, vocab_parallel_log_softmax,
+                                                   vocab_parallel_topk_jsd)
+from swift_gkd_plugin.megatron.generation import generate
+from swift_gkd_plugin.megatron.rollout import collate_for_forward, encode_prompts, last_logits, rollout_outputs
+from swift_gkd_plugin.swift.views import prepare_teacher_view
+
+logger = get_logger()
+
+_DATA_SOURCE = {Mode.ON_POLICY: DataSource.STUDENT, Mode.SEQ_KD: DataSource.TEACHER, Mode.OFF_POLICY: DataSource.DATASET}
+_MODE = {source: mode for mode, source in _DATA_SOURCE.items()}
+_CHUNK = 512  # rows per pass of the vocabulary-parallel divergence: bounds its [chunk, V/tp] temporaries
+
+
+class GKDPluginMegatronTrainer(MegatronGKDTrainer):
+
+    def __init__(self, args, template, **kwargs):
+        super().__init__(args, template, **kwargs)
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        self._mode_log = os.path.join(args.output_dir, 'gkd_modes', f'rank{rank}.jsonl')
+        self._real_vocab = _hf_vocab_size(args)
+        if not self.use_vllm and args.lmbda > 0:
+            logger.info('swift_gkd_plugin: on-policy steps sample from the training model (no KV cache: each new '
+                        'token re-runs the sequence; --use_vllm true is much faster for long completions)')
+
+    # ------------------------------------------------------------------ modes and sampling
+    def _generate_and_score_completions(self, inputs: List[Dict]) -> List[Dict]:
+        """Mode → responses (dataset, vLLM, the student itself, or the teacher) → teacher signal → micro-batches."""
+        training = self.unwrapped_models[0].training
+        step = int(self.state.iteration)
+        mode = choose_mode(self.args.seed, step, self.args.lmbda, self.args.seq_kd) if training else Mode.OFF_POLICY
+        if training:
+            self._record_mode(step, mode)
+        samples = self.to_samples(inputs)
+        for sample in samples:
+            prepare_teacher_view(sample)
+        if mode is Mode.ON_POLICY and self.use_vllm:
+            local = self._generate_completions(self._get_local_rollout_batch(samples))
+            samples = self._gather_rollout_results(local)
+        elif mode is not Mode.OFF_POLICY:
+            samples = self._sample_from_model(samples, teacher=mode is Mode.SEQ_KD)
+        if mode is not Mode.OFF_POLICY:
+            self._log_completions_from_samples(samples)
+        return self._score(samples, _DATA_SOURCE[mode])
+
+    def _score(self, samples, data_source: DataSource) -> List[Dict]:
+        """ms-swift's tail of ``_generate_and_score_completions``: teacher API, micro-batch encoding, teacher logits."""
+        from swift.rlhf_trainers.gkd_helpers import build_opsd_samples, fetch_teacher_parsed_by_routing
+        local_parsed = None
+        if self.use_teacher_api:
+            build_opsd_samples(samples)
+            requests = self._build_teacher_requests(samples)
+            if requests:
+                local_parsed = fetch_teacher_parsed_by_routing(
+                    samples, requests, self.teacher_configs, self.teacher_clients,
+                    gather_fn=self._gather_teacher_requests,
+                    infer_fn=lambda handle, client: self._infer_teacher_requests(
+                        handle, topk=self.gkd_logits_topk, teacher_client=client),
+                    scatter_fn=self._scatter_teacher_parsed, is_main_process=self.is_main_process,
+                    tag_key=self.args.teacher_tag_key)
+        mbs = self.args.micro_batch_size
+        batches = []
+        for start in range(0, len(samples), mbs):
+            batch = self._encode_samples(samples[start:start + mbs])
+            batch['data_source'] = data_source
+            if local_parsed is not None:
+                batch['_teacher_parsed'] = local_parsed[start:start + mbs]
+            batches.append(batch)
+        self._compute_teacher_logits(batches)
+        return batches
+
+    def _record_mode(self, step: int, mode: Mode) -> None:
+        os.makedirs(os.path.dirname(self._mode_log), exist_ok=True)
+        with open(self._mode_log, 'a') as f:
+            f.write(json.dumps({'step': step, 'mode': mode.value, 'draw': mode_draw(self.args.seed, step)}) + '\n')
+
+    @contextmanager
+    def _sampler(self, teacher: bool):
+        """The model that samples: the student (current weights), or the teacher (its own model, possibly offloaded,
+        or the student's base with the LoRA adapter disabled), in eval mode for the duration."""
+        if teacher and self.teacher_models:
+            with self.load_teacher_model_context():
+                yield self.teacher_models[0]
+            return
+        model = self.unwrapped_models[0]
+        contexts = [m.disable_adapter() for m in self.peft_models] if teacher and self._teacher_use_disable_adapter \
+            else []
+        was_training = model.training
+        model.eval()
+        try:
+            with ContextManagers(contexts):
+                yield model
+        finally:
+            model.train(was_training)
+
+    @torch.no_grad()
+    def _sample_from_model(self, samples, teacher: bool):
+        """Sampling without vLLM. Every rank of a model-parallel group (TP x PP) runs each forward together on its
+        data-parallel batch; with expert parallelism the MoE all-to-alls span data-parallel ranks too, so then all
+        ranks keep running forwards until every rank's sequences have stopped."""
+        samples = self._preprocess_inputs(samples)
+        prompts = encode_prompts(self.template, samples, teacher=teacher)
+        tokenizer = self.template.tokenizer
+        eos = sorted({tokenizer.eos_token_id, *(_stop_token_ids(self.template))} - {None})
+        expert_parallel = (getattr(self.args, 'expert_model_parallel_size', 1) or 1) > 1
+        padding_to = get_padding_to(self.args)
+
+        with self._sampler(teacher) as model:
+
+            def next_logits(sequences):
+                batch, positions = collate_for_forward(self.template, sequences, padding_to)
+                data = self._prepare_batch(to_device(batch, self.device), None)
+                data.pop('loss_scale', None)
+                data.pop('labels', None)
+                logits = forward_step_helper(model, data)
+                return None if logits is None else last_logits(logits, positions)
+
+            completions = generate(
+                next_logits, prompts, max_new_tokens=self.args.max_completion_length,
+                eos_token_ids=eos, temperature=self.args.temperature,
+                top_k=_positive(getattr(self.args, 'top_k', None)), top_p=getattr(self.args, 'top_p', None),
+                seed=_sampling_seed(self.args.seed, self.state.iteration, mpu.get_data_parallel_rank()),
+                vocab_size=self._real_vocab, tp_group=mpu.get_tensor_model_parallel_group(),
+                broadcast_group=mpu.get_pipeline_model_parallel_group(),
+                broadcast_src=mpu.get_pipeline_model_parallel_last_rank(),  # each pipeline's last stage decides
+                sync_group=torch.distributed.group.WORLD if expert_parallel else None)
+        outputs = rollout_outputs(tokenizer, prompts, completions, eos)
+        return self._postprocess_rollout_outputs(samples, outputs)
+
+    # ------------------------------------------------------------------ teacher signal
+    def _compute_teacher_logits_local(self, encoded_batches: List[Dict], vp_stage: Optional[int] = None) -> None:
+        """ms-swift's local teacher forward, with top-k taken from true log-probabilities (needed by the tail)."""
+        if self.gkd_logits_topk is None:
+            return super()._compute_teacher_logits_local(encoded_batches, vp_stage)
+        topk, self.gkd_logits_topk = self.gkd_logits_topk, None
+        try:
+            super()._compute_teacher_logits_local(encoded_batches, vp_stage)  # full teacher logits
+        finally:
+            self.gkd_logits_topk = topk
+        group = mpu.get_tensor_model_parallel_group()
+        for batch in encoded_batches:
+            out: TeacherOutput = batch['teacher_output']
+            if out.full_logits is None:  # not the last pipeline stage
+                continue
+            logprobs = vocab_parallel_log_softmax(self._mask_padded_vocab(out.full_logits.float()), group)
+            values, ids = vocab_parallel_topk(logprobs, k=topk)
+            batch['teacher_output'] = TeacherOutput(topk_logprobs=values, topk_indices=ids, labels=out.labels)
+
+    def _mask_padded_vocab(self, shard: torch.Tensor) -> torch.Tensor:
+        """-inf at Megatron's padded vocabulary rows (ids >= the model's vocabulary): no probability there."""
+        if self._real_vocab is None:
+            return shard
+        start = mpu.get_tensor_model_parallel_rank() * shard.shape[-1]
+        padded = torch.arange(start, start + shard.shape[-1], device=shard.device) >= self._real_vocab
+        return shard.masked_fill(padded, float('-inf')) if bool(padded.any()) else shard
+
+    # ------------------------------------------------------------------ loss
+    def loss_func(self, output_tensor: torch.Tensor, *, labels: torch.Tensor, teacher_output: TeacherOutput,
+                  data_source: DataSource = DataSource.DATASET):
+        """Sum of the per-token divergences of this micro-batch and its token count; Megatron divides the step's
+        summed losses by the step's summed counts over data- and context-parallel ranks (a per-token mean)."""
+        args = self.args
+        group = mpu.get_tensor_model_parallel_group()
+        student_mask = labels != -100
+        teacher_mask = student_mask if teacher_output.labels is None else teacher_output.labels != -100
+        n_student, n_teacher = int(student_mask.sum()), int(teacher_mask.sum())
+        if n_student != n_teacher:
+            raise ValueError(f'teacher and student views hold different numbers of response tokens ({n_teacher} vs '
+                             f'{n_student}): the teacher must score exactly the student response tokens')
+        student = self._mask_padded_vocab(output_tensor[student_mask])
+        if teacher_output.is_topk_mode:
+            ids = teacher_output.topk_indices[teacher_mask]
+            logprobs = teacher_output.topk_logprobs[teacher_mask].float()
+            start = mpu.get_tensor_model_parallel_rank() * student.shape[-1]
+            per_token = vocab_parallel_topk_jsd(student, start, ids, logprobs, args.beta, args.temperature, group,
+                                                tail=args.gkd_topk_tail, vocab_size=self._real_vocab)
+        else:
+            teacher = teacher_output.full_logits[teacher_mask]
+            if teacher.shape[-1] != student.shape[-1]:
+                raise ValueError(f'teacher and student logit shards differ in width ({teacher.shape[-1]} vs '
+                                 f'{student.shape[-1]}): their padded vocabularies must match in megatron rlhf '
+                                 '(same tokenizer and --make_vocab_size_divisible_by)')
+            per_token = vocab_parallel_generalized_jsd(student, self._mask_padded_vocab(teacher), args.beta,
+                                                       args.temperature, group, chunk_size=_CHUNK)
+        divergence = per_token.sum()
+        loss = divergence
+        sft = None
+        if self.sft_alpha > 0 and data_source is not DataSource.STUDENT:
+            model = self.unwrapped_models[0]
+            model = getattr(model, 'language_model', model)
+            per_token_ce = model.compute_language_model_loss(labels, output_tensor.transpose(0, 1).contiguous())
+            sft = (per_token_ce * student_mask).sum()
+            loss = loss + self.sft_alpha * sft
+        count = torch.tensor(n_student, device=loss.device, dtype=torch.int)
+        n = count.float()
+        mode = _MODE[data_source]
+        metric = {'loss': torch.stack([loss.detach().float(), n]),
+                  f'gkd/loss_{mode.value}': torch.stack([divergence.detach().float(), n])}
+        if sft is not None:
+            metric['sft_loss'] = torch.stack([sft.detach().float(), n])
+        metric = self._all_reduce_metric(
+            metric, torch.distributed.ReduceOp.SUM, group=mpu.get_data_parallel_group(with_context_parallel=True))
+        if (self._step - 1) % self.steps_per_generation == 0:
+            self._flush_log_completions()
+        return loss, count, metric
+
+
+def _hf_vocab_size(args) -> Optional[int]:
+    """The model's own vocabulary size (Megatron pads its output layer beyond it)."""
+    info = getattr(args, 'model_info', None)
+    config = getattr(info, 'config', None)
+    size = getattr(config, 'vocab_size', None)
+    if size is None:
+        size = getattr(getattr(config, 'text_config', None), 'vocab_size', None)
+    return int(size) if size else None
+
+
+def _stop_token_ids(template) -> List[int]:
+    """Token ids that end a response for this template (e.g. ``<|im_end|>``), beyond the tokenizer's EOS."""
+    ids = []
+    for word in getattr(template.template_meta, 'stop_words', None) or []:
+        if isinstance(word, str):
+            encoded = template.tokenizer.encode(word, add_special_tokens=False)
+            if len(encoded) == 1:
+                ids.append(encoded[0])
+        elif isinstance(word, list) and len(word) == 1:
+            ids.append(word[0])
+    return ids
+
+
+def _positive(value) -> Optional[int]:
+    return int(value) if value is not None and int(value) > 0 else None
+
+
+def _sampling_seed(seed: int, step: int, dp_rank: int) -> int:
+    """Different on each data-parallel rank (different prompts), identical within a model-parallel group,
+    reproducible on resume."""
+    return (int(seed) * 1_000_003 + int(step) * 1_009 + int(dp_rank)) % (2**63 - 1)

@@ -1,0 +1,76 @@
+"""``megatron rlhf --rlhf_type gkd``: bad command lines are refused by the real ``megatron`` launcher, before any rank
+starts (so before CUDA, transformer-engine or a model is touched); good ones are passed on to ms-swift unchanged."""
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import OFFLINE_ENV
+
+MEGATRON = os.path.join(os.path.dirname(sys.executable), 'megatron')
+SPAWNED = 'run sh: `'  # printed by ms-swift's launcher just before it starts the rank processes
+
+
+def megatron_rlhf(*flags, env=None):
+    argv = [MEGATRON, 'rlhf', '--model', 'Qwen/Qwen3-0.6B', *flags]
+    full_env = dict(os.environ, **OFFLINE_ENV, **(env or {}))
+    full_env.pop('SWIFT_GKD_PLUGIN', None) if env is None or 'SWIFT_GKD_PLUGIN' not in env else None
+    proc = subprocess.run(argv, env=full_env, capture_output=True, text=True, timeout=300)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+GKD = ('--rlhf_type', 'gkd')
+
+
+@pytest.mark.parametrize('flags,needle', [
+    (('--beta', '1.5'), '--beta must be in [0, 1]'),
+    (('--lmbda', '-0.1'), '--lmbda must be in [0, 1]'),
+    (('--temperature', '0'), '--temperature must be > 0'),
+    (('--max_completion_length', '0'), '--max_completion_length must be > 0'),
+    (('--gkd_loss_impl', 'fused'), "--gkd_loss_impl 'fused' is not available in megatron rlhf (allowed: ['auto', "
+     "'dense'])"),
+    (('--gkd_loss_impl', 'chunked'), "--gkd_loss_impl 'chunked' is not available in megatron rlhf"),
+    (('--gkd_logits_topk', '0'), '--gkd_logits_topk must be a positive integer'),
+    (('--gkd_topk_tail', 'true'), '--gkd_topk_tail true needs --gkd_logits_topk'),
+    (('--teacher_model_server', 'http://127.0.0.1:9'), '--gkd_logits_topk is required with --teacher_model_server'),
+    (('--teacher_model_server', 'http://127.0.0.1:9', '--gkd_logits_topk', '8', '--offload_teacher_model', 'true'),
+     '--offload_teacher_model true has no effect with --teacher_model_server'),
+    (('--teacher_model_server', 'http://127.0.0.1:9', '--gkd_logits_topk', '8', '--seq_kd', 'true'),
+     '--seq_kd true needs a local teacher that can sample'),
+    (('--tensor_model_parallel_size', '2', '--teacher_tensor_model_parallel_size', '4'),
+     '--teacher_tensor_model_parallel_size 4 differs from --tensor_model_parallel_size 2'),
+    (('--seq_kd', 'true', '--context_parallel_size', '2'), '--seq_kd true samples from the Megatron teacher, which '
+     'needs --context_parallel_size 1'),
+    (('--teacher_adapters', '/tmp/adapter'), '--teacher_adapters is supported by swift rlhf only'),
+    (('--seq_kd', 'maybe'), 'cannot read the GKD flags'),
+])
+def test_bad_gkd_flags_are_refused_before_any_rank_starts(flags, needle):
+    code, output = megatron_rlhf(*GKD, *flags)
+    assert code == 2, output[-3000:]
+    assert 'megatron rlhf: error: ' in output and needle in output, output[-3000:]
+    assert SPAWNED not in output
+
+
+def test_plugin_flags_with_another_rlhf_type_are_refused():
+    code, output = megatron_rlhf('--rlhf_type', 'dpo', '--gkd_topk_tail', 'true')
+    assert code == 2 and "['--gkd_topk_tail'] only apply to --rlhf_type gkd (got --rlhf_type dpo)" in output
+    assert SPAWNED not in output
+
+
+@pytest.mark.parametrize('flags', [
+    GKD,
+    GKD + ('--seq_kd', 'true', '--lmbda', '0.3', '--beta', '0', '--temperature', '1.0', '--gkd_logits_topk', '16',
+           '--gkd_topk_tail', 'true', '--tensor_model_parallel_size', '2', '--teacher_tensor_model_parallel_size',
+           '2', '--gkd_loss_impl', 'dense'),
+    ('--rlhf_type', 'dpo', '--beta', '5'),  # another rlhf type: not the plugin's business
+])
+def test_good_command_lines_reach_the_ranks(flags):
+    """The launcher lets them through and starts the rank processes (which on a machine without the Megatron stack
+    then fail to import it; with it, they would train)."""
+    code, output = megatron_rlhf(*flags)
+    assert SPAWNED in output and 'megatron rlhf: error' not in output, output[-3000:]
+
+
+def test_opt_out_leaves_the_launcher_untouched():
+    code, output = megatron_rlhf(*GKD, '--beta', '1.5', env={'SWIFT_GKD_PLUGIN': '0'})
+    assert SPAWNED in output and 'megatron rlhf: error' not in output, output[-3000:]
