@@ -38,6 +38,9 @@ class GKDPluginMegatronRLHFArguments(MegatronGKDFlagsMixin, MegatronRLHFArgument
             # ms-swift's Megatron default is use_vllm=True; without vLLM the plugin samples from the model itself.
             logger.info('swift_gkd_plugin: vLLM is not installed: on-policy steps sample from the training model')
             self.use_vllm = False
+        if self.use_vllm and self.lmbda > 0 and self.vllm_mode not in ('colocate', 'server'):
+            raise ValueError(f'--use_vllm true needs --vllm_mode colocate or server (got {self.vllm_mode!r}); or pass '
+                             '--use_vllm false to sample from the training model')
         sampling = self.seq_kd or (self.lmbda > 0 and not self.use_vllm)
         if sampling and (self.context_parallel_size or 1) > 1:
             raise ValueError('sampling from the Megatron model (seq_kd, or on-policy steps without vLLM) needs '

@@ -51,7 +51,15 @@ def check_megatron_gkd(args) -> None:
             f'--teacher_tensor_model_parallel_size {teacher_tp} differs from --tensor_model_parallel_size '
             f'{student_tp}: a Megatron teacher is built in the student\'s parallel layout (the same tensor, pipeline, '
             'context and expert parallel sizes), so only the student\'s value is supported. For a teacher in another '
-            'layout, serve it (`swift-gkd serve-teacher` or `swift deploy`) and pass --teacher_model_server.')
+            'layout, serve it (`swift deploy`, a vLLM server, or `swift-gkd serve-teacher` without --api_key) and pass '
+            '--teacher_model_server.')
+    client_flags = [f'--{name}' for name, default in (('teacher_api_key', None), ('teacher_server_timeout', 120.0),
+                                                      ('teacher_server_retries', 3))
+                    if getattr(args, name, default) != default]
+    if client_flags:
+        raise ValueError(f'{client_flags} are supported by swift rlhf only: megatron rlhf talks to --teacher_model_server '
+                         "through ms-swift's own client (no API key, its own timeouts); serve the teacher without "
+                         '--api_key on a private network')
     if args.seq_kd and (getattr(args, 'context_parallel_size', None) or 1) > 1:
         raise ValueError('--seq_kd true samples from the Megatron teacher, which needs --context_parallel_size 1 '
                          f'(got {args.context_parallel_size})')

@@ -38,15 +38,15 @@ def encode_prompts(template, samples: Sequence, teacher: bool = False) -> List[L
     """Prompt token ids (ending with the assistant's generation prompt), as ms-swift's inference engines make them.
 
     Sampling from the Megatron model re-encodes only token ids, so samples with images, videos or audio are refused
-    (use vLLM for multimodal on-policy or seq_kd steps).
+    (multimodal on-policy steps need vLLM; multimodal seq_kd is not available in megatron rlhf).
     """
     ids = []
     with template.generate_context():
         for sample in samples:
             if has_media(sample):
-                raise ValueError('sampling from the Megatron model without vLLM supports text-only samples; this '
-                                 'batch has images, videos or audio: pass --use_vllm true for multimodal on-policy '
-                                 'or seq_kd steps')
+                raise ValueError('sampling from the Megatron model supports text-only samples; this batch has '
+                                 'images, videos or audio: for multimodal models use --use_vllm true (on-policy '
+                                 'steps) and --seq_kd false (the teacher samples without vLLM)')
             ids.append(list(template.encode(prompt_request(sample, teacher))['input_ids']))
     return ids
 

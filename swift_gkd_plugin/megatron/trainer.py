@@ -211,8 +211,8 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
             teacher = teacher_output.full_logits[teacher_mask]
             if teacher.shape[-1] != student.shape[-1]:
                 raise ValueError(f'teacher and student logit shards differ in width ({teacher.shape[-1]} vs '
-                                 f'{student.shape[-1]}): their padded vocabularies must match in megatron rlhf '
-                                 '(same tokenizer and --make_vocab_size_divisible_by)')
+                                 f'{student.shape[-1]}): in megatron rlhf teacher and student must have the same '
+                                 'padded vocabulary (the same tokenizer and vocabulary size)')
             per_token = vocab_parallel_generalized_jsd(student, self._mask_padded_vocab(teacher), args.beta,
                                                        args.temperature, group, chunk_size=_CHUNK)
         divergence = per_token.sum()
@@ -227,8 +227,10 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
         count = torch.tensor(n_student, device=loss.device, dtype=torch.int)
         n = count.float()
         mode = _MODE[data_source]
+        one = torch.ones((), device=loss.device)
         metric = {'loss': torch.stack([loss.detach().float(), n]),
-                  f'gkd/loss_{mode.value}': torch.stack([divergence.detach().float(), n])}
+                  f'gkd/loss_{mode.value}': torch.stack([divergence.detach().float(), n]),
+                  **{f'gkd/mode_{m.value}': torch.stack([one * float(m is mode), one]) for m in Mode}}
         if sft is not None:
             metric['sft_loss'] = torch.stack([sft.detach().float(), n])
         metric = self._all_reduce_metric(
