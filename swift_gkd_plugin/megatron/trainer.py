@@ -24,7 +24,6 @@ from typing import Dict, List, Optional
 import torch
 from megatron.core import mpu
 from swift.megatron.trainers.gkd_trainer import MegatronGKDTrainer
-from swift.megatron.trainers.gkd_utils import vocab_parallel_topk
 from swift.megatron.utils import forward_step_helper, get_padding_to
 from swift.rlhf_trainers.gkd_loss import DataSource, TeacherOutput
 from swift.utils import get_logger, to_device
@@ -32,9 +31,8 @@ from transformers.utils import ContextManagers
 
 from swift_gkd_plugin.core import Mode, choose_mode
 from swift_gkd_plugin.core.modes import mode_draw
-from swift_gkd_plugin.core.tensor_parallel import (vocab_parallel_generalized_jsd, vocab_parallel_log_softmax,
-                                                   vocab_parallel_topk_jsd)
 from swift_gkd_plugin.megatron.generation import generate
+from swift_gkd_plugin.megatron.loss import gkd_loss_on_shards, teacher_topk_logprobs
 from swift_gkd_plugin.megatron.rollout import collate_for_forward, encode_prompts, last_logits, rollout_outputs
 from swift_gkd_plugin.swift.views import prepare_teacher_view
 
@@ -175,17 +173,14 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
             out: TeacherOutput = batch['teacher_output']
             if out.full_logits is None:  # not the last pipeline stage
                 continue
-            logprobs = vocab_parallel_log_softmax(self._mask_padded_vocab(out.full_logits.float()), group)
-            values, ids = vocab_parallel_topk(logprobs, k=topk)
-            batch['teacher_output'] = TeacherOutput(topk_logprobs=values, topk_indices=ids, labels=out.labels)
+            logprobs, ids = teacher_topk_logprobs(out.full_logits, topk, self._vocab_start(out.full_logits),
+                                                  self._real_vocab, group)
+            batch['teacher_output'] = TeacherOutput(topk_logprobs=logprobs, topk_indices=ids, labels=out.labels)
 
-    def _mask_padded_vocab(self, shard: torch.Tensor) -> torch.Tensor:
-        """-inf at Megatron's padded vocabulary rows (ids >= the model's vocabulary): no probability there."""
-        if self._real_vocab is None:
-            return shard
-        start = mpu.get_tensor_model_parallel_rank() * shard.shape[-1]
-        padded = torch.arange(start, start + shard.shape[-1], device=shard.device) >= self._real_vocab
-        return shard.masked_fill(padded, float('-inf')) if bool(padded.any()) else shard
+    @staticmethod
+    def _vocab_start(shard: torch.Tensor) -> int:
+        """First global vocabulary id of this rank's logit slice (Megatron splits the padded vocabulary evenly)."""
+        return mpu.get_tensor_model_parallel_rank() * shard.shape[-1]
 
     # ------------------------------------------------------------------ loss
     def loss_func(self, output_tensor: torch.Tensor, *, labels: torch.Tensor, teacher_output: TeacherOutput,
@@ -193,29 +188,15 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
         """Sum of the per-token divergences of this micro-batch and its token count; Megatron divides the step's
         summed losses by the step's summed counts over data- and context-parallel ranks (a per-token mean)."""
         args = self.args
-        group = mpu.get_tensor_model_parallel_group()
+        topk = teacher_output.is_topk_mode
+        divergence, _, n_student = gkd_loss_on_shards(
+            output_tensor, labels, beta=args.beta, temperature=args.temperature,
+            vocab_start=self._vocab_start(output_tensor), vocab_size=self._real_vocab, teacher_shard=None if topk else teacher_output.full_logits,
+            teacher_topk_ids=teacher_output.topk_indices if topk else None,
+            teacher_topk_logprobs=teacher_output.topk_logprobs if topk else None,
+            teacher_labels=teacher_output.labels, tail=args.gkd_topk_tail,
+            group=mpu.get_tensor_model_parallel_group(), chunk_size=_CHUNK)
         student_mask = labels != -100
-        teacher_mask = student_mask if teacher_output.labels is None else teacher_output.labels != -100
-        n_student, n_teacher = int(student_mask.sum()), int(teacher_mask.sum())
-        if n_student != n_teacher:
-            raise ValueError(f'teacher and student views hold different numbers of response tokens ({n_teacher} vs '
-                             f'{n_student}): the teacher must score exactly the student response tokens')
-        student = self._mask_padded_vocab(output_tensor[student_mask])
-        if teacher_output.is_topk_mode:
-            ids = teacher_output.topk_indices[teacher_mask]
-            logprobs = teacher_output.topk_logprobs[teacher_mask].float()
-            start = mpu.get_tensor_model_parallel_rank() * student.shape[-1]
-            per_token = vocab_parallel_topk_jsd(student, start, ids, logprobs, args.beta, args.temperature, group,
-                                                tail=args.gkd_topk_tail, vocab_size=self._real_vocab)
-        else:
-            teacher = teacher_output.full_logits[teacher_mask]
-            if teacher.shape[-1] != student.shape[-1]:
-                raise ValueError(f'teacher and student logit shards differ in width ({teacher.shape[-1]} vs '
-                                 f'{student.shape[-1]}): in megatron rlhf teacher and student must have the same '
-                                 'padded vocabulary (the same tokenizer and vocabulary size)')
-            per_token = vocab_parallel_generalized_jsd(student, self._mask_padded_vocab(teacher), args.beta,
-                                                       args.temperature, group, chunk_size=_CHUNK)
-        divergence = per_token.sum()
         loss = divergence
         sft = None
         if self.sft_alpha > 0 and data_source is not DataSource.STUDENT:

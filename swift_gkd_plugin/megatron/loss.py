@@ -1,0 +1,128 @@
+"""The GKD loss of ``megatron rlhf`` on logit shards: the Megatron trainer's loss, framework-free.
+
+Megatron's output layer is column-parallel: every rank of a tensor-parallel group holds the logits of the same
+positions over its slice ``[vocab_start, vocab_start + V_r)`` of the *padded* vocabulary (Megatron rounds the
+vocabulary up; the rows past the model's own vocabulary are not tokens). This module turns a micro-batch's logit
+shards, its labels and the teacher's signal into the divergence sum and the token count that Megatron's schedule
+expects, with :mod:`swift_gkd_plugin.core.tensor_parallel` doing the collectives. Pure ``torch.distributed``: tested
+on CPU with gloo processes.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from swift_gkd_plugin.core.tensor_parallel import (vocab_parallel_generalized_jsd, vocab_parallel_log_softmax,
+                                                   vocab_parallel_topk_jsd)
+
+Group = Optional['dist.ProcessGroup']
+
+
+def mask_padded_vocab(shard: torch.Tensor, vocab_start: int, vocab_size: Optional[int]) -> torch.Tensor:
+    """``shard`` with ``-inf`` at the global ids ``>= vocab_size`` (Megatron's padding): no probability there.
+
+    Differentiable (masked entries get no gradient); returns ``shard`` itself when nothing is padded.
+    """
+    if vocab_size is None:
+        return shard
+    ids = torch.arange(vocab_start, vocab_start + shard.shape[-1], device=shard.device)
+    padded = ids >= vocab_size
+    return shard.masked_fill(padded, float('-inf')) if bool(padded.any()) else shard
+
+
+def vocab_parallel_topk(values: torch.Tensor, k: int, vocab_start: int, group: Group = None
+                        ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Global top-k over a vocabulary split across ``group``: ``(values [N, k], global ids [N, k])``, replicated.
+
+    Each rank offers its local top-``min(k, V_r)``; one all-gather, then the top-k of the candidates. Ties are broken
+    towards the lower rank, so every rank returns the same ids.
+    """
+    n, width = values.shape
+    local_k = min(k, width)
+    vals, ids = values.topk(local_k, dim=-1) if local_k else (values.new_zeros(n, 0), values.new_zeros(
+        n, 0, dtype=torch.long))
+    ids = ids + vocab_start
+    if local_k < k:  # a narrow shard pads its offer with -inf candidates
+        vals = torch.cat([vals, vals.new_full((n, k - local_k), float('-inf'))], 1)
+        ids = torch.cat([ids, ids.new_zeros(n, k - local_k)], 1)
+    world = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+    if world > 1:
+        all_vals = [torch.empty_like(vals) for _ in range(world)]
+        all_ids = [torch.empty_like(ids) for _ in range(world)]
+        dist.all_gather(all_vals, vals.contiguous(), group=group)
+        dist.all_gather(all_ids, ids.contiguous(), group=group)
+        vals, ids = torch.cat(all_vals, 1), torch.cat(all_ids, 1)
+    top, pick = vals.topk(k, dim=-1)
+    return top, ids.gather(1, pick)
+
+
+@torch.no_grad()
+def teacher_topk_logprobs(teacher_shard: torch.Tensor, k: int, vocab_start: int, vocab_size: Optional[int],
+                          group: Group = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's top-k **log-probabilities** (full-vocabulary normaliser, padding excluded) and global ids.
+
+    ms-swift takes the top-k of raw logits, which is enough when both sides are renormalised over the top-k; the
+    tail bucket (``--gkd_topk_tail``) needs the true log-probabilities. Float32 (float64 for float64 input).
+    """
+    logits = teacher_shard if teacher_shard.dtype == torch.float64 else teacher_shard.float()
+    logprobs = vocab_parallel_log_softmax(mask_padded_vocab(logits, vocab_start, vocab_size), group)
+    return vocab_parallel_topk(logprobs, k, vocab_start, group)
+
+
+def gkd_loss_on_shards(student_shard: torch.Tensor,
+                       labels: torch.Tensor,
+                       *,
+                       beta: float,
+                       temperature: float,
+                       vocab_start: int,
+                       vocab_size: Optional[int] = None,
+                       teacher_shard: Optional[torch.Tensor] = None,
+                       teacher_topk_ids: Optional[torch.Tensor] = None,
+                       teacher_topk_logprobs: Optional[torch.Tensor] = None,
+                       teacher_labels: Optional[torch.Tensor] = None,
+                       tail: bool = False,
+                       group: Group = None,
+                       chunk_size: int = 512) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """Sum over the response positions of the generalized JSD, from a micro-batch's logit shards.
+
+    Args:
+        student_shard: ``[B, S, V_r]`` (or ``[1, T, V_r]`` packed) this rank's slice of the student logits.
+        labels: ``[B, S]`` labels aligned with the logits (``labels[b, s]`` is the token predicted at ``s``), -100 off.
+        beta, temperature: of the generalized JSD (0 = KL(teacher || student), 1 = KL(student || teacher)).
+        vocab_start: the first global id of this rank's slice.
+        vocab_size: the model's own vocabulary; Megatron's padded ids ``>= vocab_size`` are masked out of both sides.
+        teacher_shard: ``[B', S', V_r]`` the teacher's logits over the same slice, or
+        teacher_topk_ids, teacher_topk_logprobs: ``[B', S', k]`` a top-k teacher (global ids, log-probabilities,
+            ``-inf`` for unused slots), replicated on the group.
+        teacher_labels: the teacher view's labels when it has its own prompt (privileged prompts); its response
+            positions must hold as many tokens as the student's, in the same order. ``None``: the student's.
+        tail: with a top-k teacher, the bucket holding the mass outside the top-k on both sides.
+        group: the tensor-parallel group.
+        chunk_size: rows per pass of the full-vocabulary divergence.
+
+    Returns:
+        ``(divergence_sum, per_token [N], N)``: the sum (replicated, differentiable with respect to this rank's
+        slice), the per-token divergences and the number of response positions.
+    """
+    student_mask = labels != -100
+    teacher_mask = student_mask if teacher_labels is None else teacher_labels != -100
+    n_student, n_teacher = int(student_mask.sum()), int(teacher_mask.sum())
+    if n_student != n_teacher:
+        raise ValueError(f'teacher and student views hold different numbers of response tokens ({n_teacher} vs '
+                         f'{n_student}): the teacher must score exactly the student response tokens')
+    student = mask_padded_vocab(student_shard[student_mask], vocab_start, vocab_size)
+    if teacher_topk_ids is not None:
+        per_token = vocab_parallel_topk_jsd(student, vocab_start, teacher_topk_ids[teacher_mask],
+                                            teacher_topk_logprobs[teacher_mask], beta, temperature, group,
+                                            tail=tail, vocab_size=vocab_size)
+    else:
+        teacher = teacher_shard[teacher_mask]
+        if teacher.shape[-1] != student.shape[-1]:
+            raise ValueError(f'teacher and student logit shards differ in width ({teacher.shape[-1]} vs '
+                             f'{student.shape[-1]}): in megatron rlhf teacher and student must have the same '
+                             'padded vocabulary (the same tokenizer and vocabulary size)')
+        per_token = vocab_parallel_generalized_jsd(student, mask_padded_vocab(teacher, vocab_start, vocab_size), beta,
+                                                   temperature, group, chunk_size=chunk_size)
+    return per_token.sum(), per_token, n_student

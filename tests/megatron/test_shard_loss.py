@@ -1,0 +1,115 @@
+"""The Megatron trainer's loss on logit shards (``swift_gkd_plugin.megatron.loss``) in real gloo processes with
+TP = 2 and 4: equal, values and gradients, to the single-process float64 loss on the unpadded vocabulary, with
+Megatron's padded vocabulary rows holding junk, response masks, a teacher view with its own positions, and top-k
+teachers taken from true log-probabilities, with and without the tail bucket."""
+import datetime
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from swift_gkd_plugin.core.tensor_parallel import vocab_parallel_topk_jsd
+from swift_gkd_plugin.megatron.loss import gkd_loss_on_shards, teacher_topk_logprobs
+
+VOCAB, PADDED, K = 37, 40, 6
+CASES = [(0.0, 1.0), (0.5, 0.7), (1.0, 2.0)]
+
+
+def make_batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    student = torch.randn(2, 7, PADDED, generator=g, dtype=torch.float64) * 3
+    teacher = torch.randn(2, 9, PADDED, generator=g, dtype=torch.float64) * 3
+    student[..., VOCAB:] = 50.0  # junk in the padded rows: it must not count
+    teacher[..., VOCAB:] = 50.0
+    labels = torch.full((2, 7), -100)
+    labels[0, 2:6] = 1
+    labels[1, 4:7] = 1  # 7 response positions
+    teacher_labels = torch.full((2, 9), -100)
+    teacher_labels[0, 4:8] = 1  # the teacher's prompt is 2 tokens longer: same responses, other positions
+    teacher_labels[1, 6:9] = 1
+    return student, teacher, labels, teacher_labels
+
+
+def jsd64(student, teacher, beta, temperature):
+    """The generalized JSD, written out in float64 (0: KL(teacher || student), 1: KL(student || teacher))."""
+    s, t = torch.log_softmax(student / temperature, -1), torch.log_softmax(teacher / temperature, -1)
+    if beta == 0:
+        return (t.exp() * (t - s)).sum(-1)
+    if beta == 1:
+        return (s.exp() * (s - t)).sum(-1)
+    m = torch.logsumexp(torch.stack([t + torch.log(torch.tensor(beta, dtype=t.dtype)),
+                                     s + torch.log(torch.tensor(1 - beta, dtype=s.dtype))]), 0)
+    return beta * (t.exp() * (t - m)).sum(-1) + (1 - beta) * (s.exp() * (s - m)).sum(-1)
+
+
+def reference(beta, temperature, topk, tail):
+    student, teacher, labels, teacher_labels = make_batch()
+    student = student.clone().requires_grad_(True)
+    s = student[labels != -100][:, :VOCAB]
+    t = teacher[teacher_labels != -100][:, :VOCAB]
+    if topk:
+        lp, ids = torch.log_softmax(t, -1).topk(K, -1)
+        per_token = vocab_parallel_topk_jsd(s, 0, ids, lp, beta, temperature, None, tail=tail, vocab_size=VOCAB)
+    else:
+        per_token = jsd64(s, t, beta, temperature)
+    per_token.sum().backward()
+    return per_token.sum().detach(), student.grad
+
+
+def _worker(rank, world, init_file, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        student, teacher, labels, teacher_labels = make_batch()
+        width = PADDED // world
+        start = rank * width
+        sl = slice(start, start + width)
+        results = {}
+        for beta, temperature in CASES:
+            for topk, tail in [(False, False), (True, False), (True, True)]:
+                shard = student[..., sl].clone().requires_grad_(True)
+                kwargs = dict(beta=beta, temperature=temperature, vocab_start=start, vocab_size=VOCAB,
+                              teacher_labels=teacher_labels, tail=tail, chunk_size=3)
+                if topk:
+                    lp, ids = teacher_topk_logprobs(teacher[..., sl].reshape(-1, width), K, start, VOCAB)
+                    kwargs.update(teacher_topk_ids=ids.reshape(2, 9, K), teacher_topk_logprobs=lp.reshape(2, 9, K))
+                else:
+                    kwargs.update(teacher_shard=teacher[..., sl])
+                total, _, n = gkd_loss_on_shards(shard, labels, **kwargs)
+                total.backward()
+                results[(beta, temperature, topk, tail)] = (total.detach(), shard.grad, n)
+        torch.save(results, os.path.join(out_dir, f'rank{rank}.pt'))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope='module', params=[2, 4], ids=['tp2', 'tp4'])
+def ranks(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(f'shard_loss_tp{request.param}')
+    mp.spawn(_worker, args=(request.param, str(root / 'init'), str(root)), nprocs=request.param, join=True)
+    return [torch.load(root / f'rank{r}.pt') for r in range(request.param)]
+
+
+@pytest.mark.parametrize('beta,temperature', CASES)
+@pytest.mark.parametrize('topk,tail', [(False, False), (True, False), (True, True)], ids=['full', 'topk', 'tail'])
+def test_tensor_parallel_loss_equals_the_dense_loss(ranks, beta, temperature, topk, tail):
+    ref_total, ref_grad = reference(beta, temperature, topk, tail)
+    results = [r[(beta, temperature, topk, tail)] for r in ranks]
+    for total, _, n in results:  # replicated on every rank
+        assert n == 7
+        assert torch.allclose(total, ref_total, rtol=1e-10, atol=1e-12), (total, ref_total)
+    grad = torch.cat([g for _, g, _ in results], -1)
+    assert torch.allclose(grad, ref_grad, rtol=1e-9, atol=1e-12)
+    assert grad[..., VOCAB:].abs().max() == 0  # padded rows: no probability, no gradient
+    assert ref_total > 0
+
+
+def test_the_teacher_view_must_score_as_many_tokens():
+    student, teacher, labels, teacher_labels = make_batch()
+    teacher_labels[1, 8] = -100
+    with pytest.raises(ValueError, match='different numbers of response tokens'):
+        gkd_loss_on_shards(student, labels, beta=0.5, temperature=1.0, vocab_start=0, vocab_size=VOCAB,
+                           teacher_shard=teacher, teacher_labels=teacher_labels)
