@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import SWIFT, base_args, run_swift
+from conftest import base_args, run_swift
 
 SWIFT_GKD = os.path.join(os.path.dirname(sys.executable), 'swift-gkd')
 MODEL_LOADED_MARKERS = ('model_parameter_info', 'Loading weights')
