@@ -33,14 +33,21 @@ PLUGIN_FLAGS: List[str] = [f.name for f in fields(GKDPluginArgumentsMixin)]
 GKD_LOSS_IMPLS = ('auto', 'fused', 'dense')
 
 
-def plugin_flags_in(argv: List[str]) -> List[str]:
-    """The plugin-only flags present in a command line (``--flag value`` or ``--flag=value``)."""
+def plugin_flags_in(argv: List[str], names: List[str] = PLUGIN_FLAGS) -> List[str]:
+    """The flags of ``names`` present in a command line (``--flag value`` or ``--flag=value``)."""
     found = []
     for token in argv:
         name = token[2:].split('=', 1)[0] if token.startswith('--') else None
-        if name in PLUGIN_FLAGS:
+        if name in names:
             found.append(f'--{name}')
     return found
+
+
+def check_no_plugin_flags_outside_gkd(args, mixin=GKDPluginArgumentsMixin) -> None:
+    """The plugin's flags (the fields of ``mixin``) changed with another ``--rlhf_type`` would be silently ignored."""
+    changed = [f'--{f.name}' for f in fields(mixin) if getattr(args, f.name) != f.default]
+    if changed:
+        raise ValueError(f'{changed} only apply to --rlhf_type gkd (got --rlhf_type {args.rlhf_type})')
 
 
 def check_gkd_scalars(args) -> None:

@@ -103,6 +103,12 @@ def _completions_per_step(run):
         return [[c.strip() for c in json.loads(line)['completion']] for line in f]
 
 
+def _assert_samples_name_the_images(run, mm):
+    """Every step's logged samples name exactly the colours of its images, which only the images tell."""
+    for step in _completions_per_step(run):
+        assert Counter(step) == mm.answers, step
+
+
 def _assert_trained(run, mode, steps=2):
     assert [m['mode'] for m in run.modes()] == [mode] * steps
     assert len(run.losses) == steps and all(math.isfinite(x) and x >= 0 for x in run.losses), run.losses
@@ -123,8 +129,7 @@ def test_separate_teacher_trains_in_every_mode(mm, tmp_path, mode):
     assert _weights_loaded(run) == 2
     _assert_trained(run, mode)
     if mode == 'seq_kd':
-        for step in _completions_per_step(run):
-            assert Counter(step) == mm.answers, step
+        _assert_samples_name_the_images(run, mm)
 
 
 def test_the_student_samples_from_the_image(mm, tmp_path):
@@ -132,8 +137,7 @@ def test_the_student_samples_from_the_image(mm, tmp_path):
     run = run_swift(mm_args(mm, str(tmp_path / 'out'), model=mm.trained_student, temperature=0.05,
                             log_completions='true', **MODES['on_policy']))
     _assert_trained(run, 'on_policy')
-    for step in _completions_per_step(run):
-        assert Counter(step) == mm.answers, step
+    _assert_samples_name_the_images(run, mm)
 
 
 def test_the_separate_teacher_forward_sees_each_rows_image(mm, tmp_path):
@@ -175,5 +179,4 @@ def test_shared_base_trains_with_sampling(mm, tmp_path, mode):
     assert _weights_loaded(run) == 1
     _assert_trained(run, mode)
     if mode == 'seq_kd':
-        for step in _completions_per_step(run):
-            assert Counter(step) == mm.answers, step
+        _assert_samples_name_the_images(run, mm)

@@ -4,12 +4,13 @@ Importing this module imports Megatron-SWIFT (CUDA and transformer-engine requir
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from swift.megatron.arguments import MegatronRLHFArguments
 from swift.utils import get_logger, is_vllm_available
 
 import swift_gkd_plugin
+from swift_gkd_plugin.flags import check_no_plugin_flags_outside_gkd
 from swift_gkd_plugin.megatron.checks import MegatronGKDFlagsMixin, check_megatron_gkd
 from swift_gkd_plugin.swift.arguments import keep_teacher_messages_column
 
@@ -22,9 +23,7 @@ class GKDPluginMegatronRLHFArguments(MegatronGKDFlagsMixin, MegatronRLHFArgument
 
     def __post_init__(self):
         if self.rlhf_type != 'gkd':
-            changed = [f'--{f.name}' for f in fields(MegatronGKDFlagsMixin) if getattr(self, f.name) != f.default]
-            if changed:
-                raise ValueError(f'{changed} only apply to --rlhf_type gkd (got --rlhf_type {self.rlhf_type})')
+            check_no_plugin_flags_outside_gkd(self, MegatronGKDFlagsMixin)
             super().__post_init__()
             return
         check_megatron_gkd(self)

@@ -14,7 +14,8 @@ import argparse
 from dataclasses import dataclass, field, fields
 from typing import List, Optional, Sequence
 
-from swift_gkd_plugin.flags import GKDPluginArgumentsMixin, check_gkd_scalars, check_teacher_server_flags
+from swift_gkd_plugin.flags import (GKDPluginArgumentsMixin, check_gkd_scalars, check_teacher_server_flags,
+                                    plugin_flags_in)
 
 MEGATRON_LOSS_IMPLS = ('auto', 'dense')
 
@@ -129,8 +130,7 @@ def check_megatron_command_line(argv: Sequence[str]) -> None:
     """
     ns = parse_megatron_command_line(argv)
     if ns.rlhf_type != 'gkd':
-        given = [f'--{name}' for name in MEGATRON_PLUGIN_FLAGS if f'--{name}' in argv
-                 or any(a.startswith(f'--{name}=') for a in argv)]
+        given = plugin_flags_in(list(argv), MEGATRON_PLUGIN_FLAGS)
         if given:
             raise ValueError(f'{given} only apply to --rlhf_type gkd (got --rlhf_type {ns.rlhf_type})')
         return

@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from swift_gkd_plugin.core.tensor_parallel import (vocab_parallel_generalized_jsd, vocab_parallel_log_softmax,
                                                    vocab_parallel_topk_jsd)
+from swift_gkd_plugin.swift.views import check_same_response_count
 
 Group = Optional['dist.ProcessGroup']
 
@@ -108,10 +109,8 @@ def gkd_loss_on_shards(student_shard: torch.Tensor,
     """
     student_mask = labels != -100
     teacher_mask = student_mask if teacher_labels is None else teacher_labels != -100
-    n_student, n_teacher = int(student_mask.sum()), int(teacher_mask.sum())
-    if n_student != n_teacher:
-        raise ValueError(f'teacher and student views hold different numbers of response tokens ({n_teacher} vs '
-                         f'{n_student}): the teacher must score exactly the student response tokens')
+    n_student = int(student_mask.sum())
+    check_same_response_count(n_student, int(teacher_mask.sum()))
     student = mask_padded_vocab(student_shard[student_mask], vocab_start, vocab_size)
     if teacher_topk_ids is not None:
         per_token = vocab_parallel_topk_jsd(student, vocab_start, teacher_topk_ids[teacher_mask],

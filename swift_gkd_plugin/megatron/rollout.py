@@ -13,7 +13,7 @@ from swift.infer_engine.protocol import (ChatCompletionResponse, ChatCompletionR
                                          RolloutOutput, UsageInfo)
 from swift.utils import remove_response
 
-from swift_gkd_plugin.core.modes import Mode
+from swift_gkd_plugin.swift.views import with_teacher_prompt
 
 _MEDIA = ('images', 'videos', 'audios')
 
@@ -26,12 +26,9 @@ def prompt_request(sample, teacher: bool = False):
     """The inference request of a sample's prompt (its response removed); ``teacher=True``: the teacher's view
     (``teacher_messages``, from a ``teacher_prompt`` or ``teacher_messages`` column) when the sample has one."""
     request = sample.to_infer_request()
-    messages = getattr(sample, 'teacher_messages', None) if teacher else None
-    request.messages = [dict(m) for m in (messages or request.messages)]
+    request.messages = [dict(m) for m in request.messages]
     remove_response(request.messages)
-    if teacher and messages and getattr(sample, 'teacher_images', None) is not None:
-        request.images = sample.teacher_images
-    return request
+    return with_teacher_prompt(sample, request) if teacher else request
 
 
 def encode_prompts(template, samples: Sequence, teacher: bool = False) -> List[List[int]]:
@@ -91,17 +88,3 @@ def last_logits(logits: torch.Tensor, positions: Sequence[Tuple[int, int]]) -> t
     rows = torch.tensor([r for r, _ in positions], device=logits.device)
     cols = torch.tensor([c for _, c in positions], device=logits.device)
     return logits[rows, cols]
-
-
-def sampler_for(mode: Mode, use_vllm: bool, has_separate_teacher_or_view: bool) -> Optional[str]:
-    """Who produces the responses of a generation batch in ``megatron rlhf``.
-
-    ``None``: the dataset (off-policy); ``'vllm'``: ms-swift's rollout (student, vLLM colocate or server);
-    ``'student'``: the training model itself; ``'teacher'``: the teacher model (or the student's base with the adapter
-    off). seq_kd without a distinct teacher (self-distillation with no teacher view) samples from the student.
-    """
-    if mode is Mode.OFF_POLICY:
-        return None
-    if mode is Mode.SEQ_KD and has_separate_teacher_or_view:
-        return 'teacher'
-    return 'vllm' if use_vllm else 'student'

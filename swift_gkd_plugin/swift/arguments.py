@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import List, Optional
 
 from swift.arguments import RLHFArguments
@@ -10,7 +10,8 @@ from swift.rlhf_trainers import GKDConfig
 from swift.utils import get_logger
 
 import swift_gkd_plugin
-from swift_gkd_plugin.flags import GKDPluginArgumentsMixin, check_gkd_scalars, check_teacher_server_flags
+from swift_gkd_plugin.flags import (GKDPluginArgumentsMixin, check_gkd_scalars, check_no_plugin_flags_outside_gkd,
+                                    check_teacher_server_flags)
 
 logger = get_logger()
 
@@ -131,9 +132,7 @@ class GKDPluginRLHFArguments(GKDPluginArgumentsMixin, RLHFArguments):
 
     def _check_gkd(self):
         if self.rlhf_type != 'gkd':
-            changed = [f'--{f.name}' for f in fields(GKDPluginArgumentsMixin) if getattr(self, f.name) != f.default]
-            if changed:
-                raise ValueError(f'{changed} only apply to --rlhf_type gkd (got --rlhf_type {self.rlhf_type})')
+            check_no_plugin_flags_outside_gkd(self)
             return
         check_gkd_scalars(self)
         logger.info(f'swift_gkd_plugin {swift_gkd_plugin.__version__}: GKD trainer active '

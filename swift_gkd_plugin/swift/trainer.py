@@ -26,7 +26,7 @@ from swift.rlhf_trainers.gkd_helpers import encode_gkd_samples
 from swift.rlhf_trainers.gkd_loss import DataSource
 from swift.rlhf_trainers.gkd_trainer import GKDTrainer
 from swift.trainers import disable_gradient_checkpointing
-from swift.utils import get_logger, remove_response, to_device, unwrap_model_for_generation
+from swift.utils import get_logger, to_device, unwrap_model_for_generation
 
 from swift_gkd_plugin.core import Mode, align_vocab, choose_mode, generalized_jsd
 from swift_gkd_plugin.core.fused_loss import fused_linear_jsd
@@ -36,7 +36,8 @@ from swift_gkd_plugin.server.client import TeacherClient
 from swift_gkd_plugin.swift.hidden_states import (fused_fallback_reason, gathered_heads, head_bypassed, head_is_sharded,
                                                   head_rows, output_head, topk_from_hidden)
 from swift_gkd_plugin.swift.peft_utils import TEACHER_ADAPTER, active_adapter, load_frozen_adapter
-from swift_gkd_plugin.swift.views import check_privileged_columns, check_views_aligned, prepare_teacher_view
+from swift_gkd_plugin.swift.views import (check_privileged_columns, check_same_response_count, check_views_aligned,
+                                         prepare_teacher_view, with_teacher_prompt)
 
 logger = get_logger()
 
@@ -215,24 +216,14 @@ class GKDPluginTrainer(GKDTrainer):
         if self.teacher_model is None and not self._teacher_use_disable_adapter and self._teacher_adapter is None:
             # The teacher is the student itself (no --teacher_model): its samples are the student's.
             return self._generate_completions(samples)
-        training = self.model.training  # the engine calls eval() on the model it drives: the student when shared
         for sample in samples:
             prepare_teacher_view(sample)
         samples = self._preprocess_inputs(samples)
-        requests = self.samples2requests(samples)
-        for sample, request in zip(samples, requests):
-            if sample.teacher_messages:  # privileged prompt: the teacher samples from its own prompt
-                request.messages = [dict(m) for m in sample.teacher_messages]
-                remove_response(request.messages)
-                if sample.teacher_images is not None:
-                    request.images = sample.teacher_images
+        requests = [with_teacher_prompt(s, r) for s, r in zip(samples, self.samples2requests(samples))]
         with self._teacher_sampling_context() as engine:
             results = engine.infer(requests, self._get_request_config(), use_tqdm=False)
         outputs = [r if isinstance(r, RolloutOutput) else RolloutOutput(response=r) for r in results]
-        samples = self._postprocess_rollout_outputs(samples, outputs)
-        if training:
-            self.model.train()  # the transformers engine switches the model it drives to eval()
-        return samples
+        return self._postprocess_rollout_outputs(samples, outputs)
 
     def _infer_template(self):
         template = copy(self.template)
@@ -243,7 +234,9 @@ class GKDPluginTrainer(GKDTrainer):
 
     @contextmanager
     def _teacher_sampling_context(self):
+        # the transformers engine calls eval() on the model it drives: the student module when the base is shared
         with ExitStack() as stack:
+            stack.callback(self.model.train, self.model.training)
             if self.teacher_model is None:
                 # One copy of the weights: the teacher is the student's base (adapter off or teacher adapter on).
                 unwrapped = stack.enter_context(
@@ -340,10 +333,8 @@ class GKDPluginTrainer(GKDTrainer):
         student_labels = shift_labels(model_inputs['labels'])
         student_mask = student_labels != -100
         teacher_mask = shift_labels(teacher_inputs['labels']) != -100
-        n_student, n_teacher = int(student_mask.sum()), int(teacher_mask.sum())
-        if n_student != n_teacher:
-            raise ValueError(f'teacher and student views hold different numbers of response tokens ({n_teacher} vs '
-                             f'{n_student}): the teacher must score exactly the student response tokens')
+        n_student = int(student_mask.sum())
+        check_same_response_count(n_student, int(teacher_mask.sum()))
         step_tokens = inputs.get('gkd_step_tokens', float(n_student))
         # DDP and DeepSpeed average gradients over ranks: scaling by the world size makes the gradient that of
         # (sum over every response token of the step) / (their count).

@@ -1,4 +1,6 @@
-"""Privileged teacher prompts: the teacher's view of a GKD sample, shared by the transformers and Megatron trainers."""
+"""Privileged teacher prompts: the teacher's view of a GKD sample, shared by the transformers and Megatron trainers.
+
+Imports nothing from ms-swift at module level (the Megatron shard loss uses the count check on CPU-only set-ups)."""
 from __future__ import annotations
 
 
@@ -46,3 +48,22 @@ def check_views_aligned(sample, student: dict, teacher: dict) -> None:
                          f'teacher view scores {len(t_ids)} response tokens, the student view {len(s_ids)}'
                          f'{"" if len(s_ids) != len(t_ids) else " (different tokens)"}. Check its teacher_prompt / '
                          'teacher_messages column: it must hold only the prompt, not a response.')
+
+
+def with_teacher_prompt(sample, request):
+    """``request`` (the sample's inference request) with the teacher's prompt, when the sample has a teacher view:
+    the teacher samples from its own prompt (its response removed) and images."""
+    if sample.teacher_messages:
+        from swift.utils import remove_response  # here: the count check below is also used without ms-swift
+        request.messages = [dict(m) for m in sample.teacher_messages]
+        remove_response(request.messages)
+        if sample.teacher_images is not None:
+            request.images = sample.teacher_images
+    return request
+
+
+def check_same_response_count(n_student: int, n_teacher: int) -> None:
+    """Both views of a batch must hold the same number of response tokens (the teacher scores the student's)."""
+    if n_student != n_teacher:
+        raise ValueError(f'teacher and student views hold different numbers of response tokens ({n_teacher} vs '
+                         f'{n_student}): the teacher must score exactly the student response tokens')

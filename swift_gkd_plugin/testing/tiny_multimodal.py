@@ -40,12 +40,13 @@ never ms-swift.
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+from swift_gkd_plugin.testing.tiny import read_dataset, write_dataset  # noqa: F401 (part of this API)
 
 __all__ = [
     'MODEL_TYPE', 'TEMPLATE', 'COLORS', 'QUESTION', 'IMAGE_TOKEN', 'IMAGE_SIZE', 'PATCH_SIZE', 'NUM_IMAGE_TOKENS',
@@ -321,22 +322,6 @@ def make_rows(images: Dict[Tuple[str, str, int], str], n: int, seed: int = 0) ->
             'images': [images[key]],
         })
     return rows
-
-
-def write_dataset(path_jsonl: str, rows: Sequence[Dict[str, Any]]) -> str:
-    """Write ``rows`` as JSON lines; return the path."""
-    os.makedirs(os.path.dirname(os.path.abspath(path_jsonl)), exist_ok=True)
-    tmp = f'{path_jsonl}.tmp{os.getpid()}'
-    with open(tmp, 'w', encoding='utf-8') as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + '\n')
-    os.replace(tmp, path_jsonl)
-    return path_jsonl
-
-
-def read_dataset(path_jsonl: str) -> List[Dict[str, Any]]:
-    with open(path_jsonl, encoding='utf-8') as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
