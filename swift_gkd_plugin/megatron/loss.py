@@ -64,12 +64,37 @@ def teacher_topk_logprobs(teacher_shard: torch.Tensor, k: int, vocab_start: int,
                           group: Group = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """The teacher's top-k **log-probabilities** (full-vocabulary normaliser, padding excluded) and global ids.
 
-    ms-swift takes the top-k of raw logits, which is enough when both sides are renormalised over the top-k; the
-    tail bucket (``--gkd_topk_tail``) needs the true log-probabilities. Float32 (float64 for float64 input).
+    ``teacher_shard`` is ``[..., V_r]``, e.g. a micro-batch's ``[B, S, V_r]`` logits as Megatron's forward returns
+    them; the results are ``[..., k]``, replicated on the group. ms-swift takes the top-k of raw logits, which is
+    enough when both sides are renormalised over the top-k; the tail bucket (``--gkd_topk_tail``) needs the true
+    log-probabilities. Float32 (float64 for float64 input).
     """
-    logits = teacher_shard if teacher_shard.dtype == torch.float64 else teacher_shard.float()
+    lead = teacher_shard.shape[:-1]
+    rows = teacher_shard.reshape(-1, teacher_shard.shape[-1])
+    logits = rows if rows.dtype == torch.float64 else rows.float()
     logprobs = vocab_parallel_log_softmax(mask_padded_vocab(logits, vocab_start, vocab_size), group)
-    return vocab_parallel_topk(logprobs, k, vocab_start, group)
+    top, ids = vocab_parallel_topk(logprobs, k, vocab_start, group)
+    return top.reshape(*lead, k), ids.reshape(*lead, k)
+
+
+def drop_ids_outside_vocab(ids: torch.Tensor, logprobs: torch.Tensor, limit: int
+                           ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A top-k teacher without the ids ``>= limit`` (the student has no such token, e.g. a served teacher with a
+    larger vocabulary): their slots become unused (``-inf``), their mass goes to the tail like any other mass
+    outside the top-k, as in ``swift rlhf``. Without this no rank owns them and the student's logit there reads 0."""
+    outside = ids >= limit
+    if not bool(outside.any()):
+        return ids, logprobs
+    return ids.masked_fill(outside, 0), logprobs.masked_fill(outside, float('-inf'))
+
+
+def _full_width(width: int, device: torch.device, group: Group) -> int:
+    """The padded vocabulary: the sum of the slice widths over ``group``."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return width
+    total = torch.tensor([width], dtype=torch.long, device=device)
+    dist.all_reduce(total, group=group)
+    return int(total.item())
 
 
 def gkd_loss_on_shards(student_shard: torch.Tensor,
@@ -96,7 +121,8 @@ def gkd_loss_on_shards(student_shard: torch.Tensor,
         vocab_size: the model's own vocabulary; Megatron's padded ids ``>= vocab_size`` are masked out of both sides.
         teacher_shard: ``[B', S', V_r]`` the teacher's logits over the same slice, or
         teacher_topk_ids, teacher_topk_logprobs: ``[B', S', k]`` a top-k teacher (global ids, log-probabilities,
-            ``-inf`` for unused slots), replicated on the group.
+            ``-inf`` for unused slots), replicated on the group; ids the student does not have (``>= vocab_size``,
+            or beyond the padded vocabulary when ``vocab_size`` is None) are dropped.
         teacher_labels: the teacher view's labels when it has its own prompt (privileged prompts); its response
             positions must hold as many tokens as the student's, in the same order. ``None``: the student's.
         tail: with a top-k teacher, the bucket holding the mass outside the top-k on both sides.
@@ -113,9 +139,11 @@ def gkd_loss_on_shards(student_shard: torch.Tensor,
     check_same_response_count(n_student, int(teacher_mask.sum()))
     student = mask_padded_vocab(student_shard[student_mask], vocab_start, vocab_size)
     if teacher_topk_ids is not None:
-        per_token = vocab_parallel_topk_jsd(student, vocab_start, teacher_topk_ids[teacher_mask],
-                                            teacher_topk_logprobs[teacher_mask], beta, temperature, group,
-                                            tail=tail, vocab_size=vocab_size)
+        limit = vocab_size if vocab_size is not None else _full_width(student.shape[-1], student.device, group)
+        ids, logprobs = drop_ids_outside_vocab(teacher_topk_ids[teacher_mask], teacher_topk_logprobs[teacher_mask],
+                                               limit)
+        per_token = vocab_parallel_topk_jsd(student, vocab_start, ids, logprobs, beta, temperature, group,
+                                            tail=tail, vocab_size=limit)
     else:
         teacher = teacher_shard[teacher_mask]
         if teacher.shape[-1] != student.shape[-1]:

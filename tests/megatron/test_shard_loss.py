@@ -1,7 +1,8 @@
 """The Megatron trainer's loss on logit shards (``swift_gkd_plugin.megatron.loss``) in real gloo processes with
 TP = 2 and 4: equal, values and gradients, to the single-process float64 loss on the unpadded vocabulary, with
-Megatron's padded vocabulary rows holding junk, response masks, a teacher view with its own positions, and top-k
-teachers taken from true log-probabilities, with and without the tail bucket."""
+Megatron's padded vocabulary rows holding junk, response masks, a teacher view with its own positions, top-k
+teachers taken from true log-probabilities of [B, S, V/tp] micro-batch shards (as the trainer passes them), with and
+without the tail bucket, and a served teacher's top-k holding ids the student does not have."""
 import datetime
 import os
 
@@ -58,6 +59,31 @@ def reference(beta, temperature, topk, tail):
     return per_token.sum().detach(), student.grad
 
 
+def server_topk():
+    """A teacher server's top-k ``[B, S', k]``: ids from a larger vocabulary (a padded row of the student, and one
+    beyond its padded vocabulary) among real ones, log-probabilities of a bigger softmax."""
+    _, teacher, _, _ = make_batch()
+    lp, ids = torch.log_softmax(torch.cat([teacher[..., :VOCAB], teacher[..., :12] - 1], -1), -1).topk(K, -1)
+    ids = ids.clone()
+    ids[..., 1] = VOCAB + 1  # a padded row of the student's output layer
+    ids[..., 3] = PADDED + 5  # beyond the student's padded vocabulary: no rank owns it
+    return ids, lp
+
+
+def server_reference(tail):
+    """The loss with the foreign ids dropped: their mass is outside the student's support, as in swift rlhf."""
+    student, _, labels, teacher_labels = make_batch()
+    student = student.clone().requires_grad_(True)
+    ids, lp = server_topk()
+    ids, lp = ids[teacher_labels != -100], lp[teacher_labels != -100]
+    foreign = ids >= VOCAB
+    per_token = vocab_parallel_topk_jsd(student[labels != -100][:, :VOCAB], 0, ids.masked_fill(foreign, 0),
+                                        lp.masked_fill(foreign, float('-inf')), 0.5, 1.0, None, tail=tail,
+                                        vocab_size=VOCAB)
+    per_token.sum().backward()
+    return per_token.sum().detach(), student.grad
+
+
 def _worker(rank, world, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world,
@@ -73,14 +99,22 @@ def _worker(rank, world, init_file, out_dir):
                 shard = student[..., sl].clone().requires_grad_(True)
                 kwargs = dict(beta=beta, temperature=temperature, vocab_start=start, vocab_size=VOCAB,
                               teacher_labels=teacher_labels, tail=tail, chunk_size=3)
-                if topk:
-                    lp, ids = teacher_topk_logprobs(teacher[..., sl].reshape(-1, width), K, start, VOCAB)
-                    kwargs.update(teacher_topk_ids=ids.reshape(2, 9, K), teacher_topk_logprobs=lp.reshape(2, 9, K))
+                if topk:  # [B, S, V/tp] as Megatron's forward returns them, as the trainer passes them
+                    lp, ids = teacher_topk_logprobs(teacher[..., sl], K, start, VOCAB, None)
+                    kwargs.update(teacher_topk_ids=ids, teacher_topk_logprobs=lp)
                 else:
                     kwargs.update(teacher_shard=teacher[..., sl])
                 total, _, n = gkd_loss_on_shards(shard, labels, **kwargs)
                 total.backward()
                 results[(beta, temperature, topk, tail)] = (total.detach(), shard.grad, n)
+        for tail in (False, True):  # a served teacher's top-k with ids the student does not have
+            shard = student[..., sl].clone().requires_grad_(True)
+            ids, lp = server_topk()
+            total, _, _ = gkd_loss_on_shards(shard, labels, beta=0.5, temperature=1.0, vocab_start=start,
+                                             vocab_size=VOCAB, teacher_topk_ids=ids, teacher_topk_logprobs=lp,
+                                             teacher_labels=teacher_labels, tail=tail)
+            total.backward()
+            results[('server', tail)] = (total.detach(), shard.grad)
         torch.save(results, os.path.join(out_dir, f'rank{rank}.pt'))
     finally:
         dist.destroy_process_group()
@@ -113,3 +147,13 @@ def test_the_teacher_view_must_score_as_many_tokens():
     with pytest.raises(ValueError, match='different numbers of response tokens'):
         gkd_loss_on_shards(student, labels, beta=0.5, temperature=1.0, vocab_start=0, vocab_size=VOCAB,
                            teacher_shard=teacher, teacher_labels=teacher_labels)
+
+
+@pytest.mark.parametrize('tail', [False, True], ids=['topk', 'tail'])
+def test_served_teacher_ids_beyond_the_vocabulary_are_dropped(ranks, tail):
+    ref_total, ref_grad = server_reference(tail)
+    for total, _ in (r[('server', tail)] for r in ranks):
+        assert torch.allclose(total, ref_total, rtol=1e-10, atol=1e-12), (total, ref_total)
+    grad = torch.cat([r[('server', tail)][1] for r in ranks], -1)
+    assert torch.allclose(grad, ref_grad, rtol=1e-9, atol=1e-12)
+    assert grad[..., VOCAB:].abs().max() == 0
