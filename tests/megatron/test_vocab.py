@@ -1,7 +1,7 @@
 """The model's own vocabulary in ``megatron rlhf``, read from the objects Megatron-SWIFT builds: the arguments'
 ``model_info`` (``get_model_info_meta``, as ``MegatronArguments.__post_init__`` calls it) and the template over the
 processor (``args.get_model_processor(load_model=False)`` on the meta device, as ``MegatronSft.__init__`` does).
-Megatron pads the output layer to a multiple of 128 x TP: the tiny model's 448 rows become 512 at TP=1."""
+Megatron pads its output layer beyond this size (a multiple of ``make_vocab_size_divisible_by`` x TP)."""
 import types
 
 import pytest
