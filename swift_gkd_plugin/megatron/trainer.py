@@ -48,6 +48,8 @@ _CHUNK = 512  # rows per pass of the vocabulary-parallel divergence: bounds its 
 class GKDPluginMegatronTrainer(MegatronGKDTrainer):
 
     def __init__(self, args, template, **kwargs):
+        # shared-base teacher: vLLM syncs merge the adapter into the base in place; keep the base exact
+        self._base_keeper = BaseWeightsKeeper() if getattr(args, '_teacher_use_disable_adapter', False) else None
         super().__init__(args, template, **kwargs)
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         self._mode_log = os.path.join(args.output_dir, 'gkd_modes', f'rank{rank}.jsonl')
@@ -55,8 +57,6 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
         if self._real_vocab is None:
             logger.warning('swift_gkd_plugin: the model config holds no vocab_size: Megatron\'s padded vocabulary '
                            'rows cannot be masked (sampling, loss and top-k teacher use the padded vocabulary)')
-        # shared-base teacher: vLLM syncs merge the adapter into the base in place; keep the base exact
-        self._base_keeper = BaseWeightsKeeper() if self._teacher_use_disable_adapter else None
         if not self.use_vllm and args.lmbda > 0:
             logger.info('swift_gkd_plugin: on-policy steps sample from the training model (no KV cache: each new '
                         'token re-runs the sequence; --use_vllm true is much faster for long completions)')

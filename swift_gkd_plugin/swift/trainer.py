@@ -215,7 +215,7 @@ class GKDPluginTrainer(GKDTrainer):
     def _move_model_to_vllm(self, *args, **kwargs):
         """ms-swift's sync merges the LoRA adapter into the base in place and unmerges it (``W + d - d != W`` in
         bf16): with a shared-base teacher the base is restored exactly afterwards (FSDP2 merges out of place)."""
-        shared_base = self._teacher_use_disable_adapter or self._teacher_adapter is not None
+        shared_base = self._teacher_use_disable_adapter or getattr(self, '_teacher_adapter', None) is not None
         with exact_lora_round_trip([self.model], enabled=shared_base and not getattr(self, '_is_fsdp2', False)):
             return super()._move_model_to_vllm(*args, **kwargs)
 
