@@ -9,7 +9,7 @@ on CPU with gloo processes.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Any, Callable, Iterable, Iterator, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -75,6 +75,33 @@ def teacher_topk_logprobs(teacher_shard: torch.Tensor, k: int, vocab_start: int,
     logprobs = vocab_parallel_log_softmax(mask_padded_vocab(logits, vocab_start, vocab_size), group)
     top, ids = vocab_parallel_topk(logprobs, k, vocab_start, group)
     return top.reshape(*lead, k), ids.reshape(*lead, k)
+
+
+def shard_vocab_start(shard: torch.Tensor, group: Group = None) -> int:
+    """First global vocabulary id of this rank's logit slice: Megatron splits the padded vocabulary evenly, in
+    tensor-parallel rank order."""
+    rank = dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
+    return rank * shard.shape[-1]
+
+
+def teacher_topk_per_micro_batch(micro_batches: Iterable, forward: Callable[[Any], Tuple[Optional[torch.Tensor], Any]],
+                                 k: int, vocab_size: Optional[int], group: Group = None
+                                 ) -> Iterator[Tuple[Optional[Tuple[torch.Tensor, torch.Tensor]], Any]]:
+    """The local teacher's top-k signal, one micro-batch at a time: ``(topk or None, labels)`` per micro-batch.
+
+    ``forward(micro_batch)`` returns the teacher's ``[B, S, V_r]`` logit shard (``None`` off the last pipeline stage)
+    and its labels. Each shard is cut to :func:`teacher_topk_logprobs` before the next forward, so the full logits of
+    only one micro-batch exist at a time, not those of a whole generation batch (16 micro-batches of 4k tokens over a
+    152k vocabulary are ~20 GB per TP rank in bf16).
+    """
+    for micro_batch in micro_batches:
+        logits, labels = forward(micro_batch)
+        if logits is None:
+            yield None, labels
+            continue
+        topk = teacher_topk_logprobs(logits, k, shard_vocab_start(logits, group), vocab_size, group)
+        del logits
+        yield topk, labels
 
 
 def drop_ids_outside_vocab(ids: torch.Tensor, logprobs: torch.Tensor, limit: int

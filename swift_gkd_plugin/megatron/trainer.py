@@ -32,7 +32,7 @@ from transformers.utils import ContextManagers
 from swift_gkd_plugin.core import Mode, choose_mode
 from swift_gkd_plugin.core.modes import mode_draw
 from swift_gkd_plugin.megatron.generation import generate
-from swift_gkd_plugin.megatron.loss import gkd_loss_on_shards, teacher_topk_logprobs
+from swift_gkd_plugin.megatron.loss import gkd_loss_on_shards, shard_vocab_start, teacher_topk_per_micro_batch
 from swift_gkd_plugin.megatron.rollout import collate_for_forward, encode_prompts, last_logits, rollout_outputs
 from swift_gkd_plugin.megatron.vocab import model_vocab_size
 from swift_gkd_plugin.swift.lora_round_trip import BaseWeightsKeeper
@@ -183,17 +183,15 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
         if topk is None:
             return super()._compute_teacher_logits_local(encoded_batches, vp_stage)
         model, context = self._local_teacher(vp_stage)
-        group = mpu.get_tensor_model_parallel_group()
         with torch.no_grad(), context:
-            for batch in encoded_batches:
-                logits, labels = self._teacher_forward(model, batch['teacher_model_inputs'], vp_stage)
-                if logits is None:  # not the last pipeline stage
+            signals = teacher_topk_per_micro_batch(
+                encoded_batches, lambda batch: self._teacher_forward(model, batch['teacher_model_inputs'], vp_stage),
+                topk, self._real_vocab, mpu.get_tensor_model_parallel_group())
+            for batch, (signal, labels) in zip(encoded_batches, signals):
+                if signal is None:  # not the last pipeline stage
                     out = TeacherOutput(full_logits=None)
                 else:
-                    logprobs, ids = teacher_topk_logprobs(logits, topk, self._vocab_start(logits), self._real_vocab,
-                                                          group)
-                    del logits
-                    out = TeacherOutput(topk_logprobs=logprobs, topk_indices=ids)
+                    out = TeacherOutput(topk_logprobs=signal[0], topk_indices=signal[1])
                 out.labels = labels
                 batch['teacher_output'] = out
 
@@ -226,11 +224,6 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
         if self._base_keeper is not None:
             self._base_keeper.restore()
 
-    @staticmethod
-    def _vocab_start(shard: torch.Tensor) -> int:
-        """First global vocabulary id of this rank's logit slice (Megatron splits the padded vocabulary evenly)."""
-        return mpu.get_tensor_model_parallel_rank() * shard.shape[-1]
-
     # ------------------------------------------------------------------ loss
     def loss_func(self, output_tensor: torch.Tensor, *, labels: torch.Tensor, teacher_output: TeacherOutput,
                   data_source: DataSource = DataSource.DATASET):
@@ -238,13 +231,14 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
         summed losses by the step's summed counts over data- and context-parallel ranks (a per-token mean)."""
         args = self.args
         topk = teacher_output.is_topk_mode
+        group = mpu.get_tensor_model_parallel_group()
         divergence, _, n_student = gkd_loss_on_shards(
             output_tensor, labels, beta=args.beta, temperature=args.temperature,
-            vocab_start=self._vocab_start(output_tensor), vocab_size=self._real_vocab, teacher_shard=None if topk else teacher_output.full_logits,
+            vocab_start=shard_vocab_start(output_tensor, group), vocab_size=self._real_vocab,
+            teacher_shard=None if topk else teacher_output.full_logits,
             teacher_topk_ids=teacher_output.topk_indices if topk else None,
             teacher_topk_logprobs=teacher_output.topk_logprobs if topk else None,
-            teacher_labels=teacher_output.labels, tail=args.gkd_topk_tail,
-            group=mpu.get_tensor_model_parallel_group(), chunk_size=_CHUNK)
+            teacher_labels=teacher_output.labels, tail=args.gkd_topk_tail, group=group, chunk_size=_CHUNK)
         student_mask = labels != -100
         loss = divergence
         sft = None

@@ -5,6 +5,7 @@ teachers taken from true log-probabilities of [B, S, V/tp] micro-batch shards (a
 without the tail bucket, and a served teacher's top-k holding ids the student does not have."""
 import datetime
 import os
+import weakref
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from swift_gkd_plugin.core.tensor_parallel import vocab_parallel_topk_jsd
-from swift_gkd_plugin.megatron.loss import gkd_loss_on_shards, teacher_topk_logprobs
+from swift_gkd_plugin.megatron.loss import gkd_loss_on_shards, teacher_topk_logprobs, teacher_topk_per_micro_batch
 
 VOCAB, PADDED, K = 37, 40, 6
 CASES = [(0.0, 1.0), (0.5, 0.7), (1.0, 2.0)]
@@ -57,6 +58,27 @@ def reference(beta, temperature, topk, tail):
         per_token = jsd64(s, t, beta, temperature)
     per_token.sum().backward()
     return per_token.sum().detach(), student.grad
+
+
+def micro_batch_logits(seed):
+    """A teacher's [B, S, V_padded] logits for one micro-batch, junk in the padded rows."""
+    logits = torch.randn(2, 5, PADDED, generator=torch.Generator().manual_seed(100 + seed), dtype=torch.float64) * 3
+    logits[..., VOCAB:] = 50.0
+    return logits
+
+
+def teacher_loop(world_slice):
+    """The trainer's local teacher loop over 3 micro-batches, its forward returning this rank's [B, S, V/tp] shard;
+    every forward checks that no earlier micro-batch's full logits are still alive."""
+    alive = []
+
+    def forward(seed):
+        assert all(ref() is None for ref in alive), "an earlier micro-batch's full teacher logits are still held"
+        shard = micro_batch_logits(seed)[..., world_slice].clone()
+        alive.append(weakref.ref(shard))
+        return shard, f'labels{seed}'
+
+    return [(signal, labels) for signal, labels in teacher_topk_per_micro_batch([0, 1, 2], forward, K, VOCAB)]
 
 
 def server_topk():
@@ -107,6 +129,7 @@ def _worker(rank, world, init_file, out_dir):
                 total, _, n = gkd_loss_on_shards(shard, labels, **kwargs)
                 total.backward()
                 results[(beta, temperature, topk, tail)] = (total.detach(), shard.grad, n)
+        results['teacher_loop'] = teacher_loop(sl)
         for tail in (False, True):  # a served teacher's top-k with ids the student does not have
             shard = student[..., sl].clone().requires_grad_(True)
             ids, lp = server_topk()
@@ -157,3 +180,13 @@ def test_served_teacher_ids_beyond_the_vocabulary_are_dropped(ranks, tail):
     grad = torch.cat([r[('server', tail)][1] for r in ranks], -1)
     assert torch.allclose(grad, ref_grad, rtol=1e-9, atol=1e-12)
     assert grad[..., VOCAB:].abs().max() == 0
+
+
+def test_the_teacher_loop_cuts_each_micro_batch_to_topk_before_the_next_forward(ranks):
+    for rank in ranks:  # replicated on every rank; the loop's own check of the earlier logits passed
+        for seed, ((logprobs, ids), labels) in enumerate(rank['teacher_loop']):
+            ref_logprobs, ref_ids = torch.log_softmax(micro_batch_logits(seed)[..., :VOCAB], -1).topk(K, -1)
+            assert labels == f'labels{seed}'
+            assert logprobs.shape == ids.shape == (2, 5, K)
+            assert torch.equal(ids, ref_ids)
+            assert torch.allclose(logprobs, ref_logprobs, rtol=1e-12, atol=1e-12)
