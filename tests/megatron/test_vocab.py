@@ -40,3 +40,12 @@ def test_the_vocabulary_comes_from_the_processors_config(megatron_swift_objects,
 def test_nothing_known_gives_none():
     nothing = types.SimpleNamespace(model_info=types.SimpleNamespace(config=None))
     assert model_vocab_size(nothing, nothing) is None
+
+
+def test_a_multimodal_config_gives_its_language_models_vocabulary():
+    """Qwen3-VL keeps ``vocab_size`` in ``text_config`` only (the old lookup's fallback covered one nesting)."""
+    from transformers import Qwen3VLConfig
+    config = Qwen3VLConfig()
+    assert not hasattr(config, 'vocab_size')
+    template = types.SimpleNamespace(model_info=types.SimpleNamespace(config=config))
+    assert model_vocab_size(template) == config.text_config.vocab_size
