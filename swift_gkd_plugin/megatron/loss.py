@@ -61,20 +61,27 @@ def vocab_parallel_topk(values: torch.Tensor, k: int, vocab_start: int, group: G
 
 @torch.no_grad()
 def teacher_topk_logprobs(teacher_shard: torch.Tensor, k: int, vocab_start: int, vocab_size: Optional[int],
-                          group: Group = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                          group: Group = None, chunk_size: int = 1024) -> Tuple[torch.Tensor, torch.Tensor]:
     """The teacher's top-k **log-probabilities** (full-vocabulary normaliser, padding excluded) and global ids.
 
     ``teacher_shard`` is ``[..., V_r]``, e.g. a micro-batch's ``[B, S, V_r]`` logits as Megatron's forward returns
     them; the results are ``[..., k]``, replicated on the group. ms-swift takes the top-k of raw logits, which is
     enough when both sides are renormalised over the top-k; the tail bucket (``--gkd_topk_tail``) needs the true
-    log-probabilities. Float32 (float64 for float64 input).
+    log-probabilities. Float32 (float64 for float64 input), ``chunk_size`` rows at a time: the float32 temporaries
+    are ``[chunk_size, V_r]``, not a copy of the whole shard (every rank of the group holds the same rows, so all
+    run the same number of chunks and collectives).
     """
     lead = teacher_shard.shape[:-1]
     rows = teacher_shard.reshape(-1, teacher_shard.shape[-1])
-    logits = rows if rows.dtype == torch.float64 else rows.float()
-    logprobs = vocab_parallel_log_softmax(mask_padded_vocab(logits, vocab_start, vocab_size), group)
-    top, ids = vocab_parallel_topk(logprobs, k, vocab_start, group)
-    return top.reshape(*lead, k), ids.reshape(*lead, k)
+    tops, ids = [], []
+    for start in range(0, max(rows.shape[0], 1), chunk_size):
+        chunk = rows[start:start + chunk_size]
+        logits = chunk if chunk.dtype == torch.float64 else chunk.float()
+        logprobs = vocab_parallel_log_softmax(mask_padded_vocab(logits, vocab_start, vocab_size), group)
+        top, top_ids = vocab_parallel_topk(logprobs, k, vocab_start, group)
+        tops.append(top)
+        ids.append(top_ids)
+    return torch.cat(tops).reshape(*lead, k), torch.cat(ids).reshape(*lead, k)
 
 
 def shard_vocab_start(shard: torch.Tensor, group: Group = None) -> int:

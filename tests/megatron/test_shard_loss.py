@@ -122,7 +122,7 @@ def _worker(rank, world, init_file, out_dir):
                 kwargs = dict(beta=beta, temperature=temperature, vocab_start=start, vocab_size=VOCAB,
                               teacher_labels=teacher_labels, tail=tail, chunk_size=3)
                 if topk:  # [B, S, V/tp] as Megatron's forward returns them, as the trainer passes them
-                    lp, ids = teacher_topk_logprobs(teacher[..., sl], K, start, VOCAB, None)
+                    lp, ids = teacher_topk_logprobs(teacher[..., sl], K, start, VOCAB, None, chunk_size=4)
                     kwargs.update(teacher_topk_ids=ids, teacher_topk_logprobs=lp)
                 else:
                     kwargs.update(teacher_shard=teacher[..., sl])
