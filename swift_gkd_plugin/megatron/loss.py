@@ -4,8 +4,8 @@ Megatron's output layer is column-parallel: every rank of a tensor-parallel grou
 positions over its slice ``[vocab_start, vocab_start + V_r)`` of the *padded* vocabulary (Megatron rounds the
 vocabulary up; the rows past the model's own vocabulary are not tokens). This module turns a micro-batch's logit
 shards, its labels and the teacher's signal into the divergence sum and the token count that Megatron's schedule
-expects, with :mod:`swift_gkd_plugin.core.tensor_parallel` doing the collectives. Pure ``torch.distributed``: tested
-on CPU with gloo processes.
+expects, with :mod:`swift_gkd_plugin.core.tensor_parallel` doing the collectives; and the local teacher's top-k
+signal, cut micro-batch by micro-batch. Pure ``torch.distributed``: tested on CPU with gloo processes.
 """
 from __future__ import annotations
 
@@ -116,9 +116,7 @@ def drop_ids_outside_vocab(ids: torch.Tensor, logprobs: torch.Tensor, limit: int
     """A top-k teacher without the ids ``>= limit`` (the student has no such token, e.g. a served teacher with a
     larger vocabulary): their slots become unused (``-inf``), their mass goes to the tail like any other mass
     outside the top-k, as in ``swift rlhf``. Without this no rank owns them and the student's logit there reads 0."""
-    outside = ids >= limit
-    if not bool(outside.any()):
-        return ids, logprobs
+    outside = ids >= limit  # no host synchronisation: masked whether or not any id is outside
     return ids.masked_fill(outside, 0), logprobs.masked_fill(outside, float('-inf'))
 
 
