@@ -4,12 +4,12 @@ Megatron's output layer is column-parallel: every rank of a tensor-parallel grou
 positions over its slice ``[vocab_start, vocab_start + V_r)`` of the *padded* vocabulary (Megatron rounds the
 vocabulary up; the rows past the model's own vocabulary are not tokens). This module turns a micro-batch's logit
 shards, its labels and the teacher's signal into the divergence sum and the token count that Megatron's schedule
-expects, with :mod:`swift_gkd_plugin.core.tensor_parallel` doing the collectives. Pure ``torch.distributed``: tested
-on CPU with gloo processes.
+expects, with :mod:`swift_gkd_plugin.core.tensor_parallel` doing the collectives; and the local teacher's top-k
+signal, cut micro-batch by micro-batch. Pure ``torch.distributed``: tested on CPU with gloo processes.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Any, Callable, Iterable, Iterator, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -61,15 +61,72 @@ def vocab_parallel_topk(values: torch.Tensor, k: int, vocab_start: int, group: G
 
 @torch.no_grad()
 def teacher_topk_logprobs(teacher_shard: torch.Tensor, k: int, vocab_start: int, vocab_size: Optional[int],
-                          group: Group = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                          group: Group = None, chunk_size: int = 1024) -> Tuple[torch.Tensor, torch.Tensor]:
     """The teacher's top-k **log-probabilities** (full-vocabulary normaliser, padding excluded) and global ids.
 
-    ms-swift takes the top-k of raw logits, which is enough when both sides are renormalised over the top-k; the
-    tail bucket (``--gkd_topk_tail``) needs the true log-probabilities. Float32 (float64 for float64 input).
+    ``teacher_shard`` is ``[..., V_r]``, e.g. a micro-batch's ``[B, S, V_r]`` logits as Megatron's forward returns
+    them; the results are ``[..., k]``, replicated on the group. ms-swift takes the top-k of raw logits, which is
+    enough when both sides are renormalised over the top-k; the tail bucket (``--gkd_topk_tail``) needs the true
+    log-probabilities. Float32 (float64 for float64 input), ``chunk_size`` rows at a time: the float32 temporaries
+    are ``[chunk_size, V_r]``, not a copy of the whole shard (every rank of the group holds the same rows, so all
+    run the same number of chunks and collectives).
     """
-    logits = teacher_shard if teacher_shard.dtype == torch.float64 else teacher_shard.float()
-    logprobs = vocab_parallel_log_softmax(mask_padded_vocab(logits, vocab_start, vocab_size), group)
-    return vocab_parallel_topk(logprobs, k, vocab_start, group)
+    lead = teacher_shard.shape[:-1]
+    rows = teacher_shard.reshape(-1, teacher_shard.shape[-1])
+    tops, ids = [], []
+    for start in range(0, max(rows.shape[0], 1), chunk_size):
+        chunk = rows[start:start + chunk_size]
+        logits = chunk if chunk.dtype == torch.float64 else chunk.float()
+        logprobs = vocab_parallel_log_softmax(mask_padded_vocab(logits, vocab_start, vocab_size), group)
+        top, top_ids = vocab_parallel_topk(logprobs, k, vocab_start, group)
+        tops.append(top)
+        ids.append(top_ids)
+    return torch.cat(tops).reshape(*lead, k), torch.cat(ids).reshape(*lead, k)
+
+
+def shard_vocab_start(shard: torch.Tensor, group: Group = None) -> int:
+    """First global vocabulary id of this rank's logit slice: Megatron splits the padded vocabulary evenly, in
+    tensor-parallel rank order."""
+    rank = dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
+    return rank * shard.shape[-1]
+
+
+def teacher_topk_per_micro_batch(micro_batches: Iterable, forward: Callable[[Any], Tuple[Optional[torch.Tensor], Any]],
+                                 k: int, vocab_size: Optional[int], group: Group = None
+                                 ) -> Iterator[Tuple[Optional[Tuple[torch.Tensor, torch.Tensor]], Any]]:
+    """The local teacher's top-k signal, one micro-batch at a time: ``(topk or None, labels)`` per micro-batch.
+
+    ``forward(micro_batch)`` returns the teacher's ``[B, S, V_r]`` logit shard (``None`` off the last pipeline stage)
+    and its labels. Each shard is cut to :func:`teacher_topk_logprobs` before the next forward, so the full logits of
+    only one micro-batch exist at a time, not those of a whole generation batch (16 micro-batches of 4k tokens over a
+    152k vocabulary are ~20 GB per TP rank in bf16).
+    """
+    for micro_batch in micro_batches:
+        logits, labels = forward(micro_batch)
+        if logits is None:
+            yield None, labels
+            continue
+        topk = teacher_topk_logprobs(logits, k, shard_vocab_start(logits, group), vocab_size, group)
+        del logits
+        yield topk, labels
+
+
+def drop_ids_outside_vocab(ids: torch.Tensor, logprobs: torch.Tensor, limit: int
+                           ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A top-k teacher without the ids ``>= limit`` (the student has no such token, e.g. a served teacher with a
+    larger vocabulary): their slots become unused (``-inf``), their mass goes to the tail like any other mass
+    outside the top-k, as in ``swift rlhf``. Without this no rank owns them and the student's logit there reads 0."""
+    outside = ids >= limit  # no host synchronisation: masked whether or not any id is outside
+    return ids.masked_fill(outside, 0), logprobs.masked_fill(outside, float('-inf'))
+
+
+def _full_width(width: int, device: torch.device, group: Group) -> int:
+    """The padded vocabulary: the sum of the slice widths over ``group``."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return width
+    total = torch.tensor([width], dtype=torch.long, device=device)
+    dist.all_reduce(total, group=group)
+    return int(total.item())
 
 
 def gkd_loss_on_shards(student_shard: torch.Tensor,
@@ -96,7 +153,8 @@ def gkd_loss_on_shards(student_shard: torch.Tensor,
         vocab_size: the model's own vocabulary; Megatron's padded ids ``>= vocab_size`` are masked out of both sides.
         teacher_shard: ``[B', S', V_r]`` the teacher's logits over the same slice, or
         teacher_topk_ids, teacher_topk_logprobs: ``[B', S', k]`` a top-k teacher (global ids, log-probabilities,
-            ``-inf`` for unused slots), replicated on the group.
+            ``-inf`` for unused slots), replicated on the group; ids the student does not have (``>= vocab_size``,
+            or beyond the padded vocabulary when ``vocab_size`` is None) are dropped.
         teacher_labels: the teacher view's labels when it has its own prompt (privileged prompts); its response
             positions must hold as many tokens as the student's, in the same order. ``None``: the student's.
         tail: with a top-k teacher, the bucket holding the mass outside the top-k on both sides.
@@ -113,9 +171,11 @@ def gkd_loss_on_shards(student_shard: torch.Tensor,
     check_same_response_count(n_student, int(teacher_mask.sum()))
     student = mask_padded_vocab(student_shard[student_mask], vocab_start, vocab_size)
     if teacher_topk_ids is not None:
-        per_token = vocab_parallel_topk_jsd(student, vocab_start, teacher_topk_ids[teacher_mask],
-                                            teacher_topk_logprobs[teacher_mask], beta, temperature, group,
-                                            tail=tail, vocab_size=vocab_size)
+        limit = vocab_size if vocab_size is not None else _full_width(student.shape[-1], student.device, group)
+        ids, logprobs = drop_ids_outside_vocab(teacher_topk_ids[teacher_mask], teacher_topk_logprobs[teacher_mask],
+                                               limit)
+        per_token = vocab_parallel_topk_jsd(student, vocab_start, ids, logprobs, beta, temperature, group,
+                                            tail=tail, vocab_size=limit)
     else:
         teacher = teacher_shard[teacher_mask]
         if teacher.shape[-1] != student.shape[-1]:

@@ -32,8 +32,10 @@ from transformers.utils import ContextManagers
 from swift_gkd_plugin.core import Mode, choose_mode
 from swift_gkd_plugin.core.modes import mode_draw
 from swift_gkd_plugin.megatron.generation import generate
-from swift_gkd_plugin.megatron.loss import gkd_loss_on_shards, teacher_topk_logprobs
+from swift_gkd_plugin.megatron.loss import gkd_loss_on_shards, shard_vocab_start, teacher_topk_per_micro_batch
 from swift_gkd_plugin.megatron.rollout import collate_for_forward, encode_prompts, last_logits, rollout_outputs
+from swift_gkd_plugin.megatron.vocab import model_vocab_size
+from swift_gkd_plugin.swift.lora_round_trip import BaseWeightsKeeper
 from swift_gkd_plugin.swift.views import prepare_teacher_view
 
 logger = get_logger()
@@ -46,10 +48,15 @@ _CHUNK = 512  # rows per pass of the vocabulary-parallel divergence: bounds its 
 class GKDPluginMegatronTrainer(MegatronGKDTrainer):
 
     def __init__(self, args, template, **kwargs):
+        # shared-base teacher: vLLM syncs merge the adapter into the base in place; keep the base exact
+        self._base_keeper = BaseWeightsKeeper() if getattr(args, '_teacher_use_disable_adapter', False) else None
         super().__init__(args, template, **kwargs)
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         self._mode_log = os.path.join(args.output_dir, 'gkd_modes', f'rank{rank}.jsonl')
-        self._real_vocab = _hf_vocab_size(args)
+        self._real_vocab = model_vocab_size(template, args)
+        if self._real_vocab is None:
+            logger.warning('swift_gkd_plugin: the model config holds no vocab_size: Megatron\'s padded vocabulary '
+                           'rows cannot be masked (sampling, loss and top-k teacher use the padded vocabulary)')
         if not self.use_vllm and args.lmbda > 0:
             logger.info('swift_gkd_plugin: on-policy steps sample from the training model (no KV cache: each new '
                         'token re-runs the sequence; --use_vllm true is much faster for long completions)')
@@ -159,28 +166,63 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
         return self._postprocess_rollout_outputs(samples, outputs)
 
     # ------------------------------------------------------------------ teacher signal
-    def _compute_teacher_logits_local(self, encoded_batches: List[Dict], vp_stage: Optional[int] = None) -> None:
-        """ms-swift's local teacher forward, with top-k taken from true log-probabilities (needed by the tail)."""
-        if self.gkd_logits_topk is None:
-            return super()._compute_teacher_logits_local(encoded_batches, vp_stage)
-        topk, self.gkd_logits_topk = self.gkd_logits_topk, None
-        try:
-            super()._compute_teacher_logits_local(encoded_batches, vp_stage)  # full teacher logits
-        finally:
-            self.gkd_logits_topk = topk
-        group = mpu.get_tensor_model_parallel_group()
-        for batch in encoded_batches:
-            out: TeacherOutput = batch['teacher_output']
-            if out.full_logits is None:  # not the last pipeline stage
-                continue
-            logprobs, ids = teacher_topk_logprobs(out.full_logits, topk, self._vocab_start(out.full_logits),
-                                                  self._real_vocab, group)
-            batch['teacher_output'] = TeacherOutput(topk_logprobs=logprobs, topk_indices=ids, labels=out.labels)
+    def _compute_teacher_logits(self, encoded_batches: List[Dict], vp_stage: Optional[int] = None) -> None:
+        """ms-swift defers a self-distilled or shared-base teacher to ``_on_train_step_batch``, which its
+        ``evaluate`` never calls (``KeyError: 'teacher_output'``); in evaluation the weights do not change, so the
+        teacher runs here, once per evaluation batch."""
+        if self._is_self_distillation and not self.use_teacher_api and not self.unwrapped_models[0].training:
+            self._compute_teacher_logits_local(encoded_batches, vp_stage)
+            return
+        super()._compute_teacher_logits(encoded_batches, vp_stage)
 
-    @staticmethod
-    def _vocab_start(shard: torch.Tensor) -> int:
-        """First global vocabulary id of this rank's logit slice (Megatron splits the padded vocabulary evenly)."""
-        return mpu.get_tensor_model_parallel_rank() * shard.shape[-1]
+    def _compute_teacher_logits_local(self, encoded_batches: List[Dict], vp_stage: Optional[int] = None) -> None:
+        """ms-swift's local teacher forward, with each micro-batch's ``[B, S, V/tp]`` logits cut to the top-k right
+        after its forward (a generation batch's full logits are never held at once), the top-k taken from true
+        log-probabilities (needed by the tail) with the padded vocabulary excluded."""
+        topk = self.gkd_logits_topk
+        if topk is None:
+            return super()._compute_teacher_logits_local(encoded_batches, vp_stage)
+        model, context = self._local_teacher(vp_stage)
+        with torch.no_grad(), context:
+            signals = teacher_topk_per_micro_batch(
+                encoded_batches, lambda batch: self._teacher_forward(model, batch['teacher_model_inputs'], vp_stage),
+                topk, self._real_vocab, mpu.get_tensor_model_parallel_group())
+            for batch, (signal, labels) in zip(encoded_batches, signals):
+                if signal is None:  # not the last pipeline stage
+                    out = TeacherOutput(full_logits=None)
+                else:
+                    out = TeacherOutput(topk_logprobs=signal[0], topk_indices=signal[1])
+                out.labels = labels
+                batch['teacher_output'] = out
+
+    def _local_teacher(self, vp_stage: Optional[int]):
+        """ms-swift's choice: the student itself (adapter disabled for a shared base), or the teacher model."""
+        if self._is_self_distillation:
+            contexts = [m.disable_adapter() for m in self.peft_models] if self._teacher_use_disable_adapter else []
+            return self.unwrapped_models[vp_stage or 0], ContextManagers(contexts)
+        return self.teacher_models[vp_stage or 0], self.load_teacher_model_context()
+
+    def _teacher_forward(self, model, teacher_inputs: Dict, vp_stage: Optional[int]):
+        """One micro-batch through the teacher: ``(logits [B, S, V/tp] or None off the last stage, labels)``."""
+        data = self._prepare_batch({k: v.clone() if isinstance(v, torch.Tensor) else v
+                                    for k, v in teacher_inputs.items()}, vp_stage)
+        data.pop('loss_scale', None)
+        labels = data.pop('labels', None)
+        logits = forward_step_helper(model, data)
+        return (None if logits is None else logits.detach()), labels
+
+    # ------------------------------------------------------------------ vLLM weight sync
+    def merge_lora_adapters(self, adapter_name='default'):
+        if self._base_keeper is not None:
+            self._base_keeper.save(self.unwrapped_models)
+        super().merge_lora_adapters(adapter_name)
+
+    def unmerge_lora_adapters(self):
+        """ms-swift unmerges in place (``W + d - d != W`` in bf16); a shared-base teacher gets its base back exactly
+        (the CPU copy saved by :meth:`merge_lora_adapters`)."""
+        super().unmerge_lora_adapters()
+        if self._base_keeper is not None:
+            self._base_keeper.restore()
 
     # ------------------------------------------------------------------ loss
     def loss_func(self, output_tensor: torch.Tensor, *, labels: torch.Tensor, teacher_output: TeacherOutput,
@@ -189,13 +231,14 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
         summed losses by the step's summed counts over data- and context-parallel ranks (a per-token mean)."""
         args = self.args
         topk = teacher_output.is_topk_mode
+        group = mpu.get_tensor_model_parallel_group()
         divergence, _, n_student = gkd_loss_on_shards(
             output_tensor, labels, beta=args.beta, temperature=args.temperature,
-            vocab_start=self._vocab_start(output_tensor), vocab_size=self._real_vocab, teacher_shard=None if topk else teacher_output.full_logits,
+            vocab_start=shard_vocab_start(output_tensor, group), vocab_size=self._real_vocab,
+            teacher_shard=None if topk else teacher_output.full_logits,
             teacher_topk_ids=teacher_output.topk_indices if topk else None,
             teacher_topk_logprobs=teacher_output.topk_logprobs if topk else None,
-            teacher_labels=teacher_output.labels, tail=args.gkd_topk_tail,
-            group=mpu.get_tensor_model_parallel_group(), chunk_size=_CHUNK)
+            teacher_labels=teacher_output.labels, tail=args.gkd_topk_tail, group=group, chunk_size=_CHUNK)
         student_mask = labels != -100
         loss = divergence
         sft = None
@@ -219,16 +262,6 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
         if (self._step - 1) % self.steps_per_generation == 0:
             self._flush_log_completions()
         return loss, count, metric
-
-
-def _hf_vocab_size(args) -> Optional[int]:
-    """The model's own vocabulary size (Megatron pads its output layer beyond it)."""
-    info = getattr(args, 'model_info', None)
-    config = getattr(info, 'config', None)
-    size = getattr(config, 'vocab_size', None)
-    if size is None:
-        size = getattr(getattr(config, 'text_config', None), 'vocab_size', None)
-    return int(size) if size else None
 
 
 def _stop_token_ids(template) -> List[int]:

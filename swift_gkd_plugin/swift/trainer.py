@@ -35,6 +35,7 @@ from swift_gkd_plugin.core.offload import TeacherOffloader
 from swift_gkd_plugin.server.client import TeacherClient
 from swift_gkd_plugin.swift.hidden_states import (fused_fallback_reason, gathered_heads, head_bypassed, head_is_sharded,
                                                   head_rows, output_head, topk_from_hidden)
+from swift_gkd_plugin.swift.lora_round_trip import exact_lora_round_trip
 from swift_gkd_plugin.swift.peft_utils import TEACHER_ADAPTER, active_adapter, load_frozen_adapter
 from swift_gkd_plugin.swift.views import (check_privileged_columns, check_same_response_count, check_views_aligned,
                                          prepare_teacher_view, with_teacher_prompt)
@@ -210,6 +211,13 @@ class GKDPluginTrainer(GKDTrainer):
         if self._teacher_use_disable_adapter:
             return unwrapped.disable_adapter()
         return nullcontext()
+
+    def _move_model_to_vllm(self, *args, **kwargs):
+        """ms-swift's sync merges the LoRA adapter into the base in place and unmerges it (``W + d - d != W`` in
+        bf16): with a shared-base teacher the base is restored exactly afterwards (FSDP2 merges out of place)."""
+        shared_base = self._teacher_use_disable_adapter or getattr(self, '_teacher_adapter', None) is not None
+        with exact_lora_round_trip([self.model], enabled=shared_base and not getattr(self, '_is_fsdp2', False)):
+            return super()._move_model_to_vllm(*args, **kwargs)
 
     def _generate_with_teacher(self, samples):
         """seq_kd: the teacher samples the responses (transformers engine on the teacher's weights)."""

@@ -75,7 +75,10 @@ SEED=42
 TRAIN_ITERS=2
 # name | student | teacher | model type | lmbda | seq_kd | extra flags. The first three are the modes; then teacher
 # placements (shared-base LoRA self-distillation: --teacher_model == --model; an offloaded teacher) and the teacher's
-# top-k, at TP=1; the modes at TP=2; the MoE cases on 2 GPUs with expert parallelism 2 (data parallelism 2).
+# top-k (cut per micro-batch), evaluation with the shared-base teacher (ms-swift raised KeyError 'teacher_output'),
+# and with vLLM installed the shared base under vLLM weight syncs (the merge/unmerge round trip), at TP=1; the modes
+# and the top-k (the padded vocabulary: 448 rows, split over 2 ranks) at TP=2; the MoE cases on 2 GPUs with expert
+# parallelism 2 (data parallelism 2).
 CASE_TABLE=(
     "off_policy|student|teacher|qwen3|0|false|"
     "on_policy|student|teacher|qwen3|1|false|--use_vllm false"
@@ -83,11 +86,15 @@ CASE_TABLE=(
     "shared_base_lora_seq_kd|student|student|qwen3|0|true|--tuner_type lora"
     "offloaded_teacher_seq_kd|student|teacher|qwen3|0|true|--offload_teacher_model true"
     "teacher_topk_tail|student|teacher|qwen3|0|false|--gkd_logits_topk 8 --gkd_topk_tail true"
+    "shared_base_lora_eval|student|student|qwen3|0|false|--tuner_type lora --split_dataset_ratio 0.25 --eval_steps 1 --eval_iters 1"
+    "shared_base_lora_vllm|student|student|qwen3|1|false|--tuner_type lora --use_vllm true --vllm_mode colocate --vllm_gpu_memory_utilization 0.3 --vllm_max_model_len 256"
     "moe_ep2_on_policy|moe_student|moe_teacher|qwen3_moe|1|false|--use_vllm false --expert_model_parallel_size 2"
     "moe_ep2_seq_kd|moe_student|moe_teacher|qwen3_moe|0|true|--expert_model_parallel_size 2"
 )
-TP1_CASES=" off_policy on_policy seq_kd shared_base_lora_seq_kd offloaded_teacher_seq_kd teacher_topk_tail "
-TP2_CASES=" off_policy on_policy seq_kd "
+TP1_CASES=" off_policy on_policy seq_kd shared_base_lora_seq_kd offloaded_teacher_seq_kd teacher_topk_tail shared_base_lora_eval "
+# vLLM is optional: its shared-base case runs only where vLLM is installed
+"$PYTHON" -c 'import vllm' >/dev/null 2>&1 && TP1_CASES="$TP1_CASES shared_base_lora_vllm "
+TP2_CASES=" off_policy on_policy seq_kd teacher_topk_tail "
 EP2_CASES=" moe_ep2_on_policy moe_ep2_seq_kd "
 CASES=" ${CASES:-$TP1_CASES $EP2_CASES} "
 
@@ -163,6 +170,9 @@ run_case() {
     if [ $rc -ne 0 ]; then
         echo "  FAIL: exit code $rc; last lines of $log:"
         tail -n 40 "$log" | sed 's/^/    /'
+        FAILED+=("$tag")
+    elif [[ "$extra" == *--eval_steps* ]] && ! grep -q "eval_loss" "$log"; then
+        echo "  FAIL: no eval_loss logged in $log (evaluation did not run or did not score)"
         FAILED+=("$tag")
     elif check_run "$out" "$log" "$lmbda" "$seq_kd"; then
         echo "  PASS"

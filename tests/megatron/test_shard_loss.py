@@ -1,9 +1,11 @@
 """The Megatron trainer's loss on logit shards (``swift_gkd_plugin.megatron.loss``) in real gloo processes with
 TP = 2 and 4: equal, values and gradients, to the single-process float64 loss on the unpadded vocabulary, with
-Megatron's padded vocabulary rows holding junk, response masks, a teacher view with its own positions, and top-k
-teachers taken from true log-probabilities, with and without the tail bucket."""
+Megatron's padded vocabulary rows holding junk, response masks, a teacher view with its own positions, top-k
+teachers taken from true log-probabilities of [B, S, V/tp] micro-batch shards (as the trainer passes them), with and
+without the tail bucket, and a served teacher's top-k holding ids the student does not have."""
 import datetime
 import os
+import weakref
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from swift_gkd_plugin.core.tensor_parallel import vocab_parallel_topk_jsd
-from swift_gkd_plugin.megatron.loss import gkd_loss_on_shards, teacher_topk_logprobs
+from swift_gkd_plugin.megatron.loss import gkd_loss_on_shards, teacher_topk_logprobs, teacher_topk_per_micro_batch
 
 VOCAB, PADDED, K = 37, 40, 6
 CASES = [(0.0, 1.0), (0.5, 0.7), (1.0, 2.0)]
@@ -58,6 +60,52 @@ def reference(beta, temperature, topk, tail):
     return per_token.sum().detach(), student.grad
 
 
+def micro_batch_logits(seed):
+    """A teacher's [B, S, V_padded] logits for one micro-batch, junk in the padded rows."""
+    logits = torch.randn(2, 5, PADDED, generator=torch.Generator().manual_seed(100 + seed), dtype=torch.float64) * 3
+    logits[..., VOCAB:] = 50.0
+    return logits
+
+
+def teacher_loop(world_slice):
+    """The trainer's local teacher loop over 3 micro-batches, its forward returning this rank's [B, S, V/tp] shard;
+    every forward checks that no earlier micro-batch's full logits are still alive."""
+    alive = []
+
+    def forward(seed):
+        assert all(ref() is None for ref in alive), "an earlier micro-batch's full teacher logits are still held"
+        shard = micro_batch_logits(seed)[..., world_slice].clone()
+        alive.append(weakref.ref(shard))
+        return shard, f'labels{seed}'
+
+    return [(signal, labels) for signal, labels in teacher_topk_per_micro_batch([0, 1, 2], forward, K, VOCAB)]
+
+
+def server_topk():
+    """A teacher server's top-k ``[B, S', k]``: ids from a larger vocabulary (a padded row of the student, and one
+    beyond its padded vocabulary) among real ones, log-probabilities of a bigger softmax."""
+    _, teacher, _, _ = make_batch()
+    lp, ids = torch.log_softmax(torch.cat([teacher[..., :VOCAB], teacher[..., :12] - 1], -1), -1).topk(K, -1)
+    ids = ids.clone()
+    ids[..., 1] = VOCAB + 1  # a padded row of the student's output layer
+    ids[..., 3] = PADDED + 5  # beyond the student's padded vocabulary: no rank owns it
+    return ids, lp
+
+
+def server_reference(tail):
+    """The loss with the foreign ids dropped: their mass is outside the student's support, as in swift rlhf."""
+    student, _, labels, teacher_labels = make_batch()
+    student = student.clone().requires_grad_(True)
+    ids, lp = server_topk()
+    ids, lp = ids[teacher_labels != -100], lp[teacher_labels != -100]
+    foreign = ids >= VOCAB
+    per_token = vocab_parallel_topk_jsd(student[labels != -100][:, :VOCAB], 0, ids.masked_fill(foreign, 0),
+                                        lp.masked_fill(foreign, float('-inf')), 0.5, 1.0, None, tail=tail,
+                                        vocab_size=VOCAB)
+    per_token.sum().backward()
+    return per_token.sum().detach(), student.grad
+
+
 def _worker(rank, world, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world,
@@ -73,14 +121,23 @@ def _worker(rank, world, init_file, out_dir):
                 shard = student[..., sl].clone().requires_grad_(True)
                 kwargs = dict(beta=beta, temperature=temperature, vocab_start=start, vocab_size=VOCAB,
                               teacher_labels=teacher_labels, tail=tail, chunk_size=3)
-                if topk:
-                    lp, ids = teacher_topk_logprobs(teacher[..., sl].reshape(-1, width), K, start, VOCAB)
-                    kwargs.update(teacher_topk_ids=ids.reshape(2, 9, K), teacher_topk_logprobs=lp.reshape(2, 9, K))
+                if topk:  # [B, S, V/tp] as Megatron's forward returns them, as the trainer passes them
+                    lp, ids = teacher_topk_logprobs(teacher[..., sl], K, start, VOCAB, None, chunk_size=4)
+                    kwargs.update(teacher_topk_ids=ids, teacher_topk_logprobs=lp)
                 else:
                     kwargs.update(teacher_shard=teacher[..., sl])
                 total, _, n = gkd_loss_on_shards(shard, labels, **kwargs)
                 total.backward()
                 results[(beta, temperature, topk, tail)] = (total.detach(), shard.grad, n)
+        results['teacher_loop'] = teacher_loop(sl)
+        for tail in (False, True):  # a served teacher's top-k with ids the student does not have
+            shard = student[..., sl].clone().requires_grad_(True)
+            ids, lp = server_topk()
+            total, _, _ = gkd_loss_on_shards(shard, labels, beta=0.5, temperature=1.0, vocab_start=start,
+                                             vocab_size=VOCAB, teacher_topk_ids=ids, teacher_topk_logprobs=lp,
+                                             teacher_labels=teacher_labels, tail=tail)
+            total.backward()
+            results[('server', tail)] = (total.detach(), shard.grad)
         torch.save(results, os.path.join(out_dir, f'rank{rank}.pt'))
     finally:
         dist.destroy_process_group()
@@ -113,3 +170,23 @@ def test_the_teacher_view_must_score_as_many_tokens():
     with pytest.raises(ValueError, match='different numbers of response tokens'):
         gkd_loss_on_shards(student, labels, beta=0.5, temperature=1.0, vocab_start=0, vocab_size=VOCAB,
                            teacher_shard=teacher, teacher_labels=teacher_labels)
+
+
+@pytest.mark.parametrize('tail', [False, True], ids=['topk', 'tail'])
+def test_served_teacher_ids_beyond_the_vocabulary_are_dropped(ranks, tail):
+    ref_total, ref_grad = server_reference(tail)
+    for total, _ in (r[('server', tail)] for r in ranks):
+        assert torch.allclose(total, ref_total, rtol=1e-10, atol=1e-12), (total, ref_total)
+    grad = torch.cat([r[('server', tail)][1] for r in ranks], -1)
+    assert torch.allclose(grad, ref_grad, rtol=1e-9, atol=1e-12)
+    assert grad[..., VOCAB:].abs().max() == 0
+
+
+def test_the_teacher_loop_cuts_each_micro_batch_to_topk_before_the_next_forward(ranks):
+    for rank in ranks:  # replicated on every rank; the loop's own check of the earlier logits passed
+        for seed, ((logprobs, ids), labels) in enumerate(rank['teacher_loop']):
+            ref_logprobs, ref_ids = torch.log_softmax(micro_batch_logits(seed)[..., :VOCAB], -1).topk(K, -1)
+            assert labels == f'labels{seed}'
+            assert logprobs.shape == ids.shape == (2, 5, K)
+            assert torch.equal(ids, ref_ids)
+            assert torch.allclose(logprobs, ref_logprobs, rtol=1e-12, atol=1e-12)
