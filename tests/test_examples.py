@@ -18,9 +18,12 @@ import pytest
 from conftest import OFFLINE_ENV, base_args, run_swift
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'examples')
-RECORDERS = ('record() { local name="$1"; shift; printf "%s\\0" "$@" > "$RECORD_DIR/$name"; }\n'
+# A served teacher runs until the script kills it; the kill waits until the server has recorded its command line.
+RECORDERS = ('record() { local name="$1"; shift; printf "%s\\0" "$@" > "$RECORD_DIR/$name.tmp"; '
+             'mv "$RECORD_DIR/$name.tmp" "$RECORD_DIR/$name"; }\n'
              'swift() { record swift "$@"; }\nmegatron() { record megatron "$@"; }\n'
-             'swift-gkd() { record swift-gkd "$@"; }\n')
+             'swift-gkd() { record swift-gkd "$@"; [ "$1" != serve-teacher ] || exec sleep 600; }\n'
+             'kill() { until [ -e "$RECORD_DIR/swift-gkd" ]; do sleep 0.1; done; builtin kill "$@"; }\n')
 
 
 def record_commands(script: str, workdir, env=None, run_python=False) -> dict:
@@ -34,9 +37,10 @@ def record_commands(script: str, workdir, env=None, run_python=False) -> dict:
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     commands = {}
-    for path in glob.glob(os.path.join(record_dir, '*')):
-        with open(path) as f:
-            commands[os.path.basename(path)] = f.read().split('\0')[:-1]
+    for name in os.listdir(record_dir):
+        if not name.endswith('.tmp'):
+            with open(os.path.join(record_dir, name)) as f:
+                commands[name] = f.read().split('\0')[:-1]
     assert commands, f'{script} called none of swift, megatron, swift-gkd'
     return commands
 
@@ -58,7 +62,8 @@ def swift_rlhf_args_class():
 
 
 def megatron_rlhf_args_class():
-    pytest.importorskip('megatron.core', reason='megatron-core is not installed (the [megatron] extra)')
+    for module in ('megatron.core', 'mcore_bridge', 'transformer_engine'):  # Megatron-SWIFT's arguments import them
+        pytest.importorskip(module, reason=f'{module} is not installed: Megatron-SWIFT needs a CUDA machine')
     from swift_gkd_plugin.megatron.arguments import GKDPluginMegatronRLHFArguments
     return GKDPluginMegatronRLHFArguments
 
@@ -81,9 +86,9 @@ def omni_privileged_data(tiny_ws, tmp_path_factory):
 
 
 @pytest.mark.parametrize('script', sorted(os.path.basename(p) for p in glob.glob(os.path.join(EXAMPLES, '*.sh'))))
-def test_example_flags_exist(script, tiny_ws, omni_privileged_data, tmp_path):
-    if script == 'gkd_self_distill_qwen3_omni_lora.sh':
-        commands = {'swift': omni_privileged_data[0]}
+def test_example_flags_exist(script, request, tmp_path):
+    if script == 'gkd_self_distill_qwen3_omni_lora.sh':  # its python step needs a source dataset: the tiny one
+        commands = {'swift': request.getfixturevalue('omni_privileged_data')[0]}
     else:
         commands = record_commands(os.path.join(EXAMPLES, script), tmp_path, env={'WS': str(tmp_path / 'ws')})
     for program, argv in commands.items():
