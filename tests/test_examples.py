@@ -23,7 +23,8 @@ RECORDERS = ('record() { local name="$1"; shift; printf "%s\\0" "$@" > "$RECORD_
              'mv "$RECORD_DIR/$name.tmp" "$RECORD_DIR/$name"; }\n'
              'swift() { record swift "$@"; }\nmegatron() { record megatron "$@"; }\n'
              'swift-gkd() { record swift-gkd "$@"; [ "$1" != serve-teacher ] || exec sleep 600; }\n'
-             'kill() { until [ -e "$RECORD_DIR/swift-gkd" ]; do sleep 0.1; done; builtin kill "$@"; }\n')
+             'kill() { for _ in $(seq 300); do [ -e "$RECORD_DIR/swift-gkd" ] && break; sleep 0.1; done; '
+             'builtin kill "$@"; }\n')
 
 
 def record_commands(script: str, workdir, env=None, run_python=False) -> dict:
