@@ -1,8 +1,10 @@
 """swift-gkd-plugin: Generalized Knowledge Distillation for ms-swift, as a plugin."""
 import os
 
+import setuptools
 from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
+from setuptools.command.editable_wheel import editable_wheel
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PTH = 'swift_gkd_plugin.pth'
@@ -17,6 +19,29 @@ class BuildWithPth(build_py):
 
     def get_outputs(self, include_bytecode=1):
         return super().get_outputs(include_bytecode) + [os.path.join(self.build_lib, PTH)]
+
+
+class EditableWheelWithPth(editable_wheel):
+    """Puts ``swift_gkd_plugin.pth`` at the top of the PEP 660 editable wheel too (``pip install -e .``).
+
+    An editable wheel carries no ``build_py`` output: without this, ``pip install -e .`` imports the package but
+    never activates the plugin, and ``swift rlhf`` silently runs ms-swift's own trainer. Files left in the unpacked
+    wheel directory are written to the wheel and its RECORD, so ``pip uninstall`` removes the .pth as well.
+    """
+
+    def run(self):
+        self._pth_added = False
+        super().run()
+        if not self._pth_added:  # setuptools changed its internals: refuse a build that would leave the plugin off
+            raise RuntimeError(f'{PTH} was not added to the editable wheel: setuptools {setuptools.__version__} is '
+                               'not supported for editable installs of swift-gkd-plugin; use pip install .')
+
+    # setuptools' own step (64 to 84 at least) that fills the unpacked wheel; run() refuses a setuptools without it
+    def _run_build_commands(self, dist_name, unpacked_wheel, build_lib, tmp_dir):
+        outputs = super()._run_build_commands(dist_name, unpacked_wheel, build_lib, tmp_dir)
+        self.copy_file(os.path.join(HERE, PTH), os.path.join(unpacked_wheel, PTH), preserve_mode=0)
+        self._pth_added = True
+        return outputs
 
 
 def read_version():
@@ -48,7 +73,7 @@ setup(
         'bench': ['liger-kernel', 'psutil'],  # the optional Liger peer of benchmarks/bench_loss.py
     },
     entry_points={'console_scripts': ['swift-gkd = swift_gkd_plugin.cli:main']},
-    cmdclass={'build_py': BuildWithPth},
+    cmdclass={'build_py': BuildWithPth, 'editable_wheel': EditableWheelWithPth},
     # plugin/ is deliberately not a package: ms-swift puts its directory on sys.path (see activation.py)
     package_data={'swift_gkd_plugin': ['plugin/*.py']},
     zip_safe=False,

@@ -1,15 +1,57 @@
 #!/usr/bin/env bash
-# LoRA self-distillation of Qwen3-Omni-30B-A3B-Instruct (30B multimodal MoE): teacher = the base model with the LoRA
-# adapter disabled, student = base + LoRA. The base weights are loaded ONCE (same --model and --teacher_model with
-# --tuner_type lora). Start-up logs "Using shared base model architecture:" and the student/teacher lines.
-# Qwen3-Omni-30B-A3B-Instruct（30B 多模态 MoE）的 LoRA 自蒸馏：教师 = 关闭 LoRA 的基座模型，学生 = 基座 + LoRA。
-# --model 与 --teacher_model 相同且 --tuner_type lora 时基座权重只加载一次；启动日志会打印
-# "Using shared base model architecture:" 及学生/教师两行。
-# vLLM does not serve Qwen3-Omni: sampling uses ms-swift's transformers engine.
-# vLLM 不支持 Qwen3-Omni：采样使用 ms-swift 的 transformers 引擎。
+# LoRA self-distillation of Qwen3-Omni-30B-A3B-Instruct (30B multimodal MoE) with a PRIVILEGED TEACHER CONTEXT.
+# Qwen3-Omni-30B-A3B-Instruct（30B 多模态 MoE）的 LoRA 自蒸馏，教师带有特权上下文。
+#
+# Placement: student = base + LoRA, teacher = the same base with the adapter disabled. The base weights are loaded
+# ONCE (same --model and --teacher_model with --tuner_type lora); start-up logs "Using shared base model architecture:".
+# 放置：学生 = 基座 + LoRA，教师 = 关闭 LoRA 的同一基座；基座权重只加载一次（--model 与 --teacher_model 相同且
+# --tuner_type lora），启动日志打印 "Using shared base model architecture:"。
+#
+# What drives the loss: a fresh LoRA is zero, so on the SAME prompt the student equals its teacher and the loss is
+# exactly 0 (nothing is learned). Here every row gets a `teacher_prompt` column: the question plus the dataset's
+# reference answer, which only the teacher reads. The student's response (its own sample on on-policy steps, the
+# dataset answer otherwise) is scored by the student on the bare question and by the teacher with the reference in
+# view; the divergence between the two is the loss, so the LoRA learns to answer, without the hint, as the base model
+# does when it has seen the reference. Other ways to move a zero LoRA away from its teacher: TEACHER_ADAPTERS=PATH
+# (a fine-tuned teacher LoRA on the same base), or a student that starts from an SFT adapter (--adapters PATH).
+# 损失从何而来：新 LoRA 为零，同一提示下学生与教师完全相同，损失恰为 0（学不到东西）。本脚本给每行加
+# `teacher_prompt` 列：问题 + 数据集的参考答案，只有教师能看到。学生的回答（on-policy 步为学生自己的采样，其余为数据集
+# 答案）由学生在只有问题的提示下打分、由看到参考答案的教师打分，二者的散度即损失：LoRA 学会在没有提示时像看过参考
+# 答案的基座一样作答。其他让零 LoRA 偏离教师的方法：TEACHER_ADAPTERS=PATH（同一基座上微调过的教师 LoRA），或学生从
+# SFT 适配器开始（--adapters PATH）。
+#
+# vLLM does not serve Qwen3-Omni: on-policy sampling uses ms-swift's transformers engine.
+# vLLM 不支持 Qwen3-Omni：on-policy 采样使用 ms-swift 的 transformers 引擎。
 # About 36 GiB per GPU with ZeRO-3 and batch 4 (8 GPUs). / ZeRO-3、batch 4 时每卡约 36 GiB（8 卡）。
 set -euo pipefail
 MODEL=${MODEL:-Qwen/Qwen3-Omni-30B-A3B-Instruct}
+SOURCE_DATASET=${SOURCE_DATASET:-AI-ModelScope/alpaca-gpt4-data-zh#2000}  # any dataset with answers / 任何带答案的数据集
+OUTPUT_DIR=${OUTPUT_DIR:-output/gkd-omni-self-distill}
+DATA=${DATA:-$OUTPUT_DIR/privileged_train.jsonl}
+TEACHER_ADAPTERS=${TEACHER_ADAPTERS:-}
+
+if [ ! -f "$DATA" ]; then
+    # ms-swift's loader turns the source rows into `messages`; the teacher's prompt is the last user turn + the answer.
+    # 用 ms-swift 的加载器把源数据转为 `messages`；教师提示 = 最后一个用户轮 + 答案。
+    mkdir -p "$(dirname "$DATA")"
+    python - "$SOURCE_DATASET" "$DATA" <<'EOF'
+import json, sys
+from swift.dataset import load_dataset
+source, out = sys.argv[1:]
+rows, _ = load_dataset([source])
+with open(out, 'w', encoding='utf-8') as f:
+    for row in rows:
+        messages = [m for m in row['messages'] if m['role'] != 'system']
+        question, answer = messages[-2]['content'], messages[-1]['content']
+        teacher_prompt = f'{question}\n\n参考答案 / Reference answer (use it, do not mention it):\n{answer}'
+        f.write(json.dumps({'messages': row['messages'], 'teacher_prompt': teacher_prompt}, ensure_ascii=False) + '\n')
+EOF
+fi
+
+EXTRA=()
+if [ -n "$TEACHER_ADAPTERS" ]; then
+    EXTRA+=(--teacher_adapters "$TEACHER_ADAPTERS")
+fi
 
 export OMP_NUM_THREADS=1
 export PYTORCH_CUDA_ALLOC_CONF='expandable_segments:True'
@@ -24,31 +66,28 @@ swift rlhf \
     --lora_alpha 16 \
     --lora_dropout 0.05 \
     --target_modules all-linear \
-    --dataset 'AI-ModelScope/alpaca-gpt4-data-zh#2000' \
+    --dataset "$DATA" \
     --split_dataset_ratio 0.01 \
-    --max_length 2048 \
+    --max_length 4096 \
     --max_completion_length 512 \
     --dataloader_num_workers 4 \
     --dataset_num_proc 4 \
     --seq_kd false \
     --lmbda 0.5 \
-    --temperature 2.0 \
+    --temperature 1.0 \
     --beta 0.5 \
+    "${EXTRA[@]}" \
     --num_train_epochs 1 \
     --per_device_train_batch_size 4 \
     --per_device_eval_batch_size 4 \
-    --learning_rate 1e-5 \
+    --learning_rate 1e-4 \
     --gradient_accumulation_steps 1 \
     --warmup_ratio 0.05 \
     --deepspeed zero3 \
     --attn_impl flash_attention_2 \
-    --output_dir output/gkd-omni-self-distill \
+    --output_dir "$OUTPUT_DIR" \
     --eval_steps 50 \
     --save_steps 50 \
     --save_total_limit 2 \
     --logging_steps 5 \
     --save_only_model true
-# Note: the LoRA starts at zero, so student == teacher and the loss is 0 until the student moves: start from an SFT
-# adapter (--adapters PATH), add --sft_alpha, or give the teacher a privileged prompt (teacher_prompt column).
-# 注意：LoRA 初始为零时学生与教师相同，损失为 0；可从 SFT 适配器开始（--adapters PATH）、加 --sft_alpha，或在数据中
-# 提供 teacher_prompt 列给教师特权提示。

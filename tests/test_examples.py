@@ -1,0 +1,123 @@
+"""The example scripts: every flag they pass exists (parsed by the real argument classes), and the self-distillation
+example trains on a loss that is not zero from the start.
+
+The scripts need real models and GPUs, so they are run by bash with ``swift``, ``megatron`` and ``swift-gkd``
+defined as shell functions that record their command line; everything else (variables, arrays) runs for real, and
+so do the scripts' own python steps where a test needs what they write (elsewhere ``python`` is recorded too: the
+tiny CPU example's workspace build is what ``swift-gkd demo`` runs). The recorded command lines are then parsed as
+those programs parse them.
+"""
+import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import OFFLINE_ENV, base_args, run_swift
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'examples')
+# A served teacher runs until the script kills it; the kill waits until the server has recorded its command line.
+RECORDERS = ('record() { local name="$1"; shift; printf "%s\\0" "$@" > "$RECORD_DIR/$name.tmp"; '
+             'mv "$RECORD_DIR/$name.tmp" "$RECORD_DIR/$name"; }\n'
+             'swift() { record swift "$@"; }\nmegatron() { record megatron "$@"; }\n'
+             'swift-gkd() { record swift-gkd "$@"; [ "$1" != serve-teacher ] || exec sleep 600; }\n'
+             'kill() { for _ in $(seq 300); do [ -e "$RECORD_DIR/swift-gkd" ] && break; sleep 0.1; done; '
+             'builtin kill "$@"; }\n')
+
+
+def record_commands(script: str, workdir, env=None, run_python=False) -> dict:
+    """Runs ``script`` under bash in ``workdir``; returns {program: argv} for each program it called."""
+    record_dir = os.path.join(workdir, 'recorded')
+    os.makedirs(record_dir, exist_ok=True)
+    full_env = dict(os.environ, **OFFLINE_ENV, RECORD_DIR=record_dir, **(env or {}))
+    full_env['PATH'] = os.path.dirname(sys.executable) + os.pathsep + full_env['PATH']
+    recorders = RECORDERS if run_python else RECORDERS + 'python() { record python "$@"; }\n'
+    done = subprocess.run(['bash', '-c', recorders + 'source "$0"', script], cwd=workdir, env=full_env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    commands = {}
+    for name in os.listdir(record_dir):
+        if not name.endswith('.tmp'):
+            with open(os.path.join(record_dir, name)) as f:
+                commands[name] = f.read().split('\0')[:-1]
+    assert commands, f'{script} called none of swift, megatron, swift-gkd'
+    return commands
+
+
+def unknown_flags(args_class, argv) -> list:
+    """The flags of ``argv`` that ms-swift's parser (``swift.utils.parse_args``) would leave unparsed; argparse
+    refuses a bad value of a known flag (e.g. a value outside a Literal's choices) with SystemExit."""
+    from swift.utils.utils import _patch_get_type_hints
+    from transformers import HfArgumentParser
+    with _patch_get_type_hints():
+        parser = HfArgumentParser([args_class])
+    _, remaining = parser.parse_known_args(argv)
+    return remaining
+
+
+def swift_rlhf_args_class():
+    from swift_gkd_plugin.swift.arguments import GKDPluginRLHFArguments
+    return GKDPluginRLHFArguments
+
+
+def megatron_rlhf_args_class():
+    for module in ('megatron.core', 'mcore_bridge', 'transformer_engine'):  # Megatron-SWIFT's arguments import them
+        pytest.importorskip(module, reason=f'{module} is not installed: Megatron-SWIFT needs a CUDA machine')
+    from swift_gkd_plugin.megatron.arguments import GKDPluginMegatronRLHFArguments
+    return GKDPluginMegatronRLHFArguments
+
+
+def check_serve_teacher(argv):
+    from swift_gkd_plugin.server import cli as server_cli
+    parser = argparse.ArgumentParser()
+    server_cli.add_arguments(parser)
+    parser.parse_args(argv)  # exits on an unknown flag
+
+
+@pytest.fixture(scope='module')
+def omni_privileged_data(tiny_ws, tmp_path_factory):
+    """The self-distillation example run on the tiny train set: its command line and the dataset it wrote."""
+    workdir = tmp_path_factory.mktemp('omni')
+    commands = record_commands(os.path.join(EXAMPLES, 'gkd_self_distill_qwen3_omni_lora.sh'), workdir,
+                               env={'SOURCE_DATASET': tiny_ws.train}, run_python=True)
+    argv = commands['swift']
+    return argv, os.path.join(workdir, argv[argv.index('--dataset') + 1])
+
+
+@pytest.mark.parametrize('script', sorted(os.path.basename(p) for p in glob.glob(os.path.join(EXAMPLES, '*.sh'))))
+def test_example_flags_exist(script, request, tmp_path):
+    if script == 'gkd_self_distill_qwen3_omni_lora.sh':  # its python step needs a source dataset: the tiny one
+        commands = {'swift': request.getfixturevalue('omni_privileged_data')[0]}
+    else:
+        commands = record_commands(os.path.join(EXAMPLES, script), tmp_path, env={'WS': str(tmp_path / 'ws')})
+    for program, argv in commands.items():
+        if program == 'python':
+            continue
+        if program == 'swift-gkd':
+            assert argv[0] == 'serve-teacher'
+            check_serve_teacher(argv[1:])
+            continue
+        assert argv[0] == 'rlhf' and argv[argv.index('--rlhf_type') + 1] == 'gkd', argv
+        args_class = swift_rlhf_args_class() if program == 'swift' else megatron_rlhf_args_class()
+        assert unknown_flags(args_class, argv[1:]) == [], f'{script}: {program} rlhf does not know these flags'
+
+
+def test_self_distillation_example_gives_the_teacher_a_privileged_prompt(tiny_ws, omni_privileged_data, tmp_path):
+    """Shared base, zero LoRA: only the teacher_prompt column the example writes makes the loss non-zero at step 1."""
+    argv, data = omni_privileged_data
+    assert argv[argv.index('--model') + 1] == argv[argv.index('--teacher_model') + 1]
+    assert argv[argv.index('--tuner_type') + 1] == 'lora'
+    assert os.path.isfile(data), f'the example trains on {data}, not on a dataset with a privileged teacher column'
+    with open(data) as f:
+        rows = [json.loads(line) for line in f]
+    with open(tiny_ws.train) as f:
+        assert len(rows) == sum(1 for _ in f)
+    for row in rows:
+        question, answer = row['messages'][-2]['content'], row['messages'][-1]['content']
+        assert row['teacher_prompt'].startswith(question) and answer in row['teacher_prompt']
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), teacher_model=tiny_ws.student, tuner_type='lora',
+                              lora_dropout=0, dataset=data, lmbda=0, max_steps=2, max_length=256))
+    assert 'Using shared base model architecture:' in run.output
+    assert run.losses[0] > 0, run.losses

@@ -1,0 +1,70 @@
+"""Both install kinds ship the activation file: the regular wheel and the PEP 660 editable wheel (``pip install -e``).
+
+The wheels are built offline with setuptools' own PEP 517/660 hooks (the ones pip calls) from a copy of the project,
+then unpacked into a directory that a bare interpreter (``python -S``) adds as a site directory, as pip's install
+would: the plugin's start-up hook must be active in that interpreter.
+"""
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PTH = 'swift_gkd_plugin.pth'
+PROJECT_FILES = ['setup.py', 'pyproject.toml', 'README.md', PTH]
+
+
+@pytest.fixture(scope='module')
+def project_copy(tmp_path_factory):
+    """The project's build inputs in a scratch directory, so that building leaves no egg-info/build in the tree."""
+    root = tmp_path_factory.mktemp('project')
+    for name in PROJECT_FILES:
+        shutil.copy(os.path.join(PROJECT, name), root / name)
+    shutil.copytree(os.path.join(PROJECT, 'swift_gkd_plugin'), root / 'swift_gkd_plugin',
+                    ignore=shutil.ignore_patterns('__pycache__'))
+    return root
+
+
+def build(project_dir, hook: str, out_dir) -> str:
+    """Runs setuptools' PEP 517/660 hook ``build_wheel`` or ``build_editable``; returns the wheel's path."""
+    os.makedirs(out_dir)
+    code = f'import sys; from setuptools import build_meta; print(build_meta.{hook}(sys.argv[1]))'
+    done = subprocess.run([sys.executable, '-c', code, str(out_dir)], cwd=project_dir, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return os.path.join(out_dir, done.stdout.strip().splitlines()[-1])
+
+
+def record_paths(wheel: zipfile.ZipFile):
+    record = next(n for n in wheel.namelist() if n.endswith('.dist-info/RECORD'))
+    return {line.split(',')[0] for line in wheel.read(record).decode().splitlines()}
+
+
+def bootstrap_active_in(site_dir) -> str:
+    """``python -I -S`` (no site-packages, no PYTHONPATH, no working directory on sys.path) with ``site_dir`` added
+    as a site directory, as pip's install into site-packages would."""
+    code = ('import site, sys; site.addsitedir(sys.argv[1]); '
+            'import swift_gkd_plugin._bootstrap as b; '
+            'print(any(isinstance(f, b._PostImportFinder) for f in sys.meta_path), b.__file__)')
+    done = subprocess.run([sys.executable, '-I', '-S', '-c', code, str(site_dir)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.strip()
+
+
+@pytest.mark.parametrize('hook', ['build_wheel', 'build_editable'])
+def test_wheel_ships_the_activation_file(project_copy, tmp_path, hook):
+    wheel_path = build(project_copy, hook, tmp_path / 'dist')
+    with zipfile.ZipFile(wheel_path) as wheel:
+        assert PTH in wheel.namelist(), f'{hook}: {PTH} is not at the top of {os.path.basename(wheel_path)}'
+        assert wheel.read(PTH) == open(os.path.join(PROJECT, PTH), 'rb').read()
+        assert PTH in record_paths(wheel), f'{hook}: {PTH} is not in RECORD, pip uninstall would leave it behind'
+        wheel.extractall(tmp_path / 'site')
+    active, bootstrap_file = bootstrap_active_in(tmp_path / 'site').split(' ', 1)
+    assert active == 'True'
+    # the editable install must import the project's own source, the regular one its installed copy
+    expected_root = project_copy if hook == 'build_editable' else tmp_path / 'site'
+    assert os.path.realpath(bootstrap_file).startswith(os.path.realpath(expected_root) + os.sep)
