@@ -249,6 +249,8 @@ def test_on_policy_image_prone_student_under_zero2(mm, tmp_path):
     before, after = _weights(mm.image_prone), _weights(run.checkpoints()[-1])
     changed = {name for name in before if not torch.equal(before[name], after[name])}
     assert changed and all('language_model' in name or 'lm_head' in name for name in changed), sorted(changed)
+    with open(os.path.join(run.checkpoints()[-1], 'generation_config.json')) as f:
+        assert 'suppress_tokens' not in json.load(f)  # the samplers' setting is not saved with the model
 
 
 def test_a_response_holding_an_image_token_is_cut_before_it(mm):
