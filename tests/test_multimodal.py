@@ -55,14 +55,33 @@ def _build(root):
     lora.save_pretrained(os.path.join(root, 'adapter_fit'))
     # the trained student's files under another name: ms-swift then loads a separate teacher
     os.symlink(trained_student, os.path.join(root, 'trained_student_alias'))
+    image_prone = _build_image_prone(os.path.join(root, 'student'), os.path.join(root, 'image_prone_student'))
+    os.symlink(image_prone, os.path.join(root, 'image_prone_alias'))
+
+
+def _build_image_prone(source, out_dir):
+    """A copy of ``source`` made to draw its ``<image>`` token at about half of the response positions: every text
+    token's embedding leans along coordinate 0, and the head's ``<image>`` row reads only that coordinate."""
+    import torch
+    model = tmm.load_model(source)
+    with torch.no_grad():
+        model.model.language_model.embed_tokens.weight[:, 0] += 4.0
+        image_row = model.lm_head.weight[model.config.image_token_id]
+        image_row.zero_()
+        image_row[0] = math.log(model.lm_head.weight.shape[0]) / math.sqrt(model.config.text_config.hidden_size)
+    model.save_pretrained(out_dir)
+    tmm.load_processor(source).save_pretrained(out_dir)
+    return out_dir
 
 
 @pytest.fixture(scope='module')
 def mm(tmp_path_factory) -> Workspace:
     """Tiny LLaVA models, built once for all xdist workers: ``student`` (random), ``teacher`` (wider, trained: names
     every colour), ``blind_teacher`` (the trained teacher with its image features zeroed), ``trained_student``
-    (student size, trained), ``adapter`` (a non-zero LoRA on the trained student's decoder), ``alias`` (a symlink to
-    the trained student) and ``train`` (8 image rows; ``answers`` counts their colours)."""
+    (student size, trained), ``image_prone`` (the student, made to draw ``<image>`` at about half of its response
+    positions; ``image_prone_alias`` is a symlink to it), ``adapter`` (a non-zero LoRA on the trained
+    student's decoder), ``alias`` (a symlink to the trained student) and ``train`` (8 image rows; ``answers`` counts
+    their colours)."""
     from filelock import FileLock
     shared = tmp_path_factory.getbasetemp()
     if os.environ.get('PYTEST_XDIST_WORKER'):
@@ -80,6 +99,8 @@ def mm(tmp_path_factory) -> Workspace:
     ws.trained_student = os.path.join(root, 'trained_student')
     ws.adapter = os.path.join(root, 'adapter_fit')
     ws.alias = os.path.join(root, 'trained_student_alias')
+    ws.image_prone = os.path.join(root, 'image_prone_student')
+    ws.image_prone_alias = os.path.join(root, 'image_prone_alias')
     ws.answers = Counter(r['messages'][-1]['content'] for r in tmm.read_dataset(train))
     return ws
 
@@ -180,3 +201,85 @@ def test_shared_base_trains_with_sampling(mm, tmp_path, mode):
     _assert_trained(run, mode)
     if mode == 'seq_kd':
         _assert_samples_name_the_images(run, mm)
+
+
+# ---------------------------------------------------------------- samplers that would draw media placeholders
+# ms-swift's multimodal GKD example (examples/train/multimodal/rlhf/gkd/full.sh), scaled down: 4 rows per batch,
+# --max_length 4096, vision tower and projector frozen. A sampled <image> made the re-encoded sample ask for one
+# image more than it has, and the forward failed ("Image features and image tokens do not match").
+EXAMPLE = dict(per_device_train_batch_size=4, max_length=4096, max_completion_length=12, freeze_vit='true',
+               freeze_aligner='true', log_completions='true')
+
+
+def _assert_no_image_tokens_sampled(run, mm, n_samples):
+    from transformers import AutoTokenizer
+    image_id = AutoTokenizer.from_pretrained(mm.image_prone).convert_tokens_to_ids(tmm.IMAGE_TOKEN)
+    completions = [c for step in _completions_per_step(run) for c in step]
+    assert len(completions) == n_samples
+    # the log shows a placeholder token as '[id * count]'
+    assert not any(tmm.IMAGE_TOKEN in c or f'[{image_id} *' in c for c in completions), completions
+    assert 'held a media placeholder token' not in run.output  # the samplers were told, nothing had to be cut
+
+
+def _weights(model_dir):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(model_dir, 'model.safetensors'))
+
+
+def test_student_and_teacher_samplers_never_draw_image_tokens(mm, tmp_path):
+    """One process, dense loss: a student and a separate teacher (its copy) that would draw <image> at about half of
+    their response positions; step 0 is seq_kd (the teacher samples), step 1 on-policy (the student samples)."""
+    run = run_swift(mm_args(mm, str(tmp_path / 'out'), model=mm.image_prone, teacher_model=mm.image_prone_alias,
+                            lmbda=0.5, seq_kd='true', seed=0, gkd_loss_impl='dense', **EXAMPLE))
+    assert [m['mode'] for m in run.modes()] == ['seq_kd', 'on_policy']
+    assert len(run.losses) == 2 and all(math.isfinite(x) and x >= 0 for x in run.losses), run.losses
+    _assert_no_image_tokens_sampled(run, mm, n_samples=2 * 4)
+
+
+def test_on_policy_image_prone_student_under_zero2(mm, tmp_path):
+    """The same example on 2 processes with ZeRO-2 (4 rows per rank), on-policy: it trains, no sample holds <image>,
+    and only the decoder's weights change (tower and projector frozen)."""
+    pytest.importorskip('deepspeed')
+    import torch
+    run = run_swift(mm_args(mm, str(tmp_path / 'out'), model=mm.image_prone, deepspeed='zero2', fp16='false',
+                            use_cpu='true', save_strategy='steps', save_steps=2, save_only_model='true',
+                            **EXAMPLE, **MODES['on_policy']), nproc=2)
+    _assert_trained(run, 'on_policy')
+    _assert_no_image_tokens_sampled(run, mm, n_samples=2 * 2 * 4)
+    before, after = _weights(mm.image_prone), _weights(run.checkpoints()[-1])
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and all('language_model' in name or 'lm_head' in name for name in changed), sorted(changed)
+    with open(os.path.join(run.checkpoints()[-1], 'generation_config.json')) as f:
+        assert 'suppress_tokens' not in json.load(f)  # the samplers' setting is not saved with the model
+
+
+def test_a_response_holding_an_image_token_is_cut_before_it(mm):
+    """The net under samplers that cannot be told (vLLM, a rollout server): ms-swift's template expands a sampled
+    ``<image>`` into a second image slot of a one-image row; the plugin cuts the response (ids, log-probs, text)
+    before it, and the re-encoded sample has one slot and the response's text tokens as labels."""
+    from copy import deepcopy
+
+    from swift import get_processor, get_template
+    from swift.rl_core.data import GKDSample
+    from swift.rlhf_trainers.utils import encode_sample
+
+    from swift_gkd_plugin.swift.media_tokens import cut_at_media_placeholders
+    template = get_template(get_processor(mm.student, model_type=tmm.MODEL_TYPE), template_type=tmm.TEMPLATE,
+                            max_length=4096)
+    template.set_mode('train')
+    tok = template.tokenizer
+    image_id = tok.convert_tokens_to_ids(tmm.IMAGE_TOKEN)
+    text = tok.encode(' red green', add_special_tokens=False)
+    drawn = text + [image_id] + text
+    row = tmm.read_dataset(mm.train)[0]
+    sample = GKDSample(messages=[row['messages'][0], {'role': 'assistant', 'content': tok.decode(drawn)}],
+                       images=row['images'], response_token_ids=drawn, rollout_logprobs=[[-1.0] * len(drawn)],
+                       add_eos=False)
+    assert encode_sample(deepcopy(sample), template)['input_ids'].count(image_id) == 2 * tmm.NUM_IMAGE_TOKENS
+
+    assert cut_at_media_placeholders([sample], template) == 1
+    assert sample.response_token_ids == text and sample.rollout_logprobs == [[-1.0] * len(text)]
+    assert sample.messages[-1]['content'] == tok.decode(text)
+    encoded = encode_sample(sample, template)
+    assert encoded['input_ids'].count(image_id) == tmm.NUM_IMAGE_TOKENS
+    assert [t for t, label in zip(encoded['input_ids'], encoded['labels']) if label != -100] == text

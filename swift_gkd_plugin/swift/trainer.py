@@ -36,6 +36,7 @@ from swift_gkd_plugin.server.client import TeacherClient
 from swift_gkd_plugin.swift.hidden_states import (fused_fallback_reason, gathered_heads, head_bypassed, head_is_sharded,
                                                   head_rows, output_head, topk_from_hidden)
 from swift_gkd_plugin.swift.lora_round_trip import exact_lora_round_trip
+from swift_gkd_plugin.swift.media_tokens import cut_at_media_placeholders, suppress_media_placeholders
 from swift_gkd_plugin.swift.peft_utils import TEACHER_ADAPTER, active_adapter, load_frozen_adapter
 from swift_gkd_plugin.swift.views import (check_privileged_columns, check_same_response_count, check_views_aligned,
                                          prepare_teacher_view, with_teacher_prompt)
@@ -79,6 +80,7 @@ class GKDPluginTrainer(GKDTrainer):
                 self.accelerator.unwrap_model(self.teacher_model), self.accelerator.device)
         self._log_teacher_placement()
         self._fused = self._decide_loss_impl()
+        suppress_media_placeholders(getattr(self, 'engine', None), self.template)  # the student's own sampler
 
     def _decide_loss_impl(self) -> bool:
         """--gkd_loss_impl: fused wherever it applies; otherwise dense, and the log says why (once)."""
@@ -240,6 +242,18 @@ class GKDPluginTrainer(GKDTrainer):
         template.remove_unused_columns = True
         return template
 
+    def _sampling_engine(self, model):
+        engine = TransformersEngine(model, template=self._infer_template(), max_batch_size=0)
+        suppress_media_placeholders(engine, self.template)
+        return engine
+
+    def _postprocess_rollout_outputs(self, samples, outputs):
+        """Every sampler's responses (student or teacher, any engine) as samples, cut before a media placeholder
+        that a sampler outside this process may still have drawn."""
+        samples = super()._postprocess_rollout_outputs(samples, outputs)
+        cut_at_media_placeholders(samples, self.template)
+        return samples
+
     @contextmanager
     def _teacher_sampling_context(self):
         # the transformers engine calls eval() on the model it drives: the student module when the base is shared
@@ -251,7 +265,7 @@ class GKDPluginTrainer(GKDTrainer):
                     unwrap_model_for_generation(
                         self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation))
                 stack.enter_context(self._teacher_view_of_student(unwrapped))
-                engine = TransformersEngine(unwrapped, template=self._infer_template(), max_batch_size=0)
+                engine = self._sampling_engine(unwrapped)
             else:
                 stack.enter_context(self.load_teacher_model_context())
                 unwrapped = stack.enter_context(
@@ -259,8 +273,7 @@ class GKDPluginTrainer(GKDTrainer):
                         self.teacher_model, self.accelerator,
                         gather_deepspeed3_params=self.teacher_ds3_gather_for_generation is not False))
                 if self._teacher_engine is None or self._teacher_engine.model is not unwrapped:
-                    self._teacher_engine = TransformersEngine(unwrapped, template=self._infer_template(),
-                                                              max_batch_size=0)
+                    self._teacher_engine = self._sampling_engine(unwrapped)
                 engine = self._teacher_engine
             stack.enter_context(self.template.generate_context())
             yield engine
