@@ -77,6 +77,15 @@ BAD_INPUTS = [
     ({'teacher_model': '/nonexistent/teacher'}, ['--teacher_model', '/nonexistent/teacher', 'no such model']),
     ({'gkd_loss_impl': 'bogus'}, ['--gkd_loss_impl', 'bogus', 'auto', 'fused', 'dense']),
     ({'gkd_logits_topk': 0}, ['--gkd_logits_topk must be a positive integer']),
+    ({'temperature': 'inf'}, ['--temperature must be a finite number', 'inf']),
+    ({'lmbda': 'nan'}, ['--lmbda must be a finite number', 'nan']),
+    ({'sft_alpha': -1}, ['--sft_alpha must be >= 0', '-1']),
+    ({'sft_alpha': 'inf'}, ['--sft_alpha must be a finite number']),
+    ({'teacher_server_timeout': 'nan'}, ['--teacher_server_timeout must be a finite number']),
+    ({'gkd_logits_topk': 1000}, ['--gkd_logits_topk 1000 is larger than the vocabulary', '--model has 448',
+                                 '--teacher_model has 448', 'allowed 1 to 448']),
+    ({'use_vllm': 'true', 'vllm_mode': 'colocate'}, ['--use_vllm true (--vllm_mode colocate) needs vLLM',
+                                                     '--use_vllm false']),
     ({'lmbdaa': 0.5}, ['remaining_argv', '--lmbdaa']),
 ]
 
@@ -104,3 +113,45 @@ def test_plugin_flags_are_refused_for_other_rlhf_types(tiny_ws, tmp_path):
                               teacher_model_type=None, gkd_loss_impl='dense'), check=False, timeout=120)
     assert run.returncode != 0
     assert "['--gkd_loss_impl'] only apply to --rlhf_type gkd" in run.output
+
+
+GOOD_ROW = b'{"messages": [{"role": "user", "content": "Reverse: a b"}, {"role": "assistant", "content": "b a"}]}\n'
+PROMPT_ONLY_ROW = b'{"messages": [{"role": "user", "content": "Reverse: c d"}]}\n'
+BAD_DATASETS = {
+    'empty': (b'', {}, ['--dataset', 'empty.jsonl', 'has no rows']),
+    'blank_lines_only': (b'\n  \n', {}, ['--dataset', 'blank_lines_only.jsonl', 'has no rows']),
+    'latin1': (GOOD_ROW * 2 + GOOD_ROW.replace(b'b a', b'caf\xe9'), {},
+               ['--dataset', 'latin1.jsonl', 'line 3 is not UTF-8']),
+    'truncated_json': (GOOD_ROW + GOOD_ROW[:30] + b'\n', {}, ['--dataset', 'truncated_json.jsonl',
+                                                             'line 2 is not valid JSON']),
+    'no_response': (PROMPT_ONLY_ROW * 3, {'lmbda': 0}, ['--dataset', 'no_response.jsonl',
+                                                       '3 row(s) have no assistant response (lines 1, 2, 3)',
+                                                       '--lmbda 0 without --seq_kd']),
+    'no_response_val': (GOOD_ROW + PROMPT_ONLY_ROW, {'lmbda': 0.5}, ['--val_dataset', 'no_response_val.jsonl',
+                                                                    '(lines 2)', 'evaluation']),
+}
+
+
+@pytest.mark.parametrize('name', list(BAD_DATASETS))
+def test_bad_local_dataset_is_refused_naming_the_file_and_line(tiny_ws, tmp_path, name):
+    content, flags, needles = BAD_DATASETS[name]
+    path = tmp_path / f'{name}.jsonl'
+    path.write_bytes(content)
+    which = 'val_dataset' if name.endswith('_val') else 'dataset'
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), **{which: str(path)}, **flags), check=False,
+                    timeout=120)
+    assert run.returncode != 0
+    for needle in needles:
+        assert needle in run.output, f'{needle!r} missing from:\n{run.output[-3000:]}'
+    assert str(path) in run.output
+    assert not any(marker in run.output for marker in MODEL_LOADED_MARKERS)
+
+
+def test_rows_without_response_are_named_but_sampled_on_policy(tiny_ws, tmp_path):
+    """With --lmbda > 0 such rows still get on-policy samples: a warning names them and training goes on."""
+    path = tmp_path / 'some_prompt_only.jsonl'
+    path.write_bytes(open(tiny_ws.fixed, 'rb').read() + PROMPT_ONLY_ROW)
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), dataset=str(path), lmbda=1, max_steps=1,
+                              max_completion_length=4), timeout=300)
+    assert f'--dataset {path}: 1 row(s) have no assistant response (lines 5)' in run.output
+    assert run.modes()[0]['mode'] == 'on_policy'
