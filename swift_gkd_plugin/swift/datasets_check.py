@@ -65,8 +65,8 @@ def jsonl_rows(flag: str, path: str) -> Iterator[Tuple[int, dict]]:
             try:
                 row = json.loads(text)
             except json.JSONDecodeError as exc:
-                raise ValueError(f'{flag} {path}: line {line_no} is not valid JSON ({exc.msg}, column {exc.colno})') \
-                    from None
+                problem = f'{exc.msg}, column {exc.colno}'
+                raise ValueError(f'{flag} {path}: line {line_no} is not valid JSON ({problem})') from None
             if not isinstance(row, dict):
                 raise ValueError(f'{flag} {path}: line {line_no} is a JSON {type(row).__name__}, not an object '
                                  '(one row per line: {"messages": [...]})')
