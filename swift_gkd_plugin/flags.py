@@ -6,6 +6,7 @@ rank starts. Every message names the flag and the allowed values.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import List, Literal, Optional
 
@@ -50,8 +51,22 @@ def check_no_plugin_flags_outside_gkd(args, mixin=GKDPluginArgumentsMixin) -> No
         raise ValueError(f'{changed} only apply to --rlhf_type gkd (got --rlhf_type {args.rlhf_type})')
 
 
+#: Float flags refused when NaN or infinite; NaN fails every comparison and inf passes "> 0", so a range check alone
+#: lets them through (``--temperature inf`` trains to a negative loss with zero gradients).
+FINITE_FLAGS = ('beta', 'lmbda', 'temperature', 'sft_alpha', 'teacher_server_timeout')
+
+
+def check_finite(args, names=FINITE_FLAGS) -> None:
+    """Each float flag of ``names`` that ``args`` has (None = unset) is a finite number."""
+    for name in names:
+        value = getattr(args, name, None)
+        if isinstance(value, (int, float)) and not math.isfinite(value):
+            raise ValueError(f'--{name} must be a finite number, got {value}')
+
+
 def check_gkd_scalars(args) -> None:
     """Range checks that need nothing but the flags; each message names the flag and the allowed values."""
+    check_finite(args)
     beta = args.beta
     if beta is not None and not 0.0 <= beta <= 1.0:
         raise ValueError(f'--beta must be in [0, 1] for GKD (0 = KL(teacher||student), 1 = KL(student||teacher)), '
@@ -60,6 +75,10 @@ def check_gkd_scalars(args) -> None:
         raise ValueError(f'--lmbda must be in [0, 1] (the probability of an on-policy step), got {args.lmbda}')
     if not args.temperature > 0:
         raise ValueError(f'--temperature must be > 0, got {args.temperature}')
+    sft_alpha = getattr(args, 'sft_alpha', 0.0)
+    if sft_alpha < 0:
+        raise ValueError(f'--sft_alpha must be >= 0 (the weight of the SFT term on dataset responses; 0 = none), '
+                         f'got {sft_alpha}')
     # Refused even when nothing is sampled (--lmbda 0, --seq_kd false): ms-swift turns it into the generation
     # config's max_new_tokens, which transformers rejects later, after the models are loaded.
     max_len = args.max_completion_length
@@ -81,8 +100,6 @@ def check_gkd_scalars(args) -> None:
             raise ValueError('--gkd_topk_tail true needs --gkd_loss_impl auto or fused (the dense loss has no tail)')
     if topk is not None and topk <= 0:
         raise ValueError(f'--gkd_logits_topk must be a positive integer (or unset for the full vocabulary), got {topk}')
-
-
 
 
 def check_teacher_server_flags(args) -> None:

@@ -3,8 +3,12 @@ import os
 import subprocess
 import sys
 
+from types import SimpleNamespace
+
 import pytest
 from conftest import base_args, run_swift
+
+from swift_gkd_plugin.flags import FINITE_FLAGS, check_gkd_scalars
 
 SWIFT_GKD = os.path.join(os.path.dirname(sys.executable), 'swift-gkd')
 MODEL_LOADED_MARKERS = ('model_parameter_info', 'Loading weights')
@@ -77,6 +81,13 @@ BAD_INPUTS = [
     ({'teacher_model': '/nonexistent/teacher'}, ['--teacher_model', '/nonexistent/teacher', 'no such model']),
     ({'gkd_loss_impl': 'bogus'}, ['--gkd_loss_impl', 'bogus', 'auto', 'fused', 'dense']),
     ({'gkd_logits_topk': 0}, ['--gkd_logits_topk must be a positive integer']),
+    ({'temperature': 'inf'}, ['--temperature must be a finite number', 'inf']),
+    ({'sft_alpha': -1}, ['--sft_alpha must be >= 0', '-1']),
+    ({'teacher_server_timeout': 'nan'}, ['--teacher_server_timeout must be a finite number']),
+    ({'gkd_logits_topk': 1000}, ['--gkd_logits_topk 1000 is larger than the vocabulary', '--model has 448',
+                                 '--teacher_model has 448', 'allowed 1 to 448']),
+    ({'use_vllm': 'true', 'vllm_mode': 'colocate'}, ['--use_vllm true (--vllm_mode colocate) needs vLLM',
+                                                     '--use_vllm false']),
     ({'lmbdaa': 0.5}, ['remaining_argv', '--lmbdaa']),
 ]
 
@@ -104,3 +115,57 @@ def test_plugin_flags_are_refused_for_other_rlhf_types(tiny_ws, tmp_path):
                               teacher_model_type=None, gkd_loss_impl='dense'), check=False, timeout=120)
     assert run.returncode != 0
     assert "['--gkd_loss_impl'] only apply to --rlhf_type gkd" in run.output
+
+
+@pytest.mark.parametrize('name', FINITE_FLAGS)
+@pytest.mark.parametrize('value', [float('nan'), float('inf'), float('-inf')])
+def test_every_float_flag_refuses_nan_and_inf(name, value):
+    """The shared flag-only check (swift rlhf and megatron rlhf); the command line is covered above for a few."""
+    args = SimpleNamespace(beta=0.5, lmbda=0.5, temperature=0.9, sft_alpha=0.0, max_completion_length=8, seq_kd=False,
+                           gkd_loss_impl='auto', teacher_server_timeout=120.0, teacher_server_retries=3,
+                           gkd_logits_topk=None, gkd_topk_tail=False)
+    check_gkd_scalars(args)
+    setattr(args, name, value)
+    with pytest.raises(ValueError, match=f'--{name} must be a finite number, got {value}'):
+        check_gkd_scalars(args)
+
+
+GOOD_ROW = b'{"messages": [{"role": "user", "content": "Reverse: a b"}, {"role": "assistant", "content": "b a"}]}\n'
+PROMPT_ONLY_ROW = b'{"messages": [{"role": "user", "content": "Reverse: c d"}]}\n'
+BAD_DATASETS = {
+    'empty': (b'', {}, ['--dataset', 'empty.jsonl', 'has no rows']),
+    'latin1': (GOOD_ROW * 2 + GOOD_ROW.replace(b'b a', b'caf\xe9'), {},
+               ['--dataset', 'latin1.jsonl', 'line 3 is not UTF-8']),
+    'truncated_json': (GOOD_ROW + GOOD_ROW[:30] + b'\n', {}, ['--dataset', 'truncated_json.jsonl',
+                                                             'line 2 is not valid JSON']),
+    'no_response': (PROMPT_ONLY_ROW * 3, {'lmbda': 0}, ['--dataset', 'no_response.jsonl',
+                                                       '3 row(s) have no assistant response (lines 1, 2, 3)',
+                                                       '--lmbda 0 without --seq_kd']),
+    'no_response_val': (GOOD_ROW + PROMPT_ONLY_ROW, {'lmbda': 0.5}, ['--val_dataset', 'no_response_val.jsonl',
+                                                                    '(lines 2)', 'evaluation']),
+}
+
+
+@pytest.mark.parametrize('name', list(BAD_DATASETS))
+def test_bad_local_dataset_is_refused_naming_the_file_and_line(tiny_ws, tmp_path, name):
+    content, flags, needles = BAD_DATASETS[name]
+    path = tmp_path / f'{name}.jsonl'
+    path.write_bytes(content)
+    which = 'val_dataset' if name.endswith('_val') else 'dataset'
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), **{which: str(path)}, **flags), check=False,
+                    timeout=120)
+    assert run.returncode != 0
+    for needle in needles:
+        assert needle in run.output, f'{needle!r} missing from:\n{run.output[-3000:]}'
+    assert str(path) in run.output
+    assert not any(marker in run.output for marker in MODEL_LOADED_MARKERS)
+
+
+def test_rows_without_response_are_named_but_sampled_on_policy(tiny_ws, tmp_path):
+    """With --lmbda > 0 such rows still get on-policy samples: a warning names them and training goes on."""
+    path = tmp_path / 'some_prompt_only.jsonl'
+    path.write_bytes(open(tiny_ws.fixed, 'rb').read() + PROMPT_ONLY_ROW)
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), dataset=str(path), lmbda=1, max_steps=1,
+                              max_completion_length=4), timeout=300)
+    assert f'--dataset {path}: 1 row(s) have no assistant response (lines 5)' in run.output
+    assert run.modes()[0]['mode'] == 'on_policy'

@@ -57,8 +57,8 @@ def generalized_jsd(student_logits: torch.Tensor,
     """
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f'beta must be in [0, 1], got {beta}')
-    if temperature <= 0:
-        raise ValueError(f'temperature must be > 0, got {temperature}')
+    if not 0 < temperature < float('inf'):  # NaN too; at T = inf both distributions are uniform
+        raise ValueError(f'temperature must be a finite number > 0, got {temperature}')
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f'student {tuple(student_logits.shape)} and teacher {tuple(teacher_logits.shape)} logits '
                          'must have the same shape (align the vocabularies first)')

@@ -123,8 +123,8 @@ def fused_linear_jsd(student_hidden: torch.Tensor,
     """
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f'beta must be in [0, 1], got {beta}')
-    if not temperature > 0:
-        raise ValueError(f'temperature must be > 0, got {temperature}')
+    if not 0 < temperature < float('inf'):  # NaN too; at T = inf both distributions are uniform
+        raise ValueError(f'temperature must be a finite number > 0, got {temperature}')
     full = teacher_weight is not None or teacher_hidden is not None
     topk = teacher_topk_ids is not None or teacher_topk_logprobs is not None
     if full == topk:
@@ -133,7 +133,9 @@ def fused_linear_jsd(student_hidden: torch.Tensor,
         raise ValueError('teacher_hidden and teacher_weight go together')
     if topk and (teacher_topk_ids is None or teacher_topk_logprobs is None):
         raise ValueError('teacher_topk_ids and teacher_topk_logprobs go together')
-    if sft_alpha and labels is None:
+    if not sft_alpha >= 0:  # NaN too; the trainers treat 0 as "no SFT term" and never pass a negative weight
+        raise ValueError(f'sft_alpha must be >= 0, got {sft_alpha}')
+    if sft_alpha > 0 and labels is None:
         raise ValueError('sft_alpha > 0 needs labels')
 
     hidden = student_hidden.reshape(-1, student_hidden.shape[-1])

@@ -79,7 +79,7 @@ def _scalar_view(args):
     return view
 
 
-_SCALAR_NAMES = ('beta', 'lmbda', 'temperature', 'max_completion_length', 'seq_kd', 'gkd_loss_impl',
+_SCALAR_NAMES = ('beta', 'lmbda', 'temperature', 'sft_alpha', 'max_completion_length', 'seq_kd', 'gkd_loss_impl',
                  'teacher_server_timeout', 'teacher_server_retries', 'gkd_logits_topk', 'gkd_topk_tail')
 
 
@@ -99,6 +99,7 @@ def _command_line_parser() -> argparse.ArgumentParser:
     p.add_argument('--beta', type=float, default=None)
     p.add_argument('--lmbda', type=float, default=0.5)
     p.add_argument('--temperature', type=float, default=0.9)
+    p.add_argument('--sft_alpha', type=float, default=0.0)
     p.add_argument('--max_completion_length', type=int, default=512)
     p.add_argument('--seq_kd', type=_bool, default=False)
     p.add_argument('--gkd_logits_topk', type=int, default=None)

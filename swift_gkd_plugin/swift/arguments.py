@@ -12,6 +12,7 @@ from swift.utils import get_logger
 import swift_gkd_plugin
 from swift_gkd_plugin.flags import (GKDPluginArgumentsMixin, check_gkd_scalars, check_no_plugin_flags_outside_gkd,
                                     check_teacher_server_flags)
+from swift_gkd_plugin.swift.datasets_check import check_local_jsonl_datasets
 
 logger = get_logger()
 
@@ -59,6 +60,43 @@ def check_teacher(args) -> None:
         f'--teacher_model {args.teacher_model!r} has {len(teacher_vocab)} ({only_s} token/id pairs only in the '
         f'student, {only_t} only in the teacher). GKD compares distributions token by token, so both must use the '
         'same tokenizer (a teacher whose lm_head is larger over the same tokenizer is fine).')
+
+
+def _head_rows(flag: str, model_dir: str) -> Optional[int]:
+    """The number of output rows (``vocab_size`` of the text config) of the model in ``model_dir``."""
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(model_dir, trust_remote_code=True).get_text_config().vocab_size
+    except Exception as exc:  # an unusual config: the pipeline will report real problems
+        logger.warning(f'swift_gkd_plugin: cannot read the vocabulary size of {flag} {model_dir} ({exc})')
+        return None
+
+
+def check_topk_within_vocab(args) -> None:
+    """``--gkd_logits_topk`` k takes k of the teacher's logits at each position: a k larger than the vocabulary
+    crashes in torch.topk at step 1, after both models are loaded. A served teacher's own limit (its ``--topk``)
+    needs the network and is left to the teacher-server start-up check; k is still checked against the student."""
+    k = args.gkd_logits_topk
+    if k is None:
+        return
+    rows = {'--model': _head_rows('--model', args.model_dir)}
+    if args.teacher_model is not None and args.teacher_model_server is None:
+        teacher_dir = resolve_model_dir('--teacher_model', args.teacher_model, args.teacher_model_revision, args)
+        rows['--teacher_model'] = _head_rows('--teacher_model', teacher_dir)
+    known = {flag: n for flag, n in rows.items() if n}
+    if known and k > min(known.values()):
+        sizes = ', '.join(f'{flag} has {n}' for flag, n in known.items())
+        raise ValueError(f'--gkd_logits_topk {k} is larger than the vocabulary ({sizes} output rows, config.json '
+                         f'vocab_size): allowed 1 to {min(known.values())}, or unset for the full vocabulary')
+
+
+def check_vllm_installed(args) -> None:
+    """ms-swift's trainer refuses ``--use_vllm true`` without vLLM only after both models are loaded."""
+    from swift.utils import is_vllm_available
+    if args.use_vllm and not is_vllm_available():
+        raise ValueError(f'--use_vllm true (--vllm_mode {args.vllm_mode}) needs vLLM, which is not installed here: '
+                         'install vllm, or pass --use_vllm false (on-policy samples then come from the transformers '
+                         'engine)')
 
 
 def check_teacher_adapters(args) -> None:
@@ -128,6 +166,7 @@ class GKDPluginRLHFArguments(GKDPluginArgumentsMixin, RLHFArguments):
     def __post_init__(self):
         if self.rlhf_type == 'gkd':
             check_gkd_scalars(self)  # before ms-swift resolves models or connects to vLLM servers
+            check_vllm_installed(self)
         super().__post_init__()
 
     def _check_gkd(self):
@@ -135,6 +174,7 @@ class GKDPluginRLHFArguments(GKDPluginArgumentsMixin, RLHFArguments):
             check_no_plugin_flags_outside_gkd(self)
             return
         check_gkd_scalars(self)
+        check_vllm_installed(self)  # again: with --external_plugins, __post_init__ above is ms-swift's own
         logger.info(f'swift_gkd_plugin {swift_gkd_plugin.__version__}: GKD trainer active '
                     f'(lmbda={self.lmbda}, seq_kd={self.seq_kd}, beta={self.beta}, temperature={self.temperature})')
         from swift.utils import is_mp
@@ -147,7 +187,9 @@ class GKDPluginRLHFArguments(GKDPluginArgumentsMixin, RLHFArguments):
         if self.teacher_model_server is not None and (self.padding_free or self.packing):
             raise ValueError('--teacher_model_server does not support --padding_free / --packing yet')
         check_teacher(self)
+        check_topk_within_vocab(self)
         check_teacher_adapters(self)
+        check_local_jsonl_datasets(self)
         keep_teacher_messages_column()
         init_gloo_for_cpu_zero3(self)
         if self.teacher_model is not None and self.teacher_model == self.model:

@@ -361,7 +361,9 @@ class GKDPluginTrainer(GKDTrainer):
         # (sum over every response token of the step) / (their count).
         world = self.accelerator.num_processes if self.model.training else 1
         normalizer = max(step_tokens, 1.0) / world
-        sft_alpha = self.args.sft_alpha if mode is not Mode.ON_POLICY else 0.0
+        # the SFT term needs dataset responses; a non-positive weight means none, in both loss implementations
+        use_sft = mode is not Mode.ON_POLICY and self.args.sft_alpha > 0
+        sft_alpha = self.args.sft_alpha if use_sft else 0.0
         fwd = {k: v for k, v in model_inputs.items() if k != 'labels'}
 
         if self._teacher_offloader is not None and not self.use_teacher_api:

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from swift_gkd_plugin.core.divergence import generalized_jsd
 from swift_gkd_plugin.core.fused_loss import fused_linear_jsd
 
 N, HS, HT, V = 37, 16, 12, 50
@@ -374,3 +375,19 @@ def test_argument_errors():
     ids, lp = topk_of(x, 4)
     with pytest.raises(ValueError):
         fused_linear_jsd(x['hs'], x['w'], teacher_topk_ids=ids + V, teacher_topk_logprobs=lp)
+
+
+@pytest.mark.parametrize('bad', [dict(sft_alpha=-1.0), dict(sft_alpha=float('nan')), dict(temperature=float('inf')),
+                                 dict(temperature=float('nan'))],
+                         ids=['sft_alpha=-1', 'sft_alpha=nan', 'temperature=inf', 'temperature=nan'])
+def test_non_finite_or_negative_weights_are_refused(bad):
+    """A negative SFT weight would train the student away from the labels (the dense loss ignores it); an infinite
+    temperature makes both distributions uniform: a zero loss with zero gradients."""
+    x = make_inputs()
+    name = next(iter(bad))
+    with pytest.raises(ValueError, match=name):
+        fused_linear_jsd(x['hs'], x['w'], teacher_hidden=x['ht'], teacher_weight=x['wt'], labels=x['labels'], **bad)
+    if name == 'temperature':
+        with pytest.raises(ValueError, match=name):
+            logits = x['hs'] @ x['w'].t()
+            generalized_jsd(logits, logits, 0.5, **bad)

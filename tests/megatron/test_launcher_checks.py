@@ -26,6 +26,9 @@ GKD = ('--rlhf_type', 'gkd')
     (('--beta', '1.5'), '--beta must be in [0, 1]'),
     (('--lmbda', '-0.1'), '--lmbda must be in [0, 1]'),
     (('--temperature', '0'), '--temperature must be > 0'),
+    (('--temperature', 'inf'), '--temperature must be a finite number, got inf'),
+    (('--beta', 'nan'), '--beta must be a finite number, got nan'),
+    (('--sft_alpha', '-1'), '--sft_alpha must be >= 0'),
     (('--max_completion_length', '0'), '--max_completion_length must be > 0'),
     (('--gkd_loss_impl', 'fused'), "--gkd_loss_impl 'fused' is not available in megatron rlhf (allowed: ['auto', "
      "'dense'])"),

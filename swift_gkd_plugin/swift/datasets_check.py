@@ -1,0 +1,113 @@
+"""Local jsonl datasets of a GKD run, read once before any model is loaded.
+
+ms-swift reads them later, after both models are loaded, and then fails badly: an empty file ends in a bare
+``StopIteration``, a line that is not UTF-8 in a ``UnicodeDecodeError`` that names neither the file nor the line.
+Here each problem is reported with the flag, the file and the line.
+
+Rows with nothing to distil (no assistant response, in the column names that ms-swift's automatic preprocessor
+understands) are named too: a dataset step (off-policy) has no response token to distil on them. When no step can
+sample them (``--lmbda 0``, no ``--seq_kd``; or a validation set, which is always scored on its own responses) they
+are refused; otherwise they are only reported, since on-policy and seq_kd steps sample a response for them.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, Iterator, List, Optional, Tuple
+
+from swift.dataset.dataset_syntax import DatasetSyntax
+from swift.dataset.preprocessor import AutoPreprocessor
+from swift.utils import get_logger
+
+logger = get_logger()
+
+# the keys of ms-swift 4.6's MessagesPreprocessor and ResponsePreprocessor (swift/dataset/preprocessor/core.py)
+MESSAGES_KEYS = ('messages', 'conversation', 'conversations')
+ROLE_KEYS = ('role', 'from')
+ASSISTANT_ROLES = ('assistant', 'gpt', 'bot')
+RESPONSE_KEYS = ('response', 'answer', 'output', 'targets', 'target', 'answer_key', 'answers', 'solution', 'text',
+                 'completion', 'content')
+LINES_SHOWN = 10
+_NO_SAMPLING = {
+    '--dataset': ('--lmbda 0 without --seq_kd only distils on dataset responses. Remove those rows, or let the '
+                  'student (--lmbda > 0) or the teacher (--seq_kd true) sample responses for them.'),
+    '--val_dataset': 'evaluation only distils on dataset responses. Remove those rows from the validation set.',
+}
+
+
+def local_jsonl_files(entries: List[str], use_hf: Optional[bool]) -> List[Tuple[str, bool]]:
+    """``(path, standard_format)`` for each local ``.jsonl`` file among ``--dataset``-style entries
+    (``path``, ``path#N``, ``path:subset``). ``standard_format`` is False for files registered with a preprocessor
+    of their own, whose columns this check cannot interpret."""
+    files = []
+    for entry in entries or []:
+        syntax = DatasetSyntax.parse(entry)
+        if not (syntax.dataset.endswith('.jsonl') and os.path.isfile(syntax.dataset)):
+            continue  # a hub id, a folder or another format: read by ms-swift alone
+        preprocess = syntax.get_dataset_meta(use_hf).preprocess_func
+        files.append((syntax.dataset, isinstance(preprocess, AutoPreprocessor) and not preprocess.columns))
+    return files
+
+
+def jsonl_rows(flag: str, path: str) -> Iterator[Tuple[int, dict]]:
+    """``(line number, row)`` for each non-blank line; a ValueError naming the flag, the file and the line for a
+    line that is not UTF-8 or not a JSON object, and for a file without rows."""
+    found = False
+    with open(path, 'rb') as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                text = raw.decode('utf-8-sig' if line_no == 1 else 'utf-8')
+            except UnicodeDecodeError as exc:
+                raise ValueError(f'{flag} {path}: line {line_no} is not UTF-8 text (byte {exc.start}: '
+                                 f'{raw[exc.start:exc.start + 1]!r}); save the file as UTF-8') from None
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as exc:
+                problem = f'{exc.msg}, column {exc.colno}'
+                raise ValueError(f'{flag} {path}: line {line_no} is not valid JSON ({problem})') from None
+            if not isinstance(row, dict):
+                raise ValueError(f'{flag} {path}: line {line_no} is a JSON {type(row).__name__}, not an object '
+                                 '(one row per line: {"messages": [...]})')
+            found = True
+            yield line_no, row
+    if not found:
+        raise ValueError(f'{flag} {path}: the file has no rows (a jsonl dataset needs one JSON object per line)')
+
+
+def has_response(row: dict, columns: Dict[str, str]) -> bool:
+    """Whether ms-swift's automatic preprocessor finds an assistant response in ``row`` (after ``--columns``)."""
+    row = {columns.get(key, key): value for key, value in row.items()}
+    for key in MESSAGES_KEYS:
+        messages = row.get(key)
+        if isinstance(messages, list) and messages:
+            last = messages[-1]
+            role = next((last[k] for k in ROLE_KEYS if k in last), None) if isinstance(last, dict) else None
+            return role in ASSISTANT_ROLES
+    return any(row.get(key) not in (None, '', []) for key in RESPONSE_KEYS)
+
+
+def lines_without_response(flag: str, path: str, standard_format: bool, columns: Dict[str, str]) -> List[int]:
+    """Reads the whole file (refusing unreadable lines); the lines of its rows without a response."""
+    missing = [line_no for line_no, row in jsonl_rows(flag, path) if not has_response(row, columns)]
+    return missing if standard_format else []
+
+
+def check_local_jsonl_datasets(args) -> None:
+    """``--dataset`` / ``--val_dataset`` local jsonl files: readable, not empty, and their rows without a response
+    refused when nothing can sample one for them (see the module's docstring), else reported."""
+    columns = args.columns if isinstance(args.columns, dict) else {}
+    train_samples = args.lmbda > 0 or args.seq_kd
+    for flag, entries, can_sample in (('--dataset', args.dataset, train_samples), ('--val_dataset', args.val_dataset,
+                                                                                    False)):
+        for path, standard_format in local_jsonl_files(entries, args.use_hf):
+            missing = lines_without_response(flag, path, standard_format, columns)
+            if not missing:
+                continue
+            shown = ', '.join(map(str, missing[:LINES_SHOWN])) + (', ...' if len(missing) > LINES_SHOWN else '')
+            rows = f'{flag} {path}: {len(missing)} row(s) have no assistant response (lines {shown})'
+            if not can_sample:
+                raise ValueError(f'{rows}, so they have nothing to distil: {_NO_SAMPLING[flag]}')
+            logger.warning(f'swift_gkd_plugin: {rows}: dataset (off-policy) steps have nothing to distil on them; '
+                           'on-policy and seq_kd steps sample a response for them.')
