@@ -35,7 +35,7 @@ from swift_gkd_plugin.core.offload import TeacherOffloader
 from swift_gkd_plugin.server.client import TeacherClient
 from swift_gkd_plugin.swift.hidden_states import (fused_fallback_reason, gathered_heads, head_bypassed, head_is_sharded,
                                                   head_rows, output_head, topk_from_hidden)
-from swift_gkd_plugin.swift.peft_utils import TEACHER_ADAPTER, active_adapter, load_frozen_adapter
+from swift_gkd_plugin.swift.peft_utils import TEACHER_ADAPTER, active_adapter, eval_mode, load_frozen_adapter
 from swift_gkd_plugin.swift.views import (check_privileged_columns, check_same_response_count, check_views_aligned,
                                          prepare_teacher_view, with_teacher_prompt)
 
@@ -203,13 +203,19 @@ class GKDPluginTrainer(GKDTrainer):
         with open(self._mode_log, 'a') as f:
             f.write(json.dumps({'step': step, 'mode': mode.value, 'draw': mode_draw(self.args.seed, step)}) + '\n')
 
+    @contextmanager
     def _teacher_view_of_student(self, unwrapped):
-        """The student module as the teacher, when both share the base: adapter off, or the teacher adapter on."""
-        if self._teacher_adapter is not None:
-            return active_adapter(unwrapped, TEACHER_ADAPTER)
-        if self._teacher_use_disable_adapter:
-            return unwrapped.disable_adapter()
-        return nullcontext()
+        """The student module as the teacher: adapter off or the teacher adapter on when both share the base, else
+        the student as it is; always in eval mode, as a separately loaded teacher runs (no dropout)."""
+        with eval_mode(unwrapped):
+            if self._teacher_adapter is not None:
+                view = active_adapter(unwrapped, TEACHER_ADAPTER)
+            elif self._teacher_use_disable_adapter:
+                view = unwrapped.disable_adapter()
+            else:
+                view = nullcontext()
+            with view:
+                yield
 
     def _generate_with_teacher(self, samples):
         """seq_kd: the teacher samples the responses (transformers engine on the teacher's weights)."""
