@@ -378,9 +378,7 @@ class GKDPluginTrainer(GKDTrainer):
         loss = total / normalizer
         if n_student == 0:
             loss = loss + outputs.logits.sum() * 0.0  # keep the graph connected for DDP/ZeRO
-        if per_token.numel():
-            self._log_loss_metrics(mode, per_token.detach().float().mean(),
-                                   agree.float().mean() if agree.numel() else None)
+        self._log_loss_metrics(mode, per_token.detach().float().sum(), per_token.numel(), agree.sum(), agree.numel())
         return (loss, outputs) if return_outputs else loss
 
     # ------------------------------------------------------------------ fused loss
@@ -460,8 +458,7 @@ class GKDPluginTrainer(GKDTrainer):
             beta=self.args.beta, temperature=self.args.temperature, sft_alpha=sft_alpha,
             topk_tail=self.args.gkd_topk_tail, normalizer=normalizer, sft_normalizer=normalizer)
         n = int(stats['num_tokens'])
-        if n:
-            self._log_loss_metrics(mode, stats['divergence_sum'].float() / n, stats['top1_agree'].float() / n)
+        self._log_loss_metrics(mode, stats['divergence_sum'], n, stats['top1_agree'], n)
         return loss
 
     def _topk_divergence(self, student_logits, teacher_ids, teacher_logprobs):
@@ -475,9 +472,20 @@ class GKDPluginTrainer(GKDTrainer):
         agree = (student_logits.argmax(-1) == teacher_ids.gather(-1, teacher_k.argmax(-1, keepdim=True))[:, 0])
         return per_token, agree[~uncovered]
 
-    def _log_loss_metrics(self, mode: Mode, divergence_mean, agreement_mean) -> None:
-        """Per-mode mean divergence and top-1 agreement of one micro-batch (both loss implementations)."""
+    def _log_loss_metrics(self, mode: Mode, divergence_sum, n_tokens: int, agreements, n_compared: int) -> None:
+        """Per-mode divergence and top-1 agreement of one micro-batch (both loss implementations), accumulated per
+        token: a logged value is the mean over every response token since the last log, as the step loss is, not
+        a mean of micro-batch means (micro-batches hold different numbers of tokens)."""
         split = 'train' if self.model.training else 'eval'
-        self.custom_metrics[split][f'gkd/loss_{mode.value}'].update(divergence_mean)
-        if agreement_mean is not None:
-            self.custom_metrics[split]['gkd/top1_agreement'].update(agreement_mean)
+        _add_token_sum(self.custom_metrics[split][f'gkd/loss_{mode.value}'], divergence_sum, n_tokens)
+        _add_token_sum(self.custom_metrics[split]['gkd/top1_agreement'], agreements, n_compared)
+
+
+def _add_token_sum(metric, total, n_tokens: int) -> None:
+    """Add ``n_tokens`` values summing to ``total`` to an ms-swift ``MeanMetric``.
+
+    ``MeanMetric.update`` counts a 1-D tensor's entries and adds their sum: ``n_tokens`` entries equal to their mean
+    (in float64, so that they sum back to ``total``) weigh the micro-batch by its number of tokens.
+    """
+    if n_tokens:
+        metric.update(torch.full((n_tokens, ), float(total) / n_tokens, dtype=torch.float64))
