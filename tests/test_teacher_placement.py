@@ -99,6 +99,21 @@ def test_offloaded_and_resident_teachers_give_the_same_losses(tiny_ws, tmp_path)
     assert_same_losses(resident, offloaded, tol=1e-6)
 
 
+def test_zero3_teacher_offload_keeps_ms_swifts_partition_offload(tiny_ws, tmp_path):
+    """--deepspeed zero3 without --teacher_deepspeed: ms-swift prepares the teacher as ZeRO-3 from the student's
+    config and moves its partitions to the CPU. The offload is decided from that prepared model: ms-swift's
+    load_teacher_model_context brings the partitions back for each use (the plugin's whole-model offloader, which
+    does not, is not built), and the losses are those of the resident ZeRO-3 teacher."""
+    pytest.importorskip('deepspeed')
+    flags = dict(deepspeed='zero3', fp16='false', use_cpu='true', lmbda=0.5, seq_kd='true', max_steps=2, seed=4)
+    resident = run_swift(base_args(tiny_ws, str(tmp_path / 'resident'), **flags), nproc=2)
+    offloaded = run_swift(base_args(tiny_ws, str(tmp_path / 'offloaded'), offload_teacher_model='true', **flags),
+                          nproc=2)
+    assert ('Teacher model: a separate frozen model (its partitions offloaded to CPU between uses by ms-swift)'
+            in offloaded.output), offloaded.output[-3000:]
+    assert_same_losses(resident, offloaded, tol=1e-6)
+
+
 # ---------------------------------------------------------------- privileged teacher prompts
 def _with_columns(tiny_ws, path, make):
     rows = [json.loads(line) for line in open(tiny_ws.fixed)]

@@ -31,7 +31,7 @@ from swift.utils import get_logger, to_device, unwrap_model_for_generation
 from swift_gkd_plugin.core import Mode, align_vocab, choose_mode, generalized_jsd
 from swift_gkd_plugin.core.fused_loss import fused_linear_jsd
 from swift_gkd_plugin.core.modes import mode_draw
-from swift_gkd_plugin.core.offload import TeacherOffloader
+from swift_gkd_plugin.core.offload import TeacherOffloader, is_partitioned
 from swift_gkd_plugin.server.client import TeacherClient
 from swift_gkd_plugin.swift.hidden_states import (fused_fallback_reason, gathered_heads, head_bypassed, head_is_sharded,
                                                   head_rows, output_head, topk_from_hidden)
@@ -72,8 +72,10 @@ class GKDPluginTrainer(GKDTrainer):
             self._teacher_adapter = self.args.teacher_adapters[0]
             load_frozen_adapter(self.model, self._teacher_adapter)
         self._teacher_offloader = None
-        if self.args.offload_teacher_model and self.teacher_model is not None and not self.is_teacher_ds3:
-            # ZeRO-3 teachers keep ms-swift's offload of their partitions; replicated teachers use ours.
+        self._teacher_partitioned = self.teacher_model is not None and is_partitioned(self.teacher_model)
+        if self.args.offload_teacher_model and self.teacher_model is not None and not self._teacher_partitioned:
+            # Partitioned (ZeRO-3, FSDP) teachers keep ms-swift's offload of their shards, which its
+            # load_teacher_model_context brings back; whole replicated teachers use ours.
             self._teacher_offloader = TeacherOffloader(
                 self.accelerator.unwrap_model(self.teacher_model), self.accelerator.device)
         self._log_teacher_placement()
@@ -104,7 +106,10 @@ class GKDPluginTrainer(GKDTrainer):
                         '  - Student model: base_model + LoRA (trainable)\n'
                         '  - Teacher model: base_model with LoRA disabled (frozen)')
         elif self.teacher_model is not None:
-            where = 'offloaded to CPU between uses' if self.args.offload_teacher_model else 'resident'
+            where = 'resident'
+            if self.args.offload_teacher_model:
+                where = ('its partitions offloaded to CPU between uses by ms-swift' if self._teacher_partitioned else
+                         'offloaded to CPU between uses')
             logger.info(f'Teacher model: a separate frozen model ({where})')
         elif self.use_teacher_api:
             logger.info(f'Teacher model: served at {self.teacher_model_server}')
