@@ -91,7 +91,7 @@ def test_logged_divergence_is_the_token_mean_of_uneven_micro_batches(tiny_ws, ea
     assert len(steps) == 2 and any(a != b for a, b in steps), steps  # a step with uneven micro-batches
     assert len(run.logs) == 2
     for row in run.logs:
-        assert abs(row['gkd/loss_on_policy'] - row['loss']) < 1e-6 * max(1.0, row['loss']), run.logs
+        assert _rel(row['gkd/loss_on_policy'], row['loss']) < 1e-5, run.logs  # the logs keep 8 decimals
 
 
 @pytest.mark.parametrize('beta,temperature', [(0.0, 1.0), (0.5, 0.9), (1.0, 2.0)])
