@@ -134,7 +134,9 @@ def _free_port() -> int:
 @pytest.fixture(scope='session')
 def adapters(tiny_ws) -> Dict[str, str]:
     """LoRA adapters with non-zero weights: ``fit`` and ``student_start`` (a fixed starting point for a LoRA student,
-    independent of the random state) fit the student's base; ``misfit`` was made on the (wider) teacher."""
+    independent of the random state) fit the student's base; ``misfit`` was made on the (wider) teacher. ``fit``, the
+    teacher adapter of the tests, has LoRA dropout (as adapters trained with ms-swift's default 0.05 do): a teacher
+    must run it in eval mode."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -143,7 +145,8 @@ def adapters(tiny_ws) -> Dict[str, str]:
     for name, base in [('fit', tiny_ws.student), ('misfit', tiny_ws.teacher), ('student_start', tiny_ws.student)]:
         model = get_peft_model(
             AutoModelForCausalLM.from_pretrained(base),
-            LoraConfig(r=4, lora_alpha=8, target_modules=['q_proj', 'v_proj', 'down_proj'], init_lora_weights=False))
+            LoraConfig(r=4, lora_alpha=8, target_modules=['q_proj', 'v_proj', 'down_proj'], init_lora_weights=False,
+                       lora_dropout=0.1 if name == 'fit' else 0.0))
         out[name] = os.path.join(tiny_ws.root, f'adapter_{name}')
         model.save_pretrained(out[name])
     # the student's own files under another name: ms-swift then loads a separate teacher

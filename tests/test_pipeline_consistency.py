@@ -1,6 +1,10 @@
 """Mode decisions across ranks and resumes; loss normalisation; equality with ms-swift's built-in GKD loss."""
+import json
+import os
+
 import pytest
 from conftest import base_args, run_swift
+from transformers import AutoTokenizer
 
 
 def _rel(a, b):
@@ -46,6 +50,48 @@ def test_loss_does_not_depend_on_the_micro_batch_split(tiny_ws, tmp_path):
                                 gradient_accumulation_steps=2, **common))
     assert _rel(whole.losses[0], split.losses[0]) < 1e-5, (whole.losses, split.losses)
     assert _rel(whole.logs[0]['grad_norm'], split.logs[0]['grad_norm']) < 1e-4
+
+
+@pytest.fixture(scope='module')
+def early_stopping_student(tiny_ws):
+    """The tiny student with its ``<|im_end|>`` output row aimed at its average last hidden state (logit ~2 there):
+    its samples stop after a random number of tokens, so on-policy micro-batches hold different token counts."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from swift_gkd_plugin.testing import tiny
+    out = os.path.join(tiny_ws.root, 'early_stopping_student')
+    if os.path.exists(out):
+        return out
+    tok = tiny.load_tokenizer(tiny_ws.student)
+    model = AutoModelForCausalLM.from_pretrained(tiny_ws.student)
+    with torch.no_grad():
+        prompts = [f"<|im_start|>user\n{r['messages'][0]['content']}<|im_end|>\n<|im_start|>assistant\n"
+                   for r in tiny.make_rows(8, seed=0)]
+        hidden = torch.cat([model(**tok(p, return_tensors='pt'), output_hidden_states=True).hidden_states[-1][0]
+                            for p in prompts]).mean(0)
+        model.lm_head.weight[tok.convert_tokens_to_ids('<|im_end|>')] = hidden * 2.0 / hidden.dot(hidden)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize('impl', ['dense', 'fused'])
+def test_logged_divergence_is_the_token_mean_of_uneven_micro_batches(tiny_ws, early_stopping_student, tmp_path,
+                                                                     impl):
+    """On-policy with sft off, the step loss is the divergence's mean over the step's response tokens: so must
+    gkd/loss_on_policy be when the step's two micro-batches hold different numbers of tokens (not a mean of the
+    two micro-batch means)."""
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), model=early_stopping_student, lmbda=1, max_steps=2,
+                              per_device_train_batch_size=1, gradient_accumulation_steps=2, temperature=1.0, seed=1,
+                              gkd_loss_impl=impl, log_completions='true'))
+    tok = AutoTokenizer.from_pretrained(early_stopping_student)
+    with open(os.path.join(run.output_dir, 'completions.jsonl')) as f:
+        steps = [[len(tok(c)['input_ids']) for c in json.loads(line)['completion']] for line in f]
+    assert len(steps) == 2 and any(a != b for a, b in steps), steps  # a step with uneven micro-batches
+    assert len(run.logs) == 2
+    for row in run.logs:
+        assert _rel(row['gkd/loss_on_policy'], row['loss']) < 1e-5, run.logs  # the logs keep 8 decimals
 
 
 @pytest.mark.parametrize('beta,temperature', [(0.0, 1.0), (0.5, 0.9), (1.0, 2.0)])

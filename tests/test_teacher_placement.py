@@ -25,12 +25,33 @@ def assert_same_losses(a, b, tol=1e-5):
         assert _rel(x, y) < tol, (a.losses, b.losses)
 
 
-def test_shared_base_teacher_is_the_base_with_the_adapter_disabled(tiny_ws, adapters, tmp_path):
+@pytest.fixture(scope='module')
+def dropout_base(tiny_ws):
+    """The student's weights with attention dropout in its config, and the same files under a second name (ms-swift
+    then loads a separate teacher)."""
+    root = os.path.join(tiny_ws.root, 'dropout_base')
+    alias = root + '_alias'
+    if not os.path.exists(root):
+        os.makedirs(root)
+        for name in os.listdir(tiny_ws.student):
+            if name != 'config.json':
+                os.symlink(os.path.join(tiny_ws.student, name), os.path.join(root, name))
+        with open(os.path.join(tiny_ws.student, 'config.json')) as f:
+            config = json.load(f)
+        with open(os.path.join(root, 'config.json'), 'w') as f:
+            json.dump({**config, 'attention_dropout': 0.2}, f)
+        os.symlink(root, alias)
+    return root, alias
+
+
+def test_shared_base_teacher_is_the_base_with_the_adapter_disabled(tiny_ws, adapters, dropout_base, tmp_path):
     """Student = base + a (non-zero) LoRA; teacher = the same module with the adapter off: one copy of the base,
-    and exactly the losses of a separately loaded base teacher."""
-    shared = run_swift(base_args(tiny_ws, str(tmp_path / 'shared'), teacher_model=tiny_ws.student,
+    and exactly the losses of a separately loaded base teacher. The base has attention dropout and the LoRA has
+    dropout: the teacher's side runs without either, as a separately loaded (eval-mode) teacher does."""
+    base, alias = dropout_base
+    shared = run_swift(base_args(tiny_ws, str(tmp_path / 'shared'), model=base, teacher_model=base,
                                  adapters=adapters['fit'], **LORA))
-    separate = run_swift(base_args(tiny_ws, str(tmp_path / 'separate'), teacher_model=adapters['student_alias'],
+    separate = run_swift(base_args(tiny_ws, str(tmp_path / 'separate'), model=base, teacher_model=alias,
                                    adapters=adapters['fit'], **LORA))
     assert ('Using shared base model architecture:\n  - Student model: base_model + LoRA (trainable)\n'
             '  - Teacher model: base_model with LoRA disabled (frozen)') in shared.output
@@ -40,11 +61,14 @@ def test_shared_base_teacher_is_the_base_with_the_adapter_disabled(tiny_ws, adap
 
 
 def test_teacher_adapter_on_the_shared_base_equals_a_separate_teacher(tiny_ws, adapters, tmp_path):
+    """The teacher adapter has LoRA dropout: on the shared base it must run without it, in its forwards and when it
+    samples (steps 1-2 are seq_kd, step 3 on-policy), exactly as a separately loaded teacher."""
     # both students start from the same saved adapter (a random LoRA init would depend on what was loaded before)
-    shared = run_swift(base_args(tiny_ws, str(tmp_path / 'shared'), teacher_model=None,
-                                 adapters=adapters['student_start'], teacher_adapters=adapters['fit'], **LORA))
+    flags = dict(LORA, adapters=adapters['student_start'], teacher_adapters=adapters['fit'], lmbda=0.5, seq_kd='true')
+    shared = run_swift(base_args(tiny_ws, str(tmp_path / 'shared'), teacher_model=None, **flags))
     separate = run_swift(base_args(tiny_ws, str(tmp_path / 'separate'), teacher_model=adapters['student_alias'],
-                                   adapters=adapters['student_start'], teacher_adapters=adapters['fit'], **LORA))
+                                   **flags))
+    assert [m['mode'] for m in shared.modes()] == ['seq_kd', 'seq_kd', 'on_policy']
     assert 'Teacher model: base_model + teacher adapter' in shared.output
     assert _weights_loaded(shared) == 1 and _weights_loaded(separate) == 2
     assert_same_losses(shared, separate)
@@ -72,6 +96,21 @@ def test_offloaded_and_resident_teachers_give_the_same_losses(tiny_ws, tmp_path)
     resident = run_swift(base_args(tiny_ws, str(tmp_path / 'resident'), **common))
     offloaded = run_swift(base_args(tiny_ws, str(tmp_path / 'offloaded'), offload_teacher_model='true', **common))
     assert 'offloaded to CPU between uses' in offloaded.output
+    assert_same_losses(resident, offloaded, tol=1e-6)
+
+
+def test_zero3_teacher_offload_keeps_ms_swifts_partition_offload(tiny_ws, tmp_path):
+    """--deepspeed zero3 without --teacher_deepspeed: ms-swift prepares the teacher as ZeRO-3 from the student's
+    config and moves its partitions to the CPU. The offload is decided from that prepared model: ms-swift's
+    load_teacher_model_context brings the partitions back for each use (the plugin's whole-model offloader, which
+    does not, is not built), and the losses are those of the resident ZeRO-3 teacher."""
+    pytest.importorskip('deepspeed')
+    flags = dict(deepspeed='zero3', fp16='false', use_cpu='true', lmbda=0.5, seq_kd='true', max_steps=2, seed=4)
+    resident = run_swift(base_args(tiny_ws, str(tmp_path / 'resident'), **flags), nproc=2)
+    offloaded = run_swift(base_args(tiny_ws, str(tmp_path / 'offloaded'), offload_teacher_model='true', **flags),
+                          nproc=2)
+    assert ('Teacher model: a separate frozen model (its partitions offloaded to CPU between uses by ms-swift)'
+            in offloaded.output), offloaded.output[-3000:]
     assert_same_losses(resident, offloaded, tol=1e-6)
 
 

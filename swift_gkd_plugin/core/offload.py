@@ -14,7 +14,21 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-__all__ = ['TeacherOffloader']
+__all__ = ['TeacherOffloader', 'is_partitioned']
+
+
+def is_partitioned(model: nn.Module) -> bool:
+    """Whether ``model`` (as prepared: engine or wrapper included) holds only shards of its weights on this rank:
+    DeepSpeed ZeRO-3 parameters (their shard is ``ds_tensor``), FSDP1 wrappers or FSDP2 ``DTensor`` parameters.
+
+    Such a model is not the whole set of tensors :class:`TeacherOffloader` moves; it is told by what was prepared,
+    not by the flags that asked for it (a teacher without its own DeepSpeed config is prepared from the student's).
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.tensor import DTensor
+    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        return True
+    return any(hasattr(p, 'ds_tensor') or isinstance(p, DTensor) for p in model.parameters())
 
 
 class TeacherOffloader:

@@ -5,6 +5,7 @@ import json
 import os
 from contextlib import contextmanager
 
+import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 TEACHER_ADAPTER = 'gkd_teacher'
@@ -15,7 +16,12 @@ def load_frozen_adapter(peft_model, path: str, name: str = TEACHER_ADAPTER) -> N
     layers = [m for m in peft_model.modules() if isinstance(m, BaseTunerLayer)]
     saved = [m._active_adapter for m in layers]
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
-    peft_model.load_adapter(path, adapter_name=name, is_trainable=False)  # may re-freeze or re-activate adapters
+    # peft initialises the new layers at random before loading the saved weights over them: keep the training's
+    # random stream (seeded by the Trainer before this runs) as if nothing had been drawn, as with a teacher loaded
+    # before the Trainer
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        peft_model.load_adapter(path, adapter_name=name, is_trainable=False)  # may re-freeze/re-activate adapters
     for m, value in zip(layers, saved):
         m._active_adapter = value
     for param_name, param in peft_model.named_parameters():
@@ -40,13 +46,30 @@ def active_adapter(model, name: str):
             m._active_adapter = value
 
 
+@contextmanager
+def eval_mode(model):
+    """Run ``model`` in eval mode (no LoRA, attention or hidden dropout), restoring each module's own mode after.
+
+    A teacher is frozen: when the student's module plays it (adapter off, or the teacher adapter on), it must not
+    drop out as the training student does. ``train()`` / ``eval()`` would flip every module alike; restoring module
+    by module keeps whatever mix of modes the student had.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    for m, _ in modes:
+        m.training = False
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 def adapter_base_mismatch(adapter_dir: str, model_dir: str) -> str | None:
     """Why the LoRA adapter in ``adapter_dir`` cannot sit on the model in ``model_dir``, or None if it fits.
 
     Checked without loading weights: the model is built on the meta device from its config and every ``lora_A``
     / ``lora_B`` tensor of the adapter (shapes read from the safetensors header) must match its target module.
     """
-    import torch
     from accelerate import init_empty_weights
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -31,13 +31,13 @@ from swift.utils import get_logger, to_device, unwrap_model_for_generation
 from swift_gkd_plugin.core import Mode, align_vocab, choose_mode, generalized_jsd
 from swift_gkd_plugin.core.fused_loss import fused_linear_jsd
 from swift_gkd_plugin.core.modes import mode_draw
-from swift_gkd_plugin.core.offload import TeacherOffloader
+from swift_gkd_plugin.core.offload import TeacherOffloader, is_partitioned
 from swift_gkd_plugin.server.client import TeacherClient
 from swift_gkd_plugin.swift.hidden_states import (fused_fallback_reason, gathered_heads, head_bypassed, head_is_sharded,
                                                   head_rows, output_head, topk_from_hidden)
 from swift_gkd_plugin.swift.lora_round_trip import exact_lora_round_trip
 from swift_gkd_plugin.swift.media_tokens import cut_at_media_placeholders, suppress_media_placeholders
-from swift_gkd_plugin.swift.peft_utils import TEACHER_ADAPTER, active_adapter, load_frozen_adapter
+from swift_gkd_plugin.swift.peft_utils import TEACHER_ADAPTER, active_adapter, eval_mode, load_frozen_adapter
 from swift_gkd_plugin.swift.views import (check_privileged_columns, check_same_response_count, check_views_aligned,
                                          prepare_teacher_view, with_teacher_prompt)
 
@@ -74,8 +74,10 @@ class GKDPluginTrainer(GKDTrainer):
             self._teacher_adapter = self.args.teacher_adapters[0]
             load_frozen_adapter(self.model, self._teacher_adapter)
         self._teacher_offloader = None
-        if self.args.offload_teacher_model and self.teacher_model is not None and not self.is_teacher_ds3:
-            # ZeRO-3 teachers keep ms-swift's offload of their partitions; replicated teachers use ours.
+        self._teacher_partitioned = self.teacher_model is not None and is_partitioned(self.teacher_model)
+        if self.args.offload_teacher_model and self.teacher_model is not None and not self._teacher_partitioned:
+            # Partitioned (ZeRO-3, FSDP) teachers keep ms-swift's offload of their shards, which its
+            # load_teacher_model_context brings back; whole replicated teachers use ours.
             self._teacher_offloader = TeacherOffloader(
                 self.accelerator.unwrap_model(self.teacher_model), self.accelerator.device)
         self._log_teacher_placement()
@@ -107,7 +109,10 @@ class GKDPluginTrainer(GKDTrainer):
                         '  - Student model: base_model + LoRA (trainable)\n'
                         '  - Teacher model: base_model with LoRA disabled (frozen)')
         elif self.teacher_model is not None:
-            where = 'offloaded to CPU between uses' if self.args.offload_teacher_model else 'resident'
+            where = 'resident'
+            if self.args.offload_teacher_model:
+                where = ('its partitions offloaded to CPU between uses by ms-swift' if self._teacher_partitioned else
+                         'offloaded to CPU between uses')
             logger.info(f'Teacher model: a separate frozen model ({where})')
         elif self.use_teacher_api:
             logger.info(f'Teacher model: served at {self.teacher_model_server}')
@@ -206,13 +211,19 @@ class GKDPluginTrainer(GKDTrainer):
         with open(self._mode_log, 'a') as f:
             f.write(json.dumps({'step': step, 'mode': mode.value, 'draw': mode_draw(self.args.seed, step)}) + '\n')
 
+    @contextmanager
     def _teacher_view_of_student(self, unwrapped):
-        """The student module as the teacher, when both share the base: adapter off, or the teacher adapter on."""
-        if self._teacher_adapter is not None:
-            return active_adapter(unwrapped, TEACHER_ADAPTER)
-        if self._teacher_use_disable_adapter:
-            return unwrapped.disable_adapter()
-        return nullcontext()
+        """The student module as the teacher: adapter off or the teacher adapter on when both share the base, else
+        the student as it is; always in eval mode, as a separately loaded teacher runs (no dropout)."""
+        with eval_mode(unwrapped):
+            if self._teacher_adapter is not None:
+                view = active_adapter(unwrapped, TEACHER_ADAPTER)
+            elif self._teacher_use_disable_adapter:
+                view = unwrapped.disable_adapter()
+            else:
+                view = nullcontext()
+            with view:
+                yield
 
     def _move_model_to_vllm(self, *args, **kwargs):
         """ms-swift's sync merges the LoRA adapter into the base in place and unmerges it (``W + d - d != W`` in
@@ -395,9 +406,7 @@ class GKDPluginTrainer(GKDTrainer):
         loss = total / normalizer
         if n_student == 0:
             loss = loss + outputs.logits.sum() * 0.0  # keep the graph connected for DDP/ZeRO
-        if per_token.numel():
-            self._log_loss_metrics(mode, per_token.detach().float().mean(),
-                                   agree.float().mean() if agree.numel() else None)
+        self._log_loss_metrics(mode, per_token.detach().float().sum(), per_token.numel(), agree.sum(), agree.numel())
         return (loss, outputs) if return_outputs else loss
 
     # ------------------------------------------------------------------ fused loss
@@ -477,8 +486,7 @@ class GKDPluginTrainer(GKDTrainer):
             beta=self.args.beta, temperature=self.args.temperature, sft_alpha=sft_alpha,
             topk_tail=self.args.gkd_topk_tail, normalizer=normalizer, sft_normalizer=normalizer)
         n = int(stats['num_tokens'])
-        if n:
-            self._log_loss_metrics(mode, stats['divergence_sum'].float() / n, stats['top1_agree'].float() / n)
+        self._log_loss_metrics(mode, stats['divergence_sum'], n, stats['top1_agree'], n)
         return loss
 
     def _topk_divergence(self, student_logits, teacher_ids, teacher_logprobs):
@@ -492,9 +500,20 @@ class GKDPluginTrainer(GKDTrainer):
         agree = (student_logits.argmax(-1) == teacher_ids.gather(-1, teacher_k.argmax(-1, keepdim=True))[:, 0])
         return per_token, agree[~uncovered]
 
-    def _log_loss_metrics(self, mode: Mode, divergence_mean, agreement_mean) -> None:
-        """Per-mode mean divergence and top-1 agreement of one micro-batch (both loss implementations)."""
+    def _log_loss_metrics(self, mode: Mode, divergence_sum, n_tokens: int, agreements, n_compared: int) -> None:
+        """Per-mode divergence and top-1 agreement of one micro-batch (both loss implementations), accumulated per
+        token: a logged value is the mean over every response token since the last log, as the step loss is, not
+        a mean of micro-batch means (micro-batches hold different numbers of tokens)."""
         split = 'train' if self.model.training else 'eval'
-        self.custom_metrics[split][f'gkd/loss_{mode.value}'].update(divergence_mean)
-        if agreement_mean is not None:
-            self.custom_metrics[split]['gkd/top1_agreement'].update(agreement_mean)
+        _add_token_sum(self.custom_metrics[split][f'gkd/loss_{mode.value}'], divergence_sum, n_tokens)
+        _add_token_sum(self.custom_metrics[split]['gkd/top1_agreement'], agreements, n_compared)
+
+
+def _add_token_sum(metric, total, n_tokens: int) -> None:
+    """Add ``n_tokens`` values summing to ``total`` to an ms-swift ``MeanMetric``.
+
+    ``MeanMetric.update`` counts a 1-D tensor's entries and adds their sum: ``n_tokens`` entries equal to their mean
+    (in float64, so that they sum back to ``total``) weigh the micro-batch by its number of tokens.
+    """
+    if n_tokens:
+        metric.update(torch.full((n_tokens, ), float(total) / n_tokens, dtype=torch.float64))
