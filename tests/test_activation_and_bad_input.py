@@ -77,6 +77,7 @@ BAD_INPUTS = [
     ({'teacher_model': '/nonexistent/teacher'}, ['--teacher_model', '/nonexistent/teacher', 'no such model']),
     ({'gkd_loss_impl': 'bogus'}, ['--gkd_loss_impl', 'bogus', 'auto', 'fused', 'dense']),
     ({'gkd_logits_topk': 0}, ['--gkd_logits_topk must be a positive integer']),
+    ({'teacher_server_wait': -1}, ['--teacher_server_wait must be >= 0 seconds', '-1']),
     ({'lmbdaa': 0.5}, ['remaining_argv', '--lmbdaa']),
 ]
 
