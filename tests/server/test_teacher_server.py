@@ -797,6 +797,14 @@ def test_a_failing_sequence_fails_only_its_request(inproc_teacher, reference, mo
                 assert np.array_equal(got, reference(ids, list(range(9, 20)), 8)[0].numpy())
         health = httpx.get(f'{server.url}/health/').json()['batcher']
         assert health['worker_alive'] and health['failures'] == 3 and health['batches'] < 9
+        # the client: a 500 (the server is up but failed) gets the counted retries only, not the time budget
+        lines = []
+        client = TeacherClient(server.url, retries=2, wait=600, backoff=0.05, log=lines.append)
+        t0 = time.monotonic()
+        with pytest.raises(TeacherServerError, match='poisoned sequence') as err:
+            client.topk([(seqs[0][:10], seqs[0][10:])], topk=8)
+        assert err.value.status == 500 and err.value.attempts == 3 and time.monotonic() - t0 < 60
+        assert [line.split(' (retry ')[-1] for line in lines] == ['1 of 2)', '2 of 2)'], lines
         assert _post_topk(server.url, [{'prompt_ids': [1, 2], 'response_ids': [3]}], 8).status_code == 200
     finally:
         server.stop()
