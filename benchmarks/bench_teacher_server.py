@@ -88,7 +88,7 @@ def start_server(teacher, args, log_path):
     from swift_gkd_plugin.server import TeacherClient
     url = f'http://127.0.0.1:{port}'
     try:
-        TeacherClient(url).wait_until_ready(timeout=300, interval=0.5)
+        TeacherClient(url).wait_until_ready(timeout=300)
     except Exception:
         proc.kill()
         raise RuntimeError(f'the teacher server did not start; see {log_path}')

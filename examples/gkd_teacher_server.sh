@@ -11,7 +11,11 @@ CUDA_VISIBLE_DEVICES=7 swift-gkd serve-teacher \
 SERVER=$!
 trap 'kill $SERVER' EXIT
 
-# 2) training: the key comes from the environment (not written to args.json) / key 从环境变量读取，不写入 args.json
+# 2) training, started while the 7B server is still loading: the trainer waits for GET /health (at most
+#    --teacher_server_wait seconds, default 600, each retry logged), and rides out a server restart the same way.
+#    The key comes from the environment (not written to args.json).
+#    训练在 7B 服务仍在加载时就启动：trainer 等待 GET /health（最多 --teacher_server_wait 秒，默认 600，每次重试都记录日志），
+#    服务重启时同样等待。key 从环境变量读取，不写入 args.json。
 CUDA_VISIBLE_DEVICES=0,1,2,3,4,5,6 NPROC_PER_NODE=7 \
 swift rlhf \
     --rlhf_type gkd \
@@ -19,6 +23,7 @@ swift rlhf \
     --teacher_model_server http://127.0.0.1:8000 \
     --gkd_logits_topk 32 \
     --gkd_topk_tail true \
+    --teacher_server_wait 600 \
     --dataset 'AI-ModelScope/alpaca-gpt4-data-en#5000' \
     --tuner_type full \
     --torch_dtype bfloat16 \

@@ -23,7 +23,14 @@ class GKDPluginArgumentsMixin:
         metadata={'help': 'API key of --teacher_model_server (default: the SWIFT_GKD_TEACHER_API_KEY environment '
                   'variable, which, unlike the flag, is not written to args.json).'})
     teacher_server_timeout: float = field(default=120.0, metadata={'help': 'seconds per teacher-server request'})
-    teacher_server_retries: int = field(default=3, metadata={'help': 'retries of a failed teacher-server request'})
+    teacher_server_retries: int = field(
+        default=3,
+        metadata={'help': 'retries of a failed teacher-server request (at least; an HTTP 500 gets only these)'})
+    teacher_server_wait: float = field(
+        default=600.0,
+        metadata={'help': 'seconds to wait for an unreachable, starting or busy teacher server (connection refused, '
+                  'timeouts, HTTP 502/503/504): at start-up until it is healthy, and for each request, retrying '
+                  'with a logged backoff; long enough for a 7B teacher to (re)load. 0: only the retries.'})
     gkd_topk_tail: bool = field(
         default=False,
         metadata={'help': 'With top-k teachers (--gkd_logits_topk, teacher servers): add a bucket holding the '
@@ -53,7 +60,7 @@ def check_no_plugin_flags_outside_gkd(args, mixin=GKDPluginArgumentsMixin) -> No
 
 #: Float flags refused when NaN or infinite; NaN fails every comparison and inf passes "> 0", so a range check alone
 #: lets them through (``--temperature inf`` trains to a negative loss with zero gradients).
-FINITE_FLAGS = ('beta', 'lmbda', 'temperature', 'sft_alpha', 'teacher_server_timeout')
+FINITE_FLAGS = ('beta', 'lmbda', 'temperature', 'sft_alpha', 'teacher_server_timeout', 'teacher_server_wait')
 
 
 def check_finite(args, names=FINITE_FLAGS) -> None:
@@ -92,6 +99,8 @@ def check_gkd_scalars(args) -> None:
         raise ValueError(f'--teacher_server_timeout must be > 0 seconds, got {args.teacher_server_timeout}')
     if getattr(args, 'teacher_server_retries', 0) < 0:
         raise ValueError(f'--teacher_server_retries must be >= 0, got {args.teacher_server_retries}')
+    if getattr(args, 'teacher_server_wait', 0.0) < 0:
+        raise ValueError(f'--teacher_server_wait must be >= 0 seconds, got {args.teacher_server_wait}')
     topk = args.gkd_logits_topk
     if getattr(args, 'gkd_topk_tail', False):
         if topk is None:

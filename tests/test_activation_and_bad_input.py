@@ -88,6 +88,7 @@ BAD_INPUTS = [
                                  '--teacher_model has 448', 'allowed 1 to 448']),
     ({'use_vllm': 'true', 'vllm_mode': 'colocate'}, ['--use_vllm true (--vllm_mode colocate) needs vLLM',
                                                      '--use_vllm false']),
+    ({'teacher_server_wait': -1}, ['--teacher_server_wait must be >= 0 seconds', '-1']),
     ({'lmbdaa': 0.5}, ['remaining_argv', '--lmbdaa']),
 ]
 
@@ -122,7 +123,7 @@ def test_plugin_flags_are_refused_for_other_rlhf_types(tiny_ws, tmp_path):
 def test_every_float_flag_refuses_nan_and_inf(name, value):
     """The shared flag-only check (swift rlhf and megatron rlhf); the command line is covered above for a few."""
     args = SimpleNamespace(beta=0.5, lmbda=0.5, temperature=0.9, sft_alpha=0.0, max_completion_length=8, seq_kd=False,
-                           gkd_loss_impl='auto', teacher_server_timeout=120.0, teacher_server_retries=3,
+                           gkd_loss_impl='auto', teacher_server_timeout=120.0, teacher_server_retries=3, teacher_server_wait=600.0,
                            gkd_logits_topk=None, gkd_topk_tail=False)
     check_gkd_scalars(args)
     setattr(args, name, value)

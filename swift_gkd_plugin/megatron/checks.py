@@ -55,7 +55,7 @@ def check_megatron_gkd(args) -> None:
             'layout, serve it (`swift deploy`, a vLLM server, or `swift-gkd serve-teacher` without --api_key) and pass '
             '--teacher_model_server.')
     client_flags = [f'--{name}' for name, default in (('teacher_api_key', None), ('teacher_server_timeout', 120.0),
-                                                      ('teacher_server_retries', 3))
+                                                      ('teacher_server_retries', 3), ('teacher_server_wait', 600.0))
                     if getattr(args, name, default) != default]
     if client_flags:
         raise ValueError(f'{client_flags} are supported by swift rlhf only: megatron rlhf talks to --teacher_model_server '
@@ -80,7 +80,8 @@ def _scalar_view(args):
 
 
 _SCALAR_NAMES = ('beta', 'lmbda', 'temperature', 'sft_alpha', 'max_completion_length', 'seq_kd', 'gkd_loss_impl',
-                 'teacher_server_timeout', 'teacher_server_retries', 'gkd_logits_topk', 'gkd_topk_tail')
+                 'teacher_server_timeout', 'teacher_server_retries', 'teacher_server_wait', 'gkd_logits_topk',
+                 'gkd_topk_tail')
 
 
 def _bool(value: str) -> bool:

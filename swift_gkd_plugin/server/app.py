@@ -5,7 +5,7 @@ Routes::
     GET  /health, /health/   status, model, vocabulary size, limits and batcher statistics
     GET  /v1/models          the served model (OpenAI-style list)
     POST /infer/, /infer     ms-swift's teacher protocol (VLLMInferClient): prompt_logprobs per request
-    POST /v1/topk            compact top-k (+ tail) arrays for token-id sequences
+    POST /v1/topk            compact top-k (+ tail) arrays for token-id sequences (absent with ``topk_route=False``)
 
 Every request passes one ASGI gate first: it checks the API key when one is set (``Authorization: Bearer KEY`` or
 ``X-API-Key: KEY``, compared in constant time; 401 otherwise), reads the body up to ``max_body_bytes`` (413
@@ -21,7 +21,6 @@ import time
 import uuid
 from typing import Any, Dict, List, Optional
 
-import numpy as np
 import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -47,7 +46,8 @@ class ServerConfig:
 
     def __init__(self, *, topk: int = 64, api_key: Optional[str] = None, max_batch_tokens: int = 8192,
                  max_queue: int = 4096, max_request_tokens: int = 1048576, max_body_bytes: int = 64 * 2**20,
-                 max_seq_len: Optional[int] = None, batch_wait_ms: float = 0.0, public_health: bool = False):
+                 max_seq_len: Optional[int] = None, batch_wait_ms: float = 0.0, public_health: bool = False,
+                 topk_route: bool = True):
         self.topk = int(topk)
         self.api_key = api_key or None
         self.max_batch_tokens = int(max_batch_tokens)
@@ -57,6 +57,7 @@ class ServerConfig:
         self.max_seq_len = int(max_seq_len) if max_seq_len else self.max_batch_tokens
         self.batch_wait_ms = float(batch_wait_ms)
         self.public_health = bool(public_health)  # GET /health without the key (ms-swift's client checks it so)
+        self.topk_route = bool(topk_route)  # False: only /health and /infer/, like `swift deploy` (404 on /v1/topk)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -169,9 +170,9 @@ def _error(status: int, message: str, headers: Optional[Dict[str, str]] = None) 
 def _check_ids(ids: List[int], vocab: int, what: str):
     if not ids:
         return
-    arr = np.asarray(ids, dtype=np.int64)
-    if arr.min() < 0 or arr.max() >= vocab:
-        raise _error(422, f'{what}: token ids must lie in [0, {vocab}), got min {arr.min()} max {arr.max()}')
+    low, high = min(ids), max(ids)  # Python ints: an id beyond int64 (e.g. sent in a chat message) cannot overflow
+    if low < 0 or high >= vocab:
+        raise _error(422, f'{what}: token ids must lie in [0, {vocab}), got min {low} max {high}')
 
 
 def create_app(teacher: TransformersTeacher, config: ServerConfig) -> FastAPI:
@@ -350,7 +351,6 @@ def create_app(teacher: TransformersTeacher, config: ServerConfig) -> FastAPI:
 
     # ---------------------------------------------------------------- compact endpoint
 
-    @app.post('/v1/topk')
     async def topk(request: Request):
         body: TopKRequest = await _parse(request, TopKRequest)
         k = body.topk if body.topk is not None else config.topk
@@ -424,6 +424,8 @@ def create_app(teacher: TransformersTeacher, config: ServerConfig) -> FastAPI:
         payload, media = await run_in_threadpool(build)
         return Response(payload, media_type=media)
 
+    if config.topk_route:
+        app.post('/v1/topk')(topk)
     return _Gate(app, config)
 
 

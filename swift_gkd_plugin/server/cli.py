@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f'require this key on every request (or set {API_KEY_ENV}, which keeps it out of ps)')
     parser.add_argument('--public_health', action='store_true',
                         help='answer GET /health without the API key (ms-swift\'s VLLMInferClient checks it so)')
+    parser.add_argument('--only_ms_swift_routes', action='store_true',
+                        help='serve only GET /health and POST /infer/, as `swift deploy` does (no /v1/topk): a '
+                        'stand-in for such a server when testing clients')
     parser.add_argument('--max_batch_tokens', type=int, default=8192,
                         help='padded tokens (longest x count) per forward batch; also the longest sequence accepted')
     parser.add_argument('--max_queue', type=int, default=4096,
@@ -86,10 +89,11 @@ def run(args: argparse.Namespace) -> int:
     config = ServerConfig(topk=args.topk, api_key=api_key, max_batch_tokens=args.max_batch_tokens,
                           max_queue=args.max_queue, max_request_tokens=args.max_request_tokens,
                           max_body_bytes=int(args.max_body_mb * 2**20), batch_wait_ms=args.batch_wait_ms,
-                          public_health=args.public_health)
+                          public_health=args.public_health, topk_route=not args.only_ms_swift_routes)
     app = create_app(teacher, config)
     logging.getLogger('swift_gkd_plugin.server').info(
-        f'serving {teacher.name} on http://{args.host}:{args.port} (top-k <= {config.topk}, '
+        f'serving {teacher.name} on http://{args.host}:{args.port} (top-k <= {config.topk}, routes '
+        f'{"/health, /infer/" if args.only_ms_swift_routes else "/health, /infer/, /v1/topk"}, '
         f'{"API key required" if api_key else "no API key"})')
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
                 timeout_keep_alive=30)

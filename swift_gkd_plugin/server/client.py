@@ -1,28 +1,34 @@
-"""A small client of the teacher server's compact endpoint (``POST /v1/topk``).
+"""A small client of a teacher server: this plugin's compact endpoint (``POST /v1/topk``) and ms-swift's protocol.
 
 ::
 
     from swift_gkd_plugin.server import TeacherClient
-    client = TeacherClient('http://127.0.0.1:8000', timeout=60, retries=3, backoff=0.5)
-    client.health()
+    client = TeacherClient('http://127.0.0.1:8000', timeout=60, retries=3, backoff=0.5, wait=600)
+    client.wait_until_ready()      # a server still loading its model: poll GET /health (logged, bounded)
+    client.offers_topk()           # False for a server with only /health and /infer/ (``swift deploy``, vLLM)
     results = client.topk([(prompt_ids, response_ids), ...], topk=64, with_tail=True)
     results[0].ids        # [R, k] int64: the teacher's top-k token ids at each response token
     results[0].logprobs   # [R, k] float32: their full-vocabulary log-probabilities (temperature 1)
     results[0].tail       # [R] float32: log(1 - sum(exp(logprobs))), or None without with_tail
+    answers = client.infer(infer_requests, request_config)   # ms-swift's POST /infer/ body and JSON answer
 
-Connection errors, timeouts and HTTP 429/500/502/503/504 are retried ``retries`` times with exponential backoff
-(``backoff * 2**attempt`` seconds, at most ``max_backoff``, and at least the server's ``Retry-After``); other
-refusals (401, 413, 422, ...) are raised at once. Every failure raises :class:`TeacherServerError`, whose message
-names the URL, the number of attempts and the cause.
+Retries: a server that is unreachable, times out or answers 502/503/504 (starting, restarting, busy) is retried
+until ``wait`` seconds have passed since the request's first attempt; any retryable failure (those and a 500) is
+also retried at least ``retries`` times. The delay grows as ``backoff * 2**attempt`` up to ``max_backoff``, and is at
+least the server's ``Retry-After``. Every retry is logged with its cause and the budget left. A 4xx answer (401,
+404, 413, 422, ...) is the client's fault and is raised at once. Every failure raises :class:`TeacherServerError`,
+whose message names the URL, the number of attempts and the cause.
 """
 from __future__ import annotations
 
+import copy
 import json
+import logging
 import os
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import requests
 
@@ -36,7 +42,10 @@ except ImportError:
 __all__ = ['TeacherClient', 'TeacherServerError', 'TopKResult']
 
 API_KEY_ENV = 'SWIFT_GKD_TEACHER_API_KEY'
-_RETRY_STATUS = {429, 500, 502, 503, 504}
+_UNAVAILABLE_STATUS = {502, 503, 504}  # a proxy without its server, or a busy server: retried within ``wait``
+_SERVER_ERROR_STATUS = {500}  # the server is up but failed: retried ``retries`` times only
+_NOT_FOUND_STATUS = {404, 405}  # a route this server does not have
+_logger = logging.getLogger(__name__)
 
 
 class TeacherServerError(RuntimeError):
@@ -62,8 +71,8 @@ class TeacherClient:
     """Client of one teacher server (see the module docstring)."""
 
     def __init__(self, url: str, api_key: Optional[str] = None, timeout: float = 60.0, retries: int = 3,
-                 backoff: float = 0.5, *, max_backoff: float = 10.0, binary: Optional[bool] = None,
-                 logprobs_dtype: str = 'float32'):
+                 backoff: float = 0.5, *, wait: float = 0.0, max_backoff: float = 10.0, binary: Optional[bool] = None,
+                 logprobs_dtype: str = 'float32', log: Optional[Callable[[str], None]] = None):
         if '://' not in url:
             url = f'http://{url}'
         self.url = url.rstrip('/')
@@ -71,7 +80,9 @@ class TeacherClient:
         self.timeout = float(timeout)
         self.retries = max(0, int(retries))
         self.backoff = float(backoff)
+        self.wait = max(0.0, float(wait))
         self.max_backoff = float(max_backoff)
+        self.log = log or _logger.warning
         self.binary = (msgpack is not None) if binary is None else bool(binary)
         if self.binary and msgpack is None:
             raise ImportError('binary=True needs msgpack (pip install msgpack)')
@@ -102,65 +113,99 @@ class TeacherClient:
             headers['Authorization'] = f'Bearer {self.api_key}'
         return headers
 
+    def _attempt(self, method: str, url: str, body: Optional[bytes],
+                 headers: Optional[Dict[str, str]]) -> Tuple[Optional[requests.Response], str, Optional[int]]:
+        """One HTTP attempt: ``(response, '', status)`` on an answer, ``(None, cause, None)`` on no answer."""
+        try:
+            resp = self._session.request(method, url, data=body, headers={**self._headers(), **(headers or {})},
+                                         timeout=self.timeout)
+        except requests.Timeout as e:
+            return None, f'timed out after {self.timeout:g}s ({type(e).__name__})', None
+        except requests.ConnectionError as e:
+            return None, f'connection failed ({type(e).__name__}: {_short(e)})', None
+        except requests.RequestException as e:
+            return None, f'{type(e).__name__}: {_short(e)}', None
+        return resp, '', resp.status_code
+
+    def _retry_delay(self, attempt: int, elapsed: float, unavailable: bool, retry_after: float) -> Optional[float]:
+        """Seconds to sleep before attempt ``attempt + 1``, or None when the budget is spent (see the module doc)."""
+        delay = max(min(self.max_backoff, self.backoff * 2**(attempt - 1)), retry_after)
+        if attempt <= self.retries:
+            return delay
+        left = self.wait - elapsed
+        if unavailable and left > 0:
+            return min(delay, left)
+        return None
+
     def _call(self, method: str, path: str, *, body: Optional[bytes] = None,
               headers: Optional[Dict[str, str]] = None) -> requests.Response:
         url = f'{self.url}{path}'
-        attempts = self.retries + 1
         t0 = time.monotonic()
-        cause = 'no attempt made'
-        status = None
-        for attempt in range(attempts):
-            wait = min(self.max_backoff, self.backoff * 2**attempt)
-            try:
-                resp = self._session.request(method, url, data=body, headers={**self._headers(), **(headers or {})},
-                                             timeout=self.timeout)
-            except requests.Timeout as e:
-                cause, status = f'timed out after {self.timeout:g}s ({type(e).__name__})', None
-            except requests.ConnectionError as e:
-                cause, status = f'connection failed ({type(e).__name__}: {_short(e)})', None
-            except requests.RequestException as e:
-                cause, status = f'{type(e).__name__}: {_short(e)}', None
-            else:
-                if resp.status_code == 200:
-                    return resp
-                status = resp.status_code
+        attempt = 0
+        while True:
+            attempt += 1
+            resp, cause, status = self._attempt(method, url, body, headers)
+            if status == 200:
+                return resp
+            retry_after = 0.0
+            if resp is not None:
                 cause = f'HTTP {status}: {_message(resp)}'
-                if status not in _RETRY_STATUS:
+                if status not in _UNAVAILABLE_STATUS | _SERVER_ERROR_STATUS:
                     raise TeacherServerError(f'teacher server {url} refused the request: {cause}', url=url,
-                                             status=status, attempts=attempt + 1)
-                retry_after = resp.headers.get('Retry-After')
-                if retry_after and retry_after.strip().isdigit():
-                    wait = max(wait, min(60.0, float(retry_after)))
-            if attempt + 1 < attempts:
-                time.sleep(wait)
-        raise TeacherServerError(
-            f'teacher server {url} failed after {attempts} attempt{"s" if attempts > 1 else ""} '
-            f'({time.monotonic() - t0:.1f}s): {cause}', url=url, status=status, attempts=attempts)
+                                             status=status, attempts=attempt)
+                header = resp.headers.get('Retry-After', '').strip()
+                retry_after = min(60.0, float(header)) if header.isdigit() else 0.0
+            elapsed = time.monotonic() - t0
+            unavailable = status not in _SERVER_ERROR_STATUS
+            delay = self._retry_delay(attempt, elapsed, unavailable, retry_after)
+            if delay is None:
+                raise TeacherServerError(
+                    f'teacher server {url} failed after {attempt} attempt{"s" if attempt > 1 else ""} '
+                    f'({elapsed:.1f}s): {cause}', url=url, status=status, attempts=attempt)
+            budget = (f'{max(0.0, self.wait - elapsed):.0f}s of the {self.wait:g}s wait left' if unavailable else
+                      f'retry {attempt} of {self.retries}')
+            self.log(f'teacher server {url}: attempt {attempt} failed ({cause}); retrying in {delay:.1f}s ({budget})')
+            time.sleep(delay)
 
     # ------------------------------------------------------------------------------------------------------------
 
     def health(self) -> Dict[str, Any]:
-        """The server's ``/health/`` document (status, model, vocabulary size, limits, batcher statistics)."""
-        return self._call('GET', '/health/').json()
+        """The server's ``GET /health`` document (``{}`` when it answers 200 with no JSON, as ``swift deploy`` does)."""
+        return _json_or_empty(self._call('GET', '/health'))
 
-    def wait_until_ready(self, timeout: float = 300.0, interval: float = 1.0) -> Dict[str, Any]:
-        """Poll ``/health/`` until it answers (a server still loading its model), or raise after ``timeout``."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                resp = self._session.get(f'{self.url}/health/', headers=self._headers(), timeout=self.timeout)
-                if resp.status_code == 200:
-                    return resp.json()
-                if resp.status_code == 401:
-                    raise TeacherServerError(f'teacher server {self.url}/health/ refused the request: HTTP 401: '
-                                             f'{_message(resp)}', url=f'{self.url}/health/', status=401)
-                cause = f'HTTP {resp.status_code}'
-            except requests.RequestException as e:
-                cause = f'{type(e).__name__}: {_short(e)}'
-            if time.monotonic() > deadline:
-                raise TeacherServerError(f'teacher server {self.url} not ready after {timeout:g}s: {cause}',
-                                         url=f'{self.url}/health/')
-            time.sleep(interval)
+    def wait_until_ready(self, timeout: Optional[float] = None) -> Dict[str, Any]:
+        """Poll ``GET /health`` until it answers 200 (a server still loading its model), at most ``timeout``
+        seconds (default: ``wait``); each failed poll is logged with its cause and the time left."""
+        patient = copy.copy(self)
+        patient.retries, patient.wait = 0, self.wait if timeout is None else max(0.0, float(timeout))
+        return patient.health()
+
+    def offers_topk(self) -> bool:
+        """Whether the server has ``POST /v1/topk`` (this plugin's server), asked with a one-token request; a
+        server with only ms-swift's routes (``swift deploy``, a vLLM teacher) answers 404."""
+        probe = json.dumps({'sequences': [{'prompt_ids': [0], 'response_ids': [0]}], 'topk': 1}).encode()
+        try:
+            self._call('POST', '/v1/topk', body=probe, headers={'Content-Type': 'application/json'})
+        except TeacherServerError as e:
+            if e.status in _NOT_FOUND_STATUS:
+                return False
+            raise
+        return True
+
+    def infer(self, infer_requests: List[Dict[str, Any]], request_config: Dict[str, Any]) -> List[Dict[str, Any]]:
+        """ms-swift's ``POST /infer/``: the body ms-swift's ``VLLMInferClient.infer`` posts (requests and request
+        config as plain dicts) and the server's JSON list of answers, one per request."""
+        doc = {'infer_requests': infer_requests, 'request_config': request_config, 'metrics': None,
+               'use_tqdm': False, 'adapter_request': None}
+        body = json.dumps(doc).encode()
+        resp = self._call('POST', '/infer/', body=body, headers={'Content-Type': 'application/json'})
+        self.last_request_bytes, self.last_response_bytes = len(body), len(resp.content)
+        answers = resp.json()
+        if not isinstance(answers, list) or len(answers) != len(infer_requests):
+            raise TeacherServerError(f'teacher server {self.url}/infer/ answered {type(answers).__name__} '
+                                     f'{len(answers) if isinstance(answers, list) else ""} for {len(infer_requests)} '
+                                     'requests (expected one answer per request)', url=f'{self.url}/infer/')
+        return answers
 
     def topk(self, batch: Sequence[Tuple[Sequence[int], Sequence[int]]], topk: Optional[int] = None,
              with_tail: bool = False) -> List[TopKResult]:
@@ -218,6 +263,14 @@ class TeacherClient:
             tail = torch.from_numpy(unpack_array(tail, TAIL_DTYPE, (n, ))) if tail is not None else None
             results.append(TopKResult(ids, lps, tail, item.get('input_ids'), item.get('positions')))
         return results
+
+
+def _json_or_empty(resp: requests.Response) -> Dict[str, Any]:
+    try:
+        doc = resp.json()
+    except ValueError:
+        return {}
+    return doc if isinstance(doc, dict) else {}
 
 
 def _message(resp: requests.Response) -> str:

@@ -32,7 +32,7 @@ likely tokens.
 from __future__ import annotations
 
 import base64
-from typing import Any, Dict, List, Literal, Optional, Union
+from typing import Annotated, Any, Dict, List, Literal, Optional, Union
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
@@ -48,6 +48,8 @@ TAIL_DTYPE = '<f4'
 LOGPROB_DTYPES = {'float32': '<f4', 'float16': '<f2'}
 
 AddEos = Optional[Union[StrictBool, Literal['auto']]]
+# Token ids and positions become int64 tensors: a value outside int64 is malformed input (422), not an overflow (500).
+Int64 = Annotated[StrictInt, Field(ge=-2**63, le=2**63 - 1)]
 
 
 class _Strict(BaseModel):
@@ -56,10 +58,10 @@ class _Strict(BaseModel):
 
 class TopKSequence(_Strict):
     """One sequence of a ``/v1/topk`` request: exactly one of the three forms."""
-    prompt_ids: Optional[List[StrictInt]] = None
-    response_ids: Optional[List[StrictInt]] = None
-    input_ids: Optional[List[StrictInt]] = None
-    positions: Optional[List[StrictInt]] = None
+    prompt_ids: Optional[List[Int64]] = None
+    response_ids: Optional[List[Int64]] = None
+    input_ids: Optional[List[Int64]] = None
+    positions: Optional[List[Int64]] = None
     messages: Optional[List[Dict[str, Any]]] = None
     tools: Optional[List[Any]] = None
     chat_template_kwargs: Optional[Dict[str, Any]] = None

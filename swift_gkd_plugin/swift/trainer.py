@@ -32,12 +32,12 @@ from swift_gkd_plugin.core import Mode, align_vocab, choose_mode, generalized_js
 from swift_gkd_plugin.core.fused_loss import fused_linear_jsd
 from swift_gkd_plugin.core.modes import mode_draw
 from swift_gkd_plugin.core.offload import TeacherOffloader, is_partitioned
-from swift_gkd_plugin.server.client import TeacherClient
 from swift_gkd_plugin.swift.hidden_states import (fused_fallback_reason, gathered_heads, head_bypassed, head_is_sharded,
                                                   head_rows, output_head, topk_from_hidden)
 from swift_gkd_plugin.swift.lora_round_trip import exact_lora_round_trip
 from swift_gkd_plugin.swift.media_tokens import cut_at_media_placeholders, suppress_media_placeholders
 from swift_gkd_plugin.swift.peft_utils import TEACHER_ADAPTER, active_adapter, eval_mode, load_frozen_adapter
+from swift_gkd_plugin.swift.teacher_server import connect_teacher_servers, infer_prompt_logprobs
 from swift_gkd_plugin.swift.views import (check_privileged_columns, check_same_response_count, check_views_aligned,
                                          prepare_teacher_view, with_teacher_prompt)
 
@@ -141,14 +141,23 @@ class GKDPluginTrainer(GKDTrainer):
         self.use_teacher_api = True
         self._is_self_distillation = False
         self.teacher_configs = parse_teacher_model_server(server)
-        self.teacher_clients = [
-            TeacherClient(cfg.url, api_key=self.args.teacher_api_key, timeout=self.args.teacher_server_timeout,
-                          retries=self.args.teacher_server_retries) for cfg in self.teacher_configs
-        ]
+        self.teacher_clients, self._teacher_topk_route = connect_teacher_servers(
+            self.args, self.teacher_configs, self.accelerator)
+
+    def _infer_teacher_requests(self, handle, topk, teacher_client=None):
+        """ms-swift's /infer/ call (main process) through the plugin's client: no vLLM, waits and logged retries."""
+        if not handle['all_requests']:
+            return []
+        return infer_prompt_logprobs(teacher_client or self.teacher_clients[0], handle['all_requests'], topk)
 
     def _postprocess_batch(self, samples, batch_encoded_inputs) -> None:
         """One request per generation batch: the teacher's top-k at every response position of every row."""
         if not self.use_teacher_api:
+            return
+        if not self._teacher_topk_route:
+            # a server with only ms-swift's routes: ms-swift's requests, routing, gather to the main process and
+            # assembly, with _infer_teacher_requests above answering them
+            super()._postprocess_batch(samples, batch_encoded_inputs)
             return
         requests, places = [], []
         for b, batch in enumerate(batch_encoded_inputs):

@@ -46,8 +46,8 @@ GKD = ('--rlhf_type', 'gkd')
      'needs --context_parallel_size 1'),
     (('--teacher_adapters', '/tmp/adapter'), '--teacher_adapters is supported by swift rlhf only'),
     (('--seq_kd', 'maybe'), 'cannot read the GKD flags'),
-    (('--teacher_model_server', 'http://127.0.0.1:9', '--gkd_logits_topk', '8', '--teacher_api_key', 'k'),
-     "['--teacher_api_key'] are supported by swift rlhf only"),
+    (('--teacher_model_server', 'http://127.0.0.1:9', '--gkd_logits_topk', '8', '--teacher_api_key', 'k',
+      '--teacher_server_wait', '30'), "['--teacher_api_key', '--teacher_server_wait'] are supported by swift rlhf only"),
 ])
 def test_bad_gkd_flags_are_refused_before_any_rank_starts(flags, needle):
     code, output = megatron_rlhf(*GKD, *flags)

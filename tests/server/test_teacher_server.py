@@ -22,7 +22,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import OFFLINE_ENV, base_args, run_swift
+from conftest import OFFLINE_ENV, SWIFT, base_args, run_swift
 
 from swift_gkd_plugin.server import TeacherClient, TeacherServerError
 from swift_gkd_plugin.testing import tiny
@@ -396,6 +396,39 @@ def test_malformed_and_oversize_requests_are_refused(servers, reference, tokeniz
     assert '"POST /v1/topk" 422' in log and '"POST /v1/topk" 413' in log and '"POST /v1/topk" 200' in log
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize('wire', ['json', 'msgpack'])
+def test_ids_outside_int64_are_refused_with_422_and_not_retried(servers, wire):
+    """A token id or position outside int64 is malformed input: 422 with a JSON message (not a plain-text 500),
+    on both endpoints and both wire formats, and the client raises it at once (a 4xx is never retried)."""
+    import msgpack
+    url = servers['main'].url
+    big = 2**63
+    bodies = [('/v1/topk', {'sequences': [{'prompt_ids': [1, big], 'response_ids': [2]}]}),
+              ('/v1/topk', {'sequences': [{'prompt_ids': [1], 'response_ids': [big]}]}),
+              ('/v1/topk', {'sequences': [{'input_ids': [1, 2, 3], 'positions': [0, big]}]}),
+              ('/v1/topk', {'sequences': [{'input_ids': [big, 2, 3], 'positions': [0]}]}),
+              ('/infer/', {'infer_requests': [{'messages': [{'role': 'user', 'content': 'hi'},
+                                                            {'role': 'assistant', 'content': [5, big]}]}],
+                           'request_config': {'prompt_logprobs': 2}})]
+    if wire == 'json':  # msgpack has no integer below -2**63
+        bodies.append(('/v1/topk', {'sequences': [{'input_ids': [1, 2, 3], 'positions': [-big - 1]}]}))
+    for path, body in bodies:
+        if wire == 'json':
+            content, ctype = json.dumps(body).encode(), 'application/json'
+        else:
+            content, ctype = msgpack.packb(body), 'application/msgpack'
+        r = httpx.post(f'{url}{path}', content=content, headers={'Content-Type': ctype}, timeout=30)
+        assert r.status_code == 422, (path, body, r.status_code, r.text)
+        assert r.json()['object'] == 'error'
+    patient = TeacherClient(url, retries=5, backoff=10, wait=600, binary=wire == 'msgpack')
+    t0 = time.monotonic()
+    with pytest.raises(TeacherServerError, match='422') as err:
+        patient.topk_at([([1, 2, 3], [0, big])], topk=2)
+    assert err.value.attempts == 1 and err.value.status == 422 and time.monotonic() - t0 < 10
+    assert servers['main'].alive()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # load
 # ----------------------------------------------------------------------------------------------------------------
@@ -518,10 +551,16 @@ def test_client_reports_a_killed_server_and_recovers_after_restart(tiny_ws, tmp_
 
         th = threading.Thread(target=restart)
         th.start()
-        patient = TeacherClient(server.url, timeout=10, retries=200, backoff=0.2, max_backoff=1.0)
+        retries = []
+        patient = TeacherClient(server.url, timeout=10, retries=0, wait=300, backoff=0.2, max_backoff=1.0,
+                                log=retries.append)
         res = patient.topk([(prompt, response)], topk=8, with_tail=True)[0]
         th.join()
         _assert_matches(res, *ref)
+        assert retries, 'the client rode out the restart without a log line'
+        for n, line in enumerate(retries, start=1):  # each retry: the attempt, its cause and the time left
+            assert f'{server.url}/v1/topk: attempt {n} failed (connection failed' in line, line
+            assert 'Connection refused' in line and 'of the 300s wait left' in line, line
     finally:
         server.stop()
         if 'server' in locals().get('restarted', {}):
@@ -557,6 +596,39 @@ def test_swift_rlhf_trains_against_the_server(tiny_ws, servers, tmp_path, plugin
     assert np.allclose(remote.losses, local.losses, rtol=1e-4, atol=1e-7), (remote.losses, local.losses)
 
 
+@pytest.fixture(scope='module')
+def infer_only_server(tiny_ws, tmp_path_factory):
+    """The teacher behind only GET /health and POST /infer/, the routes of `swift deploy` (ms-swift's teacher_server.sh)."""
+    server = Server(tiny_ws, str(tmp_path_factory.mktemp('infer_only') / 'server.log'), '--only_ms_swift_routes')
+    try:
+        yield server.wait()
+    finally:
+        server.stop()
+
+
+@pytest.mark.timeout(900)
+def test_swift_rlhf_against_a_server_with_only_ms_swift_routes(tiny_ws, infer_only_server, tmp_path):
+    """Against a server without /v1/topk the plugin's trainer finds out at start-up, asks ms-swift's /infer/ for
+    prompt log-probs, and its losses equal those of ms-swift's built-in trainer against the same server. On-policy
+    steps (--lmbda 1, the same samples in both trainers) send the sampled responses as token ids, the hardest case
+    to align; learning rate 0 keeps the weights fixed."""
+    server = infer_only_server
+    probe = {'sequences': [{'prompt_ids': [1], 'response_ids': [2]}]}
+    assert httpx.post(f'{server.url}/v1/topk', json=probe).status_code == 404
+    shim = tmp_path / 'allow_vllm_infer_client.py'
+    shim.write_text(VLLM_CHECK_SHIM)
+    common = dict(teacher_model=None, teacher_model_type=None, teacher_model_server=server.url, gkd_logits_topk=8,
+                  lmbda=1, learning_rate=0, max_steps=2, seed=5, dataset=tiny_ws.fixed)
+    n_calls = server.log().count('"POST /infer/" 200')
+    plugin = run_swift(base_args(tiny_ws, str(tmp_path / 'plugin'), **common))
+    assert 'GKD trainer active' in plugin.output and "through ms-swift's POST /infer/ protocol" in plugin.output
+    assert server.log().count('"POST /infer/" 200') >= n_calls + 2, 'the trainer did not ask /infer/'
+    builtin = run_swift(base_args(tiny_ws, str(tmp_path / 'builtin'), external_plugins=str(shim), **common),
+                        env={'SWIFT_GKD_PLUGIN': '0'})
+    assert len(plugin.losses) == 2 and all(np.isfinite(plugin.losses)), plugin.output[-3000:]
+    assert np.allclose(plugin.losses, builtin.losses, rtol=1e-5, atol=1e-7), (plugin.losses, builtin.losses)
+
+
 @pytest.mark.timeout(600)
 def test_swift_rlhf_with_the_tail_bucket_against_the_server(tiny_ws, servers, tmp_path):
     server = servers['main']
@@ -588,13 +660,53 @@ def test_swift_rlhf_routes_samples_to_teachers_by_dataset_tag(tiny_ws, servers, 
 
 @pytest.mark.timeout(300)
 def test_swift_rlhf_names_an_unreachable_server(tiny_ws, tmp_path):
+    """No server at the URL: the trainer waits --teacher_server_wait seconds at start-up, logging each failed poll
+    with its cause and the time left, then stops with an error that names the URL and the cause."""
     url = f'http://127.0.0.1:{_free_port()}'
     run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), teacher_model=None, teacher_model_type=None,
-                              teacher_model_server=url, gkd_logits_topk=8, teacher_server_retries=1,
+                              teacher_model_server=url, gkd_logits_topk=8, teacher_server_wait=3,
                               teacher_server_timeout=2), check=False)
     assert run.returncode != 0
-    assert f'teacher server {url}/v1/topk failed after 2 attempts' in run.output
+    assert f'teacher server {url}/health failed after' in run.output
     assert 'Connection refused' in run.output or 'connection failed' in run.output
+    assert f'teacher server {url}/health: attempt 1 failed' in run.output and 'of the 3s wait left' in run.output
+
+
+@pytest.mark.timeout(900)
+def test_swift_rlhf_waits_for_a_teacher_server_that_is_still_loading(tiny_ws, tmp_path):
+    """Training started before its teacher server (as examples/gkd_teacher_server.sh does with a 7B teacher): the
+    trainer waits, logging each retry, while the server starts and loads its model, then trains against it."""
+    port = _free_port()
+    url = f'http://127.0.0.1:{port}'
+    argv = base_args(tiny_ws, str(tmp_path / 'out'), teacher_model=None, teacher_model_type=None,
+                     teacher_model_server=url, gkd_logits_topk=8)
+    env = dict(os.environ, **OFFLINE_ENV)
+    env.pop('SWIFT_GKD_PLUGIN', None)
+    log_path = tmp_path / 'train.log'
+    with open(log_path, 'wb') as log:
+        trainer = subprocess.Popen([SWIFT, 'rlhf', *argv],
+                                   stdout=log, stderr=subprocess.STDOUT, env=env)
+    server = None
+    try:
+        retry = f'teacher server {url}/health: attempt 2 failed'
+        deadline = time.monotonic() + 300
+        while retry not in log_path.read_text(errors='replace'):  # the trainer is waiting: start the teacher now
+            assert trainer.poll() is None and time.monotonic() < deadline, log_path.read_text()[-4000:]
+            time.sleep(0.5)
+        server = Server(tiny_ws, str(tmp_path / 'server.log'), port=port)
+        assert trainer.wait(600) == 0, log_path.read_text()[-6000:]
+        output = log_path.read_text(errors='replace')
+        assert 'Connection refused' in output and 'of the 600s wait left' in output
+        assert 'top-k through POST /v1/topk' in output
+        assert server.log().count('"POST /v1/topk" 200') >= 3
+        rows = [json.loads(line) for line in open(tmp_path / 'out' / 'logging.jsonl')]
+        losses = [row['loss'] for row in rows if 'loss' in row]
+        assert len(losses) == 3 and all(np.isfinite(losses)), output[-3000:]
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
+        if server is not None:
+            server.stop()
 
 
 @pytest.mark.timeout(180)
@@ -685,6 +797,14 @@ def test_a_failing_sequence_fails_only_its_request(inproc_teacher, reference, mo
                 assert np.array_equal(got, reference(ids, list(range(9, 20)), 8)[0].numpy())
         health = httpx.get(f'{server.url}/health/').json()['batcher']
         assert health['worker_alive'] and health['failures'] == 3 and health['batches'] < 9
+        # the client: a 500 (the server is up but failed) gets the counted retries only, not the time budget
+        lines = []
+        client = TeacherClient(server.url, retries=2, wait=600, backoff=0.05, log=lines.append)
+        t0 = time.monotonic()
+        with pytest.raises(TeacherServerError, match='poisoned sequence') as err:
+            client.topk([(seqs[0][:10], seqs[0][10:])], topk=8)
+        assert err.value.status == 500 and err.value.attempts == 3 and time.monotonic() - t0 < 60
+        assert [line.split(' (retry ')[-1] for line in lines] == ['1 of 2)', '2 of 2)'], lines
         assert _post_topk(server.url, [{'prompt_ids': [1, 2], 'response_ids': [3]}], 8).status_code == 200
     finally:
         server.stop()
