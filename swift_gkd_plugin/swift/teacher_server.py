@@ -21,13 +21,13 @@ from swift_gkd_plugin.server.client import TeacherClient
 logger = get_logger()
 
 
-def connect_teacher_servers(args, configs, accelerator) -> Tuple[List[TeacherClient], bool]:
+def connect_teacher_servers(args, configs, accelerator, topk: int) -> Tuple[List[TeacherClient], bool]:
     """The clients of the served teachers once their servers are healthy, and whether all of them offer /v1/topk.
 
     Every rank waits for every server (``--teacher_server_wait`` seconds at most, each failed poll logged), so that
     training can start while a large teacher is still loading. Only the main process asks for the routes, and every
     rank follows its answer: the ``/infer/`` path gathers the requests on the main process, the ``/v1/topk`` path
-    does not, so the ranks must agree.
+    does not, so the ranks must agree. ``topk`` (``--gkd_logits_topk``) is checked against what each server serves.
     """
     clients = [
         TeacherClient(cfg.url, api_key=args.teacher_api_key, timeout=args.teacher_server_timeout,
@@ -37,7 +37,7 @@ def connect_teacher_servers(args, configs, accelerator) -> Tuple[List[TeacherCli
     for client in clients:
         logger.info(f'Teacher server {client.url}: waiting until it is healthy (at most {client.wait:g}s, '
                     '--teacher_server_wait)')
-        client.wait_until_ready()
+        check_topk_served(client.url, client.wait_until_ready(), topk)
     answer = [all(client.offers_topk() for client in clients) if accelerator.is_main_process else None]
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
@@ -50,6 +50,15 @@ def connect_teacher_servers(args, configs, accelerator) -> Tuple[List[TeacherCli
         logger.info(f'Teacher server {urls}: no POST /v1/topk (e.g. `swift deploy`): top-k from prompt log-probs '
                     'through ms-swift\'s POST /infer/ protocol')
     return clients, topk_route
+
+
+def check_topk_served(url: str, health: dict, topk: int) -> None:
+    """``--gkd_logits_topk`` within what the server says it serves (this plugin's server reports ``max_topk``;
+    others report nothing and are trusted): refused at start-up rather than at the first teacher request."""
+    limit = health.get('max_topk') if isinstance(health, dict) else None
+    if isinstance(limit, int) and topk is not None and topk > limit:
+        raise ValueError(f'--gkd_logits_topk {topk} is larger than the teacher server {url} serves (its --topk is '
+                         f'{limit}): pass --gkd_logits_topk 1 to {limit}, or restart the server with --topk {topk}')
 
 
 def infer_prompt_logprobs(client: TeacherClient, requests: List[Any], topk: int) -> List[Tuple[list, list]]:

@@ -142,7 +142,7 @@ class GKDPluginTrainer(GKDTrainer):
         self._is_self_distillation = False
         self.teacher_configs = parse_teacher_model_server(server)
         self.teacher_clients, self._teacher_topk_route = connect_teacher_servers(
-            self.args, self.teacher_configs, self.accelerator)
+            self.args, self.teacher_configs, self.accelerator, self.gkd_logits_topk)
 
     def _infer_teacher_requests(self, handle, topk, teacher_client=None):
         """ms-swift's /infer/ call (main process) through the plugin's client: no vLLM, waits and logged retries."""

@@ -658,6 +658,18 @@ def test_swift_rlhf_routes_samples_to_teachers_by_dataset_tag(tiny_ws, servers, 
     assert np.allclose(remote.losses, local.losses, rtol=1e-4, atol=1e-7), (remote.losses, local.losses)
 
 
+def test_swift_rlhf_refuses_a_topk_beyond_the_servers_limit(tiny_ws, servers, tmp_path):
+    """The plugin's server reports its --topk in /health: a larger --gkd_logits_topk is refused at start-up, naming
+    both numbers, instead of failing on the first teacher request."""
+    limit = httpx.get(f"{servers['main'].url}/health").json()['max_topk']
+    assert limit == SERVER_TOPK
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), teacher_model=None, teacher_model_type=None,
+                              teacher_model_server=servers['main'].url, gkd_logits_topk=limit + 1), check=False)
+    assert run.returncode != 0 and not run.losses
+    assert (f'--gkd_logits_topk {limit + 1} is larger than the teacher server {servers["main"].url} serves (its '
+            f'--topk is {limit})') in run.output, run.output[-3000:]
+
+
 @pytest.mark.timeout(300)
 def test_swift_rlhf_names_an_unreachable_server(tiny_ws, tmp_path):
     """No server at the URL: the trainer waits --teacher_server_wait seconds at start-up, logging each failed poll
