@@ -44,18 +44,19 @@ __all__ = ['fused_linear_jsd', 'default_chunk_size']
 _NEG_LOGIT = -1e30  # finite stand-in for -inf logits: exp() underflows to exactly 0, differences stay finite
 _SCRATCH_BYTES = 2**30  # float32 scratch targeted by the automatic chunk size
 _MAX_CHUNK = 1024
+_FAR = 40.0  # nats: past it the smaller of two probabilities is < 5e-18 of the larger, far below float32 rounding
 
 Number = Union[float, int, torch.Tensor]
 
 
-def default_chunk_size(vocab_size: int, num_buffers: int = 4) -> int:
+def default_chunk_size(vocab_size: int, num_buffers: float = 4) -> int:
     """Rows per chunk so that ``num_buffers`` float32 ``[chunk, vocab_size]`` buffers take about 1 GiB.
 
     Each chunk re-reads (and the BLAS re-packs) both ``[V, H]`` weights and read-modify-writes the float32
     ``[V, H]`` weight gradient, so chunks of a few hundred rows keep that per-chunk cost small next to the matmuls
     (on 2 CPU cores, 416 rows ran within ~5% of the bare matmuls' CPU time, 208 rows ~15%), while the scratch stays
-    independent of ``N``. At ``V = 151936`` and the 4 buffers of ``0 < beta < 1`` this gives 416 rows (3 buffers,
-    ``beta`` in ``{0, 1}``: 576 rows).
+    independent of ``N``. At ``V = 151936`` and the 4 buffers of a full teacher this gives 416 rows (``beta`` in
+    ``{0, 1}`` adds a bool buffer: 384 rows).
     """
     rows = _SCRATCH_BYTES // (4 * num_buffers * max(vocab_size, 1))
     return int(max(32, min(_MAX_CHUNK, rows // 32 * 32)))
@@ -144,13 +145,13 @@ def fused_linear_jsd(student_hidden: torch.Tensor,
         plan.teacher_weight = teacher_weight
         plan.teacher_bias = None if teacher_bias is None else _finite_bias(teacher_bias)
     else:
-        logprobs = teacher_topk_logprobs.reshape(n_all, -1).float()
+        logprobs = _token_rows(teacher_topk_logprobs, n_all).float()
         active = active & (logprobs > float('-inf')).any(-1)  # no teacher information: nothing to distil
     idx = active.nonzero().squeeze(1)
     everyone = idx.numel() == n_all  # then skip the gathers (and their scatter in backward)
 
     def rows(t):
-        t = t.reshape(n_all, -1)
+        t = _token_rows(t, n_all)
         return t if everyone else t.index_select(0, idx)
 
     if full:
@@ -200,6 +201,17 @@ class _Plan:
     stats: Dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+def _token_rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """``t`` as ``[n, width]``, its leading (token) dimensions flattened.
+
+    With no token at all (a batch without response tokens) ``reshape(0, -1)`` is ambiguous and raises, so the width
+    is then read from the last dimension.
+    """
+    if n:
+        return t.reshape(n, -1)
+    return t.reshape(0, t.shape[-1] if t.dim() > 1 else 1)
+
+
 def _inverse(x: Number) -> float:
     x = float(x)
     return 0.0 if x == 0 else 1.0 / x
@@ -246,8 +258,11 @@ def _run(hidden, weight, bias, plan: _Plan, need_h: bool, need_w: bool, need_b: 
 
     if n:
         names = _buffer_names(plan, full, sft)
-        rows = min(n, plan.chunk_size or default_chunk_size(vmax, len(names)))
+        far = full and plan.beta in (0, 1)  # a bool [chunk, V] buffer too (a quarter of a float32 one)
+        rows = min(n, plan.chunk_size or default_chunk_size(vmax, len(names) + 0.25 * far))
         bufs = {k: torch.empty(rows, vmax, dtype=f32, device=dev) for k in names}
+        if far:
+            bufs['far'] = torch.empty(rows, vmax, dtype=torch.bool, device=dev)
         if weight.dtype != f32 and want_grad:  # the gradient in the matmul dtype, reused across chunks
             bufs['half'] = torch.empty(rows, vocab, dtype=weight.dtype, device=dev)
         bias_f = None if bias is None else _finite_bias(bias)
@@ -281,13 +296,7 @@ def _buffer_names(plan: _Plan, full: bool, sft: bool):
     """The float32 ``[chunk, V]`` scratch buffers a configuration needs (``a`` always holds the gradient)."""
     if not full:
         return ['a']
-    names = ['a', 'b']
-    if plan.beta == 0:
-        names += ['q'] + (['p'] if sft else [])
-    elif plan.beta == 1:
-        names += ['p']
-    else:
-        names += ['p', 'q']
+    names = ['a', 'b', 'p', 'q']
     if sft and _separate_ce(plan):
         names.append('e')
     return names
@@ -313,9 +322,90 @@ def _logits_into(out, hidden, weight, bias_f, scale: float):
             torch.add(bias_f * scale, prod, alpha=scale, out=out)
 
 
-def _rowdot(x, y):
-    """Row-wise dot product without an ``[C, V]`` temporary."""
-    return torch.bmm(x.unsqueeze(1), y.unsqueeze(2)).view(-1)
+def _log_softmax_into(logits: torch.Tensor, probs: torch.Tensor) -> None:
+    """``logits <- log_softmax(logits)``, ``probs <- softmax(logits)``, in place, rows of any length.
+
+    The normaliser is summed by ``torch.sum`` (cascade summation). ``torch.log_softmax``'s CPU kernel accumulates it
+    sequentially in float32: off by ~1e-6 relative at V = 151,936, an error shared by every entry of the row, which
+    reaches a divergence's gradient at first order; and ``probs`` divided by the normaliser carry only their own
+    rounding, where ``exp(log_softmax)`` carries ``|log p|`` times more.
+    """
+    logits.sub_(logits.amax(-1, keepdim=True))
+    torch.exp(logits, out=probs)
+    total = probs.sum(-1, keepdim=True)
+    probs.div_(total)
+    logits.sub_(total.log_())
+
+
+def _divergence_rows(buf, beta: float) -> Tuple[torch.Tensor, float]:
+    """Per-row divergence of ``s = buf['a']``, ``t = buf['b']`` (log-probabilities; ``buf['p']``, ``buf['q']``:
+    their probabilities), and its gradient.
+
+    Leaves ``sign * dD/du`` in ``buf['a']`` and ``p_s`` in ``buf['p']``; returns ``(D [C], sign)``. ``buf['b']``
+    and ``buf['q']`` are scratch.
+
+    Why this form: a KL summed as ``sum p (log p - log q)`` adds first-order terms that cancel to a second-order
+    result, so its rounding (and any rounding of a log-normaliser, which shifts a whole row of ``t - s``) lands on
+    ``D`` at first order. Each row is instead summed as per-entry terms that are each ``>= 0`` and second order in
+    ``d = t - s`` (Bregman form of the KL, ``beta p_t log(p_t/M) + (1 - beta) p_s log(p_s/M)`` for the mixture),
+    formed with ``expm1``/``log1p`` so that they are accurate near ``d = 0``, and exactly 0 there, then summed with
+    ``torch.sum``'s cascade summation. Identical rows give exactly 0, never a negative value, and a normaliser
+    shift moves ``D`` only at second order. The gradients are centred with ``sum p_s (...)`` sums formed the same way.
+    """
+    a, b, p, q = buf['a'], buf['b'], buf['p'], buf['q']
+    if beta == 0:  # D = KL(t || s)
+        torch.sub(a, b, out=b)  # log(p_s / p_t)
+        _kl_bregman_into(a, q, p, b, buf['far'])  # p_s - p_t
+        div = torch.addcmul(a, q, b, value=-1, out=b).sum(-1)  # terms (p_s - p_t) - p_t log(p_s / p_t)
+        torch.sub(p, q, out=a)  # dD/du: from the probabilities, whose rounding is not correlated across a row
+        _centre(a, p)
+        return div, 1.0
+    b.sub_(a)  # d = log(p_t / p_s)
+    if beta == 1:  # D = KL(s || t)
+        _kl_bregman_into(a, p, q, b, buf['far'])  # p_t - p_s
+        div = torch.addcmul(a, p, b, value=-1, out=a).sum(-1)  # terms (p_t - p_s) - p_s d
+        torch.mul(p, b, out=a)
+        _centre(a, p)  # p_s (d - sum p_s d) = -dD/du
+        return div, -1.0
+    # 0 < beta < 1. Past |d| = _FAR each term has converged to its limit to float32 resolution: clamp, so that masked
+    # entries (d = +-1e30) keep the limit's value and nothing overflows.
+    b.clamp_(-_FAR, _FAR)
+    torch.expm1(b, out=a).mul_(beta).log1p_()  # L = log(M / p_s), exactly 0 at d = 0
+    torch.sub(b, a, out=a)  # log(p_t / M)
+    q.mul_(beta).add_(p, alpha=1 - beta)  # M
+    # beta p_t log(p_t / M) + (1 - beta) p_s log(p_s / M) = M log(p_t / M) - (1 - beta) p_s d
+    div = a.mul_(q).addcmul_(p, b, value=-(1 - beta)).sum(-1)
+    # dD/du = -(1 - beta) p_s (L - sum p_s L), any constant added to L cancelling. Where p_t << p_s, L sits near
+    # log(1 - beta) and float32 cannot resolve its variation there: rows closer to that side take
+    # L - log(1 - beta) = log1p(beta / (1 - beta) e^d), the others (student ~ teacher) L itself.
+    torch.exp(b, out=a).mul_(beta / (1 - beta)).log1p_().mul_(p)
+    torch.expm1(b, out=q).mul_(beta).log1p_().mul_(p)
+    near = q.sum(-1) > 0.5 * math.log1p(-beta)  # sum p_s L = -KL(s || M), in [log(1 - beta), 0]
+    torch.where(near.unsqueeze(1), q, a, out=a)
+    _centre(a, p)
+    return div, -(1 - beta)
+
+
+def _centre(g: torch.Tensor, p: torch.Tensor) -> None:
+    """``g <- g - p sum(g) / sum(p)``: the ``log_softmax`` Jacobian applied to ``g = p * x``, as ``p (x - E_p[x])``.
+
+    Dividing by the computed ``sum(p)`` (1 up to rounding) makes the result sum to 0 whatever constant ``x`` holds,
+    so that neither a rounding error shared by a whole row nor a constant in ``x`` (``log(1 - beta)`` above) biases
+    the gradient.
+    """
+    g.addcmul_(p, (g.sum(-1) / p.sum(-1)).unsqueeze(1), value=-1)
+
+
+def _kl_bregman_into(out, ref, other, log_ratio, far):
+    """``out <- other - ref`` accurate to rounding of the difference itself, from ``log_ratio = log(other / ref)``.
+
+    ``ref * expm1(log_ratio)`` is exact near ``log_ratio = 0`` (where the plain difference cancels); beyond
+    ``_FAR`` (e.g. ``ref`` masked) ``ref`` is below float32 resolution next to ``other`` and the difference is
+    ``other`` (there expm1 would overflow).
+    """
+    torch.clamp(log_ratio, max=_FAR, out=out).expm1_().mul_(ref)
+    torch.gt(log_ratio, _FAR, out=far)
+    torch.where(far, other, out, out=out)
 
 
 def _label_rows(plan: _Plan, sl):
@@ -332,7 +422,7 @@ def _full_chunk(buf, h, weight, bias_f, plan: _Plan, sl, sft: bool):
     """
     a, b = buf['a'], buf['b']
     vocab, vt = plan.vocab, plan.teacher_weight.shape[0]
-    beta, inv_t = plan.beta, 1.0 / plan.temperature
+    inv_t = 1.0 / plan.temperature
     _logits_into(a[:, :vocab], h, weight, bias_f, inv_t)
     with torch.no_grad():
         _logits_into(b[:, :vt], plan.teacher_hidden[sl].to(plan.teacher_weight.dtype), plan.teacher_weight,
@@ -356,41 +446,17 @@ def _full_chunk(buf, h, weight, bias_f, plan: _Plan, sl, sft: bool):
             ce = -(e.gather(1, lab).squeeze(1) * keep).sum()
             p1 = e.exp_()
 
-    torch.log_softmax(a, -1, out=a)  # s
-    torch.log_softmax(b, -1, out=b)  # t
+    _log_softmax_into(a, buf['p'])  # s, p_s
+    _log_softmax_into(b, buf['q'])  # t, p_t
     if sft and p1 is None:
         ce = -(a.gather(1, lab).squeeze(1) * keep).sum()
-    if beta == 0:
-        q = torch.exp(b, out=buf['q'])  # p_t
-        div = _rowdot(q, b.sub_(a))  # sum p_t (t - s)
-        if sft and p1 is None:
-            p1 = torch.exp(a, out=buf['p'])
-            torch.sub(p1, q, out=a)
-        else:
-            a.exp_().sub_(q)  # dD/du = p_s - p_t
-    elif beta == 1:
-        p = torch.exp(a, out=buf['p'])
-        div = _rowdot(p, a.sub_(b))  # sum p_s (s - t)
-        a.sub_(div.unsqueeze(1)).mul_(p)  # dD/du = p_s (s - t - D)
-        p1 = p if sft and p1 is None else p1
-    else:
-        p, q = torch.exp(a, out=buf['p']), torch.exp(b, out=buf['q'])
-        # m = log(1 - beta) + s + sp with sp = softplus(delta), delta = t - s + log(beta / (1 - beta)): then
-        # s - m = -sp - log(1 - beta) and t - m = delta - sp - log(beta), without forming m (one buffer fewer)
-        log_b, log_1mb = math.log(beta), math.log1p(-beta)
-        delta = b.sub_(a).add_(log_b - log_1mb)
-        sp = torch.logaddexp(delta, delta.new_zeros(()), out=a)  # softplus, exact at +-1e30
-        ks = _rowdot(p, sp)  # = -KL(s || M) - log(1 - beta), as sum_v p_s = 1
-        kt = _rowdot(q, delta.sub_(sp))  # = KL(t || M) + log(beta)
-        div = beta * (kt - log_b) - (1 - beta) * (ks + log_1mb)
-        # dD/du = (1 - beta) p_s (s - m - KL(s || M)) = -(1 - beta) p_s (sp - ks): sign and factor go to the scale
-        sp.sub_(ks.unsqueeze(1)).mul_(p)
-        inv_t = -inv_t * (1 - beta)
-        p1 = p if sft and p1 is None else p1
+    div, sign = _divergence_rows(buf, plan.beta)  # leaves sign * dD/du in a (u = z / T: dD/dz = dD/du / T)
+    grad_scale = plan.div_scale * sign * inv_t
+    p1 = buf['p'] if sft and p1 is None else p1
 
     if not sft:
-        return div.sum(), ce, agree, plan.div_scale * inv_t
-    a.mul_(plan.div_scale * inv_t)
+        return div.sum(), ce, agree, grad_scale
+    a.mul_(grad_scale)
     g = a[:, :vocab]
     g.addcmul_(p1[:, :vocab], w.unsqueeze(1))  # + sft_scale (softmax(z) - onehot) on labelled rows
     g.scatter_add_(1, lab, -w.unsqueeze(1))
