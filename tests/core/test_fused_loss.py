@@ -418,7 +418,8 @@ def _errors(got, ref):
 
 @pytest.mark.parametrize('beta', [0.0, 0.5, 1.0])
 def test_large_vocab_matches_float64(big_inputs, beta):
-    """Unrelated teacher: value and gradients within 1e-5 of float64 (measured: <= 1.5e-7, <= 1.2e-6)."""
+    """Unrelated teacher: value and gradients against float64 (measured: value <= 7e-8, gradients <= 1.2e-6;
+    before: 1.4e-6 and 2e-5)."""
     x = big_inputs
     value, hidden, weight = _errors(*_fused_and_reference(x['hs'], x['w'], x['ht'], x['wt'], beta))
     assert value <= 1e-6 and hidden <= 1e-5 and weight <= 1e-5, (value, hidden, weight)
@@ -428,7 +429,7 @@ def test_large_vocab_matches_float64(big_inputs, beta):
 def test_large_vocab_near_identical_matches_float64(big_inputs, beta):
     """Student ~ teacher (D ~ 1e-5): every first-order term cancels, so any rounding shared by a row shows here.
 
-    Measured: value <= 4e-8, gradients <= 3e-5 relative (before: value up to 2e-3, gradients up to 6e-2).
+    Measured: value <= 4e-8, gradients <= 3e-5 relative (before: value up to 3.5e-2, gradients up to 2.3e-2).
     """
     x = big_inputs
     value, hidden, weight = _errors(*_fused_and_reference(x['hs'], x['w'], x['hs'], x['w_near'], beta))
