@@ -27,6 +27,10 @@ anything else, so probabilities there are exactly 0 and every difference stays f
 never hold NaN or Inf. A student entry at ``-inf`` where the teacher has mass is a true infinite ``KL(t || s)``
 for ``beta == 0`` (likewise the reverse for ``beta == 1``); it comes out as a huge finite number instead.
 
+The value and the gradient of each row are computed by :mod:`swift_gkd_plugin.core.row_divergence` in a form that
+stays accurate at large vocabularies (per-entry second-order terms, cascade-summed normalisers and row sums): identical
+student and teacher give exactly 0.
+
 Top-k teachers and the optional tail bucket are defined in :mod:`swift_gkd_plugin.core.topk`.
 """
 from __future__ import annotations
