@@ -27,16 +27,20 @@ anything else, so probabilities there are exactly 0 and every difference stays f
 never hold NaN or Inf. A student entry at ``-inf`` where the teacher has mass is a true infinite ``KL(t || s)``
 for ``beta == 0`` (likewise the reverse for ``beta == 1``); it comes out as a huge finite number instead.
 
+The value and the gradient of each row are computed by :mod:`swift_gkd_plugin.core.row_divergence` in a form that
+stays accurate at large vocabularies (per-entry second-order terms, cascade-summed normalisers and row sums): identical
+student and teacher give exactly 0.
+
 Top-k teachers and the optional tail bucket are defined in :mod:`swift_gkd_plugin.core.topk`.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple, Union
 
 import torch
 
+from .row_divergence import divergence_rows, log_softmax_into
 from .topk import bucket_divergence, teacher_tail_logmass
 
 __all__ = ['fused_linear_jsd', 'default_chunk_size']
@@ -48,14 +52,14 @@ _MAX_CHUNK = 1024
 Number = Union[float, int, torch.Tensor]
 
 
-def default_chunk_size(vocab_size: int, num_buffers: int = 4) -> int:
+def default_chunk_size(vocab_size: int, num_buffers: float = 4) -> int:
     """Rows per chunk so that ``num_buffers`` float32 ``[chunk, vocab_size]`` buffers take about 1 GiB.
 
     Each chunk re-reads (and the BLAS re-packs) both ``[V, H]`` weights and read-modify-writes the float32
     ``[V, H]`` weight gradient, so chunks of a few hundred rows keep that per-chunk cost small next to the matmuls
     (on 2 CPU cores, 416 rows ran within ~5% of the bare matmuls' CPU time, 208 rows ~15%), while the scratch stays
-    independent of ``N``. At ``V = 151936`` and the 4 buffers of ``0 < beta < 1`` this gives 416 rows (3 buffers,
-    ``beta`` in ``{0, 1}``: 576 rows).
+    independent of ``N``. At ``V = 151936`` and the 4 buffers of a full teacher this gives 416 rows (``beta`` in
+    ``{0, 1}`` adds a bool buffer: 384 rows).
     """
     rows = _SCRATCH_BYTES // (4 * num_buffers * max(vocab_size, 1))
     return int(max(32, min(_MAX_CHUNK, rows // 32 * 32)))
@@ -146,13 +150,13 @@ def fused_linear_jsd(student_hidden: torch.Tensor,
         plan.teacher_weight = teacher_weight
         plan.teacher_bias = None if teacher_bias is None else _finite_bias(teacher_bias)
     else:
-        logprobs = teacher_topk_logprobs.reshape(n_all, -1).float()
+        logprobs = _token_rows(teacher_topk_logprobs, n_all).float()
         active = active & (logprobs > float('-inf')).any(-1)  # no teacher information: nothing to distil
     idx = active.nonzero().squeeze(1)
     everyone = idx.numel() == n_all  # then skip the gathers (and their scatter in backward)
 
     def rows(t):
-        t = t.reshape(n_all, -1)
+        t = _token_rows(t, n_all)
         return t if everyone else t.index_select(0, idx)
 
     if full:
@@ -202,6 +206,17 @@ class _Plan:
     stats: Dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+def _token_rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """``t`` as ``[n, width]``, its leading (token) dimensions flattened.
+
+    With no token at all (a batch without response tokens) ``reshape(0, -1)`` is ambiguous and raises, so the width
+    is then read from the last dimension.
+    """
+    if n:
+        return t.reshape(n, -1)
+    return t.reshape(0, t.shape[-1] if t.dim() > 1 else 1)
+
+
 def _inverse(x: Number) -> float:
     x = float(x)
     return 0.0 if x == 0 else 1.0 / x
@@ -248,8 +263,11 @@ def _run(hidden, weight, bias, plan: _Plan, need_h: bool, need_w: bool, need_b: 
 
     if n:
         names = _buffer_names(plan, full, sft)
-        rows = min(n, plan.chunk_size or default_chunk_size(vmax, len(names)))
+        far = full and plan.beta in (0, 1)  # a bool [chunk, V] buffer too (a quarter of a float32 one)
+        rows = min(n, plan.chunk_size or default_chunk_size(vmax, len(names) + 0.25 * far))
         bufs = {k: torch.empty(rows, vmax, dtype=f32, device=dev) for k in names}
+        if far:
+            bufs['far'] = torch.empty(rows, vmax, dtype=torch.bool, device=dev)
         if weight.dtype != f32 and want_grad:  # the gradient in the matmul dtype, reused across chunks
             bufs['half'] = torch.empty(rows, vocab, dtype=weight.dtype, device=dev)
         bias_f = None if bias is None else _finite_bias(bias)
@@ -283,13 +301,7 @@ def _buffer_names(plan: _Plan, full: bool, sft: bool):
     """The float32 ``[chunk, V]`` scratch buffers a configuration needs (``a`` always holds the gradient)."""
     if not full:
         return ['a']
-    names = ['a', 'b']
-    if plan.beta == 0:
-        names += ['q'] + (['p'] if sft else [])
-    elif plan.beta == 1:
-        names += ['p']
-    else:
-        names += ['p', 'q']
+    names = ['a', 'b', 'p', 'q']
     if sft and _separate_ce(plan):
         names.append('e')
     return names
@@ -315,11 +327,6 @@ def _logits_into(out, hidden, weight, bias_f, scale: float):
             torch.add(bias_f * scale, prod, alpha=scale, out=out)
 
 
-def _rowdot(x, y):
-    """Row-wise dot product without an ``[C, V]`` temporary."""
-    return torch.bmm(x.unsqueeze(1), y.unsqueeze(2)).view(-1)
-
-
 def _label_rows(plan: _Plan, sl):
     """``[C, 1]`` labels with the ignored ones replaced by 0, the ``[C]`` kept-row mask and SFT weights."""
     lab = plan.labels[sl]
@@ -334,7 +341,7 @@ def _full_chunk(buf, h, weight, bias_f, plan: _Plan, sl, sft: bool):
     """
     a, b = buf['a'], buf['b']
     vocab, vt = plan.vocab, plan.teacher_weight.shape[0]
-    beta, inv_t = plan.beta, 1.0 / plan.temperature
+    inv_t = 1.0 / plan.temperature
     _logits_into(a[:, :vocab], h, weight, bias_f, inv_t)
     with torch.no_grad():
         _logits_into(b[:, :vt], plan.teacher_hidden[sl].to(plan.teacher_weight.dtype), plan.teacher_weight,
@@ -358,41 +365,17 @@ def _full_chunk(buf, h, weight, bias_f, plan: _Plan, sl, sft: bool):
             ce = -(e.gather(1, lab).squeeze(1) * keep).sum()
             p1 = e.exp_()
 
-    torch.log_softmax(a, -1, out=a)  # s
-    torch.log_softmax(b, -1, out=b)  # t
+    log_softmax_into(a, buf['p'])  # s, p_s
+    log_softmax_into(b, buf['q'])  # t, p_t
     if sft and p1 is None:
         ce = -(a.gather(1, lab).squeeze(1) * keep).sum()
-    if beta == 0:
-        q = torch.exp(b, out=buf['q'])  # p_t
-        div = _rowdot(q, b.sub_(a))  # sum p_t (t - s)
-        if sft and p1 is None:
-            p1 = torch.exp(a, out=buf['p'])
-            torch.sub(p1, q, out=a)
-        else:
-            a.exp_().sub_(q)  # dD/du = p_s - p_t
-    elif beta == 1:
-        p = torch.exp(a, out=buf['p'])
-        div = _rowdot(p, a.sub_(b))  # sum p_s (s - t)
-        a.sub_(div.unsqueeze(1)).mul_(p)  # dD/du = p_s (s - t - D)
-        p1 = p if sft and p1 is None else p1
-    else:
-        p, q = torch.exp(a, out=buf['p']), torch.exp(b, out=buf['q'])
-        # m = log(1 - beta) + s + sp with sp = softplus(delta), delta = t - s + log(beta / (1 - beta)): then
-        # s - m = -sp - log(1 - beta) and t - m = delta - sp - log(beta), without forming m (one buffer fewer)
-        log_b, log_1mb = math.log(beta), math.log1p(-beta)
-        delta = b.sub_(a).add_(log_b - log_1mb)
-        sp = torch.logaddexp(delta, delta.new_zeros(()), out=a)  # softplus, exact at +-1e30
-        ks = _rowdot(p, sp)  # = -KL(s || M) - log(1 - beta), as sum_v p_s = 1
-        kt = _rowdot(q, delta.sub_(sp))  # = KL(t || M) + log(beta)
-        div = beta * (kt - log_b) - (1 - beta) * (ks + log_1mb)
-        # dD/du = (1 - beta) p_s (s - m - KL(s || M)) = -(1 - beta) p_s (sp - ks): sign and factor go to the scale
-        sp.sub_(ks.unsqueeze(1)).mul_(p)
-        inv_t = -inv_t * (1 - beta)
-        p1 = p if sft and p1 is None else p1
+    div, sign = divergence_rows(buf, plan.beta)  # leaves sign * dD/du in a (u = z / T: dD/dz = dD/du / T)
+    grad_scale = plan.div_scale * sign * inv_t
+    p1 = buf['p'] if sft and p1 is None else p1
 
     if not sft:
-        return div.sum(), ce, agree, plan.div_scale * inv_t
-    a.mul_(plan.div_scale * inv_t)
+        return div.sum(), ce, agree, grad_scale
+    a.mul_(grad_scale)
     g = a[:, :vocab]
     g.addcmul_(p1[:, :vocab], w.unsqueeze(1))  # + sft_scale (softmax(z) - onehot) on labelled rows
     g.scatter_add_(1, lab, -w.unsqueeze(1))

@@ -34,12 +34,12 @@ Context parallelism (different tokens on different ranks of a CP group) needs on
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
 
+from .row_divergence import divergence_rows
 from .topk import bucket_divergence, teacher_tail_logmass
 
 __all__ = [
@@ -190,7 +190,8 @@ class _VocabParallelGJSD(torch.autograd.Function):
 
     Closed forms (``u = z / T``, ``dD/dz = dD/du / T``), see :mod:`swift_gkd_plugin.core.fused_loss`:
     ``beta == 0``: ``p_s - p_t``; ``beta == 1``: ``p_s (s - t - D)``; else ``(1 - beta) p_s (s - m - KL(s || M))``.
-    ``D`` and ``KL(s || M)`` are full-vocabulary (all-reduced) values.
+    Computed by :func:`~swift_gkd_plugin.core.row_divergence.divergence_rows` (as the fused loss), whose row sums
+    are all-reduced here: ``D`` and the gradients' centring sums are full-vocabulary values.
     """
 
     @staticmethod
@@ -225,28 +226,9 @@ def _gjsd_chunk(student, teacher, beta: float, temperature: float, group: Group,
     lse = _vocab_parallel_lse([u, v], group)
     s = u.sub_(lse[0].unsqueeze(-1))  # in place: u is a private copy
     t = v.sub_(lse[1].unsqueeze(-1))
-    ps, pt = s.exp(), t.exp()
-    grad = None
-    if beta == 0:
-        div = _all_reduce((pt * (t - s)).sum(-1), dist.ReduceOp.SUM, group)
-        if want_grad:
-            grad = ps.sub_(pt)
-    elif beta == 1:
-        diff = s - t
-        div = _all_reduce((ps * diff).sum(-1), dist.ReduceOp.SUM, group)
-        if want_grad:
-            grad = diff.sub_(div.unsqueeze(-1)).mul_(ps)
-    else:
-        m = torch.logaddexp(t + math.log(beta), s + math.log1p(-beta))
-        sm, tm = s - m, t.sub_(m)
-        kl = torch.stack([(pt * tm).sum(-1), (ps * sm).sum(-1)]).contiguous()
-        _all_reduce(kl, dist.ReduceOp.SUM, group)
-        div = beta * kl[0] + (1 - beta) * kl[1]
-        if want_grad:
-            grad = sm.sub_(kl[1].unsqueeze(-1)).mul_(ps).mul_(1 - beta)
-    if grad is not None:
-        grad.mul_(inv_t)
-    return div, grad
+    buf = dict(a=s, b=t, p=s.exp(), q=t.exp(), far=torch.empty(s.shape, dtype=torch.bool, device=s.device))
+    div, sign = divergence_rows(buf, beta, lambda x: _all_reduce(x.sum(-1), dist.ReduceOp.SUM, group))
+    return div, buf['a'].mul_(sign * inv_t) if want_grad else None
 
 
 def _check(beta: float, temperature: float):
