@@ -65,8 +65,8 @@ def method_command(method: str, ws: Dict[str, Any], cfg: Dict[str, Any], seed: i
     flags = {
         'model': ws['student'], 'model_type': 'qwen3', 'template': 'qwen3_nothinking', 'dataset': ws['train'],
         'tuner_type': 'full', 'torch_dtype': 'float32', 'check_model': 'false',
-        'max_steps': cfg['steps'], 'learning_rate': LEARNING_RATE, 'lr_scheduler_type': 'constant',
-        'warmup_ratio': '0', 'weight_decay': '0', 'per_device_train_batch_size': cfg['batch_size'],
+        'max_steps': cfg['steps'], 'learning_rate': LEARNING_RATE, 'lr_scheduler_type': 'constant_with_warmup',
+        'warmup_ratio': '0.1', 'weight_decay': '0', 'per_device_train_batch_size': cfg['batch_size'],
         'gradient_accumulation_steps': '1', 'max_length': '128', 'logging_steps': '5',
         'save_strategy': 'steps', 'save_steps': cfg['eval_every'], 'save_only_model': 'true', 'add_version': 'false',
         'report_to': 'none', 'dataloader_num_workers': '0', 'dataset_num_proc': '1', 'split_dataset_ratio': '0',
@@ -106,6 +106,30 @@ def evaluate_curve(checkpoints: List[str], ws: Dict[str, Any], test_rows, tokeni
         metrics = quality_task.evaluate(path, tokenizer, test_rows, ws['teacher_eval']['answers'])
         curve.append({'step': int(path.rsplit('-', 1)[1]), **_without_answers(metrics)})
     return curve
+
+
+def _curve_path(workdir: str, method: str, seed: int) -> str:
+    return os.path.join(workdir, 'runs', f'{method}_seed{seed}.curve.json')
+
+
+def cached_curve(workdir: str, method: str, seed: int, cfg: Dict[str, Any]):
+    """The curve of an earlier run with the same settings (an interrupted benchmark resumes where it stopped)."""
+    try:
+        with open(_curve_path(workdir, method, seed)) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return saved['curve'] if saved['config'] == _run_config(method, cfg) else None
+
+
+def save_curve(workdir: str, method: str, seed: int, cfg: Dict[str, Any], curve) -> None:
+    with open(_curve_path(workdir, method, seed), 'w') as f:
+        json.dump({'config': _run_config(method, cfg), 'curve': curve}, f)
+
+
+def _run_config(method: str, cfg: Dict[str, Any]) -> Dict[str, Any]:
+    return {'method': METHODS[method], 'learning_rate': LEARNING_RATE, 'temperature': TEMPERATURE,
+            **{k: v for k, v in cfg.items() if k != 'seeds'}}
 
 
 def _without_answers(metrics: Dict[str, Any]) -> Dict[str, Any]:
@@ -225,10 +249,13 @@ def main(argv=None) -> int:
     curves: Dict[str, Dict[int, List[Dict[str, Any]]]] = {}
     runs = [(m, s) for s in cfg['seeds'] for m in args.methods]
     for i, (method, seed) in enumerate(runs, 1):
-        log(f'[{i}/{len(runs)}] {method} seed {seed}: {cfg["steps"]} steps ...')
         t = time.time()
-        checkpoints = run_method(method, ws, cfg, seed, os.path.join(workdir, 'runs'))
-        curve = evaluate_curve(checkpoints, ws, test_rows, tokenizer)
+        curve = cached_curve(workdir, method, seed, cfg)
+        if curve is None:
+            log(f'[{i}/{len(runs)}] {method} seed {seed}: {cfg["steps"]} steps ...')
+            checkpoints = run_method(method, ws, cfg, seed, os.path.join(workdir, 'runs'))
+            curve = evaluate_curve(checkpoints, ws, test_rows, tokenizer)
+            save_curve(workdir, method, seed, cfg, curve)
         curves.setdefault(method, {})[seed] = curve
         log(f'[{i}/{len(runs)}] {method} seed {seed}: exact match ' +
             ' -> '.join(f"{p['exact_match']:.3f}" for p in curve) + f' ({time.time() - t:.0f}s)')
