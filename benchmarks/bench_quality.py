@@ -33,7 +33,7 @@ from swift_gkd_plugin.cli import OFFLINE_ENV, swift_executable  # noqa: E402
 from swift_gkd_plugin.testing import quality_task, tiny  # noqa: E402
 
 PRESETS = {
-    'quick': dict(seeds=[0], steps=30, eval_every=10, batch_size=16, n_train=4000, n_test=200, teacher_steps=300,
+    'quick': dict(seeds=[0], steps=60, eval_every=20, batch_size=16, n_train=4000, n_test=200, teacher_steps=300,
                   student_steps=60),
     'full': dict(seeds=[0, 1, 2], steps=120, eval_every=20, batch_size=16, n_train=4000, n_test=200,
                  teacher_steps=300, student_steps=60),
@@ -227,6 +227,7 @@ def parse_args(argv=None):
     parser.add_argument('--seeds', type=int, nargs='+', help="override the preset's seeds")
     parser.add_argument('--steps', type=int, help="override the preset's optimizer steps per method")
     parser.add_argument('--eval_every', type=int, help="override the preset's checkpoint interval")
+    parser.add_argument('--student_steps', type=int, help="override the preset's supervised warm-start steps")
     parser.add_argument('--methods', nargs='+', choices=list(METHODS), default=list(METHODS),
                         help='run a subset (the closing line needs all of them)')
     return parser.parse_args(argv)
@@ -235,12 +236,12 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = dict(PRESETS['quick' if args.quick else 'full'])
-    for key in ('seeds', 'steps', 'eval_every'):
+    for key in ('seeds', 'steps', 'eval_every', 'student_steps'):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     workdir = os.path.abspath(args.workdir)
     t0 = time.time()
-    log(f"preset {'quick' if args.quick else 'full'}: {cfg}")
+    log(f"preset {'quick' if args.quick else 'full'}: {cfg}, learning rate {LEARNING_RATE}, temperature {TEMPERATURE}")
     ws = quality_task.build_workspace(os.path.join(workdir, 'workspace'), n_train=cfg['n_train'],
                                       n_test=cfg['n_test'], teacher_steps=cfg['teacher_steps'],
                                       student_steps=cfg['student_steps'], log=log)

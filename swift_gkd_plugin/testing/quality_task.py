@@ -18,6 +18,8 @@ Train and test prompts are disjoint by construction: a prompt's split is a hash 
 """
 from __future__ import annotations
 
+import json
+import os
 import random
 import zlib
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -183,51 +185,67 @@ _VERSION = 1
 
 def build_workspace(root: str, *, seed: int = 0, n_train: int = 4000, n_test: int = 200, teacher_steps: int = 300,
                     student_steps: int = 60, batch_size: int = 64, log=print) -> Dict[str, Any]:
-    """Build (or reuse, when the cached marker's parameters match) the teacher, the warm-started student and the data.
+    """Build (or reuse) the data, the teacher and the warm-started student under ``root``.
 
     The teacher (:data:`TEACHER_KWARGS`) and the student (:data:`STUDENT_KWARGS`) are trained with
     :func:`tiny.train_teacher` on the training rows: the teacher for ``teacher_steps``, the student for a short
-    ``student_steps`` (the supervised warm start every method begins from).  Deterministic from ``seed``.
-    Returns the paths (``tokenizer``, ``teacher``, ``student``, ``train``, ``test``) and the two models' metrics
-    on the test rows (``teacher_eval``, ``student_eval``, answers included).
+    ``student_steps`` (the supervised warm start every method begins from).  Each model is cached on its own (a
+    marker in its folder records its parameters), so changing the warm start keeps the teacher.  Deterministic from
+    ``seed``.  Returns the paths (``tokenizer``, ``teacher``, ``student``, ``train``, ``test``) and the two models'
+    metrics on the test rows (``teacher_eval``, ``student_eval``, answers included; ``*_parameters``).
     """
-    import json
-    import os
     root = os.path.abspath(root)
-    params = dict(version=_VERSION, seed=seed, n_train=n_train, n_test=n_test, teacher_steps=teacher_steps,
-                  student_steps=student_steps, batch_size=batch_size, teacher=TEACHER_KWARGS, student=STUDENT_KWARGS,
-                  task=dict(symbols=SYMBOLS, num_symbols=NUM_SYMBOLS, prefix=PROMPT_PREFIX))
+    data = dict(version=_VERSION, seed=seed, n_train=n_train, n_test=n_test, batch_size=batch_size,
+                task=dict(symbols=SYMBOLS, num_symbols=NUM_SYMBOLS, prefix=PROMPT_PREFIX))
     paths = {k: os.path.join(root, k) for k in ('tokenizer', 'teacher', 'student')}
     paths.update(train=os.path.join(root, 'train.jsonl'), test=os.path.join(root, 'test.jsonl'))
-    marker = os.path.join(root, _MARKER)
-    if os.path.exists(marker):
-        with open(marker, encoding='utf-8') as f:
-            cached = json.load(f)
-        if cached['params'] == params:
-            log(f'reusing the cached teacher and student in {root}')
-            return {**paths, **cached['results']}
-        os.remove(marker)
-    os.makedirs(root, exist_ok=True)
-    tokenizer = tiny.build_tokenizer(paths['tokenizer'])
-    train_rows, test_rows = make_rows(n_train, seed, 'train'), make_rows(n_test, seed, 'test')
-    tiny.write_dataset(paths['train'], train_rows)
-    tiny.write_dataset(paths['test'], test_rows)
+    if not all(os.path.exists(paths[k]) for k in ('tokenizer', 'train', 'test')):
+        os.makedirs(root, exist_ok=True)
+        tiny.build_tokenizer(paths['tokenizer'])
+        tiny.write_dataset(paths['train'], make_rows(n_train, seed, 'train'))
+        tiny.write_dataset(paths['test'], make_rows(n_test, seed, 'test'))
     results: Dict[str, Any] = {}
     for name, kwargs, steps, model_seed in (('teacher', TEACHER_KWARGS, teacher_steps, seed),
                                             ('student', STUDENT_KWARGS, student_steps, seed + 1)):
-        log(f'training the {name} ({steps} steps of batch {batch_size}) ...')
-        tiny.build_model(paths[name], tokenizer, seed=model_seed, **kwargs)
-        stats = tiny.train_teacher(paths[name], train_rows, steps=steps, batch_size=batch_size, seed=model_seed,
-                                   log_every=max(1, steps // 4))
-        reference = results['teacher_eval']['answers'] if name == 'student' else None
-        results[f'{name}_eval'] = evaluate(paths[name], tokenizer, test_rows, reference)
-        results[f'{name}_parameters'] = stats['num_parameters']
-        log(f"{name}: exact match {results[f'{name}_eval']['exact_match']:.3f}, "
-            f"{stats['num_parameters']:,} parameters, {stats['seconds']:.0f}s")
-    with open(marker + '.tmp', 'w', encoding='utf-8') as f:
-        json.dump({'params': params, 'results': results}, f)
-    os.replace(marker + '.tmp', marker)
+        params = dict(data, model=kwargs, steps=steps, model_seed=model_seed,
+                      teacher=results.get('teacher_params'))  # a new teacher means new teacher answers to agree with
+        built = _cached_model(paths[name], params)
+        if built is None:
+            built = _train_model(paths, name, kwargs, steps, model_seed, batch_size, results, log)
+            _write_json(os.path.join(paths[name], _MARKER), {'params': params, **built})
+        else:
+            log(f'reusing the cached {name} in {paths[name]}')
+        results.update({f'{name}_eval': built['eval'], f'{name}_parameters': built['parameters'],
+                        f'{name}_params': params})
     return {**paths, **results}
+
+
+def _cached_model(model_dir: str, params: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    try:
+        with open(os.path.join(model_dir, _MARKER), encoding='utf-8') as f:
+            built = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return built if built.get('params') == params else None
+
+
+def _train_model(paths, name, kwargs, steps, model_seed, batch_size, results, log) -> Dict[str, Any]:
+    tokenizer = tiny.load_tokenizer(paths['tokenizer'])
+    log(f'training the {name} ({steps} steps of batch {batch_size}) ...')
+    tiny.build_model(paths[name], tokenizer, seed=model_seed, **kwargs)
+    stats = tiny.train_teacher(paths[name], tiny.read_dataset(paths['train']), steps=steps, batch_size=batch_size,
+                               seed=model_seed, log_every=max(1, steps // 4))
+    reference = results['teacher_eval']['answers'] if name == 'student' else None
+    metrics = evaluate(paths[name], tokenizer, tiny.read_dataset(paths['test']), reference)
+    log(f"{name}: exact match {metrics['exact_match']:.3f}, {stats['num_parameters']:,} parameters, "
+        f"{stats['seconds']:.0f}s")
+    return {'eval': metrics, 'parameters': stats['num_parameters']}
+
+
+def _write_json(path: str, payload: Dict[str, Any]) -> None:
+    with open(path + '.tmp', 'w', encoding='utf-8') as f:
+        json.dump(payload, f)
+    os.replace(path + '.tmp', path)
 
 
 def reference_exact_match(model_or_dir, tokenizer, rows: Sequence[Dict[str, Any]]) -> float:
