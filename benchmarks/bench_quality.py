@@ -128,8 +128,9 @@ def save_curve(workdir: str, method: str, seed: int, cfg: Dict[str, Any], curve)
 
 
 def _run_config(method: str, cfg: Dict[str, Any]) -> Dict[str, Any]:
-    return {'method': METHODS[method], 'learning_rate': LEARNING_RATE, 'temperature': TEMPERATURE,
-            **{k: v for k, v in cfg.items() if k != 'seeds'}}
+    config = {'method': METHODS[method], 'learning_rate': LEARNING_RATE, 'temperature': TEMPERATURE,
+              **{k: v for k, v in cfg.items() if k != 'seeds'}}
+    return json.loads(json.dumps(config))  # as it reads back from the file (tuples become lists)
 
 
 def _without_answers(metrics: Dict[str, Any]) -> Dict[str, Any]:

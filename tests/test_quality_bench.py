@@ -61,3 +61,14 @@ def test_demo_fails_loudly_when_the_plugin_did_not_run(tmp_path, monkeypatch, ca
     assert code != 0
     assert 'did not use swift-gkd-plugin' in err and 'GKD trainer active' in err
     assert not glob.glob(os.path.join(tmp_path, 'output', '**', 'gkd_modes'), recursive=True)
+
+
+def test_a_saved_curve_is_reused_only_with_the_same_settings(tmp_path):
+    cfg = dict(bench.PRESETS['quick'])
+    os.makedirs(tmp_path / 'runs')
+    curve = [{'step': 0, 'exact_match': 0.5}]
+    bench.save_curve(str(tmp_path), 'onpolicy_beta1', 0, cfg, curve)
+    assert bench.cached_curve(str(tmp_path), 'onpolicy_beta1', 0, cfg) == curve
+    assert bench.cached_curve(str(tmp_path), 'onpolicy_beta1', 0, dict(cfg, seeds=[0, 1, 2])) == curve
+    assert bench.cached_curve(str(tmp_path), 'onpolicy_beta1', 0, dict(cfg, steps=cfg['steps'] + 1)) is None
+    assert bench.cached_curve(str(tmp_path), 'onpolicy_beta1', 1, cfg) is None
