@@ -229,13 +229,18 @@ def parse_args(argv=None):
     parser.add_argument('--steps', type=int, help="override the preset's optimizer steps per method")
     parser.add_argument('--eval_every', type=int, help="override the preset's checkpoint interval")
     parser.add_argument('--student_steps', type=int, help="override the preset's supervised warm-start steps")
+    parser.add_argument('--learning_rate', help=f'override the learning rate of every method ({LEARNING_RATE})')
+    parser.add_argument('--temperature', help=f'override the sampling (and loss) temperature of GKD ({TEMPERATURE})')
     parser.add_argument('--methods', nargs='+', choices=list(METHODS), default=list(METHODS),
                         help='run a subset (the closing line needs all of them)')
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
+    global LEARNING_RATE, TEMPERATURE
     args = parse_args(argv)
+    LEARNING_RATE = args.learning_rate or LEARNING_RATE
+    TEMPERATURE = args.temperature or TEMPERATURE
     cfg = dict(PRESETS['quick' if args.quick else 'full'])
     for key in ('seeds', 'steps', 'eval_every', 'student_steps'):
         if getattr(args, key) is not None:
