@@ -1,7 +1,8 @@
 """``swift-gkd``: helper commands of the plugin.
 
     swift-gkd plugin-path        the file to pass to --external_plugins (explicit activation)
-    swift-gkd demo [--steps N]   build a tiny teacher and student offline and distil one into the other on CPU
+    swift-gkd demo [--steps N]   build a tiny teacher and a warm-started student offline, distil one into the
+                                 other on CPU and report free-running exact match before and after
     swift-gkd serve-teacher --model PATH [--template T] [--port 8000] [--topk 64] ...
                                  serve a teacher's top-k log-probabilities over HTTP (no vLLM needed)
     swift-gkd version
@@ -58,39 +59,71 @@ def demo_command(ws: dict, output_dir: str, steps: int, lmbda: float, seed: int)
     ]
 
 
+#: Supervised steps that warm-start the demo's student (the GKD paper's setting: distillation starts from a
+#: supervised-FT student): it then writes well-formed answers, many of them wrong.
+DEMO_WARM_START_STEPS = 60  # held-out exact match about 0.2 on the reversal task
+PLUGIN_ACTIVE_MARK = 'GKD trainer active'
+
+
+def log(msg: str) -> None:
+    print(f'[swift-gkd demo] {msg}', flush=True)
+
+
+def run_logged(cmd: list, env: dict) -> tuple:
+    """Run ``cmd``, echoing its output as it comes; return ``(exit code, whole output)``."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    lines = []
+    for line in proc.stdout:
+        sys.stdout.write(line)
+        lines.append(line)
+    return proc.wait(), ''.join(lines)
+
+
+def demo_metrics(model_dir: str, tokenizer, rows) -> tuple:
+    """(free-running greedy exact match, teacher-forced next-token accuracy) on ``rows``."""
+    from swift_gkd_plugin.testing import quality_task, tiny
+    return quality_task.reference_exact_match(model_dir, tokenizer, rows), tiny.score(model_dir, tokenizer, rows)
+
+
 def run_demo(args) -> int:
     from swift_gkd_plugin.testing import tiny
 
     root = os.path.abspath(args.workdir)
     t0 = time.time()
-    print(f'[swift-gkd demo] building the tiny teacher and student in {root} ...', flush=True)
-    ws = tiny.build_demo_workspace(root, seed=args.seed)
+    log(f'building the tiny teacher and a warm-started student in {root} (cached after the first run) ...')
+    ws = tiny.build_demo_workspace(root, seed=args.seed, teacher_steps=args.teacher_steps,
+                                   student_steps=DEMO_WARM_START_STEPS, verbose=True)
     test_rows = tiny.read_dataset(ws['test'])
     tokenizer = tiny.load_tokenizer(ws['student'])
-    before = tiny.score(ws['student'], tokenizer, test_rows)
-    teacher = tiny.score(ws['teacher'], tokenizer, test_rows)
-    print(f'[swift-gkd demo] ready in {time.time() - t0:.0f}s: teacher {tiny.count_parameters(ws["teacher"]):,} '
-          f'parameters, student {tiny.count_parameters(ws["student"]):,} parameters', flush=True)
+    log('scoring the teacher and the student on the held-out prompts ...')
+    teacher, before = demo_metrics(ws['teacher'], tokenizer, test_rows), demo_metrics(ws['student'], tokenizer, test_rows)
+    log(f'ready in {time.time() - t0:.0f}s: teacher {ws["teacher_parameters"]:,} parameters, '
+        f'student {ws["student_parameters"]:,} parameters')
 
     output_dir = os.path.join(root, 'output')
     shutil.rmtree(output_dir, ignore_errors=True)
     cmd = demo_command(ws, output_dir, args.steps, args.lmbda, args.seed)
-    print('[swift-gkd demo] running: ' + ' '.join(cmd), flush=True)
-    env = dict(os.environ, **OFFLINE_ENV)
-    env.pop('SWIFT_GKD_PLUGIN', None)
-    proc = subprocess.run(cmd, env=env)
-    if proc.returncode != 0:
-        print(f'[swift-gkd demo] swift rlhf failed with exit code {proc.returncode}', file=sys.stderr)
-        return proc.returncode
+    log('running: ' + ' '.join(cmd))
+    env = dict(os.environ, **OFFLINE_ENV)  # SWIFT_GKD_PLUGIN is the user's: =0 must show up as an error below
+    returncode, output = run_logged(cmd, env)
+    if returncode != 0:
+        print(f'[swift-gkd demo] swift rlhf failed with exit code {returncode}', file=sys.stderr)
+        return returncode
+    if PLUGIN_ACTIVE_MARK not in output:
+        print(f'[swift-gkd demo] ERROR: the swift rlhf run did not use swift-gkd-plugin (no "{PLUGIN_ACTIVE_MARK}" '
+              'in its log): ms-swift\'s own GKD trainer ran. Check that SWIFT_GKD_PLUGIN is not 0 and that the '
+              'plugin\'s start-up .pth is installed (pip install swift-gkd-plugin, or pass '
+              '--external_plugins "$(swift-gkd plugin-path)").', file=sys.stderr)
+        return 3
     trained = os.path.join(output_dir, f'checkpoint-{args.steps}')
-    after = tiny.score(trained, tokenizer, test_rows)
+    after = demo_metrics(trained, tokenizer, test_rows)
     print('')
-    print(f'[swift-gkd demo] next-token accuracy on the responses of {len(test_rows)} held-out prompts:')
-    print(f'    teacher               {teacher:.3f}')
-    print(f'    student before GKD    {before:.3f}')
-    print(f'    student after GKD     {after:.3f}   ({args.steps} steps, lmbda={args.lmbda}, '
-          f'{time.time() - t0:.0f}s in all)')
-    print(f'    trained student: {trained}')
+    log(f'{len(test_rows)} held-out prompts; exact match = greedy free-running answer equals the reference, '
+        'next-token = teacher-forced accuracy on the reference tokens:')
+    print(f'    {"":22}exact match   next-token')
+    for name, (em, nt) in (('teacher', teacher), ('student before GKD', before), ('student after GKD', after)):
+        print(f'    {name:22}{em:11.3f}   {nt:10.3f}')
+    print(f'    ({args.steps} GKD steps, lmbda={args.lmbda}, {time.time() - t0:.0f}s in all; trained student: {trained})')
     return 0
 
 
@@ -102,8 +135,9 @@ def main(argv=None) -> int:
     demo = sub.add_parser('demo', help='distil a tiny teacher into a tiny student on CPU, offline')
     demo.add_argument('--workdir', default='swift_gkd_demo', help='where models, data and outputs go')
     demo.add_argument('--steps', type=int, default=40, help='GKD optimizer steps')
-    demo.add_argument('--lmbda', type=float, default=0.5, help='probability of an on-policy step')
+    demo.add_argument('--lmbda', type=float, default=1.0, help='probability of an on-policy step (1: every step)')
     demo.add_argument('--seed', type=int, default=0)
+    demo.add_argument('--teacher_steps', type=int, default=250, help='supervised steps that train the teacher')
     from swift_gkd_plugin.server import cli as server_cli
     serve = sub.add_parser('serve-teacher', help="serve a teacher's top-k log-probabilities over HTTP (no vLLM)")
     server_cli.add_arguments(serve)

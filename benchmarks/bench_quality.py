@@ -1,0 +1,287 @@
+"""Does it distil?  On-policy GKD against SFT, SeqKD and supervised KD on free-running generation (CPU, offline).
+
+    python benchmarks/bench_quality.py --quick          # 1 seed, short runs (<= 10 minutes on 2 cores)
+    python benchmarks/bench_quality.py                  # the full preset: 3 seeds, longer runs
+    python benchmarks/bench_quality.py --help
+
+Task: sort eight distinct letters, ascending or descending (both right; the dataset's reference picks one at
+random): ``swift_gkd_plugin.testing.quality_task``.  The benchmark trains a teacher and a three-times smaller
+student (a short supervised warm start), caches both, then runs every method from that warm start through the real
+``swift sft`` / ``swift rlhf --rlhf_type gkd`` command line with the same steps, batch size and learning-rate
+schedule, saves checkpoints and scores each one on the held-out prompts with greedy free-running generation.
+
+Outputs (under ``--workdir``): ``results.json``, ``results.csv``, ``exact_match_vs_step.png``, ``exact_match_bar.png``;
+a markdown table on stdout; the last line of stdout is the ``quality: ...`` summary.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Dict, List
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from swift_gkd_plugin.cli import OFFLINE_ENV, swift_executable  # noqa: E402
+from swift_gkd_plugin.testing import quality_task, tiny  # noqa: E402
+
+PRESETS = {
+    'quick': dict(seeds=[0], steps=60, eval_every=20, batch_size=16, n_train=4000, n_test=200, teacher_steps=300,
+                  student_steps=60),
+    'full': dict(seeds=[0, 1, 2], steps=120, eval_every=20, batch_size=16, n_train=4000, n_test=200,
+                 teacher_steps=300, student_steps=60),
+}
+LEARNING_RATE = '1e-3'
+TEMPERATURE = '1.0'
+
+#: method -> (swift command, flags).  beta: 0 = forward KL(teacher || student), 1 = reverse KL(student || teacher).
+#: The off-policy KD methods use forward KL, as supervised KD and SeqKD do in the GKD paper.
+METHODS: Dict[str, tuple] = {
+    'sft': ('sft', {}),
+    'seqkd': ('rlhf', {'seq_kd': 'true', 'lmbda': '0', 'beta': '0'}),
+    'supkd': ('rlhf', {'lmbda': '0', 'beta': '0'}),
+    'onpolicy_beta0': ('rlhf', {'lmbda': '1', 'beta': '0'}),
+    'onpolicy_beta0.5': ('rlhf', {'lmbda': '1', 'beta': '0.5'}),
+    'onpolicy_beta1': ('rlhf', {'lmbda': '1', 'beta': '1'}),
+    'mixed': ('rlhf', {'lmbda': '0.5', 'beta': '0.5'}),
+}
+ONPOLICY = [m for m in METHODS if m.startswith('onpolicy')]
+
+
+def log(msg: str) -> None:
+    print(f'[bench_quality {time.strftime("%H:%M:%S")}] {msg}', flush=True)
+
+
+def method_command(method: str, ws: Dict[str, Any], cfg: Dict[str, Any], seed: int, output_dir: str) -> List[str]:
+    """The ``swift sft`` / ``swift rlhf`` command line of one method: every method shares the optimizer settings."""
+    command, extra = METHODS[method]
+    flags = {
+        'model': ws['student'], 'model_type': 'qwen3', 'template': 'qwen3_nothinking', 'dataset': ws['train'],
+        'tuner_type': 'full', 'torch_dtype': 'float32', 'check_model': 'false',
+        'max_steps': cfg['steps'], 'learning_rate': LEARNING_RATE, 'lr_scheduler_type': 'constant_with_warmup',
+        'warmup_ratio': '0.1', 'weight_decay': '0', 'per_device_train_batch_size': cfg['batch_size'],
+        'gradient_accumulation_steps': '1', 'max_length': '128', 'logging_steps': '5',
+        'save_strategy': 'steps', 'save_steps': cfg['eval_every'], 'save_only_model': 'true', 'add_version': 'false',
+        'report_to': 'none', 'dataloader_num_workers': '0', 'dataset_num_proc': '1', 'split_dataset_ratio': '0',
+        'seed': seed, 'data_seed': seed, 'output_dir': output_dir,
+    }
+    if command == 'rlhf':
+        flags.update({'rlhf_type': 'gkd', 'teacher_model': ws['teacher'], 'teacher_model_type': 'qwen3',
+                      'temperature': TEMPERATURE, 'max_completion_length': '12', **extra})
+    argv = [swift_executable(), command]
+    for key, value in flags.items():
+        argv += [f'--{key}', str(value)]
+    return argv
+
+
+def run_method(method: str, ws: Dict[str, Any], cfg: Dict[str, Any], seed: int, out_root: str) -> List[str]:
+    """Run one method with one seed; return its checkpoints in step order.  A failed run stops the benchmark."""
+    output_dir = os.path.join(out_root, f'{method}_seed{seed}')
+    shutil.rmtree(output_dir, ignore_errors=True)
+    env = dict(os.environ, **OFFLINE_ENV, TOKENIZERS_PARALLELISM='false')
+    env.setdefault('OMP_NUM_THREADS', '1')
+    env.pop('SWIFT_GKD_PLUGIN', None)
+    proc = subprocess.run(method_command(method, ws, cfg, seed, output_dir), env=env, capture_output=True, text=True)
+    output = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        raise SystemExit(f'{method} seed {seed} failed ({proc.returncode}):\n{output[-4000:]}')
+    if METHODS[method][0] == 'rlhf' and 'GKD trainer active' not in output:
+        raise SystemExit(f'{method} seed {seed}: the run did not use the plugin (no "GKD trainer active" in its log)')
+    with open(os.path.join(output_dir, 'run.log'), 'w') as f:
+        f.write(output)
+    return sorted(glob.glob(os.path.join(output_dir, 'checkpoint-*')), key=lambda p: int(p.rsplit('-', 1)[1]))
+
+
+def evaluate_curve(checkpoints: List[str], ws: Dict[str, Any], test_rows, tokenizer) -> List[Dict[str, Any]]:
+    """Metrics of the warm start (step 0) and of every checkpoint, without the generated texts."""
+    curve = [{'step': 0, **_without_answers(ws['student_eval'])}]
+    for path in checkpoints:
+        metrics = quality_task.evaluate(path, tokenizer, test_rows, ws['teacher_eval']['answers'])
+        curve.append({'step': int(path.rsplit('-', 1)[1]), **_without_answers(metrics)})
+    return curve
+
+
+def _curve_path(workdir: str, method: str, seed: int) -> str:
+    return os.path.join(workdir, 'runs', f'{method}_seed{seed}.curve.json')
+
+
+def cached_curve(workdir: str, method: str, seed: int, cfg: Dict[str, Any]):
+    """The curve of an earlier run with the same settings (an interrupted benchmark resumes where it stopped)."""
+    try:
+        with open(_curve_path(workdir, method, seed)) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return saved['curve'] if saved['config'] == _run_config(method, cfg) else None
+
+
+def save_curve(workdir: str, method: str, seed: int, cfg: Dict[str, Any], curve) -> None:
+    with open(_curve_path(workdir, method, seed), 'w') as f:
+        json.dump({'config': _run_config(method, cfg), 'curve': curve}, f)
+
+
+def _run_config(method: str, cfg: Dict[str, Any]) -> Dict[str, Any]:
+    config = {'method': METHODS[method], 'learning_rate': LEARNING_RATE, 'temperature': TEMPERATURE,
+              **{k: v for k, v in cfg.items() if k != 'seeds'}}
+    return json.loads(json.dumps(config))  # as it reads back from the file (tuples become lists)
+
+
+def _without_answers(metrics: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: v for k, v in metrics.items() if k != 'answers'}
+
+
+def mean_std(values: List[float]) -> tuple:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+METRICS = ('exact_match', 'token_accuracy', 'next_token_accuracy', 'teacher_agreement')
+
+
+def summarise(curves: Dict[str, Dict[int, List[Dict[str, Any]]]]) -> Dict[str, Dict[str, tuple]]:
+    """method -> metric -> (mean, std) over seeds, at the last step."""
+    return {method: {metric: mean_std([c[-1][metric] for c in by_seed.values()]) for metric in METRICS}
+            for method, by_seed in curves.items()}
+
+
+def markdown_table(summary, ws, n_seeds: int, steps: int) -> str:
+    lines = [f'| method ({n_seeds} seed(s), {steps} steps) | exact match | token accuracy | next-token accuracy '
+             '| agreement with teacher |', '|---|---|---|---|---|']
+    for name, key in (('teacher', 'teacher_eval'), ('start (warm-started student)', 'student_eval')):
+        m = ws[key]
+        lines.append(f"| {name} | {m['exact_match']:.3f} | {m['token_accuracy']:.3f} | "
+                     f"{m['next_token_accuracy']:.3f} | {m.get('teacher_agreement', 1.0):.3f} |")
+    for method, stats in summary.items():
+        cells = ' | '.join(f'{stats[m][0]:.3f} ± {stats[m][1]:.3f}' for m in METRICS)
+        lines.append(f'| {method} | {cells} |')
+    return '\n'.join(lines)
+
+
+def write_csv(path: str, curves) -> None:
+    with open(path, 'w', newline='') as f:
+        writer = csv.writer(f)
+        writer.writerow(['method', 'seed', 'step', *METRICS])
+        for method, by_seed in curves.items():
+            for seed, curve in by_seed.items():
+                for point in curve:
+                    writer.writerow([method, seed, point['step'], *(f'{point[m]:.4f}' for m in METRICS)])
+
+
+def plot(workdir: str, curves, summary, ws) -> List[str]:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    teacher, start = ws['teacher_eval']['exact_match'], ws['student_eval']['exact_match']
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, by_seed in curves.items():
+        steps = [p['step'] for p in next(iter(by_seed.values()))]
+        means = [statistics.fmean(c[i]['exact_match'] for c in by_seed.values()) for i in range(len(steps))]
+        stds = [mean_std([c[i]['exact_match'] for c in by_seed.values()])[1] for i in range(len(steps))]
+        line, = ax.plot(steps, means, marker='o', label=method)
+        ax.fill_between(steps, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
+                        color=line.get_color(), alpha=0.15)
+    ax.axhline(teacher, color='k', linestyle='--', label='teacher')
+    ax.set(xlabel='optimizer step', ylabel='greedy exact match (held-out)', title='Exact match against step')
+    ax.legend(fontsize=8)
+    curve_png = os.path.join(workdir, 'exact_match_vs_step.png')
+    fig.tight_layout()
+    fig.savefig(curve_png, dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    names = list(summary)
+    ax.bar(names, [summary[n]['exact_match'][0] for n in names], yerr=[summary[n]['exact_match'][1] for n in names],
+           capsize=4, color='tab:blue')
+    ax.axhline(teacher, color='k', linestyle='--', label='teacher')
+    ax.axhline(start, color='tab:red', linestyle=':', label='start')
+    ax.set(ylabel='greedy exact match (mean ± std over seeds)', title='Final exact match by method')
+    ax.tick_params(axis='x', rotation=30)
+    ax.legend(fontsize=8)
+    bar_png = os.path.join(workdir, 'exact_match_bar.png')
+    fig.tight_layout()
+    fig.savefig(bar_png, dpi=110)
+    plt.close(fig)
+    return [curve_png, bar_png]
+
+
+def closing_line(summary, ws) -> str:
+    teacher, start = ws['teacher_eval']['exact_match'], ws['student_eval']['exact_match']
+    best = max(ONPOLICY, key=lambda m: summary[m]['exact_match'][0])
+    onpolicy = summary[best]['exact_match'][0]
+    gap = (onpolicy - start) / (teacher - start) * 100 if teacher != start else float('nan')
+    em = {m: summary[m]['exact_match'][0] for m in summary}
+    return (f"quality: teacher {teacher:.3f}, start {start:.3f}, sft {em['sft']:.3f}, seqkd {em['seqkd']:.3f}, "
+            f"supkd {em['supkd']:.3f}, onpolicy {onpolicy:.3f} (beta {best.split('beta')[1]}), "
+            f"mixed {em['mixed']:.3f}, gap closed {gap:.0f}%")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--quick', action='store_true', help='the quick preset (default: full)')
+    parser.add_argument('--workdir', default='bench_quality_out', help='models, runs and results go here')
+    parser.add_argument('--seeds', type=int, nargs='+', help="override the preset's seeds")
+    parser.add_argument('--steps', type=int, help="override the preset's optimizer steps per method")
+    parser.add_argument('--eval_every', type=int, help="override the preset's checkpoint interval")
+    parser.add_argument('--student_steps', type=int, help="override the preset's supervised warm-start steps")
+    parser.add_argument('--learning_rate', help=f'override the learning rate of every method ({LEARNING_RATE})')
+    parser.add_argument('--temperature', help=f'override the sampling (and loss) temperature of GKD ({TEMPERATURE})')
+    parser.add_argument('--methods', nargs='+', choices=list(METHODS), default=list(METHODS),
+                        help='run a subset (the closing line needs all of them)')
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    global LEARNING_RATE, TEMPERATURE
+    args = parse_args(argv)
+    LEARNING_RATE = args.learning_rate or LEARNING_RATE
+    TEMPERATURE = args.temperature or TEMPERATURE
+    cfg = dict(PRESETS['quick' if args.quick else 'full'])
+    for key in ('seeds', 'steps', 'eval_every', 'student_steps'):
+        if getattr(args, key) is not None:
+            cfg[key] = getattr(args, key)
+    workdir = os.path.abspath(args.workdir)
+    t0 = time.time()
+    log(f"preset {'quick' if args.quick else 'full'}: {cfg}, learning rate {LEARNING_RATE}, temperature {TEMPERATURE}")
+    ws = quality_task.build_workspace(os.path.join(workdir, 'workspace'), n_train=cfg['n_train'],
+                                      n_test=cfg['n_test'], teacher_steps=cfg['teacher_steps'],
+                                      student_steps=cfg['student_steps'], log=log)
+    test_rows = tiny.read_dataset(ws['test'])
+    tokenizer = tiny.load_tokenizer(ws['tokenizer'])
+    curves: Dict[str, Dict[int, List[Dict[str, Any]]]] = {}
+    runs = [(m, s) for s in cfg['seeds'] for m in args.methods]
+    for i, (method, seed) in enumerate(runs, 1):
+        t = time.time()
+        curve = cached_curve(workdir, method, seed, cfg)
+        if curve is None:
+            log(f'[{i}/{len(runs)}] {method} seed {seed}: {cfg["steps"]} steps ...')
+            checkpoints = run_method(method, ws, cfg, seed, os.path.join(workdir, 'runs'))
+            curve = evaluate_curve(checkpoints, ws, test_rows, tokenizer)
+            save_curve(workdir, method, seed, cfg, curve)
+        curves.setdefault(method, {})[seed] = curve
+        log(f'[{i}/{len(runs)}] {method} seed {seed}: exact match ' +
+            ' -> '.join(f"{p['exact_match']:.3f}" for p in curve) + f' ({time.time() - t:.0f}s)')
+    summary = summarise(curves)
+    result = {'config': cfg, 'learning_rate': LEARNING_RATE, 'temperature': TEMPERATURE,
+              'teacher': _without_answers(ws['teacher_eval']), 'start': _without_answers(ws['student_eval']),
+              'teacher_parameters': ws['teacher_parameters'], 'student_parameters': ws['student_parameters'],
+              'summary': summary, 'curves': curves, 'seconds': round(time.time() - t0)}
+    with open(os.path.join(workdir, 'results.json'), 'w') as f:
+        json.dump(result, f, indent=1)
+    write_csv(os.path.join(workdir, 'results.csv'), curves)
+    pngs = plot(workdir, curves, summary, ws)
+    print(markdown_table(summary, ws, len(cfg['seeds']), cfg['steps']))
+    log(f"wrote results.json, results.csv, {', '.join(map(os.path.basename, pngs))} to {workdir} "
+        f"({time.time() - t0:.0f}s in all)")
+    if set(METHODS) <= set(summary):
+        print(closing_line(summary, ws))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""A task whose free-running answers are checkable exactly, and the metrics of the quality benchmark.
+
+Shared by ``benchmarks/bench_quality.py``, ``swift-gkd demo`` and the tests.  Imports only torch, transformers and
+:mod:`.tiny` (never ms-swift).
+
+The task: *sort eight distinct letters, either way*
+---------------------------------------------------
+The user message is ``"Sort: k c a m f h b p"`` (:data:`NUM_SYMBOLS` distinct letters of :data:`SYMBOLS`, in random
+order).  A right answer lists the same letters sorted, ascending (``"a b c f h k m p"``) or descending
+(``"p m k h f c b a"``): the checker accepts exactly these two strings.  Each dataset row's reference picks one
+direction at random, so the references are diverse the way human references are (two right answers, no single
+"gold" one), while the teacher, trained on them, is a model of that two-mode distribution.  The answer is 8 letter
+tokens plus ``<|im_end|>``; every output letter depends on the input set and on the letters already written, so an
+early mistake (a skipped or repeated letter, a change of direction) derails the rest.
+
+Train and test prompts are disjoint by construction: a prompt's split is a hash of its *set* of letters
+(:func:`split_of`), so no held-out prompt shares its letters with any training prompt, in any order.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import zlib
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from swift_gkd_plugin.testing import tiny
+
+__all__ = [
+    'SYMBOLS', 'NUM_SYMBOLS', 'PROMPT_PREFIX', 'split_of', 'valid_answers', 'is_correct', 'make_rows',
+    'token_accuracy', 'answer_metrics', 'agreement', 'generate_answers', 'evaluate',
+]
+
+#: Alphabet (each ``' x'`` is one token of :func:`tiny.build_tokenizer`'s vocabulary).
+SYMBOLS: str = 'abcdefghijklmnop'
+#: Letters per prompt (C(16, 8) = 12,870 letter sets, about 2,570 of them held out).
+NUM_SYMBOLS: int = 8
+PROMPT_PREFIX: str = 'Sort: '
+_TEST_MODULUS: int = 5
+
+
+def split_of(letters: Sequence[str]) -> str:
+    """``'test'`` or ``'train'``: a pure function of the *set* of letters (CRC32 of them sorted), about 1/5 test."""
+    return 'test' if zlib.crc32(''.join(sorted(letters)).encode('utf-8')) % _TEST_MODULUS == 0 else 'train'
+
+
+def _letters_of(prompt: str) -> List[str]:
+    if not prompt.startswith(PROMPT_PREFIX):
+        raise ValueError(f'not a task prompt: {prompt!r}')
+    return prompt[len(PROMPT_PREFIX):].split()
+
+
+def valid_answers(prompt: str) -> Tuple[str, str]:
+    """The two right answers of a prompt: ascending and descending order."""
+    letters = sorted(_letters_of(prompt))
+    return ' '.join(letters), ' '.join(reversed(letters))
+
+
+def is_correct(prompt: str, answer: str) -> bool:
+    """True iff ``answer`` (surrounding whitespace ignored) is one of :func:`valid_answers`."""
+    return answer.strip() in valid_answers(prompt)
+
+
+def make_rows(n: int, seed: int = 0, split: str = 'train') -> List[Dict[str, Any]]:
+    """``n`` rows with distinct prompts of one split, in ms-swift's ``messages`` format.
+
+    The reference of each row is ascending or descending with probability 1/2 each (drawn from the same seeded
+    RNG), so the dataset holds both right answers in equal measure.  Deterministic in ``(n, seed, split)``.
+    """
+    if split not in ('train', 'test'):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    rng = random.Random(f'quality-task:{seed}:{split}')
+    rows: List[Dict[str, Any]] = []
+    seen = set()
+    while len(rows) < n:
+        letters = rng.sample(SYMBOLS, NUM_SYMBOLS)
+        if split_of(letters) != split or tuple(letters) in seen:
+            continue
+        seen.add(tuple(letters))
+        ordered = sorted(letters, reverse=rng.random() < 0.5)
+        rows.append({'messages': [{'role': 'user', 'content': PROMPT_PREFIX + ' '.join(letters)},
+                                  {'role': 'assistant', 'content': ' '.join(ordered)}]})
+    return rows
+
+
+def prompt_of(row: Dict[str, Any]) -> str:
+    return row['messages'][0]['content']
+
+
+# ---------------------------------------------------------------------------------------------------- metrics
+
+
+def token_accuracy(prompt: str, answer: str) -> float:
+    """Per-token accuracy of a generated answer: position-wise matches against the closer right answer.
+
+    Positions are letters (whitespace-separated); a missing or surplus letter counts as wrong, so the denominator
+    is the longer of the two lengths.  1.0 iff :func:`is_correct`.
+    """
+    got = answer.split()
+    best = 0.0
+    for ref in valid_answers(prompt):
+        want = ref.split()
+        hits = sum(g == w for g, w in zip(got, want))
+        best = max(best, hits / max(len(want), len(got)))
+    return best
+
+
+def agreement(answers_a: Sequence[str], answers_b: Sequence[str]) -> float:
+    """Fraction of prompts on which two models generated the same answer (whitespace-normalised)."""
+    if len(answers_a) != len(answers_b):
+        raise ValueError('both answer lists must cover the same prompts')
+    if not answers_a:
+        return 0.0
+    return sum(' '.join(a.split()) == ' '.join(b.split()) for a, b in zip(answers_a, answers_b)) / len(answers_a)
+
+
+def answer_metrics(prompts: Sequence[str], answers: Sequence[str]) -> Dict[str, float]:
+    """``exact_match`` (fraction of right answers) and ``token_accuracy`` (mean of :func:`token_accuracy`)."""
+    n = max(1, len(prompts))
+    return {
+        'exact_match': sum(is_correct(p, a) for p, a in zip(prompts, answers)) / n,
+        'token_accuracy': sum(token_accuracy(p, a) for p, a in zip(prompts, answers)) / n,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- generation
+
+
+@torch.no_grad()
+def generate_answers(model_or_dir, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 12,
+                     batch_size: int = 256, num_threads: Optional[int] = None) -> List[str]:
+    """Greedy free-running answers, batched (left padding) through ``generate`` with a KV cache.
+
+    Prompts are rendered like ms-swift's ``qwen3_nothinking`` template (:func:`tiny.encode_row`); decoding stops
+    at ``<|im_end|>``/``<|endoftext|>``; special tokens are dropped from the returned text.
+    """
+    model, tokenizer = tiny._load_for_eval(model_or_dir, tokenizer)
+    was_training = model.training
+    model.eval()
+    pad = tokenizer.pad_token_id
+    stop = [tokenizer.convert_tokens_to_ids('<|im_end|>'), pad]
+    answers: List[str] = []
+    try:
+        with tiny._Threads(num_threads or 1), tiny._Quiet():
+            for i in range(0, len(prompts), batch_size):
+                encoded = [tokenizer.encode(tiny._render_prompt([{'role': 'user', 'content': p},
+                                                                 {'role': 'assistant', 'content': ''}])[0],
+                                            add_special_tokens=False) for p in prompts[i:i + batch_size]]
+                width = max(map(len, encoded))
+                ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
+                mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                     do_sample=False, eos_token_id=stop, pad_token_id=pad, use_cache=True)
+                answers += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    finally:
+        model.train(was_training)
+    return [a.strip() for a in answers]
+
+
+def evaluate(model_or_dir, tokenizer, rows: Sequence[Dict[str, Any]],
+             reference_answers: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """All metrics of one model on ``rows``: exact match, token accuracy, teacher-forced next-token accuracy
+    (:func:`tiny.score` against the rows' references) and, given the teacher's answers, agreement with them.
+    ``answers`` (the generated texts) come back too."""
+    prompts = [prompt_of(r) for r in rows]
+    answers = generate_answers(model_or_dir, tokenizer, prompts)
+    result: Dict[str, Any] = dict(answer_metrics(prompts, answers))
+    result['next_token_accuracy'] = tiny.score(model_or_dir, tokenizer, rows)
+    if reference_answers is not None:
+        result['teacher_agreement'] = agreement(answers, reference_answers)
+    result['answers'] = answers
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------- workspace
+
+#: Model sizes of the benchmark: the student has about a third of the teacher's parameters.
+TEACHER_KWARGS: Dict[str, int] = dict(tiny.TEACHER_KWARGS)
+STUDENT_KWARGS: Dict[str, int] = dict(tiny.STUDENT_KWARGS)
+_MARKER = 'quality_workspace.json'
+_VERSION = 1
+
+
+def build_workspace(root: str, *, seed: int = 0, n_train: int = 4000, n_test: int = 200, teacher_steps: int = 300,
+                    student_steps: int = 60, batch_size: int = 64, log=print) -> Dict[str, Any]:
+    """Build (or reuse) the data, the teacher and the warm-started student under ``root``.
+
+    The teacher (:data:`TEACHER_KWARGS`) and the student (:data:`STUDENT_KWARGS`) are trained with
+    :func:`tiny.train_teacher` on the training rows: the teacher for ``teacher_steps``, the student for a short
+    ``student_steps`` (the supervised warm start every method begins from).  Each model is cached on its own (a
+    marker in its folder records its parameters), so changing the warm start keeps the teacher.  Deterministic from
+    ``seed``.  Returns the paths (``tokenizer``, ``teacher``, ``student``, ``train``, ``test``) and the two models'
+    metrics on the test rows (``teacher_eval``, ``student_eval``, answers included; ``*_parameters``).
+    """
+    root = os.path.abspath(root)
+    data = dict(version=_VERSION, seed=seed, n_train=n_train, n_test=n_test, batch_size=batch_size,
+                task=dict(symbols=SYMBOLS, num_symbols=NUM_SYMBOLS, prefix=PROMPT_PREFIX))
+    paths = {k: os.path.join(root, k) for k in ('tokenizer', 'teacher', 'student')}
+    paths.update(train=os.path.join(root, 'train.jsonl'), test=os.path.join(root, 'test.jsonl'))
+    if not all(os.path.exists(paths[k]) for k in ('tokenizer', 'train', 'test')):
+        os.makedirs(root, exist_ok=True)
+        tiny.build_tokenizer(paths['tokenizer'])
+        tiny.write_dataset(paths['train'], make_rows(n_train, seed, 'train'))
+        tiny.write_dataset(paths['test'], make_rows(n_test, seed, 'test'))
+    results: Dict[str, Any] = {}
+    for name, kwargs, steps, model_seed in (('teacher', TEACHER_KWARGS, teacher_steps, seed),
+                                            ('student', STUDENT_KWARGS, student_steps, seed + 1)):
+        params = dict(data, model=kwargs, steps=steps, model_seed=model_seed,
+                      teacher=results.get('teacher_params'))  # a new teacher means new teacher answers to agree with
+        built = _cached_model(paths[name], params)
+        if built is None:
+            built = _train_model(paths, name, kwargs, steps, model_seed, batch_size, results, log)
+            _write_json(os.path.join(paths[name], _MARKER), {'params': params, **built})
+        else:
+            log(f'reusing the cached {name} in {paths[name]}')
+        results.update({f'{name}_eval': built['eval'], f'{name}_parameters': built['parameters'],
+                        f'{name}_params': params})
+    return {**paths, **results}
+
+
+def _cached_model(model_dir: str, params: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    try:
+        with open(os.path.join(model_dir, _MARKER), encoding='utf-8') as f:
+            built = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return built if built.get('params') == params else None
+
+
+def _train_model(paths, name, kwargs, steps, model_seed, batch_size, results, log) -> Dict[str, Any]:
+    tokenizer = tiny.load_tokenizer(paths['tokenizer'])
+    log(f'training the {name} ({steps} steps of batch {batch_size}) ...')
+    tiny.build_model(paths[name], tokenizer, seed=model_seed, **kwargs)
+    stats = tiny.train_teacher(paths[name], tiny.read_dataset(paths['train']), steps=steps, batch_size=batch_size,
+                               seed=model_seed, log_every=max(1, steps // 4))
+    reference = results['teacher_eval']['answers'] if name == 'student' else None
+    metrics = evaluate(paths[name], tokenizer, tiny.read_dataset(paths['test']), reference)
+    log(f"{name}: exact match {metrics['exact_match']:.3f}, {stats['num_parameters']:,} parameters, "
+        f"{stats['seconds']:.0f}s")
+    return {'eval': metrics, 'parameters': stats['num_parameters']}
+
+
+def _write_json(path: str, payload: Dict[str, Any]) -> None:
+    with open(path + '.tmp', 'w', encoding='utf-8') as f:
+        json.dump(payload, f)
+    os.replace(path + '.tmp', path)
+
+
+def reference_exact_match(model_or_dir, tokenizer, rows: Sequence[Dict[str, Any]]) -> float:
+    """Fraction of ``rows`` whose greedy free-running answer equals the row's reference (tasks with one right
+    answer, such as :mod:`.tiny`'s reversal)."""
+    answers = generate_answers(model_or_dir, tokenizer, [prompt_of(r) for r in rows])
+    return sum(a == r['messages'][-1]['content'].strip() for a, r in zip(answers, rows)) / max(1, len(rows))
