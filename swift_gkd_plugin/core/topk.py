@@ -47,7 +47,7 @@ from typing import Tuple
 
 import torch
 
-__all__ = ['bucket_divergence', 'log1mexp', 'teacher_tail_logmass']
+__all__ = ['bucket_divergence', 'drop_ids_outside_vocab', 'log1mexp', 'teacher_tail_logmass']
 
 _LOG_HALF = -math.log(2.0)
 
@@ -116,3 +116,13 @@ def bucket_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor
         div = beta * (pt * dt).sum(-1) + (1 - beta) * ks
         grad = (1 - beta) * ps * (ds - ks[:, None])
     return div, grad / temperature
+
+
+def drop_ids_outside_vocab(ids: torch.Tensor, logprobs: torch.Tensor, limit: int
+                           ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A top-k teacher without the ids ``>= limit`` (the student has no such token, e.g. a served teacher with a
+    larger vocabulary): their slots become unused (``-inf``), their mass goes to the tail like any other mass
+    outside the top-k. Shared by ``swift rlhf`` and ``megatron rlhf`` (where no rank would own them and the
+    student's logit there would read 0)."""
+    outside = ids >= limit  # no host synchronisation: masked whether or not any id is outside
+    return ids.masked_fill(outside, 0), logprobs.masked_fill(outside, float('-inf'))

@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from swift_gkd_plugin.core.tensor_parallel import (vocab_parallel_generalized_jsd, vocab_parallel_log_softmax,
                                                    vocab_parallel_topk_jsd)
+from swift_gkd_plugin.core.topk import drop_ids_outside_vocab
 from swift_gkd_plugin.swift.views import check_same_response_count
 
 Group = Optional['dist.ProcessGroup']
@@ -110,14 +111,6 @@ def teacher_topk_per_micro_batch(micro_batches: Iterable, forward: Callable[[Any
         del logits
         yield topk, labels
 
-
-def drop_ids_outside_vocab(ids: torch.Tensor, logprobs: torch.Tensor, limit: int
-                           ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """A top-k teacher without the ids ``>= limit`` (the student has no such token, e.g. a served teacher with a
-    larger vocabulary): their slots become unused (``-inf``), their mass goes to the tail like any other mass
-    outside the top-k, as in ``swift rlhf``. Without this no rank owns them and the student's logit there reads 0."""
-    outside = ids >= limit  # no host synchronisation: masked whether or not any id is outside
-    return ids.masked_fill(outside, 0), logprobs.masked_fill(outside, float('-inf'))
 
 
 def _full_width(width: int, device: torch.device, group: Group) -> int:

@@ -32,6 +32,7 @@ from swift_gkd_plugin.core import Mode, align_vocab, choose_mode, generalized_js
 from swift_gkd_plugin.core.fused_loss import fused_linear_jsd
 from swift_gkd_plugin.core.modes import mode_draw
 from swift_gkd_plugin.core.offload import TeacherOffloader, is_partitioned
+from swift_gkd_plugin.core.topk import drop_ids_outside_vocab
 from swift_gkd_plugin.swift.hidden_states import (fused_fallback_reason, gathered_heads, head_bypassed, head_is_sharded,
                                                   head_rows, output_head, topk_from_hidden)
 from swift_gkd_plugin.swift.lora_round_trip import exact_lora_round_trip
@@ -470,11 +471,10 @@ class GKDPluginTrainer(GKDTrainer):
         """
         student_vocab = head_rows(self.accelerator.unwrap_model(model))
         if self.use_teacher_api:
-            ids = gkd_batch.teacher_topk_indices[teacher_mask]
-            logprobs = gkd_batch.teacher_topk_logprobs[teacher_mask].float()
-            outside = ids >= student_vocab  # the teacher's padded output rows: no such token for the student
-            return dict(teacher_topk_ids=ids.masked_fill(outside, 0),
-                        teacher_topk_logprobs=logprobs.masked_fill(outside, float('-inf')))
+            # the teacher's padded output rows: no such token for the student
+            ids, logprobs = drop_ids_outside_vocab(gkd_batch.teacher_topk_indices[teacher_mask],
+                                                   gkd_batch.teacher_topk_logprobs[teacher_mask].float(), student_vocab)
+            return dict(teacher_topk_ids=ids, teacher_topk_logprobs=logprobs)
         t_hidden, (t_weight, t_bias) = self._teacher_forward(model, teacher_inputs, hidden=True)
         t_hidden = t_hidden[teacher_mask]
         if self.gkd_logits_topk is not None:
