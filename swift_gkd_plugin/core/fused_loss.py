@@ -32,6 +32,14 @@ stays accurate at large vocabularies (per-entry second-order terms, cascade-summ
 student and teacher give exactly 0.
 
 Top-k teachers and the optional tail bucket are defined in :mod:`swift_gkd_plugin.core.topk`.
+
+Beside the divergence, the same chunk pass optionally computes:
+
+* a label term ``sum_i w_i CE_i`` with ``CE_i = -log_softmax(z_i / T_l)[y_i]`` over the student's own vocabulary:
+  the SFT cross-entropy (``w = 1``, ``T_l = 1``) or, on on-policy steps, the policy-gradient term (``y`` the sampled
+  tokens, ``w`` their advantages, of any sign, ``T_l`` the sampling temperature); its gradient is
+  ``w_i (softmax(z_i / T_l) - onehot(y_i)) / T_l``;
+* the entropy of the student's tempered distribution ``softmax(z / T)`` (a detached statistic).
 """
 from __future__ import annotations
 
@@ -105,25 +113,35 @@ def fused_linear_jsd(student_hidden: torch.Tensor,
         teacher_topk_logprobs: ``[N, k]`` their full-vocabulary log-probabilities at temperature 1; ``-inf`` marks
             unused slots. Rows with no finite entry are treated as inactive.
         mask: ``[N]`` bool, the tokens that take part (default: all).
-        labels: ``[N]`` next-token ids for the SFT term, ``-100`` to ignore; required when ``sft_alpha > 0``.
+        labels: ``[N]`` token ids of the label term (next tokens for SFT, sampled tokens for the policy
+            gradient), ``-100`` to ignore; required when ``sft_alpha > 0``.
         beta: interpolation in ``[0, 1]``: 0 is ``KL(teacher || student)``, 1 is ``KL(student || teacher)``.
-        temperature: ``T > 0``, applied to both distributions (not to the SFT term).
-        sft_alpha: weight of the cross-entropy of the untempered student logits against ``labels``, over the
-            active tokens whose label is not ``-100``.
+        temperature: ``T > 0``, applied to both distributions (not to the label term).
+        sft_alpha: ``>= 0``, weight of the label term: the cross-entropy of ``z / label_temperature`` against
+            ``labels``, weighted by ``label_weights``, over the active tokens whose label is not ``-100``.
         topk_tail: with a top-k teacher, add the bucket of the remaining mass on both sides
             (see :mod:`swift_gkd_plugin.core.topk`).
         chunk_size: tokens per chunk; default :func:`default_chunk_size` (about 1 GiB of float32 scratch).
         normalizer: divides the summed divergence (float or 0-dim tensor, read once on the host); default: the
             number of active tokens. A zero normalizer (e.g. no active token) gives a zero loss and zero gradients.
         sft_normalizer: divides the summed cross-entropy; default: the number of active tokens with a label.
+        label_weights: ``[N]`` finite per-token weights of the label term (same layout as ``labels``), of any sign
+            (the advantages of sampled tokens); default 1.
+        label_temperature: ``T_l > 0`` (finite), the label term's temperature: its cross-entropy is that of
+            ``log_softmax(z / T_l)`` (the sampling temperature for the policy gradient; 1 for SFT).
+        return_entropy: also return ``stats['entropy_sum']``.
 
     Returns:
         ``(loss, stats)``. ``loss`` is a float32 scalar,
-        ``sum_active D / normalizer + sft_alpha * sum_labelled CE / sft_normalizer``; its gradients flow to
+        ``sum_active D / normalizer + sft_alpha * sum_labelled w CE / sft_normalizer`` with
+        ``CE = -log_softmax(z / T_l)[label]`` over the student's vocabulary, whose gradient with respect to ``z``
+        is ``sft_alpha * w * (softmax(z / T_l) - onehot(label)) / T_l / sft_normalizer``; its gradients flow to
         ``student_hidden``, ``student_weight`` and ``student_bias`` in their own dtypes. ``stats`` holds detached
         per-call sums: ``num_tokens`` (active tokens), ``divergence_sum``, ``top1_agree`` (active tokens where the
         teacher's argmax, for a top-k teacher the top-1 id of its top-k, is also an argmax of the student logits;
-        ties count as agreement), ``num_sft_tokens`` and ``sft_sum`` (summed cross-entropy).
+        ties count as agreement), ``num_sft_tokens`` and ``sft_sum`` (the weighted sum ``sum w CE``, not scaled by
+        ``sft_alpha``), and with ``return_entropy`` ``entropy_sum``: the summed entropy of ``softmax(z / T)``, the
+        student's tempered distribution, over the active tokens (float32).
 
     Shapes may be in any float dtype; all reductions accumulate in float32. The matmuls run in the weights' dtype
     and are upcast chunk by chunk; ``grad_weight`` is accumulated in float32.
