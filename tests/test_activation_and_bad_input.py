@@ -7,7 +7,7 @@ import sys
 from types import SimpleNamespace
 
 import pytest
-from conftest import base_args, run_swift
+from conftest import RL_REWARD_PLUGIN, base_args, run_swift
 
 from swift_gkd_plugin.flags import FINITE_FLAGS, check_gkd_scalars, check_rl_flags
 
@@ -173,9 +173,8 @@ def test_rows_without_response_are_named_but_sampled_on_policy(tiny_ws, tmp_path
     assert run.modes()[0]['mode'] == 'on_policy'
 
 
-RL_PLUGIN = os.path.join(os.path.dirname(__file__), 'rl_reward_plugin.py')
 BAD_RL_INPUTS = [
-    ({'reward_funcs': 'no_such_reward', 'lmbda': 1, 'external_plugins': RL_PLUGIN},
+    ({'reward_funcs': 'no_such_reward', 'lmbda': 1, 'external_plugins': RL_REWARD_PLUGIN},
      ["--reward_funcs ['no_such_reward']: no such reward function", 'tiny_letter_match', '--external_plugins']),
     ({'gkd_rl_coef': -1, 'reward_funcs': 'accuracy', 'lmbda': 1}, ['--gkd_rl_coef must be >= 0', '-1']),
     ({'num_generations': 4, 'lmbda': 1}, ['generation_batch_size (2) must be evenly divisible by num_generations (4)',

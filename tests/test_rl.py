@@ -5,22 +5,9 @@ import os
 import statistics
 
 import pytest
-from conftest import base_args, run_swift
+from conftest import RL_REWARD_PLUGIN, base_args, run_swift
 
-PLUGIN = os.path.join(os.path.dirname(__file__), 'rl_reward_plugin.py')
-RL = dict(lmbda=1, reward_funcs='tiny_letter_match', gkd_rl_coef=1, external_plugins=PLUGIN, temperature=1.0)
-
-
-@pytest.fixture(scope='module')
-def solution_dataset(tiny_ws, tmp_path_factory):
-    """The tiny training rows with their answer also in a ``solution`` column (read by the reward)."""
-    path = tmp_path_factory.mktemp('rl') / 'train_solution.jsonl'
-    with open(tiny_ws.train) as src, open(path, 'w') as dst:
-        for line in src:
-            row = json.loads(line)
-            row['solution'] = row['messages'][-1]['content']
-            dst.write(json.dumps(row) + '\n')
-    return str(path)
+RL = dict(lmbda=1, reward_funcs='tiny_letter_match', gkd_rl_coef=1, external_plugins=RL_REWARD_PLUGIN, temperature=1.0)
 
 
 def _reward_calls(path):
@@ -148,3 +135,19 @@ def test_fused_and_dense_losses_agree_with_rewards(tiny_ws, solution_dataset, tm
         for a, b in zip(fused.logs, dense.logs):
             for key in ('loss', 'gkd/pg_loss', 'gkd/distill_loss', 'gkd/entropy', 'gkd/reward'):
                 assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+
+
+def test_lora_self_distillation_under_zero3_on_two_processes(tiny_ws, adapters, solution_dataset, tmp_path):
+    """Shared-base LoRA (the teacher is the base with the adapter off), ZeRO-3 on 2 ranks, a group of 4 over both
+    ranks: the fused loss's policy-gradient term equals the dense one (learning rate 0: the same samples)."""
+    pytest.importorskip('deepspeed')
+    flags = dict(dataset=solution_dataset, num_generations=4, per_device_train_batch_size=2, max_steps=2, seed=8,
+                 use_cpu='true', deepspeed='zero3', fp16='false', learning_rate=0, tuner_type='lora', lora_dropout=0,
+                 teacher_model=tiny_ws.student, adapters=adapters['student_start'], **RL)
+    dense = run_swift(base_args(tiny_ws, str(tmp_path / 'dense'), gkd_loss_impl='dense', **flags), nproc=2)
+    fused = run_swift(base_args(tiny_ws, str(tmp_path / 'fused'), gkd_loss_impl='fused', **flags), nproc=2)
+    assert 'Teacher model: base_model with LoRA disabled' in fused.output
+    for a, b in zip(fused.logs, dense.logs):
+        for key in ('loss', 'grad_norm', 'gkd/pg_loss', 'gkd/entropy', 'gkd/reward'):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    assert any(abs(r['gkd/pg_loss']) > 0 for r in fused.logs)
