@@ -121,3 +121,30 @@ def test_self_distillation_example_gives_the_teacher_a_privileged_prompt(tiny_ws
                               lora_dropout=0, dataset=data, lmbda=0, max_steps=2, max_length=256))
     assert 'Using shared base model architecture:' in run.output
     assert run.losses[0] > 0, run.losses
+
+
+def test_exact_match_reward_plugin_scores_through_ms_swift():
+    """The RL example's reward file, imported as --external_plugins imports it, registers `exact_match` in ms-swift's
+    registry and is scored by ms-swift's own reward code on sampled rows: the dataset's `solution` column reaches it,
+    \\boxed{} answers (nested braces) and plain answers compare, a row without a reference is skipped (NaN), and a
+    dataset without the column is refused by name."""
+    import torch
+    from swift.rewards import orms
+    from swift.rl_core.data import GRPOSample
+    from swift.rl_core.grpo_algorithm import compute_rewards_per_func
+    from swift.utils.utils import import_external_file
+    import_external_file(os.path.join(EXAMPLES, 'plugins', 'exact_match_reward.py'))
+    reward = orms['exact_match']()
+
+    def sampled(completion, **columns):
+        messages = [{'role': 'user', 'content': 'Q'}, {'role': 'assistant', 'content': completion}]
+        return GRPOSample.from_row({'messages': messages, **columns})
+
+    samples = [sampled('so x = \\boxed{\\frac{1}{2}}.', solution='Hence $\\boxed{\\frac{1}{2}}$'),
+               sampled('\\boxed{3}', solution='The answer is \\boxed{4}'),
+               sampled('c  b a', solution='c b a'),
+               sampled('c b a')]
+    scores = compute_rewards_per_func(samples, [reward], None, device=torch.device('cpu'))
+    assert scores[:3, 0].tolist() == [1.0, 0.0, 1.0] and torch.isnan(scores[3, 0]), scores
+    with pytest.raises(ValueError, match='exact_match needs a `solution` column'):
+        compute_rewards_per_func([sampled('c b a')], [reward], None, device=torch.device('cpu'))
