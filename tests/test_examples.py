@@ -148,3 +148,35 @@ def test_exact_match_reward_plugin_scores_through_ms_swift():
     assert scores[:3, 0].tolist() == [1.0, 0.0, 1.0] and torch.isnan(scores[3, 0]), scores
     with pytest.raises(ValueError, match='exact_match needs a `solution` column'):
         compute_rewards_per_func([sampled('c b a')], [reward], None, device=torch.device('cpu'))
+
+
+def test_rl_example_rewards_exact_matches_in_a_tiny_run(trained_ws, tiny_ws, tmp_path):
+    """The RL example's reward file and RL flags through the real ``swift rlhf`` on the demo's tiny models, the
+    trained teacher (which reverses most prompts) as the student so that exact match is sometimes 1, sometimes 0:
+    every logged reward is the completion compared with its row's `solution` column, and the step optimises it."""
+    from swift_gkd_plugin.testing.tiny import solve
+    argv = record_commands(os.path.join(EXAMPLES, 'gkd_rl_reward.sh'), tmp_path)['swift']
+    rl_flags = {name: argv[argv.index(f'--{name}') + 1] for name in
+                ('external_plugins', 'reward_funcs', 'num_generations', 'scale_rewards', 'gkd_rl_coef', 'lmbda',
+                 'beta', 'temperature', 'log_completions')}
+    data = str(tmp_path / 'train_solution.jsonl')
+    with open(trained_ws['train']) as src, open(data, 'w') as dst:
+        for line in src:
+            row = json.loads(line)
+            dst.write(json.dumps({**row, 'solution': row['messages'][-1]['content']}) + '\n')
+    generation_batch = int(rl_flags['num_generations'])  # one prompt per step, sampled G times
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), model=trained_ws['teacher'],
+                              teacher_model=trained_ws['teacher'], dataset=data, max_completion_length=16,
+                              per_device_train_batch_size=generation_batch, max_steps=3,
+                              **{**rl_flags, 'temperature': 1.6},  # hot enough that the trained model errs at times
+                              gkd_loss_impl='dense'))  # until the fused loss takes the label weights (h-rl)
+    with open(os.path.join(run.output_dir, 'completions.jsonl')) as f:
+        tables = [json.loads(line) for line in f]
+    rewards = [r for table in tables for r in table['exact_match']]
+    assert len(rewards) == 3 * generation_batch and {0.0, 1.0} == set(rewards), rewards
+    for table in tables:
+        for prompt, completion, reward in zip(table['prompt'], table['completion'], table['exact_match']):
+            question = prompt[prompt.index('Reverse:'):].split('<|im_end|>')[0]
+            assert reward == float(' '.join(completion.split()) == solve(question)), (prompt, completion, reward)
+    assert all(row['gkd/rewards/exact_match/mean'] == pytest.approx(row['gkd/reward']) for row in run.logs)
+    assert any(abs(row['gkd/pg_loss']) > 0 for row in run.logs), run.logs

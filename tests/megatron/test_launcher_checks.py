@@ -53,6 +53,7 @@ GKD = ('--rlhf_type', 'gkd')
      'Megatron GKD has no reward machinery'),
     (('--reward_weights', '1', '0.5', '--num_generations', '4'), "['--reward_weights', '--num_generations'] are "
      'supported by swift rlhf only'),
+    (('--gkd_rl_coef', '0.5'), "['--gkd_rl_coef'] are supported by swift rlhf only"),
 ])
 def test_bad_gkd_flags_are_refused_before_any_rank_starts(flags, needle):
     code, output = megatron_rlhf(*GKD, *flags)
@@ -71,7 +72,7 @@ def test_plugin_flags_with_another_rlhf_type_are_refused():
     GKD,
     GKD + ('--seq_kd', 'true', '--lmbda', '0.3', '--beta', '0', '--temperature', '1.0', '--gkd_logits_topk', '16',
            '--gkd_topk_tail', 'true', '--tensor_model_parallel_size', '2', '--teacher_tensor_model_parallel_size',
-           '2', '--gkd_loss_impl', 'dense', '--num_generations', '1'),
+           '2', '--gkd_loss_impl', 'dense', '--num_generations', '1', '--gkd_rl_coef', '0'),
     ('--rlhf_type', 'dpo', '--beta', '5'),  # another rlhf type: not the plugin's business
 ])
 def test_good_command_lines_reach_the_ranks(flags):
