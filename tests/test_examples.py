@@ -123,6 +123,13 @@ def test_self_distillation_example_gives_the_teacher_a_privileged_prompt(tiny_ws
     assert run.losses[0] > 0, run.losses
 
 
+def sampled(completion, **columns):
+    """An ms-swift on-policy sample of one prompt with ``completion`` and the dataset ``columns``."""
+    from swift.rl_core.data import GRPOSample
+    messages = [{'role': 'user', 'content': 'Q'}, {'role': 'assistant', 'content': completion}]
+    return GRPOSample.from_row({'messages': messages, **columns})
+
+
 def test_exact_match_reward_plugin_scores_through_ms_swift():
     """The RL example's reward file, imported as --external_plugins imports it, registers `exact_match` in ms-swift's
     registry and is scored by ms-swift's own reward code on sampled rows: the dataset's `solution` column reaches it,
@@ -130,16 +137,10 @@ def test_exact_match_reward_plugin_scores_through_ms_swift():
     dataset without the column is refused by name."""
     import torch
     from swift.rewards import orms
-    from swift.rl_core.data import GRPOSample
     from swift.rl_core.grpo_algorithm import compute_rewards_per_func
     from swift.utils.utils import import_external_file
     import_external_file(os.path.join(EXAMPLES, 'plugins', 'exact_match_reward.py'))
     reward = orms['exact_match']()
-
-    def sampled(completion, **columns):
-        messages = [{'role': 'user', 'content': 'Q'}, {'role': 'assistant', 'content': completion}]
-        return GRPOSample.from_row({'messages': messages, **columns})
-
     samples = [sampled('so x = \\boxed{\\frac{1}{2}}.', solution='Hence $\\boxed{\\frac{1}{2}}$'),
                sampled('\\boxed{3}', solution='The answer is \\boxed{4}'),
                sampled('c  b a', solution='c b a'),
@@ -180,3 +181,24 @@ def test_rl_example_rewards_exact_matches_in_a_tiny_run(trained_ws, tiny_ws, tmp
             assert reward == float(' '.join(completion.split()) == solve(question)), (prompt, completion, reward)
     assert all(row['gkd/rewards/exact_match/mean'] == pytest.approx(row['gkd/reward']) for row in run.logs)
     assert any(abs(row['gkd/pg_loss']) > 0 for row in run.logs), run.logs
+
+
+@pytest.mark.parametrize('page', ['docs_en/rl.md', 'docs_zh/rl.md'])
+def test_custom_reward_of_the_rl_docs_works(page, tmp_path):
+    """The custom reward file the RL page tells users to write, imported as --external_plugins imports it, registers
+    `last_number` and scores through ms-swift's own reward code: a match, a miss, a row it does not apply to."""
+    import re
+
+    import torch
+    from swift.rewards import orms
+    from swift.rl_core.grpo_algorithm import compute_rewards_per_func
+    from swift.utils.utils import import_external_file
+    with open(os.path.join(os.path.dirname(EXAMPLES), page), encoding='utf-8') as f:
+        code = re.search(r'```python\n(.*?)```', f.read(), re.S).group(1)
+    plugin = tmp_path / 'my_rewards.py'
+    plugin.write_text(code, encoding='utf-8')
+    import_external_file(str(plugin))
+    samples = [sampled('6 x 7 = 42', solution='42'), sampled('It is 41.', solution='so 42'),
+               sampled('no idea', solution='unknown')]
+    scores = compute_rewards_per_func(samples, [orms['last_number']()], None, device=torch.device('cpu'))
+    assert scores[:2, 0].tolist() == [1.0, 0.0] and torch.isnan(scores[2, 0]), scores

@@ -39,7 +39,7 @@ class ExactMatchReward(ORM):
                  **columns) -> List[Optional[float]]:
         if solution is None:  # no row of the batch has the column: a dataset without it, say so instead of scoring 0
             raise ValueError('exact_match needs a `solution` column in the dataset (the reference answer of each row)')
-        # None: the row has no reference, the reward does not apply to it (ms-swift's convention; it is skipped)
+        # None: the row has no reference, this reward does not apply to it (another reward function must score it)
         return [None if ref is None else float(final_answer(c) == final_answer(ref))
                 for c, ref in zip(completions, solution)]
 
