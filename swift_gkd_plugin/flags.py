@@ -170,3 +170,6 @@ def check_rl_flags(args) -> None:
     if getattr(args, 'sequence_parallel_size', 1) > 1:
         raise ValueError(f'--num_generations > 1 and --reward_funcs are not supported with --sequence_parallel_size '
                          f'{args.sequence_parallel_size} (allowed: 1)')
+    if funcs and (getattr(args, 'padding_free', False) or getattr(args, 'packing', False)):
+        raise ValueError('--reward_funcs is not supported with --padding_free / --packing yet (the advantages are '
+                         'per row): pass --padding_free false --packing false')
