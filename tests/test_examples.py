@@ -169,8 +169,7 @@ def test_rl_example_rewards_exact_matches_in_a_tiny_run(trained_ws, tiny_ws, tmp
     run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), model=trained_ws['teacher'],
                               teacher_model=trained_ws['teacher'], dataset=data, max_completion_length=16,
                               per_device_train_batch_size=generation_batch, max_steps=3,
-                              **{**rl_flags, 'temperature': 1.6},  # hot enough that the trained model errs at times
-                              gkd_loss_impl='dense'))  # until the fused loss takes the label weights (h-rl)
+                              **{**rl_flags, 'temperature': 1.6}))  # hot enough that the trained model errs at times
     with open(os.path.join(run.output_dir, 'completions.jsonl')) as f:
         tables = [json.loads(line) for line in f]
     rewards = [r for table in tables for r in table['exact_match']]
