@@ -85,3 +85,15 @@ def test_good_command_lines_reach_the_ranks(flags):
 def test_opt_out_leaves_the_launcher_untouched():
     code, output = megatron_rlhf(*GKD, '--beta', '1.5', env={'SWIFT_GKD_PLUGIN': '0'})
     assert SPAWNED in output and 'megatron rlhf: error' not in output, output[-3000:]
+
+
+def test_rank_side_checks_refuse_rewards_but_not_ms_swifts_default_num_generations():
+    """In the ranks the arguments carry ms-swift's Megatron default --num_generations 8 (reset to 1 for gkd later),
+    so only the launcher, which sees the command line, can tell a user's G > 1; rewards are refused on both sides."""
+    from swift_gkd_plugin.megatron.checks import check_megatron_gkd, parse_megatron_command_line
+    parsed = parse_megatron_command_line(['--rlhf_type', 'gkd'])
+    parsed.num_generations = 8
+    check_megatron_gkd(parsed)
+    parsed.reward_funcs = ['accuracy']
+    with pytest.raises(ValueError, match=r"\['--reward_funcs'\] are supported by swift rlhf only"):
+        check_megatron_gkd(parsed)
