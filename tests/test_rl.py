@@ -8,7 +8,7 @@ import pytest
 from conftest import base_args, run_swift
 
 PLUGIN = os.path.join(os.path.dirname(__file__), 'rl_reward_plugin.py')
-RL = dict(lmbda=1, reward_funcs='tiny_letter_match', gkd_rl_coef=1, external_plugins=PLUGIN, temperature=1.0, gkd_loss_impl='dense')
+RL = dict(lmbda=1, reward_funcs='tiny_letter_match', gkd_rl_coef=1, external_plugins=PLUGIN, temperature=1.0)
 
 
 @pytest.fixture(scope='module')
@@ -129,3 +129,22 @@ def test_a_broken_reward_function_is_named_with_its_row(tiny_ws, tmp_path, how, 
     assert run.returncode != 0
     for needle in needles:
         assert needle in run.output, f'{needle!r} missing from:\n{run.output[-3000:]}'
+
+
+@pytest.mark.parametrize('extra', [{}, {'gkd_logits_topk': 8, 'gkd_topk_tail': 'true'}], ids=['full', 'topk_tail'])
+def test_fused_and_dense_losses_agree_with_rewards(tiny_ws, solution_dataset, tmp_path, extra):
+    """The policy-gradient term and the entropy out of the fused chunked pass equal the dense ones (same samples:
+    G > 1 seeds the sampler per step; learning rate 0 keeps the weights), at a sampling temperature != 1."""
+    common = dict(dataset=solution_dataset, num_generations=2, per_device_train_batch_size=4, max_steps=2,
+                  learning_rate=0, seed=2, **dict(RL, temperature=1.5), **extra)
+    fused = run_swift(base_args(tiny_ws, str(tmp_path / 'fused'), gkd_loss_impl='fused', **common))
+    dense = run_swift(base_args(tiny_ws, str(tmp_path / 'dense'), gkd_loss_impl='dense', **common)) if not extra \
+        else None
+    assert 'GKD loss implementation: fused' in fused.output
+    for row in fused.logs:
+        assert row['loss'] == pytest.approx(row['gkd/distill_loss'] + row['gkd/pg_loss'], rel=1e-4, abs=1e-7)
+        assert abs(row['gkd/pg_loss']) > 0 and row['gkd/entropy'] > 0
+    if dense is not None:
+        for a, b in zip(fused.logs, dense.logs):
+            for key in ('loss', 'gkd/pg_loss', 'gkd/distill_loss', 'gkd/entropy', 'gkd/reward'):
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
