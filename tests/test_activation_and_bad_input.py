@@ -179,6 +179,9 @@ BAD_RL_INPUTS = [
     ({'gkd_rl_coef': -1, 'reward_funcs': 'accuracy', 'lmbda': 1}, ['--gkd_rl_coef must be >= 0', '-1']),
     ({'num_generations': 4, 'lmbda': 1}, ['generation_batch_size (2) must be evenly divisible by num_generations (4)',
                                           'Valid values: [2]']),
+    ({'reward_funcs': 'tiny_letter_match', 'gkd_rl_coef': 1, 'lmbda': 1, 'external_plugins': RL_REWARD_PLUGIN,
+      'steps_per_generation': 2}, ['--gkd_rl_coef > 0 needs each generation batch to be one optimizer step',
+                                   'steps_per_generation 2', '--gradient_accumulation_steps 1']),
 ]
 
 

@@ -176,6 +176,19 @@ def check_reward_funcs(args) -> None:
     args.training_args.remove_unused_columns = False
 
 
+def check_fresh_samples_for_rl(args) -> None:
+    """The policy-gradient term assumes the student that sampled is the one being updated (no importance ratio): each
+    generation batch must be exactly one optimizer step."""
+    train = args.training_args
+    spg, ga = train.steps_per_generation, train.gradient_accumulation_steps
+    if args.gkd_rl_coef > 0 and spg != ga:
+        raise ValueError(f'--gkd_rl_coef > 0 needs each generation batch to be one optimizer step: steps_per_generation '
+                         f'{spg} (generation_batch_size {train.generation_batch_size}) must equal '
+                         f'--gradient_accumulation_steps {ga}; later steps would train on samples of an older policy, '
+                         'which the policy-gradient term (no importance ratio) does not correct. Leave '
+                         '--steps_per_generation and --generation_batch_size unset.')
+
+
 @dataclass
 class GKDPluginRLHFArguments(GKDPluginArgumentsMixin, RLHFArguments):
     """ms-swift's ``RLHFArguments`` plus the plugin's flags and checks; used to parse ``swift rlhf``."""
@@ -204,6 +217,7 @@ class GKDPluginRLHFArguments(GKDPluginArgumentsMixin, RLHFArguments):
         check_rl_flags(self)
         check_vllm_installed(self)  # again: with --external_plugins, __post_init__ above is ms-swift's own
         check_reward_funcs(self)
+        check_fresh_samples_for_rl(self)
         logger.info(f'swift_gkd_plugin {swift_gkd_plugin.__version__}: GKD trainer active '
                     f'(lmbda={self.lmbda}, seq_kd={self.seq_kd}, beta={self.beta}, temperature={self.temperature})')
         from swift.utils import is_mp
