@@ -446,20 +446,12 @@ def _full_chunk(buf, h, weight, bias_f, plan: _Plan, sl, sft: bool):
     elif vocab > vt:
         b[:, vt:].copy_(a[:, vt:])
 
-    own = _student_row_is_own(plan, True)
-    ent = a.new_zeros(())
-    if plan.entropy and not own:  # before the label term: both use the scratch e
-        ent = _entropy_into(buf['e'][:, :vocab], a[:, :vocab], 1.0)
-    ce, p1 = a.new_zeros(()), None
-    if sft:
-        lab, ce_weight, w = _label_rows(plan, sl)
-        if _separate_label(plan, True):
-            ce, p1 = _separate_label_term(buf['e'][:, :vocab], a[:, :vocab], plan.temperature / plan.label_temperature,
-                                          lab, ce_weight)
+    lab, ce_weight, w = _label_rows(plan, sl) if sft else (None, None, None)
+    ent, ce, p1 = _full_prepass(buf, plan, lab, ce_weight)
 
     log_softmax_into(a, buf['p'])  # s, p_s
     log_softmax_into(b, buf['q'])  # t, p_t
-    if plan.entropy and own:
+    if plan.entropy and _student_row_is_own(plan, True):
         ent = -_row_dot(buf['p'], a).sum()
     if sft and p1 is None:
         ce = -(a.gather(1, lab).squeeze(1) * ce_weight).sum()
@@ -471,6 +463,28 @@ def _full_chunk(buf, h, weight, bias_f, plan: _Plan, sl, sft: bool):
     a.mul_(grad_scale)
     _add_label_grad(a[:, :vocab], (buf['p'] if p1 is None else p1)[:, :vocab], lab, w)
     return div.sum(), ce, agree, 1.0, ent
+
+
+def _full_prepass(buf, plan: _Plan, lab, ce_weight):
+    """The entropy and label term that the row's shared ``s = log_softmax(z / T)`` cannot give, before it is formed
+    (``buf['a']`` holds ``z / T`` and ``buf['p']`` is still free): on a row padded to a larger teacher vocabulary, or
+    at a label temperature other than ``T``. Returns ``(entropy sum, cross-entropy sum, label probabilities or
+    None)``; what is left to the shared pass comes back as zero / ``None``.
+    """
+    u = buf['a'][:, :plan.vocab]
+    ent, ce, p1 = u.new_zeros(()), u.new_zeros(()), None
+    sft = lab is not None
+    if plan.entropy and not _student_row_is_own(plan, True):
+        e, p_own = buf['e'][:, :plan.vocab], buf['p'][:, :plan.vocab]
+        log_softmax_into(e.copy_(u), p_own)
+        ent = -_row_dot(p_own, e).sum()
+        if sft and plan.label_temperature == plan.temperature:  # the label term shares that pass
+            ce = -(e.gather(1, lab).squeeze(1) * ce_weight).sum()
+            p1 = e.copy_(p_own)
+    if sft and p1 is None and _separate_label(plan, True):
+        ce, p1 = _separate_label_term(buf['e'][:, :plan.vocab], u, plan.temperature / plan.label_temperature, lab,
+                                      ce_weight)
+    return ent, ce, p1
 
 
 def _topk_chunk(buf, h, weight, bias_f, plan: _Plan, sl, sft: bool):

@@ -124,5 +124,8 @@ def test_sampled_token_stats_against_float64(temperature):
 def test_sampled_token_stats_refuses_bad_temperature(temperature):
     with pytest.raises(ValueError, match='temperature'):
         sampled_token_stats(torch.zeros(2, 5), torch.zeros(2, dtype=torch.long), temperature)
+
+
+def test_sampled_token_stats_refuses_mismatched_tokens():
     with pytest.raises(ValueError, match='tokens'):
         sampled_token_stats(torch.zeros(2, 5), torch.zeros(3, dtype=torch.long))
