@@ -285,7 +285,9 @@ class GKDPluginTrainer(GKDTrainer):
         if not self.log_completions:
             return
         before = len(self._logs['prompt'])
-        self._log_student_completions(samples)
+        self._log_student_completions(samples)  # gathers every rank's completions to the main process
+        if not self.accelerator.is_main_process:
+            return
         added = len(self._logs['prompt']) - before
         for name in set(self._completion_columns) | set(columns):
             past = self._completion_columns.setdefault(name, [None] * before)
@@ -302,6 +304,11 @@ class GKDPluginTrainer(GKDTrainer):
             self.jsonl_writer.append(table)
             self._logs['prompt'].clear()
             self._logs['completion'].clear()
+            if self.args.report_to and 'wandb' in self.args.report_to:
+                import pandas as pd
+                import wandb
+                if wandb.run is not None:
+                    wandb.log({'completions': wandb.Table(dataframe=pd.DataFrame(table))})
         self._completion_columns = {}
         super().log(logs, start_time)
 
