@@ -2,6 +2,7 @@
 policy-gradient term beside the divergence, several completions per prompt, ranks and resume."""
 import json
 import os
+import re
 import statistics
 
 import pytest
@@ -29,15 +30,28 @@ def _advantages(rewards, group):
     return out
 
 
-def test_every_completion_is_scored_once_in_groups_that_span_micro_batches(tiny_ws, solution_dataset, tmp_path):
-    """G = 4 with micro-batches of 2 rows: each generation batch is one prompt sampled 4 times, split over the two
-    micro-batches of the step; the advantages are normalised over the whole group."""
-    log = str(tmp_path / 'rewards.jsonl')
-    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), dataset=solution_dataset, num_generations=4,
-                              per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=3,
-                              log_completions='true', seed=5, **RL),
-                    env={'GKD_TEST_REWARD_LOG': log})
-    calls = _reward_calls(log)
+@pytest.fixture(scope='module')
+def grouped_runs(tiny_ws, solution_dataset, tmp_path_factory):
+    """G = 4 with micro-batches of 2 rows (each generation batch is one prompt sampled 4 times, split over the two
+    micro-batches of the step), sampling temperature 1.5, learning rate 0 (both runs draw the same samples), with the
+    fused and the dense loss."""
+    root = tmp_path_factory.mktemp('grouped')
+    runs = {}
+    for impl in ('fused', 'dense'):
+        log = str(root / f'rewards_{impl}.jsonl')
+        runs[impl] = run_swift(
+            base_args(tiny_ws, str(root / impl), dataset=solution_dataset, num_generations=4,
+                      per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=3, learning_rate=0,
+                      log_completions='true', seed=5, gkd_loss_impl=impl, **dict(RL, temperature=1.5)),
+            env={'GKD_TEST_REWARD_LOG': log})
+        runs[impl].reward_log = log
+    return runs
+
+
+def test_every_completion_is_scored_once_in_groups_that_span_micro_batches(grouped_runs):
+    run = grouped_runs['fused']
+    assert 'GKD loss implementation: fused' in run.output
+    calls = _reward_calls(run.reward_log)
     assert len(calls) == 3 and all(len(c['completions']) == 4 for c in calls)  # one call per step, 4 completions
     for call in calls:
         assert len(set(call['prompts'])) == 1, 'a group is one prompt, four times'
@@ -56,6 +70,16 @@ def test_every_completion_is_scored_once_in_groups_that_span_micro_batches(tiny_
         assert row['loss'] == pytest.approx(row['gkd/distill_loss'] + row['gkd/pg_loss'], rel=1e-4, abs=1e-7)
         assert 0 < row['gkd/entropy'] < 6.2  # at most log(448) nats
     assert any(abs(r['gkd/pg_loss']) > 1e-4 for r in run.logs)
+
+
+def test_fused_and_dense_losses_agree_with_rewards(grouped_runs):
+    """The policy-gradient term and the entropy out of the fused chunked pass equal the dense ones (same samples),
+    at a sampling temperature != 1; so do the gradients."""
+    fused, dense = grouped_runs['fused'], grouped_runs['dense']
+    assert _reward_calls(fused.reward_log) == _reward_calls(dense.reward_log)
+    for a, b in zip(fused.logs, dense.logs):
+        for key in ('loss', 'grad_norm', 'gkd/pg_loss', 'gkd/distill_loss', 'gkd/entropy', 'gkd/reward'):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
 
 
 def test_two_processes_share_groups_and_agree(tiny_ws, solution_dataset, tmp_path):
@@ -104,37 +128,35 @@ def test_several_samples_per_prompt_without_rewards(tiny_ws, tmp_path):
     assert all('gkd/pg_loss' not in r and 'gkd/reward' not in r for r in run.logs)
 
 
-@pytest.mark.parametrize('how,needles', [
-    ('raise', ["reward function 'tiny_broken_reward' raised", 'KeyError', 'no_such_column', 'first row: prompt']),
-    ('short', ["reward function 'tiny_broken_reward' returned 3 values for 4 completions"]),
-    ('nan', ["reward function 'tiny_broken_reward' returned nan for row 3", 'prompt', 'must be finite']),
-])
-def test_a_broken_reward_function_is_named_with_its_row(tiny_ws, tmp_path, how, needles):
+def test_a_raising_reward_function_stops_the_run_naming_it(tiny_ws, tmp_path):
     run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), num_generations=2, per_device_train_batch_size=4,
                               max_steps=1, **dict(RL, reward_funcs='tiny_broken_reward')),
-                    env={'GKD_TEST_BROKEN_REWARD': how}, check=False)
+                    env={'GKD_TEST_BROKEN_REWARD': 'raise'}, check=False)
     assert run.returncode != 0
-    for needle in needles:
+    for needle in ["reward function 'tiny_broken_reward' raised", 'KeyError', 'no_such_column', 'first row: prompt']:
         assert needle in run.output, f'{needle!r} missing from:\n{run.output[-3000:]}'
 
 
-@pytest.mark.parametrize('extra', [{}, {'gkd_logits_topk': 8, 'gkd_topk_tail': 'true'}], ids=['full', 'topk_tail'])
-def test_fused_and_dense_losses_agree_with_rewards(tiny_ws, solution_dataset, tmp_path, extra):
-    """The policy-gradient term and the entropy out of the fused chunked pass equal the dense ones (same samples:
-    G > 1 seeds the sampler per step; learning rate 0 keeps the weights), at a sampling temperature != 1."""
-    common = dict(dataset=solution_dataset, num_generations=2, per_device_train_batch_size=4, max_steps=2,
-                  learning_rate=0, seed=2, **dict(RL, temperature=1.5), **extra)
-    fused = run_swift(base_args(tiny_ws, str(tmp_path / 'fused'), gkd_loss_impl='fused', **common))
-    dense = run_swift(base_args(tiny_ws, str(tmp_path / 'dense'), gkd_loss_impl='dense', **common)) if not extra \
-        else None
-    assert 'GKD loss implementation: fused' in fused.output
-    for row in fused.logs:
-        assert row['loss'] == pytest.approx(row['gkd/distill_loss'] + row['gkd/pg_loss'], rel=1e-4, abs=1e-7)
-        assert abs(row['gkd/pg_loss']) > 0 and row['gkd/entropy'] > 0
-    if dense is not None:
-        for a, b in zip(fused.logs, dense.logs):
-            for key in ('loss', 'gkd/pg_loss', 'gkd/distill_loss', 'gkd/entropy', 'gkd/reward'):
-                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+@pytest.mark.parametrize('how,message', [
+    ('short', "reward function 'tiny_broken_reward' returned 3 values for 4 completions"),
+    ('nan', "reward function 'tiny_broken_reward' returned nan for row 3 of the generation batch (prompt 'Reverse: "),
+])
+def test_a_reward_function_with_a_wrong_answer_is_named_with_its_row(monkeypatch, how, message):
+    """ms-swift's own samples and reward code, through the plugin's checks."""
+    import importlib.util
+
+    import torch
+    from swift.rl_core.data import GKDSample
+
+    from swift_gkd_plugin.swift.rewards import score_completions
+    spec = importlib.util.spec_from_file_location('rl_reward_plugin', RL_REWARD_PLUGIN)
+    plugin = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plugin)
+    monkeypatch.setenv('GKD_TEST_BROKEN_REWARD', how)
+    samples = [GKDSample.from_row({'messages': [{'role': 'user', 'content': f'Reverse: a {c}'},
+                                                {'role': 'assistant', 'content': f'{c} a'}]}) for c in 'bcde']
+    with pytest.raises(ValueError, match=re.escape(message)):
+        score_completions(samples, [plugin.TinyBrokenReward()], ['tiny_broken_reward'], torch.device('cpu'), None)
 
 
 def test_lora_self_distillation_under_zero3_on_two_processes(tiny_ws, adapters, solution_dataset, tmp_path):
