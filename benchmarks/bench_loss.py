@@ -18,6 +18,8 @@ Methods:
 * ``liger``: ``liger_kernel.chunked_loss.LigerFusedLinearJSDLoss`` (its defaults: chunks of 1024 rows,
   ``torch.compile``); skipped with a note if it does not import.
 * ``fused``: ``swift_gkd_plugin.core.fused_loss.fused_linear_jsd`` (default chunk size).
+* ``fused_pg`` (on request): ``fused`` plus the policy-gradient label term (random sampled tokens, signed
+  advantages, at the loss temperature) and ``return_entropy``, the on-policy RL step's loss.
 
 Timing: one warm-up step (on ``min(N, 64)`` rows; ``liger`` on ``min(N, 1024)`` rows, the shape of its compiled
 chunk, so that the measured steps do not include compilation), then at least one measured step and more while the
@@ -167,12 +169,20 @@ def _make_step(torch, method, x, args):
 
         def loss_of(n):
             return fn(x['h'][:n], w, x['ht'][:n], wt, x['labels'][:n])
-    elif method == 'fused':
+    elif method in ('fused', 'fused_pg'):
         from swift_gkd_plugin.core.fused_loss import fused_linear_jsd
+        pg = {}
+        if method == 'fused_pg':
+            g = torch.Generator(device=w.device).manual_seed(1)
+            tokens = torch.randint(0, w.shape[0], x['labels'].shape, generator=g, device=w.device)
+            advantages = torch.randn(tokens.shape, generator=g, device=w.device)
+            pg = dict(labels=tokens, label_weights=advantages, sft_alpha=1.0, label_temperature=temp,
+                      return_entropy=True)
 
         def loss_of(n):
+            extra = {k: v[:n] if torch.is_tensor(v) else v for k, v in pg.items()}
             return fused_linear_jsd(x['h'][:n], w, teacher_hidden=x['ht'][:n], teacher_weight=wt, beta=beta,
-                                    temperature=temp, chunk_size=args.chunk_size)[0]
+                                    temperature=temp, chunk_size=args.chunk_size, **extra)[0]
     else:
         raise ValueError(f'unknown method {method}')
 

@@ -15,6 +15,7 @@ from swift_gkd_plugin.cli import OFFLINE_ENV as CLI_OFFLINE_ENV
 
 OFFLINE_ENV = {**CLI_OFFLINE_ENV, 'TOKENIZERS_PARALLELISM': 'false', 'OMP_NUM_THREADS': '1'}
 SWIFT = os.path.join(os.path.dirname(sys.executable), 'swift')
+RL_REWARD_PLUGIN = os.path.join(os.path.dirname(__file__), 'rl_reward_plugin.py')  # rewards for GKD + RL tests
 
 
 @dataclass
@@ -165,3 +166,15 @@ def trained_ws(tmp_path_factory):
     shared = tmp_path_factory.getbasetemp().parent  # common to the xdist workers of one run
     with FileLock(str(shared / 'trained_ws.lock')):
         return tiny.build_demo_workspace(str(shared / 'trained_ws'), n_train=200, n_test=50)
+
+
+@pytest.fixture(scope='session')
+def solution_dataset(tiny_ws):
+    """The tiny training rows with their answer also in a ``solution`` column (read by the tests' rewards)."""
+    path = os.path.join(tiny_ws.root, 'train_solution.jsonl')
+    with open(tiny_ws.train) as src, open(path, 'w') as dst:
+        for line in src:
+            row = json.loads(line)
+            row['solution'] = row['messages'][-1]['content']
+            dst.write(json.dumps(row) + '\n')
+    return path

@@ -1,14 +1,15 @@
 """Activation (automatic, opt-out, explicit) and the early refusal of bad input, through the real CLI."""
 import os
+import re
 import subprocess
 import sys
 
 from types import SimpleNamespace
 
 import pytest
-from conftest import base_args, run_swift
+from conftest import RL_REWARD_PLUGIN, base_args, run_swift
 
-from swift_gkd_plugin.flags import FINITE_FLAGS, check_gkd_scalars
+from swift_gkd_plugin.flags import FINITE_FLAGS, check_gkd_scalars, check_rl_flags
 
 SWIFT_GKD = os.path.join(os.path.dirname(sys.executable), 'swift-gkd')
 MODEL_LOADED_MARKERS = ('model_parameter_info', 'Loading weights')
@@ -170,3 +171,41 @@ def test_rows_without_response_are_named_but_sampled_on_policy(tiny_ws, tmp_path
                               max_completion_length=4), timeout=300)
     assert f'--dataset {path}: 1 row(s) have no assistant response (lines 5)' in run.output
     assert run.modes()[0]['mode'] == 'on_policy'
+
+
+BAD_RL_INPUTS = [
+    ({'reward_funcs': 'no_such_reward', 'lmbda': 1, 'external_plugins': RL_REWARD_PLUGIN},
+     ["--reward_funcs ['no_such_reward']: no such reward function", 'tiny_letter_match', '--external_plugins']),
+    ({'gkd_rl_coef': -1, 'reward_funcs': 'accuracy', 'lmbda': 1}, ['--gkd_rl_coef must be >= 0', '-1']),
+    ({'num_generations': 4, 'lmbda': 1}, ['generation_batch_size (2) must be evenly divisible by num_generations (4)',
+                                          'Valid values: [2]']),
+    ({'reward_funcs': 'tiny_letter_match', 'gkd_rl_coef': 1, 'lmbda': 1, 'external_plugins': RL_REWARD_PLUGIN,
+      'steps_per_generation': 2}, ['--gkd_rl_coef > 0 needs each generation batch to be one optimizer step',
+                                   'steps_per_generation 2', '--gradient_accumulation_steps 1']),
+]
+
+
+@pytest.mark.parametrize('flags,needles', BAD_RL_INPUTS, ids=[str(f) for f, _ in BAD_RL_INPUTS])
+def test_bad_rl_input_is_refused_before_any_model_is_loaded(tiny_ws, tmp_path, flags, needles):
+    test_bad_input_is_refused_before_any_model_is_loaded(tiny_ws, tmp_path, flags, needles)
+
+
+RL_FLAGS = dict(num_generations=1, reward_funcs=[], reward_weights=None, scale_rewards=None, gkd_rl_coef=0.0, lmbda=0.5,
+                seq_kd=False, sequence_parallel_size=1, padding_free=False, packing=False)
+
+
+@pytest.mark.parametrize('changes,message', [
+    ({'num_generations': 0}, '--num_generations must be an integer >= 1'),
+    ({'gkd_rl_coef': 0.5}, '--gkd_rl_coef 0.5 needs --reward_funcs'),
+    ({'reward_funcs': ['a', 'b'], 'reward_weights': [1.0]}, '--reward_weights has 1 values but --reward_funcs names 2'),
+    ({'reward_funcs': ['a'], 'reward_weights': [float('nan')]}, '--reward_weights must be finite'),
+    ({'scale_rewards': 'gdpo'}, "--scale_rewards must be one of ['group', 'batch', 'none']"),
+    ({'reward_funcs': ['a'], 'lmbda': 0, 'seq_kd': True}, '--reward_funcs only act on on-policy steps'),
+    ({'num_generations': 2, 'lmbda': 0}, '--num_generations 2 samples several completions per prompt'),
+    ({'num_generations': 2, 'sequence_parallel_size': 2}, 'not supported with --sequence_parallel_size 2'),
+    ({'reward_funcs': ['a'], 'padding_free': True}, '--padding_free'),
+])
+def test_rl_flag_checks(changes, message):
+    check_rl_flags(SimpleNamespace(**RL_FLAGS))  # the defaults pass
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_rl_flags(SimpleNamespace(**dict(RL_FLAGS, **changes)))

@@ -121,3 +121,83 @@ def test_self_distillation_example_gives_the_teacher_a_privileged_prompt(tiny_ws
                               lora_dropout=0, dataset=data, lmbda=0, max_steps=2, max_length=256))
     assert 'Using shared base model architecture:' in run.output
     assert run.losses[0] > 0, run.losses
+
+
+def sampled(completion, **columns):
+    """An ms-swift on-policy sample of one prompt with ``completion`` and the dataset ``columns``."""
+    from swift.rl_core.data import GRPOSample
+    messages = [{'role': 'user', 'content': 'Q'}, {'role': 'assistant', 'content': completion}]
+    return GRPOSample.from_row({'messages': messages, **columns})
+
+
+def test_exact_match_reward_plugin_scores_through_ms_swift():
+    """The RL example's reward file, imported as --external_plugins imports it, registers `exact_match` in ms-swift's
+    registry and is scored by ms-swift's own reward code on sampled rows: the dataset's `solution` column reaches it,
+    \\boxed{} answers (nested braces) and plain answers compare, a row without a reference is skipped (NaN), and a
+    dataset without the column is refused by name."""
+    import torch
+    from swift.rewards import orms
+    from swift.rl_core.grpo_algorithm import compute_rewards_per_func
+    from swift.utils.utils import import_external_file
+    import_external_file(os.path.join(EXAMPLES, 'plugins', 'exact_match_reward.py'))
+    reward = orms['exact_match']()
+    samples = [sampled('so x = \\boxed{\\frac{1}{2}}.', solution='Hence $\\boxed{\\frac{1}{2}}$'),
+               sampled('\\boxed{3}', solution='The answer is \\boxed{4}'),
+               sampled('c  b a', solution='c b a'),
+               sampled('c b a')]
+    scores = compute_rewards_per_func(samples, [reward], None, device=torch.device('cpu'))
+    assert scores[:3, 0].tolist() == [1.0, 0.0, 1.0] and torch.isnan(scores[3, 0]), scores
+    with pytest.raises(ValueError, match='exact_match needs a `solution` column'):
+        compute_rewards_per_func([sampled('c b a')], [reward], None, device=torch.device('cpu'))
+
+
+def test_rl_example_rewards_exact_matches_in_a_tiny_run(trained_ws, tiny_ws, tmp_path):
+    """The RL example's reward file and RL flags through the real ``swift rlhf`` on the demo's tiny models, the
+    trained teacher (which reverses most prompts) as the student so that exact match is sometimes 1, sometimes 0:
+    every logged reward is the completion compared with its row's `solution` column, and the step optimises it."""
+    from swift_gkd_plugin.testing.tiny import solve
+    argv = record_commands(os.path.join(EXAMPLES, 'gkd_rl_reward.sh'), tmp_path)['swift']
+    rl_flags = {name: argv[argv.index(f'--{name}') + 1] for name in
+                ('external_plugins', 'reward_funcs', 'num_generations', 'scale_rewards', 'gkd_rl_coef', 'lmbda',
+                 'beta', 'temperature', 'log_completions')}
+    data = str(tmp_path / 'train_solution.jsonl')
+    with open(trained_ws['train']) as src, open(data, 'w') as dst:
+        for line in src:
+            row = json.loads(line)
+            dst.write(json.dumps({**row, 'solution': row['messages'][-1]['content']}) + '\n')
+    generation_batch = int(rl_flags['num_generations'])  # one prompt per step, sampled G times
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), model=trained_ws['teacher'],
+                              teacher_model=trained_ws['teacher'], dataset=data, max_completion_length=16,
+                              per_device_train_batch_size=generation_batch, max_steps=3,
+                              **{**rl_flags, 'temperature': 1.6}))  # hot enough that the trained model errs at times
+    with open(os.path.join(run.output_dir, 'completions.jsonl')) as f:
+        tables = [json.loads(line) for line in f]
+    rewards = [r for table in tables for r in table['exact_match']]
+    assert len(rewards) == 3 * generation_batch and {0.0, 1.0} == set(rewards), rewards
+    for table in tables:
+        for prompt, completion, reward in zip(table['prompt'], table['completion'], table['exact_match']):
+            question = prompt[prompt.index('Reverse:'):].split('<|im_end|>')[0]
+            assert reward == float(' '.join(completion.split()) == solve(question)), (prompt, completion, reward)
+    assert all(row['gkd/rewards/exact_match/mean'] == pytest.approx(row['gkd/reward']) for row in run.logs)
+    assert any(abs(row['gkd/pg_loss']) > 0 for row in run.logs), run.logs
+
+
+@pytest.mark.parametrize('page', ['docs_en/rl.md', 'docs_zh/rl.md'])
+def test_custom_reward_of_the_rl_docs_works(page, tmp_path):
+    """The custom reward file the RL page tells users to write, imported as --external_plugins imports it, registers
+    `last_number` and scores through ms-swift's own reward code: a match, a miss, a row it does not apply to."""
+    import re
+
+    import torch
+    from swift.rewards import orms
+    from swift.rl_core.grpo_algorithm import compute_rewards_per_func
+    from swift.utils.utils import import_external_file
+    with open(os.path.join(os.path.dirname(EXAMPLES), page), encoding='utf-8') as f:
+        code = re.search(r'```python\n(.*?)```', f.read(), re.S).group(1)
+    plugin = tmp_path / 'my_rewards.py'
+    plugin.write_text(code, encoding='utf-8')
+    import_external_file(str(plugin))
+    samples = [sampled('6 x 7 = 42', solution='42'), sampled('It is 41.', solution='so 42'),
+               sampled('no idea', solution='unknown')]
+    scores = compute_rewards_per_func(samples, [orms['last_number']()], None, device=torch.device('cpu'))
+    assert scores[:2, 0].tolist() == [1.0, 0.0] and torch.isnan(scores[2, 0]), scores

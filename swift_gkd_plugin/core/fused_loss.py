@@ -32,6 +32,14 @@ stays accurate at large vocabularies (per-entry second-order terms, cascade-summ
 student and teacher give exactly 0.
 
 Top-k teachers and the optional tail bucket are defined in :mod:`swift_gkd_plugin.core.topk`.
+
+Beside the divergence, the same chunk pass optionally computes:
+
+* a label term ``sum_i w_i CE_i`` with ``CE_i = -log_softmax(z_i / T_l)[y_i]`` over the student's own vocabulary:
+  the SFT cross-entropy (``w = 1``, ``T_l = 1``) or, on on-policy steps, the policy-gradient term (``y`` the sampled
+  tokens, ``w`` their advantages, of any sign, ``T_l`` the sampling temperature); its gradient is
+  ``w_i (softmax(z_i / T_l) - onehot(y_i)) / T_l``;
+* the entropy of the student's tempered distribution ``softmax(z / T)`` (a detached statistic).
 """
 from __future__ import annotations
 
@@ -82,7 +90,10 @@ def fused_linear_jsd(student_hidden: torch.Tensor,
                      topk_tail: bool = False,
                      chunk_size: Optional[int] = None,
                      normalizer: Optional[Number] = None,
-                     sft_normalizer: Optional[Number] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+                     sft_normalizer: Optional[Number] = None,
+                     label_weights: Optional[torch.Tensor] = None,
+                     label_temperature: float = 1.0,
+                     return_entropy: bool = False) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     r"""Generalized-JSD distillation loss of a linear head, fused and chunked over tokens.
 
     The teacher is either a linear head on its own hidden states (``teacher_hidden`` + ``teacher_weight``) or a
@@ -102,25 +113,35 @@ def fused_linear_jsd(student_hidden: torch.Tensor,
         teacher_topk_logprobs: ``[N, k]`` their full-vocabulary log-probabilities at temperature 1; ``-inf`` marks
             unused slots. Rows with no finite entry are treated as inactive.
         mask: ``[N]`` bool, the tokens that take part (default: all).
-        labels: ``[N]`` next-token ids for the SFT term, ``-100`` to ignore; required when ``sft_alpha > 0``.
+        labels: ``[N]`` token ids of the label term (next tokens for SFT, sampled tokens for the policy
+            gradient), ``-100`` to ignore; required when ``sft_alpha > 0``.
         beta: interpolation in ``[0, 1]``: 0 is ``KL(teacher || student)``, 1 is ``KL(student || teacher)``.
-        temperature: ``T > 0``, applied to both distributions (not to the SFT term).
-        sft_alpha: weight of the cross-entropy of the untempered student logits against ``labels``, over the
-            active tokens whose label is not ``-100``.
+        temperature: ``T > 0``, applied to both distributions (not to the label term).
+        sft_alpha: ``>= 0``, weight of the label term: the cross-entropy of ``z / label_temperature`` against
+            ``labels``, weighted by ``label_weights``, over the active tokens whose label is not ``-100``.
         topk_tail: with a top-k teacher, add the bucket of the remaining mass on both sides
             (see :mod:`swift_gkd_plugin.core.topk`).
         chunk_size: tokens per chunk; default :func:`default_chunk_size` (about 1 GiB of float32 scratch).
         normalizer: divides the summed divergence (float or 0-dim tensor, read once on the host); default: the
             number of active tokens. A zero normalizer (e.g. no active token) gives a zero loss and zero gradients.
         sft_normalizer: divides the summed cross-entropy; default: the number of active tokens with a label.
+        label_weights: ``[N]`` finite per-token weights of the label term (same layout as ``labels``), of any sign
+            (the advantages of sampled tokens); default 1.
+        label_temperature: ``T_l > 0`` (finite), the label term's temperature: its cross-entropy is that of
+            ``log_softmax(z / T_l)`` (the sampling temperature for the policy gradient; 1 for SFT).
+        return_entropy: also return ``stats['entropy_sum']``.
 
     Returns:
         ``(loss, stats)``. ``loss`` is a float32 scalar,
-        ``sum_active D / normalizer + sft_alpha * sum_labelled CE / sft_normalizer``; its gradients flow to
+        ``sum_active D / normalizer + sft_alpha * sum_labelled w CE / sft_normalizer`` with
+        ``CE = -log_softmax(z / T_l)[label]`` over the student's vocabulary, whose gradient with respect to ``z``
+        is ``sft_alpha * w * (softmax(z / T_l) - onehot(label)) / T_l / sft_normalizer``; its gradients flow to
         ``student_hidden``, ``student_weight`` and ``student_bias`` in their own dtypes. ``stats`` holds detached
         per-call sums: ``num_tokens`` (active tokens), ``divergence_sum``, ``top1_agree`` (active tokens where the
         teacher's argmax, for a top-k teacher the top-1 id of its top-k, is also an argmax of the student logits;
-        ties count as agreement), ``num_sft_tokens`` and ``sft_sum`` (summed cross-entropy).
+        ties count as agreement), ``num_sft_tokens`` and ``sft_sum`` (the weighted sum ``sum w CE``, not scaled by
+        ``sft_alpha``), and with ``return_entropy`` ``entropy_sum``: the summed entropy of ``softmax(z / T)``, the
+        student's tempered distribution, over the active tokens (float32).
 
     Shapes may be in any float dtype; all reductions accumulate in float32. The matmuls run in the weights' dtype
     and are upcast chunk by chunk; ``grad_weight`` is accumulated in float32.
@@ -141,11 +162,13 @@ def fused_linear_jsd(student_hidden: torch.Tensor,
         raise ValueError(f'sft_alpha must be >= 0, got {sft_alpha}')
     if sft_alpha > 0 and labels is None:
         raise ValueError('sft_alpha > 0 needs labels')
+    _check_label_weights(labels, label_weights, label_temperature)
 
     hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
     n_all, vocab = hidden.shape[0], student_weight.shape[0]
     active = torch.ones(n_all, dtype=torch.bool, device=hidden.device) if mask is None else mask.reshape(-1).bool()
-    plan = _Plan(beta=float(beta), temperature=float(temperature), tail=bool(topk_tail), vocab=vocab)
+    plan = _Plan(beta=float(beta), temperature=float(temperature), tail=bool(topk_tail), vocab=vocab,
+                 label_temperature=float(label_temperature), entropy=bool(return_entropy))
     if full:
         plan.teacher_weight = teacher_weight
         plan.teacher_bias = None if teacher_bias is None else _finite_bias(teacher_bias)
@@ -171,6 +194,8 @@ def fused_linear_jsd(student_hidden: torch.Tensor,
     num_tokens = int(idx.numel())
     if sft_alpha:
         plan.labels = rows(labels).reshape(-1).long()
+        if label_weights is not None:
+            plan.label_weights = rows(label_weights).reshape(-1).float()
         num_sft = int((plan.labels != -100).sum())
         plan.sft_scale = _inverse(sft_normalizer if sft_normalizer is not None else num_sft) * float(sft_alpha)
     else:
@@ -199,11 +224,28 @@ class _Plan:
     topk_ids: Optional[torch.Tensor] = None
     topk_logprobs: Optional[torch.Tensor] = None
     labels: Optional[torch.Tensor] = None
+    label_weights: Optional[torch.Tensor] = None
+    label_temperature: float = 1.0
+    entropy: bool = False
     div_scale: float = 0.0
     sft_scale: float = 0.0
     chunk_size: Optional[int] = None
     grad_enabled: bool = True
     stats: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _check_label_weights(labels, label_weights, label_temperature) -> None:
+    if not 0 < label_temperature < float('inf'):  # NaN too
+        raise ValueError(f'label_temperature must be a finite number > 0, got {label_temperature}')
+    if label_weights is None:
+        return
+    if labels is None:
+        raise ValueError('label_weights needs labels (one weight per label)')
+    if label_weights.shape != labels.shape:
+        raise ValueError(f'label_weights {tuple(label_weights.shape)} must have the shape of labels '
+                         f'{tuple(labels.shape)}')
+    if not bool(torch.isfinite(label_weights).all()):
+        raise ValueError('label_weights must be finite (got NaN or inf)')
 
 
 def _token_rows(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -259,6 +301,7 @@ def _run(hidden, weight, bias, plan: _Plan, need_h: bool, need_w: bool, need_b: 
     grad_b = torch.zeros(vocab, dtype=f32, device=dev) if need_b else None
     div_sum = torch.zeros((), dtype=f32, device=dev)
     sft_sum = torch.zeros((), dtype=f32, device=dev)
+    entropy_sum = torch.zeros((), dtype=f32, device=dev)
     agree = torch.zeros((), dtype=torch.long, device=dev)
 
     if n:
@@ -276,13 +319,12 @@ def _run(hidden, weight, bias, plan: _Plan, need_h: bool, need_w: bool, need_b: 
             h = hidden[sl].to(weight.dtype)
             c = h.shape[0]
             view = {k: b[:c] for k, b in bufs.items()}
-            if full:
-                d, ce, ag, alpha = _full_chunk(view, h, weight, bias_f, plan, sl, sft)
-            else:
-                d, ce, ag, alpha = _topk_chunk(view, h, weight, bias_f, plan, sl, sft)
+            chunk = _full_chunk if full else _topk_chunk
+            d, ce, ag, alpha, ent = chunk(view, h, weight, bias_f, plan, sl, sft)
             div_sum += d
             sft_sum += ce
             agree += ag
+            entropy_sum += ent
             if want_grad:
                 _backprop_chunk(view, h, weight, alpha, sl, grad_h, grad_w, grad_b, first=start == 0)
         del bufs
@@ -290,6 +332,8 @@ def _run(hidden, weight, bias, plan: _Plan, need_h: bool, need_w: bool, need_b: 
         grad_w.zero_()
 
     plan.stats.update(divergence_sum=div_sum, sft_sum=sft_sum, top1_agree=agree)
+    if plan.entropy:
+        plan.stats['entropy_sum'] = entropy_sum
     loss = div_sum * plan.div_scale + sft_sum * plan.sft_scale
     grads = (None if grad_h is None else grad_h.to(hidden.dtype),
              None if grad_w is None else grad_w.to(weight.dtype),
@@ -298,18 +342,61 @@ def _run(hidden, weight, bias, plan: _Plan, need_h: bool, need_w: bool, need_b: 
 
 
 def _buffer_names(plan: _Plan, full: bool, sft: bool):
-    """The float32 ``[chunk, V]`` scratch buffers a configuration needs (``a`` always holds the gradient)."""
-    if not full:
-        return ['a']
-    names = ['a', 'b', 'p', 'q']
-    if sft and _separate_ce(plan):
+    """The float32 ``[chunk, V]`` scratch buffers a configuration needs (``a`` always holds the gradient).
+
+    ``e`` is the scratch of the label term and the entropy when they cannot reuse the divergence's buffers.
+    """
+    names = ['a', 'b', 'p', 'q'] if full else ['a']
+    if (sft and _separate_label(plan, full)) or (plan.entropy and not _student_row_is_own(plan, full)):
         names.append('e')
     return names
 
 
-def _separate_ce(plan: _Plan) -> bool:
-    # The SFT term reuses the student's log_softmax only when it is the untempered, unpadded one.
-    return plan.temperature != 1 or plan.teacher_weight.shape[0] > plan.vocab
+def _student_row_is_own(plan: _Plan, full: bool) -> bool:
+    # The full path's s / p_s are the student's own tempered distribution unless padded to a larger teacher head.
+    return full and plan.teacher_weight.shape[0] <= plan.vocab
+
+
+def _separate_label(plan: _Plan, full: bool) -> bool:
+    """Whether the label term needs its own ``log_softmax`` pass (in the scratch ``e``).
+
+    The full path reuses the student's ``s = log_softmax(z / T)`` when the label temperature is ``T`` and the row is
+    unpadded; the top-k path folds the untempered (``label_temperature == 1``) term into its own passes.
+    """
+    if full:
+        return plan.label_temperature != plan.temperature or not _student_row_is_own(plan, full)
+    return plan.label_temperature != 1
+
+
+def _row_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``[C]`` row-wise dot products of two ``[C, V]`` tensors, without a ``[C, V]`` product temporary."""
+    return torch.bmm(x.unsqueeze(1), y.unsqueeze(2)).view(-1)
+
+
+def _entropy_into(e: torch.Tensor, u: torch.Tensor, scale: float) -> torch.Tensor:
+    """Summed entropy of ``softmax(u * scale)`` over the rows; ``e`` (same shape) is scratch.
+
+    Summed as per-entry ``-p log p >= 0`` terms (no cancellation, unlike ``logsumexp - E_p[u]``).
+    """
+    torch.mul(u, scale, out=e)
+    e.sub_(e.amax(-1, keepdim=True)).exp_()
+    e.div_(e.sum(-1, keepdim=True))
+    torch.special.entr(e, out=e)
+    return e.sum()
+
+
+def _separate_label_term(e: torch.Tensor, u: torch.Tensor, scale: float, lab, ce_weight):
+    """``sum ce_weight * CE`` of ``softmax(u * scale)`` against ``lab``; leaves that softmax in ``e``."""
+    torch.mul(u, scale, out=e)
+    torch.log_softmax(e, -1, out=e)
+    ce = -(e.gather(1, lab).squeeze(1) * ce_weight).sum()
+    return ce, e.exp_()
+
+
+def _add_label_grad(g: torch.Tensor, probs: torch.Tensor, lab, w) -> None:
+    """``g += w (probs - onehot(lab))`` row by row: the label term's gradient (``w`` holds its scale and ``1 / T``)."""
+    g.addcmul_(probs, w.unsqueeze(1))
+    g.scatter_add_(1, lab, -w.unsqueeze(1))
 
 
 def _logits_into(out, hidden, weight, bias_f, scale: float):
@@ -328,16 +415,20 @@ def _logits_into(out, hidden, weight, bias_f, scale: float):
 
 
 def _label_rows(plan: _Plan, sl):
-    """``[C, 1]`` labels with the ignored ones replaced by 0, the ``[C]`` kept-row mask and SFT weights."""
+    """``[C, 1]`` labels (ignored ones replaced by 0), ``[C]`` cross-entropy weights (0 where ignored) and
+    ``[C]`` gradient weights (the cross-entropy weights times the term's scale and ``1 / label_temperature``)."""
     lab = plan.labels[sl]
     keep = lab != -100
-    return torch.where(keep, lab, 0).unsqueeze(1), keep, keep.float() * plan.sft_scale
+    ce_weight = keep.float() if plan.label_weights is None else torch.where(keep, plan.label_weights[sl], 0.0)
+    w = ce_weight * (plan.sft_scale / plan.label_temperature)
+    return torch.where(keep, lab, 0).unsqueeze(1), ce_weight, w
 
 
 def _full_chunk(buf, h, weight, bias_f, plan: _Plan, sl, sft: bool):
     """One chunk against a teacher head. Leaves the gradient w.r.t. the student logits in ``buf['a']``.
 
-    Returns ``(divergence sum, cross-entropy sum, top-1 agreements, matmul scale of buf['a'])``.
+    Returns ``(divergence sum, weighted cross-entropy sum, top-1 agreements, matmul scale of buf['a'],
+    entropy sum)``.
     """
     a, b = buf['a'], buf['b']
     vocab, vt = plan.vocab, plan.teacher_weight.shape[0]
@@ -355,31 +446,45 @@ def _full_chunk(buf, h, weight, bias_f, plan: _Plan, sl, sft: bool):
     elif vocab > vt:
         b[:, vt:].copy_(a[:, vt:])
 
-    ce, p1 = a.new_zeros(()), None
-    if sft:
-        lab, keep, w = _label_rows(plan, sl)
-        if _separate_ce(plan):
-            e = buf['e'][:, :vocab]
-            torch.mul(a[:, :vocab], plan.temperature, out=e)
-            torch.log_softmax(e, -1, out=e)
-            ce = -(e.gather(1, lab).squeeze(1) * keep).sum()
-            p1 = e.exp_()
+    lab, ce_weight, w = _label_rows(plan, sl) if sft else (None, None, None)
+    ent, ce, p1 = _full_prepass(buf, plan, lab, ce_weight)
 
     log_softmax_into(a, buf['p'])  # s, p_s
     log_softmax_into(b, buf['q'])  # t, p_t
+    if plan.entropy and _student_row_is_own(plan, True):
+        ent = -_row_dot(buf['p'], a).sum()
     if sft and p1 is None:
-        ce = -(a.gather(1, lab).squeeze(1) * keep).sum()
+        ce = -(a.gather(1, lab).squeeze(1) * ce_weight).sum()
     div, sign = divergence_rows(buf, plan.beta)  # leaves sign * dD/du in a (u = z / T: dD/dz = dD/du / T)
     grad_scale = plan.div_scale * sign * inv_t
-    p1 = buf['p'] if sft and p1 is None else p1
 
     if not sft:
-        return div.sum(), ce, agree, grad_scale
+        return div.sum(), ce, agree, grad_scale, ent
     a.mul_(grad_scale)
-    g = a[:, :vocab]
-    g.addcmul_(p1[:, :vocab], w.unsqueeze(1))  # + sft_scale (softmax(z) - onehot) on labelled rows
-    g.scatter_add_(1, lab, -w.unsqueeze(1))
-    return div.sum(), ce, agree, 1.0
+    _add_label_grad(a[:, :vocab], (buf['p'] if p1 is None else p1)[:, :vocab], lab, w)
+    return div.sum(), ce, agree, 1.0, ent
+
+
+def _full_prepass(buf, plan: _Plan, lab, ce_weight):
+    """The entropy and label term that the row's shared ``s = log_softmax(z / T)`` cannot give, before it is formed
+    (``buf['a']`` holds ``z / T`` and ``buf['p']`` is still free): on a row padded to a larger teacher vocabulary, or
+    at a label temperature other than ``T``. Returns ``(entropy sum, cross-entropy sum, label probabilities or
+    None)``; what is left to the shared pass comes back as zero / ``None``.
+    """
+    u = buf['a'][:, :plan.vocab]
+    ent, ce, p1 = u.new_zeros(()), u.new_zeros(()), None
+    sft = lab is not None
+    if plan.entropy and not _student_row_is_own(plan, True):
+        e, p_own = buf['e'][:, :plan.vocab], buf['p'][:, :plan.vocab]
+        log_softmax_into(e.copy_(u), p_own)
+        ent = -_row_dot(p_own, e).sum()
+        if sft and plan.label_temperature == plan.temperature:  # the label term shares that pass
+            ce = -(e.gather(1, lab).squeeze(1) * ce_weight).sum()
+            p1 = e.copy_(p_own)
+    if sft and p1 is None and _separate_label(plan, True):
+        ce, p1 = _separate_label_term(buf['e'][:, :plan.vocab], u, plan.temperature / plan.label_temperature, lab,
+                                      ce_weight)
+    return ent, ce, p1
 
 
 def _topk_chunk(buf, h, weight, bias_f, plan: _Plan, sl, sft: bool):
@@ -393,18 +498,23 @@ def _topk_chunk(buf, h, weight, bias_f, plan: _Plan, sl, sft: bool):
     mx = a.amax(-1, keepdim=True)
     agree = (a.gather(1, top1) >= mx).sum()
     y = a.gather(1, ids).masked_fill_(~valid, float('-inf'))  # student bucket logits on the top-k
-    ce, lab, w = a.new_zeros(()), None, None
+    ent = _entropy_into(buf['e'], a, 1.0 / plan.temperature) if plan.entropy else a.new_zeros(())
+    ce, p1 = a.new_zeros(()), None
     if sft:
-        lab, keep, w = _label_rows(plan, sl)
-        z_lab = a.gather(1, lab).squeeze(1)
+        lab, ce_weight, w = _label_rows(plan, sl)
+        if _separate_label(plan, False):
+            ce, p1 = _separate_label_term(buf['e'], a, 1.0 / plan.label_temperature, lab, ce_weight)
+        else:
+            z_lab = a.gather(1, lab).squeeze(1)
+    fold = sft and p1 is None  # the untempered label term rides on the passes below
 
     if not plan.tail:
         div, dy = bucket_divergence(y, lp, plan.beta, plan.temperature)
-        if sft:
+        if fold:
             a.sub_(mx).exp_()
             total = a.sum(-1, keepdim=True)
-            ce = -((z_lab - (mx + total.log()).squeeze(1)) * keep).sum()
-            a.mul_(w.unsqueeze(1) / total)  # sft_scale softmax(z)
+            ce = -((z_lab - (mx + total.log()).squeeze(1)) * ce_weight).sum()
+            a.mul_(w.unsqueeze(1) / total)  # w softmax(z)
         else:
             a.zero_()
         a.scatter_add_(1, ids, dy * plan.div_scale)
@@ -422,16 +532,18 @@ def _topk_chunk(buf, h, weight, bias_f, plan: _Plan, sl, sft: bool):
         # d y_tail / d z_v = exp(z_v - y_tail) = a_v / tail_sum on the complement (a is 0 on the top-k)
         coef = torch.where(tail_sum > 0, dy[:, -1] / tail_sum, 0.0) * plan.div_scale
         k_grad = dy[:, :-1] * plan.div_scale
-        if sft:  # softmax(z) = a * exp(mx_tail - lse) on the complement, exp(y - lse) on the top-k
+        if fold:  # softmax(z) = a * exp(mx_tail - lse) on the complement, exp(y - lse) on the top-k
             lse = torch.logaddexp(y_tail, torch.logsumexp(y, -1))
-            ce = -((z_lab - lse) * keep).sum()
+            ce = -((z_lab - lse) * ce_weight).sum()
             coef = coef + w * torch.exp(mx_tail.squeeze(1) - lse)
             k_grad = k_grad + torch.exp(y - lse.unsqueeze(1)) * w.unsqueeze(1)
         a.mul_(coef.unsqueeze(1))
         a.scatter_add_(1, ids, k_grad.masked_fill_(~valid, 0.0))
-    if sft:
+    if fold:
         a.scatter_add_(1, lab, -w.unsqueeze(1))
-    return div.sum(), ce, agree, 1.0
+    elif p1 is not None:
+        _add_label_grad(a, p1, lab, w)
+    return div.sum(), ce, agree, 1.0, ent
 
 
 def _backprop_chunk(buf, h, weight, alpha: float, sl, grad_h, grad_w, grad_b, first: bool):

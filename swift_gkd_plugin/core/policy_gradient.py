@@ -1,19 +1,26 @@
 """The policy-gradient term that can stand beside the divergence on on-policy steps, and its group advantages.
 
-On an on-policy step the student samples ``G`` completions per prompt; a reward scores each one. The advantage of a
-completion is its reward minus the mean reward of its prompt's group (optionally divided by a standard deviation),
-and the policy-gradient loss of a sampled token ``y_i`` with advantage ``A`` is ``-A * ratio_i`` where
-``ratio_i = exp(log p(y_i) - log p_old(y_i))``. The samples are fresh (one gradient step per generation batch),
-so ``p_old`` is ``p`` itself and the ratio is 1 in value: the loss reads ``-A`` and its gradient is
-``-A * grad log p(y_i)``, the REINFORCE estimator with a group baseline (GRPO without clipping or a reference KL).
+On an on-policy step the student samples ``G`` completions per prompt at temperature ``T``; a reward scores each
+one. The advantage ``A`` of a completion is its reward minus the mean reward of its prompt's group (optionally
+divided by a standard deviation), and the policy-gradient term of a sampled token ``y_i`` is the advantage-weighted
+negative log-probability ``-A * log softmax(z_i / T)[y_i]`` (:func:`policy_gradient_loss`), summed over tokens and
+divided by the divergence's normalizer. Its gradient ``-A * grad log p(y_i)`` is the REINFORCE estimator with a
+group baseline (GRPO without clipping or a reference KL: the samples are fresh, one gradient step per generation
+batch, so no importance ratio is needed).
+
+:func:`sampled_token_stats` gives the log-probabilities and entropies of the sampled tokens from dense logits;
+:func:`swift_gkd_plugin.core.fused_loss.fused_linear_jsd` computes the same term chunk by chunk from hidden states
+(``labels`` = the sampled tokens, ``label_weights`` = the advantages, ``label_temperature`` = ``T``).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Tuple
 
 import torch
 
-__all__ = ['group_advantages', 'policy_gradient_loss']
+__all__ = ['group_advantages', 'policy_gradient_loss', 'sampled_token_stats']
+
+IGNORE_INDEX = -100
 
 SCALE_REWARDS = ('group', 'batch', 'none')
 
@@ -58,25 +65,55 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str 
     return centred / (std + eps)
 
 
-def policy_gradient_loss(logprobs: torch.Tensor, advantages: torch.Tensor,
-                         old_logprobs: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Per-token policy-gradient loss ``-A * exp(log p - log p_old)`` of sampled tokens.
+def policy_gradient_loss(logprobs: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+    """Per-token REINFORCE surrogate ``-A * log p(y)`` of sampled tokens: their advantage-weighted negative
+    log-probabilities.
 
     Args:
         logprobs: ``[N]`` the student's log-probabilities of the sampled tokens (differentiable), at the
-            temperature the tokens were sampled with.
+            temperature the tokens were sampled with (see :func:`sampled_token_stats`).
         advantages: ``[N]`` the advantage of each token's completion (constant; broadcast from its row).
-        old_logprobs: ``[N]`` log-probabilities of the policy that sampled; ``None`` (the default, fresh samples)
-            uses ``logprobs`` detached, so the ratio is exactly 1 in value.
 
     Returns:
-        ``[N]`` float32 per-token losses; sum them and divide by the step's token count like the divergence.
-        The gradient with respect to ``logprobs`` is ``-A * ratio``.
+        ``[N]`` per-token losses, float32 at least (float64 stays float64); sum them and divide by the step's
+        token count like the divergence. The gradient with respect to ``logprobs`` is ``-A``.
     """
     if logprobs.shape != advantages.shape:
         raise ValueError(f'logprobs {tuple(logprobs.shape)} and advantages {tuple(advantages.shape)} must have '
                          'the same shape (one advantage per sampled token)')
-    logprobs = logprobs.float()
-    old = logprobs.detach() if old_logprobs is None else old_logprobs.detach().float()
-    ratio = torch.exp(logprobs - old)
-    return -advantages.detach().float() * ratio
+    dtype = _at_least_float32(logprobs.dtype)
+    return -advantages.detach().to(dtype) * logprobs.to(dtype)
+
+
+def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def sampled_token_stats(logits: torch.Tensor, tokens: torch.Tensor,
+                        temperature: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities of sampled tokens and the entropies of the distributions they were sampled from.
+
+    The dense counterpart of the label term and ``entropy_sum`` of
+    :func:`swift_gkd_plugin.core.fused_loss.fused_linear_jsd`.
+
+    Args:
+        logits: ``[..., V]`` the student's logits at the sampled positions.
+        tokens: ``[...]`` the sampled token ids in ``[0, V)``; ``-100`` marks positions to ignore.
+        temperature: ``T > 0`` (finite), the sampling temperature.
+
+    Returns:
+        ``(logprobs, entropy)``, both ``[...]``, float32 at least (float64 logits stay float64):
+        ``log_softmax(logits / T)`` at ``tokens`` (differentiable; 0 where ignored) and the entropy of
+        ``softmax(logits / T)`` (detached).
+    """
+    if not 0 < temperature < float('inf'):  # NaN too
+        raise ValueError(f'temperature must be a finite number > 0, got {temperature}')
+    if logits.shape[:-1] != tokens.shape:
+        raise ValueError(f'tokens {tuple(tokens.shape)} must have the leading shape of logits '
+                         f'{tuple(logits.shape)}')
+    logp = torch.log_softmax(logits.to(_at_least_float32(logits.dtype)) / temperature, -1)
+    keep = tokens != IGNORE_INDEX
+    picked = logp.gather(-1, torch.where(keep, tokens, 0).long().unsqueeze(-1)).squeeze(-1)
+    with torch.no_grad():
+        entropy = torch.special.entr(logp.exp()).sum(-1)
+    return torch.where(keep, picked, 0.0), entropy

@@ -61,6 +61,7 @@ def check_megatron_gkd(args) -> None:
         raise ValueError(f'{client_flags} are supported by swift rlhf only: megatron rlhf talks to --teacher_model_server '
                          "through ms-swift's own client (no API key, its own timeouts); serve the teacher without "
                          '--api_key on a private network')
+    refuse_rl_flags(rl_flags_set(args))
     if args.seq_kd and (getattr(args, 'context_parallel_size', None) or 1) > 1:
         raise ValueError('--seq_kd true samples from the Megatron teacher, which needs --context_parallel_size 1 '
                          f'(got {args.context_parallel_size})')
@@ -68,6 +69,29 @@ def check_megatron_gkd(args) -> None:
         raise ValueError('--teacher_adapters is supported by swift rlhf only; for megatron rlhf merge the adapter '
                          'into the teacher first (`swift export --adapters ADAPTER --merge_lora true`) and pass the '
                          'merged model as --teacher_model')
+
+
+def rl_flags_set(args) -> List[str]:
+    """The RL + distillation flags of ``swift rlhf`` (docs_en/rl.md) set away from their defaults in ``args``.
+
+    ``--num_generations`` is not read here: ms-swift's Megatron arguments default it to 8 and set it to 1 for gkd,
+    so only the command line tells whether it was given (:func:`check_megatron_command_line` checks it).
+    """
+    given = []
+    if getattr(args, 'gkd_rl_coef', 0.0) not in (None, 0):
+        given.append('--gkd_rl_coef')
+    if getattr(args, 'reward_funcs', None):
+        given.append('--reward_funcs')
+    if getattr(args, 'reward_weights', None) is not None:
+        given.append('--reward_weights')
+    return given
+
+
+def refuse_rl_flags(given: List[str]) -> None:
+    if given:
+        raise ValueError(f'{given} are supported by swift rlhf only: ms-swift\'s Megatron GKD has no reward machinery '
+                         'and its rollout samples one response per prompt, so megatron rlhf --rlhf_type gkd distils '
+                         'without a reward term. Run RL + distillation with swift rlhf --rlhf_type gkd (docs_en/rl.md)')
 
 
 def _scalar_view(args):
@@ -110,6 +134,10 @@ def _command_line_parser() -> argparse.ArgumentParser:
     p.add_argument('--teacher_adapters', nargs='*', default=[])
     p.add_argument('--tensor_model_parallel_size', type=int, default=1)
     p.add_argument('--context_parallel_size', type=int, default=1)
+    # the RL + distillation flags of swift rlhf, refused here; None: not on the command line
+    p.add_argument('--reward_funcs', nargs='*', default=[])
+    p.add_argument('--reward_weights', nargs='*', type=float, default=None)
+    p.add_argument('--num_generations', type=int, default=None)
     kinds = {'bool': _bool, 'int': int, 'Optional[int]': int, 'float': float}  # annotations are strings here
     for f in fields(MegatronGKDFlagsMixin):
         p.add_argument(f'--{f.name}', type=kinds.get(str(f.type), str), default=f.default)
@@ -136,4 +164,6 @@ def check_megatron_command_line(argv: Sequence[str]) -> None:
         if given:
             raise ValueError(f'{given} only apply to --rlhf_type gkd (got --rlhf_type {ns.rlhf_type})')
         return
+    num_generations = [] if ns.num_generations in (None, 1) else ['--num_generations']
+    refuse_rl_flags(rl_flags_set(ns) + num_generations)
     check_megatron_gkd(ns)

@@ -6,8 +6,9 @@ import math
 import pytest
 import torch
 
-from swift_gkd_plugin.core.divergence import generalized_jsd
+from swift_gkd_plugin.core.divergence import align_vocab, generalized_jsd
 from swift_gkd_plugin.core.fused_loss import fused_linear_jsd
+from swift_gkd_plugin.core.policy_gradient import policy_gradient_loss, sampled_token_stats
 
 N, HS, HT, V = 37, 16, 12, 50
 NEG_INF = float('-inf')
@@ -66,7 +67,8 @@ def ref_topk_buckets(z, ids, lp, tail):
 
 
 def reference(hs, w, b=None, *, ht=None, wt=None, bt=None, ids=None, lp=None, mask=None, labels=None, beta=0.5,
-              temperature=1.0, sft_alpha=0.0, topk_tail=False, normalizer=None):
+              temperature=1.0, sft_alpha=0.0, topk_tail=False, normalizer=None, label_weights=None,
+              label_temperature=1.0):
     """Returns (loss, grads of hs, w, b in float64, per-token divergences)."""
     hs64 = hs.detach().double().requires_grad_()
     w64 = w.detach().double().requires_grad_()
@@ -90,7 +92,8 @@ def reference(hs, w, b=None, *, ht=None, wt=None, bt=None, ids=None, lp=None, ma
     loss = d_act.sum() / norm if float(norm) != 0 else d_act.sum() * 0
     if sft_alpha:
         keep = active & (labels != -100)
-        ce = torch.nn.functional.cross_entropy(z[keep], labels[keep], reduction='sum')
+        ce = torch.nn.functional.cross_entropy(z[keep] / label_temperature, labels[keep], reduction='none')
+        ce = (ce * (1 if label_weights is None else label_weights[keep].double())).sum()
         if keep.any():
             loss = loss + sft_alpha * ce / keep.sum()
     loss.backward()
@@ -158,11 +161,12 @@ def rel_err(got, want):
     return float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
 
 
-def assert_close(got, ref, tol=1e-5):
+def assert_close(got, ref, tol=1e-5, loss_scale=0.0):
+    """``loss_scale``: the size of the terms that make up the loss, when signed terms may cancel to near 0."""
     loss, grads, _ = got
     rloss, rgrads, _, _ = ref
     assert torch.isfinite(loss)
-    assert rel_err(loss, rloss) <= tol, (float(loss), float(rloss))
+    assert abs(float(loss) - float(rloss)) <= tol * max(abs(float(rloss)), loss_scale), (float(loss), float(rloss))
     for name, g, rg in zip(('hidden', 'weight', 'bias'), grads, rgrads):
         if rg is None:
             assert g is None
@@ -394,6 +398,91 @@ def test_non_finite_or_negative_weights_are_refused(bad):
 
 
 # --------------------------------------------------------------------------------------------------------------
+# the label term with signed per-token weights at its own temperature (the policy-gradient term of on-policy
+# steps: labels = sampled tokens, label_weights = advantages), and the entropy of the student's tempered rows
+# --------------------------------------------------------------------------------------------------------------
+
+TEACHERS = ['head', 'head_larger', 'head_smaller', 'topk', 'topk_tail']
+
+
+def teacher_case(teacher, seed):
+    """Inputs with signed advantages, and the top-k table / tail flag of the teacher kind."""
+    x = make_inputs(seed=seed, vt={'head_larger': V + 7, 'head_smaller': V - 5}.get(teacher, V))
+    x['advantages'] = torch.randn(N, generator=torch.Generator().manual_seed(seed)) * 2
+    topk = topk_of(x, 8, unused=3) if teacher.startswith('topk') else None
+    return x, topk, dict(topk_tail=teacher == 'topk_tail')
+
+
+def student_logits64(x):
+    return x['hs'].double() @ x['w'].double().T + x['b'].double()
+
+
+@pytest.mark.parametrize('temperature, label_temperature', [(1.0, 1.0), (1.0, 0.7), (1.5, 1.0), (1.5, 0.7),
+                                                            (1.5, 1.5)])
+@pytest.mark.parametrize('beta', [0.0, 0.5, 1.0])
+@pytest.mark.parametrize('teacher', TEACHERS)
+def test_weighted_label_term_and_entropy(teacher, beta, temperature, label_temperature):
+    x, topk, kw = teacher_case(teacher, seed=30 + int(beta * 2))
+    kw.update(mask=x['mask'], labels=x['labels'], beta=beta, temperature=temperature, sft_alpha=0.6,
+              label_weights=x['advantages'], label_temperature=label_temperature)
+    got = run(x, topk=topk, chunk_size=6 if beta == 0.5 else 16, return_entropy=True, **kw)
+    ref = ref_of(x, topk=topk, **kw)
+    stats, active, z = got[2], ref[3], student_logits64(x)
+    keep = active & (x['labels'] != -100)
+    ce = torch.nn.functional.cross_entropy(z[keep] / label_temperature, x['labels'][keep], reduction='none')
+    weights = x['advantages'][keep].double()
+    # advantages of both signs: the loss may cancel to near 0, so its error is measured against its terms' size
+    assert_close(got, ref, loss_scale=float(ref[2][active].mean() + 0.6 * (weights.abs() * ce).mean()))
+    assert abs(float(stats['sft_sum']) - float((ce * weights).sum())) <= 1e-5 * float((ce * weights.abs()).sum())
+    entropy = torch.special.entr(torch.softmax(z[active] / temperature, -1)).sum()
+    assert stats['entropy_sum'].dtype == torch.float32 and not stats['entropy_sum'].requires_grad
+    assert rel_err(stats['entropy_sum'], entropy) <= 1e-5
+
+
+@pytest.mark.parametrize('temperature', [0.7, 1.0])
+@pytest.mark.parametrize('vt', [V, V + 7])
+def test_fused_equals_dense_policy_gradient(vt, temperature):
+    """``fused_linear_jsd`` with sampled tokens as labels and advantages as weights is the dense divergence plus
+    ``policy_gradient_loss(sampled_token_stats(z, y, T))``, in value, gradients and entropy."""
+    x, _, _ = teacher_case('head_larger' if vt > V else 'head', seed=41)
+    y, advantages, c, n = x['labels'], x['advantages'], 0.3, 29.0  # n: the trainer's token count, not N
+    params = [t.clone().requires_grad_() for t in (x['hs'], x['w'], x['b'])]
+    loss, stats = fused_linear_jsd(*params, teacher_hidden=x['ht'], teacher_weight=x['wt'], teacher_bias=x['bt'],
+                                   labels=y, beta=0.5, temperature=temperature, sft_alpha=c,
+                                   label_weights=advantages, label_temperature=temperature, normalizer=n,
+                                   sft_normalizer=n, return_entropy=True)
+    grads = torch.autograd.grad(loss, params)
+
+    z = params[0] @ params[1].T + params[2]
+    zs, zt = align_vocab(z, x['ht'] @ x['wt'].T + x['bt'])
+    logprobs, entropy = sampled_token_stats(z, y, temperature)
+    dense = (generalized_jsd(zs, zt, 0.5, temperature).sum() / n
+             + c * policy_gradient_loss(logprobs, advantages).sum() / n)
+    dense_grads = torch.autograd.grad(dense, params)
+    assert rel_err(loss.detach(), dense.detach()) <= 1e-5
+    for g, dg in zip(grads, dense_grads):
+        assert rel_err(g, dg) <= 1e-5
+    assert rel_err(stats['entropy_sum'], entropy.sum()) <= 1e-5
+
+
+@pytest.mark.parametrize('bad, message', [
+    (dict(label_weights=torch.ones(N - 1)), 'label_weights'),
+    (dict(label_weights=torch.full((N, ), float('nan'))), 'label_weights'),
+    (dict(label_weights=torch.tensor([float('inf')] * N)), 'label_weights'),
+    (dict(label_weights=torch.ones(N), labels=None, sft_alpha=0.0), 'label_weights'),
+    (dict(label_temperature=0.0), 'label_temperature'),
+    (dict(label_temperature=-1.0), 'label_temperature'),
+    (dict(label_temperature=float('inf')), 'label_temperature'),
+    (dict(label_temperature=float('nan')), 'label_temperature'),
+], ids=['shape', 'nan', 'inf', 'no_labels', 't=0', 't<0', 't=inf', 't=nan'])
+def test_bad_label_weights_and_temperature_are_refused(bad, message):
+    x = make_inputs()
+    kw = {**dict(labels=x['labels'], sft_alpha=0.5), **bad}
+    with pytest.raises(ValueError, match=message):
+        fused_linear_jsd(x['hs'], x['w'], teacher_hidden=x['ht'], teacher_weight=x['wt'], **kw)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # precision at a real vocabulary size (V = 151,936). The inputs are dyadic (hidden states k/16, weights m/2^12,
 # small integers k, m) so that the float32 logits are exact: the float64 reference then sees the very logits the
 # loss sees, and the errors measured are the loss's own.
@@ -493,8 +582,10 @@ def test_batch_without_any_token(teacher, beta, shape):
         ids, lp = topk_of(x, 5, drop_row=False)
         side = dict(teacher_topk_ids=ids[:0].reshape(*shape, 5), teacher_topk_logprobs=lp[:0].reshape(*shape, 5))
     loss, stats = fused_linear_jsd(hs, w, b, **side, mask=torch.ones(shape, dtype=torch.bool), labels=labels,
-                                   beta=beta, temperature=2.0, sft_alpha=0.5, topk_tail=teacher == 'topk_tail')
+                                   beta=beta, temperature=2.0, sft_alpha=0.5, topk_tail=teacher == 'topk_tail',
+                                   label_weights=torch.ones(shape), label_temperature=0.7, return_entropy=True)
     loss.backward()
     assert float(loss.detach()) == 0.0 and int(stats['num_tokens']) == 0 and int(stats['num_sft_tokens']) == 0
+    assert float(stats['entropy_sum']) == 0.0 and float(stats['sft_sum']) == 0.0
     assert hs.grad.shape == hs.shape
     assert float(w.grad.abs().max()) == 0.0 and float(b.grad.abs().max()) == 0.0

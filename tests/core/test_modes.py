@@ -42,3 +42,12 @@ def test_decisions_are_identical_in_a_fresh_interpreter():
 def test_bad_lmbda_is_refused():
     with pytest.raises(ValueError, match='lmbda'):
         choose_mode(0, 0, 1.5, False)
+
+
+def test_sampling_seeds_differ_per_rank_and_step_and_repeat():
+    from swift_gkd_plugin.core.modes import sampling_seed
+    seeds = {(step, rank): sampling_seed(42, step, rank) for step in range(50) for rank in range(8)}
+    assert len(set(seeds.values())) == len(seeds)  # every (step, rank) has its own stream
+    assert all(0 <= s < 2**63 for s in seeds.values())
+    assert sampling_seed(42, 7, 3) == seeds[(7, 3)]  # a resumed run draws the same seed
+    assert sampling_seed(43, 7, 3) != seeds[(7, 3)]

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from swift_gkd_plugin.core.policy_gradient import group_advantages, policy_gradient_loss
+from swift_gkd_plugin.core.policy_gradient import group_advantages, policy_gradient_loss, sampled_token_stats
 
 
 def reference_advantages(rewards, group_size, scale, eps=1e-4):
@@ -68,6 +68,7 @@ def test_bad_arguments(bad, message):
 
 
 def test_policy_gradient_value_and_gradient_against_float64():
+    """The REINFORCE surrogate: value -A log p(y) (advantage-weighted NLL), gradient -A grad log p(y)."""
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(10, 17, generator=gen, requires_grad=True)
     tokens = torch.randint(0, 17, (10, ), generator=gen)
@@ -79,17 +80,52 @@ def test_policy_gradient_value_and_gradient_against_float64():
 
     logits64 = logits.detach().double().requires_grad_()
     logp64 = torch.log_softmax(logits64, -1).gather(-1, tokens[:, None])[:, 0]
-    ref = -advantages.double() * logp64  # REINFORCE: same gradient, the ratio form only changes the value
+    ref = -advantages.double() * logp64
     (ref_grad, ) = torch.autograd.grad((ref * weights.double()).sum(), logits64)
-    torch.testing.assert_close(ours.double(), -advantages.double())  # ratio 1 for fresh samples
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours.double(), ref.detach(), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-7)
-
-
-def test_policy_gradient_with_old_logprobs_is_the_importance_ratio():
-    logprobs = torch.tensor([-1.0, -2.0], requires_grad=True)
-    old = torch.tensor([-1.5, -2.0])
-    advantages = torch.tensor([2.0, -1.0])
-    loss = policy_gradient_loss(logprobs, advantages, old)
-    torch.testing.assert_close(loss, torch.tensor([-2.0 * torch.e**0.5, 1.0]))
     with pytest.raises(ValueError, match='same shape'):
         policy_gradient_loss(logprobs, advantages[:1])
+
+
+def reference_token_stats(logits, tokens, temperature):
+    """float64, from the definitions: log p(y) and -sum p log p of softmax(logits / T), row by row."""
+    logprobs, entropies = [], []
+    for row, y in zip(logits.double().unbind(0), tokens.tolist()):
+        p = torch.softmax(row / temperature, -1)
+        logprobs.append(torch.log(p[y]) if y != -100 else row.sum() * 0)
+        entropies.append(-(p * p.log()).sum())
+    return torch.stack(logprobs), torch.stack(entropies)
+
+
+@pytest.mark.parametrize('temperature', [0.7, 1.0, 1.5])
+def test_sampled_token_stats_against_float64(temperature):
+    gen = torch.Generator().manual_seed(int(temperature * 10))
+    logits = (torch.randn(2, 6, 23, generator=gen) * 3).requires_grad_()
+    tokens = torch.randint(0, 23, (2, 6), generator=gen)
+    tokens[0, :2] = -100  # ignored positions: log-probability 0, no gradient
+    logprobs, entropy = sampled_token_stats(logits, tokens, temperature)
+    assert logprobs.shape == entropy.shape == (2, 6) and logprobs.dtype == entropy.dtype == torch.float32
+    assert logprobs.requires_grad and not entropy.requires_grad
+    upstream = torch.randn(2, 6, generator=gen)
+    (grad, ) = torch.autograd.grad((logprobs * upstream).sum(), logits)
+
+    logits64 = logits.detach().double().requires_grad_()
+    ref_logprobs, ref_entropy = reference_token_stats(logits64.view(12, 23), tokens.view(12), temperature)
+    (ref_grad, ) = torch.autograd.grad((ref_logprobs * upstream.double().view(12)).sum(), logits64)
+    torch.testing.assert_close(logprobs.double().view(12), ref_logprobs.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(entropy.double().view(12), ref_entropy.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-7)
+    assert float(grad[0, :2].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize('temperature', [0.0, -1.0, float('inf'), float('nan')])
+def test_sampled_token_stats_refuses_bad_temperature(temperature):
+    with pytest.raises(ValueError, match='temperature'):
+        sampled_token_stats(torch.zeros(2, 5), torch.zeros(2, dtype=torch.long), temperature)
+
+
+def test_sampled_token_stats_refuses_mismatched_tokens():
+    with pytest.raises(ValueError, match='tokens'):
+        sampled_token_stats(torch.zeros(2, 5), torch.zeros(3, dtype=torch.long))

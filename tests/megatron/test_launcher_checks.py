@@ -48,6 +48,12 @@ GKD = ('--rlhf_type', 'gkd')
     (('--seq_kd', 'maybe'), 'cannot read the GKD flags'),
     (('--teacher_model_server', 'http://127.0.0.1:9', '--gkd_logits_topk', '8', '--teacher_api_key', 'k',
       '--teacher_server_wait', '30'), "['--teacher_api_key', '--teacher_server_wait'] are supported by swift rlhf only"),
+    # RL + distillation (docs_en/rl.md): ms-swift's Megatron GKD has no rewards and samples once per prompt
+    (('--reward_funcs', 'accuracy', 'format'), "['--reward_funcs'] are supported by swift rlhf only: ms-swift's "
+     'Megatron GKD has no reward machinery'),
+    (('--reward_weights', '1', '0.5', '--num_generations', '4'), "['--reward_weights', '--num_generations'] are "
+     'supported by swift rlhf only'),
+    (('--gkd_rl_coef', '0.5'), "['--gkd_rl_coef'] are supported by swift rlhf only"),
 ])
 def test_bad_gkd_flags_are_refused_before_any_rank_starts(flags, needle):
     code, output = megatron_rlhf(*GKD, *flags)
@@ -66,7 +72,7 @@ def test_plugin_flags_with_another_rlhf_type_are_refused():
     GKD,
     GKD + ('--seq_kd', 'true', '--lmbda', '0.3', '--beta', '0', '--temperature', '1.0', '--gkd_logits_topk', '16',
            '--gkd_topk_tail', 'true', '--tensor_model_parallel_size', '2', '--teacher_tensor_model_parallel_size',
-           '2', '--gkd_loss_impl', 'dense'),
+           '2', '--gkd_loss_impl', 'dense', '--num_generations', '1', '--gkd_rl_coef', '0'),
     ('--rlhf_type', 'dpo', '--beta', '5'),  # another rlhf type: not the plugin's business
 ])
 def test_good_command_lines_reach_the_ranks(flags):
@@ -79,3 +85,15 @@ def test_good_command_lines_reach_the_ranks(flags):
 def test_opt_out_leaves_the_launcher_untouched():
     code, output = megatron_rlhf(*GKD, '--beta', '1.5', env={'SWIFT_GKD_PLUGIN': '0'})
     assert SPAWNED in output and 'megatron rlhf: error' not in output, output[-3000:]
+
+
+def test_rank_side_checks_refuse_rewards_but_not_ms_swifts_default_num_generations():
+    """In the ranks the arguments carry ms-swift's Megatron default --num_generations 8 (reset to 1 for gkd later),
+    so only the launcher, which sees the command line, can tell a user's G > 1; rewards are refused on both sides."""
+    from swift_gkd_plugin.megatron.checks import check_megatron_gkd, parse_megatron_command_line
+    parsed = parse_megatron_command_line(['--rlhf_type', 'gkd'])
+    parsed.num_generations = 8
+    check_megatron_gkd(parsed)
+    parsed.reward_funcs = ['accuracy']
+    with pytest.raises(ValueError, match=r"\['--reward_funcs'\] are supported by swift rlhf only"):
+        check_megatron_gkd(parsed)

@@ -22,7 +22,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import OFFLINE_ENV, SWIFT, base_args, run_swift
+from conftest import OFFLINE_ENV, RL_REWARD_PLUGIN, SWIFT, base_args, run_swift
 
 from swift_gkd_plugin.server import TeacherClient, TeacherServerError
 from swift_gkd_plugin.testing import tiny
@@ -833,3 +833,22 @@ def test_public_health_keeps_the_rest_private(inproc_teacher):
         assert httpx.post(f'{server.url}/v1/topk', json=body, headers=AUTH).status_code == 200
     finally:
         server.stop()
+
+
+@pytest.mark.timeout(600)
+def test_rewards_and_several_samples_per_prompt_against_the_server(tiny_ws, servers, solution_dataset, tmp_path):
+    """GKD + RL with the teacher's top-k (and the tail bucket) from the server: the same losses, rewards and
+    policy-gradient term as the local top-k teacher (G = 2 seeds the sampler per step; learning rate 0 keeps the
+    weights), the fused loss carrying the policy-gradient term."""
+    common = dict(dataset=solution_dataset, lmbda=1, num_generations=2, per_device_train_batch_size=4, max_steps=2,
+                  learning_rate=0, seed=6, reward_funcs='tiny_letter_match', gkd_rl_coef=1,
+                  external_plugins=RL_REWARD_PLUGIN, gkd_logits_topk=8, gkd_topk_tail='true')
+    remote = run_swift(base_args(tiny_ws, str(tmp_path / 'remote'), teacher_model=None, teacher_model_type=None,
+                                 teacher_model_server=servers['main'].url, **common))
+    local = run_swift(base_args(tiny_ws, str(tmp_path / 'local'), **common))
+    assert 'GKD loss implementation: fused' in remote.output
+    for a, b in zip(remote.logs, local.logs):
+        for key in ('loss', 'gkd/pg_loss', 'gkd/reward', 'gkd/entropy'):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), key
+        assert a['loss'] == pytest.approx(a['gkd/distill_loss'] + a['gkd/pg_loss'], rel=1e-4, abs=1e-7)
+    assert any(abs(r['gkd/pg_loss']) > 0 for r in remote.logs)

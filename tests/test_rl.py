@@ -1,0 +1,175 @@
+"""GKD + RL through the real ``swift rlhf``: rewards of the student's samples, group advantages, the
+policy-gradient term beside the divergence, several completions per prompt, ranks and resume."""
+import json
+import os
+import re
+import statistics
+
+import pytest
+from conftest import RL_REWARD_PLUGIN, base_args, run_swift
+
+RL = dict(lmbda=1, reward_funcs='tiny_letter_match', gkd_rl_coef=1, external_plugins=RL_REWARD_PLUGIN, temperature=1.0)
+
+
+def _reward_calls(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def _completion_tables(run):
+    with open(os.path.join(run.output_dir, 'completions.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+def _advantages(rewards, group):
+    out = []
+    for g in range(0, len(rewards), group):
+        chunk = rewards[g:g + group]
+        mean, std = statistics.mean(chunk), statistics.stdev(chunk)
+        out += [(r - mean) / (std + 1e-4) for r in chunk]
+    return out
+
+
+@pytest.fixture(scope='module')
+def grouped_runs(tiny_ws, solution_dataset, tmp_path_factory):
+    """G = 4 with micro-batches of 2 rows (each generation batch is one prompt sampled 4 times, split over the two
+    micro-batches of the step), sampling temperature 1.5, learning rate 0 (both runs draw the same samples), with the
+    fused and the dense loss."""
+    root = tmp_path_factory.mktemp('grouped')
+    runs = {}
+    for impl in ('fused', 'dense'):
+        log = str(root / f'rewards_{impl}.jsonl')
+        runs[impl] = run_swift(
+            base_args(tiny_ws, str(root / impl), dataset=solution_dataset, num_generations=4,
+                      per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=3, learning_rate=0,
+                      log_completions='true', seed=5, gkd_loss_impl=impl, **dict(RL, temperature=1.5)),
+            env={'GKD_TEST_REWARD_LOG': log})
+        runs[impl].reward_log = log
+    return runs
+
+
+def test_every_completion_is_scored_once_in_groups_that_span_micro_batches(grouped_runs):
+    run = grouped_runs['fused']
+    assert 'GKD loss implementation: fused' in run.output
+    calls = _reward_calls(run.reward_log)
+    assert len(calls) == 3 and all(len(c['completions']) == 4 for c in calls)  # one call per step, 4 completions
+    for call in calls:
+        assert len(set(call['prompts'])) == 1, 'a group is one prompt, four times'
+        assert len(set(call['completions'])) > 1, 'the four samples of a prompt differ'
+    tables = _completion_tables(run)
+    assert len(tables) == 3
+    for call, table, row in zip(calls, tables, run.logs):
+        assert table['completion'] == call['completions']
+        assert table['tiny_letter_match'] == pytest.approx(call['rewards'], abs=1e-6)
+        assert table['advantage'] == pytest.approx(_advantages(call['rewards'], 4), abs=1e-4)
+        assert row['gkd/reward'] == pytest.approx(statistics.mean(call['rewards']), abs=1e-6)
+        assert row['gkd/rewards/tiny_letter_match/mean'] == pytest.approx(statistics.mean(call['rewards']), abs=1e-6)
+        for key in ('gkd/pg_loss', 'gkd/distill_loss', 'gkd/entropy', 'gkd/completion_length', 'gkd/reward_std'):
+            assert key in row, sorted(row)
+        # the step loss is the divergence plus the policy-gradient term, both per response token
+        assert row['loss'] == pytest.approx(row['gkd/distill_loss'] + row['gkd/pg_loss'], rel=1e-4, abs=1e-7)
+        assert 0 < row['gkd/entropy'] < 6.2  # at most log(448) nats
+    assert any(abs(r['gkd/pg_loss']) > 1e-4 for r in run.logs)
+
+
+def test_fused_and_dense_losses_agree_with_rewards(grouped_runs):
+    """The policy-gradient term and the entropy out of the fused chunked pass equal the dense ones (same samples),
+    at a sampling temperature != 1; so do the gradients."""
+    fused, dense = grouped_runs['fused'], grouped_runs['dense']
+    assert _reward_calls(fused.reward_log) == _reward_calls(dense.reward_log)
+    for a, b in zip(fused.logs, dense.logs):
+        for key in ('loss', 'grad_norm', 'gkd/pg_loss', 'gkd/distill_loss', 'gkd/entropy', 'gkd/reward'):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+
+
+def test_two_processes_share_groups_and_agree(tiny_ws, solution_dataset, tmp_path):
+    """G = 4 over 2 ranks with 2 rows each: every group spans both ranks. Each rank samples from its own stream,
+    the rewards are gathered and every rank computes the same advantages; mode decisions agree."""
+    log = str(tmp_path / 'rewards.jsonl')
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), dataset=solution_dataset, num_generations=4,
+                              per_device_train_batch_size=2, max_steps=2, use_cpu='true', log_completions='true',
+                              seed=9, **RL),
+                    env={'GKD_TEST_REWARD_LOG': log}, nproc=2)
+    assert run.modes(0) == run.modes(1)
+    calls = _reward_calls(log)
+    by_rank = {r: [c for c in calls if c['rank'] == r] for r in (0, 1)}
+    assert [len(by_rank[r]) for r in (0, 1)] == [2, 2]
+    tables = _completion_tables(run)
+    for step, table in enumerate(tables):
+        mine, theirs = by_rank[0][step], by_rank[1][step]
+        assert mine['prompts'] == theirs['prompts'] and len(set(mine['prompts'])) == 1, 'one group over two ranks'
+        assert mine['completions'] != theirs['completions'], 'the ranks sample from different streams'
+        rewards = mine['rewards'] + theirs['rewards']
+        assert table['completion'] == mine['completions'] + theirs['completions']  # rank order
+        assert table['advantage'] == pytest.approx(_advantages(rewards, 4), abs=1e-4)
+        assert run.logs[step]['gkd/reward'] == pytest.approx(statistics.mean(rewards), abs=1e-6)
+
+
+def test_resume_samples_scores_and_trains_as_the_uninterrupted_run(tiny_ws, solution_dataset, tmp_path):
+    common = dict(dataset=solution_dataset, num_generations=2, per_device_train_batch_size=4, max_steps=4, seed=4,
+                  save_strategy='steps', save_steps=2, save_only_model='false', learning_rate=1e-3, **RL)
+    full = run_swift(base_args(tiny_ws, str(tmp_path / 'full'), **common))
+    ckpt = [c for c in full.checkpoints() if c.endswith('checkpoint-2')]
+    resumed = run_swift(base_args(tiny_ws, str(tmp_path / 'resumed'), resume_from_checkpoint=ckpt[0], **common))
+    assert len(resumed.logs) == 2
+    for a, b in zip(resumed.logs, full.logs[2:]):
+        for key in ('loss', 'gkd/reward', 'gkd/pg_loss', 'gkd/entropy'):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), key
+
+
+def test_several_samples_per_prompt_without_rewards(tiny_ws, tmp_path):
+    """--num_generations without rewards (divergence only): on seq_kd steps the teacher samples each prompt twice."""
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), lmbda=0, seq_kd='true', num_generations=2,
+                              per_device_train_batch_size=4, max_steps=2, log_completions='true'))
+    for table in _completion_tables(run):
+        prompts, completions = table['prompt'], table['completion']
+        assert prompts[0::2] == prompts[1::2] and len(set(prompts)) == 2
+        assert 'advantage' not in table
+    assert all('gkd/pg_loss' not in r and 'gkd/reward' not in r for r in run.logs)
+
+
+def test_a_raising_reward_function_stops_the_run_naming_it(tiny_ws, tmp_path):
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), num_generations=2, per_device_train_batch_size=4,
+                              max_steps=1, **dict(RL, reward_funcs='tiny_broken_reward')),
+                    env={'GKD_TEST_BROKEN_REWARD': 'raise'}, check=False)
+    assert run.returncode != 0
+    for needle in ["reward function 'tiny_broken_reward' raised", 'KeyError', 'no_such_column', 'first row: prompt']:
+        assert needle in run.output, f'{needle!r} missing from:\n{run.output[-3000:]}'
+
+
+@pytest.mark.parametrize('how,message', [
+    ('short', "reward function 'tiny_broken_reward' returned 3 values for 4 completions"),
+    ('nan', "reward function 'tiny_broken_reward' returned nan for row 3 of the generation batch (prompt 'Reverse: "),
+])
+def test_a_reward_function_with_a_wrong_answer_is_named_with_its_row(monkeypatch, how, message):
+    """ms-swift's own samples and reward code, through the plugin's checks."""
+    import importlib.util
+
+    import torch
+    from swift.rl_core.data import GKDSample
+
+    from swift_gkd_plugin.swift.rewards import score_completions
+    spec = importlib.util.spec_from_file_location('rl_reward_plugin', RL_REWARD_PLUGIN)
+    plugin = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plugin)
+    monkeypatch.setenv('GKD_TEST_BROKEN_REWARD', how)
+    samples = [GKDSample.from_row({'messages': [{'role': 'user', 'content': f'Reverse: a {c}'},
+                                                {'role': 'assistant', 'content': f'{c} a'}]}) for c in 'bcde']
+    with pytest.raises(ValueError, match=re.escape(message)):
+        score_completions(samples, [plugin.TinyBrokenReward()], ['tiny_broken_reward'], torch.device('cpu'), None)
+
+
+def test_lora_self_distillation_under_zero3_on_two_processes(tiny_ws, adapters, solution_dataset, tmp_path):
+    """Shared-base LoRA (the teacher is the base with the adapter off), ZeRO-3 on 2 ranks, a group of 4 over both
+    ranks: the fused loss's policy-gradient term equals the dense one (learning rate 0: the same samples)."""
+    pytest.importorskip('deepspeed')
+    flags = dict(dataset=solution_dataset, num_generations=4, per_device_train_batch_size=2, max_steps=2, seed=8,
+                 use_cpu='true', deepspeed='zero3', fp16='false', learning_rate=0, tuner_type='lora', lora_dropout=0,
+                 teacher_model=tiny_ws.student, adapters=adapters['student_start'], **RL)
+    dense = run_swift(base_args(tiny_ws, str(tmp_path / 'dense'), gkd_loss_impl='dense', **flags), nproc=2)
+    fused = run_swift(base_args(tiny_ws, str(tmp_path / 'fused'), gkd_loss_impl='fused', **flags), nproc=2)
+    assert 'Teacher model: base_model with LoRA disabled' in fused.output
+    for a, b in zip(fused.logs, dense.logs):
+        for key in ('loss', 'grad_norm', 'gkd/pg_loss', 'gkd/entropy', 'gkd/reward'):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    assert any(abs(r['gkd/pg_loss']) > 0 for r in fused.logs)
