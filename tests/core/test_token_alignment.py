@@ -177,14 +177,16 @@ CORPUS = [
 TEXTS = ['the unhappiness of the world', 'naïve café: 你好, world!\nline two', 'x  y\tz<|im_end|>']
 
 
-def train(byte_level: bool, vocab_size: int):
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+def train(byte_level: bool, vocab_size: int, trim_offsets: bool = False):
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
     special = [AddedToken('<|im_end|>', special=True, normalized=False)]
     if byte_level:  # GPT-2 / Qwen style
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
+        if trim_offsets:  # GPT-2's offsets leave out the space a word token starts with
+            tok.post_processor = processors.ByteLevel(trim_offsets=True)
         alphabet = pre_tokenizers.ByteLevel.alphabet()
     else:  # Llama / sentencepiece style: ▁ for spaces, <0xHH> byte fallback
         tok = Tokenizer(models.BPE(byte_fallback=True))
@@ -224,6 +226,16 @@ def test_real_tokenizer_spans_tile_the_text_and_agree_with_decoding(tokenizers_p
             piece = normalize_token(tok.convert_ids_to_tokens(tid), byte_level)
             if not any('\udc80' <= ch <= '\udcff' for ch in piece):
                 assert piece == (text[a:b] if byte_level or k > 0 else ' ' + text[a:b])
+
+
+def test_trimmed_offsets_give_the_space_to_the_word_after_it(tokenizers_pair):
+    """Trimmed offsets leave the space of 'Ġworld' out of every token; the position before 'Ġworld' has not seen
+    it, so the tiled spans give it to 'Ġworld', as untrimmed offsets do."""
+    trimmed = train(byte_level=True, vocab_size=330, trim_offsets=True)
+    text = TEXTS[0]
+    raw = trimmed(text, add_special_tokens=False, return_offsets_mapping=True)['offset_mapping']
+    assert any(a > prev_b for (_, prev_b), (a, _) in zip(raw, raw[1:]))  # the gaps are there
+    assert tokenize_with_spans(trimmed, text) == tokenize_with_spans(tokenizers_pair[0], text)
 
 
 def test_real_tokenizers_align_end_to_end(tokenizers_pair):
