@@ -55,7 +55,8 @@ import torch
 __all__ = [
     'SPECIAL_TOKENS', 'EXTRA_TOKENS', 'SYMBOLS', 'MIN_LEN', 'MAX_LEN', 'PROMPT_PREFIX', 'CHAT_TEMPLATE',
     'STUDENT_KWARGS', 'TEACHER_KWARGS', 'WORKSPACE_VERSION',
-    'build_tokenizer', 'build_sentencepiece_tokenizer', 'load_tokenizer', 'build_model', 'load_model', 'count_parameters',
+    'build_tokenizer', 'build_sentencepiece_tokenizer', 'load_tokenizer', 'build_model', 'load_model',
+    'count_parameters',
     'make_rows', 'write_dataset', 'read_dataset', 'split_of', 'solve',
     'encode_row', 'train_teacher', 'score', 'exact_match', 'build_demo_workspace',
 ]
