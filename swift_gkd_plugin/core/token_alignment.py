@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 __all__ = [
-    'Alignment', 'align_positions', 'normalize_token', 'shared_vocabulary', 'spans_by_decoding',
+    'Alignment', 'align_positions', 'normalize_token', 'shared_vocabulary', 'spans_by_decoding', 'spans_of_ids',
     'tokenize_with_spans'
 ]
 
@@ -255,6 +255,22 @@ def tokenize_with_spans(tokenizer, text: str) -> Tuple[List[int], List[Span]]:
     ids = list(tokenizer.encode(text, add_special_tokens=False))
     _, spans = spans_by_decoding(tokenizer, ids)
     return ids, spans
+
+
+def spans_of_ids(tokenizer, token_ids: Sequence[int]) -> Tuple[str, List[Span]]:
+    """The text of given ids (e.g. sampled ones) and each token's span in it.
+
+    Linear time when it can be: a fast tokenizer that re-encodes the decoded text into the same ids gives its
+    offsets (:func:`tokenize_with_spans`). Ids that re-encoding would not reproduce (a sampled non-canonical split)
+    fall back to :func:`spans_by_decoding`, which is exact for any ids but quadratic.
+    """
+    ids = list(token_ids)
+    if getattr(tokenizer, 'is_fast', False):
+        text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        encoded, spans = tokenize_with_spans(tokenizer, text)
+        if encoded == ids:
+            return text, spans
+    return spans_by_decoding(tokenizer, ids)
 
 
 def spans_by_decoding(tokenizer, token_ids: Sequence[int]) -> Tuple[str, List[Span]]:

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from swift_gkd_plugin.core.token_alignment import (align_positions, normalize_token, shared_vocabulary,
-                                                   spans_by_decoding, tokenize_with_spans)
+                                                   spans_by_decoding, spans_of_ids,
+                                                   tokenize_with_spans)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # normalize_token
@@ -271,6 +272,25 @@ def test_real_tokenizers_shared_vocabulary(tokenizers_pair):
     assert (s_vocab['\u0120the'], t_vocab['\u2581the']) in pairs
     # newline: Ċ against the teacher's plain '\n' piece (preferred to its byte-fallback <0x0A>)
     assert '\n' in t_vocab and (s_vocab['\u010a'], t_vocab['\n']) in pairs
+
+
+def test_spans_of_given_ids_canonical_or_not(tokenizers_pair):
+    """Canonical ids take the offsets; a split that re-encoding would not give (as sampling can produce) is still
+    spanned exactly, by decoding."""
+    for tok in tokenizers_pair:
+        text = TEXTS[0]
+        ids, spans = tokenize_with_spans(tok, text)
+        assert spans_of_ids(tok, ids) == (text, spans)
+        long_token = max(range(len(ids)), key=lambda k: spans[k][1] - spans[k][0])
+        a, b = spans[long_token]
+        # the longest token spelled one symbol at a time (each symbol of a BPE entry is itself an entry)
+        pieces = [tok.convert_tokens_to_ids(ch) for ch in tok.convert_ids_to_tokens(ids[long_token])]
+        assert len(pieces) > 1 and None not in pieces
+        split = ids[:long_token] + pieces + ids[long_token + 1:]
+        decoded, split_spans = spans_of_ids(tok, split)
+        assert decoded == text and split != ids
+        check_tiling(text, split_spans)
+        assert split_spans[:long_token] == spans[:long_token] and split_spans[long_token] == (a, a + 1)
 
 
 def test_tokenizer_without_offsets_or_decode_is_refused():
