@@ -175,7 +175,9 @@ def align_positions(student_spans: Sequence[Span],
           the ``k``-th teacher token starting at ``c``. Usually there is one per side. Several tokens start at one
           character when some are zero width: the pieces of a character split into bytes but the last, a prefix
           marker, or an end-of-turn token placed at the end of the text (``(len, len)``). Pairing by order makes
-          two end-of-turn tokens, or identical byte splits, exact pairs.
+          two end-of-turn tokens, or identical byte splits, exact pairs. (Two different byte splits of one character
+          also pair in order, though their later pieces may have seen different bytes of it: rare, and counted
+          as exact.)
         * Fallback (every other student token): the teacher token with the largest start ``<= c`` (the last one
           among equal starts), i.e. the teacher token covering ``c``; the first teacher token when ``c`` precedes
           them all. Its position has seen less text than the student's: an approximation.
