@@ -195,3 +195,25 @@ def test_demo_workspace_is_cached(tmp_path):
     assert os.path.getmtime(os.path.join(ws['teacher'], 'model.safetensors')) == mtime
     changed = tiny.build_demo_workspace(root, **dict(kwargs, n_test=8))
     assert not changed['reused'] and len(tiny.read_dataset(changed['test'])) == 8
+
+
+def test_sentencepiece_tokenizer_is_another_family_that_models_load_with(tok, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from swift_gkd_plugin.core.token_alignment import align_positions, shared_vocabulary, tokenize_with_spans
+    sp_dir = tiny.build_model(str(tmp_path / 'sp_model'), tiny.build_sentencepiece_tokenizer(str(tmp_path / 'sp')))
+    sp_tok, model = AutoTokenizer.from_pretrained(sp_dir), AutoModelForCausalLM.from_pretrained(sp_dir)
+    assert len(sp_tok) == 600 != len(tok) and model.config.vocab_size == 600
+    text = 'Reverse: a b c d, naïve 你好\n'
+    assert sp_tok.decode(sp_tok(text)['input_ids']) == text
+    assert '<0xE4>' in sp_tok.convert_ids_to_tokens(sp_tok(text)['input_ids'])  # byte fallback
+    messages = [{'role': 'user', 'content': 'Reverse: a b'}]
+    assert sp_tok.apply_chat_template(messages, tokenize=False) == tok.apply_chat_template(messages, tokenize=False)
+    # the two families share the ChatML tokens and ' a' (Ġa / ▁a), and align on the task text
+    pairs = set(zip(*(ids.tolist() for ids in shared_vocabulary(tok.get_vocab(), sp_tok.get_vocab()))))
+    assert (tok.convert_tokens_to_ids('<|im_end|>'), sp_tok.convert_tokens_to_ids('<|im_end|>')) in pairs
+    assert (tok.convert_tokens_to_ids('\u0120a'), sp_tok.convert_tokens_to_ids('\u2581a')) in pairs
+    alignment = align_positions(tokenize_with_spans(tok, text)[1], tokenize_with_spans(sp_tok, text)[1])
+    assert alignment.exact_fraction > 0.5
+    with torch.no_grad():
+        assert model(**sp_tok(text, return_tensors='pt')).logits.shape[-1] == 600

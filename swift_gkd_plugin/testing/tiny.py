@@ -55,7 +55,8 @@ import torch
 __all__ = [
     'SPECIAL_TOKENS', 'EXTRA_TOKENS', 'SYMBOLS', 'MIN_LEN', 'MAX_LEN', 'PROMPT_PREFIX', 'CHAT_TEMPLATE',
     'STUDENT_KWARGS', 'TEACHER_KWARGS', 'WORKSPACE_VERSION',
-    'build_tokenizer', 'load_tokenizer', 'build_model', 'load_model', 'count_parameters',
+    'build_tokenizer', 'build_sentencepiece_tokenizer', 'load_tokenizer', 'build_model', 'load_model',
+    'count_parameters',
     'make_rows', 'write_dataset', 'read_dataset', 'split_of', 'solve',
     'encode_row', 'train_teacher', 'score', 'exact_match', 'build_demo_workspace',
 ]
@@ -263,11 +264,41 @@ def build_tokenizer(out_dir: str):
         the loaded ``transformers.PreTrainedTokenizerFast``.
     """
     from tokenizers import AddedToken
-    from transformers import PreTrainedTokenizerFast
 
     tok = train_bpe(_tokenizer_corpus(), SPECIAL_TOKENS, _BPE_VOCAB_SIZE)
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in EXTRA_TOKENS])
+    return _save_chatml_tokenizer(tok, out_dir)
 
+
+def build_sentencepiece_tokenizer(out_dir: str, vocab_size: int = 600):
+    """A tokenizer of ANOTHER family than :func:`build_tokenizer`, for distillation across tokenizers.
+
+    Llama / sentencepiece style: Metaspace pre-tokenizer (``▁`` marks a space, prepended to the first word), BPE
+    with byte fallback (``<0x00>`` .. ``<0xFF>`` tokens for text it has no piece for), trained on the same corpus
+    with other merges and another size (``vocab_size`` entries including the 256 byte tokens and the special
+    tokens). It keeps the ChatML special tokens and chat template so that :func:`build_model` accepts it; what
+    differs is the vocabulary and how text is split (``' a'`` is ``▁a`` here, ``Ġa`` there).
+
+    Returns:
+        the loaded ``transformers.PreTrainedTokenizerFast``.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement='\u2581', prepend_scheme='first')
+    tok.decoder = decoders.Sequence([
+        decoders.Replace('\u2581', ' '), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(' ', 1, 0)])
+    specials = [AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS]
+    byte_tokens = [AddedToken(f'<0x{b:02X}>', special=False, normalized=False) for b in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
+                                  special_tokens=specials + byte_tokens)
+    tok.train_from_iterator(_tokenizer_corpus(), trainer=trainer)
+    return _save_chatml_tokenizer(tok, out_dir)
+
+
+def _save_chatml_tokenizer(tok, out_dir: str):
+    """Save a ``tokenizers.Tokenizer`` as a ``PreTrainedTokenizerFast`` with the ChatML template, and load it."""
+    from transformers import PreTrainedTokenizerFast
     hf_tok = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token='<|im_end|>',
