@@ -104,9 +104,10 @@ def activate_from_external_plugin() -> None:
 
     Parsing is over by then, so the arguments object is ms-swift's own class. The plugin's validation replaces
     ``RLHFArguments._check_gkd`` (which runs later in the same ``__post_init__``) and the trainer factory is
-    rerouted. Plugin-only flags on the command line cannot be parsed any more in this process: if there are any,
-    a ``swift rlhf`` child process re-executes itself once with the plugin enabled, so that they are parsed like
-    ms-swift's own flags; elsewhere a clear error says what to do.
+    rerouted. Plugin-only flags on the command line cannot be parsed any more in this process, and ms-swift's parser
+    gave ``--num_generations`` its GRPO default (8, the plugin's is 1): a ``swift rlhf --rlhf_type gkd`` child process
+    therefore re-executes itself once with the plugin enabled, so that the command line is parsed like ms-swift's own
+    flags; elsewhere plugin flags get a clear error saying what to do.
     """
     if _state['rlhf_pipeline']:
         return  # auto-activation already parsed this command line with the plugin's arguments (or a re-exec did)
@@ -116,14 +117,27 @@ def activate_from_external_plugin() -> None:
     from swift_gkd_plugin.flags import plugin_flags_in
     from swift_gkd_plugin.swift.arguments import GKDPluginRLHFArguments
     flags = plugin_flags_in(sys.argv[1:])
-    if flags:
+    # ms-swift's parser also gave GKD its GRPO default --num_generations 8, where the plugin's default is 1
+    gkd = _rlhf_type(sys.argv[1:]) == 'gkd'
+    if flags or gkd:
         entry = os.path.basename(sys.argv[0])
         if entry == 'rlhf.py' and os.environ.get('SWIFT_GKD_PLUGIN_REEXEC') != '1':
             env = dict(os.environ, SWIFT_GKD_PLUGIN='1', SWIFT_GKD_PLUGIN_REEXEC='1')
             sys.stdout.flush()
             sys.stderr.flush()
             os.execve(sys.executable, [sys.executable] + sys.argv, env)
+    if flags:
         raise ValueError(f'swift_gkd_plugin flags {flags} need the plugin active while the command line is parsed: '
                          'unset SWIFT_GKD_PLUGIN (or set it to 1) instead of using --external_plugins.')
     RLHFArguments._check_gkd = GKDPluginRLHFArguments._check_gkd
     on_trainer_factory_imported(trainer_factory)
+
+
+def _rlhf_type(argv):
+    """The value of ``--rlhf_type`` in a command line (``--rlhf_type gkd`` or ``--rlhf_type=gkd``), else None."""
+    for i, token in enumerate(argv):
+        if token == '--rlhf_type' and i + 1 < len(argv):
+            return argv[i + 1]
+        if token.startswith('--rlhf_type='):
+            return token.split('=', 1)[1]
+    return None

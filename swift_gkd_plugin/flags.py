@@ -35,6 +35,11 @@ class GKDPluginArgumentsMixin:
         default=False,
         metadata={'help': 'With top-k teachers (--gkd_logits_topk, teacher servers): add a bucket holding the '
                   'probability mass outside the top-k on both sides (fused loss).'})
+    gkd_rl_coef: float = field(
+        default=0.0,
+        metadata={'help': 'Weight c of the policy-gradient term added to the divergence on on-policy steps: '
+                  'c * sum A * (-log p(sampled token)) / tokens, A the group-normalised reward of the completion '
+                  '(--reward_funcs, --num_generations, --scale_rewards). 0 (default): off. Finite, >= 0.'})
 
 
 PLUGIN_FLAGS: List[str] = [f.name for f in fields(GKDPluginArgumentsMixin)]
@@ -60,7 +65,8 @@ def check_no_plugin_flags_outside_gkd(args, mixin=GKDPluginArgumentsMixin) -> No
 
 #: Float flags refused when NaN or infinite; NaN fails every comparison and inf passes "> 0", so a range check alone
 #: lets them through (``--temperature inf`` trains to a negative loss with zero gradients).
-FINITE_FLAGS = ('beta', 'lmbda', 'temperature', 'sft_alpha', 'teacher_server_timeout', 'teacher_server_wait')
+FINITE_FLAGS = ('beta', 'lmbda', 'temperature', 'sft_alpha', 'teacher_server_timeout', 'teacher_server_wait',
+                'gkd_rl_coef')
 
 
 def check_finite(args, names=FINITE_FLAGS) -> None:
@@ -101,6 +107,9 @@ def check_gkd_scalars(args) -> None:
         raise ValueError(f'--teacher_server_retries must be >= 0, got {args.teacher_server_retries}')
     if getattr(args, 'teacher_server_wait', 0.0) < 0:
         raise ValueError(f'--teacher_server_wait must be >= 0 seconds, got {args.teacher_server_wait}')
+    if getattr(args, 'gkd_rl_coef', 0.0) < 0:
+        raise ValueError(f'--gkd_rl_coef must be >= 0 (the weight of the policy-gradient term; 0 = off), '
+                         f'got {args.gkd_rl_coef}')
     topk = args.gkd_logits_topk
     if getattr(args, 'gkd_topk_tail', False):
         if topk is None:
@@ -124,3 +133,40 @@ def check_teacher_server_flags(args) -> None:
     if args.seq_kd:
         raise ValueError('--seq_kd true needs a local teacher that can sample (--teacher_model, or the '
                          'student base with LoRA); a --teacher_model_server only scores responses')
+
+
+SCALE_REWARDS = ('group', 'batch', 'none')
+
+
+def check_rl_flags(args) -> None:
+    """``--num_generations``, ``--reward_funcs``, ``--reward_weights``, ``--scale_rewards``, ``--gkd_rl_coef``: the
+    checks that need only the flags (reward names are checked once ``--external_plugins`` are imported)."""
+    g = args.num_generations
+    if not isinstance(g, int) or g < 1:
+        raise ValueError(f'--num_generations must be an integer >= 1 (completions sampled per prompt on on-policy '
+                         f'steps; 1 = one, as ms-swift GKD), got {g}')
+    funcs = list(args.reward_funcs or [])
+    coef = getattr(args, 'gkd_rl_coef', 0.0)
+    if coef > 0 and not funcs:
+        raise ValueError(f'--gkd_rl_coef {coef} needs --reward_funcs (the policy-gradient term weighs the sampled '
+                         'tokens by their rewards\' advantages)')
+    if args.reward_weights is not None and len(args.reward_weights) != len(funcs):
+        raise ValueError(f'--reward_weights has {len(args.reward_weights)} values but --reward_funcs names '
+                         f'{len(funcs)} functions {funcs}: give one weight per function')
+    for w in args.reward_weights or []:
+        if not math.isfinite(w):
+            raise ValueError(f'--reward_weights must be finite numbers, got {args.reward_weights}')
+    if args.scale_rewards is not None and args.scale_rewards not in SCALE_REWARDS:
+        raise ValueError(f'--scale_rewards must be one of {list(SCALE_REWARDS)} for GKD, got {args.scale_rewards!r}')
+    if not funcs and g == 1:
+        return
+    if args.lmbda == 0 and funcs:
+        raise ValueError('--reward_funcs only act on on-policy steps, and --lmbda 0 has none: set --lmbda > 0 (the '
+                         'probability of an on-policy step) or remove --reward_funcs')
+    if args.lmbda == 0 and not args.seq_kd:
+        raise ValueError(f'--num_generations {g} samples several completions per prompt, but --lmbda 0 without '
+                         '--seq_kd samples nothing (every step uses the dataset responses): set --lmbda > 0 or '
+                         '--seq_kd true, or --num_generations 1')
+    if getattr(args, 'sequence_parallel_size', 1) > 1:
+        raise ValueError(f'--num_generations > 1 and --reward_funcs are not supported with --sequence_parallel_size '
+                         f'{args.sequence_parallel_size} (allowed: 1)')

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from enum import Enum
 
-__all__ = ['Mode', 'choose_mode', 'mode_draw']
+__all__ = ['Mode', 'choose_mode', 'mode_draw', 'sampling_seed']
 
 
 class Mode(str, Enum):
@@ -44,3 +44,13 @@ def choose_mode(seed: int, step: int, lmbda: float, seq_kd: bool) -> Mode:
     if mode_draw(seed, step) < lmbda:
         return Mode.ON_POLICY
     return Mode.SEQ_KD if seq_kd else Mode.OFF_POLICY
+
+
+def sampling_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of rank ``rank``'s sampler at generation step ``step``: a 63-bit integer, distinct per rank.
+
+    With several completions per prompt, the copies of one prompt may sit on different ranks; a common random
+    stream would give them the same completion. Seeding from ``(seed, step, rank)`` gives every rank its own stream,
+    and a run resumed at step ``k`` samples what the uninterrupted run sampled there.
+    """
+    return random.Random(f'swift-gkd-sampling:{int(seed)}:{int(step)}:{int(rank)}').getrandbits(63)

@@ -80,3 +80,14 @@ def policy_gradient_loss(logprobs: torch.Tensor, advantages: torch.Tensor,
     old = logprobs.detach() if old_logprobs is None else old_logprobs.detach().float()
     ratio = torch.exp(logprobs - old)
     return -advantages.detach().float() * ratio
+
+
+def sampled_token_stats(logits, tokens, temperature: float = 1.0):
+    """TEMPORARY (the core engineer's version replaces it): log p_T(tokens) and entropy of softmax(logits / T)."""
+    logp = torch.log_softmax(logits.float() / temperature, -1)
+    entropy = -(logp.exp() * logp).sum(-1).detach()
+    return logp.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1), entropy
+
+
+def policy_gradient_loss(logprobs, advantages, old_logprobs=None):  # noqa: F811  TEMPORARY
+    return -advantages.detach().float() * logprobs.float()

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from typing import List, Optional
+from dataclasses import dataclass, field, fields
+from typing import List, Literal, Optional
 
 from swift.arguments import RLHFArguments
 from swift.rlhf_trainers import GKDConfig
@@ -11,7 +11,7 @@ from swift.utils import get_logger
 
 import swift_gkd_plugin
 from swift_gkd_plugin.flags import (GKDPluginArgumentsMixin, check_gkd_scalars, check_no_plugin_flags_outside_gkd,
-                                    check_teacher_server_flags)
+                                    check_rl_flags, check_teacher_server_flags)
 from swift_gkd_plugin.swift.datasets_check import check_local_jsonl_datasets
 
 logger = get_logger()
@@ -159,14 +159,41 @@ def keep_teacher_messages_column() -> None:
         RowPreprocessor.standard_keys.append('teacher_messages')
 
 
+_GRPO_NUM_GENERATIONS = next(f.default for f in fields(RLHFArguments) if f.name == 'num_generations')
+
+
+def check_reward_funcs(args) -> None:
+    """Every ``--reward_funcs`` name is in ms-swift's reward registry (built-ins and ``--external_plugins``, which
+    ms-swift has imported by now); rewards need the dataset's extra columns (e.g. ``solution``) kept."""
+    if not args.reward_funcs:
+        return
+    from swift.rewards import orms
+    unknown = [name for name in args.reward_funcs if name not in orms]
+    if unknown:
+        raise ValueError(f'--reward_funcs {unknown}: no such reward function. Known: {sorted(orms)}; register your '
+                         'own in a file passed with --external_plugins (orms[\'my_reward\'] = MyReward)')
+    args.remove_unused_columns = False
+    args.training_args.remove_unused_columns = False
+
+
 @dataclass
 class GKDPluginRLHFArguments(GKDPluginArgumentsMixin, RLHFArguments):
     """ms-swift's ``RLHFArguments`` plus the plugin's flags and checks; used to parse ``swift rlhf``."""
+    # None = the pipeline's default: 1 for GKD (one completion per prompt, as ms-swift GKD), GRPO's own otherwise
+    num_generations: Optional[int] = field(
+        default=None,
+        metadata={'help': 'Completions sampled per prompt (GRPO: its G, default 8; GKD: on on-policy and seq_kd '
+                  'steps, default 1).'})
 
     def __post_init__(self):
+        if self.num_generations is None:
+            self.num_generations = 1 if self.rlhf_type == 'gkd' else _GRPO_NUM_GENERATIONS
         if self.rlhf_type == 'gkd':
             check_gkd_scalars(self)  # before ms-swift resolves models or connects to vLLM servers
+            check_rl_flags(self)
             check_vllm_installed(self)
+            if self.reward_funcs:
+                self.remove_unused_columns = False  # reward functions read the dataset's extra columns
         super().__post_init__()
 
     def _check_gkd(self):
@@ -174,7 +201,9 @@ class GKDPluginRLHFArguments(GKDPluginArgumentsMixin, RLHFArguments):
             check_no_plugin_flags_outside_gkd(self)
             return
         check_gkd_scalars(self)
+        check_rl_flags(self)
         check_vllm_installed(self)  # again: with --external_plugins, __post_init__ above is ms-swift's own
+        check_reward_funcs(self)
         logger.info(f'swift_gkd_plugin {swift_gkd_plugin.__version__}: GKD trainer active '
                     f'(lmbda={self.lmbda}, seq_kd={self.seq_kd}, beta={self.beta}, temperature={self.temperature})')
         from swift.utils import is_mp
@@ -203,3 +232,9 @@ class GKDPluginConfig(GKDPluginArgumentsMixin, GKDConfig):
     """The trainer's configuration: ms-swift's ``GKDConfig`` plus the plugin's flags."""
     # forwarded from the command line so that the trainer can load a teacher adapter on the shared base
     teacher_adapters: List[str] = field(default_factory=list)
+    # ms-swift's GRPO flags that GKD + RL reads (ms-swift's GKDConfig does not declare them). Declaring
+    # num_generations also makes ms-swift's generation-batch check refuse a generation_batch_size it does not divide.
+    num_generations: int = 1
+    reward_funcs: List[str] = field(default_factory=list)
+    reward_weights: Optional[List[float]] = None
+    scale_rewards: Optional[Literal['group', 'batch', 'none']] = None

@@ -30,7 +30,8 @@ from swift.utils import get_logger, to_device, unwrap_model_for_generation
 
 from swift_gkd_plugin.core import Mode, align_vocab, choose_mode, generalized_jsd
 from swift_gkd_plugin.core.fused_loss import fused_linear_jsd
-from swift_gkd_plugin.core.modes import mode_draw
+from swift_gkd_plugin.core.modes import mode_draw, sampling_seed
+from swift_gkd_plugin.core.policy_gradient import policy_gradient_loss, sampled_token_stats
 from swift_gkd_plugin.core.offload import TeacherOffloader, is_partitioned
 from swift_gkd_plugin.core.topk import drop_ids_outside_vocab
 from swift_gkd_plugin.swift.hidden_states import (fused_fallback_reason, gathered_heads, head_bypassed, head_is_sharded,
@@ -38,6 +39,7 @@ from swift_gkd_plugin.swift.hidden_states import (fused_fallback_reason, gathere
 from swift_gkd_plugin.swift.lora_round_trip import exact_lora_round_trip
 from swift_gkd_plugin.swift.media_tokens import cut_at_media_placeholders, suppress_media_placeholders
 from swift_gkd_plugin.swift.peft_utils import TEACHER_ADAPTER, active_adapter, eval_mode, load_frozen_adapter
+from swift_gkd_plugin.swift.rewards import global_advantages, load_reward_funcs, score_completions
 from swift_gkd_plugin.swift.teacher_server import connect_teacher_servers, infer_prompt_logprobs
 from swift_gkd_plugin.swift.views import (check_privileged_columns, check_same_response_count, check_views_aligned,
                                          prepare_teacher_view, with_teacher_prompt)
@@ -84,6 +86,11 @@ class GKDPluginTrainer(GKDTrainer):
         self._log_teacher_placement()
         self._fused = self._decide_loss_impl()
         suppress_media_placeholders(getattr(self, 'engine', None), self.template)  # the student's own sampler
+        self._reward_funcs, self._reward_names = load_reward_funcs(self.args)
+        weights = self.args.reward_weights or [1.0] * len(self._reward_names)
+        self._reward_weights = torch.tensor(weights, dtype=torch.float32, device=self.accelerator.device)
+        self._advantages = None  # this rank's advantages of the current generation batch (on-policy steps)
+        self._completion_columns: Dict[str, list] = {}  # reward columns of the completions log
 
     def _decide_loss_impl(self) -> bool:
         """--gkd_loss_impl: fused wherever it applies; otherwise dense, and the log says why (once)."""
@@ -193,6 +200,34 @@ class GKDPluginTrainer(GKDTrainer):
             gkd_batch.teacher_topk_indices[row, positions] = result.ids.to(device).long()
 
     # ------------------------------------------------------------------ modes and sampling
+    def _get_train_sampler(self, train_dataset=None):
+        """With ``--num_generations G`` each prompt appears G times in a row in its generation batch (GRPO's
+        layout: ``generation_batch_size / G`` prompts per generation batch)."""
+        g = self.args.num_generations
+        if g == 1:
+            return super()._get_train_sampler(train_dataset)
+        from trl.trainer.utils import RepeatSampler
+        return RepeatSampler(
+            data_source=train_dataset or self.train_dataset,
+            mini_repeat_count=g,
+            batch_size=self.args.generation_batch_size // g,
+            repeat_count=self.args.steps_per_generation,
+            shuffle=getattr(self, 'shuffle_dataset', True),
+            seed=self.args.seed)
+
+    @contextmanager
+    def _sampling_rng(self, step: int):
+        """With several completions per prompt, every rank samples from its own stream seeded by (seed, step, rank):
+        the copies of a prompt on different ranks must not draw the same completion. One completion per prompt keeps
+        the trainer's common stream (ms-swift's behaviour)."""
+        if self.args.num_generations == 1:
+            yield
+            return
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(sampling_seed(self.args.seed, step, self.args.process_index))
+            yield
+
     def _rollout_samples(self, inputs):
         """Pick the mode of this generation batch and produce its responses."""
         training = self.model.training
@@ -206,13 +241,69 @@ class GKDPluginTrainer(GKDTrainer):
         if self.template.truncation_strategy == 'raise':
             inputs = self.resample_encode_failed_inputs(inputs, strip_response=mode.needs_generation)
         samples = self.to_samples(inputs)
-        if mode is Mode.ON_POLICY:
-            samples = self._generate_completions(samples)
-            self._log_student_completions(samples)
-        elif mode is Mode.SEQ_KD:
-            samples = self._generate_with_teacher(samples)
-            self._log_student_completions(samples)  # with --log_completions: the teacher's samples, same table
+        with self._sampling_rng(step):
+            if mode is Mode.ON_POLICY:
+                samples = self._generate_completions(samples)
+            elif mode is Mode.SEQ_KD:
+                samples = self._generate_with_teacher(samples)
         return samples
+
+    def _score_completions(self, samples):
+        """On an on-policy step with ``--reward_funcs``: rewards, group advantages (over every rank's completions)
+        and their metrics. Logs the sampled completions (the teacher's on seq_kd steps) with their rewards."""
+        self._advantages = None
+        if not self._gkd_mode.needs_generation:
+            return samples
+        columns = {}
+        if self._gkd_mode is Mode.ON_POLICY and self._reward_funcs:
+            local = score_completions(samples, self._reward_funcs, self._reward_names, self.accelerator.device,
+                                      self.state)
+            scale = self.args.scale_rewards or 'group'
+            self._advantages, advantages, rewards, per_func = global_advantages(
+                local, self._reward_weights, self.args.num_generations, scale, self.accelerator.process_index,
+                self.accelerator.num_processes)
+            self._log_rewards(rewards, per_func, scale)
+            columns = {name: per_func[:, i].tolist() for i, name in enumerate(self._reward_names)}
+            columns['advantage'] = advantages.tolist()
+        self._log_completions(samples, columns)
+        return samples
+
+    def _log_rewards(self, rewards, per_func, scale: str) -> None:
+        from swift.rl_core.advantage import compute_reward_metrics
+        stats = compute_reward_metrics(rewards, per_func, self._reward_names, self.args.num_generations, scale)
+        metrics = self.custom_metrics['train']
+        metrics['gkd/reward'].update(stats.reward_mean)
+        metrics['gkd/reward_std'].update(stats.reward_std)
+        metrics['gkd/frac_reward_zero_std'].update(stats.frac_reward_zero_std)
+        for name in stats.per_func_mean:
+            metrics[f'gkd/rewards/{name}/mean'].update(stats.per_func_mean[name])
+            metrics[f'gkd/rewards/{name}/std'].update(stats.per_func_std[name])
+
+    def _log_completions(self, samples, columns: Dict[str, list]) -> None:
+        """ms-swift's completions log (``--log_completions``), plus one column per reward function and the
+        advantage on steps that have them (empty on the others)."""
+        if not self.log_completions:
+            return
+        before = len(self._logs['prompt'])
+        self._log_student_completions(samples)
+        added = len(self._logs['prompt']) - before
+        for name in set(self._completion_columns) | set(columns):
+            past = self._completion_columns.setdefault(name, [None] * before)
+            past.extend(columns.get(name, [None] * added))
+
+    def log(self, logs: Dict[str, float], start_time=None) -> None:
+        """ms-swift's GKD ``log``; when rewards were logged, the completions table is written here with them."""
+        pending = self.accelerator.is_main_process and self.log_completions and len(self._logs['prompt']) > 0
+        if self._completion_columns and pending:
+            n = len(self._logs['prompt'])
+            table = {'step': [str(self.state.global_step)] * n, 'prompt': list(self._logs['prompt']),
+                     'completion': list(self._logs['completion'])}
+            table.update({name: values[:n] for name, values in self._completion_columns.items()})
+            self.jsonl_writer.append(table)
+            self._logs['prompt'].clear()
+            self._logs['completion'].clear()
+        self._completion_columns = {}
+        super().log(logs, start_time)
 
     def _record_mode(self, step: int, mode: Mode) -> None:
         for m in Mode:
@@ -317,6 +408,21 @@ class GKDPluginTrainer(GKDTrainer):
                                if has_teacher_view else None)
         return encoded, teacher_encoded
 
+    def _prepare_batch_inputs(self, samples):
+        """ms-swift's micro-batches, each with its number of rows and, on an on-policy step with rewards, their
+        advantages."""
+        batches = super()._prepare_batch_inputs(samples)
+        if self.template.sequence_parallel_size == 1:
+            sizes = [len(chunk) for chunk in self.split_by_mini_batches(samples)]  # the same split as ms-swift's
+        else:  # ms-swift splits the samples of the whole sequence-parallel group (no rewards here)
+            sizes = [batch['model_inputs']['labels'].shape[0] for batch in batches]
+        for batch, rows in zip(batches, sizes):
+            batch['gkd_rows'] = rows
+        if self._advantages is not None:
+            for batch, advantages in zip(batches, self._advantages.split(sizes)):
+                batch['gkd_advantages'] = advantages
+        return batches
+
     def _generate_and_score_completions(self, inputs) -> List[Dict[str, Any]]:
         """Attach to every micro-batch the number of response tokens of its whole optimizer step.
 
@@ -326,14 +432,20 @@ class GKDPluginTrainer(GKDTrainer):
         batches = super()._generate_and_score_completions(inputs)
         training = self.model.training
         group = self.args.gradient_accumulation_steps if training else 1
-        counts = torch.zeros((len(batches) + group - 1) // group, dtype=torch.float64, device=self.accelerator.device)
+        steps = (len(batches) + group - 1) // group
+        # per optimizer step: response tokens, then (for gkd/completion_length) rows; one all-reduce for both
+        counts = torch.zeros(2 * steps, dtype=torch.float64, device=self.accelerator.device)
         for i, batch in enumerate(batches):
             counts[i // group] += count_loss_tokens(batch['model_inputs']['labels'])
+            counts[steps + i // group] += batch['gkd_rows']
         if training and self.accelerator.num_processes > 1:
             counts = self.accelerator.reduce(counts, reduction='sum')
         for i, batch in enumerate(batches):
             batch['gkd_step_tokens'] = float(counts[i // group])
             batch['gkd_mode'] = self._gkd_mode
+        if training and self._gkd_mode.needs_generation:
+            _add_token_sum(self.custom_metrics['train']['gkd/completion_length'], counts[:steps].sum(),
+                           int(counts[steps:].sum()))
         return batches
 
     # ------------------------------------------------------------------ loss
@@ -385,13 +497,18 @@ class GKDPluginTrainer(GKDTrainer):
         # the SFT term needs dataset responses; a non-positive weight means none, in both loss implementations
         use_sft = mode is not Mode.ON_POLICY and self.args.sft_alpha > 0
         sft_alpha = self.args.sft_alpha if use_sft else 0.0
+        # the policy-gradient term: on-policy steps, each sampled token weighted by its completion's advantage
+        advantages = inputs.get('gkd_advantages')
+        token_advantages = None
+        if mode is Mode.ON_POLICY and advantages is not None and self.args.gkd_rl_coef > 0:
+            token_advantages = advantages[:, None].expand(student_mask.shape)[student_mask]
         fwd = {k: v for k, v in model_inputs.items() if k != 'labels'}
 
         if self._teacher_offloader is not None and not self.use_teacher_api:
             self._teacher_offloader.prefetch()  # the upload overlaps the student's forward
         if self._fused:
             loss, outputs = self._fused_loss(model, fwd, student_mask, student_labels[student_mask], teacher_inputs,
-                                             teacher_mask, gkd_batch, mode, normalizer, sft_alpha)
+                                             teacher_mask, gkd_batch, mode, normalizer, sft_alpha, token_advantages)
             return (loss, outputs) if return_outputs else loss
 
         outputs = model(**fwd)
@@ -413,15 +530,24 @@ class GKDPluginTrainer(GKDTrainer):
         if sft_alpha > 0:
             ce = F.cross_entropy(student.float(), student_labels[student_mask], reduction='sum')
             total = total + sft_alpha * ce
+        pg_sum = entropy_sum = None
+        if mode is Mode.ON_POLICY:
+            logprobs, entropy = sampled_token_stats(student, student_labels[student_mask], self.args.temperature)
+            entropy_sum = entropy.sum()
+            if token_advantages is not None:
+                pg = policy_gradient_loss(logprobs, token_advantages).sum()
+                total = total + self.args.gkd_rl_coef * pg
+                pg_sum = pg.detach()
         loss = total / normalizer
         if n_student == 0:
             loss = loss + outputs.logits.sum() * 0.0  # keep the graph connected for DDP/ZeRO
-        self._log_loss_metrics(mode, per_token.detach().float().sum(), per_token.numel(), agree.sum(), agree.numel())
+        self._log_loss_metrics(mode, per_token.detach().float().sum(), per_token.numel(), agree.sum(), agree.numel(),
+                               pg_sum=pg_sum, entropy_sum=entropy_sum)
         return (loss, outputs) if return_outputs else loss
 
     # ------------------------------------------------------------------ fused loss
     def _fused_loss(self, model, fwd, student_mask, labels, teacher_inputs, teacher_mask, gkd_batch, mode: Mode,
-                    normalizer: float, sft_alpha: float):
+                    normalizer: float, sft_alpha: float, token_advantages=None):
         """The fused loss on the student's last hidden states; the heads are applied chunk by chunk.
 
         Without ZeRO-3: the student's forward (head bypassed), then the teacher's side, then the loss.
@@ -433,7 +559,8 @@ class GKDPluginTrainer(GKDTrainer):
         """
         student = self.accelerator.unwrap_model(model)
         teacher = None if self.teacher_model is None else self.accelerator.unwrap_model(self.teacher_model)
-        loss_args = dict(labels=labels, mode=mode, normalizer=normalizer, sft_alpha=sft_alpha)
+        loss_args = dict(labels=labels, mode=mode, normalizer=normalizer, sft_alpha=sft_alpha,
+                         token_advantages=token_advantages)
         if not head_is_sharded(student):
             with head_bypassed(student):
                 outputs = model(**fwd)
@@ -485,17 +612,28 @@ class GKDPluginTrainer(GKDTrainer):
         return dict(teacher_hidden=t_hidden, teacher_weight=t_weight, teacher_bias=t_bias)
 
     def _fused_apply(self, student, student_hidden, teacher_side, *, labels, mode: Mode, normalizer: float,
-                     sft_alpha: float) -> torch.Tensor:
+                     sft_alpha: float, token_advantages=None) -> torch.Tensor:
         weight, bias = output_head(student)
         teacher_side = dict(teacher_side)
         if teacher_side.pop('teacher_head', None) == 'student':  # frozen for the teacher's side
             teacher_side.update(teacher_weight=weight.detach(), teacher_bias=None if bias is None else bias.detach())
+        # the label term: the SFT cross-entropy on dataset responses, or the policy-gradient term on the student's
+        # samples (advantage-weighted, at the sampling temperature); never both in one step
+        label_term = {}
+        if sft_alpha > 0:
+            label_term = dict(labels=labels, sft_alpha=sft_alpha)
+        elif token_advantages is not None:
+            label_term = dict(labels=labels, sft_alpha=self.args.gkd_rl_coef, label_weights=token_advantages,
+                              label_temperature=self.args.temperature)
+        on_policy = mode is Mode.ON_POLICY
         loss, stats = fused_linear_jsd(
-            student_hidden, weight, bias, **teacher_side, labels=labels if sft_alpha > 0 else None,
-            beta=self.args.beta, temperature=self.args.temperature, sft_alpha=sft_alpha,
-            topk_tail=self.args.gkd_topk_tail, normalizer=normalizer, sft_normalizer=normalizer)
+            student_hidden, weight, bias, **teacher_side, **label_term, beta=self.args.beta,
+            temperature=self.args.temperature, topk_tail=self.args.gkd_topk_tail, normalizer=normalizer,
+            sft_normalizer=normalizer, return_entropy=on_policy)
         n = int(stats['num_tokens'])
-        self._log_loss_metrics(mode, stats['divergence_sum'], n, stats['top1_agree'], n)
+        self._log_loss_metrics(mode, stats['divergence_sum'], n, stats['top1_agree'], n,
+                               pg_sum=stats['sft_sum'] if token_advantages is not None else None,
+                               entropy_sum=stats['entropy_sum'] if on_policy else None)
         return loss
 
     def _topk_divergence(self, student_logits, teacher_ids, teacher_logprobs):
@@ -509,13 +647,21 @@ class GKDPluginTrainer(GKDTrainer):
         agree = (student_logits.argmax(-1) == teacher_ids.gather(-1, teacher_k.argmax(-1, keepdim=True))[:, 0])
         return per_token, agree[~uncovered]
 
-    def _log_loss_metrics(self, mode: Mode, divergence_sum, n_tokens: int, agreements, n_compared: int) -> None:
+    def _log_loss_metrics(self, mode: Mode, divergence_sum, n_tokens: int, agreements, n_compared: int, *,
+                          pg_sum=None, entropy_sum=None) -> None:
         """Per-mode divergence and top-1 agreement of one micro-batch (both loss implementations), accumulated per
         token: a logged value is the mean over every response token since the last log, as the step loss is, not
-        a mean of micro-batch means (micro-batches hold different numbers of tokens)."""
-        split = 'train' if self.model.training else 'eval'
-        _add_token_sum(self.custom_metrics[split][f'gkd/loss_{mode.value}'], divergence_sum, n_tokens)
-        _add_token_sum(self.custom_metrics[split]['gkd/top1_agreement'], agreements, n_compared)
+        a mean of micro-batch means (micro-batches hold different numbers of tokens). ``gkd/distill_loss`` is the
+        divergence over every mode; on-policy steps add the student's token entropy on its samples and, with
+        rewards, ``gkd/pg_loss`` (the advantage-weighted negative log-likelihood, before ``--gkd_rl_coef``)."""
+        metrics = self.custom_metrics['train' if self.model.training else 'eval']
+        _add_token_sum(metrics[f'gkd/loss_{mode.value}'], divergence_sum, n_tokens)
+        _add_token_sum(metrics['gkd/distill_loss'], divergence_sum, n_tokens)
+        _add_token_sum(metrics['gkd/top1_agreement'], agreements, n_compared)
+        if pg_sum is not None:
+            _add_token_sum(metrics['gkd/pg_loss'], pg_sum, n_tokens)
+        if entropy_sum is not None:
+            _add_token_sum(metrics['gkd/entropy'], entropy_sum, n_tokens)
 
 
 def _add_token_sum(metric, total, n_tokens: int) -> None:

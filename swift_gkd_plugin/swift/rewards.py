@@ -1,0 +1,92 @@
+"""Rewards of the student's completions for GKD + RL: ms-swift's reward registry and scoring, checked row by row.
+
+The reward functions are ms-swift's (``swift.rewards.orms``: built-ins and those registered by ``--external_plugins``)
+and are called by ms-swift's own ``compute_rewards_per_func``, so a reward written for GRPO works here unchanged
+(``f(completions, **columns)``, extra dataset columns such as ``solution`` included). What this module adds: an error
+that names the function and the row when a function raises, returns the wrong number of values or a NaN, and the
+gather over ranks that group advantages need (a prompt's completions may sit on several ranks).
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Callable, List, Tuple
+
+import torch
+from accelerate.utils import gather
+from swift.rl_core.grpo_algorithm import compute_rewards_per_func
+
+from swift_gkd_plugin.core.policy_gradient import group_advantages
+
+
+def load_reward_funcs(args) -> Tuple[List[Callable], List[str]]:
+    """Instances of ``--reward_funcs`` (names checked at argument parsing) and their names, as GRPO builds them."""
+    from swift.rewards import orms
+    funcs = [orms[name](args=args) for name in args.reward_funcs or []]
+    return funcs, list(args.reward_funcs or [])
+
+
+def _row_text(sample) -> str:
+    prompt = next((m['content'] for m in reversed(sample.messages[:-1]) if m['role'] == 'user'), '')
+    return f'prompt {str(prompt)[:80]!r}, completion {str(sample.messages[-1]["content"])[:80]!r}'
+
+
+def _checked(func: Callable, name: str, samples) -> Callable:
+    """``func`` with its output checked: one value per completion, none NaN (``None`` = does not apply)."""
+
+    def call(completions, **kwargs):
+        try:
+            out = list(func(completions, **kwargs))
+        except Exception as exc:
+            raise RuntimeError(f'reward function {name!r} raised on a batch of {len(completions)} completions '
+                               f'({type(exc).__name__}: {exc}); first row: {_row_text(samples[0])}') from exc
+        if len(out) != len(completions):
+            raise ValueError(f'reward function {name!r} returned {len(out)} values for {len(completions)} '
+                             'completions: it must return one value (or None) per completion')
+        for i, value in enumerate(out):
+            if value is not None and not _finite_number(value):
+                raise ValueError(f'reward function {name!r} returned {value!r} for row {i} of the generation batch '
+                                 f'({_row_text(samples[i])}): rewards must be finite numbers, or None where the '
+                                 'function does not apply')
+        return out
+
+    return call
+
+
+def _finite_number(value) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _is_async(func) -> bool:
+    return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(getattr(func, '__call__', None))
+
+
+def score_completions(samples, funcs: List[Callable], names: List[str], device, trainer_state) -> torch.Tensor:
+    """``[N, F]`` float32 rewards of this rank's completions, NaN where a function returned None."""
+    wrapped = [f if _is_async(f) or isinstance(f, torch.nn.Module) else _checked(f, n, samples)
+               for f, n in zip(funcs, names)]
+    rewards = compute_rewards_per_func(samples, wrapped, None, device=device, trainer_state=trainer_state)
+    missing = torch.isnan(rewards).all(dim=1) if rewards.shape[1] else torch.zeros(0, dtype=torch.bool)
+    if bool(missing.any()):
+        i = int(missing.nonzero()[0])
+        raise ValueError(f'no reward function gave a reward for row {i} of the generation batch ({_row_text(samples[i])}):'
+                         f' every one of {names} returned None')
+    return rewards
+
+
+def global_advantages(local_rewards: torch.Tensor, weights: torch.Tensor, group_size: int, scale_rewards: str,
+                      rank: int, num_processes: int):
+    """Advantages of this rank's completions from the rewards of every rank's (groups may span ranks).
+
+    Returns ``(this rank's advantages [N], every rank's advantages [N * world], rewards [N * world] and per-function
+    rewards [N * world, F])``, the global ones in rank order.
+    """
+    per_func = gather(local_rewards) if num_processes > 1 else local_rewards
+    rewards = (per_func * weights.unsqueeze(0)).nansum(dim=1)
+    advantages = group_advantages(rewards, group_size, scale_rewards)
+    n = local_rewards.shape[0]
+    return advantages[rank * n:(rank + 1) * n], advantages, rewards, per_func
+
