@@ -267,7 +267,8 @@ def write_results(workdir: str, cfg: Dict[str, Any], ws: Dict[str, Any], curves,
     return plot(workdir, curves, summary, ws)
 
 
-def common_parser(doc: str, workdir: str, methods: Dict[str, tuple]) -> argparse.ArgumentParser:
+def common_parser(doc: str, workdir: str, methods, temperature: str = TEMPERATURE,
+                  learning_rate: str = LEARNING_RATE) -> argparse.ArgumentParser:
     """The options every quality benchmark takes (``bench_rl.py`` adds its own)."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--quick', action='store_true', help='the quick preset (default: full)')
@@ -276,8 +277,10 @@ def common_parser(doc: str, workdir: str, methods: Dict[str, tuple]) -> argparse
     parser.add_argument('--steps', type=int, help="override the preset's optimizer steps per method")
     parser.add_argument('--eval_every', type=int, help="override the preset's checkpoint interval")
     parser.add_argument('--student_steps', type=int, help="override the preset's supervised warm-start steps")
-    parser.add_argument('--learning_rate', help=f'override the learning rate of every method ({LEARNING_RATE})')
-    parser.add_argument('--temperature', help=f'override the sampling (and loss) temperature ({TEMPERATURE})')
+    parser.add_argument('--learning_rate', default=learning_rate,
+                        help=f'the learning rate of every method ({learning_rate})')
+    parser.add_argument('--temperature', default=temperature,
+                        help=f'the sampling (and loss) temperature of the GKD/RL methods ({temperature})')
     parser.add_argument('--methods', nargs='+', choices=list(methods), default=list(methods),
                         help='run a subset (the closing line needs all of them)')
     return parser
