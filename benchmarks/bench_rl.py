@@ -78,19 +78,20 @@ def checkpoint_table(curves) -> str:
     return '\n'.join(lines)
 
 
-def closing_line(summary, ws) -> str:
+def closing_line(summary, ws, coef: str) -> str:
+    """The ``rl: ...`` line; ``gkd_rl`` is the run with ``coef`` (chosen beforehand, not the best afterwards)."""
     em = {m: summary[m]['exact_match'] for m in summary}
-    best = max((m for m in em if m.startswith('gkd_rl_c')), key=lambda m: em[m][0])
     parts = [f"rl: teacher {ws['teacher_eval']['exact_match']:.3f}, start {ws['student_eval']['exact_match']:.3f}"]
     parts += [f'{name} {em[m][0]:.3f}+-{em[m][1]:.3f}' for name, m in (('gkd', 'gkd'), ('grpo', 'grpo'),
-                                                                      ('gkd_rl', best), ('sft', 'sft'))]
-    return ', '.join(parts) + f" (gkd_rl: c {best[len('gkd_rl_c'):]}; G {NUM_GENERATIONS}, T {bq.TEMPERATURE})"
+                                                                      ('gkd_rl', f'gkd_rl_c{coef}'), ('sft', 'sft'))]
+    return ', '.join(parts) + f' (gkd_rl: c {coef}; G {NUM_GENERATIONS}, T {bq.TEMPERATURE})'
 
 
 def parse_args(argv=None):
     parser = bq.common_parser(__doc__, 'bench_rl_out', ('gkd', 'grpo', 'gkd_rl', 'sft'), TEMPERATURE, LEARNING_RATE)
     parser.add_argument('--coefs', nargs='+', default=list(COEFS),
-                        help=f'the --gkd_rl_coef values of the gkd_rl_c<c> methods {list(COEFS)}')
+                        help=f'the --gkd_rl_coef values of the gkd_rl_c<c> methods {list(COEFS)}; the closing line '
+                        'reports the first')
     return parser.parse_args(argv)
 
 
@@ -113,8 +114,8 @@ def main(argv=None) -> int:
     print(checkpoint_table(curves))
     bq.log(f"wrote results.json, results.csv, {', '.join(map(os.path.basename, pngs))} to {workdir} "
            f"({time.time() - t0:.0f}s in all)")
-    if {'gkd', 'grpo', 'sft'} <= set(summary) and any(m.startswith('gkd_rl_c') for m in summary):
-        print(closing_line(summary, ws))
+    if {'gkd', 'grpo', f'gkd_rl_c{args.coefs[0]}', 'sft'} <= set(summary):
+        print(closing_line(summary, ws, args.coefs[0]))
     return 0
 
 
