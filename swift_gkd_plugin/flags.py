@@ -138,8 +138,8 @@ def check_cross_tokenizer_flags(args) -> None:
                          f'got {method!r}')
     flag = f'--gkd_cross_tokenizer {method}'
     if getattr(args, 'teacher_model_server', None) is not None:
-        raise ValueError(f'{flag} is not supported with --teacher_model_server yet: the server\'s top-k is over its own '
-                         'vocabulary and ULD/hybrid need full teacher rows; pass a local --teacher_model')
+        raise ValueError(f'{flag} is not supported with --teacher_model_server yet: the server\'s top-k is over its '
+                         'own vocabulary and ULD/hybrid need full teacher rows; pass a local --teacher_model')
     if args.gkd_logits_topk is not None:
         raise ValueError(f'{flag} cannot be combined with --gkd_logits_topk {args.gkd_logits_topk}: ULD and hybrid '
                          'need the full teacher row (unset --gkd_logits_topk)')

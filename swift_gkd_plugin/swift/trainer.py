@@ -709,7 +709,6 @@ class GKDPluginTrainer(GKDTrainer):
         if entropy_sum is not None:
             _add_token_sum(metrics['gkd/entropy'], entropy_sum, n_tokens)
 
-
     def _log_alignment_metrics(self, exact: torch.Tensor) -> None:
         """Cross-tokenizer runs: the fraction of student response tokens paired exactly and through the fallback
         (token-weighted, like the other metrics)."""
