@@ -129,3 +129,25 @@ def test_a_leading_space_dropped_by_one_decoder_still_aligns():
     from swift_gkd_plugin.swift.cross_tokenizer import without_leading_space
     assert without_leading_space(' p q', [(0, 2), (2, 4)]) == ('p q', [(0, 1), (1, 3)])
     assert without_leading_space('  p', [(0, 1), (1, 3)]) == ('p', [(0, 0), (0, 1)])
+
+
+def test_a_student_that_ends_at_once_pairs_with_the_teachers_end_token(tiny_ws, sp_teacher):
+    """A sampled response that is only ``<|im_end|>`` (empty text): the teacher's view ends its turn too, so the
+    student's end token pairs exactly with the teacher's, both predicted from the prompt (ms-swift's own templates
+    and encoding; no model loaded)."""
+    from swift.model import get_processor
+    from swift.rl_core.data import GKDSample
+    from swift.rlhf_trainers.utils import encode_sample
+    from swift.template import get_template
+
+    from swift_gkd_plugin.swift.cross_tokenizer import CrossTokenizerTeacher
+    student_template = get_template(get_processor(tiny_ws.student, model_type='qwen3'),
+                                    template_type='qwen3_nothinking', max_length=128)
+    student_template.set_mode('train')
+    xtok = CrossTokenizerTeacher('uld', sp_teacher, 'qwen3', student_template)
+    end = student_template.tokenizer.convert_tokens_to_ids('<|im_end|>')
+    sample = GKDSample(messages=[{'role': 'user', 'content': 'Reverse: a b'}, {'role': 'assistant', 'content': ''}],
+                       response_token_ids=[end], add_eos=False)
+    student = encode_sample(sample, student_template)
+    _, (row, ) = xtok.encode_and_align([sample], [student])
+    assert row.alignment.exact.tolist() == [True] and row.n_teacher >= 1

@@ -66,12 +66,11 @@ def response_ids(encoded: dict) -> List[int]:
     return [t for t, label in zip(encoded['input_ids'], encoded['labels']) if label != -100]
 
 
-def build_teacher_template(teacher_model, student_template):
+def build_teacher_template(teacher_dir: str, model_type: str, student_template):
     """The teacher's own template (its model type's), set up like the student's (length, truncation, padding)."""
     from swift.model import get_processor
     from swift.template import get_template
-    meta = teacher_model.model_meta
-    processor = get_processor(teacher_model.model_dir, model_type=meta.model_type)
+    processor = get_processor(teacher_dir, model_type=model_type)
     kwargs = dict(max_length=student_template.max_length, truncation_strategy=student_template.truncation_strategy,
                   padding_side=student_template.padding_side)
     try:
@@ -88,9 +87,9 @@ def build_teacher_template(teacher_model, student_template):
 class CrossTokenizerTeacher:
     """The teacher's template, the vocabulary mapping and the per-row alignment of a cross-tokenizer run."""
 
-    def __init__(self, method: str, teacher_model, student_template):
+    def __init__(self, method: str, teacher_dir: str, teacher_model_type: str, student_template):
         self.method = method
-        self.template = build_teacher_template(teacher_model, student_template)
+        self.template = build_teacher_template(teacher_dir, teacher_model_type, student_template)
         self.tokenizer = self.template.tokenizer
         self.student_tokenizer = student_template.tokenizer
         self._specials = (special_ids(self.student_tokenizer), special_ids(self.tokenizer))
@@ -106,15 +105,17 @@ class CrossTokenizerTeacher:
                     f'{len(self.student_shared)} shared with the student\'s {len(self.student_tokenizer)}')
 
     # ------------------------------------------------------------------ encoding
-    def teacher_row(self, sample, text: str) -> dict:
-        """The teacher's view of a sample (its privileged prompt if any) with ``text`` as the response."""
+    def teacher_row(self, sample, text: str, ends_turn: bool) -> dict:
+        """The teacher's view of a sample (its privileged prompt if any) with ``text`` as the response, ending its turn
+        (the template's end tokens) exactly when the student's response does: a student that ends at once (an empty
+        text) is then compared with the teacher's end token, predicted from the same prompt."""
         data = sample.to_teacher_template_dict() if sample.teacher_messages else sample.to_template_dict()
         messages = [dict(m) for m in data['messages']]
         if not messages or messages[-1].get('role') != 'assistant':
             raise ValueError(f'{row_name(sample)}: no assistant response to distil on')
         messages[-1]['content'] = text
         data['messages'] = messages
-        data.setdefault('add_eos', sample.add_eos)
+        data['add_eos'] = ends_turn
         return data
 
     def encode_and_align(self, samples, student_list: List[dict]) -> Tuple[List[dict], List[RowAlignment]]:
@@ -122,8 +123,10 @@ class CrossTokenizerTeacher:
         teacher_list, rows = [], []
         s_specials, t_specials = self._specials
         for sample, student in zip(samples, student_list):
-            s_text, s_spans = response_spans(self.student_tokenizer, response_ids(student), s_specials)
-            encoded = self.template.encode(self.teacher_row(sample, s_text), return_length=True)
+            s_ids = response_ids(student)
+            s_text, s_spans = response_spans(self.student_tokenizer, s_ids, s_specials)
+            ends_turn = any(t in s_specials for t in s_ids)
+            encoded = self.template.encode(self.teacher_row(sample, s_text, ends_turn), return_length=True)
             encoded.pop('_extra_kwargs', None)
             teacher_list.append(encoded)
             t_ids = response_ids(encoded)

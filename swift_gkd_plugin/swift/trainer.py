@@ -88,8 +88,9 @@ class GKDPluginTrainer(GKDTrainer):
         self._xtok = None  # --gkd_cross_tokenizer: the teacher's template, vocabulary mapping and alignment
         self._xtok_rows: List[list] = []  # per micro-batch, in encoding order, until attached to the batch
         if self.args.gkd_cross_tokenizer and self.teacher_model is not None:
-            self._xtok = CrossTokenizerTeacher(self.args.gkd_cross_tokenizer,
-                                               self.accelerator.unwrap_model(self.teacher_model), self.template)
+            teacher = self.accelerator.unwrap_model(self.teacher_model)
+            self._xtok = CrossTokenizerTeacher(self.args.gkd_cross_tokenizer, teacher.model_dir,
+                                               teacher.model_meta.model_type, self.template)
         self._fused = self._decide_loss_impl()
         suppress_media_placeholders(getattr(self, 'engine', None), self.template)  # the student's own sampler
         self._reward_funcs, self._reward_names = load_reward_funcs(self.args)
