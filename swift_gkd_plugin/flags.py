@@ -40,10 +40,17 @@ class GKDPluginArgumentsMixin:
         metadata={'help': 'Weight c of the policy-gradient term added to the divergence on on-policy steps: '
                   'c * sum A * (-log p(sampled token)) / tokens, A the group-normalised reward of the completion '
                   '(--reward_funcs, --num_generations, --scale_rewards). 0 (default): off. Finite, >= 0.'})
+    gkd_cross_tokenizer: Optional[str] = field(
+        default=None,
+        metadata={'help': 'Distil from a --teacher_model whose tokenizer differs from the student\'s: uld (sorted-'
+                  'probability L1, any two vocabularies) or hybrid (generalized JSD on the tokens both vocabularies '
+                  'share, ULD on the rest). Unset (default): the teacher must use the student\'s tokenizer. '
+                  'See docs_en/cross_tokenizer.md.'})
 
 
 PLUGIN_FLAGS: List[str] = [f.name for f in fields(GKDPluginArgumentsMixin)]
 GKD_LOSS_IMPLS = ('auto', 'fused', 'dense')
+CROSS_TOKENIZER_METHODS = ('uld', 'hybrid')
 
 
 def plugin_flags_in(argv: List[str], names: List[str] = PLUGIN_FLAGS) -> List[str]:
@@ -118,6 +125,33 @@ def check_gkd_scalars(args) -> None:
             raise ValueError('--gkd_topk_tail true needs --gkd_loss_impl auto or fused (the dense loss has no tail)')
     if topk is not None and topk <= 0:
         raise ValueError(f'--gkd_logits_topk must be a positive integer (or unset for the full vocabulary), got {topk}')
+    check_cross_tokenizer_flags(args)
+
+
+def check_cross_tokenizer_flags(args) -> None:
+    """``--gkd_cross_tokenizer``: a known method, and none of the flags it cannot work with."""
+    method = getattr(args, 'gkd_cross_tokenizer', None)
+    if method is None:
+        return
+    if method not in CROSS_TOKENIZER_METHODS:
+        raise ValueError(f'--gkd_cross_tokenizer must be one of {list(CROSS_TOKENIZER_METHODS)} (or unset), '
+                         f'got {method!r}')
+    flag = f'--gkd_cross_tokenizer {method}'
+    if getattr(args, 'teacher_model_server', None) is not None:
+        raise ValueError(f'{flag} is not supported with --teacher_model_server yet: the server\'s top-k is over its '
+                         'own vocabulary and ULD/hybrid need full teacher rows; pass a local --teacher_model')
+    if args.gkd_logits_topk is not None:
+        raise ValueError(f'{flag} cannot be combined with --gkd_logits_topk {args.gkd_logits_topk}: ULD and hybrid '
+                         'need the full teacher row (unset --gkd_logits_topk)')
+    if getattr(args, 'teacher_adapters', None):
+        raise ValueError(f'{flag} cannot be combined with --teacher_adapters: a teacher adapter shares its base\'s '
+                         'tokenizer; pass a --teacher_model with another tokenizer, or drop the flag')
+    if getattr(args, 'padding_free', False) or getattr(args, 'packing', False):
+        raise ValueError(f'{flag} is not supported with --padding_free / --packing (the alignment is per row): '
+                         'pass --padding_free false --packing false')
+    if (getattr(args, 'sequence_parallel_size', None) or 1) > 1:
+        raise ValueError(f'{flag} is not supported with --sequence_parallel_size {args.sequence_parallel_size} '
+                         '(allowed: 1)')
 
 
 def check_teacher_server_flags(args) -> None:

@@ -133,6 +133,26 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope='session')
+def sp_teacher(tiny_ws) -> str:
+    """A teacher of another tokenizer family (sentencepiece-style Metaspace BPE with byte fallback, 600 entries, the
+    same ChatML specials and template) and a sharpened output head, for cross-tokenizer runs; built once next to
+    ``tiny_ws``."""
+    from swift_gkd_plugin.testing import tiny
+    out = os.path.join(tiny_ws.root, 'sp_teacher')
+    if not os.path.exists(os.path.join(out, 'config.json')):
+        tok = tiny.build_sentencepiece_tokenizer(os.path.join(tiny_ws.root, 'sp_tok'))
+        tiny.build_model(out, tok, seed=3, hidden_size=96, intermediate_size=192)
+        # a random tiny model predicts almost uniformly; a sharper head gives ULD (which matches the shapes of the
+        # distributions) a target to learn within a few steps
+        import torch
+        model = tiny.load_model(out)
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(10.0)
+        model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope='session')
 def adapters(tiny_ws) -> Dict[str, str]:
     """LoRA adapters with non-zero weights: ``fit`` and ``student_start`` (a fixed starting point for a LoRA student,
     independent of the random state) fit the student's base; ``misfit`` was made on the (wider) teacher. ``fit``, the

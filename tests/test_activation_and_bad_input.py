@@ -107,7 +107,7 @@ def test_teacher_with_another_vocabulary_is_refused_naming_both(tiny_ws, tmp_pat
     run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), teacher_model=tiny_ws.other_vocab_teacher),
                     check=False, timeout=120)
     assert run.returncode != 0
-    assert 'tokenizers differ' in run.output
+    assert 'tokenizers differ' in run.output and '--gkd_cross_tokenizer uld|hybrid' in run.output
     assert tiny_ws.student in run.output and tiny_ws.other_vocab_teacher in run.output
     assert not any(marker in run.output for marker in MODEL_LOADED_MARKERS)
 

@@ -50,12 +50,15 @@ __all__ = ['hybrid_loss', 'uld_loss']
 DEFAULT_CHUNK = 256
 
 
-def _check(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> None:
+def _check(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+           teacher_index: Optional[torch.Tensor] = None) -> None:
     if not 0 < temperature < float('inf'):
         raise ValueError(f'temperature must be a finite number > 0, got {temperature}')
-    if student_logits.dim() != 2 or teacher_logits.dim() != 2 or len(student_logits) != len(teacher_logits):
+    n_teacher = len(teacher_logits) if teacher_index is None else len(teacher_index)
+    if student_logits.dim() != 2 or teacher_logits.dim() != 2 or len(student_logits) != n_teacher:
         raise ValueError(f'student {tuple(student_logits.shape)} and teacher {tuple(teacher_logits.shape)} logits must '
-                         'be [N, V_student] and [N, V_teacher] with one row per aligned position')
+                         'be [N, V_student] and [N, V_teacher] with one row per aligned position (or [M, V_teacher] '
+                         'with an [N] teacher_index)')
 
 
 def _sorted_l1(p_s: torch.Tensor, p_t: torch.Tensor) -> torch.Tensor:
@@ -68,15 +71,20 @@ def _sorted_l1(p_s: torch.Tensor, p_t: torch.Tensor) -> torch.Tensor:
     return (s - t).abs().sum(-1)
 
 
-def _by_chunks(fn, student_logits: torch.Tensor, teacher_logits: torch.Tensor, chunk_size: Optional[int]):
-    """``fn(student_chunk, teacher_chunk) -> [c]`` over row chunks, checkpointed when a gradient is recorded."""
+def _by_chunks(fn, student_logits: torch.Tensor, teacher_logits: torch.Tensor, chunk_size: Optional[int],
+               teacher_index: Optional[torch.Tensor] = None):
+    """``fn(student_chunk, teacher_chunk) -> [c]`` over row chunks, checkpointed when a gradient is recorded.
+
+    With ``teacher_index``, student row ``n`` pairs with teacher row ``teacher_index[n]``, gathered one chunk at a
+    time: the aligned ``[N, V_teacher]`` copy of the teacher rows never exists whole."""
     chunk = chunk_size or DEFAULT_CHUNK
     if chunk < 1:
         raise ValueError(f'chunk_size must be >= 1, got {chunk_size}')
     record = torch.is_grad_enabled() and student_logits.requires_grad
     out = []
     for start in range(0, len(student_logits), chunk):
-        s, t = student_logits[start:start + chunk], teacher_logits[start:start + chunk].detach()
+        rows = slice(start, start + chunk) if teacher_index is None else teacher_index[start:start + chunk]
+        s, t = student_logits[start:start + chunk], teacher_logits[rows].detach()
         out.append(checkpoint(fn, s, t, use_reentrant=False) if record else fn(s, t))
     if not out:  # no row: an empty result that still belongs to the student's graph
         return student_logits.float().sum(-1)
@@ -86,7 +94,8 @@ def _by_chunks(fn, student_logits: torch.Tensor, teacher_logits: torch.Tensor, c
 def uld_loss(student_logits: torch.Tensor,
              teacher_logits: torch.Tensor,
              temperature: float = 1.0,
-             chunk_size: Optional[int] = None) -> torch.Tensor:
+             chunk_size: Optional[int] = None,
+             teacher_index: Optional[torch.Tensor] = None) -> torch.Tensor:
     r"""Universal logit distillation distance per aligned position.
 
     .. math::
@@ -102,16 +111,18 @@ def uld_loss(student_logits: torch.Tensor,
         teacher_logits: ``[N, V_t]``, ``V_t`` may differ from ``V_s`` (no gradient flows to it).
         temperature: ``T > 0``, divides both logits.
         chunk_size: rows per chunk (default 256); float32 temporaries are ``chunk x V``.
+        teacher_index: ``[N]`` int64, optional: student row ``n`` pairs with ``teacher_logits[teacher_index[n]]``
+            (``teacher_logits`` then has any number of rows), gathered chunk by chunk.
 
     Returns:
         ``[N]`` float32.
     """
-    _check(student_logits, teacher_logits, temperature)
+    _check(student_logits, teacher_logits, temperature, teacher_index)
 
     def chunk_loss(s, t):
         return _sorted_l1(torch.softmax(s.float() / temperature, -1), torch.softmax(t.float() / temperature, -1))
 
-    return _by_chunks(chunk_loss, student_logits, teacher_logits, chunk_size)
+    return _by_chunks(chunk_loss, student_logits, teacher_logits, chunk_size, teacher_index)
 
 
 def _complement(ids: torch.Tensor, size: int) -> torch.Tensor:
@@ -128,7 +139,8 @@ def hybrid_loss(student_logits: torch.Tensor,
                 temperature: float = 1.0,
                 chunk_size: Optional[int] = None,
                 shared_weight: Optional[float] = None,
-                rest_weight: Optional[float] = None) -> torch.Tensor:
+                rest_weight: Optional[float] = None,
+                teacher_index: Optional[torch.Tensor] = None) -> torch.Tensor:
     r"""GOLD's hybrid: generalized JSD on the shared vocabulary, ULD on the rest, per aligned position.
 
     .. math::
@@ -150,11 +162,12 @@ def hybrid_loss(student_logits: torch.Tensor,
         beta: in ``[0, 1]``; 0 = ``KL(teacher||student)``, 1 = ``KL(student||teacher)``.
         temperature: ``T > 0``. chunk_size: rows per chunk (default 256).
         shared_weight, rest_weight: fixed weights instead of GOLD's adaptive ones (give both or neither).
+        teacher_index: ``[N]`` int64, optional, as in :func:`uld_loss`.
 
     Returns:
         ``[N]`` float32.
     """
-    _check(student_logits, teacher_logits, temperature)
+    _check(student_logits, teacher_logits, temperature, teacher_index)
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f'beta must be in [0, 1], got {beta}')
     vs, vt = student_logits.shape[-1], teacher_logits.shape[-1]
@@ -179,4 +192,4 @@ def hybrid_loss(student_logits: torch.Tensor,
             loss = loss + rest_weight * _sorted_l1(p_s, p_t)
         return loss
 
-    return _by_chunks(chunk_loss, student_logits, teacher_logits, chunk_size)
+    return _by_chunks(chunk_loss, student_logits, teacher_logits, chunk_size, teacher_index)

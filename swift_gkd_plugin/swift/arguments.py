@@ -43,15 +43,30 @@ def _load_vocab(model_dir: str):
 
 
 def check_teacher(args) -> None:
-    """The teacher exists and speaks the student's vocabulary (a larger lm_head over the same tokenizer is fine)."""
+    """The teacher exists and speaks the student's vocabulary (a larger lm_head over the same tokenizer is fine), or
+    ``--gkd_cross_tokenizer`` is given for a teacher with another tokenizer."""
+    cross = args.gkd_cross_tokenizer
     if args.teacher_model is None:
+        if cross:
+            raise ValueError(f'--gkd_cross_tokenizer {cross} needs a --teacher_model with another tokenizer; without '
+                             'one the teacher is the student itself (same tokenizer): drop the flag')
         return
     teacher_dir = resolve_model_dir('--teacher_model', args.teacher_model, args.teacher_model_revision, args)
     student_dir = getattr(args, 'model_dir', None)
-    if student_dir is None or os.path.realpath(student_dir) == os.path.realpath(teacher_dir):
+    if student_dir is None:
         return
-    student_vocab, teacher_vocab = _load_vocab(student_dir), _load_vocab(teacher_dir)
-    if student_vocab is None or teacher_vocab is None or student_vocab == teacher_vocab:
+    same_dir = os.path.realpath(student_dir) == os.path.realpath(teacher_dir)
+    student_vocab = None if same_dir else _load_vocab(student_dir)
+    teacher_vocab = None if same_dir else _load_vocab(teacher_dir)
+    if same_dir or student_vocab == teacher_vocab:
+        if cross:
+            logger.warning(f'swift_gkd_plugin: --gkd_cross_tokenizer {cross} is ignored: the teacher uses the '
+                           'student\'s tokenizer, so the exact (token by token) GKD loss is used')
+            args.gkd_cross_tokenizer = None
+            if getattr(args, 'training_args', None) is not None:
+                args.training_args.gkd_cross_tokenizer = None
+        return
+    if student_vocab is None or teacher_vocab is None or cross:
         return
     only_s = len(set(student_vocab.items()) - set(teacher_vocab.items()))
     only_t = len(set(teacher_vocab.items()) - set(student_vocab.items()))
@@ -59,7 +74,8 @@ def check_teacher(args) -> None:
         f'teacher and student tokenizers differ: --model {args.model!r} has {len(student_vocab)} tokens, '
         f'--teacher_model {args.teacher_model!r} has {len(teacher_vocab)} ({only_s} token/id pairs only in the '
         f'student, {only_t} only in the teacher). GKD compares distributions token by token, so both must use the '
-        'same tokenizer (a teacher whose lm_head is larger over the same tokenizer is fine).')
+        'same tokenizer (a teacher whose lm_head is larger over the same tokenizer is fine), or pass '
+        '--gkd_cross_tokenizer uld|hybrid to distil across tokenizers (docs_en/cross_tokenizer.md).')
 
 
 def _head_rows(flag: str, model_dir: str) -> Optional[int]:

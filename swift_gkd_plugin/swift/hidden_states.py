@@ -85,6 +85,8 @@ def head_bypassed(model: nn.Module, enabled: bool = True):
 
 def fused_fallback_reason(trainer) -> Optional[str]:
     """Why the fused loss cannot run in this trainer's configuration, or None when it can."""
+    if getattr(trainer, '_xtok', None) is not None:
+        return 'cross-tokenizer distillation (--gkd_cross_tokenizer) compares aligned positions of two vocabularies'
     for label, model in (('student', trainer.accelerator.unwrap_model(trainer.model)),
                          ('teacher', None if trainer.teacher_model is None else trainer.accelerator.unwrap_model(
                              trainer.teacher_model))):

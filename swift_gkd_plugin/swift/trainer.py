@@ -34,6 +34,7 @@ from swift_gkd_plugin.core.modes import mode_draw, sampling_seed
 from swift_gkd_plugin.core.policy_gradient import policy_gradient_loss, sampled_token_stats
 from swift_gkd_plugin.core.offload import TeacherOffloader, is_partitioned
 from swift_gkd_plugin.core.topk import drop_ids_outside_vocab
+from swift_gkd_plugin.swift.cross_tokenizer import CrossTokenizerTeacher
 from swift_gkd_plugin.swift.hidden_states import (fused_fallback_reason, gathered_heads, head_bypassed, head_is_sharded,
                                                   head_rows, output_head, topk_from_hidden)
 from swift_gkd_plugin.swift.lora_round_trip import exact_lora_round_trip
@@ -84,6 +85,12 @@ class GKDPluginTrainer(GKDTrainer):
             self._teacher_offloader = TeacherOffloader(
                 self.accelerator.unwrap_model(self.teacher_model), self.accelerator.device)
         self._log_teacher_placement()
+        self._xtok = None  # --gkd_cross_tokenizer: the teacher's template, vocabulary mapping and alignment
+        self._xtok_rows: List[list] = []  # per micro-batch, in encoding order, until attached to the batch
+        if self.args.gkd_cross_tokenizer and self.teacher_model is not None:
+            teacher = self.accelerator.unwrap_model(self.teacher_model)
+            self._xtok = CrossTokenizerTeacher(self.args.gkd_cross_tokenizer, teacher.model_dir,
+                                               teacher.model_meta.model_type, self.template)
         self._fused = self._decide_loss_impl()
         suppress_media_placeholders(getattr(self, 'engine', None), self.template)  # the student's own sampler
         self._reward_funcs, self._reward_names = load_reward_funcs(self.args)
@@ -352,18 +359,26 @@ class GKDPluginTrainer(GKDTrainer):
         with self._teacher_sampling_context() as engine:
             results = engine.infer(requests, self._get_request_config(), use_tqdm=False)
         outputs = [r if isinstance(r, RolloutOutput) else RolloutOutput(response=r) for r in results]
-        return self._postprocess_rollout_outputs(samples, outputs)
+        samples = self._postprocess_rollout_outputs(samples, outputs)
+        if self._xtok is not None:
+            for sample in samples:
+                # the sampled ids are the teacher's: both sides encode the text, ending the turn where the
+                # teacher stopped by itself
+                sample.response_token_ids, sample.response_loss_mask = [], []
+                sample.add_eos = sample.finish_reason == 'stop'
+        return samples
 
-    def _infer_template(self):
-        template = copy(self.template)
+    def _infer_template(self, template=None):
+        template = copy(template or self.template)
         template.padding_free = False
         template.sequence_parallel_size = 1
         template.remove_unused_columns = True
         return template
 
-    def _sampling_engine(self, model):
-        engine = TransformersEngine(model, template=self._infer_template(), max_batch_size=0)
-        suppress_media_placeholders(engine, self.template)
+    def _sampling_engine(self, model, template=None):
+        template = template or self.template
+        engine = TransformersEngine(model, template=self._infer_template(template), max_batch_size=0)
+        suppress_media_placeholders(engine, template)
         return engine
 
     def _postprocess_rollout_outputs(self, samples, outputs):
@@ -392,9 +407,10 @@ class GKDPluginTrainer(GKDTrainer):
                         self.teacher_model, self.accelerator,
                         gather_deepspeed3_params=self.teacher_ds3_gather_for_generation is not False))
                 if self._teacher_engine is None or self._teacher_engine.model is not unwrapped:
-                    self._teacher_engine = self._sampling_engine(unwrapped)
+                    # a teacher with another tokenizer samples through its own template
+                    self._teacher_engine = self._sampling_engine(unwrapped, self._xtok and self._xtok.template)
                 engine = self._teacher_engine
-            stack.enter_context(self.template.generate_context())
+            stack.enter_context((self._xtok.template if self._xtok else self.template).generate_context())
             yield engine
 
     # ------------------------------------------------------------------ batching and normalisation
@@ -405,6 +421,8 @@ class GKDPluginTrainer(GKDTrainer):
             prepare_teacher_view(sample)
         with self._template_context(template):
             student_list, teacher_list, has_teacher_view = encode_gkd_samples(samples, template)
+        if self._xtok is not None:
+            return self._encode_cross_tokenizer(samples, student_list)
         for sample, student, teacher in zip(samples, student_list, teacher_list):
             if not has_teacher_view:
                 break
@@ -415,9 +433,21 @@ class GKDPluginTrainer(GKDTrainer):
                                if has_teacher_view else None)
         return encoded, teacher_encoded
 
+    def _encode_cross_tokenizer(self, samples, student_list):
+        """The teacher's view through its own template; each row's alignment waits for its micro-batch."""
+        teacher_template = self._xtok.template
+        with self._template_context(teacher_template):
+            teacher_list, rows = self._xtok.encode_and_align(samples, student_list)
+            teacher_encoded = to_device(teacher_template.data_collator(teacher_list), self.accelerator.device)
+        with self._template_context(self.template):
+            encoded = to_device(self.template.data_collator(student_list), self.accelerator.device)
+        self._xtok_rows.append(rows)
+        return encoded, teacher_encoded
+
     def _prepare_batch_inputs(self, samples):
         """ms-swift's micro-batches, each with its number of rows and, on an on-policy step with rewards, their
         advantages."""
+        self._xtok_rows = []  # filled by _encode_samples, one entry per micro-batch
         batches = super()._prepare_batch_inputs(samples)
         if self.template.sequence_parallel_size == 1:
             sizes = [len(chunk) for chunk in self.split_by_mini_batches(samples)]  # the same split as ms-swift's
@@ -425,6 +455,10 @@ class GKDPluginTrainer(GKDTrainer):
             sizes = [batch['model_inputs']['labels'].shape[0] for batch in batches]
         for batch, rows in zip(batches, sizes):
             batch['gkd_rows'] = rows
+        if self._xtok is not None:
+            for batch, rows in zip(batches, self._xtok_rows):
+                batch['gkd_xtok_rows'] = rows
+            self._xtok_rows = []
         if self._advantages is not None:
             for batch, advantages in zip(batches, self._advantages.split(sizes)):
                 batch['gkd_advantages'] = advantages
@@ -495,7 +529,8 @@ class GKDPluginTrainer(GKDTrainer):
         student_mask = student_labels != -100
         teacher_mask = shift_labels(teacher_inputs['labels']) != -100
         n_student = int(student_mask.sum())
-        check_same_response_count(n_student, int(teacher_mask.sum()))
+        if self._xtok is None:
+            check_same_response_count(n_student, int(teacher_mask.sum()))
         step_tokens = inputs.get('gkd_step_tokens', float(n_student))
         # DDP and DeepSpeed average gradients over ranks: scaling by the world size makes the gradient that of
         # (sum over every response token of the step) / (their count).
@@ -523,6 +558,11 @@ class GKDPluginTrainer(GKDTrainer):
         if self.use_teacher_api:
             per_token, agree = self._topk_divergence(student, gkd_batch.teacher_topk_indices[teacher_mask],
                                                      gkd_batch.teacher_topk_logprobs[teacher_mask])
+        elif self._xtok is not None:  # the teacher reads its own tokenization: aligned positions
+            teacher_index, exact = self._xtok.teacher_rows(student_mask, teacher_mask, inputs['gkd_xtok_rows'])
+            per_token, agree = self._xtok.loss(student, self._teacher_forward(model, teacher_inputs), teacher_index,
+                                               self.args.beta, self.args.temperature)
+            self._log_alignment_metrics(exact)
         else:
             teacher = self._teacher_forward(model, teacher_inputs)[teacher_mask]
             if self.gkd_logits_topk is not None:
@@ -669,6 +709,14 @@ class GKDPluginTrainer(GKDTrainer):
             _add_token_sum(metrics['gkd/pg_loss'], pg_sum, n_tokens)
         if entropy_sum is not None:
             _add_token_sum(metrics['gkd/entropy'], entropy_sum, n_tokens)
+
+    def _log_alignment_metrics(self, exact: torch.Tensor) -> None:
+        """Cross-tokenizer runs: the fraction of student response tokens paired exactly and through the fallback
+        (token-weighted, like the other metrics)."""
+        metrics = self.custom_metrics['train' if self.model.training else 'eval']
+        n, n_exact = exact.numel(), int(exact.sum())
+        _add_token_sum(metrics['gkd/xtok_exact_fraction'], n_exact, n)
+        _add_token_sum(metrics['gkd/xtok_fallback_fraction'], n - n_exact, n)
 
 
 def _add_token_sum(metric, total, n_tokens: int) -> None:

@@ -32,7 +32,7 @@ def check_privileged_columns(dataset) -> None:
                              f'messages (the teacher\'s prompt conversation), got {messages}')
 
 
-def _row_name(sample) -> str:
+def row_name(sample) -> str:
     user = [m['content'] for m in sample.messages if m['role'] == 'user']
     text = user[-1] if user else ''
     text = text if isinstance(text, str) else str(text)
@@ -44,7 +44,7 @@ def check_views_aligned(sample, student: dict, teacher: dict) -> None:
     s_ids = [t for t, l in zip(student['input_ids'], student['labels']) if l != -100]
     t_ids = [t for t, l in zip(teacher['input_ids'], teacher['labels']) if l != -100]
     if s_ids != t_ids:
-        raise ValueError(f'cannot align the teacher prompt with the student response for {_row_name(sample)}: the '
+        raise ValueError(f'cannot align the teacher prompt with the student response for {row_name(sample)}: the '
                          f'teacher view scores {len(t_ids)} response tokens, the student view {len(s_ids)}'
                          f'{"" if len(s_ids) != len(t_ids) else " (different tokens)"}. Check its teacher_prompt / '
                          'teacher_messages column: it must hold only the prompt, not a response.')

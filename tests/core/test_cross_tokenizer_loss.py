@@ -180,3 +180,23 @@ def test_backward_keeps_only_views_of_the_inputs(loss_fn):
             loss = hybrid_loss(student, teacher, s_ids, t_ids, 0.5, chunk_size=5)
     assert kept and set(kept) <= inputs
     assert torch.autograd.grad(loss.sum(), student)[0].shape == student.shape
+
+
+@pytest.mark.parametrize('method', ['uld', 'hybrid'])
+def test_teacher_index_gathers_rows_chunk_by_chunk(method):
+    """``teacher_index``: student row n against teacher row index[n] (repeats and skipped rows included), in small
+    chunks, equals the float64 reference on the gathered rows, values and gradients."""
+    student, teacher, weights, gen = random_case(31)
+    pool = torch.randn(7, teacher.shape[-1], generator=gen) * 3  # fewer teacher rows than student rows
+    index = torch.randint(0, len(pool), (len(student), ), generator=gen)
+    if method == 'uld':
+        ours = uld_loss(student, pool, 1.5, chunk_size=4, teacher_index=index)
+        check_against(ours, lambda s: reference_uld(s, pool[index], 1.5), student, weights)
+    else:
+        s_ids, t_ids = shared_ids(gen)
+        w = len(s_ids) / pool.shape[-1]
+        ours = hybrid_loss(student, pool, s_ids, t_ids, 0.3, 1.5, chunk_size=4, teacher_index=index)
+        check_against(ours, lambda s: reference_hybrid(s, pool[index], s_ids, t_ids, 0.3, 1.5, w, 1 - w), student,
+                      weights)
+    with pytest.raises(ValueError, match='teacher_index'):
+        uld_loss(student, pool, teacher_index=index[:-1])

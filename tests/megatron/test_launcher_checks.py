@@ -54,6 +54,7 @@ GKD = ('--rlhf_type', 'gkd')
     (('--reward_weights', '1', '0.5', '--num_generations', '4'), "['--reward_weights', '--num_generations'] are "
      'supported by swift rlhf only'),
     (('--gkd_rl_coef', '0.5'), "['--gkd_rl_coef'] are supported by swift rlhf only"),
+    (('--gkd_cross_tokenizer', 'uld'), '--gkd_cross_tokenizer uld is supported by swift rlhf only'),
 ])
 def test_bad_gkd_flags_are_refused_before_any_rank_starts(flags, needle):
     code, output = megatron_rlhf(*GKD, *flags)

@@ -1,0 +1,153 @@
+"""``--gkd_cross_tokenizer uld|hybrid``: real ``swift rlhf`` runs with a teacher of another tokenizer family.
+
+The student uses the tiny byte-level BPE tokenizer, the teacher a sentencepiece-style one (``sp_teacher``): other
+vocabulary, other merges, ``▁`` instead of ``Ġ``. One run per (method, mode), shared by the assertions on it.
+"""
+import math
+from types import SimpleNamespace
+
+import pytest
+from conftest import base_args, run_swift
+from test_activation_and_bad_input import \
+    test_bad_input_is_refused_before_any_model_is_loaded as refused_before_loading
+
+from swift_gkd_plugin.flags import check_gkd_scalars
+
+MODES = {  # mode -> flags that give it on every step
+    'off_policy': dict(lmbda=0),
+    'on_policy': dict(lmbda=1),
+    'seq_kd': dict(lmbda=0, seq_kd='true'),
+}
+STEPS = 8  # off-policy runs on the fixed batch
+FRACTIONS = ('gkd/xtok_exact_fraction', 'gkd/xtok_fallback_fraction')
+
+
+@pytest.fixture(scope='module')
+def xtok_runs(tiny_ws, sp_teacher, tmp_path_factory):
+    """``runs(method, mode)``: one cached run. Off-policy runs train on the fixed four-row batch at a real learning
+    rate for eight steps (the loss must fall); the sampling modes run three steps on the training set."""
+    cache = {}
+
+    def runs(method, mode):
+        if (method, mode) not in cache:
+            out = str(tmp_path_factory.mktemp(f'xtok_{method}_{mode}'))
+            fixed = dict(dataset=tiny_ws.fixed, per_device_train_batch_size=4, learning_rate=5e-3, max_steps=STEPS,
+                         lr_scheduler_type='constant', warmup_ratio=0, temperature=1.0)
+            flags = dict(teacher_model=sp_teacher, gkd_cross_tokenizer=method, **MODES[mode],
+                         **(fixed if mode == 'off_policy' else {}))
+            cache[method, mode] = run_swift(base_args(tiny_ws, out, **flags))
+        return cache[method, mode]
+
+    return runs
+
+
+@pytest.mark.parametrize('mode', list(MODES))
+@pytest.mark.parametrize('method', ['uld', 'hybrid'])
+def test_every_mode_trains_with_alignment_metrics(xtok_runs, method, mode):
+    run = xtok_runs(method, mode)
+    assert run.logs and all(math.isfinite(loss) for loss in run.losses)
+    assert {row['mode'] for row in run.modes()} == {mode}
+    assert 'the fused loss cannot apply here (cross-tokenizer distillation' in run.output
+    for row in run.logs:
+        assert f'gkd/loss_{mode}' in row and math.isfinite(row['gkd/top1_agreement'])
+        exact, fallback = (row[name] for name in FRACTIONS)
+        assert 0 <= exact <= 1 and 0 <= fallback <= 1 and exact + fallback == pytest.approx(1)
+        assert exact > 0  # the end-of-turn tokens at least pair exactly
+
+
+@pytest.mark.parametrize('method', ['uld', 'hybrid'])
+def test_loss_falls_on_a_fixed_batch(xtok_runs, method):
+    run = xtok_runs(method, 'off_policy')
+    distill = [row['gkd/distill_loss'] for row in run.logs]
+    assert len(run.losses) == STEPS and run.losses[-1] < 0.9 * run.losses[0], run.losses
+    assert distill[-1] < 0.9 * distill[0], distill
+
+
+def test_same_tokenizer_teacher_ignores_the_flag_with_a_warning(tiny_ws, tmp_path):
+    """With the student's tokenizer the flag changes nothing: the exact path runs and the losses are identical."""
+    flags = dict(lmbda=0, max_steps=2, gkd_loss_impl='dense')
+    with_flag = run_swift(base_args(tiny_ws, str(tmp_path / 'flag'), gkd_cross_tokenizer='hybrid', **flags))
+    without = run_swift(base_args(tiny_ws, str(tmp_path / 'plain'), **flags))
+    assert '--gkd_cross_tokenizer hybrid is ignored: the teacher uses the student\'s tokenizer' in with_flag.output
+    assert with_flag.losses == without.losses and len(with_flag.losses) == 2
+    assert not any(FRACTIONS[0] in row for row in with_flag.logs)
+
+
+BAD_FLAGS = [  # (flags, words the error must contain); flag-only checks, no ms-swift needed
+    (dict(gkd_cross_tokenizer='gold'), ["--gkd_cross_tokenizer must be one of ['uld', 'hybrid']", "'gold'"]),
+    (dict(gkd_logits_topk=8), ['--gkd_logits_topk 8', 'full teacher row']),
+    (dict(teacher_model_server='http://127.0.0.1:1'), ['--teacher_model_server', 'not supported']),
+    (dict(teacher_adapters=['a']), ['--teacher_adapters']),
+    (dict(padding_free=True), ['--padding_free / --packing']),
+    (dict(packing=True), ['--padding_free / --packing']),
+    (dict(sequence_parallel_size=2), ['--sequence_parallel_size 2', 'allowed: 1']),
+]
+
+
+@pytest.mark.parametrize('flags,needles', BAD_FLAGS, ids=[str(f) for f, _ in BAD_FLAGS])
+def test_bad_flag_combinations_are_named(flags, needles):
+    args = SimpleNamespace(beta=0.5, lmbda=0.0, temperature=0.9, sft_alpha=0.0, max_completion_length=8, seq_kd=False,
+                           gkd_loss_impl='auto', gkd_logits_topk=None, teacher_model_server=None, teacher_adapters=[],
+                           padding_free=False, packing=False, sequence_parallel_size=1, gkd_cross_tokenizer='uld')
+    for name, value in flags.items():
+        setattr(args, name, value)
+    with pytest.raises(ValueError) as info:
+        check_gkd_scalars(args)
+    for needle in needles:
+        assert needle in str(info.value)
+
+
+@pytest.mark.parametrize('flags,needles', [
+    (dict(gkd_cross_tokenizer='gold'), ["--gkd_cross_tokenizer must be one of ['uld', 'hybrid']"]),
+    (dict(gkd_cross_tokenizer='uld', teacher_model=None, teacher_model_type=None),
+     ['--gkd_cross_tokenizer uld needs a --teacher_model']),
+], ids=['bad_value', 'no_teacher'])
+def test_bad_input_is_refused_before_any_model_is_loaded(tiny_ws, tmp_path, flags, needles):
+    refused_before_loading(tiny_ws, tmp_path, flags, needles)
+
+
+def test_response_spans_end_tokens_pair_and_byte_tokens_are_text(tiny_ws, sp_teacher):
+    """End-of-turn tokens (and the template's newline after them) are zero width at the end and pair exactly; the
+    teacher's ``<0xHH>`` byte-fallback tokens, registered as special tokens in its tokenizer, are still text (a
+    sampled response that decodes to U+FFFD re-encodes into them)."""
+    from swift_gkd_plugin.core.token_alignment import align_positions
+    from swift_gkd_plugin.swift.cross_tokenizer import response_spans, special_ids
+    from swift_gkd_plugin.testing import tiny
+    text = 'Y\ufffd 9ishor b d'
+    sides = []
+    for tok in (tiny.load_tokenizer(tiny_ws.student), tiny.load_tokenizer(sp_teacher)):
+        ids = tok.encode(text, add_special_tokens=False) + tok.encode('<|im_end|>\n', add_special_tokens=False)
+        decoded, spans = response_spans(tok, ids, special_ids(tok))
+        assert decoded == text and spans[-2:] == [(len(text), len(text))] * 2
+        sides.append(spans)
+    alignment = align_positions(*sides)
+    assert alignment.exact[-2:].all() and 0 < alignment.exact_fraction <= 1
+
+
+def test_a_leading_space_dropped_by_one_decoder_still_aligns():
+    """A sampled response ' p q' decodes to 'p q' through a sentencepiece decoder: both sides are compared from 'p'."""
+    from swift_gkd_plugin.swift.cross_tokenizer import without_leading_space
+    assert without_leading_space(' p q', [(0, 2), (2, 4)]) == ('p q', [(0, 1), (1, 3)])
+    assert without_leading_space('  p', [(0, 1), (1, 3)]) == ('p', [(0, 0), (0, 1)])
+
+
+def test_a_student_that_ends_at_once_pairs_with_the_teachers_end_token(tiny_ws, sp_teacher):
+    """A sampled response that is only ``<|im_end|>`` (empty text): the teacher's view ends its turn too, so the
+    student's end token pairs exactly with the teacher's, both predicted from the prompt (ms-swift's own templates
+    and encoding; no model loaded)."""
+    from swift.model import get_processor
+    from swift.rl_core.data import GKDSample
+    from swift.rlhf_trainers.utils import encode_sample
+    from swift.template import get_template
+
+    from swift_gkd_plugin.swift.cross_tokenizer import CrossTokenizerTeacher
+    student_template = get_template(get_processor(tiny_ws.student, model_type='qwen3'),
+                                    template_type='qwen3_nothinking', max_length=128)
+    student_template.set_mode('train')
+    xtok = CrossTokenizerTeacher('uld', sp_teacher, 'qwen3', student_template)
+    end = student_template.tokenizer.convert_tokens_to_ids('<|im_end|>')
+    sample = GKDSample(messages=[{'role': 'user', 'content': 'Reverse: a b'}, {'role': 'assistant', 'content': ''}],
+                       response_token_ids=[end], add_eos=False)
+    student = encode_sample(sample, student_template)
+    _, (row, ) = xtok.encode_and_align([sample], [student])
+    assert row.alignment.exact.tolist() == [True] and row.n_teacher >= 1
