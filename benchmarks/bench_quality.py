@@ -59,9 +59,12 @@ def log(msg: str) -> None:
     print(f'[bench_quality {time.strftime("%H:%M:%S")}] {msg}', flush=True)
 
 
-def method_command(method: str, ws: Dict[str, Any], cfg: Dict[str, Any], seed: int, output_dir: str) -> List[str]:
-    """The ``swift sft`` / ``swift rlhf`` command line of one method: every method shares the optimizer settings."""
-    command, extra = METHODS[method]
+def method_command(method: str, ws: Dict[str, Any], cfg: Dict[str, Any], seed: int, output_dir: str,
+                   methods: Dict[str, tuple] = METHODS) -> List[str]:
+    """The ``swift sft`` / ``swift rlhf`` command line of one method: every method shares the optimizer settings.
+
+    A method's flags override the shared ones; a flag set to ``None`` is left out (GRPO drops the teacher)."""
+    command, extra = methods[method]
     flags = {
         'model': ws['student'], 'model_type': 'qwen3', 'template': 'qwen3_nothinking', 'dataset': ws['train'],
         'tuner_type': 'full', 'torch_dtype': 'float32', 'check_model': 'false',
@@ -74,29 +77,37 @@ def method_command(method: str, ws: Dict[str, Any], cfg: Dict[str, Any], seed: i
     }
     if command == 'rlhf':
         flags.update({'rlhf_type': 'gkd', 'teacher_model': ws['teacher'], 'teacher_model_type': 'qwen3',
-                      'temperature': TEMPERATURE, 'max_completion_length': '12', **extra})
+                      'temperature': TEMPERATURE, 'max_completion_length': '12'})
+    flags.update(extra)
     argv = [swift_executable(), command]
     for key, value in flags.items():
-        argv += [f'--{key}', str(value)]
+        if value is not None:
+            argv += [f'--{key}', str(value)]
     return argv
 
 
-def run_method(method: str, ws: Dict[str, Any], cfg: Dict[str, Any], seed: int, out_root: str) -> List[str]:
+def run_method(method: str, ws: Dict[str, Any], cfg: Dict[str, Any], seed: int, out_root: str,
+               methods: Dict[str, tuple] = METHODS) -> List[str]:
     """Run one method with one seed; return its checkpoints in step order.  A failed run stops the benchmark."""
     output_dir = os.path.join(out_root, f'{method}_seed{seed}')
     shutil.rmtree(output_dir, ignore_errors=True)
     env = dict(os.environ, **OFFLINE_ENV, TOKENIZERS_PARALLELISM='false')
     env.setdefault('OMP_NUM_THREADS', '1')
     env.pop('SWIFT_GKD_PLUGIN', None)
-    proc = subprocess.run(method_command(method, ws, cfg, seed, output_dir), env=env, capture_output=True, text=True)
+    argv = method_command(method, ws, cfg, seed, output_dir, methods)
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True)
     output = proc.stdout + proc.stderr
     if proc.returncode != 0:
         raise SystemExit(f'{method} seed {seed} failed ({proc.returncode}):\n{output[-4000:]}')
-    if METHODS[method][0] == 'rlhf' and 'GKD trainer active' not in output:
+    if _is_gkd_run(argv) and 'GKD trainer active' not in output:
         raise SystemExit(f'{method} seed {seed}: the run did not use the plugin (no "GKD trainer active" in its log)')
     with open(os.path.join(output_dir, 'run.log'), 'w') as f:
         f.write(output)
     return sorted(glob.glob(os.path.join(output_dir, 'checkpoint-*')), key=lambda p: int(p.rsplit('-', 1)[1]))
+
+
+def _is_gkd_run(argv: List[str]) -> bool:
+    return argv[1] == 'rlhf' and argv[argv.index('--rlhf_type') + 1] == 'gkd'
 
 
 def evaluate_curve(checkpoints: List[str], ws: Dict[str, Any], test_rows, tokenizer) -> List[Dict[str, Any]]:
@@ -112,23 +123,24 @@ def _curve_path(workdir: str, method: str, seed: int) -> str:
     return os.path.join(workdir, 'runs', f'{method}_seed{seed}.curve.json')
 
 
-def cached_curve(workdir: str, method: str, seed: int, cfg: Dict[str, Any]):
+def cached_curve(workdir: str, method: str, seed: int, cfg: Dict[str, Any], methods: Dict[str, tuple] = METHODS):
     """The curve of an earlier run with the same settings (an interrupted benchmark resumes where it stopped)."""
     try:
         with open(_curve_path(workdir, method, seed)) as f:
             saved = json.load(f)
     except (OSError, ValueError):
         return None
-    return saved['curve'] if saved['config'] == _run_config(method, cfg) else None
+    return saved['curve'] if saved['config'] == _run_config(method, cfg, methods) else None
 
 
-def save_curve(workdir: str, method: str, seed: int, cfg: Dict[str, Any], curve) -> None:
+def save_curve(workdir: str, method: str, seed: int, cfg: Dict[str, Any], curve,
+               methods: Dict[str, tuple] = METHODS) -> None:
     with open(_curve_path(workdir, method, seed), 'w') as f:
-        json.dump({'config': _run_config(method, cfg), 'curve': curve}, f)
+        json.dump({'config': _run_config(method, cfg, methods), 'curve': curve}, f)
 
 
-def _run_config(method: str, cfg: Dict[str, Any]) -> Dict[str, Any]:
-    config = {'method': METHODS[method], 'learning_rate': LEARNING_RATE, 'temperature': TEMPERATURE,
+def _run_config(method: str, cfg: Dict[str, Any], methods: Dict[str, tuple]) -> Dict[str, Any]:
+    config = {'method': methods[method], 'learning_rate': LEARNING_RATE, 'temperature': TEMPERATURE,
               **{k: v for k, v in cfg.items() if k != 'seeds'}}
     return json.loads(json.dumps(config))  # as it reads back from the file (tuples become lists)
 
@@ -221,60 +233,87 @@ def closing_line(summary, ws) -> str:
             f"mixed {em['mixed']:.3f}, gap closed {gap:.0f}%")
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def collect_curves(names: List[str], ws: Dict[str, Any], cfg: Dict[str, Any], workdir: str,
+                   methods: Dict[str, tuple] = METHODS) -> Dict[str, Dict[int, List[Dict[str, Any]]]]:
+    """method -> seed -> curve of every method in ``names`` and seed of ``cfg``: run (or reuse) and score each."""
+    test_rows = tiny.read_dataset(ws['test'])
+    tokenizer = tiny.load_tokenizer(ws['tokenizer'])
+    curves: Dict[str, Dict[int, List[Dict[str, Any]]]] = {}
+    runs = [(m, s) for s in cfg['seeds'] for m in names]
+    for i, (method, seed) in enumerate(runs, 1):
+        t = time.time()
+        curve = cached_curve(workdir, method, seed, cfg, methods)
+        if curve is None:
+            log(f'[{i}/{len(runs)}] {method} seed {seed}: {cfg["steps"]} steps ...')
+            checkpoints = run_method(method, ws, cfg, seed, os.path.join(workdir, 'runs'), methods)
+            curve = evaluate_curve(checkpoints, ws, test_rows, tokenizer)
+            save_curve(workdir, method, seed, cfg, curve, methods)
+        curves.setdefault(method, {})[seed] = curve
+        log(f'[{i}/{len(runs)}] {method} seed {seed}: exact match ' +
+            ' -> '.join(f"{p['exact_match']:.3f}" for p in curve) + f' ({time.time() - t:.0f}s)')
+    return curves
+
+
+def write_results(workdir: str, cfg: Dict[str, Any], ws: Dict[str, Any], curves, summary, t0: float,
+                  **extra) -> List[str]:
+    """results.json (``extra`` added to it), results.csv and the plots; returns the plots' paths."""
+    result = {'config': cfg, 'learning_rate': LEARNING_RATE, 'temperature': TEMPERATURE,
+              'teacher': _without_answers(ws['teacher_eval']), 'start': _without_answers(ws['student_eval']),
+              'teacher_parameters': ws['teacher_parameters'], 'student_parameters': ws['student_parameters'],
+              'summary': summary, 'curves': curves, 'seconds': round(time.time() - t0), **extra}
+    with open(os.path.join(workdir, 'results.json'), 'w') as f:
+        json.dump(result, f, indent=1)
+    write_csv(os.path.join(workdir, 'results.csv'), curves)
+    return plot(workdir, curves, summary, ws)
+
+
+def common_parser(doc: str, workdir: str, methods, temperature: str = TEMPERATURE,
+                  learning_rate: str = LEARNING_RATE) -> argparse.ArgumentParser:
+    """The options every quality benchmark takes (``bench_rl.py`` adds its own)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--quick', action='store_true', help='the quick preset (default: full)')
-    parser.add_argument('--workdir', default='bench_quality_out', help='models, runs and results go here')
+    parser.add_argument('--workdir', default=workdir, help='models, runs and results go here')
     parser.add_argument('--seeds', type=int, nargs='+', help="override the preset's seeds")
     parser.add_argument('--steps', type=int, help="override the preset's optimizer steps per method")
     parser.add_argument('--eval_every', type=int, help="override the preset's checkpoint interval")
     parser.add_argument('--student_steps', type=int, help="override the preset's supervised warm-start steps")
-    parser.add_argument('--learning_rate', help=f'override the learning rate of every method ({LEARNING_RATE})')
-    parser.add_argument('--temperature', help=f'override the sampling (and loss) temperature of GKD ({TEMPERATURE})')
-    parser.add_argument('--methods', nargs='+', choices=list(METHODS), default=list(METHODS),
+    parser.add_argument('--learning_rate', default=learning_rate,
+                        help=f'the learning rate of every method ({learning_rate})')
+    parser.add_argument('--temperature', default=temperature,
+                        help=f'the sampling (and loss) temperature of the GKD/RL methods ({temperature})')
+    parser.add_argument('--methods', nargs='+', choices=list(methods), default=list(methods),
                         help='run a subset (the closing line needs all of them)')
-    return parser.parse_args(argv)
+    return parser
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None):
+    return common_parser(__doc__, 'bench_quality_out', METHODS).parse_args(argv)
+
+
+def configure(args, presets: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
+    """The preset's settings with the command line's overrides (the learning rate and temperature too)."""
     global LEARNING_RATE, TEMPERATURE
-    args = parse_args(argv)
     LEARNING_RATE = args.learning_rate or LEARNING_RATE
     TEMPERATURE = args.temperature or TEMPERATURE
-    cfg = dict(PRESETS['quick' if args.quick else 'full'])
+    cfg = dict(presets['quick' if args.quick else 'full'])
     for key in ('seeds', 'steps', 'eval_every', 'student_steps'):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
+    return cfg
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = configure(args, PRESETS)
     workdir = os.path.abspath(args.workdir)
     t0 = time.time()
     log(f"preset {'quick' if args.quick else 'full'}: {cfg}, learning rate {LEARNING_RATE}, temperature {TEMPERATURE}")
     ws = quality_task.build_workspace(os.path.join(workdir, 'workspace'), n_train=cfg['n_train'],
                                       n_test=cfg['n_test'], teacher_steps=cfg['teacher_steps'],
                                       student_steps=cfg['student_steps'], log=log)
-    test_rows = tiny.read_dataset(ws['test'])
-    tokenizer = tiny.load_tokenizer(ws['tokenizer'])
-    curves: Dict[str, Dict[int, List[Dict[str, Any]]]] = {}
-    runs = [(m, s) for s in cfg['seeds'] for m in args.methods]
-    for i, (method, seed) in enumerate(runs, 1):
-        t = time.time()
-        curve = cached_curve(workdir, method, seed, cfg)
-        if curve is None:
-            log(f'[{i}/{len(runs)}] {method} seed {seed}: {cfg["steps"]} steps ...')
-            checkpoints = run_method(method, ws, cfg, seed, os.path.join(workdir, 'runs'))
-            curve = evaluate_curve(checkpoints, ws, test_rows, tokenizer)
-            save_curve(workdir, method, seed, cfg, curve)
-        curves.setdefault(method, {})[seed] = curve
-        log(f'[{i}/{len(runs)}] {method} seed {seed}: exact match ' +
-            ' -> '.join(f"{p['exact_match']:.3f}" for p in curve) + f' ({time.time() - t:.0f}s)')
+    curves = collect_curves(args.methods, ws, cfg, workdir)
     summary = summarise(curves)
-    result = {'config': cfg, 'learning_rate': LEARNING_RATE, 'temperature': TEMPERATURE,
-              'teacher': _without_answers(ws['teacher_eval']), 'start': _without_answers(ws['student_eval']),
-              'teacher_parameters': ws['teacher_parameters'], 'student_parameters': ws['student_parameters'],
-              'summary': summary, 'curves': curves, 'seconds': round(time.time() - t0)}
-    with open(os.path.join(workdir, 'results.json'), 'w') as f:
-        json.dump(result, f, indent=1)
-    write_csv(os.path.join(workdir, 'results.csv'), curves)
-    pngs = plot(workdir, curves, summary, ws)
+    pngs = write_results(workdir, cfg, ws, curves, summary, t0)
     print(markdown_table(summary, ws, len(cfg['seeds']), cfg['steps']))
     log(f"wrote results.json, results.csv, {', '.join(map(os.path.basename, pngs))} to {workdir} "
         f"({time.time() - t0:.0f}s in all)")

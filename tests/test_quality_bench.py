@@ -1,5 +1,6 @@
-"""One-step smoke runs of every method of ``benchmarks/bench_quality.py`` (quick preset's configuration, real
-``swift sft`` / ``swift rlhf``), and ``swift-gkd demo`` refusing a run that did not use the plugin."""
+"""One-step smoke runs of every method of ``benchmarks/bench_quality.py`` and of the RL methods of
+``benchmarks/bench_rl.py`` (quick presets' configuration, real ``swift sft`` / ``swift rlhf``), and ``swift-gkd demo``
+refusing a run that did not use the plugin."""
 from __future__ import annotations
 
 import glob
@@ -15,14 +16,15 @@ from swift_gkd_plugin.testing import quality_task, tiny
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _load_bench():
-    spec = importlib.util.spec_from_file_location('bench_quality', os.path.join(ROOT, 'benchmarks', 'bench_quality.py'))
+def _load_bench(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'benchmarks', f'{name}.py'))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-bench = _load_bench()
+bench = _load_bench('bench_quality')
+rl_bench = _load_bench('bench_rl')
 
 
 @pytest.fixture(scope='module')
@@ -72,3 +74,45 @@ def test_a_saved_curve_is_reused_only_with_the_same_settings(tmp_path):
     assert bench.cached_curve(str(tmp_path), 'onpolicy_beta1', 0, dict(cfg, seeds=[0, 1, 2])) == curve
     assert bench.cached_curve(str(tmp_path), 'onpolicy_beta1', 0, dict(cfg, steps=cfg['steps'] + 1)) is None
     assert bench.cached_curve(str(tmp_path), 'onpolicy_beta1', 1, cfg) is None
+
+
+def _logs(output_dir):
+    with open(os.path.join(output_dir, 'logging.jsonl')) as f:
+        rows = [json.loads(line) for line in f]
+    return [row for row in rows if 'loss' in row]  # the training steps' rows, not the closing summary
+
+
+@pytest.mark.parametrize('method,reward_key', [('grpo', 'rewards/SortExactMatch/mean'),
+                                               ('gkd_rl_c1', 'gkd/rewards/sort_exact_match/mean')])
+def test_rl_methods_run_with_the_exact_match_reward(method, reward_key, quality_ws, tmp_path):
+    """GRPO (ms-swift's trainer) and GKD + RL (the plugin's) score G = 4 samples per prompt with the reward file."""
+    cfg = dict(rl_bench.PRESETS['quick'], steps=1, eval_every=1)
+    methods = rl_bench.rl_methods(['1'])
+    checkpoints = bench.run_method(method, quality_ws, cfg, 0, str(tmp_path), methods)
+    assert [os.path.basename(c) for c in checkpoints] == ['checkpoint-1']
+    output_dir = os.path.join(tmp_path, f'{method}_seed0')
+    with open(os.path.join(output_dir, 'args.json')) as f:
+        args = json.load(f)
+    assert args['rlhf_type'] == ('grpo' if method == 'grpo' else 'gkd') and args['num_generations'] == 4
+    if method == 'grpo':
+        assert args['teacher_model'] is None  # no OPD-RL teacher signal: plain GRPO
+    else:
+        assert args['gkd_rl_coef'] == 1.0
+    [row] = _logs(output_dir)
+    assert 0.0 <= row[reward_key] <= 1.0
+
+
+def test_rl_closing_line_and_checkpoint_table():
+    curve = [{'step': 0, 'exact_match': 0.4}, {'step': 20, 'exact_match': 0.6}]
+    curves = {m: {0: curve, 1: [curve[0], dict(curve[1], exact_match=0.8)]}
+              for m in ('gkd', 'grpo', 'gkd_rl_c0.5', 'gkd_rl_c2', 'sft')}
+    curves['gkd_rl_c2'][0] = [curve[0], dict(curve[1], exact_match=0.9)]
+    summary = {m: {'exact_match': bench.mean_std([c[-1]['exact_match'] for c in by_seed.values()])}
+               for m, by_seed in curves.items()}
+    ws = {'teacher_eval': {'exact_match': 0.67}, 'student_eval': {'exact_match': 0.45}}
+    line = rl_bench.closing_line(summary, ws)
+    assert line.startswith('rl: teacher 0.670, start 0.450, gkd 0.700+-0.141, grpo 0.700+-0.141, gkd_rl 0.850+-0.071')
+    assert '(gkd_rl: c 2;' in line
+    table = rl_bench.checkpoint_table(curves).splitlines()
+    assert table[0] == '| method | step 0 | step 20 |'
+    assert table[2] == '| gkd | 0.400 ± 0.000 | 0.700 ± 0.141 |'
