@@ -270,14 +270,15 @@ def build_tokenizer(out_dir: str):
     return _save_chatml_tokenizer(tok, out_dir)
 
 
-def build_sentencepiece_tokenizer(out_dir: str, vocab_size: int = 600):
+def build_sentencepiece_tokenizer(out_dir: str, vocab_size: int = 600, corpus: Optional[Iterable[str]] = None):
     """A tokenizer of ANOTHER family than :func:`build_tokenizer`, for distillation across tokenizers.
 
     Llama / sentencepiece style: Metaspace pre-tokenizer (``▁`` marks a space, prepended to the first word), BPE
     with byte fallback (``<0x00>`` .. ``<0xFF>`` tokens for text it has no piece for), trained on the same corpus
     with other merges and another size (``vocab_size`` entries including the 256 byte tokens and the special
     tokens). It keeps the ChatML special tokens and chat template so that :func:`build_model` accepts it; what
-    differs is the vocabulary and how text is split (``' a'`` is ``▁a`` here, ``Ġa`` there).
+    differs is the vocabulary and how text is split (``' a'`` is ``▁a`` here, ``Ġa`` there). ``corpus`` replaces
+    the built-in training corpus (e.g. another task's text, so that its words get their own pieces).
 
     Returns:
         the loaded ``transformers.PreTrainedTokenizerFast``.
@@ -292,7 +293,7 @@ def build_sentencepiece_tokenizer(out_dir: str, vocab_size: int = 600):
     byte_tokens = [AddedToken(f'<0x{b:02X}>', special=False, normalized=False) for b in range(256)]
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
                                   special_tokens=specials + byte_tokens)
-    tok.train_from_iterator(_tokenizer_corpus(), trainer=trainer)
+    tok.train_from_iterator(_tokenizer_corpus() if corpus is None else corpus, trainer=trainer)
     return _save_chatml_tokenizer(tok, out_dir)
 
 
