@@ -59,7 +59,7 @@ def build_workspace(workdir: str, cfg: Dict[str, Any]) -> Dict[str, Any]:
     """bench_quality.py's workspace plus the other-family teacher, trained with the same steps."""
     ws = bq.workspace(workdir, cfg)
     xtok = quality_task.build_xtok_teacher(os.path.dirname(ws['teacher']), teacher_steps=cfg['teacher_steps'],
-                                           log=bq.log)
+                                           prefix_space=cfg.get('xtok_prefix_space', True), log=bq.log)
     xtok['xtok_teacher_eval']['teacher_agreement'] = quality_task.agreement(xtok['xtok_teacher_eval']['answers'],
                                                                             ws['teacher_eval']['answers'])
     return {**ws, **xtok}
@@ -90,12 +90,16 @@ def parse_args(argv=None):
     parser = bq.common_parser(__doc__, 'bench_xtok_out', METHOD_NAMES, TEMPERATURE)
     parser.add_argument('--lmbda', default=LMBDA, help=f'--lmbda of the three GKD methods ({LMBDA}: on-policy)')
     parser.add_argument('--beta', default=BETA, help=f'--beta of the three GKD methods ({BETA})')
+    parser.add_argument('--xtok_no_prefix_space', action='store_true',
+                        help="a teacher tokenizer that prepends no '▁' to a text's first word (Gemma style)")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg, workdir, t0 = bq.start(args, PRESETS, 'xtok ', lmbda=args.lmbda, beta=args.beta)
+    if args.xtok_no_prefix_space:  # part of every run's cache key: the teacher differs
+        cfg['xtok_prefix_space'] = False
     ws = build_workspace(workdir, cfg)
     methods = xtok_methods(ws, args.lmbda, args.beta)
     curves = bq.collect_curves(args.methods, ws, cfg, workdir, methods)

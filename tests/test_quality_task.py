@@ -113,6 +113,11 @@ def test_other_family_tokenizer_learns_the_task_and_round_trips_it(tmp_path):
     alignment = align_positions(tokenize_with_spans(tok, UP)[1], tokenize_with_spans(sp_tok, UP)[1])
     assert alignment.exact_fraction == 1.0
     assert sp_tok.tokenize(UP)[0] == '\u2581a' and tok.tokenize(UP)[0] == 'a'
+    # without the prefix space (Gemma style) the first piece has no space, like the student's, and a real one stays
+    np_tok = tiny.build_sentencepiece_tokenizer(str(tmp_path / 'np'), q.XTOK_VOCAB_SIZE, q.xtok_corpus(rows),
+                                                prefix_space=False)
+    assert np_tok.tokenize(UP)[:2] == ['a', '\u2581b'] and np_tok.tokenize(PROMPT)[0] == 'Sort:'
+    assert np_tok.decode(np_tok.encode(' ' + UP, add_special_tokens=False)) == ' ' + UP
     # the chat template renders the same conversation in both families
     messages = [{'role': 'user', 'content': PROMPT}]
     assert sp_tok.apply_chat_template(messages, tokenize=False) == tok.apply_chat_template(messages, tokenize=False)

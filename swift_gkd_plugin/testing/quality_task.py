@@ -233,7 +233,7 @@ def xtok_corpus(rows: Sequence[Dict[str, Any]]) -> List[str]:
 
 
 def build_xtok_teacher(root: str, *, seed: int = 0, teacher_steps: int = 300, batch_size: int = 64,
-                       log=print) -> Dict[str, Any]:
+                       prefix_space: bool = True, log=print) -> Dict[str, Any]:
     """A teacher of ANOTHER tokenizer family for the workspace that :func:`build_workspace` made under ``root``.
 
     Its tokenizer is :func:`tiny.build_sentencepiece_tokenizer` (Metaspace BPE with byte fallback, Llama style)
@@ -241,21 +241,26 @@ def build_xtok_teacher(root: str, *, seed: int = 0, teacher_steps: int = 300, ba
     special tokens and template.  The model has :data:`TEACHER_KWARGS` and is trained exactly like the
     same-tokenizer teacher (:func:`tiny.train_teacher`, same rows, steps, batch and seed), so the two teachers
     differ in their tokenizer only.  Cached like the other models (``xtok_tokenizer/``, ``xtok_teacher/``; the
-    existing models and their cache keys are untouched).  Returns ``xtok_tokenizer``, ``xtok_teacher``,
-    ``xtok_teacher_eval`` (metrics on the test rows, answers included) and ``xtok_teacher_parameters``.
+    existing models and their cache keys are untouched).  ``prefix_space=False``: a tokenizer that prepends no
+    ``▁`` to a text's first word (Gemma style), cached in ``xtok_np_tokenizer/``, ``xtok_np_teacher/``.  Returns
+    ``xtok_tokenizer``, ``xtok_teacher``, ``xtok_teacher_eval`` (metrics on the test rows, answers included) and
+    ``xtok_teacher_parameters``.
     """
     root = os.path.abspath(root)
-    paths = dict(tokenizer=os.path.join(root, 'xtok_tokenizer'), xtok_teacher=os.path.join(root, 'xtok_teacher'),
+    prefix = 'xtok' if prefix_space else 'xtok_np'
+    paths = dict(tokenizer=os.path.join(root, f'{prefix}_tokenizer'),
+                 xtok_teacher=os.path.join(root, f'{prefix}_teacher'),
                  train=os.path.join(root, 'train.jsonl'), test=os.path.join(root, 'test.jsonl'))
     if not os.path.exists(paths['train']):
         raise FileNotFoundError(f'{paths["train"]} is missing: build the workspace (build_workspace) first')
     params = dict(version=_VERSION, seed=seed, batch_size=batch_size, model=TEACHER_KWARGS, steps=teacher_steps,
                   model_seed=seed, tokenizer=dict(family='sentencepiece', vocab_size=XTOK_VOCAB_SIZE),
-                  train=_file_crc(paths['train']))
+                  train=_file_crc(paths['train']),
+                  **({} if prefix_space else {'prefix_space': False}))  # the default keeps the first cache key
     built = _cached_model(paths['xtok_teacher'], params)
     if built is None:
         tiny.build_sentencepiece_tokenizer(paths['tokenizer'], XTOK_VOCAB_SIZE,
-                                           xtok_corpus(tiny.read_dataset(paths['train'])))
+                                           xtok_corpus(tiny.read_dataset(paths['train'])), prefix_space)
         built = _train_model(paths, 'xtok_teacher', TEACHER_KWARGS, teacher_steps, seed, batch_size, {}, log)
         _write_json(os.path.join(paths['xtok_teacher'], _MARKER), {'params': params, **built})
     else:
