@@ -15,8 +15,8 @@ the same way (``quality_task.build_xtok_teacher``).  From the same warm start, w
 * ``gkd_xtok_uld`` / ``gkd_xtok_hybrid``: the same flags with the other-family teacher and
   ``--gkd_cross_tokenizer uld`` / ``hybrid``.
 
-The default GKD mode is on-policy (``--lmbda 1 --beta 0.5``) at temperature 0.5, the best on-policy setting measured
-by ``bench_quality.py`` (docs_en/quality.md); on-policy is also the mode where the cross-tokenizer path does the most
+The default GKD mode is on-policy (``--lmbda 1 --beta 0.5``) at temperature 0.5, the best on-policy temperature
+measured by ``bench_quality.py`` (docs_en/quality.md; beta 0.5, ms-swift's default, within the spread of beta 0); on-policy is also the mode where the cross-tokenizer path does the most
 (the student's samples are decoded and re-encoded for the teacher).  ``--lmbda 0 --beta 0`` measures supervised KD.
 
 Outputs (under ``--workdir``): ``results.json``, ``results.csv``, ``exact_match_vs_step.png``, ``exact_match_bar.png``,
