@@ -136,3 +136,20 @@ def test_xtok_closing_line_reports_the_kept_share_of_the_same_tokenizer_gain():
     assert line.startswith('xtok: same-tokenizer gain 0.300+-0.010, uld keeps 33% (gain 0.100), '
                            'hybrid keeps 90% (gain 0.270), sft gain 0.400; start 0.100, teachers 0.985 (same) / '
                            '0.995 (xtok); lmbda 1, beta 0.5, T ')
+
+
+@pytest.fixture(scope='module')
+def xtok_ws(quality_ws):
+    root = os.path.dirname(quality_ws['teacher'])
+    return {**quality_ws, **quality_task.build_xtok_teacher(root, teacher_steps=2, batch_size=8, log=lambda msg: None)}
+
+
+def test_xtok_hybrid_runs_one_on_policy_step_through_the_other_family_teacher(xtok_ws, tmp_path):
+    """bench_xtok's cross-tokenizer command line works end to end (needs the --gkd_cross_tokenizer wiring)."""
+    cfg = dict(xtok_bench.PRESETS['quick'], steps=1, eval_every=1)
+    methods = xtok_bench.xtok_methods(xtok_ws, '1', '0.5')
+    checkpoints = xtok_bench.bq.run_method('gkd_xtok_hybrid', xtok_ws, cfg, 0, str(tmp_path), methods)
+    assert [os.path.basename(c) for c in checkpoints] == ['checkpoint-1']
+    with open(os.path.join(tmp_path, 'gkd_xtok_hybrid_seed0', 'run.log')) as f:
+        log = f.read()
+    assert "'gkd/xtok_exact_fraction'" in log and "'gkd/mode_on_policy': '1'" in log
