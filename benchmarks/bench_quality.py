@@ -162,10 +162,14 @@ def summarise(curves: Dict[str, Dict[int, List[Dict[str, Any]]]]) -> Dict[str, D
             for method, by_seed in curves.items()}
 
 
-def markdown_table(summary, ws, n_seeds: int, steps: int) -> str:
+REFERENCE_MODELS = (('teacher', 'teacher_eval'), ('start (warm-started student)', 'student_eval'))
+
+
+def markdown_table(summary, ws, n_seeds: int, steps: int, reference_models=REFERENCE_MODELS) -> str:
+    """Mean ± std of every metric at the last step; first the fixed models (name, key of their metrics in ``ws``)."""
     lines = [f'| method ({n_seeds} seed(s), {steps} steps) | exact match | token accuracy | next-token accuracy '
              '| agreement with teacher |', '|---|---|---|---|---|']
-    for name, key in (('teacher', 'teacher_eval'), ('start (warm-started student)', 'student_eval')):
+    for name, key in reference_models:
         m = ws[key]
         lines.append(f"| {name} | {m['exact_match']:.3f} | {m['token_accuracy']:.3f} | "
                      f"{m['next_token_accuracy']:.3f} | {m.get('teacher_agreement', 1.0):.3f} |")
@@ -302,15 +306,27 @@ def configure(args, presets: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
     return cfg
 
 
+def start(args, presets: Dict[str, Dict[str, Any]], suite: str = '', **settings) -> tuple:
+    """``(cfg, workdir, start time)`` of a benchmark run (:func:`configure`), logged with the suite's own
+    ``settings``."""
+    cfg = configure(args, presets)
+    extra = ''.join(f', {key} {value}' for key, value in settings.items())
+    log(f"{suite}preset {'quick' if args.quick else 'full'}: {cfg}, learning rate {LEARNING_RATE}, "
+        f"temperature {TEMPERATURE}{extra}")
+    return cfg, os.path.abspath(args.workdir), time.time()
+
+
+def workspace(workdir: str, cfg: Dict[str, Any], name: str = 'workspace') -> Dict[str, Any]:
+    """The task's data, teacher and warm-started student of ``cfg`` under ``workdir/name`` (cached)."""
+    return quality_task.build_workspace(os.path.join(workdir, name), n_train=cfg['n_train'], n_test=cfg['n_test'],
+                                        teacher_steps=cfg['teacher_steps'], student_steps=cfg['student_steps'],
+                                        log=log)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cfg = configure(args, PRESETS)
-    workdir = os.path.abspath(args.workdir)
-    t0 = time.time()
-    log(f"preset {'quick' if args.quick else 'full'}: {cfg}, learning rate {LEARNING_RATE}, temperature {TEMPERATURE}")
-    ws = quality_task.build_workspace(os.path.join(workdir, 'workspace'), n_train=cfg['n_train'],
-                                      n_test=cfg['n_test'], teacher_steps=cfg['teacher_steps'],
-                                      student_steps=cfg['student_steps'], log=log)
+    cfg, workdir, t0 = start(args, PRESETS)
+    ws = workspace(workdir, cfg)
     curves = collect_curves(args.methods, ws, cfg, workdir)
     summary = summarise(curves)
     pngs = write_results(workdir, cfg, ws, curves, summary, t0)

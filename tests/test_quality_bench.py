@@ -25,6 +25,7 @@ def _load_bench(name):
 
 bench = _load_bench('bench_quality')
 rl_bench = _load_bench('bench_rl')
+xtok_bench = _load_bench('bench_xtok')
 
 
 @pytest.fixture(scope='module')
@@ -116,3 +117,39 @@ def test_rl_closing_line_and_checkpoint_table():
     table = rl_bench.checkpoint_table(curves).splitlines()
     assert table[0] == '| method | step 0 | step 20 |'
     assert table[2] == '| gkd | 0.400 ± 0.000 | 0.700 ± 0.141 |'
+
+
+def test_xtok_methods_differ_from_gkd_same_only_in_the_teacher_and_the_flag():
+    methods = xtok_bench.xtok_methods({'xtok_teacher': '/ws/xtok_teacher'}, '1', '0.5')
+    assert methods['sft'] == ('sft', {}) and methods['gkd_same'] == ('rlhf', {'lmbda': '1', 'beta': '0.5'})
+    for kind in ('uld', 'hybrid'):
+        assert methods[f'gkd_xtok_{kind}'] == ('rlhf', dict(methods['gkd_same'][1], teacher_model='/ws/xtok_teacher',
+                                                            gkd_cross_tokenizer=kind))
+
+
+def test_xtok_closing_line_reports_the_kept_share_of_the_same_tokenizer_gain():
+    final = {'sft': 0.5, 'gkd_same': 0.4, 'gkd_xtok_uld': 0.2, 'gkd_xtok_hybrid': 0.37}
+    summary = {m: {'exact_match': (em, 0.01)} for m, em in final.items()}
+    ws = {'student_eval': {'exact_match': 0.1}, 'teacher_eval': {'exact_match': 0.985},
+          'xtok_teacher_eval': {'exact_match': 0.995}}
+    line = xtok_bench.closing_line(summary, ws, '1', '0.5')
+    assert line.startswith('xtok: same-tokenizer gain 0.300+-0.010, uld keeps 33% (gain 0.100), '
+                           'hybrid keeps 90% (gain 0.270), sft gain 0.400; start 0.100, teachers 0.985 (same) / '
+                           '0.995 (xtok); lmbda 1, beta 0.5, T ')
+
+
+@pytest.fixture(scope='module')
+def xtok_ws(quality_ws):
+    root = os.path.dirname(quality_ws['teacher'])
+    return {**quality_ws, **quality_task.build_xtok_teacher(root, teacher_steps=2, batch_size=8, log=lambda msg: None)}
+
+
+def test_xtok_hybrid_runs_one_on_policy_step_through_the_other_family_teacher(xtok_ws, tmp_path):
+    """bench_xtok's cross-tokenizer command line works end to end (needs the --gkd_cross_tokenizer wiring)."""
+    cfg = dict(xtok_bench.PRESETS['quick'], steps=1, eval_every=1)
+    methods = xtok_bench.xtok_methods(xtok_ws, '1', '0.5')
+    checkpoints = xtok_bench.bq.run_method('gkd_xtok_hybrid', xtok_ws, cfg, 0, str(tmp_path), methods)
+    assert [os.path.basename(c) for c in checkpoints] == ['checkpoint-1']
+    with open(os.path.join(tmp_path, 'gkd_xtok_hybrid_seed0', 'run.log')) as f:
+        log = f.read()
+    assert "'gkd/xtok_exact_fraction'" in log and "'gkd/mode_on_policy': '1'" in log

@@ -93,3 +93,31 @@ def test_batched_generation_with_left_padding_matches_one_by_one(random_model):
     batched = q.generate_answers(model_dir, tok, prompts, batch_size=7)
     assert batched == [_greedy_one_by_one(model_dir, tok, p) for p in prompts]
     assert any(batched)  # a random model still writes something: the comparison is not vacuous
+
+
+def test_other_family_tokenizer_learns_the_task_and_round_trips_it(tmp_path):
+    """The cross-tokenizer benchmark's teacher tokenizer (``build_xtok_teacher``): sentencepiece-style pieces of the
+    task's own words, exact round trips of prompts and answers, spans that tile them and align with the student's."""
+    from swift_gkd_plugin.core.token_alignment import align_positions, tokenize_with_spans
+    rows = q.make_rows(200, seed=0)
+    sp_tok = tiny.build_sentencepiece_tokenizer(str(tmp_path / 'sp'), q.XTOK_VOCAB_SIZE, q.xtok_corpus(rows))
+    tok = tiny.build_tokenizer(str(tmp_path / 'bl'))
+    assert sp_tok.tokenize(PROMPT)[:2] == ['\u2581Sort:', '\u2581k']  # pieces of the task's text, not bytes
+    assert sp_tok.get_vocab().keys() != tok.get_vocab().keys()
+    for text in [q.prompt_of(r) for r in rows[:20]] + [r['messages'][1]['content'] for r in rows[:20]] + [UP, DOWN]:
+        ids, spans = tokenize_with_spans(sp_tok, text)
+        assert sp_tok.decode(ids) == text
+        assert spans[0][0] == 0 and spans[-1][1] == len(text)
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))  # the spans tile the text
+    # every answer token of the student has a teacher token starting at the same character (``a`` / ``▁a``)
+    alignment = align_positions(tokenize_with_spans(tok, UP)[1], tokenize_with_spans(sp_tok, UP)[1])
+    assert alignment.exact_fraction == 1.0
+    assert sp_tok.tokenize(UP)[0] == '\u2581a' and tok.tokenize(UP)[0] == 'a'
+    # without the prefix space (Gemma style) the first piece has no space, like the student's, and a real one stays
+    np_tok = tiny.build_sentencepiece_tokenizer(str(tmp_path / 'np'), q.XTOK_VOCAB_SIZE, q.xtok_corpus(rows),
+                                                prefix_space=False)
+    assert np_tok.tokenize(UP)[:2] == ['a', '\u2581b'] and np_tok.tokenize(PROMPT)[0] == 'Sort:'
+    assert np_tok.decode(np_tok.encode(' ' + UP, add_special_tokens=False)) == ' ' + UP
+    # the chat template renders the same conversation in both families
+    messages = [{'role': 'user', 'content': PROMPT}]
+    assert sp_tok.apply_chat_template(messages, tokenize=False) == tok.apply_chat_template(messages, tokenize=False)

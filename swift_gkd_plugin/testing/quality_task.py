@@ -31,6 +31,7 @@ from swift_gkd_plugin.testing import tiny
 __all__ = [
     'SYMBOLS', 'NUM_SYMBOLS', 'PROMPT_PREFIX', 'split_of', 'valid_answers', 'is_correct', 'make_rows',
     'token_accuracy', 'answer_metrics', 'agreement', 'generate_answers', 'evaluate',
+    'xtok_corpus', 'build_xtok_teacher',
 ]
 
 #: Alphabet (each ``' x'`` is one token of :func:`tiny.build_tokenizer`'s vocabulary).
@@ -218,6 +219,59 @@ def build_workspace(root: str, *, seed: int = 0, n_train: int = 4000, n_test: in
         results.update({f'{name}_eval': built['eval'], f'{name}_parameters': built['parameters'],
                         f'{name}_params': params})
     return {**paths, **results}
+
+
+#: Upper bound of the other-family tokenizer's vocabulary (bytes, specials and merges; the task's text has fewer).
+XTOK_VOCAB_SIZE: int = 600
+
+
+def xtok_corpus(rows: Sequence[Dict[str, Any]]) -> List[str]:
+    """The task's text as the other-family tokenizer learns it: the role names and each message's content, one
+    piece of text each (as ms-swift encodes a response on its own), so that the task's words (``▁Sort:``, ``▁a``)
+    and the role names get pieces of their own and no piece spans the template's line breaks."""
+    return [text for row in rows for m in row['messages'] for text in (m['role'], m['content'])]
+
+
+def build_xtok_teacher(root: str, *, seed: int = 0, teacher_steps: int = 300, batch_size: int = 64,
+                       prefix_space: bool = True, log=print) -> Dict[str, Any]:
+    """A teacher of ANOTHER tokenizer family for the workspace that :func:`build_workspace` made under ``root``.
+
+    Its tokenizer is :func:`tiny.build_sentencepiece_tokenizer` (Metaspace BPE with byte fallback, Llama style)
+    trained on the workspace's training text (:func:`xtok_corpus`): its own vocabulary and merges, the same ChatML
+    special tokens and template.  The model has :data:`TEACHER_KWARGS` and is trained exactly like the
+    same-tokenizer teacher (:func:`tiny.train_teacher`, same rows, steps, batch and seed), so the two teachers
+    differ in their tokenizer only.  Cached like the other models (``xtok_tokenizer/``, ``xtok_teacher/``; the
+    existing models and their cache keys are untouched).  ``prefix_space=False``: a tokenizer that prepends no
+    ``▁`` to a text's first word (Gemma style), cached in ``xtok_np_tokenizer/``, ``xtok_np_teacher/``.  Returns
+    ``xtok_tokenizer``, ``xtok_teacher``, ``xtok_teacher_eval`` (metrics on the test rows, answers included) and
+    ``xtok_teacher_parameters``.
+    """
+    root = os.path.abspath(root)
+    prefix = 'xtok' if prefix_space else 'xtok_np'
+    paths = dict(tokenizer=os.path.join(root, f'{prefix}_tokenizer'),
+                 xtok_teacher=os.path.join(root, f'{prefix}_teacher'),
+                 train=os.path.join(root, 'train.jsonl'), test=os.path.join(root, 'test.jsonl'))
+    if not os.path.exists(paths['train']):
+        raise FileNotFoundError(f'{paths["train"]} is missing: build the workspace (build_workspace) first')
+    params = dict(version=_VERSION, seed=seed, batch_size=batch_size, model=TEACHER_KWARGS, steps=teacher_steps,
+                  model_seed=seed, tokenizer=dict(family='sentencepiece', vocab_size=XTOK_VOCAB_SIZE),
+                  train=_file_crc(paths['train']),
+                  **({} if prefix_space else {'prefix_space': False}))  # the default keeps the first cache key
+    built = _cached_model(paths['xtok_teacher'], params)
+    if built is None:
+        tiny.build_sentencepiece_tokenizer(paths['tokenizer'], XTOK_VOCAB_SIZE,
+                                           xtok_corpus(tiny.read_dataset(paths['train'])), prefix_space)
+        built = _train_model(paths, 'xtok_teacher', TEACHER_KWARGS, teacher_steps, seed, batch_size, {}, log)
+        _write_json(os.path.join(paths['xtok_teacher'], _MARKER), {'params': params, **built})
+    else:
+        log(f"reusing the cached xtok_teacher in {paths['xtok_teacher']}")
+    return {'xtok_tokenizer': paths['tokenizer'], 'xtok_teacher': paths['xtok_teacher'],
+            'xtok_teacher_eval': built['eval'], 'xtok_teacher_parameters': built['parameters']}
+
+
+def _file_crc(path: str) -> int:
+    with open(path, 'rb') as f:
+        return zlib.crc32(f.read())
 
 
 def _cached_model(model_dir: str, params: Dict[str, Any]) -> Optional[Dict[str, Any]]:

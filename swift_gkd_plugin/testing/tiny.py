@@ -270,14 +270,18 @@ def build_tokenizer(out_dir: str):
     return _save_chatml_tokenizer(tok, out_dir)
 
 
-def build_sentencepiece_tokenizer(out_dir: str, vocab_size: int = 600):
+def build_sentencepiece_tokenizer(out_dir: str, vocab_size: int = 600, corpus: Optional[Iterable[str]] = None,
+                                  prefix_space: bool = True):
     """A tokenizer of ANOTHER family than :func:`build_tokenizer`, for distillation across tokenizers.
 
     Llama / sentencepiece style: Metaspace pre-tokenizer (``▁`` marks a space, prepended to the first word), BPE
     with byte fallback (``<0x00>`` .. ``<0xFF>`` tokens for text it has no piece for), trained on the same corpus
     with other merges and another size (``vocab_size`` entries including the 256 byte tokens and the special
     tokens). It keeps the ChatML special tokens and chat template so that :func:`build_model` accepts it; what
-    differs is the vocabulary and how text is split (``' a'`` is ``▁a`` here, ``Ġa`` there).
+    differs is the vocabulary and how text is split (``' a'`` is ``▁a`` here, ``Ġa`` there). ``corpus`` replaces
+    the built-in training corpus (e.g. another task's text, so that its words get their own pieces).
+    ``prefix_space=False`` prepends no ``▁`` to the first word (sentencepiece's ``add_dummy_prefix=False``, as
+    Gemma's tokenizer), so a text's first piece has no space, as in byte-level tokenizers.
 
     Returns:
         the loaded ``transformers.PreTrainedTokenizerFast``.
@@ -285,14 +289,16 @@ def build_sentencepiece_tokenizer(out_dir: str, vocab_size: int = 600):
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(byte_fallback=True))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement='\u2581', prepend_scheme='first')
-    tok.decoder = decoders.Sequence([
-        decoders.Replace('\u2581', ' '), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(' ', 1, 0)])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement='\u2581',
+                                                 prepend_scheme='first' if prefix_space else 'never')
+    strip_prefix = [decoders.Strip(' ', 1, 0)] if prefix_space else []  # drop the space the pre-tokenizer added
+    tok.decoder = decoders.Sequence([decoders.Replace('\u2581', ' '), decoders.ByteFallback(), decoders.Fuse()] +
+                                    strip_prefix)
     specials = [AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS]
     byte_tokens = [AddedToken(f'<0x{b:02X}>', special=False, normalized=False) for b in range(256)]
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
                                   special_tokens=specials + byte_tokens)
-    tok.train_from_iterator(_tokenizer_corpus(), trainer=trainer)
+    tok.train_from_iterator(_tokenizer_corpus() if corpus is None else corpus, trainer=trainer)
     return _save_chatml_tokenizer(tok, out_dir)
 
 
