@@ -8,13 +8,12 @@ gather over ranks that group advantages need (a prompt's completions may sit on 
 """
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Callable, List, Tuple
 
 import torch
 from accelerate.utils import gather
-from swift.rl_core.grpo_algorithm import compute_rewards_per_func
+from swift.rl_core.grpo_algorithm import _is_async_reward, compute_rewards_per_func
 
 from swift_gkd_plugin.core.policy_gradient import group_advantages
 
@@ -60,13 +59,10 @@ def _finite_number(value) -> bool:
         return False
 
 
-def _is_async(func) -> bool:
-    return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(getattr(func, '__call__', None))
-
-
 def score_completions(samples, funcs: List[Callable], names: List[str], device, trainer_state) -> torch.Tensor:
     """``[N, F]`` float32 rewards of this rank's completions, NaN where a function returned None."""
-    wrapped = [f if _is_async(f) or isinstance(f, torch.nn.Module) else _checked(f, n, samples)
+    # async functions go to ms-swift's event loop unwrapped (detected with ms-swift's own test)
+    wrapped = [f if _is_async_reward(f) or isinstance(f, torch.nn.Module) else _checked(f, n, samples)
                for f, n in zip(funcs, names)]
     rewards = compute_rewards_per_func(samples, wrapped, None, device=device, trainer_state=trainer_state)
     missing = torch.isnan(rewards).all(dim=1) if rewards.shape[1] else torch.zeros(0, dtype=torch.bool)
