@@ -23,8 +23,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 __all__ = [
-    'Alignment', 'align_positions', 'normalize_token', 'shared_vocabulary', 'spans_by_decoding', 'spans_of_ids',
-    'tokenize_with_spans'
+    'Alignment', 'adds_prefix_space', 'align_positions', 'normalize_token', 'shared_vocabulary', 'spans_by_decoding',
+    'spans_of_ids', 'tokenize_with_spans'
 ]
 
 Span = Tuple[int, int]
@@ -95,42 +95,71 @@ def _looks_byte_level(vocab: Dict[str, int]) -> bool:
     return byte_words > sp_words
 
 
-def _canonical_entries(vocab: Dict[str, int]) -> Dict[str, int]:
+def _canonical_entries(vocab: Dict[str, int], strip_leading_space: bool = False) -> Dict[str, int]:
     """Normalised text -> the one id that represents it.
 
     Several entries can stand for one text (in sentencepiece vocabularies ``A`` and the byte-fallback ``<0x41>``).
     The tokenizer emits the plain entry and uses byte fallback only for text it has no piece for, so the rule is:
     prefer entries that are not ``<0xHH>`` byte tokens, then the smallest id.
+
+    ``strip_leading_space``: the entries are read where the tokenizer prepends a space of its own (the first word of
+    a text, for sentencepiece tokenizers with a dummy prefix): an entry ``▁a`` then stands for ``a`` and is preferred
+    to a plain ``a`` (which the tokenizer does not emit there); the bare ``▁`` stands for nothing and is left out.
     """
     byte_level = _looks_byte_level(vocab)
-    best: Dict[str, Tuple[bool, int]] = {}
+    best: Dict[str, Tuple[bool, bool, int]] = {}
     for tok, idx in vocab.items():
-        key = (bool(_SP_BYTE.match(tok)), idx)
         text = normalize_token(tok, byte_level)
+        stripped = strip_leading_space and text.startswith(' ')
+        if stripped:
+            text = text[1:]
+            if not text:
+                continue
+        key = (not stripped and strip_leading_space, bool(_SP_BYTE.match(tok)), idx)
         if text not in best or key < best[text]:
             best[text] = key
-    return {text: idx for text, (_, idx) in best.items()}
+    return {text: idx for text, (_, _, idx) in best.items()}
 
 
 def shared_vocabulary(student_vocab: Dict[str, int],
-                      teacher_vocab: Dict[str, int]) -> Tuple[torch.Tensor, torch.Tensor]:
+                      teacher_vocab: Dict[str, int],
+                      strip_leading_space: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Pairs of ids whose entries stand for the same text, one-to-one.
 
     Args:
         student_vocab, teacher_vocab: ``token string -> id`` (``tokenizer.get_vocab()``).
+        strip_leading_space: ``None`` (default), ``'student'`` or ``'teacher'``: the side whose entries are read
+            where its tokenizer prepends a space the text does not have (:func:`adds_prefix_space`): there its
+            ``▁a`` stands for ``a``. It is the mapping for the first position of a response when one tokenizer adds
+            a prefix space and the other does not: a sentencepiece teacher writes a response's first word as
+            ``▁a``, a byte-level student as ``a``, and both mean the text ``a``; by the default mapping ``▁a`` would
+            meet the student's ``Ġa`` (`` a``), which the student never writes first.
 
     Returns:
         ``(student_ids, teacher_ids)``: equal-length ``int64`` tensors, sorted by student id; ``student_ids[k]`` and
-        ``teacher_ids[k]`` normalise (:func:`normalize_token`) to the same text. When several entries of one
-        vocabulary normalise to the same text, the one kept is chosen by :func:`_canonical_entries` (not a
-        ``<0xHH>`` byte token if possible, then the smallest id), so the result is deterministic and one-to-one.
+        ``teacher_ids[k]`` normalise (:func:`normalize_token`) to the same text (after stripping as asked). When
+        several entries of one vocabulary normalise to the same text, the one kept is chosen by
+        :func:`_canonical_entries` (a stripped entry on the stripped side, not a ``<0xHH>`` byte token if possible,
+        then the smallest id), so the result is deterministic and one-to-one.
     """
-    student = _canonical_entries(student_vocab)
-    teacher = _canonical_entries(teacher_vocab)
+    if strip_leading_space not in (None, 'student', 'teacher'):
+        raise ValueError(f"strip_leading_space must be None, 'student' or 'teacher', got {strip_leading_space!r}")
+    student = _canonical_entries(student_vocab, strip_leading_space == 'student')
+    teacher = _canonical_entries(teacher_vocab, strip_leading_space == 'teacher')
     pairs = sorted((sid, teacher[text]) for text, sid in student.items() if text in teacher)
     student_ids = torch.tensor([s for s, _ in pairs], dtype=torch.long)
     teacher_ids = torch.tensor([t for _, t in pairs], dtype=torch.long)
     return student_ids, teacher_ids
+
+
+def adds_prefix_space(tokenizer, probe: str = 'a') -> bool:
+    """Whether the tokenizer prepends a space to the first word of a text it encodes (sentencepiece's dummy prefix:
+    Llama-2, Mistral; not GPT-2/Qwen byte-level BPE nor Gemma), i.e. whether its first token of ``probe`` stands for
+    more text than ``probe`` begins with."""
+    ids = tokenizer(probe, add_special_tokens=False)['input_ids']
+    if not ids:
+        return False
+    return normalize_token(tokenizer.convert_ids_to_tokens(ids[0])).startswith(' ') and not probe.startswith(' ')
 
 
 @dataclass

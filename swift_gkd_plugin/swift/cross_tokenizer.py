@@ -9,6 +9,14 @@ response mask predicts that side's ``k``-th response token, so the pairing of to
 Chat end tokens (``<|im_end|>``, ``<|eot_id|>``, ...) and what the template puts after them are not text of the
 response: from the first special token on, each token gets the zero-width span ``(len, len)``, so the two end
 sequences pair in order (exactly) even when their names differ.
+
+The first response position: a sentencepiece tokenizer with a dummy prefix (Llama-2, Mistral) writes a response's
+first word as ``▁word``, a byte-level one (Qwen, Llama-3) as ``word``; both stand for the text ``word`` there. When
+exactly one of the two tokenizers adds that prefix space, the pairs at the first position are compared through a
+second vocabulary mapping in which that side's ``▁word`` stands for ``word``
+(:func:`~swift_gkd_plugin.core.token_alignment.shared_vocabulary` with ``strip_leading_space``); every other pair
+uses the text mapping. Without it the teacher's first word ``▁a`` meets the student's ``Ġa`` (`` a``), which the
+student then learns to write first (measured: docs_en/xtok_quality.md).
 """
 from __future__ import annotations
 
@@ -20,7 +28,8 @@ import torch
 from swift.utils import get_logger
 
 from swift_gkd_plugin.core.cross_tokenizer_loss import hybrid_loss, uld_loss
-from swift_gkd_plugin.core.token_alignment import Alignment, align_positions, shared_vocabulary, spans_of_ids
+from swift_gkd_plugin.core.token_alignment import (Alignment, adds_prefix_space, align_positions, shared_vocabulary,
+                                                   spans_of_ids)
 from swift_gkd_plugin.swift.views import row_name
 
 logger = get_logger()
@@ -33,6 +42,14 @@ class RowAlignment:
     """One row's pairing: ``alignment`` is None when the student row has no response token."""
     alignment: Optional[Alignment]
     n_teacher: int  # the teacher's response tokens in this row
+
+
+@dataclass
+class AlignedRows:
+    """A micro-batch's student response rows (in ``student_mask`` order) and their teacher partners."""
+    teacher_index: torch.Tensor  # [N] flat index of the partner's logit row in [B * T_teacher]
+    exact: torch.Tensor  # [N] bool: the pair is exact (not the fallback)
+    first_word: torch.Tensor  # [N] bool: compared through the first-position vocabulary mapping
 
 
 def special_ids(tokenizer) -> frozenset:
@@ -97,12 +114,21 @@ class CrossTokenizerTeacher:
                                                                      self.tokenizer.get_vocab())
         if method == 'hybrid' and not len(self.student_shared):
             raise ValueError('--gkd_cross_tokenizer hybrid: the two vocabularies share no token text; use uld')
-        size = int(self.teacher_shared.max()) + 1 if len(self.teacher_shared) else 1
-        self._teacher_to_student = torch.full((size, ), -1, dtype=torch.long)  # top-1 agreement across vocabularies
-        self._teacher_to_student[self.teacher_shared] = self.student_shared
+        # which side's first response word carries a prefix space of its tokenizer's own (None: neither or both)
+        self._prefix_space = (adds_prefix_space(self.student_tokenizer), adds_prefix_space(self.tokenizer))
+        self.first_word_side = None
+        if self._prefix_space[0] != self._prefix_space[1]:
+            self.first_word_side = 'student' if self._prefix_space[0] else 'teacher'
+        self._mappings = {False: (self.student_shared, self.teacher_shared)}
+        if self.first_word_side:
+            self._mappings[True] = shared_vocabulary(self.student_tokenizer.get_vocab(), self.tokenizer.get_vocab(),
+                                                     strip_leading_space=self.first_word_side)
+        self._teacher_to_student = {key: _index_map(*pair) for key, pair in self._mappings.items()}
+        first_word = (f"; the {self.first_word_side}'s tokenizer adds a prefix space to a response's first word: "
+                      f"{len(self._mappings[True][0])} entries mapped without it there" if self.first_word_side else '')
         logger.info(f'swift_gkd_plugin: cross-tokenizer distillation ({method}): teacher template '
                     f'{self.template.template_meta.template_type}, {len(self.tokenizer)} teacher tokens, '
-                    f'{len(self.student_shared)} shared with the student\'s {len(self.student_tokenizer)}')
+                    f'{len(self.student_shared)} shared with the student\'s {len(self.student_tokenizer)}{first_word}')
 
     # ------------------------------------------------------------------ encoding
     def teacher_row(self, sample, text: str, ends_turn: bool) -> dict:
@@ -150,44 +176,78 @@ class CrossTokenizerTeacher:
 
     # ------------------------------------------------------------------ loss
     def teacher_rows(self, student_mask: torch.Tensor, teacher_mask: torch.Tensor,
-                     rows: List[RowAlignment]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """For each student response row (in ``student_mask`` order): the flat index of its teacher partner's logit
-        row in ``[B * T_teacher]``, and whether the pair is exact."""
+                     rows: List[RowAlignment]) -> AlignedRows:
+        """For each student response row (in ``student_mask`` order): its teacher partner's logit row in
+        ``[B * T_teacher]``, whether the pair is exact, and whether it is compared through the first-word mapping."""
         t_counts = teacher_mask.sum(1).tolist()
         s_counts = student_mask.sum(1).tolist()
         positions = teacher_mask.nonzero()
         flat = positions[:, 0] * teacher_mask.shape[1] + positions[:, 1]
-        offset, index, exact = 0, [], []
+        offset, index, exact, first_word = 0, [], [], []
         for b, row in enumerate(rows):
             if row.n_teacher != t_counts[b] or (row.alignment is None) != (s_counts[b] == 0) or (
                     row.alignment is not None and len(row.alignment.teacher) != s_counts[b]):
                 raise ValueError(f'cross-tokenizer batch row {b}: the aligned token counts do not match the encoded '
                                  f'batch (student {s_counts[b]}, teacher {t_counts[b]})')
             if row.alignment is not None:
-                index.append(offset + row.alignment.teacher.to(flat.device))
-                exact.append(row.alignment.exact.to(flat.device))
+                index.append(offset + row.alignment.teacher)
+                exact.append(row.alignment.exact)
+                first_word.append(self._first_word_pairs(row.alignment))
             offset += t_counts[b]
         if not index:
             empty = flat.new_zeros(0)
-            return empty, empty.bool()
-        return flat[torch.cat(index)], torch.cat(exact)
+            return AlignedRows(empty, empty.bool(), empty.bool())
+        device = flat.device
+        return AlignedRows(flat[torch.cat(index).to(device)], torch.cat(exact).to(device),
+                           torch.cat(first_word).to(device))
 
-    def loss(self, student: torch.Tensor, teacher_logits: torch.Tensor, teacher_index: torch.Tensor, beta: float,
+    def _first_word_pairs(self, alignment: Alignment) -> torch.Tensor:
+        """Pairs in which exactly one side's position is the first of a response whose first word its tokenizer
+        writes with a prefix space of its own (see the module docstring)."""
+        student_first = torch.zeros_like(alignment.exact)
+        if self.first_word_side is None:
+            return student_first
+        student_first[0] = self._prefix_space[0]
+        teacher_first = (alignment.teacher == 0) & self._prefix_space[1]
+        return student_first != teacher_first
+
+    def loss(self, student: torch.Tensor, teacher_logits: torch.Tensor, rows: AlignedRows, beta: float,
              temperature: float) -> Tuple[torch.Tensor, torch.Tensor]:
         """Per student response token: the ULD or hybrid loss against its teacher partner, and top-1 agreement
         (the teacher's top token mapped to the student's vocabulary by text; a teacher token with no student
         counterpart never agrees)."""
         teacher_flat = teacher_logits.reshape(-1, teacher_logits.shape[-1])  # a view: rows are gathered per chunk
-        if self.method == 'uld':
-            per_token = uld_loss(student, teacher_flat, temperature, teacher_index=teacher_index)
-        else:
-            device = student.device
-            per_token = hybrid_loss(student, teacher_flat, self.student_shared.to(device),
-                                    self.teacher_shared.to(teacher_flat.device), beta, temperature,
-                                    teacher_index=teacher_index)
+        if self.method == 'uld':  # sorted probabilities: no vocabulary mapping, the first word needs none
+            per_token = uld_loss(student, teacher_flat, temperature, teacher_index=rows.teacher_index)
+        elif not rows.first_word.any():
+            per_token = self._hybrid(student, teacher_flat, rows.teacher_index, False, beta, temperature)
+        else:  # the first-word pairs through their own mapping
+            per_token = student.new_zeros(len(student), dtype=torch.float32)
+            for first_word in (False, True):
+                pick = (rows.first_word == first_word).nonzero().squeeze(-1)
+                if len(pick):
+                    per_token = per_token.index_put((pick, ), self._hybrid(
+                        student[pick], teacher_flat, rows.teacher_index[pick], first_word, beta, temperature))
         with torch.no_grad():
-            teacher_top = teacher_flat.argmax(-1)[teacher_index].cpu()
-            mapping = self._teacher_to_student
-            mapped = torch.where(teacher_top < len(mapping), mapping[teacher_top.clamp(max=len(mapping) - 1)], -1)
+            teacher_top = teacher_flat.argmax(-1)[rows.teacher_index].cpu()
+            first_word = rows.first_word.cpu()
+            mapped = torch.full_like(teacher_top, -1)
+            for key, mapping in self._teacher_to_student.items():
+                pick = first_word == key
+                top = teacher_top[pick]
+                mapped[pick] = torch.where(top < len(mapping), mapping[top.clamp(max=len(mapping) - 1)], -1)
             agree = student.argmax(-1).cpu() == mapped
         return per_token, agree
+
+    def _hybrid(self, student, teacher_flat, teacher_index, first_word: bool, beta, temperature):
+        student_ids, teacher_ids = self._mappings[first_word]
+        return hybrid_loss(student, teacher_flat, student_ids.to(student.device), teacher_ids.to(teacher_flat.device),
+                           beta, temperature, teacher_index=teacher_index)
+
+
+def _index_map(student_ids: torch.Tensor, teacher_ids: torch.Tensor) -> torch.Tensor:
+    """teacher id -> its student counterpart (-1: none)."""
+    size = int(teacher_ids.max()) + 1 if len(teacher_ids) else 1
+    mapping = torch.full((size, ), -1, dtype=torch.long)
+    mapping[teacher_ids] = student_ids
+    return mapping

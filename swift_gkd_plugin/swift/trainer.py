@@ -559,10 +559,10 @@ class GKDPluginTrainer(GKDTrainer):
             per_token, agree = self._topk_divergence(student, gkd_batch.teacher_topk_indices[teacher_mask],
                                                      gkd_batch.teacher_topk_logprobs[teacher_mask])
         elif self._xtok is not None:  # the teacher reads its own tokenization: aligned positions
-            teacher_index, exact = self._xtok.teacher_rows(student_mask, teacher_mask, inputs['gkd_xtok_rows'])
-            per_token, agree = self._xtok.loss(student, self._teacher_forward(model, teacher_inputs), teacher_index,
+            aligned = self._xtok.teacher_rows(student_mask, teacher_mask, inputs['gkd_xtok_rows'])
+            per_token, agree = self._xtok.loss(student, self._teacher_forward(model, teacher_inputs), aligned,
                                                self.args.beta, self.args.temperature)
-            self._log_alignment_metrics(exact)
+            self._log_alignment_metrics(aligned.exact)
         else:
             teacher = self._teacher_forward(model, teacher_inputs)[teacher_mask]
             if self.gkd_logits_topk is not None:

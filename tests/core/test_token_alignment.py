@@ -7,8 +7,8 @@ vocabulary sizes) check the whole chain on real offsets and decodes.
 import pytest
 import torch
 
-from swift_gkd_plugin.core.token_alignment import (align_positions, normalize_token, shared_vocabulary,
-                                                   spans_by_decoding, spans_of_ids,
+from swift_gkd_plugin.core.token_alignment import (adds_prefix_space, align_positions, normalize_token,
+                                                   shared_vocabulary, spans_by_decoding, spans_of_ids,
                                                    tokenize_with_spans)
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -81,6 +81,23 @@ def test_shared_vocabulary_is_one_to_one_and_deterministic():
     duplicated = {'x': 7, '\u2581x': 8, ' x': 3}  # ▁x and ' x' are both ' x': the smaller id is kept
     s, t = shared_vocabulary({' x': 0, 'x': 1}, duplicated)
     assert list(zip(s.tolist(), t.tolist())) == [(0, 3), (1, 7)]
+
+
+def test_first_word_mapping_reads_the_prefixed_side_without_its_space():
+    """Where a sentencepiece tokenizer writes a response's first word as ``▁a`` (its own prefix space) and a
+    byte-level one as ``a``, both mean ``a``: ``▁a`` pairs with ``a``, and ``Ġa`` (a real space) has no partner."""
+    byte_vocab = {'<|im_end|>': 0, 'a': 1, '\u0120a': 2, 'the': 3, '\u0120the': 4, 'x': 5}
+    sp_vocab = {'<|im_end|>': 0, '\u2581a': 1, 'a': 2, '\u2581': 3, '\u2581the': 4, '<0x78>': 5, '\u2581\u2581a': 6}
+    plain = dict(zip(*(ids.tolist() for ids in shared_vocabulary(byte_vocab, sp_vocab))))
+    assert plain == {0: 0, 1: 2, 2: 1, 4: 4, 5: 5}  # by text: Ġa = ▁a = ' a', a = a
+    first = dict(zip(*(ids.tolist() for ids in shared_vocabulary(byte_vocab, sp_vocab, strip_leading_space='teacher'))))
+    # ▁a -> a (preferred to the plain a), ▁the -> the, ▁▁a -> ' a' = Ġa; ▁ alone stands for nothing; x by its byte
+    assert first == {0: 0, 1: 1, 2: 6, 3: 4, 5: 5}
+    # the mirror case: a sentencepiece student, a byte-level teacher
+    mirrored = dict(zip(*(ids.tolist() for ids in shared_vocabulary(sp_vocab, byte_vocab, strip_leading_space='student'))))
+    assert mirrored == {s: t for t, s in first.items()}
+    with pytest.raises(ValueError, match="strip_leading_space must be None, 'student' or 'teacher', got 'both'"):
+        shared_vocabulary(byte_vocab, sp_vocab, strip_leading_space='both')
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -272,6 +289,19 @@ def test_real_tokenizers_shared_vocabulary(tokenizers_pair):
     assert (s_vocab['\u0120the'], t_vocab['\u2581the']) in pairs
     # newline: Ċ against the teacher's plain '\n' piece (preferred to its byte-fallback <0x0A>)
     assert '\n' in t_vocab and (s_vocab['\u010a'], t_vocab['\n']) in pairs
+
+
+def test_prefix_space_of_real_tokenizers_and_their_first_word(tokenizers_pair):
+    byte_tok, sp_tok = tokenizers_pair
+    assert not adds_prefix_space(byte_tok) and adds_prefix_space(sp_tok)
+    text = TEXTS[0]  # 'the unhappiness ...': each side's own first token of the text
+    s_first, t_first = (tok(text, add_special_tokens=False)['input_ids'][0] for tok in tokenizers_pair)
+    assert byte_tok.convert_ids_to_tokens(s_first) == 'the' and sp_tok.convert_ids_to_tokens(t_first) == '\u2581the'
+    plain = set(zip(*(ids.tolist() for ids in shared_vocabulary(byte_tok.get_vocab(), sp_tok.get_vocab()))))
+    first = set(zip(*(ids.tolist() for ids in shared_vocabulary(byte_tok.get_vocab(), sp_tok.get_vocab(),
+                                                               strip_leading_space='teacher'))))
+    assert (s_first, t_first) in first and (s_first, t_first) not in plain
+    assert (byte_tok.convert_tokens_to_ids('\u0120the'), t_first) in plain
 
 
 def test_spans_of_given_ids_canonical_or_not(tokenizers_pair):
