@@ -46,6 +46,9 @@ TEMPERATURE = '0.5'
 LMBDA = '1'
 BETA = '0.5'
 METHOD_NAMES = ('sft', 'gkd_same', 'gkd_xtok_uld', 'gkd_xtok_hybrid')
+#: not run by default: ULD with the student's cross-entropy on the dataset's responses (the ULD paper trains with both;
+#: ``--sft_alpha`` only acts on dataset responses, so it needs ``--lmbda 0``)
+EXTRA_METHODS = ('gkd_xtok_uld_sft', )
 
 
 def xtok_methods(ws: Dict[str, Any], lmbda: str, beta: str) -> Dict[str, tuple]:
@@ -54,7 +57,8 @@ def xtok_methods(ws: Dict[str, Any], lmbda: str, beta: str) -> Dict[str, tuple]:
     xtok = dict(gkd, teacher_model=ws['xtok_teacher'])
     return {'sft': ('sft', {}), 'gkd_same': ('rlhf', gkd),
             'gkd_xtok_uld': ('rlhf', dict(xtok, gkd_cross_tokenizer='uld')),
-            'gkd_xtok_hybrid': ('rlhf', dict(xtok, gkd_cross_tokenizer='hybrid'))}
+            'gkd_xtok_hybrid': ('rlhf', dict(xtok, gkd_cross_tokenizer='hybrid')),
+            'gkd_xtok_uld_sft': ('rlhf', dict(xtok, gkd_cross_tokenizer='uld', sft_alpha='1'))}
 
 
 def build_workspace(workdir: str, cfg: Dict[str, Any]) -> Dict[str, Any]:
@@ -89,7 +93,8 @@ def closing_line(summary, ws, lmbda: str, beta: str) -> str:
 
 
 def parse_args(argv=None):
-    parser = bq.common_parser(__doc__, 'bench_xtok_out', METHOD_NAMES, TEMPERATURE)
+    parser = bq.common_parser(__doc__, 'bench_xtok_out', METHOD_NAMES + EXTRA_METHODS, TEMPERATURE)
+    parser.set_defaults(methods=list(METHOD_NAMES))
     parser.add_argument('--lmbda', default=LMBDA, help=f'--lmbda of the three GKD methods ({LMBDA}: on-policy)')
     parser.add_argument('--beta', default=BETA, help=f'--beta of the three GKD methods ({BETA})')
     parser.add_argument('--xtok_no_prefix_space', action='store_true',

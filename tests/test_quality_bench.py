@@ -125,6 +125,8 @@ def test_xtok_methods_differ_from_gkd_same_only_in_the_teacher_and_the_flag():
     for kind in ('uld', 'hybrid'):
         assert methods[f'gkd_xtok_{kind}'] == ('rlhf', dict(methods['gkd_same'][1], teacher_model='/ws/xtok_teacher',
                                                             gkd_cross_tokenizer=kind))
+    assert methods['gkd_xtok_uld_sft'] == ('rlhf', dict(methods['gkd_xtok_uld'][1], sft_alpha='1'))
+    assert 'gkd_xtok_uld_sft' not in xtok_bench.parse_args([]).methods  # an extra, run on request
 
 
 def test_xtok_closing_line_reports_the_kept_share_of_the_same_tokenizer_gain():
