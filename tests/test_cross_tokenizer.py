@@ -153,42 +153,48 @@ def test_a_student_that_ends_at_once_pairs_with_the_teachers_end_token(tiny_ws, 
     assert row.alignment.exact.tolist() == [True] and row.n_teacher >= 1
 
 
-def _xtok_teacher(tiny_ws, sp_teacher, method):
+def _xtok_teacher(student_dir, teacher_dir, method):
     from swift.model import get_processor
     from swift.template import get_template
 
     from swift_gkd_plugin.swift.cross_tokenizer import CrossTokenizerTeacher
-    student_template = get_template(get_processor(tiny_ws.student, model_type='qwen3'),
-                                    template_type='qwen3_nothinking', max_length=128)
+    student_template = get_template(get_processor(student_dir, model_type='qwen3'), template_type='qwen3_nothinking',
+                                    max_length=128)
     student_template.set_mode('train')
-    return CrossTokenizerTeacher(method, sp_teacher, 'qwen3', student_template), student_template
+    return CrossTokenizerTeacher(method, teacher_dir, 'qwen3', student_template), student_template
 
 
-def test_the_teachers_first_word_is_compared_without_its_prefix_space(tiny_ws, sp_teacher):
-    """The sentencepiece teacher writes the answer's first word as ``▁b`` (its own prefix space), the byte-level
-    student as ``b``: at the first position the teacher's ``▁b`` must pull the student towards ``b``, not ``Ġb``
-    (`` b``, a space the student never writes first). Before the first-word mapping the loss preferred ``Ġb``
-    (measured cause of the cross-tokenizer benchmark's loss: docs_en/xtok_quality.md). ms-swift's own templates and
-    encoding; no model loaded."""
+@pytest.mark.parametrize('student_is_sentencepiece', [False, True], ids=['sp_teacher', 'sp_student'])
+def test_the_first_word_is_compared_without_a_prefix_space_of_one_side(tiny_ws, sp_teacher, student_is_sentencepiece):
+    """The sentencepiece side writes the answer's first word as ``▁b`` (its own prefix space), the byte-level side as
+    ``b``: at the first position the one must pull the other towards its own way of writing ``b``, not towards
+    ``Ġb`` / ``▁b`` by text (`` b``, a space the other side never writes first). Before the first-word mapping the
+    loss preferred the space-prefixed token (the measured cause of the cross-tokenizer benchmark's loss:
+    docs_en/xtok_quality.md). Both directions: a sentencepiece teacher and a sentencepiece student. ms-swift's own
+    templates and encoding; no model loaded."""
     import torch
     from swift.rl_core.data import GKDSample
     from swift.rlhf_trainers.utils import encode_sample
 
     from swift_gkd_plugin.swift.cross_tokenizer import response_ids
-    xtok, student_template = _xtok_teacher(tiny_ws, sp_teacher, 'hybrid')
-    assert xtok.first_word_side == 'teacher'
+    byte_dir = tiny_ws.student
+    student_dir, teacher_dir = (sp_teacher, byte_dir) if student_is_sentencepiece else (byte_dir, sp_teacher)
+    xtok, student_template = _xtok_teacher(student_dir, teacher_dir, 'hybrid')
+    assert xtok.first_word_side == ('student' if student_is_sentencepiece else 'teacher')
     sample = GKDSample(messages=[{'role': 'user', 'content': 'Reverse: c b'}, {'role': 'assistant', 'content': 'b c'}])
     student = encode_sample(sample, student_template)
     (teacher, ), (row, ) = xtok.encode_and_align([sample], [student])
     s_tok, t_tok = student_template.tokenizer, xtok.tokenizer
-    assert s_tok.convert_ids_to_tokens(response_ids(student)[0]) == 'b'
-    assert t_tok.convert_ids_to_tokens(response_ids(teacher)[0]) == '\u2581b'
+    sp_first, byte_first, byte_spaced = '\u2581b', 'b', '\u0120b'
+    s_first, t_first = (sp_first, byte_first) if student_is_sentencepiece else (byte_first, sp_first)
+    assert s_tok.convert_ids_to_tokens(response_ids(student)[0]) == s_first
+    assert t_tok.convert_ids_to_tokens(response_ids(teacher)[0]) == t_first
     n_s, n_t = len(response_ids(student)), len(response_ids(teacher))
     aligned = xtok.teacher_rows(torch.ones(1, n_s, dtype=torch.bool), torch.ones(1, n_t, dtype=torch.bool), [row])
-    assert aligned.first_word.tolist() == [True] + [False] * (n_s - 1)
+    assert aligned.first_word.tolist() == [True] + [False] * (n_s - 1)  # later positions keep the text mapping
 
     teacher_logits = torch.zeros(1, n_t, len(t_tok))
-    teacher_logits[0, :, t_tok.convert_tokens_to_ids('\u2581b')] = 8.0  # the teacher is sure of its first word
+    teacher_logits[0, :, t_tok.convert_tokens_to_ids(t_first)] = 8.0  # the teacher is sure of its first word
 
     def first_position_loss(student_token):
         logits = torch.zeros(n_s, len(s_tok))
@@ -196,7 +202,7 @@ def test_the_teachers_first_word_is_compared_without_its_prefix_space(tiny_ws, s
         per_token, agree = xtok.loss(logits, teacher_logits, aligned, beta=0.5, temperature=1.0)
         return float(per_token[0]), bool(agree[0])
 
-    (right, right_agrees), (spaced, spaced_agrees) = first_position_loss('b'), first_position_loss('\u0120b')
+    # the student's own first word against the one the text mapping pairs with the teacher's first word
+    wrong = byte_spaced if not student_is_sentencepiece else 'b'
+    (right, right_agrees), (spaced, spaced_agrees) = first_position_loss(s_first), first_position_loss(wrong)
     assert right < 0.05 < spaced and right_agrees and not spaced_agrees
-    # later positions keep the text mapping: there ▁b is ' b' = Ġb
-    assert not aligned.first_word[1:].any()
