@@ -46,6 +46,11 @@ class GKDPluginArgumentsMixin:
                   'probability L1, any two vocabularies) or hybrid (generalized JSD on the tokens both vocabularies '
                   'share, ULD on the rest). Unset (default): the teacher must use the student\'s tokenizer. '
                   'See docs_en/cross_tokenizer.md.'})
+    teacher_template: Optional[str] = field(
+        default=None,
+        metadata={'help': 'With --gkd_cross_tokenizer: the teacher\'s ms-swift template type (as --template is the '
+                  'student\'s). Unset (default): its model type\'s, or the student\'s --template when that type has '
+                  'several candidates. See docs_en/cross_tokenizer.md.'})
 
 
 PLUGIN_FLAGS: List[str] = [f.name for f in fields(GKDPluginArgumentsMixin)]
@@ -129,8 +134,15 @@ def check_gkd_scalars(args) -> None:
 
 
 def check_cross_tokenizer_flags(args) -> None:
-    """``--gkd_cross_tokenizer``: a known method, and none of the flags it cannot work with."""
+    """``--gkd_cross_tokenizer``: a known method, and none of the flags it cannot work with; ``--teacher_template``
+    only with it (whether the template exists needs ms-swift's registry: :mod:`swift_gkd_plugin.swift.arguments`)."""
     method = getattr(args, 'gkd_cross_tokenizer', None)
+    teacher_template = getattr(args, 'teacher_template', None)
+    if method is None and teacher_template is not None:
+        raise ValueError(f'--teacher_template {teacher_template} only applies to a teacher with another tokenizer '
+                         '(--gkd_cross_tokenizer uld|hybrid): a teacher with the student\'s tokenizer scores the '
+                         'student\'s tokens through the student\'s --template. Drop --teacher_template, or add '
+                         '--gkd_cross_tokenizer')
     if method is None:
         return
     if method not in CROSS_TOKENIZER_METHODS:

@@ -62,10 +62,12 @@ def check_megatron_gkd(args) -> None:
                          "through ms-swift's own client (no API key, its own timeouts); serve the teacher without "
                          '--api_key on a private network')
     refuse_rl_flags(rl_flags_set(args))
-    if getattr(args, 'gkd_cross_tokenizer', None):
-        raise ValueError(f'--gkd_cross_tokenizer {args.gkd_cross_tokenizer} is supported by swift rlhf only: the '
-                         'Megatron loss works on vocabulary-parallel logit shards of one shared vocabulary. Distil '
-                         'across tokenizers with swift rlhf --rlhf_type gkd (docs_en/cross_tokenizer.md)')
+    cross = [f'--{name} {getattr(args, name)}' for name in ('gkd_cross_tokenizer', 'teacher_template')
+             if getattr(args, name, None)]
+    if cross:
+        raise ValueError(f'{", ".join(cross)} is supported by swift rlhf only: the Megatron loss works on '
+                         'vocabulary-parallel logit shards of one shared vocabulary. Distil across tokenizers with '
+                         'swift rlhf --rlhf_type gkd (docs_en/cross_tokenizer.md)')
     if args.seq_kd and (getattr(args, 'context_parallel_size', None) or 1) > 1:
         raise ValueError('--seq_kd true samples from the Megatron teacher, which needs --context_parallel_size 1 '
                          f'(got {args.context_parallel_size})')

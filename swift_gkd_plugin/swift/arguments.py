@@ -1,6 +1,7 @@
 """The plugin's command-line flags and the checks that refuse bad GKD input before any model is loaded."""
 from __future__ import annotations
 
+import difflib
 import os
 from dataclasses import dataclass, field, fields
 from typing import List, Literal, Optional
@@ -59,6 +60,11 @@ def check_teacher(args) -> None:
     student_vocab = None if same_dir else _load_vocab(student_dir)
     teacher_vocab = None if same_dir else _load_vocab(teacher_dir)
     if same_dir or student_vocab == teacher_vocab:
+        if cross and getattr(args, 'teacher_template', None) is not None:
+            raise ValueError(f'--teacher_template {args.teacher_template} only applies to a teacher with another '
+                             'tokenizer: this --teacher_model uses the student\'s tokenizer, so it scores the '
+                             f'student\'s tokens through the student\'s --template {args.template}. Drop '
+                             '--teacher_template (and --gkd_cross_tokenizer)')
         if cross:
             logger.warning(f'swift_gkd_plugin: --gkd_cross_tokenizer {cross} is ignored: the teacher uses the '
                            'student\'s tokenizer, so the exact (token by token) GKD loss is used')
@@ -76,6 +82,21 @@ def check_teacher(args) -> None:
         f'student, {only_t} only in the teacher). GKD compares distributions token by token, so both must use the '
         'same tokenizer (a teacher whose lm_head is larger over the same tokenizer is fine), or pass '
         '--gkd_cross_tokenizer uld|hybrid to distil across tokenizers (docs_en/cross_tokenizer.md).')
+
+
+def check_teacher_template(args) -> None:
+    """``--teacher_template`` names a registered ms-swift template type (templates registered by
+    ``--external_plugins`` included: ms-swift has imported them by now)."""
+    name = getattr(args, 'teacher_template', None)
+    if name is None:
+        return
+    from swift.template import TEMPLATE_MAPPING
+    if name in TEMPLATE_MAPPING:
+        return
+    close = difflib.get_close_matches(name, list(TEMPLATE_MAPPING), n=5)
+    allowed = f'close matches: {close}' if close else f'allowed: {sorted(TEMPLATE_MAPPING)}'
+    raise ValueError(f'--teacher_template {name!r} is not a registered ms-swift template type ({allowed}; '
+                     'the --template choices of `swift rlhf --help`)')
 
 
 def _head_rows(flag: str, model_dir: str) -> Optional[int]:
@@ -245,6 +266,7 @@ class GKDPluginRLHFArguments(GKDPluginArgumentsMixin, RLHFArguments):
         check_teacher_server_flags(self)
         if self.teacher_model_server is not None and (self.padding_free or self.packing):
             raise ValueError('--teacher_model_server does not support --padding_free / --packing yet')
+        check_teacher_template(self)
         check_teacher(self)
         check_topk_within_vocab(self)
         check_teacher_adapters(self)

@@ -83,19 +83,23 @@ def response_ids(encoded: dict) -> List[int]:
     return [t for t, label in zip(encoded['input_ids'], encoded['labels']) if label != -100]
 
 
-def build_teacher_template(teacher_dir: str, model_type: str, student_template):
-    """The teacher's own template (its model type's), set up like the student's (length, truncation, padding)."""
+def build_teacher_template(teacher_dir: str, model_type: str, student_template, template_type: Optional[str] = None):
+    """The teacher's own template (``template_type``, --teacher_template, else its model type's), set up like the
+    student's (length, truncation, padding)."""
     from swift.model import get_processor
     from swift.template import get_template
     processor = get_processor(teacher_dir, model_type=model_type)
     kwargs = dict(max_length=student_template.max_length, truncation_strategy=student_template.truncation_strategy,
                   padding_side=student_template.padding_side)
-    try:
-        template = get_template(processor, **kwargs)
+    try:  # template_type None: the model type's
+        template = get_template(processor, template_type=template_type, **kwargs)
     except ValueError as exc:  # e.g. a model type with several candidate templates
+        if template_type is not None:
+            raise
         student_type = student_template.template_meta.template_type
         logger.warning(f'swift_gkd_plugin: cannot choose the teacher\'s template from its model type ({exc}); using '
-                       f'the student\'s --template {student_type} with the teacher\'s tokenizer')
+                       f'the student\'s --template {student_type} with the teacher\'s tokenizer (name the teacher\'s '
+                       'with --teacher_template)')
         template = get_template(processor, template_type=student_type, **kwargs)
     template.set_mode('train')
     return template
@@ -104,9 +108,10 @@ def build_teacher_template(teacher_dir: str, model_type: str, student_template):
 class CrossTokenizerTeacher:
     """The teacher's template, the vocabulary mapping and the per-row alignment of a cross-tokenizer run."""
 
-    def __init__(self, method: str, teacher_dir: str, teacher_model_type: str, student_template):
+    def __init__(self, method: str, teacher_dir: str, teacher_model_type: str, student_template,
+                 teacher_template: Optional[str] = None):
         self.method = method
-        self.template = build_teacher_template(teacher_dir, teacher_model_type, student_template)
+        self.template = build_teacher_template(teacher_dir, teacher_model_type, student_template, teacher_template)
         self.tokenizer = self.template.tokenizer
         self.student_tokenizer = student_template.tokenizer
         self._specials = (special_ids(self.student_tokenizer), special_ids(self.tokenizer))

@@ -25,6 +25,7 @@ from swift.infer_engine.protocol import RolloutOutput
 from swift.rlhf_trainers.gkd_helpers import encode_gkd_samples
 from swift.rlhf_trainers.gkd_loss import DataSource
 from swift.rlhf_trainers.gkd_trainer import GKDTrainer
+from swift.rlhf_trainers.utils import encode_sample
 from swift.trainers import disable_gradient_checkpointing
 from swift.utils import get_logger, to_device, unwrap_model_for_generation
 
@@ -90,7 +91,7 @@ class GKDPluginTrainer(GKDTrainer):
         if self.args.gkd_cross_tokenizer and self.teacher_model is not None:
             teacher = self.accelerator.unwrap_model(self.teacher_model)
             self._xtok = CrossTokenizerTeacher(self.args.gkd_cross_tokenizer, teacher.model_dir,
-                                               teacher.model_meta.model_type, self.template)
+                                               teacher.model_meta.model_type, self.template, self.args.teacher_template)
         self._fused = self._decide_loss_impl()
         suppress_media_placeholders(getattr(self, 'engine', None), self.template)  # the student's own sampler
         self._reward_funcs, self._reward_names = load_reward_funcs(self.args)
@@ -419,10 +420,10 @@ class GKDPluginTrainer(GKDTrainer):
         template = self.template
         for sample in samples:
             prepare_teacher_view(sample)
+        if self._xtok is not None:  # the teacher reads the samples through its own template, not the student's
+            return self._encode_cross_tokenizer(samples)
         with self._template_context(template):
             student_list, teacher_list, has_teacher_view = encode_gkd_samples(samples, template)
-        if self._xtok is not None:
-            return self._encode_cross_tokenizer(samples, student_list)
         for sample, student, teacher in zip(samples, student_list, teacher_list):
             if not has_teacher_view:
                 break
@@ -433,8 +434,13 @@ class GKDPluginTrainer(GKDTrainer):
                                if has_teacher_view else None)
         return encoded, teacher_encoded
 
-    def _encode_cross_tokenizer(self, samples, student_list):
-        """The teacher's view through its own template; each row's alignment waits for its micro-batch."""
+    def _encode_cross_tokenizer(self, samples):
+        """The student's view, and the teacher's through its own template (privileged prompts included, see
+        ``CrossTokenizerTeacher.teacher_row``); each row's alignment waits for its micro-batch."""
+        with self._template_context(self.template):
+            student_list = [encode_sample(sample, self.template) for sample in samples]
+        for student in student_list:
+            student.pop('_extra_kwargs', None)
         teacher_template = self._xtok.template
         with self._template_context(teacher_template):
             teacher_list, rows = self._xtok.encode_and_align(samples, student_list)
