@@ -13,6 +13,11 @@
 # 对齐，否则取覆盖该字符的教师 token：请关注 gkd/xtok_exact_fraction）。hybrid = 两个词表共有 token 上的广义 JSD
 # （此处英文文本大多如此）+ 其余部分的 ULD；单独的 uld 不区分 token 身份。--lmbda 0.5：一半步骤 on-policy（学生采样，解码后
 # 为教师重新编码），一半使用数据集回复。
+# A sentencepiece teacher that writes an answer's first word with a prefix space (Llama-2, Mistral) works the same: its
+# first word is compared without that space (logged at start-up). --teacher_template <type> names the teacher's
+# template when its model type has several.
+# 首词带前缀空格的 sentencepiece 教师（Llama-2、Mistral）同样适用：其第一个词去掉该空格后再比较（启动日志会写出）。
+# 教师的模型类型有多个模板时，用 --teacher_template <type> 指定。
 # Not yet run on GPUs: start with a few steps. / 尚未在 GPU 上运行过：请先跑几步。
 NPROC_PER_NODE=4 \
 swift rlhf \
