@@ -51,9 +51,9 @@ METHOD_NAMES = ('sft', 'gkd_same', 'gkd_xtok_uld', 'gkd_xtok_hybrid')
 EXTRA_METHODS = ('gkd_xtok_uld_sft', )
 
 
-def xtok_methods(ws: Dict[str, Any], lmbda: str, beta: str) -> Dict[str, tuple]:
+def xtok_methods(ws: Dict[str, Any], lmbda: str, beta: str, seq_kd: bool = False) -> Dict[str, tuple]:
     """method -> (swift command, flags), as ``bench_quality.METHODS``: the GKD methods differ only in the teacher."""
-    gkd = {'lmbda': lmbda, 'beta': beta}
+    gkd = {'lmbda': lmbda, 'beta': beta, **({'seq_kd': 'true'} if seq_kd else {})}
     xtok = dict(gkd, teacher_model=ws['xtok_teacher'])
     return {'sft': ('sft', {}), 'gkd_same': ('rlhf', gkd),
             'gkd_xtok_uld': ('rlhf', dict(xtok, gkd_cross_tokenizer='uld')),
@@ -97,6 +97,10 @@ def parse_args(argv=None):
     parser.set_defaults(methods=list(METHOD_NAMES))
     parser.add_argument('--lmbda', default=LMBDA, help=f'--lmbda of the three GKD methods ({LMBDA}: on-policy)')
     parser.add_argument('--beta', default=BETA, help=f'--beta of the three GKD methods ({BETA})')
+    parser.add_argument('--seq_kd', action='store_true',
+                        help='--seq_kd true for the GKD methods: off-policy steps train on the teacher\'s samples '
+                        '(with --lmbda 0: sequence-level KD on every step; the other-family teacher samples through '
+                        'its own template)')
     parser.add_argument('--xtok_no_prefix_space', action='store_true',
                         help="a teacher tokenizer that prepends no '▁' to a text's first word (Gemma style)")
     return parser.parse_args(argv)
@@ -108,7 +112,7 @@ def main(argv=None) -> int:
     if args.xtok_no_prefix_space:  # part of every run's cache key: the teacher differs
         cfg['xtok_prefix_space'] = False
     ws = build_workspace(workdir, cfg)
-    methods = xtok_methods(ws, args.lmbda, args.beta)
+    methods = xtok_methods(ws, args.lmbda, args.beta, args.seq_kd)
     curves = bq.collect_curves(args.methods, ws, cfg, workdir, methods)
     summary = bq.summarise(curves)
     pngs = bq.write_results(workdir, cfg, ws, curves, summary, t0, methods=methods, lmbda=args.lmbda, beta=args.beta,

@@ -127,6 +127,9 @@ def test_xtok_methods_differ_from_gkd_same_only_in_the_teacher_and_the_flag():
                                                             gkd_cross_tokenizer=kind))
     assert methods['gkd_xtok_uld_sft'] == ('rlhf', dict(methods['gkd_xtok_uld'][1], sft_alpha='1'))
     assert 'gkd_xtok_uld_sft' not in xtok_bench.parse_args([]).methods  # an extra, run on request
+    seq_kd = xtok_bench.xtok_methods({'xtok_teacher': '/ws/xtok_teacher'}, '0', '0.5', seq_kd=True)
+    assert seq_kd['gkd_same'] == ('rlhf', {'lmbda': '0', 'beta': '0.5', 'seq_kd': 'true'})
+    assert seq_kd['gkd_xtok_hybrid'][1]['seq_kd'] == 'true'
 
 
 def test_xtok_closing_line_reports_the_kept_share_of_the_same_tokenizer_gain():
