@@ -1,13 +1,16 @@
 """Shared fixtures: tiny offline models and a runner for the real ``swift rlhf`` command line."""
 from __future__ import annotations
 
+import dataclasses
 import glob
+import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import pytest
 
@@ -16,6 +19,16 @@ from swift_gkd_plugin.cli import OFFLINE_ENV as CLI_OFFLINE_ENV
 OFFLINE_ENV = {**CLI_OFFLINE_ENV, 'TOKENIZERS_PARALLELISM': 'false', 'OMP_NUM_THREADS': '1'}
 SWIFT = os.path.join(os.path.dirname(sys.executable), 'swift')
 RL_REWARD_PLUGIN = os.path.join(os.path.dirname(__file__), 'rl_reward_plugin.py')  # rewards for GKD + RL tests
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """``pytest -n N`` (the README's ``-n 2``) without ``--dist``: work stealing instead of xdist's ``load``. ``load``
+    hands each worker its queue ahead of time, and a worker whose queue ends with pipeline runs (tens of seconds each)
+    kept running them while the other sat idle at the end of the suite; with ``worksteal`` an idle worker takes half of
+    the other's queue. Runs before xdist's own hook, which would otherwise set ``load``."""
+    if getattr(config.option, 'numprocesses', None) and config.option.dist == 'no':
+        config.option.dist = 'worksteal'
 
 
 @dataclass
@@ -51,6 +64,8 @@ class SwiftRun:
     output: str
     output_dir: str
     logs: List[Dict] = field(default_factory=list)  # logging.jsonl rows that carry a training loss
+    child_command: List[str] = field(default_factory=list)  # what ``swift`` starts (see ``launcher_child_command``)
+    launched: Optional[List[str]] = None  # what ``swift`` did start, from its log (``run_swift(launcher=True)``)
 
     @property
     def losses(self) -> List[float]:
@@ -105,15 +120,23 @@ def base_args(ws: Workspace, output_dir: str, **overrides) -> List[str]:
 
 
 def run_swift(argv: List[str], *, env: Optional[Dict[str, str]] = None, nproc: int = 1, timeout: int = 600,
-              check: bool = True, command: str = 'rlhf') -> SwiftRun:
-    """Run ``swift <command> argv`` in a child process, as a user would, and collect its logs."""
+              check: bool = True, command: str = 'rlhf', launcher: bool = False) -> SwiftRun:
+    """Run ``swift <command> argv`` in a child process, as a user would, and collect its logs.
+
+    ``swift`` itself (ms-swift's ``cli_main``) only imports ms-swift and modelscope to start one more process, the
+    route file (under torchrun with ``nproc > 1``), and waits for it: ~2.5 s of CPU and ~5 s of wall time per run on
+    the CI machine, with nothing of the plugin in it. By default this starts that same child command directly
+    (:func:`launcher_child_command`); ``launcher=True`` goes through ``swift`` and records the command it started in
+    ``SwiftRun.launched``: tests of the launcher compare it with ``SwiftRun.child_command``."""
     full_env = dict(os.environ, **OFFLINE_ENV)
     full_env.pop('SWIFT_GKD_PLUGIN', None)
     if nproc > 1:
         full_env['NPROC_PER_NODE'] = str(nproc)
         full_env['MASTER_PORT'] = str(_free_port())
     full_env.update(env or {})
-    proc = subprocess.run([SWIFT, command] + argv, env=full_env, capture_output=True, text=True, timeout=timeout)
+    child = launcher_child_command(command, argv, full_env)
+    proc = subprocess.run([SWIFT, command] + argv if launcher else child, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
     output = proc.stdout + proc.stderr
     output_dir = argv[argv.index('--output_dir') + 1] if '--output_dir' in argv else ''
     if check and proc.returncode != 0:
@@ -122,7 +145,64 @@ def run_swift(argv: List[str], *, env: Optional[Dict[str, str]] = None, nproc: i
     for path in sorted(glob.glob(os.path.join(output_dir, '**', 'logging.jsonl'), recursive=True)):
         with open(path) as f:
             logs += [row for row in map(json.loads, f) if 'loss' in row]
-    return SwiftRun(proc.returncode, output, output_dir, logs)
+    run = SwiftRun(proc.returncode, output, output_dir, logs, child_command=child)
+    if launcher:
+        launched = re.search(r'^run sh: `(.*)`$', proc.stdout, re.MULTILINE)  # the launcher joins it with spaces
+        run.launched = launched.group(1).split(' ') if launched else None
+    return run
+
+
+def launcher_child_command(command: str, argv: List[str], env: Dict[str, str]) -> List[str]:
+    """The command ms-swift's ``swift`` launcher (``swift.cli.main.cli_main``) starts for ``swift <command> argv``
+    in the environment ``env``: the route file, under ``torch.distributed.run`` when ``NPROC_PER_NODE``/``NNODES``
+    is set (the launcher's own ``get_torchrun_args``, read from ``env`` instead of ``os.environ``)."""
+    from swift.cli.main import ROUTE_MAPPING
+    route = importlib.util.find_spec(ROUTE_MAPPING[command.replace('_', '-')]).origin
+    distributed = env.get('NPROC_PER_NODE') is not None or env.get('NNODES') is not None
+    if not distributed or command not in {'pt', 'sft', 'rlhf', 'infer'}:
+        return [sys.executable, route, *argv]
+    torchrun = []
+    for key in ['NPROC_PER_NODE', 'MASTER_PORT', 'NNODES', 'NODE_RANK', 'MASTER_ADDR']:
+        if env.get(key) is not None:
+            torchrun += [f'--{key.lower()}', env[key]]
+    return [sys.executable, '-m', 'torch.distributed.run', *torchrun, route, *argv]
+
+
+class SharedRuns:
+    """``swift`` runs that several tests assert on, each started on first use and only once per test session, for
+    all xdist workers: a file lock guards each run and its ``SwiftRun`` is kept as JSON. A module whose tests xdist
+    splits between the workers thus still starts each run once (a module-scoped fixture would start it on both)."""
+
+    def __init__(self, root: str, starts: Dict[str, Callable[[str], SwiftRun]]):
+        self.root, self.starts = root, starts  # starts[name](output_dir) runs swift and returns its SwiftRun
+
+    def __getitem__(self, name: str) -> SwiftRun:
+        from filelock import FileLock
+        path = os.path.join(self.root, name)
+        with FileLock(path + '.lock'):
+            if not os.path.exists(path + '.json'):
+                run = self.starts[name](path)
+                with open(path + '.json.partial', 'w') as f:
+                    json.dump(dataclasses.asdict(run), f)
+                os.replace(path + '.json.partial', path + '.json')
+        with open(path + '.json') as f:
+            return SwiftRun(**json.load(f))
+
+
+@pytest.fixture(scope='session')
+def shared_runs(tmp_path_factory) -> Callable[[str, Dict[str, Callable[[str], SwiftRun]]], SharedRuns]:
+    """``shared_runs(group, starts)``: the :class:`SharedRuns` of ``starts`` under a folder named ``group``, common
+    to the xdist workers of this test session (and to no other session)."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get('PYTEST_XDIST_WORKER'):
+        shared = shared.parent
+
+    def make(group, starts):
+        root = shared / 'shared_runs' / group
+        root.mkdir(parents=True, exist_ok=True)
+        return SharedRuns(str(root), starts)
+
+    return make
 
 
 def _free_port() -> int:

@@ -27,8 +27,17 @@ def test_plugin_path_is_an_importable_file():
         os.path.dirname(path))) <= {os.path.basename(path), '__pycache__'}
 
 
+def assert_launched_as_run_swift_starts_it(run):
+    """``swift`` started the very command that ``run_swift`` starts without it (the other tests skip the launcher)."""
+    assert run.launched is not None, run.output[-3000:]
+    assert run.launched[1:] == run.child_command[1:]
+    assert os.path.samefile(run.launched[0], run.child_command[0])  # the same interpreter
+
+
 def test_opt_out_runs_ms_swift_trainer(tiny_ws, tmp_path):
-    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), lmbda=0, max_steps=1), env={'SWIFT_GKD_PLUGIN': '0'})
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), lmbda=0, max_steps=1), env={'SWIFT_GKD_PLUGIN': '0'},
+                    launcher=True)
+    assert_launched_as_run_swift_starts_it(run)
     assert 'swift_gkd_plugin' not in run.output
     assert not os.path.exists(tmp_path / 'out' / 'gkd_modes')
     # ms-swift's own trainer still refuses what only the plugin can do
@@ -43,7 +52,8 @@ def test_explicit_activation_through_external_plugins(tiny_ws, tmp_path):
     run = run_swift(
         base_args(tiny_ws, str(tmp_path / 'out'), lmbda=0, seq_kd='true', max_steps=2,
                   external_plugins=_plugin_path()),
-        env={'SWIFT_GKD_PLUGIN': '0'})
+        env={'SWIFT_GKD_PLUGIN': '0'}, launcher=True)
+    assert_launched_as_run_swift_starts_it(run)
     assert 'swift_gkd_plugin 0.1.0' in run.output
     assert [m['mode'] for m in run.modes()] == ['seq_kd', 'seq_kd']
 
@@ -63,7 +73,8 @@ def test_swift_sft_is_untouched(tiny_ws, tmp_path):
             '--max_steps', '1', '--per_device_train_batch_size', '2', '--gradient_accumulation_steps', '1',
             '--save_strategy', 'no', '--report_to', 'none', '--output_dir', str(tmp_path / 'sft'),
             '--dataset_num_proc', '1']
-    run = run_swift(argv, command='sft')
+    run = run_swift(argv, command='sft', launcher=True)
+    assert_launched_as_run_swift_starts_it(run)
     assert 'swift_gkd_plugin' not in run.output
     bad = run_swift(argv + ['--gkd_loss_impl', 'dense'], command='sft', check=False)
     assert bad.returncode != 0 and 'remaining_argv' in bad.output

@@ -18,12 +18,13 @@ def _configs(tiny_ws, adapters, tmp_path):
             row = json.loads(line)
             f.write(json.dumps({**row, 'teacher_prompt': row['messages'][0]['content'] + ' (reverse it)'}) + '\n')
     return {
-        'separate_teacher_all_modes_sft': dict(lmbda=0.5, seq_kd='true', sft_alpha=0.3),
+        # a separate teacher reading privileged prompts, in the dataset and seq_kd modes, with the SFT term
+        'separate_teacher_all_modes_sft_privileged': dict(dataset=str(privileged), lmbda=0.5, seq_kd='true',
+                                                          sft_alpha=0.3),
         'shared_base_lora': dict(tuner_type='lora', lora_dropout=0, teacher_model=tiny_ws.student,
                                  adapters=adapters['student_start'], lmbda=0.5),
         'teacher_adapter': dict(tuner_type='lora', lora_dropout=0, teacher_model=None,
                                 adapters=adapters['student_start'], teacher_adapters=adapters['fit'], lmbda=0),
-        'privileged_prompts': dict(dataset=str(privileged), lmbda=0.5, seq_kd='true'),
         'local_topk': dict(gkd_logits_topk=8, lmbda=0, beta=0.3),
         # the student itself is the teacher, reading the privileged prompt (the no-prompt case is 0 by definition)
         'self_distillation_privileged': dict(teacher_model=None, teacher_model_type=None, dataset=str(privileged),
@@ -31,7 +32,7 @@ def _configs(tiny_ws, adapters, tmp_path):
     }
 
 
-CASES = ['separate_teacher_all_modes_sft', 'shared_base_lora', 'teacher_adapter', 'privileged_prompts', 'local_topk',
+CASES = ['separate_teacher_all_modes_sft_privileged', 'shared_base_lora', 'teacher_adapter', 'local_topk',
          'self_distillation_privileged']
 
 

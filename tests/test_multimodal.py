@@ -139,13 +139,29 @@ def _assert_trained(run, mode, steps=2):
 
 
 # ---------------------------------------------------------------- separate teacher
+@pytest.fixture(scope='module')
+def separate_teacher_runs(mm, shared_runs):
+    """The separate-teacher runs, one per mode, each also the run of another test below (a multimodal run costs
+    ~30 s): off-policy with the trained student (``off_policy``, beside ``blind``: the same with the blind teacher),
+    on-policy with the trained student sampling nearly greedily, seq_kd with a random student and the teacher
+    sampling nearly greedily. The sampling runs log their samples."""
+    sampling = dict(temperature=0.05, log_completions='true')
+    off_policy = dict(model=mm.trained_student, temperature=1.0, **MODES['off_policy'])
+    return shared_runs('mm_separate_teacher', {
+        'off_policy': lambda out: run_swift(mm_args(mm, out, **off_policy)),
+        'blind': lambda out: run_swift(mm_args(mm, out, teacher_model=mm.blind_teacher, **off_policy)),
+        'on_policy': lambda out: run_swift(mm_args(mm, out, model=mm.trained_student, **sampling,
+                                                   **MODES['on_policy'])),
+        'seq_kd': lambda out: run_swift(mm_args(mm, out, **sampling, **MODES['seq_kd'])),
+    })
+
+
 @pytest.mark.parametrize('mode', list(MODES))
-def test_separate_teacher_trains_in_every_mode(mm, tmp_path, mode):
-    """A random student, the trained teacher as a separate model. With seq_kd the teacher samples (nearly greedily):
-    in every step its 8 samples name exactly the colours of the 8 images, which only the images tell (the text
-    prompt is the same in every row)."""
-    sampling = dict(temperature=0.05, log_completions='true') if mode == 'seq_kd' else {}
-    run = run_swift(mm_args(mm, str(tmp_path / 'out'), **sampling, **MODES[mode]))
+def test_separate_teacher_trains_in_every_mode(separate_teacher_runs, mm, mode):
+    """The trained teacher as a separate model trains the student in every mode. With seq_kd (a random student) the
+    teacher samples (nearly greedily): in every step its 8 samples name exactly the colours of the 8 images, which
+    only the images tell (the text prompt is the same in every row)."""
+    run = separate_teacher_runs[mode]
     assert 'Teacher model: a separate frozen model' in run.output
     assert _weights_loaded(run) == 2
     _assert_trained(run, mode)
@@ -153,20 +169,17 @@ def test_separate_teacher_trains_in_every_mode(mm, tmp_path, mode):
         _assert_samples_name_the_images(run, mm)
 
 
-def test_the_student_samples_from_the_image(mm, tmp_path):
+def test_the_student_samples_from_the_image(separate_teacher_runs, mm):
     """On-policy with a trained student: its own samples name the colours of the images."""
-    run = run_swift(mm_args(mm, str(tmp_path / 'out'), model=mm.trained_student, temperature=0.05,
-                            log_completions='true', **MODES['on_policy']))
+    run = separate_teacher_runs['on_policy']
     _assert_trained(run, 'on_policy')
     _assert_samples_name_the_images(run, mm)
 
 
-def test_the_separate_teacher_forward_sees_each_rows_image(mm, tmp_path):
+def test_the_separate_teacher_forward_sees_each_rows_image(separate_teacher_runs):
     """Off-policy, trained student and trained teacher: their top-1 tokens agree on every response token only if the
     teacher's forward got each row's own image; a teacher that cannot see images gives other losses."""
-    common = dict(model=mm.trained_student, temperature=1.0, **MODES['off_policy'])
-    seeing = run_swift(mm_args(mm, str(tmp_path / 'seeing'), **common))
-    blind = run_swift(mm_args(mm, str(tmp_path / 'blind'), teacher_model=mm.blind_teacher, **common))
+    seeing, blind = separate_teacher_runs['off_policy'], separate_teacher_runs['blind']
     assert all(row['gkd/top1_agreement'] == 1.0 for row in seeing.logs), seeing.logs
     assert _rel(seeing.losses[0], blind.losses[0]) > 1e-2, (seeing.losses, blind.losses)
     assert seeing.losses[0] < blind.losses[0]

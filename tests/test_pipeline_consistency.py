@@ -14,7 +14,10 @@ def _rel(a, b):
 def test_two_processes_agree_on_every_mode_decision(tiny_ws, tmp_path):
     run = run_swift(
         base_args(tiny_ws, str(tmp_path / 'out'), lmbda=0.5, seq_kd='true', max_steps=6, use_cpu='true', seed=7),
-        nproc=2)
+        nproc=2, launcher=True)
+    # through ms-swift's launcher, which started torchrun exactly as run_swift does without it in the other tests
+    assert run.launched and run.launched[1:4] == ['-m', 'torch.distributed.run', '--nproc_per_node']
+    assert run.launched[1:] == run.child_command[1:] and os.path.samefile(run.launched[0], run.child_command[0])
     rank0, rank1 = run.modes(0), run.modes(1)
     assert [m['step'] for m in rank0] == list(range(6))
     assert rank0 == rank1
@@ -41,13 +44,21 @@ def test_resume_continues_the_same_modes_and_losses(tiny_ws, tmp_path):
         assert _rel(a['loss'], b['loss']) < 1e-4, (resumed.losses, full.losses)
 
 
-def test_loss_does_not_depend_on_the_micro_batch_split(tiny_ws, tmp_path):
-    """One optimizer step over 4 rows: 1 x 4 rows, or 2 micro-batches of 2, gives the same token-mean loss."""
-    common = dict(lmbda=0, max_steps=1, dataset=tiny_ws.fixed, seed=11)
-    whole = run_swift(base_args(tiny_ws, str(tmp_path / 'a'), per_device_train_batch_size=4,
-                                gradient_accumulation_steps=1, **common))
-    split = run_swift(base_args(tiny_ws, str(tmp_path / 'b'), per_device_train_batch_size=2,
-                                gradient_accumulation_steps=2, **common))
+EIGHT_ROWS_A_STEP = dict(lmbda=0, max_steps=2, seed=11)
+
+
+@pytest.fixture(scope='module')
+def one_process_two_micro_batches(tiny_ws, shared_runs):
+    """8 rows per optimizer step on one process: 2 micro-batches of 4 rows (the reference of the next two tests)."""
+    return shared_runs('eight_rows_a_step', {'run': lambda out: run_swift(base_args(
+        tiny_ws, out, per_device_train_batch_size=4, gradient_accumulation_steps=2, **EIGHT_ROWS_A_STEP))})['run']
+
+
+def test_loss_does_not_depend_on_the_micro_batch_split(tiny_ws, one_process_two_micro_batches, tmp_path):
+    """One optimizer step over 8 rows: 1 x 8 rows, or 2 micro-batches of 4, gives the same token-mean loss."""
+    whole = run_swift(base_args(tiny_ws, str(tmp_path / 'whole'), per_device_train_batch_size=8,
+                                gradient_accumulation_steps=1, **dict(EIGHT_ROWS_A_STEP, max_steps=1)))
+    split = one_process_two_micro_batches
     assert _rel(whole.losses[0], split.losses[0]) < 1e-5, (whole.losses, split.losses)
     assert _rel(whole.logs[0]['grad_norm'], split.logs[0]['grad_norm']) < 1e-4
 
@@ -111,15 +122,13 @@ def test_off_policy_loss_equals_ms_swift_builtin(tiny_ws, tmp_path, beta, temper
         assert _rel(a, b) < 3e-5, (ours.losses, builtin.losses)
 
 
-def test_step_loss_is_the_same_on_one_process_two_ranks_and_zero2(tiny_ws, tmp_path):
+def test_step_loss_is_the_same_on_one_process_two_ranks_and_zero2(tiny_ws, one_process_two_micro_batches, tmp_path):
     """8 rows per step: 1 process x 4 rows x 2 accumulation steps, 2 DDP ranks x 2 x 2, and the same under ZeRO-2."""
     pytest.importorskip('deepspeed')
-    common = dict(lmbda=0, max_steps=2, gradient_accumulation_steps=2, seed=11)
-    single = run_swift(base_args(tiny_ws, str(tmp_path / 'single'), per_device_train_batch_size=4, **common))
-    ddp = run_swift(base_args(tiny_ws, str(tmp_path / 'ddp'), per_device_train_batch_size=2, use_cpu='true',
-                              **common), nproc=2)
-    zero2 = run_swift(base_args(tiny_ws, str(tmp_path / 'zero2'), per_device_train_batch_size=2, use_cpu='true',
-                                deepspeed='zero2', fp16='false', **common), nproc=2)
+    common = dict(gradient_accumulation_steps=2, per_device_train_batch_size=2, use_cpu='true', **EIGHT_ROWS_A_STEP)
+    single = one_process_two_micro_batches
+    ddp = run_swift(base_args(tiny_ws, str(tmp_path / 'ddp'), **common), nproc=2)
+    zero2 = run_swift(base_args(tiny_ws, str(tmp_path / 'zero2'), deepspeed='zero2', fp16='false', **common), nproc=2)
     for other in (ddp, zero2):
         assert len(other.logs) == len(single.logs) == 2
         for a, b in zip(single.logs, other.logs):

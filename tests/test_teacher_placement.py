@@ -74,15 +74,25 @@ def test_teacher_adapter_on_the_shared_base_equals_a_separate_teacher(tiny_ws, a
     assert_same_losses(shared, separate)
 
 
-@pytest.mark.parametrize('mode', [{'lmbda': 0, 'seq_kd': 'true'}, {'lmbda': 1}])
-def test_teacher_adapter_on_the_shared_base_samples_and_trains(tiny_ws, adapters, tmp_path, mode):
-    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), teacher_model=tiny_ws.student,
-                              teacher_adapters=adapters['fit'], **{**LORA, **mode}))
+@pytest.fixture(scope='module')
+def teacher_adapter_mixed_run(tiny_ws, adapters, shared_runs):
+    """The teacher adapter on the shared base (given as the student's path), seed 3: steps 1-2 seq_kd (the teacher
+    samples), step 3 on-policy (the student samples)."""
+    return shared_runs('teacher_adapter_mixed', {'run': lambda out: run_swift(base_args(
+        tiny_ws, out, teacher_model=tiny_ws.student, teacher_adapters=adapters['fit'],
+        **dict(LORA, lmbda=0.5, seq_kd='true')))})['run']
+
+
+@pytest.mark.parametrize('mode', ['seq_kd', 'on_policy'])
+def test_teacher_adapter_on_the_shared_base_samples_and_trains(teacher_adapter_mixed_run, mode):
+    run = teacher_adapter_mixed_run
+    assert [m['mode'] for m in run.modes()] == ['seq_kd', 'seq_kd', 'on_policy']
     assert len(run.losses) == 3 and all(x > 0 for x in run.losses)
     # sampling with the student's own module must leave it in train mode: training metrics, not eval_ ones
-    expected = 'gkd/mode_seq_kd' if 'seq_kd' in mode else 'gkd/mode_on_policy'
-    for row in run.logs:
-        assert row.get(expected) == 1.0 and not any(k.startswith('eval_') for k in row), row
+    rows = [row for row, m in zip(run.logs, run.modes()) if m['mode'] == mode]
+    assert rows
+    for row in rows:
+        assert row.get(f'gkd/mode_{mode}') == 1.0 and not any(k.startswith('eval_') for k in row), row
 
 
 def test_full_tuning_with_the_same_model_loads_a_separate_copy(tiny_ws, tmp_path):
@@ -139,12 +149,23 @@ def test_teacher_prompt_identical_to_the_student_prompt_changes_nothing(tiny_ws,
     assert _rel(plain.losses[0], privileged.losses[0]) > 1e-3  # the teacher did read its own prompt
 
 
-@pytest.mark.parametrize('mode', [{'lmbda': 0}, {'lmbda': 1}, {'lmbda': 0, 'seq_kd': 'true'}])
-def test_teacher_messages_column_in_every_mode(tiny_ws, tmp_path, mode):
-    data = _with_columns(tiny_ws, tmp_path / 'tm.jsonl', lambda r: {'teacher_messages': [
-        {'role': 'system', 'content': 'You reverse sequences of letters.'},
-        {'role': 'user', 'content': _question(r)}]})
-    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), dataset=data, max_steps=2, **mode))
+@pytest.fixture(scope='module')
+def teacher_messages_runs(tiny_ws, shared_runs, tmp_path_factory):
+    """Rows with a teacher_messages column, 2 steps: seed 0 with --lmbda 0.5 is off-policy then on-policy; seq_kd."""
+    data = _with_columns(tiny_ws, tmp_path_factory.mktemp('teacher_messages') / 'tm.jsonl', lambda r: {
+        'teacher_messages': [{'role': 'system', 'content': 'You reverse sequences of letters.'},
+                             {'role': 'user', 'content': _question(r)}]})
+
+    def start(**mode):
+        return lambda out: run_swift(base_args(tiny_ws, out, dataset=data, max_steps=2, **mode))
+
+    return shared_runs('teacher_messages', {'mixed': start(lmbda=0.5, seed=0), 'seq_kd': start(lmbda=0, seq_kd='true')})
+
+
+@pytest.mark.parametrize('mode', ['off_policy', 'on_policy', 'seq_kd'])
+def test_teacher_messages_column_in_every_mode(teacher_messages_runs, mode):
+    run = teacher_messages_runs['seq_kd' if mode == 'seq_kd' else 'mixed']
+    assert mode in [m['mode'] for m in run.modes()]
     assert len(run.losses) == 2 and all(x > 0 for x in run.losses)
 
 
