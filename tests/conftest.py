@@ -154,17 +154,16 @@ def run_swift(argv: List[str], *, env: Optional[Dict[str, str]] = None, nproc: i
 
 def launcher_child_command(command: str, argv: List[str], env: Dict[str, str]) -> List[str]:
     """The command ms-swift's ``swift`` launcher (``swift.cli.main.cli_main``) starts for ``swift <command> argv``
-    in the environment ``env``: the route file, under ``torch.distributed.run`` when ``NPROC_PER_NODE``/``NNODES``
-    is set (the launcher's own ``get_torchrun_args``, read from ``env`` instead of ``os.environ``)."""
-    from swift.cli.main import ROUTE_MAPPING
+    in the environment ``env``: the route file, under ``torch.distributed.run`` with the launcher's own
+    ``get_torchrun_args`` (evaluated with ``env`` as the process environment) when it asks for torchrun."""
+    from unittest.mock import patch
+
+    from swift.cli.main import ROUTE_MAPPING, get_torchrun_args
     route = importlib.util.find_spec(ROUTE_MAPPING[command.replace('_', '-')]).origin
-    distributed = env.get('NPROC_PER_NODE') is not None or env.get('NNODES') is not None
-    if not distributed or command not in {'pt', 'sft', 'rlhf', 'infer'}:
+    with patch.dict(os.environ, env, clear=True):  # the environment only: ms-swift's function runs as is
+        torchrun = get_torchrun_args()
+    if torchrun is None or command not in {'pt', 'sft', 'rlhf', 'infer'}:
         return [sys.executable, route, *argv]
-    torchrun = []
-    for key in ['NPROC_PER_NODE', 'MASTER_PORT', 'NNODES', 'NODE_RANK', 'MASTER_ADDR']:
-        if env.get(key) is not None:
-            torchrun += [f'--{key.lower()}', env[key]]
     return [sys.executable, '-m', 'torch.distributed.run', *torchrun, route, *argv]
 
 

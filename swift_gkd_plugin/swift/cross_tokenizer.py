@@ -30,7 +30,7 @@ from swift.utils import get_logger
 from swift_gkd_plugin.core.cross_tokenizer_loss import hybrid_loss, uld_loss
 from swift_gkd_plugin.core.token_alignment import (Alignment, adds_prefix_space, align_positions, shared_vocabulary,
                                                    spans_of_ids)
-from swift_gkd_plugin.swift.views import row_name
+from swift_gkd_plugin.swift.views import response_ids, row_name
 
 logger = get_logger()
 
@@ -77,10 +77,6 @@ def without_leading_space(text: str, spans: List[Tuple[int, int]]) -> Tuple[str,
     compared from their first non-space character."""
     d = len(text) - len(text.lstrip())
     return text[d:], [(max(a - d, 0), max(b - d, 0)) for a, b in spans]
-
-
-def response_ids(encoded: dict) -> List[int]:
-    return [t for t, label in zip(encoded['input_ids'], encoded['labels']) if label != -100]
 
 
 def build_teacher_template(teacher_dir: str, model_type: str, student_template, template_type: Optional[str] = None):

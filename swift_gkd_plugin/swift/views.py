@@ -3,6 +3,8 @@
 Imports nothing from ms-swift at module level (the Megatron shard loss uses the count check on CPU-only set-ups)."""
 from __future__ import annotations
 
+from typing import List
+
 
 def prepare_teacher_view(sample) -> None:
     """Privileged teacher prompts: ``teacher_prompt`` (replaces the last user turn, ms-swift's OPSD) or
@@ -32,6 +34,11 @@ def check_privileged_columns(dataset) -> None:
                              f'messages (the teacher\'s prompt conversation), got {messages}')
 
 
+def response_ids(encoded: dict) -> List[int]:
+    """The token ids an encoded row scores (its labels are not -100)."""
+    return [t for t, label in zip(encoded['input_ids'], encoded['labels']) if label != -100]
+
+
 def row_name(sample) -> str:
     user = [m['content'] for m in sample.messages if m['role'] == 'user']
     text = user[-1] if user else ''
@@ -41,8 +48,7 @@ def row_name(sample) -> str:
 
 def check_views_aligned(sample, student: dict, teacher: dict) -> None:
     """The teacher view must score exactly the student's response tokens, in the same order."""
-    s_ids = [t for t, l in zip(student['input_ids'], student['labels']) if l != -100]
-    t_ids = [t for t, l in zip(teacher['input_ids'], teacher['labels']) if l != -100]
+    s_ids, t_ids = response_ids(student), response_ids(teacher)
     if s_ids != t_ids:
         raise ValueError(f'cannot align the teacher prompt with the student response for {row_name(sample)}: the '
                          f'teacher view scores {len(t_ids)} response tokens, the student view {len(s_ids)}'
