@@ -37,10 +37,12 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str 
         scale_rewards: ``'group'`` divides by the group's standard deviation, ``'batch'`` by that of all ``N``
             rewards, ``'none'`` leaves the centred rewards as they are (the names and the unbiased standard
             deviation of ms-swift's GRPO ``--scale_rewards``).
-        eps: added to the standard deviation, so a group whose rewards are all equal gets advantages of 0.
+        eps: added to the standard deviation (a group of equal rewards has deviation 0).
 
     Returns:
-        ``[N]`` advantages in the dtype of ``rewards`` (float32 at least). Constant, no gradient.
+        ``[N]`` advantages in the dtype of ``rewards`` (float32 at least). Constant, no gradient. A group whose
+        rewards are all equal gets exactly 0 (its float mean can be one ulp off, which ``/ eps`` would magnify to
+        ~6e-4); every other group gets ms-swift's GRPO advantages bit for bit.
     """
     if group_size < 1:
         raise ValueError(f'group_size must be >= 1, got {group_size}')
@@ -55,7 +57,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str 
     if not rewards.is_floating_point() or rewards.dtype in (torch.float16, torch.bfloat16):
         rewards = rewards.float()
     grouped = rewards.view(-1, group_size)
-    centred = (grouped - grouped.mean(dim=1, keepdim=True)).reshape(-1)
+    equal = (grouped == grouped[:, :1]).all(dim=1, keepdim=True)
+    centred = (grouped - grouped.mean(dim=1, keepdim=True)).masked_fill(equal, 0.0).reshape(-1)
     if scale_rewards == 'none' or group_size == 1:
         return centred
     if scale_rewards == 'group':

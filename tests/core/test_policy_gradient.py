@@ -1,4 +1,6 @@
 """Group advantages and the policy-gradient term against float64 references written from the definitions."""
+from fractions import Fraction
+
 import pytest
 import torch
 
@@ -6,19 +8,20 @@ from swift_gkd_plugin.core.policy_gradient import group_advantages, policy_gradi
 
 
 def reference_advantages(rewards, group_size, scale, eps=1e-4):
+    """From the definition, with exact (rational) means: an all-equal group is centred to exactly 0."""
     out = []
-    all_rewards = [float(r) for r in rewards]
+    all_rewards = [Fraction(float(r)) for r in rewards]
     mean_all = sum(all_rewards) / len(all_rewards)
-    std_all = (sum((r - mean_all)**2 for r in all_rewards) / max(len(all_rewards) - 1, 1))**0.5
+    std_all = float(sum((r - mean_all)**2 for r in all_rewards) / max(len(all_rewards) - 1, 1))**0.5
     for g in range(0, len(all_rewards), group_size):
         group = all_rewards[g:g + group_size]
         mean = sum(group) / len(group)
-        std = (sum((r - mean)**2 for r in group) / max(len(group) - 1, 1))**0.5
+        std = float(sum((r - mean)**2 for r in group) / max(len(group) - 1, 1))**0.5
         for r in group:
             if scale == 'none' or group_size == 1:
-                out.append(r - mean)
+                out.append(float(r - mean))
             else:
-                out.append((r - mean) / ((std if scale == 'group' else std_all) + eps))
+                out.append(float(r - mean) / ((std if scale == 'group' else std_all) + eps))
     return torch.tensor(out, dtype=torch.float64)
 
 
@@ -44,6 +47,22 @@ def test_random_rewards_match_reference(scale, group_size):
         assert group_advantages(rewards.float(), group_size, scale).dtype == torch.float32
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize('scale', ['group', 'batch', 'none'])
+def test_a_group_of_equal_rewards_gets_exactly_zero(scale, dtype):
+    """All-equal groups: A = 0 exactly (a float mean one ulp off, divided by eps = 1e-4, gave 5.96e-4 each); the
+    other groups of the same batch match the float64 reference."""
+    assert (group_advantages(torch.full((3, ), 0.9, dtype=dtype), 3, scale) == 0).all()
+    gen = torch.Generator().manual_seed(7)
+    rewards = torch.cat([torch.full((4, ), 0.9), torch.rand(4, generator=gen), torch.full((4, ), 1 / 3),
+                         torch.full((4, ), -7.1)]).to(dtype)
+    ours = group_advantages(rewards, 4, scale)
+    ref = reference_advantages(rewards, 4, scale)
+    assert (ours[:4] == 0).all() and (ours[8:] == 0).all()
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    torch.testing.assert_close(ours.double(), ref, rtol=tol, atol=tol)
+
+
 def test_matches_ms_swift_grpo_advantages():
     """Same numbers as ms-swift's GRPO advantages for the scalings both have (one reward function, weight 1)."""
     from swift.rl_core.advantage import compute_advantages
@@ -51,7 +70,11 @@ def test_matches_ms_swift_grpo_advantages():
     rewards = torch.randint(0, 3, (12, ), generator=gen).float()
     for scale in ['group', 'batch', 'none']:
         theirs, _ = compute_advantages(rewards[:, None], torch.ones(1), 4, scale_rewards=scale)
-        torch.testing.assert_close(group_advantages(rewards, 4, scale), theirs)
+        assert torch.equal(group_advantages(rewards, 4, scale), theirs)
+    # the one difference, on purpose: an all-equal group is exactly 0 here, ms-swift's float mean leaves ~6e-4
+    equal = torch.full((3, ), 0.9)
+    theirs, _ = compute_advantages(equal[:, None], torch.ones(1), 3, scale_rewards='group')
+    assert (theirs != 0).all() and (group_advantages(equal, 3, 'group') == 0).all()
 
 
 @pytest.mark.parametrize('bad, message', [
