@@ -2,13 +2,14 @@
 
 ``tiny_letter_match`` scores a completion by the fraction of its characters that are letters of the dataset column
 ``solution`` (a graded signal even for the untrained tiny student), and appends every call (rank, prompts, completions, solutions, rewards) to the jsonl file named
-by ``GKD_TEST_REWARD_LOG``, so the tests can check what was scored. ``tiny_broken_reward`` misbehaves as
-``GKD_TEST_BROKEN_REWARD`` says (``raise``, ``short``, ``nan``).
+by ``GKD_TEST_REWARD_LOG``, so the tests can check what was scored. ``tiny_broken_reward`` (and its async twin
+``tiny_broken_async_reward``, an ms-swift ``AsyncORM``) misbehaves as ``GKD_TEST_BROKEN_REWARD`` says (``raise``,
+``short``, ``nan``, ``inf``, ``string``, ``scalar``).
 """
 import json
 import os
 
-from swift.rewards import ORM, orms
+from swift.rewards import ORM, AsyncORM, orms
 
 
 class TinyLetterMatch(ORM):
@@ -27,16 +28,31 @@ class TinyLetterMatch(ORM):
         return rewards
 
 
+def _broken(completions):
+    how = os.environ.get('GKD_TEST_BROKEN_REWARD', 'raise')
+    if how == 'raise':
+        raise KeyError('no_such_column')
+    if how == 'short':
+        return [1.0] * (len(completions) - 1)
+    if how == 'string':
+        return ['1.0'] * len(completions)
+    if how == 'scalar':
+        return 1.0
+    return [0.5] * (len(completions) - 1) + [float(how)]  # nan, inf
+
+
 class TinyBrokenReward(ORM):
 
     def __call__(self, completions, **kwargs):
-        how = os.environ.get('GKD_TEST_BROKEN_REWARD', 'raise')
-        if how == 'raise':
-            raise KeyError('no_such_column')
-        if how == 'short':
-            return [1.0] * (len(completions) - 1)
-        return [0.5] * (len(completions) - 1) + [float('nan')]
+        return _broken(completions)
+
+
+class TinyBrokenAsyncReward(AsyncORM):
+
+    async def __call__(self, completions, **kwargs):
+        return _broken(completions)
 
 
 orms['tiny_letter_match'] = TinyLetterMatch
 orms['tiny_broken_reward'] = TinyBrokenReward
+orms['tiny_broken_async_reward'] = TinyBrokenAsyncReward

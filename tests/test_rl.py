@@ -137,12 +137,31 @@ def test_a_raising_reward_function_stops_the_run_naming_it(tiny_ws, tmp_path):
         assert needle in run.output, f'{needle!r} missing from:\n{run.output[-3000:]}'
 
 
+@pytest.mark.timeout(300)
+def test_an_async_reward_returning_nan_stops_the_run_naming_it_and_the_row(tiny_ws, tmp_path):
+    """An async reward function (ms-swift's ``AsyncORM``, awaited by ms-swift's own scoring) gets the same row checks
+    as a sync one: a NaN stops the run naming the function and the row (it was taken as "does not apply", and the run
+    trained and exited 0)."""
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), num_generations=2, per_device_train_batch_size=4,
+                              max_steps=1, **dict(RL, reward_funcs='tiny_broken_async_reward')),
+                    env={'GKD_TEST_BROKEN_REWARD': 'nan'}, check=False)
+    assert run.returncode != 0 and not run.losses
+    needle = "reward function 'tiny_broken_async_reward' returned nan for row 3 of the generation batch (prompt "
+    assert needle in run.output, run.output[-3000:]
+
+
+@pytest.mark.parametrize('reward', ['tiny_broken_reward', 'tiny_broken_async_reward'])
 @pytest.mark.parametrize('how,message', [
-    ('short', "reward function 'tiny_broken_reward' returned 3 values for 4 completions"),
-    ('nan', "reward function 'tiny_broken_reward' returned nan for row 3 of the generation batch (prompt 'Reverse: "),
+    ('short', "reward function '{}' returned 3 values for 4 completions"),
+    ('nan', "reward function '{}' returned nan for row 3 of the generation batch (prompt 'Reverse: a e'"),
+    ('inf', "reward function '{}' returned inf for row 3 of the generation batch (prompt 'Reverse: a e'"),
+    ('string', "reward function '{}' returned '1.0' for row 0 of the generation batch (prompt 'Reverse: a b'"),
+    ('scalar', "reward function '{}' returned float 1.0: it must return a list of 4 values"),
+    ('raise', "reward function '{}' raised on a batch of 4 completions (KeyError: 'no_such_column'); first row"),
 ])
-def test_a_reward_function_with_a_wrong_answer_is_named_with_its_row(monkeypatch, how, message):
-    """ms-swift's own samples and reward code, through the plugin's checks."""
+def test_a_reward_function_with_a_wrong_answer_is_named_with_its_row(monkeypatch, reward, how, message):
+    """ms-swift's own samples and reward code (its event loop for the async function), through the plugin's checks:
+    the same checks, naming the function and the row, for sync and async functions."""
     import importlib.util
 
     import torch
@@ -155,8 +174,35 @@ def test_a_reward_function_with_a_wrong_answer_is_named_with_its_row(monkeypatch
     monkeypatch.setenv('GKD_TEST_BROKEN_REWARD', how)
     samples = [GKDSample.from_row({'messages': [{'role': 'user', 'content': f'Reverse: a {c}'},
                                                 {'role': 'assistant', 'content': f'{c} a'}]}) for c in 'bcde']
-    with pytest.raises(ValueError, match=re.escape(message)):
-        score_completions(samples, [plugin.TinyBrokenReward()], ['tiny_broken_reward'], torch.device('cpu'), None)
+    func = {'tiny_broken_reward': plugin.TinyBrokenReward, 'tiny_broken_async_reward': plugin.TinyBrokenAsyncReward}
+    with pytest.raises((ValueError, RuntimeError), match=re.escape(message.format(reward))):
+        score_completions(samples, [func[reward]()], [reward], torch.device('cpu'), None)
+
+
+def test_rewards_of_any_real_number_type_are_taken():
+    """Python, NumPy and one-element tensor numbers (and None) pass the checks, sync and async alike."""
+    import asyncio
+
+    import numpy as np
+    import torch
+    from swift.rl_core.data import GKDSample
+
+    from swift_gkd_plugin.swift.rewards import score_completions
+    samples = [GKDSample.from_row({'messages': [{'role': 'user', 'content': f'q{i}'},
+                                                {'role': 'assistant', 'content': 'a'}]}) for i in range(5)]
+    values = [1, 0.5, np.float32(0.25), torch.tensor(2.0), None]
+
+    def sync(completions, **kwargs):
+        return list(values)
+
+    async def later(completions, **kwargs):
+        await asyncio.sleep(0)
+        return list(values[::-1])
+
+    rewards = score_completions(samples, [sync, later], ['sync', 'later'], torch.device('cpu'), None)
+    expected = torch.tensor([1, 0.5, 0.25, 2.0, float('nan')])
+    torch.testing.assert_close(rewards[:, 0], expected, equal_nan=True)
+    torch.testing.assert_close(rewards[:, 1], expected.flip(0), equal_nan=True)
 
 
 def test_lora_self_distillation_under_zero3_on_two_processes(tiny_ws, adapters, solution_dataset, tmp_path):

@@ -3,13 +3,15 @@
 The reward functions are ms-swift's (``swift.rewards.orms``: built-ins and those registered by ``--external_plugins``)
 and are called by ms-swift's own ``compute_rewards_per_func``, so a reward written for GRPO works here unchanged
 (``f(completions, **columns)``, extra dataset columns such as ``solution`` included). What this module adds: an error
-that names the function and the row when a function raises, returns the wrong number of values or a NaN, and the
-gather over ranks that group advantages need (a prompt's completions may sit on several ranks).
+that names the function and the row when a function (sync or async) raises, returns the wrong number of values, or
+a value that is not a finite number (NaN, inf, a string), and the gather over ranks that group advantages need (a
+prompt's completions may sit on several ranks).
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Tuple
+import numbers
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from accelerate.utils import gather
@@ -31,39 +33,74 @@ def _row_text(sample) -> str:
 
 
 def _checked(func: Callable, name: str, samples) -> Callable:
-    """``func`` with its output checked: one value per completion, none NaN (``None`` = does not apply)."""
+    """``func`` with its output checked row by row (:func:`_check_rewards`), and its exceptions named; an async
+    function stays async (ms-swift awaits it with the others), with the same checks."""
+
+    def raised(exc: Exception, n: int) -> RuntimeError:
+        return RuntimeError(f'reward function {name!r} raised on a batch of {n} completions '
+                            f'({type(exc).__name__}: {exc}); first row: {_row_text(samples[0])}')
+
+    if _is_async_reward(func):
+
+        async def call_async(completions, **kwargs):
+            try:
+                out = await func(completions, **kwargs)
+            except Exception as exc:
+                raise raised(exc, len(completions)) from exc
+            return _check_rewards(out, name, samples)
+
+        return call_async
 
     def call(completions, **kwargs):
         try:
-            out = list(func(completions, **kwargs))
+            out = func(completions, **kwargs)
         except Exception as exc:
-            raise RuntimeError(f'reward function {name!r} raised on a batch of {len(completions)} completions '
-                               f'({type(exc).__name__}: {exc}); first row: {_row_text(samples[0])}') from exc
-        if len(out) != len(completions):
-            raise ValueError(f'reward function {name!r} returned {len(out)} values for {len(completions)} '
-                             'completions: it must return one value (or None) per completion')
-        for i, value in enumerate(out):
-            if value is not None and not _finite_number(value):
-                raise ValueError(f'reward function {name!r} returned {value!r} for row {i} of the generation batch '
-                                 f'({_row_text(samples[i])}): rewards must be finite numbers, or None where the '
-                                 'function does not apply')
-        return out
+            raise raised(exc, len(completions)) from exc
+        return _check_rewards(out, name, samples)
 
     return call
 
 
-def _finite_number(value) -> bool:
+def _check_rewards(out, name: str, samples) -> List[Optional[float]]:
+    """One finite real number (or ``None``: does not apply) per completion, as floats; else an error naming the
+    function and the row (ms-swift would take a NaN for "does not apply" and fail on the rest inside torch)."""
+    n = len(samples)
     try:
-        return math.isfinite(float(value))
-    except (TypeError, ValueError):
-        return False
+        values = list(out)
+    except TypeError:
+        raise ValueError(f'reward function {name!r} returned {type(out).__name__} {out!r:.80}: it must return a list '
+                         f'of {n} values (numbers, or None where it does not apply)') from None
+    if len(values) != n:
+        raise ValueError(f'reward function {name!r} returned {len(values)} values for {n} completions: it must '
+                         'return one value (or None) per completion')
+    checked = []
+    for i, value in enumerate(values):
+        number = None if value is None else _finite_number(value)
+        if value is not None and number is None:
+            raise ValueError(f'reward function {name!r} returned {value!r} for row {i} of the generation batch '
+                             f'({_row_text(samples[i])}): rewards must be finite numbers, or None where the '
+                             'function does not apply')
+        checked.append(number)
+    return checked
+
+
+def _finite_number(value) -> Optional[float]:
+    """``value`` as a float if it is a finite real number (Python, NumPy or a one-element tensor), else None;
+    strings are not numbers here, even ``'1.0'``."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex():
+            return None
+        value = value.item()
+    if not isinstance(value, numbers.Real):  # numpy's scalars are registered as numbers.Real too
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
 
 
 def score_completions(samples, funcs: List[Callable], names: List[str], device, trainer_state) -> torch.Tensor:
     """``[N, F]`` float32 rewards of this rank's completions, NaN where a function returned None."""
-    # async functions go to ms-swift's event loop unwrapped (detected with ms-swift's own test)
-    wrapped = [f if _is_async_reward(f) or isinstance(f, torch.nn.Module) else _checked(f, n, samples)
-               for f, n in zip(funcs, names)]
+    # async functions are detected with ms-swift's own test and stay async, checked all the same
+    wrapped = [f if isinstance(f, torch.nn.Module) else _checked(f, n, samples) for f, n in zip(funcs, names)]
     rewards = compute_rewards_per_func(samples, wrapped, None, device=device, trainer_state=trainer_state)
     missing = torch.isnan(rewards).all(dim=1) if rewards.shape[1] else torch.zeros(0, dtype=torch.bool)
     if bool(missing.any()):
