@@ -2,7 +2,7 @@
 
 Routes::
 
-    GET  /health, /health/   status, model, vocabulary size, limits and batcher statistics
+    GET  /health, /health/   status, model, vocabulary size, tokenizer fingerprint, limits, batcher statistics
     GET  /v1/models          the served model (OpenAI-style list)
     POST /infer/, /infer     ms-swift's teacher protocol (VLLMInferClient): prompt_logprobs per request
     POST /v1/topk            compact top-k (+ tail) arrays for token-id sequences (absent with ``topk_route=False``)
@@ -29,7 +29,8 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from .backend import DynamicBatcher, EncodeError, QueueFull, ScoreSpec, TooLong, TransformersTeacher
-from .protocol import IDS_DTYPE, LOGPROB_DTYPES, MSGPACK, TAIL_DTYPE, InferBody, TopKRequest, pack_array
+from .protocol import (IDS_DTYPE, LOGPROB_DTYPES, MSGPACK, TAIL_DTYPE, InferBody, TopKRequest, pack_array,
+                       tokenizer_fingerprint)
 
 try:
     import msgpack
@@ -181,6 +182,7 @@ def create_app(teacher: TransformersTeacher, config: ServerConfig) -> FastAPI:
                              batch_wait_s=config.batch_wait_ms / 1e3)
     max_seq_len = min(config.max_seq_len, config.max_batch_tokens, teacher.max_length or config.max_batch_tokens)
     vocab, n_emb = teacher.vocab_size, teacher.num_embeddings
+    fingerprint = tokenizer_fingerprint(teacher.tokenizer)  # the trainer refuses a teacher of another tokenizer
 
     from contextlib import asynccontextmanager
 
@@ -255,7 +257,8 @@ def create_app(teacher: TransformersTeacher, config: ServerConfig) -> FastAPI:
     @app.get('/health')
     @app.get('/health/')
     async def health():
-        return {'status': 'ok', 'model': teacher.name, 'vocab_size': vocab, 'max_topk': config.topk,
+        return {'status': 'ok', 'model': teacher.name, 'vocab_size': vocab, 'tokenizer_size': len(teacher.tokenizer),
+                'tokenizer_sha256': fingerprint, 'max_topk': config.topk,
                 'max_seq_len': max_seq_len, 'max_request_tokens': config.max_request_tokens,
                 'msgpack': msgpack is not None, 'chat_template': teacher.template is not None,
                 'batcher': batcher.stats()}

@@ -10,11 +10,15 @@ request the log of the mass outside the top-k and the log-prob and rank of the n
 :class:`DynamicBatcher` feeds it: one worker thread takes queued sequences in arrival order until the next one
 would push the padded batch (``longest x count``) past ``max_batch_tokens``, runs them as one batch, and hands each
 request its results as soon as its last sequence is done. The queue is bounded (``max_queue`` sequences waiting);
-a full queue raises :class:`QueueFull` with a suggested retry delay. An exception in a batch is retried sequence by
-sequence so that only the request whose sequence fails gets the error; the worker never dies.
+a full queue raises :class:`QueueFull` with a suggested retry delay. A batch that fails is retried in halves, down to
+single sequences, so that only the request whose sequence fails gets the error; the worker never dies. A retry
+starts only after the failed attempt's exception is gone (its traceback holds the forward's activations) and, after
+an out-of-memory error, after the allocator's cache is emptied; requests get a :class:`ScoreFailed` that holds no
+traceback.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -29,11 +33,29 @@ import torch
 logger = logging.getLogger('swift_gkd_plugin.server')
 
 __all__ = ['ScoreSpec', 'ScoreResult', 'TransformersTeacher', 'DynamicBatcher', 'QueueFull', 'EncodeError',
-           'TooLong']
+           'TooLong', 'ScoreFailed', 'chunk_rows']
 
 _DTYPES = {'float32': torch.float32, 'fp32': torch.float32, 'bfloat16': torch.bfloat16, 'bf16': torch.bfloat16,
            'float16': torch.float16, 'fp16': torch.float16}
-_SCRATCH_ELEMENTS = 2**25  # float32 elements of one [rows, vocab] chunk of logits (128 MiB)
+_CPU_SCRATCH_BYTES = 2**27  # one [rows, vocab] float32 chunk of logits on CPU (128 MiB)
+_ROW_COPIES = 3  # float32 [rows, vocab] tensors alive at once while scoring: logits, log-softmax, the tail's copy
+_MAX_CHUNK_ROWS = 4096
+
+
+def chunk_rows(vocab: int, free_bytes: Optional[int] = None) -> int:
+    """Rows of the output head scored at once: their float32 scratch (``_ROW_COPIES`` copies of ``[rows, vocab]``)
+    fits in a quarter of ``free_bytes`` (the device's free memory), or in 128 MiB when it is unknown (CPU); within
+    [1, 4096]. Why: a fixed 128 MiB under-uses an 80 GB GPU and overflows a nearly full one."""
+    budget = _CPU_SCRATCH_BYTES if free_bytes is None else free_bytes // 4
+    return int(max(1, min(_MAX_CHUNK_ROWS, budget // (_ROW_COPIES * 4 * max(vocab, 1)))))
+
+
+def free_device_bytes(device: torch.device) -> Optional[int]:
+    """Free memory of a CUDA device (what the allocator has cached counts as free), None elsewhere."""
+    if device.type != 'cuda':
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
 
 
 class EncodeError(ValueError):
@@ -42,6 +64,30 @@ class EncodeError(ValueError):
 
 class TooLong(ValueError):
     """A sequence is longer than the server accepts: HTTP 413."""
+
+
+class ScoreFailed(RuntimeError):
+    """A failed forward as requests see it: the message only, no traceback (whose frames would keep the failed
+    forward's activations alive until the reply); ``memory`` marks an out-of-memory error."""
+
+    def __init__(self, message: str, memory: bool = False):
+        super().__init__(message)
+        self.memory = memory
+
+
+def is_memory_error(error: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, Python's MemoryError, or an allocator's RuntimeError (CPU: "can't allocate")."""
+    if isinstance(error, (MemoryError, getattr(torch.cuda, 'OutOfMemoryError', MemoryError))):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and ('out of memory' in text or "can't allocate memory" in text)
+
+
+def release_memory() -> None:
+    """Collect garbage (exception cycles) and give the allocator's cached blocks back to the device."""
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 class QueueFull(RuntimeError):
@@ -105,7 +151,9 @@ class TransformersTeacher:
         self.template = template  # inference mode: encodes /infer/ requests as ms-swift's vLLM server does
         self.train_template = train_template  # training mode: labels mark the response tokens
         self.name = name
-        self.device = next(model.parameters()).device
+        emb = model.get_input_embeddings()
+        # where the inputs go: the embedding's device (the first of a teacher spread over several GPUs)
+        self.device = emb.weight.device if emb is not None else next(model.parameters()).device
         head = model.get_output_embeddings()
         self.vocab_size = int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
         emb = model.get_input_embeddings()
@@ -126,15 +174,17 @@ class TransformersTeacher:
     def load(cls, model: str, *, model_type: Optional[str] = None, template: Optional[str] = None,
              adapters: Sequence[str] = (), torch_dtype: Optional[str] = None, device: Optional[str] = None,
              max_length: Optional[int] = None, served_model_name: Optional[str] = None,
-             trust_remote_code: bool = False) -> 'TransformersTeacher':
+             trust_remote_code: bool = False, device_map: Optional[str] = None) -> 'TransformersTeacher':
+        """``device_map`` (transformers' ``auto``, ``balanced``, ``sequential``, ...) spreads a teacher larger than
+        one GPU over the visible ones and replaces ``device``."""
         dev = resolve_device(device)
-        dtype = resolve_dtype(torch_dtype, dev)
+        dtype = resolve_dtype(torch_dtype, dev if device_map is None else resolve_device('auto'))
         t0 = time.time()
         hf_model, processor, tpl, train_tpl = None, None, None, None
         try:
             from swift.model import get_model_processor
             hf_model, processor = get_model_processor(model, model_type=model_type, torch_dtype=dtype,
-                                                      device_map=str(dev))
+                                                      device_map=device_map or str(dev))
         except Exception as e:  # a model ms-swift does not know: plain transformers, no chat template
             if model_type is not None or template is not None:
                 raise
@@ -142,8 +192,10 @@ class TransformersTeacher:
                            'transformers: requests must then carry token ids (no chat template)')
             from transformers import AutoModelForCausalLM, AutoTokenizer
             processor = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
-            hf_model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, trust_remote_code=trust_remote_code)
-            hf_model.to(dev)
+            hf_model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                            device_map=device_map)
+            if device_map is None:
+                hf_model.to(dev)
         for path in adapters:
             from peft import PeftModel
             hf_model = PeftModel.from_pretrained(hf_model, path).merge_and_unload()
@@ -159,7 +211,8 @@ class TransformersTeacher:
         teacher = cls(hf_model, tokenizer, tpl, train_tpl, name=served_model_name or os.path.basename(
             os.path.normpath(model)), max_length=max_length or (tpl.max_length if tpl is not None else None))
         tpl_name = getattr(getattr(tpl, 'template_meta', None), 'template_type', None)
-        logger.info(f'teacher {model!r} loaded in {time.time() - t0:.1f}s on {dev} ({dtype}), vocabulary '
+        where = dev if device_map is None else sorted({str(p.device) for p in hf_model.parameters()})
+        logger.info(f'teacher {model!r} loaded in {time.time() - t0:.1f}s on {where} ({dtype}), vocabulary '
                     f'{teacher.vocab_size}, template {tpl_name}, head-only scoring '
                     f'{"on" if teacher._split else "off (full forward)"}')
         return teacher
@@ -222,8 +275,8 @@ class TransformersTeacher:
                 return False
             ids = torch.arange(1, 9, device=self.device)[None] % self.num_embeddings
             with torch.inference_mode():
-                ref = self.model(input_ids=ids, use_cache=False).logits.float()
-                got = self._head(decoder(input_ids=ids, use_cache=False).last_hidden_state)
+                ref = self.model(input_ids=ids, use_cache=False).logits.float().cpu()
+                got = self._head(decoder(input_ids=ids, use_cache=False).last_hidden_state).cpu()
             tol = 1e-4 if next(self.model.parameters()).dtype == torch.float32 else 2e-2
             ok = got.shape == ref.shape and bool(torch.allclose(got, ref, atol=tol, rtol=tol))
             if not ok:
@@ -266,12 +319,12 @@ class TransformersTeacher:
         if self._split:
             hidden = self.model.get_decoder()(input_ids=ids_d, attention_mask=mask_d, use_cache=False)
             hidden = hidden.last_hidden_state
-            source = hidden.reshape(B * L, hidden.shape[-1]).index_select(0, rows.to(self.device))
+            source = hidden.reshape(B * L, hidden.shape[-1]).index_select(0, rows.to(hidden.device))
             del hidden
             to_logits = self._head
         else:
             logits = self.model(input_ids=ids_d, attention_mask=mask_d, use_cache=False).logits
-            source = logits.reshape(B * L, logits.shape[-1]).index_select(0, rows.to(self.device))
+            source = logits.reshape(B * L, logits.shape[-1]).index_select(0, rows.to(logits.device))
             del logits
             to_logits = lambda x: x.float()  # noqa: E731
         N = source.shape[0]
@@ -280,7 +333,7 @@ class TransformersTeacher:
         out_tail = torch.full((N, ), float('nan')) if need_tail else None
         out_tlp = torch.full((N, ), float('nan')) if need_targets else None
         out_rank = torch.zeros((N, ), dtype=torch.long) if need_targets else None
-        chunk = max(1, min(4096, _SCRATCH_ELEMENTS // max(V, 1)))
+        chunk = chunk_rows(V, free_device_bytes(source.device))
         for c0 in range(0, N, chunk):
             c1 = min(N, c0 + chunk)
             lp = torch.log_softmax(to_logits(source[c0:c1]), dim=-1)
@@ -450,27 +503,37 @@ class DynamicBatcher:
                 except BaseException:  # never let the worker die
                     logger.exception('teacher batch failed unexpectedly')
 
+    def _attempt(self, specs: List[ScoreSpec]) -> Tuple[Optional[List[ScoreResult]], Optional[ScoreFailed]]:
+        """One forward; a failure comes back as a :class:`ScoreFailed` once the except block is left, so that the
+        exception, its traceback and the failed forward's activations are gone before anything else runs."""
+        try:
+            return self.score_fn(specs), None
+        except Exception as e:
+            failed = ScoreFailed(f'{type(e).__name__}: {e}', is_memory_error(e))
+        if failed.memory:
+            release_memory()
+        logger.warning(f'teacher forward of {len(specs)} sequence{"s" if len(specs) > 1 else ""} failed: {failed}'
+                       f'{"; retrying in halves" if len(specs) > 1 else ""}')
+        return None, failed
+
+    def _score_in_halves(self, specs: List[ScoreSpec]) -> List[Tuple[Optional[ScoreResult], Optional[BaseException]]]:
+        """Results of ``specs``: the whole batch, else each half (recursively), so that an out-of-memory batch is
+        retried smaller and a failing sequence fails alone."""
+        results, error = self._attempt(specs)
+        if error is None:
+            return [(r, None) for r in results]
+        if len(specs) == 1:
+            return [(None, error)]
+        mid = len(specs) // 2
+        return self._score_in_halves(specs[:mid]) + self._score_in_halves(specs[mid:])
+
     def _run(self, batch: List[Tuple[_Job, int]]):
         t0 = time.perf_counter()
         for job, _ in batch:
             if job.started is None:
                 job.started = t0
         specs = [job.specs[i] for job, i in batch]
-        try:
-            results = self.score_fn(specs)
-            outcome = [(r, None) for r in results]
-        except Exception as e:
-            if len(batch) == 1:
-                logger.warning(f'teacher forward failed: {type(e).__name__}: {e}')
-                outcome = [(None, e)]
-            else:  # isolate the failing sequence(s): the others still get their answer
-                outcome = []
-                for spec in specs:
-                    try:
-                        outcome.append((self.score_fn([spec])[0], None))
-                    except Exception as e1:
-                        logger.warning(f'teacher forward failed: {type(e1).__name__}: {e1}')
-                        outcome.append((None, e1))
+        outcome = self._score_in_halves(specs)
         dt = time.perf_counter() - t0
         tokens = sum(s.num_tokens for s in specs)
         self.batches += 1

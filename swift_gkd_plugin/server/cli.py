@@ -9,6 +9,7 @@ import sys
 
 API_KEY_ENV = 'SWIFT_GKD_TEACHER_API_KEY'
 LOOPBACK_NAMES = {'localhost', 'ip6-localhost'}
+DEVICE_MAPS = ('auto', 'balanced', 'balanced_low_0', 'sequential')
 
 
 def is_loopback(host: str) -> bool:
@@ -53,6 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--torch_dtype', default='auto', help='auto (bfloat16 on GPU, float32 on CPU), float32, '
                         'bfloat16 or float16')
     parser.add_argument('--device', default='auto', help='auto, cpu, cuda, cuda:1, ...')
+    parser.add_argument('--device_map', default=None,
+                        help='spread a teacher larger than one GPU over the visible GPUs: auto, balanced, '
+                        'balanced_low_0 or sequential (transformers\' device_map; replaces --device). Default: none')
     parser.add_argument('--served_model_name', default=None)
     parser.add_argument('--num_threads', type=int, default=None, help='torch CPU threads')
     parser.add_argument('--log_level', default='info', choices=['debug', 'info', 'warning', 'error'])
@@ -63,6 +67,10 @@ def run(args: argparse.Namespace) -> int:
     if not is_loopback(args.host) and not api_key:
         print(f'swift-gkd serve-teacher: refusing to bind {args.host!r} without an API key: pass --api_key or set '
               f'{API_KEY_ENV} (or bind 127.0.0.1)', file=sys.stderr)
+        return 2
+    if args.device_map is not None and args.device_map not in DEVICE_MAPS:
+        print(f'swift-gkd serve-teacher: --device_map {args.device_map!r} is not one of {", ".join(DEVICE_MAPS)}',
+              file=sys.stderr)
         return 2
     for name in ('topk', 'max_batch_tokens', 'max_queue', 'max_request_tokens'):
         if getattr(args, name) < 1:
@@ -85,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.num_threads)
     teacher = TransformersTeacher.load(args.model, model_type=args.model_type, template=args.template,
                                        adapters=args.adapters, torch_dtype=args.torch_dtype, device=args.device,
-                                       max_length=args.max_length, served_model_name=args.served_model_name)
+                                       max_length=args.max_length, served_model_name=args.served_model_name,
+                                       device_map=args.device_map)
     config = ServerConfig(topk=args.topk, api_key=api_key, max_batch_tokens=args.max_batch_tokens,
                           max_queue=args.max_queue, max_request_tokens=args.max_request_tokens,
                           max_body_bytes=int(args.max_body_mb * 2**20), batch_wait_ms=args.batch_wait_ms,

@@ -12,18 +12,25 @@
     results[0].tail       # [R] float32: log(1 - sum(exp(logprobs))), or None without with_tail
     answers = client.infer(infer_requests, request_config)   # ms-swift's POST /infer/ body and JSON answer
 
-Retries: a server that is unreachable, times out or answers 502/503/504 (starting, restarting, busy) is retried
-until ``wait`` seconds have passed since the request's first attempt; any retryable failure (those and a 500) is
-also retried at least ``retries`` times. The delay grows as ``backoff * 2**attempt`` up to ``max_backoff``, and is at
-least the server's ``Retry-After``. Every retry is logged with its cause and the budget left. A 4xx answer (401,
-404, 413, 422, ...) is the client's fault and is raised at once. Every failure raises :class:`TeacherServerError`,
-whose message names the URL, the number of attempts and the cause.
+Retries: a server that is unreachable, times out or answers 429/502/503/504 (rate-limited, starting, restarting,
+busy) is retried until ``wait`` seconds have passed since the request's first attempt; any retryable failure (those,
+a 500 and an answer that fails the checks below) is also retried at least ``retries`` times. The delay grows as
+``backoff * 2**attempt`` up to ``max_backoff``, and is at least the server's ``Retry-After`` (seconds or an HTTP
+date); a ``Retry-After`` beyond the time left of ``wait`` stops at once, saying so. Every retry is logged with its
+cause and the budget left. Another 4xx answer (401, 404, 413, 422, ...) is the client's fault and is raised at once.
+Every failure raises :class:`TeacherServerError`, whose message names the URL, the number of attempts and the cause.
+
+Answers are checked before use (:class:`InvalidAnswer` names the sequence and row): decodable, one result per
+sequence and one row per asked position, token ids in ``[0, vocabulary)``, log-probabilities NaN-free and <= 0
+with a finite top-1 (a row of ``-inf`` would silently drop the row from the loss), tails likewise.
 """
 from __future__ import annotations
 
 import copy
+import email.utils
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -39,13 +46,22 @@ try:
 except ImportError:
     msgpack = None
 
-__all__ = ['TeacherClient', 'TeacherServerError', 'TopKResult']
+__all__ = ['InvalidAnswer', 'TeacherClient', 'TeacherServerError', 'TopKResult', 'check_infer_answer']
 
 API_KEY_ENV = 'SWIFT_GKD_TEACHER_API_KEY'
-_UNAVAILABLE_STATUS = {502, 503, 504}  # a proxy without its server, or a busy server: retried within ``wait``
+# rate-limited (a gateway), a proxy without its server, or a busy server: retried within ``wait``
+_UNAVAILABLE_STATUS = {429, 502, 503, 504}
 _SERVER_ERROR_STATUS = {500}  # the server is up but failed: retried ``retries`` times only
 _NOT_FOUND_STATUS = {404, 405}  # a route this server does not have
 _logger = logging.getLogger(__name__)
+
+
+_LOGPROB_SLACK = 1e-3  # a log-probability above this is not one (float16 answers round near 0)
+
+
+class InvalidAnswer(ValueError):
+    """A 200 answer that cannot be used (undecodable, rows missing, NaN, ids outside the vocabulary): retried as a
+    server error, then raised as :class:`TeacherServerError` naming the URL."""
 
 
 class TeacherServerError(RuntimeError):
@@ -90,6 +106,7 @@ class TeacherClient:
             raise ValueError(f'logprobs_dtype must be one of {sorted(LOGPROB_DTYPES)}')
         self.logprobs_dtype = logprobs_dtype
         self._session = requests.Session()
+        self.vocab_size: Optional[int] = None  # the teacher's output rows when known (answers are checked against it)
         self.last_request_bytes = 0
         self.last_response_bytes = 0
 
@@ -130,35 +147,43 @@ class TeacherClient:
     def _retry_delay(self, attempt: int, elapsed: float, unavailable: bool, retry_after: float) -> Optional[float]:
         """Seconds to sleep before attempt ``attempt + 1``, or None when the budget is spent (see the module doc)."""
         delay = max(min(self.max_backoff, self.backoff * 2**(attempt - 1)), retry_after)
-        if attempt <= self.retries:
-            return delay
         left = self.wait - elapsed
-        if unavailable and left > 0:
+        if attempt <= self.retries and retry_after <= max(left, 60.0):
+            return delay
+        if unavailable and left > 0 and retry_after <= left:
             return min(delay, left)
         return None
 
-    def _call(self, method: str, path: str, *, body: Optional[bytes] = None,
-              headers: Optional[Dict[str, str]] = None) -> requests.Response:
+    def _call(self, method: str, path: str, *, body: Optional[bytes] = None, headers: Optional[Dict[str, str]] = None,
+              parse: Optional[Callable[[requests.Response], Any]] = None) -> Any:
+        """The 200 response (or ``parse(response)``, whose :class:`InvalidAnswer` counts as a failed attempt)."""
         url = f'{self.url}{path}'
         t0 = time.monotonic()
         attempt = 0
         while True:
             attempt += 1
             resp, cause, status = self._attempt(method, url, body, headers)
-            if status == 200:
-                return resp
             retry_after = 0.0
-            if resp is not None:
+            if status == 200:
+                if parse is None:
+                    return resp
+                try:
+                    return parse(resp)
+                except InvalidAnswer as e:
+                    cause, status = f'invalid answer: {e}', 500  # the server's fault: counted retries
+            elif resp is not None:
                 cause = f'HTTP {status}: {_message(resp)}'
                 if status not in _UNAVAILABLE_STATUS | _SERVER_ERROR_STATUS:
                     raise TeacherServerError(f'teacher server {url} refused the request: {cause}', url=url,
                                              status=status, attempts=attempt)
-                header = resp.headers.get('Retry-After', '').strip()
-                retry_after = min(60.0, float(header)) if header.isdigit() else 0.0
+                retry_after = _retry_after_seconds(resp.headers.get('Retry-After', ''))
             elapsed = time.monotonic() - t0
             unavailable = status not in _SERVER_ERROR_STATUS
             delay = self._retry_delay(attempt, elapsed, unavailable, retry_after)
             if delay is None:
+                if retry_after > max(0.0, self.wait - elapsed):
+                    cause += (f' (the server asks to retry after {retry_after:.0f}s, more than the '
+                              f'{max(0.0, self.wait - elapsed):.0f}s left of the {self.wait:g}s wait)')
                 raise TeacherServerError(
                     f'teacher server {url} failed after {attempt} attempt{"s" if attempt > 1 else ""} '
                     f'({elapsed:.1f}s): {cause}', url=url, status=status, attempts=attempt)
@@ -198,14 +223,20 @@ class TeacherClient:
         doc = {'infer_requests': infer_requests, 'request_config': request_config, 'metrics': None,
                'use_tqdm': False, 'adapter_request': None}
         body = json.dumps(doc).encode()
-        resp = self._call('POST', '/infer/', body=body, headers={'Content-Type': 'application/json'})
-        self.last_request_bytes, self.last_response_bytes = len(body), len(resp.content)
-        answers = resp.json()
-        if not isinstance(answers, list) or len(answers) != len(infer_requests):
-            raise TeacherServerError(f'teacher server {self.url}/infer/ answered {type(answers).__name__} '
-                                     f'{len(answers) if isinstance(answers, list) else ""} for {len(infer_requests)} '
-                                     'requests (expected one answer per request)', url=f'{self.url}/infer/')
-        return answers
+        topk = request_config.get('prompt_logprobs')
+
+        def parse(resp):
+            self.last_request_bytes, self.last_response_bytes = len(body), len(resp.content)
+            answers = _decode(resp)
+            if not isinstance(answers, list) or len(answers) != len(infer_requests):
+                raise InvalidAnswer(f'{type(answers).__name__} '
+                                    f'{len(answers) if isinstance(answers, list) else ""} for {len(infer_requests)} '
+                                    'requests (expected one answer per request)')
+            for i, answer in enumerate(answers):
+                check_infer_answer(answer, i, topk, self.vocab_size)
+            return answers
+
+        return self._call('POST', '/infer/', body=body, headers={'Content-Type': 'application/json'}, parse=parse)
 
     def topk(self, batch: Sequence[Tuple[Sequence[int], Sequence[int]]], topk: Optional[int] = None,
              with_tail: bool = False) -> List[TopKResult]:
@@ -234,7 +265,6 @@ class TeacherClient:
         return self._topk(seqs, topk, with_tail)
 
     def _topk(self, seqs: List[Dict[str, Any]], topk: Optional[int], with_tail: bool) -> List[TopKResult]:
-        import torch
         if not seqs:
             return []
         doc: Dict[str, Any] = {'sequences': seqs, 'with_tail': bool(with_tail), 'logprobs_dtype': self.logprobs_dtype}
@@ -246,23 +276,122 @@ class TeacherClient:
         else:
             body = json.dumps(doc, separators=(',', ':')).encode()
             headers = {'Content-Type': 'application/json', 'Accept': 'application/json'}
-        resp = self._call('POST', '/v1/topk', body=body, headers=headers)
-        self.last_request_bytes, self.last_response_bytes = len(body), len(resp.content)
+        expected = [len(q['response_ids']) if 'response_ids' in q else len(q['positions']) if 'positions' in q else None
+                    for q in seqs]
+
+        def parse(resp):
+            self.last_request_bytes, self.last_response_bytes = len(body), len(resp.content)
+            return _parse_topk(_decode(resp), expected, self.vocab_size)
+
+        return self._call('POST', '/v1/topk', body=body, headers=headers, parse=parse)
+
+
+def _decode(resp: requests.Response) -> Any:
+    """The answer's JSON or msgpack document; :class:`InvalidAnswer` when it is neither."""
+    try:
         if resp.headers.get('content-type', '').startswith(MSGPACK):
-            out = msgpack.unpackb(resp.content, raw=False)
-        else:
-            out = resp.json()
-        k = int(out['topk'])
-        lp_dtype = LOGPROB_DTYPES[out.get('dtypes', {}).get('logprobs', 'float32')]
-        results = []
-        for item in out['results']:
+            return msgpack.unpackb(resp.content, raw=False)
+        return json.loads(resp.content)
+    except Exception as e:
+        raise InvalidAnswer(f'undecodable body of {len(resp.content)} bytes ({type(e).__name__}: {_short(e)})') from e
+
+
+def _parse_topk(out: Any, expected: List[Optional[int]], vocab: Optional[int]) -> List[TopKResult]:
+    """The checked results of a ``/v1/topk`` answer (``expected[i]``: rows asked for sequence ``i``, None: any)."""
+    import torch
+    if not isinstance(out, dict) or not isinstance(out.get('results'), list):
+        raise InvalidAnswer(f'expected a teacher.topk document, got {type(out).__name__}')
+    if len(out['results']) != len(expected):
+        raise InvalidAnswer(f'{len(out["results"])} results for {len(expected)} sequences')
+    vocab = out.get('vocab_size') if vocab is None else vocab
+    results = []
+    for i, (item, n_asked) in enumerate(zip(out['results'], expected)):
+        try:
+            k = int(out['topk'])
+            lp_dtype = LOGPROB_DTYPES[out.get('dtypes', {}).get('logprobs', 'float32')]
             n = int(item['num_positions'])
+            if n_asked is not None and n != n_asked:
+                raise InvalidAnswer(f'{n} rows for the {n_asked} positions asked')
             ids = torch.from_numpy(unpack_array(item['ids'], IDS_DTYPE, (n, k))).long()
             lps = torch.from_numpy(unpack_array(item['logprobs'], lp_dtype, (n, k))).float()
             tail = item.get('tail')
             tail = torch.from_numpy(unpack_array(tail, TAIL_DTYPE, (n, ))) if tail is not None else None
-            results.append(TopKResult(ids, lps, tail, item.get('input_ids'), item.get('positions')))
-        return results
+            positions = item.get('positions')
+            if n_asked is None and (not isinstance(positions, list) or len(positions) != n):
+                raise InvalidAnswer(f'{n} rows for positions {str(positions)[:80]}')
+        except InvalidAnswer as e:
+            raise InvalidAnswer(f'sequence {i}: {e}') from None
+        except (KeyError, TypeError, ValueError) as e:
+            raise InvalidAnswer(f'sequence {i}: malformed result ({type(e).__name__}: {_short(e)})') from None
+        _check_rows(i, ids, lps, tail, vocab)
+        results.append(TopKResult(ids, lps, tail, item.get('input_ids'), positions))
+    return results
+
+
+def _check_rows(i: int, ids, lps, tail, vocab: Optional[int]) -> None:
+    """Token ids in ``[0, vocab)``; log-probs without NaN, <= 0, a finite top-1; tails without NaN, <= 0."""
+    import torch
+    if ids.numel():
+        bad = (ids < 0) | (ids >= vocab) if isinstance(vocab, int) else ids < 0
+        if bool(bad.any()):
+            r, j = (int(x) for x in bad.nonzero()[0])
+            raise InvalidAnswer(f'sequence {i}, row {r}: token id {int(ids[r, j])} outside the vocabulary [0, '
+                                f'{vocab if isinstance(vocab, int) else "V"})')
+        bad = torch.isnan(lps) | (lps > _LOGPROB_SLACK) | torch.isneginf(lps[:, :1])
+        if bool(bad.any()):
+            r, j = (int(x) for x in bad.nonzero()[0])
+            raise InvalidAnswer(f'sequence {i}, row {r}: log-probability {float(lps[r, j])} (top-{j + 1}): a '
+                                'log-probability is a number <= 0, and the top-1 is finite')
+    if tail is not None and tail.numel():
+        bad = torch.isnan(tail) | (tail > _LOGPROB_SLACK)
+        if bool(bad.any()):
+            r = int(bad.nonzero()[0])
+            raise InvalidAnswer(f'sequence {i}, row {r}: tail log-mass {float(tail[r])}')
+
+
+def check_infer_answer(answer: Any, i: int, topk: Optional[int], vocab: Optional[int]) -> None:
+    """One answer of ms-swift's ``/infer/`` protocol: ``prompt_token_ids`` and, when asked, ``prompt_logprobs``
+    (``None``, then one ``{id: {"logprob": x}}`` per further token) with ids in ``[0, vocab)`` and log-probs as in
+    the compact answers."""
+    if not isinstance(answer, dict):
+        raise InvalidAnswer(f'answer {i}: expected a chat completion, got {type(answer).__name__}')
+    ids = answer.get('prompt_token_ids')
+    if not isinstance(ids, list) or not ids or not all(isinstance(t, int) for t in ids):
+        raise InvalidAnswer(f'answer {i}: no prompt_token_ids (a list of token ids)')
+    if topk is None:
+        return
+    table = answer.get('prompt_logprobs')
+    if not isinstance(table, list) or len(table) != len(ids):
+        raise InvalidAnswer(f'answer {i}: prompt_logprobs of {len(table) if isinstance(table, list) else table!r:.40} '
+                            f'entries for {len(ids)} prompt tokens')
+    for r, entry in enumerate(table[1:]):
+        try:
+            pairs = [(int(t), float(info['logprob'])) for t, info in entry.items()]
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            raise InvalidAnswer(f'answer {i}, row {r}: malformed prompt_logprobs entry ({type(e).__name__}: '
+                                f'{_short(e)})') from None
+        if not pairs:
+            raise InvalidAnswer(f'answer {i}, row {r}: empty prompt_logprobs entry')
+        for t, lp in pairs:
+            if t < 0 or (isinstance(vocab, int) and t >= vocab):
+                raise InvalidAnswer(f'answer {i}, row {r}: token id {t} outside the vocabulary [0, '
+                                    f'{vocab if isinstance(vocab, int) else "V"})')
+            if math.isnan(lp) or lp > _LOGPROB_SLACK:
+                raise InvalidAnswer(f'answer {i}, row {r}: log-probability {lp} of token {t}')
+        if math.isinf(max(lp for _, lp in pairs)):
+            raise InvalidAnswer(f'answer {i}, row {r}: every log-probability is -inf')
+
+
+def _retry_after_seconds(header: str) -> float:
+    """``Retry-After`` in seconds (delta-seconds or an HTTP date); 0 when absent or unreadable."""
+    header = header.strip()
+    if header.isdigit():
+        return float(header)
+    try:
+        when = email.utils.parsedate_to_datetime(header)
+    except (TypeError, ValueError):
+        return 0.0
+    return max(0.0, when.timestamp() - time.time()) if when is not None else 0.0
 
 
 def _json_or_empty(resp: requests.Response) -> Dict[str, Any]:

@@ -32,6 +32,8 @@ likely tokens.
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
 from typing import Annotated, Any, Dict, List, Literal, Optional, Union
 
 import numpy as np
@@ -39,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_
 
 __all__ = [
     'MSGPACK', 'TopKSequence', 'TopKRequest', 'InferRequestModel', 'RequestConfigModel', 'InferBody',
-    'pack_array', 'unpack_array', 'IDS_DTYPE', 'TAIL_DTYPE', 'LOGPROB_DTYPES',
+    'pack_array', 'unpack_array', 'IDS_DTYPE', 'TAIL_DTYPE', 'LOGPROB_DTYPES', 'tokenizer_fingerprint',
 ]
 
 MSGPACK = 'application/msgpack'
@@ -149,3 +151,11 @@ def unpack_array(value: Union[str, bytes, list], dtype: str, shape) -> np.ndarra
         return np.asarray(value, dtype=np.dtype(dtype).newbyteorder('=')).reshape(shape)
     raw = base64.b64decode(value) if isinstance(value, str) else value
     return np.frombuffer(raw, dtype=np.dtype(dtype)).astype(np.dtype(dtype).newbyteorder('='), copy=True).reshape(shape)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 (hex) of a tokenizer's vocabulary, token -> id with the added tokens: equal exactly when two tokenizers
+    give every token the same id. ``GET /health`` reports the teacher's, the trainer compares it with the student's
+    (an output head padded beyond the tokenizer does not change it)."""
+    pairs = sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
+    return hashlib.sha256(json.dumps(pairs, ensure_ascii=False).encode()).hexdigest()

@@ -17,17 +17,20 @@ from swift.rlhf_trainers.utils import parse_prompt_logprobs
 from swift.utils import get_logger
 
 from swift_gkd_plugin.server.client import TeacherClient
+from swift_gkd_plugin.server.protocol import tokenizer_fingerprint
 
 logger = get_logger()
 
 
-def connect_teacher_servers(args, configs, accelerator, topk: int) -> Tuple[List[TeacherClient], bool]:
+def connect_teacher_servers(args, configs, accelerator, topk: int,
+                            tokenizer=None) -> Tuple[List[TeacherClient], bool]:
     """The clients of the served teachers once their servers are healthy, and whether all of them offer /v1/topk.
 
     Every rank waits for every server (``--teacher_server_wait`` seconds at most, each failed poll logged), so that
     training can start while a large teacher is still loading. Only the main process asks for the routes, and every
     rank follows its answer: the ``/infer/`` path gathers the requests on the main process, the ``/v1/topk`` path
-    does not, so the ranks must agree. ``topk`` (``--gkd_logits_topk``) is checked against what each server serves.
+    does not, so the ranks must agree. ``topk`` (``--gkd_logits_topk``) is checked against what each server serves,
+    and the student's ``tokenizer`` against the one it reports (:func:`check_same_tokenizer`).
     """
     clients = [
         TeacherClient(cfg.url, api_key=args.teacher_api_key, timeout=args.teacher_server_timeout,
@@ -37,7 +40,12 @@ def connect_teacher_servers(args, configs, accelerator, topk: int) -> Tuple[List
     for client in clients:
         logger.info(f'Teacher server {client.url}: waiting until it is healthy (at most {client.wait:g}s, '
                     '--teacher_server_wait)')
-        check_topk_served(client.url, client.wait_until_ready(), topk)
+        health = client.wait_until_ready()
+        check_topk_served(client.url, health, topk)
+        if tokenizer is not None:
+            check_same_tokenizer(client.url, health, tokenizer)
+        if isinstance(health.get('vocab_size'), int):
+            client.vocab_size = health['vocab_size']  # answers with ids beyond it are refused
     answer = [all(client.offers_topk() for client in clients) if accelerator.is_main_process else None]
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
@@ -61,9 +69,66 @@ def check_topk_served(url: str, health: dict, topk: int) -> None:
                          f'{limit}): pass --gkd_logits_topk 1 to {limit}, or restart the server with --topk {topk}')
 
 
+def check_same_tokenizer(url: str, health: dict, tokenizer) -> None:
+    """A served teacher must read the student's token ids as the student does: the tokenizer fingerprint its
+    ``/health`` reports (this plugin's server) must be the student's, and a reported output head must hold every
+    student token (a larger, padded head is fine). A server that reports neither (``swift deploy``) is trusted."""
+    if not isinstance(health, dict):
+        return
+    theirs, head = health.get('tokenizer_sha256'), health.get('vocab_size')
+    ours = tokenizer_fingerprint(tokenizer)
+    if (isinstance(theirs, str) and theirs != ours) or (isinstance(head, int) and head < len(tokenizer)):
+        size = health.get('tokenizer_size', '?')
+        raise ValueError(
+            f'the teacher server {url} serves a teacher with another tokenizer than the student\'s: its /health reports '
+            f'a tokenizer of {size} tokens (fingerprint {str(theirs)[:12]}) and an output head of {head} rows; the '
+            f'student\'s tokenizer has {len(tokenizer)} tokens (fingerprint {ours[:12]}). Its scores would be read as '
+            'the student\'s token ids. Serve a teacher that shares the student\'s tokenizer (a padded, larger output '
+            'head is fine), or load this teacher locally with --teacher_model and --gkd_cross_tokenizer uld|hybrid')
+
+
+def attach_trainer_token_ids(batches) -> None:
+    """Mark each ``/infer/`` request of ms-swift's micro-batches with the trainer's own token ids of its row and the
+    number of them the loss reads (through the last labelled token), for :func:`check_infer_tokenization` on the
+    main process (an attribute outside the dataclass fields: gathered with the request, never sent)."""
+    for batch in batches:
+        requests, inputs = batch.get('_teacher_requests') or [], batch['teacher_model_inputs']
+        ids, labels, attention = inputs['input_ids'], inputs['labels'], inputs.get('attention_mask')
+        if ids.dim() != 2 or ids.shape[0] != len(requests):  # packed rows (padding-free): no per-row frame
+            continue
+        for row, request in enumerate(requests):
+            keep = attention[row].bool() if attention is not None else ids[row] == ids[row]
+            row_labels = labels[row][keep]
+            labelled = (row_labels != -100).nonzero().flatten()
+            needed = int(labelled[-1]) + 1 if labelled.numel() else 0
+            request._gkd_trainer_ids = (ids[row][keep].tolist(), needed)
+
+
+def check_infer_tokenization(url: str, index: int, server_ids: List[int], trainer_ids: List[int], needed: int):
+    """The server's encoding of request ``index`` (``prompt_token_ids``) must be the trainer's row, at least through
+    its last labelled token: the teacher's log-probs are placed on the trainer's positions by index."""
+    n = min(len(server_ids), len(trainer_ids))
+    diff = next((p for p in range(n) if server_ids[p] != trainer_ids[p]), None)
+    if diff is None and len(server_ids) <= len(trainer_ids) and len(server_ids) >= needed:
+        return
+    at = diff if diff is not None else n
+    raise ValueError(
+        f'the teacher server {url} tokenizes request {index} of this step differently from the trainer: its '
+        f'prompt_token_ids ({len(server_ids)} tokens) {"differ from" if diff is not None else "do not cover"} the '
+        f"trainer's ({len(trainer_ids)} tokens, {needed} read by the loss) from position {at}: server "
+        f"{server_ids[max(0, at - 3):at + 5]}, trainer {trainer_ids[max(0, at - 3):at + 5]}. Its log-probs would land "
+        "on the wrong tokens. Start the teacher's server with the trainer's --template (and the same system prompt "
+        'and max_length), and a tokenizer equal to the student\'s')
+
+
 def infer_prompt_logprobs(client: TeacherClient, requests: List[Any], topk: int) -> List[Tuple[list, list]]:
     """ms-swift's teacher call (``RolloutTrainerMixin._infer_teacher_requests``) through the plugin's client:
-    the same request config and parsing, without vLLM, and with the client's waits and logged retries."""
+    the same request config and parsing, without vLLM, and with the client's waits, logged retries and checks of
+    every answer; each answer's tokenization is checked against the trainer's (:func:`attach_trainer_token_ids`)."""
     config = RequestConfig(prompt_logprobs=topk, max_tokens=1, temperature=0.0)
     answers = client.infer([asdict(r) for r in requests], asdict(config))
+    for i, (request, answer) in enumerate(zip(requests, answers)):
+        expected = getattr(request, '_gkd_trainer_ids', None)
+        if expected is not None:
+            check_infer_tokenization(client.url, i, answer['prompt_token_ids'], *expected)
     return [parse_prompt_logprobs(ChatCompletionResponse(**answer), topk=topk) for answer in answers]

@@ -43,7 +43,8 @@ from swift_gkd_plugin.swift.lora_round_trip import exact_lora_round_trip
 from swift_gkd_plugin.swift.media_tokens import cut_at_media_placeholders, suppress_media_placeholders
 from swift_gkd_plugin.swift.peft_utils import TEACHER_ADAPTER, active_adapter, eval_mode, load_frozen_adapter
 from swift_gkd_plugin.swift.rewards import global_advantages, load_reward_funcs, score_completions
-from swift_gkd_plugin.swift.teacher_server import connect_teacher_servers, infer_prompt_logprobs
+from swift_gkd_plugin.swift.teacher_server import (attach_trainer_token_ids, connect_teacher_servers,
+                                                    infer_prompt_logprobs)
 from swift_gkd_plugin.swift.views import (check_privileged_columns, check_same_response_count, check_views_aligned,
                                          prepare_teacher_view, with_teacher_prompt)
 
@@ -160,7 +161,7 @@ class GKDPluginTrainer(GKDTrainer):
         self._is_self_distillation = False
         self.teacher_configs = parse_teacher_model_server(server)
         self.teacher_clients, self._teacher_topk_route = connect_teacher_servers(
-            self.args, self.teacher_configs, self.accelerator, self.gkd_logits_topk)
+            self.args, self.teacher_configs, self.accelerator, self.gkd_logits_topk, self.template.tokenizer)
 
     def _infer_teacher_requests(self, handle, topk, teacher_client=None):
         """ms-swift's /infer/ call (main process) through the plugin's client: no vLLM, waits and logged retries."""
@@ -174,7 +175,8 @@ class GKDPluginTrainer(GKDTrainer):
             return
         if not self._teacher_topk_route:
             # a server with only ms-swift's routes: ms-swift's requests, routing, gather to the main process and
-            # assembly, with _infer_teacher_requests above answering them
+            # assembly, with _infer_teacher_requests above answering them (and checking the server's tokenization)
+            attach_trainer_token_ids(batch_encoded_inputs)
             super()._postprocess_batch(samples, batch_encoded_inputs)
             return
         requests, places = [], []

@@ -8,8 +8,10 @@ client's retries against a killed and restarted server, and real ``swift rlhf --
 from __future__ import annotations
 
 import base64
+import email.utils
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -756,15 +758,18 @@ def inproc_teacher(tiny_ws):
 
 
 class InProcessServer:
-    """The app under uvicorn in a thread of this process (to reach into the teacher)."""
+    """The app under uvicorn in a thread of this process (to reach into the teacher); ``wrap`` puts an ASGI layer in
+    front of it (a gateway)."""
 
-    def __init__(self, teacher, **config):
+    def __init__(self, teacher, wrap=None, **config):
         import uvicorn
 
         from swift_gkd_plugin.server import ServerConfig, create_app
         self.port = _free_port()
         self.url = f'http://127.0.0.1:{self.port}'
         app = create_app(teacher, ServerConfig(**config))
+        if wrap is not None:
+            app = wrap(app)
         self.server = uvicorn.Server(uvicorn.Config(app, host='127.0.0.1', port=self.port, log_level='warning'))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -852,3 +857,351 @@ def test_rewards_and_several_samples_per_prompt_against_the_server(tiny_ws, serv
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), key
         assert a['loss'] == pytest.approx(a['gkd/distill_loss'] + a['gkd/pg_loss'], rel=1e-4, abs=1e-7)
     assert any(abs(r['gkd/pg_loss']) > 0 for r in remote.logs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# gateways in front of the real server: rate limits and damaged answers (issue 21 items 17, 25)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class RateLimit:
+    """An ASGI gateway answering 429 with ``Retry-After: retry_after()`` to the first ``n`` POSTs, then passing
+    requests through."""
+
+    def __init__(self, app, n: int, retry_after):
+        self.app, self.left, self.retry_after = app, n, retry_after
+
+    async def __call__(self, scope, receive, send):
+        if scope['type'] == 'http' and scope['method'] == 'POST' and self.left > 0:
+            self.left -= 1
+            body = b'{"object": "error", "message": "rate limit exceeded", "code": 429}'
+            await send({'type': 'http.response.start', 'status': 429, 'headers': [
+                (b'content-type', b'application/json'), (b'retry-after', self.retry_after().encode())]})
+            await send({'type': 'http.response.body', 'body': body})
+            return
+        await self.app(scope, receive, send)
+
+
+class Damage:
+    """An ASGI gateway that passes requests to the real server and damages its 200 answers on ``path`` with
+    ``fn(doc) -> doc`` (the decoded JSON or msgpack document; ``fn`` may return raw bytes)."""
+
+    def __init__(self, app, path: str, fn):
+        self.app, self.path, self.fn = app, path, fn
+
+    async def __call__(self, scope, receive, send):
+        if scope['type'] != 'http' or scope.get('path') != self.path:
+            return await self.app(scope, receive, send)
+        start, chunks = {}, []
+
+        async def keep(message):
+            if message['type'] == 'http.response.start':
+                start.update(message)
+            else:
+                chunks.append(message.get('body', b''))
+
+        await self.app(scope, receive, keep)
+        body = b''.join(chunks)
+        headers = [(k, v) for k, v in start['headers'] if k.lower() != b'content-length']
+        if start['status'] == 200:
+            import msgpack
+            packed = dict(headers).get(b'content-type', b'').startswith(b'application/msgpack')
+            doc = self.fn(msgpack.unpackb(body, raw=False) if packed else json.loads(body))
+            body = doc if isinstance(doc, bytes) else (msgpack.packb(doc, use_bin_type=True) if packed else
+                                                       json.dumps(doc).encode())
+        await send({'type': 'http.response.start', 'status': start['status'],
+                    'headers': headers + [(b'content-length', str(len(body)).encode())]})
+        await send({'type': 'http.response.body', 'body': body})
+
+
+@pytest.mark.timeout(120)
+def test_the_client_rides_out_429_honouring_retry_after(inproc_teacher, reference):
+    """A rate-limiting gateway in front of the real server: 429 is retried after its Retry-After (seconds or an HTTP
+    date) within the wait, each retry logged; a Retry-After beyond the wait left stops at once, saying so."""
+    ids, positions = list(range(3, 20)), [4, 8, 15]
+    ref_ids = reference(ids, positions, 4)[0]
+    for retry_after in [lambda: '1', lambda: email.utils.formatdate(time.time() + 2, usegmt=True)]:
+        server = InProcessServer(inproc_teacher, wrap=lambda app: RateLimit(app, 2, retry_after), topk=8)
+        try:
+            lines = []
+            client = TeacherClient(server.url, retries=0, wait=60, backoff=0.05, log=lines.append)
+            t0 = time.monotonic()
+            res = client.topk_at([(ids, positions)], topk=4)[0]
+            assert torch.equal(res.ids, ref_ids) and time.monotonic() - t0 >= 1.0
+            assert len(lines) == 2 and all('HTTP 429: rate limit exceeded' in line for line in lines), lines
+            assert all('wait left' in line for line in lines), lines
+        finally:
+            server.stop()
+    server = InProcessServer(inproc_teacher, wrap=lambda app: RateLimit(app, 10, lambda: '120'), topk=8)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(TeacherServerError, match='asks to retry after 120s, more than the') as err:
+            TeacherClient(server.url, retries=0, wait=5, backoff=0.05).topk_at([(ids, positions)], topk=4)
+        assert err.value.status == 429 and err.value.attempts == 1 and time.monotonic() - t0 < 5
+    finally:
+        server.stop()
+
+
+def _damage_topk(what):
+    """A function damaging sequence 1 of a /v1/topk answer of two or more sequences (JSON base64 or msgpack raw
+    arrays)."""
+    from swift_gkd_plugin.server.protocol import IDS_DTYPE, pack_array, unpack_array
+
+    def fn(doc):
+        if len(doc['results']) < 2:  # the trainer's one-sequence probe of the route at start-up
+            return doc
+        if what == 'json':
+            return b'{"object": "teacher.topk", "results": [{"num_po'
+        if what == 'result short':
+            doc['results'] = doc['results'][:1]
+            return doc
+        item, k, encoding = doc['results'][1], doc['topk'], doc['encoding']
+        n = item['num_positions']
+        lp_dtype = '<f4'
+        if what == 'row short':
+            item['num_positions'] = n - 1
+            item['ids'] = pack_array(unpack_array(item['ids'], IDS_DTYPE, (n, k))[:-1], IDS_DTYPE, encoding)
+            item['logprobs'] = pack_array(unpack_array(item['logprobs'], lp_dtype, (n, k))[:-1], lp_dtype, encoding)
+            return doc
+        if what in ('nan', '-inf'):
+            lps = unpack_array(item['logprobs'], lp_dtype, (n, k))
+            lps[2, 0 if what == '-inf' else 1] = float(what)
+            if what == '-inf':
+                lps[2, :] = float('-inf')
+            item['logprobs'] = pack_array(lps, lp_dtype, encoding)
+            return doc
+        ids = unpack_array(item['ids'], IDS_DTYPE, (n, k))
+        ids[2, 1] = {'beyond': doc['vocab_size'] + 5, 'negative': -3}[what]
+        item['ids'] = pack_array(ids, IDS_DTYPE, encoding)
+        return doc
+
+    return fn
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize('binary', [True, False], ids=['msgpack', 'json'])
+def test_damaged_answers_are_refused_naming_the_server_and_the_row(inproc_teacher, binary):
+    """Every /v1/topk answer is checked: NaN or all -inf log-probs, ids beyond the vocabulary or negative, an
+    undecodable body, a result or a row missing. Each is retried once (a server error), then raised naming the URL,
+    the sequence and the row; nothing is trained on silently."""
+    seqs = [(list(range(3, 20)), [4, 8, 15]), (list(range(30, 60)), [1, 5, 9, 20])]
+    cases = {'nan': 'sequence 1, row 2: log-probability nan (top-2)',
+             '-inf': 'sequence 1, row 2: log-probability -inf (top-1)',
+             'beyond': 'sequence 1, row 2: token id {} outside the vocabulary [0, {})',
+             'negative': 'sequence 1, row 2: token id -3 outside the vocabulary',
+             'json': 'invalid answer: undecodable body',
+             'result short': 'invalid answer: 1 results for 2 sequences',
+             'row short': 'sequence 1: 3 rows for the 4 positions asked'}
+    for what, message in cases.items():
+        if what == 'json' and binary:
+            continue
+        server = InProcessServer(inproc_teacher, wrap=lambda app: Damage(app, '/v1/topk', _damage_topk(what)), topk=8)
+        try:
+            vocab = httpx.get(f'{server.url}/health').json()['vocab_size']
+            client = TeacherClient(server.url, retries=1, backoff=0.01, binary=binary)
+            with pytest.raises(TeacherServerError) as err:
+                client.topk_at(seqs, topk=4)
+            text = str(err.value)
+            assert f'teacher server {server.url}/v1/topk failed after 2 attempts' in text, text
+            assert message.format(vocab + 5, vocab) in text, (what, text)
+        finally:
+            server.stop()
+
+
+@pytest.mark.timeout(120)
+def test_damaged_infer_answers_are_refused(inproc_teacher):
+    """ms-swift's /infer/ answers get the same checks (NaN, ids outside the vocabulary, rows missing)."""
+    requests_ = [{'messages': [{'role': 'user', 'content': 'Reverse: a b'}, {'role': 'assistant', 'content': 'b a'}]}]
+    config = {'prompt_logprobs': 4, 'max_tokens': 1}
+
+    def nan(doc):
+        entry = doc[0]['prompt_logprobs'][3]
+        entry[next(iter(entry))]['logprob'] = float('nan')
+        return json.dumps(doc).replace('NaN', 'NaN').encode()
+
+    def beyond(doc):
+        doc[0]['prompt_logprobs'][3]['99999'] = {'logprob': -1.0, 'rank': 9}
+        return doc
+
+    def short(doc):
+        doc[0]['prompt_logprobs'] = doc[0]['prompt_logprobs'][:-1]
+        return doc
+
+    for fn, message in [(nan, 'answer 0, row 2: log-probability nan'),
+                        (beyond, 'answer 0, row 2: token id 99999 outside the vocabulary'),
+                        (short, 'answer 0: prompt_logprobs of')]:
+        server = InProcessServer(inproc_teacher, wrap=lambda app: Damage(app, '/infer/', fn), topk=8)
+        try:
+            client = TeacherClient(server.url, retries=0)
+            client.vocab_size = httpx.get(f'{server.url}/health').json()['vocab_size']
+            with pytest.raises(TeacherServerError, match=re.escape(message)) as err:
+                client.infer(requests_, config)
+            assert server.url in str(err.value)
+        finally:
+            server.stop()
+
+
+@pytest.mark.timeout(300)
+def test_swift_rlhf_stops_on_a_teacher_answering_nan(tiny_ws, inproc_teacher, tmp_path):
+    """A served teacher whose answers hold NaN log-probs: the run stops at the first step naming the server and the
+    row (it trained with loss 0 and grad 0 and exited 0)."""
+    server = InProcessServer(inproc_teacher, wrap=lambda app: Damage(app, '/v1/topk', _damage_topk('nan')), topk=8)
+    try:
+        run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), teacher_model=None, teacher_model_type=None,
+                                  teacher_model_server=server.url, gkd_logits_topk=8, teacher_server_retries=1,
+                                  max_steps=1), check=False)
+    finally:
+        server.stop()
+    assert run.returncode != 0 and not run.losses
+    assert f'teacher server {server.url}/v1/topk failed after 2 attempts' in run.output, run.output[-3000:]
+    assert 'sequence 1, row 2: log-probability nan' in run.output
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a teacher that does not read the student's tokens as the student does (issue 21 items 18, 24)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_health_reports_the_tokenizer_and_a_padded_head_is_accepted(inproc_teacher, tokenizer):
+    """/health's tokenizer fingerprint is the student's for a teacher of the same tokenizer; a larger (padded)
+    output head with that tokenizer is accepted, a smaller head or another fingerprint refused."""
+    from swift_gkd_plugin.swift.teacher_server import check_same_tokenizer
+    server = InProcessServer(inproc_teacher, topk=8)
+    try:
+        health = httpx.get(f'{server.url}/health').json()
+    finally:
+        server.stop()
+    assert health['tokenizer_size'] == len(tokenizer)
+    check_same_tokenizer(server.url, health, tokenizer)
+    check_same_tokenizer(server.url, {**health, 'vocab_size': health['vocab_size'] + 64}, tokenizer)
+    for bad in [{'vocab_size': len(tokenizer) - 1}, {'tokenizer_sha256': '0' * 64}]:
+        with pytest.raises(ValueError, match='another tokenizer'):
+            check_same_tokenizer(server.url, {**health, **bad}, tokenizer)
+
+
+@pytest.mark.timeout(300)
+def test_swift_rlhf_refuses_a_served_teacher_with_another_tokenizer(tiny_ws, sp_teacher, tokenizer, tmp_path):
+    """A served teacher of another tokenizer (600 entries; the student has 448): refused at start-up naming both,
+    before any step (its scores were read as the student's token ids and the run exited 0)."""
+    from swift_gkd_plugin.server.backend import TransformersTeacher
+    teacher = TransformersTeacher.load(sp_teacher, model_type='qwen3', template=TEMPLATE, torch_dtype='float32',
+                                       device='cpu')
+    server = InProcessServer(teacher, topk=8)
+    try:
+        run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), teacher_model=None, teacher_model_type=None,
+                                  teacher_model_server=server.url, gkd_logits_topk=8, max_steps=1), check=False)
+    finally:
+        server.stop()
+    assert run.returncode != 0 and not run.losses
+    needle = (f"the teacher server {server.url} serves a teacher with another tokenizer than the student's: its "
+              f"/health reports a tokenizer of {len(teacher.tokenizer)} tokens")
+    assert needle in run.output, run.output[-3000:]
+    assert f"the student's tokenizer has {len(tokenizer)} tokens" in run.output
+
+
+@pytest.mark.timeout(300)
+def test_swift_rlhf_refuses_an_infer_server_that_tokenizes_otherwise(tiny_ws, tmp_path):
+    """A server with only ms-swift's /infer/ whose template adds an empty think block (qwen3 against the trainer's
+    qwen3_nothinking): its prompt_token_ids differ from the trainer's, and the first step stops naming both (the
+    teacher's log-probs landed on the wrong tokens and the run exited 0)."""
+    from swift_gkd_plugin.server.backend import TransformersTeacher
+    teacher = TransformersTeacher.load(tiny_ws.teacher, model_type='qwen3', template='qwen3', torch_dtype='float32',
+                                       device='cpu')
+    server = InProcessServer(teacher, topk=8, topk_route=False)
+    try:
+        run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), teacher_model=None, teacher_model_type=None,
+                                  teacher_model_server=server.url, gkd_logits_topk=8, max_steps=1, lmbda=0),
+                        check=False)
+    finally:
+        server.stop()
+    assert run.returncode != 0 and not run.losses
+    needle = f'the teacher server {server.url} tokenizes request 0 of this step differently from the trainer'
+    assert needle in run.output, run.output[-3000:]
+    assert re.search(r"server \[[\d, ]+\], trainer \[[\d, ]+\]", run.output)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# out of memory, devices (issue 21 item 5)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_an_out_of_memory_batch_is_retried_in_halves_after_its_memory_is_freed(inproc_teacher, reference):
+    """The batcher with the real teacher behind a tiny memory budget: a forward of more than 2 sequences fails with
+    a real allocation failure (torch's CPU allocator, asked for 4 EiB). The batch is retried in halves, and every
+    retry starts only once the failed forward's activations are freed (they stayed alive through the traceback when
+    the retries ran inside the except block). A sequence that never fits fails alone, with an error that holds no
+    traceback."""
+    import weakref
+
+    from swift_gkd_plugin.server.backend import DynamicBatcher, ScoreFailed, ScoreSpec
+    POISON = 13
+    calls, alive, refs = [], [], []
+
+    def score(specs):
+        alive.append(sum(ref() is not None for ref in refs))  # earlier attempts' activations still in memory
+        activations = torch.ones(4096)  # what a forward holds when it fails
+        refs.append(weakref.ref(activations))
+        calls.append(len(specs))
+        if len(specs) > 2 or any(s.input_ids[0] == POISON for s in specs):
+            torch.empty(2**62, dtype=torch.uint8)
+        return inproc_teacher.score(specs)
+
+    g = torch.Generator().manual_seed(3)
+    seqs = [[1 + i] + torch.randint(0, 440, (15, ), generator=g).tolist() for i in range(5)]
+    done = {}
+    finished = threading.Event()
+
+    def on_done(name):
+        def cb(results, error):
+            done[name] = (results, error)
+            if len(done) == 2:
+                finished.set()
+        return cb
+
+    batcher = DynamicBatcher(score, max_batch_tokens=10**6, max_queue=100, batch_wait_s=0.2)
+    batcher.start()
+    try:
+        batcher.submit([ScoreSpec(ids, torch.arange(4, 15), topk=4) for ids in seqs], on_done('good'))
+        batcher.submit([ScoreSpec([POISON] + seqs[0][1:], torch.arange(4, 15), topk=4)], on_done('poison'))
+        assert finished.wait(60), done
+    finally:
+        batcher.stop()
+    results, error = done['good']
+    assert error is None
+    for ids, res in zip(seqs, results):
+        assert torch.equal(res.ids, reference(ids, list(range(4, 15)), 4)[0])
+    assert calls[0] == 6 and max(calls[1:]) <= 3, calls  # one batch of all six, then halves
+    assert alive == [0] * len(alive), (alive, calls)
+    results, error = done['poison']
+    assert results is None and isinstance(error, ScoreFailed) and error.memory
+    assert "can't allocate memory" in str(error) and error.__traceback__ is None
+
+
+def test_the_scoring_chunk_is_sized_for_the_free_memory():
+    """chunk_rows: three float32 [rows, vocab] copies within a quarter of the free memory, 128 MiB when it is
+    unknown (CPU), within [1, 4096]."""
+    from swift_gkd_plugin.server.backend import chunk_rows
+    V = 151936
+    assert chunk_rows(V) == 2**27 // (3 * 4 * V) == 73
+    assert chunk_rows(V, free_bytes=8 * 2**30) == 2 * 2**30 // (3 * 4 * V) == 1177  # an 8 GiB-free device
+    assert chunk_rows(V, free_bytes=80 * 2**30) == 4096  # capped
+    assert chunk_rows(V, free_bytes=2**20) == 1  # a nearly full device: one row at a time
+
+
+@pytest.mark.timeout(120)
+def test_device_map_loads_and_scores(tiny_ws, reference):
+    """--device_map: the teacher is placed by transformers' device map (here on the only device, the CPU) and
+    scores as a direct forward; an unknown value is refused naming the flag and the choices."""
+    from swift_gkd_plugin.server.backend import ScoreSpec, TransformersTeacher
+    teacher = TransformersTeacher.load(tiny_ws.teacher, model_type='qwen3', template=TEMPLATE, torch_dtype='float32',
+                                       device_map='auto')
+    ids = list(range(5, 30))
+    res = teacher.score([ScoreSpec(ids, torch.arange(3, 20), topk=8)])[0]
+    ref_ids, ref_lp, _ = reference(ids, list(range(3, 20)), 8)
+    assert torch.equal(res.ids, ref_ids) and torch.allclose(res.logprobs, ref_lp, atol=1e-5, rtol=0)
+    env = dict(os.environ, **OFFLINE_ENV)
+    proc = subprocess.run([SWIFT_GKD, 'serve-teacher', '--model', tiny_ws.teacher, '--device_map', 'everywhere'],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "--device_map 'everywhere' is not one of auto, balanced, balanced_low_0, sequential" in proc.stderr
