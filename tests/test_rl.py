@@ -128,6 +128,33 @@ def test_several_samples_per_prompt_without_rewards(tiny_ws, tmp_path):
     assert all('gkd/pg_loss' not in r and 'gkd/reward' not in r for r in run.logs)
 
 
+def test_rows_that_do_not_encode_are_replaced_with_their_whole_group(tiny_ws, solution_dataset, tmp_path):
+    """G = 2 over 2 ranks with 3 rows each: the middle group of every generation batch spans both ranks. Half of the
+    prompts are longer than --max_length (--truncation_strategy delete): each one is replaced in place, by the same
+    prompt on both ranks, so every group still holds one prompt twice (ms-swift's per-rank backup iterator gave the
+    two halves of a spanning group different prompts, and appended replacements at the end of the batch)."""
+    with open(solution_dataset) as f:
+        rows = [json.loads(line) for line in f]
+    for i, row in enumerate(rows):
+        if i % 2:
+            row['messages'][0]['content'] = f'Reverse: {i} ' + ' '.join(['a b c'] * 200)
+    path = tmp_path / 'half_too_long.jsonl'
+    path.write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    log = str(tmp_path / 'rewards.jsonl')
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), dataset=str(path), num_generations=2,
+                              per_device_train_batch_size=3, max_steps=3, use_cpu='true', seed=3,
+                              truncation_strategy='delete', **RL),
+                    env={'GKD_TEST_REWARD_LOG': log}, nproc=2)
+    calls = _reward_calls(log)
+    by_rank = {r: [c for c in calls if c['rank'] == r] for r in (0, 1)}
+    assert [len(by_rank[r]) for r in (0, 1)] == [3, 3]
+    for mine, theirs in zip(by_rank[0], by_rank[1]):
+        prompts = mine['prompts'] + theirs['prompts']  # the generation batch in rank order
+        assert prompts[0::2] == prompts[1::2], prompts
+        assert all(len(p) < 200 for p in prompts), 'a prompt longer than --max_length was scored'
+    assert 'Encoding failed for one sample' in run.output, 'no prompt was too long: the test tests nothing'
+
+
 def test_a_raising_reward_function_stops_the_run_naming_it(tiny_ws, tmp_path):
     run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), num_generations=2, per_device_train_batch_size=4,
                               max_steps=1, **dict(RL, reward_funcs='tiny_broken_reward')),

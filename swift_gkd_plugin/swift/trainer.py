@@ -37,6 +37,7 @@ from swift_gkd_plugin.core.offload import TeacherOffloader, is_partitioned
 from swift_gkd_plugin.core.topk import drop_ids_outside_vocab
 from swift_gkd_plugin.swift.clean_exit import destroy_process_groups_at_exit
 from swift_gkd_plugin.swift.cross_tokenizer import CrossTokenizerTeacher
+from swift_gkd_plugin.swift.group_resample import resample_failed_groups
 from swift_gkd_plugin.swift.hidden_states import (fused_fallback_reason, gathered_heads, head_bypassed, head_is_sharded,
                                                   head_rows, output_head, topk_from_hidden)
 from swift_gkd_plugin.swift.lora_round_trip import exact_lora_round_trip
@@ -259,6 +260,16 @@ class GKDPluginTrainer(GKDTrainer):
             elif mode is Mode.SEQ_KD:
                 samples = self._generate_with_teacher(samples)
         return samples
+
+    def resample_encode_failed_inputs(self, inputs, max_resample_rounds: int = 10, strip_response=True):
+        """With several completions per prompt a row that does not encode is replaced in place with the same row on
+        every rank and for every copy (its group stays one prompt); with one, ms-swift's per-rank replacement."""
+        if self.args.num_generations == 1:
+            return super().resample_encode_failed_inputs(inputs, max_resample_rounds, strip_response)
+        dataset = self.train_dataset if self.model.training or self.eval_dataset is None else self.eval_dataset
+        return resample_failed_groups(self.template, dataset, inputs, seed=self.args.seed,
+                                      step=int(self.state.global_step), strip_response=strip_response,
+                                      max_tries=max_resample_rounds)
 
     def _score_completions(self, samples):
         """On an on-policy step with ``--reward_funcs``: rewards, group advantages (over every rank's completions)
