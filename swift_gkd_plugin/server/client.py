@@ -350,20 +350,20 @@ def _check_rows(i: int, ids, lps, tail, vocab: Optional[int]) -> None:
 
 
 def check_infer_answer(answer: Any, i: int, topk: Optional[int], vocab: Optional[int]) -> None:
-    """One answer of ms-swift's ``/infer/`` protocol: ``prompt_token_ids`` and, when asked, ``prompt_logprobs``
-    (``None``, then one ``{id: {"logprob": x}}`` per further token) with ids in ``[0, vocab)`` and log-probs as in
-    the compact answers."""
+    """One answer of ms-swift's ``/infer/`` protocol: ``prompt_token_ids`` (when reported) and, when asked,
+    ``prompt_logprobs`` (``None``, then one ``{id: {"logprob": x}}`` per further token) with ids in ``[0, vocab)``
+    and log-probs as in the compact answers."""
     if not isinstance(answer, dict):
         raise InvalidAnswer(f'answer {i}: expected a chat completion, got {type(answer).__name__}')
-    ids = answer.get('prompt_token_ids')
-    if not isinstance(ids, list) or not ids or not all(isinstance(t, int) for t in ids):
-        raise InvalidAnswer(f'answer {i}: no prompt_token_ids (a list of token ids)')
+    ids = answer.get('prompt_token_ids')  # vLLM's ms-swift engine reports them only with return_details
+    if ids is not None and (not isinstance(ids, list) or not ids or not all(isinstance(t, int) for t in ids)):
+        raise InvalidAnswer(f'answer {i}: prompt_token_ids is not a list of token ids: {str(ids)[:80]}')
     if topk is None:
         return
     table = answer.get('prompt_logprobs')
-    if not isinstance(table, list) or len(table) != len(ids):
+    if not isinstance(table, list) or not table or (ids is not None and len(table) != len(ids)):
         raise InvalidAnswer(f'answer {i}: prompt_logprobs of {len(table) if isinstance(table, list) else table!r:.40} '
-                            f'entries for {len(ids)} prompt tokens')
+                            f'entries for {len(ids) if ids is not None else "some"} prompt tokens')
     for r, entry in enumerate(table[1:]):
         try:
             pairs = [(int(t), float(info['logprob'])) for t, info in entry.items()]

@@ -125,10 +125,18 @@ def infer_prompt_logprobs(client: TeacherClient, requests: List[Any], topk: int)
     """ms-swift's teacher call (``RolloutTrainerMixin._infer_teacher_requests``) through the plugin's client:
     the same request config and parsing, without vLLM, and with the client's waits, logged retries and checks of
     every answer; each answer's tokenization is checked against the trainer's (:func:`attach_trainer_token_ids`)."""
-    config = RequestConfig(prompt_logprobs=topk, max_tokens=1, temperature=0.0)
+    # return_details: a vLLM server (swift deploy) reports prompt_token_ids only then; the log-probs are the same
+    config = RequestConfig(prompt_logprobs=topk, max_tokens=1, temperature=0.0, return_details=True)
     answers = client.infer([asdict(r) for r in requests], asdict(config))
     for i, (request, answer) in enumerate(zip(requests, answers)):
         expected = getattr(request, '_gkd_trainer_ids', None)
-        if expected is not None:
-            check_infer_tokenization(client.url, i, answer['prompt_token_ids'], *expected)
+        if expected is None:
+            continue
+        if answer.get('prompt_token_ids') is None:
+            if not getattr(client, '_warned_no_token_ids', False):
+                client._warned_no_token_ids = True
+                logger.warning(f'Teacher server {client.url} does not report prompt_token_ids: its tokenization '
+                               'cannot be checked against the trainer\'s')
+            continue
+        check_infer_tokenization(client.url, i, answer['prompt_token_ids'], *expected)
     return [parse_prompt_logprobs(ChatCompletionResponse(**answer), topk=topk) for answer in answers]

@@ -1027,6 +1027,16 @@ def test_damaged_infer_answers_are_refused(inproc_teacher):
         doc[0]['prompt_logprobs'] = doc[0]['prompt_logprobs'][:-1]
         return doc
 
+    def no_ids(doc):  # what vLLM's ms-swift engine answers without return_details
+        doc[0]['prompt_token_ids'] = None
+        return doc
+
+    server = InProcessServer(inproc_teacher, wrap=lambda app: Damage(app, '/infer/', no_ids), topk=8)
+    try:  # accepted: the log-probs are still checked, the tokenization cannot be
+        answer = TeacherClient(server.url, retries=0).infer(requests_, config)[0]
+        assert answer['prompt_token_ids'] is None and len(answer['prompt_logprobs']) > 3
+    finally:
+        server.stop()
     for fn, message in [(nan, 'answer 0, row 2: log-probability nan'),
                         (beyond, 'answer 0, row 2: token id 99999 outside the vocabulary'),
                         (short, 'answer 0: prompt_logprobs of')]:
