@@ -80,11 +80,12 @@ def check_same_tokenizer(url: str, health: dict, tokenizer) -> None:
     if (isinstance(theirs, str) and theirs != ours) or (isinstance(head, int) and head < len(tokenizer)):
         size = health.get('tokenizer_size', '?')
         raise ValueError(
-            f'the teacher server {url} serves a teacher with another tokenizer than the student\'s: its /health reports '
-            f'a tokenizer of {size} tokens (fingerprint {str(theirs)[:12]}) and an output head of {head} rows; the '
-            f'student\'s tokenizer has {len(tokenizer)} tokens (fingerprint {ours[:12]}). Its scores would be read as '
-            'the student\'s token ids. Serve a teacher that shares the student\'s tokenizer (a padded, larger output '
-            'head is fine), or load this teacher locally with --teacher_model and --gkd_cross_tokenizer uld|hybrid')
+            f'the teacher server {url} serves a teacher with another tokenizer than the student\'s: its /health '
+            f'reports a tokenizer of {size} tokens (fingerprint {str(theirs)[:12]}) and an output head of {head} '
+            f'rows; the student\'s tokenizer has {len(tokenizer)} tokens (fingerprint {ours[:12]}). Its scores would '
+            'be read as the student\'s token ids. Serve a teacher that shares the student\'s tokenizer (a padded, '
+            'larger output head is fine), or load this teacher locally with --teacher_model and '
+            '--gkd_cross_tokenizer uld|hybrid')
 
 
 def attach_trainer_token_ids(batches) -> None:
