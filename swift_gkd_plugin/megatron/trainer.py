@@ -48,8 +48,8 @@ _CHUNK = 512  # rows per pass of the vocabulary-parallel divergence: bounds its 
 class GKDPluginMegatronTrainer(MegatronGKDTrainer):
 
     def __init__(self, args, template, **kwargs):
-        # shared-base teacher: vLLM syncs merge the adapter into the base in place; keep the base exact
-        self._base_keeper = BaseWeightsKeeper() if getattr(args, '_teacher_use_disable_adapter', False) else None
+        # vLLM syncs merge LoRA adapters into the base in place (every layer at once): keep the base exact
+        self._base_keeper = BaseWeightsKeeper()
         super().__init__(args, template, **kwargs)
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         self._mode_log = os.path.join(args.output_dir, 'gkd_modes', f'rank{rank}.jsonl')
@@ -213,16 +213,14 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
 
     # ------------------------------------------------------------------ vLLM weight sync
     def merge_lora_adapters(self, adapter_name='default'):
-        if self._base_keeper is not None:
-            self._base_keeper.save(self.unwrapped_models)
+        self._base_keeper.save(self.unwrapped_models)
         super().merge_lora_adapters(adapter_name)
 
     def unmerge_lora_adapters(self):
-        """ms-swift unmerges in place (``W + d - d != W`` in bf16); a shared-base teacher gets its base back exactly
-        (the CPU copy saved by :meth:`merge_lora_adapters`)."""
+        """ms-swift unmerges in place (``W + d - d != W`` in bf16): the base (the student's, and a shared-base
+        teacher's) gets its weights back exactly, from the host copy saved by :meth:`merge_lora_adapters`."""
         super().unmerge_lora_adapters()
-        if self._base_keeper is not None:
-            self._base_keeper.restore()
+        self._base_keeper.restore()
 
     # ------------------------------------------------------------------ loss
     def loss_func(self, output_tensor: torch.Tensor, *, labels: torch.Tensor, teacher_output: TeacherOutput,

@@ -39,7 +39,7 @@ from swift_gkd_plugin.swift.clean_exit import destroy_process_groups_at_exit
 from swift_gkd_plugin.swift.cross_tokenizer import CrossTokenizerTeacher
 from swift_gkd_plugin.swift.hidden_states import (fused_fallback_reason, gathered_heads, head_bypassed, head_is_sharded,
                                                   head_rows, output_head, topk_from_hidden)
-from swift_gkd_plugin.swift.lora_round_trip import exact_lora_round_trip
+from swift_gkd_plugin.swift.lora_round_trip import HostBuffer, exact_lora_sync, lora_merges_skipped
 from swift_gkd_plugin.swift.media_tokens import cut_at_media_placeholders, suppress_media_placeholders
 from swift_gkd_plugin.swift.peft_utils import TEACHER_ADAPTER, active_adapter, eval_mode, load_frozen_adapter
 from swift_gkd_plugin.swift.rewards import global_advantages, load_reward_funcs, score_completions
@@ -345,10 +345,19 @@ class GKDPluginTrainer(GKDTrainer):
 
     def _move_model_to_vllm(self, *args, **kwargs):
         """ms-swift's sync merges the LoRA adapter into the base in place and unmerges it (``W + d - d != W`` in
-        bf16): with a shared-base teacher the base is restored exactly afterwards (FSDP2 merges out of place)."""
-        shared_base = self._teacher_use_disable_adapter or getattr(self, '_teacher_adapter', None) is not None
-        with exact_lora_round_trip([self.model], enabled=shared_base and not getattr(self, '_is_fsdp2', False)):
+        bf16) and casts the adapters to the base's dtype: the base and the adapters come out exactly as they went
+        in, holding one parameter group's base at a time in a host buffer reused across syncs (FSDP2 merges out of
+        place)."""
+        if getattr(self, '_sync_buffer', None) is None:
+            self._sync_buffer = HostBuffer()
+        with exact_lora_sync([self.model], self._sync_buffer, enabled=not getattr(self, '_is_fsdp2', False)):
             return super()._move_model_to_vllm(*args, **kwargs)
+
+    def _move_adapter_to_vllm(self, *args, **kwargs):
+        """The adapter-only sync sends the adapter's own weights: ms-swift's merge and unmerge around it only move
+        the base (and cast the adapters), so they are skipped."""
+        with lora_merges_skipped([self.model]):
+            return super()._move_adapter_to_vllm(*args, **kwargs)
 
     def _generate_with_teacher(self, samples):
         """seq_kd: the teacher samples the responses (transformers engine on the teacher's weights)."""
