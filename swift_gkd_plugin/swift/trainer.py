@@ -238,6 +238,17 @@ class GKDPluginTrainer(GKDTrainer):
             torch.manual_seed(sampling_seed(self.args.seed, step, self.args.process_index))
             yield
 
+    def _get_request_config(self):
+        """ms-swift's request config, with vLLM's per-request seeds derived from (seed, step, rank) in colocate mode
+        (see :func:`seeded_request_config`)."""
+        config = super()._get_request_config()
+        if not getattr(self, 'use_vllm', False) or not self.model.training:
+            return config
+        return seeded_request_config(config, seed=self.args.seed, step=int(self.state.global_step),
+                                     process_index=self.accelerator.process_index,
+                                     tensor_parallel_size=getattr(self, 'vllm_tensor_parallel_size', 1) or 1,
+                                     vllm_mode=self.args.vllm_mode)
+
     def _rollout_samples(self, inputs):
         """Pick the mode of this generation batch and produce its responses."""
         training = self.model.training
@@ -744,3 +755,25 @@ def _add_token_sum(metric, total, n_tokens: int) -> None:
     """
     if n_tokens:
         metric.update(torch.full((n_tokens, ), float(total) / n_tokens, dtype=torch.float64))
+
+
+def seeded_request_config(config, *, seed: int, step: int, process_index: int, tensor_parallel_size: int,
+                          vllm_mode: str):
+    """A copy of ``config`` whose ``seed`` makes vLLM's sampling a function of (``--seed``, step, rank).
+
+    ms-swift's vLLM engine gives request ``i`` of one call the seed ``config.seed + i``. In colocate mode ms-swift
+    sets ``config.seed`` only with TP > 1, to ``B * (rank // tp)``: the same at every step and for every ``--seed``,
+    and with more requests than ``B`` per rank (``steps_per_generation`` > GA) overlapping the next group's range, so
+    two copies of a prompt could draw the same completion. Here the base is a 62-bit hash of (seed, step, the rank's
+    TP group) (:func:`~swift_gkd_plugin.core.modes.sampling_seed`): the ranks of one TP group, which drive one engine,
+    share it; other groups and steps get unrelated ranges; a resumed run draws what the uninterrupted run drew.
+
+    Server mode is left to ms-swift (each rollout worker seeds itself at random): the trainer's client splits the
+    requests between servers and each server between its data-parallel workers, which number their share from the
+    same ``config.seed``, so one seed would give copies of a prompt on different workers the same draws.
+    """
+    if vllm_mode != 'colocate':
+        return config
+    config = copy(config)
+    config.seed = sampling_seed(seed, step, process_index // max(int(tensor_parallel_size), 1)) >> 1
+    return config
