@@ -15,7 +15,7 @@ the extra peak RSS of the process (on CPU it also counts peft's float32 merge te
 device), the median sync time (the three variants interleaved on one model), the largest absolute drift of any base
 weight after the syncs and the adapters' dtype.
 
-    python benchmarks/bench_lora_sync.py [--syncs N] [--move_model_batches G] [--layers L]
+    python benchmarks/bench_lora_sync.py [--syncs N] [--move_model_batches G] [--layers L] [--device cuda]
 """
 from __future__ import annotations
 
@@ -32,14 +32,14 @@ import time
 VARIANTS = ('in_place', 'copy_all', 'exact_sync')
 
 
-def build(layers: int):
+def build(layers: int, device: str = 'cpu'):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, Qwen3Config
     torch.manual_seed(0)
     config = Qwen3Config(vocab_size=1024, hidden_size=1024, intermediate_size=2816, num_hidden_layers=layers,
                          num_attention_heads=16, num_key_value_heads=4, head_dim=64, tie_word_embeddings=False)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).to(device)
     lora = LoraConfig(r=16, lora_alpha=32, target_modules='all-linear', init_lora_weights=False)
     model = get_peft_model(model, lora)
     with torch.no_grad():
@@ -94,10 +94,10 @@ def _round_trip(variant: str, model, groups, buffer) -> None:
             sync(model, groups)
 
 
-def run_variant(variant: str, syncs: int, n_groups: int, layers: int) -> dict:
+def run_variant(variant: str, syncs: int, n_groups: int, layers: int, device: str = 'cpu') -> dict:
     """Memory and drift of one variant, alone in this process."""
     from swift_gkd_plugin.swift.lora_round_trip import HostBuffer
-    model = build(layers)
+    model = build(layers, device)
     groups = groups_of(model, n_groups)
     base = {n: p.detach().clone() for n, p in model.named_parameters() if 'base_layer' in n}
     lora_bytes = sum(t.numel() * t.element_size() for t in base.values())
@@ -115,17 +115,21 @@ def run_variant(variant: str, syncs: int, n_groups: int, layers: int) -> dict:
                 largest_group_mb=group_bytes / 2**20, max_base_drift=drift, adapter_dtypes=dtypes, groups=len(groups))
 
 
-def time_variants(syncs: int, n_groups: int, layers: int) -> dict:
+def time_variants(syncs: int, n_groups: int, layers: int, device: str = 'cpu') -> dict:
     """Sync times of the three variants on one model, interleaved (the machine's load hits all alike): medians."""
+    import torch
     from swift_gkd_plugin.swift.lora_round_trip import HostBuffer
-    model = build(layers)
+    model = build(layers, device)
     groups = groups_of(model, n_groups)
     buffer = HostBuffer()
+    sync_device = torch.cuda.synchronize if device.startswith('cuda') else (lambda: None)
     times = {v: [] for v in VARIANTS}
     for _ in range(syncs + 1):
         for variant in VARIANTS:
+            sync_device()
             start = time.perf_counter()
             _round_trip(variant, model, groups, buffer)
+            sync_device()
             times[variant].append(time.perf_counter() - start)
     return {v: statistics.median(t[1:]) for v, t in times.items()}  # the first round allocates the buffer
 
@@ -135,20 +139,22 @@ def main() -> int:
     parser.add_argument('--syncs', type=int, default=3)
     parser.add_argument('--move_model_batches', type=int, default=4)
     parser.add_argument('--layers', type=int, default=8)
+    parser.add_argument('--device', default='cpu', help='cuda: the model on the GPU (RSS then counts host memory only)')
     parser.add_argument('--variant', default=None, help=argparse.SUPPRESS)  # internal: one variant, in this process
     args = parser.parse_args()
     if args.variant:
-        print(json.dumps(run_variant(args.variant, args.syncs, args.move_model_batches, args.layers)))
+        print(json.dumps(run_variant(args.variant, args.syncs, args.move_model_batches, args.layers, args.device)))
         return 0
     results = {}
     for variant in VARIANTS:
         out = subprocess.run([sys.executable, __file__, '--variant', variant, '--syncs', str(args.syncs),
-                              '--move_model_batches', str(args.move_model_batches), '--layers', str(args.layers)],
+                              '--move_model_batches', str(args.move_model_batches), '--layers', str(args.layers),
+                              '--device', args.device],
                              capture_output=True, text=True, check=True,
                              env=dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536'))  # freed memory leaves the RSS
         results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
         print(json.dumps(results[variant]))
-    times = time_variants(args.syncs, args.move_model_batches, args.layers)
+    times = time_variants(args.syncs, args.move_model_batches, args.layers, args.device)
     print(json.dumps({'median_sync_s': times}))
     old, new, ms = results['copy_all'], results['exact_sync'], results['in_place']
     print(f"LoRA base weights {new['lora_base_mb']:.0f} MB, largest of {new['groups']} groups "
