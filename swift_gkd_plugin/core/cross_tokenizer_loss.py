@@ -17,16 +17,18 @@ vocabulary.
 Hybrid (GOLD, TRL ``trl/experimental/gold/gold_trainer.py``, ``ULDLoss._compute_hybrid_uld_loss``): the entries
 shared by both vocabularies (same text) are compared token by token with the generalized JSD, the rest with ULD::
 
-    hybrid(n) = w_shared * JSD_beta(p_s|shared, p_t|shared) + w_rest * ULD(p_s|rest, p_t|rest)
+    hybrid(n) = w_shared * JSD_beta([p_s|shared, p_s(rest)], [p_t|shared, p_t(rest)]) + w_rest * ULD(p_s|rest, p_t|rest)
 
 with GOLD's adaptive weights ``w_shared = K / V_t`` (``K`` shared entries) and ``w_rest = 1 - w_shared`` unless
 given. Where we differ from GOLD, and why: GOLD feeds the shared probabilities to its JSD un-normalised (clamped at
 1e-8), which is not a divergence (it can be negative when the two sides put different mass on the shared set); here
-each side is renormalised over the shared set (a softmax of the shared logits), so the first term is a proper
-divergence and, with every entry shared, the hybrid is exactly the project's generalized JSD. The mass each side puts
-outside the shared set is not lost: the ULD term compares the un-normalised remainders, whose totals differ by
-exactly that mass difference. ``beta`` has the project's meaning (0 = ``KL(teacher||student)``, 1 =
-``KL(student||teacher)``; the same as TRL's GKD and GOLD).
+the first term is a proper divergence over ``K + 1`` buckets: the shared entries of each side's full distribution
+and one bucket holding its mass outside the shared set (as the top-k tail bucket). So a student putting its mass on
+entries the teacher lacks is penalised even when ``w_rest`` is 0 (every teacher entry shared, ``K = V_t``), which a
+renormalised shared set let pass (0.97 of the student's mass unshared gave a loss of 1.9e-8). With every entry
+shared on both sides there is no bucket and the hybrid is exactly the project's generalized JSD. The ULD term
+compares how each side spreads its rest mass (un-normalised). ``beta`` has the project's meaning
+(0 = ``KL(teacher||student)``, 1 = ``KL(student||teacher)``; the same as TRL's GKD and GOLD).
 
 Top-k teacher: neither ULD nor GOLD defines a loss on a truncated teacher row (the sorted teacher vector beyond the
 top k is unknown, and the zero padding of ULD would treat it as zero probability), so both losses need the full
@@ -131,6 +133,15 @@ def _complement(ids: torch.Tensor, size: int) -> torch.Tensor:
     return keep.nonzero().squeeze(-1)
 
 
+def _with_rest_bucket(logits: torch.Tensor, shared: torch.Tensor, rest: torch.Tensor,
+                      temperature: float) -> torch.Tensor:
+    """``[n, K + 1]``: the shared logits and one more whose tempered softmax weight is the tempered mass of the rest
+    (``T * logsumexp(z_rest / T)``; ``-inf`` when the rest is empty), so ``softmax(. / T)`` of it is the full
+    distribution's shared entries, un-normalised, and its rest mass."""
+    bucket = temperature * torch.logsumexp(logits[:, rest].float() / temperature, -1, keepdim=True)
+    return torch.cat([logits[:, shared].float(), bucket], -1)
+
+
 def hybrid_loss(student_logits: torch.Tensor,
                 teacher_logits: torch.Tensor,
                 student_shared_ids: torch.Tensor,
@@ -144,15 +155,15 @@ def hybrid_loss(student_logits: torch.Tensor,
     r"""GOLD's hybrid: generalized JSD on the shared vocabulary, ULD on the rest, per aligned position.
 
     .. math::
-        H_n = w_{sh}\, D_\beta\big(\operatorname{softmax}(z^s_{n,S_s} / T),
-        \operatorname{softmax}(z^t_{n,S_t} / T)\big)
+        H_n = w_{sh}\, D_\beta\big([p^s_{n,S_s}, p^s_n(\bar S_s)], [p^t_{n,S_t}, p^t_n(\bar S_t)]\big)
         + w_{re}\, \mathrm{ULD}\big(p^s_{n,\bar S_s}, p^t_{n,\bar S_t}\big)
 
     where ``S_s[k] = student_shared_ids[k]`` and ``S_t[k] = teacher_shared_ids[k]`` are the same text
     (:func:`~swift_gkd_plugin.core.token_alignment.shared_vocabulary`), ``D_beta`` is
-    :func:`~swift_gkd_plugin.core.divergence.generalized_jsd` on the shared logits (each side renormalised over the
-    shared set), and the ULD term takes the full-vocabulary probabilities ``p = softmax(z / T)`` of the entries
-    outside the shared set, NOT renormalised. Weights default to GOLD's ``w_sh = K / V_t``, ``w_re = 1 - w_sh``.
+    :func:`~swift_gkd_plugin.core.divergence.generalized_jsd` over ``K + 1`` buckets: the shared entries of the full
+    distribution ``p = softmax(z / T)`` and one bucket with each side's mass outside the shared set (as the top-k
+    tail bucket), and the ULD term takes the full-vocabulary probabilities of the entries outside the shared set,
+    NOT renormalised. Weights default to GOLD's ``w_sh = K / V_t``, ``w_re = 1 - w_sh``.
     With every entry shared in the same order this is exactly ``generalized_jsd``. See the module docstring for
     where and why this departs from GOLD.
 
@@ -184,8 +195,15 @@ def hybrid_loss(student_logits: torch.Tensor,
     t_ids = teacher_shared_ids.to(teacher_logits.device)
     s_rest, t_rest = _complement(s_ids, vs), _complement(t_ids, vt)
 
+    bucket = bool(len(s_rest) or len(t_rest))  # every entry shared on both sides: no rest, exactly the JSD
+
     def chunk_loss(s, t):
-        loss = shared_weight * generalized_jsd(s[:, s_ids], t[:, t_ids], beta, temperature, chunk_size=len(s))
+        if bucket:
+            s_shared, t_shared = (_with_rest_bucket(s, s_ids, s_rest, temperature),
+                                  _with_rest_bucket(t, t_ids, t_rest, temperature))
+        else:
+            s_shared, t_shared = s[:, s_ids], t[:, t_ids]
+        loss = shared_weight * generalized_jsd(s_shared, t_shared, beta, temperature, chunk_size=len(s))
         if rest_weight and (len(s_rest) or len(t_rest)):
             p_s = torch.softmax(s.float() / temperature, -1)[:, s_rest]
             p_t = torch.softmax(t.float() / temperature, -1)[:, t_rest]

@@ -63,15 +63,26 @@ class TeacherOffloader:
         return sum(t.numel() * t.element_size() for t in self._host)
 
     def prefetch(self) -> None:
-        """Start copying the weights to the device on a side stream (returns at once; idempotent)."""
+        """Start copying the weights to the device on a side stream (returns at once; idempotent).
+
+        The device copies are allocated here, on the compute stream, and only filled on the side stream: blocks
+        allocated inside ``torch.cuda.stream(side)`` would belong to the side stream's pool, which the student's
+        forward and backward (on the compute stream) cannot reuse once the teacher is dropped, short of a full
+        allocator flush. ``record_stream(side)`` keeps a copy's block from being reused before its copy has run.
+        """
         if not self.enabled or self._staged is not None:
             return
-        # The side stream must not start before the compute stream has finished with memory it may reuse.
+        staged = [torch.empty_like(h, device=self.device) for h in self._host]
+        # The side stream must not start before the compute stream has finished with the memory just allocated.
         self._stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._stream):
-            self._staged = [h.to(self.device, non_blocking=True) for h in self._host]
+            for dev, host in zip(staged, self._host):
+                dev.copy_(host, non_blocking=True)
             self._event = torch.cuda.Event()
             self._event.record(self._stream)
+        for dev in staged:
+            dev.record_stream(self._stream)
+        self._staged = staged
 
     @contextmanager
     def resident(self):
@@ -85,8 +96,7 @@ class TeacherOffloader:
         staged = self._staged
         try:
             for tensor, dev in zip(self._tensors, staged):
-                dev.record_stream(compute)  # allocated on the side stream, used on the compute stream
-                tensor.data = dev
+                tensor.data = dev  # allocated on the compute stream: dropped after the block, it is reused there
             yield self.module
         finally:
             for tensor, host in zip(self._tensors, self._host):

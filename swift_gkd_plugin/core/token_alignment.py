@@ -291,9 +291,9 @@ def tokenize_with_spans(tokenizer, text: str) -> Tuple[List[int], List[Span]]:
 def spans_of_ids(tokenizer, token_ids: Sequence[int]) -> Tuple[str, List[Span]]:
     """The text of given ids (e.g. sampled ones) and each token's span in it.
 
-    Linear time when it can be: a fast tokenizer that re-encodes the decoded text into the same ids gives its
-    offsets (:func:`tokenize_with_spans`). Ids that re-encoding would not reproduce (a sampled non-canonical split)
-    fall back to :func:`spans_by_decoding`, which is exact for any ids but quadratic.
+    A fast tokenizer that re-encodes the decoded text into the same ids gives its offsets
+    (:func:`tokenize_with_spans`). Ids that re-encoding would not reproduce (a sampled non-canonical split, common at
+    temperature 1) go through :func:`spans_by_decoding`, exact for any ids and also linear, with a larger constant.
     """
     ids = list(token_ids)
     if getattr(tokenizer, 'is_fast', False):
@@ -304,13 +304,21 @@ def spans_of_ids(tokenizer, token_ids: Sequence[int]) -> Tuple[str, List[Span]]:
     return spans_by_decoding(tokenizer, ids)
 
 
-def spans_by_decoding(tokenizer, token_ids: Sequence[int]) -> Tuple[str, List[Span]]:
-    """The text of ``token_ids`` and each token's span, from decoding growing prefixes.
+def spans_by_decoding(tokenizer, token_ids: Sequence[int], context: int = 2) -> Tuple[str, List[Span]]:
+    """The text of ``token_ids`` and each token's span, from decoding.
 
-    Token ``i`` spans from the end of token ``i - 1`` to the longest common prefix of ``decode(ids[:i + 1])`` and
-    the full text: a token that ends inside a character (its prefix decodes to ``U+FFFD``) is zero width and the
-    token that completes the character carries it. Works on any ids (sampled ones that re-encoding the text would
-    not reproduce). Quadratic in the length: meant for slow tokenizers and for checking offsets.
+    By definition token ``i`` spans from the end of token ``i - 1`` to the longest common prefix of
+    ``decode(ids[:i + 1])`` and the full text: a token that ends inside a character (its prefix decodes to
+    ``U+FFFD``) is zero width and the token that completes the character carries it. Works on any ids (sampled ones
+    that re-encoding the text would not reproduce).
+
+    Linear in the length (the definition decodes every prefix: L^2 / 2 ids): ``decode(ids[:i + 1])`` is read as the
+    text up to the last token boundary that decoded cleanly (an anchor: the decoded prefix is exactly the text so far
+    and ends on a whole character) followed by what decoding from ``context`` anchors further back adds beyond it.
+    Starting a few clean boundaries back keeps what decoders do at the start of a text (sentencepiece's leading
+    space strip) and inside runs of byte tokens (decoded together, all U+FFFD when invalid) out of the added text.
+    Where a decoder's window does not extend its start the prefix is decoded whole, as the definition says.
+    Checked against the definition on random id sequences of byte-level and sentencepiece tokenizers.
 
     Raises:
         ValueError: the tokenizer has no ``decode``.
@@ -318,15 +326,36 @@ def spans_by_decoding(tokenizer, token_ids: Sequence[int]) -> Tuple[str, List[Sp
     if not callable(getattr(tokenizer, 'decode', None)):
         raise ValueError(f'{type(tokenizer).__name__} has no decode(): cannot map tokens to text spans')
     ids = list(token_ids)
-    text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def decode(part):
+        return tokenizer.decode(part, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    text = decode(ids)
     spans: List[Span] = []
     prev_end = 0
+    anchors = [(0, 0)]  # (token, char) where decode(ids[:token]) == text[:char], ending on a whole character
+    head, head_text = 0, ''
     for i in range(len(ids)):
-        prefix = tokenizer.decode(ids[:i + 1], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        end = max(_common_prefix_length(prefix, text), prev_end)
+        anchor, anchor_char = anchors[-1]
+        window = decode(ids[head:i + 1])
+        if window.startswith(head_text):
+            added = window[len(head_text):]
+        else:  # the window does not extend its head: the whole prefix
+            added = _after(decode(ids[:i + 1]), text, anchor_char)
+        end = prev_end if added is None else max(
+            anchor_char + _common_prefix_length(added, text[anchor_char:anchor_char + len(added)]), prev_end)
         spans.append((prev_end, end))
         prev_end = end
+        if added is not None and not added.endswith('\ufffd') and text.startswith(added, anchor_char):
+            anchors.append((i + 1, anchor_char + len(added)))
+            head = anchors[max(len(anchors) - 1 - context, 0)][0]
+            head_text = decode(ids[head:i + 1]) if head <= i else ''
     return text, spans
+
+
+def _after(prefix: str, text: str, char: int) -> Optional[str]:
+    """What ``prefix`` holds beyond ``text[:char]``; None when it departs from the text before ``char``."""
+    return prefix[char:] if prefix.startswith(text[:char]) else None
 
 
 def _common_prefix_length(a: str, b: str) -> int:

@@ -112,6 +112,48 @@ def teacher_topk_per_micro_batch(micro_batches: Iterable, forward: Callable[[Any
         yield topk, labels
 
 
+class _Deferred:
+    """The value of a micro-batch's ``teacher_output`` until :func:`teacher_on_demand` computes it."""
+
+    def __repr__(self):
+        return 'DEFERRED_TEACHER'
+
+
+DEFERRED_TEACHER = _Deferred()
+
+
+def defer_teacher(micro_batches: Iterable[dict]) -> None:
+    """Mark each micro-batch's full-vocabulary teacher output as to be computed when the micro-batch is consumed."""
+    for micro_batch in micro_batches:
+        micro_batch['teacher_output'] = DEFERRED_TEACHER
+
+
+def has_deferred_teacher(micro_batches: Iterable[dict]) -> bool:
+    return any(mb.get('teacher_output') is DEFERRED_TEACHER for mb in micro_batches)
+
+
+def fill_deferred_teacher(micro_batches: Iterable[dict], compute: Callable[[dict], Any]) -> None:
+    """Compute every deferred teacher output of ``micro_batches`` now (outside a pipeline schedule)."""
+    for micro_batch in micro_batches:
+        if micro_batch.get('teacher_output') is DEFERRED_TEACHER:
+            micro_batch['teacher_output'] = compute(micro_batch)
+
+
+def teacher_on_demand(micro_batches: Iterable[dict], compute: Callable[[dict], Any]) -> Iterator[dict]:
+    """The micro-batches of a schedule, each with its deferred teacher output computed (``compute(micro_batch)``)
+    just before the micro-batch is handed out.
+
+    ms-swift computes the full-vocabulary teacher logits of a whole generation batch before training on it: 16
+    micro-batches of 4k tokens over a 152k vocabulary are ~20 GB per TP rank in bf16. Handed out one at a time, and
+    dropped by the consumer (ms-swift's ``forward_step`` pops ``teacher_output``; its loss drops it after the
+    micro-batch's backward), only the micro-batch being trained on holds teacher logits. The teacher runs inside the
+    student's schedule, so this is for schedules without pipeline stages (a pipelined teacher would exchange
+    activations inside the student's pipeline): with PP > 1 use :func:`fill_deferred_teacher` per train step.
+    """
+    for micro_batch in micro_batches:
+        fill_deferred_teacher((micro_batch, ), compute)
+        yield micro_batch
+
 
 def _full_width(width: int, device: torch.device, group: Group) -> int:
     """The padded vocabulary: the sum of the slice widths over ``group``."""

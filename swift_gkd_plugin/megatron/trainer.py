@@ -32,7 +32,8 @@ from transformers.utils import ContextManagers
 from swift_gkd_plugin.core import Mode, choose_mode
 from swift_gkd_plugin.core.modes import mode_draw
 from swift_gkd_plugin.megatron.generation import generate
-from swift_gkd_plugin.megatron.loss import gkd_loss_on_shards, shard_vocab_start, teacher_topk_per_micro_batch
+from swift_gkd_plugin.megatron.loss import (defer_teacher, fill_deferred_teacher, gkd_loss_on_shards, shard_vocab_start,
+                                            teacher_on_demand, teacher_topk_per_micro_batch)
 from swift_gkd_plugin.megatron.rollout import collate_for_forward, encode_prompts, last_logits, rollout_outputs
 from swift_gkd_plugin.megatron.vocab import model_vocab_size
 from swift_gkd_plugin.swift.lora_round_trip import BaseWeightsKeeper
@@ -48,8 +49,8 @@ _CHUNK = 512  # rows per pass of the vocabulary-parallel divergence: bounds its 
 class GKDPluginMegatronTrainer(MegatronGKDTrainer):
 
     def __init__(self, args, template, **kwargs):
-        # shared-base teacher: vLLM syncs merge the adapter into the base in place; keep the base exact
-        self._base_keeper = BaseWeightsKeeper() if getattr(args, '_teacher_use_disable_adapter', False) else None
+        # vLLM syncs merge LoRA adapters into the base in place (every layer at once): keep the base exact
+        self._base_keeper = BaseWeightsKeeper()
         super().__init__(args, template, **kwargs)
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         self._mode_log = os.path.join(args.output_dir, 'gkd_modes', f'rank{rank}.jsonl')
@@ -181,6 +182,9 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
         log-probabilities (needed by the tail) with the padded vocabulary excluded."""
         topk = self.gkd_logits_topk
         if topk is None:
+            if self._teacher_deferral() is not None:
+                defer_teacher(encoded_batches)  # computed micro-batch by micro-batch (or per train step)
+                return
             return super()._compute_teacher_logits_local(encoded_batches, vp_stage)
         model, context = self._local_teacher(vp_stage)
         with torch.no_grad(), context:
@@ -194,6 +198,37 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
                     out = TeacherOutput(topk_logprobs=signal[0], topk_indices=signal[1])
                 out.labels = labels
                 batch['teacher_output'] = out
+
+    def _teacher_deferral(self) -> Optional[str]:
+        """When a separate teacher's full-vocabulary logits are computed, instead of for the whole generation batch
+        up front (ms-swift): ``'micro_batch'`` (in ``forward_step``, just before the student's forward) without
+        pipeline stages; ``'step'`` (per train step, outside the schedule) with them; None for an offloaded teacher
+        (one upload per generation batch, as ms-swift) and for self-distillation (ms-swift computes it per train
+        step, from the current weights)."""
+        if self._is_self_distillation or self.use_teacher_api or self.offload_teacher_model:
+            return None
+        if mpu.get_pipeline_model_parallel_world_size() == 1:
+            return 'micro_batch'
+        return 'step' if self.unwrapped_models[0].training else None  # evaluation runs no train step
+
+    def _full_teacher_output(self, micro_batch: Dict, vp_stage: Optional[int] = None) -> TeacherOutput:
+        model, context = self._local_teacher(vp_stage)
+        with torch.no_grad(), context:
+            logits, labels = self._teacher_forward(model, micro_batch['teacher_model_inputs'], vp_stage)
+        out = TeacherOutput(full_logits=logits)
+        out.labels = labels
+        return out
+
+    def _on_train_step_batch(self, encoded_batches: List[Dict]) -> None:
+        super()._on_train_step_batch(encoded_batches)
+        if self._teacher_deferral() == 'step':
+            fill_deferred_teacher(encoded_batches, self._full_teacher_output)
+
+    def forward_step(self, data_iterator, model):
+        """ms-swift's ``forward_step``; a deferred teacher output is computed as its micro-batch is taken."""
+        if self._teacher_deferral() == 'micro_batch':
+            data_iterator = teacher_on_demand(data_iterator, self._full_teacher_output)
+        return super().forward_step(data_iterator, model)
 
     def _local_teacher(self, vp_stage: Optional[int]):
         """ms-swift's choice: the student itself (adapter disabled for a shared base), or the teacher model."""
@@ -213,16 +248,14 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
 
     # ------------------------------------------------------------------ vLLM weight sync
     def merge_lora_adapters(self, adapter_name='default'):
-        if self._base_keeper is not None:
-            self._base_keeper.save(self.unwrapped_models)
+        self._base_keeper.save(self.unwrapped_models)
         super().merge_lora_adapters(adapter_name)
 
     def unmerge_lora_adapters(self):
-        """ms-swift unmerges in place (``W + d - d != W`` in bf16); a shared-base teacher gets its base back exactly
-        (the CPU copy saved by :meth:`merge_lora_adapters`)."""
+        """ms-swift unmerges in place (``W + d - d != W`` in bf16): the base (the student's, and a shared-base
+        teacher's) gets its weights back exactly, from the host copy saved by :meth:`merge_lora_adapters`."""
         super().unmerge_lora_adapters()
-        if self._base_keeper is not None:
-            self._base_keeper.restore()
+        self._base_keeper.restore()
 
     # ------------------------------------------------------------------ loss
     def loss_func(self, output_tensor: torch.Tensor, *, labels: torch.Tensor, teacher_output: TeacherOutput,

@@ -40,7 +40,7 @@ from swift_gkd_plugin.swift.cross_tokenizer import CrossTokenizerTeacher
 from swift_gkd_plugin.swift.group_resample import resample_failed_groups
 from swift_gkd_plugin.swift.hidden_states import (fused_fallback_reason, gathered_heads, head_bypassed, head_is_sharded,
                                                   head_rows, output_head, topk_from_hidden)
-from swift_gkd_plugin.swift.lora_round_trip import exact_lora_round_trip
+from swift_gkd_plugin.swift.lora_round_trip import HostBuffer, exact_lora_sync, lora_merges_skipped
 from swift_gkd_plugin.swift.media_tokens import cut_at_media_placeholders, suppress_media_placeholders
 from swift_gkd_plugin.swift.peft_utils import TEACHER_ADAPTER, active_adapter, eval_mode, load_frozen_adapter
 from swift_gkd_plugin.swift.rewards import global_advantages, load_reward_funcs, score_completions
@@ -241,6 +241,17 @@ class GKDPluginTrainer(GKDTrainer):
             torch.manual_seed(sampling_seed(self.args.seed, step, self.args.process_index))
             yield
 
+    def _get_request_config(self):
+        """ms-swift's request config, with vLLM's per-request seeds derived from (seed, step, rank) in colocate mode
+        (see :func:`seeded_request_config`)."""
+        config = super()._get_request_config()
+        if not getattr(self, 'use_vllm', False) or not self.model.training:
+            return config
+        return seeded_request_config(config, seed=self.args.seed, step=int(self.state.global_step),
+                                     process_index=self.accelerator.process_index,
+                                     tensor_parallel_size=getattr(self, 'vllm_tensor_parallel_size', 1) or 1,
+                                     vllm_mode=self.args.vllm_mode)
+
     def _rollout_samples(self, inputs):
         """Pick the mode of this generation batch and produce its responses."""
         training = self.model.training
@@ -358,10 +369,19 @@ class GKDPluginTrainer(GKDTrainer):
 
     def _move_model_to_vllm(self, *args, **kwargs):
         """ms-swift's sync merges the LoRA adapter into the base in place and unmerges it (``W + d - d != W`` in
-        bf16): with a shared-base teacher the base is restored exactly afterwards (FSDP2 merges out of place)."""
-        shared_base = self._teacher_use_disable_adapter or getattr(self, '_teacher_adapter', None) is not None
-        with exact_lora_round_trip([self.model], enabled=shared_base and not getattr(self, '_is_fsdp2', False)):
+        bf16) and casts the adapters to the base's dtype: the base and the adapters come out exactly as they went
+        in, holding one parameter group's base at a time in a host buffer reused across syncs (FSDP2 merges out of
+        place)."""
+        if getattr(self, '_sync_buffer', None) is None:
+            self._sync_buffer = HostBuffer()
+        with exact_lora_sync([self.model], self._sync_buffer, enabled=not getattr(self, '_is_fsdp2', False)):
             return super()._move_model_to_vllm(*args, **kwargs)
+
+    def _move_adapter_to_vllm(self, *args, **kwargs):
+        """The adapter-only sync sends the adapter's own weights: ms-swift's merge and unmerge around it only move
+        the base (and cast the adapters), so they are skipped."""
+        with lora_merges_skipped([self.model]):
+            return super()._move_adapter_to_vllm(*args, **kwargs)
 
     def _generate_with_teacher(self, samples):
         """seq_kd: the teacher samples the responses (transformers engine on the teacher's weights)."""
@@ -748,3 +768,25 @@ def _add_token_sum(metric, total, n_tokens: int) -> None:
     """
     if n_tokens:
         metric.update(torch.full((n_tokens, ), float(total) / n_tokens, dtype=torch.float64))
+
+
+def seeded_request_config(config, *, seed: int, step: int, process_index: int, tensor_parallel_size: int,
+                          vllm_mode: str):
+    """A copy of ``config`` whose ``seed`` makes vLLM's sampling a function of (``--seed``, step, rank).
+
+    ms-swift's vLLM engine gives request ``i`` of one call the seed ``config.seed + i``. In colocate mode ms-swift
+    sets ``config.seed`` only with TP > 1, to ``B * (rank // tp)``: the same at every step and for every ``--seed``,
+    and with more requests than ``B`` per rank (``steps_per_generation`` > GA) overlapping the next group's range, so
+    two copies of a prompt could draw the same completion. Here the base is a 62-bit hash of (seed, step, the rank's
+    TP group) (:func:`~swift_gkd_plugin.core.modes.sampling_seed`): the ranks of one TP group, which drive one engine,
+    share it; other groups and steps get unrelated ranges; a resumed run draws what the uninterrupted run drew.
+
+    Server mode is left to ms-swift (each rollout worker seeds itself at random): the trainer's client splits the
+    requests between servers and each server between its data-parallel workers, which number their share from the
+    same ``config.seed``, so one seed would give copies of a prompt on different workers the same draws.
+    """
+    if vllm_mode != 'colocate':
+        return config
+    config = copy(config)
+    config.seed = sampling_seed(seed, step, process_index // max(int(tensor_parallel_size), 1)) >> 1
+    return config

@@ -5,7 +5,7 @@ import torch
 from swift_gkd_plugin.core import generalized_jsd
 from swift_gkd_plugin.core.cross_tokenizer_loss import hybrid_loss, uld_loss
 
-from test_divergence import reference_jsd, relative_error
+from test_divergence import jsd_of_probabilities, relative_error
 
 BETAS = [0.0, 0.3, 1.0]
 
@@ -21,12 +21,15 @@ def reference_uld(student, teacher, temperature):
 
 
 def reference_hybrid(student, teacher, s_ids, t_ids, beta, temperature, w_shared, w_rest):
-    """Float64: JSD on the shared logits (renormalised), ULD on the un-normalised probabilities of the rest."""
-    jsd = reference_jsd(student[:, s_ids], teacher[:, t_ids], beta, temperature)
+    """Float64: JSD over the shared entries of the full distributions plus one bucket with each side's mass outside
+    the shared set; ULD on the un-normalised probabilities of the rest."""
     p_s = torch.softmax(student.double() / temperature, -1)
     p_t = torch.softmax(teacher.double() / temperature, -1)
     rest_s = [i for i in range(student.shape[-1]) if i not in set(s_ids.tolist())]
     rest_t = [i for i in range(teacher.shape[-1]) if i not in set(t_ids.tolist())]
+    buckets_s = torch.cat([p_s[:, s_ids], p_s[:, rest_s].sum(-1, keepdim=True)], -1)
+    buckets_t = torch.cat([p_t[:, t_ids], p_t[:, rest_t].sum(-1, keepdim=True)], -1)
+    jsd = jsd_of_probabilities(buckets_s, buckets_t, beta)
     s = p_s[:, rest_s].sort(-1, descending=True).values
     t = p_t[:, rest_t].sort(-1, descending=True).values
     width = max(s.shape[-1], t.shape[-1])
@@ -135,6 +138,32 @@ def test_hybrid_with_everything_shared_is_the_generalized_jsd(beta):
     order = torch.randperm(len(every), generator=gen)
     permuted = hybrid_loss(student, teacher[:, order], every, torch.argsort(order), beta, 1.7)
     torch.testing.assert_close(permuted, ref, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize('beta', BETAS)
+def test_hybrid_counts_the_students_mass_outside_a_teacher_vocabulary_it_covers(beta):
+    """Every teacher entry shared (``w_rest = 1 - K / V_t = 0``) and the student puts 0.97 of its mass on its own
+    extra entries: the loss is the divergence of that mass, not ~0 (1.9e-8 when the shared set was renormalised)."""
+    gen = torch.Generator().manual_seed(7)
+    vt, extra = 30, 10
+    teacher = torch.randn(5, vt, generator=gen) * 2
+    student = torch.cat([teacher.clone(), torch.full((5, extra), 0.0)], -1)
+    s_ids = t_ids = torch.arange(vt)
+    # the student: the teacher's shape on the shared entries, 0.97 of its mass on the extra ones
+    shared_mass = torch.softmax(student, -1)[:, :vt].sum(-1, keepdim=True)
+    student[:, vt:] += torch.log(0.97 / (1 - 0.97) * shared_mass / (1 - shared_mass))
+    student.requires_grad_()
+    assert torch.allclose(torch.softmax(student, -1)[:, vt:].sum(-1), torch.full((5, ), 0.97))
+    ours = hybrid_loss(student, teacher, s_ids, t_ids, beta)
+    if beta == 1:  # KL(student || teacher) with student mass where the teacher has none: infinite, floored finite
+        assert torch.isfinite(ours).all() and ours.min() > 100
+        return
+    check_against(ours, lambda s: reference_hybrid(s, teacher, s_ids, t_ids, beta, 1.0, 1.0, 0.0), student,
+                  torch.rand(5, generator=gen))
+    buckets = jsd_of_probabilities(torch.tensor([0.03, 0.97], dtype=torch.float64),
+                                   torch.tensor([1.0, 0.0], dtype=torch.float64), beta)
+    torch.testing.assert_close(ours.double(), buckets.expand(5), rtol=1e-5, atol=1e-6)
+    assert ours.min() > 0.3
 
 
 def test_bad_arguments_are_named():

@@ -14,9 +14,14 @@ def reference_jsd(student, teacher, beta, temperature):
     """Float64, straight from the definitions (probabilities, not log-space tricks)."""
     p_s = torch.softmax(student.double() / temperature, -1)
     p_t = torch.softmax(teacher.double() / temperature, -1)
+    return jsd_of_probabilities(p_s, p_t, beta)
+
+
+def jsd_of_probabilities(p_s, p_t, beta):
+    """The generalized JSD of two probability vectors, from its definition (``0 log 0 = 0``)."""
 
     def kl(p, q):
-        return (p * (p.log() - q.log())).sum(-1)
+        return (torch.xlogy(p, p) - torch.xlogy(p, q)).sum(-1)
 
     if beta == 0:
         return kl(p_t, p_s)

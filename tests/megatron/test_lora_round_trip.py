@@ -1,11 +1,16 @@
-"""The LoRA merge/unmerge round trip of every vLLM weight sync, in bf16, with real peft layers and ms-swift's own merge
-and unmerge patches (the sequence of ``swift rlhf``'s ``_move_full_model_to_vllm``; ``megatron rlhf`` merges the same
-peft ``LoraLayer`` subclass): in place it moves the frozen base, hence a shared-base teacher; with
-:func:`exact_lora_round_trip` the base and the teacher's logits stay bit-for-bit the same."""
+"""The LoRA merge/unmerge round trip of every vLLM weight sync, in bf16 with float32 adapters (peft's default on a bf16
+base), with real peft layers and ms-swift's own merge and unmerge patches, one parameter group at a time as
+``swift rlhf``'s ``_move_full_model_to_vllm`` does with ``--move_model_batches`` (``megatron rlhf`` merges the same
+peft ``LoraLayer`` subclass, every layer at once): in place it moves the frozen base (the student's, and a shared-base
+teacher's) and rounds the adapters to bf16; with :func:`exact_lora_sync` / :class:`BaseWeightsKeeper` both stay
+bit-for-bit the same, holding one group's base at a time in a reused host buffer."""
+import re
+
 import pytest
 import torch
 
-from swift_gkd_plugin.swift.lora_round_trip import exact_lora_round_trip
+from swift_gkd_plugin.swift.lora_round_trip import (BaseWeightsKeeper, HostBuffer, exact_lora_sync,
+                                                    lora_merges_skipped)
 
 ROUND_TRIPS = 3
 
@@ -17,21 +22,43 @@ def lora_student(tiny_ws):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_ws.student, dtype=torch.bfloat16)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=['q_proj', 'v_proj', 'up_proj'], init_lora_weights=False)
-    return get_peft_model(model, config).eval()  # init_lora_weights=False: a trained-looking adapter (B != 0)
+    model = get_peft_model(model, config).eval()  # init_lora_weights=False: a trained-looking adapter (B != 0)
+    with torch.no_grad():  # float32 adapters (peft upcasts them) holding values that bf16 cannot, as after training
+        for name, param in model.named_parameters():
+            if 'lora_' in name:
+                param.add_(torch.randn_like(param) * 1e-3)
+    return model
 
 
-def _sync_round_trip(model):
-    """What ms-swift does around each export of the merged weights to vLLM."""
+def _groups(model):
+    """ms-swift's ``split_batches`` with ``--move_model_batches`` = the number of layers: one group per layer."""
+    groups = {}
+    for name, _ in model.named_parameters():
+        match = re.search(r'\.(\d+)\.', name)
+        groups.setdefault(match.group(1) if match else 'rest', []).append(name)
+    return list(groups.values())
+
+
+def _sync(model, groups=None, exported=None):
+    """What ms-swift does around each export of the merged weights to vLLM, group by group."""
     from swift.rlhf_trainers.utils import patch_lora_merge, patch_lora_unmerge
     with torch.no_grad():
-        with patch_lora_merge(model):
-            model.merge_adapter()
-        with patch_lora_unmerge(model):
-            model.unmerge_adapter()
+        for group in groups or [None]:
+            with patch_lora_merge(model, group):
+                model.merge_adapter()
+            if exported is not None:
+                exported.update({n: p.detach().clone() for n, p in model.named_parameters() if 'base_layer' in n and (
+                    group is None or n in group)})
+            with patch_lora_unmerge(model):
+                model.unmerge_adapter()
 
 
 def _base_weights(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if 'base_layer' in n}
+
+
+def _adapters(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if 'lora_' in n}
 
 
 def _teacher_logits(model):
@@ -45,34 +72,93 @@ def _changed_fraction(before, after):
     return changed / sum(t.numel() for t in before.values())
 
 
-def test_in_place_round_trips_move_the_bf16_base(lora_student):
-    """ms-swift's behaviour (and the keeper's when disabled), the defect: the frozen base, and the teacher that reads
-    it, drift (with this random adapter 68% of the base entries change at the first round trip)."""
-    before, teacher_before = _base_weights(lora_student), _teacher_logits(lora_student)
+def _max_drift(before, after):
+    return max(float((before[n].double() - after[n].double()).abs().max()) for n in before)
+
+
+def test_in_place_round_trips_move_the_base_and_round_the_adapters(lora_student):
+    """ms-swift's behaviour, the defect: the frozen base (the student's own, and the teacher that reads it) drifts,
+    and the float32 adapters become bf16 at the first sync (with this random adapter 68% of the base entries change
+    at the first round trip; after 3 the largest drift is about 2e-3)."""
+    before, adapters, teacher_before = _base_weights(lora_student), _adapters(lora_student), _teacher_logits(
+        lora_student)
+    assert {t.dtype for t in adapters.values()} == {torch.float32}
     for _ in range(ROUND_TRIPS):
-        with exact_lora_round_trip([lora_student], enabled=False):
-            _sync_round_trip(lora_student)
+        _sync(lora_student, _groups(lora_student))
     assert _changed_fraction(before, _base_weights(lora_student)) > 0.01
+    assert _max_drift(before, _base_weights(lora_student)) > 0
     assert not torch.equal(_teacher_logits(lora_student), teacher_before)
+    after = _adapters(lora_student)
+    assert {t.dtype for t in after.values()} == {torch.bfloat16}
+    assert _changed_fraction(adapters, {n: t.float() for n, t in after.items()}) > 0.5
 
 
-def test_exact_round_trips_keep_the_base_and_the_teacher(lora_student):
-    before, teacher_before = _base_weights(lora_student), _teacher_logits(lora_student)
+@pytest.mark.parametrize('grouped', [True, False], ids=['move_model_batches', 'whole_model'])
+def test_exact_syncs_keep_base_adapters_and_teacher(lora_student, grouped):
+    before, adapters, teacher_before = _base_weights(lora_student), _adapters(lora_student), _teacher_logits(
+        lora_student)
+    buffer = HostBuffer(pin=False)
     for _ in range(ROUND_TRIPS):
-        with exact_lora_round_trip([lora_student]):
-            _sync_round_trip(lora_student)
+        with exact_lora_sync([lora_student], buffer):
+            _sync(lora_student, _groups(lora_student) if grouped else None)
     assert _changed_fraction(before, _base_weights(lora_student)) == 0
+    after = _adapters(lora_student)
+    assert all(after[n].dtype == torch.float32 and torch.equal(after[n], adapters[n]) for n in adapters)
     assert torch.equal(_teacher_logits(lora_student), teacher_before)
 
 
-def test_what_vllm_receives_is_still_the_merged_model(lora_student):
-    """The keeper only restores after the unmerge: inside the round trip the weights are merged as before."""
-    reference = _base_weights(lora_student)
-    with exact_lora_round_trip([lora_student]):
-        with torch.no_grad():
-            lora_student.merge_adapter()
-        merged = _base_weights(lora_student)
-        with torch.no_grad():
-            lora_student.unmerge_adapter()
-    assert _changed_fraction(reference, merged) > 0.5
-    assert _changed_fraction(reference, _base_weights(lora_student)) == 0
+def test_what_vllm_receives_is_what_the_in_place_merge_gives(lora_student):
+    import copy
+    reference = copy.deepcopy(lora_student)
+    expected, got = {}, {}
+    _sync(reference, _groups(reference), exported=expected)
+    with exact_lora_sync([lora_student], HostBuffer(pin=False)):
+        _sync(lora_student, _groups(lora_student), exported=got)
+    assert expected.keys() == got.keys() and all(torch.equal(expected[n], got[n]) for n in expected)
+    assert _changed_fraction(_base_weights(lora_student), got) > 0.5  # they are merged weights
+
+
+def test_the_host_buffer_holds_one_group_and_is_reused(lora_student):
+    """With one group per layer the buffer holds the largest group's LoRA base weights, not the whole base (the old
+    keeper copied every base weight to fresh host memory at each sync), and later syncs reuse it."""
+    groups = _groups(lora_student)
+    base = _base_weights(lora_student)
+    per_group = [sum(base[n].numel() * base[n].element_size() for n in g if n in base) for g in groups]
+    buffer = HostBuffer(pin=False, min_chunk=0)
+    with exact_lora_sync([lora_student], buffer):
+        _sync(lora_student, groups)
+    held, chunks = buffer.num_bytes, [c.data_ptr() for c in buffer._chunks]
+    assert max(per_group) <= held <= max(per_group) + 64 * len(base)
+    assert held < 0.6 * sum(per_group)
+    for _ in range(2):
+        with exact_lora_sync([lora_student], buffer):
+            _sync(lora_student, groups)
+    assert buffer.num_bytes == held and [c.data_ptr() for c in buffer._chunks] == chunks
+
+
+def test_adapter_only_syncs_do_not_merge(lora_student):
+    from peft import get_peft_model_state_dict
+    before, adapters = _base_weights(lora_student), _adapters(lora_student)
+    expected = get_peft_model_state_dict(lora_student)
+    with lora_merges_skipped([lora_student]):
+        _sync(lora_student)
+        assert not any(m.merged for m in lora_student.modules() if hasattr(m, 'merged_adapters'))
+        sent = get_peft_model_state_dict(lora_student)
+    assert _changed_fraction(before, _base_weights(lora_student)) == 0
+    assert all(torch.equal(_adapters(lora_student)[n], adapters[n]) for n in adapters)
+    assert sent.keys() == expected.keys() and all(torch.equal(sent[k], expected[k].to(sent[k].dtype)) for k in expected)
+
+
+def test_keeper_for_merges_of_every_layer_at_once(lora_student):
+    """``megatron rlhf``'s order: save everything, merge all, unmerge all, restore."""
+    before, adapters, teacher_before = _base_weights(lora_student), _adapters(lora_student), _teacher_logits(
+        lora_student)
+    keeper = BaseWeightsKeeper(HostBuffer(pin=False))
+    for _ in range(ROUND_TRIPS):
+        keeper.save([lora_student])
+        _sync(lora_student)
+        keeper.restore()
+    assert _changed_fraction(before, _base_weights(lora_student)) == 0
+    after = _adapters(lora_student)
+    assert all(after[n].dtype == torch.float32 and torch.equal(after[n], adapters[n]) for n in adapters)
+    assert torch.equal(_teacher_logits(lora_student), teacher_before)

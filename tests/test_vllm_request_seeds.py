@@ -1,0 +1,43 @@
+"""vLLM's per-request sampling seeds (issue 21 item 3), without vLLM: ms-swift's own ``RequestConfig`` and the rule of
+its vLLM engine (request ``i`` of one call samples with ``config.seed + i``), on the configs the trainer builds."""
+import pytest
+from swift.infer_engine.protocol import RequestConfig
+
+from swift_gkd_plugin.swift.trainer import seeded_request_config
+
+
+def request_seeds(config, n):
+    """The seeds ms-swift's ``VllmEngine._infer`` gives the ``n`` requests of one call."""
+    return [None if config.seed is None else config.seed + i for i in range(n)]
+
+
+def built(seed=42, step=3, rank=0, tp=1, mode='colocate', base=None):
+    return seeded_request_config(RequestConfig(temperature=1.0, max_tokens=8, seed=base), seed=seed, step=step,
+                                 process_index=rank, tensor_parallel_size=tp, vllm_mode=mode)
+
+
+def test_seeds_follow_seed_step_and_rank_and_repeat_on_resume():
+    first = built()
+    assert first.seed is not None and first.temperature == 1.0 and first.max_tokens == 8
+    assert built().seed == first.seed  # a resumed run at the same step: the same draws
+    assert len({built(seed=s, step=t, rank=r).seed for s in (1, 2) for t in (0, 1, 2) for r in (0, 1, 2)}) == 18
+    assert 0 <= first.seed and first.seed + 10**6 < 2**63  # room for the engine's + i, a valid 64-bit seed
+
+
+def test_a_tp_group_shares_its_seeds_and_groups_never_overlap():
+    """TP = 2 on 4 ranks: ranks 0-1 drive one engine, 2-3 another. ms-swift's ``B * (rank // tp)`` gives groups
+    ranges [0, B) and [B, 2B) for every seed and step, overlapping once a rank sends more than B requests
+    (steps_per_generation > GA)."""
+    configs = [built(rank=r, tp=2) for r in range(4)]
+    assert configs[0].seed == configs[1].seed and configs[2].seed == configs[3].seed
+    n = 4096  # requests per call, far beyond ms-swift's B
+    assert not set(request_seeds(configs[0], n)) & set(request_seeds(configs[2], n))
+    assert not set(request_seeds(built(step=3, tp=2), n)) & set(request_seeds(built(step=4, tp=2), n))
+
+
+@pytest.mark.parametrize('mode', ['server', None])
+def test_server_mode_is_left_to_ms_swift(mode):
+    """The rollout server's workers number their share of the requests from one seed: it stays ms-swift's."""
+    config = RequestConfig(temperature=1.0, seed=None)
+    assert seeded_request_config(config, seed=1, step=2, process_index=0, tensor_parallel_size=1,
+                                 vllm_mode=mode) is config
