@@ -99,6 +99,14 @@ def on_megatron_rlhf_pipeline_imported(module) -> None:
     module.MegatronRLHFArguments = GKDPluginMegatronRLHFArguments
 
 
+def keep_teacher_messages_column() -> None:
+    """ms-swift keeps only the dataset columns it knows (``teacher_prompt`` among them); GKD runs also keep
+    ``teacher_messages``, the teacher's whole prompt conversation. Called by both argument classes' GKD checks."""
+    from swift.dataset.preprocessor.core import RowPreprocessor
+    if 'teacher_messages' not in RowPreprocessor.standard_keys:
+        RowPreprocessor.standard_keys.append('teacher_messages')
+
+
 def activate_from_external_plugin() -> None:
     """Activation through ``--external_plugins``, which ms-swift imports inside ``BaseArguments.__post_init__``.
 

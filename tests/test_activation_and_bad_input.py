@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 from conftest import RL_REWARD_PLUGIN, base_args, run_swift
 
+import swift_gkd_plugin
 from swift_gkd_plugin.flags import FINITE_FLAGS, check_gkd_scalars, check_rl_flags
 
 SWIFT_GKD = os.path.join(os.path.dirname(sys.executable), 'swift-gkd')
@@ -54,7 +55,7 @@ def test_explicit_activation_through_external_plugins(tiny_ws, tmp_path):
                   external_plugins=_plugin_path()),
         env={'SWIFT_GKD_PLUGIN': '0'}, launcher=True)
     assert_launched_as_run_swift_starts_it(run)
-    assert 'swift_gkd_plugin 0.1.0' in run.output
+    assert f'swift_gkd_plugin {swift_gkd_plugin.__version__}: GKD trainer active' in run.output
     assert [m['mode'] for m in run.modes()] == ['seq_kd', 'seq_kd']
 
 
@@ -63,7 +64,7 @@ def test_explicit_activation_accepts_plugin_flags(tiny_ws, tmp_path):
         base_args(tiny_ws, str(tmp_path / 'out'), lmbda=0, max_steps=1, gkd_loss_impl='dense',
                   external_plugins=_plugin_path()),
         env={'SWIFT_GKD_PLUGIN': '0'})
-    assert 'swift_gkd_plugin 0.1.0' in run.output
+    assert f'swift_gkd_plugin {swift_gkd_plugin.__version__}: GKD trainer active' in run.output
     assert run.modes()[0]['mode'] == 'off_policy'
 
 

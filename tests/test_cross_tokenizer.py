@@ -176,7 +176,7 @@ def test_the_first_word_is_compared_without_a_prefix_space_of_one_side(tiny_ws, 
     from swift.rl_core.data import GKDSample
     from swift.rlhf_trainers.utils import encode_sample
 
-    from swift_gkd_plugin.swift.views import response_ids
+    from swift_gkd_plugin.core.views import response_ids
     byte_dir = tiny_ws.student
     student_dir, teacher_dir = (sp_teacher, byte_dir) if student_is_sentencepiece else (byte_dir, sp_teacher)
     xtok, student_template = _xtok_teacher(student_dir, teacher_dir, 'hybrid')

@@ -11,6 +11,7 @@ from swift.rlhf_trainers import GKDConfig
 from swift.utils import get_logger
 
 import swift_gkd_plugin
+from swift_gkd_plugin.activation import keep_teacher_messages_column
 from swift_gkd_plugin.flags import (GKDPluginArgumentsMixin, check_gkd_scalars, check_no_plugin_flags_outside_gkd,
                                     check_rl_flags, check_teacher_server_flags)
 from swift_gkd_plugin.swift.datasets_check import check_local_jsonl_datasets
@@ -186,14 +187,6 @@ def init_gloo_for_cpu_zero3(args) -> None:
     import deepspeed
     if not deepspeed.comm.is_initialized():  # wraps torch.distributed's group when one exists already
         deepspeed.init_distributed(dist_backend='gloo')
-
-
-def keep_teacher_messages_column() -> None:
-    """ms-swift keeps only the dataset columns it knows (``teacher_prompt`` among them); GKD runs also keep
-    ``teacher_messages``, the teacher's whole prompt conversation."""
-    from swift.dataset.preprocessor.core import RowPreprocessor
-    if 'teacher_messages' not in RowPreprocessor.standard_keys:
-        RowPreprocessor.standard_keys.append('teacher_messages')
 
 
 _GRPO_NUM_GENERATIONS = next(f.default for f in fields(RLHFArguments) if f.name == 'num_generations')

@@ -5,7 +5,7 @@ peft ``LoraLayer`` subclass): in place it moves the frozen base, hence a shared-
 import pytest
 import torch
 
-from swift_gkd_plugin.swift.lora_round_trip import exact_lora_round_trip
+from swift_gkd_plugin.core.lora_round_trip import exact_lora_round_trip
 
 ROUND_TRIPS = 3
 
