@@ -12,7 +12,11 @@ SPAWNED = 'run sh: `'  # printed by ms-swift's launcher just before it starts th
 
 
 def megatron_rlhf(*flags, env=None):
-    argv = [MEGATRON, 'rlhf', '--model', 'Qwen/Qwen3-0.6B', *flags]
+    return megatron_rlhf_with('Qwen/Qwen3-0.6B', *flags, env=env)
+
+
+def megatron_rlhf_with(model, *flags, env=None):
+    argv = [MEGATRON, 'rlhf', '--model', model, *flags]
     full_env = dict(os.environ, **OFFLINE_ENV, **(env or {}))
     full_env.pop('SWIFT_GKD_PLUGIN', None) if env is None or 'SWIFT_GKD_PLUGIN' not in env else None
     proc = subprocess.run(argv, env=full_env, capture_output=True, text=True, timeout=300)
@@ -55,6 +59,9 @@ GKD = ('--rlhf_type', 'gkd')
      'supported by swift rlhf only'),
     (('--gkd_rl_coef', '0.5'), "['--gkd_rl_coef'] are supported by swift rlhf only"),
     (('--gkd_cross_tokenizer', 'uld'), '--gkd_cross_tokenizer uld is supported by swift rlhf only'),
+    (('--temperature', '1e-9'), '--temperature must be > 0 (at least 0.001: '),
+    (('--multi_turn_scheduler', 'x', '--max_turns', '2'), '--multi_turn_scheduler x, --max_turns 2: multi-turn '
+     'rollouts are not supported by GKD'),
 ])
 def test_bad_gkd_flags_are_refused_before_any_rank_starts(flags, needle):
     code, output = megatron_rlhf(*GKD, *flags)
@@ -81,6 +88,25 @@ def test_good_command_lines_reach_the_ranks(flags):
     then fail to import it; with it, they would train)."""
     code, output = megatron_rlhf(*flags)
     assert SPAWNED in output and 'megatron rlhf: error' not in output, output[-3000:]
+
+
+def test_a_teacher_with_another_vocabulary_size_is_refused_before_any_rank_starts(tiny_ws):
+    """The configs' vocabularies (448 and 464 rows), padded to the tensor-parallel size as mcore-bridge pads them,
+    are compared in the launcher, not at the first step after both models are loaded."""
+    code, output = megatron_rlhf_with(tiny_ws.student, *GKD, '--teacher_model', tiny_ws.other_vocab_teacher,
+                                      '--tensor_model_parallel_size', '2')
+    assert code == 2, output[-3000:]
+    assert (f'--teacher_model {tiny_ws.other_vocab_teacher} has 464 output rows and --model {tiny_ws.student} 448 '
+            '(config.json vocab_size, padded to a multiple of --tensor_model_parallel_size 2)') in output
+    assert SPAWNED not in output
+    code, output = megatron_rlhf_with(tiny_ws.student, *GKD, '--teacher_model', tiny_ws.teacher)
+    assert SPAWNED in output and 'megatron rlhf: error' not in output, output[-3000:]
+
+
+def test_padded_sizes_follow_the_tensor_parallel_size(tiny_ws):
+    from swift_gkd_plugin.megatron.checks import padded_vocab_size
+    assert [padded_vocab_size(tiny_ws.other_vocab_teacher, tp) for tp in (1, 2, 3, 5)] == [464, 464, 465, 465]
+    assert padded_vocab_size(tiny_ws.root, 1) is None  # not a model directory: left to the ranks
 
 
 def test_opt_out_leaves_the_launcher_untouched():
