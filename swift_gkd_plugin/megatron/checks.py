@@ -76,7 +76,8 @@ def check_megatron_gkd(args) -> None:
     if args.seq_kd and (args.context_parallel_size or 1) > 1:
         raise ValueError('--seq_kd true samples from the Megatron teacher, which needs --context_parallel_size 1 '
                          f'(got {args.context_parallel_size})')
-    if args.teacher_adapters:
+    # only the launcher's parser has it: ms-swift's Megatron arguments do not declare --teacher_adapters at all
+    if getattr(args, 'teacher_adapters', None):
         raise ValueError('--teacher_adapters is supported by swift rlhf only; for megatron rlhf merge the adapter '
                          'into the teacher first (`swift export --adapters ADAPTER --merge_lora true`) and pass the '
                          'merged model as --teacher_model')

@@ -1,5 +1,8 @@
 """``megatron rlhf --rlhf_type gkd``: bad command lines are refused by the real ``megatron`` launcher, before any rank
 starts (so before CUDA, transformer-engine or a model is touched); good ones are passed on to ms-swift unchanged."""
+import argparse
+import ast
+import importlib.util
 import os
 import subprocess
 import sys
@@ -124,3 +127,38 @@ def test_rank_side_checks_refuse_rewards_but_not_ms_swifts_default_num_generatio
     parsed.reward_funcs = ['accuracy']
     with pytest.raises(ValueError, match=r"\['--reward_funcs'\] are supported by swift rlhf only"):
         check_megatron_gkd(parsed)
+
+
+def _megatron_argument_defaults():
+    """The fields of ms-swift's Megatron argument classes with their defaults, read from their source (importing
+    them needs megatron-core): ``field(default_factory=list)`` as ``[]``, other non-literal defaults as None."""
+    folder = os.path.dirname(importlib.util.find_spec('swift.megatron').origin)
+    defaults = {}
+    for name in sorted(os.listdir(os.path.join(folder, 'arguments'))):
+        if not name.endswith('.py'):
+            continue
+        with open(os.path.join(folder, 'arguments', name)) as f:
+            tree = ast.parse(f.read())
+        for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+            for node in cls.body:
+                if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                    text = ast.unparse(node.value) if node.value is not None else 'None'
+                    try:
+                        value = ast.literal_eval(node.value) if node.value is not None else None
+                    except ValueError:
+                        value = [] if 'default_factory=list' in text else None
+                    defaults.setdefault(node.target.id, value)
+    return defaults
+
+
+def test_rank_side_checks_read_only_fields_that_megatron_arguments_have():
+    """In the ranks the checks get ms-swift's Megatron arguments plus the plugin's flags: every attribute they read
+    must exist there (a check reading a missing one would stop every rank with an AttributeError)."""
+    from dataclasses import fields
+
+    from swift_gkd_plugin.megatron.checks import MegatronGKDFlagsMixin, check_megatron_gkd
+    defaults = _megatron_argument_defaults()
+    assert {'beta', 'lmbda', 'temperature', 'max_turns', 'reward_funcs'} <= set(defaults)
+    args = argparse.Namespace(**defaults, **{f.name: f.default for f in fields(MegatronGKDFlagsMixin)})
+    args.rlhf_type = 'gkd'
+    check_megatron_gkd(args)
