@@ -121,7 +121,7 @@ def check_teacher(args) -> None:
 def check_teacher_template(args) -> None:
     """``--teacher_template`` names a registered ms-swift template type (templates registered by
     ``--external_plugins`` included: ms-swift has imported them by now)."""
-    name = getattr(args, 'teacher_template', None)
+    name = args.teacher_template
     if name is None:
         return
     from swift.template import TEMPLATE_MAPPING
