@@ -188,3 +188,22 @@ def test_multi_turn_flags_are_refused(given, needle):
     check_multi_turn_flags(SimpleNamespace(multi_turn_scheduler=None, max_turns=None))
     with pytest.raises(ValueError, match=re.escape(needle)):
         check_multi_turn_flags(SimpleNamespace(**dict(dict(multi_turn_scheduler=None, max_turns=None), **given)))
+
+
+def test_ms_swifts_arguments_leave_num_generations_to_the_resolver():
+    """ms-swift's own RLHFArguments, as the plugin leaves it: unset num_generations in its parser and constructor
+    (the resolver gives GKD 1 and the other rlhf types GRPO's 8; the run itself: test_activation_and_bad_input)."""
+    from swift.arguments import RLHFArguments
+
+    from swift_gkd_plugin.activation import grpo_num_generations
+    from swift_gkd_plugin.flags import resolve_num_generations
+    assert RLHFArguments.__dataclass_fields__['num_generations'].default is None
+    assert inspect.signature(RLHFArguments.__init__).parameters['num_generations'].default is None
+    assert grpo_num_generations() == 8
+    for rlhf_type, expected in (('gkd', 1), ('grpo', 8)):
+        args = SimpleNamespace(rlhf_type=rlhf_type, num_generations=None)
+        resolve_num_generations(args, grpo_num_generations())
+        assert args.num_generations == expected
+    args = SimpleNamespace(rlhf_type='gkd', num_generations=4)
+    resolve_num_generations(args, 8)
+    assert args.num_generations == 4

@@ -144,8 +144,8 @@ def check_vocab_sizes(args) -> None:
     if None in sizes.values() or len(set(sizes.values())) == 1:
         return
     raise ValueError(f'--teacher_model {teacher} has {sizes["--teacher_model"]} output rows and --model {student} '
-                     f'{sizes["--model"]} (config.json vocab_size, padded to a multiple of --tensor_model_parallel_size '
-                     f'{tp}): megatron rlhf compares teacher and student logits row by row over one vocabulary, so '
+                     f'{sizes["--model"]} (config.json vocab_size, padded to a multiple of '
+                     f'--tensor_model_parallel_size {tp}): megatron rlhf compares teacher and student logits row by row over one vocabulary, so '
                      'they must be equal (allowed: a teacher with the student\'s vocab_size). swift rlhf aligns a '
                      'teacher with a larger head, and distils across tokenizers with --gkd_cross_tokenizer')
 
