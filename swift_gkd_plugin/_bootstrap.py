@@ -13,6 +13,7 @@ _OFF_VALUES = {'0', 'false', 'no', 'off'}
 
 # module name -> function name in swift_gkd_plugin.activation, called right after that module has executed
 _HOOKS = {
+    'swift.arguments.rlhf_args': 'on_rlhf_arguments_imported',
     'swift.pipelines.train.rlhf': 'on_rlhf_pipeline_imported',
     'swift.trainers.trainer_factory': 'on_trainer_factory_imported',
     'swift.megatron.pipelines.train.rlhf': 'on_megatron_rlhf_pipeline_imported',

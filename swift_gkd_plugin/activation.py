@@ -14,6 +14,8 @@ Nothing here runs for ``swift sft`` or other pipelines; other rlhf types keep ms
 """
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import os
 import sys
 
@@ -21,6 +23,63 @@ TRAINER_PATH = 'swift_gkd_plugin.swift.trainer.GKDPluginTrainer'
 CONFIG_PATH = 'swift_gkd_plugin.swift.arguments.GKDPluginConfig'
 
 _state = {'rlhf_pipeline': False}  # True once this process parses swift rlhf with the plugin's arguments
+_GRPO_NUM_GENERATIONS = {}  # ms-swift's default num_generations (GRPO's G), read before it is unset
+
+
+def grpo_num_generations() -> int:
+    """ms-swift's default ``num_generations`` (GRPO's G), also after :func:`on_rlhf_arguments_imported`."""
+    if 'value' not in _GRPO_NUM_GENERATIONS:
+        from swift.arguments import RLHFArguments
+        _GRPO_NUM_GENERATIONS['value'] = RLHFArguments.__dataclass_fields__['num_generations'].default
+    return _GRPO_NUM_GENERATIONS['value']
+
+
+def on_rlhf_arguments_imported(module) -> None:
+    """ms-swift's ``RLHFArguments`` gives ``num_generations`` GRPO's default (8) whatever the rlhf type, where GKD's
+    is 1 (the plugin's command line). Its default becomes None, resolved per rlhf type at the start of
+    ``__post_init__`` (:func:`swift_gkd_plugin.flags.resolve_num_generations`), so that arguments built in Python
+    (``rlhf_main(RLHFArguments(...))``) get the command line's default; other rlhf types keep GRPO's."""
+    cls = module.RLHFArguments
+    if getattr(cls.__post_init__, '_swift_gkd_plugin', False):
+        return
+    from swift_gkd_plugin.flags import GKDPluginArgumentsMixin, resolve_num_generations
+    # arguments built in Python from ms-swift's class get the plugin's checks too, its flags at their defaults
+    for f in dataclasses.fields(GKDPluginArgumentsMixin):
+        if f.name not in cls.__dataclass_fields__:
+            setattr(cls, f.name, f.default)
+    cls._check_gkd = _check_gkd
+    field = cls.__dataclass_fields__['num_generations']
+    _GRPO_NUM_GENERATIONS.setdefault('value', field.default)
+    grpo_default = _GRPO_NUM_GENERATIONS['value']
+    field.default = None  # what argument parsers (HfArgumentParser) read
+    _set_init_default(cls, 'num_generations', None)  # what RLHFArguments(...) uses
+    original = cls.__post_init__
+
+    def __post_init__(self):
+        resolve_num_generations(self, grpo_default)
+        original(self)
+
+    __post_init__._swift_gkd_plugin = True
+    cls.__post_init__ = __post_init__
+
+
+def _check_gkd(args) -> None:
+    """The plugin's GKD checks, for an ms-swift ``RLHFArguments`` (imported when called: ms-swift's arguments
+    package is still being imported when :func:`on_rlhf_arguments_imported` runs)."""
+    from swift_gkd_plugin.swift.arguments import GKDPluginRLHFArguments
+    GKDPluginRLHFArguments._check_gkd(args)
+
+
+def _set_init_default(cls, name: str, value) -> None:
+    """The default of parameter ``name`` of the dataclass ``cls``'s generated ``__init__``."""
+    init = cls.__init__
+    positional = [p.name for p in inspect.signature(init).parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD]
+    defaults = list(init.__defaults__ or ())
+    if name in positional[len(positional) - len(defaults):]:
+        defaults[positional.index(name) - (len(positional) - len(defaults))] = value
+        init.__defaults__ = tuple(defaults)
+    elif init.__kwdefaults__ and name in init.__kwdefaults__:
+        init.__kwdefaults__[name] = value
 
 
 def on_trainer_factory_imported(module) -> None:
@@ -99,6 +158,14 @@ def on_megatron_rlhf_pipeline_imported(module) -> None:
     module.MegatronRLHFArguments = GKDPluginMegatronRLHFArguments
 
 
+def keep_teacher_messages_column() -> None:
+    """ms-swift keeps only the dataset columns it knows (``teacher_prompt`` among them); GKD runs also keep
+    ``teacher_messages``, the teacher's whole prompt conversation. Called by both argument classes' GKD checks."""
+    from swift.dataset.preprocessor.core import RowPreprocessor
+    if 'teacher_messages' not in RowPreprocessor.standard_keys:
+        RowPreprocessor.standard_keys.append('teacher_messages')
+
+
 def activate_from_external_plugin() -> None:
     """Activation through ``--external_plugins``, which ms-swift imports inside ``BaseArguments.__post_init__``.
 
@@ -129,6 +196,7 @@ def activate_from_external_plugin() -> None:
     if flags:
         raise ValueError(f'swift_gkd_plugin flags {flags} need the plugin active while the command line is parsed: '
                          'unset SWIFT_GKD_PLUGIN (or set it to 1) instead of using --external_plugins.')
+    on_rlhf_arguments_imported(sys.modules[RLHFArguments.__module__])  # for arguments built after this one
     RLHFArguments._check_gkd = GKDPluginRLHFArguments._check_gkd
     on_trainer_factory_imported(trainer_factory)
 

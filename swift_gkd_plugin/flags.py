@@ -1,14 +1,87 @@
-"""The plugin's own command-line flags and the checks that need nothing but the flags.
+"""The plugin's command-line flags, the allowed values of every flag GKD checks, and the checks that need only flags.
 
 Framework-free (no ms-swift import): shared by ``swift rlhf`` (:mod:`swift_gkd_plugin.swift.arguments`) and
 ``megatron rlhf`` (:mod:`swift_gkd_plugin.megatron.checks`), where they also run in the launcher process, before any
-rank starts. Every message names the flag and the allowed values.
+rank starts. Each range is declared once, beside its field (``metadata['range']`` of the plugin's fields,
+:data:`MS_SWIFT_FLAGS` for ms-swift's own), and the checks are generated from the declarations; allowed values of a
+choice come from its ``Literal`` type. Every message names the flag, the value and the allowed values.
 """
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import dataclass, field, fields
-from typing import List, Literal, Optional
+from typing import Dict, List, Literal, Optional, Tuple
+
+from swift_gkd_plugin.core.constants import SCALE_REWARDS
+
+#: Below this ``--temperature`` the loss saturates: see :data:`TEMPERATURE_FLOOR_WHY`.
+TEMPERATURE_FLOOR = 1e-3
+TEMPERATURE_FLOOR_WHY = (
+    'the loss divides the logits by it: below it the nearest distinct bf16 logits of a model (0.125 apart above 16) '
+    'differ by more than 103 nats after the division, so exp() underflows float32 and both distributions are exactly '
+    'one-hot (loss 0 or ln 2, gradient 0: the run learns nothing)')
+
+
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of a numeric flag: ``low`` (``> low`` if ``low_open``) and ``high`` bounds, integers only
+    (``integer``), None allowed (``optional``). Non-integer values must also be finite (NaN fails every comparison
+    and inf passes ``> 0``). ``says`` replaces the bounds in messages where they read badly; ``why`` and ``unit``
+    follow them."""
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False
+    integer: bool = False
+    optional: bool = False
+    says: Optional[str] = None
+    why: str = ''
+    unit: str = ''
+
+    def allowed(self) -> str:
+        if self.says:
+            return self.says
+        if self.low is not None and self.high is not None:
+            return f'in [{self.low:g}, {self.high:g}]'
+        text = f'{">" if self.low_open else ">="} {self.low:g}'
+        return f'an integer {text}' if self.integer else text
+
+    def check(self, flag: str, value) -> None:
+        """Raise a ValueError naming ``--flag``, ``value`` and the allowed values when ``value`` is outside."""
+        if value is None and self.optional:
+            return
+        if self.integer and not (isinstance(value, int) and not isinstance(value, bool)):
+            ok = False
+        elif not self.integer and not isinstance(value, (int, float)):
+            ok = False
+        elif not self.integer and not math.isfinite(value):
+            raise ValueError(f'--{flag} must be a finite number, got {value}')
+        else:
+            ok = ((self.low is None or (value > self.low if self.low_open else value >= self.low))
+                  and (self.high is None or value <= self.high))
+        if not ok:
+            unit = f' {self.unit}' if self.unit else ''
+            why = f' ({self.why})' if self.why else ''
+            raise ValueError(f'--{flag} must be {self.allowed()}{unit}{why}, got {value}')
+
+
+class FlagMetadata(dict):
+    """A field's metadata with the plugin's declarations (``range``: a :class:`Range`; ``choices``: a ``Literal``
+    type) beside its ``help``. Its ``copy()`` leaves them out: HfArgumentParser passes ``metadata.copy()`` on to
+    ``argparse.add_argument`` as keywords."""
+    OWN = ('range', 'choices')
+
+    def copy(self):
+        return {k: v for k, v in self.items() if k not in self.OWN}
+
+
+def choices_of(annotation) -> Tuple:
+    """The values of a ``Literal[...]`` annotation (inside ``Optional`` too), else ``()``."""
+    if typing.get_origin(annotation) is Literal:
+        return typing.get_args(annotation)
+    if typing.get_origin(annotation) is typing.Union:
+        return tuple(v for arg in typing.get_args(annotation) for v in choices_of(arg))
+    return ()
 
 
 @dataclass
@@ -22,30 +95,40 @@ class GKDPluginArgumentsMixin:
         default=None,
         metadata={'help': 'API key of --teacher_model_server (default: the SWIFT_GKD_TEACHER_API_KEY environment '
                   'variable, which, unlike the flag, is not written to args.json).'})
-    teacher_server_timeout: float = field(default=120.0, metadata={'help': 'seconds per teacher-server request'})
+    teacher_server_timeout: float = field(
+        default=120.0,
+        metadata=FlagMetadata(help='seconds per teacher-server request', range=Range(0, low_open=True,
+                                                                                      unit='seconds')))
     teacher_server_retries: int = field(
         default=3,
-        metadata={'help': 'retries of a failed teacher-server request (at least; an HTTP 500 gets only these)'})
+        metadata=FlagMetadata(help='retries of a failed teacher-server request (at least; an HTTP 500 gets only '
+                              'these)', range=Range(0, integer=True)))
     teacher_server_wait: float = field(
         default=600.0,
-        metadata={'help': 'seconds to wait for an unreachable, starting or busy teacher server (connection refused, '
-                  'timeouts, HTTP 502/503/504): at start-up until it is healthy, and for each request, retrying '
-                  'with a logged backoff; long enough for a 7B teacher to (re)load. 0: only the retries.'})
+        metadata=FlagMetadata(
+            help='seconds to wait for an unreachable, starting or busy teacher server (connection refused, timeouts, '
+            'HTTP 502/503/504): at start-up until it is healthy, and for each request, retrying with a logged '
+            'backoff; long enough for a 7B teacher to (re)load. 0: only the retries.',
+            range=Range(0, unit='seconds')))
     gkd_topk_tail: bool = field(
         default=False,
         metadata={'help': 'With top-k teachers (--gkd_logits_topk, teacher servers): add a bucket holding the '
                   'probability mass outside the top-k on both sides (fused loss).'})
     gkd_rl_coef: float = field(
         default=0.0,
-        metadata={'help': 'Weight c of the policy-gradient term added to the divergence on on-policy steps: '
-                  'c * sum A * (-log p(sampled token)) / tokens, A the group-normalised reward of the completion '
-                  '(--reward_funcs, --num_generations, --scale_rewards). 0 (default): off. Finite, >= 0.'})
+        metadata=FlagMetadata(
+            help='Weight c of the policy-gradient term added to the divergence on on-policy steps: '
+            'c * sum A * (-log p(sampled token)) / tokens, A the group-normalised reward of the completion '
+            '(--reward_funcs, --num_generations, --scale_rewards). 0 (default): off. Finite, >= 0.',
+            range=Range(0, why='the weight of the policy-gradient term; 0 = off')))
+    # the annotation stays str (argparse would refuse other values with its own message); the choices are declared:
     gkd_cross_tokenizer: Optional[str] = field(
         default=None,
-        metadata={'help': 'Distil from a --teacher_model whose tokenizer differs from the student\'s: uld (sorted-'
-                  'probability L1, any two vocabularies) or hybrid (generalized JSD on the tokens both vocabularies '
-                  'share, ULD on the rest). Unset (default): the teacher must use the student\'s tokenizer. '
-                  'See docs_en/cross_tokenizer.md.'})
+        metadata=FlagMetadata(
+            help='Distil from a --teacher_model whose tokenizer differs from the student\'s: uld (sorted-probability '
+            'L1, any two vocabularies) or hybrid (generalized JSD on the tokens both vocabularies share, ULD on the '
+            'rest). Unset (default): the teacher must use the student\'s tokenizer. See docs_en/cross_tokenizer.md.',
+            choices=Literal['uld', 'hybrid']))
     teacher_template: Optional[str] = field(
         default=None,
         metadata={'help': 'With --gkd_cross_tokenizer: the teacher\'s ms-swift template type (as --template is the '
@@ -54,8 +137,68 @@ class GKDPluginArgumentsMixin:
 
 
 PLUGIN_FLAGS: List[str] = [f.name for f in fields(GKDPluginArgumentsMixin)]
-GKD_LOSS_IMPLS = ('auto', 'fused', 'dense')
-CROSS_TOKENIZER_METHODS = ('uld', 'hybrid')
+_HINTS = typing.get_type_hints(GKDPluginArgumentsMixin)
+
+#: ms-swift's own flags that GKD checks, with their allowed values (declared here once: ms-swift's classes are not
+#: ours to annotate). ``beta`` may be None (ms-swift's Megatron default, resolved to 0.5 for GKD).
+MS_SWIFT_FLAGS: Dict[str, object] = {
+    'beta': Range(0, 1, optional=True, why='0 = KL(teacher||student), 1 = KL(student||teacher)'),
+    'lmbda': Range(0, 1, why='the probability of an on-policy step'),
+    'temperature': Range(TEMPERATURE_FLOOR, says='> 0', why=f'at least {TEMPERATURE_FLOOR:g}: {TEMPERATURE_FLOOR_WHY}'),
+    'sft_alpha': Range(0, why='the weight of the SFT term on dataset responses; 0 = none'),
+    # refused even when nothing is sampled (--lmbda 0, --seq_kd false): ms-swift turns it into the generation
+    # config's max_new_tokens, which transformers rejects later, after the models are loaded
+    'max_completion_length': Range(0, low_open=True, says='> 0', integer=True,
+                                   why='the length of sampled responses and of the generation config'),
+    'gkd_logits_topk': Range(1, integer=True, optional=True, says='a positive integer',
+                             why='or unset for the full vocabulary'),
+    'num_generations': Range(1, integer=True, why='completions sampled per prompt on on-policy steps; 1 = one, as '
+                             'ms-swift GKD'),
+    'scale_rewards': Optional[Literal[SCALE_REWARDS]],
+}
+
+
+def declared_ranges() -> Dict[str, object]:
+    """Every declared flag: name -> its :class:`Range`, or the ``Literal`` type of its choices (``Optional[...]``
+    when it may be unset)."""
+    declared = dict(MS_SWIFT_FLAGS)
+    for f in fields(GKDPluginArgumentsMixin):
+        hint = _HINTS[f.name]
+        if 'range' in f.metadata:
+            declared[f.name] = f.metadata['range']
+        elif 'choices' in f.metadata or choices_of(hint):
+            choices = f.metadata.get('choices', hint)
+            declared[f.name] = Optional[choices] if type(None) in typing.get_args(hint) else choices
+    return declared
+
+
+GKD_LOSS_IMPLS = choices_of(declared_ranges()['gkd_loss_impl'])
+CROSS_TOKENIZER_METHODS = choices_of(declared_ranges()['gkd_cross_tokenizer'])
+#: Float flags refused when NaN or infinite (every declared non-integer range).
+FINITE_FLAGS = tuple(name for name, r in declared_ranges().items() if isinstance(r, Range) and not r.integer)
+#: ms-swift's GRPO flags that GKD + RL reads: checked by :func:`check_rl_flags` (swift rlhf only)
+RL_FLAGS = ('num_generations', 'scale_rewards')
+#: Every other declared flag (a new plugin field with a ``range`` or choices joins by itself), checked by
+#: :func:`check_gkd_scalars` in both entry points.
+SCALAR_FLAGS = tuple(name for name in declared_ranges() if name not in RL_FLAGS)
+
+
+def check_declared(args, names) -> None:
+    """Each flag of ``names`` holds an allowed value of its declaration. A declared name that ``args`` lacks (a
+    renamed or removed field) raises, rather than switching its check off."""
+    declared = declared_ranges()
+    for name in names:
+        if not hasattr(args, name):
+            raise AttributeError(f'swift_gkd_plugin declares the allowed values of --{name}, but the arguments have '
+                                 f'no field {name!r} (renamed or removed?): update swift_gkd_plugin/flags.py')
+        value, rule = getattr(args, name), declared[name]
+        if isinstance(rule, Range):
+            rule.check(name, value)
+            continue
+        allowed, optional = choices_of(rule), type(None) in typing.get_args(rule)
+        if not (value is None and optional) and value not in allowed:
+            unset = ' (or unset)' if optional else ''
+            raise ValueError(f'--{name} must be one of {list(allowed)}{unset} for GKD, got {value!r}')
 
 
 def plugin_flags_in(argv: List[str], names: List[str] = PLUGIN_FLAGS) -> List[str]:
@@ -75,69 +218,52 @@ def check_no_plugin_flags_outside_gkd(args, mixin=GKDPluginArgumentsMixin) -> No
         raise ValueError(f'{changed} only apply to --rlhf_type gkd (got --rlhf_type {args.rlhf_type})')
 
 
-#: Float flags refused when NaN or infinite; NaN fails every comparison and inf passes "> 0", so a range check alone
-#: lets them through (``--temperature inf`` trains to a negative loss with zero gradients).
-FINITE_FLAGS = ('beta', 'lmbda', 'temperature', 'sft_alpha', 'teacher_server_timeout', 'teacher_server_wait',
-                'gkd_rl_coef')
-
-
-def check_finite(args, names=FINITE_FLAGS) -> None:
-    """Each float flag of ``names`` that ``args`` has (None = unset) is a finite number."""
-    for name in names:
-        value = getattr(args, name, None)
-        if isinstance(value, (int, float)) and not math.isfinite(value):
-            raise ValueError(f'--{name} must be a finite number, got {value}')
+def resolve_num_generations(args, grpo_default: int) -> None:
+    """An unset ``num_generations`` (None): 1 for GKD (one completion per prompt, as ms-swift GKD), GRPO's default for
+    the other rlhf types; the one default of the command line and of arguments built in Python."""
+    if args.num_generations is None:
+        args.num_generations = 1 if args.rlhf_type == 'gkd' else grpo_default
 
 
 def check_gkd_scalars(args) -> None:
-    """Range checks that need nothing but the flags; each message names the flag and the allowed values."""
-    check_finite(args)
-    beta = args.beta
-    if beta is not None and not 0.0 <= beta <= 1.0:
-        raise ValueError(f'--beta must be in [0, 1] for GKD (0 = KL(teacher||student), 1 = KL(student||teacher)), '
-                         f'got {beta}')
-    if not 0.0 <= args.lmbda <= 1.0:
-        raise ValueError(f'--lmbda must be in [0, 1] (the probability of an on-policy step), got {args.lmbda}')
-    if not args.temperature > 0:
-        raise ValueError(f'--temperature must be > 0, got {args.temperature}')
-    sft_alpha = getattr(args, 'sft_alpha', 0.0)
-    if sft_alpha < 0:
-        raise ValueError(f'--sft_alpha must be >= 0 (the weight of the SFT term on dataset responses; 0 = none), '
-                         f'got {sft_alpha}')
-    # Refused even when nothing is sampled (--lmbda 0, --seq_kd false): ms-swift turns it into the generation
-    # config's max_new_tokens, which transformers rejects later, after the models are loaded.
-    max_len = args.max_completion_length
-    if max_len is None or max_len <= 0:
-        sampling = 'sampling is on' if args.lmbda > 0 or args.seq_kd else 'it is also the generation length'
-        raise ValueError(f'--max_completion_length must be > 0 ({sampling}), got {max_len}')
-    impl = getattr(args, 'gkd_loss_impl', 'auto')
-    if impl not in GKD_LOSS_IMPLS:
-        raise ValueError(f'--gkd_loss_impl must be one of {list(GKD_LOSS_IMPLS)}, got {impl!r}')
-    if getattr(args, 'teacher_server_timeout', 1.0) <= 0:
-        raise ValueError(f'--teacher_server_timeout must be > 0 seconds, got {args.teacher_server_timeout}')
-    if getattr(args, 'teacher_server_retries', 0) < 0:
-        raise ValueError(f'--teacher_server_retries must be >= 0, got {args.teacher_server_retries}')
-    if getattr(args, 'teacher_server_wait', 0.0) < 0:
-        raise ValueError(f'--teacher_server_wait must be >= 0 seconds, got {args.teacher_server_wait}')
-    if getattr(args, 'gkd_rl_coef', 0.0) < 0:
-        raise ValueError(f'--gkd_rl_coef must be >= 0 (the weight of the policy-gradient term; 0 = off), '
-                         f'got {args.gkd_rl_coef}')
-    topk = args.gkd_logits_topk
-    if getattr(args, 'gkd_topk_tail', False):
-        if topk is None:
+    """The declared ranges and choices of the flags that need nothing else, then their combinations."""
+    check_declared(args, SCALAR_FLAGS)
+    if args.gkd_topk_tail:
+        if args.gkd_logits_topk is None:
             raise ValueError('--gkd_topk_tail true needs --gkd_logits_topk (the tail is the mass outside the top-k)')
-        if impl == 'dense':
+        if args.gkd_loss_impl == 'dense':
             raise ValueError('--gkd_topk_tail true needs --gkd_loss_impl auto or fused (the dense loss has no tail)')
-    if topk is not None and topk <= 0:
-        raise ValueError(f'--gkd_logits_topk must be a positive integer (or unset for the full vocabulary), got {topk}')
     check_cross_tokenizer_flags(args)
+
+
+def check_multi_turn_flags(args) -> None:
+    """ms-swift's multi-turn rollout flags (its ``multi_turn.sh`` example) are accepted by its argument classes and
+    do nothing in GKD (ms-swift 4.6's or the plugin's): refused rather than ignored."""
+    given = [f'--{name} {getattr(args, name)}' for name in ('multi_turn_scheduler', 'max_turns')
+             if getattr(args, name) is not None]
+    if given:
+        raise ValueError(f'{", ".join(given)}: multi-turn rollouts are not supported by GKD (ms-swift 4.6 accepts '
+                         'these flags and ignores them, so the run would distil single-turn completions): remove '
+                         f'{" and ".join(g.split()[0] for g in given)}')
+
+
+def ignored_flag_warnings(args) -> List[str]:
+    """Flags whose values have no effect with the others given (warned about, not refused: the run still learns what
+    the user asked for otherwise)."""
+    warnings = []
+    if args.gkd_cross_tokenizer == 'uld' and args.beta is not None:
+        warnings.append(f'--beta {args.beta} is ignored with --gkd_cross_tokenizer uld (ULD compares sorted '
+                        'probabilities with an L1 distance: it has no beta; --gkd_cross_tokenizer hybrid uses it)')
+    if args.seq_kd and args.lmbda == 1:
+        warnings.append('--seq_kd true has no effect with --lmbda 1: every step is on-policy (the student samples), '
+                        'so the teacher never samples; lower --lmbda to mix in sequence-level KD steps')
+    return warnings
 
 
 def check_cross_tokenizer_flags(args) -> None:
     """``--gkd_cross_tokenizer``: a known method, and none of the flags it cannot work with; ``--teacher_template``
     only with it (whether the template exists needs ms-swift's registry: :mod:`swift_gkd_plugin.swift.arguments`)."""
-    method = getattr(args, 'gkd_cross_tokenizer', None)
-    teacher_template = getattr(args, 'teacher_template', None)
+    method, teacher_template = args.gkd_cross_tokenizer, args.teacher_template
     if method is None and teacher_template is not None:
         raise ValueError(f'--teacher_template {teacher_template} only applies to a teacher with another tokenizer '
                          '(--gkd_cross_tokenizer uld|hybrid): a teacher with the student\'s tokenizer scores the '
@@ -145,23 +271,20 @@ def check_cross_tokenizer_flags(args) -> None:
                          '--gkd_cross_tokenizer')
     if method is None:
         return
-    if method not in CROSS_TOKENIZER_METHODS:
-        raise ValueError(f'--gkd_cross_tokenizer must be one of {list(CROSS_TOKENIZER_METHODS)} (or unset), '
-                         f'got {method!r}')
     flag = f'--gkd_cross_tokenizer {method}'
-    if getattr(args, 'teacher_model_server', None) is not None:
+    if args.teacher_model_server is not None:
         raise ValueError(f'{flag} is not supported with --teacher_model_server yet: the server\'s top-k is over its '
                          'own vocabulary and ULD/hybrid need full teacher rows; pass a local --teacher_model')
     if args.gkd_logits_topk is not None:
         raise ValueError(f'{flag} cannot be combined with --gkd_logits_topk {args.gkd_logits_topk}: ULD and hybrid '
                          'need the full teacher row (unset --gkd_logits_topk)')
-    if getattr(args, 'teacher_adapters', None):
+    if args.teacher_adapters:
         raise ValueError(f'{flag} cannot be combined with --teacher_adapters: a teacher adapter shares its base\'s '
                          'tokenizer; pass a --teacher_model with another tokenizer, or drop the flag')
-    if getattr(args, 'padding_free', False) or getattr(args, 'packing', False):
+    if args.padding_free or args.packing:
         raise ValueError(f'{flag} is not supported with --padding_free / --packing (the alignment is per row): '
                          'pass --padding_free false --packing false')
-    if (getattr(args, 'sequence_parallel_size', None) or 1) > 1:
+    if (args.sequence_parallel_size or 1) > 1:
         raise ValueError(f'{flag} is not supported with --sequence_parallel_size {args.sequence_parallel_size} '
                          '(allowed: 1)')
 
@@ -181,18 +304,14 @@ def check_teacher_server_flags(args) -> None:
                          'student base with LoRA); a --teacher_model_server only scores responses')
 
 
-SCALE_REWARDS = ('group', 'batch', 'none')
-
 
 def check_rl_flags(args) -> None:
     """``--num_generations``, ``--reward_funcs``, ``--reward_weights``, ``--scale_rewards``, ``--gkd_rl_coef``: the
     checks that need only the flags (reward names are checked once ``--external_plugins`` are imported)."""
+    check_declared(args, RL_FLAGS)
     g = args.num_generations
-    if not isinstance(g, int) or g < 1:
-        raise ValueError(f'--num_generations must be an integer >= 1 (completions sampled per prompt on on-policy '
-                         f'steps; 1 = one, as ms-swift GKD), got {g}')
     funcs = list(args.reward_funcs or [])
-    coef = getattr(args, 'gkd_rl_coef', 0.0)
+    coef = args.gkd_rl_coef
     if coef > 0 and not funcs:
         raise ValueError(f'--gkd_rl_coef {coef} needs --reward_funcs (the policy-gradient term weighs the sampled '
                          'tokens by their rewards\' advantages)')
@@ -202,8 +321,6 @@ def check_rl_flags(args) -> None:
     for w in args.reward_weights or []:
         if not math.isfinite(w):
             raise ValueError(f'--reward_weights must be finite numbers, got {args.reward_weights}')
-    if args.scale_rewards is not None and args.scale_rewards not in SCALE_REWARDS:
-        raise ValueError(f'--scale_rewards must be one of {list(SCALE_REWARDS)} for GKD, got {args.scale_rewards!r}')
     if not funcs and g == 1:
         return
     if args.lmbda == 0 and funcs:
@@ -213,9 +330,9 @@ def check_rl_flags(args) -> None:
         raise ValueError(f'--num_generations {g} samples several completions per prompt, but --lmbda 0 without '
                          '--seq_kd samples nothing (every step uses the dataset responses): set --lmbda > 0 or '
                          '--seq_kd true, or --num_generations 1')
-    if getattr(args, 'sequence_parallel_size', 1) > 1:
+    if (args.sequence_parallel_size or 1) > 1:
         raise ValueError(f'--num_generations > 1 and --reward_funcs are not supported with --sequence_parallel_size '
                          f'{args.sequence_parallel_size} (allowed: 1)')
-    if funcs and (getattr(args, 'padding_free', False) or getattr(args, 'packing', False)):
+    if funcs and (args.padding_free or args.packing):
         raise ValueError('--reward_funcs is not supported with --padding_free / --packing yet (the advantages are '
                          'per row): pass --padding_free false --packing false')

@@ -1,4 +1,5 @@
 """Activation (automatic, opt-out, explicit) and the early refusal of bad input, through the real CLI."""
+import json
 import os
 import re
 import subprocess
@@ -7,8 +8,9 @@ import sys
 from types import SimpleNamespace
 
 import pytest
-from conftest import RL_REWARD_PLUGIN, base_args, run_swift
+from conftest import OFFLINE_ENV, RL_REWARD_PLUGIN, base_args, run_swift
 
+import swift_gkd_plugin
 from swift_gkd_plugin.flags import FINITE_FLAGS, check_gkd_scalars, check_rl_flags
 
 SWIFT_GKD = os.path.join(os.path.dirname(sys.executable), 'swift-gkd')
@@ -54,7 +56,7 @@ def test_explicit_activation_through_external_plugins(tiny_ws, tmp_path):
                   external_plugins=_plugin_path()),
         env={'SWIFT_GKD_PLUGIN': '0'}, launcher=True)
     assert_launched_as_run_swift_starts_it(run)
-    assert 'swift_gkd_plugin 0.1.0' in run.output
+    assert f'swift_gkd_plugin {swift_gkd_plugin.__version__}: GKD trainer active' in run.output
     assert [m['mode'] for m in run.modes()] == ['seq_kd', 'seq_kd']
 
 
@@ -63,8 +65,36 @@ def test_explicit_activation_accepts_plugin_flags(tiny_ws, tmp_path):
         base_args(tiny_ws, str(tmp_path / 'out'), lmbda=0, max_steps=1, gkd_loss_impl='dense',
                   external_plugins=_plugin_path()),
         env={'SWIFT_GKD_PLUGIN': '0'})
-    assert 'swift_gkd_plugin 0.1.0' in run.output
+    assert f'swift_gkd_plugin {swift_gkd_plugin.__version__}: GKD trainer active' in run.output
     assert run.modes()[0]['mode'] == 'off_policy'
+
+
+PYTHON_API_RUN = """
+import sys
+from swift.arguments import RLHFArguments
+from swift.pipelines import rlhf_main
+from swift.utils import parse_args
+args, _ = parse_args(RLHFArguments, sys.argv[1:])  # ms-swift's own class, built in Python
+assert type(args) is RLHFArguments
+print('num_generations', args.num_generations, flush=True)
+rlhf_main(args)
+"""
+
+
+def test_arguments_built_in_python_get_the_command_lines_num_generations(tiny_ws, tmp_path):
+    """``rlhf_main(RLHFArguments(...))`` gets GKD's default of the command line (1 completion per prompt), not
+    GRPO's 8 (with 2 prompts per step ms-swift refused the run), and the plugin's checks and trainer."""
+    argv = base_args(tiny_ws, str(tmp_path / 'out'), lmbda=1, max_steps=1)
+    env = dict(os.environ, **OFFLINE_ENV)
+    env.pop('SWIFT_GKD_PLUGIN', None)
+    proc = subprocess.run([sys.executable, '-c', PYTHON_API_RUN, *argv], env=env, capture_output=True, text=True,
+                          timeout=300)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    assert 'num_generations 1' in output
+    assert f'swift_gkd_plugin {swift_gkd_plugin.__version__}: GKD trainer active' in output
+    with open(tmp_path / 'out' / 'gkd_modes' / 'rank0.jsonl') as f:
+        assert [json.loads(line)['mode'] for line in f] == ['on_policy']
 
 
 def test_swift_sft_is_untouched(tiny_ws, tmp_path):
@@ -102,6 +132,8 @@ BAD_INPUTS = [
                                                      '--use_vllm false']),
     ({'teacher_server_wait': -1}, ['--teacher_server_wait must be >= 0 seconds', '-1']),
     ({'lmbdaa': 0.5}, ['remaining_argv', '--lmbdaa']),
+    ({'multi_turn_scheduler': 'thinking_tips_scheduler', 'max_turns': 2},
+     ['--multi_turn_scheduler thinking_tips_scheduler, --max_turns 2: multi-turn rollouts are not supported by GKD']),
 ]
 
 
@@ -130,13 +162,17 @@ def test_plugin_flags_are_refused_for_other_rlhf_types(tiny_ws, tmp_path):
     assert "['--gkd_loss_impl'] only apply to --rlhf_type gkd" in run.output
 
 
+SCALAR_FLAGS = dict(beta=0.5, lmbda=0.5, temperature=0.9, sft_alpha=0.0, max_completion_length=8, seq_kd=False,
+                    gkd_loss_impl='auto', teacher_server_timeout=120.0, teacher_server_retries=3,
+                    teacher_server_wait=600.0, gkd_logits_topk=None, gkd_topk_tail=False, gkd_rl_coef=0.0,
+                    gkd_cross_tokenizer=None, teacher_template=None)
+
+
 @pytest.mark.parametrize('name', FINITE_FLAGS)
 @pytest.mark.parametrize('value', [float('nan'), float('inf'), float('-inf')])
 def test_every_float_flag_refuses_nan_and_inf(name, value):
     """The shared flag-only check (swift rlhf and megatron rlhf); the command line is covered above for a few."""
-    args = SimpleNamespace(beta=0.5, lmbda=0.5, temperature=0.9, sft_alpha=0.0, max_completion_length=8, seq_kd=False,
-                           gkd_loss_impl='auto', teacher_server_timeout=120.0, teacher_server_retries=3, teacher_server_wait=600.0,
-                           gkd_logits_topk=None, gkd_topk_tail=False)
+    args = SimpleNamespace(**SCALAR_FLAGS)
     check_gkd_scalars(args)
     setattr(args, name, value)
     with pytest.raises(ValueError, match=f'--{name} must be a finite number, got {value}'):
@@ -174,13 +210,20 @@ def test_bad_local_dataset_is_refused_naming_the_file_and_line(tiny_ws, tmp_path
     assert not any(marker in run.output for marker in MODEL_LOADED_MARKERS)
 
 
+SYSTEM_ONLY_ROW = b'{"messages": [{"role": "system", "content": "You are helpful."}]}\n'
+
+
 def test_rows_without_response_are_named_but_sampled_on_policy(tiny_ws, tmp_path):
-    """With --lmbda > 0 such rows still get on-policy samples: a warning names them and training goes on."""
+    """With --lmbda > 0 such rows still get on-policy samples: a warning names them and training goes on. A row
+    without a user message cannot be sampled for: ms-swift fails to encode it and draws another row, and the
+    warning says it is dropped."""
     path = tmp_path / 'some_prompt_only.jsonl'
-    path.write_bytes(open(tiny_ws.fixed, 'rb').read() + PROMPT_ONLY_ROW)
+    path.write_bytes(open(tiny_ws.fixed, 'rb').read() + PROMPT_ONLY_ROW + SYSTEM_ONLY_ROW)
     run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), dataset=str(path), lmbda=1, max_steps=1,
                               max_completion_length=4), timeout=300)
     assert f'--dataset {path}: 1 row(s) have no assistant response (lines 5)' in run.output
+    assert (f'--dataset {path}: 1 row(s) have neither a user message nor an assistant response (lines 6): '
+            'nothing can be sampled for them') in run.output and 'they are dropped' in run.output
     assert run.modes()[0]['mode'] == 'on_policy'
 
 

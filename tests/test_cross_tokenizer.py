@@ -88,7 +88,9 @@ BAD_FLAGS = [  # (flags, words the error must contain); flag-only checks, no ms-
 def test_bad_flag_combinations_are_named(flags, needles):
     args = SimpleNamespace(beta=0.5, lmbda=0.0, temperature=0.9, sft_alpha=0.0, max_completion_length=8, seq_kd=False,
                            gkd_loss_impl='auto', gkd_logits_topk=None, teacher_model_server=None, teacher_adapters=[],
-                           padding_free=False, packing=False, sequence_parallel_size=1, gkd_cross_tokenizer='uld')
+                           padding_free=False, packing=False, sequence_parallel_size=1, gkd_cross_tokenizer='uld',
+                           teacher_server_timeout=120.0, teacher_server_retries=3, teacher_server_wait=600.0,
+                           gkd_rl_coef=0.0, gkd_topk_tail=False, teacher_template=None)
     for name, value in flags.items():
         setattr(args, name, value)
     with pytest.raises(ValueError) as info:
@@ -176,7 +178,7 @@ def test_the_first_word_is_compared_without_a_prefix_space_of_one_side(tiny_ws, 
     from swift.rl_core.data import GKDSample
     from swift.rlhf_trainers.utils import encode_sample
 
-    from swift_gkd_plugin.swift.views import response_ids
+    from swift_gkd_plugin.core.views import response_ids
     byte_dir = tiny_ws.student
     student_dir, teacher_dir = (sp_teacher, byte_dir) if student_is_sentencepiece else (byte_dir, sp_teacher)
     xtok, student_template = _xtok_teacher(student_dir, teacher_dir, 'hybrid')

@@ -4,6 +4,7 @@ import math
 import pytest
 from conftest import base_args, run_swift
 
+import swift_gkd_plugin
 from swift_gkd_plugin.core import choose_mode
 
 MODE_FLAGS = {
@@ -35,7 +36,7 @@ def test_each_mode_trains_and_the_loss_falls(tiny_ws, tmp_path, tuner, case):
             temperature=1.0,
             seed=SEED,
             **flags))
-    assert 'swift_gkd_plugin 0.1.0' in run.output
+    assert f'swift_gkd_plugin {swift_gkd_plugin.__version__}: GKD trainer active' in run.output
 
     # the recorded mode sequence is the core policy's, step by step
     expected = [choose_mode(SEED, s, float(flags['lmbda']), flags.get('seq_kd') == 'true').value for s in range(STEPS)]

@@ -47,7 +47,7 @@ def test_teacher_row_holds_the_privileged_system_prompt(tiny_ws, sp_teacher):
     from swift.template import get_template
 
     from swift_gkd_plugin.swift.cross_tokenizer import CrossTokenizerTeacher
-    from swift_gkd_plugin.swift.views import prepare_teacher_view
+    from swift_gkd_plugin.core.views import prepare_teacher_view
     student_template = get_template(get_processor(tiny_ws.student, model_type='qwen3'),
                                     template_type=STUDENT_TEMPLATE, max_length=128)
     student_template.set_mode('train')

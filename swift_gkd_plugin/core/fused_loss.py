@@ -53,7 +53,7 @@ from .topk import bucket_divergence, teacher_tail_logmass
 
 __all__ = ['fused_linear_jsd', 'default_chunk_size']
 
-_NEG_LOGIT = -1e30  # finite stand-in for -inf logits: exp() underflows to exactly 0, differences stay finite
+from .constants import NEG_LOGIT as _NEG_LOGIT  # noqa: E402  (defined once, core/constants.py)
 _SCRATCH_BYTES = 2**30  # float32 scratch targeted by the automatic chunk size
 _MAX_CHUNK = 1024
 

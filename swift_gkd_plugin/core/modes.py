@@ -6,10 +6,14 @@ exactly the decisions an uninterrupted run would have made.
 """
 from __future__ import annotations
 
+import json
+import os
 import random
 from enum import Enum
+from typing import Optional
 
-__all__ = ['Mode', 'choose_mode', 'mode_draw', 'sampling_seed']
+__all__ = ['DATA_SOURCES', 'Mode', 'choose_mode', 'mode_draw', 'mode_log_path', 'record_mode', 'sampling_seed',
+           'step_mode']
 
 
 class Mode(str, Enum):
@@ -44,6 +48,34 @@ def choose_mode(seed: int, step: int, lmbda: float, seq_kd: bool) -> Mode:
     if mode_draw(seed, step) < lmbda:
         return Mode.ON_POLICY
     return Mode.SEQ_KD if seq_kd else Mode.OFF_POLICY
+
+
+def step_mode(args, step: int, training: bool, log_path: Optional[str] = None) -> 'Mode':
+    """The mode a trainer takes at generation step ``step``, logged to ``log_path`` while training.
+
+    :func:`choose_mode` on the arguments' ``seed``, ``lmbda`` and ``seq_kd`` while training; evaluation always scores
+    the dataset responses. Both trainers call it, so ``swift rlhf`` and ``megatron rlhf`` decide (and log) alike.
+    """
+    mode = choose_mode(args.seed, step, args.lmbda, args.seq_kd) if training else Mode.OFF_POLICY
+    if training and log_path is not None:
+        record_mode(log_path, args.seed, step, mode)
+    return mode
+
+
+#: The value of ms-swift's ``DataSource`` (``swift.rlhf_trainers.gkd_loss``) that each mode trains on.
+DATA_SOURCES = {Mode.ON_POLICY: 'student', Mode.SEQ_KD: 'teacher', Mode.OFF_POLICY: 'dataset'}
+
+
+def mode_log_path(output_dir: str, rank: int) -> str:
+    """Where rank ``rank`` logs its modes: ``<output_dir>/gkd_modes/rank<rank>.jsonl``."""
+    return os.path.join(output_dir, 'gkd_modes', f'rank{rank}.jsonl')
+
+
+def record_mode(path: str, seed: int, step: int, mode: 'Mode') -> None:
+    """Append ``{"step", "mode", "draw"}`` for a training step to the mode log ``path`` (one JSON line per step)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'a') as f:
+        f.write(json.dumps({'step': step, 'mode': mode.value, 'draw': mode_draw(seed, step)}) + '\n')
 
 
 def sampling_seed(seed: int, step: int, rank: int) -> int:

@@ -18,11 +18,9 @@ from typing import Tuple
 
 import torch
 
+from .constants import IGNORE_INDEX, SCALE_REWARDS
+
 __all__ = ['group_advantages', 'policy_gradient_loss', 'sampled_token_stats']
-
-IGNORE_INDEX = -100
-
-SCALE_REWARDS = ('group', 'batch', 'none')
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str = 'group',

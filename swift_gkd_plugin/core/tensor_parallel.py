@@ -29,12 +29,13 @@ wait on each other).
 
 Precision: float32 whatever the input dtype, except that float64 inputs are computed (and returned) in float64.
 
-Context parallelism (different tokens on different ranks of a CP group) needs only a global token count:
-:func:`token_count_all_reduce` and :func:`normalize_loss`.
+Context parallelism (different tokens on different ranks of a CP group) needs nothing here: the Megatron trainer's
+``loss_func`` returns each micro-batch's summed loss and token count, and Megatron divides the sums over the data- and
+context-parallel ranks.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -43,17 +44,14 @@ from .row_divergence import divergence_rows
 from .topk import bucket_divergence, teacher_tail_logmass
 
 __all__ = [
-    'context_parallel_mean',
-    'normalize_loss',
     'reduce_from_tensor_parallel_region',
-    'token_count_all_reduce',
     'vocab_parallel_generalized_jsd',
     'vocab_parallel_log_softmax',
     'vocab_parallel_logsumexp',
     'vocab_parallel_topk_jsd',
 ]
 
-_NEG_LOGIT = -1e30  # finite stand-in for -inf logits: exp() underflows to exactly 0, differences stay finite
+from .constants import NEG_LOGIT as _NEG_LOGIT  # noqa: E402  (defined once, core/constants.py)
 
 Group = Optional['dist.ProcessGroup']
 
@@ -397,55 +395,3 @@ def vocab_parallel_topk_jsd(student_shard: torch.Tensor,
         y, teacher = y[idx], teacher[idx]
     div = _BucketJSD.apply(y, teacher, float(beta), float(temperature))
     return _scatter_rows(div, idx, n)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# context parallelism: token counts and normalisation
-
-Count = Union[int, float, torch.Tensor]
-
-
-def token_count_all_reduce(count: Count, group: Group = None, device: Optional[torch.device] = None) -> torch.Tensor:
-    """Total number of active tokens over ``group`` (e.g. a context-parallel group), as a float32 0-dim tensor.
-
-    ``count`` is this rank's number (int / float / 0-dim tensor) or a bool mask of its active tokens (summed).
-    Integer counts are reduced in int64 (exact), floating ones (weighted counts) in float32. A Python number goes
-    to ``device`` (default: CUDA's current device for an NCCL group, else CPU). Every rank of the group must call
-    it, also with a zero count.
-    """
-    if isinstance(count, torch.Tensor):
-        t = count.detach()
-        if device is not None:
-            t = t.to(device)
-        if t.dtype == torch.bool or t.dim() > 0:
-            t = t.sum()
-    else:
-        if device is None:
-            device = torch.device('cpu')
-            if _group_size(group) > 1 and dist.get_backend(group) == 'nccl':
-                device = torch.device('cuda', torch.cuda.current_device())
-        t = torch.tensor(count, device=device)
-    t = t.to(torch.float32 if t.is_floating_point() else torch.int64).reshape(()).clone()
-    return _all_reduce(t, dist.ReduceOp.SUM, group).float()
-
-
-def normalize_loss(loss_sum: torch.Tensor, global_count: Count, scale: float = 1.0) -> torch.Tensor:
-    """``loss_sum * scale / global_count``, and 0 (with zero gradient) when the global count is 0.
-
-    ``loss_sum`` is the sum of this rank's per-token losses, ``global_count`` the total from
-    :func:`token_count_all_reduce`. Summed over the ranks of the CP group the results give the global per-token
-    mean (``scale == 1``); gradients flow only through this rank's ``loss_sum`` (the count is a constant). When the
-    framework *averages* gradients over the CP ranks (e.g. Megatron's default reduction over the DP x CP group), pass
-    ``scale = cp_size`` so that the averaged gradient is the gradient of the global mean. No host synchronisation.
-    """
-    count = torch.as_tensor(global_count, device=loss_sum.device).detach().to(loss_sum.dtype)
-    nonzero = count > 0
-    factor = torch.where(nonzero, scale / torch.where(nonzero, count, torch.ones_like(count)), torch.zeros_like(count))
-    return loss_sum * factor
-
-
-def context_parallel_mean(loss_sum: torch.Tensor, local_count: Count, group: Group = None,
-                          scale: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
-    """:func:`token_count_all_reduce` then :func:`normalize_loss`; returns ``(loss, global_count)``."""
-    total = token_count_all_reduce(local_count, group, device=loss_sum.device)
-    return normalize_loss(loss_sum, total, scale), total

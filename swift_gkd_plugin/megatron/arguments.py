@@ -10,11 +10,18 @@ from swift.megatron.arguments import MegatronRLHFArguments
 from swift.utils import get_logger, is_vllm_available
 
 import swift_gkd_plugin
-from swift_gkd_plugin.flags import check_no_plugin_flags_outside_gkd
+from swift_gkd_plugin.activation import keep_teacher_messages_column
+from swift_gkd_plugin.flags import check_no_plugin_flags_outside_gkd, ignored_flag_warnings
 from swift_gkd_plugin.megatron.checks import MegatronGKDFlagsMixin, check_megatron_gkd
-from swift_gkd_plugin.swift.arguments import keep_teacher_messages_column
 
 logger = get_logger()
+
+
+def resolve_sampler(args) -> None:
+    """ms-swift's Megatron default is ``use_vllm=True``; without vLLM the plugin samples from the model itself."""
+    if args.use_vllm and not is_vllm_available():
+        logger.info('swift_gkd_plugin: vLLM is not installed: on-policy steps sample from the training model')
+        args.use_vllm = False
 
 
 @dataclass
@@ -27,16 +34,15 @@ class GKDPluginMegatronRLHFArguments(MegatronGKDFlagsMixin, MegatronRLHFArgument
             super().__post_init__()
             return
         check_megatron_gkd(self)
+        for warning in ignored_flag_warnings(self):
+            logger.warning(f'swift_gkd_plugin: {warning}')
         # ms-swift's Megatron arguments refuse seq_kd (its trainer cannot let the teacher sample); ours can.
         seq_kd, self.seq_kd = self.seq_kd, False
         try:
             super().__post_init__()
         finally:
             self.seq_kd = seq_kd
-        if self.use_vllm and not is_vllm_available():
-            # ms-swift's Megatron default is use_vllm=True; without vLLM the plugin samples from the model itself.
-            logger.info('swift_gkd_plugin: vLLM is not installed: on-policy steps sample from the training model')
-            self.use_vllm = False
+        resolve_sampler(self)
         if self.use_vllm and self.lmbda > 0 and self.vllm_mode not in ('colocate', 'server'):
             raise ValueError(f'--use_vllm true needs --vllm_mode colocate or server (got {self.vllm_mode!r}); or pass '
                              '--use_vllm false to sample from the training model')

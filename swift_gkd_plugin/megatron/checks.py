@@ -11,13 +11,18 @@ Framework-free (no Megatron, no ms-swift import), because the checks run twice:
 from __future__ import annotations
 
 import argparse
+import math
+import os
 from dataclasses import dataclass, field, fields
 from typing import List, Optional, Sequence
 
-from swift_gkd_plugin.flags import (GKDPluginArgumentsMixin, check_gkd_scalars, check_teacher_server_flags,
-                                    plugin_flags_in)
+from swift_gkd_plugin.flags import (GKD_LOSS_IMPLS, SCALAR_FLAGS, GKDPluginArgumentsMixin, check_gkd_scalars,
+                                    check_multi_turn_flags, check_teacher_server_flags, plugin_flags_in)
 
-MEGATRON_LOSS_IMPLS = ('auto', 'dense')
+#: ``--gkd_loss_impl`` values of megatron rlhf: the fused loss on hidden states is for swift rlhf only
+MEGATRON_LOSS_IMPLS = tuple(impl for impl in GKD_LOSS_IMPLS if impl != 'fused')
+#: the teacher-server client's flags of swift rlhf (megatron rlhf uses ms-swift's own client)
+CLIENT_FLAGS = ('teacher_api_key', 'teacher_server_timeout', 'teacher_server_retries', 'teacher_server_wait')
 
 
 @dataclass
@@ -43,8 +48,15 @@ def check_megatron_gkd(args) -> None:
                          f'{list(MEGATRON_LOSS_IMPLS)}): the output layer is vocabulary-parallel there, and the '
                          'loss is computed on the logit shards, chunk by chunk, with the tensor-parallel '
                          'all-reduces; the fused loss on hidden states is for swift rlhf')
+    cross = [f'--{name} {getattr(args, name)}' for name in ('gkd_cross_tokenizer', 'teacher_template')
+             if getattr(args, name) is not None]
+    if cross:
+        raise ValueError(f'{", ".join(cross)} is supported by swift rlhf only: the Megatron loss works on '
+                         'vocabulary-parallel logit shards of one shared vocabulary. Distil across tokenizers with '
+                         'swift rlhf --rlhf_type gkd (docs_en/cross_tokenizer.md)')
     check_gkd_scalars(_scalar_view(args))
     check_teacher_server_flags(args)
+    check_multi_turn_flags(args)
     teacher_tp = args.teacher_tensor_model_parallel_size
     student_tp = args.tensor_model_parallel_size or 1
     if teacher_tp is not None and teacher_tp != student_tp:
@@ -54,23 +66,17 @@ def check_megatron_gkd(args) -> None:
             'context and expert parallel sizes), so only the student\'s value is supported. For a teacher in another '
             'layout, serve it (`swift deploy`, a vLLM server, or `swift-gkd serve-teacher` without --api_key) and pass '
             '--teacher_model_server.')
-    client_flags = [f'--{name}' for name, default in (('teacher_api_key', None), ('teacher_server_timeout', 120.0),
-                                                      ('teacher_server_retries', 3), ('teacher_server_wait', 600.0))
-                    if getattr(args, name, default) != default]
+    defaults = {f.name: f.default for f in fields(GKDPluginArgumentsMixin)}
+    client_flags = [f'--{name}' for name in CLIENT_FLAGS if getattr(args, name) != defaults[name]]
     if client_flags:
         raise ValueError(f'{client_flags} are supported by swift rlhf only: megatron rlhf talks to --teacher_model_server '
                          "through ms-swift's own client (no API key, its own timeouts); serve the teacher without "
                          '--api_key on a private network')
     refuse_rl_flags(rl_flags_set(args))
-    cross = [f'--{name} {getattr(args, name)}' for name in ('gkd_cross_tokenizer', 'teacher_template')
-             if getattr(args, name, None)]
-    if cross:
-        raise ValueError(f'{", ".join(cross)} is supported by swift rlhf only: the Megatron loss works on '
-                         'vocabulary-parallel logit shards of one shared vocabulary. Distil across tokenizers with '
-                         'swift rlhf --rlhf_type gkd (docs_en/cross_tokenizer.md)')
-    if args.seq_kd and (getattr(args, 'context_parallel_size', None) or 1) > 1:
+    if args.seq_kd and (args.context_parallel_size or 1) > 1:
         raise ValueError('--seq_kd true samples from the Megatron teacher, which needs --context_parallel_size 1 '
                          f'(got {args.context_parallel_size})')
+    # only the launcher's parser has it: ms-swift's Megatron arguments do not declare --teacher_adapters at all
     if getattr(args, 'teacher_adapters', None):
         raise ValueError('--teacher_adapters is supported by swift rlhf only; for megatron rlhf merge the adapter '
                          'into the teacher first (`swift export --adapters ADAPTER --merge_lora true`) and pass the '
@@ -84,11 +90,11 @@ def rl_flags_set(args) -> List[str]:
     so only the command line tells whether it was given (:func:`check_megatron_command_line` checks it).
     """
     given = []
-    if getattr(args, 'gkd_rl_coef', 0.0) not in (None, 0):
+    if args.gkd_rl_coef not in (None, 0):
         given.append('--gkd_rl_coef')
-    if getattr(args, 'reward_funcs', None):
+    if args.reward_funcs:
         given.append('--reward_funcs')
-    if getattr(args, 'reward_weights', None) is not None:
+    if args.reward_weights is not None:
         given.append('--reward_weights')
     return given
 
@@ -109,9 +115,39 @@ def _scalar_view(args):
     return view
 
 
-_SCALAR_NAMES = ('beta', 'lmbda', 'temperature', 'sft_alpha', 'max_completion_length', 'seq_kd', 'gkd_loss_impl',
-                 'teacher_server_timeout', 'teacher_server_retries', 'teacher_server_wait', 'gkd_logits_topk',
-                 'gkd_topk_tail')
+# the shared checks' flags (the cross-tokenizer ones are refused before them), the combinations' ones
+_SCALAR_NAMES = SCALAR_FLAGS + ('seq_kd', 'gkd_topk_tail', 'teacher_template')
+
+
+def padded_vocab_size(model_dir: str, tensor_parallel: int) -> Optional[int]:
+    """The rows of the output layer Megatron-SWIFT builds for the model in the local directory ``model_dir``: its
+    config's ``vocab_size`` (of the language model) rounded up to a multiple of the tensor-parallel size, as
+    mcore-bridge's ``GPTModel`` does. None when the config cannot be read (the first step still compares widths)."""
+    from transformers import AutoConfig
+    try:
+        size = AutoConfig.from_pretrained(model_dir, trust_remote_code=True).get_text_config().vocab_size
+    except Exception:  # an unusual config, or not a model directory: left to the ranks
+        return None
+    return math.ceil(size / tensor_parallel) * tensor_parallel if size else None
+
+
+def check_vocab_sizes(args) -> None:
+    """A local ``--teacher_model`` whose (padded) vocabulary differs from the local ``--model``'s: refused here, not at
+    the first step after both models are loaded. Hub ids are left to that step (the launcher does not download)."""
+    teacher, student = args.teacher_model, args.model
+    if teacher is None or args.teacher_model_server is not None or student is None:
+        return
+    if not (os.path.isdir(teacher) and os.path.isdir(student)):
+        return
+    tp = args.tensor_model_parallel_size or 1
+    sizes = {flag: padded_vocab_size(path, tp) for flag, path in (('--model', student), ('--teacher_model', teacher))}
+    if None in sizes.values() or len(set(sizes.values())) == 1:
+        return
+    raise ValueError(f'--teacher_model {teacher} has {sizes["--teacher_model"]} output rows and --model {student} '
+                     f'{sizes["--model"]} (config.json vocab_size, padded to a multiple of '
+                     f'--tensor_model_parallel_size {tp}): megatron rlhf compares teacher and student logits row by row over one vocabulary, so '
+                     'they must be equal (allowed: a teacher with the student\'s vocab_size). swift rlhf aligns a '
+                     'teacher with a larger head, and distils across tokenizers with --gkd_cross_tokenizer')
 
 
 def _bool(value: str) -> bool:
@@ -127,6 +163,7 @@ def _command_line_parser() -> argparse.ArgumentParser:
     """The flags the checks read, with ms-swift 4.6's Megatron defaults; everything else is left to ms-swift."""
     p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     p.add_argument('--rlhf_type', default='dpo')
+    p.add_argument('--model', default=None)
     p.add_argument('--beta', type=float, default=None)
     p.add_argument('--lmbda', type=float, default=0.5)
     p.add_argument('--temperature', type=float, default=0.9)
@@ -144,6 +181,9 @@ def _command_line_parser() -> argparse.ArgumentParser:
     p.add_argument('--reward_funcs', nargs='*', default=[])
     p.add_argument('--reward_weights', nargs='*', type=float, default=None)
     p.add_argument('--num_generations', type=int, default=None)
+    # ms-swift's multi-turn rollout flags, refused for gkd
+    p.add_argument('--multi_turn_scheduler', default=None)
+    p.add_argument('--max_turns', type=int, default=None)
     kinds = {'bool': _bool, 'int': int, 'Optional[int]': int, 'float': float}  # annotations are strings here
     for f in fields(MegatronGKDFlagsMixin):
         p.add_argument(f'--{f.name}', type=kinds.get(str(f.type), str), default=f.default)
@@ -173,3 +213,4 @@ def check_megatron_command_line(argv: Sequence[str]) -> None:
     num_generations = [] if ns.num_generations in (None, 1) else ['--num_generations']
     refuse_rl_flags(rl_flags_set(ns) + num_generations)
     check_megatron_gkd(ns)
+    check_vocab_sizes(ns)

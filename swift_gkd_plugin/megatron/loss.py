@@ -17,7 +17,7 @@ import torch.distributed as dist
 from swift_gkd_plugin.core.tensor_parallel import (vocab_parallel_generalized_jsd, vocab_parallel_log_softmax,
                                                    vocab_parallel_topk_jsd)
 from swift_gkd_plugin.core.topk import drop_ids_outside_vocab
-from swift_gkd_plugin.swift.views import check_same_response_count
+from swift_gkd_plugin.core.views import check_same_response_count
 
 Group = Optional['dist.ProcessGroup']
 

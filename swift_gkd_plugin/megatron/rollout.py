@@ -13,7 +13,8 @@ from swift.infer_engine.protocol import (ChatCompletionResponse, ChatCompletionR
                                          RolloutOutput, UsageInfo)
 from swift.utils import remove_response
 
-from swift_gkd_plugin.swift.views import with_teacher_prompt
+from swift_gkd_plugin.core.constants import IGNORE_INDEX
+from swift_gkd_plugin.core.views import with_teacher_prompt
 
 _MEDIA = ('images', 'videos', 'audios')
 
@@ -72,7 +73,7 @@ def collate_for_forward(template, sequences: Sequence[Sequence[int]],
                         padding_to: Optional[int] = None) -> Tuple[Dict[str, torch.Tensor], List[Tuple[int, int]]]:
     """A training-format batch of token sequences (no loss positions) and the ``(row, column)`` of each sequence's
     last token in the model's logits: right-padded rows, or one packed row with ``--padding_free``."""
-    items = [{'input_ids': list(seq), 'labels': [-100] * len(seq), 'length': len(seq)} for seq in sequences]
+    items = [{'input_ids': list(seq), 'labels': [IGNORE_INDEX] * len(seq), 'length': len(seq)} for seq in sequences]
     batch = template.data_collator(items, padding_to=padding_to)
     lengths = [len(seq) for seq in sequences]
     if template.padding_free:

@@ -3,7 +3,7 @@
 Built on ms-swift's ``MegatronGKDTrainer`` (its rollout mixin, bridge, teacher loading, offload and shared-base
 LoRA teacher, micro-batch encoding and teacher API routing); the plugin replaces:
 
-* the mode policy: :func:`swift_gkd_plugin.core.choose_mode` on Megatron's iteration counter (restored on resume),
+* the mode policy: :func:`swift_gkd_plugin.core.modes.step_mode` on Megatron's iteration counter (restored on resume),
   so every rank takes the same decision, the same one as ``swift rlhf`` for the same seed and step; seq_kd included;
 * sampling: vLLM through ms-swift's rollout when ``--use_vllm true``; otherwise, and always for seq_kd, the model
   itself samples (:mod:`swift_gkd_plugin.megatron.generation`), where ms-swift falls back to dataset responses or
@@ -16,8 +16,6 @@ Importing this module imports Megatron-SWIFT (CUDA and transformer-engine requir
 """
 from __future__ import annotations
 
-import json
-import os
 from contextlib import contextmanager
 from typing import Dict, List, Optional
 
@@ -29,19 +27,20 @@ from swift.rlhf_trainers.gkd_loss import DataSource, TeacherOutput
 from swift.utils import get_logger, to_device
 from transformers.utils import ContextManagers
 
-from swift_gkd_plugin.core import Mode, choose_mode
-from swift_gkd_plugin.core.modes import mode_draw
+from swift_gkd_plugin.core import Mode
+from swift_gkd_plugin.core.constants import IGNORE_INDEX
+from swift_gkd_plugin.core.lora_round_trip import BaseWeightsKeeper
+from swift_gkd_plugin.core.modes import DATA_SOURCES, mode_log_path, step_mode
+from swift_gkd_plugin.core.views import prepare_teacher_view
 from swift_gkd_plugin.megatron.generation import generate
 from swift_gkd_plugin.megatron.loss import (defer_teacher, fill_deferred_teacher, gkd_loss_on_shards, shard_vocab_start,
                                             teacher_on_demand, teacher_topk_per_micro_batch)
 from swift_gkd_plugin.megatron.rollout import collate_for_forward, encode_prompts, last_logits, rollout_outputs
 from swift_gkd_plugin.megatron.vocab import model_vocab_size
-from swift_gkd_plugin.swift.lora_round_trip import BaseWeightsKeeper
-from swift_gkd_plugin.swift.views import prepare_teacher_view
 
 logger = get_logger()
 
-_DATA_SOURCE = {Mode.ON_POLICY: DataSource.STUDENT, Mode.SEQ_KD: DataSource.TEACHER, Mode.OFF_POLICY: DataSource.DATASET}
+_DATA_SOURCE = {mode: DataSource(value) for mode, value in DATA_SOURCES.items()}
 _MODE = {source: mode for mode, source in _DATA_SOURCE.items()}
 _CHUNK = 512  # rows per pass of the vocabulary-parallel divergence: bounds its [chunk, V/tp] temporaries
 
@@ -53,7 +52,7 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
         self._base_keeper = BaseWeightsKeeper()
         super().__init__(args, template, **kwargs)
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        self._mode_log = os.path.join(args.output_dir, 'gkd_modes', f'rank{rank}.jsonl')
+        self._mode_log = mode_log_path(args.output_dir, rank)
         self._real_vocab = model_vocab_size(template, args)
         if self._real_vocab is None:
             logger.warning('swift_gkd_plugin: the model config holds no vocab_size: Megatron\'s padded vocabulary '
@@ -67,9 +66,7 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
         """Mode → responses (dataset, vLLM, the student itself, or the teacher) → teacher signal → micro-batches."""
         training = self.unwrapped_models[0].training
         step = int(self.state.iteration)
-        mode = choose_mode(self.args.seed, step, self.args.lmbda, self.args.seq_kd) if training else Mode.OFF_POLICY
-        if training:
-            self._record_mode(step, mode)
+        mode = step_mode(self.args, step, training, self._mode_log)
         samples = self.to_samples(inputs)
         for sample in samples:
             prepare_teacher_view(sample)
@@ -107,11 +104,6 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
             batches.append(batch)
         self._compute_teacher_logits(batches)
         return batches
-
-    def _record_mode(self, step: int, mode: Mode) -> None:
-        os.makedirs(os.path.dirname(self._mode_log), exist_ok=True)
-        with open(self._mode_log, 'a') as f:
-            f.write(json.dumps({'step': step, 'mode': mode.value, 'draw': mode_draw(self.args.seed, step)}) + '\n')
 
     @contextmanager
     def _sampler(self, teacher: bool):
@@ -272,7 +264,7 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
             teacher_topk_ids=teacher_output.topk_indices if topk else None,
             teacher_topk_logprobs=teacher_output.topk_logprobs if topk else None,
             teacher_labels=teacher_output.labels, tail=args.gkd_topk_tail, group=group, chunk_size=_CHUNK)
-        student_mask = labels != -100
+        student_mask = labels != IGNORE_INDEX
         loss = divergence
         sft = None
         if self.sft_alpha > 0 and data_source is not DataSource.STUDENT:

@@ -1,9 +1,14 @@
-"""The plugin's command-line flags and the checks that refuse bad GKD input before any model is loaded."""
+"""``swift rlhf`` arguments: the plugin's flags, the resolvers that fill in GKD's arguments and the checks that refuse
+bad GKD input before any model is loaded.
+
+Resolvers change arguments and never raise; checks raise and never change arguments. :func:`resolve_gkd_arguments`
+runs every resolver, in its order, then :func:`check_gkd_arguments` every check."""
 from __future__ import annotations
 
 import difflib
+import functools
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import List, Literal, Optional
 
 from swift.arguments import RLHFArguments
@@ -11,14 +16,17 @@ from swift.rlhf_trainers import GKDConfig
 from swift.utils import get_logger
 
 import swift_gkd_plugin
-from swift_gkd_plugin.flags import (GKDPluginArgumentsMixin, check_gkd_scalars, check_no_plugin_flags_outside_gkd,
-                                    check_rl_flags, check_teacher_server_flags)
+from swift_gkd_plugin.activation import grpo_num_generations, keep_teacher_messages_column
+from swift_gkd_plugin.core.constants import SCALE_REWARDS
+from swift_gkd_plugin.flags import (GKDPluginArgumentsMixin, check_gkd_scalars, check_multi_turn_flags,
+                                    check_no_plugin_flags_outside_gkd, check_rl_flags, check_teacher_server_flags,
+                                    ignored_flag_warnings, resolve_num_generations)
 from swift_gkd_plugin.swift.datasets_check import check_local_jsonl_datasets
 
 logger = get_logger()
 
 
-def resolve_model_dir(flag: str, model_id: str, revision: Optional[str], args) -> str:
+def model_dir_of(flag: str, model_id: str, revision: Optional[str], args) -> str:
     """A local directory for ``model_id`` (a path or a hub id), or a ValueError that names ``flag``."""
     path = os.path.abspath(os.path.expanduser(model_id))
     if os.path.isdir(path):
@@ -34,6 +42,7 @@ def resolve_model_dir(flag: str, model_id: str, revision: Optional[str], args) -
                          f'({type(exc).__name__}: {exc})') from exc
 
 
+@functools.lru_cache(maxsize=4)  # read by resolve_cross_tokenizer and check_teacher
 def _load_vocab(model_dir: str):
     from transformers import AutoTokenizer
     try:
@@ -41,6 +50,40 @@ def _load_vocab(model_dir: str):
     except Exception as exc:  # e.g. a processor-only multimodal repo: the pipeline will report real problems
         logger.warning(f'swift_gkd_plugin: cannot read the tokenizer of {model_dir} to compare vocabularies ({exc})')
         return None
+
+
+def _vocabularies(args):
+    """``(teacher_dir, same_tokenizer, student_vocab, teacher_vocab)`` of ``--teacher_model`` and ``--model``, or None
+    without a teacher or a student directory. Raises (naming the flag) for a teacher that cannot be found."""
+    if args.teacher_model is None:
+        return None
+    teacher_dir = model_dir_of('--teacher_model', args.teacher_model, args.teacher_model_revision, args)
+    student_dir = getattr(args, 'model_dir', None)  # set by ms-swift's own resolution
+    if student_dir is None:
+        return None
+    if os.path.realpath(student_dir) == os.path.realpath(teacher_dir):
+        return teacher_dir, True, None, None
+    student_vocab, teacher_vocab = _load_vocab(student_dir), _load_vocab(teacher_dir)
+    return teacher_dir, student_vocab == teacher_vocab, student_vocab, teacher_vocab
+
+
+def resolve_cross_tokenizer(args) -> None:
+    """``--gkd_cross_tokenizer`` with a teacher that uses the student's tokenizer is dropped (with a warning): the
+    exact token-by-token loss applies. Left for :func:`check_teacher` when ``--teacher_template`` is given too."""
+    cross = args.gkd_cross_tokenizer
+    if not cross or args.teacher_template is not None:
+        return
+    try:
+        vocabularies = _vocabularies(args)
+    except ValueError:  # a teacher that cannot be found: check_teacher names it
+        return
+    if vocabularies is None or not vocabularies[1]:
+        return
+    logger.warning(f'swift_gkd_plugin: --gkd_cross_tokenizer {cross} is ignored: the teacher uses the '
+                   'student\'s tokenizer, so the exact (token by token) GKD loss is used')
+    args.gkd_cross_tokenizer = None
+    if getattr(args, 'training_args', None) is not None:
+        args.training_args.gkd_cross_tokenizer = None
 
 
 def check_teacher(args) -> None:
@@ -52,25 +95,16 @@ def check_teacher(args) -> None:
             raise ValueError(f'--gkd_cross_tokenizer {cross} needs a --teacher_model with another tokenizer; without '
                              'one the teacher is the student itself (same tokenizer): drop the flag')
         return
-    teacher_dir = resolve_model_dir('--teacher_model', args.teacher_model, args.teacher_model_revision, args)
-    student_dir = getattr(args, 'model_dir', None)
-    if student_dir is None:
+    vocabularies = _vocabularies(args)
+    if vocabularies is None:
         return
-    same_dir = os.path.realpath(student_dir) == os.path.realpath(teacher_dir)
-    student_vocab = None if same_dir else _load_vocab(student_dir)
-    teacher_vocab = None if same_dir else _load_vocab(teacher_dir)
-    if same_dir or student_vocab == teacher_vocab:
-        if cross and getattr(args, 'teacher_template', None) is not None:
+    _, same, student_vocab, teacher_vocab = vocabularies
+    if same:
+        if cross and args.teacher_template is not None:
             raise ValueError(f'--teacher_template {args.teacher_template} only applies to a teacher with another '
                              'tokenizer: this --teacher_model uses the student\'s tokenizer, so it scores the '
                              f'student\'s tokens through the student\'s --template {args.template}. Drop '
                              '--teacher_template (and --gkd_cross_tokenizer)')
-        if cross:
-            logger.warning(f'swift_gkd_plugin: --gkd_cross_tokenizer {cross} is ignored: the teacher uses the '
-                           'student\'s tokenizer, so the exact (token by token) GKD loss is used')
-            args.gkd_cross_tokenizer = None
-            if getattr(args, 'training_args', None) is not None:
-                args.training_args.gkd_cross_tokenizer = None
         return
     if student_vocab is None or teacher_vocab is None or cross:
         return
@@ -87,7 +121,7 @@ def check_teacher(args) -> None:
 def check_teacher_template(args) -> None:
     """``--teacher_template`` names a registered ms-swift template type (templates registered by
     ``--external_plugins`` included: ms-swift has imported them by now)."""
-    name = getattr(args, 'teacher_template', None)
+    name = args.teacher_template
     if name is None:
         return
     from swift.template import TEMPLATE_MAPPING
@@ -118,7 +152,7 @@ def check_topk_within_vocab(args) -> None:
         return
     rows = {'--model': _head_rows('--model', args.model_dir)}
     if args.teacher_model is not None and args.teacher_model_server is None:
-        teacher_dir = resolve_model_dir('--teacher_model', args.teacher_model, args.teacher_model_revision, args)
+        teacher_dir = model_dir_of('--teacher_model', args.teacher_model, args.teacher_model_revision, args)
         rows['--teacher_model'] = _head_rows('--teacher_model', teacher_dir)
     known = {flag: n for flag, n in rows.items() if n}
     if known and k > min(known.values()):
@@ -136,16 +170,31 @@ def check_vllm_installed(args) -> None:
                          'engine)')
 
 
-def check_teacher_adapters(args) -> None:
-    """``--teacher_adapters``: a frozen adapter on the teacher's base, sharing the student's base when it can.
+def _shares_the_students_base(args) -> bool:
+    return args.teacher_model is None or args.teacher_model == args.model
 
-    When the teacher's base is the student's (no ``--teacher_model``, or the same one) and the student is a LoRA,
-    the adapter is loaded next to the student's on the one copy of the base weights: ``teacher_model`` is cleared so
-    that ms-swift's pipeline does not load the base a second time.
-    """
+
+def resolve_teacher_adapters(args) -> None:
+    """``--teacher_adapters`` as a list; a teacher adapter on the student's own base (no ``--teacher_model``, or the
+    same one) with a LoRA student is loaded next to the student's adapter on the one copy of the base weights:
+    ``teacher_model`` is cleared so that ms-swift's pipeline does not load the base a second time."""
+    if isinstance(args.teacher_adapters, str):
+        args.teacher_adapters = [args.teacher_adapters]
     adapters = args.teacher_adapters or []
-    if isinstance(adapters, str):
-        adapters = args.teacher_adapters = [adapters]
+    if len(adapters) != 1 or args.teacher_model_server is not None:
+        return
+    if _shares_the_students_base(args) and args.tuner_type == 'lora':
+        args.teacher_model = None
+        args._teacher_use_disable_adapter = False
+        logger.info('Using shared base model architecture:\n'
+                    '  - Student model: base_model + LoRA (trainable)\n'
+                    f'  - Teacher model: base_model + teacher adapter {adapters[0]} (frozen)')
+
+
+def check_teacher_adapters(args) -> None:
+    """``--teacher_adapters``: one adapter directory, a frozen adapter that fits the teacher's base; on the student's
+    own base only for a LoRA student (see :func:`resolve_teacher_adapters`)."""
+    adapters = args.teacher_adapters or []
     if not adapters:
         return
     if len(adapters) != 1:
@@ -156,23 +205,17 @@ def check_teacher_adapters(args) -> None:
     if args.teacher_model_server is not None:
         raise ValueError('--teacher_adapters cannot be combined with --teacher_model_server: the server serves '
                          'its own model (start it with --adapters instead)')
-    shared_base = args.teacher_model is None or args.teacher_model == args.model
+    shared_base = _shares_the_students_base(args)
     if shared_base and args.tuner_type != 'lora':
         raise ValueError(f'--teacher_adapters on the student\'s own base needs a LoRA student (--tuner_type lora, got '
                          f'{args.tuner_type!r}): a fully tuned student changes the base the teacher adapter sits on. '
                          'Pass the teacher\'s base as --teacher_model to load a separate frozen teacher.')
-    base_dir = args.model_dir if shared_base else resolve_model_dir('--teacher_model', args.teacher_model,
-                                                                    args.teacher_model_revision, args)
+    base_dir = args.model_dir if shared_base else model_dir_of('--teacher_model', args.teacher_model,
+                                                               args.teacher_model_revision, args)
     from swift_gkd_plugin.swift.peft_utils import adapter_base_mismatch
     problem = adapter_base_mismatch(adapter, base_dir)
     if problem:
         raise ValueError(f'--teacher_adapters {adapter!r} does not fit the teacher base {base_dir!r}: {problem}')
-    if shared_base:
-        args.teacher_model = None
-        args._teacher_use_disable_adapter = False
-        logger.info('Using shared base model architecture:\n'
-                    '  - Student model: base_model + LoRA (trainable)\n'
-                    f'  - Teacher model: base_model + teacher adapter {adapter} (frozen)')
 
 
 def init_gloo_for_cpu_zero3(args) -> None:
@@ -188,20 +231,18 @@ def init_gloo_for_cpu_zero3(args) -> None:
         deepspeed.init_distributed(dist_backend='gloo')
 
 
-def keep_teacher_messages_column() -> None:
-    """ms-swift keeps only the dataset columns it knows (``teacher_prompt`` among them); GKD runs also keep
-    ``teacher_messages``, the teacher's whole prompt conversation."""
-    from swift.dataset.preprocessor.core import RowPreprocessor
-    if 'teacher_messages' not in RowPreprocessor.standard_keys:
-        RowPreprocessor.standard_keys.append('teacher_messages')
-
-
-_GRPO_NUM_GENERATIONS = next(f.default for f in fields(RLHFArguments) if f.name == 'num_generations')
+def resolve_reward_columns(args) -> None:
+    """Reward functions read the dataset's extra columns (e.g. ``solution``): keep them."""
+    if not args.reward_funcs:
+        return
+    args.remove_unused_columns = False
+    if getattr(args, 'training_args', None) is not None:  # built by ms-swift's __post_init__
+        args.training_args.remove_unused_columns = False
 
 
 def check_reward_funcs(args) -> None:
     """Every ``--reward_funcs`` name is in ms-swift's reward registry (built-ins and ``--external_plugins``, which
-    ms-swift has imported by now); rewards need the dataset's extra columns (e.g. ``solution``) kept."""
+    ms-swift has imported by now)."""
     if not args.reward_funcs:
         return
     from swift.rewards import orms
@@ -209,8 +250,6 @@ def check_reward_funcs(args) -> None:
     if unknown:
         raise ValueError(f'--reward_funcs {unknown}: no such reward function. Known: {sorted(orms)}; register your '
                          'own in a file passed with --external_plugins (orms[\'my_reward\'] = MyReward)')
-    args.remove_unused_columns = False
-    args.training_args.remove_unused_columns = False
 
 
 def check_fresh_samples_for_rl(args) -> None:
@@ -226,6 +265,48 @@ def check_fresh_samples_for_rl(args) -> None:
                          '--steps_per_generation and --generation_batch_size unset.')
 
 
+def check_generation_flags(args) -> None:
+    """ms-swift's sampling options that GKD cannot honour."""
+    from swift.utils import is_mp
+    if is_mp() and args.use_vllm:
+        raise ValueError('--use_vllm true is not compatible with device_map model parallelism: set '
+                         'NPROC_PER_NODE to the number of processes.')
+    if args.async_generate:
+        raise ValueError('--async_generate true is not supported for GKD (allowed: false)')
+    if args.teacher_model_server is not None and (args.padding_free or args.packing):
+        raise ValueError('--teacher_model_server does not support --padding_free / --packing yet')
+
+
+def resolve_gkd_arguments(args) -> None:
+    """Every resolver, in this order (each changes arguments, none raises)."""
+    resolve_num_generations(args, grpo_num_generations())
+    resolve_reward_columns(args)
+    resolve_teacher_adapters(args)
+    resolve_cross_tokenizer(args)
+
+
+def check_gkd_arguments(args) -> None:
+    """Every check, in this order (each raises, none changes arguments)."""
+    check_flags_only(args)
+    check_reward_funcs(args)
+    check_fresh_samples_for_rl(args)
+    check_generation_flags(args)
+    check_teacher_server_flags(args)
+    check_teacher_template(args)
+    check_teacher(args)
+    check_topk_within_vocab(args)
+    check_teacher_adapters(args)
+    check_local_jsonl_datasets(args)
+
+
+def check_flags_only(args) -> None:
+    """The checks that need nothing but the flags (also run before ms-swift resolves models or vLLM servers)."""
+    check_gkd_scalars(args)
+    check_rl_flags(args)
+    check_multi_turn_flags(args)
+    check_vllm_installed(args)
+
+
 @dataclass
 class GKDPluginRLHFArguments(GKDPluginArgumentsMixin, RLHFArguments):
     """ms-swift's ``RLHFArguments`` plus the plugin's flags and checks; used to parse ``swift rlhf``."""
@@ -236,41 +317,24 @@ class GKDPluginRLHFArguments(GKDPluginArgumentsMixin, RLHFArguments):
                   'steps, default 1).'})
 
     def __post_init__(self):
-        if self.num_generations is None:
-            self.num_generations = 1 if self.rlhf_type == 'gkd' else _GRPO_NUM_GENERATIONS
+        resolve_num_generations(self, grpo_num_generations())
         if self.rlhf_type == 'gkd':
-            check_gkd_scalars(self)  # before ms-swift resolves models or connects to vLLM servers
-            check_rl_flags(self)
-            check_vllm_installed(self)
-            if self.reward_funcs:
-                self.remove_unused_columns = False  # reward functions read the dataset's extra columns
+            resolve_reward_columns(self)
+            check_flags_only(self)  # before ms-swift resolves models or connects to vLLM servers
+            for warning in ignored_flag_warnings(self):  # the flags as given (ms-swift fills in beta next)
+                logger.warning(f'swift_gkd_plugin: {warning}')
         super().__post_init__()
 
     def _check_gkd(self):
+        """ms-swift calls it inside ``__post_init__``, once the models' directories are known (also with
+        ``--external_plugins``, where ``__post_init__`` above is ms-swift's own)."""
         if self.rlhf_type != 'gkd':
             check_no_plugin_flags_outside_gkd(self)
             return
-        check_gkd_scalars(self)
-        check_rl_flags(self)
-        check_vllm_installed(self)  # again: with --external_plugins, __post_init__ above is ms-swift's own
-        check_reward_funcs(self)
-        check_fresh_samples_for_rl(self)
+        resolve_gkd_arguments(self)
+        check_gkd_arguments(self)
         logger.info(f'swift_gkd_plugin {swift_gkd_plugin.__version__}: GKD trainer active '
                     f'(lmbda={self.lmbda}, seq_kd={self.seq_kd}, beta={self.beta}, temperature={self.temperature})')
-        from swift.utils import is_mp
-        if is_mp() and self.use_vllm:
-            raise ValueError('--use_vllm true is not compatible with device_map model parallelism: set '
-                             'NPROC_PER_NODE to the number of processes.')
-        if self.async_generate:
-            raise ValueError('--async_generate true is not supported for GKD (allowed: false)')
-        check_teacher_server_flags(self)
-        if self.teacher_model_server is not None and (self.padding_free or self.packing):
-            raise ValueError('--teacher_model_server does not support --padding_free / --packing yet')
-        check_teacher_template(self)
-        check_teacher(self)
-        check_topk_within_vocab(self)
-        check_teacher_adapters(self)
-        check_local_jsonl_datasets(self)
         keep_teacher_messages_column()
         init_gloo_for_cpu_zero3(self)
         if self.teacher_model is not None and self.teacher_model == self.model:
@@ -289,4 +353,4 @@ class GKDPluginConfig(GKDPluginArgumentsMixin, GKDConfig):
     num_generations: int = 1
     reward_funcs: List[str] = field(default_factory=list)
     reward_weights: Optional[List[float]] = None
-    scale_rewards: Optional[Literal['group', 'batch', 'none']] = None
+    scale_rewards: Optional[Literal[SCALE_REWARDS]] = None

@@ -30,7 +30,7 @@ from swift.utils import get_logger
 from swift_gkd_plugin.core.cross_tokenizer_loss import hybrid_loss, uld_loss
 from swift_gkd_plugin.core.token_alignment import (Alignment, adds_prefix_space, align_positions, shared_vocabulary,
                                                    spans_of_ids)
-from swift_gkd_plugin.swift.views import response_ids, row_name
+from swift_gkd_plugin.core.views import response_ids, row_name
 
 logger = get_logger()
 

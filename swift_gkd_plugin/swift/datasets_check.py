@@ -7,7 +7,9 @@ Here each problem is reported with the flag, the file and the line.
 Rows with nothing to distil (no assistant response, in the column names that ms-swift's automatic preprocessor
 understands) are named too: a dataset step (off-policy) has no response token to distil on them. When no step can
 sample them (``--lmbda 0``, no ``--seq_kd``; or a validation set, which is always scored on its own responses) they
-are refused; otherwise they are only reported, since on-policy and seq_kd steps sample a response for them.
+are refused; otherwise they are only reported, since on-policy and seq_kd steps sample a response for them, except
+rows without a user message (e.g. a system turn only): ms-swift cannot encode those, and each step draws another row
+in their place, so the report says they are dropped.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ logger = get_logger()
 MESSAGES_KEYS = ('messages', 'conversation', 'conversations')
 ROLE_KEYS = ('role', 'from')
 ASSISTANT_ROLES = ('assistant', 'gpt', 'bot')
+USER_ROLES = ('user', 'human')
 RESPONSE_KEYS = ('response', 'answer', 'output', 'targets', 'target', 'answer_key', 'answers', 'solution', 'text',
                  'completion', 'content')
 LINES_SHOWN = 10
@@ -76,22 +79,43 @@ def jsonl_rows(flag: str, path: str) -> Iterator[Tuple[int, dict]]:
         raise ValueError(f'{flag} {path}: the file has no rows (a jsonl dataset needs one JSON object per line)')
 
 
-def has_response(row: dict, columns: Dict[str, str]) -> bool:
-    """Whether ms-swift's automatic preprocessor finds an assistant response in ``row`` (after ``--columns``)."""
-    row = {columns.get(key, key): value for key, value in row.items()}
+def _messages(row: dict) -> Optional[list]:
     for key in MESSAGES_KEYS:
         messages = row.get(key)
         if isinstance(messages, list) and messages:
-            last = messages[-1]
-            role = next((last[k] for k in ROLE_KEYS if k in last), None) if isinstance(last, dict) else None
-            return role in ASSISTANT_ROLES
+            return messages
+    return None
+
+
+def _role(message) -> Optional[str]:
+    return next((message[k] for k in ROLE_KEYS if k in message), None) if isinstance(message, dict) else None
+
+
+def has_response(row: dict, columns: Dict[str, str]) -> bool:
+    """Whether ms-swift's automatic preprocessor finds an assistant response in ``row`` (after ``--columns``)."""
+    row = {columns.get(key, key): value for key, value in row.items()}
+    messages = _messages(row)
+    if messages is not None:
+        return _role(messages[-1]) in ASSISTANT_ROLES
     return any(row.get(key) not in (None, '', []) for key in RESPONSE_KEYS)
 
 
-def lines_without_response(flag: str, path: str, standard_format: bool, columns: Dict[str, str]) -> List[int]:
-    """Reads the whole file (refusing unreadable lines); the lines of its rows without a response."""
-    missing = [line_no for line_no, row in jsonl_rows(flag, path) if not has_response(row, columns)]
+def has_prompt(row: dict, columns: Dict[str, str]) -> bool:
+    """Whether a messages row has a user message to sample a response to (rows of other formats: assumed)."""
+    messages = _messages({columns.get(key, key): value for key, value in row.items()})
+    return messages is None or any(_role(m) in USER_ROLES for m in messages)
+
+
+def lines_without_response(flag: str, path: str, standard_format: bool,
+                           columns: Dict[str, str]) -> List[Tuple[int, bool]]:
+    """Reads the whole file (refusing unreadable lines); ``(line, has a prompt)`` of its rows without a response."""
+    missing = [(line_no, has_prompt(row, columns)) for line_no, row in jsonl_rows(flag, path)
+               if not has_response(row, columns)]
     return missing if standard_format else []
+
+
+def _lines(numbers: List[int]) -> str:
+    return ', '.join(map(str, numbers[:LINES_SHOWN])) + (', ...' if len(numbers) > LINES_SHOWN else '')
 
 
 def check_local_jsonl_datasets(args) -> None:
@@ -102,12 +126,21 @@ def check_local_jsonl_datasets(args) -> None:
     for flag, entries, can_sample in (('--dataset', args.dataset, train_samples), ('--val_dataset', args.val_dataset,
                                                                                     False)):
         for path, standard_format in local_jsonl_files(entries, args.use_hf):
-            missing = lines_without_response(flag, path, standard_format, columns)
-            if not missing:
+            found = lines_without_response(flag, path, standard_format, columns)
+            if not found:
                 continue
-            shown = ', '.join(map(str, missing[:LINES_SHOWN])) + (', ...' if len(missing) > LINES_SHOWN else '')
-            rows = f'{flag} {path}: {len(missing)} row(s) have no assistant response (lines {shown})'
+            missing = [line for line, _ in found]
+            rows = f'{flag} {path}: {len(missing)} row(s) have no assistant response (lines {_lines(missing)})'
             if not can_sample:
                 raise ValueError(f'{rows}, so they have nothing to distil: {_NO_SAMPLING[flag]}')
-            logger.warning(f'swift_gkd_plugin: {rows}: dataset (off-policy) steps have nothing to distil on them; '
-                           'on-policy and seq_kd steps sample a response for them.')
+            promptless = [line for line, prompt in found if not prompt]
+            sampled = [line for line, prompt in found if prompt]
+            if sampled:
+                logger.warning(f'swift_gkd_plugin: {flag} {path}: {len(sampled)} row(s) have no assistant response '
+                               f'(lines {_lines(sampled)}): dataset (off-policy) steps have nothing to distil on them; '
+                               'on-policy and seq_kd steps sample a response for them.')
+            if promptless:
+                logger.warning(f'swift_gkd_plugin: {flag} {path}: {len(promptless)} row(s) have neither a user '
+                               f'message nor an assistant response (lines {_lines(promptless)}): nothing can be '
+                               'sampled for them, ms-swift cannot encode them, and each step draws other rows in their '
+                               'place: they are dropped. Give them a user message, or remove them.')

@@ -12,8 +12,6 @@ logic with the plugin's core:
 """
 from __future__ import annotations
 
-import json
-import os
 from contextlib import ExitStack, contextmanager, nullcontext
 from copy import copy
 from typing import Any, Dict, List
@@ -29,29 +27,29 @@ from swift.rlhf_trainers.utils import encode_sample
 from swift.trainers import disable_gradient_checkpointing
 from swift.utils import get_logger, to_device, unwrap_model_for_generation
 
-from swift_gkd_plugin.core import Mode, align_vocab, choose_mode, generalized_jsd
+from swift_gkd_plugin.core import Mode, align_vocab, generalized_jsd
 from swift_gkd_plugin.core.fused_loss import fused_linear_jsd
-from swift_gkd_plugin.core.modes import mode_draw, sampling_seed
+from swift_gkd_plugin.core.lora_round_trip import HostBuffer, exact_lora_sync, lora_merges_skipped
+from swift_gkd_plugin.core.modes import DATA_SOURCES, mode_log_path, sampling_seed, step_mode
 from swift_gkd_plugin.core.policy_gradient import policy_gradient_loss, sampled_token_stats
 from swift_gkd_plugin.core.offload import TeacherOffloader, is_partitioned
 from swift_gkd_plugin.core.topk import drop_ids_outside_vocab
+from swift_gkd_plugin.core.views import (check_privileged_columns, check_same_response_count, check_views_aligned,
+                                         prepare_teacher_view, with_teacher_prompt)
 from swift_gkd_plugin.swift.clean_exit import destroy_process_groups_at_exit
 from swift_gkd_plugin.swift.cross_tokenizer import CrossTokenizerTeacher
 from swift_gkd_plugin.swift.group_resample import resample_failed_groups
 from swift_gkd_plugin.swift.hidden_states import (fused_fallback_reason, gathered_heads, head_bypassed, head_is_sharded,
                                                   head_rows, output_head, topk_from_hidden)
-from swift_gkd_plugin.swift.lora_round_trip import HostBuffer, exact_lora_sync, lora_merges_skipped
 from swift_gkd_plugin.swift.media_tokens import cut_at_media_placeholders, suppress_media_placeholders
 from swift_gkd_plugin.swift.peft_utils import TEACHER_ADAPTER, active_adapter, eval_mode, load_frozen_adapter
 from swift_gkd_plugin.swift.rewards import global_advantages, load_reward_funcs, score_completions
 from swift_gkd_plugin.swift.teacher_server import (attach_trainer_token_ids, connect_teacher_servers,
                                                     infer_prompt_logprobs)
-from swift_gkd_plugin.swift.views import (check_privileged_columns, check_same_response_count, check_views_aligned,
-                                         prepare_teacher_view, with_teacher_prompt)
 
 logger = get_logger()
 
-_DATA_SOURCE = {Mode.ON_POLICY: DataSource.STUDENT, Mode.SEQ_KD: DataSource.TEACHER, Mode.OFF_POLICY: DataSource.DATASET}
+_DATA_SOURCE = {mode: DataSource(value) for mode, value in DATA_SOURCES.items()}
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -74,7 +72,7 @@ class GKDPluginTrainer(GKDTrainer):
         self.loss_is_scaled_for_ga = True
         self._gkd_mode = Mode.OFF_POLICY
         self._teacher_engine = None
-        self._mode_log = os.path.join(self.args.output_dir, 'gkd_modes', f'rank{self.args.process_index}.jsonl')
+        self._mode_log = mode_log_path(self.args.output_dir, self.args.process_index)
         check_privileged_columns(self.train_dataset)
         check_privileged_columns(self.eval_dataset)
         self._teacher_adapter = None
@@ -256,7 +254,7 @@ class GKDPluginTrainer(GKDTrainer):
         """Pick the mode of this generation batch and produce its responses."""
         training = self.model.training
         step = int(self.state.global_step)
-        mode = choose_mode(self.args.seed, step, self.args.lmbda, self.args.seq_kd) if training else Mode.OFF_POLICY
+        mode = step_mode(self.args, step, training, self._mode_log)
         self._gkd_mode = mode
         self._data_source = _DATA_SOURCE[mode]
         if training:
@@ -349,9 +347,6 @@ class GKDPluginTrainer(GKDTrainer):
     def _record_mode(self, step: int, mode: Mode) -> None:
         for m in Mode:
             self.custom_metrics['train'][f'gkd/mode_{m.value}'].update(float(m is mode))
-        os.makedirs(os.path.dirname(self._mode_log), exist_ok=True)
-        with open(self._mode_log, 'a') as f:
-            f.write(json.dumps({'step': step, 'mode': mode.value, 'draw': mode_draw(self.args.seed, step)}) + '\n')
 
     @contextmanager
     def _teacher_view_of_student(self, unwrapped):

@@ -16,8 +16,7 @@ import torch.multiprocessing as mp
 
 from swift_gkd_plugin.core.divergence import LOG_PROB_FLOOR, generalized_jsd, kl_from_log_probs
 from swift_gkd_plugin.core.fused_loss import fused_linear_jsd
-from swift_gkd_plugin.core.tensor_parallel import (context_parallel_mean, normalize_loss, token_count_all_reduce,
-                                                   vocab_parallel_generalized_jsd, vocab_parallel_log_softmax,
+from swift_gkd_plugin.core.tensor_parallel import (vocab_parallel_generalized_jsd, vocab_parallel_log_softmax,
                                                    vocab_parallel_logsumexp, vocab_parallel_topk_jsd)
 
 BETAS = [0.0, 0.1, 0.5, 0.9, 1.0]
@@ -27,11 +26,6 @@ SPLITS = {'tp2': [19, 18], 'tp4': [12, 3, 9, 13], 'tp4_empty_shard': [12, 0, 12,
 INACTIVE_TOPK_ROW = 5  # a top-k row with no finite log-prob
 PARTIAL_TOPK_ROW = 2  # a top-k row with unused (-inf) slots
 ROW_MASK = torch.tensor([1, 1, 0, 1, 0, 1, 1, 1, 0], dtype=torch.bool)
-CP_TOKENS = 8  # the TP = 2 x CP = 2 run: tokens 0..4 on CP rank 0, 5..7 on CP rank 1
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# inputs, identical in the workers and here
 
 
 def make_inputs(seed: int = 0):
@@ -61,25 +55,6 @@ def masked_vocab_inputs(inputs):
     s[:, -2:] = t[:, -2:] = float('-inf')
     s[~ROW_MASK] = t[~ROW_MASK] = float('nan')
     return s, t
-
-
-def cp_inputs(seed: int = 1):
-    gen = torch.Generator().manual_seed(seed)
-    student = torch.randn(CP_TOKENS, V, generator=gen, dtype=torch.float64) * 3
-    teacher = torch.randn(CP_TOKENS, V, generator=gen, dtype=torch.float64) * 3
-    masks = {  # per scenario: the active tokens of the whole sequence (CP rank 0 holds 0..4, rank 1 holds 5..7)
-        'some': torch.tensor([1, 0, 1, 1, 1, 0, 1, 1], dtype=torch.bool),
-        'cp1_idle': torch.tensor([1, 1, 0, 1, 1, 0, 0, 0], dtype=torch.bool),
-        'cp1_no_rows': torch.tensor([1, 1, 0, 1, 1, 0, 0, 0], dtype=torch.bool),
-        'nobody': torch.zeros(CP_TOKENS, dtype=torch.bool),
-    }
-    return student, teacher, masks
-
-
-def cp_rows(cp_rank: int, scenario: str):
-    if cp_rank == 0:
-        return slice(0, 5)
-    return slice(8, 8) if scenario == 'cp1_no_rows' else slice(5, 8)
 
 
 def bounds(split, rank):
@@ -176,26 +151,6 @@ def _tp_cases(group, rank, split, full: bool):
     return out
 
 
-def _cp_cases(tp_group, cp_group, tp_rank, cp_rank, split):
-    student, teacher, masks = cp_inputs()
-    lo, hi = bounds(split, tp_rank)
-    out = {}
-    for scenario, mask in masks.items():
-        rows = cp_rows(cp_rank, scenario)
-        z = student[rows, lo:hi].clone().requires_grad_()
-        d = vocab_parallel_generalized_jsd(z, teacher[rows, lo:hi], 0.5, 2.0, tp_group, mask=mask[rows])
-        loss, count = context_parallel_mean(d.sum(), mask[rows], cp_group)
-        loss.backward()
-        out[f'cp/{scenario}/loss'] = loss.detach()
-        out[f'cp/{scenario}/count'] = count
-        out[f'cp/{scenario}/grad'] = z.grad
-    # the two halves of context_parallel_mean on their own, with a Python int count
-    total = token_count_all_reduce(3 if cp_rank == 0 else 0, cp_group)
-    out['cp/int_count'] = total
-    out['cp/scaled'] = normalize_loss(torch.tensor(6.0, dtype=torch.float64), total, scale=2.0)
-    return out
-
-
 def _worker(rank, world, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world,
@@ -207,11 +162,6 @@ def _worker(rank, world, init_file, out_dir):
             results = {f'tp4/{k}': v for k, v in _tp_cases(None, rank, SPLITS['tp4'], full=True).items()}
             results.update({f'tp4_empty_shard/{k}': v
                             for k, v in _tp_cases(None, rank, SPLITS['tp4_empty_shard'], full=False).items()})
-            # TP = 2 x CP = 2: every rank creates every group, in the same order
-            tp_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
-            cp_groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
-            tp_rank, cp_rank = rank % 2, rank // 2
-            results.update(_cp_cases(tp_groups[cp_rank], cp_groups[tp_rank], tp_rank, cp_rank, SPLITS['tp2']))
         torch.save(results, os.path.join(out_dir, f'rank{rank}.pt'))
         dist.barrier()
     finally:
@@ -462,39 +412,6 @@ def test_no_active_token_still_runs_the_collectives(world2, world4, layout):
     assert masked_grad.shape == (3, V) and not masked_grad.any()
 
 
-@pytest.mark.parametrize('scenario', ['some', 'cp1_idle', 'cp1_no_rows', 'nobody'])
-def test_context_parallel_normalisation(world4, scenario):
-    """TP = 2 x CP = 2: each CP rank's loss is its share of the global mean, its gradient that of the mean."""
-    student, teacher, masks = cp_inputs()
-    mask = masks[scenario]
-    count = int(mask.sum())
-    z = student.clone().requires_grad_()
-    per_token = dense_jsd64(z, teacher, 0.5, 2.0)
-    mean = (per_token * mask).sum() / max(count, 1)
-    (ref_grad, ) = torch.autograd.grad(mean, z)
-    losses = []
-    for cp_rank in (0, 1):
-        tp_ranks = world4[2 * cp_rank:2 * cp_rank + 2]
-        for r in tp_ranks:
-            assert float(r[f'cp/{scenario}/count']) == count
-            assert r[f'cp/{scenario}/count'].dtype == torch.float32
-        loss = gathered(tp_ranks, f'cp/{scenario}/loss')
-        losses.append(loss)
-        grad = gathered(tp_ranks, f'cp/{scenario}/grad')
-        rows = cp_rows(cp_rank, scenario)
-        assert grad.shape == z[rows].shape and torch.isfinite(grad).all()
-        torch.testing.assert_close(grad, ref_grad[rows], rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(sum(losses), mean.detach(), rtol=1e-9, atol=1e-12)
-    if count == 0:
-        assert all(loss == 0 for loss in losses)
-
-
-def test_token_count_helpers(world4):
-    for r in world4:
-        assert r['cp/int_count'].dtype == torch.float32 and float(r['cp/int_count']) == 3
-        assert float(r['cp/scaled']) == 4.0  # 6 * 2 / 3
-
-
 def test_single_process_fallback_is_the_dense_function():
     """Without an initialised process group every function is its dense single-process counterpart."""
     inputs = make_inputs()
@@ -503,7 +420,3 @@ def test_single_process_fallback_is_the_dense_function():
                          inputs['student'], inputs['weights'])
         ref = reference(dense_jsd64, inputs['student'], inputs['weights'], inputs['teacher'], beta, temp)
         assert_matches(*ours, *ref, rtol=1e-10, atol=1e-12)
-    assert float(token_count_all_reduce(torch.tensor([True, False, True]))) == 2
-    loss = normalize_loss(torch.tensor(3.0, requires_grad=True), torch.tensor(0.0))
-    loss.backward()
-    assert float(loss.detach()) == 0

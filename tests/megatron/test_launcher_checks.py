@@ -1,5 +1,8 @@
 """``megatron rlhf --rlhf_type gkd``: bad command lines are refused by the real ``megatron`` launcher, before any rank
 starts (so before CUDA, transformer-engine or a model is touched); good ones are passed on to ms-swift unchanged."""
+import argparse
+import ast
+import importlib.util
 import os
 import subprocess
 import sys
@@ -12,7 +15,11 @@ SPAWNED = 'run sh: `'  # printed by ms-swift's launcher just before it starts th
 
 
 def megatron_rlhf(*flags, env=None):
-    argv = [MEGATRON, 'rlhf', '--model', 'Qwen/Qwen3-0.6B', *flags]
+    return megatron_rlhf_with('Qwen/Qwen3-0.6B', *flags, env=env)
+
+
+def megatron_rlhf_with(model, *flags, env=None):
+    argv = [MEGATRON, 'rlhf', '--model', model, *flags]
     full_env = dict(os.environ, **OFFLINE_ENV, **(env or {}))
     full_env.pop('SWIFT_GKD_PLUGIN', None) if env is None or 'SWIFT_GKD_PLUGIN' not in env else None
     proc = subprocess.run(argv, env=full_env, capture_output=True, text=True, timeout=300)
@@ -55,6 +62,9 @@ GKD = ('--rlhf_type', 'gkd')
      'supported by swift rlhf only'),
     (('--gkd_rl_coef', '0.5'), "['--gkd_rl_coef'] are supported by swift rlhf only"),
     (('--gkd_cross_tokenizer', 'uld'), '--gkd_cross_tokenizer uld is supported by swift rlhf only'),
+    (('--temperature', '1e-9'), '--temperature must be > 0 (at least 0.001: '),
+    (('--multi_turn_scheduler', 'x', '--max_turns', '2'), '--multi_turn_scheduler x, --max_turns 2: multi-turn '
+     'rollouts are not supported by GKD'),
 ])
 def test_bad_gkd_flags_are_refused_before_any_rank_starts(flags, needle):
     code, output = megatron_rlhf(*GKD, *flags)
@@ -83,6 +93,25 @@ def test_good_command_lines_reach_the_ranks(flags):
     assert SPAWNED in output and 'megatron rlhf: error' not in output, output[-3000:]
 
 
+def test_a_teacher_with_another_vocabulary_size_is_refused_before_any_rank_starts(tiny_ws):
+    """The configs' vocabularies (448 and 464 rows), padded to the tensor-parallel size as mcore-bridge pads them,
+    are compared in the launcher, not at the first step after both models are loaded."""
+    code, output = megatron_rlhf_with(tiny_ws.student, *GKD, '--teacher_model', tiny_ws.other_vocab_teacher,
+                                      '--tensor_model_parallel_size', '2')
+    assert code == 2, output[-3000:]
+    assert (f'--teacher_model {tiny_ws.other_vocab_teacher} has 464 output rows and --model {tiny_ws.student} 448 '
+            '(config.json vocab_size, padded to a multiple of --tensor_model_parallel_size 2)') in output
+    assert SPAWNED not in output
+    code, output = megatron_rlhf_with(tiny_ws.student, *GKD, '--teacher_model', tiny_ws.teacher)
+    assert SPAWNED in output and 'megatron rlhf: error' not in output, output[-3000:]
+
+
+def test_padded_sizes_follow_the_tensor_parallel_size(tiny_ws):
+    from swift_gkd_plugin.megatron.checks import padded_vocab_size
+    assert [padded_vocab_size(tiny_ws.other_vocab_teacher, tp) for tp in (1, 2, 3, 5)] == [464, 464, 465, 465]
+    assert padded_vocab_size(tiny_ws.root, 1) is None  # not a model directory: left to the ranks
+
+
 def test_opt_out_leaves_the_launcher_untouched():
     code, output = megatron_rlhf(*GKD, '--beta', '1.5', env={'SWIFT_GKD_PLUGIN': '0'})
     assert SPAWNED in output and 'megatron rlhf: error' not in output, output[-3000:]
@@ -98,3 +127,38 @@ def test_rank_side_checks_refuse_rewards_but_not_ms_swifts_default_num_generatio
     parsed.reward_funcs = ['accuracy']
     with pytest.raises(ValueError, match=r"\['--reward_funcs'\] are supported by swift rlhf only"):
         check_megatron_gkd(parsed)
+
+
+def _megatron_argument_defaults():
+    """The fields of ms-swift's Megatron argument classes with their defaults, read from their source (importing
+    them needs megatron-core): ``field(default_factory=list)`` as ``[]``, other non-literal defaults as None."""
+    folder = os.path.dirname(importlib.util.find_spec('swift.megatron').origin)
+    defaults = {}
+    for name in sorted(os.listdir(os.path.join(folder, 'arguments'))):
+        if not name.endswith('.py'):
+            continue
+        with open(os.path.join(folder, 'arguments', name)) as f:
+            tree = ast.parse(f.read())
+        for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+            for node in cls.body:
+                if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                    text = ast.unparse(node.value) if node.value is not None else 'None'
+                    try:
+                        value = ast.literal_eval(node.value) if node.value is not None else None
+                    except ValueError:
+                        value = [] if 'default_factory=list' in text else None
+                    defaults.setdefault(node.target.id, value)
+    return defaults
+
+
+def test_rank_side_checks_read_only_fields_that_megatron_arguments_have():
+    """In the ranks the checks get ms-swift's Megatron arguments plus the plugin's flags: every attribute they read
+    must exist there (a check reading a missing one would stop every rank with an AttributeError)."""
+    from dataclasses import fields
+
+    from swift_gkd_plugin.megatron.checks import MegatronGKDFlagsMixin, check_megatron_gkd
+    defaults = _megatron_argument_defaults()
+    assert {'beta', 'lmbda', 'temperature', 'max_turns', 'reward_funcs'} <= set(defaults)
+    args = argparse.Namespace(**defaults, **{f.name: f.default for f in fields(MegatronGKDFlagsMixin)})
+    args.rlhf_type = 'gkd'
+    check_megatron_gkd(args)

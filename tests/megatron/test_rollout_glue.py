@@ -46,7 +46,7 @@ def test_prompts_end_with_the_generation_prompt_and_hold_no_response(parts):
 
 
 def test_the_teacher_prompt_replaces_the_students(parts):
-    from swift_gkd_plugin.swift.views import prepare_teacher_view
+    from swift_gkd_plugin.core.views import prepare_teacher_view
     _, template, samples = parts
     sample = copy.deepcopy(samples[0])
     sample.teacher_prompt = 'reverse the letters: a b c d'

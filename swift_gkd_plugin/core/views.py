@@ -1,9 +1,12 @@
 """Privileged teacher prompts: the teacher's view of a GKD sample, shared by the transformers and Megatron trainers.
 
-Imports nothing from ms-swift at module level (the Megatron shard loss uses the count check on CPU-only set-ups)."""
+Framework-free (duck-typed on ms-swift's ``GKDSample`` and encoded rows; no ms-swift import), so that both adapters
+import it from the core."""
 from __future__ import annotations
 
 from typing import List
+
+from .constants import IGNORE_INDEX
 
 
 def prepare_teacher_view(sample) -> None:
@@ -35,8 +38,8 @@ def check_privileged_columns(dataset) -> None:
 
 
 def response_ids(encoded: dict) -> List[int]:
-    """The token ids an encoded row scores (its labels are not -100)."""
-    return [t for t, label in zip(encoded['input_ids'], encoded['labels']) if label != -100]
+    """The token ids an encoded row scores (its labels are not ``IGNORE_INDEX``)."""
+    return [t for t, label in zip(encoded['input_ids'], encoded['labels']) if label != IGNORE_INDEX]
 
 
 def row_name(sample) -> str:
@@ -60,9 +63,10 @@ def with_teacher_prompt(sample, request):
     """``request`` (the sample's inference request) with the teacher's prompt, when the sample has a teacher view:
     the teacher samples from its own prompt (its response removed) and images."""
     if sample.teacher_messages:
-        from swift.utils import remove_response  # here: the count check below is also used without ms-swift
-        request.messages = [dict(m) for m in sample.teacher_messages]
-        remove_response(request.messages)
+        messages = [dict(m) for m in sample.teacher_messages]
+        if messages[-1].get('role') == 'assistant':  # the prompt only (as ms-swift's ``remove_response``)
+            messages.pop()
+        request.messages = messages
         if sample.teacher_images is not None:
             request.images = sample.teacher_images
     return request

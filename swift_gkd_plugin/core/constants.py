@@ -1,0 +1,11 @@
+"""Constants shared by the core, both adapters and the server: defined once here (no ms-swift import)."""
+from __future__ import annotations
+
+#: Label of a position that has no loss (transformers' and ms-swift's ignore index).
+IGNORE_INDEX = -100
+
+#: Finite stand-in for -inf logits: exp() underflows to exactly 0 and differences stay finite (no NaN from inf - inf).
+NEG_LOGIT = -1e30
+
+#: How group advantages are scaled (``--scale_rewards``): by the group's std, the batch's std, or not at all.
+SCALE_REWARDS = ('group', 'batch', 'none')

@@ -1,0 +1,209 @@
+"""The flag checks in process: ranges declared once and the checks generated from them, checks that only check and
+resolvers that only resolve, the temperature floor, flags that GKD ignores. The real command lines are in
+test_activation_and_bad_input.py and megatron/test_launcher_checks.py."""
+import ast
+import inspect
+import math
+import re
+import typing
+from dataclasses import fields
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from swift_gkd_plugin.core.divergence import generalized_jsd
+from swift_gkd_plugin.flags import (CROSS_TOKENIZER_METHODS, GKD_LOSS_IMPLS, MS_SWIFT_FLAGS, SCALAR_FLAGS,
+                                    TEMPERATURE_FLOOR, GKDPluginArgumentsMixin, Range, check_gkd_scalars,
+                                    check_multi_turn_flags, declared_ranges, ignored_flag_warnings)
+
+# the plugin's flags at their defaults (flags added later included), ms-swift's at good values
+GOOD = dict({f.name: f.default for f in fields(GKDPluginArgumentsMixin)}, beta=0.5, lmbda=0.5, temperature=0.9,
+            sft_alpha=0.0, max_completion_length=8, seq_kd=False, gkd_logits_topk=None)
+
+
+def good(**changes):
+    return SimpleNamespace(**dict(GOOD, **changes))
+
+
+def test_ms_swift_flags_declared_here_are_fields_of_its_arguments():
+    """A flag ms-swift renames or drops fails here, not silently in the check."""
+    from swift.arguments import RLHFArguments
+    names = {f.name for f in fields(RLHFArguments)}
+    assert set(MS_SWIFT_FLAGS) - names == set()
+    assert set(SCALAR_FLAGS) <= set(declared_ranges())
+
+
+@pytest.mark.parametrize('name', SCALAR_FLAGS)
+def test_a_declared_flag_missing_from_the_arguments_fails_loudly(name):
+    check_gkd_scalars(good())
+    args = good()
+    delattr(args, name)
+    with pytest.raises(AttributeError, match=f'--{name}.*no field {name!r}'):
+        check_gkd_scalars(args)
+
+
+def test_allowed_values_come_from_the_literal_types():
+    hints = typing.get_type_hints(GKDPluginArgumentsMixin)
+    assert GKD_LOSS_IMPLS == typing.get_args(hints['gkd_loss_impl']) == ('auto', 'fused', 'dense')
+    cross = next(f for f in fields(GKDPluginArgumentsMixin) if f.name == 'gkd_cross_tokenizer')
+    assert CROSS_TOKENIZER_METHODS == typing.get_args(cross.metadata['choices']) == ('uld', 'hybrid')
+    # what argparse receives: help, never the declarations (HfArgumentParser passes metadata.copy() as keywords)
+    assert cross.metadata.copy() == {'help': cross.metadata['help']}
+
+
+def _outside(rule: Range):
+    """Values outside ``rule``: just below or above its bounds, a non-integer for an integer range, NaN."""
+    values = []
+    if rule.low is not None:
+        values.append(rule.low if rule.low_open else rule.low - (1 if rule.integer else rule.low / 2 or 1e-3))
+    if rule.high is not None:
+        values.append(rule.high + (1 if rule.integer else 1e-3))
+    values.append(2.5 if rule.integer else float('nan'))
+    return values
+
+
+RANGES = [(name, rule) for name, rule in declared_ranges().items() if isinstance(rule, Range)]
+
+
+@pytest.mark.parametrize('name,rule', RANGES, ids=[name for name, _ in RANGES])
+def test_each_declared_range_refuses_outside_values_naming_flag_value_and_range(name, rule):
+    for value in _outside(rule):
+        with pytest.raises(ValueError) as info:
+            rule.check(name, value)
+        message = str(info.value)
+        assert message.startswith(f'--{name} must be ') and f'got {value}' in message
+        if not (isinstance(value, float) and math.isnan(value)):
+            assert rule.allowed() in message
+    for value in (rule.low, rule.high):  # closed bounds are allowed
+        if value is not None and not (value == rule.low and rule.low_open):
+            rule.check(name, int(value) if rule.integer else value)
+
+
+@pytest.mark.parametrize('name', SCALAR_FLAGS)
+def test_every_declared_flag_is_checked_by_the_shared_check(name):
+    """What the shared check (swift rlhf, the megatron launcher and ranks) refuses comes from the declarations: a
+    value outside each declared range or choice is refused naming the flag."""
+    rule = declared_ranges()[name]
+    bad = _outside(rule)[0] if isinstance(rule, Range) else 'no-such-value'
+    with pytest.raises(ValueError, match=f'^--{name} must be '):
+        check_gkd_scalars(good(**{name: bad}))
+
+
+def test_choices_refuse_other_values_naming_them():
+    with pytest.raises(ValueError, match=re.escape("--gkd_loss_impl must be one of ['auto', 'fused', 'dense'] for "
+                                                   "GKD, got 'chunked'")):
+        check_gkd_scalars(good(gkd_loss_impl='chunked'))
+    with pytest.raises(ValueError, match=re.escape("--gkd_cross_tokenizer must be one of ['uld', 'hybrid'] (or "
+                                                   "unset) for GKD, got 'gold'")):
+        check_gkd_scalars(good(gkd_cross_tokenizer='gold'))
+
+
+# ---------------------------------------------------------------------------------------------------- checks, resolvers
+def _functions(module):
+    tree = ast.parse(inspect.getsource(module))
+    return [node for node in tree.body if isinstance(node, ast.FunctionDef)]
+
+
+CHECK_MODULES = ['swift_gkd_plugin.flags', 'swift_gkd_plugin.swift.arguments', 'swift_gkd_plugin.megatron.checks']
+
+
+@pytest.mark.parametrize('module_name', CHECK_MODULES)
+def test_checks_only_check_and_resolvers_only_resolve(module_name):
+    """A ``check_*`` function assigns no attribute of its arguments; a ``resolve_*`` function raises nothing."""
+    import importlib
+    module = importlib.import_module(module_name)
+    checks = resolvers = 0
+    for fn in _functions(module):
+        param = fn.args.args[0].arg if fn.args.args else None
+        if fn.name.startswith('check_'):
+            checks += 1
+            written = [ast.unparse(t) for node in ast.walk(fn) if isinstance(node, ast.Assign) for t in node.targets
+                       if any(isinstance(n, ast.Name) and n.id == param for n in ast.walk(t))
+                       and not isinstance(t, ast.Name)]
+            setattrs = [ast.unparse(node) for node in ast.walk(fn) if isinstance(node, ast.Call)
+                        and getattr(node.func, 'id', None) == 'setattr']
+            assert not written and not setattrs, f'{fn.name} changes its arguments: {written + setattrs}'
+        elif fn.name.startswith('resolve_'):
+            resolvers += 1
+            assert not any(isinstance(node, ast.Raise) for node in ast.walk(fn)), f'{fn.name} raises'
+    assert checks
+
+
+def test_the_swift_rlhf_order_resolves_first_then_checks():
+    from swift_gkd_plugin.swift import arguments
+    body = inspect.getsource(arguments.GKDPluginRLHFArguments._check_gkd)
+    assert body.index('resolve_gkd_arguments(self)') < body.index('check_gkd_arguments(self)')
+    resolvers = [ast.unparse(n.func) for n in ast.walk(ast.parse(inspect.getsource(arguments.resolve_gkd_arguments)))
+                 if isinstance(n, ast.Call)]
+    assert [r for r in resolvers if r.startswith('resolve_')] == [
+        'resolve_num_generations', 'resolve_reward_columns', 'resolve_teacher_adapters', 'resolve_cross_tokenizer']
+
+
+# ---------------------------------------------------------------------------------------------------- the temperature
+@pytest.mark.parametrize('temperature', [1e-9, 5e-4, TEMPERATURE_FLOOR * 0.99])
+def test_a_temperature_below_the_floor_is_refused_naming_it(temperature):
+    with pytest.raises(ValueError) as info:
+        check_gkd_scalars(good(temperature=temperature))
+    assert f'--temperature must be > 0 (at least {TEMPERATURE_FLOOR:g}: ' in str(info.value)
+    assert f'got {temperature}' in str(info.value)
+    check_gkd_scalars(good(temperature=TEMPERATURE_FLOOR))
+
+
+def test_the_floor_is_where_a_bf16_models_loss_saturates():
+    """Neighbouring bf16 logits above 16 are 0.125 apart: below the floor the loss's float32 softmax of such logits is
+    exactly one-hot on both sides (zero gradient); at twice the floor it still moves the student."""
+    top = torch.tensor([16.0, 16.0 - 0.125, 16.0 - 0.25, 3.0], dtype=torch.bfloat16)
+    student = torch.stack([top, top.flip(0)]).float()
+    teacher = torch.stack([top.roll(1), top]).float()
+
+    def grad(temperature):
+        z = student.clone().requires_grad_()
+        generalized_jsd(z, teacher, 0.5, temperature).sum().backward()
+        return z.grad.abs().max().item()
+
+    assert grad(TEMPERATURE_FLOOR * 0.9) == 0.0
+    assert grad(TEMPERATURE_FLOOR * 2) > 0.0
+
+
+# ---------------------------------------------------------------------------------------------------- ignored flags
+def test_flags_that_have_no_effect_are_named():
+    assert ignored_flag_warnings(good()) == []
+    assert ignored_flag_warnings(good(gkd_cross_tokenizer='hybrid', beta=0.1)) == []
+    assert ignored_flag_warnings(good(gkd_cross_tokenizer='uld', beta=None)) == []  # not given
+    uld, = ignored_flag_warnings(good(gkd_cross_tokenizer='uld', beta=0.1))
+    assert uld.startswith('--beta 0.1 is ignored with --gkd_cross_tokenizer uld')
+    seq_kd, = ignored_flag_warnings(good(seq_kd=True, lmbda=1.0))
+    assert seq_kd.startswith('--seq_kd true has no effect with --lmbda 1')
+    assert ignored_flag_warnings(good(seq_kd=True, lmbda=0.9)) == []
+
+
+@pytest.mark.parametrize('given,needle', [
+    (dict(multi_turn_scheduler='thinking_tips_scheduler'), '--multi_turn_scheduler thinking_tips_scheduler: '
+     'multi-turn rollouts are not supported by GKD'),
+    (dict(max_turns=3), '--max_turns 3: multi-turn rollouts are not supported by GKD'),
+    (dict(multi_turn_scheduler='x', max_turns=2), 'remove --multi_turn_scheduler and --max_turns'),
+])
+def test_multi_turn_flags_are_refused(given, needle):
+    check_multi_turn_flags(SimpleNamespace(multi_turn_scheduler=None, max_turns=None))
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        check_multi_turn_flags(SimpleNamespace(**dict(dict(multi_turn_scheduler=None, max_turns=None), **given)))
+
+
+def test_ms_swifts_arguments_leave_num_generations_to_the_resolver():
+    """ms-swift's own RLHFArguments, as the plugin leaves it: unset num_generations in its parser and constructor
+    (the resolver gives GKD 1 and the other rlhf types GRPO's 8; the run itself: test_activation_and_bad_input)."""
+    from swift.arguments import RLHFArguments
+
+    from swift_gkd_plugin.activation import grpo_num_generations
+    from swift_gkd_plugin.flags import resolve_num_generations
+    assert RLHFArguments.__dataclass_fields__['num_generations'].default is None
+    assert inspect.signature(RLHFArguments.__init__).parameters['num_generations'].default is None
+    assert grpo_num_generations() == 8
+    for rlhf_type, expected in (('gkd', 1), ('grpo', 8)):
+        args = SimpleNamespace(rlhf_type=rlhf_type, num_generations=None)
+        resolve_num_generations(args, grpo_num_generations())
+        assert args.num_generations == expected
+    args = SimpleNamespace(rlhf_type='gkd', num_generations=4)
+    resolve_num_generations(args, 8)
+    assert args.num_generations == 4
