@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from ..core.constants import IGNORE_INDEX
 from .backend import DynamicBatcher, EncodeError, QueueFull, ScoreSpec, TooLong, TransformersTeacher
 from .protocol import (IDS_DTYPE, LOGPROB_DTYPES, MSGPACK, TAIL_DTYPE, InferBody, TopKRequest, pack_array,
                        tokenizer_fingerprint)
@@ -390,7 +391,7 @@ def create_app(teacher: TransformersTeacher, config: ServerConfig) -> FastAPI:
                         raise _error(413, f'sequences[{i}]: {e}')
                     except EncodeError as e:
                         raise _error(422, f'sequences[{i}]: {e}')
-                    pos = [p for p in range(len(ids) - 1) if labels is not None and labels[p + 1] != -100]
+                    pos = [p for p in range(len(ids) - 1) if labels is not None and labels[p + 1] != IGNORE_INDEX]
                     if not pos:
                         raise _error(422, f'sequences[{i}]: the messages hold no response token to score')
                     _check_ids(ids, n_emb, f'sequences[{i}]')

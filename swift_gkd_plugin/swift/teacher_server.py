@@ -16,6 +16,7 @@ from swift.infer_engine.protocol import ChatCompletionResponse
 from swift.rlhf_trainers.utils import parse_prompt_logprobs
 from swift.utils import get_logger
 
+from swift_gkd_plugin.core.constants import IGNORE_INDEX
 from swift_gkd_plugin.server.client import TeacherClient
 from swift_gkd_plugin.server.protocol import tokenizer_fingerprint
 
@@ -100,7 +101,7 @@ def attach_trainer_token_ids(batches) -> None:
         for row, request in enumerate(requests):
             keep = attention[row].bool() if attention is not None else ids[row] == ids[row]
             row_labels = labels[row][keep]
-            labelled = (row_labels != -100).nonzero().flatten()
+            labelled = (row_labels != IGNORE_INDEX).nonzero().flatten()
             needed = int(labelled[-1]) + 1 if labelled.numel() else 0
             request._gkd_trainer_ids = (ids[row][keep].tolist(), needed)
 
