@@ -246,6 +246,15 @@ class GKDPluginRLHFArguments(GKDPluginArgumentsMixin, RLHFArguments):
                 self.remove_unused_columns = False  # reward functions read the dataset's extra columns
         super().__post_init__()
 
+    def _check_teacher(self):
+        """ms-swift logs "self-distillation mode (teacher = student)" whenever no --teacher_model is given; with
+        --teacher_adapters the teacher is the base plus that adapter (logged by :func:`check_teacher_adapters`)."""
+        if (self.rlhf_type == 'gkd' and self.teacher_adapters and self.teacher_model is None
+                and self.teacher_model_server is None and not self.use_liger_kernel):
+            self._teacher_use_disable_adapter = False
+            return
+        super()._check_teacher()
+
     def _check_gkd(self):
         if self.rlhf_type != 'gkd':
             check_no_plugin_flags_outside_gkd(self)
