@@ -13,6 +13,7 @@ from swift.utils import get_logger
 import swift_gkd_plugin
 from swift_gkd_plugin.flags import (GKDPluginArgumentsMixin, check_gkd_scalars, check_no_plugin_flags_outside_gkd,
                                     check_rl_flags, check_teacher_server_flags)
+from swift_gkd_plugin.swift.checkpoints import check_resume_checkpoint
 from swift_gkd_plugin.swift.datasets_check import check_local_jsonl_datasets
 
 logger = get_logger()
@@ -280,6 +281,7 @@ class GKDPluginRLHFArguments(GKDPluginArgumentsMixin, RLHFArguments):
         check_topk_within_vocab(self)
         check_teacher_adapters(self)
         check_local_jsonl_datasets(self)
+        check_resume_checkpoint(self)
         keep_teacher_messages_column()
         init_gloo_for_cpu_zero3(self)
         if self.teacher_model is not None and self.teacher_model == self.model:

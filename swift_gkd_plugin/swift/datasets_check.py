@@ -18,6 +18,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 from swift.dataset.dataset_syntax import DatasetSyntax
 from swift.dataset.preprocessor import AutoPreprocessor
 from swift.utils import get_logger
+from transformers import TrainerCallback
 
 logger = get_logger()
 
@@ -111,3 +112,22 @@ def check_local_jsonl_datasets(args) -> None:
                 raise ValueError(f'{rows}, so they have nothing to distil: {_NO_SAMPLING[flag]}')
             logger.warning(f'swift_gkd_plugin: {rows}: dataset (off-policy) steps have nothing to distil on them; '
                            'on-policy and seq_kd steps sample a response for them.')
+
+
+class RefuseEmptyEpochs(TrainerCallback):
+    """Refuses, when training starts, a training set too small for one batch: GKD drops incomplete batches
+    (ms-swift sets ``dataloader_drop_last``), so the run would end with exit code 0 after 0 steps, ``train_loss 0``
+    and nothing saved. The numbers are known here: after preprocessing and filtering, on every rank."""
+
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        if train_dataloader is None or not hasattr(train_dataloader, '__len__') or len(train_dataloader) > 0:
+            return
+        rows = len(train_dataloader.dataset) if hasattr(train_dataloader.dataset, '__len__') else '?'
+        g = getattr(args, 'num_generations', 1) or 1
+        per_rank = (f'--per_device_train_batch_size {args.per_device_train_batch_size}' if g == 1 else
+                    f'{args.generation_batch_size // g} prompt(s) of --generation_batch_size '
+                    f'{args.generation_batch_size} / --num_generations {g}')
+        raise ValueError(f'--dataset: the training set has {rows} row(s) after preprocessing, fewer than one batch '
+                         f'({per_rank} on each of {args.world_size} process(es)); GKD drops incomplete batches '
+                         f'(dataloader_drop_last), so not one step could train (--max_steps {args.max_steps}). Add '
+                         'rows, or lower the batch size.')

@@ -36,6 +36,7 @@ from swift_gkd_plugin.core.policy_gradient import policy_gradient_loss, sampled_
 from swift_gkd_plugin.core.offload import TeacherOffloader, is_partitioned
 from swift_gkd_plugin.core.topk import drop_ids_outside_vocab
 from swift_gkd_plugin.swift.clean_exit import destroy_process_groups_at_exit
+from swift_gkd_plugin.swift.run_guards import install_run_guards
 from swift_gkd_plugin.swift.cross_tokenizer import CrossTokenizerTeacher
 from swift_gkd_plugin.swift.hidden_states import (fused_fallback_reason, gathered_heads, head_bypassed, head_is_sharded,
                                                   head_rows, output_head, topk_from_hidden)
@@ -67,6 +68,7 @@ class GKDPluginTrainer(GKDTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         destroy_process_groups_at_exit()  # ms-swift never does; a rank exiting with live gloo groups may abort
+        install_run_guards(self)  # a training set smaller than one batch, a checkpoint save that runs out of space
         # compute_loss already divides by the step's token count: the HF Trainer must not divide by the number
         # of gradient-accumulation steps again (nor DeepSpeed, which the Trainer tells via scale_wrt_gas=False).
         self.loss_is_scaled_for_ga = True
