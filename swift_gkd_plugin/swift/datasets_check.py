@@ -8,9 +8,17 @@ Rows with nothing to distil (no assistant response, in the column names that ms-
 understands) are named too: a dataset step (off-policy) has no response token to distil on them. When no step can
 sample them (``--lmbda 0``, no ``--seq_kd``; or a validation set, which is always scored on its own responses) they
 are refused; otherwise they are only reported, since on-policy and seq_kd steps sample a response for them.
+
+Media columns (``images``, ``videos``, ``audios``) are checked too. ms-swift replaces a row whose image it cannot
+read by another row (an INFO line only), and a text-only model keeps a row's ``<image>`` tag as literal text and
+never sees the image: both trained on something else than the user's data with exit code 0. Here a local media file
+that is missing (or an image that cannot be opened) is refused by file, line and path, and so is a media row given to
+a text-only model. URLs and inline (base64) media are left to ms-swift: they are read only when the row is encoded.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import os
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -28,6 +36,7 @@ ROLE_KEYS = ('role', 'from')
 ASSISTANT_ROLES = ('assistant', 'gpt', 'bot')
 RESPONSE_KEYS = ('response', 'answer', 'output', 'targets', 'target', 'answer_key', 'answers', 'solution', 'text',
                  'completion', 'content')
+MEDIA_KEYS = ('images', 'videos', 'audios')
 LINES_SHOWN = 10
 _NO_SAMPLING = {
     '--dataset': ('--lmbda 0 without --seq_kd only distils on dataset responses. Remove those rows, or let the '
@@ -89,25 +98,106 @@ def has_response(row: dict, columns: Dict[str, str]) -> bool:
     return any(row.get(key) not in (None, '', []) for key in RESPONSE_KEYS)
 
 
-def lines_without_response(flag: str, path: str, standard_format: bool, columns: Dict[str, str]) -> List[int]:
-    """Reads the whole file (refusing unreadable lines); the lines of its rows without a response."""
-    missing = [line_no for line_no, row in jsonl_rows(flag, path) if not has_response(row, columns)]
-    return missing if standard_format else []
+def media_refs(row: dict, columns: Dict[str, str]) -> List[Tuple[str, str]]:
+    """``(column, reference)`` for each media file a row names (a path, a URL or inline base64), after
+    ``--columns``: a string, or a list of strings / ``{"path": ...}`` dicts (``{"bytes": ...}`` is inline)."""
+    row = {columns.get(key, key): value for key, value in row.items()}
+    refs = []
+    for key in MEDIA_KEYS:
+        values = row.get(key)
+        for value in values if isinstance(values, list) else [values]:
+            if isinstance(value, dict) and not value.get('bytes'):
+                value = value.get('path')
+            if isinstance(value, str) and value.strip():
+                refs.append((key, value.strip()))
+    return refs
+
+
+def _local_file(ref: str) -> Optional[str]:
+    """Where ms-swift reads a local media reference (as ``swift.template.vision_utils._check_path``: the working
+    directory, else ``ROOT_IMAGE_DIR``), or None for a URL or inline base64 data, which are read at encoding time."""
+    if ref.startswith(('http://', 'https://', 'data:')) or len(ref) > 2000:
+        return None
+    root = os.environ.get('ROOT_IMAGE_DIR')
+    for candidate in (ref, os.path.join(root, ref) if root else None):
+        if candidate and os.path.exists(os.path.expanduser(candidate)):
+            return os.path.abspath(os.path.expanduser(candidate))
+    try:
+        base64.b64decode(ref, validate=True)
+        return None  # inline data
+    except (binascii.Error, ValueError):
+        return ref  # a path that does not exist
+
+
+def media_problem(key: str, ref: str) -> Optional[str]:
+    """Why ms-swift could not read this media reference (a missing file, an image that does not open), or None."""
+    path = _local_file(ref)
+    if path is None:
+        return None
+    if not os.path.isfile(path):
+        where = f'the working directory {os.getcwd()}' + (
+            f' or ROOT_IMAGE_DIR {os.environ["ROOT_IMAGE_DIR"]}' if os.environ.get('ROOT_IMAGE_DIR') else '')
+        return f'{key} {ref!r}: no such file (relative paths are read from {where})'
+    if key == 'images':
+        from PIL import Image
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except Exception as exc:
+            return f'{key} {ref!r}: not a readable image ({type(exc).__name__}: {exc})'
+    return None
+
+
+def scan_rows(flag: str, path: str, standard_format: bool, columns: Dict[str, str], multimodal: bool) -> dict:
+    """Reads the whole file (refusing unreadable lines): the lines of its rows without a response, of its rows with
+    media, and each unreadable media file as ``(line, problem)``."""
+    found = {'no_response': [], 'media': [], 'broken': []}
+    for line_no, row in jsonl_rows(flag, path):
+        if not standard_format:
+            continue
+        if not has_response(row, columns):
+            found['no_response'].append(line_no)
+        refs = media_refs(row, columns)
+        if refs:
+            found['media'].append(line_no)
+        if multimodal:
+            found['broken'] += [(line_no, problem) for problem in (media_problem(*ref) for ref in refs) if problem]
+    return found
+
+
+def _shown(lines: List[int]) -> str:
+    return ', '.join(map(str, lines[:LINES_SHOWN])) + (', ...' if len(lines) > LINES_SHOWN else '')
 
 
 def check_local_jsonl_datasets(args) -> None:
-    """``--dataset`` / ``--val_dataset`` local jsonl files: readable, not empty, and their rows without a response
-    refused when nothing can sample one for them (see the module's docstring), else reported."""
+    """``--dataset`` / ``--val_dataset`` local jsonl files: readable, not empty, their media files readable and only
+    given to a multimodal model, and their rows without a response refused when nothing can sample one for them (see
+    the module's docstring), else reported."""
     columns = args.columns if isinstance(args.columns, dict) else {}
     train_samples = args.lmbda > 0 or args.seq_kd
+    meta = getattr(args, 'model_meta', None)
+    multimodal = meta is None or meta.is_multimodal  # unknown: not refused here
     for flag, entries, can_sample in (('--dataset', args.dataset, train_samples), ('--val_dataset', args.val_dataset,
                                                                                     False)):
         for path, standard_format in local_jsonl_files(entries, args.use_hf):
-            missing = lines_without_response(flag, path, standard_format, columns)
+            found = scan_rows(flag, path, standard_format, columns, multimodal)
+            if found['media'] and not multimodal:
+                raise ValueError(
+                    f'{flag} {path}: {len(found["media"])} row(s) have images, videos or audios (lines '
+                    f'{_shown(found["media"])}), but --model {args.model} (model type {meta.model_type}) is a '
+                    'text-only model: its template keeps the <image> tag as literal text and the model never sees '
+                    'the media. Train a multimodal model (with its --model_type / --template), or remove the media '
+                    'columns (images, videos, audios).')
+            if found['broken']:
+                shown = '; '.join(f'line {line}: {problem}' for line, problem in found['broken'][:LINES_SHOWN])
+                more = f' (and {len(found["broken"]) - LINES_SHOWN} more)' if len(found['broken']) > LINES_SHOWN else ''
+                raise ValueError(f'{flag} {path}: {len(found["broken"])} media file(s) cannot be read: {shown}{more}. '
+                                 'ms-swift would silently train on other rows in their place; fix or remove these '
+                                 'rows.')
+            missing = found['no_response']
             if not missing:
                 continue
-            shown = ', '.join(map(str, missing[:LINES_SHOWN])) + (', ...' if len(missing) > LINES_SHOWN else '')
-            rows = f'{flag} {path}: {len(missing)} row(s) have no assistant response (lines {shown})'
+            rows = f'{flag} {path}: {len(missing)} row(s) have no assistant response (lines {_shown(missing)})'
             if not can_sample:
                 raise ValueError(f'{rows}, so they have nothing to distil: {_NO_SAMPLING[flag]}')
             logger.warning(f'swift_gkd_plugin: {rows}: dataset (off-policy) steps have nothing to distil on them; '
