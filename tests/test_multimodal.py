@@ -330,3 +330,15 @@ def test_image_rows_for_a_text_only_model_are_refused(mm, tiny_ws, tmp_path):
     assert (f'--dataset {mm.train}: {N_ROWS} row(s) have images, videos or audios (lines 1, 2, 3, 4, 5, 6, 7, 8), '
             f'but --model {tiny_ws.student} (model type qwen3) is a text-only model') in run.output, run.output[-3000:]
     assert 'Loading weights' not in run.output
+
+
+def test_a_row_whose_inline_image_does_not_decode_is_named_when_replaced(mm, tmp_path):
+    """Inline (base64) media is read only when a row is encoded, where ms-swift replaces a row that fails by another
+    one: each replacement is now a warning naming the error and the row's media, and counted in the logs."""
+    image = 'data:image/png;base64,bm90IGEgcG5n'  # "not a png"
+    data = _with_image(mm, tmp_path, 3, image)
+    run = run_swift(mm_args(mm, str(tmp_path / 'out'), dataset=data, lmbda=0, max_steps=1))
+    assert re.search(r"swift_gkd_plugin: a dataset row cannot be encoded \(UnidentifiedImageError: .*\); its media: "
+                     r"\['data:image/png;base64,bm90IGEgcG5n'\]; ms-swift trains on another row in its place \(1 row\(s\) "
+                     r"replaced so far\)", run.output), run.output[-3000:]
+    assert [row['gkd/replaced_rows'] for row in run.logs] == [1]
