@@ -6,7 +6,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import OFFLINE_ENV, SWIFT, base_args, run_swift
+from conftest import OFFLINE_ENV, SWIFT, _free_port, base_args, launcher_child_command, run_swift
 
 
 def test_a_dataset_smaller_than_one_batch_is_refused(tiny_ws, tmp_path):
@@ -47,6 +47,25 @@ def test_a_full_disk_during_a_save_is_named(tiny_ws, small_tmpfs):
     assert f'{out} holds no complete checkpoint to resume from' in run.output
 
 
+def test_a_file_size_limit_during_a_save_is_named(tiny_ws, tmp_path):
+    """The same fault without root: the process may write files of at most 600 KiB (``ulimit -f``), enough for the
+    weights but not for the optimizer state, whose torch writer says only 'unexpected pos ...'."""
+    import resource
+    out = tmp_path / 'out'
+    argv = base_args(tiny_ws, str(out), lmbda=0, max_steps=2, save_strategy='steps', save_steps=1,
+                     save_only_model='false')
+    env = dict(os.environ, **OFFLINE_ENV)
+    env.pop('SWIFT_GKD_PLUGIN', None)
+    limit = 600 * 1024
+    done = subprocess.run(launcher_child_command('rlhf', argv, env), env=env, capture_output=True, text=True,
+                          timeout=600, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    output = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert (f'saving {out}/checkpoint-1 failed, file too large: this process may write files of at most {limit} '
+            'bytes (ulimit -f)') in output, output[-4000:]
+    assert os.path.getsize(out / 'checkpoint-1' / 'model.safetensors') < limit  # the weights were written
+
+
 def _children(pid):
     try:
         with open(f'/proc/{pid}/task/{pid}/children') as f:
@@ -63,30 +82,42 @@ def _alive(pid):
         return False
 
 
-def test_the_trainer_exits_with_the_swift_launcher(tiny_ws, tmp_path):
+def _descendants(pid):
+    found = []
+    for child in _children(pid):
+        found += [child] + _descendants(child)
+    return found
+
+
+@pytest.mark.parametrize('nproc', [1, 2])
+def test_the_trainer_exits_with_the_swift_launcher(tiny_ws, tmp_path, nproc):
     """SIGTERM to ``swift rlhf`` (what a job scheduler sends): ms-swift's launcher dies without passing it on, and
-    its child (the trainer) used to run on as an orphan. It now exits within seconds."""
+    its child (the trainer, or torchrun and its workers) used to run on as orphans. All exit within seconds."""
     env = dict(os.environ, **OFFLINE_ENV)
     env.pop('SWIFT_GKD_PLUGIN', None)
-    argv = base_args(tiny_ws, str(tmp_path / 'out'), lmbda=0, max_steps=100000)
-    launcher = subprocess.Popen([SWIFT, 'rlhf'] + argv, env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-    child = None
+    flags = dict(lmbda=0, max_steps=100000)
+    if nproc > 1:
+        env.update(NPROC_PER_NODE=str(nproc), MASTER_PORT=str(_free_port()))
+        flags['use_cpu'] = 'true'
+    launcher = subprocess.Popen([SWIFT, 'rlhf'] + base_args(tiny_ws, str(tmp_path / 'out'), **flags), env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    started = []
     try:
         deadline = time.time() + 120
-        while not _children(launcher.pid) and time.time() < deadline:
+        while len(_descendants(launcher.pid)) < (1 if nproc == 1 else 1 + nproc) and time.time() < deadline:
             time.sleep(0.2)
-        [child] = _children(launcher.pid)
-        time.sleep(3)  # the child is importing ms-swift (or loading the models) by now
-        assert _alive(child) and launcher.poll() is None
+        time.sleep(3)  # the trainers are importing ms-swift (or loading the models) by now
+        started = [pid for pid in _descendants(launcher.pid) if _alive(pid)]
+        assert len(started) >= (1 if nproc == 1 else 1 + nproc) and launcher.poll() is None, started
         launcher.send_signal(signal.SIGTERM)
         launcher.wait(timeout=30)
-        deadline = time.time() + 15
-        while _alive(child) and time.time() < deadline:
+        deadline = time.time() + 20
+        while any(map(_alive, started)) and time.time() < deadline:
             time.sleep(0.2)
-        assert not _alive(child), 'the trainer outlived the swift launcher'
+        assert not [pid for pid in started if _alive(pid)], 'processes outlived the swift launcher'
     finally:
         launcher.kill()
         launcher.wait()
-        if child is not None and _alive(child):
-            os.kill(child, signal.SIGKILL)
+        for pid in started:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
