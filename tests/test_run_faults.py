@@ -9,13 +9,27 @@ import pytest
 from conftest import OFFLINE_ENV, SWIFT, _free_port, base_args, launcher_child_command, run_swift
 
 
-def test_a_dataset_smaller_than_one_batch_is_refused(tiny_ws, tmp_path):
-    """One row and batches of 2 with incomplete batches dropped: ms-swift ended with exit code 0 after 0 steps and
-    train_loss 0. The run is refused, naming the numbers."""
-    one_row = tmp_path / 'one.jsonl'
+def _first_rows(tiny_ws, path, n):
     with open(tiny_ws.train) as f:
-        one_row.write_text(f.readline())
-    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), dataset=str(one_row), lmbda=0), check=False)
+        path.write_text(''.join(next(f) for _ in range(n)))
+    return str(path)
+
+
+def test_a_dataset_smaller_than_one_batch_is_refused_before_any_model_loads(tiny_ws, tmp_path):
+    """One row and batches of 2, incomplete batches dropped: ms-swift ended with exit code 0 after 0 steps and
+    train_loss 0. A local jsonl training set is counted before any model loads."""
+    data = _first_rows(tiny_ws, tmp_path / 'one.jsonl', 1)
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), dataset=data, lmbda=0), check=False)
+    assert run.returncode != 0
+    assert (f'--dataset: 1 row(s) in {data}, fewer than one batch (--per_device_train_batch_size 2)'
+            in run.output), run.output[-3000:]
+    assert 'Loading weights' not in run.output and not run.logs
+
+
+def test_a_training_set_sampled_smaller_than_one_batch_is_refused_when_training_starts(tiny_ws, tmp_path):
+    """``path#1`` samples one row of a 64-row file: known only once ms-swift has loaded the dataset, and refused when
+    training starts, naming the numbers."""
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), dataset=f'{tiny_ws.train}#1', lmbda=0), check=False)
     assert run.returncode != 0
     assert ('the training set has 1 row(s) after preprocessing, fewer than one batch (--per_device_train_batch_size '
             '2 on each of 1 process(es))') in run.output, run.output[-3000:]

@@ -149,10 +149,11 @@ def media_problem(key: str, ref: str) -> Optional[str]:
 
 
 def scan_rows(flag: str, path: str, standard_format: bool, columns: Dict[str, str], multimodal: bool) -> dict:
-    """Reads the whole file (refusing unreadable lines): the lines of its rows without a response, of its rows with
-    media, and each unreadable media file as ``(line, problem)``."""
-    found = {'no_response': [], 'media': [], 'broken': []}
+    """Reads the whole file (refusing unreadable lines): its number of rows, the lines of its rows without a response,
+    of its rows with media, and each unreadable media file as ``(line, problem)``."""
+    found = {'no_response': [], 'media': [], 'broken': [], 'rows': 0}
     for line_no, row in jsonl_rows(flag, path):
+        found['rows'] += 1
         if not standard_format:
             continue
         if not has_response(row, columns):
@@ -177,10 +178,12 @@ def check_local_jsonl_datasets(args) -> None:
     train_samples = args.lmbda > 0 or args.seq_kd
     meta = getattr(args, 'model_meta', None)
     multimodal = meta is None or meta.is_multimodal  # unknown: not refused here
+    train_rows = 0
     for flag, entries, can_sample in (('--dataset', args.dataset, train_samples), ('--val_dataset', args.val_dataset,
                                                                                     False)):
         for path, standard_format in local_jsonl_files(entries, args.use_hf):
             found = scan_rows(flag, path, standard_format, columns, multimodal)
+            train_rows += found['rows'] if flag == '--dataset' else 0
             if found['media'] and not multimodal:
                 raise ValueError(
                     f'{flag} {path}: {len(found["media"])} row(s) have images, videos or audios (lines '
@@ -202,6 +205,23 @@ def check_local_jsonl_datasets(args) -> None:
                 raise ValueError(f'{rows}, so they have nothing to distil: {_NO_SAMPLING[flag]}')
             logger.warning(f'swift_gkd_plugin: {rows}: dataset (off-policy) steps have nothing to distil on them; '
                            'on-policy and seq_kd steps sample a response for them.')
+    check_one_batch(args, train_rows)
+
+
+def check_one_batch(args, rows: int) -> None:
+    """Training sets of local jsonl files only, read whole (no ``#N`` sampling): fewer rows than one device's batch
+    can never fill a batch, and GKD drops incomplete ones. Preprocessing only removes rows, so this refusal is
+    certain; the other cases (several processes, ``--num_generations``, rows dropped while encoding, hub datasets)
+    are refused when training starts (:class:`RefuseEmptyEpochs`)."""
+    entries = args.dataset or []
+    whole_local_files = len(local_jsonl_files(entries, args.use_hf)) == len(entries) and all(
+        DatasetSyntax.parse(entry).dataset_sample is None for entry in entries)
+    batch = args.per_device_train_batch_size
+    if not entries or not whole_local_files or args.streaming or args.num_generations != 1 or rows >= batch:
+        return
+    raise ValueError(f'--dataset: {rows} row(s) in {", ".join(entries)}, fewer than one batch '
+                     f'(--per_device_train_batch_size {batch}); GKD drops incomplete batches (dataloader_drop_last), '
+                     'so not one step could train. Add rows, or lower --per_device_train_batch_size.')
 
 
 class RefuseEmptyEpochs(TrainerCallback):
