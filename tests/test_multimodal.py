@@ -339,6 +339,6 @@ def test_a_row_whose_inline_image_does_not_decode_is_named_when_replaced(mm, tmp
     data = _with_image(mm, tmp_path, 3, image)
     run = run_swift(mm_args(mm, str(tmp_path / 'out'), dataset=data, lmbda=0, max_steps=1))
     assert re.search(r"swift_gkd_plugin: a dataset row cannot be encoded \(UnidentifiedImageError: .*\); its media: "
-                     r"\['data:image/png;base64,bm90IGEgcG5n'\]; ms-swift trains on another row in its place \(1 row\(s\) "
-                     r"replaced so far\)", run.output), run.output[-3000:]
+                     r"\['data:image/png;base64,bm90IGEgcG5n'\]; ms-swift trains on another row in its place "
+                     r"\(1 row\(s\) replaced so far\)", run.output), run.output[-3000:]
     assert [row['gkd/replaced_rows'] for row in run.logs] == [1]
