@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import glob
+import hashlib
 import json
 import os
 import shutil
@@ -88,8 +89,9 @@ def method_command(method: str, ws: Dict[str, Any], cfg: Dict[str, Any], seed: i
 
 def run_method(method: str, ws: Dict[str, Any], cfg: Dict[str, Any], seed: int, out_root: str,
                methods: Dict[str, tuple] = METHODS) -> List[str]:
-    """Run one method with one seed; return its checkpoints in step order.  A failed run stops the benchmark."""
-    output_dir = os.path.join(out_root, f'{method}_seed{seed}')
+    """Run one method with one seed in ``out_root/<run_key>``; return its checkpoints in step order.  A failed run
+    stops the benchmark."""
+    output_dir = os.path.join(out_root, run_key(method, ws, cfg, seed, methods))
     shutil.rmtree(output_dir, ignore_errors=True)
     env = dict(os.environ, **OFFLINE_ENV, TOKENIZERS_PARALLELISM='false')
     env.setdefault('OMP_NUM_THREADS', '1')
@@ -119,23 +121,37 @@ def evaluate_curve(checkpoints: List[str], ws: Dict[str, Any], test_rows, tokeni
     return curve
 
 
-def _curve_path(workdir: str, method: str, seed: int) -> str:
-    return os.path.join(workdir, 'runs', f'{method}_seed{seed}.curve.json')
+def run_key(method: str, ws: Dict[str, Any], cfg: Dict[str, Any], seed: int,
+            methods: Dict[str, tuple] = METHODS) -> str:
+    """``<method>_seed<n>-<hash>``: the name of a run's folder and curve, a hash of its whole configuration (its
+    command line but the output folder, and the settings that shape its evaluation), so that runs of other settings in
+    one work directory (another learning rate, temperature, preset) are kept side by side instead of replacing each
+    other."""
+    argv = method_command(method, ws, cfg, seed, '', methods)
+    argv = argv[:argv.index('--output_dir')] + argv[argv.index('--output_dir') + 2:]
+    config = json.dumps({'argv': argv[1:], 'config': _run_config(method, cfg, methods)}, sort_keys=True)
+    return f'{method}_seed{seed}-{hashlib.sha256(config.encode()).hexdigest()[:12]}'
 
 
-def cached_curve(workdir: str, method: str, seed: int, cfg: Dict[str, Any], methods: Dict[str, tuple] = METHODS):
-    """The curve of an earlier run with the same settings (an interrupted benchmark resumes where it stopped)."""
+def _curve_path(workdir: str, key: str) -> str:
+    return os.path.join(workdir, 'runs', f'{key}.curve.json')
+
+
+def cached_curve(workdir: str, method: str, ws: Dict[str, Any], cfg: Dict[str, Any], seed: int,
+                 methods: Dict[str, tuple] = METHODS):
+    """The curve of an earlier run with the same configuration (an interrupted benchmark resumes where it stopped)."""
     try:
-        with open(_curve_path(workdir, method, seed)) as f:
-            saved = json.load(f)
-    except (OSError, ValueError):
+        with open(_curve_path(workdir, run_key(method, ws, cfg, seed, methods))) as f:
+            return json.load(f)['curve']
+    except (OSError, ValueError, KeyError):
         return None
-    return saved['curve'] if saved['config'] == _run_config(method, cfg, methods) else None
 
 
-def save_curve(workdir: str, method: str, seed: int, cfg: Dict[str, Any], curve,
+def save_curve(workdir: str, method: str, ws: Dict[str, Any], cfg: Dict[str, Any], seed: int, curve,
                methods: Dict[str, tuple] = METHODS) -> None:
-    with open(_curve_path(workdir, method, seed), 'w') as f:
+    path = _curve_path(workdir, run_key(method, ws, cfg, seed, methods))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'w') as f:
         json.dump({'config': _run_config(method, cfg, methods), 'curve': curve}, f)
 
 
@@ -246,12 +262,12 @@ def collect_curves(names: List[str], ws: Dict[str, Any], cfg: Dict[str, Any], wo
     runs = [(m, s) for s in cfg['seeds'] for m in names]
     for i, (method, seed) in enumerate(runs, 1):
         t = time.time()
-        curve = cached_curve(workdir, method, seed, cfg, methods)
+        curve = cached_curve(workdir, method, ws, cfg, seed, methods)
         if curve is None:
             log(f'[{i}/{len(runs)}] {method} seed {seed}: {cfg["steps"]} steps ...')
             checkpoints = run_method(method, ws, cfg, seed, os.path.join(workdir, 'runs'), methods)
             curve = evaluate_curve(checkpoints, ws, test_rows, tokenizer)
-            save_curve(workdir, method, seed, cfg, curve, methods)
+            save_curve(workdir, method, ws, cfg, seed, curve, methods)
         curves.setdefault(method, {})[seed] = curve
         log(f'[{i}/{len(runs)}] {method} seed {seed}: exact match ' +
             ' -> '.join(f"{p['exact_match']:.3f}" for p in curve) + f' ({time.time() - t:.0f}s)')

@@ -34,18 +34,7 @@ if [ ! -f "$DATA" ]; then
     # ms-swift's loader turns the source rows into `messages`; the teacher's prompt is the last user turn + the answer.
     # 用 ms-swift 的加载器把源数据转为 `messages`；教师提示 = 最后一个用户轮 + 答案。
     mkdir -p "$(dirname "$DATA")"
-    python - "$SOURCE_DATASET" "$DATA" <<'EOF'
-import json, sys
-from swift.dataset import load_dataset
-source, out = sys.argv[1:]
-rows, _ = load_dataset([source])
-with open(out, 'w', encoding='utf-8') as f:
-    for row in rows:
-        messages = [m for m in row['messages'] if m['role'] != 'system']
-        question, answer = messages[-2]['content'], messages[-1]['content']
-        teacher_prompt = f'{question}\n\n参考答案 / Reference answer (use it, do not mention it):\n{answer}'
-        f.write(json.dumps({'messages': row['messages'], 'teacher_prompt': teacher_prompt}, ensure_ascii=False) + '\n')
-EOF
+    python "$(dirname "${BASH_SOURCE[0]}")/privileged_teacher_data.py" "$SOURCE_DATASET" "$DATA"
 fi
 
 EXTRA=()

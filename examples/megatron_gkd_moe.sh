@@ -11,17 +11,29 @@
 # 模式：一半步数 on-policy，其余步由教师（基座）生成回复（seq_kd）。不用 vLLM 时由 Megatron 模型采样（无 KV cache）；在
 # 专家并行下所有 rank 会一直执行前向，直到所有 rank 的回复都结束（MoE 的 all-to-all 跨数据并行 rank），请保持回复较短，
 # 或设置 USE_VLLM=true 让 on-policy 步使用 vLLM。
-# The LoRA starts at zero, so student == teacher until something moves the student: here --sft_alpha (cross-entropy
-# on the teacher's samples); better, start from an SFT adapter (ADAPTERS=path) or give the teacher a privileged prompt
-# (a teacher_prompt or teacher_messages column). / LoRA 初始为零时学生与教师相同；此处用 --sft_alpha（在教师样本上的
-# 交叉熵）让学生动起来；更好的做法是从 SFT 适配器开始（ADAPTERS=路径），或在数据中提供 teacher_prompt / teacher_messages
-# 列给教师特权提示。
+# What drives the loss: a fresh LoRA is zero, so on the same prompt the student equals its teacher and the divergence
+# is exactly 0. Every row therefore gets a `teacher_prompt` column (the question plus the dataset's reference answer,
+# written by privileged_teacher_data.py), which only the teacher reads: it scores the response, and on seq_kd steps
+# samples it, with the reference in view, and the LoRA learns to answer without it as the base does with it. Other
+# ways to move a zero LoRA away from its teacher: start from an SFT adapter (ADAPTERS=path).
+# 损失从何而来：新 LoRA 为零，同一提示下学生与教师相同，散度恰为 0。因此每行加上 `teacher_prompt` 列（问题 + 数据集的
+# 参考答案，由 privileged_teacher_data.py 写入），只有教师能看到：教师在看到参考答案的情况下给回复打分，并在 seq_kd 步
+# 生成回复；LoRA 学会在没有参考答案时像看到参考答案的基座那样作答。其他让零 LoRA 偏离教师的方法：从 SFT 适配器开始
+# （ADAPTERS=路径）。
 # Not yet run end to end on GPUs: check your set-up with tests/gpu/run_megatron_gkd.sh first (docs_en/megatron.md).
 # 尚未在 GPU 上端到端运行过：请先用 tests/gpu/run_megatron_gkd.sh 检查环境（见 docs_zh/megatron.md）。
 set -euo pipefail
 MODEL=${MODEL:-Qwen/Qwen3-30B-A3B-Instruct-2507}
 USE_VLLM=${USE_VLLM:-false}
 ADAPTERS=${ADAPTERS:-}
+SOURCE_DATASET=${SOURCE_DATASET:-AI-ModelScope/alpaca-gpt4-data-zh#2000}  # any dataset with answers / 任何带答案的数据集
+OUTPUT_DIR=${OUTPUT_DIR:-megatron_output/gkd-moe-self-distill}
+DATA=${DATA:-$OUTPUT_DIR/privileged_train.jsonl}
+
+if [ ! -f "$DATA" ]; then
+    mkdir -p "$(dirname "$DATA")"
+    python "$(dirname "${BASH_SOURCE[0]}")/privileged_teacher_data.py" "$SOURCE_DATASET" "$DATA"
+fi
 
 EXTRA=()
 if [ "$USE_VLLM" = true ]; then
@@ -46,7 +58,7 @@ megatron rlhf \
     --lora_alpha 32 \
     --target_modules all-linear \
     --torch_dtype bfloat16 \
-    --dataset 'AI-ModelScope/alpaca-gpt4-data-zh#2000' \
+    --dataset "$DATA" \
     --tensor_model_parallel_size 1 \
     --pipeline_model_parallel_size 1 \
     --context_parallel_size 1 \
@@ -56,7 +68,6 @@ megatron rlhf \
     --seq_kd true \
     --beta 0.5 \
     --temperature 1.0 \
-    --sft_alpha 0.1 \
     --max_length 1536 \
     --max_completion_length 256 \
     "${EXTRA[@]}" \
@@ -73,4 +84,4 @@ megatron rlhf \
     --no_save_rng true \
     --logging_steps 5 \
     --save_steps 100 \
-    --output_dir megatron_output/gkd-moe-self-distill
+    --output_dir "$OUTPUT_DIR"

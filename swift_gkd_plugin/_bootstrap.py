@@ -3,12 +3,19 @@
 It must cost nothing: it imports neither torch nor ms-swift. It only registers post-import hooks so that, when a
 process imports ms-swift's rlhf pipeline or trainer factory, the plugin's arguments and trainer are put in place
 (see :mod:`swift_gkd_plugin.activation`). ``SWIFT_GKD_PLUGIN=0`` leaves ms-swift untouched.
+
+It also makes the process that ms-swift's ``swift`` / ``megatron`` launcher starts exit with that launcher
+(:func:`exit_with_launcher`): the launcher waits on its child without forwarding signals, so a SIGTERM to it (a job
+scheduler, ``kill``) left the trainer running as an orphan, holding its GPUs.
 """
 import importlib.abc
 import importlib.util
 import os
+import signal
 import sys
 
+LAUNCHER_PID_ENV = 'SWIFT_GKD_PLUGIN_LAUNCHER_PID'  # set by the launcher (activation.on_swift_cli_imported)
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _OFF_VALUES = {'0', 'false', 'no', 'off'}
 
 # module name -> function name in swift_gkd_plugin.activation, called right after that module has executed
@@ -18,6 +25,7 @@ _HOOKS = {
     'swift.trainers.trainer_factory': 'on_trainer_factory_imported',
     'swift.megatron.pipelines.train.rlhf': 'on_megatron_rlhf_pipeline_imported',
     'swift.cli._megatron.main': 'on_megatron_cli_imported',
+    'swift.cli.main': 'on_swift_cli_imported',
 }
 
 
@@ -58,7 +66,22 @@ class _PostImportFinder(importlib.abc.MetaPathFinder):
         return None
 
 
+def exit_with_launcher() -> None:
+    """In the child of ms-swift's launcher (the route file, or torchrun, which stops its own workers on SIGTERM):
+    ask Linux for a SIGTERM when the launcher dies, or exit now if it is already gone. The variable is removed
+    here, so only that one child acts on it, never the processes it starts."""
+    launcher = os.environ.pop(LAUNCHER_PID_ENV, None)
+    if launcher is None or not sys.platform.startswith('linux'):
+        return
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if str(os.getppid()) != launcher:  # the launcher died before the request above
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def install() -> None:
+    exit_with_launcher()
     if not auto_activation_enabled():
         return
     if any(isinstance(f, _PostImportFinder) for f in sys.meta_path):

@@ -132,6 +132,22 @@ def on_megatron_cli_imported(module) -> None:
     module.cli_main = cli_main
 
 
+def on_swift_cli_imported(module) -> None:
+    """ms-swift's launcher (``swift``, and ``megatron`` through it) tells the child it starts its own pid, so that
+    the child exits with it (:func:`swift_gkd_plugin._bootstrap.exit_with_launcher`)."""
+    original = module.cli_main
+    if getattr(original, '_swift_gkd_plugin', False):
+        return
+
+    def cli_main(*args, **kwargs):
+        from swift_gkd_plugin._bootstrap import LAUNCHER_PID_ENV
+        os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
+        return original(*args, **kwargs)
+
+    cli_main._swift_gkd_plugin = True
+    module.cli_main = cli_main
+
+
 def on_megatron_rlhf_pipeline_imported(module) -> None:
     """Parse ``megatron rlhf`` with the plugin's arguments class and build the plugin's trainer for 'gkd'."""
     from swift_gkd_plugin.megatron.arguments import GKDPluginMegatronRLHFArguments

@@ -104,6 +104,22 @@ def test_example_flags_exist(script, request, tmp_path):
         assert unknown_flags(args_class, argv[1:]) == [], f'{script}: {program} rlhf does not know these flags'
 
 
+def test_megatron_moe_example_gives_the_teacher_the_same_privileged_prompt(tiny_ws, omni_privileged_data, tmp_path):
+    """The Megatron MoE example self-distils a zero LoRA too (same --model and --teacher_model): it trains on the
+    dataset the Omni example writes (a teacher_prompt column in every row), which makes the loss non-zero at step 1
+    (the next test: Megatron-SWIFT cannot run on CPU; the same column reaches its teacher, docs_en/megatron.md)."""
+    commands = record_commands(os.path.join(EXAMPLES, 'megatron_gkd_moe.sh'), tmp_path,
+                               env={'SOURCE_DATASET': tiny_ws.train}, run_python=True)
+    argv = commands['megatron']
+    assert argv[argv.index('--model') + 1] == argv[argv.index('--teacher_model') + 1]
+    assert argv[argv.index('--tuner_type') + 1] == 'lora'
+    data = os.path.join(tmp_path, argv[argv.index('--dataset') + 1])
+    with open(data) as f, open(omni_privileged_data[1]) as omni:
+        rows = [json.loads(line) for line in f]
+        assert rows == [json.loads(line) for line in omni]
+    assert all(row['teacher_prompt'] for row in rows)
+
+
 def test_self_distillation_example_gives_the_teacher_a_privileged_prompt(tiny_ws, omni_privileged_data, tmp_path):
     """Shared base, zero LoRA: only the teacher_prompt column the example writes makes the loss non-zero at step 1."""
     argv, data = omni_privileged_data

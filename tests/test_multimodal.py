@@ -296,3 +296,49 @@ def test_a_response_holding_an_image_token_is_cut_before_it(mm):
     encoded = encode_sample(sample, template)
     assert encoded['input_ids'].count(image_id) == tmm.NUM_IMAGE_TOKENS
     assert [t for t, label in zip(encoded['input_ids'], encoded['labels']) if label != -100] == text
+
+
+# ---------------------------------------------------------------- bad media
+def _with_image(mm, tmp_path, line, image):
+    """The training rows with the image of ``line`` (1-based) replaced by ``image``."""
+    rows = tmm.read_dataset(mm.train)
+    rows[line - 1]['images'] = [image]
+    return tmm.write_dataset(str(tmp_path / 'train.jsonl'), rows)
+
+
+@pytest.mark.parametrize('problem', ['missing', 'corrupt'])
+def test_an_unreadable_image_is_refused_before_any_model_loads(mm, tmp_path, problem):
+    """ms-swift replaced a row whose image it could not read by another row (an INFO line only) and the run ended
+    with exit code 0; the row is refused before any model loads, by file, line and image."""
+    image = str(tmp_path / 'gone.png')
+    if problem == 'corrupt':
+        with open(image, 'wb') as f:
+            f.write(b'not a png')
+    data = _with_image(mm, tmp_path, 3, image)
+    run = run_swift(mm_args(mm, str(tmp_path / 'out'), dataset=data), check=False)
+    assert run.returncode != 0
+    words = 'no such file' if problem == 'missing' else 'not a readable image'
+    assert f'--dataset {data}: 1 media file(s) cannot be read: line 3: images {image!r}: {words}' in run.output, \
+        run.output[-3000:]
+    assert 'Loading weights' not in run.output
+
+
+def test_image_rows_for_a_text_only_model_are_refused(mm, tiny_ws, tmp_path):
+    """A text-only model trained on image rows with the literal <image> tag in its prompts, silently."""
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), dataset=mm.train), check=False)
+    assert run.returncode != 0
+    assert (f'--dataset {mm.train}: {N_ROWS} row(s) have images, videos or audios (lines 1, 2, 3, 4, 5, 6, 7, 8), '
+            f'but --model {tiny_ws.student} (model type qwen3) is a text-only model') in run.output, run.output[-3000:]
+    assert 'Loading weights' not in run.output
+
+
+def test_a_row_whose_inline_image_does_not_decode_is_named_when_replaced(mm, tmp_path):
+    """Inline (base64) media is read only when a row is encoded, where ms-swift replaces a row that fails by another
+    one: each replacement is now a warning naming the error and the row's media, and counted in the logs."""
+    image = 'data:image/png;base64,bm90IGEgcG5n'  # "not a png"
+    data = _with_image(mm, tmp_path, 3, image)
+    run = run_swift(mm_args(mm, str(tmp_path / 'out'), dataset=data, lmbda=0, max_steps=1))
+    assert re.search(r"swift_gkd_plugin: a dataset row cannot be encoded \(UnidentifiedImageError: .*\); its media: "
+                     r"\['data:image/png;base64,bm90IGEgcG5n'\]; ms-swift trains on another row in its place "
+                     r"\(1 row\(s\) replaced so far\)", run.output), run.output[-3000:]
+    assert [row['gkd/replaced_rows'] for row in run.logs] == [1]

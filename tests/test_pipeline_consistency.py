@@ -27,21 +27,53 @@ def test_two_processes_agree_on_every_mode_decision(tiny_ws, tmp_path):
         assert all(row[k] in (0.0, 1.0) for k in row if k.startswith('gkd/mode_'))
 
 
-def test_resume_continues_the_same_modes_and_losses(tiny_ws, tmp_path):
-    common = dict(lmbda=0.5, seq_kd='true', max_steps=6, seed=3, temperature=1.0, save_strategy='steps',
-                  save_steps=3, save_only_model='false')
-    full = run_swift(base_args(tiny_ws, str(tmp_path / 'full'), **common))
+RESUME = dict(lmbda=0.5, seq_kd='true', max_steps=6, seed=3, temperature=1.0, save_strategy='steps', save_steps=3,
+              save_only_model='false')
+
+
+@pytest.fixture(scope='module')
+def saved_every_three_steps(tiny_ws, shared_runs):
+    """6 steps, a full checkpoint (optimizer included) at steps 3 and 6."""
+    return shared_runs('saved_every_three_steps', {'run': lambda out: run_swift(base_args(tiny_ws, out,
+                                                                                          **RESUME))})['run']
+
+
+def test_resume_continues_the_same_modes_and_losses(tiny_ws, saved_every_three_steps, tmp_path):
+    full = saved_every_three_steps
     ckpt = [c for c in full.checkpoints() if c.endswith('checkpoint-3')]
     assert ckpt, full.checkpoints()
 
     # a fresh run directory that resumes from the uninterrupted run's step-3 checkpoint
-    resumed = run_swift(base_args(tiny_ws, str(tmp_path / 'resumed'), resume_from_checkpoint=ckpt[0], **common))
+    resumed = run_swift(base_args(tiny_ws, str(tmp_path / 'resumed'), resume_from_checkpoint=ckpt[0], **RESUME))
     assert [m['step'] for m in resumed.modes()] == [3, 4, 5]
     assert resumed.modes() == full.modes()[3:]
     assert len(resumed.logs) == 3
     for a, b in zip(resumed.logs, full.logs[3:]):
         assert a['global_step/max_steps'] == b['global_step/max_steps']
         assert _rel(a['loss'], b['loss']) < 1e-4, (resumed.losses, full.losses)
+
+
+@pytest.mark.parametrize('last_checkpoint_link', [True, False])
+def test_resume_from_a_half_written_checkpoint_is_refused_before_loading(tiny_ws, saved_every_three_steps, tmp_path,
+                                                                         last_checkpoint_link):
+    """A save killed mid-way leaves checkpoint-6 with its config and weights but no trainer_state.json (written last),
+    and last-checkpoint still on checkpoint-3: resuming from checkpoint-6 is refused before any model loads, naming
+    the missing file and the newest complete checkpoint (from the link, or the highest complete checkpoint-N)."""
+    import shutil
+    out = tmp_path / 'killed'
+    shutil.copytree(saved_every_three_steps.output_dir, out, symlinks=True)
+    os.remove(out / 'checkpoint-6' / 'trainer_state.json')
+    os.remove(out / 'last-checkpoint')
+    if last_checkpoint_link:
+        os.symlink('checkpoint-3', out / 'last-checkpoint')
+    assert os.path.exists(out / 'checkpoint-6' / 'model.safetensors')
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'resumed'), resume_from_checkpoint=str(out / 'checkpoint-6'),
+                              **RESUME), check=False)
+    assert run.returncode != 0
+    assert (f'--resume_from_checkpoint {out}/checkpoint-6 has no trainer_state.json' in run.output
+            and f'the newest complete checkpoint is {out}/checkpoint-3 (--resume_from_checkpoint {out}/checkpoint-3)'
+            in run.output), run.output[-3000:]
+    assert 'Loading weights' not in run.output and 'FileNotFoundError' not in run.output
 
 
 EIGHT_ROWS_A_STEP = dict(lmbda=0, max_steps=2, seed=11)

@@ -50,7 +50,7 @@ def test_each_method_runs_one_step_and_is_scored(method, quality_ws, tmp_path):
     checkpoints = bench.run_method(method, quality_ws, cfg, 0, str(tmp_path))
     assert [os.path.basename(c) for c in checkpoints] == ['checkpoint-1']
     if method in EXPECTED_MODE:  # the mode schedule: lmbda 0 / 1 decide every step
-        assert _modes(os.path.join(tmp_path, f'{method}_seed0')) == [EXPECTED_MODE[method]]
+        assert _modes(os.path.dirname(checkpoints[0])) == [EXPECTED_MODE[method]]
     rows = tiny.read_dataset(quality_ws['test'])
     curve = bench.evaluate_curve(checkpoints, quality_ws, rows, tiny.load_tokenizer(quality_ws['tokenizer']))
     assert [p['step'] for p in curve] == [0, 1]
@@ -66,15 +66,30 @@ def test_demo_fails_loudly_when_the_plugin_did_not_run(tmp_path, monkeypatch, ca
     assert not glob.glob(os.path.join(tmp_path, 'output', '**', 'gkd_modes'), recursive=True)
 
 
-def test_a_saved_curve_is_reused_only_with_the_same_settings(tmp_path):
+def test_a_saved_curve_is_reused_only_with_the_same_settings(tmp_path, monkeypatch):
+    """Runs are cached under a hash of their whole configuration: a run of other settings (a step count, a learning
+    rate, a temperature, a method flag) in the same work directory is cached beside the first, never over it."""
     cfg = dict(bench.PRESETS['quick'])
-    os.makedirs(tmp_path / 'runs')
+    ws = {'student': '/ws/student', 'teacher': '/ws/teacher', 'train': '/ws/train.jsonl'}
     curve = [{'step': 0, 'exact_match': 0.5}]
-    bench.save_curve(str(tmp_path), 'onpolicy_beta1', 0, cfg, curve)
-    assert bench.cached_curve(str(tmp_path), 'onpolicy_beta1', 0, cfg) == curve
-    assert bench.cached_curve(str(tmp_path), 'onpolicy_beta1', 0, dict(cfg, seeds=[0, 1, 2])) == curve
-    assert bench.cached_curve(str(tmp_path), 'onpolicy_beta1', 0, dict(cfg, steps=cfg['steps'] + 1)) is None
-    assert bench.cached_curve(str(tmp_path), 'onpolicy_beta1', 1, cfg) is None
+    bench.save_curve(str(tmp_path), 'onpolicy_beta1', ws, cfg, 0, curve)
+    assert bench.cached_curve(str(tmp_path), 'onpolicy_beta1', ws, cfg, 0) == curve
+    assert bench.cached_curve(str(tmp_path), 'onpolicy_beta1', ws, dict(cfg, seeds=[0, 1, 2]), 0) == curve
+    assert bench.cached_curve(str(tmp_path), 'onpolicy_beta1', ws, dict(cfg, steps=cfg['steps'] + 1), 0) is None
+    assert bench.cached_curve(str(tmp_path), 'onpolicy_beta1', ws, cfg, 1) is None
+    assert bench.cached_curve(str(tmp_path), 'onpolicy_beta1', dict(ws, teacher='/ws/other'), cfg, 0) is None
+    methods = dict(bench.METHODS, onpolicy_beta1=('rlhf', dict(bench.METHODS['onpolicy_beta1'][1], beta='0.9')))
+    assert bench.cached_curve(str(tmp_path), 'onpolicy_beta1', ws, cfg, 0, methods) is None
+    for name, value in (('LEARNING_RATE', '3e-4'), ('TEMPERATURE', '0.7')):
+        with monkeypatch.context() as patched:
+            patched.setattr(bench, name, value)
+            assert bench.cached_curve(str(tmp_path), 'onpolicy_beta1', ws, cfg, 0) is None
+            other = [{'step': 0, 'exact_match': 0.25}]
+            bench.save_curve(str(tmp_path), 'onpolicy_beta1', ws, cfg, 0, other)
+            assert bench.cached_curve(str(tmp_path), 'onpolicy_beta1', ws, cfg, 0) == other
+        assert bench.cached_curve(str(tmp_path), 'onpolicy_beta1', ws, cfg, 0) == curve  # the first one is kept
+    assert len(os.listdir(tmp_path / 'runs')) == 3
+    assert bench.run_key('onpolicy_beta1', ws, cfg, 0).startswith('onpolicy_beta1_seed0-')
 
 
 def _logs(output_dir):
@@ -91,7 +106,7 @@ def test_rl_methods_run_with_the_exact_match_reward(method, reward_key, quality_
     methods = rl_bench.rl_methods(['1'])
     checkpoints = bench.run_method(method, quality_ws, cfg, 0, str(tmp_path), methods)
     assert [os.path.basename(c) for c in checkpoints] == ['checkpoint-1']
-    output_dir = os.path.join(tmp_path, f'{method}_seed0')
+    output_dir = os.path.dirname(checkpoints[0])
     with open(os.path.join(output_dir, 'args.json')) as f:
         args = json.load(f)
     assert args['rlhf_type'] == ('grpo' if method == 'grpo' else 'gkd') and args['num_generations'] == 4
@@ -155,6 +170,6 @@ def test_xtok_hybrid_runs_one_on_policy_step_through_the_other_family_teacher(xt
     methods = xtok_bench.xtok_methods(xtok_ws, '1', '0.5')
     checkpoints = xtok_bench.bq.run_method('gkd_xtok_hybrid', xtok_ws, cfg, 0, str(tmp_path), methods)
     assert [os.path.basename(c) for c in checkpoints] == ['checkpoint-1']
-    with open(os.path.join(tmp_path, 'gkd_xtok_hybrid_seed0', 'run.log')) as f:
+    with open(os.path.join(os.path.dirname(checkpoints[0]), 'run.log')) as f:
         log = f.read()
     assert "'gkd/xtok_exact_fraction'" in log and "'gkd/mode_on_policy': '1'" in log

@@ -70,6 +70,7 @@ def test_teacher_adapter_on_the_shared_base_equals_a_separate_teacher(tiny_ws, a
                                    **flags))
     assert [m['mode'] for m in shared.modes()] == ['seq_kd', 'seq_kd', 'on_policy']
     assert 'Teacher model: base_model + teacher adapter' in shared.output
+    assert 'self-distillation mode (teacher = student)' not in shared.output  # one true line about the teacher
     assert _weights_loaded(shared) == 1 and _weights_loaded(separate) == 2
     assert_same_losses(shared, separate)
 

@@ -21,6 +21,7 @@ from swift_gkd_plugin.core.constants import SCALE_REWARDS
 from swift_gkd_plugin.flags import (GKDPluginArgumentsMixin, check_gkd_scalars, check_multi_turn_flags,
                                     check_no_plugin_flags_outside_gkd, check_rl_flags, check_teacher_server_flags,
                                     ignored_flag_warnings, resolve_num_generations)
+from swift_gkd_plugin.swift.checkpoints import check_resume_checkpoint
 from swift_gkd_plugin.swift.datasets_check import check_local_jsonl_datasets
 
 logger = get_logger()
@@ -297,6 +298,7 @@ def check_gkd_arguments(args) -> None:
     check_topk_within_vocab(args)
     check_teacher_adapters(args)
     check_local_jsonl_datasets(args)
+    check_resume_checkpoint(args)
 
 
 def check_flags_only(args) -> None:
@@ -324,6 +326,15 @@ class GKDPluginRLHFArguments(GKDPluginArgumentsMixin, RLHFArguments):
             for warning in ignored_flag_warnings(self):  # the flags as given (ms-swift fills in beta next)
                 logger.warning(f'swift_gkd_plugin: {warning}')
         super().__post_init__()
+
+    def _check_teacher(self):
+        """ms-swift logs "self-distillation mode (teacher = student)" whenever no --teacher_model is given; with
+        --teacher_adapters the teacher is the base plus that adapter (logged by :func:`check_teacher_adapters`)."""
+        if (self.rlhf_type == 'gkd' and self.teacher_adapters and self.teacher_model is None
+                and self.teacher_model_server is None and not self.use_liger_kernel):
+            self._teacher_use_disable_adapter = False
+            return
+        super()._check_teacher()
 
     def _check_gkd(self):
         """ms-swift calls it inside ``__post_init__``, once the models' directories are known (also with

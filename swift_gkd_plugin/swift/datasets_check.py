@@ -10,9 +10,17 @@ sample them (``--lmbda 0``, no ``--seq_kd``; or a validation set, which is alway
 are refused; otherwise they are only reported, since on-policy and seq_kd steps sample a response for them, except
 rows without a user message (e.g. a system turn only): ms-swift cannot encode those, and each step draws another row
 in their place, so the report says they are dropped.
+
+Media columns (``images``, ``videos``, ``audios``) are checked too. ms-swift replaces a row whose image it cannot
+read by another row (an INFO line only), and a text-only model keeps a row's ``<image>`` tag as literal text and
+never sees the image: both trained on something else than the user's data with exit code 0. Here a local media file
+that is missing (or an image that cannot be opened) is refused by file, line and path, and so is a media row given to
+a text-only model. URLs and inline (base64) media are left to ms-swift: they are read only when the row is encoded.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import os
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -20,6 +28,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 from swift.dataset.dataset_syntax import DatasetSyntax
 from swift.dataset.preprocessor import AutoPreprocessor
 from swift.utils import get_logger
+from transformers import TrainerCallback
 
 logger = get_logger()
 
@@ -30,6 +39,7 @@ ASSISTANT_ROLES = ('assistant', 'gpt', 'bot')
 USER_ROLES = ('user', 'human')
 RESPONSE_KEYS = ('response', 'answer', 'output', 'targets', 'target', 'answer_key', 'answers', 'solution', 'text',
                  'completion', 'content')
+MEDIA_KEYS = ('images', 'videos', 'audios')
 LINES_SHOWN = 10
 _NO_SAMPLING = {
     '--dataset': ('--lmbda 0 without --seq_kd only distils on dataset responses. Remove those rows, or let the '
@@ -106,41 +116,156 @@ def has_prompt(row: dict, columns: Dict[str, str]) -> bool:
     return messages is None or any(_role(m) in USER_ROLES for m in messages)
 
 
-def lines_without_response(flag: str, path: str, standard_format: bool,
-                           columns: Dict[str, str]) -> List[Tuple[int, bool]]:
-    """Reads the whole file (refusing unreadable lines); ``(line, has a prompt)`` of its rows without a response."""
-    missing = [(line_no, has_prompt(row, columns)) for line_no, row in jsonl_rows(flag, path)
-               if not has_response(row, columns)]
-    return missing if standard_format else []
+def media_refs(row: dict, columns: Dict[str, str]) -> List[Tuple[str, str]]:
+    """``(column, reference)`` for each media file a row names (a path, a URL or inline base64), after
+    ``--columns``: a string, or a list of strings / ``{"path": ...}`` dicts (``{"bytes": ...}`` is inline)."""
+    row = {columns.get(key, key): value for key, value in row.items()}
+    refs = []
+    for key in MEDIA_KEYS:
+        values = row.get(key)
+        for value in values if isinstance(values, list) else [values]:
+            if isinstance(value, dict) and not value.get('bytes'):
+                value = value.get('path')
+            if isinstance(value, str) and value.strip():
+                refs.append((key, value.strip()))
+    return refs
 
 
-def _lines(numbers: List[int]) -> str:
-    return ', '.join(map(str, numbers[:LINES_SHOWN])) + (', ...' if len(numbers) > LINES_SHOWN else '')
+def _local_file(ref: str) -> Optional[str]:
+    """Where ms-swift reads a local media reference (as ``swift.template.vision_utils._check_path``: the working
+    directory, else ``ROOT_IMAGE_DIR``), or None for a URL or inline base64 data, which are read at encoding time."""
+    if ref.startswith(('http://', 'https://', 'data:')) or len(ref) > 2000:
+        return None
+    root = os.environ.get('ROOT_IMAGE_DIR')
+    for candidate in (ref, os.path.join(root, ref) if root else None):
+        if candidate and os.path.exists(os.path.expanduser(candidate)):
+            return os.path.abspath(os.path.expanduser(candidate))
+    try:
+        base64.b64decode(ref, validate=True)
+        return None  # inline data
+    except (binascii.Error, ValueError):
+        return ref  # a path that does not exist
+
+
+def media_problem(key: str, ref: str) -> Optional[str]:
+    """Why ms-swift could not read this media reference (a missing file, an image that does not open), or None."""
+    path = _local_file(ref)
+    if path is None:
+        return None
+    if not os.path.isfile(path):
+        where = f'the working directory {os.getcwd()}' + (
+            f' or ROOT_IMAGE_DIR {os.environ["ROOT_IMAGE_DIR"]}' if os.environ.get('ROOT_IMAGE_DIR') else '')
+        return f'{key} {ref!r}: no such file (relative paths are read from {where})'
+    if key == 'images':
+        from PIL import Image
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except Exception as exc:
+            return f'{key} {ref!r}: not a readable image ({type(exc).__name__}: {exc})'
+    return None
+
+
+def scan_rows(flag: str, path: str, standard_format: bool, columns: Dict[str, str], multimodal: bool) -> dict:
+    """Reads the whole file (refusing unreadable lines): its number of rows, ``(line, has a prompt)`` of its rows without a response,
+    of its rows with media, and each unreadable media file as ``(line, problem)``."""
+    found = {'no_response': [], 'media': [], 'broken': [], 'rows': 0}
+    for line_no, row in jsonl_rows(flag, path):
+        found['rows'] += 1
+        if not standard_format:
+            continue
+        if not has_response(row, columns):
+            found['no_response'].append((line_no, has_prompt(row, columns)))
+        refs = media_refs(row, columns)
+        if refs:
+            found['media'].append(line_no)
+        if multimodal:
+            found['broken'] += [(line_no, problem) for problem in (media_problem(*ref) for ref in refs) if problem]
+    return found
+
+
+def _shown(lines: List[int]) -> str:
+    return ', '.join(map(str, lines[:LINES_SHOWN])) + (', ...' if len(lines) > LINES_SHOWN else '')
 
 
 def check_local_jsonl_datasets(args) -> None:
-    """``--dataset`` / ``--val_dataset`` local jsonl files: readable, not empty, and their rows without a response
-    refused when nothing can sample one for them (see the module's docstring), else reported."""
+    """``--dataset`` / ``--val_dataset`` local jsonl files: readable, not empty, their media files readable and only
+    given to a multimodal model, and their rows without a response refused when nothing can sample one for them (see
+    the module's docstring), else reported."""
     columns = args.columns if isinstance(args.columns, dict) else {}
     train_samples = args.lmbda > 0 or args.seq_kd
+    meta = getattr(args, 'model_meta', None)
+    multimodal = meta is None or meta.is_multimodal  # unknown: not refused here
+    train_rows = 0
     for flag, entries, can_sample in (('--dataset', args.dataset, train_samples), ('--val_dataset', args.val_dataset,
                                                                                     False)):
         for path, standard_format in local_jsonl_files(entries, args.use_hf):
-            found = lines_without_response(flag, path, standard_format, columns)
-            if not found:
+            found = scan_rows(flag, path, standard_format, columns, multimodal)
+            train_rows += found['rows'] if flag == '--dataset' else 0
+            if found['media'] and not multimodal:
+                raise ValueError(
+                    f'{flag} {path}: {len(found["media"])} row(s) have images, videos or audios (lines '
+                    f'{_shown(found["media"])}), but --model {args.model} (model type {meta.model_type}) is a '
+                    'text-only model: its template keeps the <image> tag as literal text and the model never sees '
+                    'the media. Train a multimodal model (with its --model_type / --template), or remove the media '
+                    'columns (images, videos, audios).')
+            if found['broken']:
+                shown = '; '.join(f'line {line}: {problem}' for line, problem in found['broken'][:LINES_SHOWN])
+                more = f' (and {len(found["broken"]) - LINES_SHOWN} more)' if len(found['broken']) > LINES_SHOWN else ''
+                raise ValueError(f'{flag} {path}: {len(found["broken"])} media file(s) cannot be read: {shown}{more}. '
+                                 'ms-swift would silently train on other rows in their place; fix or remove these '
+                                 'rows.')
+            no_response = found['no_response']
+            if not no_response:
                 continue
-            missing = [line for line, _ in found]
-            rows = f'{flag} {path}: {len(missing)} row(s) have no assistant response (lines {_lines(missing)})'
+            missing = [line for line, _ in no_response]
+            rows = f'{flag} {path}: {len(missing)} row(s) have no assistant response (lines {_shown(missing)})'
             if not can_sample:
                 raise ValueError(f'{rows}, so they have nothing to distil: {_NO_SAMPLING[flag]}')
-            promptless = [line for line, prompt in found if not prompt]
-            sampled = [line for line, prompt in found if prompt]
+            promptless = [line for line, prompt in no_response if not prompt]
+            sampled = [line for line, prompt in no_response if prompt]
             if sampled:
                 logger.warning(f'swift_gkd_plugin: {flag} {path}: {len(sampled)} row(s) have no assistant response '
-                               f'(lines {_lines(sampled)}): dataset (off-policy) steps have nothing to distil on them; '
+                               f'(lines {_shown(sampled)}): dataset (off-policy) steps have nothing to distil on them; '
                                'on-policy and seq_kd steps sample a response for them.')
             if promptless:
                 logger.warning(f'swift_gkd_plugin: {flag} {path}: {len(promptless)} row(s) have neither a user '
-                               f'message nor an assistant response (lines {_lines(promptless)}): nothing can be '
+                               f'message nor an assistant response (lines {_shown(promptless)}): nothing can be '
                                'sampled for them, ms-swift cannot encode them, and each step draws other rows in their '
                                'place: they are dropped. Give them a user message, or remove them.')
+    check_one_batch(args, train_rows)
+
+
+def check_one_batch(args, rows: int) -> None:
+    """Training sets of local jsonl files only, read whole (no ``#N`` sampling): fewer rows than one device's batch
+    can never fill a batch, and GKD drops incomplete ones. Preprocessing only removes rows, so this refusal is
+    certain; the other cases (several processes, ``--num_generations``, rows dropped while encoding, hub datasets)
+    are refused when training starts (:class:`RefuseEmptyEpochs`)."""
+    entries = args.dataset or []
+    whole_local_files = len(local_jsonl_files(entries, args.use_hf)) == len(entries) and all(
+        DatasetSyntax.parse(entry).dataset_sample is None for entry in entries)
+    batch = args.per_device_train_batch_size
+    if not entries or not whole_local_files or args.streaming or args.num_generations != 1 or rows >= batch:
+        return
+    raise ValueError(f'--dataset: {rows} row(s) in {", ".join(entries)}, fewer than one batch '
+                     f'(--per_device_train_batch_size {batch}); GKD drops incomplete batches (dataloader_drop_last), '
+                     'so not one step could train. Add rows, or lower --per_device_train_batch_size.')
+
+
+class RefuseEmptyEpochs(TrainerCallback):
+    """Refuses, when training starts, a training set too small for one batch: GKD drops incomplete batches
+    (ms-swift sets ``dataloader_drop_last``), so the run would end with exit code 0 after 0 steps, ``train_loss 0``
+    and nothing saved. The numbers are known here: after preprocessing and filtering, on every rank."""
+
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        if train_dataloader is None or not hasattr(train_dataloader, '__len__') or len(train_dataloader) > 0:
+            return
+        rows = len(train_dataloader.dataset) if hasattr(train_dataloader.dataset, '__len__') else '?'
+        g = getattr(args, 'num_generations', 1) or 1
+        per_rank = (f'--per_device_train_batch_size {args.per_device_train_batch_size}' if g == 1 else
+                    f'{args.generation_batch_size // g} prompt(s) of --generation_batch_size '
+                    f'{args.generation_batch_size} / --num_generations {g}')
+        raise ValueError(f'--dataset: the training set has {rows} row(s) after preprocessing, fewer than one batch '
+                         f'({per_rank} on each of {args.world_size} process(es)); GKD drops incomplete batches '
+                         f'(dataloader_drop_last), so not one step could train (--max_steps {args.max_steps}). Add '
+                         'rows, or lower the batch size.')

@@ -37,6 +37,7 @@ from swift_gkd_plugin.core.topk import drop_ids_outside_vocab
 from swift_gkd_plugin.core.views import (check_privileged_columns, check_same_response_count, check_views_aligned,
                                          prepare_teacher_view, with_teacher_prompt)
 from swift_gkd_plugin.swift.clean_exit import destroy_process_groups_at_exit
+from swift_gkd_plugin.swift.run_guards import install_run_guards
 from swift_gkd_plugin.swift.cross_tokenizer import CrossTokenizerTeacher
 from swift_gkd_plugin.swift.group_resample import resample_failed_groups
 from swift_gkd_plugin.swift.hidden_states import (fused_fallback_reason, gathered_heads, head_bypassed, head_is_sharded,
@@ -67,6 +68,7 @@ class GKDPluginTrainer(GKDTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         destroy_process_groups_at_exit()  # ms-swift never does; a rank exiting with live gloo groups may abort
+        install_run_guards(self)  # a training set smaller than one batch, a checkpoint save that runs out of space
         # compute_loss already divides by the step's token count: the HF Trainer must not divide by the number
         # of gradient-accumulation steps again (nor DeepSpeed, which the Trainer tells via scale_wrt_gas=False).
         self.loss_is_scaled_for_ga = True

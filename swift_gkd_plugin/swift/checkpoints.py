@@ -1,0 +1,122 @@
+"""Checkpoints of a GKD run: which are complete, a resume from an incomplete one refused before any model loads,
+and a save that fails for lack of space named as such.
+
+The HF Trainer writes ``trainer_state.json`` last in each ``checkpoint-N`` (after the weights, optimizer, scheduler
+and RNG states), and ms-swift points ``last-checkpoint`` at a checkpoint only once it is written: a checkpoint
+without ``trainer_state.json`` is one whose save was cut short (a killed process, a full disk). Resuming from it
+used to fail only after both models had loaded, with a raw ``FileNotFoundError``; a full disk during a save
+surfaced as torch's ``unexpected pos 765248 vs 765140``.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import resource
+import shutil
+from typing import List, Optional
+
+TRAINER_STATE = 'trainer_state.json'  # transformers.trainer.TRAINER_STATE_NAME, written last
+LAST_CHECKPOINT = 'last-checkpoint'  # ms-swift's symlink to the newest complete checkpoint
+_CHECKPOINT = re.compile(r'^checkpoint-(\d+)$')
+# what a failed write looks like: OSError's own errno, or the text of torch's and safetensors' writers
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_WRITE_FAILED = re.compile(r'unexpected pos \d+ vs \d+|No space left on device|Disk quota exceeded|File too large|'
+                           r'PytorchStreamWriter failed|file write failed', re.IGNORECASE)
+LOW_SPACE = 64 * 2**20  # bytes: below this, a failed write is taken for a full disk
+
+
+def is_complete(checkpoint: str) -> bool:
+    """``checkpoint`` holds a readable ``trainer_state.json`` (the file the trainer writes last)."""
+    try:
+        with open(os.path.join(checkpoint, TRAINER_STATE), encoding='utf-8') as f:
+            return isinstance(json.load(f), dict)
+    except (OSError, ValueError):
+        return False
+
+
+def complete_checkpoints(output_dir: str) -> List[str]:
+    """The complete ``checkpoint-N`` folders of ``output_dir``, by step."""
+    try:
+        names = os.listdir(output_dir)
+    except OSError:
+        return []
+    found = [(int(m.group(1)), os.path.join(output_dir, name)) for name in names for m in [_CHECKPOINT.match(name)]
+             if m and is_complete(os.path.join(output_dir, name))]
+    return [path for _, path in sorted(found)]
+
+
+def newest_complete(output_dir: str) -> Optional[str]:
+    """``last-checkpoint`` where it points at a complete checkpoint, else the highest complete ``checkpoint-N``."""
+    link = os.path.join(output_dir, LAST_CHECKPOINT)
+    if os.path.isdir(link) and is_complete(link):
+        return os.path.join(output_dir, os.readlink(link)) if os.path.islink(link) else link
+    complete = complete_checkpoints(output_dir)
+    return complete[-1] if complete else None
+
+
+def _newest_hint(output_dir: str) -> str:
+    newest = newest_complete(output_dir)
+    if newest is None:
+        return f'{output_dir} holds no complete checkpoint to resume from'
+    return f'the newest complete checkpoint is {newest} (--resume_from_checkpoint {newest})'
+
+
+def check_resume_checkpoint(args) -> None:
+    """``--resume_from_checkpoint`` is a complete checkpoint (unless only its weights are loaded:
+    ``--resume_only_model true --ignore_data_skip true`` never reads the trainer state)."""
+    path = args.resume_from_checkpoint
+    if not path or (args.resume_only_model and args.ignore_data_skip) or is_complete(path):
+        return
+    state = os.path.join(path, TRAINER_STATE)
+    problem = 'has no' if not os.path.exists(state) else 'has an unreadable'
+    raise ValueError(f'--resume_from_checkpoint {path} {problem} {TRAINER_STATE}, which the trainer writes last in '
+                     f'a checkpoint: its save was cut short (a killed process, a full disk); '
+                     f'{_newest_hint(os.path.dirname(os.path.abspath(path)))}.')
+
+
+def _write_failure(exc: BaseException) -> bool:
+    """``exc`` (or an exception it was raised from) is a failed file write."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS or _WRITE_FAILED.search(str(exc)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _cause(exc: BaseException, folder: str) -> tuple:
+    """``(errno, words)`` naming why a write into ``folder`` failed: a full filesystem, the file-size limit of the
+    process (``ulimit -f``), else the error itself."""
+    usage = shutil.disk_usage(folder)
+    if usage.free < LOW_SPACE:
+        return errno.ENOSPC, (f'no space left on device: the filesystem of {folder} has {usage.free / 2**20:.1f} MiB '
+                              f'free of {usage.total / 2**20:.1f} MiB')
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY:
+        return errno.EFBIG, f'file too large: this process may write files of at most {limit} bytes (ulimit -f)'
+    code = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO
+    return code, f'a write failed ({type(exc).__name__}: {exc}); {usage.free / 2**20:.1f} MiB free in {folder}'
+
+
+def guard_checkpoint_saves(trainer) -> None:
+    """A checkpoint save that fails writing a file raises an OSError naming the cause (no space left, the file-size
+    limit), the checkpoint and the newest complete one, instead of the writer's own message."""
+    original = trainer._save_checkpoint
+
+    def _save_checkpoint(*args, **kwargs):
+        try:
+            return original(*args, **kwargs)
+        except Exception as exc:
+            if not _write_failure(exc):
+                raise
+            output_dir = trainer.args.output_dir
+            checkpoint = os.path.join(output_dir, f'checkpoint-{trainer.state.global_step}')
+            code, cause = _cause(exc, checkpoint if os.path.isdir(checkpoint) else output_dir)
+            raise OSError(code, f'saving {checkpoint} failed, {cause}. That checkpoint is incomplete (no '
+                          f'{TRAINER_STATE}); {_newest_hint(output_dir)}. Free space (or pass another --output_dir) '
+                          f'and resume.') from exc
+
+    trainer._save_checkpoint = _save_checkpoint

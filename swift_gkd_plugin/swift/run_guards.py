@@ -1,0 +1,66 @@
+"""Guards a GKD run installs on its trainer: exit code 0 only after training on what the user gave, and faults
+named by their cause. One hook, called from the trainer's ``__init__``."""
+from __future__ import annotations
+
+from swift.template import MaxLengthError
+from swift.utils import get_logger
+from transformers import TrainerCallback
+
+from swift_gkd_plugin.swift.checkpoints import guard_checkpoint_saves
+from swift_gkd_plugin.swift.datasets_check import RefuseEmptyEpochs, media_refs
+
+logger = get_logger()
+
+
+def install_run_guards(trainer) -> None:
+    """A training set smaller than one batch is refused at the start; a checkpoint save that cannot write its files
+    names the cause (no space left) and the newest complete checkpoint; a row replaced because it fails to encode is
+    named in a warning and counted."""
+    trainer.add_callback(RefuseEmptyEpochs())
+    guard_checkpoint_saves(trainer)
+    warn_replaced_rows(trainer)
+
+
+class ReplacedRows(TrainerCallback):
+    """``gkd/replaced_rows`` in the training logs once a row was replaced: the count since the start on this
+    process. Runs before ms-swift's own logging callback, which writes ``logging.jsonl``."""
+
+    def __init__(self):
+        self.count = 0
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.count and logs is not None and 'loss' in logs:
+            logs['gkd/replaced_rows'] = self.count
+
+
+def warn_replaced_rows(trainer) -> None:
+    """ms-swift encodes each batch's rows in the trainer and replaces a row that fails to encode by another one, with
+    an INFO line only (an image URL that does not answer, inline media that does not decode: what the pre-load check
+    cannot read). Each such row is named here in a warning (its error and media) and counted (:class:`ReplacedRows`).
+    Rows too long for ``--max_length`` (``MaxLengthError``) are ms-swift's expected skip and are not counted."""
+    counter = ReplacedRows()
+    trainer.callback_handler.callbacks.insert(0, counter)
+    resample = trainer.resample_encode_failed_inputs
+    template = trainer.template
+
+    def encode_or_warn(row, *args, **kwargs):
+        try:
+            return type(template).encode(template, row, *args, **kwargs)
+        except MaxLengthError:
+            raise
+        except Exception as exc:
+            counter.count += 1
+            media = [ref if len(ref) <= 200 else ref[:200] + '...' for _, ref in media_refs(row, {})]
+            logger.warning(f'swift_gkd_plugin: a dataset row cannot be encoded ({type(exc).__name__}: {exc}); its '
+                           f'media: {media}; ms-swift trains on another row in its place ({counter.count} row(s) '
+                           'replaced so far)')
+            raise
+
+    def resample_and_warn(*args, **kwargs):
+        template.encode = encode_or_warn  # for this call only: the template's other encodes are left alone
+        try:
+            return resample(*args, **kwargs)
+        finally:
+            del template.encode
+
+    trainer.resample_encode_failed_inputs = resample_and_warn

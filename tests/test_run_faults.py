@@ -1,0 +1,137 @@
+"""Faults at the level of a whole run, through the real ``swift rlhf``: a training set smaller than one batch, a disk
+that fills up during a checkpoint save, a SIGTERM to the ``swift`` launcher."""
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from conftest import OFFLINE_ENV, SWIFT, _free_port, base_args, launcher_child_command, run_swift
+
+
+def _first_rows(tiny_ws, path, n):
+    with open(tiny_ws.train) as f:
+        path.write_text(''.join(next(f) for _ in range(n)))
+    return str(path)
+
+
+def test_a_dataset_smaller_than_one_batch_is_refused_before_any_model_loads(tiny_ws, tmp_path):
+    """One row and batches of 2, incomplete batches dropped: ms-swift ended with exit code 0 after 0 steps and
+    train_loss 0. A local jsonl training set is counted before any model loads."""
+    data = _first_rows(tiny_ws, tmp_path / 'one.jsonl', 1)
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), dataset=data, lmbda=0), check=False)
+    assert run.returncode != 0
+    assert (f'--dataset: 1 row(s) in {data}, fewer than one batch (--per_device_train_batch_size 2)'
+            in run.output), run.output[-3000:]
+    assert 'Loading weights' not in run.output and not run.logs
+
+
+def test_a_training_set_sampled_smaller_than_one_batch_is_refused_when_training_starts(tiny_ws, tmp_path):
+    """``path#1`` samples one row of a 64-row file: known only once ms-swift has loaded the dataset, and refused when
+    training starts, naming the numbers."""
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), dataset=f'{tiny_ws.train}#1', lmbda=0), check=False)
+    assert run.returncode != 0
+    assert ('the training set has 1 row(s) after preprocessing, fewer than one batch (--per_device_train_batch_size '
+            '2 on each of 1 process(es))') in run.output, run.output[-3000:]
+    assert not run.logs
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 1.5 MiB filesystem: room for the run's logs and a checkpoint's weights, not for its optimizer state too."""
+    mount = tmp_path / 'small_disk'
+    mount.mkdir()
+    done = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=1536k', 'tmpfs', str(mount)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f'cannot mount a small tmpfs here (needs root): {done.stderr.strip()}')
+    yield mount
+    subprocess.run(['umount', '-l', str(mount)], check=True)
+
+
+def test_a_full_disk_during_a_save_is_named(tiny_ws, small_tmpfs):
+    """The first checkpoint (weights, then the optimizer state) does not fit: torch's writer says only 'unexpected
+    pos ...'. The run fails naming the cause, the free space and the checkpoint."""
+    out = small_tmpfs / 'out'
+    run = run_swift(base_args(tiny_ws, str(out), lmbda=0, max_steps=2, save_strategy='steps', save_steps=1,
+                              save_only_model='false'), check=False)
+    assert run.returncode != 0
+    assert f'saving {out}/checkpoint-1 failed, no space left on device: the filesystem of {out}/checkpoint-1 has' \
+        in run.output, run.output[-4000:]
+    assert f'{out} holds no complete checkpoint to resume from' in run.output
+
+
+def test_a_file_size_limit_during_a_save_is_named(tiny_ws, tmp_path):
+    """The same fault without root: the process may write files of at most 600 KiB (``ulimit -f``), enough for the
+    weights but not for the optimizer state, whose torch writer says only 'unexpected pos ...'."""
+    import resource
+    out = tmp_path / 'out'
+    argv = base_args(tiny_ws, str(out), lmbda=0, max_steps=2, save_strategy='steps', save_steps=1,
+                     save_only_model='false')
+    env = dict(os.environ, **OFFLINE_ENV)
+    env.pop('SWIFT_GKD_PLUGIN', None)
+    limit = 600 * 1024
+    done = subprocess.run(launcher_child_command('rlhf', argv, env), env=env, capture_output=True, text=True,
+                          timeout=600, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    output = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert (f'saving {out}/checkpoint-1 failed, file too large: this process may write files of at most {limit} '
+            'bytes (ulimit -f)') in output, output[-4000:]
+    assert os.path.getsize(out / 'checkpoint-1' / 'model.safetensors') < limit  # the weights were written
+
+
+def _children(pid):
+    try:
+        with open(f'/proc/{pid}/task/{pid}/children') as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+def _alive(pid):
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            return f.read().split(')')[-1].split()[0] != 'Z'  # a zombie has exited
+    except OSError:
+        return False
+
+
+def _descendants(pid):
+    found = []
+    for child in _children(pid):
+        found += [child] + _descendants(child)
+    return found
+
+
+@pytest.mark.parametrize('nproc', [1, 2])
+def test_the_trainer_exits_with_the_swift_launcher(tiny_ws, tmp_path, nproc):
+    """SIGTERM to ``swift rlhf`` (what a job scheduler sends): ms-swift's launcher dies without passing it on, and
+    its child (the trainer, or torchrun and its workers) used to run on as orphans. All exit within seconds."""
+    env = dict(os.environ, **OFFLINE_ENV)
+    env.pop('SWIFT_GKD_PLUGIN', None)
+    flags = dict(lmbda=0, max_steps=100000)
+    if nproc > 1:
+        env.update(NPROC_PER_NODE=str(nproc), MASTER_PORT=str(_free_port()))
+        flags['use_cpu'] = 'true'
+    launcher = subprocess.Popen([SWIFT, 'rlhf'] + base_args(tiny_ws, str(tmp_path / 'out'), **flags), env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    started = []
+    try:
+        deadline = time.time() + 120
+        while len(_descendants(launcher.pid)) < (1 if nproc == 1 else 1 + nproc) and time.time() < deadline:
+            time.sleep(0.2)
+        time.sleep(3)  # the trainers are importing ms-swift (or loading the models) by now
+        started = [pid for pid in _descendants(launcher.pid) if _alive(pid)]
+        assert len(started) >= (1 if nproc == 1 else 1 + nproc) and launcher.poll() is None, started
+        launcher.send_signal(signal.SIGTERM)
+        launcher.wait(timeout=30)
+        deadline = time.time() + 20
+        while any(map(_alive, started)) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not [pid for pid in started if _alive(pid)], 'processes outlived the swift launcher'
+    finally:
+        launcher.kill()
+        launcher.wait()
+        for pid in started:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
