@@ -51,6 +51,17 @@ class GKDPluginArgumentsMixin:
         metadata={'help': 'With --gkd_cross_tokenizer: the teacher\'s ms-swift template type (as --template is the '
                   'student\'s). Unset (default): its model type\'s, or the student\'s --template when that type has '
                   'several candidates. See docs_en/cross_tokenizer.md.'})
+    gkd_sampling_temperature: Optional[float] = field(
+        default=None,
+        metadata={'help': 'Temperature of on-policy sampling (the student\'s, and the teacher\'s on seq_kd steps and '
+                  'SKD replacements), separate from --temperature, which stays the temperature of the loss. Unset '
+                  '(default): --temperature, as ms-swift. Finite, > 0.'})
+    gkd_skd_top_k: int = field(
+        default=0,
+        metadata={'help': 'Speculative KD on on-policy steps: a token the student samples that is outside the '
+                  'teacher\'s top-K at its position is replaced by a token sampled from the teacher (the paper '
+                  'uses 25). 0 (default): off. Transformers sampling (--use_vllm false) with a local teacher of the '
+                  'student\'s tokenizer. See docs_en/skd.md.'})
 
 
 PLUGIN_FLAGS: List[str] = [f.name for f in fields(GKDPluginArgumentsMixin)]
@@ -78,7 +89,7 @@ def check_no_plugin_flags_outside_gkd(args, mixin=GKDPluginArgumentsMixin) -> No
 #: Float flags refused when NaN or infinite; NaN fails every comparison and inf passes "> 0", so a range check alone
 #: lets them through (``--temperature inf`` trains to a negative loss with zero gradients).
 FINITE_FLAGS = ('beta', 'lmbda', 'temperature', 'sft_alpha', 'teacher_server_timeout', 'teacher_server_wait',
-                'gkd_rl_coef')
+                'gkd_rl_coef', 'gkd_sampling_temperature')
 
 
 def check_finite(args, names=FINITE_FLAGS) -> None:
@@ -131,6 +142,46 @@ def check_gkd_scalars(args) -> None:
     if topk is not None and topk <= 0:
         raise ValueError(f'--gkd_logits_topk must be a positive integer (or unset for the full vocabulary), got {topk}')
     check_cross_tokenizer_flags(args)
+    check_sampling_flags(args)
+
+
+def sampling_temperature(args) -> float:
+    """The temperature of on-policy and seq_kd sampling: ``--gkd_sampling_temperature``, else ``--temperature``."""
+    value = getattr(args, 'gkd_sampling_temperature', None)
+    return args.temperature if value is None else value
+
+
+def check_sampling_flags(args) -> None:
+    """``--gkd_sampling_temperature`` and ``--gkd_skd_top_k`` (SKD): ranges, and the set-ups SKD cannot run in."""
+    value = getattr(args, 'gkd_sampling_temperature', None)
+    if value is not None and not value > 0:
+        raise ValueError(f'--gkd_sampling_temperature must be > 0 (or unset for --temperature), got {value}')
+    k = getattr(args, 'gkd_skd_top_k', 0)
+    if not isinstance(k, int) or k < 0:
+        raise ValueError(f'--gkd_skd_top_k must be an integer >= 0 (the teacher\'s top-K that accepts a student '
+                         f'token; 0 = off), got {k}')
+    if k == 0:
+        return
+    flag = f'--gkd_skd_top_k {k}'
+    if args.lmbda == 0:
+        raise ValueError(f'{flag} corrects the student\'s samples on on-policy steps, and --lmbda 0 has none: set '
+                         '--lmbda > 0 or --gkd_skd_top_k 0')
+    if getattr(args, 'use_vllm', False):
+        raise ValueError(f'{flag} is not supported with --use_vllm true yet (the teacher verifies the student\'s '
+                         'drafts between decoding steps, which vLLM does not expose): pass --use_vllm false '
+                         '(transformers sampling) or --gkd_skd_top_k 0')
+    if getattr(args, 'teacher_model_server', None) is not None:
+        raise ValueError(f'{flag} is not supported with --teacher_model_server yet: the teacher verifies the '
+                         'student\'s drafts locally; pass a local --teacher_model or --gkd_skd_top_k 0')
+    if getattr(args, 'gkd_cross_tokenizer', None) is not None:
+        raise ValueError(f'{flag} cannot be combined with --gkd_cross_tokenizer {args.gkd_cross_tokenizer}: the '
+                         'teacher replaces student tokens, so both must share one tokenizer')
+    penalty = getattr(args, 'repetition_penalty', None)
+    if penalty is not None and penalty != 1.0:
+        raise ValueError(f'{flag} cannot be combined with --repetition_penalty {penalty} yet (allowed: 1.0)')
+    if (getattr(args, 'sequence_parallel_size', None) or 1) > 1:
+        raise ValueError(f'{flag} is not supported with --sequence_parallel_size {args.sequence_parallel_size} '
+                         '(allowed: 1)')
 
 
 def check_cross_tokenizer_flags(args) -> None:

@@ -43,6 +43,9 @@ def check_megatron_gkd(args) -> None:
                          f'{list(MEGATRON_LOSS_IMPLS)}): the output layer is vocabulary-parallel there, and the '
                          'loss is computed on the logit shards, chunk by chunk, with the tensor-parallel '
                          'all-reduces; the fused loss on hidden states is for swift rlhf')
+    if getattr(args, 'gkd_skd_top_k', 0):
+        raise ValueError(f'--gkd_skd_top_k {args.gkd_skd_top_k} is supported by swift rlhf only (transformers '
+                         'sampling, --use_vllm false); megatron rlhf samples without SKD: pass --gkd_skd_top_k 0')
     check_gkd_scalars(_scalar_view(args))
     check_teacher_server_flags(args)
     teacher_tp = args.teacher_tensor_model_parallel_size
@@ -111,7 +114,7 @@ def _scalar_view(args):
 
 _SCALAR_NAMES = ('beta', 'lmbda', 'temperature', 'sft_alpha', 'max_completion_length', 'seq_kd', 'gkd_loss_impl',
                  'teacher_server_timeout', 'teacher_server_retries', 'teacher_server_wait', 'gkd_logits_topk',
-                 'gkd_topk_tail')
+                 'gkd_topk_tail', 'gkd_sampling_temperature')
 
 
 def _bool(value: str) -> bool:
@@ -144,7 +147,8 @@ def _command_line_parser() -> argparse.ArgumentParser:
     p.add_argument('--reward_funcs', nargs='*', default=[])
     p.add_argument('--reward_weights', nargs='*', type=float, default=None)
     p.add_argument('--num_generations', type=int, default=None)
-    kinds = {'bool': _bool, 'int': int, 'Optional[int]': int, 'float': float}  # annotations are strings here
+    # annotations are strings here
+    kinds = {'bool': _bool, 'int': int, 'Optional[int]': int, 'float': float, 'Optional[float]': float}
     for f in fields(MegatronGKDFlagsMixin):
         p.add_argument(f'--{f.name}', type=kinds.get(str(f.type), str), default=f.default)
     return p

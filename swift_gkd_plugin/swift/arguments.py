@@ -12,7 +12,7 @@ from swift.utils import get_logger
 
 import swift_gkd_plugin
 from swift_gkd_plugin.flags import (GKDPluginArgumentsMixin, check_gkd_scalars, check_no_plugin_flags_outside_gkd,
-                                    check_rl_flags, check_teacher_server_flags)
+                                    check_rl_flags, check_teacher_server_flags, sampling_temperature)
 from swift_gkd_plugin.swift.datasets_check import check_local_jsonl_datasets
 
 logger = get_logger()
@@ -175,6 +175,16 @@ def check_teacher_adapters(args) -> None:
                     f'  - Teacher model: base_model + teacher adapter {adapter} (frozen)')
 
 
+def check_skd_teacher(args) -> None:
+    """``--gkd_skd_top_k`` needs a teacher other than the student: a --teacher_model, the student's base (LoRA
+    student, adapter off), or --teacher_adapters. Run after ms-swift resolved a shared base."""
+    k = getattr(args, 'gkd_skd_top_k', 0)
+    shared_base = getattr(args, '_teacher_use_disable_adapter', False) or bool(args.teacher_adapters)
+    if k and args.teacher_model is None and args.teacher_model_server is None and not shared_base:
+        raise ValueError(f'--gkd_skd_top_k {k} needs a teacher to correct the student: pass --teacher_model (or '
+                         '--teacher_adapters); without one the teacher is the student itself')
+
+
 def init_gloo_for_cpu_zero3(args) -> None:
     """ZeRO-3 builds the model under ``deepspeed.zero.Init``, which needs the process group first; on GPUs the
     launcher's NCCL set-up provides it, on CPU (``--use_cpu true``, several processes) nothing does: start gloo."""
@@ -256,7 +266,8 @@ class GKDPluginRLHFArguments(GKDPluginArgumentsMixin, RLHFArguments):
         check_reward_funcs(self)
         check_fresh_samples_for_rl(self)
         logger.info(f'swift_gkd_plugin {swift_gkd_plugin.__version__}: GKD trainer active '
-                    f'(lmbda={self.lmbda}, seq_kd={self.seq_kd}, beta={self.beta}, temperature={self.temperature})')
+                    f'(lmbda={self.lmbda}, seq_kd={self.seq_kd}, beta={self.beta}, temperature={self.temperature}, '
+                    f'sampling temperature={sampling_temperature(self)}, skd_top_k={self.gkd_skd_top_k})')
         from swift.utils import is_mp
         if is_mp() and self.use_vllm:
             raise ValueError('--use_vllm true is not compatible with device_map model parallelism: set '
@@ -270,6 +281,7 @@ class GKDPluginRLHFArguments(GKDPluginArgumentsMixin, RLHFArguments):
         check_teacher(self)
         check_topk_within_vocab(self)
         check_teacher_adapters(self)
+        check_skd_teacher(self)
         check_local_jsonl_datasets(self)
         keep_teacher_messages_column()
         init_gloo_for_cpu_zero3(self)
