@@ -31,6 +31,7 @@ from transformers.utils import ContextManagers
 
 from swift_gkd_plugin.core import Mode, choose_mode
 from swift_gkd_plugin.core.modes import mode_draw
+from swift_gkd_plugin.flags import sampling_temperature
 from swift_gkd_plugin.megatron.generation import generate
 from swift_gkd_plugin.megatron.loss import gkd_loss_on_shards, shard_vocab_start, teacher_topk_per_micro_batch
 from swift_gkd_plugin.megatron.rollout import collate_for_forward, encode_prompts, last_logits, rollout_outputs
@@ -51,6 +52,8 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
         # shared-base teacher: vLLM syncs merge the adapter into the base in place; keep the base exact
         self._base_keeper = BaseWeightsKeeper() if getattr(args, '_teacher_use_disable_adapter', False) else None
         super().__init__(args, template, **kwargs)
+        if getattr(self, 'request_config', None) is not None:  # vLLM's requests: --gkd_sampling_temperature
+            self.request_config.temperature = sampling_temperature(args)
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         self._mode_log = os.path.join(args.output_dir, 'gkd_modes', f'rank{rank}.jsonl')
         self._real_vocab = model_vocab_size(template, args)
@@ -155,7 +158,7 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
 
             completions = generate(
                 next_logits, prompts, max_new_tokens=self.args.max_completion_length,
-                eos_token_ids=eos, temperature=self.args.temperature,
+                eos_token_ids=eos, temperature=sampling_temperature(self.args),
                 top_k=_positive(getattr(self.args, 'top_k', None)), top_p=getattr(self.args, 'top_p', None),
                 seed=_sampling_seed(self.args.seed, self.state.iteration, mpu.get_data_parallel_rank()),
                 vocab_size=self._real_vocab, tp_group=mpu.get_tensor_model_parallel_group(),
