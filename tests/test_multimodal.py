@@ -296,3 +296,12 @@ def test_a_response_holding_an_image_token_is_cut_before_it(mm):
     encoded = encode_sample(sample, template)
     assert encoded['input_ids'].count(image_id) == tmm.NUM_IMAGE_TOKENS
     assert [t for t, label in zip(encoded['input_ids'], encoded['labels']) if label != -100] == text
+
+
+def test_skd_is_refused_for_multimodal_models_before_they_load(mm, tmp_path):
+    """SKD's teacher verifies token ids only: with images in the prompts it would judge the student's tokens without
+    them."""
+    run = run_swift(mm_args(mm, str(tmp_path / 'out'), lmbda=1, gkd_skd_top_k=4), check=False, timeout=300)
+    assert run.returncode != 0
+    assert '--gkd_skd_top_k 4 supports text-only models yet' in run.output, run.output[-3000:]
+    assert 'Loading weights' not in run.output

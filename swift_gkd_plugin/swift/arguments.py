@@ -176,13 +176,18 @@ def check_teacher_adapters(args) -> None:
 
 
 def check_skd_teacher(args) -> None:
-    """``--gkd_skd_top_k`` needs a teacher other than the student: a --teacher_model, the student's base (LoRA
-    student, adapter off), or --teacher_adapters. Run after ms-swift resolved a shared base."""
+    """``--gkd_skd_top_k`` needs a teacher other than the student (a --teacher_model, the student's base with the
+    adapter off, or --teacher_adapters) and a text-only model. Run after ms-swift resolved a shared base."""
     k = getattr(args, 'gkd_skd_top_k', 0)
     shared_base = getattr(args, '_teacher_use_disable_adapter', False) or bool(args.teacher_adapters)
     if k and args.teacher_model is None and args.teacher_model_server is None and not shared_base:
         raise ValueError(f'--gkd_skd_top_k {k} needs a teacher to correct the student: pass --teacher_model (or '
                          '--teacher_adapters); without one the teacher is the student itself')
+    meta = getattr(args, 'model_meta', None)
+    if k and meta is not None and meta.is_multimodal:
+        raise ValueError(f'--gkd_skd_top_k {k} supports text-only models yet (--model_type {args.model_type} is '
+                         'multimodal): the teacher verifies token ids without the prompt\'s images, videos or audio. '
+                         'Pass --gkd_skd_top_k 0')
 
 
 def init_gloo_for_cpu_zero3(args) -> None:
