@@ -134,6 +134,21 @@ class GKDPluginArgumentsMixin:
         metadata={'help': 'With --gkd_cross_tokenizer: the teacher\'s ms-swift template type (as --template is the '
                   'student\'s). Unset (default): its model type\'s, or the student\'s --template when that type has '
                   'several candidates. See docs_en/cross_tokenizer.md.'})
+    gkd_sampling_temperature: Optional[float] = field(
+        default=None,
+        metadata=FlagMetadata(
+            help='Temperature of on-policy sampling (the student\'s, and the teacher\'s on seq_kd steps and SKD '
+            'replacements), separate from --temperature, which stays the temperature of the loss. Unset (default): '
+            '--temperature, as ms-swift. Finite, > 0.',
+            range=Range(0, low_open=True, optional=True, says='> 0', why='or unset for --temperature')))
+    gkd_skd_top_k: int = field(
+        default=0,
+        metadata=FlagMetadata(
+            help='Speculative KD on on-policy steps: a token the student samples that is outside the teacher\'s '
+            'top-K at its position is replaced by a token sampled from the teacher (the paper uses 25). 0 (default): '
+            'off. Transformers sampling (--use_vllm false) with a local teacher of the student\'s tokenizer. See '
+            'docs_en/skd.md.',
+            range=Range(0, integer=True, why='the teacher\'s top-K that accepts a student token; 0 = off')))
 
 
 PLUGIN_FLAGS: List[str] = [f.name for f in fields(GKDPluginArgumentsMixin)]
@@ -234,6 +249,40 @@ def check_gkd_scalars(args) -> None:
         if args.gkd_loss_impl == 'dense':
             raise ValueError('--gkd_topk_tail true needs --gkd_loss_impl auto or fused (the dense loss has no tail)')
     check_cross_tokenizer_flags(args)
+    check_sampling_flags(args)
+
+
+def sampling_temperature(args) -> float:
+    """The temperature of on-policy and seq_kd sampling: ``--gkd_sampling_temperature``, else ``--temperature``."""
+    value = args.gkd_sampling_temperature
+    return args.temperature if value is None else value
+
+
+def check_sampling_flags(args) -> None:
+    """``--gkd_skd_top_k`` (SKD): the set-ups SKD cannot run in (the ranges of both sampling flags are declared)."""
+    k = args.gkd_skd_top_k
+    if k == 0:
+        return
+    flag = f'--gkd_skd_top_k {k}'
+    if args.lmbda == 0:
+        raise ValueError(f'{flag} corrects the student\'s samples on on-policy steps, and --lmbda 0 has none: set '
+                         '--lmbda > 0 or --gkd_skd_top_k 0')
+    if args.use_vllm:
+        raise ValueError(f'{flag} is not supported with --use_vllm true yet (the teacher verifies the student\'s '
+                         'drafts between decoding steps, which vLLM does not expose): pass --use_vllm false '
+                         '(transformers sampling) or --gkd_skd_top_k 0')
+    if args.teacher_model_server is not None:
+        raise ValueError(f'{flag} is not supported with --teacher_model_server yet: the teacher verifies the '
+                         'student\'s drafts locally; pass a local --teacher_model or --gkd_skd_top_k 0')
+    if args.gkd_cross_tokenizer is not None:
+        raise ValueError(f'{flag} cannot be combined with --gkd_cross_tokenizer {args.gkd_cross_tokenizer}: the '
+                         'teacher replaces student tokens, so both must share one tokenizer')
+    penalty = args.repetition_penalty
+    if penalty is not None and penalty != 1.0:
+        raise ValueError(f'{flag} cannot be combined with --repetition_penalty {penalty} yet (allowed: 1.0)')
+    if (args.sequence_parallel_size or 1) > 1:
+        raise ValueError(f'{flag} is not supported with --sequence_parallel_size {args.sequence_parallel_size} '
+                         '(allowed: 1)')
 
 
 def check_multi_turn_flags(args) -> None:

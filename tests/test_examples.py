@@ -198,6 +198,19 @@ def test_rl_example_rewards_exact_matches_in_a_tiny_run(trained_ws, tiny_ws, tmp
     assert any(abs(row['gkd/pg_loss']) > 0 for row in run.logs), run.logs
 
 
+def test_skd_example_runs_on_the_tiny_models(tiny_ws, tmp_path):
+    """The SKD example's sampling flags through the real ``swift rlhf`` on the tiny models: every step on-policy,
+    sampled with SKD (the random tiny student's tokens mostly fall outside the random teacher's top-25)."""
+    argv = record_commands(os.path.join(EXAMPLES, 'gkd_skd.sh'), tmp_path)['swift']
+    flags = {name: argv[argv.index(f'--{name}') + 1] for name in
+             ('lmbda', 'gkd_skd_top_k', 'gkd_sampling_temperature', 'beta', 'temperature', 'use_vllm')}
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), max_steps=2, max_completion_length=12, **flags))
+    assert 'skd_top_k=25' in run.output
+    assert [m['mode'] for m in run.modes()] == ['on_policy', 'on_policy']
+    assert all(0.5 < row['gkd/skd_replaced_fraction'] <= 1 and row['gkd/skd_rounds'] >= 2 for row in run.logs), \
+        run.logs
+
+
 @pytest.mark.parametrize('page', ['docs_en/rl.md', 'docs_zh/rl.md'])
 def test_custom_reward_of_the_rl_docs_works(page, tmp_path):
     """The custom reward file the RL page tells users to write, imported as --external_plugins imports it, registers

@@ -342,3 +342,12 @@ def test_a_row_whose_inline_image_does_not_decode_is_named_when_replaced(mm, tmp
                      r"\['data:image/png;base64,bm90IGEgcG5n'\]; ms-swift trains on another row in its place "
                      r"\(1 row\(s\) replaced so far\)", run.output), run.output[-3000:]
     assert [row['gkd/replaced_rows'] for row in run.logs] == [1]
+
+
+def test_skd_is_refused_for_multimodal_models_before_they_load(mm, tmp_path):
+    """SKD's teacher verifies token ids only: with images in the prompts it would judge the student's tokens without
+    them."""
+    run = run_swift(mm_args(mm, str(tmp_path / 'out'), lmbda=1, gkd_skd_top_k=4), check=False, timeout=300)
+    assert run.returncode != 0
+    assert '--gkd_skd_top_k 4 supports text-only models yet' in run.output, run.output[-3000:]
+    assert 'Loading weights' not in run.output

@@ -41,7 +41,7 @@ def _modes(output_dir):
 
 
 EXPECTED_MODE = {'seqkd': 'seq_kd', 'supkd': 'off_policy', 'onpolicy_beta0': 'on_policy',
-                 'onpolicy_beta0.5': 'on_policy', 'onpolicy_beta1': 'on_policy'}
+                 'onpolicy_beta0.5': 'on_policy', 'onpolicy_beta1': 'on_policy', 'skd': 'on_policy'}
 
 
 @pytest.mark.parametrize('method', list(bench.METHODS))
@@ -55,6 +55,21 @@ def test_each_method_runs_one_step_and_is_scored(method, quality_ws, tmp_path):
     curve = bench.evaluate_curve(checkpoints, quality_ws, rows, tiny.load_tokenizer(quality_ws['tokenizer']))
     assert [p['step'] for p in curve] == [0, 1]
     assert all(0.0 <= curve[-1][m] <= 1.0 for m in bench.METRICS)
+    assert ('skd_replaced_fraction' in curve[-1]) == (method == 'skd')  # SKD reports its replaced fraction
+    if method == 'skd':
+        assert 0.0 <= curve[-1]['skd_replaced_fraction'] <= 1.0
+
+
+def test_closing_line_names_skd_and_the_gap_closed_by_the_better_of_onpolicy_and_skd():
+    em = {'sft': 0.5, 'seqkd': 0.45, 'supkd': 0.52, 'onpolicy_beta0': 0.2, 'onpolicy_beta0.5': 0.3,
+          'onpolicy_beta1': 0.25, 'mixed': 0.4, 'skd': 0.6}
+    summary = {m: {'exact_match': (v, 0.0)} for m, v in em.items()}
+    ws = {'teacher_eval': {'exact_match': 0.9}, 'student_eval': {'exact_match': 0.1}}
+    assert bench.closing_line(summary, ws) == ('quality: teacher 0.900, start 0.100, sft 0.500, seqkd 0.450, supkd '
+                                               '0.520, onpolicy 0.300 (beta 0.5), mixed 0.400, skd 0.600, gap closed '
+                                               '62%')
+    summary['skd'] = {'exact_match': (0.2, 0.0)}  # on-policy better: its gap, (0.3 - 0.1) / 0.8
+    assert bench.closing_line(summary, ws).endswith('skd 0.200, gap closed 25%')
 
 
 def test_demo_fails_loudly_when_the_plugin_did_not_run(tmp_path, monkeypatch, capsys):

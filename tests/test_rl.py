@@ -82,6 +82,26 @@ def test_fused_and_dense_losses_agree_with_rewards(grouped_runs):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
 
 
+@pytest.mark.parametrize('impl', ['fused', 'dense'])
+def test_policy_gradient_term_is_at_the_sampling_temperature(grouped_runs, tiny_ws, solution_dataset, tmp_path, impl):
+    """The label of the policy-gradient term is the sampled token, drawn at the sampling temperature: with the loss at
+    --temperature 1 and sampling at --gkd_sampling_temperature 1.5, the samples and the policy-gradient term are those
+    of the run that does both at 1.5; the divergence (at the loss temperature) differs."""
+    log = str(tmp_path / 'rewards.jsonl')
+    run = run_swift(
+        base_args(tiny_ws, str(tmp_path / 'out'), dataset=solution_dataset, num_generations=4,
+                  per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=3, learning_rate=0,
+                  log_completions='true', seed=5, gkd_loss_impl=impl, gkd_sampling_temperature=1.5, **RL),
+        env={'GKD_TEST_REWARD_LOG': log})
+    both = grouped_runs[impl]
+    assert _reward_calls(log) == _reward_calls(both.reward_log)
+    for a, b in zip(run.logs, both.logs):
+        # pg_loss sums advantage-weighted terms of both signs: compared at the precision of its terms (~1e-3)
+        for key in ('gkd/pg_loss', 'gkd/reward'):
+            assert a[key] == pytest.approx(b[key], abs=1e-6), key
+        assert a['gkd/distill_loss'] != pytest.approx(b['gkd/distill_loss'], rel=1e-3)
+
+
 def test_two_processes_share_groups_and_agree(tiny_ws, solution_dataset, tmp_path):
     """G = 4 over 2 ranks with 2 rows each: every group spans both ranks. Each rank samples from its own stream,
     the rewards are gathered and every rank computes the same advantages; mode decisions agree."""

@@ -54,6 +54,9 @@ def check_megatron_gkd(args) -> None:
         raise ValueError(f'{", ".join(cross)} is supported by swift rlhf only: the Megatron loss works on '
                          'vocabulary-parallel logit shards of one shared vocabulary. Distil across tokenizers with '
                          'swift rlhf --rlhf_type gkd (docs_en/cross_tokenizer.md)')
+    if args.gkd_skd_top_k:
+        raise ValueError(f'--gkd_skd_top_k {args.gkd_skd_top_k} is supported by swift rlhf only (transformers '
+                         'sampling, --use_vllm false); megatron rlhf samples without SKD: pass --gkd_skd_top_k 0')
     check_gkd_scalars(_scalar_view(args))
     check_teacher_server_flags(args)
     check_multi_turn_flags(args)
@@ -184,7 +187,8 @@ def _command_line_parser() -> argparse.ArgumentParser:
     # ms-swift's multi-turn rollout flags, refused for gkd
     p.add_argument('--multi_turn_scheduler', default=None)
     p.add_argument('--max_turns', type=int, default=None)
-    kinds = {'bool': _bool, 'int': int, 'Optional[int]': int, 'float': float}  # annotations are strings here
+    # annotations are strings here
+    kinds = {'bool': _bool, 'int': int, 'Optional[int]': int, 'float': float, 'Optional[float]': float}
     for f in fields(MegatronGKDFlagsMixin):
         p.add_argument(f'--{f.name}', type=kinds.get(str(f.type), str), default=f.default)
     return p

@@ -32,6 +32,7 @@ from swift_gkd_plugin.core.constants import IGNORE_INDEX
 from swift_gkd_plugin.core.lora_round_trip import BaseWeightsKeeper
 from swift_gkd_plugin.core.modes import DATA_SOURCES, mode_log_path, step_mode
 from swift_gkd_plugin.core.views import prepare_teacher_view
+from swift_gkd_plugin.flags import sampling_temperature
 from swift_gkd_plugin.megatron.generation import generate
 from swift_gkd_plugin.megatron.loss import (defer_teacher, fill_deferred_teacher, gkd_loss_on_shards, shard_vocab_start,
                                             teacher_on_demand, teacher_topk_per_micro_batch)
@@ -51,6 +52,8 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
         # vLLM syncs merge LoRA adapters into the base in place (every layer at once): keep the base exact
         self._base_keeper = BaseWeightsKeeper()
         super().__init__(args, template, **kwargs)
+        if getattr(self, 'request_config', None) is not None:  # vLLM's requests: --gkd_sampling_temperature
+            self.request_config.temperature = sampling_temperature(args)
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         self._mode_log = mode_log_path(args.output_dir, rank)
         self._real_vocab = model_vocab_size(template, args)
@@ -148,7 +151,7 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
 
             completions = generate(
                 next_logits, prompts, max_new_tokens=self.args.max_completion_length,
-                eos_token_ids=eos, temperature=self.args.temperature,
+                eos_token_ids=eos, temperature=sampling_temperature(self.args),
                 top_k=_positive(getattr(self.args, 'top_k', None)), top_p=getattr(self.args, 'top_p', None),
                 seed=_sampling_seed(self.args.seed, self.state.iteration, mpu.get_data_parallel_rank()),
                 vocab_size=self._real_vocab, tp_group=mpu.get_tensor_model_parallel_group(),

@@ -20,7 +20,7 @@ from swift_gkd_plugin.activation import grpo_num_generations, keep_teacher_messa
 from swift_gkd_plugin.core.constants import SCALE_REWARDS
 from swift_gkd_plugin.flags import (GKDPluginArgumentsMixin, check_gkd_scalars, check_multi_turn_flags,
                                     check_no_plugin_flags_outside_gkd, check_rl_flags, check_teacher_server_flags,
-                                    ignored_flag_warnings, resolve_num_generations)
+                                    ignored_flag_warnings, resolve_num_generations, sampling_temperature)
 from swift_gkd_plugin.swift.checkpoints import check_resume_checkpoint
 from swift_gkd_plugin.swift.datasets_check import check_local_jsonl_datasets
 
@@ -219,6 +219,21 @@ def check_teacher_adapters(args) -> None:
         raise ValueError(f'--teacher_adapters {adapter!r} does not fit the teacher base {base_dir!r}: {problem}')
 
 
+def check_skd_teacher(args) -> None:
+    """``--gkd_skd_top_k`` needs a teacher other than the student (a --teacher_model, the student's base with the
+    adapter off, or --teacher_adapters) and a text-only model. Run after ms-swift resolved a shared base."""
+    k = args.gkd_skd_top_k
+    shared_base = getattr(args, '_teacher_use_disable_adapter', False) or bool(args.teacher_adapters)
+    if k and args.teacher_model is None and args.teacher_model_server is None and not shared_base:
+        raise ValueError(f'--gkd_skd_top_k {k} needs a teacher to correct the student: pass --teacher_model (or '
+                         '--teacher_adapters); without one the teacher is the student itself')
+    meta = getattr(args, 'model_meta', None)
+    if k and meta is not None and meta.is_multimodal:
+        raise ValueError(f'--gkd_skd_top_k {k} supports text-only models yet (--model_type {args.model_type} is '
+                         'multimodal): the teacher verifies token ids without the prompt\'s images, videos or audio. '
+                         'Pass --gkd_skd_top_k 0')
+
+
 def init_gloo_for_cpu_zero3(args) -> None:
     """ZeRO-3 builds the model under ``deepspeed.zero.Init``, which needs the process group first; on GPUs the
     launcher's NCCL set-up provides it, on CPU (``--use_cpu true``, several processes) nothing does: start gloo."""
@@ -297,6 +312,7 @@ def check_gkd_arguments(args) -> None:
     check_teacher(args)
     check_topk_within_vocab(args)
     check_teacher_adapters(args)
+    check_skd_teacher(args)
     check_local_jsonl_datasets(args)
     check_resume_checkpoint(args)
 
@@ -345,7 +361,8 @@ class GKDPluginRLHFArguments(GKDPluginArgumentsMixin, RLHFArguments):
         resolve_gkd_arguments(self)
         check_gkd_arguments(self)
         logger.info(f'swift_gkd_plugin {swift_gkd_plugin.__version__}: GKD trainer active '
-                    f'(lmbda={self.lmbda}, seq_kd={self.seq_kd}, beta={self.beta}, temperature={self.temperature})')
+                    f'(lmbda={self.lmbda}, seq_kd={self.seq_kd}, beta={self.beta}, temperature={self.temperature}, '
+                    f'sampling temperature={sampling_temperature(self)}, skd_top_k={self.gkd_skd_top_k})')
         keep_teacher_messages_column()
         init_gloo_for_cpu_zero3(self)
         if self.teacher_model is not None and self.teacher_model == self.model:

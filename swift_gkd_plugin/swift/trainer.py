@@ -33,11 +33,12 @@ from swift_gkd_plugin.core.lora_round_trip import HostBuffer, exact_lora_sync, l
 from swift_gkd_plugin.core.modes import DATA_SOURCES, mode_log_path, sampling_seed, step_mode
 from swift_gkd_plugin.core.policy_gradient import policy_gradient_loss, sampled_token_stats
 from swift_gkd_plugin.core.offload import TeacherOffloader, is_partitioned
+from swift_gkd_plugin.core.speculative import teacher_seed
 from swift_gkd_plugin.core.topk import drop_ids_outside_vocab
 from swift_gkd_plugin.core.views import (check_privileged_columns, check_same_response_count, check_views_aligned,
                                          prepare_teacher_view, with_teacher_prompt)
+from swift_gkd_plugin.flags import sampling_temperature
 from swift_gkd_plugin.swift.clean_exit import destroy_process_groups_at_exit
-from swift_gkd_plugin.swift.run_guards import install_run_guards
 from swift_gkd_plugin.swift.cross_tokenizer import CrossTokenizerTeacher
 from swift_gkd_plugin.swift.group_resample import resample_failed_groups
 from swift_gkd_plugin.swift.hidden_states import (fused_fallback_reason, gathered_heads, head_bypassed, head_is_sharded,
@@ -45,6 +46,8 @@ from swift_gkd_plugin.swift.hidden_states import (fused_fallback_reason, gathere
 from swift_gkd_plugin.swift.media_tokens import cut_at_media_placeholders, suppress_media_placeholders
 from swift_gkd_plugin.swift.peft_utils import TEACHER_ADAPTER, active_adapter, eval_mode, load_frozen_adapter
 from swift_gkd_plugin.swift.rewards import global_advantages, load_reward_funcs, score_completions
+from swift_gkd_plugin.swift.run_guards import install_run_guards
+from swift_gkd_plugin.swift.speculative import SpeculativeEngine, cached_forward, skd_decoding
 from swift_gkd_plugin.swift.teacher_server import (attach_trainer_token_ids, connect_teacher_servers,
                                                     infer_prompt_logprobs)
 
@@ -74,6 +77,9 @@ class GKDPluginTrainer(GKDTrainer):
         self.loss_is_scaled_for_ga = True
         self._gkd_mode = Mode.OFF_POLICY
         self._teacher_engine = None
+        # --gkd_sampling_temperature: ms-swift built every sampler's request config from --temperature (the loss's)
+        self._sampling_temperature = sampling_temperature(self.args)
+        self.request_config.temperature = self._sampling_temperature
         self._mode_log = mode_log_path(self.args.output_dir, self.args.process_index)
         check_privileged_columns(self.train_dataset)
         check_privileged_columns(self.eval_dataset)
@@ -266,7 +272,9 @@ class GKDPluginTrainer(GKDTrainer):
             inputs = self.resample_encode_failed_inputs(inputs, strip_response=mode.needs_generation)
         samples = self.to_samples(inputs)
         with self._sampling_rng(step):
-            if mode is Mode.ON_POLICY:
+            if mode is Mode.ON_POLICY and self.args.gkd_skd_top_k:
+                samples = self._generate_with_skd(samples, step)
+            elif mode is Mode.ON_POLICY:
                 samples = self._generate_completions(samples)
             elif mode is Mode.SEQ_KD:
                 samples = self._generate_with_teacher(samples)
@@ -401,6 +409,40 @@ class GKDPluginTrainer(GKDTrainer):
                 sample.add_eos = sample.finish_reason == 'stop'
         return samples
 
+    def _generate_with_skd(self, samples, step: int):
+        """On-policy sampling with SKD (``--gkd_skd_top_k``): the student drafts, the teacher replaces every drafted
+        token outside its top-K by its own sample (:mod:`swift_gkd_plugin.core.speculative`). The student's draws use
+        the sampling stream of plain on-policy steps; the teacher's come from their own per-(seed, step, rank) stream."""
+        samples = self._preprocess_inputs(samples)
+        requests = self.samples2requests(samples)
+        generator = torch.Generator().manual_seed(teacher_seed(self.args.seed, step, self.args.process_index))
+        results = []
+        with ExitStack() as stack:
+            stack.callback(self.model.train, self.model.training)  # the engine calls eval() on the student
+            unwrapped = self._student_for_generation(stack)
+            if self.teacher_model is None:  # the student's base, adapter off (or the teacher adapter on)
+                teacher = lambda model: cached_forward(model, lambda: self._teacher_view_of_student(unwrapped))  # noqa
+            else:
+                teacher_model = self._teacher_for_generation(stack)
+                teacher = lambda model: cached_forward(teacher_model)  # noqa: E731
+            decode = skd_decoding(teacher, top_k=self.args.gkd_skd_top_k, temperature=self._sampling_temperature,
+                                  generator=generator, on_result=results.append)
+            engine = self._sampling_engine(unwrapped, decode=decode)
+            stack.enter_context(self.template.generate_context())
+            outputs = engine.infer(requests, self._get_request_config(), use_tqdm=False)
+        self._log_skd(results)
+        outputs = [r if isinstance(r, RolloutOutput) else RolloutOutput(response=r) for r in outputs]
+        return self._postprocess_rollout_outputs(samples, outputs)
+
+    def _log_skd(self, results) -> None:
+        """``gkd/skd_replaced_fraction``: replaced among the drafted tokens the teacher judged; ``gkd/skd_rounds``:
+        teacher verification forwards per sequence."""
+        metrics = self.custom_metrics['train' if self.model.training else 'eval']
+        _add_token_sum(metrics['gkd/skd_replaced_fraction'], sum(r.replaced for r in results),
+                       sum(r.proposed for r in results))
+        _add_token_sum(metrics['gkd/skd_rounds'], sum(sum(r.rounds) for r in results),
+                       sum(len(r.rounds) for r in results))
+
     def _infer_template(self, template=None):
         template = copy(template or self.template)
         template.padding_free = False
@@ -408,9 +450,13 @@ class GKDPluginTrainer(GKDTrainer):
         template.remove_unused_columns = True
         return template
 
-    def _sampling_engine(self, model, template=None):
+    def _sampling_engine(self, model, template=None, decode=None):
+        """A transformers engine on ``model``; ``decode``: SKD's decoding loop (:class:`SpeculativeEngine`)."""
         template = template or self.template
-        engine = TransformersEngine(model, template=self._infer_template(template), max_batch_size=0)
+        if decode is None:
+            engine = TransformersEngine(model, template=self._infer_template(template), max_batch_size=0)
+        else:
+            engine = SpeculativeEngine(model, template=self._infer_template(template), decode=decode)
         suppress_media_placeholders(engine, template)
         return engine
 
@@ -421,6 +467,21 @@ class GKDPluginTrainer(GKDTrainer):
         cut_at_media_placeholders(samples, self.template)
         return samples
 
+    def _student_for_generation(self, stack: ExitStack):
+        """The unwrapped student, held by ``stack`` for sampling (ZeRO-3 weights gathered per
+        ``--ds3_gather_for_generation``)."""
+        return stack.enter_context(
+            unwrap_model_for_generation(
+                self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation))
+
+    def _teacher_for_generation(self, stack: ExitStack):
+        """The separate teacher, resident (an offloaded one uploaded) and unwrapped, held by ``stack``."""
+        stack.enter_context(self.load_teacher_model_context())
+        return stack.enter_context(
+            unwrap_model_for_generation(
+                self.teacher_model, self.accelerator,
+                gather_deepspeed3_params=self.teacher_ds3_gather_for_generation is not False))
+
     @contextmanager
     def _teacher_sampling_context(self):
         # the transformers engine calls eval() on the model it drives: the student module when the base is shared
@@ -428,17 +489,11 @@ class GKDPluginTrainer(GKDTrainer):
             stack.callback(self.model.train, self.model.training)
             if self.teacher_model is None:
                 # One copy of the weights: the teacher is the student's base (adapter off or teacher adapter on).
-                unwrapped = stack.enter_context(
-                    unwrap_model_for_generation(
-                        self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation))
+                unwrapped = self._student_for_generation(stack)
                 stack.enter_context(self._teacher_view_of_student(unwrapped))
                 engine = self._sampling_engine(unwrapped)
             else:
-                stack.enter_context(self.load_teacher_model_context())
-                unwrapped = stack.enter_context(
-                    unwrap_model_for_generation(
-                        self.teacher_model, self.accelerator,
-                        gather_deepspeed3_params=self.teacher_ds3_gather_for_generation is not False))
+                unwrapped = self._teacher_for_generation(stack)
                 if self._teacher_engine is None or self._teacher_engine.model is not unwrapped:
                     # a teacher with another tokenizer samples through its own template
                     self._teacher_engine = self._sampling_engine(unwrapped, self._xtok and self._xtok.template)
@@ -618,6 +673,8 @@ class GKDPluginTrainer(GKDTrainer):
         pg_sum = entropy_sum = None
         if mode is Mode.ON_POLICY:
             logprobs, entropy = sampled_token_stats(student, student_labels[student_mask], self.args.temperature)
+            if self._sampling_temperature != self.args.temperature:  # the sampled tokens' own temperature
+                logprobs, _ = sampled_token_stats(student, student_labels[student_mask], self._sampling_temperature)
             entropy_sum = entropy.sum()
             if token_advantages is not None:
                 pg = policy_gradient_loss(logprobs, token_advantages).sum()
@@ -709,7 +766,7 @@ class GKDPluginTrainer(GKDTrainer):
             label_term = dict(labels=labels, sft_alpha=sft_alpha)
         elif token_advantages is not None:
             label_term = dict(labels=labels, sft_alpha=self.args.gkd_rl_coef, label_weights=token_advantages,
-                              label_temperature=self.args.temperature)
+                              label_temperature=self._sampling_temperature)
         on_policy = mode is Mode.ON_POLICY
         loss, stats = fused_linear_jsd(
             student_hidden, weight, bias, **teacher_side, **label_term, beta=self.args.beta,

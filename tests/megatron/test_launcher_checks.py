@@ -65,6 +65,10 @@ GKD = ('--rlhf_type', 'gkd')
     (('--temperature', '1e-9'), '--temperature must be > 0 (at least 0.001: '),
     (('--multi_turn_scheduler', 'x', '--max_turns', '2'), '--multi_turn_scheduler x, --max_turns 2: multi-turn '
      'rollouts are not supported by GKD'),
+    (('--gkd_sampling_temperature', '0'), '--gkd_sampling_temperature must be > 0 (or unset for --temperature), '
+     'got 0.0'),
+    (('--gkd_sampling_temperature', 'nan'), '--gkd_sampling_temperature must be a finite number, got nan'),
+    (('--gkd_skd_top_k', '25'), '--gkd_skd_top_k 25 is supported by swift rlhf only'),
 ])
 def test_bad_gkd_flags_are_refused_before_any_rank_starts(flags, needle):
     code, output = megatron_rlhf(*GKD, *flags)
@@ -83,7 +87,8 @@ def test_plugin_flags_with_another_rlhf_type_are_refused():
     GKD,
     GKD + ('--seq_kd', 'true', '--lmbda', '0.3', '--beta', '0', '--temperature', '1.0', '--gkd_logits_topk', '16',
            '--gkd_topk_tail', 'true', '--tensor_model_parallel_size', '2', '--teacher_tensor_model_parallel_size',
-           '2', '--gkd_loss_impl', 'dense', '--num_generations', '1', '--gkd_rl_coef', '0'),
+           '2', '--gkd_loss_impl', 'dense', '--num_generations', '1', '--gkd_rl_coef', '0',
+           '--gkd_sampling_temperature', '0.7'),
     ('--rlhf_type', 'dpo', '--beta', '5'),  # another rlhf type: not the plugin's business
 ])
 def test_good_command_lines_reach_the_ranks(flags):
