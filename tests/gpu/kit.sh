@@ -12,7 +12,8 @@
 #                                      two exports that make it active in a shell
 #
 # Environment: GPUKIT (the kit folder, default <repo>/.gpukit), PYTHON (default python3), GPUKIT_SITE,
-# GPUKIT_OUT, GPUKIT_LIMIT_MIB (60), GPUKIT_SELFCHECK (selfcheck's scratch folder, default /tmp/gpukit-selfcheck),
+# GPUKIT_OUT, GPUKIT_WORK (run's models and logs, default /tmp/gpukit-work), GPUKIT_WHEELS (run: another wheel
+# folder, e.g. selfcheck's CPython 3.11 set to try `run` on CPU), GPUKIT_LIMIT_MIB (60), GPUKIT_SELFCHECK (selfcheck's scratch folder, default /tmp/gpukit-selfcheck),
 # GPUKIT_PY312 (a CPython 3.12 for selfcheck, default pyenv's 3.12.1), GPUKIT_PY311 (selfcheck's Python for the
 # training step, default python3.11).
 set -euo pipefail
@@ -120,6 +121,12 @@ install() {
         rm -rf "$REPO/build"
         plugin=$(ls "$site.plugin"/*.whl | head -n 1)
     fi
+    local stamp
+    stamp=$(cd "$KIT" && ls -l "$wheels" "$plugin" | md5sum | cut -c1-32)
+    if [ -f "$site.boot/sitecustomize.py" ] && [ "$(cat "$site.boot/stamp" 2>/dev/null)" = "$stamp" ]; then
+        echo "export PYTHONPATH=$site.boot:$site\${PYTHONPATH:+:\$PYTHONPATH} PATH=$site/bin:\$PATH"
+        return  # installed by an earlier call on this (warm) machine
+    fi
     rm -rf "$site" "$site.boot"
     "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$wheels"/*.whl \
         "$plugin" >&2 || die "pip could not install the kit into $site"
@@ -139,11 +146,14 @@ for _d in list(_sys.path):
         exec(compile(open(_f).read(), _f, 'exec'))
         break
 EOF
+    echo "$stamp" >"$site.boot/stamp"
     echo "export PYTHONPATH=$site.boot:$site\${PYTHONPATH:+:\$PYTHONPATH} PATH=$site/bin:\$PATH"
 }
 
 activate() {
-    eval "$(install "$@")"
+    local exports
+    exports=$(install "$@") || exit 1
+    eval "$exports"
     export "${OFFLINE[@]}"
 }
 
@@ -250,7 +260,8 @@ EOF
 run() {
     local part=${1:-all} out=${GPUKIT_OUT:-${OUT:-$REPO/gpukit_results}}
     mkdir -p "$out"
-    activate "$PY" "${GPUKIT_SITE:-/tmp/gpukit-site}"
+    activate "$PY" "${GPUKIT_SITE:-/tmp/gpukit-site}" "${GPUKIT_WHEELS:-$KIT/wheels}"
+    export GPUKIT_WORK=${GPUKIT_WORK:-/tmp/gpukit-work}  # models built once per machine, reused by later parts
     cd "$REPO"
     PYTHONUNBUFFERED=1 "$PY" tests/gpu/checks/run.py "$part" --out "$out" "${@:2}"
 }

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import threading
@@ -52,6 +53,9 @@ class Results:
     def add(self, **row):
         self.rows.append(row)
         return row
+
+    def seconds_left(self, budget: float) -> float:
+        return budget - (time.time() - self.started)
 
     def note(self, text: str):
         self.notes.append(text)
@@ -249,6 +253,8 @@ def run_rlhf(argv: List[str], env: Optional[Dict[str, str]] = None, timeout: flo
     from swift_gkd_plugin.cli import swift_executable
     full_env = dict(os.environ, **OFFLINE_ENV)
     full_env.update(env or {})
+    out_dir = argv[argv.index('--output_dir') + 1]
+    shutil.rmtree(out_dir, ignore_errors=True)  # the logs read below are this run's (work folders are reused)
     poll = _GpuMemoryPoller()
     t0 = time.perf_counter()
     try:
@@ -263,7 +269,6 @@ def run_rlhf(argv: List[str], env: Optional[Dict[str, str]] = None, timeout: flo
     if log_path:
         with open(log_path, 'w') as f:
             f.write(output)
-    out_dir = argv[argv.index('--output_dir') + 1]
     rows = []
     for path in sorted(glob.glob(os.path.join(out_dir, '**', 'logging.jsonl'), recursive=True)):
         with open(path) as f:

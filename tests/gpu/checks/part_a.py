@@ -32,7 +32,11 @@ def run(args) -> Results:
             if args.device == 'cpu':
                 flags['use_cpu'] = 'true'
             out = os.path.join(args.work, f'a_{mode}_{impl}')
-            r = run_rlhf(rlhf_argv(ws, out, steps, **flags), env=env, timeout=args.run_timeout,
+            left = res.seconds_left(args.part_budget_s)
+            if left < 60:
+                res.add(mode=mode, impl=impl, ok=False, rc='not run', error=f'part budget: {left:.0f} s left')
+                continue
+            r = run_rlhf(rlhf_argv(ws, out, steps, **flags), env=env, timeout=min(args.run_timeout, left),
                          log_path=os.path.join(args.work, f'a_{mode}_{impl}.log'))
             expected_active = impl != 'builtin'
             ok = r['rc'] == 0 and r['plugin_active'] == expected_active and bool(r['losses']) and all(
@@ -45,7 +49,7 @@ def run(args) -> Results:
     by = {(r['mode'], r['impl']): r for r in res.rows}
     for r in res.rows:
         base = by.get((r['mode'], 'builtin'))
-        if r['impl'] == 'builtin' or not base or not base['ok'] or not r['ok']:
+        if r['impl'] == 'builtin' or not base or not base['ok'] or not r['ok'] or not r.get('losses'):
             continue
         for key in ('step_s', 'reserved_gib', 'device_peak_gib'):
             if ratio(r[key], base[key]) is not None:

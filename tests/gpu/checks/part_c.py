@@ -32,6 +32,7 @@ def run(args) -> Results:
     steps = args.steps or (3 if args.tiny else 10)
     student = AutoModelForCausalLM.from_pretrained(ws.student, dtype=dtype).to(dev)
     student.gradient_checkpointing_enable()
+    student.train()  # checkpointing acts in training mode only (Qwen2 has no dropout)
     opt = torch.optim.SGD(student.parameters(), lr=0.0)
     g = torch.Generator().manual_seed(0)
     vocab = student.config.vocab_size

@@ -32,7 +32,11 @@ def run(args) -> Results:
         # one rank under torchrun, as a one-GPU DeepSpeed run is launched (without its environment DeepSpeed
         # looks for MPI to find its rank)
         env = dict(NPROC_PER_NODE='1', MASTER_PORT=str(free_port()))
-        r = run_rlhf(rlhf_argv(ws, out, steps, **flags), env=env, timeout=args.run_timeout,
+        left = res.seconds_left(args.part_budget_s)
+        if left < 60:
+            res.add(case=case, ok=False, rc='not run', error=f'part budget: {left:.0f} s left')
+            continue
+        r = run_rlhf(rlhf_argv(ws, out, steps, **flags), env=env, timeout=min(args.run_timeout, left),
                      log_path=os.path.join(args.work, f'd_{case}.log'))
         ok = r['rc'] == 0 and r['plugin_active'] and bool(r['losses']) and all(map(finite, r['losses']))
         res.add(case=case, ok=ok, rc=r['rc'], plugin_active=r['plugin_active'], losses=r['losses'],

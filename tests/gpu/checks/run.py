@@ -37,10 +37,14 @@ def parse_args(argv=None):
     p.add_argument('--out', default=os.environ.get('GPUKIT_OUT') or os.environ.get('OUT') or 'gpukit_results')
     p.add_argument('--device', default=None, choices=['cuda', 'cpu'], help='default: cuda when available')
     p.add_argument('--tiny', action='store_true', help='tiny models and shapes (CPU tests of these scripts)')
-    p.add_argument('--work', default=None, help='scratch folder (models, logs); default a fresh temporary one')
+    p.add_argument('--work', default=os.environ.get('GPUKIT_WORK'),
+                   help='scratch folder (models, logs; reused: models are built once); default $GPUKIT_WORK, '
+                        'else a fresh temporary one')
     p.add_argument('--steps', type=int, default=None, help='training steps per run (parts a, c, d)')
     p.add_argument('--run-timeout', type=float, default=480.0, help='seconds per swift run / server start')
     p.add_argument('--budget-s', type=float, default=540.0, help='all: total seconds')
+    p.add_argument('--part-budget-s', type=float, default=530.0,
+                   help='a, d: no new swift run once this many seconds of the part have passed (rows say so)')
     # narrowing a part (the CPU tests use these to stay cheap)
     p.add_argument('--modes', type=lambda s: s.split(','), default=None, help='a: off_policy,on_policy,seq_kd')
     p.add_argument('--impls', type=lambda s: s.split(','), default=None, help='a: builtin,fused,dense')
