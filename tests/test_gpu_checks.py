@@ -109,3 +109,75 @@ def test_all_merges_parts_within_the_budget(tmp_path):
     assert [d['part'] for d in doc['parts']] == list('cbeadf')
     assert all(d['status'] == 'skipped' and 'not run' in d['notes'][0] for d in doc['parts'])
     assert sorted(os.listdir(out)) == ['all.json', 'all.md']
+
+
+# ---------------------------------------------------------------------------------------------------- kit.sh itself
+KIT_SH = os.path.join(os.path.dirname(__file__), 'gpu', 'kit.sh')
+
+
+def _fake_wheel(folder, name, version='1.0', payload=b''):
+    """A minimal valid pure-Python wheel (``<name>/__init__.py``) padded to ``len(payload)`` bytes."""
+    import base64
+    import hashlib
+    import zipfile
+    path = os.path.join(folder, f'{name}-{version}-py3-none-any.whl')
+    files = {f'{name}/__init__.py': b'X = 1\n# ' + payload + b'\n',
+             f'{name}-{version}.dist-info/METADATA': f'Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n'.encode(),
+             f'{name}-{version}.dist-info/WHEEL': b'Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n'}
+    record = ''.join(f'{p},sha256={base64.urlsafe_b64encode(hashlib.sha256(d).digest()).rstrip(b"=").decode()},{len(d)}\n'
+                     for p, d in files.items()) + f'{name}-{version}.dist-info/RECORD,,\n'
+    with zipfile.ZipFile(path, 'w', zipfile.ZIP_STORED) as z:
+        for p, d in files.items():
+            z.writestr(p, d)
+        z.writestr(f'{name}-{version}.dist-info/RECORD', record)
+    return path
+
+
+def _kit(tmp_path, *args, **env):
+    return subprocess.run(['bash', KIT_SH, *args], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHON=sys.executable, GPUKIT=str(tmp_path / 'kit'), **env))
+
+
+def test_kit_size_guard_refuses_oversize_duplicates_and_torch(tmp_path):
+    wheels = tmp_path / 'kit' / 'wheels'
+    wheels.mkdir(parents=True)
+    _fake_wheel(str(wheels), 'alpha', payload=b'a' * 2**20)  # 1 MiB
+    ok = _kit(tmp_path, 'size')
+    assert ok.returncode == 0 and '1.00 MiB  total, 1 wheels (limit 60 MiB)' in ok.stdout, ok.stdout + ok.stderr
+    over = _kit(tmp_path, 'size', GPUKIT_LIMIT_MIB='0.5')
+    assert over.returncode != 0 and 'is above the 0.5 MiB limit' in over.stderr
+    _fake_wheel(str(wheels), 'alpha', version='2.0')
+    _fake_wheel(str(wheels), 'torch', version='2.11.0')
+    bad = _kit(tmp_path, 'size')
+    assert bad.returncode != 0 and "two versions of ['alpha']" in bad.stderr and "['torch']" in bad.stderr
+
+
+def test_kit_install_activates_the_plugin_from_a_target_folder(tmp_path):
+    """The GPU machine's install: no index, no deps, a --target folder on PYTHONPATH; the plugin's .pth must run in
+    a Python that has nothing else (a bare venv), which a PYTHONPATH folder alone would not do. The checkout's
+    plugin wheel is built on the spot (the fake kit has none), as on a GPU machine whose checkout changed."""
+    pytest.importorskip('setuptools')
+    wheels = tmp_path / 'kit' / 'wheels'
+    wheels.mkdir(parents=True)
+    _fake_wheel(str(wheels), 'alpha')
+    site = tmp_path / 'site'
+    proc = _kit(tmp_path, 'install', GPUKIT_SITE=str(site))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert 'building it from' in proc.stderr and (site / 'swift_gkd_plugin.pth').exists()
+    exports = dict(part.split('=', 1) for part in proc.stdout.split()[1:])
+    bare = tmp_path / 'bare'
+    subprocess.run([sys.executable, '-m', 'venv', '--without-pip', str(bare)], check=True)
+    # checked before anything is imported: importing _bootstrap installs its finder by itself
+    check = ('import sys\n'
+             'assert any(type(f).__name__ == "_PostImportFinder" for f in sys.meta_path), "plugin not activated"\n'
+             'import swift_gkd_plugin, alpha\n'
+             'print(swift_gkd_plugin.__file__, alpha.X)\n')
+    pythonpath = exports['PYTHONPATH'].split('${')[0]
+    run = subprocess.run([str(bare / 'bin' / 'python'), '-c', check], capture_output=True, text=True,
+                         env={'PATH': os.environ['PATH'], 'PYTHONPATH': pythonpath}, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith(str(site)) and run.stdout.split()[-1] == '1'
+    # without the sitecustomize the same folder does not activate the plugin: the boot folder is what does it
+    plain = subprocess.run([str(bare / 'bin' / 'python'), '-c', check], capture_output=True, text=True,
+                           env={'PATH': os.environ['PATH'], 'PYTHONPATH': str(site)}, cwd=tmp_path)
+    assert plain.returncode != 0 and 'plugin not activated' in plain.stderr

@@ -73,7 +73,7 @@ prepare() {
     done <"$REQS"
     # DeepSpeed ships an sdist only: its wheel, built without ops (they compile on first use, nvcc is there)
     name=deepspeed==$(grep -i '^deepspeed==' "$REPO/requirements/constraints.txt" | cut -d= -f3)
-    DS_BUILD_OPS=0 "$PY312" -m pip wheel -q --no-deps --no-binary=:all: -w "$KIT/wheels" "$name" >"$tmp/log" 2>&1 ||
+    DS_BUILD_OPS=0 "$PY" -m pip wheel -q --no-deps --no-binary=:all: -w "$KIT/wheels" "$name" >"$tmp/log" 2>&1 ||
         { cat "$tmp/log"; die "could not build a wheel of $name"; }
     # the plugin, from this checkout
     "$PY" -m pip wheel -q --no-deps -w "$KIT/plugin" "$REPO" >"$tmp/log" 2>&1 ||
@@ -173,11 +173,11 @@ selfcheck() {
         "$KIT"/plugin/*.whl || die "the kit does not install on CPython 3.12"
     PYTHONPATH=$work/cp312 "$PY312" - "$work/cp312" <<'EOF' ||
 import ctypes, glob, os, sys
-import msgspec, zstandard, jiter, _cffi_backend, Crypto.Cipher.AES  # compiled, no dependency on the image
+import msgspec, jiter  # compiled, no dependency on the image's packages
 libs = glob.glob(os.path.join(sys.argv[1], '**', '*.so'), recursive=True)
 for lib in libs:
     ctypes.CDLL(lib)  # every shared library of the kit links on CPython 3.12 (glibc symbols resolve)
-print(f'  {len(libs)} shared libraries load; msgspec {msgspec.__version__}, zstandard {zstandard.__version__}')
+print(f'  {len(libs)} shared libraries load; msgspec {msgspec.__version__}, jiter {jiter.__version__}')
 EOF
         die "a compiled module of the kit does not import on CPython 3.12"
 
@@ -213,15 +213,15 @@ for whl in sorted(glob.glob(os.path.join(kit, '*.whl'))):
 EOF
     activate "$vpy" "$work/site" "$twins"
     echo "== 3. the kit imports (ms-swift, the GKD trainer, the plugin, the server, DeepSpeed, Liger, Megatron)"
-    "$vpy" -c '
+    (cd "$work" && "$vpy" -c '
+import sys
+# before any import (importing _bootstrap installs its finder by itself): the .pth of the kit folder ran
+assert any(type(f).__name__ == "_PostImportFinder" for f in sys.meta_path), "the plugin is not activated"
 import swift, swift.rlhf_trainers, swift_gkd_plugin, swift_gkd_plugin.swift.trainer, swift_gkd_plugin.server.app
 import deepspeed, liger_kernel, megatron.core
-from swift_gkd_plugin._bootstrap import _PostImportFinder
-import sys
-assert any(isinstance(f, _PostImportFinder) for f in sys.meta_path), "the plugin is not activated"
 assert swift_gkd_plugin.__file__.startswith(sys.argv[1]), swift_gkd_plugin.__file__
 print("  imported: ms-swift", swift.__version__, "plugin", swift_gkd_plugin.__version__, "deepspeed", deepspeed.__version__)
-' "$work/site" || die "the kit is incomplete: an import failed (above)"
+' "$work/site") || die "the kit is incomplete: an import failed (above)"
     # mcore-bridge imports transformer_engine unconditionally (mcore_bridge/patcher.py): not carried, see part f
     "$vpy" -c 'import mcore_bridge' >/dev/null 2>&1 && echo "  mcore_bridge imports" ||
         echo "  mcore_bridge does not import here: $("$vpy" -c 'import mcore_bridge' 2>&1 | tail -n 1)"
