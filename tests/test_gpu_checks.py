@@ -121,15 +121,19 @@ def _fake_wheel(folder, name, version='1.0', payload=b''):
     import hashlib
     import zipfile
     path = os.path.join(folder, f'{name}-{version}-py3-none-any.whl')
+    info = f'{name}-{version}.dist-info'
     files = {f'{name}/__init__.py': b'X = 1\n# ' + payload + b'\n',
-             f'{name}-{version}.dist-info/METADATA': f'Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n'.encode(),
-             f'{name}-{version}.dist-info/WHEEL': b'Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n'}
-    record = ''.join(f'{p},sha256={base64.urlsafe_b64encode(hashlib.sha256(d).digest()).rstrip(b"=").decode()},{len(d)}\n'
-                     for p, d in files.items()) + f'{name}-{version}.dist-info/RECORD,,\n'
+             f'{info}/METADATA': f'Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n'.encode(),
+             f'{info}/WHEEL': b'Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n'}
+
+    def digest(data):
+        return base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b'=').decode()
+
+    record = ''.join(f'{p},sha256={digest(d)},{len(d)}\n' for p, d in files.items()) + f'{info}/RECORD,,\n'
     with zipfile.ZipFile(path, 'w', zipfile.ZIP_STORED) as z:
         for p, d in files.items():
             z.writestr(p, d)
-        z.writestr(f'{name}-{version}.dist-info/RECORD', record)
+        z.writestr(f'{info}/RECORD', record)
     return path
 
 

@@ -12,7 +12,6 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -33,11 +32,6 @@ TINY_STUDENT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, 
 TINY_TEACHER = dict(hidden_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                     intermediate_size=192)
 TINY_VOCAB, TINY_TOKENS = 1024, 1000
-
-
-def cuda_available() -> bool:
-    import torch
-    return torch.cuda.is_available()
 
 
 @dataclass
@@ -310,7 +304,3 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         return s.getsockname()[1]
-
-
-def python() -> str:
-    return sys.executable

@@ -3,8 +3,9 @@ does not fit: it must answer an error and keep serving.
 
 The 1.5B-shaped teacher (``--tiny``: the tiny one) behind a real server process on loopback; 1, 8 and 32 client
 threads each send top-k requests (``TeacherClient.topk``, k = 64, with the tail) of random prompt/response ids for a
-few seconds (``benchmarks/bench_teacher_server.server_throughput``): tokens scored per second, latency percentiles. Then one request far beyond the device's memory
-(on CPU: beyond ``--max_request_tokens``), then a normal request, which must still be answered.
+few seconds (``benchmarks/bench_teacher_server.server_throughput``): tokens scored per second, latency percentiles.
+Then one batch within every limit of the server but far beyond the device's memory (on CPU: a request beyond
+``--max_request_tokens``), then a normal request, which must still be answered.
 """
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
 """Part f: can ``megatron rlhf --rlhf_type gkd`` run on this image with the kit's megatron-core and mcore-bridge?
 
 Probes, in order, each recorded with its exact error: the imports (megatron.core, mcore_bridge, transformer_engine,
-ms-swift's Megatron modules, the plugin's Megatron trainer), then, when nothing blocks, ``tests/gpu/run_megatron_gkd.sh``
-(its off-policy case by default). transformer-engine is not in the kit (too large to carry, built for one CUDA):
-if ms-swift imports it unconditionally, this part says where.
+ms-swift's Megatron modules, the plugin's Megatron trainer), then, when nothing blocks,
+``tests/gpu/run_megatron_gkd.sh`` (its off-policy case by default). transformer-engine is not in the kit (too
+large to carry, built for one CUDA): where ms-swift or mcore-bridge needs it whatever the flags, this part says
+where.
 """
 from __future__ import annotations
 
