@@ -1,0 +1,187 @@
+"""The GPU checks of issue 18 (tests/gpu/checks), run on CPU with tiny shapes: each part's script runs end to end
+and writes ``<part>.json`` / ``<part>.md`` with the expected keys and finite numbers. The numbers themselves are for
+a GPU (``bash tests/gpu/kit.sh run PART``); parts c and f need CUDA for their measurements and say so."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+RUN = os.path.join(os.path.dirname(__file__), 'gpu', 'checks', 'run.py')
+
+
+def run_part(tmp_path, part, *extra, timeout=600):
+    out = tmp_path / 'out'
+    proc = subprocess.run([sys.executable, RUN, part, '--tiny', '--device', 'cpu', '--out', str(out),
+                           '--work', str(tmp_path / 'work'), *extra], capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(os.listdir(out)) == [f'{part}.json', f'{part}.md']
+    with open(out / f'{part}.json') as f:
+        doc = json.load(f)
+    md = (out / f'{part}.md').read_text()
+    assert doc['part'] == part and doc['env']['versions']['ms-swift'] and md.startswith(f'# Part {part}:')
+    return doc, md
+
+
+def finite(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def test_part_a_pipeline_against_builtin(tmp_path):
+    doc, md = run_part(tmp_path, 'a', '--modes', 'off_policy', '--impls', 'builtin,fused')
+    assert doc['status'] == 'ok', doc
+    rows = {r['impl']: r for r in doc['rows']}
+    assert rows['builtin']['plugin_active'] is False and rows['fused']['plugin_active'] is True
+    for r in rows.values():
+        assert r['ok'] and len(r['losses']) == 2 and all(map(finite, r['losses'])) and finite(r['step_s'])
+    # learning rate 0, the same batches: the plugin's fused loss equals ms-swift's
+    assert rows['fused']['max_rel_loss_diff_vs_builtin'] < 1e-4
+    assert finite(rows['fused']['step_s_vs_builtin'])
+    assert '| off_policy | fused | True |' in md
+
+
+def test_part_b_loss_methods_and_chunk_sweep(tmp_path):
+    doc, md = run_part(tmp_path, 'b', '--methods', 'floor,fused,dense', '--ns', '64', '--chunks', '16',
+                       '--repeats', '1')
+    assert doc['status'] == 'ok', doc
+    by = {(r['kind'], r['method']): r for r in doc['rows']}
+    for key in [('method', 'floor'), ('method', 'fused'), ('method', 'dense'), ('chunk_sweep', 'fused')]:
+        r = by[key]
+        assert r['status'] == 'ok' and finite(r['time_ms']) and finite(r['peak_extra_mib']) and finite(r['loss'])
+    # the same seeded inputs: fused (default chunk and chunk 16) and dense give the same loss
+    assert by[('method', 'fused')]['loss'] == pytest.approx(by[('method', 'dense')]['loss'], rel=1e-4)
+    assert by[('chunk_sweep', 'fused')]['loss'] == pytest.approx(by[('method', 'dense')]['loss'], rel=1e-4)
+    assert finite(by[('method', 'dense')]['fused_time_ratio'])
+    assert any('fused/floor time' in n for n in doc['notes']) and any('chunk sweep' in n for n in doc['notes'])
+
+
+def test_part_c_offload_runs_on_cpu_and_says_what_needs_cuda(tmp_path):
+    doc, md = run_part(tmp_path, 'c', '--steps', '2')
+    assert doc['status'] == 'skipped'  # no CUDA: times only
+    assert [r['scenario'] for r in doc['rows']] == ['resident', 'offload_prefetch', 'offload_no_prefetch']
+    for r in doc['rows']:
+        assert finite(r['step_ms']) and finite(r['loss']) and r['offload_active'] is False
+    assert len({r['loss'] for r in doc['rows']}) == 1  # the same steps whatever the placement
+    assert any('needs CUDA' in n for n in doc['notes'])
+
+
+def test_part_d_deepspeed_zero2(tmp_path):
+    pytest.importorskip('deepspeed')
+    doc, md = run_part(tmp_path, 'd', '--cases', 'zero2')
+    assert doc['status'] == 'ok', doc
+    (row,) = doc['rows']
+    assert row['case'] == 'zero2' and row['ok'] and row['plugin_active'] and all(map(finite, row['losses']))
+
+
+def test_part_e_teacher_server_load_and_oversized_batch(tmp_path):
+    doc, md = run_part(tmp_path, 'e', '--clients', '1,2', '--seconds', '1')
+    assert doc['status'] == 'ok', doc
+    load = [r for r in doc['rows'] if r['kind'] == 'load']
+    assert [r['clients'] for r in load] == [1, 2]
+    for r in load:
+        assert r['requests'] > 0 and r['errors'] == 0 and finite(r['tokens_per_s']) and finite(r['p95_ms'])
+    (big,) = [r for r in doc['rows'] if r['kind'] == 'oversized']
+    assert big['answer'].startswith('error') and big['http_status'] == 413  # over --max_request_tokens on CPU
+    assert big['next_request'] == 'ok' and big['server_alive'] is True
+
+
+def test_part_f_megatron_probe_names_what_blocks(tmp_path):
+    doc, md = run_part(tmp_path, 'f')
+    assert doc['status'] == 'skipped'
+    probes = {r['probe']: r for r in doc['rows'] if r['kind'] == 'import'}
+    assert 'transformer_engine' in probes and 'plugin megatron trainer' in probes
+    for r in probes.values():
+        assert isinstance(r['ok'], bool) and (r['ok'] or 'Error' in r['result'])
+    assert any(n.startswith('blocked at') or 'no CUDA' in n for n in doc['notes'])
+
+
+def test_all_merges_parts_within_the_budget(tmp_path):
+    out = tmp_path / 'out'
+    proc = subprocess.run([sys.executable, RUN, 'all', '--tiny', '--device', 'cpu', '--out', str(out),
+                           '--budget-s', '0'], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((out / 'all.json').read_text())
+    assert [d['part'] for d in doc['parts']] == list('cbeadf')
+    assert all(d['status'] == 'skipped' and 'not run' in d['notes'][0] for d in doc['parts'])
+    assert sorted(os.listdir(out)) == ['all.json', 'all.md']
+
+
+# ---------------------------------------------------------------------------------------------------- kit.sh itself
+KIT_SH = os.path.join(os.path.dirname(__file__), 'gpu', 'kit.sh')
+
+
+def _fake_wheel(folder, name, version='1.0', payload=b''):
+    """A minimal valid pure-Python wheel (``<name>/__init__.py``) padded to ``len(payload)`` bytes."""
+    import base64
+    import hashlib
+    import zipfile
+    path = os.path.join(folder, f'{name}-{version}-py3-none-any.whl')
+    info = f'{name}-{version}.dist-info'
+    files = {f'{name}/__init__.py': b'X = 1\n# ' + payload + b'\n',
+             f'{info}/METADATA': f'Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n'.encode(),
+             f'{info}/WHEEL': b'Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n'}
+
+    def digest(data):
+        return base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b'=').decode()
+
+    record = ''.join(f'{p},sha256={digest(d)},{len(d)}\n' for p, d in files.items()) + f'{info}/RECORD,,\n'
+    with zipfile.ZipFile(path, 'w', zipfile.ZIP_STORED) as z:
+        for p, d in files.items():
+            z.writestr(p, d)
+        z.writestr(f'{info}/RECORD', record)
+    return path
+
+
+def _kit(tmp_path, *args, **env):
+    return subprocess.run(['bash', KIT_SH, *args], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHON=sys.executable, GPUKIT=str(tmp_path / 'kit'), **env))
+
+
+def test_kit_size_guard_refuses_oversize_duplicates_and_torch(tmp_path):
+    wheels = tmp_path / 'kit' / 'wheels'
+    wheels.mkdir(parents=True)
+    _fake_wheel(str(wheels), 'alpha', payload=b'a' * 2**20)  # 1 MiB
+    ok = _kit(tmp_path, 'size')
+    assert ok.returncode == 0 and '1.00 MiB  total, 1 wheels (limit 60 MiB)' in ok.stdout, ok.stdout + ok.stderr
+    over = _kit(tmp_path, 'size', GPUKIT_LIMIT_MIB='0.5')
+    assert over.returncode != 0 and 'is above the 0.5 MiB limit' in over.stderr
+    _fake_wheel(str(wheels), 'alpha', version='2.0')
+    _fake_wheel(str(wheels), 'torch', version='2.11.0')
+    bad = _kit(tmp_path, 'size')
+    assert bad.returncode != 0 and "two versions of ['alpha']" in bad.stderr and "['torch']" in bad.stderr
+
+
+def test_kit_install_activates_the_plugin_from_a_target_folder(tmp_path):
+    """The GPU machine's install: no index, no deps, a --target folder on PYTHONPATH; the plugin's .pth must run in
+    a Python that has nothing else (a bare venv), which a PYTHONPATH folder alone would not do. The checkout's
+    plugin wheel is built on the spot (the fake kit has none), as on a GPU machine whose checkout changed."""
+    pytest.importorskip('setuptools')
+    wheels = tmp_path / 'kit' / 'wheels'
+    wheels.mkdir(parents=True)
+    _fake_wheel(str(wheels), 'alpha')
+    site = tmp_path / 'site'
+    proc = _kit(tmp_path, 'install', GPUKIT_SITE=str(site))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert 'building it from' in proc.stderr and (site / 'swift_gkd_plugin.pth').exists()
+    exports = dict(part.split('=', 1) for part in proc.stdout.split()[1:])
+    bare = tmp_path / 'bare'
+    subprocess.run([sys.executable, '-m', 'venv', '--without-pip', str(bare)], check=True)
+    # checked before anything is imported: importing _bootstrap installs its finder by itself
+    check = ('import sys\n'
+             'assert any(type(f).__name__ == "_PostImportFinder" for f in sys.meta_path), "plugin not activated"\n'
+             'import swift_gkd_plugin, alpha\n'
+             'print(swift_gkd_plugin.__file__, alpha.X)\n')
+    pythonpath = exports['PYTHONPATH'].split('${')[0]
+    run = subprocess.run([str(bare / 'bin' / 'python'), '-c', check], capture_output=True, text=True,
+                         env={'PATH': os.environ['PATH'], 'PYTHONPATH': pythonpath}, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith(str(site)) and run.stdout.split()[-1] == '1'
+    # without the sitecustomize the same folder does not activate the plugin: the boot folder is what does it
+    plain = subprocess.run([str(bare / 'bin' / 'python'), '-c', check], capture_output=True, text=True,
+                           env={'PATH': os.environ['PATH'], 'PYTHONPATH': str(site)}, cwd=tmp_path)
+    assert plain.returncode != 0 and 'plugin not activated' in plain.stderr
