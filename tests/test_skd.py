@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 from conftest import RL_REWARD_PLUGIN, base_args, run_swift
 
-from swift_gkd_plugin.flags import check_sampling_flags, sampling_temperature
+from swift_gkd_plugin.flags import check_declared, check_sampling_flags, sampling_temperature
 
 VOCAB = 448  # the tiny models' vocabulary (tests/test_activation_and_bad_input.py checks it too)
 # on-policy steps only, completions long enough for several draft blocks (SKD drafts 8 tokens at a time), the same
@@ -135,10 +135,16 @@ SAMPLING_FLAGS = dict(lmbda=0.5, temperature=0.9, gkd_sampling_temperature=None,
     ({'gkd_skd_top_k': 25, 'sequence_parallel_size': 2}, '--sequence_parallel_size 2 (allowed: 1)'),
 ])
 def test_sampling_flag_checks(changes, message):
-    check_sampling_flags(SimpleNamespace(**SAMPLING_FLAGS))  # the defaults pass
-    check_sampling_flags(SimpleNamespace(**dict(SAMPLING_FLAGS, gkd_skd_top_k=25, gkd_sampling_temperature=0.5)))
+    """The declared ranges of both sampling flags, then the set-ups SKD cannot run in."""
+
+    def check(args):
+        check_declared(args, ('gkd_sampling_temperature', 'gkd_skd_top_k'))
+        check_sampling_flags(args)
+
+    check(SimpleNamespace(**SAMPLING_FLAGS))  # the defaults pass
+    check(SimpleNamespace(**dict(SAMPLING_FLAGS, gkd_skd_top_k=25, gkd_sampling_temperature=0.5)))
     with pytest.raises(ValueError, match=re.escape(message)):
-        check_sampling_flags(SimpleNamespace(**dict(SAMPLING_FLAGS, **changes)))
+        check(SimpleNamespace(**dict(SAMPLING_FLAGS, **changes)))
 
 
 def test_sampling_temperature_defaults_to_temperature():
