@@ -44,16 +44,16 @@ Beside the divergence, the same chunk pass optionally computes:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
 
-from .row_divergence import divergence_rows, log_softmax_into
+from .divergence import NEG_LOGIT as _NEG_LOGIT
+from .row_divergence import Divergence, RowBuffers, as_divergence, divergence_rows, log_softmax_into
 from .topk import bucket_divergence, teacher_tail_logmass
 
 __all__ = ['fused_linear_jsd', 'default_chunk_size']
 
-_NEG_LOGIT = -1e30  # finite stand-in for -inf logits: exp() underflows to exactly 0, differences stay finite
 _SCRATCH_BYTES = 2**30  # float32 scratch targeted by the automatic chunk size
 _MAX_CHUNK = 1024
 
@@ -93,7 +93,8 @@ def fused_linear_jsd(student_hidden: torch.Tensor,
                      sft_normalizer: Optional[Number] = None,
                      label_weights: Optional[torch.Tensor] = None,
                      label_temperature: float = 1.0,
-                     return_entropy: bool = False) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+                     return_entropy: bool = False,
+                     divergence: Optional[Divergence] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     r"""Generalized-JSD distillation loss of a linear head, fused and chunked over tokens.
 
     The teacher is either a linear head on its own hidden states (``teacher_hidden`` + ``teacher_weight``) or a
@@ -130,6 +131,8 @@ def fused_linear_jsd(student_hidden: torch.Tensor,
         label_temperature: ``T_l > 0`` (finite), the label term's temperature: its cross-entropy is that of
             ``log_softmax(z / T_l)`` (the sampling temperature for the policy gradient; 1 for SFT).
         return_entropy: also return ``stats['entropy_sum']``.
+        divergence: a :class:`~swift_gkd_plugin.core.row_divergence.Divergence` other than the generalized JSD of
+            ``beta`` (e.g. ``skew_kl``); ``beta`` is then unused.
 
     Returns:
         ``(loss, stats)``. ``loss`` is a float32 scalar,
@@ -146,8 +149,7 @@ def fused_linear_jsd(student_hidden: torch.Tensor,
     Shapes may be in any float dtype; all reductions accumulate in float32. The matmuls run in the weights' dtype
     and are upcast chunk by chunk; ``grad_weight`` is accumulated in float32.
     """
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f'beta must be in [0, 1], got {beta}')
+    divergence = as_divergence(beta if divergence is None else divergence)
     if not 0 < temperature < float('inf'):  # NaN too; at T = inf both distributions are uniform
         raise ValueError(f'temperature must be a finite number > 0, got {temperature}')
     full = teacher_weight is not None or teacher_hidden is not None
@@ -167,7 +169,7 @@ def fused_linear_jsd(student_hidden: torch.Tensor,
     hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
     n_all, vocab = hidden.shape[0], student_weight.shape[0]
     active = torch.ones(n_all, dtype=torch.bool, device=hidden.device) if mask is None else mask.reshape(-1).bool()
-    plan = _Plan(beta=float(beta), temperature=float(temperature), tail=bool(topk_tail), vocab=vocab,
+    plan = _Plan(divergence=divergence, temperature=float(temperature), tail=bool(topk_tail), vocab=vocab,
                  label_temperature=float(label_temperature), entropy=bool(return_entropy))
     if full:
         plan.teacher_weight = teacher_weight
@@ -214,7 +216,7 @@ def fused_linear_jsd(student_hidden: torch.Tensor,
 @dataclass
 class _Plan:
     """Everything the autograd function needs besides its differentiable inputs; ``stats`` is filled in."""
-    beta: float
+    divergence: Divergence
     temperature: float
     tail: bool
     vocab: int
@@ -305,29 +307,22 @@ def _run(hidden, weight, bias, plan: _Plan, need_h: bool, need_w: bool, need_b: 
     agree = torch.zeros((), dtype=torch.long, device=dev)
 
     if n:
-        names = _buffer_names(plan, full, sft)
-        far = full and plan.beta in (0, 1)  # a bool [chunk, V] buffer too (a quarter of a float32 one)
-        rows = min(n, plan.chunk_size or default_chunk_size(vmax, len(names) + 0.25 * far))
-        bufs = {k: torch.empty(rows, vmax, dtype=f32, device=dev) for k in names}
-        if far:
-            bufs['far'] = torch.empty(rows, vmax, dtype=torch.bool, device=dev)
-        if weight.dtype != f32 and want_grad:  # the gradient in the matmul dtype, reused across chunks
-            bufs['half'] = torch.empty(rows, vocab, dtype=weight.dtype, device=dev)
+        scratch = _Scratch.allocate(plan, full, sft, n, vmax, weight.dtype if want_grad else f32, dev)
+        rows = scratch.logits.shape[0]
         bias_f = None if bias is None else _finite_bias(bias)
+        chunk = _full_chunk if full else _topk_chunk
         for start in range(0, n, rows):
             sl = slice(start, min(start + rows, n))
             h = hidden[sl].to(weight.dtype)
-            c = h.shape[0]
-            view = {k: b[:c] for k, b in bufs.items()}
-            chunk = _full_chunk if full else _topk_chunk
-            d, ce, ag, alpha, ent = chunk(view, h, weight, bias_f, plan, sl, sft)
-            div_sum += d
-            sft_sum += ce
-            agree += ag
-            entropy_sum += ent
+            view = scratch.rows(h.shape[0])
+            res = chunk(view, h, weight, bias_f, plan, sl, sft)
+            div_sum += res.divergence_sum
+            sft_sum += res.label_sum
+            agree += res.top1_agree
+            entropy_sum += res.entropy_sum
             if want_grad:
-                _backprop_chunk(view, h, weight, alpha, sl, grad_h, grad_w, grad_b, first=start == 0)
-        del bufs
+                _backprop_chunk(view, h, weight, res.grad_scale, sl, grad_h, grad_w, grad_b, first=start == 0)
+        del scratch, view
     elif grad_w is not None:
         grad_w.zero_()
 
@@ -341,15 +336,55 @@ def _run(hidden, weight, bias, plan: _Plan, need_h: bool, need_w: bool, need_b: 
     return loss, grads
 
 
-def _buffer_names(plan: _Plan, full: bool, sft: bool):
-    """The float32 ``[chunk, V]`` scratch buffers a configuration needs (``a`` always holds the gradient).
+@dataclass
+class _Scratch:
+    """The ``[chunk, V]`` rows reused by every chunk (float32 unless said otherwise).
 
-    ``e`` is the scratch of the label term and the entropy when they cannot reuse the divergence's buffers.
+    ``logits``: the student's logits, then its log-probabilities, then d loss / d logits (what
+    :func:`_backprop_chunk` reads). Full teacher only: ``teacher`` (its logits, then log-probabilities), ``p_s`` and
+    ``p_t`` (the probabilities) and, for the KL forms, ``flags`` (bool). ``extra``: the label term's and the
+    entropy's own pass where they cannot share the divergence's rows. ``half``: the gradient in a half-precision
+    matmul dtype.
     """
-    names = ['a', 'b', 'p', 'q'] if full else ['a']
-    if (sft and _separate_label(plan, full)) or (plan.entropy and not _student_row_is_own(plan, full)):
-        names.append('e')
-    return names
+    logits: torch.Tensor
+    teacher: Optional[torch.Tensor] = None
+    p_s: Optional[torch.Tensor] = None
+    p_t: Optional[torch.Tensor] = None
+    flags: Optional[torch.Tensor] = None
+    extra: Optional[torch.Tensor] = None
+    half: Optional[torch.Tensor] = None
+
+    @staticmethod
+    def allocate(plan: '_Plan', full: bool, sft: bool, n: int, vmax: int, grad_dtype, dev) -> '_Scratch':
+        """The buffers a configuration needs, as many rows as :func:`default_chunk_size` allows (or
+        ``plan.chunk_size``)."""
+        names = ['logits', 'teacher', 'p_s', 'p_t'] if full else ['logits']
+        if (sft and _separate_label(plan, full)) or (plan.entropy and not _student_row_is_own(plan, full)):
+            names.append('extra')
+        flags = full and plan.divergence.needs_flags  # a bool buffer: a quarter of a float32 one
+        rows = min(n, plan.chunk_size or default_chunk_size(vmax, len(names) + 0.25 * flags))
+        bufs = {k: torch.empty(rows, vmax, dtype=torch.float32, device=dev) for k in names}
+        if flags:
+            bufs['flags'] = torch.empty(rows, vmax, dtype=torch.bool, device=dev)
+        if grad_dtype != torch.float32:  # the gradient in the matmul dtype, reused across chunks
+            bufs['half'] = torch.empty(rows, plan.vocab, dtype=grad_dtype, device=dev)
+        return _Scratch(**bufs)
+
+    def rows(self, c: int) -> '_Scratch':
+        """The first ``c`` rows of every buffer (the last chunk may be shorter)."""
+        return _Scratch(**{k: None if v is None else v[:c] for k, v in vars(self).items()})
+
+    def divergence_rows(self) -> RowBuffers:
+        return RowBuffers(s=self.logits, t=self.teacher, p_s=self.p_s, p_t=self.p_t, flags=self.flags)
+
+
+class _ChunkResult(NamedTuple):
+    """One chunk's detached sums; d loss / d student logits is ``grad_scale * scratch.logits``."""
+    divergence_sum: torch.Tensor
+    label_sum: torch.Tensor  # the weighted cross-entropy sum of the label term
+    top1_agree: torch.Tensor
+    grad_scale: float
+    entropy_sum: torch.Tensor
 
 
 def _student_row_is_own(plan: _Plan, full: bool) -> bool:
@@ -424,13 +459,9 @@ def _label_rows(plan: _Plan, sl):
     return torch.where(keep, lab, 0).unsqueeze(1), ce_weight, w
 
 
-def _full_chunk(buf, h, weight, bias_f, plan: _Plan, sl, sft: bool):
-    """One chunk against a teacher head. Leaves the gradient w.r.t. the student logits in ``buf['a']``.
-
-    Returns ``(divergence sum, weighted cross-entropy sum, top-1 agreements, matmul scale of buf['a'],
-    entropy sum)``.
-    """
-    a, b = buf['a'], buf['b']
+def _full_chunk(buf: _Scratch, h, weight, bias_f, plan: _Plan, sl, sft: bool) -> _ChunkResult:
+    """One chunk against a teacher head. Leaves the gradient w.r.t. the student logits in ``buf.logits``."""
+    a, b = buf.logits, buf.teacher
     vocab, vt = plan.vocab, plan.teacher_weight.shape[0]
     inv_t = 1.0 / plan.temperature
     _logits_into(a[:, :vocab], h, weight, bias_f, inv_t)
@@ -449,47 +480,48 @@ def _full_chunk(buf, h, weight, bias_f, plan: _Plan, sl, sft: bool):
     lab, ce_weight, w = _label_rows(plan, sl) if sft else (None, None, None)
     ent, ce, p1 = _full_prepass(buf, plan, lab, ce_weight)
 
-    log_softmax_into(a, buf['p'])  # s, p_s
-    log_softmax_into(b, buf['q'])  # t, p_t
+    log_softmax_into(a, buf.p_s)  # s, p_s
+    log_softmax_into(b, buf.p_t)  # t, p_t
     if plan.entropy and _student_row_is_own(plan, True):
-        ent = -_row_dot(buf['p'], a).sum()
+        ent = -_row_dot(buf.p_s, a).sum()
     if sft and p1 is None:
         ce = -(a.gather(1, lab).squeeze(1) * ce_weight).sum()
-    div, sign = divergence_rows(buf, plan.beta)  # leaves sign * dD/du in a (u = z / T: dD/dz = dD/du / T)
+    # leaves sign * dD/du in a (u = z / T: dD/dz = dD/du / T)
+    div, sign = divergence_rows(buf.divergence_rows(), plan.divergence)
     grad_scale = plan.div_scale * sign * inv_t
 
     if not sft:
-        return div.sum(), ce, agree, grad_scale, ent
+        return _ChunkResult(div.sum(), ce, agree, grad_scale, ent)
     a.mul_(grad_scale)
-    _add_label_grad(a[:, :vocab], (buf['p'] if p1 is None else p1)[:, :vocab], lab, w)
-    return div.sum(), ce, agree, 1.0, ent
+    _add_label_grad(a[:, :vocab], (buf.p_s if p1 is None else p1)[:, :vocab], lab, w)
+    return _ChunkResult(div.sum(), ce, agree, 1.0, ent)
 
 
-def _full_prepass(buf, plan: _Plan, lab, ce_weight):
+def _full_prepass(buf: _Scratch, plan: _Plan, lab, ce_weight):
     """The entropy and label term that the row's shared ``s = log_softmax(z / T)`` cannot give, before it is formed
-    (``buf['a']`` holds ``z / T`` and ``buf['p']`` is still free): on a row padded to a larger teacher vocabulary, or
+    (``buf.logits`` holds ``z / T`` and ``buf.p_s`` is still free): on a row padded to a larger teacher vocabulary, or
     at a label temperature other than ``T``. Returns ``(entropy sum, cross-entropy sum, label probabilities or
     None)``; what is left to the shared pass comes back as zero / ``None``.
     """
-    u = buf['a'][:, :plan.vocab]
+    u = buf.logits[:, :plan.vocab]
     ent, ce, p1 = u.new_zeros(()), u.new_zeros(()), None
     sft = lab is not None
     if plan.entropy and not _student_row_is_own(plan, True):
-        e, p_own = buf['e'][:, :plan.vocab], buf['p'][:, :plan.vocab]
+        e, p_own = buf.extra[:, :plan.vocab], buf.p_s[:, :plan.vocab]
         log_softmax_into(e.copy_(u), p_own)
         ent = -_row_dot(p_own, e).sum()
         if sft and plan.label_temperature == plan.temperature:  # the label term shares that pass
             ce = -(e.gather(1, lab).squeeze(1) * ce_weight).sum()
             p1 = e.copy_(p_own)
     if sft and p1 is None and _separate_label(plan, True):
-        ce, p1 = _separate_label_term(buf['e'][:, :plan.vocab], u, plan.temperature / plan.label_temperature, lab,
+        ce, p1 = _separate_label_term(buf.extra[:, :plan.vocab], u, plan.temperature / plan.label_temperature, lab,
                                       ce_weight)
     return ent, ce, p1
 
 
-def _topk_chunk(buf, h, weight, bias_f, plan: _Plan, sl, sft: bool):
+def _topk_chunk(buf: _Scratch, h, weight, bias_f, plan: _Plan, sl, sft: bool) -> _ChunkResult:
     """One chunk against a top-k teacher; same contract as :func:`_full_chunk`."""
-    a = buf['a'][:, :plan.vocab]
+    a = buf.logits[:, :plan.vocab]
     _logits_into(a, h, weight, bias_f, 1.0)  # untempered: the temperature applies on the bucket support
     lp = plan.topk_logprobs[sl]
     valid = lp > float('-inf')
@@ -498,18 +530,18 @@ def _topk_chunk(buf, h, weight, bias_f, plan: _Plan, sl, sft: bool):
     mx = a.amax(-1, keepdim=True)
     agree = (a.gather(1, top1) >= mx).sum()
     y = a.gather(1, ids).masked_fill_(~valid, float('-inf'))  # student bucket logits on the top-k
-    ent = _entropy_into(buf['e'], a, 1.0 / plan.temperature) if plan.entropy else a.new_zeros(())
+    ent = _entropy_into(buf.extra, a, 1.0 / plan.temperature) if plan.entropy else a.new_zeros(())
     ce, p1 = a.new_zeros(()), None
     if sft:
         lab, ce_weight, w = _label_rows(plan, sl)
         if _separate_label(plan, False):
-            ce, p1 = _separate_label_term(buf['e'], a, 1.0 / plan.label_temperature, lab, ce_weight)
+            ce, p1 = _separate_label_term(buf.extra, a, 1.0 / plan.label_temperature, lab, ce_weight)
         else:
             z_lab = a.gather(1, lab).squeeze(1)
     fold = sft and p1 is None  # the untempered label term rides on the passes below
 
     if not plan.tail:
-        div, dy = bucket_divergence(y, lp, plan.beta, plan.temperature)
+        div, dy = bucket_divergence(y, lp, plan.divergence, plan.temperature)
         if fold:
             a.sub_(mx).exp_()
             total = a.sum(-1, keepdim=True)
@@ -528,7 +560,7 @@ def _topk_chunk(buf, h, weight, bias_f, plan: _Plan, sl, sft: bool):
         y_tail = mx_tail.squeeze(1) + tail_sum.log()
         t_tail = teacher_tail_logmass(lp, valid.sum(-1), plan.vocab)
         div, dy = bucket_divergence(torch.cat([y, y_tail.unsqueeze(1)], 1),
-                                    torch.cat([lp, t_tail.unsqueeze(1)], 1), plan.beta, plan.temperature)
+                                    torch.cat([lp, t_tail.unsqueeze(1)], 1), plan.divergence, plan.temperature)
         # d y_tail / d z_v = exp(z_v - y_tail) = a_v / tail_sum on the complement (a is 0 on the top-k)
         coef = torch.where(tail_sum > 0, dy[:, -1] / tail_sum, 0.0) * plan.div_scale
         k_grad = dy[:, :-1] * plan.div_scale
@@ -543,15 +575,15 @@ def _topk_chunk(buf, h, weight, bias_f, plan: _Plan, sl, sft: bool):
         a.scatter_add_(1, lab, -w.unsqueeze(1))
     elif p1 is not None:
         _add_label_grad(a, p1, lab, w)
-    return div.sum(), ce, agree, 1.0, ent
+    return _ChunkResult(div.sum(), ce, agree, 1.0, ent)
 
 
-def _backprop_chunk(buf, h, weight, alpha: float, sl, grad_h, grad_w, grad_b, first: bool):
-    """Turn ``alpha * buf['a']`` (d loss / d student logits of the chunk) into hidden, weight and bias grads.
+def _backprop_chunk(buf: _Scratch, h, weight, alpha: float, sl, grad_h, grad_w, grad_b, first: bool):
+    """Turn ``alpha * buf.logits`` (d loss / d student logits of the chunk) into hidden, weight and bias grads.
 
     The first chunk overwrites ``grad_w`` (allocated uninitialised: no separate zero-fill pass over ``[V, H]``).
     """
-    g = buf['a'][:, :weight.shape[0]]
+    g = buf.logits[:, :weight.shape[0]]
     if grad_b is not None:
         grad_b.add_(g.sum(0), alpha=alpha)
     if weight.dtype == torch.float32:
@@ -560,7 +592,7 @@ def _backprop_chunk(buf, h, weight, alpha: float, sl, grad_h, grad_w, grad_b, fi
         if grad_w is not None:
             torch.addmm(grad_w, g.t(), h, beta=0 if first else 1, alpha=alpha, out=grad_w)
         return
-    gh = buf['half'][:g.shape[0]].copy_(g)
+    gh = buf.half[:g.shape[0]].copy_(g)
     if grad_h is not None:
         torch.mul(gh @ weight, alpha, out=grad_h[sl])
     if grad_w is not None:  # rounded once per chunk, accumulated in float32
