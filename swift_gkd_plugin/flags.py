@@ -46,6 +46,15 @@ class GKDPluginArgumentsMixin:
                   'probability L1, any two vocabularies) or hybrid (generalized JSD on the tokens both vocabularies '
                   'share, ULD on the rest). Unset (default): the teacher must use the student\'s tokenizer. '
                   'See docs_en/cross_tokenizer.md.'})
+    gkd_divergence: Literal['jsd', 'skew_kl', 'skew_rkl'] = field(
+        default='jsd',
+        metadata={'help': 'The distillation divergence, at --temperature: jsd (the generalized JSD of --beta, '
+                  'default), skew_kl = KL(teacher || a teacher + (1 - a) student) or skew_rkl = KL(student || '
+                  '(1 - a) teacher + a student), a = --gkd_skew_alpha (DistiLLM). See docs_en/fused_loss.md.'})
+    gkd_skew_alpha: float = field(
+        default=0.1,
+        metadata={'help': 'The skew a of --gkd_divergence skew_kl / skew_rkl, in [0, 1) (0: the plain forward / '
+                  'reverse KL). Default 0.1.'})
     teacher_template: Optional[str] = field(
         default=None,
         metadata={'help': 'With --gkd_cross_tokenizer: the teacher\'s ms-swift template type (as --template is the '
@@ -55,6 +64,7 @@ class GKDPluginArgumentsMixin:
 
 PLUGIN_FLAGS: List[str] = [f.name for f in fields(GKDPluginArgumentsMixin)]
 GKD_LOSS_IMPLS = ('auto', 'fused', 'dense')
+GKD_DIVERGENCES = ('jsd', 'skew_kl', 'skew_rkl')  # the registry of core.row_divergence (a test keeps them equal)
 CROSS_TOKENIZER_METHODS = ('uld', 'hybrid')
 
 
@@ -78,7 +88,7 @@ def check_no_plugin_flags_outside_gkd(args, mixin=GKDPluginArgumentsMixin) -> No
 #: Float flags refused when NaN or infinite; NaN fails every comparison and inf passes "> 0", so a range check alone
 #: lets them through (``--temperature inf`` trains to a negative loss with zero gradients).
 FINITE_FLAGS = ('beta', 'lmbda', 'temperature', 'sft_alpha', 'teacher_server_timeout', 'teacher_server_wait',
-                'gkd_rl_coef')
+                'gkd_rl_coef', 'gkd_skew_alpha')
 
 
 def check_finite(args, names=FINITE_FLAGS) -> None:
@@ -130,7 +140,26 @@ def check_gkd_scalars(args) -> None:
             raise ValueError('--gkd_topk_tail true needs --gkd_loss_impl auto or fused (the dense loss has no tail)')
     if topk is not None and topk <= 0:
         raise ValueError(f'--gkd_logits_topk must be a positive integer (or unset for the full vocabulary), got {topk}')
+    check_divergence_flags(args)
     check_cross_tokenizer_flags(args)
+
+
+def check_divergence_flags(args) -> None:
+    """``--gkd_divergence`` a registered divergence, ``--gkd_skew_alpha`` in [0, 1], and neither parameter given
+    with the other divergence, where it would be silently unused. ``args.beta`` is None when unset, or ms-swift's
+    GKD default 0.5 once resolved (which cannot be told apart from ``--beta 0.5``, so 0.5 passes)."""
+    name = getattr(args, 'gkd_divergence', 'jsd')
+    if name not in GKD_DIVERGENCES:
+        raise ValueError(f'--gkd_divergence must be one of {list(GKD_DIVERGENCES)}, got {name!r}')
+    alpha = getattr(args, 'gkd_skew_alpha', 0.1)
+    if not 0.0 <= alpha < 1.0:  # at 1 the mixture is the KL's own first distribution: a zero loss, nothing learnt
+        raise ValueError(f'--gkd_skew_alpha must be in [0, 1) (0 = the plain KL; at 1 the loss is 0), got {alpha}')
+    if name != 'jsd' and args.beta not in (None, 0.5):
+        raise ValueError(f'--beta {args.beta} applies to --gkd_divergence jsd only; with --gkd_divergence {name} '
+                         'the skew is --gkd_skew_alpha: drop --beta')
+    if name == 'jsd' and alpha != 0.1:
+        raise ValueError(f'--gkd_skew_alpha {alpha} applies to --gkd_divergence skew_kl / skew_rkl only; '
+                         'with jsd the interpolation is --beta')
 
 
 def check_cross_tokenizer_flags(args) -> None:

@@ -102,6 +102,11 @@ BAD_INPUTS = [
                                                      '--use_vllm false']),
     ({'teacher_server_wait': -1}, ['--teacher_server_wait must be >= 0 seconds', '-1']),
     ({'lmbdaa': 0.5}, ['remaining_argv', '--lmbdaa']),
+    ({'gkd_divergence': 'fkl'}, ['--gkd_divergence', 'fkl', 'jsd', 'skew_kl', 'skew_rkl']),
+    ({'gkd_divergence': 'skew_kl', 'gkd_skew_alpha': 1}, ['--gkd_skew_alpha must be in [0, 1)', 'got 1']),
+    ({'gkd_divergence': 'skew_rkl', 'beta': 0.3}, ['--beta 0.3 applies to --gkd_divergence jsd only',
+                                                  '--gkd_skew_alpha']),
+    ({'gkd_skew_alpha': 0.3}, ['--gkd_skew_alpha 0.3 applies to --gkd_divergence skew_kl / skew_rkl only']),
 ]
 
 

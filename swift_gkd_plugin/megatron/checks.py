@@ -111,7 +111,7 @@ def _scalar_view(args):
 
 _SCALAR_NAMES = ('beta', 'lmbda', 'temperature', 'sft_alpha', 'max_completion_length', 'seq_kd', 'gkd_loss_impl',
                  'teacher_server_timeout', 'teacher_server_retries', 'teacher_server_wait', 'gkd_logits_topk',
-                 'gkd_topk_tail')
+                 'gkd_topk_tail', 'gkd_divergence', 'gkd_skew_alpha')
 
 
 def _bool(value: str) -> bool:

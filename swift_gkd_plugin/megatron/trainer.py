@@ -29,7 +29,7 @@ from swift.rlhf_trainers.gkd_loss import DataSource, TeacherOutput
 from swift.utils import get_logger, to_device
 from transformers.utils import ContextManagers
 
-from swift_gkd_plugin.core import Mode, choose_mode
+from swift_gkd_plugin.core import Divergence, Mode, choose_mode
 from swift_gkd_plugin.core.modes import mode_draw
 from swift_gkd_plugin.megatron.generation import generate
 from swift_gkd_plugin.megatron.loss import gkd_loss_on_shards, shard_vocab_start, teacher_topk_per_micro_batch
@@ -54,6 +54,8 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         self._mode_log = os.path.join(args.output_dir, 'gkd_modes', f'rank{rank}.jsonl')
         self._real_vocab = model_vocab_size(template, args)
+        self._divergence = Divergence(args.gkd_divergence, beta=args.beta, alpha=args.gkd_skew_alpha)
+        logger.info(f'swift_gkd_plugin: divergence {self._divergence} at temperature {args.temperature}')
         if self._real_vocab is None:
             logger.warning('swift_gkd_plugin: the model config holds no vocab_size: Megatron\'s padded vocabulary '
                            'rows cannot be masked (sampling, loss and top-k teacher use the padded vocabulary)')
@@ -233,7 +235,7 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
         topk = teacher_output.is_topk_mode
         group = mpu.get_tensor_model_parallel_group()
         divergence, _, n_student = gkd_loss_on_shards(
-            output_tensor, labels, beta=args.beta, temperature=args.temperature,
+            output_tensor, labels, beta=self._divergence, temperature=args.temperature,
             vocab_start=shard_vocab_start(output_tensor, group), vocab_size=self._real_vocab,
             teacher_shard=None if topk else teacher_output.full_logits,
             teacher_topk_ids=teacher_output.topk_indices if topk else None,

@@ -29,7 +29,7 @@ from swift.rlhf_trainers.utils import encode_sample
 from swift.trainers import disable_gradient_checkpointing
 from swift.utils import get_logger, to_device, unwrap_model_for_generation
 
-from swift_gkd_plugin.core import Mode, align_vocab, choose_mode, generalized_jsd
+from swift_gkd_plugin.core import Divergence, Mode, align_vocab, choose_mode, generalized_jsd
 from swift_gkd_plugin.core.fused_loss import fused_linear_jsd
 from swift_gkd_plugin.core.modes import mode_draw, sampling_seed
 from swift_gkd_plugin.core.policy_gradient import policy_gradient_loss, sampled_token_stats
@@ -95,6 +95,9 @@ class GKDPluginTrainer(GKDTrainer):
             self._xtok = CrossTokenizerTeacher(self.args.gkd_cross_tokenizer, teacher.model_dir,
                                                teacher.model_meta.model_type, self.template, self.args.teacher_template)
         self._fused = self._decide_loss_impl()
+        # the one divergence every loss path computes (core.row_divergence); --beta is the JSD's parameter
+        self._divergence = Divergence(self.args.gkd_divergence, beta=self.args.beta, alpha=self.args.gkd_skew_alpha)
+        logger.info(f'swift_gkd_plugin: divergence {self._divergence} at temperature {self.args.temperature}')
         suppress_media_placeholders(getattr(self, 'engine', None), self.template)  # the student's own sampler
         self._reward_funcs, self._reward_names = load_reward_funcs(self.args)
         weights = self.args.reward_weights or [1.0] * len(self._reward_names)
@@ -569,7 +572,7 @@ class GKDPluginTrainer(GKDTrainer):
         elif self._xtok is not None:  # the teacher reads its own tokenization: aligned positions
             aligned = self._xtok.teacher_rows(student_mask, teacher_mask, inputs['gkd_xtok_rows'])
             per_token, agree = self._xtok.loss(student, self._teacher_forward(model, teacher_inputs), aligned,
-                                               self.args.beta, self.args.temperature)
+                                               self._divergence, self.args.temperature)
             self._log_alignment_metrics(aligned.exact)
         else:
             teacher = self._teacher_forward(model, teacher_inputs)[teacher_mask]
@@ -578,7 +581,7 @@ class GKDPluginTrainer(GKDTrainer):
                 per_token, agree = self._topk_divergence(student, ids, logprobs)
             else:
                 student_aligned, teacher_aligned = align_vocab(student, teacher)
-                per_token = generalized_jsd(student_aligned, teacher_aligned, self.args.beta, self.args.temperature)
+                per_token = generalized_jsd(student_aligned, teacher_aligned, self._divergence, self.args.temperature)
                 agree = (student_aligned.argmax(-1) == teacher_aligned.argmax(-1))
 
         total = per_token.sum()
@@ -682,7 +685,7 @@ class GKDPluginTrainer(GKDTrainer):
                               label_temperature=self.args.temperature)
         on_policy = mode is Mode.ON_POLICY
         loss, stats = fused_linear_jsd(
-            student_hidden, weight, bias, **teacher_side, **label_term, beta=self.args.beta,
+            student_hidden, weight, bias, **teacher_side, **label_term, divergence=self._divergence,
             temperature=self.args.temperature, topk_tail=self.args.gkd_topk_tail, normalizer=normalizer,
             sft_normalizer=normalizer, return_entropy=on_policy)
         n = int(stats['num_tokens'])
@@ -697,7 +700,7 @@ class GKDPluginTrainer(GKDTrainer):
         teacher_ids = teacher_ids.clamp(min=0, max=student_logits.shape[-1] - 1)
         student_k = student_logits.gather(-1, teacher_ids)
         teacher_k = teacher_logprobs.masked_fill(uncovered[:, None], 0.0)
-        per_token = generalized_jsd(student_k, teacher_k, self.args.beta, self.args.temperature)
+        per_token = generalized_jsd(student_k, teacher_k, self._divergence, self.args.temperature)
         per_token = per_token.masked_fill(uncovered, 0.0)
         agree = (student_logits.argmax(-1) == teacher_ids.gather(-1, teacher_k.argmax(-1, keepdim=True))[:, 0])
         return per_token, agree[~uncovered]

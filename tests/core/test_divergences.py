@@ -205,3 +205,13 @@ def test_skew_divergences_are_finite_where_the_student_masks_teacher_mass():
     assert torch.isfinite(ref).all()
     torch.testing.assert_close(d, ref, rtol=2e-5, atol=1e-7)
     assert torch.isfinite(g).all()
+
+
+
+def test_flag_values_are_the_registry():
+    """The flag's Literal (argparse's choices) and the checks' tuple name exactly the registered divergences."""
+    import typing
+
+    from swift_gkd_plugin.flags import GKD_DIVERGENCES, GKDPluginArgumentsMixin
+    hint = typing.get_type_hints(GKDPluginArgumentsMixin)['gkd_divergence']
+    assert typing.get_args(hint) == GKD_DIVERGENCES == DIVERGENCES

@@ -55,6 +55,8 @@ GKD = ('--rlhf_type', 'gkd')
      'supported by swift rlhf only'),
     (('--gkd_rl_coef', '0.5'), "['--gkd_rl_coef'] are supported by swift rlhf only"),
     (('--gkd_cross_tokenizer', 'uld'), '--gkd_cross_tokenizer uld is supported by swift rlhf only'),
+    (('--gkd_divergence', 'skew_kl', '--gkd_skew_alpha', '-0.5'), '--gkd_skew_alpha must be in [0, 1)'),
+    (('--gkd_divergence', 'skew_rkl', '--beta', '0.2'), '--beta 0.2 applies to --gkd_divergence jsd only'),
 ])
 def test_bad_gkd_flags_are_refused_before_any_rank_starts(flags, needle):
     code, output = megatron_rlhf(*GKD, *flags)
