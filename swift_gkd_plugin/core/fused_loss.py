@@ -1,4 +1,4 @@
-"""Fused ``lm_head`` + generalized-JSD distillation loss, computed chunk by chunk on hidden states.
+"""Fused ``lm_head`` + divergence distillation loss, computed chunk by chunk on hidden states.
 
 :func:`fused_linear_jsd` never materialises the ``[N, V]`` logits. For each chunk of active tokens it forms the
 student logits (one matmul), the teacher logits (one matmul, no grad) or uses the teacher's top-k, computes the
@@ -7,29 +7,11 @@ into the chunk's ``grad_hidden`` and accumulates ``grad_weight`` / ``grad_bias``
 ``O(chunk x V)`` float32 scratch (reused across chunks) plus the ``[V, H]`` weight gradient every method needs;
 the work is the four matmuls of a plain ``lm_head`` forward/backward plus a fixed number of elementwise passes.
 
-Definitions, with ``s = log_softmax(z_student / T)`` and ``t = log_softmax(z_teacher / T)`` in float32:
-
-* ``beta == 0``: ``D = KL(teacher || student) = sum_v p_t (t - s)``
-* ``beta == 1``: ``D = KL(student || teacher) = sum_v p_s (s - t)``
-* ``0 < beta < 1``: ``m = log(beta p_t + (1 - beta) p_s)`` (formed with ``logaddexp``),
-  ``D = beta KL(teacher || M) + (1 - beta) KL(student || M)``.
-
-Closed-form gradients with respect to the student logits ``z`` (``u = z / T``, so ``dD/dz = dD/du / T``):
-
-* ``beta == 0``: ``dD/du = p_s - p_t``
-* ``beta == 1``: ``dD/du = p_s (s - t - D)``
-* ``0 < beta < 1``: ``dD/du = (1 - beta) p_s (s - m - KL(student || M))``. (Holding ``s`` free,
-  ``dD/ds = (1 - beta) p_s (s - m)``: the terms through ``m`` cancel because ``beta p_t + (1 - beta) p_s = M``;
-  the ``log_softmax`` Jacobian then subtracts ``p_s`` times the row sum ``(1 - beta) KL(student || M)``.)
-
-Masked vocabulary entries (``-inf`` in a bias) are replaced by a large finite negative logit (``-1e30``) before
-anything else, so probabilities there are exactly 0 and every difference stays finite: the value and the gradient
-never hold NaN or Inf. A student entry at ``-inf`` where the teacher has mass is a true infinite ``KL(t || s)``
-for ``beta == 0`` (likewise the reverse for ``beta == 1``); it comes out as a huge finite number instead.
-
-The value and the gradient of each row are computed by :mod:`swift_gkd_plugin.core.row_divergence` in a form that
-stays accurate at large vocabularies (per-entry second-order terms, cascade-summed normalisers and row sums): identical
-student and teacher give exactly 0.
+The divergence of each row (the generalized JSD of ``beta`` or any registered one) and its closed-form gradient
+with respect to the student logits come from :func:`~swift_gkd_plugin.core.row_divergence.divergence_rows`, as in
+every other loss path; the forms and their derivations are in ``docs_en/fused_loss.md`` (Divergences). Masked
+vocabulary entries (``-inf`` in a bias) become a finite ``-1e30`` first, so probabilities there are exactly 0 and the
+value and gradient never hold NaN or Inf (a true infinite KL comes out as a huge finite number).
 
 Top-k teachers and the optional tail bucket are defined in :mod:`swift_gkd_plugin.core.topk`.
 
@@ -50,6 +32,7 @@ import torch
 
 from .divergence import NEG_LOGIT as _NEG_LOGIT
 from .row_divergence import Divergence, RowBuffers, as_divergence, divergence_rows, log_softmax_into
+from .teacher_signal import TeacherHead, TeacherTopK
 from .topk import bucket_divergence, teacher_tail_logmass
 
 __all__ = ['fused_linear_jsd', 'default_chunk_size']
@@ -77,11 +60,7 @@ def fused_linear_jsd(student_hidden: torch.Tensor,
                      student_weight: torch.Tensor,
                      student_bias: Optional[torch.Tensor] = None,
                      *,
-                     teacher_hidden: Optional[torch.Tensor] = None,
-                     teacher_weight: Optional[torch.Tensor] = None,
-                     teacher_bias: Optional[torch.Tensor] = None,
-                     teacher_topk_ids: Optional[torch.Tensor] = None,
-                     teacher_topk_logprobs: Optional[torch.Tensor] = None,
+                     teacher: Union[TeacherHead, TeacherTopK, None] = None,
                      mask: Optional[torch.Tensor] = None,
                      labels: Optional[torch.Tensor] = None,
                      beta: float = 0.5,
@@ -95,24 +74,21 @@ def fused_linear_jsd(student_hidden: torch.Tensor,
                      label_temperature: float = 1.0,
                      return_entropy: bool = False,
                      divergence: Optional[Divergence] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    r"""Generalized-JSD distillation loss of a linear head, fused and chunked over tokens.
+    r"""Distillation loss of a linear head (the generalized JSD or any registered divergence), fused and chunked
+    over tokens: the ``[N, V]`` logits are never held (why: they dominate the memory of a dense loss).
 
-    The teacher is either a linear head on its own hidden states (``teacher_hidden`` + ``teacher_weight``) or a
-    top-k table (``teacher_topk_ids`` + ``teacher_topk_logprobs``); exactly one must be given. The teacher gets no
-    gradient. Leading dimensions of the hidden states (e.g. ``[B, S, H]``) are flattened to ``N`` tokens; ``mask``,
-    ``labels`` and the top-k tensors follow the same layout.
+    The teacher gets no gradient. Leading dimensions of the hidden states (e.g. ``[B, S, H]``) are flattened to
+    ``N`` tokens; ``mask``, ``labels`` and the teacher's tensors follow the same layout.
 
     Args:
         student_hidden: ``[N, Hs]`` hidden states feeding the student's ``lm_head``.
         student_weight: ``[V, Hs]`` student ``lm_head`` weight.
         student_bias: optional ``[V]`` bias; ``-inf`` entries mask vocabulary entries.
-        teacher_hidden: ``[N, Ht]`` teacher hidden states (``Ht`` may differ from ``Hs``).
-        teacher_weight: ``[Vt, Ht]`` teacher ``lm_head`` weight. If ``Vt != V`` the smaller side is padded with the
-            other side's logits (ms-swift's rule), so the extra entries appear identically in both distributions.
-        teacher_bias: optional ``[Vt]`` bias.
-        teacher_topk_ids: ``[N, k]`` integer ids ``< V`` of the teacher's top-k tokens.
-        teacher_topk_logprobs: ``[N, k]`` their full-vocabulary log-probabilities at temperature 1; ``-inf`` marks
-            unused slots. Rows with no finite entry are treated as inactive.
+        teacher: a :class:`~swift_gkd_plugin.core.teacher_signal.TeacherHead` (hidden states ``[N, Ht]``, ``Ht``
+            may differ from ``Hs``, and a ``[Vt, Ht]`` head with its head resolved: if ``Vt != V`` the smaller side is
+            padded with the other side's logits, ms-swift's rule, so the extra entries appear identically in both
+            distributions) or a :class:`~swift_gkd_plugin.core.teacher_signal.TeacherTopK` (ids ``< V``,
+            ``[N, k]``; rows with no finite log-probability are treated as inactive).
         mask: ``[N]`` bool, the tokens that take part (default: all).
         labels: ``[N]`` token ids of the label term (next tokens for SFT, sampled tokens for the policy
             gradient), ``-100`` to ignore; required when ``sft_alpha > 0``.
@@ -152,14 +128,11 @@ def fused_linear_jsd(student_hidden: torch.Tensor,
     divergence = as_divergence(beta if divergence is None else divergence)
     if not 0 < temperature < float('inf'):  # NaN too; at T = inf both distributions are uniform
         raise ValueError(f'temperature must be a finite number > 0, got {temperature}')
-    full = teacher_weight is not None or teacher_hidden is not None
-    topk = teacher_topk_ids is not None or teacher_topk_logprobs is not None
-    if full == topk:
-        raise ValueError('give either teacher_hidden + teacher_weight or teacher_topk_ids + teacher_topk_logprobs')
-    if full and (teacher_weight is None or teacher_hidden is None):
-        raise ValueError('teacher_hidden and teacher_weight go together')
-    if topk and (teacher_topk_ids is None or teacher_topk_logprobs is None):
-        raise ValueError('teacher_topk_ids and teacher_topk_logprobs go together')
+    full = isinstance(teacher, TeacherHead)
+    if not full and not isinstance(teacher, TeacherTopK):
+        raise ValueError(f'teacher must be a TeacherHead or a TeacherTopK, got {type(teacher).__name__}')
+    if full and teacher.uses_student_head:
+        raise ValueError('TeacherHead without a weight: resolve the student\'s head first (TeacherHead.with_head)')
     if not sft_alpha >= 0:  # NaN too; the trainers treat 0 as "no SFT term" and never pass a negative weight
         raise ValueError(f'sft_alpha must be >= 0, got {sft_alpha}')
     if sft_alpha > 0 and labels is None:
@@ -172,10 +145,10 @@ def fused_linear_jsd(student_hidden: torch.Tensor,
     plan = _Plan(divergence=divergence, temperature=float(temperature), tail=bool(topk_tail), vocab=vocab,
                  label_temperature=float(label_temperature), entropy=bool(return_entropy))
     if full:
-        plan.teacher_weight = teacher_weight
-        plan.teacher_bias = None if teacher_bias is None else _finite_bias(teacher_bias)
+        plan.teacher_weight = teacher.weight
+        plan.teacher_bias = None if teacher.bias is None else _finite_bias(teacher.bias)
     else:
-        logprobs = _token_rows(teacher_topk_logprobs, n_all).float()
+        logprobs = _token_rows(teacher.logprobs, n_all).float()
         active = active & (logprobs > float('-inf')).any(-1)  # no teacher information: nothing to distil
     idx = active.nonzero().squeeze(1)
     everyone = idx.numel() == n_all  # then skip the gathers (and their scatter in backward)
@@ -185,13 +158,13 @@ def fused_linear_jsd(student_hidden: torch.Tensor,
         return t if everyone else t.index_select(0, idx)
 
     if full:
-        plan.teacher_hidden = rows(teacher_hidden)
+        plan.teacher_hidden = rows(teacher.hidden)
     else:
-        ids = rows(teacher_topk_ids).long()
+        ids = rows(teacher.ids).long()
         plan.topk_logprobs = rows(logprobs)
         valid = plan.topk_logprobs > float('-inf')
         if bool((valid & ((ids < 0) | (ids >= vocab))).any()):
-            raise ValueError(f'teacher_topk_ids must lie in [0, {vocab}) (the student vocabulary)')
+            raise ValueError(f'teacher top-k ids must lie in [0, {vocab}) (the student vocabulary)')
         plan.topk_ids = ids
     num_tokens = int(idx.numel())
     if sft_alpha:
@@ -403,11 +376,6 @@ def _separate_label(plan: _Plan, full: bool) -> bool:
     return plan.label_temperature != 1
 
 
-def _row_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``[C]`` row-wise dot products of two ``[C, V]`` tensors, without a ``[C, V]`` product temporary."""
-    return torch.bmm(x.unsqueeze(1), y.unsqueeze(2)).view(-1)
-
-
 def _entropy_into(e: torch.Tensor, u: torch.Tensor, scale: float) -> torch.Tensor:
     """Summed entropy of ``softmax(u * scale)`` over the rows; ``e`` (same shape) is scratch.
 
@@ -481,9 +449,9 @@ def _full_chunk(buf: _Scratch, h, weight, bias_f, plan: _Plan, sl, sft: bool) ->
     ent, ce, p1 = _full_prepass(buf, plan, lab, ce_weight)
 
     log_softmax_into(a, buf.p_s)  # s, p_s
+    if plan.entropy and _student_row_is_own(plan, True):  # p_t is still free: per-entry terms, cascade-summed
+        ent = torch.mul(buf.p_s, a, out=buf.p_t).sum().neg()
     log_softmax_into(b, buf.p_t)  # t, p_t
-    if plan.entropy and _student_row_is_own(plan, True):
-        ent = -_row_dot(buf.p_s, a).sum()
     if sft and p1 is None:
         ce = -(a.gather(1, lab).squeeze(1) * ce_weight).sum()
     # leaves sign * dD/du in a (u = z / T: dD/dz = dD/du / T)
@@ -509,9 +477,11 @@ def _full_prepass(buf: _Scratch, plan: _Plan, lab, ce_weight):
     if plan.entropy and not _student_row_is_own(plan, True):
         e, p_own = buf.extra[:, :plan.vocab], buf.p_s[:, :plan.vocab]
         log_softmax_into(e.copy_(u), p_own)
-        ent = -_row_dot(p_own, e).sum()
-        if sft and plan.label_temperature == plan.temperature:  # the label term shares that pass
+        shared = sft and plan.label_temperature == plan.temperature  # the label term shares that pass
+        if shared:
             ce = -(e.gather(1, lab).squeeze(1) * ce_weight).sum()
+        ent = e.mul_(p_own).sum().neg()  # per-entry terms, cascade-summed
+        if shared:
             p1 = e.copy_(p_own)
     if sft and p1 is None and _separate_label(plan, True):
         ce, p1 = _separate_label_term(buf.extra[:, :plan.vocab], u, plan.temperature / plan.label_temperature, lab,

@@ -1,4 +1,4 @@
-"""Generalized JSD over a vocabulary split across tensor-parallel ranks (pure ``torch.distributed``).
+"""The distillation divergence over a vocabulary split across tensor-parallel ranks (pure ``torch.distributed``).
 
 Megatron's output layer is column-parallel: each of the ``tp`` ranks of a tensor-parallel group holds the logits of
 the *same* ``N`` tokens for a contiguous slice ``[vocab_start, vocab_start + V_r)`` of the vocabulary (slices may
@@ -9,14 +9,9 @@ recovered with a few all-reduces over that group:
   teacher share them);
 * the per-token divergence: the per-rank partial sums of the KL terms, one all-reduce ``SUM``.
 
-Definitions (as in :mod:`swift_gkd_plugin.core.divergence`), with ``s = log_softmax(z_student / T)`` and
-``t = log_softmax(z_teacher / T)``:
-
-* ``beta == 0``: ``D = KL(teacher || student) = sum_v p_t (t - s)``
-* ``beta == 1``: ``D = KL(student || teacher) = sum_v p_s (s - t)``
-* ``0 < beta < 1``: ``m = log(beta p_t + (1 - beta) p_s)``, ``D = beta KL(teacher || M) + (1 - beta) KL(student || M)``.
-
-Zero-probability entries (``-inf`` logits, e.g. padded vocabulary) contribute 0 to the value and the gradient.
+The divergence is that of every other loss path (:mod:`swift_gkd_plugin.core.row_divergence`: the generalized
+JSD or any registered one), its row sums all-reduced; zero-probability entries (``-inf`` logits, e.g. padded
+vocabulary) contribute 0 to the value and the gradient.
 
 Autograd conventions (Megatron's): a tensor that is identical on every rank of the group ("replicated", e.g. the
 ``[N]`` divergence) receives the full gradient of the (identical) per-rank loss on every rank; the backward of an

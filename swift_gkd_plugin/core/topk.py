@@ -49,8 +49,9 @@ import torch
 
 from .divergence import tempered_divergence_rows
 from .row_divergence import Divergence, as_divergence
+from .teacher_signal import TeacherTopK
 
-__all__ = ['bucket_divergence', 'drop_ids_outside_vocab', 'log1mexp', 'teacher_tail_logmass']
+__all__ = ['bucket_divergence', 'drop_ids_outside_vocab', 'log1mexp', 'teacher_tail_logmass', 'topk_of_logits']
 
 _LOG_HALF = -math.log(2.0)
 
@@ -109,3 +110,17 @@ def drop_ids_outside_vocab(ids: torch.Tensor, logprobs: torch.Tensor, limit: int
     student's logit there would read 0)."""
     outside = ids >= limit  # no host synchronisation: masked whether or not any id is outside
     return ids.masked_fill(outside, 0), logprobs.masked_fill(outside, float('-inf'))
+
+
+def topk_of_logits(logits: torch.Tensor, k: int, chunk_size: int = 1024) -> TeacherTopK:
+    """A local teacher's top-k from its full logits ``[N, V]``: ids and log-probabilities at temperature 1.
+
+    Chunked: float32 rows of at most ``chunk_size x V`` at a time (an unchunked ``log_softmax(logits.float())`` is
+    about 5 GB at N = 8k, V = 152k).
+    """
+    parts = [torch.log_softmax(logits[i:i + chunk_size].float(), -1).topk(k, dim=-1)
+             for i in range(0, logits.shape[0], chunk_size)]
+    if not parts:
+        empty = logits.new_zeros(0, k)
+        return TeacherTopK(empty.long(), empty.float())
+    return TeacherTopK(torch.cat([p.indices for p in parts]), torch.cat([p.values for p in parts]))

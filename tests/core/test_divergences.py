@@ -9,6 +9,7 @@ import torch
 
 from swift_gkd_plugin.core.divergence import generalized_jsd
 from swift_gkd_plugin.core.fused_loss import fused_linear_jsd
+from swift_gkd_plugin.core.teacher_signal import TeacherHead, TeacherTopK
 from swift_gkd_plugin.core.row_divergence import DIVERGENCES, Divergence
 from swift_gkd_plugin.core.tensor_parallel import vocab_parallel_generalized_jsd, vocab_parallel_topk_jsd
 from swift_gkd_plugin.core.topk import bucket_divergence
@@ -94,7 +95,7 @@ def test_fused_full_head_matches_float64_reference(div, temperature):
     ref = reference64(hs64 @ w64.T, teacher, div, temperature)
     ref.mean().backward()
     hs32, w32 = hs.clone().requires_grad_(), w.clone().requires_grad_()
-    loss, stats = fused_linear_jsd(hs32, w32, teacher_hidden=ht, teacher_weight=wt, divergence=div,
+    loss, stats = fused_linear_jsd(hs32, w32, teacher=TeacherHead(ht, wt), divergence=div,
                                    temperature=temperature, chunk_size=6)
     loss.backward()
     torch.testing.assert_close(stats['divergence_sum'].double(), ref.sum(), rtol=2e-5, atol=1e-6)
@@ -128,7 +129,7 @@ def test_topk_paths_match_float64_reference(div, tail):
 
     # the fused loss
     hs32, w32 = hs.clone().requires_grad_(), w.clone()
-    loss, stats = fused_linear_jsd(hs32, w32, teacher_topk_ids=ids, teacher_topk_logprobs=lp.float(), divergence=div,
+    loss, stats = fused_linear_jsd(hs32, w32, teacher=TeacherTopK(ids, lp.float()), divergence=div,
                                    temperature=temperature, topk_tail=tail, normalizer=1.0)
     (g_hs, ) = torch.autograd.grad(loss, hs32)
     (ref_sum_hs, ) = torch.autograd.grad(ref.sum(), hs64)
