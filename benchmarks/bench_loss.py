@@ -171,6 +171,7 @@ def _make_step(torch, method, x, args):
             return fn(x['h'][:n], w, x['ht'][:n], wt, x['labels'][:n])
     elif method in ('fused', 'fused_pg'):
         from swift_gkd_plugin.core.fused_loss import fused_linear_jsd
+        from swift_gkd_plugin.core.teacher_signal import TeacherHead
         pg = {}
         if method == 'fused_pg':
             g = torch.Generator(device=w.device).manual_seed(1)
@@ -181,7 +182,7 @@ def _make_step(torch, method, x, args):
 
         def loss_of(n):
             extra = {k: v[:n] if torch.is_tensor(v) else v for k, v in pg.items()}
-            return fused_linear_jsd(x['h'][:n], w, teacher_hidden=x['ht'][:n], teacher_weight=wt, beta=beta,
+            return fused_linear_jsd(x['h'][:n], w, teacher=TeacherHead(x['ht'][:n], wt), beta=beta,
                                     temperature=temp, chunk_size=args.chunk_size, **extra)[0]
     else:
         raise ValueError(f'unknown method {method}')

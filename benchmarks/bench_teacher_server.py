@@ -251,12 +251,13 @@ def loss_errors(url, teacher, student, pairs, vocab, beta, seed=0):
     from swift_gkd_plugin.server import TeacherClient
     try:
         from swift_gkd_plugin.core.fused_loss import fused_linear_jsd
+        from swift_gkd_plugin.core.teacher_signal import TeacherHead, TeacherTopK
 
         def full_loss(sh, sw, th, tw):
-            return float(fused_linear_jsd(sh, sw, teacher_hidden=th, teacher_weight=tw, beta=beta)[0])
+            return float(fused_linear_jsd(sh, sw, teacher=TeacherHead(th, tw), beta=beta)[0])
 
         def topk_loss(sh, sw, ids, lps, tail):
-            return float(fused_linear_jsd(sh, sw, teacher_topk_ids=ids, teacher_topk_logprobs=lps, beta=beta,
+            return float(fused_linear_jsd(sh, sw, teacher=TeacherTopK(ids, lps), beta=beta,
                                           topk_tail=tail)[0])
         source = 'swift_gkd_plugin.core.fused_loss.fused_linear_jsd'
     except ImportError:  # INLINE FALLBACK (fused_loss not available): same definitions, dense

@@ -25,13 +25,14 @@ TEMPERATURE_FLOOR_WHY = (
 
 @dataclass(frozen=True)
 class Range:
-    """The allowed values of a numeric flag: ``low`` (``> low`` if ``low_open``) and ``high`` bounds, integers only
-    (``integer``), None allowed (``optional``). Non-integer values must also be finite (NaN fails every comparison
-    and inf passes ``> 0``). ``says`` replaces the bounds in messages where they read badly; ``why`` and ``unit``
+    """The allowed values of a numeric flag: ``low`` (``> low`` if ``low_open``) and ``high`` (``< high`` if
+    ``high_open``) bounds, integers only (``integer``), None allowed (``optional``). Non-integer values must also be
+    finite (NaN fails every comparison and inf passes ``> 0``). ``says`` replaces the bounds in messages where they read badly; ``why`` and ``unit``
     follow them."""
     low: Optional[float] = None
     high: Optional[float] = None
     low_open: bool = False
+    high_open: bool = False
     integer: bool = False
     optional: bool = False
     says: Optional[str] = None
@@ -42,7 +43,7 @@ class Range:
         if self.says:
             return self.says
         if self.low is not None and self.high is not None:
-            return f'in [{self.low:g}, {self.high:g}]'
+            return f'in [{self.low:g}, {self.high:g}{")" if self.high_open else "]"}'
         text = f'{">" if self.low_open else ">="} {self.low:g}'
         return f'an integer {text}' if self.integer else text
 
@@ -58,7 +59,7 @@ class Range:
             raise ValueError(f'--{flag} must be a finite number, got {value}')
         else:
             ok = ((self.low is None or (value > self.low if self.low_open else value >= self.low))
-                  and (self.high is None or value <= self.high))
+                  and (self.high is None or (value < self.high if self.high_open else value <= self.high)))
         if not ok:
             unit = f' {self.unit}' if self.unit else ''
             why = f' ({self.why})' if self.why else ''
@@ -129,6 +130,17 @@ class GKDPluginArgumentsMixin:
             'L1, any two vocabularies) or hybrid (generalized JSD on the tokens both vocabularies share, ULD on the '
             'rest). Unset (default): the teacher must use the student\'s tokenizer. See docs_en/cross_tokenizer.md.',
             choices=Literal['uld', 'hybrid']))
+    gkd_divergence: Literal['jsd', 'skew_kl', 'skew_rkl'] = field(
+        default='jsd',
+        metadata={'help': 'The distillation divergence, at --temperature: jsd (the generalized JSD of --beta, '
+                  'default), skew_kl = KL(teacher || a teacher + (1 - a) student) or skew_rkl = KL(student || '
+                  '(1 - a) teacher + a student), a = --gkd_skew_alpha (DistiLLM). See docs_en/fused_loss.md.'})
+    gkd_skew_alpha: float = field(
+        default=0.1,
+        metadata=FlagMetadata(
+            help='The skew a of --gkd_divergence skew_kl / skew_rkl, in [0, 1) (0: the plain forward / reverse KL). '
+            'Default 0.1.',
+            range=Range(0, 1, high_open=True, why='0 = the plain KL; at 1 the loss is 0')))
     teacher_template: Optional[str] = field(
         default=None,
         metadata={'help': 'With --gkd_cross_tokenizer: the teacher\'s ms-swift template type (as --template is the '
@@ -189,6 +201,8 @@ def declared_ranges() -> Dict[str, object]:
 
 GKD_LOSS_IMPLS = choices_of(declared_ranges()['gkd_loss_impl'])
 CROSS_TOKENIZER_METHODS = choices_of(declared_ranges()['gkd_cross_tokenizer'])
+#: the registry of core.row_divergence (a test keeps them equal)
+GKD_DIVERGENCES = choices_of(declared_ranges()['gkd_divergence'])
 #: Float flags refused when NaN or infinite (every declared non-integer range).
 FINITE_FLAGS = tuple(name for name, r in declared_ranges().items() if isinstance(r, Range) and not r.integer)
 #: ms-swift's GRPO flags that GKD + RL reads: checked by :func:`check_rl_flags` (swift rlhf only)
@@ -248,6 +262,7 @@ def check_gkd_scalars(args) -> None:
             raise ValueError('--gkd_topk_tail true needs --gkd_logits_topk (the tail is the mass outside the top-k)')
         if args.gkd_loss_impl == 'dense':
             raise ValueError('--gkd_topk_tail true needs --gkd_loss_impl auto or fused (the dense loss has no tail)')
+    check_divergence_flags(args)
     check_cross_tokenizer_flags(args)
     check_sampling_flags(args)
 
@@ -307,6 +322,19 @@ def ignored_flag_warnings(args) -> List[str]:
         warnings.append('--seq_kd true has no effect with --lmbda 1: every step is on-policy (the student samples), '
                         'so the teacher never samples; lower --lmbda to mix in sequence-level KD steps')
     return warnings
+
+
+def check_divergence_flags(args) -> None:
+    """Neither divergence parameter given with the other divergence, where it would be silently unused (the ranges
+    are declared). ``args.beta`` is None when unset, or ms-swift's GKD default 0.5 once resolved (which cannot be told
+    apart from ``--beta 0.5``, so 0.5 passes)."""
+    name, alpha = args.gkd_divergence, args.gkd_skew_alpha
+    if name != 'jsd' and args.beta not in (None, 0.5):
+        raise ValueError(f'--beta {args.beta} applies to --gkd_divergence jsd only; with --gkd_divergence {name} '
+                         'the skew is --gkd_skew_alpha: drop --beta')
+    if name == 'jsd' and alpha != 0.1:
+        raise ValueError(f'--gkd_skew_alpha {alpha} applies to --gkd_divergence skew_kl / skew_rkl only; '
+                         'with jsd the interpolation is --beta')
 
 
 def check_cross_tokenizer_flags(args) -> None:

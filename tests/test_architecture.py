@@ -77,9 +77,7 @@ def test_ms_swift_row_columns_are_patched_in_activation_only():
 
 
 def test_the_literal_ignore_index_is_defined_once():
-    """-100 (the ignore label) is ``core.constants.IGNORE_INDEX``; the modules listed still spell it out (owned by
-    the loss rewrite: issue 19 item 1)."""
-    pending = {'core/fused_loss.py', 'megatron/loss.py', 'swift/trainer.py'}
+    """-100 (the ignore label) is ``core.constants.IGNORE_INDEX``: no other module of the package spells it out."""
     spelled = set()
     for sub in ('core', 'swift', 'megatron', 'server'):
         for path in _modules(sub):
@@ -88,4 +86,4 @@ def test_the_literal_ignore_index_is_defined_once():
             if any(isinstance(n, ast.UnaryOp) and isinstance(n.op, ast.USub) and isinstance(n.operand, ast.Constant)
                    and n.operand.value == 100 for n in ast.walk(tree)):
                 spelled.add(os.path.relpath(path, PACKAGE))
-    assert spelled - pending == {'core/constants.py'}
+    assert spelled == {'core/constants.py'}

@@ -26,6 +26,9 @@ def _configs(tiny_ws, adapters, tmp_path):
         'teacher_adapter': dict(tuner_type='lora', lora_dropout=0, teacher_model=None,
                                 adapters=adapters['student_start'], teacher_adapters=adapters['fit'], lmbda=0),
         'local_topk': dict(gkd_logits_topk=8, lmbda=0, beta=0.3),
+        # DistiLLM's skew divergences: a full teacher on dataset and on-policy steps, and a top-k teacher
+        'skew_kl': dict(gkd_divergence='skew_kl', gkd_skew_alpha=0.2, lmbda=0.5),
+        'skew_rkl_local_topk': dict(gkd_divergence='skew_rkl', gkd_logits_topk=8, lmbda=0),
         # the student itself is the teacher, reading the privileged prompt (the no-prompt case is 0 by definition)
         'self_distillation_privileged': dict(teacher_model=None, teacher_model_type=None, dataset=str(privileged),
                                              lmbda=0, temperature=2.0),
@@ -33,7 +36,9 @@ def _configs(tiny_ws, adapters, tmp_path):
 
 
 CASES = ['separate_teacher_all_modes_sft_privileged', 'shared_base_lora', 'teacher_adapter', 'local_topk',
-         'self_distillation_privileged']
+         'self_distillation_privileged', 'skew_kl', 'skew_rkl_local_topk']
+DIVERGENCE_LOGGED = {'skew_kl': 'divergence skew_kl(alpha=0.2)', 'skew_rkl_local_topk': 'divergence skew_rkl(alpha=0.1)',
+                     'local_topk': 'divergence jsd(beta=0.3)'}
 
 
 @pytest.mark.parametrize('case', CASES)
@@ -42,6 +47,8 @@ def test_fused_equals_dense(tiny_ws, adapters, tmp_path, case):
     dense = run_swift(base_args(tiny_ws, str(tmp_path / 'dense'), gkd_loss_impl='dense', **flags))
     fused = run_swift(base_args(tiny_ws, str(tmp_path / 'fused'), gkd_loss_impl='fused', **flags))
     assert 'GKD loss implementation: fused' in fused.output
+    if case in DIVERGENCE_LOGGED:  # the flags reach the trainer of both implementations
+        assert DIVERGENCE_LOGGED[case] in dense.output and DIVERGENCE_LOGGED[case] in fused.output
     assert len(dense.logs) == len(fused.logs) == 3
     for d, f in zip(dense.logs, fused.logs):
         assert _rel(d['loss'], f['loss']) < 1e-5, (dense.losses, fused.losses)

@@ -2,5 +2,6 @@
 from .divergence import align_vocab, generalized_jsd
 from .fused_loss import fused_linear_jsd
 from .modes import Mode, choose_mode
+from .row_divergence import DIVERGENCES, Divergence
 
-__all__ = ['Mode', 'align_vocab', 'choose_mode', 'fused_linear_jsd', 'generalized_jsd']
+__all__ = ['DIVERGENCES', 'Divergence', 'Mode', 'align_vocab', 'choose_mode', 'fused_linear_jsd', 'generalized_jsd']

@@ -46,6 +46,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .divergence import generalized_jsd
+from .row_divergence import as_divergence
 
 __all__ = ['hybrid_loss', 'uld_loss']
 
@@ -179,8 +180,7 @@ def hybrid_loss(student_logits: torch.Tensor,
         ``[N]`` float32.
     """
     _check(student_logits, teacher_logits, temperature, teacher_index)
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f'beta must be in [0, 1], got {beta}')
+    beta = as_divergence(beta)
     vs, vt = student_logits.shape[-1], teacher_logits.shape[-1]
     k = len(student_shared_ids)
     if len(teacher_shared_ids) != k or k == 0:

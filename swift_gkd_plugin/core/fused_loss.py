@@ -1,4 +1,4 @@
-"""Fused ``lm_head`` + generalized-JSD distillation loss, computed chunk by chunk on hidden states.
+"""Fused ``lm_head`` + divergence distillation loss, computed chunk by chunk on hidden states.
 
 :func:`fused_linear_jsd` never materialises the ``[N, V]`` logits. For each chunk of active tokens it forms the
 student logits (one matmul), the teacher logits (one matmul, no grad) or uses the teacher's top-k, computes the
@@ -7,29 +7,11 @@ into the chunk's ``grad_hidden`` and accumulates ``grad_weight`` / ``grad_bias``
 ``O(chunk x V)`` float32 scratch (reused across chunks) plus the ``[V, H]`` weight gradient every method needs;
 the work is the four matmuls of a plain ``lm_head`` forward/backward plus a fixed number of elementwise passes.
 
-Definitions, with ``s = log_softmax(z_student / T)`` and ``t = log_softmax(z_teacher / T)`` in float32:
-
-* ``beta == 0``: ``D = KL(teacher || student) = sum_v p_t (t - s)``
-* ``beta == 1``: ``D = KL(student || teacher) = sum_v p_s (s - t)``
-* ``0 < beta < 1``: ``m = log(beta p_t + (1 - beta) p_s)`` (formed with ``logaddexp``),
-  ``D = beta KL(teacher || M) + (1 - beta) KL(student || M)``.
-
-Closed-form gradients with respect to the student logits ``z`` (``u = z / T``, so ``dD/dz = dD/du / T``):
-
-* ``beta == 0``: ``dD/du = p_s - p_t``
-* ``beta == 1``: ``dD/du = p_s (s - t - D)``
-* ``0 < beta < 1``: ``dD/du = (1 - beta) p_s (s - m - KL(student || M))``. (Holding ``s`` free,
-  ``dD/ds = (1 - beta) p_s (s - m)``: the terms through ``m`` cancel because ``beta p_t + (1 - beta) p_s = M``;
-  the ``log_softmax`` Jacobian then subtracts ``p_s`` times the row sum ``(1 - beta) KL(student || M)``.)
-
-Masked vocabulary entries (``-inf`` in a bias) are replaced by a large finite negative logit (``-1e30``) before
-anything else, so probabilities there are exactly 0 and every difference stays finite: the value and the gradient
-never hold NaN or Inf. A student entry at ``-inf`` where the teacher has mass is a true infinite ``KL(t || s)``
-for ``beta == 0`` (likewise the reverse for ``beta == 1``); it comes out as a huge finite number instead.
-
-The value and the gradient of each row are computed by :mod:`swift_gkd_plugin.core.row_divergence` in a form that
-stays accurate at large vocabularies (per-entry second-order terms, cascade-summed normalisers and row sums): identical
-student and teacher give exactly 0.
+The divergence of each row (the generalized JSD of ``beta`` or any registered one) and its closed-form gradient
+with respect to the student logits come from :func:`~swift_gkd_plugin.core.row_divergence.divergence_rows`, as in
+every other loss path; the forms and their derivations are in ``docs_en/fused_loss.md`` (Divergences). Masked
+vocabulary entries (``-inf`` in a bias) become a finite ``-1e30`` first, so probabilities there are exactly 0 and the
+value and gradient never hold NaN or Inf (a true infinite KL comes out as a huge finite number).
 
 Top-k teachers and the optional tail bucket are defined in :mod:`swift_gkd_plugin.core.topk`.
 
@@ -44,16 +26,18 @@ Beside the divergence, the same chunk pass optionally computes:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
 
-from .row_divergence import divergence_rows, log_softmax_into
+from .constants import IGNORE_INDEX
+from .constants import NEG_LOGIT as _NEG_LOGIT
+from .row_divergence import Divergence, RowBuffers, as_divergence, divergence_rows, log_softmax_into
+from .teacher_signal import TeacherHead, TeacherTopK
 from .topk import bucket_divergence, teacher_tail_logmass
 
 __all__ = ['fused_linear_jsd', 'default_chunk_size']
 
-from .constants import NEG_LOGIT as _NEG_LOGIT  # noqa: E402  (defined once, core/constants.py)
 _SCRATCH_BYTES = 2**30  # float32 scratch targeted by the automatic chunk size
 _MAX_CHUNK = 1024
 
@@ -77,11 +61,7 @@ def fused_linear_jsd(student_hidden: torch.Tensor,
                      student_weight: torch.Tensor,
                      student_bias: Optional[torch.Tensor] = None,
                      *,
-                     teacher_hidden: Optional[torch.Tensor] = None,
-                     teacher_weight: Optional[torch.Tensor] = None,
-                     teacher_bias: Optional[torch.Tensor] = None,
-                     teacher_topk_ids: Optional[torch.Tensor] = None,
-                     teacher_topk_logprobs: Optional[torch.Tensor] = None,
+                     teacher: Union[TeacherHead, TeacherTopK, None] = None,
                      mask: Optional[torch.Tensor] = None,
                      labels: Optional[torch.Tensor] = None,
                      beta: float = 0.5,
@@ -93,25 +73,23 @@ def fused_linear_jsd(student_hidden: torch.Tensor,
                      sft_normalizer: Optional[Number] = None,
                      label_weights: Optional[torch.Tensor] = None,
                      label_temperature: float = 1.0,
-                     return_entropy: bool = False) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    r"""Generalized-JSD distillation loss of a linear head, fused and chunked over tokens.
+                     return_entropy: bool = False,
+                     divergence: Optional[Divergence] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    r"""Distillation loss of a linear head (the generalized JSD or any registered divergence), fused and chunked
+    over tokens: the ``[N, V]`` logits are never held (why: they dominate the memory of a dense loss).
 
-    The teacher is either a linear head on its own hidden states (``teacher_hidden`` + ``teacher_weight``) or a
-    top-k table (``teacher_topk_ids`` + ``teacher_topk_logprobs``); exactly one must be given. The teacher gets no
-    gradient. Leading dimensions of the hidden states (e.g. ``[B, S, H]``) are flattened to ``N`` tokens; ``mask``,
-    ``labels`` and the top-k tensors follow the same layout.
+    The teacher gets no gradient. Leading dimensions of the hidden states (e.g. ``[B, S, H]``) are flattened to
+    ``N`` tokens; ``mask``, ``labels`` and the teacher's tensors follow the same layout.
 
     Args:
         student_hidden: ``[N, Hs]`` hidden states feeding the student's ``lm_head``.
         student_weight: ``[V, Hs]`` student ``lm_head`` weight.
         student_bias: optional ``[V]`` bias; ``-inf`` entries mask vocabulary entries.
-        teacher_hidden: ``[N, Ht]`` teacher hidden states (``Ht`` may differ from ``Hs``).
-        teacher_weight: ``[Vt, Ht]`` teacher ``lm_head`` weight. If ``Vt != V`` the smaller side is padded with the
-            other side's logits (ms-swift's rule), so the extra entries appear identically in both distributions.
-        teacher_bias: optional ``[Vt]`` bias.
-        teacher_topk_ids: ``[N, k]`` integer ids ``< V`` of the teacher's top-k tokens.
-        teacher_topk_logprobs: ``[N, k]`` their full-vocabulary log-probabilities at temperature 1; ``-inf`` marks
-            unused slots. Rows with no finite entry are treated as inactive.
+        teacher: a :class:`~swift_gkd_plugin.core.teacher_signal.TeacherHead` (hidden states ``[N, Ht]``, ``Ht``
+            may differ from ``Hs``, and a ``[Vt, Ht]`` head with its head resolved: if ``Vt != V`` the smaller side is
+            padded with the other side's logits, ms-swift's rule, so the extra entries appear identically in both
+            distributions) or a :class:`~swift_gkd_plugin.core.teacher_signal.TeacherTopK` (ids ``< V``,
+            ``[N, k]``; rows with no finite log-probability are treated as inactive).
         mask: ``[N]`` bool, the tokens that take part (default: all).
         labels: ``[N]`` token ids of the label term (next tokens for SFT, sampled tokens for the policy
             gradient), ``-100`` to ignore; required when ``sft_alpha > 0``.
@@ -130,6 +108,8 @@ def fused_linear_jsd(student_hidden: torch.Tensor,
         label_temperature: ``T_l > 0`` (finite), the label term's temperature: its cross-entropy is that of
             ``log_softmax(z / T_l)`` (the sampling temperature for the policy gradient; 1 for SFT).
         return_entropy: also return ``stats['entropy_sum']``.
+        divergence: a :class:`~swift_gkd_plugin.core.row_divergence.Divergence` other than the generalized JSD of
+            ``beta`` (e.g. ``skew_kl``); ``beta`` is then unused.
 
     Returns:
         ``(loss, stats)``. ``loss`` is a float32 scalar,
@@ -146,18 +126,14 @@ def fused_linear_jsd(student_hidden: torch.Tensor,
     Shapes may be in any float dtype; all reductions accumulate in float32. The matmuls run in the weights' dtype
     and are upcast chunk by chunk; ``grad_weight`` is accumulated in float32.
     """
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f'beta must be in [0, 1], got {beta}')
+    divergence = as_divergence(beta if divergence is None else divergence)
     if not 0 < temperature < float('inf'):  # NaN too; at T = inf both distributions are uniform
         raise ValueError(f'temperature must be a finite number > 0, got {temperature}')
-    full = teacher_weight is not None or teacher_hidden is not None
-    topk = teacher_topk_ids is not None or teacher_topk_logprobs is not None
-    if full == topk:
-        raise ValueError('give either teacher_hidden + teacher_weight or teacher_topk_ids + teacher_topk_logprobs')
-    if full and (teacher_weight is None or teacher_hidden is None):
-        raise ValueError('teacher_hidden and teacher_weight go together')
-    if topk and (teacher_topk_ids is None or teacher_topk_logprobs is None):
-        raise ValueError('teacher_topk_ids and teacher_topk_logprobs go together')
+    full = isinstance(teacher, TeacherHead)
+    if not full and not isinstance(teacher, TeacherTopK):
+        raise ValueError(f'teacher must be a TeacherHead or a TeacherTopK, got {type(teacher).__name__}')
+    if full and teacher.uses_student_head:
+        raise ValueError('TeacherHead without a weight: resolve the student\'s head first (TeacherHead.with_head)')
     if not sft_alpha >= 0:  # NaN too; the trainers treat 0 as "no SFT term" and never pass a negative weight
         raise ValueError(f'sft_alpha must be >= 0, got {sft_alpha}')
     if sft_alpha > 0 and labels is None:
@@ -167,13 +143,13 @@ def fused_linear_jsd(student_hidden: torch.Tensor,
     hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
     n_all, vocab = hidden.shape[0], student_weight.shape[0]
     active = torch.ones(n_all, dtype=torch.bool, device=hidden.device) if mask is None else mask.reshape(-1).bool()
-    plan = _Plan(beta=float(beta), temperature=float(temperature), tail=bool(topk_tail), vocab=vocab,
+    plan = _Plan(divergence=divergence, temperature=float(temperature), tail=bool(topk_tail), vocab=vocab,
                  label_temperature=float(label_temperature), entropy=bool(return_entropy))
     if full:
-        plan.teacher_weight = teacher_weight
-        plan.teacher_bias = None if teacher_bias is None else _finite_bias(teacher_bias)
+        plan.teacher_weight = teacher.weight
+        plan.teacher_bias = None if teacher.bias is None else _finite_bias(teacher.bias)
     else:
-        logprobs = _token_rows(teacher_topk_logprobs, n_all).float()
+        logprobs = _token_rows(teacher.logprobs, n_all).float()
         active = active & (logprobs > float('-inf')).any(-1)  # no teacher information: nothing to distil
     idx = active.nonzero().squeeze(1)
     everyone = idx.numel() == n_all  # then skip the gathers (and their scatter in backward)
@@ -183,20 +159,20 @@ def fused_linear_jsd(student_hidden: torch.Tensor,
         return t if everyone else t.index_select(0, idx)
 
     if full:
-        plan.teacher_hidden = rows(teacher_hidden)
+        plan.teacher_hidden = rows(teacher.hidden)
     else:
-        ids = rows(teacher_topk_ids).long()
+        ids = rows(teacher.ids).long()
         plan.topk_logprobs = rows(logprobs)
         valid = plan.topk_logprobs > float('-inf')
         if bool((valid & ((ids < 0) | (ids >= vocab))).any()):
-            raise ValueError(f'teacher_topk_ids must lie in [0, {vocab}) (the student vocabulary)')
+            raise ValueError(f'teacher top-k ids must lie in [0, {vocab}) (the student vocabulary)')
         plan.topk_ids = ids
     num_tokens = int(idx.numel())
     if sft_alpha:
         plan.labels = rows(labels).reshape(-1).long()
         if label_weights is not None:
             plan.label_weights = rows(label_weights).reshape(-1).float()
-        num_sft = int((plan.labels != -100).sum())
+        num_sft = int((plan.labels != IGNORE_INDEX).sum())
         plan.sft_scale = _inverse(sft_normalizer if sft_normalizer is not None else num_sft) * float(sft_alpha)
     else:
         num_sft = 0
@@ -214,7 +190,7 @@ def fused_linear_jsd(student_hidden: torch.Tensor,
 @dataclass
 class _Plan:
     """Everything the autograd function needs besides its differentiable inputs; ``stats`` is filled in."""
-    beta: float
+    divergence: Divergence
     temperature: float
     tail: bool
     vocab: int
@@ -305,29 +281,22 @@ def _run(hidden, weight, bias, plan: _Plan, need_h: bool, need_w: bool, need_b: 
     agree = torch.zeros((), dtype=torch.long, device=dev)
 
     if n:
-        names = _buffer_names(plan, full, sft)
-        far = full and plan.beta in (0, 1)  # a bool [chunk, V] buffer too (a quarter of a float32 one)
-        rows = min(n, plan.chunk_size or default_chunk_size(vmax, len(names) + 0.25 * far))
-        bufs = {k: torch.empty(rows, vmax, dtype=f32, device=dev) for k in names}
-        if far:
-            bufs['far'] = torch.empty(rows, vmax, dtype=torch.bool, device=dev)
-        if weight.dtype != f32 and want_grad:  # the gradient in the matmul dtype, reused across chunks
-            bufs['half'] = torch.empty(rows, vocab, dtype=weight.dtype, device=dev)
+        scratch = _Scratch.allocate(plan, full, sft, n, vmax, weight.dtype if want_grad else f32, dev)
+        rows = scratch.logits.shape[0]
         bias_f = None if bias is None else _finite_bias(bias)
+        chunk = _full_chunk if full else _topk_chunk
         for start in range(0, n, rows):
             sl = slice(start, min(start + rows, n))
             h = hidden[sl].to(weight.dtype)
-            c = h.shape[0]
-            view = {k: b[:c] for k, b in bufs.items()}
-            chunk = _full_chunk if full else _topk_chunk
-            d, ce, ag, alpha, ent = chunk(view, h, weight, bias_f, plan, sl, sft)
-            div_sum += d
-            sft_sum += ce
-            agree += ag
-            entropy_sum += ent
+            view = scratch.rows(h.shape[0])
+            res = chunk(view, h, weight, bias_f, plan, sl, sft)
+            div_sum += res.divergence_sum
+            sft_sum += res.label_sum
+            agree += res.top1_agree
+            entropy_sum += res.entropy_sum
             if want_grad:
-                _backprop_chunk(view, h, weight, alpha, sl, grad_h, grad_w, grad_b, first=start == 0)
-        del bufs
+                _backprop_chunk(view, h, weight, res.grad_scale, sl, grad_h, grad_w, grad_b, first=start == 0)
+        del scratch, view
     elif grad_w is not None:
         grad_w.zero_()
 
@@ -341,15 +310,55 @@ def _run(hidden, weight, bias, plan: _Plan, need_h: bool, need_w: bool, need_b: 
     return loss, grads
 
 
-def _buffer_names(plan: _Plan, full: bool, sft: bool):
-    """The float32 ``[chunk, V]`` scratch buffers a configuration needs (``a`` always holds the gradient).
+@dataclass
+class _Scratch:
+    """The ``[chunk, V]`` rows reused by every chunk (float32 unless said otherwise).
 
-    ``e`` is the scratch of the label term and the entropy when they cannot reuse the divergence's buffers.
+    ``logits``: the student's logits, then its log-probabilities, then d loss / d logits (what
+    :func:`_backprop_chunk` reads). Full teacher only: ``teacher`` (its logits, then log-probabilities), ``p_s`` and
+    ``p_t`` (the probabilities) and, for the KL forms, ``flags`` (bool). ``extra``: the label term's and the
+    entropy's own pass where they cannot share the divergence's rows. ``half``: the gradient in a half-precision
+    matmul dtype.
     """
-    names = ['a', 'b', 'p', 'q'] if full else ['a']
-    if (sft and _separate_label(plan, full)) or (plan.entropy and not _student_row_is_own(plan, full)):
-        names.append('e')
-    return names
+    logits: torch.Tensor
+    teacher: Optional[torch.Tensor] = None
+    p_s: Optional[torch.Tensor] = None
+    p_t: Optional[torch.Tensor] = None
+    flags: Optional[torch.Tensor] = None
+    extra: Optional[torch.Tensor] = None
+    half: Optional[torch.Tensor] = None
+
+    @staticmethod
+    def allocate(plan: '_Plan', full: bool, sft: bool, n: int, vmax: int, grad_dtype, dev) -> '_Scratch':
+        """The buffers a configuration needs, as many rows as :func:`default_chunk_size` allows (or
+        ``plan.chunk_size``)."""
+        names = ['logits', 'teacher', 'p_s', 'p_t'] if full else ['logits']
+        if (sft and _separate_label(plan, full)) or (plan.entropy and not _student_row_is_own(plan, full)):
+            names.append('extra')
+        flags = full and plan.divergence.needs_flags  # a bool buffer: a quarter of a float32 one
+        rows = min(n, plan.chunk_size or default_chunk_size(vmax, len(names) + 0.25 * flags))
+        bufs = {k: torch.empty(rows, vmax, dtype=torch.float32, device=dev) for k in names}
+        if flags:
+            bufs['flags'] = torch.empty(rows, vmax, dtype=torch.bool, device=dev)
+        if grad_dtype != torch.float32:  # the gradient in the matmul dtype, reused across chunks
+            bufs['half'] = torch.empty(rows, plan.vocab, dtype=grad_dtype, device=dev)
+        return _Scratch(**bufs)
+
+    def rows(self, c: int) -> '_Scratch':
+        """The first ``c`` rows of every buffer (the last chunk may be shorter)."""
+        return _Scratch(**{k: None if v is None else v[:c] for k, v in vars(self).items()})
+
+    def divergence_rows(self) -> RowBuffers:
+        return RowBuffers(s=self.logits, t=self.teacher, p_s=self.p_s, p_t=self.p_t, flags=self.flags)
+
+
+class _ChunkResult(NamedTuple):
+    """One chunk's detached sums; d loss / d student logits is ``grad_scale * scratch.logits``."""
+    divergence_sum: torch.Tensor
+    label_sum: torch.Tensor  # the weighted cross-entropy sum of the label term
+    top1_agree: torch.Tensor
+    grad_scale: float
+    entropy_sum: torch.Tensor
 
 
 def _student_row_is_own(plan: _Plan, full: bool) -> bool:
@@ -366,11 +375,6 @@ def _separate_label(plan: _Plan, full: bool) -> bool:
     if full:
         return plan.label_temperature != plan.temperature or not _student_row_is_own(plan, full)
     return plan.label_temperature != 1
-
-
-def _row_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``[C]`` row-wise dot products of two ``[C, V]`` tensors, without a ``[C, V]`` product temporary."""
-    return torch.bmm(x.unsqueeze(1), y.unsqueeze(2)).view(-1)
 
 
 def _entropy_into(e: torch.Tensor, u: torch.Tensor, scale: float) -> torch.Tensor:
@@ -418,19 +422,15 @@ def _label_rows(plan: _Plan, sl):
     """``[C, 1]`` labels (ignored ones replaced by 0), ``[C]`` cross-entropy weights (0 where ignored) and
     ``[C]`` gradient weights (the cross-entropy weights times the term's scale and ``1 / label_temperature``)."""
     lab = plan.labels[sl]
-    keep = lab != -100
+    keep = lab != IGNORE_INDEX
     ce_weight = keep.float() if plan.label_weights is None else torch.where(keep, plan.label_weights[sl], 0.0)
     w = ce_weight * (plan.sft_scale / plan.label_temperature)
     return torch.where(keep, lab, 0).unsqueeze(1), ce_weight, w
 
 
-def _full_chunk(buf, h, weight, bias_f, plan: _Plan, sl, sft: bool):
-    """One chunk against a teacher head. Leaves the gradient w.r.t. the student logits in ``buf['a']``.
-
-    Returns ``(divergence sum, weighted cross-entropy sum, top-1 agreements, matmul scale of buf['a'],
-    entropy sum)``.
-    """
-    a, b = buf['a'], buf['b']
+def _full_chunk(buf: _Scratch, h, weight, bias_f, plan: _Plan, sl, sft: bool) -> _ChunkResult:
+    """One chunk against a teacher head. Leaves the gradient w.r.t. the student logits in ``buf.logits``."""
+    a, b = buf.logits, buf.teacher
     vocab, vt = plan.vocab, plan.teacher_weight.shape[0]
     inv_t = 1.0 / plan.temperature
     _logits_into(a[:, :vocab], h, weight, bias_f, inv_t)
@@ -449,47 +449,50 @@ def _full_chunk(buf, h, weight, bias_f, plan: _Plan, sl, sft: bool):
     lab, ce_weight, w = _label_rows(plan, sl) if sft else (None, None, None)
     ent, ce, p1 = _full_prepass(buf, plan, lab, ce_weight)
 
-    log_softmax_into(a, buf['p'])  # s, p_s
-    log_softmax_into(b, buf['q'])  # t, p_t
-    if plan.entropy and _student_row_is_own(plan, True):
-        ent = -_row_dot(buf['p'], a).sum()
+    log_softmax_into(a, buf.p_s)  # s, p_s
+    if plan.entropy and _student_row_is_own(plan, True):  # p_t is still free: per-entry terms, cascade-summed
+        ent = torch.mul(buf.p_s, a, out=buf.p_t).sum().neg()
+    log_softmax_into(b, buf.p_t)  # t, p_t
     if sft and p1 is None:
         ce = -(a.gather(1, lab).squeeze(1) * ce_weight).sum()
-    div, sign = divergence_rows(buf, plan.beta)  # leaves sign * dD/du in a (u = z / T: dD/dz = dD/du / T)
+    # leaves sign * dD/du in a (u = z / T: dD/dz = dD/du / T)
+    div, sign = divergence_rows(buf.divergence_rows(), plan.divergence)
     grad_scale = plan.div_scale * sign * inv_t
 
     if not sft:
-        return div.sum(), ce, agree, grad_scale, ent
+        return _ChunkResult(div.sum(), ce, agree, grad_scale, ent)
     a.mul_(grad_scale)
-    _add_label_grad(a[:, :vocab], (buf['p'] if p1 is None else p1)[:, :vocab], lab, w)
-    return div.sum(), ce, agree, 1.0, ent
+    _add_label_grad(a[:, :vocab], (buf.p_s if p1 is None else p1)[:, :vocab], lab, w)
+    return _ChunkResult(div.sum(), ce, agree, 1.0, ent)
 
 
-def _full_prepass(buf, plan: _Plan, lab, ce_weight):
+def _full_prepass(buf: _Scratch, plan: _Plan, lab, ce_weight):
     """The entropy and label term that the row's shared ``s = log_softmax(z / T)`` cannot give, before it is formed
-    (``buf['a']`` holds ``z / T`` and ``buf['p']`` is still free): on a row padded to a larger teacher vocabulary, or
+    (``buf.logits`` holds ``z / T`` and ``buf.p_s`` is still free): on a row padded to a larger teacher vocabulary, or
     at a label temperature other than ``T``. Returns ``(entropy sum, cross-entropy sum, label probabilities or
     None)``; what is left to the shared pass comes back as zero / ``None``.
     """
-    u = buf['a'][:, :plan.vocab]
+    u = buf.logits[:, :plan.vocab]
     ent, ce, p1 = u.new_zeros(()), u.new_zeros(()), None
     sft = lab is not None
     if plan.entropy and not _student_row_is_own(plan, True):
-        e, p_own = buf['e'][:, :plan.vocab], buf['p'][:, :plan.vocab]
+        e, p_own = buf.extra[:, :plan.vocab], buf.p_s[:, :plan.vocab]
         log_softmax_into(e.copy_(u), p_own)
-        ent = -_row_dot(p_own, e).sum()
-        if sft and plan.label_temperature == plan.temperature:  # the label term shares that pass
+        shared = sft and plan.label_temperature == plan.temperature  # the label term shares that pass
+        if shared:
             ce = -(e.gather(1, lab).squeeze(1) * ce_weight).sum()
+        ent = e.mul_(p_own).sum().neg()  # per-entry terms, cascade-summed
+        if shared:
             p1 = e.copy_(p_own)
     if sft and p1 is None and _separate_label(plan, True):
-        ce, p1 = _separate_label_term(buf['e'][:, :plan.vocab], u, plan.temperature / plan.label_temperature, lab,
+        ce, p1 = _separate_label_term(buf.extra[:, :plan.vocab], u, plan.temperature / plan.label_temperature, lab,
                                       ce_weight)
     return ent, ce, p1
 
 
-def _topk_chunk(buf, h, weight, bias_f, plan: _Plan, sl, sft: bool):
+def _topk_chunk(buf: _Scratch, h, weight, bias_f, plan: _Plan, sl, sft: bool) -> _ChunkResult:
     """One chunk against a top-k teacher; same contract as :func:`_full_chunk`."""
-    a = buf['a'][:, :plan.vocab]
+    a = buf.logits[:, :plan.vocab]
     _logits_into(a, h, weight, bias_f, 1.0)  # untempered: the temperature applies on the bucket support
     lp = plan.topk_logprobs[sl]
     valid = lp > float('-inf')
@@ -498,18 +501,18 @@ def _topk_chunk(buf, h, weight, bias_f, plan: _Plan, sl, sft: bool):
     mx = a.amax(-1, keepdim=True)
     agree = (a.gather(1, top1) >= mx).sum()
     y = a.gather(1, ids).masked_fill_(~valid, float('-inf'))  # student bucket logits on the top-k
-    ent = _entropy_into(buf['e'], a, 1.0 / plan.temperature) if plan.entropy else a.new_zeros(())
+    ent = _entropy_into(buf.extra, a, 1.0 / plan.temperature) if plan.entropy else a.new_zeros(())
     ce, p1 = a.new_zeros(()), None
     if sft:
         lab, ce_weight, w = _label_rows(plan, sl)
         if _separate_label(plan, False):
-            ce, p1 = _separate_label_term(buf['e'], a, 1.0 / plan.label_temperature, lab, ce_weight)
+            ce, p1 = _separate_label_term(buf.extra, a, 1.0 / plan.label_temperature, lab, ce_weight)
         else:
             z_lab = a.gather(1, lab).squeeze(1)
     fold = sft and p1 is None  # the untempered label term rides on the passes below
 
     if not plan.tail:
-        div, dy = bucket_divergence(y, lp, plan.beta, plan.temperature)
+        div, dy = bucket_divergence(y, lp, plan.divergence, plan.temperature)
         if fold:
             a.sub_(mx).exp_()
             total = a.sum(-1, keepdim=True)
@@ -528,7 +531,7 @@ def _topk_chunk(buf, h, weight, bias_f, plan: _Plan, sl, sft: bool):
         y_tail = mx_tail.squeeze(1) + tail_sum.log()
         t_tail = teacher_tail_logmass(lp, valid.sum(-1), plan.vocab)
         div, dy = bucket_divergence(torch.cat([y, y_tail.unsqueeze(1)], 1),
-                                    torch.cat([lp, t_tail.unsqueeze(1)], 1), plan.beta, plan.temperature)
+                                    torch.cat([lp, t_tail.unsqueeze(1)], 1), plan.divergence, plan.temperature)
         # d y_tail / d z_v = exp(z_v - y_tail) = a_v / tail_sum on the complement (a is 0 on the top-k)
         coef = torch.where(tail_sum > 0, dy[:, -1] / tail_sum, 0.0) * plan.div_scale
         k_grad = dy[:, :-1] * plan.div_scale
@@ -543,15 +546,15 @@ def _topk_chunk(buf, h, weight, bias_f, plan: _Plan, sl, sft: bool):
         a.scatter_add_(1, lab, -w.unsqueeze(1))
     elif p1 is not None:
         _add_label_grad(a, p1, lab, w)
-    return div.sum(), ce, agree, 1.0, ent
+    return _ChunkResult(div.sum(), ce, agree, 1.0, ent)
 
 
-def _backprop_chunk(buf, h, weight, alpha: float, sl, grad_h, grad_w, grad_b, first: bool):
-    """Turn ``alpha * buf['a']`` (d loss / d student logits of the chunk) into hidden, weight and bias grads.
+def _backprop_chunk(buf: _Scratch, h, weight, alpha: float, sl, grad_h, grad_w, grad_b, first: bool):
+    """Turn ``alpha * buf.logits`` (d loss / d student logits of the chunk) into hidden, weight and bias grads.
 
     The first chunk overwrites ``grad_w`` (allocated uninitialised: no separate zero-fill pass over ``[V, H]``).
     """
-    g = buf['a'][:, :weight.shape[0]]
+    g = buf.logits[:, :weight.shape[0]]
     if grad_b is not None:
         grad_b.add_(g.sum(0), alpha=alpha)
     if weight.dtype == torch.float32:
@@ -560,7 +563,7 @@ def _backprop_chunk(buf, h, weight, alpha: float, sl, grad_h, grad_w, grad_b, fi
         if grad_w is not None:
             torch.addmm(grad_w, g.t(), h, beta=0 if first else 1, alpha=alpha, out=grad_w)
         return
-    gh = buf['half'][:g.shape[0]].copy_(g)
+    gh = buf.half[:g.shape[0]].copy_(g)
     if grad_h is not None:
         torch.mul(gh @ weight, alpha, out=grad_h[sl])
     if grad_w is not None:  # rounded once per chunk, accumulated in float32

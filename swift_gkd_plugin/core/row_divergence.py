@@ -1,21 +1,72 @@
-"""Per-row generalized JSD of two log-probability rows, and its gradient, in a form accurate at large vocabularies.
+"""The divergences of the distillation loss, each written once, as math on rows of log-probabilities.
 
-Shared by the fused loss (:mod:`swift_gkd_plugin.core.fused_loss`, one row at a time in ``[chunk, V]`` buffers) and
-the vocabulary-parallel loss (:mod:`swift_gkd_plugin.core.tensor_parallel`, whose rows are split across ranks: it
-passes a ``row_sum`` that all-reduces). Everything works in place on caller-owned buffers.
+Every loss path calls :func:`divergence_rows` here: the dense loss (:mod:`.divergence`), the fused loss (full head
+and top-k buckets, :mod:`.fused_loss`, :mod:`.topk`), the vocabulary-parallel loss (:mod:`.tensor_parallel`, whose
+rows are split across ranks: it passes a ``row_sum`` that all-reduces) and the cross-tokenizer hybrid's shared part.
+A divergence is a :class:`Divergence` (name + parameters); its row function is registered by name in
+:data:`ROW_FUNCTIONS` and returns the value and the hand-derived gradient with respect to the student's tempered
+logits (hand-derived: one pass less than autograd over ``[chunk, V]`` rows, and a form accurate in float32).
+Derivations: ``docs_en/fused_loss.md``.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 
-__all__ = ['divergence_rows', 'log_softmax_into']
+__all__ = ['DIVERGENCES', 'Divergence', 'RowBuffers', 'as_divergence', 'divergence_rows', 'log_softmax_into']
 
 _FAR = 40.0  # nats: past it the smaller of two probabilities is < 5e-18 of the larger, far below float32 rounding
 
 RowSum = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """Which divergence, with its parameter: ``jsd`` (generalized JSD, ``beta`` in [0, 1]: 0 = ``KL(t || s)``,
+    1 = ``KL(s || t)``), ``skew_kl`` (``KL(t || a t + (1 - a) s)``) or ``skew_rkl`` (``KL(s || (1 - a) t + a s)``),
+    ``a = alpha`` in [0, 1] (DistiLLM, Ko et al. 2024); ``t``, ``s``: teacher and student at the loss temperature."""
+    name: str = 'jsd'
+    beta: float = 0.5
+    alpha: float = 0.1
+
+    def __post_init__(self):
+        if self.name not in ROW_FUNCTIONS:
+            raise ValueError(f'divergence must be one of {DIVERGENCES}, got {self.name!r}')
+        for key in ('beta', 'alpha'):
+            if not 0.0 <= getattr(self, key) <= 1.0:  # NaN too
+                raise ValueError(f'{key} must be in [0, 1], got {getattr(self, key)}')
+
+    @property
+    def needs_flags(self) -> bool:
+        """Whether :attr:`RowBuffers.flags` (a bool row buffer) is used."""
+        return self.name != 'jsd' or self.beta in (0, 1)
+
+    def __str__(self):
+        return f'jsd(beta={self.beta})' if self.name == 'jsd' else f'{self.name}(alpha={self.alpha})'
+
+
+def as_divergence(spec: Union[float, Divergence]) -> Divergence:
+    """A :class:`Divergence` from one, or from a number: the generalized JSD with that ``beta``."""
+    return spec if isinstance(spec, Divergence) else Divergence('jsd', beta=float(spec))
+
+
+@dataclass
+class RowBuffers:
+    """The ``[C, V]`` rows a divergence works in, in place (float32, or float64 for float64 callers).
+
+    On entry ``s``, ``t`` hold the student's and teacher's log-probabilities and ``p_s``, ``p_t`` their
+    probabilities (see :func:`log_softmax_into`). On return ``s`` holds ``sign * dD/du`` (``u`` the student's
+    tempered logits) and ``p_s`` is unchanged; ``t``, ``p_t`` and ``flags`` (bool, needed when
+    :attr:`Divergence.needs_flags`) are scratch.
+    """
+    s: torch.Tensor
+    t: torch.Tensor
+    p_s: torch.Tensor
+    p_t: torch.Tensor
+    flags: Optional[torch.Tensor] = None
 
 
 def _row_sum(x: torch.Tensor) -> torch.Tensor:
@@ -37,38 +88,40 @@ def log_softmax_into(logits: torch.Tensor, probs: torch.Tensor) -> None:
     logits.sub_(total.log_())
 
 
-def divergence_rows(buf: Dict[str, torch.Tensor], beta: float,
+def divergence_rows(buf: RowBuffers, divergence: Union[float, Divergence],
                     row_sum: RowSum = _row_sum) -> Tuple[torch.Tensor, float]:
-    """Per-row divergence of ``s = buf['a']``, ``t = buf['b']`` (log-probabilities; ``buf['p']``, ``buf['q']``:
-    their probabilities), and its gradient.
-
-    Leaves ``sign * dD/du`` in ``buf['a']`` and ``p_s`` in ``buf['p']``; returns ``(D [C], sign)``. ``buf['b']``
-    and ``buf['q']`` are scratch; ``buf['far']`` (bool, same shape) too for beta in {0, 1}. ``row_sum`` sums the
-    last dimension (vocabulary-parallel callers all-reduce it).
+    """Per-row divergence of the rows in ``buf`` and its gradient: returns ``(D [C], sign)`` and leaves
+    ``sign * dD/du`` in ``buf.s`` (see :class:`RowBuffers`). ``row_sum`` sums the last dimension
+    (vocabulary-parallel callers all-reduce it).
 
     Why this form: a KL summed as ``sum p (log p - log q)`` adds first-order terms that cancel to a second-order
     result, so its rounding (and any rounding of a log-normaliser, which shifts a whole row of ``t - s``) lands on
-    ``D`` at first order. Each row is instead summed as per-entry terms that are each ``>= 0`` and second order in
-    ``d = t - s`` (Bregman form of the KL, ``beta p_t log(p_t/M) + (1 - beta) p_s log(p_s/M)`` for the mixture),
-    formed with ``expm1``/``log1p`` so that they are accurate near ``d = 0``, and exactly 0 there, then summed by
-    ``row_sum``. Identical rows give exactly 0, never a negative value, and a normaliser
-    shift moves ``D`` only at second order. The gradients are centred with ``sum p_s (...)`` sums formed the same way.
+    ``D`` at first order. Each row is instead summed as per-entry Bregman terms ``p log(p/q) + q - p`` that are each
+    ``>= 0`` and second order in ``d = t - s``, formed with ``expm1``/``log1p`` (exactly 0 at ``d = 0``): identical
+    rows give exactly 0, never a negative value, and a normaliser shift moves ``D`` only at second order.
     """
-    a, b, p, q = buf['a'], buf['b'], buf['p'], buf['q']
+    div = as_divergence(divergence)
+    return ROW_FUNCTIONS[div.name](buf, div, row_sum)
+
+
+def _jsd_rows(buf: RowBuffers, div: Divergence, row_sum: RowSum):
+    """Generalized JSD: ``beta KL(t || M) + (1 - beta) KL(s || M)``, ``M = beta p_t + (1 - beta) p_s``; the two
+    KLs at ``beta`` in {0, 1}."""
+    a, b, p, q, beta = buf.s, buf.t, buf.p_s, buf.p_t, div.beta
     if beta == 0:  # D = KL(t || s)
         torch.sub(a, b, out=b)  # log(p_s / p_t)
-        _kl_bregman_into(a, q, p, b, buf['far'])  # p_s - p_t
-        div = row_sum(torch.addcmul(a, q, b, value=-1, out=b))  # terms (p_s - p_t) - p_t log(p_s / p_t)
+        _difference_into(a, q, p, b, buf.flags)  # p_s - p_t
+        div_rows = row_sum(torch.addcmul(a, q, b, value=-1, out=b))  # terms (p_s - p_t) - p_t log(p_s / p_t)
         torch.sub(p, q, out=a)  # dD/du: from the probabilities, whose rounding is not correlated across a row
         _centre(a, p, row_sum)
-        return div, 1.0
+        return div_rows, 1.0
     b.sub_(a)  # d = log(p_t / p_s)
     if beta == 1:  # D = KL(s || t)
-        _kl_bregman_into(a, p, q, b, buf['far'])  # p_t - p_s
-        div = row_sum(torch.addcmul(a, p, b, value=-1, out=a))  # terms (p_t - p_s) - p_s d
+        _difference_into(a, p, q, b, buf.flags)  # p_t - p_s
+        div_rows = row_sum(torch.addcmul(a, p, b, value=-1, out=a))  # terms (p_t - p_s) - p_s d
         torch.mul(p, b, out=a)
         _centre(a, p, row_sum)  # p_s (d - sum p_s d) = -dD/du
-        return div, -1.0
+        return div_rows, -1.0
     # 0 < beta < 1. Past |d| = _FAR each term has converged to its limit to float32 resolution: clamp, so that masked
     # entries (d = +-1e30) keep the limit's value and nothing overflows.
     b.clamp_(-_FAR, _FAR)
@@ -76,7 +129,7 @@ def divergence_rows(buf: Dict[str, torch.Tensor], beta: float,
     torch.sub(b, a, out=a)  # log(p_t / M)
     q.mul_(beta).add_(p, alpha=1 - beta)  # M
     # beta p_t log(p_t / M) + (1 - beta) p_s log(p_s / M) = M log(p_t / M) - (1 - beta) p_s d
-    div = row_sum(a.mul_(q).addcmul_(p, b, value=-(1 - beta)))
+    div_rows = row_sum(a.mul_(q).addcmul_(p, b, value=-(1 - beta)))
     # dD/du = -(1 - beta) p_s (L - sum p_s L), any constant added to L cancelling. Where p_t << p_s, L sits near
     # log(1 - beta) and float32 cannot resolve its variation there: rows closer to that side take
     # L - log(1 - beta) = log1p(beta / (1 - beta) e^d), the others (student ~ teacher) L itself.
@@ -85,7 +138,73 @@ def divergence_rows(buf: Dict[str, torch.Tensor], beta: float,
     near = row_sum(q) > 0.5 * math.log1p(-beta)  # sum p_s L = -KL(s || M), in [log(1 - beta), 0]
     torch.where(near.unsqueeze(-1), q, a, out=a)
     _centre(a, p, row_sum)
-    return div, -(1 - beta)
+    return div_rows, -(1 - beta)
+
+
+def _skew_kl_rows(buf: RowBuffers, div: Divergence, row_sum: RowSum):
+    """Skew KL: ``KL(t || M)``, ``M = a p_t + (1 - a) p_s``; ``a = 0`` is ``KL(t || s)`` (jsd at beta 0, exactly).
+
+    Terms ``p_t log(p_t / M) + M - p_t = p_t e + (1 - a)(p_s - p_t)`` with ``e = log(p_t / M)
+    = -log1p((1 - a) expm1(-d))``. Gradient: ``dD/du = -(1 - a) p_s (r - E_ps[r])``, ``r = p_t / M = exp(e)``.
+    """
+    alpha = div.alpha
+    if alpha in (0, 1):
+        return _skew_endpoint(buf, alpha, 0.0, row_sum)
+    a, b, p, q = buf.s, buf.t, buf.p_s, buf.p_t
+    b.sub_(a)  # d = log(p_t / p_s)
+    torch.neg(b, out=a)
+    _difference_into(a, q, p, a, buf.flags)  # p_s - p_t
+    b.clamp_(-_FAR, _FAR).neg_().expm1_().mul_(1 - alpha).log1p_().neg_()  # e = log(p_t / M), 0 at d = 0
+    div_rows = row_sum(a.mul_(1 - alpha).addcmul_(q, b))
+    # r - 1 (expm1) resolves r ~ 1 (student ~ teacher); rows whose mass sits where p_t << p_s need r itself
+    torch.exp(b, out=a).mul_(p)
+    near = row_sum(a) > 0.5
+    torch.expm1(b, out=q).mul_(p)
+    torch.where(near.unsqueeze(-1), q, a, out=a)
+    _centre(a, p, row_sum)
+    return div_rows, -(1 - alpha)
+
+
+def _skew_rkl_rows(buf: RowBuffers, div: Divergence, row_sum: RowSum):
+    """Skew reverse KL: ``KL(s || M)``, ``M = (1 - a) p_t + a p_s``; ``a = 0`` is ``KL(s || t)`` (jsd at beta 1).
+
+    Terms ``p_s log(p_s / M) + M - p_s = -p_s L + (1 - a)(p_t - p_s)`` with ``L = log(M / p_s)
+    = log1p((1 - a) expm1(d))``. Gradient: ``dD/du = -p_s (x - E_ps[x])``, ``x = L + a expm1(-L)``.
+    """
+    alpha = div.alpha
+    if alpha in (0, 1):
+        return _skew_endpoint(buf, alpha, 1.0, row_sum)
+    a, b, p, q = buf.s, buf.t, buf.p_s, buf.p_t
+    b.sub_(a)  # d = log(p_t / p_s)
+    _difference_into(a, p, q, b, buf.flags)  # p_t - p_s
+    b.clamp_(-_FAR, _FAR)
+    torch.expm1(b, out=q).mul_(1 - alpha).log1p_()  # L, 0 at d = 0
+    div_rows = row_sum(a.mul_(1 - alpha).addcmul_(p, q, value=-1))
+    # Where p_s >> p_t, L sits near log(a) and x near log(a) + 1 - a, whose variation float32 cannot resolve: rows
+    # closer to that side take x - (log(a) + 1 - a) = log1p(c) - c / (1 + c), c = (1 - a) / a e^d, the others x.
+    near = row_sum(torch.mul(p, q, out=a)) > 0.5 * math.log(alpha)  # sum p_s L = -KL(s || M), in [log a, 0]
+    torch.neg(q, out=a).expm1_().mul_(alpha).add_(q)  # x
+    b.add_(math.log1p(-alpha) - math.log(alpha)).clamp_(max=2 * _FAR).exp_().log1p_()  # log1p(c), finite
+    torch.neg(b, out=q).expm1_().add_(b)  # log1p(c) + expm1(-log1p(c)) = log1p(c) - c / (1 + c)
+    torch.where(near.unsqueeze(-1), a, q, out=a).mul_(p)
+    _centre(a, p, row_sum)
+    return div_rows, -1.0
+
+
+def _skew_endpoint(buf: RowBuffers, alpha: float, kl_beta: float, row_sum: RowSum):
+    """A skew divergence at ``alpha = 0``, the plain KL (the jsd code at ``beta = kl_beta``, so bit for bit), or at
+    ``alpha = 1``, where ``M`` is the KL's first distribution: ``D = 0`` and no gradient."""
+    if alpha == 0:
+        return _jsd_rows(buf, Divergence('jsd', beta=kl_beta), row_sum)
+    return row_sum(buf.s.zero_()), 1.0
+
+
+ROW_FUNCTIONS: Dict[str, Callable[[RowBuffers, Divergence, RowSum], Tuple[torch.Tensor, float]]] = {
+    'jsd': _jsd_rows,
+    'skew_kl': _skew_kl_rows,
+    'skew_rkl': _skew_rkl_rows,
+}
+DIVERGENCES = tuple(ROW_FUNCTIONS)
 
 
 def _centre(g: torch.Tensor, p: torch.Tensor, row_sum: RowSum) -> None:
@@ -98,13 +217,14 @@ def _centre(g: torch.Tensor, p: torch.Tensor, row_sum: RowSum) -> None:
     g.addcmul_(p, (row_sum(g) / row_sum(p)).unsqueeze(-1), value=-1)
 
 
-def _kl_bregman_into(out, ref, other, log_ratio, far):
-    """``out <- other - ref`` accurate to rounding of the difference itself, from ``log_ratio = log(other / ref)``.
+def _difference_into(out, ref, other, log_ratio, far):
+    """``out <- other - ref`` accurate to rounding of the difference itself, from ``log_ratio = log(other / ref)``
+    (``out`` may be ``log_ratio``).
 
     ``ref * expm1(log_ratio)`` is exact near ``log_ratio = 0`` (where the plain difference cancels); beyond
     ``_FAR`` (e.g. ``ref`` masked) ``ref`` is below float32 resolution next to ``other`` and the difference is
     ``other`` (there expm1 would overflow).
     """
-    torch.clamp(log_ratio, max=_FAR, out=out).expm1_().mul_(ref)
     torch.gt(log_ratio, _FAR, out=far)
+    torch.clamp(log_ratio, max=_FAR, out=out).expm1_().mul_(ref)
     torch.where(far, other, out, out=out)

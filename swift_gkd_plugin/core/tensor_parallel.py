@@ -1,4 +1,4 @@
-"""Generalized JSD over a vocabulary split across tensor-parallel ranks (pure ``torch.distributed``).
+"""The distillation divergence over a vocabulary split across tensor-parallel ranks (pure ``torch.distributed``).
 
 Megatron's output layer is column-parallel: each of the ``tp`` ranks of a tensor-parallel group holds the logits of
 the *same* ``N`` tokens for a contiguous slice ``[vocab_start, vocab_start + V_r)`` of the vocabulary (slices may
@@ -9,14 +9,9 @@ recovered with a few all-reduces over that group:
   teacher share them);
 * the per-token divergence: the per-rank partial sums of the KL terms, one all-reduce ``SUM``.
 
-Definitions (as in :mod:`swift_gkd_plugin.core.divergence`), with ``s = log_softmax(z_student / T)`` and
-``t = log_softmax(z_teacher / T)``:
-
-* ``beta == 0``: ``D = KL(teacher || student) = sum_v p_t (t - s)``
-* ``beta == 1``: ``D = KL(student || teacher) = sum_v p_s (s - t)``
-* ``0 < beta < 1``: ``m = log(beta p_t + (1 - beta) p_s)``, ``D = beta KL(teacher || M) + (1 - beta) KL(student || M)``.
-
-Zero-probability entries (``-inf`` logits, e.g. padded vocabulary) contribute 0 to the value and the gradient.
+The divergence is that of every other loss path (:mod:`swift_gkd_plugin.core.row_divergence`: the generalized
+JSD or any registered one), its row sums all-reduced; zero-probability entries (``-inf`` logits, e.g. padded
+vocabulary) contribute 0 to the value and the gradient.
 
 Autograd conventions (Megatron's): a tensor that is identical on every rank of the group ("replicated", e.g. the
 ``[N]`` divergence) receives the full gradient of the (identical) per-rank loss on every rank; the backward of an
@@ -40,7 +35,9 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from .row_divergence import divergence_rows
+from .constants import NEG_LOGIT as _NEG_LOGIT
+from .divergence import RowwiseDivergence
+from .row_divergence import Divergence, RowBuffers, as_divergence, divergence_rows
 from .topk import bucket_divergence, teacher_tail_logmass
 
 __all__ = [
@@ -50,8 +47,6 @@ __all__ = [
     'vocab_parallel_logsumexp',
     'vocab_parallel_topk_jsd',
 ]
-
-from .constants import NEG_LOGIT as _NEG_LOGIT  # noqa: E402  (defined once, core/constants.py)
 
 Group = Optional['dist.ProcessGroup']
 
@@ -183,57 +178,26 @@ def vocab_parallel_logsumexp(logits_shard: torch.Tensor, group: Group = None) ->
 # full-vocabulary generalized JSD
 
 
-class _VocabParallelGJSD(torch.autograd.Function):
-    """Per-token generalized JSD with its closed-form gradient, computed in forward (backward: a rescale, no comm).
-
-    Closed forms (``u = z / T``, ``dD/dz = dD/du / T``), see :mod:`swift_gkd_plugin.core.fused_loss`:
-    ``beta == 0``: ``p_s - p_t``; ``beta == 1``: ``p_s (s - t - D)``; else ``(1 - beta) p_s (s - m - KL(s || M))``.
-    Computed by :func:`~swift_gkd_plugin.core.row_divergence.divergence_rows` (as the fused loss), whose row sums
-    are all-reduced here: ``D`` and the gradients' centring sums are full-vocabulary values.
-    """
-
-    @staticmethod
-    def forward(ctx, student, teacher, beta, temperature, group, chunk_size, want_grad):
-        cd = _compute_dtype(student.dtype)
-        n = student.shape[0]
-        grad = torch.empty(student.shape, dtype=cd, device=student.device) if want_grad else None
-        out = []
-        rows = max(1, int(chunk_size)) if chunk_size else max(n, 1)
-        # range(0, max(n, 1)): one pass even for n == 0, so that the collectives still happen on every rank
-        for start in range(0, max(n, 1), rows):
-            sl = slice(start, start + rows)
-            d, g = _gjsd_chunk(student[sl], teacher[sl], beta, temperature, group, cd, want_grad)
-            out.append(d)
-            if want_grad:
-                grad[sl] = g
-        ctx.in_dtype = student.dtype
-        if want_grad:
-            ctx.save_for_backward(grad)
-        return torch.cat(out)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        (grad, ) = ctx.saved_tensors
-        return (grad * grad_out.to(grad.dtype).unsqueeze(-1)).to(ctx.in_dtype), None, None, None, None, None, None
-
-
-def _gjsd_chunk(student, teacher, beta: float, temperature: float, group: Group, cd, want_grad: bool):
+def _gjsd_chunk(student, teacher, beta: Divergence, temperature: float, group: Group, cd, want_grad: bool):
+    """One chunk: rows normalised by the group's log-normaliser, then the shared
+    :func:`~swift_gkd_plugin.core.row_divergence.divergence_rows` with all-reduced row sums (full-vocabulary ``D``
+    and centring sums). Returns ``(D, dD/d student or None)``."""
     inv_t = 1.0 / temperature
     u = (student.detach().to(cd) * inv_t).clamp_min(_NEG_LOGIT)
     v = (teacher.detach().to(cd) * inv_t).clamp_min(_NEG_LOGIT)
     lse = _vocab_parallel_lse([u, v], group)
     s = u.sub_(lse[0].unsqueeze(-1))  # in place: u is a private copy
     t = v.sub_(lse[1].unsqueeze(-1))
-    buf = dict(a=s, b=t, p=s.exp(), q=t.exp(), far=torch.empty(s.shape, dtype=torch.bool, device=s.device))
+    flags = torch.empty(s.shape, dtype=torch.bool, device=s.device) if beta.needs_flags else None
+    buf = RowBuffers(s=s, t=t, p_s=s.exp(), p_t=t.exp(), flags=flags)
     div, sign = divergence_rows(buf, beta, lambda x: _all_reduce(x.sum(-1), dist.ReduceOp.SUM, group))
-    return div, buf['a'].mul_(sign * inv_t) if want_grad else None
+    return div, buf.s.mul_(sign * inv_t) if want_grad else None
 
 
-def _check(beta: float, temperature: float):
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f'beta must be in [0, 1], got {beta}')
+def _check(beta: Union[float, Divergence], temperature: float) -> Divergence:
     if not temperature > 0:
         raise ValueError(f'temperature must be > 0, got {temperature}')
+    return as_divergence(beta)
 
 
 def _select_rows(mask: Optional[torch.Tensor], n: int):
@@ -256,7 +220,7 @@ def _scatter_rows(values: torch.Tensor, idx: Optional[torch.Tensor], n: int) -> 
 
 def vocab_parallel_generalized_jsd(student_shard: torch.Tensor,
                                    teacher_shard: torch.Tensor,
-                                   beta: float,
+                                   beta: Union[float, Divergence],
                                    temperature: float = 1.0,
                                    group: Group = None,
                                    *,
@@ -268,7 +232,8 @@ def vocab_parallel_generalized_jsd(student_shard: torch.Tensor,
         student_shard: ``[N, V_r]`` this rank's slice of the student logits (differentiable, any float dtype).
         teacher_shard: ``[N, V_r]`` the teacher logits of the same slice (no gradient). Student and teacher must be
             split the same way (align padded vocabularies before splitting).
-        beta: in ``[0, 1]``; 0 is ``KL(teacher || student)``, 1 is ``KL(student || teacher)``.
+        beta: in ``[0, 1]``; 0 is ``KL(teacher || student)``, 1 is ``KL(student || teacher)``; or any
+            :class:`~swift_gkd_plugin.core.row_divergence.Divergence`.
         temperature: ``T > 0``, divides both logits.
         group: the tensor-parallel group (``None``: the default group; a one-rank group or an uninitialised
             ``torch.distributed`` gives the dense single-process result).
@@ -281,7 +246,7 @@ def vocab_parallel_generalized_jsd(student_shard: torch.Tensor,
         ``[N]`` divergences, identical on every rank, float32 (float64 for float64 input). The gradient flows to
         ``student_shard`` only, computed in closed form during the forward; the backward issues no collective.
     """
-    _check(beta, temperature)
+    divergence = _check(beta, temperature)
     if student_shard.shape != teacher_shard.shape or student_shard.dim() != 2:
         raise ValueError(f'student {tuple(student_shard.shape)} and teacher {tuple(teacher_shard.shape)} shards must '
                          'be [N, V_r] of the same shape')
@@ -289,7 +254,13 @@ def vocab_parallel_generalized_jsd(student_shard: torch.Tensor,
     idx = _select_rows(mask, n)
     s, t = (student_shard, teacher_shard) if idx is None else (student_shard[idx], teacher_shard[idx])
     want_grad = torch.is_grad_enabled() and student_shard.requires_grad
-    div = _VocabParallelGJSD.apply(s, t.detach(), float(beta), float(temperature), group, chunk_size, want_grad)
+    cd = _compute_dtype(student_shard.dtype)
+
+    def chunk(student, teacher, want):  # closed-form gradient; D and its centring sums all-reduced
+        return _gjsd_chunk(student, teacher, divergence, float(temperature), group, cd, want)
+
+    rows = max(1, int(chunk_size)) if chunk_size else max(n, 1)
+    div = RowwiseDivergence.apply(s, t.detach(), chunk, rows, want_grad)
     return _scatter_rows(div, idx, n)
 
 
@@ -316,7 +287,7 @@ def vocab_parallel_topk_jsd(student_shard: torch.Tensor,
                             vocab_start: int,
                             teacher_topk_ids: torch.Tensor,
                             teacher_topk_logprobs: torch.Tensor,
-                            beta: float,
+                            beta: Union[float, Divergence],
                             temperature: float = 1.0,
                             group: Group = None,
                             tail: bool = False,
@@ -351,7 +322,7 @@ def vocab_parallel_topk_jsd(student_shard: torch.Tensor,
     Returns:
         ``[N]`` divergences, identical on every rank, float32 (float64 for float64 input).
     """
-    _check(beta, temperature)
+    divergence = _check(beta, temperature)
     if student_shard.dim() != 2 or teacher_topk_ids.shape != teacher_topk_logprobs.shape \
             or teacher_topk_ids.shape[0] != student_shard.shape[0]:
         raise ValueError(f'student shard {tuple(student_shard.shape)}, ids {tuple(teacher_topk_ids.shape)} and '
@@ -393,5 +364,5 @@ def vocab_parallel_topk_jsd(student_shard: torch.Tensor,
     idx = None if bool(active.all()) else active.nonzero().squeeze(1)
     if idx is not None:
         y, teacher = y[idx], teacher[idx]
-    div = _BucketJSD.apply(y, teacher, float(beta), float(temperature))
+    div = _BucketJSD.apply(y, teacher, divergence, float(temperature))
     return _scatter_rows(div, idx, n)

@@ -3,7 +3,7 @@
 A teacher that only reports its ``k`` most likely tokens (a vLLM server, a cached top-k dump) gives, per position,
 ids ``K`` and their full-vocabulary log-probabilities ``l_j`` at temperature 1; unused slots hold ``-inf``. The
 student's logits ``z`` cover the whole vocabulary. Both sides are reduced to the same small support ("buckets"),
-tempered there, and compared with the generalized JSD of :mod:`swift_gkd_plugin.core.divergence`:
+tempered there, and compared with the divergence of :mod:`swift_gkd_plugin.core.row_divergence`:
 
 **Without tail** (ms-swift's rule): the buckets are the valid ids of ``K``,
 
@@ -43,11 +43,15 @@ Rows whose logprobs are all ``-inf`` carry no teacher information; :func:`fused_
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Tuple, Union
 
 import torch
 
-__all__ = ['bucket_divergence', 'drop_ids_outside_vocab', 'log1mexp', 'teacher_tail_logmass']
+from .divergence import tempered_divergence_rows
+from .row_divergence import Divergence, as_divergence
+from .teacher_signal import TeacherTopK
+
+__all__ = ['bucket_divergence', 'drop_ids_outside_vocab', 'log1mexp', 'teacher_tail_logmass', 'topk_of_logits']
 
 _LOG_HALF = -math.log(2.0)
 
@@ -75,47 +79,27 @@ def teacher_tail_logmass(logprobs: torch.Tensor, num_valid: torch.Tensor, vocab_
     return tail.masked_fill(num_valid >= vocab_size, float('-inf'))
 
 
-def bucket_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float,
-                      temperature: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Generalized JSD on a small support, with its closed-form gradient.
+def bucket_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                      beta: Union[float, Divergence], temperature: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The divergence on a small support, with its closed-form gradient.
 
-    ``s = log_softmax(student_logits / T)``, ``t = log_softmax(teacher_logits / T)``; ``D`` as in
-    :mod:`swift_gkd_plugin.core.divergence`. ``-inf`` entries are buckets of probability zero and contribute 0
-    (entries where one side is ``-inf`` and the other is not give the true, possibly infinite, divergence for
-    ``beta in {0, 1}``). Meant for ``[C, k]`` tensors, so clarity wins over in-place tricks here.
+    ``s = log_softmax(student_logits / T)``, ``t = log_softmax(teacher_logits / T)``; ``D`` from
+    :func:`~swift_gkd_plugin.core.row_divergence.divergence_rows`, as on full rows. ``-inf`` entries are buckets of
+    probability zero and contribute 0 (an entry where one side is ``-inf`` and the other is not gives a huge
+    finite divergence for the KLs, as a masked logit does on full rows).
 
     Args:
-        student_logits: ``[C, K]`` float32.
-        teacher_logits: ``[C, K]`` float32; each row needs one finite entry.
-        beta: in ``[0, 1]``.
+        student_logits: ``[C, K]`` float32 (or float64).
+        teacher_logits: ``[C, K]``; each row needs one finite entry.
+        beta: the generalized JSD's ``beta`` in ``[0, 1]``, or a
+            :class:`~swift_gkd_plugin.core.row_divergence.Divergence`.
         temperature: ``T > 0``.
 
     Returns:
-        ``(D [C], dD/d student_logits [C, K])``, both float32; the gradient includes the ``1 / T`` factor.
+        ``(D [C], dD/d student_logits [C, K])``, in the student's precision; the gradient includes the ``1 / T``.
     """
-    s = torch.log_softmax(student_logits / temperature, dim=-1)
-    t = torch.log_softmax(teacher_logits / temperature, dim=-1)
-    ps, pt = s.exp(), t.exp()
-    zero = s.new_zeros(())
-    if beta == 0:
-        # D = sum p_t (t - s);  dD/du = p_s - p_t  (u = z / T)
-        div = torch.where(pt > 0, pt * (t - s), zero).sum(-1)
-        grad = ps - pt
-    elif beta == 1:
-        # D = sum p_s (s - t);  dD/du = p_s (s - t - D)
-        diff = torch.where(ps > 0, s - t, zero)
-        div = (ps * diff).sum(-1)
-        grad = torch.where(ps > 0, ps * (diff - div[:, None]), zero)
-    else:
-        # D = b KL(t||m) + (1-b) KL(s||m);  dD/ds (s free) = (1-b) p_s (s - m), then through log_softmax:
-        # dD/du = (1-b) p_s (s - m - KL(s||m))
-        m = torch.logaddexp(s + math.log1p(-beta), t + math.log(beta))
-        ds = torch.where(ps > 0, s - m, zero)
-        dt = torch.where(pt > 0, t - m, zero)
-        ks = (ps * ds).sum(-1)
-        div = beta * (pt * dt).sum(-1) + (1 - beta) * ks
-        grad = (1 - beta) * ps * (ds - ks[:, None])
-    return div, grad / temperature
+    return tempered_divergence_rows(student_logits, teacher_logits.to(student_logits.dtype),
+                                    as_divergence(beta), temperature)
 
 
 def drop_ids_outside_vocab(ids: torch.Tensor, logprobs: torch.Tensor, limit: int
@@ -126,3 +110,17 @@ def drop_ids_outside_vocab(ids: torch.Tensor, logprobs: torch.Tensor, limit: int
     student's logit there would read 0)."""
     outside = ids >= limit  # no host synchronisation: masked whether or not any id is outside
     return ids.masked_fill(outside, 0), logprobs.masked_fill(outside, float('-inf'))
+
+
+def topk_of_logits(logits: torch.Tensor, k: int, chunk_size: int = 1024) -> TeacherTopK:
+    """A local teacher's top-k from its full logits ``[N, V]``: ids and log-probabilities at temperature 1.
+
+    Chunked: float32 rows of at most ``chunk_size x V`` at a time (an unchunked ``log_softmax(logits.float())`` is
+    about 5 GB at N = 8k, V = 152k).
+    """
+    parts = [torch.log_softmax(logits[i:i + chunk_size].float(), -1).topk(k, dim=-1)
+             for i in range(0, logits.shape[0], chunk_size)]
+    if not parts:
+        empty = logits.new_zeros(0, k)
+        return TeacherTopK(empty.long(), empty.float())
+    return TeacherTopK(torch.cat([p.indices for p in parts]), torch.cat([p.values for p in parts]))

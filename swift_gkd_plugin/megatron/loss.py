@@ -9,11 +9,13 @@ signal, cut micro-batch by micro-batch. Pure ``torch.distributed``: tested on CP
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Iterator, Optional, Tuple
+from typing import Any, Callable, Iterable, Iterator, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
 
+from swift_gkd_plugin.core.constants import IGNORE_INDEX
+from swift_gkd_plugin.core.row_divergence import Divergence
 from swift_gkd_plugin.core.tensor_parallel import (vocab_parallel_generalized_jsd, vocab_parallel_log_softmax,
                                                    vocab_parallel_topk_jsd)
 from swift_gkd_plugin.core.topk import drop_ids_outside_vocab
@@ -167,7 +169,7 @@ def _full_width(width: int, device: torch.device, group: Group) -> int:
 def gkd_loss_on_shards(student_shard: torch.Tensor,
                        labels: torch.Tensor,
                        *,
-                       beta: float,
+                       beta: Union[float, Divergence],
                        temperature: float,
                        vocab_start: int,
                        vocab_size: Optional[int] = None,
@@ -178,12 +180,13 @@ def gkd_loss_on_shards(student_shard: torch.Tensor,
                        tail: bool = False,
                        group: Group = None,
                        chunk_size: int = 512) -> Tuple[torch.Tensor, torch.Tensor, int]:
-    """Sum over the response positions of the generalized JSD, from a micro-batch's logit shards.
+    """Sum over the response positions of the divergence, from a micro-batch's logit shards.
 
     Args:
         student_shard: ``[B, S, V_r]`` (or ``[1, T, V_r]`` packed) this rank's slice of the student logits.
         labels: ``[B, S]`` labels aligned with the logits (``labels[b, s]`` is the token predicted at ``s``), -100 off.
-        beta, temperature: of the generalized JSD (0 = KL(teacher || student), 1 = KL(student || teacher)).
+        beta, temperature: the divergence (a :class:`~swift_gkd_plugin.core.row_divergence.Divergence`, or the
+            generalized JSD's beta: 0 = KL(teacher || student), 1 = KL(student || teacher)) and its temperature.
         vocab_start: the first global id of this rank's slice.
         vocab_size: the model's own vocabulary; Megatron's padded ids ``>= vocab_size`` are masked out of both sides.
         teacher_shard: ``[B', S', V_r]`` the teacher's logits over the same slice, or
@@ -200,8 +203,8 @@ def gkd_loss_on_shards(student_shard: torch.Tensor,
         ``(divergence_sum, per_token [N], N)``: the sum (replicated, differentiable with respect to this rank's
         slice), the per-token divergences and the number of response positions.
     """
-    student_mask = labels != -100
-    teacher_mask = student_mask if teacher_labels is None else teacher_labels != -100
+    student_mask = labels != IGNORE_INDEX
+    teacher_mask = student_mask if teacher_labels is None else teacher_labels != IGNORE_INDEX
     n_student = int(student_mask.sum())
     check_same_response_count(n_student, int(teacher_mask.sum()))
     student = mask_padded_vocab(student_shard[student_mask], vocab_start, vocab_size)

@@ -27,7 +27,7 @@ from swift.rlhf_trainers.gkd_loss import DataSource, TeacherOutput
 from swift.utils import get_logger, to_device
 from transformers.utils import ContextManagers
 
-from swift_gkd_plugin.core import Mode
+from swift_gkd_plugin.core import Divergence, Mode
 from swift_gkd_plugin.core.constants import IGNORE_INDEX
 from swift_gkd_plugin.core.lora_round_trip import BaseWeightsKeeper
 from swift_gkd_plugin.core.modes import DATA_SOURCES, mode_log_path, step_mode
@@ -57,6 +57,8 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         self._mode_log = mode_log_path(args.output_dir, rank)
         self._real_vocab = model_vocab_size(template, args)
+        self._divergence = Divergence(args.gkd_divergence, beta=args.beta, alpha=args.gkd_skew_alpha)
+        logger.info(f'swift_gkd_plugin: divergence {self._divergence} at temperature {args.temperature}')
         if self._real_vocab is None:
             logger.warning('swift_gkd_plugin: the model config holds no vocab_size: Megatron\'s padded vocabulary '
                            'rows cannot be masked (sampling, loss and top-k teacher use the padded vocabulary)')
@@ -261,7 +263,7 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
         topk = teacher_output.is_topk_mode
         group = mpu.get_tensor_model_parallel_group()
         divergence, _, n_student = gkd_loss_on_shards(
-            output_tensor, labels, beta=args.beta, temperature=args.temperature,
+            output_tensor, labels, beta=self._divergence, temperature=args.temperature,
             vocab_start=shard_vocab_start(output_tensor, group), vocab_size=self._real_vocab,
             teacher_shard=None if topk else teacher_output.full_logits,
             teacher_topk_ids=teacher_output.topk_indices if topk else None,

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager, nullcontext
 from copy import copy
-from typing import Any, Dict, List
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -27,14 +28,17 @@ from swift.rlhf_trainers.utils import encode_sample
 from swift.trainers import disable_gradient_checkpointing
 from swift.utils import get_logger, to_device, unwrap_model_for_generation
 
-from swift_gkd_plugin.core import Mode, align_vocab, generalized_jsd
+from swift_gkd_plugin.core import Divergence, Mode, align_vocab, generalized_jsd
+from swift_gkd_plugin.core.constants import IGNORE_INDEX
 from swift_gkd_plugin.core.fused_loss import fused_linear_jsd
 from swift_gkd_plugin.core.lora_round_trip import HostBuffer, exact_lora_sync, lora_merges_skipped
 from swift_gkd_plugin.core.modes import DATA_SOURCES, mode_log_path, sampling_seed, step_mode
 from swift_gkd_plugin.core.policy_gradient import policy_gradient_loss, sampled_token_stats
 from swift_gkd_plugin.core.offload import TeacherOffloader, is_partitioned
 from swift_gkd_plugin.core.speculative import teacher_seed
-from swift_gkd_plugin.core.topk import drop_ids_outside_vocab
+from swift_gkd_plugin.core.teacher_signal import (CrossTokenizerRows, TeacherHead, TeacherLogits, TeacherSignal,
+                                                  TeacherTopK)
+from swift_gkd_plugin.core.topk import drop_ids_outside_vocab, topk_of_logits
 from swift_gkd_plugin.core.views import (check_privileged_columns, check_same_response_count, check_views_aligned,
                                          prepare_teacher_view, with_teacher_prompt)
 from swift_gkd_plugin.flags import sampling_temperature
@@ -58,11 +62,11 @@ _DATA_SOURCE = {mode: DataSource(value) for mode, value in DATA_SOURCES.items()}
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     """Labels aligned with the logits that predict them (position i predicts token i + 1); -100 = no loss."""
-    return F.pad(labels[..., 1:], (0, 1), value=-100)
+    return F.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
 
 
 def count_loss_tokens(labels: torch.Tensor) -> int:
-    return int((labels[..., 1:] != -100).sum())
+    return int((labels[..., 1:] != IGNORE_INDEX).sum())
 
 
 class GKDPluginTrainer(GKDTrainer):
@@ -103,6 +107,9 @@ class GKDPluginTrainer(GKDTrainer):
             self._xtok = CrossTokenizerTeacher(self.args.gkd_cross_tokenizer, teacher.model_dir,
                                                teacher.model_meta.model_type, self.template, self.args.teacher_template)
         self._fused = self._decide_loss_impl()
+        # the one divergence every loss path computes (core.row_divergence); --beta is the JSD's parameter
+        self._divergence = Divergence(self.args.gkd_divergence, beta=self.args.beta, alpha=self.args.gkd_skew_alpha)
+        logger.info(f'swift_gkd_plugin: divergence {self._divergence} at temperature {self.args.temperature}')
         suppress_media_placeholders(getattr(self, 'engine', None), self.template)  # the student's own sampler
         self._reward_funcs, self._reward_names = load_reward_funcs(self.args)
         weights = self.args.reward_weights or [1.0] * len(self._reward_names)
@@ -195,7 +202,7 @@ class GKDPluginTrainer(GKDTrainer):
                 keep = attention[row].bool() if attention is not None else torch.ones_like(ids[row], dtype=torch.bool)
                 offset = int(keep.nonzero()[0]) if keep.any() else 0  # left padding
                 row_ids, row_labels = ids[row][keep], labels[row][keep]
-                positions = (row_labels[1:] != -100).nonzero().flatten()
+                positions = (row_labels[1:] != IGNORE_INDEX).nonzero().flatten()
                 requests.append((row_ids.tolist(), positions.tolist()))
                 places.append((b, row, positions + offset))
         # each sample goes to the teacher whose tags hold its tag (ms-swift's rule); one request per teacher
@@ -606,10 +613,11 @@ class GKDPluginTrainer(GKDTrainer):
             # detach(): an offloaded teacher's parameters point back to the CPU copy when the block ends
             return out, (weight.detach().to(out.device), None if bias is None else bias.detach().to(out.device))
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def _loss_setup(self, inputs) -> '_LossSetup':
+        """Response positions, the step's normaliser and which label term applies to this micro-batch (and the
+        logits trimmed to the response positions where ms-swift can)."""
         model_inputs = inputs['model_inputs']
         teacher_inputs = inputs['teacher_model_inputs']
-        gkd_batch = inputs['gkd_batch']
         mode: Mode = inputs.get('gkd_mode', Mode.OFF_POLICY)
 
         if self.get_use_logits_to_keep(self.template.sequence_parallel_size == 1):
@@ -619,8 +627,8 @@ class GKDPluginTrainer(GKDTrainer):
                 self.prepare_logits_to_keep(teacher_inputs)
 
         student_labels = shift_labels(model_inputs['labels'])
-        student_mask = student_labels != -100
-        teacher_mask = shift_labels(teacher_inputs['labels']) != -100
+        student_mask = student_labels != IGNORE_INDEX
+        teacher_mask = shift_labels(teacher_inputs['labels']) != IGNORE_INDEX
         n_student = int(student_mask.sum())
         if self._xtok is None:
             check_same_response_count(n_student, int(teacher_mask.sum()))
@@ -637,59 +645,80 @@ class GKDPluginTrainer(GKDTrainer):
         token_advantages = None
         if mode is Mode.ON_POLICY and advantages is not None and self.args.gkd_rl_coef > 0:
             token_advantages = advantages[:, None].expand(student_mask.shape)[student_mask]
-        fwd = {k: v for k, v in model_inputs.items() if k != 'labels'}
+        return _LossSetup(student_mask, teacher_mask, student_labels[student_mask], mode, normalizer, sft_alpha,
+                          token_advantages)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """One micro-batch: the teacher's signal, the loss terms (divergence, SFT or policy-gradient term), their
+        metrics; fused on hidden states where it applies, else on the full logits."""
+        setup = self._loss_setup(inputs)
+        fwd = {k: v for k, v in inputs['model_inputs'].items() if k != 'labels'}
 
         if self._teacher_offloader is not None and not self.use_teacher_api:
             self._teacher_offloader.prefetch()  # the upload overlaps the student's forward
-        if self._fused:
-            loss, outputs = self._fused_loss(model, fwd, student_mask, student_labels[student_mask], teacher_inputs,
-                                             teacher_mask, gkd_batch, mode, normalizer, sft_alpha, token_advantages)
-            return (loss, outputs) if return_outputs else loss
-
-        outputs = model(**fwd)
-        student = outputs.logits[student_mask]
-        if self.use_teacher_api:
-            per_token, agree = self._topk_divergence(student, gkd_batch.teacher_topk_indices[teacher_mask],
-                                                     gkd_batch.teacher_topk_logprobs[teacher_mask])
-        elif self._xtok is not None:  # the teacher reads its own tokenization: aligned positions
-            aligned = self._xtok.teacher_rows(student_mask, teacher_mask, inputs['gkd_xtok_rows'])
-            per_token, agree = self._xtok.loss(student, self._teacher_forward(model, teacher_inputs), aligned,
-                                               self.args.beta, self.args.temperature)
-            self._log_alignment_metrics(aligned.exact)
-        else:
-            teacher = self._teacher_forward(model, teacher_inputs)[teacher_mask]
-            if self.gkd_logits_topk is not None:
-                logprobs, ids = torch.log_softmax(teacher.float(), -1).topk(self.gkd_logits_topk, dim=-1)
-                per_token, agree = self._topk_divergence(student, ids, logprobs)
-            else:
-                student_aligned, teacher_aligned = align_vocab(student, teacher)
-                per_token = generalized_jsd(student_aligned, teacher_aligned, self.args.beta, self.args.temperature)
-                agree = (student_aligned.argmax(-1) == teacher_aligned.argmax(-1))
-
-        total = per_token.sum()
-        if sft_alpha > 0:
-            ce = F.cross_entropy(student.float(), student_labels[student_mask], reduction='sum')
-            total = total + sft_alpha * ce
-        pg_sum = entropy_sum = None
-        if mode is Mode.ON_POLICY:
-            logprobs, entropy = sampled_token_stats(student, student_labels[student_mask], self.args.temperature)
-            if self._sampling_temperature != self.args.temperature:  # the sampled tokens' own temperature
-                logprobs, _ = sampled_token_stats(student, student_labels[student_mask], self._sampling_temperature)
-            entropy_sum = entropy.sum()
-            if token_advantages is not None:
-                pg = policy_gradient_loss(logprobs, token_advantages).sum()
-                total = total + self.args.gkd_rl_coef * pg
-                pg_sum = pg.detach()
-        loss = total / normalizer
-        if n_student == 0:
-            loss = loss + outputs.logits.sum() * 0.0  # keep the graph connected for DDP/ZeRO
-        self._log_loss_metrics(mode, per_token.detach().float().sum(), per_token.numel(), agree.sum(), agree.numel(),
-                               pg_sum=pg_sum, entropy_sum=entropy_sum)
+        loss_impl = self._fused_loss if self._fused else self._dense_loss
+        loss, outputs = loss_impl(model, fwd, inputs['teacher_model_inputs'], inputs, setup)
         return (loss, outputs) if return_outputs else loss
 
+    # ------------------------------------------------------------------ dense loss
+    def _dense_loss(self, model, fwd, teacher_inputs, inputs, setup: '_LossSetup'):
+        """The loss on the student's full logits: teacher signal, then the loss terms, then the metrics."""
+        outputs = model(**fwd)
+        student = outputs.logits[setup.student_mask]
+        teacher = self._dense_teacher_signal(model, teacher_inputs, setup, inputs)
+        per_token, agree = self._dense_divergence(student, teacher)
+
+        total = per_token.sum()
+        if setup.sft_alpha > 0:
+            total = total + setup.sft_alpha * F.cross_entropy(student.float(), setup.labels, reduction='sum')
+        pg_sum = entropy_sum = None
+        if setup.mode is Mode.ON_POLICY:
+            rl = setup.token_advantages is not None
+            with torch.set_grad_enabled(rl and torch.is_grad_enabled()):  # the entropy alone is only a metric
+                logprobs, entropy = sampled_token_stats(student, setup.labels, self.args.temperature)
+                if rl and self._sampling_temperature != self.args.temperature:  # the sampled tokens' own temperature
+                    logprobs, _ = sampled_token_stats(student, setup.labels, self._sampling_temperature)
+            entropy_sum = entropy.detach().sum()
+            if rl:
+                pg = policy_gradient_loss(logprobs, setup.token_advantages).sum()
+                total = total + self.args.gkd_rl_coef * pg
+                pg_sum = pg.detach()
+        loss = total / setup.normalizer
+        if student.shape[0] == 0:
+            loss = loss + outputs.logits.sum() * 0.0  # keep the graph connected for DDP/ZeRO
+        self._log_loss_metrics(setup.mode, per_token.detach().float().sum(), per_token.numel(), agree.sum(),
+                               agree.numel(), pg_sum=pg_sum, entropy_sum=entropy_sum)
+        return loss, outputs
+
+    def _dense_teacher_signal(self, model, teacher_inputs, setup: '_LossSetup', inputs) -> TeacherSignal:
+        """The teacher's side of the dense loss: a server's top-k, aligned rows of a teacher with another
+        tokenizer, the top-k of a local teacher (``--gkd_logits_topk``) or its full logits."""
+        teacher_mask, gkd_batch = setup.teacher_mask, inputs['gkd_batch']
+        if self.use_teacher_api:
+            return TeacherTopK(gkd_batch.teacher_topk_indices[teacher_mask],
+                               gkd_batch.teacher_topk_logprobs[teacher_mask])
+        if self._xtok is not None:  # the teacher reads its own tokenization: aligned positions
+            aligned = self._xtok.teacher_rows(setup.student_mask, teacher_mask, inputs['gkd_xtok_rows'])
+            return CrossTokenizerRows(self._teacher_forward(model, teacher_inputs), aligned)
+        teacher = self._teacher_forward(model, teacher_inputs)[teacher_mask]
+        if self.gkd_logits_topk is not None:
+            return topk_of_logits(teacher, self.gkd_logits_topk)
+        return TeacherLogits(teacher)
+
+    def _dense_divergence(self, student: torch.Tensor, teacher: TeacherSignal):
+        """Per-token divergence of the student's logits ``[N, V]`` against the teacher's signal, and per compared
+        token whether the two top-1 tokens agree."""
+        if isinstance(teacher, TeacherTopK):
+            return self._topk_divergence(student, teacher.ids, teacher.logprobs)
+        if isinstance(teacher, CrossTokenizerRows):
+            self._log_alignment_metrics(teacher.rows.exact)
+            return self._xtok.loss(student, teacher.logits, teacher.rows, self._divergence, self.args.temperature)
+        student_aligned, teacher_aligned = align_vocab(student, teacher.logits)
+        per_token = generalized_jsd(student_aligned, teacher_aligned, self._divergence, self.args.temperature)
+        return per_token, student_aligned.argmax(-1) == teacher_aligned.argmax(-1)
+
     # ------------------------------------------------------------------ fused loss
-    def _fused_loss(self, model, fwd, student_mask, labels, teacher_inputs, teacher_mask, gkd_batch, mode: Mode,
-                    normalizer: float, sft_alpha: float, token_advantages=None):
+    def _fused_loss(self, model, fwd, teacher_inputs, inputs, setup: '_LossSetup'):
         """The fused loss on the student's last hidden states; the heads are applied chunk by chunk.
 
         Without ZeRO-3: the student's forward (head bypassed), then the teacher's side, then the loss.
@@ -701,24 +730,22 @@ class GKDPluginTrainer(GKDTrainer):
         """
         student = self.accelerator.unwrap_model(model)
         teacher = None if self.teacher_model is None else self.accelerator.unwrap_model(self.teacher_model)
-        loss_args = dict(labels=labels, mode=mode, normalizer=normalizer, sft_alpha=sft_alpha,
-                         token_advantages=token_advantages)
         if not head_is_sharded(student):
             with head_bypassed(student):
                 outputs = model(**fwd)
             with gathered_heads([teacher]):  # a ZeRO-3 teacher under a replicated student
-                teacher_side = self._fused_teacher_side(model, teacher_inputs, teacher_mask, gkd_batch)
-                loss = self._fused_apply(student, outputs.logits[student_mask], teacher_side, **loss_args)
+                teacher_side = self._fused_teacher_side(model, teacher_inputs, setup.teacher_mask, inputs['gkd_batch'])
+                loss = self._fused_apply(student, outputs.logits[setup.student_mask], teacher_side, setup)
             return loss, outputs
 
         with gathered_heads([student, teacher]):  # reads only: the teacher's top-k or its head
-            teacher_side = self._fused_teacher_side(model, teacher_inputs, teacher_mask, gkd_batch)
+            teacher_side = self._fused_teacher_side(model, teacher_inputs, setup.teacher_mask, inputs['gkd_batch'])
         with gathered_heads([teacher]):
 
             def forward_and_loss(**kwargs):
                 with head_bypassed(student):
                     outputs = original_forward(**kwargs)
-                return self._fused_apply(student, outputs.logits[student_mask], teacher_side, **loss_args), outputs
+                return self._fused_apply(student, outputs.logits[setup.student_mask], teacher_side, setup), outputs
 
             original_forward = student.forward
             patched = student.__dict__.get('forward')  # e.g. accelerate's autocast wrapper
@@ -732,48 +759,48 @@ class GKDPluginTrainer(GKDTrainer):
                     student.forward = patched
         return loss, outputs
 
-    def _fused_teacher_side(self, model, teacher_inputs, teacher_mask, gkd_batch) -> Dict[str, Any]:
-        """The teacher's part of the fused loss's arguments: top-k ids and log-probs, or hidden states and head.
+    def _fused_teacher_side(self, model, teacher_inputs, teacher_mask, gkd_batch) -> Union[TeacherHead, TeacherTopK]:
+        """The teacher's side of the fused loss: its top-k, or its hidden states and head.
 
-        A shared-base teacher's head is the student's own head, left out here (``teacher_head='student'``) and
-        read at the loss, where ZeRO-3 keeps it gathered.
+        A shared-base teacher's head is the student's own head, left out here (``TeacherHead`` without a weight)
+        and read at the loss, where ZeRO-3 keeps it gathered.
         """
         student_vocab = head_rows(self.accelerator.unwrap_model(model))
         if self.use_teacher_api:
             # the teacher's padded output rows: no such token for the student
-            ids, logprobs = drop_ids_outside_vocab(gkd_batch.teacher_topk_indices[teacher_mask],
-                                                   gkd_batch.teacher_topk_logprobs[teacher_mask].float(), student_vocab)
-            return dict(teacher_topk_ids=ids, teacher_topk_logprobs=logprobs)
+            return TeacherTopK(*drop_ids_outside_vocab(gkd_batch.teacher_topk_indices[teacher_mask],
+                                                       gkd_batch.teacher_topk_logprobs[teacher_mask].float(),
+                                                       student_vocab))
         t_hidden, (t_weight, t_bias) = self._teacher_forward(model, teacher_inputs, hidden=True)
         t_hidden = t_hidden[teacher_mask]
         if self.gkd_logits_topk is not None:
-            ids, logprobs = topk_from_hidden(t_hidden, t_weight, t_bias, self.gkd_logits_topk, student_vocab)
-            return dict(teacher_topk_ids=ids, teacher_topk_logprobs=logprobs)
+            return TeacherTopK(*topk_from_hidden(t_hidden, t_weight, t_bias, self.gkd_logits_topk, student_vocab))
         if self._is_self_distillation:
-            return dict(teacher_hidden=t_hidden, teacher_head='student')
-        return dict(teacher_hidden=t_hidden, teacher_weight=t_weight, teacher_bias=t_bias)
+            return TeacherHead(t_hidden)  # the student's head, frozen, read at the loss
+        return TeacherHead(t_hidden, t_weight, t_bias)
 
-    def _fused_apply(self, student, student_hidden, teacher_side, *, labels, mode: Mode, normalizer: float,
-                     sft_alpha: float, token_advantages=None) -> torch.Tensor:
+    def _fused_apply(self, student, student_hidden, teacher_side: Union[TeacherHead, TeacherTopK],
+                     setup: '_LossSetup') -> torch.Tensor:
+        """The fused loss of the student's head on its hidden states against the teacher's side, and its metrics."""
+        labels, token_advantages, normalizer = setup.labels, setup.token_advantages, setup.normalizer
         weight, bias = output_head(student)
-        teacher_side = dict(teacher_side)
-        if teacher_side.pop('teacher_head', None) == 'student':  # frozen for the teacher's side
-            teacher_side.update(teacher_weight=weight.detach(), teacher_bias=None if bias is None else bias.detach())
+        if isinstance(teacher_side, TeacherHead) and teacher_side.uses_student_head:
+            teacher_side = teacher_side.with_head(weight, bias)  # frozen for the teacher's side
         # the label term: the SFT cross-entropy on dataset responses, or the policy-gradient term on the student's
         # samples (advantage-weighted, at the sampling temperature); never both in one step
         label_term = {}
-        if sft_alpha > 0:
-            label_term = dict(labels=labels, sft_alpha=sft_alpha)
+        if setup.sft_alpha > 0:
+            label_term = dict(labels=labels, sft_alpha=setup.sft_alpha)
         elif token_advantages is not None:
             label_term = dict(labels=labels, sft_alpha=self.args.gkd_rl_coef, label_weights=token_advantages,
                               label_temperature=self._sampling_temperature)
-        on_policy = mode is Mode.ON_POLICY
+        on_policy = setup.mode is Mode.ON_POLICY
         loss, stats = fused_linear_jsd(
-            student_hidden, weight, bias, **teacher_side, **label_term, beta=self.args.beta,
+            student_hidden, weight, bias, teacher=teacher_side, **label_term, divergence=self._divergence,
             temperature=self.args.temperature, topk_tail=self.args.gkd_topk_tail, normalizer=normalizer,
             sft_normalizer=normalizer, return_entropy=on_policy)
         n = int(stats['num_tokens'])
-        self._log_loss_metrics(mode, stats['divergence_sum'], n, stats['top1_agree'], n,
+        self._log_loss_metrics(setup.mode, stats['divergence_sum'], n, stats['top1_agree'], n,
                                pg_sum=stats['sft_sum'] if token_advantages is not None else None,
                                entropy_sum=stats['entropy_sum'] if on_policy else None)
         return loss
@@ -784,7 +811,7 @@ class GKDPluginTrainer(GKDTrainer):
         teacher_ids = teacher_ids.clamp(min=0, max=student_logits.shape[-1] - 1)
         student_k = student_logits.gather(-1, teacher_ids)
         teacher_k = teacher_logprobs.masked_fill(uncovered[:, None], 0.0)
-        per_token = generalized_jsd(student_k, teacher_k, self.args.beta, self.args.temperature)
+        per_token = generalized_jsd(student_k, teacher_k, self._divergence, self.args.temperature)
         per_token = per_token.masked_fill(uncovered, 0.0)
         agree = (student_logits.argmax(-1) == teacher_ids.gather(-1, teacher_k.argmax(-1, keepdim=True))[:, 0])
         return per_token, agree[~uncovered]
@@ -812,6 +839,18 @@ class GKDPluginTrainer(GKDTrainer):
         n, n_exact = exact.numel(), int(exact.sum())
         _add_token_sum(metrics['gkd/xtok_exact_fraction'], n_exact, n)
         _add_token_sum(metrics['gkd/xtok_fallback_fraction'], n - n_exact, n)
+
+
+@dataclass(frozen=True)
+class _LossSetup:
+    """What one micro-batch's loss needs beside the models' outputs (both loss implementations)."""
+    student_mask: torch.Tensor  # the student's response positions (shifted labels != IGNORE_INDEX)
+    teacher_mask: torch.Tensor  # the teacher view's response positions
+    labels: torch.Tensor  # the student's labels there: dataset tokens, or its own samples on on-policy steps
+    mode: Mode
+    normalizer: float  # the step's response tokens over the ranks that average gradients
+    sft_alpha: float  # the SFT term's weight on this step (0: none)
+    token_advantages: Optional[torch.Tensor]  # per response token: the policy-gradient term's weights, or None
 
 
 def _add_token_sum(metric, total, n_tokens: int) -> None:

@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 
 from swift_gkd_plugin.core.divergence import LOG_PROB_FLOOR, generalized_jsd, kl_from_log_probs
 from swift_gkd_plugin.core.fused_loss import fused_linear_jsd
+from swift_gkd_plugin.core.teacher_signal import TeacherTopK
 from swift_gkd_plugin.core.tensor_parallel import (vocab_parallel_generalized_jsd, vocab_parallel_log_softmax,
                                                    vocab_parallel_logsumexp, vocab_parallel_topk_jsd)
 
@@ -262,7 +263,7 @@ def fused_topk_reference(student, ids, logprobs, weights, beta, temperature, tai
     values, grad = [], torch.zeros(N, V)
     for r in range(N):
         h = student.float().clone().requires_grad_()
-        loss, _ = fused_linear_jsd(h, eye, teacher_topk_ids=ids, teacher_topk_logprobs=logprobs.float(),
+        loss, _ = fused_linear_jsd(h, eye, teacher=TeacherTopK(ids, logprobs.float()),
                                    mask=torch.arange(N) == r, beta=beta, temperature=temperature, topk_tail=tail,
                                    normalizer=1.0)
         (g, ) = torch.autograd.grad(loss, h)

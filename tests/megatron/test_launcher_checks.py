@@ -69,6 +69,8 @@ GKD = ('--rlhf_type', 'gkd')
      'got 0.0'),
     (('--gkd_sampling_temperature', 'nan'), '--gkd_sampling_temperature must be a finite number, got nan'),
     (('--gkd_skd_top_k', '25'), '--gkd_skd_top_k 25 is supported by swift rlhf only'),
+    (('--gkd_divergence', 'skew_kl', '--gkd_skew_alpha', '-0.5'), '--gkd_skew_alpha must be in [0, 1)'),
+    (('--gkd_divergence', 'skew_rkl', '--beta', '0.2'), '--beta 0.2 applies to --gkd_divergence jsd only'),
 ])
 def test_bad_gkd_flags_are_refused_before_any_rank_starts(flags, needle):
     code, output = megatron_rlhf(*GKD, *flags)

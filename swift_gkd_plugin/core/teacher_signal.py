@@ -1,0 +1,57 @@
+"""What the teacher gives the loss, as one type per kind (modelled on ms-swift's ``TeacherOutput``).
+
+The trainer turns the teacher's side of a micro-batch into one of these, and the loss dispatches on the type:
+no keyword groups to pair up, no sentinel values. All rows are the active (response) positions, ``[N, ...]``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import torch
+
+__all__ = ['CrossTokenizerRows', 'TeacherHead', 'TeacherLogits', 'TeacherSignal', 'TeacherTopK']
+
+
+@dataclass(frozen=True)
+class TeacherLogits:
+    """Full teacher logits ``[N, Vt]`` (the dense loss; a larger or smaller ``Vt`` is aligned as ms-swift does)."""
+    logits: torch.Tensor
+
+
+@dataclass(frozen=True)
+class TeacherTopK:
+    """The teacher's top-k: ids ``[N, k]`` and their full-vocabulary log-probabilities at temperature 1 (``-inf``:
+    an unused slot; a row without a finite one carries no information). Servers and ``--gkd_logits_topk`` give
+    this; the tail bucket (``--gkd_topk_tail``) is a rule of the loss on it (:mod:`.topk`)."""
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+
+
+@dataclass(frozen=True)
+class TeacherHead:
+    """Teacher hidden states ``[N, Ht]`` and the output head that turns them into logits (the fused loss applies it
+    chunk by chunk). ``weight is None``: the student's own head, frozen for the teacher's side (self-distillation on
+    a shared base), read where the loss runs, since under ZeRO-3 it is whole only there."""
+    hidden: torch.Tensor
+    weight: Optional[torch.Tensor] = None
+    bias: Optional[torch.Tensor] = None
+
+    @property
+    def uses_student_head(self) -> bool:
+        return self.weight is None
+
+    def with_head(self, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> 'TeacherHead':
+        """This signal with a head (detached: the teacher's side gets no gradient)."""
+        return TeacherHead(self.hidden, weight.detach(), None if bias is None else bias.detach())
+
+
+@dataclass(frozen=True)
+class CrossTokenizerRows:
+    """A teacher with another tokenizer: its logits over its own tokenization ``[B, St, Vt]`` and, per student
+    response token, the aligned teacher position (``rows``: the adapter's alignment record)."""
+    logits: torch.Tensor
+    rows: Any
+
+
+TeacherSignal = Union[TeacherLogits, TeacherTopK, TeacherHead, CrossTokenizerRows]
