@@ -58,7 +58,7 @@ def _outside(rule: Range):
     if rule.low is not None:
         values.append(rule.low if rule.low_open else rule.low - (1 if rule.integer else rule.low / 2 or 1e-3))
     if rule.high is not None:
-        values.append(rule.high + (1 if rule.integer else 1e-3))
+        values.append(rule.high if rule.high_open else rule.high + (1 if rule.integer else 1e-3))
     values.append(2.5 if rule.integer else float('nan'))
     return values
 
@@ -75,8 +75,8 @@ def test_each_declared_range_refuses_outside_values_naming_flag_value_and_range(
         assert message.startswith(f'--{name} must be ') and f'got {value}' in message
         if not (isinstance(value, float) and math.isnan(value)):
             assert rule.allowed() in message
-    for value in (rule.low, rule.high):  # closed bounds are allowed
-        if value is not None and not (value == rule.low and rule.low_open):
+    for value, is_open in ((rule.low, rule.low_open), (rule.high, rule.high_open)):  # closed bounds are allowed
+        if value is not None and not is_open:
             rule.check(name, int(value) if rule.integer else value)
 
 
