@@ -5,13 +5,14 @@ import re
 import subprocess
 import sys
 
+from dataclasses import fields
 from types import SimpleNamespace
 
 import pytest
 from conftest import OFFLINE_ENV, RL_REWARD_PLUGIN, base_args, run_swift
 
 import swift_gkd_plugin
-from swift_gkd_plugin.flags import FINITE_FLAGS, check_gkd_scalars, check_rl_flags
+from swift_gkd_plugin.flags import FINITE_FLAGS, GKDPluginArgumentsMixin, check_gkd_scalars, check_rl_flags
 
 SWIFT_GKD = os.path.join(os.path.dirname(sys.executable), 'swift-gkd')
 MODEL_LOADED_MARKERS = ('model_parameter_info', 'Loading weights')
@@ -167,10 +168,9 @@ def test_plugin_flags_are_refused_for_other_rlhf_types(tiny_ws, tmp_path):
     assert "['--gkd_loss_impl'] only apply to --rlhf_type gkd" in run.output
 
 
-SCALAR_FLAGS = dict(beta=0.5, lmbda=0.5, temperature=0.9, sft_alpha=0.0, max_completion_length=8, seq_kd=False,
-                    gkd_loss_impl='auto', teacher_server_timeout=120.0, teacher_server_retries=3,
-                    teacher_server_wait=600.0, gkd_logits_topk=None, gkd_topk_tail=False, gkd_rl_coef=0.0,
-                    gkd_cross_tokenizer=None, teacher_template=None)
+# every plugin flag at its default (a new flag joins by itself), ms-swift's checked ones set here
+SCALAR_FLAGS = dict({f.name: f.default for f in fields(GKDPluginArgumentsMixin)}, beta=0.5, lmbda=0.5,
+                    temperature=0.9, sft_alpha=0.0, max_completion_length=8, seq_kd=False, gkd_logits_topk=None)
 
 
 @pytest.mark.parametrize('name', FINITE_FLAGS)

@@ -10,7 +10,15 @@ RANK_SCRIPT = """
 import sys
 import torch
 import torch.distributed as dist
-from swift_gkd_plugin.swift.clean_exit import destroy_process_groups_at_exit
+from swift_gkd_plugin.swift.clean_exit import destroy_process_groups_at_exit, note_training_finished
+
+
+class Finalized:
+    def __del__(self):
+        print('rank finalized by the interpreter', flush=True)
+
+
+FINALIZED = Finalized()  # a module global: its __del__ runs in interpreter finalization
 dist.init_process_group('gloo')
 destroy_process_groups_at_exit()
 destroy_process_groups_at_exit()  # registered once
@@ -19,6 +27,10 @@ dist.all_reduce(t)
 assert t[0] == 2
 if sys.argv[1] == 'fail' and dist.get_rank() == 1:
     raise RuntimeError('rank 1 fails after its last collective')
+if sys.argv[1] == 'trained':
+    import atexit
+    atexit.register(print, 'a later atexit handler ran', flush=True)
+    note_training_finished()
 print('rank', dist.get_rank(), 'done', flush=True)
 """
 
@@ -46,3 +58,18 @@ def test_groups_left_alone_after_an_uncaught_exception(tmp_path):
     assert proc.returncode != 0 and 'rank 1 fails after its last collective' in out
     assert 'rank 1 destroyed its process groups' not in out  # the failing rank leaves them to torchrun
     assert 'swift_gkd_plugin: rank 0 destroyed its process groups before exit' in out, out[-3000:]
+
+
+def test_a_finished_training_skips_interpreter_finalization_with_exit_code_0(tmp_path):
+    """After the trainer's train() returned and the groups are destroyed, each worker leaves through the last atexit
+    handler (registered by the start-up hook) with exit code 0: the other atexit handlers run, finalization (where
+    ranks aborted now and then with SIGABRT after training) does not. Without train() finishing, it runs as before."""
+    proc = run_ranks(tmp_path, 'trained')
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert out.count('a later atexit handler ran') == 2, out[-3000:]
+    assert out.count('destroyed its process groups before exit') == 2, out[-3000:]
+    assert 'rank finalized by the interpreter' not in out, out[-3000:]
+    plain = run_ranks(tmp_path, 'ok')
+    assert plain.returncode == 0
+    assert (plain.stdout + plain.stderr).count('rank finalized by the interpreter') == 2, plain.stdout[-3000:]

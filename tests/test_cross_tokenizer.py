@@ -86,11 +86,14 @@ BAD_FLAGS = [  # (flags, words the error must contain); flag-only checks, no ms-
 
 @pytest.mark.parametrize('flags,needles', BAD_FLAGS, ids=[str(f) for f, _ in BAD_FLAGS])
 def test_bad_flag_combinations_are_named(flags, needles):
-    args = SimpleNamespace(beta=0.5, lmbda=0.0, temperature=0.9, sft_alpha=0.0, max_completion_length=8, seq_kd=False,
-                           gkd_loss_impl='auto', gkd_logits_topk=None, teacher_model_server=None, teacher_adapters=[],
-                           padding_free=False, packing=False, sequence_parallel_size=1, gkd_cross_tokenizer='uld',
-                           teacher_server_timeout=120.0, teacher_server_retries=3, teacher_server_wait=600.0,
-                           gkd_rl_coef=0.0, gkd_topk_tail=False, teacher_template=None)
+    from dataclasses import fields
+
+    from swift_gkd_plugin.flags import GKDPluginArgumentsMixin
+    plugin_defaults = {f.name: f.default for f in fields(GKDPluginArgumentsMixin)}
+    args = SimpleNamespace(**dict(plugin_defaults, beta=0.5, lmbda=0.0, temperature=0.9, sft_alpha=0.0,
+                                  max_completion_length=8, seq_kd=False, gkd_logits_topk=None,
+                                  teacher_model_server=None, teacher_adapters=[], padding_free=False, packing=False,
+                                  sequence_parallel_size=1, gkd_cross_tokenizer='uld'))
     for name, value in flags.items():
         setattr(args, name, value)
     with pytest.raises(ValueError) as info:

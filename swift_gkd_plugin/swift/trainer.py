@@ -42,7 +42,7 @@ from swift_gkd_plugin.core.topk import drop_ids_outside_vocab, topk_of_logits
 from swift_gkd_plugin.core.views import (check_privileged_columns, check_same_response_count, check_views_aligned,
                                          prepare_teacher_view, with_teacher_prompt)
 from swift_gkd_plugin.flags import sampling_temperature
-from swift_gkd_plugin.swift.clean_exit import destroy_process_groups_at_exit
+from swift_gkd_plugin.swift.clean_exit import destroy_process_groups_at_exit, note_training_finished
 from swift_gkd_plugin.swift.cross_tokenizer import CrossTokenizerTeacher
 from swift_gkd_plugin.swift.group_resample import resample_failed_groups
 from swift_gkd_plugin.swift.hidden_states import (fused_fallback_reason, gathered_heads, head_bypassed, head_is_sharded,
@@ -116,6 +116,11 @@ class GKDPluginTrainer(GKDTrainer):
         self._reward_weights = torch.tensor(weights, dtype=torch.float32, device=self.accelerator.device)
         self._advantages = None  # this rank's advantages of the current generation batch (on-policy steps)
         self._completion_columns: Dict[str, list] = {}  # reward columns of the completions log
+
+    def train(self, *args, **kwargs):
+        result = super().train(*args, **kwargs)
+        note_training_finished()  # a clean exit may now skip interpreter finalization (see clean_exit)
+        return result
 
     def _decide_loss_impl(self) -> bool:
         """--gkd_loss_impl: fused wherever it applies; otherwise dense, and the log says why (once)."""

@@ -22,6 +22,7 @@ def run(args) -> Results:
     from transformers import AutoModelForCausalLM
 
     from swift_gkd_plugin.core.fused_loss import fused_linear_jsd
+    from swift_gkd_plugin.core.teacher_signal import TeacherHead
     from swift_gkd_plugin.core.offload import TeacherOffloader
     res = Results('c', 'teacher offload: memory, allocator retries and prefetch overlap against a resident teacher')
     cuda = args.device == 'cuda'
@@ -50,7 +51,7 @@ def run(args) -> Results:
         with ctx as t:
             with torch.no_grad():
                 th = t.model(input_ids=ids).last_hidden_state.flatten(0, 1)
-            loss = fused_linear_jsd(sh, student.lm_head.weight, teacher_hidden=th, teacher_weight=t.lm_head.weight,
+            loss = fused_linear_jsd(sh, student.lm_head.weight, teacher=TeacherHead(th, t.lm_head.weight),
                                     beta=0.5, temperature=1.0)[0]
             loss.backward()
         opt.step()
