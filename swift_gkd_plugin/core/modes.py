@@ -78,11 +78,12 @@ def record_mode(path: str, seed: int, step: int, mode: 'Mode') -> None:
         f.write(json.dumps({'step': step, 'mode': mode.value, 'draw': mode_draw(seed, step)}) + '\n')
 
 
-def sampling_seed(seed: int, step: int, rank: int) -> int:
-    """The seed of rank ``rank``'s sampler at generation step ``step``: a 63-bit integer, distinct per rank.
+def sampling_seed(seed: int, step: int, rank: int, stream: str = 'sampling') -> int:
+    """The seed of rank ``rank``'s sampler at generation step ``step``: a 63-bit integer, distinct per rank (and per
+    ``stream``, for samplers that must not share draws, e.g. SKD's teacher).
 
     With several completions per prompt, the copies of one prompt may sit on different ranks; a common random
     stream would give them the same completion. Seeding from ``(seed, step, rank)`` gives every rank its own stream,
     and a run resumed at step ``k`` samples what the uninterrupted run sampled there.
     """
-    return random.Random(f'swift-gkd-sampling:{int(seed)}:{int(step)}:{int(rank)}').getrandbits(63)
+    return random.Random(f'swift-gkd-{stream}:{int(seed)}:{int(step)}:{int(rank)}').getrandbits(63)

@@ -12,11 +12,12 @@ column. Position ids count the unmasked columns, so a row with holes reads exact
 """
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence
 
 import torch
+
+from .modes import sampling_seed
 
 __all__ = ['Forward', 'SpeculativeResult', 'in_teacher_topk', 'first_rejection', 'speculative_sample',
            'position_ids', 'teacher_seed']
@@ -237,7 +238,7 @@ def _to_width(logits: torch.Tensor, width: int) -> torch.Tensor:
 def teacher_seed(seed: int, step: int, rank: int) -> int:
     """The seed of the teacher's replacement draws on rank ``rank`` at generation step ``step``: every rank its own
     stream, the same after a resume (like :func:`swift_gkd_plugin.core.modes.sampling_seed`, a separate stream)."""
-    return random.Random(f'swift-gkd-skd:{int(seed)}:{int(step)}:{int(rank)}').getrandbits(63)
+    return sampling_seed(seed, step, rank, stream='skd')
 
 
 def _ends(completion: List[int], eos: set, max_new_tokens: int, stop) -> bool:

@@ -30,7 +30,7 @@ from transformers.utils import ContextManagers
 from swift_gkd_plugin.core import Divergence, Mode
 from swift_gkd_plugin.core.constants import IGNORE_INDEX
 from swift_gkd_plugin.core.lora_round_trip import BaseWeightsKeeper
-from swift_gkd_plugin.core.modes import DATA_SOURCES, mode_log_path, step_mode
+from swift_gkd_plugin.core.modes import DATA_SOURCES, mode_log_path, sampling_seed, step_mode
 from swift_gkd_plugin.core.views import prepare_teacher_view
 from swift_gkd_plugin.flags import sampling_temperature
 from swift_gkd_plugin.megatron.generation import generate
@@ -155,7 +155,7 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
                 next_logits, prompts, max_new_tokens=self.args.max_completion_length,
                 eos_token_ids=eos, temperature=sampling_temperature(self.args),
                 top_k=_positive(getattr(self.args, 'top_k', None)), top_p=getattr(self.args, 'top_p', None),
-                seed=_sampling_seed(self.args.seed, self.state.iteration, mpu.get_data_parallel_rank()),
+                seed=sampling_seed(self.args.seed, self.state.iteration, mpu.get_data_parallel_rank()),
                 vocab_size=self._real_vocab, tp_group=mpu.get_tensor_model_parallel_group(),
                 broadcast_group=mpu.get_pipeline_model_parallel_group(),
                 broadcast_src=mpu.get_pipeline_model_parallel_last_rank(),  # each pipeline's last stage decides
@@ -309,9 +309,3 @@ def _stop_token_ids(template) -> List[int]:
 
 def _positive(value) -> Optional[int]:
     return int(value) if value is not None and int(value) > 0 else None
-
-
-def _sampling_seed(seed: int, step: int, dp_rank: int) -> int:
-    """Different on each data-parallel rank (different prompts), identical within a model-parallel group,
-    reproducible on resume."""
-    return (int(seed) * 1_000_003 + int(step) * 1_009 + int(dp_rank)) % (2**63 - 1)
