@@ -11,10 +11,12 @@
 # 观察 gkd/skd_replaced_fraction 逐步下降。
 #
 # --temperature is the loss temperature; --gkd_sampling_temperature the temperature the student (and the teacher's
-# replacements) sample at. SKD needs transformers sampling (--use_vllm false) and a local teacher with the student's
-# tokenizer. Tested on CPU with tiny models only; not yet run on GPUs: start with a few steps.
+# replacements) sample at. SKD needs transformers sampling (--use_vllm false) and a teacher with the student's
+# tokenizer: a local one, as here, or this plugin's teacher server (gkd_skd_teacher_server.sh). Tested on CPU with tiny
+# models only; not yet run on GPUs: start with a few steps.
 # --temperature 是损失的温度；--gkd_sampling_temperature 是学生（及教师替换 token）采样的温度。SKD 需要 transformers
-# 采样（--use_vllm false）和与学生同一分词器的本地教师。仅在 CPU 上用小模型测试过，尚未在 GPU 上运行：请先跑几步。
+# 采样（--use_vllm false）和与学生同一分词器的教师：如此处的本地教师，或本插件的教师服务（gkd_skd_teacher_server.sh）。
+# 仅在 CPU 上用小模型测试过，尚未在 GPU 上运行：请先跑几步。
 set -euo pipefail
 STUDENT=${STUDENT:-Qwen/Qwen2.5-0.5B-Instruct}
 TEACHER=${TEACHER:-Qwen/Qwen2.5-7B-Instruct}

@@ -158,8 +158,8 @@ class GKDPluginArgumentsMixin:
         metadata=FlagMetadata(
             help='Speculative KD on on-policy steps: a token the student samples that is outside the teacher\'s '
             'top-K at its position is replaced by a token sampled from the teacher (the paper uses 25). 0 (default): '
-            'off. Transformers sampling (--use_vllm false) with a local teacher of the student\'s tokenizer. See '
-            'docs_en/skd.md.',
+            'off. Transformers sampling (--use_vllm false) with a teacher of the student\'s tokenizer, local or this '
+            'plugin\'s server (its --topk >= K). See docs_en/skd.md.',
             range=Range(0, integer=True, why='the teacher\'s top-K that accepts a student token; 0 = off')))
 
 
@@ -273,6 +273,12 @@ def sampling_temperature(args) -> float:
     return args.temperature if value is None else value
 
 
+#: Where ``--gkd_skd_top_k`` runs (docs_en/skd.md), for the refusals elsewhere.
+SKD_PLACEMENTS = ('swift rlhf with transformers sampling (--use_vllm false) and a local teacher (--teacher_model, '
+                  'resident or --offload_teacher_model; the LoRA student\'s base; --teacher_adapters) or this '
+                  'plugin\'s teacher server (--teacher_model_server with `swift-gkd serve-teacher`)')
+
+
 def check_sampling_flags(args) -> None:
     """``--gkd_skd_top_k`` (SKD): the set-ups SKD cannot run in (the ranges of both sampling flags are declared)."""
     k = args.gkd_skd_top_k
@@ -283,12 +289,9 @@ def check_sampling_flags(args) -> None:
         raise ValueError(f'{flag} corrects the student\'s samples on on-policy steps, and --lmbda 0 has none: set '
                          '--lmbda > 0 or --gkd_skd_top_k 0')
     if args.use_vllm:
-        raise ValueError(f'{flag} is not supported with --use_vllm true yet (the teacher verifies the student\'s '
-                         'drafts between decoding steps, which vLLM does not expose): pass --use_vllm false '
-                         '(transformers sampling) or --gkd_skd_top_k 0')
-    if args.teacher_model_server is not None:
-        raise ValueError(f'{flag} is not supported with --teacher_model_server yet: the teacher verifies the '
-                         'student\'s drafts locally; pass a local --teacher_model or --gkd_skd_top_k 0')
+        raise ValueError(f'{flag} is not supported with --use_vllm true: the teacher verifies the student\'s drafts '
+                         'between decoding steps, which vLLM does not expose. SKD runs in ' + SKD_PLACEMENTS +
+                         f'; pass --use_vllm false or --gkd_skd_top_k 0')
     if args.gkd_cross_tokenizer is not None:
         raise ValueError(f'{flag} cannot be combined with --gkd_cross_tokenizer {args.gkd_cross_tokenizer}: the '
                          'teacher replaces student tokens, so both must share one tokenizer')

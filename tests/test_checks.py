@@ -207,3 +207,27 @@ def test_ms_swifts_arguments_leave_num_generations_to_the_resolver():
     args = SimpleNamespace(rlhf_type='gkd', num_generations=4)
     resolve_num_generations(args, 8)
     assert args.num_generations == 4
+
+
+# ---------------------------------------------------------------------------------------------------- SKD's placements
+@pytest.mark.parametrize('where', ['vllm', 'megatron'])
+def test_skd_is_refused_where_it_cannot_run_naming_the_flag_the_value_and_where_it_runs(where):
+    """``--gkd_skd_top_k`` with vLLM sampling (swift rlhf) or in megatron rlhf: refused by the flag checks (before any
+    model loads), naming the flag, its value, why, and every placement where SKD runs (one sentence, SKD_PLACEMENTS,
+    also the docs' table)."""
+    from swift_gkd_plugin.flags import SKD_PLACEMENTS, check_sampling_flags
+    from swift_gkd_plugin.megatron.checks import check_megatron_command_line
+    with pytest.raises(ValueError) as refused:
+        if where == 'vllm':
+            check_sampling_flags(good(gkd_skd_top_k=7, use_vllm=True, teacher_model_server=None,
+                                      gkd_cross_tokenizer=None, repetition_penalty=1.0, sequence_parallel_size=1))
+        else:
+            check_megatron_command_line(['--rlhf_type', 'gkd', '--gkd_skd_top_k', '7'])
+    message = str(refused.value)
+    assert message.startswith('--gkd_skd_top_k 7 is supported by swift rlhf only: megatron rlhf samples' if
+                              where == 'megatron' else '--gkd_skd_top_k 7 is not supported with --use_vllm true: ')
+    assert f'SKD runs in {SKD_PLACEMENTS}; pass ' in message and message.endswith('--gkd_skd_top_k 0' + (
+        ' here' if where == 'megatron' else ''))
+    for placement in ('--use_vllm false', '--teacher_model', '--offload_teacher_model', '--teacher_adapters',
+                      '--teacher_model_server with `swift-gkd serve-teacher`'):
+        assert placement in SKD_PLACEMENTS

@@ -230,3 +230,17 @@ def test_custom_reward_of_the_rl_docs_works(page, tmp_path):
                sampled('no idea', solution='unknown')]
     scores = compute_rewards_per_func(samples, [orms['last_number']()], None, device=torch.device('cpu'))
     assert scores[:2, 0].tolist() == [1.0, 0.0] and torch.isnan(scores[2, 0]), scores
+
+
+def test_skd_server_example_serves_a_topk_that_covers_k(tmp_path):
+    """The SKD-with-a-server example: its server's --topk covers --gkd_skd_top_k and --gkd_logits_topk (the run would
+    be refused before loading otherwise), with transformers sampling and the server as the only teacher."""
+    commands = record_commands(os.path.join(EXAMPLES, 'gkd_skd_teacher_server.sh'), tmp_path)
+    server, trainer = commands['swift-gkd'], commands['swift']
+
+    def flag(argv, name):
+        return argv[argv.index(f'--{name}') + 1]
+
+    assert int(flag(server, 'topk')) >= max(int(flag(trainer, 'gkd_skd_top_k')), int(flag(trainer, 'gkd_logits_topk')))
+    assert flag(trainer, 'use_vllm') == 'false' and '--teacher_model' not in trainer
+    assert flag(trainer, 'teacher_model_server').endswith(f':{flag(server, "port")}')

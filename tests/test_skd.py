@@ -126,9 +126,11 @@ SAMPLING_FLAGS = dict(lmbda=0.5, temperature=0.9, gkd_sampling_temperature=None,
     ({'gkd_skd_top_k': -1}, '--gkd_skd_top_k must be an integer >= 0'),
     ({'gkd_skd_top_k': 25, 'lmbda': 0}, '--gkd_skd_top_k 25 corrects the student\'s samples on on-policy steps, and '
      '--lmbda 0 has none'),
-    ({'gkd_skd_top_k': 25, 'use_vllm': True}, '--gkd_skd_top_k 25 is not supported with --use_vllm true yet'),
-    ({'gkd_skd_top_k': 25, 'teacher_model_server': 'http://x:1'}, '--gkd_skd_top_k 25 is not supported with '
-     '--teacher_model_server yet'),
+    ({'gkd_skd_top_k': 25, 'use_vllm': True}, '--gkd_skd_top_k 25 is not supported with --use_vllm true: the '
+     'teacher verifies the student\'s drafts between decoding steps, which vLLM does not expose. SKD runs in swift '
+     'rlhf with transformers sampling (--use_vllm false) and a local teacher (--teacher_model, resident or '
+     '--offload_teacher_model; the LoRA student\'s base; --teacher_adapters) or this plugin\'s teacher server '
+     '(--teacher_model_server with `swift-gkd serve-teacher`); pass --use_vllm false or --gkd_skd_top_k 0'),
     ({'gkd_skd_top_k': 25, 'gkd_cross_tokenizer': 'uld'}, '--gkd_skd_top_k 25 cannot be combined with '
      '--gkd_cross_tokenizer uld'),
     ({'gkd_skd_top_k': 25, 'repetition_penalty': 1.1}, '--repetition_penalty 1.1'),
@@ -143,6 +145,8 @@ def test_sampling_flag_checks(changes, message):
 
     check(SimpleNamespace(**SAMPLING_FLAGS))  # the defaults pass
     check(SimpleNamespace(**dict(SAMPLING_FLAGS, gkd_skd_top_k=25, gkd_sampling_temperature=0.5)))
+    # a teacher server verifies too (which server: asked before loading, tests/server/test_skd_server.py)
+    check(SimpleNamespace(**dict(SAMPLING_FLAGS, gkd_skd_top_k=25, teacher_model_server='http://x:1')))
     with pytest.raises(ValueError, match=re.escape(message)):
         check(SimpleNamespace(**dict(SAMPLING_FLAGS, **changes)))
 
@@ -155,7 +159,8 @@ def test_sampling_temperature_defaults_to_temperature():
 @pytest.mark.parametrize('flags,needles', [
     ({'gkd_sampling_temperature': 0}, ['--gkd_sampling_temperature must be > 0']),
     ({'gkd_skd_top_k': 4, 'use_vllm': 'true', 'vllm_mode': 'colocate'},
-     ['--gkd_skd_top_k 4 is not supported with --use_vllm true', '--use_vllm false']),
+     ['--gkd_skd_top_k 4 is not supported with --use_vllm true', '--use_vllm false', 'SKD runs in swift rlhf with '
+      'transformers sampling']),
     ({'gkd_skd_top_k': 4, 'teacher_model': None, 'teacher_model_type': None},
      ['--gkd_skd_top_k 4 needs a teacher to correct the student', '--teacher_model']),
 ], ids=['temperature', 'vllm', 'no_teacher'])
@@ -182,3 +187,15 @@ def test_skd_combines_with_several_samples_and_rewards(runs):
         assert 0 < row['gkd/skd_replaced_fraction'] <= 1
         for key in ('gkd/pg_loss', 'gkd/reward', 'gkd/distill_loss'):
             assert key in row, sorted(row)
+
+
+def test_skd_with_several_teacher_servers_is_refused_before_asking_them():
+    """Tag-routed teacher servers cannot verify one draft batch: refused by name (no server is asked; the servers that
+    can or cannot verify are in tests/server/test_skd_server.py)."""
+    from swift_gkd_plugin.swift.teacher_server import check_skd_teacher_server
+    servers = '[{"url": "http://127.0.0.1:9", "tags": ["a"]}, {"url": "http://127.0.0.1:10", "tags": ["b"]}]'
+    args = SimpleNamespace(gkd_skd_top_k=5, teacher_model_server=servers)
+    with pytest.raises(ValueError, match=re.escape('--gkd_skd_top_k 5 verifies the student\'s drafts on one teacher '
+                                                   'server; --teacher_model_server names 2 (routed by tags)')):
+        check_skd_teacher_server(args)
+    check_skd_teacher_server(SimpleNamespace(gkd_skd_top_k=0, teacher_model_server=servers))  # SKD off: nothing asked

@@ -9,23 +9,31 @@ Pure PyTorch. The models are callbacks that keep their own KV caches (:data:`For
 ``[B, W]`` batch that only grows to the right: rows keep their left padding, a cut turns the rejected draft tokens
 into masked columns ("holes", attention mask 0, ignored by both caches) and the teacher's replacement goes into a new
 column. Position ids count the unmasked columns, so a row with holes reads exactly like its compacted sequence.
+A teacher that only returns its top-k log-probabilities for whole sequences (a teacher server) verifies through
+:func:`scored_forward`, which turns its answers into logits of this layout (:func:`topk_logits`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
 from .modes import sampling_seed
 
-__all__ = ['Forward', 'SpeculativeResult', 'in_teacher_topk', 'first_rejection', 'speculative_sample',
-           'position_ids', 'teacher_seed']
+__all__ = ['Forward', 'TopKScorer', 'SpeculativeResult', 'in_teacher_topk', 'first_rejection', 'speculative_sample',
+           'position_ids', 'teacher_seed', 'topk_logits', 'scored_forward']
 
 #: ``forward(input_ids [B, n], attention_mask [B, W], position_ids [B, n]) -> logits [B, n, V]``: the model's logits
 #: for the ``n`` newest columns of the batch, given the mask of all ``W`` columns. Called with consecutive column
 #: ranges, each column once: the callback appends them to its own KV cache.
 Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+#: ``score([(input_ids, positions), ...]) -> [(ids [n, k], logprobs [n, k]), ...]``: a teacher's ``k`` most likely
+#: tokens and their log-probabilities at the given positions of each sequence (position ``p`` predicts token ``p + 1``),
+#: one forward per sequence, nothing kept between calls: a teacher server's ``/v1/topk``.
+TopKScorer = Callable[[List[Tuple[List[int], List[int]]]], List[Tuple[torch.Tensor, torch.Tensor]]]
 
 
 def in_teacher_topk(teacher_logits: torch.Tensor, tokens: torch.Tensor, k: int) -> torch.Tensor:
@@ -226,6 +234,54 @@ def speculative_sample(student: Forward,
             completions[row].extend(kept)
             finished[row] = _ends(completions[row], eos_set, max_new_tokens, stop)
     return result
+
+
+def topk_logits(ids: torch.Tensor, logprobs: torch.Tensor, vocab: int) -> torch.Tensor:
+    """A teacher's top-k (``ids``, ``logprobs`` ``[..., k]``) as logits ``[..., vocab]``: its log-probabilities at
+    their ids, ``-inf`` elsewhere (ids ``>= vocab`` dropped).
+
+    What the sampler does with them is then the top-k truncation of the teacher's distribution: the acceptance rule
+    with ``K <= k`` is the rule on the full logits (the ranking is the same; a tie at the k-th value may be cut by the
+    teacher), and ``softmax(logits / T)`` is the teacher's distribution at temperature ``T`` restricted to its top-k
+    and renormalised, ``p_i^(1/T) / sum_{j in top-k} p_j^(1/T)``.
+    """
+    ids = ids.long()
+    width = max(vocab, int(ids.max()) + 1) if ids.numel() else vocab
+    out = torch.full((*ids.shape[:-1], width), float('-inf'), dtype=torch.float32, device=ids.device)
+    return out.scatter(-1, ids, logprobs.float())[..., :vocab]
+
+
+def scored_forward(score: TopKScorer, vocab: int, first_column: int) -> Forward:
+    """A :data:`Forward` on a teacher that scores whole sequences and returns its top-k (``score``, no KV cache).
+
+    It keeps the columns it was fed; at each call it sends every row's unmasked columns (the row's compacted
+    sequence) with the positions of its new unmasked columns from ``first_column`` on, and returns
+    :func:`topk_logits` there. ``first_column`` is the prompt's last column (the sampler reads the logits of the last
+    prompt column and of the drafted ones): the rows of columns before it, and of masked columns, are zeros, never
+    read. One ``score`` call per teacher forward, with the rows that have new columns.
+    """
+    state = {'ids': None}
+
+    def call(new_ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        seen = 0 if state['ids'] is None else state['ids'].shape[1]
+        ids = new_ids if state['ids'] is None else torch.cat([state['ids'], new_ids], 1)
+        state['ids'] = ids
+        out = torch.zeros(new_ids.shape[0], new_ids.shape[1], vocab)
+        start, full_pos = max(seen, first_column), position_ids(mask)
+        asked, places = [], []
+        for row in range(ids.shape[0]):
+            keep = mask[row].bool()
+            columns = keep[start:].nonzero().flatten() + start
+            if columns.numel():
+                asked.append((ids[row][keep].tolist(), full_pos[row, columns].tolist()))
+                places.append((row, columns - seen))
+        if asked:
+            for (row, columns), (top_ids, top_logprobs) in zip(places, score(asked)):
+                out[row, columns.to(out.device)] = topk_logits(top_ids.to(out.device), top_logprobs.to(out.device),
+                                                               vocab)
+        return out
+
+    return call
 
 
 def _to_width(logits: torch.Tensor, width: int) -> torch.Tensor:

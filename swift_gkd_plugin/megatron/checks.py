@@ -16,8 +16,9 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import List, Optional, Sequence
 
-from swift_gkd_plugin.flags import (GKD_LOSS_IMPLS, SCALAR_FLAGS, GKDPluginArgumentsMixin, check_gkd_scalars,
-                                    check_multi_turn_flags, check_teacher_server_flags, plugin_flags_in)
+from swift_gkd_plugin.flags import (GKD_LOSS_IMPLS, SCALAR_FLAGS, SKD_PLACEMENTS, GKDPluginArgumentsMixin,
+                                    check_gkd_scalars, check_multi_turn_flags, check_teacher_server_flags,
+                                    plugin_flags_in)
 
 #: ``--gkd_loss_impl`` values of megatron rlhf: the fused loss on hidden states is for swift rlhf only
 MEGATRON_LOSS_IMPLS = tuple(impl for impl in GKD_LOSS_IMPLS if impl != 'fused')
@@ -55,8 +56,10 @@ def check_megatron_gkd(args) -> None:
                          'vocabulary-parallel logit shards of one shared vocabulary. Distil across tokenizers with '
                          'swift rlhf --rlhf_type gkd (docs_en/cross_tokenizer.md)')
     if args.gkd_skd_top_k:
-        raise ValueError(f'--gkd_skd_top_k {args.gkd_skd_top_k} is supported by swift rlhf only (transformers '
-                         'sampling, --use_vllm false); megatron rlhf samples without SKD: pass --gkd_skd_top_k 0')
+        raise ValueError(f'--gkd_skd_top_k {args.gkd_skd_top_k} is supported by swift rlhf only: megatron rlhf '
+                         'samples with vLLM or with its own tensor-parallel sampler, and neither has SKD\'s step where '
+                         f'the teacher verifies the student\'s drafts. SKD runs in {SKD_PLACEMENTS}; pass '
+                         '--gkd_skd_top_k 0 here')
     check_gkd_scalars(_scalar_view(args))
     check_teacher_server_flags(args)
     check_multi_turn_flags(args)

@@ -23,6 +23,7 @@ from swift_gkd_plugin.flags import (GKDPluginArgumentsMixin, check_gkd_scalars, 
                                     ignored_flag_warnings, resolve_num_generations, sampling_temperature)
 from swift_gkd_plugin.swift.checkpoints import check_resume_checkpoint
 from swift_gkd_plugin.swift.datasets_check import check_local_jsonl_datasets
+from swift_gkd_plugin.swift.teacher_server import check_skd_teacher_server
 
 logger = get_logger()
 
@@ -315,6 +316,7 @@ def check_gkd_arguments(args) -> None:
     check_skd_teacher(args)
     check_local_jsonl_datasets(args)
     check_resume_checkpoint(args)
+    check_skd_teacher_server(args)  # last: it waits for the server
 
 
 def check_flags_only(args) -> None:

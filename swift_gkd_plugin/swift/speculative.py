@@ -3,6 +3,7 @@
 Only the decoding loop changes: prompts are encoded, batched, processed (temperature, top-k/p, suppressed tokens),
 stopped (EOS, template stop words, max tokens) and decoded by ms-swift's engine and transformers' ``generate``, which
 hands the loop to ``custom_generate``; so with nothing replaced the samples are the plain engine's, draw for draw.
+The teacher verifies locally (:func:`cached_forward`) or on this plugin's teacher server (:func:`server_teacher`).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from swift.infer_engine import TransformersEngine
 from swift.template.utils import StopWordsCriteria
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from swift_gkd_plugin.core.speculative import Forward, SpeculativeResult, speculative_sample
+from swift_gkd_plugin.core.speculative import Forward, SpeculativeResult, scored_forward, speculative_sample
 
 
 class SpeculativeEngine(TransformersEngine):
@@ -44,6 +45,33 @@ def cached_forward(model, context: Optional[Callable] = None) -> Forward:
     return call
 
 
+def server_teacher(client, top_k: int) -> Callable[[torch.nn.Module, int], Forward]:
+    """SKD's teacher on this plugin's teacher server: ``(student, prompt width) ->`` a :data:`Forward` that asks
+    ``client`` (a :class:`~swift_gkd_plugin.server.TeacherClient`) for the server's top-k at the draft positions
+    (``POST /v1/topk``, the server's own k, one request per verification; :func:`scored_forward`).
+
+    A drafted token is accepted when it is among the returned top-``top_k``, a replacement is drawn from the returned
+    top-k renormalised at the sampling temperature (the top-k truncation of the teacher's distribution). An answer
+    with fewer than ``top_k`` tokens (a server restarted with a smaller --topk) is refused: it would accept tokens the
+    teacher ranks lower.
+    """
+
+    def make(model, prompt_width: int) -> Forward:
+        vocab = model.get_output_embeddings().weight.shape[0]  # the student's logits (a padded head included)
+
+        def score(asked):
+            results = client.topk_at(asked, topk=None)
+            served = results[0].ids.shape[-1] if results else top_k
+            if served < top_k and served < (client.vocab_size or vocab):
+                raise ValueError(f'--gkd_skd_top_k {top_k}: the teacher server {client.url} answered with its top-'
+                                 f'{served} only; restart it with --topk >= {top_k}')
+            return [(r.ids, r.logprobs) for r in results]
+
+        return scored_forward(score, vocab, first_column=prompt_width - 1)
+
+    return make
+
+
 def stop_words_check(stopping_criteria) -> Callable[[List[int]], bool]:
     """The template's stop words (ms-swift's ``StopWordsCriteria``) as a test on one completion."""
     criteria = [c for c in stopping_criteria if isinstance(c, StopWordsCriteria)]
@@ -61,9 +89,10 @@ def stop_words_check(stopping_criteria) -> Callable[[List[int]], bool]:
     return stop
 
 
-def skd_decoding(teacher: Callable[[torch.nn.Module], Forward], *, top_k: int, temperature: float,
+def skd_decoding(teacher: Callable[[torch.nn.Module, int], Forward], *, top_k: int, temperature: float,
                  generator: torch.Generator, on_result: Callable[[SpeculativeResult], None]) -> Callable:
-    """A ``custom_generate`` callable for transformers' ``generate``: SKD with ``teacher(student_model)`` verifying.
+    """A ``custom_generate`` callable for transformers' ``generate``: SKD with ``teacher(student_model, prompt
+    width)`` verifying.
 
     The student's draws go through transformers' own logits processors and ``torch.multinomial`` on the global
     random stream, as ``generate``'s sampling loop does; the teacher's replacements come from ``generator`` at
@@ -87,7 +116,7 @@ def skd_decoding(teacher: Callable[[torch.nn.Module], Forward], *, top_k: int, t
         max_new = generation_config.max_new_tokens or generation_config.max_length - input_ids.shape[1]
         pad = generation_config.pad_token_id if generation_config.pad_token_id is not None else (eos or [0])[0]
         suppressed = list(generation_config.suppress_tokens or [])
-        teacher_forward = teacher(model)
+        teacher_forward = teacher(model, input_ids.shape[1])
         mask = model_kwargs.get('attention_mask')
         mask = torch.ones_like(input_ids) if mask is None else mask
 

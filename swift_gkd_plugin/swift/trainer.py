@@ -51,7 +51,7 @@ from swift_gkd_plugin.swift.media_tokens import cut_at_media_placeholders, suppr
 from swift_gkd_plugin.swift.peft_utils import TEACHER_ADAPTER, active_adapter, eval_mode, load_frozen_adapter
 from swift_gkd_plugin.swift.rewards import global_advantages, load_reward_funcs, score_completions
 from swift_gkd_plugin.swift.run_guards import install_run_guards
-from swift_gkd_plugin.swift.speculative import SpeculativeEngine, cached_forward, skd_decoding
+from swift_gkd_plugin.swift.speculative import SpeculativeEngine, cached_forward, server_teacher, skd_decoding
 from swift_gkd_plugin.swift.teacher_server import (attach_trainer_token_ids, connect_teacher_servers,
                                                     infer_prompt_logprobs)
 
@@ -432,11 +432,14 @@ class GKDPluginTrainer(GKDTrainer):
         with ExitStack() as stack:
             stack.callback(self.model.train, self.model.training)  # the engine calls eval() on the student
             unwrapped = self._student_for_generation(stack)
-            if self.teacher_model is None:  # the student's base, adapter off (or the teacher adapter on)
-                teacher = lambda model: cached_forward(model, lambda: self._teacher_view_of_student(unwrapped))  # noqa
+            if self.use_teacher_api:  # this plugin's teacher server (checked before loading: /v1/topk, k >= K)
+                teacher = server_teacher(self.teacher_clients[0], self.args.gkd_skd_top_k)
+            elif self.teacher_model is None:  # the student's base, adapter off (or the teacher adapter on)
+                view = lambda: self._teacher_view_of_student(unwrapped)  # noqa: E731
+                teacher = lambda model, _: cached_forward(model, view)  # noqa: E731
             else:
                 teacher_model = self._teacher_for_generation(stack)
-                teacher = lambda model: cached_forward(teacher_model)  # noqa: E731
+                teacher = lambda model, _: cached_forward(teacher_model)  # noqa: E731
             decode = skd_decoding(teacher, top_k=self.args.gkd_skd_top_k, temperature=self._sampling_temperature,
                                   generator=generator, on_result=results.append)
             engine = self._sampling_engine(unwrapped, decode=decode)

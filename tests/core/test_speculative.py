@@ -7,7 +7,8 @@ acceptance and cut logic.
 import pytest
 import torch
 
-from swift_gkd_plugin.core.speculative import first_rejection, in_teacher_topk, position_ids, speculative_sample
+from swift_gkd_plugin.core.speculative import (first_rejection, in_teacher_topk, position_ids, scored_forward,
+                                               speculative_sample, topk_logits)
 
 V, EOS, PAD = 11, 10, 0
 
@@ -88,9 +89,10 @@ def teacher_sampling(model, prompts, temperature, generator, max_new):
 
 
 def run_skd(student, teacher, *, top_k=3, max_new=12, draft_len=4, accept=None, seed=0, teacher_seed=1,
-            temperature=1.0, stop=None, prompts=PROMPTS):
+            temperature=1.0, stop=None, prompts=PROMPTS, teacher_forward=None):
     ids, mask = left_padded(prompts)
-    return speculative_sample(student.forward(), teacher.forward(), ids, mask, top_k=top_k, max_new_tokens=max_new,
+    teacher_forward = teacher_forward or teacher.forward()
+    return speculative_sample(student.forward(), teacher_forward, ids, mask, top_k=top_k, max_new_tokens=max_new,
                               eos_token_ids=[EOS], pad_token_id=PAD, sample_student=student_sampler(seed),
                               teacher_temperature=temperature, generator=torch.Generator().manual_seed(teacher_seed),
                               draft_len=draft_len, accept=accept, stop=stop)
@@ -207,3 +209,100 @@ def test_bad_arguments():
         run_skd(student, teacher, draft_len=0)
     with pytest.raises(ValueError, match='teacher_temperature'):
         run_skd(student, teacher, temperature=0.0)
+
+
+def test_topk_logits_is_the_truncated_teacher_distribution():
+    """From the definition, in float64: with the top-k as logits the acceptance rule (K <= k) is the rule on the full
+    logits, and softmax at temperature T is p_i^(1/T) / sum_{j in top-k} p_j^(1/T) on the top-k, 0 elsewhere (values
+    and gradients); ids beyond the vocabulary are dropped."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(40, 30, generator=g, dtype=torch.float64) * 3
+    tokens = torch.randint(0, 30, (40, ), generator=g)
+    k = 7
+    top = torch.log_softmax(logits, -1).topk(k, -1)
+    lp = top.values.float().requires_grad_(True)
+    x = topk_logits(top.indices, lp, 30)
+    for K in (1, 3, k):
+        assert torch.equal(in_teacher_topk(x, tokens, K), in_teacher_topk(logits, tokens, K))
+    weights = torch.randn(40, 30, generator=g, dtype=torch.float64)
+    for T in (0.5, 1.0, 2.0):
+        p = torch.softmax(logits, -1)
+        lp64 = top.values.clone().requires_grad_(True)
+        powered = torch.zeros_like(p).scatter(-1, top.indices, lp64.exp() ** (1 / T))  # p_i^(1/T) on the top-k
+        want = powered / powered.sum(-1, keepdim=True)
+        assert torch.allclose(want.gather(-1, top.indices), p.gather(-1, top.indices) ** (1 / T) /
+                              (p.gather(-1, top.indices) ** (1 / T)).sum(-1, keepdim=True))
+        got = torch.softmax(topk_logits(top.indices, lp, 30) / T, -1)
+        assert torch.allclose(got.double(), want, atol=1e-6, rtol=0)
+        assert bool((got == 0).sum(-1).eq(30 - k).all())
+        (grad,) = torch.autograd.grad((got.double() * weights).sum(), lp)
+        (grad64,) = torch.autograd.grad((want * weights).sum(), lp64)
+        assert torch.allclose(grad.double(), grad64, atol=1e-5, rtol=0)
+    # a padded teacher head: ids beyond the student's vocabulary are cut, the others kept
+    x = topk_logits(torch.tensor([[31, 2, 40]]), torch.tensor([[-0.1, -1.0, -2.0]]), 30)
+    assert x.shape == (1, 30) and x[0, 2] == -1.0 and torch.isinf(x).sum() == 29
+
+
+def toy_scorer(model, k, calls):
+    """A stateless top-k scorer on a toy teacher (one from-scratch pass per sequence), recording what it is asked."""
+
+    def score(asked):
+        calls.append(asked)
+        out = []
+        for ids, positions in asked:
+            logits = torch.stack([model.next_logits(ids[:p + 1]) for p in positions])
+            top = torch.log_softmax(logits.double(), -1).float().topk(k, -1)
+            out.append((top.indices, top.values))
+        return out
+
+    return score
+
+
+def test_a_topk_scorer_covering_the_vocabulary_verifies_as_the_full_teacher():
+    """A stateless scorer that returns the whole vocabulary (k = V): the same completions, counts and rounds as the
+    teacher's own forward, for several K and temperatures; it is asked for the last prompt column and the drafted
+    columns only, once per teacher forward."""
+    student, teacher = ToyLM(3, eos_bias=0.5), ToyLM(4, eos_bias=0.5)
+    for K, T in ((1, 1.0), (3, 0.7), (5, 1.3)):
+        want = run_skd(student, teacher, top_k=K, temperature=T, max_new=20, draft_len=4)
+        calls = []
+        got = run_skd(student, teacher, top_k=K, temperature=T, max_new=20, draft_len=4,
+                      teacher_forward=scored_forward(toy_scorer(teacher, V, calls), V, first_column=2))
+        assert got == want
+        assert 0 < got.replaced < got.proposed
+        assert len(calls) == got.teacher_forwards
+        first = calls[0]
+        for (ids, positions), prompt in zip(first, PROMPTS):
+            assert positions[0] == len(prompt) - 1 and ids[:len(prompt)] == prompt
+
+
+class TruncatedLM(ToyLM):
+    """A toy teacher whose logits are its log-probabilities on its top-k and -inf elsewhere (its top-k truncation)."""
+
+    def __init__(self, model, k):
+        self.model, self.k = model, k
+
+    def next_logits(self, history):
+        top = torch.log_softmax(self.model.next_logits(history).double(), -1).float().topk(self.k, -1)
+        return topk_logits(top.indices, top.values, V)
+
+
+def test_a_topk_scorer_is_the_top_k_truncation_of_the_teacher():
+    """k < V (K <= k): SKD through the scorer is SKD with the teacher's top-k truncation as the teacher (the same
+    completions and counts), so every drafted token is judged as by the full teacher (the rule on the top-k is the rule
+    on the full logits, test above) and every replacement is drawn from the top-k renormalised: every token of the
+    completions is in the teacher's top-k given its prefix, and those outside its top-K were replaced."""
+    student, teacher = ToyLM(3, eos_bias=0.5), ToyLM(4, eos_bias=0.5)
+    K, k = 2, 4
+    for T in (0.6, 1.0):
+        got = run_skd(student, teacher, top_k=K, max_new=20, draft_len=4, temperature=T,
+                      teacher_forward=scored_forward(toy_scorer(teacher, k, []), V, first_column=2))
+        assert got == run_skd(student, TruncatedLM(teacher, k), top_k=K, max_new=20, draft_len=4, temperature=T)
+        assert 0 < got.replaced < got.proposed
+        outside_K = 0
+        for prompt, completion in zip(PROMPTS, got.completions):
+            for i, token in enumerate(completion):
+                logits = teacher.next_logits(prompt + completion[:i])[None]
+                assert in_teacher_topk(logits, torch.tensor([token]), k)[0]
+                outside_K += int(not in_teacher_topk(logits, torch.tensor([token]), K)[0])
+        assert outside_K <= got.replaced

@@ -68,7 +68,12 @@ GKD = ('--rlhf_type', 'gkd')
     (('--gkd_sampling_temperature', '0'), '--gkd_sampling_temperature must be > 0 (or unset for --temperature), '
      'got 0.0'),
     (('--gkd_sampling_temperature', 'nan'), '--gkd_sampling_temperature must be a finite number, got nan'),
-    (('--gkd_skd_top_k', '25'), '--gkd_skd_top_k 25 is supported by swift rlhf only'),
+    (('--gkd_skd_top_k', '25'), '--gkd_skd_top_k 25 is supported by swift rlhf only: megatron rlhf samples with '
+     'vLLM or with its own tensor-parallel sampler, and neither has SKD\'s step where the teacher verifies the '
+     'student\'s drafts. SKD runs in swift rlhf with transformers sampling (--use_vllm false) and a local teacher '
+     '(--teacher_model, resident or --offload_teacher_model; the LoRA student\'s base; --teacher_adapters) or this '
+     'plugin\'s teacher server (--teacher_model_server with `swift-gkd serve-teacher`); pass --gkd_skd_top_k 0 '
+     'here'),
     (('--gkd_divergence', 'skew_kl', '--gkd_skew_alpha', '-0.5'), '--gkd_skew_alpha must be in [0, 1)'),
     (('--gkd_divergence', 'skew_rkl', '--beta', '0.2'), '--beta 0.2 applies to --gkd_divergence jsd only'),
 ])
