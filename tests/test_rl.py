@@ -130,12 +130,13 @@ def test_a_sampler_that_is_the_policy_gets_weights_of_one(tiny_ws, solution_data
 def mismatched_runs(tiny_ws, solution_dataset, tmp_path_factory):
     """A sampler that is not the policy: --repetition_penalty 3 lowers what the transformers engine gives the tokens
     already in the sequence, prompt included (the policy has no penalty), over the whole vocabulary (--top_k 448):
-    penalised tokens that are sampled have pi / mu > 1, the others slightly < 1. Truncated at C = 1 (the lowest
-    allowed: every ratio above 1 is cut), with both loss implementations; and the same samples measured without a
+    penalised tokens that are sampled have pi / mu > 1, the others slightly < 1. Per sequence (the geometric mean of
+    its ratios, the mode that needs each token's row) truncated at C = 1 (the lowest allowed: every ratio above 1 is
+    cut), with both loss implementations; and the same samples measured without a
     correction (--log_rollout_offpolicy_metrics true)."""
     root = tmp_path_factory.mktemp('mismatched')
     runs = {}
-    for name, impl, mode in (('fused', 'fused', 'token_truncate'), ('dense', 'dense', 'token_truncate'),
+    for name, impl, mode in (('fused', 'fused', 'sequence_truncate'), ('dense', 'dense', 'sequence_truncate'),
                              ('none', 'fused', None)):
         measure = 'true' if mode is None else None
         log = str(root / f'rewards_{name}.jsonl')
@@ -151,8 +152,8 @@ def mismatched_runs(tiny_ws, solution_dataset, tmp_path_factory):
 
 
 def test_a_mismatched_sampler_is_corrected_by_truncated_weights(mismatched_runs):
-    """The weights depart from 1 and some truncate at C; the policy-gradient term is the weighted one (it differs
-    from the uncorrected run on the same samples), equal in the fused and the dense loss."""
+    """The weights depart from 1 and some sequences truncate at C; the policy-gradient term is the weighted one (it
+    differs from the uncorrected run on the same samples), equal in the fused and the dense loss."""
     fused, dense, none = mismatched_runs['fused'], mismatched_runs['dense'], mismatched_runs['none']
     assert _reward_calls(fused.reward_log) == _reward_calls(dense.reward_log) == _reward_calls(none.reward_log)
     assert 'no sampler/policy mismatch correction' in none.output
