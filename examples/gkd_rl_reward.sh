@@ -16,6 +16,11 @@
 # 采样。c = 0.1 对应 003 的 `rl_loss_coef 0.1, distill_loss_coef 1.0`（GKD 论文：alpha = 1 / (1 + c)）；未调参：
 # 若 gkd/reward 不动，请调大。
 #
+# vLLM samples in bf16 with its own kernels: --rollout_importance_sampling_mode token_truncate weights each token's term
+# by min(pi / mu, 2), pi the trained student, mu vLLM's sampler (GRPO's correction); gkd/rollout_k3_kl shows the gap.
+# vLLM 以 bf16 和自己的 kernel 采样：--rollout_importance_sampling_mode token_truncate 给每个词元的项乘以 min(pi / mu, 2)，
+# pi 为被训练的学生，mu 为 vLLM 采样器（GRPO 的修正）；gkd/rollout_k3_kl 显示两者的差异。
+#
 # Batch: 8 GPUs x per_device_train_batch_size 4 x GA 2 = 64 completions per optimizer step = 8 prompts x G 8.
 # 批次：8 卡 x per_device_train_batch_size 4 x 梯度累积 2 = 每个优化步 64 个补全 = 8 个提示 x G 8。
 # Not yet run on GPUs (vLLM sampling with G > 1 included): start with a few steps and watch gkd/reward.
@@ -38,6 +43,7 @@ swift rlhf \
     --num_generations 8 \
     --scale_rewards group \
     --gkd_rl_coef 0.1 \
+    --rollout_importance_sampling_mode token_truncate \
     --lmbda 1 \
     --beta 0.5 \
     --temperature 1.0 \

@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Dict, List, Literal, Optional, Tuple
 
-from swift_gkd_plugin.core.constants import SCALE_REWARDS
+from swift_gkd_plugin.core.constants import ROLLOUT_IS_MODES, SCALE_REWARDS
 
 #: Below this ``--temperature`` the loss saturates: see :data:`TEMPERATURE_FLOOR_WHY`.
 TEMPERATURE_FLOOR = 1e-3
@@ -182,6 +182,10 @@ MS_SWIFT_FLAGS: Dict[str, object] = {
     'num_generations': Range(1, integer=True, why='completions sampled per prompt on on-policy steps; 1 = one, as '
                              'ms-swift GKD'),
     'scale_rewards': Optional[Literal[SCALE_REWARDS]],
+    # ms-swift GRPO's sampler/policy mismatch correction, read by GKD's policy-gradient term (docs_en/rl.md)
+    'rollout_importance_sampling_mode': Optional[Literal[ROLLOUT_IS_MODES]],
+    'rollout_importance_sampling_threshold': Range(1, why='C of min(pi / mu, C): a token the sampler and the policy '
+                                                   'agree on has weight 1, which a threshold below 1 would cut'),
 }
 
 
@@ -206,7 +210,8 @@ GKD_DIVERGENCES = choices_of(declared_ranges()['gkd_divergence'])
 #: Float flags refused when NaN or infinite (every declared non-integer range).
 FINITE_FLAGS = tuple(name for name, r in declared_ranges().items() if isinstance(r, Range) and not r.integer)
 #: ms-swift's GRPO flags that GKD + RL reads: checked by :func:`check_rl_flags` (swift rlhf only)
-RL_FLAGS = ('num_generations', 'scale_rewards')
+RL_FLAGS = ('num_generations', 'scale_rewards', 'rollout_importance_sampling_mode',
+            'rollout_importance_sampling_threshold')
 #: Every other declared flag (a new plugin field with a ``range`` or choices joins by itself), checked by
 #: :func:`check_gkd_scalars` in both entry points.
 SCALAR_FLAGS = tuple(name for name in declared_ranges() if name not in RL_FLAGS)
@@ -386,8 +391,8 @@ def check_teacher_server_flags(args) -> None:
 
 
 def check_rl_flags(args) -> None:
-    """``--num_generations``, ``--reward_funcs``, ``--reward_weights``, ``--scale_rewards``, ``--gkd_rl_coef``: the
-    checks that need only the flags (reward names are checked once ``--external_plugins`` are imported)."""
+    """``--num_generations``, ``--reward_funcs``, ``--reward_weights``, ``--scale_rewards``, ``--gkd_rl_coef`` and
+    ms-swift GRPO's ``--rollout_importance_sampling_mode`` / ``_threshold`` / ``--log_rollout_offpolicy_metrics``: the checks that need only the flags (reward names are checked once ``--external_plugins`` are imported)."""
     check_declared(args, RL_FLAGS)
     g = args.num_generations
     funcs = list(args.reward_funcs or [])
@@ -395,6 +400,13 @@ def check_rl_flags(args) -> None:
     if coef > 0 and not funcs:
         raise ValueError(f'--gkd_rl_coef {coef} needs --reward_funcs (the policy-gradient term weighs the sampled '
                          'tokens by their rewards\' advantages)')
+    mode = args.rollout_importance_sampling_mode
+    if mode is not None and not coef > 0:
+        raise ValueError(f'--rollout_importance_sampling_mode {mode} weights the policy-gradient term, which is off '
+                         f'(--gkd_rl_coef {coef}): set --gkd_rl_coef > 0 with --reward_funcs, or unset the mode')
+    if args.log_rollout_offpolicy_metrics and not coef > 0:
+        raise ValueError(f'--log_rollout_offpolicy_metrics true measures the samples of the policy-gradient term, '
+                         f'which is off (--gkd_rl_coef {coef}): set --gkd_rl_coef > 0 with --reward_funcs, or drop it')
     if args.reward_weights is not None and len(args.reward_weights) != len(funcs):
         raise ValueError(f'--reward_weights has {len(args.reward_weights)} values but --reward_funcs names '
                          f'{len(funcs)} functions {funcs}: give one weight per function')

@@ -12,6 +12,7 @@ import pytest
 from conftest import OFFLINE_ENV, RL_REWARD_PLUGIN, base_args, run_swift
 
 import swift_gkd_plugin
+from swift_gkd_plugin.flags import RL_FLAGS as RL_FLAG_NAMES
 from swift_gkd_plugin.flags import FINITE_FLAGS, GKDPluginArgumentsMixin, check_gkd_scalars, check_rl_flags
 
 SWIFT_GKD = os.path.join(os.path.dirname(sys.executable), 'swift-gkd')
@@ -176,12 +177,15 @@ SCALAR_FLAGS = dict({f.name: f.default for f in fields(GKDPluginArgumentsMixin)}
 @pytest.mark.parametrize('name', FINITE_FLAGS)
 @pytest.mark.parametrize('value', [float('nan'), float('inf'), float('-inf')])
 def test_every_float_flag_refuses_nan_and_inf(name, value):
-    """The shared flag-only check (swift rlhf and megatron rlhf); the command line is covered above for a few."""
-    args = SimpleNamespace(**SCALAR_FLAGS)
-    check_gkd_scalars(args)
+    """The shared flag-only check (swift rlhf and megatron rlhf), or the RL flags' (swift rlhf); the command line is
+    covered above for a few."""
+    rl = name in RL_FLAG_NAMES
+    check = check_rl_flags if rl else check_gkd_scalars
+    args = SimpleNamespace(**(RL_FLAGS if rl else SCALAR_FLAGS))
+    check(args)
     setattr(args, name, value)
     with pytest.raises(ValueError, match=f'--{name} must be a finite number, got {value}'):
-        check_gkd_scalars(args)
+        check(args)
 
 
 GOOD_ROW = b'{"messages": [{"role": "user", "content": "Reverse: a b"}, {"role": "assistant", "content": "b a"}]}\n'
@@ -241,6 +245,9 @@ BAD_RL_INPUTS = [
     ({'reward_funcs': 'tiny_letter_match', 'gkd_rl_coef': 1, 'lmbda': 1, 'external_plugins': RL_REWARD_PLUGIN,
       'steps_per_generation': 2}, ['--gkd_rl_coef > 0 needs each generation batch to be one optimizer step',
                                    'steps_per_generation 2', '--gradient_accumulation_steps 1']),
+    ({'rollout_importance_sampling_mode': 'token_truncate', 'lmbda': 1},
+     ['--rollout_importance_sampling_mode token_truncate weights the policy-gradient term, which is off',
+      '--gkd_rl_coef 0.0']),
 ]
 
 
@@ -250,7 +257,9 @@ def test_bad_rl_input_is_refused_before_any_model_is_loaded(tiny_ws, tmp_path, f
 
 
 RL_FLAGS = dict(num_generations=1, reward_funcs=[], reward_weights=None, scale_rewards=None, gkd_rl_coef=0.0, lmbda=0.5,
-                seq_kd=False, sequence_parallel_size=1, padding_free=False, packing=False)
+                seq_kd=False, sequence_parallel_size=1, padding_free=False, packing=False,
+                rollout_importance_sampling_mode=None, rollout_importance_sampling_threshold=2.0,
+                log_rollout_offpolicy_metrics=False)
 
 
 @pytest.mark.parametrize('changes,message', [
@@ -263,6 +272,13 @@ RL_FLAGS = dict(num_generations=1, reward_funcs=[], reward_weights=None, scale_r
     ({'num_generations': 2, 'lmbda': 0}, '--num_generations 2 samples several completions per prompt'),
     ({'num_generations': 2, 'sequence_parallel_size': 2}, 'not supported with --sequence_parallel_size 2'),
     ({'reward_funcs': ['a'], 'padding_free': True}, '--padding_free'),
+    ({'rollout_importance_sampling_mode': 'tis'}, "--rollout_importance_sampling_mode must be one of ['token_truncate', "
+     "'token_mask', 'sequence_truncate', 'sequence_mask'] (or unset) for GKD, got 'tis'"),
+    ({'rollout_importance_sampling_threshold': 0.5}, '--rollout_importance_sampling_threshold must be >= 1'),
+    ({'rollout_importance_sampling_mode': 'sequence_mask'}, '--rollout_importance_sampling_mode sequence_mask weights '
+     'the policy-gradient term, which is off (--gkd_rl_coef 0.0)'),
+    ({'log_rollout_offpolicy_metrics': True}, '--log_rollout_offpolicy_metrics true measures the samples of the '
+     'policy-gradient term, which is off'),
 ])
 def test_rl_flag_checks(changes, message):
     check_rl_flags(SimpleNamespace(**RL_FLAGS))  # the defaults pass

@@ -175,7 +175,7 @@ def test_rl_example_rewards_exact_matches_in_a_tiny_run(trained_ws, tiny_ws, tmp
     argv = record_commands(os.path.join(EXAMPLES, 'gkd_rl_reward.sh'), tmp_path)['swift']
     rl_flags = {name: argv[argv.index(f'--{name}') + 1] for name in
                 ('external_plugins', 'reward_funcs', 'num_generations', 'scale_rewards', 'gkd_rl_coef', 'lmbda',
-                 'beta', 'temperature', 'log_completions')}
+                 'beta', 'temperature', 'log_completions', 'rollout_importance_sampling_mode')}
     data = str(tmp_path / 'train_solution.jsonl')
     with open(trained_ws['train']) as src, open(data, 'w') as dst:
         for line in src:
@@ -190,6 +190,9 @@ def test_rl_example_rewards_exact_matches_in_a_tiny_run(trained_ws, tiny_ws, tmp
         tables = [json.loads(line) for line in f]
     rewards = [r for table in tables for r in table['exact_match']]
     assert len(rewards) == 3 * generation_batch and {0.0, 1.0} == set(rewards), rewards
+    # the example's sampler/policy correction, here on ms-swift's transformers engine (top-50: weights below 1)
+    assert all(0 < row['gkd/rollout_is_weight'] <= 1 + 1e-5 and row['gkd/rollout_k3_kl'] >= 0 for row in run.logs), \
+        run.logs
     for table in tables:
         for prompt, completion, reward in zip(table['prompt'], table['completion'], table['exact_match']):
             question = prompt[prompt.index('Reverse:'):].split('<|im_end|>')[0]

@@ -100,13 +100,21 @@ def test_part_f_megatron_probe_names_what_blocks(tmp_path):
     assert any(n.startswith('blocked at') or 'no CUDA' in n for n in doc['notes'])
 
 
+def test_part_v_vllm_rollout_correction_says_it_needs_vllm(tmp_path):
+    """Without vLLM (CPU) part v is skipped, naming why; what it checks on a GPU is the logic tested on CPU in
+    tests/test_rl.py (the transformers engine) and tests/core/test_policy_gradient.py."""
+    doc, md = run_part(tmp_path, 'v')
+    assert doc['status'] == 'skipped' and doc['rows'] == []
+    assert any('vLLM cannot be imported' in n for n in doc['notes']) and 'needs CUDA for: vLLM' in md
+
+
 def test_all_merges_parts_within_the_budget(tmp_path):
     out = tmp_path / 'out'
     proc = subprocess.run([sys.executable, RUN, 'all', '--tiny', '--device', 'cpu', '--out', str(out),
                            '--budget-s', '0'], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads((out / 'all.json').read_text())
-    assert [d['part'] for d in doc['parts']] == list('cbeadf')
+    assert [d['part'] for d in doc['parts']] == list('cbeadfv')
     assert all(d['status'] == 'skipped' and 'not run' in d['notes'][0] for d in doc['parts'])
     assert sorted(os.listdir(out)) == ['all.json', 'all.md']
 

@@ -102,6 +102,75 @@ def test_policy_gradient_term_is_at_the_sampling_temperature(grouped_runs, tiny_
         assert a['gkd/distill_loss'] != pytest.approx(b['gkd/distill_loss'], rel=1e-3)
 
 
+GROUPED = dict(num_generations=4, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=3,
+               learning_rate=0, log_completions='true', seed=5)
+
+
+def test_a_sampler_that_is_the_policy_gets_weights_of_one(tiny_ws, solution_dataset, tmp_path):
+    """--rollout_importance_sampling_mode with ms-swift's transformers engine sampling at 1.5 from the weights it
+    trains, over the whole vocabulary (--top_k 448 = the vocabulary: ms-swift's engine turns --top_k -1 into
+    transformers' default top-50): the engine's log-probabilities (asked for, at the sampling temperature) are the
+    policy's, so the mismatch is ~0, every weight is 1 and none is truncated."""
+    run = run_swift(
+        base_args(tiny_ws, str(tmp_path / 'out'), dataset=solution_dataset, gkd_loss_impl='fused', top_k=448,
+                  rollout_importance_sampling_mode='token_truncate', **GROUPED, **dict(RL, temperature=1.5)),
+        env={'GKD_TEST_REWARD_LOG': str(tmp_path / 'rewards.jsonl')})
+    assert 'importance weights min(pi / mu, 2)' in run.output and 'transformers engine' in run.output
+    assert 'reported no per-token log-probabilities' not in run.output
+    assert len(run.logs) == 3
+    for row in run.logs:
+        assert row['gkd/rollout_logprob_diff'] < 1e-5, row  # float32, KV-cached sampling vs one full forward
+        assert row['gkd/rollout_k3_kl'] < 1e-9
+        assert row['gkd/rollout_is_weight'] == pytest.approx(1.0, abs=1e-5)
+        assert row['gkd/rollout_is_truncated'] == 0
+    print('mismatch with the same weights:', [(r['gkd/rollout_logprob_diff'], r['gkd/rollout_k3_kl']) for r in run.logs])
+
+
+@pytest.fixture(scope='module')
+def mismatched_runs(tiny_ws, solution_dataset, tmp_path_factory):
+    """A sampler that is not the policy: --repetition_penalty 3 lowers what the transformers engine gives the tokens
+    already in the sequence, prompt included (the policy has no penalty), over the whole vocabulary (--top_k 448):
+    penalised tokens that are sampled have pi / mu > 1, the others slightly < 1. Per sequence (the geometric mean of
+    its ratios, the mode that needs each token's row) truncated at C = 1 (the lowest allowed: every ratio above 1 is
+    cut), with both loss implementations; and the same samples measured without a
+    correction (--log_rollout_offpolicy_metrics true)."""
+    root = tmp_path_factory.mktemp('mismatched')
+    runs = {}
+    for name, impl, mode in (('fused', 'fused', 'sequence_truncate'), ('dense', 'dense', 'sequence_truncate'),
+                             ('none', 'fused', None)):
+        measure = 'true' if mode is None else None
+        log = str(root / f'rewards_{name}.jsonl')
+        runs[name] = run_swift(
+            base_args(tiny_ws, str(root / name), dataset=solution_dataset, gkd_loss_impl=impl, repetition_penalty=3,
+                      top_k=448, rollout_importance_sampling_mode=mode, rollout_importance_sampling_threshold=1,
+                      log_rollout_offpolicy_metrics=measure,
+                      **GROUPED,
+                      **dict(RL, temperature=1.5)),
+            env={'GKD_TEST_REWARD_LOG': log})
+        runs[name].reward_log = log
+    return runs
+
+
+def test_a_mismatched_sampler_is_corrected_by_truncated_weights(mismatched_runs):
+    """The weights depart from 1 and some sequences truncate at C; the policy-gradient term is the weighted one (it
+    differs from the uncorrected run on the same samples), equal in the fused and the dense loss."""
+    fused, dense, none = mismatched_runs['fused'], mismatched_runs['dense'], mismatched_runs['none']
+    assert _reward_calls(fused.reward_log) == _reward_calls(dense.reward_log) == _reward_calls(none.reward_log)
+    assert 'no sampler/policy mismatch correction' in none.output
+    for a, b in zip(fused.logs, none.logs):  # measured alike; no weights without a mode
+        assert 'gkd/rollout_is_weight' not in b and 'gkd/rollout_is_truncated' not in b
+        assert b['gkd/rollout_k3_kl'] == pytest.approx(a['gkd/rollout_k3_kl'], rel=1e-4, abs=1e-9)
+    for a, b in zip(fused.logs, dense.logs):
+        assert a['gkd/rollout_logprob_diff'] > 1e-4 and a['gkd/rollout_k3_kl'] > 0, a
+        for key in ('loss', 'grad_norm', 'gkd/pg_loss', 'gkd/rollout_logprob_diff', 'gkd/rollout_k3_kl',
+                    'gkd/rollout_is_weight', 'gkd/rollout_is_truncated'):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    assert any(row['gkd/rollout_is_truncated'] > 0 for row in fused.logs)
+    assert any(row['gkd/rollout_is_weight'] != pytest.approx(1.0, abs=1e-6) for row in fused.logs)
+    assert any(a['gkd/pg_loss'] != pytest.approx(b['gkd/pg_loss'], abs=1e-6) for a, b in zip(fused.logs, none.logs))
+    print('mismatched sampler:', [{k.split('/')[-1]: row[k] for k in row if 'rollout' in k} for row in fused.logs])
+
+
 def test_two_processes_share_groups_and_agree(tiny_ws, solution_dataset, tmp_path):
     """G = 4 over 2 ranks with 2 rows each: every group spans both ranks. Each rank samples from its own stream,
     the rewards are gathered and every rank computes the same advantages; mode decisions agree."""

@@ -9,3 +9,7 @@ NEG_LOGIT = -1e30
 
 #: How group advantages are scaled (``--scale_rewards``): by the group's std, the batch's std, or not at all.
 SCALE_REWARDS = ('group', 'batch', 'none')
+
+#: Corrections of the gap between the sampler and the trained policy (``--rollout_importance_sampling_mode``, the
+#: names and meanings of ms-swift's GRPO): truncate or mask the per-token or per-sequence importance ratio at a threshold.
+ROLLOUT_IS_MODES = ('token_truncate', 'token_mask', 'sequence_truncate', 'sequence_mask')

@@ -102,6 +102,10 @@ def rl_flags_set(args) -> List[str]:
         given.append('--reward_funcs')
     if args.reward_weights is not None:
         given.append('--reward_weights')
+    if getattr(args, 'rollout_importance_sampling_mode', None) is not None:
+        given.append('--rollout_importance_sampling_mode')
+    if getattr(args, 'log_rollout_offpolicy_metrics', False):
+        given.append('--log_rollout_offpolicy_metrics')
     return given
 
 
@@ -187,6 +191,8 @@ def _command_line_parser() -> argparse.ArgumentParser:
     p.add_argument('--reward_funcs', nargs='*', default=[])
     p.add_argument('--reward_weights', nargs='*', type=float, default=None)
     p.add_argument('--num_generations', type=int, default=None)
+    p.add_argument('--rollout_importance_sampling_mode', default=None)
+    p.add_argument('--log_rollout_offpolicy_metrics', type=_bool, default=False)
     # ms-swift's multi-turn rollout flags, refused for gkd
     p.add_argument('--multi_turn_scheduler', default=None)
     p.add_argument('--max_turns', type=int, default=None)

@@ -17,7 +17,7 @@ from swift.utils import get_logger
 
 import swift_gkd_plugin
 from swift_gkd_plugin.activation import grpo_num_generations, keep_teacher_messages_column
-from swift_gkd_plugin.core.constants import SCALE_REWARDS
+from swift_gkd_plugin.core.constants import ROLLOUT_IS_MODES, SCALE_REWARDS
 from swift_gkd_plugin.flags import (GKDPluginArgumentsMixin, check_gkd_scalars, check_multi_turn_flags,
                                     check_no_plugin_flags_outside_gkd, check_rl_flags, check_teacher_server_flags,
                                     ignored_flag_warnings, resolve_num_generations, sampling_temperature)
@@ -170,6 +170,22 @@ def check_vllm_installed(args) -> None:
         raise ValueError(f'--use_vllm true (--vllm_mode {args.vllm_mode}) needs vLLM, which is not installed here: '
                          'install vllm, or pass --use_vllm false (on-policy samples then come from the transformers '
                          'engine)')
+
+
+def check_vllm_logprobs(args) -> None:
+    """``--rollout_importance_sampling_mode`` (and ``--log_rollout_offpolicy_metrics``) compare the sampler's
+    log-probabilities with the policy's: vLLM before 0.10.2 reports those of the raw logits (temperature 1, before
+    top-k/top-p), as ms-swift's GRPO refuses too."""
+    mode = args.rollout_importance_sampling_mode
+    if not args.use_vllm or (mode is None and not args.log_rollout_offpolicy_metrics):
+        return
+    from swift.utils import is_vllm_available
+    from swift.rlhf_trainers.utils import check_vllm_version_ge
+    if is_vllm_available() and not check_vllm_version_ge('0.10.2'):
+        flag = (f'--rollout_importance_sampling_mode {mode}' if mode is not None else
+                '--log_rollout_offpolicy_metrics true')
+        raise ValueError(f'{flag} needs vLLM >= 0.10.2 (older versions report log-probabilities before the sampling '
+                         'temperature and top-k/top-p): update vLLM or drop the flag')
 
 
 def _shares_the_students_base(args) -> bool:
@@ -325,6 +341,7 @@ def check_flags_only(args) -> None:
     check_rl_flags(args)
     check_multi_turn_flags(args)
     check_vllm_installed(args)
+    check_vllm_logprobs(args)
 
 
 @dataclass
@@ -384,3 +401,6 @@ class GKDPluginConfig(GKDPluginArgumentsMixin, GKDConfig):
     reward_funcs: List[str] = field(default_factory=list)
     reward_weights: Optional[List[float]] = None
     scale_rewards: Optional[Literal[SCALE_REWARDS]] = None
+    rollout_importance_sampling_mode: Optional[Literal[ROLLOUT_IS_MODES]] = None
+    rollout_importance_sampling_threshold: float = 2.0
+    log_rollout_offpolicy_metrics: bool = False

@@ -33,7 +33,8 @@ from swift_gkd_plugin.core.constants import IGNORE_INDEX
 from swift_gkd_plugin.core.fused_loss import fused_linear_jsd
 from swift_gkd_plugin.core.lora_round_trip import HostBuffer, exact_lora_sync, lora_merges_skipped
 from swift_gkd_plugin.core.modes import DATA_SOURCES, mode_log_path, sampling_seed, step_mode
-from swift_gkd_plugin.core.policy_gradient import policy_gradient_loss, sampled_token_stats
+from swift_gkd_plugin.core.policy_gradient import (head_token_logprobs, policy_gradient_loss, rollout_importance_weights,
+                                                   sampled_token_stats)
 from swift_gkd_plugin.core.offload import TeacherOffloader, is_partitioned
 from swift_gkd_plugin.core.speculative import teacher_seed
 from swift_gkd_plugin.core.teacher_signal import (CrossTokenizerRows, TeacherHead, TeacherLogits, TeacherSignal,
@@ -50,6 +51,7 @@ from swift_gkd_plugin.swift.hidden_states import (fused_fallback_reason, gathere
 from swift_gkd_plugin.swift.media_tokens import cut_at_media_placeholders, suppress_media_placeholders
 from swift_gkd_plugin.swift.peft_utils import TEACHER_ADAPTER, active_adapter, eval_mode, load_frozen_adapter
 from swift_gkd_plugin.swift.rewards import global_advantages, load_reward_funcs, score_completions
+from swift_gkd_plugin.swift.rollout_correction import SamplerLogprobsEngine, sampler_logprobs_of_batch
 from swift_gkd_plugin.swift.run_guards import install_run_guards
 from swift_gkd_plugin.swift.speculative import SpeculativeEngine, cached_forward, server_teacher, skd_decoding
 from swift_gkd_plugin.swift.teacher_server import (attach_trainer_token_ids, connect_teacher_servers,
@@ -110,12 +112,37 @@ class GKDPluginTrainer(GKDTrainer):
         # the one divergence every loss path computes (core.row_divergence); --beta is the JSD's parameter
         self._divergence = Divergence(self.args.gkd_divergence, beta=self.args.beta, alpha=self.args.gkd_skew_alpha)
         logger.info(f'swift_gkd_plugin: divergence {self._divergence} at temperature {self.args.temperature}')
+        self._sampler_logprobs_noted, self._measure_mismatch = False, False
+        if self.args.gkd_rl_coef > 0:
+            self._request_sampler_logprobs()
         suppress_media_placeholders(getattr(self, 'engine', None), self.template)  # the student's own sampler
         self._reward_funcs, self._reward_names = load_reward_funcs(self.args)
         weights = self.args.reward_weights or [1.0] * len(self._reward_names)
         self._reward_weights = torch.tensor(weights, dtype=torch.float32, device=self.accelerator.device)
         self._advantages = None  # this rank's advantages of the current generation batch (on-policy steps)
         self._completion_columns: Dict[str, list] = {}  # reward columns of the completions log
+
+    def _request_sampler_logprobs(self) -> None:
+        """The RL term's sampler/policy mismatch correction (``--rollout_importance_sampling_mode``) and its metrics
+        (also alone: ``--log_rollout_offpolicy_metrics``, as in GRPO) need the sampler's per-token log-probabilities:
+        vLLM reports them anyway (ms-swift asks for its processed ones); the transformers engine is asked only then
+        (it keeps every decoding step's scores meanwhile)."""
+        mode, threshold = self.args.rollout_importance_sampling_mode, self.args.rollout_importance_sampling_threshold
+        # (vLLM before 0.10.2 reports raw log-probabilities: refused by swift.arguments.check_vllm_logprobs)
+        self._measure_mismatch = mode is not None or self.args.log_rollout_offpolicy_metrics
+        if self._measure_mismatch and not self.args.use_vllm:
+            self.request_config.logprobs = True
+            self.engine = SamplerLogprobsEngine(self.model, template=self._infer_template(self.template),
+                                                max_batch_size=0)
+        if mode is None:
+            logged = ('the mismatch (gkd/rollout_*) is logged' if self._measure_mismatch else
+                      '--log_rollout_offpolicy_metrics true logs the mismatch')
+            logger.info('swift_gkd_plugin: no sampler/policy mismatch correction of the policy-gradient term '
+                        f'(--rollout_importance_sampling_mode unset); {logged}')
+        else:
+            logger.info(f'swift_gkd_plugin: the policy-gradient term is weighted by {mode} importance weights '
+                        f'min(pi / mu, {threshold:g}) of the sampler\'s log-probabilities '
+                        f'({"vLLM" if self.args.use_vllm else "transformers engine"})')
 
     def train(self, *args, **kwargs):
         result = super().train(*args, **kwargs)
@@ -259,10 +286,14 @@ class GKDPluginTrainer(GKDTrainer):
             torch.manual_seed(sampling_seed(self.args.seed, step, self.args.process_index))
             yield
 
-    def _get_request_config(self):
+    def _get_request_config(self, logprobs: bool = True):
         """ms-swift's request config, with vLLM's per-request seeds derived from (seed, step, rank) in colocate mode
-        (see :func:`seeded_request_config`)."""
+        (see :func:`seeded_request_config`); ``logprobs=False`` for samplers whose log-probabilities are unused (the
+        teacher's, SKD's)."""
         config = super()._get_request_config()
+        if not logprobs and config.logprobs:
+            config = copy(config)
+            config.logprobs = False
         if not getattr(self, 'use_vllm', False) or not self.model.training:
             return config
         return seeded_request_config(config, seed=self.args.seed, step=int(self.state.global_step),
@@ -410,7 +441,7 @@ class GKDPluginTrainer(GKDTrainer):
         samples = self._preprocess_inputs(samples)
         requests = [with_teacher_prompt(s, r) for s, r in zip(samples, self.samples2requests(samples))]
         with self._teacher_sampling_context() as engine:
-            results = engine.infer(requests, self._get_request_config(), use_tqdm=False)
+            results = engine.infer(requests, self._get_request_config(logprobs=False), use_tqdm=False)
         outputs = [r if isinstance(r, RolloutOutput) else RolloutOutput(response=r) for r in results]
         samples = self._postprocess_rollout_outputs(samples, outputs)
         if self._xtok is not None:
@@ -444,7 +475,8 @@ class GKDPluginTrainer(GKDTrainer):
                                   generator=generator, on_result=results.append)
             engine = self._sampling_engine(unwrapped, decode=decode)
             stack.enter_context(self.template.generate_context())
-            outputs = engine.infer(requests, self._get_request_config(), use_tqdm=False)
+            # SKD's tokens come from a student/teacher mixture: no sampler log-probabilities, no correction
+            outputs = engine.infer(requests, self._get_request_config(logprobs=False), use_tqdm=False)
         self._log_skd(results)
         outputs = [r if isinstance(r, RolloutOutput) else RolloutOutput(response=r) for r in outputs]
         return self._postprocess_rollout_outputs(samples, outputs)
@@ -570,7 +602,25 @@ class GKDPluginTrainer(GKDTrainer):
         if self._advantages is not None:
             for batch, advantages in zip(batches, self._advantages.split(sizes)):
                 batch['gkd_advantages'] = advantages
+            if self.args.gkd_rl_coef > 0 and self._measure_mismatch:
+                self._attach_sampler_logprobs(batches, self.split_by_mini_batches(samples))
         return batches
+
+    def _attach_sampler_logprobs(self, batches, chunks) -> None:
+        """The sampler's log-probability of each response token (``gkd_sampler_logprobs``, see
+        :func:`sampler_logprobs_of_batch`) where the sampler reported them; says once when it did not."""
+        missing = 0
+        for batch, chunk in zip(batches, chunks):
+            logprobs = sampler_logprobs_of_batch(chunk, batch['model_inputs']['labels'])
+            if logprobs is not None:
+                batch['gkd_sampler_logprobs'] = logprobs
+            missing += sum(1 for sample in chunk if not getattr(sample, 'rollout_logprobs', None))
+        if missing and not self._sampler_logprobs_noted and self.args.rollout_importance_sampling_mode is not None:
+            self._sampler_logprobs_noted = True
+            why = ' (SKD samples from a student/teacher mixture)' if self.args.gkd_skd_top_k else ''
+            logger.warning(f'swift_gkd_plugin: the sampler reported no per-token log-probabilities for {missing} '
+                           f'completion(s){why}: their importance weights are 1, no sampler/policy correction '
+                           'applies to them (said once)')
 
     def _generate_and_score_completions(self, inputs) -> List[Dict[str, Any]]:
         """Attach to every micro-batch the number of response tokens of its whole optimizer step.
@@ -651,10 +701,12 @@ class GKDPluginTrainer(GKDTrainer):
         # the policy-gradient term: on-policy steps, each sampled token weighted by its completion's advantage
         advantages = inputs.get('gkd_advantages')
         token_advantages = None
+        sampler_logprobs = None
         if mode is Mode.ON_POLICY and advantages is not None and self.args.gkd_rl_coef > 0:
             token_advantages = advantages[:, None].expand(student_mask.shape)[student_mask]
+            sampler_logprobs = inputs.get('gkd_sampler_logprobs')
         return _LossSetup(student_mask, teacher_mask, student_labels[student_mask], mode, normalizer, sft_alpha,
-                          token_advantages)
+                          token_advantages, sampler_logprobs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """One micro-batch: the teacher's signal, the loss terms (divergence, SFT or policy-gradient term), their
@@ -683,12 +735,13 @@ class GKDPluginTrainer(GKDTrainer):
         if setup.mode is Mode.ON_POLICY:
             rl = setup.token_advantages is not None
             with torch.set_grad_enabled(rl and torch.is_grad_enabled()):  # the entropy alone is only a metric
-                logprobs, entropy = sampled_token_stats(student, setup.labels, self.args.temperature)
-                if rl and self._sampling_temperature != self.args.temperature:  # the sampled tokens' own temperature
-                    logprobs, _ = sampled_token_stats(student, setup.labels, self._sampling_temperature)
+                # the sampled tokens' log-probabilities at their own (sampling) temperature, the entropy at the loss's
+                logprobs, entropy = sampled_token_stats(student, setup.labels, self._sampling_temperature,
+                                                        entropy_temperature=self.args.temperature)
             entropy_sum = entropy.detach().sum()
             if rl:
-                pg = policy_gradient_loss(logprobs, setup.token_advantages).sum()
+                advantages = setup.token_advantages * self._rollout_weights(setup, logprobs)
+                pg = policy_gradient_loss(logprobs, advantages).sum()
                 total = total + self.args.gkd_rl_coef * pg
                 pg_sum = pg.detach()
         loss = total / setup.normalizer
@@ -800,6 +853,9 @@ class GKDPluginTrainer(GKDTrainer):
         if setup.sft_alpha > 0:
             label_term = dict(labels=labels, sft_alpha=setup.sft_alpha)
         elif token_advantages is not None:
+            if setup.sampler_logprobs is not None:  # the sampled tokens' log-probabilities, detached, for the weights
+                policy = head_token_logprobs(student_hidden, weight, bias, labels, self._sampling_temperature)
+                token_advantages = token_advantages * self._rollout_weights(setup, policy)
             label_term = dict(labels=labels, sft_alpha=self.args.gkd_rl_coef, label_weights=token_advantages,
                               label_temperature=self._sampling_temperature)
         on_policy = setup.mode is Mode.ON_POLICY
@@ -812,6 +868,26 @@ class GKDPluginTrainer(GKDTrainer):
                                pg_sum=stats['sft_sum'] if token_advantages is not None else None,
                                entropy_sum=stats['entropy_sum'] if on_policy else None)
         return loss
+
+    def _rollout_weights(self, setup: '_LossSetup', policy_logprobs: torch.Tensor):
+        """The importance weights of the policy-gradient term's tokens (``--rollout_importance_sampling_mode``; 1
+        without one, or where the sampler reported no log-probability), and the mismatch metrics."""
+        sampler = setup.sampler_logprobs
+        if sampler is None:
+            return 1.0
+        mode = self.args.rollout_importance_sampling_mode
+        rows = setup.student_mask.nonzero()[:, 0] if mode is not None and mode.startswith('sequence') else None
+        correction = rollout_importance_weights(policy_logprobs, sampler, mode,
+                                                self.args.rollout_importance_sampling_threshold, rows=rows,
+                                                num_rows=setup.student_mask.shape[0])
+        n, abs_diff, k3, weight, cut = correction.stats.tolist()
+        metrics = self.custom_metrics['train' if self.model.training else 'eval']
+        _add_token_sum(metrics['gkd/rollout_logprob_diff'], abs_diff, int(n))
+        _add_token_sum(metrics['gkd/rollout_k3_kl'], k3, int(n))
+        if mode is not None:
+            _add_token_sum(metrics['gkd/rollout_is_weight'], weight, int(n))
+            _add_token_sum(metrics['gkd/rollout_is_truncated'], cut, int(n))
+        return correction.weights
 
     def _topk_divergence(self, student_logits, teacher_ids, teacher_logprobs):
         """Divergence over the teacher's top-k support, both sides renormalised over it (ms-swift's definition)."""
@@ -859,6 +935,7 @@ class _LossSetup:
     normalizer: float  # the step's response tokens over the ranks that average gradients
     sft_alpha: float  # the SFT term's weight on this step (0: none)
     token_advantages: Optional[torch.Tensor]  # per response token: the policy-gradient term's weights, or None
+    sampler_logprobs: Optional[torch.Tensor] = None  # per response token: the sampler's log-prob (NaN: none)
 
 
 def _add_token_sum(metric, total, n_tokens: int) -> None:

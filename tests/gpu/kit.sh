@@ -274,5 +274,5 @@ size) size_report ;;
 selfcheck) selfcheck ;;
 install) install "$PY" "${GPUKIT_SITE:-/tmp/gpukit-site}" ;;
 run) run "${@:2}" ;;
-*) die "usage: bash tests/gpu/kit.sh prepare|selfcheck|install|run [a|b|c|d|e|f|all] (see tests/gpu/README.md)" ;;
+*) die "usage: bash tests/gpu/kit.sh prepare|selfcheck|install|run [a|b|c|d|e|f|v|all] (see tests/gpu/README.md)" ;;
 esac

@@ -61,6 +61,8 @@ GKD = ('--rlhf_type', 'gkd')
     (('--reward_weights', '1', '0.5', '--num_generations', '4'), "['--reward_weights', '--num_generations'] are "
      'supported by swift rlhf only'),
     (('--gkd_rl_coef', '0.5'), "['--gkd_rl_coef'] are supported by swift rlhf only"),
+    (('--rollout_importance_sampling_mode', 'token_truncate', '--log_rollout_offpolicy_metrics', 'true'),
+     "['--rollout_importance_sampling_mode', '--log_rollout_offpolicy_metrics'] are supported by swift rlhf only"),
     (('--gkd_cross_tokenizer', 'uld'), '--gkd_cross_tokenizer uld is supported by swift rlhf only'),
     (('--temperature', '1e-9'), '--temperature must be > 0 (at least 0.001: '),
     (('--multi_turn_scheduler', 'x', '--max_turns', '2'), '--multi_turn_scheduler x, --max_turns 2: multi-turn '

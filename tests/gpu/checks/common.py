@@ -281,7 +281,7 @@ def run_rlhf(argv: List[str], env: Optional[Dict[str, str]] = None, timeout: flo
     if rc != 0:
         tail = [ln for ln in output.strip().splitlines() if ln.strip()][-3:]
         error = ' / '.join(tail)[-400:]
-    return dict(rc=rc, plugin_active='GKD trainer active' in output, losses=[r['loss'] for r in steps],
+    return dict(rc=rc, plugin_active='GKD trainer active' in output, losses=[r['loss'] for r in steps], logs=steps,
                 step_s=step_s, reserved_gib=max(mem) if mem else None, device_peak_gib=device_peak,
                 wall_s=round(wall, 1), error=error)
 

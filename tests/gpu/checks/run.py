@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Runs one part of the GPU checks (issue 18) and writes ``<part>.json`` and ``<part>.md`` into ``--out``.
 
-    python tests/gpu/checks/run.py a|b|c|d|e|f|all [--out DIR] [--device cuda|cpu] [--tiny] ...
+    python tests/gpu/checks/run.py a|b|c|d|e|f|v|all [--out DIR] [--device cuda|cpu] [--tiny] ...
 
 On the GPU machine ``bash tests/gpu/kit.sh run PART`` calls this after installing the kit. ``all`` runs the parts
-in the order c, b, e, a, d, f, each in a subprocess, while ``--budget-s`` (default 540 s: inside the device's
+in the order c, b, e, a, d, f, v, each in a subprocess, while ``--budget-s`` (default 540 s: inside the device's
 10-minute command) lasts, skipping a part that has too little time left, and merges everything into ``all.json``
 and ``all.md``. ``--tiny`` uses tiny models and shapes: how the CPU tests run these scripts.
 """
@@ -23,12 +23,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from common import Results, markdown  # noqa: E402
 
-PARTS = 'abcdef'
-ORDER_ALL = 'cbeadf'  # cheapest and most informative first
+PARTS = 'abcdefv'
+ORDER_ALL = 'cbeadfv'  # cheapest and most informative first
 # rough device seconds per part at real shapes (first run, models built on the GPU): what `all` plans with
-ESTIMATE_S = dict(a=420, b=240, c=120, d=400, e=150, f=90)
+ESTIMATE_S = dict(a=420, b=240, c=120, d=400, e=150, f=90, v=240)
 CUDA_ONLY = dict(c='memory statistics and prefetch overlap (the offloader is a no-op on CPU)',
-                 f='Megatron-SWIFT needs GPUs (imports are still probed)')
+                 f='Megatron-SWIFT needs GPUs (imports are still probed)', v='vLLM needs a GPU')
 
 
 def parse_args(argv=None):
@@ -48,7 +48,7 @@ def parse_args(argv=None):
     # narrowing a part (the CPU tests use these to stay cheap)
     p.add_argument('--modes', type=lambda s: s.split(','), default=None, help='a: off_policy,on_policy,seq_kd')
     p.add_argument('--impls', type=lambda s: s.split(','), default=None, help='a: builtin,fused,dense')
-    p.add_argument('--cases', type=lambda s: s.split(','), default=None, help='d: case names; f: megatron cases')
+    p.add_argument('--cases', type=lambda s: s.split(','), default=None, help='d: case names; f: megatron cases; v: c2,c1')
     p.add_argument('--methods', type=lambda s: s.split(','), default=None, help='b: floor,fused,liger,dense')
     p.add_argument('--ns', type=lambda s: [int(x) for x in s.split(',')], default=None, help='b: token counts')
     p.add_argument('--chunks', type=lambda s: [int(x) for x in s.split(',')], default=None,
