@@ -618,27 +618,30 @@ class GKDPluginTrainer(GKDTrainer):
 
     # ------------------------------------------------------------------ loss
     def _teacher_forward(self, model, teacher_inputs, hidden: bool = False):
-        """The teacher's logits, or (``hidden=True``) its last hidden states and output head ``(weight, bias)``."""
+        """The teacher's logits, or (``hidden=True``) its last hidden states and output head ``(weight, bias)``.
+
+        The head is taken (detached) before the forward: under ZeRO-3 a head tied to the input embedding is released
+        by the embedding's post-forward hook, even inside ``gathered_heads``, and read afterwards it is an empty shard.
+        """
         fwd = {k: v for k, v in teacher_inputs.items() if k != 'labels'}
         if self._is_self_distillation:
             unwrapped = self.accelerator.unwrap_model(model)
+            head = _detached_head(unwrapped) if hidden else None  # the student's own head, frozen for the teacher
             with torch.no_grad(), self._teacher_view_of_student(unwrapped), disable_gradient_checkpointing(
                     model, self.args.gradient_checkpointing_kwargs), head_bypassed(unwrapped, hidden):
                 out = model(**fwd).logits
-            if not hidden:
-                return out
-            weight, bias = output_head(unwrapped)  # the student's own head, frozen for the teacher's side
-            return out, (weight.detach(), None if bias is None else bias.detach())
+            return (out, head) if hidden else out
         unwrapped = self.accelerator.unwrap_model(self.teacher_model)
         with torch.no_grad(), self.load_teacher_model_context(), disable_gradient_checkpointing(
                 self.teacher_model, self.args.gradient_checkpointing_kwargs):
+            # detached inside the block: an offloaded teacher's parameters point back to the CPU copy when it ends
+            head = _detached_head(unwrapped) if hidden else None
             with head_bypassed(unwrapped, hidden):
                 out = self.teacher_model(**fwd).logits
             if not hidden:
                 return out
-            weight, bias = output_head(unwrapped)
-            # detach(): an offloaded teacher's parameters point back to the CPU copy when the block ends
-            return out, (weight.detach().to(out.device), None if bias is None else bias.detach().to(out.device))
+            weight, bias = head
+            return out, (weight.to(out.device), None if bias is None else bias.to(out.device))
 
     def _loss_setup(self, inputs) -> '_LossSetup':
         """Response positions, the step's normaliser and which label term applies to this micro-batch (and the
@@ -898,6 +901,12 @@ class _LossSetup:
     def teacher_rows(self, x: torch.Tensor) -> torch.Tensor:
         """``x[teacher_mask]`` without a host sync."""
         return _rows(x, self.teacher_index)
+
+
+def _detached_head(model) -> tuple:
+    """The model's output head ``(weight, bias)``, detached (as they are now)."""
+    weight, bias = output_head(model)
+    return weight.detach(), None if bias is None else bias.detach()
 
 
 def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
