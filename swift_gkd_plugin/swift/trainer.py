@@ -777,23 +777,13 @@ class GKDPluginTrainer(GKDTrainer):
 
         with gathered_heads([student, teacher]):  # reads only: the teacher's top-k or its head
             teacher_side = self._fused_teacher_side(model, teacher_inputs, setup, inputs['gkd_batch'])
+        redirect = _LossInForward.installed_on(student)
         with gathered_heads([teacher]):
-
-            def forward_and_loss(**kwargs):
-                with head_bypassed(student):
-                    outputs = original_forward(**kwargs)
-                return self._fused_apply(student, setup.student_rows(outputs.logits), teacher_side, setup), outputs
-
-            original_forward = student.forward
-            patched = student.__dict__.get('forward')  # e.g. accelerate's autocast wrapper
-            student.forward = forward_and_loss  # an instance attribute: nn.Module.__call__ dispatches to it
+            redirect.pending = lambda out: self._fused_apply(student, setup.student_rows(out.logits), teacher_side, setup)
             try:
                 loss, outputs = model(**fwd)
             finally:
-                if patched is None:
-                    del student.forward
-                else:
-                    student.forward = patched
+                redirect.pending = None
         return loss, outputs
 
     def _fused_teacher_side(self, model, teacher_inputs, setup: '_LossSetup',
@@ -879,6 +869,45 @@ class GKDPluginTrainer(GKDTrainer):
         n, n_exact = exact.numel(), exact.sum()
         _add_token_sum(metrics['gkd/xtok_exact_fraction'], n_exact, n)
         _add_token_sum(metrics['gkd/xtok_fallback_fraction'], n - n_exact, n)
+
+
+class _LossInForward:
+    """The student module's ``forward`` on the fused loss's ZeRO-3 path (see ``_fused_loss``), installed once.
+
+    While ``pending`` holds the micro-batch's loss (a function of the student's outputs), a call runs the
+    original forward with the head bypassed and returns ``(loss, outputs)``; otherwise it is the original forward.
+    One object for the whole run: a compiled module (``--torch_compile``) sees the same ``forward`` at every
+    micro-batch, where a closure installed per micro-batch failed its guards (a recompile each time).
+    """
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        self.original = module.forward  # bound, or an instance attribute (e.g. accelerate's autocast wrapper)
+        self.pending = None
+
+    @classmethod
+    def installed_on(cls, module: torch.nn.Module) -> '_LossInForward':
+        forward = module.__dict__.get('forward')
+        if not isinstance(forward, cls):
+            forward = cls(module)
+            module.forward = forward  # an instance attribute: nn.Module.__call__ dispatches to it
+        return forward
+
+    @torch.compiler.disable(recursive=False)  # this frame only: the original forward below is still compiled
+    def __call__(self, *args, **kwargs):
+        pending, self.pending = self.pending, None  # for this call only: the forward may call itself
+        if pending is None:
+            return self.original(*args, **kwargs)
+        with head_bypassed(self.module):
+            outputs = self.original(*args, **kwargs)
+        return _eager(pending, outputs), outputs
+
+
+@torch.compiler.disable
+def _eager(function, *args):
+    """``function(*args)`` outside torch.compile: the fused loss is a chunk loop with its own gradients, and
+    tracing it would see ZeRO-3's partitioned head (an empty shard) rather than the gathered one."""
+    return function(*args)
 
 
 @dataclass(frozen=True)
