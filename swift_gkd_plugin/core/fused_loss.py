@@ -150,15 +150,22 @@ def fused_linear_jsd(student_hidden: torch.Tensor,
     else:
         logprobs = _token_rows(teacher.logprobs, n_all).float()
     # Host syncs: none for a full teacher without a mask. Selecting the active rows (a mask, or top-k rows with no
-    # teacher information) sizes a tensor: one read; the top-k ids' range check is a second.
+    # teacher information) sizes a tensor: one read, which also carries the top-k ids' range check.
     if full and mask is None:
         idx, everyone = None, True
     else:
         active = torch.ones(n_all, dtype=torch.bool, device=dev) if mask is None else mask.reshape(-1).bool()
+        outside = torch.zeros((), dtype=torch.long, device=dev)
         if not full:
-            active = active & (logprobs > float('-inf')).any(-1)  # no teacher information: nothing to distil
-        idx = active.nonzero().squeeze(1)
-        everyone = idx.numel() == n_all  # then skip the gathers (and their scatter in backward)
+            valid = logprobs > float('-inf')
+            active = active & valid.any(-1)  # no teacher information: nothing to distil
+            ids_all = _token_rows(teacher.ids, n_all)
+            outside = ((valid & ((ids_all < 0) | (ids_all >= vocab))).any(-1) & active).sum()
+        n_active, n_outside = torch.stack([active.sum(), outside]).tolist()  # the one read
+        if n_outside:
+            raise ValueError(f'teacher top-k ids must lie in [0, {vocab}) (the student vocabulary)')
+        idx = torch.nonzero_static(active, size=n_active).squeeze(1)
+        everyone = n_active == n_all  # then skip the gathers (and their scatter in backward)
 
     def rows(t):
         t = _token_rows(t, n_all)
@@ -167,12 +174,8 @@ def fused_linear_jsd(student_hidden: torch.Tensor,
     if full:
         plan.teacher_hidden = rows(teacher.hidden)
     else:
-        ids = rows(teacher.ids).long()
+        plan.topk_ids = rows(teacher.ids).long()  # in range: checked with the selection's read
         plan.topk_logprobs = rows(logprobs)
-        valid = plan.topk_logprobs > float('-inf')
-        if bool((valid & ((ids < 0) | (ids >= vocab))).any()):
-            raise ValueError(f'teacher top-k ids must lie in [0, {vocab}) (the student vocabulary)')
-        plan.topk_ids = ids
     num_tokens = n_all if idx is None else idx.numel()
     if sft_alpha:
         plan.labels = rows(labels).reshape(-1).long()
