@@ -32,7 +32,8 @@ class TokenMean(MeanMetric):
     def compute(self):
         if isinstance(self.state, torch.Tensor) or isinstance(self.count, torch.Tensor):
             device = next(v.device for v in (self.state, self.count) if isinstance(v, torch.Tensor))
-            pair = [torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in (self.state, self.count)]
+            pair = [torch.as_tensor(v, dtype=torch.float64, device=device).reshape(())
+                    for v in (self.state, self.count)]
             state, count = torch.stack(pair).tolist()  # the metric's one read, at logging
             self.state, self.count = state, int(round(count))
         return super().compute()

@@ -594,9 +594,9 @@ class GKDPluginTrainer(GKDTrainer):
         training = self.model.training
         group = self.args.gradient_accumulation_steps if training else 1
         steps = (len(batches) + group - 1) // group
-        tokens = [(count_loss_tokens(b['model_inputs']['labels']), count_loss_tokens(b['teacher_model_inputs']['labels']))
-                  for b in batches]
-        tokens = torch.stack([torch.stack(pair) for pair in tokens]).tolist() if batches else []  # the one read
+        tokens = [torch.stack([count_loss_tokens(b['model_inputs']['labels']),
+                               count_loss_tokens(b['teacher_model_inputs']['labels'])]) for b in batches]
+        tokens = torch.stack(tokens).tolist() if batches else []  # the one read
         # per optimizer step: response tokens, then (for gkd/completion_length) rows; one all-reduce for both
         counts = [0.0] * (2 * steps)
         for i, (batch, (n_student, n_teacher)) in enumerate(zip(batches, tokens)):
@@ -779,7 +779,8 @@ class GKDPluginTrainer(GKDTrainer):
             teacher_side = self._fused_teacher_side(model, teacher_inputs, setup, inputs['gkd_batch'])
         redirect = _LossInForward.installed_on(student)
         with gathered_heads([teacher]):
-            redirect.pending = lambda out: self._fused_apply(student, setup.student_rows(out.logits), teacher_side, setup)
+            redirect.pending = lambda out: self._fused_apply(student, setup.student_rows(out.logits), teacher_side,
+                                                             setup)
             try:
                 loss, outputs = model(**fwd)
             finally:
@@ -842,7 +843,7 @@ class GKDPluginTrainer(GKDTrainer):
         per_token = generalized_jsd(student_k, teacher_k, self._divergence, self.args.temperature)
         per_token = per_token.masked_fill(uncovered, 0.0)
         agree = (student_logits.argmax(-1) == teacher_ids.gather(-1, teacher_k.argmax(-1, keepdim=True))[:, 0])
-        # counted on the device: a rows without teacher information is not compared
+        # counted on the device: a row without teacher information is not compared
         return per_token, (agree & ~uncovered).sum(), (~uncovered).sum()
 
     def _log_loss_metrics(self, mode: Mode, divergence_sum, n_tokens, agreements, n_compared, *,
@@ -876,8 +877,8 @@ class _LossInForward:
 
     While ``pending`` holds the micro-batch's loss (a function of the student's outputs), a call runs the
     original forward with the head bypassed and returns ``(loss, outputs)``; otherwise it is the original forward.
-    One object for the whole run: a compiled module (``--torch_compile``) sees the same ``forward`` at every
-    micro-batch, where a closure installed per micro-batch failed its guards (a recompile each time).
+    One object for the whole run, rather than a closure per micro-batch: a compiled module (``--torch_compile``)
+    sees the same ``forward`` at every micro-batch. The loss itself runs outside the compiled graph (``_eager``).
     """
 
     def __init__(self, module: torch.nn.Module):

@@ -52,7 +52,8 @@ def run(args) -> Results:
             with open(log_path) as f:
                 log = f.read()
             # the fused loss must apply; dynamo's recompile-limit warnings (DeepSpeed's hooks hit it too) are counted
-            extra = dict(fused='GKD loss implementation: fused' in log, recompile_limit_hits=log.count('recompile_limit'))
+            extra = dict(fused='GKD loss implementation: fused' in log,
+                         recompile_limit_hits=log.count('recompile_limit'))
             ok = ok and extra['fused']
         res.add(case=case, ok=ok, rc=r['rc'], plugin_active=r['plugin_active'], losses=r['losses'],
                 step_s=r['step_s'], reserved_gib=r['reserved_gib'], device_peak_gib=r['device_peak_gib'],
