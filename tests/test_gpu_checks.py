@@ -70,12 +70,14 @@ def test_part_c_offload_runs_on_cpu_and_says_what_needs_cuda(tmp_path):
     assert any('needs CUDA' in n for n in doc['notes'])
 
 
-def test_part_d_deepspeed_zero2(tmp_path):
+def test_part_d_deepspeed_zero2_and_zero3_torch_compile(tmp_path):
     pytest.importorskip('deepspeed')
-    doc, md = run_part(tmp_path, 'd', '--cases', 'zero2')
+    doc, md = run_part(tmp_path, 'd', '--cases', 'zero2,zero3_torch_compile')
     assert doc['status'] == 'ok', doc
-    (row,) = doc['rows']
-    assert row['case'] == 'zero2' and row['ok'] and row['plugin_active'] and all(map(finite, row['losses']))
+    assert [r['case'] for r in doc['rows']] == ['zero2', 'zero3_torch_compile']
+    for row in doc['rows']:
+        assert row['ok'] and row['plugin_active'] and all(map(finite, row['losses']))
+    assert doc['rows'][1]['fused'] is True
 
 
 def test_part_e_teacher_server_load_and_oversized_batch(tmp_path):

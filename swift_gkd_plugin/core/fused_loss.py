@@ -141,8 +141,7 @@ def fused_linear_jsd(student_hidden: torch.Tensor,
     _check_label_weights(labels, label_weights, label_temperature)
 
     hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
-    n_all, vocab = hidden.shape[0], student_weight.shape[0]
-    active = torch.ones(n_all, dtype=torch.bool, device=hidden.device) if mask is None else mask.reshape(-1).bool()
+    n_all, vocab, dev = hidden.shape[0], student_weight.shape[0], hidden.device
     plan = _Plan(divergence=divergence, temperature=float(temperature), tail=bool(topk_tail), vocab=vocab,
                  label_temperature=float(label_temperature), entropy=bool(return_entropy))
     if full:
@@ -150,9 +149,23 @@ def fused_linear_jsd(student_hidden: torch.Tensor,
         plan.teacher_bias = None if teacher.bias is None else _finite_bias(teacher.bias)
     else:
         logprobs = _token_rows(teacher.logprobs, n_all).float()
-        active = active & (logprobs > float('-inf')).any(-1)  # no teacher information: nothing to distil
-    idx = active.nonzero().squeeze(1)
-    everyone = idx.numel() == n_all  # then skip the gathers (and their scatter in backward)
+    # Host syncs: none for a full teacher without a mask. Selecting the active rows (a mask, or top-k rows with no
+    # teacher information) sizes a tensor: one read, which also carries the top-k ids' range check.
+    if full and mask is None:
+        idx, everyone = None, True
+    else:
+        active = torch.ones(n_all, dtype=torch.bool, device=dev) if mask is None else mask.reshape(-1).bool()
+        outside = torch.zeros((), dtype=torch.long, device=dev)
+        if not full:
+            valid = logprobs > float('-inf')
+            active = active & valid.any(-1)  # no teacher information: nothing to distil
+            ids_all = _token_rows(teacher.ids, n_all)
+            outside = ((valid & ((ids_all < 0) | (ids_all >= vocab))).any(-1) & active).sum()
+        n_active, n_outside = torch.stack([active.sum(), outside]).tolist()  # the one read
+        if n_outside:
+            raise ValueError(f'teacher top-k ids must lie in [0, {vocab}) (the student vocabulary)')
+        idx = torch.nonzero_static(active, size=n_active).squeeze(1)
+        everyone = n_active == n_all  # then skip the gathers (and their scatter in backward)
 
     def rows(t):
         t = _token_rows(t, n_all)
@@ -161,29 +174,25 @@ def fused_linear_jsd(student_hidden: torch.Tensor,
     if full:
         plan.teacher_hidden = rows(teacher.hidden)
     else:
-        ids = rows(teacher.ids).long()
+        plan.topk_ids = rows(teacher.ids).long()  # in range: checked with the selection's read
         plan.topk_logprobs = rows(logprobs)
-        valid = plan.topk_logprobs > float('-inf')
-        if bool((valid & ((ids < 0) | (ids >= vocab))).any()):
-            raise ValueError(f'teacher top-k ids must lie in [0, {vocab}) (the student vocabulary)')
-        plan.topk_ids = ids
-    num_tokens = int(idx.numel())
+    num_tokens = n_all if idx is None else idx.numel()
     if sft_alpha:
         plan.labels = rows(labels).reshape(-1).long()
         if label_weights is not None:
             plan.label_weights = rows(label_weights).reshape(-1).float()
-        num_sft = int((plan.labels != IGNORE_INDEX).sum())
+        num_sft = (plan.labels != IGNORE_INDEX).sum()  # read only as the default normaliser
         plan.sft_scale = _inverse(sft_normalizer if sft_normalizer is not None else num_sft) * float(sft_alpha)
     else:
-        num_sft = 0
+        num_sft = torch.zeros((), dtype=torch.long, device=dev)
     plan.div_scale = _inverse(normalizer if normalizer is not None else num_tokens)
     plan.chunk_size = int(chunk_size) if chunk_size else None
     plan.grad_enabled = torch.is_grad_enabled()
 
     loss = _FusedLinearJSD.apply(rows(hidden), student_weight, student_bias, plan)
     stats = {k: v.detach() for k, v in plan.stats.items()}
-    stats['num_tokens'] = torch.tensor(num_tokens, device=hidden.device)
-    stats['num_sft_tokens'] = torch.tensor(num_sft, device=hidden.device)
+    stats['num_tokens'] = torch.full((), num_tokens, dtype=torch.long, device=dev)  # filled on the device: no copy
+    stats['num_sft_tokens'] = num_sft
     return loss, stats
 
 
@@ -257,9 +266,9 @@ class _FusedLinearJSD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grads = list(ctx.saved_tensors)
-        if bool(grad_loss != 1):
-            grads = [None if g is None else g * grad_loss.to(g.dtype) for g in grads]
+        # Always scaled, in place: testing ``grad_loss != 1`` would read it on the host (a sync per micro-batch), and
+        # the saved gradients serve this one backward (a second one, with retain_graph, raises: they were modified).
+        grads = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in ctx.saved_tensors]
         return grads[0], grads[1], grads[2], None
 
 

@@ -18,7 +18,8 @@ _LOGIT_TRANSFORMS = ('final_logit_softcapping', 'logit_scale', 'logits_scaling',
 
 
 def causal_lm(model: nn.Module) -> nn.Module:
-    """The ``*ForCausalLM`` module inside a PEFT wrapper (or the model itself)."""
+    """The ``*ForCausalLM`` module inside torch.compile's and a PEFT wrapper (or the model itself)."""
+    model = getattr(model, '_orig_mod', model)  # torch.compile's OptimizedModule (--torch_compile)
     get_base = getattr(model, 'get_base_model', None)
     return get_base() if callable(get_base) else model
 

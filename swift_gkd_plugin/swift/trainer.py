@@ -12,6 +12,7 @@ logic with the plugin's core:
 """
 from __future__ import annotations
 
+import functools
 from contextlib import ExitStack, contextmanager, nullcontext
 from copy import copy
 from dataclasses import dataclass
@@ -56,6 +57,8 @@ from swift_gkd_plugin.swift.run_guards import install_run_guards
 from swift_gkd_plugin.swift.speculative import SpeculativeEngine, cached_forward, server_teacher, skd_decoding
 from swift_gkd_plugin.swift.teacher_server import (attach_trainer_token_ids, connect_teacher_servers,
                                                     infer_prompt_logprobs)
+from swift_gkd_plugin.swift.token_metrics import TokenMean
+from swift_gkd_plugin.swift.token_metrics import add_token_sum as _add_token_sum
 
 logger = get_logger()
 
@@ -67,8 +70,15 @@ def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     return F.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
 
 
-def count_loss_tokens(labels: torch.Tensor) -> int:
-    return int((labels[..., 1:] != IGNORE_INDEX).sum())
+def count_loss_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """The number of response tokens (positions with a label to predict), on the labels' device (not read)."""
+    return (labels[..., 1:] != IGNORE_INDEX).sum()
+
+
+def response_positions(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """The flat indices of ``mask``'s ``count`` true entries, in order, without reading the mask on the host
+    (``nonzero_static``; a boolean selection ``x[mask]`` waits for the device to size its result)."""
+    return torch.nonzero_static(mask.reshape(-1), size=count).squeeze(1)
 
 
 class GKDPluginTrainer(GKDTrainer):
@@ -120,6 +130,9 @@ class GKDPluginTrainer(GKDTrainer):
         weights = self.args.reward_weights or [1.0] * len(self._reward_names)
         self._reward_weights = torch.tensor(weights, dtype=torch.float32, device=self.accelerator.device)
         self._advantages = None  # this rank's advantages of the current generation batch (on-policy steps)
+        # metrics are summed on the device and read once per logging step (ms-swift's MeanMetric reads each update)
+        for metrics in self.custom_metrics.values():
+            metrics.default_factory = functools.partial(TokenMean, device=self.args.device)
         self._completion_columns: Dict[str, list] = {}  # reward columns of the completions log
 
     def _request_sampler_logprobs(self) -> None:
@@ -626,50 +639,62 @@ class GKDPluginTrainer(GKDTrainer):
         """Attach to every micro-batch the number of response tokens of its whole optimizer step.
 
         Micro-batches ``[i * GA, (i + 1) * GA)`` of one generation batch form optimizer step ``i``; their counts
-        are summed over all micro-batches and all ranks with one all-reduce per generation batch.
+        are summed over all micro-batches and all ranks with one all-reduce per generation batch. Each micro-batch
+        also gets its own response-token counts (``gkd_tokens``: student view, teacher view), read on the host here
+        once for the whole generation batch: they size the loss's tensors without a host sync per micro-batch.
         """
         batches = super()._generate_and_score_completions(inputs)
         training = self.model.training
         group = self.args.gradient_accumulation_steps if training else 1
         steps = (len(batches) + group - 1) // group
+        tokens = [torch.stack([count_loss_tokens(b['model_inputs']['labels']),
+                               count_loss_tokens(b['teacher_model_inputs']['labels'])]) for b in batches]
+        tokens = torch.stack(tokens).tolist() if batches else []  # the one read
         # per optimizer step: response tokens, then (for gkd/completion_length) rows; one all-reduce for both
-        counts = torch.zeros(2 * steps, dtype=torch.float64, device=self.accelerator.device)
-        for i, batch in enumerate(batches):
-            counts[i // group] += count_loss_tokens(batch['model_inputs']['labels'])
+        counts = [0.0] * (2 * steps)
+        for i, (batch, (n_student, n_teacher)) in enumerate(zip(batches, tokens)):
+            if self._xtok is None:
+                check_same_response_count(n_student, n_teacher)
+            batch['gkd_tokens'] = (n_student, n_teacher)
+            counts[i // group] += n_student
             counts[steps + i // group] += batch['gkd_rows']
         if training and self.accelerator.num_processes > 1:
-            counts = self.accelerator.reduce(counts, reduction='sum')
+            counts = torch.tensor(counts, dtype=torch.float64, device=self.accelerator.device)
+            counts = self.accelerator.reduce(counts, reduction='sum').tolist()
         for i, batch in enumerate(batches):
             batch['gkd_step_tokens'] = float(counts[i // group])
             batch['gkd_mode'] = self._gkd_mode
         if training and self._gkd_mode.needs_generation:
-            _add_token_sum(self.custom_metrics['train']['gkd/completion_length'], counts[:steps].sum(),
-                           int(counts[steps:].sum()))
+            _add_token_sum(self.custom_metrics['train']['gkd/completion_length'], sum(counts[:steps]),
+                           int(sum(counts[steps:])))
         return batches
 
     # ------------------------------------------------------------------ loss
     def _teacher_forward(self, model, teacher_inputs, hidden: bool = False):
-        """The teacher's logits, or (``hidden=True``) its last hidden states and output head ``(weight, bias)``."""
+        """The teacher's logits, or (``hidden=True``) its last hidden states and output head ``(weight, bias)``.
+
+        The head is taken (detached) before the forward: under ZeRO-3 a head tied to the input embedding is released
+        by the embedding's post-forward hook, even inside ``gathered_heads``, and read afterwards it is an empty shard.
+        """
         fwd = {k: v for k, v in teacher_inputs.items() if k != 'labels'}
         if self._is_self_distillation:
             unwrapped = self.accelerator.unwrap_model(model)
+            head = _detached_head(unwrapped) if hidden else None  # the student's own head, frozen for the teacher
             with torch.no_grad(), self._teacher_view_of_student(unwrapped), disable_gradient_checkpointing(
                     model, self.args.gradient_checkpointing_kwargs), head_bypassed(unwrapped, hidden):
                 out = model(**fwd).logits
-            if not hidden:
-                return out
-            weight, bias = output_head(unwrapped)  # the student's own head, frozen for the teacher's side
-            return out, (weight.detach(), None if bias is None else bias.detach())
+            return (out, head) if hidden else out
         unwrapped = self.accelerator.unwrap_model(self.teacher_model)
         with torch.no_grad(), self.load_teacher_model_context(), disable_gradient_checkpointing(
                 self.teacher_model, self.args.gradient_checkpointing_kwargs):
+            # detached inside the block: an offloaded teacher's parameters point back to the CPU copy when it ends
+            head = _detached_head(unwrapped) if hidden else None
             with head_bypassed(unwrapped, hidden):
                 out = self.teacher_model(**fwd).logits
             if not hidden:
                 return out
-            weight, bias = output_head(unwrapped)
-            # detach(): an offloaded teacher's parameters point back to the CPU copy when the block ends
-            return out, (weight.detach().to(out.device), None if bias is None else bias.detach().to(out.device))
+            weight, bias = head
+            return out, (weight.to(out.device), None if bias is None else bias.to(out.device))
 
     def _loss_setup(self, inputs) -> '_LossSetup':
         """Response positions, the step's normaliser and which label term applies to this micro-batch (and the
@@ -687,9 +712,12 @@ class GKDPluginTrainer(GKDTrainer):
         student_labels = shift_labels(model_inputs['labels'])
         student_mask = student_labels != IGNORE_INDEX
         teacher_mask = shift_labels(teacher_inputs['labels']) != IGNORE_INDEX
-        n_student = int(student_mask.sum())
-        if self._xtok is None:
-            check_same_response_count(n_student, int(teacher_mask.sum()))
+        if 'gkd_tokens' in inputs:  # counted with the generation batch (_generate_and_score_completions)
+            n_student, n_teacher = inputs['gkd_tokens']
+        else:  # a batch that did not come from there: read here (two host syncs)
+            n_student, n_teacher = int(student_mask.sum()), int(teacher_mask.sum())
+            if self._xtok is None:
+                check_same_response_count(n_student, n_teacher)
         step_tokens = inputs.get('gkd_step_tokens', float(n_student))
         # DDP and DeepSpeed average gradients over ranks: scaling by the world size makes the gradient that of
         # (sum over every response token of the step) / (their count).
@@ -700,13 +728,15 @@ class GKDPluginTrainer(GKDTrainer):
         sft_alpha = self.args.sft_alpha if use_sft else 0.0
         # the policy-gradient term: on-policy steps, each sampled token weighted by its completion's advantage
         advantages = inputs.get('gkd_advantages')
+        student_index = response_positions(student_mask, n_student)
         token_advantages = None
         sampler_logprobs = None
         if mode is Mode.ON_POLICY and advantages is not None and self.args.gkd_rl_coef > 0:
-            token_advantages = advantages[:, None].expand(student_mask.shape)[student_mask]
+            token_advantages = _rows(advantages[:, None].expand(student_mask.shape), student_index)
             sampler_logprobs = inputs.get('gkd_sampler_logprobs')
-        return _LossSetup(student_mask, teacher_mask, student_labels[student_mask], mode, normalizer, sft_alpha,
-                          token_advantages, sampler_logprobs)
+        return _LossSetup(student_mask, teacher_mask, _rows(student_labels, student_index), mode, normalizer,
+                          sft_alpha, token_advantages, student_index, response_positions(teacher_mask, n_teacher),
+                          sampler_logprobs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """One micro-batch: the teacher's signal, the loss terms (divergence, SFT or policy-gradient term), their
@@ -724,9 +754,9 @@ class GKDPluginTrainer(GKDTrainer):
     def _dense_loss(self, model, fwd, teacher_inputs, inputs, setup: '_LossSetup'):
         """The loss on the student's full logits: teacher signal, then the loss terms, then the metrics."""
         outputs = model(**fwd)
-        student = outputs.logits[setup.student_mask]
+        student = setup.student_rows(outputs.logits)
         teacher = self._dense_teacher_signal(model, teacher_inputs, setup, inputs)
-        per_token, agree = self._dense_divergence(student, teacher)
+        per_token, agreements, n_compared = self._dense_divergence(student, teacher)
 
         total = per_token.sum()
         if setup.sft_alpha > 0:
@@ -747,36 +777,39 @@ class GKDPluginTrainer(GKDTrainer):
         loss = total / setup.normalizer
         if student.shape[0] == 0:
             loss = loss + outputs.logits.sum() * 0.0  # keep the graph connected for DDP/ZeRO
-        self._log_loss_metrics(setup.mode, per_token.detach().float().sum(), per_token.numel(), agree.sum(),
-                               agree.numel(), pg_sum=pg_sum, entropy_sum=entropy_sum)
+        self._log_loss_metrics(setup.mode, per_token.detach().float().sum(), per_token.numel(), agreements,
+                               n_compared, pg_sum=pg_sum, entropy_sum=entropy_sum)
         return loss, outputs
 
     def _dense_teacher_signal(self, model, teacher_inputs, setup: '_LossSetup', inputs) -> TeacherSignal:
         """The teacher's side of the dense loss: a server's top-k, aligned rows of a teacher with another
         tokenizer, the top-k of a local teacher (``--gkd_logits_topk``) or its full logits."""
-        teacher_mask, gkd_batch = setup.teacher_mask, inputs['gkd_batch']
+        gkd_batch = inputs['gkd_batch']
         if self.use_teacher_api:
-            return TeacherTopK(gkd_batch.teacher_topk_indices[teacher_mask],
-                               gkd_batch.teacher_topk_logprobs[teacher_mask])
+            return TeacherTopK(setup.teacher_rows(gkd_batch.teacher_topk_indices),
+                               setup.teacher_rows(gkd_batch.teacher_topk_logprobs))
         if self._xtok is not None:  # the teacher reads its own tokenization: aligned positions
-            aligned = self._xtok.teacher_rows(setup.student_mask, teacher_mask, inputs['gkd_xtok_rows'])
+            aligned = self._xtok.teacher_rows(setup.student_mask, setup.teacher_mask, inputs['gkd_xtok_rows'])
             return CrossTokenizerRows(self._teacher_forward(model, teacher_inputs), aligned)
-        teacher = self._teacher_forward(model, teacher_inputs)[teacher_mask]
+        teacher = setup.teacher_rows(self._teacher_forward(model, teacher_inputs))
         if self.gkd_logits_topk is not None:
             return topk_of_logits(teacher, self.gkd_logits_topk)
         return TeacherLogits(teacher)
 
     def _dense_divergence(self, student: torch.Tensor, teacher: TeacherSignal):
-        """Per-token divergence of the student's logits ``[N, V]`` against the teacher's signal, and per compared
-        token whether the two top-1 tokens agree."""
+        """Per-token divergence of the student's logits ``[N, V]`` against the teacher's signal, the number of
+        compared tokens whose two top-1 tokens agree (a device tensor) and the number of compared tokens."""
         if isinstance(teacher, TeacherTopK):
             return self._topk_divergence(student, teacher.ids, teacher.logprobs)
         if isinstance(teacher, CrossTokenizerRows):
             self._log_alignment_metrics(teacher.rows.exact)
-            return self._xtok.loss(student, teacher.logits, teacher.rows, self._divergence, self.args.temperature)
+            per_token, agree = self._xtok.loss(student, teacher.logits, teacher.rows, self._divergence,
+                                               self.args.temperature)
+            return per_token, agree.sum(), agree.numel()
         student_aligned, teacher_aligned = align_vocab(student, teacher.logits)
         per_token = generalized_jsd(student_aligned, teacher_aligned, self._divergence, self.args.temperature)
-        return per_token, student_aligned.argmax(-1) == teacher_aligned.argmax(-1)
+        agree = student_aligned.argmax(-1) == teacher_aligned.argmax(-1)
+        return per_token, agree.sum(), agree.numel()
 
     # ------------------------------------------------------------------ fused loss
     def _fused_loss(self, model, fwd, teacher_inputs, inputs, setup: '_LossSetup'):
@@ -795,32 +828,24 @@ class GKDPluginTrainer(GKDTrainer):
             with head_bypassed(student):
                 outputs = model(**fwd)
             with gathered_heads([teacher]):  # a ZeRO-3 teacher under a replicated student
-                teacher_side = self._fused_teacher_side(model, teacher_inputs, setup.teacher_mask, inputs['gkd_batch'])
-                loss = self._fused_apply(student, outputs.logits[setup.student_mask], teacher_side, setup)
+                teacher_side = self._fused_teacher_side(model, teacher_inputs, setup, inputs['gkd_batch'])
+                loss = self._fused_apply(student, setup.student_rows(outputs.logits), teacher_side, setup)
             return loss, outputs
 
         with gathered_heads([student, teacher]):  # reads only: the teacher's top-k or its head
-            teacher_side = self._fused_teacher_side(model, teacher_inputs, setup.teacher_mask, inputs['gkd_batch'])
+            teacher_side = self._fused_teacher_side(model, teacher_inputs, setup, inputs['gkd_batch'])
+        redirect = _LossInForward.installed_on(student)
         with gathered_heads([teacher]):
-
-            def forward_and_loss(**kwargs):
-                with head_bypassed(student):
-                    outputs = original_forward(**kwargs)
-                return self._fused_apply(student, outputs.logits[setup.student_mask], teacher_side, setup), outputs
-
-            original_forward = student.forward
-            patched = student.__dict__.get('forward')  # e.g. accelerate's autocast wrapper
-            student.forward = forward_and_loss  # an instance attribute: nn.Module.__call__ dispatches to it
+            redirect.pending = lambda out: self._fused_apply(student, setup.student_rows(out.logits), teacher_side,
+                                                             setup)
             try:
                 loss, outputs = model(**fwd)
             finally:
-                if patched is None:
-                    del student.forward
-                else:
-                    student.forward = patched
+                redirect.pending = None
         return loss, outputs
 
-    def _fused_teacher_side(self, model, teacher_inputs, teacher_mask, gkd_batch) -> Union[TeacherHead, TeacherTopK]:
+    def _fused_teacher_side(self, model, teacher_inputs, setup: '_LossSetup',
+                            gkd_batch) -> Union[TeacherHead, TeacherTopK]:
         """The teacher's side of the fused loss: its top-k, or its hidden states and head.
 
         A shared-base teacher's head is the student's own head, left out here (``TeacherHead`` without a weight)
@@ -829,11 +854,11 @@ class GKDPluginTrainer(GKDTrainer):
         student_vocab = head_rows(self.accelerator.unwrap_model(model))
         if self.use_teacher_api:
             # the teacher's padded output rows: no such token for the student
-            return TeacherTopK(*drop_ids_outside_vocab(gkd_batch.teacher_topk_indices[teacher_mask],
-                                                       gkd_batch.teacher_topk_logprobs[teacher_mask].float(),
+            return TeacherTopK(*drop_ids_outside_vocab(setup.teacher_rows(gkd_batch.teacher_topk_indices),
+                                                       setup.teacher_rows(gkd_batch.teacher_topk_logprobs).float(),
                                                        student_vocab))
         t_hidden, (t_weight, t_bias) = self._teacher_forward(model, teacher_inputs, hidden=True)
-        t_hidden = t_hidden[teacher_mask]
+        t_hidden = setup.teacher_rows(t_hidden)
         if self.gkd_logits_topk is not None:
             return TeacherTopK(*topk_from_hidden(t_hidden, t_weight, t_bias, self.gkd_logits_topk, student_vocab))
         if self._is_self_distillation:
@@ -863,7 +888,7 @@ class GKDPluginTrainer(GKDTrainer):
             student_hidden, weight, bias, teacher=teacher_side, **label_term, divergence=self._divergence,
             temperature=self.args.temperature, topk_tail=self.args.gkd_topk_tail, normalizer=normalizer,
             sft_normalizer=normalizer, return_entropy=on_policy)
-        n = int(stats['num_tokens'])
+        n = stats['num_tokens']  # a device tensor: read at logging
         self._log_loss_metrics(setup.mode, stats['divergence_sum'], n, stats['top1_agree'], n,
                                pg_sum=stats['sft_sum'] if token_advantages is not None else None,
                                entropy_sum=stats['entropy_sum'] if on_policy else None)
@@ -876,17 +901,20 @@ class GKDPluginTrainer(GKDTrainer):
         if sampler is None:
             return 1.0
         mode = self.args.rollout_importance_sampling_mode
-        rows = setup.student_mask.nonzero()[:, 0] if mode is not None and mode.startswith('sequence') else None
+        # each token's sequence: its row in the micro-batch (flat index // positions per row)
+        rows = None
+        if mode is not None and mode.startswith('sequence'):
+            rows = torch.div(setup.student_index, setup.student_mask.shape[1], rounding_mode='floor')
         correction = rollout_importance_weights(policy_logprobs, sampler, mode,
                                                 self.args.rollout_importance_sampling_threshold, rows=rows,
                                                 num_rows=setup.student_mask.shape[0])
-        n, abs_diff, k3, weight, cut = correction.stats.tolist()
+        n, abs_diff, k3, weight, cut = correction.stats.unbind()  # device tensors: read at logging
         metrics = self.custom_metrics['train' if self.model.training else 'eval']
-        _add_token_sum(metrics['gkd/rollout_logprob_diff'], abs_diff, int(n))
-        _add_token_sum(metrics['gkd/rollout_k3_kl'], k3, int(n))
+        _add_token_sum(metrics['gkd/rollout_logprob_diff'], abs_diff, n)
+        _add_token_sum(metrics['gkd/rollout_k3_kl'], k3, n)
         if mode is not None:
-            _add_token_sum(metrics['gkd/rollout_is_weight'], weight, int(n))
-            _add_token_sum(metrics['gkd/rollout_is_truncated'], cut, int(n))
+            _add_token_sum(metrics['gkd/rollout_is_weight'], weight, n)
+            _add_token_sum(metrics['gkd/rollout_is_truncated'], cut, n)
         return correction.weights
 
     def _topk_divergence(self, student_logits, teacher_ids, teacher_logprobs):
@@ -898,13 +926,15 @@ class GKDPluginTrainer(GKDTrainer):
         per_token = generalized_jsd(student_k, teacher_k, self._divergence, self.args.temperature)
         per_token = per_token.masked_fill(uncovered, 0.0)
         agree = (student_logits.argmax(-1) == teacher_ids.gather(-1, teacher_k.argmax(-1, keepdim=True))[:, 0])
-        return per_token, agree[~uncovered]
+        # counted on the device: a row without teacher information is not compared
+        return per_token, (agree & ~uncovered).sum(), (~uncovered).sum()
 
-    def _log_loss_metrics(self, mode: Mode, divergence_sum, n_tokens: int, agreements, n_compared: int, *,
+    def _log_loss_metrics(self, mode: Mode, divergence_sum, n_tokens, agreements, n_compared, *,
                           pg_sum=None, entropy_sum=None) -> None:
         """Per-mode divergence and top-1 agreement of one micro-batch (both loss implementations), accumulated per
         token: a logged value is the mean over every response token since the last log, as the step loss is, not
-        a mean of micro-batch means (micro-batches hold different numbers of tokens). ``gkd/distill_loss`` is the
+        a mean of micro-batch means (micro-batches hold different numbers of tokens). Sums and counts may be device
+        tensors: they are summed on the device and read once per logging step. ``gkd/distill_loss`` is the
         divergence over every mode; on-policy steps add the student's token entropy on its samples and, with
         rewards, ``gkd/pg_loss`` (the advantage-weighted negative log-likelihood, before ``--gkd_rl_coef``)."""
         metrics = self.custom_metrics['train' if self.model.training else 'eval']
@@ -920,9 +950,48 @@ class GKDPluginTrainer(GKDTrainer):
         """Cross-tokenizer runs: the fraction of student response tokens paired exactly and through the fallback
         (token-weighted, like the other metrics)."""
         metrics = self.custom_metrics['train' if self.model.training else 'eval']
-        n, n_exact = exact.numel(), int(exact.sum())
+        n, n_exact = exact.numel(), exact.sum()
         _add_token_sum(metrics['gkd/xtok_exact_fraction'], n_exact, n)
         _add_token_sum(metrics['gkd/xtok_fallback_fraction'], n - n_exact, n)
+
+
+class _LossInForward:
+    """The student module's ``forward`` on the fused loss's ZeRO-3 path (see ``_fused_loss``), installed once.
+
+    While ``pending`` holds the micro-batch's loss (a function of the student's outputs), a call runs the
+    original forward with the head bypassed and returns ``(loss, outputs)``; otherwise it is the original forward.
+    One object for the whole run, rather than a closure per micro-batch: a compiled module (``--torch_compile``)
+    sees the same ``forward`` at every micro-batch. The loss itself runs outside the compiled graph (``_eager``).
+    """
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        self.original = module.forward  # bound, or an instance attribute (e.g. accelerate's autocast wrapper)
+        self.pending = None
+
+    @classmethod
+    def installed_on(cls, module: torch.nn.Module) -> '_LossInForward':
+        forward = module.__dict__.get('forward')
+        if not isinstance(forward, cls):
+            forward = cls(module)
+            module.forward = forward  # an instance attribute: nn.Module.__call__ dispatches to it
+        return forward
+
+    @torch.compiler.disable(recursive=False)  # this frame only: the original forward below is still compiled
+    def __call__(self, *args, **kwargs):
+        pending, self.pending = self.pending, None  # for this call only: the forward may call itself
+        if pending is None:
+            return self.original(*args, **kwargs)
+        with head_bypassed(self.module):
+            outputs = self.original(*args, **kwargs)
+        return _eager(pending, outputs), outputs
+
+
+@torch.compiler.disable
+def _eager(function, *args):
+    """``function(*args)`` outside torch.compile: the fused loss is a chunk loop with its own gradients, and
+    tracing it would see ZeRO-3's partitioned head (an empty shard) rather than the gathered one."""
+    return function(*args)
 
 
 @dataclass(frozen=True)
@@ -935,17 +1004,28 @@ class _LossSetup:
     normalizer: float  # the step's response tokens over the ranks that average gradients
     sft_alpha: float  # the SFT term's weight on this step (0: none)
     token_advantages: Optional[torch.Tensor]  # per response token: the policy-gradient term's weights, or None
+    student_index: torch.Tensor  # flat (batch x position) indices of student_mask's positions
+    teacher_index: torch.Tensor  # the same for teacher_mask
     sampler_logprobs: Optional[torch.Tensor] = None  # per response token: the sampler's log-prob (NaN: none)
 
+    def student_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``x[student_mask]`` (``x``: ``[B, S, ...]``) without a host sync."""
+        return _rows(x, self.student_index)
 
-def _add_token_sum(metric, total, n_tokens: int) -> None:
-    """Add ``n_tokens`` values summing to ``total`` to an ms-swift ``MeanMetric``.
+    def teacher_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``x[teacher_mask]`` without a host sync."""
+        return _rows(x, self.teacher_index)
 
-    ``MeanMetric.update`` counts a 1-D tensor's entries and adds their sum: ``n_tokens`` entries equal to their mean
-    (in float64, so that they sum back to ``total``) weigh the micro-batch by its number of tokens.
-    """
-    if n_tokens:
-        metric.update(torch.full((n_tokens, ), float(total) / n_tokens, dtype=torch.float64))
+
+def _detached_head(model) -> tuple:
+    """The model's output head ``(weight, bias)``, detached (as they are now)."""
+    weight, bias = output_head(model)
+    return weight.detach(), None if bias is None else bias.detach()
+
+
+def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The entries of ``x``'s two leading (batch, position) dimensions at the flat positions ``index``."""
+    return x.flatten(0, 1).index_select(0, index)
 
 
 def seeded_request_config(config, *, seed: int, step: int, process_index: int, tensor_parallel_size: int,

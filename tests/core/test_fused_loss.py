@@ -308,6 +308,24 @@ def test_grad_output_scaling_no_grad_and_batch_dims():
 # --------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize('bad_id', [-1, 16])
+def test_topk_ids_outside_the_vocabulary_are_refused_where_they_count(bad_id):
+    """An id outside [0, V) in a slot with a finite log-probability of an active row is refused; the same id in an
+    unused slot (-inf), or in a row the mask leaves out, is not read."""
+    torch.manual_seed(0)
+    n, h, v, k = 4, 8, 16, 3
+    hidden, weight = torch.randn(n, h), torch.randn(v, h)
+    ids = torch.randint(0, v, (n, k))
+    logprobs = torch.log_softmax(torch.randn(n, k), -1)
+    ids[1, 2] = bad_id
+    with pytest.raises(ValueError, match=r'teacher top-k ids must lie in \[0, 16\)'):
+        fused_linear_jsd(hidden, weight, teacher=TeacherTopK(ids, logprobs))
+    unused = logprobs.clone()
+    unused[1, 2] = float('-inf')
+    fused_linear_jsd(hidden, weight, teacher=TeacherTopK(ids, unused))
+    fused_linear_jsd(hidden, weight, teacher=TeacherTopK(ids, logprobs), mask=torch.tensor([True, False, True, True]))
+
+
 @pytest.mark.parametrize('tail', [False, True])
 @pytest.mark.parametrize('temperature', TEMPS)
 @pytest.mark.parametrize('beta', BETAS)
