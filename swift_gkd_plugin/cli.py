@@ -118,8 +118,8 @@ def training_windows(output_dir: str, skd: bool) -> list:
     windows, first = [], 1
     with open(os.path.join(output_dir, 'logging.jsonl')) as f:
         for row in map(json.loads, f):
-            if 'global_step/max_steps' not in row:
-                continue  # the closing summary
+            if 'loss' not in row or 'global_step/max_steps' not in row:
+                continue  # the closing summaries (train_runtime ..., log_history ...)
             last = int(row['global_step/max_steps'].split('/')[0])
             windows.append((first, last, [names[modes[s]] for s in range(first, last + 1)],
                             row.get('gkd/skd_replaced_fraction')))

@@ -2,14 +2,12 @@
 ``benchmarks/bench_rl.py`` (quick presets' configuration, real ``swift sft`` / ``swift rlhf``)."""
 from __future__ import annotations
 
-import glob
 import importlib.util
 import json
 import os
 
 import pytest
 
-from swift_gkd_plugin import cli
 from swift_gkd_plugin.testing import quality_task, tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
