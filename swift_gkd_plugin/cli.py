@@ -151,6 +151,9 @@ def check_demo_args(args) -> None:
         ranges[swift_flag].check(name, getattr(args, name))
     for name in ('steps', 'teacher_steps'):
         Range(1, integer=True, why='optimizer steps').check(name, getattr(args, name))
+    if args.skd_top_k and args.lmbda == 0:  # swift rlhf's own rule (flags.check_sampling_flags), in the demo's names
+        raise ValueError(f'--skd_top_k {args.skd_top_k} corrects the student\'s samples on on-policy steps, and '
+                         '--lmbda 0 has none: set --lmbda > 0 or --skd_top_k 0')
 
 
 def run_demo(args) -> int:
@@ -197,7 +200,7 @@ def run_demo(args) -> int:
     log(f'training, per logged window: {what}:')
     for first, last, names, replaced in training_windows(output_dir, skd):
         rate = f'replaced {replaced:.3f}' if replaced is not None else ''
-        print(f'    steps {f"{first}-{last}":8}{run_length(names):40}{rate}')
+        print(f'    steps {f"{first}-{last}":8}{rate:18}{run_length(names)}')
     log(f'{len(test_rows)} held-out prompts; exact match = greedy free-running answer equals the reference, '
         'next-token = teacher-forced accuracy on the reference tokens:')
     print(f'    {"":22}exact match   next-token')
