@@ -1,8 +1,9 @@
 """``swift-gkd``: helper commands of the plugin.
 
     swift-gkd plugin-path        the file to pass to --external_plugins (explicit activation)
-    swift-gkd demo [--steps N]   build a tiny teacher and a warm-started student offline, distil one into the
-                                 other on CPU and report free-running exact match before and after
+    swift-gkd demo [--seed S]    build a tiny teacher and a warm-started student offline, distil one into the
+                                 other on CPU (80 on-policy steps sampled with speculative KD), print each step's
+                                 mode and the SKD replaced fraction, and free-running exact match before and after
     swift-gkd serve-teacher --model PATH [--template T] [--port 8000] [--topk 64] ...
                                  serve a teacher's top-k log-probabilities over HTTP (no vLLM needed)
     swift-gkd version
@@ -10,7 +11,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -18,7 +21,19 @@ import time
 
 import swift_gkd_plugin
 
-LEARNING_RATE = '3e-3'
+#: The demo's distillation settings, chosen by measurement over 3 seeds and 1 and 2 threads
+#: (docs_en/quality.md, "The demo"): SKD with K = 1 from a student warm-started to well-formed answers, at a
+#: learning rate and batch size at which one run's float rounding cannot flip the sign of its result.
+LEARNING_RATE = '1e-3'
+BATCH_SIZE = 16
+DEMO_STEPS = 80
+DEMO_SKD_TOP_K = 1
+DEMO_SAMPLING_TEMPERATURE = 0.5
+#: Supervised steps that warm-start the demo's student (the GKD paper's setting: distillation starts from a
+#: supervised-FT student): it then writes well-formed answers, many of them wrong.
+DEMO_WARM_START_STEPS = 60  # held-out exact match 0.21-0.46 on the reversal task (seeds 0-2)
+#: Steps per logged row of the demo's run (the per-window modes and SKD replaced fraction printed at the end).
+DEMO_LOGGING_STEPS = 10
 
 OFFLINE_ENV = {
     'HF_HUB_OFFLINE': '1',
@@ -39,9 +54,10 @@ def swift_executable() -> str:
     return beside if os.path.exists(beside) else (shutil.which('swift') or 'swift')
 
 
-def demo_command(ws: dict, output_dir: str, steps: int, lmbda: float, seed: int) -> list:
+def demo_command(ws: dict, output_dir: str, steps: int, lmbda: float, seed: int, skd_top_k: int = DEMO_SKD_TOP_K,
+                 sampling_temperature=DEMO_SAMPLING_TEMPERATURE) -> list:
     """The ``swift rlhf`` command line of the demo (also a working example of the flags a CPU run needs)."""
-    return [
+    cmd = [
         swift_executable(), 'rlhf', '--rlhf_type', 'gkd',
         '--model', ws['student'], '--model_type', 'qwen3',
         '--teacher_model', ws['teacher'], '--teacher_model_type', 'qwen3',
@@ -51,17 +67,19 @@ def demo_command(ws: dict, output_dir: str, steps: int, lmbda: float, seed: int)
         '--lmbda', str(lmbda), '--beta', '0.5', '--temperature', '1.0', '--max_completion_length', '16',
         '--max_steps', str(steps), '--learning_rate', LEARNING_RATE, '--warmup_ratio', '0.0',
         '--lr_scheduler_type', 'constant',
-        '--per_device_train_batch_size', '8', '--gradient_accumulation_steps', '1',
-        '--max_length', '128', '--logging_steps', '5',
+        '--per_device_train_batch_size', str(BATCH_SIZE), '--gradient_accumulation_steps', '1',
+        '--max_length', '128', '--logging_steps', str(DEMO_LOGGING_STEPS),
         '--save_strategy', 'steps', '--save_steps', str(steps), '--save_only_model', 'true', '--add_version', 'false',
         '--report_to', 'none', '--dataloader_num_workers', '0', '--dataset_num_proc', '1',
         '--seed', str(seed), '--output_dir', output_dir,
     ]
+    if skd_top_k:  # left out when 0, so that the command line stays ms-swift's own (the plugin's check below)
+        cmd += ['--gkd_skd_top_k', str(skd_top_k)]
+    if sampling_temperature is not None:
+        cmd += ['--gkd_sampling_temperature', str(sampling_temperature)]
+    return cmd
 
 
-#: Supervised steps that warm-start the demo's student (the GKD paper's setting: distillation starts from a
-#: supervised-FT student): it then writes well-formed answers, many of them wrong.
-DEMO_WARM_START_STEPS = 60  # held-out exact match about 0.2 on the reversal task
 PLUGIN_ACTIVE_MARK = 'GKD trainer active'
 
 
@@ -85,6 +103,59 @@ def demo_metrics(model_dir: str, tokenizer, rows) -> tuple:
     return quality_task.reference_exact_match(model_dir, tokenizer, rows), tiny.score(model_dir, tokenizer, rows)
 
 
+#: How the demo names a step's mode (an on-policy step samples with SKD when --gkd_skd_top_k > 0).
+MODE_NAMES = {'on_policy': 'on-policy', 'off_policy': 'off-policy', 'seq_kd': 'seq-kd'}
+
+
+def training_windows(output_dir: str, skd: bool) -> list:
+    """``(first step, last step, modes, SKD replaced fraction or None)`` per logged window of a finished run, read
+    from its mode log (``gkd_modes/rank0.jsonl``, one mode per step) and ``logging.jsonl`` (the replaced fraction
+    of the window's drafted tokens); the modes are the steps' in order, on-policy named ``skd`` when ``skd``."""
+    from swift_gkd_plugin.core.modes import mode_log_path
+    with open(mode_log_path(output_dir, 0)) as f:
+        modes = {row['step'] + 1: row['mode'] for row in map(json.loads, f)}  # the log counts steps from 0
+    names = dict(MODE_NAMES, on_policy='skd') if skd else MODE_NAMES
+    windows, first = [], 1
+    with open(os.path.join(output_dir, 'logging.jsonl')) as f:
+        for row in map(json.loads, f):
+            if 'loss' not in row or 'global_step/max_steps' not in row:
+                continue  # the closing summaries (train_runtime ..., log_history ...)
+            last = int(row['global_step/max_steps'].split('/')[0])
+            windows.append((first, last, [names[modes[s]] for s in range(first, last + 1)],
+                            row.get('gkd/skd_replaced_fraction')))
+            first = last + 1
+    return windows
+
+
+def run_length(names: list) -> str:
+    """``['skd', 'skd', 'off-policy']`` -> ``'skd x2, off-policy'``: a window's modes, step by step."""
+    runs = []
+    for name in names:
+        if runs and runs[-1][0] == name:
+            runs[-1][1] += 1
+        else:
+            runs.append([name, 1])
+    return ', '.join(name if n == 1 else f'{name} x{n}' for name, n in runs)
+
+
+#: The demo's flags -> the ``swift rlhf`` flag whose declared range they take.
+DEMO_FLAG_RANGES = {'lmbda': 'lmbda', 'skd_top_k': 'gkd_skd_top_k', 'sampling_temperature': 'gkd_sampling_temperature'}
+
+
+def check_demo_args(args) -> None:
+    """The demo's flags hold allowed values (ValueError naming flag, value and range): checked before the workspace
+    is built, which takes a minute, rather than by ``swift rlhf`` after it."""
+    from swift_gkd_plugin.flags import Range, declared_ranges
+    ranges = declared_ranges()
+    for name, swift_flag in DEMO_FLAG_RANGES.items():
+        ranges[swift_flag].check(name, getattr(args, name))
+    for name in ('steps', 'teacher_steps'):
+        Range(1, integer=True, why='optimizer steps').check(name, getattr(args, name))
+    if args.skd_top_k and args.lmbda == 0:  # swift rlhf's own rule (flags.check_sampling_flags), in the demo's names
+        raise ValueError(f'--skd_top_k {args.skd_top_k} corrects the student\'s samples on on-policy steps, and '
+                         '--lmbda 0 has none: set --lmbda > 0 or --skd_top_k 0')
+
+
 def run_demo(args) -> int:
     from swift_gkd_plugin.testing import tiny
 
@@ -102,28 +173,44 @@ def run_demo(args) -> int:
 
     output_dir = os.path.join(root, 'output')
     shutil.rmtree(output_dir, ignore_errors=True)
-    cmd = demo_command(ws, output_dir, args.steps, args.lmbda, args.seed)
-    log('running: ' + ' '.join(cmd))
-    env = dict(os.environ, **OFFLINE_ENV)  # SWIFT_GKD_PLUGIN is the user's: =0 must show up as an error below
+    cmd = demo_command(ws, output_dir, args.steps, args.lmbda, args.seed, args.skd_top_k, args.sampling_temperature)
+    # SWIFT_GKD_PLUGIN is the user's (=0 must show up as an error below); one thread unless the user chose: these
+    # models are too small to profit from more, and the result then does not depend on the machine's core count
+    env = dict(os.environ, **OFFLINE_ENV)
+    env.setdefault('OMP_NUM_THREADS', '1')
+    log(f'running (OMP_NUM_THREADS={env["OMP_NUM_THREADS"]}): ' + ' '.join(cmd))
     returncode, output = run_logged(cmd, env)
-    if returncode != 0:
-        print(f'[swift-gkd demo] swift rlhf failed with exit code {returncode}', file=sys.stderr)
-        return returncode
-    if PLUGIN_ACTIVE_MARK not in output:
+    # without the plugin ms-swift's own parser refuses the plugin's flags (remaining_argv: ['--gkd_skd_top_k', ...])
+    plugin_flags_unknown = 'remaining_argv' in output and '--gkd_' in output
+    if PLUGIN_ACTIVE_MARK not in output and (returncode == 0 or plugin_flags_unknown):
         print(f'[swift-gkd demo] ERROR: the swift rlhf run did not use swift-gkd-plugin (no "{PLUGIN_ACTIVE_MARK}" '
               'in its log): ms-swift\'s own GKD trainer ran. Check that SWIFT_GKD_PLUGIN is not 0 and that the '
               'plugin\'s start-up .pth is installed (pip install swift-gkd-plugin, or pass '
               '--external_plugins "$(swift-gkd plugin-path)").', file=sys.stderr)
         return 3
+    if returncode != 0:
+        print(f'[swift-gkd demo] swift rlhf failed with exit code {returncode}', file=sys.stderr)
+        return returncode
     trained = os.path.join(output_dir, f'checkpoint-{args.steps}')
     after = demo_metrics(trained, tokenizer, test_rows)
+    skd = args.skd_top_k > 0
     print('')
+    what = ("each step's mode and the fraction of the student's drafted tokens that the teacher replaced "
+            '(gkd/skd_replaced_fraction)') if skd else "each step's mode"
+    log(f'training, per logged window: {what}:')
+    for first, last, names, replaced in training_windows(output_dir, skd):
+        rate = f'replaced {replaced:.3f}' if replaced is not None else ''
+        print(f'    steps {f"{first}-{last}":8}{rate:18}{run_length(names)}')
     log(f'{len(test_rows)} held-out prompts; exact match = greedy free-running answer equals the reference, '
         'next-token = teacher-forced accuracy on the reference tokens:')
     print(f'    {"":22}exact match   next-token')
     for name, (em, nt) in (('teacher', teacher), ('student before GKD', before), ('student after GKD', after)):
         print(f'    {name:22}{em:11.3f}   {nt:10.3f}')
-    print(f'    ({args.steps} GKD steps, lmbda={args.lmbda}, {time.time() - t0:.0f}s in all; trained student: {trained})')
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    cpu = sum(u.ru_utime + u.ru_stime for u in usage)
+    sampler = f'SKD top-{args.skd_top_k}' if skd else 'plain sampling'
+    print(f'    ({args.steps} GKD steps, lmbda={args.lmbda}, on-policy steps by {sampler}, {time.time() - t0:.0f}s '
+          f'wall, {cpu:.0f}s CPU; trained student: {trained})')
     return 0
 
 
@@ -134,8 +221,13 @@ def main(argv=None) -> int:
     sub.add_parser('version', help='print the plugin version')
     demo = sub.add_parser('demo', help='distil a tiny teacher into a tiny student on CPU, offline')
     demo.add_argument('--workdir', default='swift_gkd_demo', help='where models, data and outputs go')
-    demo.add_argument('--steps', type=int, default=40, help='GKD optimizer steps')
+    demo.add_argument('--steps', type=int, default=DEMO_STEPS, help='GKD optimizer steps')
     demo.add_argument('--lmbda', type=float, default=1.0, help='probability of an on-policy step (1: every step)')
+    demo.add_argument('--skd_top_k', type=int, default=DEMO_SKD_TOP_K,
+                      help='--gkd_skd_top_k of the run: on-policy steps sample with speculative KD, the teacher '
+                           'replacing drafted tokens outside its top-K (0: plain on-policy sampling)')
+    demo.add_argument('--sampling_temperature', type=float, default=DEMO_SAMPLING_TEMPERATURE,
+                      help='--gkd_sampling_temperature of the run (the loss temperature stays 1.0)')
     demo.add_argument('--seed', type=int, default=0)
     demo.add_argument('--teacher_steps', type=int, default=250, help='supervised steps that train the teacher')
     from swift_gkd_plugin.server import cli as server_cli
@@ -150,6 +242,10 @@ def main(argv=None) -> int:
     if args.command == 'version':
         print(swift_gkd_plugin.__version__)
         return 0
+    try:
+        check_demo_args(args)
+    except ValueError as e:
+        demo.error(str(e))  # exit code 2 and the usage, before anything is built
     return run_demo(args)
 
 

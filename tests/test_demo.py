@@ -1,0 +1,70 @@
+"""``swift-gkd demo`` end to end through the real ``swift rlhf``: the default run raises the student's held-out exact
+match by a clear margin and prints each step's mode and SKD's replaced fraction; a run that did not use the plugin is
+refused."""
+from __future__ import annotations
+
+import glob
+import os
+import re
+
+import pytest
+
+from swift_gkd_plugin import cli
+
+
+def _exact_match(out: str, name: str) -> float:
+    return float(re.search(rf'^\s+{name}\s+([0-9.]+)\s', out, re.M).group(1))
+
+
+def test_demo_default_distils_the_student(tmp_path, capsys):
+    """Seed 0 with the demo's defaults: the seed whose former default (40 plain on-policy steps, learning rate 3e-3,
+    batch 8) moved exact match 0.210 -> 0.315 here and 0.210 -> 0.145 on another CPU; the issue's bar is a gain of
+    0.15 (measured here: several times that, on 3 seeds and 1 and 2 threads)."""
+    code = cli.main(['demo', '--workdir', str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0
+    before, after = _exact_match(out, 'student before GKD'), _exact_match(out, 'student after GKD')
+    assert after - before >= 0.15, (before, after)
+    windows = re.findall(r'^\s+steps (\d+)-(\d+)\s+replaced ([0-9.]+)\s+(\S.*)$', out, re.M)
+    assert len(re.findall(r'^\s+steps ', out, re.M)) == len(windows)  # each window with its replaced fraction
+    steps = sum(int(last) - int(first) + 1 for first, last, _, _ in windows)
+    assert windows[-1][1] == str(cli.DEMO_STEPS) and steps == cli.DEMO_STEPS
+    assert all(modes.startswith('skd') and ',' not in modes for _, _, _, modes in windows)  # lmbda 1: SKD throughout
+    replaced = [float(w[2]) for w in windows]
+    assert replaced[0] > 0.2 and replaced[-1] < replaced[0] / 2  # the teacher corrects less as the student learns
+
+
+def test_run_length_names_each_steps_mode_in_order():
+    assert cli.run_length(['skd', 'skd', 'off-policy', 'skd']) == 'skd x2, off-policy, skd'
+    assert cli.run_length(['on-policy']) == 'on-policy'
+
+
+def test_demo_fails_loudly_when_the_plugin_did_not_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv('SWIFT_GKD_PLUGIN', '0')  # ms-swift's own GKD trainer runs, and does not know --gkd_* flags
+    code = cli.main(['demo', '--workdir', str(tmp_path), '--steps', '1', '--teacher_steps', '2'])
+    err = capsys.readouterr().err
+    assert code == 3
+    assert 'did not use swift-gkd-plugin' in err and 'GKD trainer active' in err
+    assert not glob.glob(os.path.join(tmp_path, 'output', '**', 'gkd_modes'), recursive=True)
+
+
+def test_demo_without_skd_still_refuses_a_run_without_the_plugin(tmp_path, monkeypatch, capsys):
+    """With ``--skd_top_k 0`` ms-swift's own trainer accepts the command line and finishes: the missing start-up
+    line is what gives it away."""
+    monkeypatch.setenv('SWIFT_GKD_PLUGIN', '0')
+    code = cli.main(['demo', '--workdir', str(tmp_path), '--steps', '1', '--teacher_steps', '2', '--skd_top_k', '0'])
+    assert code == 3 and 'did not use swift-gkd-plugin' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('flag,value,says', [('--skd_top_k', '-1', '--skd_top_k must be an integer >= 0'),
+                                             ('--sampling_temperature', '0', '--sampling_temperature must be > 0'),
+                                             ('--lmbda', '1.5', '--lmbda must be in [0, 1]'),
+                                             ('--steps', '0', '--steps must be an integer >= 1'),
+                                             ('--lmbda', '0', '--skd_top_k 1 corrects the student')])
+def test_demo_refuses_bad_flags_before_building_anything(flag, value, says, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(['demo', '--workdir', str(tmp_path / 'ws'), flag, value])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and says in err
+    assert f'got {float(value):g}' in err or ('--lmbda 0 has none' in err and '--skd_top_k 0' in err)
+    assert not (tmp_path / 'ws').exists()
