@@ -11,7 +11,7 @@ student (a short supervised warm start), caches both, then runs every method fro
 ``swift sft`` / ``swift rlhf --rlhf_type gkd`` command line with the same steps, batch size and learning-rate
 schedule, saves checkpoints and scores each one on the held-out prompts with greedy free-running generation.
 
-``--preset capacity``: a task whose student cannot hold all of it (``swift_gkd_plugin.testing.capacity_task``: a
+``--preset capacity``: a task a third-size student cannot fully learn (``swift_gkd_plugin.testing.capacity_task``: a
 random table of neighbouring letters), a student supervised until it stops improving, every method from there.
 
 Outputs (under ``--workdir``): ``results.json``, ``results.csv``, ``exact_match_vs_step.png``, ``exact_match_bar.png``;
@@ -355,8 +355,9 @@ def parse_args(argv=None):
     parser.add_argument('--sampling_temperature',
                         help='the GKD methods\' --gkd_sampling_temperature (default: unset, sampling at --temperature)')
     parser.add_argument('--preset', choices=('default', 'capacity'), default='default',
-                        help='default: the sorting task; capacity: the table task with a converged student (its own '
-                             f'sizes and learning rate {CAPACITY_LEARNING_RATE}; the default\'s is {DEFAULT_LEARNING_RATE})')
+                        help='default: the sorting task; capacity: the table task with a converged student (its '
+                             f'own sizes and learning rate {CAPACITY_LEARNING_RATE}; the default\'s is '
+                             f'{DEFAULT_LEARNING_RATE})')
     return parser.parse_args(argv)
 
 

@@ -1,5 +1,5 @@
 """The capacity-limited task of ``bench_quality.py --preset capacity``: a fixed random table applied to neighbouring
-letters, which a small student cannot hold in full.
+letters, which a small student cannot fully learn.
 
 Imports only :mod:`.quality_task`'s helpers (never ms-swift).
 
@@ -9,10 +9,11 @@ The user message is ``"Map: k c a m f h b p"`` (:attr:`CapacityTask.length` lett
 drawn with replacement).  The one right answer has as many letters: letter ``i`` is ``table[x_i, x_{i+1}, ...]``,
 the table applied to the ``window`` letters starting at position ``i`` (cyclically).  The table is a fixed random
 map from every ``window``-tuple of symbols to a symbol (seeded, :meth:`CapacityTask.table`): with 16 symbols and a
-window of 2 it has 256 entries, with a window of 3 4,096 entries.  There is nothing to generalise but the position
-arithmetic: a model writes right answers only if it has memorised the entries, and the table's size sets how much of
-it a small model can hold.  Why: on the sorting task (:mod:`.quality_task`) a student a third of the teacher's size
-learns the rule from references alone (docs_en/quality.md), so no method can show what only the teacher knows.
+window of 2 it has 256 entries, with a window of 3 4,096 entries.  A model must memorise the table and look up the
+right neighbours; the last letters' windows wrap around to the first input letters, a lookup at another distance
+(with the benchmark's sizes, the lookup a one-layer student does not learn: docs_en/quality.md).  Why this task: on
+the sorting task (:mod:`.quality_task`) a student a third of the teacher's size learns the rule from references
+alone (docs_en/quality.md), so no method can show what only the teacher knows.
 
 Train and test prompts are disjoint: a prompt's split is a hash of its letter sequence (:meth:`CapacityTask.split_of`);
 held-out prompts are new sequences, while (with the benchmark's sizes) every table entry occurs in training.
