@@ -113,3 +113,20 @@ def test_capacity_closing_line_has_its_prefix():
     summary = {m: {'exact_match': (v, 0.0)} for m, v in em.items()}
     ws = {'teacher_eval': {'exact_match': 0.9}, 'student_eval': {'exact_match': 0.1}}
     assert bench.closing_line(summary, ws, 'quality[capacity]').startswith('quality[capacity]: teacher 0.900, ')
+
+
+def test_workspace_rewrites_its_data_when_the_task_changes(tmp_path):
+    """The data are cached with their settings: the same folder with another table writes the other table's rows
+    (and retrains the models on them) instead of keeping the first task's rows."""
+    def build(task):
+        return quality_task.build_workspace(str(tmp_path), n_train=16, n_test=4, teacher_steps=1, student_steps=1,
+                                            batch_size=4, task=task, log=lambda msg: None,
+                                            teacher_kwargs=bench.CAPACITY_PRESETS['quick']['student_kwargs'],
+                                            student_kwargs=bench.CAPACITY_PRESETS['quick']['student_kwargs'])
+    first, other = CapacityTask(**bench.CAPACITY_TASK), CapacityTask(**dict(bench.CAPACITY_TASK, table_seed=1))
+    ws = build(first)
+    assert tiny.read_dataset(ws['train']) == first.make_rows(16, 0, 'train')
+    ws = build(other)
+    assert tiny.read_dataset(ws['train']) == other.make_rows(16, 0, 'train')
+    assert tiny.read_dataset(ws['test']) == other.make_rows(4, 0, 'test')
+    assert ws['teacher_params']['task'] == other.describe()

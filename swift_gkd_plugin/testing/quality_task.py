@@ -194,8 +194,8 @@ _VERSION = 1
 
 def build_workspace(root: str, *, seed: int = 0, n_train: int = 4000, n_test: int = 200, teacher_steps: int = 300,
                     student_steps: int = 60, batch_size: int = 64, log=print, task=None,
-                    teacher_kwargs: Optional[Dict[str, int]] = None, student_kwargs: Optional[Dict[str, int]] = None,
-                    student_lr: Optional[float] = None) -> Dict[str, Any]:
+                    teacher_kwargs: Optional[Dict[str, int]] = None,
+                    student_kwargs: Optional[Dict[str, int]] = None) -> Dict[str, Any]:
     """Build (or reuse) the data, the teacher and the warm-started student under ``root``.
 
     The teacher (:data:`TEACHER_KWARGS`) and the student (:data:`STUDENT_KWARGS`) are trained with
@@ -206,8 +206,8 @@ def build_workspace(root: str, *, seed: int = 0, n_train: int = 4000, n_test: in
     metrics on the test rows (``teacher_eval``, ``student_eval``, answers included; ``*_parameters``).
 
     Another task (``task``: an object with ``make_rows``, ``answer_metrics`` and ``describe``, such as
-    :class:`.capacity_task.CapacityTask`), other model sizes and the student's learning rate (``student_lr``, default
-    :func:`tiny.train_teacher`'s) enter the cache keys only when given, so the sorting task's models stay cached.
+    :class:`.capacity_task.CapacityTask`) and other model sizes change the cache keys only when given, so the sorting
+    task's models stay cached.
     """
     root = os.path.abspath(root)
     data = dict(version=_VERSION, seed=seed, n_train=n_train, n_test=n_test, batch_size=batch_size,
@@ -216,22 +216,21 @@ def build_workspace(root: str, *, seed: int = 0, n_train: int = 4000, n_test: in
     rows_of = task.make_rows if task is not None else make_rows
     paths = {k: os.path.join(root, k) for k in ('tokenizer', 'teacher', 'student')}
     paths.update(train=os.path.join(root, 'train.jsonl'), test=os.path.join(root, 'test.jsonl'))
-    if not all(os.path.exists(paths[k]) for k in ('tokenizer', 'train', 'test')):
+    data_marker = os.path.join(root, 'data.json')  # the data's settings: other settings rewrite the data
+    if not all(os.path.exists(paths[k]) for k in ('tokenizer', 'train', 'test')) or _read_json(data_marker) != data:
         os.makedirs(root, exist_ok=True)
         tiny.build_tokenizer(paths['tokenizer'])
         tiny.write_dataset(paths['train'], rows_of(n_train, seed, 'train'))
         tiny.write_dataset(paths['test'], rows_of(n_test, seed, 'test'))
+        _write_json(data_marker, data)
     results: Dict[str, Any] = {}
-    for name, kwargs, steps, model_seed, lr in (
-            ('teacher', teacher_kwargs or TEACHER_KWARGS, teacher_steps, seed, None),
-            ('student', student_kwargs or STUDENT_KWARGS, student_steps, seed + 1, student_lr)):
+    for name, kwargs, steps, model_seed in (('teacher', teacher_kwargs or TEACHER_KWARGS, teacher_steps, seed),
+                                            ('student', student_kwargs or STUDENT_KWARGS, student_steps, seed + 1)):
         params = dict(data, model=kwargs, steps=steps, model_seed=model_seed,
-                      teacher=results.get('teacher_params'),  # a new teacher means new teacher answers to agree with
-                      **({} if lr is None else {'lr': lr}))
+                      teacher=results.get('teacher_params'))  # a new teacher means new teacher answers to agree with
         built = _cached_model(paths[name], params)
         if built is None:
-            built = _train_model(paths, name, kwargs, steps, model_seed, batch_size, results, log, task,
-                                 **({} if lr is None else {'lr': lr}))
+            built = _train_model(paths, name, kwargs, steps, model_seed, batch_size, results, log, task)
             _write_json(os.path.join(paths[name], _MARKER), {'params': params, **built})
         else:
             log(f'reusing the cached {name} in {paths[name]}')
@@ -293,22 +292,25 @@ def _file_crc(path: str) -> int:
         return zlib.crc32(f.read())
 
 
-def _cached_model(model_dir: str, params: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+def _read_json(path: str) -> Optional[Any]:
     try:
-        with open(os.path.join(model_dir, _MARKER), encoding='utf-8') as f:
-            built = json.load(f)
+        with open(path, encoding='utf-8') as f:
+            return json.load(f)
     except (OSError, ValueError):
         return None
-    return built if built.get('params') == params else None
 
 
-def _train_model(paths, name, kwargs, steps, model_seed, batch_size, results, log, task=None,
-                 **train_kwargs) -> Dict[str, Any]:
+def _cached_model(model_dir: str, params: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    built = _read_json(os.path.join(model_dir, _MARKER))
+    return built if isinstance(built, dict) and built.get('params') == params else None
+
+
+def _train_model(paths, name, kwargs, steps, model_seed, batch_size, results, log, task=None) -> Dict[str, Any]:
     tokenizer = tiny.load_tokenizer(paths['tokenizer'])
     log(f'training the {name} ({steps} steps of batch {batch_size}) ...')
     tiny.build_model(paths[name], tokenizer, seed=model_seed, **kwargs)
     stats = tiny.train_teacher(paths[name], tiny.read_dataset(paths['train']), steps=steps, batch_size=batch_size,
-                               seed=model_seed, log_every=max(1, steps // 4), **train_kwargs)
+                               seed=model_seed, log_every=max(1, steps // 4))
     reference = results['teacher_eval']['answers'] if name == 'student' else None
     metrics = evaluate(paths[name], tokenizer, tiny.read_dataset(paths['test']), reference, task)
     log(f"{name}: exact match {metrics['exact_match']:.3f}, {stats['num_parameters']:,} parameters, "
