@@ -2,6 +2,7 @@
 
     python benchmarks/bench_quality.py --quick          # 1 seed, short runs (<= 10 minutes on 2 cores)
     python benchmarks/bench_quality.py                  # the full preset: 3 seeds, longer runs
+    python benchmarks/bench_quality.py --preset capacity --quick   # the capacity-limited task, 1 seed
     python benchmarks/bench_quality.py --help
 
 Task: sort eight distinct letters, ascending or descending (both right; the dataset's reference picks one at
@@ -9,6 +10,9 @@ random): ``swift_gkd_plugin.testing.quality_task``.  The benchmark trains a teac
 student (a short supervised warm start), caches both, then runs every method from that warm start through the real
 ``swift sft`` / ``swift rlhf --rlhf_type gkd`` command line with the same steps, batch size and learning-rate
 schedule, saves checkpoints and scores each one on the held-out prompts with greedy free-running generation.
+
+``--preset capacity``: a task a third-size student cannot fully learn (``swift_gkd_plugin.testing.capacity_task``: a
+random table of neighbouring letters), a student supervised until it stops improving, every method from there.
 
 Outputs (under ``--workdir``): ``results.json``, ``results.csv``, ``exact_match_vs_step.png``, ``exact_match_bar.png``;
 a markdown table on stdout; the last line of stdout is the ``quality: ...`` summary.
@@ -31,7 +35,7 @@ from typing import Any, Dict, List
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from swift_gkd_plugin.cli import OFFLINE_ENV, swift_executable  # noqa: E402
-from swift_gkd_plugin.testing import quality_task, tiny  # noqa: E402
+from swift_gkd_plugin.testing import capacity_task, quality_task, tiny  # noqa: E402
 
 PRESETS = {
     'quick': dict(seeds=[0], steps=60, eval_every=20, batch_size=16, n_train=4000, n_test=200, teacher_steps=300,
@@ -39,8 +43,25 @@ PRESETS = {
     'full': dict(seeds=[0, 1, 2], steps=120, eval_every=20, batch_size=16, n_train=4000, n_test=200,
                  teacher_steps=300, student_steps=60),
 }
-LEARNING_RATE = '1e-3'
+DEFAULT_LEARNING_RATE = '1e-3'
+LEARNING_RATE = DEFAULT_LEARNING_RATE
 TEMPERATURE = '1.0'
+#: ``--sampling_temperature``: the GKD methods' ``--gkd_sampling_temperature`` (None: unset, sampling at TEMPERATURE)
+SAMPLING_TEMPERATURE = None
+
+#: ``--preset capacity``: the table task (capacity_task), a teacher and a third-size student, the student supervised
+#: until it stops improving (the start of every method, as in the GKD paper); measured in docs_en/quality.md.
+CAPACITY_TASK = dict(symbols='abcdefghijklmnopqrstuvwxyz', length=8, window=2, table_seed=0)
+CAPACITY_COMMON = dict(eval_every=25, batch_size=16, n_train=4000, n_test=200, teacher_steps=1000,
+                       student_steps=2000, task=CAPACITY_TASK, teacher_kwargs=dict(tiny.STUDENT_KWARGS),
+                       student_kwargs=dict(hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2,
+                                           intermediate_size=64))
+CAPACITY_PRESETS = {
+    'quick': dict(CAPACITY_COMMON, seeds=[0], steps=100),
+    'full': dict(CAPACITY_COMMON, seeds=[0, 1, 2], steps=100),
+}
+#: The methods' learning rate on the capacity preset: the student starts converged (1e-3 first undoes some of it).
+CAPACITY_LEARNING_RATE = '2e-4'
 
 #: method -> (swift command, flags).  beta: 0 = forward KL(teacher || student), 1 = reverse KL(student || teacher).
 #: The off-policy KD methods use forward KL, as supervised KD and SeqKD do in the GKD paper.
@@ -81,7 +102,8 @@ def method_command(method: str, ws: Dict[str, Any], cfg: Dict[str, Any], seed: i
     }
     if command == 'rlhf':
         flags.update({'rlhf_type': 'gkd', 'teacher_model': ws['teacher'], 'teacher_model_type': 'qwen3',
-                      'temperature': TEMPERATURE, 'max_completion_length': '12'})
+                      'temperature': TEMPERATURE, 'gkd_sampling_temperature': SAMPLING_TEMPERATURE,
+                      'max_completion_length': '12'})
     flags.update(extra)
     argv = [swift_executable(), command]
     for key, value in flags.items():
@@ -121,7 +143,7 @@ def evaluate_curve(checkpoints: List[str], ws: Dict[str, Any], test_rows, tokeni
     curve = [{'step': 0, **_without_answers(ws['student_eval'])}]
     replaced = _logged(os.path.dirname(checkpoints[0]), 'gkd/skd_replaced_fraction') if checkpoints else []
     for path in checkpoints:
-        metrics = quality_task.evaluate(path, tokenizer, test_rows, ws['teacher_eval']['answers'])
+        metrics = quality_task.evaluate(path, tokenizer, test_rows, ws['teacher_eval']['answers'], ws.get('task'))
         step = int(path.rsplit('-', 1)[1])
         curve.append({'step': step, **_without_answers(metrics)})
         before = [value for at, value in replaced if at <= step]
@@ -261,15 +283,16 @@ def plot(workdir: str, curves, summary, ws) -> List[str]:
     return [curve_png, bar_png]
 
 
-def closing_line(summary, ws) -> str:
-    """The summary line; the gap closed is that of the best of on-policy (best beta) and SKD."""
+def closing_line(summary, ws, prefix: str = 'quality') -> str:
+    """The summary line (``prefix``: ``quality[capacity]`` on that preset); the gap closed is that of the best of
+    on-policy (best beta) and SKD."""
     teacher, start = ws['teacher_eval']['exact_match'], ws['student_eval']['exact_match']
     best = max(ONPOLICY, key=lambda m: summary[m]['exact_match'][0])
     onpolicy = summary[best]['exact_match'][0]
     em = {m: summary[m]['exact_match'][0] for m in summary}
     top = max(onpolicy, em['skd'])
     gap = (top - start) / (teacher - start) * 100 if teacher != start else float('nan')
-    return (f"quality: teacher {teacher:.3f}, start {start:.3f}, sft {em['sft']:.3f}, seqkd {em['seqkd']:.3f}, "
+    return (f"{prefix}: teacher {teacher:.3f}, start {start:.3f}, sft {em['sft']:.3f}, seqkd {em['seqkd']:.3f}, "
             f"supkd {em['supkd']:.3f}, onpolicy {onpolicy:.3f} (beta {best.split('beta')[1]}), "
             f"mixed {em['mixed']:.3f}, skd {em['skd']:.3f}, gap closed {gap:.0f}%")
 
@@ -319,7 +342,7 @@ def common_parser(doc: str, workdir: str, methods, temperature: str = TEMPERATUR
     parser.add_argument('--eval_every', type=int, help="override the preset's checkpoint interval")
     parser.add_argument('--student_steps', type=int, help="override the preset's supervised warm-start steps")
     parser.add_argument('--learning_rate', default=learning_rate,
-                        help=f'the learning rate of every method ({learning_rate})')
+                        help='the learning rate of every method' + (f' ({learning_rate})' if learning_rate else ''))
     parser.add_argument('--temperature', default=temperature,
                         help=f'the sampling (and loss) temperature of the GKD/RL methods ({temperature})')
     parser.add_argument('--methods', nargs='+', choices=list(methods), default=list(methods),
@@ -328,7 +351,14 @@ def common_parser(doc: str, workdir: str, methods, temperature: str = TEMPERATUR
 
 
 def parse_args(argv=None):
-    return common_parser(__doc__, 'bench_quality_out', METHODS).parse_args(argv)
+    parser = common_parser(__doc__, 'bench_quality_out', METHODS, learning_rate=None)
+    parser.add_argument('--sampling_temperature',
+                        help='the GKD methods\' --gkd_sampling_temperature (default: unset, sampling at --temperature)')
+    parser.add_argument('--preset', choices=('default', 'capacity'), default='default',
+                        help='default: the sorting task; capacity: the table task with a converged student (its '
+                             f'own sizes and learning rate {CAPACITY_LEARNING_RATE}; the default\'s is '
+                             f'{DEFAULT_LEARNING_RATE})')
+    return parser.parse_args(argv)
 
 
 def configure(args, presets: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
@@ -354,24 +384,42 @@ def start(args, presets: Dict[str, Dict[str, Any]], suite: str = '', **settings)
 
 
 def workspace(workdir: str, cfg: Dict[str, Any], name: str = 'workspace') -> Dict[str, Any]:
-    """The task's data, teacher and warm-started student of ``cfg`` under ``workdir/name`` (cached)."""
-    return quality_task.build_workspace(os.path.join(workdir, name), n_train=cfg['n_train'], n_test=cfg['n_test'],
-                                        teacher_steps=cfg['teacher_steps'], student_steps=cfg['student_steps'],
-                                        log=log)
+    """The task's data, teacher and warm-started student of ``cfg`` under ``workdir/name`` (cached).  A ``cfg`` with
+    a ``task`` (the capacity preset) builds that task, with its model sizes, under ``workdir/<name>_capacity``; the
+    returned dict then holds the task object under ``task``."""
+    if 'task' not in cfg:
+        return quality_task.build_workspace(os.path.join(workdir, name), n_train=cfg['n_train'],
+                                            n_test=cfg['n_test'], teacher_steps=cfg['teacher_steps'],
+                                            student_steps=cfg['student_steps'], log=log)
+    task = capacity_task.CapacityTask(**cfg['task'])
+    ws = quality_task.build_workspace(os.path.join(workdir, f'{name}_capacity'), n_train=cfg['n_train'],
+                                      n_test=cfg['n_test'], teacher_steps=cfg['teacher_steps'],
+                                      student_steps=cfg['student_steps'], task=task,
+                                      teacher_kwargs=cfg['teacher_kwargs'], student_kwargs=cfg['student_kwargs'],
+                                      log=log)
+    return dict(ws, task=task)
 
 
 def main(argv=None) -> int:
+    global LEARNING_RATE, SAMPLING_TEMPERATURE
     args = parse_args(argv)
-    cfg, workdir, t0 = start(args, PRESETS)
+    SAMPLING_TEMPERATURE = args.sampling_temperature
+    capacity = args.preset == 'capacity'
+    LEARNING_RATE = CAPACITY_LEARNING_RATE if capacity else DEFAULT_LEARNING_RATE  # --learning_rate overrides it
+    cfg, workdir, t0 = start(args, CAPACITY_PRESETS if capacity else PRESETS, 'capacity ' if capacity else '',
+                             sampling_temperature=SAMPLING_TEMPERATURE or 'as --temperature')
     ws = workspace(workdir, cfg)
     curves = collect_curves(args.methods, ws, cfg, workdir)
     summary = summarise(curves)
-    pngs = write_results(workdir, cfg, ws, curves, summary, t0)
+    outdir = os.path.join(workdir, 'capacity') if capacity else workdir  # the default preset's results stay
+    os.makedirs(outdir, exist_ok=True)
+    pngs = write_results(outdir, cfg, ws, curves, summary, t0, preset=args.preset,
+                         sampling_temperature=SAMPLING_TEMPERATURE)
     print(markdown_table(summary, ws, len(cfg['seeds']), cfg['steps']))
-    log(f"wrote results.json, results.csv, {', '.join(map(os.path.basename, pngs))} to {workdir} "
+    log(f"wrote results.json, results.csv, {', '.join(map(os.path.basename, pngs))} to {outdir} "
         f"({time.time() - t0:.0f}s in all)")
     if set(METHODS) <= set(summary):
-        print(closing_line(summary, ws))
+        print(closing_line(summary, ws, 'quality[capacity]' if capacity else 'quality'))
     return 0
 
 

@@ -70,19 +70,26 @@ def make_rows(n: int, seed: int = 0, split: str = 'train') -> List[Dict[str, Any
     The reference of each row is ascending or descending with probability 1/2 each (drawn from the same seeded
     RNG), so the dataset holds both right answers in equal measure.  Deterministic in ``(n, seed, split)``.
     """
+    return distinct_rows(n, f'quality-task:{seed}:{split}', split, lambda rng: rng.sample(SYMBOLS, NUM_SYMBOLS),
+                         split_of, lambda letters, rng: sorted(letters, reverse=rng.random() < 0.5), PROMPT_PREFIX)
+
+
+def distinct_rows(n: int, rng_key: str, split: str, draw, split_of_letters, answer, prefix: str
+                  ) -> List[Dict[str, Any]]:
+    """``n`` rows of distinct letter sequences ``draw(rng)`` whose ``split_of_letters`` is ``split``; the reply is
+    ``answer(letters, rng)`` (letters), the prompt ``prefix`` + the letters.  Shared by the tasks' ``make_rows``."""
     if split not in ('train', 'test'):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    rng = random.Random(f'quality-task:{seed}:{split}')
+    rng = random.Random(rng_key)
     rows: List[Dict[str, Any]] = []
     seen = set()
     while len(rows) < n:
-        letters = rng.sample(SYMBOLS, NUM_SYMBOLS)
-        if split_of(letters) != split or tuple(letters) in seen:
+        letters = draw(rng)
+        if split_of_letters(letters) != split or tuple(letters) in seen:
             continue
         seen.add(tuple(letters))
-        ordered = sorted(letters, reverse=rng.random() < 0.5)
-        rows.append({'messages': [{'role': 'user', 'content': PROMPT_PREFIX + ' '.join(letters)},
-                                  {'role': 'assistant', 'content': ' '.join(ordered)}]})
+        rows.append({'messages': [{'role': 'user', 'content': prefix + ' '.join(letters)},
+                                  {'role': 'assistant', 'content': ' '.join(answer(letters, rng))}]})
     return rows
 
 
@@ -161,13 +168,14 @@ def generate_answers(model_or_dir, tokenizer, prompts: Sequence[str], *, max_new
 
 
 def evaluate(model_or_dir, tokenizer, rows: Sequence[Dict[str, Any]],
-             reference_answers: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+             reference_answers: Optional[Sequence[str]] = None, task=None) -> Dict[str, Any]:
     """All metrics of one model on ``rows``: exact match, token accuracy, teacher-forced next-token accuracy
     (:func:`tiny.score` against the rows' references) and, given the teacher's answers, agreement with them.
-    ``answers`` (the generated texts) come back too."""
+    ``answers`` (the generated texts) come back too.  ``task``: an object with ``answer_metrics`` (such as
+    :class:`.capacity_task.CapacityTask`); default the sorting task of this module."""
     prompts = [prompt_of(r) for r in rows]
     answers = generate_answers(model_or_dir, tokenizer, prompts)
-    result: Dict[str, Any] = dict(answer_metrics(prompts, answers))
+    result: Dict[str, Any] = dict((task.answer_metrics if task is not None else answer_metrics)(prompts, answers))
     result['next_token_accuracy'] = tiny.score(model_or_dir, tokenizer, rows)
     if reference_answers is not None:
         result['teacher_agreement'] = agreement(answers, reference_answers)
@@ -185,7 +193,9 @@ _VERSION = 1
 
 
 def build_workspace(root: str, *, seed: int = 0, n_train: int = 4000, n_test: int = 200, teacher_steps: int = 300,
-                    student_steps: int = 60, batch_size: int = 64, log=print) -> Dict[str, Any]:
+                    student_steps: int = 60, batch_size: int = 64, log=print, task=None,
+                    teacher_kwargs: Optional[Dict[str, int]] = None,
+                    student_kwargs: Optional[Dict[str, int]] = None) -> Dict[str, Any]:
     """Build (or reuse) the data, the teacher and the warm-started student under ``root``.
 
     The teacher (:data:`TEACHER_KWARGS`) and the student (:data:`STUDENT_KWARGS`) are trained with
@@ -194,25 +204,33 @@ def build_workspace(root: str, *, seed: int = 0, n_train: int = 4000, n_test: in
     marker in its folder records its parameters), so changing the warm start keeps the teacher.  Deterministic from
     ``seed``.  Returns the paths (``tokenizer``, ``teacher``, ``student``, ``train``, ``test``) and the two models'
     metrics on the test rows (``teacher_eval``, ``student_eval``, answers included; ``*_parameters``).
+
+    Another task (``task``: an object with ``make_rows``, ``answer_metrics`` and ``describe``, such as
+    :class:`.capacity_task.CapacityTask`) and other model sizes change the cache keys only when given, so the sorting
+    task's models stay cached.
     """
     root = os.path.abspath(root)
     data = dict(version=_VERSION, seed=seed, n_train=n_train, n_test=n_test, batch_size=batch_size,
-                task=dict(symbols=SYMBOLS, num_symbols=NUM_SYMBOLS, prefix=PROMPT_PREFIX))
+                task=task.describe() if task is not None else dict(symbols=SYMBOLS, num_symbols=NUM_SYMBOLS,
+                                                                   prefix=PROMPT_PREFIX))
+    rows_of = task.make_rows if task is not None else make_rows
     paths = {k: os.path.join(root, k) for k in ('tokenizer', 'teacher', 'student')}
     paths.update(train=os.path.join(root, 'train.jsonl'), test=os.path.join(root, 'test.jsonl'))
-    if not all(os.path.exists(paths[k]) for k in ('tokenizer', 'train', 'test')):
+    data_marker = os.path.join(root, 'data.json')  # the data's settings: other settings rewrite the data
+    if not all(os.path.exists(paths[k]) for k in ('tokenizer', 'train', 'test')) or _read_json(data_marker) != data:
         os.makedirs(root, exist_ok=True)
         tiny.build_tokenizer(paths['tokenizer'])
-        tiny.write_dataset(paths['train'], make_rows(n_train, seed, 'train'))
-        tiny.write_dataset(paths['test'], make_rows(n_test, seed, 'test'))
+        tiny.write_dataset(paths['train'], rows_of(n_train, seed, 'train'))
+        tiny.write_dataset(paths['test'], rows_of(n_test, seed, 'test'))
+        _write_json(data_marker, data)
     results: Dict[str, Any] = {}
-    for name, kwargs, steps, model_seed in (('teacher', TEACHER_KWARGS, teacher_steps, seed),
-                                            ('student', STUDENT_KWARGS, student_steps, seed + 1)):
+    for name, kwargs, steps, model_seed in (('teacher', teacher_kwargs or TEACHER_KWARGS, teacher_steps, seed),
+                                            ('student', student_kwargs or STUDENT_KWARGS, student_steps, seed + 1)):
         params = dict(data, model=kwargs, steps=steps, model_seed=model_seed,
                       teacher=results.get('teacher_params'))  # a new teacher means new teacher answers to agree with
         built = _cached_model(paths[name], params)
         if built is None:
-            built = _train_model(paths, name, kwargs, steps, model_seed, batch_size, results, log)
+            built = _train_model(paths, name, kwargs, steps, model_seed, batch_size, results, log, task)
             _write_json(os.path.join(paths[name], _MARKER), {'params': params, **built})
         else:
             log(f'reusing the cached {name} in {paths[name]}')
@@ -274,23 +292,27 @@ def _file_crc(path: str) -> int:
         return zlib.crc32(f.read())
 
 
-def _cached_model(model_dir: str, params: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+def _read_json(path: str) -> Optional[Any]:
     try:
-        with open(os.path.join(model_dir, _MARKER), encoding='utf-8') as f:
-            built = json.load(f)
+        with open(path, encoding='utf-8') as f:
+            return json.load(f)
     except (OSError, ValueError):
         return None
-    return built if built.get('params') == params else None
 
 
-def _train_model(paths, name, kwargs, steps, model_seed, batch_size, results, log) -> Dict[str, Any]:
+def _cached_model(model_dir: str, params: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    built = _read_json(os.path.join(model_dir, _MARKER))
+    return built if isinstance(built, dict) and built.get('params') == params else None
+
+
+def _train_model(paths, name, kwargs, steps, model_seed, batch_size, results, log, task=None) -> Dict[str, Any]:
     tokenizer = tiny.load_tokenizer(paths['tokenizer'])
     log(f'training the {name} ({steps} steps of batch {batch_size}) ...')
     tiny.build_model(paths[name], tokenizer, seed=model_seed, **kwargs)
     stats = tiny.train_teacher(paths[name], tiny.read_dataset(paths['train']), steps=steps, batch_size=batch_size,
                                seed=model_seed, log_every=max(1, steps // 4))
     reference = results['teacher_eval']['answers'] if name == 'student' else None
-    metrics = evaluate(paths[name], tokenizer, tiny.read_dataset(paths['test']), reference)
+    metrics = evaluate(paths[name], tokenizer, tiny.read_dataset(paths['test']), reference, task)
     log(f"{name}: exact match {metrics['exact_match']:.3f}, {stats['num_parameters']:,} parameters, "
         f"{stats['seconds']:.0f}s")
     return {'eval': metrics, 'parameters': stats['num_parameters']}
