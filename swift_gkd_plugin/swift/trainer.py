@@ -307,7 +307,9 @@ class GKDPluginTrainer(GKDTrainer):
         if not logprobs and config.logprobs:
             config = copy(config)
             config.logprobs = False
-        if not getattr(self, 'use_vllm', False) or not self.model.training:
+        if not getattr(self, 'use_vllm', False):
+            return untruncated_top_k(config, self.model)
+        if not self.model.training:
             return config
         return seeded_request_config(config, seed=self.args.seed, step=int(self.state.global_step),
                                      process_index=self.accelerator.process_index,
@@ -1026,6 +1028,25 @@ def _detached_head(model) -> tuple:
 def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """The entries of ``x``'s two leading (batch, position) dimensions at the flat positions ``index``."""
     return x.flatten(0, 1).index_select(0, index)
+
+
+def untruncated_top_k(config, model):
+    """``config`` with ``--top_k -1`` (or 0) meaning every token on ms-swift's transformers engine, as ms-swift
+    documents it and as vLLM samples.
+
+    That engine turns a non-positive top-k into None and then takes the model's generation-config top-k (transformers'
+    default 50; Qwen3 ships 20): on-policy samples would come from a truncated distribution on CPU and from the full
+    one under vLLM. A top-k of the vocabulary size keeps every token (transformers keeps ``min(k, V)``)."""
+    if config.top_k is None or config.top_k > 0:
+        return config
+    unwrapped = getattr(model, 'module', model)
+    text_config = unwrapped.config.get_text_config() if hasattr(unwrapped.config, 'get_text_config') else None
+    vocab_size = getattr(text_config or unwrapped.config, 'vocab_size', None)
+    if not vocab_size:
+        return config
+    config = copy(config)
+    config.top_k = int(vocab_size)
+    return config
 
 
 def seeded_request_config(config, *, seed: int, step: int, process_index: int, tensor_parallel_size: int,
