@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# A complete GKD run on CPU with tiny offline models (what `swift-gkd demo` runs), 2 processes.
-# 在 CPU 上用离线小模型完整运行一次 GKD（即 `swift-gkd demo` 所做的事），2 个进程。
+# A complete GKD run on CPU with the demo's tiny offline models, on 2 processes, mixing on-policy and seq_kd steps
+# (`swift-gkd demo` itself runs one process with SKD: its command line is printed by the demo).
+# 在 CPU 上用演示的离线小模型、2 个进程完整运行一次 GKD，混合 on-policy 与 seq_kd 步
+# （`swift-gkd demo` 本身是单进程 SKD：演示会打印其命令行）。
 set -euo pipefail
 WS=${WS:-swift_gkd_demo}
 python -c "from swift_gkd_plugin.testing.tiny import build_demo_workspace; build_demo_workspace('$WS')"
