@@ -8,7 +8,9 @@ choice come from its ``Literal`` type. Every message names the flag, the value a
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 import typing
 from dataclasses import dataclass, field, fields
 from typing import Dict, List, Literal, Optional, Tuple
@@ -317,6 +319,28 @@ def check_multi_turn_flags(args) -> None:
         raise ValueError(f'{", ".join(given)}: multi-turn rollouts are not supported by GKD (ms-swift 4.6 accepts '
                          'these flags and ignores them, so the run would distil single-turn completions): remove '
                          f'{" and ".join(g.split()[0] for g in given)}')
+
+
+def check_torch_compile_checkpointing(args) -> None:
+    """``--torch_compile`` with gradient checkpointing needs torch's non-reentrant checkpoint (dynamo passes it a
+    ``context_fn``), while ms-swift picks the reentrant one in one process and under DeepSpeed or FSDP: refused here
+    rather than at the first step."""
+    if not (getattr(args, 'torch_compile', False) and getattr(args, 'gradient_checkpointing', False)):
+        return
+    kwargs = args.gradient_checkpointing_kwargs
+    if isinstance(kwargs, str):  # the command line's JSON, before ms-swift parses it
+        kwargs = json.loads(kwargs) if kwargs.strip() else None
+    reentrant = (kwargs or {}).get('use_reentrant')
+    if reentrant is None:  # ms-swift's choice (its _fix_gradient_checkpointing)
+        distributed = int(os.environ.get('WORLD_SIZE', '1')) > 1
+        reentrant = not distributed or bool(args.deepspeed) or bool(getattr(args, 'fsdp', None))
+    if reentrant:
+        raise ValueError('--torch_compile true with --gradient_checkpointing true fails at the first step: the compiled '
+                         'model needs the non-reentrant checkpoint, and '
+                         + ('--gradient_checkpointing_kwargs sets use_reentrant true' if kwargs and 'use_reentrant'
+                            in kwargs else 'ms-swift uses the reentrant one in one process and under DeepSpeed or FSDP')
+                         + ". Pass --gradient_checkpointing_kwargs '{\"use_reentrant\": false}', or "
+                         '--gradient_checkpointing false, or --torch_compile false')
 
 
 def ignored_flag_warnings(args) -> List[str]:

@@ -136,6 +136,8 @@ BAD_INPUTS = [
     ({'lmbdaa': 0.5}, ['remaining_argv', '--lmbdaa']),
     ({'multi_turn_scheduler': 'thinking_tips_scheduler', 'max_turns': 2},
      ['--multi_turn_scheduler thinking_tips_scheduler, --max_turns 2: multi-turn rollouts are not supported by GKD']),
+    ({'torch_compile': 'true', 'gradient_checkpointing': 'true'},
+     ['--torch_compile true with --gradient_checkpointing true', '{"use_reentrant": false}']),
     ({'gkd_divergence': 'fkl'}, ['--gkd_divergence', 'fkl', 'jsd', 'skew_kl', 'skew_rkl']),
     ({'gkd_divergence': 'skew_kl', 'gkd_skew_alpha': 1}, ['--gkd_skew_alpha must be in [0, 1)', 'got 1']),
     ({'gkd_divergence': 'skew_rkl', 'beta': 0.3}, ['--beta 0.3 applies to --gkd_divergence jsd only',

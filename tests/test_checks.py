@@ -231,3 +231,30 @@ def test_skd_is_refused_where_it_cannot_run_naming_the_flag_the_value_and_where_
     for placement in ('--use_vllm false', '--teacher_model', '--offload_teacher_model', '--teacher_adapters',
                       '--teacher_model_server with `swift-gkd serve-teacher`'):
         assert placement in SKD_PLACEMENTS
+
+
+def _compile_args(**changes):
+    return SimpleNamespace(**dict(dict(torch_compile=True, gradient_checkpointing=True,
+                                       gradient_checkpointing_kwargs=None, deepspeed=None, fsdp=''), **changes))
+
+
+@pytest.mark.parametrize('world, changes, refused', [
+    ('1', {}, True),  # one process: ms-swift's reentrant checkpoint (the run fails at step 1, measured)
+    ('2', {}, False),  # DDP: ms-swift picks the non-reentrant one
+    ('2', dict(deepspeed='zero3'), True),
+    ('1', dict(gradient_checkpointing_kwargs='{"use_reentrant": false}'), False),  # the fix, as the CLI gives it
+    ('1', dict(gradient_checkpointing_kwargs={'use_reentrant': False}), False),
+    ('2', dict(gradient_checkpointing_kwargs={'use_reentrant': True}), True),
+    ('1', dict(gradient_checkpointing=False), False),
+    ('1', dict(torch_compile=False), False),
+])
+def test_torch_compile_with_reentrant_checkpointing_is_refused(monkeypatch, world, changes, refused):
+    from swift_gkd_plugin.flags import check_torch_compile_checkpointing
+    monkeypatch.setenv('WORLD_SIZE', world)
+    args = _compile_args(**changes)
+    if not refused:
+        check_torch_compile_checkpointing(args)
+        return
+    with pytest.raises(ValueError, match=re.escape("--torch_compile true with --gradient_checkpointing true")) as e:
+        check_torch_compile_checkpointing(args)
+    assert '{"use_reentrant": false}' in str(e.value) and '--gradient_checkpointing false' in str(e.value)
