@@ -34,7 +34,7 @@ def _advantages(rewards, group):
 def grouped_runs(tiny_ws, solution_dataset, tmp_path_factory):
     """G = 4 with micro-batches of 2 rows (each generation batch is one prompt sampled 4 times, split over the two
     micro-batches of the step), sampling temperature 1.5, learning rate 0 (both runs draw the same samples), with the
-    fused and the dense loss."""
+    fused and the dense loss, in the dataset's order (``--dataset_shuffle false --train_dataloader_shuffle false``)."""
     root = tmp_path_factory.mktemp('grouped')
     runs = {}
     for impl in ('fused', 'dense'):
@@ -42,7 +42,9 @@ def grouped_runs(tiny_ws, solution_dataset, tmp_path_factory):
         runs[impl] = run_swift(
             base_args(tiny_ws, str(root / impl), dataset=solution_dataset, num_generations=4,
                       per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=3, learning_rate=0,
-                      log_completions='true', seed=5, gkd_loss_impl=impl, **dict(RL, temperature=1.5)),
+                      log_completions='true', seed=5, gkd_loss_impl=impl, dataset_shuffle='false',
+                      train_dataloader_shuffle='false',
+                      **dict(RL, temperature=1.5)),
             env={'GKD_TEST_REWARD_LOG': log})
         runs[impl].reward_log = log
     return runs
@@ -70,6 +72,15 @@ def test_every_completion_is_scored_once_in_groups_that_span_micro_batches(group
         assert row['loss'] == pytest.approx(row['gkd/distill_loss'] + row['gkd/pg_loss'], rel=1e-4, abs=1e-7)
         assert 0 < row['gkd/entropy'] < 6.2  # at most log(448) nats
     assert any(abs(r['gkd/pg_loss']) > 1e-4 for r in run.logs)
+
+
+def test_groups_follow_the_dataset_order_without_shuffling(grouped_runs, solution_dataset):
+    """``--train_dataloader_shuffle false`` holds with several completions per prompt too (the plugin's sampler)."""
+    with open(solution_dataset) as f:
+        users = [[m['content'] for m in json.loads(line)['messages'] if m['role'] == 'user'][-1] for line in f]
+    for run in grouped_runs.values():
+        steps = [str(call['prompts'][0]) for call in _reward_calls(run.reward_log)]
+        assert [[u for u in users if u in step] for step in steps] == [[u] for u in users[:3]]
 
 
 def test_fused_and_dense_losses_agree_with_rewards(grouped_runs):

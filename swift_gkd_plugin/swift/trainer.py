@@ -273,7 +273,8 @@ class GKDPluginTrainer(GKDTrainer):
     # ------------------------------------------------------------------ modes and sampling
     def _get_train_sampler(self, train_dataset=None):
         """With ``--num_generations G`` each prompt appears G times in a row in its generation batch (GRPO's
-        layout: ``generation_batch_size / G`` prompts per generation batch)."""
+        layout: ``generation_batch_size / G`` prompts per generation batch), shuffled as ``--train_dataloader_shuffle``
+        says (as with one completion per prompt)."""
         g = self.args.num_generations
         if g == 1:
             return super()._get_train_sampler(train_dataset)
@@ -283,7 +284,7 @@ class GKDPluginTrainer(GKDTrainer):
             mini_repeat_count=g,
             batch_size=self.args.generation_batch_size // g,
             repeat_count=self.args.steps_per_generation,
-            shuffle=getattr(self, 'shuffle_dataset', True),
+            shuffle=self.args.train_dataloader_shuffle,
             seed=self.args.seed)
 
     @contextmanager
