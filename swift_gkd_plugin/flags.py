@@ -8,6 +8,7 @@ choice come from its ``Literal`` type. Every message names the flag, the value a
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -341,6 +342,18 @@ def check_torch_compile_checkpointing(args) -> None:
                             in kwargs else 'ms-swift uses the reentrant one in one process and under DeepSpeed or FSDP')
                          + ". Pass --gradient_checkpointing_kwargs '{\"use_reentrant\": false}', or "
                          '--gradient_checkpointing false, or --torch_compile false')
+
+
+def check_deepspeed_launch(args) -> None:
+    """``--deepspeed`` in a process that no launcher started (``swift rlhf`` without ``NPROC_PER_NODE``): DeepSpeed then
+    discovers its rank over MPI and, without mpi4py, fails only once both models are loaded."""
+    if not getattr(args, 'deepspeed', None) or 'WORLD_SIZE' in os.environ or 'LOCAL_RANK' in os.environ:
+        return
+    if importlib.util.find_spec('mpi4py') is not None:
+        return
+    raise ValueError(f'--deepspeed {args.deepspeed} in one process started without a launcher: DeepSpeed would look '
+                     'for MPI (mpi4py is not installed) and fail after loading the models. Set NPROC_PER_NODE=1 '
+                     '(or the number of GPUs) so that swift starts torchrun, or drop --deepspeed')
 
 
 def ignored_flag_warnings(args) -> List[str]:

@@ -136,6 +136,7 @@ BAD_INPUTS = [
     ({'lmbdaa': 0.5}, ['remaining_argv', '--lmbdaa']),
     ({'multi_turn_scheduler': 'thinking_tips_scheduler', 'max_turns': 2},
      ['--multi_turn_scheduler thinking_tips_scheduler, --max_turns 2: multi-turn rollouts are not supported by GKD']),
+    ({'deepspeed': 'zero2'}, ['--deepspeed zero2 in one process started without a launcher', 'NPROC_PER_NODE=1']),
     ({'torch_compile': 'true', 'gradient_checkpointing': 'true'},
      ['--torch_compile true with --gradient_checkpointing true', '{"use_reentrant": false}']),
     ({'gkd_divergence': 'fkl'}, ['--gkd_divergence', 'fkl', 'jsd', 'skew_kl', 'skew_rkl']),

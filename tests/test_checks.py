@@ -258,3 +258,24 @@ def test_torch_compile_with_reentrant_checkpointing_is_refused(monkeypatch, worl
     with pytest.raises(ValueError, match=re.escape("--torch_compile true with --gradient_checkpointing true")) as e:
         check_torch_compile_checkpointing(args)
     assert '{"use_reentrant": false}' in str(e.value) and '--gradient_checkpointing false' in str(e.value)
+
+
+@pytest.mark.parametrize('env, refused', [({}, True), ({'WORLD_SIZE': '1'}, False), ({'LOCAL_RANK': '0'}, False)])
+def test_deepspeed_without_a_launcher_is_refused(monkeypatch, env, refused):
+    """Measured: ``swift rlhf --deepspeed zero2`` without NPROC_PER_NODE fails in deepspeed.initialize (mpi4py) after
+    both models load; with NPROC_PER_NODE=1 torchrun gives DeepSpeed its rank."""
+    import importlib.util
+
+    from swift_gkd_plugin.flags import check_deepspeed_launch
+    if importlib.util.find_spec('mpi4py') is not None:
+        pytest.skip('mpi4py is installed: DeepSpeed can discover its rank over MPI')
+    for name in ('WORLD_SIZE', 'LOCAL_RANK'):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    check_deepspeed_launch(SimpleNamespace(deepspeed=None))
+    if not refused:
+        check_deepspeed_launch(SimpleNamespace(deepspeed='zero2'))
+        return
+    with pytest.raises(ValueError, match=re.escape('--deepspeed zero2 in one process started without a launcher')):
+        check_deepspeed_launch(SimpleNamespace(deepspeed='zero2'))
