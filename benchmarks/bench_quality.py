@@ -49,13 +49,21 @@ TEMPERATURE = '1.0'
 #: ``--sampling_temperature``: the GKD methods' ``--gkd_sampling_temperature`` (None: unset, sampling at TEMPERATURE)
 SAMPLING_TEMPERATURE = None
 
-#: ``--preset capacity``: the table task (capacity_task), a teacher and a third-size student, the student supervised
+#: ``--preset capacity``: a table task (capacity_task), a teacher and a third-size student, the student supervised
 #: until it stops improving (the start of every method, as in the GKD paper); measured in docs_en/quality.md.
-CAPACITY_TASK = dict(symbols='abcdefghijklmnopqrstuvwxyz', length=8, window=2, table_seed=0)
-CAPACITY_COMMON = dict(eval_every=25, batch_size=16, n_train=4000, n_test=200, teacher_steps=1000,
-                       student_steps=2000, task=CAPACITY_TASK, teacher_kwargs=dict(tiny.STUDENT_KWARGS),
+#: ``--capacity_task``: ``wrap`` (the preset: one table, the last letter wrapping around) or ``two_tables`` (the second
+#: attempt: two valid tables writing disjoint letters, each reference wholly one of them, no wrap-around).
+_LETTERS = 'abcdefghijklmnopqrstuvwxyz'
+CAPACITY_VARIANTS = {
+    'two_tables': dict(task=dict(symbols=_LETTERS, length=8, window=2, table_seed=0, tables=2, wrap=False,
+                                 disjoint=True), teacher_steps=1500),
+    'wrap': dict(task=dict(symbols=_LETTERS, length=8, window=2, table_seed=0), teacher_steps=1000),
+}
+CAPACITY_TASK = CAPACITY_VARIANTS['wrap']['task']
+CAPACITY_COMMON = dict(eval_every=25, batch_size=16, n_train=4000, n_test=200, student_steps=2000,
+                       teacher_kwargs=dict(tiny.STUDENT_KWARGS),
                        student_kwargs=dict(hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2,
-                                           intermediate_size=64))
+                                           intermediate_size=64), **CAPACITY_VARIANTS['wrap'])
 CAPACITY_PRESETS = {
     'quick': dict(CAPACITY_COMMON, seeds=[0], steps=100),
     'full': dict(CAPACITY_COMMON, seeds=[0, 1, 2], steps=100),
@@ -358,6 +366,9 @@ def parse_args(argv=None):
                         help='default: the sorting task; capacity: the table task with a converged student (its '
                              f'own sizes and learning rate {CAPACITY_LEARNING_RATE}; the default\'s is '
                              f'{DEFAULT_LEARNING_RATE})')
+    parser.add_argument('--capacity_task', choices=list(CAPACITY_VARIANTS), default='wrap',
+                        help='the capacity preset\'s task: wrap (one table whose last letter wraps around, the '
+                             'preset) or two_tables (two valid tables with disjoint letters; docs_en/quality.md)')
     return parser.parse_args(argv)
 
 
@@ -406,12 +417,16 @@ def main(argv=None) -> int:
     SAMPLING_TEMPERATURE = args.sampling_temperature
     capacity = args.preset == 'capacity'
     LEARNING_RATE = CAPACITY_LEARNING_RATE if capacity else DEFAULT_LEARNING_RATE  # --learning_rate overrides it
-    cfg, workdir, t0 = start(args, CAPACITY_PRESETS if capacity else PRESETS, 'capacity ' if capacity else '',
+    variant = args.capacity_task if capacity and args.capacity_task != 'wrap' else ''
+    presets = PRESETS if not capacity else CAPACITY_PRESETS if not variant else {
+        k: dict(p, **CAPACITY_VARIANTS[variant]) for k, p in CAPACITY_PRESETS.items()}
+    cfg, workdir, t0 = start(args, presets, f'capacity {variant} ' if capacity else '',
                              sampling_temperature=SAMPLING_TEMPERATURE or 'as --temperature')
-    ws = workspace(workdir, cfg)
+    ws = workspace(workdir, cfg, '_'.join(filter(None, ['workspace', variant])))
     curves = collect_curves(args.methods, ws, cfg, workdir)
     summary = summarise(curves)
-    outdir = os.path.join(workdir, 'capacity') if capacity else workdir  # the default preset's results stay
+    # the default preset's results stay; each capacity task has its own folder
+    outdir = os.path.join(workdir, '_'.join(filter(None, ['capacity', variant]))) if capacity else workdir
     os.makedirs(outdir, exist_ok=True)
     pngs = write_results(outdir, cfg, ws, curves, summary, t0, preset=args.preset,
                          sampling_temperature=SAMPLING_TEMPERATURE)
