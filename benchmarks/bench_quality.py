@@ -352,7 +352,8 @@ def common_parser(doc: str, workdir: str, methods, temperature: str = TEMPERATUR
     parser.add_argument('--learning_rate', default=learning_rate,
                         help='the learning rate of every method' + (f' ({learning_rate})' if learning_rate else ''))
     parser.add_argument('--temperature', default=temperature,
-                        help=f'the sampling (and loss) temperature of the GKD/RL methods ({temperature})')
+                        help=f'the loss temperature of the GKD/RL methods, and their sampling temperature unless '
+                        f'--sampling_temperature is given ({temperature})')
     parser.add_argument('--methods', nargs='+', choices=list(methods), default=list(methods),
                         help='run a subset (the closing line needs all of them)')
     return parser
