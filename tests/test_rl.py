@@ -102,7 +102,8 @@ def test_policy_gradient_term_is_at_the_sampling_temperature(grouped_runs, tiny_
     run = run_swift(
         base_args(tiny_ws, str(tmp_path / 'out'), dataset=solution_dataset, num_generations=4,
                   per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=3, learning_rate=0,
-                  log_completions='true', seed=5, gkd_loss_impl=impl, gkd_sampling_temperature=1.5, **RL),
+                  log_completions='true', seed=5, gkd_loss_impl=impl, gkd_sampling_temperature=1.5,
+                  dataset_shuffle='false', train_dataloader_shuffle='false', **RL),
         env={'GKD_TEST_REWARD_LOG': log})
     both = grouped_runs[impl]
     assert _reward_calls(log) == _reward_calls(both.reward_log)
@@ -119,8 +120,8 @@ GROUPED = dict(num_generations=4, per_device_train_batch_size=2, gradient_accumu
 
 def test_a_sampler_that_is_the_policy_gets_weights_of_one(tiny_ws, solution_dataset, tmp_path):
     """--rollout_importance_sampling_mode with ms-swift's transformers engine sampling at 1.5 from the weights it
-    trains, over the whole vocabulary (--top_k 448 = the vocabulary: ms-swift's engine turns --top_k -1 into
-    transformers' default top-50): the engine's log-probabilities (asked for, at the sampling temperature) are the
+    trains, over the whole vocabulary (--top_k 448 = the vocabulary, what the plugin makes of --top_k -1: ms-swift's
+    engine alone would turn -1 into transformers' default top-50): the engine's log-probabilities (asked for, at the sampling temperature) are the
     policy's, so the mismatch is ~0, every weight is 1 and none is truncated."""
     run = run_swift(
         base_args(tiny_ws, str(tmp_path / 'out'), dataset=solution_dataset, gkd_loss_impl='fused', top_k=448,

@@ -619,8 +619,11 @@ def test_swift_rlhf_against_a_server_with_only_ms_swift_routes(tiny_ws, infer_on
     assert httpx.post(f'{server.url}/v1/topk', json=probe).status_code == 404
     shim = tmp_path / 'allow_vllm_infer_client.py'
     shim.write_text(VLLM_CHECK_SHIM)
+    # --top_k = the vocabulary: the plugin samples every token for --top_k -1, ms-swift's engine its model's top-50
+    with open(os.path.join(tiny_ws.student, 'config.json')) as f:
+        vocab = json.load(f)['vocab_size']
     common = dict(teacher_model=None, teacher_model_type=None, teacher_model_server=server.url, gkd_logits_topk=8,
-                  lmbda=1, learning_rate=0, max_steps=2, seed=5, dataset=tiny_ws.fixed)
+                  lmbda=1, learning_rate=0, max_steps=2, seed=5, dataset=tiny_ws.fixed, top_k=vocab)
     n_calls = server.log().count('"POST /infer/" 200')
     plugin = run_swift(base_args(tiny_ws, str(tmp_path / 'plugin'), **common))
     assert 'GKD trainer active' in plugin.output and "through ms-swift's POST /infer/ protocol" in plugin.output
