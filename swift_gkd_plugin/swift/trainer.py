@@ -309,7 +309,7 @@ class GKDPluginTrainer(GKDTrainer):
             config = copy(config)
             config.logprobs = False
         if not getattr(self, 'use_vllm', False):
-            return untruncated_top_k(config, self.model)
+            return untruncated_top_k(config, self.accelerator.unwrap_model(self.model))
         if not self.model.training:
             return config
         return seeded_request_config(config, seed=self.args.seed, step=int(self.state.global_step),
@@ -1037,16 +1037,11 @@ def untruncated_top_k(config, model):
 
     That engine turns a non-positive top-k into None and then takes the model's generation-config top-k (transformers'
     default 50; Qwen3 ships 20): on-policy samples would come from a truncated distribution on CPU and from the full
-    one under vLLM. A top-k of the vocabulary size keeps every token (transformers keeps ``min(k, V)``)."""
+    one under vLLM. A top-k of the head's row count keeps every token."""
     if config.top_k is None or config.top_k > 0:
         return config
-    unwrapped = getattr(model, 'module', model)
-    text_config = unwrapped.config.get_text_config() if hasattr(unwrapped.config, 'get_text_config') else None
-    vocab_size = getattr(text_config or unwrapped.config, 'vocab_size', None)
-    if not vocab_size:
-        return config
     config = copy(config)
-    config.top_k = int(vocab_size)
+    config.top_k = head_rows(model)
     return config
 
 
