@@ -19,19 +19,13 @@ import inspect
 import os
 import sys
 
+from swift_gkd_plugin.ms_swift_state import remember_grpo_num_generations
+from swift_gkd_plugin.process_exit import LAUNCHER_PID_ENV
+
 TRAINER_PATH = 'swift_gkd_plugin.swift.trainer.GKDPluginTrainer'
 CONFIG_PATH = 'swift_gkd_plugin.swift.arguments.GKDPluginConfig'
 
 _state = {'rlhf_pipeline': False}  # True once this process parses swift rlhf with the plugin's arguments
-_GRPO_NUM_GENERATIONS = {}  # ms-swift's default num_generations (GRPO's G), read before it is unset
-
-
-def grpo_num_generations() -> int:
-    """ms-swift's default ``num_generations`` (GRPO's G), also after :func:`on_rlhf_arguments_imported`."""
-    if 'value' not in _GRPO_NUM_GENERATIONS:
-        from swift.arguments import RLHFArguments
-        _GRPO_NUM_GENERATIONS['value'] = RLHFArguments.__dataclass_fields__['num_generations'].default
-    return _GRPO_NUM_GENERATIONS['value']
 
 
 def on_rlhf_arguments_imported(module) -> None:
@@ -49,8 +43,7 @@ def on_rlhf_arguments_imported(module) -> None:
             setattr(cls, f.name, f.default)
     cls._check_gkd = _check_gkd
     field = cls.__dataclass_fields__['num_generations']
-    _GRPO_NUM_GENERATIONS.setdefault('value', field.default)
-    grpo_default = _GRPO_NUM_GENERATIONS['value']
+    grpo_default = remember_grpo_num_generations(field.default)
     field.default = None  # what argument parsers (HfArgumentParser) read
     _set_init_default(cls, 'num_generations', None)  # what RLHFArguments(...) uses
     original = cls.__post_init__
@@ -134,13 +127,12 @@ def on_megatron_cli_imported(module) -> None:
 
 def on_swift_cli_imported(module) -> None:
     """ms-swift's launcher (``swift``, and ``megatron`` through it) tells the child it starts its own pid, so that
-    the child exits with it (:func:`swift_gkd_plugin._bootstrap.exit_with_launcher`)."""
+    the child exits with it (:func:`swift_gkd_plugin.process_exit.exit_with_launcher`)."""
     original = module.cli_main
     if getattr(original, '_swift_gkd_plugin', False):
         return
 
     def cli_main(*args, **kwargs):
-        from swift_gkd_plugin._bootstrap import LAUNCHER_PID_ENV
         os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
         return original(*args, **kwargs)
 
@@ -172,14 +164,6 @@ def on_megatron_rlhf_pipeline_imported(module) -> None:
     pipeline._parse_args = _parse_args
     pipeline.prepare_trainer = prepare_trainer
     module.MegatronRLHFArguments = GKDPluginMegatronRLHFArguments
-
-
-def keep_teacher_messages_column() -> None:
-    """ms-swift keeps only the dataset columns it knows (``teacher_prompt`` among them); GKD runs also keep
-    ``teacher_messages``, the teacher's whole prompt conversation. Called by both argument classes' GKD checks."""
-    from swift.dataset.preprocessor.core import RowPreprocessor
-    if 'teacher_messages' not in RowPreprocessor.standard_keys:
-        RowPreprocessor.standard_keys.append('teacher_messages')
 
 
 def activate_from_external_plugin() -> None:

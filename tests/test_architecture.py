@@ -1,6 +1,7 @@
 """The package's layering, read from the source (every import statement, those inside functions included):
-core/ imports no ms-swift and no adapter; megatron/ and swift/ import core/, never each other; ms-swift's classes are
-patched in activation.py only."""
+core/ imports no ms-swift and no adapter; megatron/ and swift/ import core/, never each other; no two modules import
+each other, directly or round a circle (activation.py, which patches ms-swift, is imported only by the start-up
+hooks); ms-swift's dataset columns are patched in one module."""
 import ast
 import os
 
@@ -34,6 +35,82 @@ def imported_modules(path):
     return names
 
 
+def package_modules():
+    """Every module of the package by dotted name (``swift_gkd_plugin.swift.trainer``) -> its file."""
+    found = {}
+    for root, _, files in os.walk(PACKAGE):
+        for name in files:
+            if name.endswith('.py'):
+                path = os.path.join(root, name)
+                dotted = os.path.relpath(path, os.path.dirname(PACKAGE))[:-3].replace(os.sep, '.')
+                found[dotted[:-len('.__init__')] if dotted.endswith('.__init__') else dotted] = path
+    return found
+
+
+def import_graph():
+    """Module -> the package's modules it imports (``from pkg import module`` names the module itself)."""
+    modules = package_modules()
+    graph = {}
+    for name, path in modules.items():
+        targets = set()
+        for imported in imported_modules(path):
+            while imported and imported not in modules:  # ``pkg.module.Name`` -> ``pkg.module``
+                imported = imported.rpartition('.')[0]
+            if imported and imported != name:
+                targets.add(imported)
+        graph[name] = targets
+    return graph
+
+
+def circles(graph):
+    """The strongly connected components of more than one module (Tarjan's algorithm), each sorted."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(node):
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in sorted(graph[node]):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while not component or component[-1] != node:
+                component.append(stack.pop())
+                on_stack.discard(component[-1])
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_the_import_graph_has_no_circle():
+    """No module imports, directly or through others, a module that imports it: each layer uses only those below."""
+    assert circles(import_graph()) == []
+
+
+def test_activation_is_the_top():
+    """activation.py imports the adapters; only the start-up hook and the ``--external_plugins`` file import it."""
+    graph = import_graph()
+    importers = sorted(name for name, targets in graph.items() if 'swift_gkd_plugin.activation' in targets)
+    assert importers == ['swift_gkd_plugin._bootstrap', 'swift_gkd_plugin.plugin.activate_swift_gkd']
+    assert {'swift_gkd_plugin.swift.arguments', 'swift_gkd_plugin.megatron.arguments'} <= graph[
+        'swift_gkd_plugin.activation']
+
+
+def test_the_circle_finder_sees_a_circle():
+    """The check above is not vacuous: a circle of three modules beside an acyclic part is found."""
+    graph = {'a': {'b'}, 'b': {'c'}, 'c': {'a', 'd'}, 'd': set(), 'e': {'d'}}
+    assert circles(graph) == [['a', 'b', 'c']]
+    assert circles({'a': {'b'}, 'b': set()}) == []
+
+
 def _offending(subpackage, forbidden):
     found = {}
     for path in _modules(subpackage):
@@ -64,8 +141,9 @@ def test_the_import_reader_sees_imports_inside_functions_and_relative_ones(tmp_p
     assert 'swift.template' in names  # imported inside check_teacher_template
 
 
-def test_ms_swift_row_columns_are_patched_in_activation_only():
-    """``RowPreprocessor.standard_keys`` (ms-swift's dataset columns) is mutated in activation.py and nowhere else."""
+def test_ms_swift_row_columns_are_patched_in_one_module():
+    """``RowPreprocessor.standard_keys`` (ms-swift's dataset columns) is mutated in ms_swift_state.py (which both
+    argument adapters call) and nowhere else."""
     users = []
     for sub in ('', 'core', 'swift', 'megatron', 'server'):
         for path in _modules(sub) if sub else sorted(os.path.join(PACKAGE, n) for n in os.listdir(PACKAGE)
@@ -73,7 +151,7 @@ def test_ms_swift_row_columns_are_patched_in_activation_only():
             with open(path) as f:
                 if 'standard_keys' in f.read():
                     users.append(os.path.relpath(path, PACKAGE))
-    assert users == ['activation.py']
+    assert users == ['ms_swift_state.py']
 
 
 def test_the_literal_ignore_index_is_defined_once():

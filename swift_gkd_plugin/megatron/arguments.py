@@ -10,9 +10,9 @@ from swift.megatron.arguments import MegatronRLHFArguments
 from swift.utils import get_logger, is_vllm_available
 
 import swift_gkd_plugin
-from swift_gkd_plugin.activation import keep_teacher_messages_column
 from swift_gkd_plugin.flags import check_no_plugin_flags_outside_gkd, ignored_flag_warnings
 from swift_gkd_plugin.megatron.checks import MegatronGKDFlagsMixin, check_megatron_gkd
+from swift_gkd_plugin.ms_swift_state import keep_teacher_messages_column
 
 logger = get_logger()
 

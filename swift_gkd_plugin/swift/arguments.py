@@ -16,12 +16,12 @@ from swift.rlhf_trainers import GKDConfig
 from swift.utils import get_logger
 
 import swift_gkd_plugin
-from swift_gkd_plugin.activation import grpo_num_generations, keep_teacher_messages_column
 from swift_gkd_plugin.core.constants import ROLLOUT_IS_MODES, SCALE_REWARDS
 from swift_gkd_plugin.flags import (GKDPluginArgumentsMixin, check_deepspeed_launch, check_gkd_scalars,
                                     check_multi_turn_flags, check_no_plugin_flags_outside_gkd, check_rl_flags,
                                     check_teacher_server_flags, check_torch_compile_checkpointing,
                                     ignored_flag_warnings, resolve_num_generations, sampling_temperature)
+from swift_gkd_plugin.ms_swift_state import grpo_num_generations, keep_teacher_messages_column
 from swift_gkd_plugin.swift.checkpoints import check_resume_checkpoint
 from swift_gkd_plugin.swift.datasets_check import check_local_jsonl_datasets
 from swift_gkd_plugin.swift.teacher_server import check_skd_teacher_server

@@ -16,7 +16,7 @@ training succeeded, pytorch/torchtitan#1342).
 Destroying the groups did not remove every abort (two in one full test run of 2-process runs, each after training
 had finished and both ranks had destroyed their groups). So when the trainer has also finished training
 (:func:`note_training_finished`), the worker then skips interpreter finalization altogether, with exit code 0
-(:func:`swift_gkd_plugin._bootstrap.exit_after_clean_finish`, the process's last ``atexit`` handler).
+(:func:`swift_gkd_plugin.process_exit.exit_after_clean_finish`, the process's last ``atexit`` handler).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import sys
 
 import torch.distributed as dist
 
-from swift_gkd_plugin import _bootstrap
+from swift_gkd_plugin.process_exit import mark_clean_finish
 
 _state = {'registered': False, 'failed': False, 'trained': False}
 
@@ -57,4 +57,4 @@ def _destroy() -> None:
     dist.destroy_process_group()
     print(f'swift_gkd_plugin: rank {rank} destroyed its process groups before exit', file=sys.stderr, flush=True)
     if _state['trained']:
-        _bootstrap.mark_clean_finish()
+        mark_clean_finish()

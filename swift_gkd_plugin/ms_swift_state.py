@@ -1,0 +1,28 @@
+"""ms-swift's process-wide state that GKD runs change and both argument adapters read: GRPO's ``num_generations``
+default (saved before activation unsets it) and the dataset columns ms-swift keeps. ms-swift is imported inside the
+functions only."""
+from __future__ import annotations
+
+_GRPO_NUM_GENERATIONS = {}  # ms-swift's default num_generations (GRPO's G), read before it is unset
+
+
+def remember_grpo_num_generations(default: int) -> int:
+    """Save ms-swift's default ``num_generations`` before activation unsets it (the first value saved stays)."""
+    return _GRPO_NUM_GENERATIONS.setdefault('value', default)
+
+
+def grpo_num_generations() -> int:
+    """ms-swift's default ``num_generations`` (GRPO's G), also after activation has unset it
+    (:func:`swift_gkd_plugin.activation.on_rlhf_arguments_imported`)."""
+    if 'value' not in _GRPO_NUM_GENERATIONS:
+        from swift.arguments import RLHFArguments
+        _GRPO_NUM_GENERATIONS['value'] = RLHFArguments.__dataclass_fields__['num_generations'].default
+    return _GRPO_NUM_GENERATIONS['value']
+
+
+def keep_teacher_messages_column() -> None:
+    """ms-swift keeps only the dataset columns it knows (``teacher_prompt`` among them); GKD runs also keep
+    ``teacher_messages``, the teacher's whole prompt conversation. Called by both argument classes' GKD checks."""
+    from swift.dataset.preprocessor.core import RowPreprocessor
+    if 'teacher_messages' not in RowPreprocessor.standard_keys:
+        RowPreprocessor.standard_keys.append('teacher_messages')
