@@ -1,0 +1,98 @@
+"""Samples to micro-batches: both views encoded (the teacher's through its own template when it has another
+tokenizer), each micro-batch's rows, advantages and sampler log-probabilities, and the response-token counts that
+size and normalise the loss."""
+from __future__ import annotations
+
+import torch
+from swift.rlhf_trainers.gkd_helpers import encode_gkd_samples
+from swift.rlhf_trainers.utils import encode_sample
+from swift.utils import get_logger, to_device
+
+from swift_gkd_plugin.core.constants import IGNORE_INDEX
+from swift_gkd_plugin.core.views import check_views_aligned, prepare_teacher_view
+from swift_gkd_plugin.swift.rollout_correction import sampler_logprobs_of_batch
+
+logger = get_logger()
+
+
+class BatchesMixin:
+    """ms-swift's batching stage for GKD: encoded micro-batches with what the loss room reads."""
+
+    def _prepare_batch_inputs(self, samples):
+        """ms-swift's micro-batches, each with its number of rows and, on an on-policy step with rewards, their
+        advantages."""
+        self._xtok_rows = []  # filled by _encode_samples, one entry per micro-batch
+        batches = super()._prepare_batch_inputs(samples)
+        if self.template.sequence_parallel_size == 1:
+            sizes = [len(chunk) for chunk in self.split_by_mini_batches(samples)]  # the same split as ms-swift's
+        else:  # ms-swift splits the samples of the whole sequence-parallel group (no rewards here)
+            sizes = [batch['model_inputs']['labels'].shape[0] for batch in batches]
+        for batch, rows in zip(batches, sizes):
+            batch['gkd_rows'] = rows
+        if self._xtok is not None:
+            for batch, rows in zip(batches, self._xtok_rows):
+                batch['gkd_xtok_rows'] = rows
+            self._xtok_rows = []
+        if self._advantages is not None:
+            for batch, advantages in zip(batches, self._advantages.split(sizes)):
+                batch['gkd_advantages'] = advantages
+            if self.args.gkd_rl_coef > 0 and self._measure_mismatch:
+                self._attach_sampler_logprobs(batches, self.split_by_mini_batches(samples))
+        return batches
+
+    def _encode_samples(self, samples):
+        """Encode both views; a teacher view that does not score the student's response tokens names its row."""
+        template = self.template
+        for sample in samples:
+            prepare_teacher_view(sample)
+        if self._xtok is not None:  # the teacher reads the samples through its own template, not the student's
+            return self._encode_cross_tokenizer(samples)
+        with self._template_context(template):
+            student_list, teacher_list, has_teacher_view = encode_gkd_samples(samples, template)
+        for sample, student, teacher in zip(samples, student_list, teacher_list):
+            if not has_teacher_view:
+                break
+            check_views_aligned(sample, student, teacher)
+        with self._template_context(template):
+            encoded = to_device(template.data_collator(student_list), self.accelerator.device)
+            teacher_encoded = (to_device(template.data_collator(teacher_list), self.accelerator.device)
+                               if has_teacher_view else None)
+        return encoded, teacher_encoded
+
+    def _encode_cross_tokenizer(self, samples):
+        """The student's view, and the teacher's through its own template (privileged prompts included, see
+        ``CrossTokenizerTeacher.teacher_row``); each row's alignment waits for its micro-batch."""
+        with self._template_context(self.template):
+            student_list = [encode_sample(sample, self.template) for sample in samples]
+        for student in student_list:
+            student.pop('_extra_kwargs', None)
+        teacher_template = self._xtok.template
+        with self._template_context(teacher_template):
+            teacher_list, rows = self._xtok.encode_and_align(samples, student_list)
+            teacher_encoded = to_device(teacher_template.data_collator(teacher_list), self.accelerator.device)
+        with self._template_context(self.template):
+            encoded = to_device(self.template.data_collator(student_list), self.accelerator.device)
+        self._xtok_rows.append(rows)
+        return encoded, teacher_encoded
+
+    def _attach_sampler_logprobs(self, batches, chunks) -> None:
+        """The sampler's log-probability of each response token (``gkd_sampler_logprobs``, see
+        :func:`sampler_logprobs_of_batch`) where the sampler reported them; says once when it did not."""
+        missing = 0
+        for batch, chunk in zip(batches, chunks):
+            logprobs = sampler_logprobs_of_batch(chunk, batch['model_inputs']['labels'])
+            if logprobs is not None:
+                batch['gkd_sampler_logprobs'] = logprobs
+            missing += sum(1 for sample in chunk if not getattr(sample, 'rollout_logprobs', None))
+        if missing and not self._sampler_logprobs_noted and self.args.rollout_importance_sampling_mode is not None:
+            self._sampler_logprobs_noted = True
+            why = ' (SKD samples from a student/teacher mixture)' if self.args.gkd_skd_top_k else ''
+            logger.warning(f'swift_gkd_plugin: the sampler reported no per-token log-probabilities for {missing} '
+                           f'completion(s){why}: their importance weights are 1, no sampler/policy correction '
+                           'applies to them (said once)')
+
+
+
+def count_loss_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """The number of response tokens (positions with a label to predict), on the labels' device (not read)."""
+    return (labels[..., 1:] != IGNORE_INDEX).sum()
