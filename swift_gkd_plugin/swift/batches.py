@@ -9,8 +9,9 @@ from swift.rlhf_trainers.utils import encode_sample
 from swift.utils import get_logger, to_device
 
 from swift_gkd_plugin.core.constants import IGNORE_INDEX
-from swift_gkd_plugin.core.views import check_views_aligned, prepare_teacher_view
+from swift_gkd_plugin.core.views import check_same_response_count, check_views_aligned, prepare_teacher_view
 from swift_gkd_plugin.swift.rollout_correction import sampler_logprobs_of_batch
+from swift_gkd_plugin.swift.token_metrics import add_token_sum as _add_token_sum
 
 logger = get_logger()
 
@@ -91,6 +92,37 @@ class BatchesMixin:
                            f'completion(s){why}: their importance weights are 1, no sampler/policy correction '
                            'applies to them (said once)')
 
+    def _count_step_tokens(self, batches) -> None:
+        """Attach to every micro-batch the number of response tokens of its whole optimizer step.
+
+        Micro-batches ``[i * GA, (i + 1) * GA)`` of one generation batch form optimizer step ``i``; their counts
+        are summed over all micro-batches and all ranks with one all-reduce per generation batch. Each micro-batch
+        also gets its own response-token counts (``gkd_tokens``: student view, teacher view), read on the host here
+        once for the whole generation batch: they size the loss's tensors without a host sync per micro-batch.
+        """
+        training = self.model.training
+        group = self.args.gradient_accumulation_steps if training else 1
+        steps = (len(batches) + group - 1) // group
+        tokens = [torch.stack([count_loss_tokens(b['model_inputs']['labels']),
+                               count_loss_tokens(b['teacher_model_inputs']['labels'])]) for b in batches]
+        tokens = torch.stack(tokens).tolist() if batches else []  # the one read
+        # per optimizer step: response tokens, then (for gkd/completion_length) rows; one all-reduce for both
+        counts = [0.0] * (2 * steps)
+        for i, (batch, (n_student, n_teacher)) in enumerate(zip(batches, tokens)):
+            if self._xtok is None:
+                check_same_response_count(n_student, n_teacher)
+            batch['gkd_tokens'] = (n_student, n_teacher)
+            counts[i // group] += n_student
+            counts[steps + i // group] += batch['gkd_rows']
+        if training and self.accelerator.num_processes > 1:
+            counts = torch.tensor(counts, dtype=torch.float64, device=self.accelerator.device)
+            counts = self.accelerator.reduce(counts, reduction='sum').tolist()
+        for i, batch in enumerate(batches):
+            batch['gkd_step_tokens'] = float(counts[i // group])
+            batch['gkd_mode'] = self._gkd_mode
+        if training and self._gkd_mode.needs_generation:
+            _add_token_sum(self.custom_metrics['train']['gkd/completion_length'], sum(counts[:steps]),
+                           int(sum(counts[steps:])))
 
 
 def count_loss_tokens(labels: torch.Tensor) -> torch.Tensor:

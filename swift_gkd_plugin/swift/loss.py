@@ -65,7 +65,7 @@ class LossMixin:
         student_labels = shift_labels(model_inputs['labels'])
         student_mask = student_labels != IGNORE_INDEX
         teacher_mask = shift_labels(teacher_inputs['labels']) != IGNORE_INDEX
-        if 'gkd_tokens' in inputs:  # counted with the generation batch (_generate_and_score_completions)
+        if 'gkd_tokens' in inputs:  # counted with the generation batch (batches.py, _count_step_tokens)
             n_student, n_teacher = inputs['gkd_tokens']
         else:  # a batch that did not come from there: read here (two host syncs)
             n_student, n_teacher = int(student_mask.sum()), int(teacher_mask.sum())
@@ -90,22 +90,6 @@ class LossMixin:
         return _LossSetup(student_mask, teacher_mask, _rows(student_labels, student_index), mode, normalizer,
                           sft_alpha, token_advantages, student_index, response_positions(teacher_mask, n_teacher),
                           sampler_logprobs)
-
-    def _decide_loss_impl(self) -> bool:
-        """--gkd_loss_impl: fused wherever it applies; otherwise dense, and the log says why (once)."""
-        impl = self.args.gkd_loss_impl
-        if impl == 'dense':
-            logger.info('swift_gkd_plugin: GKD loss implementation: dense (--gkd_loss_impl dense)')
-            return False
-        reason = fused_fallback_reason(self)
-        if reason is None:
-            logger.info(f'swift_gkd_plugin: GKD loss implementation: fused (--gkd_loss_impl {impl})')
-            return True
-        if self.args.gkd_topk_tail:
-            raise ValueError(f'--gkd_topk_tail true needs the fused loss, which cannot apply here ({reason})')
-        logger.warning(f'swift_gkd_plugin: --gkd_loss_impl {impl}: the fused loss cannot apply here ({reason}); '
-                       'using the dense loss')
-        return False
 
     def _fused_loss(self, model, fwd, teacher_inputs, inputs, setup: '_LossSetup'):
         """The fused loss on the student's last hidden states; the heads are applied chunk by chunk.
@@ -308,6 +292,22 @@ class LossMixin:
         n, n_exact = exact.numel(), exact.sum()
         _add_token_sum(metrics['gkd/xtok_exact_fraction'], n_exact, n)
         _add_token_sum(metrics['gkd/xtok_fallback_fraction'], n - n_exact, n)
+
+    def _decide_loss_impl(self) -> bool:
+        """--gkd_loss_impl: fused wherever it applies; otherwise dense, and the log says why (once)."""
+        impl = self.args.gkd_loss_impl
+        if impl == 'dense':
+            logger.info('swift_gkd_plugin: GKD loss implementation: dense (--gkd_loss_impl dense)')
+            return False
+        reason = fused_fallback_reason(self)
+        if reason is None:
+            logger.info(f'swift_gkd_plugin: GKD loss implementation: fused (--gkd_loss_impl {impl})')
+            return True
+        if self.args.gkd_topk_tail:
+            raise ValueError(f'--gkd_topk_tail true needs the fused loss, which cannot apply here ({reason})')
+        logger.warning(f'swift_gkd_plugin: --gkd_loss_impl {impl}: the fused loss cannot apply here ({reason}); '
+                       'using the dense loss')
+        return False
 
 
 

@@ -1,77 +1,45 @@
 """The sampling room: each generation batch's mode and its samples, from dataset rows to micro-batches.
 
-* :meth:`RolloutMixin._generate_and_score_completions`: ms-swift's rollout, scoring and batching stages, then each
-  micro-batch's response-token counts (the loss's normaliser);
-* the mode of the batch (on-policy, seq_kd, off-policy) and its samples: the student's, SKD's (student drafts,
-  teacher corrects), the teacher's (seq_kd); the samplers (transformers engines, vLLM) and their request configs
-  (seeds, top-k), the sampling streams, group resampling of rows that do not encode;
-* the LoRA syncs to vLLM; the sampler's log-probabilities the RL term's correction needs.
+* :meth:`RolloutMixin._generate_and_score_completions`, the entry: ms-swift's rollout, scoring and batching stages,
+  then each micro-batch's response-token counts (the loss's normaliser);
+* :meth:`RolloutMixin._rollout_samples`: the batch's mode (on-policy, seq_kd, off-policy) and its samples: the
+  student's (ms-swift's ``_generate_completions``), SKD's (the student drafts, the teacher corrects) or the teacher's
+  (seq_kd); rows that do not encode are resampled, a whole prompt group at a time;
+* the samplers themselves are in :mod:`.samplers`.
+
+A rollout hands the loss room its samples only: the tokens to learn from are those whose label is not
+``IGNORE_INDEX`` once encoded (see :mod:`.loss`), so a sampler that also writes context (a multi-turn rollout's tool
+outputs, marked by ``response_loss_mask``) plugs in here without a change to the loss.
 """
 from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
-from copy import copy
 from typing import Any, Dict, List
 
 import torch
-from swift.infer_engine import TransformersEngine
 from swift.infer_engine.protocol import RolloutOutput
 from swift.rlhf_trainers.gkd_loss import DataSource
-from swift.utils import get_logger, unwrap_model_for_generation
 
 from swift_gkd_plugin.core import Mode
-from swift_gkd_plugin.core.lora_round_trip import HostBuffer, exact_lora_sync, lora_merges_skipped
-from swift_gkd_plugin.core.modes import DATA_SOURCES, sampling_seed, step_mode
+from swift_gkd_plugin.core.modes import DATA_SOURCES, step_mode
 from swift_gkd_plugin.core.speculative import teacher_seed
-from swift_gkd_plugin.core.views import check_same_response_count, prepare_teacher_view, with_teacher_prompt
-from swift_gkd_plugin.swift.batches import count_loss_tokens
+from swift_gkd_plugin.core.views import prepare_teacher_view, with_teacher_prompt
 from swift_gkd_plugin.swift.group_resample import resample_failed_groups
-from swift_gkd_plugin.swift.hidden_states import head_rows
-from swift_gkd_plugin.swift.media_tokens import cut_at_media_placeholders, suppress_media_placeholders
-from swift_gkd_plugin.swift.rollout_correction import SamplerLogprobsEngine
-from swift_gkd_plugin.swift.speculative import SpeculativeEngine, cached_forward, server_teacher, skd_decoding
+from swift_gkd_plugin.swift.speculative import cached_forward, server_teacher, skd_decoding
 from swift_gkd_plugin.swift.token_metrics import add_token_sum as _add_token_sum
-
-logger = get_logger()
 
 _DATA_SOURCE = {mode: DataSource(value) for mode, value in DATA_SOURCES.items()}
 
 
 class RolloutMixin:
-    """Generation batches: their mode, their samples and the samplers that draw them."""
+    """Generation batches: their mode, their prompts and their samples."""
 
     def _generate_and_score_completions(self, inputs) -> List[Dict[str, Any]]:
-        """Attach to every micro-batch the number of response tokens of its whole optimizer step.
-
-        Micro-batches ``[i * GA, (i + 1) * GA)`` of one generation batch form optimizer step ``i``; their counts
-        are summed over all micro-batches and all ranks with one all-reduce per generation batch. Each micro-batch
-        also gets its own response-token counts (``gkd_tokens``: student view, teacher view), read on the host here
-        once for the whole generation batch: they size the loss's tensors without a host sync per micro-batch.
-        """
+        """One generation batch, in ms-swift's stages: its mode and samples (:meth:`_rollout_samples`), their rewards
+        (:mod:`.scoring`), its micro-batches (:mod:`.batches`) and a served teacher's top-k (:mod:`.teacher`); then
+        each micro-batch's response-token counts, which size and normalise its loss (:meth:`_count_step_tokens`)."""
         batches = super()._generate_and_score_completions(inputs)
-        training = self.model.training
-        group = self.args.gradient_accumulation_steps if training else 1
-        steps = (len(batches) + group - 1) // group
-        tokens = [torch.stack([count_loss_tokens(b['model_inputs']['labels']),
-                               count_loss_tokens(b['teacher_model_inputs']['labels'])]) for b in batches]
-        tokens = torch.stack(tokens).tolist() if batches else []  # the one read
-        # per optimizer step: response tokens, then (for gkd/completion_length) rows; one all-reduce for both
-        counts = [0.0] * (2 * steps)
-        for i, (batch, (n_student, n_teacher)) in enumerate(zip(batches, tokens)):
-            if self._xtok is None:
-                check_same_response_count(n_student, n_teacher)
-            batch['gkd_tokens'] = (n_student, n_teacher)
-            counts[i // group] += n_student
-            counts[steps + i // group] += batch['gkd_rows']
-        if training and self.accelerator.num_processes > 1:
-            counts = torch.tensor(counts, dtype=torch.float64, device=self.accelerator.device)
-            counts = self.accelerator.reduce(counts, reduction='sum').tolist()
-        for i, batch in enumerate(batches):
-            batch['gkd_step_tokens'] = float(counts[i // group])
-            batch['gkd_mode'] = self._gkd_mode
-        if training and self._gkd_mode.needs_generation:
-            _add_token_sum(self.custom_metrics['train']['gkd/completion_length'], sum(counts[:steps]),
-                           int(sum(counts[steps:])))
+        self._count_step_tokens(batches)
         return batches
 
     def _rollout_samples(self, inputs):
@@ -113,7 +81,8 @@ class RolloutMixin:
     def _generate_with_skd(self, samples, step: int):
         """On-policy sampling with SKD (``--gkd_skd_top_k``): the student drafts, the teacher replaces every drafted
         token outside its top-K by its own sample (:mod:`swift_gkd_plugin.core.speculative`). The student's draws use
-        the sampling stream of plain on-policy steps; the teacher's come from their own per-(seed, step, rank) stream."""
+        the sampling stream of plain on-policy steps; the teacher's come from their own per-(seed, step, rank)
+        stream."""
         samples = self._preprocess_inputs(samples)
         requests = self.samples2requests(samples)
         generator = torch.Generator().manual_seed(teacher_seed(self.args.seed, step, self.args.process_index))
@@ -188,67 +157,6 @@ class RolloutMixin:
             stack.enter_context((self._xtok.template if self._xtok else self.template).generate_context())
             yield engine
 
-    def _sampling_engine(self, model, template=None, decode=None):
-        """A transformers engine on ``model``; ``decode``: SKD's decoding loop (:class:`SpeculativeEngine`)."""
-        template = template or self.template
-        if decode is None:
-            engine = TransformersEngine(model, template=self._infer_template(template), max_batch_size=0)
-        else:
-            engine = SpeculativeEngine(model, template=self._infer_template(template), decode=decode)
-        suppress_media_placeholders(engine, template)
-        return engine
-
-    def _infer_template(self, template=None):
-        template = copy(template or self.template)
-        template.padding_free = False
-        template.sequence_parallel_size = 1
-        template.remove_unused_columns = True
-        return template
-
-    def _student_for_generation(self, stack: ExitStack):
-        """The unwrapped student, held by ``stack`` for sampling (ZeRO-3 weights gathered per
-        ``--ds3_gather_for_generation``)."""
-        return stack.enter_context(
-            unwrap_model_for_generation(
-                self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation))
-
-    def _postprocess_rollout_outputs(self, samples, outputs):
-        """Every sampler's responses (student or teacher, any engine) as samples, cut before a media placeholder
-        that a sampler outside this process may still have drawn."""
-        samples = super()._postprocess_rollout_outputs(samples, outputs)
-        cut_at_media_placeholders(samples, self.template)
-        return samples
-
-    @contextmanager
-    def _sampling_rng(self, step: int):
-        """With several completions per prompt, every rank samples from its own stream seeded by (seed, step, rank):
-        the copies of a prompt on different ranks must not draw the same completion. One completion per prompt keeps
-        the trainer's common stream (ms-swift's behaviour)."""
-        if self.args.num_generations == 1:
-            yield
-            return
-        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(sampling_seed(self.args.seed, step, self.args.process_index))
-            yield
-
-    def _get_request_config(self, logprobs: bool = True):
-        """ms-swift's request config, with vLLM's per-request seeds derived from (seed, step, rank) in colocate mode
-        (see :func:`seeded_request_config`); ``logprobs=False`` for samplers whose log-probabilities are unused (the
-        teacher's, SKD's)."""
-        config = super()._get_request_config()
-        if not logprobs and config.logprobs:
-            config = copy(config)
-            config.logprobs = False
-        if not getattr(self, 'use_vllm', False):
-            return untruncated_top_k(config, self.accelerator.unwrap_model(self.model))
-        if not self.model.training:
-            return config
-        return seeded_request_config(config, seed=self.args.seed, step=int(self.state.global_step),
-                                     process_index=self.accelerator.process_index,
-                                     tensor_parallel_size=getattr(self, 'vllm_tensor_parallel_size', 1) or 1,
-                                     vllm_mode=self.args.vllm_mode)
-
     def _get_train_sampler(self, train_dataset=None):
         """With ``--num_generations G`` each prompt appears G times in a row in its generation batch (GRPO's
         layout: ``generation_batch_size / G`` prompts per generation batch), shuffled as ``--train_dataloader_shuffle``
@@ -264,79 +172,3 @@ class RolloutMixin:
             repeat_count=self.args.steps_per_generation,
             shuffle=self.args.train_dataloader_shuffle,
             seed=self.args.seed)
-
-    def _request_sampler_logprobs(self) -> None:
-        """The RL term's sampler/policy mismatch correction (``--rollout_importance_sampling_mode``) and its metrics
-        (also alone: ``--log_rollout_offpolicy_metrics``, as in GRPO) need the sampler's per-token log-probabilities:
-        vLLM reports them anyway (ms-swift asks for its processed ones); the transformers engine is asked only then
-        (it keeps every decoding step's scores meanwhile)."""
-        mode, threshold = self.args.rollout_importance_sampling_mode, self.args.rollout_importance_sampling_threshold
-        # (vLLM before 0.10.2 reports raw log-probabilities: refused by swift.arguments.check_vllm_logprobs)
-        self._measure_mismatch = mode is not None or self.args.log_rollout_offpolicy_metrics
-        if self._measure_mismatch and not self.args.use_vllm:
-            self.request_config.logprobs = True
-            self.engine = SamplerLogprobsEngine(self.model, template=self._infer_template(self.template),
-                                                max_batch_size=0)
-        if mode is None:
-            logged = ('the mismatch (gkd/rollout_*) is logged' if self._measure_mismatch else
-                      '--log_rollout_offpolicy_metrics true logs the mismatch')
-            logger.info('swift_gkd_plugin: no sampler/policy mismatch correction of the policy-gradient term '
-                        f'(--rollout_importance_sampling_mode unset); {logged}')
-        else:
-            logger.info(f'swift_gkd_plugin: the policy-gradient term is weighted by {mode} importance weights '
-                        f'min(pi / mu, {threshold:g}) of the sampler\'s log-probabilities '
-                        f'({"vLLM" if self.args.use_vllm else "transformers engine"})')
-
-    def _move_model_to_vllm(self, *args, **kwargs):
-        """ms-swift's sync merges the LoRA adapter into the base in place and unmerges it (``W + d - d != W`` in
-        bf16) and casts the adapters to the base's dtype: the base and the adapters come out exactly as they went
-        in, holding one parameter group's base at a time in a host buffer reused across syncs (FSDP2 merges out of
-        place)."""
-        if getattr(self, '_sync_buffer', None) is None:
-            self._sync_buffer = HostBuffer()
-        with exact_lora_sync([self.model], self._sync_buffer, enabled=not getattr(self, '_is_fsdp2', False)):
-            return super()._move_model_to_vllm(*args, **kwargs)
-
-    def _move_adapter_to_vllm(self, *args, **kwargs):
-        """The adapter-only sync sends the adapter's own weights: ms-swift's merge and unmerge around it only move
-        the base (and cast the adapters), so they are skipped."""
-        with lora_merges_skipped([self.model]):
-            return super()._move_adapter_to_vllm(*args, **kwargs)
-
-
-
-def untruncated_top_k(config, model):
-    """``config`` with ``--top_k -1`` (or 0) meaning every token on ms-swift's transformers engine, as ms-swift
-    documents it and as vLLM samples.
-
-    That engine turns a non-positive top-k into None and then takes the model's generation-config top-k (transformers'
-    default 50; Qwen3 ships 20): on-policy samples would come from a truncated distribution on CPU and from the full
-    one under vLLM. A top-k of the head's row count keeps every token."""
-    if config.top_k is None or config.top_k > 0:
-        return config
-    config = copy(config)
-    config.top_k = head_rows(model)
-    return config
-
-
-
-def seeded_request_config(config, *, seed: int, step: int, process_index: int, tensor_parallel_size: int,
-                          vllm_mode: str):
-    """A copy of ``config`` whose ``seed`` makes vLLM's sampling a function of (``--seed``, step, rank).
-
-    ms-swift's vLLM engine gives request ``i`` of one call the seed ``config.seed + i``. In colocate mode ms-swift
-    sets ``config.seed`` only with TP > 1, to ``B * (rank // tp)``: the same at every step and for every ``--seed``,
-    and with more requests than ``B`` per rank (``steps_per_generation`` > GA) overlapping the next group's range, so
-    two copies of a prompt could draw the same completion. Here the base is a 62-bit hash of (seed, step, the rank's
-    TP group) (:func:`~swift_gkd_plugin.core.modes.sampling_seed`): the ranks of one TP group, which drive one engine,
-    share it; other groups and steps get unrelated ranges; a resumed run draws what the uninterrupted run drew.
-
-    Server mode is left to ms-swift (each rollout worker seeds itself at random): the trainer's client splits the
-    requests between servers and each server between its data-parallel workers, which number their share from the
-    same ``config.seed``, so one seed would give copies of a prompt on different workers the same draws.
-    """
-    if vllm_mode != 'colocate':
-        return config
-    config = copy(config)
-    config.seed = sampling_seed(seed, step, process_index // max(int(tensor_parallel_size), 1)) >> 1
-    return config

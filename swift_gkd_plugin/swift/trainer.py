@@ -10,10 +10,11 @@ logic with the plugin's core:
   by the number of response tokens of the whole optimizer step (all micro-batches, all ranks), so its value and
   gradient do not depend on how the step is split into micro-batches or ranks.
 
-The trainer is composed of rooms, one concern each: :mod:`.rollout` (modes, samples, samplers), :mod:`.scoring`
-(rewards, completions log), :mod:`.batches` (samples to micro-batches), :mod:`.teacher` (the teacher's placement and
-forward, a served teacher) and :mod:`.loss` (the loss of a micro-batch and its metrics). This module holds their
-composition and the set-up they share.
+The trainer is composed of rooms, one concern each: :mod:`.rollout` (each generation batch's mode and samples),
+:mod:`.samplers` (the engines and request configs that sample), :mod:`.scoring` (rewards, completions log),
+:mod:`.batches` (samples to micro-batches), :mod:`.teacher` (the teacher's placement and forward, a served teacher)
+and :mod:`.loss` (the loss of a micro-batch and its metrics). This module holds their composition and the set-up
+they share.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ from swift_gkd_plugin.swift.peft_utils import load_frozen_adapter
 from swift_gkd_plugin.swift.rewards import load_reward_funcs
 from swift_gkd_plugin.swift.rollout import RolloutMixin
 from swift_gkd_plugin.swift.run_guards import install_run_guards
+from swift_gkd_plugin.swift.samplers import SamplersMixin
 from swift_gkd_plugin.swift.scoring import ScoringMixin
 from swift_gkd_plugin.swift.teacher import TeacherMixin
 from swift_gkd_plugin.swift.token_metrics import TokenMean
@@ -45,7 +47,8 @@ from swift_gkd_plugin.swift.token_metrics import TokenMean
 logger = get_logger()
 
 
-class GKDPluginTrainer(LossMixin, RolloutMixin, ScoringMixin, BatchesMixin, TeacherMixin, GKDTrainer):
+class GKDPluginTrainer(LossMixin, RolloutMixin, SamplersMixin, ScoringMixin, BatchesMixin, TeacherMixin,
+                       GKDTrainer):
     """ms-swift's GKD trainer with the plugin's modes (seq_kd included), loss, normalisation and metrics."""
 
     def __init__(self, *args, **kwargs):
