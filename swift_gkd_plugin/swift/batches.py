@@ -17,7 +17,7 @@ logger = get_logger()
 
 
 class BatchesMixin:
-    """ms-swift's batching stage for GKD: encoded micro-batches with what the loss room reads."""
+    """ms-swift's batching stage for GKD: encoded micro-batches with what the loss reads."""
 
     def _prepare_batch_inputs(self, samples):
         """ms-swift's micro-batches, each with its number of rows and, on an on-policy step with rewards, their

@@ -1,4 +1,4 @@
-"""The sampling room: each generation batch's mode and its samples, from dataset rows to micro-batches.
+"""Sampling: each generation batch's mode and its samples, from dataset rows to micro-batches.
 
 * :meth:`RolloutMixin._generate_and_score_completions`, the entry: ms-swift's rollout, scoring and batching stages,
   then each micro-batch's response-token counts (the loss's normaliser);
@@ -7,7 +7,7 @@
   (seq_kd); rows that do not encode are resampled, a whole prompt group at a time;
 * the samplers themselves are in :mod:`.samplers`.
 
-A rollout hands the loss room its samples only: the tokens to learn from are those whose label is not
+A rollout hands the loss its samples only: the tokens to learn from are those whose label is not
 ``IGNORE_INDEX`` once encoded (see :mod:`.loss`), so a sampler that also writes context (a multi-turn rollout's tool
 outputs, marked by ``response_loss_mask``) plugs in here without a change to the loss.
 """

@@ -10,7 +10,7 @@ logic with the plugin's core:
   by the number of response tokens of the whole optimizer step (all micro-batches, all ranks), so its value and
   gradient do not depend on how the step is split into micro-batches or ranks.
 
-The trainer is composed of rooms, one concern each: :mod:`.rollout` (each generation batch's mode and samples),
+The trainer is composed of one mixin per concern: :mod:`.rollout` (each generation batch's mode and samples),
 :mod:`.samplers` (the engines and request configs that sample), :mod:`.scoring` (rewards, completions log),
 :mod:`.batches` (samples to micro-batches), :mod:`.teacher` (the teacher's placement and forward, a served teacher)
 and :mod:`.loss` (the loss of a micro-batch and its metrics). This module holds their composition and the set-up
