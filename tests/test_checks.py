@@ -195,8 +195,8 @@ def test_ms_swifts_arguments_leave_num_generations_to_the_resolver():
     (the resolver gives GKD 1 and the other rlhf types GRPO's 8; the run itself: test_activation_and_bad_input)."""
     from swift.arguments import RLHFArguments
 
-    from swift_gkd_plugin.ms_swift_state import grpo_num_generations
     from swift_gkd_plugin.flags import resolve_num_generations
+    from swift_gkd_plugin.ms_swift_state import grpo_num_generations
     assert RLHFArguments.__dataclass_fields__['num_generations'].default is None
     assert inspect.signature(RLHFArguments.__init__).parameters['num_generations'].default is None
     assert grpo_num_generations() == 8
