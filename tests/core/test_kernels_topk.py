@@ -79,7 +79,7 @@ def reference_any(x, ids, lp, div, *, mask, labels, label_weights, temperature, 
     weighted = ce * label_weights[keep].double()
     loss = d[active].sum() / active.sum() + sft_alpha * weighted.sum() / keep.sum()
     loss.backward()
-    size = float(d[active].mean() + sft_alpha * weighted.detach().abs().mean())
+    size = float(d[active].detach().mean() + sft_alpha * weighted.detach().abs().mean())
     return loss.detach(), [p.grad for p in params], d.detach(), active, size
 
 
