@@ -90,6 +90,36 @@ def test_top_k_tail_trains_with_the_fused_loss(tiny_ws, tmp_path):
     assert len(run.losses) == 2 and all(x > 0 for x in run.losses)
 
 
+@pytest.fixture(scope='module')
+def confident_teacher(tiny_ws):
+    """The tiny teacher with its output head scaled by 100: top-1 log-probabilities of -1e-3 .. -1e-10, tails of
+    1e-6 .. 1e-12, as a sharp real teacher's; built once next to ``tiny_ws``."""
+    import os
+    import shutil
+
+    import torch
+
+    from swift_gkd_plugin.testing import tiny
+    out = os.path.join(tiny_ws.root, 'confident_teacher')
+    if not os.path.exists(os.path.join(out, 'config.json')):
+        shutil.copytree(tiny_ws.teacher, out)  # tokenizer and config
+        model = tiny.load_model(out)
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(100.0)
+        model.save_pretrained(out)
+    return out
+
+
+def test_top_k_tail_reverse_kl_with_a_confident_teacher_is_finite(tiny_ws, confident_teacher, tmp_path):
+    """Issue 27: reverse KL on the top-k + tail buckets of a confident teacher logged a loss of ~1e30 and an
+    infinite grad_norm (the teacher's tail mass came out as 0 from float32 log-probabilities), exit 0."""
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), teacher_model=confident_teacher, gkd_logits_topk=4,
+                              gkd_topk_tail='true', beta=1, lmbda=0, max_steps=2))
+    assert len(run.logs) == 2
+    for row in run.logs:
+        assert 0 < row['loss'] < 100 and 0 < row['grad_norm'] < 1e4, run.logs
+
+
 def test_lora_on_the_output_head_falls_back_to_dense_and_says_why(tiny_ws, tmp_path):
     run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), tuner_type='lora', target_modules=['q_proj', 'lm_head'],
                               lmbda=0, max_steps=1))

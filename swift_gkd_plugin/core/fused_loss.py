@@ -25,6 +25,7 @@ Beside the divergence, the same chunk pass optionally computes:
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Dict, NamedTuple, Optional, Tuple, Union
 
@@ -304,7 +305,8 @@ def _run(hidden, weight, bias, plan: _Plan, need_h: bool, need_w: bool, need_b: 
             agree += res.top1_agree
             entropy_sum += res.entropy_sum
             if want_grad:
-                _backprop_chunk(view, h, weight, res.grad_scale, sl, grad_h, grad_w, grad_b, first=start == 0)
+                _backprop_chunk(view, h, weight, res.grad_scale, sl, grad_h, grad_w, grad_b, first=start == 0,
+                                grad_in_half=res.grad_in_half)
         del scratch, view
     elif grad_w is not None:
         grad_w.zero_()
@@ -368,6 +370,7 @@ class _ChunkResult(NamedTuple):
     top1_agree: torch.Tensor
     grad_scale: float
     entropy_sum: torch.Tensor
+    grad_in_half: bool = False  # the gradient is in ``scratch.half`` (a kernel wrote it in the matmul dtype)
 
 
 def _student_row_is_own(plan: _Plan, full: bool) -> bool:
@@ -507,6 +510,8 @@ def _topk_chunk(buf: _Scratch, h, weight, bias_f, plan: _Plan, sl, sft: bool) ->
     valid = lp > float('-inf')
     top1 = plan.topk_ids[sl].gather(1, lp.argmax(-1, keepdim=True))  # a valid slot: rows are covered
     ids = torch.where(valid, plan.topk_ids[sl], top1)  # unused slots point at a harmless, valid id
+    if _topk_kernels(a.device):
+        return _topk_chunk_kernel(buf, a, ids, valid, lp, plan, sl, sft)
     mx = a.amax(-1, keepdim=True)
     agree = (a.gather(1, top1) >= mx).sum()
     y = a.gather(1, ids).masked_fill_(~valid, float('-inf'))  # student bucket logits on the top-k
@@ -558,21 +563,50 @@ def _topk_chunk(buf: _Scratch, h, weight, bias_f, plan: _Plan, sl, sft: bool) ->
     return _ChunkResult(div.sum(), ce, agree, 1.0, ent)
 
 
-def _backprop_chunk(buf: _Scratch, h, weight, alpha: float, sl, grad_h, grad_w, grad_b, first: bool):
-    """Turn ``alpha * buf.logits`` (d loss / d student logits of the chunk) into hidden, weight and bias grads.
+# ---- Triton kernels for the top-k chunk (core/kernels/topk_rows.py) --------------------------------------------
+
+
+def _topk_kernels(device: torch.device) -> bool:
+    """Whether the top-k chunk runs the Triton kernels (triton is imported only then)."""
+    choice = os.environ.get('SWIFT_GKD_FUSED_BACKEND', 'auto')
+    if choice == 'torch' or (choice == 'auto' and device.type != 'cuda'):
+        return False
+    from .kernels.topk_rows import use_kernels
+    return use_kernels(device)
+
+
+def _topk_chunk_kernel(buf: _Scratch, a, ids, valid, lp, plan: _Plan, sl, sft: bool) -> _ChunkResult:
+    """:func:`_topk_chunk` on the kernels: ``a`` holds the chunk's logits; the gradient goes to ``buf.half`` (the
+    matmul dtype) when there is one, else over ``a``."""
+    from .kernels.topk_rows import topk_rows
+    lab, ce_weight, w = _label_rows(plan, sl) if sft else (None, None, None)
+    half = buf.half is not None
+    res = topk_rows(a, ids, valid, lp, divergence=plan.divergence, temperature=plan.temperature, tail=plan.tail,
+                    vocab=plan.vocab, scale=plan.div_scale, grad=buf.half[:a.shape[0]] if half else a,
+                    labels=None if lab is None else lab.squeeze(1), ce_weight=ce_weight, label_weight=w,
+                    label_temperature=plan.label_temperature, entropy=plan.entropy)
+    return _ChunkResult(res.divergence, res.label, res.agree, 1.0, res.entropy, grad_in_half=half)
+
+
+def _backprop_chunk(buf: _Scratch, h, weight, alpha: float, sl, grad_h, grad_w, grad_b, first: bool,
+                    grad_in_half: bool = False):
+    """Turn ``alpha * buf.logits`` (d loss / d student logits of the chunk; ``buf.half`` with ``grad_in_half``) into
+    hidden, weight and bias grads.
 
     The first chunk overwrites ``grad_w`` (allocated uninitialised: no separate zero-fill pass over ``[V, H]``).
     """
     g = buf.logits[:, :weight.shape[0]]
+    if grad_in_half:
+        g = buf.half[:g.shape[0]]
     if grad_b is not None:
-        grad_b.add_(g.sum(0), alpha=alpha)
+        grad_b.add_(g.sum(0, dtype=torch.float32), alpha=alpha)
     if weight.dtype == torch.float32:
         if grad_h is not None:
             torch.addmm(grad_h[sl], g, weight, beta=0, alpha=alpha, out=grad_h[sl])
         if grad_w is not None:
             torch.addmm(grad_w, g.t(), h, beta=0 if first else 1, alpha=alpha, out=grad_w)
         return
-    gh = buf.half[:g.shape[0]].copy_(g)
+    gh = g if grad_in_half else buf.half[:g.shape[0]].copy_(g)
     if grad_h is not None:
         torch.mul(gh @ weight, alpha, out=grad_h[sl])
     if grad_w is not None:  # rounded once per chunk, accumulated in float32

@@ -13,8 +13,8 @@ i.e. both distributions are renormalised over ``K``. Mass the student puts outsi
 
 **With tail** (``topk_tail=True``): one more bucket holds everything outside ``K``. Its temperature-1 log-masses are
 
-* teacher ``a_tail = log(1 - sum_{j in K} exp(l_j))`` (``-inf`` when ``K`` covers the vocabulary, or when rounding
-  makes the reported mass reach 1),
+* teacher ``a_tail = log(1 - sum_{j in K} exp(l_j))`` (``-inf`` when ``K`` covers the vocabulary; evaluated in
+  float64 and floored at the reported values' own rounding: :func:`teacher_tail_logmass`),
 * student ``b_tail = logsumexp_{v not in K} z_v``, i.e. ``b_tail - logsumexp(z) = log(1 - sum_{j in K} p_s(j))``,
   the student's exact tail mass (computed over the complement, so without the cancellation of ``1 - sum``),
 
@@ -42,7 +42,6 @@ Rows whose logprobs are all ``-inf`` carry no teacher information; :func:`fused_
 """
 from __future__ import annotations
 
-import math
 from typing import Tuple, Union
 
 import torch
@@ -51,32 +50,41 @@ from .divergence import tempered_divergence_rows
 from .row_divergence import Divergence, as_divergence
 from .teacher_signal import TeacherTopK
 
-__all__ = ['bucket_divergence', 'drop_ids_outside_vocab', 'log1mexp', 'teacher_tail_logmass', 'topk_of_logits']
-
-_LOG_HALF = -math.log(2.0)
-
-
-def log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """``log(1 - exp(x))`` for ``x <= 0``, accurate on both ends (Maechler, 2012); ``x >= 0`` gives ``-inf``."""
-    x = x.clamp(max=0.0)
-    # near 0, 1 - exp(x) cancels: use expm1; far below 0, exp(x) is tiny: use log1p
-    return torch.where(x > _LOG_HALF, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
-
+__all__ = ['bucket_divergence', 'drop_ids_outside_vocab', 'teacher_tail_logmass', 'topk_of_logits']
 
 def teacher_tail_logmass(logprobs: torch.Tensor, num_valid: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """``log(1 - sum_j exp(logprobs_j))`` per row: the log of the teacher's mass outside its top-k.
+    """The log of the teacher's mass outside its top-k, as the reported log-probabilities define it.
+
+    Defined as ``log(max(1 - sum_j exp(l_j), r))`` with ``r = sum_j exp(l_j) ulp(l_j) / 2``: the mass the reported
+    values ``l_j`` leave, taken as exact numbers, but never below the uncertainty that storing them in their dtype
+    leaves in their summed mass (half an ulp of each ``l_j``). Evaluated in float64 as
+    ``-expm1(l_1) - sum_{j > 1} exp(l_j)`` (``l_1`` the largest) so that a confident teacher's tail (``l_1 = -1e-8``)
+    keeps its digits: a float32 ``log1mexp(logsumexp(l))`` loses them (``1 + 1e-9`` rounds to 1) and gave ``-inf``
+    or values nats off. A report whose mass reaches 1 (a top-1 rounded to 0 by a float32 ``log_softmax``) leaves the
+    tail undetermined below ``r``: ``log(r)`` keeps the reverse KL finite where ``-inf`` made it ~1e30. Details:
+    ``docs_en/fused_loss.md`` (the tail mass).
 
     Args:
-        logprobs: ``[C, k]`` float32 full-vocabulary log-probabilities at temperature 1 (``-inf`` = unused slot).
+        logprobs: ``[C, k]`` full-vocabulary log-probabilities at temperature 1 (``-inf`` = unused slot).
         num_valid: ``[C]`` number of finite slots per row.
         vocab_size: vocabulary size; a row whose valid slots cover it has an empty tail (``-inf``), whatever
             rounding says about the reported mass.
 
     Returns:
-        ``[C]`` float32, ``-inf`` where the tail is empty or the reported mass reaches 1.
+        ``[C]`` in ``logprobs``' dtype; ``-inf`` where the tail is empty; ``0`` for a row without a valid slot.
     """
-    tail = log1mexp(torch.logsumexp(logprobs, dim=-1))
-    return tail.masked_fill(num_valid >= vocab_size, float('-inf'))
+    if not logprobs.shape[-1]:  # no slot: all the mass is outside
+        return logprobs.new_zeros(logprobs.shape[:-1])
+    valid = logprobs > float('-inf')
+    mag = logprobs.abs()
+    half_ulp = torch.where(valid, torch.nextafter(mag, torch.full_like(mag, float('inf'))) - mag, 0).double() / 2
+    lp = logprobs.double()
+    top, first = lp.max(-1, keepdim=True)
+    p = lp.exp().scatter(-1, first, 0.0)  # the other slots' masses (0 on unused ones)
+    mass = -torch.expm1(top.squeeze(-1)) - p.sum(-1)  # 1 - sum_j exp(l_j), without the cancellation of 1 - p_1
+    floor = (lp.exp() * half_ulp).sum(-1)
+    tail = torch.maximum(mass, floor).log()
+    return tail.masked_fill(num_valid >= vocab_size, float('-inf')).to(logprobs.dtype)
 
 
 def bucket_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -115,12 +123,21 @@ def drop_ids_outside_vocab(ids: torch.Tensor, logprobs: torch.Tensor, limit: int
 def topk_of_logits(logits: torch.Tensor, k: int, chunk_size: int = 1024) -> TeacherTopK:
     """A local teacher's top-k from its full logits ``[N, V]``: ids and log-probabilities at temperature 1.
 
-    Chunked: float32 rows of at most ``chunk_size x V`` at a time (an unchunked ``log_softmax(logits.float())`` is
-    about 5 GB at N = 8k, V = 152k).
+    Each log-probability is accurate to its own float32 rounding, the top-1 included: it is formed as
+    ``(z_j - m) - log1p(sum_{v != top-1} exp(z_v - m))``, where ``log_softmax`` rounds ``1 + 1e-9`` to 1 and
+    reports a confident teacher's top-1 as exactly 0, losing the mass outside the top-1 that the tail bucket needs
+    (:func:`teacher_tail_logmass`). Chunked: float32 rows of at most ``chunk_size x V`` at a time (an unchunked
+    float32 copy is about 5 GB at N = 8k, V = 152k).
     """
-    parts = [torch.log_softmax(logits[i:i + chunk_size].float(), -1).topk(k, dim=-1)
-             for i in range(0, logits.shape[0], chunk_size)]
+    parts = [_precise_topk(logits[i:i + chunk_size].float(), k) for i in range(0, logits.shape[0], chunk_size)]
     if not parts:
         empty = logits.new_zeros(0, k)
         return TeacherTopK(empty.long(), empty.float())
-    return TeacherTopK(torch.cat([p.indices for p in parts]), torch.cat([p.values for p in parts]))
+    return TeacherTopK(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+
+
+def _precise_topk(z: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    top, ids = z.topk(k, dim=-1)  # the same ids as the log-probabilities' top-k
+    m = top[:, :1]
+    rest = torch.sub(z, m).exp_().scatter_(1, ids[:, :1], 0.0)  # the top-1's own term, exactly 1, left out
+    return ids, top - m - torch.log1p(rest.sum(-1, keepdim=True))

@@ -29,8 +29,10 @@ def test_the_students_head_stands_in_for_the_teachers_without_gradient():
 
 def test_topk_of_logits_is_the_unchunked_topk_exactly():
     x = torch.randn(2500, 300, dtype=torch.bfloat16)
-    lp, ids = torch.log_softmax(x.float(), -1).topk(7, dim=-1)
+    lp, ids = torch.log_softmax(x.double(), -1).topk(7, dim=-1)
     got = topk_of_logits(x, 7, chunk_size=1000)
-    assert torch.equal(got.ids, ids) and torch.equal(got.logprobs, lp)
+    whole = topk_of_logits(x, 7, chunk_size=4096)
+    assert torch.equal(got.ids, whole.ids) and torch.equal(got.logprobs, whole.logprobs)  # chunking changes nothing
+    assert torch.equal(got.ids, ids) and float((got.logprobs.double() - lp).abs().max()) <= 1e-6
     empty = topk_of_logits(x[:0], 7)
     assert empty.ids.shape == (0, 7) and empty.ids.dtype == torch.long
