@@ -89,7 +89,39 @@ def test_part_e_teacher_server_load_and_oversized_batch(tmp_path):
         assert r['requests'] > 0 and r['errors'] == 0 and finite(r['tokens_per_s']) and finite(r['p95_ms'])
     (big,) = [r for r in doc['rows'] if r['kind'] == 'oversized']
     assert big['answer'].startswith('error') and big['http_status'] == 413  # over --max_request_tokens on CPU
+    assert big['next_request'] == 'ok' and big['server_alive'] is True and big['as_expected'] is True
+
+
+def test_part_e_oversized_request_passes_every_server_limit(tmp_path):
+    """The GPU's oversized request, sized against a pretended 2 MiB of memory (tiny teacher: hidden 96, float32):
+    one sequence of 6,827 tokens whose hidden states are 1.25x that memory. The server started with
+    ``oversized_server_limits`` must score it (on CPU it fits): no limit refuses it, so on a GPU only memory can."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), 'gpu', 'checks'))
+    from part_e import MARGIN, oversized_tokens
+    doc, md = run_part(tmp_path, 'e', '--clients', '1', '--seconds', '0.5', '--pretend-memory-mib', '2')
+    assert doc['status'] == 'ok', doc
+    (big,) = [r for r in doc['rows'] if r['kind'] == 'oversized']
+    tokens = oversized_tokens(2 * 2**20, 96, 4)
+    assert big['tokens'] == tokens and tokens * 96 * 4 >= MARGIN * 2 * 2**20
+    assert big['answer'] == 'answered (it fitted)' and big['http_status'] is None and big['as_expected'] is True
     assert big['next_request'] == 'ok' and big['server_alive'] is True
+
+
+def test_part_e_sizing_and_verdicts():
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), 'gpu', 'checks'))
+    from part_e import oversized_as_expected, oversized_server_limits, oversized_tokens
+    h100 = 79 * 2**30  # about what an H100 80GB HBM3 reports (torch.cuda.get_device_properties)
+    n = oversized_tokens(h100, 1536)  # the kit's 1.5B-shaped teacher, bf16
+    assert n * 1536 * 2 >= 1.25 * h100 > (n - 2) * 1536 * 2  # its embedding output alone: 1.25x the device
+    limits = oversized_server_limits(n)
+    assert min(limits['--max_batch_tokens'], limits['--max_length'], limits['--max_request_tokens']) >= n
+    assert limits['--max_body_mb'] * 2**20 >= 8 * n  # the JSON of n ids
+    oom = 'error: teacher forward failed: OutOfMemoryError: CUDA out of memory. Tried to allocate 99.50 GiB'
+    assert oversized_as_expected(True, False, 500, oom)
+    assert not oversized_as_expected(True, False, None, 'answered (it fitted)')  # what the first GPU run got
+    assert not oversized_as_expected(True, False, 413, 'error: 34811905 tokens in one request')
+    assert oversized_as_expected(False, True, None, 'answered (it fitted)')
+    assert oversized_as_expected(False, False, 413, 'error: ...') and not oversized_as_expected(False, False, 500, '')
 
 
 def test_part_f_megatron_probe_names_what_blocks(tmp_path):

@@ -56,6 +56,8 @@ def parse_args(argv=None):
     p.add_argument('--repeats', type=int, default=5, help='b: measured steps per worker (at most)')
     p.add_argument('--clients', type=lambda s: [int(x) for x in s.split(',')], default=None, help='e')
     p.add_argument('--seconds', type=float, default=None, help='e: seconds per load level')
+    p.add_argument('--pretend-memory-mib', type=float, default=None,
+                   help='e: size the oversized request against this much memory instead of the GPU\'s (CPU tests)')
     return p.parse_args(argv)
 
 
