@@ -285,5 +285,6 @@ assemble)
     [ -d "$KIT/wheels" ] && activate "$PY" "${GPUKIT_SITE:-/tmp/gpukit-site}" "${GPUKIT_WHEELS:-$KIT/wheels}"
     "$PY" "$REPO/tests/gpu/big.py" assemble --kit "$KIT" --site "${GPUKIT_SITE:-/tmp/gpukit-site}" "${@:2}"
     ;;
-*) die "usage: bash tests/gpu/kit.sh prepare|selfcheck|install|run [a|b|c|d|e|f|v|all]|prepare-big|assemble (see tests/gpu/README.md)" ;;
+*) die "usage: bash tests/gpu/kit.sh prepare|selfcheck|install|run [a|b|c|d|e|f|v|all]|prepare-big|assemble" \
+    "(see tests/gpu/README.md)" ;;
 esac

@@ -101,7 +101,8 @@ def run(args) -> Results:
                                    trainer_order=optimizer == 'adamw'))
             sync()
             times.append(time.perf_counter() - t0)
-        row = res.add(scenario=scenario, optimizer=optimizer, steps=steps, step_ms=1e3 * statistics.median(times[1:] or times),
+        row = res.add(scenario=scenario, optimizer=optimizer, steps=steps,
+                      step_ms=1e3 * statistics.median(times[1:] or times),
                       first_step_ms=1e3 * times[0], loss=losses[-1],
                       teacher_gib=(offloader.num_bytes if offloader else
                                    sum(p.numel() * p.element_size() for p in teacher.parameters())) / 2**30,

@@ -138,8 +138,8 @@ def run(args) -> Results:
 
 
 def oversized_as_expected(cuda: bool, pretend: bool, status, answer: str) -> bool:
-    """GPU: the server's 500 naming the memory error (not a limit's 413/422, not a timeout); CPU with a pretended memory: answered
-    (every limit let it through); plain CPU: the 413 of --max_request_tokens."""
+    """GPU: the server's 500 naming the memory error (not a limit's 413/422, not a timeout); CPU with a pretended
+    memory: answered (every limit let it through); plain CPU: the 413 of --max_request_tokens."""
     if pretend and not cuda:
         return status is None and answer.startswith('answered')
     if cuda:  # the forward's out-of-memory error, answered as the server's 500
