@@ -38,6 +38,7 @@ def assert_launched_as_run_swift_starts_it(run):
     assert os.path.samefile(run.launched[0], run.child_command[0])  # the same interpreter
 
 
+@pytest.mark.quick
 def test_opt_out_runs_ms_swift_trainer(tiny_ws, tmp_path):
     run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), lmbda=0, max_steps=1), env={'SWIFT_GKD_PLUGIN': '0'},
                     launcher=True)

@@ -19,7 +19,8 @@ SEED = 42
 
 
 @pytest.mark.parametrize('tuner', ['full', 'lora'])
-@pytest.mark.parametrize('case', list(MODE_FLAGS))
+@pytest.mark.parametrize('case', [pytest.param(c, marks=pytest.mark.quick) if c == 'mixed' else c
+                                  for c in MODE_FLAGS])
 def test_each_mode_trains_and_the_loss_falls(tiny_ws, tmp_path, tuner, case):
     flags = MODE_FLAGS[case]
     run = run_swift(

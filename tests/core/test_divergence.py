@@ -6,6 +6,8 @@ import torch
 
 from swift_gkd_plugin.core import align_vocab, generalized_jsd
 
+pytestmark = pytest.mark.quick  # core math: part of `pytest -m quick`
+
 BETAS = [0.0, 0.1, 0.5, 0.9, 1.0]
 TEMPERATURES = [0.5, 1.0, 2.0]
 

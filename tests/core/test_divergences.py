@@ -14,6 +14,8 @@ from swift_gkd_plugin.core.row_divergence import DIVERGENCES, Divergence
 from swift_gkd_plugin.core.tensor_parallel import vocab_parallel_generalized_jsd, vocab_parallel_topk_jsd
 from swift_gkd_plugin.core.topk import bucket_divergence
 
+pytestmark = pytest.mark.quick  # core math: part of `pytest -m quick`
+
 SPECS = ([Divergence('jsd', beta=b) for b in (0.0, 0.3, 0.5, 1.0)]
          + [Divergence(name, alpha=a) for name in ('skew_kl', 'skew_rkl') for a in (0.0, 0.1, 0.5, 1.0)])
 IDS = [str(d) for d in SPECS]

@@ -11,6 +11,8 @@ from swift_gkd_plugin.core.fused_loss import fused_linear_jsd
 from swift_gkd_plugin.core.teacher_signal import TeacherHead, TeacherTopK
 from swift_gkd_plugin.core.policy_gradient import policy_gradient_loss, sampled_token_stats
 
+pytestmark = pytest.mark.quick  # core math: part of `pytest -m quick`
+
 N, HS, HT, V = 37, 16, 12, 50
 NEG_INF = float('-inf')
 

@@ -8,6 +8,8 @@ import pytest
 from swift_gkd_plugin.core import Mode, choose_mode
 from swift_gkd_plugin.core.modes import mode_draw
 
+pytestmark = pytest.mark.quick  # core math: part of `pytest -m quick`
+
 
 def test_endpoints():
     assert all(choose_mode(1, s, 0.0, False) is Mode.OFF_POLICY for s in range(200))

@@ -6,6 +6,8 @@ from swift_gkd_plugin.core.fused_loss import fused_linear_jsd
 from swift_gkd_plugin.core.teacher_signal import TeacherHead, TeacherLogits, TeacherTopK
 from swift_gkd_plugin.core.topk import topk_of_logits
 
+pytestmark = pytest.mark.quick  # core math: part of `pytest -m quick`
+
 
 def test_the_fused_loss_takes_a_head_or_a_topk_and_says_what_else_it_got():
     hs, w = torch.randn(4, 3), torch.randn(9, 3)

@@ -8,6 +8,11 @@
 #                                      and runs one tiny `swift rlhf --rlhf_type gkd` step with the plugin active
 #   bash tests/gpu/kit.sh run PART     GPU: installs the kit into /tmp (no network), runs part a|b|c|d|e|f|all;
 #                                      results (markdown + JSON) go to $GPUKIT_OUT, else $OUT, else ./gpukit_results
+#   bash tests/gpu/kit.sh prepare-big  CPU, PyPI reachable: transformer-engine (cu13 wheel + torch sdist) and the
+#                                      newest vLLM that pins the image's torch, with their missing dependencies,
+#                                      split into parts of < 60 MiB in bundles .gpukit/big/carry/NN (tests/gpu/big.py)
+#   bash tests/gpu/kit.sh assemble     GPU, once per carried bundle: parts into /tmp/gpukit-big, then (all there)
+#                                      join, sha256, install; transformer-engine-torch built from its sdist (timed)
 #   bash tests/gpu/kit.sh install      installs the kit into $GPUKIT_SITE (default /tmp/gpukit-site) and prints the
 #                                      two exports that make it active in a shell
 #
@@ -274,5 +279,12 @@ size) size_report ;;
 selfcheck) selfcheck ;;
 install) install "$PY" "${GPUKIT_SITE:-/tmp/gpukit-site}" ;;
 run) run "${@:2}" ;;
-*) die "usage: bash tests/gpu/kit.sh prepare|selfcheck|install|run [a|b|c|d|e|f|v|all] (see tests/gpu/README.md)" ;;
+prepare-big) "$PY" "$REPO/tests/gpu/big.py" prepare --kit "$KIT" "${@:2}" ;;
+assemble)
+    # the kit first (the built sdist imports torch and the carried wheels from the same site), then the parts
+    [ -d "$KIT/wheels" ] && activate "$PY" "${GPUKIT_SITE:-/tmp/gpukit-site}" "${GPUKIT_WHEELS:-$KIT/wheels}"
+    "$PY" "$REPO/tests/gpu/big.py" assemble --kit "$KIT" --site "${GPUKIT_SITE:-/tmp/gpukit-site}" "${@:2}"
+    ;;
+*) die "usage: bash tests/gpu/kit.sh prepare|selfcheck|install|run [a|b|c|d|e|f|v|all]|prepare-big|assemble" \
+    "(see tests/gpu/README.md)" ;;
 esac

@@ -25,8 +25,9 @@ from common import Results, markdown  # noqa: E402
 
 PARTS = 'abcdefv'
 ORDER_ALL = 'cbeadfv'  # cheapest and most informative first
-# rough device seconds per part at real shapes (first run, models built on the GPU): what `all` plans with
-ESTIMATE_S = dict(a=420, b=240, c=120, d=400, e=150, f=90, v=240)
+# device seconds per part at real shapes, from the first H100 run (a 505 s, b 135 s, d 536 s, c+e+f 164 s with the
+# models built; a and d stop starting runs at --part-budget-s): what `all` plans with (v: a guess, never run)
+ESTIMATE_S = dict(a=530, b=140, c=90, d=540, e=75, f=25, v=240)
 CUDA_ONLY = dict(c='memory statistics and prefetch overlap (the offloader is a no-op on CPU)',
                  f='Megatron-SWIFT needs GPUs (imports are still probed)', v='vLLM needs a GPU')
 
@@ -48,7 +49,8 @@ def parse_args(argv=None):
     # narrowing a part (the CPU tests use these to stay cheap)
     p.add_argument('--modes', type=lambda s: s.split(','), default=None, help='a: off_policy,on_policy,seq_kd')
     p.add_argument('--impls', type=lambda s: s.split(','), default=None, help='a: builtin,fused,dense')
-    p.add_argument('--cases', type=lambda s: s.split(','), default=None, help='d: case names; f: megatron cases; v: c2,c1')
+    p.add_argument('--cases', type=lambda s: s.split(','), default=None,
+                   help='a: short,long; d: case names; f: megatron cases; v: c2,c1')
     p.add_argument('--methods', type=lambda s: s.split(','), default=None, help='b: floor,fused,liger,dense')
     p.add_argument('--ns', type=lambda s: [int(x) for x in s.split(',')], default=None, help='b: token counts')
     p.add_argument('--chunks', type=lambda s: [int(x) for x in s.split(',')], default=None,
@@ -56,6 +58,8 @@ def parse_args(argv=None):
     p.add_argument('--repeats', type=int, default=5, help='b: measured steps per worker (at most)')
     p.add_argument('--clients', type=lambda s: [int(x) for x in s.split(',')], default=None, help='e')
     p.add_argument('--seconds', type=float, default=None, help='e: seconds per load level')
+    p.add_argument('--pretend-memory-mib', type=float, default=None,
+                   help='e: size the oversized request against this much memory instead of the GPU\'s (CPU tests)')
     return p.parse_args(argv)
 
 
