@@ -81,6 +81,10 @@ def demo_command(ws: dict, output_dir: str, steps: int, lmbda: float, seed: int,
 
 
 PLUGIN_ACTIVE_MARK = 'GKD trainer active'
+#: What turns the plugin on for ``swift rlhf`` (the package is installed from its checkout, not a package index).
+PLUGIN_OFF_ADVICE = ('Unset SWIFT_GKD_PLUGIN (or set it to 1), and check that the plugin\'s start-up file '
+                     'swift_gkd_plugin.pth is in this environment\'s site-packages: reinstall the plugin from its '
+                     'checkout (pip install -e . or pip install . there)')
 
 
 def log(msg: str) -> None:
@@ -138,19 +142,31 @@ def run_length(names: list) -> str:
     return ', '.join(name if n == 1 else f'{name} x{n}' for name, n in runs)
 
 
-#: The demo's flags -> the ``swift rlhf`` flag whose declared range they take.
-DEMO_FLAG_RANGES = {'lmbda': 'lmbda', 'skd_top_k': 'gkd_skd_top_k', 'sampling_temperature': 'gkd_sampling_temperature'}
+#: The demo's flags -> the ``swift rlhf`` flag whose declared range they take, and what the range's reason says in
+#: the demo's terms (None: the ``swift rlhf`` flag's own).
+DEMO_FLAG_RANGES = {'lmbda': ('lmbda', None), 'skd_top_k': ('gkd_skd_top_k', None),
+                    'sampling_temperature': ('gkd_sampling_temperature',
+                                             'the temperature the student samples at; the loss\'s stays 1.0')}
+#: numpy's seeds (the demo's data and models are drawn with numpy and torch)
+SEED_MAX = 2**32 - 1
 
 
 def check_demo_args(args) -> None:
     """The demo's flags hold allowed values (ValueError naming flag, value and range): checked before the workspace
     is built, which takes a minute, rather than by ``swift rlhf`` after it."""
+    import dataclasses
+
     from swift_gkd_plugin.flags import Range, declared_ranges
     ranges = declared_ranges()
-    for name, swift_flag in DEMO_FLAG_RANGES.items():
-        ranges[swift_flag].check(name, getattr(args, name))
+    for name, (swift_flag, why) in DEMO_FLAG_RANGES.items():
+        rule = ranges[swift_flag]
+        if why is not None:
+            rule = dataclasses.replace(rule, optional=False, why=why)
+        rule.check(name, getattr(args, name))
     for name in ('steps', 'teacher_steps'):
         Range(1, integer=True, why='optimizer steps').check(name, getattr(args, name))
+    Range(0, SEED_MAX, integer=True, says=f'an integer in [0, {SEED_MAX}]', why='numpy\'s seeds').check(
+        'seed', args.seed)
     if args.skd_top_k and args.lmbda == 0:  # swift rlhf's own rule (flags.check_sampling_flags), in the demo's names
         raise ValueError(f'--skd_top_k {args.skd_top_k} corrects the student\'s samples on on-policy steps, and '
                          '--lmbda 0 has none: set --lmbda > 0 or --skd_top_k 0')
@@ -183,10 +199,10 @@ def run_demo(args) -> int:
     # without the plugin ms-swift's own parser refuses the plugin's flags (remaining_argv: ['--gkd_skd_top_k', ...])
     plugin_flags_unknown = 'remaining_argv' in output and '--gkd_' in output
     if PLUGIN_ACTIVE_MARK not in output and (returncode == 0 or plugin_flags_unknown):
+        what = ("ms-swift's own argument parser refused the plugin's flags (remaining_argv), so nothing trained"
+                if plugin_flags_unknown else "ms-swift's own GKD trainer ran instead")
         print(f'[swift-gkd demo] ERROR: the swift rlhf run did not use swift-gkd-plugin (no "{PLUGIN_ACTIVE_MARK}" '
-              'in its log): ms-swift\'s own GKD trainer ran. Check that SWIFT_GKD_PLUGIN is not 0 and that the '
-              'plugin\'s start-up .pth is installed (pip install swift-gkd-plugin, or pass '
-              '--external_plugins "$(swift-gkd plugin-path)").', file=sys.stderr)
+              f'in its log): {what}. {PLUGIN_OFF_ADVICE}', file=sys.stderr)
         return 3
     if returncode != 0:
         print(f'[swift-gkd demo] swift rlhf failed with exit code {returncode}', file=sys.stderr)

@@ -17,6 +17,8 @@ import resource
 import shutil
 from typing import List, Optional
 
+from swift_gkd_plugin.flags import FlagError
+
 TRAINER_STATE = 'trainer_state.json'  # transformers.trainer.TRAINER_STATE_NAME, written last
 LAST_CHECKPOINT = 'last-checkpoint'  # ms-swift's symlink to the newest complete checkpoint
 _CHECKPOINT = re.compile(r'^checkpoint-(\d+)$')
@@ -71,7 +73,7 @@ def check_resume_checkpoint(args) -> None:
         return
     state = os.path.join(path, TRAINER_STATE)
     problem = 'has no' if not os.path.exists(state) else 'has an unreadable'
-    raise ValueError(f'--resume_from_checkpoint {path} {problem} {TRAINER_STATE}, which the trainer writes last in '
+    raise FlagError(f'--resume_from_checkpoint {path} {problem} {TRAINER_STATE}, which the trainer writes last in '
                      f'a checkpoint: its save was cut short (a killed process, a full disk); '
                      f'{_newest_hint(os.path.dirname(os.path.abspath(path)))}.')
 

@@ -17,6 +17,7 @@ from swift.rlhf_trainers.utils import parse_prompt_logprobs
 from swift.utils import get_logger
 
 from swift_gkd_plugin.core.constants import IGNORE_INDEX
+from swift_gkd_plugin.flags import FlagError
 from swift_gkd_plugin.server.client import TeacherClient
 from swift_gkd_plugin.server.protocol import tokenizer_fingerprint
 
@@ -74,7 +75,7 @@ def check_skd_teacher_server(args) -> None:
     from swift.rlhf_trainers.gkd_helpers import parse_teacher_model_server
     configs = parse_teacher_model_server(server)
     if len(configs) != 1:
-        raise ValueError(f'--gkd_skd_top_k {k} verifies the student\'s drafts on one teacher server; '
+        raise FlagError(f'--gkd_skd_top_k {k} verifies the student\'s drafts on one teacher server; '
                          f'--teacher_model_server names {len(configs)} (routed by tags): pass one URL or '
                          '--gkd_skd_top_k 0')
     client = teacher_client(args, configs[0].url)
@@ -82,7 +83,7 @@ def check_skd_teacher_server(args) -> None:
                 f'loading any model (at most {client.wait:g}s, --teacher_server_wait)')
     health = client.wait_until_ready()
     if not client.offers_topk():
-        raise ValueError(f'--gkd_skd_top_k {k} needs this plugin\'s teacher server (`swift-gkd serve-teacher`, '
+        raise FlagError(f'--gkd_skd_top_k {k} needs this plugin\'s teacher server (`swift-gkd serve-teacher`, '
                          f'POST /v1/topk): {client.url} has no /v1/topk, so it speaks only ms-swift\'s /infer/ '
                          'protocol (`swift deploy`, a vLLM teacher), which scores chats, not the student\'s drafts. '
                          f'Serve the teacher with `swift-gkd serve-teacher --topk {max(k, 64)}`, load it locally with '
@@ -90,7 +91,7 @@ def check_skd_teacher_server(args) -> None:
     limit, vocab = health.get('max_topk'), health.get('vocab_size')
     needed = min(k, vocab) if isinstance(vocab, int) else k
     if isinstance(limit, int) and limit < needed:
-        raise ValueError(f'--gkd_skd_top_k {k} is larger than the top-k the teacher server {client.url} returns '
+        raise FlagError(f'--gkd_skd_top_k {k} is larger than the top-k the teacher server {client.url} returns '
                          f'(its --topk is {limit}): the teacher\'s top-{k} cannot be checked from its top-{limit}. '
                          f'Pass --gkd_skd_top_k 1 to {limit}, or restart the server with --topk {k} or more')
 
