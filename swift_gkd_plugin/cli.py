@@ -1,13 +1,4 @@
-"""``swift-gkd``: helper commands of the plugin.
-
-    swift-gkd plugin-path        the file to pass to --external_plugins (explicit activation)
-    swift-gkd demo [--seed S]    build a tiny teacher and a warm-started student offline, distil one into the
-                                 other on CPU (80 on-policy steps sampled with speculative KD), print each step's
-                                 mode and the SKD replaced fraction, and free-running exact match before and after
-    swift-gkd serve-teacher --model PATH [--template T] [--port 8000] [--topk 64] ...
-                                 serve a teacher's top-k log-probabilities over HTTP (no vLLM needed)
-    swift-gkd version
-"""
+"""``swift-gkd``: helper commands of the plugin (:data:`DESCRIPTION` is its ``--help``)."""
 from __future__ import annotations
 
 import argparse
@@ -79,6 +70,21 @@ def demo_command(ws: dict, output_dir: str, steps: int, lmbda: float, seed: int,
         cmd += ['--gkd_sampling_temperature', str(sampling_temperature)]
     return cmd
 
+
+DESCRIPTION = """Helper commands of swift-gkd-plugin, the GKD trainer of swift rlhf / megatron rlhf --rlhf_type gkd.
+
+  swift-gkd demo [--seed S]     build a tiny teacher and a warm-started student offline in ./swift_gkd_demo,
+                                distil one into the other on CPU (80 on-policy steps sampled with speculative KD),
+                                print each step's mode and the SKD replaced fraction, and free-running exact
+                                match before and after
+  swift-gkd serve-teacher --model PATH [--template T] [--port 8000] [--top_k 64] ...
+                                serve a teacher's top-k log-probabilities over HTTP (no vLLM needed)
+  swift-gkd plugin-path         the file to pass to --external_plugins (explicit activation)
+  swift-gkd docs [PAGE]         where the documentation is installed (help texts and errors cite its pages,
+                                docs_en/PAGE.md), or the path of one page
+  swift-gkd version             the plugin's version (also --version)
+
+swift-gkd COMMAND --help describes each command."""
 
 PLUGIN_ACTIVE_MARK = 'GKD trainer active'
 #: What turns the plugin on for ``swift rlhf`` (the package is installed from its checkout, not a package index).
@@ -230,13 +236,47 @@ def run_demo(args) -> int:
     return 0
 
 
+def docs_dir() -> str:
+    """The installed ``docs_en`` folder (shipped inside the package), or the checkout's for an editable install."""
+    package = os.path.dirname(os.path.abspath(swift_gkd_plugin.__file__))
+    installed = os.path.join(package, 'docs_en')
+    return installed if os.path.isdir(installed) else os.path.join(os.path.dirname(package), 'docs_en')
+
+
+def show_docs(page) -> int:
+    folder = docs_dir()
+    if not os.path.isdir(folder):
+        print(f'swift-gkd docs: no docs_en folder at {folder} (an installation without its docs)', file=sys.stderr)
+        return 1
+    pages = sorted(n[:-3] for n in os.listdir(folder) if n.endswith('.md'))
+    if page is None:
+        print(f'{folder}\npages: {", ".join(pages)} (swift-gkd docs PAGE prints the path of one)')
+        return 0
+    name = os.path.basename(page)[:-3] if page.endswith('.md') else page
+    if name not in pages:
+        print(f'swift-gkd docs: no page {page!r} (pages: {", ".join(pages)})', file=sys.stderr)
+        return 2
+    print(os.path.join(folder, f'{name}.md'))
+    return 0
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog='swift-gkd', description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    sub = parser.add_subparsers(dest='command', required=True)
+    parser = argparse.ArgumentParser(prog='swift-gkd', description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--version', action='version', version=f'swift-gkd-plugin {swift_gkd_plugin.__version__}')
+    sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
+    defaults = argparse.ArgumentDefaultsHelpFormatter
     sub.add_parser('plugin-path', help='print the file to pass to --external_plugins')
     sub.add_parser('version', help='print the plugin version')
-    demo = sub.add_parser('demo', help='distil a tiny teacher into a tiny student on CPU, offline')
-    demo.add_argument('--workdir', default='swift_gkd_demo', help='where models, data and outputs go')
+    docs = sub.add_parser('docs', help='print where the documentation is installed, or the path of one page')
+    docs.add_argument('page', nargs='?', default=None, help='a page, e.g. skd or docs_en/skd.md')
+    demo = sub.add_parser('demo', help='distil a tiny teacher into a tiny student on CPU, offline, in ./swift_gkd_demo',
+                          formatter_class=defaults,
+                          description='Build a tiny teacher and a warm-started student offline in --workdir (cached '
+                          'there for the next run), distil one into the other on CPU with swift rlhf, and print the '
+                          'student\'s exact match before and after. See docs_en/quality.md (swift-gkd docs quality).')
+    demo.add_argument('--workdir', default='swift_gkd_demo', help='where models, data and outputs go (relative to the '
+                      'current folder; the trained student ends up in WORKDIR/output)')
     demo.add_argument('--steps', type=int, default=DEMO_STEPS, help='GKD optimizer steps')
     demo.add_argument('--lmbda', type=float, default=1.0, help='probability of an on-policy step (1: every step)')
     demo.add_argument('--skd_top_k', type=int, default=DEMO_SKD_TOP_K,
@@ -244,10 +284,13 @@ def main(argv=None) -> int:
                            'replacing drafted tokens outside its top-K (0: plain on-policy sampling)')
     demo.add_argument('--sampling_temperature', type=float, default=DEMO_SAMPLING_TEMPERATURE,
                       help='--gkd_sampling_temperature of the run (the loss temperature stays 1.0)')
-    demo.add_argument('--seed', type=int, default=0)
+    demo.add_argument('--seed', type=int, default=0, help='seed of the data, the models and the run')
     demo.add_argument('--teacher_steps', type=int, default=250, help='supervised steps that train the teacher')
     from swift_gkd_plugin.server import cli as server_cli
-    serve = sub.add_parser('serve-teacher', help="serve a teacher's top-k log-probabilities over HTTP (no vLLM)")
+    serve = sub.add_parser('serve-teacher', help="serve a teacher's top-k log-probabilities over HTTP (no vLLM)",
+                           formatter_class=defaults, description="Serve a teacher's top-k log-probabilities over HTTP "
+                           'for swift rlhf --teacher_model_server. See docs_en/teacher_server.md (swift-gkd docs '
+                           'teacher_server).')
     server_cli.add_arguments(serve)
     args = parser.parse_args(argv)
     if args.command == 'serve-teacher':
@@ -258,6 +301,8 @@ def main(argv=None) -> int:
     if args.command == 'version':
         print(swift_gkd_plugin.__version__)
         return 0
+    if args.command == 'docs':
+        return show_docs(args.page)
     try:
         check_demo_args(args)
     except ValueError as e:

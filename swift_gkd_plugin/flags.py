@@ -169,7 +169,7 @@ class GKDPluginArgumentsMixin:
             help='Speculative KD on on-policy steps: a token the student samples that is outside the teacher\'s '
             'top-K at its position is replaced by a token sampled from the teacher (the paper uses 25). 0 (default): '
             'off. Transformers sampling (--use_vllm false) with a teacher of the student\'s tokenizer, local or this '
-            'plugin\'s server (its --topk >= K). See docs_en/skd.md.',
+            'plugin\'s server (its --top_k >= K). See docs_en/skd.md.',
             range=Range(0, integer=True, why='the teacher\'s top-K that accepts a student token; 0 = off')))
 
 
@@ -370,6 +370,12 @@ def ignored_flag_warnings(args) -> List[str]:
     if args.gkd_cross_tokenizer == 'uld' and args.beta is not None:
         warnings.append(f'--beta {args.beta} is ignored with --gkd_cross_tokenizer uld (ULD compares sorted '
                         'probabilities with an L1 distance: it has no beta; --gkd_cross_tokenizer hybrid uses it)')
+    if getattr(args, 'use_liger_kernel', False):
+        warnings.append(f'--use_liger_kernel true: the GKD loss is the plugin\'s (--gkd_loss_impl {args.gkd_loss_impl}: '
+                        'its fused loss on hidden states where it applies, which like Liger\'s fused JSD never '
+                        'holds the full logits), not Liger\'s fused JSD, which ms-swift\'s GKD uses: the plugin\'s '
+                        'covers every --gkd_divergence, --gkd_logits_topk with its tail, SKD and RL terms with one '
+                        'tested code path (docs_en/fused_loss.md)')
     if args.seq_kd and args.lmbda == 1:
         warnings.append('--seq_kd true has no effect with --lmbda 1: every step is on-policy (the student samples), '
                         'so the teacher never samples; lower --lmbda to mix in sequence-level KD steps')

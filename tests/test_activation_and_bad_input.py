@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -172,6 +173,17 @@ def test_bad_input_is_refused_before_any_model_is_loaded(tiny_ws, tmp_path, flag
     assert_refused_in_one_line(run, needles)
 
 
+def test_teacher_folder_without_weights_is_refused_naming_it(tiny_ws, tmp_path):
+    """Its config and tokenizer are there, so only the weights' load failed (transformers' raw OSError)."""
+    folder = tmp_path / 'no_weights'
+    folder.mkdir()
+    for name in os.listdir(tiny_ws.teacher):
+        if not name.endswith('.safetensors'):
+            shutil.copy(os.path.join(tiny_ws.teacher, name), folder / name)
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), teacher_model=str(folder)), check=False, timeout=120)
+    assert_refused_in_one_line(run, [f"--teacher_model '{folder}': the folder {folder} holds no model weights"])
+
+
 def test_teacher_with_another_vocabulary_is_refused_naming_both(tiny_ws, tmp_path):
     run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), teacher_model=tiny_ws.other_vocab_teacher),
                     check=False, timeout=120)
@@ -212,6 +224,7 @@ def test_every_float_flag_refuses_nan_and_inf(name, value):
 
 GOOD_ROW = b'{"messages": [{"role": "user", "content": "Reverse: a b"}, {"role": "assistant", "content": "b a"}]}\n'
 PROMPT_ONLY_ROW = b'{"messages": [{"role": "user", "content": "Reverse: c d"}]}\n'
+SYSTEM_ONLY_ROW = b'{"messages": [{"role": "system", "content": "You are helpful."}]}\n'
 BAD_DATASETS = {
     'empty': (b'', {}, ['--dataset', 'empty.jsonl', 'has no rows']),
     'latin1': (GOOD_ROW * 2 + GOOD_ROW.replace(b'b a', b'caf\xe9'), {},
@@ -223,6 +236,10 @@ BAD_DATASETS = {
                                                        '--lmbda 0 without --seq_kd']),
     'no_response_val': (GOOD_ROW + PROMPT_ONLY_ROW, {'lmbda': 0.5}, ['--val_dataset', 'no_response_val.jsonl',
                                                                     '(lines 2)', 'evaluation']),
+    # ms-swift used to load both models, then fail to resample them ("Increase max_length")
+    'system_only': (SYSTEM_ONLY_ROW * 4, {'lmbda': 1}, ['--dataset', 'system_only.jsonl', 'no row can be trained on',
+                                                       'all 4 row(s) have neither a user message nor an assistant '
+                                                       'response', 'line 1, ', 'Give each row a user message']),
 }
 
 
@@ -235,9 +252,6 @@ def test_bad_local_dataset_is_refused_naming_the_file_and_line(tiny_ws, tmp_path
     run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), **{which: str(path)}, **flags), check=False,
                     timeout=120)
     assert_refused_in_one_line(run, needles + [str(path)])
-
-
-SYSTEM_ONLY_ROW = b'{"messages": [{"role": "system", "content": "You are helpful."}]}\n'
 
 
 def test_rows_without_response_are_named_but_sampled_on_policy(tiny_ws, tmp_path):

@@ -179,6 +179,14 @@ def test_flags_that_have_no_effect_are_named():
     assert ignored_flag_warnings(good(seq_kd=True, lmbda=0.9)) == []
 
 
+def test_use_liger_kernel_names_the_loss_used_instead():
+    """ms-swift's switch for Liger's fused JSD: the plugin computes its own loss, and says so once at start-up."""
+    assert ignored_flag_warnings(good(use_liger_kernel=False)) == []
+    liger, = ignored_flag_warnings(good(use_liger_kernel=True, gkd_loss_impl='auto'))
+    assert liger.startswith("--use_liger_kernel true: the GKD loss is the plugin's (--gkd_loss_impl auto: ")
+    assert "not Liger's fused JSD" in liger
+
+
 @pytest.mark.parametrize('given,needle', [
     (dict(multi_turn_scheduler='thinking_tips_scheduler'), '--multi_turn_scheduler thinking_tips_scheduler: '
      'multi-turn rollouts are not supported by GKD'),

@@ -236,7 +236,7 @@ def test_custom_reward_of_the_rl_docs_works(page, tmp_path):
 
 
 def test_skd_server_example_serves_a_topk_that_covers_k(tmp_path):
-    """The SKD-with-a-server example: its server's --topk covers --gkd_skd_top_k and --gkd_logits_topk (the run would
+    """The SKD-with-a-server example: its server's --top_k covers --gkd_skd_top_k and --gkd_logits_topk (the run would
     be refused before loading otherwise), with transformers sampling and the server as the only teacher."""
     commands = record_commands(os.path.join(EXAMPLES, 'gkd_skd_teacher_server.sh'), tmp_path)
     server, trainer = commands['swift-gkd'], commands['swift']

@@ -198,7 +198,7 @@ def check_local_jsonl_datasets(args) -> None:
     train_samples = args.lmbda > 0 or args.seq_kd
     meta = getattr(args, 'model_meta', None)
     multimodal = meta is None or meta.is_multimodal  # unknown: not refused here
-    train_rows = 0
+    train_rows, dropped = 0, []
     for flag, entries, can_sample in (('--dataset', args.dataset, train_samples), ('--val_dataset', args.val_dataset,
                                                                                     False)):
         for path, standard_format in local_jsonl_files(entries, args.use_hf):
@@ -226,6 +226,8 @@ def check_local_jsonl_datasets(args) -> None:
                 raise FlagError(f'{rows}, so they have nothing to distil: {_NO_SAMPLING[flag]}')
             promptless = [line for line, prompt in no_response if not prompt]
             sampled = [line for line, prompt in no_response if prompt]
+            if flag == '--dataset':
+                dropped += [f'{path} line {line}' for line in promptless]
             if sampled:
                 logger.warning(f'swift_gkd_plugin: {flag} {path}: {len(sampled)} row(s) have no assistant response '
                                f'(lines {_shown(sampled)}): dataset (off-policy) steps have nothing to distil on them; '
@@ -235,23 +237,33 @@ def check_local_jsonl_datasets(args) -> None:
                                f'message nor an assistant response (lines {_shown(promptless)}): nothing can be '
                                'sampled for them, ms-swift cannot encode them, and each step draws other rows in their '
                                'place: they are dropped. Give them a user message, or remove them.')
-    check_one_batch(args, train_rows)
+    check_one_batch(args, train_rows - len(dropped), dropped)
 
 
-def check_one_batch(args, rows: int) -> None:
-    """Training sets of local jsonl files only, read whole (no ``#N`` sampling): fewer rows than one device's batch
-    can never fill a batch, and GKD drops incomplete ones. Preprocessing only removes rows, so this refusal is
-    certain; the other cases (several processes, ``--num_generations``, rows dropped while encoding, hub datasets)
-    are refused when training starts (:class:`RefuseEmptyEpochs`)."""
+def check_one_batch(args, rows: int, dropped: List[str] = ()) -> None:
+    """Training sets of local jsonl files only: with no row that can be encoded (``dropped``: rows with neither a
+    user message nor a response), ms-swift would load both models and then fail to resample ("Increase
+    max_length"). Read whole (no ``#N`` sampling), fewer rows than one device's batch can never fill a batch, and GKD
+    drops incomplete ones. Preprocessing only removes rows, so these refusals are certain; the other cases (several
+    processes, ``--num_generations``, rows dropped while encoding, hub datasets) are refused when training starts
+    (:class:`RefuseEmptyEpochs`)."""
     entries = args.dataset or []
-    whole_local_files = len(local_jsonl_files(entries, args.use_hf)) == len(entries) and all(
-        DatasetSyntax.parse(entry).dataset_sample is None for entry in entries)
-    batch = args.per_device_train_batch_size
-    if not entries or not whole_local_files or args.streaming or args.num_generations != 1 or rows >= batch:
+    local_files = len(local_jsonl_files(entries, args.use_hf)) == len(entries)
+    if not entries or not local_files or args.streaming:
         return
-    raise FlagError(f'--dataset: {rows} row(s) in {", ".join(entries)}, fewer than one batch '
-                     f'(--per_device_train_batch_size {batch}); GKD drops incomplete batches (dataloader_drop_last), '
-                     'so not one step could train. Add rows, or lower --per_device_train_batch_size.')
+    if rows <= 0 and dropped:
+        raise FlagError(f'--dataset {" ".join(entries)}: no row can be trained on: all {len(dropped)} row(s) have '
+                        f'neither a user message nor an assistant response ({", ".join(dropped[:LINES_SHOWN])}'
+                        f'{", ..." if len(dropped) > LINES_SHOWN else ""}), so nothing can be sampled or distilled '
+                        'for them. Give each row a user message (the prompt), or an assistant response too')
+    whole = all(DatasetSyntax.parse(entry).dataset_sample is None for entry in entries)
+    batch = args.per_device_train_batch_size
+    if not whole or args.num_generations != 1 or rows >= batch:
+        return
+    unusable = f' (and {len(dropped)} without a user message or a response, dropped)' if dropped else ''
+    raise FlagError(f'--dataset: {rows} row(s){unusable} in {", ".join(entries)}, fewer than one batch '
+                    f'(--per_device_train_batch_size {batch}); GKD drops incomplete batches (dataloader_drop_last), '
+                    'so not one step could train. Add rows, or lower --per_device_train_batch_size.')
 
 
 class RefuseEmptyEpochs(TrainerCallback):

@@ -33,7 +33,7 @@ def run(args) -> Results:
     gkd = gkd if os.path.exists(gkd) else 'swift-gkd'
     max_request_tokens = 4096 if args.tiny else 1048576
     cmd = [gkd, 'serve-teacher', '--model', ws.teacher, '--model_type', 'qwen2', '--template', 'qwen2_5',
-           '--port', str(port), '--topk', '64', '--torch_dtype', ws.dtype, '--device', 'cuda' if cuda else 'cpu',
+           '--port', str(port), '--top_k', '64', '--torch_dtype', ws.dtype, '--device', 'cuda' if cuda else 'cpu',
            '--max_batch_tokens', '2048' if args.tiny else '262144', '--max_request_tokens', str(max_request_tokens),
            '--log_level', 'warning']
     log_path = os.path.join(args.work, 'e_server.log')
