@@ -25,6 +25,8 @@ DEMO_SAMPLING_TEMPERATURE = 0.5
 DEMO_WARM_START_STEPS = 60  # held-out exact match 0.21-0.46 on the reversal task (seeds 0-2)
 #: Steps per logged row of the demo's run (the per-window modes and SKD replaced fraction printed at the end).
 DEMO_LOGGING_STEPS = 10
+#: Where the demo builds its models and writes its run (relative to the current folder).
+DEMO_WORKDIR = 'swift_gkd_demo'
 
 OFFLINE_ENV = {
     'HF_HUB_OFFLINE': '1',
@@ -275,7 +277,7 @@ def main(argv=None) -> int:
                           description='Build a tiny teacher and a warm-started student offline in --workdir (cached '
                           'there for the next run), distil one into the other on CPU with swift rlhf, and print the '
                           'student\'s exact match before and after. See docs_en/quality.md (swift-gkd docs quality).')
-    demo.add_argument('--workdir', default='swift_gkd_demo', help='where models, data and outputs go (relative to the '
+    demo.add_argument('--workdir', default=DEMO_WORKDIR, help='where models, data and outputs go (relative to the '
                       'current folder; the trained student ends up in WORKDIR/output)')
     demo.add_argument('--steps', type=int, default=DEMO_STEPS, help='GKD optimizer steps')
     demo.add_argument('--lmbda', type=float, default=1.0, help='probability of an on-policy step (1: every step)')
