@@ -8,17 +8,32 @@ from setuptools.command.editable_wheel import editable_wheel
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PTH = 'swift_gkd_plugin.pth'
+DOCS = 'docs_en'  # shipped inside the package (swift_gkd_plugin/docs_en): help texts and errors cite its pages
+
+
+def doc_files():
+    """``docs_en``'s files, relative to the project (none in a tree without them)."""
+    found = []
+    for folder, _, names in os.walk(os.path.join(HERE, DOCS)):
+        found += [os.path.relpath(os.path.join(folder, n), HERE) for n in sorted(names)]
+    return sorted(found)
 
 
 class BuildWithPth(build_py):
-    """Ships ``swift_gkd_plugin.pth`` at the top of site-packages: it activates the plugin in every process."""
+    """Ships ``swift_gkd_plugin.pth`` at the top of site-packages (it activates the plugin in every process) and the
+    English docs inside the package, where ``swift-gkd docs`` finds them."""
 
     def run(self):
         super().run()
         self.copy_file(os.path.join(HERE, PTH), os.path.join(self.build_lib, PTH), preserve_mode=0)
+        for name in doc_files():
+            target = os.path.join(self.build_lib, 'swift_gkd_plugin', name)
+            self.mkpath(os.path.dirname(target))
+            self.copy_file(os.path.join(HERE, name), target, preserve_mode=0)
 
     def get_outputs(self, include_bytecode=1):
-        return super().get_outputs(include_bytecode) + [os.path.join(self.build_lib, PTH)]
+        docs = [os.path.join(self.build_lib, 'swift_gkd_plugin', name) for name in doc_files()]
+        return super().get_outputs(include_bytecode) + [os.path.join(self.build_lib, PTH)] + docs
 
 
 class EditableWheelWithPth(editable_wheel):

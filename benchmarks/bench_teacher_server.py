@@ -51,7 +51,7 @@ def parse_args(argv=None):
     p.add_argument('--clients', type=lambda s: [int(x) for x in s.split(',')], default=[1, 8, 32])
     p.add_argument('--seconds', type=float, default=6.0, help='duration of each throughput measurement')
     p.add_argument('--seqs-per-request', type=int, default=4)
-    p.add_argument('--topk', type=int, default=64, help='k of the throughput and bytes measurements')
+    p.add_argument('--top_k', type=int, default=64, help='k of the throughput and bytes measurements')
     p.add_argument('--beta', type=float, default=0.5)
     p.add_argument('--loss-rows', type=int, default=64, help='test rows of the loss-error part')
     p.add_argument('--threads', type=int, default=1,
@@ -80,7 +80,7 @@ def _pct(values, q):
 def start_server(teacher, args, log_path):
     port = _free_port()
     cmd = [os.path.join(os.path.dirname(sys.executable), 'swift-gkd'), 'serve-teacher', '--model', teacher,
-           '--model_type', 'qwen3', '--template', 'qwen3_nothinking', '--port', str(port), '--topk', '256',
+           '--model_type', 'qwen3', '--template', 'qwen3_nothinking', '--port', str(port), '--top_k', '256',
            '--torch_dtype', 'float32', '--device', 'cpu', '--max_batch_tokens', str(args.max_batch_tokens),
            '--max_queue', '4096', '--num_threads', str(args.threads), '--log_level', 'warning']
     log = open(log_path, 'wb')

@@ -5,10 +5,10 @@
 # 教师在本插件的服务上的推测式 KD（docs_zh/skd.md）：学生起草，服务为每段草稿打分（POST /v1/topk），trainer 保留落在
 # 教师 top-25 之内的草稿 token，并把第一个落在其外的 token 换成从服务返回的 top-64 中采样的 token（教师分布的 top-64 截断）。
 #
-# The server's --topk must be at least --gkd_skd_top_k (and --gkd_logits_topk): checked before any model loads, as is
+# The server's --top_k must be at least --gkd_skd_top_k (and --gkd_logits_topk): checked before any model loads, as is
 # that the server offers /v1/topk (`swift deploy` or a vLLM teacher, which speak only ms-swift's /infer/, are refused).
 # Tested on CPU with tiny models only; not yet run on GPUs: start with a few steps.
-# 服务的 --topk 必须不小于 --gkd_skd_top_k（以及 --gkd_logits_topk）：在加载任何模型之前检查，同时检查服务是否提供
+# 服务的 --top_k 必须不小于 --gkd_skd_top_k（以及 --gkd_logits_topk）：在加载任何模型之前检查，同时检查服务是否提供
 # /v1/topk（只支持 ms-swift /infer/ 协议的 `swift deploy` 或 vLLM 教师会被拒绝）。仅在 CPU 上用小模型测试过，尚未在 GPU
 # 上运行：请先跑几步。
 set -euo pipefail
@@ -20,7 +20,7 @@ DATASET=${DATASET:-AI-ModelScope/alpaca-gpt4-data-en#5000}
 # 1) the teacher server on its own GPU / 教师服务占用单独的 GPU
 CUDA_VISIBLE_DEVICES=7 swift-gkd serve-teacher \
     --model "$TEACHER" --template qwen2_5 \
-    --host 0.0.0.0 --port 8000 --topk 64 --max_batch_tokens 16384 &
+    --host 0.0.0.0 --port 8000 --top_k 64 --max_batch_tokens 16384 &
 SERVER=$!
 trap 'kill $SERVER' EXIT
 

@@ -7,7 +7,7 @@ export SWIFT_GKD_TEACHER_API_KEY=${SWIFT_GKD_TEACHER_API_KEY:-change-me}
 # 1) the server: another address than 127.0.0.1 requires the API key / 绑定非本机地址必须设置 API key
 CUDA_VISIBLE_DEVICES=7 swift-gkd serve-teacher \
     --model Qwen/Qwen2.5-7B-Instruct --template qwen2_5 \
-    --host 0.0.0.0 --port 8000 --topk 64 --max_batch_tokens 16384 &
+    --host 0.0.0.0 --port 8000 --top_k 64 --max_batch_tokens 16384 &
 SERVER=$!
 trap 'kill $SERVER' EXIT
 

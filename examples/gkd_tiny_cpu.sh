@@ -3,8 +3,10 @@
 # (`swift-gkd demo` itself runs one process with SKD: its command line is printed by the demo).
 # 在 CPU 上用演示的离线小模型、2 个进程完整运行一次 GKD，混合 on-policy 与 seq_kd 步
 # （`swift-gkd demo` 本身是单进程 SKD：演示会打印其命令行）。
+# Its own folder (WS), never the demo's ./swift_gkd_demo, whose trained student it would overwrite.
+# 使用自己的目录（WS），而不是演示的 ./swift_gkd_demo（否则会覆盖演示训练好的学生模型）。
 set -euo pipefail
-WS=${WS:-swift_gkd_demo}
+WS=${WS:-swift_gkd_tiny_cpu}
 python -c "from swift_gkd_plugin.testing.tiny import build_demo_workspace; build_demo_workspace('$WS')"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MODELSCOPE_OFFLINE=1 USE_HF=1
 NPROC_PER_NODE=2 \

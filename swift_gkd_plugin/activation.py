@@ -95,7 +95,8 @@ def on_rlhf_pipeline_imported(module) -> None:
         # An RLHFArguments object built by the caller is used as is (it simply lacks the plugin's flags).
         if isinstance(args, base_cls):
             return args
-        return original_parse(self, args)
+        from swift_gkd_plugin.swift.command_line import parse_command_line  # refusals: one line, exit code 2
+        return parse_command_line(self, original_parse, args)
 
     pipeline.args_class = GKDPluginRLHFArguments
     pipeline._parse_args = _parse_args

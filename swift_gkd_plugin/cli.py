@@ -1,13 +1,4 @@
-"""``swift-gkd``: helper commands of the plugin.
-
-    swift-gkd plugin-path        the file to pass to --external_plugins (explicit activation)
-    swift-gkd demo [--seed S]    build a tiny teacher and a warm-started student offline, distil one into the
-                                 other on CPU (80 on-policy steps sampled with speculative KD), print each step's
-                                 mode and the SKD replaced fraction, and free-running exact match before and after
-    swift-gkd serve-teacher --model PATH [--template T] [--port 8000] [--topk 64] ...
-                                 serve a teacher's top-k log-probabilities over HTTP (no vLLM needed)
-    swift-gkd version
-"""
+"""``swift-gkd``: helper commands of the plugin (:data:`DESCRIPTION` is its ``--help``)."""
 from __future__ import annotations
 
 import argparse
@@ -34,6 +25,8 @@ DEMO_SAMPLING_TEMPERATURE = 0.5
 DEMO_WARM_START_STEPS = 60  # held-out exact match 0.21-0.46 on the reversal task (seeds 0-2)
 #: Steps per logged row of the demo's run (the per-window modes and SKD replaced fraction printed at the end).
 DEMO_LOGGING_STEPS = 10
+#: Where the demo builds its models and writes its run (relative to the current folder).
+DEMO_WORKDIR = 'swift_gkd_demo'
 
 OFFLINE_ENV = {
     'HF_HUB_OFFLINE': '1',
@@ -80,7 +73,26 @@ def demo_command(ws: dict, output_dir: str, steps: int, lmbda: float, seed: int,
     return cmd
 
 
+DESCRIPTION = """Helper commands of swift-gkd-plugin, the GKD trainer of swift rlhf / megatron rlhf --rlhf_type gkd.
+
+  swift-gkd demo [--seed S]     build a tiny teacher and a warm-started student offline in ./swift_gkd_demo,
+                                distil one into the other on CPU (80 on-policy steps sampled with speculative KD),
+                                print each step's mode and the SKD replaced fraction, and free-running exact
+                                match before and after
+  swift-gkd serve-teacher --model PATH [--template T] [--port 8000] [--top_k 64] ...
+                                serve a teacher's top-k log-probabilities over HTTP (no vLLM needed)
+  swift-gkd plugin-path         the file to pass to --external_plugins (explicit activation)
+  swift-gkd docs [PAGE]         where the documentation is installed (help texts and errors cite its pages,
+                                docs_en/PAGE.md), or the path of one page
+  swift-gkd version             the plugin's version (also --version)
+
+swift-gkd COMMAND --help describes each command."""
+
 PLUGIN_ACTIVE_MARK = 'GKD trainer active'
+#: What turns the plugin on for ``swift rlhf`` (the package is installed from its checkout, not a package index).
+PLUGIN_OFF_ADVICE = ('Unset SWIFT_GKD_PLUGIN (or set it to 1), and check that the plugin\'s start-up file '
+                     'swift_gkd_plugin.pth is in this environment\'s site-packages: reinstall the plugin from its '
+                     'checkout (pip install -e . or pip install . there)')
 
 
 def log(msg: str) -> None:
@@ -138,19 +150,31 @@ def run_length(names: list) -> str:
     return ', '.join(name if n == 1 else f'{name} x{n}' for name, n in runs)
 
 
-#: The demo's flags -> the ``swift rlhf`` flag whose declared range they take.
-DEMO_FLAG_RANGES = {'lmbda': 'lmbda', 'skd_top_k': 'gkd_skd_top_k', 'sampling_temperature': 'gkd_sampling_temperature'}
+#: The demo's flags -> the ``swift rlhf`` flag whose declared range they take, and what the range's reason says in
+#: the demo's terms (None: the ``swift rlhf`` flag's own).
+DEMO_FLAG_RANGES = {'lmbda': ('lmbda', None), 'skd_top_k': ('gkd_skd_top_k', None),
+                    'sampling_temperature': ('gkd_sampling_temperature',
+                                             'the temperature the student samples at; the loss\'s stays 1.0')}
+#: numpy's seeds (the demo's data and models are drawn with numpy and torch)
+SEED_MAX = 2**32 - 1
 
 
 def check_demo_args(args) -> None:
     """The demo's flags hold allowed values (ValueError naming flag, value and range): checked before the workspace
     is built, which takes a minute, rather than by ``swift rlhf`` after it."""
+    import dataclasses
+
     from swift_gkd_plugin.flags import Range, declared_ranges
     ranges = declared_ranges()
-    for name, swift_flag in DEMO_FLAG_RANGES.items():
-        ranges[swift_flag].check(name, getattr(args, name))
+    for name, (swift_flag, why) in DEMO_FLAG_RANGES.items():
+        rule = ranges[swift_flag]
+        if why is not None:
+            rule = dataclasses.replace(rule, optional=False, why=why)
+        rule.check(name, getattr(args, name))
     for name in ('steps', 'teacher_steps'):
         Range(1, integer=True, why='optimizer steps').check(name, getattr(args, name))
+    Range(0, SEED_MAX, integer=True, says=f'an integer in [0, {SEED_MAX}]', why='numpy\'s seeds').check(
+        'seed', args.seed)
     if args.skd_top_k and args.lmbda == 0:  # swift rlhf's own rule (flags.check_sampling_flags), in the demo's names
         raise ValueError(f'--skd_top_k {args.skd_top_k} corrects the student\'s samples on on-policy steps, and '
                          '--lmbda 0 has none: set --lmbda > 0 or --skd_top_k 0')
@@ -183,10 +207,10 @@ def run_demo(args) -> int:
     # without the plugin ms-swift's own parser refuses the plugin's flags (remaining_argv: ['--gkd_skd_top_k', ...])
     plugin_flags_unknown = 'remaining_argv' in output and '--gkd_' in output
     if PLUGIN_ACTIVE_MARK not in output and (returncode == 0 or plugin_flags_unknown):
+        what = ("ms-swift's own argument parser refused the plugin's flags (remaining_argv), so nothing trained"
+                if plugin_flags_unknown else "ms-swift's own GKD trainer ran instead")
         print(f'[swift-gkd demo] ERROR: the swift rlhf run did not use swift-gkd-plugin (no "{PLUGIN_ACTIVE_MARK}" '
-              'in its log): ms-swift\'s own GKD trainer ran. Check that SWIFT_GKD_PLUGIN is not 0 and that the '
-              'plugin\'s start-up .pth is installed (pip install swift-gkd-plugin, or pass '
-              '--external_plugins "$(swift-gkd plugin-path)").', file=sys.stderr)
+              f'in its log): {what}. {PLUGIN_OFF_ADVICE}', file=sys.stderr)
         return 3
     if returncode != 0:
         print(f'[swift-gkd demo] swift rlhf failed with exit code {returncode}', file=sys.stderr)
@@ -214,13 +238,47 @@ def run_demo(args) -> int:
     return 0
 
 
+def docs_dir() -> str:
+    """The installed ``docs_en`` folder (shipped inside the package), or the checkout's for an editable install."""
+    package = os.path.dirname(os.path.abspath(swift_gkd_plugin.__file__))
+    installed = os.path.join(package, 'docs_en')
+    return installed if os.path.isdir(installed) else os.path.join(os.path.dirname(package), 'docs_en')
+
+
+def show_docs(page) -> int:
+    folder = docs_dir()
+    if not os.path.isdir(folder):
+        print(f'swift-gkd docs: no docs_en folder at {folder} (an installation without its docs)', file=sys.stderr)
+        return 1
+    pages = sorted(n[:-3] for n in os.listdir(folder) if n.endswith('.md'))
+    if page is None:
+        print(f'{folder}\npages: {", ".join(pages)} (swift-gkd docs PAGE prints the path of one)')
+        return 0
+    name = os.path.basename(page)[:-3] if page.endswith('.md') else page
+    if name not in pages:
+        print(f'swift-gkd docs: no page {page!r} (pages: {", ".join(pages)})', file=sys.stderr)
+        return 2
+    print(os.path.join(folder, f'{name}.md'))
+    return 0
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog='swift-gkd', description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    sub = parser.add_subparsers(dest='command', required=True)
+    parser = argparse.ArgumentParser(prog='swift-gkd', description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--version', action='version', version=f'swift-gkd-plugin {swift_gkd_plugin.__version__}')
+    sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
+    defaults = argparse.ArgumentDefaultsHelpFormatter
     sub.add_parser('plugin-path', help='print the file to pass to --external_plugins')
     sub.add_parser('version', help='print the plugin version')
-    demo = sub.add_parser('demo', help='distil a tiny teacher into a tiny student on CPU, offline')
-    demo.add_argument('--workdir', default='swift_gkd_demo', help='where models, data and outputs go')
+    docs = sub.add_parser('docs', help='print where the documentation is installed, or the path of one page')
+    docs.add_argument('page', nargs='?', default=None, help='a page, e.g. skd or docs_en/skd.md')
+    demo = sub.add_parser('demo', help='distil a tiny teacher into a tiny student on CPU, offline, in ./swift_gkd_demo',
+                          formatter_class=defaults,
+                          description='Build a tiny teacher and a warm-started student offline in --workdir (cached '
+                          'there for the next run), distil one into the other on CPU with swift rlhf, and print the '
+                          'student\'s exact match before and after. See docs_en/quality.md (swift-gkd docs quality).')
+    demo.add_argument('--workdir', default=DEMO_WORKDIR, help='where models, data and outputs go (relative to the '
+                      'current folder; the trained student ends up in WORKDIR/output)')
     demo.add_argument('--steps', type=int, default=DEMO_STEPS, help='GKD optimizer steps')
     demo.add_argument('--lmbda', type=float, default=1.0, help='probability of an on-policy step (1: every step)')
     demo.add_argument('--skd_top_k', type=int, default=DEMO_SKD_TOP_K,
@@ -228,10 +286,13 @@ def main(argv=None) -> int:
                            'replacing drafted tokens outside its top-K (0: plain on-policy sampling)')
     demo.add_argument('--sampling_temperature', type=float, default=DEMO_SAMPLING_TEMPERATURE,
                       help='--gkd_sampling_temperature of the run (the loss temperature stays 1.0)')
-    demo.add_argument('--seed', type=int, default=0)
+    demo.add_argument('--seed', type=int, default=0, help='seed of the data, the models and the run')
     demo.add_argument('--teacher_steps', type=int, default=250, help='supervised steps that train the teacher')
     from swift_gkd_plugin.server import cli as server_cli
-    serve = sub.add_parser('serve-teacher', help="serve a teacher's top-k log-probabilities over HTTP (no vLLM)")
+    serve = sub.add_parser('serve-teacher', help="serve a teacher's top-k log-probabilities over HTTP (no vLLM)",
+                           formatter_class=defaults, description="Serve a teacher's top-k log-probabilities over HTTP "
+                           'for swift rlhf --teacher_model_server. See docs_en/teacher_server.md (swift-gkd docs '
+                           'teacher_server).')
     server_cli.add_arguments(serve)
     args = parser.parse_args(argv)
     if args.command == 'serve-teacher':
@@ -242,6 +303,8 @@ def main(argv=None) -> int:
     if args.command == 'version':
         print(swift_gkd_plugin.__version__)
         return 0
+    if args.command == 'docs':
+        return show_docs(args.page)
     try:
         check_demo_args(args)
     except ValueError as e:

@@ -18,20 +18,26 @@ from typing import Dict, List, Literal, Optional, Tuple
 
 from swift_gkd_plugin.core.constants import ROLLOUT_IS_MODES, SCALE_REWARDS
 
-#: Below this ``--temperature`` the loss saturates: see :data:`TEMPERATURE_FLOOR_WHY`.
-TEMPERATURE_FLOOR = 1e-3
+#: Below this ``--temperature`` most positions of a real model's loss saturate: see :data:`TEMPERATURE_FLOOR_WHY`
+#: (measured in docs_en/README.md, "Bad input").
+TEMPERATURE_FLOOR = 0.02
 TEMPERATURE_FLOOR_WHY = (
-    'the loss divides the logits by it: below it the nearest distinct bf16 logits of a model (0.125 apart above 16) '
-    'differ by more than 103 nats after the division, so exp() underflows float32 and both distributions are exactly '
-    'one-hot (loss 0 or ln 2, gradient 0: the run learns nothing)')
+    'the loss divides the logits by it and float32 exp() underflows past 103 nats, so below it every position whose '
+    'top two logits differ by 2 or more is one-hot on both sides with gradient 0: most positions of a real model '
+    '(positions with any gradient, SmolLM2-135M: 63% at 0.02, 36% at 0.01, 3% at 0.001)')
+
+
+class FlagError(ValueError):
+    """A refused command line: the message names the flag, the value and the allowed values. The entry points print
+    it as one ``error:`` line and exit with code 2, as argparse does for a value of the wrong type."""
 
 
 @dataclass(frozen=True)
 class Range:
     """The allowed values of a numeric flag: ``low`` (``> low`` if ``low_open``) and ``high`` (``< high`` if
     ``high_open``) bounds, integers only (``integer``), None allowed (``optional``). Non-integer values must also be
-    finite (NaN fails every comparison and inf passes ``> 0``). ``says`` replaces the bounds in messages where they read badly; ``why`` and ``unit``
-    follow them."""
+    finite (NaN fails every comparison and inf passes ``> 0``). ``says`` replaces the bounds in messages where they
+    read badly; ``why`` and ``unit`` follow them."""
     low: Optional[float] = None
     high: Optional[float] = None
     low_open: bool = False
@@ -59,14 +65,15 @@ class Range:
         elif not self.integer and not isinstance(value, (int, float)):
             ok = False
         elif not self.integer and not math.isfinite(value):
-            raise ValueError(f'--{flag} must be a finite number, got {value}')
+            ok = False
         else:
             ok = ((self.low is None or (value > self.low if self.low_open else value >= self.low))
                   and (self.high is None or (value < self.high if self.high_open else value <= self.high)))
         if not ok:
             unit = f' {self.unit}' if self.unit else ''
             why = f' ({self.why})' if self.why else ''
-            raise ValueError(f'--{flag} must be {self.allowed()}{unit}{why}, got {value}')
+            finite = 'a finite number ' if isinstance(value, float) and not math.isfinite(value) else ''
+            raise FlagError(f'--{flag} must be {finite}{self.allowed()}{unit}{why}, got {value}')
 
 
 class FlagMetadata(dict):
@@ -162,7 +169,7 @@ class GKDPluginArgumentsMixin:
             help='Speculative KD on on-policy steps: a token the student samples that is outside the teacher\'s '
             'top-K at its position is replaced by a token sampled from the teacher (the paper uses 25). 0 (default): '
             'off. Transformers sampling (--use_vllm false) with a teacher of the student\'s tokenizer, local or this '
-            'plugin\'s server (its --topk >= K). See docs_en/skd.md.',
+            'plugin\'s server (its --top_k >= K). See docs_en/skd.md.',
             range=Range(0, integer=True, why='the teacher\'s top-K that accepts a student token; 0 = off')))
 
 
@@ -174,7 +181,7 @@ _HINTS = typing.get_type_hints(GKDPluginArgumentsMixin)
 MS_SWIFT_FLAGS: Dict[str, object] = {
     'beta': Range(0, 1, optional=True, why='0 = KL(teacher||student), 1 = KL(student||teacher)'),
     'lmbda': Range(0, 1, why='the probability of an on-policy step'),
-    'temperature': Range(TEMPERATURE_FLOOR, says='> 0', why=f'at least {TEMPERATURE_FLOOR:g}: {TEMPERATURE_FLOOR_WHY}'),
+    'temperature': Range(TEMPERATURE_FLOOR, why=TEMPERATURE_FLOOR_WHY),
     'sft_alpha': Range(0, why='the weight of the SFT term on dataset responses; 0 = none'),
     # refused even when nothing is sampled (--lmbda 0, --seq_kd false): ms-swift turns it into the generation
     # config's max_new_tokens, which transformers rejects later, after the models are loaded
@@ -235,7 +242,7 @@ def check_declared(args, names) -> None:
         allowed, optional = choices_of(rule), type(None) in typing.get_args(rule)
         if not (value is None and optional) and value not in allowed:
             unset = ' (or unset)' if optional else ''
-            raise ValueError(f'--{name} must be one of {list(allowed)}{unset} for GKD, got {value!r}')
+            raise FlagError(f'--{name} must be one of {list(allowed)}{unset} for GKD, got {value!r}')
 
 
 def plugin_flags_in(argv: List[str], names: List[str] = PLUGIN_FLAGS) -> List[str]:
@@ -252,7 +259,7 @@ def check_no_plugin_flags_outside_gkd(args, mixin=GKDPluginArgumentsMixin) -> No
     """The plugin's flags (the fields of ``mixin``) changed with another ``--rlhf_type`` would be silently ignored."""
     changed = [f'--{f.name}' for f in fields(mixin) if getattr(args, f.name) != f.default]
     if changed:
-        raise ValueError(f'{changed} only apply to --rlhf_type gkd (got --rlhf_type {args.rlhf_type})')
+        raise FlagError(f'{changed} only apply to --rlhf_type gkd (got --rlhf_type {args.rlhf_type})')
 
 
 def resolve_num_generations(args, grpo_default: int) -> None:
@@ -267,9 +274,9 @@ def check_gkd_scalars(args) -> None:
     check_declared(args, SCALAR_FLAGS)
     if args.gkd_topk_tail:
         if args.gkd_logits_topk is None:
-            raise ValueError('--gkd_topk_tail true needs --gkd_logits_topk (the tail is the mass outside the top-k)')
+            raise FlagError('--gkd_topk_tail true needs --gkd_logits_topk (the tail is the mass outside the top-k)')
         if args.gkd_loss_impl == 'dense':
-            raise ValueError('--gkd_topk_tail true needs --gkd_loss_impl auto or fused (the dense loss has no tail)')
+            raise FlagError('--gkd_topk_tail true needs --gkd_loss_impl auto or fused (the dense loss has no tail)')
     check_divergence_flags(args)
     check_cross_tokenizer_flags(args)
     check_sampling_flags(args)
@@ -294,20 +301,20 @@ def check_sampling_flags(args) -> None:
         return
     flag = f'--gkd_skd_top_k {k}'
     if args.lmbda == 0:
-        raise ValueError(f'{flag} corrects the student\'s samples on on-policy steps, and --lmbda 0 has none: set '
+        raise FlagError(f'{flag} corrects the student\'s samples on on-policy steps, and --lmbda 0 has none: set '
                          '--lmbda > 0 or --gkd_skd_top_k 0')
     if args.use_vllm:
-        raise ValueError(f'{flag} is not supported with --use_vllm true: the teacher verifies the student\'s drafts '
+        raise FlagError(f'{flag} is not supported with --use_vllm true: the teacher verifies the student\'s drafts '
                          'between decoding steps, which vLLM does not expose. SKD runs in ' + SKD_PLACEMENTS +
                          f'; pass --use_vllm false or --gkd_skd_top_k 0')
     if args.gkd_cross_tokenizer is not None:
-        raise ValueError(f'{flag} cannot be combined with --gkd_cross_tokenizer {args.gkd_cross_tokenizer}: the '
+        raise FlagError(f'{flag} cannot be combined with --gkd_cross_tokenizer {args.gkd_cross_tokenizer}: the '
                          'teacher replaces student tokens, so both must share one tokenizer')
     penalty = args.repetition_penalty
     if penalty is not None and penalty != 1.0:
-        raise ValueError(f'{flag} cannot be combined with --repetition_penalty {penalty} yet (allowed: 1.0)')
+        raise FlagError(f'{flag} cannot be combined with --repetition_penalty {penalty} yet (allowed: 1.0)')
     if (args.sequence_parallel_size or 1) > 1:
-        raise ValueError(f'{flag} is not supported with --sequence_parallel_size {args.sequence_parallel_size} '
+        raise FlagError(f'{flag} is not supported with --sequence_parallel_size {args.sequence_parallel_size} '
                          '(allowed: 1)')
 
 
@@ -317,7 +324,7 @@ def check_multi_turn_flags(args) -> None:
     given = [f'--{name} {getattr(args, name)}' for name in ('multi_turn_scheduler', 'max_turns')
              if getattr(args, name) is not None]
     if given:
-        raise ValueError(f'{", ".join(given)}: multi-turn rollouts are not supported by GKD (ms-swift 4.6 accepts '
+        raise FlagError(f'{", ".join(given)}: multi-turn rollouts are not supported by GKD (ms-swift 4.6 accepts '
                          'these flags and ignores them, so the run would distil single-turn completions): remove '
                          f'{" and ".join(g.split()[0] for g in given)}')
 
@@ -336,7 +343,7 @@ def check_torch_compile_checkpointing(args) -> None:
         distributed = int(os.environ.get('WORLD_SIZE', '1')) > 1
         reentrant = not distributed or bool(args.deepspeed) or bool(getattr(args, 'fsdp', None))
     if reentrant:
-        raise ValueError('--torch_compile true with --gradient_checkpointing true fails at the first step: the compiled '
+        raise FlagError('--torch_compile true with --gradient_checkpointing true fails at the first step: the compiled '
                          'model needs the non-reentrant checkpoint, and '
                          + ('--gradient_checkpointing_kwargs sets use_reentrant true' if kwargs and 'use_reentrant'
                             in kwargs else 'ms-swift uses the reentrant one in one process and under DeepSpeed or FSDP')
@@ -351,7 +358,7 @@ def check_deepspeed_launch(args) -> None:
         return
     if importlib.util.find_spec('mpi4py') is not None:
         return
-    raise ValueError(f'--deepspeed {args.deepspeed} in one process started without a launcher: DeepSpeed would look '
+    raise FlagError(f'--deepspeed {args.deepspeed} in one process started without a launcher: DeepSpeed would look '
                      'for MPI (mpi4py is not installed) and fail after loading the models. Set NPROC_PER_NODE=1 '
                      '(or the number of GPUs) so that swift starts torchrun, or drop --deepspeed')
 
@@ -363,6 +370,12 @@ def ignored_flag_warnings(args) -> List[str]:
     if args.gkd_cross_tokenizer == 'uld' and args.beta is not None:
         warnings.append(f'--beta {args.beta} is ignored with --gkd_cross_tokenizer uld (ULD compares sorted '
                         'probabilities with an L1 distance: it has no beta; --gkd_cross_tokenizer hybrid uses it)')
+    if getattr(args, 'use_liger_kernel', False):
+        warnings.append(f'--use_liger_kernel true: the GKD loss is the plugin\'s (--gkd_loss_impl {args.gkd_loss_impl}: '
+                        'its fused loss on hidden states where it applies, which like Liger\'s fused JSD never '
+                        'holds the full logits), not Liger\'s fused JSD, which ms-swift\'s GKD uses: the plugin\'s '
+                        'covers every --gkd_divergence, --gkd_logits_topk with its tail, SKD and RL terms with one '
+                        'tested code path (docs_en/fused_loss.md)')
     if args.seq_kd and args.lmbda == 1:
         warnings.append('--seq_kd true has no effect with --lmbda 1: every step is on-policy (the student samples), '
                         'so the teacher never samples; lower --lmbda to mix in sequence-level KD steps')
@@ -375,10 +388,10 @@ def check_divergence_flags(args) -> None:
     apart from ``--beta 0.5``, so 0.5 passes)."""
     name, alpha = args.gkd_divergence, args.gkd_skew_alpha
     if name != 'jsd' and args.beta not in (None, 0.5):
-        raise ValueError(f'--beta {args.beta} applies to --gkd_divergence jsd only; with --gkd_divergence {name} '
+        raise FlagError(f'--beta {args.beta} applies to --gkd_divergence jsd only; with --gkd_divergence {name} '
                          'the skew is --gkd_skew_alpha: drop --beta')
     if name == 'jsd' and alpha != 0.1:
-        raise ValueError(f'--gkd_skew_alpha {alpha} applies to --gkd_divergence skew_kl / skew_rkl only; '
+        raise FlagError(f'--gkd_skew_alpha {alpha} applies to --gkd_divergence skew_kl / skew_rkl only; '
                          'with jsd the interpolation is --beta')
 
 
@@ -387,7 +400,7 @@ def check_cross_tokenizer_flags(args) -> None:
     only with it (whether the template exists needs ms-swift's registry: :mod:`swift_gkd_plugin.swift.arguments`)."""
     method, teacher_template = args.gkd_cross_tokenizer, args.teacher_template
     if method is None and teacher_template is not None:
-        raise ValueError(f'--teacher_template {teacher_template} only applies to a teacher with another tokenizer '
+        raise FlagError(f'--teacher_template {teacher_template} only applies to a teacher with another tokenizer '
                          '(--gkd_cross_tokenizer uld|hybrid): a teacher with the student\'s tokenizer scores the '
                          'student\'s tokens through the student\'s --template. Drop --teacher_template, or add '
                          '--gkd_cross_tokenizer')
@@ -395,19 +408,19 @@ def check_cross_tokenizer_flags(args) -> None:
         return
     flag = f'--gkd_cross_tokenizer {method}'
     if args.teacher_model_server is not None:
-        raise ValueError(f'{flag} is not supported with --teacher_model_server yet: the server\'s top-k is over its '
+        raise FlagError(f'{flag} is not supported with --teacher_model_server yet: the server\'s top-k is over its '
                          'own vocabulary and ULD/hybrid need full teacher rows; pass a local --teacher_model')
     if args.gkd_logits_topk is not None:
-        raise ValueError(f'{flag} cannot be combined with --gkd_logits_topk {args.gkd_logits_topk}: ULD and hybrid '
+        raise FlagError(f'{flag} cannot be combined with --gkd_logits_topk {args.gkd_logits_topk}: ULD and hybrid '
                          'need the full teacher row (unset --gkd_logits_topk)')
     if args.teacher_adapters:
-        raise ValueError(f'{flag} cannot be combined with --teacher_adapters: a teacher adapter shares its base\'s '
+        raise FlagError(f'{flag} cannot be combined with --teacher_adapters: a teacher adapter shares its base\'s '
                          'tokenizer; pass a --teacher_model with another tokenizer, or drop the flag')
     if args.padding_free or args.packing:
-        raise ValueError(f'{flag} is not supported with --padding_free / --packing (the alignment is per row): '
+        raise FlagError(f'{flag} is not supported with --padding_free / --packing (the alignment is per row): '
                          'pass --padding_free false --packing false')
     if (args.sequence_parallel_size or 1) > 1:
-        raise ValueError(f'{flag} is not supported with --sequence_parallel_size {args.sequence_parallel_size} '
+        raise FlagError(f'{flag} is not supported with --sequence_parallel_size {args.sequence_parallel_size} '
                          '(allowed: 1)')
 
 
@@ -416,13 +429,13 @@ def check_teacher_server_flags(args) -> None:
     if args.teacher_model_server is None:
         return
     if args.gkd_logits_topk is None:
-        raise ValueError('--gkd_logits_topk is required with --teacher_model_server (the server returns '
+        raise FlagError('--gkd_logits_topk is required with --teacher_model_server (the server returns '
                          'top-k log-probabilities)')
     if args.offload_teacher_model:
-        raise ValueError('--offload_teacher_model true has no effect with --teacher_model_server (the '
+        raise FlagError('--offload_teacher_model true has no effect with --teacher_model_server (the '
                          'teacher lives on the server): remove one of them')
     if args.seq_kd:
-        raise ValueError('--seq_kd true needs a local teacher that can sample (--teacher_model, or the '
+        raise FlagError('--seq_kd true needs a local teacher that can sample (--teacher_model, or the '
                          'student base with LoRA); a --teacher_model_server only scores responses')
 
 
@@ -435,33 +448,33 @@ def check_rl_flags(args) -> None:
     funcs = list(args.reward_funcs or [])
     coef = args.gkd_rl_coef
     if coef > 0 and not funcs:
-        raise ValueError(f'--gkd_rl_coef {coef} needs --reward_funcs (the policy-gradient term weighs the sampled '
+        raise FlagError(f'--gkd_rl_coef {coef} needs --reward_funcs (the policy-gradient term weighs the sampled '
                          'tokens by their rewards\' advantages)')
     mode = args.rollout_importance_sampling_mode
     if mode is not None and not coef > 0:
-        raise ValueError(f'--rollout_importance_sampling_mode {mode} weights the policy-gradient term, which is off '
+        raise FlagError(f'--rollout_importance_sampling_mode {mode} weights the policy-gradient term, which is off '
                          f'(--gkd_rl_coef {coef}): set --gkd_rl_coef > 0 with --reward_funcs, or unset the mode')
     if args.log_rollout_offpolicy_metrics and not coef > 0:
-        raise ValueError(f'--log_rollout_offpolicy_metrics true measures the samples of the policy-gradient term, '
+        raise FlagError(f'--log_rollout_offpolicy_metrics true measures the samples of the policy-gradient term, '
                          f'which is off (--gkd_rl_coef {coef}): set --gkd_rl_coef > 0 with --reward_funcs, or drop it')
     if args.reward_weights is not None and len(args.reward_weights) != len(funcs):
-        raise ValueError(f'--reward_weights has {len(args.reward_weights)} values but --reward_funcs names '
+        raise FlagError(f'--reward_weights has {len(args.reward_weights)} values but --reward_funcs names '
                          f'{len(funcs)} functions {funcs}: give one weight per function')
     for w in args.reward_weights or []:
         if not math.isfinite(w):
-            raise ValueError(f'--reward_weights must be finite numbers, got {args.reward_weights}')
+            raise FlagError(f'--reward_weights must be finite numbers, got {args.reward_weights}')
     if not funcs and g == 1:
         return
     if args.lmbda == 0 and funcs:
-        raise ValueError('--reward_funcs only act on on-policy steps, and --lmbda 0 has none: set --lmbda > 0 (the '
+        raise FlagError('--reward_funcs only act on on-policy steps, and --lmbda 0 has none: set --lmbda > 0 (the '
                          'probability of an on-policy step) or remove --reward_funcs')
     if args.lmbda == 0 and not args.seq_kd:
-        raise ValueError(f'--num_generations {g} samples several completions per prompt, but --lmbda 0 without '
+        raise FlagError(f'--num_generations {g} samples several completions per prompt, but --lmbda 0 without '
                          '--seq_kd samples nothing (every step uses the dataset responses): set --lmbda > 0 or '
                          '--seq_kd true, or --num_generations 1')
     if (args.sequence_parallel_size or 1) > 1:
-        raise ValueError(f'--num_generations > 1 and --reward_funcs are not supported with --sequence_parallel_size '
+        raise FlagError(f'--num_generations > 1 and --reward_funcs are not supported with --sequence_parallel_size '
                          f'{args.sequence_parallel_size} (allowed: 1)')
     if funcs and (args.padding_free or args.packing):
-        raise ValueError('--reward_funcs is not supported with --padding_free / --packing yet (the advantages are '
+        raise FlagError('--reward_funcs is not supported with --padding_free / --packing yet (the advantages are '
                          'per row): pass --padding_free false --packing false')

@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -13,7 +14,8 @@ from conftest import OFFLINE_ENV, RL_REWARD_PLUGIN, base_args, run_swift
 
 import swift_gkd_plugin
 from swift_gkd_plugin.flags import RL_FLAGS as RL_FLAG_NAMES
-from swift_gkd_plugin.flags import FINITE_FLAGS, GKDPluginArgumentsMixin, check_gkd_scalars, check_rl_flags
+from swift_gkd_plugin.flags import (FINITE_FLAGS, GKDPluginArgumentsMixin, check_gkd_scalars, check_rl_flags,
+                                    declared_ranges)
 
 SWIFT_GKD = os.path.join(os.path.dirname(sys.executable), 'swift-gkd')
 MODEL_LOADED_MARKERS = ('model_parameter_info', 'Loading weights')
@@ -118,23 +120,31 @@ BAD_INPUTS = [
     ({'beta': -0.1}, ['--beta must be in [0, 1]']),
     ({'lmbda': -0.1}, ['--lmbda must be in [0, 1]']),
     ({'lmbda': 2}, ['--lmbda must be in [0, 1]']),
-    ({'temperature': 0}, ['--temperature must be > 0']),
-    ({'temperature': -1}, ['--temperature must be > 0']),
+    ({'temperature': 0}, ['--temperature must be >= 0.02']),
+    ({'temperature': -1}, ['--temperature must be >= 0.02']),
+    ({'temperature': 0.001}, ['--temperature must be >= 0.02 (the loss divides the logits by it', 'got 0.001']),
     ({'lmbda': 0.5, 'max_completion_length': 0}, ['--max_completion_length must be > 0']),
     ({'lmbda': 0, 'seq_kd': 'true', 'max_completion_length': -4}, ['--max_completion_length must be > 0']),
     ({'lmbda': 0, 'max_completion_length': 0}, ['--max_completion_length must be > 0']),
     ({'teacher_model': '/nonexistent/teacher'}, ['--teacher_model', '/nonexistent/teacher', 'no such model']),
     ({'gkd_loss_impl': 'bogus'}, ['--gkd_loss_impl', 'bogus', 'auto', 'fused', 'dense']),
     ({'gkd_logits_topk': 0}, ['--gkd_logits_topk must be a positive integer']),
-    ({'temperature': 'inf'}, ['--temperature must be a finite number', 'inf']),
+    ({'temperature': 'inf'}, ['--temperature must be a finite number >= 0.02', 'inf']),
+    ({'gkd_divergence': 'skew_kl', 'gkd_skew_alpha': 'nan'}, ['--gkd_skew_alpha must be a finite number in [0, 1)']),
+    ({'rollout_importance_sampling_threshold': 'nan'},
+     ['--rollout_importance_sampling_threshold must be a finite number >= 1 (C of min(pi / mu, C)', 'got nan']),
     ({'sft_alpha': -1}, ['--sft_alpha must be >= 0', '-1']),
     ({'teacher_server_timeout': 'nan'}, ['--teacher_server_timeout must be a finite number']),
     ({'gkd_logits_topk': 1000}, ['--gkd_logits_topk 1000 is larger than the vocabulary', '--model has 448',
                                  '--teacher_model has 448', 'allowed 1 to 448']),
+    ({'gkd_skd_top_k': 100000, 'lmbda': 1}, ['--gkd_skd_top_k 100000 is larger than the vocabulary', '--model has 448',
+                                             'allowed 0 (off) to 448']),
     ({'use_vllm': 'true', 'vllm_mode': 'colocate'}, ['--use_vllm true (--vllm_mode colocate) needs vLLM',
                                                      '--use_vllm false']),
     ({'teacher_server_wait': -1}, ['--teacher_server_wait must be >= 0 seconds', '-1']),
-    ({'lmbdaa': 0.5}, ['remaining_argv', '--lmbdaa']),
+    ({'lmbdaa': 0.5}, ['unrecognized arguments: --lmbdaa 0.5 (--lmbdaa: did you mean --lmbda?)']),
+    ({'gkd_los_impl': 'dense'}, ['--gkd_los_impl: did you mean --gkd_loss_impl?']),
+    ({'seq_kd': 'maybe'}, ['--seq_kd', 'maybe']),
     ({'multi_turn_scheduler': 'thinking_tips_scheduler', 'max_turns': 2},
      ['--multi_turn_scheduler thinking_tips_scheduler, --max_turns 2: multi-turn rollouts are not supported by GKD']),
     ({'deepspeed': 'zero2'}, ['--deepspeed zero2 in one process started without a launcher', 'NPROC_PER_NODE=1']),
@@ -148,13 +158,31 @@ BAD_INPUTS = [
 ]
 
 
+def assert_refused_in_one_line(run, needles):
+    """One ``swift rlhf: error:`` line that holds every needle, exit code 2 (as argparse's), no traceback, and no
+    model loaded."""
+    errors = [line for line in run.output.splitlines() if line.startswith('swift rlhf: error: ')]
+    assert run.returncode == 2 and len(errors) == 1 and 'Traceback' not in run.output, run.output[-3000:]
+    for needle in needles:
+        assert needle in errors[0], f'{needle!r} missing from:\n{run.output[-3000:]}'
+    assert not any(marker in run.output for marker in MODEL_LOADED_MARKERS)
+
+
 @pytest.mark.parametrize('flags,needles', BAD_INPUTS, ids=[str(f) for f, _ in BAD_INPUTS])
 def test_bad_input_is_refused_before_any_model_is_loaded(tiny_ws, tmp_path, flags, needles):
     run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), **flags), check=False, timeout=120)
-    assert run.returncode != 0
-    for needle in needles:
-        assert needle in run.output, f'{needle!r} missing from:\n{run.output[-3000:]}'
-    assert not any(marker in run.output for marker in MODEL_LOADED_MARKERS)
+    assert_refused_in_one_line(run, needles)
+
+
+def test_teacher_folder_without_weights_is_refused_naming_it(tiny_ws, tmp_path):
+    """Its config and tokenizer are there, so only the weights' load failed (transformers' raw OSError)."""
+    folder = tmp_path / 'no_weights'
+    folder.mkdir()
+    for name in os.listdir(tiny_ws.teacher):
+        if not name.endswith('.safetensors'):
+            shutil.copy(os.path.join(tiny_ws.teacher, name), folder / name)
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), teacher_model=str(folder)), check=False, timeout=120)
+    assert_refused_in_one_line(run, [f"--teacher_model '{folder}': the folder {folder} holds no model weights"])
 
 
 def test_teacher_with_another_vocabulary_is_refused_naming_both(tiny_ws, tmp_path):
@@ -188,12 +216,16 @@ def test_every_float_flag_refuses_nan_and_inf(name, value):
     args = SimpleNamespace(**(RL_FLAGS if rl else SCALAR_FLAGS))
     check(args)
     setattr(args, name, value)
-    with pytest.raises(ValueError, match=f'--{name} must be a finite number, got {value}'):
+    with pytest.raises(ValueError) as info:
         check(args)
+    rule = declared_ranges()[name]  # the message names the allowed range too
+    assert f'--{name} must be a finite number {rule.allowed()}' in str(info.value)
+    assert str(info.value).endswith(f', got {value}')
 
 
 GOOD_ROW = b'{"messages": [{"role": "user", "content": "Reverse: a b"}, {"role": "assistant", "content": "b a"}]}\n'
 PROMPT_ONLY_ROW = b'{"messages": [{"role": "user", "content": "Reverse: c d"}]}\n'
+SYSTEM_ONLY_ROW = b'{"messages": [{"role": "system", "content": "You are helpful."}]}\n'
 BAD_DATASETS = {
     'empty': (b'', {}, ['--dataset', 'empty.jsonl', 'has no rows']),
     'latin1': (GOOD_ROW * 2 + GOOD_ROW.replace(b'b a', b'caf\xe9'), {},
@@ -205,6 +237,10 @@ BAD_DATASETS = {
                                                        '--lmbda 0 without --seq_kd']),
     'no_response_val': (GOOD_ROW + PROMPT_ONLY_ROW, {'lmbda': 0.5}, ['--val_dataset', 'no_response_val.jsonl',
                                                                     '(lines 2)', 'evaluation']),
+    # ms-swift used to load both models, then fail to resample them ("Increase max_length")
+    'system_only': (SYSTEM_ONLY_ROW * 4, {'lmbda': 1}, ['--dataset', 'system_only.jsonl', 'no row can be trained on',
+                                                       'all 4 row(s) have neither a user message nor an assistant '
+                                                       'response', 'line 1, ', 'Give each row a user message']),
 }
 
 
@@ -216,14 +252,7 @@ def test_bad_local_dataset_is_refused_naming_the_file_and_line(tiny_ws, tmp_path
     which = 'val_dataset' if name.endswith('_val') else 'dataset'
     run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), **{which: str(path)}, **flags), check=False,
                     timeout=120)
-    assert run.returncode != 0
-    for needle in needles:
-        assert needle in run.output, f'{needle!r} missing from:\n{run.output[-3000:]}'
-    assert str(path) in run.output
-    assert not any(marker in run.output for marker in MODEL_LOADED_MARKERS)
-
-
-SYSTEM_ONLY_ROW = b'{"messages": [{"role": "system", "content": "You are helpful."}]}\n'
+    assert_refused_in_one_line(run, needles + [str(path)])
 
 
 def test_rows_without_response_are_named_but_sampled_on_policy(tiny_ws, tmp_path):
@@ -244,8 +273,6 @@ BAD_RL_INPUTS = [
     ({'reward_funcs': 'no_such_reward', 'lmbda': 1, 'external_plugins': RL_REWARD_PLUGIN},
      ["--reward_funcs ['no_such_reward']: no such reward function", 'tiny_letter_match', '--external_plugins']),
     ({'gkd_rl_coef': -1, 'reward_funcs': 'accuracy', 'lmbda': 1}, ['--gkd_rl_coef must be >= 0', '-1']),
-    ({'num_generations': 4, 'lmbda': 1}, ['generation_batch_size (2) must be evenly divisible by num_generations (4)',
-                                          'Valid values: [2]']),
     ({'reward_funcs': 'tiny_letter_match', 'gkd_rl_coef': 1, 'lmbda': 1, 'external_plugins': RL_REWARD_PLUGIN,
       'steps_per_generation': 2}, ['--gkd_rl_coef > 0 needs each generation batch to be one optimizer step',
                                    'steps_per_generation 2', '--gradient_accumulation_steps 1']),
@@ -258,6 +285,15 @@ BAD_RL_INPUTS = [
 @pytest.mark.parametrize('flags,needles', BAD_RL_INPUTS, ids=[str(f) for f, _ in BAD_RL_INPUTS])
 def test_bad_rl_input_is_refused_before_any_model_is_loaded(tiny_ws, tmp_path, flags, needles):
     test_bad_input_is_refused_before_any_model_is_loaded(tiny_ws, tmp_path, flags, needles)
+
+
+def test_ms_swifts_own_generation_batch_check_refuses_before_loading(tiny_ws, tmp_path):
+    """ms-swift's own refusal (its traceback, not the plugin's one line), still before any model is loaded."""
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), num_generations=4, lmbda=1), check=False, timeout=120)
+    assert run.returncode != 0
+    assert 'generation_batch_size (2) must be evenly divisible by num_generations (4)' in run.output
+    assert 'Valid values: [2]' in run.output
+    assert not any(marker in run.output for marker in MODEL_LOADED_MARKERS)
 
 
 RL_FLAGS = dict(num_generations=1, reward_funcs=[], reward_weights=None, scale_rewards=None, gkd_rl_coef=0.0, lmbda=0.5,

@@ -45,19 +45,30 @@ def test_demo_fails_loudly_when_the_plugin_did_not_run(tmp_path, monkeypatch, ca
     err = capsys.readouterr().err
     assert code == 3
     assert 'did not use swift-gkd-plugin' in err and 'GKD trainer active' in err
+    # it failed parsing (nothing ran), and the advice is what works: the package is not on a package index
+    assert "ms-swift's own argument parser refused the plugin's flags" in err and 'trainer ran' not in err
+    assert 'pip install -e .' in err and 'pip install swift-gkd-plugin' not in err
     assert not glob.glob(os.path.join(tmp_path, 'output', '**', 'gkd_modes'), recursive=True)
 
 
 def test_demo_without_skd_still_refuses_a_run_without_the_plugin(tmp_path, monkeypatch, capsys):
-    """With ``--skd_top_k 0`` ms-swift's own trainer accepts the command line and finishes: the missing start-up
-    line is what gives it away."""
+    """With ``--skd_top_k 0`` the command line still carries the plugin's --gkd_sampling_temperature, which
+    ms-swift's own parser refuses: the error says so (nothing ran), not that ms-swift's trainer ran."""
     monkeypatch.setenv('SWIFT_GKD_PLUGIN', '0')
     code = cli.main(['demo', '--workdir', str(tmp_path), '--steps', '1', '--teacher_steps', '2', '--skd_top_k', '0'])
-    assert code == 3 and 'did not use swift-gkd-plugin' in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 3 and 'did not use swift-gkd-plugin' in err
+    assert "ms-swift's own argument parser refused the plugin's flags" in err and 'trainer ran' not in err
 
 
 @pytest.mark.parametrize('flag,value,says', [('--skd_top_k', '-1', '--skd_top_k must be an integer >= 0'),
-                                             ('--sampling_temperature', '0', '--sampling_temperature must be > 0'),
+                                             ('--sampling_temperature', '0', '--sampling_temperature must be > 0 '
+                                              '(the temperature the student samples at'),
+                                             ('--sampling_temperature', 'inf', '--sampling_temperature must be a '
+                                              'finite number > 0'),
+                                             ('--lmbda', 'nan', '--lmbda must be a finite number in [0, 1]'),
+                                             ('--seed', '-1', '--seed must be an integer in [0, 4294967295]'),
+                                             ('--seed', '99999999999', '--seed must be an integer in [0, 4294967295]'),
                                              ('--lmbda', '1.5', '--lmbda must be in [0, 1]'),
                                              ('--steps', '0', '--steps must be an integer >= 1'),
                                              ('--lmbda', '0', '--skd_top_k 1 corrects the student')])
@@ -65,6 +76,7 @@ def test_demo_refuses_bad_flags_before_building_anything(flag, value, says, tmp_
     with pytest.raises(SystemExit) as exit_info:
         cli.main(['demo', '--workdir', str(tmp_path / 'ws'), flag, value])
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and says in err
-    assert f'got {float(value):g}' in err or ('--lmbda 0 has none' in err and '--skd_top_k 0' in err)
+    assert exit_info.value.code == 2 and says in err and '--temperature' not in err  # the demo has no such flag
+    assert f'got {float(value):g}' in err or f'got {value}' in err or ('--lmbda 0 has none' in err and
+                                                                     '--skd_top_k 0' in err)
     assert not (tmp_path / 'ws').exists()

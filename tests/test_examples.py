@@ -236,7 +236,7 @@ def test_custom_reward_of_the_rl_docs_works(page, tmp_path):
 
 
 def test_skd_server_example_serves_a_topk_that_covers_k(tmp_path):
-    """The SKD-with-a-server example: its server's --topk covers --gkd_skd_top_k and --gkd_logits_topk (the run would
+    """The SKD-with-a-server example: its server's --top_k covers --gkd_skd_top_k and --gkd_logits_topk (the run would
     be refused before loading otherwise), with transformers sampling and the server as the only teacher."""
     commands = record_commands(os.path.join(EXAMPLES, 'gkd_skd_teacher_server.sh'), tmp_path)
     server, trainer = commands['swift-gkd'], commands['swift']
@@ -244,6 +244,15 @@ def test_skd_server_example_serves_a_topk_that_covers_k(tmp_path):
     def flag(argv, name):
         return argv[argv.index(f'--{name}') + 1]
 
-    assert int(flag(server, 'topk')) >= max(int(flag(trainer, 'gkd_skd_top_k')), int(flag(trainer, 'gkd_logits_topk')))
+    assert int(flag(server, 'top_k')) >= max(int(flag(trainer, 'gkd_skd_top_k')), int(flag(trainer, 'gkd_logits_topk')))
     assert flag(trainer, 'use_vllm') == 'false' and '--teacher_model' not in trainer
     assert flag(trainer, 'teacher_model_server').endswith(f':{flag(server, "port")}')
+
+
+def test_tiny_cpu_example_has_its_own_folder_not_the_demos(tmp_path):
+    """It builds an untrained workspace: in the demo's default folder it overwrote the demo's trained student."""
+    from swift_gkd_plugin.cli import DEMO_WORKDIR
+    commands = record_commands(os.path.join(EXAMPLES, 'gkd_tiny_cpu.sh'), tmp_path)  # no WS: the script's default
+    folder = commands['swift'][commands['swift'].index('--model') + 1].split('/')[0]
+    assert folder == 'swift_gkd_tiny_cpu'
+    assert DEMO_WORKDIR not in ' '.join(commands['python'] + commands['swift'])

@@ -14,7 +14,7 @@ import pytest
 
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PTH = 'swift_gkd_plugin.pth'
-PROJECT_FILES = ['setup.py', 'pyproject.toml', 'README.md', PTH]
+PROJECT_FILES = ['setup.py', 'pyproject.toml', 'README.md', 'MANIFEST.in', PTH]
 
 
 @pytest.fixture(scope='module')
@@ -25,6 +25,7 @@ def project_copy(tmp_path_factory):
         shutil.copy(os.path.join(PROJECT, name), root / name)
     shutil.copytree(os.path.join(PROJECT, 'swift_gkd_plugin'), root / 'swift_gkd_plugin',
                     ignore=shutil.ignore_patterns('__pycache__'))
+    shutil.copytree(os.path.join(PROJECT, 'docs_en'), root / 'docs_en')
     return root
 
 
@@ -68,3 +69,38 @@ def test_wheel_ships_the_activation_file(project_copy, tmp_path, hook):
     # the editable install must import the project's own source, the regular one its installed copy
     expected_root = project_copy if hook == 'build_editable' else tmp_path / 'site'
     assert os.path.realpath(bootstrap_file).startswith(os.path.realpath(expected_root) + os.sep)
+
+
+def test_wheel_ships_the_docs_that_help_texts_cite(project_copy, tmp_path):
+    """Help texts and errors cite docs_en/*.md pages: the regular wheel carries them inside the package, where
+    ``swift-gkd docs`` finds them."""
+    wheel_path = build(project_copy, 'build_wheel', tmp_path / 'dist')
+    with zipfile.ZipFile(wheel_path) as wheel:
+        names = set(wheel.namelist())
+        pages = sorted(n for n in os.listdir(os.path.join(PROJECT, 'docs_en')) if n.endswith('.md'))
+        assert pages and {f'swift_gkd_plugin/docs_en/{page}' for page in pages} <= names
+        assert 'swift_gkd_plugin/docs_en/skd.md' in record_paths(wheel)
+        wheel.extractall(tmp_path / 'site')
+    code = 'import site, sys; site.addsitedir(sys.argv[1]); from swift_gkd_plugin import cli; print(cli.docs_dir())'
+    done = subprocess.run([sys.executable, '-I', '-S', '-c', code, str(tmp_path / 'site')], capture_output=True,
+                          text=True, timeout=120)
+    assert done.stdout.strip() == str(tmp_path / 'site' / 'swift_gkd_plugin' / 'docs_en'), done.stderr[-3000:]
+
+
+def test_swift_gkd_version_help_and_docs():
+    """``--version`` as well as ``version``; help in plain text with the demo's folder and its flags' defaults."""
+    swift_gkd = os.path.join(os.path.dirname(sys.executable), 'swift-gkd')
+
+    def run(*argv):
+        done = subprocess.run([swift_gkd, *argv], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    from swift_gkd_plugin import __version__
+    assert run('--version').strip() == f'swift-gkd-plugin {__version__}' and run('version').strip() == __version__
+    top = run('--help')
+    assert '``' not in top and './swift_gkd_demo' in top and 'swift-gkd docs' in top
+    demo = run('demo', '--help')
+    assert '(default: swift_gkd_demo)' in demo and '(default: 80)' in demo
+    assert '(default: 64)' in run('serve-teacher', '--help')
+    assert os.path.isfile(run('docs', 'skd').strip())

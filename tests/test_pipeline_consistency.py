@@ -48,6 +48,7 @@ def test_resume_continues_the_same_modes_and_losses(tiny_ws, saved_every_three_s
     assert [m['step'] for m in resumed.modes()] == [3, 4, 5]
     assert resumed.modes() == full.modes()[3:]
     assert len(resumed.logs) == 3
+    assert 'was trained with another loss' not in resumed.output
     for a, b in zip(resumed.logs, full.logs[3:]):
         assert a['global_step/max_steps'] == b['global_step/max_steps']
         assert _rel(a['loss'], b['loss']) < 1e-4, (resumed.losses, full.losses)
@@ -74,6 +75,28 @@ def test_resume_from_a_half_written_checkpoint_is_refused_before_loading(tiny_ws
             and f'the newest complete checkpoint is {out}/checkpoint-3 (--resume_from_checkpoint {out}/checkpoint-3)'
             in run.output), run.output[-3000:]
     assert 'Loading weights' not in run.output and 'FileNotFoundError' not in run.output
+
+
+@pytest.mark.parametrize('changed,says', [
+    ({'beta': 0.9}, '--beta 0.5 -> 0.9'),
+    ({'gkd_divergence': 'skew_kl'}, '--gkd_divergence jsd -> skew_kl'),
+])
+def test_resume_with_another_loss_is_warned_naming_both_values(tiny_ws, saved_every_three_steps, tmp_path, changed,
+                                                                says):
+    """The checkpoint's args.json (ms-swift's copy of the run's arguments) records the loss; a resume that changes it
+    is warned about before any model loads (here from the half-written checkpoint-6, refused right after: fast)."""
+    import shutil
+    out = tmp_path / 'killed'
+    shutil.copytree(saved_every_three_steps.output_dir, out, symlinks=True)
+    os.remove(out / 'checkpoint-6' / 'trainer_state.json')
+    with open(out / 'checkpoint-6' / 'args.json') as f:
+        saved = json.load(f)
+    assert (saved['gkd_divergence'], saved['beta'], saved['gkd_skew_alpha']) == ('jsd', 0.5, 0.1)
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'resumed'), resume_from_checkpoint=str(out / 'checkpoint-6'),
+                              **dict(RESUME, **changed)), check=False)
+    assert (f'--resume_from_checkpoint {out}/checkpoint-6 was trained with another loss ({says}, checkpoint\'s -> '
+            'this run\'s)') in run.output, run.output[-3000:]
+    assert 'has no trainer_state.json' in run.output and 'Loading weights' not in run.output
 
 
 EIGHT_ROWS_A_STEP = dict(lmbda=0, max_steps=2, seed=11)

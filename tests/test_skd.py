@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 from conftest import RL_REWARD_PLUGIN, base_args, run_swift
 
-from swift_gkd_plugin.flags import check_declared, check_sampling_flags, sampling_temperature
+from swift_gkd_plugin.flags import TEMPERATURE_FLOOR, check_declared, check_sampling_flags, sampling_temperature
 
 VOCAB = 448  # the tiny models' vocabulary (tests/test_activation_and_bad_input.py checks it too)
 # on-policy steps only, completions long enough for several draft blocks (SKD drafts 8 tokens at a time), the same
@@ -33,13 +33,14 @@ def runs(tiny_ws, shared_runs, tmp_path_factory, adapters, solution_dataset):
     one_prompt = tiny.write_dataset(str(tmp_path_factory.mktemp('skd') / 'one_prompt.jsonl'), tiny.make_rows(1) * 16)
     return shared_runs('skd', {
         'plain': _start(tiny_ws),
-        # sampling at 1e-3 (near-greedy) from --temperature, or from the flag beside a loss temperature of 1; the
-        # random tiny models' logits are nearly flat, so temperatures 0.5 and 0.9 would draw the same tokens
-        'cold': _start(tiny_ws, temperature=1e-3),
-        'split_cold': _start(tiny_ws, temperature=1.0, gkd_sampling_temperature=1e-3),
+        # sampling at the loss temperature's floor (0.02) from --temperature, or from the flag beside a loss
+        # temperature of 1; the random tiny models' logits are nearly flat, so 0.5 and 0.9 would draw the same tokens
+        'cold': _start(tiny_ws, temperature=TEMPERATURE_FLOOR),
+        'split_cold': _start(tiny_ws, temperature=1.0, gkd_sampling_temperature=TEMPERATURE_FLOOR),
         # one prompt in every row: greedy samples are all equal, samples at temperature 1 are not
         'one_prompt_greedy': _start(tiny_ws, dataset=one_prompt, temperature=1.0, gkd_sampling_temperature=GREEDY),
-        'one_prompt_sampled': _start(tiny_ws, dataset=one_prompt, temperature=1e-3, gkd_sampling_temperature=1.0),
+        'one_prompt_sampled': _start(tiny_ws, dataset=one_prompt, temperature=TEMPERATURE_FLOOR,
+                                     gkd_sampling_temperature=1.0),
         'skd_vocab': _start(tiny_ws, gkd_skd_top_k=VOCAB),
         'skd_top1_greedy': _start(tiny_ws, gkd_skd_top_k=1, gkd_sampling_temperature=GREEDY,
                                   offload_teacher_model='true'),
@@ -69,12 +70,12 @@ def metric(run, name):
 
 
 def test_sampling_temperature_is_the_flag_and_unset_is_temperature(runs):
-    """Sampling at 1e-3 draws the same completions whether 1e-3 comes from --temperature (flag unset: ms-swift's
+    """Sampling at 0.02 draws the same completions whether 0.02 comes from --temperature (flag unset: ms-swift's
     behaviour) or from --gkd_sampling_temperature beside a loss temperature of 1, and other ones than at 0.9; the
     loss is at its own temperature."""
     cold, split = runs['cold'], runs['split_cold']
-    assert 'temperature=0.001, sampling temperature=0.001' in cold.output
-    assert 'temperature=1.0, sampling temperature=0.001' in split.output
+    assert 'temperature=0.02, sampling temperature=0.02' in cold.output
+    assert 'temperature=1.0, sampling temperature=0.02' in split.output
     assert completions(cold)[0] == completions(split)[0]  # same prompts, same draws at the same temperature
     assert completions(cold)[0] != completions(runs['plain'])[0]  # unset: sampled at --temperature
     assert cold.losses[0] != pytest.approx(split.losses[0], rel=1e-3)
@@ -82,7 +83,7 @@ def test_sampling_temperature_is_the_flag_and_unset_is_temperature(runs):
 
 def test_near_zero_sampling_temperature_samples_greedily(runs):
     """Two samples of one prompt: --temperature 1 --gkd_sampling_temperature 1e-6 samples greedily (the two are
-    equal), --temperature 1e-3 --gkd_sampling_temperature 1 samples at temperature 1 (they differ)."""
+    equal), --temperature 0.02 --gkd_sampling_temperature 1 samples at temperature 1 (they differ)."""
     greedy, sampled = completions(runs['one_prompt_greedy']), completions(runs['one_prompt_sampled'])
     assert len(greedy) == len(sampled) == 2
     for (prompts, texts), (_, sampled_texts) in zip(greedy, sampled):

@@ -10,7 +10,7 @@ from swift.megatron.arguments import MegatronRLHFArguments
 from swift.utils import get_logger, is_vllm_available
 
 import swift_gkd_plugin
-from swift_gkd_plugin.flags import check_no_plugin_flags_outside_gkd, ignored_flag_warnings
+from swift_gkd_plugin.flags import FlagError, check_no_plugin_flags_outside_gkd, ignored_flag_warnings
 from swift_gkd_plugin.megatron.checks import MegatronGKDFlagsMixin, check_megatron_gkd
 from swift_gkd_plugin.ms_swift_state import keep_teacher_messages_column
 
@@ -44,16 +44,16 @@ class GKDPluginMegatronRLHFArguments(MegatronGKDFlagsMixin, MegatronRLHFArgument
             self.seq_kd = seq_kd
         resolve_sampler(self)
         if self.use_vllm and self.lmbda > 0 and self.vllm_mode not in ('colocate', 'server'):
-            raise ValueError(f'--use_vllm true needs --vllm_mode colocate or server (got {self.vllm_mode!r}); or pass '
+            raise FlagError(f'--use_vllm true needs --vllm_mode colocate or server (got {self.vllm_mode!r}); or pass '
                              '--use_vllm false to sample from the training model')
         sampling = self.seq_kd or (self.lmbda > 0 and not self.use_vllm)
         if sampling and (self.context_parallel_size or 1) > 1:
-            raise ValueError('sampling from the Megatron model (seq_kd, or on-policy steps without vLLM) needs '
+            raise FlagError('sampling from the Megatron model (seq_kd, or on-policy steps without vLLM) needs '
                              f'--context_parallel_size 1 (got {self.context_parallel_size}); pass --use_vllm true '
                              'for on-policy steps, or train seq_kd without context parallelism')
         vpp = getattr(self, 'virtual_pipeline_model_parallel_size', None)
         if sampling and vpp not in (None, 1):
-            raise ValueError('sampling from the Megatron model (seq_kd, or on-policy steps without vLLM) does not '
+            raise FlagError('sampling from the Megatron model (seq_kd, or on-policy steps without vLLM) does not '
                              f'support virtual pipeline stages (--virtual_pipeline_model_parallel_size {vpp})')
         keep_teacher_messages_column()
         logger.info(f'swift_gkd_plugin {swift_gkd_plugin.__version__}: GKD trainer active (megatron; '

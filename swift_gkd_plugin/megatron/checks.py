@@ -11,12 +11,13 @@ Framework-free (no Megatron, no ms-swift import), because the checks run twice:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
 from dataclasses import dataclass, field, fields
 from typing import List, Optional, Sequence
 
-from swift_gkd_plugin.flags import (GKD_LOSS_IMPLS, SCALAR_FLAGS, SKD_PLACEMENTS, GKDPluginArgumentsMixin,
+from swift_gkd_plugin.flags import (GKD_LOSS_IMPLS, SCALAR_FLAGS, SKD_PLACEMENTS, FlagError, GKDPluginArgumentsMixin,
                                     check_gkd_scalars, check_multi_turn_flags, check_teacher_server_flags,
                                     plugin_flags_in)
 
@@ -45,18 +46,18 @@ def check_megatron_gkd(args) -> None:
     ``args.beta`` may be None (ms-swift's Megatron default, resolved to 0.5 for GKD).
     """
     if args.gkd_loss_impl not in MEGATRON_LOSS_IMPLS:
-        raise ValueError(f'--gkd_loss_impl {args.gkd_loss_impl!r} is not available in megatron rlhf (allowed: '
+        raise FlagError(f'--gkd_loss_impl {args.gkd_loss_impl!r} is not available in megatron rlhf (allowed: '
                          f'{list(MEGATRON_LOSS_IMPLS)}): the output layer is vocabulary-parallel there, and the '
                          'loss is computed on the logit shards, chunk by chunk, with the tensor-parallel '
                          'all-reduces; the fused loss on hidden states is for swift rlhf')
     cross = [f'--{name} {getattr(args, name)}' for name in ('gkd_cross_tokenizer', 'teacher_template')
              if getattr(args, name) is not None]
     if cross:
-        raise ValueError(f'{", ".join(cross)} is supported by swift rlhf only: the Megatron loss works on '
+        raise FlagError(f'{", ".join(cross)} is supported by swift rlhf only: the Megatron loss works on '
                          'vocabulary-parallel logit shards of one shared vocabulary. Distil across tokenizers with '
                          'swift rlhf --rlhf_type gkd (docs_en/cross_tokenizer.md)')
     if args.gkd_skd_top_k:
-        raise ValueError(f'--gkd_skd_top_k {args.gkd_skd_top_k} is supported by swift rlhf only: megatron rlhf '
+        raise FlagError(f'--gkd_skd_top_k {args.gkd_skd_top_k} is supported by swift rlhf only: megatron rlhf '
                          'samples with vLLM or with its own tensor-parallel sampler, and neither has SKD\'s step where '
                          f'the teacher verifies the student\'s drafts. SKD runs in {SKD_PLACEMENTS}; pass '
                          '--gkd_skd_top_k 0 here')
@@ -66,7 +67,7 @@ def check_megatron_gkd(args) -> None:
     teacher_tp = args.teacher_tensor_model_parallel_size
     student_tp = args.tensor_model_parallel_size or 1
     if teacher_tp is not None and teacher_tp != student_tp:
-        raise ValueError(
+        raise FlagError(
             f'--teacher_tensor_model_parallel_size {teacher_tp} differs from --tensor_model_parallel_size '
             f'{student_tp}: a Megatron teacher is built in the student\'s parallel layout (the same tensor, pipeline, '
             'context and expert parallel sizes), so only the student\'s value is supported. For a teacher in another '
@@ -75,16 +76,16 @@ def check_megatron_gkd(args) -> None:
     defaults = {f.name: f.default for f in fields(GKDPluginArgumentsMixin)}
     client_flags = [f'--{name}' for name in CLIENT_FLAGS if getattr(args, name) != defaults[name]]
     if client_flags:
-        raise ValueError(f'{client_flags} are supported by swift rlhf only: megatron rlhf talks to --teacher_model_server '
+        raise FlagError(f'{client_flags} are supported by swift rlhf only: megatron rlhf talks to --teacher_model_server '
                          "through ms-swift's own client (no API key, its own timeouts); serve the teacher without "
                          '--api_key on a private network')
     refuse_rl_flags(rl_flags_set(args))
     if args.seq_kd and (args.context_parallel_size or 1) > 1:
-        raise ValueError('--seq_kd true samples from the Megatron teacher, which needs --context_parallel_size 1 '
+        raise FlagError('--seq_kd true samples from the Megatron teacher, which needs --context_parallel_size 1 '
                          f'(got {args.context_parallel_size})')
     # only the launcher's parser has it: ms-swift's Megatron arguments do not declare --teacher_adapters at all
     if getattr(args, 'teacher_adapters', None):
-        raise ValueError('--teacher_adapters is supported by swift rlhf only; for megatron rlhf merge the adapter '
+        raise FlagError('--teacher_adapters is supported by swift rlhf only; for megatron rlhf merge the adapter '
                          'into the teacher first (`swift export --adapters ADAPTER --merge_lora true`) and pass the '
                          'merged model as --teacher_model')
 
@@ -111,7 +112,7 @@ def rl_flags_set(args) -> List[str]:
 
 def refuse_rl_flags(given: List[str]) -> None:
     if given:
-        raise ValueError(f'{given} are supported by swift rlhf only: ms-swift\'s Megatron GKD has no reward machinery '
+        raise FlagError(f'{given} are supported by swift rlhf only: ms-swift\'s Megatron GKD has no reward machinery '
                          'and its rollout samples one response per prompt, so megatron rlhf --rlhf_type gkd distils '
                          'without a reward term. Run RL + distillation with swift rlhf --rlhf_type gkd (docs_en/rl.md)')
 
@@ -153,7 +154,7 @@ def check_vocab_sizes(args) -> None:
     sizes = {flag: padded_vocab_size(path, tp) for flag, path in (('--model', student), ('--teacher_model', teacher))}
     if None in sizes.values() or len(set(sizes.values())) == 1:
         return
-    raise ValueError(f'--teacher_model {teacher} has {sizes["--teacher_model"]} output rows and --model {student} '
+    raise FlagError(f'--teacher_model {teacher} has {sizes["--teacher_model"]} output rows and --model {student} '
                      f'{sizes["--model"]} (config.json vocab_size, padded to a multiple of '
                      f'--tensor_model_parallel_size {tp}): megatron rlhf compares teacher and student logits row by row over one vocabulary, so '
                      'they must be equal (allowed: a teacher with the student\'s vocab_size). swift rlhf aligns a '
@@ -208,7 +209,7 @@ def parse_megatron_command_line(argv: Sequence[str]) -> argparse.Namespace:
     try:
         ns, _ = _command_line_parser().parse_known_args(list(argv))
     except SystemExit as exc:  # argparse's own message was printed; turn it into an exception that names it
-        raise ValueError(f'megatron rlhf: cannot read the GKD flags of {list(argv)}') from exc
+        raise FlagError(f'megatron rlhf: cannot read the GKD flags of {list(argv)}') from exc
     return ns
 
 
@@ -221,9 +222,31 @@ def check_megatron_command_line(argv: Sequence[str]) -> None:
     if ns.rlhf_type != 'gkd':
         given = plugin_flags_in(list(argv), MEGATRON_PLUGIN_FLAGS)
         if given:
-            raise ValueError(f'{given} only apply to --rlhf_type gkd (got --rlhf_type {ns.rlhf_type})')
+            raise FlagError(f'{given} only apply to --rlhf_type gkd (got --rlhf_type {ns.rlhf_type})')
         return
     num_generations = [] if ns.num_generations in (None, 1) else ['--num_generations']
     refuse_rl_flags(rl_flags_set(ns) + num_generations)
     check_megatron_gkd(ns)
     check_vocab_sizes(ns)
+    check_megatron_installed()
+
+
+#: the modules of the plugin's ``megatron`` extra (setup.py), which Megatron-SWIFT imports in every rank
+MEGATRON_MODULES = {'megatron.core': 'megatron-core', 'mcore_bridge': 'mcore-bridge'}
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # the parent package is missing
+        return False
+
+
+def check_megatron_installed() -> None:
+    """The ``megatron`` extra is installed: without it every rank stops at its first import, in a traceback."""
+    missing = [package for module, package in MEGATRON_MODULES.items() if not _importable(module)]
+    if missing:
+        raise FlagError(f'megatron rlhf --rlhf_type gkd needs {" and ".join(missing)}, not installed here: install '
+                        'the plugin\'s megatron extra (pip install ".[megatron]" in the plugin\'s checkout), then '
+                        'transformer-engine built for your CUDA toolkit as Megatron-SWIFT\'s install guide says (see '
+                        'the Megatron page of the plugin\'s docs)')

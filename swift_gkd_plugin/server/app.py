@@ -302,7 +302,7 @@ def create_app(teacher: TransformersTeacher, config: ServerConfig) -> FastAPI:
                 raise _error(422, f'this teacher server only scores (it generates at most 1 token): '
                              f'max_tokens={cfg.max_tokens}')
         if k is not None and k > config.topk:
-            raise _error(422, f'prompt_logprobs={k} exceeds the server limit of {config.topk} (--topk)')
+            raise _error(422, f'prompt_logprobs={k} exceeds the server limit of {config.topk} (--top_k)')
         if not body.infer_requests:
             return JSONResponse([])
 
@@ -359,7 +359,7 @@ def create_app(teacher: TransformersTeacher, config: ServerConfig) -> FastAPI:
         body: TopKRequest = await _parse(request, TopKRequest)
         k = body.topk if body.topk is not None else config.topk
         if k > config.topk:
-            raise _error(422, f'topk={k} exceeds the server limit of {config.topk} (--topk)')
+            raise _error(422, f'topk={k} exceeds the server limit of {config.topk} (--top_k)')
         k = min(k, vocab)
         binary = MSGPACK in request.headers.get('accept', '') and msgpack is not None
         encoding = 'raw' if binary else body.encoding

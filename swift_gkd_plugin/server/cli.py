@@ -31,8 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--host', default='127.0.0.1',
                         help='address to bind (default loopback only; any other address requires an API key)')
     parser.add_argument('--port', type=int, default=8000)
-    parser.add_argument('--topk', type=int, default=64,
-                        help='largest k served (requests asking for more get 422) and the default k of /v1/topk')
+    parser.add_argument('--top_k', '--topk', dest='topk', type=int, default=64,
+                        help='largest k served (requests asking for more get 422) and the default k of /v1/topk; at '
+                        "least the trainer's --gkd_logits_topk and --gkd_skd_top_k (--topk: the same flag)")
     parser.add_argument('--api_key', default=None,
                         help=f'require this key on every request (or set {API_KEY_ENV}, which keeps it out of ps)')
     parser.add_argument('--public_health', action='store_true',
@@ -74,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     for name in ('topk', 'max_batch_tokens', 'max_queue', 'max_request_tokens'):
         if getattr(args, name) < 1:
-            print(f'swift-gkd serve-teacher: --{name} must be >= 1', file=sys.stderr)
+            flag = 'top_k' if name == 'topk' else name
+            print(f'swift-gkd serve-teacher: --{flag} must be >= 1, got {getattr(args, name)}', file=sys.stderr)
             return 2
     server_logger = logging.getLogger('swift_gkd_plugin.server')
     handler = logging.StreamHandler(sys.stderr)

@@ -17,7 +17,7 @@ from swift.utils import get_logger
 
 import swift_gkd_plugin
 from swift_gkd_plugin.core.constants import ROLLOUT_IS_MODES, SCALE_REWARDS
-from swift_gkd_plugin.flags import (GKDPluginArgumentsMixin, check_deepspeed_launch, check_gkd_scalars,
+from swift_gkd_plugin.flags import (FlagError, GKDPluginArgumentsMixin, check_deepspeed_launch, check_gkd_scalars,
                                     check_multi_turn_flags, check_no_plugin_flags_outside_gkd, check_rl_flags,
                                     check_teacher_server_flags, check_torch_compile_checkpointing,
                                     ignored_flag_warnings, resolve_num_generations, sampling_temperature)
@@ -35,13 +35,13 @@ def model_dir_of(flag: str, model_id: str, revision: Optional[str], args) -> str
     if os.path.isdir(path):
         return path
     if model_id.startswith(('/', './', '../', '~')) or os.path.exists(path):
-        raise ValueError(f'{flag} {model_id!r}: no such model directory')
+        raise FlagError(f'{flag} {model_id!r}: no such model directory')
     from swift.utils import safe_snapshot_download
     try:  # config and tokenizer files only, never the weights
         return safe_snapshot_download(
             model_id, revision=revision, download_model=False, use_hf=args.use_hf, hub_token=args.hub_token)
     except Exception as exc:
-        raise ValueError(f'{flag} {model_id!r} cannot be found: not a local directory, and the hub lookup failed '
+        raise FlagError(f'{flag} {model_id!r} cannot be found: not a local directory, and the hub lookup failed '
                          f'({type(exc).__name__}: {exc})') from exc
 
 
@@ -89,22 +89,39 @@ def resolve_cross_tokenizer(args) -> None:
         args.training_args.gkd_cross_tokenizer = None
 
 
+#: File endings of model weights that transformers loads (safetensors, PyTorch, their shard indexes, TF, Flax, GGUF)
+WEIGHT_SUFFIXES = ('.safetensors', '.bin', '.pt', '.pth', '.index.json', '.h5', '.msgpack', '.gguf')
+
+
+def check_teacher_weights(args) -> None:
+    """A local ``--teacher_model`` folder holds weights: without them transformers fails with a raw OSError once the
+    student is loaded. Hub ids are left to the download."""
+    path = os.path.abspath(os.path.expanduser(args.teacher_model or ''))
+    if args.teacher_model is None or not os.path.isdir(path):
+        return
+    names = [n for n in os.listdir(path) if n.endswith(WEIGHT_SUFFIXES) and n != 'training_args.bin']
+    if not names:
+        raise FlagError(f'--teacher_model {args.teacher_model!r}: the folder {path} holds no model weights (no '
+                        f'*{", *".join(WEIGHT_SUFFIXES)} file): pass the folder that the model was saved to')
+
+
 def check_teacher(args) -> None:
     """The teacher exists and speaks the student's vocabulary (a larger lm_head over the same tokenizer is fine), or
     ``--gkd_cross_tokenizer`` is given for a teacher with another tokenizer."""
     cross = args.gkd_cross_tokenizer
     if args.teacher_model is None:
         if cross:
-            raise ValueError(f'--gkd_cross_tokenizer {cross} needs a --teacher_model with another tokenizer; without '
+            raise FlagError(f'--gkd_cross_tokenizer {cross} needs a --teacher_model with another tokenizer; without '
                              'one the teacher is the student itself (same tokenizer): drop the flag')
         return
+    check_teacher_weights(args)
     vocabularies = _vocabularies(args)
     if vocabularies is None:
         return
     _, same, student_vocab, teacher_vocab = vocabularies
     if same:
         if cross and args.teacher_template is not None:
-            raise ValueError(f'--teacher_template {args.teacher_template} only applies to a teacher with another '
+            raise FlagError(f'--teacher_template {args.teacher_template} only applies to a teacher with another '
                              'tokenizer: this --teacher_model uses the student\'s tokenizer, so it scores the '
                              f'student\'s tokens through the student\'s --template {args.template}. Drop '
                              '--teacher_template (and --gkd_cross_tokenizer)')
@@ -113,7 +130,7 @@ def check_teacher(args) -> None:
         return
     only_s = len(set(student_vocab.items()) - set(teacher_vocab.items()))
     only_t = len(set(teacher_vocab.items()) - set(student_vocab.items()))
-    raise ValueError(
+    raise FlagError(
         f'teacher and student tokenizers differ: --model {args.model!r} has {len(student_vocab)} tokens, '
         f'--teacher_model {args.teacher_model!r} has {len(teacher_vocab)} ({only_s} token/id pairs only in the '
         f'student, {only_t} only in the teacher). GKD compares distributions token by token, so both must use the '
@@ -132,7 +149,7 @@ def check_teacher_template(args) -> None:
         return
     close = difflib.get_close_matches(name, list(TEMPLATE_MAPPING), n=5)
     allowed = f'close matches: {close}' if close else f'allowed: {sorted(TEMPLATE_MAPPING)}'
-    raise ValueError(f'--teacher_template {name!r} is not a registered ms-swift template type ({allowed}; '
+    raise FlagError(f'--teacher_template {name!r} is not a registered ms-swift template type ({allowed}; '
                      'the --template choices of `swift rlhf --help`)')
 
 
@@ -148,27 +165,35 @@ def _head_rows(flag: str, model_dir: str) -> Optional[int]:
 
 def check_topk_within_vocab(args) -> None:
     """``--gkd_logits_topk`` k takes k of the teacher's logits at each position: a k larger than the vocabulary
-    crashes in torch.topk at step 1, after both models are loaded. A served teacher's own limit (its ``--topk``)
-    needs the network and is left to the teacher-server start-up check; k is still checked against the student."""
-    k = args.gkd_logits_topk
-    if k is None:
+    crashes in torch.topk at step 1, after both models are loaded. ``--gkd_skd_top_k`` K larger than the vocabulary
+    accepts every token whatever K: a silent no-op that still costs the teacher's verifying forwards. A served
+    teacher's own limit (its ``--top_k``) needs the network and is left to the teacher-server start-up checks; k and
+    K are still checked against the student."""
+    given = {flag: k for flag, k in (('--gkd_logits_topk', args.gkd_logits_topk),
+                                     ('--gkd_skd_top_k', args.gkd_skd_top_k or None)) if k is not None}
+    if not given:
         return
     rows = {'--model': _head_rows('--model', args.model_dir)}
     if args.teacher_model is not None and args.teacher_model_server is None:
         teacher_dir = model_dir_of('--teacher_model', args.teacher_model, args.teacher_model_revision, args)
         rows['--teacher_model'] = _head_rows('--teacher_model', teacher_dir)
     known = {flag: n for flag, n in rows.items() if n}
-    if known and k > min(known.values()):
-        sizes = ', '.join(f'{flag} has {n}' for flag, n in known.items())
-        raise ValueError(f'--gkd_logits_topk {k} is larger than the vocabulary ({sizes} output rows, config.json '
-                         f'vocab_size): allowed 1 to {min(known.values())}, or unset for the full vocabulary')
+    if not known:
+        return
+    vocab = min(known.values())
+    sizes = ', '.join(f'{flag} has {n}' for flag, n in known.items())
+    unset = {'--gkd_logits_topk': '1 to {}, or unset for the full vocabulary', '--gkd_skd_top_k': '0 (off) to {}'}
+    for flag, k in given.items():
+        if k > vocab:
+            raise FlagError(f'{flag} {k} is larger than the vocabulary ({sizes} output rows, config.json '
+                            f'vocab_size): allowed {unset[flag].format(vocab)}')
 
 
 def check_vllm_installed(args) -> None:
     """ms-swift's trainer refuses ``--use_vllm true`` without vLLM only after both models are loaded."""
     from swift.utils import is_vllm_available
     if args.use_vllm and not is_vllm_available():
-        raise ValueError(f'--use_vllm true (--vllm_mode {args.vllm_mode}) needs vLLM, which is not installed here: '
+        raise FlagError(f'--use_vllm true (--vllm_mode {args.vllm_mode}) needs vLLM, which is not installed here: '
                          'install vllm, or pass --use_vllm false (on-policy samples then come from the transformers '
                          'engine)')
 
@@ -185,7 +210,7 @@ def check_vllm_logprobs(args) -> None:
     if is_vllm_available() and not check_vllm_version_ge('0.10.2'):
         flag = (f'--rollout_importance_sampling_mode {mode}' if mode is not None else
                 '--log_rollout_offpolicy_metrics true')
-        raise ValueError(f'{flag} needs vLLM >= 0.10.2 (older versions report log-probabilities before the sampling '
+        raise FlagError(f'{flag} needs vLLM >= 0.10.2 (older versions report log-probabilities before the sampling '
                          'temperature and top-k/top-p): update vLLM or drop the flag')
 
 
@@ -217,16 +242,16 @@ def check_teacher_adapters(args) -> None:
     if not adapters:
         return
     if len(adapters) != 1:
-        raise ValueError(f'--teacher_adapters takes one adapter directory, got {len(adapters)}: {adapters}')
+        raise FlagError(f'--teacher_adapters takes one adapter directory, got {len(adapters)}: {adapters}')
     adapter = adapters[0]
     if not os.path.isdir(adapter):
-        raise ValueError(f'--teacher_adapters {adapter!r}: no such adapter directory')
+        raise FlagError(f'--teacher_adapters {adapter!r}: no such adapter directory')
     if args.teacher_model_server is not None:
-        raise ValueError('--teacher_adapters cannot be combined with --teacher_model_server: the server serves '
+        raise FlagError('--teacher_adapters cannot be combined with --teacher_model_server: the server serves '
                          'its own model (start it with --adapters instead)')
     shared_base = _shares_the_students_base(args)
     if shared_base and args.tuner_type != 'lora':
-        raise ValueError(f'--teacher_adapters on the student\'s own base needs a LoRA student (--tuner_type lora, got '
+        raise FlagError(f'--teacher_adapters on the student\'s own base needs a LoRA student (--tuner_type lora, got '
                          f'{args.tuner_type!r}): a fully tuned student changes the base the teacher adapter sits on. '
                          'Pass the teacher\'s base as --teacher_model to load a separate frozen teacher.')
     base_dir = args.model_dir if shared_base else model_dir_of('--teacher_model', args.teacher_model,
@@ -234,7 +259,7 @@ def check_teacher_adapters(args) -> None:
     from swift_gkd_plugin.swift.peft_utils import adapter_base_mismatch
     problem = adapter_base_mismatch(adapter, base_dir)
     if problem:
-        raise ValueError(f'--teacher_adapters {adapter!r} does not fit the teacher base {base_dir!r}: {problem}')
+        raise FlagError(f'--teacher_adapters {adapter!r} does not fit the teacher base {base_dir!r}: {problem}')
 
 
 def check_skd_teacher(args) -> None:
@@ -243,11 +268,11 @@ def check_skd_teacher(args) -> None:
     k = args.gkd_skd_top_k
     shared_base = getattr(args, '_teacher_use_disable_adapter', False) or bool(args.teacher_adapters)
     if k and args.teacher_model is None and args.teacher_model_server is None and not shared_base:
-        raise ValueError(f'--gkd_skd_top_k {k} needs a teacher to correct the student: pass --teacher_model (or '
+        raise FlagError(f'--gkd_skd_top_k {k} needs a teacher to correct the student: pass --teacher_model (or '
                          '--teacher_adapters); without one the teacher is the student itself')
     meta = getattr(args, 'model_meta', None)
     if k and meta is not None and meta.is_multimodal:
-        raise ValueError(f'--gkd_skd_top_k {k} supports text-only models yet (--model_type {args.model_type} is '
+        raise FlagError(f'--gkd_skd_top_k {k} supports text-only models yet (--model_type {args.model_type} is '
                          'multimodal): the teacher verifies token ids without the prompt\'s images, videos or audio. '
                          'Pass --gkd_skd_top_k 0')
 
@@ -282,7 +307,7 @@ def check_reward_funcs(args) -> None:
     from swift.rewards import orms
     unknown = [name for name in args.reward_funcs if name not in orms]
     if unknown:
-        raise ValueError(f'--reward_funcs {unknown}: no such reward function. Known: {sorted(orms)}; register your '
+        raise FlagError(f'--reward_funcs {unknown}: no such reward function. Known: {sorted(orms)}; register your '
                          'own in a file passed with --external_plugins (orms[\'my_reward\'] = MyReward)')
 
 
@@ -292,7 +317,7 @@ def check_fresh_samples_for_rl(args) -> None:
     train = args.training_args
     spg, ga = train.steps_per_generation, train.gradient_accumulation_steps
     if args.gkd_rl_coef > 0 and spg != ga:
-        raise ValueError(f'--gkd_rl_coef > 0 needs each generation batch to be one optimizer step: steps_per_generation '
+        raise FlagError(f'--gkd_rl_coef > 0 needs each generation batch to be one optimizer step: steps_per_generation '
                          f'{spg} (generation_batch_size {train.generation_batch_size}) must equal '
                          f'--gradient_accumulation_steps {ga}; later steps would train on samples of an older policy, '
                          'which the policy-gradient term (no importance ratio) does not correct. Leave '
@@ -303,12 +328,12 @@ def check_generation_flags(args) -> None:
     """ms-swift's sampling options that GKD cannot honour."""
     from swift.utils import is_mp
     if is_mp() and args.use_vllm:
-        raise ValueError('--use_vllm true is not compatible with device_map model parallelism: set '
+        raise FlagError('--use_vllm true is not compatible with device_map model parallelism: set '
                          'NPROC_PER_NODE to the number of processes.')
     if args.async_generate:
-        raise ValueError('--async_generate true is not supported for GKD (allowed: false)')
+        raise FlagError('--async_generate true is not supported for GKD (allowed: false)')
     if args.teacher_model_server is not None and (args.padding_free or args.packing):
-        raise ValueError('--teacher_model_server does not support --padding_free / --packing yet')
+        raise FlagError('--teacher_model_server does not support --padding_free / --packing yet')
 
 
 def resolve_gkd_arguments(args) -> None:

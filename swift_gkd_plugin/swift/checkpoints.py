@@ -17,6 +17,8 @@ import resource
 import shutil
 from typing import List, Optional
 
+from swift_gkd_plugin.flags import FlagError
+
 TRAINER_STATE = 'trainer_state.json'  # transformers.trainer.TRAINER_STATE_NAME, written last
 LAST_CHECKPOINT = 'last-checkpoint'  # ms-swift's symlink to the newest complete checkpoint
 _CHECKPOINT = re.compile(r'^checkpoint-(\d+)$')
@@ -63,15 +65,50 @@ def _newest_hint(output_dir: str) -> str:
     return f'the newest complete checkpoint is {newest} (--resume_from_checkpoint {newest})'
 
 
+#: The arguments that ms-swift saves beside the weights of each checkpoint (a copy of the run's args.json).
+ARGS_FILE = 'args.json'
+
+
+def loss_changes(saved: dict, args) -> List[str]:
+    """The loss settings of ``args`` that differ from those ``saved`` in a checkpoint's args.json: the divergence,
+    then the parameter of the divergence in use (--beta for jsd, --gkd_skew_alpha for the skew ones)."""
+    names = ['gkd_divergence', 'beta' if args.gkd_divergence == 'jsd' else 'gkd_skew_alpha']
+    if saved.get('gkd_divergence', 'jsd') != args.gkd_divergence:
+        names = names[:1]
+    return [f'--{name} {saved[name]} -> {getattr(args, name)}' for name in names
+            if name in saved and saved[name] != getattr(args, name)]
+
+
+def warn_resume_changes(args) -> None:
+    """Resuming with another divergence or divergence parameter than the checkpoint was trained with is allowed (a
+    deliberate curriculum), but said: the loss switches silently otherwise."""
+    path = os.path.join(args.resume_from_checkpoint or '', ARGS_FILE)
+    if not args.resume_from_checkpoint or not os.path.isfile(path):
+        return
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return
+    changes = loss_changes(saved, args) if isinstance(saved, dict) else []
+    if changes:
+        from swift.utils import get_logger
+        get_logger().warning(f'swift_gkd_plugin: --resume_from_checkpoint {args.resume_from_checkpoint} was trained '
+                             f'with another loss ({"; ".join(changes)}, checkpoint\'s -> this run\'s): training '
+                             'goes on with this run\'s. Pass the checkpoint\'s values to continue its loss.')
+
+
 def check_resume_checkpoint(args) -> None:
     """``--resume_from_checkpoint`` is a complete checkpoint (unless only its weights are loaded:
-    ``--resume_only_model true --ignore_data_skip true`` never reads the trainer state)."""
+    ``--resume_only_model true --ignore_data_skip true`` never reads the trainer state); a loss that differs from the
+    checkpoint's is warned about (:func:`warn_resume_changes`)."""
     path = args.resume_from_checkpoint
+    warn_resume_changes(args)
     if not path or (args.resume_only_model and args.ignore_data_skip) or is_complete(path):
         return
     state = os.path.join(path, TRAINER_STATE)
     problem = 'has no' if not os.path.exists(state) else 'has an unreadable'
-    raise ValueError(f'--resume_from_checkpoint {path} {problem} {TRAINER_STATE}, which the trainer writes last in '
+    raise FlagError(f'--resume_from_checkpoint {path} {problem} {TRAINER_STATE}, which the trainer writes last in '
                      f'a checkpoint: its save was cut short (a killed process, a full disk); '
                      f'{_newest_hint(os.path.dirname(os.path.abspath(path)))}.')
 

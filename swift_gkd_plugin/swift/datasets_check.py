@@ -30,6 +30,8 @@ from swift.dataset.preprocessor import AutoPreprocessor
 from swift.utils import get_logger
 from transformers import TrainerCallback
 
+from swift_gkd_plugin.flags import FlagError
+
 logger = get_logger()
 
 # the keys of ms-swift 4.6's MessagesPreprocessor and ResponsePreprocessor (swift/dataset/preprocessor/core.py)
@@ -71,7 +73,7 @@ def jsonl_rows(flag: str, path: str) -> Iterator[Tuple[int, dict]]:
             try:
                 text = raw.decode('utf-8-sig' if line_no == 1 else 'utf-8')
             except UnicodeDecodeError as exc:
-                raise ValueError(f'{flag} {path}: line {line_no} is not UTF-8 text (byte {exc.start}: '
+                raise FlagError(f'{flag} {path}: line {line_no} is not UTF-8 text (byte {exc.start}: '
                                  f'{raw[exc.start:exc.start + 1]!r}); save the file as UTF-8') from None
             if not text.strip():
                 continue
@@ -79,14 +81,14 @@ def jsonl_rows(flag: str, path: str) -> Iterator[Tuple[int, dict]]:
                 row = json.loads(text)
             except json.JSONDecodeError as exc:
                 problem = f'{exc.msg}, column {exc.colno}'
-                raise ValueError(f'{flag} {path}: line {line_no} is not valid JSON ({problem})') from None
+                raise FlagError(f'{flag} {path}: line {line_no} is not valid JSON ({problem})') from None
             if not isinstance(row, dict):
-                raise ValueError(f'{flag} {path}: line {line_no} is a JSON {type(row).__name__}, not an object '
+                raise FlagError(f'{flag} {path}: line {line_no} is a JSON {type(row).__name__}, not an object '
                                  '(one row per line: {"messages": [...]})')
             found = True
             yield line_no, row
     if not found:
-        raise ValueError(f'{flag} {path}: the file has no rows (a jsonl dataset needs one JSON object per line)')
+        raise FlagError(f'{flag} {path}: the file has no rows (a jsonl dataset needs one JSON object per line)')
 
 
 def _messages(row: dict) -> Optional[list]:
@@ -196,14 +198,14 @@ def check_local_jsonl_datasets(args) -> None:
     train_samples = args.lmbda > 0 or args.seq_kd
     meta = getattr(args, 'model_meta', None)
     multimodal = meta is None or meta.is_multimodal  # unknown: not refused here
-    train_rows = 0
+    train_rows, dropped = 0, []
     for flag, entries, can_sample in (('--dataset', args.dataset, train_samples), ('--val_dataset', args.val_dataset,
                                                                                     False)):
         for path, standard_format in local_jsonl_files(entries, args.use_hf):
             found = scan_rows(flag, path, standard_format, columns, multimodal)
             train_rows += found['rows'] if flag == '--dataset' else 0
             if found['media'] and not multimodal:
-                raise ValueError(
+                raise FlagError(
                     f'{flag} {path}: {len(found["media"])} row(s) have images, videos or audios (lines '
                     f'{_shown(found["media"])}), but --model {args.model} (model type {meta.model_type}) is a '
                     'text-only model: its template keeps the <image> tag as literal text and the model never sees '
@@ -212,7 +214,7 @@ def check_local_jsonl_datasets(args) -> None:
             if found['broken']:
                 shown = '; '.join(f'line {line}: {problem}' for line, problem in found['broken'][:LINES_SHOWN])
                 more = f' (and {len(found["broken"]) - LINES_SHOWN} more)' if len(found['broken']) > LINES_SHOWN else ''
-                raise ValueError(f'{flag} {path}: {len(found["broken"])} media file(s) cannot be read: {shown}{more}. '
+                raise FlagError(f'{flag} {path}: {len(found["broken"])} media file(s) cannot be read: {shown}{more}. '
                                  'ms-swift would silently train on other rows in their place; fix or remove these '
                                  'rows.')
             no_response = found['no_response']
@@ -221,9 +223,11 @@ def check_local_jsonl_datasets(args) -> None:
             missing = [line for line, _ in no_response]
             rows = f'{flag} {path}: {len(missing)} row(s) have no assistant response (lines {_shown(missing)})'
             if not can_sample:
-                raise ValueError(f'{rows}, so they have nothing to distil: {_NO_SAMPLING[flag]}')
+                raise FlagError(f'{rows}, so they have nothing to distil: {_NO_SAMPLING[flag]}')
             promptless = [line for line, prompt in no_response if not prompt]
             sampled = [line for line, prompt in no_response if prompt]
+            if flag == '--dataset':
+                dropped += [f'{path} line {line}' for line in promptless]
             if sampled:
                 logger.warning(f'swift_gkd_plugin: {flag} {path}: {len(sampled)} row(s) have no assistant response '
                                f'(lines {_shown(sampled)}): dataset (off-policy) steps have nothing to distil on them; '
@@ -233,23 +237,33 @@ def check_local_jsonl_datasets(args) -> None:
                                f'message nor an assistant response (lines {_shown(promptless)}): nothing can be '
                                'sampled for them, ms-swift cannot encode them, and each step draws other rows in their '
                                'place: they are dropped. Give them a user message, or remove them.')
-    check_one_batch(args, train_rows)
+    check_one_batch(args, train_rows - len(dropped), dropped)
 
 
-def check_one_batch(args, rows: int) -> None:
-    """Training sets of local jsonl files only, read whole (no ``#N`` sampling): fewer rows than one device's batch
-    can never fill a batch, and GKD drops incomplete ones. Preprocessing only removes rows, so this refusal is
-    certain; the other cases (several processes, ``--num_generations``, rows dropped while encoding, hub datasets)
-    are refused when training starts (:class:`RefuseEmptyEpochs`)."""
+def check_one_batch(args, rows: int, dropped: List[str] = ()) -> None:
+    """Training sets of local jsonl files only: with no row that can be encoded (``dropped``: rows with neither a
+    user message nor a response), ms-swift would load both models and then fail to resample ("Increase
+    max_length"). Read whole (no ``#N`` sampling), fewer rows than one device's batch can never fill a batch, and GKD
+    drops incomplete ones. Preprocessing only removes rows, so these refusals are certain; the other cases (several
+    processes, ``--num_generations``, rows dropped while encoding, hub datasets) are refused when training starts
+    (:class:`RefuseEmptyEpochs`)."""
     entries = args.dataset or []
-    whole_local_files = len(local_jsonl_files(entries, args.use_hf)) == len(entries) and all(
-        DatasetSyntax.parse(entry).dataset_sample is None for entry in entries)
-    batch = args.per_device_train_batch_size
-    if not entries or not whole_local_files or args.streaming or args.num_generations != 1 or rows >= batch:
+    local_files = len(local_jsonl_files(entries, args.use_hf)) == len(entries)
+    if not entries or not local_files or args.streaming:
         return
-    raise ValueError(f'--dataset: {rows} row(s) in {", ".join(entries)}, fewer than one batch '
-                     f'(--per_device_train_batch_size {batch}); GKD drops incomplete batches (dataloader_drop_last), '
-                     'so not one step could train. Add rows, or lower --per_device_train_batch_size.')
+    if rows <= 0 and dropped:
+        raise FlagError(f'--dataset {" ".join(entries)}: no row can be trained on: all {len(dropped)} row(s) have '
+                        f'neither a user message nor an assistant response ({", ".join(dropped[:LINES_SHOWN])}'
+                        f'{", ..." if len(dropped) > LINES_SHOWN else ""}), so nothing can be sampled or distilled '
+                        'for them. Give each row a user message (the prompt), or an assistant response too')
+    whole = all(DatasetSyntax.parse(entry).dataset_sample is None for entry in entries)
+    batch = args.per_device_train_batch_size
+    if not whole or args.num_generations != 1 or rows >= batch:
+        return
+    unusable = f' (and {len(dropped)} without a user message or a response, dropped)' if dropped else ''
+    raise FlagError(f'--dataset: {rows} row(s){unusable} in {", ".join(entries)}, fewer than one batch '
+                    f'(--per_device_train_batch_size {batch}); GKD drops incomplete batches (dataloader_drop_last), '
+                    'so not one step could train. Add rows, or lower --per_device_train_batch_size.')
 
 
 class RefuseEmptyEpochs(TrainerCallback):
@@ -265,7 +279,7 @@ class RefuseEmptyEpochs(TrainerCallback):
         per_rank = (f'--per_device_train_batch_size {args.per_device_train_batch_size}' if g == 1 else
                     f'{args.generation_batch_size // g} prompt(s) of --generation_batch_size '
                     f'{args.generation_batch_size} / --num_generations {g}')
-        raise ValueError(f'--dataset: the training set has {rows} row(s) after preprocessing, fewer than one batch '
+        raise FlagError(f'--dataset: the training set has {rows} row(s) after preprocessing, fewer than one batch '
                          f'({per_rank} on each of {args.world_size} process(es)); GKD drops incomplete batches '
                          f'(dataloader_drop_last), so not one step could train (--max_steps {args.max_steps}). Add '
                          'rows, or lower the batch size.')

@@ -52,7 +52,7 @@ def server_teacher(client, top_k: int) -> Callable[[torch.nn.Module, int], Forwa
 
     A drafted token is accepted when it is among the returned top-``top_k``, a replacement is drawn from the returned
     top-k renormalised at the sampling temperature (the top-k truncation of the teacher's distribution). An answer
-    with fewer than ``top_k`` tokens (a server restarted with a smaller --topk) is refused: it would accept tokens the
+    with fewer than ``top_k`` tokens (a server restarted with a smaller --top_k) is refused: it would accept tokens the
     teacher ranks lower.
     """
 
@@ -64,7 +64,7 @@ def server_teacher(client, top_k: int) -> Callable[[torch.nn.Module, int], Forwa
             served = results[0].ids.shape[-1] if results else top_k
             if served < top_k and served < (client.vocab_size or vocab):
                 raise ValueError(f'--gkd_skd_top_k {top_k}: the teacher server {client.url} answered with its top-'
-                                 f'{served} only; restart it with --topk >= {top_k}')
+                                 f'{served} only; restart it with --top_k >= {top_k}')
             return [(r.ids, r.logprobs) for r in results]
 
         return scored_forward(score, vocab, first_column=prompt_width - 1)

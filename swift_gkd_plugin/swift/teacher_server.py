@@ -17,6 +17,7 @@ from swift.rlhf_trainers.utils import parse_prompt_logprobs
 from swift.utils import get_logger
 
 from swift_gkd_plugin.core.constants import IGNORE_INDEX
+from swift_gkd_plugin.flags import FlagError
 from swift_gkd_plugin.server.client import TeacherClient
 from swift_gkd_plugin.server.protocol import tokenizer_fingerprint
 
@@ -74,7 +75,7 @@ def check_skd_teacher_server(args) -> None:
     from swift.rlhf_trainers.gkd_helpers import parse_teacher_model_server
     configs = parse_teacher_model_server(server)
     if len(configs) != 1:
-        raise ValueError(f'--gkd_skd_top_k {k} verifies the student\'s drafts on one teacher server; '
+        raise FlagError(f'--gkd_skd_top_k {k} verifies the student\'s drafts on one teacher server; '
                          f'--teacher_model_server names {len(configs)} (routed by tags): pass one URL or '
                          '--gkd_skd_top_k 0')
     client = teacher_client(args, configs[0].url)
@@ -82,17 +83,17 @@ def check_skd_teacher_server(args) -> None:
                 f'loading any model (at most {client.wait:g}s, --teacher_server_wait)')
     health = client.wait_until_ready()
     if not client.offers_topk():
-        raise ValueError(f'--gkd_skd_top_k {k} needs this plugin\'s teacher server (`swift-gkd serve-teacher`, '
+        raise FlagError(f'--gkd_skd_top_k {k} needs this plugin\'s teacher server (`swift-gkd serve-teacher`, '
                          f'POST /v1/topk): {client.url} has no /v1/topk, so it speaks only ms-swift\'s /infer/ '
                          'protocol (`swift deploy`, a vLLM teacher), which scores chats, not the student\'s drafts. '
-                         f'Serve the teacher with `swift-gkd serve-teacher --topk {max(k, 64)}`, load it locally with '
+                         f'Serve the teacher with `swift-gkd serve-teacher --top_k {max(k, 64)}`, load it locally with '
                          '--teacher_model, or pass --gkd_skd_top_k 0')
     limit, vocab = health.get('max_topk'), health.get('vocab_size')
     needed = min(k, vocab) if isinstance(vocab, int) else k
     if isinstance(limit, int) and limit < needed:
-        raise ValueError(f'--gkd_skd_top_k {k} is larger than the top-k the teacher server {client.url} returns '
-                         f'(its --topk is {limit}): the teacher\'s top-{k} cannot be checked from its top-{limit}. '
-                         f'Pass --gkd_skd_top_k 1 to {limit}, or restart the server with --topk {k} or more')
+        raise FlagError(f'--gkd_skd_top_k {k} is larger than the top-k the teacher server {client.url} returns '
+                         f'(its --top_k is {limit}): the teacher\'s top-{k} cannot be checked from its top-{limit}. '
+                         f'Pass --gkd_skd_top_k 1 to {limit}, or restart the server with --top_k {k} or more')
 
 
 def check_topk_served(url: str, health: dict, topk: int) -> None:
@@ -100,8 +101,8 @@ def check_topk_served(url: str, health: dict, topk: int) -> None:
     others report nothing and are trusted): refused at start-up rather than at the first teacher request."""
     limit = health.get('max_topk') if isinstance(health, dict) else None
     if isinstance(limit, int) and topk is not None and topk > limit:
-        raise ValueError(f'--gkd_logits_topk {topk} is larger than the teacher server {url} serves (its --topk is '
-                         f'{limit}): pass --gkd_logits_topk 1 to {limit}, or restart the server with --topk {topk}')
+        raise ValueError(f'--gkd_logits_topk {topk} is larger than the teacher server {url} serves (its --top_k is '
+                         f'{limit}): pass --gkd_logits_topk 1 to {limit}, or restart the server with --top_k {topk}')
 
 
 def check_same_tokenizer(url: str, health: dict, tokenizer) -> None:

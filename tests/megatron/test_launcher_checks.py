@@ -27,14 +27,31 @@ def megatron_rlhf_with(model, *flags, env=None):
 
 
 GKD = ('--rlhf_type', 'gkd')
+MISSING_EXTRA = 'megatron rlhf: error: megatron rlhf --rlhf_type gkd needs megatron-core'
+
+
+def megatron_installed() -> bool:
+    from swift_gkd_plugin.megatron.checks import MEGATRON_MODULES, _importable
+    return all(_importable(module) for module in MEGATRON_MODULES)
+
+
+def assert_passed_the_checks(output):
+    """The launcher's flag checks let the command line through: it starts the ranks, or, without the ``megatron``
+    extra (which every rank would fail to import), names the extra to install instead."""
+    if megatron_installed():
+        assert SPAWNED in output and 'megatron rlhf: error' not in output, output[-3000:]
+    else:
+        errors = [line for line in output.splitlines() if line.startswith('megatron rlhf: error')]
+        assert len(errors) == 1 and errors[0].startswith(MISSING_EXTRA), output[-3000:]
+        assert SPAWNED not in output and 'Traceback' not in output
 
 
 @pytest.mark.parametrize('flags,needle', [
     (('--beta', '1.5'), '--beta must be in [0, 1]'),
     (('--lmbda', '-0.1'), '--lmbda must be in [0, 1]'),
-    (('--temperature', '0'), '--temperature must be > 0'),
-    (('--temperature', 'inf'), '--temperature must be a finite number, got inf'),
-    (('--beta', 'nan'), '--beta must be a finite number, got nan'),
+    (('--temperature', '0'), '--temperature must be >= 0.02'),
+    (('--temperature', 'inf'), '--temperature must be a finite number >= 0.02 (the loss divides'),
+    (('--beta', 'nan'), '--beta must be a finite number in [0, 1] (0 = KL(teacher||student)'),
     (('--sft_alpha', '-1'), '--sft_alpha must be >= 0'),
     (('--max_completion_length', '0'), '--max_completion_length must be > 0'),
     (('--gkd_loss_impl', 'fused'), "--gkd_loss_impl 'fused' is not available in megatron rlhf (allowed: ['auto', "
@@ -64,12 +81,13 @@ GKD = ('--rlhf_type', 'gkd')
     (('--rollout_importance_sampling_mode', 'token_truncate', '--log_rollout_offpolicy_metrics', 'true'),
      "['--rollout_importance_sampling_mode', '--log_rollout_offpolicy_metrics'] are supported by swift rlhf only"),
     (('--gkd_cross_tokenizer', 'uld'), '--gkd_cross_tokenizer uld is supported by swift rlhf only'),
-    (('--temperature', '1e-9'), '--temperature must be > 0 (at least 0.001: '),
+    (('--temperature', '0.001'), '--temperature must be >= 0.02 (the loss divides the logits by it'),
     (('--multi_turn_scheduler', 'x', '--max_turns', '2'), '--multi_turn_scheduler x, --max_turns 2: multi-turn '
      'rollouts are not supported by GKD'),
     (('--gkd_sampling_temperature', '0'), '--gkd_sampling_temperature must be > 0 (or unset for --temperature), '
      'got 0.0'),
-    (('--gkd_sampling_temperature', 'nan'), '--gkd_sampling_temperature must be a finite number, got nan'),
+    (('--gkd_sampling_temperature', 'nan'), '--gkd_sampling_temperature must be a finite number > 0 (or unset for '
+     '--temperature), got nan'),
     (('--gkd_skd_top_k', '25'), '--gkd_skd_top_k 25 is supported by swift rlhf only: megatron rlhf samples with '
      'vLLM or with its own tensor-parallel sampler, and neither has SKD\'s step where the teacher verifies the '
      'student\'s drafts. SKD runs in swift rlhf with transformers sampling (--use_vllm false) and a local teacher '
@@ -83,7 +101,7 @@ def test_bad_gkd_flags_are_refused_before_any_rank_starts(flags, needle):
     code, output = megatron_rlhf(*GKD, *flags)
     assert code == 2, output[-3000:]
     assert 'megatron rlhf: error: ' in output and needle in output, output[-3000:]
-    assert SPAWNED not in output
+    assert SPAWNED not in output and 'Traceback' not in output
 
 
 def test_plugin_flags_with_another_rlhf_type_are_refused():
@@ -98,13 +116,25 @@ def test_plugin_flags_with_another_rlhf_type_are_refused():
            '--gkd_topk_tail', 'true', '--tensor_model_parallel_size', '2', '--teacher_tensor_model_parallel_size',
            '2', '--gkd_loss_impl', 'dense', '--num_generations', '1', '--gkd_rl_coef', '0',
            '--gkd_sampling_temperature', '0.7'),
-    ('--rlhf_type', 'dpo', '--beta', '5'),  # another rlhf type: not the plugin's business
 ])
-def test_good_command_lines_reach_the_ranks(flags):
-    """The launcher lets them through and starts the rank processes (which on a machine without the Megatron stack
-    then fail to import it; with it, they would train)."""
+def test_good_command_lines_pass_the_checks(flags):
     code, output = megatron_rlhf(*flags)
+    assert_passed_the_checks(output)
+
+
+def test_another_rlhf_type_reaches_the_ranks():
+    """Not the plugin's business (its ranks then fail to import Megatron on a machine without it)."""
+    code, output = megatron_rlhf('--rlhf_type', 'dpo', '--beta', '5')
     assert SPAWNED in output and 'megatron rlhf: error' not in output, output[-3000:]
+
+
+@pytest.mark.skipif(megatron_installed(), reason='the megatron extra is installed here')
+def test_without_megatron_core_the_launcher_names_the_extra():
+    """Instead of every rank's raw ModuleNotFoundError for 'megatron'."""
+    code, output = megatron_rlhf(*GKD)
+    assert code == 2, output[-3000:]
+    assert MISSING_EXTRA in output and 'pip install ".[megatron]"' in output
+    assert SPAWNED not in output and 'ModuleNotFoundError' not in output
 
 
 def test_a_teacher_with_another_vocabulary_size_is_refused_before_any_rank_starts(tiny_ws):
@@ -117,7 +147,7 @@ def test_a_teacher_with_another_vocabulary_size_is_refused_before_any_rank_start
             '(config.json vocab_size, padded to a multiple of --tensor_model_parallel_size 2)') in output
     assert SPAWNED not in output
     code, output = megatron_rlhf_with(tiny_ws.student, *GKD, '--teacher_model', tiny_ws.teacher)
-    assert SPAWNED in output and 'megatron rlhf: error' not in output, output[-3000:]
+    assert_passed_the_checks(output)
 
 
 def test_padded_sizes_follow_the_tensor_parallel_size(tiny_ws):

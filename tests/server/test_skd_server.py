@@ -32,8 +32,8 @@ def skd_servers(tiny_ws, tmp_path_factory):
     logs = tmp_path_factory.mktemp('skd_server_logs')
     base = SimpleNamespace(teacher=tiny_ws.student)
     started = {
-        'full': Server(tiny_ws, str(logs / 'full.log'), '--topk', str(VOCAB)),
-        'top16': Server(base, str(logs / 'top16.log'), '--topk', '16'),
+        'full': Server(tiny_ws, str(logs / 'full.log'), '--top_k', str(VOCAB)),
+        'top16': Server(base, str(logs / 'top16.log'), '--top_k', '16'),
         'infer_only': Server(tiny_ws, str(logs / 'infer_only.log'), '--only_ms_swift_routes'),
     }
     try:
@@ -121,8 +121,8 @@ def test_each_verification_round_is_one_request_for_all_rows(runs, skd_servers):
 @pytest.mark.parametrize('server,k,needles', [
     ('infer_only', 5, ['--gkd_skd_top_k 5 needs this plugin\'s teacher server (`swift-gkd serve-teacher`, POST '
                        '/v1/topk)', 'has no /v1/topk', "ms-swift's /infer/", '--gkd_skd_top_k 0']),
-    ('top16', 32, ['--gkd_skd_top_k 32 is larger than the top-k the teacher server', '(its --topk is 16)',
-                   'Pass --gkd_skd_top_k 1 to 16, or restart the server with --topk 32 or more']),
+    ('top16', 32, ['--gkd_skd_top_k 32 is larger than the top-k the teacher server', '(its --top_k is 16)',
+                   'Pass --gkd_skd_top_k 1 to 16, or restart the server with --top_k 32 or more']),
 ])
 def test_a_server_that_cannot_verify_is_refused_before_any_model_loads(tiny_ws, skd_servers, tmp_path, server, k,
                                                                         needles):
@@ -139,7 +139,7 @@ def test_a_server_that_cannot_verify_is_refused_before_any_model_loads(tiny_ws, 
 def test_the_server_teacher_returns_the_teachers_topk_as_logits_and_refuses_a_smaller_answer(tiny_ws):
     """``server_teacher`` on a running server: for the prompt's last column and the new columns, the teacher's top-16
     log-probabilities at their ids (a direct forward of the teacher as reference), -inf elsewhere; the columns before
-    the prompt's last are never asked. A server answering fewer than K tokens (restarted with a smaller --topk) is
+    the prompt's last are never asked. A server answering fewer than K tokens (restarted with a smaller --top_k) is
     refused, naming --gkd_skd_top_k, K and the fix."""
     import torch
     from test_teacher_server import TEMPLATE, InProcessServer
@@ -175,7 +175,7 @@ def test_the_server_teacher_returns_the_teachers_topk_as_logits_and_refuses_a_sm
                     assert torch.equal(torch.isfinite(got).nonzero().flatten().sort().values, top.indices.sort().values)
                     assert torch.allclose(got[top.indices], top.values, atol=1e-5, rtol=0)
         with pytest.raises(ValueError, match=r'--gkd_skd_top_k 32: the teacher server .* answered with its top-16 '
-                                             r'only; restart it with --topk >= 32'):
+                                             r'only; restart it with --top_k >= 32'):
             server_teacher(client, 32)(student, 4)(ids, mask, position_ids(mask))
     finally:
         server.stop()

@@ -63,7 +63,7 @@ class Server:
         self.url = f'http://127.0.0.1:{self.port}'
         self.log_path = log_path
         cmd = [SWIFT_GKD, 'serve-teacher', '--model', ws.teacher, '--model_type', 'qwen3', '--template', TEMPLATE,
-               '--port', str(self.port), '--topk', str(SERVER_TOPK), '--torch_dtype', 'float32', '--device', 'cpu',
+               '--port', str(self.port), '--top_k', str(SERVER_TOPK), '--torch_dtype', 'float32', '--device', 'cpu',
                '--max_batch_tokens', str(MAX_BATCH_TOKENS), *extra]
         full_env = dict(os.environ, **OFFLINE_ENV)
         full_env.pop('SWIFT_GKD_TEACHER_API_KEY', None)
@@ -664,7 +664,7 @@ def test_swift_rlhf_routes_samples_to_teachers_by_dataset_tag(tiny_ws, servers, 
 
 
 def test_swift_rlhf_refuses_a_topk_beyond_the_servers_limit(tiny_ws, servers, tmp_path):
-    """The plugin's server reports its --topk in /health: a larger --gkd_logits_topk is refused at start-up, naming
+    """The plugin's server reports its --top_k in /health: a larger --gkd_logits_topk is refused at start-up, naming
     both numbers, instead of failing on the first teacher request."""
     limit = httpx.get(f"{servers['main'].url}/health").json()['max_topk']
     assert limit == SERVER_TOPK
@@ -672,7 +672,7 @@ def test_swift_rlhf_refuses_a_topk_beyond_the_servers_limit(tiny_ws, servers, tm
                               teacher_model_server=servers['main'].url, gkd_logits_topk=limit + 1), check=False)
     assert run.returncode != 0 and not run.losses
     assert (f'--gkd_logits_topk {limit + 1} is larger than the teacher server {servers["main"].url} serves (its '
-            f'--topk is {limit})') in run.output, run.output[-3000:]
+            f'--top_k is {limit})') in run.output, run.output[-3000:]
 
 
 @pytest.mark.timeout(300)
@@ -1218,3 +1218,15 @@ def test_device_map_loads_and_scores(tiny_ws, reference):
                           env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "--device_map 'everywhere' is not one of auto, balanced, balanced_low_0, sequential" in proc.stderr
+
+
+@pytest.mark.parametrize('flag', ['--top_k', '--topk'])
+def test_top_k_is_the_trainers_name_and_topk_stays_an_alias(flag):
+    """The trainer's flags are --top_k / --gkd_logits_topk; the server's former name --topk still parses."""
+    import argparse
+
+    from swift_gkd_plugin.server import cli as server_cli
+    parser = argparse.ArgumentParser()
+    server_cli.add_arguments(parser)
+    assert parser.parse_args(['--model', 'm', flag, '7']).topk == 7
+    assert '--top_k TOPK, --topk TOPK' in parser.format_help()

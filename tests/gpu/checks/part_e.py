@@ -67,7 +67,7 @@ def run(args) -> Results:
         total, big_tokens = None, 16 * 512
         limits = {'--max_batch_tokens': 2048, '--max_request_tokens': 4096}
     cmd = [gkd, 'serve-teacher', '--model', ws.teacher, '--model_type', 'qwen2', '--template', 'qwen2_5',
-           '--port', str(port), '--topk', '64', '--torch_dtype', ws.dtype, '--device', 'cuda' if cuda else 'cpu',
+           '--port', str(port), '--top_k', '64', '--torch_dtype', ws.dtype, '--device', 'cuda' if cuda else 'cpu',
            '--log_level', 'warning'] + [str(x) for kv in limits.items() for x in kv]
     log_path = os.path.join(args.work, 'e_server.log')
     log = open(log_path, 'wb')

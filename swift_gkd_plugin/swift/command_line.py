@@ -1,0 +1,75 @@
+"""``swift rlhf``'s command line as the plugin parses it: a refused flag is one ``error:`` line and exit code 2 (no
+traceback), as in the ``megatron`` launcher (:func:`swift_gkd_plugin.activation.on_megatron_cli_imported`); an
+unknown flag is named with the closest flags of ms-swift and the plugin, before any argument is resolved."""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import json
+import os
+import sys
+from typing import List, NoReturn, Optional
+
+from swift_gkd_plugin.flags import FlagError
+
+PROG = 'swift rlhf'
+
+
+def refuse(prog: str, message) -> NoReturn:
+    """Print ``prog: error: message`` (one line) and exit with code 2, as argparse does."""
+    sys.stdout.flush()
+    sys.stderr.write(f'{prog}: error: {message}\n')
+    sys.stderr.flush()
+    sys.exit(2)
+
+
+def _parser(args_class):
+    """ms-swift's parser of ``args_class`` (built as its ``swift.utils.parse_args`` builds it), whose errors (a value
+    of the wrong type, a choice not allowed) are one line."""
+    from swift.utils import utils as swift_utils
+    from transformers import HfArgumentParser
+    patch = getattr(swift_utils, '_patch_get_type_hints', contextlib.nullcontext)  # ms-swift's dict/str fix
+    with patch():
+        parser = HfArgumentParser([args_class])
+    parser.prog = PROG
+    parser.error = lambda message: refuse(PROG, message)  # one line, not the usage of every flag first
+    return parser
+
+
+def unknown_flags_message(parser, remaining: List[str]) -> str:
+    """``remaining`` (what the parser did not recognise) with the closest known flag of each unknown one."""
+    known = [s for action in parser._actions for s in action.option_strings
+             if s.startswith('--') and '-' not in s[2:]]  # not transformers' --dashed-aliases
+    hints = []
+    for token in remaining:
+        if not token.startswith('--'):
+            continue
+        name = token.split('=', 1)[0]
+        close = difflib.get_close_matches(name, known, n=1)
+        if close:
+            hints.append(f'{name}: did you mean {close[0]}?')
+    hint = f' ({"; ".join(hints)})' if hints else ' (`swift rlhf --help` lists the flags)'
+    return f'unrecognized arguments: {" ".join(remaining)}{hint}'
+
+
+def check_unknown_flags(args_class, argv: Optional[List[str]]) -> None:
+    """Refuse flags that neither ms-swift nor the plugin declares, before the arguments are built (ms-swift builds them
+    first, resolving the models, and then raises ``remaining_argv: [...]`` in a traceback)."""
+    if os.environ.get('RAY_SWIFT_ARGS'):
+        argv = json.loads(os.environ['RAY_SWIFT_ARGS'])  # what ms-swift parses then
+    elif argv is None:
+        argv = sys.argv[1:]
+    parser = _parser(args_class)
+    namespace, remaining = parser.parse_known_args(list(argv))
+    if remaining and not getattr(namespace, 'ignore_args_error', False):  # ms-swift only warns then
+        refuse(PROG, unknown_flags_message(parser, remaining))
+
+
+def parse_command_line(pipeline, original_parse, args):
+    """ms-swift's ``SwiftPipeline._parse_args`` for a command line (``args`` None or a list of strings), with the
+    plugin's refusals (:class:`~swift_gkd_plugin.flags.FlagError`) printed as one line, exit code 2."""
+    check_unknown_flags(pipeline.args_class, args)
+    try:
+        return original_parse(pipeline, args)
+    except FlagError as exc:
+        refuse(PROG, exc)
