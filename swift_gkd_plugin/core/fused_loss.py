@@ -325,7 +325,7 @@ class _Scratch:
 
     ``logits``: the student's logits, then its log-probabilities, then d loss / d logits (what
     :func:`_backprop_chunk` reads). Full teacher only: ``teacher`` (its logits, then log-probabilities), ``p_s`` and
-    ``p_t`` (the probabilities) and, for the KL forms, ``flags`` (bool). ``extra``: the label term's and the
+    ``p_t`` (the probabilities), for the KL forms ``flags`` (bool) and for the skew forms ``div_extra``. ``extra``: the label term's and the
     entropy's own pass where they cannot share the divergence's rows. ``half``: the gradient in a half-precision
     matmul dtype.
     """
@@ -335,6 +335,7 @@ class _Scratch:
     p_t: Optional[torch.Tensor] = None
     flags: Optional[torch.Tensor] = None
     extra: Optional[torch.Tensor] = None
+    div_extra: Optional[torch.Tensor] = None
     half: Optional[torch.Tensor] = None
 
     @staticmethod
@@ -345,7 +346,10 @@ class _Scratch:
         if (sft and _separate_label(plan, full)) or (plan.entropy and not _student_row_is_own(plan, full)):
             names.append('extra')
         flags = full and plan.divergence.needs_flags  # a bool buffer: a quarter of a float32 one
-        rows = min(n, plan.chunk_size or default_chunk_size(vmax, len(names) + 0.25 * flags))
+        if full and plan.divergence.needs_extra:  # the skew forms: one more row, and about one more transient
+            names.append('div_extra')
+        transient = 1.0 if full and plan.divergence.needs_extra else 0.0
+        rows = min(n, plan.chunk_size or default_chunk_size(vmax, len(names) + 0.25 * flags + transient))
         bufs = {k: torch.empty(rows, vmax, dtype=torch.float32, device=dev) for k in names}
         if flags:
             bufs['flags'] = torch.empty(rows, vmax, dtype=torch.bool, device=dev)
@@ -358,7 +362,8 @@ class _Scratch:
         return _Scratch(**{k: None if v is None else v[:c] for k, v in vars(self).items()})
 
     def divergence_rows(self) -> RowBuffers:
-        return RowBuffers(s=self.logits, t=self.teacher, p_s=self.p_s, p_t=self.p_t, flags=self.flags)
+        return RowBuffers(s=self.logits, t=self.teacher, p_s=self.p_s, p_t=self.p_t, flags=self.flags,
+                          extra=self.div_extra)
 
 
 class _ChunkResult(NamedTuple):
