@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Callable, Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
 
-__all__ = ['DIVERGENCES', 'Divergence', 'RowBuffers', 'as_divergence', 'divergence_rows', 'log_softmax_into']
+__all__ = ['DIVERGENCES', 'REGISTRY', 'Divergence', 'KernelForm', 'RowBuffers', 'as_divergence', 'divergence_rows',
+           'kernel_form', 'log_softmax_into']
 
 _FAR = 40.0  # nats: past it the smaller of two probabilities is < 5e-18 of the larger, far below float32 rounding
 
@@ -109,6 +110,12 @@ def divergence_rows(buf: RowBuffers, divergence: Union[float, Divergence],
     """
     div = as_divergence(divergence)
     return ROW_FUNCTIONS[div.name](buf, div, row_sum)
+
+
+def kernel_form(divergence: Union[float, Divergence]) -> KernelForm:
+    """The Triton kernels' form of a divergence (see :class:`KernelForm`), from the registry."""
+    div = as_divergence(divergence)
+    return REGISTRY[div.name].kernel(div)
 
 
 def _jsd_rows(buf: RowBuffers, div: Divergence, row_sum: RowSum):
@@ -261,11 +268,58 @@ def _skew_endpoint(buf: RowBuffers, alpha: float, kl_beta: float, row_sum: RowSu
     return row_sum(buf.s.zero_()), 1.0
 
 
-ROW_FUNCTIONS: Dict[str, Callable[[RowBuffers, Divergence, RowSum], Tuple[torch.Tensor, float]]] = {
-    'jsd': _jsd_rows,
-    'skew_kl': _skew_kl_rows,
-    'skew_rkl': _skew_rkl_rows,
+@dataclass(frozen=True)
+class KernelForm:
+    """How the Triton kernels (:mod:`swift_gkd_plugin.core.kernels`) compute a divergence: ``entry`` names its
+    per-entry ``@triton.jit`` function (``module:function``, imported when a kernel runs), ``constants`` its four host
+    constants (computed in float64), ``threshold`` the row statistic above which the gradient takes the "near" form,
+    ``sign`` the factor of the centred gradient (as the row function's)."""
+    entry: str
+    constants: Tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+    threshold: float = 1e30
+    sign: float = 1.0
+
+
+_ENTRIES = 'swift_gkd_plugin.core.kernels.entry_math:'
+
+
+def _jsd_kernel(div: Divergence) -> KernelForm:
+    beta = div.beta
+    if beta == 0:
+        return KernelForm(_ENTRIES + 'kl_forward_entry')
+    if beta == 1:
+        return KernelForm(_ENTRIES + 'kl_reverse_entry', sign=-1.0)
+    return KernelForm(_ENTRIES + 'jsd_entry', (beta, 1 - beta, beta / (1 - beta), 0.0), 0.5 * math.log1p(-beta),
+                      -(1 - beta))
+
+
+def _skew_kernel(div: Divergence) -> KernelForm:
+    alpha, reverse = div.alpha, div.name == 'skew_rkl'
+    if alpha == 0:
+        return _jsd_kernel(Divergence('jsd', beta=1.0 if reverse else 0.0))
+    if alpha == 1:
+        return KernelForm(_ENTRIES + 'zero_entry')
+    k = SkewConstants.of(alpha)
+    if reverse:
+        return KernelForm(_ENTRIES + 'skew_rkl_entry', (1 - alpha, k.log_a, k.log_1ma, 0.0 if k.tiny else alpha),
+                          0.5 * k.log_a, -1.0)
+    return KernelForm(_ENTRIES + 'skew_kl_entry', (1 - alpha, k.log_a, k.log_1ma, 0.0), 0.5, -(1 - alpha))
+
+
+class Registered(NamedTuple):
+    """A divergence's two implementations: the torch row function (every path; the reference) and its kernel form."""
+    rows: Callable[[RowBuffers, Divergence, RowSum], Tuple[torch.Tensor, float]]
+    kernel: Callable[[Divergence], KernelForm]
+
+
+#: The registry: adding a divergence is one entry here (a row function and a kernel form, whose per-entry Triton
+#: function lives in ``core/kernels/entry_math.py``); every loss path and the kernels then have it.
+REGISTRY: Dict[str, Registered] = {
+    'jsd': Registered(_jsd_rows, _jsd_kernel),
+    'skew_kl': Registered(_skew_kl_rows, _skew_kernel),
+    'skew_rkl': Registered(_skew_rkl_rows, _skew_kernel),
 }
+ROW_FUNCTIONS = {name: entry.rows for name, entry in REGISTRY.items()}
 DIVERGENCES = tuple(ROW_FUNCTIONS)
 
 
