@@ -152,6 +152,11 @@ def full_rows_kernel(ZS, ZT, BS, BT, G, LAB, LW, CW, DIV, CE, ENT, AGREE,
             tl.store(G + row * stride_g + cols, g.to(G.dtype.element_ty), mask=in_s)
 
 
+#: Entries per block of a row (a power of 2): 2,048 float32 lanes = 8 per thread of 8 warps; tests lower it to
+#: exercise many blocks on small vocabularies.
+BLOCK = 2048
+
+
 class RowResults(NamedTuple):
     """Per-row results of :func:`full_rows` (float32, ``[C]``; ``agree`` int32)."""
     divergence: torch.Tensor
@@ -164,7 +169,7 @@ def full_rows(zs: torch.Tensor, zt: torch.Tensor, bias_s: Optional[torch.Tensor]
               *, entry, constants, threshold: float, coef: float, temperature: float, grad: Optional[torch.Tensor],
               labels: Optional[torch.Tensor] = None, label_weight: Optional[torch.Tensor] = None,
               ce_weight: Optional[torch.Tensor] = None, label_temperature: float = 1.0, entropy: bool = False,
-              block: int = 2048, num_warps: int = 8) -> RowResults:
+              block: Optional[int] = None, num_warps: int = 8) -> RowResults:
     """Launch :func:`full_rows_kernel` on a chunk: ``zs [C, V]``, ``zt [C, Vt]`` raw logits (any float dtype,
     unit stride along the vocabulary), biases ``[V]`` / ``[Vt]`` float32 (``-1e30`` for masked entries) or None.
 
@@ -185,7 +190,7 @@ def full_rows(zs: torch.Tensor, zt: torch.Tensor, bias_s: Optional[torch.Tensor]
     if c == 0:
         return RowResults(div, ce, ent, agree)
     dummy = div
-    block = min(block, triton.next_power_of_2(max(v, vt)))
+    block = min(block or BLOCK, triton.next_power_of_2(max(v, vt)))
     full_rows_kernel[(c, )](
         zs, zt, dummy if bias_s is None else bias_s, dummy if bias_t is None else bias_t,
         dummy if grad is None else grad, dummy if labels is None else labels,
