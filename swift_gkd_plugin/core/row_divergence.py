@@ -4,8 +4,9 @@ Every loss path calls :func:`divergence_rows` here: the dense loss (:mod:`.diver
 and top-k buckets, :mod:`.fused_loss`, :mod:`.topk`), the vocabulary-parallel loss (:mod:`.tensor_parallel`, whose
 rows are split across ranks: it passes a ``row_sum`` that all-reduces) and the cross-tokenizer hybrid's shared part.
 A divergence is a :class:`Divergence` (name + parameters); its row function is registered by name in
-:data:`ROW_FUNCTIONS` and returns the value and the hand-derived gradient with respect to the student's tempered
-logits (hand-derived: one pass less than autograd over ``[chunk, V]`` rows, and a form accurate in float32).
+:data:`REGISTRY` (with its Triton kernel form, :class:`KernelForm`) and returns the value and the hand-derived
+gradient with respect to the student's tempered logits (hand-derived: one pass less than autograd over ``[chunk, V]``
+rows, and a form accurate in float32).
 Derivations: ``docs_en/fused_loss.md``.
 """
 from __future__ import annotations
