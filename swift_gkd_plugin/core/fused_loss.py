@@ -333,9 +333,9 @@ class _Scratch:
 
     ``logits``: the student's logits, then its log-probabilities, then d loss / d logits (what
     :func:`_backprop_chunk` reads). Full teacher only: ``teacher`` (its logits, then log-probabilities), ``p_s`` and
-    ``p_t`` (the probabilities), for the KL forms ``flags`` (bool) and for the skew forms ``div_extra``. ``extra``: the label term's and the
-    entropy's own pass where they cannot share the divergence's rows. ``half``: the gradient in a half-precision
-    matmul dtype.
+    ``p_t`` (the probabilities), for the KL forms ``flags`` (bool) and for the skew forms ``div_extra``.
+    ``extra``: the label term's and the entropy's own pass where they cannot share the divergence's rows. ``half``:
+    the gradient in a half-precision matmul dtype.
     """
     logits: torch.Tensor
     teacher: Optional[torch.Tensor] = None

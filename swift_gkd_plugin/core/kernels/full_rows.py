@@ -59,7 +59,8 @@ def _tempered(ZS, ZT, BS, BT, zs_row, zt_row, cols, V, VT, inv_t, HAS_BS: tl.con
 @triton.jit
 def full_rows_kernel(ZS, ZT, BS, BT, G, LAB, LW, CW, DIV, CE, ENT, AGREE,
                      stride_zs, stride_zt, stride_g, V, VT, inv_t, inv_tl, coef, k0, k1, k2, k3, threshold,
-                     VMAX: tl.constexpr, VOWN: tl.constexpr, ENTRY: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, LABEL: tl.constexpr,
+                     VMAX: tl.constexpr, VOWN: tl.constexpr, ENTRY: tl.constexpr, HAS_BS: tl.constexpr,
+                     HAS_BT: tl.constexpr, LABEL: tl.constexpr,
                      ENTROPY: tl.constexpr, OWN: tl.constexpr, WANT_GRAD: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     zs_row = row * stride_zs
@@ -198,6 +199,7 @@ def full_rows(zs: torch.Tensor, zt: torch.Tensor, bias_s: Optional[torch.Tensor]
         div, dummy if ce is None else ce, dummy if ent is None else ent, agree,
         zs.stride(0), zt.stride(0), 0 if grad is None else grad.stride(0), v, vt, 1.0 / temperature,
         1.0 / label_temperature, coef, *[float(k) for k in constants], float(threshold),
-        VMAX=max(v, vt), VOWN=v, ENTRY=entry, HAS_BS=bias_s is not None, HAS_BT=bias_t is not None, LABEL=labels is not None,
+        VMAX=max(v, vt), VOWN=v, ENTRY=entry, HAS_BS=bias_s is not None, HAS_BT=bias_t is not None,
+        LABEL=labels is not None,
         ENTROPY=bool(entropy), OWN=vt <= v, WANT_GRAD=grad is not None, BLOCK=block, num_warps=num_warps)
     return RowResults(div, ce, ent, agree)
