@@ -84,7 +84,9 @@ setup(
         'deepspeed': ['deepspeed>=0.17'],
         'vllm': ['vllm>=0.10.2'],
         'megatron': ['megatron-core>=0.14', 'mcore-bridge'],
-        'dev': ['pytest>=8', 'pytest-xdist', 'pytest-timeout', 'psutil', 'deepspeed'],
+        # triton: the fused loss's kernels, tested on CPU in its interpreter (wheels exist for Linux x86-64 / aarch64)
+        'dev': ['pytest>=8', 'pytest-xdist', 'pytest-timeout', 'psutil', 'deepspeed',
+                'triton==3.6.0; platform_system == "Linux" and platform_machine == "x86_64"'],
         'bench': ['liger-kernel', 'psutil'],  # the optional Liger peer of benchmarks/bench_loss.py
     },
     entry_points={'console_scripts': ['swift-gkd = swift_gkd_plugin.cli:main']},

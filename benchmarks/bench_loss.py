@@ -5,7 +5,7 @@ Usage::
 
     python benchmarks/bench_loss.py                 # CPU, H=896, V=151936, float32, N in {1024, 2048}
     python benchmarks/bench_loss.py --full          # adds N = 4096 and 8192
-    python benchmarks/bench_loss.py --device cuda   # on a GPU
+    python benchmarks/bench_loss.py --device cuda   # on a GPU, N in {4096, 8192, 16384}
 
 Every (method, N) runs in its own subprocess (``--worker METHOD N``) on identical seeded inputs: student hidden
 states ``[N, H]`` and ``lm_head`` ``[V, H]`` (both trainable), teacher hidden states and ``lm_head`` (frozen).
@@ -17,7 +17,9 @@ Methods:
 * ``trl``: both full logits, then TRL's ``GKDTrainer.generalized_jsd_loss`` (``trl.experimental.gkd``).
 * ``liger``: ``liger_kernel.chunked_loss.LigerFusedLinearJSDLoss`` (its defaults: chunks of 1024 rows,
   ``torch.compile``); skipped with a note if it does not import.
-* ``fused``: ``swift_gkd_plugin.core.fused_loss.fused_linear_jsd`` (default chunk size).
+* ``fused``: ``swift_gkd_plugin.core.fused_loss.fused_linear_jsd`` (default chunk size, backend ``auto``: the
+  Triton kernel on CUDA, the PyTorch chunk path on CPU).
+* ``fused_torch``: the same with ``backend='torch'`` (the PyTorch chunk path, the reference).
 * ``fused_pg`` (on request): ``fused`` plus the policy-gradient label term (random sampled tokens, signed
   advantages, at the loss temperature) and ``return_entropy``, the on-policy RL step's loss.
 
@@ -50,7 +52,7 @@ import sys
 import threading
 import time
 
-METHODS = ['floor', 'fused', 'liger', 'dense', 'swift', 'trl']  # also the run order within each N
+METHODS = ['floor', 'fused', 'fused_torch', 'liger', 'dense', 'swift', 'trl']  # also the run order within each N
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -169,10 +171,10 @@ def _make_step(torch, method, x, args):
 
         def loss_of(n):
             return fn(x['h'][:n], w, x['ht'][:n], wt, x['labels'][:n])
-    elif method in ('fused', 'fused_pg'):
+    elif method in ('fused', 'fused_pg', 'fused_torch'):
         from swift_gkd_plugin.core.fused_loss import fused_linear_jsd
         from swift_gkd_plugin.core.teacher_signal import TeacherHead
-        pg = {}
+        pg, backend = {}, 'torch' if method == 'fused_torch' else None
         if method == 'fused_pg':
             g = torch.Generator(device=w.device).manual_seed(1)
             tokens = torch.randint(0, w.shape[0], x['labels'].shape, generator=g, device=w.device)
@@ -183,7 +185,7 @@ def _make_step(torch, method, x, args):
         def loss_of(n):
             extra = {k: v[:n] if torch.is_tensor(v) else v for k, v in pg.items()}
             return fused_linear_jsd(x['h'][:n], w, teacher=TeacherHead(x['ht'][:n], wt), beta=beta,
-                                    temperature=temp, chunk_size=args.chunk_size, **extra)[0]
+                                    temperature=temp, chunk_size=args.chunk_size, backend=backend, **extra)[0]
     else:
         raise ValueError(f'unknown method {method}')
 
@@ -296,6 +298,20 @@ def _machine():
     return f'{cpu}, {os.cpu_count()} CPUs, {mem}, load average at the start {_loadavg()}'
 
 
+def ratio_lines(results):
+    """Per N: each method's time over the matmul floor's and over Liger's, measured in the same run."""
+    by = {(r['method'], r['n']): r for r in results if r['status'] == 'ok'}
+    lines = []
+    for n in sorted({r['n'] for r in results}):
+        for ref in ('floor', 'liger'):
+            base = by.get((ref, n))
+            if base is None:
+                continue
+            parts = [f"{m} {r['time_s'] / base['time_s']:.2f}x" for (m, k), r in by.items() if k == n and m != ref]
+            lines.append(f'# N={n} time / {ref}: ' + ', '.join(parts))
+    return lines
+
+
 def _spawn(args, method, n, budget):
     cmd = [sys.executable, os.path.abspath(__file__), '--worker', method, str(n), '--budget-s', f'{budget:.1f}',
            '--device', args.device, '--hidden', str(args.hidden), '--vocab', str(args.vocab), '--dtype', args.dtype,
@@ -363,7 +379,12 @@ def main(argv=None):
     args = parse_args(argv)
     if args.worker:
         return run_worker(args)
-    ns = args.ns or ([1024, 2048, 4096, 8192] if args.full else [1024, 2048])
+    if args.ns:
+        ns = args.ns
+    elif args.device == 'cuda':  # issue 25's shapes: 4k / 8k / 16k tokens
+        ns = [4096, 8192, 16384]
+    else:
+        ns = [1024, 2048, 4096, 8192] if args.full else [1024, 2048]
     budget_total = args.time_budget_s or (3600.0 if args.full else 720.0)
     if args.device == 'cpu' and args.mem_limit_gb is None:
         avail = _available_gib()
@@ -390,7 +411,7 @@ def main(argv=None):
         n0, n1 = sorted(fused)[:2]
         growth = fused[n1]['peak_extra_mib'] / fused[n0]['peak_extra_mib'] - 1
         print(f'# fused peak extra memory grows {100 * growth:+.1f}% from N={n0} to N={n1}', flush=True)
-    for line in summary_lines(results):
+    for line in summary_lines(results) + ratio_lines(results):
         print(line, flush=True)
     if args.json_out:
         with open(args.json_out, 'w') as f:

@@ -16,6 +16,11 @@ import pytest
 
 from swift_gkd_plugin.cli import OFFLINE_ENV as CLI_OFFLINE_ENV
 
+# Without an NVIDIA GPU, Triton kernels can only run in its interpreter, which must be chosen before triton is
+# imported (its standard library is compiled at import): tests/core/test_kernels_full.py runs the kernels that way.
+if 'TRITON_INTERPRET' not in os.environ and not os.path.exists('/dev/nvidiactl'):
+    os.environ['TRITON_INTERPRET'] = '1'
+
 OFFLINE_ENV = {**CLI_OFFLINE_ENV, 'TOKENIZERS_PARALLELISM': 'false', 'OMP_NUM_THREADS': '1'}
 SWIFT = os.path.join(os.path.dirname(sys.executable), 'swift')
 RL_REWARD_PLUGIN = os.path.join(os.path.dirname(__file__), 'rl_reward_plugin.py')  # rewards for GKD + RL tests

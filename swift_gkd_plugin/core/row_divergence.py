@@ -4,19 +4,21 @@ Every loss path calls :func:`divergence_rows` here: the dense loss (:mod:`.diver
 and top-k buckets, :mod:`.fused_loss`, :mod:`.topk`), the vocabulary-parallel loss (:mod:`.tensor_parallel`, whose
 rows are split across ranks: it passes a ``row_sum`` that all-reduces) and the cross-tokenizer hybrid's shared part.
 A divergence is a :class:`Divergence` (name + parameters); its row function is registered by name in
-:data:`ROW_FUNCTIONS` and returns the value and the hand-derived gradient with respect to the student's tempered
-logits (hand-derived: one pass less than autograd over ``[chunk, V]`` rows, and a form accurate in float32).
+:data:`REGISTRY` (with its Triton kernel form, :class:`KernelForm`) and returns the value and the hand-derived
+gradient with respect to the student's tempered logits (hand-derived: one pass less than autograd over ``[chunk, V]``
+rows, and a form accurate in float32).
 Derivations: ``docs_en/fused_loss.md``.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Callable, Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
 
-__all__ = ['DIVERGENCES', 'Divergence', 'RowBuffers', 'as_divergence', 'divergence_rows', 'log_softmax_into']
+__all__ = ['DIVERGENCES', 'REGISTRY', 'Divergence', 'KernelForm', 'RowBuffers', 'as_divergence', 'divergence_rows',
+           'kernel_form', 'log_softmax_into']
 
 _FAR = 40.0  # nats: past it the smaller of two probabilities is < 5e-18 of the larger, far below float32 rounding
 
@@ -44,6 +46,11 @@ class Divergence:
         """Whether :attr:`RowBuffers.flags` (a bool row buffer) is used."""
         return self.name != 'jsd' or self.beta in (0, 1)
 
+    @property
+    def needs_extra(self) -> bool:
+        """Whether :attr:`RowBuffers.extra` (one more float row buffer) is used: the skew forms inside (0, 1)."""
+        return self.name != 'jsd' and 0 < self.alpha < 1
+
     def __str__(self):
         return f'jsd(beta={self.beta})' if self.name == 'jsd' else f'{self.name}(alpha={self.alpha})'
 
@@ -59,14 +66,16 @@ class RowBuffers:
 
     On entry ``s``, ``t`` hold the student's and teacher's log-probabilities and ``p_s``, ``p_t`` their
     probabilities (see :func:`log_softmax_into`). On return ``s`` holds ``sign * dD/du`` (``u`` the student's
-    tempered logits) and ``p_s`` is unchanged; ``t``, ``p_t`` and ``flags`` (bool, needed when
-    :attr:`Divergence.needs_flags`) are scratch.
+    tempered logits) and ``p_s`` is unchanged; ``t``, ``p_t``, ``flags`` (bool, needed when
+    :attr:`Divergence.needs_flags`) and ``extra`` (float, used when :attr:`Divergence.needs_extra`; allocated on
+    demand when ``None``) are scratch.
     """
     s: torch.Tensor
     t: torch.Tensor
     p_s: torch.Tensor
     p_t: torch.Tensor
     flags: Optional[torch.Tensor] = None
+    extra: Optional[torch.Tensor] = None
 
 
 def _row_sum(x: torch.Tensor) -> torch.Tensor:
@@ -102,6 +111,12 @@ def divergence_rows(buf: RowBuffers, divergence: Union[float, Divergence],
     """
     div = as_divergence(divergence)
     return ROW_FUNCTIONS[div.name](buf, div, row_sum)
+
+
+def kernel_form(divergence: Union[float, Divergence]) -> KernelForm:
+    """The Triton kernels' form of a divergence (see :class:`KernelForm`), from the registry."""
+    div = as_divergence(divergence)
+    return REGISTRY[div.name].kernel(div)
 
 
 def _jsd_rows(buf: RowBuffers, div: Divergence, row_sum: RowSum):
@@ -144,23 +159,28 @@ def _jsd_rows(buf: RowBuffers, div: Divergence, row_sum: RowSum):
 def _skew_kl_rows(buf: RowBuffers, div: Divergence, row_sum: RowSum):
     """Skew KL: ``KL(t || M)``, ``M = a p_t + (1 - a) p_s``; ``a = 0`` is ``KL(t || s)`` (jsd at beta 0, exactly).
 
-    Terms ``p_t log(p_t / M) + M - p_t = p_t e + (1 - a)(p_s - p_t)`` with ``e = log(p_t / M)
-    = -log1p((1 - a) expm1(-d))``. Gradient: ``dD/du = -(1 - a) p_s (r - E_ps[r])``, ``r = p_t / M = exp(e)``.
+    Terms ``p_t log(p_t / M) + M - p_t = p_t e + (1 - a)(p_s - p_t)`` with ``e = log(p_t / M)``, from
+    :func:`skew_log_ratio` (precise for every ``a`` in (0, 1), 1e-300 included). Gradient:
+    ``dD/du = -(1 - a) p_s (r - E_ps[r])``, ``r = p_t / M = exp(e)``, with ``p_s r = exp(s + e) <= p_t / (1 - a)``
+    formed in log space (``r`` itself reaches ``1 / a``).
     """
     alpha = div.alpha
     if alpha in (0, 1):
         return _skew_endpoint(buf, alpha, 0.0, row_sum)
-    a, b, p, q = buf.s, buf.t, buf.p_s, buf.p_t
+    a, b, p, q, x = buf.s, buf.t, buf.p_s, buf.p_t, _extra(buf)
     b.sub_(a)  # d = log(p_t / p_s)
-    torch.neg(b, out=a)
-    _difference_into(a, q, p, a, buf.flags)  # p_s - p_t
-    b.clamp_(-_FAR, _FAR).neg_().expm1_().mul_(1 - alpha).log1p_().neg_()  # e = log(p_t / M), 0 at d = 0
-    div_rows = row_sum(a.mul_(1 - alpha).addcmul_(q, b))
-    # r - 1 (expm1) resolves r ~ 1 (student ~ teacher); rows whose mass sits where p_t << p_s need r itself
-    torch.exp(b, out=a).mul_(p)
-    near = row_sum(a) > 0.5
-    torch.expm1(b, out=q).mul_(p)
-    torch.where(near.unsqueeze(-1), q, a, out=a)
+    skew_log_ratio(b, x, SkewConstants.of(alpha), reverse=False)  # x = e
+    torch.neg(b, out=b)
+    a.add_(x)  # s + e = log(p_s r)
+    _difference_into(b, q, p, b, buf.flags)  # p_s - p_t
+    div_rows = row_sum(b.mul_(1 - alpha).addcmul_(q, x))
+    torch.exp(a, out=q)  # p_s r
+    near = row_sum(q) > 0.5
+    # rows near the teacher (r ~ 1 where the mass is) take p_s (r - 1): p_s expm1(e) where e is small, else
+    # p_s r - p_s (no cancellation there, and no overflow of expm1 at e up to -log a)
+    torch.clamp(x, max=1.0, out=a).expm1_().mul_(p)
+    torch.where(torch.gt(x, 1.0, out=buf.flags), torch.sub(q, p, out=b), a, out=a)
+    torch.where(near.unsqueeze(-1), a, q, out=a)
     _centre(a, p, row_sum)
     return div_rows, -(1 - alpha)
 
@@ -168,27 +188,77 @@ def _skew_kl_rows(buf: RowBuffers, div: Divergence, row_sum: RowSum):
 def _skew_rkl_rows(buf: RowBuffers, div: Divergence, row_sum: RowSum):
     """Skew reverse KL: ``KL(s || M)``, ``M = (1 - a) p_t + a p_s``; ``a = 0`` is ``KL(s || t)`` (jsd at beta 1).
 
-    Terms ``p_s log(p_s / M) + M - p_s = -p_s L + (1 - a)(p_t - p_s)`` with ``L = log(M / p_s)
-    = log1p((1 - a) expm1(d))``. Gradient: ``dD/du = -p_s (x - E_ps[x])``, ``x = L + a expm1(-L)``.
+    Terms ``p_s log(p_s / M) + M - p_s = -p_s L + (1 - a)(p_t - p_s)`` with ``L = log(M / p_s)`` from
+    :func:`skew_log_ratio`. Gradient: ``dD/du = -p_s (x - E_ps[x])``, ``x = L + a expm1(-L)`` (``a e^-L <= 1``
+    is formed as ``exp(log a - L)`` when ``a`` is below float32's normal range).
     """
     alpha = div.alpha
     if alpha in (0, 1):
         return _skew_endpoint(buf, alpha, 1.0, row_sum)
-    a, b, p, q = buf.s, buf.t, buf.p_s, buf.p_t
+    k = SkewConstants.of(alpha)
+    a, b, p, q, x = buf.s, buf.t, buf.p_s, buf.p_t, _extra(buf)
     b.sub_(a)  # d = log(p_t / p_s)
-    _difference_into(a, p, q, b, buf.flags)  # p_t - p_s
-    b.clamp_(-_FAR, _FAR)
-    torch.expm1(b, out=q).mul_(1 - alpha).log1p_()  # L, 0 at d = 0
-    div_rows = row_sum(a.mul_(1 - alpha).addcmul_(p, q, value=-1))
+    _difference_into(x, p, q, b, buf.flags)  # p_t - p_s
+    skew_log_ratio(b, q, k, reverse=True)  # q = L
+    div_rows = row_sum(x.mul_(1 - alpha).addcmul_(p, q, value=-1))
     # Where p_s >> p_t, L sits near log(a) and x near log(a) + 1 - a, whose variation float32 cannot resolve: rows
-    # closer to that side take x - (log(a) + 1 - a) = log1p(c) - c / (1 + c), c = (1 - a) / a e^d, the others x.
-    near = row_sum(torch.mul(p, q, out=a)) > 0.5 * math.log(alpha)  # sum p_s L = -KL(s || M), in [log a, 0]
-    torch.neg(q, out=a).expm1_().mul_(alpha).add_(q)  # x
-    b.add_(math.log1p(-alpha) - math.log(alpha)).clamp_(max=2 * _FAR).exp_().log1p_()  # log1p(c), finite
-    torch.neg(b, out=q).expm1_().add_(b)  # log1p(c) + expm1(-log1p(c)) = log1p(c) - c / (1 + c)
+    # closer to that side take x - (log(a) + 1 - a) = w + expm1(-w), w = L - log(a) = softplus(d + log((1-a)/a)),
+    # the others x.
+    near = row_sum(torch.mul(p, q, out=a)) > 0.5 * k.log_a  # sum p_s L = -KL(s || M), in [log a, 0]
+    if k.tiny:
+        torch.sub(k.log_a, q, out=a).exp_()  # a e^-L (the constant -a dropped: centring removes it)
+    else:
+        torch.neg(q, out=a).expm1_().mul_(alpha)
+    a.add_(q)  # x
+    torch.add(b, k.log_ratio, out=b)
+    torch.nn.functional.softplus(b, out=x)  # w
+    torch.neg(x, out=q).expm1_().add_(x)  # w + expm1(-w)
     torch.where(near.unsqueeze(-1), a, q, out=a).mul_(p)
     _centre(a, p, row_sum)
     return div_rows, -1.0
+
+
+@dataclass(frozen=True)
+class SkewConstants:
+    """Host constants of a skew divergence's mixture, computed in float64: ``log a``, ``log(1 - a)``,
+    ``log((1 - a) / a)`` and whether ``a`` is below float32's normal range (then ``a`` itself is not used)."""
+    alpha: float
+    log_a: float
+    log_1ma: float
+    log_ratio: float
+    tiny: bool
+
+    @staticmethod
+    def of(alpha: float) -> 'SkewConstants':
+        log_a, log_1ma = math.log(alpha), math.log1p(-alpha)
+        return SkewConstants(alpha, log_a, log_1ma, log_1ma - log_a, alpha < 1e-30)
+
+
+_LN2 = math.log(2.0)
+
+
+def skew_log_ratio(d: torch.Tensor, out: torch.Tensor, k: SkewConstants, reverse: bool) -> torch.Tensor:
+    """``out <- log((1 - a) e^{d} + a)`` (``reverse``: ``L = log(M / p_s)`` of skew_rkl) or
+    ``out <- -log((1 - a) e^{-d} + a)`` (``e = log(p_t / M)`` of skew_kl), ``d = log(p_t / p_s)`` unchanged.
+
+    Within ``|d| <= log 2`` the ``log1p((1 - a) expm1(+-d))`` form (exactly 0 at ``d = 0``); elsewhere the
+    log of the mixture as ``logaddexp(log(1 - a) +- d, log a)`` with both logs from float64: no rounding of
+    ``1 - a`` (1 in float32 below a = 6e-8) and no clamp, so masked entries (``d = +-1e30``) stay finite and
+    exact. ``out`` must not be ``d``.
+    """
+    sign = 1.0 if reverse else -1.0
+    torch.mul(d, sign, out=out).add_(k.log_1ma)
+    torch.logaddexp(out, out.new_tensor(k.log_a), out=out)
+    near = (d >= -_LN2) & (d <= _LN2)  # transient: a float and three bool rows
+    mid = torch.clamp(d, -_LN2, _LN2).mul_(sign).expm1_().mul_(1 - k.alpha).log1p_()
+    torch.where(near, mid, out, out=out)
+    return out if reverse else out.neg_()
+
+
+def _extra(buf: RowBuffers) -> torch.Tensor:
+    if buf.extra is None:
+        buf.extra = torch.empty_like(buf.s)
+    return buf.extra
 
 
 def _skew_endpoint(buf: RowBuffers, alpha: float, kl_beta: float, row_sum: RowSum):
@@ -199,11 +269,58 @@ def _skew_endpoint(buf: RowBuffers, alpha: float, kl_beta: float, row_sum: RowSu
     return row_sum(buf.s.zero_()), 1.0
 
 
-ROW_FUNCTIONS: Dict[str, Callable[[RowBuffers, Divergence, RowSum], Tuple[torch.Tensor, float]]] = {
-    'jsd': _jsd_rows,
-    'skew_kl': _skew_kl_rows,
-    'skew_rkl': _skew_rkl_rows,
+@dataclass(frozen=True)
+class KernelForm:
+    """How the Triton kernels (:mod:`swift_gkd_plugin.core.kernels`) compute a divergence: ``entry`` names its
+    per-entry ``@triton.jit`` function (``module:function``, imported when a kernel runs), ``constants`` its four host
+    constants (computed in float64), ``threshold`` the row statistic above which the gradient takes the "near" form,
+    ``sign`` the factor of the centred gradient (as the row function's)."""
+    entry: str
+    constants: Tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+    threshold: float = 1e30
+    sign: float = 1.0
+
+
+_ENTRIES = 'swift_gkd_plugin.core.kernels.entry_math:'
+
+
+def _jsd_kernel(div: Divergence) -> KernelForm:
+    beta = div.beta
+    if beta == 0:
+        return KernelForm(_ENTRIES + 'kl_forward_entry')
+    if beta == 1:
+        return KernelForm(_ENTRIES + 'kl_reverse_entry', sign=-1.0)
+    return KernelForm(_ENTRIES + 'jsd_entry', (beta, 1 - beta, beta / (1 - beta), 0.0), 0.5 * math.log1p(-beta),
+                      -(1 - beta))
+
+
+def _skew_kernel(div: Divergence) -> KernelForm:
+    alpha, reverse = div.alpha, div.name == 'skew_rkl'
+    if alpha == 0:
+        return _jsd_kernel(Divergence('jsd', beta=1.0 if reverse else 0.0))
+    if alpha == 1:
+        return KernelForm(_ENTRIES + 'zero_entry')
+    k = SkewConstants.of(alpha)
+    if reverse:
+        return KernelForm(_ENTRIES + 'skew_rkl_entry', (1 - alpha, k.log_a, k.log_1ma, 0.0 if k.tiny else alpha),
+                          0.5 * k.log_a, -1.0)
+    return KernelForm(_ENTRIES + 'skew_kl_entry', (1 - alpha, k.log_a, k.log_1ma, 0.0), 0.5, -(1 - alpha))
+
+
+class Registered(NamedTuple):
+    """A divergence's two implementations: the torch row function (every path; the reference) and its kernel form."""
+    rows: Callable[[RowBuffers, Divergence, RowSum], Tuple[torch.Tensor, float]]
+    kernel: Callable[[Divergence], KernelForm]
+
+
+#: The registry: adding a divergence is one entry here (a row function and a kernel form, whose per-entry Triton
+#: function lives in ``core/kernels/entry_math.py``); every loss path and the kernels then have it.
+REGISTRY: Dict[str, Registered] = {
+    'jsd': Registered(_jsd_rows, _jsd_kernel),
+    'skew_kl': Registered(_skew_kl_rows, _skew_kernel),
+    'skew_rkl': Registered(_skew_rkl_rows, _skew_kernel),
 }
+ROW_FUNCTIONS = {name: entry.rows for name, entry in REGISTRY.items()}
 DIVERGENCES = tuple(ROW_FUNCTIONS)
 
 

@@ -24,14 +24,12 @@ statistic), the row max (top-1 agreement) and the gradient. Two passes, one prog
 Bytes per ``[C, V]`` entry: pass 1 reads 4 (float32 logits), pass 2 reads 4 and writes 2 (bf16) or 4; the PyTorch
 path made ~8-12 passes of 8 bytes. Not measured on a GPU yet.
 
-Dispatch (:func:`use_kernels`): ``SWIFT_GKD_FUSED_BACKEND`` = ``auto`` (default: the kernels on CUDA tensors when
+Dispatch (:func:`~swift_gkd_plugin.core.kernels.resolve_backend`): ``SWIFT_GKD_FUSED_BACKEND`` = ``auto`` (default: the kernels on CUDA tensors when
 triton imports), ``torch`` (the PyTorch chunk path, the reference) or ``triton`` (forced; on CPU tensors only
 under ``TRITON_INTERPRET=1``, Triton's interpreter, set before this module is first imported, as the tests do).
 """
 from __future__ import annotations
 
-import importlib.util
-import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -42,23 +40,7 @@ from ..constants import NEG_LOGIT
 from ..row_divergence import Divergence
 from ..topk import bucket_divergence, teacher_tail_logmass
 
-__all__ = ['TopKRows', 'topk_rows', 'use_kernels']
-
-BACKEND_ENV = 'SWIFT_GKD_FUSED_BACKEND'
-
-
-def use_kernels(device: torch.device) -> bool:
-    """Whether a top-k chunk on ``device`` runs the kernels (see the module docstring); raises on a bad value."""
-    choice = os.environ.get(BACKEND_ENV, 'auto')
-    if choice not in ('auto', 'torch', 'triton'):
-        raise ValueError(f'{BACKEND_ENV} must be one of (\'auto\', \'torch\', \'triton\'), got {choice!r}')
-    interpreted = os.environ.get('TRITON_INTERPRET', '0') == '1'
-    if choice == 'triton' and device.type != 'cuda' and not interpreted:
-        raise ValueError(f'{BACKEND_ENV}=triton runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1; '
-                         f'got {device.type} tensors')
-    return choice == 'triton' or (choice == 'auto' and device.type == 'cuda' and not interpreted
-                                  and importlib.util.find_spec('triton') is not None)
-
+__all__ = ['TopKRows', 'topk_rows']
 
 @triton.jit
 def _complement_stats_kernel(Z, B, STATS, stride_z, inv_t, inv_tl, neg, V: tl.constexpr, HAS_B: tl.constexpr,

@@ -1,0 +1,271 @@
+"""The Triton kernel of the fused loss's full-teacher-head path (``core/kernels``), run on CPU by Triton's
+interpreter (``TRITON_INTERPRET=1``, set for this module before the kernel modules are imported): values and
+gradients (hidden, weight, bias) against the float64 definitions and against the PyTorch chunk path, for every
+divergence form, ragged chunks, masked vocabulary entries, temperatures, vocabulary padding, the label term,
+the entropy, half-precision inputs. Shapes are small: the interpreter runs each program's block ops in numpy."""
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip('triton', reason='triton is not installed (the dev extra pins it)')
+
+sys.path.insert(0, os.path.dirname(__file__))
+import test_fused_loss as tf  # noqa: E402  (the float64 reference of the fused loss)
+
+from swift_gkd_plugin.core import kernels  # noqa: E402
+from swift_gkd_plugin.core.fused_loss import fused_linear_jsd  # noqa: E402
+from swift_gkd_plugin.core.row_divergence import Divergence  # noqa: E402
+from swift_gkd_plugin.core.teacher_signal import TeacherHead  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings('ignore::RuntimeWarning')  # numpy's log(0) in discarded where-branches
+
+if os.environ.get('TRITON_INTERPRET') != '1':
+    # tests/conftest.py sets it on machines without an NVIDIA GPU, before anything imports triton
+    pytest.skip('the kernel tests run on CPU tensors in Triton\'s interpreter: TRITON_INTERPRET=1 must be set before '
+                'triton is imported', allow_module_level=True)
+
+
+def kl64(p_log, q_log):
+    """``KL(p || q)`` from float64 log-probabilities, 0 where ``p = 0`` (double where: finite gradients)."""
+    keep = p_log > float('-inf')
+    safe_p = torch.where(keep, p_log, 0.0)
+    return torch.where(keep, safe_p.exp() * (safe_p - torch.where(keep, q_log, 0.0)), 0.0).sum(-1)
+
+
+def divergence64(zs, zt, div: Divergence, temperature):
+    """Float64 definition, log-space mixtures (exact for every beta / alpha, 1e-300 included)."""
+    s, t = torch.log_softmax(zs / temperature, -1), torch.log_softmax(zt / temperature, -1)
+
+    def mix(weight_t, x, y):  # log(weight_t e^x + (1 - weight_t) e^y)
+        if weight_t == 0:
+            return y
+        if weight_t == 1:
+            return x
+        both = (x == float('-inf')) & (y == float('-inf'))  # logaddexp's gradient is NaN there
+        m = torch.logaddexp(torch.where(both, 0.0, x) + math.log(weight_t),
+                            torch.where(both, 0.0, y) + math.log1p(-weight_t))
+        return torch.where(both, float('-inf'), m)
+
+    if div.name == 'jsd':
+        if div.beta == 0:
+            return kl64(t, s)
+        if div.beta == 1:
+            return kl64(s, t)
+        m = mix(div.beta, t, s)
+        return div.beta * kl64(t, m) + (1 - div.beta) * kl64(s, m)
+    if div.name == 'skew_kl':
+        return kl64(t, mix(div.alpha, t, s))
+    return kl64(s, mix(1 - div.alpha, t, s))
+
+
+def run_both(x, divergence, **kw):
+    """The fused loss with the kernel and with the PyTorch path: ``{backend: (loss, grads, stats)}``."""
+    return {backend: tf.run(x, divergence=divergence, backend=backend, **kw) for backend in ('triton', 'torch')}
+
+
+def reference_grads(x, divergence, temperature, mask):
+    hs = x['hs'].double().requires_grad_()
+    w = x['w'].double().requires_grad_()
+    b = x['b'].double().requires_grad_()
+    zs = hs @ w.T + b
+    zt = x['ht'].double() @ x['wt'].double().T + x['bt'].double()
+    d = divergence64(zs, zt, divergence, temperature)
+    loss = d[mask].sum() / mask.sum() + 0 * zs.clamp_min(-1e30).sum()  # (skew at alpha 1: no zs)
+    loss.backward()
+    return loss.detach(), (hs.grad, w.grad, b.grad), d.detach()
+
+
+def assert_same(got, want, tol):
+    (loss, grads, stats), (w_loss, w_grads, w_stats) = got, want
+    assert abs(float(loss) - float(w_loss)) <= tol * abs(float(w_loss)) + 1e-12, (float(loss), float(w_loss))
+    for name, g, wg in zip(('hidden', 'weight', 'bias'), grads, w_grads):
+        assert torch.isfinite(g).all(), name
+        assert tf.rel_err(g, wg) <= tol or float(wg.abs().max()) == float(g.abs().max()) == 0, name
+
+
+DIVS = ([Divergence('jsd', beta=b) for b in (0.0, 0.3, 1.0)]
+        + [Divergence('skew_kl', alpha=a) for a in (0.0, 1e-9, 0.1, 0.9, 1.0)]
+        + [Divergence('skew_rkl', alpha=a) for a in (0.0, 1e-300, 1e-6, 0.5, 1.0)])
+
+
+@pytest.mark.parametrize('div', DIVS, ids=str)
+def test_every_divergence_matches_float64_and_the_torch_path(div):
+    """Ragged chunks (11 tokens, 8 active, chunks of 3), -inf bias entries on both heads and on the student's
+    alone where the divergence stays finite, temperature 0.8."""
+    x = tf.make_inputs(seed=len(str(div)), n=11, v=320, vt=320, scale=4.0)
+    x['b'][[5, 77]] = float('-inf')
+    x['bt'][[5, 77]] = float('-inf')
+    masked = [5, 77]
+    if not ((div.name == 'jsd' and div.beta == 0) or (div.name == 'skew_kl' and div.alpha == 0)):  # stays finite
+        masked.append(200)
+        x['b'][200] = float('-inf')
+    mask = torch.ones(11, dtype=torch.bool)
+    mask[[1, 4, 9]] = False
+    got = run_both(x, div, mask=mask, temperature=0.8, chunk_size=3)
+    loss, grads, d = reference_grads(x, div, 0.8, mask)
+    assert_same(got['triton'], (loss, grads, None), 2e-5)
+    assert_same(got['triton'], got['torch'], 1e-5)
+    assert float(got['triton'][1][1][masked].abs().max()) == 0.0  # masked entries get no gradient
+    stats, ref_stats = got['triton'][2], got['torch'][2]
+    assert int(stats['top1_agree']) == int(ref_stats['top1_agree'])
+    assert tf.rel_err(stats['divergence_sum'], d[mask].sum()) <= 2e-5
+
+
+@pytest.mark.parametrize('name', ['skew_kl', 'skew_rkl'])
+@pytest.mark.parametrize('alpha', [1e-300, 1e-7])
+def test_skew_far_apart_distributions_tiny_alpha(name, alpha):
+    """Issue 27's case through the kernel: distributions > 17 nats apart and alpha far below float32's ``1 - a``
+    resolution; the logits are exact (identity hidden states), so float32 can match float64 to its rounding."""
+    v, n = 64, 6
+    g = torch.Generator().manual_seed(3)
+    student, teacher = torch.randn(n, v, generator=g) * 2, torch.randn(n, v, generator=g) * 2
+    student[:, :4] -= 45.0
+    teacher[:, 4:8] -= 45.0
+    eye = torch.eye(v)[:n]
+    head, head_t = torch.zeros(v, v), torch.zeros(v, v)
+    head[:, :n], head_t[:, :n] = student.T, teacher.T
+    div = Divergence(name, alpha=alpha)
+    z64 = student.double().requires_grad_()
+    ref = divergence64(z64, teacher.double(), div, 1.3)
+    ref.sum().backward()
+    for backend in ('triton', 'torch'):
+        w = head.clone().requires_grad_()
+        loss, stats = fused_linear_jsd(eye, w, teacher=TeacherHead(eye, head_t), divergence=div, temperature=1.3,
+                                       normalizer=1.0, backend=backend)
+        loss.backward()
+        assert abs(float(loss) - float(ref.sum().detach())) <= 1e-5 * float(ref.sum().detach()), backend
+        assert tf.rel_err(w.grad[:, :n].T, z64.grad) <= 1e-5, backend
+
+
+CASES = [  # (teacher vocabulary offset, divergence, temperature, label temperature)
+    (37, Divergence('jsd', beta=0.5), 1.5, 0.7),
+    (-29, Divergence('jsd', beta=0.0), 0.7, 0.7),
+    (0, Divergence('jsd', beta=1.0), 1.5, 1.5),
+    (37, Divergence('jsd', beta=1.0), 1.0, 1.0),
+    (0, Divergence('skew_rkl', alpha=0.1), 1.0, 0.7),
+    (-29, Divergence('skew_kl', alpha=0.1), 1.0, 1.0),
+]
+
+
+@pytest.mark.parametrize('offset, div, temperature, label_temperature', CASES,
+                         ids=[f'vt{o:+d}-{d}-T{t}-Tl{tl_}' for o, d, t, tl_ in CASES])
+def test_padding_label_term_and_entropy(offset, div, temperature, label_temperature):
+    """Teacher vocabulary larger / smaller (padded by the other side), the signed weighted label term at its own
+    temperature and the entropy: the kernel equals the PyTorch path, and the float64 reference for the jsd."""
+    v = 300
+    x = tf.make_inputs(seed=abs(offset) + 1, n=13, v=v, vt=v + offset, ht=10)
+    weights = torch.randn(13, generator=torch.Generator().manual_seed(2)) * 2
+    kw = dict(mask=x['mask'], labels=x['labels'], temperature=temperature, sft_alpha=0.6, label_weights=weights,
+              label_temperature=label_temperature, return_entropy=True, chunk_size=5)
+    got = run_both(x, div, **kw)
+    assert_same(got['triton'], got['torch'], 1e-5)
+    stats, ref_stats = got['triton'][2], got['torch'][2]
+    for key in ('divergence_sum', 'sft_sum', 'entropy_sum'):
+        assert abs(float(stats[key]) - float(ref_stats[key])) <= 1e-5 * abs(float(ref_stats[key])), key
+    assert int(stats['top1_agree']) == int(ref_stats['top1_agree'])
+    if div.name == 'jsd':
+        kw.pop('chunk_size'), kw.pop('return_entropy')
+        ref = tf.ref_of(x, beta=div.beta, **kw)
+        active = ref[3]
+        keep = active & (x['labels'] != -100)
+        z = tf.student_logits64(x)
+        ce = torch.nn.functional.cross_entropy(z[keep] / label_temperature, x['labels'][keep], reduction='none')
+        scale = float(ref[2][active].mean() + 0.6 * (weights[keep].double().abs() * ce).mean())
+        tf.assert_close(got['triton'], ref, loss_scale=scale)
+        entropy = torch.special.entr(torch.softmax(z[active] / temperature, -1)).sum()
+        assert tf.rel_err(stats['entropy_sum'], entropy) <= 1e-5
+
+
+@pytest.mark.parametrize('div', [Divergence('jsd', beta=0.5), Divergence('skew_kl', alpha=1e-9),
+                                 Divergence('skew_rkl', alpha=0.3)], ids=str)
+def test_many_blocks_per_row(div, monkeypatch):
+    """Blocks of 128 entries over a 700 + 50 entry row: the online logsumexp across blocks, ragged last block."""
+    from swift_gkd_plugin.core.kernels import full_rows
+    monkeypatch.setattr(full_rows, 'BLOCK', 128)
+    x = tf.make_inputs(seed=12, n=5, v=700, vt=750, scale=6.0)
+    x['b'][[0, 129, 699]] = float('-inf')
+    kw = dict(mask=torch.ones(5, dtype=torch.bool), labels=x['labels'], sft_alpha=0.5, return_entropy=True,
+              temperature=0.9, label_temperature=1.1)
+    got = run_both(x, div, **kw)
+    assert_same(got['triton'], got['torch'], 1e-5)
+    assert tf.rel_err(got['triton'][2]['entropy_sum'], got['torch'][2]['entropy_sum']) <= 1e-5
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_half_inputs(dtype):
+    """bf16 / fp16 heads: logits in the matmul dtype, float32 inside the kernel, the gradient written in the
+    matmul dtype; the tolerance of the PyTorch path's half-input test."""
+    x = tf.make_inputs(seed=7, n=10, v=256, vt=256, dtype=dtype)
+    kw = dict(mask=x['mask'], labels=x['labels'], temperature=1.0, sft_alpha=0.3, chunk_size=4)
+    got = tf.run(x, divergence=Divergence('jsd', beta=0.5), backend='triton', **kw)
+    assert got[0].dtype == torch.float32 and [g.dtype for g in got[1]] == [dtype] * 3
+    tf.assert_close(got, tf.ref_of(x, beta=0.5, **kw), tol=2e-2)
+
+
+def test_identical_student_and_teacher():
+    """Teacher = student: every row agrees on the argmax, the divergence and its gradient are ~0."""
+    x = tf.make_inputs(seed=9, n=7, v=200, vt=200)
+    x['ht'], x['wt'], x['bt'] = x['hs'], x['w'], x['b']
+    loss, grads, stats = tf.run(x, divergence=Divergence('jsd', beta=0.5), backend='triton', chunk_size=4,
+                                mask=torch.ones(7, dtype=torch.bool))
+    assert int(stats['top1_agree']) == 7
+    assert abs(float(loss)) <= 1e-7 and float(grads[0].abs().max()) <= 1e-6
+
+
+def test_backend_choice(monkeypatch):
+    cpu = torch.device('cpu')
+    assert kernels.resolve_backend('triton', cpu) == 'triton'  # under the interpreter
+    assert kernels.resolve_backend(None, cpu) == 'torch'  # auto: CPU tensors take the PyTorch path
+    monkeypatch.setenv(kernels.BACKEND_ENV, 'torch')
+    assert kernels.resolve_backend(None, torch.device('cuda')) == 'torch'
+    assert kernels.resolve_backend('triton', cpu) == 'triton'  # the argument wins over the variable
+    monkeypatch.setenv(kernels.BACKEND_ENV, 'cuda')
+    with pytest.raises(ValueError, match=r"SWIFT_GKD_FUSED_BACKEND must be one of \('auto', 'torch', 'triton'\), "
+                                         r"got 'cuda'"):
+        kernels.resolve_backend(None, cpu)
+    monkeypatch.setenv('TRITON_INTERPRET', '0')
+    with pytest.raises(ValueError, match='backend=triton runs on CUDA tensors, or on CPU tensors under '
+                                         'TRITON_INTERPRET=1'):
+        kernels.resolve_backend('triton', cpu)
+
+
+_AOT = r'''
+import triton
+from triton.backends.compiler import GPUTarget
+from swift_gkd_plugin.core.kernels import entry_math, full_rows
+from swift_gkd_plugin.core.row_divergence import REGISTRY, Divergence, kernel_form
+sig = dict(ZS='*bf16', ZT='*bf16', BS='*fp32', BT='*fp32', G='*bf16', LAB='*i64', LW='*fp32', CW='*fp32', DIV='*fp32',
+           CE='*fp32', ENT='*fp32', AGREE='*i32', stride_zs='i32', stride_zt='i32', stride_g='i32', V='i32', VT='i32')
+sig.update({k: 'fp32' for k in ('inv_t', 'inv_tl', 'coef', 'k0', 'k1', 'k2', 'k3', 'threshold')})
+specs = [Divergence('jsd', beta=b) for b in (0.0, 0.5, 1.0)] + [
+    Divergence(n, alpha=a) for n in ('skew_kl', 'skew_rkl') for a in (0.1, 1.0)]
+assert {d.name for d in specs} == set(REGISTRY)
+for div in specs:
+    entry = getattr(entry_math, kernel_form(div).entry.split(':')[1])
+    for extras in (False, True):
+        const = dict(VMAX=151936 + 64, VOWN=151936, ENTRY=entry, HAS_BS=True, HAS_BT=extras, LABEL=extras,
+                     ENTROPY=extras, OWN=False, WANT_GRAD=True, BLOCK=2048)
+        src = triton.compiler.ASTSource(fn=full_rows.full_rows_kernel, signature={**sig, **dict.fromkeys(const,
+                                        'constexpr')}, constexprs=const)
+        kernel = triton.compile(src, target=GPUTarget('cuda', 90, 32), options=dict(num_warps=8))
+        assert kernel.asm['cubin'], div
+print('compiled', len(specs) * 2)
+'''
+
+
+def test_kernel_compiles_for_h100():
+    """Ahead-of-time compilation to sm_90 cubin (Triton's bundled ptxas; no GPU needed) of every divergence form,
+    with and without the label term / entropy / padding: what the interpreter cannot check (libdevice calls,
+    constexpr function arguments, types). Not a run on a GPU."""
+    import subprocess
+    env = dict(os.environ, TRITON_INTERPRET='0')
+    proc = subprocess.run([sys.executable, '-c', _AOT], env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode and 'ptxas' in proc.stderr and 'not found' in proc.stderr.lower():
+        pytest.skip('triton has no ptxas here')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'compiled 14' in proc.stdout
