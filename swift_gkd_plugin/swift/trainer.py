@@ -44,6 +44,7 @@ from swift_gkd_plugin.core.topk import drop_ids_outside_vocab, topk_of_logits
 from swift_gkd_plugin.core.views import (check_privileged_columns, check_same_response_count, check_views_aligned,
                                          prepare_teacher_view, with_teacher_prompt)
 from swift_gkd_plugin.flags import sampling_temperature
+from swift_gkd_plugin.swift.compile_cost import eager_sampling
 from swift_gkd_plugin.swift.clean_exit import destroy_process_groups_at_exit, note_training_finished
 from swift_gkd_plugin.swift.cross_tokenizer import CrossTokenizerTeacher
 from swift_gkd_plugin.swift.group_resample import resample_failed_groups
@@ -646,7 +647,8 @@ class GKDPluginTrainer(GKDTrainer):
         also gets its own response-token counts (``gkd_tokens``: student view, teacher view), read on the host here
         once for the whole generation batch: they size the loss's tensors without a host sync per micro-batch.
         """
-        batches = super()._generate_and_score_completions(inputs)
+        with eager_sampling():  # a compiled student would be recompiled per sampled length (compile_cost.py)
+            batches = super()._generate_and_score_completions(inputs)
         training = self.model.training
         group = self.args.gradient_accumulation_steps if training else 1
         steps = (len(batches) + group - 1) // group
