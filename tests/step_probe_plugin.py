@@ -13,6 +13,8 @@ Events, each per phase:
   ``gathered`` over the model's parameter count is the number of full-model gathers);
 - ``flops`` (``GKD_TEST_PROBE_FLOPS=1``): matmul and attention floating-point operations (torch's
   ``FlopCounterMode``), backward included;
+- ``trace_invalidations``: DeepSpeed ZeRO-3 dropping its recorded module order (it then fetches each submodule's
+  parameters on demand, without prefetching, and records the order again);
 - ``dynamo_frames``: frames dynamo converted (traced or retraced into a graph, ``--torch_compile``);
 - ``seconds``: wall time.
 
@@ -114,6 +116,14 @@ def _count_gathers():
             return _original(self, *args, **kwargs)
 
         setattr(TorchBackend, method, counted)
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+    invalidate = PartitionedParameterCoordinator._invalidate_trace
+
+    def counted_invalidate(self):
+        _add('trace_invalidations')
+        return invalidate(self)
+
+    PartitionedParameterCoordinator._invalidate_trace = counted_invalidate
 
 
 _count_gathers()

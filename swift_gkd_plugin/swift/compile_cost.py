@@ -59,11 +59,16 @@ def zero_stage(deepspeed) -> Optional[int]:
     return stage if isinstance(stage, int) else None
 
 
+def deepspeed_name(deepspeed) -> str:
+    """``--deepspeed`` as the user may have given it: ms-swift has replaced a preset name by its parsed JSON."""
+    return deepspeed if isinstance(deepspeed, str) else f'(a ZeRO-{zero_stage(deepspeed)} config)'
+
+
 def torch_compile_warnings(args) -> List[str]:
     """The warnings of ``--torch_compile`` with the flags given (before any model is loaded): ZeRO-3."""
     if not getattr(args, 'torch_compile', False) or zero_stage(getattr(args, 'deepspeed', None)) != 3:
         return []
-    return [f'--torch_compile true with --deepspeed {args.deepspeed} (ZeRO-3) is slow: dynamo traces DeepSpeed\'s '
+    return [f'--torch_compile true with --deepspeed {deepspeed_name(args.deepspeed)} is slow: dynamo traces DeepSpeed\'s '
             'parameter hooks on every submodule, breaks the graph there and recompiles them until its recompile '
             f'limit; {_H100}. Faster: --deepspeed zero2 with --torch_compile true, or ZeRO-3 with --torch_compile '
             'false']
