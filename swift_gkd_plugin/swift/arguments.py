@@ -23,8 +23,10 @@ from swift_gkd_plugin.flags import (FlagError, GKDPluginArgumentsMixin, check_de
                                     ignored_flag_warnings, resolve_num_generations, sampling_temperature)
 from swift_gkd_plugin.ms_swift_state import grpo_num_generations, keep_teacher_messages_column
 from swift_gkd_plugin.swift.checkpoints import check_resume_checkpoint
+from swift_gkd_plugin.swift.compile_cost import torch_compile_warnings
 from swift_gkd_plugin.swift.datasets_check import check_local_jsonl_datasets
 from swift_gkd_plugin.swift.teacher_server import check_skd_teacher_server
+from swift_gkd_plugin.swift.zero3_lora import zero3_lora_warnings
 
 logger = get_logger()
 
@@ -407,6 +409,8 @@ class GKDPluginRLHFArguments(GKDPluginArgumentsMixin, RLHFArguments):
             return
         resolve_gkd_arguments(self)
         check_gkd_arguments(self)
+        for warning in torch_compile_warnings(self) + zero3_lora_warnings(self):  # slow: warned, not refused
+            logger.warning(f'swift_gkd_plugin: {warning}')
         logger.info(f'swift_gkd_plugin {swift_gkd_plugin.__version__}: GKD trainer active '
                     f'(lmbda={self.lmbda}, seq_kd={self.seq_kd}, beta={self.beta}, temperature={self.temperature}, '
                     f'sampling temperature={sampling_temperature(self)}, skd_top_k={self.gkd_skd_top_k})')

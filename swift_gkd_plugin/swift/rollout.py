@@ -24,6 +24,7 @@ from swift_gkd_plugin.core import Mode
 from swift_gkd_plugin.core.modes import DATA_SOURCES, step_mode
 from swift_gkd_plugin.core.speculative import teacher_seed
 from swift_gkd_plugin.core.views import prepare_teacher_view, with_teacher_prompt
+from swift_gkd_plugin.swift.compile_cost import eager_sampling
 from swift_gkd_plugin.swift.group_resample import resample_failed_groups
 from swift_gkd_plugin.swift.speculative import cached_forward, server_teacher, skd_decoding
 from swift_gkd_plugin.swift.token_metrics import add_token_sum as _add_token_sum
@@ -38,7 +39,8 @@ class RolloutMixin:
         """One generation batch, in ms-swift's stages: its mode and samples (:meth:`_rollout_samples`), their rewards
         (:mod:`.scoring`), its micro-batches (:mod:`.batches`) and a served teacher's top-k (:mod:`.teacher`); then
         each micro-batch's response-token counts, which size and normalise its loss (:meth:`_count_step_tokens`)."""
-        batches = super()._generate_and_score_completions(inputs)
+        with eager_sampling():  # a compiled student would be recompiled per sampled length (compile_cost.py)
+            batches = super()._generate_and_score_completions(inputs)
         self._count_step_tokens(batches)
         return batches
 
