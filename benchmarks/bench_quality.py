@@ -518,7 +518,8 @@ def smollm_table(curves, ws, cfg) -> str:
         ends = [c[-1] for c in by_seed.values()]
         cells = [f'{mean_std([e[m] for e in ends])[0]:.3f} ± {mean_std([e[m] for e in ends])[1]:.3f}'
                  for m in SMOLLM_METRICS]
-        lines.append(f'| {method} | ' + ' | '.join(cells) + f" | {statistics.fmean(e['train_cpu_s'] for e in ends):.0f} |")
+        cpu = statistics.fmean(e['train_cpu_s'] for e in ends)
+        lines.append(f'| {method} | ' + ' | '.join(cells) + f' | {cpu:.0f} |')
     return '\n'.join(lines)
 
 

@@ -29,7 +29,7 @@ SPECIALS = ['<|endoftext|>', '<|im_start|>', '<|im_end|>']
 
 def _byte_tokens():
     """GPT-2's byte-to-unicode alphabet (the byte-level BPE's 256 base tokens)."""
-    bs = list(range(ord('!'), ord('~') + 1)) + list(range(ord('¡'), ord('¬') + 1)) + list(range(ord('®'), ord('ÿ') + 1))
+    bs = [*range(ord('!'), ord('~') + 1), *range(ord('¡'), ord('¬') + 1), *range(ord('®'), ord('ÿ') + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):

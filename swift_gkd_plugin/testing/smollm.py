@@ -220,7 +220,7 @@ def render_prompt(prompt: str) -> str:
     return f'<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n'
 
 
-# ---------------------------------------------------------------------------------------------------- generation, metrics
+# ---------------------------------------------------------------------------------------------------- metrics
 
 
 def _encode_prompts(tokenizer, prompts: Sequence[str]) -> List[List[int]]:
