@@ -515,15 +515,23 @@ def collect_smollm(names: List[str], ws: Dict[str, Any], cfg: Dict[str, Any], wo
 
 
 def smollm_table(curves, ws, cfg) -> str:
-    """Mean ± std over seeds of :data:`SMOLLM_METRICS` after the last step; the teacher and the start first."""
-    lines = [f"| method ({len(cfg['seeds'])} seed(s), {cfg['steps']} steps) | " + ' | '.join(SMOLLM_METRICS) +
-             ' | train CPU s |', '|---' * (len(SMOLLM_METRICS) + 2) + '|']
+    """Mean ± std over seeds of :data:`SMOLLM_METRICS` and of ``distinct_2`` (:func:`smollm.distinct_ngrams` of the
+    answers: 1 = no repeated word pair) after the last step; the teacher and the start first."""
+    from swift_gkd_plugin.testing.smollm import distinct_ngrams
+    names = (*SMOLLM_METRICS, 'distinct_2')
+
+    def value(point, metric):
+        return distinct_ngrams(point['answers']) if metric == 'distinct_2' else point[metric]
+    lines = [f"| method ({len(cfg['seeds'])} seed(s), {cfg['steps']} steps) | " + ' | '.join(names) +
+             ' | train CPU s |', '|---' * (len(names) + 2) + '|']
     for name, key in (('teacher', 'teacher_eval'), ('start (pruned)', 'student_eval')):
-        lines.append(f'| {name} | ' + ' | '.join(f'{ws[key][m]:.3f}' for m in SMOLLM_METRICS) + ' | |')
+        lines.append(f'| {name} | ' + ' | '.join(f'{value(ws[key], m):.3f}' for m in names) + ' | |')
     for method, by_seed in curves.items():
         ends = [c[-1] for c in by_seed.values()]
-        cells = [f'{mean_std([e[m] for e in ends])[0]:.3f} ± {mean_std([e[m] for e in ends])[1]:.3f}'
-                 for m in SMOLLM_METRICS]
+        cells = []
+        for m in names:
+            mean, std = mean_std([value(e, m) for e in ends])
+            cells.append(f'{mean:.3f} ± {std:.3f}')
         cpu = statistics.fmean(e['train_cpu_s'] for e in ends)
         lines.append(f'| {method} | ' + ' | '.join(cells) + f' | {cpu:.0f} |')
     return '\n'.join(lines)

