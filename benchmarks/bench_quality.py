@@ -3,7 +3,7 @@
     python benchmarks/bench_quality.py --quick          # 1 seed, short runs (<= 10 minutes on 2 cores)
     python benchmarks/bench_quality.py                  # the full preset: 3 seeds, longer runs
     python benchmarks/bench_quality.py --preset capacity --quick   # the capacity-limited task, 1 seed
-    python benchmarks/bench_quality.py --preset smollm --quick     # SmolLM2-135M-Instruct -> its pruned copy, 3 seeds
+    python benchmarks/bench_quality.py --preset smollm --quick     # SmolLM2-135M-Instruct -> its pruned copy, 1 seed
     python benchmarks/bench_quality.py --help
 
 Task: sort eight distinct letters, ascending or descending (both right; the dataset's reference picks one at
@@ -99,7 +99,7 @@ ONPOLICY = [m for m in METHODS if m.startswith('onpolicy')]
 #: scored once, after its last step (``eval_every`` = ``steps``), on the held-out prompts (docs_en/quality.md).
 SMOLLM_COMMON = dict(n_val=24, answer_tokens=48, max_completion_length=48, max_length=192)
 SMOLLM_PRESETS = {
-    'quick': dict(SMOLLM_COMMON, seeds=[0, 1, 2], steps=12, eval_every=12, batch_size=4, n_train=128, n_test=24),
+    'quick': dict(SMOLLM_COMMON, seeds=[0], steps=12, eval_every=12, batch_size=4, n_train=128, n_test=24),
     'full': dict(SMOLLM_COMMON, seeds=[0, 1, 2], steps=200, eval_every=200, batch_size=16, n_train=1600,
                  n_test=128),
 }
@@ -558,13 +558,13 @@ def smollm_closing_line(curves, ws) -> str:
     top = min((best, 'skd'), key=lambda m: stats[m][0])
     base = min(('supkd', 'seqkd'), key=lambda m: stats[m][0])
     std = max(stats[top][1], stats[base][1])
-    margin = (stats[base][0] - stats[top][0]) / std if std > 0 else float('nan')
+    margin = f'{(stats[base][0] - stats[top][0]) / std:+.1f} std' if std > 0 else 'no std (one seed)'
     cells = ', '.join(f'{name} {stats[m][0]:.3f}±{stats[m][1]:.3f}' for name, m in (
         ('seqkd', 'seqkd'), ('supkd', 'supkd'), (f"onpolicy(beta {best.split('beta')[1]})", best), ('mixed', 'mixed'),
         ('skd', 'skd')))
     return (f"quality[smollm]: teacher NLL of own answers: teacher {ws['teacher_eval']['onpolicy_teacher_nll']:.3f}, "
             f"start {ws['student_eval']['onpolicy_teacher_nll']:.3f}, {cells}; {top} vs {base}: "
-            f"{margin:+.1f} std")
+            f"{margin}")
 
 
 def smollm_main(args) -> int:

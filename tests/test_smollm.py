@@ -228,3 +228,16 @@ def test_distinct_ngrams_tells_repetition_apart():
     assert smollm.distinct_ngrams(['a b a b a b']) == pytest.approx(2 / 5)
     assert smollm.distinct_ngrams(['a', 'a b c d']) == 1.0  # too short to repeat a pair
     assert smollm.distinct_ngrams(['a b a b a b', 'a b c d']) == pytest.approx((2 / 5 + 1) / 2)
+
+
+def test_smollm_closing_line_compares_the_better_of_onpolicy_and_skd_with_the_better_baseline():
+    nll = {'seqkd': [2.0, 2.2], 'supkd': [1.7, 1.9], 'onpolicy_beta0': [1.6, 1.6], 'onpolicy_beta0.5': [1.2, 1.4],
+           'onpolicy_beta1': [1.5, 1.5], 'mixed': [1.3, 1.3], 'skd': [1.0, 1.4]}
+    curves = {m: {s: [{'onpolicy_teacher_nll': v}] for s, v in enumerate(vs)} for m, vs in nll.items()}
+    ws = {'teacher_eval': {'onpolicy_teacher_nll': 0.7}, 'student_eval': {'onpolicy_teacher_nll': 3.2}}
+    line = bench.smollm_closing_line(curves, ws)
+    # best beta 0.5 (1.3), skd lower (1.2); supkd (1.8) below seqkd (2.1); (1.8 - 1.2) / max(0.141, 0.283) = 2.1
+    assert line.startswith('quality[smollm]: teacher NLL of own answers: teacher 0.700, start 3.200, seqkd 2.100±')
+    assert 'onpolicy(beta 0.5) 1.300±0.141' in line and line.endswith('skd vs supkd: +2.1 std')
+    one = {m: {0: by[0]} for m, by in curves.items()}
+    assert bench.smollm_closing_line(one, ws).endswith('no std (one seed)')
