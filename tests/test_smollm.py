@@ -1,0 +1,243 @@
+"""The smollm workspace (``swift_gkd_plugin.testing.smollm``) and ``bench_quality.py --preset smollm``.
+
+CI never downloads the 93 MB wheel: a tiny llama GGUF written here with the ``gguf`` package (SmolLM2's chat template,
+EOS deliberately set to ``<|im_start|>`` as the bug report had it) drives the real conversion path (transformers'
+GGUF loader), the EOS fix, the pruning and the preset's real ``swift rlhf`` / ``swift sft`` runs."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from swift_gkd_plugin.testing import smollm
+
+from test_quality_bench import bench
+
+gguf = pytest.importorskip('gguf')
+
+#: SmolLM2-135M-Instruct's chat template, as its GGUF carries it.
+SMOLLM_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou "
+    "are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}{% endif %}{{'<|im_start|>' + "
+    "message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\\n' }}{% endif %}")
+SPECIALS = ['<|endoftext|>', '<|im_start|>', '<|im_end|>']
+
+
+def _byte_tokens():
+    """GPT-2's byte-to-unicode alphabet (the byte-level BPE's 256 base tokens)."""
+    bs = [*range(ord('!'), ord('~') + 1), *range(ord('¡'), ord('¬') + 1), *range(ord('®'), ord('ÿ') + 1)]
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def write_tiny_gguf(path: str, layers: int = 4, hidden: int = 16, seed: int = 0) -> str:
+    """A llama GGUF of random float32 weights with a byte-level BPE tokenizer (SmolLM2's special tokens and chat
+    template; EOS set to ``<|im_start|>``)."""
+    rng = np.random.default_rng(seed)
+    tokens = SPECIALS + _byte_tokens() + ['Ġt', 'Ġth', 'Ġthe']
+    merges = ['Ġ t', 'Ġt h', 'Ġth e']
+    vocab, heads, kv_heads, ffn = len(tokens), 2, 1, 32
+    head_dim = hidden // heads
+    w = gguf.GGUFWriter(path, 'llama')
+    w.add_context_length(512)
+    w.add_embedding_length(hidden)
+    w.add_block_count(layers)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_dimension_count(head_dim)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_vocab_size(vocab)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_tokenizer_model('gpt2')
+    w.add_tokenizer_pre('default')
+    w.add_token_list(tokens)
+    w.add_token_types([gguf.TokenType.CONTROL] * len(SPECIALS) + [gguf.TokenType.NORMAL] * (vocab - len(SPECIALS)))
+    w.add_token_merges(merges)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(1)  # <|im_start|>: the wrong EOS fix_eos must replace
+    w.add_unk_token_id(0)
+    w.add_pad_token_id(2)
+    w.add_add_bos_token(False)
+    w.add_chat_template(SMOLLM_TEMPLATE)
+
+    def tensor(name, *shape):
+        w.add_tensor(name, (rng.standard_normal(shape) * 0.2).astype(np.float32))
+    tensor('token_embd.weight', vocab, hidden)
+    w.add_tensor('output_norm.weight', np.ones(hidden, np.float32))
+    for i in range(layers):
+        w.add_tensor(f'blk.{i}.attn_norm.weight', (1 + 0.1 * rng.standard_normal(hidden)).astype(np.float32))
+        w.add_tensor(f'blk.{i}.ffn_norm.weight', (1 + 0.1 * rng.standard_normal(hidden)).astype(np.float32))
+        tensor(f'blk.{i}.attn_q.weight', heads * head_dim, hidden)
+        tensor(f'blk.{i}.attn_k.weight', kv_heads * head_dim, hidden)
+        tensor(f'blk.{i}.attn_v.weight', kv_heads * head_dim, hidden)
+        tensor(f'blk.{i}.attn_output.weight', hidden, heads * head_dim)
+        tensor(f'blk.{i}.ffn_gate.weight', ffn, hidden)
+        tensor(f'blk.{i}.ffn_up.weight', ffn, hidden)
+        tensor(f'blk.{i}.ffn_down.weight', hidden, ffn)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope='module')
+def tiny_gguf(tmp_path_factory):
+    folder = tmp_path_factory.mktemp('gguf')
+    return write_tiny_gguf(str(folder / 'tiny.gguf'))
+
+
+@pytest.fixture(scope='module')
+def converted(tiny_gguf, tmp_path_factory):
+    return smollm.convert_gguf(tiny_gguf, str(tmp_path_factory.mktemp('converted') / 'teacher'), log=lambda m: None)
+
+
+def test_conversion_keeps_the_gguf_model_and_fixes_eos(tiny_gguf, converted):
+    """The saved safetensors model computes what transformers' GGUF loader gives; its tokenizer, config and
+    generation config end a turn at ``<|im_end|>`` where the GGUF said ``<|im_start|>``; the chat template is kept
+    and :func:`smollm.render_prompt` is exactly what it renders with the system prompt."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    folder, name = os.path.split(tiny_gguf)
+    raw_tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    assert raw_tok.eos_token == '<|im_start|>'  # the input really has the wrong EOS
+    raw = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(converted)
+    assert isinstance(model, LlamaForCausalLM) and getattr(model.config, 'quantization_config', None) is None
+    tok = AutoTokenizer.from_pretrained(converted)
+    ids = torch.tensor([tok.encode(smollm.render_prompt('the the'), add_special_tokens=False)])
+    torch.testing.assert_close(model(ids).logits, raw(ids).logits, rtol=0, atol=1e-5)
+    im_end = tok.convert_tokens_to_ids('<|im_end|>')
+    assert tok.eos_token == '<|im_end|>' and tok.pad_token == '<|im_end|>'
+    assert model.config.eos_token_id == im_end and model.generation_config.eos_token_id == im_end
+    assert tok.encode('the', add_special_tokens=True) == tok.encode('the', add_special_tokens=False)  # no BOS added
+    messages = [{'role': 'system', 'content': smollm.SYSTEM}, {'role': 'user', 'content': 'Q?'}]
+    assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == smollm.render_prompt('Q?')
+    assert tok.apply_chat_template(messages[1:], tokenize=False, add_generation_prompt=True) == \
+        smollm.render_prompt('Q?')  # the template's own default system prompt is SYSTEM
+
+
+def test_fix_eos_refuses_a_tokenizer_without_im_end(converted):
+    from tokenizers import Tokenizer, models
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    tok = AutoTokenizer.from_pretrained(converted)
+    tok.eos_token = '<|im_start|>'
+    assert smollm.fix_eos(tok) == tok.convert_tokens_to_ids('<|im_end|>') and tok.eos_token == '<|im_end|>'
+    other = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({'a': 0, '<unk>': 1}, '<unk>')),
+                                    unk_token='<unk>', eos_token='a')
+    with pytest.raises(ValueError, match='no <\\|im_end\\|> token'):
+        smollm.fix_eos(other)
+    assert other.eos_token == 'a'  # left as it was
+
+
+def test_cut_layers():
+    assert smollm.cut_layers((5, 10), 30) == list(range(5)) + list(range(20, 30))
+    assert smollm.cut_layers('even', 30) == list(range(0, 30, 2))
+    assert all(len(smollm.cut_layers(c, 30)) == 15 for c in smollm.CUTS)
+    for bad in ((20, 11), (0, 0), (-1, 3)):
+        with pytest.raises(ValueError, match='a cut'):
+            smollm.cut_layers(bad, 30)
+
+
+def test_pruned_model_is_the_teacher_without_the_removed_layers(converted):
+    """The pruned model computes exactly what the teacher computes with the removed layers skipped (float64)."""
+    from transformers import AutoModelForCausalLM
+    teacher = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float64)
+    keep = [0, 3]
+    student = smollm.prune_model(teacher, keep)
+    assert student.config.num_hidden_layers == 2 and teacher.config.num_hidden_layers == 4
+    ids = torch.randint(3, teacher.config.vocab_size, (2, 9))
+    got = student(ids, use_cache=False).logits
+    teacher.model.layers = torch.nn.ModuleList([teacher.model.layers[i] for i in keep])
+    teacher.config.num_hidden_layers = 2
+    torch.testing.assert_close(got, teacher(ids, use_cache=False).logits, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match='increasing'):
+        smollm.prune_state_dict(teacher.state_dict(), [1, 0])
+
+
+def test_prompt_split_holds_out_whole_functions():
+    prompts = smollm.stdlib_prompts()
+    assert len(prompts) > 600 and prompts == smollm.stdlib_prompts()  # deterministic
+    by_function = {}
+    for p in prompts:
+        by_function.setdefault(p['function'], []).append(p['prompt'])
+    assert all(len(v) == len(smollm.TEMPLATES) for v in by_function.values())
+    split = smollm.select_prompts(100, 20, 30)
+    assert [len(split[k]) for k in ('train', 'val', 'test')] == [100, 20, 30]
+    functions = {k: {p['function'] for p in v} for k, v in split.items()}
+    assert all(smollm.split_of(f) == 'test' for f in functions['test'])
+    assert not functions['test'] & (functions['train'] | functions['val'])
+    texts = {k: {p['prompt'] for p in v} for k, v in split.items()}
+    assert not texts['train'] & texts['val']
+    assert smollm.select_prompts(100, 20, 30) == split and smollm.select_prompts(100, 20, 30, seed=1) != split
+    assert 0.1 < len([f for f in by_function if smollm.split_of(f) == 'test']) / len(by_function) < 0.3
+
+
+def test_smollm_preset_runs_end_to_end_and_reuses_its_cache(tiny_gguf, tmp_path, monkeypatch, capsys):
+    """``--preset smollm --quick`` on the tiny GGUF (standing in for the wheel's): the workspace (converted teacher,
+    the cut with the lowest NLL, held-out rows), two methods through real ``swift sft`` / ``swift rlhf`` with
+    ``--model_type llama --template chatml``, the metrics, and a second run that reuses every cached piece."""
+    calls = []
+    monkeypatch.setattr(smollm, 'fetch_gguf', lambda cache, log=print: calls.append(cache) or tiny_gguf)
+    monkeypatch.setattr(smollm, 'CUTS', ((1, 1), (2, 0), 'even'))
+    monkeypatch.setitem(bench.SMOLLM_PRESETS, 'quick', dict(bench.SMOLLM_PRESETS['quick'], n_train=8, n_val=4,
+                                                            n_test=3, answer_tokens=6, max_completion_length=6,
+                                                            max_length=512, seeds=[0]))
+    argv = ['--preset', 'smollm', '--quick', '--workdir', str(tmp_path), '--steps', '1', '--eval_every', '1',
+            '--methods', 'seqkd', 'skd']
+    assert bench.main(argv) == 0
+    out = capsys.readouterr().out
+    with open(tmp_path / 'smollm' / 'results.json') as f:
+        results = json.load(f)
+    assert set(results['cut_nll']) == {'(1, 1)', '(2, 0)', 'even'}
+    assert results['cut_nll'][results['cut']] == min(results['cut_nll'].values())
+    assert results['student_parameters'] < results['teacher_parameters']
+    for method in ('seqkd', 'skd'):
+        end = results['curves'][method]['0'][-1]
+        assert end['step'] == 1 and end['forward_kl'] >= 0 and 0 <= end['top1_agreement'] <= 1
+        assert end['onpolicy_teacher_nll'] > 0 and end['onpolicy_reverse_kl'] >= 0 and len(end['answers']) == 3
+    assert results['teacher']['forward_kl'] == pytest.approx(0, abs=1e-9)
+    assert results['teacher']['top1_agreement'] == 1.0
+    args = {}
+    for run in (tmp_path / 'runs').iterdir():
+        if run.is_dir():
+            with open(run / 'args.json') as f:
+                args[run.name.split('_seed')[0]] = json.load(f)
+            assert not list(run.glob('checkpoint-*/*.safetensors'))  # weights deleted once scored
+    assert args['skd']['model_type'] == 'llama' and args['skd']['template'] == 'chatml'
+    assert args['skd']['gkd_skd_top_k'] == 25 and args['skd']['max_completion_length'] == 6
+    assert '| seqkd |' in out and '| skd |' in out and '- prompt: ' in out
+    assert len(calls) == 1
+    assert bench.main(argv) == 0  # everything cached: no conversion, no training run
+    assert len(calls) == 1 and 'reusing the smollm workspace' in capsys.readouterr().out
+
+
+def test_distinct_ngrams_tells_repetition_apart():
+    assert smollm.distinct_ngrams(['a b c d']) == 1.0
+    assert smollm.distinct_ngrams(['a b a b a b']) == pytest.approx(2 / 5)
+    assert smollm.distinct_ngrams(['a', 'a b c d']) == 1.0  # too short to repeat a pair
+    assert smollm.distinct_ngrams(['a b a b a b', 'a b c d']) == pytest.approx((2 / 5 + 1) / 2)
+
+
+def test_smollm_closing_line_compares_the_better_of_onpolicy_and_skd_with_the_better_baseline():
+    nll = {'seqkd': [2.0, 2.2], 'supkd': [1.7, 1.9], 'onpolicy_beta0': [1.6, 1.6], 'onpolicy_beta0.5': [1.2, 1.4],
+           'onpolicy_beta1': [1.5, 1.5], 'mixed': [1.3, 1.3], 'skd': [1.0, 1.4]}
+    curves = {m: {s: [{'onpolicy_teacher_nll': v}] for s, v in enumerate(vs)} for m, vs in nll.items()}
+    ws = {'teacher_eval': {'onpolicy_teacher_nll': 0.7}, 'student_eval': {'onpolicy_teacher_nll': 3.2}}
+    line = bench.smollm_closing_line(curves, ws)
+    # best beta 0.5 (1.3), skd lower (1.2); supkd (1.8) below seqkd (2.1); (1.8 - 1.2) / max(0.141, 0.283) = 2.1
+    assert line.startswith('quality[smollm]: teacher NLL of own answers: teacher 0.700, start 3.200, seqkd 2.100±')
+    assert 'onpolicy(beta 0.5) 1.300±0.141' in line and line.endswith('skd vs supkd: +2.1 std')
+    one = {m: {0: by[0]} for m, by in curves.items()}
+    assert bench.smollm_closing_line(one, ws).endswith('no std (one seed)')
