@@ -256,3 +256,68 @@ def test_tiny_cpu_example_has_its_own_folder_not_the_demos(tmp_path):
     folder = commands['swift'][commands['swift'].index('--model') + 1].split('/')[0]
     assert folder == 'swift_gkd_tiny_cpu'
     assert DEMO_WORKDIR not in ' '.join(commands['python'] + commands['swift'])
+
+
+def test_multi_turn_example_runs_the_calculator_scheduler(tmp_path):
+    """The multi-turn example: the plugin's calculator scheduler file (found through the installed package) and its
+    name, a turn limit, every step on-policy with transformers sampling; with the file present, importing it as
+    --external_plugins does registers that name in ms-swift's registry."""
+    dataset = tmp_path / 'prompts.jsonl'
+    dataset.write_text('')  # present: the script does not write the tool task's prompts
+    argv = record_commands(os.path.join(EXAMPLES, 'gkd_multi_turn_tools.sh'), tmp_path, env={'DATASET': str(dataset)},
+                           run_python=True)['swift']
+
+    def flag(name):
+        return argv[argv.index(f'--{name}') + 1]
+
+    import swift_gkd_plugin.testing
+    plugin = flag('external_plugins')
+    assert plugin == os.path.join(os.path.dirname(swift_gkd_plugin.testing.__file__), 'tool_scheduler.py')
+    assert (flag('multi_turn_scheduler'), flag('max_turns'), flag('lmbda'), flag('use_vllm')) == \
+        ('gkd_calculator', '3', '1', 'false')
+    if not os.path.exists(plugin):
+        pytest.skip(f'{plugin} is not in this checkout yet')
+    from swift.rollout import multi_turns
+    from swift.utils.utils import import_external_file
+    import_external_file(plugin)
+    assert 'gkd_calculator' in multi_turns
+
+
+@pytest.mark.parametrize('page', ['docs_en/multi_turn.md', 'docs_zh/multi_turn.md'])
+def test_multi_turn_docs_scheduler_answers_a_tool_call(page, tmp_path):
+    """The scheduler the multi-turn page tells users to write, imported as --external_plugins imports it: a turn
+    with a call gets the tool's result as a user message and its ids with a mask of ones; a turn without a call, or
+    at --max_turns, ends the trajectory."""
+    import re
+
+    from swift.infer_engine.protocol import ChatCompletionResponseChoice, ChatMessage, RolloutInferRequest
+    from swift.rollout import multi_turns
+    from swift.utils.utils import import_external_file
+    with open(os.path.join(os.path.dirname(EXAMPLES), page), encoding='utf-8') as f:
+        code = re.search(r'```python\n(.*?)```', f.read(), re.S).group(1)
+    plugin = tmp_path / 'my_scheduler.py'
+    plugin.write_text(code, encoding='utf-8')
+    before = multi_turns.get('calculator')
+    try:
+        import_external_file(str(plugin))
+        scheduler = multi_turns['calculator'](max_turns=3)
+    finally:
+        if before is None:
+            multi_turns.pop('calculator', None)
+        else:
+            multi_turns['calculator'] = before
+
+    def turn(text, finish='stop'):
+        return ChatCompletionResponseChoice(index=0, message=ChatMessage(role='assistant', content=text),
+                                            finish_reason=finish, token_ids=[5, 6, 7])
+
+    request = RolloutInferRequest(messages=[{'role': 'user', 'content': 'Add: 347 + 598'},
+                                            {'role': 'assistant', 'content': '<calc>347+598</calc>'}])
+    call = turn('<calc>347+598</calc>')
+    assert not scheduler.check_finished(request, call, 1)
+    result = scheduler.step(request, call, 1)
+    assert result['infer_request'].messages[-1] == {'role': 'user', 'content': '= 945'}
+    assert result['response_token_ids'] == [5, 6, 7] and result['response_loss_mask'] == [1, 1, 1]
+    assert scheduler.check_finished(request, turn('945'), 2)
+    assert scheduler.check_finished(request, call, 3)  # --max_turns 3
+    assert scheduler.check_finished(request, turn('<calc>1+', 'length'), 1)
