@@ -1,5 +1,6 @@
 """A multi-turn scheduler for the tests (``--external_plugins``), and, with ``GKD_TEST_TRAJ_LOG`` set, a probe that
-writes what each micro-batch's loss and teacher saw (one json line per call) to that file.
+writes what each generation batch's samples, each micro-batch's loss and the teacher saw (one json line per call) to
+that file.
 
 ``gkd_test_tool``: after the student's first turn the "tool" answers with the user message :data:`TOOL_RESULT`
 (context: never a target); the second turn ends the trajectory. The first turn's first sampled token is marked
@@ -60,6 +61,17 @@ if _LOG:
         return t.detach().cpu().tolist()
 
     _compute_loss, _teacher_forward = GKDPluginTrainer.compute_loss, GKDPluginTrainer._teacher_forward
+    _encode_samples = GKDPluginTrainer._encode_samples
+
+    def encode_samples(self, samples):
+        result = _encode_samples(self, samples)  # the views are final once encoded
+        record = {'kind': 'samples', 'mode': str(self._gkd_mode), 'messages': [s.messages for s in samples],
+                  'teacher_messages': [s.teacher_messages for s in samples],
+                  'response_token_ids': [s.response_token_ids for s in samples],
+                  'response_loss_mask': [s.response_loss_mask for s in samples]}
+        with open(_LOG, 'a') as f:
+            f.write(json.dumps(record) + '\n')
+        return result
 
     def compute_loss(self, model, inputs, *args, **kwargs):
         record = {'kind': 'batch', 'mode': str(inputs.get('gkd_mode')),
@@ -83,4 +95,5 @@ if _LOG:
         return out
 
     GKDPluginTrainer.compute_loss = compute_loss
+    GKDPluginTrainer._encode_samples = encode_samples
     GKDPluginTrainer._teacher_forward = teacher_forward

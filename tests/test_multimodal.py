@@ -34,7 +34,12 @@ def _build(root):
     images = tmm.write_images(os.path.join(root, 'images'))
     every_image = tmm.make_rows(images, len(images), seed=0)
     for path in (teacher, trained_student):
-        tmm.train(path, every_image, steps=120)
+        # 120 steps name every colour on most CPUs; the rounding of another CPU's kernels can leave one square
+        # wrong (seen: 11 of 12 on an AMD EPYC): a few more steps then, up to 3 rounds
+        for _ in range(3):
+            tmm.train(path, every_image, steps=120)
+            if tmm.accuracy(path, every_image) == 1.0:
+                break
         assert tmm.accuracy(path, every_image) == 1.0, f'{path} did not learn the colours'
 
     model = tmm.load_model(teacher)

@@ -3,8 +3,9 @@ tokenizer), each micro-batch's rows, advantages and sampler log-probabilities, a
 size and normalise the loss."""
 from __future__ import annotations
 
+import copy
+
 import torch
-from swift.rlhf_trainers.gkd_helpers import encode_gkd_samples
 from swift.rlhf_trainers.utils import encode_sample
 from swift.utils import get_logger, to_device
 
@@ -56,7 +57,7 @@ class BatchesMixin:
         if self._xtok is not None:  # the teacher reads the samples through its own template, not the student's
             return self._encode_cross_tokenizer(samples)
         with self._template_context(template):
-            student_list, teacher_list, has_teacher_view = encode_gkd_samples(samples, template)
+            student_list, teacher_list, has_teacher_view = encode_views(samples, template)
         for sample, student, teacher in zip(samples, student_list, teacher_list):
             if not has_teacher_view:
                 break
@@ -130,6 +131,30 @@ class BatchesMixin:
         if training and self._gkd_mode.needs_generation:
             _add_token_sum(self.custom_metrics['train']['gkd/completion_length'], sum(counts[:steps]),
                            int(sum(counts[steps:])))
+
+
+def encode_views(samples, template):
+    """``(student rows, teacher rows, any privileged view)``: ms-swift's ``encode_gkd_samples``, except that a
+    privileged teacher view is encoded like the student's (:func:`encode_sample` on the teacher's messages and images),
+    so it keeps the sample's ``response_loss_mask`` (ms-swift's drops it: the teacher would score tokens a multi-turn
+    scheduler masked), and a sample without a view of its own keeps the student's messages."""
+    has_view = any([sample.build_teacher_view() for sample in samples])  # a list: every sample builds its view
+    students, teachers = [], []
+    for sample in samples:
+        student = encode_sample(sample, template)
+        student.pop('_extra_kwargs', None)
+        students.append(student)
+        if not has_view:
+            teachers.append(student.copy())
+            continue
+        view = copy.copy(sample)
+        view.messages = sample.teacher_messages or sample.messages
+        if sample.teacher_images is not None:
+            view.images = sample.teacher_images
+        teacher = encode_sample(view, template)
+        teacher.pop('_extra_kwargs', None)
+        teachers.append(teacher)
+    return students, teachers, has_view
 
 
 def count_loss_tokens(labels: torch.Tensor) -> torch.Tensor:

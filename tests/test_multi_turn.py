@@ -1,0 +1,236 @@
+"""Multi-turn rollouts (``--multi_turn_scheduler``) in real ``swift rlhf --rlhf_type gkd`` runs on the tiny models:
+only the tokens the student wrote are targets, the teacher scores them in the context of the whole trajectory (tool
+results included), seq_kd's teacher drives the turns from its own prompt, and a scheduler's bad masks are named.
+
+The scheduler and the probe are ``tests/multi_turn_plugin.py`` (``--external_plugins``): after the first turn the
+"tool" answers with a user message, the second turn ends the trajectory; the first sampled token is masked."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import base_args, run_swift
+
+PLUGIN = os.path.join(os.path.dirname(__file__), 'multi_turn_plugin.py')
+TOOL_RESULT = 'Tool: h h h h'
+HISTORY = 'a b c d'  # an earlier assistant answer in some dataset rows: context, never a target
+TEACHER_PROMPT = 'Reverse the letters: '
+IGNORE = -100
+
+
+def _dataset(tiny_ws, name: str, edit) -> str:
+    path = os.path.join(tiny_ws.root, f'multi_turn_{name}.jsonl')
+    with open(tiny_ws.train) as src, open(path + '.partial', 'w') as dst:
+        for i, line in enumerate(src):
+            dst.write(json.dumps(edit(i, json.loads(line))) + '\n')
+    os.replace(path + '.partial', path)
+    return path
+
+
+def _with_history(i, row):
+    """Every other row opens with an earlier exchange (the dataset's own user/assistant turn)."""
+    if i % 2 == 0:
+        row['messages'] = [{'role': 'user', 'content': 'Reverse: d c b a'}, {'role': 'assistant', 'content': HISTORY},
+                           *row['messages']]
+    return row
+
+
+def _with_teacher_prompt(i, row):
+    user = row['messages'][0]['content']
+    row['teacher_prompt'] = TEACHER_PROMPT + user.split(': ', 1)[1]
+    return row
+
+
+def _run(tiny_ws, out, dataset, log, **flags):
+    if os.path.exists(log):
+        os.remove(log)
+    flags = dict(dict(multi_turn_scheduler='gkd_test_tool', max_turns=3), **flags)
+    argv = base_args(tiny_ws, out, dataset=dataset, external_plugins=PLUGIN, **flags)
+    return run_swift(argv, env={'GKD_TEST_TRAJ_LOG': log}, check=False)
+
+
+@pytest.fixture(scope='module')
+def runs(tiny_ws, shared_runs):
+    history = _dataset(tiny_ws, 'history', _with_history)
+    privileged = _dataset(tiny_ws, 'teacher_prompt', _with_teacher_prompt)
+
+    def start(dataset, **flags):
+        return lambda out: _run(tiny_ws, out, dataset, out + '.probe.jsonl', **flags)
+
+    return shared_runs('multi_turn', {
+        'on_policy': start(history, lmbda=1, gkd_loss_impl='dense'),
+        'on_policy_fused': start(history, lmbda=1, gkd_loss_impl='fused'),
+        'seq_kd': start(privileged, lmbda=0, seq_kd='true', gkd_loss_impl='dense'),
+        'bad_mask': start(tiny_ws.train, lmbda=1, multi_turn_scheduler='gkd_test_bad_mask', max_steps=1),
+        'no_tokens': start(tiny_ws.train, lmbda=1, multi_turn_scheduler='gkd_test_no_tokens', max_steps=1),
+    })
+
+
+def _records(run, kind):
+    with open(run.output_dir + '.probe.jsonl') as f:
+        return [r for r in map(json.loads, f) if r['kind'] == kind]
+
+
+def _find(row, piece, start=0):
+    for i in range(start, len(row) - len(piece) + 1):
+        if row[i:i + len(piece)] == piece:
+            return i
+    raise AssertionError(f'{piece} not in {row}')
+
+
+@pytest.fixture(scope='module')
+def tokenizer(tiny_ws):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(tiny_ws.student)
+
+
+def _turns(ids):
+    return ids if ids and isinstance(ids[0], list) else [ids]
+
+
+def test_only_the_students_tokens_are_targets(runs, tokenizer):
+    """Tool results, the dataset's earlier answer and tokens the scheduler masked never carry a label; every token
+    the student wrote in either turn does (the turn's end marker is the template's, as in ms-swift's SFT)."""
+    run = runs['on_policy']
+    assert run.returncode == 0, run.output[-3000:]
+    samples, batches = _records(run, 'samples'), _records(run, 'batch')
+    assert samples and batches and all(b['mode'] == 'Mode.ON_POLICY' for b in batches)
+    tool = tokenizer.encode(TOOL_RESULT, add_special_tokens=False)
+    history = tokenizer.encode(HISTORY, add_special_tokens=False)
+    rows = [(ids, labels) for b in batches for ids, labels in zip(b['input_ids'], b['labels'])]
+    trajectories = [(ids, mask) for s in samples for ids, mask in zip(s['response_token_ids'], s['response_loss_mask'])]
+    assert len(rows) == len(trajectories) >= 6
+    seen_history = 0
+    for (ids, labels), (turns, masks) in zip(rows, trajectories):
+        assert len(turns) == 2 and masks[0][0] == 0 and all(masks[0][1:]) and all(masks[1])
+        at = _find(ids, tool)
+        assert all(label == IGNORE for label in labels[at:at + len(tool)])
+        if _holds(ids, history):
+            seen_history += 1
+            h = _find(ids, history)
+            assert all(label == IGNORE for label in labels[h:h + len(history)])
+        # the targets: the unmasked sampled tokens, and the first turn's end marker (<|im_end|> and its newline)
+        targets = {p for p, label in enumerate(labels) if label != IGNORE}
+        first_end = _find(ids, turns[0]) + len(turns[0])
+        assert targets == set(_positions(ids, turns, masks)) | {first_end, first_end + 1}
+    assert seen_history >= 2
+    logs = run.logs
+    assert [r['gkd/num_turns'] for r in logs] == [2.0] * 3
+    assert [r['gkd/empty_trajectories'] for r in logs] == [0.0] * 3
+
+
+def _holds(row, piece) -> bool:
+    return any(row[i:i + len(piece)] == piece for i in range(len(row) - len(piece) + 1))
+
+
+def _positions(ids, turns, masks):
+    out, start = [], 0
+    for turn, mask in zip(turns, masks):
+        t = _find(ids, turn, start)
+        out += [t + i for i, m in enumerate(mask) if m]
+        start = t + len(turn)
+    return out
+
+
+def test_the_teacher_scores_each_turn_in_the_whole_trajectory(runs, tiny_ws, tokenizer):
+    """The teacher's input is the prompt, turn 1, the tool result and turn 2; its log-probabilities at the
+    student's tokens equal a direct forward of the teacher on that trajectory, built here from the sampled ids."""
+    from transformers import AutoModelForCausalLM
+    run = runs['on_policy']
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_ws.teacher, torch_dtype=torch.float32).eval()
+    samples, batches, scored = _records(run, 'samples'), _records(run, 'batch'), _records(run, 'teacher')
+    trajectories = [(m, ids) for s in samples for m, ids in zip(s['messages'], s['response_token_ids'])]
+    assert len(scored) == len(batches)
+    checked = 0
+    for batch, teacher_out in zip(batches, scored):
+        assert teacher_out['input_ids'] == batch['teacher_input_ids']
+        length = len(batch['teacher_input_ids'][0])
+        keep = teacher_out['logits_to_keep']
+        kept = list(range(length - keep, length)) if isinstance(keep, int) else [p for p, k in enumerate(keep) if k]
+        for row, (ids, labels, logprobs) in enumerate(zip(batch['teacher_input_ids'], batch['teacher_labels'],
+                                                          teacher_out['logprobs'])):
+            messages, turns = trajectories.pop(0)
+            expected = _render(tokenizer, messages, _turns(turns))
+            offset = _find(ids, expected)
+            with torch.no_grad():
+                direct = torch.log_softmax(teacher(torch.tensor([expected])).logits[0].double(), -1)
+            for p, label in enumerate(labels):
+                if label == IGNORE or p - offset >= len(expected):
+                    continue
+                got = torch.tensor(logprobs[kept.index(p - 1)], dtype=torch.float64)
+                torch.testing.assert_close(got, direct[p - offset - 1], atol=2e-5, rtol=0)
+                checked += 1
+    assert checked >= 40
+
+
+def _render(tokenizer, messages, turns):
+    """The token ids of the trajectory up to the end of its last sampled turn: the template's text around each
+    message (ChatML, as qwen3_nothinking renders it) and the sampled ids of each assistant turn."""
+    ids, turn = [], 0
+    first_turn = len([m for m in messages if m['role'] == 'assistant']) - len(turns)
+    assistant_seen = 0
+    for message in messages:
+        header = tokenizer.encode(f'<|im_start|>{message["role"]}\n', add_special_tokens=False)
+        end = tokenizer.encode('<|im_end|>\n', add_special_tokens=False)
+        if message['role'] == 'assistant' and assistant_seen >= first_turn:
+            ids += header + turns[turn]
+            turn += 1
+            if turn == len(turns):
+                return ids
+            ids += end
+        else:
+            ids += header + tokenizer.encode(message['content'], add_special_tokens=False) + end
+        assistant_seen += message['role'] == 'assistant'
+    raise AssertionError('no sampled turn in the trajectory')
+
+
+def test_fused_and_dense_losses_agree_on_trajectories(runs):
+    dense, fused = runs['on_policy'], runs['on_policy_fused']
+    assert fused.returncode == 0, fused.output[-3000:]
+    assert len(fused.losses) == 3
+    assert fused.losses == pytest.approx(dense.losses, rel=1e-4, abs=1e-6)
+
+
+def test_seq_kd_teacher_drives_the_turns_from_its_own_prompt(runs, tokenizer):
+    """seq_kd: the teacher samples both turns from its privileged prompt; the student learns them after its own
+    prompt; both views hold the tool result and score the same tokens."""
+    run = runs['seq_kd']
+    assert run.returncode == 0, run.output[-3000:]
+    samples, batches = _records(run, 'samples'), _records(run, 'batch')
+    assert all(s['mode'] == 'Mode.SEQ_KD' for s in samples)
+    for s in samples:
+        for messages, teacher_messages in zip(s['messages'], s['teacher_messages']):
+            assert [m['role'] for m in messages] == ['user', 'assistant', 'user', 'assistant']
+            assert messages[0]['content'].startswith('Reverse: ')
+            assert teacher_messages[0]['content'].startswith(TEACHER_PROMPT)
+            assert messages[1:] == teacher_messages[1:] and messages[2]['content'] == TOOL_RESULT
+    tool = tokenizer.encode(TOOL_RESULT, add_special_tokens=False)
+    for b in batches:
+        for side in ('', 'teacher_'):
+            for ids, labels in zip(b[f'{side}input_ids'], b[f'{side}labels']):
+                at = _find(ids, tool)
+                assert all(label == IGNORE for label in labels[at:at + len(tool)])
+        student = [[t for t, label in zip(ids, labels) if label != IGNORE]
+                   for ids, labels in zip(b['input_ids'], b['labels'])]
+        teacher = [[t for t, label in zip(ids, labels) if label != IGNORE]
+                   for ids, labels in zip(b['teacher_input_ids'], b['teacher_labels'])]
+        assert student == teacher and all(student)
+    assert [r['gkd/num_turns'] for r in run.logs] == [2.0] * 3
+    assert [r['gkd/mode_seq_kd'] for r in run.logs] == [1.0] * 3
+
+
+def test_a_mask_of_the_wrong_length_names_the_scheduler(runs):
+    run = runs['bad_mask']
+    assert run.returncode != 0
+    assert '--multi_turn_scheduler gkd_test_bad_mask returned a response_loss_mask that ms-swift refuses' in run.output
+
+
+def test_a_trajectory_with_nothing_to_learn_is_counted_and_warned(runs):
+    run = runs['no_tokens']
+    assert run.returncode == 0, run.output[-3000:]
+    assert '2 of 2 trajectories of step 0 have no token to learn from (--multi_turn_scheduler gkd_test_no_tokens' \
+        in run.output
+    assert [r['gkd/empty_trajectories'] for r in run.logs] == [1.0]
