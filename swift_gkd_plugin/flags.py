@@ -404,6 +404,10 @@ def ignored_flag_warnings(args) -> List[str]:
         warnings.append(f'--multi_turn_scheduler {scheduler} has no effect with --lmbda 0 and --seq_kd false: every '
                         'step trains on the dataset\'s responses and nothing is sampled; raise --lmbda (the student '
                         'drives the turns) or set --seq_kd true (the teacher does)')
+    scope = getattr(args, 'completion_length_limit_scope', None)
+    if scheduler and scope == 'total' and not getattr(args, 'use_vllm', False):
+        warnings.append('--completion_length_limit_scope total applies to vLLM colocate sampling only (ms-swift\'s '
+                        'engine patch): with --use_vllm false every turn is limited by --max_completion_length')
     if args.seq_kd and args.lmbda == 1:
         warnings.append('--seq_kd true has no effect with --lmbda 1: every step is on-policy (the student samples), '
                         'so the teacher never samples; lower --lmbda to mix in sequence-level KD steps')

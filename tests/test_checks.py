@@ -214,6 +214,10 @@ def test_a_scheduler_without_sampling_is_warned():
     assert warning.startswith('--multi_turn_scheduler x has no effect with --lmbda 0 and --seq_kd false')
     assert ignored_flag_warnings(SimpleNamespace(**dict(vars(args), lmbda=0.5))) == []
     assert ignored_flag_warnings(SimpleNamespace(**dict(vars(args), seq_kd=True))) == []
+    scope = SimpleNamespace(**dict(vars(args), lmbda=1, completion_length_limit_scope='total', use_vllm=False))
+    warning, = ignored_flag_warnings(scope)
+    assert warning.startswith('--completion_length_limit_scope total applies to vLLM colocate sampling only')
+    assert ignored_flag_warnings(SimpleNamespace(**dict(vars(scope), use_vllm=True))) == []
 
 
 def test_ms_swifts_arguments_leave_num_generations_to_the_resolver():

@@ -53,8 +53,12 @@ def prepare_teacher_view(sample) -> None:
 
 
 def student_trajectory(prompt, rollout_messages, response_token_ids) -> list:
-    """The student's view of a trajectory sampled from another prompt (seq_kd: the teacher's, privileged or not):
-    the student's ``prompt`` messages followed by the rollout's trajectory (its turns and tool results)."""
+    """The student's view of a trajectory the teacher sampled from its privileged prompt (seq_kd): the student's
+    ``prompt`` messages followed by the rollout's trajectory (its turns and tool results). Without a privileged
+    prompt (``prompt`` None) the rollout's own messages, whose prompt a scheduler's ``on_trajectory_start`` may have
+    rewritten (an environment's first observation), are the student's too."""
+    if prompt is None:
+        return rollout_messages
     turns = len(response_token_ids) if response_token_ids and isinstance(response_token_ids[0], (list, tuple)) else 1
     return [dict(m) for m in prompt] + rollout_messages[trajectory_start(rollout_messages, turns):]
 

@@ -159,7 +159,7 @@ class RolloutMixin:
         for sample in samples:
             prepare_teacher_view(sample)
         samples = self._preprocess_inputs(samples)
-        prompts = [[dict(m) for m in s.messages] for s in samples]
+        prompts = [[dict(m) for m in s.messages] if s.teacher_messages else None for s in samples]
         requests = [with_teacher_prompt(s, r) for s, r in zip(samples, self.samples2requests(samples))]
         config = self._get_request_config(logprobs=False)
         with self._teacher_sampling_context() as engine:
@@ -199,8 +199,9 @@ class RolloutMixin:
         if empty:
             logger.warning(f'swift_gkd_plugin: {empty} of {len(samples)} trajectories of step '
                            f'{int(self.state.global_step)} have no token to learn from (--multi_turn_scheduler '
-                           f'{self.args.multi_turn_scheduler} masked every token the model wrote, or wrote none): '
-                           'they add nothing to the loss (counted in gkd/empty_trajectories)')
+                           f'{self.args.multi_turn_scheduler} masked every token the model wrote, or it wrote none): '
+                           'none of their sampled tokens is a target, only the template\'s turn-end markers between '
+                           'turns, if any (counted in gkd/empty_trajectories)')
 
     @contextmanager
     def _teacher_sampling_context(self):
