@@ -267,12 +267,11 @@ def evaluate(model_or_dir, tokenizer, rows: Sequence[Dict[str, Any]], *,
 
 TEACHER_KWARGS: Dict[str, int] = dict(tiny.TEACHER_KWARGS)
 STUDENT_KWARGS: Dict[str, int] = dict(tiny.STUDENT_KWARGS)
-_MARKER = 'tool_workspace.json'
 _VERSION = 1
 
 
 def build_workspace(root: str, *, seed: int = 0, n_train: int = 4000, n_test: int = 200, teacher_steps: int = 400,
-                    student_steps: int = 60, batch_size: int = 64, lr: float = 3e-3, log=print) -> Dict[str, Any]:
+                    student_steps: int = 100, batch_size: int = 64, lr: float = 3e-3, log=print) -> Dict[str, Any]:
     """Build (or reuse) the tool task's data and models under ``root``.
 
     Layout: ``tokenizer/`` (:func:`build_tokenizer`), ``train.jsonl`` / ``test.jsonl`` (prompt rows of
@@ -307,7 +306,7 @@ def build_workspace(root: str, *, seed: int = 0, n_train: int = 4000, n_test: in
         built = quality_task._cached_model(paths[name], params)
         if built is None or (name == 'teacher' and not os.path.exists(paths['teacher_trajectories'])):
             built = _train_model(paths, name, kwargs, steps, model_seed, batch_size, lr, log)
-            quality_task._write_json(os.path.join(paths[name], _MARKER), {'params': params, **built})
+            quality_task._write_json(os.path.join(paths[name], quality_task._MARKER), {'params': params, **built})
         else:
             log(f'reusing the cached {name} in {paths[name]}')
         results.update({f'{name}_eval': built['eval'], f'{name}_parameters': built['parameters']})
