@@ -128,8 +128,8 @@ SMOLLM_METRICS = ('forward_kl', 'top1_agreement', 'student_nll', 'onpolicy_teach
 TOOLS_COMMON = dict(n_train=4000, n_test=200, teacher_steps=400, student_steps=100, batch_size=16,
                     max_completion_length=32)
 TOOLS_PRESETS = {
-    'quick': dict(TOOLS_COMMON, seeds=[0], steps=40, eval_every=40),
-    'full': dict(TOOLS_COMMON, seeds=[0, 1, 2], steps=80, eval_every=20),
+    'quick': dict(TOOLS_COMMON, seeds=[0], steps=100, eval_every=25),
+    'full': dict(TOOLS_COMMON, seeds=[0, 1, 2], steps=200, eval_every=25),
 }
 TOOL_SCHEDULER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'swift_gkd_plugin',
                               'testing', 'tool_scheduler.py')
