@@ -143,6 +143,41 @@ def test_scheduler_drives_ms_swifts_colocate_multi_turn_loop(model_dir, template
         tok, {'messages': _reference(347, 598)})['input_ids']
 
 
+def test_ms_swifts_engine_through_the_scheduler_writes_the_evaluators_trajectories(model_dir, tmp_path):
+    """A student briefly trained on the reference trajectories (it calls the tool, mostly wrongly), rolled out greedily
+    by ms-swift's ``TransformersEngine`` through ``run_multi_turn`` and this scheduler (the colocate path of its
+    trainers): the same trajectories as :func:`tool_task.rollout`, which scores the benchmark, and the template
+    encodes each as :func:`tool_task.encode_trajectory` does."""
+    from swift.infer_engine import InferRequest, RequestConfig, TransformersEngine
+    from swift.infer_engine.protocol import RolloutInferRequest, RolloutOutput
+    from swift.rollout import run_multi_turn
+    student = tiny.build_model(str(tmp_path / 'student'), tiny.load_tokenizer(model_dir), seed=1,
+                               **tool_task.STUDENT_KWARGS)
+    tiny.train_teacher(student, [tool_task.trajectory_row(r) for r in tool_task.make_rows(512)], steps=80,
+                       batch_size=32, seed=1, encode=tool_task.encode_trajectory)
+    prompts = [r['messages'][0]['content'] for r in tool_task.make_rows(8, split='test')]
+    ours = tool_task.rollout(student, None, prompts)
+    assert sum(tool_task.trajectory_metrics([t])['turns'] for t in ours) > len(prompts)  # it called the tool
+
+    engine = TransformersEngine(student, model_type='qwen3', template_type='qwen3_nothinking', max_batch_size=8)
+    scheduler = _scheduler(model_dir, engine.template)
+    config = RequestConfig(max_tokens=tool_task.MAX_NEW_TOKENS, temperature=0, return_details=True)
+
+    def rollout_fn(requests, request_config):
+        return [RolloutOutput(response=r) for r in engine.infer(requests, request_config, use_tqdm=False)]
+    requests = [RolloutInferRequest(messages=[{'role': 'user', 'content': p}]) for p in prompts]
+    outputs = run_multi_turn(requests, rollout_fn(requests, config), scheduler, rollout_fn, config,
+                             max_turns=tool_task.MAX_TURNS)
+    tok = engine.tokenizer
+    texts = [[dict(m, content=tok.decode(m['content'], skip_special_tokens=True) if isinstance(m['content'], list)
+                   else m['content']) for m in o.messages] for o in outputs]
+    assert texts == ours
+    engine.template.set_mode('train')
+    for output, messages in zip(outputs, texts):
+        assert engine.template.encode(InferRequest(messages=output.messages))['input_ids'] == \
+            tool_task.encode_trajectory(tok, {'messages': messages})['input_ids']
+
+
 def test_evaluator_runs_the_tool_loop(model_dir):
     rows = tool_task.make_rows(6, split='test')
     result = tool_task.evaluate(model_dir, None, rows, max_turns=2)
