@@ -164,7 +164,8 @@ def test_ms_swifts_engine_through_the_scheduler_writes_the_evaluators_trajectori
     config = RequestConfig(max_tokens=tool_task.MAX_NEW_TOKENS, temperature=0, return_details=True)
 
     def rollout_fn(requests, request_config):
-        return [RolloutOutput(response=r) for r in engine.infer(requests, request_config, use_tqdm=False)]
+        with tiny._Threads(1):  # as tool_task.rollout: the same float sums, the same greedy picks
+            return [RolloutOutput(response=r) for r in engine.infer(requests, request_config, use_tqdm=False)]
     requests = [RolloutInferRequest(messages=[{'role': 'user', 'content': p}]) for p in prompts]
     outputs = run_multi_turn(requests, rollout_fn(requests, config), scheduler, rollout_fn, config,
                              max_turns=tool_task.MAX_TURNS)
