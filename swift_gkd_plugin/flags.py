@@ -319,13 +319,36 @@ def check_sampling_flags(args) -> None:
 
 
 def check_multi_turn_flags(args) -> None:
-    """ms-swift's multi-turn rollout flags (its ``multi_turn.sh`` example) are accepted by its argument classes and
-    do nothing in GKD (ms-swift 4.6's or the plugin's): refused rather than ignored."""
+    """ms-swift's multi-turn rollout flags (``--multi_turn_scheduler``, ``--max_turns``): a positive turn limit, a limit
+    only with a scheduler, and none of the GKD options that sample or score one turn only. Whether the scheduler is
+    registered needs ms-swift's registry (:func:`swift_gkd_plugin.swift.arguments.check_multi_turn_scheduler`)."""
+    scheduler, max_turns = getattr(args, 'multi_turn_scheduler', None), getattr(args, 'max_turns', None)
+    if max_turns is not None:
+        Range(1, integer=True, why='turns of one trajectory').check('max_turns', max_turns)
+        if not scheduler:
+            raise FlagError(f'--max_turns {max_turns} needs --multi_turn_scheduler NAME (the scheduler that runs the '
+                             'turns); without one every rollout is a single turn: add the scheduler or drop --max_turns')
+    if not scheduler:
+        return
+    flag = f'--multi_turn_scheduler {scheduler}'
+    skd = getattr(args, 'gkd_skd_top_k', 0)
+    if skd:
+        raise FlagError(f'{flag} cannot be combined with --gkd_skd_top_k {skd}: SKD\'s decoding loop, where the teacher '
+                         'verifies the student\'s drafts, samples one turn (allowed: --gkd_skd_top_k 0)')
+    cross = getattr(args, 'gkd_cross_tokenizer', None)
+    if cross:
+        raise FlagError(f'{flag} cannot be combined with --gkd_cross_tokenizer {cross}: a trajectory\'s tool results '
+                         'are written in the student\'s tokens, which the teacher\'s tokenizer cannot align turn by '
+                         'turn yet; distil multi-turn rollouts with a teacher of the same tokenizer')
+
+
+def check_no_multi_turn(args) -> None:
+    """``megatron rlhf``: its rollouts are single-turn (vLLM or its own sampler, no scheduler loop)."""
     given = [f'--{name} {getattr(args, name)}' for name in ('multi_turn_scheduler', 'max_turns')
-             if getattr(args, name) is not None]
+             if getattr(args, name, None) is not None]
     if given:
-        raise FlagError(f'{", ".join(given)}: multi-turn rollouts are not supported by GKD (ms-swift 4.6 accepts '
-                         'these flags and ignores them, so the run would distil single-turn completions): remove '
+        raise FlagError(f'{", ".join(given)}: multi-turn rollouts are supported by swift rlhf only (megatron rlhf '
+                         'samples single turns); run multi-turn distillation with swift rlhf --rlhf_type gkd, or remove '
                          f'{" and ".join(g.split()[0] for g in given)}')
 
 
@@ -376,6 +399,11 @@ def ignored_flag_warnings(args) -> List[str]:
                         'holds the full logits), not Liger\'s fused JSD, which ms-swift\'s GKD uses: the plugin\'s '
                         'covers every --gkd_divergence, --gkd_logits_topk with its tail, SKD and RL terms with one '
                         'tested code path (docs_en/fused_loss.md)')
+    scheduler = getattr(args, 'multi_turn_scheduler', None)
+    if scheduler and args.lmbda == 0 and not args.seq_kd:
+        warnings.append(f'--multi_turn_scheduler {scheduler} has no effect with --lmbda 0 and --seq_kd false: every '
+                        'step trains on the dataset\'s responses and nothing is sampled; raise --lmbda (the student '
+                        'drives the turns) or set --seq_kd true (the teacher does)')
     if args.seq_kd and args.lmbda == 1:
         warnings.append('--seq_kd true has no effect with --lmbda 1: every step is on-policy (the student samples), '
                         'so the teacher never samples; lower --lmbda to mix in sequence-level KD steps')

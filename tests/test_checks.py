@@ -187,16 +187,33 @@ def test_use_liger_kernel_names_the_loss_used_instead():
     assert "not Liger's fused JSD" in liger
 
 
+_NO_MULTI_TURN = dict(multi_turn_scheduler=None, max_turns=None, gkd_skd_top_k=0, gkd_cross_tokenizer=None)
+
+
 @pytest.mark.parametrize('given,needle', [
-    (dict(multi_turn_scheduler='thinking_tips_scheduler'), '--multi_turn_scheduler thinking_tips_scheduler: '
-     'multi-turn rollouts are not supported by GKD'),
-    (dict(max_turns=3), '--max_turns 3: multi-turn rollouts are not supported by GKD'),
-    (dict(multi_turn_scheduler='x', max_turns=2), 'remove --multi_turn_scheduler and --max_turns'),
+    (dict(max_turns=3), '--max_turns 3 needs --multi_turn_scheduler NAME'),
+    (dict(multi_turn_scheduler='x', max_turns=0), '--max_turns must be an integer >= 1 (turns of one trajectory), '
+     'got 0'),
+    (dict(multi_turn_scheduler='x', max_turns=2.5), '--max_turns must be an integer >= 1'),
+    (dict(multi_turn_scheduler='x', gkd_skd_top_k=4), '--multi_turn_scheduler x cannot be combined with '
+     '--gkd_skd_top_k 4: SKD\'s decoding loop'),
+    (dict(multi_turn_scheduler='x', gkd_cross_tokenizer='uld'), '--multi_turn_scheduler x cannot be combined with '
+     '--gkd_cross_tokenizer uld'),
 ])
-def test_multi_turn_flags_are_refused(given, needle):
-    check_multi_turn_flags(SimpleNamespace(multi_turn_scheduler=None, max_turns=None))
+def test_multi_turn_flags_are_checked(given, needle):
+    check_multi_turn_flags(SimpleNamespace(**_NO_MULTI_TURN))
+    check_multi_turn_flags(SimpleNamespace(**dict(_NO_MULTI_TURN, multi_turn_scheduler='x', max_turns=1)))
     with pytest.raises(ValueError, match=re.escape(needle)):
-        check_multi_turn_flags(SimpleNamespace(**dict(dict(multi_turn_scheduler=None, max_turns=None), **given)))
+        check_multi_turn_flags(SimpleNamespace(**dict(_NO_MULTI_TURN, **given)))
+
+
+def test_a_scheduler_without_sampling_is_warned():
+    args = SimpleNamespace(gkd_cross_tokenizer=None, use_liger_kernel=False, multi_turn_scheduler='x', lmbda=0,
+                           seq_kd=False, beta=0.5)
+    warning, = ignored_flag_warnings(args)
+    assert warning.startswith('--multi_turn_scheduler x has no effect with --lmbda 0 and --seq_kd false')
+    assert ignored_flag_warnings(SimpleNamespace(**dict(vars(args), lmbda=0.5))) == []
+    assert ignored_flag_warnings(SimpleNamespace(**dict(vars(args), seq_kd=True))) == []
 
 
 def test_ms_swifts_arguments_leave_num_generations_to_the_resolver():

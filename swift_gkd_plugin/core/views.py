@@ -9,15 +9,62 @@ from typing import List
 from .constants import IGNORE_INDEX
 
 
+def generated_turns(sample) -> int:
+    """The number of assistant messages a rollout wrote at the end of ``sample.messages``: one per turn of
+    ``response_token_ids`` (a list per turn after a multi-turn rollout), else one when the last message is the
+    assistant's (a single-turn sample or a dataset response), else none (a prompt)."""
+    ids = sample.response_token_ids
+    if ids and isinstance(ids[0], (list, tuple)):
+        return len(ids)
+    return int(bool(sample.messages) and sample.messages[-1].get('role') == 'assistant')
+
+
+def trajectory_start(messages, turns: int) -> int:
+    """Index of the first message of the trajectory whose ``turns`` assistant messages end ``messages`` (the
+    ``turns``-th assistant message from the end, where ms-swift puts the sampled ids); ``len(messages)`` for 0 turns.
+    Everything before it is the prompt; after it come the student's turns and the tool results between them."""
+    if turns == 0:
+        return len(messages)
+    assistant = [i for i, m in enumerate(messages) if m.get('role') == 'assistant']
+    if len(assistant) < turns:
+        raise ValueError(f'a rollout reported {turns} assistant turns but its conversation holds {len(assistant)} '
+                         'assistant messages: the multi-turn scheduler must append every turn to the messages')
+    return assistant[-turns]
+
+
 def prepare_teacher_view(sample) -> None:
-    """Privileged teacher prompts: ``teacher_prompt`` (replaces the last user turn, ms-swift's OPSD) or
-    ``teacher_messages`` (the teacher's whole prompt conversation; the student's response is appended to it)."""
+    """Privileged teacher prompts: ``teacher_prompt`` (replaces the last user message of the prompt, ms-swift's
+    OPSD) or ``teacher_messages`` (the teacher's whole prompt conversation). The student's trajectory (its response,
+    or every turn and tool result of a multi-turn rollout) is appended to the teacher's prompt."""
+    start = trajectory_start(sample.messages, generated_turns(sample))
+    trajectory = [dict(m) for m in sample.messages[start:]]
     teacher_messages = sample.teacher_messages
     if teacher_messages and teacher_messages[-1].get('role') != 'assistant':
-        response = sample.messages[-1] if sample.messages and sample.messages[-1]['role'] == 'assistant' else None
-        if response is not None:
-            sample.teacher_messages = [dict(m) for m in teacher_messages] + [dict(response)]
+        if trajectory:
+            sample.teacher_messages = [dict(m) for m in teacher_messages] + trajectory
+    elif teacher_messages is None and sample.teacher_prompt:
+        # the prompt's last user message, never a tool result inside the trajectory
+        prompt = [dict(m) for m in sample.messages[:start]]
+        users = [m for m in prompt if m.get('role') == 'user']
+        if users:
+            users[-1]['content'] = sample.teacher_prompt
+            sample.teacher_messages = prompt + trajectory
     sample.build_teacher_view()
+
+
+def student_trajectory(prompt, rollout_messages, response_token_ids) -> list:
+    """The student's view of a trajectory sampled from another prompt (seq_kd: the teacher's, privileged or not):
+    the student's ``prompt`` messages followed by the rollout's trajectory (its turns and tool results)."""
+    turns = len(response_token_ids) if response_token_ids and isinstance(response_token_ids[0], (list, tuple)) else 1
+    return [dict(m) for m in prompt] + rollout_messages[trajectory_start(rollout_messages, turns):]
+
+
+def without_history_loss(messages, turns: int) -> list:
+    """``messages`` with every assistant message before the sampled trajectory marked ``loss: False``: a multi-turn
+    rollout trains every assistant turn (ms-swift's ``--loss_scale default``), and a dataset row's earlier assistant
+    turns were not written by the student."""
+    start = trajectory_start(messages, turns)
+    return [dict(m, loss=False) if i < start and m.get('role') == 'assistant' else m for i, m in enumerate(messages)]
 
 
 def check_privileged_columns(dataset) -> None:

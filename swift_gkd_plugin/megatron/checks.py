@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields
 from typing import List, Optional, Sequence
 
 from swift_gkd_plugin.flags import (GKD_LOSS_IMPLS, SCALAR_FLAGS, SKD_PLACEMENTS, FlagError, GKDPluginArgumentsMixin,
-                                    check_gkd_scalars, check_multi_turn_flags, check_teacher_server_flags,
+                                    check_gkd_scalars, check_no_multi_turn, check_teacher_server_flags,
                                     plugin_flags_in)
 
 #: ``--gkd_loss_impl`` values of megatron rlhf: the fused loss on hidden states is for swift rlhf only
@@ -63,7 +63,7 @@ def check_megatron_gkd(args) -> None:
                          '--gkd_skd_top_k 0 here')
     check_gkd_scalars(_scalar_view(args))
     check_teacher_server_flags(args)
-    check_multi_turn_flags(args)
+    check_no_multi_turn(args)
     teacher_tp = args.teacher_tensor_model_parallel_size
     student_tp = args.tensor_model_parallel_size or 1
     if teacher_tp is not None and teacher_tp != student_tp:

@@ -313,6 +313,21 @@ def check_reward_funcs(args) -> None:
                          'own in a file passed with --external_plugins (orms[\'my_reward\'] = MyReward)')
 
 
+def check_multi_turn_scheduler(args) -> None:
+    """``--multi_turn_scheduler`` names a scheduler in ms-swift's registry (built-ins and ``--external_plugins``,
+    which ms-swift has imported by now)."""
+    name = args.multi_turn_scheduler
+    if not name:
+        return
+    from swift.rollout import multi_turns
+    if name not in multi_turns:
+        close = difflib.get_close_matches(name, list(multi_turns), n=1)
+        hint = f' (did you mean {close[0]}?)' if close else ''
+        raise FlagError(f'--multi_turn_scheduler {name}: no such scheduler{hint}. Known: {sorted(multi_turns)}; '
+                         'register your own in a file passed with --external_plugins '
+                         '(multi_turns[\'my_scheduler\'] = MyScheduler, a swift.rollout.MultiTurnScheduler)')
+
+
 def check_fresh_samples_for_rl(args) -> None:
     """The policy-gradient term assumes the student that sampled is the one being updated (no importance ratio): each
     generation batch must be exactly one optimizer step."""
@@ -350,6 +365,7 @@ def check_gkd_arguments(args) -> None:
     """Every check, in this order (each raises, none changes arguments)."""
     check_flags_only(args)
     check_reward_funcs(args)
+    check_multi_turn_scheduler(args)
     check_fresh_samples_for_rl(args)
     check_generation_flags(args)
     check_teacher_server_flags(args)
@@ -436,3 +452,8 @@ class GKDPluginConfig(GKDPluginArgumentsMixin, GKDConfig):
     rollout_importance_sampling_mode: Optional[Literal[ROLLOUT_IS_MODES]] = None
     rollout_importance_sampling_threshold: float = 2.0
     log_rollout_offpolicy_metrics: bool = False
+    # ms-swift's multi-turn rollout flags (its GKDConfig does not declare them, so its GKD never built a scheduler)
+    multi_turn_scheduler: Optional[str] = None
+    max_turns: Optional[int] = None
+    completion_length_limit_scope: Literal['total', 'per_round'] = 'per_round'
+    gym_env: Optional[str] = None

@@ -9,7 +9,8 @@ from swift.rlhf_trainers.utils import encode_sample
 from swift.utils import get_logger, to_device
 
 from swift_gkd_plugin.core.constants import IGNORE_INDEX
-from swift_gkd_plugin.core.views import check_same_response_count, check_views_aligned, prepare_teacher_view
+from swift_gkd_plugin.core.views import (check_same_response_count, check_views_aligned, generated_turns,
+                                        prepare_teacher_view, without_history_loss)
 from swift_gkd_plugin.swift.rollout_correction import sampler_logprobs_of_batch
 from swift_gkd_plugin.swift.token_metrics import add_token_sum as _add_token_sum
 
@@ -44,8 +45,14 @@ class BatchesMixin:
     def _encode_samples(self, samples):
         """Encode both views; a teacher view that does not score the student's response tokens names its row."""
         template = self.template
+        multi_turn = self.multi_turn_scheduler is not None and self._gkd_mode.needs_generation
         for sample in samples:
             prepare_teacher_view(sample)
+            if multi_turn:  # the loss keeps the sampled turns only, not a dataset row's earlier answers
+                turns = generated_turns(sample)
+                sample.messages = without_history_loss(sample.messages, turns)
+                if sample.teacher_messages:
+                    sample.teacher_messages = without_history_loss(sample.teacher_messages, turns)
         if self._xtok is not None:  # the teacher reads the samples through its own template, not the student's
             return self._encode_cross_tokenizer(samples)
         with self._template_context(template):

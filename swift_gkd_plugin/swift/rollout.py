@@ -17,19 +17,50 @@ from contextlib import ExitStack, contextmanager
 from typing import Any, Dict, List
 
 import torch
+from accelerate.utils import gather_object
 from swift.infer_engine.protocol import RolloutOutput
 from swift.rlhf_trainers.gkd_loss import DataSource
+from swift.rollout import invoke_async_hook, run_multi_turn
+from swift.utils import get_logger
 
 from swift_gkd_plugin.core import Mode
 from swift_gkd_plugin.core.modes import DATA_SOURCES, step_mode
 from swift_gkd_plugin.core.speculative import teacher_seed
-from swift_gkd_plugin.core.views import prepare_teacher_view, with_teacher_prompt
+from swift_gkd_plugin.core.views import generated_turns, prepare_teacher_view, student_trajectory, with_teacher_prompt
 from swift_gkd_plugin.swift.compile_cost import eager_sampling
 from swift_gkd_plugin.swift.group_resample import resample_failed_groups
 from swift_gkd_plugin.swift.speculative import cached_forward, server_teacher, skd_decoding
 from swift_gkd_plugin.swift.token_metrics import add_token_sum as _add_token_sum
 
+logger = get_logger()
 _DATA_SOURCE = {mode: DataSource(value) for mode, value in DATA_SOURCES.items()}
+
+
+def _rollout_outputs(results) -> List[RolloutOutput]:
+    return [r if isinstance(r, RolloutOutput) else RolloutOutput(response=r) for r in results]
+
+
+def learnable_tokens(sample) -> int:
+    """The response tokens of ``sample`` its loss mask keeps (all of them without a mask; 1 for a text-only response)."""
+    masks, ids = sample.response_loss_mask, sample.response_token_ids
+    if masks:
+        return sum(sum(mask) for mask in masks)
+    if not ids:  # text only: the template encodes the response
+        return 1
+    return sum(len(turn) for turn in ids) if isinstance(ids[0], (list, tuple)) else len(ids)
+
+
+@contextmanager
+def scheduler_errors(name):
+    """ms-swift's scheduler loop checks a scheduler's ``response_loss_mask`` with bare asserts: name the scheduler."""
+    try:
+        yield
+    except AssertionError as exc:
+        if not name or 'response_loss_mask' not in str(exc):
+            raise
+        raise ValueError(f'--multi_turn_scheduler {name} returned a response_loss_mask that ms-swift refuses ({exc}): '
+                         'its step() must return one 0/1 value per token of response_token_ids (1: the model wrote '
+                         'it and learns it, 0: context such as a tool result)') from exc
 
 
 class RolloutMixin:
@@ -57,13 +88,15 @@ class RolloutMixin:
         if self.template.truncation_strategy == 'raise':
             inputs = self.resample_encode_failed_inputs(inputs, strip_response=mode.needs_generation)
         samples = self.to_samples(inputs)
-        with self._sampling_rng(step):
+        with self._sampling_rng(step), scheduler_errors(self.args.multi_turn_scheduler):
             if mode is Mode.ON_POLICY and self.args.gkd_skd_top_k:
                 samples = self._generate_with_skd(samples, step)
             elif mode is Mode.ON_POLICY:
-                samples = self._generate_completions(samples)
+                samples = self._generate_completions(samples)  # ms-swift's loop drives a scheduler's turns
             elif mode is Mode.SEQ_KD:
                 samples = self._generate_with_teacher(samples)
+        if self.multi_turn_scheduler is not None and mode.needs_generation:
+            self._log_trajectories(samples)
         return samples
 
     def _record_mode(self, step: int, mode: Mode) -> None:
@@ -107,8 +140,7 @@ class RolloutMixin:
             # SKD's tokens come from a student/teacher mixture: no sampler log-probabilities, no correction
             outputs = engine.infer(requests, self._get_request_config(logprobs=False), use_tqdm=False)
         self._log_skd(results)
-        outputs = [r if isinstance(r, RolloutOutput) else RolloutOutput(response=r) for r in outputs]
-        return self._postprocess_rollout_outputs(samples, outputs)
+        return self._postprocess_rollout_outputs(samples, _rollout_outputs(outputs))
 
     def _log_skd(self, results) -> None:
         """``gkd/skd_replaced_fraction``: replaced among the drafted tokens the teacher judged; ``gkd/skd_rounds``:
@@ -127,10 +159,16 @@ class RolloutMixin:
         for sample in samples:
             prepare_teacher_view(sample)
         samples = self._preprocess_inputs(samples)
+        prompts = [[dict(m) for m in s.messages] for s in samples]
         requests = [with_teacher_prompt(s, r) for s, r in zip(samples, self.samples2requests(samples))]
+        config = self._get_request_config(logprobs=False)
         with self._teacher_sampling_context() as engine:
-            results = engine.infer(requests, self._get_request_config(logprobs=False), use_tqdm=False)
-        outputs = [r if isinstance(r, RolloutOutput) else RolloutOutput(response=r) for r in results]
+            if self.multi_turn_scheduler is None:
+                outputs = _rollout_outputs(engine.infer(requests, config, use_tqdm=False))
+            else:  # the teacher drives the turns, from its own prompt
+                outputs = self._teacher_multi_turn(engine, requests, config)
+                for prompt, output in zip(prompts, outputs):
+                    output.messages = student_trajectory(prompt, output.messages, output.response_token_ids)
         samples = self._postprocess_rollout_outputs(samples, outputs)
         if self._xtok is not None:
             for sample in samples:
@@ -139,6 +177,30 @@ class RolloutMixin:
                 sample.response_token_ids, sample.response_loss_mask = [], []
                 sample.add_eos = sample.finish_reason == 'stop'
         return samples
+
+    def _teacher_multi_turn(self, engine, requests, config):
+        """seq_kd's multi-turn rollouts: ms-swift's scheduler loop (:func:`swift.rollout.run_multi_turn`, as its
+        colocate rollouts run it) with the teacher's engine answering every turn."""
+        scheduler = self.multi_turn_scheduler
+        invoke_async_hook(scheduler.on_trajectory_start(requests))
+        infer = lambda reqs, cfg: _rollout_outputs(engine.infer(reqs, cfg, use_tqdm=False))  # noqa: E731
+        return run_multi_turn(requests=requests, first_turn_outputs=infer(requests, config), scheduler=scheduler,
+                              rollout_fn=infer, request_config=config, max_turns=self.args.max_turns,
+                              gather_fn=gather_object)
+
+    def _log_trajectories(self, samples) -> None:
+        """``gkd/num_turns``: turns per trajectory; ``gkd/empty_trajectories``: trajectories whose loss mask keeps
+        no token the model wrote (nothing to learn from them), also warned with their count."""
+        metrics = self.custom_metrics['train' if self.model.training else 'eval']
+        turns = [int((s.rollout_infos or {}).get('num_turns', generated_turns(s))) for s in samples]
+        _add_token_sum(metrics['gkd/num_turns'], sum(turns), len(turns))
+        empty = sum(1 for s in samples if not learnable_tokens(s))
+        _add_token_sum(metrics['gkd/empty_trajectories'], empty, len(samples))
+        if empty:
+            logger.warning(f'swift_gkd_plugin: {empty} of {len(samples)} trajectories of step '
+                           f'{int(self.state.global_step)} have no token to learn from (--multi_turn_scheduler '
+                           f'{self.args.multi_turn_scheduler} masked every token the model wrote, or wrote none): '
+                           'they add nothing to the loss (counted in gkd/empty_trajectories)')
 
     @contextmanager
     def _teacher_sampling_context(self):

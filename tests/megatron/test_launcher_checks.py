@@ -83,7 +83,7 @@ def assert_passed_the_checks(output):
     (('--gkd_cross_tokenizer', 'uld'), '--gkd_cross_tokenizer uld is supported by swift rlhf only'),
     (('--temperature', '0.001'), '--temperature must be >= 0.02 (the loss divides the logits by it'),
     (('--multi_turn_scheduler', 'x', '--max_turns', '2'), '--multi_turn_scheduler x, --max_turns 2: multi-turn '
-     'rollouts are not supported by GKD'),
+     'rollouts are supported by swift rlhf only'),
     (('--gkd_sampling_temperature', '0'), '--gkd_sampling_temperature must be > 0 (or unset for --temperature), '
      'got 0.0'),
     (('--gkd_sampling_temperature', 'nan'), '--gkd_sampling_temperature must be a finite number > 0 (or unset for '

@@ -1,0 +1,86 @@
+"""A multi-turn scheduler for the tests (``--external_plugins``), and, with ``GKD_TEST_TRAJ_LOG`` set, a probe that
+writes what each micro-batch's loss and teacher saw (one json line per call) to that file.
+
+``gkd_test_tool``: after the student's first turn the "tool" answers with the user message :data:`TOOL_RESULT`
+(context: never a target); the second turn ends the trajectory. The first turn's first sampled token is marked
+``0`` in its loss mask (as a scheduler marks tokens the model did not write). ``gkd_test_bad_mask`` returns a mask
+one entry short; ``gkd_test_no_tokens`` masks every token."""
+import json
+import os
+
+import torch
+from swift.rollout import MultiTurnScheduler, multi_turns
+
+TOOL_RESULT = 'Tool: h h h h'
+
+
+class ToolScheduler(MultiTurnScheduler):
+
+    def step(self, infer_request, response_choice, current_turn):
+        ids = list(response_choice.token_ids or [])
+        infer_request.messages.append({'role': 'user', 'content': TOOL_RESULT})
+        return {'infer_request': infer_request, 'response_token_ids': ids,
+                'response_loss_mask': self.mask(ids)}
+
+    def mask(self, ids):
+        return [0] + [1] * (len(ids) - 1) if ids else []
+
+    def check_finished(self, infer_request, response_choice, current_turn):
+        return current_turn >= 2  # even when a turn stops at the length limit (the tiny models never stop)
+
+
+class BadMaskScheduler(ToolScheduler):
+
+    def mask(self, ids):
+        return [1] * (len(ids) - 1)
+
+
+class NoTokensScheduler(ToolScheduler):
+
+    def mask(self, ids):
+        return [0] * len(ids)
+
+    def check_finished(self, infer_request, response_choice, current_turn):
+        return True
+
+    async def on_turn_end(self, infer_request, response_choice, current_turn):
+        ids = list(response_choice.token_ids or [])
+        return {'response_token_ids': ids, 'response_loss_mask': [0] * len(ids)}
+
+
+multi_turns['gkd_test_tool'] = ToolScheduler
+multi_turns['gkd_test_bad_mask'] = BadMaskScheduler
+multi_turns['gkd_test_no_tokens'] = NoTokensScheduler
+
+_LOG = os.environ.get('GKD_TEST_TRAJ_LOG')
+if _LOG:
+    from swift_gkd_plugin.swift.trainer import GKDPluginTrainer
+
+    def _rows(t):
+        return t.detach().cpu().tolist()
+
+    _compute_loss, _teacher_forward = GKDPluginTrainer.compute_loss, GKDPluginTrainer._teacher_forward
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        record = {'kind': 'batch', 'mode': str(inputs.get('gkd_mode')),
+                  'input_ids': _rows(inputs['model_inputs']['input_ids']),
+                  'labels': _rows(inputs['model_inputs']['labels']),
+                  'teacher_input_ids': _rows(inputs['teacher_model_inputs']['input_ids']),
+                  'teacher_labels': _rows(inputs['teacher_model_inputs']['labels'])}
+        with open(_LOG, 'a') as f:
+            f.write(json.dumps(record) + '\n')
+        return _compute_loss(self, model, inputs, *args, **kwargs)
+
+    def teacher_forward(self, model, teacher_inputs, hidden=False):
+        out = _teacher_forward(self, model, teacher_inputs, hidden)
+        if not hidden:
+            keep = teacher_inputs.get('logits_to_keep')
+            keep = _rows(keep) if isinstance(keep, torch.Tensor) else keep
+            record = {'kind': 'teacher', 'input_ids': _rows(teacher_inputs['input_ids']), 'logits_to_keep': keep,
+                      'logprobs': _rows(torch.log_softmax(out.float(), -1))}
+            with open(_LOG, 'a') as f:
+                f.write(json.dumps(record) + '\n')
+        return out
+
+    GKDPluginTrainer.compute_loss = compute_loss
+    GKDPluginTrainer._teacher_forward = teacher_forward
