@@ -4,7 +4,7 @@
     python benchmarks/bench_quality.py                  # the full preset: 3 seeds, longer runs
     python benchmarks/bench_quality.py --preset capacity --quick   # the capacity-limited task, 1 seed
     python benchmarks/bench_quality.py --preset smollm --quick     # SmolLM2-135M-Instruct -> its pruned copy, 1 seed
-    python benchmarks/bench_quality.py --preset tools --quick      # multi-turn tool use (a calculator), 1 seed
+    python benchmarks/bench_quality.py --preset tools --quick      # multi-turn tool use (a calculator), 1 seed, ~6 min
     python benchmarks/bench_quality.py --help
 
 Task: sort eight distinct letters, ascending or descending (both right; the dataset's reference picks one at
