@@ -5,8 +5,9 @@ Importing this file registers it (``multi_turns['gkd_calculator']``), so a run p
     --external_plugins <path of this file> --multi_turn_scheduler gkd_calculator --max_turns 3
 
 :meth:`CalculatorScheduler.step` runs the tool on the call of the assistant turn just written and appends its result
-(:func:`.tool_task.tool_message`); :meth:`CalculatorScheduler.check_finished` ends the trajectory on a turn without a call (the
-final answer), on a turn cut by the length limit, or at ``max_turns``: the rules of :func:`.tool_task.rollout`.
+(:func:`.tool_task.tool_message`); :meth:`CalculatorScheduler.check_finished` ends the trajectory on a turn without a
+call (the final answer), on a turn cut by the length limit, or at ``max_turns``: the rules of
+:func:`.tool_task.rollout`.
 """
 from __future__ import annotations
 

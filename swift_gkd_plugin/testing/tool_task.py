@@ -25,9 +25,9 @@ train and test prompts are disjoint for any seed.
 
 :func:`evaluate` runs the tool loop with greedy generation (at most :data:`MAX_TURNS` assistant turns, like the
 scheduler of :mod:`.tool_scheduler`) and reports the success rate (final answer right), the tool-call rate, the
-tool-call correctness and the mean number of turns.  :func:`build_workspace` caches the tokenizer (:func:`build_tokenizer`:
-digits one token each, the call markers one token each), the data, a teacher trained on the
-reference trajectories and a smaller student with a short warm start on them.
+tool-call correctness and the mean number of turns.  :func:`build_workspace` caches the tokenizer
+(:func:`build_tokenizer`: digits and call markers one token each), the data, a teacher trained on the reference
+trajectories and a smaller student with a short warm start on them.
 """
 from __future__ import annotations
 
@@ -42,8 +42,8 @@ import torch
 from swift_gkd_plugin.testing import quality_task, tiny
 
 __all__ = [
-    'PROMPT_PREFIX', 'CALL_OPEN', 'CALL_CLOSE', 'MAX_TURNS', 'split_of', 'operands_of', 'solve',
-    'is_success', 'parse_tool_call', 'run_tool', 'tool_message', 'make_rows', 'trajectory_row', 'build_tokenizer', 'render',
+    'PROMPT_PREFIX', 'CALL_OPEN', 'CALL_CLOSE', 'MAX_TURNS', 'split_of', 'operands_of', 'solve', 'is_success',
+    'parse_tool_call', 'run_tool', 'tool_message', 'make_rows', 'trajectory_row', 'build_tokenizer', 'render',
     'encode_trajectory', 'rollout', 'trajectory_metrics', 'evaluate', 'build_workspace',
 ]
 
@@ -54,7 +54,7 @@ CALL_CLOSE: str = '</calc>'
 MAX_TURNS: int = 3
 #: Operands: three-digit numbers.
 LOW, HIGH = 100, 999
-#: Tokens of one turn at most (a call is 10 tokens, an answer 4 and ``<|im_end|>``).
+#: Tokens of one turn at most in the evaluator (a call is 9 tokens, an answer at most 4, then ``<|im_end|>``).
 MAX_NEW_TOKENS: int = 16
 _TEST_MODULUS = 5
 _PROMPT = re.compile(r'^Add: (\d+) \+ (\d+)$')
