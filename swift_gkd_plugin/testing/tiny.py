@@ -228,11 +228,14 @@ def _tokenizer_corpus() -> List[str]:
     return texts
 
 
-def train_bpe(corpus: Iterable[str], special_tokens: Sequence[str], vocab_size: int):
-    """A deterministic byte-level BPE ``tokenizers.Tokenizer`` trained on ``corpus``, ``special_tokens`` first."""
+def train_bpe(corpus: Iterable[str], special_tokens: Sequence[str], vocab_size: int, individual_digits: bool = False):
+    """A deterministic byte-level BPE ``tokenizers.Tokenizer`` trained on ``corpus``, ``special_tokens`` first.
+    ``individual_digits``: every digit is a piece of its own, as in Qwen's tokenizers (no merges across digits)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if individual_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -554,7 +557,8 @@ def train_teacher(model_dir: str,
                   weight_decay: float = 0.0,
                   seed: int = 0,
                   num_threads: Optional[int] = None,
-                  log_every: int = 0) -> Dict[str, Any]:
+                  log_every: int = 0,
+                  encode=None) -> Dict[str, Any]:
     """Briefly train the model saved in ``model_dir`` on ``rows`` with plain torch and save it back in place.
 
     Training is standard causal-LM cross-entropy on the response tokens only (``{a}<|im_end|>\\n``; the
@@ -577,6 +581,8 @@ def train_teacher(model_dir: str,
             to profit from intra-op threads, and multi-threading degrades badly on busy machines), restored
             afterwards.
         log_every: print the running loss every that many steps (0 = silent).
+        encode: ``encode(tokenizer, row)`` giving ``input_ids`` and ``labels`` like :func:`encode_row` (the default),
+            e.g. a multi-turn rendering whose every assistant turn is a target.
 
     Returns:
         ``{'steps', 'seconds', 'initial_loss', 'final_loss', 'num_rows', 'num_parameters'}``; the losses are
@@ -585,7 +591,7 @@ def train_teacher(model_dir: str,
     from transformers import AutoModelForCausalLM
 
     tokenizer = load_tokenizer(model_dir)
-    encoded = [encode_row(tokenizer, r) for r in rows]
+    encoded = [(encode or encode_row)(tokenizer, r) for r in rows]
     if not encoded:
         raise ValueError('no training rows')
     if warmup_steps is None:
