@@ -4,7 +4,7 @@
     python benchmarks/bench_quality.py                  # the full preset: 3 seeds, longer runs
     python benchmarks/bench_quality.py --preset capacity --quick   # the capacity-limited task, 1 seed
     python benchmarks/bench_quality.py --preset smollm --quick     # SmolLM2-135M-Instruct -> its pruned copy, 1 seed
-    python benchmarks/bench_quality.py --preset tools --quick      # multi-turn tool use (a calculator), 1 seed, ~6 min
+    python benchmarks/bench_quality.py --preset tools --quick      # multi-turn tool use (a calculator), 1 seed, ~7 min
     python benchmarks/bench_quality.py --help
 
 Task: sort eight distinct letters, ascending or descending (both right; the dataset's reference picks one at
@@ -135,7 +135,7 @@ TOOL_SCHEDULER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
                               'testing', 'tool_scheduler.py')
 MULTI_TURN = {'multi_turn_scheduler': 'gkd_calculator', 'max_turns': str(tool_task.MAX_TURNS),
               'external_plugins': TOOL_SCHEDULER}
-TOOLS_METHOD_NAMES = ('onpolicy_tools', 'single_turn', 'seqkd_sft', 'seqkd_tools')
+TOOLS_METHOD_NAMES = ('onpolicy_tools', 'onpolicy_tools_fkl', 'single_turn', 'seqkd_sft', 'seqkd_tools')
 TOOLS_METRICS = ('success', 'tool_call_rate', 'tool_call_correct', 'turns')
 
 
@@ -144,6 +144,7 @@ def tools_methods(ws: Dict[str, Any]) -> Dict[str, tuple]:
     tool-loop trajectories of the workspace (every assistant turn a target) and SeqKD with the scheduler."""
     return {
         'onpolicy_tools': ('rlhf', {'lmbda': '1', 'beta': '0.5', **MULTI_TURN}),
+        'onpolicy_tools_fkl': ('rlhf', {'lmbda': '1', 'beta': '0', **MULTI_TURN}),  # forward KL: the SFT-like end
         'single_turn': ('rlhf', {'lmbda': '1', 'beta': '0.5'}),
         'seqkd_sft': ('sft', {'dataset': ws['teacher_trajectories']}),
         'seqkd_tools': ('rlhf', {'seq_kd': 'true', 'lmbda': '0', 'beta': '0.5', **MULTI_TURN}),
