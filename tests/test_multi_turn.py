@@ -64,6 +64,8 @@ def runs(tiny_ws, shared_runs):
         'on_policy': start(history, lmbda=1, gkd_loss_impl='dense'),
         'on_policy_fused': start(history, lmbda=1, gkd_loss_impl='fused'),
         'seq_kd': start(privileged, lmbda=0, seq_kd='true', gkd_loss_impl='dense'),
+        'shared_base': start(history, lmbda=1, tuner_type='lora', teacher_model=None, teacher_model_type=None,
+                             gkd_loss_impl='dense', max_steps=2),
         'bad_mask': start(tiny_ws.train, lmbda=1, multi_turn_scheduler='gkd_test_bad_mask', max_steps=1),
         'no_tokens': start(tiny_ws.train, lmbda=1, multi_turn_scheduler='gkd_test_no_tokens', max_steps=1),
     })
@@ -220,6 +222,19 @@ def test_seq_kd_teacher_drives_the_turns_from_its_own_prompt(runs, tokenizer):
         assert student == teacher and all(student)
     assert [r['gkd/num_turns'] for r in run.logs] == [2.0] * 3
     assert [r['gkd/mode_seq_kd'] for r in run.logs] == [1.0] * 3
+
+
+def test_shared_base_lora_teacher_scores_the_trajectories(runs, tokenizer):
+    """Self-distillation of a LoRA student (the teacher is its base, adapter off) over two-turn trajectories."""
+    run = runs['shared_base']
+    assert run.returncode == 0, run.output[-3000:]
+    assert [r['gkd/num_turns'] for r in run.logs] == [2.0] * 2
+    tool = tokenizer.encode(TOOL_RESULT, add_special_tokens=False)
+    for b in _records(run, 'batch'):
+        for ids, labels in zip(b['teacher_input_ids'], b['teacher_labels']):
+            at = _find(ids, tool)
+            assert all(label == IGNORE for label in labels[at:at + len(tool)])
+    assert len(_records(run, 'teacher')) == len(_records(run, 'batch'))  # the teacher pass ran on each
 
 
 def test_a_mask_of_the_wrong_length_names_the_scheduler(runs):

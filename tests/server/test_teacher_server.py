@@ -598,6 +598,19 @@ def test_swift_rlhf_trains_against_the_server(tiny_ws, servers, tmp_path, plugin
     assert np.allclose(remote.losses, local.losses, rtol=1e-4, atol=1e-7), (remote.losses, local.losses)
 
 
+def test_multi_turn_trajectories_against_the_server(tiny_ws, servers, tmp_path):
+    """A multi-turn run (the student's two turns with a tool result between them) scores the whole trajectory on the
+    server: its losses equal those of the same run with the local teacher's top-k."""
+    plugin = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'multi_turn_plugin.py')
+    turns = dict(external_plugins=plugin, multi_turn_scheduler='gkd_test_tool', max_turns=2, lmbda=1,
+                 gkd_logits_topk=8)
+    remote = run_swift(base_args(tiny_ws, str(tmp_path / 'remote'), teacher_model=None, teacher_model_type=None,
+                                 teacher_model_server=servers['main'].url, **turns))
+    local = run_swift(base_args(tiny_ws, str(tmp_path / 'local'), **turns))
+    assert [r['gkd/num_turns'] for r in remote.logs] == [2.0] * 3
+    assert np.allclose(remote.losses, local.losses, rtol=1e-4, atol=1e-7), (remote.losses, local.losses)
+
+
 @pytest.fixture(scope='module')
 def infer_only_server(tiny_ws, tmp_path_factory):
     """The teacher behind only GET /health and POST /infer/, the routes of `swift deploy` (ms-swift's teacher_server.sh)."""
