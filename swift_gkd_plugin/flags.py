@@ -326,15 +326,16 @@ def check_multi_turn_flags(args) -> None:
     if max_turns is not None:
         Range(1, integer=True, why='turns of one trajectory').check('max_turns', max_turns)
         if not scheduler:
-            raise FlagError(f'--max_turns {max_turns} needs --multi_turn_scheduler NAME (the scheduler that runs the '
-                             'turns); without one every rollout is a single turn: add the scheduler or drop --max_turns')
+            raise FlagError(f'--max_turns {max_turns} needs --multi_turn_scheduler NAME (the scheduler that runs '
+                             'the turns); without one every rollout is a single turn: add the scheduler or drop '
+                             '--max_turns')
     if not scheduler:
         return
     flag = f'--multi_turn_scheduler {scheduler}'
     skd = getattr(args, 'gkd_skd_top_k', 0)
     if skd:
-        raise FlagError(f'{flag} cannot be combined with --gkd_skd_top_k {skd}: SKD\'s decoding loop, where the teacher '
-                         'verifies the student\'s drafts, samples one turn (allowed: --gkd_skd_top_k 0)')
+        raise FlagError(f'{flag} cannot be combined with --gkd_skd_top_k {skd}: SKD\'s decoding loop, where the '
+                         'teacher verifies the student\'s drafts, samples one turn (allowed: --gkd_skd_top_k 0)')
     cross = getattr(args, 'gkd_cross_tokenizer', None)
     if cross:
         raise FlagError(f'{flag} cannot be combined with --gkd_cross_tokenizer {cross}: a trajectory\'s tool results '
@@ -347,8 +348,9 @@ def check_no_multi_turn(args) -> None:
     given = [f'--{name} {getattr(args, name)}' for name in ('multi_turn_scheduler', 'max_turns')
              if getattr(args, name, None) is not None]
     if given:
-        raise FlagError(f'{", ".join(given)}: multi-turn rollouts are supported by swift rlhf only (megatron rlhf '
-                         'samples single turns); run multi-turn distillation with swift rlhf --rlhf_type gkd, or remove '
+        raise FlagError(f'{", ".join(given)}: multi-turn rollouts are supported by swift rlhf only (megatron '
+                         'rlhf samples single turns); run multi-turn distillation with swift rlhf --rlhf_type gkd, or '
+                         'remove '
                          f'{" and ".join(g.split()[0] for g in given)}')
 
 

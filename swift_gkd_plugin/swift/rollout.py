@@ -41,7 +41,7 @@ def _rollout_outputs(results) -> List[RolloutOutput]:
 
 
 def learnable_tokens(sample) -> int:
-    """The response tokens of ``sample`` its loss mask keeps (all of them without a mask; 1 for a text-only response)."""
+    """The response tokens of ``sample`` its loss mask keeps (all without a mask; 1 for a text-only response)."""
     masks, ids = sample.response_loss_mask, sample.response_token_ids
     if masks:
         return sum(sum(mask) for mask in masks)
