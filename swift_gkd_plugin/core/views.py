@@ -9,13 +9,19 @@ from typing import List
 from .constants import IGNORE_INDEX
 
 
+def turn_ids(response_token_ids) -> list:
+    """``response_token_ids`` as one list per turn (a single-turn rollout reports one flat list)."""
+    ids = response_token_ids or []
+    return list(ids) if ids and isinstance(ids[0], (list, tuple)) else ([list(ids)] if ids else [])
+
+
 def generated_turns(sample) -> int:
     """The number of assistant messages a rollout wrote at the end of ``sample.messages``: one per turn of
     ``response_token_ids`` (a list per turn after a multi-turn rollout), else one when the last message is the
     assistant's (a single-turn sample or a dataset response), else none (a prompt)."""
     ids = sample.response_token_ids
     if ids and isinstance(ids[0], (list, tuple)):
-        return len(ids)
+        return len(ids)  # (a flat list is one turn: the last message's, counted below)
     return int(bool(sample.messages) and sample.messages[-1].get('role') == 'assistant')
 
 
@@ -59,7 +65,7 @@ def student_trajectory(prompt, rollout_messages, response_token_ids) -> list:
     rewritten (an environment's first observation), are the student's too."""
     if prompt is None:
         return rollout_messages
-    turns = len(response_token_ids) if response_token_ids and isinstance(response_token_ids[0], (list, tuple)) else 1
+    turns = max(len(turn_ids(response_token_ids)), 1)
     return [dict(m) for m in prompt] + rollout_messages[trajectory_start(rollout_messages, turns):]
 
 

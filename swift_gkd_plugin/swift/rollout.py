@@ -26,7 +26,8 @@ from swift.utils import get_logger
 from swift_gkd_plugin.core import Mode
 from swift_gkd_plugin.core.modes import DATA_SOURCES, step_mode
 from swift_gkd_plugin.core.speculative import teacher_seed
-from swift_gkd_plugin.core.views import generated_turns, prepare_teacher_view, student_trajectory, with_teacher_prompt
+from swift_gkd_plugin.core.views import (generated_turns, prepare_teacher_view, student_trajectory, turn_ids,
+                                        with_teacher_prompt)
 from swift_gkd_plugin.swift.compile_cost import eager_sampling
 from swift_gkd_plugin.swift.group_resample import resample_failed_groups
 from swift_gkd_plugin.swift.speculative import cached_forward, server_teacher, skd_decoding
@@ -47,7 +48,7 @@ def learnable_tokens(sample) -> int:
         return sum(sum(mask) for mask in masks)
     if not ids:  # text only: the template encodes the response
         return 1
-    return sum(len(turn) for turn in ids) if isinstance(ids[0], (list, tuple)) else len(ids)
+    return sum(len(turn) for turn in turn_ids(ids))
 
 
 @contextmanager
