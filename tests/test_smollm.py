@@ -233,6 +233,14 @@ def test_smollm_preset_runs_end_to_end_and_reuses_its_cache(tiny_gguf, tmp_path,
     assert len(calls) == 1 and 'reusing the smollm workspace' in capsys.readouterr().out
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason='the refusal is for machines without CUDA')
+def test_device_cuda_without_a_gpu_is_refused_before_anything_runs(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(['--preset', 'smollm', '--quick', '--device', 'cuda', '--workdir', str(tmp_path)])
+    assert exit_info.value.code == 2 and not list(tmp_path.iterdir())
+    assert '--device cuda: no CUDA device is visible' in capsys.readouterr().err
+
+
 def test_distinct_ngrams_tells_repetition_apart():
     assert smollm.distinct_ngrams(['a b c d']) == 1.0
     assert smollm.distinct_ngrams(['a b a b a b']) == pytest.approx(2 / 5)

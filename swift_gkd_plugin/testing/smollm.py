@@ -164,7 +164,8 @@ def prune_model(model, keep: Sequence[int]):
     config.num_hidden_layers = len(keep)
     if getattr(config, 'layer_types', None):
         config.layer_types = [config.layer_types[i] for i in keep]
-    student = LlamaForCausalLM(config).to(next(model.parameters()).dtype)
+    weight = next(model.parameters())
+    student = LlamaForCausalLM(config).to(device=weight.device, dtype=weight.dtype)
     student.load_state_dict(prune_state_dict(model.state_dict(), keep), strict=True)
     student.generation_config = model.generation_config
     return student
@@ -240,8 +241,8 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batc
     for i in range(0, len(encoded), batch_size):
         chunk = encoded[i:i + batch_size]
         width = max(map(len, chunk))
-        ids = torch.tensor([[eos] * (width - len(e)) + e for e in chunk])
-        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in chunk])
+        ids = torch.tensor([[eos] * (width - len(e)) + e for e in chunk], device=model.device)
+        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in chunk], device=model.device)
         gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                              eos_token_id=eos, pad_token_id=eos, use_cache=True)[:, width:].tolist()
         for row in gen:
@@ -252,13 +253,14 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batc
 @torch.no_grad()
 def _answer_logprobs(model, prompt_ids: Sequence[List[int]], answer_ids: Sequence[List[int]], pad: int
                      ) -> List[torch.Tensor]:
-    """Per answer, the model's log-probabilities (float64, ``[len(answer), vocab]``) at the answer's positions."""
+    """Per answer, the model's log-probabilities (float64, on the CPU, ``[len(answer), vocab]``) at the answer's
+    positions."""
     seqs = [p + a for p, a in zip(prompt_ids, answer_ids)]
     width = max(map(len, seqs))
-    ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
-    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+    ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=model.device)
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=model.device)
     logits = model(input_ids=ids, attention_mask=mask).logits
-    return [torch.log_softmax(logits[i, len(p) - 1:len(p) - 1 + len(a)].double(), -1)
+    return [torch.log_softmax(logits[i, len(p) - 1:len(p) - 1 + len(a)].double(), -1).cpu()
             for i, (p, a) in enumerate(zip(prompt_ids, answer_ids))]
 
 
@@ -400,8 +402,9 @@ def select_prompts(n_train: int, n_val: int, n_test: int, seed: int = 0) -> Dict
 
 def build_workspace(root: str, cache: str, *, n_train: int = 256, n_val: int = 32, n_test: int = 32,
                     answer_tokens: int = 48, seed: int = 0, cuts: Optional[Sequence[Any]] = None,
-                    log: Callable[[str], None] = print) -> Dict[str, Any]:
-    """Build (or reuse) the workspace under ``root`` (the converted teacher under ``cache``, shared by workspaces).
+                    device: str = 'cpu', log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Build (or reuse) the workspace under ``root`` (the converted teacher under ``cache``, shared by workspaces);
+    the teacher's answers and the cut's choice are computed on ``device``.
 
     Returns the paths (``teacher``, ``student``, ``train``, ``test`` jsonl), the test prompts and the teacher's
     answers to them (token ids), the cut chosen and every cut's NLL, and the parameter counts."""
@@ -420,7 +423,7 @@ def build_workspace(root: str, cache: str, *, n_train: int = 256, n_val: int = 3
     if not isinstance(built, dict) or built.get('params') != params:
         os.makedirs(root, exist_ok=True)
         tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
-        teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
+        teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).to(device)
         split = select_prompts(n_train, n_val, n_test, seed)
         t = time.time()
         answers = {k: generate(teacher, tokenizer, [p['prompt'] for p in v], answer_tokens) for k, v in split.items()}
