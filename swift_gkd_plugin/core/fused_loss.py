@@ -554,10 +554,12 @@ def _topk_chunk(buf: _Scratch, h, weight, bias_f, plan: _Plan, sl, sft: bool) ->
         mx_tail = a.amax(-1, keepdim=True).clamp_min(_NEG_LOGIT)  # clamp: an empty complement is all -inf
         a.sub_(mx_tail).exp_()
         tail_sum = a.sum(-1)
-        y_tail = mx_tail.squeeze(1) + tail_sum.log()
+        y_tail64 = mx_tail.squeeze(1).double() + tail_sum.double().log()  # float64: mx_tail may be ~1e4
+        y_tail = y_tail64.float()
         t_tail = teacher_tail_logmass(lp, valid.sum(-1), plan.vocab)
-        div, dy = bucket_divergence(torch.cat([y, y_tail.unsqueeze(1)], 1),
+        div, dy = bucket_divergence(torch.cat([y.double(), y_tail64.unsqueeze(1)], 1),
                                     torch.cat([lp, t_tail.unsqueeze(1)], 1), plan.divergence, plan.temperature)
+        div, dy = div.float(), dy.float()
         # d y_tail / d z_v = exp(z_v - y_tail) = a_v / tail_sum on the complement (a is 0 on the top-k)
         coef = torch.where(tail_sum > 0, dy[:, -1] / tail_sum, 0.0) * plan.div_scale
         k_grad = dy[:, :-1] * plan.div_scale

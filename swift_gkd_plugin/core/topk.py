@@ -88,7 +88,7 @@ def teacher_tail_logmass(logprobs: torch.Tensor, num_valid: torch.Tensor, vocab_
 
 
 def bucket_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                      beta: Union[float, Divergence], temperature: float) -> Tuple[torch.Tensor, torch.Tensor]:
+                      divergence: Union[float, Divergence], temperature: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """The divergence on a small support, with its closed-form gradient.
 
     ``s = log_softmax(student_logits / T)``, ``t = log_softmax(teacher_logits / T)``; ``D`` from
@@ -96,18 +96,23 @@ def bucket_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     probability zero and contribute 0 (an entry where one side is ``-inf`` and the other is not gives a huge
     finite divergence for the KLs, as a masked logit does on full rows).
 
+    Computed in float64 whatever the inputs' dtype (``[C, k+1]`` is small): a confident student's tail bucket, or
+    bucket logits of magnitude 1e4, lose the gradient's digits in float32. Callers that form a bucket logit (the
+    student's tail ``m + log S``) should form it in float64 too.
+
     Args:
-        student_logits: ``[C, K]`` float32 (or float64).
+        student_logits: ``[C, K]`` float32 or float64.
         teacher_logits: ``[C, K]``; each row needs one finite entry.
-        beta: the generalized JSD's ``beta`` in ``[0, 1]``, or a
-            :class:`~swift_gkd_plugin.core.row_divergence.Divergence`.
+        divergence: a :class:`~swift_gkd_plugin.core.row_divergence.Divergence`, or the generalized JSD's
+            ``beta`` in ``[0, 1]``.
         temperature: ``T > 0``.
 
     Returns:
-        ``(D [C], dD/d student_logits [C, K])``, in the student's precision; the gradient includes the ``1 / T``.
+        ``(D [C], dD/d student_logits [C, K])``, in the student's dtype; the gradient includes the ``1 / T``.
     """
-    return tempered_divergence_rows(student_logits, teacher_logits.to(student_logits.dtype),
-                                    as_divergence(beta), temperature)
+    d, g = tempered_divergence_rows(student_logits.double(), teacher_logits.double(), as_divergence(divergence),
+                                    temperature)
+    return d.to(student_logits.dtype), g.to(student_logits.dtype)
 
 
 def drop_ids_outside_vocab(ids: torch.Tensor, logprobs: torch.Tensor, limit: int

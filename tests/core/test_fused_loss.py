@@ -137,7 +137,12 @@ def topk_of(x, k, unused=0, drop_row=True):
     return ids, lp
 
 
-def run(x, *, topk=None, **kw):
+def run(x, *, topk=None, device=None, **kw):
+    """The fused loss and its gradients on ``x``; with ``device``, run there (inputs and tensor arguments moved) and
+    returned on the CPU."""
+    if device is not None:
+        x, topk = {k: None if v is None else v.to(device) for k, v in x.items()}, to_device(topk, device)
+        kw = {k: to_device(v, device) for k, v in kw.items()}
     hs = x['hs'].clone().requires_grad_()
     w = x['w'].clone().requires_grad_()
     b = None if x['b'] is None else x['b'].clone().requires_grad_()
@@ -146,7 +151,19 @@ def run(x, *, topk=None, **kw):
     else:
         loss, stats = fused_linear_jsd(hs, w, b, teacher=TeacherTopK(topk[0], topk[1]), **kw)
     loss.backward()
-    return loss.detach(), (hs.grad, w.grad, None if b is None else b.grad), stats
+    out = loss.detach(), (hs.grad, w.grad, None if b is None else b.grad), stats
+    return out if device is None else to_device(out, 'cpu')
+
+
+def to_device(obj, device):
+    """``obj`` (a tensor, or a dict / list / tuple of them; anything else kept) on ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
 
 
 def ref_of(x, *, topk=None, **kw):

@@ -1,11 +1,11 @@
-"""The Triton kernel of the fused loss's full-teacher-head path (``core/kernels``), run on CPU by Triton's
-interpreter (``TRITON_INTERPRET=1``, set for this module before the kernel modules are imported): values and
+"""The Triton kernel of the fused loss's full-teacher-head path (``core/kernels``), on CPU tensors in Triton's
+interpreter or on a CUDA device compiled (``kernel_devices``: one of the two per process): values and
 gradients (hidden, weight, bias) against the float64 definitions and against the PyTorch chunk path, for every
 divergence form, ragged chunks, masked vocabulary entries, temperatures, vocabulary padding, the label term,
-the entropy, half-precision inputs. Shapes are small: the interpreter runs each program's block ops in numpy."""
+the entropy, half-precision inputs. Shapes are small: the interpreter runs each program's block ops in numpy. The
+references and comparisons run on the CPU."""
 from __future__ import annotations
 
-import math
 import os
 import sys
 
@@ -15,7 +15,9 @@ import torch
 pytest.importorskip('triton', reason='triton is not installed (the dev extra pins it)')
 
 sys.path.insert(0, os.path.dirname(__file__))
+import large_logits  # noqa: E402
 import test_fused_loss as tf  # noqa: E402  (the float64 reference of the fused loss)
+from kernel_devices import DEVICES  # noqa: E402
 
 from swift_gkd_plugin.core import kernels  # noqa: E402
 from swift_gkd_plugin.core.fused_loss import fused_linear_jsd  # noqa: E402
@@ -24,48 +26,24 @@ from swift_gkd_plugin.core.teacher_signal import TeacherHead  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings('ignore::RuntimeWarning')  # numpy's log(0) in discarded where-branches
 
-if os.environ.get('TRITON_INTERPRET') != '1':
-    # tests/conftest.py sets it on machines without an NVIDIA GPU, before anything imports triton
-    pytest.skip('the kernel tests run on CPU tensors in Triton\'s interpreter: TRITON_INTERPRET=1 must be set before '
-                'triton is imported', allow_module_level=True)
 
-
-def kl64(p_log, q_log):
-    """``KL(p || q)`` from float64 log-probabilities, 0 where ``p = 0`` (double where: finite gradients)."""
-    keep = p_log > float('-inf')
-    safe_p = torch.where(keep, p_log, 0.0)
-    return torch.where(keep, safe_p.exp() * (safe_p - torch.where(keep, q_log, 0.0)), 0.0).sum(-1)
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """Where the kernels run: ``cpu`` (interpreted) or ``cuda`` (compiled); see ``kernel_devices``."""
+    return request.param
 
 
 def divergence64(zs, zt, div: Divergence, temperature):
-    """Float64 definition, log-space mixtures (exact for every beta / alpha, 1e-300 included)."""
-    s, t = torch.log_softmax(zs / temperature, -1), torch.log_softmax(zt / temperature, -1)
-
-    def mix(weight_t, x, y):  # log(weight_t e^x + (1 - weight_t) e^y)
-        if weight_t == 0:
-            return y
-        if weight_t == 1:
-            return x
-        both = (x == float('-inf')) & (y == float('-inf'))  # logaddexp's gradient is NaN there
-        m = torch.logaddexp(torch.where(both, 0.0, x) + math.log(weight_t),
-                            torch.where(both, 0.0, y) + math.log1p(-weight_t))
-        return torch.where(both, float('-inf'), m)
-
-    if div.name == 'jsd':
-        if div.beta == 0:
-            return kl64(t, s)
-        if div.beta == 1:
-            return kl64(s, t)
-        m = mix(div.beta, t, s)
-        return div.beta * kl64(t, m) + (1 - div.beta) * kl64(s, m)
-    if div.name == 'skew_kl':
-        return kl64(t, mix(div.alpha, t, s))
-    return kl64(s, mix(1 - div.alpha, t, s))
+    """Float64 definition at ``temperature``, log-space mixtures (``large_logits.divergence64``)."""
+    return large_logits.divergence64(torch.log_softmax(zs / temperature, -1), torch.log_softmax(zt / temperature, -1),
+                                     div)
 
 
-def run_both(x, divergence, **kw):
-    """The fused loss with the kernel and with the PyTorch path: ``{backend: (loss, grads, stats)}``."""
-    return {backend: tf.run(x, divergence=divergence, backend=backend, **kw) for backend in ('triton', 'torch')}
+def run_both(x, divergence, device, **kw):
+    """The fused loss with the kernel and with the PyTorch path on ``device``: ``{backend: (loss, grads, stats)}``
+    on the CPU."""
+    return {backend: tf.run(x, divergence=divergence, backend=backend, device=device, **kw)
+            for backend in ('triton', 'torch')}
 
 
 def reference_grads(x, divergence, temperature, mask):
@@ -94,7 +72,7 @@ DIVS = ([Divergence('jsd', beta=b) for b in (0.0, 0.3, 1.0)]
 
 
 @pytest.mark.parametrize('div', DIVS, ids=str)
-def test_every_divergence_matches_float64_and_the_torch_path(div):
+def test_every_divergence_matches_float64_and_the_torch_path(div, device):
     """Ragged chunks (11 tokens, 8 active, chunks of 3), -inf bias entries on both heads and on the student's
     alone where the divergence stays finite, temperature 0.8."""
     x = tf.make_inputs(seed=len(str(div)), n=11, v=320, vt=320, scale=4.0)
@@ -106,7 +84,7 @@ def test_every_divergence_matches_float64_and_the_torch_path(div):
         x['b'][200] = float('-inf')
     mask = torch.ones(11, dtype=torch.bool)
     mask[[1, 4, 9]] = False
-    got = run_both(x, div, mask=mask, temperature=0.8, chunk_size=3)
+    got = run_both(x, div, device, mask=mask, temperature=0.8, chunk_size=3)
     loss, grads, d = reference_grads(x, div, 0.8, mask)
     assert_same(got['triton'], (loss, grads, None), 2e-5)
     assert_same(got['triton'], got['torch'], 1e-5)
@@ -118,7 +96,7 @@ def test_every_divergence_matches_float64_and_the_torch_path(div):
 
 @pytest.mark.parametrize('name', ['skew_kl', 'skew_rkl'])
 @pytest.mark.parametrize('alpha', [1e-300, 1e-7])
-def test_skew_far_apart_distributions_tiny_alpha(name, alpha):
+def test_skew_far_apart_distributions_tiny_alpha(name, alpha, device):
     """Issue 27's case through the kernel: distributions > 17 nats apart and alpha far below float32's ``1 - a``
     resolution; the logits are exact (identity hidden states), so float32 can match float64 to its rounding."""
     v, n = 64, 6
@@ -134,12 +112,12 @@ def test_skew_far_apart_distributions_tiny_alpha(name, alpha):
     ref = divergence64(z64, teacher.double(), div, 1.3)
     ref.sum().backward()
     for backend in ('triton', 'torch'):
-        w = head.clone().requires_grad_()
-        loss, stats = fused_linear_jsd(eye, w, teacher=TeacherHead(eye, head_t), divergence=div, temperature=1.3,
-                                       normalizer=1.0, backend=backend)
+        w = head.clone().to(device).requires_grad_()
+        loss, stats = fused_linear_jsd(eye.to(device), w, teacher=TeacherHead(eye.to(device), head_t.to(device)),
+                                       divergence=div, temperature=1.3, normalizer=1.0, backend=backend)
         loss.backward()
         assert abs(float(loss) - float(ref.sum().detach())) <= 1e-5 * float(ref.sum().detach()), backend
-        assert tf.rel_err(w.grad[:, :n].T, z64.grad) <= 1e-5, backend
+        assert tf.rel_err(w.grad[:, :n].T.cpu(), z64.grad) <= 1e-5, backend
 
 
 CASES = [  # (teacher vocabulary offset, divergence, temperature, label temperature)
@@ -154,7 +132,7 @@ CASES = [  # (teacher vocabulary offset, divergence, temperature, label temperat
 
 @pytest.mark.parametrize('offset, div, temperature, label_temperature', CASES,
                          ids=[f'vt{o:+d}-{d}-T{t}-Tl{tl_}' for o, d, t, tl_ in CASES])
-def test_padding_label_term_and_entropy(offset, div, temperature, label_temperature):
+def test_padding_label_term_and_entropy(offset, div, temperature, label_temperature, device):
     """Teacher vocabulary larger / smaller (padded by the other side), the signed weighted label term at its own
     temperature and the entropy: the kernel equals the PyTorch path, and the float64 reference for the jsd."""
     v = 300
@@ -162,7 +140,7 @@ def test_padding_label_term_and_entropy(offset, div, temperature, label_temperat
     weights = torch.randn(13, generator=torch.Generator().manual_seed(2)) * 2
     kw = dict(mask=x['mask'], labels=x['labels'], temperature=temperature, sft_alpha=0.6, label_weights=weights,
               label_temperature=label_temperature, return_entropy=True, chunk_size=5)
-    got = run_both(x, div, **kw)
+    got = run_both(x, div, device, **kw)
     assert_same(got['triton'], got['torch'], 1e-5)
     stats, ref_stats = got['triton'][2], got['torch'][2]
     for key in ('divergence_sum', 'sft_sum', 'entropy_sum'):
@@ -183,7 +161,7 @@ def test_padding_label_term_and_entropy(offset, div, temperature, label_temperat
 
 @pytest.mark.parametrize('div', [Divergence('jsd', beta=0.5), Divergence('skew_kl', alpha=1e-9),
                                  Divergence('skew_rkl', alpha=0.3)], ids=str)
-def test_many_blocks_per_row(div, monkeypatch):
+def test_many_blocks_per_row(div, monkeypatch, device):
     """Blocks of 128 entries over a 700 + 50 entry row: the online logsumexp across blocks, ragged last block."""
     from swift_gkd_plugin.core.kernels import full_rows
     monkeypatch.setattr(full_rows, 'BLOCK', 128)
@@ -191,32 +169,33 @@ def test_many_blocks_per_row(div, monkeypatch):
     x['b'][[0, 129, 699]] = float('-inf')
     kw = dict(mask=torch.ones(5, dtype=torch.bool), labels=x['labels'], sft_alpha=0.5, return_entropy=True,
               temperature=0.9, label_temperature=1.1)
-    got = run_both(x, div, **kw)
+    got = run_both(x, div, device, **kw)
     assert_same(got['triton'], got['torch'], 1e-5)
     assert tf.rel_err(got['triton'][2]['entropy_sum'], got['torch'][2]['entropy_sum']) <= 1e-5
 
 
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
-def test_half_inputs(dtype):
+def test_half_inputs(dtype, device):
     """bf16 / fp16 heads: logits in the matmul dtype, float32 inside the kernel, the gradient written in the
     matmul dtype; the tolerance of the PyTorch path's half-input test."""
     x = tf.make_inputs(seed=7, n=10, v=256, vt=256, dtype=dtype)
     kw = dict(mask=x['mask'], labels=x['labels'], temperature=1.0, sft_alpha=0.3, chunk_size=4)
-    got = tf.run(x, divergence=Divergence('jsd', beta=0.5), backend='triton', **kw)
+    got = tf.run(x, divergence=Divergence('jsd', beta=0.5), backend='triton', device=device, **kw)
     assert got[0].dtype == torch.float32 and [g.dtype for g in got[1]] == [dtype] * 3
     tf.assert_close(got, tf.ref_of(x, beta=0.5, **kw), tol=2e-2)
 
 
-def test_identical_student_and_teacher():
+def test_identical_student_and_teacher(device):
     """Teacher = student: every row agrees on the argmax, the divergence and its gradient are ~0."""
     x = tf.make_inputs(seed=9, n=7, v=200, vt=200)
     x['ht'], x['wt'], x['bt'] = x['hs'], x['w'], x['b']
     loss, grads, stats = tf.run(x, divergence=Divergence('jsd', beta=0.5), backend='triton', chunk_size=4,
-                                mask=torch.ones(7, dtype=torch.bool))
+                                mask=torch.ones(7, dtype=torch.bool), device=device)
     assert int(stats['top1_agree']) == 7
     assert abs(float(loss)) <= 1e-7 and float(grads[0].abs().max()) <= 1e-6
 
 
+@pytest.mark.skipif(os.environ.get('TRITON_INTERPRET') != '1', reason='the CPU choices under the interpreter')
 def test_backend_choice(monkeypatch):
     cpu = torch.device('cpu')
     assert kernels.resolve_backend('triton', cpu) == 'triton'  # under the interpreter
@@ -269,3 +248,23 @@ def test_kernel_compiles_for_h100():
         pytest.skip('triton has no ptxas here')
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'compiled 14' in proc.stdout
+
+
+@pytest.mark.parametrize('family', ['peaked', 'offset'])
+@pytest.mark.parametrize('scale', large_logits.SCALES, ids=lambda s: f'zT{s:g}')
+def test_large_tempered_logits_match_float64(scale, family, device):
+    """``|z / T|`` up to 1e4 (logits 20 at T = 0.02 is 1e3): value and gradient within 2e-5 of float64 for every
+    divergence form, on both backends, with a full teacher head and a top-k teacher with and without the tail.
+    Before the log-probabilities were formed as ``(u - m) - log S`` (and the buckets in float64), the kernel's
+    gradient was 4e-4 off at 1e4 and the tail bucket's 1e-3 on both backends."""
+    zs, zt, temperature = large_logits.case(scale, seed=int(scale) % 97, family=family)
+    lp, ids = torch.log_softmax(zt.double(), -1).float().topk(8, -1)
+    for div in large_logits.DIVS:
+        full = large_logits.reference_full(zs, zt, div, temperature)
+        buckets = {tail: large_logits.reference_topk(zs, ids, lp, div, temperature, tail) for tail in (False, True)}
+        for backend in ('triton', 'torch'):
+            got = large_logits.fused_full(zs, zt, div, temperature, backend, device)
+            assert max(large_logits.errors(got, full)) <= 2e-5, (str(div), backend, 'full')
+            for tail, want in buckets.items():
+                got = large_logits.fused_topk(zs, ids, lp, div, temperature, tail, backend, device)
+                assert max(large_logits.errors(got, want)) <= 2e-5, (str(div), backend, tail)

@@ -1,47 +1,44 @@
 """The top-k Triton kernels (``core/kernels/topk_rows.py``) against the float64 reference and the PyTorch chunk path,
-on CPU through Triton's interpreter.
-
-``TRITON_INTERPRET=1`` must be in the environment when the kernels are decorated, i.e. when
-``swift_gkd_plugin.core.kernels.topk_rows`` is first imported (the fused loss imports it lazily, at the first chunk
-that runs the kernels): it is set here at collection, before any test runs. A run on a GPU sets
-``TRITON_INTERPRET=0`` explicitly to compile the kernels instead.
+on CPU tensors in Triton's interpreter or on a CUDA device compiled (``kernel_devices``: one of the two per process,
+chosen by ``tests/conftest.py`` before triton is imported). The references and comparisons run on the CPU.
 """
 from __future__ import annotations
 
+import math
 import os
 
-os.environ.setdefault('TRITON_INTERPRET', '1')
-
-import math  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 pytest.importorskip('triton', reason='the kernels need triton (pip install triton==3.6.0)')
 
 from swift_gkd_plugin.core.row_divergence import Divergence  # noqa: E402
 from swift_gkd_plugin.core.teacher_signal import TeacherTopK  # noqa: E402
 from test_divergences import reference64  # noqa: E402
-from test_fused_loss import assert_close, make_inputs, ref_of, ref_topk_buckets, rel_err, run, topk_of  # noqa: E402
+from test_fused_loss import (assert_close, make_inputs, ref_of, ref_topk_buckets, rel_err, run, to_device,  # noqa: E402
+                             topk_of)
+from kernel_devices import DEVICES  # noqa: E402
 
 NEG_INF = float('-inf')
 BACKEND = 'SWIFT_GKD_FUSED_BACKEND'
 
 
-@pytest.fixture
-def backend(monkeypatch):
-    """``backend('torch' | 'triton')`` switches the fused loss's top-k chunk path."""
-    if os.environ.get('TRITON_INTERPRET') != '1':
-        pytest.skip('CPU tensors need Triton\'s interpreter (TRITON_INTERPRET=1)')
-    return lambda name: monkeypatch.setenv(BACKEND, name)
+@pytest.fixture(params=DEVICES)
+def backend(request, monkeypatch):
+    """``backend('torch' | 'triton')`` switches the fused loss's top-k chunk path; ``backend.device`` is where the
+    kernels run (``cpu`` interpreted, ``cuda`` compiled)."""
+    def choose(name):
+        monkeypatch.setenv(BACKEND, name)
+    choose.device = request.param
+    return choose
 
 
 def both(backend, x, topk, **kw):
-    """The fused loss on the kernels and on the PyTorch path: ``(triton, torch)`` results of ``run``."""
+    """The fused loss on the kernels and on the PyTorch path: ``(triton, torch)`` results of ``run``, on the CPU."""
     backend('triton')
-    got = run(x, topk=topk, **kw)
+    got = run(x, topk=topk, device=backend.device, **kw)
     backend('torch')
-    return got, run(x, topk=topk, **kw)
+    return got, run(x, topk=topk, device=backend.device, **kw)
 
 
 def assert_same(got, want, tol):
@@ -163,12 +160,14 @@ def test_no_grad_statistics(backend):
     x = make_inputs(seed=73, v=300, vt=300)
     ids, lp = topk_of(x, 5)
     out = {}
+    x, ids, lp = to_device((x, ids, lp), backend.device)
     for name in ('triton', 'torch'):
         backend(name)
         with torch.no_grad():
-            out[name] = __import__('swift_gkd_plugin.core.fused_loss', fromlist=['fused_linear_jsd']).fused_linear_jsd(
-                x['hs'], x['w'], x['b'], teacher=TeacherTopK(ids, lp), mask=x['mask'], beta=0.5, topk_tail=True,
-                return_entropy=True, chunk_size=8)
+            out[name] = to_device(__import__('swift_gkd_plugin.core.fused_loss', fromlist=['fused_linear_jsd'])
+                                  .fused_linear_jsd(x['hs'], x['w'], x['b'], teacher=TeacherTopK(ids, lp),
+                                                    mask=x['mask'], beta=0.5, topk_tail=True, return_entropy=True,
+                                                    chunk_size=8), 'cpu')
     assert rel_err(out['triton'][0], out['torch'][0]) <= 2e-5
     assert rel_err(out['triton'][1]['entropy_sum'], out['torch'][1]['entropy_sum']) <= 2e-5
 
@@ -188,15 +187,17 @@ def test_kernel_with_the_bias_and_bf16_logits_in_the_kernel(backend):
     labels[0] = ids[0, 2]  # a label among the top-k ids
     kw = dict(divergence=Divergence('jsd', beta=0.3), temperature=1.3, tail=True, vocab=v, scale=0.5, labels=labels,
               ce_weight=torch.ones(c), label_weight=torch.full((c, ), 0.25), label_temperature=0.8, entropy=True)
-    grad_a = torch.empty(c, v, dtype=torch.bfloat16)
+    z, bias, lp, ids, valid, kw = to_device((z, bias, lp, ids, valid, kw), backend.device)
+    grad_a = torch.empty(c, v, dtype=torch.bfloat16, device=backend.device)
     a = topk_rows(z.clone(), ids, valid, lp, grad=grad_a, bias=bias, **kw)
     zf = z.float() + bias
     b = topk_rows(zf, ids, valid, lp, grad=zf, **kw)
     for x, y in zip(a, b):
-        assert rel_err(x, y) <= 1e-5
-    assert rel_err(grad_a, zf.bfloat16()) <= 1e-2 and float(grad_a[:, [5, 99]].abs().max()) == 0.0
+        assert rel_err(x.cpu(), y.cpu()) <= 1e-5
+    assert rel_err(grad_a.cpu(), zf.bfloat16().cpu()) <= 1e-2 and float(grad_a[:, [5, 99]].abs().max()) == 0.0
 
 
+@pytest.mark.skipif(os.environ.get('TRITON_INTERPRET') != '1', reason='the CPU refusals under the interpreter')
 def test_bad_backend_is_refused(backend, monkeypatch):
     x = make_inputs(seed=75, v=100, vt=100)
     topk = topk_of(x, 4)

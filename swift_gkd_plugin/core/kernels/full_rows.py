@@ -95,8 +95,10 @@ def full_rows_kernel(ZS, ZT, BS, BT, G, LAB, LW, CW, DIV, CE, ENT, AGREE,
     if HAS_BS:
         z_at += tl.load(BS + at)
     tl.store(AGREE + row, ((t_arg < V) & (z_at * inv_t >= s_best)).to(tl.int32))
-    lse_s = m_s + tl.log(s_s)
-    lse_t = m_t + tl.log(s_t)
+    # log-probabilities as (u - m) - log S: u - m is exact near the max, whereas m + log S rounded to float32 carries
+    # half an ulp of |m| (5e-4 at |u| = 1e4) into every entry
+    log_ss = tl.log(s_s)
+    log_st = tl.log(s_t)
     inv_ss = 1.0 / s_s
     inv_st = 1.0 / s_t
     if LABEL:
@@ -113,8 +115,8 @@ def full_rows_kernel(ZS, ZT, BS, BT, G, LAB, LW, CW, DIV, CE, ENT, AGREE,
         z, u, ut = _tempered(ZS, ZT, BS, BT, zs_row, zt_row, cols, V, VT, inv_t, HAS_BS, HAS_BT)
         ps = tl.where(inside, tl.exp(u - m_s) * inv_ss, 0.0)
         pt = tl.where(inside, tl.exp(ut - m_t) * inv_st, 0.0)
-        s = tl.where(inside, u - lse_s, 0.0)
-        t = tl.where(inside, ut - lse_t, 0.0)
+        s = tl.where(inside, (u - m_s) - log_ss, 0.0)
+        t = tl.where(inside, (ut - m_t) - log_st, 0.0)
         term, stat, g_near, g_far = ENTRY(s, t, ps, pt, k0, k1, k2, k3)
         acc_div += tl.sum(tl.where(inside, term, 0.0), 0)
         acc_p += tl.sum(ps, 0)
@@ -144,8 +146,8 @@ def full_rows_kernel(ZS, ZT, BS, BT, G, LAB, LW, CW, DIV, CE, ENT, AGREE,
             z, u, ut = _tempered(ZS, ZT, BS, BT, zs_row, zt_row, cols, V, VT, inv_t, HAS_BS, HAS_BT)
             ps = tl.where(in_s, tl.exp(u - m_s) * inv_ss, 0.0)
             pt = tl.where(in_s, tl.exp(ut - m_t) * inv_st, 0.0)
-            s = tl.where(in_s, u - lse_s, 0.0)
-            t = tl.where(in_s, ut - lse_t, 0.0)
+            s = tl.where(in_s, (u - m_s) - log_ss, 0.0)
+            t = tl.where(in_s, (ut - m_t) - log_st, 0.0)
             term, stat, g_near, g_far = ENTRY(s, t, ps, pt, k0, k1, k2, k3)
             g = coef * (tl.where(near, g_near, g_far) - ps * shift)
             if LABEL:

@@ -173,11 +173,12 @@ def topk_rows(z: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor, logprobs:
     row_max = torch.maximum(m_c, y.amax(-1))
     top1 = y.gather(1, logprobs.argmax(-1, keepdim=True)).squeeze(1)
     agree = (top1 >= row_max).sum()
-    if tail:  # the student's tail bucket: the complement's logsumexp (-inf when empty)
-        y_tail = m_c + s_c.log()
+    if tail:  # the student's tail bucket: the complement's logsumexp (-inf when empty), in float64 (m_c ~ 1e4)
+        y_tail = m_c.double() + s_c.double().log()
         t_tail = teacher_tail_logmass(logprobs, valid.sum(-1), vocab)
-        div, dy = bucket_divergence(torch.cat([y, y_tail.unsqueeze(1)], 1),
+        div, dy = bucket_divergence(torch.cat([y.double(), y_tail.unsqueeze(1)], 1),
                                     torch.cat([logprobs, t_tail.unsqueeze(1)], 1), divergence, temperature)
+        div, dy = div.float(), dy.float()
         c_tail = torch.where(s_c > 0, dy[:, -1] / s_c, 0.0) * scale
         k_grad = dy[:, :-1] * scale
     else:
