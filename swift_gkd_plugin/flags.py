@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 from typing import Dict, List, Literal, Optional, Tuple
 
 from swift_gkd_plugin.core.constants import ROLLOUT_IS_MODES, SCALE_REWARDS
+from swift_gkd_plugin.core.kernels import BACKEND_ENV, BACKENDS as FUSED_BACKENDS, triton_available
 
 #: Below this ``--temperature`` most positions of a real model's loss saturate: see :data:`TEMPERATURE_FLOOR_WHY`
 #: (measured in docs_en/README.md, "Bad input").
@@ -102,6 +103,15 @@ class GKDPluginArgumentsMixin:
     gkd_loss_impl: Literal['auto', 'fused', 'dense'] = field(
         default='auto',
         metadata={'help': 'GKD loss implementation: auto (fused where it applies, else dense), fused, or dense.'})
+    # the annotation stays str (argparse would refuse other values with its own message); the choices are declared:
+    gkd_fused_backend: Optional[str] = field(
+        default=None,
+        metadata=FlagMetadata(
+            help='Backend of the fused loss: auto (Triton kernels on CUDA, each kernel variant checked once against '
+            'the PyTorch path on its first chunk, falling back to it with a warning; the PyTorch path elsewhere), '
+            'torch (the PyTorch chunk path) or triton (the kernels, never a fallback). Unset (default): the '
+            'SWIFT_GKD_FUSED_BACKEND environment variable, else auto. See docs_en/fused_loss.md.',
+            choices=Literal[FUSED_BACKENDS]))
     teacher_api_key: Optional[str] = field(
         default=None,
         metadata={'help': 'API key of --teacher_model_server (default: the SWIFT_GKD_TEACHER_API_KEY environment '
@@ -280,6 +290,32 @@ def check_gkd_scalars(args) -> None:
     check_divergence_flags(args)
     check_cross_tokenizer_flags(args)
     check_sampling_flags(args)
+    check_fused_backend(args)
+
+
+def check_fused_backend(args) -> None:
+    """``--gkd_fused_backend`` (declared choices) and, when it is unset, its default ``$SWIFT_GKD_FUSED_BACKEND``;
+    a forced ``triton`` needs triton and a CUDA device (or Triton's interpreter)."""
+    value = args.gkd_fused_backend
+    flag = f'--gkd_fused_backend {value}'
+    if value is None:
+        value = os.environ.get(BACKEND_ENV, '').strip()
+        flag = f'{BACKEND_ENV}={value}'
+        if value and value not in FUSED_BACKENDS:
+            raise FlagError(f'{BACKEND_ENV} (the default of --gkd_fused_backend) must be one of '
+                            f'{list(FUSED_BACKENDS)} or empty, got {value!r}')
+    if value != 'triton':
+        return
+    if not triton_available():
+        raise FlagError(f'{flag} needs the triton package (pip install triton); use --gkd_fused_backend auto or torch')
+    if os.environ.get('TRITON_INTERPRET', '0') != '1' and not _cuda_visible():
+        raise FlagError(f'{flag} runs the kernels on CUDA devices and this process sees none; use '
+                        '--gkd_fused_backend auto (the PyTorch path here) or torch')
+
+
+def _cuda_visible() -> bool:
+    import torch
+    return torch.cuda.is_available()
 
 
 def sampling_temperature(args) -> float:
@@ -410,6 +446,10 @@ def ignored_flag_warnings(args) -> List[str]:
     if scheduler and scope == 'total' and not getattr(args, 'use_vllm', False):
         warnings.append('--completion_length_limit_scope total applies to vLLM colocate sampling only (ms-swift\'s '
                         'engine patch): with --use_vllm false every turn is limited by --max_completion_length')
+    backend = getattr(args, 'gkd_fused_backend', None)
+    if getattr(args, 'gkd_loss_impl', None) == 'dense' and backend not in (None, 'auto'):
+        warnings.append(f'--gkd_fused_backend {backend} has no effect with --gkd_loss_impl dense (the '
+                        'backend is the fused loss\'s)')
     if args.seq_kd and args.lmbda == 1:
         warnings.append('--seq_kd true has no effect with --lmbda 1: every step is on-policy (the student samples), '
                         'so the teacher never samples; lower --lmbda to mix in sequence-level KD steps')

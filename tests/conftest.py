@@ -18,8 +18,11 @@ from swift_gkd_plugin.cli import OFFLINE_ENV as CLI_OFFLINE_ENV
 
 # Without an NVIDIA GPU, Triton kernels can only run in its interpreter, which must be chosen before triton is
 # imported (its standard library is compiled at import): tests/core/test_kernels_full.py runs the kernels that way.
+# The pipeline runs (run_swift) get the environment without it, as a user's would.
+# (xdist's workers inherit both variables from the controller, which set them.)
 if 'TRITON_INTERPRET' not in os.environ and not os.path.exists('/dev/nvidiactl'):
-    os.environ['TRITON_INTERPRET'] = '1'
+    os.environ['TRITON_INTERPRET'] = os.environ['SWIFT_GKD_TESTS_SET_INTERPRET'] = '1'
+_INTERPRET_SET_HERE = os.environ.get('SWIFT_GKD_TESTS_SET_INTERPRET') == '1'
 
 OFFLINE_ENV = {**CLI_OFFLINE_ENV, 'TOKENIZERS_PARALLELISM': 'false', 'OMP_NUM_THREADS': '1'}
 SWIFT = os.path.join(os.path.dirname(sys.executable), 'swift')
@@ -135,6 +138,9 @@ def run_swift(argv: List[str], *, env: Optional[Dict[str, str]] = None, nproc: i
     ``SwiftRun.launched``: tests of the launcher compare it with ``SwiftRun.child_command``."""
     full_env = dict(os.environ, **OFFLINE_ENV)
     full_env.pop('SWIFT_GKD_PLUGIN', None)
+    if _INTERPRET_SET_HERE:  # this process's interpreter is not the pipeline's: a run sees what a user's would
+        full_env.pop('TRITON_INTERPRET', None)
+        full_env.pop('SWIFT_GKD_TESTS_SET_INTERPRET', None)
     if nproc > 1:
         full_env['NPROC_PER_NODE'] = str(nproc)
         full_env['MASTER_PORT'] = str(_free_port())

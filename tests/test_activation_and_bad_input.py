@@ -159,6 +159,8 @@ BAD_INPUTS = [
     ({'gkd_divergence': 'skew_rkl', 'beta': 0.3}, ['--beta 0.3 applies to --gkd_divergence jsd only',
                                                   '--gkd_skew_alpha']),
     ({'gkd_skew_alpha': 0.3}, ['--gkd_skew_alpha 0.3 applies to --gkd_divergence skew_kl / skew_rkl only']),
+    ({'gkd_fused_backend': 'nonsense'}, ["--gkd_fused_backend must be one of ['auto', 'torch', 'triton']",
+                                         "got 'nonsense'"]),
 ]
 
 
@@ -176,6 +178,19 @@ def assert_refused_in_one_line(run, needles):
 def test_bad_input_is_refused_before_any_model_is_loaded(tiny_ws, tmp_path, flags, needles):
     run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), **flags), check=False, timeout=120)
     assert_refused_in_one_line(run, needles)
+
+
+@pytest.mark.skipif(os.path.exists('/dev/nvidiactl'), reason='a machine without a CUDA device')
+def test_fused_backend_refusals_before_loading(tiny_ws, tmp_path):
+    """A bad SWIFT_GKD_FUSED_BACKEND (the flag's default) is named as the variable; a forced triton without a CUDA
+    device is refused before loading, not at the first step."""
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out')), env={'SWIFT_GKD_FUSED_BACKEND': 'cuda'}, check=False,
+                    timeout=120)
+    assert_refused_in_one_line(run, ["SWIFT_GKD_FUSED_BACKEND (the default of --gkd_fused_backend) must be one of "
+                                     "['auto', 'torch', 'triton'] or empty, got 'cuda'"])
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), gkd_fused_backend='triton'), check=False, timeout=120)
+    assert_refused_in_one_line(run, ['--gkd_fused_backend triton runs the kernels on CUDA devices and this process '
+                                     'sees none', '--gkd_fused_backend auto'])
 
 
 def test_teacher_folder_without_weights_is_refused_naming_it(tiny_ws, tmp_path):

@@ -47,6 +47,7 @@ def test_fused_equals_dense(tiny_ws, adapters, tmp_path, case):
     dense = run_swift(base_args(tiny_ws, str(tmp_path / 'dense'), gkd_loss_impl='dense', **flags))
     fused = run_swift(base_args(tiny_ws, str(tmp_path / 'fused'), gkd_loss_impl='fused', **flags))
     assert 'GKD loss implementation: fused' in fused.output
+    assert 'its backend: PyTorch chunk path (auto, the default: cpu tensors)' in fused.output  # and why
     if case in DIVERGENCE_LOGGED:  # the flags reach the trainer of both implementations
         assert DIVERGENCE_LOGGED[case] in dense.output and DIVERGENCE_LOGGED[case] in fused.output
     assert len(dense.logs) == len(fused.logs) == 3
@@ -85,8 +86,9 @@ def test_fused_equals_dense_under_zero3_on_two_processes(tiny_ws, adapters, tmp_
 
 def test_top_k_tail_trains_with_the_fused_loss(tiny_ws, tmp_path):
     run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), gkd_logits_topk=4, gkd_topk_tail='true', lmbda=0,
-                              max_steps=2))
-    assert 'GKD loss implementation: fused (--gkd_loss_impl auto)' in run.output
+                              max_steps=2, gkd_fused_backend='torch'))
+    assert 'GKD loss implementation: fused (--gkd_loss_impl auto); its backend: torch (--gkd_fused_backend)' in \
+        run.output
     assert len(run.losses) == 2 and all(x > 0 for x in run.losses)
 
 

@@ -40,13 +40,13 @@ pass recomputes a chunk's forward.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from .divergence import generalized_jsd
-from .row_divergence import as_divergence
+from .row_divergence import Divergence, as_divergence
 
 __all__ = ['hybrid_loss', 'uld_loss']
 
@@ -147,7 +147,7 @@ def hybrid_loss(student_logits: torch.Tensor,
                 teacher_logits: torch.Tensor,
                 student_shared_ids: torch.Tensor,
                 teacher_shared_ids: torch.Tensor,
-                beta: float,
+                divergence: Union[float, Divergence],
                 temperature: float = 1.0,
                 chunk_size: Optional[int] = None,
                 shared_weight: Optional[float] = None,
@@ -171,7 +171,8 @@ def hybrid_loss(student_logits: torch.Tensor,
     Args:
         student_logits: ``[N, V_s]`` (differentiable). teacher_logits: ``[N, V_t]``.
         student_shared_ids, teacher_shared_ids: ``[K]`` int64, one-to-one.
-        beta: in ``[0, 1]``; 0 = ``KL(teacher||student)``, 1 = ``KL(student||teacher)``.
+        divergence: a :class:`~swift_gkd_plugin.core.row_divergence.Divergence`, or the generalized JSD's beta in
+            ``[0, 1]``; 0 = ``KL(teacher||student)``, 1 = ``KL(student||teacher)``.
         temperature: ``T > 0``. chunk_size: rows per chunk (default 256).
         shared_weight, rest_weight: fixed weights instead of GOLD's adaptive ones (give both or neither).
         teacher_index: ``[N]`` int64, optional, as in :func:`uld_loss`.
@@ -180,7 +181,7 @@ def hybrid_loss(student_logits: torch.Tensor,
         ``[N]`` float32.
     """
     _check(student_logits, teacher_logits, temperature, teacher_index)
-    beta = as_divergence(beta)
+    divergence = as_divergence(divergence)
     vs, vt = student_logits.shape[-1], teacher_logits.shape[-1]
     k = len(student_shared_ids)
     if len(teacher_shared_ids) != k or k == 0:
@@ -203,7 +204,7 @@ def hybrid_loss(student_logits: torch.Tensor,
                                   _with_rest_bucket(t, t_ids, t_rest, temperature))
         else:
             s_shared, t_shared = s[:, s_ids], t[:, t_ids]
-        loss = shared_weight * generalized_jsd(s_shared, t_shared, beta, temperature, chunk_size=len(s))
+        loss = shared_weight * generalized_jsd(s_shared, t_shared, divergence, temperature, chunk_size=len(s))
         if rest_weight and (len(s_rest) or len(t_rest)):
             p_s = torch.softmax(s.float() / temperature, -1)[:, s_rest]
             p_t = torch.softmax(t.float() / temperature, -1)[:, t_rest]

@@ -37,7 +37,7 @@ def kl_from_log_probs(target_log_probs: torch.Tensor, input_log_probs: torch.Ten
 
 def generalized_jsd(student_logits: torch.Tensor,
                     teacher_logits: torch.Tensor,
-                    beta: Union[float, Divergence],
+                    divergence: Union[float, Divergence],
                     temperature: float = 1.0,
                     chunk_size: int = 1024) -> torch.Tensor:
     """Per-token divergence between teacher and student distributions (dense logits).
@@ -48,15 +48,15 @@ def generalized_jsd(student_logits: torch.Tensor,
     Args:
         student_logits: ``[N, V]`` student logits (any float dtype; differentiable).
         teacher_logits: ``[N, V]`` teacher logits (no gradient is needed; any float dtype).
-        beta: the generalized JSD's interpolation in ``[0, 1]`` (0 is ``KL(teacher||student)``, 1 is
-            ``KL(student||teacher)``), or any :class:`~swift_gkd_plugin.core.row_divergence.Divergence`.
+        divergence: any :class:`~swift_gkd_plugin.core.row_divergence.Divergence`, or the generalized JSD's
+            interpolation ``beta`` in ``[0, 1]`` (0 is ``KL(teacher||student)``, 1 is ``KL(student||teacher)``).
         temperature: ``T > 0``, divides both logits before the softmax.
         chunk_size: positions processed at a time, to bound the float32 temporaries to ``chunk_size x V``.
 
     Returns:
         ``[N]`` float32 divergences, one per position.
     """
-    divergence = as_divergence(beta)
+    divergence = as_divergence(divergence)
     if not 0 < temperature < float('inf'):  # NaN too; at T = inf both distributions are uniform
         raise ValueError(f'temperature must be a finite number > 0, got {temperature}')
     if student_logits.shape != teacher_logits.shape:

@@ -178,7 +178,7 @@ def vocab_parallel_logsumexp(logits_shard: torch.Tensor, group: Group = None) ->
 # full-vocabulary generalized JSD
 
 
-def _gjsd_chunk(student, teacher, beta: Divergence, temperature: float, group: Group, cd, want_grad: bool):
+def _gjsd_chunk(student, teacher, divergence: Divergence, temperature: float, group: Group, cd, want_grad: bool):
     """One chunk: rows normalised by the group's log-normaliser, then the shared
     :func:`~swift_gkd_plugin.core.row_divergence.divergence_rows` with all-reduced row sums (full-vocabulary ``D``
     and centring sums). Returns ``(D, dD/d student or None)``."""
@@ -188,16 +188,16 @@ def _gjsd_chunk(student, teacher, beta: Divergence, temperature: float, group: G
     lse = _vocab_parallel_lse([u, v], group)
     s = u.sub_(lse[0].unsqueeze(-1))  # in place: u is a private copy
     t = v.sub_(lse[1].unsqueeze(-1))
-    flags = torch.empty(s.shape, dtype=torch.bool, device=s.device) if beta.needs_flags else None
+    flags = torch.empty(s.shape, dtype=torch.bool, device=s.device) if divergence.needs_flags else None
     buf = RowBuffers(s=s, t=t, p_s=s.exp(), p_t=t.exp(), flags=flags)
-    div, sign = divergence_rows(buf, beta, lambda x: _all_reduce(x.sum(-1), dist.ReduceOp.SUM, group))
+    div, sign = divergence_rows(buf, divergence, lambda x: _all_reduce(x.sum(-1), dist.ReduceOp.SUM, group))
     return div, buf.s.mul_(sign * inv_t) if want_grad else None
 
 
-def _check(beta: Union[float, Divergence], temperature: float) -> Divergence:
+def _check(divergence: Union[float, Divergence], temperature: float) -> Divergence:
     if not temperature > 0:
         raise ValueError(f'temperature must be > 0, got {temperature}')
-    return as_divergence(beta)
+    return as_divergence(divergence)
 
 
 def _select_rows(mask: Optional[torch.Tensor], n: int):
@@ -220,7 +220,7 @@ def _scatter_rows(values: torch.Tensor, idx: Optional[torch.Tensor], n: int) -> 
 
 def vocab_parallel_generalized_jsd(student_shard: torch.Tensor,
                                    teacher_shard: torch.Tensor,
-                                   beta: Union[float, Divergence],
+                                   divergence: Union[float, Divergence],
                                    temperature: float = 1.0,
                                    group: Group = None,
                                    *,
@@ -232,8 +232,8 @@ def vocab_parallel_generalized_jsd(student_shard: torch.Tensor,
         student_shard: ``[N, V_r]`` this rank's slice of the student logits (differentiable, any float dtype).
         teacher_shard: ``[N, V_r]`` the teacher logits of the same slice (no gradient). Student and teacher must be
             split the same way (align padded vocabularies before splitting).
-        beta: in ``[0, 1]``; 0 is ``KL(teacher || student)``, 1 is ``KL(student || teacher)``; or any
-            :class:`~swift_gkd_plugin.core.row_divergence.Divergence`.
+        divergence: a :class:`~swift_gkd_plugin.core.row_divergence.Divergence`, or the generalized JSD's divergence in
+            ``[0, 1]`` (0 is ``KL(teacher || student)``, 1 is ``KL(student || teacher)``).
         temperature: ``T > 0``, divides both logits.
         group: the tensor-parallel group (``None``: the default group; a one-rank group or an uninitialised
             ``torch.distributed`` gives the dense single-process result).
@@ -246,7 +246,7 @@ def vocab_parallel_generalized_jsd(student_shard: torch.Tensor,
         ``[N]`` divergences, identical on every rank, float32 (float64 for float64 input). The gradient flows to
         ``student_shard`` only, computed in closed form during the forward; the backward issues no collective.
     """
-    divergence = _check(beta, temperature)
+    divergence = _check(divergence, temperature)
     if student_shard.shape != teacher_shard.shape or student_shard.dim() != 2:
         raise ValueError(f'student {tuple(student_shard.shape)} and teacher {tuple(teacher_shard.shape)} shards must '
                          'be [N, V_r] of the same shape')
@@ -272,8 +272,8 @@ class _BucketJSD(torch.autograd.Function):
     """:func:`~swift_gkd_plugin.core.topk.bucket_divergence` with its closed-form gradient (student side only)."""
 
     @staticmethod
-    def forward(ctx, student_buckets, teacher_buckets, beta, temperature):
-        div, grad = bucket_divergence(student_buckets.detach(), teacher_buckets, beta, temperature)
+    def forward(ctx, student_buckets, teacher_buckets, divergence, temperature):
+        div, grad = bucket_divergence(student_buckets.detach(), teacher_buckets, divergence, temperature)
         ctx.save_for_backward(grad)
         return div
 
@@ -287,7 +287,7 @@ def vocab_parallel_topk_jsd(student_shard: torch.Tensor,
                             vocab_start: int,
                             teacher_topk_ids: torch.Tensor,
                             teacher_topk_logprobs: torch.Tensor,
-                            beta: Union[float, Divergence],
+                            divergence: Union[float, Divergence],
                             temperature: float = 1.0,
                             group: Group = None,
                             tail: bool = False,
@@ -312,7 +312,7 @@ def vocab_parallel_topk_jsd(student_shard: torch.Tensor,
         teacher_topk_ids: ``[N, k]`` global token ids (the same on every rank).
         teacher_topk_logprobs: ``[N, k]`` their full-vocabulary log-probabilities at temperature 1; ``-inf`` marks
             unused slots. Rows without a finite entry carry no teacher information: they get 0 and no gradient.
-        beta, temperature: as in :func:`vocab_parallel_generalized_jsd`.
+        divergence, temperature: as in :func:`vocab_parallel_generalized_jsd`.
         group: the tensor-parallel group.
         tail: add the tail bucket.
         vocab_size: the student's full vocabulary size (sum of the slice widths); only used with ``tail`` (a row
@@ -322,7 +322,7 @@ def vocab_parallel_topk_jsd(student_shard: torch.Tensor,
     Returns:
         ``[N]`` divergences, identical on every rank, float32 (float64 for float64 input).
     """
-    divergence = _check(beta, temperature)
+    divergence = _check(divergence, temperature)
     if student_shard.dim() != 2 or teacher_topk_ids.shape != teacher_topk_logprobs.shape \
             or teacher_topk_ids.shape[0] != student_shard.shape[0]:
         raise ValueError(f'student shard {tuple(student_shard.shape)}, ids {tuple(teacher_topk_ids.shape)} and '

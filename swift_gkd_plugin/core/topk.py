@@ -46,11 +46,12 @@ from typing import Tuple, Union
 
 import torch
 
-from .divergence import tempered_divergence_rows
+from .divergence import generalized_jsd, tempered_divergence_rows
 from .row_divergence import Divergence, as_divergence
 from .teacher_signal import TeacherTopK
 
-__all__ = ['bucket_divergence', 'drop_ids_outside_vocab', 'teacher_tail_logmass', 'topk_of_logits']
+__all__ = ['bucket_divergence', 'drop_ids_outside_vocab', 'teacher_tail_logmass', 'topk_divergence_dense',
+           'topk_of_logits']
 
 def teacher_tail_logmass(logprobs: torch.Tensor, num_valid: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """The log of the teacher's mass outside its top-k, as the reported log-probabilities define it.
@@ -123,6 +124,37 @@ def drop_ids_outside_vocab(ids: torch.Tensor, logprobs: torch.Tensor, limit: int
     student's logit there would read 0)."""
     outside = ids >= limit  # no host synchronisation: masked whether or not any id is outside
     return ids.masked_fill(outside, 0), logprobs.masked_fill(outside, float('-inf'))
+
+
+def topk_divergence_dense(student_logits: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor,
+                          divergence: Union[float, Divergence], temperature: float
+                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The divergence over a top-k teacher's support on full student logits (the dense loss's top-k path): both
+    sides renormalised over the valid ids (ms-swift's definition; the fused loss without the tail).
+
+    Ids outside the student's vocabulary (a served teacher's padded rows) are dropped as
+    :func:`drop_ids_outside_vocab` drops them for the fused loss, so both losses see one support; unused slots
+    (``-inf``) are buckets of probability 0 on both sides.
+
+    Args:
+        student_logits: ``[N, V]`` (differentiable).
+        ids: ``[N, k]`` teacher ids; logprobs: ``[N, k]`` their log-probabilities at temperature 1.
+        divergence: a :class:`~swift_gkd_plugin.core.row_divergence.Divergence` or the generalized JSD's ``beta``.
+        temperature: ``T > 0``.
+
+    Returns:
+        ``(per-token divergence [N], top-1 agreement [N] bool, covered [N] bool)``: a row without a valid id is not
+        covered, its divergence 0 and never in agreement.
+    """
+    ids, logprobs = drop_ids_outside_vocab(ids.clamp_min(0), logprobs.float(), student_logits.shape[-1])
+    valid = logprobs > float('-inf')
+    covered = valid.any(-1)
+    teacher_k = logprobs.masked_fill(~covered[:, None], 0.0)
+    student_k = student_logits.gather(-1, ids).masked_fill(~valid & covered[:, None], float('-inf'))
+    per_token = generalized_jsd(student_k, teacher_k, divergence, temperature).masked_fill(~covered, 0.0)
+    top1 = ids.gather(-1, teacher_k.argmax(-1, keepdim=True))[:, 0]
+    agree = (student_logits.argmax(-1) == top1) & covered
+    return per_token, agree, covered
 
 
 def topk_of_logits(logits: torch.Tensor, k: int, chunk_size: int = 1024) -> TeacherTopK:

@@ -36,6 +36,9 @@ class GKDPluginMegatronRLHFArguments(MegatronGKDFlagsMixin, MegatronRLHFArgument
         check_megatron_gkd(self)
         for warning in ignored_flag_warnings(self):
             logger.warning(f'swift_gkd_plugin: {warning}')
+        if self.gkd_fused_backend not in (None, 'auto'):
+            logger.warning(f'swift_gkd_plugin: --gkd_fused_backend {self.gkd_fused_backend} has no effect in megatron '
+                           'rlhf: its loss runs on the vocabulary-parallel logit shards, in PyTorch')
         # ms-swift's Megatron arguments refuse seq_kd (its trainer cannot let the teacher sample); ours can.
         seq_kd, self.seq_kd = self.seq_kd, False
         try:

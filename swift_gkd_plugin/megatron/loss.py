@@ -169,7 +169,7 @@ def _full_width(width: int, device: torch.device, group: Group) -> int:
 def gkd_loss_on_shards(student_shard: torch.Tensor,
                        labels: torch.Tensor,
                        *,
-                       beta: Union[float, Divergence],
+                       divergence: Union[float, Divergence],
                        temperature: float,
                        vocab_start: int,
                        vocab_size: Optional[int] = None,
@@ -185,8 +185,8 @@ def gkd_loss_on_shards(student_shard: torch.Tensor,
     Args:
         student_shard: ``[B, S, V_r]`` (or ``[1, T, V_r]`` packed) this rank's slice of the student logits.
         labels: ``[B, S]`` labels aligned with the logits (``labels[b, s]`` is the token predicted at ``s``), -100 off.
-        beta, temperature: the divergence (a :class:`~swift_gkd_plugin.core.row_divergence.Divergence`, or the
-            generalized JSD's beta: 0 = KL(teacher || student), 1 = KL(student || teacher)) and its temperature.
+        divergence, temperature: the divergence (a :class:`~swift_gkd_plugin.core.row_divergence.Divergence`, or
+            the generalized JSD's beta: 0 = KL(teacher || student), 1 = KL(student || teacher)) and its temperature.
         vocab_start: the first global id of this rank's slice.
         vocab_size: the model's own vocabulary; Megatron's padded ids ``>= vocab_size`` are masked out of both sides.
         teacher_shard: ``[B', S', V_r]`` the teacher's logits over the same slice, or
@@ -212,7 +212,7 @@ def gkd_loss_on_shards(student_shard: torch.Tensor,
         limit = vocab_size if vocab_size is not None else _full_width(student.shape[-1], student.device, group)
         ids, logprobs = drop_ids_outside_vocab(teacher_topk_ids[teacher_mask], teacher_topk_logprobs[teacher_mask],
                                                limit)
-        per_token = vocab_parallel_topk_jsd(student, vocab_start, ids, logprobs, beta, temperature, group,
+        per_token = vocab_parallel_topk_jsd(student, vocab_start, ids, logprobs, divergence, temperature, group,
                                             tail=tail, vocab_size=limit)
     else:
         teacher = teacher_shard[teacher_mask]
@@ -220,6 +220,6 @@ def gkd_loss_on_shards(student_shard: torch.Tensor,
             raise ValueError(f'teacher and student logit shards differ in width ({teacher.shape[-1]} vs '
                              f'{student.shape[-1]}): in megatron rlhf teacher and student must have the same '
                              'padded vocabulary (the same tokenizer and vocabulary size)')
-        per_token = vocab_parallel_generalized_jsd(student, mask_padded_vocab(teacher, vocab_start, vocab_size), beta,
-                                                   temperature, group, chunk_size=chunk_size)
+        per_token = vocab_parallel_generalized_jsd(student, mask_padded_vocab(teacher, vocab_start, vocab_size),
+                                                   divergence, temperature, group, chunk_size=chunk_size)
     return per_token.sum(), per_token, n_student

@@ -263,7 +263,7 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
         topk = teacher_output.is_topk_mode
         group = mpu.get_tensor_model_parallel_group()
         divergence, _, n_student = gkd_loss_on_shards(
-            output_tensor, labels, beta=self._divergence, temperature=args.temperature,
+            output_tensor, labels, divergence=self._divergence, temperature=args.temperature,
             vocab_start=shard_vocab_start(output_tensor, group), vocab_size=self._real_vocab,
             teacher_shard=None if topk else teacher_output.full_logits,
             teacher_topk_ids=teacher_output.topk_indices if topk else None,

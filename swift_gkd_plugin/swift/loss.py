@@ -21,11 +21,12 @@ from swift.utils import get_logger
 from swift_gkd_plugin.core import Mode, align_vocab, generalized_jsd
 from swift_gkd_plugin.core.constants import IGNORE_INDEX
 from swift_gkd_plugin.core.fused_loss import fused_linear_jsd
+from swift_gkd_plugin.core.kernels import describe_backend
 from swift_gkd_plugin.core.policy_gradient import (head_token_logprobs, policy_gradient_loss,
                                                    rollout_importance_weights, sampled_token_stats)
 from swift_gkd_plugin.core.teacher_signal import (CrossTokenizerRows, TeacherHead, TeacherLogits, TeacherSignal,
                                                   TeacherTopK)
-from swift_gkd_plugin.core.topk import drop_ids_outside_vocab, topk_of_logits
+from swift_gkd_plugin.core.topk import drop_ids_outside_vocab, topk_divergence_dense, topk_of_logits
 from swift_gkd_plugin.core.views import check_same_response_count
 from swift_gkd_plugin.swift.hidden_states import (fused_fallback_reason, gathered_heads, head_bypassed, head_is_sharded,
                                                   head_rows, output_head, topk_from_hidden)
@@ -166,7 +167,7 @@ class LossMixin:
         loss, stats = fused_linear_jsd(
             student_hidden, weight, bias, teacher=teacher_side, **label_term, divergence=self._divergence,
             temperature=self.args.temperature, topk_tail=self.args.gkd_topk_tail, normalizer=normalizer,
-            sft_normalizer=normalizer, return_entropy=on_policy)
+            sft_normalizer=normalizer, return_entropy=on_policy, backend=self.args.gkd_fused_backend)
         n = stats['num_tokens']  # a device tensor: read at logging
         self._log_loss_metrics(setup.mode, stats['divergence_sum'], n, stats['top1_agree'], n,
                                pg_sum=stats['sft_sum'] if token_advantages is not None else None,
@@ -234,16 +235,10 @@ class LossMixin:
         return per_token, agree.sum(), agree.numel()
 
     def _topk_divergence(self, student_logits, teacher_ids, teacher_logprobs):
-        """Divergence over the teacher's top-k support, both sides renormalised over it (ms-swift's definition)."""
-        uncovered = torch.isinf(teacher_logprobs).all(-1)
-        teacher_ids = teacher_ids.clamp(min=0, max=student_logits.shape[-1] - 1)
-        student_k = student_logits.gather(-1, teacher_ids)
-        teacher_k = teacher_logprobs.masked_fill(uncovered[:, None], 0.0)
-        per_token = generalized_jsd(student_k, teacher_k, self._divergence, self.args.temperature)
-        per_token = per_token.masked_fill(uncovered, 0.0)
-        agree = (student_logits.argmax(-1) == teacher_ids.gather(-1, teacher_k.argmax(-1, keepdim=True))[:, 0])
-        # counted on the device: a row without teacher information is not compared
-        return per_token, (agree & ~uncovered).sum(), (~uncovered).sum()
+        """Divergence over the teacher's top-k support (``core.topk.topk_divergence_dense``: the fused loss's)."""
+        per_token, agree, covered = topk_divergence_dense(student_logits, teacher_ids, teacher_logprobs,
+                                                          self._divergence, self.args.temperature)
+        return per_token, agree.sum(), covered.sum()  # counted on the device
 
     def _rollout_weights(self, setup: '_LossSetup', policy_logprobs: torch.Tensor):
         """The importance weights of the policy-gradient term's tokens (``--rollout_importance_sampling_mode``; 1
@@ -301,7 +296,8 @@ class LossMixin:
             return False
         reason = fused_fallback_reason(self)
         if reason is None:
-            logger.info(f'swift_gkd_plugin: GKD loss implementation: fused (--gkd_loss_impl {impl})')
+            logger.info(f'swift_gkd_plugin: GKD loss implementation: fused (--gkd_loss_impl {impl}); its backend: '
+                        f'{describe_backend(self.args.gkd_fused_backend)}')
             return True
         if self.args.gkd_topk_tail:
             raise ValueError(f'--gkd_topk_tail true needs the fused loss, which cannot apply here ({reason})')

@@ -8,6 +8,8 @@ comparison stay on the CPU: the results of a CUDA run are copied back first.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -22,3 +24,14 @@ DEVICES = [
                                                   'process: the kernels are interpreted)')),
 ]
 
+
+
+def compile_ahead_of_time(script: str) -> str:
+    """Run ``script`` (it compiles kernels for a GPU target with Triton's bundled ptxas; no GPU needed) in a process
+    without the interpreter; its stdout. Skips where triton has no ptxas."""
+    env = dict(os.environ, TRITON_INTERPRET='0')
+    proc = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode and 'ptxas' in proc.stderr and 'not found' in proc.stderr.lower():
+        pytest.skip('triton has no ptxas here')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout

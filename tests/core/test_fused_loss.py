@@ -644,3 +644,28 @@ def test_entropy_metric_is_precise_at_a_large_vocabulary(teacher):
         side = TeacherHead(hs, wt)
     _, stats = fused_linear_jsd(hs, w, teacher=side, temperature=temperature, return_entropy=True)
     assert abs(float(stats['entropy_sum']) - float(ref)) / float(ref) < 1e-5
+
+
+@pytest.mark.parametrize('beta', [0.0, 0.5, 1.0])
+def test_dense_topk_treats_ids_outside_the_vocabulary_as_the_fused_loss(beta):
+    """A served teacher's padded rows give ids >= V: the dense top-k path drops them as the fused path does (it used
+    to clamp them to V - 1, putting their mass on the last token), and unused slots are empty on both sides; values
+    and gradients equal the fused loss's (no tail), rows of dropped-only ids uncovered on both."""
+    from swift_gkd_plugin.core.topk import drop_ids_outside_vocab, topk_divergence_dense
+    x = make_inputs(seed=91, n=12, v=80, vt=80)
+    ids, lp = topk_of(x, 5, unused=2, drop_row=False)
+    ids[0, 1], ids[4, 0], ids[7, :] = 80, 85, 83  # outside: one slot, the top-1, and a whole row
+    z = (x['hs'] @ x['w'].T + x['b']).detach().requires_grad_()
+    per_token, agree, covered = topk_divergence_dense(z, ids, lp, beta, 0.8)
+    per_token.sum().backward()
+    assert not bool(covered[7]) and float(per_token[7]) == 0.0 and int(covered.sum()) == 11
+    eye = torch.eye(80)[:12]
+    head = torch.zeros(80, 80)
+    head[:, :12] = z.detach().T
+    w = head.requires_grad_()
+    loss, stats = fused_linear_jsd(eye, w, teacher=TeacherTopK(*drop_ids_outside_vocab(ids, lp, 80)), beta=beta,
+                                   temperature=0.8, normalizer=1.0, backend='torch')
+    loss.backward()
+    assert rel_err(per_token.sum().detach(), loss.detach()) <= 1e-5
+    assert rel_err(z.grad, w.grad[:, :12].T) <= 1e-5
+    assert int(stats['num_tokens']) == 11 and int(agree.sum()) == int(stats['top1_agree'])

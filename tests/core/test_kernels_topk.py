@@ -17,7 +17,7 @@ from swift_gkd_plugin.core.teacher_signal import TeacherTopK  # noqa: E402
 from test_divergences import reference64  # noqa: E402
 from test_fused_loss import (assert_close, make_inputs, ref_of, ref_topk_buckets, rel_err, run, to_device,  # noqa: E402
                              topk_of)
-from kernel_devices import DEVICES  # noqa: E402
+from kernel_devices import DEVICES, compile_ahead_of_time  # noqa: E402
 
 NEG_INF = float('-inf')
 BACKEND = 'SWIFT_GKD_FUSED_BACKEND'
@@ -208,3 +208,33 @@ def test_bad_backend_is_refused(backend, monkeypatch):
     monkeypatch.setenv('TRITON_INTERPRET', '0')
     with pytest.raises(ValueError, match='SWIFT_GKD_FUSED_BACKEND=triton runs on CUDA tensors'):
         run(x, topk=topk, beta=0.5)
+
+
+_AOT = r'''
+import triton
+from triton.backends.compiler import GPUTarget
+from swift_gkd_plugin.core.kernels import topk_rows
+n = 0
+for z in ('*bf16', '*fp32'):
+    for extras in (False, True):
+        flags = dict(V=151936, HAS_B=extras, BLOCK=4096)
+        sig = dict(Z=z, B='*fp32', STATS='*fp32', stride_z='i32', inv_t='fp32', inv_tl='fp32', neg='fp32')
+        const = dict(flags, ENTROPY=extras, LABEL_T=extras)
+        src = triton.compiler.ASTSource(fn=topk_rows._complement_stats_kernel,
+                                        signature={**sig, **dict.fromkeys(const, 'constexpr')}, constexprs=const)
+        n += bool(triton.compile(src, target=GPUTarget('cuda', 90, 32), options=dict(num_warps=8)).asm['cubin'])
+        sig = dict(Z=z, B='*fp32', G=z, ROWS='*fp32', ENT='*fp32', stride_z='i32', stride_g='i32', inv_t='fp32',
+                   inv_tl='fp32')
+        const = dict(flags, TAIL=extras, LABEL=extras, ENTROPY=extras, WRITE=True)
+        src = triton.compiler.ASTSource(fn=topk_rows._grad_kernel, signature={**sig, **dict.fromkeys(const,
+                                        'constexpr')}, constexprs=const)
+        n += bool(triton.compile(src, target=GPUTarget('cuda', 90, 32), options=dict(num_warps=8)).asm['cubin'])
+print('compiled', n)
+'''
+
+
+def test_topk_rows_compiles_for_h100():
+    """Ahead-of-time compilation to sm_90 cubin (Triton's bundled ptxas; no GPU needed) of both top-k kernels, bf16
+    and float32 logits, with and without the bias, tail, label term and entropy. (On 2026-11-24 they also ran on an
+    H100: tests/gpu/results/2026-11-24-h100.)"""
+    assert 'compiled 8' in compile_ahead_of_time(_AOT)

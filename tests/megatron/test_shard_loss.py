@@ -119,7 +119,7 @@ def _worker(rank, world, init_file, out_dir):
         for beta, temperature in CASES:
             for topk, tail in [(False, False), (True, False), (True, True)]:
                 shard = student[..., sl].clone().requires_grad_(True)
-                kwargs = dict(beta=beta, temperature=temperature, vocab_start=start, vocab_size=VOCAB,
+                kwargs = dict(divergence=beta, temperature=temperature, vocab_start=start, vocab_size=VOCAB,
                               teacher_labels=teacher_labels, tail=tail, chunk_size=3)
                 if topk:  # [B, S, V/tp] as Megatron's forward returns them, as the trainer passes them
                     lp, ids = teacher_topk_logprobs(teacher[..., sl], K, start, VOCAB, None, chunk_size=4)
@@ -133,7 +133,7 @@ def _worker(rank, world, init_file, out_dir):
         for tail in (False, True):  # a served teacher's top-k with ids the student does not have
             shard = student[..., sl].clone().requires_grad_(True)
             ids, lp = server_topk()
-            total, _, _ = gkd_loss_on_shards(shard, labels, beta=0.5, temperature=1.0, vocab_start=start,
+            total, _, _ = gkd_loss_on_shards(shard, labels, divergence=0.5, temperature=1.0, vocab_start=start,
                                              vocab_size=VOCAB, teacher_topk_ids=ids, teacher_topk_logprobs=lp,
                                              teacher_labels=teacher_labels, tail=tail)
             total.backward()
@@ -168,7 +168,7 @@ def test_the_teacher_view_must_score_as_many_tokens():
     student, teacher, labels, teacher_labels = make_batch()
     teacher_labels[1, 8] = -100
     with pytest.raises(ValueError, match='different numbers of response tokens'):
-        gkd_loss_on_shards(student, labels, beta=0.5, temperature=1.0, vocab_start=0, vocab_size=VOCAB,
+        gkd_loss_on_shards(student, labels, divergence=0.5, temperature=1.0, vocab_start=0, vocab_size=VOCAB,
                            teacher_shard=teacher, teacher_labels=teacher_labels)
 
 

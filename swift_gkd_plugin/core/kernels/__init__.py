@@ -5,49 +5,94 @@ kernel runs, so CPU users without triton are unaffected.
 * :mod:`.full_rows`: ``[C, V]`` student + ``[C, Vt]`` teacher logits -> per-row values and the gradient;
 * :mod:`.topk_rows`: a chunk against a top-k teacher (with or without the tail bucket), the ``[C, V]`` student side.
 
-Backend choice (:func:`resolve_backend`): ``auto`` uses the kernels on CUDA tensors when triton imports and the
-PyTorch chunk path (the reference) otherwise; ``torch`` forces the PyTorch path; ``triton`` forces the kernels
-(on CPU tensors only under ``TRITON_INTERPRET=1``, Triton's interpreter, which the tests use). The
-``backend=`` argument of :func:`~swift_gkd_plugin.core.fused_loss.fused_linear_jsd` wins over the environment
-variable ``SWIFT_GKD_FUSED_BACKEND``.
+Backend choice (:func:`choose_backend`): ``auto`` (the default) uses the kernels on CUDA tensors when triton
+imports and the device is not ROCm, after a self-check of each kernel variant against the PyTorch path on its first
+chunk (``core/fused_loss.py``; a failure or mismatch logs one warning and that variant runs on the PyTorch path);
+``torch`` forces the PyTorch chunk path (the reference); ``triton`` forces the kernels, never falls back (on CPU
+tensors only under ``TRITON_INTERPRET=1``, Triton's interpreter, which the CPU tests use). The ``backend=`` argument
+of :func:`~swift_gkd_plugin.core.fused_loss.fused_linear_jsd` (``--gkd_fused_backend``) wins over the environment
+variable ``SWIFT_GKD_FUSED_BACKEND``; an empty variable means ``auto``.
 """
 from __future__ import annotations
 
 import importlib
 import importlib.util
 import os
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
-__all__ = ['BACKENDS', 'BACKEND_ENV', 'entry_function', 'resolve_backend', 'triton_available']
+__all__ = ['BACKENDS', 'BACKEND_ENV', 'auto_backend', 'choose_backend', 'describe_backend', 'entry_function',
+           'requested_backend', 'resolve_backend', 'triton_available']
 
 BACKEND_ENV = 'SWIFT_GKD_FUSED_BACKEND'
 BACKENDS = ('auto', 'torch', 'triton')
 
 
 def triton_available() -> bool:
-    """Whether triton can be imported (without importing it)."""
+    """Whether triton is installed (without importing it)."""
     return importlib.util.find_spec('triton') is not None
 
 
-def resolve_backend(backend: Optional[str], device: torch.device) -> str:
-    """``'triton'`` or ``'torch'`` for tensors on ``device``: ``backend`` if given, else ``$SWIFT_GKD_FUSED_BACKEND``,
-    else ``auto``. Raises on an unknown name or a forced ``triton`` that cannot run."""
-    source = 'backend' if backend is not None else BACKEND_ENV
-    choice = backend if backend is not None else os.environ.get(BACKEND_ENV, 'auto')
+def requested_backend(backend: Optional[str] = None) -> Tuple[str, str]:
+    """``(choice, where it came from)``: ``backend`` if given, else ``$SWIFT_GKD_FUSED_BACKEND`` (empty or unset:
+    ``auto``). Raises ValueError on a name outside :data:`BACKENDS`."""
+    if backend is not None:
+        choice, source = backend, 'backend'
+    else:
+        choice, source = os.environ.get(BACKEND_ENV, '').strip() or 'auto', BACKEND_ENV
     if choice not in BACKENDS:
         raise ValueError(f'{source} must be one of {BACKENDS}, got {choice!r}')
-    interpreted = os.environ.get('TRITON_INTERPRET', '0') == '1'
+    return choice, source
+
+
+def auto_backend(device: torch.device) -> Tuple[str, str]:
+    """What ``auto`` runs on tensors of ``device``, and why (a short reason for logs)."""
+    if device.type != 'cuda':
+        return 'torch', f'{device.type} tensors'
+    if getattr(torch.version, 'hip', None):
+        return 'torch', 'ROCm: the kernels have not run there (--gkd_fused_backend triton forces them)'
+    if os.environ.get('TRITON_INTERPRET', '0') == '1':
+        return 'torch', 'TRITON_INTERPRET=1 (the interpreter runs CPU tensors only)'
+    try:
+        importlib.import_module('triton')
+    except Exception as exc:  # ImportError, or a broken install raising anything at import
+        return 'torch', f'triton does not import ({type(exc).__name__}: {exc})'
+    return 'triton', 'CUDA with triton; each kernel variant is checked against the PyTorch path on its first chunk'
+
+
+def choose_backend(backend: Optional[str], device: torch.device) -> Tuple[str, bool]:
+    """``(backend that runs, whether auto chose the kernels)``: the second is what asks for the self-check. Raises
+    ValueError on an unknown name or a forced ``triton`` that cannot run."""
+    choice, source = requested_backend(backend)
     if choice == 'auto':
-        return 'triton' if device.type == 'cuda' and triton_available() and not interpreted else 'torch'
+        name = auto_backend(device)[0]
+        return name, name == 'triton'
     if choice == 'triton':
         if not triton_available():
             raise ValueError(f'{source}=triton needs the triton package (pip install triton)')
-        if device.type != 'cuda' and not interpreted:
+        if device.type != 'cuda' and os.environ.get('TRITON_INTERPRET', '0') != '1':
             raise ValueError(f'{source}=triton runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 '
                              f'(Triton\'s interpreter, set before triton is imported); got {device.type} tensors')
-    return choice
+    return choice, False
+
+
+def describe_backend(backend: Optional[str], device: Optional[torch.device] = None) -> str:
+    """One line for the start-up log: the backend that runs on ``device`` (default: CUDA if visible) and why."""
+    if device is None:
+        device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    choice, source = requested_backend(backend)
+    given = '--gkd_fused_backend' if source == 'backend' else (
+        f'{BACKEND_ENV}' if os.environ.get(BACKEND_ENV, '').strip() else 'the default')
+    if choice != 'auto':
+        return f'{choice} (forced by {given}; no fallback)' if choice == 'triton' else f'torch ({given})'
+    name, why = auto_backend(device)
+    return f'{"Triton kernels" if name == "triton" else "PyTorch chunk path"} (auto, {given}: {why})'
+
+
+def resolve_backend(backend: Optional[str], device: torch.device) -> str:
+    """``'triton'`` or ``'torch'`` for tensors on ``device`` (see :func:`choose_backend`)."""
+    return choose_backend(backend, device)[0]
 
 
 def entry_function(path: str):
