@@ -20,6 +20,9 @@ Methods:
 * ``fused``: ``swift_gkd_plugin.core.fused_loss.fused_linear_jsd`` (default chunk size, backend ``auto``: the
   Triton kernel on CUDA, the PyTorch chunk path on CPU).
 * ``fused_torch``: the same with ``backend='torch'`` (the PyTorch chunk path, the reference).
+* ``fused_topk`` / ``fused_topk_torch`` (on request): ``fused`` / ``fused_torch`` against the teacher's top-64 with
+  the tail bucket (``--gkd_logits_topk 64 --gkd_topk_tail true``, a teacher server's signal), taken from the teacher
+  logits before timing.
 * ``fused_pg`` (on request): ``fused`` plus the policy-gradient label term (random sampled tokens, signed
   advantages, at the loss temperature) and ``return_entropy``, the on-policy RL step's loss.
 
@@ -186,6 +189,18 @@ def _make_step(torch, method, x, args):
             extra = {k: v[:n] if torch.is_tensor(v) else v for k, v in pg.items()}
             return fused_linear_jsd(x['h'][:n], w, teacher=TeacherHead(x['ht'][:n], wt), beta=beta,
                                     temperature=temp, chunk_size=args.chunk_size, backend=backend, **extra)[0]
+    elif method in ('fused_topk', 'fused_topk_torch'):
+        from swift_gkd_plugin.core.fused_loss import fused_linear_jsd
+        from swift_gkd_plugin.core.teacher_signal import TeacherTopK
+        from swift_gkd_plugin.core.topk import topk_of_logits
+        with torch.no_grad():  # the teacher's top-64 (a server's answer): given, not timed
+            parts = [topk_of_logits(x['ht'][i:i + 1024] @ wt.T, 64) for i in range(0, x['ht'].shape[0], 1024)]
+        ids, lp = torch.cat([p.ids for p in parts]), torch.cat([p.logprobs for p in parts])
+        backend = 'torch' if method == 'fused_topk_torch' else None
+
+        def loss_of(n):
+            return fused_linear_jsd(x['h'][:n], w, teacher=TeacherTopK(ids[:n], lp[:n]), beta=beta, temperature=temp,
+                                    topk_tail=True, chunk_size=args.chunk_size, backend=backend)[0]
     else:
         raise ValueError(f'unknown method {method}')
 

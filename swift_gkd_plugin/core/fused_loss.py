@@ -4,8 +4,13 @@
 student logits (one matmul), the teacher logits (one matmul, no grad) or uses the teacher's top-k, computes the
 divergence and its closed-form gradient with respect to the student logits, and immediately turns that gradient
 into the chunk's ``grad_hidden`` and accumulates ``grad_weight`` / ``grad_bias``. The extra memory is
-``O(chunk x V)`` float32 scratch (reused across chunks) plus the ``[V, H]`` weight gradient every method needs;
-the work is the four matmuls of a plain ``lm_head`` forward/backward plus a fixed number of elementwise passes.
+``O(chunk x V)`` (reused across chunks) plus the ``[V, H]`` weight gradient every method needs; the work is the four
+matmuls of a plain ``lm_head`` forward/backward plus the chunk backend's passes over the logits.
+
+This file holds the API, the chunk loop and ``auto``'s self-check; a chunk is computed by one of two backends
+(``core/fused_plan.py`` says what one is): ``core/fused_torch.py`` (PyTorch ops on float32 scratch, the reference)
+or ``core/fused_triton.py`` (Triton kernels on the matmul-dtype logits, the default on CUDA). The choice:
+:func:`~swift_gkd_plugin.core.kernels.choose_backend` (``--gkd_fused_backend``).
 
 The divergence of each row (the generalized JSD of ``beta`` or any registered one) and its closed-form gradient
 with respect to the student logits come from :func:`~swift_gkd_plugin.core.row_divergence.divergence_rows`, as in

@@ -17,7 +17,7 @@ from common import REPO, Results, finite, fmt, ratio
 sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
 import bench_loss  # noqa: E402
 
-METHODS = ('floor', 'fused', 'fused_torch', 'liger', 'dense')
+METHODS = ('floor', 'fused', 'fused_torch', 'fused_topk', 'fused_topk_torch', 'liger', 'dense')
 
 
 def run(args) -> Results:
@@ -35,7 +35,8 @@ def run(args) -> Results:
     kernel = resolve_backend(None, torch.device(args.device)) == 'triton'
     torch_default = default_chunk_size(vocab)
     default = kernel_chunk_size(vocab, vocab, 2 if dtype == 'bfloat16' else 4) if kernel else torch_default
-    chunk_of = {'fused': default, 'fused_torch': torch_default}
+    chunk_of = {'fused': default, 'fused_torch': torch_default,
+                'fused_topk': kernel_chunk_size(vocab, 0, 2 if dtype == 'bfloat16' else 4) if kernel else None}
     base = ['--device', args.device, '--hidden', str(hidden), '--vocab', str(vocab), '--dtype', dtype,
             '--max-repeats', str(args.repeats)]
     bargs = bench_loss.parse_args(base)
