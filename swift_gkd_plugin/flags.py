@@ -27,6 +27,15 @@ TEMPERATURE_FLOOR_WHY = (
     'top two logits differ by 2 or more is one-hot on both sides with gradient 0: most positions of a real model '
     '(positions with any gradient, SmolLM2-135M: 63% at 0.02, 36% at 0.01, 3% at 0.001)')
 
+#: Above this ``--temperature`` (and ``--gkd_sampling_temperature``) a run learns next to nothing: see
+#: :data:`TEMPERATURE_CEILING_WHY` (measured in tests/test_checks.py).
+TEMPERATURE_CEILING = 100.0
+TEMPERATURE_CEILING_WHY = (
+    'the tempered distributions approach uniform: the loss and its gradient shrink as 1/T^2, to a largest logit '
+    'gradient of 8e-10 at 100 and 8e-18 at 1e6 (a 151,936-token vocabulary, logits 1 nat apart), below AdamW\'s '
+    'epsilon (1e-8), so the updates vanish; samples at such temperatures are near-uniform random tokens. GKD '
+    'recipes use 0.5-2')
+
 
 class FlagError(ValueError):
     """A refused command line: the message names the flag, the value and the allowed values. The entry points print
@@ -291,6 +300,16 @@ def check_gkd_scalars(args) -> None:
     check_cross_tokenizer_flags(args)
     check_sampling_flags(args)
     check_fused_backend(args)
+    check_temperature_ceiling(args)
+
+
+def check_temperature_ceiling(args) -> None:
+    """``--temperature`` and ``--gkd_sampling_temperature`` at most :data:`TEMPERATURE_CEILING` (their declared
+    ranges have already refused values below the floor, NaN and infinity)."""
+    for flag in ('temperature', 'gkd_sampling_temperature'):
+        value = getattr(args, flag, None)
+        if value is not None and value > TEMPERATURE_CEILING:
+            raise FlagError(f'--{flag} must be <= {TEMPERATURE_CEILING:g} ({TEMPERATURE_CEILING_WHY}), got {value}')
 
 
 def check_fused_backend(args) -> None:

@@ -159,6 +159,7 @@ BAD_INPUTS = [
     ({'gkd_divergence': 'skew_rkl', 'beta': 0.3}, ['--beta 0.3 applies to --gkd_divergence jsd only',
                                                   '--gkd_skew_alpha']),
     ({'gkd_skew_alpha': 0.3}, ['--gkd_skew_alpha 0.3 applies to --gkd_divergence skew_kl / skew_rkl only']),
+    ({'temperature': 1e6}, ['--temperature must be <= 100 (the tempered distributions approach uniform', 'got 1000000.0']),
     ({'gkd_fused_backend': 'nonsense'}, ["--gkd_fused_backend must be one of ['auto', 'torch', 'triton']",
                                          "got 'nonsense'"]),
 ]

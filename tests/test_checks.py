@@ -14,8 +14,8 @@ import torch
 
 from swift_gkd_plugin.core.divergence import generalized_jsd
 from swift_gkd_plugin.flags import (CROSS_TOKENIZER_METHODS, GKD_LOSS_IMPLS, MS_SWIFT_FLAGS, SCALAR_FLAGS,
-                                    TEMPERATURE_FLOOR, GKDPluginArgumentsMixin, Range, check_gkd_scalars,
-                                    check_multi_turn_flags, declared_ranges, ignored_flag_warnings)
+                                    TEMPERATURE_CEILING, TEMPERATURE_FLOOR, GKDPluginArgumentsMixin, Range,
+                                    check_gkd_scalars, check_multi_turn_flags, declared_ranges, ignored_flag_warnings)
 
 # the plugin's flags at their defaults (flags added later included), ms-swift's at good values
 GOOD = dict({f.name: f.default for f in fields(GKDPluginArgumentsMixin)}, beta=0.5, lmbda=0.5, temperature=0.9,
@@ -165,6 +165,34 @@ def test_the_floor_is_where_a_gap_of_2_saturates():
 
     assert grad(TEMPERATURE_FLOOR * 0.9) == grad(1e-3) == 0.0
     assert grad(TEMPERATURE_FLOOR) > 0.0
+
+
+@pytest.mark.parametrize('flag', ['temperature', 'gkd_sampling_temperature'])
+@pytest.mark.parametrize('value', [TEMPERATURE_CEILING * 1.01, 1e6])
+def test_a_temperature_above_the_ceiling_is_refused_naming_it(flag, value):
+    with pytest.raises(ValueError) as info:
+        check_gkd_scalars(good(**{flag: value}))
+    assert f'--{flag} must be <= {TEMPERATURE_CEILING:g} (the tempered distributions approach uniform' in str(info.value)
+    assert f'got {value}' in str(info.value)
+    check_gkd_scalars(good(**{flag: TEMPERATURE_CEILING}))
+
+
+def test_the_ceiling_is_where_the_gradient_falls_below_adams_epsilon():
+    """Logits 1 nat apart over a 151,936-token vocabulary: the largest logit gradient shrinks as 1/T^2, 8e-10 at the
+    ceiling (already below AdamW's epsilon, 1e-8; summed over tokens a parameter's gradient can still exceed it) and
+    8e-18 at 1e6 (where a run logged grad_norm 0 and learnt nothing)."""
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(4, 151936, generator=g) * 3
+    teacher = student + torch.randn(4, 151936, generator=g)
+
+    def grad(temperature):
+        z = student.clone().requires_grad_()
+        generalized_jsd(z, teacher, 0.5, temperature).sum().backward()
+        return z.grad.abs().max().item()
+
+    at_ceiling, far = grad(TEMPERATURE_CEILING), grad(1e6)
+    assert 1e-10 < at_ceiling < 1e-8 and far < 1e-16
+    assert 0.5 < at_ceiling / grad(TEMPERATURE_CEILING / 10) * 100 < 2  # 1 / T^2
 
 
 # ---------------------------------------------------------------------------------------------------- ignored flags
