@@ -160,6 +160,9 @@ BAD_INPUTS = [
                                                   '--gkd_skew_alpha']),
     ({'gkd_skew_alpha': 0.3}, ['--gkd_skew_alpha 0.3 applies to --gkd_divergence skew_kl / skew_rkl only']),
     ({'temperature': 1e6}, ['--temperature must be <= 100 (the tempered distributions approach uniform', 'got 1000000.0']),
+    ({'teacher_model': None, 'teacher_model_type': None},
+     ['no teacher: without --teacher_model, --teacher_model_server or --teacher_adapters the teacher is the student '
+      'itself', 'teacher_prompt', '--sft_alpha > 0']),
     ({'gkd_fused_backend': 'nonsense'}, ["--gkd_fused_backend must be one of ['auto', 'torch', 'triton']",
                                          "got 'nonsense'"]),
 ]

@@ -53,7 +53,7 @@ def _run(tiny_ws, out, dataset, log, **flags):
 
 
 @pytest.fixture(scope='module')
-def runs(tiny_ws, shared_runs):
+def runs(tiny_ws, adapters, shared_runs):
     history = _dataset(tiny_ws, 'history', _with_history)
     privileged = _dataset(tiny_ws, 'teacher_prompt', _with_teacher_prompt)
 
@@ -64,8 +64,10 @@ def runs(tiny_ws, shared_runs):
         'on_policy': start(history, lmbda=1, gkd_loss_impl='dense'),
         'on_policy_fused': start(history, lmbda=1, gkd_loss_impl='fused'),
         'seq_kd': start(privileged, lmbda=0, seq_kd='true', gkd_loss_impl='dense'),
-        'shared_base': start(history, lmbda=1, tuner_type='lora', teacher_model=None, teacher_model_type=None,
-                             gkd_loss_impl='dense', max_steps=2),
+        # the shared base: --teacher_model is --model, the LoRA student starts from a non-zero adapter (a fresh one
+        # makes student = teacher and the loss 0)
+        'shared_base': start(history, lmbda=1, tuner_type='lora', teacher_model=tiny_ws.student,
+                             adapters=adapters['fit'], gkd_loss_impl='dense', max_steps=2),
         'bad_mask': start(tiny_ws.train, lmbda=1, multi_turn_scheduler='gkd_test_bad_mask', max_steps=1),
         'no_tokens': start(tiny_ws.train, lmbda=1, multi_turn_scheduler='gkd_test_no_tokens', max_steps=1),
     })

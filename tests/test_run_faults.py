@@ -135,3 +135,14 @@ def test_the_trainer_exits_with_the_swift_launcher(tiny_ws, tmp_path, nproc):
         for pid in started:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_run_that_learns_nothing_stops_instead_of_exiting_0(tiny_ws, tmp_path):
+    """A shared base with a fresh LoRA adapter (zero B): student = teacher exactly, so every loss and gradient is 0.
+    The pre-load check lets a shared base through (a real adapter makes it learn); the trainer stops the run after its
+    first logged steps, naming the causes, instead of exiting 0 having learnt nothing."""
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), tuner_type='lora', teacher_model=tiny_ws.student,
+                              lmbda=0, max_steps=6), check=False, timeout=300)
+    assert run.returncode != 0
+    assert 'the first 3 logged step(s) have loss 0 and grad_norm 0 exactly: the run learns nothing' in run.output
+    assert len(run.logs) == 3 and all(log['loss'] == 0 and log['grad_norm'] == 0 for log in run.logs)

@@ -240,6 +240,37 @@ def check_local_jsonl_datasets(args) -> None:
     check_one_batch(args, train_rows - len(dropped), dropped)
 
 
+#: the columns that give the student-itself teacher a view of its own (a privileged prompt): ms-swift's OPSD columns
+PRIVILEGED_COLUMNS = ('teacher_prompt', 'teacher_messages')
+
+
+def check_self_teacher_has_something_to_add(args) -> None:
+    """Without ``--teacher_model``, ``--teacher_model_server``, ``--teacher_adapters`` or a shared-base LoRA set-up
+    the teacher is the student itself: unless a row gives it a privileged prompt, teacher and student see the same
+    input, every divergence and its gradient are exactly 0, and the run learns nothing (with exit 0). Refused when
+    every ``--dataset`` is a local jsonl file without such a column and no other term learns (``--sft_alpha``,
+    ``--gkd_rl_coef``); other datasets cannot be read here (the trainer stops a run whose loss stays 0 instead)."""
+    if (args.teacher_model is not None or args.teacher_model_server is not None or args.teacher_adapters
+            or getattr(args, '_teacher_use_disable_adapter', False)):
+        return
+    if (args.sft_alpha or 0) > 0 or (args.gkd_rl_coef or 0) > 0:
+        return
+    entries = list(args.dataset or [])
+    files = local_jsonl_files(entries, args.use_hf)
+    if not entries or len(files) != len(entries) or not all(standard for _, standard in files):
+        return
+    columns = args.columns if isinstance(args.columns, dict) else {}
+    names = set(PRIVILEGED_COLUMNS) | {k for k, v in columns.items() if v in PRIVILEGED_COLUMNS}
+    for path, _ in files:
+        if any(row.get(name) for _, row in jsonl_rows('--dataset', path) for name in names):
+            return
+    raise FlagError('no teacher: without --teacher_model, --teacher_model_server or --teacher_adapters the teacher is '
+                    'the student itself, and no row of --dataset has a teacher_prompt or teacher_messages column to '
+                    'give it a view of its own, so the loss and its gradient are exactly 0 and the run would learn '
+                    'nothing. Pass --teacher_model (or a LoRA student with --teacher_model equal to --model, or '
+                    '--teacher_adapters), add a teacher_prompt column, or set --sft_alpha > 0')
+
+
 def check_one_batch(args, rows: int, dropped: List[str] = ()) -> None:
     """Training sets of local jsonl files only: with no row that can be encoded (``dropped``: rows with neither a
     user message nor a response), ms-swift would load both models and then fail to resample ("Increase

@@ -13,12 +13,40 @@ logger = get_logger()
 
 
 def install_run_guards(trainer) -> None:
-    """A training set smaller than one batch is refused at the start; a checkpoint save that cannot write its files
+    """A training set smaller than one batch is refused at the start; a run whose first logged steps learn nothing
+    stops; a checkpoint save that cannot write its files
     names the cause (no space left) and the newest complete checkpoint; a row replaced because it fails to encode is
     named in a warning and counted."""
     trainer.add_callback(RefuseEmptyEpochs())
+    trainer.add_callback(StopWhenNothingIsLearnt())
     guard_checkpoint_saves(trainer)
     warn_replaced_rows(trainer)
+
+
+class StopWhenNothingIsLearnt(TrainerCallback):
+    """Stops a run whose first :attr:`STEPS` logged training steps (fewer if ``--max_steps`` is smaller) all have a
+    loss and a gradient norm of exactly 0: it learns nothing, whatever the cause (the student as its own teacher
+    without a privileged prompt on data the pre-load check cannot read, a shared base with a zero adapter, no valid
+    teacher position), and would otherwise end with exit code 0. Exactly 0, not small: a real loss is never exactly
+    0 on every token of several steps."""
+    STEPS = 3
+
+    def __init__(self):
+        self.seen = 0
+        self.zero = 0
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or 'loss' not in logs or 'grad_norm' not in logs or self.seen >= self.STEPS:
+            return
+        self.seen += 1
+        self.zero += float(logs['loss']) == 0.0 and float(logs['grad_norm']) == 0.0
+        needed = min(self.STEPS, args.max_steps) if args.max_steps and args.max_steps > 0 else self.STEPS
+        if self.seen == needed and self.zero == needed:
+            raise RuntimeError(
+                f'swift_gkd_plugin: the first {needed} logged step(s) have loss 0 and grad_norm 0 exactly: the run '
+                'learns nothing, so it stops here instead of ending with exit code 0. Usual causes: the teacher sees '
+                'exactly what the student sees (no --teacher_model and no teacher_prompt column; a shared base with '
+                'a zero LoRA adapter: pass --adapters or a teacher_prompt), or no position has a teacher signal.')
 
 
 class ReplacedRows(TrainerCallback):
