@@ -296,7 +296,7 @@ def main(argv=None) -> int:
     server_cli.add_arguments(serve)
     args = parser.parse_args(argv)
     if args.command == 'serve-teacher':
-        return server_cli.run(args)
+        return server_cli.run(args, sys.argv[1:] if argv is None else argv)
     if args.command == 'plugin-path':
         print(plugin_path())
         return 0

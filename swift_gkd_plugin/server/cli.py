@@ -4,12 +4,15 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import math
 import os
 import sys
+from typing import List, Optional, Sequence, Tuple
 
 API_KEY_ENV = 'SWIFT_GKD_TEACHER_API_KEY'
 LOOPBACK_NAMES = {'localhost', 'ip6-localhost'}
 DEVICE_MAPS = ('auto', 'balanced', 'balanced_low_0', 'sequential')
+DTYPES = ('auto', 'float32', 'fp32', 'bfloat16', 'bf16', 'float16', 'fp16')  # backend._DTYPES and auto
 
 
 def is_loopback(host: str) -> bool:
@@ -63,21 +66,73 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--log_level', default='info', choices=['debug', 'info', 'warning', 'error'])
 
 
-def run(args: argparse.Namespace) -> int:
+def topk_values(argv: Sequence[str]) -> List[Tuple[str, str]]:
+    """``(flag, value)`` of each ``--top_k`` / ``--topk`` in a command line (argparse keeps only the last)."""
+    found = []
+    for i, token in enumerate(argv):
+        for flag in ('--top_k', '--topk'):
+            if token == flag and i + 1 < len(argv):
+                found.append((flag, argv[i + 1]))
+            elif token.startswith(flag + '='):
+                found.append((flag, token.split('=', 1)[1]))
+    return found
+
+
+def check_args(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -> Optional[str]:
+    """The first problem with the flags, as one line naming the flag, the value and the allowed values (None: all
+    good). Everything is checked here, before the model loads: a refusal after a 7B load wastes minutes."""
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if not is_loopback(args.host) and not api_key:
-        print(f'swift-gkd serve-teacher: refusing to bind {args.host!r} without an API key: pass --api_key or set '
-              f'{API_KEY_ENV} (or bind 127.0.0.1)', file=sys.stderr)
-        return 2
+        return (f'refusing to bind {args.host!r} without an API key: pass --api_key or set {API_KEY_ENV} (or bind '
+                '127.0.0.1)')
+    if not 0 <= args.port <= 65535:
+        return f'--port must be in [0, 65535] (0: any free port), got {args.port}'
     if args.device_map is not None and args.device_map not in DEVICE_MAPS:
-        print(f'swift-gkd serve-teacher: --device_map {args.device_map!r} is not one of {", ".join(DEVICE_MAPS)}',
-              file=sys.stderr)
-        return 2
+        return f'--device_map {args.device_map!r} is not one of {", ".join(DEVICE_MAPS)}'
+    given = {value for _, value in topk_values(argv or [])}
+    if len(given) > 1:
+        shown = ' '.join(f'{flag} {value}' for flag, value in topk_values(argv or []))
+        return f'{shown}: --top_k and --topk are one flag given different values; give one'
     for name in ('topk', 'max_batch_tokens', 'max_queue', 'max_request_tokens'):
         if getattr(args, name) < 1:
-            flag = 'top_k' if name == 'topk' else name
-            print(f'swift-gkd serve-teacher: --{flag} must be >= 1, got {getattr(args, name)}', file=sys.stderr)
-            return 2
+            return f'--{"top_k" if name == "topk" else name} must be >= 1, got {getattr(args, name)}'
+    if args.num_threads is not None and args.num_threads < 1:
+        return f'--num_threads must be >= 1 (or unset for torch\'s default), got {args.num_threads}'
+    if not (math.isfinite(args.max_body_mb) and args.max_body_mb > 0):
+        return (f'--max_body_mb must be a finite number > 0 (the request body limit in MiB; every request would get '
+                f'413), got {args.max_body_mb}')
+    if not (math.isfinite(args.batch_wait_ms) and args.batch_wait_ms >= 0):
+        return f'--batch_wait_ms must be a finite number >= 0, got {args.batch_wait_ms}'
+    if args.torch_dtype not in DTYPES:
+        return f'--torch_dtype must be one of {", ".join(DTYPES)}, got {args.torch_dtype!r}'
+    return _device_problem(args.device) if args.device_map is None else None
+
+
+def _device_problem(device: str) -> Optional[str]:
+    if device in ('auto', 'cpu'):
+        return None
+    import torch
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        return f'--device must be auto, cpu, cuda or cuda:N, got {device!r}'
+    if dev.type == 'cuda':
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            return f'--device {device}: this process sees no CUDA device (use --device cpu or auto)'
+        if dev.index is not None and dev.index >= count:
+            return f'--device {device}: this process sees {count} CUDA device(s) (cuda:0 to cuda:{count - 1})'
+    elif dev.type != 'cpu':
+        return f'--device must be auto, cpu, cuda or cuda:N, got {device!r}'
+    return None
+
+
+def run(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -> int:
+    problem = check_args(args, argv)
+    if problem:
+        print(f'swift-gkd serve-teacher: error: {problem}', file=sys.stderr)
+        return 2
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     server_logger = logging.getLogger('swift_gkd_plugin.server')
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter('%(asctime)s %(levelname)s [teacher-server] %(message)s'))

@@ -1243,3 +1243,32 @@ def test_top_k_is_the_trainers_name_and_topk_stays_an_alias(flag):
     server_cli.add_arguments(parser)
     assert parser.parse_args(['--model', 'm', flag, '7']).topk == 7
     assert '--top_k TOPK, --topk TOPK' in parser.format_help()
+
+
+SERVE_BAD_FLAGS = [
+    (['--max_body_mb', '-1'], '--max_body_mb must be a finite number > 0 (the request body limit in MiB; every request '
+                              'would get 413), got -1.0'),
+    (['--max_body_mb', '0'], '--max_body_mb must be a finite number > 0'),
+    (['--port', '70000'], '--port must be in [0, 65535] (0: any free port), got 70000'),
+    (['--device', 'cuda'], '--device cuda: this process sees no CUDA device (use --device cpu or auto)'),
+    (['--device', 'tpu'], "--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+    (['--torch_dtype', 'float8'], "--torch_dtype must be one of auto, float32, fp32, bfloat16, bf16, float16, fp16, "
+                                  "got 'float8'"),
+    (['--top_k', '5', '--topk', '9'], '--top_k 5 --topk 9: --top_k and --topk are one flag given different values'),
+    (['--batch_wait_ms', 'nan'], '--batch_wait_ms must be a finite number >= 0, got nan'),
+    (['--num_threads', '0'], '--num_threads must be >= 1'),
+]
+
+
+@pytest.mark.skipif(os.path.exists('/dev/nvidiactl'), reason='the --device cuda case needs a machine without CUDA')
+@pytest.mark.parametrize('flags,message', SERVE_BAD_FLAGS, ids=[' '.join(f) for f, _ in SERVE_BAD_FLAGS])
+def test_serve_teacher_refuses_bad_flags_before_loading(tiny_ws, flags, message):
+    """Every flag is checked before the model loads (they used to fail after the load with a traceback, or start a
+    server that answered 413 to everything, or silently take the last of --top_k / --topk): one error line, exit 2."""
+    env = dict(os.environ, **OFFLINE_ENV)
+    proc = subprocess.run([SWIFT_GKD, 'serve-teacher', '--model', tiny_ws.teacher, *flags], env=env,
+                          capture_output=True, text=True, timeout=60)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith('swift-gkd serve-teacher: error: ')]
+    assert proc.returncode == 2 and len(errors) == 1 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+    assert message in errors[0]
+    assert 'loaded in' not in proc.stderr  # the teacher never loaded
