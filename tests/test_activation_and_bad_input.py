@@ -260,6 +260,17 @@ BAD_DATASETS = {
                                                        '--lmbda 0 without --seq_kd']),
     'no_response_val': (GOOD_ROW + PROMPT_ONLY_ROW, {'lmbda': 0.5}, ['--val_dataset', 'no_response_val.jsonl',
                                                                     '(lines 2)', 'evaluation']),
+    # ms-swift used to train on half the rows with exit 0 (issue 37: role "usr"), or fail after loading both models
+    'unknown_role': (GOOD_ROW * 2 + GOOD_ROW.replace(b'"user"', b'"usr"') * 2, {},
+                     ['--dataset', '2 row(s) that ms-swift would drop without a word', "line 3: message 0 has the role "
+                      "'usr'", 'line 4', '--gkd_drop_bad_rows true']),
+    'messages_string': (GOOD_ROW + b'{"messages": "Reverse: a b"}\n', {},
+                        ['line 2: "messages" is str "Reverse: a b", not a non-empty list of messages']),
+    'null_and_number_content': (GOOD_ROW + GOOD_ROW.replace(b'"b a"', b'null') + GOOD_ROW.replace(b'"b a"', b'7'),
+                                {}, ['2 row(s)', 'line 2: message 1 (assistant): its content is null, not text',
+                                     'line 3: message 1 (assistant): its content is int 7, not text']),
+    'bad_rows_val': (GOOD_ROW + GOOD_ROW.replace(b'"assistant"', b'"asistant"'), {},
+                     ['--val_dataset', "line 2: message 1 has the role 'asistant'"]),
     # ms-swift used to load both models, then fail to resample them ("Increase max_length")
     'system_only': (SYSTEM_ONLY_ROW * 4, {'lmbda': 1}, ['--dataset', 'system_only.jsonl', 'no row can be trained on',
                                                        'all 4 row(s) have neither a user message nor an assistant '
@@ -276,6 +287,18 @@ def test_bad_local_dataset_is_refused_naming_the_file_and_line(tiny_ws, tmp_path
     run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), **{which: str(path)}, **flags), check=False,
                     timeout=120)
     assert_refused_in_one_line(run, needles + [str(path)])
+
+
+def test_bad_rows_are_dropped_and_counted_only_when_asked(tiny_ws, tmp_path):
+    """--gkd_drop_bad_rows true: the rows ms-swift would drop are named in a warning with their count, and the run
+    trains on the others."""
+    path = tmp_path / 'some_bad.jsonl'
+    path.write_bytes(open(tiny_ws.fixed, 'rb').read() + GOOD_ROW.replace(b'"user"', b'"usr"'))
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), dataset=str(path), lmbda=0, max_steps=1,
+                              gkd_drop_bad_rows='true'), timeout=300)
+    assert (f'--dataset {path}: 1 row(s) that ms-swift would drop without a word: line 5: message 0 has the role '
+            "'usr'") in run.output and '--gkd_drop_bad_rows true: training without them' in run.output
+    assert len(run.losses) == 1 and run.losses[0] > 0
 
 
 def test_rows_without_response_are_named_but_sampled_on_policy(tiny_ws, tmp_path):

@@ -91,6 +91,44 @@ def jsonl_rows(flag: str, path: str) -> Iterator[Tuple[int, dict]]:
         raise FlagError(f'{flag} {path}: the file has no rows (a jsonl dataset needs one JSON object per line)')
 
 
+#: the roles ms-swift 4.6's messages preprocessor accepts (aliases included), everything else fails its row
+KNOWN_ROLES = ('system', 'user', 'human', 'assistant', 'gpt', 'bot', 'tool', 'tool_call', 'tool_response',
+               'function_call', 'function-call', 'function_response', 'function-response', 'observation',
+               'observations')
+CONTENT_KEYS = ('content', 'value')
+
+
+def row_problem(row: dict, columns: Dict[str, str]) -> Optional[str]:
+    """Why ms-swift would drop ``row`` (a messages row its preprocessor or template cannot use), else None: messages
+    that are not a non-empty list of objects, an unknown role, a missing, null or non-text content. Rows of other
+    formats (a ``query`` / ``response`` pair, ShareGPT's ``user`` / ``assistant`` keys) are not judged here."""
+    row = {columns.get(key, key): value for key, value in row.items()}
+    key = next((k for k in MESSAGES_KEYS if k in row), None)
+    if key is None:
+        return None
+    messages = row[key]
+    if not isinstance(messages, list) or not messages:
+        return f'"{key}" is {_kind(messages)}, not a non-empty list of messages'
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            return f'message {i} is {_kind(message)}, not an object'
+        if not any(k in message for k in ROLE_KEYS):
+            if i == 0 and {'user', 'assistant'} & set(message):
+                return None  # ShareGPT's {"user": ..., "assistant": ...} pairs
+            return f'message {i} has no "role"'
+        role = _role(message)
+        if role not in KNOWN_ROLES:
+            return f'message {i} has the role {role!r}, not one of {", ".join(KNOWN_ROLES[:4])}, tool, ...'
+        content = next((message[k] for k in CONTENT_KEYS if k in message), None)
+        if not isinstance(content, (str, list)):
+            return f'message {i} ({role}): its content is {_kind(content)}, not text'
+    return None
+
+
+def _kind(value) -> str:
+    return 'null' if value is None else f'{type(value).__name__} {json.dumps(value)[:40]}'
+
+
 def _messages(row: dict) -> Optional[list]:
     for key in MESSAGES_KEYS:
         messages = row.get(key)
@@ -171,10 +209,14 @@ def media_problem(key: str, ref: str) -> Optional[str]:
 def scan_rows(flag: str, path: str, standard_format: bool, columns: Dict[str, str], multimodal: bool) -> dict:
     """Reads the whole file (refusing unreadable lines): its number of rows, ``(line, has a prompt)`` of its rows without a response,
     of its rows with media, and each unreadable media file as ``(line, problem)``."""
-    found = {'no_response': [], 'media': [], 'broken': [], 'rows': 0}
+    found = {'no_response': [], 'media': [], 'broken': [], 'bad': [], 'rows': 0}
     for line_no, row in jsonl_rows(flag, path):
         found['rows'] += 1
         if not standard_format:
+            continue
+        problem = row_problem(row, columns)
+        if problem:
+            found['bad'].append((line_no, problem))
             continue
         if not has_response(row, columns):
             found['no_response'].append((line_no, has_prompt(row, columns)))
@@ -217,6 +259,8 @@ def check_local_jsonl_datasets(args) -> None:
                 raise FlagError(f'{flag} {path}: {len(found["broken"])} media file(s) cannot be read: {shown}{more}. '
                                  'ms-swift would silently train on other rows in their place; fix or remove these '
                                  'rows.')
+            if found['bad']:
+                dropped += _bad_rows(args, flag, path, found['bad'])
             no_response = found['no_response']
             if not no_response:
                 continue
@@ -269,6 +313,19 @@ def check_self_teacher_has_something_to_add(args) -> None:
                     'give it a view of its own, so the loss and its gradient are exactly 0 and the run would learn '
                     'nothing. Pass --teacher_model (or a LoRA student with --teacher_model equal to --model, or '
                     '--teacher_adapters), add a teacher_prompt column, or set --sft_alpha > 0')
+
+
+def _bad_rows(args, flag: str, path: str, bad: List[Tuple[int, str]]) -> List[str]:
+    """Rows ms-swift would drop without a word: refused, or with ``--gkd_drop_bad_rows true`` counted in a warning
+    and left out (returned as dropped training rows)."""
+    shown = '; '.join(f'line {line}: {problem}' for line, problem in bad[:LINES_SHOWN])
+    more = f' (and {len(bad) - LINES_SHOWN} more)' if len(bad) > LINES_SHOWN else ''
+    text = f'{flag} {path}: {len(bad)} row(s) that ms-swift would drop without a word: {shown}{more}'
+    if not getattr(args, 'gkd_drop_bad_rows', False):
+        raise FlagError(f'{text}. Fix them, or pass --gkd_drop_bad_rows true to train without them (counted in a '
+                        'warning)')
+    logger.warning(f'swift_gkd_plugin: {text}; --gkd_drop_bad_rows true: training without them')
+    return [f'{path} line {line}' for line, _ in bad] if flag == '--dataset' else []
 
 
 def check_one_batch(args, rows: int, dropped: List[str] = ()) -> None:
