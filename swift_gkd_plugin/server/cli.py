@@ -89,10 +89,10 @@ def check_args(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -
         return f'--port must be in [0, 65535] (0: any free port), got {args.port}'
     if args.device_map is not None and args.device_map not in DEVICE_MAPS:
         return f'--device_map {args.device_map!r} is not one of {", ".join(DEVICE_MAPS)}'
-    given = {value for _, value in topk_values(argv or [])}
-    if len(given) > 1:
-        shown = ' '.join(f'{flag} {value}' for flag, value in topk_values(argv or []))
-        return f'{shown}: --top_k and --topk are one flag given different values; give one'
+    last = dict(topk_values(argv or []))  # each spelling's last value (a repeated flag: the last wins, as argparse)
+    if len(last) == 2 and len(set(last.values())) == 2:
+        return (f'--top_k {last["--top_k"]} --topk {last["--topk"]}: --top_k and --topk are one flag given different '
+                'values; give one')
     for name in ('topk', 'max_batch_tokens', 'max_queue', 'max_request_tokens'):
         if getattr(args, name) < 1:
             return f'--{"top_k" if name == "topk" else name} must be >= 1, got {getattr(args, name)}'
