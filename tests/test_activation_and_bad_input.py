@@ -278,6 +278,19 @@ BAD_DATASETS = {
 }
 
 
+def test_a_missing_local_dataset_is_refused_before_loading(tiny_ws, tmp_path, monkeypatch):
+    """A typo in a relative path (issue 37: ms-swift took it for a hub id, loaded both models, then printed 645 lines
+    ending in "Couldn't reach ... on the Hub"), with a #N suffix, and an absolute one: one line naming the path."""
+    monkeypatch.chdir(os.path.dirname(tiny_ws.train))
+    typo = os.path.basename(tiny_ws.train).replace('train', 'trian')
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), dataset=f'./{typo}#8'), check=False, timeout=120)
+    assert_refused_in_one_line(run, [f'--dataset ./{typo}#8: no such file', f'(relative to {os.getcwd()})',
+                                     f'did you mean ./{os.path.basename(tiny_ws.train)}?'])
+    missing = str(tmp_path / 'nowhere' / 'val.jsonl')
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), val_dataset=missing), check=False, timeout=120)
+    assert_refused_in_one_line(run, [f'--val_dataset {missing}: no such file', 'does not exist either'])
+
+
 @pytest.mark.parametrize('name', list(BAD_DATASETS))
 def test_bad_local_dataset_is_refused_naming_the_file_and_line(tiny_ws, tmp_path, name):
     content, flags, needles = BAD_DATASETS[name]

@@ -64,6 +64,43 @@ def local_jsonl_files(entries: List[str], use_hf: Optional[bool]) -> List[Tuple[
     return files
 
 
+#: file endings of local dataset files ms-swift reads; an entry with one of them names a file, never a hub dataset
+LOCAL_SUFFIXES = ('.jsonl', '.json', '.csv', '.txt', '.parquet', '.arrow', '.tsv')
+
+
+def check_dataset_paths(args) -> None:
+    """``--dataset`` / ``--val_dataset`` entries that name local files (an absolute or ``./`` path, a file ending such
+    as ``.jsonl``, more than one ``/``) must exist: otherwise ms-swift takes them for hub ids, loads both models and
+    then fails to reach the hub (or, offline, ends in hundreds of lines). ``#N`` and ``:subset`` suffixes allowed;
+    entries that look like hub ids (``owner/name``) are left to ms-swift."""
+    for flag, entries in (('--dataset', args.dataset), ('--val_dataset', args.val_dataset)):
+        for entry in entries or []:
+            path = DatasetSyntax.parse(entry).dataset
+            if os.path.exists(path) or not _looks_local(path):
+                continue
+            where = '' if os.path.isabs(path) else f' (relative to {os.getcwd()})'
+            near = _near_names(path)
+            raise FlagError(f'{flag} {entry}: no such file {path!r}{where}{near}; a local dataset must exist (hub '
+                            'datasets are named owner/name)')
+
+
+def _looks_local(path: str) -> bool:
+    return (os.path.isabs(path) or path.startswith(('.', '~')) or path.lower().endswith(LOCAL_SUFFIXES)
+            or path.count('/') > 1)
+
+
+def _near_names(path: str) -> str:
+    """`` (did you mean X?)`` for a file of the same folder whose name is close (a typo), else ``''``."""
+    import difflib
+    folder = os.path.dirname(path) or '.'
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return f'; the folder {folder!r} does not exist either' if os.path.dirname(path) else ''
+    close = difflib.get_close_matches(os.path.basename(path), names, n=1, cutoff=0.75)
+    return f' (did you mean {os.path.join(os.path.dirname(path), close[0])}?)' if close else ''
+
+
 def jsonl_rows(flag: str, path: str) -> Iterator[Tuple[int, dict]]:
     """``(line number, row)`` for each non-blank line; a ValueError naming the flag, the file and the line for a
     line that is not UTF-8 or not a JSON object, and for a file without rows."""
