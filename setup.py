@@ -1,5 +1,6 @@
 """swift-gkd-plugin: Generalized Knowledge Distillation for ms-swift, as a plugin."""
 import os
+import re
 
 import setuptools
 from setuptools import find_packages, setup
@@ -19,6 +20,16 @@ def doc_files():
     return sorted(found)
 
 
+def source_tree_links(text: str) -> str:
+    """``[text](../path)`` (a file of the project outside docs_en: examples/, tests/gpu/) as ``text (in the source
+    tree: path)``: the installed docs live inside the package, where such a link leads nowhere."""
+    def named(match):
+        label, path = match.group(1), match.group(2)
+        where = 'in the source tree' if label.strip('`') == path else f'in the source tree: `{path}`'
+        return f'{label} ({where})'
+    return re.sub(r'\[([^\]]+)\]\(\.\./([^)#]+)(#[^)]*)?\)', named, text)
+
+
 class BuildWithPth(build_py):
     """Ships ``swift_gkd_plugin.pth`` at the top of site-packages (it activates the plugin in every process) and the
     English docs inside the package, where ``swift-gkd docs`` finds them."""
@@ -29,7 +40,11 @@ class BuildWithPth(build_py):
         for name in doc_files():
             target = os.path.join(self.build_lib, 'swift_gkd_plugin', name)
             self.mkpath(os.path.dirname(target))
-            self.copy_file(os.path.join(HERE, name), target, preserve_mode=0)
+            if name.endswith('.md'):  # links out of docs_en would be dead in the package: named instead
+                with open(os.path.join(HERE, name), encoding='utf-8') as f, open(target, 'w', encoding='utf-8') as g:
+                    g.write(source_tree_links(f.read()))
+            else:
+                self.copy_file(os.path.join(HERE, name), target, preserve_mode=0)
 
     def get_outputs(self, include_bytecode=1):
         docs = [os.path.join(self.build_lib, 'swift_gkd_plugin', name) for name in doc_files()]

@@ -150,7 +150,9 @@ def separate_teacher_runs(mm, shared_runs):
     ~30 s): off-policy with the trained student (``off_policy``, beside ``blind``: the same with the blind teacher),
     on-policy with the trained student sampling nearly greedily, seq_kd with a random student and the teacher
     sampling nearly greedily. The sampling runs log their samples."""
-    sampling = dict(temperature=0.05, log_completions='true')
+    # nearly greedy samples, the loss at temperature 1 (at 0.05 the trained student's distribution is one-hot where
+    # the teacher's is: a loss and gradient of exactly 0, which the trainer now stops)
+    sampling = dict(temperature=1.0, gkd_sampling_temperature=0.05, log_completions='true')
     off_policy = dict(model=mm.trained_student, temperature=1.0, **MODES['off_policy'])
     return shared_runs('mm_separate_teacher', {
         'off_policy': lambda out: run_swift(mm_args(mm, out, **off_policy)),

@@ -80,6 +80,11 @@ def test_wheel_ships_the_docs_that_help_texts_cite(project_copy, tmp_path):
         pages = sorted(n for n in os.listdir(os.path.join(PROJECT, 'docs_en')) if n.endswith('.md'))
         assert pages and {f'swift_gkd_plugin/docs_en/{page}' for page in pages} <= names
         assert 'swift_gkd_plugin/docs_en/skd.md' in record_paths(wheel)
+        # links out of docs_en (examples/, tests/gpu/) would be dead in the package: named by their source-tree path
+        rl = wheel.read('swift_gkd_plugin/docs_en/rl.md').decode()
+        assert '](../' not in rl and '`examples/gkd_rl_reward.sh` (in the source tree)' in rl
+        for page in pages:
+            assert '](../' not in wheel.read(f'swift_gkd_plugin/docs_en/{page}').decode(), page
         wheel.extractall(tmp_path / 'site')
     code = 'import site, sys; site.addsitedir(sys.argv[1]); from swift_gkd_plugin import cli; print(cli.docs_dir())'
     done = subprocess.run([sys.executable, '-I', '-S', '-c', code, str(tmp_path / 'site')], capture_output=True,

@@ -80,6 +80,8 @@ def test_resume_from_a_half_written_checkpoint_is_refused_before_loading(tiny_ws
 @pytest.mark.parametrize('changed,says', [
     ({'beta': 0.9}, '--beta 0.5 -> 0.9'),
     ({'gkd_divergence': 'skew_kl'}, '--gkd_divergence jsd -> skew_kl'),
+    ({'temperature': 2.0}, '--temperature 1.0 -> 2.0'),  # issue 37: a changed temperature or top-k was silent
+    ({'gkd_logits_topk': 8}, '--gkd_logits_topk None -> 8'),
 ])
 def test_resume_with_another_loss_is_warned_naming_both_values(tiny_ws, saved_every_three_steps, tmp_path, changed,
                                                                 says):

@@ -97,7 +97,9 @@ def test_teacher_adapter_on_the_shared_base_samples_and_trains(teacher_adapter_m
 
 
 def test_full_tuning_with_the_same_model_loads_a_separate_copy(tiny_ws, tmp_path):
-    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), teacher_model=tiny_ws.student, lmbda=0, max_steps=1))
+    # (teacher = student at the start: the divergence is 0; the SFT term gives the step something to learn)
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), teacher_model=tiny_ws.student, lmbda=0, max_steps=1,
+                              sft_alpha=0.5))
     assert 'a separate frozen copy of the teacher is loaded' in run.output
     assert _weights_loaded(run) == 2
 
@@ -252,8 +254,10 @@ def test_moe_student_trains_with_either_teacher_placement(tiny_ws, moe_models, t
     if placement == 'separate':
         flags.update(teacher_model=teacher, teacher_model_type='qwen3_moe')
     else:
+        # a fresh adapter: student = teacher, so only dataset steps' SFT term learns at first (sampled steps had a
+        # loss of exactly 0, which the trainer now stops)
         flags.update(teacher_model=student, teacher_model_type='qwen3_moe', tuner_type='lora',
-                     target_modules=['q_proj', 'k_proj', 'v_proj', 'o_proj'], sft_alpha=0.5)
+                     target_modules=['q_proj', 'k_proj', 'v_proj', 'o_proj'], sft_alpha=0.5, lmbda=0, seq_kd='false')
     run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), **flags))
     assert len(run.losses) == 3 and all(x == x and x >= 0 for x in run.losses)
     if placement == 'shared_base':

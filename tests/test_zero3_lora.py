@@ -18,7 +18,7 @@ def test_shared_base_teacher_pass_under_zero3_is_one_forward_and_one_gather(tiny
     log = tmp_path / 'probe.jsonl'
     run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), external_plugins=PROBE, deepspeed='zero3', fp16='false',
                               use_cpu='true', tuner_type='lora', teacher_model=tiny_ws.student, lmbda=0, max_steps=2,
-                              seed=42), env={'GKD_TEST_PROBE_LOG': str(log)}, nproc=2)
+                              seed=42, sft_alpha=0.5), env={'GKD_TEST_PROBE_LOG': str(log)}, nproc=2)
     assert '--tuner_type lora with --deepspeed (a ZeRO-3 config) is slow' in run.output  # ms-swift parsed it
     assert 'Teacher model: base_model with LoRA disabled' in run.output
     steps = [json.loads(line) for line in open(log)]

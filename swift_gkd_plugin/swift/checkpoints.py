@@ -69,14 +69,20 @@ def _newest_hint(output_dir: str) -> str:
 ARGS_FILE = 'args.json'
 
 
+#: the other flags that define the loss (its temperature, the teacher's support), compared on resume
+LOSS_FLAGS = ('temperature', 'gkd_logits_topk', 'gkd_topk_tail')
+
+
 def loss_changes(saved: dict, args) -> List[str]:
     """The loss settings of ``args`` that differ from those ``saved`` in a checkpoint's args.json: the divergence,
-    then the parameter of the divergence in use (--beta for jsd, --gkd_skew_alpha for the skew ones)."""
+    then the parameter of the divergence in use (--beta for jsd, --gkd_skew_alpha for the skew ones), then the
+    temperature and the teacher's top-k support (:data:`LOSS_FLAGS`)."""
     names = ['gkd_divergence', 'beta' if args.gkd_divergence == 'jsd' else 'gkd_skew_alpha']
     if saved.get('gkd_divergence', 'jsd') != args.gkd_divergence:
         names = names[:1]
+    names += list(LOSS_FLAGS)
     return [f'--{name} {saved[name]} -> {getattr(args, name)}' for name in names
-            if name in saved and saved[name] != getattr(args, name)]
+            if name in saved and hasattr(args, name) and saved[name] != getattr(args, name)]
 
 
 def warn_resume_changes(args) -> None:
