@@ -105,7 +105,8 @@ def _functions(module):
     return [node for node in tree.body if isinstance(node, ast.FunctionDef)]
 
 
-CHECK_MODULES = ['swift_gkd_plugin.flags', 'swift_gkd_plugin.swift.arguments', 'swift_gkd_plugin.megatron.checks']
+CHECK_MODULES = ['swift_gkd_plugin.flags', 'swift_gkd_plugin.swift.arguments', 'swift_gkd_plugin.megatron.checks',
+                 'swift_gkd_plugin.swift.vllm_setup']
 
 
 @pytest.mark.parametrize('module_name', CHECK_MODULES)
@@ -137,7 +138,8 @@ def test_the_swift_rlhf_order_resolves_first_then_checks():
     resolvers = [ast.unparse(n.func) for n in ast.walk(ast.parse(inspect.getsource(arguments.resolve_gkd_arguments)))
                  if isinstance(n, ast.Call)]
     assert [r for r in resolvers if r.startswith('resolve_')] == [
-        'resolve_num_generations', 'resolve_reward_columns', 'resolve_teacher_adapters', 'resolve_cross_tokenizer']
+        'resolve_num_generations', 'resolve_reward_columns', 'resolve_teacher_adapters', 'resolve_cross_tokenizer',
+        'resolve_vllm_environment']
 
 
 # ---------------------------------------------------------------------------------------------------- the temperature

@@ -27,6 +27,8 @@ from swift_gkd_plugin.swift.compile_cost import torch_compile_warnings
 from swift_gkd_plugin.swift.datasets_check import (check_dataset_paths, check_local_jsonl_datasets,
                                                   check_self_teacher_has_something_to_add)
 from swift_gkd_plugin.swift.teacher_server import check_skd_teacher_server
+from swift_gkd_plugin.swift.vllm_setup import (check_vllm_cpu_head_dim, check_vllm_launcher, check_vllm_server_mode,
+                                               resolve_vllm_environment)
 from swift_gkd_plugin.swift.zero3_lora import zero3_lora_warnings
 
 logger = get_logger()
@@ -360,6 +362,14 @@ def resolve_gkd_arguments(args) -> None:
     resolve_reward_columns(args)
     resolve_teacher_adapters(args)
     resolve_cross_tokenizer(args)
+    resolve_vllm_environment(args)
+
+
+def check_vllm_model(args) -> None:
+    """What vLLM's platform here cannot run of the student (see :mod:`.vllm_setup`)."""
+    if args.use_vllm and args.vllm_mode == 'colocate':
+        check_vllm_cpu_head_dim(args, model_dir_of('--model', args.model, args.model_revision, args))
+        check_vllm_launcher(args)  # last: the refusals above also reach a user who runs without one
 
 
 def check_gkd_arguments(args) -> None:
@@ -369,6 +379,7 @@ def check_gkd_arguments(args) -> None:
     check_multi_turn_scheduler(args)
     check_fresh_samples_for_rl(args)
     check_generation_flags(args)
+    check_vllm_model(args)
     check_teacher_server_flags(args)
     check_teacher_template(args)
     check_teacher(args)
@@ -391,6 +402,8 @@ def check_flags_only(args) -> None:
     check_deepspeed_launch(args)
     check_vllm_installed(args)
     check_vllm_logprobs(args)
+    if args.use_vllm:
+        check_vllm_server_mode(args)
 
 
 @dataclass
