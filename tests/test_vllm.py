@@ -100,7 +100,8 @@ def runs(vllm_ws, shared_runs):
         'on_policy': lambda out: _vllm_run(ws, out, gkd_loss_impl='fused', **ON_POLICY),
         'on_policy_dense': lambda out: _vllm_run(ws, out, gkd_loss_impl='dense', **ON_POLICY),
         'mixed_seq_kd': lambda out: _vllm_run(ws, out, **dict(ON_POLICY, lmbda=0.5, seq_kd='true', max_steps=4)),
-        'rl': lambda out: _vllm_run(ws, out, plugins=(PROBE, RL_REWARD_PLUGIN), **rl),
+        'rl': lambda out: _vllm_run(ws, out, plugins=(PROBE, RL_REWARD_PLUGIN),
+                                    env={'GKD_TEST_REWARD_LOG': out + '.rewards.jsonl'}, **rl),
         'lora_shared_base': lambda out: _vllm_run(ws, out, tuner_type='lora', teacher_model=ws.student,
                                                   adapters=os.path.join(ws.root, 'adapter'), lora_dropout=0,
                                                   **ON_POLICY),
@@ -155,8 +156,17 @@ def test_vllm_mixed_on_policy_and_seq_kd(runs):
 
 def test_vllm_rl_importance_weights_from_vllm_logprobs(runs):
     """RL + distillation, 2 samples per prompt, token-truncated importance weights from vLLM's log-probabilities:
-    vLLM's log-probabilities are the trained student's (mean |log pi - log mu| per token ~1e-7 in float32)."""
+    vLLM's log-probabilities are the trained student's (mean |log pi - log mu| per token ~1e-7 in float32), and the
+    two copies of each prompt get different completions (each request its own seed)."""
     run = _ok(runs['rl'])
+    with open(run.output_dir + '.rewards.jsonl') as f:
+        calls = [json.loads(line) for line in f]
+    assert len(calls) == 3
+    for call in calls:
+        by_prompt = {}
+        for prompt, completion in zip(call['prompts'], call['completions']):
+            by_prompt.setdefault(prompt, []).append(completion)
+        assert all(len(c) == 2 and c[0] != c[1] for c in by_prompt.values()), by_prompt
     assert 'importance weights min(pi / mu, 2)' in run.output and "sampler's log-probabilities (vLLM)" in run.output
     assert len(run.logs) == 3
     for row in run.logs:
