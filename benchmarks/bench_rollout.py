@@ -7,8 +7,9 @@ Both samplers run ``NPROC_PER_NODE=1 swift rlhf --rlhf_type gkd --lmbda 1`` on t
 vLLM's CPU attention accepts), teacher, prompts and seed, alternating (A B A B ...), with
 ``tests/step_probe_plugin.py`` timing each step's phases: ``generate`` is the generation batch (the weight sync to
 vLLM included), ``step`` the whole optimizer step. The first step of each run is left out (vLLM's first batch, the
-transformers engine's first ``generate``). Printed: per sampler the median generate and step seconds, sampled
-tokens per second of generation, and the ratios transformers / vLLM. On a CPU machine these are vLLM's CPU build's
+transformers engine's first ``generate``). Printed: per sampler the mean sampled tokens per step, the median generate
+and step seconds and sampled tokens per second of generation (medians over steps, then over runs), and the ratios
+transformers / vLLM. Run it on a quiet machine: other processes on the cores move these figures. On a CPU machine these are vLLM's CPU build's
 figures against transformers on the CPU: they say nothing of a GPU.
 """
 from __future__ import annotations
@@ -84,9 +85,10 @@ def summary(steps: list) -> dict:
     kept = [s for s in steps if s['step'] > 1]  # the first step warms each sampler up
     generate = [s['phases']['generate']['seconds'] for s in kept]
     step = [sum(p.get('seconds', 0.0) for p in s['phases'].values()) for s in kept]
-    tokens = sum(s['response_tokens'] for s in kept)
+    tokens = [s['response_tokens'] for s in kept]
     return {'generate_s': statistics.median(generate), 'step_s': statistics.median(step),
-            'tokens_per_s': tokens / sum(generate), 'run_s': steps[-1]['wall']}
+            'tokens_per_s': statistics.median(t / g for t, g in zip(tokens, generate)),
+            'tokens': statistics.mean(tokens), 'run_s': steps[-1]['wall']}
 
 
 def main(argv=None):
@@ -112,13 +114,13 @@ def main(argv=None):
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f'CPU ({os.cpu_count()} cores)'
     print(f'on-policy sampling, {device}, student hidden {args.hidden} x {args.layers} layers, {args.batch} prompts '
           f'x {args.completion} tokens, steps 2-{args.steps} of {args.rounds} runs each')
-    print('| sampler | generate s/step | step s/step | sampled tokens/s | whole run s |')
-    print('| --- | --- | --- | --- | --- |')
+    print('| sampler | sampled tokens/step | generate s/step | step s/step | sampled tokens/s | whole run s |')
+    print('| --- | --- | --- | --- | --- | --- |')
     med = {}
     for name, rows in results.items():
         med[name] = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
         m = med[name]
-        print(f'| {name} | {m["generate_s"]:.3f} | {m["step_s"]:.3f} | {m["tokens_per_s"]:.0f} | {m["run_s"]:.1f} |')
+        print(f'| {name} | {m["tokens"]:.0f} | {m["generate_s"]:.3f} | {m["step_s"]:.3f} | {m["tokens_per_s"]:.0f} | {m["run_s"]:.1f} |')
     t, v = med['transformers'], med['vllm']
     print(f'rollout: transformers / vLLM colocate: generate {t["generate_s"] / v["generate_s"]:.2f}x, step '
           f'{t["step_s"] / v["step_s"]:.2f}x, tokens/s {v["tokens_per_s"] / t["tokens_per_s"]:.2f}x for vLLM '
