@@ -294,6 +294,41 @@ def test_a_missing_local_dataset_is_refused_before_loading(tiny_ws, tmp_path, mo
     assert_refused_in_one_line(run, [f'--val_dataset {missing}: no such file', 'does not exist either'])
 
 
+MISSING_PATHS = {  # issue 37 items 7 and 9: ms-swift's own tracebacks, or a hub download of a local path
+    'no_model': ({'model': None}, ['--model is required', 'Qwen/Qwen3-0.6B']),
+    'model': ({'model': './students/tiny'}, ['--model ./students/tiny: no such model folder', 'relative to']),
+    'teacher': ({'teacher_model': 'models/teachers/tiny'},
+                ['--teacher_model models/teachers/tiny: no such model folder', "the folder 'models/teachers' does "
+                 'not exist either', 'hub models are named owner/name']),
+    'plugin': ({'external_plugins': 'plugins/my_reward.py'},
+               ['--external_plugins plugins/my_reward.py: no such file', 'my_reward.py']),
+}
+
+
+@pytest.mark.parametrize('name', list(MISSING_PATHS))
+def test_missing_model_or_plugin_paths_are_refused_before_anything_is_resolved(tiny_ws, tmp_path, monkeypatch,
+                                                                               name):
+    """Refused before ms-swift resolves anything: nothing is looked up on a hub, and no run folder is made."""
+    monkeypatch.chdir(tmp_path)
+    flags, needles = MISSING_PATHS[name]
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), add_version='true', **flags), check=False, timeout=120)
+    assert_refused_in_one_line(run, needles)
+    assert 'Downloading the model' not in run.output and not (tmp_path / 'out').exists()
+
+
+def test_a_refusal_after_resolution_leaves_no_empty_run_folder(tiny_ws, tmp_path):
+    """A check that needs the resolved models refuses after ms-swift created the run's ``v<N>-<time>`` folder
+    (and --output_dir itself): both are removed while empty; a folder that held something before stays."""
+    out = tmp_path / 'out'
+    run = run_swift(base_args(tiny_ws, str(out), add_version='true', gkd_logits_topk=1000), check=False, timeout=120)
+    assert_refused_in_one_line(run, ['--gkd_logits_topk 1000 is larger than the vocabulary'])
+    assert not out.exists()
+    out.mkdir()
+    (out / 'v0-earlier').mkdir()
+    run = run_swift(base_args(tiny_ws, str(out), add_version='true', gkd_logits_topk=1000), check=False, timeout=120)
+    assert run.returncode == 2 and os.listdir(out) == ['v0-earlier']
+
+
 @pytest.mark.parametrize('name', list(BAD_DATASETS))
 def test_bad_local_dataset_is_refused_naming_the_file_and_line(tiny_ws, tmp_path, name):
     content, flags, needles = BAD_DATASETS[name]
