@@ -213,3 +213,18 @@ def test_row_lengths_are_the_trainers(tiny_ws, sp_teacher, tmp_path, tokenizer):
                 prompt, whole), (name, row)
             assert prompt < whole <= lengths.bound(standard_row(row, {})), (name, row)
             assert lengths.tokens(row, {}, prompt_only=False, exact=False) == (whole if whole > 128 else None)
+
+
+def test_rows_are_not_measured_when_the_template_cannot_be_built():
+    """The tokenizer read once, and a failure leaves the lengths to ms-swift (no refusal), not one try per row."""
+    from types import SimpleNamespace
+
+    from swift_gkd_plugin.swift.row_lengths import RowLengths
+    calls = []
+
+    def get_template(_):
+        calls.append(1)
+        raise OSError('no tokenizer files')
+
+    lengths = RowLengths(SimpleNamespace(max_length=4, get_template=get_template))
+    assert [lengths.problem(_row(LONG), {}, prompt_only=True) for _ in range(3)] == [None] * 3 and calls == [1]

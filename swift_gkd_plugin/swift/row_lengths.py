@@ -18,9 +18,9 @@ from collections import Counter
 from types import SimpleNamespace
 from typing import Dict, Optional
 
-from swift.utils import remove_response
+from swift.utils import get_logger, remove_response
 
-
+logger = get_logger()
 #: tokens allowed per message beyond its UTF-8 bytes in :meth:`RowLengths.bound`
 BOUND_MARGIN = 8
 
@@ -35,7 +35,13 @@ class RowLengths:
 
     @functools.cached_property
     def template(self):
-        template = self.args.get_template(None)  # the tokenizer (processor) only, never the weights
+        """The template, or None (with a warning) where it cannot be built here: rows are then not measured."""
+        try:
+            template = self.args.get_template(None)  # the tokenizer (processor) only, never the weights
+        except Exception as exc:
+            logger.warning(f'swift_gkd_plugin: rows are not measured against --max_length before loading: the '
+                           f'template cannot be built from the tokenizer alone ({type(exc).__name__}: {exc})')
+            return None
         template.set_mode('train')  # the trainer's mode for GKD (ms-swift's rlhf pipeline)
         template.max_length = None  # the length is measured, not refused, here
         return template
@@ -53,6 +59,8 @@ class RowLengths:
         """The row's length in tokens as the trainer encodes it (``prompt_only``: its response removed, as for
         sampling), or None where it does not encode for another reason (left to the other checks). Not ``exact``:
         None too where the row certainly fits (:meth:`bound`), without encoding it."""
+        if self.template is None:
+            return None
         try:
             standard = standard_row(row, columns)
             if prompt_only:
