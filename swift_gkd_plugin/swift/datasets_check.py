@@ -535,12 +535,7 @@ def check_local_datasets(args) -> None:
                                f'message nor an assistant response ({_shown(promptless)}): nothing can be '
                                'sampled for them, ms-swift cannot encode them, and each step draws other rows in their '
                                'place: they are dropped. Give them a user message, or remove them.')
-    check_one_batch(args, train_rows - len(dropped) - len(skipped), dropped, skipped)
-    if partial and len(partial) >= train_rows - len(dropped) - len(skipped):
-        raise FlagError(f'--dataset {" ".join(args.dataset)}: every row ({len(partial)}) is dropped on dataset '
-                        '(off-policy) steps, as the warning above lists, so the first such step would fail (--lmbda '
-                        f'{args.lmbda} without --seq_kd: dataset steps). Fix the rows, or pass --lmbda 1 or --seq_kd '
-                        'true')
+    check_one_batch(args, train_rows - len(dropped) - len(skipped), dropped, skipped, partial)
 
 
 def _step_check(args, lengths, can_sample: bool) -> Callable[[dict], Tuple[Optional[str], Optional[str]]]:
@@ -612,13 +607,15 @@ def _bad_rows(args, flag: str, path: str, bad: List[Tuple[Where, str]]) -> List[
     return [f'{path} {where}' for where, _ in bad] if flag == '--dataset' else []
 
 
-def check_one_batch(args, rows: int, dropped: List[str] = (), skipped: List[str] = ()) -> None:
+def check_one_batch(args, rows: int, dropped: List[str] = (), skipped: List[str] = (), partial: List[str] = ()
+                    ) -> None:
     """Training sets of local jsonl, json and csv files only: with no row that can be encoded (``dropped``: rows with
-    neither a user message nor a response; ``skipped``: rows left out by ``--gkd_drop_bad_rows true``), ms-swift would
-    load both models and then fail to resample ("Increase max_length"). Read whole (no ``#N`` sampling), fewer rows
-    than one device's batch can never fill a batch, and GKD drops incomplete ones. Preprocessing only removes rows,
-    so these refusals are certain; the other cases (several processes, ``--num_generations``, rows dropped while
-    encoding, hub datasets) are refused when training starts (:class:`RefuseEmptyEpochs`)."""
+    neither a user message nor a response; ``skipped``: rows left out by ``--gkd_drop_bad_rows true``; or, on dataset
+    steps, none but ``partial`` rows), ms-swift would load both models and then fail to resample ("Increase
+    max_length"). Read whole (no ``#N`` sampling), fewer rows than one device's batch can never fill a batch, and GKD
+    drops incomplete ones. Preprocessing only removes rows, so these refusals are certain; the other cases (several
+    processes, ``--num_generations``, rows dropped while encoding, hub datasets) are refused when training starts
+    (:class:`RefuseEmptyEpochs`)."""
     entries = args.dataset or []
     local_files = len(local_dataset_files(entries, args.use_hf)) == len(entries)
     if not entries or not local_files or args.streaming:
@@ -628,6 +625,11 @@ def check_one_batch(args, rows: int, dropped: List[str] = (), skipped: List[str]
         raise FlagError(f'--dataset {" ".join(entries)}: no row can be trained on: all {len(skipped) + len(dropped)} '
                         f'row(s) would be dropped ({len(skipped)} left out by --gkd_drop_bad_rows true, named in the '
                         f'warning above{promptless}). Fix the rows')
+    if partial and len(partial) >= rows > 0:
+        raise FlagError(f'--dataset {" ".join(entries)}: every row ({len(partial)}) is dropped on dataset '
+                        '(off-policy) steps, as the warning above lists, so the first such step would fail (--lmbda '
+                        f'{args.lmbda} without --seq_kd: dataset steps). Fix the rows, or pass --lmbda 1 or --seq_kd '
+                        'true')
     if rows <= 0 and dropped:
         raise FlagError(f'--dataset {" ".join(entries)}: no row can be trained on: all {len(dropped)} row(s) have '
                         f'neither a user message nor an assistant response ({_shown_rows(dropped)}), so nothing can '
