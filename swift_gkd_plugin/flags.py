@@ -123,9 +123,10 @@ class GKDPluginArgumentsMixin:
             choices=Literal[FUSED_BACKENDS]))
     gkd_drop_bad_rows: bool = field(
         default=False,
-        metadata={'help': 'Train without the rows of local jsonl datasets that ms-swift would drop silently (an '
-                  'unknown role, null or non-text content, messages that are not a list), counting them in a '
-                  'warning. Default false: such rows are refused before any model is loaded, named by file and line.'})
+        metadata={'help': 'Train without the rows of local jsonl, json and csv datasets that ms-swift would drop '
+                  'silently (an unknown role, null or non-text content, messages that are not a list, longer than '
+                  '--max_length with --truncation_strategy delete), counting them in a warning. Default false: such '
+                  'rows are refused before any model is loaded, named by file and line.'})
     teacher_api_key: Optional[str] = field(
         default=None,
         metadata={'help': 'API key of --teacher_model_server (default: the SWIFT_GKD_TEACHER_API_KEY environment '

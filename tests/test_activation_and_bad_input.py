@@ -270,7 +270,7 @@ BAD_DATASETS = {
     'messages_string': (GOOD_ROW + b'{"messages": "Reverse: a b"}\n', {},
                         ['line 2: "messages" is str "Reverse: a b", not a non-empty list of messages']),
     'null_and_number_content': (GOOD_ROW + GOOD_ROW.replace(b'"b a"', b'null') + GOOD_ROW.replace(b'"b a"', b'7'),
-                                {}, ['2 row(s)', 'line 2: message 1 (assistant): its content is null, not text',
+                                {'lmbda': 0}, ['2 row(s)', 'line 2: message 1 (assistant): its content is null, not text',
                                      'line 3: message 1 (assistant): its content is int 7, not text']),
     'bad_rows_val': (GOOD_ROW + GOOD_ROW.replace(b'"assistant"', b'"asistant"'), {},
                      ['--val_dataset', "line 2: message 1 has the role 'asistant'"]),

@@ -231,9 +231,10 @@ def test_several_samples_per_prompt_without_rewards(tiny_ws, tmp_path):
 
 def test_rows_that_do_not_encode_are_replaced_with_their_whole_group(tiny_ws, solution_dataset, tmp_path):
     """G = 2 over 2 ranks with 3 rows each: the middle group of every generation batch spans both ranks. Half of the
-    prompts are longer than --max_length (--truncation_strategy delete): each one is replaced in place, by the same
-    prompt on both ranks, so every group still holds one prompt twice (ms-swift's per-rank backup iterator gave the
-    two halves of a spanning group different prompts, and appended replacements at the end of the batch)."""
+    prompts are longer than --max_length (--truncation_strategy delete; --gkd_drop_bad_rows true, else they are refused
+    before loading): each one is replaced in place, by the same prompt on both ranks, so every group still holds one
+    prompt twice (ms-swift's per-rank backup iterator gave the two halves of a spanning group different prompts, and
+    appended replacements at the end of the batch)."""
     with open(solution_dataset) as f:
         rows = [json.loads(line) for line in f]
     for i, row in enumerate(rows):
@@ -244,7 +245,7 @@ def test_rows_that_do_not_encode_are_replaced_with_their_whole_group(tiny_ws, so
     log = str(tmp_path / 'rewards.jsonl')
     run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), dataset=str(path), num_generations=2,
                               per_device_train_batch_size=3, max_steps=3, use_cpu='true', seed=3,
-                              truncation_strategy='delete', **RL),
+                              truncation_strategy='delete', gkd_drop_bad_rows='true', **RL),
                     env={'GKD_TEST_REWARD_LOG': log}, nproc=2)
     calls = _reward_calls(log)
     by_rank = {r: [c for c in calls if c['rank'] == r] for r in (0, 1)}

@@ -24,7 +24,7 @@ from swift_gkd_plugin.flags import (FlagError, GKDPluginArgumentsMixin, check_de
 from swift_gkd_plugin.ms_swift_state import grpo_num_generations, keep_teacher_messages_column
 from swift_gkd_plugin.swift.checkpoints import check_resume_checkpoint
 from swift_gkd_plugin.swift.compile_cost import torch_compile_warnings
-from swift_gkd_plugin.swift.datasets_check import (check_dataset_paths, check_local_jsonl_datasets,
+from swift_gkd_plugin.swift.datasets_check import (check_dataset_paths, check_local_datasets,
                                                   check_self_teacher_has_something_to_add)
 from swift_gkd_plugin.swift.paths_check import CreatedDirs, check_command_line_paths
 from swift_gkd_plugin.swift.teacher_server import check_skd_teacher_server
@@ -388,7 +388,7 @@ def check_gkd_arguments(args) -> None:
     check_teacher_adapters(args)
     check_skd_teacher(args)
     check_dataset_paths(args)
-    check_local_jsonl_datasets(args)
+    check_local_datasets(args)
     check_self_teacher_has_something_to_add(args)
     check_resume_checkpoint(args)
     check_skd_teacher_server(args)  # last: it waits for the server

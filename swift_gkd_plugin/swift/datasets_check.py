@@ -1,8 +1,10 @@
-"""Local jsonl datasets of a GKD run, read once before any model is loaded.
+"""Local datasets of a GKD run (``.jsonl``, ``.json``, ``.csv``), read once before any model is loaded.
 
 ms-swift reads them later, after both models are loaded, and then fails badly: an empty file ends in a bare
-``StopIteration``, a line that is not UTF-8 in a ``UnicodeDecodeError`` that names neither the file nor the line.
-Here each problem is reported with the flag, the file and the line.
+``StopIteration``, a line that is not UTF-8 in a ``UnicodeDecodeError`` that names neither the file nor the line, a
+broken JSON array in a ``DatasetGenerationError``; and rows it cannot use (an unknown role, a response of numbers) are
+dropped without a word, or all of them, which ends in a resampling error. Here each problem is reported with the flag,
+the file and the line (the index of a JSON array's item).
 
 Rows with nothing to distil (no assistant response, in the column names that ms-swift's automatic preprocessor
 understands) are named too: a dataset step (off-policy) has no response token to distil on them. When no step can
@@ -19,11 +21,12 @@ a text-only model. URLs and inline (base64) media are left to ms-swift: they are
 """
 from __future__ import annotations
 
+import ast
 import base64
 import binascii
 import json
 import os
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 from swift.dataset.dataset_syntax import DatasetSyntax
 from swift.dataset.preprocessor import AutoPreprocessor
@@ -43,6 +46,8 @@ RESPONSE_KEYS = ('response', 'answer', 'output', 'targets', 'target', 'answer_ke
                  'completion', 'content')
 MEDIA_KEYS = ('images', 'videos', 'audios')
 LINES_SHOWN = 10
+#: the local files read here before loading (ms-swift reads them with the ``datasets`` json and csv loaders)
+CHECKED_SUFFIXES = ('.jsonl', '.json', '.csv')
 _NO_SAMPLING = {
     '--dataset': ('--lmbda 0 without --seq_kd only distils on dataset responses. Remove those rows, or let the '
                   'student (--lmbda > 0) or the teacher (--seq_kd true) sample responses for them.'),
@@ -50,14 +55,14 @@ _NO_SAMPLING = {
 }
 
 
-def local_jsonl_files(entries: List[str], use_hf: Optional[bool]) -> List[Tuple[str, bool]]:
-    """``(path, standard_format)`` for each local ``.jsonl`` file among ``--dataset``-style entries
-    (``path``, ``path#N``, ``path:subset``). ``standard_format`` is False for files registered with a preprocessor
-    of their own, whose columns this check cannot interpret."""
+def local_dataset_files(entries: List[str], use_hf: Optional[bool]) -> List[Tuple[str, bool]]:
+    """``(path, standard_format)`` for each local ``.jsonl``, ``.json`` or ``.csv`` file among ``--dataset``-style
+    entries (``path``, ``path#N``, ``path:subset``). ``standard_format`` is False for files registered with a
+    preprocessor of their own, whose columns this check cannot interpret."""
     files = []
     for entry in entries or []:
         syntax = DatasetSyntax.parse(entry)
-        if not (syntax.dataset.endswith('.jsonl') and os.path.isfile(syntax.dataset)):
+        if not (syntax.dataset.endswith(CHECKED_SUFFIXES) and os.path.isfile(syntax.dataset)):
             continue  # a hub id, a folder or another format: read by ms-swift alone
         preprocess = syntax.get_dataset_meta(use_hf).preprocess_func
         files.append((syntax.dataset, isinstance(preprocess, AutoPreprocessor) and not preprocess.columns))
@@ -101,31 +106,121 @@ def _near_names(path: str) -> str:
     return f' (did you mean {os.path.join(os.path.dirname(path), close[0])}?)' if close else ''
 
 
-def jsonl_rows(flag: str, path: str) -> Iterator[Tuple[int, dict]]:
-    """``(line number, row)`` for each non-blank line; a ValueError naming the flag, the file and the line for a
-    line that is not UTF-8 or not a JSON object, and for a file without rows."""
+class Where(NamedTuple):
+    """Where a row is in its file: ``line`` (jsonl, csv: the line it starts on) or ``index`` (a JSON array, from 0)."""
+    kind: str
+    number: int
+
+    def __str__(self):
+        return f'{self.kind} {self.number}'
+
+
+def dataset_rows(flag: str, path: str) -> Iterator[Tuple[Where, dict]]:
+    """``(where, row)`` for each row of a local ``.jsonl`` / ``.json`` (one object per line, or an array of objects, as
+    the ``datasets`` json loader reads both) or ``.csv`` file; a FlagError naming the flag, the file and the line (or
+    array index) for what cannot be read, and for a file without rows."""
     found = False
+    rows = csv_rows(flag, path) if path.lower().endswith('.csv') else (
+        json_array_rows(flag, path) if _first_byte(path) == b'[' else jsonl_rows(flag, path))
+    for where, row in rows:
+        if not isinstance(row, dict):
+            raise FlagError(f'{flag} {path}: {where} is a JSON {type(row).__name__}, not an object (one row per '
+                            'line, or an array of rows: {"messages": [...]})')
+        found = True
+        yield where, row
+    if not found:
+        raise FlagError(f'{flag} {path}: the file has no rows (a dataset needs one JSON object per line, an array of '
+                        'them, or a csv header and rows)')
+
+
+def _first_byte(path: str) -> bytes:
+    """The first byte that is not white space or a UTF-8 byte order mark."""
+    with open(path, 'rb') as f:
+        head = f.read(4096).lstrip(b'\xef\xbb\xbf \t\r\n')
+    return head[:1]
+
+
+def _utf8(flag: str, path: str, raw: bytes, line_no: int = 1) -> str:
+    """``raw`` (the whole file, or its line ``line_no``) as text, or a FlagError naming the line of a bad byte."""
+    try:
+        return raw.decode('utf-8-sig' if line_no == 1 else 'utf-8')
+    except UnicodeDecodeError as exc:
+        line_no += raw.count(b'\n', 0, exc.start)
+        raise FlagError(f'{flag} {path}: line {line_no} is not UTF-8 text (byte {exc.start}: '
+                        f'{raw[exc.start:exc.start + 1]!r}); save the file as UTF-8') from None
+
+
+def jsonl_rows(flag: str, path: str) -> Iterator[Tuple[Where, object]]:
+    """One JSON value per non-blank line; a line that is not UTF-8 or not JSON is refused by its number."""
     with open(path, 'rb') as f:
         for line_no, raw in enumerate(f, 1):
-            try:
-                text = raw.decode('utf-8-sig' if line_no == 1 else 'utf-8')
-            except UnicodeDecodeError as exc:
-                raise FlagError(f'{flag} {path}: line {line_no} is not UTF-8 text (byte {exc.start}: '
-                                 f'{raw[exc.start:exc.start + 1]!r}); save the file as UTF-8') from None
+            text = _utf8(flag, path, raw, line_no)
             if not text.strip():
                 continue
             try:
                 row = json.loads(text)
             except json.JSONDecodeError as exc:
-                problem = f'{exc.msg}, column {exc.colno}'
-                raise FlagError(f'{flag} {path}: line {line_no} is not valid JSON ({problem})') from None
-            if not isinstance(row, dict):
-                raise FlagError(f'{flag} {path}: line {line_no} is a JSON {type(row).__name__}, not an object '
-                                 '(one row per line: {"messages": [...]})')
-            found = True
-            yield line_no, row
-    if not found:
-        raise FlagError(f'{flag} {path}: the file has no rows (a jsonl dataset needs one JSON object per line)')
+                if _one_object(path):
+                    raise FlagError(f'{flag} {path}: the file is one JSON object over several lines, not rows: a '
+                                    'dataset is one object per line, or an array of them ([{"messages": [...]}, '
+                                    '...])') from None
+                raise FlagError(f'{flag} {path}: line {line_no} is not valid JSON ({exc.msg}, column '
+                                f'{exc.colno})') from None
+            yield Where('line', line_no), row
+
+
+def _one_object(path: str) -> bool:
+    try:
+        with open(path, 'rb') as f:
+            return isinstance(json.loads(f.read()), dict)
+    except ValueError:
+        return False
+
+
+def json_array_rows(flag: str, path: str) -> Iterator[Tuple[Where, object]]:
+    """The items of a file that is one JSON array, each named by its index; a file that does not parse is refused
+    with the parser's line and column."""
+    with open(path, 'rb') as f:
+        text = _utf8(flag, path, f.read())
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise FlagError(f'{flag} {path}: not valid JSON at line {exc.lineno}, column {exc.colno} ({exc.msg}); a '
+                        'JSON dataset is an array of row objects, or one object per line') from None
+    for index, item in enumerate(items):
+        yield Where('index', index), item
+
+
+def csv_rows(flag: str, path: str) -> Iterator[Tuple[Where, dict]]:
+    """The rows of a csv file as the ``datasets`` csv loader reads them for ms-swift (pandas, ``na_filter=False``, in
+    chunks of 10,000 rows, so a column of numbers only holds numbers), each named by the line it starts on."""
+    import csv
+
+    import pandas as pd
+    with open(path, 'rb') as f:
+        _utf8(flag, path, f.read())
+    with open(path, newline='', encoding='utf-8-sig') as f:
+        reader, starts = csv.reader(f), []
+        try:
+            while True:
+                start = reader.line_num + 1
+                if next(reader):
+                    starts.append(start)
+        except StopIteration:
+            pass
+        except csv.Error as exc:
+            raise FlagError(f'{flag} {path}: line {reader.line_num} is not valid csv ({exc})') from None
+    try:
+        chunks = pd.read_csv(path, na_filter=False, chunksize=10_000)
+        frames = list(chunks)
+    except pd.errors.EmptyDataError:
+        return
+    except (pd.errors.ParserError, ValueError) as exc:
+        raise FlagError(f'{flag} {path}: not a valid csv file ({str(exc).strip()})') from None
+    rows = [row for frame in frames for row in frame.to_dict('records')]
+    lines = starts[1:] if len(starts) == len(rows) + 1 else None  # the header's line first
+    for i, row in enumerate(rows):
+        yield (Where('line', lines[i]) if lines else Where('row', i + 1)), row
 
 
 #: the roles ms-swift 4.6's messages preprocessor accepts (aliases included), everything else fails its row
@@ -136,13 +231,15 @@ CONTENT_KEYS = ('content', 'value')
 
 
 def row_problem(row: dict, columns: Dict[str, str]) -> Optional[str]:
-    """Why ms-swift would drop ``row`` (a messages row its preprocessor or template cannot use), else None: messages
-    that are not a non-empty list of objects, an unknown role, a missing, null or non-text content. Rows of other
-    formats (a ``query`` / ``response`` pair, ShareGPT's ``user`` / ``assistant`` keys) are not judged here."""
-    row = {columns.get(key, key): value for key, value in row.items()}
+    """Why ms-swift would drop ``row`` (a row its preprocessor or template cannot use), else None. A messages row:
+    messages that are not a non-empty list of objects (a string is parsed as ms-swift does, as in a csv column), an
+    unknown role, a missing, null or non-text content. A ``query`` / ``response`` row (ms-swift's response
+    preprocessor, its column names included): a system, query or response that is not text. ShareGPT's ``user`` /
+    ``assistant`` keys are not judged here."""
+    row = _mapped(row, columns)
     key = next((k for k in MESSAGES_KEYS if k in row), None)
     if key is None:
-        return None
+        return _response_row_problem(row)
     messages = row[key]
     if not isinstance(messages, list) or not messages:
         return f'"{key}" is {_kind(messages)}, not a non-empty list of messages'
@@ -157,13 +254,101 @@ def row_problem(row: dict, columns: Dict[str, str]) -> Optional[str]:
         if role not in KNOWN_ROLES:
             return f'message {i} has the role {role!r}, not one of {", ".join(KNOWN_ROLES[:4])}, tool, ...'
         content = next((message[k] for k in CONTENT_KEYS if k in message), None)
-        if not isinstance(content, (str, list)):
+        final_response = i == len(messages) - 1 and role in ASSISTANT_ROLES and content is not None
+        if not isinstance(content, (str, list)) and not final_response:  # a final response: response_problem
             return f'message {i} ({role}): its content is {_kind(content)}, not text'
     return None
 
 
+def response_problem(row: dict, columns: Dict[str, str]) -> Optional[str]:
+    """A response (the last message, the assistant's, or a response column) that is not null and not text, such as a
+    number: it does not encode, so the steps that encode the response (dataset steps, evaluation) drop the row, and
+    the others, which encode the prompt alone, keep it."""
+    row = _mapped(row, columns)
+    messages = _messages(row)
+    if messages is not None:
+        content = next((messages[-1][k] for k in CONTENT_KEYS if k in messages[-1]), None)
+        if _role(messages[-1]) in ASSISTANT_ROLES and content is not None and not isinstance(content, (str, list)):
+            return f'message {len(messages) - 1} (assistant): its content is {_kind(content)}, not text'
+        return None
+    source = _response_columns(row)['response'] if not any(k in row for k in MESSAGES_KEYS) else None
+    value = row.get(source)
+    value = value[0] if isinstance(value, list) and value else value  # ms-swift uses the first of a list
+    return None if value is None or isinstance(value, str) else f'"{source}" is {_kind(value)}, not text'
+
+
+# the columns of ms-swift 4.6's ResponsePreprocessor (swift/dataset/preprocessor/core.py), by what they become
+RESPONSE_ROW_KEYS = {'system': ('system', 'system_prompt'),
+                     'query': ('query', 'prompt', 'input', 'instruction', 'question', 'problem'),
+                     'response': RESPONSE_KEYS}
+
+
+def _response_row_problem(row: dict) -> Optional[str]:
+    """A system or query column of a row without messages whose value is not text (a csv column of numbers only is
+    read as numbers); a response column's: :func:`response_problem`."""
+    for target, source in _response_columns(row).items():
+        value = row.get(source)
+        if target != 'response' and value is not None and not isinstance(value, str):
+            return f'"{source}" is {_kind(value)}, not text'
+    return None
+
+
+def _response_columns(row: dict) -> Dict[str, Optional[str]]:
+    """The column of ``row`` that ms-swift's response preprocessor reads as its system, query and response, as its
+    ``safe_rename_columns`` maps them: case-insensitive, and two columns for one target map neither (a column named as
+    the target itself is kept)."""
+    lower = {key.lower(): key for key in row}
+    columns = {}
+    for target, keys in RESPONSE_ROW_KEYS.items():
+        present = [lower[key] for key in keys if key in lower]
+        columns[target] = present[0] if len(present) == 1 else (target if target in row else None)
+    return columns
+
+
+#: the roles a ``teacher_messages`` column may hold: ms-swift checks and renames only the ``messages`` column's
+STANDARD_ROLES = ('system', 'user', 'assistant', 'tool', 'tool_call', 'tool_response')
+
+
+def privileged_problem(row: dict, columns: Dict[str, str]) -> Optional[str]:
+    """Why a row's ``teacher_prompt`` (text, or null) or ``teacher_messages`` (null, or a non-empty list of
+    ``{"role", "content"}`` messages in ms-swift's own role names) cannot be used, else None. ms-swift reads these
+    columns as they are, and the trainer refuses a column of another type only once both models are loaded."""
+    row = {columns.get(key, key): value for key, value in row.items()}
+    prompt = row.get('teacher_prompt')
+    if prompt is not None and not isinstance(prompt, str):
+        return f'teacher_prompt is {_kind(prompt)}; allowed: text (the teacher\'s version of the last user message)'
+    messages = row.get('teacher_messages')
+    if messages is None:
+        return None
+    allowed = ('allowed: a non-empty list of {"role": ..., "content": ...} messages (roles '
+               f'{", ".join(STANDARD_ROLES)}), the teacher\'s prompt conversation')
+    if not isinstance(messages, list) or not messages:
+        return f'teacher_messages is {_kind(messages)}; {allowed}'
+    for i, message in enumerate(messages):
+        if not (isinstance(message, dict) and message.get('role') in STANDARD_ROLES
+                and isinstance(message.get('content'), (str, list))):
+            return f'teacher_messages message {i} is {_kind(message)}; {allowed}'
+    return None
+
+
 def _kind(value) -> str:
-    return 'null' if value is None else f'{type(value).__name__} {json.dumps(value)[:40]}'
+    return 'null' if value is None else f'{type(value).__name__} {json.dumps(value, default=str)[:40]}'
+
+
+def _mapped(row: dict, columns: Dict[str, str]) -> dict:
+    """``row`` after ``--columns``, a messages column given as a string parsed as ms-swift's messages preprocessor
+    does (JSON, else a Python literal; left a string when neither parses)."""
+    row = {columns.get(key, key): value for key, value in row.items()}
+    for key in MESSAGES_KEYS:
+        if isinstance(row.get(key), str):
+            try:
+                row[key] = json.loads(row[key])
+            except ValueError:
+                try:
+                    row[key] = ast.literal_eval(row[key])
+                except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
+                    pass
+    return row
 
 
 def _messages(row: dict) -> Optional[list]:
@@ -180,7 +365,7 @@ def _role(message) -> Optional[str]:
 
 def has_response(row: dict, columns: Dict[str, str]) -> bool:
     """Whether ms-swift's automatic preprocessor finds an assistant response in ``row`` (after ``--columns``)."""
-    row = {columns.get(key, key): value for key, value in row.items()}
+    row = _mapped(row, columns)
     messages = _messages(row)
     if messages is not None:
         return _role(messages[-1]) in ASSISTANT_ROLES
@@ -189,7 +374,7 @@ def has_response(row: dict, columns: Dict[str, str]) -> bool:
 
 def has_prompt(row: dict, columns: Dict[str, str]) -> bool:
     """Whether a messages row has a user message to sample a response to (rows of other formats: assumed)."""
-    messages = _messages({columns.get(key, key): value for key, value in row.items()})
+    messages = _messages(_mapped(row, columns))
     return messages is None or any(_role(m) in USER_ROLES for m in messages)
 
 
@@ -243,82 +428,140 @@ def media_problem(key: str, ref: str) -> Optional[str]:
     return None
 
 
-def scan_rows(flag: str, path: str, standard_format: bool, columns: Dict[str, str], multimodal: bool) -> dict:
-    """Reads the whole file (refusing unreadable lines): its number of rows, ``(line, has a prompt)`` of its rows without a response,
-    of its rows with media, and each unreadable media file as ``(line, problem)``."""
-    found = {'no_response': [], 'media': [], 'broken': [], 'bad': [], 'rows': 0}
-    for line_no, row in jsonl_rows(flag, path):
+def scan_rows(flag: str, path: str, standard_format: bool, columns: Dict[str, str], multimodal: bool,
+              by_steps: Callable[[dict], Tuple[Optional[str], Optional[str]]] = None) -> dict:
+    """Reads the whole file (refusing what cannot be read): its number of rows, and where each of its rows is with
+    a problem: ``bad`` (ms-swift would drop it) and ``privileged`` (its teacher columns) as ``(where, problem)``,
+    ``no_response`` as ``(where, has a prompt)``, ``media`` (it names media), ``broken`` (``(where, problem)`` of each
+    unreadable media file), ``dataset_steps`` (``(where, problem)``: dropped on dataset steps only).
+    ``by_steps(row)``: why ms-swift drops the row on every step, and on dataset steps only (:func:`_step_check`)."""
+    found = {'no_response': [], 'media': [], 'broken': [], 'bad': [], 'privileged': [], 'dataset_steps': [],
+             'rows': 0}
+    for where, row in dataset_rows(flag, path):
         found['rows'] += 1
         if not standard_format:
             continue
-        problem = row_problem(row, columns)
+        problem = privileged_problem(row, columns)
         if problem:
-            found['bad'].append((line_no, problem))
+            found['privileged'].append((where, problem))
+        problem, dataset_steps = row_problem(row, columns), None
+        if not problem and by_steps:
+            problem, dataset_steps = by_steps(row)
+        if problem:
+            found['bad'].append((where, problem))
             continue
+        if dataset_steps:
+            found['dataset_steps'].append((where, dataset_steps))
         if not has_response(row, columns):
-            found['no_response'].append((line_no, has_prompt(row, columns)))
+            found['no_response'].append((where, has_prompt(row, columns)))
         refs = media_refs(row, columns)
         if refs:
-            found['media'].append(line_no)
+            found['media'].append(where)
         if multimodal:
-            found['broken'] += [(line_no, problem) for problem in (media_problem(*ref) for ref in refs) if problem]
+            found['broken'] += [(where, problem) for problem in (media_problem(*ref) for ref in refs) if problem]
     return found
 
 
-def _shown(lines: List[int]) -> str:
-    return ', '.join(map(str, lines[:LINES_SHOWN])) + (', ...' if len(lines) > LINES_SHOWN else '')
+_PLURAL = {'line': 'lines', 'index': 'indices', 'row': 'rows'}
 
 
-def check_local_jsonl_datasets(args) -> None:
-    """``--dataset`` / ``--val_dataset`` local jsonl files: readable, not empty, their media files readable and only
-    given to a multimodal model, and their rows without a response refused when nothing can sample one for them (see
-    the module's docstring), else reported."""
+def _shown(wheres: List[Where]) -> str:
+    """``lines 1, 2, 3, ...`` (or ``indices`` of a JSON array), the first :data:`LINES_SHOWN`."""
+    numbers = ', '.join(str(where.number) for where in wheres[:LINES_SHOWN])
+    return f'{_PLURAL[wheres[0].kind]} {numbers}' + (', ...' if len(wheres) > LINES_SHOWN else '')
+
+
+def _listed(problems: List[Tuple[Where, str]]) -> str:
+    """``line 3: problem; line 5: problem (and 2 more)``, the first :data:`LINES_SHOWN`."""
+    shown = '; '.join(f'{where}: {problem}' for where, problem in problems[:LINES_SHOWN])
+    return shown + (f' (and {len(problems) - LINES_SHOWN} more)' if len(problems) > LINES_SHOWN else '')
+
+
+def check_local_datasets(args) -> None:
+    """``--dataset`` / ``--val_dataset`` local jsonl, json and csv files: readable, not empty, rows that ms-swift
+    would drop refused (or counted, :func:`_bad_rows`), teacher columns of the right type, their media files readable
+    and only given to a multimodal model, and their rows without a response refused when nothing can sample one for
+    them (see the module's docstring), else reported."""
     columns = args.columns if isinstance(args.columns, dict) else {}
     train_samples = args.lmbda > 0 or args.seq_kd
     meta = getattr(args, 'model_meta', None)
     multimodal = meta is None or meta.is_multimodal  # unknown: not refused here
-    train_rows, dropped = 0, []
+    from swift_gkd_plugin.swift.row_lengths import RowLengths  # it reads this module's names
+    lengths = RowLengths.of(args)
+    train_rows, dropped, skipped, partial = 0, [], [], []
     for flag, entries, can_sample in (('--dataset', args.dataset, train_samples), ('--val_dataset', args.val_dataset,
                                                                                     False)):
-        for path, standard_format in local_jsonl_files(entries, args.use_hf):
-            found = scan_rows(flag, path, standard_format, columns, multimodal)
+        for path, standard_format in local_dataset_files(entries, args.use_hf):
+            by_steps = _step_check(args, lengths, can_sample)
+            found = scan_rows(flag, path, standard_format, columns, multimodal, by_steps)
             train_rows += found['rows'] if flag == '--dataset' else 0
+            if found['dataset_steps']:
+                partial += [f'{path} {where}' for where, _ in found['dataset_steps']]
+                logger.warning(f'swift_gkd_plugin: {flag} {path}: {len(found["dataset_steps"])} row(s) are dropped '
+                               f'on dataset (off-policy) steps, used on the others: {_listed(found["dataset_steps"])}')
+            if found['privileged']:
+                raise FlagError(f'{flag} {path}: {len(found["privileged"])} row(s) have a teacher column that the '
+                                f'trainer cannot use: {_listed(found["privileged"])}')
             if found['media'] and not multimodal:
                 raise FlagError(
-                    f'{flag} {path}: {len(found["media"])} row(s) have images, videos or audios (lines '
-                    f'{_shown(found["media"])}), but --model {args.model} (model type {meta.model_type}) is a '
+                    f'{flag} {path}: {len(found["media"])} row(s) have images, videos or audios '
+                    f'({_shown(found["media"])}), but --model {args.model} (model type {meta.model_type}) is a '
                     'text-only model: its template keeps the <image> tag as literal text and the model never sees '
                     'the media. Train a multimodal model (with its --model_type / --template), or remove the media '
                     'columns (images, videos, audios).')
             if found['broken']:
-                shown = '; '.join(f'line {line}: {problem}' for line, problem in found['broken'][:LINES_SHOWN])
-                more = f' (and {len(found["broken"]) - LINES_SHOWN} more)' if len(found['broken']) > LINES_SHOWN else ''
-                raise FlagError(f'{flag} {path}: {len(found["broken"])} media file(s) cannot be read: {shown}{more}. '
-                                 'ms-swift would silently train on other rows in their place; fix or remove these '
-                                 'rows.')
+                raise FlagError(f'{flag} {path}: {len(found["broken"])} media file(s) cannot be read: '
+                                f'{_listed(found["broken"])}. ms-swift would silently train on other rows in their '
+                                'place; fix or remove these rows.')
             if found['bad']:
-                dropped += _bad_rows(args, flag, path, found['bad'])
+                skipped += _bad_rows(args, flag, path, found['bad'])
             no_response = found['no_response']
             if not no_response:
                 continue
-            missing = [line for line, _ in no_response]
-            rows = f'{flag} {path}: {len(missing)} row(s) have no assistant response (lines {_shown(missing)})'
+            missing = [where for where, _ in no_response]
+            rows = f'{flag} {path}: {len(missing)} row(s) have no assistant response ({_shown(missing)})'
             if not can_sample:
                 raise FlagError(f'{rows}, so they have nothing to distil: {_NO_SAMPLING[flag]}')
-            promptless = [line for line, prompt in no_response if not prompt]
-            sampled = [line for line, prompt in no_response if prompt]
+            promptless = [where for where, prompt in no_response if not prompt]
+            sampled = [where for where, prompt in no_response if prompt]
             if flag == '--dataset':
-                dropped += [f'{path} line {line}' for line in promptless]
+                dropped += [f'{path} {where}' for where in promptless]
             if sampled:
                 logger.warning(f'swift_gkd_plugin: {flag} {path}: {len(sampled)} row(s) have no assistant response '
-                               f'(lines {_shown(sampled)}): dataset (off-policy) steps have nothing to distil on them; '
+                               f'({_shown(sampled)}): dataset (off-policy) steps have nothing to distil on them; '
                                'on-policy and seq_kd steps sample a response for them.')
             if promptless:
                 logger.warning(f'swift_gkd_plugin: {flag} {path}: {len(promptless)} row(s) have neither a user '
-                               f'message nor an assistant response (lines {_shown(promptless)}): nothing can be '
+                               f'message nor an assistant response ({_shown(promptless)}): nothing can be '
                                'sampled for them, ms-swift cannot encode them, and each step draws other rows in their '
                                'place: they are dropped. Give them a user message, or remove them.')
-    check_one_batch(args, train_rows - len(dropped), dropped)
+    check_one_batch(args, train_rows - len(dropped) - len(skipped), dropped, skipped, partial)
+
+
+def _step_check(args, lengths, can_sample: bool) -> Callable[[dict], Tuple[Optional[str], Optional[str]]]:
+    """``by_steps(row)`` of :func:`scan_rows`: the problems that depend on the step, a response that is not text
+    (:func:`response_problem`) and a length over ``--max_length`` (``lengths``, a
+    :class:`~swift_gkd_plugin.swift.row_lengths.RowLengths`, or None where rows are not measured). On-policy and seq_kd
+    steps encode the prompt alone, dataset steps (``--lmbda`` < 1 without ``--seq_kd``) and evaluation the response
+    too: rows that nothing samples for (``can_sample`` False) are dropped on every step when the whole row does not
+    encode; the others when their prompt does not, and on dataset steps only when the whole row does not."""
+    columns = args.columns if isinstance(args.columns, dict) else {}
+    dataset_steps = args.lmbda < 1 and not args.seq_kd
+
+    def whole(row):
+        return response_problem(row, columns) or (lengths.problem(row, columns, prompt_only=False) if lengths else None)
+
+    def by_steps(row):
+        if not can_sample:
+            return whole(row), None
+        prompt = lengths.problem(row, columns, prompt_only=True) if lengths else None
+        return prompt, None if prompt or not dataset_steps else whole(row)
+
+    return by_steps
+
+
+def _shown_rows(rows: List[str]) -> str:
+    return ', '.join(rows[:LINES_SHOWN]) + (', ...' if len(rows) > LINES_SHOWN else '')
 
 
 #: the columns that give the student-itself teacher a view of its own (a privileged prompt): ms-swift's OPSD columns
@@ -329,21 +572,22 @@ def check_self_teacher_has_something_to_add(args) -> None:
     """Without ``--teacher_model``, ``--teacher_model_server``, ``--teacher_adapters`` or a shared-base LoRA set-up
     the teacher is the student itself: unless a row gives it a privileged prompt, teacher and student see the same
     input, every divergence and its gradient are exactly 0, and the run learns nothing (with exit 0). Refused when
-    every ``--dataset`` is a local jsonl file without such a column and no other term learns (``--sft_alpha``,
-    ``--gkd_rl_coef``); other datasets cannot be read here (the trainer stops a run whose loss stays 0 instead)."""
+    every ``--dataset`` is a local jsonl, json or csv file without such a column and no other term learns
+    (``--sft_alpha``, ``--gkd_rl_coef``); other datasets cannot be read here (the trainer stops a run whose loss
+    stays 0 instead)."""
     if (args.teacher_model is not None or args.teacher_model_server is not None or args.teacher_adapters
             or getattr(args, '_teacher_use_disable_adapter', False)):
         return
     if (args.sft_alpha or 0) > 0 or (args.gkd_rl_coef or 0) > 0:
         return
     entries = list(args.dataset or [])
-    files = local_jsonl_files(entries, args.use_hf)
+    files = local_dataset_files(entries, args.use_hf)
     if not entries or len(files) != len(entries) or not all(standard for _, standard in files):
         return
     columns = args.columns if isinstance(args.columns, dict) else {}
     names = set(PRIVILEGED_COLUMNS) | {k for k, v in columns.items() if v in PRIVILEGED_COLUMNS}
     for path, _ in files:
-        if any(row.get(name) for _, row in jsonl_rows('--dataset', path) for name in names):
+        if any(row.get(name) for _, row in dataset_rows('--dataset', path) for name in names):
             return
     raise FlagError('no teacher: without --teacher_model, --teacher_model_server or --teacher_adapters the teacher is '
                     'the student itself, and no row of --dataset has a teacher_prompt or teacher_messages column to '
@@ -352,35 +596,45 @@ def check_self_teacher_has_something_to_add(args) -> None:
                     '--teacher_adapters), add a teacher_prompt column, or set --sft_alpha > 0')
 
 
-def _bad_rows(args, flag: str, path: str, bad: List[Tuple[int, str]]) -> List[str]:
+def _bad_rows(args, flag: str, path: str, bad: List[Tuple[Where, str]]) -> List[str]:
     """Rows ms-swift would drop without a word: refused, or with ``--gkd_drop_bad_rows true`` counted in a warning
     and left out (returned as dropped training rows)."""
-    shown = '; '.join(f'line {line}: {problem}' for line, problem in bad[:LINES_SHOWN])
-    more = f' (and {len(bad) - LINES_SHOWN} more)' if len(bad) > LINES_SHOWN else ''
-    text = f'{flag} {path}: {len(bad)} row(s) that ms-swift would drop without a word: {shown}{more}'
+    text = f'{flag} {path}: {len(bad)} row(s) that ms-swift would drop without a word: {_listed(bad)}'
     if not getattr(args, 'gkd_drop_bad_rows', False):
         raise FlagError(f'{text}. Fix them, or pass --gkd_drop_bad_rows true to train without them (counted in a '
                         'warning)')
     logger.warning(f'swift_gkd_plugin: {text}; --gkd_drop_bad_rows true: training without them')
-    return [f'{path} line {line}' for line, _ in bad] if flag == '--dataset' else []
+    return [f'{path} {where}' for where, _ in bad] if flag == '--dataset' else []
 
 
-def check_one_batch(args, rows: int, dropped: List[str] = ()) -> None:
-    """Training sets of local jsonl files only: with no row that can be encoded (``dropped``: rows with neither a
-    user message nor a response), ms-swift would load both models and then fail to resample ("Increase
+def check_one_batch(args, rows: int, dropped: List[str] = (), skipped: List[str] = (), partial: List[str] = ()
+                    ) -> None:
+    """Training sets of local jsonl, json and csv files only: with no row that can be encoded (``dropped``: rows with
+    neither a user message nor a response; ``skipped``: rows left out by ``--gkd_drop_bad_rows true``; or, on dataset
+    steps, none but ``partial`` rows), ms-swift would load both models and then fail to resample ("Increase
     max_length"). Read whole (no ``#N`` sampling), fewer rows than one device's batch can never fill a batch, and GKD
     drops incomplete ones. Preprocessing only removes rows, so these refusals are certain; the other cases (several
     processes, ``--num_generations``, rows dropped while encoding, hub datasets) are refused when training starts
     (:class:`RefuseEmptyEpochs`)."""
     entries = args.dataset or []
-    local_files = len(local_jsonl_files(entries, args.use_hf)) == len(entries)
+    local_files = len(local_dataset_files(entries, args.use_hf)) == len(entries)
     if not entries or not local_files or args.streaming:
         return
+    if rows <= 0 and skipped:
+        promptless = f', {len(dropped)} without a user message or a response' if dropped else ''
+        raise FlagError(f'--dataset {" ".join(entries)}: no row can be trained on: all {len(skipped) + len(dropped)} '
+                        f'row(s) would be dropped ({len(skipped)} left out by --gkd_drop_bad_rows true, named in the '
+                        f'warning above{promptless}). Fix the rows')
+    if partial and len(partial) >= rows > 0:
+        raise FlagError(f'--dataset {" ".join(entries)}: every row ({len(partial)}) is dropped on dataset '
+                        '(off-policy) steps, as the warning above lists, so the first such step would fail (--lmbda '
+                        f'{args.lmbda} without --seq_kd: dataset steps). Fix the rows, or pass --lmbda 1 or --seq_kd '
+                        'true')
     if rows <= 0 and dropped:
         raise FlagError(f'--dataset {" ".join(entries)}: no row can be trained on: all {len(dropped)} row(s) have '
-                        f'neither a user message nor an assistant response ({", ".join(dropped[:LINES_SHOWN])}'
-                        f'{", ..." if len(dropped) > LINES_SHOWN else ""}), so nothing can be sampled or distilled '
-                        'for them. Give each row a user message (the prompt), or an assistant response too')
+                        f'neither a user message nor an assistant response ({_shown_rows(dropped)}), so nothing can '
+                        'be sampled or distilled for them. Give each row a user message (the prompt), or an assistant '
+                        'response too')
     whole = all(DatasetSyntax.parse(entry).dataset_sample is None for entry in entries)
     batch = args.per_device_train_batch_size
     if not whole or args.num_generations != 1 or rows >= batch:

@@ -2,8 +2,8 @@
 import pytest
 from swift.rl_core.data import GKDSample
 
-from swift_gkd_plugin.core.views import (generated_turns, prepare_teacher_view, student_trajectory, trajectory_start,
-                                         without_history_loss)
+from swift_gkd_plugin.core.views import (check_privileged_columns, generated_turns, prepare_teacher_view,
+                                         student_trajectory, trajectory_start, without_history_loss)
 
 HISTORY = [{'role': 'user', 'content': 'earlier'}, {'role': 'assistant', 'content': 'earlier answer'}]
 PROMPT = HISTORY + [{'role': 'user', 'content': 'Add: 2 + 3'}]
@@ -52,3 +52,16 @@ def test_seq_kd_trajectories_continue_the_students_prompt():
     teacher_view = [{'role': 'user', 'content': 'privileged'}] + TRAJECTORY
     assert student_trajectory(PROMPT, teacher_view, [[1, 2], [3]]) == PROMPT + TRAJECTORY
     assert student_trajectory(None, teacher_view, [[1, 2], [3]]) is teacher_view
+
+
+@pytest.mark.parametrize('column,value,message', [
+    ('teacher_prompt', 7, 'dataset column teacher_prompt must hold strings'),
+    ('teacher_messages', 'just a string', 'dataset column teacher_messages must hold lists'),
+])
+def test_privileged_columns_of_another_type_are_refused_by_the_trainer(column, value, message):
+    """The trainer's own check, for datasets that are not read before loading (hub datasets, other formats)."""
+    from datasets import Dataset
+    check_privileged_columns(Dataset.from_list([{'teacher_prompt': 'x',
+                                                  'teacher_messages': [{'role': 'user', 'content': 'x'}]}]))
+    with pytest.raises(ValueError, match=message):
+        check_privileged_columns(Dataset.from_list([{column: value}]))

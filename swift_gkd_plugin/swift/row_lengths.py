@@ -1,0 +1,117 @@
+"""Rows longer than ``--max_length``, measured before any model is loaded with the student's own template (its
+tokenizer only, read from the model folder).
+
+With ``--truncation_strategy delete`` (ms-swift's default) ms-swift replaces a row that does not fit by another
+one, with an INFO line: a prompt longer than ``--max_length`` can never be trained on, and a row whose prompt and
+response together are longer is dropped on every dataset (off-policy) step. When every row is dropped the run fails
+after loading both models ("resample: only collected 0/2"). Here each row is encoded as the trainer encodes it: its
+prompt for on-policy and seq_kd steps, prompt and response for dataset steps and evaluation; a row whose UTF-8 bytes
+show it fits (:meth:`RowLengths.bound`) is not encoded (20,000 short rows: 0.4 s instead of 5.7). Multimodal models are
+left out (their processors read the media, which is not cheap); so is ``--truncation_strategy left``, which
+truncates instead of dropping.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+from collections import Counter
+from types import SimpleNamespace
+from typing import Dict, Optional
+
+from swift.utils import get_logger, remove_response
+
+logger = get_logger()
+#: tokens allowed per message beyond its UTF-8 bytes in :meth:`RowLengths.bound`
+BOUND_MARGIN = 8
+
+
+class RowLengths:
+    """The student's template, without a length limit, to measure rows (in tokens) against ``--max_length``; its
+    tokenizer is read on the first row measured."""
+
+    def __init__(self, args):
+        self.args, self.max_length = args, args.max_length
+        self._skeletons = {}  # roles -> length of the row with empty messages
+
+    @functools.cached_property
+    def template(self):
+        """The template, or None (with a warning) where it cannot be built here: rows are then not measured."""
+        try:
+            template = self.args.get_template(None)  # the tokenizer (processor) only, never the weights
+        except Exception as exc:
+            logger.warning(f'swift_gkd_plugin: rows are not measured against --max_length before loading: the '
+                           f'template cannot be built from the tokenizer alone ({type(exc).__name__}: {exc})')
+            return None
+        template.set_mode('train')  # the trainer's mode for GKD (ms-swift's rlhf pipeline)
+        template.max_length = None  # the length is measured, not refused, here
+        return template
+
+    @classmethod
+    def of(cls, args) -> Optional['RowLengths']:
+        """None where rows are not measured: ``--truncation_strategy`` other than delete, no ``--max_length``, a
+        multimodal (or unknown) model."""
+        meta = getattr(args, 'model_meta', None)
+        if args.truncation_strategy != 'delete' or not args.max_length or meta is None or meta.is_multimodal:
+            return None
+        return cls(args)
+
+    def tokens(self, row: dict, columns: Dict[str, str], prompt_only: bool, exact: bool = True) -> Optional[int]:
+        """The row's length in tokens as the trainer encodes it (``prompt_only``: its response removed, as for
+        sampling), or None where it does not encode for another reason (left to the other checks). Not ``exact``:
+        None too where the row certainly fits (:meth:`bound`), without encoding it."""
+        if self.template is None:
+            return None
+        try:
+            standard = standard_row(row, columns)
+            if prompt_only:
+                remove_response(standard['messages'])
+            if not exact and self.bound(standard) <= self.max_length:
+                return None
+            return self.template.encode(standard, return_length=True)['length']
+        except Exception:  # not a length problem
+            return None
+
+    def bound(self, standard: dict) -> float:
+        """At least the row's length in tokens: the row encoded with empty messages (once per sequence of roles),
+        plus the UTF-8 bytes of each message and a margin. A token of a byte-level BPE tokenizer covers at least one
+        byte, and of a SentencePiece one at least one character or byte (plus a word-start marker); the margin also
+        covers merges with the template's text around each message. Rows with tools are measured exactly."""
+        messages = standard['messages']
+        if standard.get('tools') or not all(isinstance(m.get('content'), str) for m in messages):
+            return float('inf')
+        key = tuple(m['role'] for m in messages)
+        if key not in self._skeletons:
+            empty = dict(standard, messages=[dict(m, content='') for m in messages])
+            self._skeletons[key] = self.template.encode(empty, return_length=True)['length']
+        return self._skeletons[key] + sum(len(m['content'].encode()) + BOUND_MARGIN for m in messages)
+
+    def problem(self, row: dict, columns: Dict[str, str], prompt_only: bool) -> Optional[str]:
+        """Why the trainer drops the row for its length, or None."""
+        length = self.tokens(row, columns, prompt_only, exact=False)
+        if length is None or length <= self.max_length:
+            return None
+        what = 'its prompt is' if prompt_only else 'it is'
+        return (f'{what} {length} tokens with the template, over --max_length {self.max_length} (--truncation_strategy '
+                'delete: raise --max_length, or pass --truncation_strategy left)')
+
+
+def standard_row(row: dict, columns: Dict[str, str]) -> dict:
+    """``row`` as ms-swift's automatic preprocessor makes it (``--columns``, its column names, case-insensitive; a
+    messages, alpaca or query/response row), with standard ``messages``."""
+    from swift.dataset.preprocessor.core import RowPreprocessor
+    row = {columns.get(key, key): value for key, value in copy.deepcopy(row).items()}
+    preprocessor = _preprocessor(frozenset(row))
+    lower = {key.lower(): key for key in row}
+    renames = {lower[key.lower()]: new for key, new in preprocessor.columns.items() if key.lower() in lower}
+    counts = Counter(renames.values())  # as safe_rename_columns: two columns for one name rename neither
+    renames = {key: new for key, new in renames.items() if counts[new] == 1 and key != new}
+    row = preprocessor.preprocess({renames.get(key, key): value for key, value in row.items()})
+    RowPreprocessor._check_messages(row)
+    return row
+
+
+@functools.lru_cache(maxsize=64)
+def _preprocessor(columns: frozenset):
+    """The preprocessor ms-swift's automatic one chooses for a dataset of these columns (one instance for all rows)."""
+    from swift.dataset.preprocessor import AutoPreprocessor
+    return AutoPreprocessor()._get_preprocessor(SimpleNamespace(features=columns))

@@ -1,0 +1,230 @@
+"""Local ``.json`` and ``.csv`` datasets and the teacher columns, read before any model is loaded (issue 37 item 1):
+every row is either used or refused, named by file and line (a JSON array's index). The ``.jsonl`` cases are in
+test_activation_and_bad_input.py."""
+import csv
+import io
+import json
+
+import pytest
+from conftest import base_args, run_swift
+from test_activation_and_bad_input import assert_refused_in_one_line
+
+from swift_gkd_plugin.flags import FlagError
+from swift_gkd_plugin.swift.datasets_check import (Where, dataset_rows, privileged_problem, response_problem,
+                                                  row_problem)
+
+
+def _row(user='Reverse: a b', answer='b a', role='user', **extra):
+    return dict(messages=[{'role': role, 'content': user}, {'role': 'assistant', 'content': answer}], **extra)
+
+
+GOOD = [_row(f'Reverse: {a} {b}', f'{b} {a}') for a, b in ('ab', 'cd', 'ef', 'gh')]
+SYSTEM_ONLY = {'messages': [{'role': 'system', 'content': 'You are helpful.'}]}
+
+
+LONG = 'Reverse: ' + ' '.join('abcdefgh'[i % 8] for i in range(150))  # 160 tokens with the template
+
+
+def _jsonl(rows) -> bytes:
+    return b''.join(json.dumps(row).encode() + b'\n' for row in rows)
+
+
+def _csv(header, rows) -> bytes:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(header)
+    writer.writerows(rows)
+    return out.getvalue().encode()
+
+
+def _messages_csv(rows) -> bytes:
+    """A ``messages`` column of JSON strings, as a spreadsheet exports it (ms-swift parses the strings)."""
+    return _csv(['messages'], [[json.dumps(row['messages'])] for row in rows])
+
+
+# name: (file content, flags, needles); a name ending in _val is given to --val_dataset, '#N' samples the file
+BAD_FILES = {
+    # ms-swift: a raw DatasetGenerationError once both models are loaded
+    'broken.json': (f'[\n{json.dumps(GOOD[0])},\n{json.dumps(GOOD[1])}\n {json.dumps(GOOD[2])}\n]'.encode(), {},
+                    ["not valid JSON at line 4, column 2 (Expecting ',' delimiter)", 'an array of row objects']),
+    'one_object.json': (json.dumps(GOOD[0], indent=1).encode(), {}, ['one JSON object over several lines']),
+    # ms-swift: trained on the other rows with exit 0
+    'roles.json': (json.dumps(GOOD + [_row(role='usr')], indent=1).encode(), {},
+                   ["1 row(s) that ms-swift would drop without a word: index 4: message 0 has the role 'usr'",
+                    '--gkd_drop_bad_rows true']),
+    'roles.json#8': (json.dumps(GOOD + [_row(role='usr')]).encode(), {}, ["index 4: message 0 has the role 'usr'"]),
+    'content_val.json': (json.dumps(GOOD[:1] + [_row(answer=None)]).encode(), {},
+                         ['--val_dataset', 'index 1: message 1 (assistant): its content is null, not text']),
+    # ms-swift: loaded both models, then "resample: only collected 0/2"
+    'system_only.json': (json.dumps([SYSTEM_ONLY] * 4).encode(), {'lmbda': 1},
+                         ['no row can be trained on', 'all 4 row(s) have neither a user message nor an assistant',
+                          'system_only.json index 0, ']),
+    # a column of numbers only is read as numbers, which do not encode: every dataset step failed late to resample
+    'numbers.csv': (_csv(['query', 'response'], [['2 + 2', 4], ['3 + 4', 7]]), {'lmbda': 0},
+                    ['2 row(s) that ms-swift would drop without a word', 'line 2: "response" is int 4, not text',
+                     'line 3: "response" is int 7']),
+    'roles.csv': (_messages_csv(GOOD[:2] + [_row(role='usr')]), {}, ["line 4: message 0 has the role 'usr'"]),
+    'ragged.csv': (b'query,response\na,b\nc,d,e\n', {}, ['not a valid csv file', 'Expected 2 fields in line 3, saw 3']),
+    # the trainer refused these columns only once both models were loaded, with a traceback
+    'teacher_prompt.jsonl': (_jsonl(GOOD + [_row(teacher_prompt=5)]), {},
+                             ['1 row(s) have a teacher column that the trainer cannot use: line 5: teacher_prompt is '
+                              'int 5; allowed: text']),
+    'teacher_messages.json': (json.dumps(GOOD + [_row(teacher_messages='Reverse: a b')]).encode(), {},
+                              ['index 4: teacher_messages is str "Reverse: a b"; allowed: a non-empty list of']),
+    'numbers_half.csv': (_csv(['query', 'response'], [['2 + 2', 4], ['3 + 4', 7]]), {'lmbda': 0.5, 'max_steps': 6},
+                         ['every row (2) is dropped on dataset (off-policy) steps', '--lmbda 0.5 without --seq_kd']),
+    # --truncation_strategy delete (the default): ms-swift replaced such rows by others (an INFO line)
+    'long_prompt.jsonl': (_jsonl(GOOD + [_row(LONG)]), {'lmbda': 1},
+                          ['line 5: its prompt is 160 tokens with the template, over --max_length 128',
+                           '--truncation_strategy left']),
+    'long_answer.json': (json.dumps(GOOD + [_row(answer=LONG)]).encode(), {'lmbda': 0},
+                         ['index 4: it is 166 tokens with the template, over --max_length 128']),
+    # every row too long: ms-swift loaded both models, then "resample: only collected 0/2"
+    'all_long.jsonl': (_jsonl([_row(LONG)] * 4), {'lmbda': 1, 'gkd_drop_bad_rows': 'true'},
+                       ['no row can be trained on: all 4 row(s) would be dropped (4 left out by --gkd_drop_bad_rows '
+                        'true']),
+}
+
+
+@pytest.mark.parametrize('name', list(BAD_FILES))
+def test_bad_json_and_csv_datasets_are_refused_before_loading(tiny_ws, tmp_path, name):
+    content, flags, needles = BAD_FILES[name]
+    file_name, _, sample = name.partition('#')
+    path = tmp_path / file_name.replace('_val.', '.')
+    path.write_bytes(content)
+    entry = f'{path}#{sample}' if sample else str(path)
+    which = 'val_dataset' if '_val.' in file_name else 'dataset'
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), **{which: entry}, **flags), check=False, timeout=120)
+    assert_refused_in_one_line(run, needles + [f'--{which} {path}'])
+
+
+@pytest.mark.parametrize('suffix', ['.json', '.csv'])
+def test_bad_rows_of_json_and_csv_files_are_dropped_and_counted_only_when_asked(tiny_ws, tmp_path, suffix):
+    """--gkd_drop_bad_rows true: the run trains on the other rows and a warning names the dropped ones, counted."""
+    rows = GOOD + [_row(role='usr')]
+    path = tmp_path / f'some_bad{suffix}'
+    path.write_bytes(json.dumps(rows, indent=1).encode() if suffix == '.json' else _messages_csv(rows))
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), dataset=str(path), lmbda=0, max_steps=1,
+                              gkd_drop_bad_rows='true'), timeout=300)
+    where = 'index 4' if suffix == '.json' else 'line 6'
+    assert (f'--dataset {path}: 1 row(s) that ms-swift would drop without a word: {where}: message 0 has the role '
+            "'usr'") in run.output and '--gkd_drop_bad_rows true: training without them' in run.output
+    assert len(run.losses) == 1 and run.losses[0] > 0
+
+
+def test_rows_are_read_as_the_datasets_loaders_read_them(tmp_path):
+    """Both JSON layouts under either ending, csv rows by the line they start on (a quoted field may span lines),
+    csv columns of numbers as numbers."""
+    lines = tmp_path / 'lines.json'
+    lines.write_text(''.join(json.dumps(row) + '\n\n' for row in GOOD[:2]))
+    array = tmp_path / 'array.jsonl'
+    array.write_text('\ufeff ' + json.dumps(GOOD[:2]))
+    assert list(dataset_rows('--dataset', str(lines))) == [(Where('line', 1), GOOD[0]), (Where('line', 3), GOOD[1])]
+    assert list(dataset_rows('--dataset', str(array))) == [(Where('index', 0), GOOD[0]), (Where('index', 1), GOOD[1])]
+    table = tmp_path / 't.csv'
+    table.write_bytes(_csv(['query', 'response'], [['two\nlines', 'x'], ['q', '4']]))
+    assert list(dataset_rows('--dataset', str(table))) == [(Where('line', 2), {'query': 'two\nlines', 'response': 'x'}),
+                                                           (Where('line', 4), {'query': 'q', 'response': '4'})]
+    numbers = tmp_path / 'n.csv'
+    numbers.write_bytes(_csv(['query', 'response'], [['q', '4']]))
+    assert list(dataset_rows('--dataset', str(numbers))) == [(Where('line', 2), {'query': 'q', 'response': 4})]
+    for content, message in [('[]', 'the file has no rows'), ('["a"]', 'index 0 is a JSON str, not an object'),
+                             ('[{"a": 1},\n {"a": 2]', 'not valid JSON at line 2, column 9'), ('', 'has no rows')]:
+        bad = tmp_path / 'bad.json'
+        bad.write_text(content)
+        with pytest.raises(FlagError, match=message):
+            list(dataset_rows('--dataset', str(bad)))
+
+
+@pytest.mark.parametrize('row,problem,response', [
+    ({'messages': json.dumps(GOOD[0]['messages'])}, None, None),  # a string that parses: ms-swift's repair_messages
+    ({'messages': 'Reverse: a b'}, '"messages" is str "Reverse: a b", not a non-empty list of messages', None),
+    # a response that is not text only fails the steps that encode it
+    ({'query': 'q', 'response': 4}, None, '"response" is int 4, not text'),
+    (_row(answer=7), None, 'message 1 (assistant): its content is int 7, not text'),
+    (_row(answer=None), 'message 1 (assistant): its content is null, not text', None),  # ms-swift's preprocessor
+    ({'messages': [{'role': 'user', 'content': 1}]}, 'message 0 (user): its content is int 1, not text', None),
+    ({'Prompt': 7, 'answer': 'a'}, '"Prompt" is int 7, not text', None),  # ms-swift maps columns case-insensitively
+    ({'query': 'q', 'response': ['a', 'b']}, None, None),  # the first of a list of responses
+    ({'query': 'q', 'response': [4]}, None, '"response" is int 4, not text'),
+    ({'query': 'q', 'response': 'a', 'answer': 3}, None, None),  # two response columns: ms-swift keeps `response`
+    ({'system': 1, 'query': 'q', 'response': 'a'}, '"system" is int 1, not text', None),
+])
+def test_row_and_response_problems(row, problem, response):
+    assert (row_problem(row, {}), response_problem(row, {})) == (problem, response)
+
+
+@pytest.mark.parametrize('row,problem', [
+    ({'teacher_prompt': 'Reverse (the answer is b a): a b'}, None),
+    ({'teacher_prompt': None}, None),
+    ({'teacher_prompt': ['a']}, 'teacher_prompt is list ["a"]; allowed: text'),
+    ({'teacher_messages': [{'role': 'user', 'content': 'x'}]}, None),
+    ({'teacher_messages': []}, 'teacher_messages is list []; allowed: a non-empty list'),
+    ({'teacher_messages': [{'role': 'human', 'content': 'x'}]}, 'teacher_messages message 0 is dict {"role": "human"'),
+    ({'tp': 3}, 'teacher_prompt is int 3'),  # after --columns
+])
+def test_privileged_problem(row, problem):
+    found = privileged_problem(row, {'tp': 'teacher_prompt'})
+    assert found == problem if problem is None else found.startswith(problem), found
+
+
+def test_rows_dropped_on_dataset_steps_only_are_named_and_the_run_trains(tiny_ws, tmp_path):
+    """With --lmbda 0.5 a row whose prompt fits and whose response does not (too long, or a number) is sampled for
+    on on-policy steps and dropped on dataset steps: a warning names it, and training goes on."""
+    path = tmp_path / 'long_answer.jsonl'
+    path.write_bytes(_jsonl(GOOD + [_row(answer=LONG), _row(answer=7)]))
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), dataset=str(path), lmbda=0.5, max_steps=1), timeout=300)
+    assert (f'--dataset {path}: 2 row(s) are dropped on dataset (off-policy) steps, used on the others: line 5: it '
+            'is 166 tokens with the template, over --max_length 128') in run.output
+    assert 'line 6: message 1 (assistant): its content is int 7, not text' in run.output
+    assert len(run.losses) == 1
+
+
+@pytest.mark.parametrize('tokenizer', ['student', 'sentencepiece'])
+def test_row_lengths_are_the_trainers(tiny_ws, sp_teacher, tmp_path, tokenizer):
+    """The lengths measured before loading are those of the rows ms-swift loads and its template encodes: prompt only
+    (as for sampling) and whole, for a messages row, a query/response csv row and an alpaca row; the bound that lets
+    short rows skip encoding is never below the length, with a byte-level BPE and a SentencePiece tokenizer."""
+    from types import SimpleNamespace
+
+    from swift.dataset import load_dataset
+    from swift.model import get_processor
+    from swift.template import get_template
+    from swift.utils import remove_response
+
+    from swift_gkd_plugin.swift.row_lengths import RowLengths, standard_row
+    processor = get_processor(tiny_ws.student if tokenizer == 'student' else sp_teacher, model_type='qwen3')
+    template = get_template(processor, template_type='qwen3_nothinking', max_length=None)
+    template.set_mode('train')
+    lengths = RowLengths(SimpleNamespace(max_length=128, get_template=lambda _: template))
+    odd = 'Ünïcödé  spaces\n\nand 数字 123 ' * 3
+    files = {'m.jsonl': _jsonl([_row(system='Be brief.'), _row(LONG, 'x y'), _row(odd, odd, system=odd)]),
+             'q.csv': _csv(['Question', 'answer'], [['Reverse: a b c', 'c b a']]),
+             'a.json': json.dumps([{'instruction': 'Reverse:', 'input': 'a b', 'output': 'b a'}]).encode()}
+    for name, content in files.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        loaded, _ = load_dataset([str(path)], num_proc=1)
+        for (_, row), standard in zip(dataset_rows('--dataset', str(path)), loaded):
+            whole = template.encode(dict(standard), return_length=True)['length']
+            remove_response(standard['messages'])
+            prompt = template.encode(dict(standard), return_length=True)['length']
+            assert (lengths.tokens(row, {}, prompt_only=True), lengths.tokens(row, {}, prompt_only=False)) == (
+                prompt, whole), (name, row)
+            assert prompt < whole <= lengths.bound(standard_row(row, {})), (name, row)
+            assert lengths.tokens(row, {}, prompt_only=False, exact=False) == (whole if whole > 128 else None)
+
+
+def test_rows_are_not_measured_when_the_template_cannot_be_built():
+    """The tokenizer read once, and a failure leaves the lengths to ms-swift (no refusal), not one try per row."""
+    from types import SimpleNamespace
+
+    from swift_gkd_plugin.swift.row_lengths import RowLengths
+    calls = []
+
+    def get_template(_):
+        calls.append(1)
+        raise OSError('no tokenizer files')
+
+    lengths = RowLengths(SimpleNamespace(max_length=4, get_template=get_template))
+    assert [lengths.problem(_row(LONG), {}, prompt_only=True) for _ in range(3)] == [None] * 3 and calls == [1]
