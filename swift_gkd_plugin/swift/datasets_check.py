@@ -81,20 +81,20 @@ def check_dataset_paths(args) -> None:
     for flag, entries in (('--dataset', args.dataset), ('--val_dataset', args.val_dataset)):
         for entry in entries or []:
             path = DatasetSyntax.parse(entry).dataset
-            if os.path.exists(path) or not _looks_local(path):
+            if os.path.exists(path) or not looks_local(path):
                 continue
             where = '' if os.path.isabs(path) else f' (relative to {os.getcwd()})'
-            near = _near_names(path)
+            near = near_names(path)
             raise FlagError(f'{flag} {entry}: no such file {path!r}{where}{near}; a local dataset must exist (hub '
                             'datasets are named owner/name)')
 
 
-def _looks_local(path: str) -> bool:
+def looks_local(path: str) -> bool:
     return (os.path.isabs(path) or path.startswith(('.', '~')) or path.lower().endswith(LOCAL_SUFFIXES)
             or path.count('/') > 1)
 
 
-def _near_names(path: str) -> str:
+def near_names(path: str) -> str:
     """`` (did you mean X?)`` for a file of the same folder whose name is close (a typo), else ``''``."""
     import difflib
     folder = os.path.dirname(path) or '.'

@@ -17,7 +17,7 @@ import os
 from typing import List, Optional
 
 from swift_gkd_plugin.flags import FlagError
-from swift_gkd_plugin.swift.datasets_check import _looks_local, _near_names
+from swift_gkd_plugin.swift.datasets_check import looks_local, near_names
 
 
 def check_model_given(args) -> None:
@@ -32,13 +32,13 @@ def check_model_given(args) -> None:
 def check_model_paths(args) -> None:
     """``--model`` and ``--teacher_model`` values that name local folders exist."""
     for flag, value in (('--model', args.model), ('--teacher_model', args.teacher_model)):
-        if not isinstance(value, str) or not _looks_local(value):
+        if not isinstance(value, str) or not looks_local(value):
             continue
         path = os.path.expanduser(value)
         if os.path.exists(path):
             continue
         where = '' if os.path.isabs(path) else f' (relative to {os.getcwd()})'
-        raise FlagError(f'{flag} {value}: no such model folder {path!r}{where}{_near_names(path)}; a local model '
+        raise FlagError(f'{flag} {value}: no such model folder {path!r}{where}{near_names(path)}; a local model '
                         'must exist (hub models are named owner/name)')
 
 
@@ -50,7 +50,7 @@ def check_external_plugins(args) -> None:
             path = os.path.abspath(os.path.expanduser(value))
             if not os.path.isfile(path):
                 what = 'is a folder, not a Python file' if os.path.isdir(path) else 'no such file'
-                raise FlagError(f'--{flag} {value}: {what} {path!r}{_near_names(path)}; pass the .py file that '
+                raise FlagError(f'--{flag} {value}: {what} {path!r}{near_names(path)}; pass the .py file that '
                                 'registers your plugins')
 
 
