@@ -224,9 +224,8 @@ class RolloutMixin:
         of_step = f'of {len(samples)} trajectories of step {int(self.state.global_step)}'
         if empty:
             logger.warning(f'swift_gkd_plugin: {empty} {of_step} have no token to learn from ({scheduler} masked '
-                           'every token the model wrote, or it wrote none): none of their sampled tokens is a target, '
-                           'only the template\'s turn-end markers between turns, if any (counted in '
-                           'gkd/empty_trajectories)')
+                           'every token the model wrote, or it wrote none): none of their tokens is a target, their '
+                           'turn-end markers included (counted in gkd/empty_trajectories)')
         if empty_turns:
             logger.warning(f'swift_gkd_plugin: {scheduler} returned an empty response_token_ids for {empty_turns} of '
                            f'the {sum(turns)} turns {of_step}: those turns stay in their trajectory as the model '
