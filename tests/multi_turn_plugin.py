@@ -11,7 +11,8 @@ Past ``--max_length``: ``gkd_test_endless`` never says a trajectory is finished;
 first turn with a tool result of :data:`HUGE_WORDS` words. Bad return values: ``gkd_test_step_none`` (``step``
 returns None), ``gkd_test_int_content`` (the tool result's content is an int), ``gkd_test_oov_ids``
 (``response_token_ids`` holds an id past the vocabulary), ``gkd_test_finished_none`` (``check_finished`` returns
-None); ``gkd_test_empty_ids`` returns an empty ``response_token_ids`` for the first turn."""
+None); ``gkd_test_empty_ids`` returns an empty ``response_token_ids`` for the first turn (from ``step``),
+``gkd_test_empty_last_ids`` for the last (from ``on_turn_end``)."""
 import json
 import os
 
@@ -108,6 +109,12 @@ class EmptyIdsScheduler(ToolScheduler):
         return result
 
 
+class EmptyLastIdsScheduler(ToolScheduler):
+
+    async def on_turn_end(self, infer_request, response_choice, current_turn):
+        return {'response_token_ids': [], 'response_loss_mask': []} if current_turn == 2 else {}
+
+
 multi_turns['gkd_test_tool'] = ToolScheduler
 multi_turns['gkd_test_endless'] = EndlessScheduler
 multi_turns['gkd_test_huge_tool'] = HugeToolScheduler
@@ -116,6 +123,7 @@ multi_turns['gkd_test_int_content'] = IntContentScheduler
 multi_turns['gkd_test_oov_ids'] = OutOfVocabularyScheduler
 multi_turns['gkd_test_finished_none'] = FinishedNoneScheduler
 multi_turns['gkd_test_empty_ids'] = EmptyIdsScheduler
+multi_turns['gkd_test_empty_last_ids'] = EmptyLastIdsScheduler
 multi_turns['gkd_test_bad_mask'] = BadMaskScheduler
 multi_turns['gkd_test_no_tokens'] = NoTokensScheduler
 

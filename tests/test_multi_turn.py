@@ -86,7 +86,10 @@ def runs(tiny_ws, adapters, shared_runs):
         'endless': start(tiny_ws.train, lmbda=1, multi_turn_scheduler='gkd_test_endless', max_turns=None,
                          max_steps=2),
         'huge_tool': start(tiny_ws.train, lmbda=1, multi_turn_scheduler='gkd_test_huge_tool', max_steps=2),
+        'endless_seq_kd': start(tiny_ws.train, lmbda=0, seq_kd='true', multi_turn_scheduler='gkd_test_endless',
+                                max_turns=None, max_steps=2),
         'empty_ids': start(tiny_ws.train, lmbda=1, multi_turn_scheduler='gkd_test_empty_ids', max_steps=2),
+        'empty_last_ids': start(tiny_ws.train, lmbda=1, multi_turn_scheduler='gkd_test_empty_last_ids', max_steps=2),
         **{name: start(tiny_ws.train, lmbda=1, multi_turn_scheduler=f'gkd_test_{name}', max_steps=1)
            for name, _, _ in BAD_RETURNS},
     })
@@ -308,11 +311,12 @@ def _cut_trajectories_learn_up_to_the_limit(run, tokenizer):
     return [m for m, _, _ in trajectories]
 
 
-def test_a_scheduler_that_never_stops_is_cut_at_max_length(runs, tokenizer):
-    """No --max_turns and a scheduler that never says a trajectory is finished: each trajectory ends where the next
-    turn's prompt would pass --max_length (it used to stop the run with the engine's MaxLengthError), learns all its
-    turns, and is counted and warned."""
-    run = runs['endless']
+@pytest.mark.parametrize('name', ['endless', 'endless_seq_kd'])
+def test_a_scheduler_that_never_stops_is_cut_at_max_length(runs, tokenizer, name):
+    """No --max_turns and a scheduler that never says a trajectory is finished (the student's turns, or on seq_kd
+    steps the teacher's): each trajectory ends where the next turn's prompt would pass --max_length (it used to stop
+    the run with the engine's MaxLengthError), learns all its turns, and is counted and warned."""
+    run = runs[name]
     assert run.returncode == 0, run.output[-3000:]
     messages = _cut_trajectories_learn_up_to_the_limit(run, tokenizer)
     assert all(len(m) >= 7 for m in messages)  # three turns and more
@@ -334,22 +338,24 @@ def test_a_huge_tool_result_ends_the_trajectory_before_it(runs, tokenizer):
         in run.output
 
 
-def test_an_empty_id_list_keeps_the_turn_as_context_and_is_counted(runs, tokenizer):
-    """``step`` returning ``response_token_ids: []`` for turn 1: the turn stays, as the ids the model sampled, all
-    masked 0 (no target); turn 2 is learnt; counted in gkd/empty_turns and warned. (ms-swift dropped the turn from
-    the ids: turn 1 was then re-encoded from its text as part of the prompt, uncounted.)"""
-    run = runs['empty_ids']
+@pytest.mark.parametrize('name,empty', [('empty_ids', 0), ('empty_last_ids', 1)])
+def test_an_empty_id_list_keeps_the_turn_as_context_and_is_counted(runs, tokenizer, name, empty):
+    """``step`` returning ``response_token_ids: []`` for turn 1, or ``on_turn_end`` for the last turn: the turn
+    stays, as the ids the model sampled, all masked 0 (no target); the other turn is learnt; counted in
+    gkd/empty_turns and warned. (ms-swift dropped the turn from the ids: turn 1 was then re-encoded from its text as
+    part of the prompt, uncounted; the last turn's text stayed with turn 1's ids.)"""
+    run = runs[name]
     assert run.returncode == 0, run.output[-3000:]
     samples, batches = _records(run, 'samples'), _records(run, 'batch')
     trajectories = [(ids, mask) for s in samples for ids, mask in zip(s['response_token_ids'], s['response_loss_mask'])]
     rows = [(ids, labels) for b in batches for ids, labels in zip(b['input_ids'], b['labels'])]
     assert len(rows) == len(trajectories) == 4
     for (ids, labels), (turns, masks) in zip(rows, trajectories):
-        assert len(turns) == 2 and len(turns[0]) == 8 and masks[0] == [0] * 8 and all(masks[1])
+        assert len(turns) == 2 and len(turns[empty]) == 8 and masks[empty] == [0] * 8 and any(masks[1 - empty])
         assert _targets(labels) == _expected_targets(ids, turns, masks)
     assert [r['gkd/empty_turns'] for r in run.logs] == [0.5, 0.5]
     assert [r['gkd/empty_trajectories'] for r in run.logs] == [0.0, 0.0]
-    assert '--multi_turn_scheduler gkd_test_empty_ids returned an empty response_token_ids for 2 of the 4 turns of 2 ' \
+    assert f'--multi_turn_scheduler gkd_test_{name} returned an empty response_token_ids for 2 of the 4 turns of 2 ' \
         'trajectories of step 0' in run.output
 
 
