@@ -88,6 +88,10 @@ def runs(tiny_ws, adapters, shared_runs):
         'huge_tool': start(tiny_ws.train, lmbda=1, multi_turn_scheduler='gkd_test_huge_tool', max_steps=2),
         'endless_seq_kd': start(tiny_ws.train, lmbda=0, seq_kd='true', multi_turn_scheduler='gkd_test_endless',
                                 max_turns=None, max_steps=2),
+        # (the engine would cut the beginning off the next turn's prompt, no longer the context it is trained in, and
+        # the trajectory would never end)
+        'endless_left': start(tiny_ws.train, lmbda=1, multi_turn_scheduler='gkd_test_endless', max_turns=None,
+                              truncation_strategy='left', max_steps=2),
         'empty_ids': start(tiny_ws.train, lmbda=1, multi_turn_scheduler='gkd_test_empty_ids', max_steps=2),
         'empty_last_ids': start(tiny_ws.train, lmbda=1, multi_turn_scheduler='gkd_test_empty_last_ids', max_steps=2),
         **{name: start(tiny_ws.train, lmbda=1, multi_turn_scheduler=f'gkd_test_{name}', max_steps=1)
@@ -311,11 +315,12 @@ def _cut_trajectories_learn_up_to_the_limit(run, tokenizer):
     return [m for m, _, _ in trajectories]
 
 
-@pytest.mark.parametrize('name', ['endless', 'endless_seq_kd'])
+@pytest.mark.parametrize('name', ['endless', 'endless_seq_kd', 'endless_left'])
 def test_a_scheduler_that_never_stops_is_cut_at_max_length(runs, tokenizer, name):
     """No --max_turns and a scheduler that never says a trajectory is finished (the student's turns, or on seq_kd
     steps the teacher's): each trajectory ends where the next turn's prompt would pass --max_length (it used to stop
-    the run with the engine's MaxLengthError), learns all its turns, and is counted and warned."""
+    the run with the engine's MaxLengthError; with --truncation_strategy left the engine cut the prompt's beginning
+    and the trajectory never ended: the run hung), learns all its turns, and is counted and warned."""
     run = runs[name]
     assert run.returncode == 0, run.output[-3000:]
     messages = _cut_trajectories_learn_up_to_the_limit(run, tokenizer)

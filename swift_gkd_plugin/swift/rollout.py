@@ -233,7 +233,7 @@ class RolloutMixin:
                            'gkd/empty_turns)')
         if cut:
             limit = f'--max_turns {self.args.max_turns}' if self.args.max_turns else 'no --max_turns'
-            logger.warning(f'swift_gkd_plugin: {cut} {of_step} were cut at --max_length {self.template.max_length}: '
+            logger.warning(f'swift_gkd_plugin: {cut} {of_step} were cut at --max_length {guard.max_length}: '
                            f'{scheduler} went on ({limit}) but the next turn\'s prompt, with what the scheduler '
                            'appended, would not fit; each keeps its turns up to there and learns them, what was '
                            'appended after its last turn is dropped (counted in gkd/truncated_trajectories; set '

@@ -25,7 +25,6 @@ from typing import Callable, List
 
 from swift.infer_engine.protocol import (ChatCompletionResponse, ChatCompletionResponseChoice, ChatMessage,
                                          RolloutOutput, UsageInfo)
-from swift.template import MaxLengthError
 
 TRUNCATED = 'gkd_truncated'  # rollout_infos key of a trajectory cut at --max_length
 STEP_KEYS = "'infer_request' (required), 'response_token_ids', 'response_loss_mask', 'rollout_logprobs', " \
@@ -47,8 +46,11 @@ class SchedulerGuard:
 
     def __init__(self, scheduler, name: str, vocab_size: int, template):
         self.scheduler, self.name, self.vocab_size = scheduler, name, int(vocab_size)
-        self._template = copy(template)  # measures prompts as the engines encode them, without changing the trainer's
+        # measures prompts as the engines encode them, untruncated whatever --truncation_strategy says (a prompt cut
+        # on the left would no longer be the context the turn is trained in)
+        self._template, self.max_length = copy(template), template.max_length
         self._template.set_mode('transformers')
+        self._template.max_length = None
         self.empty_turns = 0
         self._cut = set()  # id() of the requests cut at --max_length in the current rollout
         self._empty_final = {}  # id() of a request -> its on_turn_end returned empty ids for this turn
@@ -185,13 +187,9 @@ class SchedulerGuard:
         return rollout
 
     def _fits(self, request) -> bool:
-        if self._template.max_length is None or not any(m.get('role') == 'assistant' for m in request.messages):
+        if self.max_length is None or not any(m.get('role') == 'assistant' for m in request.messages):
             return True
-        try:
-            self._template.encode(request)
-        except MaxLengthError:
-            return False
-        return True
+        return len(self._template.encode(request)['input_ids']) <= self.max_length
 
     def start(self) -> None:
         self._cut.clear()
