@@ -372,3 +372,45 @@ def test_a_trajectory_with_nothing_to_learn_is_counted_and_warned(runs):
         in run.output
     assert run.returncode != 0
     assert 'the first 1 logged step(s) have loss 0 and grad_norm 0 exactly: the run learns nothing' in run.output
+
+
+def test_the_guard_takes_numpy_bools_and_refuses_other_values():
+    """The checks themselves, on a scheduler object (no run): numpy's bool is a bool (a gym env's ``done``); a
+    float mask, ``rollout_infos`` that is not a dict and ``done: None`` are refused naming the method."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from swift_gkd_plugin.swift.scheduler_guard import SchedulerError, SchedulerGuard
+
+    class Scheduler:
+        result, finished = {}, np.True_
+
+        def step(self, request, choice, turn):
+            return dict(self.result, infer_request=request)
+
+        def check_finished(self, request, choice, turn):
+            return self.finished
+
+        async def on_turn_end(self, request, choice, turn):
+            return self.result
+
+    scheduler = Scheduler()
+    guard = SchedulerGuard(scheduler, 'probe', 100, SimpleNamespace(max_length=None, set_mode=lambda mode: None))
+    request, choice = SimpleNamespace(messages=[{'role': 'user', 'content': 'x'}]), SimpleNamespace(token_ids=[1, 2])
+    assert scheduler.check_finished(request, choice, 1) is True
+    scheduler.result = {'done': np.False_}
+    assert asyncio.run(scheduler.on_turn_end(request, choice, 1)) == {'done': np.False_}
+    for result, method, refusal in [
+            ({'response_loss_mask': [1.0, 0.0]}, 'step', "returned a 'response_loss_mask' of list [1.0, 0.0] for 2"),
+            ({'rollout_infos': ['a']}, 'step', "returned 'rollout_infos': list ['a']; allowed: a dict"),
+            ({'done': None}, 'on_turn_end', "returned 'done': NoneType None; allowed: True or False")]:
+        scheduler.result = result
+        with pytest.raises(SchedulerError) as refused:
+            if method == 'step':
+                scheduler.step(request, choice, 1)
+            else:
+                asyncio.run(scheduler.on_turn_end(request, choice, 1))
+        assert str(refused.value).startswith('--multi_turn_scheduler probe (class ')
+        assert f'{method}() {refusal}' in str(refused.value)

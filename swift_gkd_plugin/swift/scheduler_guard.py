@@ -35,6 +35,11 @@ class SchedulerError(ValueError):
     """A multi-turn scheduler returned something ms-swift's loop cannot use."""
 
 
+def _is_bool(value) -> bool:
+    kind = type(value)  # numpy's bool too (a gym env's done): numpy.bool_, numpy.bool since numpy 2
+    return isinstance(value, bool) or (kind.__module__ == 'numpy' and kind.__name__ in ('bool', 'bool_'))
+
+
 def _shown(value, limit: int = 200) -> str:
     text = repr(value)
     return f'{type(value).__name__} {text[:limit]}{"..." if len(text) > limit else ""}'
@@ -94,7 +99,7 @@ class SchedulerGuard:
             if id(infer_request) in self._cut:
                 return True
             finished = check_finished(infer_request, response_choice, current_turn)
-            if not isinstance(finished, bool) and type(finished).__name__ != 'bool_':  # numpy's bool too
+            if not _is_bool(finished):
                 self.refuse('check_finished', f'returned {_shown(finished)}', 'True (the trajectory ends) or False')
             return bool(finished)
 
@@ -111,7 +116,7 @@ class SchedulerGuard:
                 self.refuse('on_turn_end', f'returned {_shown(result)}',
                             "a dict (empty, or with 'done', 'rollout_infos', 'response_token_ids', "
                             "'response_loss_mask', 'rollout_logprobs')")
-            if 'done' in result and not isinstance(result['done'], bool):
+            if 'done' in result and not _is_bool(result['done']):
                 self.refuse('on_turn_end', f"returned 'done': {_shown(result['done'])}", 'True or False')
             if self._check_ids('on_turn_end', result, response_choice):
                 self._empty_final[id(infer_request)] = True  # counted if this turn ends the trajectory
