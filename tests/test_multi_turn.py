@@ -92,6 +92,9 @@ def runs(tiny_ws, adapters, shared_runs):
         # the trajectory would never end)
         'endless_left': start(tiny_ws.train, lmbda=1, multi_turn_scheduler='gkd_test_endless', max_turns=None,
                               truncation_strategy='left', max_steps=2),
+        # --max_length past the tiny models' context (512): the engine refused the prompt that left no room
+        'endless_context': start(tiny_ws.train, lmbda=1, multi_turn_scheduler='gkd_test_endless', max_turns=None,
+                                 max_length=1024, max_completion_length=32, max_steps=2),
         'empty_ids': start(tiny_ws.train, lmbda=1, multi_turn_scheduler='gkd_test_empty_ids', max_steps=2),
         'empty_last_ids': start(tiny_ws.train, lmbda=1, multi_turn_scheduler='gkd_test_empty_last_ids', max_steps=2),
         **{name: start(tiny_ws.train, lmbda=1, multi_turn_scheduler=f'gkd_test_{name}', max_steps=1)
@@ -297,7 +300,7 @@ def test_a_schedulers_bad_return_value_is_refused_naming_it(runs, name, cls, ref
     assert f'multi_turn_plugin.py): {refusal}' in run.output
 
 
-def _cut_trajectories_learn_up_to_the_limit(run, tokenizer):
+def _cut_trajectories_learn_up_to_the_limit(run, tokenizer, limit=MAX_LENGTH):
     """Each cut trajectory ends with an assistant turn, every turn's unmasked tokens are targets, and the prompt of
     its last turn fit in --max_length; returns the trajectories' message lists."""
     samples, batches = _records(run, 'samples'), _records(run, 'batch')
@@ -311,24 +314,28 @@ def _cut_trajectories_learn_up_to_the_limit(run, tokenizer):
         assert len(turns) == len([m for m in messages if m['role'] == 'assistant'])
         assert _targets(labels) == _expected_targets(ids, turns, masks)
         length = len(ids) - ids.index(next(t for t in ids if t != pad))  # left padding
-        assert length - len(turns[-1]) <= MAX_LENGTH < length + 200
+        assert length - len(turns[-1]) <= limit < length + 200
     return [m for m, _, _ in trajectories]
 
 
-@pytest.mark.parametrize('name', ['endless', 'endless_seq_kd', 'endless_left'])
+@pytest.mark.parametrize('name', ['endless', 'endless_seq_kd', 'endless_left', 'endless_context'])
 def test_a_scheduler_that_never_stops_is_cut_at_max_length(runs, tokenizer, name):
     """No --max_turns and a scheduler that never says a trajectory is finished (the student's turns, or on seq_kd
     steps the teacher's): each trajectory ends where the next turn's prompt would pass --max_length (it used to stop
     the run with the engine's MaxLengthError; with --truncation_strategy left the engine cut the prompt's beginning
-    and the trajectory never ended: the run hung), learns all its turns, and is counted and warned."""
+    and the trajectory never ended: the run hung); with a --max_length past the model's context, where the prompt
+    leaves no room for a token (the engine refused it). The trajectory learns all its turns, and is counted and
+    warned."""
     run = runs[name]
     assert run.returncode == 0, run.output[-3000:]
-    messages = _cut_trajectories_learn_up_to_the_limit(run, tokenizer)
+    context = name == 'endless_context'
+    messages = _cut_trajectories_learn_up_to_the_limit(run, tokenizer, 511 if context else MAX_LENGTH)
     assert all(len(m) >= 7 for m in messages)  # three turns and more
     assert [r['gkd/truncated_trajectories'] for r in run.logs] == [1.0, 1.0]
     assert [r['gkd/num_turns'] >= 3 for r in run.logs] == [True, True]
-    assert '2 of 2 trajectories of step 0 were cut at --max_length 128: --multi_turn_scheduler gkd_test_endless ' \
-        'went on (no --max_turns)' in run.output
+    limit = "the model's context (max_model_len 512, under --max_length 1024)" if context else '--max_length 128'
+    assert f'2 of 2 trajectories of step 0 were cut at {limit}: --multi_turn_scheduler gkd_test_endless went on ' \
+        '(no --max_turns)' in run.output
 
 
 def test_a_huge_tool_result_ends_the_trajectory_before_it(runs, tokenizer):

@@ -65,8 +65,11 @@ class RolloutMixin:
         if self.multi_turn_scheduler is not None:
             name = self.args.multi_turn_scheduler
             name = name if isinstance(name, str) else type(name).__name__
-            vocab = head_rows(self.accelerator.unwrap_model(self.model))
-            self._scheduler_guard = SchedulerGuard(self.multi_turn_scheduler, name, vocab, self.template)
+            student = self.accelerator.unwrap_model(self.model)
+            models = [student] + ([self.accelerator.unwrap_model(self.teacher_model)] if self.teacher_model else [])
+            contexts = [getattr(getattr(m, 'model_info', None), 'max_model_len', None) for m in models]
+            self._scheduler_guard = SchedulerGuard(self.multi_turn_scheduler, name, head_rows(student), self.template,
+                                                   min((c for c in contexts if c), default=None))
 
     def _generate_and_score_completions(self, inputs) -> List[Dict[str, Any]]:
         """One generation batch, in ms-swift's stages: its mode and samples (:meth:`_rollout_samples`), their rewards
@@ -233,11 +236,11 @@ class RolloutMixin:
                            'gkd/empty_turns)')
         if cut:
             limit = f'--max_turns {self.args.max_turns}' if self.args.max_turns else 'no --max_turns'
-            logger.warning(f'swift_gkd_plugin: {cut} {of_step} were cut at --max_length {guard.max_length}: '
+            logger.warning(f'swift_gkd_plugin: {cut} {of_step} were cut at {guard.limit_name}: '
                            f'{scheduler} went on ({limit}) but the next turn\'s prompt, with what the scheduler '
                            'appended, would not fit; each keeps its turns up to there and learns them, what was '
                            'appended after its last turn is dropped (counted in gkd/truncated_trajectories; set '
-                           '--max_turns, or a larger --max_length)')
+                           f'--max_turns{"" if "context" in guard.limit_name else ", or a larger --max_length"})')
 
     @contextmanager
     def _teacher_sampling_context(self):

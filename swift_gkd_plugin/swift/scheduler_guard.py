@@ -47,13 +47,21 @@ def _shown(value, limit: int = 200) -> str:
 
 class SchedulerGuard:
     """Checks on the hooks of ``scheduler`` (registered as ``name``), installed on the instance; ``vocab_size``: the
-    ids a turn may hold; ``template``: the trainer's, whose ``--max_length`` a turn's prompt must fit."""
+    ids a turn may hold; ``template``: the trainer's, whose ``--max_length`` a turn's prompt must fit, as it must fit
+    in ``max_model_len`` (the models' context) with room for one token."""
 
-    def __init__(self, scheduler, name: str, vocab_size: int, template):
+    def __init__(self, scheduler, name: str, vocab_size: int, template, max_model_len=None):
         self.scheduler, self.name, self.vocab_size = scheduler, name, int(vocab_size)
+        # the longest prompt of a turn: --max_length, and one token short of the models' context (the engines refuse
+        # a prompt that leaves no room for generation)
+        limits = [(template.max_length, f'--max_length {template.max_length}')]
+        if max_model_len:
+            limits.append((max_model_len - 1, f"the model's context (max_model_len {max_model_len}, under "
+                           f'--max_length {template.max_length})'))
+        self.limit, self.limit_name = min((lim for lim in limits if lim[0] is not None), default=(None, ''))
         # measures prompts as the engines encode them, untruncated whatever --truncation_strategy says (a prompt cut
         # on the left would no longer be the context the turn is trained in)
-        self._template, self.max_length = copy(template), template.max_length
+        self._template = copy(template)
         self._template.set_mode('transformers')
         self._template.max_length = None
         self.empty_turns = 0
@@ -192,9 +200,9 @@ class SchedulerGuard:
         return rollout
 
     def _fits(self, request) -> bool:
-        if self.max_length is None or not any(m.get('role') == 'assistant' for m in request.messages):
+        if self.limit is None or not any(m.get('role') == 'assistant' for m in request.messages):
             return True
-        return len(self._template.encode(request)['input_ids']) <= self.max_length
+        return len(self._template.encode(request)['input_ids']) <= self.limit
 
     def start(self) -> None:
         self._cut.clear()
