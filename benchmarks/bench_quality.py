@@ -669,7 +669,12 @@ def smollm_main(args) -> int:
     LEARNING_RATE, DEVICE = SMOLLM_LEARNING_RATE, args.device  # --learning_rate overrides it (configure)
     cfg, workdir, t0 = start(args, SMOLLM_PRESETS, 'smollm ')
     methods = [m for m in args.methods if m in SMOLLM_METHODS]
-    ws = smollm_workspace(workdir, cfg, args.cache or os.path.join(workdir, 'smollm_cache'))
+    from swift_gkd_plugin.testing.smollm import CacheError
+    try:
+        ws = smollm_workspace(workdir, cfg, args.cache or os.path.join(workdir, 'smollm_cache'))
+    except CacheError as exc:  # offline without the wheel, or a broken download: one line
+        print(f'bench_quality.py: error: {exc}', file=sys.stderr)
+        return 2
     log(f"cut {ws['cut']} (layers {ws['keep']}): NLL of the teacher's validation answers by cut {ws['cut_nll']}")
     ws = smollm_warm_start(ws, cfg, workdir)
     curves = collect_smollm(methods, ws, cfg, workdir)

@@ -175,23 +175,51 @@ def check_demo_args(args) -> None:
         Range(1, integer=True, why='optimizer steps').check(name, getattr(args, name))
     Range(0, SEED_MAX, integer=True, says=f'an integer in [0, {SEED_MAX}]', why='numpy\'s seeds').check(
         'seed', args.seed)
+    from swift_gkd_plugin.testing.tiny import MODEL_VOCAB_SIZE  # swift rlhf checks it once the models exist
+    Range(0, MODEL_VOCAB_SIZE, integer=True, why=f'the demo\'s models have {MODEL_VOCAB_SIZE} output rows; 0 = off'
+          ).check('skd_top_k', args.skd_top_k)
     if args.skd_top_k and args.lmbda == 0:  # swift rlhf's own rule (flags.check_sampling_flags), in the demo's names
         raise ValueError(f'--skd_top_k {args.skd_top_k} corrects the student\'s samples on on-policy steps, and '
                          '--lmbda 0 has none: set --lmbda > 0 or --skd_top_k 0')
+    check_workdir(args.workdir)
+
+
+def check_workdir(workdir: str) -> None:
+    """``--workdir`` is a folder this process can create and write (ValueError naming it), checked before anything
+    is built: the nearest part of the path that exists must be a folder with write permission."""
+    root = os.path.abspath(workdir)
+    path = root
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    where = '' if path == root else f' (the nearest existing part of {root})'
+    if not os.path.isdir(path):
+        raise ValueError(f'--workdir {workdir}: {path}{where} is a file, not a folder; pass a folder to build in')
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f'--workdir {workdir}: {path}{where} is not writable by this user; pass a folder you can '
+                         'write to')
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of the children it has waited for (cumulative: the demo
+    reports the difference from its start, without what ran in this process before it, e.g. a shell's earlier
+    commands when the shell exec'd the demo)."""
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(u.ru_utime + u.ru_stime for u in usage)
 
 
 def run_demo(args) -> int:
     from swift_gkd_plugin.testing import tiny
 
     root = os.path.abspath(args.workdir)
-    t0 = time.time()
+    t0, cpu0 = time.time(), cpu_seconds()
     log(f'building the tiny teacher and a warm-started student in {root} (cached after the first run) ...')
     ws = tiny.build_demo_workspace(root, seed=args.seed, teacher_steps=args.teacher_steps,
                                    student_steps=DEMO_WARM_START_STEPS, verbose=True)
     test_rows = tiny.read_dataset(ws['test'])
     tokenizer = tiny.load_tokenizer(ws['student'])
     log('scoring the teacher and the student on the held-out prompts ...')
-    teacher, before = demo_metrics(ws['teacher'], tokenizer, test_rows), demo_metrics(ws['student'], tokenizer, test_rows)
+    teacher = demo_metrics(ws['teacher'], tokenizer, test_rows)
+    before = demo_metrics(ws['student'], tokenizer, test_rows)
     log(f'ready in {time.time() - t0:.0f}s: teacher {ws["teacher_parameters"]:,} parameters, '
         f'student {ws["student_parameters"]:,} parameters')
 
@@ -230,8 +258,7 @@ def run_demo(args) -> int:
     print(f'    {"":22}exact match   next-token')
     for name, (em, nt) in (('teacher', teacher), ('student before GKD', before), ('student after GKD', after)):
         print(f'    {name:22}{em:11.3f}   {nt:10.3f}')
-    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
-    cpu = sum(u.ru_utime + u.ru_stime for u in usage)
+    cpu = cpu_seconds() - cpu0
     sampler = f'SKD top-{args.skd_top_k}' if skd else 'plain sampling'
     print(f'    ({args.steps} GKD steps, lmbda={args.lmbda}, on-policy steps by {sampler}, {time.time() - t0:.0f}s '
           f'wall, {cpu:.0f}s CPU; trained student: {trained})')

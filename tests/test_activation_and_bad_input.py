@@ -1,4 +1,5 @@
 """Activation (automatic, opt-out, explicit) and the early refusal of bad input, through the real CLI."""
+import importlib.util
 import json
 import os
 import re
@@ -139,8 +140,10 @@ BAD_INPUTS = [
                                  '--teacher_model has 448', 'allowed 1 to 448']),
     ({'gkd_skd_top_k': 100000, 'lmbda': 1}, ['--gkd_skd_top_k 100000 is larger than the vocabulary', '--model has 448',
                                              'allowed 0 (off) to 448']),
+    # with vLLM installed (CI): no launcher (tests/test_vllm.py has the rest of vLLM's refusals)
     ({'use_vllm': 'true', 'vllm_mode': 'colocate'}, ['--use_vllm true (--vllm_mode colocate) needs vLLM',
-                                                     '--use_vllm false']),
+                                                     '--use_vllm false'] if importlib.util.find_spec('vllm') is None
+     else ['--use_vllm true --vllm_mode colocate runs vLLM inside each training process', 'NPROC_PER_NODE']),
     ({'teacher_server_wait': -1}, ['--teacher_server_wait must be >= 0 seconds', '-1']),
     ({'lmbdaa': 0.5}, ['unrecognized arguments: --lmbdaa 0.5 (--lmbdaa: did you mean --lmbda?)']),
     ({'gkd_los_impl': 'dense'}, ['--gkd_los_impl: did you mean --gkd_loss_impl?']),
@@ -289,6 +292,41 @@ def test_a_missing_local_dataset_is_refused_before_loading(tiny_ws, tmp_path, mo
     missing = str(tmp_path / 'nowhere' / 'val.jsonl')
     run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), val_dataset=missing), check=False, timeout=120)
     assert_refused_in_one_line(run, [f'--val_dataset {missing}: no such file', 'does not exist either'])
+
+
+MISSING_PATHS = {  # issue 37 items 7 and 9: ms-swift's own tracebacks, or a hub download of a local path
+    'no_model': ({'model': None}, ['--model is required', 'Qwen/Qwen3-0.6B']),
+    'model': ({'model': './students/tiny'}, ['--model ./students/tiny: no such model folder', 'relative to']),
+    'teacher': ({'teacher_model': 'models/teachers/tiny'},
+                ['--teacher_model models/teachers/tiny: no such model folder', "the folder 'models/teachers' does "
+                 'not exist either', 'hub models are named owner/name']),
+    'plugin': ({'external_plugins': 'plugins/my_reward.py'},
+               ['--external_plugins plugins/my_reward.py: no such file', 'my_reward.py']),
+}
+
+
+@pytest.mark.parametrize('name', list(MISSING_PATHS))
+def test_missing_model_or_plugin_paths_are_refused_before_anything_is_resolved(tiny_ws, tmp_path, monkeypatch,
+                                                                               name):
+    """Refused before ms-swift resolves anything: nothing is looked up on a hub, and no run folder is made."""
+    monkeypatch.chdir(tmp_path)
+    flags, needles = MISSING_PATHS[name]
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), add_version='true', **flags), check=False, timeout=120)
+    assert_refused_in_one_line(run, needles)
+    assert 'Downloading the model' not in run.output and not (tmp_path / 'out').exists()
+
+
+def test_a_refusal_after_resolution_leaves_no_empty_run_folder(tiny_ws, tmp_path):
+    """A check that needs the resolved models refuses after ms-swift created the run's ``v<N>-<time>`` folder
+    (and --output_dir itself): both are removed while empty; a folder that held something before stays."""
+    out = tmp_path / 'out'
+    run = run_swift(base_args(tiny_ws, str(out), add_version='true', gkd_logits_topk=1000), check=False, timeout=120)
+    assert_refused_in_one_line(run, ['--gkd_logits_topk 1000 is larger than the vocabulary'])
+    assert not out.exists()
+    out.mkdir()
+    (out / 'v0-earlier').mkdir()
+    run = run_swift(base_args(tiny_ws, str(out), add_version='true', gkd_logits_topk=1000), check=False, timeout=120)
+    assert run.returncode == 2 and os.listdir(out) == ['v0-earlier']
 
 
 @pytest.mark.parametrize('name', list(BAD_DATASETS))

@@ -3,6 +3,7 @@ resolvers that only resolve, the temperature floor, flags that GKD ignores. The 
 test_activation_and_bad_input.py and megatron/test_launcher_checks.py."""
 import ast
 import inspect
+import json
 import math
 import re
 import typing
@@ -105,7 +106,8 @@ def _functions(module):
     return [node for node in tree.body if isinstance(node, ast.FunctionDef)]
 
 
-CHECK_MODULES = ['swift_gkd_plugin.flags', 'swift_gkd_plugin.swift.arguments', 'swift_gkd_plugin.megatron.checks']
+CHECK_MODULES = ['swift_gkd_plugin.flags', 'swift_gkd_plugin.swift.arguments', 'swift_gkd_plugin.megatron.checks',
+                 'swift_gkd_plugin.swift.vllm_setup']
 
 
 @pytest.mark.parametrize('module_name', CHECK_MODULES)
@@ -137,7 +139,8 @@ def test_the_swift_rlhf_order_resolves_first_then_checks():
     resolvers = [ast.unparse(n.func) for n in ast.walk(ast.parse(inspect.getsource(arguments.resolve_gkd_arguments)))
                  if isinstance(n, ast.Call)]
     assert [r for r in resolvers if r.startswith('resolve_')] == [
-        'resolve_num_generations', 'resolve_reward_columns', 'resolve_teacher_adapters', 'resolve_cross_tokenizer']
+        'resolve_num_generations', 'resolve_reward_columns', 'resolve_teacher_adapters', 'resolve_cross_tokenizer',
+        'resolve_vllm_environment']
 
 
 # ---------------------------------------------------------------------------------------------------- the temperature
@@ -337,3 +340,22 @@ def test_deepspeed_without_a_launcher_is_refused(monkeypatch, env, refused):
         return
     with pytest.raises(ValueError, match=re.escape('--deepspeed zero2 in one process started without a launcher')):
         check_deepspeed_launch(SimpleNamespace(deepspeed='zero2'))
+
+
+def test_head_dim_of_reads_the_text_models_heads(tmp_path):
+    """vLLM's CPU head-size check reads config.json: an explicit head_dim, else hidden_size / heads, in the text
+    model's config of multimodal models (Qwen2.5-VL's text_config, Qwen3-Omni's thinker_config.text_config)."""
+    from swift_gkd_plugin.swift.vllm_setup import head_dim_of
+
+    def head_dim(config):
+        (tmp_path / 'config.json').write_text(json.dumps(config))
+        return head_dim_of(str(tmp_path))
+
+    assert head_dim({'hidden_size': 896, 'num_attention_heads': 14}) == 64
+    assert head_dim({'hidden_size': 64, 'num_attention_heads': 4, 'head_dim': 32}) == 32
+    assert head_dim({'vision_config': {'hidden_size': 1280, 'num_heads': 16},
+                     'text_config': {'hidden_size': 2048, 'num_attention_heads': 16}}) == 128
+    assert head_dim({'thinker_config': {'text_config': {'hidden_size': 2048, 'num_attention_heads': 32,
+                                                        'head_dim': 128}}}) == 128
+    assert head_dim({'model_type': 'unknown'}) is None
+    assert head_dim_of(str(tmp_path / 'missing')) is None

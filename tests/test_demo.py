@@ -6,6 +6,10 @@ from __future__ import annotations
 import glob
 import os
 import re
+import resource
+import shlex
+import subprocess
+import sys
 
 import pytest
 
@@ -71,7 +75,9 @@ def test_demo_without_skd_still_refuses_a_run_without_the_plugin(tmp_path, monke
                                              ('--seed', '99999999999', '--seed must be an integer in [0, 4294967295]'),
                                              ('--lmbda', '1.5', '--lmbda must be in [0, 1]'),
                                              ('--steps', '0', '--steps must be an integer >= 1'),
-                                             ('--lmbda', '0', '--skd_top_k 1 corrects the student')])
+                                             ('--lmbda', '0', '--skd_top_k 1 corrects the student'),
+                                             ('--skd_top_k', '449', '--skd_top_k must be in [0, 448] (the demo\'s '
+                                              'models have 448 output rows')])
 def test_demo_refuses_bad_flags_before_building_anything(flag, value, says, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(['demo', '--workdir', str(tmp_path / 'ws'), flag, value])
@@ -80,3 +86,43 @@ def test_demo_refuses_bad_flags_before_building_anything(flag, value, says, tmp_
     assert f'got {float(value):g}' in err or f'got {value}' in err or ('--lmbda 0 has none' in err and
                                                                      '--skd_top_k 0' in err)
     assert not (tmp_path / 'ws').exists()
+
+
+def test_the_demos_vocabulary_is_known_before_anything_is_built(tmp_path):
+    """--skd_top_k is checked against :data:`tiny.MODEL_VOCAB_SIZE` before the workspace is built: the size its
+    models get."""
+    from swift_gkd_plugin.testing import tiny
+    assert tiny.padded_vocab_size(len(tiny.build_tokenizer(str(tmp_path / 'tok')))) == tiny.MODEL_VOCAB_SIZE == 448
+
+
+@pytest.mark.parametrize('where', ['file', 'under_a_file'])
+def test_demo_refuses_a_workdir_it_cannot_write_before_building_anything(where, tmp_path, capsys):
+    """A --workdir that is a file, or under one, was a traceback from the workspace build (issue 37 item 9)."""
+    (tmp_path / 'taken').write_text('not a folder')
+    workdir = tmp_path / 'taken' if where == 'file' else tmp_path / 'taken' / 'ws'
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(['demo', '--workdir', str(workdir)])
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if 'error:' in line]
+    assert exit_info.value.code == 2 and len(errors) == 1 and 'Traceback' not in captured.err
+    assert f'--workdir {workdir}: {tmp_path / "taken"}' in errors[0] and 'is a file, not a folder' in errors[0]
+    assert 'building' not in captured.out
+
+
+def test_demo_cpu_figure_is_its_own(tmp_path):
+    """A shell that runs something else and then execs the demo (bash -c 'pip install ...; swift-gkd demo' does so
+    for its last command) hands the demo a process whose CPU counters already hold that work: the demo reports
+    what it used since it started (issue 37 item 8: 221 s CPU in a 57 s wall on 2 cores)."""
+    burn = ('import time\nt = time.process_time()\nwhile time.process_time() - t < 6: pass\n'
+            'print("burned", time.process_time())')
+    demo = [sys.executable, '-m', 'swift_gkd_plugin.cli', 'demo', '--workdir', str(tmp_path / 'ws'), '--steps', '2',
+            '--teacher_steps', '2']
+    script = f'{sys.executable} -c {shlex.quote(burn)}; exec {" ".join(map(shlex.quote, demo))}'
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc = subprocess.run(['bash', '-c', script], capture_output=True, text=True, timeout=900)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    burned = float(re.search(r'^burned ([0-9.]+)', proc.stdout, re.M).group(1))
+    total = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)  # the shell, the burn, the demo
+    reported = float(re.search(r'([0-9]+)s CPU; trained student', proc.stdout).group(1))
+    assert burned >= 6 and (total - burned) / 2 <= reported <= total - burned + 1, (reported, total, burned)

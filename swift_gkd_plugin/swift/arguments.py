@@ -26,7 +26,10 @@ from swift_gkd_plugin.swift.checkpoints import check_resume_checkpoint
 from swift_gkd_plugin.swift.compile_cost import torch_compile_warnings
 from swift_gkd_plugin.swift.datasets_check import (check_dataset_paths, check_local_jsonl_datasets,
                                                   check_self_teacher_has_something_to_add)
+from swift_gkd_plugin.swift.paths_check import CreatedDirs, check_command_line_paths
 from swift_gkd_plugin.swift.teacher_server import check_skd_teacher_server
+from swift_gkd_plugin.swift.vllm_setup import (check_vllm_cpu_head_dim, check_vllm_launcher, check_vllm_server_mode,
+                                               resolve_vllm_environment)
 from swift_gkd_plugin.swift.zero3_lora import zero3_lora_warnings
 
 logger = get_logger()
@@ -360,6 +363,14 @@ def resolve_gkd_arguments(args) -> None:
     resolve_reward_columns(args)
     resolve_teacher_adapters(args)
     resolve_cross_tokenizer(args)
+    resolve_vllm_environment(args)
+
+
+def check_vllm_model(args) -> None:
+    """What vLLM's platform here cannot run of the student (see :mod:`.vllm_setup`)."""
+    if args.use_vllm and args.vllm_mode == 'colocate':
+        check_vllm_cpu_head_dim(args, model_dir_of('--model', args.model, args.model_revision, args))
+        check_vllm_launcher(args)  # last: the refusals above also reach a user who runs without one
 
 
 def check_gkd_arguments(args) -> None:
@@ -369,6 +380,7 @@ def check_gkd_arguments(args) -> None:
     check_multi_turn_scheduler(args)
     check_fresh_samples_for_rl(args)
     check_generation_flags(args)
+    check_vllm_model(args)
     check_teacher_server_flags(args)
     check_teacher_template(args)
     check_teacher(args)
@@ -391,6 +403,8 @@ def check_flags_only(args) -> None:
     check_deepspeed_launch(args)
     check_vllm_installed(args)
     check_vllm_logprobs(args)
+    if args.use_vllm:
+        check_vllm_server_mode(args)
 
 
 @dataclass
@@ -407,9 +421,17 @@ class GKDPluginRLHFArguments(GKDPluginArgumentsMixin, RLHFArguments):
         if self.rlhf_type == 'gkd':
             resolve_reward_columns(self)
             check_flags_only(self)  # before ms-swift resolves models or connects to vLLM servers
+            check_command_line_paths(self)  # before ms-swift imports plugins or looks models up on a hub
             for warning in ignored_flag_warnings(self):  # the flags as given (ms-swift fills in beta next)
                 logger.warning(f'swift_gkd_plugin: {warning}')
         super().__post_init__()
+
+    def _add_version(self):
+        """ms-swift creates the run's folder here (``--output_dir``, and its ``v<N>-<time>`` child under
+        ``--add_version``); what it created is remembered, for a refusal of :meth:`_check_gkd` to remove."""
+        created = CreatedDirs(self.output_dir)
+        super()._add_version()
+        self._gkd_created_dirs = created.after(self.output_dir)
 
     def _check_teacher(self):
         """ms-swift logs "self-distillation mode (teacher = student)" whenever no --teacher_model is given; with
@@ -423,11 +445,17 @@ class GKDPluginRLHFArguments(GKDPluginArgumentsMixin, RLHFArguments):
     def _check_gkd(self):
         """ms-swift calls it inside ``__post_init__``, once the models' directories are known (also with
         ``--external_plugins``, where ``__post_init__`` above is ms-swift's own)."""
+        created = self.__dict__.pop('_gkd_created_dirs', None)  # not an argument: kept out of args.json
         if self.rlhf_type != 'gkd':
             check_no_plugin_flags_outside_gkd(self)
             return
         resolve_gkd_arguments(self)
-        check_gkd_arguments(self)
+        try:
+            check_gkd_arguments(self)
+        except FlagError:  # refused: the run's folder ms-swift just created stays only if something is in it
+            if created is not None:
+                created.remove_empty()
+            raise
         for warning in torch_compile_warnings(self) + zero3_lora_warnings(self):  # slow: warned, not refused
             logger.warning(f'swift_gkd_plugin: {warning}')
         logger.info(f'swift_gkd_plugin {swift_gkd_plugin.__version__}: GKD trainer active '

@@ -17,6 +17,10 @@ Destroying the groups did not remove every abort (two in one full test run of 2-
 had finished and both ranks had destroyed their groups). So when the trainer has also finished training
 (:func:`note_training_finished`), the worker then skips interpreter finalization altogether, with exit code 0
 (:func:`swift_gkd_plugin.process_exit.exit_after_clean_finish`, the process's last ``atexit`` handler).
+
+What holds groups of its own is shut down first (:func:`before_groups_go`): a colocated vLLM engine tears down its
+groups (and the default one) in its own shutdown, which otherwise ran after ours and failed ("Invalid process group
+specified").
 """
 from __future__ import annotations
 
@@ -28,6 +32,12 @@ import torch.distributed as dist
 from swift_gkd_plugin.process_exit import mark_clean_finish
 
 _state = {'registered': False, 'failed': False, 'trained': False}
+_shutdowns = []  # run before the groups are destroyed, in the order registered
+
+
+def before_groups_go(shutdown) -> None:
+    """``shutdown()`` runs at a clean exit before the process groups are destroyed (an engine that uses them)."""
+    _shutdowns.append(shutdown)
 
 
 def note_training_finished() -> None:
@@ -54,7 +64,10 @@ def _destroy() -> None:
     if _state['failed'] or not dist.is_initialized():
         return
     rank = dist.get_rank()
-    dist.destroy_process_group()
+    for shutdown in _shutdowns:
+        shutdown()
+    if dist.is_initialized():  # (an engine's shutdown may have destroyed them)
+        dist.destroy_process_group()
     print(f'swift_gkd_plugin: rank {rank} destroyed its process groups before exit', file=sys.stderr, flush=True)
     if _state['trained']:
         mark_clean_finish()

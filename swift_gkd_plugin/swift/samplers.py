@@ -16,6 +16,7 @@ from swift_gkd_plugin.swift.hidden_states import head_rows
 from swift_gkd_plugin.swift.media_tokens import cut_at_media_placeholders, suppress_media_placeholders
 from swift_gkd_plugin.swift.rollout_correction import SamplerLogprobsEngine
 from swift_gkd_plugin.swift.speculative import SpeculativeEngine
+from swift_gkd_plugin.swift.vllm_colocate import layerwise_reload, weights_repacked
 
 logger = get_logger()
 
@@ -75,7 +76,7 @@ class SamplersMixin:
         if not logprobs and config.logprobs:
             config = copy(config)
             config.logprobs = False
-        if not getattr(self, 'use_vllm', False):
+        if not self.args.use_vllm:  # (ms-swift keeps the flag on args alone)
             return untruncated_top_k(config, self.accelerator.unwrap_model(self.model))
         if not self.model.training:
             return config
@@ -115,6 +116,22 @@ class SamplersMixin:
             self._sync_buffer = HostBuffer()
         with exact_lora_sync([self.model], self._sync_buffer, enabled=not getattr(self, '_is_fsdp2', False)):
             return super()._move_model_to_vllm(*args, **kwargs)
+
+    def _move_full_model_to_vllm(self, *args, **kwargs):
+        """ms-swift's sync of the (merged) student, through vLLM's in-place reload where vLLM repacked its weights
+        (its CPU build: see :mod:`.vllm_colocate`)."""
+        if self.vllm_mode != 'colocate':
+            return super()._move_full_model_to_vllm(*args, **kwargs)
+        model = self.engine.inner_model
+        if getattr(self, '_vllm_repacked', None) is None:
+            self._vllm_repacked = weights_repacked(model)
+            if self._vllm_repacked:
+                logger.info('swift_gkd_plugin: vLLM repacked its weights after loading: the student is synced '
+                            'through vLLM\'s in-place layerwise reload')
+        if not self._vllm_repacked:
+            return super()._move_full_model_to_vllm(*args, **kwargs)
+        with layerwise_reload(model, self.engine.engine.model_config):
+            return super()._move_full_model_to_vllm(*args, **kwargs)
 
     def _move_adapter_to_vllm(self, *args, **kwargs):
         """The adapter-only sync sends the adapter's own weights: ms-swift's merge and unmerge around it only move

@@ -31,7 +31,8 @@ from swift_gkd_plugin.core.offload import TeacherOffloader, is_partitioned
 from swift_gkd_plugin.core.views import check_privileged_columns
 from swift_gkd_plugin.flags import sampling_temperature
 from swift_gkd_plugin.swift.batches import BatchesMixin
-from swift_gkd_plugin.swift.clean_exit import destroy_process_groups_at_exit, note_training_finished
+from swift_gkd_plugin.swift.clean_exit import (before_groups_go, destroy_process_groups_at_exit,
+                                               note_training_finished)
 from swift_gkd_plugin.swift.cross_tokenizer import CrossTokenizerTeacher
 from swift_gkd_plugin.swift.loss import LossMixin
 from swift_gkd_plugin.swift.media_tokens import suppress_media_placeholders
@@ -43,6 +44,7 @@ from swift_gkd_plugin.swift.samplers import SamplersMixin
 from swift_gkd_plugin.swift.scoring import ScoringMixin
 from swift_gkd_plugin.swift.teacher import TeacherMixin
 from swift_gkd_plugin.swift.token_metrics import TokenMean
+from swift_gkd_plugin.swift.vllm_colocate import shutdown_engine
 
 logger = get_logger()
 
@@ -54,6 +56,8 @@ class GKDPluginTrainer(LossMixin, RolloutMixin, SamplersMixin, ScoringMixin, Bat
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         destroy_process_groups_at_exit()  # ms-swift never does; a rank exiting with live gloo groups may abort
+        if self.args.use_vllm and self.args.vllm_mode == 'colocate':
+            before_groups_go(functools.partial(shutdown_engine, self.engine))  # it uses the groups too
         install_run_guards(self)  # a training set smaller than one batch, a checkpoint save that runs out of space
         self._guard_scheduler()  # a multi-turn scheduler's return values checked, its trajectories within --max_length
         # compute_loss already divides by the step's token count: the HF Trainer must not divide by the number

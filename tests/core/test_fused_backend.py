@@ -140,3 +140,29 @@ def test_auto_backend_reasons(monkeypatch):
         kernels.requested_backend()
     assert kernels.requested_backend('torch') == ('torch', 'backend')  # the argument wins over the variable
     assert fused_loss.BACKENDS.keys() == {'torch', 'triton'}
+
+
+_INTERPRET_AFTER_IMPORT = r'''
+import os
+import torch
+import triton  # imported (as a library may import it) before the variable is set
+os.environ['TRITON_INTERPRET'] = '1'
+from swift_gkd_plugin.core.fused_loss import fused_linear_jsd
+from swift_gkd_plugin.core.teacher_signal import TeacherHead
+g = torch.Generator().manual_seed(0)
+h, w, ht, wt = (torch.randn(*shape, generator=g) for shape in ((4, 8), (16, 8), (4, 8), (16, 8)))
+fused_linear_jsd(h, w, teacher=TeacherHead(ht, wt), backend='triton')
+'''
+
+
+def test_interpreter_set_after_triton_was_imported_is_named(tmp_path):
+    """``TRITON_INTERPRET=1`` set in a process that had imported triton (issue 37 item 9): Triton's own error was an
+    ``InterpreterError`` about a jit function called outside a kernel; the plugin names the variable and the fix."""
+    import subprocess
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    proc = subprocess.run([sys.executable, '-c', _INTERPRET_AFTER_IMPORT], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1 and 'InterpreterError:' not in last, proc.stderr[-3000:]
+    assert last.startswith('ValueError: backend=triton: TRITON_INTERPRET=1 was set after triton was imported') and \
+        'before anything imports triton' in last

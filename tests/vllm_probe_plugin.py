@@ -1,0 +1,52 @@
+"""A probe for vLLM colocate runs (``--external_plugins``): after each weight sync, vLLM's greedy continuation of
+two fixed prompts and the trainer's own model's argmax at each position of that continuation (one forward, eval
+mode), one json line per sync in the file named by ``GKD_TEST_VLLM_PROBE_LOG``. Equal lists mean the student's
+greedy continuation under transformers is vLLM's: the engine samples from the weights being trained."""
+import json
+import os
+
+import torch
+
+from swift_gkd_plugin.swift.trainer import GKDPluginTrainer
+
+PROMPTS = [[5, 17, 33, 41, 9], [3, 8, 12]]
+NEW_TOKENS = 12
+_sync = GKDPluginTrainer._move_model_to_vllm
+
+
+def _vllm_greedy(engine, step):
+    from vllm import SamplingParams
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    ids = [f'probe-{step}-{i}' for i in range(len(PROMPTS))]
+    for request_id, prompt in zip(ids, PROMPTS):
+        engine.add_request(request_id, {'prompt_token_ids': prompt}, params)
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = list(out.outputs[0].token_ids)
+    return [done[i] for i in ids]
+
+
+@torch.no_grad()
+def _argmax_along(model, continuations):
+    was_training = model.training
+    model.eval()
+    try:
+        return [model(input_ids=torch.tensor([p + c]), use_cache=False).logits[0, len(p) - 1:-1].argmax(-1).tolist()
+                for p, c in zip(PROMPTS, continuations)]
+    finally:
+        model.train(was_training)
+
+
+def _probed_sync(self, *args, **kwargs):
+    result = _sync(self, *args, **kwargs)
+    step = int(self.state.global_step)
+    vllm = _vllm_greedy(self.engine.engine, step)
+    hf = _argmax_along(self.accelerator.unwrap_model(self.model), vllm)
+    with open(os.environ['GKD_TEST_VLLM_PROBE_LOG'], 'a') as f:
+        f.write(json.dumps({'step': step, 'vllm': vllm, 'transformers': hf}) + '\n')
+    return result
+
+
+GKDPluginTrainer._move_model_to_vllm = _probed_sync
