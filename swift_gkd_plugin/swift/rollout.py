@@ -68,6 +68,7 @@ class RolloutMixin:
             student = self.accelerator.unwrap_model(self.model)
             models = [student] + ([self.accelerator.unwrap_model(self.teacher_model)] if self.teacher_model else [])
             contexts = [getattr(getattr(m, 'model_info', None), 'max_model_len', None) for m in models]
+            contexts.append(getattr(getattr(self, 'engine', None), 'max_model_len', None))  # vLLM's own limit
             self._scheduler_guard = SchedulerGuard(self.multi_turn_scheduler, name, head_rows(student), self.template,
                                                    min((c for c in contexts if c), default=None))
 
