@@ -241,7 +241,7 @@ class RolloutMixin:
                            f'{scheduler} went on ({limit}) but the next turn\'s prompt, with what the scheduler '
                            'appended, would not fit; each keeps its turns up to there and learns them, what was '
                            'appended after its last turn is dropped (counted in gkd/truncated_trajectories; set '
-                           f'--max_turns{"" if "context" in guard.limit_name else ", or a larger --max_length"})')
+                           f'--max_turns{", or a larger --max_length" if guard.limit_is_max_length else ""})')
 
     @contextmanager
     def _teacher_sampling_context(self):

@@ -59,6 +59,7 @@ class SchedulerGuard:
             limits.append((max_model_len - 1, f"the model's context (max_model_len {max_model_len}, under "
                            f'--max_length {template.max_length})'))
         self.limit, self.limit_name = min((lim for lim in limits if lim[0] is not None), default=(None, ''))
+        self.limit_is_max_length = self.limit_name.startswith('--max_length')
         # measures prompts as the engines encode them, untruncated whatever --truncation_strategy says (a prompt cut
         # on the left would no longer be the context the turn is trained in)
         self._template = copy(template)
