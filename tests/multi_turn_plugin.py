@@ -5,7 +5,14 @@ that file.
 ``gkd_test_tool``: after the student's first turn the "tool" answers with the user message :data:`TOOL_RESULT`
 (context: never a target); the second turn ends the trajectory. The first turn's first sampled token is marked
 ``0`` in its loss mask (as a scheduler marks tokens the model did not write). ``gkd_test_bad_mask`` returns a mask
-one entry short; ``gkd_test_no_tokens`` masks every token."""
+one entry short; ``gkd_test_no_tokens`` masks every token.
+
+Past ``--max_length``: ``gkd_test_endless`` never says a trajectory is finished; ``gkd_test_huge_tool`` answers the
+first turn with a tool result of :data:`HUGE_WORDS` words. Bad return values: ``gkd_test_step_none`` (``step``
+returns None), ``gkd_test_int_content`` (the tool result's content is an int), ``gkd_test_oov_ids``
+(``response_token_ids`` holds an id past the vocabulary), ``gkd_test_finished_none`` (``check_finished`` returns
+None); ``gkd_test_empty_ids`` returns an empty ``response_token_ids`` for the first turn (from ``step``),
+``gkd_test_empty_last_ids`` for the last (from ``on_turn_end``)."""
 import json
 import os
 
@@ -49,7 +56,74 @@ class NoTokensScheduler(ToolScheduler):
         return {'response_token_ids': ids, 'response_loss_mask': [0] * len(ids)}
 
 
+class EndlessScheduler(ToolScheduler):
+
+    def check_finished(self, infer_request, response_choice, current_turn):
+        return False  # only --max_turns would end it
+
+
+HUGE_WORDS = 300
+
+
+class HugeToolScheduler(ToolScheduler):
+
+    def step(self, infer_request, response_choice, current_turn):
+        result = super().step(infer_request, response_choice, current_turn)
+        infer_request.messages[-1]['content'] = 'Tool:' + ' h' * HUGE_WORDS
+        return result
+
+
+class StepNoneScheduler(ToolScheduler):
+
+    def step(self, infer_request, response_choice, current_turn):
+        infer_request.messages.append({'role': 'user', 'content': TOOL_RESULT})  # forgets to return
+
+
+class IntContentScheduler(ToolScheduler):
+
+    def step(self, infer_request, response_choice, current_turn):
+        result = super().step(infer_request, response_choice, current_turn)
+        infer_request.messages[-1]['content'] = 42
+        return result
+
+
+class OutOfVocabularyScheduler(ToolScheduler):
+
+    def step(self, infer_request, response_choice, current_turn):
+        result = super().step(infer_request, response_choice, current_turn)
+        result['response_token_ids'] = result['response_token_ids'][:-1] + [10 ** 6]
+        return result
+
+
+class FinishedNoneScheduler(ToolScheduler):
+
+    def check_finished(self, infer_request, response_choice, current_turn):
+        return None if current_turn == 1 else True
+
+
+class EmptyIdsScheduler(ToolScheduler):
+
+    def step(self, infer_request, response_choice, current_turn):
+        result = super().step(infer_request, response_choice, current_turn)
+        result['response_token_ids'], result['response_loss_mask'] = [], []
+        return result
+
+
+class EmptyLastIdsScheduler(ToolScheduler):
+
+    async def on_turn_end(self, infer_request, response_choice, current_turn):
+        return {'response_token_ids': [], 'response_loss_mask': []} if current_turn == 2 else {}
+
+
 multi_turns['gkd_test_tool'] = ToolScheduler
+multi_turns['gkd_test_endless'] = EndlessScheduler
+multi_turns['gkd_test_huge_tool'] = HugeToolScheduler
+multi_turns['gkd_test_step_none'] = StepNoneScheduler
+multi_turns['gkd_test_int_content'] = IntContentScheduler
+multi_turns['gkd_test_oov_ids'] = OutOfVocabularyScheduler
+multi_turns['gkd_test_finished_none'] = FinishedNoneScheduler
+multi_turns['gkd_test_empty_ids'] = EmptyIdsScheduler
+multi_turns['gkd_test_empty_last_ids'] = EmptyLastIdsScheduler
 multi_turns['gkd_test_bad_mask'] = BadMaskScheduler
 multi_turns['gkd_test_no_tokens'] = NoTokensScheduler
 

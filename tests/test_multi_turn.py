@@ -19,6 +19,18 @@ TOOL_RESULT = 'Tool: h h h h'
 HISTORY = 'a b c d'  # an earlier assistant answer in some dataset rows: context, never a target
 TEACHER_PROMPT = 'Reverse the letters: '
 IGNORE = -100
+MAX_LENGTH = 128  # conftest.base_args
+# a scheduler's bad return values: (run, its class, the refusal)
+BAD_RETURNS = [
+    ('step_none', 'StepNoneScheduler', "step() returned NoneType None; allowed: a dict with the keys 'infer_request' "
+     '(required)'),
+    ('int_content', 'IntContentScheduler', "step() left the content of message 2 (role 'user') of "
+     "infer_request.messages as int 42; allowed: a string (a tool's result as text)"),
+    ('oov_ids', 'OutOfVocabularyScheduler', "step() returned 'response_token_ids' with ids outside the vocabulary: "
+     '[1000000]; allowed: ids in [0, '),
+    ('finished_none', 'FinishedNoneScheduler', 'check_finished() returned NoneType None; allowed: True (the '
+     'trajectory ends) or False'),
+]
 
 
 def _dataset(tiny_ws, name: str, edit) -> str:
@@ -70,6 +82,23 @@ def runs(tiny_ws, adapters, shared_runs):
                              adapters=adapters['fit'], gkd_loss_impl='dense', max_steps=2),
         'bad_mask': start(tiny_ws.train, lmbda=1, multi_turn_scheduler='gkd_test_bad_mask', max_steps=1),
         'no_tokens': start(tiny_ws.train, lmbda=1, multi_turn_scheduler='gkd_test_no_tokens', max_steps=1),
+        # past --max_length: no --max_turns and a scheduler that never stops; a huge tool result after turn 1
+        'endless': start(tiny_ws.train, lmbda=1, multi_turn_scheduler='gkd_test_endless', max_turns=None,
+                         max_steps=2),
+        'huge_tool': start(tiny_ws.train, lmbda=1, multi_turn_scheduler='gkd_test_huge_tool', max_steps=2),
+        'endless_seq_kd': start(tiny_ws.train, lmbda=0, seq_kd='true', multi_turn_scheduler='gkd_test_endless',
+                                max_turns=None, max_steps=2),
+        # (the engine would cut the beginning off the next turn's prompt, no longer the context it is trained in, and
+        # the trajectory would never end)
+        'endless_left': start(tiny_ws.train, lmbda=1, multi_turn_scheduler='gkd_test_endless', max_turns=None,
+                              truncation_strategy='left', max_steps=2),
+        # --max_length past the tiny models' context (512): the engine refused the prompt that left no room
+        'endless_context': start(tiny_ws.train, lmbda=1, multi_turn_scheduler='gkd_test_endless', max_turns=None,
+                                 max_length=1024, max_completion_length=32, max_steps=2),
+        'empty_ids': start(tiny_ws.train, lmbda=1, multi_turn_scheduler='gkd_test_empty_ids', max_steps=2),
+        'empty_last_ids': start(tiny_ws.train, lmbda=1, multi_turn_scheduler='gkd_test_empty_last_ids', max_steps=2),
+        **{name: start(tiny_ws.train, lmbda=1, multi_turn_scheduler=f'gkd_test_{name}', max_steps=1)
+           for name, _, _ in BAD_RETURNS},
     })
 
 
@@ -117,9 +146,7 @@ def test_only_the_students_tokens_are_targets(runs, tokenizer):
             h = _find(ids, history)
             assert all(label == IGNORE for label in labels[h:h + len(history)])
         # the targets: the unmasked sampled tokens, and the first turn's end marker (<|im_end|> and its newline)
-        targets = {p for p, label in enumerate(labels) if label != IGNORE}
-        first_end = _find(ids, turns[0]) + len(turns[0])
-        assert targets == set(_positions(ids, turns, masks)) | {first_end, first_end + 1}
+        assert _targets(labels) == _expected_targets(ids, turns, masks)
     assert seen_history >= 2
     logs = run.logs
     assert [r['gkd/num_turns'] for r in logs] == [2.0] * 3
@@ -137,6 +164,21 @@ def _positions(ids, turns, masks):
         out += [t + i for i, m in enumerate(mask) if m]
         start = t + len(turn)
     return out
+
+
+def _targets(labels):
+    return {p for p, label in enumerate(labels) if label != IGNORE}
+
+
+def _expected_targets(ids, turns, masks):
+    """The unmasked sampled tokens of every turn, and the end marker (<|im_end|> and its newline) of every turn but
+    the last whose last token is a target (ms-swift labels an end marker that follows a label)."""
+    ends, start = set(), 0
+    for turn, mask in zip(turns[:-1], masks):
+        end = _find(ids, turn, start) + len(turn)
+        ends |= {end, end + 1} if mask[-1] else set()
+        start = end
+    return set(_positions(ids, turns, masks)) | ends
 
 
 def test_the_teacher_scores_each_turn_in_the_whole_trajectory(runs, tiny_ws, tokenizer):
@@ -242,7 +284,91 @@ def test_shared_base_lora_teacher_scores_the_trajectories(runs, tokenizer):
 def test_a_mask_of_the_wrong_length_names_the_scheduler(runs):
     run = runs['bad_mask']
     assert run.returncode != 0
-    assert '--multi_turn_scheduler gkd_test_bad_mask returned a response_loss_mask that ms-swift refuses' in run.output
+    assert "--multi_turn_scheduler gkd_test_bad_mask (class BadMaskScheduler in " in run.output
+    assert "step() returned a 'response_loss_mask' of list [1, 1, 1, 1, 1, 1, 1] for 8 token ids; allowed: one 0/1 " \
+        'value per token of response_token_ids' in run.output
+
+
+@pytest.mark.parametrize('name,cls,refusal', BAD_RETURNS, ids=[b[0] for b in BAD_RETURNS])
+def test_a_schedulers_bad_return_value_is_refused_naming_it(runs, name, cls, refusal):
+    """``step`` returning None, a tool result that is not text, ids past the vocabulary, ``check_finished`` returning
+    None: one error naming the scheduler's class, the method, what it returned and what is allowed (they were a bare
+    TypeError / IndexError, or for None from check_finished, silently False)."""
+    run = runs[name]
+    assert run.returncode != 0
+    assert f'SchedulerError: --multi_turn_scheduler gkd_test_{name} (class {cls} in ' in run.output
+    assert f'multi_turn_plugin.py): {refusal}' in run.output
+
+
+def _cut_trajectories_learn_up_to_the_limit(run, tokenizer, limit=MAX_LENGTH):
+    """Each cut trajectory ends with an assistant turn, every turn's unmasked tokens are targets, and the prompt of
+    its last turn fit in --max_length; returns the trajectories' message lists."""
+    samples, batches = _records(run, 'samples'), _records(run, 'batch')
+    trajectories = [(m, ids, mask) for s in samples
+                    for m, ids, mask in zip(s['messages'], s['response_token_ids'], s['response_loss_mask'])]
+    rows = [(ids, labels) for b in batches for ids, labels in zip(b['input_ids'], b['labels'])]
+    assert len(rows) == len(trajectories) == 4
+    pad = tokenizer.pad_token_id
+    for (ids, labels), (messages, turns, masks) in zip(rows, trajectories):
+        assert messages[-1]['role'] == 'assistant'
+        assert len(turns) == len([m for m in messages if m['role'] == 'assistant'])
+        assert _targets(labels) == _expected_targets(ids, turns, masks)
+        length = len(ids) - ids.index(next(t for t in ids if t != pad))  # left padding
+        assert length - len(turns[-1]) <= limit < length + 200
+    return [m for m, _, _ in trajectories]
+
+
+@pytest.mark.parametrize('name', ['endless', 'endless_seq_kd', 'endless_left', 'endless_context'])
+def test_a_scheduler_that_never_stops_is_cut_at_max_length(runs, tokenizer, name):
+    """No --max_turns and a scheduler that never says a trajectory is finished (the student's turns, or on seq_kd
+    steps the teacher's): each trajectory ends where the next turn's prompt would pass --max_length (it used to stop
+    the run with the engine's MaxLengthError; with --truncation_strategy left the engine cut the prompt's beginning
+    and the trajectory never ended: the run hung); with a --max_length past the model's context, where the prompt
+    leaves no room for a token (the engine refused it). The trajectory learns all its turns, and is counted and
+    warned."""
+    run = runs[name]
+    assert run.returncode == 0, run.output[-3000:]
+    context = name == 'endless_context'
+    messages = _cut_trajectories_learn_up_to_the_limit(run, tokenizer, 511 if context else MAX_LENGTH)
+    assert all(len(m) >= 7 for m in messages)  # three turns and more
+    assert [r['gkd/truncated_trajectories'] for r in run.logs] == [1.0, 1.0]
+    assert [r['gkd/num_turns'] >= 3 for r in run.logs] == [True, True]
+    limit = "the model's context (max_model_len 512, under --max_length 1024)" if context else '--max_length 128'
+    assert f'2 of 2 trajectories of step 0 were cut at {limit}: --multi_turn_scheduler gkd_test_endless went on ' \
+        '(no --max_turns)' in run.output
+
+
+def test_a_huge_tool_result_ends_the_trajectory_before_it(runs, tokenizer):
+    """A tool result that does not fit in --max_length is dropped and the trajectory ends with the turn before it."""
+    run = runs['huge_tool']
+    assert run.returncode == 0, run.output[-3000:]
+    messages = _cut_trajectories_learn_up_to_the_limit(run, tokenizer)
+    assert all([m['role'] for m in ms] == ['user', 'assistant'] for ms in messages)
+    assert [r['gkd/truncated_trajectories'] for r in run.logs] == [1.0, 1.0]
+    assert [r['gkd/num_turns'] for r in run.logs] == [1.0, 1.0]
+    assert 'were cut at --max_length 128: --multi_turn_scheduler gkd_test_huge_tool went on (--max_turns 3)' \
+        in run.output
+
+
+@pytest.mark.parametrize('name,empty', [('empty_ids', 0), ('empty_last_ids', 1)])
+def test_an_empty_id_list_keeps_the_turn_as_context_and_is_counted(runs, tokenizer, name, empty):
+    """``step`` returning ``response_token_ids: []`` for turn 1, or ``on_turn_end`` for the last turn: the turn
+    stays, as the ids the model sampled, all masked 0 (no target); the other turn is learnt; counted in
+    gkd/empty_turns and warned. (ms-swift dropped the turn from the ids: turn 1 was then re-encoded from its text as
+    part of the prompt, uncounted; the last turn's text stayed with turn 1's ids.)"""
+    run = runs[name]
+    assert run.returncode == 0, run.output[-3000:]
+    samples, batches = _records(run, 'samples'), _records(run, 'batch')
+    trajectories = [(ids, mask) for s in samples for ids, mask in zip(s['response_token_ids'], s['response_loss_mask'])]
+    rows = [(ids, labels) for b in batches for ids, labels in zip(b['input_ids'], b['labels'])]
+    assert len(rows) == len(trajectories) == 4
+    for (ids, labels), (turns, masks) in zip(rows, trajectories):
+        assert len(turns) == 2 and len(turns[empty]) == 8 and masks[empty] == [0] * 8 and any(masks[1 - empty])
+        assert _targets(labels) == _expected_targets(ids, turns, masks)
+    assert [r['gkd/empty_turns'] for r in run.logs] == [0.5, 0.5]
+    assert [r['gkd/empty_trajectories'] for r in run.logs] == [0.0, 0.0]
+    assert f'--multi_turn_scheduler gkd_test_{name} returned an empty response_token_ids for 2 of the 4 turns of 2 ' \
+        'trajectories of step 0' in run.output
 
 
 def test_a_trajectory_with_nothing_to_learn_is_counted_and_warned(runs):
@@ -253,3 +379,45 @@ def test_a_trajectory_with_nothing_to_learn_is_counted_and_warned(runs):
         in run.output
     assert run.returncode != 0
     assert 'the first 1 logged step(s) have loss 0 and grad_norm 0 exactly: the run learns nothing' in run.output
+
+
+def test_the_guard_takes_numpy_bools_and_refuses_other_values():
+    """The checks themselves, on a scheduler object (no run): numpy's bool is a bool (a gym env's ``done``); a
+    float mask, ``rollout_infos`` that is not a dict and ``done: None`` are refused naming the method."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from swift_gkd_plugin.swift.scheduler_guard import SchedulerError, SchedulerGuard
+
+    class Scheduler:
+        result, finished = {}, np.True_
+
+        def step(self, request, choice, turn):
+            return dict(self.result, infer_request=request)
+
+        def check_finished(self, request, choice, turn):
+            return self.finished
+
+        async def on_turn_end(self, request, choice, turn):
+            return self.result
+
+    scheduler = Scheduler()
+    guard = SchedulerGuard(scheduler, 'probe', 100, SimpleNamespace(max_length=None, set_mode=lambda mode: None))
+    request, choice = SimpleNamespace(messages=[{'role': 'user', 'content': 'x'}]), SimpleNamespace(token_ids=[1, 2])
+    assert scheduler.check_finished(request, choice, 1) is True
+    scheduler.result = {'done': np.False_}
+    assert asyncio.run(scheduler.on_turn_end(request, choice, 1)) == {'done': np.False_}
+    for result, method, refusal in [
+            ({'response_loss_mask': [1.0, 0.0]}, 'step', "returned a 'response_loss_mask' of list [1.0, 0.0] for 2"),
+            ({'rollout_infos': ['a']}, 'step', "returned 'rollout_infos': list ['a']; allowed: a dict"),
+            ({'done': None}, 'on_turn_end', "returned 'done': NoneType None; allowed: True or False")]:
+        scheduler.result = result
+        with pytest.raises(SchedulerError) as refused:
+            if method == 'step':
+                scheduler.step(request, choice, 1)
+            else:
+                asyncio.run(scheduler.on_turn_end(request, choice, 1))
+        assert str(refused.value).startswith('--multi_turn_scheduler probe (class ')
+        assert f'{method}() {refusal}' in str(refused.value)

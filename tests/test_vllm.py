@@ -108,6 +108,10 @@ def runs(vllm_ws, shared_runs):
         'multi_turn': lambda out: _vllm_run(ws, out, plugins=(PROBE, MULTI_TURN_PLUGIN), max_steps=2,
                                             multi_turn_scheduler='gkd_test_tool', max_turns=3,
                                             env={'GKD_TEST_TRAJ_LOG': out + '.traj.jsonl'}, **ON_POLICY),
+        # a scheduler that never stops: cut where the next prompt would leave no room in vLLM's context (256)
+        'multi_turn_endless': lambda out: _vllm_run(ws, out, plugins=(PROBE, MULTI_TURN_PLUGIN), max_steps=2,
+                                                    multi_turn_scheduler='gkd_test_endless', max_length=1024,
+                                                    max_completion_length=32, **ON_POLICY),
         'saved': lambda out: _vllm_run(ws, out, save_strategy='steps', save_steps=2, **dict(ON_POLICY, max_steps=2)),
     })
 
@@ -196,6 +200,16 @@ def test_vllm_multi_turn_scheduler(runs):
         assert [m['role'] for m in messages][-3:] == ['assistant', 'user', 'assistant'], messages
         assert messages[-2]['content'] == TOOL_RESULT
     _assert_vllm_is_on_policy(run, syncs=2)
+
+
+def test_vllm_multi_turn_cut_at_the_engines_context(runs):
+    """A scheduler that never ends a trajectory, --max_length past vLLM's context (--vllm_max_model_len 256): each
+    trajectory ends where its next prompt would leave vLLM no room (vLLM refused that prompt), counted and warned."""
+    run = _ok(runs['multi_turn_endless'])
+    assert [r['gkd/truncated_trajectories'] for r in run.logs] == [1.0, 1.0]
+    assert all(r['gkd/num_turns'] >= 3 for r in run.logs)
+    assert "were cut at the model's context (max_model_len 256, under --max_length 1024): --multi_turn_scheduler " \
+        'gkd_test_endless went on (no --max_turns)' in run.output
 
 
 def test_vllm_resume_syncs_the_checkpoint(runs, vllm_ws, tmp_path):

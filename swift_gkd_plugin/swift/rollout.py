@@ -5,6 +5,8 @@
 * :meth:`RolloutMixin._rollout_samples`: the batch's mode (on-policy, seq_kd, off-policy) and its samples: the
   student's (ms-swift's ``_generate_completions``), SKD's (the student drafts, the teacher corrects) or the teacher's
   (seq_kd); rows that do not encode are resampled, a whole prompt group at a time;
+* :meth:`RolloutMixin._run_turns`: ms-swift's multi-turn loop with the scheduler's return values checked and each
+  trajectory kept within ``--max_length`` (:mod:`.scheduler_guard`);
 * the samplers themselves are in :mod:`.samplers`.
 
 A rollout hands the loss its samples only: the tokens to learn from are those whose label is not
@@ -30,6 +32,8 @@ from swift_gkd_plugin.core.views import (generated_turns, prepare_teacher_view, 
                                         with_teacher_prompt)
 from swift_gkd_plugin.swift.compile_cost import eager_sampling
 from swift_gkd_plugin.swift.group_resample import resample_failed_groups
+from swift_gkd_plugin.swift.hidden_states import head_rows
+from swift_gkd_plugin.swift.scheduler_guard import TRUNCATED, SchedulerGuard
 from swift_gkd_plugin.swift.speculative import cached_forward, server_teacher, skd_decoding
 from swift_gkd_plugin.swift.token_metrics import add_token_sum as _add_token_sum
 
@@ -51,21 +55,22 @@ def learnable_tokens(sample) -> int:
     return sum(len(turn) for turn in turn_ids(ids))
 
 
-@contextmanager
-def scheduler_errors(name):
-    """ms-swift's scheduler loop checks a scheduler's ``response_loss_mask`` with bare asserts: name the scheduler."""
-    try:
-        yield
-    except AssertionError as exc:
-        if not name or 'response_loss_mask' not in str(exc):
-            raise
-        raise ValueError(f'--multi_turn_scheduler {name} returned a response_loss_mask that ms-swift refuses ({exc}): '
-                         'its step() must return one 0/1 value per token of response_token_ids (1: the model wrote '
-                         'it and learns it, 0: context such as a tool result)') from exc
-
-
 class RolloutMixin:
     """Generation batches: their mode, their prompts and their samples."""
+
+    def _guard_scheduler(self) -> None:
+        """A multi-turn scheduler's hooks checked and its trajectories kept within ``--max_length``
+        (:class:`~.scheduler_guard.SchedulerGuard`)."""
+        self._scheduler_guard = None
+        if self.multi_turn_scheduler is not None:
+            name = self.args.multi_turn_scheduler
+            name = name if isinstance(name, str) else type(name).__name__
+            student = self.accelerator.unwrap_model(self.model)
+            models = [student] + ([self.accelerator.unwrap_model(self.teacher_model)] if self.teacher_model else [])
+            contexts = [getattr(getattr(m, 'model_info', None), 'max_model_len', None) for m in models]
+            contexts.append(getattr(getattr(self, 'engine', None), 'max_model_len', None))  # vLLM's own limit
+            self._scheduler_guard = SchedulerGuard(self.multi_turn_scheduler, name, head_rows(student), self.template,
+                                                   min((c for c in contexts if c), default=None))
 
     def _generate_and_score_completions(self, inputs) -> List[Dict[str, Any]]:
         """One generation batch, in ms-swift's stages: its mode and samples (:meth:`_rollout_samples`), their rewards
@@ -89,7 +94,7 @@ class RolloutMixin:
         if self.template.truncation_strategy == 'raise':
             inputs = self.resample_encode_failed_inputs(inputs, strip_response=mode.needs_generation)
         samples = self.to_samples(inputs)
-        with self._sampling_rng(step), scheduler_errors(self.args.multi_turn_scheduler):
+        with self._sampling_rng(step):
             if mode is Mode.ON_POLICY and self.args.gkd_skd_top_k:
                 samples = self._generate_with_skd(samples, step)
             elif mode is Mode.ON_POLICY:
@@ -182,27 +187,61 @@ class RolloutMixin:
     def _teacher_multi_turn(self, engine, requests, config):
         """seq_kd's multi-turn rollouts: ms-swift's scheduler loop (:func:`swift.rollout.run_multi_turn`, as its
         colocate rollouts run it) with the teacher's engine answering every turn."""
-        scheduler = self.multi_turn_scheduler
-        invoke_async_hook(scheduler.on_trajectory_start(requests))
+        invoke_async_hook(self.multi_turn_scheduler.on_trajectory_start(requests))
         infer = lambda reqs, cfg: _rollout_outputs(engine.infer(reqs, cfg, use_tqdm=False))  # noqa: E731
-        return run_multi_turn(requests=requests, first_turn_outputs=infer(requests, config), scheduler=scheduler,
-                              rollout_fn=infer, request_config=config, max_turns=self.args.max_turns,
-                              gather_fn=gather_object)
+        return self._run_turns(requests, infer(requests, config), infer, config)
+
+    def _colocate_multi_turn_infer(self, samples, first_turn_rollout_outputs, request_config, requests=None):
+        """ms-swift's on-policy multi-turn rollouts (the student's engine, or vLLM's when the trainer drives the
+        turns), through :meth:`_run_turns`."""
+        requests = self.samples2requests(samples) if requests is None else requests
+        outputs = self._run_turns(requests, first_turn_rollout_outputs, self._rollout, request_config)
+        return self._postprocess_rollout_outputs(samples, outputs)
+
+    def _run_turns(self, requests, first_turn_outputs, infer, config):
+        """ms-swift's scheduler loop from the first turn's outputs on, each later turn's requests answered by
+        ``infer`` unless their prompt no longer fits in ``--max_length`` (the trajectory ends there, see
+        :meth:`~.scheduler_guard.SchedulerGuard.rollout_fn`)."""
+        guard = self._scheduler_guard
+        guard.start()
+        outputs = run_multi_turn(requests=requests, first_turn_outputs=first_turn_outputs,
+                                 scheduler=self.multi_turn_scheduler, rollout_fn=guard.rollout_fn(infer),
+                                 request_config=config, max_turns=self.args.max_turns, gather_fn=gather_object)
+        guard.finish(requests, outputs)
+        return outputs
 
     def _log_trajectories(self, samples) -> None:
         """``gkd/num_turns``: turns per trajectory; ``gkd/empty_trajectories``: trajectories whose loss mask keeps
-        no token the model wrote (nothing to learn from them), also warned with their count."""
+        no token the model wrote (nothing to learn from them); ``gkd/empty_turns``: turns whose scheduler returned an
+        empty ``response_token_ids``; ``gkd/truncated_trajectories``: trajectories cut at ``--max_length``. Each is
+        also warned with its count."""
         metrics = self.custom_metrics['train' if self.model.training else 'eval']
         turns = [int((s.rollout_infos or {}).get('num_turns', generated_turns(s))) for s in samples]
         _add_token_sum(metrics['gkd/num_turns'], sum(turns), len(turns))
         empty = sum(1 for s in samples if not learnable_tokens(s))
         _add_token_sum(metrics['gkd/empty_trajectories'], empty, len(samples))
+        guard, scheduler = self._scheduler_guard, f'--multi_turn_scheduler {self._scheduler_guard.name}'
+        empty_turns, guard.empty_turns = guard.empty_turns, 0
+        _add_token_sum(metrics['gkd/empty_turns'], empty_turns, sum(turns))
+        cut = sum(1 for s in samples if (s.rollout_infos or {}).get(TRUNCATED))
+        _add_token_sum(metrics['gkd/truncated_trajectories'], cut, len(samples))
+        of_step = f'of {len(samples)} trajectories of step {int(self.state.global_step)}'
         if empty:
-            logger.warning(f'swift_gkd_plugin: {empty} of {len(samples)} trajectories of step '
-                           f'{int(self.state.global_step)} have no token to learn from (--multi_turn_scheduler '
-                           f'{self.args.multi_turn_scheduler} masked every token the model wrote, or it wrote none): '
-                           'none of their sampled tokens is a target, only the template\'s turn-end markers between '
-                           'turns, if any (counted in gkd/empty_trajectories)')
+            logger.warning(f'swift_gkd_plugin: {empty} {of_step} have no token to learn from ({scheduler} masked '
+                           'every token the model wrote, or it wrote none): none of their tokens is a target, their '
+                           'turn-end markers included (counted in gkd/empty_trajectories)')
+        if empty_turns:
+            logger.warning(f'swift_gkd_plugin: {scheduler} returned an empty response_token_ids for {empty_turns} of '
+                           f'the {sum(turns)} turns {of_step}: those turns stay in their trajectory as the model '
+                           'wrote them, as context (every token masked 0), not as targets (counted in '
+                           'gkd/empty_turns)')
+        if cut:
+            limit = f'--max_turns {self.args.max_turns}' if self.args.max_turns else 'no --max_turns'
+            logger.warning(f'swift_gkd_plugin: {cut} {of_step} were cut at {guard.limit_name}: '
+                           f'{scheduler} went on ({limit}) but the next turn\'s prompt, with what the scheduler '
+                           'appended, would not fit; each keeps its turns up to there and learns them, what was '
+                           'appended after its last turn is dropped (counted in gkd/truncated_trajectories; set '
+                           f'--max_turns{", or a larger --max_length" if guard.limit_is_max_length else ""})')
 
     @contextmanager
     def _teacher_sampling_context(self):
