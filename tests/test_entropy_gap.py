@@ -44,15 +44,20 @@ def stable_runs(tiny_ws, tmp_path_factory):
     return runs
 
 
-def _teacher_entropy(teacher_dir: str, batch: dict, temperature: float) -> float:
+def _teacher_entropy(teacher_dir: str, batch: dict, temperature: float, k: int = 0, tail: bool = False) -> float:
     """The teacher's mean entropy of ``softmax(z / T)`` at the micro-batch's response positions, from a forward of
-    its own (one row: no padding)."""
+    its own (one row: no padding); with ``k``, that of its top-k buckets: the top-k of its log-probabilities at
+    temperature 1, renormalised, or with the tail bucket ``log(1 - sum)``, tempered."""
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(teacher_dir, torch_dtype=torch.float64).eval()
     ids, labels = torch.tensor(batch['teacher_input_ids']), torch.tensor(batch['teacher_labels'])
     with torch.no_grad():
         logits = model(input_ids=ids).logits[:, :-1]
     rows = logits[labels[:, 1:] != -100]
+    if k:
+        rows = torch.log_softmax(rows, -1).topk(k, -1)[0]
+        if tail:
+            rows = torch.cat([rows, torch.log1p(-rows.exp().sum(-1, keepdim=True))], -1)
     return float(torch.special.entr(torch.softmax(rows / temperature, -1)).sum(-1).mean())
 
 
@@ -65,6 +70,22 @@ def test_teacher_entropy_is_the_teachers_at_the_sampled_positions(stable_runs, t
         assert row['gkd/mode_on_policy'] == 1.0
         assert row['gkd/teacher_entropy'] == pytest.approx(_teacher_entropy(tiny_ws.teacher, batch, 1.3), rel=1e-5)
         assert 0 < row['gkd/entropy'] < 6.2  # at most log(448) nats
+
+
+@pytest.mark.parametrize('impl, tail', [('dense', False), ('fused', True)])
+def test_a_topk_teachers_entropy_is_that_of_its_buckets(tiny_ws, tmp_path, impl, tail):
+    """--gkd_logits_topk 8: the entropy of the distribution the loss compares (renormalised top-k; with
+    --gkd_topk_tail, the fused loss only, the tail bucket too)."""
+    log = str(tmp_path / 'batches.jsonl')
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), max_steps=2, temperature=1.3, gkd_loss_impl=impl,
+                              gkd_logits_topk=8, gkd_topk_tail=str(tail).lower(), external_plugins=PROBE,
+                              **ON_POLICY), env={'GKD_TEST_TRAJ_LOG': log})
+    with open(log) as f:
+        batches = [r for r in map(json.loads, f) if r['kind'] == 'batch']
+    assert len(run.logs) == len(batches) == 2
+    for row, batch in zip(run.logs, batches):
+        want = _teacher_entropy(tiny_ws.teacher, batch, 1.3, k=8, tail=tail)
+        assert row['gkd/teacher_entropy'] == pytest.approx(want, rel=1e-5)
 
 
 def test_stable_run_does_not_warn(stable_runs):

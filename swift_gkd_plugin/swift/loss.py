@@ -209,17 +209,19 @@ class LossMixin:
                                teacher_entropy_sum=teacher_entropy_sum)
         return loss, outputs
 
-    def _teacher_entropy_sum(self, teacher: TeacherSignal, student_vocab: int) -> Optional[torch.Tensor]:
+    def _teacher_entropy_sum(self, teacher: TeacherSignal, student_vocab: int) -> torch.Tensor:
         """The teacher's summed entropy at the loss temperature over the response positions (``gkd/teacher_entropy``,
-        beside the student's ``gkd/entropy``): its own logits, or the bucket distribution of a top-k teacher (the
-        ids the dense top-k loss keeps, no tail); None for a teacher with another tokenizer (not logged)."""
+        beside the student's ``gkd/entropy``): its own logits; the bucket distribution of a top-k teacher (the ids
+        the dense top-k loss keeps, no tail); for a teacher with another tokenizer, its own logits at each student
+        token's aligned position (the row the loss compares it with)."""
         temperature = self.args.temperature
         if isinstance(teacher, TeacherLogits):
             return tempered_entropy(teacher.logits, temperature).sum()
         if isinstance(teacher, TeacherTopK):
             _, logprobs = drop_ids_outside_vocab(teacher.ids.clamp_min(0), teacher.logprobs.float(), student_vocab)
             return topk_teacher_entropy(logprobs, temperature, False, student_vocab).sum()
-        return None
+        # CrossTokenizerRows: every teacher position once (no [N, Vt] copy of the aligned rows), then the partners
+        return tempered_entropy(teacher.logits, temperature).reshape(-1)[teacher.rows.teacher_index].sum()
 
     def _dense_teacher_signal(self, model, teacher_inputs, setup: '_LossSetup', inputs) -> TeacherSignal:
         """The teacher's side of the dense loss: a server's top-k, aligned rows of a teacher with another
