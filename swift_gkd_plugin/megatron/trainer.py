@@ -257,11 +257,15 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
         super().unmerge_lora_adapters()
         self._base_keeper.restore()
 
+    def on_log(self, logs, prefix=''):
+        self._log_prefix = prefix  # '' for training rows, 'eval_' for evaluation ones (ms-swift's base trainer)
+        super().on_log(logs, prefix)
+
     def _log_callback(self, logs, n_steps):
-        """ms-swift turns the logged metrics into numbers; then the on-policy entropy warning
+        """ms-swift turns the logged metrics into numbers; then, on training rows, the on-policy entropy warning
         (:class:`~swift_gkd_plugin.core.entropy.EntropyGapWatch`, as in ``swift rlhf``)."""
         super()._log_callback(logs, n_steps)
-        if 'loss' not in logs:
+        if getattr(self, '_log_prefix', '') or 'loss' not in logs:
             return
         message = self._entropy_watch.observe(logs)
         if message and self.is_main_process:
