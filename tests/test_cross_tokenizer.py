@@ -53,6 +53,8 @@ def test_every_mode_trains_with_alignment_metrics(xtok_runs, method, mode):
         exact, fallback = (row[name] for name in FRACTIONS)
         assert 0 <= exact <= 1 and 0 <= fallback <= 1 and exact + fallback == pytest.approx(1)
         assert exact > 0  # the end-of-turn tokens at least pair exactly
+        if mode == 'on_policy':  # the teacher's entropy at the aligned positions, at most log of its 600 entries
+            assert 0 < row['gkd/teacher_entropy'] < math.log(600) and 0 < row['gkd/entropy'] < 6.2
 
 
 @pytest.mark.parametrize('method', ['uld', 'hybrid'])

@@ -26,7 +26,8 @@ Beside the divergence, the same chunk pass optionally computes:
   the SFT cross-entropy (``w = 1``, ``T_l = 1``) or, on on-policy steps, the policy-gradient term (``y`` the sampled
   tokens, ``w`` their advantages, of any sign, ``T_l`` the sampling temperature); its gradient is
   ``w_i (softmax(z_i / T_l) - onehot(y_i)) / T_l``;
-* the entropy of the student's tempered distribution ``softmax(z / T)`` (a detached statistic).
+* the entropy of the student's tempered distribution ``softmax(z / T)`` and the teacher's at the same rows (detached
+  statistics: ``gkd/entropy`` and ``gkd/teacher_entropy``).
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ from .fused_triton import TritonChunks, kernel_chunk_size
 from .kernels import choose_backend
 from .row_divergence import Divergence, as_divergence
 from .teacher_signal import TeacherHead, TeacherTopK
+from .topk import topk_teacher_entropy
 
 __all__ = ['fused_linear_jsd', 'default_chunk_size', 'kernel_chunk_size']
 
@@ -103,7 +105,7 @@ def fused_linear_jsd(student_hidden: torch.Tensor,
             (the advantages of sampled tokens); default 1.
         label_temperature: ``T_l > 0`` (finite), the label term's temperature: its cross-entropy is that of
             ``log_softmax(z / T_l)`` (the sampling temperature for the policy gradient; 1 for SFT).
-        return_entropy: also return ``stats['entropy_sum']``.
+        return_entropy: also return ``stats['entropy_sum']`` and ``stats['teacher_entropy_sum']``.
         divergence: a :class:`~swift_gkd_plugin.core.row_divergence.Divergence` other than the generalized JSD of
             ``beta`` (e.g. ``skew_kl``); ``beta`` is then unused.
         backend: ``auto`` / ``torch`` / ``triton`` (:func:`~swift_gkd_plugin.core.kernels.choose_backend`); default
@@ -120,7 +122,10 @@ def fused_linear_jsd(student_hidden: torch.Tensor,
         teacher's argmax, for a top-k teacher the top-1 id of its top-k, is also an argmax of the student logits;
         ties count as agreement), ``num_sft_tokens`` and ``sft_sum`` (the weighted sum ``sum w CE``, not scaled by
         ``sft_alpha``), and with ``return_entropy`` ``entropy_sum``: the summed entropy of ``softmax(z / T)``, the
-        student's tempered distribution, over the active tokens (float32).
+        student's tempered distribution, over the active tokens (float32), and ``teacher_entropy_sum``: the
+        teacher's at the same tokens and temperature, over its own vocabulary for a full head (before any padding to
+        the student's), and for a top-k teacher that of the bucket distribution the loss compares
+        (:func:`~swift_gkd_plugin.core.topk.topk_teacher_entropy`).
 
     Shapes may be in any float dtype; all reductions accumulate in float32. The matmuls run in the weights' dtype
     and are upcast chunk by chunk; ``grad_weight`` is accumulated in float32.
@@ -194,6 +199,9 @@ def fused_linear_jsd(student_hidden: torch.Tensor,
     if self_check:
         plan.backend = _self_checked_backend(hidden, student_weight, student_bias, plan)
     loss = _FusedLinearJSD.apply(hidden, student_weight, student_bias, plan)
+    if plan.entropy and not full:
+        plan.stats['teacher_entropy_sum'] = topk_teacher_entropy(plan.topk_logprobs, plan.temperature, plan.tail,
+                                                                 vocab).sum()
     stats = {k: v.detach() for k, v in plan.stats.items()}
     stats['num_tokens'] = torch.full((), num_tokens, dtype=torch.long, device=dev)  # filled on the device: no copy
     stats['num_sft_tokens'] = num_sft
@@ -255,7 +263,7 @@ def _run(hidden, weight, bias, plan: Plan, need_h: bool, need_w: bool, need_b: b
     grad_h = torch.empty(n, hidden.shape[1], dtype=f32, device=dev) if need_h else None
     grad_w = torch.empty(weight.shape, dtype=f32, device=dev) if need_w else None  # first chunk overwrites
     grad_b = torch.zeros(weight.shape[0], dtype=f32, device=dev) if need_b else None
-    sums = torch.zeros(3, dtype=f32, device=dev)  # divergence, label term, entropy
+    sums = torch.zeros(4, dtype=f32, device=dev)  # divergence, label term, the student's and the teacher's entropy
     agree = torch.zeros((), dtype=torch.long, device=dev)
     if n:
         chunks = BACKENDS[plan.backend](plan, weight, bias, n, want_grad)
@@ -263,7 +271,7 @@ def _run(hidden, weight, bias, plan: Plan, need_h: bool, need_w: bool, need_b: b
             sl = slice(start, min(start + chunks.rows, n))
             h = hidden[sl].to(weight.dtype)
             res = chunks.chunk(h, sl)
-            sums += torch.stack([res.divergence_sum, res.label_sum, res.entropy_sum]).float()
+            sums += torch.stack([res.divergence_sum, res.label_sum, res.entropy_sum, res.teacher_entropy_sum]).float()
             agree += res.top1_agree
             if want_grad:
                 if grad_b is not None:
@@ -273,10 +281,12 @@ def _run(hidden, weight, bias, plan: Plan, need_h: bool, need_w: bool, need_b: b
     elif grad_w is not None:
         grad_w.zero_()
 
-    div_sum, sft_sum, entropy_sum = sums.unbind()
+    div_sum, sft_sum, entropy_sum, teacher_entropy_sum = sums.unbind()
     plan.stats.update(divergence_sum=div_sum, sft_sum=sft_sum, top1_agree=agree)
     if plan.entropy:
         plan.stats['entropy_sum'] = entropy_sum
+        if plan.full:  # a top-k teacher's: fused_linear_jsd, from its log-probabilities
+            plan.stats['teacher_entropy_sum'] = teacher_entropy_sum
     loss = div_sum * plan.div_scale + sft_sum * plan.sft_scale
     grads = (None if grad_h is None else grad_h.to(hidden.dtype),
              None if grad_w is None else grad_w.to(weight.dtype),

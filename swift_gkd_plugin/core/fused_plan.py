@@ -56,7 +56,8 @@ class ChunkResult(NamedTuple):
     divergence_sum: torch.Tensor
     label_sum: torch.Tensor  # the weighted cross-entropy sum of the label term
     top1_agree: torch.Tensor
-    entropy_sum: torch.Tensor
+    entropy_sum: torch.Tensor  # the student's (``Plan.entropy``), and the teacher's with a full head (else 0)
+    teacher_entropy_sum: torch.Tensor
     grad: Optional[torch.Tensor] = None
     grad_scale: float = 1.0
     bias_grad: Optional[torch.Tensor] = None

@@ -14,6 +14,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .constants import NEG_LOGIT as _NEG_LOGIT
+from .entropy import entropy_terms_
 from .fused_plan import ChunkResult, Plan, finite_bias, label_rows
 from .row_divergence import RowBuffers, divergence_rows, log_softmax_into
 from .topk import bucket_divergence, teacher_tail_logmass
@@ -56,8 +57,8 @@ class TorchChunks:
             grad = bias_grad = view.logits[:, :self.plan.vocab]
             if view.half is not None:  # the backward matmuls run in the weights' dtype
                 grad = view.half.copy_(grad)
-        return ChunkResult(sums.divergence_sum, sums.label_sum, sums.top1_agree, sums.entropy_sum, grad,
-                           sums.grad_scale, bias_grad)
+        return ChunkResult(sums.divergence_sum, sums.label_sum, sums.top1_agree, sums.entropy_sum,
+                           sums.teacher_entropy_sum, grad, sums.grad_scale, bias_grad)
 
 
 @dataclass
@@ -113,6 +114,7 @@ class _Sums(NamedTuple):
     top1_agree: torch.Tensor
     grad_scale: float
     entropy_sum: torch.Tensor
+    teacher_entropy_sum: torch.Tensor  # a full teacher head's (0 on the top-k path: see fused_linear_jsd)
 
 
 def _student_row_is_own(plan: Plan, full: bool) -> bool:
@@ -132,15 +134,9 @@ def _separate_label(plan: Plan, full: bool) -> bool:
 
 
 def _entropy_into(e: torch.Tensor, u: torch.Tensor, scale: float) -> torch.Tensor:
-    """Summed entropy of ``softmax(u * scale)`` over the rows; ``e`` (same shape) is scratch.
-
-    Summed as per-entry ``-p log p >= 0`` terms (no cancellation, unlike ``logsumexp - E_p[u]``).
-    """
-    torch.mul(u, scale, out=e)
-    e.sub_(e.amax(-1, keepdim=True)).exp_()
-    e.div_(e.sum(-1, keepdim=True))
-    torch.special.entr(e, out=e)
-    return e.sum()
+    """Summed entropy of ``softmax(u * scale)`` over the rows (:func:`~swift_gkd_plugin.core.entropy.entropy_terms_`);
+    ``e`` (same shape) is scratch."""
+    return entropy_terms_(torch.mul(u, scale, out=e)).sum()
 
 
 def _separate_label_term(e: torch.Tensor, u: torch.Tensor, scale: float, lab, ce_weight):
@@ -185,6 +181,9 @@ def _full_chunk(buf: '_Scratch', h, weight, bias_f, plan: Plan, sl, sft: bool) -
     t_arg = b[:, :vt].argmax(-1, keepdim=True)
     s_at = a[:, :vocab].gather(1, t_arg.clamp(max=vocab - 1))
     agree = ((t_arg < vocab) & (s_at >= a[:, :vocab].amax(-1, keepdim=True))).sum()
+    # the teacher's own tempered distribution, before any padding, on p_t (free until then); a pass of its own: after
+    # log_softmax_into no [C, Vt] row is free, and a row dot product (bmm) loses digits at a large vocabulary
+    t_ent = _entropy_into(buf.p_t[:, :vt], b[:, :vt], 1.0) if plan.entropy else agree.new_zeros((), dtype=a.dtype)
     if vt > vocab:  # align: the student's missing entries take the teacher's logits, so they cancel
         a[:, vocab:].copy_(b[:, vocab:])
     elif vocab > vt:
@@ -204,10 +203,10 @@ def _full_chunk(buf: '_Scratch', h, weight, bias_f, plan: Plan, sl, sft: bool) -
     grad_scale = plan.div_scale * sign * inv_t
 
     if not sft:
-        return _Sums(div.sum(), ce, agree, grad_scale, ent)
+        return _Sums(div.sum(), ce, agree, grad_scale, ent, t_ent)
     a.mul_(grad_scale)
     _add_label_grad(a[:, :vocab], (buf.p_s if p1 is None else p1)[:, :vocab], lab, w)
-    return _Sums(div.sum(), ce, agree, 1.0, ent)
+    return _Sums(div.sum(), ce, agree, 1.0, ent, t_ent)
 
 
 def _full_prepass(buf: '_Scratch', plan: Plan, lab, ce_weight):
@@ -292,4 +291,4 @@ def _topk_chunk(buf: '_Scratch', h, weight, bias_f, plan: Plan, sl, sft: bool) -
         a.scatter_add_(1, lab, -w.unsqueeze(1))
     elif p1 is not None:
         _add_label_grad(a, p1, lab, w)
-    return _Sums(div.sum(), ce, agree, 1.0, ent)
+    return _Sums(div.sum(), ce, agree, 1.0, ent, ent.new_zeros(()))

@@ -64,7 +64,7 @@ class TritonChunks:
                         entropy=plan.entropy)
         zero = res.divergence.new_zeros(())
         return (res.divergence.sum(), zero if res.label is None else res.label.sum(), res.agree.sum(),
-                zero if res.entropy is None else res.entropy.sum())
+                *(zero if e is None else e.sum() for e in (res.entropy, res.teacher_entropy)))
 
     def _topk(self, zs, sl, labels, w, ce_weight, grad):
         from .kernels.topk_rows import topk_rows
@@ -77,4 +77,4 @@ class TritonChunks:
                         vocab=plan.vocab, scale=plan.div_scale, grad=grad, bias=self.bias, labels=labels,
                         ce_weight=ce_weight, label_weight=w, label_temperature=plan.label_temperature,
                         entropy=plan.entropy)
-        return res.divergence, res.label, res.agree, res.entropy
+        return res.divergence, res.label, res.agree, res.entropy, res.divergence.new_zeros(())  # teacher: the plan's

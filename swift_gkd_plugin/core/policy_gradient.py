@@ -24,6 +24,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 
 from .constants import IGNORE_INDEX, ROLLOUT_IS_MODES, SCALE_REWARDS
+from .entropy import entropy_terms_
 
 __all__ = ['RolloutCorrection', 'group_advantages', 'head_token_logprobs', 'policy_gradient_loss',
            'rollout_importance_weights', 'sampled_token_stats']
@@ -187,11 +188,9 @@ def _sampled_chunks(z: torch.Tensor, y: torch.Tensor, temperature: float, entrop
         if entropy_temperature is None:
             continue
         if entropy_temperature != temperature:
-            u.copy_(z[sl]).div_(entropy_temperature)
-            u.sub_(torch.logsumexp(u, -1, keepdim=True))
+            entropy[sl] = entropy_terms_(u.copy_(z[sl]).div_(entropy_temperature))
         else:
-            u.sub_(lse[sl].unsqueeze(1))
-        entropy[sl] = torch.special.entr(u.exp_(), out=u).sum(-1)
+            entropy[sl] = entropy_terms_(u, lse[sl])
     return torch.where(keep, logp, 0.0), entropy, lse
 
 

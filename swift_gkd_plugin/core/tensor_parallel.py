@@ -37,11 +37,13 @@ import torch.distributed as dist
 
 from .constants import NEG_LOGIT as _NEG_LOGIT
 from .divergence import RowwiseDivergence
+from .entropy import entropy_terms_
 from .row_divergence import Divergence, RowBuffers, as_divergence, divergence_rows
 from .topk import bucket_divergence, teacher_tail_logmass
 
 __all__ = [
     'reduce_from_tensor_parallel_region',
+    'vocab_parallel_entropy',
     'vocab_parallel_generalized_jsd',
     'vocab_parallel_log_softmax',
     'vocab_parallel_logsumexp',
@@ -262,6 +264,26 @@ def vocab_parallel_generalized_jsd(student_shard: torch.Tensor,
     rows = max(1, int(chunk_size)) if chunk_size else max(n, 1)
     div = RowwiseDivergence.apply(s, t.detach(), chunk, rows, want_grad)
     return _scatter_rows(div, idx, n)
+
+
+@torch.no_grad()
+def vocab_parallel_entropy(logits_shard: torch.Tensor, temperature: float = 1.0, group: Group = None,
+                           chunk_size: int = 512) -> torch.Tensor:
+    """Per-row entropy of ``softmax(z / T)`` over a vocabulary split across ``group``
+    (:func:`~swift_gkd_plugin.core.entropy.entropy_terms_` on this rank's slice with the row's full log-normaliser,
+    the slices' shares all-reduced): ``[N]`` from ``[N, V_r]``, replicated, detached. ``-inf`` entries (Megatron's
+    padded vocabulary, masked) contribute 0. ``chunk_size`` rows per pass (3 all-reduces each; every rank runs the
+    same passes, also for ``N == 0``). Float32 (float64 for float64 input)."""
+    if not 0 < temperature < float('inf'):  # NaN too
+        raise ValueError(f'temperature must be a finite number > 0, got {temperature}')
+    rows = logits_shard.reshape(-1, logits_shard.shape[-1])
+    cd = _compute_dtype(rows.dtype)
+    parts = []
+    for start in range(0, max(rows.shape[0], 1), chunk_size):
+        u = rows[start:start + chunk_size].to(cd, copy=True).div_(temperature)
+        lse = _vocab_parallel_lse([u], group)[0]
+        parts.append(_all_reduce(entropy_terms_(u, lse).contiguous(), dist.ReduceOp.SUM, group))
+    return torch.cat(parts).reshape(logits_shard.shape[:-1])
 
 
 # ----------------------------------------------------------------------------------------------------------------

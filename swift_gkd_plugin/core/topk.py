@@ -47,11 +47,12 @@ from typing import Tuple, Union
 import torch
 
 from .divergence import generalized_jsd, tempered_divergence_rows
+from .entropy import tempered_entropy
 from .row_divergence import Divergence, as_divergence
 from .teacher_signal import TeacherTopK
 
 __all__ = ['bucket_divergence', 'drop_ids_outside_vocab', 'teacher_tail_logmass', 'topk_divergence_dense',
-           'topk_of_logits']
+           'topk_of_logits', 'topk_teacher_entropy']
 
 def teacher_tail_logmass(logprobs: torch.Tensor, num_valid: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """The log of the teacher's mass outside its top-k, as the reported log-probabilities define it.
@@ -86,6 +87,20 @@ def teacher_tail_logmass(logprobs: torch.Tensor, num_valid: torch.Tensor, vocab_
     floor = (lp.exp() * half_ulp).sum(-1)
     tail = torch.maximum(mass, floor).log()
     return tail.masked_fill(num_valid >= vocab_size, float('-inf')).to(logprobs.dtype)
+
+
+@torch.no_grad()
+def topk_teacher_entropy(logprobs: torch.Tensor, temperature: float, tail: bool, vocab_size: int) -> torch.Tensor:
+    """Per-row entropy of the teacher distribution a top-k loss compares: ``softmax(l_K / T)`` over the valid slots
+    (renormalised), or with ``tail`` the ``(k+1)``-bucket ``softmax([l_K, a_tail] / T)``
+    (:func:`teacher_tail_logmass`). Not the teacher's full-vocabulary entropy, which top-k does not determine: at
+    ``T = 1`` the tail version is a lower bound of it (lumping the tail into one bucket), the renormalised one is too
+    wherever the top-k holds nearly all the mass. ``[C]`` float32 (float64 for float64 input); 0 for a row without a
+    valid slot."""
+    if tail:
+        logprobs = torch.cat([logprobs, teacher_tail_logmass(logprobs, (logprobs > float('-inf')).sum(-1),
+                                                             vocab_size).unsqueeze(-1)], -1)
+    return tempered_entropy(logprobs, temperature)
 
 
 def bucket_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,

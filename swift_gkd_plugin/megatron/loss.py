@@ -16,9 +16,9 @@ import torch.distributed as dist
 
 from swift_gkd_plugin.core.constants import IGNORE_INDEX
 from swift_gkd_plugin.core.row_divergence import Divergence
-from swift_gkd_plugin.core.tensor_parallel import (vocab_parallel_generalized_jsd, vocab_parallel_log_softmax,
-                                                   vocab_parallel_topk_jsd)
-from swift_gkd_plugin.core.topk import drop_ids_outside_vocab
+from swift_gkd_plugin.core.tensor_parallel import (vocab_parallel_entropy, vocab_parallel_generalized_jsd,
+                                                   vocab_parallel_log_softmax, vocab_parallel_topk_jsd)
+from swift_gkd_plugin.core.topk import drop_ids_outside_vocab, topk_teacher_entropy
 from swift_gkd_plugin.core.views import check_same_response_count
 
 Group = Optional['dist.ProcessGroup']
@@ -223,3 +223,32 @@ def gkd_loss_on_shards(student_shard: torch.Tensor,
         per_token = vocab_parallel_generalized_jsd(student, mask_padded_vocab(teacher, vocab_start, vocab_size),
                                                    divergence, temperature, group, chunk_size=chunk_size)
     return per_token.sum(), per_token, n_student
+
+
+@torch.no_grad()
+def entropies_on_shards(student_shard: torch.Tensor, labels: torch.Tensor, *, temperature: float,
+                        **shards) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The summed entropies of ``softmax(. / temperature)`` over a micro-batch's response positions: the student's
+    (``gkd/entropy``) and the teacher's at the same positions (``gkd/teacher_entropy``), as in ``swift rlhf``.
+
+    ``shards``: the keyword arguments of :func:`gkd_loss_on_shards` but ``divergence`` (the same masks and
+    padded-vocabulary rule). The teacher's entropy: over its logit shards, or for a top-k teacher that of the bucket
+    distribution the loss compares (:func:`~swift_gkd_plugin.core.topk.topk_teacher_entropy`, on the ids the loss
+    keeps). Replicated on the group.
+    """
+    vocab_start, vocab_size = shards['vocab_start'], shards.get('vocab_size')
+    group, chunk_size = shards.get('group'), shards.get('chunk_size', 512)
+    student_mask = labels != IGNORE_INDEX
+    teacher_labels = shards.get('teacher_labels')
+    teacher_mask = student_mask if teacher_labels is None else teacher_labels != IGNORE_INDEX
+    student = mask_padded_vocab(student_shard[student_mask], vocab_start, vocab_size)
+    entropy = vocab_parallel_entropy(student, temperature, group, chunk_size).sum()
+    if shards.get('teacher_topk_ids') is not None:
+        limit = vocab_size if vocab_size is not None else _full_width(student.shape[-1], student.device, group)
+        _, logprobs = drop_ids_outside_vocab(shards['teacher_topk_ids'][teacher_mask],
+                                             shards['teacher_topk_logprobs'][teacher_mask], limit)
+        teacher_entropy = topk_teacher_entropy(logprobs, temperature, shards.get('tail', False), limit).sum()
+    else:
+        teacher = mask_padded_vocab(shards['teacher_shard'][teacher_mask], vocab_start, vocab_size)
+        teacher_entropy = vocab_parallel_entropy(teacher, temperature, group, chunk_size).sum()
+    return entropy, teacher_entropy

@@ -29,13 +29,15 @@ from transformers.utils import ContextManagers
 
 from swift_gkd_plugin.core import Divergence, Mode
 from swift_gkd_plugin.core.constants import IGNORE_INDEX
+from swift_gkd_plugin.core.entropy import EntropyGapWatch
 from swift_gkd_plugin.core.lora_round_trip import BaseWeightsKeeper
 from swift_gkd_plugin.core.modes import DATA_SOURCES, mode_log_path, sampling_seed, step_mode
 from swift_gkd_plugin.core.views import prepare_teacher_view
 from swift_gkd_plugin.flags import sampling_temperature
 from swift_gkd_plugin.megatron.generation import generate
-from swift_gkd_plugin.megatron.loss import (defer_teacher, fill_deferred_teacher, gkd_loss_on_shards, shard_vocab_start,
-                                            teacher_on_demand, teacher_topk_per_micro_batch)
+from swift_gkd_plugin.megatron.loss import (defer_teacher, entropies_on_shards, fill_deferred_teacher,
+                                            gkd_loss_on_shards, shard_vocab_start, teacher_on_demand,
+                                            teacher_topk_per_micro_batch)
 from swift_gkd_plugin.megatron.rollout import collate_for_forward, encode_prompts, last_logits, rollout_outputs
 from swift_gkd_plugin.megatron.vocab import model_vocab_size
 
@@ -51,6 +53,7 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
     def __init__(self, args, template, **kwargs):
         # vLLM syncs merge LoRA adapters into the base in place (every layer at once): keep the base exact
         self._base_keeper = BaseWeightsKeeper()
+        self._entropy_watch = EntropyGapWatch()
         super().__init__(args, template, **kwargs)
         if getattr(self, 'request_config', None) is not None:  # vLLM's requests: --gkd_sampling_temperature
             self.request_config.temperature = sampling_temperature(args)
@@ -254,6 +257,20 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
         super().unmerge_lora_adapters()
         self._base_keeper.restore()
 
+    def on_log(self, logs, prefix=''):
+        self._log_prefix = prefix  # '' for training rows, 'eval_' for evaluation ones (ms-swift's base trainer)
+        super().on_log(logs, prefix)
+
+    def _log_callback(self, logs, n_steps):
+        """ms-swift turns the logged metrics into numbers; then, on training rows, the on-policy entropy warning
+        (:class:`~swift_gkd_plugin.core.entropy.EntropyGapWatch`, as in ``swift rlhf``)."""
+        super()._log_callback(logs, n_steps)
+        if getattr(self, '_log_prefix', '') or 'loss' not in logs:
+            return
+        message = self._entropy_watch.observe(logs)
+        if message and self.is_main_process:
+            logger.warning(message)
+
     # ------------------------------------------------------------------ loss
     def loss_func(self, output_tensor: torch.Tensor, *, labels: torch.Tensor, teacher_output: TeacherOutput,
                   data_source: DataSource = DataSource.DATASET):
@@ -262,13 +279,12 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
         args = self.args
         topk = teacher_output.is_topk_mode
         group = mpu.get_tensor_model_parallel_group()
-        divergence, _, n_student = gkd_loss_on_shards(
-            output_tensor, labels, divergence=self._divergence, temperature=args.temperature,
-            vocab_start=shard_vocab_start(output_tensor, group), vocab_size=self._real_vocab,
-            teacher_shard=None if topk else teacher_output.full_logits,
-            teacher_topk_ids=teacher_output.topk_indices if topk else None,
-            teacher_topk_logprobs=teacher_output.topk_logprobs if topk else None,
-            teacher_labels=teacher_output.labels, tail=args.gkd_topk_tail, group=group, chunk_size=_CHUNK)
+        shards = dict(temperature=args.temperature, vocab_start=shard_vocab_start(output_tensor, group),
+                      vocab_size=self._real_vocab, teacher_shard=None if topk else teacher_output.full_logits,
+                      teacher_topk_ids=teacher_output.topk_indices if topk else None,
+                      teacher_topk_logprobs=teacher_output.topk_logprobs if topk else None,
+                      teacher_labels=teacher_output.labels, tail=args.gkd_topk_tail, group=group, chunk_size=_CHUNK)
+        divergence, _, n_student = gkd_loss_on_shards(output_tensor, labels, divergence=self._divergence, **shards)
         student_mask = labels != IGNORE_INDEX
         loss = divergence
         sft = None
@@ -287,6 +303,10 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
                   **{f'gkd/mode_{m.value}': torch.stack([one * float(m is mode), one]) for m in Mode}}
         if sft is not None:
             metric['sft_loss'] = torch.stack([sft.detach().float(), n])
+        if mode is Mode.ON_POLICY:  # the student's entropy on its samples and the teacher's there, as swift rlhf's
+            entropy, teacher_entropy = entropies_on_shards(output_tensor, labels, **shards)
+            metric['gkd/entropy'] = torch.stack([entropy.float(), n])
+            metric['gkd/teacher_entropy'] = torch.stack([teacher_entropy.float(), n])
         metric = self._all_reduce_metric(
             metric, torch.distributed.ReduceOp.SUM, group=mpu.get_data_parallel_group(with_context_parallel=True))
         if (self._step - 1) % self.steps_per_generation == 0:

@@ -6,6 +6,7 @@ from swift.template import MaxLengthError
 from swift.utils import get_logger
 from transformers import TrainerCallback
 
+from swift_gkd_plugin.core.entropy import EntropyGapWatch
 from swift_gkd_plugin.swift.checkpoints import guard_checkpoint_saves
 from swift_gkd_plugin.swift.datasets_check import RefuseEmptyEpochs, media_refs
 
@@ -16,9 +17,10 @@ def install_run_guards(trainer) -> None:
     """A training set smaller than one batch is refused at the start; a run whose first logged steps learn nothing
     stops; a checkpoint save that cannot write its files
     names the cause (no space left) and the newest complete checkpoint; a row replaced because it fails to encode is
-    named in a warning and counted."""
+    named in a warning and counted; an on-policy student whose entropy runs away from the teacher's is warned about."""
     trainer.add_callback(RefuseEmptyEpochs())
     trainer.add_callback(StopWhenNothingIsLearnt())
+    trainer.callback_handler.callbacks.insert(0, WarnOnEntropyGap())  # before the callback that writes the logs
     guard_checkpoint_saves(trainer)
     warn_replaced_rows(trainer)
 
@@ -47,6 +49,22 @@ class StopWhenNothingIsLearnt(TrainerCallback):
                 'learns nothing, so it stops here instead of ending with exit code 0. Usual causes: the teacher sees '
                 'exactly what the student sees (no --teacher_model and no teacher_prompt column; a shared base with '
                 'a zero LoRA adapter: pass --adapters or a teacher_prompt), or no position has a teacher signal.')
+
+
+class WarnOnEntropyGap(TrainerCallback):
+    """The warning of :class:`~swift_gkd_plugin.core.entropy.EntropyGapWatch` on the logged training steps that carry
+    ``gkd/entropy`` and ``gkd/teacher_entropy`` (on-policy steps), and ``gkd/entropy_gap_warnings`` in the logs
+    once it has fired (the count since the start)."""
+
+    def __init__(self):
+        self.watch = EntropyGapWatch()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or 'loss' not in logs:
+            return
+        message = self.watch.observe(logs)
+        if message and state.is_world_process_zero:
+            logger.warning(message)
 
 
 class ReplacedRows(TrainerCallback):

@@ -454,6 +454,18 @@ def student_logits64(x):
     return x['hs'].double() @ x['w'].double().T + x['b'].double()
 
 
+def teacher_entropy64(x, topk, tail, active, temperature):
+    """Float64 sum over ``active`` rows of the teacher's entropy at ``temperature``: its own head's
+    ``softmax(z_t / T)``, or a top-k teacher's bucket distribution (renormalised top-k, or with the tail bucket)."""
+    if topk is None:
+        zt = x['ht'].double() @ x['wt'].double().T + x['bt'].double()
+        return torch.special.entr(torch.softmax(zt[active] / temperature, -1)).sum()
+    lp = topk[1][active].double()
+    if tail:
+        lp = torch.cat([lp, torch.log1p(-lp.exp().sum(-1, keepdim=True))], -1)
+    return torch.special.entr(torch.softmax(lp / temperature, -1)).sum()
+
+
 @pytest.mark.parametrize('temperature, label_temperature', [(1.0, 1.0), (1.0, 0.7), (1.5, 1.0), (1.5, 0.7),
                                                             (1.5, 1.5)])
 @pytest.mark.parametrize('beta', [0.0, 0.5, 1.0])
@@ -474,6 +486,10 @@ def test_weighted_label_term_and_entropy(teacher, beta, temperature, label_tempe
     entropy = torch.special.entr(torch.softmax(z[active] / temperature, -1)).sum()
     assert stats['entropy_sum'].dtype == torch.float32 and not stats['entropy_sum'].requires_grad
     assert rel_err(stats['entropy_sum'], entropy) <= 1e-5
+    # the teacher's entropy at the same rows and temperature (gkd/teacher_entropy)
+    t_entropy = teacher_entropy64(x, topk, kw['topk_tail'], active, temperature)
+    assert stats['teacher_entropy_sum'].dtype == torch.float32 and not stats['teacher_entropy_sum'].requires_grad
+    assert rel_err(stats['teacher_entropy_sum'], t_entropy) <= 1e-5
 
 
 @pytest.mark.parametrize('temperature', [0.7, 1.0])
@@ -637,6 +653,7 @@ def test_entropy_metric_is_precise_at_a_large_vocabulary(teacher):
     vt = v + 64 if teacher == 'head_larger' else v
     wt = torch.randn(vt, h, generator=g) * 0.5
     ref = torch.special.entr(torch.softmax((hs.double() @ w.double().T) / temperature, -1)).sum()
+    t_ref = torch.special.entr(torch.softmax((hs.double() @ wt.double().T) / temperature, -1)).sum()
     if teacher == 'topk':
         lp, ids = torch.log_softmax(hs @ wt.T, -1).topk(8, -1)
         side = TeacherTopK(ids, lp)
@@ -644,6 +661,8 @@ def test_entropy_metric_is_precise_at_a_large_vocabulary(teacher):
         side = TeacherHead(hs, wt)
     _, stats = fused_linear_jsd(hs, w, teacher=side, temperature=temperature, return_entropy=True)
     assert abs(float(stats['entropy_sum']) - float(ref)) / float(ref) < 1e-5
+    if teacher != 'topk':  # the teacher's entropy (gkd/teacher_entropy), on its own head
+        assert abs(float(stats['teacher_entropy_sum']) - float(t_ref)) / float(t_ref) < 1e-5
 
 
 @pytest.mark.parametrize('beta', [0.0, 0.5, 1.0])

@@ -143,7 +143,7 @@ def test_padding_label_term_and_entropy(offset, div, temperature, label_temperat
     got = run_both(x, div, device, **kw)
     assert_same(got['triton'], got['torch'], 1e-5)
     stats, ref_stats = got['triton'][2], got['torch'][2]
-    for key in ('divergence_sum', 'sft_sum', 'entropy_sum'):
+    for key in ('divergence_sum', 'sft_sum', 'entropy_sum', 'teacher_entropy_sum'):
         assert abs(float(stats[key]) - float(ref_stats[key])) <= 1e-5 * abs(float(ref_stats[key])), key
     assert int(stats['top1_agree']) == int(ref_stats['top1_agree'])
     if div.name == 'jsd':
@@ -157,6 +157,8 @@ def test_padding_label_term_and_entropy(offset, div, temperature, label_temperat
         tf.assert_close(got['triton'], ref, loss_scale=scale)
         entropy = torch.special.entr(torch.softmax(z[active] / temperature, -1)).sum()
         assert tf.rel_err(stats['entropy_sum'], entropy) <= 1e-5
+        t_entropy = tf.teacher_entropy64(x, None, False, active, temperature)  # its own Vt entries
+        assert tf.rel_err(stats['teacher_entropy_sum'], t_entropy) <= 1e-5
 
 
 @pytest.mark.parametrize('div', [Divergence('jsd', beta=0.5), Divergence('skew_kl', alpha=1e-9),
@@ -171,7 +173,8 @@ def test_many_blocks_per_row(div, monkeypatch, device):
               temperature=0.9, label_temperature=1.1)
     got = run_both(x, div, device, **kw)
     assert_same(got['triton'], got['torch'], 1e-5)
-    assert tf.rel_err(got['triton'][2]['entropy_sum'], got['torch'][2]['entropy_sum']) <= 1e-5
+    for key in ('entropy_sum', 'teacher_entropy_sum'):
+        assert tf.rel_err(got['triton'][2][key], got['torch'][2][key]) <= 1e-5, key
 
 
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
@@ -219,16 +222,18 @@ from triton.backends.compiler import GPUTarget
 from swift_gkd_plugin.core.kernels import entry_math, full_rows
 from swift_gkd_plugin.core.row_divergence import REGISTRY, Divergence, kernel_form
 sig = dict(ZS='*bf16', ZT='*bf16', BS='*fp32', BT='*fp32', G='*bf16', LAB='*i64', LW='*fp32', CW='*fp32', DIV='*fp32',
-           CE='*fp32', ENT='*fp32', AGREE='*i32', stride_zs='i32', stride_zt='i32', stride_g='i32', V='i32', VT='i32')
+           CE='*fp32', ENT='*fp32', TENT='*fp32', AGREE='*i32', stride_zs='i32', stride_zt='i32', stride_g='i32',
+           V='i32', VT='i32')
 sig.update({k: 'fp32' for k in ('inv_t', 'inv_tl', 'coef', 'k0', 'k1', 'k2', 'k3', 'threshold')})
 specs = [Divergence('jsd', beta=b) for b in (0.0, 0.5, 1.0)] + [
     Divergence(n, alpha=a) for n in ('skew_kl', 'skew_rkl') for a in (0.1, 1.0)]
 assert {d.name for d in specs} == set(REGISTRY)
-for div in specs:
+for i, div in enumerate(specs):
     entry = getattr(entry_math, kernel_form(div).entry.split(':')[1])
     for extras in (False, True):
+        # TOWN alternates: both teacher-entropy branches compile (OWN=TOWN=False never runs, but compiles both)
         const = dict(VMAX=151936 + 64, VOWN=151936, ENTRY=entry, HAS_BS=True, HAS_BT=extras, LABEL=extras,
-                     ENTROPY=extras, OWN=False, WANT_GRAD=True, BLOCK=2048)
+                     ENTROPY=extras, OWN=False, TOWN=i % 2 == 0, WANT_GRAD=True, BLOCK=2048)
         src = triton.compiler.ASTSource(fn=full_rows.full_rows_kernel, signature={**sig, **dict.fromkeys(const,
                                         'constexpr')}, constexprs=const)
         kernel = triton.compile(src, target=GPUTarget('cuda', 90, 32), options=dict(num_warps=8))

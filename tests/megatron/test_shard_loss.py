@@ -13,7 +13,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from swift_gkd_plugin.core.tensor_parallel import vocab_parallel_topk_jsd
-from swift_gkd_plugin.megatron.loss import gkd_loss_on_shards, teacher_topk_logprobs, teacher_topk_per_micro_batch
+from swift_gkd_plugin.megatron.loss import (entropies_on_shards, gkd_loss_on_shards, teacher_topk_logprobs,
+                                            teacher_topk_per_micro_batch)
 
 VOCAB, PADDED, K = 37, 40, 6
 CASES = [(0.0, 1.0), (0.5, 0.7), (1.0, 2.0)]
@@ -129,6 +130,15 @@ def _worker(rank, world, init_file, out_dir):
                 total, _, n = gkd_loss_on_shards(shard, labels, **kwargs)
                 total.backward()
                 results[(beta, temperature, topk, tail)] = (total.detach(), shard.grad, n)
+        for topk, tail in [(False, False), (True, False), (True, True)]:  # gkd/entropy, gkd/teacher_entropy
+            kwargs = dict(temperature=1.3, vocab_start=start, vocab_size=VOCAB, teacher_labels=teacher_labels,
+                          tail=tail, chunk_size=3)
+            if topk:
+                lp, ids = teacher_topk_logprobs(teacher[..., sl], K, start, VOCAB, None, chunk_size=4)
+                kwargs.update(teacher_topk_ids=ids, teacher_topk_logprobs=lp)
+            else:
+                kwargs.update(teacher_shard=teacher[..., sl])
+            results[('entropy', topk, tail)] = entropies_on_shards(student[..., sl], labels, **kwargs)
         results['teacher_loop'] = teacher_loop(sl)
         for tail in (False, True):  # a served teacher's top-k with ids the student does not have
             shard = student[..., sl].clone().requires_grad_(True)
@@ -190,3 +200,25 @@ def test_the_teacher_loop_cuts_each_micro_batch_to_topk_before_the_next_forward(
             assert logprobs.shape == ids.shape == (2, 5, K)
             assert torch.equal(ids, ref_ids)
             assert torch.allclose(logprobs, ref_logprobs, rtol=1e-12, atol=1e-12)
+
+
+def _entropy64(logits, temperature):
+    return torch.special.entr(torch.softmax(logits / temperature, -1)).sum()
+
+
+@pytest.mark.parametrize('topk,tail', [(False, False), (True, False), (True, True)], ids=['full', 'topk', 'tail'])
+def test_entropies_on_shards_equal_float64(ranks, topk, tail):
+    """gkd/entropy and gkd/teacher_entropy of megatron rlhf: the student's and the teacher's summed entropies at
+    the response positions (the teacher's at its own positions), padded rows excluded; a top-k teacher's is that of
+    its buckets (renormalised top-k, or with the tail), as in swift rlhf."""
+    student, teacher, labels, teacher_labels = make_batch()
+    want = _entropy64(student[labels != -100][:, :VOCAB], 1.3)
+    t = teacher[teacher_labels != -100][:, :VOCAB]
+    if topk:
+        lp = torch.log_softmax(t, -1).topk(K, -1)[0]
+        t = torch.cat([lp, torch.log1p(-lp.exp().sum(-1, keepdim=True))], -1) if tail else lp
+    t_want = _entropy64(t, 1.3)
+    for rank in ranks:  # replicated
+        entropy, teacher_entropy = rank[('entropy', topk, tail)]
+        assert torch.allclose(entropy, want, rtol=1e-10), (entropy, want)
+        assert torch.allclose(teacher_entropy, t_want, rtol=1e-10), (teacher_entropy, t_want)

@@ -10,7 +10,7 @@ the student's and ``ut`` the teacher's tempered logits, padded to ``max(V, Vt)``
    on); the teacher's argmax and the student's max;
 2. with ``s = u - m - log S``, ``p_s = exp(u - m) / S`` (teacher alike): the divergence's per-entry terms summed
    (the value), the sums ``sum p_s``, ``sum stat``, ``sum g_near``, ``sum g_far`` (the centring and the switch
-   between the two gradient forms), the entropy terms ``-p log p``;
+   between the two gradient forms), the entropy terms ``-p log p`` (student's and teacher's);
 3. ``grad = coef * (g - p_s sum(g) / sum(p_s)) + w_l (softmax(z / T_l) - onehot(y))`` with ``g`` the form picked
    by the row statistic, written once, in the gradient buffer's dtype (it may be the student logits' own buffer:
    each entry is read before it is overwritten).
@@ -57,11 +57,25 @@ def _tempered(ZS, ZT, BS, BT, zs_row, zt_row, cols, V, VT, inv_t, HAS_BS: tl.con
 
 
 @triton.jit
-def full_rows_kernel(ZS, ZT, BS, BT, G, LAB, LW, CW, DIV, CE, ENT, AGREE,
+def _entropy_terms(own_cols, p, logp, x, m, total, OWN: tl.constexpr):
+    """One side's entropy terms ``-p log p`` summed over the block's ``own_cols``: from the row's shared ``p`` and
+    ``logp`` when the row is that side's own (``OWN``), else from the side's own normaliser ``(m, total)`` of its
+    tempered logits ``x`` (a row padded by the other side's logits)."""
+    if OWN:
+        acc = tl.sum(tl.where(own_cols, -p * logp, 0.0), 0)
+    else:
+        q = tl.where(own_cols, tl.exp(x - m) / total, 0.0)
+        acc = tl.sum(tl.where(own_cols, -q * (x - m - tl.log(total)), 0.0), 0)
+    return acc
+
+
+@triton.jit
+def full_rows_kernel(ZS, ZT, BS, BT, G, LAB, LW, CW, DIV, CE, ENT, TENT, AGREE,
                      stride_zs, stride_zt, stride_g, V, VT, inv_t, inv_tl, coef, k0, k1, k2, k3, threshold,
                      VMAX: tl.constexpr, VOWN: tl.constexpr, ENTRY: tl.constexpr, HAS_BS: tl.constexpr,
                      HAS_BT: tl.constexpr, LABEL: tl.constexpr,
-                     ENTROPY: tl.constexpr, OWN: tl.constexpr, WANT_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+                     ENTROPY: tl.constexpr, OWN: tl.constexpr, TOWN: tl.constexpr, WANT_GRAD: tl.constexpr,
+                     BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     zs_row = row * stride_zs
     zt_row = row * stride_zt
@@ -69,6 +83,7 @@ def full_rows_kernel(ZS, ZT, BS, BT, G, LAB, LW, CW, DIV, CE, ENT, AGREE,
     zero = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
     m_s, s_s, m_t, s_t = zero - float('inf'), zero, zero - float('inf'), zero
     m_o, s_o, m_l, s_l = zero - float('inf'), zero, zero - float('inf'), zero
+    m_q, s_q = zero - float('inf'), zero  # the teacher's own Vt entries, when its row is padded (not TOWN)
     t_best, s_best = zero - float('inf'), zero - float('inf')
     t_arg = tl.sum(tl.zeros([BLOCK], tl.int32), 0)
     # pass 1: online logsumexps, the teacher's argmax, the student's max
@@ -87,6 +102,8 @@ def full_rows_kernel(ZS, ZT, BS, BT, G, LAB, LW, CW, DIV, CE, ENT, AGREE,
         t_best = tl.maximum(t_best, b_max)
         if ENTROPY and not OWN:
             m_o, s_o = _online(m_o, s_o, u_own)
+        if ENTROPY and not TOWN:
+            m_q, s_q = _online(m_q, s_q, ut_own)
         if LABEL:
             m_l, s_l = _online(m_l, s_l, tl.where(in_s, z * inv_tl, float('-inf')))
     # the teacher's argmax is a student argmax when the student's logit there is maximal
@@ -108,7 +125,7 @@ def full_rows_kernel(ZS, ZT, BS, BT, G, LAB, LW, CW, DIV, CE, ENT, AGREE,
             z_lab += tl.load(BS + lab)
         tl.store(CE + row, -tl.load(CW + row) * (z_lab * inv_tl - m_l - tl.log(s_l)))
     # pass 2: the value, the centring and switch sums, the entropy
-    acc_div, acc_p, acc_stat, acc_near, acc_far, acc_ent = zero, zero, zero, zero, zero, zero
+    acc_div, acc_p, acc_stat, acc_near, acc_far, acc_ent, acc_tent = zero, zero, zero, zero, zero, zero, zero
     for start in range(0, VMAX, BLOCK):
         cols = start + offs
         inside = cols < VMAX
@@ -124,15 +141,12 @@ def full_rows_kernel(ZS, ZT, BS, BT, G, LAB, LW, CW, DIV, CE, ENT, AGREE,
         acc_near += tl.sum(tl.where(inside, g_near, 0.0), 0)
         acc_far += tl.sum(tl.where(inside, g_far, 0.0), 0)
         if ENTROPY:
-            in_s = cols < V
-            if OWN:
-                acc_ent += tl.sum(tl.where(in_s, -ps * s, 0.0), 0)
-            else:
-                po = tl.where(in_s, tl.exp(u - m_o) / s_o, 0.0)
-                acc_ent += tl.sum(tl.where(in_s, -po * (u - m_o - tl.log(s_o)), 0.0), 0)
+            acc_ent += _entropy_terms(cols < V, ps, s, u, m_o, s_o, OWN)
+            acc_tent += _entropy_terms(cols < VT, pt, t, ut, m_q, s_q, TOWN)
     tl.store(DIV + row, acc_div)
     if ENTROPY:
         tl.store(ENT + row, acc_ent)
+        tl.store(TENT + row, acc_tent)
     if WANT_GRAD:
         near = acc_stat > threshold
         shift = tl.where(near, acc_near, acc_far) / acc_p
@@ -166,6 +180,7 @@ class RowResults(NamedTuple):
     label: Optional[torch.Tensor]
     entropy: Optional[torch.Tensor]
     agree: torch.Tensor
+    teacher_entropy: Optional[torch.Tensor] = None  # with ``entropy``: the teacher's, over its own ``Vt`` entries
 
 
 def full_rows(zs: torch.Tensor, zt: torch.Tensor, bias_s: Optional[torch.Tensor], bias_t: Optional[torch.Tensor],
@@ -180,7 +195,8 @@ def full_rows(zs: torch.Tensor, zt: torch.Tensor, bias_s: Optional[torch.Tensor]
     :class:`~swift_gkd_plugin.core.row_divergence.KernelForm`); ``coef`` scales its centred gradient (``sign x
     normaliser x 1 / T``); ``grad`` (``[C, V]``, may be ``zs`` itself) receives d loss / d z, or None for values only.
     The label term (``labels [C]`` in range, ``ce_weight [C]`` the cross-entropy weights, ``label_weight [C]`` the
-    gradient weights including ``1 / T_l`` and the term's scale) and the entropy are optional.
+    gradient weights including ``1 / T_l`` and the term's scale) and the entropies are optional (``entropy``: the
+    student's over its own ``V`` entries and the teacher's over its own ``Vt``, each of ``softmax(. / T)``).
     """
     c, v = zs.shape
     vt = zt.shape[1]
@@ -190,18 +206,20 @@ def full_rows(zs: torch.Tensor, zt: torch.Tensor, bias_s: Optional[torch.Tensor]
     agree = torch.empty(c, dtype=torch.int32, device=dev)
     ce = torch.empty(c, dtype=f32, device=dev) if labels is not None else None
     ent = torch.empty(c, dtype=f32, device=dev) if entropy else None
+    t_ent = torch.empty(c, dtype=f32, device=dev) if entropy else None
     if c == 0:
-        return RowResults(div, ce, ent, agree)
+        return RowResults(div, ce, ent, agree, t_ent)
     dummy = div
     block = min(block or BLOCK, triton.next_power_of_2(max(v, vt)))
     full_rows_kernel[(c, )](
         zs, zt, dummy if bias_s is None else bias_s, dummy if bias_t is None else bias_t,
         dummy if grad is None else grad, dummy if labels is None else labels,
         dummy if label_weight is None else label_weight, dummy if ce_weight is None else ce_weight,
-        div, dummy if ce is None else ce, dummy if ent is None else ent, agree,
+        div, dummy if ce is None else ce, dummy if ent is None else ent, dummy if t_ent is None else t_ent, agree,
         zs.stride(0), zt.stride(0), 0 if grad is None else grad.stride(0), v, vt, 1.0 / temperature,
         1.0 / label_temperature, coef, *[float(k) for k in constants], float(threshold),
         VMAX=max(v, vt), VOWN=v, ENTRY=entry, HAS_BS=bias_s is not None, HAS_BT=bias_t is not None,
         LABEL=labels is not None,
-        ENTROPY=bool(entropy), OWN=vt <= v, WANT_GRAD=grad is not None, BLOCK=block, num_warps=num_warps)
-    return RowResults(div, ce, ent, agree)
+        ENTROPY=bool(entropy), OWN=vt <= v, TOWN=vt >= v, WANT_GRAD=grad is not None, BLOCK=block,
+        num_warps=num_warps)
+    return RowResults(div, ce, ent, agree, t_ent)

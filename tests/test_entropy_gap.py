@@ -1,0 +1,119 @@
+"""``gkd/teacher_entropy`` beside ``gkd/entropy`` on on-policy steps, and the warning when the student's entropy on its
+own samples runs away from the teacher's (issue 36 item 1), through the real ``swift rlhf`` on the tiny models."""
+import json
+import os
+
+import pytest
+import torch
+from conftest import base_args, run_swift
+
+from swift_gkd_plugin.core.entropy import ENTROPY_GAP_MARGIN, ENTROPY_GAP_STEPS, EntropyGapWatch
+
+PROBE = os.path.join(os.path.dirname(__file__), 'multi_turn_plugin.py')  # GKD_TEST_TRAJ_LOG: each micro-batch
+WARNING = 'by more than'
+ON_POLICY = dict(lmbda=1, per_device_train_batch_size=1, learning_rate=1e-3, lr_scheduler_type='constant',
+                 warmup_ratio=0, seed=3)
+
+
+@pytest.fixture(scope='module')
+def sharp_teacher(tiny_ws) -> str:
+    """The tiny teacher with its output head scaled by 10: a peaked teacher (low entropy), the student's tokenizer."""
+    from swift_gkd_plugin.testing import tiny
+    out = os.path.join(tiny_ws.root, 'sharp_teacher')
+    if not os.path.exists(os.path.join(out, 'config.json')):
+        model = tiny.load_model(tiny_ws.teacher)
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(10.0)
+        model.save_pretrained(out)
+        tiny.load_tokenizer(tiny_ws.teacher).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope='module')
+def stable_runs(tiny_ws, tmp_path_factory):
+    """On-policy runs against the tiny teacher (as uncertain as the student: a stable run), dense and fused, at a
+    loss temperature of 1.3, each micro-batch's teacher view recorded."""
+    root = tmp_path_factory.mktemp('entropy_gap')
+    runs = {}
+    for impl in ('dense', 'fused'):
+        log = str(root / f'batches_{impl}.jsonl')
+        runs[impl] = run_swift(base_args(tiny_ws, str(root / impl), max_steps=4, temperature=1.3, gkd_loss_impl=impl,
+                                         external_plugins=PROBE, **ON_POLICY), env={'GKD_TEST_TRAJ_LOG': log})
+        with open(log) as f:
+            runs[impl].batches = [r for r in map(json.loads, f) if r['kind'] == 'batch']
+    return runs
+
+
+def _teacher_entropy(teacher_dir: str, batch: dict, temperature: float, k: int = 0, tail: bool = False) -> float:
+    """The teacher's mean entropy of ``softmax(z / T)`` at the micro-batch's response positions, from a forward of
+    its own (one row: no padding); with ``k``, that of its top-k buckets: the top-k of its log-probabilities at
+    temperature 1, renormalised, or with the tail bucket ``log(1 - sum)``, tempered."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir, torch_dtype=torch.float64).eval()
+    ids, labels = torch.tensor(batch['teacher_input_ids']), torch.tensor(batch['teacher_labels'])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[:, :-1]
+    rows = logits[labels[:, 1:] != -100]
+    if k:
+        rows = torch.log_softmax(rows, -1).topk(k, -1)[0]
+        if tail:
+            rows = torch.cat([rows, torch.log1p(-rows.exp().sum(-1, keepdim=True))], -1)
+    return float(torch.special.entr(torch.softmax(rows / temperature, -1)).sum(-1).mean())
+
+
+@pytest.mark.parametrize('impl', ['dense', 'fused'])
+def test_teacher_entropy_is_the_teachers_at_the_sampled_positions(stable_runs, tiny_ws, impl):
+    run = stable_runs[impl]
+    assert f'GKD loss implementation: {impl}' in run.output
+    assert len(run.logs) == len(run.batches) == 4  # one micro-batch per logged step
+    for row, batch in zip(run.logs, run.batches):
+        assert row['gkd/mode_on_policy'] == 1.0
+        assert row['gkd/teacher_entropy'] == pytest.approx(_teacher_entropy(tiny_ws.teacher, batch, 1.3), rel=1e-5)
+        assert 0 < row['gkd/entropy'] < 6.2  # at most log(448) nats
+
+
+@pytest.mark.parametrize('impl, tail', [('dense', False), ('fused', True)])
+def test_a_topk_teachers_entropy_is_that_of_its_buckets(tiny_ws, tmp_path, impl, tail):
+    """--gkd_logits_topk 8: the entropy of the distribution the loss compares (renormalised top-k; with
+    --gkd_topk_tail, the fused loss only, the tail bucket too)."""
+    log = str(tmp_path / 'batches.jsonl')
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), max_steps=2, temperature=1.3, gkd_loss_impl=impl,
+                              gkd_logits_topk=8, gkd_topk_tail=str(tail).lower(), external_plugins=PROBE,
+                              **ON_POLICY), env={'GKD_TEST_TRAJ_LOG': log})
+    with open(log) as f:
+        batches = [r for r in map(json.loads, f) if r['kind'] == 'batch']
+    assert len(run.logs) == len(batches) == 2
+    for row, batch in zip(run.logs, batches):
+        want = _teacher_entropy(tiny_ws.teacher, batch, 1.3, k=8, tail=tail)
+        assert row['gkd/teacher_entropy'] == pytest.approx(want, rel=1e-5)
+
+
+def test_stable_run_does_not_warn(stable_runs):
+    for run in stable_runs.values():
+        gaps = [r['gkd/entropy'] - r['gkd/teacher_entropy'] for r in run.logs]
+        assert max(gaps) < ENTROPY_GAP_MARGIN, gaps
+        assert WARNING not in run.output
+        assert all('gkd/entropy_gap_warnings' not in r for r in run.logs)
+
+
+def test_warns_when_the_students_entropy_stays_above_a_sharp_teachers(tiny_ws, sharp_teacher, tmp_path):
+    """A peaked teacher and a student sampling at temperature 1.5: the gap holds from the first step; the warning
+    comes once, at the ENTROPY_GAP_STEPS-th logged step, names the flags, and is counted in the logs."""
+    steps = ENTROPY_GAP_STEPS + 1
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), teacher_model=sharp_teacher, max_steps=steps,
+                              gkd_sampling_temperature=1.5, **ON_POLICY))
+    gaps = [r['gkd/entropy'] - r['gkd/teacher_entropy'] for r in run.logs]
+    assert len(gaps) == steps and min(gaps) > ENTROPY_GAP_MARGIN, gaps
+    assert run.output.count(WARNING) == 1
+    for flag in ('--gkd_sampling_temperature', '--lmbda', '--gkd_skd_top_k', '--beta'):
+        assert flag in run.output
+    counts = [r.get('gkd/entropy_gap_warnings') for r in run.logs]
+    assert counts == [None] * (ENTROPY_GAP_STEPS - 1) + [1, 1]
+
+
+def test_watch_counts_episodes():
+    """Once per episode: a step within the margin ends it; steps without the metrics are not fed to the watch."""
+    watch = EntropyGapWatch(margin=1.0, steps=2)
+    fired = [watch.update(e, 1.0) is not None for e in (3, 3, 3, 1.5, 3, 3, float('nan'), 3)]
+    assert fired == [False, True, False, False, False, True, False, False]
+    assert watch.warnings == 2
