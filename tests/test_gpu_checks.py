@@ -179,11 +179,11 @@ def test_part_f_megatron_probe_names_what_blocks(tmp_path):
 
 
 def test_part_v_vllm_rollout_correction_says_it_needs_vllm(tmp_path):
-    """Without vLLM (CPU) part v is skipped, naming why; what it checks on a GPU is the logic tested on CPU in
-    tests/test_rl.py (the transformers engine) and tests/core/test_policy_gradient.py."""
+    """On CPU part v is skipped, naming why (whether or not vLLM's CPU build is installed): what it checks on a GPU
+    runs on vLLM's CPU build in tests/test_vllm.py."""
     doc, md = run_part(tmp_path, 'v')
     assert doc['status'] == 'skipped' and doc['rows'] == []
-    assert any('vLLM cannot be imported' in n for n in doc['notes']) and 'needs CUDA for: vLLM' in md
+    assert any('tests/test_vllm.py' in n for n in doc['notes']) and 'needs CUDA for: vLLM' in md
 
 
 def test_all_merges_parts_within_the_budget(tmp_path):
