@@ -369,7 +369,7 @@ def resolve_gkd_arguments(args) -> None:
 def check_vllm_model(args) -> None:
     """What vLLM's platform here cannot run of the student (see :mod:`.vllm_setup`)."""
     if args.use_vllm and args.vllm_mode == 'colocate':
-        check_vllm_cpu_head_dim(args, model_dir_of('--model', args.model, args.model_revision, args))
+        check_vllm_cpu_head_dim(args, args.model_dir)  # (ms-swift resolved it: no second lookup)
         check_vllm_launcher(args)  # last: the refusals above also reach a user who runs without one
 
 
