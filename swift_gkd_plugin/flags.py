@@ -188,6 +188,22 @@ class GKDPluginArgumentsMixin:
             'replacements), separate from --temperature, which stays the temperature of the loss. Unset (default): '
             '--temperature, as ms-swift. Finite, > 0.',
             range=Range(0, low_open=True, optional=True, says='> 0', why='or unset for --temperature')))
+    gkd_rollout_max_tokens: Optional[int] = field(
+        default=None,
+        metadata=FlagMetadata(
+            help='Early-stopped rollouts: the student\'s on-policy samples (SKD\'s included) stop after this many '
+            'tokens (per turn with --multi_turn_scheduler), while --max_completion_length keeps bounding seq_kd '
+            'samples and dataset responses. Unset (default): --max_completion_length. Integer in 1 to '
+            '--max_completion_length. See docs_en/onpolicy_remedies.md.',
+            range=Range(1, integer=True, optional=True, why='or unset for --max_completion_length')))
+    gkd_entropy_fkl_threshold: Optional[float] = field(
+        default=None,
+        metadata=FlagMetadata(
+            help='Entropy-aware mix (arXiv 2603.07079): at every position where the teacher\'s entropy (nats, at '
+            '--temperature, over the loss\'s support: the vocabulary, or the top-k buckets) exceeds this value, '
+            'KL(teacher || student) is added to the --beta divergence. Unset (default): off. Finite, >= 0 (0: every '
+            'position). PyTorch loss paths (--gkd_fused_backend auto picks them). See docs_en/onpolicy_remedies.md.',
+            range=Range(0, optional=True, says='>= 0 (nats)', why='or unset: off')))
     gkd_skd_top_k: int = field(
         default=0,
         metadata=FlagMetadata(
@@ -212,6 +228,10 @@ MS_SWIFT_FLAGS: Dict[str, object] = {
     # config's max_new_tokens, which transformers rejects later, after the models are loaded
     'max_completion_length': Range(0, low_open=True, says='> 0', integer=True,
                                    why='the length of sampled responses and of the generation config'),
+    # ms-swift's rollout sampling filters (on-policy and seq_kd samples, transformers and vLLM alike)
+    'top_p': Range(0, 1, low_open=True, optional=True, says='in (0, 1]', why='nucleus sampling; 1 = off'),
+    'top_k': Range(-1, integer=True, optional=True, says='-1, 0 or a positive integer',
+                   why='the K most likely tokens; -1 or 0 = every token'),
     'gkd_logits_topk': Range(1, integer=True, optional=True, says='a positive integer',
                              why='or unset for the full vocabulary'),
     'num_generations': Range(1, integer=True, why='completions sampled per prompt on on-policy steps; 1 = one, as '
@@ -305,6 +325,7 @@ def check_gkd_scalars(args) -> None:
     check_divergence_flags(args)
     check_cross_tokenizer_flags(args)
     check_sampling_flags(args)
+    check_rollout_flags(args)
     check_fused_backend(args)
     check_temperature_ceiling(args)
 
@@ -341,6 +362,36 @@ def check_fused_backend(args) -> None:
 def _cuda_visible() -> bool:
     import torch
     return torch.cuda.is_available()
+
+
+def rollout_max_tokens(args) -> int:
+    """The token budget of the student's on-policy samples: ``--gkd_rollout_max_tokens``, else
+    ``--max_completion_length``."""
+    value = getattr(args, 'gkd_rollout_max_tokens', None)
+    return args.max_completion_length if value is None else value
+
+
+def check_rollout_flags(args) -> None:
+    """``--gkd_rollout_max_tokens`` needs on-policy steps and must cut below ``--max_completion_length``;
+    ``--gkd_entropy_fkl_threshold`` needs a PyTorch loss path (the Triton kernels have no such mix)."""
+    budget = getattr(args, 'gkd_rollout_max_tokens', None)
+    if budget is not None:
+        flag = f'--gkd_rollout_max_tokens {budget}'
+        if args.lmbda == 0:
+            raise FlagError(f'{flag} caps the student\'s samples on on-policy steps, and --lmbda 0 has none: set '
+                            '--lmbda > 0 or drop the flag')
+        if budget > args.max_completion_length:
+            raise FlagError(f'{flag} must be <= --max_completion_length {args.max_completion_length} (it only cuts '
+                            f'on-policy samples shorter); allowed: 1 to {args.max_completion_length}, or unset')
+    tau = getattr(args, 'gkd_entropy_fkl_threshold', None)
+    if tau is not None and getattr(args, 'gkd_cross_tokenizer', None) == 'uld':
+        raise FlagError(f'--gkd_entropy_fkl_threshold {tau:g} adds KL(teacher || student) to the divergence, and '
+                        '--gkd_cross_tokenizer uld compares sorted probabilities (no divergence): use '
+                        '--gkd_cross_tokenizer hybrid or drop the flag')
+    if tau is not None and args.gkd_fused_backend == 'triton':
+        raise FlagError(f'--gkd_entropy_fkl_threshold {tau:g} runs on the PyTorch loss paths and --gkd_fused_backend '
+                        'triton forces the kernels, which do not compute the entropy-aware mix: pass '
+                        '--gkd_fused_backend auto or torch')
 
 
 def sampling_temperature(args) -> float:

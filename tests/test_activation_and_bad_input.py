@@ -168,6 +168,20 @@ BAD_INPUTS = [
       'itself', 'teacher_prompt', '--sft_alpha > 0']),
     ({'gkd_fused_backend': 'nonsense'}, ["--gkd_fused_backend must be one of ['auto', 'torch', 'triton']",
                                          "got 'nonsense'"]),
+    # the on-policy remedies (docs_en/onpolicy_remedies.md) and ms-swift's rollout filters
+    ({'top_p': 0}, ['--top_p must be in (0, 1] (nucleus sampling; 1 = off), got 0']),
+    ({'top_p': 1.5}, ['--top_p must be in (0, 1]', 'got 1.5']),
+    ({'top_k': -2}, ['--top_k must be -1, 0 or a positive integer', 'got -2']),
+    ({'gkd_rollout_max_tokens': 0, 'lmbda': 1}, ['--gkd_rollout_max_tokens must be an integer >= 1', 'got 0']),
+    ({'gkd_rollout_max_tokens': 9, 'lmbda': 1, 'max_completion_length': 8},
+     ['--gkd_rollout_max_tokens 9 must be <= --max_completion_length 8', 'allowed: 1 to 8, or unset']),
+    ({'gkd_rollout_max_tokens': 4, 'lmbda': 0}, ['--gkd_rollout_max_tokens 4 caps the student\'s samples on '
+                                                 'on-policy steps, and --lmbda 0 has none']),
+    ({'gkd_entropy_fkl_threshold': -1}, ['--gkd_entropy_fkl_threshold must be >= 0 (nats)', 'got -1']),
+    ({'gkd_entropy_fkl_threshold': 2, 'gkd_cross_tokenizer': 'uld'},
+     ['--gkd_entropy_fkl_threshold 2 adds KL(teacher || student)', '--gkd_cross_tokenizer uld', 'hybrid']),
+    ({'gkd_entropy_fkl_threshold': 1, 'gkd_fused_backend': 'triton'},
+     ['--gkd_entropy_fkl_threshold 1 runs on the PyTorch loss paths', '--gkd_fused_backend auto or torch']),
 ]
 
 
@@ -229,7 +243,8 @@ def test_plugin_flags_are_refused_for_other_rlhf_types(tiny_ws, tmp_path):
 
 # every plugin flag at its default (a new flag joins by itself), ms-swift's checked ones set here
 SCALAR_FLAGS = dict({f.name: f.default for f in fields(GKDPluginArgumentsMixin)}, beta=0.5, lmbda=0.5,
-                    temperature=0.9, sft_alpha=0.0, max_completion_length=8, seq_kd=False, gkd_logits_topk=None)
+                    temperature=0.9, sft_alpha=0.0, max_completion_length=8, seq_kd=False, gkd_logits_topk=None,
+                    top_k=-1, top_p=1.0)
 
 
 @pytest.mark.parametrize('name', FINITE_FLAGS)

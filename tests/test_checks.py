@@ -20,7 +20,7 @@ from swift_gkd_plugin.flags import (CROSS_TOKENIZER_METHODS, GKD_LOSS_IMPLS, MS_
 
 # the plugin's flags at their defaults (flags added later included), ms-swift's at good values
 GOOD = dict({f.name: f.default for f in fields(GKDPluginArgumentsMixin)}, beta=0.5, lmbda=0.5, temperature=0.9,
-            sft_alpha=0.0, max_completion_length=8, seq_kd=False, gkd_logits_topk=None)
+            sft_alpha=0.0, max_completion_length=8, seq_kd=False, gkd_logits_topk=None, top_k=-1, top_p=1.0)
 
 
 def good(**changes):
@@ -359,3 +359,17 @@ def test_head_dim_of_reads_the_text_models_heads(tmp_path):
                                                         'head_dim': 128}}}) == 128
     assert head_dim({'model_type': 'unknown'}) is None
     assert head_dim_of(str(tmp_path / 'missing')) is None
+
+
+def test_rollout_budget_resolves_and_is_checked():
+    from swift_gkd_plugin.flags import FlagError, rollout_max_tokens
+    assert rollout_max_tokens(good()) == 8  # unset: --max_completion_length
+    assert rollout_max_tokens(good(gkd_rollout_max_tokens=3)) == 3
+    check_gkd_scalars(good(gkd_rollout_max_tokens=8, lmbda=1))  # the whole length is allowed
+    with pytest.raises(FlagError, match='--gkd_rollout_max_tokens 9 must be <= --max_completion_length 8'):
+        check_gkd_scalars(good(gkd_rollout_max_tokens=9, lmbda=1))
+    with pytest.raises(FlagError, match='--lmbda 0 has none'):
+        check_gkd_scalars(good(gkd_rollout_max_tokens=3, lmbda=0))
+    check_gkd_scalars(good(gkd_entropy_fkl_threshold=0.0, gkd_fused_backend='torch'))
+    with pytest.raises(FlagError, match='--gkd_entropy_fkl_threshold 1.5 runs on the PyTorch loss paths'):
+        check_gkd_scalars(good(gkd_entropy_fkl_threshold=1.5, gkd_fused_backend='triton'))

@@ -113,6 +113,12 @@ def runs(vllm_ws, shared_runs):
                                                     multi_turn_scheduler='gkd_test_endless', max_length=1024,
                                                     max_completion_length=32, **ON_POLICY),
         'saved': lambda out: _vllm_run(ws, out, save_strategy='steps', save_steps=2, **dict(ON_POLICY, max_steps=2)),
+        # ms-swift's rollout filters keeping the argmax only, and the early-stopped rollouts' budget
+        **{f'filter_{name}': (lambda extra: lambda out: _vllm_run(
+            ws, out, plugins=(PROBE, MULTI_TURN_PLUGIN), env={'GKD_TEST_TRAJ_LOG': out + '.traj.jsonl'},
+            **dict(ON_POLICY, max_steps=1, per_device_train_batch_size=1, **extra)))(extra)
+           for name, extra in {'top_k': dict(top_k=1, gkd_rollout_max_tokens=3), 'top_p': dict(top_p=0.001),
+                               'none': {}}.items()},
     })
 
 
@@ -146,6 +152,23 @@ def test_vllm_fused_and_dense_losses_agree_on_the_same_samples(runs):
         assert a['gkd/completion_length'] == b['gkd/completion_length']
         assert a['loss'] == pytest.approx(b['loss'], rel=1e-4), (fused.losses, dense.losses)
     assert _probe(fused) == _probe(dense)
+
+
+@pytest.mark.parametrize('name', ['top_k', 'top_p'])
+def test_vllm_rollout_filters_and_budget_reach_vllm(runs, vllm_ws, name):
+    """--top_k 1 or --top_p 0.001 on vLLM: every sampled token of step 1 is the (synced, initial) student's argmax,
+    where the unfiltered run's are not; --gkd_rollout_max_tokens 3 stops vLLM's samples at 3 tokens."""
+    from test_onpolicy_remedies import argmax_agreement
+
+    def records(run, kind):
+        with open(run.output_dir + '.traj.jsonl') as f:
+            return [r for r in map(json.loads, f) if r['kind'] == kind]
+
+    run = _ok(runs[f'filter_{name}'])
+    assert argmax_agreement(vllm_ws.student, records(run, 'batch')[0]) == 1.0
+    assert argmax_agreement(vllm_ws.student, records(_ok(runs['filter_none']), 'batch')[0]) < 0.75
+    lengths = [len(ids) for r in records(run, 'samples') for ids in r['response_token_ids']]
+    assert max(lengths) == (3 if name == 'top_k' else 8), lengths
 
 
 def test_vllm_mixed_on_policy_and_seq_kd(runs):

@@ -42,7 +42,7 @@ from .fused_plan import Plan, finite_bias
 from .fused_torch import TorchChunks, default_chunk_size
 from .fused_triton import TritonChunks, kernel_chunk_size
 from .kernels import choose_backend
-from .row_divergence import Divergence, as_divergence
+from .row_divergence import Divergence, as_divergence, kernel_form
 from .teacher_signal import TeacherHead, TeacherTopK
 from .topk import topk_teacher_entropy
 
@@ -145,6 +145,10 @@ def fused_linear_jsd(student_hidden: torch.Tensor,
     _check_label_weights(labels, label_weights, label_temperature)
 
     backend_name, self_check = choose_backend(backend, student_hidden.device)
+    if backend_name == 'triton' and as_divergence(divergence).fkl_above_entropy is not None:
+        if not self_check:  # forced: the kernels have no entropy-aware mix (kernel_form says so)
+            kernel_form(divergence)
+        backend_name, self_check = 'torch', False  # auto: the PyTorch path computes it
     hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
     n_all, vocab, dev = hidden.shape[0], student_weight.shape[0], hidden.device
     plan = Plan(divergence=divergence, temperature=float(temperature), tail=bool(topk_tail), vocab=vocab,

@@ -198,7 +198,7 @@ def _full_chunk(buf: '_Scratch', h, weight, bias_f, plan: Plan, sl, sft: bool) -
     log_softmax_into(b, buf.p_t)  # t, p_t
     if sft and p1 is None:
         ce = -(a.gather(1, lab).squeeze(1) * ce_weight).sum()
-    # leaves sign * dD/du in a (u = z / T: dD/dz = dD/du / T)
+    # leaves dD/du / sign in a (u = z / T: dD/dz = dD/du / T)
     div, sign = divergence_rows(buf.divergence_rows(), plan.divergence)
     grad_scale = plan.div_scale * sign * inv_t
 

@@ -18,7 +18,7 @@ from typing import Callable, Dict, NamedTuple, Optional, Tuple, Union
 import torch
 
 __all__ = ['DIVERGENCES', 'REGISTRY', 'Divergence', 'KernelForm', 'RowBuffers', 'as_divergence', 'divergence_rows',
-           'kernel_form', 'log_softmax_into']
+           'entropy_gate', 'kernel_form', 'log_softmax_into']
 
 _FAR = 40.0  # nats: past it the smaller of two probabilities is < 5e-18 of the larger, far below float32 rounding
 
@@ -29,10 +29,16 @@ RowSum = Callable[[torch.Tensor], torch.Tensor]
 class Divergence:
     """Which divergence, with its parameter: ``jsd`` (generalized JSD, ``beta`` in [0, 1]: 0 = ``KL(t || s)``,
     1 = ``KL(s || t)``), ``skew_kl`` (``KL(t || a t + (1 - a) s)``) or ``skew_rkl`` (``KL(s || (1 - a) t + a s)``),
-    ``a = alpha`` in [0, 1] (DistiLLM, Ko et al. 2024); ``t``, ``s``: teacher and student at the loss temperature."""
+    ``a = alpha`` in [0, 1] (DistiLLM, Ko et al. 2024); ``t``, ``s``: teacher and student at the loss temperature.
+
+    ``fkl_above_entropy`` (``--gkd_entropy_fkl_threshold``, None = off): the entropy-aware mix (Jin et al. 2026,
+    arXiv 2603.07079): each row whose teacher entropy ``H(t)`` exceeds it adds ``KL(t || s)``,
+    ``D'(row) = D(row) + 1[H(t) > tau] KL(t || s)`` (:func:`entropy_gate`), in nats over the row's support.
+    """
     name: str = 'jsd'
     beta: float = 0.5
     alpha: float = 0.1
+    fkl_above_entropy: Optional[float] = None
 
     def __post_init__(self):
         if self.name not in ROW_FUNCTIONS:
@@ -40,6 +46,9 @@ class Divergence:
         for key in ('beta', 'alpha'):
             if not 0.0 <= getattr(self, key) <= 1.0:  # NaN too
                 raise ValueError(f'{key} must be in [0, 1], got {getattr(self, key)}')
+        tau = self.fkl_above_entropy
+        if tau is not None and not 0.0 <= tau < math.inf:
+            raise ValueError(f'fkl_above_entropy must be None or a finite number >= 0 (nats), got {tau}')
 
     @property
     def needs_flags(self) -> bool:
@@ -52,7 +61,8 @@ class Divergence:
         return self.name != 'jsd' and 0 < self.alpha < 1
 
     def __str__(self):
-        return f'jsd(beta={self.beta})' if self.name == 'jsd' else f'{self.name}(alpha={self.alpha})'
+        text = f'jsd(beta={self.beta})' if self.name == 'jsd' else f'{self.name}(alpha={self.alpha})'
+        return text if self.fkl_above_entropy is None else f'{text} + KL(t||s) where H(t) > {self.fkl_above_entropy:g}'
 
 
 def as_divergence(spec: Union[float, Divergence]) -> Divergence:
@@ -65,7 +75,7 @@ class RowBuffers:
     """The ``[C, V]`` rows a divergence works in, in place (float32, or float64 for float64 callers).
 
     On entry ``s``, ``t`` hold the student's and teacher's log-probabilities and ``p_s``, ``p_t`` their
-    probabilities (see :func:`log_softmax_into`). On return ``s`` holds ``sign * dD/du`` (``u`` the student's
+    probabilities (see :func:`log_softmax_into`). On return ``s`` holds ``dD/du / sign`` (``u`` the student's
     tempered logits) and ``p_s`` is unchanged; ``t``, ``p_t``, ``flags`` (bool, needed when
     :attr:`Divergence.needs_flags`) and ``extra`` (float, used when :attr:`Divergence.needs_extra`; allocated on
     demand when ``None``) are scratch.
@@ -100,7 +110,7 @@ def log_softmax_into(logits: torch.Tensor, probs: torch.Tensor) -> None:
 def divergence_rows(buf: RowBuffers, divergence: Union[float, Divergence],
                     row_sum: RowSum = _row_sum) -> Tuple[torch.Tensor, float]:
     """Per-row divergence of the rows in ``buf`` and its gradient: returns ``(D [C], sign)`` and leaves
-    ``sign * dD/du`` in ``buf.s`` (see :class:`RowBuffers`). ``row_sum`` sums the last dimension
+    ``dD/du / sign`` in ``buf.s`` (see :class:`RowBuffers`). ``row_sum`` sums the last dimension
     (vocabulary-parallel callers all-reduce it).
 
     Why this form: a KL summed as ``sum p (log p - log q)`` adds first-order terms that cancel to a second-order
@@ -110,12 +120,46 @@ def divergence_rows(buf: RowBuffers, divergence: Union[float, Divergence],
     rows give exactly 0, never a negative value, and a normaliser shift moves ``D`` only at second order.
     """
     div = as_divergence(divergence)
+    if div.fkl_above_entropy is not None:
+        return _entropy_aware_rows(buf, div, row_sum)
     return ROW_FUNCTIONS[div.name](buf, div, row_sum)
 
 
+def entropy_gate(teacher_entropy: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The entropy-aware mix's per-row weight of ``KL(t || s)``: ``1[H(t) > threshold]`` (bool, ``[C]``)."""
+    return teacher_entropy > threshold
+
+
+def _entropy_aware_rows(buf: RowBuffers, div: Divergence, row_sum: RowSum):
+    """``D + 1[H(t) > tau] KL(t || s)`` (see :class:`Divergence`): the base divergence on every row, forward KL on a
+    copy of the gated rows only, their gradients added. ``H(t)`` is summed with ``row_sum``, so vocabulary-parallel
+    ranks gate the same rows."""
+    base = Divergence(div.name, beta=div.beta, alpha=div.alpha)
+    entropy = row_sum(torch.special.entr(buf.p_t))
+    rows = entropy_gate(entropy, div.fkl_above_entropy).nonzero().squeeze(-1)
+    gated = None
+    if rows.numel():  # forward KL (sign +1: buffers hold dKL/du) on copies of the gated rows
+        sub = RowBuffers(buf.s[rows], buf.t[rows], buf.p_s[rows], buf.p_t[rows],
+                         torch.empty(rows.numel(), buf.s.shape[-1], dtype=torch.bool, device=buf.s.device))
+        fkl, _ = _jsd_rows(sub, Divergence('jsd', beta=0.0), row_sum)
+        gated = sub.s
+    d, sign = ROW_FUNCTIONS[base.name](buf, base, row_sum)
+    if gated is None:
+        return d, sign
+    if sign == 0:  # a divergence identically 0 (skew at alpha 1): only the forward KL's gradient
+        buf.s.zero_()
+        sign = 1.0
+    buf.s.index_add_(0, rows, gated, alpha=1.0 / sign)  # sign * buf.s = dD/du + 1[gate] dKL/du
+    return d.index_add(0, rows, fkl), sign
+
+
 def kernel_form(divergence: Union[float, Divergence]) -> KernelForm:
-    """The Triton kernels' form of a divergence (see :class:`KernelForm`), from the registry."""
+    """The Triton kernels' form of a divergence (see :class:`KernelForm`), from the registry. The entropy-aware mix
+    has none (the kernels run one divergence per row): ValueError."""
     div = as_divergence(divergence)
+    if div.fkl_above_entropy is not None:
+        raise ValueError(f'the Triton kernels do not compute the entropy-aware mix ({div}): use the PyTorch backend '
+                         '(--gkd_fused_backend torch)')
     return REGISTRY[div.name].kernel(div)
 
 

@@ -182,6 +182,8 @@ def _command_line_parser() -> argparse.ArgumentParser:
     p.add_argument('--max_completion_length', type=int, default=512)
     p.add_argument('--seq_kd', type=_bool, default=False)
     p.add_argument('--gkd_logits_topk', type=int, default=None)
+    p.add_argument('--top_k', type=int, default=-1)
+    p.add_argument('--top_p', type=float, default=1.0)
     p.add_argument('--teacher_model', default=None)
     p.add_argument('--teacher_model_server', default=None)
     p.add_argument('--offload_teacher_model', type=_bool, default=False)

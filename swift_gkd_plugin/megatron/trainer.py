@@ -33,7 +33,7 @@ from swift_gkd_plugin.core.entropy import EntropyGapWatch
 from swift_gkd_plugin.core.lora_round_trip import BaseWeightsKeeper
 from swift_gkd_plugin.core.modes import DATA_SOURCES, mode_log_path, sampling_seed, step_mode
 from swift_gkd_plugin.core.views import prepare_teacher_view
-from swift_gkd_plugin.flags import sampling_temperature
+from swift_gkd_plugin.flags import rollout_max_tokens, sampling_temperature
 from swift_gkd_plugin.megatron.generation import generate
 from swift_gkd_plugin.megatron.loss import (defer_teacher, entropies_on_shards, fill_deferred_teacher,
                                             gkd_loss_on_shards, shard_vocab_start, teacher_on_demand,
@@ -60,7 +60,8 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         self._mode_log = mode_log_path(args.output_dir, rank)
         self._real_vocab = model_vocab_size(template, args)
-        self._divergence = Divergence(args.gkd_divergence, beta=args.beta, alpha=args.gkd_skew_alpha)
+        self._divergence = Divergence(args.gkd_divergence, beta=args.beta, alpha=args.gkd_skew_alpha,
+                                      fkl_above_entropy=args.gkd_entropy_fkl_threshold)
         logger.info(f'swift_gkd_plugin: divergence {self._divergence} at temperature {args.temperature}')
         if self._real_vocab is None:
             logger.warning('swift_gkd_plugin: the model config holds no vocab_size: Megatron\'s padded vocabulary '
@@ -132,6 +133,12 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
         finally:
             model.train(was_training)
 
+    def _get_request_config(self):
+        """ms-swift's vLLM request config (on-policy steps only) with ``--gkd_rollout_max_tokens`` as its budget."""
+        config = super()._get_request_config()
+        config.max_tokens = min(config.max_tokens or rollout_max_tokens(self.args), rollout_max_tokens(self.args))
+        return config
+
     @torch.no_grad()
     def _sample_from_model(self, samples, teacher: bool):
         """Sampling without vLLM. Every rank of a model-parallel group (TP x PP) runs each forward together on its
@@ -154,8 +161,9 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
                 logits = forward_step_helper(model, data)
                 return None if logits is None else last_logits(logits, positions)
 
+            budget = self.args.max_completion_length if teacher else rollout_max_tokens(self.args)
             completions = generate(
-                next_logits, prompts, max_new_tokens=self.args.max_completion_length,
+                next_logits, prompts, max_new_tokens=budget,
                 eos_token_ids=eos, temperature=sampling_temperature(self.args),
                 top_k=_positive(getattr(self.args, 'top_k', None)), top_p=getattr(self.args, 'top_p', None),
                 seed=sampling_seed(self.args.seed, self.state.iteration, mpu.get_data_parallel_rank()),

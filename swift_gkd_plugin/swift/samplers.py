@@ -11,7 +11,8 @@ from swift.infer_engine import TransformersEngine
 from swift.utils import get_logger, unwrap_model_for_generation
 
 from swift_gkd_plugin.core.lora_round_trip import HostBuffer, exact_lora_sync, lora_merges_skipped
-from swift_gkd_plugin.core.modes import sampling_seed
+from swift_gkd_plugin.core.modes import Mode, sampling_seed
+from swift_gkd_plugin.flags import rollout_max_tokens
 from swift_gkd_plugin.swift.hidden_states import head_rows
 from swift_gkd_plugin.swift.media_tokens import cut_at_media_placeholders, suppress_media_placeholders
 from swift_gkd_plugin.swift.rollout_correction import SamplerLogprobsEngine
@@ -70,12 +71,16 @@ class SamplersMixin:
 
     def _get_request_config(self, logprobs: bool = True):
         """ms-swift's request config, with vLLM's per-request seeds derived from (seed, step, rank) in colocate mode
-        (see :func:`seeded_request_config`); ``logprobs=False`` for samplers whose log-probabilities are unused (the
-        teacher's, SKD's)."""
+        (see :func:`seeded_request_config`) and, on on-policy steps, ``--gkd_rollout_max_tokens`` as its token budget;
+        ``logprobs=False`` for samplers whose log-probabilities are unused (the teacher's, SKD's)."""
         config = super()._get_request_config()
         if not logprobs and config.logprobs:
             config = copy(config)
             config.logprobs = False
+        budget = rollout_max_tokens(self.args)  # early-stopped rollouts: the student's on-policy samples only
+        if getattr(self, '_gkd_mode', None) is Mode.ON_POLICY and config.max_tokens and budget < config.max_tokens:
+            config = copy(config)
+            config.max_tokens = budget
         if not self.args.use_vllm:  # (ms-swift keeps the flag on args alone)
             return untruncated_top_k(config, self.accelerator.unwrap_model(self.model))
         if not self.model.training:

@@ -92,7 +92,8 @@ class GKDPluginTrainer(LossMixin, RolloutMixin, SamplersMixin, ScoringMixin, Bat
                                                teacher.model_meta.model_type, self.template, self.args.teacher_template)
         self._fused = self._decide_loss_impl()
         # the one divergence every loss path computes (core.row_divergence); --beta is the JSD's parameter
-        self._divergence = Divergence(self.args.gkd_divergence, beta=self.args.beta, alpha=self.args.gkd_skew_alpha)
+        self._divergence = Divergence(self.args.gkd_divergence, beta=self.args.beta, alpha=self.args.gkd_skew_alpha,
+                                      fkl_above_entropy=self.args.gkd_entropy_fkl_threshold)
         logger.info(f'swift_gkd_plugin: divergence {self._divergence} at temperature {self.args.temperature}')
         self._sampler_logprobs_noted, self._measure_mismatch = False, False
         if self.args.gkd_rl_coef > 0:

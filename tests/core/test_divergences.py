@@ -17,7 +17,12 @@ from swift_gkd_plugin.core.topk import bucket_divergence
 pytestmark = pytest.mark.quick  # core math: part of `pytest -m quick`
 
 SPECS = ([Divergence('jsd', beta=b) for b in (0.0, 0.3, 0.5, 1.0)]
-         + [Divergence(name, alpha=a) for name in ('skew_kl', 'skew_rkl') for a in (0.0, 0.1, 0.5, 1.0)])
+         + [Divergence(name, alpha=a) for name in ('skew_kl', 'skew_rkl') for a in (0.0, 0.1, 0.5, 1.0)]
+         # the entropy-aware mix (--gkd_entropy_fkl_threshold): thresholds inside the test rows' entropies (part of
+         # the rows gated), 0 (every row) and past log V (none)
+         + [Divergence('jsd', beta=b, fkl_above_entropy=1.6) for b in (0.0, 0.5, 1.0)]
+         + [Divergence('skew_rkl', alpha=0.1, fkl_above_entropy=0.9), Divergence('jsd', beta=1.0, fkl_above_entropy=0.0),
+            Divergence('jsd', beta=0.5, fkl_above_entropy=50.0), Divergence('skew_kl', alpha=1.0, fkl_above_entropy=1.2)])
 IDS = [str(d) for d in SPECS]
 
 
@@ -30,6 +35,12 @@ def reference64(student, teacher, div: Divergence, temperature):
     def kl(p, q):
         keep = p > 0
         return torch.where(keep, p * (torch.where(keep, p, 1).log() - torch.where(keep, q, 1).log()), 0).sum(-1)
+
+    if div.fkl_above_entropy is not None:  # D + 1[H(t) > tau] KL(t || s)
+        entropy = -torch.where(p_t > 0, p_t * torch.where(p_t > 0, p_t, 1).log(), 0).sum(-1)
+        base = Divergence(div.name, beta=div.beta, alpha=div.alpha)
+        gate = (entropy > div.fkl_above_entropy).double()
+        return reference64(student, teacher, base, temperature) + gate * kl(p_t, p_s)
 
     if div.name == 'skew_kl':
         return kl(p_t, div.alpha * p_t + (1 - div.alpha) * p_s)
@@ -299,3 +310,22 @@ def test_skew_divergences_are_precise_for_tiny_and_large_alpha(name, alpha):
     _, ref_grad1 = value_and_grad(lambda z: skew_log_space64(z, teacher, name, alpha, 1.3), student.double(),
                                   torch.ones(n))
     assert rel(head.grad[:, :n].T, ref_grad1) <= 1e-5
+
+
+def test_entropy_aware_mix_is_validated_and_has_no_kernel_form():
+    from swift_gkd_plugin.core.row_divergence import entropy_gate, kernel_form
+    with pytest.raises(ValueError, match=r'fkl_above_entropy must be None or a finite number >= 0 \(nats\), got -1'):
+        Divergence('jsd', beta=1.0, fkl_above_entropy=-1.0)
+    with pytest.raises(ValueError, match='fkl_above_entropy must be None or a finite number'):
+        Divergence('jsd', beta=1.0, fkl_above_entropy=float('nan'))
+    with pytest.raises(ValueError, match=r'do not compute the entropy-aware mix .*\(--gkd_fused_backend torch\)'):
+        kernel_form(Divergence('jsd', beta=1.0, fkl_above_entropy=2.0))
+    assert entropy_gate(torch.tensor([0.5, 2.0, 2.5]), 2.0).tolist() == [False, False, True]  # strictly above
+
+
+def test_entropy_aware_mix_without_gated_rows_is_the_base_bit_for_bit():
+    student, teacher, w = inputs(12)
+    base = value_and_grad(lambda z: generalized_jsd(z, teacher, Divergence('jsd', beta=0.5), 1.1), student, w)
+    none = value_and_grad(lambda z: generalized_jsd(z, teacher, Divergence('jsd', beta=0.5, fkl_above_entropy=50.0),
+                                                    1.1), student, w)
+    assert torch.equal(base[0], none[0]) and torch.equal(base[1], none[1])

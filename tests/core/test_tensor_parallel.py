@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 
 from swift_gkd_plugin.core.divergence import LOG_PROB_FLOOR, generalized_jsd, kl_from_log_probs
 from swift_gkd_plugin.core.fused_loss import fused_linear_jsd
+from swift_gkd_plugin.core.row_divergence import Divergence
 from swift_gkd_plugin.core.teacher_signal import TeacherTopK
 from swift_gkd_plugin.core.tensor_parallel import (vocab_parallel_generalized_jsd, vocab_parallel_log_softmax,
                                                    vocab_parallel_logsumexp, vocab_parallel_topk_jsd)
@@ -27,6 +28,7 @@ SPLITS = {'tp2': [19, 18], 'tp4': [12, 3, 9, 13], 'tp4_empty_shard': [12, 0, 12,
 INACTIVE_TOPK_ROW = 5  # a top-k row with no finite log-prob
 PARTIAL_TOPK_ROW = 2  # a top-k row with unused (-inf) slots
 ROW_MASK = torch.tensor([1, 1, 0, 1, 0, 1, 1, 1, 0], dtype=torch.bool)
+ENTROPY_FKL_THRESHOLDS = [1.0, 1.6]  # nats: between the test teacher's row entropies
 
 
 def make_inputs(seed: int = 0):
@@ -120,6 +122,15 @@ def _tp_cases(group, rank, split, full: bool):
         (d * inputs['weights']).sum().backward()
         out[f'fullk/{beta}/{temp}'] = d.detach()
         out[f'fullk/{beta}/{temp}/grad'] = z.grad
+
+    # the entropy-aware mix: every rank gates the same rows (the teacher's entropy is all-reduced)
+    for tau in ENTROPY_FKL_THRESHOLDS:
+        z = shard(inputs['student'], torch.float64)
+        div = Divergence('jsd', beta=1.0, fkl_above_entropy=tau)
+        d = vocab_parallel_generalized_jsd(z, inputs['teacher'][:, lo:hi], div, 1.0, group, chunk_size=3)
+        (d * inputs['weights']).sum().backward()
+        out[f'entropy_fkl/{tau}'] = d.detach()
+        out[f'entropy_fkl/{tau}/grad'] = z.grad
 
     # top-k with a row mask
     z = shard(inputs['student'], torch.float64)
@@ -284,6 +295,27 @@ def assert_matches(values, grad, ref_values, ref_grad, rtol, atol):
 
 LAYOUTS = ['tp2', 'tp4']
 CASES = [(b, t) for b in BETAS for t in TEMPERATURES]
+
+
+@pytest.mark.parametrize('layout', LAYOUTS)
+@pytest.mark.parametrize('tau', ENTROPY_FKL_THRESHOLDS)
+def test_entropy_aware_mix_gates_the_same_rows_on_every_rank(world2, world4, layout, tau):
+    """``KL(s || t) + 1[H(t) > tau] KL(t || s)`` split across ranks equals the float64 definition (a rank gating on
+    its own share of the entropy would differ)."""
+    ranks, _ = tp_results(world2, world4, layout)
+    inputs = make_inputs()
+    values, grad = gathered(ranks, f'entropy_fkl/{tau}'), gathered(ranks, f'entropy_fkl/{tau}/grad')
+
+    def mix64(student, teacher):
+        s, t = torch.log_softmax(student, -1), torch.log_softmax(teacher, -1)
+        gate = (-(t.exp() * t).sum(-1) > tau).double()
+        return kl_from_log_probs(s, t) + gate * kl_from_log_probs(t, s)
+
+    t64 = inputs['teacher'].double()
+    entropy = -(torch.softmax(t64, -1) * torch.log_softmax(t64, -1)).sum(-1)
+    assert 0 < int((entropy > tau).sum()) < entropy.numel()  # the case gates some rows, not all
+    ref = reference(mix64, inputs['student'], inputs['weights'], inputs['teacher'])
+    assert_matches(values, grad, *ref, rtol=1e-6, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------------------------------------------
