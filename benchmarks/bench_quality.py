@@ -117,11 +117,37 @@ SMOLLM_PRESETS = {
 SMOLLM_LEARNING_RATE = '2e-4'
 #: ``--device``: where the smollm workspace is built and checkpoints are scored.
 DEVICE = 'cpu'
-SMOLLM_METHODS: Dict[str, tuple] = {
+SMOLLM_BASELINES: Dict[str, tuple] = {
     'seqkd': ('sft', {}), 'supkd': METHODS['supkd'],
     **{m: METHODS[m] for m in ONPOLICY}, 'mixed': METHODS['mixed'],
     'skd': ('rlhf', {'lmbda': '1', 'beta': '0.5', 'gkd_skd_top_k': '25'}),
 }
+
+
+def remedy_methods(base: Dict[str, str], rkl: Dict[str, str]) -> Dict[str, tuple]:
+    """Issue 36's remedies of pure on-policy GKD (docs_en/onpolicy_remedies.md), each alone on the preset's on-policy
+    ``base`` flags, and their combination: top-p rollouts, the loss on the teacher's top-16 support (arXiv
+    2603.25562), the entropy-aware mix on reverse KL (``rkl``; arXiv 2603.07079), early-stopped rollouts (a third of
+    the answer budget; arXiv 2605.27028) and sampling at temperature 0.5 (the lead of docs_en/quality.md)."""
+    return {
+        'op_topp': ('rlhf', dict(base, top_p='0.9')),
+        'op_support': ('rlhf', dict(base, gkd_logits_topk='16')),
+        'op_entropy': ('rlhf', dict(rkl, gkd_entropy_fkl_threshold=ENTROPY_FKL_THRESHOLD)),
+        'op_early': ('rlhf', dict(base, gkd_rollout_max_tokens='16')),
+        'op_cold': ('rlhf', dict(base, gkd_sampling_temperature='0.5')),
+        'op_combo': ('rlhf', dict(base, **REMEDY_COMBINATION)),
+    }
+
+
+#: nats: about the teacher's mean entropy on the warm student's temperature-1 samples (2.88, docs_en/quality.md) less
+#: one, so that its more uncertain positions get forward KL
+ENTROPY_FKL_THRESHOLD = '2.0'
+#: the remedies measured best alone, together (docs_en/onpolicy_remedies.md)
+REMEDY_COMBINATION = {'gkd_sampling_temperature': '0.5', 'top_p': '0.9', 'gkd_rollout_max_tokens': '16'}
+#: SmolLM2's on-policy base: reverse KL (the on-policy distillation papers' objective, and the best pure on-policy
+#: beta on forward KL from the supervised start, docs_en/quality.md)
+SMOLLM_REMEDIES = remedy_methods({'lmbda': '1', 'beta': '1'}, {'lmbda': '1', 'beta': '1'})
+SMOLLM_METHODS: Dict[str, tuple] = {**SMOLLM_BASELINES, **SMOLLM_REMEDIES}
 #: Per token, on the held-out prompts (swift_gkd_plugin.testing.smollm.pair_metrics): on the teacher's answers, then on
 #: the student's own greedy answers.
 SMOLLM_METRICS = ('forward_kl', 'top1_agreement', 'student_nll', 'onpolicy_teacher_nll', 'onpolicy_reverse_kl',
@@ -144,7 +170,10 @@ TOOL_SCHEDULER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
                               'testing', 'tool_scheduler.py')
 MULTI_TURN = {'multi_turn_scheduler': 'gkd_calculator', 'max_turns': str(tool_task.MAX_TURNS),
               'external_plugins': TOOL_SCHEDULER}
-TOOLS_METHOD_NAMES = ('onpolicy_tools', 'onpolicy_tools_fkl', 'single_turn', 'seqkd_sft', 'seqkd_tools')
+TOOLS_BASELINE_NAMES = ('onpolicy_tools', 'onpolicy_tools_fkl', 'single_turn', 'seqkd_sft', 'seqkd_tools')
+#: the remedies on the tools preset's best pure on-policy base, forward KL (beta 0) with the scheduler
+TOOLS_REMEDY_NAMES = tuple(f'{m}_tools' for m in SMOLLM_REMEDIES)
+TOOLS_METHOD_NAMES = TOOLS_BASELINE_NAMES + TOOLS_REMEDY_NAMES
 TOOLS_METRICS = ('success', 'tool_call_rate', 'tool_call_correct', 'turns')
 
 
@@ -157,6 +186,8 @@ def tools_methods(ws: Dict[str, Any]) -> Dict[str, tuple]:
         'single_turn': ('rlhf', {'lmbda': '1', 'beta': '0.5'}),
         'seqkd_sft': ('sft', {'dataset': ws['teacher_trajectories']}),
         'seqkd_tools': ('rlhf', {'seq_kd': 'true', 'lmbda': '0', 'beta': '0.5', **MULTI_TURN}),
+        **{f'{m}_tools': spec for m, spec in remedy_methods({'lmbda': '1', 'beta': '0', **MULTI_TURN},
+                                                             {'lmbda': '1', 'beta': '1', **MULTI_TURN}).items()},
     }
 
 
@@ -434,7 +465,8 @@ def common_parser(doc: str, workdir: str, methods, temperature: str = TEMPERATUR
 
 
 def parse_args(argv=None):
-    parser = common_parser(__doc__, 'bench_quality_out', [*METHODS, *TOOLS_METHOD_NAMES], learning_rate=None)
+    parser = common_parser(__doc__, 'bench_quality_out', [*METHODS, *SMOLLM_REMEDIES, *TOOLS_METHOD_NAMES],
+                           learning_rate=None)
     parser.add_argument('--sampling_temperature',
                         help='the GKD methods\' --gkd_sampling_temperature (default: unset, sampling at --temperature)')
     parser.add_argument('--preset', choices=('default', 'capacity', 'smollm', 'tools'), default='default',
@@ -664,6 +696,34 @@ def smollm_closing_line(curves, ws) -> str:
             f"{_smollm_comparison(curves, 'rouge_l', False)}")
 
 
+def _versus(stats, x: str, y: str, sign: int) -> str:
+    """``x`` against ``y`` in units of the larger of their stds, positive when ``x`` is better."""
+    std = max(stats[x][1], stats[y][1])
+    return f'{sign * (stats[y][0] - stats[x][0]) / std:+.1f} std' if std > 0 else 'no std (one seed)'
+
+
+def remedies_comparison(curves, metric: str, lower_is_better: bool, reference: str, shown) -> str:
+    """``name m±s, ...`` of ``shown`` for ``metric`` (mean ± std over seeds), then the best on-policy recipe (plain
+    on-policy or a remedy) against ``reference``."""
+    stats = {m: mean_std([c[-1][metric] for c in by_seed.values()]) for m, by_seed in curves.items()}
+    sign = 1 if lower_is_better else -1
+    onpolicy = [m for m in curves if m.startswith(('onpolicy', 'op_'))]
+    best = min(onpolicy, key=lambda m: sign * stats[m][0])
+    cells = ', '.join(f'{m} {stats[m][0]:.3f}±{stats[m][1]:.3f}' for m in shown)
+    return f'{cells}; best on-policy recipe {best} vs {reference}: {_versus(stats, best, reference, sign)}'
+
+
+def smollm_warm_closing_line(curves, ws) -> str:
+    """``quality[smollm-warm]: ...``: forward KL on the teacher's answers (lower is better) and ROUGE-L of the own
+    greedy answers against the teacher's (higher), every method from the supervised start, the best on-policy recipe
+    against supervised KD (issue 36)."""
+    start = ws['student_eval']
+    shown = [m for m in curves if m != 'mixed' and not m.startswith('onpolicy_beta0')]
+    return (f"quality[smollm-warm]: forward KL on the teacher's answers: start {start['forward_kl']:.3f}, "
+            f"{remedies_comparison(curves, 'forward_kl', True, 'supkd', shown)} | ROUGE-L vs the teacher's answers: "
+            f"start {start['rouge_l']:.3f}, {remedies_comparison(curves, 'rouge_l', False, 'supkd', shown)}")
+
+
 def smollm_main(args) -> int:
     global LEARNING_RATE, DEVICE
     LEARNING_RATE, DEVICE = SMOLLM_LEARNING_RATE, args.device  # --learning_rate overrides it (configure)
@@ -691,8 +751,10 @@ def smollm_main(args) -> int:
     print(smollm_table(curves, ws, cfg))
     print(smollm_samples(curves, ws))
     log(f'wrote results.json to {outdir} ({time.time() - t0:.0f}s in all)')
-    if set(SMOLLM_METHODS) <= set(curves):
-        print(smollm_closing_line(curves, ws))
+    if set(SMOLLM_BASELINES) <= set(curves):
+        print(smollm_closing_line({m: curves[m] for m in SMOLLM_BASELINES}, ws))
+    if ws.get('warm_start_steps') and set(SMOLLM_METHODS) <= set(curves):
+        print(smollm_warm_closing_line(curves, ws))
     return 0
 
 
@@ -753,8 +815,14 @@ def tools_closing_line(summary, ws) -> str:
     number of seeds)."""
     cells = ', '.join(f"{method} {stats['success'][0]:.3f}±{stats['success'][1]:.3f} ({stats['seeds']} seed"
                       f"{'s' if stats['seeds'] != 1 else ''})" for method, stats in summary.items())
-    return (f"quality[tools]: success rate (held-out): teacher {ws['teacher_eval']['success']:.3f}, "
+    line = (f"quality[tools]: success rate (held-out): teacher {ws['teacher_eval']['success']:.3f}, "
             f"start {ws['student_eval']['success']:.3f}, {cells}")
+    onpolicy = [m for m in summary if m.startswith(('onpolicy', 'op_'))]
+    if 'seqkd_sft' not in summary or not onpolicy:
+        return line
+    best = max(onpolicy, key=lambda m: summary[m]['success'][0])
+    stats = {m: summary[m]['success'] for m in summary}
+    return f"{line}; best on-policy recipe {best} vs seqkd_sft: {_versus(stats, best, 'seqkd_sft', -1)}"
 
 
 def tools_main(args) -> int:
