@@ -132,6 +132,8 @@ def remedy_methods(base: Dict[str, str], rkl: Dict[str, str]) -> Dict[str, tuple
     return {
         'op_topp': ('rlhf', dict(base, top_p='0.9')),
         'op_support': ('rlhf', dict(base, gkd_logits_topk='16')),
+        # the same with the mass outside the top-16 as one more bucket: the student cannot move mass there unseen
+        'op_support_tail': ('rlhf', dict(base, gkd_logits_topk='16', gkd_topk_tail='true')),
         'op_entropy': ('rlhf', dict(rkl, gkd_entropy_fkl_threshold=ENTROPY_FKL_THRESHOLD)),
         'op_early': ('rlhf', dict(base, gkd_rollout_max_tokens='16')),
         'op_cold': ('rlhf', dict(base, gkd_sampling_temperature='0.5')),
