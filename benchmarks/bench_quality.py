@@ -174,7 +174,8 @@ TOOL_SCHEDULER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
                               'testing', 'tool_scheduler.py')
 MULTI_TURN = {'multi_turn_scheduler': 'gkd_calculator', 'max_turns': str(tool_task.MAX_TURNS),
               'external_plugins': TOOL_SCHEDULER}
-TOOLS_BASELINE_NAMES = ('onpolicy_tools', 'onpolicy_tools_fkl', 'single_turn', 'seqkd_sft', 'seqkd_tools')
+TOOLS_BASELINE_NAMES = ('onpolicy_tools', 'onpolicy_tools_fkl', 'onpolicy_tools_rkl', 'single_turn', 'seqkd_sft',
+                        'seqkd_tools')
 #: the remedies on the tools preset's best pure on-policy base, forward KL (beta 0) with the scheduler
 TOOLS_REMEDY_NAMES = tuple(f'{m}_tools' for m in SMOLLM_REMEDIES)
 TOOLS_METHOD_NAMES = TOOLS_BASELINE_NAMES + TOOLS_REMEDY_NAMES
@@ -187,6 +188,7 @@ def tools_methods(ws: Dict[str, Any]) -> Dict[str, tuple]:
     return {
         'onpolicy_tools': ('rlhf', {'lmbda': '1', 'beta': '0.5', **MULTI_TURN}),
         'onpolicy_tools_fkl': ('rlhf', {'lmbda': '1', 'beta': '0', **MULTI_TURN}),  # forward KL: the SFT-like end
+        'onpolicy_tools_rkl': ('rlhf', {'lmbda': '1', 'beta': '1', **MULTI_TURN}),  # reverse KL: the entropy mix's base
         'single_turn': ('rlhf', {'lmbda': '1', 'beta': '0.5'}),
         'seqkd_sft': ('sft', {'dataset': ws['teacher_trajectories']}),
         'seqkd_tools': ('rlhf', {'seq_kd': 'true', 'lmbda': '0', 'beta': '0.5', **MULTI_TURN}),
