@@ -105,7 +105,8 @@ def test_warns_when_the_students_entropy_stays_above_a_sharp_teachers(tiny_ws, s
     gaps = [r['gkd/entropy'] - r['gkd/teacher_entropy'] for r in run.logs]
     assert len(gaps) == steps and min(gaps) > ENTROPY_GAP_MARGIN, gaps
     assert run.output.count(WARNING) == 1
-    for flag in ('--gkd_sampling_temperature', '--lmbda', '--gkd_skd_top_k', '--beta'):
+    for flag in ('--gkd_sampling_temperature', '--top_p', '--lmbda', '--gkd_skd_top_k', '--beta',
+                 '--gkd_rollout_max_tokens'):
         assert flag in run.output
     counts = [r.get('gkd/entropy_gap_warnings') for r in run.logs]
     assert counts == [None] * (ENTROPY_GAP_STEPS - 1) + [1, 1]
