@@ -118,3 +118,30 @@ def test_watch_counts_episodes():
     fired = [watch.update(e, 1.0) is not None for e in (3, 3, 3, 1.5, 3, 3, float('nan'), 3)]
     assert fired == [False, True, False, False, False, True, False, False]
     assert watch.warnings == 2
+
+
+#: gkd/entropy / gkd/teacher_entropy at the logged steps (1, 5, 10, 12) of the SmolLM2 warm-start runs
+#: (docs_en/onpolicy_remedies.md, seed 0 unless named): the runs that ended worse than their start first, then those
+#: that held. The gap criterion alone fired on none of them.
+DEGRADING = {'beta0': [(2.10, 2.23), (3.62, 3.45), (5.72, 4.51), (5.91, 4.88)],
+             'beta0_seed1': [(2.77, 3.27), (3.86, 3.71), (6.08, 4.68), (6.21, 4.66)],
+             'beta0.5': [(2.10, 2.23), (2.79, 3.13), (4.41, 3.81), (5.09, 4.37)],
+             'entropy_mix': [(2.10, 2.23), (2.76, 3.23), (4.89, 4.10), (5.19, 4.42)]}
+HOLDING = {'beta1': [(2.10, 2.23), (2.32, 2.92), (3.00, 3.45), (3.71, 3.74)],
+           'top_p': [(1.62, 1.91), (2.11, 2.62), (2.70, 2.97), (2.91, 2.83)],
+           'cold': [(1.78, 1.83), (1.70, 2.20), (1.93, 2.50), (1.89, 2.55)],
+           'mixed': [(2.19, 2.76), (2.94, 2.92), (2.48, 2.62)],
+           'skd': [(2.11, 2.03), (2.60, 2.53), (3.33, 2.60), (3.07, 2.39)],
+           # a student rising to meet a flatter teacher (not measured: the case the gap condition keeps quiet)
+           'rising_to_the_teacher': [(0.5, 3.0), (1.5, 3.0), (2.8, 3.0), (3.1, 3.0)]}
+
+
+@pytest.mark.parametrize('name', list(DEGRADING) + list(HOLDING))
+def test_rise_trigger_separates_the_measured_runs(name):
+    watch = EntropyGapWatch()
+    messages = [watch.update(e, t) for e, t in {**DEGRADING, **HOLDING}[name]]
+    fired = [m for m in messages if m]
+    assert len(fired) == (1 if name in DEGRADING else 0), messages
+    if fired:
+        assert 'after rising more than 2 nats above its first logged value' in fired[0]
+        assert messages.index(fired[0]) == 3  # the second logged step in a row past the rise (step 12 here)

@@ -21,8 +21,9 @@ SPECS = ([Divergence('jsd', beta=b) for b in (0.0, 0.3, 0.5, 1.0)]
          # the entropy-aware mix (--gkd_entropy_fkl_threshold): thresholds inside the test rows' entropies (part of
          # the rows gated), 0 (every row) and past log V (none)
          + [Divergence('jsd', beta=b, fkl_above_entropy=1.6) for b in (0.0, 0.5, 1.0)]
-         + [Divergence('skew_rkl', alpha=0.1, fkl_above_entropy=0.9), Divergence('jsd', beta=1.0, fkl_above_entropy=0.0),
-            Divergence('jsd', beta=0.5, fkl_above_entropy=50.0), Divergence('skew_kl', alpha=1.0, fkl_above_entropy=1.2)])
+         + [Divergence('skew_rkl', alpha=0.1, fkl_above_entropy=0.9),
+            Divergence('jsd', beta=1.0, fkl_above_entropy=0.0), Divergence('jsd', beta=0.5, fkl_above_entropy=50.0),
+            Divergence('skew_kl', alpha=1.0, fkl_above_entropy=1.2)])
 IDS = [str(d) for d in SPECS]
 
 
