@@ -192,7 +192,8 @@ class GKDPluginArgumentsMixin:
         default=None,
         metadata=FlagMetadata(
             help='Early-stopped rollouts: the student\'s on-policy samples (SKD\'s included) stop after this many '
-            'tokens (per turn with --multi_turn_scheduler), while --max_completion_length keeps bounding seq_kd '
+            'tokens (per turn with --multi_turn_scheduler; the whole trajectory where ms-swift bounds the total: vLLM '
+            'colocate with --completion_length_limit_scope total), while --max_completion_length keeps bounding seq_kd '
             'samples and dataset responses. Unset (default): --max_completion_length. Integer in 1 to '
             '--max_completion_length. See docs_en/onpolicy_remedies.md.',
             range=Range(1, integer=True, optional=True, why='or unset for --max_completion_length')))
