@@ -142,8 +142,8 @@ class EntropyGapWatch:
                 f'(warning {self.warnings} of this run; gkd/entropy_gap_warnings counts them). Likely cause: the '
                 'on-policy feedback loop: the student samples from its own high-entropy tail, and the divergence on those '
                 'prefixes raises its entropy further; such runs end worse than they started (docs_en/quality.md). '
-                'Remedies (measured in docs_en/onpolicy_remedies.md): colder nucleus rollouts '
-                '(--gkd_sampling_temperature 0.5 --top_p 0.9), a lower --lmbda (mixed: some steps on the dataset\'s '
+                'Remedies (measured in docs_en/onpolicy_remedies.md): nucleus rollouts (--top_p 0.9) or colder '
+                'ones (--gkd_sampling_temperature 0.5), not both; a lower --lmbda (mixed: some steps on the dataset\'s '
                 'responses), --gkd_skd_top_k (speculative KD: the teacher replaces the tokens it would not propose), '
                 '--beta towards 1 (reverse KL, mode-seeking), shorter rollouts (--gkd_rollout_max_tokens), or a '
                 'supervised start (SFT the student first).')
