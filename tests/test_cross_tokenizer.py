@@ -93,7 +93,7 @@ def test_bad_flag_combinations_are_named(flags, needles):
     from swift_gkd_plugin.flags import GKDPluginArgumentsMixin
     plugin_defaults = {f.name: f.default for f in fields(GKDPluginArgumentsMixin)}
     args = SimpleNamespace(**dict(plugin_defaults, beta=0.5, lmbda=0.0, temperature=0.9, sft_alpha=0.0,
-                                  max_completion_length=8, seq_kd=False, gkd_logits_topk=None,
+                                  max_completion_length=8, seq_kd=False, gkd_logits_topk=None, top_k=-1, top_p=1.0,
                                   teacher_model_server=None, teacher_adapters=[], padding_free=False, packing=False,
                                   sequence_parallel_size=1, gkd_cross_tokenizer='uld'))
     for name, value in flags.items():
