@@ -203,7 +203,8 @@ class GKDPluginArgumentsMixin:
             help='Entropy-aware mix (arXiv 2603.07079): at every position where the teacher\'s entropy (nats, at '
             '--temperature, over the loss\'s support: the vocabulary, or the top-k buckets) exceeds this value, '
             'KL(teacher || student) is added to the --beta divergence. Unset (default): off. Finite, >= 0 (0: every '
-            'position). PyTorch loss paths (--gkd_fused_backend auto picks them). See docs_en/onpolicy_remedies.md.',
+            'position). PyTorch loss paths (--gkd_fused_backend auto picks them). gkd/entropy_fkl_fraction logs the '
+            'share of sampled positions past the threshold. See docs_en/onpolicy_remedies.md.',
             range=Range(0, optional=True, says='>= 0 (nats)', why='or unset: off')))
     gkd_skd_top_k: int = field(
         default=0,

@@ -11,6 +11,7 @@ from swift_gkd_plugin.core.entropy import ENTROPY_GAP_MARGIN, ENTROPY_GAP_STEPS,
 
 PROBE = os.path.join(os.path.dirname(__file__), 'multi_turn_plugin.py')  # GKD_TEST_TRAJ_LOG: each micro-batch
 WARNING = 'by more than'
+GATE = 5.1  # --gkd_entropy_fkl_threshold of the sharp teacher's runs: inside its entropies (4.7-5.3 nats at T 1.3)
 ON_POLICY = dict(lmbda=1, per_device_train_batch_size=1, learning_rate=1e-3, lr_scheduler_type='constant',
                  warmup_ratio=0, seed=3)
 
@@ -48,6 +49,12 @@ def _teacher_entropy(teacher_dir: str, batch: dict, temperature: float, k: int =
     """The teacher's mean entropy of ``softmax(z / T)`` at the micro-batch's response positions, from a forward of
     its own (one row: no padding); with ``k``, that of its top-k buckets: the top-k of its log-probabilities at
     temperature 1, renormalised, or with the tail bucket ``log(1 - sum)``, tempered."""
+    return float(_teacher_entropies(teacher_dir, batch, temperature, k, tail).mean())
+
+
+def _teacher_entropies(teacher_dir: str, batch: dict, temperature: float, k: int = 0,
+                       tail: bool = False) -> torch.Tensor:
+    """:func:`_teacher_entropy` at each response position (float64)."""
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(teacher_dir, torch_dtype=torch.float64).eval()
     ids, labels = torch.tensor(batch['teacher_input_ids']), torch.tensor(batch['teacher_labels'])
@@ -58,7 +65,7 @@ def _teacher_entropy(teacher_dir: str, batch: dict, temperature: float, k: int =
         rows = torch.log_softmax(rows, -1).topk(k, -1)[0]
         if tail:
             rows = torch.cat([rows, torch.log1p(-rows.exp().sum(-1, keepdim=True))], -1)
-    return float(torch.special.entr(torch.softmax(rows / temperature, -1)).sum(-1).mean())
+    return torch.special.entr(torch.softmax(rows / temperature, -1)).sum(-1)
 
 
 @pytest.mark.parametrize('impl', ['dense', 'fused'])
@@ -86,6 +93,28 @@ def test_a_topk_teachers_entropy_is_that_of_its_buckets(tiny_ws, tmp_path, impl,
     for row, batch in zip(run.logs, batches):
         want = _teacher_entropy(tiny_ws.teacher, batch, 1.3, k=8, tail=tail)
         assert row['gkd/teacher_entropy'] == pytest.approx(want, rel=1e-5)
+        assert 'gkd/entropy_fkl_fraction' not in row  # no entropy-aware mix
+
+
+@pytest.mark.parametrize('impl', ['dense', 'fused'])
+def test_entropy_fkl_fraction_is_the_gated_share_of_positions(sharp_teacher, tiny_ws, tmp_path, impl):
+    """--gkd_entropy_fkl_threshold: gkd/entropy_fkl_fraction is the fraction of the sampled positions whose teacher
+    entropy (gkd/teacher_entropy's) exceeds the threshold, recomputed here from the teacher's own float64 forward."""
+    log = str(tmp_path / 'batches.jsonl')
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), teacher_model=sharp_teacher, max_steps=3,
+                              temperature=1.3, gkd_loss_impl=impl, gkd_entropy_fkl_threshold=GATE,
+                              external_plugins=PROBE, **ON_POLICY), env={'GKD_TEST_TRAJ_LOG': log})
+    with open(log) as f:
+        batches = [r for r in map(json.loads, f) if r['kind'] == 'batch']
+    assert f'GKD loss implementation: {impl}' in run.output
+    assert len(run.logs) == len(batches) == 3
+    fractions = []
+    for row, batch in zip(run.logs, batches):
+        entropies = _teacher_entropies(sharp_teacher, batch, 1.3)
+        assert row['gkd/teacher_entropy'] == pytest.approx(float(entropies.mean()), rel=1e-5)
+        assert row['gkd/entropy_fkl_fraction'] == pytest.approx(float((entropies > GATE).double().mean()), abs=1e-6)
+        fractions.append(row['gkd/entropy_fkl_fraction'])
+    assert 0 < sum(fractions) < len(fractions)  # the gate splits the positions: the check can fail both ways
 
 
 def test_stable_run_does_not_warn(stable_runs):

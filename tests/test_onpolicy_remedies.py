@@ -100,6 +100,10 @@ def test_entropy_aware_mix_adds_forward_kl_where_gated(entropy_mix_runs, impl):
     assert loss['mix_none'] == pytest.approx(loss['rkl'], rel=1e-6)
     assert loss['fkl'] > 1e-3  # the sum is not trivially the same number
     assert 'KL(t||s) where H(t) > 0' in entropy_mix_runs[impl, 'mix_all'].output  # the divergence line names it
+    # gkd/entropy_fkl_fraction: every position gated, none, and no such metric without the mix
+    assert entropy_mix_runs[impl, 'mix_all'].logs[0]['gkd/entropy_fkl_fraction'] == 1.0
+    assert entropy_mix_runs[impl, 'mix_none'].logs[0]['gkd/entropy_fkl_fraction'] == 0.0
+    assert 'gkd/entropy_fkl_fraction' not in entropy_mix_runs[impl, 'rkl'].logs[0]
 
 
 def test_entropy_aware_mix_is_the_same_in_both_loss_paths(entropy_mix_runs):

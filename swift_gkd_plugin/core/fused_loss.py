@@ -42,7 +42,7 @@ from .fused_plan import Plan, finite_bias
 from .fused_torch import TorchChunks, default_chunk_size
 from .fused_triton import TritonChunks, kernel_chunk_size
 from .kernels import choose_backend
-from .row_divergence import Divergence, as_divergence, kernel_form
+from .row_divergence import Divergence, as_divergence, gated_row_count, kernel_form
 from .teacher_signal import TeacherHead, TeacherTopK
 from .topk import topk_teacher_entropy
 
@@ -125,7 +125,9 @@ def fused_linear_jsd(student_hidden: torch.Tensor,
         student's tempered distribution, over the active tokens (float32), and ``teacher_entropy_sum``: the
         teacher's at the same tokens and temperature, over its own vocabulary for a full head (before any padding to
         the student's), and for a top-k teacher that of the bucket distribution the loss compares
-        (:func:`~swift_gkd_plugin.core.topk.topk_teacher_entropy`).
+        (:func:`~swift_gkd_plugin.core.topk.topk_teacher_entropy`); with an entropy-aware ``divergence``
+        (``fkl_above_entropy``) also ``entropy_fkl_rows``: the active tokens whose teacher entropy as
+        ``teacher_entropy_sum`` counts it exceeds the gate's threshold.
 
     Shapes may be in any float dtype; all reductions accumulate in float32. The matmuls run in the weights' dtype
     and are upcast chunk by chunk; ``grad_weight`` is accumulated in float32.
@@ -204,8 +206,11 @@ def fused_linear_jsd(student_hidden: torch.Tensor,
         plan.backend = _self_checked_backend(hidden, student_weight, student_bias, plan)
     loss = _FusedLinearJSD.apply(hidden, student_weight, student_bias, plan)
     if plan.entropy and not full:
-        plan.stats['teacher_entropy_sum'] = topk_teacher_entropy(plan.topk_logprobs, plan.temperature, plan.tail,
-                                                                 vocab).sum()
+        t_rows = topk_teacher_entropy(plan.topk_logprobs, plan.temperature, plan.tail, vocab)
+        plan.stats['teacher_entropy_sum'] = t_rows.sum()
+        gated = gated_row_count(t_rows, plan.divergence)
+        if gated is not None:
+            plan.stats['entropy_fkl_rows'] = gated
     stats = {k: v.detach() for k, v in plan.stats.items()}
     stats['num_tokens'] = torch.full((), num_tokens, dtype=torch.long, device=dev)  # filled on the device: no copy
     stats['num_sft_tokens'] = num_sft
@@ -269,6 +274,7 @@ def _run(hidden, weight, bias, plan: Plan, need_h: bool, need_w: bool, need_b: b
     grad_b = torch.zeros(weight.shape[0], dtype=f32, device=dev) if need_b else None
     sums = torch.zeros(4, dtype=f32, device=dev)  # divergence, label term, the student's and the teacher's entropy
     agree = torch.zeros((), dtype=torch.long, device=dev)
+    gated = torch.zeros((), dtype=torch.long, device=dev)
     if n:
         chunks = BACKENDS[plan.backend](plan, weight, bias, n, want_grad)
         for start in range(0, n, chunks.rows):
@@ -277,6 +283,8 @@ def _run(hidden, weight, bias, plan: Plan, need_h: bool, need_w: bool, need_b: b
             res = chunks.chunk(h, sl)
             sums += torch.stack([res.divergence_sum, res.label_sum, res.entropy_sum, res.teacher_entropy_sum]).float()
             agree += res.top1_agree
+            if res.gated_rows is not None:
+                gated += res.gated_rows
             if want_grad:
                 if grad_b is not None:
                     grad_b.add_(res.bias_grad.sum(0, dtype=f32), alpha=res.grad_scale)
@@ -291,6 +299,8 @@ def _run(hidden, weight, bias, plan: Plan, need_h: bool, need_w: bool, need_b: b
         plan.stats['entropy_sum'] = entropy_sum
         if plan.full:  # a top-k teacher's: fused_linear_jsd, from its log-probabilities
             plan.stats['teacher_entropy_sum'] = teacher_entropy_sum
+            if plan.divergence.fkl_above_entropy is not None:
+                plan.stats['entropy_fkl_rows'] = gated
     loss = div_sum * plan.div_scale + sft_sum * plan.sft_scale
     grads = (None if grad_h is None else grad_h.to(hidden.dtype),
              None if grad_w is None else grad_w.to(weight.dtype),

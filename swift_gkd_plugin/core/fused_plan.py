@@ -61,6 +61,7 @@ class ChunkResult(NamedTuple):
     grad: Optional[torch.Tensor] = None
     grad_scale: float = 1.0
     bias_grad: Optional[torch.Tensor] = None
+    gated_rows: Optional[torch.Tensor] = None  # rows whose teacher entropy passes the entropy-aware mix's gate
 
 
 def finite_bias(bias: torch.Tensor) -> torch.Tensor:

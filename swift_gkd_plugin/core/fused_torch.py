@@ -16,7 +16,7 @@ import torch
 from .constants import NEG_LOGIT as _NEG_LOGIT
 from .entropy import entropy_terms_
 from .fused_plan import ChunkResult, Plan, finite_bias, label_rows
-from .row_divergence import RowBuffers, divergence_rows, log_softmax_into
+from .row_divergence import RowBuffers, divergence_rows, gated_row_count, log_softmax_into
 from .topk import bucket_divergence, teacher_tail_logmass
 
 _SCRATCH_BYTES = 2**30  # float32 scratch targeted by the automatic chunk size
@@ -58,7 +58,7 @@ class TorchChunks:
             if view.half is not None:  # the backward matmuls run in the weights' dtype
                 grad = view.half.copy_(grad)
         return ChunkResult(sums.divergence_sum, sums.label_sum, sums.top1_agree, sums.entropy_sum,
-                           sums.teacher_entropy_sum, grad, sums.grad_scale, bias_grad)
+                           sums.teacher_entropy_sum, grad, sums.grad_scale, bias_grad, sums.gated_rows)
 
 
 @dataclass
@@ -115,6 +115,7 @@ class _Sums(NamedTuple):
     grad_scale: float
     entropy_sum: torch.Tensor
     teacher_entropy_sum: torch.Tensor  # a full teacher head's (0 on the top-k path: see fused_linear_jsd)
+    gated_rows: Optional[torch.Tensor] = None  # with the entropy and the entropy-aware mix: rows past its gate
 
 
 def _student_row_is_own(plan: Plan, full: bool) -> bool:
@@ -136,7 +137,12 @@ def _separate_label(plan: Plan, full: bool) -> bool:
 def _entropy_into(e: torch.Tensor, u: torch.Tensor, scale: float) -> torch.Tensor:
     """Summed entropy of ``softmax(u * scale)`` over the rows (:func:`~swift_gkd_plugin.core.entropy.entropy_terms_`);
     ``e`` (same shape) is scratch."""
-    return entropy_terms_(torch.mul(u, scale, out=e)).sum()
+    return _row_entropies_into(e, u, scale).sum()
+
+
+def _row_entropies_into(e: torch.Tensor, u: torch.Tensor, scale: float) -> torch.Tensor:
+    """:func:`_entropy_into` per row ``[C]``."""
+    return entropy_terms_(torch.mul(u, scale, out=e))
 
 
 def _separate_label_term(e: torch.Tensor, u: torch.Tensor, scale: float, lab, ce_weight):
@@ -183,7 +189,10 @@ def _full_chunk(buf: '_Scratch', h, weight, bias_f, plan: Plan, sl, sft: bool) -
     agree = ((t_arg < vocab) & (s_at >= a[:, :vocab].amax(-1, keepdim=True))).sum()
     # the teacher's own tempered distribution, before any padding, on p_t (free until then); a pass of its own: after
     # log_softmax_into no [C, Vt] row is free, and a row dot product (bmm) loses digits at a large vocabulary
-    t_ent = _entropy_into(buf.p_t[:, :vt], b[:, :vt], 1.0) if plan.entropy else agree.new_zeros((), dtype=a.dtype)
+    t_ent, gated = agree.new_zeros((), dtype=a.dtype), None
+    if plan.entropy:
+        t_rows = _row_entropies_into(buf.p_t[:, :vt], b[:, :vt], 1.0)
+        t_ent, gated = t_rows.sum(), gated_row_count(t_rows, plan.divergence)
     if vt > vocab:  # align: the student's missing entries take the teacher's logits, so they cancel
         a[:, vocab:].copy_(b[:, vocab:])
     elif vocab > vt:
@@ -203,10 +212,10 @@ def _full_chunk(buf: '_Scratch', h, weight, bias_f, plan: Plan, sl, sft: bool) -
     grad_scale = plan.div_scale * sign * inv_t
 
     if not sft:
-        return _Sums(div.sum(), ce, agree, grad_scale, ent, t_ent)
+        return _Sums(div.sum(), ce, agree, grad_scale, ent, t_ent, gated)
     a.mul_(grad_scale)
     _add_label_grad(a[:, :vocab], (buf.p_s if p1 is None else p1)[:, :vocab], lab, w)
-    return _Sums(div.sum(), ce, agree, 1.0, ent, t_ent)
+    return _Sums(div.sum(), ce, agree, 1.0, ent, t_ent, gated)
 
 
 def _full_prepass(buf: '_Scratch', plan: Plan, lab, ce_weight):

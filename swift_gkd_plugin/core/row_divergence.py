@@ -18,7 +18,7 @@ from typing import Callable, Dict, NamedTuple, Optional, Tuple, Union
 import torch
 
 __all__ = ['DIVERGENCES', 'REGISTRY', 'Divergence', 'KernelForm', 'RowBuffers', 'as_divergence', 'divergence_rows',
-           'entropy_gate', 'kernel_form', 'log_softmax_into']
+           'entropy_gate', 'gated_row_count', 'kernel_form', 'log_softmax_into']
 
 _FAR = 40.0  # nats: past it the smaller of two probabilities is < 5e-18 of the larger, far below float32 rounding
 
@@ -128,6 +128,13 @@ def divergence_rows(buf: RowBuffers, divergence: Union[float, Divergence],
 def entropy_gate(teacher_entropy: torch.Tensor, threshold: float) -> torch.Tensor:
     """The entropy-aware mix's per-row weight of ``KL(t || s)``: ``1[H(t) > threshold]`` (bool, ``[C]``)."""
     return teacher_entropy > threshold
+
+
+def gated_row_count(teacher_entropy: torch.Tensor, divergence: Union[float, Divergence]) -> Optional[torch.Tensor]:
+    """How many of the rows with teacher entropies ``[C]`` the entropy-aware mix gates (a device scalar), None when
+    ``divergence`` has no mix: ``gkd/entropy_fkl_fraction``'s numerator."""
+    tau = as_divergence(divergence).fkl_above_entropy
+    return None if tau is None else entropy_gate(teacher_entropy, tau).sum()
 
 
 def _entropy_aware_rows(buf: RowBuffers, div: Divergence, row_sum: RowSum):

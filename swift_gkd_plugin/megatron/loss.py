@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from swift_gkd_plugin.core.constants import IGNORE_INDEX
-from swift_gkd_plugin.core.row_divergence import Divergence
+from swift_gkd_plugin.core.row_divergence import Divergence, gated_row_count
 from swift_gkd_plugin.core.tensor_parallel import (vocab_parallel_entropy, vocab_parallel_generalized_jsd,
                                                    vocab_parallel_log_softmax, vocab_parallel_topk_jsd)
 from swift_gkd_plugin.core.topk import drop_ids_outside_vocab, topk_teacher_entropy
@@ -227,9 +227,12 @@ def gkd_loss_on_shards(student_shard: torch.Tensor,
 
 @torch.no_grad()
 def entropies_on_shards(student_shard: torch.Tensor, labels: torch.Tensor, *, temperature: float,
-                        **shards) -> Tuple[torch.Tensor, torch.Tensor]:
+                        divergence: Union[float, Divergence, None] = None, **shards
+                        ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """The summed entropies of ``softmax(. / temperature)`` over a micro-batch's response positions: the student's
-    (``gkd/entropy``) and the teacher's at the same positions (``gkd/teacher_entropy``), as in ``swift rlhf``.
+    (``gkd/entropy``) and the teacher's at the same positions (``gkd/teacher_entropy``), as in ``swift rlhf``; and,
+    when ``divergence`` has the entropy-aware mix, how many of those positions its gate passes
+    (``gkd/entropy_fkl_fraction``'s numerator, else None).
 
     ``shards``: the keyword arguments of :func:`gkd_loss_on_shards` but ``divergence`` (the same masks and
     padded-vocabulary rule). The teacher's entropy: over its logit shards, or for a top-k teacher that of the bucket
@@ -247,8 +250,9 @@ def entropies_on_shards(student_shard: torch.Tensor, labels: torch.Tensor, *, te
         limit = vocab_size if vocab_size is not None else _full_width(student.shape[-1], student.device, group)
         _, logprobs = drop_ids_outside_vocab(shards['teacher_topk_ids'][teacher_mask],
                                              shards['teacher_topk_logprobs'][teacher_mask], limit)
-        teacher_entropy = topk_teacher_entropy(logprobs, temperature, shards.get('tail', False), limit).sum()
+        teacher_rows = topk_teacher_entropy(logprobs, temperature, shards.get('tail', False), limit)
     else:
         teacher = mask_padded_vocab(shards['teacher_shard'][teacher_mask], vocab_start, vocab_size)
-        teacher_entropy = vocab_parallel_entropy(teacher, temperature, group, chunk_size).sum()
-    return entropy, teacher_entropy
+        teacher_rows = vocab_parallel_entropy(teacher, temperature, group, chunk_size)
+    gated = None if divergence is None else gated_row_count(teacher_rows, divergence)
+    return entropy, teacher_rows.sum(), gated

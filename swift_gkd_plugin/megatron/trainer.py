@@ -312,9 +312,12 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
         if sft is not None:
             metric['sft_loss'] = torch.stack([sft.detach().float(), n])
         if mode is Mode.ON_POLICY:  # the student's entropy on its samples and the teacher's there, as swift rlhf's
-            entropy, teacher_entropy = entropies_on_shards(output_tensor, labels, **shards)
+            entropy, teacher_entropy, gated = entropies_on_shards(output_tensor, labels, divergence=self._divergence,
+                                                                  **shards)
             metric['gkd/entropy'] = torch.stack([entropy.float(), n])
             metric['gkd/teacher_entropy'] = torch.stack([teacher_entropy.float(), n])
+            if gated is not None:  # --gkd_entropy_fkl_threshold: where the entropy-aware mix adds forward KL
+                metric['gkd/entropy_fkl_fraction'] = torch.stack([gated.float(), n])
         metric = self._all_reduce_metric(
             metric, torch.distributed.ReduceOp.SUM, group=mpu.get_data_parallel_group(with_context_parallel=True))
         if (self._step - 1) % self.steps_per_generation == 0:

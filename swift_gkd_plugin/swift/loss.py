@@ -25,6 +25,7 @@ from swift_gkd_plugin.core.fused_loss import fused_linear_jsd
 from swift_gkd_plugin.core.kernels import describe_backend
 from swift_gkd_plugin.core.policy_gradient import (head_token_logprobs, policy_gradient_loss,
                                                    rollout_importance_weights, sampled_token_stats)
+from swift_gkd_plugin.core.row_divergence import gated_row_count
 from swift_gkd_plugin.core.teacher_signal import (CrossTokenizerRows, TeacherHead, TeacherLogits, TeacherSignal,
                                                   TeacherTopK)
 from swift_gkd_plugin.core.topk import (drop_ids_outside_vocab, topk_divergence_dense, topk_of_logits,
@@ -174,7 +175,8 @@ class LossMixin:
         self._log_loss_metrics(setup.mode, stats['divergence_sum'], n, stats['top1_agree'], n,
                                pg_sum=stats['sft_sum'] if token_advantages is not None else None,
                                entropy_sum=stats['entropy_sum'] if on_policy else None,
-                               teacher_entropy_sum=stats['teacher_entropy_sum'] if on_policy else None)
+                               teacher_entropy_sum=stats['teacher_entropy_sum'] if on_policy else None,
+                               gated_rows=stats.get('entropy_fkl_rows') if on_policy else None)
         return loss
 
     def _dense_loss(self, model, fwd, teacher_inputs, inputs, setup: '_LossSetup'):
@@ -187,7 +189,7 @@ class LossMixin:
         total = per_token.sum()
         if setup.sft_alpha > 0:
             total = total + setup.sft_alpha * F.cross_entropy(student.float(), setup.labels, reduction='sum')
-        pg_sum = entropy_sum = teacher_entropy_sum = None
+        pg_sum = entropy_sum = teacher_entropy_sum = gated_rows = None
         if setup.mode is Mode.ON_POLICY:
             rl = setup.token_advantages is not None
             with torch.set_grad_enabled(rl and torch.is_grad_enabled()):  # the entropy alone is only a metric
@@ -195,7 +197,9 @@ class LossMixin:
                 logprobs, entropy = sampled_token_stats(student, setup.labels, self._sampling_temperature,
                                                         entropy_temperature=self.args.temperature)
             entropy_sum = entropy.detach().sum()
-            teacher_entropy_sum = self._teacher_entropy_sum(teacher, student.shape[-1])
+            teacher_entropies = self._teacher_entropies(teacher, student.shape[-1])
+            teacher_entropy_sum = teacher_entropies.sum()
+            gated_rows = gated_row_count(teacher_entropies, self._divergence)
             if rl:
                 advantages = setup.token_advantages * self._rollout_weights(setup, logprobs)
                 pg = policy_gradient_loss(logprobs, advantages).sum()
@@ -206,22 +210,22 @@ class LossMixin:
             loss = loss + outputs.logits.sum() * 0.0  # keep the graph connected for DDP/ZeRO
         self._log_loss_metrics(setup.mode, per_token.detach().float().sum(), per_token.numel(), agreements,
                                n_compared, pg_sum=pg_sum, entropy_sum=entropy_sum,
-                               teacher_entropy_sum=teacher_entropy_sum)
+                               teacher_entropy_sum=teacher_entropy_sum, gated_rows=gated_rows)
         return loss, outputs
 
-    def _teacher_entropy_sum(self, teacher: TeacherSignal, student_vocab: int) -> torch.Tensor:
-        """The teacher's summed entropy at the loss temperature over the response positions (``gkd/teacher_entropy``,
+    def _teacher_entropies(self, teacher: TeacherSignal, student_vocab: int) -> torch.Tensor:
+        """The teacher's entropy ``[N]`` at the loss temperature at each response position (``gkd/teacher_entropy``,
         beside the student's ``gkd/entropy``): its own logits; the bucket distribution of a top-k teacher (the ids
         the dense top-k loss keeps, no tail); for a teacher with another tokenizer, its own logits at each student
         token's aligned position (the row the loss compares it with)."""
         temperature = self.args.temperature
         if isinstance(teacher, TeacherLogits):
-            return tempered_entropy(teacher.logits, temperature).sum()
+            return tempered_entropy(teacher.logits, temperature)
         if isinstance(teacher, TeacherTopK):
             _, logprobs = drop_ids_outside_vocab(teacher.ids.clamp_min(0), teacher.logprobs.float(), student_vocab)
-            return topk_teacher_entropy(logprobs, temperature, False, student_vocab).sum()
+            return topk_teacher_entropy(logprobs, temperature, False, student_vocab)
         # CrossTokenizerRows: every teacher position once (no [N, Vt] copy of the aligned rows), then the partners
-        return tempered_entropy(teacher.logits, temperature).reshape(-1)[teacher.rows.teacher_index].sum()
+        return tempered_entropy(teacher.logits, temperature).reshape(-1)[teacher.rows.teacher_index]
 
     def _dense_teacher_signal(self, model, teacher_inputs, setup: '_LossSetup', inputs) -> TeacherSignal:
         """The teacher's side of the dense loss: a server's top-k, aligned rows of a teacher with another
@@ -283,14 +287,16 @@ class LossMixin:
         return correction.weights
 
     def _log_loss_metrics(self, mode: Mode, divergence_sum, n_tokens, agreements, n_compared, *,
-                          pg_sum=None, entropy_sum=None, teacher_entropy_sum=None) -> None:
+                          pg_sum=None, entropy_sum=None, teacher_entropy_sum=None, gated_rows=None) -> None:
         """Per-mode divergence and top-1 agreement of one micro-batch (both loss implementations), accumulated per
         token: a logged value is the mean over every response token since the last log, as the step loss is, not
         a mean of micro-batch means (micro-batches hold different numbers of tokens). Sums and counts may be device
         tensors: they are summed on the device and read once per logging step. ``gkd/distill_loss`` is the
         divergence over every mode; on-policy steps add the student's token entropy on its samples, the teacher's at
         the same positions (``gkd/teacher_entropy``) and, with rewards, ``gkd/pg_loss`` (the advantage-weighted
-        negative log-likelihood, before ``--gkd_rl_coef``)."""
+        negative log-likelihood, before ``--gkd_rl_coef``) and, with ``--gkd_entropy_fkl_threshold``,
+        ``gkd/entropy_fkl_fraction`` (the fraction of those positions whose teacher entropy exceeds it: where the
+        entropy-aware mix adds forward KL)."""
         metrics = self.custom_metrics['train' if self.model.training else 'eval']
         _add_token_sum(metrics[f'gkd/loss_{mode.value}'], divergence_sum, n_tokens)
         _add_token_sum(metrics['gkd/distill_loss'], divergence_sum, n_tokens)
@@ -301,6 +307,8 @@ class LossMixin:
             _add_token_sum(metrics['gkd/entropy'], entropy_sum, n_tokens)
         if teacher_entropy_sum is not None:
             _add_token_sum(metrics['gkd/teacher_entropy'], teacher_entropy_sum, n_tokens)
+        if gated_rows is not None:
+            _add_token_sum(metrics['gkd/entropy_fkl_fraction'], gated_rows, n_tokens)
 
     def _log_alignment_metrics(self, exact: torch.Tensor) -> None:
         """Cross-tokenizer runs: the fraction of student response tokens paired exactly and through the fallback

@@ -8,6 +8,7 @@ import torch
 
 from swift_gkd_plugin.core.divergence import align_vocab, generalized_jsd
 from swift_gkd_plugin.core.fused_loss import fused_linear_jsd
+from swift_gkd_plugin.core.row_divergence import Divergence
 from swift_gkd_plugin.core.teacher_signal import TeacherHead, TeacherTopK
 from swift_gkd_plugin.core.policy_gradient import policy_gradient_loss, sampled_token_stats
 
@@ -457,13 +458,18 @@ def student_logits64(x):
 def teacher_entropy64(x, topk, tail, active, temperature):
     """Float64 sum over ``active`` rows of the teacher's entropy at ``temperature``: its own head's
     ``softmax(z_t / T)``, or a top-k teacher's bucket distribution (renormalised top-k, or with the tail bucket)."""
+    return teacher_row_entropies64(x, topk, tail, active, temperature).sum()
+
+
+def teacher_row_entropies64(x, topk, tail, active, temperature):
+    """:func:`teacher_entropy64` per ``active`` row."""
     if topk is None:
         zt = x['ht'].double() @ x['wt'].double().T + x['bt'].double()
-        return torch.special.entr(torch.softmax(zt[active] / temperature, -1)).sum()
+        return torch.special.entr(torch.softmax(zt[active] / temperature, -1)).sum(-1)
     lp = topk[1][active].double()
     if tail:
         lp = torch.cat([lp, torch.log1p(-lp.exp().sum(-1, keepdim=True))], -1)
-    return torch.special.entr(torch.softmax(lp / temperature, -1)).sum()
+    return torch.special.entr(torch.softmax(lp / temperature, -1)).sum(-1)
 
 
 @pytest.mark.parametrize('temperature, label_temperature', [(1.0, 1.0), (1.0, 0.7), (1.5, 1.0), (1.5, 0.7),
@@ -490,6 +496,24 @@ def test_weighted_label_term_and_entropy(teacher, beta, temperature, label_tempe
     t_entropy = teacher_entropy64(x, topk, kw['topk_tail'], active, temperature)
     assert stats['teacher_entropy_sum'].dtype == torch.float32 and not stats['teacher_entropy_sum'].requires_grad
     assert rel_err(stats['teacher_entropy_sum'], t_entropy) <= 1e-5
+
+
+@pytest.mark.parametrize('teacher', TEACHERS)
+def test_entropy_fkl_rows_count_the_gated_positions(teacher):
+    """``stats['entropy_fkl_rows']`` (``gkd/entropy_fkl_fraction``'s numerator): with the entropy-aware mix and
+    ``return_entropy``, the active rows whose float64 teacher entropy (``teacher_entropy_sum``'s) exceeds the
+    threshold, over several chunks; without the mix the key is absent."""
+    x, topk, kw = teacher_case(teacher, seed=52)
+    temperature = 1.3
+    active = ref_of(x, topk=topk, mask=x['mask'], temperature=temperature, **kw)[3]
+    h = teacher_row_entropies64(x, topk, kw['topk_tail'], active, temperature).sort(descending=True).values
+    tau = float(h[4] + h[5]) / 2  # gates 5 of the active rows, none of them near the threshold
+    gate = Divergence('jsd', beta=0.5, fkl_above_entropy=tau)
+    stats = run(x, topk=topk, mask=x['mask'], temperature=temperature, divergence=gate, chunk_size=5,
+                return_entropy=True, backend='torch', **kw)[2]
+    assert int(stats['entropy_fkl_rows']) == 5 < int(active.sum())
+    plain = run(x, topk=topk, mask=x['mask'], temperature=temperature, chunk_size=5, return_entropy=True, **kw)[2]
+    assert 'entropy_fkl_rows' not in plain
 
 
 @pytest.mark.parametrize('temperature', [0.7, 1.0])

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from swift_gkd_plugin.core.row_divergence import Divergence
 from swift_gkd_plugin.core.tensor_parallel import vocab_parallel_topk_jsd
 from swift_gkd_plugin.megatron.loss import (entropies_on_shards, gkd_loss_on_shards, teacher_topk_logprobs,
                                             teacher_topk_per_micro_batch)
@@ -139,6 +140,8 @@ def _worker(rank, world, init_file, out_dir):
             else:
                 kwargs.update(teacher_shard=teacher[..., sl])
             results[('entropy', topk, tail)] = entropies_on_shards(student[..., sl], labels, **kwargs)
+            gate = Divergence('jsd', beta=0.5, fkl_above_entropy=gate_threshold(topk, tail))
+            results[('gated', topk, tail)] = entropies_on_shards(student[..., sl], labels, divergence=gate, **kwargs)
         results['teacher_loop'] = teacher_loop(sl)
         for tail in (False, True):  # a served teacher's top-k with ids the student does not have
             shard = student[..., sl].clone().requires_grad_(True)
@@ -203,7 +206,28 @@ def test_the_teacher_loop_cuts_each_micro_batch_to_topk_before_the_next_forward(
 
 
 def _entropy64(logits, temperature):
-    return torch.special.entr(torch.softmax(logits / temperature, -1)).sum()
+    return _row_entropies64(logits, temperature).sum()
+
+
+def _row_entropies64(logits, temperature):
+    return torch.special.entr(torch.softmax(logits / temperature, -1)).sum(-1)
+
+
+def _teacher_rows64(topk, tail):
+    """The teacher's float64 logits at its response positions as the entropy statistics see them."""
+    _, teacher, _, teacher_labels = make_batch()
+    t = teacher[teacher_labels != -100][:, :VOCAB]
+    if topk:
+        lp = torch.log_softmax(t, -1).topk(K, -1)[0]
+        t = torch.cat([lp, torch.log1p(-lp.exp().sum(-1, keepdim=True))], -1) if tail else lp
+    return t
+
+
+def gate_threshold(topk, tail):
+    """A threshold halfway between the 4th and 5th largest of the 7 teacher entropies: it gates 3 rows, and no row
+    sits near it."""
+    h = _row_entropies64(_teacher_rows64(topk, tail), 1.3).sort(descending=True).values
+    return float(h[2] + h[3]) / 2
 
 
 @pytest.mark.parametrize('topk,tail', [(False, False), (True, False), (True, True)], ids=['full', 'topk', 'tail'])
@@ -211,14 +235,17 @@ def test_entropies_on_shards_equal_float64(ranks, topk, tail):
     """gkd/entropy and gkd/teacher_entropy of megatron rlhf: the student's and the teacher's summed entropies at
     the response positions (the teacher's at its own positions), padded rows excluded; a top-k teacher's is that of
     its buckets (renormalised top-k, or with the tail), as in swift rlhf."""
-    student, teacher, labels, teacher_labels = make_batch()
+    student, _, labels, _ = make_batch()
     want = _entropy64(student[labels != -100][:, :VOCAB], 1.3)
-    t = teacher[teacher_labels != -100][:, :VOCAB]
-    if topk:
-        lp = torch.log_softmax(t, -1).topk(K, -1)[0]
-        t = torch.cat([lp, torch.log1p(-lp.exp().sum(-1, keepdim=True))], -1) if tail else lp
-    t_want = _entropy64(t, 1.3)
+    t_rows = _row_entropies64(_teacher_rows64(topk, tail), 1.3)
+    t_want = t_rows.sum()
+    gated_want = int((t_rows > gate_threshold(topk, tail)).sum())
+    assert gated_want == 3
     for rank in ranks:  # replicated
-        entropy, teacher_entropy = rank[('entropy', topk, tail)]
+        entropy, teacher_entropy, gated = rank[('entropy', topk, tail)]
+        assert gated is None  # no entropy-aware mix: no count
         assert torch.allclose(entropy, want, rtol=1e-10), (entropy, want)
         assert torch.allclose(teacher_entropy, t_want, rtol=1e-10), (teacher_entropy, t_want)
+        # gkd/entropy_fkl_fraction's numerator: the positions whose teacher entropy passes the gate
+        _, _, gated = rank[('gated', topk, tail)]
+        assert int(gated) == gated_want
