@@ -83,13 +83,19 @@ def on_trainer_factory_imported(module) -> None:
 
 
 def on_rlhf_pipeline_imported(module) -> None:
-    """Parse ``swift rlhf`` command lines with the plugin's arguments class (ms-swift's plus the plugin's flags)."""
+    """Parse ``swift rlhf`` command lines with the plugin's arguments class (ms-swift's plus the plugin's flags), and
+    load ``--gkd_ref_kl_coef``'s reference beside the models ms-swift loads for GKD."""
     from swift_gkd_plugin.swift.arguments import GKDPluginRLHFArguments
     pipeline = module.SwiftRLHF
     if pipeline.args_class is GKDPluginRLHFArguments:
         return
-    original_parse = pipeline._parse_args
+    original_parse, original_models = pipeline._parse_args, pipeline._prepare_model_tokenizer
     base_cls = pipeline.args_class
+
+    def _prepare_model_tokenizer(self):
+        original_models(self)
+        from swift_gkd_plugin.swift.reference import load_reference_copy
+        load_reference_copy(self)  # ms-swift loads no reference for GKD
 
     def _parse_args(self, args=None):
         # An RLHFArguments object built by the caller is used as is (it simply lacks the plugin's flags).
@@ -100,6 +106,7 @@ def on_rlhf_pipeline_imported(module) -> None:
 
     pipeline.args_class = GKDPluginRLHFArguments
     pipeline._parse_args = _parse_args
+    pipeline._prepare_model_tokenizer = _prepare_model_tokenizer
     module.RLHFArguments = GKDPluginRLHFArguments
     _state['rlhf_pipeline'] = True
 

@@ -206,6 +206,15 @@ class GKDPluginArgumentsMixin:
             'position). PyTorch loss paths (--gkd_fused_backend auto picks them). gkd/entropy_fkl_fraction logs the '
             'share of sampled positions past the threshold. See docs_en/onpolicy_remedies.md.',
             range=Range(0, optional=True, says='>= 0 (nats)', why='or unset: off')))
+    gkd_ref_kl_coef: float = field(
+        default=0.0,
+        metadata=FlagMetadata(
+            help='Reference anchor (StableOPD, arXiv 2604.08527): adds COEF * KL(student || reference) per response '
+            'token on every step, the reference being the initial student at --temperature (a LoRA student\'s base '
+            'with its adapter off; a fully tuned student\'s frozen copy loaded from --model). Keeps on-policy runs '
+            'from drifting into long, repetitive samples. 0 (default): off. swift rlhf, dense loss (--gkd_loss_impl '
+            'auto picks it). Logged as gkd/ref_kl. See docs_en/onpolicy_remedies.md.',
+            range=Range(0, says='>= 0', why='0: off')))
     gkd_skd_top_k: int = field(
         default=0,
         metadata=FlagMetadata(
@@ -328,6 +337,7 @@ def check_gkd_scalars(args) -> None:
     check_cross_tokenizer_flags(args)
     check_sampling_flags(args)
     check_rollout_flags(args)
+    check_reference_flags(args)
     check_fused_backend(args)
     check_temperature_ceiling(args)
 
@@ -394,6 +404,18 @@ def check_rollout_flags(args) -> None:
         raise FlagError(f'--gkd_entropy_fkl_threshold {tau:g} runs on the PyTorch loss paths and --gkd_fused_backend '
                         'triton forces the kernels, which do not compute the entropy-aware mix: pass '
                         '--gkd_fused_backend auto or torch')
+
+
+def check_reference_flags(args) -> None:
+    """``--gkd_ref_kl_coef`` runs on the dense loss (the reference's logits beside the student's)."""
+    coef = getattr(args, 'gkd_ref_kl_coef', 0.0)
+    if coef and args.gkd_loss_impl == 'fused':
+        raise FlagError(f'--gkd_ref_kl_coef {coef:g} compares the student\'s full logits with the reference\'s, '
+                        'which the fused loss never forms: pass --gkd_loss_impl auto (it picks the dense loss) or '
+                        'dense')
+    if coef and args.gkd_topk_tail:
+        raise FlagError(f'--gkd_ref_kl_coef {coef:g} runs on the dense loss and --gkd_topk_tail true needs the fused '
+                        'one: drop one of them')
 
 
 def sampling_temperature(args) -> float:

@@ -182,6 +182,11 @@ BAD_INPUTS = [
      ['--gkd_entropy_fkl_threshold 2 adds KL(teacher || student)', '--gkd_cross_tokenizer uld', 'hybrid']),
     ({'gkd_entropy_fkl_threshold': 1, 'gkd_fused_backend': 'triton'},
      ['--gkd_entropy_fkl_threshold 1 runs on the PyTorch loss paths', '--gkd_fused_backend auto or torch']),
+    ({'gkd_ref_kl_coef': -0.5}, ['--gkd_ref_kl_coef must be >= 0 (0: off), got -0.5']),
+    ({'gkd_ref_kl_coef': 1, 'gkd_loss_impl': 'fused'},
+     ['--gkd_ref_kl_coef 1 compares the student\'s full logits', '--gkd_loss_impl auto', 'or dense']),
+    ({'gkd_ref_kl_coef': 1, 'gkd_logits_topk': 4, 'gkd_topk_tail': 'true'},
+     ['--gkd_ref_kl_coef 1 runs on the dense loss and --gkd_topk_tail true needs the fused one']),
 ]
 
 

@@ -62,6 +62,11 @@ def check_megatron_gkd(args) -> None:
                          f'the teacher verifies the student\'s drafts. SKD runs in {SKD_PLACEMENTS}; pass '
                          '--gkd_skd_top_k 0 here')
     check_gkd_scalars(_scalar_view(args))
+    coef = getattr(args, 'gkd_ref_kl_coef', 0.0)
+    if coef:
+        raise FlagError(f'--gkd_ref_kl_coef {coef:g} is supported by swift rlhf only yet: megatron rlhf builds no '
+                         'reference model beside the student. Run the anchor with swift rlhf --rlhf_type gkd, or pass '
+                         '--gkd_ref_kl_coef 0 here')
     check_teacher_server_flags(args)
     check_no_multi_turn(args)
     teacher_tp = args.teacher_tensor_model_parallel_size

@@ -283,6 +283,24 @@ def check_skd_teacher(args) -> None:
                          'Pass --gkd_skd_top_k 0')
 
 
+def check_reference(args) -> None:
+    """``--gkd_ref_kl_coef``: its reference, the initial student, must be neither the teacher nor ambiguous. A LoRA
+    student's is its base with the adapter off: not with ``--adapters`` (the base would lack them) and not when that
+    base is also the teacher (self-distillation without --teacher_model). Run after ms-swift resolved a shared base."""
+    coef = getattr(args, 'gkd_ref_kl_coef', 0.0)
+    if not coef or args.tuner_type == 'full':
+        return
+    flag = f'--gkd_ref_kl_coef {coef:g}'
+    if getattr(args, '_teacher_use_disable_adapter', False):
+        raise FlagError(f'{flag} anchors the student to its base with the adapter off, which is also the teacher here '
+                        '(no --teacher_model with a LoRA student): the anchor would be a second distillation term. '
+                        'Pass a --teacher_model or drop the flag')
+    if args.adapters:
+        raise FlagError(f'{flag} with --adapters {args.adapters}: the reference of a LoRA student is its base with the '
+                        'adapter off, which lacks those adapters, not the student you start from. Merge them into the '
+                        'base (swift export --merge_lora true) and pass it as --model, or drop the flag')
+
+
 def init_gloo_for_cpu_zero3(args) -> None:
     """ZeRO-3 builds the model under ``deepspeed.zero.Init``, which needs the process group first; on GPUs the
     launcher's NCCL set-up provides it, on CPU (``--use_cpu true``, several processes) nothing does: start gloo."""
@@ -387,6 +405,7 @@ def check_gkd_arguments(args) -> None:
     check_topk_within_vocab(args)
     check_teacher_adapters(args)
     check_skd_teacher(args)
+    check_reference(args)
     check_dataset_paths(args)
     check_local_datasets(args)
     check_self_teacher_has_something_to_add(args)

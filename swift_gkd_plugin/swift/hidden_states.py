@@ -88,6 +88,8 @@ def fused_fallback_reason(trainer) -> Optional[str]:
     """Why the fused loss cannot run in this trainer's configuration, or None when it can."""
     if getattr(trainer, '_xtok', None) is not None:
         return 'cross-tokenizer distillation (--gkd_cross_tokenizer) compares aligned positions of two vocabularies'
+    if getattr(trainer.args, 'gkd_ref_kl_coef', 0.0):
+        return '--gkd_ref_kl_coef compares the student\'s full logits with the reference\'s'
     for label, model in (('student', trainer.accelerator.unwrap_model(trainer.model)),
                          ('teacher', None if trainer.teacher_model is None else trainer.accelerator.unwrap_model(
                              trainer.teacher_model))):

@@ -12,8 +12,9 @@ logic with the plugin's core:
 
 The trainer is composed of one mixin per concern: :mod:`.rollout` (each generation batch's mode and samples),
 :mod:`.samplers` (the engines and request configs that sample), :mod:`.scoring` (rewards, completions log),
-:mod:`.batches` (samples to micro-batches), :mod:`.teacher` (the teacher's placement and forward, a served teacher)
-and :mod:`.loss` (the loss of a micro-batch and its metrics). This module holds their composition and the set-up
+:mod:`.batches` (samples to micro-batches), :mod:`.teacher` (the teacher's placement and forward, a served teacher),
+:mod:`.reference` (``--gkd_ref_kl_coef``'s initial student) and :mod:`.loss` (the loss of a micro-batch and its
+metrics). This module holds their composition and the set-up
 they share.
 """
 from __future__ import annotations
@@ -37,6 +38,7 @@ from swift_gkd_plugin.swift.cross_tokenizer import CrossTokenizerTeacher
 from swift_gkd_plugin.swift.loss import LossMixin
 from swift_gkd_plugin.swift.media_tokens import suppress_media_placeholders
 from swift_gkd_plugin.swift.peft_utils import load_frozen_adapter
+from swift_gkd_plugin.swift.reference import ReferenceMixin
 from swift_gkd_plugin.swift.rewards import load_reward_funcs
 from swift_gkd_plugin.swift.rollout import RolloutMixin
 from swift_gkd_plugin.swift.run_guards import install_run_guards
@@ -50,11 +52,13 @@ logger = get_logger()
 
 
 class GKDPluginTrainer(LossMixin, RolloutMixin, SamplersMixin, ScoringMixin, BatchesMixin, TeacherMixin,
-                       GKDTrainer):
+                       ReferenceMixin, GKDTrainer):
     """ms-swift's GKD trainer with the plugin's modes (seq_kd included), loss, normalisation and metrics."""
 
     def __init__(self, *args, **kwargs):
+        ref_model = kwargs.pop('ref_model', None)  # --gkd_ref_kl_coef's copy (ms-swift's GKDTrainer takes none)
         super().__init__(*args, **kwargs)
+        self._setup_reference(ref_model)
         destroy_process_groups_at_exit()  # ms-swift never does; a rank exiting with live gloo groups may abort
         if self.args.use_vllm and self.args.vllm_mode == 'colocate':
             before_groups_go(functools.partial(shutdown_engine, self.engine))  # it uses the groups too

@@ -96,6 +96,9 @@ def assert_passed_the_checks(output):
      'here'),
     (('--gkd_divergence', 'skew_kl', '--gkd_skew_alpha', '-0.5'), '--gkd_skew_alpha must be in [0, 1)'),
     (('--gkd_divergence', 'skew_rkl', '--beta', '0.2'), '--beta 0.2 applies to --gkd_divergence jsd only'),
+    (('--gkd_ref_kl_coef', '1'), '--gkd_ref_kl_coef 1 is supported by swift rlhf only yet: megatron rlhf builds no '
+     'reference model beside the student'),
+    (('--gkd_ref_kl_coef', '-1'), '--gkd_ref_kl_coef must be >= 0 (0: off), got -1.0'),
 ])
 def test_bad_gkd_flags_are_refused_before_any_rank_starts(flags, needle):
     code, output = megatron_rlhf(*GKD, *flags)
