@@ -113,3 +113,17 @@ def test_a_reference_that_is_the_teacher_is_refused(tiny_ws, tmp_path):
                               gkd_ref_kl_coef=0.5), check=False, timeout=120)
     assert_refused_in_one_line(run, ['--gkd_ref_kl_coef 0.5 anchors the student to its base with the adapter off, '
                                      'which is also the teacher', 'Pass a --teacher_model'])
+
+
+def test_the_reference_copy_under_zero3(tiny_ws, tmp_path):
+    """A fully tuned student under DeepSpeed ZeRO-3 (2 CPU ranks): the copy is loaded partitioned and prepared as
+    ms-swift prepares a DPO reference; 0 at the first step, the student's drift after, in the loss."""
+    pytest.importorskip('deepspeed')
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), deepspeed='zero3', fp16='false', use_cpu='true',
+                              lmbda=1, max_steps=2, seed=42, learning_rate=5e-3, gkd_ref_kl_coef=COEF,
+                              temperature=TEMPERATURE), nproc=2)
+    assert 'the reference is a frozen copy of the initial student' in run.output
+    first, second = run.logs
+    assert abs(first['gkd/ref_kl']) <= 1e-7 and second['gkd/ref_kl'] > 1e-4
+    for row in run.logs:
+        assert row['loss'] == pytest.approx(row['gkd/distill_loss'] + COEF * row['gkd/ref_kl'], rel=1e-5, abs=1e-7)
