@@ -187,12 +187,8 @@ class LossMixin:
         per_token, agreements, n_compared = self._dense_divergence(student, teacher)
 
         total = per_token.sum()
-        if self._ref_kl_coef:  # --gkd_ref_kl_coef: KL(student || initial student), its own metric
-            ref_kl = generalized_jsd(student, setup.student_rows(self._reference_logits(model, fwd)), 1.0,
-                                     self.args.temperature)
-            total = total + self._ref_kl_coef * ref_kl.sum()
-            metrics = self.custom_metrics['train' if self.model.training else 'eval']
-            _add_token_sum(metrics['gkd/ref_kl'], ref_kl.detach().float().sum(), ref_kl.numel())
+        if self._ref_kl_coef:  # --gkd_ref_kl_coef: the anchor to the initial student
+            total = total + self._ref_kl_coef * self._reference_kl_sum(model, fwd, setup.student_rows, student)
         if setup.sft_alpha > 0:
             total = total + setup.sft_alpha * F.cross_entropy(student.float(), setup.labels, reduction='sum')
         pg_sum = entropy_sum = teacher_entropy_sum = gated_rows = None

@@ -11,7 +11,9 @@ import torch
 from swift.trainers import disable_gradient_checkpointing
 from swift.utils import get_logger
 
+from swift_gkd_plugin.core.divergence import generalized_jsd
 from swift_gkd_plugin.swift.peft_utils import eval_mode
+from swift_gkd_plugin.swift.token_metrics import add_token_sum
 
 logger = get_logger()
 
@@ -63,6 +65,14 @@ class ReferenceMixin:
             self._ref_model = prepare_fsdp(ref_model, self.accelerator)
         else:
             self._ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+
+    def _reference_kl_sum(self, model, fwd, rows, student: torch.Tensor) -> torch.Tensor:
+        """``sum KL(student || reference)`` over the response rows ``student`` ``[N, V]`` (``rows`` picks them from the
+        reference's logits), at ``--temperature``; its mean per token is logged as ``gkd/ref_kl``."""
+        ref_kl = generalized_jsd(student, rows(self._reference_logits(model, fwd)), 1.0, self.args.temperature)
+        metrics = self.custom_metrics['train' if self.model.training else 'eval']
+        add_token_sum(metrics['gkd/ref_kl'], ref_kl.detach().float().sum(), ref_kl.numel())
+        return ref_kl.sum()
 
     @torch.no_grad()
     def _reference_logits(self, model, fwd) -> torch.Tensor:
