@@ -142,6 +142,7 @@ def remedy_methods(base: Dict[str, str], rkl: Dict[str, str]) -> Dict[str, tuple
         'op_combo': ('rlhf', dict(base, **REMEDY_COMBINATION)),
         'op_combo_early': ('rlhf', dict(base, **REMEDY_COMBINATION, gkd_rollout_max_tokens='16')),
         'op_refkl': ('rlhf', dict(base, gkd_ref_kl_coef=REF_KL_COEF)),
+        'op_refkl_topp': ('rlhf', dict(base, gkd_ref_kl_coef=REF_KL_COEF, top_p='0.9')),
     }
 
 
