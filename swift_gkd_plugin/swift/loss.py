@@ -187,8 +187,9 @@ class LossMixin:
         per_token, agreements, n_compared = self._dense_divergence(student, teacher)
 
         total = per_token.sum()
-        if self._ref_kl_coef:  # --gkd_ref_kl_coef: the anchor to the initial student
-            total = total + self._ref_kl_coef * self._reference_kl_sum(model, fwd, setup.student_rows, student)
+        coef = self.args.gkd_ref_kl_coef
+        if coef:  # --gkd_ref_kl_coef: the anchor to the initial student
+            total = total + coef * self._reference_kl_sum(model, fwd, setup.student_rows, student)
         if setup.sft_alpha > 0:
             total = total + setup.sft_alpha * F.cross_entropy(student.float(), setup.labels, reduction='sum')
         pg_sum = entropy_sum = teacher_entropy_sum = gated_rows = None

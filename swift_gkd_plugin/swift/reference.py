@@ -44,17 +44,17 @@ class ReferenceMixin:
 
     def _setup_reference(self, ref_model) -> None:
         """``ref_model``: the copy the pipeline loaded (a fully tuned student), else None."""
-        self._ref_kl_coef = float(getattr(self.args, 'gkd_ref_kl_coef', 0.0) or 0.0)
+        coef = self.args.gkd_ref_kl_coef
         self._ref_model = None
-        if not self._ref_kl_coef:
+        if not coef:
             return
         if ref_model is None:
             student = self.accelerator.unwrap_model(self.model)
             if not hasattr(student, 'disable_adapter'):
-                raise ValueError(f'--gkd_ref_kl_coef {self._ref_kl_coef:g}: the student has no adapter to switch '
-                                 'off and no reference copy was loaded (--tuner_type full loads one)')
-            logger.info(f'swift_gkd_plugin: --gkd_ref_kl_coef {self._ref_kl_coef:g}: the reference is the student\'s '
-                        'base with its adapter off (the initial student; no second copy)')
+                raise ValueError(f'--gkd_ref_kl_coef {coef:g}: the student has no adapter to switch off and no '
+                                 'reference copy was loaded (--tuner_type full loads one)')
+            logger.info(f'swift_gkd_plugin: --gkd_ref_kl_coef {coef:g}: the reference is the student\'s base with its '
+                        'adapter off (the initial student; no second copy)')
             return
         # as ms-swift's RLHFTrainerMixin prepares a DPO reference
         if self.is_deepspeed_enabled:
