@@ -141,9 +141,12 @@ def fill_deferred_teacher(micro_batches: Iterable[dict], compute: Callable[[dict
             micro_batch['teacher_output'] = compute(micro_batch)
 
 
-def teacher_on_demand(micro_batches: Iterable[dict], compute: Callable[[dict], Any]) -> Iterator[dict]:
+def teacher_on_demand(micro_batches: Iterator[dict], compute: Callable[[dict], Any]) -> Iterator[dict]:
     """The micro-batches of a schedule, each with its deferred teacher output computed (``compute(micro_batch)``)
     just before the micro-batch is handed out.
+
+    ``micro_batches`` is an iterator in the ``next()`` sense only: Megatron's schedules hand ``forward_step``
+    megatron-core's ``RerunDataIterator``, which has ``__next__`` and no ``__iter__``.
 
     ms-swift computes the full-vocabulary teacher logits of a whole generation batch before training on it: 16
     micro-batches of 4k tokens over a 152k vocabulary are ~20 GB per TP rank in bf16. Handed out one at a time, and
@@ -152,9 +155,21 @@ def teacher_on_demand(micro_batches: Iterable[dict], compute: Callable[[dict], A
     student's schedule, so this is for schedules without pipeline stages (a pipelined teacher would exchange
     activations inside the student's pipeline): with PP > 1 use :func:`fill_deferred_teacher` per train step.
     """
-    for micro_batch in micro_batches:
-        fill_deferred_teacher((micro_batch, ), compute)
-        yield micro_batch
+    return _TeacherOnDemand(micro_batches, compute)
+
+
+class _TeacherOnDemand:
+
+    def __init__(self, micro_batches, compute):
+        self._source, self._compute = micro_batches, compute
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        micro_batch = next(self._source)
+        fill_deferred_teacher((micro_batch, ), self._compute)
+        return micro_batch
 
 
 def _full_width(width: int, device: torch.device, group: Group) -> int:

@@ -16,6 +16,8 @@ Importing this module imports Megatron-SWIFT (CUDA and transformer-engine requir
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 from contextlib import contextmanager
 from typing import Dict, List, Optional
 
@@ -87,6 +89,13 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
         if mode is not Mode.OFF_POLICY:
             self._log_completions_from_samples(samples)
         return self._score(samples, _DATA_SOURCE[mode])
+
+    def _log_completions_from_samples(self, samples) -> None:
+        """ms-swift's, on copies of the messages: its ``_apply_chat_template_to_messages_list``
+        (``rollout_mixin.py`` ~1013) removes the response from the very lists it is given (``gather_object`` returns
+        them unchanged without a distributed accelerate state), and the step then trained on nothing."""
+        super()._log_completions_from_samples(
+            [dataclasses.replace(s, messages=copy.deepcopy(s.messages)) for s in samples])
 
     def _score(self, samples, data_source: DataSource) -> List[Dict]:
         """ms-swift's tail of ``_generate_and_score_completions``: teacher API, micro-batch encoding, teacher logits."""

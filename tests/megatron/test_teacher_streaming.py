@@ -1,11 +1,13 @@
 """Full-vocabulary teacher logits streamed per micro-batch in ``megatron rlhf`` (issue 21 item 6): the schedule's
 consumption of micro-batches as ms-swift's ``forward_step`` and loss do it (pop ``teacher_output``, loss, backward,
-drop), with a real teacher module and real logits; Megatron itself cannot run on CPU (the trainer's glue,
-``_teacher_deferral`` / ``forward_step`` / ``_on_train_step_batch``, is not run here)."""
+drop), with a real teacher module and real logits, from the iterator Megatron's schedules hand ``forward_step``
+(megatron-core's ``RerunDataIterator``: ``next()`` only, no ``iter()``). The trainer's glue runs end to end in
+tests/megatron/test_megatron_rlhf.py."""
 import gc
 import weakref
 
 import torch
+from megatron.core.rerun_state_machine import RerunDataIterator
 
 from swift_gkd_plugin.core import generalized_jsd
 from swift_gkd_plugin.megatron.loss import (DEFERRED_TEACHER, defer_teacher, fill_deferred_teacher,
@@ -38,6 +40,12 @@ class Teacher:
         return {'full_logits': logits}
 
 
+def _schedule(data_iterator, n_micro):
+    """How Megatron's schedules consume the data iterator: ``next()`` once per micro-batch, as each is trained on."""
+    for _ in range(n_micro):
+        yield next(data_iterator)
+
+
 def train_step(micro_batches, student):
     """ms-swift's schedule without pipeline stages: per micro-batch forward_step, loss, backward."""
     losses = []
@@ -64,7 +72,7 @@ def test_on_demand_holds_one_micro_batch_of_teacher_logits():
     defer_teacher(fresh)
     assert has_deferred_teacher(fresh) and all(b['teacher_output'] is DEFERRED_TEACHER for b in fresh)
     streamed = Teacher(teacher)
-    losses = train_step(teacher_on_demand(iter(fresh), streamed), student)
+    losses = train_step(_schedule(teacher_on_demand(RerunDataIterator(iter(fresh)), streamed), N_MICRO), student)
     assert streamed.peak == 1
     assert torch.equal(losses, expected) and torch.equal(student.weight.grad, grad)
     assert not has_deferred_teacher(fresh) and not any('teacher_output' in b for b in fresh)

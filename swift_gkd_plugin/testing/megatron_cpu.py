@@ -1,0 +1,303 @@
+"""TEST-ONLY: run Megatron-SWIFT (``megatron rlhf``) on a CPU machine, for the plugin's end-to-end tests.
+
+Never active in a user's run. It is switched on only by putting ``tests/megatron/cpu_site`` on ``PYTHONPATH`` (its
+``sitecustomize`` calls :func:`install`), which the tests do for the ``megatron rlhf`` processes they start; it does
+nothing where CUDA is present (there the real stack runs, and the GPU kit tests it).
+
+What it works around is what megatron-core 0.16, mcore-bridge 1.6 and ms-swift 4.6 hard-code for CUDA and
+transformer-engine (TE), each named with the upstream place. Nothing here changes a behaviour of the plugin or of
+ms-swift's GKD logic: a workaround of a plugin or ms-swift bug belongs in the plugin, where GPU users get it too.
+
+The runs also need these flags (flags, not patches): ``--ddp_backend gloo``, ``--padding_free false`` (the local
+attention has no packed sequences), ``--fp16 false --bf16 false`` (float32), ``--masked_softmax_fusion false``.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.abc
+import os
+import sys
+import types
+from typing import Callable, Dict
+
+import torch
+
+ENV = 'SWIFT_GKD_MEGATRON_CPU_HARNESS'  # set by install(): the rank processes say in their log that it is on
+
+
+# ---------------------------------------------------------------------------------------------------------- imports
+class _Loader(importlib.abc.Loader):
+
+    def __init__(self, inner, around, after):
+        self._inner, self._around, self._after = inner, around, after
+
+    def create_module(self, spec):
+        return self._inner.create_module(spec)
+
+    def exec_module(self, module):
+        with (self._around() if self._around else contextlib.nullcontext()):
+            self._inner.exec_module(module)
+        if self._after:
+            self._after(module)
+
+
+class _Finder(importlib.abc.MetaPathFinder):
+    """Runs ``after[name](module)`` once module ``name`` has executed; ``around[name]()`` is a context manager its
+    execution runs in."""
+
+    def __init__(self):
+        self.after: Dict[str, Callable] = {}
+        self.around: Dict[str, Callable] = {}
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname not in self.after and fullname not in self.around:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, 'find_spec'):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, 'exec_module'):
+                    spec.loader = _Loader(spec.loader, self.around.get(fullname), self.after.get(fullname))
+                return spec
+        return None
+
+
+_FINDER = _Finder()
+
+
+def _after(name: str):
+    def register(fn):
+        _FINDER.after[name] = fn
+        return fn
+    return register
+
+
+# ------------------------------------------------------------------------------------------- transformer-engine
+def _te_placeholder() -> types.ModuleType:
+    """An empty ``transformer_engine`` whose attributes raise: it satisfies only the bare module-level imports."""
+
+    class _Absent(types.ModuleType):
+        def __getattr__(self, item):
+            if item.startswith('__'):
+                raise AttributeError(item)
+            raise RuntimeError(f'transformer_engine.{item}: transformer-engine is not installed (CPU test harness)')
+
+    te = _Absent('transformer_engine')
+    te.__path__ = []
+    te.pytorch = _Absent('transformer_engine.pytorch')
+    return te
+
+
+@contextlib.contextmanager
+def _te_importable():
+    """mcore-bridge ``import transformer_engine`` at module level in ``tuners/lora.py`` and in model modules
+    (``model/modules/{dsa_indexer,compressor,gated_delta_net,mtp_layer}.py``, ``model/gpts/deepseek_v4.py``,
+    ``model/mm_gpts/deepseek_v41.py``) whose TE paths these tests never reach. During their import only, a
+    placeholder answers (its attributes raise); megatron-core decided ``HAVE_TE = False`` before, without it."""
+    import megatron.core.extensions.transformer_engine  # noqa: F401  (HAVE_TE fixed first, without the placeholder)
+    te = _te_placeholder()
+    saved = {k: sys.modules.get(k) for k in ('transformer_engine', 'transformer_engine.pytorch')}
+    sys.modules['transformer_engine'], sys.modules['transformer_engine.pytorch'] = te, te.pytorch
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+
+
+for _name in ('mcore_bridge.model.modules.dsa_indexer', 'mcore_bridge.model.modules.compressor',
+              'mcore_bridge.model.modules.gated_delta_net', 'mcore_bridge.model.modules.mtp_layer',
+              'mcore_bridge.model.gpts.deepseek_v4', 'mcore_bridge.model.mm_gpts.deepseek_v41',
+              'mcore_bridge.tuners.lora'):
+    _FINDER.around[_name] = _te_importable
+
+
+@_after('megatron.core.extensions.transformer_engine')
+def _te_classes(module):
+    """Without TE, megatron-core binds its ``TE*`` classes to ``MagicMock`` instances (or None: ``TEGroupedLinear``),
+    which ``isinstance`` refuses (mcore-bridge ``model/register.py`` ~222, ms-swift ``megatron/utils/utils.py``
+    ~26): each becomes an empty class that no module is an instance of, as no TE module exists in these runs."""
+    for name in dir(module):
+        value = getattr(module, name)
+        if name.startswith('TE') and (value is None or type(value).__module__ == 'unittest.mock'):
+            setattr(module, name, type(name, (torch.nn.Module,), {'__module__': __name__}))
+
+
+@_after('mcore_bridge.patcher')
+def _bridge_patcher(module):
+    """``patcher.py``: ``apply_patch`` imports transformer_engine unconditionally (~32) to re-export two of its names."""
+    module._patch_transformer_engine = lambda: None
+    # ~77: sets an attribute on megatron-core's TEGroupedLinear, which is None without TE
+    module._patch_TEGroupedLinear = lambda: None
+
+
+# ------------------------------------------------------------------------------------------------- CUDA -> CPU
+def _is_cuda(device) -> bool:
+    if isinstance(device, int) and not isinstance(device, bool):
+        return True  # a bare index names a CUDA device
+    if isinstance(device, str):
+        return device.startswith('cuda')
+    return isinstance(device, torch.device) and device.type == 'cuda'
+
+
+class _CudaToCpu(torch.overrides.TorchFunctionMode):
+    """Every torch call asking for a CUDA device (``device='cuda'``, ``.to('cuda')``, ``.cuda()``) gets the CPU, and
+    ``Tensor.type()`` names the CUDA type: megatron-core's distributed optimizer and grad clipping accept only
+    ``torch.cuda.*`` names (``optimizer/distrib_optimizer.py`` ~361/420-437/582, ``optimizer.py`` ~671/690,
+    ``clip_grads.py`` ~167)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            return func(*args).replace('torch.', 'torch.cuda.', 1)
+        if _is_cuda(kwargs.get('device')):
+            kwargs = {**kwargs, 'device': 'cpu'}
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
+            args = (args[0], 'cpu', *args[2:])
+        return func(*args, **kwargs)
+
+
+class _NoStream:
+    """``torch.cuda.Stream`` / ``Event`` where everything is synchronous."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __getattr__(self, item):
+        return lambda *args, **kwargs: None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _cuda_calls_on_cpu():
+    """Device placements that ms-swift's Megatron code (``torch.cuda.current_device()``, ``.cuda()``,
+    ``device='cuda'``: trainers/base.py, gkd_trainer.py ~61, rollout_mixin.py ~227, utils/megatron_lm_utils.py ~454,
+    ~655, ~689), mcore-bridge and megatron-core (``tensor_parallel/layers.py`` ~261, its optimizers) make
+    unconditionally land on the CPU; streams and events are synchronous no-ops."""
+    _CudaToCpu().__enter__()  # for the life of the process (torch function modes are per thread: the main one)
+    torch.cuda.current_device = lambda: 'cpu'
+    torch.cuda.Stream = torch.cuda.Event = _NoStream
+    torch.cuda.current_stream = torch.cuda.default_stream = lambda *args, **kwargs: _NoStream()
+    torch.cuda.stream = lambda *args, **kwargs: contextlib.nullcontext()
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+    for name in ('memory_allocated', 'max_memory_allocated', 'memory_reserved', 'max_memory_reserved'):
+        setattr(torch.cuda, name, lambda *args, **kwargs: 0)
+    torch.cuda.empty_cache = lambda: None
+    for where in (torch.cuda, torch.cuda.random):  # the RNG tracker (tensor_parallel/random.py ~235)
+        where.get_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+        where.set_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+
+
+@_after('megatron.core.tensor_parallel.random')
+def _rng_tracker(module):
+    """``tensor_parallel/random.py`` ~41-110: the model-parallel RNG tracker saves and restores CUDA generator
+    states; the CPU generator's are used."""
+    module._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    module._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+
+
+@_after('mcore_bridge.utils.megatron_utils')
+def _seeded_tracker(module):
+    """``utils/megatron_utils.py`` ~202: the model-parallel RNG tracker is seeded only if
+    ``torch.cuda.device_count() > 0``; megatron-core's attention forks it unconditionally."""
+    set_random_seed = module.set_random_seed
+
+    def seeded(seed_, *args, **kwargs):
+        set_random_seed(seed_, *args, **kwargs)
+        from megatron.core import mpu, tensor_parallel
+        tensor_parallel.model_parallel_cuda_manual_seed(seed_ + 1009 * mpu.get_pipeline_model_parallel_rank())
+
+    module.set_random_seed = seeded
+
+
+@_after('megatron.core.tensor_parallel.layers')
+def _parallel_attributes(module):
+    """``tensor_parallel/layers.py`` ~244/855/1178: the local layers mark their weights as split over the tensor-
+    parallel ranks only while initialising them, which mcore-bridge turns off (``perform_initialization=False``:
+    the weights are loaded); TE's layers mark theirs always. Unmarked, every rank but the first drops its shard from
+    the gradient norm (TP = 2 logged 0.0227 for 0.0300, and clipped by it). They are marked as on a GPU."""
+    for cls, dim in ((module.VocabParallelEmbedding, 0), (module.ColumnParallelLinear, 0),
+                     (module.RowParallelLinear, 1)):
+        cls.__init__ = _marking_init(cls.__init__, dim, module.set_tensor_model_parallel_attributes)
+
+
+def _marking_init(init, dim, mark):
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        weight = getattr(self, 'weight', None)
+        if isinstance(weight, torch.nn.Parameter) and not hasattr(weight, 'tensor_model_parallel'):
+            mark(weight, True, dim, kwargs.get('stride', 1))
+    return __init__
+
+
+# ---------------------------------------------------------------------------------------------- local layer spec
+def _local_spec(build):
+    def spec(*args, **kwargs):
+        kwargs['use_transformer_engine'] = False
+        return build(*args, **kwargs)
+    return spec
+
+
+@_after('mcore_bridge.model.register')
+def _bridge_register(module):
+    """``model/register.py`` ~127-141: the layer (and MTP) specs are built with ``use_transformer_engine=True``;
+    megatron-core's local spec (torch norms, its own parallel linears and attention) is built instead."""
+    module.get_gpt_decoder_block_spec = _local_spec(module.get_gpt_decoder_block_spec)
+    module.get_gpt_mtp_block_spec = _local_spec(module.get_gpt_mtp_block_spec)
+
+
+_SEPARATE_NORMS = {'self_attention.linear_qkv.layer_norm_weight': 'input_layernorm.weight',
+                   'mlp.linear_fc1.layer_norm_weight': 'pre_mlp_layernorm.weight'}
+
+
+@_after('mcore_bridge.bridge.gpt_bridge')
+def _bridge_norm_names(module):
+    """``bridge/gpt_bridge.py`` ~1727/1747: the bridge names the norms fused into TE's linears
+    (``linear_qkv.layer_norm_weight``, ``linear_fc1.layer_norm_weight``); the local spec has them as separate
+    modules (``input_layernorm``, ``pre_mlp_layernorm``)."""
+    set_state_dict = module.GPTBridge._set_state_dict
+
+    def _set_state_dict(self, mg_module, mg_key, *args, **kwargs):
+        if mg_key in _SEPARATE_NORMS and mg_module is not None and \
+                getattr(mg_module, _SEPARATE_NORMS[mg_key].split('.')[0], None) is not None:
+            mg_key = _SEPARATE_NORMS[mg_key]
+        return set_state_dict(self, mg_module, mg_key, *args, **kwargs)
+
+    module.GPTBridge._set_state_dict = _set_state_dict
+
+
+@_after('mcore_bridge.config.model_config')
+def _bridge_config(module):
+    """``config/model_config.py`` ~302: ``persist_layer_norm = True`` (an Apex fused norm), which the local spec's
+    torch norm refuses."""
+    config = module.ModelConfig
+    post_init = config.__post_init__
+
+    def __post_init__(self):
+        self.persist_layer_norm = False
+        post_init(self)
+
+    config.__post_init__ = __post_init__
+
+
+# ---------------------------------------------------------------------------------------------------------- install
+def install() -> bool:
+    """Put the workarounds in place for this process (and, through the environment, its children). Returns False,
+    doing nothing, where CUDA is available."""
+    if torch.cuda.is_available():
+        return False
+    os.environ[ENV] = '1'
+    _cuda_calls_on_cpu()
+    if _FINDER not in sys.meta_path:
+        sys.meta_path.insert(0, _FINDER)
+    return True

@@ -1,0 +1,5 @@
+"""TEST-ONLY: on ``PYTHONPATH`` (the Megatron end-to-end tests put it there for the processes they start), this makes
+``megatron rlhf`` run on CPU through :mod:`swift_gkd_plugin.testing.megatron_cpu`. Nothing else loads it."""
+from swift_gkd_plugin.testing import megatron_cpu
+
+megatron_cpu.install()

@@ -1,0 +1,74 @@
+"""Runs of the real ``megatron rlhf --rlhf_type gkd`` (ms-swift's launcher, torchrun, megatron-core, mcore-bridge) on
+the tiny offline models, on CPU: the test-only harness :mod:`swift_gkd_plugin.testing.megatron_cpu` is put on the
+ranks' ``PYTHONPATH`` (``cpu_site/sitecustomize.py``); the plugin itself is active as for any user."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import socket
+import subprocess
+import sys
+from typing import Dict, List
+
+from conftest import OFFLINE_ENV, SwiftRun
+
+MEGATRON = os.path.join(os.path.dirname(sys.executable), 'megatron')
+CPU_SITE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'cpu_site')
+ACTIVE = 'GKD trainer active (megatron'
+
+
+def megatron_args(ws, output_dir: str, **overrides) -> List[str]:
+    """A CPU ``megatron rlhf --rlhf_type gkd`` command line on the tiny pair; ``overrides`` replace or add flags (None
+    removes one). The flags after ``dataset_num_proc`` are what a CPU run needs (gloo, float32, no packed sequences:
+    see the harness)."""
+    flags: Dict[str, object] = {
+        'rlhf_type': 'gkd', 'model': ws.student, 'model_type': 'qwen3', 'teacher_model': ws.teacher,
+        'teacher_model_type': 'qwen3', 'template': 'qwen3_nothinking', 'dataset': ws.train, 'tuner_type': 'full',
+        'torch_dtype': 'float32', 'check_model': 'false', 'max_completion_length': 8, 'max_length': 128,
+        'train_iters': 2, 'micro_batch_size': 2, 'global_batch_size': 2, 'logging_steps': 1, 'lr': 1e-4,
+        'use_vllm': 'false', 'seed': 42, 'save_steps': 1000, 'output_dir': output_dir, 'add_version': 'false',
+        'split_dataset_ratio': 0, 'dataset_num_proc': 1, 'dataloader_num_workers': 0,
+        'ddp_backend': 'gloo', 'padding_free': 'false', 'fp16': 'false', 'bf16': 'false',
+        'masked_softmax_fusion': 'false',
+    }
+    for key, value in overrides.items():
+        if value is None:
+            flags.pop(key, None)
+        else:
+            flags[key] = value
+    argv = []
+    for key, value in flags.items():
+        argv += [f'--{key}', *map(str, value)] if isinstance(value, (list, tuple)) else [f'--{key}', str(value)]
+    return argv
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def run_megatron(argv: List[str], *, nproc: int = 1, timeout: int = 600, check: bool = True,
+                 env: Dict[str, str] = None) -> SwiftRun:
+    """``megatron rlhf argv`` through ms-swift's launcher, on ``nproc`` CPU ranks (torchrun, gloo)."""
+    full_env = dict(os.environ, **OFFLINE_ENV, NPROC_PER_NODE=str(nproc), MASTER_PORT=str(free_port()))
+    full_env.pop('SWIFT_GKD_PLUGIN', None)
+    full_env.pop('TRITON_INTERPRET', None)  # the ranks run as a user's would
+    full_env['PYTHONPATH'] = os.pathsep.join(p for p in (CPU_SITE, os.environ.get('PYTHONPATH')) if p)
+    full_env.update(env or {})
+    proc = subprocess.run([MEGATRON, 'rlhf', *argv], env=full_env, capture_output=True, text=True, timeout=timeout)
+    output = proc.stdout + proc.stderr
+    output_dir = argv[argv.index('--output_dir') + 1]
+    if check and proc.returncode != 0:
+        raise AssertionError(f'megatron rlhf failed ({proc.returncode}):\n{output[-8000:]}')
+    logs = []
+    for path in sorted(glob.glob(os.path.join(output_dir, 'logging.jsonl'))):
+        with open(path) as f:
+            logs += [row for row in map(json.loads, f) if 'loss' in row or 'eval_loss' in row]
+    return SwiftRun(proc.returncode, output, output_dir, logs)
+
+
+def train_rows(run: SwiftRun) -> List[dict]:
+    """The logged training rows (one per iteration with ``--logging_steps 1``)."""
+    return [row for row in run.logs if 'loss' in row]
