@@ -98,10 +98,13 @@ setup(
     extras_require={
         'deepspeed': ['deepspeed>=0.17'],
         'vllm': ['vllm>=0.10.2'],
-        'megatron': ['megatron-core>=0.14', 'mcore-bridge'],
+        # mcore-bridge imports triton at import time (CUDA torch wheels bring it; a CPU torch does not)
+        'megatron': ['megatron-core>=0.14', 'mcore-bridge', 'triton'],
         # triton: the fused loss's kernels, tested on CPU in its interpreter (wheels exist for Linux x86-64 / aarch64)
+        # megatron-core + mcore-bridge: the tests run megatron rlhf on CPU (tests/megatron/test_megatron_rlhf.py)
         'dev': ['pytest>=8', 'pytest-xdist', 'pytest-timeout', 'psutil', 'deepspeed', 'gguf>=0.17',
-                'triton==3.6.0; platform_system == "Linux" and platform_machine == "x86_64"'],
+                'triton==3.6.0; platform_system == "Linux" and platform_machine == "x86_64"', 'megatron-core>=0.14',
+                'mcore-bridge'],
         'bench': ['liger-kernel', 'psutil'],  # the optional Liger peer of benchmarks/bench_loss.py
         'smollm': ['gguf>=0.17'],  # bench_quality.py --preset smollm reads the teacher's GGUF weights
     },

@@ -120,11 +120,54 @@ for _name in ('mcore_bridge.model.modules.dsa_indexer', 'mcore_bridge.model.modu
 def _te_classes(module):
     """Without TE, megatron-core binds its ``TE*`` classes to ``MagicMock`` instances (or None: ``TEGroupedLinear``),
     which ``isinstance`` refuses (mcore-bridge ``model/register.py`` ~222, ms-swift ``megatron/utils/utils.py``
-    ~26): each becomes an empty class that no module is an instance of, as no TE module exists in these runs."""
+    ~26): each becomes an empty class that no module is an instance of, as no TE module exists in these runs. The
+    three that mcore-bridge's LoRA builds its adapter factors from (``tuners/lora.py`` ~61-78, ~240, ~290) get
+    working local equivalents."""
     for name in dir(module):
         value = getattr(module, name)
         if name.startswith('TE') and (value is None or type(value).__module__ == 'unittest.mock'):
             setattr(module, name, type(name, (torch.nn.Module,), {'__module__': __name__}))
+    module.TELinear = _DuplicatedLinear
+    _te_parallel_linears()
+
+
+def _te_parallel_linears():
+    """``TEColumnParallelLinear`` / ``TERowParallelLinear`` as the local parallel linears, once both modules exist
+    (either may be imported first)."""
+    te = sys.modules.get('megatron.core.extensions.transformer_engine')
+    layers = sys.modules.get('megatron.core.tensor_parallel.layers')
+    if te is None or layers is None or not hasattr(layers, 'RowParallelLinear'):
+        return
+    te.TEColumnParallelLinear = type('TEColumnParallelLinear', (_TEKeywords, layers.ColumnParallelLinear), {})
+    te.TERowParallelLinear = type('TERowParallelLinear', (_TEKeywords, layers.RowParallelLinear), {})
+
+
+class _TEKeywords:
+    """Accepts (and drops) the TE-only keywords mcore-bridge passes; ``parallel_mode`` as TE's layers keep it."""
+
+    def __init__(self, *args, parallel_mode=None, tp_comm_buffer_name=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.parallel_mode = parallel_mode
+
+
+class _DuplicatedLinear(torch.nn.Module):
+    """TE's ``Linear`` with ``parallel_mode='duplicated'`` (the whole weight on every rank): ``(output, bias)``."""
+
+    def __init__(self, input_size, output_size, *, config, init_method, bias, skip_bias_add=False,
+                 parallel_mode='duplicated', skip_weight_param_allocation=False, is_expert=False,
+                 tp_comm_buffer_name=None, tp_group=None):
+        super().__init__()
+        self.config, self.parallel_mode, self.skip_bias_add, self.is_expert = config, parallel_mode, skip_bias_add, \
+            is_expert
+        self.in_features, self.out_features, self.use_bias, self.tp_size = input_size, output_size, bias, 1
+        self.weight = torch.nn.Parameter(torch.empty(output_size, input_size, dtype=config.params_dtype))
+        init_method(self.weight)
+        self.bias = torch.nn.Parameter(torch.zeros(output_size, dtype=config.params_dtype)) if bias else None
+
+    def forward(self, x):
+        if self.skip_bias_add:
+            return torch.nn.functional.linear(x, self.weight), self.bias
+        return torch.nn.functional.linear(x, self.weight, self.bias), None
 
 
 @_after('mcore_bridge.patcher')
@@ -229,6 +272,7 @@ def _parallel_attributes(module):
     for cls, dim in ((module.VocabParallelEmbedding, 0), (module.ColumnParallelLinear, 0),
                      (module.RowParallelLinear, 1)):
         cls.__init__ = _marking_init(cls.__init__, dim, module.set_tensor_model_parallel_attributes)
+    _te_parallel_linears()
 
 
 def _marking_init(init, dim, mark):
@@ -238,6 +282,28 @@ def _marking_init(init, dim, mark):
         if isinstance(weight, torch.nn.Parameter) and not hasattr(weight, 'tensor_model_parallel'):
             mark(weight, True, dim, kwargs.get('stride', 1))
     return __init__
+
+
+# ------------------------------------------------------------------------------------------------------- LoRA
+@_after('mcore_bridge.tuners.patcher')
+def _lora_on_local_linears(module):
+    """``tuners/patcher.py`` ~32-37: LoRA is dispatched to TE's linears only (megatron-core's own parallel linears
+    only on Ascend NPUs, where MindSpeed builds those): the local spec's are dispatched too."""
+    module.is_torch_npu_available = lambda: True  # read there for that tuple only
+
+
+@_after('swift.megatron.utils.utils')
+def _local_linears_are_linears(module):
+    """ms-swift ``megatron/utils/utils.py`` ~26: ``find_all_linears`` (``--target_modules all-linear``) looks for TE's
+    linears: the local spec's parallel linears count as the linears they are."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from swift.utils import find_layers
+
+    def find_all_linears(model, extra_layers=None):
+        kinds = (ColumnParallelLinear, RowParallelLinear, torch.nn.Linear, *(extra_layers or ()))
+        return find_layers(model, lambda name, m: name != 'output_layer' and isinstance(m, kinds))
+
+    module.find_all_linears = find_all_linears
 
 
 # ---------------------------------------------------------------------------------------------- local layer spec
