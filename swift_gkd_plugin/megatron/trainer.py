@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from contextlib import contextmanager
 from typing import Dict, List, Optional
 
@@ -274,6 +275,37 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
         super().unmerge_lora_adapters()
         self._base_keeper.restore()
 
+    # ------------------------------------------------------------------ nothing learnt, non-finite
+    def train_step(self, train_data_iterator):
+        """ms-swift's step; then the guards on its gradient norm (reduced over all ranks, the same on each): a
+        non-finite one stops the run, naming the step; one of exactly 0 (the step learnt nothing: the teacher
+        agrees with the student everywhere, no position has a teacher signal) is a counted warning."""
+        metrics, grad_norm, update_successful = super().train_step(train_data_iterator)
+        step = int(self.state.iteration)
+        if grad_norm is not None and not math.isfinite(grad_norm):
+            raise NonFiniteStep(f'swift_gkd_plugin: step {step + 1}: the gradient norm is {grad_norm}: a teacher or '
+                                'student logit, or the loss, is not finite (a NaN or inf weight, an overflow): the run '
+                                'stops here rather than train on it')
+        if grad_norm == 0.0:
+            self._steps_without_learning += 1
+            if self.is_main_process:
+                logger.warning(f'swift_gkd_plugin: step {step + 1} learnt nothing (loss and gradient exactly 0): '
+                               f'{self._steps_without_learning} of {step + 1 - self._first_step} steps so far')
+        return metrics, grad_norm, update_successful
+
+    def train(self, train_dataset, val_dataset):
+        """ms-swift's training loop; exit code 0 only if some step learnt something."""
+        self._first_step = int(self.state.iteration)
+        self._steps_without_learning = 0
+        super().train(train_dataset, val_dataset)
+        trained = int(self.state.iteration) - self._first_step
+        if trained == 0 or self._steps_without_learning == trained:
+            raise NothingLearnt(
+                f'swift_gkd_plugin: none of the {trained} training step(s) learnt anything (loss and gradient exactly '
+                '0 at every step): the teacher agrees with the student everywhere (the student as its own teacher '
+                'without a teacher_prompt column; a copy of the student as --teacher_model) or no position has a '
+                'teacher signal. The checkpoints were saved; the run ends with an error instead of exit code 0')
+
     def on_log(self, logs, prefix=''):
         self._log_prefix = prefix  # '' for training rows, 'eval_' for evaluation ones (ms-swift's base trainer)
         super().on_log(logs, prefix)
@@ -332,6 +364,14 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
         if (self._step - 1) % self.steps_per_generation == 0:
             self._flush_log_completions()
         return loss, count, metric
+
+
+class NothingLearnt(RuntimeError):
+    """A run none of whose steps changed the student."""
+
+
+class NonFiniteStep(RuntimeError):
+    """A step whose gradient norm is NaN or infinite."""
 
 
 def _stop_token_ids(template) -> List[int]:
