@@ -25,6 +25,7 @@ _HOOKS = {
     'swift.megatron.pipelines.train.rlhf': 'on_megatron_rlhf_pipeline_imported',
     'swift.cli._megatron.main': 'on_megatron_cli_imported',
     'swift.cli.main': 'on_swift_cli_imported',
+    'mcore_bridge.model.rope': 'on_mcore_bridge_rope_imported',
 }
 
 

@@ -174,6 +174,43 @@ def on_megatron_rlhf_pipeline_imported(module) -> None:
     module.MegatronRLHFArguments = GKDPluginMegatronRLHFArguments
 
 
+def on_mcore_bridge_rope_imported(module) -> None:
+    """mcore-bridge 1.6 (``model/rope.py`` ~101/115) writes its own ``'default'`` RoPE initialisation into
+    transformers' global ``ROPE_INIT_FUNCTIONS`` whenever it builds a model. It reads ``config.rope_theta``, which a
+    transformers-5 config keeps in ``config.rope_parameters``, and transformers 5's ``_init_weights`` prefers that
+    table's entry to the model's own default: after a Megatron model was built, instantiating any default-RoPE
+    transformers model (Qwen3, Llama, ...) in the same process failed with ``AttributeError: 'Qwen3Config' object has
+    no attribute 'rope_theta'``. The entry reads the theta (and the partial rotary factor) from ``rope_parameters``
+    when the config has no attribute of that name; configs that have one are passed unchanged."""
+    compute = module._compute_default_rope_parameters
+    if getattr(compute, '_swift_gkd_plugin', False):
+        return
+
+    def _compute_default_rope_parameters(config=None, *args, **kwargs):
+        if config is not None and not hasattr(config, 'rope_theta'):
+            config = _RopeParameters(config)
+        return compute(config, *args, **kwargs)
+
+    _compute_default_rope_parameters._swift_gkd_plugin = True
+    module._compute_default_rope_parameters = _compute_default_rope_parameters
+    extended = getattr(module, 'EXTENDED_ROPE_INIT_FUNCTIONS', {})
+    if extended.get('default') is compute:
+        extended['default'] = _compute_default_rope_parameters
+
+
+class _RopeParameters:
+    """A config whose ``rope_theta`` / ``partial_rotary_factor`` come from its ``rope_parameters`` (transformers 5)."""
+
+    def __init__(self, config):
+        self._config = config
+
+    def __getattr__(self, name):
+        parameters = getattr(self._config, 'rope_parameters', None) or {}
+        if name in ('rope_theta', 'partial_rotary_factor') and name in parameters:
+            return parameters[name]
+        return getattr(self._config, name)
+
+
 def activate_from_external_plugin() -> None:
     """Activation through ``--external_plugins``, which ms-swift imports inside ``BaseArguments.__post_init__``.
 
