@@ -6,12 +6,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from swift.megatron.arguments import MegatronRLHFArguments
 from swift.utils import get_logger, is_vllm_available
 
 import swift_gkd_plugin
 from swift_gkd_plugin.flags import FlagError, check_no_plugin_flags_outside_gkd, ignored_flag_warnings
-from swift_gkd_plugin.megatron.checks import MegatronGKDFlagsMixin, check_megatron_gkd
+from swift_gkd_plugin.megatron.checks import (MegatronGKDFlagsMixin, check_megatron_gkd, check_not_ray,
+                                              check_vllm_sampler)
 from swift_gkd_plugin.ms_swift_state import keep_teacher_messages_column
 
 logger = get_logger()
@@ -33,7 +36,9 @@ class GKDPluginMegatronRLHFArguments(MegatronGKDFlagsMixin, MegatronRLHFArgument
             check_no_plugin_flags_outside_gkd(self, MegatronGKDFlagsMixin)
             super().__post_init__()
             return
+        check_not_ray(self)
         check_megatron_gkd(self)
+        fp16_given = self.fp16
         for warning in ignored_flag_warnings(self):
             logger.warning(f'swift_gkd_plugin: {warning}')
         if self.gkd_fused_backend not in (None, 'auto'):
@@ -46,9 +51,11 @@ class GKDPluginMegatronRLHFArguments(MegatronGKDFlagsMixin, MegatronRLHFArgument
         finally:
             self.seq_kd = seq_kd
         resolve_sampler(self)
-        if self.use_vllm and self.lmbda > 0 and self.vllm_mode not in ('colocate', 'server'):
-            raise FlagError(f'--use_vllm true needs --vllm_mode colocate or server (got {self.vllm_mode!r}); or pass '
-                             '--use_vllm false to sample from the training model')
+        check_vllm_sampler(self, vllm_installed=self.use_vllm)
+        if self.torch_dtype == torch.float32 and fp16_given is None and self.fp16:
+            logger.warning('swift_gkd_plugin: --torch_dtype float32 trains in fp16 mixed precision under '
+                           'Megatron-SWIFT (ms-swift sets --fp16 true for float32 models); pass --fp16 false '
+                           '--bf16 false to train in float32')
         sampling = self.seq_kd or (self.lmbda > 0 and not self.use_vllm)
         if sampling and (self.context_parallel_size or 1) > 1:
             raise FlagError('sampling from the Megatron model (seq_kd, or on-policy steps without vLLM) needs '

@@ -195,6 +195,9 @@ def _command_line_parser() -> argparse.ArgumentParser:
     p.add_argument('--teacher_adapters', nargs='*', default=[])
     p.add_argument('--tensor_model_parallel_size', type=int, default=1)
     p.add_argument('--context_parallel_size', type=int, default=1)
+    p.add_argument('--use_ray', type=_bool, nargs='?', const=True, default=False)  # a bare --use_ray is true
+    p.add_argument('--use_vllm', type=_bool, default=True)
+    p.add_argument('--vllm_mode', default=None)
     # the RL + distillation flags of swift rlhf, refused here; None: not on the command line
     p.add_argument('--reward_funcs', nargs='*', default=[])
     p.add_argument('--reward_weights', nargs='*', type=float, default=None)
@@ -233,9 +236,30 @@ def check_megatron_command_line(argv: Sequence[str]) -> None:
         return
     num_generations = [] if ns.num_generations in (None, 1) else ['--num_generations']
     refuse_rl_flags(rl_flags_set(ns) + num_generations)
+    check_not_ray(ns)
     check_megatron_gkd(ns)
+    check_vllm_sampler(ns, vllm_installed=_importable('vllm'))
     check_vocab_sizes(ns)
     check_megatron_installed()
+
+
+def check_not_ray(args) -> None:
+    """``--use_ray true`` starts ms-swift's own Ray pipeline (``swift/ray/megatron/``), whose GKD trainer and loss are
+    not the plugin's: refused, rather than run without the plugin's modes, loss and checks."""
+    if args.use_ray:
+        raise FlagError('--use_ray true is not supported with the plugin: it runs ms-swift\'s own Ray GKD trainer '
+                         '(swift/ray/megatron), not this plugin\'s. Run megatron rlhf --rlhf_type gkd without --use_ray '
+                         '(torchrun ranks; NNODES, NODE_RANK and MASTER_ADDR for several nodes), or set '
+                         'SWIFT_GKD_PLUGIN=0 to run ms-swift\'s own GKD on Ray')
+
+
+def check_vllm_sampler(args, vllm_installed: bool) -> None:
+    """ms-swift's Megatron default is ``--use_vllm true``: where vLLM is installed, on-policy steps need its mode
+    (without vLLM the plugin samples from the training model instead, see ``arguments.resolve_sampler``)."""
+    if args.use_vllm and vllm_installed and args.lmbda > 0 and args.vllm_mode not in ('colocate', 'server'):
+        raise FlagError(f'--use_vllm true needs --vllm_mode colocate or server (got {args.vllm_mode!r}); or pass '
+                         '--use_vllm false to sample from the training model (megatron rlhf defaults to --use_vllm '
+                         'true, and vLLM is installed here)')
 
 
 #: the modules of the plugin's ``megatron`` extra (setup.py), which Megatron-SWIFT imports in every rank

@@ -99,6 +99,8 @@ def assert_passed_the_checks(output):
     (('--gkd_ref_kl_coef', '1'), '--gkd_ref_kl_coef 1 is supported by swift rlhf only yet: megatron rlhf builds no '
      'reference model beside the student'),
     (('--gkd_ref_kl_coef', '-1'), '--gkd_ref_kl_coef must be >= 0 (0: off), got -1.0'),
+    (('--use_ray', 'true'), "--use_ray true is not supported with the plugin: it runs ms-swift's own Ray GKD trainer"),
+    (('--use_ray', ), "--use_ray true is not supported with the plugin"),
 ])
 def test_bad_gkd_flags_are_refused_before_any_rank_starts(flags, needle):
     code, output = megatron_rlhf(*GKD, *flags)
@@ -113,9 +115,22 @@ def test_plugin_flags_with_another_rlhf_type_are_refused():
     assert SPAWNED not in output
 
 
+def test_megatrons_default_use_vllm_needs_a_mode_where_vllm_is_installed():
+    """ms-swift's Megatron default is ``--use_vllm true``: with vLLM installed, on-policy steps need its mode, named
+    in the launcher (it was refused in every rank, with a traceback)."""
+    pytest.importorskip('vllm')
+    code, output = megatron_rlhf(*GKD)
+    assert code == 2, output[-3000:]
+    assert ('--use_vllm true needs --vllm_mode colocate or server (got None); or pass --use_vllm false to sample '
+            'from the training model') in output
+    assert SPAWNED not in output and 'Traceback' not in output
+    assert_passed_the_checks(megatron_rlhf(*GKD, '--lmbda', '0')[1])  # no on-policy step: nothing samples
+
+
 @pytest.mark.parametrize('flags', [
-    GKD,
-    GKD + ('--seq_kd', 'true', '--lmbda', '0.3', '--beta', '0', '--temperature', '1.0', '--gkd_logits_topk', '16',
+    GKD + ('--use_vllm', 'false'),
+    GKD + ('--use_vllm', 'true', '--vllm_mode', 'colocate'),
+    GKD + ('--use_vllm', 'false', '--seq_kd', 'true', '--lmbda', '0.3', '--beta', '0', '--temperature', '1.0', '--gkd_logits_topk', '16',
            '--gkd_topk_tail', 'true', '--tensor_model_parallel_size', '2', '--teacher_tensor_model_parallel_size',
            '2', '--gkd_loss_impl', 'dense', '--num_generations', '1', '--gkd_rl_coef', '0',
            '--gkd_sampling_temperature', '0.7'),
@@ -134,7 +149,7 @@ def test_another_rlhf_type_reaches_the_ranks():
 @pytest.mark.skipif(megatron_installed(), reason='the megatron extra is installed here')
 def test_without_megatron_core_the_launcher_names_the_extra():
     """Instead of every rank's raw ModuleNotFoundError for 'megatron'."""
-    code, output = megatron_rlhf(*GKD)
+    code, output = megatron_rlhf(*GKD, '--use_vllm', 'false')
     assert code == 2, output[-3000:]
     assert MISSING_EXTRA in output and 'pip install ".[megatron]"' in output
     assert SPAWNED not in output and 'ModuleNotFoundError' not in output
@@ -144,12 +159,12 @@ def test_a_teacher_with_another_vocabulary_size_is_refused_before_any_rank_start
     """The configs' vocabularies (448 and 464 rows), padded to the tensor-parallel size as mcore-bridge pads them,
     are compared in the launcher, not at the first step after both models are loaded."""
     code, output = megatron_rlhf_with(tiny_ws.student, *GKD, '--teacher_model', tiny_ws.other_vocab_teacher,
-                                      '--tensor_model_parallel_size', '2')
+                                      '--tensor_model_parallel_size', '2', '--use_vllm', 'false')
     assert code == 2, output[-3000:]
     assert (f'--teacher_model {tiny_ws.other_vocab_teacher} has 464 output rows and --model {tiny_ws.student} 448 '
             '(config.json vocab_size, padded to a multiple of --tensor_model_parallel_size 2)') in output
     assert SPAWNED not in output
-    code, output = megatron_rlhf_with(tiny_ws.student, *GKD, '--teacher_model', tiny_ws.teacher)
+    code, output = megatron_rlhf_with(tiny_ws.student, *GKD, '--teacher_model', tiny_ws.teacher, '--use_vllm', 'false')
     assert_passed_the_checks(output)
 
 
