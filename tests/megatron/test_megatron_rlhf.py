@@ -8,14 +8,15 @@ import glob
 import json
 import math
 import os
-import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from conftest import base_args, run_swift
-from megatron_runs import ACTIVE, megatron_args, run_megatron, train_rows
+from conftest import OFFLINE_ENV, base_args, run_swift
+from megatron_runs import ACTIVE, CPU_SITE, megatron_args, run_megatron, train_rows
 
 from swift_gkd_plugin.core import choose_mode
 
@@ -60,7 +61,26 @@ def _starts(ws, runs):
             ws, out, seed=MIXED_SEED, lmbda=0.5, seq_kd='true', pipeline_model_parallel_size=2), nproc=2),
         'dp2': lambda out: run_megatron(megatron_args(
             ws, out, seed=MIXED_SEED, lmbda=0.5, seq_kd='true', micro_batch_size=1), nproc=2),
+        # self-distillation: the student's base with its (fresh) adapter disabled is the teacher
+        'lora_privileged': lambda out: run_megatron(megatron_args(
+            ws, out, teacher_model=ws.student, tuner_type='lora', dataset=_privileged(ws), seed=MIXED_SEED, lmbda=0.5,
+            seq_kd='true')),
+        'lora_nothing_to_learn': lambda out: run_megatron(megatron_args(
+            ws, out, teacher_model=ws.student, tuner_type='lora', lmbda=0), check=False),
     }
+
+
+def _privileged(ws) -> str:
+    """The training rows with a ``teacher_prompt`` that holds the answer: what the teacher sees and the student
+    does not."""
+    path = os.path.join(ws.root, 'privileged.jsonl')
+    if not os.path.exists(path):
+        with open(ws.train) as src, open(path + '.partial', 'w') as dst:
+            for row in map(json.loads, src):
+                question, answer = row['messages'][0]['content'], row['messages'][1]['content']
+                dst.write(json.dumps({**row, 'teacher_prompt': f'{question} The answer is {answer}.'}) + '\n')
+        os.replace(path + '.partial', path)
+    return path
 
 
 @pytest.fixture(scope='module')
@@ -147,3 +167,47 @@ def test_teacher_topk_with_tail_and_evaluation(runs):
     assert_trained(run, ['off_policy', 'off_policy'], 42, 0.0, False)
     evals = [r for r in run.logs if 'eval_loss' in r]
     assert len(evals) == 2 and all(math.isfinite(r['eval_loss']) and r['eval_loss'] > 0 for r in evals), evals
+
+
+def test_shared_base_lora_self_distillation_with_a_privileged_teacher_prompt(runs):
+    """``--teacher_model`` = ``--model`` with LoRA: one copy of the weights, the teacher is the base with the adapter
+    disabled and sees the ``teacher_prompt``; on-policy and seq_kd (the adapter-off base samples) both learn."""
+    run = runs['lora_privileged']
+    assert_trained(run, ['on_policy', 'seq_kd'], MIXED_SEED, 0.5, True)
+    assert os.path.exists(os.path.join(run.output_dir, 'checkpoint-2', 'adapter_model.safetensors'))
+
+
+def test_a_run_that_learns_nothing_ends_with_an_error(runs):
+    """A fresh adapter (B = 0) on the student's own base, no teacher_prompt: the teacher is the student, every step
+    has loss and gradient exactly 0. Each such step is a counted warning; the run ends with an error, not exit 0,
+    after saving its checkpoint."""
+    run = runs['lora_nothing_to_learn']
+    assert run.returncode != 0, run.output[-3000:]
+    assert 'none of the 2 training step(s) learnt anything' in run.output, run.output[-3000:]
+    assert 'step 2 learnt nothing (loss and gradient exactly 0): 2 of 2 steps so far' in run.output
+    assert os.path.exists(os.path.join(run.output_dir, 'checkpoint-2', 'adapter_model.safetensors'))
+
+
+ROPE_PROBE = '''
+import sys, torch
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+config = AutoConfig.from_pretrained(sys.argv[1])
+expected = AutoModelForCausalLM.from_config(config).model.rotary_emb.inv_freq.clone()
+import mcore_bridge.model.rope as rope
+ROPE_INIT_FUNCTIONS.update(rope.EXTENDED_ROPE_INIT_FUNCTIONS)  # what mcore-bridge's GPTModel does when it is built
+after = AutoModelForCausalLM.from_config(config).model.rotary_emb.inv_freq
+print('ROPE', torch.equal(after, expected))
+'''
+
+
+def test_transformers_models_build_after_mcore_bridge_built_a_model(tiny_ws):
+    """mcore-bridge puts a ``'default'`` RoPE initialisation that reads ``config.rope_theta`` into transformers'
+    global table; transformers 5 keeps the theta in ``rope_parameters`` and prefers that table in ``_init_weights``,
+    so building a Qwen3 model afterwards (ms-swift's final save did) raised ``AttributeError: 'Qwen3Config' object
+    has no attribute 'rope_theta'``. With the plugin active it builds, with the same inverse frequencies."""
+    env = dict(os.environ, **OFFLINE_ENV, PYTHONPATH=CPU_SITE)
+    env.pop('SWIFT_GKD_PLUGIN', None)
+    proc = subprocess.run([sys.executable, '-c', ROPE_PROBE, tiny_ws.student], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and 'ROPE True' in proc.stdout, (proc.stdout + proc.stderr)[-3000:]
