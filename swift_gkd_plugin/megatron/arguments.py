@@ -6,15 +6,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from swift.megatron.arguments import MegatronRLHFArguments
 from swift.utils import get_logger, is_vllm_available
 
 import swift_gkd_plugin
 from swift_gkd_plugin.flags import FlagError, check_no_plugin_flags_outside_gkd, ignored_flag_warnings
 from swift_gkd_plugin.megatron.checks import (MegatronGKDFlagsMixin, check_megatron_gkd, check_not_ray,
-                                              check_vllm_sampler)
+                                              check_vllm_sampler, float32_warning)
 from swift_gkd_plugin.ms_swift_state import keep_teacher_messages_column
 
 logger = get_logger()
@@ -38,7 +36,7 @@ class GKDPluginMegatronRLHFArguments(MegatronGKDFlagsMixin, MegatronRLHFArgument
             return
         check_not_ray(self)
         check_megatron_gkd(self)
-        fp16_given = self.fp16
+        fp16_given, dtype_given = self.fp16, self.torch_dtype  # ms-swift turns float32 into float16 below
         for warning in ignored_flag_warnings(self):
             logger.warning(f'swift_gkd_plugin: {warning}')
         if self.gkd_fused_backend not in (None, 'auto'):
@@ -52,10 +50,9 @@ class GKDPluginMegatronRLHFArguments(MegatronGKDFlagsMixin, MegatronRLHFArgument
             self.seq_kd = seq_kd
         resolve_sampler(self)
         check_vllm_sampler(self, vllm_installed=self.use_vllm)
-        if self.torch_dtype == torch.float32 and fp16_given is None and self.fp16:
-            logger.warning('swift_gkd_plugin: --torch_dtype float32 trains in fp16 mixed precision under '
-                           'Megatron-SWIFT (ms-swift sets --fp16 true for float32 models); pass --fp16 false '
-                           '--bf16 false to train in float32')
+        warning = float32_warning(dtype_given, fp16_given, self.fp16)
+        if warning:
+            logger.warning(f'swift_gkd_plugin: {warning}')
         sampling = self.seq_kd or (self.lmbda > 0 and not self.use_vllm)
         if sampling and (self.context_parallel_size or 1) > 1:
             raise FlagError('sampling from the Megatron model (seq_kd, or on-policy steps without vLLM) needs '

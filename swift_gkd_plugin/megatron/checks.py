@@ -253,6 +253,15 @@ def check_not_ray(args) -> None:
                          'SWIFT_GKD_PLUGIN=0 to run ms-swift\'s own GKD on Ray')
 
 
+def float32_warning(torch_dtype, fp16_given, fp16) -> Optional[str]:
+    """The warning for a float32 model that ms-swift trains in fp16 mixed precision (it sets ``--fp16 true`` for
+    ``--torch_dtype float32``, ``arguments/base_args/model_args.py`` ~133, unless ``--fp16`` was given), else None."""
+    if str(torch_dtype).replace('torch.', '') == 'float32' and fp16_given is None and fp16:
+        return ('--torch_dtype float32 trains in fp16 mixed precision under Megatron-SWIFT (ms-swift sets --fp16 true '
+                'for float32 models); pass --fp16 false --bf16 false to train in float32')
+    return None
+
+
 def check_vllm_sampler(args, vllm_installed: bool) -> None:
     """ms-swift's Megatron default is ``--use_vllm true``: where vLLM is installed, on-policy steps need its mode
     (without vLLM the plugin samples from the training model instead, see ``arguments.resolve_sampler``)."""

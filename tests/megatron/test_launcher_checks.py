@@ -224,3 +224,16 @@ def test_rank_side_checks_read_only_fields_that_megatron_arguments_have():
     args = argparse.Namespace(**defaults, **{f.name: f.default for f in fields(MegatronGKDFlagsMixin)})
     args.rlhf_type = 'gkd'
     check_megatron_gkd(args)
+
+
+def test_float32_under_fp16_mixed_precision_is_warned():
+    """ms-swift maps a float32 model to --fp16 true under Megatron-SWIFT; given --fp16 (either way) it is the user's
+    choice and not warned about."""
+    import torch
+
+    from swift_gkd_plugin.megatron.checks import float32_warning
+    assert '--fp16 false --bf16 false to train in float32' in float32_warning(torch.float32, None, True)
+    assert float32_warning('float32', None, True)  # as given on the command line
+    assert float32_warning(torch.float32, True, True) is None  # --fp16 true given
+    assert float32_warning(torch.float32, False, False) is None
+    assert float32_warning(torch.bfloat16, None, False) is None
