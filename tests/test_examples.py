@@ -107,7 +107,8 @@ def test_example_flags_exist(script, request, tmp_path):
 def test_megatron_moe_example_gives_the_teacher_the_same_privileged_prompt(tiny_ws, omni_privileged_data, tmp_path):
     """The Megatron MoE example self-distils a zero LoRA too (same --model and --teacher_model): it trains on the
     dataset the Omni example writes (a teacher_prompt column in every row), which makes the loss non-zero at step 1
-    (the next test: Megatron-SWIFT cannot run on CPU; the same column reaches its teacher, docs_en/megatron.md)."""
+    (the next test; the MoE model itself does not run on CPU, and tests/megatron/test_megatron_rlhf.py trains a
+    dense shared-base LoRA with a teacher_prompt end to end)."""
     commands = record_commands(os.path.join(EXAMPLES, 'megatron_gkd_moe.sh'), tmp_path,
                                env={'SOURCE_DATASET': tiny_ws.train}, run_python=True)
     argv = commands['megatron']
