@@ -328,6 +328,11 @@ def resolve_num_generations(args, grpo_default: int) -> None:
 def check_gkd_scalars(args) -> None:
     """The declared ranges and choices of the flags that need nothing else, then their combinations."""
     check_declared(args, SCALAR_FLAGS)
+    if args.gkd_logits_topk == 1 and not args.gkd_topk_tail:
+        raise FlagError('--gkd_logits_topk 1 without --gkd_topk_tail true: over the teacher\'s one top token both '
+                        'distributions are 1, so the divergence and its gradient are 0 on every token and the run '
+                        'learns nothing; allowed: --gkd_logits_topk 2 or more, or 1 with --gkd_topk_tail true (the '
+                        'mass outside the top token as a second bucket)')
     if args.gkd_topk_tail:
         if args.gkd_logits_topk is None:
             raise FlagError('--gkd_topk_tail true needs --gkd_logits_topk (the tail is the mass outside the top-k)')
