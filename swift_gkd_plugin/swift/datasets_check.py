@@ -1,4 +1,5 @@
-"""Local datasets of a GKD run (``.jsonl``, ``.json``, ``.csv``), read once before any model is loaded.
+"""Local datasets of a GKD run (``.jsonl``, ``.json``, ``.csv``, ``.parquet``, ``.arrow``), read once before any model
+is loaded.
 
 ms-swift reads them later, after both models are loaded, and then fails badly: an empty file ends in a bare
 ``StopIteration``, a line that is not UTF-8 in a ``UnicodeDecodeError`` that names neither the file nor the line, a
@@ -46,8 +47,9 @@ RESPONSE_KEYS = ('response', 'answer', 'output', 'targets', 'target', 'answer_ke
                  'completion', 'content')
 MEDIA_KEYS = ('images', 'videos', 'audios')
 LINES_SHOWN = 10
-#: the local files read here before loading (ms-swift reads them with the ``datasets`` json and csv loaders)
-CHECKED_SUFFIXES = ('.jsonl', '.json', '.csv')
+#: the local files read here before loading (ms-swift reads them with the ``datasets`` loader of their ending)
+CHECKED_SUFFIXES = ('.jsonl', '.json', '.csv', '.parquet', '.arrow')
+TABLE_SUFFIXES = ('.parquet', '.arrow')  # columnar files, read with pyarrow
 _NO_SAMPLING = {
     '--dataset': ('--lmbda 0 without --seq_kd only distils on dataset responses. Remove those rows, or let the '
                   'student (--lmbda > 0) or the teacher (--seq_kd true) sample responses for them.'),
@@ -120,8 +122,11 @@ def dataset_rows(flag: str, path: str) -> Iterator[Tuple[Where, dict]]:
     the ``datasets`` json loader reads both) or ``.csv`` file; a FlagError naming the flag, the file and the line (or
     array index) for what cannot be read, and for a file without rows."""
     found = False
-    rows = csv_rows(flag, path) if path.lower().endswith('.csv') else (
-        json_array_rows(flag, path) if _first_byte(path) == b'[' else jsonl_rows(flag, path))
+    if path.lower().endswith(TABLE_SUFFIXES):
+        rows = table_rows(flag, path)
+    else:
+        rows = csv_rows(flag, path) if path.lower().endswith('.csv') else (
+            json_array_rows(flag, path) if _first_byte(path) == b'[' else jsonl_rows(flag, path))
     for where, row in rows:
         if not isinstance(row, dict):
             raise FlagError(f'{flag} {path}: {where} is a JSON {type(row).__name__}, not an object (one row per '
@@ -131,6 +136,26 @@ def dataset_rows(flag: str, path: str) -> Iterator[Tuple[Where, dict]]:
     if not found:
         raise FlagError(f'{flag} {path}: the file has no rows (a dataset needs one JSON object per line, an array of '
                         'them, or a csv header and rows)')
+
+
+def table_rows(flag: str, path: str) -> Iterator[Tuple[Where, dict]]:
+    """The rows of a ``.parquet`` or ``.arrow`` (stream or file) table as the ``datasets`` loaders read them
+    (pyarrow), each named by its row number; a file pyarrow cannot read is refused."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    try:
+        if path.lower().endswith('.parquet'):
+            table = pq.read_table(path)
+        else:
+            try:
+                table = pa.ipc.open_stream(pa.OSFile(path)).read_all()
+            except pa.ArrowInvalid:
+                table = pa.ipc.open_file(pa.OSFile(path)).read_all()
+    except (pa.ArrowException, OSError) as exc:
+        kind = os.path.splitext(path)[1][1:]
+        raise FlagError(f'{flag} {path}: not a readable {kind} file ({str(exc).strip()})') from None
+    for i, row in enumerate(table.to_pylist()):
+        yield Where('row', i + 1), row
 
 
 def _first_byte(path: str) -> bytes:
@@ -364,11 +389,13 @@ def _role(message) -> Optional[str]:
 
 
 def has_response(row: dict, columns: Dict[str, str]) -> bool:
-    """Whether ms-swift's automatic preprocessor finds an assistant response in ``row`` (after ``--columns``)."""
+    """Whether ms-swift's automatic preprocessor finds a non-empty assistant response in ``row`` (after
+    ``--columns``)."""
     row = _mapped(row, columns)
     messages = _messages(row)
-    if messages is not None:
-        return _role(messages[-1]) in ASSISTANT_ROLES
+    if messages is not None:  # an empty content ('') encodes as a bare end of turn: nothing to distil either
+        content = next((messages[-1][k] for k in CONTENT_KEYS if k in messages[-1]), None)
+        return _role(messages[-1]) in ASSISTANT_ROLES and content not in ('', [])
     return any(row.get(key) not in (None, '', []) for key in RESPONSE_KEYS)
 
 
@@ -478,7 +505,7 @@ def _listed(problems: List[Tuple[Where, str]]) -> str:
 
 
 def check_local_datasets(args) -> None:
-    """``--dataset`` / ``--val_dataset`` local jsonl, json and csv files: readable, not empty, rows that ms-swift
+    """``--dataset`` / ``--val_dataset`` local jsonl, json, csv, parquet and arrow files: readable, not empty, rows that ms-swift
     would drop refused (or counted, :func:`_bad_rows`), teacher columns of the right type, their media files readable
     and only given to a multimodal model, and their rows without a response refused when nothing can sample one for
     them (see the module's docstring), else reported."""
@@ -521,7 +548,8 @@ def check_local_datasets(args) -> None:
             missing = [where for where, _ in no_response]
             rows = f'{flag} {path}: {len(missing)} row(s) have no assistant response ({_shown(missing)})'
             if not can_sample:
-                raise FlagError(f'{rows}, so they have nothing to distil: {_NO_SAMPLING[flag]}')
+                raise FlagError(f'{rows}, so they have nothing to distil (an empty response counts as none): '
+                                f'{_NO_SAMPLING[flag]}')
             promptless = [where for where, prompt in no_response if not prompt]
             sampled = [where for where, prompt in no_response if prompt]
             if flag == '--dataset':
@@ -609,7 +637,7 @@ def _bad_rows(args, flag: str, path: str, bad: List[Tuple[Where, str]]) -> List[
 
 def check_one_batch(args, rows: int, dropped: List[str] = (), skipped: List[str] = (), partial: List[str] = ()
                     ) -> None:
-    """Training sets of local jsonl, json and csv files only: with no row that can be encoded (``dropped``: rows with
+    """Training sets of local jsonl, json, csv, parquet and arrow files only: with no row that can be encoded (``dropped``: rows with
     neither a user message nor a response; ``skipped``: rows left out by ``--gkd_drop_bad_rows true``; or, on dataset
     steps, none but ``partial`` rows), ms-swift would load both models and then fail to resample ("Increase
     max_length"). Read whole (no ``#N`` sampling), fewer rows than one device's batch can never fill a batch, and GKD
