@@ -132,8 +132,8 @@ class GKDPluginArgumentsMixin:
             choices=Literal[FUSED_BACKENDS]))
     gkd_drop_bad_rows: bool = field(
         default=False,
-        metadata={'help': 'Train without the rows of local jsonl, json, csv, parquet and arrow datasets that ms-swift would drop '
-                  'silently (an unknown role, null or non-text content, messages that are not a list, longer than '
+        metadata={'help': 'Train without the rows of local jsonl, json, csv, parquet and arrow datasets that ms-swift '
+                  'would drop silently (an unknown role, null or non-text content, messages that are not a list, longer than '
                   '--max_length with --truncation_strategy delete), counting them in a warning. Default false: such '
                   'rows are refused before any model is loaded, named by file and line.'})
     teacher_api_key: Optional[str] = field(

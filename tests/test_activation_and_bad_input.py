@@ -131,8 +131,9 @@ BAD_INPUTS = [
     ({'gkd_loss_impl': 'bogus'}, ['--gkd_loss_impl', 'bogus', 'auto', 'fused', 'dense']),
     ({'gkd_logits_topk': 0}, ['--gkd_logits_topk must be a positive integer']),
     # issue 45: loss 0 on every token, accepted before loading
-    ({'gkd_logits_topk': 1}, ['--gkd_logits_topk 1 without --gkd_topk_tail true', 'the divergence and its gradient are 0 '
-                              'on every token', 'allowed: --gkd_logits_topk 2 or more, or 1 with --gkd_topk_tail true']),
+    ({'gkd_logits_topk': 1}, ['--gkd_logits_topk 1 without --gkd_topk_tail true',
+                              'the divergence and its gradient are 0 on every token',
+                              'allowed: --gkd_logits_topk 2 or more, or 1 with --gkd_topk_tail true']),
     ({'temperature': 'inf'}, ['--temperature must be a finite number >= 0.02', 'inf']),
     ({'gkd_divergence': 'skew_kl', 'gkd_skew_alpha': 'nan'}, ['--gkd_skew_alpha must be a finite number in [0, 1)']),
     ({'rollout_importance_sampling_threshold': 'nan'},

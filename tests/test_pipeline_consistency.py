@@ -89,7 +89,8 @@ RESUME_FAULTS = {  # issue 45: each used to fail after both models loaded, or re
     'no_optimizer': (lambda c: os.remove(c / 'optimizer.pt'), 'checkpoint-3',
                      ['checkpoint-3 has no optimizer.pt: resuming would silently start the optimizer state (AdamW '
                       'moments) afresh', '--resume_only_model true']),
-    'cut_optimizer': (lambda c: _cut(c / 'optimizer.pt'), 'checkpoint-3', ['checkpoint-3 has a cut-short optimizer.pt']),
+    'cut_optimizer': (lambda c: _cut(c / 'optimizer.pt'), 'checkpoint-3',
+                      ['checkpoint-3 has a cut-short optimizer.pt']),
     'cut_weights': (lambda c: _cut(c / 'model.safetensors'), 'checkpoint-3',
                     ['checkpoint-3 has a cut-short model.safetensors', 'its tensors need']),
 }

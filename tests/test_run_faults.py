@@ -36,6 +36,16 @@ def test_a_training_set_sampled_smaller_than_one_batch_is_refused_when_training_
     assert not run.logs
 
 
+def test_rows_left_out_of_each_epoch_are_counted(tiny_ws, tmp_path):
+    """Issue 45: 5 rows in batches of 2, incomplete batches dropped: one row sat out every epoch without a word."""
+    data = _first_rows(tiny_ws, tmp_path / 'five.jsonl', 5)
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), dataset=data, lmbda=0, max_steps=None,
+                              num_train_epochs=1))
+    assert ('--dataset: 1 of the 5 training rows are left out of each epoch: GKD drops incomplete batches '
+            '(dataloader_drop_last; --per_device_train_batch_size 2 on 1 process(es))') in run.output
+    assert len(run.logs) == 2
+
+
 @pytest.fixture
 def small_tmpfs(tmp_path):
     """A 1.5 MiB filesystem: room for the run's logs and a checkpoint's weights, not for its optimizer state too."""

@@ -170,7 +170,8 @@ def check_resume_checkpoint(args) -> None:
         state = os.path.join(path, TRAINER_STATE)
         problem = 'has no' if not os.path.exists(state) else 'has an unreadable'
         raise FlagError(f'--resume_from_checkpoint {path} {problem} {TRAINER_STATE}, which the trainer writes last in '
-                         f'a checkpoint: its save was cut short (a killed process, a full disk); {newest_hint(parent)}.')
+                         'a checkpoint: its save was cut short (a killed process, a full disk); '
+                         f'{newest_hint(parent)}.')
     problem = checkpoint_files_problem(path, args)
     if problem:
         raise FlagError(f'--resume_from_checkpoint {path} {problem}; {newest_hint(parent)}.')

@@ -505,8 +505,8 @@ def _listed(problems: List[Tuple[Where, str]]) -> str:
 
 
 def check_local_datasets(args) -> None:
-    """``--dataset`` / ``--val_dataset`` local jsonl, json, csv, parquet and arrow files: readable, not empty, rows that ms-swift
-    would drop refused (or counted, :func:`_bad_rows`), teacher columns of the right type, their media files readable
+    """``--dataset`` / ``--val_dataset`` local jsonl, json, csv, parquet and arrow files: readable, not empty, rows that
+    ms-swift would drop refused (or counted, :func:`_bad_rows`), teacher columns of the right type, their media files readable
     and only given to a multimodal model, and their rows without a response refused when nothing can sample one for
     them (see the module's docstring), else reported."""
     columns = args.columns if isinstance(args.columns, dict) else {}
@@ -637,8 +637,8 @@ def _bad_rows(args, flag: str, path: str, bad: List[Tuple[Where, str]]) -> List[
 
 def check_one_batch(args, rows: int, dropped: List[str] = (), skipped: List[str] = (), partial: List[str] = ()
                     ) -> None:
-    """Training sets of local jsonl, json, csv, parquet and arrow files only: with no row that can be encoded (``dropped``: rows with
-    neither a user message nor a response; ``skipped``: rows left out by ``--gkd_drop_bad_rows true``; or, on dataset
+    """Training sets of local jsonl, json, csv, parquet and arrow files only: with no row that can be encoded
+    (``dropped``: rows with neither a user message nor a response; ``skipped``: rows left out by ``--gkd_drop_bad_rows true``; or, on dataset
     steps, none but ``partial`` rows), ms-swift would load both models and then fail to resample ("Increase
     max_length"). Read whole (no ``#N`` sampling), fewer rows than one device's batch can never fill a batch, and GKD
     drops incomplete ones. Preprocessing only removes rows, so these refusals are certain; the other cases (several
@@ -676,10 +676,14 @@ def check_one_batch(args, rows: int, dropped: List[str] = (), skipped: List[str]
 class RefuseEmptyEpochs(TrainerCallback):
     """Refuses, when training starts, a training set too small for one batch: GKD drops incomplete batches
     (ms-swift sets ``dataloader_drop_last``), so the run would end with exit code 0 after 0 steps, ``train_loss 0``
-    and nothing saved. The numbers are known here: after preprocessing and filtering, on every rank."""
+    and nothing saved. The numbers are known here: after preprocessing and filtering, on every rank. A run that
+    covers whole epochs is told how many rows each epoch leaves out that way (:func:`warn_rows_left_out`)."""
 
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
-        if train_dataloader is None or not hasattr(train_dataloader, '__len__') or len(train_dataloader) > 0:
+        if train_dataloader is None or not hasattr(train_dataloader, '__len__'):
+            return
+        if len(train_dataloader) > 0:
+            warn_rows_left_out(args, state, train_dataloader)
             return
         rows = len(train_dataloader.dataset) if hasattr(train_dataloader.dataset, '__len__') else '?'
         g = getattr(args, 'num_generations', 1) or 1
@@ -690,3 +694,20 @@ class RefuseEmptyEpochs(TrainerCallback):
                          f'({per_rank} on each of {args.world_size} process(es)); GKD drops incomplete batches '
                          f'(dataloader_drop_last), so not one step could train (--max_steps {args.max_steps}). Add '
                          'rows, or lower the batch size.')
+
+
+def warn_rows_left_out(args, state, train_dataloader) -> None:
+    """The rows that ``dataloader_drop_last`` leaves out of each epoch (its last, incomplete batch on each process:
+    other rows each epoch, as the sampler shuffles), warned about on the main process when the run covers at least
+    one epoch and batches hold one row per prompt."""
+    dataset = train_dataloader.dataset
+    one_row_per_prompt = (getattr(args, 'num_generations', 1) or 1) == 1
+    if not one_row_per_prompt or not hasattr(dataset, '__len__') or not state.is_world_process_zero:
+        return
+    rows, steps = len(dataset), len(train_dataloader)
+    per_epoch = steps * args.per_device_train_batch_size * args.world_size
+    if rows > per_epoch and state.max_steps * args.gradient_accumulation_steps >= steps:
+        logger.warning(f'swift_gkd_plugin: --dataset: {rows - per_epoch} of the {rows} training rows are left out of '
+                       f'each epoch: GKD drops incomplete batches (dataloader_drop_last; --per_device_train_batch_size '
+                       f'{args.per_device_train_batch_size} on {args.world_size} process(es)), and the sampler leaves '
+                       'out other rows each epoch')
