@@ -89,6 +89,9 @@ BAD_FILES = {
     'zero_bytes.parquet': (b'', {}, ['not a readable parquet file']),
     'empty_answer.parquet': (_table(GOOD + [_row(answer='')]), {'lmbda': 0},
                              ['1 row(s) have no assistant response (rows 5)', 'an empty response counts as none']),
+    'typo.csv': (_csv(['query', 'respones'], [['Reverse: a b', 'b a']] * 3), {'lmbda': 0},
+                 ['3 row(s) have no assistant response (lines 2, 3, 4) (column \'respones\' is not one ms-swift reads: '
+                  "did you mean 'response'?)"]),
     'empty_answer.jsonl': (_jsonl(GOOD[:2] + [_row(answer='')]), {'lmbda': 0},
                            ['1 row(s) have no assistant response (lines 3)', 'an empty response counts as none']),
     # the trainer refused these columns only once both models were loaded, with a traceback

@@ -306,6 +306,20 @@ def response_problem(row: dict, columns: Dict[str, str]) -> Optional[str]:
 RESPONSE_ROW_KEYS = {'system': ('system', 'system_prompt'),
                      'query': ('query', 'prompt', 'input', 'instruction', 'question', 'problem'),
                      'response': RESPONSE_KEYS}
+#: the columns ms-swift's automatic preprocessor reads text from
+READ_COLUMNS = MESSAGES_KEYS + tuple(key for keys in RESPONSE_ROW_KEYS.values() for key in keys)
+
+
+def misspelt_columns(names) -> str:
+    """`` (column 'respones' is not one ms-swift reads: did you mean 'response'?)`` for each of ``names`` that is no
+    column ms-swift reads but close to one (a typo), else ``''``."""
+    import difflib
+    hints = []
+    for name in sorted(n for n in names if n not in READ_COLUMNS + MEDIA_KEYS + PRIVILEGED_COLUMNS):
+        close = difflib.get_close_matches(str(name).lower(), READ_COLUMNS, n=1, cutoff=0.75)
+        if close:
+            hints.append(f'column {name!r} is not one ms-swift reads: did you mean {close[0]!r}?')
+    return f' ({"; ".join(hints)})' if hints else ''
 
 
 def _response_row_problem(row: dict) -> Optional[str]:
@@ -463,7 +477,7 @@ def scan_rows(flag: str, path: str, standard_format: bool, columns: Dict[str, st
     unreadable media file), ``dataset_steps`` (``(where, problem)``: dropped on dataset steps only).
     ``by_steps(row)``: why ms-swift drops the row on every step, and on dataset steps only (:func:`_step_check`)."""
     found = {'no_response': [], 'media': [], 'broken': [], 'bad': [], 'privileged': [], 'dataset_steps': [],
-             'rows': 0}
+             'rows': 0, 'no_response_columns': set()}
     for where, row in dataset_rows(flag, path):
         found['rows'] += 1
         if not standard_format:
@@ -481,6 +495,7 @@ def scan_rows(flag: str, path: str, standard_format: bool, columns: Dict[str, st
             found['dataset_steps'].append((where, dataset_steps))
         if not has_response(row, columns):
             found['no_response'].append((where, has_prompt(row, columns)))
+            found['no_response_columns'].update(_mapped(row, columns))
         refs = media_refs(row, columns)
         if refs:
             found['media'].append(where)
@@ -546,7 +561,8 @@ def check_local_datasets(args) -> None:
             if not no_response:
                 continue
             missing = [where for where, _ in no_response]
-            rows = f'{flag} {path}: {len(missing)} row(s) have no assistant response ({_shown(missing)})'
+            typo = misspelt_columns(found['no_response_columns'])
+            rows = f'{flag} {path}: {len(missing)} row(s) have no assistant response ({_shown(missing)}){typo}'
             if not can_sample:
                 raise FlagError(f'{rows}, so they have nothing to distil (an empty response counts as none): '
                                 f'{_NO_SAMPLING[flag]}')
@@ -556,7 +572,7 @@ def check_local_datasets(args) -> None:
                 dropped += [f'{path} {where}' for where in promptless]
             if sampled:
                 logger.warning(f'swift_gkd_plugin: {flag} {path}: {len(sampled)} row(s) have no assistant response '
-                               f'({_shown(sampled)}): dataset (off-policy) steps have nothing to distil on them; '
+                               f'({_shown(sampled)}){typo}: dataset (off-policy) steps have nothing to distil on them; '
                                'on-policy and seq_kd steps sample a response for them.')
             if promptless:
                 logger.warning(f'swift_gkd_plugin: {flag} {path}: {len(promptless)} row(s) have neither a user '
