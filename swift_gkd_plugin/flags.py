@@ -36,6 +36,15 @@ TEMPERATURE_CEILING_WHY = (
     'epsilon (1e-8), so the updates vanish; samples at such temperatures are near-uniform random tokens. GKD '
     'recipes use 0.5-2')
 
+#: The lowest ``--gkd_sampling_temperature`` (its range says > 0; this floor, checked after it, says why).
+SAMPLING_TEMPERATURE_FLOOR = 1e-6
+SAMPLING_TEMPERATURE_FLOOR_WHY = (
+    'the sampler divides the float32 logits by it: at 1e-6 they stay finite for any logit below 3e32, below it a '
+    'temperature such as 1e-40 turns them into inf and the sampling probabilities into NaN, failing the first '
+    'rollout; vLLM already samples greedily below 1e-5 and raises temperatures below 0.01 to 0.01')
+#: vLLM's SamplingParams refuses sampling temperatures above this at the first rollout.
+VLLM_TEMPERATURE_CEILING = 2.0
+
 
 class FlagError(ValueError):
     """A refused command line: the message names the flag, the value and the allowed values. The entry points print
@@ -123,8 +132,8 @@ class GKDPluginArgumentsMixin:
             choices=Literal[FUSED_BACKENDS]))
     gkd_drop_bad_rows: bool = field(
         default=False,
-        metadata={'help': 'Train without the rows of local jsonl, json and csv datasets that ms-swift would drop '
-                  'silently (an unknown role, null or non-text content, messages that are not a list, longer than '
+        metadata={'help': 'Train without the rows of local jsonl, json, csv, parquet and arrow datasets that ms-swift '
+                  'would drop silently (an unknown role, null or non-text content, messages that are not a list, longer than '
                   '--max_length with --truncation_strategy delete), counting them in a warning. Default false: such '
                   'rows are refused before any model is loaded, named by file and line.'})
     teacher_api_key: Optional[str] = field(
@@ -186,7 +195,7 @@ class GKDPluginArgumentsMixin:
         metadata=FlagMetadata(
             help='Temperature of on-policy sampling (the student\'s, and the teacher\'s on seq_kd steps and SKD '
             'replacements), separate from --temperature, which stays the temperature of the loss. Unset (default): '
-            '--temperature, as ms-swift. Finite, > 0.',
+            f'--temperature, as ms-swift. Finite, >= {SAMPLING_TEMPERATURE_FLOOR:g}, at most 2 with vLLM.',
             range=Range(0, low_open=True, optional=True, says='> 0', why='or unset for --temperature')))
     gkd_rollout_max_tokens: Optional[int] = field(
         default=None,
@@ -253,6 +262,47 @@ MS_SWIFT_FLAGS: Dict[str, object] = {
     'rollout_importance_sampling_threshold': Range(1, why='C of min(pi / mu, C): a token the sampler and the policy '
                                                    'agree on has weight 1, which a threshold below 1 would cut'),
 }
+
+
+#: ms-swift's ``--vllm_*`` numbers, with vLLM's own bounds (vllm.config: CacheConfig, ModelConfig, ParallelConfig,
+#: SchedulerConfig, LoRAConfig, MultiModalConfig), which it checks only when its engine starts, after the models
+#: loaded (pydantic tracebacks). Checked with ``--use_vllm true`` (:func:`check_vllm_flags`).
+VLLM_FLAGS: Dict[str, object] = {
+    'vllm_gpu_memory_utilization': Range(0, 1, low_open=True, says='in (0, 1]',
+                                         why='the fraction of each GPU\'s memory vLLM may take'),
+    'vllm_tensor_parallel_size': Range(1, integer=True),
+    'vllm_pipeline_parallel_size': Range(1, integer=True),
+    'vllm_data_parallel_size': Range(1, integer=True),
+    'vllm_max_num_seqs': Range(1, integer=True, optional=True, why='or unset for vLLM\'s default'),
+    'vllm_max_model_len': Range(1, integer=True, optional=True, why='tokens of a prompt and its completion; or unset '
+                                'for the model\'s length'),
+    'vllm_mm_processor_cache_gb': Range(0, optional=True, unit='GiB'),
+    'vllm_server_timeout': Range(0, low_open=True, says='> 0', unit='seconds'),
+    'vllm_max_lora_rank': Literal[1, 8, 16, 32, 64, 128, 256, 320, 512],
+}
+
+
+def check_vllm_flags(args) -> None:
+    """With ``--use_vllm true``: a ``--vllm_mode``, the ``--vllm_*`` numbers within vLLM's bounds
+    (:data:`VLLM_FLAGS`), and a sampling temperature vLLM accepts (at most 2)."""
+    if not getattr(args, 'use_vllm', False):
+        return
+    if args.vllm_mode is None:
+        raise FlagError('--use_vllm true needs --vllm_mode: colocate (vLLM inside each training process) or server (a '
+                        'swift rollout server); allowed: colocate, server')
+    for name, rule in VLLM_FLAGS.items():
+        value = getattr(args, name)
+        if isinstance(rule, Range):
+            rule.check(name, value)
+        elif value not in choices_of(rule):
+            raise FlagError(f'--{name} must be one of {list(choices_of(rule))} (vLLM\'s), got {value!r}')
+    temperature = sampling_temperature(args)
+    if temperature > VLLM_TEMPERATURE_CEILING:
+        flag = 'gkd_sampling_temperature' if args.gkd_sampling_temperature is not None else 'temperature'
+        raise FlagError(f'--{flag} {temperature:g} is the sampling temperature, and vLLM samples at temperatures in '
+                        f'[0, {VLLM_TEMPERATURE_CEILING:g}] only (it refuses the first rollout): pass '
+                        f'--gkd_sampling_temperature <= {VLLM_TEMPERATURE_CEILING:g} (it keeps --temperature for the '
+                        'loss), or --use_vllm false')
 
 
 def declared_ranges() -> Dict[str, object]:
@@ -328,6 +378,11 @@ def resolve_num_generations(args, grpo_default: int) -> None:
 def check_gkd_scalars(args) -> None:
     """The declared ranges and choices of the flags that need nothing else, then their combinations."""
     check_declared(args, SCALAR_FLAGS)
+    if args.gkd_logits_topk == 1 and not args.gkd_topk_tail:
+        raise FlagError('--gkd_logits_topk 1 without --gkd_topk_tail true: over the teacher\'s one top token both '
+                        'distributions are 1, so the divergence and its gradient are 0 on every token and the run '
+                        'learns nothing; allowed: --gkd_logits_topk 2 or more, or 1 with --gkd_topk_tail true (the '
+                        'mass outside the top token as a second bucket)')
     if args.gkd_topk_tail:
         if args.gkd_logits_topk is None:
             raise FlagError('--gkd_topk_tail true needs --gkd_logits_topk (the tail is the mass outside the top-k)')
@@ -344,7 +399,12 @@ def check_gkd_scalars(args) -> None:
 
 def check_temperature_ceiling(args) -> None:
     """``--temperature`` and ``--gkd_sampling_temperature`` at most :data:`TEMPERATURE_CEILING` (their declared
-    ranges have already refused values below the floor, NaN and infinity)."""
+    ranges have already refused values below the floor, NaN and infinity), the sampling temperature at least
+    :data:`SAMPLING_TEMPERATURE_FLOOR`."""
+    value = getattr(args, 'gkd_sampling_temperature', None)
+    if value is not None and value < SAMPLING_TEMPERATURE_FLOOR:
+        raise FlagError(f'--gkd_sampling_temperature must be >= {SAMPLING_TEMPERATURE_FLOOR:g} '
+                        f'({SAMPLING_TEMPERATURE_FLOOR_WHY}), got {value}')
     for flag in ('temperature', 'gkd_sampling_temperature'):
         value = getattr(args, flag, None)
         if value is not None and value > TEMPERATURE_CEILING:

@@ -373,3 +373,22 @@ def test_rollout_budget_resolves_and_is_checked():
     check_gkd_scalars(good(gkd_entropy_fkl_threshold=0.0, gkd_fused_backend='torch'))
     with pytest.raises(FlagError, match='--gkd_entropy_fkl_threshold 1.5 runs on the PyTorch loss paths'):
         check_gkd_scalars(good(gkd_entropy_fkl_threshold=1.5, gkd_fused_backend='triton'))
+
+
+def test_the_sampling_floor_is_where_sampling_stays_finite():
+    """Issue 45: --gkd_sampling_temperature 1e-40 passed '> 0' and overflowed at the first rollout. transformers'
+    temperature warper on float32 logits (30 nats apart at most, as a real model's): finite probabilities at the
+    floor, NaN at 1e-40."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper
+
+    from swift_gkd_plugin.flags import SAMPLING_TEMPERATURE_FLOOR
+    logits = torch.randn(4, 151936, generator=torch.Generator().manual_seed(0)) * 10
+
+    def probs(temperature):
+        return torch.softmax(TemperatureLogitsWarper(temperature)(None, logits.clone()), -1)
+
+    assert torch.isfinite(probs(SAMPLING_TEMPERATURE_FLOOR)).all()
+    assert torch.isnan(probs(1e-40)).any()
+    with pytest.raises(ValueError, match='--gkd_sampling_temperature must be >= 1e-06'):
+        check_gkd_scalars(good(gkd_sampling_temperature=1e-40))
+    check_gkd_scalars(good(gkd_sampling_temperature=SAMPLING_TEMPERATURE_FLOOR))

@@ -42,6 +42,21 @@ def _messages_csv(rows) -> bytes:
     return _csv(['messages'], [[json.dumps(row['messages'])] for row in rows])
 
 
+def _table(rows, kind='parquet', empty=False) -> bytes:
+    """A ``.parquet`` or ``.arrow`` (stream) file of ``rows`` (``empty``: their columns, no row)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    table = pa.Table.from_pylist(rows)
+    table = table.slice(0, 0) if empty else table
+    out = io.BytesIO()
+    if kind == 'parquet':
+        pq.write_table(table, out)
+    else:
+        with pa.ipc.new_stream(out, table.schema) as writer:
+            writer.write_table(table)
+    return out.getvalue()
+
+
 # name: (file content, flags, needles); a name ending in _val is given to --val_dataset, '#N' samples the file
 BAD_FILES = {
     # ms-swift: a raw DatasetGenerationError once both models are loaded
@@ -65,6 +80,20 @@ BAD_FILES = {
                      'line 3: "response" is int 7']),
     'roles.csv': (_messages_csv(GOOD[:2] + [_row(role='usr')]), {}, ["line 4: message 0 has the role 'usr'"]),
     'ragged.csv': (b'query,response\na,b\nc,d,e\n', {}, ['not a valid csv file', 'Expected 2 fields in line 3, saw 3']),
+    # issue 45: ms-swift dropped such .parquet rows without a word (all of them: ZeroDivisionError), and read an empty
+    # file only after loading both models; an empty assistant content trained with no word under --lmbda 0
+    'roles.parquet': (_table(GOOD + [_row(role='usr')]), {},
+                      ["1 row(s) that ms-swift would drop without a word: row 5: message 0 has the role 'usr'"]),
+    'roles.arrow': (_table(GOOD + [_row(role='usr')], 'arrow'), {}, ["row 5: message 0 has the role 'usr'"]),
+    'empty.parquet': (_table(GOOD, empty=True), {}, ['the file has no rows']),
+    'zero_bytes.parquet': (b'', {}, ['not a readable parquet file']),
+    'empty_answer.parquet': (_table(GOOD + [_row(answer='')]), {'lmbda': 0},
+                             ['1 row(s) have no assistant response (rows 5)', 'an empty response counts as none']),
+    'typo.csv': (_csv(['query', 'respones'], [['Reverse: a b', 'b a']] * 3), {'lmbda': 0},
+                 ['3 row(s) have no assistant response (lines 2, 3, 4) (column \'respones\' is not one ms-swift reads: '
+                  "did you mean 'response'?)"]),
+    'empty_answer.jsonl': (_jsonl(GOOD[:2] + [_row(answer='')]), {'lmbda': 0},
+                           ['1 row(s) have no assistant response (lines 3)', 'an empty response counts as none']),
     # the trainer refused these columns only once both models were loaded, with a traceback
     'teacher_prompt.jsonl': (_jsonl(GOOD + [_row(teacher_prompt=5)]), {},
                              ['1 row(s) have a teacher column that the trainer cannot use: line 5: teacher_prompt is '

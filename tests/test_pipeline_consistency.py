@@ -77,6 +77,53 @@ def test_resume_from_a_half_written_checkpoint_is_refused_before_loading(tiny_ws
     assert 'Loading weights' not in run.output and 'FileNotFoundError' not in run.output
 
 
+def _cut(path):
+    with open(path, 'r+b') as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+RESUME_FAULTS = {  # issue 45: each used to fail after both models loaded, or resume silently with a fresh optimizer
+    'missing': (lambda c: None, 'checkpoint-9', ['checkpoint-9: no such checkpoint folder']),
+    'no_weights': (lambda c: os.remove(c / 'model.safetensors'), 'checkpoint-3',
+                   ['checkpoint-3 holds no model weights (none of model.safetensors']),
+    'no_optimizer': (lambda c: os.remove(c / 'optimizer.pt'), 'checkpoint-3',
+                     ['checkpoint-3 has no optimizer.pt: resuming would silently start the optimizer state (AdamW '
+                      'moments) afresh', '--resume_only_model true']),
+    'cut_optimizer': (lambda c: _cut(c / 'optimizer.pt'), 'checkpoint-3',
+                      ['checkpoint-3 has a cut-short optimizer.pt']),
+    'cut_weights': (lambda c: _cut(c / 'model.safetensors'), 'checkpoint-3',
+                    ['checkpoint-3 has a cut-short model.safetensors', 'its tensors need']),
+}
+
+
+@pytest.mark.parametrize('fault', list(RESUME_FAULTS))
+def test_resume_from_a_checkpoint_without_its_files_is_refused_before_loading(tiny_ws, saved_every_three_steps,
+                                                                              tmp_path, fault):
+    import shutil
+
+    from test_activation_and_bad_input import assert_refused_in_one_line
+    out = tmp_path / 'saved'
+    shutil.copytree(saved_every_three_steps.output_dir, out, symlinks=True)
+    damage, name, needles = RESUME_FAULTS[fault]
+    damage(out / 'checkpoint-3')
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'resumed'), resume_from_checkpoint=str(out / name), **RESUME),
+                    check=False)
+    assert_refused_in_one_line(run, needles + [f'the newest complete checkpoint is {out}/checkpoint-6'])
+
+
+def test_resume_without_the_rng_state_is_warned(tiny_ws, saved_every_three_steps, tmp_path):
+    """Issue 45: the run resumed with other random draws without a word."""
+    import shutil
+    out = tmp_path / 'saved'
+    shutil.copytree(saved_every_three_steps.output_dir, out, symlinks=True)
+    os.remove(out / 'checkpoint-3' / 'rng_state.pth')
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'resumed'), resume_from_checkpoint=str(out / 'checkpoint-3'),
+                              **RESUME))
+    assert (f'--resume_from_checkpoint {out}/checkpoint-3 has no rng_state.pth: the run resumes with other random '
+            'draws than an uninterrupted run') in run.output
+    assert len(run.logs) == 3
+
+
 @pytest.mark.parametrize('changed,says', [
     ({'beta': 0.9}, '--beta 0.5 -> 0.9'),
     ({'gkd_divergence': 'skew_kl'}, '--gkd_divergence jsd -> skew_kl'),

@@ -36,6 +36,16 @@ def test_a_training_set_sampled_smaller_than_one_batch_is_refused_when_training_
     assert not run.logs
 
 
+def test_rows_left_out_of_each_epoch_are_counted(tiny_ws, tmp_path):
+    """Issue 45: 5 rows in batches of 2, incomplete batches dropped: one row sat out every epoch without a word."""
+    data = _first_rows(tiny_ws, tmp_path / 'five.jsonl', 5)
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), dataset=data, lmbda=0, max_steps=None,
+                              num_train_epochs=1))
+    assert ('--dataset: 1 of the 5 training rows are left out of each epoch: GKD drops incomplete batches '
+            '(dataloader_drop_last; --per_device_train_batch_size 2 on 1 process(es))') in run.output
+    assert len(run.logs) == 2
+
+
 @pytest.fixture
 def small_tmpfs(tmp_path):
     """A 1.5 MiB filesystem: room for the run's logs and a checkpoint's weights, not for its optimizer state too."""
@@ -137,12 +147,77 @@ def test_the_trainer_exits_with_the_swift_launcher(tiny_ws, tmp_path, nproc):
                 os.kill(pid, signal.SIGKILL)
 
 
+def _one_error_line(run, needles, code=1):
+    """Exit ``code``, one ``swift rlhf: error:`` line holding every needle, no traceback."""
+    errors = [line for line in run.output.splitlines() if 'swift rlhf: error: ' in line]
+    assert run.returncode == code and len(errors) == 1 and 'Traceback' not in run.output, run.output[-3000:]
+    for needle in needles:
+        assert needle in errors[0], f'{needle!r} missing from:\n{errors[0]}'
+
+
 def test_a_run_that_learns_nothing_stops_instead_of_exiting_0(tiny_ws, tmp_path):
     """A shared base with a fresh LoRA adapter (zero B): student = teacher exactly, so every loss and gradient is 0.
-    The pre-load check lets a shared base through (a real adapter makes it learn); the trainer stops the run after its
-    first logged steps, naming the causes, instead of exiting 0 having learnt nothing."""
+    The pre-load check lets a shared base through (a real adapter makes it learn); the trainer stops the run after
+    three steps, naming the cause in one line, instead of exiting 0 having learnt nothing."""
     run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), tuner_type='lora', teacher_model=tiny_ws.student,
                               lmbda=0, max_steps=6), check=False, timeout=300)
-    assert run.returncode != 0
-    assert 'the first 3 logged step(s) have loss 0 and grad_norm 0 exactly: the run learns nothing' in run.output
-    assert len(run.logs) == 3 and all(log['loss'] == 0 and log['grad_norm'] == 0 for log in run.logs)
+    _one_error_line(run, ['the run stops after 3 step(s) with loss 0 exactly', 'the student\'s base with its LoRA '
+                          'adapter off, and the adapter is still zero'])
+    assert len(run.logs) == 2 and all(log['loss'] == 0 and log['grad_norm'] == 0 for log in run.logs)  # (3rd: stopped)
+
+
+@pytest.mark.parametrize('name', ['logging_steps', 'one_epoch', 'copy'])
+def test_the_zero_loss_guard_sees_every_step(tiny_ws, tmp_path, name):
+    """Issue 45: the guard read the logged steps only, so a 6-step run logging every 5 steps, or a 2-step epoch,
+    ended with exit code 0 at loss 0; a teacher that is a copy of the student (loss 0 on the first step, then
+    weight decay's drift only) was never caught."""
+    flags = {'logging_steps': dict(tuner_type='lora', teacher_model=tiny_ws.student, logging_steps=5, max_steps=6),
+             'one_epoch': dict(tuner_type='lora', teacher_model=tiny_ws.student, dataset=tiny_ws.fixed,
+                               max_steps=None, num_train_epochs=1),
+             'copy': dict(teacher_model=tiny_ws.student, logging_steps=5, max_steps=6)}[name]
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), lmbda=0, **flags), check=False, timeout=300)
+    needles = {'logging_steps': ['the run stops after 3 step(s) with loss 0 exactly'],
+               'one_epoch': ['the run ended after 2 step(s) with loss 0 exactly'],
+               'copy': [f'--teacher_model {tiny_ws.student} has the student\'s weights exactly (a copy of --model)',
+                        'no training row has a teacher_prompt']}[name]
+    _one_error_line(run, needles)
+
+
+def test_the_zero_loss_guard_waits_for_privileged_rows(tiny_ws, tmp_path):
+    """A shared base whose teacher_prompt is on 4 of 32 rows: the steps before one of them is drawn have loss 0
+    exactly, and the run used to be stopped at step 3 although it learns once they come up."""
+    import json
+    rows = [json.loads(line) for line in open(tiny_ws.train)][:32]
+    for row in rows[28:]:
+        row['teacher_prompt'] = 'Hint: reverse the letters. ' + row['messages'][0]['content']
+    data = tmp_path / 'privileged.jsonl'
+    data.write_text(''.join(json.dumps(row) + '\n' for row in rows))
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), tuner_type='lora', teacher_model=tiny_ws.student,
+                              lmbda=0, max_steps=16, dataset=str(data)), timeout=300)
+    losses = run.losses
+    assert losses[:3] == [0, 0, 0] and any(loss > 0 for loss in losses), losses
+
+
+@pytest.mark.parametrize('side,impl', [('teacher', 'auto'), ('student', 'dense')])
+def test_a_non_finite_model_stops_the_run_naming_it(tiny_ws, tmp_path, side, impl):
+    """One NaN weight in the teacher (or an inf in the student): every step used to log loss 0 and grad_norm nan,
+    with exit code 0. The first step stops naming the model, the step and the position."""
+    import shutil
+
+    import torch
+
+    from swift_gkd_plugin.testing import tiny
+    source = tiny_ws.teacher if side == 'teacher' else tiny_ws.student
+    broken = str(tmp_path / f'{side}_nan')
+    shutil.copytree(source, broken)
+    model = tiny.load_model(broken)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = float('nan') if side == 'teacher' else float('inf')
+    model.save_pretrained(broken)
+    flags = {'teacher_model': broken} if side == 'teacher' else {'model': broken}
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), lmbda=0, gkd_loss_impl=impl, **flags), check=False,
+                    timeout=300)
+    what = 'last hidden states hold NaN' if side == 'teacher' else 'logits hold NaN'
+    _one_error_line(run, [f'the {side} (--{"teacher_" if side == "teacher" else ""}model {broken}): its {what} at '
+                          'response token 1 of', '(a dataset response) on step 1 (off_policy step)'])
+    assert not run.logs

@@ -105,7 +105,38 @@ def check_args(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -
         return f'--batch_wait_ms must be a finite number >= 0, got {args.batch_wait_ms}'
     if args.torch_dtype not in DTYPES:
         return f'--torch_dtype must be one of {", ".join(DTYPES)}, got {args.torch_dtype!r}'
-    return _device_problem(args.device) if args.device_map is None else None
+    problem = _device_problem(args.device) if args.device_map is None else None
+    return problem or _paths_problem(args) or _port_problem(args.host, args.port)
+
+
+def _paths_problem(args) -> Optional[str]:
+    """A ``--model`` that names a local folder (the rule of ``swift rlhf``'s paths) and every ``--adapters`` folder
+    exist: a missing one was taken for a hub id and failed after minutes, with a traceback."""
+    from swift_gkd_plugin.swift.datasets_check import looks_local, near_names
+    named = [('--model', args.model)] if looks_local(args.model) else []
+    for flag, value in named + [('--adapters', adapter) for adapter in args.adapters]:
+        path = os.path.expanduser(value)
+        if not os.path.isdir(path):
+            where = '' if os.path.isabs(path) else f' (relative to {os.getcwd()})'
+            return f'{flag} {value}: no such folder {path!r}{where}{near_names(path)} (hub models are named owner/name)'
+    return None
+
+
+def _port_problem(host: str, port: int) -> Optional[str]:
+    """``--port`` already taken on ``host`` (uvicorn found out only after the model loaded). Bound as uvicorn binds
+    (``SO_REUSEADDR``), so only a listening socket counts."""
+    import socket
+    if port == 0:
+        return None
+    try:
+        family = socket.getaddrinfo(host.strip('[]'), port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host.strip('[]'), port))
+    except OSError as exc:
+        return (f'--port {port}: cannot listen on {host}:{port} ({exc.strerror or exc}): another process holds it; '
+                'pass another --port (0: any free port)')
+    return None
 
 
 def _device_problem(device: str) -> Optional[str]:

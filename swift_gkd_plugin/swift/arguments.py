@@ -19,7 +19,7 @@ import swift_gkd_plugin
 from swift_gkd_plugin.core.constants import ROLLOUT_IS_MODES, SCALE_REWARDS
 from swift_gkd_plugin.flags import (FlagError, GKDPluginArgumentsMixin, check_deepspeed_launch, check_gkd_scalars,
                                     check_multi_turn_flags, check_no_plugin_flags_outside_gkd, check_rl_flags,
-                                    check_teacher_server_flags, check_torch_compile_checkpointing,
+                                    check_teacher_server_flags, check_torch_compile_checkpointing, check_vllm_flags,
                                     ignored_flag_warnings, resolve_num_generations, sampling_temperature)
 from swift_gkd_plugin.ms_swift_state import grpo_num_generations, keep_teacher_messages_column
 from swift_gkd_plugin.swift.checkpoints import check_resume_checkpoint
@@ -28,8 +28,8 @@ from swift_gkd_plugin.swift.datasets_check import (check_dataset_paths, check_lo
                                                   check_self_teacher_has_something_to_add)
 from swift_gkd_plugin.swift.paths_check import CreatedDirs, check_command_line_paths
 from swift_gkd_plugin.swift.teacher_server import check_skd_teacher_server
-from swift_gkd_plugin.swift.vllm_setup import (check_vllm_cpu_head_dim, check_vllm_launcher, check_vllm_server_mode,
-                                               resolve_vllm_environment)
+from swift_gkd_plugin.swift.vllm_setup import (check_vllm_cpu_head_dim, check_vllm_launcher, check_vllm_max_model_len,
+                                               check_vllm_server_mode, resolve_vllm_environment)
 from swift_gkd_plugin.swift.zero3_lora import zero3_lora_warnings
 
 logger = get_logger()
@@ -387,6 +387,7 @@ def resolve_gkd_arguments(args) -> None:
 def check_vllm_model(args) -> None:
     """What vLLM's platform here cannot run of the student (see :mod:`.vllm_setup`)."""
     if args.use_vllm and args.vllm_mode == 'colocate':
+        check_vllm_max_model_len(args, args.model_dir)
         check_vllm_cpu_head_dim(args, args.model_dir)  # (ms-swift resolved it: no second lookup)
         check_vllm_launcher(args)  # last: the refusals above also reach a user who runs without one
 
@@ -420,6 +421,7 @@ def check_flags_only(args) -> None:
     check_multi_turn_flags(args)
     check_torch_compile_checkpointing(args)
     check_deepspeed_launch(args)
+    check_vllm_flags(args)
     check_vllm_installed(args)
     check_vllm_logprobs(args)
     if args.use_vllm:

@@ -58,7 +58,7 @@ def newest_complete(output_dir: str) -> Optional[str]:
     return complete[-1] if complete else None
 
 
-def _newest_hint(output_dir: str) -> str:
+def newest_hint(output_dir: str) -> str:
     newest = newest_complete(output_dir)
     if newest is None:
         return f'{output_dir} holds no complete checkpoint to resume from'
@@ -104,19 +104,82 @@ def warn_resume_changes(args) -> None:
                              'goes on with this run\'s. Pass the checkpoint\'s values to continue its loss.')
 
 
+#: what a checkpoint holds besides trainer_state.json: the weights (any of them) and the training state
+WEIGHTS = ('model.safetensors', 'model.safetensors.index.json', 'pytorch_model.bin', 'pytorch_model.bin.index.json')
+ADAPTER_WEIGHTS = ('adapter_model.safetensors', 'adapter_model.bin')
+TRAINING_STATE = {'optimizer.pt': 'the optimizer state (AdamW moments)', 'scheduler.pt': 'the learning-rate schedule'}
+RNG_STATE = re.compile(r'^rng_state(_\d+)?\.pth$')
+
+
+def unreadable(path: str) -> Optional[str]:
+    """Why the file ``path`` cannot be what its name says (a cut-short safetensors file or torch zip archive), else
+    None. Reads the safetensors header and the zip directory only, never the tensors."""
+    size = os.path.getsize(path)
+    try:
+        if path.endswith('.safetensors'):
+            with open(path, 'rb') as f:
+                header_len = int.from_bytes(f.read(8), 'little')
+                header = json.loads(f.read(header_len)) if 8 + header_len <= size else None
+            if header is None:
+                return f'its header runs past the end of the file ({size} bytes)'
+            end = max([t['data_offsets'][1] for k, t in header.items() if k != '__metadata__'] or [0])
+            return None if 8 + header_len + end <= size else f'{size} bytes, its tensors need {8 + header_len + end}'
+        if path.endswith(('.pt', '.pth', '.bin')) and not path.endswith('training_args.bin'):
+            import zipfile
+            zipfile.ZipFile(path).close()
+    except Exception as exc:  # noqa: BLE001: json, struct and zipfile errors alike
+        return f'{size} bytes, not readable ({type(exc).__name__}: {exc})'
+    return None
+
+
+def checkpoint_files_problem(path: str, args) -> Optional[str]:
+    """What ``--resume_from_checkpoint path`` lacks to resume (its weights or adapter, the optimizer and scheduler
+    unless ``--resume_only_model``), or a file of it that was cut short; a DeepSpeed checkpoint (``global_step*``)
+    keeps its own files and is left to DeepSpeed."""
+    names = os.listdir(path)
+    if any(name.startswith('global_step') for name in names):
+        return None
+    adapter = os.path.isfile(os.path.join(path, 'adapter_config.json'))
+    weights = ADAPTER_WEIGHTS if adapter else WEIGHTS
+    if not any(name in names for name in weights):
+        return f'holds no {"adapter" if adapter else "model"} weights (none of {", ".join(weights)})'
+    needed = [] if args.resume_only_model else list(TRAINING_STATE)
+    missing = [name for name in needed if name not in names]
+    if missing:
+        what = ' and '.join(TRAINING_STATE[name] for name in missing)
+        return (f'has no {" or ".join(missing)}: resuming would silently start {what} afresh. Pass --resume_only_model '
+                'true to start from its weights only')
+    for name in sorted(names):
+        problem = unreadable(os.path.join(path, name)) if os.path.isfile(os.path.join(path, name)) else None
+        if problem:
+            return f'has a cut-short {name} ({problem})'
+    return None
+
+
 def check_resume_checkpoint(args) -> None:
-    """``--resume_from_checkpoint`` is a complete checkpoint (unless only its weights are loaded:
-    ``--resume_only_model true --ignore_data_skip true`` never reads the trainer state); a loss that differs from the
-    checkpoint's is warned about (:func:`warn_resume_changes`)."""
+    """``--resume_from_checkpoint`` (a folder: :func:`swift_gkd_plugin.swift.paths_check.check_resume_folder`) is a
+    complete checkpoint (:func:`checkpoint_files_problem`; its
+    trainer state unless only its weights are loaded: ``--resume_only_model true --ignore_data_skip true`` never reads
+    it); a loss that differs from the checkpoint's, and a checkpoint without its RNG state, are warned about."""
     path = args.resume_from_checkpoint
-    warn_resume_changes(args)
-    if not path or (args.resume_only_model and args.ignore_data_skip) or is_complete(path):
+    if not path:
         return
-    state = os.path.join(path, TRAINER_STATE)
-    problem = 'has no' if not os.path.exists(state) else 'has an unreadable'
-    raise FlagError(f'--resume_from_checkpoint {path} {problem} {TRAINER_STATE}, which the trainer writes last in '
-                     f'a checkpoint: its save was cut short (a killed process, a full disk); '
-                     f'{_newest_hint(os.path.dirname(os.path.abspath(path)))}.')
+    parent = os.path.dirname(os.path.abspath(path))
+    warn_resume_changes(args)
+    if not (args.resume_only_model and args.ignore_data_skip) and not is_complete(path):
+        state = os.path.join(path, TRAINER_STATE)
+        problem = 'has no' if not os.path.exists(state) else 'has an unreadable'
+        raise FlagError(f'--resume_from_checkpoint {path} {problem} {TRAINER_STATE}, which the trainer writes last in '
+                         'a checkpoint: its save was cut short (a killed process, a full disk); '
+                         f'{newest_hint(parent)}.')
+    problem = checkpoint_files_problem(path, args)
+    if problem:
+        raise FlagError(f'--resume_from_checkpoint {path} {problem}; {newest_hint(parent)}.')
+    if not args.resume_only_model and not any(RNG_STATE.match(name) for name in os.listdir(path)):
+        from swift.utils import get_logger
+        get_logger().warning(f'swift_gkd_plugin: --resume_from_checkpoint {path} has no rng_state.pth: the run resumes '
+                             'with other random draws than an uninterrupted run (dropout, on-policy samples), so its '
+                             'losses will differ from it')
 
 
 def _write_failure(exc: BaseException) -> bool:
@@ -159,7 +222,7 @@ def guard_checkpoint_saves(trainer) -> None:
             checkpoint = os.path.join(output_dir, f'checkpoint-{trainer.state.global_step}')
             code, cause = _cause(exc, checkpoint if os.path.isdir(checkpoint) else output_dir)
             raise OSError(code, f'saving {checkpoint} failed, {cause}. That checkpoint is incomplete (no '
-                          f'{TRAINER_STATE}); {_newest_hint(output_dir)}. Free space (or pass another --output_dir) '
+                          f'{TRAINER_STATE}); {newest_hint(output_dir)}. Free space (or pass another --output_dir) '
                           f'and resume.') from exc
 
     trainer._save_checkpoint = _save_checkpoint

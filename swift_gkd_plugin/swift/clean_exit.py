@@ -45,6 +45,12 @@ def note_training_finished() -> None:
     _state['trained'] = True
 
 
+def note_run_failed() -> None:
+    """The run failed and exits without an uncaught exception (an error printed as one line): the groups are left
+    alone, as after an uncaught exception."""
+    _state['failed'] = True
+
+
 def destroy_process_groups_at_exit() -> None:
     """Register the handler once per process (a no-op where ``torch.distributed`` is not initialised)."""
     if _state['registered'] or not (dist.is_available() and dist.is_initialized()):

@@ -15,12 +15,13 @@ from swift_gkd_plugin.flags import FlagError
 PROG = 'swift rlhf'
 
 
-def refuse(prog: str, message) -> NoReturn:
-    """Print ``prog: error: message`` (one line) and exit with code 2, as argparse does."""
+def refuse(prog: str, message, code: int = 2) -> NoReturn:
+    """Print ``prog: error: message`` (one line) and exit with ``code``: 2 (as argparse does) for a refused command
+    line, 1 for a run stopped later."""
     sys.stdout.flush()
     sys.stderr.write(f'{prog}: error: {message}\n')
     sys.stderr.flush()
-    sys.exit(2)
+    sys.exit(code)
 
 
 def _parser(args_class):

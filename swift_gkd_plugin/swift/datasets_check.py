@@ -1,4 +1,5 @@
-"""Local datasets of a GKD run (``.jsonl``, ``.json``, ``.csv``), read once before any model is loaded.
+"""Local datasets of a GKD run (``.jsonl``, ``.json``, ``.csv``, ``.parquet``, ``.arrow``), read once before any model
+is loaded.
 
 ms-swift reads them later, after both models are loaded, and then fails badly: an empty file ends in a bare
 ``StopIteration``, a line that is not UTF-8 in a ``UnicodeDecodeError`` that names neither the file nor the line, a
@@ -46,8 +47,9 @@ RESPONSE_KEYS = ('response', 'answer', 'output', 'targets', 'target', 'answer_ke
                  'completion', 'content')
 MEDIA_KEYS = ('images', 'videos', 'audios')
 LINES_SHOWN = 10
-#: the local files read here before loading (ms-swift reads them with the ``datasets`` json and csv loaders)
-CHECKED_SUFFIXES = ('.jsonl', '.json', '.csv')
+#: the local files read here before loading (ms-swift reads them with the ``datasets`` loader of their ending)
+CHECKED_SUFFIXES = ('.jsonl', '.json', '.csv', '.parquet', '.arrow')
+TABLE_SUFFIXES = ('.parquet', '.arrow')  # columnar files, read with pyarrow
 _NO_SAMPLING = {
     '--dataset': ('--lmbda 0 without --seq_kd only distils on dataset responses. Remove those rows, or let the '
                   'student (--lmbda > 0) or the teacher (--seq_kd true) sample responses for them.'),
@@ -120,8 +122,11 @@ def dataset_rows(flag: str, path: str) -> Iterator[Tuple[Where, dict]]:
     the ``datasets`` json loader reads both) or ``.csv`` file; a FlagError naming the flag, the file and the line (or
     array index) for what cannot be read, and for a file without rows."""
     found = False
-    rows = csv_rows(flag, path) if path.lower().endswith('.csv') else (
-        json_array_rows(flag, path) if _first_byte(path) == b'[' else jsonl_rows(flag, path))
+    if path.lower().endswith(TABLE_SUFFIXES):
+        rows = table_rows(flag, path)
+    else:
+        rows = csv_rows(flag, path) if path.lower().endswith('.csv') else (
+            json_array_rows(flag, path) if _first_byte(path) == b'[' else jsonl_rows(flag, path))
     for where, row in rows:
         if not isinstance(row, dict):
             raise FlagError(f'{flag} {path}: {where} is a JSON {type(row).__name__}, not an object (one row per '
@@ -131,6 +136,26 @@ def dataset_rows(flag: str, path: str) -> Iterator[Tuple[Where, dict]]:
     if not found:
         raise FlagError(f'{flag} {path}: the file has no rows (a dataset needs one JSON object per line, an array of '
                         'them, or a csv header and rows)')
+
+
+def table_rows(flag: str, path: str) -> Iterator[Tuple[Where, dict]]:
+    """The rows of a ``.parquet`` or ``.arrow`` (stream or file) table as the ``datasets`` loaders read them
+    (pyarrow), each named by its row number; a file pyarrow cannot read is refused."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    try:
+        if path.lower().endswith('.parquet'):
+            table = pq.read_table(path)
+        else:
+            try:
+                table = pa.ipc.open_stream(pa.OSFile(path)).read_all()
+            except pa.ArrowInvalid:
+                table = pa.ipc.open_file(pa.OSFile(path)).read_all()
+    except (pa.ArrowException, OSError) as exc:
+        kind = os.path.splitext(path)[1][1:]
+        raise FlagError(f'{flag} {path}: not a readable {kind} file ({str(exc).strip()})') from None
+    for i, row in enumerate(table.to_pylist()):
+        yield Where('row', i + 1), row
 
 
 def _first_byte(path: str) -> bytes:
@@ -281,6 +306,20 @@ def response_problem(row: dict, columns: Dict[str, str]) -> Optional[str]:
 RESPONSE_ROW_KEYS = {'system': ('system', 'system_prompt'),
                      'query': ('query', 'prompt', 'input', 'instruction', 'question', 'problem'),
                      'response': RESPONSE_KEYS}
+#: the columns ms-swift's automatic preprocessor reads text from
+READ_COLUMNS = MESSAGES_KEYS + tuple(key for keys in RESPONSE_ROW_KEYS.values() for key in keys)
+
+
+def misspelt_columns(names) -> str:
+    """`` (column 'respones' is not one ms-swift reads: did you mean 'response'?)`` for each of ``names`` that is no
+    column ms-swift reads but close to one (a typo), else ``''``."""
+    import difflib
+    hints = []
+    for name in sorted(n for n in names if n not in READ_COLUMNS + MEDIA_KEYS + PRIVILEGED_COLUMNS):
+        close = difflib.get_close_matches(str(name).lower(), READ_COLUMNS, n=1, cutoff=0.75)
+        if close:
+            hints.append(f'column {name!r} is not one ms-swift reads: did you mean {close[0]!r}?')
+    return f' ({"; ".join(hints)})' if hints else ''
 
 
 def _response_row_problem(row: dict) -> Optional[str]:
@@ -364,11 +403,13 @@ def _role(message) -> Optional[str]:
 
 
 def has_response(row: dict, columns: Dict[str, str]) -> bool:
-    """Whether ms-swift's automatic preprocessor finds an assistant response in ``row`` (after ``--columns``)."""
+    """Whether ms-swift's automatic preprocessor finds a non-empty assistant response in ``row`` (after
+    ``--columns``)."""
     row = _mapped(row, columns)
     messages = _messages(row)
-    if messages is not None:
-        return _role(messages[-1]) in ASSISTANT_ROLES
+    if messages is not None:  # an empty content ('') encodes as a bare end of turn: nothing to distil either
+        content = next((messages[-1][k] for k in CONTENT_KEYS if k in messages[-1]), None)
+        return _role(messages[-1]) in ASSISTANT_ROLES and content not in ('', [])
     return any(row.get(key) not in (None, '', []) for key in RESPONSE_KEYS)
 
 
@@ -436,7 +477,7 @@ def scan_rows(flag: str, path: str, standard_format: bool, columns: Dict[str, st
     unreadable media file), ``dataset_steps`` (``(where, problem)``: dropped on dataset steps only).
     ``by_steps(row)``: why ms-swift drops the row on every step, and on dataset steps only (:func:`_step_check`)."""
     found = {'no_response': [], 'media': [], 'broken': [], 'bad': [], 'privileged': [], 'dataset_steps': [],
-             'rows': 0}
+             'rows': 0, 'no_response_columns': set()}
     for where, row in dataset_rows(flag, path):
         found['rows'] += 1
         if not standard_format:
@@ -454,6 +495,7 @@ def scan_rows(flag: str, path: str, standard_format: bool, columns: Dict[str, st
             found['dataset_steps'].append((where, dataset_steps))
         if not has_response(row, columns):
             found['no_response'].append((where, has_prompt(row, columns)))
+            found['no_response_columns'].update(_mapped(row, columns))
         refs = media_refs(row, columns)
         if refs:
             found['media'].append(where)
@@ -478,8 +520,8 @@ def _listed(problems: List[Tuple[Where, str]]) -> str:
 
 
 def check_local_datasets(args) -> None:
-    """``--dataset`` / ``--val_dataset`` local jsonl, json and csv files: readable, not empty, rows that ms-swift
-    would drop refused (or counted, :func:`_bad_rows`), teacher columns of the right type, their media files readable
+    """``--dataset`` / ``--val_dataset`` local jsonl, json, csv, parquet and arrow files: readable, not empty, rows that
+    ms-swift would drop refused (or counted, :func:`_bad_rows`), teacher columns of the right type, their media files readable
     and only given to a multimodal model, and their rows without a response refused when nothing can sample one for
     them (see the module's docstring), else reported."""
     columns = args.columns if isinstance(args.columns, dict) else {}
@@ -519,16 +561,18 @@ def check_local_datasets(args) -> None:
             if not no_response:
                 continue
             missing = [where for where, _ in no_response]
-            rows = f'{flag} {path}: {len(missing)} row(s) have no assistant response ({_shown(missing)})'
+            typo = misspelt_columns(found['no_response_columns'])
+            rows = f'{flag} {path}: {len(missing)} row(s) have no assistant response ({_shown(missing)}){typo}'
             if not can_sample:
-                raise FlagError(f'{rows}, so they have nothing to distil: {_NO_SAMPLING[flag]}')
+                raise FlagError(f'{rows}, so they have nothing to distil (an empty response counts as none): '
+                                f'{_NO_SAMPLING[flag]}')
             promptless = [where for where, prompt in no_response if not prompt]
             sampled = [where for where, prompt in no_response if prompt]
             if flag == '--dataset':
                 dropped += [f'{path} {where}' for where in promptless]
             if sampled:
                 logger.warning(f'swift_gkd_plugin: {flag} {path}: {len(sampled)} row(s) have no assistant response '
-                               f'({_shown(sampled)}): dataset (off-policy) steps have nothing to distil on them; '
+                               f'({_shown(sampled)}){typo}: dataset (off-policy) steps have nothing to distil on them; '
                                'on-policy and seq_kd steps sample a response for them.')
             if promptless:
                 logger.warning(f'swift_gkd_plugin: {flag} {path}: {len(promptless)} row(s) have neither a user '
@@ -609,8 +653,8 @@ def _bad_rows(args, flag: str, path: str, bad: List[Tuple[Where, str]]) -> List[
 
 def check_one_batch(args, rows: int, dropped: List[str] = (), skipped: List[str] = (), partial: List[str] = ()
                     ) -> None:
-    """Training sets of local jsonl, json and csv files only: with no row that can be encoded (``dropped``: rows with
-    neither a user message nor a response; ``skipped``: rows left out by ``--gkd_drop_bad_rows true``; or, on dataset
+    """Training sets of local jsonl, json, csv, parquet and arrow files only: with no row that can be encoded
+    (``dropped``: rows with neither a user message nor a response; ``skipped``: rows left out by ``--gkd_drop_bad_rows true``; or, on dataset
     steps, none but ``partial`` rows), ms-swift would load both models and then fail to resample ("Increase
     max_length"). Read whole (no ``#N`` sampling), fewer rows than one device's batch can never fill a batch, and GKD
     drops incomplete ones. Preprocessing only removes rows, so these refusals are certain; the other cases (several
@@ -648,10 +692,14 @@ def check_one_batch(args, rows: int, dropped: List[str] = (), skipped: List[str]
 class RefuseEmptyEpochs(TrainerCallback):
     """Refuses, when training starts, a training set too small for one batch: GKD drops incomplete batches
     (ms-swift sets ``dataloader_drop_last``), so the run would end with exit code 0 after 0 steps, ``train_loss 0``
-    and nothing saved. The numbers are known here: after preprocessing and filtering, on every rank."""
+    and nothing saved. The numbers are known here: after preprocessing and filtering, on every rank. A run that
+    covers whole epochs is told how many rows each epoch leaves out that way (:func:`warn_rows_left_out`)."""
 
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
-        if train_dataloader is None or not hasattr(train_dataloader, '__len__') or len(train_dataloader) > 0:
+        if train_dataloader is None or not hasattr(train_dataloader, '__len__'):
+            return
+        if len(train_dataloader) > 0:
+            warn_rows_left_out(args, state, train_dataloader)
             return
         rows = len(train_dataloader.dataset) if hasattr(train_dataloader.dataset, '__len__') else '?'
         g = getattr(args, 'num_generations', 1) or 1
@@ -662,3 +710,20 @@ class RefuseEmptyEpochs(TrainerCallback):
                          f'({per_rank} on each of {args.world_size} process(es)); GKD drops incomplete batches '
                          f'(dataloader_drop_last), so not one step could train (--max_steps {args.max_steps}). Add '
                          'rows, or lower the batch size.')
+
+
+def warn_rows_left_out(args, state, train_dataloader) -> None:
+    """The rows that ``dataloader_drop_last`` leaves out of each epoch (its last, incomplete batch on each process:
+    other rows each epoch, as the sampler shuffles), warned about on the main process when the run covers at least
+    one epoch and batches hold one row per prompt."""
+    dataset = train_dataloader.dataset
+    one_row_per_prompt = (getattr(args, 'num_generations', 1) or 1) == 1
+    if not one_row_per_prompt or not hasattr(dataset, '__len__') or not state.is_world_process_zero:
+        return
+    rows, steps = len(dataset), len(train_dataloader)
+    per_epoch = steps * args.per_device_train_batch_size * args.world_size
+    if rows > per_epoch and state.max_steps * args.gradient_accumulation_steps >= steps:
+        logger.warning(f'swift_gkd_plugin: --dataset: {rows - per_epoch} of the {rows} training rows are left out of '
+                       f'each epoch: GKD drops incomplete batches (dataloader_drop_last; --per_device_train_batch_size '
+                       f'{args.per_device_train_batch_size} on {args.world_size} process(es)), and the sampler leaves '
+                       'out other rows each epoch')

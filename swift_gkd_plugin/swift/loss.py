@@ -33,6 +33,7 @@ from swift_gkd_plugin.core.topk import (drop_ids_outside_vocab, topk_divergence_
 from swift_gkd_plugin.core.views import check_same_response_count
 from swift_gkd_plugin.swift.hidden_states import (fused_fallback_reason, gathered_heads, head_bypassed, head_is_sharded,
                                                   head_rows, output_head, topk_from_hidden)
+from swift_gkd_plugin.swift.run_guards import RunError, non_finite_loss_message
 from swift_gkd_plugin.swift.token_metrics import add_token_sum as _add_token_sum
 
 logger = get_logger()
@@ -51,6 +52,8 @@ class LossMixin:
             self._teacher_offloader.prefetch()  # the upload overlaps the student's forward
         loss_impl = self._fused_loss if self._fused else self._dense_loss
         loss, outputs = loss_impl(model, fwd, inputs['teacher_model_inputs'], inputs, setup)
+        if self.model.training:
+            self._nothing_learnt.add(loss, inputs)  # run_guards.NothingLearnt: a run whose loss stays 0 stops
         return (loss, outputs) if return_outputs else loss
 
     def _loss_setup(self, inputs) -> '_LossSetup':
@@ -171,6 +174,8 @@ class LossMixin:
             student_hidden, weight, bias, teacher=teacher_side, **label_term, divergence=self._divergence,
             temperature=self.args.temperature, topk_tail=self.args.gkd_topk_tail, normalizer=normalizer,
             sft_normalizer=normalizer, return_entropy=on_policy, backend=self.args.gkd_fused_backend)
+        self._check_finite(loss, setup.mode, teacher_side, [('last hidden states', student_hidden),
+                                                            ('output head', weight)])
         n = stats['num_tokens']  # a device tensor: read at logging
         self._log_loss_metrics(setup.mode, stats['divergence_sum'], n, stats['top1_agree'], n,
                                pg_sum=stats['sft_sum'] if token_advantages is not None else None,
@@ -211,10 +216,23 @@ class LossMixin:
         loss = total / setup.normalizer
         if student.shape[0] == 0:
             loss = loss + outputs.logits.sum() * 0.0  # keep the graph connected for DDP/ZeRO
+        self._check_finite(loss, setup.mode, teacher, [('logits', student)])
         self._log_loss_metrics(setup.mode, per_token.detach().float().sum(), per_token.numel(), agreements,
                                n_compared, pg_sum=pg_sum, entropy_sum=entropy_sum,
                                teacher_entropy_sum=teacher_entropy_sum, gated_rows=gated_rows)
         return loss, outputs
+
+    def _check_finite(self, loss, mode: Mode, teacher: TeacherSignal, student_parts) -> None:
+        """A NaN or infinite micro-batch loss stops the run (:class:`~swift_gkd_plugin.swift.run_guards.RunError`),
+        naming the teacher or the student whose outputs hold the first non-finite value (``student_parts``:
+        ``(what, tensor)``), the step and the position. One host read per micro-batch, as the HF Trainer's own NaN
+        filter (which would log such a step as loss 0 and train on grad_norm nan)."""
+        if bool(torch.isfinite(loss.detach()).all()):
+            return
+        parts = [(self._teacher_name(), what, tensor, logprobs) for what, tensor, logprobs in _signal_parts(teacher)]
+        parts += [(self._student_name(), what, tensor, False) for what, tensor in student_parts]
+        raise RunError(non_finite_loss_message(self.state.global_step + self.model.training, mode.value,
+                                               self.model.training, parts))
 
     def _teacher_entropies(self, teacher: TeacherSignal, student_vocab: int) -> torch.Tensor:
         """The teacher's entropy ``[N]`` at the loss temperature at each response position (``gkd/teacher_entropy``,
@@ -338,6 +356,15 @@ class LossMixin:
                        'using the dense loss')
         return False
 
+
+
+def _signal_parts(teacher: TeacherSignal):
+    """``(what, tensor, log-probabilities?)`` of a teacher signal, for :meth:`LossMixin._check_finite`."""
+    if isinstance(teacher, TeacherTopK):
+        return [('top-k log-probabilities', teacher.logprobs, True)]
+    if isinstance(teacher, TeacherHead):
+        return [('last hidden states', teacher.hidden, False), ('output head', teacher.weight, False)]
+    return [('logits', teacher.logits.flatten(0, -2), False)]  # TeacherLogits, CrossTokenizerRows
 
 
 @dataclass(frozen=True)

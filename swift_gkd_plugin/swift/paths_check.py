@@ -54,11 +54,24 @@ def check_external_plugins(args) -> None:
                                 'registers your plugins')
 
 
+def check_resume_folder(args) -> None:
+    """``--resume_from_checkpoint`` is a folder (ms-swift refuses a missing one with a traceback); what it holds is
+    checked once the arguments are resolved (:func:`swift_gkd_plugin.swift.checkpoints.check_resume_checkpoint`)."""
+    path = args.resume_from_checkpoint
+    if not path or os.path.isdir(os.path.expanduser(path)):
+        return
+    from swift_gkd_plugin.swift.checkpoints import newest_hint
+    what = 'is a file, not a checkpoint folder' if os.path.exists(path) else 'no such checkpoint folder'
+    raise FlagError(f'--resume_from_checkpoint {path}: {what}{near_names(path)}; '
+                    f'{newest_hint(os.path.dirname(os.path.abspath(path)))}.')
+
+
 def check_command_line_paths(args) -> None:
     """Every check of this module, in this order."""
     check_model_given(args)
     check_model_paths(args)
     check_external_plugins(args)
+    check_resume_folder(args)
 
 
 class CreatedDirs:

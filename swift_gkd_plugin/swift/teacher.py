@@ -39,6 +39,22 @@ class TeacherMixin:
         else:
             logger.info('Teacher model: the student itself (no --teacher_model), frozen for the teacher forward')
 
+    def _teacher_name(self) -> str:
+        """The teacher in an error message: its flag and value, or what it is."""
+        if self._teacher_adapter is not None:
+            return f'the teacher (--teacher_adapters {self._teacher_adapter} on the student\'s base)'
+        if self._teacher_use_disable_adapter:
+            return 'the teacher (the student\'s base with its LoRA adapter off)'
+        if self.teacher_model is not None:
+            path = getattr(self.accelerator.unwrap_model(self.teacher_model), 'model_dir', '?')
+            return f'the teacher (--teacher_model {path})'
+        if self.use_teacher_api:
+            return f'the teacher (--teacher_model_server {self.teacher_model_server})'
+        return 'the teacher (the student itself)'
+
+    def _student_name(self) -> str:
+        return f'the student (--model {getattr(self.accelerator.unwrap_model(self.model), "model_dir", "?")})'
+
     @contextmanager
     def load_teacher_model_context(self):
         if self._teacher_offloader is not None and self._teacher_offloader.enabled:

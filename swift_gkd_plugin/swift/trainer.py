@@ -30,10 +30,11 @@ from swift_gkd_plugin.core import Divergence, Mode
 from swift_gkd_plugin.core.modes import mode_log_path
 from swift_gkd_plugin.core.offload import TeacherOffloader, is_partitioned
 from swift_gkd_plugin.core.views import check_privileged_columns
-from swift_gkd_plugin.flags import sampling_temperature
+from swift_gkd_plugin.flags import FlagError, sampling_temperature
 from swift_gkd_plugin.swift.batches import BatchesMixin
-from swift_gkd_plugin.swift.clean_exit import (before_groups_go, destroy_process_groups_at_exit,
+from swift_gkd_plugin.swift.clean_exit import (before_groups_go, destroy_process_groups_at_exit, note_run_failed,
                                                note_training_finished)
+from swift_gkd_plugin.swift.command_line import PROG, refuse
 from swift_gkd_plugin.swift.cross_tokenizer import CrossTokenizerTeacher
 from swift_gkd_plugin.swift.loss import LossMixin
 from swift_gkd_plugin.swift.media_tokens import suppress_media_placeholders
@@ -41,7 +42,7 @@ from swift_gkd_plugin.swift.peft_utils import load_frozen_adapter
 from swift_gkd_plugin.swift.reference import ReferenceMixin
 from swift_gkd_plugin.swift.rewards import load_reward_funcs
 from swift_gkd_plugin.swift.rollout import RolloutMixin
-from swift_gkd_plugin.swift.run_guards import install_run_guards
+from swift_gkd_plugin.swift.run_guards import RunError, install_run_guards
 from swift_gkd_plugin.swift.samplers import SamplersMixin
 from swift_gkd_plugin.swift.scoring import ScoringMixin
 from swift_gkd_plugin.swift.teacher import TeacherMixin
@@ -113,6 +114,12 @@ class GKDPluginTrainer(LossMixin, RolloutMixin, SamplersMixin, ScoringMixin, Bat
         self._completion_columns: Dict[str, list] = {}  # reward columns of the completions log
 
     def train(self, *args, **kwargs):
-        result = super().train(*args, **kwargs)
+        """Training; a run stopped by a guard (:class:`RunError`, a :class:`FlagError` known only now) ends with its
+        one ``swift rlhf: error:`` line and exit code 1, no traceback."""
+        try:
+            result = super().train(*args, **kwargs)
+        except (RunError, FlagError) as exc:
+            note_run_failed()
+            refuse(PROG, exc, code=1)
         note_training_finished()  # a clean exit may now skip interpreter finalization (see clean_exit)
         return result

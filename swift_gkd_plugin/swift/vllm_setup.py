@@ -35,14 +35,19 @@ def cpu_head_sizes() -> list:
     return list(CPUAttentionBackend.get_supported_head_sizes())
 
 
-def head_dim_of(model_dir: str) -> Optional[int]:
-    """The attention head size in ``model_dir/config.json`` (its text model's, for multimodal configs), or None."""
+def text_config_of(model_dir: str) -> dict:
+    """``model_dir/config.json`` (its text model's, for multimodal configs), or ``{}``."""
     try:
         with open(os.path.join(model_dir, 'config.json')) as f:
             config = json.load(f)
     except (OSError, ValueError):
-        return None
-    config = config.get('text_config') or config.get('thinker_config', {}).get('text_config') or config
+        return {}
+    return config.get('text_config') or config.get('thinker_config', {}).get('text_config') or config
+
+
+def head_dim_of(model_dir: str) -> Optional[int]:
+    """The attention head size in ``model_dir/config.json`` (its text model's, for multimodal configs), or None."""
+    config = text_config_of(model_dir)
     if config.get('head_dim'):
         return int(config['head_dim'])
     if config.get('hidden_size') and config.get('num_attention_heads'):
@@ -69,6 +74,23 @@ def check_vllm_server_mode(args) -> None:
         raise FlagError('--vllm_mode server needs a CUDA GPU here: ms-swift syncs the student\'s weights to the '
                         'rollout server over NCCL, and swift rollout needs a GPU too. On this machine use '
                         '--vllm_mode colocate (vLLM\'s CPU build) or --use_vllm false')
+
+
+def check_vllm_max_model_len(args, model_dir: Optional[str]) -> None:
+    """Colocate mode: ``--vllm_max_model_len`` (its range is checked with the flags) within the model's positions,
+    which vLLM's engine refuses to exceed when it starts (unless ``VLLM_ALLOW_LONG_MAX_MODEL_LEN=1``), and at least
+    ``--max_length``, the longest prompt the template keeps: a longer prompt fails at its rollout."""
+    value = args.vllm_max_model_len
+    if value is None or not model_dir:
+        return
+    limit = text_config_of(model_dir).get('max_position_embeddings')
+    allowed = f'{args.max_length or 1} to {limit or "the model length"}, or unset'
+    if limit and value > limit and os.environ.get('VLLM_ALLOW_LONG_MAX_MODEL_LEN') != '1':
+        raise FlagError(f'--vllm_max_model_len {value} is longer than the model ({limit} positions, config.json '
+                        f'max_position_embeddings), which vLLM refuses when its engine starts: allowed {allowed}')
+    if args.max_length and value < args.max_length:
+        raise FlagError(f'--vllm_max_model_len {value} is shorter than --max_length {args.max_length}: a prompt longer '
+                        f'than it fails at its rollout; allowed {allowed}')
 
 
 def check_vllm_cpu_head_dim(args, model_dir: Optional[str]) -> None:

@@ -1257,6 +1257,9 @@ SERVE_BAD_FLAGS = [
     (['--top_k', '5', '--topk', '9'], '--top_k 5 --topk 9: --top_k and --topk are one flag given different values'),
     (['--batch_wait_ms', 'nan'], '--batch_wait_ms must be a finite number >= 0, got nan'),
     (['--num_threads', '0'], '--num_threads must be >= 1'),
+    # issue 45: taken for a hub id, failing after minutes with a traceback
+    (['--model', './teachers/tiny'], "--model ./teachers/tiny: no such folder './teachers/tiny'"),
+    (['--adapters', '/nonexistent/adapter'], "--adapters /nonexistent/adapter: no such folder"),
 ]
 
 
@@ -1272,3 +1275,17 @@ def test_serve_teacher_refuses_bad_flags_before_loading(tiny_ws, flags, message)
     assert proc.returncode == 2 and len(errors) == 1 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
     assert message in errors[0]
     assert 'loaded in' not in proc.stderr  # the teacher never loaded
+
+
+def test_serve_teacher_refuses_a_port_in_use_before_loading(tiny_ws):
+    """Issue 45: uvicorn found the port taken only after the model had loaded."""
+    import socket
+    with socket.socket() as taken:
+        taken.bind(('127.0.0.1', 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run([SWIFT_GKD, 'serve-teacher', '--model', tiny_ws.teacher, '--port', str(port)],
+                              env=dict(os.environ, **OFFLINE_ENV), capture_output=True, text=True, timeout=60)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith('swift-gkd serve-teacher: error: ')]
+    assert proc.returncode == 2 and len(errors) == 1 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+    assert f'--port {port}: cannot listen on 127.0.0.1:{port}' in errors[0] and 'loaded in' not in proc.stderr
