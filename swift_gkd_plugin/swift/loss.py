@@ -23,6 +23,7 @@ from swift_gkd_plugin.core.constants import IGNORE_INDEX
 from swift_gkd_plugin.core.entropy import tempered_entropy
 from swift_gkd_plugin.core.fused_loss import fused_linear_jsd
 from swift_gkd_plugin.core.kernels import describe_backend
+from swift_gkd_plugin.core.offload import is_partitioned
 from swift_gkd_plugin.core.policy_gradient import (head_token_logprobs, policy_gradient_loss,
                                                    rollout_importance_weights, sampled_token_stats)
 from swift_gkd_plugin.core.row_divergence import gated_row_count
@@ -54,7 +55,35 @@ class LossMixin:
         loss, outputs = loss_impl(model, fwd, inputs['teacher_model_inputs'], inputs, setup)
         if self.model.training:
             self._nothing_learnt.add(loss, inputs)  # run_guards.NothingLearnt: a run whose loss stays 0 stops
+            self._loss_batch = inputs  # for training_step's check of a non-finite loss
         return (loss, outputs) if return_outputs else loss
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        """One training micro-batch; a NaN or infinite loss stops the run (:class:`RunError`). The loss is read
+        here, after the backward, where the HF Trainer's NaN filter (``--logging_nan_inf_filter``, on by default)
+        reads it anyway: the loss path itself makes no host sync. The rare failing micro-batch is then run once
+        more, forward only, to name the model and the position that hold the first non-finite value."""
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        batch, self._loss_batch = getattr(self, '_loss_batch', None), None
+        if not bool(torch.isfinite(loss).all()):
+            self._explain_non_finite(model, inputs, batch)
+        return loss
+
+    def _explain_non_finite(self, model, raw_inputs, batch) -> None:
+        """Raise the error of a non-finite training loss: the micro-batch's forward repeated under ``no_grad`` with
+        the check on (:meth:`_check_finite` raises naming the part), where that involves no collective (a model whose
+        weights are sharded over the ranks would wait for the others); else the step and the mode alone."""
+        mode = batch.get('gkd_mode', Mode.OFF_POLICY).value if batch is not None else 'unknown'
+        rerun = batch is not None and not is_partitioned(model)
+        if rerun:
+            self._check_now = True
+            try:
+                with torch.no_grad(), self.template.forward_context(self.model, raw_inputs), \
+                        self.compute_loss_context_manager():
+                    self.compute_loss(self.accelerator.unwrap_model(model), batch)
+            finally:
+                self._check_now = False
+        raise RunError(non_finite_loss_message(self.state.global_step + 1, mode, True, [], outputs_checked=rerun))
 
     def _loss_setup(self, inputs) -> '_LossSetup':
         """Response positions, the step's normaliser and which label term applies to this micro-batch (and the
@@ -225,9 +254,10 @@ class LossMixin:
     def _check_finite(self, loss, mode: Mode, teacher: TeacherSignal, student_parts) -> None:
         """A NaN or infinite micro-batch loss stops the run (:class:`~swift_gkd_plugin.swift.run_guards.RunError`),
         naming the teacher or the student whose outputs hold the first non-finite value (``student_parts``:
-        ``(what, tensor)``), the step and the position. One host read per micro-batch, as the HF Trainer's own NaN
-        filter (which would log such a step as loss 0 and train on grad_norm nan)."""
-        if bool(torch.isfinite(loss.detach()).all()):
+        ``(what, tensor)``), the step and the position. In evaluation, and in training when :meth:`training_step`
+        repeats a failing micro-batch (``_check_now``); a training micro-batch is checked there, with no host read
+        here."""
+        if (self.model.training and not getattr(self, '_check_now', False)) or bool(torch.isfinite(loss.detach()).all()):
             return
         parts = [(self._teacher_name(), what, tensor, logprobs) for what, tensor, logprobs in _signal_parts(teacher)]
         parts += [(self._student_name(), what, tensor, False) for what, tensor in student_parts]

@@ -56,9 +56,10 @@ def first_non_finite(tensor, logprobs: bool = False) -> Optional[Tuple[str, int,
     return ('NaN' if math.isnan(value) else str(value)), i, data.shape[0]
 
 
-def non_finite_loss_message(step: int, mode: str, training: bool, parts) -> str:
+def non_finite_loss_message(step: int, mode: str, training: bool, parts, outputs_checked: bool = True) -> str:
     """The error of a NaN or infinite loss: the first of ``parts`` (``(who, what, tensor, logprobs)``: response rows
-    of the micro-batch, or an output head) that holds a non-finite value, else the loss terms."""
+    of the micro-batch, or an output head) that holds a non-finite value, else the loss terms; with
+    ``outputs_checked=False`` the models' outputs could not be checked (sharded weights)."""
     when = f'{"step" if training else "evaluation at step"} {step} ({mode} step)'
     for who, what, tensor, logprobs in parts:
         found = first_non_finite(tensor, logprobs)
@@ -69,6 +70,11 @@ def non_finite_loss_message(step: int, mode: str, training: bool, parts) -> str:
             return (f'{who}: its {what} hold {value} at {where} on {when}, so the loss is not finite. '
                     'Check its weights (a NaN or inf in the checkpoint) and --torch_dtype (float16 overflows); the '
                     'run stops here instead of training on grad_norm nan')
+    if not outputs_checked:
+        return (f'the loss is not finite on {when}; with weights sharded over the ranks its micro-batch is not run '
+                'again to find the model whose outputs hold the first NaN or inf. Check both models\' weights (a NaN '
+                'or inf in a checkpoint), --torch_dtype (float16 overflows) and --temperature, --sft_alpha, '
+                '--gkd_rl_coef, --gkd_ref_kl_coef; the run stops here instead of training on grad_norm nan')
     return (f'the loss is not finite on {when} although the teacher\'s and the student\'s outputs are: a loss term '
             'overflowed (check --temperature, --sft_alpha, --gkd_rl_coef, --gkd_ref_kl_coef); the run stops here '
             'instead of training on grad_norm nan')
