@@ -79,7 +79,9 @@ def check_vllm_server_mode(args) -> None:
 def check_vllm_max_model_len(args, model_dir: Optional[str]) -> None:
     """Colocate mode: ``--vllm_max_model_len`` (its range is checked with the flags) within the model's positions,
     which vLLM's engine refuses to exceed when it starts (unless ``VLLM_ALLOW_LONG_MAX_MODEL_LEN=1``), and at least
-    ``--max_length``, the longest prompt the template keeps: a longer prompt fails at its rollout."""
+    ``--max_length``, the longest prompt the template keeps: a longer prompt fails at its rollout. A multi-turn run
+    (``--multi_turn_scheduler``) may set it shorter: ``--max_length`` bounds its whole trajectories, which are cut
+    at the engine's context, counted and warned (:mod:`.scheduler_guard`)."""
     value = args.vllm_max_model_len
     if value is None or not model_dir:
         return
@@ -88,9 +90,10 @@ def check_vllm_max_model_len(args, model_dir: Optional[str]) -> None:
     if limit and value > limit and os.environ.get('VLLM_ALLOW_LONG_MAX_MODEL_LEN') != '1':
         raise FlagError(f'--vllm_max_model_len {value} is longer than the model ({limit} positions, config.json '
                         f'max_position_embeddings), which vLLM refuses when its engine starts: allowed {allowed}')
-    if args.max_length and value < args.max_length:
+    if args.max_length and value < args.max_length and not getattr(args, 'multi_turn_scheduler', None):
         raise FlagError(f'--vllm_max_model_len {value} is shorter than --max_length {args.max_length}: a prompt longer '
-                        f'than it fails at its rollout; allowed {allowed}')
+                        f'than it fails at its rollout; allowed {allowed} (shorter only with --multi_turn_scheduler, '
+                        'whose trajectories are cut at the engine\'s context)')
 
 
 def check_vllm_cpu_head_dim(args, model_dir: Optional[str]) -> None:
