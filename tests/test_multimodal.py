@@ -61,7 +61,8 @@ def _build(root):
     # the trained student's files under another name: ms-swift then loads a separate teacher
     os.symlink(trained_student, os.path.join(root, 'trained_student_alias'))
     image_prone = _build_image_prone(os.path.join(root, 'student'), os.path.join(root, 'image_prone_student'))
-    os.symlink(image_prone, os.path.join(root, 'image_prone_alias'))
+    # a teacher as image-prone but with other weights (a copy would agree with the student: nothing to learn)
+    _build_image_prone(trained_student, os.path.join(root, 'image_prone_teacher'))
 
 
 def _build_image_prone(source, out_dir):
@@ -84,7 +85,7 @@ def mm(tmp_path_factory) -> Workspace:
     """Tiny LLaVA models, built once for all xdist workers: ``student`` (random), ``teacher`` (wider, trained: names
     every colour), ``blind_teacher`` (the trained teacher with its image features zeroed), ``trained_student``
     (student size, trained), ``image_prone`` (the student, made to draw ``<image>`` at about half of its response
-    positions; ``image_prone_alias`` is a symlink to it), ``adapter`` (a non-zero LoRA on the trained
+    positions; ``image_prone_teacher``: the trained student made so), ``adapter`` (a non-zero LoRA on the trained
     student's decoder), ``alias`` (a symlink to the trained student) and ``train`` (8 image rows; ``answers`` counts
     their colours)."""
     from filelock import FileLock
@@ -105,7 +106,7 @@ def mm(tmp_path_factory) -> Workspace:
     ws.adapter = os.path.join(root, 'adapter_fit')
     ws.alias = os.path.join(root, 'trained_student_alias')
     ws.image_prone = os.path.join(root, 'image_prone_student')
-    ws.image_prone_alias = os.path.join(root, 'image_prone_alias')
+    ws.image_prone_teacher = os.path.join(root, 'image_prone_teacher')
     ws.answers = Counter(r['messages'][-1]['content'] for r in tmm.read_dataset(train))
     return ws
 
@@ -247,9 +248,9 @@ def _weights(model_dir):
 
 
 def test_student_and_teacher_samplers_never_draw_image_tokens(mm, tmp_path):
-    """One process, dense loss: a student and a separate teacher (its copy) that would draw <image> at about half of
-    their response positions; step 0 is seq_kd (the teacher samples), step 1 on-policy (the student samples)."""
-    run = run_swift(mm_args(mm, str(tmp_path / 'out'), model=mm.image_prone, teacher_model=mm.image_prone_alias,
+    """One process, dense loss: a student and a separate teacher (the trained student made so) that would draw
+    <image> at about half of their response positions; step 0 is seq_kd (the teacher samples), step 1 on-policy (the student samples)."""
+    run = run_swift(mm_args(mm, str(tmp_path / 'out'), model=mm.image_prone, teacher_model=mm.image_prone_teacher,
                             lmbda=0.5, seq_kd='true', seed=0, gkd_loss_impl='dense', **EXAMPLE))
     assert [m['mode'] for m in run.modes()] == ['seq_kd', 'on_policy']
     assert len(run.losses) == 2 and all(math.isfinite(x) and x >= 0 for x in run.losses), run.losses
