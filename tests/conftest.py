@@ -127,6 +127,17 @@ def base_args(ws: Workspace, output_dir: str, **overrides) -> List[str]:
     return argv
 
 
+def _run_env() -> Dict[str, str]:
+    """The environment of a one-process run that sets nothing itself."""
+    import swift.cli.main  # noqa: F401 - it sets VLLM_LOGGING_LEVEL in this process's environment when imported
+    env = dict(os.environ, **OFFLINE_ENV)
+    env.pop('SWIFT_GKD_PLUGIN', None)
+    if _INTERPRET_SET_HERE:  # this process's interpreter is not the pipeline's: a run sees what a user's would
+        env.pop('TRITON_INTERPRET', None)
+        env.pop('SWIFT_GKD_TESTS_SET_INTERPRET', None)
+    return env
+
+
 def run_swift(argv: List[str], *, env: Optional[Dict[str, str]] = None, nproc: int = 1, timeout: int = 600,
               check: bool = True, command: str = 'rlhf', launcher: bool = False) -> SwiftRun:
     """Run ``swift <command> argv`` in a child process, as a user would, and collect its logs.
@@ -136,18 +147,21 @@ def run_swift(argv: List[str], *, env: Optional[Dict[str, str]] = None, nproc: i
     the CI machine, with nothing of the plugin in it. By default this starts that same child command directly
     (:func:`launcher_child_command`); ``launcher=True`` goes through ``swift`` and records the command it started in
     ``SwiftRun.launched``: tests of the launcher compare it with ``SwiftRun.child_command``."""
-    full_env = dict(os.environ, **OFFLINE_ENV)
-    full_env.pop('SWIFT_GKD_PLUGIN', None)
-    if _INTERPRET_SET_HERE:  # this process's interpreter is not the pipeline's: a run sees what a user's would
-        full_env.pop('TRITON_INTERPRET', None)
-        full_env.pop('SWIFT_GKD_TESTS_SET_INTERPRET', None)
+    full_env = _run_env()
     if nproc > 1:
         full_env['NPROC_PER_NODE'] = str(nproc)
         full_env['MASTER_PORT'] = str(_free_port())
     full_env.update(env or {})
     child = launcher_child_command(command, argv, full_env)
-    proc = subprocess.run([SWIFT, command] + argv if launcher else child, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
+    zygote = None if launcher else _zygote_for(child, full_env)
+    if zygote is not None:
+        import tempfile
+        with tempfile.TemporaryDirectory(prefix='run_swift_') as workdir:
+            returncode, stdout, stderr = zygote.run(child[1], child[2:], full_env, timeout, workdir)
+        proc = subprocess.CompletedProcess(child, returncode, stdout, stderr)
+    else:
+        proc = subprocess.run([SWIFT, command] + argv if launcher else child, env=full_env, capture_output=True,
+                              text=True, timeout=timeout)
     output = proc.stdout + proc.stderr
     output_dir = argv[argv.index('--output_dir') + 1] if '--output_dir' in argv else ''
     if check and proc.returncode != 0:
@@ -161,6 +175,31 @@ def run_swift(argv: List[str], *, env: Optional[Dict[str, str]] = None, nproc: i
         launched = re.search(r'^run sh: `(.*)`$', proc.stdout, re.MULTILINE)  # the launcher joins it with spaces
         run.launched = launched.group(1).split(' ') if launched else None
     return run
+
+
+# the test worker's zygote (swift_gkd_plugin.testing.zygote): the start-up of its one-process runs, shared
+_ZYGOTE: Dict[str, object] = {}
+# read at run time only (by the test plugins): a run that sets these still forks from the zygote
+_RUNTIME_ENV_PREFIX = 'GKD_TEST_'
+_ZYGOTE_IGNORED = ('PYTEST_CURRENT_TEST',)
+
+
+def _zygote_for(child: List[str], env: Dict[str, str]):
+    """The zygote that can start ``child`` in ``env`` (a one-process route file whose environment differs from the
+    zygote's in run-time variables only), else None: a fresh process. ``GKD_TESTS_FRESH_PROCESSES=1`` turns it off."""
+    if os.environ.get('GKD_TESTS_FRESH_PROCESSES') == '1' or child[1] == '-m':
+        return None
+
+    def at_import(e):
+        return {k: v for k, v in e.items() if not k.startswith(_RUNTIME_ENV_PREFIX) and k not in _ZYGOTE_IGNORED}
+    if 'zygote' not in _ZYGOTE:
+        import atexit
+
+        from swift_gkd_plugin.testing.zygote import Zygote
+        _ZYGOTE['zygote'] = Zygote(at_import(_run_env()))
+        atexit.register(_ZYGOTE['zygote'].close)
+    zygote = _ZYGOTE['zygote']
+    return zygote if at_import(env) == at_import(zygote.env) else None
 
 
 def launcher_child_command(command: str, argv: List[str], env: Dict[str, str]) -> List[str]:
