@@ -18,9 +18,13 @@ def megatron_rlhf(*flags, env=None):
     return megatron_rlhf_with('Qwen/Qwen3-0.6B', *flags, env=env)
 
 
+# ranks started by the launcher exit at once (see its sitecustomize): ~20 s each of loading what no test here reads
+STOP_RANKS = {'PYTHONPATH': os.path.join(os.path.dirname(__file__), 'stop_site')}
+
+
 def megatron_rlhf_with(model, *flags, env=None):
     argv = [MEGATRON, 'rlhf', '--model', model, *flags]
-    full_env = dict(os.environ, **OFFLINE_ENV, **(env or {}))
+    full_env = dict(os.environ, **OFFLINE_ENV, **STOP_RANKS, **(env or {}))
     full_env.pop('SWIFT_GKD_PLUGIN', None) if env is None or 'SWIFT_GKD_PLUGIN' not in env else None
     proc = subprocess.run(argv, env=full_env, capture_output=True, text=True, timeout=300)
     return proc.returncode, proc.stdout + proc.stderr
