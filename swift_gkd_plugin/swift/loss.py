@@ -64,7 +64,7 @@ class LossMixin:
         reads it anyway: the loss path itself makes no host sync. The rare failing micro-batch is then run once
         more, forward only, to name the model and the position that hold the first non-finite value."""
         loss = super().training_step(model, inputs, *args, **kwargs)
-        batch, self._loss_batch = getattr(self, '_loss_batch', None), None
+        batch, self._loss_batch = self._loss_batch, None
         if not bool(torch.isfinite(loss).all()):
             self._explain_non_finite(model, inputs, batch)
         return loss
@@ -73,7 +73,7 @@ class LossMixin:
         """Raise the error of a non-finite training loss: the micro-batch's forward repeated under ``no_grad`` with
         the check on (:meth:`_check_finite` raises naming the part), where that involves no collective (a model whose
         weights are sharded over the ranks would wait for the others); else the step and the mode alone."""
-        mode = batch.get('gkd_mode', Mode.OFF_POLICY).value if batch is not None else 'unknown'
+        mode = _mode_of(batch).value if batch is not None else 'unknown'
         rerun = batch is not None and not is_partitioned(model)
         if rerun:
             self._check_now = True
@@ -90,7 +90,7 @@ class LossMixin:
         logits trimmed to the response positions where ms-swift can)."""
         model_inputs = inputs['model_inputs']
         teacher_inputs = inputs['teacher_model_inputs']
-        mode: Mode = inputs.get('gkd_mode', Mode.OFF_POLICY)
+        mode = _mode_of(inputs)
 
         if self.get_use_logits_to_keep(self.template.sequence_parallel_size == 1):
             # Only the response positions need logits; each side is trimmed by its own labels.
@@ -257,7 +257,9 @@ class LossMixin:
         ``(what, tensor)``), the step and the position. In evaluation, and in training when :meth:`training_step`
         repeats a failing micro-batch (``_check_now``); a training micro-batch is checked there, with no host read
         here."""
-        if (self.model.training and not getattr(self, '_check_now', False)) or bool(torch.isfinite(loss.detach()).all()):
+        if self.model.training and not self._check_now:
+            return
+        if bool(torch.isfinite(loss.detach()).all()):
             return
         parts = [(self._teacher_name(), what, tensor, logprobs) for what, tensor, logprobs in _signal_parts(teacher)]
         parts += [(self._student_name(), what, tensor, False) for what, tensor in student_parts]
@@ -386,6 +388,11 @@ class LossMixin:
                        'using the dense loss')
         return False
 
+
+
+def _mode_of(batch) -> Mode:
+    """The micro-batch's GKD mode (a batch that did not come from the rollout is off-policy)."""
+    return batch.get('gkd_mode', Mode.OFF_POLICY)
 
 
 def _signal_parts(teacher: TeacherSignal):

@@ -64,6 +64,7 @@ class GKDPluginTrainer(LossMixin, RolloutMixin, SamplersMixin, ScoringMixin, Bat
         if self.args.use_vllm and self.args.vllm_mode == 'colocate':
             before_groups_go(functools.partial(shutdown_engine, self.engine))  # it uses the groups too
         install_run_guards(self)  # a training set smaller than one batch, a checkpoint save that runs out of space
+        self._loss_batch, self._check_now = None, False  # LossMixin.training_step's non-finite check
         self._guard_scheduler()  # a multi-turn scheduler's return values checked, its trajectories within --max_length
         # compute_loss already divides by the step's token count: the HF Trainer must not divide by the number
         # of gradient-accumulation steps again (nor DeepSpeed, which the Trainer tells via scale_wrt_gas=False).

@@ -105,7 +105,9 @@ class Zygote:
         proc.stdin.write(json.dumps({'route': route, 'argv': argv, 'env': env, 'cwd': os.getcwd(),
                                      'stdout': stdout, 'stderr': stderr}) + '\n')
         proc.stdin.flush()
-        pid = self.replies.get(timeout=60)['pid']
+        pid = self.replies.get(timeout=60).get('pid')
+        if pid is None:
+            raise RuntimeError(f'the test zygote ended:\n{_read(self.log)[-5000:]}')
         try:
             reply = self.replies.get(timeout=timeout)
         except queue.Empty:
@@ -125,7 +127,7 @@ class Zygote:
 def _pump(stream, replies) -> None:
     for line in stream:
         replies.put(json.loads(line))
-    replies.put({'rc': None, 'pid': None, 'ended': True})
+    replies.put({'ended': True})
 
 
 def _read(path: str) -> str:
