@@ -7,7 +7,7 @@ export itself is left out). Three variants, each in a fresh process (peak RSS is
 
 * ``in_place``: ms-swift as it is: the base drifts, the adapters are rounded to bf16;
 * ``copy_all``: the plugin's previous keeper: every LoRA base weight copied to fresh host memory at each sync;
-* ``exact_sync``: :func:`~swift_gkd_plugin.core.lora_round_trip.exact_lora_sync`: one group at a time, in a host
+* ``exact_sync``: :func:`~swift_gkd_plugin.core.weights.lora_round_trip.exact_lora_sync`: one group at a time, in a host
   buffer reused across syncs.
 
 Reports the host memory each variant holds to restore the base (on a GPU machine, the host memory the sync costs),
@@ -84,7 +84,7 @@ def copy_all_round_trip(model, groups):
 
 
 def _round_trip(variant: str, model, groups, buffer) -> None:
-    from swift_gkd_plugin.core.lora_round_trip import exact_lora_sync
+    from swift_gkd_plugin.core.weights.lora_round_trip import exact_lora_sync
     if variant == 'in_place':
         sync(model, groups)
     elif variant == 'copy_all':
@@ -96,7 +96,7 @@ def _round_trip(variant: str, model, groups, buffer) -> None:
 
 def run_variant(variant: str, syncs: int, n_groups: int, layers: int, device: str = 'cpu') -> dict:
     """Memory and drift of one variant, alone in this process."""
-    from swift_gkd_plugin.core.lora_round_trip import HostBuffer
+    from swift_gkd_plugin.core.weights.lora_round_trip import HostBuffer
     model = build(layers, device)
     groups = groups_of(model, n_groups)
     base = {n: p.detach().clone() for n, p in model.named_parameters() if 'base_layer' in n}
@@ -118,7 +118,7 @@ def run_variant(variant: str, syncs: int, n_groups: int, layers: int, device: st
 def time_variants(syncs: int, n_groups: int, layers: int, device: str = 'cpu') -> dict:
     """Sync times of the three variants on one model, interleaved (the machine's load hits all alike): medians."""
     import torch
-    from swift_gkd_plugin.core.lora_round_trip import HostBuffer
+    from swift_gkd_plugin.core.weights.lora_round_trip import HostBuffer
     model = build(layers, device)
     groups = groups_of(model, n_groups)
     buffer = HostBuffer()

@@ -17,7 +17,7 @@ Methods:
 * ``trl``: both full logits, then TRL's ``GKDTrainer.generalized_jsd_loss`` (``trl.experimental.gkd``).
 * ``liger``: ``liger_kernel.chunked_loss.LigerFusedLinearJSDLoss`` (its defaults: chunks of 1024 rows,
   ``torch.compile``); skipped with a note if it does not import.
-* ``fused``: ``swift_gkd_plugin.core.fused_loss.fused_linear_jsd`` (default chunk size, backend ``auto``: the
+* ``fused``: ``swift_gkd_plugin.core.fused.loss.fused_linear_jsd`` (default chunk size, backend ``auto``: the
   Triton kernel on CUDA, the PyTorch chunk path on CPU).
 * ``fused_torch``: the same with ``backend='torch'`` (the PyTorch chunk path, the reference).
 * ``fused_topk`` / ``fused_topk_torch`` (on request): ``fused`` / ``fused_torch`` against the teacher's top-64 with
@@ -175,7 +175,7 @@ def _make_step(torch, method, x, args):
         def loss_of(n):
             return fn(x['h'][:n], w, x['ht'][:n], wt, x['labels'][:n])
     elif method in ('fused', 'fused_pg', 'fused_torch'):
-        from swift_gkd_plugin.core.fused_loss import fused_linear_jsd
+        from swift_gkd_plugin.core.fused.loss import fused_linear_jsd
         from swift_gkd_plugin.core.teacher_signal import TeacherHead
         pg, backend = {}, 'torch' if method == 'fused_torch' else None
         if method == 'fused_pg':
@@ -190,7 +190,7 @@ def _make_step(torch, method, x, args):
             return fused_linear_jsd(x['h'][:n], w, teacher=TeacherHead(x['ht'][:n], wt), beta=beta,
                                     temperature=temp, chunk_size=args.chunk_size, backend=backend, **extra)[0]
     elif method in ('fused_topk', 'fused_topk_torch'):
-        from swift_gkd_plugin.core.fused_loss import fused_linear_jsd
+        from swift_gkd_plugin.core.fused.loss import fused_linear_jsd
         from swift_gkd_plugin.core.teacher_signal import TeacherTopK
         from swift_gkd_plugin.core.topk import topk_of_logits
         with torch.no_grad():  # the teacher's top-64 (a server's answer): given, not timed

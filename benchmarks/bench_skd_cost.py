@@ -1,7 +1,7 @@
 """The cost of SKD sampling against plain on-policy sampling: time, student and teacher forwards, replaced tokens.
 
 Samples one batch of prompts with transformers' ``generate`` as ms-swift's transformers engine does (plain), and with
-the plugin's SKD decoding loop (``swift_gkd_plugin.swift.speculative.skd_decoding``, the one the trainer runs) for a few
+the plugin's SKD decoding loop (``swift_gkd_plugin.swift.rollout.speculative.skd_decoding``, the one the trainer runs) for a few
 ``K``. Models: the demo workspace's trained teacher and a student warm-started for ``--student_steps`` (built once under
 ``--workdir``), or with ``--random`` the test suite's random tiny models.
 
@@ -31,7 +31,7 @@ def main() -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from swift_gkd_plugin.swift.speculative import cached_forward, skd_decoding
+    from swift_gkd_plugin.swift.rollout.speculative import cached_forward, skd_decoding
     from swift_gkd_plugin.testing import tiny
 
     torch.set_num_threads(1)

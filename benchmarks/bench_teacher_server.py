@@ -21,7 +21,7 @@ loopback, and the untrained demo student. Three parts:
    and full float32 logits (``4 * V`` bytes per token, at this vocabulary and at Qwen's 151936).
 3. **Top-k loss error**: the generalized JSD (``--beta``, temperature 1) of a student against the teacher's top-k
    (from the server) relative to the full-vocabulary loss, at k in {8, 32, 64, 256}, without and with the tail
-   bucket (``swift_gkd_plugin.core.fused_loss.fused_linear_jsd``); for the untrained student and for a "near"
+   bucket (``swift_gkd_plugin.core.fused.loss.fused_linear_jsd``); for the untrained student and for a "near"
    student (the teacher with noise on its ``lm_head``), on dataset responses and on corrupted responses (30% of the
    response tokens replaced at random, where the teacher is less sure).
 """
@@ -250,7 +250,7 @@ def loss_errors(url, teacher, student, pairs, vocab, beta, seed=0):
     import torch
     from swift_gkd_plugin.server import TeacherClient
     try:
-        from swift_gkd_plugin.core.fused_loss import fused_linear_jsd
+        from swift_gkd_plugin.core.fused.loss import fused_linear_jsd
         from swift_gkd_plugin.core.teacher_signal import TeacherHead, TeacherTopK
 
         def full_loss(sh, sw, th, tw):
@@ -259,7 +259,7 @@ def loss_errors(url, teacher, student, pairs, vocab, beta, seed=0):
         def topk_loss(sh, sw, ids, lps, tail):
             return float(fused_linear_jsd(sh, sw, teacher=TeacherTopK(ids, lps), beta=beta,
                                           topk_tail=tail)[0])
-        source = 'swift_gkd_plugin.core.fused_loss.fused_linear_jsd'
+        source = 'swift_gkd_plugin.core.fused.loss.fused_linear_jsd'
     except ImportError:  # INLINE FALLBACK (fused_loss not available): same definitions, dense
         from swift_gkd_plugin.core.divergence import generalized_jsd
 

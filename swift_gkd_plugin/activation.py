@@ -23,7 +23,7 @@ from swift_gkd_plugin.ms_swift_state import remember_grpo_num_generations
 from swift_gkd_plugin.process_exit import LAUNCHER_PID_ENV
 
 TRAINER_PATH = 'swift_gkd_plugin.swift.trainer.GKDPluginTrainer'
-CONFIG_PATH = 'swift_gkd_plugin.swift.arguments.GKDPluginConfig'
+CONFIG_PATH = 'swift_gkd_plugin.swift.setup.arguments.GKDPluginConfig'
 
 _state = {'rlhf_pipeline': False}  # True once this process parses swift rlhf with the plugin's arguments
 
@@ -59,7 +59,7 @@ def on_rlhf_arguments_imported(module) -> None:
 def _check_gkd(args) -> None:
     """The plugin's GKD checks, for an ms-swift ``RLHFArguments`` (imported when called: ms-swift's arguments
     package is still being imported when :func:`on_rlhf_arguments_imported` runs)."""
-    from swift_gkd_plugin.swift.arguments import GKDPluginRLHFArguments
+    from swift_gkd_plugin.swift.setup.arguments import GKDPluginRLHFArguments
     GKDPluginRLHFArguments._check_gkd(args)
 
 
@@ -85,7 +85,7 @@ def on_trainer_factory_imported(module) -> None:
 def on_rlhf_pipeline_imported(module) -> None:
     """Parse ``swift rlhf`` command lines with the plugin's arguments class (ms-swift's plus the plugin's flags), and
     load ``--gkd_ref_kl_coef``'s reference beside the models ms-swift loads for GKD."""
-    from swift_gkd_plugin.swift.arguments import GKDPluginRLHFArguments
+    from swift_gkd_plugin.swift.setup.arguments import GKDPluginRLHFArguments
     pipeline = module.SwiftRLHF
     if pipeline.args_class is GKDPluginRLHFArguments:
         return
@@ -94,14 +94,14 @@ def on_rlhf_pipeline_imported(module) -> None:
 
     def _prepare_model_tokenizer(self):
         original_models(self)
-        from swift_gkd_plugin.swift.reference import load_reference_copy
+        from swift_gkd_plugin.swift.teacher.reference import load_reference_copy
         load_reference_copy(self)  # ms-swift loads no reference for GKD
 
     def _parse_args(self, args=None):
         # An RLHFArguments object built by the caller is used as is (it simply lacks the plugin's flags).
         if isinstance(args, base_cls):
             return args
-        from swift_gkd_plugin.swift.command_line import parse_command_line  # refusals: one line, exit code 2
+        from swift_gkd_plugin.swift.setup.command_line import parse_command_line  # refusals: one line, exit code 2
         return parse_command_line(self, original_parse, args)
 
     pipeline.args_class = GKDPluginRLHFArguments
@@ -121,7 +121,7 @@ def on_megatron_cli_imported(module) -> None:
     def cli_main():
         argv = sys.argv[1:]
         if argv and argv[0] == 'rlhf':
-            from swift_gkd_plugin.megatron.checks import check_megatron_command_line
+            from swift_gkd_plugin.megatron.setup.checks import check_megatron_command_line
             try:
                 check_megatron_command_line(argv[1:])
             except ValueError as exc:
@@ -150,7 +150,7 @@ def on_swift_cli_imported(module) -> None:
 
 def on_megatron_rlhf_pipeline_imported(module) -> None:
     """Parse ``megatron rlhf`` with the plugin's arguments class and build the plugin's trainer for 'gkd'."""
-    from swift_gkd_plugin.megatron.arguments import GKDPluginMegatronRLHFArguments
+    from swift_gkd_plugin.megatron.setup.arguments import GKDPluginMegatronRLHFArguments
     pipeline = module.MegatronRLHF
     if pipeline.args_class is GKDPluginMegatronRLHFArguments:
         return
@@ -227,7 +227,7 @@ def activate_from_external_plugin() -> None:
     from swift.trainers import trainer_factory
 
     from swift_gkd_plugin.flags import plugin_flags_in
-    from swift_gkd_plugin.swift.arguments import GKDPluginRLHFArguments
+    from swift_gkd_plugin.swift.setup.arguments import GKDPluginRLHFArguments
     flags = plugin_flags_in(sys.argv[1:])
     # ms-swift's parser also gave GKD its GRPO default --num_generations 8, where the plugin's default is 1
     gkd = _rlhf_type(sys.argv[1:]) == 'gkd'

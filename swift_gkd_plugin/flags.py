@@ -1,7 +1,7 @@
 """The plugin's command-line flags, the allowed values of every flag GKD checks, and the checks that need only flags.
 
-Framework-free (no ms-swift import): shared by ``swift rlhf`` (:mod:`swift_gkd_plugin.swift.arguments`) and
-``megatron rlhf`` (:mod:`swift_gkd_plugin.megatron.checks`), where they also run in the launcher process, before any
+Framework-free (no ms-swift import): shared by ``swift rlhf`` (:mod:`swift_gkd_plugin.swift.setup.arguments`) and
+``megatron rlhf`` (:mod:`swift_gkd_plugin.megatron.setup.checks`), where they also run in the launcher process, before any
 rank starts. Each range is declared once, beside its field (``metadata['range']`` of the plugin's fields,
 :data:`MS_SWIFT_FLAGS` for ms-swift's own), and the checks are generated from the declarations; allowed values of a
 choice come from its ``Literal`` type. Every message names the flag, the value and the allowed values.
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 from typing import Dict, List, Literal, Optional, Tuple
 
 from swift_gkd_plugin.core.constants import ROLLOUT_IS_MODES, SCALE_REWARDS
-from swift_gkd_plugin.core.kernels import BACKEND_ENV, BACKENDS as FUSED_BACKENDS, triton_available
+from swift_gkd_plugin.core.fused.kernels import BACKEND_ENV, BACKENDS as FUSED_BACKENDS, triton_available
 
 #: Below this ``--temperature`` most positions of a real model's loss saturate: see :data:`TEMPERATURE_FLOOR_WHY`
 #: (measured in docs_en/README.md, "Bad input").
@@ -517,7 +517,7 @@ def check_sampling_flags(args) -> None:
 def check_multi_turn_flags(args) -> None:
     """ms-swift's multi-turn rollout flags (``--multi_turn_scheduler``, ``--max_turns``): a positive turn limit, a limit
     only with a scheduler, and none of the GKD options that sample or score one turn only. Whether the scheduler is
-    registered needs ms-swift's registry (:func:`swift_gkd_plugin.swift.arguments.check_multi_turn_scheduler`)."""
+    registered needs ms-swift's registry (:func:`swift_gkd_plugin.swift.setup.arguments.check_multi_turn_scheduler`)."""
     scheduler, max_turns = getattr(args, 'multi_turn_scheduler', None), getattr(args, 'max_turns', None)
     if max_turns is not None:
         Range(1, integer=True, why='turns of one trajectory').check('max_turns', max_turns)
@@ -631,7 +631,7 @@ def check_divergence_flags(args) -> None:
 
 def check_cross_tokenizer_flags(args) -> None:
     """``--gkd_cross_tokenizer``: a known method, and none of the flags it cannot work with; ``--teacher_template``
-    only with it (whether the template exists needs ms-swift's registry: :mod:`swift_gkd_plugin.swift.arguments`)."""
+    only with it (whether the template exists needs ms-swift's registry: :mod:`swift_gkd_plugin.swift.setup.arguments`)."""
     method, teacher_template = args.gkd_cross_tokenizer, args.teacher_template
     if method is None and teacher_template is not None:
         raise FlagError(f'--teacher_template {teacher_template} only applies to a teacher with another tokenizer '

@@ -37,7 +37,7 @@ _finish = {'clean': False}
 
 
 def mark_clean_finish() -> None:
-    """Called by the trainer's exit handler (:mod:`swift_gkd_plugin.swift.clean_exit`) once training has finished
+    """Called by the trainer's exit handler (:mod:`swift_gkd_plugin.swift.run.clean_exit`) once training has finished
     without an exception and every process group is destroyed."""
     _finish['clean'] = True
 

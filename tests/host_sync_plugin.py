@@ -13,7 +13,7 @@ import os
 from accelerate import Accelerator
 
 from swift_gkd_plugin.core.divergence import RowwiseDivergence
-from swift_gkd_plugin.core.fused_loss import _FusedLinearJSD
+from swift_gkd_plugin.core.fused.loss import _FusedLinearJSD
 from swift_gkd_plugin.swift.trainer import GKDPluginTrainer
 from swift_gkd_plugin.testing.host_syncs import HostSyncCounter
 

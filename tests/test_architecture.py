@@ -13,8 +13,10 @@ PACKAGE = os.path.dirname(swift_gkd_plugin.__file__)
 
 
 def _modules(subpackage):
+    """The modules of ``subpackage``, its subfolders' included."""
     root = os.path.join(PACKAGE, subpackage)
-    return sorted(os.path.join(root, name) for name in os.listdir(root) if name.endswith('.py'))
+    return sorted(os.path.join(folder, name) for folder, _, names in os.walk(root) for name in names
+                  if name.endswith('.py'))
 
 
 def imported_modules(path):
@@ -100,7 +102,7 @@ def test_activation_is_the_top():
     graph = import_graph()
     importers = sorted(name for name, targets in graph.items() if 'swift_gkd_plugin.activation' in targets)
     assert importers == ['swift_gkd_plugin._bootstrap', 'swift_gkd_plugin.plugin.activate_swift_gkd']
-    assert {'swift_gkd_plugin.swift.arguments', 'swift_gkd_plugin.megatron.arguments'} <= graph[
+    assert {'swift_gkd_plugin.swift.setup.arguments', 'swift_gkd_plugin.megatron.setup.arguments'} <= graph[
         'swift_gkd_plugin.activation']
 
 
@@ -130,15 +132,106 @@ def test_layers_import_only_downwards(subpackage, forbidden):
     assert _offending(subpackage, forbidden) == {}
 
 
-def test_the_import_reader_sees_imports_inside_functions_and_relative_ones(tmp_path):
+def test_the_import_reader_sees_imports_inside_functions_and_relative_ones(tmp_path, monkeypatch):
     """The check above is not vacuous: an import inside a function, and a relative one, are read."""
     path = os.path.join(PACKAGE, 'megatron', 'trainer.py')
     names = imported_modules(path)
     assert 'swift_gkd_plugin.core.views' in names and 'swift.rlhf_trainers.gkd_loss' in names
-    names = imported_modules(os.path.join(PACKAGE, 'core', 'fused_loss.py'))
-    assert 'swift_gkd_plugin.core.constants' in names  # ``from .constants import ...``
-    names = imported_modules(os.path.join(PACKAGE, 'swift', 'arguments.py'))
+    fake = tmp_path / 'swift_gkd_plugin' / 'core' / 'fused'
+    fake.mkdir(parents=True)
+    (fake / 'loss.py').write_text('from .plan import X\nfrom ..constants import Y\n')
+    monkeypatch.setattr(__import__(__name__), 'PACKAGE', str(tmp_path / 'swift_gkd_plugin'))
+    names = imported_modules(str(fake / 'loss.py'))
+    assert {'swift_gkd_plugin.core.fused.plan', 'swift_gkd_plugin.core.constants'} <= set(names)
+    monkeypatch.undo()
+    names = imported_modules(os.path.join(PACKAGE, 'swift', 'setup', 'arguments.py'))
     assert 'swift.template' in names  # imported inside check_teacher_template
+
+
+# The house: each folder of the package is a room; a module at the package's top is a room of its own. A folder of
+# swift/ or megatron/ is a stage a batch passes; the stages import one way only (the trainer, at the top, composes
+# them), and no room imports one above it.
+STAGES = {  # stage -> the stages it may import (its own modules aside)
+    'swift.setup': set(),
+    'swift.run': {'swift.setup'},
+    'swift.step': {'swift.run', 'swift.setup'},
+    'swift.teacher': {'swift.step', 'swift.run', 'swift.setup'},
+    'swift.rollout': {'swift.step', 'swift.run', 'swift.setup'},
+    'megatron.setup': set(),
+    'megatron.step': set(),
+    'megatron.rollout': set(),
+}
+BELOW_THE_ADAPTERS = ['core', 'server', 'testing', 'flags', 'local_paths', 'process_exit', 'ms_swift_state']
+MOST_MODULES_IN_A_FOLDER = 12
+
+
+def room(module: str) -> str:
+    """``swift_gkd_plugin.swift.step.loss`` -> ``swift.step``; a module at the package's top is its own room."""
+    parts = module.split('.')[1:]
+    if os.path.isdir(os.path.join(PACKAGE, *parts)):  # a package: its face (__init__) stands for the folder
+        return '.'.join(parts)
+    return '.'.join(parts[:-1]) if len(parts) > 1 else parts[0]
+
+
+def room_arrows():
+    """room -> the other rooms its modules import (a package's face re-exporting its own modules aside)."""
+    arrows = {}
+    for name, targets in import_graph().items():
+        for target in targets:
+            a, b = room(name), room(target)
+            if a != b and not b.startswith(a + '.'):
+                arrows.setdefault(a, set()).add(b)
+    return arrows
+
+
+def test_the_stages_import_one_way():
+    """A stage of swift/ (megatron/) imports only the stages below it: setup, run, step, then teacher and rollout."""
+    arrows = room_arrows()
+    found = {stage: {b for b in arrows.get(stage, ()) if b.split('.')[0] == stage.split('.')[0] and b in STAGES}
+             for stage in STAGES}
+    assert {stage: sorted(found[stage] - STAGES[stage]) for stage in STAGES} == {stage: [] for stage in STAGES}
+    every = {r for targets in arrows.values() for r in targets} | set(arrows)
+    assert circles({r: arrows.get(r, set()) for r in every}) == []
+
+
+def test_no_room_below_the_adapters_imports_one_above():
+    """core/, server/, testing/ and the small modules at the bottom never import swift/, megatron/ or the top."""
+    above = ('swift', 'megatron', 'activation', 'cli', '_bootstrap', 'plugin')
+    bad = {a: sorted(b for b in targets if b.split('.')[0] in above)
+           for a, targets in room_arrows().items() if a.split('.')[0] in BELOW_THE_ADAPTERS}
+    assert {a: b for a, b in bad.items() if b} == {}
+
+
+def test_the_room_checks_see_a_wrong_arrow():
+    """The checks above are not vacuous: the rooms of modules, and an arrow up, are read as such."""
+    assert room('swift_gkd_plugin.swift.step.loss') == 'swift.step'
+    assert room('swift_gkd_plugin.swift.step') == 'swift.step'
+    assert room('swift_gkd_plugin.flags') == 'flags'
+    assert room('swift_gkd_plugin.core.fused.kernels.full_rows') == 'core.fused.kernels'
+    assert 'swift.setup' in room_arrows()['swift.rollout']  # rollout -> setup (eager_sampling) is down, allowed
+    assert circles({'swift.setup': {'swift.teacher'}, 'swift.teacher': {'swift.setup'}}) == [
+        ['swift.setup', 'swift.teacher']]
+
+
+def test_no_folder_holds_more_than_a_dozen_modules():
+    """Someone new finds a thing from the tree: every folder of the package holds at most 12 modules."""
+    crowded = {}
+    for folder, _, names in os.walk(PACKAGE):
+        count = sum(name.endswith('.py') and name != '__init__.py' for name in names)
+        if count > MOST_MODULES_IN_A_FOLDER and os.path.relpath(folder, PACKAGE) != '.':
+            crowded[os.path.relpath(folder, PACKAGE)] = count
+    assert crowded == {}
+
+
+def test_every_folder_says_what_enters_and_what_leaves():
+    """Each stage folder's first docstring says what it takes in and what it gives out (``In: ... Out: ...``)."""
+    missing = []
+    for stage in list(STAGES) + ['core.fused', 'core.cross_tokenizer', 'core.weights']:
+        with open(os.path.join(PACKAGE, *stage.split('.'), '__init__.py')) as f:
+            doc = ast.get_docstring(ast.parse(f.read())) or ''
+        if 'In: ' not in doc or 'Out: ' not in doc:
+            missing.append(stage)
+    assert missing == []
 
 
 def test_ms_swift_row_columns_are_patched_in_one_module():

@@ -106,8 +106,8 @@ def _functions(module):
     return [node for node in tree.body if isinstance(node, ast.FunctionDef)]
 
 
-CHECK_MODULES = ['swift_gkd_plugin.flags', 'swift_gkd_plugin.swift.arguments', 'swift_gkd_plugin.megatron.checks',
-                 'swift_gkd_plugin.swift.vllm_setup']
+CHECK_MODULES = ['swift_gkd_plugin.flags', 'swift_gkd_plugin.swift.setup.arguments', 'swift_gkd_plugin.megatron.setup.checks',
+                 'swift_gkd_plugin.swift.setup.vllm']
 
 
 @pytest.mark.parametrize('module_name', CHECK_MODULES)
@@ -133,7 +133,7 @@ def test_checks_only_check_and_resolvers_only_resolve(module_name):
 
 
 def test_the_swift_rlhf_order_resolves_first_then_checks():
-    from swift_gkd_plugin.swift import arguments
+    from swift_gkd_plugin.swift.setup import arguments
     body = inspect.getsource(arguments.GKDPluginRLHFArguments._check_gkd)
     assert body.index('resolve_gkd_arguments(self)') < body.index('check_gkd_arguments(self)')
     resolvers = [ast.unparse(n.func) for n in ast.walk(ast.parse(inspect.getsource(arguments.resolve_gkd_arguments)))
@@ -277,7 +277,7 @@ def test_skd_is_refused_where_it_cannot_run_naming_the_flag_the_value_and_where_
     model loads), naming the flag, its value, why, and every placement where SKD runs (one sentence, SKD_PLACEMENTS,
     also the docs' table)."""
     from swift_gkd_plugin.flags import SKD_PLACEMENTS, check_sampling_flags
-    from swift_gkd_plugin.megatron.checks import check_megatron_command_line
+    from swift_gkd_plugin.megatron.setup.checks import check_megatron_command_line
     with pytest.raises(ValueError) as refused:
         if where == 'vllm':
             check_sampling_flags(good(gkd_skd_top_k=7, use_vllm=True, teacher_model_server=None,
@@ -345,7 +345,7 @@ def test_deepspeed_without_a_launcher_is_refused(monkeypatch, env, refused):
 def test_head_dim_of_reads_the_text_models_heads(tmp_path):
     """vLLM's CPU head-size check reads config.json: an explicit head_dim, else hidden_size / heads, in the text
     model's config of multimodal models (Qwen2.5-VL's text_config, Qwen3-Omni's thinker_config.text_config)."""
-    from swift_gkd_plugin.swift.vllm_setup import head_dim_of
+    from swift_gkd_plugin.swift.setup.vllm import head_dim_of
 
     def head_dim(config):
         (tmp_path / 'config.json').write_text(json.dumps(config))

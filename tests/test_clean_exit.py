@@ -1,5 +1,5 @@
 """Process groups are destroyed before the interpreter shuts down after a clean exit, and left alone after a failure
-(``swift_gkd_plugin.swift.clean_exit``): two gloo ranks under torchrun, as a 2-process ``swift rlhf`` run has."""
+(``swift_gkd_plugin.swift.run.clean_exit``): two gloo ranks under torchrun, as a 2-process ``swift rlhf`` run has."""
 import os
 import subprocess
 import sys
@@ -10,7 +10,7 @@ RANK_SCRIPT = """
 import sys
 import torch
 import torch.distributed as dist
-from swift_gkd_plugin.swift.clean_exit import destroy_process_groups_at_exit, note_training_finished
+from swift_gkd_plugin.swift.run.clean_exit import destroy_process_groups_at_exit, note_training_finished
 
 
 class Finalized:

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 from conftest import base_args, run_swift
 
-from swift_gkd_plugin.swift.compile_cost import torch_compile_warnings, zero_stage
+from swift_gkd_plugin.swift.setup.compile_cost import torch_compile_warnings, zero_stage
 
 PROBE = __file__.replace('test_compile_cost.py', 'step_probe_plugin.py')
 

@@ -117,8 +117,8 @@ def test_response_spans_end_tokens_pair_and_byte_tokens_are_text(tiny_ws, sp_tea
     """End-of-turn tokens (and the template's newline after them) are zero width at the end and pair exactly; the
     teacher's ``<0xHH>`` byte-fallback tokens, registered as special tokens in its tokenizer, are still text (a
     sampled response that decodes to U+FFFD re-encodes into them)."""
-    from swift_gkd_plugin.core.token_alignment import align_positions
-    from swift_gkd_plugin.swift.cross_tokenizer import response_spans, special_ids
+    from swift_gkd_plugin.core.cross_tokenizer.alignment import align_positions
+    from swift_gkd_plugin.swift.teacher.cross_tokenizer import response_spans, special_ids
     from swift_gkd_plugin.testing import tiny
     text = 'Y\ufffd 9ishor b d'
     sides = []
@@ -133,7 +133,7 @@ def test_response_spans_end_tokens_pair_and_byte_tokens_are_text(tiny_ws, sp_tea
 
 def test_a_leading_space_dropped_by_one_decoder_still_aligns():
     """A sampled response ' p q' decodes to 'p q' through a sentencepiece decoder: both sides are compared from 'p'."""
-    from swift_gkd_plugin.swift.cross_tokenizer import without_leading_space
+    from swift_gkd_plugin.swift.teacher.cross_tokenizer import without_leading_space
     assert without_leading_space(' p q', [(0, 2), (2, 4)]) == ('p q', [(0, 1), (1, 3)])
     assert without_leading_space('  p', [(0, 1), (1, 3)]) == ('p', [(0, 0), (0, 1)])
 
@@ -147,7 +147,7 @@ def test_a_student_that_ends_at_once_pairs_with_the_teachers_end_token(tiny_ws, 
     from swift.rlhf_trainers.utils import encode_sample
     from swift.template import get_template
 
-    from swift_gkd_plugin.swift.cross_tokenizer import CrossTokenizerTeacher
+    from swift_gkd_plugin.swift.teacher.cross_tokenizer import CrossTokenizerTeacher
     student_template = get_template(get_processor(tiny_ws.student, model_type='qwen3'),
                                     template_type='qwen3_nothinking', max_length=128)
     student_template.set_mode('train')
@@ -164,7 +164,7 @@ def _xtok_teacher(student_dir, teacher_dir, method):
     from swift.model import get_processor
     from swift.template import get_template
 
-    from swift_gkd_plugin.swift.cross_tokenizer import CrossTokenizerTeacher
+    from swift_gkd_plugin.swift.teacher.cross_tokenizer import CrossTokenizerTeacher
     student_template = get_template(get_processor(student_dir, model_type='qwen3'), template_type='qwen3_nothinking',
                                     max_length=128)
     student_template.set_mode('train')

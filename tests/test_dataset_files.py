@@ -10,7 +10,7 @@ from conftest import base_args, run_swift
 from test_activation_and_bad_input import assert_refused_in_one_line
 
 from swift_gkd_plugin.flags import FlagError
-from swift_gkd_plugin.swift.datasets_check import (Where, dataset_rows, privileged_problem, response_problem,
+from swift_gkd_plugin.swift.setup.datasets import (Where, dataset_rows, privileged_problem, response_problem,
                                                   row_problem)
 
 
@@ -221,7 +221,7 @@ def test_row_lengths_are_the_trainers(tiny_ws, sp_teacher, tmp_path, tokenizer):
     from swift.template import get_template
     from swift.utils import remove_response
 
-    from swift_gkd_plugin.swift.row_lengths import RowLengths, standard_row
+    from swift_gkd_plugin.swift.setup.row_lengths import RowLengths, standard_row
     processor = get_processor(tiny_ws.student if tokenizer == 'student' else sp_teacher, model_type='qwen3')
     template = get_template(processor, template_type='qwen3_nothinking', max_length=None)
     template.set_mode('train')
@@ -248,7 +248,7 @@ def test_rows_are_not_measured_when_the_template_cannot_be_built():
     """The tokenizer read once, and a failure leaves the lengths to ms-swift (no refusal), not one try per row."""
     from types import SimpleNamespace
 
-    from swift_gkd_plugin.swift.row_lengths import RowLengths
+    from swift_gkd_plugin.swift.setup.row_lengths import RowLengths
     calls = []
 
     def get_template(_):

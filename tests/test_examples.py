@@ -58,14 +58,14 @@ def unknown_flags(args_class, argv) -> list:
 
 
 def swift_rlhf_args_class():
-    from swift_gkd_plugin.swift.arguments import GKDPluginRLHFArguments
+    from swift_gkd_plugin.swift.setup.arguments import GKDPluginRLHFArguments
     return GKDPluginRLHFArguments
 
 
 def megatron_rlhf_args_class():
     for module in ('megatron.core', 'mcore_bridge', 'transformer_engine'):  # Megatron-SWIFT's arguments import them
         pytest.importorskip(module, reason=f'{module} is not installed: Megatron-SWIFT needs a CUDA machine')
-    from swift_gkd_plugin.megatron.arguments import GKDPluginMegatronRLHFArguments
+    from swift_gkd_plugin.megatron.setup.arguments import GKDPluginMegatronRLHFArguments
     return GKDPluginMegatronRLHFArguments
 
 

@@ -389,7 +389,7 @@ def test_the_guard_takes_numpy_bools_and_refuses_other_values():
 
     import numpy as np
 
-    from swift_gkd_plugin.swift.scheduler_guard import SchedulerError, SchedulerGuard
+    from swift_gkd_plugin.swift.rollout.scheduler_guard import SchedulerError, SchedulerGuard
 
     class Scheduler:
         result, finished = {}, np.True_

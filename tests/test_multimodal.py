@@ -284,7 +284,7 @@ def test_a_response_holding_an_image_token_is_cut_before_it(mm):
     from swift.rl_core.data import GKDSample
     from swift.rlhf_trainers.utils import encode_sample
 
-    from swift_gkd_plugin.swift.media_tokens import cut_at_media_placeholders
+    from swift_gkd_plugin.swift.rollout.media_tokens import cut_at_media_placeholders
     template = get_template(get_processor(mm.student, model_type=tmm.MODEL_TYPE), template_type=tmm.TEMPLATE,
                             max_length=4096)
     template.set_mode('train')

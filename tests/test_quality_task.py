@@ -98,7 +98,7 @@ def test_batched_generation_with_left_padding_matches_one_by_one(random_model):
 def test_other_family_tokenizer_learns_the_task_and_round_trips_it(tmp_path):
     """The cross-tokenizer benchmark's teacher tokenizer (``build_xtok_teacher``): sentencepiece-style pieces of the
     task's own words, exact round trips of prompts and answers, spans that tile them and align with the student's."""
-    from swift_gkd_plugin.core.token_alignment import align_positions, tokenize_with_spans
+    from swift_gkd_plugin.core.cross_tokenizer.alignment import align_positions, tokenize_with_spans
     rows = q.make_rows(200, seed=0)
     sp_tok = tiny.build_sentencepiece_tokenizer(str(tmp_path / 'sp'), q.XTOK_VOCAB_SIZE, q.xtok_corpus(rows))
     tok = tiny.build_tokenizer(str(tmp_path / 'bl'))

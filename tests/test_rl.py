@@ -296,7 +296,7 @@ def test_a_reward_function_with_a_wrong_answer_is_named_with_its_row(monkeypatch
     import torch
     from swift.rl_core.data import GKDSample
 
-    from swift_gkd_plugin.swift.rewards import score_completions
+    from swift_gkd_plugin.swift.step.rewards import score_completions
     spec = importlib.util.spec_from_file_location('rl_reward_plugin', RL_REWARD_PLUGIN)
     plugin = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(plugin)
@@ -316,7 +316,7 @@ def test_rewards_of_any_real_number_type_are_taken():
     import torch
     from swift.rl_core.data import GKDSample
 
-    from swift_gkd_plugin.swift.rewards import score_completions
+    from swift_gkd_plugin.swift.step.rewards import score_completions
     samples = [GKDSample.from_row({'messages': [{'role': 'user', 'content': f'q{i}'},
                                                 {'role': 'assistant', 'content': 'a'}]}) for i in range(5)]
     values = [1, 0.5, np.float32(0.25), torch.tensor(2.0), None]

@@ -3,7 +3,7 @@ transformers engine too, as under vLLM (the plugin's ``untruncated_top_k``)."""
 import torch
 from swift.infer_engine import InferRequest, RequestConfig, TransformersEngine
 
-from swift_gkd_plugin.swift.samplers import untruncated_top_k
+from swift_gkd_plugin.swift.rollout.samplers import untruncated_top_k
 
 
 def _first_tokens(engine, config, n: int):

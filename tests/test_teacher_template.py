@@ -14,7 +14,7 @@ from test_activation_and_bad_input import \
     test_bad_input_is_refused_before_any_model_is_loaded as refused_before_loading
 from test_teacher_placement import _question, _with_columns
 
-from swift_gkd_plugin.megatron.checks import check_megatron_command_line
+from swift_gkd_plugin.megatron.setup.checks import check_megatron_command_line
 
 STUDENT_TEMPLATE = 'dummy'  # no system turn
 TEACHER_TEMPLATE = 'qwen3_nothinking'
@@ -46,7 +46,7 @@ def test_teacher_row_holds_the_privileged_system_prompt(tiny_ws, sp_teacher):
     from swift.rlhf_trainers.utils import encode_sample
     from swift.template import get_template
 
-    from swift_gkd_plugin.swift.cross_tokenizer import CrossTokenizerTeacher
+    from swift_gkd_plugin.swift.teacher.cross_tokenizer import CrossTokenizerTeacher
     from swift_gkd_plugin.core.views import prepare_teacher_view
     student_template = get_template(get_processor(tiny_ws.student, model_type='qwen3'),
                                     template_type=STUDENT_TEMPLATE, max_length=128)

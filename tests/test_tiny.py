@@ -200,7 +200,7 @@ def test_demo_workspace_is_cached(tmp_path):
 def test_sentencepiece_tokenizer_is_another_family_that_models_load_with(tok, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from swift_gkd_plugin.core.token_alignment import align_positions, shared_vocabulary, tokenize_with_spans
+    from swift_gkd_plugin.core.cross_tokenizer.alignment import align_positions, shared_vocabulary, tokenize_with_spans
     sp_dir = tiny.build_model(str(tmp_path / 'sp_model'), tiny.build_sentencepiece_tokenizer(str(tmp_path / 'sp')))
     sp_tok, model = AutoTokenizer.from_pretrained(sp_dir), AutoModelForCausalLM.from_pretrained(sp_dir)
     assert len(sp_tok) == 600 != len(tok) and model.config.vocab_size == 600

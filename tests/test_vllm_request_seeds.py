@@ -3,7 +3,7 @@ its vLLM engine (request ``i`` of one call samples with ``config.seed + i``), on
 import pytest
 from swift.infer_engine.protocol import RequestConfig
 
-from swift_gkd_plugin.swift.samplers import seeded_request_config
+from swift_gkd_plugin.swift.rollout.samplers import seeded_request_config
 
 
 def request_seeds(config, n):

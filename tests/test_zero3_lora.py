@@ -1,14 +1,14 @@
 """Shared-base LoRA under ZeRO-3 (issue 26 item 2), counted per step by ``tests/step_probe_plugin.py`` in a real
 ``swift rlhf`` run: the teacher pass is one forward of the base (adapter off), gathered once; the student's forward
 is one more; nothing is run twice. The slowness measured on the H100 is ZeRO-3's gathering (see
-``swift_gkd_plugin/swift/zero3_lora.py``), warned about before loading."""
+``swift_gkd_plugin/swift/setup/zero3_lora.py``), warned about before loading."""
 import json
 from types import SimpleNamespace
 
 import pytest
 from conftest import base_args, run_swift
 
-from swift_gkd_plugin.swift.zero3_lora import zero3_lora_warnings
+from swift_gkd_plugin.swift.setup.zero3_lora import zero3_lora_warnings
 
 PROBE = __file__.replace('test_zero3_lora.py', 'step_probe_plugin.py')
 

@@ -11,8 +11,8 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from .constants import NEG_LOGIT
-from .row_divergence import Divergence, RowBuffers, as_divergence, divergence_rows, log_softmax_into
+from swift_gkd_plugin.core.constants import NEG_LOGIT
+from swift_gkd_plugin.core.row_divergence import Divergence, RowBuffers, as_divergence, divergence_rows, log_softmax_into
 
 __all__ = ['RowwiseDivergence', 'align_vocab', 'generalized_jsd', 'kl_from_log_probs', 'tempered_divergence_rows']
 

@@ -14,7 +14,7 @@ into truncated importance weights ``min(pi / mu, C)`` (ms-swift GRPO's ``--rollo
 constants that multiply the advantages, and the mismatch statistics that are logged.
 
 :func:`sampled_token_stats` gives the log-probabilities and entropies of the sampled tokens from dense logits;
-:func:`swift_gkd_plugin.core.fused_loss.fused_linear_jsd` computes the same term chunk by chunk from hidden states
+:func:`swift_gkd_plugin.core.fused.loss.fused_linear_jsd` computes the same term chunk by chunk from hidden states
 (``labels`` = the sampled tokens, ``label_weights`` = the advantages, ``label_temperature`` = ``T``).
 """
 from __future__ import annotations
@@ -23,8 +23,8 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-from .constants import IGNORE_INDEX, ROLLOUT_IS_MODES, SCALE_REWARDS
-from .entropy import entropy_terms_
+from swift_gkd_plugin.core.constants import IGNORE_INDEX, ROLLOUT_IS_MODES, SCALE_REWARDS
+from swift_gkd_plugin.core.entropy import entropy_terms_
 
 __all__ = ['RolloutCorrection', 'group_advantages', 'head_token_logprobs', 'policy_gradient_loss',
            'rollout_importance_weights', 'sampled_token_stats']
@@ -118,7 +118,7 @@ def sampled_token_stats(logits: torch.Tensor, tokens: torch.Tensor, temperature:
     """Log-probabilities of sampled tokens and the entropies of the student's distributions there.
 
     The dense counterpart of the label term and ``entropy_sum`` of
-    :func:`swift_gkd_plugin.core.fused_loss.fused_linear_jsd`. Chunked over rows: float32 temporaries of at most
+    :func:`swift_gkd_plugin.core.fused.loss.fused_linear_jsd`. Chunked over rows: float32 temporaries of at most
     ``chunk_rows x V`` (never a full-vocabulary float32 ``[N, V]`` copy, which the dense loss's entropy metric alone
     used to cost on every on-policy step); the log-probabilities carry a gradient only when grad mode is on and
     ``logits`` require it, and their backward also works chunk by chunk into ``logits``' own gradient.

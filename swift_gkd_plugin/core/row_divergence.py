@@ -1,7 +1,7 @@
 """The divergences of the distillation loss, each written once, as math on rows of log-probabilities.
 
 Every loss path calls :func:`divergence_rows` here: the dense loss (:mod:`.divergence`), the fused loss (full head
-and top-k buckets, :mod:`.fused_loss`, :mod:`.topk`), the vocabulary-parallel loss (:mod:`.tensor_parallel`, whose
+and top-k buckets, :mod:`.fused.loss`, :mod:`.topk`), the vocabulary-parallel loss (:mod:`.tensor_parallel`, whose
 rows are split across ranks: it passes a ``row_sum`` that all-reduces) and the cross-tokenizer hybrid's shared part.
 A divergence is a :class:`Divergence` (name + parameters); its row function is registered by name in
 :data:`REGISTRY` (with its Triton kernel form, :class:`KernelForm`) and returns the value and the hand-derived
@@ -322,7 +322,7 @@ def _skew_endpoint(buf: RowBuffers, alpha: float, kl_beta: float, row_sum: RowSu
 
 @dataclass(frozen=True)
 class KernelForm:
-    """How the Triton kernels (:mod:`swift_gkd_plugin.core.kernels`) compute a divergence: ``entry`` names its
+    """How the Triton kernels (:mod:`swift_gkd_plugin.core.fused.kernels`) compute a divergence: ``entry`` names its
     per-entry ``@triton.jit`` function (``module:function``, imported when a kernel runs), ``constants`` its four host
     constants (computed in float64), ``threshold`` the row statistic above which the gradient takes the "near" form,
     ``sign`` the factor of the centred gradient (as the row function's)."""
@@ -332,7 +332,7 @@ class KernelForm:
     sign: float = 1.0
 
 
-_ENTRIES = 'swift_gkd_plugin.core.kernels.entry_math:'
+_ENTRIES = 'swift_gkd_plugin.core.fused.kernels.entry_math:'
 
 
 def _jsd_kernel(div: Divergence) -> KernelForm:
@@ -365,7 +365,7 @@ class Registered(NamedTuple):
 
 
 #: The registry: adding a divergence is one entry here (a row function and a kernel form, whose per-entry Triton
-#: function lives in ``core/kernels/entry_math.py``); every loss path and the kernels then have it.
+#: function lives in ``core/fused/kernels/entry_math.py``); every loss path and the kernels then have it.
 REGISTRY: Dict[str, Registered] = {
     'jsd': Registered(_jsd_rows, _jsd_kernel),
     'skew_kl': Registered(_skew_kl_rows, _skew_kernel),

@@ -19,7 +19,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from .modes import sampling_seed
+from swift_gkd_plugin.core.modes import sampling_seed
 
 __all__ = ['Forward', 'TopKScorer', 'SpeculativeResult', 'in_teacher_topk', 'first_rejection', 'speculative_sample',
            'position_ids', 'teacher_seed', 'topk_logits', 'scored_forward']

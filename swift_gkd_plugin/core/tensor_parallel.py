@@ -35,11 +35,11 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from .constants import NEG_LOGIT as _NEG_LOGIT
-from .divergence import RowwiseDivergence
-from .entropy import entropy_terms_
-from .row_divergence import Divergence, RowBuffers, as_divergence, divergence_rows
-from .topk import bucket_divergence, teacher_tail_logmass
+from swift_gkd_plugin.core.constants import NEG_LOGIT as _NEG_LOGIT
+from swift_gkd_plugin.core.divergence import RowwiseDivergence
+from swift_gkd_plugin.core.entropy import entropy_terms_
+from swift_gkd_plugin.core.row_divergence import Divergence, RowBuffers, as_divergence, divergence_rows
+from swift_gkd_plugin.core.topk import bucket_divergence, teacher_tail_logmass
 
 __all__ = [
     'reduce_from_tensor_parallel_region',
@@ -319,7 +319,7 @@ def vocab_parallel_topk_jsd(student_shard: torch.Tensor,
     """Per-token generalized JSD against a top-k teacher, the student's vocabulary split across ``group``.
 
     The definition is the single-process one of :mod:`swift_gkd_plugin.core.topk` (as used by
-    :func:`~swift_gkd_plugin.core.fused_loss.fused_linear_jsd`): both sides renormalised over the valid top-k ids
+    :func:`~swift_gkd_plugin.core.fused.loss.fused_linear_jsd`): both sides renormalised over the valid top-k ids
     (``tail=False``), or with one more bucket holding the remaining mass on both sides (``tail=True``: teacher
     ``log(1 - sum_K exp(l))``, student ``logsumexp`` of its logits outside ``K``), tempered on the buckets.
 

@@ -46,10 +46,10 @@ from typing import Tuple, Union
 
 import torch
 
-from .divergence import generalized_jsd, tempered_divergence_rows
-from .entropy import tempered_entropy
-from .row_divergence import Divergence, as_divergence
-from .teacher_signal import TeacherTopK
+from swift_gkd_plugin.core.divergence import generalized_jsd, tempered_divergence_rows
+from swift_gkd_plugin.core.entropy import tempered_entropy
+from swift_gkd_plugin.core.row_divergence import Divergence, as_divergence
+from swift_gkd_plugin.core.teacher_signal import TeacherTopK
 
 __all__ = ['bucket_divergence', 'drop_ids_outside_vocab', 'teacher_tail_logmass', 'topk_divergence_dense',
            'topk_of_logits', 'topk_teacher_entropy']

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import List
 
-from .constants import IGNORE_INDEX
+from swift_gkd_plugin.core.constants import IGNORE_INDEX
 
 
 def turn_ids(response_token_ids) -> list:

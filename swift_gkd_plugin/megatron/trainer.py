@@ -6,7 +6,7 @@ LoRA teacher, micro-batch encoding and teacher API routing); the plugin replaces
 * the mode policy: :func:`swift_gkd_plugin.core.modes.step_mode` on Megatron's iteration counter (restored on resume),
   so every rank takes the same decision, the same one as ``swift rlhf`` for the same seed and step; seq_kd included;
 * sampling: vLLM through ms-swift's rollout when ``--use_vllm true``; otherwise, and always for seq_kd, the model
-  itself samples (:mod:`swift_gkd_plugin.megatron.generation`), where ms-swift falls back to dataset responses or
+  itself samples (:mod:`swift_gkd_plugin.megatron.rollout.generation`), where ms-swift falls back to dataset responses or
   raises NotImplementedError;
 * the loss: the plugin's vocabulary-parallel generalized JSD and top-k (with ``--gkd_topk_tail``) on the logit
   shards of the tensor-parallel group, Megatron's padded vocabulary rows masked out, teacher top-k taken from true
@@ -33,16 +33,16 @@ from transformers.utils import ContextManagers
 from swift_gkd_plugin.core import Divergence, Mode
 from swift_gkd_plugin.core.constants import IGNORE_INDEX
 from swift_gkd_plugin.core.entropy import EntropyGapWatch
-from swift_gkd_plugin.core.lora_round_trip import BaseWeightsKeeper
+from swift_gkd_plugin.core.weights.lora_round_trip import BaseWeightsKeeper
 from swift_gkd_plugin.core.modes import DATA_SOURCES, mode_log_path, sampling_seed, step_mode
 from swift_gkd_plugin.core.views import prepare_teacher_view
 from swift_gkd_plugin.flags import rollout_max_tokens, sampling_temperature
-from swift_gkd_plugin.megatron.generation import generate
-from swift_gkd_plugin.megatron.loss import (defer_teacher, entropies_on_shards, fill_deferred_teacher,
+from swift_gkd_plugin.megatron.rollout.generation import generate
+from swift_gkd_plugin.megatron.step.loss import (defer_teacher, entropies_on_shards, fill_deferred_teacher,
                                             gkd_loss_on_shards, shard_vocab_start, teacher_on_demand,
                                             teacher_topk_per_micro_batch)
-from swift_gkd_plugin.megatron.rollout import collate_for_forward, encode_prompts, last_logits, rollout_outputs
-from swift_gkd_plugin.megatron.vocab import model_vocab_size
+from swift_gkd_plugin.megatron.rollout.samples import collate_for_forward, encode_prompts, last_logits, rollout_outputs
+from swift_gkd_plugin.megatron.step.vocab import model_vocab_size
 
 logger = get_logger()
 

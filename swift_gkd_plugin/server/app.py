@@ -28,9 +28,9 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from ..core.constants import IGNORE_INDEX
-from .backend import DynamicBatcher, EncodeError, QueueFull, ScoreSpec, TooLong, TransformersTeacher
-from .protocol import (IDS_DTYPE, LOGPROB_DTYPES, MSGPACK, TAIL_DTYPE, InferBody, TopKRequest, pack_array,
+from swift_gkd_plugin.core.constants import IGNORE_INDEX
+from swift_gkd_plugin.server.backend import DynamicBatcher, EncodeError, QueueFull, ScoreSpec, TooLong, TransformersTeacher
+from swift_gkd_plugin.server.protocol import (IDS_DTYPE, LOGPROB_DTYPES, MSGPACK, TAIL_DTYPE, InferBody, TopKRequest, pack_array,
                        tokenizer_fingerprint)
 
 try:

@@ -112,7 +112,7 @@ def check_args(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -
 def _paths_problem(args) -> Optional[str]:
     """A ``--model`` that names a local folder (the rule of ``swift rlhf``'s paths) and every ``--adapters`` folder
     exist: a missing one was taken for a hub id and failed after minutes, with a traceback."""
-    from swift_gkd_plugin.swift.datasets_check import looks_local, near_names
+    from swift_gkd_plugin.local_paths import looks_local, near_names
     named = [('--model', args.model)] if looks_local(args.model) else []
     for flag, value in named + [('--adapters', adapter) for adapter in args.adapters]:
         path = os.path.expanduser(value)
@@ -174,8 +174,8 @@ def run(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -> int:
     import torch
     import uvicorn
 
-    from .app import ServerConfig, create_app
-    from .backend import TransformersTeacher
+    from swift_gkd_plugin.server.app import ServerConfig, create_app
+    from swift_gkd_plugin.server.backend import TransformersTeacher
 
     if args.num_threads:
         torch.set_num_threads(args.num_threads)

@@ -39,7 +39,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import requests
 
-from .protocol import IDS_DTYPE, LOGPROB_DTYPES, MSGPACK, TAIL_DTYPE, unpack_array
+from swift_gkd_plugin.server.protocol import IDS_DTYPE, LOGPROB_DTYPES, MSGPACK, TAIL_DTYPE, unpack_array
 
 try:
     import msgpack

@@ -10,10 +10,10 @@ logic with the plugin's core:
   by the number of response tokens of the whole optimizer step (all micro-batches, all ranks), so its value and
   gradient do not depend on how the step is split into micro-batches or ranks.
 
-The trainer is composed of one mixin per concern: :mod:`.rollout` (each generation batch's mode and samples),
-:mod:`.samplers` (the engines and request configs that sample), :mod:`.scoring` (rewards, completions log),
-:mod:`.batches` (samples to micro-batches), :mod:`.teacher` (the teacher's placement and forward, a served teacher),
-:mod:`.reference` (``--gkd_ref_kl_coef``'s initial student) and :mod:`.loss` (the loss of a micro-batch and its
+The trainer is composed of one mixin per concern: :mod:`.rollout.sampling` (each generation batch's mode and samples),
+:mod:`.rollout.samplers` (the engines and request configs that sample), :mod:`.step.scoring` (rewards, completions log),
+:mod:`.rollout.batches` (samples to micro-batches), :mod:`.teacher.placement` (the teacher's placement and forward, a served teacher),
+:mod:`.teacher.reference` (``--gkd_ref_kl_coef``'s initial student) and :mod:`.step.loss` (the loss of a micro-batch and its
 metrics). This module holds their composition and the set-up
 they share.
 """
@@ -28,26 +28,26 @@ from swift.utils import get_logger
 
 from swift_gkd_plugin.core import Divergence, Mode
 from swift_gkd_plugin.core.modes import mode_log_path
-from swift_gkd_plugin.core.offload import TeacherOffloader, is_partitioned
+from swift_gkd_plugin.core.weights.offload import TeacherOffloader, is_partitioned
 from swift_gkd_plugin.core.views import check_privileged_columns
 from swift_gkd_plugin.flags import FlagError, sampling_temperature
-from swift_gkd_plugin.swift.batches import BatchesMixin
-from swift_gkd_plugin.swift.clean_exit import (before_groups_go, destroy_process_groups_at_exit, note_run_failed,
+from swift_gkd_plugin.swift.rollout.batches import BatchesMixin
+from swift_gkd_plugin.swift.run.clean_exit import (before_groups_go, destroy_process_groups_at_exit, note_run_failed,
                                                note_training_finished)
-from swift_gkd_plugin.swift.command_line import PROG, refuse
-from swift_gkd_plugin.swift.cross_tokenizer import CrossTokenizerTeacher
-from swift_gkd_plugin.swift.loss import LossMixin
-from swift_gkd_plugin.swift.media_tokens import suppress_media_placeholders
-from swift_gkd_plugin.swift.peft_utils import load_frozen_adapter
-from swift_gkd_plugin.swift.reference import ReferenceMixin
-from swift_gkd_plugin.swift.rewards import load_reward_funcs
-from swift_gkd_plugin.swift.rollout import RolloutMixin
-from swift_gkd_plugin.swift.run_guards import RunError, install_run_guards
-from swift_gkd_plugin.swift.samplers import SamplersMixin
-from swift_gkd_plugin.swift.scoring import ScoringMixin
-from swift_gkd_plugin.swift.teacher import TeacherMixin
-from swift_gkd_plugin.swift.token_metrics import TokenMean
-from swift_gkd_plugin.swift.vllm_colocate import shutdown_engine
+from swift_gkd_plugin.swift.setup.command_line import PROG, refuse
+from swift_gkd_plugin.swift.teacher.cross_tokenizer import CrossTokenizerTeacher
+from swift_gkd_plugin.swift.step.loss import LossMixin
+from swift_gkd_plugin.swift.rollout.media_tokens import suppress_media_placeholders
+from swift_gkd_plugin.swift.teacher.adapters import load_frozen_adapter
+from swift_gkd_plugin.swift.teacher.reference import ReferenceMixin
+from swift_gkd_plugin.swift.step.rewards import load_reward_funcs
+from swift_gkd_plugin.swift.rollout.sampling import RolloutMixin
+from swift_gkd_plugin.swift.run.guards import RunError, install_run_guards
+from swift_gkd_plugin.swift.rollout.samplers import SamplersMixin
+from swift_gkd_plugin.swift.step.scoring import ScoringMixin
+from swift_gkd_plugin.swift.teacher.placement import TeacherMixin
+from swift_gkd_plugin.swift.step.token_metrics import TokenMean
+from swift_gkd_plugin.swift.rollout.vllm_colocate import shutdown_engine
 
 logger = get_logger()
 

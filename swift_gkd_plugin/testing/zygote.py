@@ -21,7 +21,7 @@ from typing import Dict, List, Optional
 
 # what ms-swift's rlhf route file and its pipeline import, and the plugin's pieces they load later
 PRELOAD = ('swift.cli.utils', 'swift.pipelines', 'swift.pipelines.train.rlhf', 'swift.trainers.trainer_factory',
-           'swift_gkd_plugin.swift.trainer', 'swift_gkd_plugin.swift.arguments')
+           'swift_gkd_plugin.swift.trainer', 'swift_gkd_plugin.swift.setup.arguments')
 
 
 def _child(request: dict) -> None:

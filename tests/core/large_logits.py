@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from swift_gkd_plugin.core.fused_loss import fused_linear_jsd
+from swift_gkd_plugin.core.fused.loss import fused_linear_jsd
 from swift_gkd_plugin.core.row_divergence import Divergence
 from swift_gkd_plugin.core.teacher_signal import TeacherHead, TeacherTopK
 from swift_gkd_plugin.core.topk import teacher_tail_logmass

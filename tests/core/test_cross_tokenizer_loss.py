@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from swift_gkd_plugin.core import generalized_jsd
-from swift_gkd_plugin.core.cross_tokenizer_loss import hybrid_loss, uld_loss
+from swift_gkd_plugin.core.cross_tokenizer.loss import hybrid_loss, uld_loss
 
 from test_divergence import jsd_of_probabilities, relative_error
 

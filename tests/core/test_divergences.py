@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from swift_gkd_plugin.core.divergence import generalized_jsd
-from swift_gkd_plugin.core.fused_loss import fused_linear_jsd
+from swift_gkd_plugin.core.fused.loss import fused_linear_jsd
 from swift_gkd_plugin.core.teacher_signal import TeacherHead, TeacherTopK
 from swift_gkd_plugin.core.row_divergence import DIVERGENCES, Divergence
 from swift_gkd_plugin.core.tensor_parallel import vocab_parallel_generalized_jsd, vocab_parallel_topk_jsd

@@ -17,8 +17,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 import test_fused_loss as tf  # noqa: E402
 from kernel_devices import DEVICES  # noqa: E402
 
-from swift_gkd_plugin.core import fused_loss, fused_triton, kernels  # noqa: E402
-from swift_gkd_plugin.core.kernels import full_rows as full_rows_module  # noqa: E402
+from swift_gkd_plugin.core.fused import kernels  # noqa: E402
+from swift_gkd_plugin.core.fused import chunk_triton as fused_triton  # noqa: E402
+from swift_gkd_plugin.core.fused import loss as fused_loss  # noqa: E402
+from swift_gkd_plugin.core.fused.kernels import full_rows as full_rows_module  # noqa: E402
 from swift_gkd_plugin.core.row_divergence import Divergence  # noqa: E402
 
 
@@ -147,7 +149,7 @@ import os
 import torch
 import triton  # imported (as a library may import it) before the variable is set
 os.environ['TRITON_INTERPRET'] = '1'
-from swift_gkd_plugin.core.fused_loss import fused_linear_jsd
+from swift_gkd_plugin.core.fused.loss import fused_linear_jsd
 from swift_gkd_plugin.core.teacher_signal import TeacherHead
 g = torch.Generator().manual_seed(0)
 h, w, ht, wt = (torch.randn(*shape, generator=g) for shape in ((4, 8), (16, 8), (4, 8), (16, 8)))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from swift_gkd_plugin.core.divergence import align_vocab, generalized_jsd
-from swift_gkd_plugin.core.fused_loss import fused_linear_jsd
+from swift_gkd_plugin.core.fused.loss import fused_linear_jsd
 from swift_gkd_plugin.core.row_divergence import Divergence
 from swift_gkd_plugin.core.teacher_signal import TeacherHead, TeacherTopK
 from swift_gkd_plugin.core.policy_gradient import policy_gradient_loss, sampled_token_stats

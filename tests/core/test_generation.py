@@ -1,4 +1,4 @@
-"""Sampling without vLLM for Megatron GKD: :mod:`swift_gkd_plugin.megatron.generation`.
+"""Sampling without vLLM for Megatron GKD: :mod:`swift_gkd_plugin.megatron.rollout.generation`.
 
 * :func:`sample_next_token` on hand-built logits (greedy, top-k, top-p, padded vocabulary, temperature, seeds).
 * :func:`generate` in one process with a real tiny HF model: greedy decoding equals ``model.generate``.
@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from swift_gkd_plugin.megatron import generation
-from swift_gkd_plugin.megatron.generation import gather_vocab_shards, generate, sample_next_token
+from swift_gkd_plugin.megatron.rollout import generation
+from swift_gkd_plugin.megatron.rollout.generation import gather_vocab_shards, generate, sample_next_token
 
 MODEL_KWARGS = dict(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64, seed=3)
 LETTERS = ['a b', 'c d e f', 'h', 'g a b c d e']  # prompts of different lengths

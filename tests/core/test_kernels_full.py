@@ -19,8 +19,8 @@ import large_logits  # noqa: E402
 import test_fused_loss as tf  # noqa: E402  (the float64 reference of the fused loss)
 from kernel_devices import DEVICES, compile_ahead_of_time  # noqa: E402
 
-from swift_gkd_plugin.core import kernels  # noqa: E402
-from swift_gkd_plugin.core.fused_loss import fused_linear_jsd  # noqa: E402
+from swift_gkd_plugin.core.fused import kernels  # noqa: E402
+from swift_gkd_plugin.core.fused.loss import fused_linear_jsd  # noqa: E402
 from swift_gkd_plugin.core.row_divergence import Divergence  # noqa: E402
 from swift_gkd_plugin.core.teacher_signal import TeacherHead  # noqa: E402
 
@@ -165,7 +165,7 @@ def test_padding_label_term_and_entropy(offset, div, temperature, label_temperat
                                  Divergence('skew_rkl', alpha=0.3)], ids=str)
 def test_many_blocks_per_row(div, monkeypatch, device):
     """Blocks of 128 entries over a 700 + 50 entry row: the online logsumexp across blocks, ragged last block."""
-    from swift_gkd_plugin.core.kernels import full_rows
+    from swift_gkd_plugin.core.fused.kernels import full_rows
     monkeypatch.setattr(full_rows, 'BLOCK', 128)
     x = tf.make_inputs(seed=12, n=5, v=700, vt=750, scale=6.0)
     x['b'][[0, 129, 699]] = float('-inf')
@@ -219,7 +219,7 @@ def test_backend_choice(monkeypatch):
 _AOT = r'''
 import triton
 from triton.backends.compiler import GPUTarget
-from swift_gkd_plugin.core.kernels import entry_math, full_rows
+from swift_gkd_plugin.core.fused.kernels import entry_math, full_rows
 from swift_gkd_plugin.core.row_divergence import REGISTRY, Divergence, kernel_form
 sig = dict(ZS='*bf16', ZT='*bf16', BS='*fp32', BT='*fp32', G='*bf16', LAB='*i64', LW='*fp32', CW='*fp32', DIV='*fp32',
            CE='*fp32', ENT='*fp32', TENT='*fp32', AGREE='*i32', stride_zs='i32', stride_zt='i32', stride_g='i32',

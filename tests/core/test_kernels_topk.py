@@ -1,4 +1,4 @@
-"""The top-k Triton kernels (``core/kernels/topk_rows.py``) against the float64 reference and the PyTorch chunk path,
+"""The top-k Triton kernels (``core/fused/kernels/topk_rows.py``) against the float64 reference and the PyTorch chunk path,
 on CPU tensors in Triton's interpreter or on a CUDA device compiled (``kernel_devices``: one of the two per process,
 chosen by ``tests/conftest.py`` before triton is imported). The references and comparisons run on the CPU.
 """
@@ -164,7 +164,7 @@ def test_no_grad_statistics(backend):
     for name in ('triton', 'torch'):
         backend(name)
         with torch.no_grad():
-            out[name] = to_device(__import__('swift_gkd_plugin.core.fused_loss', fromlist=['fused_linear_jsd'])
+            out[name] = to_device(__import__('swift_gkd_plugin.core.fused.loss', fromlist=['fused_linear_jsd'])
                                   .fused_linear_jsd(x['hs'], x['w'], x['b'], teacher=TeacherTopK(ids, lp),
                                                     mask=x['mask'], beta=0.5, topk_tail=True, return_entropy=True,
                                                     chunk_size=8), 'cpu')
@@ -175,7 +175,7 @@ def test_no_grad_statistics(backend):
 def test_kernel_with_the_bias_and_bf16_logits_in_the_kernel(backend):
     """``topk_rows`` reading bf16 logits and adding a float32 bias itself (-1e30 entries masked) gives what it
     gives on the float32 logits with the bias already added."""
-    from swift_gkd_plugin.core.kernels.topk_rows import topk_rows
+    from swift_gkd_plugin.core.fused.kernels.topk_rows import topk_rows
     g = torch.Generator().manual_seed(74)
     c, v, k = 9, 700, 6
     z = (torch.randn(c, v, generator=g) * 3).bfloat16()
@@ -213,7 +213,7 @@ def test_bad_backend_is_refused(backend, monkeypatch):
 _AOT = r'''
 import triton
 from triton.backends.compiler import GPUTarget
-from swift_gkd_plugin.core.kernels import topk_rows
+from swift_gkd_plugin.core.fused.kernels import topk_rows
 n = 0
 for z in ('*bf16', '*fp32'):
     for extras in (False, True):

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from swift_gkd_plugin.core.offload import is_partitioned
+from swift_gkd_plugin.core.weights.offload import is_partitioned
 
 
 @pytest.fixture
@@ -56,7 +56,7 @@ def test_prefetched_copies_are_allocated_on_the_compute_stream():
     import ast
     import inspect
     import textwrap
-    from swift_gkd_plugin.core.offload import TeacherOffloader
+    from swift_gkd_plugin.core.weights.offload import TeacherOffloader
     tree = ast.parse(textwrap.dedent(inspect.getsource(TeacherOffloader.prefetch)))
     side = [w for w in ast.walk(tree) if isinstance(w, ast.With)
             and any(isinstance(i.context_expr, ast.Call) and _name(i.context_expr) == 'stream' for i in w.items)]

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from swift_gkd_plugin.core.fused_loss import fused_linear_jsd
+from swift_gkd_plugin.core.fused.loss import fused_linear_jsd
 from swift_gkd_plugin.core.teacher_signal import TeacherHead, TeacherLogits, TeacherTopK
 from swift_gkd_plugin.core.topk import topk_of_logits
 

@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from swift_gkd_plugin.core.divergence import LOG_PROB_FLOOR, generalized_jsd, kl_from_log_probs
-from swift_gkd_plugin.core.fused_loss import fused_linear_jsd
+from swift_gkd_plugin.core.fused.loss import fused_linear_jsd
 from swift_gkd_plugin.core.row_divergence import Divergence
 from swift_gkd_plugin.core.teacher_signal import TeacherTopK
 from swift_gkd_plugin.core.tensor_parallel import (vocab_parallel_generalized_jsd, vocab_parallel_log_softmax,

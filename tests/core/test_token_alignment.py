@@ -7,7 +7,7 @@ vocabulary sizes) check the whole chain on real offsets and decodes.
 import pytest
 import torch
 
-from swift_gkd_plugin.core.token_alignment import (adds_prefix_space, align_positions, normalize_token,
+from swift_gkd_plugin.core.cross_tokenizer.alignment import (adds_prefix_space, align_positions, normalize_token,
                                                    shared_vocabulary, spans_by_decoding, spans_of_ids,
                                                    tokenize_with_spans)
 

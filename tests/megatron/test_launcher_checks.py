@@ -35,7 +35,7 @@ MISSING_EXTRA = 'megatron rlhf: error: megatron rlhf --rlhf_type gkd needs megat
 
 
 def megatron_installed() -> bool:
-    from swift_gkd_plugin.megatron.checks import MEGATRON_MODULES, _importable
+    from swift_gkd_plugin.megatron.setup.checks import MEGATRON_MODULES, _importable
     return all(_importable(module) for module in MEGATRON_MODULES)
 
 
@@ -173,7 +173,7 @@ def test_a_teacher_with_another_vocabulary_size_is_refused_before_any_rank_start
 
 
 def test_padded_sizes_follow_the_tensor_parallel_size(tiny_ws):
-    from swift_gkd_plugin.megatron.checks import padded_vocab_size
+    from swift_gkd_plugin.megatron.setup.checks import padded_vocab_size
     assert [padded_vocab_size(tiny_ws.other_vocab_teacher, tp) for tp in (1, 2, 3, 5)] == [464, 464, 465, 465]
     assert padded_vocab_size(tiny_ws.root, 1) is None  # not a model directory: left to the ranks
 
@@ -186,7 +186,7 @@ def test_opt_out_leaves_the_launcher_untouched():
 def test_rank_side_checks_refuse_rewards_but_not_ms_swifts_default_num_generations():
     """In the ranks the arguments carry ms-swift's Megatron default --num_generations 8 (reset to 1 for gkd later),
     so only the launcher, which sees the command line, can tell a user's G > 1; rewards are refused on both sides."""
-    from swift_gkd_plugin.megatron.checks import check_megatron_gkd, parse_megatron_command_line
+    from swift_gkd_plugin.megatron.setup.checks import check_megatron_gkd, parse_megatron_command_line
     parsed = parse_megatron_command_line(['--rlhf_type', 'gkd'])
     parsed.num_generations = 8
     check_megatron_gkd(parsed)
@@ -222,7 +222,7 @@ def test_rank_side_checks_read_only_fields_that_megatron_arguments_have():
     must exist there (a check reading a missing one would stop every rank with an AttributeError)."""
     from dataclasses import fields
 
-    from swift_gkd_plugin.megatron.checks import MegatronGKDFlagsMixin, check_megatron_gkd
+    from swift_gkd_plugin.megatron.setup.checks import MegatronGKDFlagsMixin, check_megatron_gkd
     defaults = _megatron_argument_defaults()
     assert {'beta', 'lmbda', 'temperature', 'max_turns', 'reward_funcs'} <= set(defaults)
     args = argparse.Namespace(**defaults, **{f.name: f.default for f in fields(MegatronGKDFlagsMixin)})
@@ -235,7 +235,7 @@ def test_float32_under_fp16_mixed_precision_is_warned():
     choice and not warned about."""
     import torch
 
-    from swift_gkd_plugin.megatron.checks import float32_warning
+    from swift_gkd_plugin.megatron.setup.checks import float32_warning
     assert '--fp16 false --bf16 false to train in float32' in float32_warning(torch.float32, None, True)
     assert float32_warning('float32', None, True)  # as given on the command line
     assert float32_warning(torch.float32, True, True) is None  # --fp16 true given

@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from swift_gkd_plugin.core.lora_round_trip import (BaseWeightsKeeper, HostBuffer, exact_lora_sync,
+from swift_gkd_plugin.core.weights.lora_round_trip import (BaseWeightsKeeper, HostBuffer, exact_lora_sync,
                                                     lora_merges_skipped)
 
 ROUND_TRIPS = 3

@@ -11,7 +11,7 @@ pytest.importorskip('megatron.core', reason='Megatron-SWIFT needs megatron-core'
 def test_the_rlhf_pipeline_parses_and_trains_with_the_plugin():
     from swift.megatron.pipelines.train import rlhf
 
-    from swift_gkd_plugin.megatron.arguments import GKDPluginMegatronRLHFArguments
+    from swift_gkd_plugin.megatron.setup.arguments import GKDPluginMegatronRLHFArguments
     from swift_gkd_plugin.megatron.trainer import GKDPluginMegatronTrainer
     from swift.megatron.trainers.gkd_trainer import MegatronGKDTrainer
     assert rlhf.MegatronRLHF.args_class is GKDPluginMegatronRLHFArguments
@@ -19,7 +19,7 @@ def test_the_rlhf_pipeline_parses_and_trains_with_the_plugin():
 
 
 def test_megatron_arguments_refuse_bad_flags_before_loading():
-    from swift_gkd_plugin.megatron.arguments import GKDPluginMegatronRLHFArguments
+    from swift_gkd_plugin.megatron.setup.arguments import GKDPluginMegatronRLHFArguments
     with pytest.raises(ValueError, match='--teacher_tensor_model_parallel_size 2 differs'):
         GKDPluginMegatronRLHFArguments(model='Qwen/Qwen3-0.6B', rlhf_type='gkd',
                                        teacher_tensor_model_parallel_size=2)

@@ -5,8 +5,8 @@ import copy
 import pytest
 import torch
 
-from swift_gkd_plugin.megatron.generation import generate
-from swift_gkd_plugin.megatron.rollout import (collate_for_forward, encode_prompts, last_logits, prompt_request,
+from swift_gkd_plugin.megatron.rollout.generation import generate
+from swift_gkd_plugin.megatron.rollout.samples import (collate_for_forward, encode_prompts, last_logits, prompt_request,
                                                rollout_outputs)
 
 

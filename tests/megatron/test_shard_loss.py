@@ -1,4 +1,4 @@
-"""The Megatron trainer's loss on logit shards (``swift_gkd_plugin.megatron.loss``) in real gloo processes with
+"""The Megatron trainer's loss on logit shards (``swift_gkd_plugin.megatron.step.loss``) in real gloo processes with
 TP = 2 and 4: equal, values and gradients, to the single-process float64 loss on the unpadded vocabulary, with
 Megatron's padded vocabulary rows holding junk, response masks, a teacher view with its own positions, top-k
 teachers taken from true log-probabilities of [B, S, V/tp] micro-batch shards (as the trainer passes them), with and
@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 
 from swift_gkd_plugin.core.row_divergence import Divergence
 from swift_gkd_plugin.core.tensor_parallel import vocab_parallel_topk_jsd
-from swift_gkd_plugin.megatron.loss import (entropies_on_shards, gkd_loss_on_shards, teacher_topk_logprobs,
+from swift_gkd_plugin.megatron.step.loss import (entropies_on_shards, gkd_loss_on_shards, teacher_topk_logprobs,
                                             teacher_topk_per_micro_batch)
 
 VOCAB, PADDED, K = 37, 40, 6

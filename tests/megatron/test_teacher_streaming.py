@@ -10,7 +10,7 @@ import torch
 from megatron.core.rerun_state_machine import RerunDataIterator
 
 from swift_gkd_plugin.core import generalized_jsd
-from swift_gkd_plugin.megatron.loss import (DEFERRED_TEACHER, defer_teacher, fill_deferred_teacher,
+from swift_gkd_plugin.megatron.step.loss import (DEFERRED_TEACHER, defer_teacher, fill_deferred_teacher,
                                             has_deferred_teacher, teacher_on_demand)
 
 N_MICRO, TOKENS, HIDDEN, VOCAB = 6, 16, 8, 50

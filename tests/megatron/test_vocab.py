@@ -7,7 +7,7 @@ import types
 import pytest
 import torch
 
-from swift_gkd_plugin.megatron.vocab import model_vocab_size
+from swift_gkd_plugin.megatron.step.vocab import model_vocab_size
 
 
 @pytest.fixture(scope='module')

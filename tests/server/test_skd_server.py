@@ -148,7 +148,7 @@ def test_the_server_teacher_returns_the_teachers_topk_as_logits_and_refuses_a_sm
     from swift_gkd_plugin.core.speculative import position_ids
     from swift_gkd_plugin.server import TeacherClient
     from swift_gkd_plugin.server.backend import TransformersTeacher
-    from swift_gkd_plugin.swift.speculative import server_teacher
+    from swift_gkd_plugin.swift.rollout.speculative import server_teacher
     served = TransformersTeacher.load(tiny_ws.teacher, model_type='qwen3', template=TEMPLATE, torch_dtype='float32',
                                       device='cpu')
     student = AutoModelForCausalLM.from_pretrained(tiny_ws.student, dtype=torch.float32)

@@ -1091,7 +1091,7 @@ def test_swift_rlhf_stops_on_a_teacher_answering_nan(tiny_ws, inproc_teacher, tm
 def test_health_reports_the_tokenizer_and_a_padded_head_is_accepted(inproc_teacher, tokenizer):
     """/health's tokenizer fingerprint is the student's for a teacher of the same tokenizer; a larger (padded)
     output head with that tokenizer is accepted, a smaller head or another fingerprint refused."""
-    from swift_gkd_plugin.swift.teacher_server import check_same_tokenizer
+    from swift_gkd_plugin.swift.teacher.served import check_same_tokenizer
     server = InProcessServer(inproc_teacher, topk=8)
     try:
         health = httpx.get(f'{server.url}/health').json()

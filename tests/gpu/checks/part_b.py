@@ -29,8 +29,8 @@ def run(args) -> Results:
         ns, chunks = [4096, 8192, 16384], [128, 256, 512, 1024, 2048, 4096]
     ns = args.ns or ns
     sweep_n = ns[len(ns) // 2]  # the sweep runs at the middle N (8192 at real shapes)
-    from swift_gkd_plugin.core.fused_loss import default_chunk_size, kernel_chunk_size
-    from swift_gkd_plugin.core.kernels import resolve_backend
+    from swift_gkd_plugin.core.fused.loss import default_chunk_size, kernel_chunk_size
+    from swift_gkd_plugin.core.fused.kernels import resolve_backend
     import torch
     kernel = resolve_backend(None, torch.device(args.device)) == 'triton'
     torch_default = default_chunk_size(vocab)

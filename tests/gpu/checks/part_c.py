@@ -1,4 +1,4 @@
-"""Part c: teacher offload (``swift_gkd_plugin.core.offload.TeacherOffloader``) against a resident teacher.
+"""Part c: teacher offload (``swift_gkd_plugin.core.weights.offload.TeacherOffloader``) against a resident teacher.
 
 Ten training steps of the real-shape student (forward, fused GKD loss against the teacher's hidden states and head,
 backward) with the 1.5B-shaped teacher resident on the GPU, offloaded with its prefetch started before the student's
@@ -29,9 +29,9 @@ def run(args) -> Results:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from swift_gkd_plugin.core.fused_loss import fused_linear_jsd
+    from swift_gkd_plugin.core.fused.loss import fused_linear_jsd
     from swift_gkd_plugin.core.teacher_signal import TeacherHead
-    from swift_gkd_plugin.core.offload import TeacherOffloader
+    from swift_gkd_plugin.core.weights.offload import TeacherOffloader
     res = Results('c', 'teacher offload: memory, allocator retries and prefetch overlap against a resident teacher')
     cuda = args.device == 'cuda'
     dev = torch.device('cuda' if cuda else 'cpu')

@@ -1,0 +1,67 @@
+"""``megatron rlhf`` arguments: ms-swift's ``MegatronRLHFArguments`` plus the plugin's flags and checks.
+
+Importing this module imports Megatron-SWIFT (CUDA and transformer-engine required).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from swift.megatron.arguments import MegatronRLHFArguments
+from swift.utils import get_logger, is_vllm_available
+
+import swift_gkd_plugin
+from swift_gkd_plugin.flags import FlagError, check_no_plugin_flags_outside_gkd, ignored_flag_warnings
+from swift_gkd_plugin.megatron.setup.checks import (MegatronGKDFlagsMixin, check_megatron_gkd, check_not_ray,
+                                              check_vllm_sampler, float32_warning)
+from swift_gkd_plugin.ms_swift_state import keep_teacher_messages_column
+
+logger = get_logger()
+
+
+def resolve_sampler(args) -> None:
+    """ms-swift's Megatron default is ``use_vllm=True``; without vLLM the plugin samples from the model itself."""
+    if args.use_vllm and not is_vllm_available():
+        logger.info('swift_gkd_plugin: vLLM is not installed: on-policy steps sample from the training model')
+        args.use_vllm = False
+
+
+@dataclass
+class GKDPluginMegatronRLHFArguments(MegatronGKDFlagsMixin, MegatronRLHFArguments):
+    """Parses ``megatron rlhf``; for ``--rlhf_type gkd`` the plugin's checks run before ms-swift's set-up."""
+
+    def __post_init__(self):
+        if self.rlhf_type != 'gkd':
+            check_no_plugin_flags_outside_gkd(self, MegatronGKDFlagsMixin)
+            super().__post_init__()
+            return
+        check_not_ray(self)
+        check_megatron_gkd(self)
+        fp16_given, dtype_given = self.fp16, self.torch_dtype  # ms-swift turns float32 into float16 below
+        for warning in ignored_flag_warnings(self):
+            logger.warning(f'swift_gkd_plugin: {warning}')
+        if self.gkd_fused_backend not in (None, 'auto'):
+            logger.warning(f'swift_gkd_plugin: --gkd_fused_backend {self.gkd_fused_backend} has no effect in megatron '
+                           'rlhf: its loss runs on the vocabulary-parallel logit shards, in PyTorch')
+        # ms-swift's Megatron arguments refuse seq_kd (its trainer cannot let the teacher sample); ours can.
+        seq_kd, self.seq_kd = self.seq_kd, False
+        try:
+            super().__post_init__()
+        finally:
+            self.seq_kd = seq_kd
+        resolve_sampler(self)
+        check_vllm_sampler(self, vllm_installed=self.use_vllm)
+        warning = float32_warning(dtype_given, fp16_given, self.fp16)
+        if warning:
+            logger.warning(f'swift_gkd_plugin: {warning}')
+        sampling = self.seq_kd or (self.lmbda > 0 and not self.use_vllm)
+        if sampling and (self.context_parallel_size or 1) > 1:
+            raise FlagError('sampling from the Megatron model (seq_kd, or on-policy steps without vLLM) needs '
+                             f'--context_parallel_size 1 (got {self.context_parallel_size}); pass --use_vllm true '
+                             'for on-policy steps, or train seq_kd without context parallelism')
+        vpp = getattr(self, 'virtual_pipeline_model_parallel_size', None)
+        if sampling and vpp not in (None, 1):
+            raise FlagError('sampling from the Megatron model (seq_kd, or on-policy steps without vLLM) does not '
+                             f'support virtual pipeline stages (--virtual_pipeline_model_parallel_size {vpp})')
+        keep_teacher_messages_column()
+        logger.info(f'swift_gkd_plugin {swift_gkd_plugin.__version__}: GKD trainer active (megatron; '
+                    f'lmbda={self.lmbda}, seq_kd={self.seq_kd}, beta={self.beta}, temperature={self.temperature})')

@@ -1,0 +1,292 @@
+"""``megatron rlhf --rlhf_type gkd``: the plugin's Megatron flags and the checks that need nothing but the flags.
+
+Framework-free (no Megatron, no ms-swift import), because the checks run twice:
+
+* in the ``megatron`` launcher process, on its command line, before any rank is started, any CUDA or
+  transformer-engine import and any model load (:func:`check_megatron_command_line`); a bad flag costs the user
+  seconds, not a cluster allocation;
+* in every rank, on the parsed arguments (:class:`swift_gkd_plugin.megatron.setup.arguments.GKDPluginMegatronRLHFArguments`),
+  for callers that build the arguments in Python.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import os
+from dataclasses import dataclass, field, fields
+from typing import List, Optional, Sequence
+
+from swift_gkd_plugin.flags import (GKD_LOSS_IMPLS, SCALAR_FLAGS, SKD_PLACEMENTS, FlagError, GKDPluginArgumentsMixin,
+                                    check_gkd_scalars, check_no_multi_turn, check_teacher_server_flags,
+                                    plugin_flags_in)
+
+#: ``--gkd_loss_impl`` values of megatron rlhf: the fused loss on hidden states is for swift rlhf only
+MEGATRON_LOSS_IMPLS = tuple(impl for impl in GKD_LOSS_IMPLS if impl != 'fused')
+#: the teacher-server client's flags of swift rlhf (megatron rlhf uses ms-swift's own client)
+CLIENT_FLAGS = ('teacher_api_key', 'teacher_server_timeout', 'teacher_server_retries', 'teacher_server_wait')
+
+
+@dataclass
+class MegatronGKDFlagsMixin(GKDPluginArgumentsMixin):
+    """The plugin's flags for ``megatron rlhf`` (those of ``swift rlhf`` plus the Megatron-only ones)."""
+    teacher_tensor_model_parallel_size: Optional[int] = field(
+        default=None,
+        metadata={'help': 'Tensor-parallel size of a --teacher_model. The Megatron teacher is built in the '
+                  "student's parallel layout: only the student's --tensor_model_parallel_size (the default) is "
+                  'supported; serve a teacher in another layout and pass --teacher_model_server.'})
+
+
+MEGATRON_PLUGIN_FLAGS: List[str] = [f.name for f in fields(MegatronGKDFlagsMixin)]
+
+
+def check_megatron_gkd(args) -> None:
+    """All flag-only checks of a Megatron GKD run (``args`` has the attributes of ms-swift's Megatron arguments).
+
+    ``args.beta`` may be None (ms-swift's Megatron default, resolved to 0.5 for GKD).
+    """
+    if args.gkd_loss_impl not in MEGATRON_LOSS_IMPLS:
+        raise FlagError(f'--gkd_loss_impl {args.gkd_loss_impl!r} is not available in megatron rlhf (allowed: '
+                         f'{list(MEGATRON_LOSS_IMPLS)}): the output layer is vocabulary-parallel there, and the '
+                         'loss is computed on the logit shards, chunk by chunk, with the tensor-parallel '
+                         'all-reduces; the fused loss on hidden states is for swift rlhf')
+    cross = [f'--{name} {getattr(args, name)}' for name in ('gkd_cross_tokenizer', 'teacher_template')
+             if getattr(args, name) is not None]
+    if cross:
+        raise FlagError(f'{", ".join(cross)} is supported by swift rlhf only: the Megatron loss works on '
+                         'vocabulary-parallel logit shards of one shared vocabulary. Distil across tokenizers with '
+                         'swift rlhf --rlhf_type gkd (docs_en/cross_tokenizer.md)')
+    if args.gkd_skd_top_k:
+        raise FlagError(f'--gkd_skd_top_k {args.gkd_skd_top_k} is supported by swift rlhf only: megatron rlhf '
+                         'samples with vLLM or with its own tensor-parallel sampler, and neither has SKD\'s step where '
+                         f'the teacher verifies the student\'s drafts. SKD runs in {SKD_PLACEMENTS}; pass '
+                         '--gkd_skd_top_k 0 here')
+    check_gkd_scalars(_scalar_view(args))
+    coef = getattr(args, 'gkd_ref_kl_coef', 0.0)
+    if coef:
+        raise FlagError(f'--gkd_ref_kl_coef {coef:g} is supported by swift rlhf only yet: megatron rlhf builds no '
+                         'reference model beside the student. Run the anchor with swift rlhf --rlhf_type gkd, or pass '
+                         '--gkd_ref_kl_coef 0 here')
+    check_teacher_server_flags(args)
+    check_no_multi_turn(args)
+    teacher_tp = args.teacher_tensor_model_parallel_size
+    student_tp = args.tensor_model_parallel_size or 1
+    if teacher_tp is not None and teacher_tp != student_tp:
+        raise FlagError(
+            f'--teacher_tensor_model_parallel_size {teacher_tp} differs from --tensor_model_parallel_size '
+            f'{student_tp}: a Megatron teacher is built in the student\'s parallel layout (the same tensor, pipeline, '
+            'context and expert parallel sizes), so only the student\'s value is supported. For a teacher in another '
+            'layout, serve it (`swift deploy`, a vLLM server, or `swift-gkd serve-teacher` without --api_key) and pass '
+            '--teacher_model_server.')
+    defaults = {f.name: f.default for f in fields(GKDPluginArgumentsMixin)}
+    client_flags = [f'--{name}' for name in CLIENT_FLAGS if getattr(args, name) != defaults[name]]
+    if client_flags:
+        raise FlagError(f'{client_flags} are supported by swift rlhf only: megatron rlhf talks to --teacher_model_server '
+                         "through ms-swift's own client (no API key, its own timeouts); serve the teacher without "
+                         '--api_key on a private network')
+    refuse_rl_flags(rl_flags_set(args))
+    if args.seq_kd and (args.context_parallel_size or 1) > 1:
+        raise FlagError('--seq_kd true samples from the Megatron teacher, which needs --context_parallel_size 1 '
+                         f'(got {args.context_parallel_size})')
+    # only the launcher's parser has it: ms-swift's Megatron arguments do not declare --teacher_adapters at all
+    if getattr(args, 'teacher_adapters', None):
+        raise FlagError('--teacher_adapters is supported by swift rlhf only; for megatron rlhf merge the adapter '
+                         'into the teacher first (`swift export --adapters ADAPTER --merge_lora true`) and pass the '
+                         'merged model as --teacher_model')
+
+
+def rl_flags_set(args) -> List[str]:
+    """The RL + distillation flags of ``swift rlhf`` (docs_en/rl.md) set away from their defaults in ``args``.
+
+    ``--num_generations`` is not read here: ms-swift's Megatron arguments default it to 8 and set it to 1 for gkd,
+    so only the command line tells whether it was given (:func:`check_megatron_command_line` checks it).
+    """
+    given = []
+    if args.gkd_rl_coef not in (None, 0):
+        given.append('--gkd_rl_coef')
+    if args.reward_funcs:
+        given.append('--reward_funcs')
+    if args.reward_weights is not None:
+        given.append('--reward_weights')
+    if getattr(args, 'rollout_importance_sampling_mode', None) is not None:
+        given.append('--rollout_importance_sampling_mode')
+    if getattr(args, 'log_rollout_offpolicy_metrics', False):
+        given.append('--log_rollout_offpolicy_metrics')
+    return given
+
+
+def refuse_rl_flags(given: List[str]) -> None:
+    if given:
+        raise FlagError(f'{given} are supported by swift rlhf only: ms-swift\'s Megatron GKD has no reward machinery '
+                         'and its rollout samples one response per prompt, so megatron rlhf --rlhf_type gkd distils '
+                         'without a reward term. Run RL + distillation with swift rlhf --rlhf_type gkd (docs_en/rl.md)')
+
+
+def _scalar_view(args):
+    """What the shared scalar checks see: ``beta`` resolved (None -> 0.5, ms-swift's GKD default), and the loss
+    implementation as 'auto' (in megatron rlhf both implementations are the vocabulary-parallel loss, tail included)."""
+    view = argparse.Namespace(**{k: getattr(args, k) for k in _SCALAR_NAMES})
+    view.beta = 0.5 if args.beta is None else args.beta
+    view.gkd_loss_impl = 'auto'
+    return view
+
+
+# the shared checks' flags (the cross-tokenizer ones are refused before them), the combinations' ones
+_SCALAR_NAMES = SCALAR_FLAGS + ('seq_kd', 'gkd_topk_tail', 'teacher_template')
+
+
+def padded_vocab_size(model_dir: str, tensor_parallel: int) -> Optional[int]:
+    """The rows of the output layer Megatron-SWIFT builds for the model in the local directory ``model_dir``: its
+    config's ``vocab_size`` (of the language model) rounded up to a multiple of the tensor-parallel size, as
+    mcore-bridge's ``GPTModel`` does. None when the config cannot be read (the first step still compares widths)."""
+    from transformers import AutoConfig
+    try:
+        size = AutoConfig.from_pretrained(model_dir, trust_remote_code=True).get_text_config().vocab_size
+    except Exception:  # an unusual config, or not a model directory: left to the ranks
+        return None
+    return math.ceil(size / tensor_parallel) * tensor_parallel if size else None
+
+
+def check_vocab_sizes(args) -> None:
+    """A local ``--teacher_model`` whose (padded) vocabulary differs from the local ``--model``'s: refused here, not at
+    the first step after both models are loaded. Hub ids are left to that step (the launcher does not download)."""
+    teacher, student = args.teacher_model, args.model
+    if teacher is None or args.teacher_model_server is not None or student is None:
+        return
+    if not (os.path.isdir(teacher) and os.path.isdir(student)):
+        return
+    tp = args.tensor_model_parallel_size or 1
+    sizes = {flag: padded_vocab_size(path, tp) for flag, path in (('--model', student), ('--teacher_model', teacher))}
+    if None in sizes.values() or len(set(sizes.values())) == 1:
+        return
+    raise FlagError(f'--teacher_model {teacher} has {sizes["--teacher_model"]} output rows and --model {student} '
+                     f'{sizes["--model"]} (config.json vocab_size, padded to a multiple of '
+                     f'--tensor_model_parallel_size {tp}): megatron rlhf compares teacher and student logits row by row over one vocabulary, so '
+                     'they must be equal (allowed: a teacher with the student\'s vocab_size). swift rlhf aligns a '
+                     'teacher with a larger head, and distils across tokenizers with --gkd_cross_tokenizer')
+
+
+def _bool(value: str) -> bool:
+    low = str(value).strip().lower()
+    if low in ('true', '1', 'yes', 'y', 't'):
+        return True
+    if low in ('false', '0', 'no', 'n', 'f'):
+        return False
+    raise argparse.ArgumentTypeError(f'expected true or false, got {value!r}')
+
+
+def _command_line_parser() -> argparse.ArgumentParser:
+    """The flags the checks read, with ms-swift 4.6's Megatron defaults; everything else is left to ms-swift."""
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    p.add_argument('--rlhf_type', default='dpo')
+    p.add_argument('--model', default=None)
+    p.add_argument('--beta', type=float, default=None)
+    p.add_argument('--lmbda', type=float, default=0.5)
+    p.add_argument('--temperature', type=float, default=0.9)
+    p.add_argument('--sft_alpha', type=float, default=0.0)
+    p.add_argument('--max_completion_length', type=int, default=512)
+    p.add_argument('--seq_kd', type=_bool, default=False)
+    p.add_argument('--gkd_logits_topk', type=int, default=None)
+    p.add_argument('--top_k', type=int, default=-1)
+    p.add_argument('--top_p', type=float, default=1.0)
+    p.add_argument('--teacher_model', default=None)
+    p.add_argument('--teacher_model_server', default=None)
+    p.add_argument('--offload_teacher_model', type=_bool, default=False)
+    p.add_argument('--teacher_adapters', nargs='*', default=[])
+    p.add_argument('--tensor_model_parallel_size', type=int, default=1)
+    p.add_argument('--context_parallel_size', type=int, default=1)
+    p.add_argument('--use_ray', type=_bool, nargs='?', const=True, default=False)  # a bare --use_ray is true
+    p.add_argument('--use_vllm', type=_bool, default=True)
+    p.add_argument('--vllm_mode', default=None)
+    # the RL + distillation flags of swift rlhf, refused here; None: not on the command line
+    p.add_argument('--reward_funcs', nargs='*', default=[])
+    p.add_argument('--reward_weights', nargs='*', type=float, default=None)
+    p.add_argument('--num_generations', type=int, default=None)
+    p.add_argument('--rollout_importance_sampling_mode', default=None)
+    p.add_argument('--log_rollout_offpolicy_metrics', type=_bool, default=False)
+    # ms-swift's multi-turn rollout flags, refused for gkd
+    p.add_argument('--multi_turn_scheduler', default=None)
+    p.add_argument('--max_turns', type=int, default=None)
+    # annotations are strings here
+    kinds = {'bool': _bool, 'int': int, 'Optional[int]': int, 'float': float, 'Optional[float]': float}
+    for f in fields(MegatronGKDFlagsMixin):
+        p.add_argument(f'--{f.name}', type=kinds.get(str(f.type), str), default=f.default)
+    return p
+
+
+def parse_megatron_command_line(argv: Sequence[str]) -> argparse.Namespace:
+    """The flags of a ``megatron rlhf`` command line that the checks need (unknown flags are ignored)."""
+    try:
+        ns, _ = _command_line_parser().parse_known_args(list(argv))
+    except SystemExit as exc:  # argparse's own message was printed; turn it into an exception that names it
+        raise FlagError(f'megatron rlhf: cannot read the GKD flags of {list(argv)}') from exc
+    return ns
+
+
+def check_megatron_command_line(argv: Sequence[str]) -> None:
+    """Refuse a bad ``megatron rlhf --rlhf_type gkd`` command line in the launcher, before any rank starts.
+
+    Plugin flags with another ``--rlhf_type`` are refused too (they would be silently ignored otherwise).
+    """
+    ns = parse_megatron_command_line(argv)
+    if ns.rlhf_type != 'gkd':
+        given = plugin_flags_in(list(argv), MEGATRON_PLUGIN_FLAGS)
+        if given:
+            raise FlagError(f'{given} only apply to --rlhf_type gkd (got --rlhf_type {ns.rlhf_type})')
+        return
+    num_generations = [] if ns.num_generations in (None, 1) else ['--num_generations']
+    refuse_rl_flags(rl_flags_set(ns) + num_generations)
+    check_not_ray(ns)
+    check_megatron_gkd(ns)
+    check_vllm_sampler(ns, vllm_installed=_importable('vllm'))
+    check_vocab_sizes(ns)
+    check_megatron_installed()
+
+
+def check_not_ray(args) -> None:
+    """``--use_ray true`` starts ms-swift's own Ray pipeline (``swift/ray/megatron/``), whose GKD trainer and loss are
+    not the plugin's: refused, rather than run without the plugin's modes, loss and checks."""
+    if args.use_ray:
+        raise FlagError('--use_ray true is not supported with the plugin: it runs ms-swift\'s own Ray GKD trainer '
+                         '(swift/ray/megatron), not this plugin\'s. Run megatron rlhf --rlhf_type gkd without --use_ray '
+                         '(torchrun ranks; NNODES, NODE_RANK and MASTER_ADDR for several nodes), or set '
+                         'SWIFT_GKD_PLUGIN=0 to run ms-swift\'s own GKD on Ray')
+
+
+def float32_warning(torch_dtype, fp16_given, fp16) -> Optional[str]:
+    """The warning for a float32 model that ms-swift trains in fp16 mixed precision (it sets ``--fp16 true`` for
+    ``--torch_dtype float32``, ``arguments/base_args/model_args.py`` ~133, unless ``--fp16`` was given), else None."""
+    if str(torch_dtype).replace('torch.', '') == 'float32' and fp16_given is None and fp16:
+        return ('--torch_dtype float32 trains in fp16 mixed precision under Megatron-SWIFT (ms-swift sets --fp16 true '
+                'for float32 models); pass --fp16 false --bf16 false to train in float32')
+    return None
+
+
+def check_vllm_sampler(args, vllm_installed: bool) -> None:
+    """ms-swift's Megatron default is ``--use_vllm true``: where vLLM is installed, on-policy steps need its mode
+    (without vLLM the plugin samples from the training model instead, see ``arguments.resolve_sampler``)."""
+    if args.use_vllm and vllm_installed and args.lmbda > 0 and args.vllm_mode not in ('colocate', 'server'):
+        raise FlagError(f'--use_vllm true needs --vllm_mode colocate or server (got {args.vllm_mode!r}); or pass '
+                         '--use_vllm false to sample from the training model (megatron rlhf defaults to --use_vllm '
+                         'true, and vLLM is installed here)')
+
+
+#: the modules of the plugin's ``megatron`` extra (setup.py), which Megatron-SWIFT imports in every rank
+MEGATRON_MODULES = {'megatron.core': 'megatron-core', 'mcore_bridge': 'mcore-bridge'}
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # the parent package is missing
+        return False
+
+
+def check_megatron_installed() -> None:
+    """The ``megatron`` extra is installed: without it every rank stops at its first import, in a traceback."""
+    missing = [package for module, package in MEGATRON_MODULES.items() if not _importable(module)]
+    if missing:
+        raise FlagError(f'megatron rlhf --rlhf_type gkd needs {" and ".join(missing)}, not installed here: install '
+                        'the plugin\'s megatron extra (pip install ".[megatron]" in the plugin\'s checkout), then '
+                        'transformer-engine built for your CUDA toolkit as Megatron-SWIFT\'s install guide says (see '
+                        'the Megatron page of the plugin\'s docs)')

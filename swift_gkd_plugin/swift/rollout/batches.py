@@ -1,0 +1,162 @@
+"""Samples to micro-batches: both views encoded (the teacher's through its own template when it has another
+tokenizer), each micro-batch's rows, advantages and sampler log-probabilities, and the response-token counts that
+size and normalise the loss."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from swift.rlhf_trainers.utils import encode_sample
+from swift.utils import get_logger, to_device
+
+from swift_gkd_plugin.core.constants import IGNORE_INDEX
+from swift_gkd_plugin.core.views import (check_same_response_count, check_views_aligned, generated_turns,
+                                        prepare_teacher_view, without_history_loss)
+from swift_gkd_plugin.swift.rollout.correction import sampler_logprobs_of_batch
+from swift_gkd_plugin.swift.step.token_metrics import add_token_sum as _add_token_sum
+
+logger = get_logger()
+
+
+class BatchesMixin:
+    """ms-swift's batching stage for GKD: encoded micro-batches with what the loss reads."""
+
+    def _prepare_batch_inputs(self, samples):
+        """ms-swift's micro-batches, each with its number of rows and, on an on-policy step with rewards, their
+        advantages."""
+        self._xtok_rows = []  # filled by _encode_samples, one entry per micro-batch
+        batches = super()._prepare_batch_inputs(samples)
+        if self.template.sequence_parallel_size == 1:
+            sizes = [len(chunk) for chunk in self.split_by_mini_batches(samples)]  # the same split as ms-swift's
+        else:  # ms-swift splits the samples of the whole sequence-parallel group (no rewards here)
+            sizes = [batch['model_inputs']['labels'].shape[0] for batch in batches]
+        for batch, rows in zip(batches, sizes):
+            batch['gkd_rows'] = rows
+        if self._xtok is not None:
+            for batch, rows in zip(batches, self._xtok_rows):
+                batch['gkd_xtok_rows'] = rows
+            self._xtok_rows = []
+        if self._advantages is not None:
+            for batch, advantages in zip(batches, self._advantages.split(sizes)):
+                batch['gkd_advantages'] = advantages
+            if self.args.gkd_rl_coef > 0 and self._measure_mismatch:
+                self._attach_sampler_logprobs(batches, self.split_by_mini_batches(samples))
+        return batches
+
+    def _encode_samples(self, samples):
+        """Encode both views; a teacher view that does not score the student's response tokens names its row."""
+        template = self.template
+        multi_turn = self.multi_turn_scheduler is not None and self._gkd_mode.needs_generation
+        for sample in samples:
+            prepare_teacher_view(sample)
+            if multi_turn:  # the loss keeps the sampled turns only, not a dataset row's earlier answers
+                turns = generated_turns(sample)
+                sample.messages = without_history_loss(sample.messages, turns)
+                if sample.teacher_messages:
+                    sample.teacher_messages = without_history_loss(sample.teacher_messages, turns)
+        if self._xtok is not None:  # the teacher reads the samples through its own template, not the student's
+            return self._encode_cross_tokenizer(samples)
+        with self._template_context(template):
+            student_list, teacher_list, has_teacher_view = encode_views(samples, template)
+        for sample, student, teacher in zip(samples, student_list, teacher_list):
+            if not has_teacher_view:
+                break
+            check_views_aligned(sample, student, teacher)
+        with self._template_context(template):
+            encoded = to_device(template.data_collator(student_list), self.accelerator.device)
+            teacher_encoded = (to_device(template.data_collator(teacher_list), self.accelerator.device)
+                               if has_teacher_view else None)
+        return encoded, teacher_encoded
+
+    def _encode_cross_tokenizer(self, samples):
+        """The student's view, and the teacher's through its own template (privileged prompts included, see
+        ``CrossTokenizerTeacher.teacher_row``); each row's alignment waits for its micro-batch."""
+        with self._template_context(self.template):
+            student_list = [encode_sample(sample, self.template) for sample in samples]
+        for student in student_list:
+            student.pop('_extra_kwargs', None)
+        teacher_template = self._xtok.template
+        with self._template_context(teacher_template):
+            teacher_list, rows = self._xtok.encode_and_align(samples, student_list)
+            teacher_encoded = to_device(teacher_template.data_collator(teacher_list), self.accelerator.device)
+        with self._template_context(self.template):
+            encoded = to_device(self.template.data_collator(student_list), self.accelerator.device)
+        self._xtok_rows.append(rows)
+        return encoded, teacher_encoded
+
+    def _attach_sampler_logprobs(self, batches, chunks) -> None:
+        """The sampler's log-probability of each response token (``gkd_sampler_logprobs``, see
+        :func:`sampler_logprobs_of_batch`) where the sampler reported them; says once when it did not."""
+        missing = 0
+        for batch, chunk in zip(batches, chunks):
+            logprobs = sampler_logprobs_of_batch(chunk, batch['model_inputs']['labels'])
+            if logprobs is not None:
+                batch['gkd_sampler_logprobs'] = logprobs
+            missing += sum(1 for sample in chunk if not getattr(sample, 'rollout_logprobs', None))
+        if missing and not self._sampler_logprobs_noted and self.args.rollout_importance_sampling_mode is not None:
+            self._sampler_logprobs_noted = True
+            why = ' (SKD samples from a student/teacher mixture)' if self.args.gkd_skd_top_k else ''
+            logger.warning(f'swift_gkd_plugin: the sampler reported no per-token log-probabilities for {missing} '
+                           f'completion(s){why}: their importance weights are 1, no sampler/policy correction '
+                           'applies to them (said once)')
+
+    def _count_step_tokens(self, batches) -> None:
+        """Attach to every micro-batch the number of response tokens of its whole optimizer step.
+
+        Micro-batches ``[i * GA, (i + 1) * GA)`` of one generation batch form optimizer step ``i``; their counts
+        are summed over all micro-batches and all ranks with one all-reduce per generation batch. Each micro-batch
+        also gets its own response-token counts (``gkd_tokens``: student view, teacher view), read on the host here
+        once for the whole generation batch: they size the loss's tensors without a host sync per micro-batch.
+        """
+        training = self.model.training
+        group = self.args.gradient_accumulation_steps if training else 1
+        steps = (len(batches) + group - 1) // group
+        tokens = [torch.stack([count_loss_tokens(b['model_inputs']['labels']),
+                               count_loss_tokens(b['teacher_model_inputs']['labels'])]) for b in batches]
+        tokens = torch.stack(tokens).tolist() if batches else []  # the one read
+        # per optimizer step: response tokens, then (for gkd/completion_length) rows; one all-reduce for both
+        counts = [0.0] * (2 * steps)
+        for i, (batch, (n_student, n_teacher)) in enumerate(zip(batches, tokens)):
+            if self._xtok is None:
+                check_same_response_count(n_student, n_teacher)
+            batch['gkd_tokens'] = (n_student, n_teacher)
+            counts[i // group] += n_student
+            counts[steps + i // group] += batch['gkd_rows']
+        if training and self.accelerator.num_processes > 1:
+            counts = torch.tensor(counts, dtype=torch.float64, device=self.accelerator.device)
+            counts = self.accelerator.reduce(counts, reduction='sum').tolist()
+        for i, batch in enumerate(batches):
+            batch['gkd_step_tokens'] = float(counts[i // group])
+            batch['gkd_mode'] = self._gkd_mode
+        if training and self._gkd_mode.needs_generation:
+            _add_token_sum(self.custom_metrics['train']['gkd/completion_length'], sum(counts[:steps]),
+                           int(sum(counts[steps:])))
+
+
+def encode_views(samples, template):
+    """``(student rows, teacher rows, any privileged view)``: ms-swift's ``encode_gkd_samples``, except that a
+    privileged teacher view is encoded like the student's (:func:`encode_sample` on the teacher's messages and images),
+    so it keeps the sample's ``response_loss_mask`` (ms-swift's drops it: the teacher would score tokens a multi-turn
+    scheduler masked), and a sample without a view of its own keeps the student's messages."""
+    has_view = any([sample.build_teacher_view() for sample in samples])  # a list: every sample builds its view
+    students, teachers = [], []
+    for sample in samples:
+        student = encode_sample(sample, template)
+        student.pop('_extra_kwargs', None)
+        students.append(student)
+        if not has_view:
+            teachers.append(student.copy())
+            continue
+        view = copy.copy(sample)
+        view.messages = sample.teacher_messages or sample.messages
+        if sample.teacher_images is not None:
+            view.images = sample.teacher_images
+        teacher = encode_sample(view, template)
+        teacher.pop('_extra_kwargs', None)
+        teachers.append(teacher)
+    return students, teachers, has_view
+
+
+def count_loss_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """The number of response tokens (positions with a label to predict), on the labels' device (not read)."""
+    return (labels[..., 1:] != IGNORE_INDEX).sum()

@@ -1,0 +1,181 @@
+"""The samplers: transformers engines (SKD's decoding loop included) on the student or the teacher, their request
+configs (vLLM's per-request seeds, ``--top_k -1`` as every token), the sampling streams, the sampler's
+log-probabilities the RL term's correction needs, and the exact LoRA syncs to vLLM."""
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+from copy import copy
+
+import torch
+from swift.infer_engine import TransformersEngine
+from swift.utils import get_logger, unwrap_model_for_generation
+
+from swift_gkd_plugin.core.weights.lora_round_trip import HostBuffer, exact_lora_sync, lora_merges_skipped
+from swift_gkd_plugin.core.modes import Mode, sampling_seed
+from swift_gkd_plugin.flags import rollout_max_tokens
+from swift_gkd_plugin.swift.step.hidden_states import head_rows
+from swift_gkd_plugin.swift.rollout.media_tokens import cut_at_media_placeholders, suppress_media_placeholders
+from swift_gkd_plugin.swift.rollout.correction import SamplerLogprobsEngine
+from swift_gkd_plugin.swift.rollout.speculative import SpeculativeEngine
+from swift_gkd_plugin.swift.rollout.vllm_colocate import layerwise_reload, weights_repacked
+
+logger = get_logger()
+
+
+class SamplersMixin:
+    """The engines and settings that draw a generation batch's samples."""
+
+    def _sampling_engine(self, model, template=None, decode=None):
+        """A transformers engine on ``model``; ``decode``: SKD's decoding loop (:class:`SpeculativeEngine`)."""
+        template = template or self.template
+        if decode is None:
+            engine = TransformersEngine(model, template=self._infer_template(template), max_batch_size=0)
+        else:
+            engine = SpeculativeEngine(model, template=self._infer_template(template), decode=decode)
+        suppress_media_placeholders(engine, template)
+        return engine
+
+    def _infer_template(self, template=None):
+        template = copy(template or self.template)
+        template.padding_free = False
+        template.sequence_parallel_size = 1
+        template.remove_unused_columns = True
+        return template
+
+    def _student_for_generation(self, stack: ExitStack):
+        """The unwrapped student, held by ``stack`` for sampling (ZeRO-3 weights gathered per
+        ``--ds3_gather_for_generation``)."""
+        return stack.enter_context(
+            unwrap_model_for_generation(
+                self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation))
+
+    def _postprocess_rollout_outputs(self, samples, outputs):
+        """Every sampler's responses (student or teacher, any engine) as samples, cut before a media placeholder
+        that a sampler outside this process may still have drawn."""
+        samples = super()._postprocess_rollout_outputs(samples, outputs)
+        cut_at_media_placeholders(samples, self.template)
+        return samples
+
+    @contextmanager
+    def _sampling_rng(self, step: int):
+        """With several completions per prompt, every rank samples from its own stream seeded by (seed, step, rank):
+        the copies of a prompt on different ranks must not draw the same completion. One completion per prompt keeps
+        the trainer's common stream (ms-swift's behaviour)."""
+        if self.args.num_generations == 1:
+            yield
+            return
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(sampling_seed(self.args.seed, step, self.args.process_index))
+            yield
+
+    def _get_request_config(self, logprobs: bool = True):
+        """ms-swift's request config, with vLLM's per-request seeds derived from (seed, step, rank) in colocate mode
+        (see :func:`seeded_request_config`) and, on on-policy steps, ``--gkd_rollout_max_tokens`` as its token budget;
+        ``logprobs=False`` for samplers whose log-probabilities are unused (the teacher's, SKD's)."""
+        config = super()._get_request_config()
+        if not logprobs and config.logprobs:
+            config = copy(config)
+            config.logprobs = False
+        budget = rollout_max_tokens(self.args)  # early-stopped rollouts: the student's on-policy samples only
+        if getattr(self, '_gkd_mode', None) is Mode.ON_POLICY and config.max_tokens and budget < config.max_tokens:
+            config = copy(config)
+            config.max_tokens = budget
+        if not self.args.use_vllm:  # (ms-swift keeps the flag on args alone)
+            return untruncated_top_k(config, self.accelerator.unwrap_model(self.model))
+        if not self.model.training:
+            return config
+        return seeded_request_config(config, seed=self.args.seed, step=int(self.state.global_step),
+                                     process_index=self.accelerator.process_index,
+                                     tensor_parallel_size=getattr(self, 'vllm_tensor_parallel_size', 1) or 1,
+                                     vllm_mode=self.args.vllm_mode)
+
+    def _request_sampler_logprobs(self) -> None:
+        """The RL term's sampler/policy mismatch correction (``--rollout_importance_sampling_mode``) and its metrics
+        (also alone: ``--log_rollout_offpolicy_metrics``, as in GRPO) need the sampler's per-token log-probabilities:
+        vLLM reports them anyway (ms-swift asks for its processed ones); the transformers engine is asked only then
+        (it keeps every decoding step's scores meanwhile)."""
+        mode, threshold = self.args.rollout_importance_sampling_mode, self.args.rollout_importance_sampling_threshold
+        # (vLLM before 0.10.2 reports raw log-probabilities: refused by swift.arguments.check_vllm_logprobs)
+        self._measure_mismatch = mode is not None or self.args.log_rollout_offpolicy_metrics
+        if self._measure_mismatch and not self.args.use_vllm:
+            self.request_config.logprobs = True
+            self.engine = SamplerLogprobsEngine(self.model, template=self._infer_template(self.template),
+                                                max_batch_size=0)
+        if mode is None:
+            logged = ('the mismatch (gkd/rollout_*) is logged' if self._measure_mismatch else
+                      '--log_rollout_offpolicy_metrics true logs the mismatch')
+            logger.info('swift_gkd_plugin: no sampler/policy mismatch correction of the policy-gradient term '
+                        f'(--rollout_importance_sampling_mode unset); {logged}')
+        else:
+            logger.info(f'swift_gkd_plugin: the policy-gradient term is weighted by {mode} importance weights '
+                        f'min(pi / mu, {threshold:g}) of the sampler\'s log-probabilities '
+                        f'({"vLLM" if self.args.use_vllm else "transformers engine"})')
+
+    def _move_model_to_vllm(self, *args, **kwargs):
+        """ms-swift's sync merges the LoRA adapter into the base in place and unmerges it (``W + d - d != W`` in
+        bf16) and casts the adapters to the base's dtype: the base and the adapters come out exactly as they went
+        in, holding one parameter group's base at a time in a host buffer reused across syncs (FSDP2 merges out of
+        place)."""
+        if getattr(self, '_sync_buffer', None) is None:
+            self._sync_buffer = HostBuffer()
+        with exact_lora_sync([self.model], self._sync_buffer, enabled=not getattr(self, '_is_fsdp2', False)):
+            return super()._move_model_to_vllm(*args, **kwargs)
+
+    def _move_full_model_to_vllm(self, *args, **kwargs):
+        """ms-swift's sync of the (merged) student, through vLLM's in-place reload where vLLM repacked its weights
+        (its CPU build: see :mod:`.vllm_colocate`)."""
+        if self.vllm_mode != 'colocate':
+            return super()._move_full_model_to_vllm(*args, **kwargs)
+        model = self.engine.inner_model
+        if getattr(self, '_vllm_repacked', None) is None:
+            self._vllm_repacked = weights_repacked(model)
+            if self._vllm_repacked:
+                logger.info('swift_gkd_plugin: vLLM repacked its weights after loading: the student is synced '
+                            'through vLLM\'s in-place layerwise reload')
+        if not self._vllm_repacked:
+            return super()._move_full_model_to_vllm(*args, **kwargs)
+        with layerwise_reload(model, self.engine.engine.model_config):
+            return super()._move_full_model_to_vllm(*args, **kwargs)
+
+    def _move_adapter_to_vllm(self, *args, **kwargs):
+        """The adapter-only sync sends the adapter's own weights: ms-swift's merge and unmerge around it only move
+        the base (and cast the adapters), so they are skipped."""
+        with lora_merges_skipped([self.model]):
+            return super()._move_adapter_to_vllm(*args, **kwargs)
+
+
+def untruncated_top_k(config, model):
+    """``config`` with ``--top_k -1`` (or 0) meaning every token on ms-swift's transformers engine, as ms-swift
+    documents it and as vLLM samples.
+
+    That engine turns a non-positive top-k into None and then takes the model's generation-config top-k (transformers'
+    default 50; Qwen3 ships 20): on-policy samples would come from a truncated distribution on CPU and from the full
+    one under vLLM. A top-k of the head's row count keeps every token."""
+    if config.top_k is None or config.top_k > 0:
+        return config
+    config = copy(config)
+    config.top_k = head_rows(model)
+    return config
+
+
+def seeded_request_config(config, *, seed: int, step: int, process_index: int, tensor_parallel_size: int,
+                          vllm_mode: str):
+    """A copy of ``config`` whose ``seed`` makes vLLM's sampling a function of (``--seed``, step, rank).
+
+    ms-swift's vLLM engine gives request ``i`` of one call the seed ``config.seed + i``. In colocate mode ms-swift
+    sets ``config.seed`` only with TP > 1, to ``B * (rank // tp)``: the same at every step and for every ``--seed``,
+    and with more requests than ``B`` per rank (``steps_per_generation`` > GA) overlapping the next group's range, so
+    two copies of a prompt could draw the same completion. Here the base is a 62-bit hash of (seed, step, the rank's
+    TP group) (:func:`~swift_gkd_plugin.core.modes.sampling_seed`): the ranks of one TP group, which drive one engine,
+    share it; other groups and steps get unrelated ranges; a resumed run draws what the uninterrupted run drew.
+
+    Server mode is left to ms-swift (each rollout worker seeds itself at random): the trainer's client splits the
+    requests between servers and each server between its data-parallel workers, which number their share from the
+    same ``config.seed``, so one seed would give copies of a prompt on different workers the same draws.
+    """
+    if vllm_mode != 'colocate':
+        return config
+    config = copy(config)
+    config.seed = sampling_seed(seed, step, process_index // max(int(tensor_parallel_size), 1)) >> 1
+    return config

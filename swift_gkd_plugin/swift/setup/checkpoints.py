@@ -1,0 +1,228 @@
+"""Checkpoints of a GKD run: which are complete, a resume from an incomplete one refused before any model loads,
+and a save that fails for lack of space named as such.
+
+The HF Trainer writes ``trainer_state.json`` last in each ``checkpoint-N`` (after the weights, optimizer, scheduler
+and RNG states), and ms-swift points ``last-checkpoint`` at a checkpoint only once it is written: a checkpoint
+without ``trainer_state.json`` is one whose save was cut short (a killed process, a full disk). Resuming from it
+used to fail only after both models had loaded, with a raw ``FileNotFoundError``; a full disk during a save
+surfaced as torch's ``unexpected pos 765248 vs 765140``.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import resource
+import shutil
+from typing import List, Optional
+
+from swift_gkd_plugin.flags import FlagError
+
+TRAINER_STATE = 'trainer_state.json'  # transformers.trainer.TRAINER_STATE_NAME, written last
+LAST_CHECKPOINT = 'last-checkpoint'  # ms-swift's symlink to the newest complete checkpoint
+_CHECKPOINT = re.compile(r'^checkpoint-(\d+)$')
+# what a failed write looks like: OSError's own errno, or the text of torch's and safetensors' writers
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_WRITE_FAILED = re.compile(r'unexpected pos \d+ vs \d+|No space left on device|Disk quota exceeded|File too large|'
+                           r'PytorchStreamWriter failed|file write failed', re.IGNORECASE)
+LOW_SPACE = 64 * 2**20  # bytes: below this, a failed write is taken for a full disk
+
+
+def is_complete(checkpoint: str) -> bool:
+    """``checkpoint`` holds a readable ``trainer_state.json`` (the file the trainer writes last)."""
+    try:
+        with open(os.path.join(checkpoint, TRAINER_STATE), encoding='utf-8') as f:
+            return isinstance(json.load(f), dict)
+    except (OSError, ValueError):
+        return False
+
+
+def complete_checkpoints(output_dir: str) -> List[str]:
+    """The complete ``checkpoint-N`` folders of ``output_dir``, by step."""
+    try:
+        names = os.listdir(output_dir)
+    except OSError:
+        return []
+    found = [(int(m.group(1)), os.path.join(output_dir, name)) for name in names for m in [_CHECKPOINT.match(name)]
+             if m and is_complete(os.path.join(output_dir, name))]
+    return [path for _, path in sorted(found)]
+
+
+def newest_complete(output_dir: str) -> Optional[str]:
+    """``last-checkpoint`` where it points at a complete checkpoint, else the highest complete ``checkpoint-N``."""
+    link = os.path.join(output_dir, LAST_CHECKPOINT)
+    if os.path.isdir(link) and is_complete(link):
+        return os.path.join(output_dir, os.readlink(link)) if os.path.islink(link) else link
+    complete = complete_checkpoints(output_dir)
+    return complete[-1] if complete else None
+
+
+def newest_hint(output_dir: str) -> str:
+    newest = newest_complete(output_dir)
+    if newest is None:
+        return f'{output_dir} holds no complete checkpoint to resume from'
+    return f'the newest complete checkpoint is {newest} (--resume_from_checkpoint {newest})'
+
+
+#: The arguments that ms-swift saves beside the weights of each checkpoint (a copy of the run's args.json).
+ARGS_FILE = 'args.json'
+
+
+#: the other flags that define the loss (its temperature, the teacher's support), compared on resume
+LOSS_FLAGS = ('temperature', 'gkd_logits_topk', 'gkd_topk_tail')
+
+
+def loss_changes(saved: dict, args) -> List[str]:
+    """The loss settings of ``args`` that differ from those ``saved`` in a checkpoint's args.json: the divergence,
+    then the parameter of the divergence in use (--beta for jsd, --gkd_skew_alpha for the skew ones), then the
+    temperature and the teacher's top-k support (:data:`LOSS_FLAGS`)."""
+    names = ['gkd_divergence', 'beta' if args.gkd_divergence == 'jsd' else 'gkd_skew_alpha']
+    if saved.get('gkd_divergence', 'jsd') != args.gkd_divergence:
+        names = names[:1]
+    names += list(LOSS_FLAGS)
+    return [f'--{name} {saved[name]} -> {getattr(args, name)}' for name in names
+            if name in saved and hasattr(args, name) and saved[name] != getattr(args, name)]
+
+
+def warn_resume_changes(args) -> None:
+    """Resuming with another divergence or divergence parameter than the checkpoint was trained with is allowed (a
+    deliberate curriculum), but said: the loss switches silently otherwise."""
+    path = os.path.join(args.resume_from_checkpoint or '', ARGS_FILE)
+    if not args.resume_from_checkpoint or not os.path.isfile(path):
+        return
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return
+    changes = loss_changes(saved, args) if isinstance(saved, dict) else []
+    if changes:
+        from swift.utils import get_logger
+        get_logger().warning(f'swift_gkd_plugin: --resume_from_checkpoint {args.resume_from_checkpoint} was trained '
+                             f'with another loss ({"; ".join(changes)}, checkpoint\'s -> this run\'s): training '
+                             'goes on with this run\'s. Pass the checkpoint\'s values to continue its loss.')
+
+
+#: what a checkpoint holds besides trainer_state.json: the weights (any of them) and the training state
+WEIGHTS = ('model.safetensors', 'model.safetensors.index.json', 'pytorch_model.bin', 'pytorch_model.bin.index.json')
+ADAPTER_WEIGHTS = ('adapter_model.safetensors', 'adapter_model.bin')
+TRAINING_STATE = {'optimizer.pt': 'the optimizer state (AdamW moments)', 'scheduler.pt': 'the learning-rate schedule'}
+RNG_STATE = re.compile(r'^rng_state(_\d+)?\.pth$')
+
+
+def unreadable(path: str) -> Optional[str]:
+    """Why the file ``path`` cannot be what its name says (a cut-short safetensors file or torch zip archive), else
+    None. Reads the safetensors header and the zip directory only, never the tensors."""
+    size = os.path.getsize(path)
+    try:
+        if path.endswith('.safetensors'):
+            with open(path, 'rb') as f:
+                header_len = int.from_bytes(f.read(8), 'little')
+                header = json.loads(f.read(header_len)) if 8 + header_len <= size else None
+            if header is None:
+                return f'its header runs past the end of the file ({size} bytes)'
+            end = max([t['data_offsets'][1] for k, t in header.items() if k != '__metadata__'] or [0])
+            return None if 8 + header_len + end <= size else f'{size} bytes, its tensors need {8 + header_len + end}'
+        if path.endswith(('.pt', '.pth', '.bin')) and not path.endswith('training_args.bin'):
+            import zipfile
+            zipfile.ZipFile(path).close()
+    except Exception as exc:  # noqa: BLE001: json, struct and zipfile errors alike
+        return f'{size} bytes, not readable ({type(exc).__name__}: {exc})'
+    return None
+
+
+def checkpoint_files_problem(path: str, args) -> Optional[str]:
+    """What ``--resume_from_checkpoint path`` lacks to resume (its weights or adapter, the optimizer and scheduler
+    unless ``--resume_only_model``), or a file of it that was cut short; a DeepSpeed checkpoint (``global_step*``)
+    keeps its own files and is left to DeepSpeed."""
+    names = os.listdir(path)
+    if any(name.startswith('global_step') for name in names):
+        return None
+    adapter = os.path.isfile(os.path.join(path, 'adapter_config.json'))
+    weights = ADAPTER_WEIGHTS if adapter else WEIGHTS
+    if not any(name in names for name in weights):
+        return f'holds no {"adapter" if adapter else "model"} weights (none of {", ".join(weights)})'
+    needed = [] if args.resume_only_model else list(TRAINING_STATE)
+    missing = [name for name in needed if name not in names]
+    if missing:
+        what = ' and '.join(TRAINING_STATE[name] for name in missing)
+        return (f'has no {" or ".join(missing)}: resuming would silently start {what} afresh. Pass --resume_only_model '
+                'true to start from its weights only')
+    for name in sorted(names):
+        problem = unreadable(os.path.join(path, name)) if os.path.isfile(os.path.join(path, name)) else None
+        if problem:
+            return f'has a cut-short {name} ({problem})'
+    return None
+
+
+def check_resume_checkpoint(args) -> None:
+    """``--resume_from_checkpoint`` (a folder: :func:`swift_gkd_plugin.swift.setup.paths.check_resume_folder`) is a
+    complete checkpoint (:func:`checkpoint_files_problem`; its
+    trainer state unless only its weights are loaded: ``--resume_only_model true --ignore_data_skip true`` never reads
+    it); a loss that differs from the checkpoint's, and a checkpoint without its RNG state, are warned about."""
+    path = args.resume_from_checkpoint
+    if not path:
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    warn_resume_changes(args)
+    if not (args.resume_only_model and args.ignore_data_skip) and not is_complete(path):
+        state = os.path.join(path, TRAINER_STATE)
+        problem = 'has no' if not os.path.exists(state) else 'has an unreadable'
+        raise FlagError(f'--resume_from_checkpoint {path} {problem} {TRAINER_STATE}, which the trainer writes last in '
+                         'a checkpoint: its save was cut short (a killed process, a full disk); '
+                         f'{newest_hint(parent)}.')
+    problem = checkpoint_files_problem(path, args)
+    if problem:
+        raise FlagError(f'--resume_from_checkpoint {path} {problem}; {newest_hint(parent)}.')
+    if not args.resume_only_model and not any(RNG_STATE.match(name) for name in os.listdir(path)):
+        from swift.utils import get_logger
+        get_logger().warning(f'swift_gkd_plugin: --resume_from_checkpoint {path} has no rng_state.pth: the run resumes '
+                             'with other random draws than an uninterrupted run (dropout, on-policy samples), so its '
+                             'losses will differ from it')
+
+
+def _write_failure(exc: BaseException) -> bool:
+    """``exc`` (or an exception it was raised from) is a failed file write."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS or _WRITE_FAILED.search(str(exc)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _cause(exc: BaseException, folder: str) -> tuple:
+    """``(errno, words)`` naming why a write into ``folder`` failed: a full filesystem, the file-size limit of the
+    process (``ulimit -f``), else the error itself."""
+    usage = shutil.disk_usage(folder)
+    if usage.free < LOW_SPACE:
+        return errno.ENOSPC, (f'no space left on device: the filesystem of {folder} has {usage.free / 2**20:.1f} MiB '
+                              f'free of {usage.total / 2**20:.1f} MiB')
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY:
+        return errno.EFBIG, f'file too large: this process may write files of at most {limit} bytes (ulimit -f)'
+    code = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO
+    return code, f'a write failed ({type(exc).__name__}: {exc}); {usage.free / 2**20:.1f} MiB free in {folder}'
+
+
+def guard_checkpoint_saves(trainer) -> None:
+    """A checkpoint save that fails writing a file raises an OSError naming the cause (no space left, the file-size
+    limit), the checkpoint and the newest complete one, instead of the writer's own message."""
+    original = trainer._save_checkpoint
+
+    def _save_checkpoint(*args, **kwargs):
+        try:
+            return original(*args, **kwargs)
+        except Exception as exc:
+            if not _write_failure(exc):
+                raise
+            output_dir = trainer.args.output_dir
+            checkpoint = os.path.join(output_dir, f'checkpoint-{trainer.state.global_step}')
+            code, cause = _cause(exc, checkpoint if os.path.isdir(checkpoint) else output_dir)
+            raise OSError(code, f'saving {checkpoint} failed, {cause}. That checkpoint is incomplete (no '
+                          f'{TRAINER_STATE}); {newest_hint(output_dir)}. Free space (or pass another --output_dir) '
+                          f'and resume.') from exc
+
+    trainer._save_checkpoint = _save_checkpoint

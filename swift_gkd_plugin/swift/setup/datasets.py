@@ -1,0 +1,712 @@
+"""Local datasets of a GKD run (``.jsonl``, ``.json``, ``.csv``, ``.parquet``, ``.arrow``), read once before any model
+is loaded.
+
+ms-swift reads them later, after both models are loaded, and then fails badly: an empty file ends in a bare
+``StopIteration``, a line that is not UTF-8 in a ``UnicodeDecodeError`` that names neither the file nor the line, a
+broken JSON array in a ``DatasetGenerationError``; and rows it cannot use (an unknown role, a response of numbers) are
+dropped without a word, or all of them, which ends in a resampling error. Here each problem is reported with the flag,
+the file and the line (the index of a JSON array's item).
+
+Rows with nothing to distil (no assistant response, in the column names that ms-swift's automatic preprocessor
+understands) are named too: a dataset step (off-policy) has no response token to distil on them. When no step can
+sample them (``--lmbda 0``, no ``--seq_kd``; or a validation set, which is always scored on its own responses) they
+are refused; otherwise they are only reported, since on-policy and seq_kd steps sample a response for them, except
+rows without a user message (e.g. a system turn only): ms-swift cannot encode those, and each step draws another row
+in their place, so the report says they are dropped.
+
+Media columns (``images``, ``videos``, ``audios``) are checked too. ms-swift replaces a row whose image it cannot
+read by another row (an INFO line only), and a text-only model keeps a row's ``<image>`` tag as literal text and
+never sees the image: both trained on something else than the user's data with exit code 0. Here a local media file
+that is missing (or an image that cannot be opened) is refused by file, line and path, and so is a media row given to
+a text-only model. URLs and inline (base64) media are left to ms-swift: they are read only when the row is encoded.
+"""
+from __future__ import annotations
+
+import ast
+import base64
+import binascii
+import json
+import os
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
+
+from swift.dataset.dataset_syntax import DatasetSyntax
+from swift.dataset.preprocessor import AutoPreprocessor
+from swift.utils import get_logger
+from transformers import TrainerCallback
+
+from swift_gkd_plugin.flags import FlagError
+from swift_gkd_plugin.local_paths import looks_local, near_names
+
+logger = get_logger()
+
+# the keys of ms-swift 4.6's MessagesPreprocessor and ResponsePreprocessor (swift/dataset/preprocessor/core.py)
+MESSAGES_KEYS = ('messages', 'conversation', 'conversations')
+ROLE_KEYS = ('role', 'from')
+ASSISTANT_ROLES = ('assistant', 'gpt', 'bot')
+USER_ROLES = ('user', 'human')
+RESPONSE_KEYS = ('response', 'answer', 'output', 'targets', 'target', 'answer_key', 'answers', 'solution', 'text',
+                 'completion', 'content')
+MEDIA_KEYS = ('images', 'videos', 'audios')
+LINES_SHOWN = 10
+#: the local files read here before loading (ms-swift reads them with the ``datasets`` loader of their ending)
+CHECKED_SUFFIXES = ('.jsonl', '.json', '.csv', '.parquet', '.arrow')
+TABLE_SUFFIXES = ('.parquet', '.arrow')  # columnar files, read with pyarrow
+_NO_SAMPLING = {
+    '--dataset': ('--lmbda 0 without --seq_kd only distils on dataset responses. Remove those rows, or let the '
+                  'student (--lmbda > 0) or the teacher (--seq_kd true) sample responses for them.'),
+    '--val_dataset': 'evaluation only distils on dataset responses. Remove those rows from the validation set.',
+}
+
+
+def local_dataset_files(entries: List[str], use_hf: Optional[bool]) -> List[Tuple[str, bool]]:
+    """``(path, standard_format)`` for each local ``.jsonl``, ``.json`` or ``.csv`` file among ``--dataset``-style
+    entries (``path``, ``path#N``, ``path:subset``). ``standard_format`` is False for files registered with a
+    preprocessor of their own, whose columns this check cannot interpret."""
+    files = []
+    for entry in entries or []:
+        syntax = DatasetSyntax.parse(entry)
+        if not (syntax.dataset.endswith(CHECKED_SUFFIXES) and os.path.isfile(syntax.dataset)):
+            continue  # a hub id, a folder or another format: read by ms-swift alone
+        preprocess = syntax.get_dataset_meta(use_hf).preprocess_func
+        files.append((syntax.dataset, isinstance(preprocess, AutoPreprocessor) and not preprocess.columns))
+    return files
+
+
+#: file endings of local dataset files ms-swift reads; an entry with one of them names a file, never a hub dataset
+
+
+def check_dataset_paths(args) -> None:
+    """``--dataset`` / ``--val_dataset`` entries that name local files (an absolute or ``./`` path, a file ending such
+    as ``.jsonl``, more than one ``/``) must exist: otherwise ms-swift takes them for hub ids, loads both models and
+    then fails to reach the hub (or, offline, ends in hundreds of lines). ``#N`` and ``:subset`` suffixes allowed;
+    entries that look like hub ids (``owner/name``) are left to ms-swift."""
+    for flag, entries in (('--dataset', args.dataset), ('--val_dataset', args.val_dataset)):
+        for entry in entries or []:
+            path = DatasetSyntax.parse(entry).dataset
+            if os.path.exists(path) or not looks_local(path):
+                continue
+            where = '' if os.path.isabs(path) else f' (relative to {os.getcwd()})'
+            near = near_names(path)
+            raise FlagError(f'{flag} {entry}: no such file {path!r}{where}{near}; a local dataset must exist (hub '
+                            'datasets are named owner/name)')
+
+
+class Where(NamedTuple):
+    """Where a row is in its file: ``line`` (jsonl, csv: the line it starts on) or ``index`` (a JSON array, from 0)."""
+    kind: str
+    number: int
+
+    def __str__(self):
+        return f'{self.kind} {self.number}'
+
+
+def dataset_rows(flag: str, path: str) -> Iterator[Tuple[Where, dict]]:
+    """``(where, row)`` for each row of a local ``.jsonl`` / ``.json`` (one object per line, or an array of objects, as
+    the ``datasets`` json loader reads both) or ``.csv`` file; a FlagError naming the flag, the file and the line (or
+    array index) for what cannot be read, and for a file without rows."""
+    found = False
+    if path.lower().endswith(TABLE_SUFFIXES):
+        rows = table_rows(flag, path)
+    else:
+        rows = csv_rows(flag, path) if path.lower().endswith('.csv') else (
+            json_array_rows(flag, path) if _first_byte(path) == b'[' else jsonl_rows(flag, path))
+    for where, row in rows:
+        if not isinstance(row, dict):
+            raise FlagError(f'{flag} {path}: {where} is a JSON {type(row).__name__}, not an object (one row per '
+                            'line, or an array of rows: {"messages": [...]})')
+        found = True
+        yield where, row
+    if not found:
+        raise FlagError(f'{flag} {path}: the file has no rows (a dataset needs one JSON object per line, an array of '
+                        'them, or a csv header and rows)')
+
+
+def table_rows(flag: str, path: str) -> Iterator[Tuple[Where, dict]]:
+    """The rows of a ``.parquet`` or ``.arrow`` (stream or file) table as the ``datasets`` loaders read them
+    (pyarrow), each named by its row number; a file pyarrow cannot read is refused."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    try:
+        if path.lower().endswith('.parquet'):
+            table = pq.read_table(path)
+        else:
+            try:
+                table = pa.ipc.open_stream(pa.OSFile(path)).read_all()
+            except pa.ArrowInvalid:
+                table = pa.ipc.open_file(pa.OSFile(path)).read_all()
+    except (pa.ArrowException, OSError) as exc:
+        kind = os.path.splitext(path)[1][1:]
+        raise FlagError(f'{flag} {path}: not a readable {kind} file ({str(exc).strip()})') from None
+    for i, row in enumerate(table.to_pylist()):
+        yield Where('row', i + 1), row
+
+
+def _first_byte(path: str) -> bytes:
+    """The first byte that is not white space or a UTF-8 byte order mark."""
+    with open(path, 'rb') as f:
+        head = f.read(4096).lstrip(b'\xef\xbb\xbf \t\r\n')
+    return head[:1]
+
+
+def _utf8(flag: str, path: str, raw: bytes, line_no: int = 1) -> str:
+    """``raw`` (the whole file, or its line ``line_no``) as text, or a FlagError naming the line of a bad byte."""
+    try:
+        return raw.decode('utf-8-sig' if line_no == 1 else 'utf-8')
+    except UnicodeDecodeError as exc:
+        line_no += raw.count(b'\n', 0, exc.start)
+        raise FlagError(f'{flag} {path}: line {line_no} is not UTF-8 text (byte {exc.start}: '
+                        f'{raw[exc.start:exc.start + 1]!r}); save the file as UTF-8') from None
+
+
+def jsonl_rows(flag: str, path: str) -> Iterator[Tuple[Where, object]]:
+    """One JSON value per non-blank line; a line that is not UTF-8 or not JSON is refused by its number."""
+    with open(path, 'rb') as f:
+        for line_no, raw in enumerate(f, 1):
+            text = _utf8(flag, path, raw, line_no)
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as exc:
+                if _one_object(path):
+                    raise FlagError(f'{flag} {path}: the file is one JSON object over several lines, not rows: a '
+                                    'dataset is one object per line, or an array of them ([{"messages": [...]}, '
+                                    '...])') from None
+                raise FlagError(f'{flag} {path}: line {line_no} is not valid JSON ({exc.msg}, column '
+                                f'{exc.colno})') from None
+            yield Where('line', line_no), row
+
+
+def _one_object(path: str) -> bool:
+    try:
+        with open(path, 'rb') as f:
+            return isinstance(json.loads(f.read()), dict)
+    except ValueError:
+        return False
+
+
+def json_array_rows(flag: str, path: str) -> Iterator[Tuple[Where, object]]:
+    """The items of a file that is one JSON array, each named by its index; a file that does not parse is refused
+    with the parser's line and column."""
+    with open(path, 'rb') as f:
+        text = _utf8(flag, path, f.read())
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise FlagError(f'{flag} {path}: not valid JSON at line {exc.lineno}, column {exc.colno} ({exc.msg}); a '
+                        'JSON dataset is an array of row objects, or one object per line') from None
+    for index, item in enumerate(items):
+        yield Where('index', index), item
+
+
+def csv_rows(flag: str, path: str) -> Iterator[Tuple[Where, dict]]:
+    """The rows of a csv file as the ``datasets`` csv loader reads them for ms-swift (pandas, ``na_filter=False``, in
+    chunks of 10,000 rows, so a column of numbers only holds numbers), each named by the line it starts on."""
+    import csv
+
+    import pandas as pd
+    with open(path, 'rb') as f:
+        _utf8(flag, path, f.read())
+    with open(path, newline='', encoding='utf-8-sig') as f:
+        reader, starts = csv.reader(f), []
+        try:
+            while True:
+                start = reader.line_num + 1
+                if next(reader):
+                    starts.append(start)
+        except StopIteration:
+            pass
+        except csv.Error as exc:
+            raise FlagError(f'{flag} {path}: line {reader.line_num} is not valid csv ({exc})') from None
+    try:
+        chunks = pd.read_csv(path, na_filter=False, chunksize=10_000)
+        frames = list(chunks)
+    except pd.errors.EmptyDataError:
+        return
+    except (pd.errors.ParserError, ValueError) as exc:
+        raise FlagError(f'{flag} {path}: not a valid csv file ({str(exc).strip()})') from None
+    rows = [row for frame in frames for row in frame.to_dict('records')]
+    lines = starts[1:] if len(starts) == len(rows) + 1 else None  # the header's line first
+    for i, row in enumerate(rows):
+        yield (Where('line', lines[i]) if lines else Where('row', i + 1)), row
+
+
+#: the roles ms-swift 4.6's messages preprocessor accepts (aliases included), everything else fails its row
+KNOWN_ROLES = ('system', 'user', 'human', 'assistant', 'gpt', 'bot', 'tool', 'tool_call', 'tool_response',
+               'function_call', 'function-call', 'function_response', 'function-response', 'observation',
+               'observations')
+CONTENT_KEYS = ('content', 'value')
+
+
+def row_problem(row: dict, columns: Dict[str, str]) -> Optional[str]:
+    """Why ms-swift would drop ``row`` (a row its preprocessor or template cannot use), else None. A messages row:
+    messages that are not a non-empty list of objects (a string is parsed as ms-swift does, as in a csv column), an
+    unknown role, a missing, null or non-text content. A ``query`` / ``response`` row (ms-swift's response
+    preprocessor, its column names included): a system, query or response that is not text. ShareGPT's ``user`` /
+    ``assistant`` keys are not judged here."""
+    row = _mapped(row, columns)
+    key = next((k for k in MESSAGES_KEYS if k in row), None)
+    if key is None:
+        return _response_row_problem(row)
+    messages = row[key]
+    if not isinstance(messages, list) or not messages:
+        return f'"{key}" is {_kind(messages)}, not a non-empty list of messages'
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            return f'message {i} is {_kind(message)}, not an object'
+        if not any(k in message for k in ROLE_KEYS):
+            if i == 0 and {'user', 'assistant'} & set(message):
+                return None  # ShareGPT's {"user": ..., "assistant": ...} pairs
+            return f'message {i} has no "role"'
+        role = _role(message)
+        if role not in KNOWN_ROLES:
+            return f'message {i} has the role {role!r}, not one of {", ".join(KNOWN_ROLES[:4])}, tool, ...'
+        content = next((message[k] for k in CONTENT_KEYS if k in message), None)
+        final_response = i == len(messages) - 1 and role in ASSISTANT_ROLES and content is not None
+        if not isinstance(content, (str, list)) and not final_response:  # a final response: response_problem
+            return f'message {i} ({role}): its content is {_kind(content)}, not text'
+    return None
+
+
+def response_problem(row: dict, columns: Dict[str, str]) -> Optional[str]:
+    """A response (the last message, the assistant's, or a response column) that is not null and not text, such as a
+    number: it does not encode, so the steps that encode the response (dataset steps, evaluation) drop the row, and
+    the others, which encode the prompt alone, keep it."""
+    row = _mapped(row, columns)
+    messages = _messages(row)
+    if messages is not None:
+        content = next((messages[-1][k] for k in CONTENT_KEYS if k in messages[-1]), None)
+        if _role(messages[-1]) in ASSISTANT_ROLES and content is not None and not isinstance(content, (str, list)):
+            return f'message {len(messages) - 1} (assistant): its content is {_kind(content)}, not text'
+        return None
+    source = _response_columns(row)['response'] if not any(k in row for k in MESSAGES_KEYS) else None
+    value = row.get(source)
+    value = value[0] if isinstance(value, list) and value else value  # ms-swift uses the first of a list
+    return None if value is None or isinstance(value, str) else f'"{source}" is {_kind(value)}, not text'
+
+
+# the columns of ms-swift 4.6's ResponsePreprocessor (swift/dataset/preprocessor/core.py), by what they become
+RESPONSE_ROW_KEYS = {'system': ('system', 'system_prompt'),
+                     'query': ('query', 'prompt', 'input', 'instruction', 'question', 'problem'),
+                     'response': RESPONSE_KEYS}
+#: the columns ms-swift's automatic preprocessor reads text from
+READ_COLUMNS = MESSAGES_KEYS + tuple(key for keys in RESPONSE_ROW_KEYS.values() for key in keys)
+
+
+def misspelt_columns(names) -> str:
+    """`` (column 'respones' is not one ms-swift reads: did you mean 'response'?)`` for each of ``names`` that is no
+    column ms-swift reads but close to one (a typo), else ``''``."""
+    import difflib
+    hints = []
+    for name in sorted(n for n in names if n not in READ_COLUMNS + MEDIA_KEYS + PRIVILEGED_COLUMNS):
+        close = difflib.get_close_matches(str(name).lower(), READ_COLUMNS, n=1, cutoff=0.75)
+        if close:
+            hints.append(f'column {name!r} is not one ms-swift reads: did you mean {close[0]!r}?')
+    return f' ({"; ".join(hints)})' if hints else ''
+
+
+def _response_row_problem(row: dict) -> Optional[str]:
+    """A system or query column of a row without messages whose value is not text (a csv column of numbers only is
+    read as numbers); a response column's: :func:`response_problem`."""
+    for target, source in _response_columns(row).items():
+        value = row.get(source)
+        if target != 'response' and value is not None and not isinstance(value, str):
+            return f'"{source}" is {_kind(value)}, not text'
+    return None
+
+
+def _response_columns(row: dict) -> Dict[str, Optional[str]]:
+    """The column of ``row`` that ms-swift's response preprocessor reads as its system, query and response, as its
+    ``safe_rename_columns`` maps them: case-insensitive, and two columns for one target map neither (a column named as
+    the target itself is kept)."""
+    lower = {key.lower(): key for key in row}
+    columns = {}
+    for target, keys in RESPONSE_ROW_KEYS.items():
+        present = [lower[key] for key in keys if key in lower]
+        columns[target] = present[0] if len(present) == 1 else (target if target in row else None)
+    return columns
+
+
+#: the roles a ``teacher_messages`` column may hold: ms-swift checks and renames only the ``messages`` column's
+STANDARD_ROLES = ('system', 'user', 'assistant', 'tool', 'tool_call', 'tool_response')
+
+
+def privileged_problem(row: dict, columns: Dict[str, str]) -> Optional[str]:
+    """Why a row's ``teacher_prompt`` (text, or null) or ``teacher_messages`` (null, or a non-empty list of
+    ``{"role", "content"}`` messages in ms-swift's own role names) cannot be used, else None. ms-swift reads these
+    columns as they are, and the trainer refuses a column of another type only once both models are loaded."""
+    row = {columns.get(key, key): value for key, value in row.items()}
+    prompt = row.get('teacher_prompt')
+    if prompt is not None and not isinstance(prompt, str):
+        return f'teacher_prompt is {_kind(prompt)}; allowed: text (the teacher\'s version of the last user message)'
+    messages = row.get('teacher_messages')
+    if messages is None:
+        return None
+    allowed = ('allowed: a non-empty list of {"role": ..., "content": ...} messages (roles '
+               f'{", ".join(STANDARD_ROLES)}), the teacher\'s prompt conversation')
+    if not isinstance(messages, list) or not messages:
+        return f'teacher_messages is {_kind(messages)}; {allowed}'
+    for i, message in enumerate(messages):
+        if not (isinstance(message, dict) and message.get('role') in STANDARD_ROLES
+                and isinstance(message.get('content'), (str, list))):
+            return f'teacher_messages message {i} is {_kind(message)}; {allowed}'
+    return None
+
+
+def _kind(value) -> str:
+    return 'null' if value is None else f'{type(value).__name__} {json.dumps(value, default=str)[:40]}'
+
+
+def _mapped(row: dict, columns: Dict[str, str]) -> dict:
+    """``row`` after ``--columns``, a messages column given as a string parsed as ms-swift's messages preprocessor
+    does (JSON, else a Python literal; left a string when neither parses)."""
+    row = {columns.get(key, key): value for key, value in row.items()}
+    for key in MESSAGES_KEYS:
+        if isinstance(row.get(key), str):
+            try:
+                row[key] = json.loads(row[key])
+            except ValueError:
+                try:
+                    row[key] = ast.literal_eval(row[key])
+                except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
+                    pass
+    return row
+
+
+def _messages(row: dict) -> Optional[list]:
+    for key in MESSAGES_KEYS:
+        messages = row.get(key)
+        if isinstance(messages, list) and messages:
+            return messages
+    return None
+
+
+def _role(message) -> Optional[str]:
+    return next((message[k] for k in ROLE_KEYS if k in message), None) if isinstance(message, dict) else None
+
+
+def has_response(row: dict, columns: Dict[str, str]) -> bool:
+    """Whether ms-swift's automatic preprocessor finds a non-empty assistant response in ``row`` (after
+    ``--columns``)."""
+    row = _mapped(row, columns)
+    messages = _messages(row)
+    if messages is not None:  # an empty content ('') encodes as a bare end of turn: nothing to distil either
+        content = next((messages[-1][k] for k in CONTENT_KEYS if k in messages[-1]), None)
+        return _role(messages[-1]) in ASSISTANT_ROLES and content not in ('', [])
+    return any(row.get(key) not in (None, '', []) for key in RESPONSE_KEYS)
+
+
+def has_prompt(row: dict, columns: Dict[str, str]) -> bool:
+    """Whether a messages row has a user message to sample a response to (rows of other formats: assumed)."""
+    messages = _messages(_mapped(row, columns))
+    return messages is None or any(_role(m) in USER_ROLES for m in messages)
+
+
+def media_refs(row: dict, columns: Dict[str, str]) -> List[Tuple[str, str]]:
+    """``(column, reference)`` for each media file a row names (a path, a URL or inline base64), after
+    ``--columns``: a string, or a list of strings / ``{"path": ...}`` dicts (``{"bytes": ...}`` is inline)."""
+    row = {columns.get(key, key): value for key, value in row.items()}
+    refs = []
+    for key in MEDIA_KEYS:
+        values = row.get(key)
+        for value in values if isinstance(values, list) else [values]:
+            if isinstance(value, dict) and not value.get('bytes'):
+                value = value.get('path')
+            if isinstance(value, str) and value.strip():
+                refs.append((key, value.strip()))
+    return refs
+
+
+def _local_file(ref: str) -> Optional[str]:
+    """Where ms-swift reads a local media reference (as ``swift.template.vision_utils._check_path``: the working
+    directory, else ``ROOT_IMAGE_DIR``), or None for a URL or inline base64 data, which are read at encoding time."""
+    if ref.startswith(('http://', 'https://', 'data:')) or len(ref) > 2000:
+        return None
+    root = os.environ.get('ROOT_IMAGE_DIR')
+    for candidate in (ref, os.path.join(root, ref) if root else None):
+        if candidate and os.path.exists(os.path.expanduser(candidate)):
+            return os.path.abspath(os.path.expanduser(candidate))
+    try:
+        base64.b64decode(ref, validate=True)
+        return None  # inline data
+    except (binascii.Error, ValueError):
+        return ref  # a path that does not exist
+
+
+def media_problem(key: str, ref: str) -> Optional[str]:
+    """Why ms-swift could not read this media reference (a missing file, an image that does not open), or None."""
+    path = _local_file(ref)
+    if path is None:
+        return None
+    if not os.path.isfile(path):
+        where = f'the working directory {os.getcwd()}' + (
+            f' or ROOT_IMAGE_DIR {os.environ["ROOT_IMAGE_DIR"]}' if os.environ.get('ROOT_IMAGE_DIR') else '')
+        return f'{key} {ref!r}: no such file (relative paths are read from {where})'
+    if key == 'images':
+        from PIL import Image
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except Exception as exc:
+            return f'{key} {ref!r}: not a readable image ({type(exc).__name__}: {exc})'
+    return None
+
+
+def scan_rows(flag: str, path: str, standard_format: bool, columns: Dict[str, str], multimodal: bool,
+              by_steps: Callable[[dict], Tuple[Optional[str], Optional[str]]] = None) -> dict:
+    """Reads the whole file (refusing what cannot be read): its number of rows, and where each of its rows is with
+    a problem: ``bad`` (ms-swift would drop it) and ``privileged`` (its teacher columns) as ``(where, problem)``,
+    ``no_response`` as ``(where, has a prompt)``, ``media`` (it names media), ``broken`` (``(where, problem)`` of each
+    unreadable media file), ``dataset_steps`` (``(where, problem)``: dropped on dataset steps only).
+    ``by_steps(row)``: why ms-swift drops the row on every step, and on dataset steps only (:func:`_step_check`)."""
+    found = {'no_response': [], 'media': [], 'broken': [], 'bad': [], 'privileged': [], 'dataset_steps': [],
+             'rows': 0, 'no_response_columns': set()}
+    for where, row in dataset_rows(flag, path):
+        found['rows'] += 1
+        if not standard_format:
+            continue
+        problem = privileged_problem(row, columns)
+        if problem:
+            found['privileged'].append((where, problem))
+        problem, dataset_steps = row_problem(row, columns), None
+        if not problem and by_steps:
+            problem, dataset_steps = by_steps(row)
+        if problem:
+            found['bad'].append((where, problem))
+            continue
+        if dataset_steps:
+            found['dataset_steps'].append((where, dataset_steps))
+        if not has_response(row, columns):
+            found['no_response'].append((where, has_prompt(row, columns)))
+            found['no_response_columns'].update(_mapped(row, columns))
+        refs = media_refs(row, columns)
+        if refs:
+            found['media'].append(where)
+        if multimodal:
+            found['broken'] += [(where, problem) for problem in (media_problem(*ref) for ref in refs) if problem]
+    return found
+
+
+_PLURAL = {'line': 'lines', 'index': 'indices', 'row': 'rows'}
+
+
+def _shown(wheres: List[Where]) -> str:
+    """``lines 1, 2, 3, ...`` (or ``indices`` of a JSON array), the first :data:`LINES_SHOWN`."""
+    numbers = ', '.join(str(where.number) for where in wheres[:LINES_SHOWN])
+    return f'{_PLURAL[wheres[0].kind]} {numbers}' + (', ...' if len(wheres) > LINES_SHOWN else '')
+
+
+def _listed(problems: List[Tuple[Where, str]]) -> str:
+    """``line 3: problem; line 5: problem (and 2 more)``, the first :data:`LINES_SHOWN`."""
+    shown = '; '.join(f'{where}: {problem}' for where, problem in problems[:LINES_SHOWN])
+    return shown + (f' (and {len(problems) - LINES_SHOWN} more)' if len(problems) > LINES_SHOWN else '')
+
+
+def check_local_datasets(args) -> None:
+    """``--dataset`` / ``--val_dataset`` local jsonl, json, csv, parquet and arrow files: readable, not empty, rows that
+    ms-swift would drop refused (or counted, :func:`_bad_rows`), teacher columns of the right type, their media files readable
+    and only given to a multimodal model, and their rows without a response refused when nothing can sample one for
+    them (see the module's docstring), else reported."""
+    columns = args.columns if isinstance(args.columns, dict) else {}
+    train_samples = args.lmbda > 0 or args.seq_kd
+    meta = getattr(args, 'model_meta', None)
+    multimodal = meta is None or meta.is_multimodal  # unknown: not refused here
+    from swift_gkd_plugin.swift.setup.row_lengths import RowLengths  # it reads this module's names
+    lengths = RowLengths.of(args)
+    train_rows, dropped, skipped, partial = 0, [], [], []
+    for flag, entries, can_sample in (('--dataset', args.dataset, train_samples), ('--val_dataset', args.val_dataset,
+                                                                                    False)):
+        for path, standard_format in local_dataset_files(entries, args.use_hf):
+            by_steps = _step_check(args, lengths, can_sample)
+            found = scan_rows(flag, path, standard_format, columns, multimodal, by_steps)
+            train_rows += found['rows'] if flag == '--dataset' else 0
+            if found['dataset_steps']:
+                partial += [f'{path} {where}' for where, _ in found['dataset_steps']]
+                logger.warning(f'swift_gkd_plugin: {flag} {path}: {len(found["dataset_steps"])} row(s) are dropped '
+                               f'on dataset (off-policy) steps, used on the others: {_listed(found["dataset_steps"])}')
+            if found['privileged']:
+                raise FlagError(f'{flag} {path}: {len(found["privileged"])} row(s) have a teacher column that the '
+                                f'trainer cannot use: {_listed(found["privileged"])}')
+            if found['media'] and not multimodal:
+                raise FlagError(
+                    f'{flag} {path}: {len(found["media"])} row(s) have images, videos or audios '
+                    f'({_shown(found["media"])}), but --model {args.model} (model type {meta.model_type}) is a '
+                    'text-only model: its template keeps the <image> tag as literal text and the model never sees '
+                    'the media. Train a multimodal model (with its --model_type / --template), or remove the media '
+                    'columns (images, videos, audios).')
+            if found['broken']:
+                raise FlagError(f'{flag} {path}: {len(found["broken"])} media file(s) cannot be read: '
+                                f'{_listed(found["broken"])}. ms-swift would silently train on other rows in their '
+                                'place; fix or remove these rows.')
+            if found['bad']:
+                skipped += _bad_rows(args, flag, path, found['bad'])
+            no_response = found['no_response']
+            if not no_response:
+                continue
+            missing = [where for where, _ in no_response]
+            typo = misspelt_columns(found['no_response_columns'])
+            rows = f'{flag} {path}: {len(missing)} row(s) have no assistant response ({_shown(missing)}){typo}'
+            if not can_sample:
+                raise FlagError(f'{rows}, so they have nothing to distil (an empty response counts as none): '
+                                f'{_NO_SAMPLING[flag]}')
+            promptless = [where for where, prompt in no_response if not prompt]
+            sampled = [where for where, prompt in no_response if prompt]
+            if flag == '--dataset':
+                dropped += [f'{path} {where}' for where in promptless]
+            if sampled:
+                logger.warning(f'swift_gkd_plugin: {flag} {path}: {len(sampled)} row(s) have no assistant response '
+                               f'({_shown(sampled)}){typo}: dataset (off-policy) steps have nothing to distil on them; '
+                               'on-policy and seq_kd steps sample a response for them.')
+            if promptless:
+                logger.warning(f'swift_gkd_plugin: {flag} {path}: {len(promptless)} row(s) have neither a user '
+                               f'message nor an assistant response ({_shown(promptless)}): nothing can be '
+                               'sampled for them, ms-swift cannot encode them, and each step draws other rows in their '
+                               'place: they are dropped. Give them a user message, or remove them.')
+    check_one_batch(args, train_rows - len(dropped) - len(skipped), dropped, skipped, partial)
+
+
+def _step_check(args, lengths, can_sample: bool) -> Callable[[dict], Tuple[Optional[str], Optional[str]]]:
+    """``by_steps(row)`` of :func:`scan_rows`: the problems that depend on the step, a response that is not text
+    (:func:`response_problem`) and a length over ``--max_length`` (``lengths``, a
+    :class:`~swift_gkd_plugin.swift.setup.row_lengths.RowLengths`, or None where rows are not measured). On-policy and seq_kd
+    steps encode the prompt alone, dataset steps (``--lmbda`` < 1 without ``--seq_kd``) and evaluation the response
+    too: rows that nothing samples for (``can_sample`` False) are dropped on every step when the whole row does not
+    encode; the others when their prompt does not, and on dataset steps only when the whole row does not."""
+    columns = args.columns if isinstance(args.columns, dict) else {}
+    dataset_steps = args.lmbda < 1 and not args.seq_kd
+
+    def whole(row):
+        return response_problem(row, columns) or (lengths.problem(row, columns, prompt_only=False) if lengths else None)
+
+    def by_steps(row):
+        if not can_sample:
+            return whole(row), None
+        prompt = lengths.problem(row, columns, prompt_only=True) if lengths else None
+        return prompt, None if prompt or not dataset_steps else whole(row)
+
+    return by_steps
+
+
+def _shown_rows(rows: List[str]) -> str:
+    return ', '.join(rows[:LINES_SHOWN]) + (', ...' if len(rows) > LINES_SHOWN else '')
+
+
+#: the columns that give the student-itself teacher a view of its own (a privileged prompt): ms-swift's OPSD columns
+PRIVILEGED_COLUMNS = ('teacher_prompt', 'teacher_messages')
+
+
+def check_self_teacher_has_something_to_add(args) -> None:
+    """Without ``--teacher_model``, ``--teacher_model_server``, ``--teacher_adapters`` or a shared-base LoRA set-up
+    the teacher is the student itself: unless a row gives it a privileged prompt, teacher and student see the same
+    input, every divergence and its gradient are exactly 0, and the run learns nothing (with exit 0). Refused when
+    every ``--dataset`` is a local jsonl, json or csv file without such a column and no other term learns
+    (``--sft_alpha``, ``--gkd_rl_coef``); other datasets cannot be read here (the trainer stops a run whose loss
+    stays 0 instead)."""
+    if (args.teacher_model is not None or args.teacher_model_server is not None or args.teacher_adapters
+            or getattr(args, '_teacher_use_disable_adapter', False)):
+        return
+    if (args.sft_alpha or 0) > 0 or (args.gkd_rl_coef or 0) > 0:
+        return
+    entries = list(args.dataset or [])
+    files = local_dataset_files(entries, args.use_hf)
+    if not entries or len(files) != len(entries) or not all(standard for _, standard in files):
+        return
+    columns = args.columns if isinstance(args.columns, dict) else {}
+    names = set(PRIVILEGED_COLUMNS) | {k for k, v in columns.items() if v in PRIVILEGED_COLUMNS}
+    for path, _ in files:
+        if any(row.get(name) for _, row in dataset_rows('--dataset', path) for name in names):
+            return
+    raise FlagError('no teacher: without --teacher_model, --teacher_model_server or --teacher_adapters the teacher is '
+                    'the student itself, and no row of --dataset has a teacher_prompt or teacher_messages column to '
+                    'give it a view of its own, so the loss and its gradient are exactly 0 and the run would learn '
+                    'nothing. Pass --teacher_model (or a LoRA student with --teacher_model equal to --model, or '
+                    '--teacher_adapters), add a teacher_prompt column, or set --sft_alpha > 0')
+
+
+def _bad_rows(args, flag: str, path: str, bad: List[Tuple[Where, str]]) -> List[str]:
+    """Rows ms-swift would drop without a word: refused, or with ``--gkd_drop_bad_rows true`` counted in a warning
+    and left out (returned as dropped training rows)."""
+    text = f'{flag} {path}: {len(bad)} row(s) that ms-swift would drop without a word: {_listed(bad)}'
+    if not getattr(args, 'gkd_drop_bad_rows', False):
+        raise FlagError(f'{text}. Fix them, or pass --gkd_drop_bad_rows true to train without them (counted in a '
+                        'warning)')
+    logger.warning(f'swift_gkd_plugin: {text}; --gkd_drop_bad_rows true: training without them')
+    return [f'{path} {where}' for where, _ in bad] if flag == '--dataset' else []
+
+
+def check_one_batch(args, rows: int, dropped: List[str] = (), skipped: List[str] = (), partial: List[str] = ()
+                    ) -> None:
+    """Training sets of local jsonl, json, csv, parquet and arrow files only: with no row that can be encoded
+    (``dropped``: rows with neither a user message nor a response; ``skipped``: rows left out by ``--gkd_drop_bad_rows true``; or, on dataset
+    steps, none but ``partial`` rows), ms-swift would load both models and then fail to resample ("Increase
+    max_length"). Read whole (no ``#N`` sampling), fewer rows than one device's batch can never fill a batch, and GKD
+    drops incomplete ones. Preprocessing only removes rows, so these refusals are certain; the other cases (several
+    processes, ``--num_generations``, rows dropped while encoding, hub datasets) are refused when training starts
+    (:class:`RefuseEmptyEpochs`)."""
+    entries = args.dataset or []
+    local_files = len(local_dataset_files(entries, args.use_hf)) == len(entries)
+    if not entries or not local_files or args.streaming:
+        return
+    if rows <= 0 and skipped:
+        promptless = f', {len(dropped)} without a user message or a response' if dropped else ''
+        raise FlagError(f'--dataset {" ".join(entries)}: no row can be trained on: all {len(skipped) + len(dropped)} '
+                        f'row(s) would be dropped ({len(skipped)} left out by --gkd_drop_bad_rows true, named in the '
+                        f'warning above{promptless}). Fix the rows')
+    if partial and len(partial) >= rows > 0:
+        raise FlagError(f'--dataset {" ".join(entries)}: every row ({len(partial)}) is dropped on dataset '
+                        '(off-policy) steps, as the warning above lists, so the first such step would fail (--lmbda '
+                        f'{args.lmbda} without --seq_kd: dataset steps). Fix the rows, or pass --lmbda 1 or --seq_kd '
+                        'true')
+    if rows <= 0 and dropped:
+        raise FlagError(f'--dataset {" ".join(entries)}: no row can be trained on: all {len(dropped)} row(s) have '
+                        f'neither a user message nor an assistant response ({_shown_rows(dropped)}), so nothing can '
+                        'be sampled or distilled for them. Give each row a user message (the prompt), or an assistant '
+                        'response too')
+    whole = all(DatasetSyntax.parse(entry).dataset_sample is None for entry in entries)
+    batch = args.per_device_train_batch_size
+    if not whole or args.num_generations != 1 or rows >= batch:
+        return
+    unusable = f' (and {len(dropped)} without a user message or a response, dropped)' if dropped else ''
+    raise FlagError(f'--dataset: {rows} row(s){unusable} in {", ".join(entries)}, fewer than one batch '
+                    f'(--per_device_train_batch_size {batch}); GKD drops incomplete batches (dataloader_drop_last), '
+                    'so not one step could train. Add rows, or lower --per_device_train_batch_size.')
+
+
+class RefuseEmptyEpochs(TrainerCallback):
+    """Refuses, when training starts, a training set too small for one batch: GKD drops incomplete batches
+    (ms-swift sets ``dataloader_drop_last``), so the run would end with exit code 0 after 0 steps, ``train_loss 0``
+    and nothing saved. The numbers are known here: after preprocessing and filtering, on every rank. A run that
+    covers whole epochs is told how many rows each epoch leaves out that way (:func:`warn_rows_left_out`)."""
+
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        if train_dataloader is None or not hasattr(train_dataloader, '__len__'):
+            return
+        if len(train_dataloader) > 0:
+            warn_rows_left_out(args, state, train_dataloader)
+            return
+        rows = len(train_dataloader.dataset) if hasattr(train_dataloader.dataset, '__len__') else '?'
+        g = getattr(args, 'num_generations', 1) or 1
+        per_rank = (f'--per_device_train_batch_size {args.per_device_train_batch_size}' if g == 1 else
+                    f'{args.generation_batch_size // g} prompt(s) of --generation_batch_size '
+                    f'{args.generation_batch_size} / --num_generations {g}')
+        raise FlagError(f'--dataset: the training set has {rows} row(s) after preprocessing, fewer than one batch '
+                         f'({per_rank} on each of {args.world_size} process(es)); GKD drops incomplete batches '
+                         f'(dataloader_drop_last), so not one step could train (--max_steps {args.max_steps}). Add '
+                         'rows, or lower the batch size.')
+
+
+def warn_rows_left_out(args, state, train_dataloader) -> None:
+    """The rows that ``dataloader_drop_last`` leaves out of each epoch (its last, incomplete batch on each process:
+    other rows each epoch, as the sampler shuffles), warned about on the main process when the run covers at least
+    one epoch and batches hold one row per prompt."""
+    dataset = train_dataloader.dataset
+    one_row_per_prompt = (getattr(args, 'num_generations', 1) or 1) == 1
+    if not one_row_per_prompt or not hasattr(dataset, '__len__') or not state.is_world_process_zero:
+        return
+    rows, steps = len(dataset), len(train_dataloader)
+    per_epoch = steps * args.per_device_train_batch_size * args.world_size
+    if rows > per_epoch and state.max_steps * args.gradient_accumulation_steps >= steps:
+        logger.warning(f'swift_gkd_plugin: --dataset: {rows - per_epoch} of the {rows} training rows are left out of '
+                       f'each epoch: GKD drops incomplete batches (dataloader_drop_last; --per_device_train_batch_size '
+                       f'{args.per_device_train_batch_size} on {args.world_size} process(es)), and the sampler leaves '
+                       'out other rows each epoch')

@@ -1,0 +1,106 @@
+"""The paths of a ``swift rlhf`` command line, checked before ms-swift resolves them, and the run folder a refusal
+leaves behind.
+
+ms-swift refuses a missing ``--model`` and a missing ``--external_plugins`` file itself, with 20-47 lines of
+traceback; a ``--model`` or ``--teacher_model`` path that does not exist is taken for a hub id ("Downloading the model
+from HuggingFace Hub ..."). Here each is one ``error:`` line naming the flag and the path, before anything is
+resolved. The paths' rule is the datasets' (:func:`swift_gkd_plugin.swift.setup.datasets.check_dataset_paths`): an
+absolute, ``./`` or ``~`` path, or more than one ``/``, names a local folder; ``owner/name`` is left to the hub.
+
+A refusal after ms-swift built its arguments comes after it created the run's folder (``--output_dir``, with a
+``v<N>-<time>`` folder under ``--add_version``): :class:`CreatedDirs` remembers what that step created, and
+:meth:`CreatedDirs.remove_empty` removes those folders again while they are empty.
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Optional
+
+from swift_gkd_plugin.flags import FlagError
+from swift_gkd_plugin.local_paths import looks_local, near_names
+
+
+def check_model_given(args) -> None:
+    """``--model`` is given, unless ms-swift takes it from ``--adapters`` (their ``args.json``) or from
+    ``--resume_from_checkpoint`` with ``--resume_only_model``."""
+    if args.model is not None or args.adapters or (args.resume_from_checkpoint and args.resume_only_model):
+        return
+    raise FlagError('--model is required: the student to train, a local model folder or a hub id such as '
+                    'Qwen/Qwen3-0.6B (or --adapters of a trained LoRA, whose args.json names its model)')
+
+
+def check_model_paths(args) -> None:
+    """``--model`` and ``--teacher_model`` values that name local folders exist."""
+    for flag, value in (('--model', args.model), ('--teacher_model', args.teacher_model)):
+        if not isinstance(value, str) or not looks_local(value):
+            continue
+        path = os.path.expanduser(value)
+        if os.path.exists(path):
+            continue
+        where = '' if os.path.isabs(path) else f' (relative to {os.getcwd()})'
+        raise FlagError(f'{flag} {value}: no such model folder {path!r}{where}{near_names(path)}; a local model '
+                        'must exist (hub models are named owner/name)')
+
+
+def check_external_plugins(args) -> None:
+    """Each ``--external_plugins`` file (and ms-swift 3's ``--custom_register_path``) exists."""
+    for flag in ('external_plugins', 'custom_register_path'):
+        files = getattr(args, flag, None) or []
+        for value in [files] if isinstance(files, str) else files:
+            path = os.path.abspath(os.path.expanduser(value))
+            if not os.path.isfile(path):
+                what = 'is a folder, not a Python file' if os.path.isdir(path) else 'no such file'
+                raise FlagError(f'--{flag} {value}: {what} {path!r}{near_names(path)}; pass the .py file that '
+                                'registers your plugins')
+
+
+def check_resume_folder(args) -> None:
+    """``--resume_from_checkpoint`` is a folder (ms-swift refuses a missing one with a traceback); what it holds is
+    checked once the arguments are resolved (:func:`swift_gkd_plugin.swift.setup.checkpoints.check_resume_checkpoint`)."""
+    path = args.resume_from_checkpoint
+    if not path or os.path.isdir(os.path.expanduser(path)):
+        return
+    from swift_gkd_plugin.swift.setup.checkpoints import newest_hint
+    what = 'is a file, not a checkpoint folder' if os.path.exists(path) else 'no such checkpoint folder'
+    raise FlagError(f'--resume_from_checkpoint {path}: {what}{near_names(path)}; '
+                    f'{newest_hint(os.path.dirname(os.path.abspath(path)))}.')
+
+
+def check_command_line_paths(args) -> None:
+    """Every check of this module, in this order."""
+    check_model_given(args)
+    check_model_paths(args)
+    check_external_plugins(args)
+    check_resume_folder(args)
+
+
+class CreatedDirs:
+    """The folders that one step creates at and above ``output_dir`` (its ``v<N>-<time>`` child included)."""
+
+    def __init__(self, output_dir: Optional[str]):
+        self.base = os.path.abspath(output_dir) if output_dir else None
+        self.missing: List[str] = []  # the base and its ancestors that do not exist yet, deepest first
+        path = self.base
+        while path and not os.path.exists(path):
+            self.missing.append(path)
+            path = os.path.dirname(path)
+        self.listing = set(os.listdir(self.base)) if self.base and os.path.isdir(self.base) else set()
+        self.created: List[str] = []
+
+    def after(self, output_dir: Optional[str]) -> 'CreatedDirs':
+        """Record what exists now that did not before, ``output_dir`` being where the step put the run."""
+        if self.base is None or not output_dir:
+            return self
+        output_dir = os.path.abspath(output_dir)
+        new_child = (os.path.dirname(output_dir) == self.base and os.path.basename(output_dir) not in self.listing)
+        self.created = [output_dir] if new_child else []
+        self.created += [path for path in self.missing if os.path.isdir(path)]
+        return self
+
+    def remove_empty(self) -> None:
+        """Remove the recorded folders, deepest first, while each is empty (a folder with any file stays)."""
+        for path in self.created:
+            try:
+                os.rmdir(path)  # only an empty folder
+            except OSError:
+                return

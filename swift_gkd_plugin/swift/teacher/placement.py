@@ -1,0 +1,183 @@
+"""The teacher side: where the teacher lives (separate model, offloaded or not; the student's base with its
+adapter off or the teacher adapter on; a server), its forward for the loss, and a served teacher's top-k."""
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager, nullcontext
+
+import torch
+from swift.trainers import disable_gradient_checkpointing
+from swift.utils import get_logger, unwrap_model_for_generation
+
+from swift_gkd_plugin.core.constants import IGNORE_INDEX
+from swift_gkd_plugin.swift.step.hidden_states import head_bypassed, output_head
+from swift_gkd_plugin.swift.teacher.adapters import TEACHER_ADAPTER, active_adapter, eval_mode
+from swift_gkd_plugin.swift.teacher.served import (attach_trainer_token_ids, connect_teacher_servers,
+                                                   infer_prompt_logprobs)
+
+logger = get_logger()
+
+
+class TeacherMixin:
+    """The teacher: placement, contexts, forward, and a served teacher's signal."""
+
+    def _log_teacher_placement(self) -> None:
+        if self._teacher_adapter is not None:
+            logger.info(f'Teacher model: the student base with the frozen adapter {self._teacher_adapter} (one copy '
+                        'of the base weights)')
+        elif self._teacher_use_disable_adapter:
+            logger.info('Using shared base model architecture:\n'
+                        '  - Student model: base_model + LoRA (trainable)\n'
+                        '  - Teacher model: base_model with LoRA disabled (frozen)')
+        elif self.teacher_model is not None:
+            where = 'resident'
+            if self.args.offload_teacher_model:
+                where = ('its partitions offloaded to CPU between uses by ms-swift' if self._teacher_partitioned else
+                         'offloaded to CPU between uses')
+            logger.info(f'Teacher model: a separate frozen model ({where})')
+        elif self.use_teacher_api:
+            logger.info(f'Teacher model: served at {self.teacher_model_server}')
+        else:
+            logger.info('Teacher model: the student itself (no --teacher_model), frozen for the teacher forward')
+
+    def _teacher_name(self) -> str:
+        """The teacher in an error message: its flag and value, or what it is."""
+        if self._teacher_adapter is not None:
+            return f'the teacher (--teacher_adapters {self._teacher_adapter} on the student\'s base)'
+        if self._teacher_use_disable_adapter:
+            return 'the teacher (the student\'s base with its LoRA adapter off)'
+        if self.teacher_model is not None:
+            path = getattr(self.accelerator.unwrap_model(self.teacher_model), 'model_dir', '?')
+            return f'the teacher (--teacher_model {path})'
+        if self.use_teacher_api:
+            return f'the teacher (--teacher_model_server {self.teacher_model_server})'
+        return 'the teacher (the student itself)'
+
+    def _student_name(self) -> str:
+        return f'the student (--model {getattr(self.accelerator.unwrap_model(self.model), "model_dir", "?")})'
+
+    @contextmanager
+    def load_teacher_model_context(self):
+        if self._teacher_offloader is not None and self._teacher_offloader.enabled:
+            with self._teacher_offloader.resident():
+                yield
+        else:
+            with super().load_teacher_model_context():
+                yield
+
+    @contextmanager
+    def _teacher_view_of_student(self, unwrapped):
+        """The student module as the teacher: adapter off or the teacher adapter on when both share the base, else
+        the student as it is; always in eval mode, as a separately loaded teacher runs (no dropout)."""
+        with eval_mode(unwrapped):
+            if self._teacher_adapter is not None:
+                view = active_adapter(unwrapped, TEACHER_ADAPTER)
+            elif self._teacher_use_disable_adapter:
+                view = unwrapped.disable_adapter()
+            else:
+                view = nullcontext()
+            with view:
+                yield
+
+    def _teacher_for_generation(self, stack: ExitStack):
+        """The separate teacher, resident (an offloaded one uploaded) and unwrapped, held by ``stack``."""
+        stack.enter_context(self.load_teacher_model_context())
+        return stack.enter_context(
+            unwrap_model_for_generation(
+                self.teacher_model, self.accelerator,
+                gather_deepspeed3_params=self.teacher_ds3_gather_for_generation is not False))
+
+    def _teacher_forward(self, model, teacher_inputs, hidden: bool = False):
+        """The teacher's logits, or (``hidden=True``) its last hidden states and output head ``(weight, bias)``.
+
+        The head is taken (detached) before the forward: under ZeRO-3 a head tied to the input embedding is released
+        by the embedding's post-forward hook, even inside ``gathered_heads``, and read afterwards it is an empty shard.
+        """
+        fwd = {k: v for k, v in teacher_inputs.items() if k != 'labels'}
+        if self._is_self_distillation:
+            unwrapped = self.accelerator.unwrap_model(model)
+            head = _detached_head(unwrapped) if hidden else None  # the student's own head, frozen for the teacher
+            with torch.no_grad(), self._teacher_view_of_student(unwrapped), disable_gradient_checkpointing(
+                    model, self.args.gradient_checkpointing_kwargs), head_bypassed(unwrapped, hidden):
+                out = model(**fwd).logits
+            return (out, head) if hidden else out
+        unwrapped = self.accelerator.unwrap_model(self.teacher_model)
+        with torch.no_grad(), self.load_teacher_model_context(), disable_gradient_checkpointing(
+                self.teacher_model, self.args.gradient_checkpointing_kwargs):
+            # detached inside the block: an offloaded teacher's parameters point back to the CPU copy when it ends
+            head = _detached_head(unwrapped) if hidden else None
+            with head_bypassed(unwrapped, hidden):
+                out = self.teacher_model(**fwd).logits
+            if not hidden:
+                return out
+            weight, bias = head
+            return out, (weight.to(out.device), None if bias is None else bias.to(out.device))
+
+    def _setup_teacher(self) -> None:
+        """A served teacher is reached through the plugin's client (no vLLM needed), from every rank."""
+        server = getattr(self, 'teacher_model_server', None)
+        self.teacher_model_server = None  # keep ms-swift from building its vLLM client
+        super()._setup_teacher()
+        self.teacher_model_server = server
+        if server is None:
+            return
+        from swift.rlhf_trainers.gkd_helpers import parse_teacher_model_server
+        self.use_teacher_api = True
+        self._is_self_distillation = False
+        self.teacher_configs = parse_teacher_model_server(server)
+        self.teacher_clients, self._teacher_topk_route = connect_teacher_servers(
+            self.args, self.teacher_configs, self.accelerator, self.gkd_logits_topk, self.template.tokenizer)
+
+    def _infer_teacher_requests(self, handle, topk, teacher_client=None):
+        """ms-swift's /infer/ call (main process) through the plugin's client: no vLLM, waits and logged retries."""
+        if not handle['all_requests']:
+            return []
+        return infer_prompt_logprobs(teacher_client or self.teacher_clients[0], handle['all_requests'], topk)
+
+    def _postprocess_batch(self, samples, batch_encoded_inputs) -> None:
+        """One request per generation batch: the teacher's top-k at every response position of every row."""
+        if not self.use_teacher_api:
+            return
+        if not self._teacher_topk_route:
+            # a server with only ms-swift's routes: ms-swift's requests, routing, gather to the main process and
+            # assembly, with _infer_teacher_requests above answering them (and checking the server's tokenization)
+            attach_trainer_token_ids(batch_encoded_inputs)
+            super()._postprocess_batch(samples, batch_encoded_inputs)
+            return
+        requests, places = [], []
+        for b, batch in enumerate(batch_encoded_inputs):
+            inputs = batch['teacher_model_inputs']
+            labels, ids = inputs['labels'], inputs['input_ids']
+            attention = inputs.get('attention_mask')
+            for row in range(ids.shape[0]):
+                keep = attention[row].bool() if attention is not None else torch.ones_like(ids[row], dtype=torch.bool)
+                offset = int(keep.nonzero()[0]) if keep.any() else 0  # left padding
+                row_ids, row_labels = ids[row][keep], labels[row][keep]
+                positions = (row_labels[1:] != IGNORE_INDEX).nonzero().flatten()
+                requests.append((row_ids.tolist(), positions.tolist()))
+                places.append((b, row, positions + offset))
+        # each sample goes to the teacher whose tags hold its tag (ms-swift's rule); one request per teacher
+        from swift.rlhf_trainers.gkd_helpers import route_samples_to_teachers
+        routing = route_samples_to_teachers(samples, self.teacher_configs, tag_key=self.args.teacher_tag_key)
+        results = [None] * len(requests)
+        for t_idx, indices in routing.items():
+            if indices:
+                answers = self.teacher_clients[t_idx].topk_at([requests[i] for i in indices], topk=self.gkd_logits_topk)
+                for i, answer in zip(indices, answers):
+                    results[i] = answer
+        k = self.gkd_logits_topk
+        for batch in batch_encoded_inputs:
+            shape = tuple(batch['teacher_model_inputs']['input_ids'].shape) + (k, )
+            device = batch['teacher_model_inputs']['input_ids'].device
+            batch['gkd_batch'].teacher_topk_logprobs = torch.full(shape, float('-inf'), device=device)
+            batch['gkd_batch'].teacher_topk_indices = torch.zeros(shape, dtype=torch.long, device=device)
+        for (b, row, positions), result in zip(places, results):
+            gkd_batch = batch_encoded_inputs[b]['gkd_batch']
+            gkd_batch.teacher_topk_logprobs[row, positions] = result.logprobs.to(device).float()
+            gkd_batch.teacher_topk_indices[row, positions] = result.ids.to(device).long()
+
+
+
+def _detached_head(model) -> tuple:
+    """The model's output head ``(weight, bias)``, detached (as they are now)."""
+    weight, bias = output_head(model)
+    return weight.detach(), None if bias is None else bias.detach()
