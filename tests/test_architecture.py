@@ -3,6 +3,7 @@ core/ imports no ms-swift and no adapter; megatron/ and swift/ import core/, nev
 each other, directly or round a circle (activation.py, which patches ms-swift, is imported only by the start-up
 hooks); ms-swift's dataset columns are patched in one module."""
 import ast
+import re
 import os
 
 import pytest
@@ -258,3 +259,23 @@ def test_the_literal_ignore_index_is_defined_once():
                    and n.operand.value == 100 for n in ast.walk(tree)):
                 spelled.add(os.path.relpath(path, PACKAGE))
     assert spelled == {'core/constants.py'}
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize('page', ['docs_en/architecture.md', 'docs_zh/architecture.md'])
+def test_the_architecture_page_matches_the_tree(page):
+    """The page names every folder of the package, and every ``name.py`` it names exists in the checkout."""
+    with open(os.path.join(REPO, page)) as f:
+        text = f.read()
+    source = os.path.join(REPO, 'swift_gkd_plugin')
+    folders, files = set(), set()
+    for folder, dirs, names in os.walk(REPO):
+        dirs[:] = [d for d in dirs if not d.startswith('.') and d != '__pycache__']
+        files.update(n for n in names if n.endswith('.py'))
+        if folder.startswith(source + os.sep):
+            folders.add(os.path.relpath(folder, source).replace(os.sep, '/'))
+    assert sorted(f for f in folders if f'{f}/' not in text) == []
+    named = set(re.findall(r'([A-Za-z_][\w]*\.py)\b', text))
+    assert sorted(named - files) == []
