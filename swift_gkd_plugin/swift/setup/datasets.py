@@ -27,15 +27,15 @@ import base64
 import binascii
 import json
 import os
-from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from swift.dataset.dataset_syntax import DatasetSyntax
-from swift.dataset.preprocessor import AutoPreprocessor
 from swift.utils import get_logger
 from transformers import TrainerCallback
 
 from swift_gkd_plugin.flags import FlagError
 from swift_gkd_plugin.local_paths import looks_local, near_names
+from swift_gkd_plugin.swift.setup.dataset_files import Where, dataset_rows, local_dataset_files
 
 logger = get_logger()
 
@@ -48,31 +48,11 @@ RESPONSE_KEYS = ('response', 'answer', 'output', 'targets', 'target', 'answer_ke
                  'completion', 'content')
 MEDIA_KEYS = ('images', 'videos', 'audios')
 LINES_SHOWN = 10
-#: the local files read here before loading (ms-swift reads them with the ``datasets`` loader of their ending)
-CHECKED_SUFFIXES = ('.jsonl', '.json', '.csv', '.parquet', '.arrow')
-TABLE_SUFFIXES = ('.parquet', '.arrow')  # columnar files, read with pyarrow
 _NO_SAMPLING = {
     '--dataset': ('--lmbda 0 without --seq_kd only distils on dataset responses. Remove those rows, or let the '
                   'student (--lmbda > 0) or the teacher (--seq_kd true) sample responses for them.'),
     '--val_dataset': 'evaluation only distils on dataset responses. Remove those rows from the validation set.',
 }
-
-
-def local_dataset_files(entries: List[str], use_hf: Optional[bool]) -> List[Tuple[str, bool]]:
-    """``(path, standard_format)`` for each local ``.jsonl``, ``.json`` or ``.csv`` file among ``--dataset``-style
-    entries (``path``, ``path#N``, ``path:subset``). ``standard_format`` is False for files registered with a
-    preprocessor of their own, whose columns this check cannot interpret."""
-    files = []
-    for entry in entries or []:
-        syntax = DatasetSyntax.parse(entry)
-        if not (syntax.dataset.endswith(CHECKED_SUFFIXES) and os.path.isfile(syntax.dataset)):
-            continue  # a hub id, a folder or another format: read by ms-swift alone
-        preprocess = syntax.get_dataset_meta(use_hf).preprocess_func
-        files.append((syntax.dataset, isinstance(preprocess, AutoPreprocessor) and not preprocess.columns))
-    return files
-
-
-#: file endings of local dataset files ms-swift reads; an entry with one of them names a file, never a hub dataset
 
 
 def check_dataset_paths(args) -> None:
@@ -89,146 +69,6 @@ def check_dataset_paths(args) -> None:
             near = near_names(path)
             raise FlagError(f'{flag} {entry}: no such file {path!r}{where}{near}; a local dataset must exist (hub '
                             'datasets are named owner/name)')
-
-
-class Where(NamedTuple):
-    """Where a row is in its file: ``line`` (jsonl, csv: the line it starts on) or ``index`` (a JSON array, from 0)."""
-    kind: str
-    number: int
-
-    def __str__(self):
-        return f'{self.kind} {self.number}'
-
-
-def dataset_rows(flag: str, path: str) -> Iterator[Tuple[Where, dict]]:
-    """``(where, row)`` for each row of a local ``.jsonl`` / ``.json`` (one object per line, or an array of objects, as
-    the ``datasets`` json loader reads both) or ``.csv`` file; a FlagError naming the flag, the file and the line (or
-    array index) for what cannot be read, and for a file without rows."""
-    found = False
-    if path.lower().endswith(TABLE_SUFFIXES):
-        rows = table_rows(flag, path)
-    else:
-        rows = csv_rows(flag, path) if path.lower().endswith('.csv') else (
-            json_array_rows(flag, path) if _first_byte(path) == b'[' else jsonl_rows(flag, path))
-    for where, row in rows:
-        if not isinstance(row, dict):
-            raise FlagError(f'{flag} {path}: {where} is a JSON {type(row).__name__}, not an object (one row per '
-                            'line, or an array of rows: {"messages": [...]})')
-        found = True
-        yield where, row
-    if not found:
-        raise FlagError(f'{flag} {path}: the file has no rows (a dataset needs one JSON object per line, an array of '
-                        'them, or a csv header and rows)')
-
-
-def table_rows(flag: str, path: str) -> Iterator[Tuple[Where, dict]]:
-    """The rows of a ``.parquet`` or ``.arrow`` (stream or file) table as the ``datasets`` loaders read them
-    (pyarrow), each named by its row number; a file pyarrow cannot read is refused."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    try:
-        if path.lower().endswith('.parquet'):
-            table = pq.read_table(path)
-        else:
-            try:
-                table = pa.ipc.open_stream(pa.OSFile(path)).read_all()
-            except pa.ArrowInvalid:
-                table = pa.ipc.open_file(pa.OSFile(path)).read_all()
-    except (pa.ArrowException, OSError) as exc:
-        kind = os.path.splitext(path)[1][1:]
-        raise FlagError(f'{flag} {path}: not a readable {kind} file ({str(exc).strip()})') from None
-    for i, row in enumerate(table.to_pylist()):
-        yield Where('row', i + 1), row
-
-
-def _first_byte(path: str) -> bytes:
-    """The first byte that is not white space or a UTF-8 byte order mark."""
-    with open(path, 'rb') as f:
-        head = f.read(4096).lstrip(b'\xef\xbb\xbf \t\r\n')
-    return head[:1]
-
-
-def _utf8(flag: str, path: str, raw: bytes, line_no: int = 1) -> str:
-    """``raw`` (the whole file, or its line ``line_no``) as text, or a FlagError naming the line of a bad byte."""
-    try:
-        return raw.decode('utf-8-sig' if line_no == 1 else 'utf-8')
-    except UnicodeDecodeError as exc:
-        line_no += raw.count(b'\n', 0, exc.start)
-        raise FlagError(f'{flag} {path}: line {line_no} is not UTF-8 text (byte {exc.start}: '
-                        f'{raw[exc.start:exc.start + 1]!r}); save the file as UTF-8') from None
-
-
-def jsonl_rows(flag: str, path: str) -> Iterator[Tuple[Where, object]]:
-    """One JSON value per non-blank line; a line that is not UTF-8 or not JSON is refused by its number."""
-    with open(path, 'rb') as f:
-        for line_no, raw in enumerate(f, 1):
-            text = _utf8(flag, path, raw, line_no)
-            if not text.strip():
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as exc:
-                if _one_object(path):
-                    raise FlagError(f'{flag} {path}: the file is one JSON object over several lines, not rows: a '
-                                    'dataset is one object per line, or an array of them ([{"messages": [...]}, '
-                                    '...])') from None
-                raise FlagError(f'{flag} {path}: line {line_no} is not valid JSON ({exc.msg}, column '
-                                f'{exc.colno})') from None
-            yield Where('line', line_no), row
-
-
-def _one_object(path: str) -> bool:
-    try:
-        with open(path, 'rb') as f:
-            return isinstance(json.loads(f.read()), dict)
-    except ValueError:
-        return False
-
-
-def json_array_rows(flag: str, path: str) -> Iterator[Tuple[Where, object]]:
-    """The items of a file that is one JSON array, each named by its index; a file that does not parse is refused
-    with the parser's line and column."""
-    with open(path, 'rb') as f:
-        text = _utf8(flag, path, f.read())
-    try:
-        items = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise FlagError(f'{flag} {path}: not valid JSON at line {exc.lineno}, column {exc.colno} ({exc.msg}); a '
-                        'JSON dataset is an array of row objects, or one object per line') from None
-    for index, item in enumerate(items):
-        yield Where('index', index), item
-
-
-def csv_rows(flag: str, path: str) -> Iterator[Tuple[Where, dict]]:
-    """The rows of a csv file as the ``datasets`` csv loader reads them for ms-swift (pandas, ``na_filter=False``, in
-    chunks of 10,000 rows, so a column of numbers only holds numbers), each named by the line it starts on."""
-    import csv
-
-    import pandas as pd
-    with open(path, 'rb') as f:
-        _utf8(flag, path, f.read())
-    with open(path, newline='', encoding='utf-8-sig') as f:
-        reader, starts = csv.reader(f), []
-        try:
-            while True:
-                start = reader.line_num + 1
-                if next(reader):
-                    starts.append(start)
-        except StopIteration:
-            pass
-        except csv.Error as exc:
-            raise FlagError(f'{flag} {path}: line {reader.line_num} is not valid csv ({exc})') from None
-    try:
-        chunks = pd.read_csv(path, na_filter=False, chunksize=10_000)
-        frames = list(chunks)
-    except pd.errors.EmptyDataError:
-        return
-    except (pd.errors.ParserError, ValueError) as exc:
-        raise FlagError(f'{flag} {path}: not a valid csv file ({str(exc).strip()})') from None
-    rows = [row for frame in frames for row in frame.to_dict('records')]
-    lines = starts[1:] if len(starts) == len(rows) + 1 else None  # the header's line first
-    for i, row in enumerate(rows):
-        yield (Where('line', lines[i]) if lines else Where('row', i + 1)), row
 
 
 #: the roles ms-swift 4.6's messages preprocessor accepts (aliases included), everything else fails its row
