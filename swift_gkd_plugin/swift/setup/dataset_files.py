@@ -19,9 +19,9 @@ TABLE_SUFFIXES = ('.parquet', '.arrow')  # columnar files, read with pyarrow
 
 
 def local_dataset_files(entries: List[str], use_hf: Optional[bool]) -> List[Tuple[str, bool]]:
-    """``(path, standard_format)`` for each local ``.jsonl``, ``.json`` or ``.csv`` file among ``--dataset``-style
-    entries (``path``, ``path#N``, ``path:subset``). ``standard_format`` is False for files registered with a
-    preprocessor of their own, whose columns this check cannot interpret."""
+    """``(path, standard_format)`` for each local file of a checked format (``CHECKED_SUFFIXES``) among
+    ``--dataset``-style entries (``path``, ``path#N``, ``path:subset``). ``standard_format`` is False for files
+    registered with a preprocessor of their own, whose columns this check cannot interpret."""
     files = []
     for entry in entries or []:
         syntax = DatasetSyntax.parse(entry)

@@ -351,7 +351,7 @@ def check_local_datasets(args) -> None:
     train_samples = args.lmbda > 0 or args.seq_kd
     meta = getattr(args, 'model_meta', None)
     multimodal = meta is None or meta.is_multimodal  # unknown: not refused here
-    from swift_gkd_plugin.swift.setup.row_lengths import RowLengths  # it reads this module's names
+    from swift_gkd_plugin.swift.setup.row_lengths import RowLengths  # (imports ms-swift: loaded on use)
     lengths = RowLengths.of(args)
     train_rows, dropped, skipped, partial = 0, [], [], []
     for flag, entries, can_sample in (('--dataset', args.dataset, train_samples), ('--val_dataset', args.val_dataset,
