@@ -106,8 +106,8 @@ def _functions(module):
     return [node for node in tree.body if isinstance(node, ast.FunctionDef)]
 
 
-CHECK_MODULES = ['swift_gkd_plugin.flags', 'swift_gkd_plugin.swift.setup.arguments', 'swift_gkd_plugin.megatron.setup.checks',
-                 'swift_gkd_plugin.swift.setup.vllm']
+CHECK_MODULES = ['swift_gkd_plugin.flags', 'swift_gkd_plugin.flag_checks', 'swift_gkd_plugin.swift.setup.arguments',
+                 'swift_gkd_plugin.megatron.setup.checks', 'swift_gkd_plugin.swift.setup.vllm']
 
 
 @pytest.mark.parametrize('module_name', CHECK_MODULES)

@@ -1,0 +1,352 @@
+"""The rules between flags (combinations GKD refuses, or warns about, naming every flag involved) and what every
+flag check shares: :class:`FlagError`, :class:`Range` and the temperature bounds. Imports no ms-swift and not
+:mod:`swift_gkd_plugin.flags`, which declares the flags, checks each against its declaration, and re-exports these.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import List, Optional
+
+from swift_gkd_plugin.core.fused.kernels import BACKEND_ENV, BACKENDS as FUSED_BACKENDS, triton_available
+
+#: Below this ``--temperature`` most positions of a real model's loss saturate: see :data:`TEMPERATURE_FLOOR_WHY`
+#: (measured in docs_en/README.md, "Bad input").
+TEMPERATURE_FLOOR = 0.02
+TEMPERATURE_FLOOR_WHY = (
+    'the loss divides the logits by it and float32 exp() underflows past 103 nats, so below it every position whose '
+    'top two logits differ by 2 or more is one-hot on both sides with gradient 0: most positions of a real model '
+    '(positions with any gradient, SmolLM2-135M: 63% at 0.02, 36% at 0.01, 3% at 0.001)')
+
+#: Above this ``--temperature`` (and ``--gkd_sampling_temperature``) a run learns next to nothing: see
+#: :data:`TEMPERATURE_CEILING_WHY` (measured in tests/test_checks.py).
+TEMPERATURE_CEILING = 100.0
+TEMPERATURE_CEILING_WHY = (
+    'the tempered distributions approach uniform: the loss and its gradient shrink as 1/T^2, to a largest logit '
+    'gradient of 8e-10 at 100 and 8e-18 at 1e6 (a 151,936-token vocabulary, logits 1 nat apart), below AdamW\'s '
+    'epsilon (1e-8), so the updates vanish; samples at such temperatures are near-uniform random tokens. GKD '
+    'recipes use 0.5-2')
+
+#: The lowest ``--gkd_sampling_temperature`` (its range says > 0; this floor, checked after it, says why).
+SAMPLING_TEMPERATURE_FLOOR = 1e-6
+SAMPLING_TEMPERATURE_FLOOR_WHY = (
+    'the sampler divides the float32 logits by it: at 1e-6 they stay finite for any logit below 3e32, below it a '
+    'temperature such as 1e-40 turns them into inf and the sampling probabilities into NaN, failing the first '
+    'rollout; vLLM already samples greedily below 1e-5 and raises temperatures below 0.01 to 0.01')
+#: vLLM's SamplingParams refuses sampling temperatures above this at the first rollout.
+VLLM_TEMPERATURE_CEILING = 2.0
+
+
+class FlagError(ValueError):
+    """A refused command line: the message names the flag, the value and the allowed values. The entry points print
+    it as one ``error:`` line and exit with code 2, as argparse does for a value of the wrong type."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of a numeric flag: ``low`` (``> low`` if ``low_open``) and ``high`` (``< high`` if
+    ``high_open``) bounds, integers only (``integer``), None allowed (``optional``). Non-integer values must also be
+    finite (NaN fails every comparison and inf passes ``> 0``). ``says`` replaces the bounds in messages where they
+    read badly; ``why`` and ``unit`` follow them."""
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+    optional: bool = False
+    says: Optional[str] = None
+    why: str = ''
+    unit: str = ''
+
+    def allowed(self) -> str:
+        if self.says:
+            return self.says
+        if self.low is not None and self.high is not None:
+            return f'in [{self.low:g}, {self.high:g}{")" if self.high_open else "]"}'
+        text = f'{">" if self.low_open else ">="} {self.low:g}'
+        return f'an integer {text}' if self.integer else text
+
+    def check(self, flag: str, value) -> None:
+        """Raise a ValueError naming ``--flag``, ``value`` and the allowed values when ``value`` is outside."""
+        if value is None and self.optional:
+            return
+        if self.integer and not (isinstance(value, int) and not isinstance(value, bool)):
+            ok = False
+        elif not self.integer and not isinstance(value, (int, float)):
+            ok = False
+        elif not self.integer and not math.isfinite(value):
+            ok = False
+        else:
+            ok = ((self.low is None or (value > self.low if self.low_open else value >= self.low))
+                  and (self.high is None or (value < self.high if self.high_open else value <= self.high)))
+        if not ok:
+            unit = f' {self.unit}' if self.unit else ''
+            why = f' ({self.why})' if self.why else ''
+            finite = 'a finite number ' if isinstance(value, float) and not math.isfinite(value) else ''
+            raise FlagError(f'--{flag} must be {finite}{self.allowed()}{unit}{why}, got {value}')
+
+
+def check_temperature_ceiling(args) -> None:
+    """``--temperature`` and ``--gkd_sampling_temperature`` at most :data:`TEMPERATURE_CEILING` (their declared
+    ranges have already refused values below the floor, NaN and infinity), the sampling temperature at least
+    :data:`SAMPLING_TEMPERATURE_FLOOR`."""
+    value = getattr(args, 'gkd_sampling_temperature', None)
+    if value is not None and value < SAMPLING_TEMPERATURE_FLOOR:
+        raise FlagError(f'--gkd_sampling_temperature must be >= {SAMPLING_TEMPERATURE_FLOOR:g} '
+                        f'({SAMPLING_TEMPERATURE_FLOOR_WHY}), got {value}')
+    for flag in ('temperature', 'gkd_sampling_temperature'):
+        value = getattr(args, flag, None)
+        if value is not None and value > TEMPERATURE_CEILING:
+            raise FlagError(f'--{flag} must be <= {TEMPERATURE_CEILING:g} ({TEMPERATURE_CEILING_WHY}), got {value}')
+
+
+def check_fused_backend(args) -> None:
+    """``--gkd_fused_backend`` (declared choices) and, when it is unset, its default ``$SWIFT_GKD_FUSED_BACKEND``;
+    a forced ``triton`` needs triton and a CUDA device (or Triton's interpreter)."""
+    value = args.gkd_fused_backend
+    flag = f'--gkd_fused_backend {value}'
+    if value is None:
+        value = os.environ.get(BACKEND_ENV, '').strip()
+        flag = f'{BACKEND_ENV}={value}'
+        if value and value not in FUSED_BACKENDS:
+            raise FlagError(f'{BACKEND_ENV} (the default of --gkd_fused_backend) must be one of '
+                            f'{list(FUSED_BACKENDS)} or empty, got {value!r}')
+    if value != 'triton':
+        return
+    if not triton_available():
+        raise FlagError(f'{flag} needs the triton package (pip install triton); use --gkd_fused_backend auto or torch')
+    if os.environ.get('TRITON_INTERPRET', '0') != '1' and not _cuda_visible():
+        raise FlagError(f'{flag} runs the kernels on CUDA devices and this process sees none; use '
+                        '--gkd_fused_backend auto (the PyTorch path here) or torch')
+
+
+def _cuda_visible() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def check_rollout_flags(args) -> None:
+    """``--gkd_rollout_max_tokens`` needs on-policy steps and must cut below ``--max_completion_length``;
+    ``--gkd_entropy_fkl_threshold`` needs a PyTorch loss path (the Triton kernels have no such mix)."""
+    budget = getattr(args, 'gkd_rollout_max_tokens', None)
+    if budget is not None:
+        flag = f'--gkd_rollout_max_tokens {budget}'
+        if args.lmbda == 0:
+            raise FlagError(f'{flag} caps the student\'s samples on on-policy steps, and --lmbda 0 has none: set '
+                            '--lmbda > 0 or drop the flag')
+        if budget > args.max_completion_length:
+            raise FlagError(f'{flag} must be <= --max_completion_length {args.max_completion_length} (it only cuts '
+                            f'on-policy samples shorter); allowed: 1 to {args.max_completion_length}, or unset')
+    tau = getattr(args, 'gkd_entropy_fkl_threshold', None)
+    if tau is not None and getattr(args, 'gkd_cross_tokenizer', None) == 'uld':
+        raise FlagError(f'--gkd_entropy_fkl_threshold {tau:g} adds KL(teacher || student) to the divergence, and '
+                        '--gkd_cross_tokenizer uld compares sorted probabilities (no divergence): use '
+                        '--gkd_cross_tokenizer hybrid or drop the flag')
+    if tau is not None and args.gkd_fused_backend == 'triton':
+        raise FlagError(f'--gkd_entropy_fkl_threshold {tau:g} runs on the PyTorch loss paths and --gkd_fused_backend '
+                        'triton forces the kernels, which do not compute the entropy-aware mix: pass '
+                        '--gkd_fused_backend auto or torch')
+
+
+def check_reference_flags(args) -> None:
+    """``--gkd_ref_kl_coef`` runs on the dense loss (the reference's logits beside the student's)."""
+    coef = getattr(args, 'gkd_ref_kl_coef', 0.0)
+    if coef and args.gkd_loss_impl == 'fused':
+        raise FlagError(f'--gkd_ref_kl_coef {coef:g} compares the student\'s full logits with the reference\'s, '
+                        'which the fused loss never forms: pass --gkd_loss_impl auto (it picks the dense loss) or '
+                        'dense')
+    if coef and args.gkd_topk_tail:
+        raise FlagError(f'--gkd_ref_kl_coef {coef:g} runs on the dense loss and --gkd_topk_tail true needs the fused '
+                        'one: drop one of them')
+
+
+#: Where ``--gkd_skd_top_k`` runs (docs_en/skd.md), for the refusals elsewhere.
+SKD_PLACEMENTS = ('swift rlhf with transformers sampling (--use_vllm false) and a local teacher (--teacher_model, '
+                  'resident or --offload_teacher_model; the LoRA student\'s base; --teacher_adapters) or this '
+                  'plugin\'s teacher server (--teacher_model_server with `swift-gkd serve-teacher`)')
+
+
+def check_sampling_flags(args) -> None:
+    """``--gkd_skd_top_k`` (SKD): the set-ups SKD cannot run in (the ranges of both sampling flags are declared)."""
+    k = args.gkd_skd_top_k
+    if k == 0:
+        return
+    flag = f'--gkd_skd_top_k {k}'
+    if args.lmbda == 0:
+        raise FlagError(f'{flag} corrects the student\'s samples on on-policy steps, and --lmbda 0 has none: set '
+                         '--lmbda > 0 or --gkd_skd_top_k 0')
+    if args.use_vllm:
+        raise FlagError(f'{flag} is not supported with --use_vllm true: the teacher verifies the student\'s drafts '
+                         'between decoding steps, which vLLM does not expose. SKD runs in ' + SKD_PLACEMENTS +
+                         '; pass --use_vllm false or --gkd_skd_top_k 0')
+    if args.gkd_cross_tokenizer is not None:
+        raise FlagError(f'{flag} cannot be combined with --gkd_cross_tokenizer {args.gkd_cross_tokenizer}: the '
+                         'teacher replaces student tokens, so both must share one tokenizer')
+    penalty = args.repetition_penalty
+    if penalty is not None and penalty != 1.0:
+        raise FlagError(f'{flag} cannot be combined with --repetition_penalty {penalty} yet (allowed: 1.0)')
+    if (args.sequence_parallel_size or 1) > 1:
+        raise FlagError(f'{flag} is not supported with --sequence_parallel_size {args.sequence_parallel_size} '
+                         '(allowed: 1)')
+
+
+def check_multi_turn_flags(args) -> None:
+    """ms-swift's multi-turn rollout flags (``--multi_turn_scheduler``, ``--max_turns``): a positive turn limit, a limit
+    only with a scheduler, and none of the GKD options that sample or score one turn only. Whether the scheduler is
+    registered needs ms-swift's registry (:func:`swift_gkd_plugin.swift.setup.arguments.check_multi_turn_scheduler`)."""
+    scheduler, max_turns = getattr(args, 'multi_turn_scheduler', None), getattr(args, 'max_turns', None)
+    if max_turns is not None:
+        Range(1, integer=True, why='turns of one trajectory').check('max_turns', max_turns)
+        if not scheduler:
+            raise FlagError(f'--max_turns {max_turns} needs --multi_turn_scheduler NAME (the scheduler that runs '
+                             'the turns); without one every rollout is a single turn: add the scheduler or drop '
+                             '--max_turns')
+    if not scheduler:
+        return
+    flag = f'--multi_turn_scheduler {scheduler}'
+    skd = getattr(args, 'gkd_skd_top_k', 0)
+    if skd:
+        raise FlagError(f'{flag} cannot be combined with --gkd_skd_top_k {skd}: SKD\'s decoding loop, where the '
+                         'teacher verifies the student\'s drafts, samples one turn (allowed: --gkd_skd_top_k 0)')
+    cross = getattr(args, 'gkd_cross_tokenizer', None)
+    if cross:
+        raise FlagError(f'{flag} cannot be combined with --gkd_cross_tokenizer {cross}: a trajectory\'s tool results '
+                         'are written in the student\'s tokens, which the teacher\'s tokenizer cannot align turn by '
+                         'turn yet; distil multi-turn rollouts with a teacher of the same tokenizer')
+
+
+def check_no_multi_turn(args) -> None:
+    """``megatron rlhf``: its rollouts are single-turn (vLLM or its own sampler, no scheduler loop)."""
+    given = [f'--{name} {getattr(args, name)}' for name in ('multi_turn_scheduler', 'max_turns')
+             if getattr(args, name, None) is not None]
+    if given:
+        raise FlagError(f'{", ".join(given)}: multi-turn rollouts are supported by swift rlhf only (megatron '
+                         'rlhf samples single turns); run multi-turn distillation with swift rlhf --rlhf_type gkd, or '
+                         'remove '
+                         f'{" and ".join(g.split()[0] for g in given)}')
+
+
+def check_torch_compile_checkpointing(args) -> None:
+    """``--torch_compile`` with gradient checkpointing needs torch's non-reentrant checkpoint (dynamo passes it a
+    ``context_fn``), while ms-swift picks the reentrant one in one process and under DeepSpeed or FSDP: refused here
+    rather than at the first step."""
+    if not (getattr(args, 'torch_compile', False) and getattr(args, 'gradient_checkpointing', False)):
+        return
+    kwargs = args.gradient_checkpointing_kwargs
+    if isinstance(kwargs, str):  # the command line's JSON, before ms-swift parses it
+        kwargs = json.loads(kwargs) if kwargs.strip() else None
+    reentrant = (kwargs or {}).get('use_reentrant')
+    if reentrant is None:  # ms-swift's choice (its _fix_gradient_checkpointing)
+        distributed = int(os.environ.get('WORLD_SIZE', '1')) > 1
+        reentrant = not distributed or bool(args.deepspeed) or bool(getattr(args, 'fsdp', None))
+    if reentrant:
+        raise FlagError('--torch_compile true with --gradient_checkpointing true fails at the first step: the compiled '
+                         'model needs the non-reentrant checkpoint, and '
+                         + ('--gradient_checkpointing_kwargs sets use_reentrant true' if kwargs and 'use_reentrant'
+                            in kwargs else 'ms-swift uses the reentrant one in one process and under DeepSpeed or FSDP')
+                         + ". Pass --gradient_checkpointing_kwargs '{\"use_reentrant\": false}', or "
+                         '--gradient_checkpointing false, or --torch_compile false')
+
+
+def check_deepspeed_launch(args) -> None:
+    """``--deepspeed`` in a process that no launcher started (``swift rlhf`` without ``NPROC_PER_NODE``): DeepSpeed then
+    discovers its rank over MPI and, without mpi4py, fails only once both models are loaded."""
+    if not getattr(args, 'deepspeed', None) or 'WORLD_SIZE' in os.environ or 'LOCAL_RANK' in os.environ:
+        return
+    if importlib.util.find_spec('mpi4py') is not None:
+        return
+    raise FlagError(f'--deepspeed {args.deepspeed} in one process started without a launcher: DeepSpeed would look '
+                     'for MPI (mpi4py is not installed) and fail after loading the models. Set NPROC_PER_NODE=1 '
+                     '(or the number of GPUs) so that swift starts torchrun, or drop --deepspeed')
+
+
+def check_divergence_flags(args) -> None:
+    """Neither divergence parameter given with the other divergence, where it would be silently unused (the ranges
+    are declared). ``args.beta`` is None when unset, or ms-swift's GKD default 0.5 once resolved (which cannot be told
+    apart from ``--beta 0.5``, so 0.5 passes)."""
+    name, alpha = args.gkd_divergence, args.gkd_skew_alpha
+    if name != 'jsd' and args.beta not in (None, 0.5):
+        raise FlagError(f'--beta {args.beta} applies to --gkd_divergence jsd only; with --gkd_divergence {name} '
+                         'the skew is --gkd_skew_alpha: drop --beta')
+    if name == 'jsd' and alpha != 0.1:
+        raise FlagError(f'--gkd_skew_alpha {alpha} applies to --gkd_divergence skew_kl / skew_rkl only; '
+                         'with jsd the interpolation is --beta')
+
+
+def check_cross_tokenizer_flags(args) -> None:
+    """``--gkd_cross_tokenizer``: a known method, and none of the flags it cannot work with; ``--teacher_template``
+    only with it (whether the template exists needs ms-swift's registry: :mod:`swift_gkd_plugin.swift.setup.arguments`)."""
+    method, teacher_template = args.gkd_cross_tokenizer, args.teacher_template
+    if method is None and teacher_template is not None:
+        raise FlagError(f'--teacher_template {teacher_template} only applies to a teacher with another tokenizer '
+                         '(--gkd_cross_tokenizer uld|hybrid): a teacher with the student\'s tokenizer scores the '
+                         'student\'s tokens through the student\'s --template. Drop --teacher_template, or add '
+                         '--gkd_cross_tokenizer')
+    if method is None:
+        return
+    flag = f'--gkd_cross_tokenizer {method}'
+    if args.teacher_model_server is not None:
+        raise FlagError(f'{flag} is not supported with --teacher_model_server yet: the server\'s top-k is over its '
+                         'own vocabulary and ULD/hybrid need full teacher rows; pass a local --teacher_model')
+    if args.gkd_logits_topk is not None:
+        raise FlagError(f'{flag} cannot be combined with --gkd_logits_topk {args.gkd_logits_topk}: ULD and hybrid '
+                         'need the full teacher row (unset --gkd_logits_topk)')
+    if args.teacher_adapters:
+        raise FlagError(f'{flag} cannot be combined with --teacher_adapters: a teacher adapter shares its base\'s '
+                         'tokenizer; pass a --teacher_model with another tokenizer, or drop the flag')
+    if args.padding_free or args.packing:
+        raise FlagError(f'{flag} is not supported with --padding_free / --packing (the alignment is per row): '
+                         'pass --padding_free false --packing false')
+    if (args.sequence_parallel_size or 1) > 1:
+        raise FlagError(f'{flag} is not supported with --sequence_parallel_size {args.sequence_parallel_size} '
+                         '(allowed: 1)')
+
+
+def check_teacher_server_flags(args) -> None:
+    """Flags that do not go with ``--teacher_model_server`` (a teacher that only scores responses)."""
+    if args.teacher_model_server is None:
+        return
+    if args.gkd_logits_topk is None:
+        raise FlagError('--gkd_logits_topk is required with --teacher_model_server (the server returns '
+                         'top-k log-probabilities)')
+    if args.offload_teacher_model:
+        raise FlagError('--offload_teacher_model true has no effect with --teacher_model_server (the '
+                         'teacher lives on the server): remove one of them')
+    if args.seq_kd:
+        raise FlagError('--seq_kd true needs a local teacher that can sample (--teacher_model, or the '
+                         'student base with LoRA); a --teacher_model_server only scores responses')
+
+
+def ignored_flag_warnings(args) -> List[str]:
+    """Flags whose values have no effect with the others given (warned about, not refused: the run still learns what
+    the user asked for otherwise)."""
+    warnings = []
+    if args.gkd_cross_tokenizer == 'uld' and args.beta is not None:
+        warnings.append(f'--beta {args.beta} is ignored with --gkd_cross_tokenizer uld (ULD compares sorted '
+                        'probabilities with an L1 distance: it has no beta; --gkd_cross_tokenizer hybrid uses it)')
+    if getattr(args, 'use_liger_kernel', False):
+        warnings.append(f'--use_liger_kernel true: the GKD loss is the plugin\'s (--gkd_loss_impl {args.gkd_loss_impl}: '
+                        'its fused loss on hidden states where it applies, which like Liger\'s fused JSD never '
+                        'holds the full logits), not Liger\'s fused JSD, which ms-swift\'s GKD uses: the plugin\'s '
+                        'covers every --gkd_divergence, --gkd_logits_topk with its tail, SKD and RL terms with one '
+                        'tested code path (docs_en/fused_loss.md)')
+    scheduler = getattr(args, 'multi_turn_scheduler', None)
+    if scheduler and args.lmbda == 0 and not args.seq_kd:
+        warnings.append(f'--multi_turn_scheduler {scheduler} has no effect with --lmbda 0 and --seq_kd false: every '
+                        'step trains on the dataset\'s responses and nothing is sampled; raise --lmbda (the student '
+                        'drives the turns) or set --seq_kd true (the teacher does)')
+    scope = getattr(args, 'completion_length_limit_scope', None)
+    if scheduler and scope == 'total' and not getattr(args, 'use_vllm', False):
+        warnings.append('--completion_length_limit_scope total applies to vLLM colocate sampling only (ms-swift\'s '
+                        'engine patch): with --use_vllm false every turn is limited by --max_completion_length')
+    backend = getattr(args, 'gkd_fused_backend', None)
+    if getattr(args, 'gkd_loss_impl', None) == 'dense' and backend not in (None, 'auto'):
+        warnings.append(f'--gkd_fused_backend {backend} has no effect with --gkd_loss_impl dense (the '
+                        'backend is the fused loss\'s)')
+    if args.seq_kd and args.lmbda == 1:
+        warnings.append('--seq_kd true has no effect with --lmbda 1: every step is on-policy (the student samples), '
+                        'so the teacher never samples; lower --lmbda to mix in sequence-level KD steps')
+    return warnings
