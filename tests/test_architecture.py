@@ -279,3 +279,17 @@ def test_the_architecture_page_matches_the_tree(page):
     assert sorted(f for f in folders if f'{f}/' not in text) == []
     named = set(re.findall(r'([A-Za-z_][\w]*\.py)\b', text))
     assert sorted(named - files) == []
+
+
+def test_no_module_is_over_600_lines():
+    """A long file is split by what it decides: no module of the package or the benchmarks passes 600 lines."""
+    long = {}
+    for top in ('swift_gkd_plugin', 'benchmarks'):
+        for folder, dirs, names in os.walk(os.path.join(REPO, top)):
+            for name in names:
+                if name.endswith('.py'):
+                    with open(os.path.join(folder, name)) as f:
+                        count = sum(1 for _ in f)
+                    if count > 600:
+                        long[os.path.relpath(os.path.join(folder, name), REPO)] = count
+    assert long == {}
