@@ -56,6 +56,9 @@ def _build(root: str) -> None:
                                num_kv_heads=1)
     tiny.build_model(os.path.join(root, 'teacher'), tok, seed=1, hidden_size=96, num_heads=3, num_kv_heads=1,
                      intermediate_size=192)
+    # embeddings tied to the output head, as most small real students have them (Qwen2.5-0.5B, Qwen3-0.6B, SmolLM2)
+    tiny.build_model(os.path.join(root, 'student_tied'), tok, seed=2, hidden_size=64, num_heads=2, num_kv_heads=1,
+                     tie_word_embeddings=True)
     rows = tiny.make_rows(64, seed=0, split='train')
     tiny.write_dataset(os.path.join(root, 'train.jsonl'), rows)
     for row in rows:
@@ -113,6 +116,9 @@ def runs(vllm_ws, shared_runs):
                                                     multi_turn_scheduler='gkd_test_endless', max_length=1024,
                                                     max_completion_length=32, **ON_POLICY),
         'saved': lambda out: _vllm_run(ws, out, save_strategy='steps', save_steps=2, **dict(ON_POLICY, max_steps=2)),
+        'tied': lambda out: _vllm_run(ws, out, model=os.path.join(ws.root, 'student_tied'), **ON_POLICY),
+        'tied_lora': lambda out: _vllm_run(ws, out, model=os.path.join(ws.root, 'student_tied'), tuner_type='lora',
+                                           lora_dropout=0, target_modules='all-linear', **ON_POLICY),
         # ms-swift's rollout filters keeping the argmax only, and the early-stopped rollouts' budget
         **{f'filter_{name}': (lambda extra: lambda out: _vllm_run(
             ws, out, plugins=(PROBE, MULTI_TURN_PLUGIN), env={'GKD_TEST_TRAJ_LOG': out + '.traj.jsonl'},
@@ -209,6 +215,17 @@ def test_vllm_lora_shared_base_syncs_the_merged_student(runs):
     assert 'Teacher model: base_model with LoRA disabled (frozen)' in run.output
     _assert_vllm_is_on_policy(run, syncs=3)
     assert all(row['loss'] > 0 for row in run.logs)
+
+
+@pytest.mark.parametrize('name', ['tied', 'tied_lora'])
+def test_vllm_tied_embedding_student_syncs(runs, vllm_ws, name):
+    """A student whose embeddings are tied to its output head (full-parameter, and LoRA merged at each sync): vLLM
+    samples from the weights being trained after every sync, and the trained head is still the embedding."""
+    run = _ok(runs[name])
+    _assert_vllm_is_on_policy(run, syncs=3)
+    assert all(row['loss'] > 0 for row in run.logs)
+    with open(os.path.join(vllm_ws.root, 'student_tied', 'config.json')) as f:
+        assert json.load(f)['tie_word_embeddings'] is True
 
 
 def test_vllm_multi_turn_scheduler(runs):

@@ -99,7 +99,8 @@ def build_model(out_dir: str,
                 seed: int = 0,
                 moe: bool = False,
                 num_experts: int = 4,
-                num_experts_per_tok: int = 2) -> str:
+                num_experts_per_tok: int = 2,
+                tie_word_embeddings: bool = False) -> str:
     """Create a randomly initialised tiny Qwen3 causal LM and save it into ``out_dir``.
 
     The model is a ``transformers`` ``Qwen3ForCausalLM`` (``moe=False``) or ``Qwen3MoeForCausalLM``
@@ -108,7 +109,8 @@ def build_model(out_dir: str,
 
     * ``vocab_size = len(tokenizer)`` rounded up to a multiple of 8 (so the lm_head has a few rows more than
       the tokenizer, as with real Qwen checkpoints);
-    * ``head_dim = hidden_size // num_heads``, ``max_position_embeddings=512``, ``tie_word_embeddings=False``;
+    * ``head_dim = hidden_size // num_heads``, ``max_position_embeddings=512``, untied embeddings unless
+      ``tie_word_embeddings`` (most small real students tie them);
     * ``bos_token_id = pad_token_id = id('<|endoftext|>')``, ``eos_token_id = id('<|im_end|>')``;
     * float32 weights, initialised from ``torch.manual_seed(seed)`` (the global RNG state is restored), so the
       same arguments always give identical weights.
@@ -142,7 +144,7 @@ def build_model(out_dir: str,
         initializer_range=0.02,
         rms_norm_eps=1e-6,
         use_cache=True,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
         attention_bias=False,
         attention_dropout=0.0,
         bos_token_id=endoftext,
