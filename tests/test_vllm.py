@@ -139,15 +139,29 @@ def _assert_vllm_is_on_policy(run, syncs):
 
 def test_vllm_on_policy_samples_from_the_synced_student(runs):
     """--lmbda 1, full-parameter student: every step samples on vLLM, after a sync through vLLM's layerwise reload
-    (its CPU build repacks the weights: ms-swift's own sync fails there), and the run exits 0 without a traceback
-    (the engine is shut down before the process groups go)."""
+    (its CPU build repacks the weights: ms-swift's own sync fails there) that processes each layer once (ms-swift's
+    whole-model post-load pass is not run on top), and the run exits 0 without a traceback (the engine is shut down
+    before the process groups go)."""
     run = _ok(runs['on_policy'])
     assert [m['mode'] for m in run.modes()] == ['on_policy'] * 3
     assert 'the student is synced through vLLM\'s in-place layerwise reload' in run.output
     assert 'swift_uembed needs torchvision' in run.output and 'VLLM_CPU_KVCACHE_SPACE=1 (GiB)' in run.output
     assert 'destroyed its process groups before exit' in run.output
     _assert_vllm_is_on_policy(run, syncs=3)
+    assert [row['post_load_passes'] for row in _probe(run)] == [0, 0, 0]
     assert all(row['loss'] > 0 for row in run.logs)
+
+
+def test_vllm_sync_that_fails_half_way_stops_with_a_clear_error(vllm_ws, tmp_path):
+    """A sync that fails after loading part of the weights: the run stops at that sync with one error that names the
+    cause and says the engine's weights are mixed; the layers were put back off vLLM's meta device first (the
+    engine is shut down cleanly: no second traceback from it)."""
+    run = _vllm_run(vllm_ws, str(tmp_path / 'out'), env={'GKD_TEST_VLLM_FAIL_SYNC': '2'}, **ON_POLICY)
+    assert run.returncode != 0
+    assert ('swift_gkd_plugin: the weight sync to vLLM failed (RuntimeError: injected: the sync failed half-way); '
+            'the engine holds a mix of the old and the new weights, so the run stops here') in run.output
+    assert len(_probe(run)) == 1  # the first sync went through, the second failed
+    assert 'meta' not in run.output.split('the weight sync to vLLM failed')[-1].lower()
 
 
 def test_vllm_fused_and_dense_losses_agree_on_the_same_samples(runs):

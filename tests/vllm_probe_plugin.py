@@ -39,14 +39,46 @@ def _argmax_along(model, continuations):
         model.train(was_training)
 
 
+_post_load_passes = [0]  # calls of vLLM's whole-model post-load pass (ms-swift's finish_vllm_weight_reload makes it)
+_syncs = [0]
+
+
+def _count_post_load_passes():
+    from vllm.model_executor.model_loader import utils
+    original = utils.process_weights_after_loading
+
+    def counted(*args, **kwargs):
+        _post_load_passes[0] += 1
+        return original(*args, **kwargs)
+
+    utils.process_weights_after_loading = counted
+
+
 def _probed_sync(self, *args, **kwargs):
+    if not _syncs[0]:
+        _count_post_load_passes()
+    _syncs[0] += 1
+    before = _post_load_passes[0]
     result = _sync(self, *args, **kwargs)
     step = int(self.state.global_step)
     vllm = _vllm_greedy(self.engine.engine, step)
     hf = _argmax_along(self.accelerator.unwrap_model(self.model), vllm)
     with open(os.environ['GKD_TEST_VLLM_PROBE_LOG'], 'a') as f:
-        f.write(json.dumps({'step': step, 'vllm': vllm, 'transformers': hf}) + '\n')
+        f.write(json.dumps({'step': step, 'vllm': vllm, 'transformers': hf,
+                            'post_load_passes': _post_load_passes[0] - before}) + '\n')
     return result
 
 
+def _failing_load(self, state_dict):
+    """GKD_TEST_VLLM_FAIL_SYNC=N: sync N (from 1) loads half of its first parameter group, then fails."""
+    if _syncs[0] == int(os.environ['GKD_TEST_VLLM_FAIL_SYNC']):
+        items = list(state_dict.items())
+        self.engine.inner_model.load_weights(items[:len(items) // 2])
+        raise RuntimeError('injected: the sync failed half-way')
+    return _load(self, state_dict)
+
+
 GKDPluginTrainer._move_model_to_vllm = _probed_sync
+if os.environ.get('GKD_TEST_VLLM_FAIL_SYNC'):
+    _load = GKDPluginTrainer._load_state_dict_to_vllm
+    GKDPluginTrainer._load_state_dict_to_vllm = _failing_load
