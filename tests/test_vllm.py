@@ -110,7 +110,8 @@ def runs(vllm_ws, shared_runs):
                                                   **ON_POLICY),
         'multi_turn': lambda out: _vllm_run(ws, out, plugins=(PROBE, MULTI_TURN_PLUGIN), max_steps=2,
                                             multi_turn_scheduler='gkd_test_tool', max_turns=3,
-                                            env={'GKD_TEST_TRAJ_LOG': out + '.traj.jsonl'}, **ON_POLICY),
+                                            env={'GKD_TEST_TRAJ_LOG': out + '.traj.jsonl',
+                                                 'GKD_TEST_VLLM_SEED_LOG': out + '.seeds.jsonl'}, **ON_POLICY),
         # a scheduler that never stops: cut where the next prompt would leave no room in vLLM's context (256)
         'multi_turn_endless': lambda out: _vllm_run(ws, out, plugins=(PROBE, MULTI_TURN_PLUGIN), max_steps=2,
                                                     multi_turn_scheduler='gkd_test_endless', max_length=1024,
@@ -254,6 +255,11 @@ def test_vllm_multi_turn_scheduler(runs):
         assert [m['role'] for m in messages][-3:] == ['assistant', 'user', 'assistant'], messages
         assert messages[-2]['content'] == TOOL_RESULT
     _assert_vllm_is_on_policy(run, syncs=2)
+    with open(run.output_dir + '.seeds.jsonl') as f:
+        calls = [json.loads(line) for line in f]
+    for step in (0, 1):  # each turn's requests seeded from a range of their own
+        seeds = [c['seed'] for c in calls if c['step'] == step]
+        assert len(seeds) >= 2 and None not in seeds and len(set(seeds)) == len(seeds), calls
 
 
 def test_vllm_multi_turn_cut_at_the_engines_context(runs):

@@ -11,9 +11,9 @@ def request_seeds(config, n):
     return [None if config.seed is None else config.seed + i for i in range(n)]
 
 
-def built(seed=42, step=3, rank=0, tp=1, mode='colocate', base=None):
+def built(seed=42, step=3, rank=0, tp=1, mode='colocate', base=None, turn=0):
     return seeded_request_config(RequestConfig(temperature=1.0, max_tokens=8, seed=base), seed=seed, step=step,
-                                 process_index=rank, tensor_parallel_size=tp, vllm_mode=mode)
+                                 process_index=rank, tensor_parallel_size=tp, vllm_mode=mode, turn=turn)
 
 
 def test_seeds_follow_seed_step_and_rank_and_repeat_on_resume():
@@ -41,3 +41,15 @@ def test_server_mode_is_left_to_ms_swift(mode):
     config = RequestConfig(temperature=1.0, seed=None)
     assert seeded_request_config(config, seed=1, step=2, process_index=0, tensor_parallel_size=1,
                                  vllm_mode=mode) is config
+
+
+def test_each_turn_of_a_multi_turn_rollout_draws_from_its_own_seeds():
+    """Later turns of a trajectory get seed ranges of their own (the same seed at every turn would replay request
+    i's random stream at each of its turns); the first turn keeps the single-turn seeds; a resumed run repeats them."""
+    n = 4096
+    turns = [built(turn=k) for k in range(4)]
+    assert turns[0].seed == built().seed
+    assert [built(turn=k).seed for k in range(4)] == [c.seed for c in turns]
+    for a in range(4):
+        for b in range(a + 1, 4):
+            assert not set(request_seeds(turns[a], n)) & set(request_seeds(turns[b], n)), (a, b)

@@ -78,7 +78,18 @@ def _failing_load(self, state_dict):
     return _load(self, state_dict)
 
 
+def _logged_rollout(self, samples, request_config):
+    """GKD_TEST_VLLM_SEED_LOG: the seed of every vLLM call (one per turn), with the step."""
+    with open(os.environ['GKD_TEST_VLLM_SEED_LOG'], 'a') as f:
+        f.write(json.dumps({'step': int(self.state.global_step), 'seed': request_config.seed,
+                            'requests': len(samples)}) + '\n')
+    return _colocate_rollout(self, samples, request_config)
+
+
 GKDPluginTrainer._move_model_to_vllm = _probed_sync
+if os.environ.get('GKD_TEST_VLLM_SEED_LOG'):
+    _colocate_rollout = GKDPluginTrainer._colocate_rollout
+    GKDPluginTrainer._colocate_rollout = _logged_rollout
 if os.environ.get('GKD_TEST_VLLM_FAIL_SYNC'):
     _load = GKDPluginTrainer._load_state_dict_to_vllm
     GKDPluginTrainer._load_state_dict_to_vllm = _failing_load

@@ -58,6 +58,7 @@ class GKDPluginTrainer(LossMixin, RolloutMixin, SamplersMixin, ScoringMixin, Bat
 
     def __init__(self, *args, **kwargs):
         ref_model = kwargs.pop('ref_model', None)  # --gkd_ref_kl_coef's copy (ms-swift's GKDTrainer takes none)
+        self._sampling_turn = 0  # a multi-turn rollout's later turn, while it samples (vLLM's request seeds)
         super().__init__(*args, **kwargs)
         self._setup_reference(ref_model)
         destroy_process_groups_at_exit()  # ms-swift never does; a rank exiting with live gloo groups may abort

@@ -88,7 +88,7 @@ class SamplersMixin:
         return seeded_request_config(config, seed=self.args.seed, step=int(self.state.global_step),
                                      process_index=self.accelerator.process_index,
                                      tensor_parallel_size=getattr(self, 'vllm_tensor_parallel_size', 1) or 1,
-                                     vllm_mode=self.args.vllm_mode)
+                                     vllm_mode=self.args.vllm_mode, turn=self._sampling_turn)
 
     def _request_sampler_logprobs(self) -> None:
         """The RL term's sampler/policy mismatch correction (``--rollout_importance_sampling_mode``) and its metrics
@@ -160,8 +160,8 @@ def untruncated_top_k(config, model):
 
 
 def seeded_request_config(config, *, seed: int, step: int, process_index: int, tensor_parallel_size: int,
-                          vllm_mode: str):
-    """A copy of ``config`` whose ``seed`` makes vLLM's sampling a function of (``--seed``, step, rank).
+                          vllm_mode: str, turn: int = 0):
+    """A copy of ``config`` whose ``seed`` makes vLLM's sampling a function of (``--seed``, step, rank, turn).
 
     ms-swift's vLLM engine gives request ``i`` of one call the seed ``config.seed + i``. In colocate mode ms-swift
     sets ``config.seed`` only with TP > 1, to ``B * (rank // tp)``: the same at every step and for every ``--seed``,
@@ -173,9 +173,13 @@ def seeded_request_config(config, *, seed: int, step: int, process_index: int, t
     Server mode is left to ms-swift (each rollout worker seeds itself at random): the trainer's client splits the
     requests between servers and each server between its data-parallel workers, which number their share from the
     same ``config.seed``, so one seed would give copies of a prompt on different workers the same draws.
+
+    ``turn``: the turn of a multi-turn rollout (0: the first). Each later turn gets a range of its own: with one seed
+    for every turn, request ``i`` would draw from the same random stream at every turn of its trajectory.
     """
     if vllm_mode != 'colocate':
         return config
     config = copy(config)
-    config.seed = sampling_seed(seed, step, process_index // max(int(tensor_parallel_size), 1)) >> 1
+    stream = 'sampling' if not turn else f'sampling-turn{int(turn)}'
+    config.seed = sampling_seed(seed, step, process_index // max(int(tensor_parallel_size), 1), stream) >> 1
     return config

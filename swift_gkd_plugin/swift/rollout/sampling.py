@@ -204,8 +204,17 @@ class RolloutMixin:
         :meth:`~.scheduler_guard.SchedulerGuard.rollout_fn`)."""
         guard = self._scheduler_guard
         guard.start()
+        turns = iter(range(1, 1 << 30))
+
+        def later_turn(reqs, cfg):  # vLLM's request seeds of this turn (see samplers.seeded_request_config)
+            self._sampling_turn = next(turns)
+            try:
+                return infer(reqs, cfg if cfg.seed is None else self._get_request_config(logprobs=cfg.logprobs))
+            finally:
+                self._sampling_turn = 0
+
         outputs = run_multi_turn(requests=requests, first_turn_outputs=first_turn_outputs,
-                                 scheduler=self.multi_turn_scheduler, rollout_fn=guard.rollout_fn(infer),
+                                 scheduler=self.multi_turn_scheduler, rollout_fn=guard.rollout_fn(later_turn),
                                  request_config=config, max_turns=self.args.max_turns, gather_fn=gather_object)
         guard.finish(requests, outputs)
         return outputs
