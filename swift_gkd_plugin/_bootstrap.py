@@ -26,7 +26,6 @@ _HOOKS = {
     'swift.cli._megatron.main': 'on_megatron_cli_imported',
     'swift.cli.main': 'on_swift_cli_imported',
     'mcore_bridge.model.rope': 'on_mcore_bridge_rope_imported',
-    'swift.rlhf_trainers.rollout_mixin': 'on_rollout_mixin_imported',
 }
 
 

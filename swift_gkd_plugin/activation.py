@@ -174,26 +174,6 @@ def on_megatron_rlhf_pipeline_imported(module) -> None:
     module.MegatronRLHFArguments = GKDPluginMegatronRLHFArguments
 
 
-def on_rollout_mixin_imported(module) -> None:
-    """ms-swift's full-model sync to a colocated vLLM ends with a post-load pass over every module
-    (``finish_vllm_weight_reload``, ``rollout_mixin.py`` ~1047, its errors swallowed). Inside the plugin's layerwise
-    reload (:func:`swift_gkd_plugin.swift.rollout.vllm_colocate.layerwise_reload`) vLLM has processed each layer as
-    it loaded: a second pass would process them again (undefined for repacked or quantized weights), so it is
-    skipped there; elsewhere ms-swift's pass runs unchanged."""
-    original = module.finish_vllm_weight_reload
-    if getattr(original, '_swift_gkd_plugin', False):
-        return
-
-    def finish_vllm_weight_reload(vllm_model, *args, **kwargs):
-        from swift_gkd_plugin.swift.rollout.vllm_colocate import in_layerwise_reload
-        if in_layerwise_reload(vllm_model):
-            return None
-        return original(vllm_model, *args, **kwargs)
-
-    finish_vllm_weight_reload._swift_gkd_plugin = True
-    module.finish_vllm_weight_reload = finish_vllm_weight_reload
-
-
 def on_mcore_bridge_rope_imported(module) -> None:
     """mcore-bridge 1.6 (``model/rope.py`` ~101/115) writes its own ``'default'`` RoPE initialisation into
     transformers' global ``ROPE_INIT_FUNCTIONS`` whenever it builds a model. It reads ``config.rope_theta``, which a
@@ -264,8 +244,6 @@ def activate_from_external_plugin() -> None:
     on_rlhf_arguments_imported(sys.modules[RLHFArguments.__module__])  # for arguments built after this one
     RLHFArguments._check_gkd = GKDPluginRLHFArguments._check_gkd
     on_trainer_factory_imported(trainer_factory)
-    from swift.rlhf_trainers import rollout_mixin
-    on_rollout_mixin_imported(rollout_mixin)
 
 
 def _rlhf_type(argv):

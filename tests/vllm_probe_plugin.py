@@ -14,12 +14,13 @@ NEW_TOKENS = 12
 _sync = GKDPluginTrainer._move_model_to_vllm
 
 
-def _vllm_greedy(engine, step):
+def _vllm_greedy(engine, step, lora=None):
+    """``lora``: the adapter request ms-swift's engine sends with its own requests (``--vllm_enable_lora``)."""
     from vllm import SamplingParams
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
     ids = [f'probe-{step}-{i}' for i in range(len(PROMPTS))]
     for request_id, prompt in zip(ids, PROMPTS):
-        engine.add_request(request_id, {'prompt_token_ids': prompt}, params)
+        engine.add_request(request_id, {'prompt_token_ids': prompt}, params, lora_request=lora)
     done = {}
     while engine.has_unfinished_requests():
         for out in engine.step():
@@ -61,10 +62,15 @@ def _probed_sync(self, *args, **kwargs):
     before = _post_load_passes[0]
     result = _sync(self, *args, **kwargs)
     step = int(self.state.global_step)
-    vllm = _vllm_greedy(self.engine.engine, step)
-    hf = _argmax_along(self.accelerator.unwrap_model(self.model), vllm)
+    lora = self.engine._get_grpo_lora_request() if getattr(self.engine, 'enable_lora', False) else None
+    vllm = _vllm_greedy(self.engine.engine, step, lora)
+    model = self.accelerator.unwrap_model(self.model)
+    hf = _argmax_along(model, vllm)
+    if os.environ.get('GKD_TEST_VLLM_PROBE_BASE') and hasattr(model, 'disable_adapter'):
+        with model.disable_adapter():
+            print('PROBE_BASE', step, _argmax_along(model, vllm) == vllm, flush=True)
     with open(os.environ['GKD_TEST_VLLM_PROBE_LOG'], 'a') as f:
-        f.write(json.dumps({'step': step, 'vllm': vllm, 'transformers': hf,
+        f.write(json.dumps({'step': step, 'vllm': vllm, 'transformers': hf, 'lora_request': lora is not None,
                             'post_load_passes': _post_load_passes[0] - before}) + '\n')
     return result
 

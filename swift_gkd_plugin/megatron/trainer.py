@@ -33,7 +33,7 @@ from transformers.utils import ContextManagers
 from swift_gkd_plugin.core import Divergence, Mode
 from swift_gkd_plugin.core.constants import IGNORE_INDEX
 from swift_gkd_plugin.core.entropy import EntropyGapWatch
-from swift_gkd_plugin.core.weights.lora_round_trip import BaseWeightsKeeper
+from swift_gkd_plugin.core.weights.lora_round_trip import BaseWeightsKeeper, adapter_tensors_copied
 from swift_gkd_plugin.core.modes import DATA_SOURCES, mode_log_path, sampling_seed, step_mode
 from swift_gkd_plugin.core.views import prepare_teacher_view
 from swift_gkd_plugin.flags import rollout_max_tokens, sampling_temperature
@@ -274,6 +274,14 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
         teacher's) gets its weights back exactly, from the host copy saved by :meth:`merge_lora_adapters`."""
         super().unmerge_lora_adapters()
         self._base_keeper.restore()
+
+    def _move_adapter_to_vllm(self, *args, **kwargs):
+        """``--vllm_enable_lora`` colocate: vLLM gets copies of the exported adapter (it scales ``lora_B`` in place;
+        mcore-bridge's export may hand out the parameters themselves). Not run: Megatron with vLLM needs a GPU."""
+        if self.vllm_mode != 'colocate':
+            return super()._move_adapter_to_vllm(*args, **kwargs)
+        with adapter_tensors_copied(self.engine.engine):
+            return super()._move_adapter_to_vllm(*args, **kwargs)
 
     # ------------------------------------------------------------------ nothing learnt, non-finite
     def train_step(self, train_data_iterator):

@@ -15,7 +15,8 @@ nothing: it sends only the adapter.
   merged at once are held: one parameter group (``--move_model_batches`` N: about 1/N of the base). The host buffer is
   reused from sync to sync (pinned on CUDA, for asynchronous copies), and the adapters get their own tensors back
   (their values and dtype) after the sync.
-* :func:`lora_merges_skipped` makes merge and unmerge no-ops, for the adapter-only sync.
+* :func:`lora_merges_skipped` makes merge and unmerge no-ops, for the adapter-only sync;
+  :func:`adapter_tensors_copied` gives a colocated vLLM copies of the adapter (it scales what it gets in place).
 * :class:`BaseWeightsKeeper` (``megatron rlhf``, which merges every layer at once) saves all LoRA base weights before
   the merge and restores them after the unmerge, in the same reused buffer.
 
@@ -27,12 +28,12 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from types import MethodType
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, Iterable, Iterator, List, Tuple
 
 import torch
 from peft.tuners.lora import LoraLayer
 
-__all__ = ['BaseWeightsKeeper', 'HostBuffer', 'exact_lora_sync', 'lora_merges_skipped']
+__all__ = ['BaseWeightsKeeper', 'HostBuffer', 'adapter_tensors_copied', 'exact_lora_sync', 'lora_merges_skipped']
 
 _ALIGN = 64  # bytes: every slot starts aligned for any dtype
 _MIN_CHUNK = 16 << 20
@@ -228,3 +229,26 @@ def lora_merges_skipped(models: Iterable[torch.nn.Module]):
             yield
     finally:
         adapters.give_back()
+
+
+@contextmanager
+def adapter_tensors_copied(llm_engine) -> Iterator[None]:
+    """Adapter syncs (``--vllm_enable_lora``) inside the block hand vLLM copies of the adapter's tensors.
+
+    vLLM folds the LoRA scaling into ``lora_B`` in place when it loads an adapter (``LoRALayerWeights.optimize``:
+    ``lora_b *= scaling``), and ms-swift's colocate sync gives it views of the trainer's own parameters
+    (``param.detach()``): where no cast copies them (vLLM's dtype is the adapter's), every sync multiplied the trained
+    ``lora_B`` by ``lora_alpha / r`` (measured: vLLM and the student disagreed from the first trained step on)."""
+    original = llm_engine.add_lora
+
+    def add_lora(request):
+        tensors = getattr(request, 'lora_tensors', None)
+        if tensors:
+            request.lora_tensors = {name: tensor.detach().clone() for name, tensor in tensors.items()}
+        return original(request)
+
+    llm_engine.add_lora = add_lora
+    try:
+        yield
+    finally:
+        del llm_engine.add_lora  # the class's method again

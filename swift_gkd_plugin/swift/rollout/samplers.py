@@ -10,7 +10,8 @@ import torch
 from swift.infer_engine import TransformersEngine
 from swift.utils import get_logger, unwrap_model_for_generation
 
-from swift_gkd_plugin.core.weights.lora_round_trip import HostBuffer, exact_lora_sync, lora_merges_skipped
+from swift_gkd_plugin.core.weights.lora_round_trip import (HostBuffer, adapter_tensors_copied, exact_lora_sync,
+                                                           lora_merges_skipped)
 from swift_gkd_plugin.core.modes import Mode, sampling_seed
 from swift_gkd_plugin.flags import rollout_max_tokens
 from swift_gkd_plugin.swift.step.hidden_states import head_rows
@@ -140,8 +141,12 @@ class SamplersMixin:
 
     def _move_adapter_to_vllm(self, *args, **kwargs):
         """The adapter-only sync sends the adapter's own weights: ms-swift's merge and unmerge around it only move
-        the base (and cast the adapters), so they are skipped."""
-        with lora_merges_skipped([self.model]):
+        the base (and cast the adapters), so they are skipped; a colocated vLLM gets copies of them (it scales what
+        it is given in place: :func:`~swift_gkd_plugin.core.weights.lora_round_trip.adapter_tensors_copied`)."""
+        with ExitStack() as stack:
+            stack.enter_context(lora_merges_skipped([self.model]))
+            if self.vllm_mode == 'colocate':
+                stack.enter_context(adapter_tensors_copied(self.engine.engine))
             return super()._move_adapter_to_vllm(*args, **kwargs)
 
 

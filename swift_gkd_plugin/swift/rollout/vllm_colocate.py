@@ -31,24 +31,15 @@ def weights_repacked(vllm_model) -> bool:
         for m in vllm_model.modules())
 
 
-RELOADING = '_swift_gkd_layerwise_reload'  # set on the vLLM model inside layerwise_reload
-
-
-def in_layerwise_reload(vllm_model) -> bool:
-    """Whether ``vllm_model`` is inside :func:`layerwise_reload` (its layers are processed as they load)."""
-    return bool(getattr(vllm_model, RELOADING, False))
-
-
 @contextmanager
 def layerwise_reload(vllm_model, model_config) -> Iterator[None]:
     """Loads into ``vllm_model`` inside the block go through vLLM's in-place reload: its layers are put back in
-    checkpoint format first, loaded, and processed into their kernel format again, each once (ms-swift's own
-    post-load pass is skipped inside: ``activation.on_rollout_mixin_imported``); layers left unloaded keep their
-    weights. A load that fails still leaves every layer off the meta device, and stops the run with an error that says
-    the engine now holds a mix of old and new weights."""
+    checkpoint format first, loaded, and processed into their kernel format again; layers left unloaded keep their
+    weights. ms-swift's whole-model post-load pass still runs inside (it repacks a tied output head, which the reload
+    leaves stale: ``tests/test_vllm.py``). A load that fails still leaves every layer off the meta device, and stops
+    the run with an error that says the engine now holds a mix of old and new weights."""
     from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
     initialize_layerwise_reload(vllm_model)
-    setattr(vllm_model, RELOADING, True)
     try:
         yield
     except Exception as exc:
@@ -56,7 +47,6 @@ def layerwise_reload(vllm_model, model_config) -> Iterator[None]:
                             'engine holds a mix of the old and the new weights, so the run stops here (checkpoints '
                             'already saved are complete)') from exc
     finally:  # every layer off the meta device, whatever happened
-        setattr(vllm_model, RELOADING, False)
         finalize_layerwise_reload(vllm_model, model_config)
 
 
