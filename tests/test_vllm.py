@@ -120,6 +120,11 @@ def runs(vllm_ws, shared_runs):
         'tied': lambda out: _vllm_run(ws, out, model=os.path.join(ws.root, 'student_tied'), **ON_POLICY),
         'lora_adapter_sync': lambda out: _vllm_run(ws, out, tuner_type='lora', lora_dropout=0, vllm_enable_lora='true',
                                                    **ON_POLICY),
+        'offload_model': lambda out: _vllm_run(ws, out, offload_model='true', offload_optimizer='true', **ON_POLICY),
+        'two_ranks': lambda out: _vllm_run(ws, out, use_cpu='true', **ON_POLICY, env={
+            'NPROC_PER_NODE': '2', 'GKD_TEST_VLLM_SEED_LOG': out + '.seeds.jsonl'}),
+        'tensor_parallel': lambda out: _without_stale_cpu_shm(lambda: _vllm_run(
+            ws, out, use_cpu='true', vllm_tensor_parallel_size=2, **ON_POLICY, env={'NPROC_PER_NODE': '2'})),
         'tied_lora': lambda out: _vllm_run(ws, out, model=os.path.join(ws.root, 'student_tied'), tuner_type='lora',
                                            lora_dropout=0, target_modules='all-linear', **ON_POLICY),
         # ms-swift's rollout filters keeping the argmax only, and the early-stopped rollouts' budget
@@ -257,6 +262,61 @@ def test_vllm_enable_lora_syncs_the_adapter_only_and_leaves_it_unscaled(runs):
     assert all(row['loss'] > 0 for row in run.logs)
 
 
+def test_vllm_offload_model_and_optimizer_keep_the_sync(runs):
+    """--offload_model/--offload_optimizer true (the model and optimizer leave the device while vLLM samples; on this
+    CPU machine the moves are host to host, so this checks ms-swift's offload path and the sync around it, not the
+    memory saved): vLLM samples what the student would after every step."""
+    run = _ok(runs['offload_model'])
+    _assert_vllm_is_on_policy(run, syncs=3)
+    assert all(row['loss'] > 0 for row in run.logs)
+
+
+def test_vllm_two_ranks_colocate_one_engine_each(runs):
+    """NPROC_PER_NODE=2 (with --use_cpu true: without it transformers' Trainer does not wrap the student in DDP on
+    a CPU machine, and each rank trains its own copy, in ms-swift's own GKD too): each rank drives its own engine;
+    after every sync both engines hold the trained weights (each one's greedy continuation is its rank's student's,
+    and the two are the same), and the ranks' requests are seeded from different ranges."""
+    run = _ok(runs['two_ranks'])
+    rows = _probe(run)
+    assert sorted((r['step'], r['rank']) for r in rows) == [(s, r) for s in range(3) for r in (0, 1)], rows
+    for row in rows:
+        assert row['vllm'] == row['transformers'], row
+    for step in range(3):
+        assert len({json.dumps(r['vllm']) for r in rows if r['step'] == step}) == 1  # the same weights on both
+    with open(run.output_dir + '.seeds.jsonl') as f:
+        calls = [json.loads(line) for line in f]
+    for step in range(3):
+        seeds = {c['rank']: c['seed'] for c in calls if c['step'] == step}
+        assert sorted(seeds) == [0, 1] and seeds[0] != seeds[1], calls
+
+
+def _without_stale_cpu_shm(start):
+    """vLLM's CPU build leaves its tensor-parallel shared memory (``/dev/shm/-tp:0-[0-1]-cpushm_N``) behind at exit,
+    and the next TP run on the machine fails creating it (``create shm in SHMManager failed. errno: 17``)."""
+    import glob
+
+    def clean():
+        for path in glob.glob('/dev/shm/-tp:*-cpushm_*'):
+            os.remove(path)
+
+    clean()
+    try:
+        return start()
+    finally:
+        clean()
+
+
+def test_vllm_tensor_parallel_colocate(runs):
+    """--vllm_tensor_parallel_size 2 on 2 ranks (one engine split over both, vLLM's CPU build): after every sync the
+    engine's greedy continuation is the student's on both ranks."""
+    run = _ok(runs['tensor_parallel'])
+    rows = _probe(run)
+    assert sorted((r['step'], r['rank']) for r in rows) == [(s, r) for s in range(3) for r in (0, 1)], rows
+    for row in rows:
+        assert row['vllm'] == row['transformers'], row
+    assert rows[0]['vllm'] != [r for r in rows if r['step'] == 2][0]['vllm']
+
+
 def test_vllm_multi_turn_scheduler(runs):
     """--multi_turn_scheduler over vLLM colocate: every trajectory has the scheduler's two student turns and the
     tool's message between them."""
@@ -322,3 +382,10 @@ def test_vllm_speculative_kd_is_refused(vllm_ws, tmp_path):
     """SKD needs the teacher between the student's decoding steps, which vLLM does not expose."""
     run = run_swift(base_args(vllm_ws, str(tmp_path / 'out'), gkd_skd_top_k=4, **ON_POLICY), check=False, timeout=120)
     assert_refused_in_one_line(run, ['--gkd_skd_top_k 4 is not supported with --use_vllm true', '--use_vllm false'])
+
+
+def test_vllm_sleep_level_without_a_sleep_mode_is_refused(vllm_ws, tmp_path):
+    """vLLM's CPU build has no sleep mode: --sleep_level 1 is refused before loading (vLLM refused it when it built
+    its engine, after both models loaded). The GPU kit keeps the sleeping case."""
+    run = run_swift(base_args(vllm_ws, str(tmp_path / 'out'), sleep_level=1, **ON_POLICY), check=False, timeout=120)
+    assert_refused_in_one_line(run, ['--sleep_level 1: vLLM has no sleep mode on this platform', '--sleep_level 0'])

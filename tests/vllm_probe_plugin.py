@@ -70,7 +70,8 @@ def _probed_sync(self, *args, **kwargs):
         with model.disable_adapter():
             print('PROBE_BASE', step, _argmax_along(model, vllm) == vllm, flush=True)
     with open(os.environ['GKD_TEST_VLLM_PROBE_LOG'], 'a') as f:
-        f.write(json.dumps({'step': step, 'vllm': vllm, 'transformers': hf, 'lora_request': lora is not None,
+        f.write(json.dumps({'step': step, 'rank': self.accelerator.process_index, 'vllm': vllm, 'transformers': hf,
+                            'lora_request': lora is not None,
                             'post_load_passes': _post_load_passes[0] - before}) + '\n')
     return result
 
@@ -87,7 +88,8 @@ def _failing_load(self, state_dict):
 def _logged_rollout(self, samples, request_config):
     """GKD_TEST_VLLM_SEED_LOG: the seed of every vLLM call (one per turn), with the step."""
     with open(os.environ['GKD_TEST_VLLM_SEED_LOG'], 'a') as f:
-        f.write(json.dumps({'step': int(self.state.global_step), 'seed': request_config.seed,
+        f.write(json.dumps({'step': int(self.state.global_step), 'rank': self.accelerator.process_index,
+                            'seed': request_config.seed,
                             'requests': len(samples)}) + '\n')
     return _colocate_rollout(self, samples, request_config)
 

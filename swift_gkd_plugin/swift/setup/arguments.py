@@ -29,7 +29,8 @@ from swift_gkd_plugin.swift.setup.datasets import (check_dataset_paths, check_lo
 from swift_gkd_plugin.swift.setup.paths import CreatedDirs, check_command_line_paths
 from swift_gkd_plugin.swift.setup.teacher_server import check_skd_teacher_server
 from swift_gkd_plugin.swift.setup.vllm import (check_vllm_cpu_head_dim, check_vllm_launcher, check_vllm_max_model_len,
-                                               check_vllm_server_mode, resolve_vllm_environment)
+                                               check_vllm_server_mode, check_vllm_sleep_mode,
+                                               resolve_vllm_environment)
 from swift_gkd_plugin.swift.setup.zero3_lora import zero3_lora_warnings
 
 logger = get_logger()
@@ -389,6 +390,7 @@ def check_vllm_model(args) -> None:
     if args.use_vllm and args.vllm_mode == 'colocate':
         check_vllm_max_model_len(args, args.model_dir)
         check_vllm_cpu_head_dim(args, args.model_dir)  # (ms-swift resolved it: no second lookup)
+        check_vllm_sleep_mode(args)
         check_vllm_launcher(args)  # last: the refusals above also reach a user who runs without one
 
 

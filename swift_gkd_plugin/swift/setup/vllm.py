@@ -108,6 +108,18 @@ def check_vllm_cpu_head_dim(args, model_dir: Optional[str]) -> None:
                         'a GPU')
 
 
+def check_vllm_sleep_mode(args) -> None:
+    """``--sleep_level`` 1 or 2 puts the colocated engine to sleep between rollouts; vLLM's platform may have no sleep
+    mode (its CPU build has none), which vLLM refuses only when it builds its engine, after both models loaded."""
+    if not (args.use_vllm and args.vllm_mode == 'colocate') or not getattr(args, 'sleep_level', 0):
+        return
+    from vllm.platforms import current_platform
+    if not current_platform.is_sleep_mode_available():
+        raise FlagError(f'--sleep_level {args.sleep_level}: vLLM has no sleep mode on this platform '
+                        f'({current_platform.device_name}: vLLM\'s "Sleep mode is not supported on current platform"); '
+                        'pass --sleep_level 0 (the engine stays awake between rollouts) or run on a GPU')
+
+
 def resolve_vllm_environment(args, environ=os.environ) -> None:
     """The variables vLLM reads when it starts, set where unset and logged: ``VLLM_PLUGINS`` without ms-swift's
     ``swift_uembed`` where torchvision is absent (the plugin imports it and vLLM fails to start), and on vLLM's CPU
