@@ -6,8 +6,8 @@ LoRA teacher, micro-batch encoding and teacher API routing); the plugin replaces
 * the mode policy: :func:`swift_gkd_plugin.core.modes.step_mode` on Megatron's iteration counter (restored on resume),
   so every rank takes the same decision, the same one as ``swift rlhf`` for the same seed and step; seq_kd included;
 * sampling: vLLM through ms-swift's rollout when ``--use_vllm true``; otherwise, and always for seq_kd, the model
-  itself samples (:mod:`swift_gkd_plugin.megatron.rollout.generation`), where ms-swift falls back to dataset responses or
-  raises NotImplementedError;
+  itself samples (:mod:`swift_gkd_plugin.megatron.rollout.generation`), where ms-swift falls back to dataset
+  responses or raises NotImplementedError;
 * the loss: the plugin's vocabulary-parallel generalized JSD and top-k (with ``--gkd_topk_tail``) on the logit
   shards of the tensor-parallel group, Megatron's padded vocabulary rows masked out, teacher top-k taken from true
   log-probabilities.

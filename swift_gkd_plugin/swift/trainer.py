@@ -10,12 +10,12 @@ logic with the plugin's core:
   by the number of response tokens of the whole optimizer step (all micro-batches, all ranks), so its value and
   gradient do not depend on how the step is split into micro-batches or ranks.
 
-The trainer is composed of one mixin per concern: :mod:`.rollout.sampling` (each generation batch's mode and samples),
-:mod:`.rollout.samplers` (the engines and request configs that sample), :mod:`.step.scoring` (rewards, completions log),
-:mod:`.rollout.batches` (samples to micro-batches), :mod:`.teacher.placement` (the teacher's placement and forward, a served teacher),
-:mod:`.teacher.reference` (``--gkd_ref_kl_coef``'s initial student) and :mod:`.step.loss` (the loss of a micro-batch and its
-metrics). This module holds their composition and the set-up
-they share.
+The trainer is composed of one mixin per concern, by the stage a batch passes: :mod:`.rollout.sampling` (each
+generation batch's mode and samples), :mod:`.rollout.samplers` (the engines and request configs that sample),
+:mod:`.rollout.batches` (samples to micro-batches), :mod:`.teacher.placement` (the teacher's placement and forward, a
+served teacher), :mod:`.teacher.reference` (``--gkd_ref_kl_coef``'s initial student), :mod:`.step.scoring` (rewards,
+completions log) and :mod:`.step.loss` (the loss of a micro-batch and its metrics). This module holds their
+composition and the set-up they share.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Sampling in ``megatron rlhf`` without vLLM: prompts encoded, tokens generated across tensor and pipeline ranks, and turned back into samples.
+"""Sampling in ``megatron rlhf`` without vLLM: prompts encoded, tokens generated across tensor and pipeline ranks, and
+turned back into samples.
 
 In: samples. Out: samples with responses.
 """

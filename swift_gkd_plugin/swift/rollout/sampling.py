@@ -10,8 +10,8 @@
 * the samplers themselves are in :mod:`.samplers`.
 
 A rollout hands the loss its samples only: the tokens to learn from are those whose label is not
-``IGNORE_INDEX`` once encoded (see :mod:`swift_gkd_plugin.swift.step.loss`), so a sampler that also writes context (a multi-turn rollout's tool
-outputs, marked by ``response_loss_mask``) plugs in here without a change to the loss.
+``IGNORE_INDEX`` once encoded (see :mod:`swift_gkd_plugin.swift.step.loss`), so a sampler that also writes context
+(a multi-turn rollout's tool outputs, marked by ``response_loss_mask``) plugs in here without a change to the loss.
 """
 from __future__ import annotations
 
@@ -74,8 +74,9 @@ class RolloutMixin:
 
     def _generate_and_score_completions(self, inputs) -> List[Dict[str, Any]]:
         """One generation batch, in ms-swift's stages: its mode and samples (:meth:`_rollout_samples`), their rewards
-        (:mod:`swift_gkd_plugin.swift.step.scoring`), its micro-batches (:mod:`swift_gkd_plugin.swift.rollout.batches`) and a served teacher's top-k (:mod:`swift_gkd_plugin.swift.teacher.placement`); then
-        each micro-batch's response-token counts, which size and normalise its loss (:meth:`_count_step_tokens`)."""
+        (:mod:`swift_gkd_plugin.swift.step.scoring`), its micro-batches (:mod:`.batches`) and a served teacher's
+        top-k (:mod:`swift_gkd_plugin.swift.teacher.placement`); then each micro-batch's response-token counts, which
+        size and normalise its loss (:meth:`_count_step_tokens`)."""
         with eager_sampling():  # a compiled student would be recompiled per sampled length (compile_cost.py)
             batches = super()._generate_and_score_completions(inputs)
         self._count_step_tokens(batches)

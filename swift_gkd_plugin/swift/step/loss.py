@@ -1,4 +1,5 @@
-"""The loss of one micro-batch, from the batch that :mod:`swift_gkd_plugin.swift.rollout.sampling` built to the loss value and its metrics.
+"""The loss of one micro-batch, from the batch that :mod:`swift_gkd_plugin.swift.rollout.sampling` built to the loss
+value and its metrics.
 
 It learns from the positions whose label is not ``IGNORE_INDEX``, in the student's and the teacher's views: that is
 the per-token mask of the tokens to learn from, whoever sampled them (a rollout marks context it did not write, such
