@@ -5,6 +5,8 @@
 the sampling temperature) and the trainer compares them with the policy's. Case ``c2`` (C = 2): the mismatch metrics
 are logged on every step and small (mean |log pi - log mu| < 0.05, k3 KL < 0.01). Case ``c1`` (C = 1, every ratio
 above 1 is cut): some weights truncate (``gkd/rollout_is_truncated`` > 0) and the mean weight is at most 1.
+Cases ``sleep1`` (``--sleep_level 1``: vLLM's CPU build has no sleep mode) and ``lora_adapter``
+(``--vllm_enable_lora true``) pass when the run trains with the metrics logged.
 Skipped where vLLM is not installed (the kit does not carry it: one CUDA wheel of ~340 MB that pins its own torch).
 """
 from __future__ import annotations
@@ -25,7 +27,9 @@ class DistinctCharacters(ORM):
 
 orms['gpukit_distinct'] = DistinctCharacters
 '''
-CASES = {'c2': 2.0, 'c1': 1.0}
+CASES = {'c2': 2.0, 'c1': 1.0, 'sleep1': 2.0, 'lora_adapter': 2.0}
+# what vLLM's CPU build cannot run (sleep mode) or what ran only there (adapter-only LoRA syncs): kept for a GPU
+EXTRA = {'sleep1': dict(sleep_level=1), 'lora_adapter': dict(tuner_type='lora', lora_dropout=0, vllm_enable_lora='true')}
 METRICS = ('gkd/rollout_logprob_diff', 'gkd/rollout_k3_kl', 'gkd/rollout_is_weight', 'gkd/rollout_is_truncated')
 
 
@@ -52,6 +56,7 @@ def run(args) -> Results:
                      gkd_rl_coef=1, num_generations=2, learning_rate=1e-5, temperature=1.0,
                      rollout_importance_sampling_mode='token_truncate',
                      rollout_importance_sampling_threshold=CASES[case])
+        flags.update(EXTRA.get(case, {}))
         out = os.path.join(args.work, f'v_{case}')
         left = res.seconds_left(args.part_budget_s)
         if left < 90:
