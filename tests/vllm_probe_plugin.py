@@ -66,9 +66,6 @@ def _probed_sync(self, *args, **kwargs):
     vllm = _vllm_greedy(self.engine.engine, step, lora)
     model = self.accelerator.unwrap_model(self.model)
     hf = _argmax_along(model, vllm)
-    if os.environ.get('GKD_TEST_VLLM_PROBE_BASE') and hasattr(model, 'disable_adapter'):
-        with model.disable_adapter():
-            print('PROBE_BASE', step, _argmax_along(model, vllm) == vllm, flush=True)
     with open(os.environ['GKD_TEST_VLLM_PROBE_LOG'], 'a') as f:
         f.write(json.dumps({'step': step, 'rank': self.accelerator.process_index, 'vllm': vllm, 'transformers': hf,
                             'lora_request': lora is not None,

@@ -15,6 +15,7 @@ A rollout hands the loss its samples only: the tokens to learn from are those wh
 """
 from __future__ import annotations
 
+import itertools
 from contextlib import ExitStack, contextmanager
 from typing import Any, Dict, List
 
@@ -205,7 +206,7 @@ class RolloutMixin:
         :meth:`~.scheduler_guard.SchedulerGuard.rollout_fn`)."""
         guard = self._scheduler_guard
         guard.start()
-        turns = iter(range(1, 1 << 30))
+        turns = itertools.count(1)
 
         def later_turn(reqs, cfg):  # vLLM's request seeds of this turn (see samplers.seeded_request_config)
             self._sampling_turn = next(turns)
