@@ -137,11 +137,17 @@ def runs(vllm_ws, shared_runs):
 
 
 def _assert_vllm_is_on_policy(run, syncs):
-    """After every sync vLLM's greedy continuation is the trained model's, and training changed it."""
+    """After every sync vLLM's greedy continuation is the trained model's, and training changed it. A LoRA student
+    merged at each sync: vLLM was sent exactly ms-swift's merged weights (to the last bit: the merge is out of place)
+    and the student's base is bit for bit what it was before the sync."""
     rows = _probe(run)
     assert len(rows) == syncs, rows
     for row in rows:
         assert row['vllm'] == row['transformers'], row
+        if 'merged_sent' in row:
+            assert row['merged_sent'] and row['base_unchanged'], row
+    if 'merged_sent' in rows[-1]:
+        assert rows[-1]['merged_differs_from_base'], 'the adapter never moved the weights vLLM holds'
     assert rows[0]['vllm'] != rows[-1]['vllm'], 'the weights vLLM samples from never changed'
 
 
@@ -235,6 +241,8 @@ def test_vllm_lora_shared_base_syncs_the_merged_student(runs):
     weights after every step and samples what the adapter-carrying student would."""
     run = _ok(runs['lora_shared_base'])
     assert 'Teacher model: base_model with LoRA disabled (frozen)' in run.output
+    assert all('merged_sent' in row for row in _probe(run))  # checked in _assert_vllm_is_on_policy
+    assert 'base weights sent merged out of place' in run.output
     _assert_vllm_is_on_policy(run, syncs=3)
     assert all(row['loss'] > 0 for row in run.logs)
 
@@ -245,6 +253,7 @@ def test_vllm_tied_embedding_student_syncs(runs, vllm_ws, name):
     samples from the weights being trained after every sync, and the trained head is still the embedding."""
     run = _ok(runs[name])
     _assert_vllm_is_on_policy(run, syncs=3)
+    assert all(('merged_sent' in row) == (name == 'tied_lora') for row in _probe(run))
     assert all(row['loss'] > 0 for row in run.logs)
     with open(os.path.join(vllm_ws.root, 'student_tied', 'config.json')) as f:
         assert json.load(f)['tie_word_embeddings'] is True

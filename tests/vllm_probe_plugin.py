@@ -55,21 +55,71 @@ def _count_post_load_passes():
     utils.process_weights_after_loading = counted
 
 
+def _vllm_name(name):
+    return name.removeprefix('base_model.model.').replace('.base_layer', '')
+
+
+@torch.no_grad()
+def _merged_reference(model):
+    """A LoRA student's merged base weights as ms-swift's in-place merge computes them (on a copy), by the names vLLM
+    is sent; and the student's own base weights, to check the sync leaves them as they were."""
+    import copy
+    from swift.rlhf_trainers.utils import patch_lora_merge
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if 'base_layer' in n}
+    twin = copy.deepcopy(model)
+    with patch_lora_merge(twin):
+        twin.merge_adapter()
+    merged = {_vllm_name(n): p.detach().clone() for n, p in twin.named_parameters() if 'base_layer' in n}
+    return merged, base
+
+
+def _recording_loads(vllm_model, names, sent):
+    """vLLM's ``load_weights`` records (a copy of) each tensor named in ``names`` it is given."""
+    load = vllm_model.load_weights
+
+    def load_weights(weights):
+        def recorded():
+            for name, tensor in weights:
+                if name in names:
+                    sent[name] = tensor.detach().clone()
+                yield name, tensor
+        return load(recorded())
+
+    vllm_model.load_weights = load_weights
+    return lambda: vars(vllm_model).pop('load_weights', None)
+
+
 def _probed_sync(self, *args, **kwargs):
     if not _syncs[0]:
         _count_post_load_passes()
     _syncs[0] += 1
     before = _post_load_passes[0]
-    result = _sync(self, *args, **kwargs)
-    step = int(self.state.global_step)
-    lora = self.engine._get_grpo_lora_request() if getattr(self.engine, 'enable_lora', False) else None
-    vllm = _vllm_greedy(self.engine.engine, step, lora)
     model = self.accelerator.unwrap_model(self.model)
+    lora = {}
+    merges = hasattr(model, 'peft_config') and not self.rollout_enable_lora and self.vllm_mode == 'colocate'
+    if merges:  # the merged weights vLLM gets must be ms-swift's merge, bit for bit, and the student left as it was
+        expected, base = _merged_reference(model)
+        sent = {}
+        restore = _recording_loads(self.engine.inner_model, expected, sent)
+    try:
+        result = _sync(self, *args, **kwargs)
+    finally:
+        if merges:
+            restore()
+    if merges:
+        unmerged = {_vllm_name(n): t for n, t in base.items()}
+        lora = {'merged_sent': sorted(sent) == sorted(expected) and all(torch.equal(sent[n], expected[n])
+                                                                         for n in expected),
+                'merged_differs_from_base': any(not torch.equal(sent[n], unmerged[n]) for n in sent),
+                'base_unchanged': all(torch.equal(p, base[n]) for n, p in model.named_parameters() if n in base)}
+    step = int(self.state.global_step)
+    request = self.engine._get_grpo_lora_request() if getattr(self.engine, 'enable_lora', False) else None
+    vllm = _vllm_greedy(self.engine.engine, step, request)
     hf = _argmax_along(model, vllm)
     with open(os.environ['GKD_TEST_VLLM_PROBE_LOG'], 'a') as f:
         f.write(json.dumps({'step': step, 'rank': self.accelerator.process_index, 'vllm': vllm, 'transformers': hf,
-                            'lora_request': lora is not None,
-                            'post_load_passes': _post_load_passes[0] - before}) + '\n')
+                            'lora_request': request is not None,
+                            'post_load_passes': _post_load_passes[0] - before, **lora}) + '\n')
     return result
 
 

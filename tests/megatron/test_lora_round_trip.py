@@ -162,3 +162,115 @@ def test_keeper_for_merges_of_every_layer_at_once(lora_student):
     after = _adapters(lora_student)
     assert all(after[n].dtype == torch.float32 and torch.equal(after[n], adapters[n]) for n in adapters)
     assert torch.equal(_teacher_logits(lora_student), teacher_before)
+
+
+def _sync_out_of_place(model, groups, sent, max_bytes=1 << 40, during=None):
+    """``swift rlhf``'s sync with the out-of-place merge: ms-swift's merge per group, its state dict (the parameters'
+    ``.data``, as ``_collect_state_dict_for_vllm`` reads them), sent part by part through
+    :meth:`LoraSync.merged_chunks` as the plugin's ``_load_state_dict_to_vllm`` does, then ms-swift's unmerge."""
+    from swift.rlhf_trainers.utils import patch_lora_merge, patch_lora_unmerge
+    parts = []
+    with exact_lora_sync([model], HostBuffer(pin=False, min_chunk=0), out_of_place=True) as sync, torch.no_grad():
+        for group in groups:
+            with patch_lora_merge(model, group):
+                model.merge_adapter()
+            state_dict = {n: p.data for n, p in model.named_parameters() if n in group and 'lora_' not in n}
+            if during is not None:
+                during(sync, state_dict)
+            for chunk in sync.merged_chunks(state_dict, max_bytes):
+                parts.append(sum(v.numel() * v.element_size() for n, v in chunk.items()
+                                 if v.data_ptr() != state_dict[n].data_ptr()))
+                sent.update({n: v.clone() for n, v in chunk.items() if 'base_layer' in n})
+                del chunk
+            with patch_lora_unmerge(model):
+                model.unmerge_adapter()
+    return sync, parts
+
+
+def test_out_of_place_sync_sends_the_in_place_merge_and_writes_nothing(lora_student):
+    """Out of place, vLLM receives exactly what ms-swift's in-place merge gives (its first sync, before any drift),
+    the student's base is never written (not even during the sync: a shared-base teacher reading it meanwhile sees
+    the base), no host memory is taken, and the adapters keep their float32 tensors."""
+    import copy
+    reference = copy.deepcopy(lora_student)
+    expected = {}
+    _sync(reference, _groups(reference), exported=expected)
+    before, adapters, teacher_before = _base_weights(lora_student), _adapters(lora_student), _teacher_logits(
+        lora_student)
+    pointers = {n: p.data_ptr() for n, p in lora_student.named_parameters()}
+
+    def during(sync, state_dict):  # merged, not yet sent: the parameters still hold the base
+        assert sync.pending == any('base_layer' in n for n in state_dict)
+        assert all(torch.equal(state_dict[n], before[n]) for n in state_dict if n in before)
+
+    for _ in range(ROUND_TRIPS):
+        got = {}
+        sync, _ = _sync_out_of_place(lora_student, _groups(lora_student), got, during=during)
+        assert got.keys() == expected.keys() and all(torch.equal(expected[n], got[n]) for n in expected)
+        assert sync.merged_out_of_place == len(expected) and sync.buffer.num_bytes == 0
+    assert _changed_fraction(before, _base_weights(lora_student)) == 0
+    assert {n: p.data_ptr() for n, p in lora_student.named_parameters()} == pointers
+    after = _adapters(lora_student)
+    assert all(after[n].dtype == torch.float32 and torch.equal(after[n], adapters[n]) for n in adapters)
+    assert torch.equal(_teacher_logits(lora_student), teacher_before)
+
+
+def test_out_of_place_parts_hold_about_the_budget(lora_student):
+    """One group holding the whole model, a budget of its largest base weight: each part's merged temporaries
+    stay under the budget plus one weight, and every LoRA base weight is sent once."""
+    base = _base_weights(lora_student)
+    largest = max(t.numel() * t.element_size() for t in base.values())
+    got = {}
+    _, parts = _sync_out_of_place(lora_student, [[n for n, _ in lora_student.named_parameters()]], got,
+                                  max_bytes=largest)
+    assert len(parts) > 2 and max(parts) < 2 * largest
+    assert sum(parts) == sum(t.numel() * t.element_size() for t in base.values())
+    assert got.keys() == base.keys()
+
+
+def test_out_of_place_falls_back_in_place_for_converted_weights_and_dora(tiny_ws):
+    """A sync that sends converted weights (a copy, not the parameter: here the last layer's) gets those layers
+    merged in place after all, and DoRA layers (merge: more than an addition) always are; the base and the adapters
+    still come back bit for bit, and what is sent equals the in-place merge."""
+    import copy
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_ws.student, dtype=torch.bfloat16)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=['q_proj', 'v_proj'], init_lora_weights=False,
+                        use_dora=True, exclude_modules=['model.layers.0.self_attn.v_proj'])
+    model = get_peft_model(model, config).eval()
+    peft_dora_off = model.base_model.model.model.layers[0].self_attn.v_proj
+    assert not hasattr(peft_dora_off, 'lora_A')  # excluded: plain base
+    model2 = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_ws.student, dtype=torch.bfloat16),
+                            LoraConfig(r=4, lora_alpha=8, target_modules=['up_proj'], init_lora_weights=False))
+    # one model with plain LoRA layers (up_proj) and DoRA layers (q_proj, v_proj)
+    model.base_model.model.model.layers[0].mlp.up_proj = model2.base_model.model.model.layers[0].mlp.up_proj
+    model.base_model.model.model.layers[1].mlp.up_proj = model2.base_model.model.model.layers[1].mlp.up_proj
+    reference = copy.deepcopy(model)
+    expected = {}
+    _sync(reference, _groups(reference), exported=expected)
+    before, adapters = _base_weights(model), _adapters(model)
+
+    def during(sync, state_dict):
+        if any('layers.1.' in n for n in state_dict):  # a conversion: the sender's tensors are copies
+            assert sync.unsent({n: t.clone() for n, t in state_dict.items()}.values())
+            sync.merge_pending_in_place()
+            state_dict.update({n: p.data for n, p in model.named_parameters() if n in state_dict})
+
+    got = {}
+    sync, _ = _sync_out_of_place(model, _groups(model), got, during=during)
+    assert got.keys() == expected.keys() and all(torch.equal(expected[n], got[n]) for n in expected)
+    assert 0 < sync.merged_out_of_place < len(expected)
+    assert _changed_fraction(before, _base_weights(model)) == 0
+    assert all(torch.equal(_adapters(model)[n], adapters[n]) for n in adapters)
+
+
+def test_out_of_place_merge_never_sent_is_an_error(lora_student):
+    from swift.rlhf_trainers.utils import patch_lora_merge, patch_lora_unmerge
+    with pytest.raises(RuntimeError, match='never sent merged'):
+        with exact_lora_sync([lora_student], HostBuffer(pin=False), out_of_place=True):
+            with patch_lora_merge(lora_student, None):
+                lora_student.merge_adapter()
+            with patch_lora_unmerge(lora_student):
+                lora_student.unmerge_adapter()

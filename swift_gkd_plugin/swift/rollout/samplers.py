@@ -3,6 +3,7 @@ configs (vLLM's per-request seeds, ``--top_k -1`` as every token), the sampling 
 log-probabilities the RL term's correction needs, and the exact LoRA syncs to vLLM."""
 from __future__ import annotations
 
+import os
 from contextlib import ExitStack, contextmanager
 from copy import copy
 
@@ -115,13 +116,50 @@ class SamplersMixin:
 
     def _move_model_to_vllm(self, *args, **kwargs):
         """ms-swift's sync merges the LoRA adapter into the base in place and unmerges it (``W + d - d != W`` in
-        bf16) and casts the adapters to the base's dtype: the base and the adapters come out exactly as they went
-        in, holding one parameter group's base at a time in a host buffer reused across syncs (FSDP2 merges out of
-        place)."""
+        bf16) and casts the adapters to the base's dtype. Here the merge is out of place: each base weight is replaced
+        by its merged value as it is sent (:meth:`_load_state_dict_to_vllm`), the base is never written and the
+        adapters get their own tensors back (:func:`~swift_gkd_plugin.core.weights.lora_round_trip.exact_lora_sync`);
+        layers whose merge is more than an addition (DoRA, ...) merge in place, their base held on the host meanwhile.
+        FSDP2 is left to ms-swift (it merges out of place itself)."""
         if getattr(self, '_sync_buffer', None) is None:
             self._sync_buffer = HostBuffer()
-        with exact_lora_sync([self.model], self._sync_buffer, enabled=not getattr(self, '_is_fsdp2', False)):
-            return super()._move_model_to_vllm(*args, **kwargs)
+        with exact_lora_sync([self.model], self._sync_buffer, enabled=not getattr(self, '_is_fsdp2', False),
+                             out_of_place=True) as self._lora_sync:
+            try:
+                result = super()._move_model_to_vllm(*args, **kwargs)
+                sync = self._lora_sync
+            finally:
+                self._lora_sync = None
+        if sync is not None and sync.merged_out_of_place and not getattr(self, '_logged_lora_sync', False):
+            self._logged_lora_sync = True
+            logger.info(f'swift_gkd_plugin: LoRA weight sync: {sync.merged_out_of_place} base weights sent merged '
+                        'out of place (the base is never written, nothing is copied to the host)')
+        return result
+
+    def _collect_state_dict_for_vllm(self, *args, **kwargs):
+        """ms-swift's state dict of one parameter group; where it does not carry a layer's base weight as it is
+        (a model whose names or layouts it converts), that group's layers are merged in place after all."""
+        state_dict = super()._collect_state_dict_for_vllm(*args, **kwargs)
+        sync = getattr(self, '_lora_sync', None)
+        unsent = sync.unsent(state_dict.values()) if sync is not None else []
+        if unsent:
+            logger.warning_once(f'swift_gkd_plugin: ms-swift converts {len(unsent)} LoRA base weight(s) on their way '
+                                'to vLLM; those layers are merged in place, their base held on the host meanwhile')
+            sync.merge_pending_in_place()
+            state_dict = super()._collect_state_dict_for_vllm(*args, **kwargs)
+        return state_dict
+
+    def _load_state_dict_to_vllm(self, state_dict):
+        """ms-swift's load, in parts, each LoRA base weight replaced by its merged value (out of place): the merged
+        temporaries of one part (``SWIFT_UPDATE_WEIGHTS_BUCKET_SIZE`` MB, ms-swift's bucket size, 512 by default)
+        live at a time."""
+        sync = getattr(self, '_lora_sync', None)
+        if sync is None or not sync.pending:
+            return super()._load_state_dict_to_vllm(state_dict)
+        max_bytes = int(os.environ.get('SWIFT_UPDATE_WEIGHTS_BUCKET_SIZE', 512)) << 20
+        for chunk in sync.merged_chunks(state_dict, max_bytes):
+            super()._load_state_dict_to_vllm(chunk)
+            del chunk  # freed before the next part is merged
 
     def _move_full_model_to_vllm(self, *args, **kwargs):
         """ms-swift's sync of the (merged) student, through vLLM's in-place reload where vLLM repacked its weights
