@@ -1,16 +1,21 @@
-"""On-policy sampling with vLLM colocate against transformers generation, same models, same run (CPU or GPU).
+"""On-policy sampling with vLLM colocate against transformers generation, and vLLM with every request seeded against
+unseeded requests, same models, same run (CPU or GPU).
 
     python benchmarks/bench_rollout.py                 # hidden 256, 4 layers, 8 prompts x 64 tokens, 6 steps, 2 rounds
+    python benchmarks/bench_rollout.py --samplers vllm,vllm_seeded --batch 64
     python benchmarks/bench_rollout.py --help
 
-Both samplers run ``NPROC_PER_NODE=1 swift rlhf --rlhf_type gkd --lmbda 1`` on the same student (heads of 32, what
-vLLM's CPU attention accepts), teacher, prompts and seed, alternating (A B A B ...), with
+Every sampler runs ``NPROC_PER_NODE=1 swift rlhf --rlhf_type gkd --lmbda 1`` on the same student (heads of 32, what
+vLLM's CPU attention accepts), teacher, prompts and seed, alternating (A B C A B C ...), with
 ``tests/step_probe_plugin.py`` timing each step's phases: ``generate`` is the generation batch (the weight sync to
-vLLM included), ``step`` the whole optimizer step. The first step of each run is left out (vLLM's first batch, the
-transformers engine's first ``generate``). Printed: per sampler the mean sampled tokens per step, the median generate
-and step seconds and sampled tokens per second of generation (medians over steps, then over runs), and the ratios
-transformers / vLLM. Run it on a quiet machine: other processes on the cores move these figures. On a CPU machine these are vLLM's CPU build's
-figures against transformers on the CPU: they say nothing of a GPU.
+vLLM included), ``step`` the whole optimizer step. ``vllm`` is what the plugin does with one rank per engine (no
+request seeded; the draws come from the process's generator, seeded per step and rank); ``vllm_seeded`` seeds every
+request, as the plugin did before (``benchmarks/seeded_requests_plugin.py``; vLLM then samples each seeded request on
+its own and, on a GPU, leaves its FlashInfer top-k/top-p sampler). The first step of each run is left out (vLLM's
+first batch, the transformers engine's first ``generate``). Printed: per sampler the mean sampled tokens per step, the
+median generate and step seconds and sampled tokens per second of generation (medians over steps, then over runs),
+and the ratios. Run it on a quiet machine: other processes on the cores move these figures. On a CPU machine these
+are vLLM's CPU build's figures against transformers on the CPU: they say nothing of a GPU.
 """
 from __future__ import annotations
 
@@ -29,9 +34,12 @@ ROOT = os.path.dirname(HERE)
 PROBE = os.path.join(ROOT, 'tests', 'step_probe_plugin.py')
 OFFLINE = {'HF_HUB_OFFLINE': '1', 'HF_DATASETS_OFFLINE': '1', 'TRANSFORMERS_OFFLINE': '1', 'MODELSCOPE_OFFLINE': '1',
            'USE_HF': '1', 'TOKENIZERS_PARALLELISM': 'false'}
+SEEDED = os.path.join(HERE, 'seeded_requests_plugin.py')
+VLLM = {'use_vllm': 'true', 'vllm_mode': 'colocate', 'vllm_enforce_eager': 'true', 'vllm_max_model_len': '512'}
 SAMPLERS = {'transformers': {'use_vllm': 'false'},
-            'vllm': {'use_vllm': 'true', 'vllm_mode': 'colocate', 'vllm_enforce_eager': 'true',
-                     'vllm_max_model_len': '512'}}
+            'vllm': VLLM,  # one rank per engine: unseeded requests, the draws seeded per (seed, step, rank)
+            'vllm_seeded': VLLM}  # every request seeded (the plugin before issue 47): vLLM's per-request loop
+PLUGINS = {'vllm_seeded': [SEEDED]}
 
 
 def build(workdir: str, hidden: int, layers: int) -> dict:
@@ -63,8 +71,9 @@ def run(ws: dict, sampler: str, out: str, args) -> list:
              'per_device_train_batch_size': str(args.batch), 'gradient_accumulation_steps': '1',
              'max_length': '512', 'logging_steps': '1', 'save_strategy': 'no', 'report_to': 'none',
              'dataloader_num_workers': '0', 'dataset_num_proc': '1', 'output_dir': out, 'add_version': 'false',
-             'seed': '0', 'learning_rate': '1e-4', 'external_plugins': PROBE, **SAMPLERS[sampler]}
-    argv = [a for k, v in flags.items() for a in (f'--{k}', v)]
+             'seed': '0', 'learning_rate': '1e-4', **SAMPLERS[sampler]}
+    argv = [a for k, v in flags.items() for a in (f'--{k}', v)] + ['--external_plugins', PROBE,
+                                                                    *PLUGINS.get(sampler, [])]
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
@@ -101,14 +110,18 @@ def main(argv=None):
     parser.add_argument('--steps', type=int, default=6)
     parser.add_argument('--rounds', type=int, default=2, help='A B rounds (each sampler runs this many times)')
     parser.add_argument('--dtype', default='float32')
+    parser.add_argument('--samplers', default=','.join(SAMPLERS), help=f'a subset of {",".join(SAMPLERS)}')
     args = parser.parse_args(argv)
+    names = args.samplers.split(',')
+    if not names or any(n not in SAMPLERS for n in names):
+        parser.error(f'--samplers {args.samplers!r}: a comma-separated subset of {",".join(SAMPLERS)}')
     if args.hidden % 64 or args.steps < 2:
         parser.error('--hidden must be a multiple of 64 and --steps >= 2')
     os.makedirs(args.workdir, exist_ok=True)
     ws = build(args.workdir, args.hidden, args.layers)
-    results = {name: [] for name in SAMPLERS}
+    results = {name: [] for name in names}
     for r in range(args.rounds):
-        for name in SAMPLERS:
+        for name in names:
             results[name].append(summary(run(ws, name, os.path.join(args.workdir, f'{name}_{r}'), args)))
     import torch
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f'CPU ({os.cpu_count()} cores)'
@@ -121,10 +134,15 @@ def main(argv=None):
         med[name] = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
         m = med[name]
         print(f'| {name} | {m["tokens"]:.0f} | {m["generate_s"]:.3f} | {m["step_s"]:.3f} | {m["tokens_per_s"]:.0f} | {m["run_s"]:.1f} |')
-    t, v = med['transformers'], med['vllm']
-    print(f'rollout: transformers / vLLM colocate: generate {t["generate_s"] / v["generate_s"]:.2f}x, step '
-          f'{t["step_s"] / v["step_s"]:.2f}x, tokens/s {v["tokens_per_s"] / t["tokens_per_s"]:.2f}x for vLLM '
-          f'({device})')
+    if 'transformers' in med and 'vllm' in med:
+        t, v = med['transformers'], med['vllm']
+        print(f'rollout: transformers / vLLM colocate: generate {t["generate_s"] / v["generate_s"]:.2f}x, step '
+              f'{t["step_s"] / v["step_s"]:.2f}x, tokens/s {v["tokens_per_s"] / t["tokens_per_s"]:.2f}x for vLLM '
+              f'({device})')
+    if 'vllm_seeded' in med and 'vllm' in med:
+        s_, v = med['vllm_seeded'], med['vllm']
+        print(f'vLLM seeds: per-request seeded / unseeded: generate {s_["generate_s"] / v["generate_s"]:.2f}x, '
+              f'tokens/s {v["tokens_per_s"] / s_["tokens_per_s"]:.2f}x for unseeded ({device})')
 
 
 if __name__ == '__main__':

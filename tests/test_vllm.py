@@ -116,7 +116,8 @@ def runs(vllm_ws, shared_runs):
         'multi_turn_endless': lambda out: _vllm_run(ws, out, plugins=(PROBE, MULTI_TURN_PLUGIN), max_steps=2,
                                                     multi_turn_scheduler='gkd_test_endless', max_length=1024,
                                                     max_completion_length=32, **ON_POLICY),
-        'saved': lambda out: _vllm_run(ws, out, save_strategy='steps', save_steps=2, **dict(ON_POLICY, max_steps=2)),
+        'saved': lambda out: _vllm_run(ws, out, save_strategy='steps', save_steps=2, **dict(ON_POLICY, max_steps=4),
+                                       env={'GKD_TEST_VLLM_SEED_LOG': out + '.seeds.jsonl'}),
         'tied': lambda out: _vllm_run(ws, out, model=os.path.join(ws.root, 'student_tied'), **ON_POLICY),
         'lora_adapter_sync': lambda out: _vllm_run(ws, out, tuner_type='lora', lora_dropout=0, vllm_enable_lora='true',
                                                    **ON_POLICY),
@@ -124,7 +125,8 @@ def runs(vllm_ws, shared_runs):
         'two_ranks': lambda out: _vllm_run(ws, out, use_cpu='true', **ON_POLICY, env={
             'NPROC_PER_NODE': '2', 'GKD_TEST_VLLM_SEED_LOG': out + '.seeds.jsonl'}),
         'tensor_parallel': lambda out: _without_stale_cpu_shm(lambda: _vllm_run(
-            ws, out, use_cpu='true', vllm_tensor_parallel_size=2, **ON_POLICY, env={'NPROC_PER_NODE': '2'})),
+            ws, out, use_cpu='true', vllm_tensor_parallel_size=2, **ON_POLICY,
+            env={'NPROC_PER_NODE': '2', 'GKD_TEST_VLLM_SEED_LOG': out + '.seeds.jsonl'})),
         'tied_lora': lambda out: _vllm_run(ws, out, model=os.path.join(ws.root, 'student_tied'), tuner_type='lora',
                                            lora_dropout=0, target_modules='all-linear', **ON_POLICY),
         # ms-swift's rollout filters keeping the argmax only, and the early-stopped rollouts' budget
@@ -284,7 +286,8 @@ def test_vllm_two_ranks_colocate_one_engine_each(runs):
     """NPROC_PER_NODE=2 (with --use_cpu true: without it transformers' Trainer does not wrap the student in DDP on
     a CPU machine, and each rank trains its own copy, in ms-swift's own GKD too): each rank drives its own engine;
     after every sync both engines hold the trained weights (each one's greedy continuation is its rank's student's,
-    and the two are the same), and the ranks' requests are seeded from different ranges."""
+    and the two are the same). No request carries a seed (vLLM keeps its batched sampler): each engine draws from its
+    process's generator, which each rank seeds differently at every step."""
     run = _ok(runs['two_ranks'])
     rows = _probe(run)
     assert sorted((r['step'], r['rank']) for r in rows) == [(s, r) for s in range(3) for r in (0, 1)], rows
@@ -292,11 +295,28 @@ def test_vllm_two_ranks_colocate_one_engine_each(runs):
         assert row['vllm'] == row['transformers'], row
     for step in range(3):
         assert len({json.dumps(r['vllm']) for r in rows if r['step'] == step}) == 1  # the same weights on both
-    with open(run.output_dir + '.seeds.jsonl') as f:
-        calls = [json.loads(line) for line in f]
+    calls = _vllm_calls(run)
+    assert all(c['seed'] is None and c['drew_from_rng'] for c in calls), calls
     for step in range(3):
-        seeds = {c['rank']: c['seed'] for c in calls if c['step'] == step}
-        assert sorted(seeds) == [0, 1] and seeds[0] != seeds[1], calls
+        streams = {c['rank']: c['rng'] for c in calls if c['step'] == step}
+        assert streams == {rank: _stream(0, step, rank) for rank in (0, 1)}, calls
+    assert len({c['rng'] for c in calls}) == len(calls)
+
+
+def _stream(seed, step, rank):
+    """The fingerprint of the generator the trainer seeds for (--seed, step, rank)'s draws (as the probe takes it)."""
+    import hashlib
+
+    import torch
+
+    from swift_gkd_plugin.core.modes import sampling_seed
+    state = torch.Generator().manual_seed(sampling_seed(seed, step, rank)).get_state()
+    return hashlib.sha1(state.numpy().tobytes()).hexdigest()[:16]
+
+
+def _vllm_calls(run):
+    with open(run.output_dir + '.seeds.jsonl') as f:
+        return [json.loads(line) for line in f]
 
 
 def _without_stale_cpu_shm(start):
@@ -324,6 +344,11 @@ def test_vllm_tensor_parallel_colocate(runs):
     for row in rows:
         assert row['vllm'] == row['transformers'], row
     assert rows[0]['vllm'] != [r for r in rows if r['step'] == 2][0]['vllm']
+    calls = _vllm_calls(run)  # one engine over both ranks: seeded requests, the same on both, new at every step
+    for step in range(3):
+        seeds = {c['rank']: c['seed'] for c in calls if c['step'] == step}
+        assert sorted(seeds) == [0, 1] and seeds[0] == seeds[1] is not None, calls
+    assert len({c['seed'] for c in calls}) == 3
 
 
 def test_vllm_multi_turn_scheduler(runs):
@@ -338,11 +363,11 @@ def test_vllm_multi_turn_scheduler(runs):
         assert [m['role'] for m in messages][-3:] == ['assistant', 'user', 'assistant'], messages
         assert messages[-2]['content'] == TOOL_RESULT
     _assert_vllm_is_on_policy(run, syncs=2)
-    with open(run.output_dir + '.seeds.jsonl') as f:
-        calls = [json.loads(line) for line in f]
-    for step in (0, 1):  # each turn's requests seeded from a range of their own
-        seeds = [c['seed'] for c in calls if c['step'] == step]
-        assert len(seeds) >= 2 and None not in seeds and len(set(seeds)) == len(seeds), calls
+    calls = _vllm_calls(run)
+    for step in (0, 1):  # every turn draws on from the step's stream: no turn replays another's draws
+        turns = [c for c in calls if c['step'] == step and c['requests']]
+        assert len(turns) >= 2 and all(c['seed'] is None and c['drew_from_rng'] for c in turns), calls
+        assert len({c['rng'] for c in turns}) == len(turns), calls
 
 
 def test_vllm_multi_turn_cut_at_the_engines_context(runs):
@@ -355,18 +380,24 @@ def test_vllm_multi_turn_cut_at_the_engines_context(runs):
         'gkd_test_endless went on (no --max_turns)' in run.output
 
 
-def test_vllm_resume_syncs_the_checkpoint(runs, vllm_ws, tmp_path):
+def test_vllm_resume_syncs_the_checkpoint_and_draws_what_the_run_drew(runs, vllm_ws, tmp_path):
     """Resumed from a checkpoint, the first sync sends the checkpoint's weights: vLLM's greedy continuation is the
-    resumed model's at once, and the resumed steps are on-policy."""
+    resumed model's at once, the resumed steps are on-policy, and vLLM samples exactly the tokens the uninterrupted
+    run sampled at those steps (unseeded requests: the draws come from the stream seeded per step and rank)."""
     saved = _ok(runs['saved'])
-    checkpoint = saved.checkpoints()[-1]
-    run = _ok(_vllm_run(vllm_ws, str(tmp_path / 'resumed'), resume_from_checkpoint=checkpoint,
-                        **dict(ON_POLICY, max_steps=4)))
+    checkpoint = [c for c in saved.checkpoints() if c.endswith('checkpoint-2')][0]
+    out = str(tmp_path / 'resumed')
+    run = _ok(_vllm_run(vllm_ws, out, resume_from_checkpoint=checkpoint, **dict(ON_POLICY, max_steps=4),
+                        env={'GKD_TEST_VLLM_SEED_LOG': out + '.seeds.jsonl'}))
     rows = _probe(run)
     assert [r['step'] for r in rows] == [2, 3]
     for row in rows:
         assert row['vllm'] == row['transformers'], row
     assert rows[0]['vllm'] != _probe(saved)[0]['vllm']  # not the weights vLLM started with
+    resumed, uninterrupted = _vllm_calls(run), [c for c in _vllm_calls(saved) if c['step'] >= 2]
+    assert [c['step'] for c in resumed] == [2, 3] and all(c['seed'] is None for c in resumed)
+    assert [c['tokens'] for c in resumed] == [c['tokens'] for c in uninterrupted]
+    assert resumed[0]['tokens'] != resumed[1]['tokens']
 
 
 def test_vllm_without_a_launcher_is_refused(vllm_ws, tmp_path):

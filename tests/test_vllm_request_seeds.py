@@ -1,5 +1,7 @@
-"""vLLM's per-request sampling seeds (issue 21 item 3), without vLLM: ms-swift's own ``RequestConfig`` and the rule of
-its vLLM engine (request ``i`` of one call samples with ``config.seed + i``), on the configs the trainer builds."""
+"""vLLM's per-request sampling seeds (issue 21 item 3, issue 47 item 2), without vLLM: ms-swift's own ``RequestConfig``
+and the rule of its vLLM engine (request ``i`` of one call samples with ``config.seed + i``), on the configs the trainer
+builds. Only an engine split over several ranks (TP > 1) gets them; with one rank per engine the draws come from the
+process's generator, seeded per (seed, step, rank): ``tests/test_vllm.py`` checks that end to end."""
 import pytest
 from swift.infer_engine.protocol import RequestConfig
 
@@ -11,7 +13,7 @@ def request_seeds(config, n):
     return [None if config.seed is None else config.seed + i for i in range(n)]
 
 
-def built(seed=42, step=3, rank=0, tp=1, mode='colocate', base=None, turn=0):
+def built(seed=42, step=3, rank=0, tp=2, mode='colocate', base=None, turn=0):
     return seeded_request_config(RequestConfig(temperature=1.0, max_tokens=8, seed=base), seed=seed, step=step,
                                  process_index=rank, tensor_parallel_size=tp, vllm_mode=mode, turn=turn)
 
@@ -20,7 +22,7 @@ def test_seeds_follow_seed_step_and_rank_and_repeat_on_resume():
     first = built()
     assert first.seed is not None and first.temperature == 1.0 and first.max_tokens == 8
     assert built().seed == first.seed  # a resumed run at the same step: the same draws
-    assert len({built(seed=s, step=t, rank=r).seed for s in (1, 2) for t in (0, 1, 2) for r in (0, 1, 2)}) == 18
+    assert len({built(seed=s, step=t, rank=r).seed for s in (1, 2) for t in (0, 1, 2) for r in (0, 2, 4)}) == 18
     assert 0 <= first.seed and first.seed + 10**6 < 2**63  # room for the engine's + i, a valid 64-bit seed
 
 
@@ -33,6 +35,14 @@ def test_a_tp_group_shares_its_seeds_and_groups_never_overlap():
     n = 4096  # requests per call, far beyond ms-swift's B
     assert not set(request_seeds(configs[0], n)) & set(request_seeds(configs[2], n))
     assert not set(request_seeds(built(step=3, tp=2), n)) & set(request_seeds(built(step=4, tp=2), n))
+
+
+def test_one_rank_per_engine_gets_no_request_seeds():
+    """TP = 1: vLLM keeps its batched sampler (a seeded request is sampled on its own), the trainer seeds the draws."""
+    config = RequestConfig(temperature=1.0, seed=None)
+    for rank in range(3):
+        assert seeded_request_config(config, seed=1, step=2, process_index=rank, tensor_parallel_size=1,
+                                     vllm_mode='colocate') is config
 
 
 @pytest.mark.parametrize('mode', ['server', None])

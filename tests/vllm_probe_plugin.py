@@ -132,13 +132,23 @@ def _failing_load(self, state_dict):
     return _load(self, state_dict)
 
 
+def _rng_fingerprint():
+    import hashlib
+    state = torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.get_rng_state()
+    return hashlib.sha1(state.numpy().tobytes()).hexdigest()[:16]
+
+
 def _logged_rollout(self, samples, request_config):
-    """GKD_TEST_VLLM_SEED_LOG: the seed of every vLLM call (one per turn), with the step."""
+    """GKD_TEST_VLLM_SEED_LOG: every vLLM call (one per turn) with the step, its request seed, the fingerprint of the
+    process's default generator before the call and whether vLLM drew from it, and the token ids it sampled."""
+    before = _rng_fingerprint()
+    outputs = _colocate_rollout(self, samples, request_config)
+    tokens = [list(c.token_ids or []) for o in outputs for c in o.response.choices]
     with open(os.environ['GKD_TEST_VLLM_SEED_LOG'], 'a') as f:
         f.write(json.dumps({'step': int(self.state.global_step), 'rank': self.accelerator.process_index,
-                            'seed': request_config.seed,
-                            'requests': len(samples)}) + '\n')
-    return _colocate_rollout(self, samples, request_config)
+                            'seed': request_config.seed, 'requests': len(samples), 'rng': before,
+                            'drew_from_rng': _rng_fingerprint() != before, 'tokens': tokens}) + '\n')
+    return outputs
 
 
 GKDPluginTrainer._move_model_to_vllm = _probed_sync

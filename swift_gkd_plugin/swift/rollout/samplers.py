@@ -60,16 +60,25 @@ class SamplersMixin:
 
     @contextmanager
     def _sampling_rng(self, step: int):
-        """With several completions per prompt, every rank samples from its own stream seeded by (seed, step, rank):
-        the copies of a prompt on different ranks must not draw the same completion. One completion per prompt keeps
-        the trainer's common stream (ms-swift's behaviour)."""
-        if self.args.num_generations == 1:
+        """Every rank samples from its own stream seeded by (seed, step, rank) with several completions per prompt
+        (the copies of a prompt on different ranks must not draw the same completion) and under vLLM colocate with
+        one rank per engine (the engine, in this process, draws from the device's default generator: requests without
+        a seed of their own keep vLLM's batched sampler, and a resumed run draws what the uninterrupted run drew).
+        Otherwise the trainer's common stream (ms-swift's behaviour; a checkpoint restores it)."""
+        if self.args.num_generations == 1 and not self._vllm_draws_from_this_process():
             yield
             return
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(sampling_seed(self.args.seed, step, self.args.process_index))
             yield
+
+    def _vllm_draws_from_this_process(self) -> bool:
+        """vLLM colocate with one rank per engine: its unseeded requests draw from this process's generator."""
+        return bool(self.args.use_vllm) and self.args.vllm_mode == 'colocate' and self._vllm_tp_size() == 1
+
+    def _vllm_tp_size(self) -> int:
+        return int(getattr(self, 'vllm_tensor_parallel_size', 1) or 1)
 
     def _get_request_config(self, logprobs: bool = True):
         """ms-swift's request config, with vLLM's per-request seeds derived from (seed, step, rank) in colocate mode
@@ -89,8 +98,8 @@ class SamplersMixin:
             return config
         return seeded_request_config(config, seed=self.args.seed, step=int(self.state.global_step),
                                      process_index=self.accelerator.process_index,
-                                     tensor_parallel_size=getattr(self, 'vllm_tensor_parallel_size', 1) or 1,
-                                     vllm_mode=self.args.vllm_mode, turn=self._sampling_turn)
+                                     tensor_parallel_size=self._vllm_tp_size(), vllm_mode=self.args.vllm_mode,
+                                     turn=self._sampling_turn)
 
     def _request_sampler_logprobs(self) -> None:
         """The RL term's sampler/policy mismatch correction (``--rollout_importance_sampling_mode``) and its metrics
@@ -204,14 +213,19 @@ def untruncated_top_k(config, model):
 
 def seeded_request_config(config, *, seed: int, step: int, process_index: int, tensor_parallel_size: int,
                           vllm_mode: str, turn: int = 0):
-    """A copy of ``config`` whose ``seed`` makes vLLM's sampling a function of (``--seed``, step, rank, turn).
+    """``config`` with vLLM per-request seeds that make a colocated engine split over ``tensor_parallel_size`` > 1
+    ranks sample as a function of (``--seed``, step, TP group, turn); ``config`` itself otherwise.
 
-    ms-swift's vLLM engine gives request ``i`` of one call the seed ``config.seed + i``. In colocate mode ms-swift
-    sets ``config.seed`` only with TP > 1, to ``B * (rank // tp)``: the same at every step and for every ``--seed``,
-    and with more requests than ``B`` per rank (``steps_per_generation`` > GA) overlapping the next group's range, so
-    two copies of a prompt could draw the same completion. Here the base is a 62-bit hash of (seed, step, the rank's
-    TP group) (:func:`~swift_gkd_plugin.core.modes.sampling_seed`): the ranks of one TP group, which drive one engine,
-    share it; other groups and steps get unrelated ranges; a resumed run draws what the uninterrupted run drew.
+    With TP > 1 the ranks of a group run one engine and must draw the same tokens, while their default generators
+    differ: ms-swift seeds the requests then (request ``i`` of one call gets ``config.seed + i``), from ``B * (rank //
+    tp)``: the same at every step and for every ``--seed``, and with more requests than ``B`` per rank
+    (``steps_per_generation`` > GA) overlapping the next group's range. Here the base is a 62-bit hash of (seed, step,
+    TP group) (:func:`~swift_gkd_plugin.core.modes.sampling_seed`): other groups and steps get unrelated ranges; a
+    resumed run draws what the uninterrupted run drew.
+
+    With one rank per engine no request is seeded: per-request generators put vLLM on a per-request sampling loop and
+    off its fused top-k/top-p sampler; the engine draws from the process's default generator instead, which the
+    trainer seeds per (seed, step, rank) around each rollout (:meth:`SamplersMixin._sampling_rng`).
 
     Server mode is left to ms-swift (each rollout worker seeds itself at random): the trainer's client splits the
     requests between servers and each server between its data-parallel workers, which number their share from the
@@ -220,9 +234,9 @@ def seeded_request_config(config, *, seed: int, step: int, process_index: int, t
     ``turn``: the turn of a multi-turn rollout (0: the first). Each later turn gets a range of its own: with one seed
     for every turn, request ``i`` would draw from the same random stream at every turn of its trajectory.
     """
-    if vllm_mode != 'colocate':
+    if vllm_mode != 'colocate' or int(tensor_parallel_size) <= 1:
         return config
     config = copy(config)
     stream = 'sampling' if not turn else f'sampling-turn{int(turn)}'
-    config.seed = sampling_seed(seed, step, process_index // max(int(tensor_parallel_size), 1), stream) >> 1
+    config.seed = sampling_seed(seed, step, process_index // int(tensor_parallel_size), stream) >> 1
     return config
