@@ -5,8 +5,9 @@
 the sampling temperature) and the trainer compares them with the policy's. Case ``c2`` (C = 2): the mismatch metrics
 are logged on every step and small (mean |log pi - log mu| < 0.05, k3 KL < 0.01). Case ``c1`` (C = 1, every ratio
 above 1 is cut): some weights truncate (``gkd/rollout_is_truncated`` > 0) and the mean weight is at most 1.
-Cases ``sleep1`` (``--sleep_level 1``: vLLM's CPU build has no sleep mode) and ``lora_adapter``
-(``--vllm_enable_lora true``) pass when the run trains with the metrics logged.
+Cases ``sleep1`` (``--sleep_level 1``: vLLM's CPU build has no sleep mode), ``lora_adapter``
+(``--vllm_enable_lora true``) and ``lora_merged`` (a LoRA student merged out of place at each sync: on a GPU the
+temporaries live on the device) pass when the run trains with the metrics logged.
 Skipped where vLLM is not installed (the kit does not carry it: one CUDA wheel of ~340 MB that pins its own torch).
 """
 from __future__ import annotations
@@ -27,9 +28,10 @@ class DistinctCharacters(ORM):
 
 orms['gpukit_distinct'] = DistinctCharacters
 '''
-CASES = {'c2': 2.0, 'c1': 1.0, 'sleep1': 2.0, 'lora_adapter': 2.0}
+CASES = {'c2': 2.0, 'c1': 1.0, 'sleep1': 2.0, 'lora_adapter': 2.0, 'lora_merged': 2.0}
 # what vLLM's CPU build cannot run (sleep mode) or what ran only there (adapter-only LoRA syncs): kept for a GPU
-EXTRA = {'sleep1': dict(sleep_level=1), 'lora_adapter': dict(tuner_type='lora', lora_dropout=0, vllm_enable_lora='true')}
+EXTRA = {'sleep1': dict(sleep_level=1), 'lora_adapter': dict(tuner_type='lora', lora_dropout=0, vllm_enable_lora='true'),
+         'lora_merged': dict(tuner_type='lora', lora_dropout=0)}
 METRICS = ('gkd/rollout_logprob_diff', 'gkd/rollout_k3_kl', 'gkd/rollout_is_weight', 'gkd/rollout_is_truncated')
 
 
