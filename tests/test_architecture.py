@@ -162,7 +162,8 @@ STAGES = {  # stage -> the stages it may import (its own modules aside)
     'megatron.step': set(),
     'megatron.rollout': set(),
 }
-BELOW_THE_ADAPTERS = ['core', 'server', 'testing', 'flags', 'flag_checks', 'local_paths', 'process_exit', 'ms_swift_state']
+BELOW_THE_ADAPTERS = ['core', 'server', 'testing', 'flags', 'flag_checks', 'local_paths', 'process_exit', 'ms_swift_state',
+                      'colocated_vllm']
 MOST_MODULES_IN_A_FOLDER = 12
 
 

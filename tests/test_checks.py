@@ -107,7 +107,8 @@ def _functions(module):
 
 
 CHECK_MODULES = ['swift_gkd_plugin.flags', 'swift_gkd_plugin.flag_checks', 'swift_gkd_plugin.swift.setup.arguments',
-                 'swift_gkd_plugin.megatron.setup.checks', 'swift_gkd_plugin.swift.setup.vllm']
+                 'swift_gkd_plugin.megatron.setup.checks', 'swift_gkd_plugin.swift.setup.vllm',
+                 'swift_gkd_plugin.colocated_vllm']
 
 
 @pytest.mark.parametrize('module_name', CHECK_MODULES)
@@ -345,7 +346,7 @@ def test_deepspeed_without_a_launcher_is_refused(monkeypatch, env, refused):
 def test_head_dim_of_reads_the_text_models_heads(tmp_path):
     """vLLM's CPU head-size check reads config.json: an explicit head_dim, else hidden_size / heads, in the text
     model's config of multimodal models (Qwen2.5-VL's text_config, Qwen3-Omni's thinker_config.text_config)."""
-    from swift_gkd_plugin.swift.setup.vllm import head_dim_of
+    from swift_gkd_plugin.colocated_vllm import head_dim_of
 
     def head_dim(config):
         (tmp_path / 'config.json').write_text(json.dumps(config))

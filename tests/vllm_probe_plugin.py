@@ -8,25 +8,9 @@ import os
 import torch
 
 from swift_gkd_plugin.swift.trainer import GKDPluginTrainer
+from vllm_greedy import PROMPTS, vllm_greedy  # noqa: E402 (tests/, on the path as the plugin's folder)
 
-PROMPTS = [[5, 17, 33, 41, 9], [3, 8, 12]]
-NEW_TOKENS = 12
 _sync = GKDPluginTrainer._move_model_to_vllm
-
-
-def _vllm_greedy(engine, step, lora=None):
-    """``lora``: the adapter request ms-swift's engine sends with its own requests (``--vllm_enable_lora``)."""
-    from vllm import SamplingParams
-    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
-    ids = [f'probe-{step}-{i}' for i in range(len(PROMPTS))]
-    for request_id, prompt in zip(ids, PROMPTS):
-        engine.add_request(request_id, {'prompt_token_ids': prompt}, params, lora_request=lora)
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = list(out.outputs[0].token_ids)
-    return [done[i] for i in ids]
 
 
 @torch.no_grad()
@@ -114,7 +98,7 @@ def _probed_sync(self, *args, **kwargs):
                 'base_unchanged': all(torch.equal(p, base[n]) for n, p in model.named_parameters() if n in base)}
     step = int(self.state.global_step)
     request = self.engine._get_grpo_lora_request() if getattr(self.engine, 'enable_lora', False) else None
-    vllm = _vllm_greedy(self.engine.engine, step, request)
+    vllm = vllm_greedy(self.engine.engine, step, request)
     hf = _argmax_along(model, vllm)
     with open(os.environ['GKD_TEST_VLLM_PROBE_LOG'], 'a') as f:
         f.write(json.dumps({'step': step, 'rank': self.accelerator.process_index, 'vllm': vllm, 'transformers': hf,

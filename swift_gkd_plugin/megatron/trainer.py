@@ -30,6 +30,7 @@ from swift.rlhf_trainers.gkd_loss import DataSource, TeacherOutput
 from swift.utils import get_logger, to_device
 from transformers.utils import ContextManagers
 
+from swift_gkd_plugin.colocated_vllm import shutdown_engine, weight_sync_context
 from swift_gkd_plugin.core import Divergence, Mode
 from swift_gkd_plugin.core.constants import IGNORE_INDEX
 from swift_gkd_plugin.core.entropy import EntropyGapWatch
@@ -275,9 +276,20 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
         super().unmerge_lora_adapters()
         self._base_keeper.restore()
 
+    def _export_and_load_weights(self, *args, **kwargs):
+        """ms-swift's export of the (merged) student into a colocated vLLM (``rollout_mixin.py`` ~624-654:
+        ``load_weights`` and its whole-model post-load pass), through vLLM's in-place layerwise reload where vLLM
+        repacked its weights after loading (its CPU build: ``load_weights`` then fails with ``'Parameter' object has
+        no attribute 'weight_loader'``, see :mod:`swift_gkd_plugin.colocated_vllm`); elsewhere ms-swift's path as it
+        is."""
+        if self.vllm_mode != 'colocate':
+            return super()._export_and_load_weights(*args, **kwargs)
+        with weight_sync_context(self, log=self.is_main_process):
+            return super()._export_and_load_weights(*args, **kwargs)
+
     def _move_adapter_to_vllm(self, *args, **kwargs):
         """``--vllm_enable_lora`` colocate: vLLM gets copies of the exported adapter (it scales ``lora_B`` in place;
-        mcore-bridge's export may hand out the parameters themselves). Not run: Megatron with vLLM needs a GPU."""
+        mcore-bridge's export may hand out the parameters themselves; ``tests/megatron/test_megatron_vllm.py``)."""
         if self.vllm_mode != 'colocate':
             return super()._move_adapter_to_vllm(*args, **kwargs)
         with adapter_tensors_copied(self.engine.engine):
@@ -306,6 +318,7 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
         self._first_step = int(self.state.iteration)
         self._steps_without_learning = 0
         super().train(train_dataset, val_dataset)
+        self._shut_down_colocated_engine()
         trained = int(self.state.iteration) - self._first_step
         if trained == 0 or self._steps_without_learning == trained:
             raise NothingLearnt(
@@ -313,6 +326,15 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
                 '0 at every step): the teacher agrees with the student everywhere (the student as its own teacher '
                 'without a teacher_prompt column; a copy of the student as --teacher_model) or no position has a '
                 'teacher signal. The checkpoints were saved; the run ends with an error instead of exit code 0')
+
+    def _shut_down_colocated_engine(self) -> None:
+        """After training, the colocated vLLM engine is shut down while the process groups exist: ms-swift's
+        pipeline destroys them after ``train()`` (``megatron/pipelines/train/sft.py`` ~88), and vLLM's own exit
+        handler (``v1/engine/core.py`` ~839, ``cleanup_dist_env_and_memory``) then failed destroying its groups again
+        (``ValueError: Invalid process group specified``, a traceback after a finished run). Its shutdown destroys the
+        default group too, which ms-swift then skips."""
+        if self.use_vllm and getattr(self, 'vllm_mode', None) == 'colocate' and getattr(self, 'engine', None):
+            shutdown_engine(self.engine)
 
     def on_log(self, logs, prefix=''):
         self._log_prefix = prefix  # '' for training rows, 'eval_' for evaluation ones (ms-swift's base trainer)

@@ -47,7 +47,7 @@ from swift_gkd_plugin.swift.rollout.samplers import SamplersMixin
 from swift_gkd_plugin.swift.step.scoring import ScoringMixin
 from swift_gkd_plugin.swift.teacher.placement import TeacherMixin
 from swift_gkd_plugin.swift.step.token_metrics import TokenMean
-from swift_gkd_plugin.swift.rollout.vllm_colocate import shutdown_engine
+from swift_gkd_plugin.colocated_vllm import shutdown_engine
 
 logger = get_logger()
 

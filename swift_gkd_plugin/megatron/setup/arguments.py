@@ -10,6 +10,8 @@ from swift.megatron.arguments import MegatronRLHFArguments
 from swift.utils import get_logger, is_vllm_available
 
 import swift_gkd_plugin
+from swift_gkd_plugin.colocated_vllm import (check_vllm_cpu_head_dim, check_vllm_max_model_len, check_vllm_sleep_mode,
+                                             resolve_vllm_environment)
 from swift_gkd_plugin.flags import FlagError, check_no_plugin_flags_outside_gkd, ignored_flag_warnings
 from swift_gkd_plugin.megatron.setup.checks import (MegatronGKDFlagsMixin, check_megatron_gkd, check_not_ray,
                                               check_vllm_sampler, float32_warning)
@@ -23,6 +25,14 @@ def resolve_sampler(args) -> None:
     if args.use_vllm and not is_vllm_available():
         logger.info('swift_gkd_plugin: vLLM is not installed: on-policy steps sample from the training model')
         args.use_vllm = False
+
+
+def check_colocated_vllm(args) -> None:
+    """What the platform of a colocated vLLM engine (built in every rank by ms-swift's rollout mixin) cannot run,
+    checked as for ``swift rlhf`` (:mod:`swift_gkd_plugin.colocated_vllm`), before the models load."""
+    check_vllm_max_model_len(args, args.model_dir)
+    check_vllm_cpu_head_dim(args, args.model_dir)
+    check_vllm_sleep_mode(args)
 
 
 @dataclass
@@ -50,6 +60,11 @@ class GKDPluginMegatronRLHFArguments(MegatronGKDFlagsMixin, MegatronRLHFArgument
             self.seq_kd = seq_kd
         resolve_sampler(self)
         check_vllm_sampler(self, vllm_installed=self.use_vllm)
+        if self.use_vllm and self.vllm_mode == 'colocate' and self.lmbda > 0:  # ms-swift builds the engine then
+            # the environment vLLM needs (without it a machine without torchvision failed building the engine:
+            # ms-swift's swift_uembed vLLM plugin imports it), then what its platform cannot run
+            resolve_vllm_environment(self)
+            check_colocated_vllm(self)
         warning = float32_warning(dtype_given, fp16_given, self.fp16)
         if warning:
             logger.warning(f'swift_gkd_plugin: {warning}')

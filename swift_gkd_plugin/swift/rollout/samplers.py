@@ -19,7 +19,7 @@ from swift_gkd_plugin.swift.step.hidden_states import head_rows
 from swift_gkd_plugin.swift.rollout.media_tokens import cut_at_media_placeholders, suppress_media_placeholders
 from swift_gkd_plugin.swift.rollout.correction import SamplerLogprobsEngine
 from swift_gkd_plugin.swift.rollout.speculative import SpeculativeEngine
-from swift_gkd_plugin.swift.rollout.vllm_colocate import layerwise_reload, weights_repacked
+from swift_gkd_plugin.colocated_vllm import weight_sync_context
 
 logger = get_logger()
 
@@ -172,18 +172,10 @@ class SamplersMixin:
 
     def _move_full_model_to_vllm(self, *args, **kwargs):
         """ms-swift's sync of the (merged) student, through vLLM's in-place reload where vLLM repacked its weights
-        (its CPU build: see :mod:`.vllm_colocate`)."""
+        (its CPU build: see :mod:`swift_gkd_plugin.colocated_vllm`)."""
         if self.vllm_mode != 'colocate':
             return super()._move_full_model_to_vllm(*args, **kwargs)
-        model = self.engine.inner_model
-        if getattr(self, '_vllm_repacked', None) is None:
-            self._vllm_repacked = weights_repacked(model)
-            if self._vllm_repacked:
-                logger.info('swift_gkd_plugin: vLLM repacked its weights after loading: the student is synced '
-                            'through vLLM\'s in-place layerwise reload')
-        if not self._vllm_repacked:
-            return super()._move_full_model_to_vllm(*args, **kwargs)
-        with layerwise_reload(model, self.engine.engine.model_config):
+        with weight_sync_context(self):
             return super()._move_full_model_to_vllm(*args, **kwargs)
 
     def _move_adapter_to_vllm(self, *args, **kwargs):

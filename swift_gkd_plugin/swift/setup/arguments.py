@@ -16,6 +16,8 @@ from swift.rlhf_trainers import GKDConfig
 from swift.utils import get_logger
 
 import swift_gkd_plugin
+from swift_gkd_plugin.colocated_vllm import (check_vllm_cpu_head_dim, check_vllm_max_model_len, check_vllm_sleep_mode,
+                                             resolve_vllm_environment)
 from swift_gkd_plugin.core.constants import ROLLOUT_IS_MODES, SCALE_REWARDS
 from swift_gkd_plugin.flags import (FlagError, GKDPluginArgumentsMixin, check_deepspeed_launch, check_gkd_scalars,
                                     check_multi_turn_flags, check_no_plugin_flags_outside_gkd, check_rl_flags,
@@ -28,9 +30,7 @@ from swift_gkd_plugin.swift.setup.datasets import (check_dataset_paths, check_lo
                                                   check_self_teacher_has_something_to_add)
 from swift_gkd_plugin.swift.setup.paths import CreatedDirs, check_command_line_paths
 from swift_gkd_plugin.swift.setup.teacher_server import check_skd_teacher_server
-from swift_gkd_plugin.swift.setup.vllm import (check_vllm_cpu_head_dim, check_vllm_launcher, check_vllm_max_model_len,
-                                               check_vllm_server_mode, check_vllm_sleep_mode,
-                                               resolve_vllm_environment)
+from swift_gkd_plugin.swift.setup.vllm import check_vllm_launcher, check_vllm_server_mode
 from swift_gkd_plugin.swift.setup.zero3_lora import zero3_lora_warnings
 
 logger = get_logger()
