@@ -163,6 +163,32 @@ def check_reference_flags(args) -> None:
                         'one: drop one of them')
 
 
+def check_sampled_kl_flags(args) -> None:
+    """``--gkd_sampled_kl_coef`` scores the student's own samples with the teacher's log-probability of each sampled
+    token: on-policy steps, and a teacher that gives that number (the full row of a local teacher of the student's
+    tokenizer; a served or top-k teacher only knows its top-k)."""
+    coef = getattr(args, 'gkd_sampled_kl_coef', 0.0)
+    if not coef:
+        if getattr(args, 'gkd_sampled_kl_discount', 0.0):
+            raise FlagError(f'--gkd_sampled_kl_discount {args.gkd_sampled_kl_discount:g} discounts the sampled-token '
+                            'term, which is off (--gkd_sampled_kl_coef 0): set --gkd_sampled_kl_coef > 0, or drop it')
+        return
+    flag = f'--gkd_sampled_kl_coef {coef:g}'
+    if not args.lmbda > 0:
+        raise FlagError(f"{flag} trains on the student's own samples, and --lmbda {args.lmbda:g} makes no on-policy "
+                        'step: set --lmbda > 0')
+    if getattr(args, 'teacher_model_server', None) is not None:
+        raise FlagError(f"{flag} needs the teacher's log-probability of every sampled token, and a teacher server "
+                        'returns its top-k only (not supported yet): use a local --teacher_model')
+    if getattr(args, 'gkd_logits_topk', None) is not None:
+        raise FlagError(f"{flag} needs the teacher's log-probability of every sampled token, which a top-k teacher "
+                        f'(--gkd_logits_topk {args.gkd_logits_topk}) does not keep: unset --gkd_logits_topk')
+    if getattr(args, 'gkd_cross_tokenizer', None) is not None:
+        raise FlagError(f"{flag} scores the student's tokens with the teacher's log-probabilities of the same "
+                        f'tokens, which a teacher of another tokenizer (--gkd_cross_tokenizer '
+                        f'{args.gkd_cross_tokenizer}) does not have: drop one of them')
+
+
 #: Where ``--gkd_skd_top_k`` runs (docs_en/skd.md), for the refusals elsewhere.
 SKD_PLACEMENTS = ('swift rlhf with transformers sampling (--use_vllm false) and a local teacher (--teacher_model, '
                   'resident or --offload_teacher_model; the LoRA student\'s base; --teacher_adapters) or this '

@@ -21,7 +21,8 @@ from swift_gkd_plugin.flag_checks import (SAMPLING_TEMPERATURE_FLOOR, SAMPLING_T
                                           TEMPERATURE_FLOOR_WHY, VLLM_TEMPERATURE_CEILING, FlagError, Range,
                                           check_cross_tokenizer_flags, check_deepspeed_launch, check_divergence_flags,
                                           check_fused_backend, check_multi_turn_flags, check_no_multi_turn,
-                                          check_reference_flags, check_rollout_flags, check_sampling_flags,
+                                          check_reference_flags, check_rollout_flags, check_sampled_kl_flags,
+                                          check_sampling_flags,
                                           check_teacher_server_flags, check_temperature_ceiling,
                                           check_torch_compile_checkpointing, ignored_flag_warnings)
 
@@ -36,6 +37,7 @@ __all__ = [
     'TEMPERATURE_FLOOR', 'TEMPERATURE_FLOOR_WHY', 'TEMPERATURE_CEILING', 'TEMPERATURE_CEILING_WHY',
     'SAMPLING_TEMPERATURE_FLOOR', 'SAMPLING_TEMPERATURE_FLOOR_WHY', 'VLLM_TEMPERATURE_CEILING', 'FlagError', 'Range',
     'check_temperature_ceiling', 'check_fused_backend', 'check_rollout_flags', 'check_reference_flags',
+    'check_sampled_kl_flags',
     'SKD_PLACEMENTS', 'check_sampling_flags', 'check_multi_turn_flags', 'check_no_multi_turn',
     'check_torch_compile_checkpointing', 'check_deepspeed_launch', 'check_divergence_flags',
     'check_cross_tokenizer_flags', 'check_teacher_server_flags', 'ignored_flag_warnings',
@@ -113,6 +115,24 @@ class GKDPluginArgumentsMixin:
             'c * sum A * (-log p(sampled token)) / tokens, A the group-normalised reward of the completion '
             '(--reward_funcs, --num_generations, --scale_rewards). 0 (default): off. Finite, >= 0.',
             range=Range(0, why='the weight of the policy-gradient term; 0 = off')))
+    gkd_sampled_kl_coef: float = field(
+        default=0.0,
+        metadata=FlagMetadata(
+            help='Weight c of the sampled-token distillation term on on-policy steps (Tinker\'s kl_penalty_coef): each '
+            'token the student sampled gets the advantage A = log p_teacher(y) - log p_student(y) (constant; at the '
+            'sampling temperature; summed over the later tokens with --gkd_sampled_kl_discount), trained as a policy '
+            'gradient c * sum A * (-log p(y)) / tokens with the rollout importance weights; its expectation is the '
+            'gradient of the reverse KL. Added to the divergence and the reward term. Logged as gkd/sampled_kl (the '
+            'reverse-KL estimate). 0 (default): off. Finite, >= 0. See docs_en/sampled_kl.md.',
+            range=Range(0, why='the weight of the sampled-token term; 0 = off')))
+    gkd_sampled_kl_discount: float = field(
+        default=0.0,
+        metadata=FlagMetadata(
+            help='Discount g of --gkd_sampled_kl_coef\'s advantages (Tinker\'s kl_discount_factor): A_t = sum over the '
+            'later response tokens k of g^(k - t) (log p_teacher(y_k) - log p_student(y_k)), masked tokens (tool '
+            'outputs) skipped. 0 (default): each token alone (the per-token reverse KL); 1: the whole rest of the '
+            'sequence (the sequence-level reverse KL). In [0, 1].',
+            range=Range(0, 1, why='0 = each token alone, 1 = the sequence-level reverse KL')))
     # the annotation stays str (argparse would refuse other values with its own message); the choices are declared:
     gkd_cross_tokenizer: Optional[str] = field(
         default=None,
@@ -340,6 +360,7 @@ def check_gkd_scalars(args) -> None:
     check_sampling_flags(args)
     check_rollout_flags(args)
     check_reference_flags(args)
+    check_sampled_kl_flags(args)
     check_fused_backend(args)
     check_temperature_ceiling(args)
 
@@ -368,12 +389,15 @@ def check_rl_flags(args) -> None:
         raise FlagError(f'--gkd_rl_coef {coef} needs --reward_funcs (the policy-gradient term weighs the sampled '
                          'tokens by their rewards\' advantages)')
     mode = args.rollout_importance_sampling_mode
-    if mode is not None and not coef > 0:
-        raise FlagError(f'--rollout_importance_sampling_mode {mode} weights the policy-gradient term, which is off '
-                         f'(--gkd_rl_coef {coef}): set --gkd_rl_coef > 0 with --reward_funcs, or unset the mode')
-    if args.log_rollout_offpolicy_metrics and not coef > 0:
-        raise FlagError(f'--log_rollout_offpolicy_metrics true measures the samples of the policy-gradient term, '
-                         f'which is off (--gkd_rl_coef {coef}): set --gkd_rl_coef > 0 with --reward_funcs, or drop it')
+    policy_gradient = coef > 0 or getattr(args, 'gkd_sampled_kl_coef', 0.0) > 0
+    if mode is not None and not policy_gradient:
+        raise FlagError(f'--rollout_importance_sampling_mode {mode} weights the policy-gradient terms, which are off '
+                         f'(--gkd_rl_coef {coef}, --gkd_sampled_kl_coef 0): set --gkd_rl_coef > 0 with --reward_funcs '
+                         'or --gkd_sampled_kl_coef > 0, or unset the mode')
+    if args.log_rollout_offpolicy_metrics and not policy_gradient:
+        raise FlagError(f'--log_rollout_offpolicy_metrics true measures the samples of the policy-gradient terms, '
+                         f'which are off (--gkd_rl_coef {coef}, --gkd_sampled_kl_coef 0): set --gkd_rl_coef > 0 with '
+                         '--reward_funcs or --gkd_sampled_kl_coef > 0, or drop it')
     if args.reward_weights is not None and len(args.reward_weights) != len(funcs):
         raise FlagError(f'--reward_weights has {len(args.reward_weights)} values but --reward_funcs names '
                          f'{len(funcs)} functions {funcs}: give one weight per function')

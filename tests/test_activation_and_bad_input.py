@@ -413,8 +413,16 @@ BAD_RL_INPUTS = [
       'steps_per_generation': 2}, ['--gkd_rl_coef > 0 needs each generation batch to be one optimizer step',
                                    'steps_per_generation 2', '--gradient_accumulation_steps 1']),
     ({'rollout_importance_sampling_mode': 'token_truncate', 'lmbda': 1},
-     ['--rollout_importance_sampling_mode token_truncate weights the policy-gradient term, which is off',
-      '--gkd_rl_coef 0.0']),
+     ['--rollout_importance_sampling_mode token_truncate weights the policy-gradient terms, which are off',
+      '--gkd_rl_coef 0.0', '--gkd_sampled_kl_coef 0']),
+    ({'gkd_sampled_kl_coef': -0.5, 'lmbda': 1}, ['--gkd_sampled_kl_coef must be >= 0', '-0.5']),
+    ({'gkd_sampled_kl_coef': 1, 'gkd_sampled_kl_discount': 1.5, 'lmbda': 1},
+     ['--gkd_sampled_kl_discount', '1.5', '[0, 1]']),
+    ({'gkd_sampled_kl_discount': 0.5, 'lmbda': 1}, ['--gkd_sampled_kl_discount 0.5 discounts the sampled-token term',
+                                                    '--gkd_sampled_kl_coef 0']),
+    ({'gkd_sampled_kl_coef': 1, 'lmbda': 0}, ['--gkd_sampled_kl_coef 1 trains on the student', '--lmbda 0']),
+    ({'gkd_sampled_kl_coef': 1, 'lmbda': 1, 'gkd_logits_topk': 8},
+     ['--gkd_sampled_kl_coef 1 needs the teacher', '--gkd_logits_topk 8']),
 ]
 
 
@@ -452,9 +460,9 @@ RL_FLAGS = dict(num_generations=1, reward_funcs=[], reward_weights=None, scale_r
      "'token_mask', 'sequence_truncate', 'sequence_mask'] (or unset) for GKD, got 'tis'"),
     ({'rollout_importance_sampling_threshold': 0.5}, '--rollout_importance_sampling_threshold must be >= 1'),
     ({'rollout_importance_sampling_mode': 'sequence_mask'}, '--rollout_importance_sampling_mode sequence_mask weights '
-     'the policy-gradient term, which is off (--gkd_rl_coef 0.0)'),
+     'the policy-gradient terms, which are off (--gkd_rl_coef 0.0, --gkd_sampled_kl_coef 0)'),
     ({'log_rollout_offpolicy_metrics': True}, '--log_rollout_offpolicy_metrics true measures the samples of the '
-     'policy-gradient term, which is off'),
+     'policy-gradient terms, which are off'),
 ])
 def test_rl_flag_checks(changes, message):
     check_rl_flags(SimpleNamespace(**RL_FLAGS))  # the defaults pass

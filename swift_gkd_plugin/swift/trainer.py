@@ -103,7 +103,7 @@ class GKDPluginTrainer(LossMixin, RolloutMixin, SamplersMixin, ScoringMixin, Bat
                                       fkl_above_entropy=self.args.gkd_entropy_fkl_threshold)
         logger.info(f'swift_gkd_plugin: divergence {self._divergence} at temperature {self.args.temperature}')
         self._sampler_logprobs_noted, self._measure_mismatch = False, False
-        if self.args.gkd_rl_coef > 0:
+        if self.args.gkd_rl_coef > 0 or self.args.gkd_sampled_kl_coef > 0:  # the policy-gradient terms
             self._request_sampler_logprobs()
         suppress_media_placeholders(getattr(self, 'engine', None), self.template)  # the student's own sampler
         self._reward_funcs, self._reward_names = load_reward_funcs(self.args)

@@ -62,6 +62,11 @@ def check_megatron_gkd(args) -> None:
                          f'the teacher verifies the student\'s drafts. SKD runs in {SKD_PLACEMENTS}; pass '
                          '--gkd_skd_top_k 0 here')
     check_gkd_scalars(_scalar_view(args))
+    sampled = getattr(args, 'gkd_sampled_kl_coef', 0.0)
+    if sampled:
+        raise FlagError(f'--gkd_sampled_kl_coef {sampled:g} is supported by swift rlhf only yet: the Megatron loss has '
+                         'no policy-gradient term on the vocabulary-parallel logits. Run it with swift rlhf --rlhf_type '
+                         'gkd, or pass --gkd_sampled_kl_coef 0 here')
     coef = getattr(args, 'gkd_ref_kl_coef', 0.0)
     if coef:
         raise FlagError(f'--gkd_ref_kl_coef {coef:g} is supported by swift rlhf only yet: megatron rlhf builds no '

@@ -9,6 +9,7 @@ import torch
 from swift.rlhf_trainers.utils import encode_sample
 from swift.utils import get_logger, to_device
 
+from swift_gkd_plugin.core import Mode
 from swift_gkd_plugin.core.constants import IGNORE_INDEX
 from swift_gkd_plugin.core.views import (check_same_response_count, check_views_aligned, generated_turns,
                                         prepare_teacher_view, without_history_loss)
@@ -39,8 +40,11 @@ class BatchesMixin:
         if self._advantages is not None:
             for batch, advantages in zip(batches, self._advantages.split(sizes)):
                 batch['gkd_advantages'] = advantages
-            if self.args.gkd_rl_coef > 0 and self._measure_mismatch:
-                self._attach_sampler_logprobs(batches, self.split_by_mini_batches(samples))
+        # the policy-gradient terms' samples: the reward term's, and the sampled-token term's on on-policy steps
+        policy_gradient = ((self._advantages is not None and self.args.gkd_rl_coef > 0)
+                           or (self.args.gkd_sampled_kl_coef > 0 and self._gkd_mode is Mode.ON_POLICY))
+        if policy_gradient and self._measure_mismatch:
+            self._attach_sampler_logprobs(batches, self.split_by_mini_batches(samples))
         return batches
 
     def _encode_samples(self, samples):

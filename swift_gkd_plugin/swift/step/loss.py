@@ -28,6 +28,7 @@ from swift_gkd_plugin.core.weights.offload import is_partitioned
 from swift_gkd_plugin.core.policy_gradient import (head_token_logprobs, policy_gradient_loss,
                                                    rollout_importance_weights, sampled_token_stats)
 from swift_gkd_plugin.core.row_divergence import gated_row_count
+from swift_gkd_plugin.core.sampled_kl import discounted_returns, token_log_ratios
 from swift_gkd_plugin.core.teacher_signal import (CrossTokenizerRows, TeacherHead, TeacherLogits, TeacherSignal,
                                                   TeacherTopK)
 from swift_gkd_plugin.core.topk import (drop_ids_outside_vocab, topk_divergence_dense, topk_of_logits,
@@ -120,13 +121,15 @@ class LossMixin:
         advantages = inputs.get('gkd_advantages')
         student_index = response_positions(student_mask, n_student)
         token_advantages = None
-        sampler_logprobs = None
         if mode is Mode.ON_POLICY and advantages is not None and self.args.gkd_rl_coef > 0:
             token_advantages = _rows(advantages[:, None].expand(student_mask.shape), student_index)
-            sampler_logprobs = inputs.get('gkd_sampler_logprobs')
+        # the sampled-token term (--gkd_sampled_kl_coef): on-policy steps, advantages from the teacher's log-probs
+        sampled_kl = mode is Mode.ON_POLICY and self.args.gkd_sampled_kl_coef > 0
+        sampler_logprobs = (inputs.get('gkd_sampler_logprobs') if token_advantages is not None or sampled_kl
+                            else None)
         return _LossSetup(student_mask, teacher_mask, _rows(student_labels, student_index), mode, normalizer,
                           sft_alpha, token_advantages, student_index, response_positions(teacher_mask, n_teacher),
-                          sampler_logprobs)
+                          sampler_logprobs, sampled_kl)
 
     def _fused_loss(self, model, fwd, teacher_inputs, inputs, setup: '_LossSetup'):
         """The fused loss on the student's last hidden states; the heads are applied chunk by chunk.
@@ -190,15 +193,27 @@ class LossMixin:
             teacher_side = teacher_side.with_head(weight, bias)  # frozen for the teacher's side
         # the label term: the SFT cross-entropy on dataset responses, or the policy-gradient term on the student's
         # samples (advantage-weighted, at the sampling temperature); never both in one step
-        label_term = {}
+        # samples (advantage-weighted, at the sampling temperature: the reward term's, the sampled-token term's or
+        # both, their weights folded into one per-token weight); never both kinds in one step
+        label_term, pg_sum_scale = {}, None
         if setup.sft_alpha > 0:
             label_term = dict(labels=labels, sft_alpha=setup.sft_alpha)
-        elif token_advantages is not None:
-            if setup.sampler_logprobs is not None:  # the sampled tokens' log-probabilities, detached, for the weights
-                policy = head_token_logprobs(student_hidden, weight, bias, labels, self._sampling_temperature)
-                token_advantages = token_advantages * self._rollout_weights(setup, policy)
-            label_term = dict(labels=labels, sft_alpha=self.args.gkd_rl_coef, label_weights=token_advantages,
-                              label_temperature=self._sampling_temperature)
+        elif token_advantages is not None or setup.sampled_kl:
+            t = self._sampling_temperature
+            policy = None
+            if setup.sampler_logprobs is not None or setup.sampled_kl:  # the sampled tokens' log-probs, detached
+                policy = head_token_logprobs(student_hidden, weight, bias, labels, t)
+            weights = self._rollout_weights(setup, policy) if setup.sampler_logprobs is not None else 1.0
+            folded = 0.0
+            if token_advantages is not None:
+                folded = self.args.gkd_rl_coef * token_advantages
+                pg_sum_scale = 1.0 / self.args.gkd_rl_coef if not setup.sampled_kl else None
+            if setup.sampled_kl:
+                teacher_lp = head_token_logprobs(teacher_side.hidden, teacher_side.weight, teacher_side.bias, labels,
+                                                 t) if isinstance(teacher_side, TeacherHead) else None
+                folded = folded + self.args.gkd_sampled_kl_coef * self._sampled_kl_advantages(setup, policy,
+                                                                                                teacher_lp)
+            label_term = dict(labels=labels, sft_alpha=1.0, label_weights=folded * weights, label_temperature=t)
         on_policy = setup.mode is Mode.ON_POLICY
         loss, stats = fused_linear_jsd(
             student_hidden, weight, bias, teacher=teacher_side, **label_term, divergence=self._divergence,
@@ -208,7 +223,7 @@ class LossMixin:
                                                             ('output head', weight)])
         n = stats['num_tokens']  # a device tensor: read at logging
         self._log_loss_metrics(setup.mode, stats['divergence_sum'], n, stats['top1_agree'], n,
-                               pg_sum=stats['sft_sum'] if token_advantages is not None else None,
+                               pg_sum=stats['sft_sum'] * pg_sum_scale if pg_sum_scale is not None else None,
                                entropy_sum=stats['entropy_sum'] if on_policy else None,
                                teacher_entropy_sum=stats['teacher_entropy_sum'] if on_policy else None,
                                gated_rows=stats.get('entropy_fkl_rows') if on_policy else None)
@@ -230,7 +245,7 @@ class LossMixin:
         pg_sum = entropy_sum = teacher_entropy_sum = gated_rows = None
         if setup.mode is Mode.ON_POLICY:
             rl = setup.token_advantages is not None
-            with torch.set_grad_enabled(rl and torch.is_grad_enabled()):  # the entropy alone is only a metric
+            with torch.set_grad_enabled((rl or setup.sampled_kl) and torch.is_grad_enabled()):  # else a metric
                 # the sampled tokens' log-probabilities at their own (sampling) temperature, the entropy at the loss's
                 logprobs, entropy = sampled_token_stats(student, setup.labels, self._sampling_temperature,
                                                         entropy_temperature=self.args.temperature)
@@ -238,11 +253,19 @@ class LossMixin:
             teacher_entropies = self._teacher_entropies(teacher, student.shape[-1])
             teacher_entropy_sum = teacher_entropies.sum()
             gated_rows = gated_row_count(teacher_entropies, self._divergence)
+            weights = self._rollout_weights(setup, logprobs) if rl or setup.sampled_kl else 1.0
             if rl:
-                advantages = setup.token_advantages * self._rollout_weights(setup, logprobs)
-                pg = policy_gradient_loss(logprobs, advantages).sum()
+                pg = policy_gradient_loss(logprobs, setup.token_advantages * weights).sum()
                 total = total + self.args.gkd_rl_coef * pg
                 pg_sum = pg.detach()
+            if setup.sampled_kl:
+                teacher_lp = None
+                if isinstance(teacher, TeacherLogits):
+                    with torch.no_grad():
+                        teacher_lp = sampled_token_stats(teacher.logits, setup.labels, self._sampling_temperature)[0]
+                advantages = self._sampled_kl_advantages(setup, logprobs.detach(), teacher_lp)
+                total = total + self.args.gkd_sampled_kl_coef * policy_gradient_loss(logprobs, advantages * weights
+                                                                                     ).sum()
         loss = total / setup.normalizer
         if student.shape[0] == 0:
             loss = loss + outputs.logits.sum() * 0.0  # keep the graph connected for DDP/ZeRO
@@ -316,6 +339,24 @@ class LossMixin:
         per_token, agree, covered = topk_divergence_dense(student_logits, teacher_ids, teacher_logprobs,
                                                           self._divergence, self.args.temperature)
         return per_token, agree.sum(), covered.sum()  # counted on the device
+
+    def _sampled_kl_advantages(self, setup: '_LossSetup', student_logprobs: torch.Tensor,
+                               teacher_logprobs: Optional[torch.Tensor]) -> torch.Tensor:
+        """The sampled-token term's advantage of each response token (:mod:`swift_gkd_plugin.core.sampled_kl`): the
+        teacher's log-probability of the sampled token minus the student's (both detached, at the sampling
+        temperature), summed over the row's later response tokens with ``--gkd_sampled_kl_discount``; logs
+        ``gkd/sampled_kl``, the mean of the per-token reverse-KL estimate."""
+        if teacher_logprobs is None:
+            raise RunError('swift_gkd_plugin: --gkd_sampled_kl_coef needs the teacher\'s log-probability of every '
+                           'sampled token, and this teacher\'s signal has none (a top-k teacher)')
+        shape = setup.student_mask.shape
+        flat = lambda x: x.new_zeros(shape.numel()).index_copy_(0, setup.student_index, x).view(shape)  # noqa: E731
+        teacher, student = flat(teacher_logprobs.float()), flat(student_logprobs.float())
+        ratios = token_log_ratios(teacher, student, setup.student_mask)
+        returns = discounted_returns(ratios, setup.student_mask, self.args.gkd_sampled_kl_discount)
+        metrics = self.custom_metrics['train' if self.model.training else 'eval']
+        _add_token_sum(metrics['gkd/sampled_kl'], -ratios.sum(), setup.student_index.numel())
+        return _rows(returns.unsqueeze(-1), setup.student_index).squeeze(-1)
 
     def _rollout_weights(self, setup: '_LossSetup', policy_logprobs: torch.Tensor):
         """The importance weights of the policy-gradient term's tokens (``--rollout_importance_sampling_mode``; 1
@@ -418,6 +459,7 @@ class _LossSetup:
     student_index: torch.Tensor  # flat (batch x position) indices of student_mask's positions
     teacher_index: torch.Tensor  # the same for teacher_mask
     sampler_logprobs: Optional[torch.Tensor] = None  # per response token: the sampler's log-prob (NaN: none)
+    sampled_kl: bool = False  # the sampled-token term applies to this micro-batch
 
     def student_rows(self, x: torch.Tensor) -> torch.Tensor:
         """``x[student_mask]`` (``x``: ``[B, S, ...]``) without a host sync."""
