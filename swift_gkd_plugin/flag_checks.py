@@ -178,8 +178,12 @@ def check_sampled_kl_flags(args) -> None:
         raise FlagError(f"{flag} trains on the student's own samples, and --lmbda {args.lmbda:g} makes no on-policy "
                         'step: set --lmbda > 0')
     if getattr(args, 'teacher_model_server', None) is not None:
-        raise FlagError(f"{flag} needs the teacher's log-probability of every sampled token, and a teacher server "
-                        'returns its top-k only (not supported yet): use a local --teacher_model')
+        sampling = args.gkd_sampling_temperature if args.gkd_sampling_temperature is not None else args.temperature
+        if sampling != 1:
+            raise FlagError(f'{flag} with --teacher_model_server compares the student\'s log-probabilities of its '
+                            f'samples (at the sampling temperature, {sampling:g}) with the server\'s, which are at '
+                            'temperature 1: pass --gkd_sampling_temperature 1 (it keeps --temperature for the loss)')
+        return  # the server's top-k feeds the divergence; each sampled token's log-prob comes beside it
     if getattr(args, 'gkd_logits_topk', None) is not None:
         raise FlagError(f"{flag} needs the teacher's log-probability of every sampled token, which a top-k teacher "
                         f'(--gkd_logits_topk {args.gkd_logits_topk}) does not keep: unset --gkd_logits_topk')

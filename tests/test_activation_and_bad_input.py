@@ -423,6 +423,9 @@ BAD_RL_INPUTS = [
     ({'gkd_sampled_kl_coef': 1, 'lmbda': 0}, ['--gkd_sampled_kl_coef 1 trains on the student', '--lmbda 0']),
     ({'gkd_sampled_kl_coef': 1, 'lmbda': 1, 'gkd_logits_topk': 8},
      ['--gkd_sampled_kl_coef 1 needs the teacher', '--gkd_logits_topk 8']),
+    ({'gkd_sampled_kl_coef': 1, 'lmbda': 1, 'teacher_model': None, 'teacher_model_type': None, 'gkd_logits_topk': 8,
+      'teacher_model_server': 'http://127.0.0.1:9', 'temperature': 0.9},
+     ['--gkd_sampled_kl_coef 1 with --teacher_model_server', 'sampling temperature, 0.9', 'temperature 1']),
 ]
 
 

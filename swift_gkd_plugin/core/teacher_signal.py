@@ -23,9 +23,12 @@ class TeacherLogits:
 class TeacherTopK:
     """The teacher's top-k: ids ``[N, k]`` and their full-vocabulary log-probabilities at temperature 1 (``-inf``:
     an unused slot; a row without a finite one carries no information). Servers and ``--gkd_logits_topk`` give
-    this; the tail bucket (``--gkd_topk_tail``) is a rule of the loss on it (:mod:`.topk`)."""
+    this; the tail bucket (``--gkd_topk_tail``) is a rule of the loss on it (:mod:`.topk`). ``token_logprobs``: a
+    server's log-probability of the token each row predicts, ``[N]``, at temperature 1 (the sampled-token term's),
+    or None."""
     ids: torch.Tensor
     logprobs: torch.Tensor
+    token_logprobs: Optional[torch.Tensor] = None
 
 
 @dataclass(frozen=True)

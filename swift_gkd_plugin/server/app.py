@@ -5,7 +5,8 @@ Routes::
     GET  /health, /health/   status, model, vocabulary size, tokenizer fingerprint, limits, batcher statistics
     GET  /v1/models          the served model (OpenAI-style list)
     POST /infer/, /infer     ms-swift's teacher protocol (VLLMInferClient): prompt_logprobs per request
-    POST /v1/topk            compact top-k (+ tail) arrays for token-id sequences (absent with ``topk_route=False``)
+    POST /v1/topk            compact top-k (+ tail, + each next token's log-prob) arrays for token-id sequences
+                             (absent with ``topk_route=False``)
 
 Every request passes one ASGI gate first: it checks the API key when one is set (``Authorization: Bearer KEY`` or
 ``X-API-Key: KEY``, compared in constant time; 401 otherwise), reads the body up to ``max_body_bytes`` (413
@@ -368,8 +369,8 @@ def create_app(teacher: TransformersTeacher, config: ServerConfig) -> FastAPI:
             specs, extras = [], []
             for i, s in enumerate(body.sequences):
                 extra = {}
-                if s.prompt_ids is not None:
-                    ids = list(s.prompt_ids) + list(s.response_ids[:-1])
+                if s.prompt_ids is not None:  # with targets the last response token is read too (it is one)
+                    ids = list(s.prompt_ids) + list(s.response_ids if body.with_targets else s.response_ids[:-1])
                     P, R = len(s.prompt_ids), len(s.response_ids)
                     _check_ids(s.prompt_ids, n_emb, f'sequences[{i}]')
                     _check_ids(s.response_ids, vocab, f'sequences[{i}]')
@@ -398,7 +399,7 @@ def create_app(teacher: TransformersTeacher, config: ServerConfig) -> FastAPI:
                     positions = torch.as_tensor(pos, dtype=torch.long)
                     extra = {'input_ids': ids, 'positions': pos}
                 _limit_len(len(ids), f'sequences[{i}]')
-                specs.append(ScoreSpec(ids, positions, topk=k, with_tail=body.with_tail))
+                specs.append(ScoreSpec(ids, positions, topk=k, with_tail=body.with_tail, with_targets=body.with_targets))
                 extras.append(extra)
             return specs, extras
 
@@ -416,6 +417,8 @@ def create_app(teacher: TransformersTeacher, config: ServerConfig) -> FastAPI:
                         'logprobs': pack_array(res.logprobs.numpy(), lp_dtype, encoding)}
                 if body.with_tail:
                     item['tail'] = pack_array(res.tail.numpy(), TAIL_DTYPE, encoding)
+                if body.with_targets:  # float32; NaN where no token follows the position
+                    item['target_logprobs'] = pack_array(res.target_logprobs.numpy(), TAIL_DTYPE, encoding)
                 item.update(extra)
                 out.append(item)
             doc = {'object': 'teacher.topk', 'model': teacher.name, 'topk': k, 'vocab_size': vocab,

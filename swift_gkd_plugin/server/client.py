@@ -79,6 +79,7 @@ class TopKResult:
     ids: Any  # torch.LongTensor [R, k]
     logprobs: Any  # torch.FloatTensor [R, k]
     tail: Any = None  # torch.FloatTensor [R] or None
+    target_logprobs: Any = None  # torch.FloatTensor [R]: the log-prob of the token each row predicts, or None
     input_ids: Optional[List[int]] = None  # messages form: the encoded sequence
     positions: Optional[List[int]] = None  # messages form: the scored positions
 
@@ -248,14 +249,14 @@ class TeacherClient:
         return self._topk(seqs, topk, with_tail)
 
     def topk_at(self, batch: Sequence[Tuple[Sequence[int], Sequence[int]]], topk: Optional[int] = None,
-                with_tail: bool = False) -> List[TopKResult]:
+                with_tail: bool = False, with_targets: bool = False) -> List[TopKResult]:
         """Top-k at the given positions of each ``(input_ids, positions)`` (position ``p`` predicts token ``p+1``).
 
         This is the form a trainer uses on its encoded batch: ``positions`` are the indices ``p`` whose shifted
         label ``labels[p + 1]`` is not ``-100``.
         """
         seqs = [{'input_ids': [int(t) for t in ids], 'positions': [int(p) for p in pos]} for ids, pos in batch]
-        return self._topk(seqs, topk, with_tail)
+        return self._topk(seqs, topk, with_tail, with_targets)
 
     def topk_messages(self, batch: Sequence[List[Dict[str, Any]]], topk: Optional[int] = None,
                       with_tail: bool = False, add_eos='auto') -> List[TopKResult]:
@@ -264,10 +265,13 @@ class TeacherClient:
         seqs = [{'messages': list(m), 'add_eos': add_eos} for m in batch]
         return self._topk(seqs, topk, with_tail)
 
-    def _topk(self, seqs: List[Dict[str, Any]], topk: Optional[int], with_tail: bool) -> List[TopKResult]:
+    def _topk(self, seqs: List[Dict[str, Any]], topk: Optional[int], with_tail: bool,
+              with_targets: bool = False) -> List[TopKResult]:
         if not seqs:
             return []
         doc: Dict[str, Any] = {'sequences': seqs, 'with_tail': bool(with_tail), 'logprobs_dtype': self.logprobs_dtype}
+        if with_targets:  # only then: an older server refuses the unknown field (422)
+            doc['with_targets'] = True
         if topk is not None:
             doc['topk'] = int(topk)
         if self.binary:
@@ -316,6 +320,8 @@ def _parse_topk(out: Any, expected: List[Optional[int]], vocab: Optional[int]) -
             lps = torch.from_numpy(unpack_array(item['logprobs'], lp_dtype, (n, k))).float()
             tail = item.get('tail')
             tail = torch.from_numpy(unpack_array(tail, TAIL_DTYPE, (n, ))) if tail is not None else None
+            targets = item.get('target_logprobs')
+            targets = torch.from_numpy(unpack_array(targets, TAIL_DTYPE, (n, ))) if targets is not None else None
             positions = item.get('positions')
             if n_asked is None and (not isinstance(positions, list) or len(positions) != n):
                 raise InvalidAnswer(f'{n} rows for positions {str(positions)[:80]}')
@@ -324,7 +330,10 @@ def _parse_topk(out: Any, expected: List[Optional[int]], vocab: Optional[int]) -
         except (KeyError, TypeError, ValueError) as e:
             raise InvalidAnswer(f'sequence {i}: malformed result ({type(e).__name__}: {_short(e)})') from None
         _check_rows(i, ids, lps, tail, vocab)
-        results.append(TopKResult(ids, lps, tail, item.get('input_ids'), positions))
+        if targets is not None and bool((targets > 1e-4).any()):
+            raise InvalidAnswer(f'sequence {i}: a target log-probability above 0')
+        results.append(TopKResult(ids, lps, tail, input_ids=item.get('input_ids'), positions=positions,
+                                  target_logprobs=targets))
     return results
 
 

@@ -97,6 +97,7 @@ class TopKRequest(_Strict):
     sequences: List[TopKSequence] = Field(min_length=1)
     topk: Optional[StrictInt] = Field(None, ge=1)
     with_tail: StrictBool = False
+    with_targets: StrictBool = False  # also the log-prob of the token that follows each position (prefill scoring)
     encoding: Literal['base64', 'list'] = 'base64'
     logprobs_dtype: Literal['float32', 'float16'] = 'float32'
 

@@ -230,6 +230,28 @@ def test_topk_endpoint_equals_direct_forward(servers, reference, tokenizer, bina
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize('binary', [True, False], ids=['msgpack', 'json-base64'])
+def test_topk_with_targets_gives_each_next_tokens_logprob(servers, reference, tokenizer, binary):
+    """``with_targets``: beside the top-k, the log-probability of the token that follows each scored position (the
+    sampled-token term's teacher signal, one prefill): equal to a direct forward's, NaN where no token follows; the
+    prompt + response form scores the last response token too."""
+    client = TeacherClient(servers['main'].url, timeout=30, retries=0, binary=binary)
+    prompt, response = _chat_pairs(tokenizer, 1, seed=7)[0]
+    ids = prompt + response
+    full = reference.logprobs(ids)[0]
+    positions = [0, 3, len(ids) - 2, len(ids) - 1]
+    res = client.topk_at([(ids, positions)], topk=4, with_targets=True)[0]
+    expected = torch.tensor([float(full[p, ids[p + 1]]) for p in positions[:-1]])
+    assert torch.allclose(res.target_logprobs[:-1], expected, atol=1e-5, rtol=0), (res.target_logprobs, expected)
+    assert torch.isnan(res.target_logprobs[-1])  # the last position predicts no token of the sequence
+    _assert_matches(res, *reference(ids, positions, 4)[:2], None)
+    pair = client._topk([{'prompt_ids': prompt, 'response_ids': response}], 4, False, with_targets=True)[0]
+    expected = torch.tensor([float(full[p, ids[p + 1]]) for p in range(len(prompt) - 1, len(ids) - 1)])
+    assert torch.allclose(pair.target_logprobs, expected, atol=1e-5, rtol=0)
+    assert client.topk_at([(ids, positions)], topk=4)[0].target_logprobs is None  # only when asked
+
+
+@pytest.mark.timeout(120)
 def test_topk_plain_json_lists_and_float16(servers, reference, tokenizer):
     url = servers['main'].url
     prompt, response = _chat_pairs(tokenizer, 1, seed=5)[0]
@@ -658,6 +680,20 @@ def test_swift_rlhf_with_the_tail_bucket_against_the_server(tiny_ws, servers, tm
 
 
 @pytest.mark.timeout(600)
+def test_swift_rlhf_sampled_token_term_against_the_server(tiny_ws, servers, tmp_path):
+    """``--gkd_sampled_kl_coef`` with a served teacher: the server returns each sampled token's log-probability
+    beside its top-k (one request), and the logged reverse-KL estimate equals the run with the local teacher on the
+    same samples (learning rate 0)."""
+    server = servers['main']
+    common = dict(lmbda=1, gkd_sampled_kl_coef=1, learning_rate=0, max_steps=2, seed=3, temperature=1.0)
+    remote = run_swift(base_args(tiny_ws, str(tmp_path / 'remote'), teacher_model=None, teacher_model_type=None,
+                                 teacher_model_server=server.url, gkd_logits_topk=8, **common))
+    local = run_swift(base_args(tiny_ws, str(tmp_path / 'local'), **common))
+    assert len(remote.logs) == 2 and all('gkd/sampled_kl' in row for row in remote.logs), remote.output[-3000:]
+    assert np.allclose([r['gkd/sampled_kl'] for r in remote.logs], [r['gkd/sampled_kl'] for r in local.logs],
+                       rtol=1e-4, atol=1e-6), (remote.logs, local.logs)
+
+
 def test_swift_rlhf_routes_samples_to_teachers_by_dataset_tag(tiny_ws, servers, tmp_path):
     """Two datasets, two teacher entries (the same server under two URL spellings): each sample goes to the
     teacher of its dataset tag, and the losses equal the local teacher's."""

@@ -175,7 +175,7 @@ class LossMixin:
             # the teacher's padded output rows: no such token for the student
             return TeacherTopK(*drop_ids_outside_vocab(setup.teacher_rows(gkd_batch.teacher_topk_indices),
                                                        setup.teacher_rows(gkd_batch.teacher_topk_logprobs).float(),
-                                                       student_vocab))
+                                                       student_vocab), _token_logprobs(setup, gkd_batch))
         t_hidden, (t_weight, t_bias) = self._teacher_forward(model, teacher_inputs, hidden=True)
         t_hidden = setup.teacher_rows(t_hidden)
         if self.gkd_logits_topk is not None:
@@ -209,8 +209,9 @@ class LossMixin:
                 folded = self.args.gkd_rl_coef * token_advantages
                 pg_sum_scale = 1.0 / self.args.gkd_rl_coef if not setup.sampled_kl else None
             if setup.sampled_kl:
-                teacher_lp = head_token_logprobs(teacher_side.hidden, teacher_side.weight, teacher_side.bias, labels,
-                                                 t) if isinstance(teacher_side, TeacherHead) else None
+                teacher_lp = (head_token_logprobs(teacher_side.hidden, teacher_side.weight, teacher_side.bias, labels,
+                                                  t) if isinstance(teacher_side, TeacherHead)
+                              else teacher_side.token_logprobs)
                 folded = folded + self.args.gkd_sampled_kl_coef * self._sampled_kl_advantages(setup, policy,
                                                                                                 teacher_lp)
             label_term = dict(labels=labels, sft_alpha=1.0, label_weights=folded * weights, label_temperature=t)
@@ -259,7 +260,7 @@ class LossMixin:
                 total = total + self.args.gkd_rl_coef * pg
                 pg_sum = pg.detach()
             if setup.sampled_kl:
-                teacher_lp = None
+                teacher_lp = getattr(teacher, 'token_logprobs', None)  # a server's (TeacherTopK)
                 if isinstance(teacher, TeacherLogits):
                     with torch.no_grad():
                         teacher_lp = sampled_token_stats(teacher.logits, setup.labels, self._sampling_temperature)[0]
@@ -310,7 +311,7 @@ class LossMixin:
         gkd_batch = inputs['gkd_batch']
         if self.use_teacher_api:
             return TeacherTopK(setup.teacher_rows(gkd_batch.teacher_topk_indices),
-                               setup.teacher_rows(gkd_batch.teacher_topk_logprobs))
+                               setup.teacher_rows(gkd_batch.teacher_topk_logprobs), _token_logprobs(setup, gkd_batch))
         if self._xtok is not None:  # the teacher reads its own tokenization: aligned positions
             aligned = self._xtok.teacher_rows(setup.student_mask, setup.teacher_mask, inputs['gkd_xtok_rows'])
             return CrossTokenizerRows(self._teacher_forward(model, teacher_inputs), aligned)
@@ -430,6 +431,12 @@ class LossMixin:
                        'using the dense loss')
         return False
 
+
+
+def _token_logprobs(setup: '_LossSetup', gkd_batch) -> Optional[torch.Tensor]:
+    """A served teacher's log-probability of each response token (the sampled-token term asks for it), or None."""
+    values = getattr(gkd_batch, 'teacher_token_logprobs', None)
+    return None if values is None else setup.teacher_rows(values)
 
 
 def _mode_of(batch) -> Mode:

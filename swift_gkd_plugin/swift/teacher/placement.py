@@ -9,6 +9,7 @@ from swift.trainers import disable_gradient_checkpointing
 from swift.utils import get_logger, unwrap_model_for_generation
 
 from swift_gkd_plugin.core.constants import IGNORE_INDEX
+from swift_gkd_plugin.flags import FlagError
 from swift_gkd_plugin.swift.step.hidden_states import head_bypassed, output_head
 from swift_gkd_plugin.swift.teacher.adapters import TEACHER_ADAPTER, active_adapter, eval_mode
 from swift_gkd_plugin.swift.teacher.served import (attach_trainer_token_ids, connect_teacher_servers,
@@ -126,6 +127,11 @@ class TeacherMixin:
         self.teacher_configs = parse_teacher_model_server(server)
         self.teacher_clients, self._teacher_topk_route = connect_teacher_servers(
             self.args, self.teacher_configs, self.accelerator, self.gkd_logits_topk, self.template.tokenizer)
+        if self.args.gkd_sampled_kl_coef > 0 and not self._teacher_topk_route:
+            raise FlagError(f'swift_gkd_plugin: --gkd_sampled_kl_coef {self.args.gkd_sampled_kl_coef:g} needs the '
+                            'teacher\'s log-probability of each sampled token, which only this plugin\'s server gives '
+                            '(POST /v1/topk with_targets; `swift-gkd serve-teacher`); the teacher server '
+                            f'{server} has ms-swift\'s routes only')
 
     def _infer_teacher_requests(self, handle, topk, teacher_client=None):
         """ms-swift's /infer/ call (main process) through the plugin's client: no vLLM, waits and logged retries."""
@@ -159,9 +165,11 @@ class TeacherMixin:
         from swift.rlhf_trainers.gkd_helpers import route_samples_to_teachers
         routing = route_samples_to_teachers(samples, self.teacher_configs, tag_key=self.args.teacher_tag_key)
         results = [None] * len(requests)
+        targets = self.args.gkd_sampled_kl_coef > 0  # the sampled-token term: each scored token's log-prob too
         for t_idx, indices in routing.items():
             if indices:
-                answers = self.teacher_clients[t_idx].topk_at([requests[i] for i in indices], topk=self.gkd_logits_topk)
+                answers = self.teacher_clients[t_idx].topk_at([requests[i] for i in indices], topk=self.gkd_logits_topk,
+                                                              with_targets=targets)
                 for i, answer in zip(indices, answers):
                     results[i] = answer
         k = self.gkd_logits_topk
@@ -170,10 +178,14 @@ class TeacherMixin:
             device = batch['teacher_model_inputs']['input_ids'].device
             batch['gkd_batch'].teacher_topk_logprobs = torch.full(shape, float('-inf'), device=device)
             batch['gkd_batch'].teacher_topk_indices = torch.zeros(shape, dtype=torch.long, device=device)
+            if targets:
+                batch['gkd_batch'].teacher_token_logprobs = torch.full(shape[:-1], float('nan'), device=device)
         for (b, row, positions), result in zip(places, results):
             gkd_batch = batch_encoded_inputs[b]['gkd_batch']
             gkd_batch.teacher_topk_logprobs[row, positions] = result.logprobs.to(device).float()
             gkd_batch.teacher_topk_indices[row, positions] = result.ids.to(device).long()
+            if targets:
+                gkd_batch.teacher_token_logprobs[row, positions] = result.target_logprobs.to(device).float()
 
 
 
