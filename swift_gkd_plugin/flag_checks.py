@@ -166,7 +166,15 @@ def check_reference_flags(args) -> None:
 def check_sampled_kl_flags(args) -> None:
     """``--gkd_sampled_kl_coef`` scores the student's own samples with the teacher's log-probability of each sampled
     token: on-policy steps, and a teacher that gives that number (the full row of a local teacher of the student's
-    tokenizer; a served or top-k teacher only knows its top-k)."""
+    tokenizer, or this plugin's server; a local top-k teacher keeps its top-k only). ``--gkd_divergence_coef 0``
+    leaves the policy-gradient terms alone: every step must be on-policy and have one."""
+    divergence = getattr(args, 'gkd_divergence_coef', 1.0)
+    if divergence == 0:
+        pg = getattr(args, 'gkd_sampled_kl_coef', 0.0) > 0 or getattr(args, 'gkd_rl_coef', 0.0) > 0
+        if not pg or args.lmbda != 1 or getattr(args, 'seq_kd', False):
+            raise FlagError(f'--gkd_divergence_coef 0 trains on the policy-gradient terms alone, so every step must be '
+                            f'on-policy and have one: pass --lmbda 1 (got {args.lmbda:g}), --seq_kd false and '
+                            '--gkd_sampled_kl_coef > 0 (or --gkd_rl_coef > 0 with --reward_funcs)')
     coef = getattr(args, 'gkd_sampled_kl_coef', 0.0)
     if not coef:
         if getattr(args, 'gkd_sampled_kl_discount', 0.0):

@@ -115,6 +115,14 @@ class GKDPluginArgumentsMixin:
             'c * sum A * (-log p(sampled token)) / tokens, A the group-normalised reward of the completion '
             '(--reward_funcs, --num_generations, --scale_rewards). 0 (default): off. Finite, >= 0.',
             range=Range(0, why='the weight of the policy-gradient term; 0 = off')))
+    gkd_divergence_coef: float = field(
+        default=1.0,
+        metadata=FlagMetadata(
+            help='Weight of the divergence (--gkd_divergence at --beta, on every step). 0: the divergence is only '
+            'logged (gkd/distill_loss) and on-policy steps learn from the policy-gradient terms alone, as sampled-token '
+            'distillation runs elsewhere (needs --lmbda 1 and --gkd_sampled_kl_coef or --gkd_rl_coef > 0). Default 1. '
+            'Finite, >= 0. swift rlhf.',
+            range=Range(0, why='the weight of the divergence; 0 = logged only')))
     gkd_sampled_kl_coef: float = field(
         default=0.0,
         metadata=FlagMetadata(

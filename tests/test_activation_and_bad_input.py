@@ -426,6 +426,10 @@ BAD_RL_INPUTS = [
     ({'gkd_sampled_kl_coef': 1, 'lmbda': 1, 'teacher_model': None, 'teacher_model_type': None, 'gkd_logits_topk': 8,
       'teacher_model_server': 'http://127.0.0.1:9', 'temperature': 0.9},
      ['--gkd_sampled_kl_coef 1 with --teacher_model_server', 'sampling temperature, 0.9', 'temperature 1']),
+    ({'gkd_divergence_coef': 0, 'gkd_sampled_kl_coef': 1, 'lmbda': 0.5},
+     ['--gkd_divergence_coef 0 trains on the policy-gradient terms alone', '--lmbda 1 (got 0.5)']),
+    ({'gkd_divergence_coef': 0, 'lmbda': 1}, ['--gkd_divergence_coef 0', '--gkd_sampled_kl_coef > 0']),
+    ({'gkd_divergence_coef': -1, 'lmbda': 1}, ['--gkd_divergence_coef must be >= 0', '-1']),
 ]
 
 

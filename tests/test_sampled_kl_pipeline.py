@@ -21,6 +21,8 @@ def runs(tiny_ws, shared_runs):
         'fused_discount1': lambda out: run(out, gkd_loss_impl='fused', gkd_sampled_kl_discount=1),
         'off': lambda out: run(out, gkd_loss_impl='fused', gkd_sampled_kl_coef=0),
         'weighted': lambda out: run(out, gkd_loss_impl='fused', rollout_importance_sampling_mode='token_truncate'),
+        'alone_fused': lambda out: run(out, gkd_loss_impl='fused', gkd_divergence_coef=0),
+        'alone_dense': lambda out: run(out, gkd_loss_impl='dense', gkd_divergence_coef=0),
     })
 
 
@@ -65,3 +67,15 @@ def test_rollout_importance_weights_reach_the_sampled_term(runs):
         assert a['gkd/rollout_is_weight'] == pytest.approx(1.0, abs=1e-4)
         assert a['gkd/rollout_logprob_diff'] < 1e-4
         assert a['loss'] == pytest.approx(b['loss'], rel=1e-4)
+
+
+@pytest.mark.parametrize('impl', ['fused', 'dense'])
+def test_the_term_alone_with_the_divergence_weight_0(runs, impl):
+    """--gkd_divergence_coef 0: the divergence is logged but not trained on; the loss is the sampled-token term alone,
+    the with-divergence run's loss minus its divergence (same samples)."""
+    alone, both = runs[f'alone_{impl}'], runs[impl]
+    assert alone.returncode == 0, alone.output[-4000:]
+    for a, b in zip(alone.logs, both.logs):
+        assert a['gkd/distill_loss'] == pytest.approx(b['gkd/distill_loss'], rel=1e-5)
+        assert a['loss'] == pytest.approx(b['loss'] - b['gkd/distill_loss'], rel=1e-3, abs=1e-5)
+        assert a['gkd/sampled_kl'] == pytest.approx(b['gkd/sampled_kl'], rel=1e-5)

@@ -104,6 +104,7 @@ def assert_passed_the_checks(output):
      'reference model beside the student'),
     (('--gkd_ref_kl_coef', '-1'), '--gkd_ref_kl_coef must be >= 0 (0: off), got -1.0'),
     (('--gkd_sampled_kl_coef', '1', '--lmbda', '1'), '--gkd_sampled_kl_coef 1 is supported by swift rlhf only yet'),
+    (('--gkd_divergence_coef', '0.5'), '--gkd_divergence_coef 0.5 is supported by swift rlhf only yet'),
     (('--use_ray', 'true'), "--use_ray true is not supported with the plugin: it runs ms-swift's own Ray GKD trainer"),
     (('--use_ray', ), "--use_ray true is not supported with the plugin"),
 ])

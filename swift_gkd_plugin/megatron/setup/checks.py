@@ -62,6 +62,9 @@ def check_megatron_gkd(args) -> None:
                          f'the teacher verifies the student\'s drafts. SKD runs in {SKD_PLACEMENTS}; pass '
                          '--gkd_skd_top_k 0 here')
     check_gkd_scalars(_scalar_view(args))
+    divergence = getattr(args, 'gkd_divergence_coef', 1.0)
+    if divergence != 1:
+        raise FlagError(f'--gkd_divergence_coef {divergence:g} is supported by swift rlhf only yet: pass 1 here')
     sampled = getattr(args, 'gkd_sampled_kl_coef', 0.0)
     if sampled:
         raise FlagError(f'--gkd_sampled_kl_coef {sampled:g} is supported by swift rlhf only yet: the Megatron loss has '

@@ -218,7 +218,8 @@ class LossMixin:
         on_policy = setup.mode is Mode.ON_POLICY
         loss, stats = fused_linear_jsd(
             student_hidden, weight, bias, teacher=teacher_side, **label_term, divergence=self._divergence,
-            temperature=self.args.temperature, topk_tail=self.args.gkd_topk_tail, normalizer=normalizer,
+            temperature=self.args.temperature, topk_tail=self.args.gkd_topk_tail,
+            normalizer=normalizer / self.args.gkd_divergence_coef if self.args.gkd_divergence_coef else 0.0,
             sft_normalizer=normalizer, return_entropy=on_policy, backend=self.args.gkd_fused_backend)
         self._check_finite(loss, setup.mode, teacher_side, [('last hidden states', student_hidden),
                                                             ('output head', weight)])
@@ -237,7 +238,7 @@ class LossMixin:
         teacher = self._dense_teacher_signal(model, teacher_inputs, setup, inputs)
         per_token, agreements, n_compared = self._dense_divergence(student, teacher)
 
-        total = per_token.sum()
+        total = per_token.sum() * self.args.gkd_divergence_coef
         coef = self.args.gkd_ref_kl_coef
         if coef:  # --gkd_ref_kl_coef: the anchor to the initial student
             total = total + coef * self._reference_kl_sum(model, fwd, setup.student_rows, student)
