@@ -30,6 +30,10 @@ METHODS: Dict[str, tuple] = {
     # speculative KD (docs_en/skd.md): on-policy, the teacher replaces every student token that is not its top-1. The
     # paper's K = 25 holds every letter of this task's answers and replaced < 2% of the tokens (measured: skd.md)
     'skd': ('rlhf', {'lmbda': '1', 'beta': '0.5', 'gkd_skd_top_k': '1'}),
+    # sampled-token distillation (docs_en/sampled_kl.md): the teacher scores the student's own tokens only; alone (as
+    # Tinker / veRL OPD run it) and beside the dense JSD
+    'sampled_kl': ('rlhf', {'lmbda': '1', 'gkd_sampled_kl_coef': '1', 'gkd_divergence_coef': '0'}),
+    'sampled_kl_jsd': ('rlhf', {'lmbda': '1', 'beta': '0.5', 'gkd_sampled_kl_coef': '1'}),
 }
 ONPOLICY = [m for m in METHODS if m.startswith('onpolicy')]
 
