@@ -12,7 +12,8 @@ loopback, and the untrained demo student. Three parts:
 
 1. **Throughput**: tokens per second (prompt + response tokens scored) with 1, 8 and 32 concurrent clients, each
    sending requests of ``--seqs-per-request`` chat sequences of the reversal task for ``--seconds`` seconds, on
-   the compact endpoint (``TeacherClient``, msgpack) and on ms-swift's ``/infer/`` (ms-swift's own
+   the compact endpoint (``TeacherClient``, msgpack: top-k + tail, and k = 1 with each response token's log-prob, the
+   sampled-token term's signal) and on ms-swift's ``/infer/`` (ms-swift's own
    ``VLLMInferClient`` + ``parse_prompt_logprobs``, exactly the trainer's path), versus sequential direct forwards
    of the same model in this process (forward + ``log_softmax`` + top-k + tail, one sequence at a time).
    Client and server share the machine's cores.
@@ -221,8 +222,13 @@ def wire_bytes(url, pairs, requests_, vocab, ks):
                     ('/v1/topk JSON base64 f16', 'base64', 'float16', False, False),
                     ('/v1/topk msgpack f32', 'base64', 'float32', False, True),
                     ('/v1/topk msgpack f32 + tail', 'base64', 'float32', True, True),
-                    ('/v1/topk msgpack f16 + tail', 'base64', 'float16', True, True)]:
-                doc = {'sequences': seqs, 'topk': k, 'with_tail': tail, 'encoding': encoding, 'logprobs_dtype': dtype}
+                    ('/v1/topk msgpack f16 + tail', 'base64', 'float16', True, True),
+                    ('/v1/topk msgpack k=1 + targets', 'base64', 'float32', False, True)]:
+                targets = label.endswith('targets')
+                if targets and k != ks[0]:
+                    continue  # k = 1 whatever the row's k: measured once
+                doc = {'sequences': seqs, 'topk': 1 if targets else k, 'with_tail': tail, 'encoding': encoding,
+                       'logprobs_dtype': dtype, **({'with_targets': True} if targets else {})}
                 if binary:
                     req = msgpack.packb(doc)
                     headers = {'Content-Type': 'application/msgpack', 'Accept': 'application/msgpack'}
@@ -231,7 +237,8 @@ def wire_bytes(url, pairs, requests_, vocab, ks):
                     headers = {'Content-Type': 'application/json'}
                 r = client.post(f'{url}/v1/topk', content=req, headers=headers)
                 r.raise_for_status()
-                rows.append({'format': label, 'k': k, 'request_bytes': len(req), 'response_bytes': len(r.content),
+                rows.append({'format': label, 'k': 1 if targets else k, 'request_bytes': len(req),
+                             'response_bytes': len(r.content),
                              'per_token': len(r.content) / n_resp, 'per_scored_position': len(r.content) / n_resp})
     rows.append({'format': f'full float32 logits (V={vocab})', 'k': vocab, 'request_bytes': None,
                  'response_bytes': 4 * vocab * n_resp, 'per_token': 4.0 * vocab, 'per_scored_position': 4.0 * vocab})
@@ -350,7 +357,7 @@ def main(argv=None):
     server, url = start_server(ws['teacher'], args, os.path.join(args.workdir, 'server.log'))
     print(f'[bench] server ready in {time.time() - t0:.1f}s at {url}', flush=True)
     results = {'load_start': os.getloadavg()[0], 'vocab': vocab, 'mean_tokens_per_sequence': mean_len, 'threads': args.threads,
-               'seqs_per_request': args.seqs_per_request, 'topk': args.topk}
+               'seqs_per_request': args.seqs_per_request, 'topk': args.top_k}
     try:
         # ---- 1. throughput
         import swift.rlhf_trainers.vllm_client as vllm_client
@@ -362,11 +369,15 @@ def main(argv=None):
         reqs = infer_requests(tokenizer, rows, pairs)
         spr = args.seqs_per_request
         batches = [(pairs[i:i + spr], reqs[i:i + spr]) for i in range(0, len(pairs) - spr + 1, spr)]
-        k = args.topk
+        k = args.top_k
 
         def make_compact():
             client = TeacherClient(url, timeout=300, retries=0)
             return lambda b: client.topk(b[0], topk=k, with_tail=True)
+
+        def make_targets():  # the sampled-token term's signal: each response token's log-prob (top-1 beside it)
+            client = TeacherClient(url, timeout=300, retries=0)
+            return lambda b: client.topk(b[0], topk=1, with_targets=True)
 
         def make_infer():
             client = vllm_client.VLLMInferClient(base_urls=[url], connection_timeout=30)
@@ -378,6 +389,7 @@ def main(argv=None):
         direct_before = direct_throughput(teacher, pairs, k, args.seconds)
         tp = []
         for name, make in [('/v1/topk (TeacherClient, msgpack, +tail)', make_compact),
+                           ('/v1/topk k=1 + targets (sampled-token term)', make_targets),
                            ('/infer/ (ms-swift VLLMInferClient + parse_prompt_logprobs)', make_infer)]:
             make()(batches[0])  # warm-up (decoded-token table, connections)
             for c in args.clients:
@@ -465,6 +477,14 @@ def main(argv=None):
           f'{mp64["per_token"]:.0f} B ({infer64["per_token"] / mp64["per_token"]:.1f}x smaller), JSON base64 '
           f'{b64["per_token"]:.0f} B; full float32 logits {4 * vocab} B here and {4 * QWEN_VOCAB:,} B at '
           f'V={QWEN_VOCAB} ({4 * QWEN_VOCAB / mp64["per_token"]:.0f}x the compact answer)')
+    targets = next(r for r in wb if r['format'] == '/v1/topk msgpack k=1 + targets')
+    compact, sampled = best.get('/v1/topk (TeacherClient, msgpack, +tail)'), best.get(
+        '/v1/topk k=1 + targets (sampled-token term)')
+    if compact and sampled:
+        print(f'  the sampled-token term\'s teacher signal (k=1 + each token\'s log-prob): {targets["per_token"]:.0f} B '
+              f'per response token ({mp64["per_token"] / targets["per_token"]:.1f}x smaller than top-{k} + tail), '
+              f'{sampled["tokens_per_s"]:.0f} tokens/s ({sampled["tokens_per_s"] / compact["tokens_per_s"]:.2f}x '
+              f'top-{k} + tail): the teacher\'s cost is its prefill either way')
     for k_ in (8, 64):
         sel = [r for r in le if r['k'] == k_]
         if sel:

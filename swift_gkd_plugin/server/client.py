@@ -240,13 +240,14 @@ class TeacherClient:
         return self._call('POST', '/infer/', body=body, headers={'Content-Type': 'application/json'}, parse=parse)
 
     def topk(self, batch: Sequence[Tuple[Sequence[int], Sequence[int]]], topk: Optional[int] = None,
-             with_tail: bool = False) -> List[TopKResult]:
+             with_tail: bool = False, with_targets: bool = False) -> List[TopKResult]:
         """Top-k at every response token of each ``(prompt_ids, response_ids)``: ``R = len(response_ids)`` rows.
 
-        Row ``j`` is the teacher's distribution of ``response_ids[j]`` given ``prompt_ids + response_ids[:j]``.
+        Row ``j`` is the teacher's distribution of ``response_ids[j]`` given ``prompt_ids + response_ids[:j]``;
+        ``with_targets``: also ``log p(response_ids[j])`` (``target_logprobs``).
         """
         seqs = [{'prompt_ids': [int(t) for t in p], 'response_ids': [int(t) for t in r]} for p, r in batch]
-        return self._topk(seqs, topk, with_tail)
+        return self._topk(seqs, topk, with_tail, with_targets)
 
     def topk_at(self, batch: Sequence[Tuple[Sequence[int], Sequence[int]]], topk: Optional[int] = None,
                 with_tail: bool = False, with_targets: bool = False) -> List[TopKResult]:
