@@ -91,8 +91,9 @@ def test_megatron_vllm_colocate_lora_student(runs, name):
 
 def test_megatron_vllm_cpu_head_size_is_checked_before_loading(tiny_ws, tmp_path):
     """The standard tiny student has heads of 16, which vLLM's CPU attention refuses at its first generate: refused
-    in the ranks before any model loads, as in ``swift rlhf``."""
+    by the launcher, before any rank starts (it was refused in each rank, with a traceback)."""
     run = _vllm_run(tiny_ws, str(tmp_path / 'out'))
-    assert run.returncode != 0
+    assert run.returncode == 2, run.output[-3000:]
+    assert 'megatron rlhf: error: ' in run.output and 'Traceback' not in run.output
     assert 'has attention heads of size 16 (config.json), which its CPU attention does not support' in run.output
     assert 'Loading:' not in run.output, run.output[-3000:]  # (mcore-bridge's progress bar when a model loads)

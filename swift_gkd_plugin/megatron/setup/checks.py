@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import List, Optional, Sequence
 
+from swift_gkd_plugin.colocated_vllm import check_vllm_cpu_head_dim
 from swift_gkd_plugin.flags import (GKD_LOSS_IMPLS, SCALAR_FLAGS, SKD_PLACEMENTS, FlagError, GKDPluginArgumentsMixin,
                                     check_gkd_scalars, check_no_multi_turn, check_teacher_server_flags,
                                     plugin_flags_in)
@@ -247,6 +248,9 @@ def check_megatron_command_line(argv: Sequence[str]) -> None:
     check_not_ray(ns)
     check_megatron_gkd(ns)
     check_vllm_sampler(ns, vllm_installed=_importable('vllm'))
+    if ns.use_vllm and ns.vllm_mode == 'colocate' and ns.lmbda > 0 and ns.model and os.path.isdir(ns.model) \
+            and _importable('vllm'):  # here rather than in every rank, with a traceback, after the ranks started
+        check_vllm_cpu_head_dim(ns, ns.model)
     check_vocab_sizes(ns)
     check_megatron_installed()
 
