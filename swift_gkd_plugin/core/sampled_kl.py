@@ -9,11 +9,13 @@ sequence at ``gamma = 1`` (Tinker's ``kl_penalty_coef`` / ``kl_discount_factor``
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Dict, Optional, Tuple, Union
 
 import torch
 
+from swift_gkd_plugin.core.policy_gradient import _at_least_float32 as at_least_float32
 from swift_gkd_plugin.core.policy_gradient import policy_gradient_loss
 
 __all__ = ['discounted_returns', 'sampled_kl_loss', 'token_log_ratios']
@@ -39,10 +41,7 @@ def _kept(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _at_least_float32(*tensors: torch.Tensor) -> torch.dtype:
-    dtype = torch.float32
-    for tensor in tensors:
-        dtype = torch.promote_types(dtype, tensor.dtype)
-    return dtype
+    return at_least_float32(functools.reduce(torch.promote_types, (t.dtype for t in tensors)))
 
 
 def token_log_ratios(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor,

@@ -351,13 +351,16 @@ class LossMixin:
         if teacher_logprobs is None:
             raise RunError('swift_gkd_plugin: --gkd_sampled_kl_coef needs the teacher\'s log-probability of every '
                            'sampled token, and this teacher\'s signal has none (a top-k teacher)')
-        shape = setup.student_mask.shape
-        flat = lambda x: x.new_zeros(shape.numel()).index_copy_(0, setup.student_index, x).view(shape)  # noqa: E731
-        teacher, student = flat(teacher_logprobs.float()), flat(student_logprobs.float())
-        ratios = token_log_ratios(teacher, student, setup.student_mask)
-        returns = discounted_returns(ratios, setup.student_mask, self.args.gkd_sampled_kl_discount)
+        teacher, student = teacher_logprobs.float(), student_logprobs.float()
+        ratios = token_log_ratios(teacher, student, torch.ones_like(student, dtype=torch.bool))  # response rows
         metrics = self.custom_metrics['train' if self.model.training else 'eval']
         _add_token_sum(metrics['gkd/sampled_kl'], -ratios.sum(), setup.student_index.numel())
+        discount = self.args.gkd_sampled_kl_discount
+        if not discount:  # each token alone: no need for the rows' layout
+            return ratios
+        shape = setup.student_mask.shape  # the discount runs along each row: the [B, S] layout, and back
+        laid_out = ratios.new_zeros(shape.numel()).index_copy_(0, setup.student_index, ratios).view(shape)
+        returns = discounted_returns(laid_out, setup.student_mask, discount)
         return _rows(returns.unsqueeze(-1), setup.student_index).squeeze(-1)
 
     def _rollout_weights(self, setup: '_LossSetup', policy_logprobs: torch.Tensor):
