@@ -23,8 +23,9 @@ RECORDERS = ('record() { local name="$1"; shift; printf "%s\\0" "$@" > "$RECORD_
              'mv "$RECORD_DIR/$name.tmp" "$RECORD_DIR/$name"; }\n'
              'swift() { record swift "$@"; }\nmegatron() { record megatron "$@"; }\n'
              'swift-gkd() { record swift-gkd "$@"; [ "$1" != serve-teacher ] || exec sleep 600; }\n'
-             'kill() { for _ in $(seq 300); do [ -e "$RECORD_DIR/swift-gkd" ] && break; sleep 0.1; done; '
-             'builtin kill "$@"; }\n')
+             'vllm() { record "vllm.$$.$BASHPID" "$@"; [ "$1" != serve ] || exec sleep 600; }\n'
+             'kill() { for _ in $(seq 300); do [ -e "$RECORD_DIR/swift-gkd" ] || [ "$(ls "$RECORD_DIR" | grep -c '
+             '"^vllm\\.[0-9.]*$")" -ge "$#" ] && break; sleep 0.1; done; builtin kill "$@"; }\n')
 
 
 def record_commands(script: str, workdir, env=None, run_python=False) -> dict:
@@ -76,6 +77,19 @@ def check_serve_teacher(argv):
     parser.parse_args(argv)  # exits on an unknown flag
 
 
+def check_vllm_serve(argv, trainer_argv):
+    """A ``vllm serve`` teacher of an example: vLLM's own parser takes its flags, its ``--max-logprobs`` covers the
+    trainer's ``--gkd_logits_topk`` and its ``--max-model-len`` exceeds ``--max_length`` (the trainer refuses
+    otherwise, before loading)."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+    assert argv[0] == 'serve', argv
+    served = make_arg_parser(FlexibleArgumentParser()).parse_args(argv[2:])
+    topk = int(trainer_argv[trainer_argv.index('--gkd_logits_topk') + 1])
+    max_length = int(trainer_argv[trainer_argv.index('--max_length') + 1])
+    assert served.max_logprobs >= topk and served.max_model_len > max_length, (argv, trainer_argv)
+
+
 @pytest.fixture(scope='module')
 def omni_privileged_data(tiny_ws, tmp_path_factory):
     """The self-distillation example run on the tiny train set: its command line and the dataset it wrote."""
@@ -87,7 +101,7 @@ def omni_privileged_data(tiny_ws, tmp_path_factory):
 
 
 @pytest.mark.parametrize('script', sorted(os.path.basename(p) for p in glob.glob(os.path.join(EXAMPLES, '*.sh'))))
-def test_example_flags_exist(script, request, tmp_path):
+def test_example_flags_exist(script, request, tmp_path, monkeypatch):
     if script == 'gkd_self_distill_qwen3_omni_lora.sh':  # its python step needs a source dataset: the tiny one
         commands = {'swift': request.getfixturevalue('omni_privileged_data')[0]}
     else:
@@ -98,6 +112,10 @@ def test_example_flags_exist(script, request, tmp_path):
         if program == 'swift-gkd':
             assert argv[0] == 'serve-teacher'
             check_serve_teacher(argv[1:])
+            continue
+        if program.startswith('vllm'):  # `vllm serve` teachers: they must take what the trainer will ask of them
+            monkeypatch.setenv('VLLM_PLUGINS', '')  # (ms-swift's vLLM plugin imports torchvision, absent here)
+            check_vllm_serve(argv, commands['swift'])
             continue
         assert argv[0] == 'rlhf' and argv[argv.index('--rlhf_type') + 1] == 'gkd', argv
         args_class = swift_rlhf_args_class() if program == 'swift' else megatron_rlhf_args_class()

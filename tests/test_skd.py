@@ -193,10 +193,9 @@ def test_skd_combines_with_several_samples_and_rewards(runs):
 def test_skd_with_several_teacher_servers_is_refused_before_asking_them():
     """Tag-routed teacher servers cannot verify one draft batch: refused by name (no server is asked; the servers that
     can or cannot verify are in tests/server/test_skd_server.py)."""
-    from swift_gkd_plugin.swift.setup.teacher_server import check_skd_teacher_server
+    from swift_gkd_plugin.swift.setup.teacher_server import check_teacher_servers
     servers = '[{"url": "http://127.0.0.1:9", "tags": ["a"]}, {"url": "http://127.0.0.1:10", "tags": ["b"]}]'
     args = SimpleNamespace(gkd_skd_top_k=5, teacher_model_server=servers)
     with pytest.raises(ValueError, match=re.escape('--gkd_skd_top_k 5 verifies the student\'s drafts on one teacher '
                                                    'server; --teacher_model_server names 2 (routed by tags)')):
-        check_skd_teacher_server(args)
-    check_skd_teacher_server(SimpleNamespace(gkd_skd_top_k=0, teacher_model_server=servers))  # SKD off: nothing asked
+        check_teacher_servers(args)

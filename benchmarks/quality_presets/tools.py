@@ -28,7 +28,7 @@ TOOL_SCHEDULER = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os
 MULTI_TURN = {'multi_turn_scheduler': 'gkd_calculator', 'max_turns': str(tool_task.MAX_TURNS),
               'external_plugins': TOOL_SCHEDULER}
 TOOLS_BASELINE_NAMES = ('onpolicy_tools', 'onpolicy_tools_fkl', 'onpolicy_tools_rkl', 'single_turn', 'seqkd_sft',
-                        'seqkd_tools')
+                        'seqkd_tools', 'sampled_kl_tools', 'sampled_kl_jsd_tools')
 #: the remedies on the tools preset's best pure on-policy base, forward KL (beta 0) with the scheduler
 TOOLS_REMEDY_NAMES = tuple(f'{m}_tools' for m in SMOLLM_REMEDIES)
 TOOLS_METHOD_NAMES = TOOLS_BASELINE_NAMES + TOOLS_REMEDY_NAMES
@@ -45,6 +45,11 @@ def tools_methods(ws: Dict[str, Any]) -> Dict[str, tuple]:
         'single_turn': ('rlhf', {'lmbda': '1', 'beta': '0.5'}),
         'seqkd_sft': ('sft', {'dataset': ws['teacher_trajectories']}),
         'seqkd_tools': ('rlhf', {'seq_kd': 'true', 'lmbda': '0', 'beta': '0.5', **MULTI_TURN}),
+        # sampled-token distillation (docs_en/sampled_kl.md) on the student's own tool loops: the term alone, and
+        # beside the JSD; the tool outputs are masked, skipped by the advantages
+        'sampled_kl_tools': ('rlhf', {'lmbda': '1', 'gkd_sampled_kl_coef': '1', 'gkd_divergence_coef': '0',
+                                      **MULTI_TURN}),
+        'sampled_kl_jsd_tools': ('rlhf', {'lmbda': '1', 'beta': '0.5', 'gkd_sampled_kl_coef': '1', **MULTI_TURN}),
         **{f'{m}_tools': spec for m, spec in remedy_methods({'lmbda': '1', 'beta': '0', **MULTI_TURN},
                                                              {'lmbda': '1', 'beta': '1', **MULTI_TURN}).items()},
     }

@@ -11,6 +11,8 @@
     results[0].logprobs   # [R, k] float32: their full-vocabulary log-probabilities (temperature 1)
     results[0].tail       # [R] float32: log(1 - sum(exp(logprobs))), or None without with_tail
     answers = client.infer(infer_requests, request_config)   # ms-swift's POST /infer/ body and JSON answer
+    client.route()                 # 'topk' (this plugin's server), 'infer' (ms-swift's) or 'completions' (vLLM's)
+    results = client.prompt_logprobs_at([(input_ids, positions), ...], topk=20, with_targets=True)  # `vllm serve`
 
 Retries: a server that is unreachable, times out or answers 429/502/503/504 (rate-limited, starting, restarting,
 busy) is retried until ``wait`` seconds have passed since the request's first attempt; any retryable failure (those,
@@ -218,6 +220,85 @@ class TeacherClient:
             raise
         return True
 
+    def offers_infer(self) -> bool:
+        """Whether the server has ms-swift's ``POST /infer/`` (``swift deploy``), asked with an empty body: a server
+        with the route refuses the body (422/400), one without it answers 404."""
+        try:
+            self._call('POST', '/infer/', body=b'{}', headers={'Content-Type': 'application/json'})
+        except TeacherServerError as e:
+            if e.status in _NOT_FOUND_STATUS:
+                return False
+            if e.status is not None and 400 <= e.status < 500:
+                return True
+            raise
+        return True
+
+    def openai_model(self) -> Optional[Dict[str, Any]]:
+        """The first entry of an OpenAI-compatible server's ``GET /v1/models`` (``vllm serve``: ``id``,
+        ``max_model_len``), or None for a server without the route."""
+        try:
+            doc = _json_or_empty(self._call('GET', '/v1/models'))
+        except TeacherServerError as e:
+            if e.status in _NOT_FOUND_STATUS:
+                return None
+            raise
+        data = doc.get('data')
+        return data[0] if isinstance(data, list) and data and isinstance(data[0], dict) else None
+
+    def route(self) -> str:
+        """How this server scores a sequence: ``'topk'`` (this plugin's ``POST /v1/topk``), ``'infer'`` (ms-swift's
+        ``POST /infer/``, ``swift deploy``) or ``'completions'`` (an OpenAI-compatible server with vLLM's
+        ``prompt_logprobs``: ``vllm serve``); asked in that order. A :class:`TeacherServerError` for none of them."""
+        if self.offers_topk():
+            return 'topk'
+        if self.offers_infer():
+            return 'infer'
+        if self.openai_model() is not None:
+            return 'completions'
+        raise TeacherServerError(f'teacher server {self.url} offers none of POST /v1/topk (`swift-gkd serve-teacher`), '
+                                 'POST /infer/ (`swift deploy`) and GET /v1/models + POST /v1/completions (`vllm '
+                                 'serve`): it is not a teacher server', url=self.url, status=404)
+
+    def tokenize(self, text: str) -> Optional[List[int]]:
+        """vLLM's ``POST /tokenize`` of ``text`` without special tokens added, or None for a server without it."""
+        body = json.dumps({'prompt': text, 'add_special_tokens': False}).encode()
+        try:
+            doc = _json_or_empty(self._call('POST', '/tokenize', body=body,
+                                            headers={'Content-Type': 'application/json'}))
+        except TeacherServerError as e:
+            if e.status in _NOT_FOUND_STATUS:
+                return None
+            raise
+        tokens = doc.get('tokens')
+        return [int(t) for t in tokens] if isinstance(tokens, list) else None
+
+    def prompt_logprobs_at(self, batch: Sequence[Tuple[Sequence[int], Sequence[int]]], topk: Optional[int] = None,
+                           with_targets: bool = False, model: Optional[str] = None) -> List[TopKResult]:
+        """:meth:`topk_at` through an OpenAI-compatible ``POST /v1/completions`` with vLLM's ``prompt_logprobs``
+        (``vllm serve``): one prefill of each ``input_ids`` sent as token ids, one generated token discarded.
+
+        Row ``j`` holds the ``topk`` most likely tokens after ``input_ids[:p + 1]`` (``p = positions[j]``) and, with
+        ``with_targets``, the log-prob of ``input_ids[p + 1]``, which vLLM reports beside its top-k. vLLM's prompt
+        log-probs are the model's own (temperature 1, before any sampling processor); its ``--max-logprobs`` bounds
+        ``topk`` (refused with 400, raised at once).
+        """
+        seqs = [([int(t) for t in ids], [int(p) for p in pos]) for ids, pos in batch]
+        if not seqs:
+            return []
+        k = int(topk or 0)
+        doc: Dict[str, Any] = {'prompt': [ids for ids, _ in seqs], 'max_tokens': 1, 'temperature': 0.0,
+                               'prompt_logprobs': k, 'return_token_ids': True}
+        if model:
+            doc['model'] = model
+        body = json.dumps(doc, separators=(',', ':')).encode()
+
+        def parse(resp):
+            self.last_request_bytes, self.last_response_bytes = len(body), len(resp.content)
+            return _parse_completions(_decode(resp), seqs, k, with_targets, self.vocab_size)
+
+        return self._call('POST', '/v1/completions', body=body, headers={'Content-Type': 'application/json'},
+                          parse=parse)
+
     def infer(self, infer_requests: List[Dict[str, Any]], request_config: Dict[str, Any]) -> List[Dict[str, Any]]:
         """ms-swift's ``POST /infer/``: the body ms-swift's ``VLLMInferClient.infer`` posts (requests and request
         config as plain dicts) and the server's JSON list of answers, one per request."""
@@ -335,6 +416,56 @@ def _parse_topk(out: Any, expected: List[Optional[int]], vocab: Optional[int]) -
             raise InvalidAnswer(f'sequence {i}: a target log-probability above 0')
         results.append(TopKResult(ids, lps, tail, input_ids=item.get('input_ids'), positions=positions,
                                   target_logprobs=targets))
+    return results
+
+
+def _parse_completions(out: Any, seqs: List[Tuple[List[int], List[int]]], k: int, with_targets: bool,
+                       vocab: Optional[int]) -> List[TopKResult]:
+    """The checked results of an OpenAI ``/v1/completions`` answer with vLLM's ``prompt_logprobs`` (entry ``p`` of a
+    choice: ``{token id: {"logprob": x, "rank": r}}`` of token ``p`` given the tokens before it, ``None`` at 0)."""
+    import torch
+    choices = out.get('choices') if isinstance(out, dict) else None
+    if not isinstance(choices, list) or len(choices) != len(seqs):
+        raise InvalidAnswer(f'{len(choices) if isinstance(choices, list) else "no"} completion choices for '
+                            f'{len(seqs)} prompts')
+    try:
+        choices = sorted(choices, key=lambda c: int(c['index']))
+    except (KeyError, TypeError, ValueError):
+        raise InvalidAnswer('completion choices without an index') from None
+    results = []
+    for i, (choice, (ids, positions)) in enumerate(zip(choices, seqs)):
+        table, echoed = choice.get('prompt_logprobs'), choice.get('prompt_token_ids')
+        if echoed is not None and list(echoed) != ids:
+            raise InvalidAnswer(f'sequence {i}: the server read other prompt token ids than sent ({len(echoed)} for '
+                                f'{len(ids)})')
+        if not isinstance(table, list) or len(table) != len(ids):
+            raise InvalidAnswer(f'sequence {i}: prompt_logprobs of {len(table) if isinstance(table, list) else table!r:.40} '
+                                f'entries for {len(ids)} prompt tokens (is prompt_logprobs supported?)')
+        top_ids, top_lps, targets = [], [], []
+        for r, p in enumerate(positions):
+            entry = table[p + 1] if 0 <= p < len(ids) - 1 else None
+            try:
+                pairs = sorted(((int(t), float(v['logprob'])) for t, v in entry.items()), key=lambda tl: -tl[1])
+            except (AttributeError, KeyError, TypeError, ValueError) as e:
+                raise InvalidAnswer(f'sequence {i}, row {r}: malformed prompt_logprobs entry at position {p} '
+                                    f'({type(e).__name__}: {_short(e)})') from None
+            if len(pairs) < k:
+                raise InvalidAnswer(f'sequence {i}, row {r}: {len(pairs)} log-probs for a top-{k}')
+            top_ids.append([t for t, _ in pairs[:k]])
+            top_lps.append([lp for _, lp in pairs[:k]])
+            if with_targets:
+                target = dict(pairs).get(ids[p + 1])
+                if target is None:
+                    raise InvalidAnswer(f'sequence {i}, row {r}: no log-prob of the token that follows position {p}')
+                targets.append(target)
+        n = len(positions)
+        ids_t = torch.tensor(top_ids, dtype=torch.long).reshape(n, k)
+        lps_t = torch.tensor(top_lps, dtype=torch.float32).reshape(n, k)
+        _check_rows(i, ids_t, lps_t, None, vocab)
+        target_t = torch.tensor(targets, dtype=torch.float32) if with_targets else None
+        if target_t is not None and bool((torch.isnan(target_t) | (target_t > _LOGPROB_SLACK)).any()):
+            raise InvalidAnswer(f'sequence {i}: a target log-probability that is NaN or above 0')
+        results.append(TopKResult(ids_t, lps_t, target_logprobs=target_t))
     return results
 
 

@@ -81,7 +81,7 @@ def test_skd_on_a_server_returning_the_whole_vocabulary_is_the_local_skd(runs, s
     replaced fractions and rounds, and the same losses (the loss's top-8 comes from the server in one, from the local
     teacher in the other). One /v1/topk request per verification round, on top of the loss's one per step."""
     local, served = runs['local'], runs['server_full']
-    assert 'skd_top_k=200' in served.output and 'top-k through POST /v1/topk' in served.output
+    assert 'skd_top_k=200' in served.output and 'scored through POST /v1/topk' in served.output
     assert completions(served) == completions(local)
     assert replaced(served) == replaced(local)
     assert all(0.1 < r < 0.9 for r in replaced(local)), replaced(local)  # some drafted tokens replaced, not all
@@ -99,7 +99,7 @@ def test_skd_on_a_server_returning_its_top16_judges_as_the_local_teacher(runs, s
     and replaced fractions, some drafted tokens kept and some replaced."""
     local, served = runs['local_lora_greedy'], runs['server_top16_lora_greedy']
     assert 'Teacher model: base_model with LoRA disabled' in local.output
-    assert 'top-k through POST /v1/topk' in served.output
+    assert 'scored through POST /v1/topk' in served.output
     assert completions(served) == completions(local)
     assert replaced(served) == replaced(local)
     assert all(0 < r < 1 for r in replaced(local)), replaced(local)  # some drafted tokens kept, some replaced

@@ -57,6 +57,7 @@ def _free_port() -> int:
 
 
 class Server:
+    HEALTH = '/health/'  # polled until it answers 200
 
     def __init__(self, ws, log_path: str, *extra: str, port: int = None, env=None):
         self.port = port or _free_port()
@@ -77,7 +78,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise AssertionError(f'teacher server exited ({self.proc.returncode}):\n{self.log()[-4000:]}')
             try:
-                if httpx.get(f'{self.url}/health/', headers=headers, timeout=2).status_code == 200:
+                if httpx.get(f'{self.url}{self.HEALTH}', headers=headers, timeout=2).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
@@ -661,12 +662,25 @@ def test_swift_rlhf_against_a_server_with_only_ms_swift_routes(tiny_ws, infer_on
                   lmbda=1, learning_rate=0, max_steps=2, seed=5, dataset=tiny_ws.fixed, top_k=vocab)
     n_calls = server.log().count('"POST /infer/" 200')
     plugin = run_swift(base_args(tiny_ws, str(tmp_path / 'plugin'), **common))
-    assert 'GKD trainer active' in plugin.output and "through ms-swift's POST /infer/ protocol" in plugin.output
+    assert 'GKD trainer active' in plugin.output and "scored through ms-swift's /infer/ protocol" in plugin.output
     assert server.log().count('"POST /infer/" 200') >= n_calls + 2, 'the trainer did not ask /infer/'
     builtin = run_swift(base_args(tiny_ws, str(tmp_path / 'builtin'), external_plugins=str(shim), **common),
                         env={'SWIFT_GKD_PLUGIN': '0'})
     assert len(plugin.losses) == 2 and all(np.isfinite(plugin.losses)), plugin.output[-3000:]
     assert np.allclose(plugin.losses, builtin.losses, rtol=1e-5, atol=1e-7), (plugin.losses, builtin.losses)
+
+
+@pytest.mark.timeout(300)
+def test_sampled_token_term_with_only_ms_swift_routes_is_refused_before_loading(tiny_ws, infer_only_server, tmp_path):
+    """ms-swift's /infer/ protocol gives a top-k, not the log-prob of each sampled token: the sampled-token term is
+    refused in one line before any model loads (it was refused after both models had loaded)."""
+    from test_activation_and_bad_input import assert_refused_in_one_line
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), teacher_model=None, teacher_model_type=None,
+                              teacher_model_server=infer_only_server.url, gkd_logits_topk=8, lmbda=1,
+                              gkd_sampled_kl_coef=1, temperature=1.0), check=False)
+    assert_refused_in_one_line(run, [f"--gkd_sampled_kl_coef 1 needs the teacher's log-probability of each sampled "
+                                     f"token, which ms-swift's POST /infer/ protocol of the teacher server "
+                                     f"{infer_only_server.url} does not give"])
 
 
 @pytest.mark.timeout(600)
@@ -763,7 +777,7 @@ def test_swift_rlhf_waits_for_a_teacher_server_that_is_still_loading(tiny_ws, tm
         assert trainer.wait(600) == 0, log_path.read_text()[-6000:]
         output = log_path.read_text(errors='replace')
         assert 'Connection refused' in output and 'of the 600s wait left' in output
-        assert 'top-k through POST /v1/topk' in output
+        assert 'scored through POST /v1/topk' in output
         assert server.log().count('"POST /v1/topk" 200') >= 3
         rows = [json.loads(line) for line in open(tmp_path / 'out' / 'logging.jsonl')]
         losses = [row['loss'] for row in rows if 'loss' in row]
@@ -1127,18 +1141,23 @@ def test_swift_rlhf_stops_on_a_teacher_answering_nan(tiny_ws, inproc_teacher, tm
 def test_health_reports_the_tokenizer_and_a_padded_head_is_accepted(inproc_teacher, tokenizer):
     """/health's tokenizer fingerprint is the student's for a teacher of the same tokenizer; a larger (padded)
     output head with that tokenizer is accepted, a smaller head or another fingerprint refused."""
-    from swift_gkd_plugin.swift.teacher.served import check_same_tokenizer
+    from swift_gkd_plugin.server import TeacherClient
+    from swift_gkd_plugin.swift.setup.teacher_server import check_same_tokenizer
     server = InProcessServer(inproc_teacher, topk=8)
     try:
-        health = httpx.get(f'{server.url}/health').json()
+        client = TeacherClient(server.url)
+        health = client.health_doc = client.health()
+        client.route_name = client.route()
     finally:
         server.stop()
-    assert health['tokenizer_size'] == len(tokenizer)
-    check_same_tokenizer(server.url, health, tokenizer)
-    check_same_tokenizer(server.url, {**health, 'vocab_size': health['vocab_size'] + 64}, tokenizer)
+    assert health['tokenizer_size'] == len(tokenizer) and client.route_name == 'topk'
+    check_same_tokenizer(client, tokenizer)
+    client.health_doc = {**health, 'vocab_size': health['vocab_size'] + 64}
+    check_same_tokenizer(client, tokenizer)
     for bad in [{'vocab_size': len(tokenizer) - 1}, {'tokenizer_sha256': '0' * 64}]:
+        client.health_doc = {**health, **bad}
         with pytest.raises(ValueError, match='another tokenizer'):
-            check_same_tokenizer(server.url, {**health, **bad}, tokenizer)
+            check_same_tokenizer(client, tokenizer)
 
 
 @pytest.mark.timeout(300)

@@ -29,7 +29,7 @@ from swift_gkd_plugin.swift.setup.compile_cost import torch_compile_warnings
 from swift_gkd_plugin.swift.setup.datasets import (check_dataset_paths, check_local_datasets,
                                                   check_self_teacher_has_something_to_add)
 from swift_gkd_plugin.swift.setup.paths import CreatedDirs, check_command_line_paths
-from swift_gkd_plugin.swift.setup.teacher_server import check_skd_teacher_server
+from swift_gkd_plugin.swift.setup.teacher_server import check_teacher_servers, check_teacher_tags
 from swift_gkd_plugin.swift.setup.vllm import check_vllm_launcher, check_vllm_server_mode
 from swift_gkd_plugin.swift.setup.zero3_lora import zero3_lora_warnings
 
@@ -316,9 +316,16 @@ def init_gloo_for_cpu_zero3(args) -> None:
 
 
 def resolve_reward_columns(args) -> None:
-    """Reward functions read the dataset's extra columns (e.g. ``solution``): keep them."""
-    if not args.reward_funcs:
+    """Reward functions read the dataset's extra columns (e.g. ``solution``), and tag-routed teacher servers the
+    ``--teacher_tag_key`` column (ms-swift's GKD drops the columns it does not use, and its routing then finds no tag
+    in any row): keep them."""
+    server, key = getattr(args, 'teacher_model_server', None), getattr(args, 'teacher_tag_key', 'dataset')
+    routed = server is not None and key != 'dataset' and server.strip().startswith('[')
+    if not args.reward_funcs and not routed:
         return
+    if routed and args.remove_unused_columns:
+        logger.info(f'swift_gkd_plugin: --remove_unused_columns false: the teacher servers are routed by the '
+                    f'"{key}" column (--teacher_tag_key)')
     args.remove_unused_columns = False
     if getattr(args, 'training_args', None) is not None:  # built by ms-swift's __post_init__
         args.training_args.remove_unused_columns = False
@@ -411,9 +418,10 @@ def check_gkd_arguments(args) -> None:
     check_reference(args)
     check_dataset_paths(args)
     check_local_datasets(args)
+    check_teacher_tags(args)
     check_self_teacher_has_something_to_add(args)
     check_resume_checkpoint(args)
-    check_skd_teacher_server(args)  # last: it waits for the server
+    check_teacher_servers(args)  # last: it waits for the servers
 
 
 def check_flags_only(args) -> None:

@@ -1,13 +1,24 @@
-"""A served teacher before any model loads: SKD's drafts need this plugin's server and a top-k that covers
-``--gkd_skd_top_k`` (asked of the server, waiting for it as the trainer would)."""
+"""Served teachers before any model loads: what the flags need of each server (its route, its top-k, its context, its
+tokenizer), asked of the server, waiting for it as the trainer would."""
 from __future__ import annotations
+
+from typing import List, Tuple
 
 from swift.utils import get_logger
 
 from swift_gkd_plugin.flags import FlagError
-from swift_gkd_plugin.server.client import TeacherClient
+from swift_gkd_plugin.server.client import TeacherClient, TeacherServerError
+from swift_gkd_plugin.server.protocol import tokenizer_fingerprint
 
 logger = get_logger()
+
+
+class TokenizerMismatch(ValueError):
+    """A served teacher whose tokenizer is not the student's."""
+
+
+ROUTE_NAMES = {'topk': 'POST /v1/topk (this plugin\'s server)', 'infer': 'ms-swift\'s /infer/ protocol (`swift deploy`)',
+               'completions': 'POST /v1/completions with prompt_logprobs (`vllm serve`)'}
 
 
 def teacher_client(args, url: str) -> TeacherClient:
@@ -16,30 +27,174 @@ def teacher_client(args, url: str) -> TeacherClient:
                          retries=args.teacher_server_retries, wait=args.teacher_server_wait, log=logger.warning)
 
 
-def check_skd_teacher_server(args) -> None:
-    """``--gkd_skd_top_k K`` with ``--teacher_model_server``: one server of this plugin (``POST /v1/topk``, which
-    scores the student's drafts as token ids) whose top-k covers K. Asked before any model loads (waiting for the
-    server as the trainer would, ``--teacher_server_wait``): ms-swift's ``/infer/`` protocol (``swift deploy``, a vLLM
-    teacher) cannot verify drafts, and a smaller top-k would accept tokens the teacher ranks lower."""
-    k, server = args.gkd_skd_top_k, args.teacher_model_server
-    if not k or server is None:
+def tokenizer_probe(tokenizer) -> Tuple[str, List[int]]:
+    """A text spread over the student's whole vocabulary (every ~V/97th token and the special tokens, decoded) and
+    the student's own token ids of it: a server with the same tokenizer reads the text as the same ids."""
+    size = len(tokenizer)
+    ids = list(range(3, size, max(1, size // 97))) + [t for t in tokenizer.all_special_ids if t is not None]
+    text = tokenizer.decode(ids)
+    return text, tokenizer.encode(text, add_special_tokens=False)
+
+
+def check_same_tokenizer(client: TeacherClient, tokenizer) -> None:
+    """A served teacher must read the student's token ids as the student does. This plugin's server: the tokenizer
+    fingerprint its ``/health`` reports must be the student's, and a reported output head must hold every student
+    token (a larger, padded head is fine). vLLM's OpenAI server: its ``POST /tokenize`` of a text spread over the
+    student's vocabulary must give the student's ids (:func:`tokenizer_probe`). A server that offers neither
+    (``swift deploy``) is trusted, and its answers' ``prompt_token_ids`` are checked instead."""
+    url, health = client.url, getattr(client, 'health_doc', None)
+    if getattr(client, 'route_name', None) == 'completions':
+        text, ours = tokenizer_probe(tokenizer)
+        theirs = client.tokenize(text)
+        if theirs is None:
+            logger.warning(f'Teacher server {url} has no POST /tokenize: its tokenizer cannot be compared with the '
+                           'student\'s; it must be the same (the student\'s token ids are scored as they are)')
+        elif theirs != ours:
+            at = next((p for p, (a, b) in enumerate(zip(theirs, ours)) if a != b), min(len(theirs), len(ours)))
+            raise TokenizerMismatch(
+                f'the teacher server {url} serves a teacher with another tokenizer than the student\'s: its '
+                f'/tokenize reads a text spread over the student\'s {len(tokenizer)} tokens as {len(theirs)} ids, the '
+                f'student as {len(ours)}, differing from id {at} (server {theirs[at:at + 4]}, student '
+                f'{ours[at:at + 4]}). Its scores would be read as the student\'s token ids. Serve a teacher that '
+                'shares the student\'s tokenizer, or load this teacher locally with --teacher_model and '
+                '--gkd_cross_tokenizer uld|hybrid')
+        return
+    if not isinstance(health, dict):
+        return
+    theirs, head = health.get('tokenizer_sha256'), health.get('vocab_size')
+    ours = tokenizer_fingerprint(tokenizer)
+    if (isinstance(theirs, str) and theirs != ours) or (isinstance(head, int) and head < len(tokenizer)):
+        size = health.get('tokenizer_size', '?')
+        raise TokenizerMismatch(
+            f'the teacher server {url} serves a teacher with another tokenizer than the student\'s: its /health '
+            f'reports a tokenizer of {size} tokens (fingerprint {str(theirs)[:12]}) and an output head of {head} '
+            f'rows; the student\'s tokenizer has {len(tokenizer)} tokens (fingerprint {ours[:12]}). Its scores would '
+            'be read as the student\'s token ids. Serve a teacher that shares the student\'s tokenizer (a padded, '
+            'larger output head is fine), or load this teacher locally with --teacher_model and '
+            '--gkd_cross_tokenizer uld|hybrid')
+
+
+def check_teacher_servers(args) -> None:
+    """Each ``--teacher_model_server`` before any model loads, waiting for it as the trainer would
+    (``--teacher_server_wait``): it must be a teacher server (:meth:`TeacherClient.route`), give what the flags need
+    of it, and read token ids as the student does. SKD (``--gkd_skd_top_k``) verifies drafts on one server of this
+    plugin whose top-k covers K; the sampled-token term (``--gkd_sampled_kl_coef``) needs each sampled token's
+    log-prob, which ms-swift's ``/infer/`` protocol does not give; a ``vllm serve`` teacher must take
+    ``--gkd_logits_topk`` prompt log-probs and rows of ``--max_length`` tokens."""
+    server = args.teacher_model_server
+    if server is None:
         return
     from swift.rlhf_trainers.gkd_helpers import parse_teacher_model_server
     configs = parse_teacher_model_server(server)
-    if len(configs) != 1:
+    k = args.gkd_skd_top_k
+    if k and len(configs) != 1:
         raise FlagError(f'--gkd_skd_top_k {k} verifies the student\'s drafts on one teacher server; '
                          f'--teacher_model_server names {len(configs)} (routed by tags): pass one URL or '
                          '--gkd_skd_top_k 0')
-    client = teacher_client(args, configs[0].url)
-    logger.info(f'--gkd_skd_top_k {k}: asking the teacher server {client.url} for /v1/topk and its top-k before '
-                f'loading any model (at most {client.wait:g}s, --teacher_server_wait)')
-    health = client.wait_until_ready()
-    if not client.offers_topk():
+    tokenizer = _student_tokenizer(args)
+    for cfg in configs:
+        try:
+            _check_teacher_server(args, teacher_client(args, cfg.url), tokenizer)
+        except (TeacherServerError, TokenizerMismatch) as e:  # one line, as the flags' refusals
+            raise FlagError(f'--teacher_model_server: {e}') from None
+
+
+def _check_teacher_server(args, client: TeacherClient, tokenizer) -> None:
+    logger.info(f'Teacher server {client.url}: asking for its routes before loading any model (at most '
+                f'{client.wait:g}s, --teacher_server_wait)')
+    client.health_doc = client.wait_until_ready()
+    client.route_name = route = client.route()
+    k = args.gkd_skd_top_k
+    if k:
+        _check_skd_server(k, client, route)
+    coef = getattr(args, 'gkd_sampled_kl_coef', 0.0)
+    if coef > 0 and route == 'infer':
+        raise FlagError(f'--gkd_sampled_kl_coef {coef:g} needs the teacher\'s log-probability of each sampled '
+                        f'token, which ms-swift\'s POST /infer/ protocol of the teacher server {client.url} does '
+                        'not give: serve the teacher with `swift-gkd serve-teacher` or `vllm serve` (vLLM\'s '
+                        'OpenAI-compatible server, prompt log-probs), or pass --gkd_sampled_kl_coef 0')
+    if route == 'completions':
+        _check_completions_server(args, client)
+    if tokenizer is not None and route != 'infer':
+        check_same_tokenizer(client, tokenizer)
+
+
+def teacher_names(configs) -> List[str]:
+    """The name of each tag-routed teacher (its tags joined by ``+``) in metrics: ``gkd/<name>/...``; none for a
+    single teacher."""
+    return ['+'.join(cfg.tags) for cfg in configs] if len(configs) > 1 else []
+
+
+def check_teacher_tags(args) -> None:
+    """Several tag-routed teacher servers and a ``--teacher_tag_key`` column of the local ``--dataset`` files: each
+    row's value must name a teacher (ms-swift's routing otherwise raises at that row's first step, after loading).
+    The default key, ``dataset``, is the dataset's name that ms-swift adds to each row: not a column to check."""
+    server, key = args.teacher_model_server, getattr(args, 'teacher_tag_key', 'dataset')
+    if server is None or key == 'dataset':
+        return
+    from swift.rlhf_trainers.gkd_helpers import parse_teacher_model_server
+    configs = parse_teacher_model_server(server)
+    if len(configs) < 2:
+        return
+    tags = {tag for cfg in configs for tag in cfg.tags}
+    from swift_gkd_plugin.swift.setup.dataset_files import dataset_rows, local_dataset_files
+    for path, _ in local_dataset_files(args.dataset, args.use_hf):
+        bad = [(where, row.get(key)) for where, row in dataset_rows('--dataset', path)
+               if (str(row[key]) if row.get(key) is not None else None) not in tags]
+        if bad:
+            shown = '; '.join(f'{where}: {value!r}' for where, value in bad[:3]) + (
+                f' (and {len(bad) - 3} more)' if len(bad) > 3 else '')
+            raise FlagError(f'--teacher_tag_key {key}: {len(bad)} row(s) of --dataset {path} name no teacher of '
+                            f'--teacher_model_server ({shown}); the teachers\' tags are {sorted(tags)}: give each row '
+                            f'a "{key}" among them, or add a teacher with its tag')
+
+
+def _student_tokenizer(args):
+    """The student's tokenizer read from ``--model`` (None where it cannot be read alone: the trainer checks again
+    with the template's)."""
+    model_dir = getattr(args, 'model_dir', None)
+    if not model_dir:
+        return None
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
+    except Exception as exc:
+        logger.info(f'swift_gkd_plugin: the student\'s tokenizer is compared with the teacher server\'s after loading '
+                    f'({type(exc).__name__} reading it from {model_dir})')
+        return None
+
+
+def _check_completions_server(args, client) -> None:
+    """A ``vllm serve`` teacher: its context holds a row of ``--max_length`` tokens (plus the one token it generates),
+    and its ``--max-logprobs`` covers ``--gkd_logits_topk`` (asked with a two-token request)."""
+    model = client.openai_model() or {}
+    client.openai_model_id = model.get('id')
+    limit = model.get('max_model_len')
+    if isinstance(limit, int) and args.max_length is not None and limit <= args.max_length:
+        raise FlagError(f'--max_length {args.max_length} does not fit the teacher server {client.url}: it serves '
+                        f'{model.get("id")} with a context of {limit} tokens (vLLM\'s --max-model-len), and each row '
+                        f'is scored with one more token: restart it with --max-model-len {args.max_length + 1} or '
+                        f'more, or pass --max_length {limit - 1} or less')
+    topk = args.gkd_logits_topk or 0
+    try:
+        client.prompt_logprobs_at([([0, 0], [0])], topk=topk, with_targets=True, model=client.openai_model_id)
+    except TeacherServerError as e:
+        if e.status is not None and 400 <= e.status < 500:
+            raise FlagError(f'--gkd_logits_topk {topk}: the teacher server {client.url} refused {topk} prompt '
+                            f'log-probs per token ({e}); restart it with --max-logprobs {max(topk, 1)} or more, or '
+                            'lower --gkd_logits_topk') from None
+        raise
+
+
+def _check_skd_server(k: int, client, route: str) -> None:
+    """``--gkd_skd_top_k K``: this plugin's server (it scores the student's drafts as token ids), top-k >= K."""
+    if route != 'topk':
         raise FlagError(f'--gkd_skd_top_k {k} needs this plugin\'s teacher server (`swift-gkd serve-teacher`, '
-                         f'POST /v1/topk): {client.url} has no /v1/topk, so it speaks only ms-swift\'s /infer/ '
-                         'protocol (`swift deploy`, a vLLM teacher), which scores chats, not the student\'s drafts. '
+                         f'POST /v1/topk): {client.url} has no /v1/topk ({ROUTE_NAMES[route]}), and only this '
+                         'plugin\'s server scores the student\'s drafts. '
                          f'Serve the teacher with `swift-gkd serve-teacher --top_k {max(k, 64)}`, load it locally with '
                          '--teacher_model, or pass --gkd_skd_top_k 0')
+    health = client.health_doc
     limit, vocab = health.get('max_topk'), health.get('vocab_size')
     needed = min(k, vocab) if isinstance(vocab, int) else k
     if isinstance(limit, int) and limit < needed:

@@ -9,11 +9,12 @@ from swift.trainers import disable_gradient_checkpointing
 from swift.utils import get_logger, unwrap_model_for_generation
 
 from swift_gkd_plugin.core.constants import IGNORE_INDEX
-from swift_gkd_plugin.flags import FlagError
+from swift_gkd_plugin.swift.setup.teacher_server import teacher_names
 from swift_gkd_plugin.swift.step.hidden_states import head_bypassed, output_head
+from swift_gkd_plugin.swift.step.token_metrics import add_token_sum as _add_token_sum
 from swift_gkd_plugin.swift.teacher.adapters import TEACHER_ADAPTER, active_adapter, eval_mode
 from swift_gkd_plugin.swift.teacher.served import (attach_trainer_token_ids, connect_teacher_servers,
-                                                   infer_prompt_logprobs)
+                                                   infer_prompt_logprobs, score_at)
 
 logger = get_logger()
 
@@ -127,11 +128,7 @@ class TeacherMixin:
         self.teacher_configs = parse_teacher_model_server(server)
         self.teacher_clients, self._teacher_topk_route = connect_teacher_servers(
             self.args, self.teacher_configs, self.accelerator, self.gkd_logits_topk, self.template.tokenizer)
-        if self.args.gkd_sampled_kl_coef > 0 and not self._teacher_topk_route:
-            raise FlagError(f'swift_gkd_plugin: --gkd_sampled_kl_coef {self.args.gkd_sampled_kl_coef:g} needs the '
-                            'teacher\'s log-probability of each sampled token, which only this plugin\'s server gives '
-                            '(POST /v1/topk with_targets; `swift-gkd serve-teacher`); the teacher server '
-                            f'{server} has ms-swift\'s routes only')
+        # (a served teacher without each token's log-prob, ms-swift's /infer/, is refused with the flags: before loading)
 
     def _infer_teacher_requests(self, handle, topk, teacher_client=None):
         """ms-swift's /infer/ call (main process) through the plugin's client: no vLLM, waits and logged retries."""
@@ -143,7 +140,7 @@ class TeacherMixin:
         """One request per generation batch: the teacher's top-k at every response position of every row."""
         if not self.use_teacher_api:
             return
-        if not self._teacher_topk_route:
+        if not self._teacher_topk_route:  # (True: /v1/topk or /v1/completions on the trainer's token ids)
             # a server with only ms-swift's routes: ms-swift's requests, routing, gather to the main process and
             # assembly, with _infer_teacher_requests above answering them (and checking the server's tokenization)
             attach_trainer_token_ids(batch_encoded_inputs)
@@ -166,12 +163,14 @@ class TeacherMixin:
         routing = route_samples_to_teachers(samples, self.teacher_configs, tag_key=self.args.teacher_tag_key)
         results = [None] * len(requests)
         targets = self.args.gkd_sampled_kl_coef > 0  # the sampled-token term: each scored token's log-prob too
+        names = teacher_names(self.teacher_configs)  # several teachers: per-teacher metrics from each token's log-prob
         for t_idx, indices in routing.items():
-            if indices:
-                answers = self.teacher_clients[t_idx].topk_at([requests[i] for i in indices], topk=self.gkd_logits_topk,
-                                                              with_targets=targets)
-                for i, answer in zip(indices, answers):
-                    results[i] = answer
+            answers = score_at(self.teacher_clients[t_idx], [requests[i] for i in indices], self.gkd_logits_topk,
+                               targets or bool(names)) if indices else []
+            for i, answer in zip(indices, answers):
+                results[i] = answer
+        if names:
+            self._log_teacher_metrics(names, routing, results)
         k = self.gkd_logits_topk
         for batch in batch_encoded_inputs:
             shape = tuple(batch['teacher_model_inputs']['input_ids'].shape) + (k, )
@@ -187,6 +186,21 @@ class TeacherMixin:
             if targets:
                 gkd_batch.teacher_token_logprobs[row, positions] = result.target_logprobs.to(device).float()
 
+
+    def _log_teacher_metrics(self, names, routing, results) -> None:
+        """Per tag-routed teacher: ``gkd/<name>/teacher_logprob``, the mean log-prob it gives the tokens trained on
+        its rows (the student's samples on on-policy steps: it rises as they become the teacher's), and
+        ``gkd/<name>/tokens``, the share of the batch's tokens it scored. Added for every teacher on every rank (zero
+        tokens where it had no rows), so that the ranks reduce the same metrics."""
+        metrics = self.custom_metrics['train' if self.model.training else 'eval']
+        counts = {}
+        for t_idx, indices in routing.items():
+            lps = [results[i].target_logprobs.double() for i in indices]
+            counts[t_idx] = n = sum(int(x.numel()) for x in lps)
+            _add_token_sum(metrics[f'gkd/{names[t_idx]}/teacher_logprob'], sum(float(x.sum()) for x in lps), n)
+        total = max(1, sum(counts.values()))
+        for t_idx, n in counts.items():
+            _add_token_sum(metrics[f'gkd/{names[t_idx]}/tokens'], n / total, 1)
 
 
 def _detached_head(model) -> tuple:

@@ -1,10 +1,11 @@
 """Served teachers in ``swift rlhf``: connect at start-up, and ms-swift's own ``/infer/`` protocol where needed.
 
 A ``--teacher_model_server`` may be this plugin's server (``POST /v1/topk``: the trainer's own token ids, packed
-arrays) or any server ms-swift's built-in GKD works against, e.g. ``swift deploy --infer_backend vllm``, which has
-only ``GET /health`` and ``POST /infer/``. Which one is asked once, at start-up; against the latter the trainer uses
-ms-swift's requests (chats with the response as token ids), ``prompt_logprobs`` and parsing, so that its teacher
-top-k, and hence its losses, are the built-in's.
+arrays), any server ms-swift's built-in GKD works against, e.g. ``swift deploy --infer_backend vllm`` (``GET /health``
+and ``POST /infer/``), or a plain OpenAI-compatible vLLM server (``vllm serve``: ``POST /v1/completions`` with the
+trainer's token ids as the prompt and vLLM's ``prompt_logprobs``). Which one is asked once, at start-up (the route,
+:meth:`TeacherClient.route`). Against ``/infer/`` the trainer uses ms-swift's requests (chats with the response as
+token ids), ``prompt_logprobs`` and parsing, so that its teacher top-k, and hence its losses, are the built-in's.
 """
 from __future__ import annotations
 
@@ -17,45 +18,65 @@ from swift.rlhf_trainers.utils import parse_prompt_logprobs
 from swift.utils import get_logger
 
 from swift_gkd_plugin.core.constants import IGNORE_INDEX
-from swift_gkd_plugin.server.client import TeacherClient
-from swift_gkd_plugin.server.protocol import tokenizer_fingerprint
-from swift_gkd_plugin.swift.setup.teacher_server import teacher_client
+from swift_gkd_plugin.server.client import TeacherClient, TopKResult
+from swift_gkd_plugin.swift.setup.teacher_server import ROUTE_NAMES, check_same_tokenizer, teacher_client
 
 logger = get_logger()
 
 
 def connect_teacher_servers(args, configs, accelerator, topk: int,
                             tokenizer=None) -> Tuple[List[TeacherClient], bool]:
-    """The clients of the served teachers once their servers are healthy, and whether all of them offer /v1/topk.
+    """The clients of the served teachers once their servers are healthy, and whether the trainer scores its own
+    token ids on every one of them (``/v1/topk`` or ``/v1/completions``; False: ms-swift's ``/infer/`` path).
 
     Every rank waits for every server (``--teacher_server_wait`` seconds at most, each failed poll logged), so that
     training can start while a large teacher is still loading. Only the main process asks for the routes, and every
-    rank follows its answer: the ``/infer/`` path gathers the requests on the main process, the ``/v1/topk`` path
-    does not, so the ranks must agree. ``topk`` (``--gkd_logits_topk``) is checked against what each server serves,
-    and the student's ``tokenizer`` against the one it reports (:func:`check_same_tokenizer`).
+    rank follows its answer: the ``/infer/`` path gathers the requests on the main process, the others do not, so the
+    ranks must agree (and ``/infer/`` cannot be mixed with the others). ``topk`` (``--gkd_logits_topk``) is checked
+    against what each server serves, and the student's ``tokenizer`` against the server's
+    (:func:`check_same_tokenizer`).
     """
     clients = [teacher_client(args, cfg.url) for cfg in configs]
     for client in clients:
         logger.info(f'Teacher server {client.url}: waiting until it is healthy (at most {client.wait:g}s, '
                     '--teacher_server_wait)')
-        health = client.wait_until_ready()
-        check_topk_served(client.url, health, topk)
-        if tokenizer is not None:
-            check_same_tokenizer(client.url, health, tokenizer)
-        if isinstance(health.get('vocab_size'), int):
-            client.vocab_size = health['vocab_size']  # answers with ids beyond it are refused
-    answer = [all(client.offers_topk() for client in clients) if accelerator.is_main_process else None]
+        client.health_doc = client.wait_until_ready()
+        check_topk_served(client.url, client.health_doc, topk)
+        if isinstance(client.health_doc.get('vocab_size'), int):
+            client.vocab_size = client.health_doc['vocab_size']  # answers with ids beyond it are refused
+    answer = [[client.route() for client in clients] if accelerator.is_main_process else None]
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
         broadcast_object_list(answer, from_process=0)
-    topk_route = bool(answer[0])
-    urls = ', '.join(client.url for client in clients)
-    if topk_route:
-        logger.info(f'Teacher server {urls}: top-k through POST /v1/topk on the trainer\'s token ids')
-    else:
-        logger.info(f'Teacher server {urls}: no POST /v1/topk (e.g. `swift deploy`): top-k from prompt log-probs '
-                    'through ms-swift\'s POST /infer/ protocol')
-    return clients, topk_route
+    for client, route in zip(clients, answer[0]):
+        client.route_name = route
+        if route == 'completions':
+            client.openai_model_id = (client.openai_model() or {}).get('id')
+        if tokenizer is not None:
+            check_same_tokenizer(client, tokenizer)
+        logger.info(f'Teacher server {client.url}: scored through {ROUTE_NAMES[route]}')
+    check_routes_mix(clients)
+    return clients, clients[0].route_name != 'infer'
+
+
+def check_routes_mix(clients: List[TeacherClient]) -> None:
+    """ms-swift's ``/infer/`` path asks every teacher through ``/infer/``: it cannot be mixed with the others."""
+    routes = {c.route_name for c in clients}
+    if 'infer' in routes and len(routes) > 1:
+        names = ', '.join(f'{c.url} ({ROUTE_NAMES[c.route_name]})' for c in clients)
+        raise ValueError(f'--teacher_model_server mixes servers that speak only ms-swift\'s /infer/ with others: '
+                         f'{names}. Serve every teacher the same way (`swift-gkd serve-teacher` or `vllm serve` for '
+                         'all, or `swift deploy` for all)')
+
+
+def score_at(client: TeacherClient, requests: List[Tuple[list, list]], topk: int,
+             with_targets: bool) -> List[TopKResult]:
+    """The teacher's top-k (and each next token's log-prob) at the given positions of each ``(input_ids, positions)``,
+    through the client's route (``/v1/topk`` or ``/v1/completions``)."""
+    if client.route_name == 'completions':
+        return client.prompt_logprobs_at(requests, topk=topk, with_targets=with_targets,
+                                         model=getattr(client, 'openai_model_id', None))
+    return client.topk_at(requests, topk=topk, with_targets=with_targets)
 
 
 def check_topk_served(url: str, health: dict, topk: int) -> None:
@@ -65,25 +86,6 @@ def check_topk_served(url: str, health: dict, topk: int) -> None:
     if isinstance(limit, int) and topk is not None and topk > limit:
         raise ValueError(f'--gkd_logits_topk {topk} is larger than the teacher server {url} serves (its --top_k is '
                          f'{limit}): pass --gkd_logits_topk 1 to {limit}, or restart the server with --top_k {topk}')
-
-
-def check_same_tokenizer(url: str, health: dict, tokenizer) -> None:
-    """A served teacher must read the student's token ids as the student does: the tokenizer fingerprint its
-    ``/health`` reports (this plugin's server) must be the student's, and a reported output head must hold every
-    student token (a larger, padded head is fine). A server that reports neither (``swift deploy``) is trusted."""
-    if not isinstance(health, dict):
-        return
-    theirs, head = health.get('tokenizer_sha256'), health.get('vocab_size')
-    ours = tokenizer_fingerprint(tokenizer)
-    if (isinstance(theirs, str) and theirs != ours) or (isinstance(head, int) and head < len(tokenizer)):
-        size = health.get('tokenizer_size', '?')
-        raise ValueError(
-            f'the teacher server {url} serves a teacher with another tokenizer than the student\'s: its /health '
-            f'reports a tokenizer of {size} tokens (fingerprint {str(theirs)[:12]}) and an output head of {head} '
-            f'rows; the student\'s tokenizer has {len(tokenizer)} tokens (fingerprint {ours[:12]}). Its scores would '
-            'be read as the student\'s token ids. Serve a teacher that shares the student\'s tokenizer (a padded, '
-            'larger output head is fine), or load this teacher locally with --teacher_model and '
-            '--gkd_cross_tokenizer uld|hybrid')
 
 
 def attach_trainer_token_ids(batches) -> None:
