@@ -71,8 +71,9 @@ def start_servers(teacher: str, args):
                               stdout=open(os.path.join(args.workdir, 'plugin.log'), 'wb'), stderr=subprocess.STDOUT,
                               env=dict(os.environ, **OFFLINE_ENV))
     vurl, purl = f'http://127.0.0.1:{vport}', f'http://127.0.0.1:{pport}'
-    _wait(TeacherClient(vurl), vllm, 'vllm serve')
-    _wait(TeacherClient(purl), plugin, 'swift-gkd serve-teacher')
+    quiet = dict(retries=0, log=lambda message: None)  # polled here: no retry log
+    _wait(TeacherClient(vurl, **quiet), vllm, 'vllm serve')
+    _wait(TeacherClient(purl, **quiet), plugin, 'swift-gkd serve-teacher')
     return vllm, vurl, plugin, purl
 
 
