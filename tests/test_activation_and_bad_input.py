@@ -129,6 +129,9 @@ BAD_INPUTS = [
     ({'lmbda': 0, 'max_completion_length': 0}, ['--max_completion_length must be > 0']),
     ({'teacher_model': '/nonexistent/teacher'}, ['--teacher_model', '/nonexistent/teacher', 'no such model']),
     ({'gkd_loss_impl': 'bogus'}, ['--gkd_loss_impl', 'bogus', 'auto', 'fused', 'dense']),
+    ({'teacher_model': None, 'teacher_model_server': '[{"url": "http://127.0.0.1:9"}, {"url": "http://127.0.0.1:10"}]',
+      'gkd_logits_topk': 8}, ['--teacher_model_server [{"url"', '"tags" must be non-empty with multiple teachers',
+                              '"tags": ["math"]']),
     ({'gkd_logits_topk': 0}, ['--gkd_logits_topk must be a positive integer']),
     # issue 45: loss 0 on every token, accepted before loading
     ({'gkd_logits_topk': 1}, ['--gkd_logits_topk 1 without --gkd_topk_tail true',

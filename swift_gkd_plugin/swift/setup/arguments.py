@@ -29,7 +29,8 @@ from swift_gkd_plugin.swift.setup.compile_cost import torch_compile_warnings
 from swift_gkd_plugin.swift.setup.datasets import (check_dataset_paths, check_local_datasets,
                                                   check_self_teacher_has_something_to_add)
 from swift_gkd_plugin.swift.setup.paths import CreatedDirs, check_command_line_paths
-from swift_gkd_plugin.swift.setup.teacher_server import check_teacher_servers, check_teacher_tags
+from swift_gkd_plugin.swift.setup.teacher_server import (check_teacher_server_config, check_teacher_servers,
+                                                        check_teacher_tags)
 from swift_gkd_plugin.swift.setup.vllm import check_vllm_launcher, check_vllm_server_mode
 from swift_gkd_plugin.swift.setup.zero3_lora import zero3_lora_warnings
 
@@ -434,6 +435,7 @@ def check_flags_only(args) -> None:
     check_vllm_flags(args)
     check_vllm_installed(args)
     check_vllm_logprobs(args)
+    check_teacher_server_config(args)
     if args.use_vllm:
         check_vllm_server_mode(args)
 

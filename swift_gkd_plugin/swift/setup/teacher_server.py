@@ -74,6 +74,22 @@ def check_same_tokenizer(client: TeacherClient, tokenizer) -> None:
             '--gkd_cross_tokenizer uld|hybrid')
 
 
+def check_teacher_server_config(args) -> None:
+    """``--teacher_model_server`` parses as ms-swift parses it (one URL, or a JSON list of ``{"url", "tags"}`` whose
+    tags are non-empty and disjoint with several teachers): its refusal as one line naming the flag (ms-swift raised
+    it with a traceback)."""
+    server = getattr(args, 'teacher_model_server', None)
+    if server is None:
+        return
+    from swift.rlhf_trainers.gkd_helpers import parse_teacher_model_server
+    try:
+        parse_teacher_model_server(server)
+    except ValueError as e:
+        raise FlagError(f'--teacher_model_server {server}: {e} Give one URL, or '
+                        '\'[{"url": "http://a:8000", "tags": ["math"]}, {"url": "http://b:8000", "tags": ["code"]}]\''
+                        ) from None
+
+
 def check_teacher_servers(args) -> None:
     """Each ``--teacher_model_server`` before any model loads, waiting for it as the trainer would
     (``--teacher_server_wait``): it must be a teacher server (:meth:`TeacherClient.route`), give what the flags need
