@@ -343,14 +343,44 @@ def check_cross_tokenizer_flags(args) -> None:
                          '(allowed: 1)')
 
 
-def check_teacher_server_flags(args) -> None:
-    """Flags that do not go with ``--teacher_model_server`` (a teacher that only scores responses)."""
+#: The ``--teacher_model_server`` entry that binds tags to the local teacher (``--teacher_model``, or the student's
+#: base with its LoRA adapter off): ``{"url": "local", "tags": [...]}``.
+LOCAL_TEACHER_URL = 'local'
+
+
+def local_teacher_index(urls: List[str]) -> Optional[int]:
+    """The index of the local teacher's entry among the URLs of ``--teacher_model_server``'s entries, or None."""
+    return next((i for i, url in enumerate(urls) if url == LOCAL_TEACHER_URL), None)
+
+
+def entry_urls(server: Optional[str]) -> List[str]:
+    """The URLs of ``--teacher_model_server``'s entries, read without ms-swift (the Megatron launcher checks run
+    before it is imported): one URL, or each ``"url"`` of a JSON (or Python literal) list; ``[]`` where it does not
+    parse (ms-swift's own parse then refuses or repairs it)."""
+    if server is None:
+        return []
+    text = server.strip()
+    if not text.startswith('['):
+        return [text]
+    import ast
+    for parse in (json.loads, ast.literal_eval):
+        try:
+            entries = parse(text)
+        except (ValueError, SyntaxError):
+            continue
+        return [e.get('url') for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+    return []
+
+
+def check_teacher_server_flags(args, local_teacher: bool = False) -> None:
+    """Flags that do not go with ``--teacher_model_server`` (a teacher that only scores responses);
+    ``local_teacher``: one of its entries is the local teacher, which ``--offload_teacher_model`` may offload."""
     if args.teacher_model_server is None:
         return
     if args.gkd_logits_topk is None:
         raise FlagError('--gkd_logits_topk is required with --teacher_model_server (the server returns '
                          'top-k log-probabilities)')
-    if args.offload_teacher_model:
+    if args.offload_teacher_model and not local_teacher:
         raise FlagError('--offload_teacher_model true has no effect with --teacher_model_server (the '
                          'teacher lives on the server): remove one of them')
     if args.seq_kd:

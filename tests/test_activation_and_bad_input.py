@@ -132,6 +132,18 @@ BAD_INPUTS = [
     ({'teacher_model': None, 'teacher_model_server': '[{"url": "http://127.0.0.1:9"}, {"url": "http://127.0.0.1:10"}]',
       'gkd_logits_topk': 8}, ['--teacher_model_server [{"url"', '"tags" must be non-empty with multiple teachers',
                               '"tags": ["math"]']),
+    # issue 46: a local teacher bound to some tags among the servers
+    ({'teacher_model_server': '[{"url": "http://127.0.0.1:9", "tags": ["a"]}, {"url": "http://127.0.0.1:10", '
+      '"tags": ["b"]}]', 'gkd_logits_topk': 8},
+     ['--teacher_model', 'and --teacher_model_server', 'name two teachers for the same rows',
+      '{"url": "local", "tags": ["math"]}']),
+    ({'teacher_model_server': '[{"url": "local", "tags": ["a"]}, {"url": "local", "tags": ["b"]}]',
+      'gkd_logits_topk': 8}, ['entries [0, 1] are all "url": "local"', 'give it every tag in one entry']),
+    ({'teacher_model_server': 'local', 'gkd_logits_topk': 8},
+     ['--teacher_model_server local: its only teacher is the local one', 'drop --teacher_model_server']),
+    ({'teacher_model': None, 'teacher_model_type': None, 'gkd_logits_topk': 8,
+      'teacher_model_server': '[{"url": "http://127.0.0.1:9", "tags": ["a"]}, {"url": "local", "tags": ["b"]}]'},
+     ['its entry "url": "local" scores the rows of its tags [\'b\'] with --teacher_model, which is not given']),
     ({'gkd_logits_topk': 0}, ['--gkd_logits_topk must be a positive integer']),
     # issue 45: loss 0 on every token, accepted before loading
     ({'gkd_logits_topk': 1}, ['--gkd_logits_topk 1 without --gkd_topk_tail true',

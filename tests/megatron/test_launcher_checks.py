@@ -68,6 +68,8 @@ def assert_passed_the_checks(output):
      '--offload_teacher_model true has no effect with --teacher_model_server'),
     (('--teacher_model_server', 'http://127.0.0.1:9', '--gkd_logits_topk', '8', '--seq_kd', 'true'),
      '--seq_kd true needs a local teacher that can sample'),
+    (('--teacher_model_server', '[{"url": "http://127.0.0.1:9", "tags": ["a"]}, {"url": "local", "tags": ["b"]}]',
+      '--gkd_logits_topk', '8'), '(the local teacher for some tags) is supported by swift rlhf only'),
     (('--tensor_model_parallel_size', '2', '--teacher_tensor_model_parallel_size', '4'),
      '--teacher_tensor_model_parallel_size 4 differs from --tensor_model_parallel_size 2'),
     (('--seq_kd', 'true', '--context_parallel_size', '2'), '--seq_kd true samples from the Megatron teacher, which '

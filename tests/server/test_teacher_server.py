@@ -683,6 +683,24 @@ def test_sampled_token_term_with_only_ms_swift_routes_is_refused_before_loading(
                                      f"{infer_only_server.url} does not give"])
 
 
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize('other', ['plugin', 'local'])
+def test_an_infer_only_server_beside_other_teachers_is_refused_before_loading(tiny_ws, servers, infer_only_server,
+                                                                             tmp_path, other):
+    """ms-swift's /infer/ path asks every teacher through /infer/: beside this plugin's server or the local teacher
+    it is refused in one line before any model loads (it was refused after loading, at the trainer's start)."""
+    from test_activation_and_bad_input import assert_refused_in_one_line
+    url = servers['main'].url if other == 'plugin' else 'local'
+    teachers = json.dumps([{'url': infer_only_server.url, 'tags': ['a']}, {'url': url, 'tags': ['b']}])
+    extra = {} if other == 'local' else dict(teacher_model=None, teacher_model_type=None)
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), teacher_model_server=teachers, gkd_logits_topk=8,
+                              **extra), check=False)
+    tail = (f'{url} (POST /v1/topk (this plugin\'s server))' if other == 'plugin' else
+            'and the local teacher ("url": "local")')
+    assert_refused_in_one_line(run, ["--teacher_model_server mixes servers that speak only ms-swift's /infer/ with "
+                                     f"others: {infer_only_server.url} (ms-swift's /infer/ protocol", tail])
+
+
 @pytest.mark.timeout(600)
 def test_swift_rlhf_with_the_tail_bucket_against_the_server(tiny_ws, servers, tmp_path):
     server = servers['main']
@@ -712,18 +730,66 @@ def test_swift_rlhf_routes_samples_to_teachers_by_dataset_tag(tiny_ws, servers, 
     """Two datasets, two teacher entries (the same server under two URL spellings): each sample goes to the
     teacher of its dataset tag, and the losses equal the local teacher's."""
     url = servers['main'].url
-    rows = [json.loads(line) for line in open(tiny_ws.fixed)]
-    parts = []
-    for i in range(2):
-        path = tmp_path / f'part{i}.jsonl'
-        path.write_text(''.join(json.dumps(r) + '\n' for r in rows[2 * i:2 * i + 2]))
-        parts.append(str(path))
+    parts = _tagged_parts(tiny_ws, tmp_path)
     teachers = json.dumps([{'url': url, 'tags': [parts[0]]}, {'url': url + '/', 'tags': [parts[1]]}])
     common = dict(dataset=parts, per_device_train_batch_size=4, gkd_logits_topk=8, lmbda=0)
     remote = run_swift(base_args(tiny_ws, str(tmp_path / 'remote'), teacher_model=None, teacher_model_type=None,
                                  teacher_model_server=teachers, **common))
     local = run_swift(base_args(tiny_ws, str(tmp_path / 'local'), **common))
     assert np.allclose(remote.losses, local.losses, rtol=1e-4, atol=1e-7), (remote.losses, local.losses)
+
+
+def _tagged_parts(ws, tmp_path):
+    """The fixed dataset split in two files of two rows: two dataset tags."""
+    rows = [json.loads(line) for line in open(ws.fixed)]
+    parts = []
+    for i in range(2):
+        path = tmp_path / f'part{i}.jsonl'
+        path.write_text(''.join(json.dumps(r) + '\n' for r in rows[2 * i:2 * i + 2]))
+        parts.append(str(path))
+    return parts
+
+
+@pytest.mark.timeout(600)
+def test_swift_rlhf_binds_a_tag_to_the_local_teacher(tiny_ws, servers, tmp_path):
+    """``{"url": "local", "tags": [...]}`` among the servers: the rows of that tag are scored by --teacher_model
+    (here offloaded to CPU between uses), the others by the server, and the losses equal those of the run with the
+    local teacher alone (the same model on both sides); the per-teacher metrics count each side's tokens."""
+    server = servers['main']
+    parts = _tagged_parts(tiny_ws, tmp_path)
+    teachers = json.dumps([{'url': server.url, 'tags': [parts[0]]}, {'url': 'local', 'tags': [parts[1]]}])
+    common = dict(dataset=parts, per_device_train_batch_size=2, gkd_logits_topk=8, lmbda=0, seed=7)
+    n_calls = server.log().count('"POST /v1/topk" 200')
+    mixed = run_swift(base_args(tiny_ws, str(tmp_path / 'mixed'), teacher_model_server=teachers,
+                                offload_teacher_model='true', **common))
+    assert f"the rows tagged ['{parts[1]}'] (--teacher_tag_key dataset) are scored by the local teacher" in mixed.output
+    assert 'Teacher model: a separate frozen model (offloaded to CPU between uses)' in mixed.output
+    assert server.log().count('"POST /v1/topk" 200') > n_calls, 'the server scored no row'
+    shares = [(r[f'gkd/{parts[0]}/tokens'], r[f'gkd/{parts[1]}/tokens']) for r in mixed.logs]
+    assert len(shares) == 3 and all(abs(a + b - 1) < 1e-6 for a, b in shares), shares
+    assert sum(b for _, b in shares) > 0 and sum(a for a, _ in shares) > 0, shares
+    local = run_swift(base_args(tiny_ws, str(tmp_path / 'local'), **common))
+    assert np.allclose(mixed.losses, local.losses, rtol=1e-4, atol=1e-7), (mixed.losses, local.losses)
+
+
+@pytest.mark.timeout(600)
+def test_local_teacher_of_a_tag_can_be_the_lora_students_base(tiny_ws, servers, tmp_path):
+    """The local entry with a LoRA student and --teacher_model = --model: its rows are scored by the student's base
+    with the adapter off (one copy of the weights), exactly as by a separate copy of the base, while the adapter
+    trains (learning rate 1e-2, so that the adapter moves away from the base)."""
+    import shutil
+    parts = _tagged_parts(tiny_ws, tmp_path)
+    teachers = json.dumps([{'url': servers['main'].url, 'tags': [parts[0]]}, {'url': 'local', 'tags': [parts[1]]}])
+    common = dict(dataset=parts, per_device_train_batch_size=2, gkd_logits_topk=8, lmbda=0, seed=7,
+                  tuner_type='lora', learning_rate=1e-2, teacher_model_server=teachers, max_steps=4)
+    shared = run_swift(base_args(tiny_ws, str(tmp_path / 'shared'), teacher_model=tiny_ws.student, **common))
+    assert 'Teacher model: base_model with LoRA disabled (frozen)' in shared.output
+    copy = str(tmp_path / 'base_copy')
+    shutil.copytree(tiny_ws.student, copy)
+    separate = run_swift(base_args(tiny_ws, str(tmp_path / 'separate'), teacher_model=copy, **common))
+    assert 'Teacher model: a separate frozen model (resident)' in separate.output
+    assert len(shared.losses) == 4 and shared.losses[0] != shared.losses[-1], shared.losses
+    assert np.allclose(shared.losses, separate.losses, rtol=1e-4, atol=1e-7), (shared.losses, separate.losses)
 
 
 def test_swift_rlhf_refuses_a_topk_beyond_the_servers_limit(tiny_ws, servers, tmp_path):

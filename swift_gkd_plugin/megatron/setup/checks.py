@@ -18,9 +18,9 @@ from dataclasses import dataclass, field, fields
 from typing import List, Optional, Sequence
 
 from swift_gkd_plugin.colocated_vllm import check_vllm_cpu_head_dim
-from swift_gkd_plugin.flags import (GKD_LOSS_IMPLS, SCALAR_FLAGS, SKD_PLACEMENTS, FlagError, GKDPluginArgumentsMixin,
-                                    check_gkd_scalars, check_no_multi_turn, check_teacher_server_flags,
-                                    plugin_flags_in)
+from swift_gkd_plugin.flags import (GKD_LOSS_IMPLS, LOCAL_TEACHER_URL, SCALAR_FLAGS, SKD_PLACEMENTS, FlagError,
+                                    GKDPluginArgumentsMixin, check_gkd_scalars, check_no_multi_turn,
+                                    check_teacher_server_flags, entry_urls, local_teacher_index, plugin_flags_in)
 
 #: ``--gkd_loss_impl`` values of megatron rlhf: the fused loss on hidden states is for swift rlhf only
 MEGATRON_LOSS_IMPLS = tuple(impl for impl in GKD_LOSS_IMPLS if impl != 'fused')
@@ -77,6 +77,11 @@ def check_megatron_gkd(args) -> None:
                          'reference model beside the student. Run the anchor with swift rlhf --rlhf_type gkd, or pass '
                          '--gkd_ref_kl_coef 0 here')
     check_teacher_server_flags(args)
+    if local_teacher_index(entry_urls(args.teacher_model_server)) is not None:
+        raise FlagError(f'--teacher_model_server {args.teacher_model_server}: an entry "url": "{LOCAL_TEACHER_URL}" '
+                        '(the local teacher for some tags) is supported by swift rlhf only: megatron rlhf asks every '
+                        'tag-routed teacher through ms-swift\'s client. Serve that teacher too (`swift-gkd '
+                        'serve-teacher` or `vllm serve`) and give its URL, or run with swift rlhf --rlhf_type gkd')
     check_no_multi_turn(args)
     teacher_tp = args.teacher_tensor_model_parallel_size
     student_tp = args.tensor_model_parallel_size or 1

@@ -30,7 +30,7 @@ from swift_gkd_plugin.swift.setup.datasets import (check_dataset_paths, check_lo
                                                   check_self_teacher_has_something_to_add)
 from swift_gkd_plugin.swift.setup.paths import CreatedDirs, check_command_line_paths
 from swift_gkd_plugin.swift.setup.teacher_server import (check_teacher_server_config, check_teacher_servers,
-                                                        check_teacher_tags)
+                                                        check_teacher_tags, local_teacher_of)
 from swift_gkd_plugin.swift.setup.vllm import check_vllm_launcher, check_vllm_server_mode
 from swift_gkd_plugin.swift.setup.zero3_lora import zero3_lora_warnings
 
@@ -182,7 +182,7 @@ def check_topk_within_vocab(args) -> None:
     if not given:
         return
     rows = {'--model': _head_rows('--model', args.model_dir)}
-    if args.teacher_model is not None and args.teacher_model_server is None:
+    if args.teacher_model is not None:  # (with --teacher_model_server: the local teacher of some tags)
         teacher_dir = model_dir_of('--teacher_model', args.teacher_model, args.teacher_model_revision, args)
         rows['--teacher_model'] = _head_rows('--teacher_model', teacher_dir)
     known = {flag: n for flag, n in rows.items() if n}
@@ -410,7 +410,7 @@ def check_gkd_arguments(args) -> None:
     check_fresh_samples_for_rl(args)
     check_generation_flags(args)
     check_vllm_model(args)
-    check_teacher_server_flags(args)
+    check_teacher_server_flags(args, local_teacher=local_teacher_of(args) is not None)
     check_teacher_template(args)
     check_teacher(args)
     check_topk_within_vocab(args)
@@ -472,6 +472,14 @@ class GKDPluginRLHFArguments(GKDPluginArgumentsMixin, RLHFArguments):
         if (self.rlhf_type == 'gkd' and self.teacher_adapters and self.teacher_model is None
                 and self.teacher_model_server is None and not self.use_liger_kernel):
             self._teacher_use_disable_adapter = False
+            return
+        if self.rlhf_type == 'gkd' and local_teacher_of(self) is not None:
+            # --teacher_model is the local entry's teacher: ms-swift refuses it beside --teacher_model_server
+            server, self.teacher_model_server = self.teacher_model_server, None
+            try:
+                super()._check_teacher()
+            finally:
+                self.teacher_model_server = server
             return
         super()._check_teacher()
 

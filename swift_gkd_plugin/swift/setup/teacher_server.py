@@ -2,11 +2,11 @@
 tokenizer), asked of the server, waiting for it as the trainer would."""
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 from swift.utils import get_logger
 
-from swift_gkd_plugin.flags import FlagError
+from swift_gkd_plugin.flags import LOCAL_TEACHER_URL, FlagError, local_teacher_index
 from swift_gkd_plugin.server.client import TeacherClient, TeacherServerError
 from swift_gkd_plugin.server.protocol import tokenizer_fingerprint
 
@@ -74,20 +74,62 @@ def check_same_tokenizer(client: TeacherClient, tokenizer) -> None:
             '--gkd_cross_tokenizer uld|hybrid')
 
 
+def teacher_configs(server: str):
+    """``--teacher_model_server`` as ms-swift parses it: a list of ``TeacherServerConfig(url, tags)``."""
+    from swift.rlhf_trainers.gkd_helpers import parse_teacher_model_server
+    return parse_teacher_model_server(server)
+
+
+def local_teacher_of(args) -> Optional[int]:
+    """The index of ``--teacher_model_server``'s entry ``{"url": "local", ...}`` (the local teacher scores the rows
+    of its tags), or None (also without the flag)."""
+    server = getattr(args, 'teacher_model_server', None)
+    return None if server is None else local_teacher_index([cfg.url for cfg in teacher_configs(server)])
+
+
 def check_teacher_server_config(args) -> None:
     """``--teacher_model_server`` parses as ms-swift parses it (one URL, or a JSON list of ``{"url", "tags"}`` whose
     tags are non-empty and disjoint with several teachers): its refusal as one line naming the flag (ms-swift raised
-    it with a traceback)."""
+    it with a traceback). At most one entry is the local teacher (``"url": "local"``), beside at least one server;
+    ``--teacher_model`` goes with ``--teacher_model_server`` only as that entry's model."""
     server = getattr(args, 'teacher_model_server', None)
     if server is None:
         return
-    from swift.rlhf_trainers.gkd_helpers import parse_teacher_model_server
     try:
-        parse_teacher_model_server(server)
+        configs = teacher_configs(server)
     except ValueError as e:
         raise FlagError(f'--teacher_model_server {server}: {e} Give one URL, or '
                         '\'[{"url": "http://a:8000", "tags": ["math"]}, {"url": "http://b:8000", "tags": ["code"]}]\''
                         ) from None
+    local = [i for i, cfg in enumerate(configs) if cfg.url == LOCAL_TEACHER_URL]
+    if len(local) > 1:
+        raise FlagError(f'--teacher_model_server {server}: entries {local} are all "url": "{LOCAL_TEACHER_URL}"; one '
+                        'local teacher scores the rows of its tags: give it every tag in one entry')
+    if local and len(configs) == 1:
+        raise FlagError(f'--teacher_model_server {server}: its only teacher is the local one; the local teacher alone '
+                        'is --teacher_model (or, without it, the student\'s base): drop --teacher_model_server')
+    shared_base = getattr(args, '_teacher_use_disable_adapter', False)  # ms-swift cleared --teacher_model for it
+    if local and getattr(args, 'teacher_model', None) is None and not shared_base:
+        raise FlagError(f'--teacher_model_server {server}: its entry "url": "{LOCAL_TEACHER_URL}" scores the rows of '
+                        f'its tags {configs[local[0]].tags} with --teacher_model, which is not given: pass '
+                        '--teacher_model (the student\'s own --model with a LoRA student: its base with the adapter '
+                        'off, one copy of the weights)')
+    if getattr(args, 'teacher_model', None) is not None and not local:
+        raise FlagError(f'--teacher_model {args.teacher_model} and --teacher_model_server {server} name two teachers '
+                        'for the same rows: bind the local one to the rows of some tags with an entry '
+                        f'{{"url": "{LOCAL_TEACHER_URL}", "tags": ["math"]}} in --teacher_model_server, or drop one')
+
+
+def check_routes_mix(routes: List[Tuple[str, str]], local: bool) -> None:
+    """ms-swift's ``/infer/`` path asks every teacher through ``/infer/`` and assembles the batch itself: it cannot
+    be mixed with the other routes, nor with a local teacher. ``routes``: ``(url, route)`` of each server."""
+    kinds = {route for _, route in routes}
+    if 'infer' in kinds and (len(kinds) > 1 or local):
+        names = ', '.join(f'{url} ({ROUTE_NAMES[route]})' for url, route in routes) + (
+            f', and the local teacher ("url": "{LOCAL_TEACHER_URL}")' if local else '')
+        raise FlagError(f'--teacher_model_server mixes servers that speak only ms-swift\'s /infer/ with others: '
+                        f'{names}. Serve every teacher the same way (`swift-gkd serve-teacher` or `vllm serve` for '
+                        'all, or `swift deploy` for all, without a local teacher)')
 
 
 def check_teacher_servers(args) -> None:
@@ -100,19 +142,24 @@ def check_teacher_servers(args) -> None:
     server = args.teacher_model_server
     if server is None:
         return
-    from swift.rlhf_trainers.gkd_helpers import parse_teacher_model_server
-    configs = parse_teacher_model_server(server)
+    configs = teacher_configs(server)
     k = args.gkd_skd_top_k
     if k and len(configs) != 1:
         raise FlagError(f'--gkd_skd_top_k {k} verifies the student\'s drafts on one teacher server; '
                          f'--teacher_model_server names {len(configs)} (routed by tags): pass one URL or '
                          '--gkd_skd_top_k 0')
     tokenizer = _student_tokenizer(args)
+    routes = []
     for cfg in configs:
+        if cfg.url == LOCAL_TEACHER_URL:
+            continue
+        client = teacher_client(args, cfg.url)
         try:
-            _check_teacher_server(args, teacher_client(args, cfg.url), tokenizer)
+            _check_teacher_server(args, client, tokenizer)
         except (TeacherServerError, TokenizerMismatch) as e:  # one line, as the flags' refusals
             raise FlagError(f'--teacher_model_server: {e}') from None
+        routes.append((cfg.url, client.route_name))
+    check_routes_mix(routes, local=len(routes) < len(configs))
 
 
 def _check_teacher_server(args, client: TeacherClient, tokenizer) -> None:
@@ -148,8 +195,7 @@ def check_teacher_tags(args) -> None:
     server, key = args.teacher_model_server, getattr(args, 'teacher_tag_key', 'dataset')
     if server is None or key == 'dataset':
         return
-    from swift.rlhf_trainers.gkd_helpers import parse_teacher_model_server
-    configs = parse_teacher_model_server(server)
+    configs = teacher_configs(server)
     if len(configs) < 2:
         return
     tags = {tag for cfg in configs for tag in cfg.tags}

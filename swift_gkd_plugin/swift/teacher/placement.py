@@ -3,14 +3,20 @@ adapter off or the teacher adapter on; a server), its forward for the loss, and 
 from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager, nullcontext
+from typing import List
 
 import torch
 from swift.trainers import disable_gradient_checkpointing
 from swift.utils import get_logger, unwrap_model_for_generation
 
 from swift_gkd_plugin.core.constants import IGNORE_INDEX
-from swift_gkd_plugin.swift.setup.teacher_server import teacher_names
-from swift_gkd_plugin.swift.step.hidden_states import head_bypassed, output_head
+from swift_gkd_plugin.core.policy_gradient import head_token_logprobs, sampled_token_stats
+from swift_gkd_plugin.core.topk import topk_of_logits
+from swift_gkd_plugin.core.weights.offload import is_partitioned
+from swift_gkd_plugin.flags import local_teacher_index
+from swift_gkd_plugin.server.client import TopKResult
+from swift_gkd_plugin.swift.setup.teacher_server import teacher_configs, teacher_names
+from swift_gkd_plugin.swift.step.hidden_states import head_bypassed, head_rows, output_head, topk_from_hidden
 from swift_gkd_plugin.swift.step.token_metrics import add_token_sum as _add_token_sum
 from swift_gkd_plugin.swift.teacher.adapters import TEACHER_ADAPTER, active_adapter, eval_mode
 from swift_gkd_plugin.swift.teacher.served import (attach_trainer_token_ids, connect_teacher_servers,
@@ -23,6 +29,10 @@ class TeacherMixin:
     """The teacher: placement, contexts, forward, and a served teacher's signal."""
 
     def _log_teacher_placement(self) -> None:
+        if self._local_teacher is not None:
+            tags = self.teacher_configs[self._local_teacher].tags
+            logger.info(f'Teacher models: served at {self.teacher_model_server}; the rows tagged {tags} '
+                        f'(--teacher_tag_key {self.args.teacher_tag_key}) are scored by the local teacher:')
         if self._teacher_adapter is not None:
             logger.info(f'Teacher model: the student base with the frozen adapter {self._teacher_adapter} (one copy '
                         'of the base weights)')
@@ -115,19 +125,28 @@ class TeacherMixin:
             return out, (weight.to(out.device), None if bias is None else bias.to(out.device))
 
     def _setup_teacher(self) -> None:
-        """A served teacher is reached through the plugin's client (no vLLM needed), from every rank."""
+        """A served teacher is reached through the plugin's client (no vLLM needed), from every rank. A
+        ``"url": "local"`` entry among the servers binds the local teacher (set up by ms-swift as without servers)
+        to the rows of its tags (:meth:`_score_locally`)."""
         server = getattr(self, 'teacher_model_server', None)
         self.teacher_model_server = None  # keep ms-swift from building its vLLM client
         super()._setup_teacher()
         self.teacher_model_server = server
+        self._local_teacher = None
         if server is None:
             return
-        from swift.rlhf_trainers.gkd_helpers import parse_teacher_model_server
-        self.use_teacher_api = True
-        self._is_self_distillation = False
-        self.teacher_configs = parse_teacher_model_server(server)
-        self.teacher_clients, self._teacher_topk_route = connect_teacher_servers(
-            self.args, self.teacher_configs, self.accelerator, self.gkd_logits_topk, self.template.tokenizer)
+        self.teacher_configs = teacher_configs(server)
+        self._local_teacher = local_teacher_index([cfg.url for cfg in self.teacher_configs])
+        self.use_teacher_api = True  # every row's teacher signal is a top-k, served or made locally alike
+        # the local teacher's forward runs on the student's module only when it is the student's base
+        self._is_self_distillation = self._is_self_distillation and self._local_teacher is not None
+        served = [cfg for i, cfg in enumerate(self.teacher_configs) if i != self._local_teacher]
+        clients, self._teacher_topk_route = connect_teacher_servers(
+            self.args, served, self.accelerator, self.gkd_logits_topk, self.template.tokenizer,
+            local=self._local_teacher is not None)
+        if self._local_teacher is not None:
+            clients.insert(self._local_teacher, None)
+        self.teacher_clients = clients
         # (a served teacher without each token's log-prob, ms-swift's /infer/, is refused with the flags: before loading)
 
     def _infer_teacher_requests(self, handle, topk, teacher_client=None):
@@ -165,8 +184,11 @@ class TeacherMixin:
         targets = self.args.gkd_sampled_kl_coef > 0  # the sampled-token term: each scored token's log-prob too
         names = teacher_names(self.teacher_configs)  # several teachers: per-teacher metrics from each token's log-prob
         for t_idx, indices in routing.items():
-            answers = score_at(self.teacher_clients[t_idx], [requests[i] for i in indices], self.gkd_logits_topk,
-                               targets or bool(names)) if indices else []
+            if t_idx == self._local_teacher:
+                answers = self._score_locally(batch_encoded_inputs, [places[i] for i in indices])
+            else:
+                answers = score_at(self.teacher_clients[t_idx], [requests[i] for i in indices], self.gkd_logits_topk,
+                                   targets or bool(names)) if indices else []
             for i, answer in zip(indices, answers):
                 results[i] = answer
         if names:
@@ -186,6 +208,42 @@ class TeacherMixin:
             if targets:
                 gkd_batch.teacher_token_logprobs[row, positions] = result.target_logprobs.to(device).float()
 
+
+    def _score_locally(self, batch_encoded_inputs, places) -> List[TopKResult]:
+        """The local teacher's answer at each ``(micro-batch, row, positions)`` of ``places``, as a server's: its
+        top-k (:func:`topk_from_hidden`, or :func:`topk_of_logits` where the fused loss does not apply) and the
+        log-prob of each next token, at temperature 1, from one forward of each micro-batch that holds such a row.
+        Where the teacher's weights are partitioned over the ranks (ZeRO-3) each forward is collective: every
+        micro-batch is forwarded, on every rank, whatever its rows' tags."""
+        model = self.model_wrapped if self.model_wrapped is not None else self.model
+        student = self.accelerator.unwrap_model(self.model)
+        partitioned = self._teacher_partitioned or (self._is_self_distillation and is_partitioned(model))
+        wanted = {b for b, _, _ in places}
+        answers = {}
+        for b, batch in enumerate(batch_encoded_inputs):
+            if b not in wanted and not partitioned:
+                continue
+            inputs = batch['teacher_model_inputs']
+            ids = inputs['input_ids']
+            with torch.no_grad(), self.compute_loss_context_manager():
+                out = self._teacher_forward(model, inputs, hidden=self._fused)
+            for where, (pb, row, positions) in enumerate(places):
+                if pb != b:
+                    continue
+                positions = positions.to(ids.device)
+                nxt = ids[row, positions + 1]
+                if self._fused:
+                    hidden, (weight, bias) = out
+                    rows = hidden[row, positions]
+                    top_ids, top_lps = topk_from_hidden(rows, weight, bias, self.gkd_logits_topk,
+                                                        head_rows(student))
+                    target = head_token_logprobs(rows, weight, bias, nxt, 1.0)
+                else:
+                    rows = out[row, positions]
+                    top_ids, top_lps = topk_of_logits(rows, self.gkd_logits_topk)
+                    target = sampled_token_stats(rows, nxt)[0]
+                answers[where] = TopKResult(ids=top_ids, logprobs=top_lps, target_logprobs=target.float())
+        return [answers[i] for i in range(len(places))]
 
     def _log_teacher_metrics(self, names, routing, results) -> None:
         """Per tag-routed teacher: ``gkd/<name>/teacher_logprob``, the mean log-prob it gives the tokens trained on

@@ -19,20 +19,21 @@ from swift.utils import get_logger
 
 from swift_gkd_plugin.core.constants import IGNORE_INDEX
 from swift_gkd_plugin.server.client import TeacherClient, TopKResult
-from swift_gkd_plugin.swift.setup.teacher_server import ROUTE_NAMES, check_same_tokenizer, teacher_client
+from swift_gkd_plugin.swift.setup.teacher_server import (ROUTE_NAMES, check_routes_mix, check_same_tokenizer,
+                                                        teacher_client)
 
 logger = get_logger()
 
 
-def connect_teacher_servers(args, configs, accelerator, topk: int,
-                            tokenizer=None) -> Tuple[List[TeacherClient], bool]:
+def connect_teacher_servers(args, configs, accelerator, topk: int, tokenizer=None,
+                            local: bool = False) -> Tuple[List[TeacherClient], bool]:
     """The clients of the served teachers once their servers are healthy, and whether the trainer scores its own
     token ids on every one of them (``/v1/topk`` or ``/v1/completions``; False: ms-swift's ``/infer/`` path).
 
     Every rank waits for every server (``--teacher_server_wait`` seconds at most, each failed poll logged), so that
     training can start while a large teacher is still loading. Only the main process asks for the routes, and every
     rank follows its answer: the ``/infer/`` path gathers the requests on the main process, the others do not, so the
-    ranks must agree (and ``/infer/`` cannot be mixed with the others). ``topk`` (``--gkd_logits_topk``) is checked
+    ranks must agree (and ``/infer/`` cannot be mixed with the others, nor with a ``local`` teacher). ``topk`` (``--gkd_logits_topk``) is checked
     against what each server serves, and the student's ``tokenizer`` against the server's
     (:func:`check_same_tokenizer`).
     """
@@ -55,18 +56,9 @@ def connect_teacher_servers(args, configs, accelerator, topk: int,
         if tokenizer is not None:
             check_same_tokenizer(client, tokenizer)
         logger.info(f'Teacher server {client.url}: scored through {ROUTE_NAMES[route]}')
-    check_routes_mix(clients)
+    # (checked before loading too; again here: a server restarted since then may speak otherwise)
+    check_routes_mix([(c.url, c.route_name) for c in clients], local=local)
     return clients, clients[0].route_name != 'infer'
-
-
-def check_routes_mix(clients: List[TeacherClient]) -> None:
-    """ms-swift's ``/infer/`` path asks every teacher through ``/infer/``: it cannot be mixed with the others."""
-    routes = {c.route_name for c in clients}
-    if 'infer' in routes and len(routes) > 1:
-        names = ', '.join(f'{c.url} ({ROUTE_NAMES[c.route_name]})' for c in clients)
-        raise ValueError(f'--teacher_model_server mixes servers that speak only ms-swift\'s /infer/ with others: '
-                         f'{names}. Serve every teacher the same way (`swift-gkd serve-teacher` or `vllm serve` for '
-                         'all, or `swift deploy` for all)')
 
 
 def score_at(client: TeacherClient, requests: List[Tuple[list, list]], topk: int,
