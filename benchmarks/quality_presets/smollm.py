@@ -39,7 +39,9 @@ SMOLLM_BASELINES: Dict[str, tuple] = {
 #: SmolLM2's on-policy base: reverse KL (the on-policy distillation papers' objective, and the best pure on-policy
 #: beta on forward KL from the supervised start, docs_en/quality.md)
 SMOLLM_REMEDIES = remedy_methods({'lmbda': '1', 'beta': '1'}, {'lmbda': '1', 'beta': '1'})
-SMOLLM_METHODS: Dict[str, tuple] = {**SMOLLM_BASELINES, **SMOLLM_REMEDIES}
+#: sampled-token distillation (docs_en/sampled_kl.md): the teacher scores only the student's own tokens
+SMOLLM_SAMPLED = {m: METHODS[m] for m in ('sampled_kl', 'sampled_kl_jsd')}
+SMOLLM_METHODS: Dict[str, tuple] = {**SMOLLM_BASELINES, **SMOLLM_REMEDIES, **SMOLLM_SAMPLED}
 #: Per token, on the held-out prompts (swift_gkd_plugin.testing.smollm.pair_metrics): on the teacher's answers, then on
 #: the student's own greedy answers.
 SMOLLM_METRICS = ('forward_kl', 'top1_agreement', 'student_nll', 'onpolicy_teacher_nll', 'onpolicy_reverse_kl',
