@@ -143,7 +143,8 @@ def test_two_teachers_routed_by_a_column_train_in_one_run(vllm_ws, vllm_teacher,
     """A ``domain`` column names the teacher of each row (``--teacher_tag_key domain``): ``chat`` rows go to this
     plugin's server, ``code`` rows to ``vllm serve``. Both serve the same weights, so the losses and the sampled-token
     estimate equal those of the plugin's server alone (learning rate 0, the top-k divergence); each teacher is asked,
-    and the per-teacher metrics are logged (their token shares sum to 1)."""
+    and the per-teacher metrics are logged (their token shares sum to 1, and their sampled-token estimates weighted by
+    those shares give the whole batch's)."""
     data = _domain_dataset(vllm_ws, str(tmp_path / 'domains.jsonl'), ['chat', 'code'])
     teachers = json.dumps([{'url': plugin_teacher.url, 'tags': ['chat']}, {'url': vllm_teacher.url, 'tags': ['code']}])
     common = dict(dataset=data, lmbda=0.5, gkd_sampled_kl_coef=1, max_steps=3, seed=1, temperature=1.0,
@@ -164,6 +165,13 @@ def test_two_teachers_routed_by_a_column_train_in_one_run(vllm_ws, vllm_teacher,
             assert (row[f'gkd/{name}/teacher_logprob'] < 0) if row[f'gkd/{name}/tokens'] else (
                 f'gkd/{name}/teacher_logprob' not in row), row
     assert all(any(row[f'gkd/{name}/tokens'] > 0 for row in routed.logs) for name in ('chat', 'code'))
+    # the sampled-token estimate per teacher: over each teacher's rows, so their token-weighted mean is the whole
+    kl_rows = [row for row in routed.logs if 'gkd/sampled_kl' in row]
+    assert kl_rows, routed.logs
+    for row in kl_rows:
+        parts = [(row[f'gkd/{name}/tokens'], row[f'gkd/{name}/sampled_kl']) for name in ('chat', 'code')
+                 if row[f'gkd/{name}/tokens']]
+        assert np.isclose(sum(share * kl for share, kl in parts), row['gkd/sampled_kl'], rtol=1e-3, atol=1e-5), row
 
 
 @pytest.mark.timeout(300)

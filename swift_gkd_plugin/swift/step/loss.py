@@ -37,6 +37,7 @@ from swift_gkd_plugin.core.views import check_same_response_count
 from swift_gkd_plugin.swift.step.hidden_states import (fused_fallback_reason, gathered_heads, head_bypassed, head_is_sharded,
                                                   head_rows, output_head, topk_from_hidden)
 from swift_gkd_plugin.swift.run.guards import RunError, non_finite_loss_message
+from swift_gkd_plugin.swift.setup.teacher_server import teacher_names
 from swift_gkd_plugin.swift.step.token_metrics import add_token_sum as _add_token_sum
 
 logger = get_logger()
@@ -127,9 +128,11 @@ class LossMixin:
         sampled_kl = mode is Mode.ON_POLICY and self.args.gkd_sampled_kl_coef > 0
         sampler_logprobs = (inputs.get('gkd_sampler_logprobs') if token_advantages is not None or sampled_kl
                             else None)
+        owner = getattr(inputs.get('gkd_batch'), 'teacher_of_row', None) if sampled_kl else None
+        token_teachers = None if owner is None else _rows(owner[:, None].expand(student_mask.shape), student_index)
         return _LossSetup(student_mask, teacher_mask, _rows(student_labels, student_index), mode, normalizer,
                           sft_alpha, token_advantages, student_index, response_positions(teacher_mask, n_teacher),
-                          sampler_logprobs, sampled_kl)
+                          sampler_logprobs, sampled_kl, token_teachers)
 
     def _fused_loss(self, model, fwd, teacher_inputs, inputs, setup: '_LossSetup'):
         """The fused loss on the student's last hidden states; the heads are applied chunk by chunk.
@@ -347,7 +350,8 @@ class LossMixin:
         """The sampled-token term's advantage of each response token (:mod:`swift_gkd_plugin.core.sampled_kl`): the
         teacher's log-probability of the sampled token minus the student's (both detached, at the sampling
         temperature), summed over the row's later response tokens with ``--gkd_sampled_kl_discount``; logs
-        ``gkd/sampled_kl``, the mean of the per-token reverse-KL estimate."""
+        ``gkd/sampled_kl``, the mean of the per-token reverse-KL estimate, and with several tag-routed teachers
+        ``gkd/<name>/sampled_kl``, its mean over each teacher's rows (every teacher on every rank, 0 tokens included)."""
         if teacher_logprobs is None:
             raise RunError('swift_gkd_plugin: --gkd_sampled_kl_coef needs the teacher\'s log-probability of every '
                            'sampled token, and this teacher\'s signal has none (a top-k teacher)')
@@ -355,6 +359,10 @@ class LossMixin:
         ratios = token_log_ratios(teacher, student, torch.ones_like(student, dtype=torch.bool))  # response rows
         metrics = self.custom_metrics['train' if self.model.training else 'eval']
         _add_token_sum(metrics['gkd/sampled_kl'], -ratios.sum(), setup.student_index.numel())
+        if setup.token_teachers is not None:
+            for t, name in enumerate(teacher_names(self.teacher_configs)):
+                on = setup.token_teachers == t
+                _add_token_sum(metrics[f'gkd/{name}/sampled_kl'], -(ratios * on).sum(), on.sum())
         discount = self.args.gkd_sampled_kl_discount
         if not discount:  # each token alone: no need for the rows' layout
             return ratios
@@ -471,6 +479,7 @@ class _LossSetup:
     teacher_index: torch.Tensor  # the same for teacher_mask
     sampler_logprobs: Optional[torch.Tensor] = None  # per response token: the sampler's log-prob (NaN: none)
     sampled_kl: bool = False  # the sampled-token term applies to this micro-batch
+    token_teachers: Optional[torch.Tensor] = None  # several tag-routed teachers: each response token's teacher
 
     def student_rows(self, x: torch.Tensor) -> torch.Tensor:
         """``x[student_mask]`` (``x``: ``[B, S, ...]``) without a host sync."""

@@ -191,12 +191,17 @@ class TeacherMixin:
                                    targets or bool(names)) if indices else []
             for i, answer in zip(indices, answers):
                 results[i] = answer
+        owner = {}  # several teachers: (micro-batch, row) -> its teacher, for the loss's per-teacher metrics
         if names:
             self._log_teacher_metrics(names, routing, results)
+            owner = {places[i][:2]: t_idx for t_idx, indices in routing.items() for i in indices}
         k = self.gkd_logits_topk
-        for batch in batch_encoded_inputs:
+        for b, batch in enumerate(batch_encoded_inputs):
             shape = tuple(batch['teacher_model_inputs']['input_ids'].shape) + (k, )
             device = batch['teacher_model_inputs']['input_ids'].device
+            if owner:
+                batch['gkd_batch'].teacher_of_row = torch.tensor([owner[(b, row)] for row in range(shape[0])],
+                                                                 device=device)
             batch['gkd_batch'].teacher_topk_logprobs = torch.full(shape, float('-inf'), device=device)
             batch['gkd_batch'].teacher_topk_indices = torch.zeros(shape, dtype=torch.long, device=device)
             if targets:
