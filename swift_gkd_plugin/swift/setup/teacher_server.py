@@ -138,7 +138,8 @@ def check_teacher_servers(args) -> None:
     of it, and read token ids as the student does. SKD (``--gkd_skd_top_k``) verifies drafts on one server of this
     plugin whose top-k covers K; the sampled-token term (``--gkd_sampled_kl_coef``) needs each sampled token's
     log-prob, which ms-swift's ``/infer/`` protocol does not give; a ``vllm serve`` teacher must take
-    ``--gkd_logits_topk`` prompt log-probs and rows of ``--max_length`` tokens."""
+    ``--gkd_logits_topk`` prompt log-probs and rows of ``--max_length`` tokens. The local entry is not asked; ms-swift's
+    ``/infer/`` servers go with neither it nor the other routes (:func:`check_routes_mix`)."""
     server = args.teacher_model_server
     if server is None:
         return
