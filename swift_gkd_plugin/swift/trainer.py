@@ -42,7 +42,8 @@ from swift_gkd_plugin.swift.teacher.adapters import load_frozen_adapter
 from swift_gkd_plugin.swift.teacher.reference import ReferenceMixin
 from swift_gkd_plugin.swift.step.rewards import load_reward_funcs
 from swift_gkd_plugin.swift.rollout.sampling import RolloutMixin
-from swift_gkd_plugin.swift.run.guards import RunError, install_run_guards
+from swift_gkd_plugin.server.client import TeacherServerError
+from swift_gkd_plugin.swift.run.guards import RunError, install_run_guards, teacher_server_failed_message
 from swift_gkd_plugin.swift.rollout.samplers import SamplersMixin
 from swift_gkd_plugin.swift.step.scoring import ScoringMixin
 from swift_gkd_plugin.swift.teacher.placement import TeacherMixin
@@ -116,12 +117,15 @@ class GKDPluginTrainer(LossMixin, RolloutMixin, SamplersMixin, ScoringMixin, Bat
         self._completion_columns: Dict[str, list] = {}  # reward columns of the completions log
 
     def train(self, *args, **kwargs):
-        """Training; a run stopped by a guard (:class:`RunError`, a :class:`FlagError` known only now) ends with its
-        one ``swift rlhf: error:`` line and exit code 1, no traceback."""
+        """Training; a run stopped by a guard (:class:`RunError`, a :class:`FlagError` known only now) or by a teacher
+        server that stayed unreachable ends with its one ``swift rlhf: error:`` line and exit code 1, no traceback."""
         try:
             result = super().train(*args, **kwargs)
         except (RunError, FlagError) as exc:
             note_run_failed()
             refuse(PROG, exc, code=1)
+        except TeacherServerError as exc:  # its retries and wait spent: the error, and where to resume from
+            note_run_failed()
+            refuse(PROG, teacher_server_failed_message(self, exc), code=1)
         note_training_finished()  # a clean exit may now skip interpreter finalization (see clean_exit)
         return result

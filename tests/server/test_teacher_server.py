@@ -592,6 +592,51 @@ def test_client_reports_a_killed_server_and_recovers_after_restart(tiny_ws, tmp_
             restarted['server'].stop()
 
 
+@pytest.mark.timeout(900)
+def test_a_server_that_dies_mid_run_stops_it_naming_the_checkpoint_to_resume(tiny_ws, tmp_path):
+    """The teacher server killed during training: once the client's retries are spent (--teacher_server_wait 0,
+    --teacher_server_retries 1) the run stops with one error line naming the server, the step and the last checkpoint
+    (no traceback), the checkpoint is kept whole, and with the server back a run resumed from it finishes."""
+    import glob
+    server = Server(tiny_ws, str(tmp_path / 'a.log')).wait()
+    out = tmp_path / 'out'
+    common = dict(teacher_model=None, teacher_model_type=None, teacher_model_server=server.url, gkd_logits_topk=8,
+                  save_strategy='steps', save_steps=1, save_only_model='false', teacher_server_wait=0,
+                  teacher_server_retries=1)
+    done = {}
+    worker = threading.Thread(target=lambda: done.update(run=run_swift(
+        base_args(tiny_ws, str(out), max_steps=500, **common), check=False)))
+    worker.start()
+    try:
+        deadline = time.monotonic() + 300
+        while worker.is_alive() and time.monotonic() < deadline and not glob.glob(
+                str(out / 'checkpoint-*' / 'trainer_state.json')):
+            time.sleep(0.2)
+        server.proc.kill()  # mid-run, without a goodbye
+        worker.join(600)
+    finally:
+        server.stop()
+    run = done['run']
+    assert run.returncode == 1, run.output[-3000:]
+    errors = [line for line in run.output.splitlines() if line.startswith('swift rlhf: error:')]
+    assert len(errors) == 1 and 'Traceback' not in run.output, run.output[-3000:]
+    match = re.search(r'failed during step (\d+): .*?(http://127\.0\.0\.1:\d+)/v1/topk.*The last checkpoint, '
+                      r'(\S+/checkpoint-(\d+)), is kept: once the server answers again, resume with '
+                      r'--resume_from_checkpoint \3$', errors[0])
+    assert match and match.group(2) == server.url, errors[0]
+    step, checkpoint, saved = int(match.group(1)), match.group(3), int(match.group(4))
+    assert saved == step - 1 and os.path.isfile(os.path.join(checkpoint, 'trainer_state.json')), errors[0]
+
+    restarted = Server(tiny_ws, str(tmp_path / 'b.log'), port=server.port).wait()
+    try:
+        resumed = run_swift(base_args(tiny_ws, str(tmp_path / 'resumed'), max_steps=saved + 2,
+                                      resume_from_checkpoint=checkpoint, **common))
+    finally:
+        restarted.stop()
+    assert [r['global_step/max_steps'] for r in resumed.logs] == [f'{saved + 1}/{saved + 2}',
+                                                                 f'{saved + 2}/{saved + 2}'], resumed.logs
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # real training against the server
 # ----------------------------------------------------------------------------------------------------------------

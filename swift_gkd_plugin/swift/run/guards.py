@@ -3,6 +3,7 @@ named by their cause. One hook, called from the trainer's ``__init__``."""
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional, Tuple
 
 from swift.template import MaxLengthError
@@ -249,3 +250,21 @@ def warn_replaced_rows(trainer) -> None:
             del template.encode
 
     trainer.resample_encode_failed_inputs = resample_and_warn
+
+
+def teacher_server_failed_message(trainer, error: BaseException) -> str:
+    """A teacher server that stayed unreachable or failing through its retries and ``--teacher_server_wait``: the
+    step, the server's error, and the checkpoint to resume from (the weights of the completed steps; the failed
+    step's accumulated gradients were never applied)."""
+    from transformers.trainer_utils import get_last_checkpoint
+    out = trainer.args.output_dir
+    last = get_last_checkpoint(out) if out and os.path.isdir(out) else None
+    done = trainer.state.global_step
+    if last:
+        kept = (f'The last checkpoint, {last}, is kept: once the server answers again, resume with '
+                f'--resume_from_checkpoint {last}')
+    else:
+        kept = (f'No checkpoint was saved before it ({done} step(s) done; --save_strategy '
+                f'{getattr(trainer.args.save_strategy, "value", trainer.args.save_strategy)}, --save_steps '
+                f'{trainer.args.save_steps}): save more often against a remote teacher')
+    return f'the teacher server failed during step {done + 1}: {error}. {kept}'
