@@ -180,6 +180,11 @@ def check_sampled_kl_flags(args) -> None:
         if getattr(args, 'gkd_sampled_kl_discount', 0.0):
             raise FlagError(f'--gkd_sampled_kl_discount {args.gkd_sampled_kl_discount:g} discounts the sampled-token '
                             'term, which is off (--gkd_sampled_kl_coef 0): set --gkd_sampled_kl_coef > 0, or drop it')
+        baseline = getattr(args, 'gkd_sampled_kl_baseline', 'none')
+        if baseline != 'none':
+            raise FlagError(f'--gkd_sampled_kl_baseline {baseline} centres the sampled-token term\'s advantages, and '
+                            'the term is off (--gkd_sampled_kl_coef 0): set --gkd_sampled_kl_coef > 0, or pass '
+                            '--gkd_sampled_kl_baseline none')
         return
     flag = f'--gkd_sampled_kl_coef {coef:g}'
     if not args.lmbda > 0:

@@ -144,6 +144,13 @@ class GKDPluginArgumentsMixin:
             'outputs) skipped. 0 (default): each token alone (the per-token reverse KL); 1: the whole rest of the '
             'sequence (the sequence-level reverse KL). In [0, 1].',
             range=Range(0, 1, why='0 = each token alone, 1 = the sequence-level reverse KL')))
+    gkd_sampled_kl_baseline: Literal['none', 'batch'] = field(
+        default='none',
+        metadata={'help': 'Baseline of --gkd_sampled_kl_coef\'s advantages. none (default): the advantages as they '
+                  'are. batch: each row\'s advantages minus their mean over the micro-batch\'s other rows (sampled '
+                  'independently, so the expectation is unchanged); it removes their common offset, which on a student '
+                  'far from its teacher (every log-ratio negative) pushes down whatever was sampled. See '
+                  'docs_en/sampled_kl.md.'})
     # the annotation stays str (argparse would refuse other values with its own message); the choices are declared:
     gkd_cross_tokenizer: Optional[str] = field(
         default=None,

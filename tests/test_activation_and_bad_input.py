@@ -132,6 +132,10 @@ BAD_INPUTS = [
     ({'teacher_model': None, 'teacher_model_server': '[{"url": "http://127.0.0.1:9"}, {"url": "http://127.0.0.1:10"}]',
       'gkd_logits_topk': 8}, ['--teacher_model_server [{"url"', '"tags" must be non-empty with multiple teachers',
                               '"tags": ["math"]']),
+    ({'gkd_sampled_kl_baseline': 'batch'}, ['--gkd_sampled_kl_baseline batch centres the sampled-token term\'s '
+                                            'advantages, and the term is off (--gkd_sampled_kl_coef 0)']),
+    ({'gkd_sampled_kl_baseline': 'mean', 'gkd_sampled_kl_coef': 1, 'lmbda': 1},
+     ['--gkd_sampled_kl_baseline', 'mean', 'none', 'batch']),
     # issue 46: a local teacher bound to some tags among the servers
     ({'teacher_model_server': '[{"url": "http://127.0.0.1:9", "tags": ["a"]}, {"url": "http://127.0.0.1:10", '
       '"tags": ["b"]}]', 'gkd_logits_topk': 8},

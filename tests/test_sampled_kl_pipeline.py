@@ -23,6 +23,8 @@ def runs(tiny_ws, shared_runs):
         'weighted': lambda out: run(out, gkd_loss_impl='fused', rollout_importance_sampling_mode='token_truncate'),
         'alone_fused': lambda out: run(out, gkd_loss_impl='fused', gkd_divergence_coef=0),
         'alone_dense': lambda out: run(out, gkd_loss_impl='dense', gkd_divergence_coef=0),
+        'alone_baseline': lambda out: run(out, gkd_loss_impl='fused', gkd_divergence_coef=0,
+                                          gkd_sampled_kl_baseline='batch'),
     })
 
 
@@ -79,3 +81,13 @@ def test_the_term_alone_with_the_divergence_weight_0(runs, impl):
         assert a['gkd/distill_loss'] == pytest.approx(b['gkd/distill_loss'], rel=1e-5)
         assert a['loss'] == pytest.approx(b['loss'] - b['gkd/distill_loss'], rel=1e-3, abs=1e-5)
         assert a['gkd/sampled_kl'] == pytest.approx(b['gkd/sampled_kl'], rel=1e-5)
+
+
+def test_the_batch_baseline_changes_the_surrogate_not_the_estimate(runs):
+    """--gkd_sampled_kl_baseline batch: each row's advantages less the other rows' mean (float64-tested in
+    core/test_sampled_kl.py): the same samples, the same logged estimate, another surrogate loss."""
+    centred, plain = runs['alone_baseline'], runs['alone_fused']
+    assert centred.returncode == 0, centred.output[-4000:]
+    for a, b in zip(centred.logs, plain.logs):
+        assert a['gkd/sampled_kl'] == pytest.approx(b['gkd/sampled_kl'], rel=1e-5)
+        assert a['loss'] != pytest.approx(b['loss'], rel=1e-3)

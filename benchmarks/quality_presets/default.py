@@ -34,6 +34,9 @@ METHODS: Dict[str, tuple] = {
     # Tinker / veRL OPD run it) and beside the dense JSD
     'sampled_kl': ('rlhf', {'lmbda': '1', 'gkd_sampled_kl_coef': '1', 'gkd_divergence_coef': '0'}),
     'sampled_kl_jsd': ('rlhf', {'lmbda': '1', 'beta': '0.5', 'gkd_sampled_kl_coef': '1'}),
+    # the term alone with each row's advantages less the other rows' mean (--gkd_sampled_kl_baseline batch)
+    'sampled_kl_centred': ('rlhf', {'lmbda': '1', 'gkd_sampled_kl_coef': '1', 'gkd_divergence_coef': '0',
+                                    'gkd_sampled_kl_baseline': 'batch'}),
 }
 ONPOLICY = [m for m in METHODS if m.startswith('onpolicy')]
 

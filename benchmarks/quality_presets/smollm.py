@@ -42,11 +42,11 @@ SMOLLM_REMEDIES = remedy_methods({'lmbda': '1', 'beta': '1'}, {'lmbda': '1', 'be
 #: sampled-token distillation (docs_en/sampled_kl.md): the teacher scores only the student's own tokens; also at a
 #: tenth of the preset's learning rate beside the dense reverse KL and supervised KD (the one-sample estimator's
 #: variance needs a lower rate than the dense losses, docs_en/sampled_kl.md)
-SMOLLM_SAMPLED = {m: METHODS[m] for m in ('sampled_kl', 'sampled_kl_jsd')}
+SMOLLM_SAMPLED = {m: METHODS[m] for m in ('sampled_kl', 'sampled_kl_jsd', 'sampled_kl_centred')}
 SMOLLM_LOW_LEARNING_RATE = '2e-5'
 SMOLLM_SAMPLED.update({f'{m}_lr{SMOLLM_LOW_LEARNING_RATE}': (METHODS[m][0], dict(
     METHODS[m][1], learning_rate=SMOLLM_LOW_LEARNING_RATE)) for m in ('supkd', 'onpolicy_beta1', 'sampled_kl',
-                                                                     'sampled_kl_jsd')})
+                                                                     'sampled_kl_jsd', 'sampled_kl_centred')})
 SMOLLM_METHODS: Dict[str, tuple] = {**SMOLLM_BASELINES, **SMOLLM_REMEDIES, **SMOLLM_SAMPLED}
 #: Per token, on the held-out prompts (swift_gkd_plugin.testing.smollm.pair_metrics): on the teacher's answers, then on
 #: the student's own greedy answers.

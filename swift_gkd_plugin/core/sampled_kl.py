@@ -18,7 +18,7 @@ import torch
 from swift_gkd_plugin.core.policy_gradient import _at_least_float32 as at_least_float32
 from swift_gkd_plugin.core.policy_gradient import policy_gradient_loss
 
-__all__ = ['discounted_returns', 'sampled_kl_loss', 'token_log_ratios']
+__all__ = ['discounted_returns', 'other_rows_baseline', 'sampled_kl_loss', 'token_log_ratios']
 
 #: positions per block of :func:`discounted_returns`: each block is one ``[B, L, L]`` product (2 MiB of float64 per
 #: row at 512), and a 32k-token row takes 64 blocks.
@@ -133,6 +133,31 @@ def discounted_returns(values: torch.Tensor, mask: torch.Tensor, discount: float
         out[:, start:end] = block
         carry, carry_before, carry_segment = block[:, 0], n[:, 0], seg[:, 0]
     return torch.where(kept, out, 0.0)
+
+
+def other_rows_baseline(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Each token's baseline: the mean of ``values`` over the tokens of the OTHER rows, 0 where no other row has one.
+
+    Subtracted from the advantages of a policy gradient whose rows are sampled independently, it leaves the
+    expectation unchanged (``b`` does not depend on the row's own tokens, and ``E[grad log p(y)] = 0``) and removes the
+    advantages' common offset. A mean that included the row itself would not be independent of its tokens.
+
+    Args:
+        values: ``[N]`` one value per token (the advantages; read, never differentiated).
+        rows: ``[N]`` integer, each token's row in ``[0, n_rows)``.
+        n_rows: the number of rows.
+
+    Returns:
+        ``[N]`` detached, in the dtype of ``values``, float32 at least.
+    """
+    if values.dim() != 1 or rows.shape != values.shape:
+        raise ValueError(f'values {tuple(values.shape)} and rows {tuple(rows.shape)} must be [N] and [N]')
+    v = values.detach().to(_at_least_float32(values))
+    rows = rows.long()
+    sums = v.new_zeros(n_rows).index_add_(0, rows, v)
+    counts = v.new_zeros(n_rows).index_add_(0, rows, torch.ones_like(v))
+    others = counts.sum() - counts[rows]
+    return torch.where(others > 0, (sums.sum() - sums[rows]) / others.clamp(min=1), 0.0)
 
 
 def sampled_kl_loss(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, mask: torch.Tensor,

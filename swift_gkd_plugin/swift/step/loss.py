@@ -28,7 +28,7 @@ from swift_gkd_plugin.core.weights.offload import is_partitioned
 from swift_gkd_plugin.core.policy_gradient import (head_token_logprobs, policy_gradient_loss,
                                                    rollout_importance_weights, sampled_token_stats)
 from swift_gkd_plugin.core.row_divergence import gated_row_count
-from swift_gkd_plugin.core.sampled_kl import discounted_returns, token_log_ratios
+from swift_gkd_plugin.core.sampled_kl import discounted_returns, other_rows_baseline, token_log_ratios
 from swift_gkd_plugin.core.teacher_signal import (CrossTokenizerRows, TeacherHead, TeacherLogits, TeacherSignal,
                                                   TeacherTopK)
 from swift_gkd_plugin.core.topk import (drop_ids_outside_vocab, topk_divergence_dense, topk_of_logits,
@@ -349,7 +349,8 @@ class LossMixin:
                                teacher_logprobs: Optional[torch.Tensor]) -> torch.Tensor:
         """The sampled-token term's advantage of each response token (:mod:`swift_gkd_plugin.core.sampled_kl`): the
         teacher's log-probability of the sampled token minus the student's (both detached, at the sampling
-        temperature), summed over the row's later response tokens with ``--gkd_sampled_kl_discount``; logs
+        temperature), summed over the row's later response tokens with ``--gkd_sampled_kl_discount``, less the other
+        rows' mean with ``--gkd_sampled_kl_baseline batch``; logs
         ``gkd/sampled_kl``, the mean of the per-token reverse-KL estimate, and with several tag-routed teachers
         ``gkd/<name>/sampled_kl``, its mean over each teacher's rows (every teacher on every rank, 0 tokens included)."""
         if teacher_logprobs is None:
@@ -363,13 +364,15 @@ class LossMixin:
             for t, name in enumerate(teacher_names(self.teacher_configs)):
                 on = setup.token_teachers == t
                 _add_token_sum(metrics[f'gkd/{name}/sampled_kl'], -(ratios * on).sum(), on.sum())
-        discount = self.args.gkd_sampled_kl_discount
-        if not discount:  # each token alone: no need for the rows' layout
-            return ratios
-        shape = setup.student_mask.shape  # the discount runs along each row: the [B, S] layout, and back
-        laid_out = ratios.new_zeros(shape.numel()).index_copy_(0, setup.student_index, ratios).view(shape)
-        returns = discounted_returns(laid_out, setup.student_mask, discount)
-        return _rows(returns.unsqueeze(-1), setup.student_index).squeeze(-1)
+        discount, shape = self.args.gkd_sampled_kl_discount, setup.student_mask.shape
+        advantages = ratios
+        if discount:  # the discount runs along each row: the [B, S] layout, and back
+            laid_out = ratios.new_zeros(shape.numel()).index_copy_(0, setup.student_index, ratios).view(shape)
+            returns = discounted_returns(laid_out, setup.student_mask, discount)
+            advantages = _rows(returns.unsqueeze(-1), setup.student_index).squeeze(-1)
+        if self.args.gkd_sampled_kl_baseline == 'batch':
+            advantages = advantages - other_rows_baseline(advantages, setup.student_index // shape[1], shape[0])
+        return advantages
 
     def _rollout_weights(self, setup: '_LossSetup', policy_logprobs: torch.Tensor):
         """The importance weights of the policy-gradient term's tokens (``--rollout_importance_sampling_mode``; 1
