@@ -5,7 +5,7 @@ process imports ms-swift's rlhf pipeline or trainer factory, the plugin's argume
 (see :mod:`swift_gkd_plugin.activation`). ``SWIFT_GKD_PLUGIN=0`` leaves ms-swift untouched.
 
 It also sets how the process ends (:mod:`swift_gkd_plugin.process_exit`): a torchrun worker's last ``atexit``
-handler, and the launcher's child exiting with the launcher.
+handler, the launcher's child exiting with the launcher, and torchrun quiet after a rank's refusal.
 """
 import atexit
 import importlib.abc
@@ -13,7 +13,7 @@ import importlib.util
 import os
 import sys
 
-from swift_gkd_plugin.process_exit import exit_after_clean_finish, exit_with_launcher
+from swift_gkd_plugin.process_exit import exit_after_clean_finish, exit_with_launcher, quiet_torchrun_after_refusal
 
 _OFF_VALUES = {'0', 'false', 'no', 'off'}
 
@@ -69,6 +69,7 @@ class _PostImportFinder(importlib.abc.MetaPathFinder):
 def install() -> None:
     if 'TORCHELASTIC_RUN_ID' in os.environ:  # a torchrun worker
         atexit.register(exit_after_clean_finish)
+    quiet_torchrun_after_refusal()  # before exit_with_launcher() removes the launcher's variable
     exit_with_launcher()
     if not auto_activation_enabled():
         return

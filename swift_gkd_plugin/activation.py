@@ -20,7 +20,7 @@ import os
 import sys
 
 from swift_gkd_plugin.ms_swift_state import remember_grpo_num_generations
-from swift_gkd_plugin.process_exit import LAUNCHER_PID_ENV
+from swift_gkd_plugin.process_exit import LAUNCHER_PID_ENV, refusal_file
 
 TRAINER_PATH = 'swift_gkd_plugin.swift.trainer.GKDPluginTrainer'
 CONFIG_PATH = 'swift_gkd_plugin.swift.setup.arguments.GKDPluginConfig'
@@ -135,14 +135,31 @@ def on_megatron_cli_imported(module) -> None:
 
 def on_swift_cli_imported(module) -> None:
     """ms-swift's launcher (``swift``, and ``megatron`` through it) tells the child it starts its own pid, so that
-    the child exits with it (:func:`swift_gkd_plugin.process_exit.exit_with_launcher`)."""
+    the child exits with it (:func:`swift_gkd_plugin.process_exit.exit_with_launcher`).
+
+    ``swift rlhf`` under torchrun (``NPROC_PER_NODE`` / ``NNODES`` set): a ``--rlhf_type gkd`` command line is checked
+    here first, before any rank starts (the ranks' own checks of the flags and local paths,
+    :func:`swift_gkd_plugin.swift.setup.command_line.check_launcher_command_line`), and a refusal in the ranks is one
+    line and exit code 2, without torchrun's report (:func:`swift_gkd_plugin.process_exit.refusal_file`)."""
     original = module.cli_main
     if getattr(original, '_swift_gkd_plugin', False):
         return
 
     def cli_main(*args, **kwargs):
         os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
-        return original(*args, **kwargs)
+        route_mapping = args[0] if args else kwargs.get('route_mapping')
+        if route_mapping not in (None, module.ROUTE_MAPPING) or sys.argv[1:2] != ['rlhf']:
+            return original(*args, **kwargs)
+        argv = sys.argv[2:]
+        module.parse_yaml_args(argv)  # a config file's flags and ENV (which may set NPROC_PER_NODE), read once
+        sys.argv[2:] = argv
+        if not module.use_torchrun():
+            return original(*args, **kwargs)
+        if _rlhf_type(argv) == 'gkd':
+            from swift_gkd_plugin.swift.setup.command_line import check_launcher_command_line
+            check_launcher_command_line(argv)
+        with refusal_file():
+            return original(*args, **kwargs)
 
     cli_main._swift_gkd_plugin = True
     module.cli_main = cli_main

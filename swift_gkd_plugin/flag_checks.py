@@ -40,6 +40,10 @@ SAMPLING_TEMPERATURE_FLOOR_WHY = (
 VLLM_TEMPERATURE_CEILING = 2.0
 
 
+#: The largest float32: a float flag above it is inf in the float32 math it feeds (a loss coefficient: an inf loss).
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 class FlagError(ValueError):
     """A refused command line: the message names the flag, the value and the allowed values. The entry points print
     it as one ``error:`` line and exit with code 2, as argparse does for a value of the wrong type."""
@@ -49,8 +53,8 @@ class FlagError(ValueError):
 class Range:
     """The allowed values of a numeric flag: ``low`` (``> low`` if ``low_open``) and ``high`` (``< high`` if
     ``high_open``) bounds, integers only (``integer``), None allowed (``optional``). Non-integer values must also be
-    finite (NaN fails every comparison and inf passes ``> 0``). ``says`` replaces the bounds in messages where they
-    read badly; ``why`` and ``unit`` follow them."""
+    finite in float32 (NaN fails every comparison, inf passes ``> 0``, 1e39 is inf in the float32 loss). ``says``
+    replaces the bounds in messages where they read badly; ``why`` and ``unit`` follow them."""
     low: Optional[float] = None
     high: Optional[float] = None
     low_open: bool = False
@@ -77,7 +81,7 @@ class Range:
             ok = False
         elif not self.integer and not isinstance(value, (int, float)):
             ok = False
-        elif not self.integer and not math.isfinite(value):
+        elif not self.integer and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
             ok = False
         else:
             ok = ((self.low is None or (value > self.low if self.low_open else value >= self.low))
@@ -86,7 +90,17 @@ class Range:
             unit = f' {self.unit}' if self.unit else ''
             why = f' ({self.why})' if self.why else ''
             finite = 'a finite number ' if isinstance(value, float) and not math.isfinite(value) else ''
+            if not finite and not self.integer and isinstance(value, (int, float)) and abs(value) > FLOAT32_MAX:
+                finite = f'a number float32 holds (|x| <= {FLOAT32_MAX:.4g}) '
             raise FlagError(f'--{flag} must be {finite}{self.allowed()}{unit}{why}, got {value}')
+
+
+def check_training_set(args) -> None:
+    """A command line without a training set (ms-swift refuses it in a traceback, in every rank of megatron rlhf);
+    not with ``--load_data_args true``, which takes it from a checkpoint's args.json."""
+    if not (args.dataset or args.cached_dataset or getattr(args, 'load_data_args', False)):
+        raise FlagError('no training set: pass --dataset (local files such as train.jsonl, or hub dataset ids) or '
+                         '--cached_dataset (a dataset encoded ahead with `swift export --to_cached_dataset true`)')
 
 
 def check_temperature_ceiling(args) -> None:
@@ -128,6 +142,28 @@ def _cuda_visible() -> bool:
     return torch.cuda.is_available()
 
 
+def check_bf16_device(args, torch_dtype_given, bf16_given) -> None:
+    """bf16 mixed precision (``--bf16``, or ms-swift's default from the resolved ``--torch_dtype``) where transformers'
+    ``TrainingArguments`` refuses it, its condition exactly: neither ``--use_cpu`` nor a bf16 GPU nor an XLA device.
+    It raised after ms-swift built the arguments, with 30 lines of traceback. ``torch_dtype_given`` and
+    ``bf16_given``: the command line's values (None: not given)."""
+    from transformers.utils import is_torch_bf16_gpu_available, is_torch_cuda_available, is_torch_xla_available
+    if (not (args.bf16 or args.bf16_full_eval) or args.use_cpu or is_torch_bf16_gpu_available()
+            or is_torch_xla_available()):
+        return
+    if bf16_given or (args.bf16_full_eval and not args.bf16):
+        flag = '--bf16' if bf16_given else '--bf16_full_eval'
+        given, way_out = f'{flag} true', f'{flag} false'
+    else:
+        given = '--torch_dtype bfloat16' + ('' if torch_dtype_given else " (not given: --model's config.json)")
+        way_out = '--torch_dtype float32'
+    if is_torch_cuda_available():
+        raise FlagError(f'{given}: this GPU does not support bfloat16 (transformers trains in bf16 on Ampere or newer '
+                        f'GPUs only): pass {way_out} (or --torch_dtype float16)')
+    raise FlagError(f'{given}: this machine has no GPU that supports bfloat16, and transformers trains in bf16 on the '
+                    f'CPU only with --use_cpu true: pass --use_cpu true, or {way_out}')
+
+
 def check_rollout_flags(args) -> None:
     """``--gkd_rollout_max_tokens`` needs on-policy steps and must cut below ``--max_completion_length``;
     ``--gkd_entropy_fkl_threshold`` needs a PyTorch loss path (the Triton kernels have no such mix)."""
@@ -166,7 +202,8 @@ def check_reference_flags(args) -> None:
 def check_sampled_kl_flags(args) -> None:
     """``--gkd_sampled_kl_coef`` scores the student's own samples with the teacher's log-probability of each sampled
     token: on-policy steps, and a teacher that gives that number (the full row of a local teacher of the student's
-    tokenizer, or this plugin's server; a local top-k teacher keeps its top-k only). ``--gkd_divergence_coef 0``
+    tokenizer, or this plugin's server; a local top-k teacher keeps its top-k only); ``--gkd_sampled_kl_baseline
+    batch`` needs two rows in a micro-batch (``--per_device_train_batch_size``). ``--gkd_divergence_coef 0``
     leaves the policy-gradient terms alone: every step must be on-policy and have one."""
     divergence = getattr(args, 'gkd_divergence_coef', 1.0)
     if divergence == 0:
@@ -190,6 +227,12 @@ def check_sampled_kl_flags(args) -> None:
     if not args.lmbda > 0:
         raise FlagError(f"{flag} trains on the student's own samples, and --lmbda {args.lmbda:g} makes no on-policy "
                         'step: set --lmbda > 0')
+    rows = getattr(args, 'per_device_train_batch_size', None)  # the rows of one micro-batch
+    if getattr(args, 'gkd_sampled_kl_baseline', 'none') == 'batch' and rows is not None and rows < 2:
+        raise FlagError(f'--gkd_sampled_kl_baseline batch subtracts the mean of the micro-batch\'s other rows, and '
+                        f'--per_device_train_batch_size {rows} puts one row in each micro-batch: there is no other '
+                        'row, so the baseline is 0 on every step. Pass --per_device_train_batch_size 2 or more, or '
+                        '--gkd_sampled_kl_baseline none')
     if getattr(args, 'teacher_model_server', None) is not None:
         sampling = args.gkd_sampling_temperature if args.gkd_sampling_temperature is not None else args.temperature
         if sampling != 1:
@@ -377,11 +420,48 @@ def entry_urls(server: Optional[str]) -> List[str]:
     return []
 
 
+def teacher_url_problem(url) -> Optional[str]:
+    """Why a ``--teacher_model_server`` URL can never be reached (not text, no host, a scheme other than http(s), a
+    port that is not 1 to 65535), else None. ``HOST:PORT`` is read as ``http://HOST:PORT``, as the clients do."""
+    if url == LOCAL_TEACHER_URL:
+        return None
+    if not isinstance(url, str) or not url.strip():
+        return 'it is empty' if isinstance(url, str) else f'it is {type(url).__name__} {url!r}, not a URL string'
+    from urllib.parse import urlsplit
+    parts = urlsplit(url.strip() if '://' in url else f'http://{url.strip()}')
+    try:
+        port = parts.port
+    except ValueError:
+        port = parts.netloc.rsplit(':', 1)[-1]
+    if parts.scheme not in ('http', 'https'):
+        return f'its scheme {parts.scheme!r} is not http or https'
+    if not parts.hostname:
+        return 'it names no host'
+    if port is not None and not (isinstance(port, int) and 0 < port <= 65535):
+        return f'its port {port} is not a number from 1 to 65535'
+    return None
+
+
+def check_teacher_urls(server: str, urls: list) -> None:
+    """Every URL of ``--teacher_model_server`` (``urls``: its entries' ``url``, in order) can be reached: a URL
+    that can never parse would be retried for the whole ``--teacher_server_wait``."""
+    several = server.strip().startswith('[')
+    for i, url in enumerate(urls):
+        problem = teacher_url_problem(url)
+        if problem:
+            where = f' entry {i} ("url": {json.dumps(url, default=str)})' if several else f' {server}'
+            local = ', or "local"' if several else ''
+            raise FlagError(f'--teacher_model_server{where}: {problem}; allowed: http://HOST:PORT or '
+                            f'https://HOST:PORT (a port of 1 to 65535){local}')
+
+
 def check_teacher_server_flags(args, local_teacher: bool = False) -> None:
-    """Flags that do not go with ``--teacher_model_server`` (a teacher that only scores responses);
-    ``local_teacher``: one of its entries is the local teacher, which ``--offload_teacher_model`` may offload."""
+    """Flags that do not go with ``--teacher_model_server`` (a teacher that only scores responses), and its URLs
+    (:func:`check_teacher_urls`); ``local_teacher``: one of its entries is the local teacher, which
+    ``--offload_teacher_model`` may offload."""
     if args.teacher_model_server is None:
         return
+    check_teacher_urls(args.teacher_model_server, entry_urls(args.teacher_model_server))
     if args.gkd_logits_topk is None:
         raise FlagError('--gkd_logits_topk is required with --teacher_model_server (the server returns '
                          'top-k log-probabilities)')

@@ -16,17 +16,16 @@ from typing import Dict, List, Literal, Optional, Tuple
 
 from swift_gkd_plugin.core.constants import ROLLOUT_IS_MODES, SCALE_REWARDS
 from swift_gkd_plugin.core.fused.kernels import BACKENDS as FUSED_BACKENDS
-from swift_gkd_plugin.flag_checks import (SAMPLING_TEMPERATURE_FLOOR, SAMPLING_TEMPERATURE_FLOOR_WHY, SKD_PLACEMENTS,
-                                          LOCAL_TEACHER_URL, TEMPERATURE_CEILING, TEMPERATURE_CEILING_WHY,
-                                          TEMPERATURE_FLOOR,
-                                          TEMPERATURE_FLOOR_WHY, VLLM_TEMPERATURE_CEILING, FlagError, Range,
-                                          check_cross_tokenizer_flags, check_deepspeed_launch, check_divergence_flags,
-                                          check_fused_backend, check_multi_turn_flags, check_no_multi_turn,
-                                          check_reference_flags, check_rollout_flags, check_sampled_kl_flags,
-                                          check_sampling_flags,
-                                          check_teacher_server_flags, check_temperature_ceiling,
-                                          check_torch_compile_checkpointing, entry_urls, ignored_flag_warnings,
-                                          local_teacher_index)
+from swift_gkd_plugin.flag_checks import (LOCAL_TEACHER_URL, SAMPLING_TEMPERATURE_FLOOR, SAMPLING_TEMPERATURE_FLOOR_WHY,
+                                          SKD_PLACEMENTS, TEMPERATURE_CEILING, TEMPERATURE_CEILING_WHY,
+                                          TEMPERATURE_FLOOR, TEMPERATURE_FLOOR_WHY, VLLM_TEMPERATURE_CEILING,
+                                          FlagError, Range, check_bf16_device, check_cross_tokenizer_flags,
+                                          check_deepspeed_launch, check_divergence_flags, check_fused_backend,
+                                          check_multi_turn_flags, check_no_multi_turn, check_reference_flags,
+                                          check_rollout_flags, check_sampled_kl_flags, check_sampling_flags,
+                                          check_teacher_server_flags, check_teacher_urls, check_temperature_ceiling,
+                                          check_torch_compile_checkpointing, check_training_set, entry_urls,
+                                          ignored_flag_warnings, local_teacher_index)
 
 # this module's names and flag_checks' (callers import both from here)
 __all__ = [
@@ -38,12 +37,11 @@ __all__ = [
     # flag_checks
     'TEMPERATURE_FLOOR', 'TEMPERATURE_FLOOR_WHY', 'TEMPERATURE_CEILING', 'TEMPERATURE_CEILING_WHY',
     'SAMPLING_TEMPERATURE_FLOOR', 'SAMPLING_TEMPERATURE_FLOOR_WHY', 'VLLM_TEMPERATURE_CEILING', 'FlagError', 'Range',
-    'check_temperature_ceiling', 'check_fused_backend', 'check_rollout_flags', 'check_reference_flags',
-    'check_sampled_kl_flags',
-    'SKD_PLACEMENTS', 'check_sampling_flags', 'check_multi_turn_flags', 'check_no_multi_turn',
+    'check_temperature_ceiling', 'check_fused_backend', 'check_bf16_device', 'check_rollout_flags',
+    'check_reference_flags', 'check_sampled_kl_flags', 'check_training_set', 'SKD_PLACEMENTS', 'check_sampling_flags', 'check_multi_turn_flags', 'check_no_multi_turn',
     'check_torch_compile_checkpointing', 'check_deepspeed_launch', 'check_divergence_flags',
     'check_cross_tokenizer_flags', 'check_teacher_server_flags', 'ignored_flag_warnings', 'LOCAL_TEACHER_URL',
-    'local_teacher_index', 'entry_urls',
+    'local_teacher_index', 'entry_urls', 'check_teacher_urls',
 ]
 
 

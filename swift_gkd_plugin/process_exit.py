@@ -10,12 +10,22 @@ with exit code 0 without interpreter finalization, where gloo's threads could st
 The process that ms-swift's ``swift`` / ``megatron`` launcher starts exits with that launcher
 (:func:`exit_with_launcher`): the launcher waits on its child without forwarding signals, so a SIGTERM to it (a job
 scheduler, ``kill``) left the trainer running as an orphan, holding its GPUs.
+
+A ``swift rlhf`` refusal in torchrun's ranks is one line and the refusal's exit code: the first rank to refuse prints
+it and records it (:func:`record_refusal`) in the file the launcher names (:func:`refusal_file`), and torchrun, which
+reads that file, leaves out its own report of the failed rank (:func:`quiet_torchrun_after_refusal`).
 """
+import contextlib
 import os
 import signal
 import sys
 
 LAUNCHER_PID_ENV = 'SWIFT_GKD_PLUGIN_LAUNCHER_PID'  # set by the launcher (activation.on_swift_cli_imported)
+REFUSAL_FILE_ENV = 'SWIFT_GKD_PLUGIN_REFUSAL_FILE'  # set by the launcher for torchrun and its ranks (refusal_file)
+# torchrun's loggers that report a failed rank ("failed (exitcode: 2) local_rank: 1 ...", "Sending process ... SIGTERM")
+_TORCHRUN_LOGGERS = ('torch.distributed.elastic.multiprocessing.api', 'torch.distributed.elastic.agent.server.api',
+                     'torch.distributed.elastic.multiprocessing.errors', 'torch.distributed.launcher.api',
+                     'torch.distributed.run')
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -56,3 +66,78 @@ def exit_after_clean_finish() -> None:
         except Exception:
             pass
     os._exit(0)
+
+
+@contextlib.contextmanager
+def refusal_file():
+    """In the launcher, around torchrun: the file where a rank records its refusal (empty folder, removed after)."""
+    import shutil
+    import tempfile
+    folder = tempfile.mkdtemp(prefix='swift_gkd_refusal_')
+    os.environ[REFUSAL_FILE_ENV] = os.path.join(folder, 'refusal')
+    try:
+        yield
+    finally:
+        os.environ.pop(REFUSAL_FILE_ENV, None)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def record_refusal(code: int, message: str) -> bool:
+    """In a rank of the launcher's torchrun: record this refusal unless another rank did first (atomically: a link
+    either creates the file or fails). True when this process is the one to print the line (the first, or no launcher
+    asked)."""
+    path = os.environ.get(REFUSAL_FILE_ENV)
+    if not path:
+        return True
+    draft = f'{path}.{os.getpid()}'
+    try:
+        with open(draft, 'w') as f:
+            f.write(f'{code}\n{message}\n')
+        os.link(draft, path)
+    except FileExistsError:
+        return False
+    except OSError:  # the launcher's folder is gone: print as without a launcher
+        return True
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(draft)
+    return True
+
+
+def refused_code(path: str):
+    """The exit code a rank recorded in ``path``, else None."""
+    try:
+        with open(path) as f:
+            return int(f.readline())
+    except (OSError, ValueError):
+        return None
+
+
+def quiet_torchrun_after_refusal() -> None:
+    """In the torchrun process the launcher starts (it has the launcher's variables): once a rank has refused (its one
+    line printed), torchrun's own report of the failed rank (log lines, then ``ChildFailedError``'s 30-line traceback
+    and exit code 1) is left out, and torchrun exits with the refusal's code (2 for a refused command line). Any other
+    failure is reported as before."""
+    path = os.environ.get(REFUSAL_FILE_ENV)
+    if not path or LAUNCHER_PID_ENV not in os.environ:
+        return
+    import logging
+
+    class _Refused(logging.Filter):
+        def filter(self, record):
+            return refused_code(path) is None
+
+    for name in _TORCHRUN_LOGGERS:
+        logging.getLogger(name).addFilter(_Refused())
+    previous = sys.excepthook
+
+    def excepthook(kind, value, traceback):
+        code = refused_code(path)
+        if code is None:
+            return previous(kind, value, traceback)
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)  # an unhandled exception's exit code is 1 otherwise; torchrun's ranks are already stopped
+
+    sys.excepthook = excepthook

@@ -4,6 +4,9 @@ from __future__ import annotations
 #: Label of a position that has no loss (transformers' and ms-swift's ignore index).
 IGNORE_INDEX = -100
 
+#: The dataset columns that give a teacher a view of its own (a privileged prompt): ms-swift's OPSD columns.
+PRIVILEGED_COLUMNS = ('teacher_prompt', 'teacher_messages')
+
 #: Finite stand-in for -inf logits: exp() underflows to exactly 0 and differences stay finite (no NaN from inf - inf).
 NEG_LOGIT = -1e30
 

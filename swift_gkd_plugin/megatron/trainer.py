@@ -34,6 +34,8 @@ from swift_gkd_plugin.colocated_vllm import shutdown_engine, weight_sync_context
 from swift_gkd_plugin.core import Divergence, Mode
 from swift_gkd_plugin.core.constants import IGNORE_INDEX
 from swift_gkd_plugin.core.entropy import EntropyGapWatch
+from swift_gkd_plugin.core.guards.non_finite import loss_terms, non_finite_loss_message
+from swift_gkd_plugin.core.guards.same_weights import copy_of_the_student_cause, privileged_row_count, same_parameters
 from swift_gkd_plugin.core.weights.lora_round_trip import BaseWeightsKeeper, adapter_tensors_copied
 from swift_gkd_plugin.core.modes import DATA_SOURCES, mode_log_path, sampling_seed, step_mode
 from swift_gkd_plugin.core.views import prepare_teacher_view
@@ -315,6 +317,7 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
 
     def train(self, train_dataset, val_dataset):
         """ms-swift's training loop; exit code 0 only if some step learnt something."""
+        self._refuse_a_copy_of_the_student(train_dataset)
         self._first_step = int(self.state.iteration)
         self._steps_without_learning = 0
         super().train(train_dataset, val_dataset)
@@ -326,6 +329,27 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
                 '0 at every step): the teacher agrees with the student everywhere (the student as its own teacher '
                 'without a teacher_prompt column; a copy of the student as --teacher_model) or no position has a '
                 'teacher signal. The checkpoints were saved; the run ends with an error instead of exit code 0')
+
+    def _refuse_a_copy_of_the_student(self, train_dataset) -> None:
+        """A separate local teacher whose weights equal the student's on every rank (a copy of ``--model``), no row
+        with a teacher_prompt or teacher_messages and ``--sft_alpha 0``: every step's loss would be 0, the first
+        exactly, the next ones only from weight decay (gradient norms of ~1e-7, which the zero-gradient guard cannot
+        tell from learning). Stopped before the first step, from the weights, as in ``swift rlhf``."""
+        if (not self.teacher_models or self.use_teacher_api or self._is_self_distillation
+                or self._teacher_use_disable_adapter or self.sft_alpha > 0):
+            return
+        counted = privileged_row_count(train_dataset)
+        if counted is not None and counted[0]:
+            return
+        same = all(same_parameters(dict(teacher.named_parameters()), dict(student.named_parameters()))
+                   for teacher, student in zip(self.teacher_models, self.unwrapped_models))
+        verdict = torch.tensor([float(same)], device=next(self.unwrapped_models[0].parameters()).device)
+        torch.distributed.all_reduce(verdict, op=torch.distributed.ReduceOp.MIN)  # every rank's shards, one answer
+        if verdict.item() == 1:
+            raise NothingLearnt(f'swift_gkd_plugin: {copy_of_the_student_cause(self.args.teacher_model)}; no training '
+                                'row has a teacher_prompt or teacher_messages and --sft_alpha is 0: every step would '
+                                'have loss 0 (the first exactly, the next ones only from weight decay), and the run '
+                                'would end with exit code 0 having learnt nothing. Stopped before the first step')
 
     def _shut_down_colocated_engine(self) -> None:
         """After training, the colocated vLLM engine is shut down while the process groups exist: ms-swift's
@@ -373,9 +397,12 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
             per_token_ce = model.compute_language_model_loss(labels, output_tensor.transpose(0, 1).contiguous())
             sft = (per_token_ce * student_mask).sum()
             loss = loss + self.sft_alpha * sft
+        mode = _MODE[data_source]
+        if not bool(torch.isfinite(loss.detach())):  # before megatron-core's NaN check on the gradients fires
+            teacher_mask = student_mask if teacher_output.labels is None else teacher_output.labels != IGNORE_INDEX
+            self._stop_on_non_finite(output_tensor[student_mask], teacher_output, teacher_mask, mode)
         count = torch.tensor(n_student, device=loss.device, dtype=torch.int)
         n = count.float()
-        mode = _MODE[data_source]
         one = torch.ones((), device=loss.device)
         metric = {'loss': torch.stack([loss.detach().float(), n]),
                   f'gkd/loss_{mode.value}': torch.stack([divergence.detach().float(), n]),
@@ -394,6 +421,29 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
         if (self._step - 1) % self.steps_per_generation == 0:
             self._flush_log_completions()
         return loss, count, metric
+
+    def _stop_on_non_finite(self, student_rows, teacher_output: TeacherOutput, teacher_mask, mode: Mode) -> None:
+        """A NaN or infinite micro-batch loss stops the run naming the model whose outputs (this rank's logit shard,
+        or the top-k) hold the first non-finite value, the step and the position, as in ``swift rlhf``."""
+        if teacher_output.is_topk_mode:
+            teacher = ('top-k log-probabilities', teacher_output.topk_logprobs[teacher_mask], True)
+        else:
+            teacher = ('logits', teacher_output.full_logits[teacher_mask], False)
+        parts = [(self._teacher_name(), *teacher), (f'the student (--model {self.args.model})', 'logits', student_rows,
+                                                     False)]
+        training = self.unwrapped_models[0].training
+        raise NonFiniteStep('swift_gkd_plugin: ' + non_finite_loss_message(
+            int(self.state.iteration) + training, mode.value, training, parts, terms=loss_terms(self.args)))
+
+    def _teacher_name(self) -> str:
+        """The teacher in an error message: its flag and value, or what it is."""
+        if self.use_teacher_api:
+            return f'the teacher (--teacher_model_server {self.teacher_model_server})'
+        if self._teacher_use_disable_adapter:
+            return 'the teacher (the student\'s base with its LoRA adapter off)'
+        if self._is_self_distillation:
+            return 'the teacher (the student itself)'
+        return f'the teacher (--teacher_model {self.args.teacher_model})'
 
 
 class NothingLearnt(RuntimeError):

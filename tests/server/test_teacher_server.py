@@ -736,7 +736,8 @@ def test_an_infer_only_server_beside_other_teachers_is_refused_before_loading(ti
     it is refused in one line before any model loads (it was refused after loading, at the trainer's start)."""
     from test_activation_and_bad_input import assert_refused_in_one_line
     url = servers['main'].url if other == 'plugin' else 'local'
-    teachers = json.dumps([{'url': infer_only_server.url, 'tags': ['a']}, {'url': url, 'tags': ['b']}])
+    # (the training set's rows are tagged with its path: --teacher_tag_key dataset)
+    teachers = json.dumps([{'url': infer_only_server.url, 'tags': [tiny_ws.train]}, {'url': url, 'tags': ['b']}])
     extra = {} if other == 'local' else dict(teacher_model=None, teacher_model_type=None)
     run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), teacher_model_server=teachers, gkd_logits_topk=8,
                               **extra), check=False)

@@ -12,9 +12,9 @@ from swift.utils import get_logger, is_vllm_available
 import swift_gkd_plugin
 from swift_gkd_plugin.colocated_vllm import (check_vllm_cpu_head_dim, check_vllm_max_model_len, check_vllm_sleep_mode,
                                              resolve_vllm_environment)
-from swift_gkd_plugin.flags import FlagError, check_no_plugin_flags_outside_gkd, ignored_flag_warnings
-from swift_gkd_plugin.megatron.setup.checks import (MegatronGKDFlagsMixin, check_megatron_gkd, check_not_ray,
-                                              check_vllm_sampler, float32_warning)
+from swift_gkd_plugin.flags import check_no_plugin_flags_outside_gkd, ignored_flag_warnings
+from swift_gkd_plugin.megatron.setup.checks import (MegatronGKDFlagsMixin, check_megatron_gkd, check_model_sampling,
+                                                    check_not_ray, check_vllm_sampler, float32_warning)
 from swift_gkd_plugin.ms_swift_state import keep_teacher_messages_column
 
 logger = get_logger()
@@ -68,15 +68,7 @@ class GKDPluginMegatronRLHFArguments(MegatronGKDFlagsMixin, MegatronRLHFArgument
         warning = float32_warning(dtype_given, fp16_given, self.fp16)
         if warning:
             logger.warning(f'swift_gkd_plugin: {warning}')
-        sampling = self.seq_kd or (self.lmbda > 0 and not self.use_vllm)
-        if sampling and (self.context_parallel_size or 1) > 1:
-            raise FlagError('sampling from the Megatron model (seq_kd, or on-policy steps without vLLM) needs '
-                             f'--context_parallel_size 1 (got {self.context_parallel_size}); pass --use_vllm true '
-                             'for on-policy steps, or train seq_kd without context parallelism')
-        vpp = getattr(self, 'virtual_pipeline_model_parallel_size', None)
-        if sampling and vpp not in (None, 1):
-            raise FlagError('sampling from the Megatron model (seq_kd, or on-policy steps without vLLM) does not '
-                             f'support virtual pipeline stages (--virtual_pipeline_model_parallel_size {vpp})')
+        check_model_sampling(self, vllm_samples=self.use_vllm, vllm_installed=is_vllm_available())
         keep_teacher_messages_column()
         logger.info(f'swift_gkd_plugin {swift_gkd_plugin.__version__}: GKD trainer active (megatron; '
                     f'lmbda={self.lmbda}, seq_kd={self.seq_kd}, beta={self.beta}, temperature={self.temperature})')

@@ -1,6 +1,7 @@
 """``megatron rlhf --rlhf_type gkd``: the plugin's Megatron flags and the checks that need nothing but the flags.
 
-Framework-free (no Megatron, no ms-swift import), because the checks run twice:
+Framework-free (no Megatron import; ms-swift's dataset syntax only to read a local ``--dataset``), because the
+checks run twice:
 
 * in the ``megatron`` launcher process, on its command line, before any rank is started, any CUDA or
   transformer-engine import and any model load (:func:`check_megatron_command_line`); a bad flag costs the user
@@ -12,15 +13,18 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import math
 import os
+from types import SimpleNamespace
 from dataclasses import dataclass, field, fields
 from typing import List, Optional, Sequence
 
 from swift_gkd_plugin.colocated_vllm import check_vllm_cpu_head_dim
 from swift_gkd_plugin.flags import (GKD_LOSS_IMPLS, LOCAL_TEACHER_URL, SCALAR_FLAGS, SKD_PLACEMENTS, FlagError,
                                     GKDPluginArgumentsMixin, check_gkd_scalars, check_no_multi_turn,
-                                    check_teacher_server_flags, entry_urls, local_teacher_index, plugin_flags_in)
+                                    check_teacher_server_flags, check_training_set, entry_urls, local_teacher_index,
+                                    plugin_flags_in)
 
 #: ``--gkd_loss_impl`` values of megatron rlhf: the fused loss on hidden states is for swift rlhf only
 MEGATRON_LOSS_IMPLS = tuple(impl for impl in GKD_LOSS_IMPLS if impl != 'fused')
@@ -62,15 +66,20 @@ def check_megatron_gkd(args) -> None:
                          'samples with vLLM or with its own tensor-parallel sampler, and neither has SKD\'s step where '
                          f'the teacher verifies the student\'s drafts. SKD runs in {SKD_PLACEMENTS}; pass '
                          '--gkd_skd_top_k 0 here')
-    check_gkd_scalars(_scalar_view(args))
+    # before the shared checks, whose advice for these names flags that megatron rlhf refuses (out-of-range values
+    # are theirs)
     divergence = getattr(args, 'gkd_divergence_coef', 1.0)
-    if divergence != 1:
-        raise FlagError(f'--gkd_divergence_coef {divergence:g} is supported by swift rlhf only yet: pass 1 here')
+    if divergence != 1 and math.isfinite(divergence) and divergence >= 0:
+        raise FlagError(f'--gkd_divergence_coef {divergence:g} is supported by swift rlhf only yet: the Megatron loss '
+                         'is the divergence alone, at weight 1 (no policy-gradient term: --gkd_sampled_kl_coef and '
+                         '--gkd_rl_coef are refused here too). Pass --gkd_divergence_coef 1 here, or run a reweighted '
+                         'or policy-gradient-only loss with swift rlhf --rlhf_type gkd')
     sampled = getattr(args, 'gkd_sampled_kl_coef', 0.0)
-    if sampled:
+    if sampled and math.isfinite(sampled) and sampled > 0:
         raise FlagError(f'--gkd_sampled_kl_coef {sampled:g} is supported by swift rlhf only yet: the Megatron loss has '
                          'no policy-gradient term on the vocabulary-parallel logits. Run it with swift rlhf --rlhf_type '
                          'gkd, or pass --gkd_sampled_kl_coef 0 here')
+    check_gkd_scalars(_scalar_view(args))
     coef = getattr(args, 'gkd_ref_kl_coef', 0.0)
     if coef:
         raise FlagError(f'--gkd_ref_kl_coef {coef:g} is supported by swift rlhf only yet: megatron rlhf builds no '
@@ -209,6 +218,11 @@ def _command_line_parser() -> argparse.ArgumentParser:
     p.add_argument('--teacher_adapters', nargs='*', default=[])
     p.add_argument('--tensor_model_parallel_size', type=int, default=1)
     p.add_argument('--context_parallel_size', type=int, default=1)
+    p.add_argument('--virtual_pipeline_model_parallel_size', type=int, default=None)
+    p.add_argument('--dataset', nargs='*', default=[])
+    p.add_argument('--cached_dataset', nargs='*', default=[])
+    p.add_argument('--columns', default=None)
+    p.add_argument('--use_hf', type=_bool, default=None)
     p.add_argument('--use_ray', type=_bool, nargs='?', const=True, default=False)  # a bare --use_ray is true
     p.add_argument('--use_vllm', type=_bool, default=True)
     p.add_argument('--vllm_mode', default=None)
@@ -252,12 +266,64 @@ def check_megatron_command_line(argv: Sequence[str]) -> None:
     refuse_rl_flags(rl_flags_set(ns) + num_generations)
     check_not_ray(ns)
     check_megatron_gkd(ns)
-    check_vllm_sampler(ns, vllm_installed=_importable('vllm'))
+    vllm_installed = _importable('vllm')
+    check_vllm_sampler(ns, vllm_installed=vllm_installed)
+    check_model_sampling(ns, vllm_samples=ns.use_vllm and vllm_installed, vllm_installed=vllm_installed)
+    check_teacher_client(ns, vllm_installed=vllm_installed)
     if ns.use_vllm and ns.vllm_mode == 'colocate' and ns.lmbda > 0 and ns.model and os.path.isdir(ns.model) \
-            and _importable('vllm'):  # here rather than in every rank, with a traceback, after the ranks started
+            and vllm_installed:  # here rather than in every rank, with a traceback, after the ranks started
         check_vllm_cpu_head_dim(ns, ns.model)
     check_vocab_sizes(ns)
+    if not (argv and str(argv[0]).endswith(CONFIG_FILE_SUFFIXES)):  # a config file's flags: ms-swift's, in the ranks
+        check_training_set(ns)
+        from swift_gkd_plugin.dataset_files import check_teacher_given  # ms-swift's dataset syntax: imported here
+        check_teacher_given(SimpleNamespace(**{**vars(ns), 'columns': _json_or_none(ns.columns)}),
+                            ('teacher_model', 'teacher_model_server'),
+                            '--teacher_model (with a LoRA student, --teacher_model equal to --model distils from its base)')
     check_megatron_installed()
+
+
+#: a first argument ms-swift reads as a config file holding the flags (``swift/cli/main.py``, ``parse_yaml_args``)
+CONFIG_FILE_SUFFIXES = ('.json', '.yaml', '.yml')
+
+
+def _json_or_none(text):
+    try:
+        return json.loads(text) if isinstance(text, str) else text
+    except ValueError:  # not JSON: ms-swift's own parser decides
+        return None
+
+
+def check_model_sampling(args, vllm_samples: bool, vllm_installed: bool) -> None:
+    """Sampling from the Megatron model (on-policy steps when vLLM does not sample; seq_kd, whose own rule is in
+    :func:`check_megatron_gkd`) runs whole sequences through each model-parallel group: no context parallelism, no
+    virtual pipeline stages. In the launcher (where vLLM samples with ``--use_vllm true`` if it is installed) and in
+    the ranks (``vllm_samples``: ``--use_vllm`` as resolved there)."""
+    sampling = args.seq_kd or (args.lmbda > 0 and not vllm_samples)
+    if not sampling:
+        return
+    cp = args.context_parallel_size or 1
+    if cp > 1:
+        install = '' if vllm_installed else '; pip install vllm first, it is not installed here'
+        raise FlagError(f'on-policy steps (--lmbda {args.lmbda:g}) without vLLM sample from the Megatron model, which '
+                         f'needs --context_parallel_size 1 (got {cp}): sample with vLLM (--use_vllm true --vllm_mode '
+                         f'colocate or server{install}), or pass --lmbda 0 (dataset responses only) or '
+                         '--context_parallel_size 1')
+    vpp = getattr(args, 'virtual_pipeline_model_parallel_size', None)
+    if vpp not in (None, 1):
+        raise FlagError('sampling from the Megatron model (seq_kd, or on-policy steps without vLLM) does not '
+                         f'support virtual pipeline stages (--virtual_pipeline_model_parallel_size {vpp}; allowed: '
+                         '1 or unset)')
+
+
+def check_teacher_client(args, vllm_installed: bool) -> None:
+    """ms-swift's teacher-server client (``VLLMInferClient``, built by its Megatron GKD trainer) refuses to start
+    without vLLM, although it only speaks HTTP: named here, before any rank starts, with the fix."""
+    if args.teacher_model_server is not None and not vllm_installed:
+        raise FlagError(f'--teacher_model_server {args.teacher_model_server} needs vLLM installed on this machine, the '
+                         "trainer's: megatron rlhf asks the server through ms-swift's teacher client, which refuses to "
+                         'start without it (pip install vllm; the server may run elsewhere). swift rlhf --rlhf_type gkd '
+                         "asks it through the plugin's own client, without vLLM")
 
 
 def check_not_ray(args) -> None:

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Optional, Tuple
 
 from swift.template import MaxLengthError
 from swift.utils import get_logger
 from transformers import TrainerCallback
 
 from swift_gkd_plugin.core.entropy import EntropyGapWatch
+from swift_gkd_plugin.core.guards.non_finite import loss_terms, non_finite_gradient_message
+from swift_gkd_plugin.core.guards.same_weights import copy_of_the_student_cause, privileged_row_count, same_parameters
 from swift_gkd_plugin.swift.setup.checkpoints import guard_checkpoint_saves
-from swift_gkd_plugin.swift.setup.datasets import PRIVILEGED_COLUMNS, RefuseEmptyEpochs, media_refs
+from swift_gkd_plugin.swift.setup.datasets import RefuseEmptyEpochs, media_refs
 
 logger = get_logger()
 
@@ -22,13 +23,15 @@ def install_run_guards(trainer) -> None:
     (:class:`NothingLearnt`); a checkpoint save that cannot write its files
     names the cause (no space left) and the newest complete checkpoint; a row replaced because it fails to encode is
     named in a warning and counted; a NaN or infinite loss stops the run naming its source (the trainer's loss
-    calls :func:`non_finite_loss_message`); an on-policy student whose entropy runs away from the teacher's is
-    warned about."""
+    calls :func:`~swift_gkd_plugin.core.guards.non_finite.non_finite_loss_message`), and a NaN or infinite gradient
+    norm under a finite loss (:func:`guard_gradient_norm`); an on-policy student whose entropy runs away from the
+    teacher's is warned about."""
     trainer.add_callback(RefuseEmptyEpochs())
     trainer._nothing_learnt = NothingLearnt(trainer)  # fed by the trainer's compute_loss
     trainer.add_callback(trainer._nothing_learnt)
     trainer.callback_handler.callbacks.insert(0, WarnOnEntropyGap())  # before the callback that writes the logs
     guard_checkpoint_saves(trainer)
+    guard_gradient_norm(trainer)
     warn_replaced_rows(trainer)
 
 
@@ -37,48 +40,57 @@ class RunError(RuntimeError):
     code 1, no traceback)."""
 
 
-#: what the rows of each step's mode are, for the position named in an error
-_ROWS_OF = {'off_policy': 'a dataset response', 'on_policy': 'a student sample', 'seq_kd': 'a teacher sample'}
+#: overflowing steps in a row that a loss scaler (fp16) gets to find its scale: halved each time, 2**16 -> 2**-16
+SCALER_STEPS = 32
+#: skipped (non-finite gradient) steps in a row that stop a run which had learnt before; each one is warned of
+SKIPPED_STEPS = 8
 
 
-def first_non_finite(tensor, logprobs: bool = False) -> Optional[Tuple[str, int, int]]:
-    """``(value, i, n)``: the first row ``i`` of the ``n`` rows of ``tensor`` (one per response token, or per output
-    of a head's weight) holding NaN or an infinity (log-probabilities: NaN or +inf; ``-inf`` is an unused top-k slot),
-    else None. Reads the device: for errors only."""
-    if tensor is None or tensor.dim() == 0 or tensor.numel() == 0:
-        return None
-    data = tensor.detach().float().reshape(tensor.shape[0], -1)
-    bad = data.isnan() | (data == float('inf')) if logprobs else ~data.isfinite()
-    rows = bad.any(-1)
-    if not bool(rows.any()):
-        return None
-    i = int(rows.nonzero()[0])
-    value = data[i][bad[i]][0].item()
-    return ('NaN' if math.isnan(value) else str(value)), i, data.shape[0]
+def _loss_scaled(trainer) -> bool:
+    """fp16 training with a loss scaler (torch AMP's GradScaler on a GPU, DeepSpeed's): it skips an overflowing step
+    and lowers the scale, by design."""
+    if getattr(trainer.accelerator, 'scaler', None) is not None:
+        return True
+    plugin = getattr(trainer.accelerator.state, 'deepspeed_plugin', None)
+    fp16 = (plugin.deepspeed_config.get('fp16') or {}).get('enabled') if plugin is not None else None
+    return fp16 is True or (fp16 == 'auto' and bool(trainer.args.fp16))
 
 
-def non_finite_loss_message(step: int, mode: str, training: bool, parts, outputs_checked: bool = True) -> str:
-    """The error of a NaN or infinite loss: the first of ``parts`` (``(who, what, tensor, logprobs)``: response rows
-    of the micro-batch, or an output head) that holds a non-finite value, else the loss terms; with
-    ``outputs_checked=False`` the models' outputs could not be checked (sharded weights)."""
-    when = f'{"step" if training else "evaluation at step"} {step} ({mode} step)'
-    for who, what, tensor, logprobs in parts:
-        found = first_non_finite(tensor, logprobs)
-        if found:
-            value, i, n = found
-            where = (f'output row {i + 1} of {n}' if what == 'output head' else
-                     f'response token {i + 1} of {n} ({_ROWS_OF.get(mode, "a response")})')
-            return (f'{who}: its {what} hold {value} at {where} on {when}, so the loss is not finite. '
-                    'Check its weights (a NaN or inf in the checkpoint) and --torch_dtype (float16 overflows); the '
-                    'run stops here instead of training on grad_norm nan')
-    if not outputs_checked:
-        return (f'the loss is not finite on {when}; with weights sharded over the ranks its micro-batch is not run '
-                'again to find the model whose outputs hold the first NaN or inf. Check both models\' weights (a NaN '
-                'or inf in a checkpoint), --torch_dtype (float16 overflows) and --temperature, --sft_alpha, '
-                '--gkd_rl_coef, --gkd_ref_kl_coef; the run stops here instead of training on grad_norm nan')
-    return (f'the loss is not finite on {when} although the teacher\'s and the student\'s outputs are: a loss term '
-            'overflowed (check --temperature, --sft_alpha, --gkd_rl_coef, --gkd_ref_kl_coef); the run stops here '
-            'instead of training on grad_norm nan')
+def guard_gradient_norm(trainer) -> None:
+    """A NaN or infinite gradient norm stops the run (:class:`RunError`) before its optimizer step, naming the step
+    and the loss terms present: ms-swift drops a NaN gradient (the weights stay as they are) and the loss guard
+    sees nothing when only the backward overflows (``--gkd_divergence_coef 1e38``: loss finite, every grad_norm
+    nan, exit code 0). It stops at once while no step of the run has had a finite norm (nothing learnt yet: the
+    overflow is the run's, not a step's); after that each skipped step is a counted warning and
+    :data:`SKIPPED_STEPS` in a row stop it (under a loss scaler, whose skips are by design, :data:`SCALER_STEPS`).
+    Wraps transformers' ``Trainer._get_grad_norm`` (transformers 5), which every optimizer step calls; the norm is
+    read once a step, right after ms-swift's own read of it (its NaN skip), so no wait is added."""
+    original = getattr(trainer, '_get_grad_norm', None)
+    if original is None:  # an older transformers computes the norm inline: no guard
+        return
+    overflows = []  # the steps in a row with a non-finite norm
+    state = {'learnt': False, 'skipped': 0}
+
+    def _get_grad_norm(model, grad_norm=None):
+        norm = original(model, grad_norm=grad_norm)
+        if norm is None or math.isfinite(float(norm)):
+            overflows.clear()
+            state['learnt'] = True
+            return norm
+        overflows.append(trainer.state.global_step + 1)
+        state['skipped'] += 1
+        scaled = _loss_scaled(trainer)
+        if not state['learnt'] or len(overflows) >= (SCALER_STEPS if scaled else SKIPPED_STEPS):
+            why = ': the fp16 loss scaler skipped each' if scaled else ''
+            step = overflows[-1] if len(overflows) == 1 else f'{overflows[-1]} ({len(overflows)} steps in a row{why})'
+            raise RunError(non_finite_gradient_message(step, float(norm), loss_terms(trainer.args)))
+        if not scaled:
+            logger.warning(f'swift_gkd_plugin: the gradient norm is {float(norm)} on step {overflows[-1]}: ms-swift '
+                           f'skips its update ({state["skipped"]} step(s) skipped so far, {len(overflows)} in a row; '
+                           f'{SKIPPED_STEPS} in a row stop the run)')
+        return norm
+
+    trainer._get_grad_norm = _get_grad_norm
 
 
 class NothingLearnt(TrainerCallback):
@@ -112,12 +124,10 @@ class NothingLearnt(TrainerCallback):
         self.viewed = self.viewed | (student.shape != teacher.shape or (student != teacher).any())
 
     def on_train_begin(self, args, state, control, **kwargs):
-        dataset = self.trainer.train_dataset
-        if not hasattr(dataset, '__len__') or not hasattr(dataset, 'column_names'):
+        counted = privileged_row_count(self.trainer.train_dataset)
+        if counted is None:
             return  # unknown: only steps that drew a privileged view count
-        self.rows = len(dataset)
-        names = [name for name in PRIVILEGED_COLUMNS if name in (dataset.column_names or [])]
-        self.privileged_rows = sum(1 for name in names for value in dataset[name] if value)
+        self.privileged_rows, self.rows = counted
         if self.privileged_rows == 0 and _copy_of_the_student(self.trainer):
             raise RunError(f'{zero_loss_cause(self.trainer)}; no training row has a teacher_prompt or teacher_messages '
                            'and no other term learns (--sft_alpha, --gkd_rl_coef): every step would have loss 0 (the '
@@ -172,8 +182,8 @@ def zero_loss_cause(trainer) -> str:
         return ('the teacher is the student itself (no --teacher_model) and saw what the student saw: give rows a '
                 'teacher_prompt, or pass --teacher_model')
     if _copy_of_the_student(trainer, other_terms=True):
-        return (f'--teacher_model {getattr(trainer.accelerator.unwrap_model(trainer.teacher_model), "model_dir", "")} '
-                'has the student\'s weights exactly (a copy of --model): distil from another model')
+        return copy_of_the_student_cause(getattr(trainer.accelerator.unwrap_model(trainer.teacher_model), 'model_dir',
+                                                 ''))
     return 'the teacher gives the student\'s distribution at every response token'
 
 
@@ -184,11 +194,8 @@ def _copy_of_the_student(trainer, other_terms: bool = False) -> bool:
     if (trainer.teacher_model is None or trainer.use_teacher_api or trainer._teacher_partitioned
             or not other_terms and (args.sft_alpha > 0 or args.gkd_rl_coef > 0)):
         return False
-    ours = dict(trainer.accelerator.unwrap_model(trainer.teacher_model).named_parameters())
-    theirs = dict(trainer.accelerator.unwrap_model(trainer.model).named_parameters())
-    return ours.keys() == theirs.keys() and all(
-        p.shape == theirs[n].shape and p.numel() > 0 and bool((p.detach() == theirs[n].detach().to(p.device)).all())
-        for n, p in ours.items())
+    return same_parameters(dict(trainer.accelerator.unwrap_model(trainer.teacher_model).named_parameters()),
+                           dict(trainer.accelerator.unwrap_model(trainer.model).named_parameters()))
 
 
 class WarnOnEntropyGap(TrainerCallback):

@@ -19,10 +19,11 @@ import swift_gkd_plugin
 from swift_gkd_plugin.colocated_vllm import (check_vllm_cpu_head_dim, check_vllm_max_model_len, check_vllm_sleep_mode,
                                              resolve_vllm_environment)
 from swift_gkd_plugin.core.constants import ROLLOUT_IS_MODES, SCALE_REWARDS
-from swift_gkd_plugin.flags import (FlagError, GKDPluginArgumentsMixin, check_deepspeed_launch, check_gkd_scalars,
-                                    check_multi_turn_flags, check_no_plugin_flags_outside_gkd, check_rl_flags,
-                                    check_teacher_server_flags, check_torch_compile_checkpointing, check_vllm_flags,
-                                    ignored_flag_warnings, resolve_num_generations, sampling_temperature)
+from swift_gkd_plugin.flags import (FlagError, GKDPluginArgumentsMixin, check_bf16_device, check_deepspeed_launch,
+                                    check_gkd_scalars, check_multi_turn_flags, check_no_plugin_flags_outside_gkd,
+                                    check_rl_flags, check_teacher_server_flags, check_torch_compile_checkpointing,
+                                    check_training_set, check_vllm_flags, ignored_flag_warnings,
+                                    resolve_num_generations, sampling_temperature)
 from swift_gkd_plugin.ms_swift_state import grpo_num_generations, keep_teacher_messages_column
 from swift_gkd_plugin.swift.setup.checkpoints import check_resume_checkpoint
 from swift_gkd_plugin.swift.setup.compile_cost import torch_compile_warnings
@@ -31,7 +32,8 @@ from swift_gkd_plugin.swift.setup.datasets import (check_dataset_paths, check_lo
 from swift_gkd_plugin.swift.setup.paths import CreatedDirs, check_command_line_paths
 from swift_gkd_plugin.swift.setup.teacher_server import (check_teacher_server_config, check_teacher_servers,
                                                         check_teacher_tags, local_teacher_of)
-from swift_gkd_plugin.swift.setup.vllm import check_vllm_launcher, check_vllm_server_mode
+from swift_gkd_plugin.swift.setup.vllm import (check_vllm_launcher, check_vllm_server_mode,
+                                              check_vllm_tensor_parallel_size)
 from swift_gkd_plugin.swift.setup.zero3_lora import zero3_lora_warnings
 
 logger = get_logger()
@@ -425,9 +427,25 @@ def check_gkd_arguments(args) -> None:
     check_teacher_servers(args)  # last: it waits for the servers
 
 
+def check_training_length(args) -> None:
+    """The run has optimizer steps to take: ``--max_steps`` positive or -1 (the default: ``--num_train_epochs``
+    decides, then positive). ``--max_steps 0`` ran one step at learning rate 0, ``--num_train_epochs 0`` none, both
+    loading the models and ending with exit code 0."""
+    steps, epochs = args.max_steps, args.num_train_epochs
+    if steps == 0 or steps < -1:
+        what = ' trains nothing (one step at learning rate 0)' if steps == 0 else ''
+        raise FlagError(f'--max_steps {steps}{what}: allowed a positive number of optimizer steps, or -1 (the '
+                        'default: --num_train_epochs decides)')
+    if steps == -1 and not epochs > 0:
+        raise FlagError(f'--num_train_epochs {epochs:g} with --max_steps -1 trains no step: allowed > 0 (a fraction '
+                        'of an epoch too), or a positive --max_steps, which then decides')
+
+
 def check_flags_only(args) -> None:
     """The checks that need nothing but the flags (also run before ms-swift resolves models or vLLM servers)."""
     check_gkd_scalars(args)
+    check_training_set(args)
+    check_training_length(args)
     check_rl_flags(args)
     check_multi_turn_flags(args)
     check_torch_compile_checkpointing(args)
@@ -438,6 +456,15 @@ def check_flags_only(args) -> None:
     check_teacher_server_config(args)
     if args.use_vllm:
         check_vllm_server_mode(args)
+        check_vllm_tensor_parallel_size(args)
+
+
+def check_command_line_flags(args) -> None:
+    """The first checks of a GKD command line, before ms-swift resolves models, imports plugins or connects to vLLM
+    servers; run in every process (``__post_init__``) and, under torchrun, in the launcher before any rank starts
+    (:func:`swift_gkd_plugin.swift.setup.command_line.check_launcher_command_line`)."""
+    check_flags_only(args)
+    check_command_line_paths(args)
 
 
 @dataclass
@@ -453,11 +480,18 @@ class GKDPluginRLHFArguments(GKDPluginArgumentsMixin, RLHFArguments):
         resolve_num_generations(self, grpo_num_generations())
         if self.rlhf_type == 'gkd':
             resolve_reward_columns(self)
-            check_flags_only(self)  # before ms-swift resolves models or connects to vLLM servers
-            check_command_line_paths(self)  # before ms-swift imports plugins or looks models up on a hub
+            check_command_line_flags(self)
             for warning in ignored_flag_warnings(self):  # the flags as given (ms-swift fills in beta next)
                 logger.warning(f'swift_gkd_plugin: {warning}')
         super().__post_init__()
+
+    def _init_torch_dtype(self):
+        """ms-swift resolves ``--torch_dtype`` (the model's config.json dtype when not given) and ``--bf16`` from it
+        here, and builds transformers' ``TrainingArguments`` from them before any other GKD check."""
+        torch_dtype_given, bf16_given = self.torch_dtype, self.bf16
+        super()._init_torch_dtype()
+        if self.rlhf_type == 'gkd':
+            check_bf16_device(self, torch_dtype_given, bf16_given)
 
     def _add_version(self):
         """ms-swift creates the run's folder here (``--output_dir``, and its ``v<N>-<time>`` child under

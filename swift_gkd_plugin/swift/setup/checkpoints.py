@@ -49,19 +49,27 @@ def complete_checkpoints(output_dir: str) -> List[str]:
     return [path for _, path in sorted(found)]
 
 
-def newest_complete(output_dir: str) -> Optional[str]:
-    """``last-checkpoint`` where it points at a complete checkpoint, else the highest complete ``checkpoint-N``."""
+def newest_complete(output_dir: str, refused: Optional[str] = None, args=None) -> Optional[str]:
+    """``last-checkpoint`` where it points at a complete checkpoint, else the highest complete ``checkpoint-N``; with
+    ``refused`` (a checkpoint just refused), the newest other one whose files ``args`` can resume from."""
+    candidates = complete_checkpoints(output_dir)[::-1]
     link = os.path.join(output_dir, LAST_CHECKPOINT)
     if os.path.isdir(link) and is_complete(link):
-        return os.path.join(output_dir, os.readlink(link)) if os.path.islink(link) else link
-    complete = complete_checkpoints(output_dir)
-    return complete[-1] if complete else None
+        candidates.insert(0, os.path.join(output_dir, os.readlink(link)) if os.path.islink(link) else link)
+    for path in candidates:
+        if refused is None:
+            return path
+        if not os.path.samefile(path, refused) and checkpoint_files_problem(path, args) is None:
+            return path
+    return None
 
 
-def newest_hint(output_dir: str) -> str:
-    newest = newest_complete(output_dir)
+def newest_hint(output_dir: str, refused: Optional[str] = None, args=None) -> str:
+    """Where to resume from instead: :func:`newest_complete`, never ``refused`` itself."""
+    newest = newest_complete(output_dir, refused if refused and os.path.isdir(refused) else None, args)
     if newest is None:
-        return f'{output_dir} holds no complete checkpoint to resume from'
+        other = ' other' if refused and os.path.isdir(refused) else ''
+        return f'{output_dir} holds no{other} complete checkpoint to resume from'
     return f'the newest complete checkpoint is {newest} (--resume_from_checkpoint {newest})'
 
 
@@ -156,25 +164,137 @@ def checkpoint_files_problem(path: str, args) -> Optional[str]:
     return None
 
 
+#: config.json keys that fix the weights' shapes (at the top and in each ``*_config`` section of a multimodal one)
+SHAPE_KEYS = ('model_type', 'vocab_size', 'hidden_size', 'intermediate_size', 'moe_intermediate_size',
+              'num_hidden_layers', 'num_attention_heads', 'num_key_value_heads', 'head_dim', 'num_experts',
+              'num_local_experts', 'n_routed_experts', 'tie_word_embeddings')
+
+
+def shape_config(model_dir: str) -> Optional[dict]:
+    """The :data:`SHAPE_KEYS` of ``model_dir/config.json`` (``text_config.hidden_size`` for a section's), or None
+    without a readable one."""
+    try:
+        with open(os.path.join(model_dir, 'config.json'), encoding='utf-8') as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    sections = [('', config)] + [(f'{key}.', value) for key, value in config.items()
+                                 if key.endswith('_config') and isinstance(value, dict)]
+    return {prefix + key: section[key] for prefix, section in sections for key in SHAPE_KEYS if key in section}
+
+
+def shape_changes(checkpoint_dir: str, model_dir: str) -> List[str]:
+    """``key checkpoint's vs model's`` for each :data:`SHAPE_KEYS` value that differs between the two config.json; a
+    larger ``vocab_size`` in the checkpoint is no difference (ms-swift resizes the embeddings on every load for
+    ``--new_special_tokens`` and some model types, and saves the resized size)."""
+    ours, theirs = shape_config(checkpoint_dir), shape_config(model_dir)
+    if ours is None or theirs is None:
+        return []
+
+    def differs(key):
+        if key.endswith('vocab_size') and isinstance(ours[key], int) and isinstance(theirs[key], int):
+            return ours[key] < theirs[key]
+        return ours[key] != theirs[key]
+
+    return [f'{key} {ours[key]} vs {theirs[key]}' for key in ours if key in theirs and differs(key)]
+
+
+def _saved(path: str, name: str, key: str) -> Optional[str]:
+    """The text under ``key`` in the JSON file ``name`` of the checkpoint ``path``, else None."""
+    try:
+        with open(os.path.join(path, name), encoding='utf-8') as f:
+            value = json.load(f).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def other_model_problem(path: str, args) -> Optional[str]:
+    """Why the checkpoint ``path`` cannot resume this run's ``--tuner_type`` on ``--model``, else None: an adapter
+    for a full run, full weights for an adapter run, another model's config.json (a full checkpoint's own, an
+    adapter's base's), or a LoRA tensor that does not fit a text-only ``--model`` (:func:`adapter_base_mismatch`).
+    ms-swift resumes an adapter with its own adapter_config.json (its r and target modules) on ``--model``."""
+    names = os.listdir(path)
+    adapter = 'adapter_config.json' in names
+    full = any(name in names for name in WEIGHTS)
+    flag = f'--resume_from_checkpoint {path}'
+    if args.tuner_type == 'full' and adapter and not full:
+        tuner = _saved(path, ARGS_FILE, 'tuner_type') or 'lora'
+        return (f'{flag} holds an adapter (adapter_config.json) and --tuner_type full resumes full weights: pass '
+                f'--tuner_type {tuner} to resume it (its r and target modules come from the checkpoint), or merge it '
+                f'(swift export --adapters {path} --merge_lora true) and pass the merged model as --model without '
+                '--resume_from_checkpoint')
+    if args.tuner_type != 'full' and full and not adapter:
+        return (f'{flag} holds full weights ({", ".join(n for n in names if n in WEIGHTS)}, no adapter_config.json) '
+                f'and --tuner_type {args.tuner_type} resumes an adapter: pass --tuner_type full to resume it, or '
+                f'--model {path} without --resume_from_checkpoint to start a new adapter on its weights')
+    model_dir = getattr(args, 'model_dir', None) or args.model
+    base = _saved(path, 'adapter_config.json', 'base_model_name_or_path') if adapter else None
+    base = base or _saved(path, ARGS_FILE, 'model')
+    changes = shape_changes(base if adapter and base else path, model_dir)
+    whose = f'the config.json of its base {base}' if adapter and base else 'its config.json'
+    problem = f'{whose} has {", ".join(changes)} (checkpoint\'s vs --model\'s)' if changes else None
+    multimodal = getattr(getattr(args, 'model_meta', None), 'is_multimodal', False)  # module names differ there
+    if problem is None and adapter and not multimodal and 'adapter_model.safetensors' in names:
+        from swift_gkd_plugin.swift.setup.adapters import adapter_base_mismatch
+        try:
+            problem = adapter_base_mismatch(path, model_dir)
+        except Exception:  # noqa: BLE001: a config transformers cannot build on the meta device: peft will say
+            problem = None
+    if problem is None:
+        return None
+    trained = f'the --model it was trained from ({base})' if base else 'the --model it was trained from'
+    return (f'{flag} is a checkpoint of another model than --model {args.model}: {problem}. Pass {trained}, or a '
+            f'checkpoint of --model {args.model}')
+
+
+def past_max_steps_problem(path: str, args) -> Optional[str]:
+    """A checkpoint whose step (trainer_state.json's ``global_step``) is at or past ``--max_steps``, or whose epoch is
+    at or past ``--num_train_epochs`` when epochs decide: the trainer took one more step past ``--max_steps``, off
+    its learning-rate schedule, and exited 0."""
+    try:
+        with open(os.path.join(path, TRAINER_STATE), encoding='utf-8') as f:
+            state = json.load(f)
+        step, epoch = int(state['global_step']), float(state.get('epoch') or 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    flag = f'--resume_from_checkpoint {path}'
+    if args.max_steps > 0 and step >= args.max_steps:
+        return (f'{flag} is at step {step} ({TRAINER_STATE}\'s global_step) and --max_steps is {args.max_steps}: '
+                'nothing is left to train (the trainer would still take one step past it, off its learning-rate '
+                f'schedule, and exit 0). Pass --max_steps larger than {step} to train on from it')
+    if args.max_steps <= 0 and epoch >= args.num_train_epochs:
+        return (f'{flag} is at epoch {epoch:g} ({TRAINER_STATE}\'s epoch) and --num_train_epochs is '
+                f'{args.num_train_epochs:g}: nothing is left to train. Pass --num_train_epochs larger than {epoch:g} '
+                'to train on from it')
+    return None
+
+
 def check_resume_checkpoint(args) -> None:
     """``--resume_from_checkpoint`` (a folder: :func:`swift_gkd_plugin.swift.setup.paths.check_resume_folder`) is a
     complete checkpoint (:func:`checkpoint_files_problem`; its
     trainer state unless only its weights are loaded: ``--resume_only_model true --ignore_data_skip true`` never reads
-    it); a loss that differs from the checkpoint's, and a checkpoint without its RNG state, are warned about."""
+    it) of this run's model and tuner (:func:`other_model_problem`) with steps left (:func:`past_max_steps_problem`);
+    a loss that differs from the checkpoint's, and a checkpoint without its RNG state, are warned about. A refusal
+    names an earlier complete checkpoint to resume from, or says none is left."""
     path = args.resume_from_checkpoint
     if not path:
         return
     parent = os.path.dirname(os.path.abspath(path))
     warn_resume_changes(args)
-    if not (args.resume_only_model and args.ignore_data_skip) and not is_complete(path):
+    state_read = not (args.resume_only_model and args.ignore_data_skip)
+    if state_read and not is_complete(path):
         state = os.path.join(path, TRAINER_STATE)
         problem = 'has no' if not os.path.exists(state) else 'has an unreadable'
         raise FlagError(f'--resume_from_checkpoint {path} {problem} {TRAINER_STATE}, which the trainer writes last in '
                          'a checkpoint: its save was cut short (a killed process, a full disk); '
-                         f'{newest_hint(parent)}.')
+                         f'{newest_hint(parent, path, args)}.')
     problem = checkpoint_files_problem(path, args)
     if problem:
-        raise FlagError(f'--resume_from_checkpoint {path} {problem}; {newest_hint(parent)}.')
+        raise FlagError(f'--resume_from_checkpoint {path} {problem}; {newest_hint(parent, path, args)}.')
+    problem = other_model_problem(path, args) or (past_max_steps_problem(path, args) if state_read else None)
+    if problem:
+        raise FlagError(problem)
     if not args.resume_only_model and not any(RNG_STATE.match(name) for name in os.listdir(path)):
         from swift.utils import get_logger
         get_logger().warning(f'swift_gkd_plugin: --resume_from_checkpoint {path} has no rng_state.pth: the run resumes '

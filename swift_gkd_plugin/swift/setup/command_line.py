@@ -1,8 +1,11 @@
 """``swift rlhf``'s command line as the plugin parses it: a refused flag is one ``error:`` line and exit code 2 (no
 traceback), as in the ``megatron`` launcher (:func:`swift_gkd_plugin.activation.on_megatron_cli_imported`); an
-unknown flag is named with the closest flags of ms-swift and the plugin, before any argument is resolved."""
+unknown flag is named with the closest flags of ms-swift and the plugin, before any argument is resolved. Under
+torchrun the ``swift`` launcher runs the first of these checks before any rank starts
+(:func:`check_launcher_command_line`)."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import difflib
 import json
@@ -11,16 +14,19 @@ import sys
 from typing import List, NoReturn, Optional
 
 from swift_gkd_plugin.flags import FlagError
+from swift_gkd_plugin.process_exit import record_refusal
 
 PROG = 'swift rlhf'
 
 
 def refuse(prog: str, message, code: int = 2) -> NoReturn:
     """Print ``prog: error: message`` (one line) and exit with ``code``: 2 (as argparse does) for a refused command
-    line, 1 for a run stopped later."""
+    line, 1 for a run stopped later. Under the launcher's torchrun only the first rank to refuse prints it, and
+    torchrun exits with ``code`` without its own report (:mod:`swift_gkd_plugin.process_exit`)."""
     sys.stdout.flush()
-    sys.stderr.write(f'{prog}: error: {message}\n')
-    sys.stderr.flush()
+    if record_refusal(code, f'{prog}: error: {message}'):
+        sys.stderr.write(f'{prog}: error: {message}\n')
+        sys.stderr.flush()
     sys.exit(code)
 
 
@@ -53,9 +59,10 @@ def unknown_flags_message(parser, remaining: List[str]) -> str:
     return f'unrecognized arguments: {" ".join(remaining)}{hint}'
 
 
-def check_unknown_flags(args_class, argv: Optional[List[str]]) -> None:
+def check_unknown_flags(args_class, argv: Optional[List[str]]) -> argparse.Namespace:
     """Refuse flags that neither ms-swift nor the plugin declares, before the arguments are built (ms-swift builds them
-    first, resolving the models, and then raises ``remaining_argv: [...]`` in a traceback)."""
+    first, resolving the models, and then raises ``remaining_argv: [...]`` in a traceback). Returns the flags parsed
+    (``args_class``'s fields as the command line sets them, not resolved)."""
     if os.environ.get('RAY_SWIFT_ARGS'):
         argv = json.loads(os.environ['RAY_SWIFT_ARGS'])  # what ms-swift parses then
     elif argv is None:
@@ -64,6 +71,7 @@ def check_unknown_flags(args_class, argv: Optional[List[str]]) -> None:
     namespace, remaining = parser.parse_known_args(list(argv))
     if remaining and not getattr(namespace, 'ignore_args_error', False):  # ms-swift only warns then
         refuse(PROG, unknown_flags_message(parser, remaining))
+    return namespace
 
 
 def parse_command_line(pipeline, original_parse, args):
@@ -74,3 +82,50 @@ def parse_command_line(pipeline, original_parse, args):
         return original_parse(pipeline, args)
     except FlagError as exc:
         refuse(PROG, exc)
+
+
+def torchrun_world_size() -> Optional[int]:
+    """The processes torchrun starts for ms-swift's launcher: ``NPROC_PER_NODE`` x ``NNODES`` (torchrun's default 1
+    each); None where either is not a number (``gpu``, ``auto``, an elastic ``1:4``)."""
+    try:
+        return int(os.environ.get('NPROC_PER_NODE') or 1) * int(os.environ.get('NNODES') or 1)
+    except ValueError:
+        return None
+
+
+@contextlib.contextmanager
+def _rank_zero_environment(world_size: int):
+    """The variables torchrun gives rank 0 that the checks read (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``)."""
+    rank_env = {'WORLD_SIZE': str(world_size), 'RANK': '0', 'LOCAL_RANK': '0',
+                'LOCAL_WORLD_SIZE': os.environ.get('NPROC_PER_NODE') or '1'}
+    saved = {name: os.environ.get(name) for name in rank_env}
+    os.environ.update(rank_env)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def check_launcher_command_line(argv: List[str]) -> None:
+    """In ``swift``'s launcher, before torchrun starts any rank: the checks every rank runs first on a ``swift rlhf
+    --rlhf_type gkd`` command line (unknown flags, then
+    :func:`~swift_gkd_plugin.swift.setup.arguments.check_command_line_flags`: the flags and local paths), in the
+    environment torchrun gives rank 0. A refusal is one line, exit code 2, before N ranks import torch and ms-swift
+    to refuse it; the cost is the import of ms-swift's arguments in the launcher."""
+    world_size = torchrun_world_size()
+    if world_size is None:
+        return  # the ranks check it, knowing their number
+    from swift_gkd_plugin.flags import resolve_num_generations
+    from swift_gkd_plugin.ms_swift_state import grpo_num_generations
+    from swift_gkd_plugin.swift.setup.arguments import GKDPluginRLHFArguments, check_command_line_flags
+    args = check_unknown_flags(GKDPluginRLHFArguments, argv)
+    resolve_num_generations(args, grpo_num_generations())
+    with _rank_zero_environment(world_size):
+        try:
+            check_command_line_flags(args)
+        except FlagError as exc:
+            refuse(PROG, exc)

@@ -12,7 +12,8 @@ understands) are named too: a dataset step (off-policy) has no response token to
 sample them (``--lmbda 0``, no ``--seq_kd``; or a validation set, which is always scored on its own responses) they
 are refused; otherwise they are only reported, since on-policy and seq_kd steps sample a response for them, except
 rows without a user message (e.g. a system turn only): ms-swift cannot encode those, and each step draws another row
-in their place, so the report says they are dropped.
+in their place, so the report says they are dropped. A training set without a single prompt (a ``text`` column alone,
+assistant messages only) is refused where on-policy or seq_kd steps sample (:func:`_rows_without_prompt`).
 
 Media columns (``images``, ``videos``, ``audios``) are checked too. ms-swift replaces a row whose image it cannot
 read by another row (an INFO line only), and a text-only model keeps a row's ``<image>`` tag as literal text and
@@ -33,9 +34,10 @@ from swift.dataset.dataset_syntax import DatasetSyntax
 from swift.utils import get_logger
 from transformers import TrainerCallback
 
+from swift_gkd_plugin.core.constants import PRIVILEGED_COLUMNS
 from swift_gkd_plugin.flags import FlagError
 from swift_gkd_plugin.local_paths import looks_local, near_names
-from swift_gkd_plugin.swift.setup.dataset_files import Where, dataset_rows, local_dataset_files
+from swift_gkd_plugin.dataset_files import Where, check_teacher_given, dataset_rows, local_dataset_files
 
 logger = get_logger()
 
@@ -237,9 +239,29 @@ def has_response(row: dict, columns: Dict[str, str]) -> bool:
 
 
 def has_prompt(row: dict, columns: Dict[str, str]) -> bool:
-    """Whether a messages row has a user message to sample a response to (rows of other formats: assumed)."""
-    messages = _messages(_mapped(row, columns))
-    return messages is None or any(_role(m) in USER_ROLES for m in messages)
+    """Whether ms-swift gives a row that :func:`row_problem` accepts (after ``--columns``) a user message, the prompt
+    that on-policy and seq_kd steps sample a response to: a ``user`` / ``human`` message (ShareGPT's key of that name),
+    or a query column that is not null (:data:`RESPONSE_ROW_KEYS`; Alpaca's ``instruction`` or ``input``)."""
+    row = _mapped(row, columns)
+    messages = _messages(row)
+    if messages is not None:
+        return any(_role(m) in USER_ROLES or (isinstance(m, dict) and bool(set(m) & set(USER_ROLES))) for m in messages)
+    if 'instruction' in row and 'input' in row:  # ms-swift's AlpacaPreprocessor: instruction or input
+        return (row['instruction'] or row['input']) is not None
+    source = _response_columns(row)['query']
+    return source is not None and row.get(source) is not None
+
+
+def prompt_missing(row: dict, columns: Dict[str, str]) -> str:
+    """What a row without a prompt (:func:`has_prompt`) gives instead, for the messages that name it."""
+    row = _mapped(row, columns)
+    messages = _messages(row)
+    if messages is not None:
+        return f'messages of the roles {", ".join(str(_role(m)) for m in messages)} (no "user" message)'
+    queries = [key for key in row if key.lower() in RESPONSE_ROW_KEYS['query']]
+    why = (f'no query column ({", ".join(RESPONSE_ROW_KEYS["query"])})' if not queries else f'a null "{queries[0]}"'
+           if len(queries) == 1 else f'the query columns {queries}, which ms-swift reads as none')
+    return f'the column(s) {sorted(row)}, {why}: a response alone{misspelt_columns(row)}'
 
 
 def media_refs(row: dict, columns: Dict[str, str]) -> List[Tuple[str, str]]:
@@ -296,11 +318,12 @@ def scan_rows(flag: str, path: str, standard_format: bool, columns: Dict[str, st
               by_steps: Callable[[dict], Tuple[Optional[str], Optional[str]]] = None) -> dict:
     """Reads the whole file (refusing what cannot be read): its number of rows, and where each of its rows is with
     a problem: ``bad`` (ms-swift would drop it) and ``privileged`` (its teacher columns) as ``(where, problem)``,
-    ``no_response`` as ``(where, has a prompt)``, ``media`` (it names media), ``broken`` (``(where, problem)`` of each
-    unreadable media file), ``dataset_steps`` (``(where, problem)``: dropped on dataset steps only).
+    ``no_response`` as ``(where, has a prompt)``, ``no_prompt`` (``(where, what it gives)``: a response and no prompt),
+    ``prompted`` (the number of rows with a prompt), ``media`` (it names media), ``broken`` (``(where, problem)`` of
+    each unreadable media file), ``dataset_steps`` (``(where, problem)``: dropped on dataset steps only).
     ``by_steps(row)``: why ms-swift drops the row on every step, and on dataset steps only (:func:`_step_check`)."""
-    found = {'no_response': [], 'media': [], 'broken': [], 'bad': [], 'privileged': [], 'dataset_steps': [],
-             'rows': 0, 'no_response_columns': set()}
+    found = {'no_response': [], 'no_prompt': [], 'media': [], 'broken': [], 'bad': [], 'privileged': [],
+             'dataset_steps': [], 'rows': 0, 'prompted': 0, 'no_response_columns': set()}
     for where, row in dataset_rows(flag, path):
         found['rows'] += 1
         if not standard_format:
@@ -316,9 +339,13 @@ def scan_rows(flag: str, path: str, standard_format: bool, columns: Dict[str, st
             continue
         if dataset_steps:
             found['dataset_steps'].append((where, dataset_steps))
+        prompt = has_prompt(row, columns)
+        found['prompted'] += prompt
         if not has_response(row, columns):
-            found['no_response'].append((where, has_prompt(row, columns)))
+            found['no_response'].append((where, prompt))
             found['no_response_columns'].update(_mapped(row, columns))
+        elif not prompt:
+            found['no_prompt'].append((where, prompt_missing(row, columns)))
         refs = media_refs(row, columns)
         if refs:
             found['media'].append(where)
@@ -354,12 +381,15 @@ def check_local_datasets(args) -> None:
     from swift_gkd_plugin.swift.setup.row_lengths import RowLengths  # (imports ms-swift: loaded on use)
     lengths = RowLengths.of(args)
     train_rows, dropped, skipped, partial = 0, [], [], []
+    prompted, no_prompt = 0, []
     for flag, entries, can_sample in (('--dataset', args.dataset, train_samples), ('--val_dataset', args.val_dataset,
                                                                                     False)):
         for path, standard_format in local_dataset_files(entries, args.use_hf):
             by_steps = _step_check(args, lengths, can_sample)
             found = scan_rows(flag, path, standard_format, columns, multimodal, by_steps)
-            train_rows += found['rows'] if flag == '--dataset' else 0
+            if flag == '--dataset':
+                train_rows, prompted = train_rows + found['rows'], prompted + found['prompted']
+                no_prompt += [(path, found['no_prompt'])] if can_sample and found['no_prompt'] else []
             if found['dataset_steps']:
                 partial += [f'{path} {where}' for where, _ in found['dataset_steps']]
                 logger.warning(f'swift_gkd_plugin: {flag} {path}: {len(found["dataset_steps"])} row(s) are dropped '
@@ -402,7 +432,36 @@ def check_local_datasets(args) -> None:
                                f'message nor an assistant response ({_shown(promptless)}): nothing can be '
                                'sampled for them, ms-swift cannot encode them, and each step draws other rows in their '
                                'place: they are dropped. Give them a user message, or remove them.')
+    if no_prompt:
+        dropped += _rows_without_prompt(args, no_prompt, prompted)
     check_one_batch(args, train_rows - len(dropped) - len(skipped), dropped, skipped, partial)
+
+
+def _rows_without_prompt(args, files: List[Tuple[str, List[Tuple[Where, str]]]], prompted: int) -> List[str]:
+    """``--dataset`` rows with a response and no prompt (``files``: ``(path, [(where, what it gives)])``), where steps
+    sample (on-policy ``--lmbda`` > 0, ``--seq_kd``): those steps sample a response to the row's user message, and
+    ms-swift replaces a row without one by another (the resampling fails, after loading, once every row lacks one).
+    Refused when no row has a prompt and every ``--dataset`` was read (hub datasets cannot be read before loading);
+    else warned about, and returned (as dropped rows) when every step samples."""
+    steps = ' and '.join(([f'--lmbda {args.lmbda:g} makes on-policy steps'] if args.lmbda > 0 else [])
+                         + (['--seq_kd true makes seq_kd steps'] if args.seq_kd else []))
+    every_step = args.lmbda >= 1 or args.seq_kd
+    path, rows = files[0]
+    read = local_dataset_files(args.dataset, args.use_hf)  # every --dataset a local file ms-swift reads as such
+    if prompted == 0 and len(read) == len(args.dataset) and all(standard for _, standard in read):
+        where = f' of {path}' if len(files) > 1 else ''
+        raise FlagError(f'--dataset {" ".join(p for p, _ in files)}: no row has a prompt: {len(rows)} row(s){where} '
+                        f'({_shown([w for w, _ in rows])}) give {rows[0][1]}; {steps}, which sample a response to '
+                        'each row\'s user message, so not one could train. Give the rows a user message (a "user" '
+                        'message, or a query / prompt / instruction column), or pass --lmbda 0 --seq_kd false '
+                        '(off-policy only: distils on the dataset\'s responses)')
+    fate = ('they are never trained on (dropped)' if every_step else
+            'on-policy steps draw other rows in their place, dataset (off-policy) steps distil on them')
+    for path, rows in files:
+        logger.warning(f'swift_gkd_plugin: --dataset {path}: {len(rows)} row(s) have no user message '
+                       f'({_shown([w for w, _ in rows])}; e.g. {rows[0][1]}): {steps}, which sample a response to a '
+                       f'row\'s user message: {fate}. Give them a user message, or remove them.')
+    return [f'{path} {where}' for path, rows in files for where, _ in rows] if every_step else []
 
 
 def _step_check(args, lengths, can_sample: bool) -> Callable[[dict], Tuple[Optional[str], Optional[str]]]:
@@ -431,36 +490,13 @@ def _shown_rows(rows: List[str]) -> str:
     return ', '.join(rows[:LINES_SHOWN]) + (', ...' if len(rows) > LINES_SHOWN else '')
 
 
-#: the columns that give the student-itself teacher a view of its own (a privileged prompt): ms-swift's OPSD columns
-PRIVILEGED_COLUMNS = ('teacher_prompt', 'teacher_messages')
-
-
 def check_self_teacher_has_something_to_add(args) -> None:
-    """Without ``--teacher_model``, ``--teacher_model_server``, ``--teacher_adapters`` or a shared-base LoRA set-up
-    the teacher is the student itself: unless a row gives it a privileged prompt, teacher and student see the same
-    input, every divergence and its gradient are exactly 0, and the run learns nothing (with exit 0). Refused when
-    every ``--dataset`` is a local jsonl, json or csv file without such a column and no other term learns
-    (``--sft_alpha``, ``--gkd_rl_coef``); other datasets cannot be read here (the trainer stops a run whose loss
-    stays 0 instead)."""
-    if (args.teacher_model is not None or args.teacher_model_server is not None or args.teacher_adapters
-            or getattr(args, '_teacher_use_disable_adapter', False)):
-        return
-    if (args.sft_alpha or 0) > 0 or (args.gkd_rl_coef or 0) > 0:
-        return
-    entries = list(args.dataset or [])
-    files = local_dataset_files(entries, args.use_hf)
-    if not entries or len(files) != len(entries) or not all(standard for _, standard in files):
-        return
-    columns = args.columns if isinstance(args.columns, dict) else {}
-    names = set(PRIVILEGED_COLUMNS) | {k for k, v in columns.items() if v in PRIVILEGED_COLUMNS}
-    for path, _ in files:
-        if any(row.get(name) for _, row in dataset_rows('--dataset', path) for name in names):
-            return
-    raise FlagError('no teacher: without --teacher_model, --teacher_model_server or --teacher_adapters the teacher is '
-                    'the student itself, and no row of --dataset has a teacher_prompt or teacher_messages column to '
-                    'give it a view of its own, so the loss and its gradient are exactly 0 and the run would learn '
-                    'nothing. Pass --teacher_model (or a LoRA student with --teacher_model equal to --model, or '
-                    '--teacher_adapters), add a teacher_prompt column, or set --sft_alpha > 0')
+    """A student-itself teacher with nothing to add (:func:`~swift_gkd_plugin.dataset_files.check_teacher_given`);
+    a shared-base LoRA set-up is a teacher too."""
+    if not getattr(args, '_teacher_use_disable_adapter', False):
+        check_teacher_given(args, ('teacher_model', 'teacher_model_server', 'teacher_adapters'),
+                            '--teacher_model (or a LoRA student with --teacher_model equal to --model, or '
+                            '--teacher_adapters)')
 
 
 def _bad_rows(args, flag: str, path: str, bad: List[Tuple[Where, str]]) -> List[str]:

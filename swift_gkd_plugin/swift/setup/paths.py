@@ -6,6 +6,7 @@ traceback; a ``--model`` or ``--teacher_model`` path that does not exist is take
 from HuggingFace Hub ..."). Here each is one ``error:`` line naming the flag and the path, before anything is
 resolved. The paths' rule is the datasets' (:func:`swift_gkd_plugin.swift.setup.datasets.check_dataset_paths`): an
 absolute, ``./`` or ``~`` path, or more than one ``/``, names a local folder; ``owner/name`` is left to the hub.
+An existing model path must be a folder with a ``config.json``, and ``--output_dir`` a folder that can be written.
 
 A refusal after ms-swift built its arguments comes after it created the run's folder (``--output_dir``, with a
 ``v<N>-<time>`` folder under ``--add_version``): :class:`CreatedDirs` remembers what that step created, and
@@ -14,10 +15,11 @@ A refusal after ms-swift built its arguments comes after it created the run's fo
 from __future__ import annotations
 
 import os
+import tempfile
 from typing import List, Optional
 
 from swift_gkd_plugin.flags import FlagError
-from swift_gkd_plugin.local_paths import looks_local, near_names
+from swift_gkd_plugin.local_paths import looks_local, near_names, not_a_model_folder
 
 
 def check_model_given(args) -> None:
@@ -30,12 +32,19 @@ def check_model_given(args) -> None:
 
 
 def check_model_paths(args) -> None:
-    """``--model`` and ``--teacher_model`` values that name local folders exist."""
-    for flag, value in (('--model', args.model), ('--teacher_model', args.teacher_model)):
-        if not isinstance(value, str) or not looks_local(value):
+    """``--model`` and ``--teacher_model`` values that name local folders exist, and an existing path (ms-swift takes
+    any for a local model) is a folder with a ``config.json``: see :func:`not_a_model_folder`."""
+    for flag, value, adapter_flag in (('--model', args.model, '--adapters'),
+                                      ('--teacher_model', args.teacher_model, '--teacher_adapters')):
+        if not isinstance(value, str):
             continue
         path = os.path.expanduser(value)
         if os.path.exists(path):
+            problem = not_a_model_folder(path, adapter_flag)
+            if problem:
+                raise FlagError(f'{flag} {value}: {problem}')
+            continue
+        if not looks_local(value):
             continue
         where = '' if os.path.isabs(path) else f' (relative to {os.getcwd()})'
         raise FlagError(f'{flag} {value}: no such model folder {path!r}{where}{near_names(path)}; a local model '
@@ -66,12 +75,35 @@ def check_resume_folder(args) -> None:
                     f'{newest_hint(os.path.dirname(os.path.abspath(path)))}.')
 
 
+def check_output_dir(args) -> None:
+    """``--output_dir`` (ms-swift's default ``output/<model>`` when not given) is a folder, or can be made, in which
+    this process can create files: ms-swift's ``os.makedirs`` raised a traceback for a file there, or below one, or on
+    a read-only file system. Write access is tried (a probe file made and removed in the nearest existing folder):
+    ``os.access`` says yes to root where creating fails (sysfs, root-squashed network mounts)."""
+    value = args.output_dir
+    flag = f'--output_dir {value}' if value else '--output_dir (not given: ms-swift\'s output/<model>)'
+    existing = os.path.abspath(os.path.expanduser(value or 'output'))
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise FlagError(f'{flag}: {existing!r} is a file, not a folder; the run\'s checkpoints and logs go in '
+                        '--output_dir: pass a folder (or a path to create)')
+    try:
+        fd, probe = tempfile.mkstemp(prefix='.swift_gkd_write_probe_', dir=existing)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as exc:
+        raise FlagError(f'{flag}: cannot create anything in {existing!r} ({exc.strerror or exc}); the run\'s '
+                        'checkpoints and logs go in --output_dir: pass a writable --output_dir') from None
+
+
 def check_command_line_paths(args) -> None:
     """Every check of this module, in this order."""
     check_model_given(args)
     check_model_paths(args)
     check_external_plugins(args)
     check_resume_folder(args)
+    check_output_dir(args)
 
 
 class CreatedDirs:

@@ -2,11 +2,12 @@
 tokenizer), asked of the server, waiting for it as the trainer would."""
 from __future__ import annotations
 
+import json
 from typing import List, Optional, Tuple
 
 from swift.utils import get_logger
 
-from swift_gkd_plugin.flags import LOCAL_TEACHER_URL, FlagError, local_teacher_index
+from swift_gkd_plugin.flags import LOCAL_TEACHER_URL, FlagError, check_teacher_urls, local_teacher_index
 from swift_gkd_plugin.server.client import TeacherClient, TeacherServerError
 from swift_gkd_plugin.server.protocol import tokenizer_fingerprint
 
@@ -90,8 +91,9 @@ def local_teacher_of(args) -> Optional[int]:
 def check_teacher_server_config(args) -> None:
     """``--teacher_model_server`` parses as ms-swift parses it (one URL, or a JSON list of ``{"url", "tags"}`` whose
     tags are non-empty and disjoint with several teachers): its refusal as one line naming the flag (ms-swift raised
-    it with a traceback). At most one entry is the local teacher (``"url": "local"``), beside at least one server;
-    ``--teacher_model`` goes with ``--teacher_model_server`` only as that entry's model."""
+    it with a traceback); each URL can be reached (:func:`check_teacher_urls`). At most one entry is the local teacher
+    (``"url": "local"``), beside at least one server; ``--teacher_model`` goes with ``--teacher_model_server`` only as
+    that entry's model."""
     server = getattr(args, 'teacher_model_server', None)
     if server is None:
         return
@@ -101,6 +103,7 @@ def check_teacher_server_config(args) -> None:
         raise FlagError(f'--teacher_model_server {server}: {e} Give one URL, or '
                         '\'[{"url": "http://a:8000", "tags": ["math"]}, {"url": "http://b:8000", "tags": ["code"]}]\''
                         ) from None
+    check_teacher_urls(server, [cfg.url for cfg in configs])
     local = [i for i, cfg in enumerate(configs) if cfg.url == LOCAL_TEACHER_URL]
     if len(local) > 1:
         raise FlagError(f'--teacher_model_server {server}: entries {local} are all "url": "{LOCAL_TEACHER_URL}"; one '
@@ -190,17 +193,29 @@ def teacher_names(configs) -> List[str]:
 
 
 def check_teacher_tags(args) -> None:
-    """Several tag-routed teacher servers and a ``--teacher_tag_key`` column of the local ``--dataset`` files: each
-    row's value must name a teacher (ms-swift's routing otherwise raises at that row's first step, after loading).
-    The default key, ``dataset``, is the dataset's name that ms-swift adds to each row: not a column to check."""
+    """Several tag-routed teachers: each ``--dataset`` row's tag must name one (ms-swift's routing otherwise raises at
+    that row's first step, after loading). The default ``--teacher_tag_key``, ``dataset``, is the tag ms-swift's
+    loader gives every row of an entry: the entry as parsed (:func:`dataset_tag`), checked for every entry, hub
+    datasets included. Another key is a column, read from the local files (hub datasets cannot be read here)."""
     server, key = args.teacher_model_server, getattr(args, 'teacher_tag_key', 'dataset')
-    if server is None or key == 'dataset':
+    if server is None:
         return
     configs = teacher_configs(server)
     if len(configs) < 2:
         return
     tags = {tag for cfg in configs for tag in cfg.tags}
-    from swift_gkd_plugin.swift.setup.dataset_files import dataset_rows, local_dataset_files
+    if key == 'dataset':
+        for entry in args.dataset or []:
+            tag = dataset_tag(entry, args.use_hf)
+            if tag not in tags:
+                raise FlagError(f'--dataset {entry}: ms-swift tags its rows {tag!r} (--teacher_tag_key dataset: the '
+                                'entry as given, its path, not its file name), '
+                                'and no teacher of '
+                                f'--teacher_model_server has that tag; the teachers\' tags are {sorted(tags)}: tag a '
+                                f'teacher {json.dumps(tag)}, or route by a column of the rows with --teacher_tag_key '
+                                'COLUMN')
+        return
+    from swift_gkd_plugin.dataset_files import dataset_rows, local_dataset_files
     for path, _ in local_dataset_files(args.dataset, args.use_hf):
         bad = [(where, row.get(key)) for where, row in dataset_rows('--dataset', path)
                if (str(row[key]) if row.get(key) is not None else None) not in tags]
@@ -210,6 +225,25 @@ def check_teacher_tags(args) -> None:
             raise FlagError(f'--teacher_tag_key {key}: {len(bad)} row(s) of --dataset {path} name no teacher of '
                             f'--teacher_model_server ({shown}); the teachers\' tags are {sorted(tags)}: give each row '
                             f'a "{key}" among them, or add a teacher with its tag')
+
+
+def dataset_tag(entry: str, use_hf=None) -> str:
+    """The routing tag ms-swift 4.6's ``load_dataset`` gives each row of a ``--dataset`` entry (``loader.py``
+    ~362-392, ``_inject_dataset_routing_tag``): the entry's dataset as parsed (its path or hub id as given, without
+    ``#N``, ``:subset`` or ``hf::``), or, for a dataset registered under a name (``--custom_dataset_info``'s
+    ``dataset_name``), the registered path or the hub id of the hub in use, as the loader rewrites it (hub datasets
+    registered without a name are keyed by their ids' tuple there, so their entry is their tag)."""
+    from swift.dataset.dataset_syntax import DatasetSyntax
+    from swift.dataset.register import DATASET_MAPPING
+    from swift.utils import use_hf_hub
+    syntax = DatasetSyntax.parse(entry)
+    meta = DATASET_MAPPING.get(syntax.dataset)
+    if meta is None:
+        return syntax.dataset
+    if syntax.use_hf is None and meta.dataset_path is not None:
+        return meta.dataset_path
+    hf = syntax.use_hf if syntax.use_hf is not None else (use_hf if use_hf is not None else use_hf_hub())
+    return meta.hf_dataset_id if hf else meta.ms_dataset_id
 
 
 def _student_tokenizer(args):

@@ -28,3 +28,17 @@ def check_vllm_server_mode(args) -> None:
         raise FlagError('--vllm_mode server needs a CUDA GPU here: ms-swift syncs the student\'s weights to the '
                         'rollout server over NCCL, and swift rollout needs a GPU too. On this machine use '
                         '--vllm_mode colocate (vLLM\'s CPU build) or --use_vllm false')
+
+
+def check_vllm_tensor_parallel_size(args) -> None:
+    """Colocate mode splits the training processes into vLLM groups of ``--vllm_tensor_parallel_size``, and ms-swift
+    refuses a size that does not divide their number (``rlhf_trainers/rollout_mixin.py``, a traceback once both
+    models are loaded). The number is torchrun's ``WORLD_SIZE`` (the launcher sets rank 0's), 1 without a launcher."""
+    if not (args.use_vllm and args.vllm_mode == 'colocate'):
+        return
+    size, processes = args.vllm_tensor_parallel_size, int(os.environ.get('WORLD_SIZE') or 1)
+    if processes % size:
+        divisors = [d for d in range(1, processes + 1) if processes % d == 0]
+        raise FlagError(f'--vllm_tensor_parallel_size {size} does not divide the {processes} training process'
+                        f'{"es" if processes > 1 else ""} (NPROC_PER_NODE x NNODES): colocate mode splits them into '
+                        f'vLLM groups of that size (allowed: {", ".join(map(str, divisors))})')

@@ -24,6 +24,7 @@ from swift_gkd_plugin.core.constants import IGNORE_INDEX
 from swift_gkd_plugin.core.entropy import tempered_entropy
 from swift_gkd_plugin.core.fused.loss import fused_linear_jsd
 from swift_gkd_plugin.core.fused.kernels import describe_backend
+from swift_gkd_plugin.core.guards.non_finite import loss_terms, non_finite_loss_message
 from swift_gkd_plugin.core.weights.offload import is_partitioned
 from swift_gkd_plugin.core.policy_gradient import (head_token_logprobs, policy_gradient_loss,
                                                    rollout_importance_weights, sampled_token_stats)
@@ -36,7 +37,7 @@ from swift_gkd_plugin.core.topk import (drop_ids_outside_vocab, topk_divergence_
 from swift_gkd_plugin.core.views import check_same_response_count
 from swift_gkd_plugin.swift.step.hidden_states import (fused_fallback_reason, gathered_heads, head_bypassed, head_is_sharded,
                                                   head_rows, output_head, topk_from_hidden)
-from swift_gkd_plugin.swift.run.guards import RunError, non_finite_loss_message
+from swift_gkd_plugin.swift.run.guards import RunError
 from swift_gkd_plugin.swift.setup.teacher_server import teacher_names
 from swift_gkd_plugin.swift.step.token_metrics import add_token_sum as _add_token_sum
 
@@ -86,7 +87,8 @@ class LossMixin:
                     self.compute_loss(self.accelerator.unwrap_model(model), batch)
             finally:
                 self._check_now = False
-        raise RunError(non_finite_loss_message(self.state.global_step + 1, mode, True, [], outputs_checked=rerun))
+        raise RunError(non_finite_loss_message(self.state.global_step + 1, mode, True, [], outputs_checked=rerun,
+                                               terms=loss_terms(self.args)))
 
     def _loss_setup(self, inputs) -> '_LossSetup':
         """Response positions, the step's normaliser and which label term applies to this micro-batch (and the
@@ -293,7 +295,7 @@ class LossMixin:
         parts = [(self._teacher_name(), what, tensor, logprobs) for what, tensor, logprobs in _signal_parts(teacher)]
         parts += [(self._student_name(), what, tensor, False) for what, tensor in student_parts]
         raise RunError(non_finite_loss_message(self.state.global_step + self.model.training, mode.value,
-                                               self.model.training, parts))
+                                               self.model.training, parts, terms=loss_terms(self.args)))
 
     def _teacher_entropies(self, teacher: TeacherSignal, student_vocab: int) -> torch.Tensor:
         """The teacher's entropy ``[N]`` at the loss temperature at each response position (``gkd/teacher_entropy``,

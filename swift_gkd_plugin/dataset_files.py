@@ -1,6 +1,7 @@
 """Local dataset files by format: ``.jsonl``, ``.json`` (lines or an array), ``.csv``, ``.parquet``, ``.arrow``.
 In: ``--dataset``-style entries, a file path. Out: the local files to read; ``(Where, row)`` per row, or a FlagError
-naming the flag, the file and the line."""
+naming the flag, the file and the line; whether a student-itself teacher has a privileged prompt to read. Read by the
+checks of both adapters before any model loads (``swift rlhf``'s, and the ``megatron`` launcher's)."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,7 @@ from typing import Iterator, List, NamedTuple, Optional, Tuple
 from swift.dataset.dataset_syntax import DatasetSyntax
 from swift.dataset.preprocessor import AutoPreprocessor
 
+from swift_gkd_plugin.core.constants import PRIVILEGED_COLUMNS
 from swift_gkd_plugin.flags import FlagError
 
 
@@ -30,6 +32,39 @@ def local_dataset_files(entries: List[str], use_hf: Optional[bool]) -> List[Tupl
         preprocess = syntax.get_dataset_meta(use_hf).preprocess_func
         files.append((syntax.dataset, isinstance(preprocess, AutoPreprocessor) and not preprocess.columns))
     return files
+
+
+def no_privileged_view(entries: List[str], use_hf: Optional[bool], columns=None) -> bool:
+    """True when every ``--dataset`` entry is a local file in ms-swift's standard format and no row of them has a
+    teacher_prompt or teacher_messages (``--columns`` mapped): the student-itself teacher then sees what the student
+    sees. False when a row has one, or when some entry cannot be read here (a hub id, a registered preprocessor)."""
+    entries = list(entries or [])
+    files = local_dataset_files(entries, use_hf)
+    if not entries or len(files) != len(entries) or not all(standard for _, standard in files):
+        return False
+    columns = columns if isinstance(columns, dict) else {}
+    names = set(PRIVILEGED_COLUMNS) | {k for k, v in columns.items() if v in PRIVILEGED_COLUMNS}
+    return not any(row.get(name) for path, _ in files for _, row in dataset_rows('--dataset', path) for name in names)
+
+
+def check_teacher_given(args, teacher_flags: Tuple[str, ...], ways_out: str) -> None:
+    """Without any of ``teacher_flags`` (``--teacher_model``, ``--teacher_model_server``, ...) the teacher is the
+    student itself (ms-swift's self-distillation): unless a row gives it a privileged prompt, teacher and student see
+    the same input, every divergence and its gradient are exactly 0, and the run learns nothing (with exit 0).
+    Refused when every ``--dataset`` is a local file without such a column (:func:`no_privileged_view`) and no other
+    term learns (``--sft_alpha``, ``--gkd_rl_coef``); ``ways_out`` names the teacher flags that work. Other datasets
+    cannot be read here: the trainers stop a run whose loss stays 0."""
+    if any(getattr(args, flag, None) for flag in teacher_flags):
+        return
+    if (args.sft_alpha or 0) > 0 or (getattr(args, 'gkd_rl_coef', 0) or 0) > 0:
+        return
+    if no_privileged_view(args.dataset, args.use_hf, args.columns):
+        names = [f'--{flag}' for flag in teacher_flags]
+        given = ' or '.join([', '.join(names[:-1]), names[-1]] if len(names) > 1 else names)
+        raise FlagError(f'no teacher: without {given} the teacher is the student itself, and no row of --dataset has '
+                        'a teacher_prompt or teacher_messages column to give it a view of its own, so the loss and its '
+                        f'gradient are exactly 0 and the run would learn nothing. Pass {ways_out}, add a '
+                        'teacher_prompt column, or set --sft_alpha > 0')
 
 
 class Where(NamedTuple):

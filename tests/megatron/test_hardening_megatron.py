@@ -1,0 +1,116 @@
+"""``megatron rlhf --rlhf_type gkd``: what used to reach the ranks (a traceback per rank, or exit code 0 having
+learnt nothing) is refused by the launcher in one line, and what only training can show stops naming its cause.
+
+Launcher refusals: the real ``megatron`` CLI in a subprocess, its ranks stopped at once if it starts them
+(``stop_site``); "without vLLM" hides the installed package from that process (``no_vllm_site``). The two guards
+are end-to-end runs on the tiny pair (:mod:`megatron_runs`)."""
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+from conftest import OFFLINE_ENV
+from megatron_runs import ACTIVE, megatron_args, run_megatron, train_rows
+from test_launcher_checks import DATASET, GKD, MEGATRON, SPAWNED, STOP_RANKS, assert_passed_the_checks
+
+NO_VLLM = {'PYTHONPATH': os.path.join(os.path.dirname(__file__), 'no_vllm_site')}
+
+
+def launch(*flags, env=STOP_RANKS):
+    """``megatron rlhf --rlhf_type gkd FLAGS``: (exit code, output)."""
+    full_env = dict(os.environ, **OFFLINE_ENV, **env)
+    full_env.pop('SWIFT_GKD_PLUGIN', None)
+    proc = subprocess.run([MEGATRON, 'rlhf', *GKD, *flags], env=full_env, capture_output=True, text=True, timeout=300)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def assert_refused(code, output, message):
+    """Exit code 2, the one ``megatron rlhf: error:`` line holding ``message``, no rank started, no traceback."""
+    errors = [line for line in output.splitlines() if line.startswith('megatron rlhf: error: ')]
+    assert code == 2 and len(errors) == 1 and message in errors[0], output[-3000:]
+    assert SPAWNED not in output and 'Traceback' not in output
+
+
+def test_a_command_line_without_a_training_set_is_refused_in_the_launcher(tiny_ws):
+    code, output = launch('--model', tiny_ws.student, '--teacher_model', tiny_ws.teacher, '--use_vllm', 'false')
+    assert_refused(code, output, 'no training set: pass --dataset (local files such as train.jsonl, or hub dataset '
+                   'ids) or --cached_dataset')
+
+
+def test_no_teacher_and_no_privileged_prompt_is_refused_in_the_launcher(tiny_ws, tmp_path):
+    """No --teacher_model: the teacher is the student itself, which needs a teacher_prompt column to differ."""
+    code, output = launch('--model', tiny_ws.student, '--dataset', tiny_ws.train, '--use_vllm', 'false')
+    assert_refused(code, output, 'no teacher: without --teacher_model or --teacher_model_server the teacher is the '
+                   'student itself, and no row of --dataset has a teacher_prompt or teacher_messages column')
+    privileged = tmp_path / 'privileged.jsonl'
+    privileged.write_text('{"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}], '
+                          '"teacher_prompt": "1+1? The answer is 2."}\n')
+    assert_passed_the_checks(launch('--model', tiny_ws.student, '--dataset', str(privileged), '--use_vllm', 'false')[1])
+
+
+def test_context_parallel_on_policy_without_vllm_is_refused_in_the_launcher(tiny_ws):
+    """As seq_kd's rule is: it was refused in every rank, after they had started (two tracebacks, 80 s)."""
+    code, output = launch('--model', tiny_ws.student, *DATASET, '--teacher_model', tiny_ws.teacher, '--use_vllm',
+                          'false', '--context_parallel_size', '2')
+    assert_refused(code, output, 'on-policy steps (--lmbda 0.5) without vLLM sample from the Megatron model, which '
+                   'needs --context_parallel_size 1 (got 2): sample with vLLM (--use_vllm true --vllm_mode colocate or '
+                   'server), or pass --lmbda 0 (dataset responses only) or --context_parallel_size 1')
+    code, output = launch('--model', tiny_ws.student, *DATASET, '--teacher_model', tiny_ws.teacher,
+                          '--context_parallel_size', '2', env=NO_VLLM)  # --use_vllm true, but no vLLM to sample
+    assert_refused(code, output, 'server; pip install vllm first, it is not installed here)')
+
+
+def test_a_teacher_server_without_vllm_is_refused_in_the_launcher(tiny_ws):
+    """ms-swift's teacher client refuses to start without vLLM (every rank, after loading the student)."""
+    server = ('--teacher_model_server', 'http://127.0.0.1:9', '--gkd_logits_topk', '8', '--use_vllm', 'false')
+    code, output = launch('--model', tiny_ws.student, *DATASET, *server, env=NO_VLLM)
+    assert_refused(code, output, "--teacher_model_server http://127.0.0.1:9 needs vLLM installed on this machine, the "
+                   "trainer's: megatron rlhf asks the server through ms-swift's teacher client, which refuses to start "
+                   'without it (pip install vllm')
+    assert_passed_the_checks(launch('--model', tiny_ws.student, *DATASET, *server)[1])  # vLLM installed here
+
+
+def test_the_divergence_coef_refusal_names_what_works_in_megatron():
+    """It advised --lmbda 1 and --gkd_sampled_kl_coef > 0, which megatron rlhf refuses in turn: a dead end."""
+    code, output = launch('--model', 'Qwen/Qwen3-0.6B', *DATASET, '--use_vllm', 'false', '--gkd_divergence_coef', '0')
+    assert_refused(code, output, '--gkd_divergence_coef 0 is supported by swift rlhf only yet: the Megatron loss is '
+                   'the divergence alone, at weight 1 (no policy-gradient term: --gkd_sampled_kl_coef and '
+                   '--gkd_rl_coef are refused here too). Pass --gkd_divergence_coef 1 here')
+    assert '--lmbda 1' not in output
+    code, output = launch('--model', 'Qwen/Qwen3-0.6B', *DATASET, '--use_vllm', 'false', '--gkd_divergence_coef', '-1')
+    assert_refused(code, output, '--gkd_divergence_coef must be >= 0')  # out of range: the shared check's message
+
+
+cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason='the CPU harness does nothing where CUDA is present')
+
+
+@cpu_only
+def test_a_copy_of_the_student_as_teacher_stops_before_the_first_step(tiny_ws, tmp_path):
+    """Under ms-swift's default --weight_decay 0.1 the run exited 0: step 1's gradient norm was 0, then weight decay
+    moved the student (gradient norm 5e-7 at step 2). Decided from the weights at train begin, as swift rlhf does."""
+    teacher = str(tmp_path / 'copy_of_the_student')
+    shutil.copytree(tiny_ws.student, teacher)
+    run = run_megatron(megatron_args(tiny_ws, str(tmp_path / 'out'), teacher_model=teacher), check=False)
+    assert run.returncode != 0 and ACTIVE in run.output, run.output[-3000:]
+    assert (f"--teacher_model {teacher} has the student's weights exactly (a copy of --model): distil from another "
+            'model; no training row has a teacher_prompt or teacher_messages and --sft_alpha is 0') in run.output
+    assert train_rows(run) == []  # stopped before the first step
+
+
+@cpu_only
+def test_a_nan_teacher_weight_names_the_model_and_the_step(tiny_ws, tmp_path):
+    """It stopped with megatron-core's "found NaN in local grad norm ... iteration -1", naming neither."""
+    from safetensors.torch import load_file, save_file
+    teacher = str(tmp_path / 'nan_teacher')
+    shutil.copytree(tiny_ws.teacher, teacher)
+    path = os.path.join(teacher, 'model.safetensors')
+    weights = load_file(path)
+    weights['model.layers.1.mlp.down_proj.weight'][0, 0] = float('nan')
+    save_file(weights, path, metadata={'format': 'pt'})
+    run = run_megatron(megatron_args(tiny_ws, str(tmp_path / 'out'), teacher_model=teacher, lmbda=0, train_iters=1),
+                       check=False)
+    assert run.returncode != 0 and ACTIVE in run.output, run.output[-3000:]
+    assert (f'the teacher (--teacher_model {teacher}): its logits hold NaN at response token 1 of ') in run.output
+    assert 'a dataset response) on step 1 (off_policy step), so the loss is not finite' in run.output
+    assert 'found NaN in local grad norm' not in run.output

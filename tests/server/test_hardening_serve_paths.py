@@ -1,0 +1,43 @@
+"""Issue 58 item 4 for ``swift-gkd serve-teacher``: a ``--model`` folder without ``config.json`` failed after the load
+started with transformers' traceback (and exit code 0), and a ``--model`` / ``--adapters`` file was called "no such
+folder (did you mean <the same path>?)". Each is now one error line naming the flag, exit code 2, nothing loaded."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import OFFLINE_ENV
+
+SWIFT_GKD = os.path.join(os.path.dirname(sys.executable), 'swift-gkd')
+
+
+def _serve_refusal(argv) -> str:
+    """The one error line of ``swift-gkd serve-teacher argv``, which must exit 2 without a traceback or a load."""
+    proc = subprocess.run([SWIFT_GKD, 'serve-teacher', *argv, '--port', '0', '--device', 'cpu'],
+                          env=dict(os.environ, **OFFLINE_ENV), capture_output=True, text=True, timeout=120)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith('swift-gkd serve-teacher: error: ')]
+    assert proc.returncode == 2 and len(errors) == 1 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+    assert 'loaded in' not in proc.stderr and 'Loading weights' not in proc.stderr
+    return errors[0]
+
+
+@pytest.mark.parametrize('keep', ['weights', 'tokenizer'])
+def test_serve_teacher_refuses_a_model_folder_without_config_json(tiny_ws, tmp_path, keep):
+    folder = tmp_path / keep
+    folder.mkdir()
+    for name in os.listdir(tiny_ws.teacher):
+        if name.endswith('.safetensors') if keep == 'weights' else name.startswith('tokenizer'):
+            shutil.copy(os.path.join(tiny_ws.teacher, name), folder / name)
+    error = _serve_refusal(['--model', str(folder)])
+    assert f'--model {folder}: the folder {str(folder)!r} has no config.json' in error
+
+
+@pytest.mark.parametrize('flag', ['--model', '--adapters'])
+def test_serve_teacher_says_a_file_is_a_file(tiny_ws, flag):
+    weights = os.path.join(tiny_ws.teacher, 'model.safetensors')
+    argv = ['--model', weights] if flag == '--model' else ['--model', tiny_ws.teacher, '--adapters', weights]
+    error = _serve_refusal(argv)
+    assert f'{flag} {weights}: {weights!r} is a file, not ' in error and 'did you mean' not in error

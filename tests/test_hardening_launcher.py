@@ -1,0 +1,70 @@
+"""Refusals of ``swift rlhf`` under torchrun (``NPROC_PER_NODE`` set), through ms-swift's ``swift`` launcher: one
+``error:`` line and exit code 2, without torchrun's ``ChildFailedError`` report; flag-only refusals before any rank
+starts."""
+import yaml
+from conftest import base_args, run_swift
+from test_activation_and_bad_input import assert_refused_in_one_line
+
+CPU_RANKS = dict(ddp_backend='gloo', use_cpu='true')
+TORCHRUN_REPORT = ('ChildFailedError', 'FAILED', 'exitcode', 'Root Cause', 'SIGTERM')
+COLOCATE = dict(use_vllm='true', vllm_mode='colocate')
+
+
+def assert_refused_by_launcher(run, needles, *, ranks_started):
+    """One line, exit code 2, no model loaded, nothing of torchrun's report; torchrun started only for refusals that
+    need what the ranks resolve."""
+    assert_refused_in_one_line(run, needles)
+    assert not any(marker in run.output for marker in TORCHRUN_REPORT), run.output[-3000:]
+    assert (run.launched is not None) == ranks_started, run.output[-3000:]
+    if ranks_started:
+        assert run.launched[1:3] == ['-m', 'torch.distributed.run']
+
+
+def test_flag_refused_in_the_launcher_before_torchrun(tiny_ws, tmp_path):
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), beta=1.5, **CPU_RANKS), nproc=2, launcher=True,
+                    check=False, timeout=180)
+    assert_refused_by_launcher(run, ['--beta must be in [0, 1]', 'got 1.5'], ranks_started=False)
+
+
+def test_config_file_refused_in_the_launcher(tiny_ws, tmp_path):
+    """A ``swift rlhf config.yaml`` whose ``ENV`` asks for torchrun: its flags are checked before the ranks start."""
+    argv = base_args(tiny_ws, str(tmp_path / 'out'), beta=1.5, **CPU_RANKS)
+    config = {'ENV': {'NPROC_PER_NODE': 2}, **{argv[i][2:]: argv[i + 1] for i in range(0, len(argv), 2)}}
+    path = tmp_path / 'gkd.yaml'
+    path.write_text(yaml.safe_dump(config))
+    run = run_swift([str(path)], launcher=True, check=False, timeout=180)
+    assert_refused_by_launcher(run, ['--beta must be in [0, 1]', 'got 1.5'], ranks_started=False)
+
+
+def test_unknown_flag_refused_in_the_launcher(tiny_ws, tmp_path):
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), gkd_lmbda=0.5, **CPU_RANKS), nproc=2, launcher=True,
+                    check=False, timeout=180)
+    assert_refused_by_launcher(run, ['unrecognized arguments: --gkd_lmbda 0.5'], ranks_started=False)
+
+
+def test_rank_refusal_is_one_line_without_torchrun_report(tiny_ws, tmp_path):
+    """A refusal that needs the models' configs (resolved in the ranks): the first rank to refuse prints it, the
+    other stays silent, torchrun exits 2 without its report. ``--deepspeed`` also shows that the launcher checks in
+    the ranks' environment (in one process without a launcher it is refused for want of mpi4py)."""
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), gkd_logits_topk=100000, deepspeed='zero2',
+                              **CPU_RANKS), nproc=2, launcher=True, check=False, timeout=300)
+    assert_refused_by_launcher(run, ['--gkd_logits_topk 100000 is larger than the vocabulary', 'allowed 1 to 448'],
+                               ranks_started=True)
+
+
+def test_vllm_tensor_parallel_size_divides_the_processes_in_the_launcher(tiny_ws, tmp_path):
+    """ms-swift refused it in a traceback once both models were loaded."""
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), vllm_tensor_parallel_size=3, **COLOCATE, **CPU_RANKS),
+                    nproc=2, launcher=True, check=False, timeout=180)
+    assert_refused_by_launcher(run, ['--vllm_tensor_parallel_size 3 does not divide the 2 training processes',
+                                     '(allowed: 1, 2)'], ranks_started=False)
+
+
+def test_vllm_tensor_parallel_size_divides_one_process(tiny_ws, tmp_path):
+    """``NPROC_PER_NODE=1`` (torchrun, one rank), and a process started without a launcher (the child directly)."""
+    args = base_args(tiny_ws, str(tmp_path / 'out'), vllm_tensor_parallel_size=3, **COLOCATE)
+    run = run_swift(args, env={'NPROC_PER_NODE': '1'}, launcher=True, check=False, timeout=180)
+    assert_refused_by_launcher(run, ['--vllm_tensor_parallel_size 3 does not divide the 1 training process',
+                                     '(allowed: 1)'], ranks_started=False)
+    run = run_swift(args, check=False, timeout=180)
+    assert_refused_in_one_line(run, ['--vllm_tensor_parallel_size 3 does not divide the 1 training process'])
