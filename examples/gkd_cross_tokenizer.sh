@@ -1,4 +1,9 @@
 #!/usr/bin/env bash
+# Hardware: 4 GPUs (NPROC_PER_NODE=4), bf16, DeepSpeed ZeRO-2, the 7B teacher offloaded between uses.
+# 硬件：4 卡（NPROC_PER_NODE=4），bf16，DeepSpeed ZeRO-2，7B 教师不用时卸载到 CPU。
+# Cost: not measured (not yet run on GPUs). / 开销：未测量（尚未在 GPU 上运行）。
+# CPU try-out with tiny models: GKD_EXAMPLE_TINY=DIR bash examples/gkd_cross_tokenizer.sh (examples/README.md).
+#
 # Distillation across tokenizers: a Qwen2.5-7B-Instruct teacher (Qwen's byte-level BPE, 151k tokens) into a
 # Llama-3.2-1B-Instruct student (Llama 3's tokenizer, 128k tokens), see docs_en/cross_tokenizer.md.
 # 跨分词器蒸馏：教师 Qwen2.5-7B-Instruct（Qwen 的字节级 BPE，15.1 万词）蒸馏到学生 Llama-3.2-1B-Instruct（Llama 3 分词器，
@@ -19,6 +24,7 @@
 # 首词带前缀空格的 sentencepiece 教师（Llama-2、Mistral）同样适用：其第一个词去掉该空格后再比较（启动日志会写出）。
 # 教师的模型类型有多个模板时，用 --teacher_template <type> 指定。
 # Not yet run on GPUs: start with a few steps. / 尚未在 GPU 上运行过：请先跑几步。
+source "$(dirname "${BASH_SOURCE[0]}")/cpu_mode/cpu_mode.sh"  # GKD_EXAMPLE_TINY=DIR: tiny models on CPU
 NPROC_PER_NODE=4 \
 swift rlhf \
     --rlhf_type gkd \

@@ -1,4 +1,9 @@
 #!/usr/bin/env bash
+# Hardware: 8 GPUs: 6 train (NPROC_PER_NODE=6, vLLM colocate), 2 serve the 32B teacher (vllm serve, TP 2).
+# 硬件：8 卡：6 卡训练（NPROC_PER_NODE=6，vLLM colocate），2 卡用 vllm serve 提供 32B 教师（TP 2）。
+# Cost: not measured (not yet run on GPUs). / 开销：未测量（尚未在 GPU 上运行）。
+# CPU try-out (GKD_EXAMPLE_TINY): does not apply, two teachers served by `vllm serve` need GPUs.
+#
 # Two teachers, one per row, one of them local: rows whose "domain" is "code" are scored by a larger teacher served by
 # plain `vllm serve`; rows whose "domain" is "chat" by the LoRA student's own base with its adapter off (the entry
 # {"url": "local"}: --teacher_model is --model, one copy of the weights), which keeps the adapter from drifting on chat
@@ -8,6 +13,8 @@
 # 不在对话上漂移。两者给出相同的信号：温度 1 下的 top-k 和每个采样 token 的对数概率。
 # docs_en/teacher_server.md#one-of-them-local, docs_zh/teacher_server.md#其中一个是本地教师
 set -euo pipefail
+GKD_TINY_NOT_APPLICABLE='two teachers served by `vllm serve` need GPUs'  # in the CPU mode
+source "$(dirname "${BASH_SOURCE[0]}")/cpu_mode/cpu_mode.sh"  # GKD_EXAMPLE_TINY=DIR: tiny models on CPU
 DATASET=${DATASET:-my_data.jsonl}  # rows: {"messages": [...], "domain": "chat" | "code"}
 
 # 1) the served teacher (same tokenizer as the student; checked before the trainer loads anything)

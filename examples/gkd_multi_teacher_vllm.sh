@@ -1,4 +1,9 @@
 #!/usr/bin/env bash
+# Hardware: 8 GPUs: 6 train (NPROC_PER_NODE=6, vLLM colocate), 1 for each of two 7B teachers (vllm serve).
+# 硬件：8 卡：6 卡训练（NPROC_PER_NODE=6，vLLM colocate），两个 7B 教师各占 1 卡（vllm serve）。
+# Cost: not measured (not yet run on GPUs). / 开销：未测量（尚未在 GPU 上运行）。
+# CPU try-out (GKD_EXAMPLE_TINY): does not apply, two teachers served by `vllm serve` need GPUs.
+#
 # Two teachers served by plain `vllm serve` (vLLM's OpenAI-compatible server: nothing of this plugin on their side),
 # one per row: a "domain" column of the dataset names each row's teacher. Each generation batch sends one request per
 # teacher with the trainer's token ids; vLLM's prompt_logprobs give the top-k for the divergence and each sampled
@@ -8,6 +13,8 @@
 # 中给出散度所需的 top-k 和采样 token 项所需的每个 token 对数概率。每个教师有自己的指标：gkd/math/...、gkd/code/...
 # docs_en/teacher_server.md#several-teachers-one-per-row, docs_zh/teacher_server.md#多个教师每行一个
 set -euo pipefail
+GKD_TINY_NOT_APPLICABLE='two teachers served by `vllm serve` need GPUs'  # in the CPU mode
+source "$(dirname "${BASH_SOURCE[0]}")/cpu_mode/cpu_mode.sh"  # GKD_EXAMPLE_TINY=DIR: tiny models on CPU
 DATASET=${DATASET:-my_data.jsonl}  # rows: {"messages": [...], "domain": "math" | "code"}
 
 # 1) the teachers: --max-logprobs covers --gkd_logits_topk, --max-model-len exceeds --max_length (both checked

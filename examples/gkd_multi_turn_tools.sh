@@ -1,4 +1,10 @@
 #!/usr/bin/env bash
+# Hardware: 4 GPUs (NPROC_PER_NODE=4), bf16, ZeRO-2, transformers sampling.
+# 硬件：4 卡（NPROC_PER_NODE=4），bf16，ZeRO-2，transformers 采样。
+# Cost: not measured (not yet run on GPUs). / 开销：未测量（尚未在 GPU 上运行）。
+# CPU try-out (GKD_EXAMPLE_TINY): does not apply, the tiny demo models do not know the calculator task; its CPU run
+# on tiny models is `python benchmarks/bench_quality.py --preset tools --quick` (tests/test_multi_turn.py).
+#
 # Multi-turn tool-use distillation: on-policy GKD whose student drives calculator turns (docs_en/multi_turn.md).
 # 多轮工具调用蒸馏：由学生驱动计算器多轮交互的 on-policy GKD，见 docs_zh/multi_turn.md。
 #
@@ -26,6 +32,9 @@
 # 仅在 CPU 上用小模型测试过（tests/test_multi_turn.py，以及 benchmarks/bench_quality.py 的 tools 预设中的同样参数）；
 # 本脚本尚未在 GPU 上、也未用 vLLM 运行过：请先跑几步，并观察 gkd/num_turns 与 gkd/empty_trajectories。
 set -euo pipefail
+GKD_TINY_NOT_APPLICABLE='the tiny demo models do not know the calculator task; its CPU run on tiny models: '\
+'python benchmarks/bench_quality.py --preset tools --quick'  # in the CPU mode
+source "$(dirname "${BASH_SOURCE[0]}")/cpu_mode/cpu_mode.sh"  # GKD_EXAMPLE_TINY=DIR: tiny models on CPU
 STUDENT=${STUDENT:-Qwen/Qwen2.5-0.5B-Instruct}
 TEACHER=${TEACHER:-Qwen/Qwen2.5-7B-Instruct}
 DATASET=${DATASET:-gkd_tool_task_train.jsonl}

@@ -1,4 +1,9 @@
 #!/usr/bin/env bash
+# Hardware: 4 GPUs (NPROC_PER_NODE=4), bf16, ZeRO-2, two steps (swift sft, then swift rlhf).
+# 硬件：4 卡（NPROC_PER_NODE=4），bf16，ZeRO-2，两步（swift sft，然后 swift rlhf）。
+# Cost: not measured (not yet run on GPUs). / 开销：未测量（尚未在 GPU 上运行）。
+# CPU try-out with tiny models: GKD_EXAMPLE_TINY=DIR bash examples/gkd_onpolicy_remedies.sh (examples/README.md).
+#
 # Pure on-policy GKD with the remedy that measured best here (docs_en/onpolicy_remedies.md): a supervised start,
 # then the student samples from its nucleus only (--top_p 0.9). Sampling at 0.5 instead (--gkd_sampling_temperature
 # 0.5) measured as well on the tool task; both together measured worse than either.
@@ -14,6 +19,7 @@
 # 第 2 步做 on-policy 蒸馏。对照 gkd/entropy 与 gkd/teacher_entropy：学生熵连续多个记录步远高于教师时会告警（反馈回路）。
 # 仅在 CPU 上用 SmolLM2-135M 和一个小型工具调用任务测过（各 3 个种子）；尚未在 GPU 上运行。
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/cpu_mode/cpu_mode.sh"  # GKD_EXAMPLE_TINY=DIR: tiny models on CPU
 STUDENT=${STUDENT:-Qwen/Qwen2.5-0.5B-Instruct}
 TEACHER=${TEACHER:-Qwen/Qwen2.5-7B-Instruct}
 DATASET=${DATASET:-AI-ModelScope/alpaca-gpt4-data-en#5000}

@@ -1,4 +1,9 @@
 #!/usr/bin/env bash
+# Hardware: 8 GPUs (NPROC_PER_NODE=8), bf16, vLLM colocate, ZeRO-2.
+# 硬件：8 卡（NPROC_PER_NODE=8），bf16，vLLM colocate，ZeRO-2。
+# Cost: not measured (not yet run on GPUs). / 开销：未测量（尚未在 GPU 上运行）。
+# CPU try-out with tiny models: GKD_EXAMPLE_TINY=DIR bash examples/gkd_rl_reward.sh (examples/README.md).
+#
 # RL + distillation in one trainer: on-policy GKD plus a policy-gradient term on a verifiable reward (docs_en/rl.md).
 # 一个 trainer 中同时做 RL 与蒸馏：on-policy GKD 加上基于可验证奖励的策略梯度项（见 docs_zh/rl.md）。
 #
@@ -10,10 +15,12 @@
 # Loss of every step (all on-policy here, --lmbda 1) / 每步的损失（此处全为 on-policy，--lmbda 1）:
 #   L = sum_i JSD_beta(i) / N + c * sum_i A(i) * (-log pi_T(y_i | prefix)) / N,   c = --gkd_rl_coef
 # A = the completion's reward minus its group's mean, divided by the group's std (--scale_rewards group); the group is
-# the G = --num_generations samples of one prompt. c = 0.1 is 003's `rl_loss_coef 0.1, distill_loss_coef 1.0`
-# (GKD paper: alpha = 1 / (1 + c)); it is not tuned: raise it if gkd/reward does not move.
+# the G = --num_generations samples of one prompt. c = 0.1 is the "RL + distillation" mode (`rl_loss_coef 0.1,
+# distill_loss_coef 1.0`) of "Simplified GKD Training for veRL" (veRL Team, 2025, https://github.com/volcengine/verl;
+# GKD paper: alpha = 1 / (1 + c)); it is not tuned: raise it if gkd/reward does not move.
 # A = 该补全的奖励减去组内均值，再除以组内标准差（--scale_rewards group）；一组是同一提示的 G = --num_generations 个
-# 采样。c = 0.1 对应 003 的 `rl_loss_coef 0.1, distill_loss_coef 1.0`（GKD 论文：alpha = 1 / (1 + c)）；未调参：
+# 采样。c = 0.1 对应 "Simplified GKD Training for veRL"（veRL Team，2025，https://github.com/volcengine/verl）的
+# "RL + 蒸馏" 模式（`rl_loss_coef 0.1, distill_loss_coef 1.0`；GKD 论文：alpha = 1 / (1 + c)）；未调参：
 # 若 gkd/reward 不动，请调大。
 #
 # vLLM samples in bf16 with its own kernels: --rollout_importance_sampling_mode token_truncate weights each token's term
@@ -26,6 +33,7 @@
 # Not yet run on GPUs (vLLM sampling with G > 1 included): start with a few steps and watch gkd/reward.
 # 尚未在 GPU 上运行过（包括 G > 1 时的 vLLM 采样）：请先跑几步，观察 gkd/reward。
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/cpu_mode/cpu_mode.sh"  # GKD_EXAMPLE_TINY=DIR: tiny models on CPU
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 STUDENT=${STUDENT:-Qwen/Qwen2.5-1.5B-Instruct}
 TEACHER=${TEACHER:-Qwen/Qwen2.5-7B-Instruct}

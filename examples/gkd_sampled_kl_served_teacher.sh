@@ -1,4 +1,10 @@
 #!/usr/bin/env bash
+# Hardware: 8 GPUs: 7 train (NPROC_PER_NODE=7, vLLM colocate), 1 serves the 7B teacher (swift-gkd serve-teacher).
+# 硬件：8 卡：7 卡训练（NPROC_PER_NODE=7，vLLM colocate），1 卡运行 7B 教师服务（swift-gkd serve-teacher）。
+# Cost: not measured (not yet run on GPUs). / 开销：未测量（尚未在 GPU 上运行）。
+# CPU try-out with tiny models: GKD_EXAMPLE_TINY=DIR bash examples/gkd_sampled_kl_served_teacher.sh
+# (examples/README.md).
+#
 # Sampled-token on-policy distillation (Tinker / veRL style): the teacher, served on its own GPU, scores only the
 # tokens the student sampled (one log-probability each, in the same request as its top-k); the student is trained
 # on those log-ratios alone, as a policy gradient whose expectation is the reverse KL's gradient.
@@ -6,6 +12,7 @@
 # 对数概率，与 top-k 在同一次请求中返回）；学生只用这些对数比训练，作为期望等于反向 KL 梯度的策略梯度。
 # docs_en/sampled_kl.md, docs_zh/sampled_kl.md
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/cpu_mode/cpu_mode.sh"  # GKD_EXAMPLE_TINY=DIR: tiny models on CPU
 export SWIFT_GKD_TEACHER_API_KEY=${SWIFT_GKD_TEACHER_API_KEY:-change-me}
 
 # 1) the teacher server (this plugin's: POST /v1/topk answers with_targets) / 教师服务（本插件的服务，支持 with_targets）

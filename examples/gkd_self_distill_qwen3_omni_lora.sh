@@ -1,4 +1,12 @@
 #!/usr/bin/env bash
+# Hardware: 8 GPUs (NPROC_PER_NODE=8), bf16, LoRA on a 30B MoE, DeepSpeed ZeRO-3, flash attention.
+# 硬件：8 卡（NPROC_PER_NODE=8），bf16，30B MoE 上的 LoRA，DeepSpeed ZeRO-3，flash attention。
+# Cost: not measured (not yet run on GPUs); memory: about 36 GiB per GPU, the estimate of the Qwen3-Omni LoRA
+# self-distillation write-up this script follows, not a measurement. / 开销：未测量（尚未在 GPU 上运行）；显存：每卡约
+# 36 GiB，为本脚本所依据的 Qwen3-Omni LoRA 自蒸馏文档的估算值，并非实测。
+# CPU try-out with tiny models: GKD_EXAMPLE_TINY=DIR bash examples/gkd_self_distill_qwen3_omni_lora.sh
+# (examples/README.md): the tiny student is its own teacher, with the privileged prompts written from the tiny rows.
+#
 # LoRA self-distillation of Qwen3-Omni-30B-A3B-Instruct (30B multimodal MoE) with a PRIVILEGED TEACHER CONTEXT.
 # Qwen3-Omni-30B-A3B-Instruct（30B 多模态 MoE）的 LoRA 自蒸馏，教师带有特权上下文。
 #
@@ -22,8 +30,8 @@
 #
 # vLLM does not serve Qwen3-Omni: on-policy sampling uses ms-swift's transformers engine.
 # vLLM 不支持 Qwen3-Omni：on-policy 采样使用 ms-swift 的 transformers 引擎。
-# About 36 GiB per GPU with ZeRO-3 and batch 4 (8 GPUs). / ZeRO-3、batch 4 时每卡约 36 GiB（8 卡）。
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/cpu_mode/cpu_mode.sh"  # GKD_EXAMPLE_TINY=DIR: tiny models on CPU
 MODEL=${MODEL:-Qwen/Qwen3-Omni-30B-A3B-Instruct}
 SOURCE_DATASET=${SOURCE_DATASET:-AI-ModelScope/alpaca-gpt4-data-zh#2000}  # any dataset with answers / 任何带答案的数据集
 OUTPUT_DIR=${OUTPUT_DIR:-output/gkd-omni-self-distill}

@@ -1,4 +1,9 @@
 #!/usr/bin/env bash
+# Hardware: 4 GPUs (NPROC_PER_NODE=4), bf16, ZeRO-2, transformers sampling, the 7B teacher offloaded between uses.
+# 硬件：4 卡（NPROC_PER_NODE=4），bf16，ZeRO-2，transformers 采样，7B 教师不用时卸载到 CPU。
+# Cost: not measured (not yet run on GPUs). / 开销：未测量（尚未在 GPU 上运行）。
+# CPU try-out with tiny models: GKD_EXAMPLE_TINY=DIR bash examples/gkd_skd.sh (examples/README.md).
+#
 # Speculative knowledge distillation (SKD, Xu et al., ICLR 2025) on on-policy steps (docs_en/skd.md).
 # 在 on-policy 步上做推测式知识蒸馏（SKD，Xu 等，ICLR 2025），见 docs_zh/skd.md。
 #
@@ -18,6 +23,7 @@
 # 采样（--use_vllm false）和与学生同一分词器的教师：如此处的本地教师，或本插件的教师服务（gkd_skd_teacher_server.sh）。
 # 仅在 CPU 上用小模型测试过，尚未在 GPU 上运行：请先跑几步。
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/cpu_mode/cpu_mode.sh"  # GKD_EXAMPLE_TINY=DIR: tiny models on CPU
 STUDENT=${STUDENT:-Qwen/Qwen2.5-0.5B-Instruct}
 TEACHER=${TEACHER:-Qwen/Qwen2.5-7B-Instruct}
 DATASET=${DATASET:-AI-ModelScope/alpaca-gpt4-data-en#5000}

@@ -1,4 +1,9 @@
 #!/usr/bin/env bash
+# Hardware: 5 GPUs: 4 train (NPROC_PER_NODE=4, ZeRO-2), 1 serves the 7B teacher (swift-gkd serve-teacher).
+# 硬件：5 卡：4 卡训练（NPROC_PER_NODE=4，ZeRO-2），1 卡运行 7B 教师服务（swift-gkd serve-teacher）。
+# Cost: not measured (not yet run on GPUs). / 开销：未测量（尚未在 GPU 上运行）。
+# CPU try-out with tiny models: GKD_EXAMPLE_TINY=DIR bash examples/gkd_skd_teacher_server.sh (examples/README.md).
+#
 # Speculative KD (docs_en/skd.md) with the teacher on this plugin's server: the student drafts, the server scores each
 # draft (POST /v1/topk) and the trainer keeps the drafted tokens inside the teacher's top-25, replacing the first one
 # outside by a sample from the server's top-64 (the top-64 truncation of the teacher's distribution).
@@ -12,6 +17,7 @@
 # /v1/topk（只支持 ms-swift /infer/ 协议的 `swift deploy` 或 vLLM 教师会被拒绝）。仅在 CPU 上用小模型测试过，尚未在 GPU
 # 上运行：请先跑几步。
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/cpu_mode/cpu_mode.sh"  # GKD_EXAMPLE_TINY=DIR: tiny models on CPU
 export SWIFT_GKD_TEACHER_API_KEY=${SWIFT_GKD_TEACHER_API_KEY:-change-me}
 STUDENT=${STUDENT:-Qwen/Qwen2.5-0.5B-Instruct}
 TEACHER=${TEACHER:-Qwen/Qwen2.5-7B-Instruct}

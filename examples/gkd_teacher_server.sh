@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
+# Hardware: 8 GPUs: 7 train (NPROC_PER_NODE=7), 1 serves the 7B teacher (swift-gkd serve-teacher).
+# 硬件：8 卡：7 卡训练（NPROC_PER_NODE=7），1 卡运行 7B 教师服务（swift-gkd serve-teacher）。
+# Cost: not measured (not yet run on GPUs). / 开销：未测量（尚未在 GPU 上运行）。
+# CPU try-out with tiny models: GKD_EXAMPLE_TINY=DIR bash examples/gkd_teacher_server.sh (examples/README.md).
+#
 # A teacher served over HTTP (no vLLM needed) on other GPUs, and a student trained against its top-k log-probs.
 # 通过 HTTP 提供教师服务（无需 vLLM，可在其他 GPU 上），学生基于其 top-k 对数概率训练。
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/cpu_mode/cpu_mode.sh"  # GKD_EXAMPLE_TINY=DIR: tiny models on CPU
 export SWIFT_GKD_TEACHER_API_KEY=${SWIFT_GKD_TEACHER_API_KEY:-change-me}
 
 # 1) the server: another address than 127.0.0.1 requires the API key / 绑定非本机地址必须设置 API key

@@ -1,4 +1,10 @@
 #!/usr/bin/env bash
+# Hardware: 8 GPUs (NPROC_PER_NODE=8), bf16, Megatron TP 2 x DP 4, flash attention.
+# 硬件：8 卡（NPROC_PER_NODE=8），bf16，Megatron TP 2 x DP 4，flash attention。
+# Cost: not measured (not yet run on GPUs). / 开销：未测量（尚未在 GPU 上运行）。
+# CPU try-out (GKD_EXAMPLE_TINY): does not apply, megatron rlhf needs megatron-core, mcore-bridge and
+# transformer-engine on GPUs (docs_en/megatron.md).
+#
 # Megatron-SWIFT GKD, dense models: Qwen3-8B teacher -> Qwen3-1.7B student (full tuning), 8 GPUs, TP=2 (DP=4).
 # Megatron-SWIFT 上的 GKD（稠密模型）：Qwen3-8B 教师 -> Qwen3-1.7B 学生（全参训练），8 卡，TP=2（DP=4）。
 # Modes: on-policy half of the steps (--lmbda 0.5), the teacher writes the other responses (--seq_kd true).
@@ -13,6 +19,9 @@
 # Not yet run end to end on GPUs: check your set-up with tests/gpu/run_megatron_gkd.sh first (docs_en/megatron.md).
 # 尚未在 GPU 上端到端运行过：请先用 tests/gpu/run_megatron_gkd.sh 检查环境（见 docs_zh/megatron.md）。
 set -euo pipefail
+GKD_TINY_NOT_APPLICABLE='megatron rlhf needs megatron-core, mcore-bridge and transformer-engine on GPUs '\
+'(docs_en/megatron.md)'  # in the CPU mode
+source "$(dirname "${BASH_SOURCE[0]}")/cpu_mode/cpu_mode.sh"  # GKD_EXAMPLE_TINY=DIR: tiny models on CPU
 STUDENT=${STUDENT:-Qwen/Qwen3-1.7B}
 TEACHER=${TEACHER:-Qwen/Qwen3-8B}
 USE_VLLM=${USE_VLLM:-false}

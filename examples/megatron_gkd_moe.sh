@@ -1,4 +1,10 @@
 #!/usr/bin/env bash
+# Hardware: 8 GPUs (NPROC_PER_NODE=8), bf16, Megatron EP 8, LoRA on a 30B MoE, flash attention.
+# 硬件：8 卡（NPROC_PER_NODE=8），bf16，Megatron EP 8，30B MoE 上的 LoRA，flash attention。
+# Cost: not measured (not yet run on GPUs). / 开销：未测量（尚未在 GPU 上运行）。
+# CPU try-out (GKD_EXAMPLE_TINY): does not apply, megatron rlhf needs megatron-core, mcore-bridge and
+# transformer-engine on GPUs (docs_en/megatron.md).
+#
 # Megatron-SWIFT GKD, MoE: LoRA self-distillation of Qwen3-30B-A3B-Instruct-2507 with expert parallelism (EP=8,
 # 8 GPUs). Teacher = the base model with the LoRA adapter disabled, student = base + LoRA: --teacher_model equal to
 # --model with --tuner_type lora loads the weights ONCE. / Megatron-SWIFT 上的 GKD（MoE）：Qwen3-30B-A3B-Instruct-2507
@@ -23,6 +29,9 @@
 # Not yet run end to end on GPUs: check your set-up with tests/gpu/run_megatron_gkd.sh first (docs_en/megatron.md).
 # 尚未在 GPU 上端到端运行过：请先用 tests/gpu/run_megatron_gkd.sh 检查环境（见 docs_zh/megatron.md）。
 set -euo pipefail
+GKD_TINY_NOT_APPLICABLE='megatron rlhf needs megatron-core, mcore-bridge and transformer-engine on GPUs '\
+'(docs_en/megatron.md)'  # in the CPU mode
+source "$(dirname "${BASH_SOURCE[0]}")/cpu_mode/cpu_mode.sh"  # GKD_EXAMPLE_TINY=DIR: tiny models on CPU
 MODEL=${MODEL:-Qwen/Qwen3-30B-A3B-Instruct-2507}
 USE_VLLM=${USE_VLLM:-false}
 ADAPTERS=${ADAPTERS:-}
