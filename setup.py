@@ -9,22 +9,27 @@ from setuptools.command.editable_wheel import editable_wheel
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PTH = 'swift_gkd_plugin.pth'
-DOCS = 'docs_en'  # shipped inside the package (swift_gkd_plugin/docs_en): help texts and errors cite its pages
+# shipped inside the package (swift_gkd_plugin/docs_en, docs_zh): help texts and errors cite their pages
+DOCS = ('docs_en', 'docs_zh')
 
 
 def doc_files():
-    """``docs_en``'s files, relative to the project (none in a tree without them)."""
+    """The files of the ``DOCS`` folders, relative to the project (none in a tree without them)."""
     found = []
-    for folder, _, names in os.walk(os.path.join(HERE, DOCS)):
-        found += [os.path.relpath(os.path.join(folder, n), HERE) for n in sorted(names)]
+    for docs in DOCS:
+        for folder, _, names in os.walk(os.path.join(HERE, docs)):
+            found += [os.path.relpath(os.path.join(folder, n), HERE) for n in sorted(names)]
     return sorted(found)
 
 
 def source_tree_links(text: str) -> str:
-    """``[text](../path)`` (a file of the project outside docs_en: examples/, tests/gpu/) as ``text (in the source
-    tree: path)``: the installed docs live inside the package, where such a link leads nowhere."""
+    """``[text](../path)`` (a file of the project outside the docs folders: examples/, tests/gpu/) as ``text (in the
+    source tree: path)``: the installed docs live inside the package, where such a link leads nowhere. Links into
+    another docs folder (docs_zh's ``../docs_en/img/``) are kept: it is shipped beside."""
     def named(match):
         label, path = match.group(1), match.group(2)
+        if path.split('/')[0] in DOCS:
+            return match.group(0)
         where = 'in the source tree' if label.strip('`') == path else f'in the source tree: `{path}`'
         return f'{label} ({where})'
     return re.sub(r'\[([^\]]+)\]\(\.\./([^)#]+)(#[^)]*)?\)', named, text)
@@ -32,7 +37,7 @@ def source_tree_links(text: str) -> str:
 
 class BuildWithPth(build_py):
     """Ships ``swift_gkd_plugin.pth`` at the top of site-packages (it activates the plugin in every process) and the
-    English docs inside the package, where ``swift-gkd docs`` finds them."""
+    docs (English and Chinese) inside the package, where ``swift-gkd docs`` finds them."""
 
     def run(self):
         super().run()
@@ -40,7 +45,7 @@ class BuildWithPth(build_py):
         for name in doc_files():
             target = os.path.join(self.build_lib, 'swift_gkd_plugin', name)
             self.mkpath(os.path.dirname(target))
-            if name.endswith('.md'):  # links out of docs_en would be dead in the package: named instead
+            if name.endswith('.md'):  # links out of the docs would be dead in the package: named instead
                 with open(os.path.join(HERE, name), encoding='utf-8') as f, open(target, 'w', encoding='utf-8') as g:
                     g.write(source_tree_links(f.read()))
             else:

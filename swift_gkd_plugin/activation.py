@@ -42,6 +42,7 @@ def on_rlhf_arguments_imported(module) -> None:
         if f.name not in cls.__dataclass_fields__:
             setattr(cls, f.name, f.default)
     cls._check_gkd = _check_gkd
+    cls._check_sequence_parallel = _sequence_parallel_check(cls._check_sequence_parallel)
     field = cls.__dataclass_fields__['num_generations']
     grpo_default = remember_grpo_num_generations(field.default)
     field.default = None  # what argument parsers (HfArgumentParser) read
@@ -61,6 +62,15 @@ def _check_gkd(args) -> None:
     package is still being imported when :func:`on_rlhf_arguments_imported` runs)."""
     from swift_gkd_plugin.swift.setup.arguments import GKDPluginRLHFArguments
     GKDPluginRLHFArguments._check_gkd(args)
+
+
+def _sequence_parallel_check(original):
+    """ms-swift refuses ``--sequence_parallel_size > 1`` outside GRPO and DPO; the plugin's GKD trainer runs it
+    (its own checks refuse what it does not run: :mod:`swift_gkd_plugin.swift.setup.sequence_parallel`)."""
+    def _check_sequence_parallel(self):
+        if self.rlhf_type != 'gkd':
+            original(self)
+    return _check_sequence_parallel
 
 
 def _set_init_default(cls, name: str, value) -> None:

@@ -82,8 +82,9 @@ DESCRIPTION = """Helper commands of swift-gkd-plugin, the GKD trainer of swift r
   swift-gkd serve-teacher --model PATH [--template T] [--port 8000] [--top_k 64] ...
                                 serve a teacher's top-k log-probabilities over HTTP (no vLLM needed)
   swift-gkd plugin-path         the file to pass to --external_plugins (explicit activation)
-  swift-gkd docs [PAGE]         where the documentation is installed (help texts and errors cite its pages,
-                                docs_en/PAGE.md), or the path of one page
+  swift-gkd docs [--lang zh] [PAGE]
+                                where the documentation is installed (help texts and errors cite its pages,
+                                docs_en/PAGE.md; the Chinese ones: --lang zh or docs_zh/PAGE.md), or the path of one
   swift-gkd version             the plugin's version (also --version)
 
 swift-gkd COMMAND --help describes each command."""
@@ -265,25 +266,55 @@ def run_demo(args) -> int:
     return 0
 
 
-def docs_dir() -> str:
-    """The installed ``docs_en`` folder (shipped inside the package), or the checkout's for an editable install."""
+#: The documentation's languages and their folders (shipped inside the package; docs_en is the authoritative one).
+DOCS_LANGS = {'en': 'docs_en', 'zh': 'docs_zh'}
+
+
+def docs_dir(lang: str = 'en') -> str:
+    """The installed docs folder of ``lang`` (shipped inside the package), or the checkout's for an editable install."""
     package = os.path.dirname(os.path.abspath(swift_gkd_plugin.__file__))
-    installed = os.path.join(package, 'docs_en')
-    return installed if os.path.isdir(installed) else os.path.join(os.path.dirname(package), 'docs_en')
+    installed = os.path.join(package, DOCS_LANGS[lang])
+    return installed if os.path.isdir(installed) else os.path.join(os.path.dirname(package), DOCS_LANGS[lang])
 
 
-def show_docs(page) -> int:
-    folder = docs_dir()
+def docs_page(page: str, lang):
+    """``(language, page name)`` of ``page`` as ``swift-gkd docs`` takes it: ``skd``, ``skd.md``, or with a language
+    prefix ``docs_zh/skd.md``, ``zh/skd`` (the prefix wins over the default language, and must agree with ``--lang``).
+    A longer path counts by its last folder. Raises ValueError for a prefix that is no language or contradicts
+    ``--lang``: a prefix silently ignored served the English page for ``docs_zh/skd.md``."""
+    parts = [p for p in page.replace(os.sep, '/').split('/') if p not in ('', '.')][-2:]
+    if len(parts) == 2:
+        prefix = parts[0][len('docs_'):] if parts[0].startswith('docs_') else parts[0]
+        if prefix not in DOCS_LANGS:
+            raise ValueError(f'no language {parts[0]!r} in page {page!r} (languages: '
+                             f'{", ".join(sorted(DOCS_LANGS) + sorted(DOCS_LANGS.values()))})')
+        if lang is not None and prefix != lang:
+            raise ValueError(f'page {page!r} is in {DOCS_LANGS[prefix]}, not --lang {lang}')
+        lang = prefix
+    name = parts[-1] if parts else ''
+    return lang or 'en', name[:-3] if name.endswith('.md') else name
+
+
+def show_docs(page, lang=None) -> int:
+    """``swift-gkd docs``: the folder and its pages, or the path of one page; a bad page is one line, exit code 2."""
+    try:
+        lang, name = docs_page(page, lang) if page is not None else (lang or 'en', None)
+    except ValueError as e:
+        print(f'swift-gkd docs: error: {e}', file=sys.stderr)
+        return 2
+    folder = docs_dir(lang)
     if not os.path.isdir(folder):
-        print(f'swift-gkd docs: no docs_en folder at {folder} (an installation without its docs)', file=sys.stderr)
+        print(f'swift-gkd docs: no {DOCS_LANGS[lang]} folder at {folder} (an installation without its docs)',
+              file=sys.stderr)
         return 1
     pages = sorted(n[:-3] for n in os.listdir(folder) if n.endswith('.md'))
-    if page is None:
-        print(f'{folder}\npages: {", ".join(pages)} (swift-gkd docs PAGE prints the path of one)')
+    if name is None:
+        print(f'{folder}\npages: {", ".join(pages)} (swift-gkd docs [--lang {"|".join(DOCS_LANGS)}] PAGE prints '
+              'the path of one)')
         return 0
-    name = os.path.basename(page)[:-3] if page.endswith('.md') else page
     if name not in pages:
-        print(f'swift-gkd docs: no page {page!r} (pages: {", ".join(pages)})', file=sys.stderr)
+        print(f'swift-gkd docs: error: no page {page!r} in {DOCS_LANGS[lang]} (pages: {", ".join(pages)})',
+              file=sys.stderr)
         return 2
     print(os.path.join(folder, f'{name}.md'))
     return 0
@@ -298,7 +329,10 @@ def main(argv=None) -> int:
     sub.add_parser('plugin-path', help='print the file to pass to --external_plugins')
     sub.add_parser('version', help='print the plugin version')
     docs = sub.add_parser('docs', help='print where the documentation is installed, or the path of one page')
-    docs.add_argument('page', nargs='?', default=None, help='a page, e.g. skd or docs_en/skd.md')
+    docs.add_argument('page', nargs='?', default=None,
+                      help='a page, e.g. skd, docs_en/skd.md, docs_zh/skd.md or zh/skd')
+    docs.add_argument('--lang', choices=sorted(DOCS_LANGS), default=None,
+                      help='the language of the docs (default: en; a page\'s docs_zh/ or zh/ prefix sets it too)')
     demo = sub.add_parser('demo', help='distil a tiny teacher into a tiny student on CPU, offline, in ./swift_gkd_demo',
                           formatter_class=defaults,
                           description='Build a tiny teacher and a warm-started student offline in --workdir (cached '
@@ -331,7 +365,7 @@ def main(argv=None) -> int:
         print(swift_gkd_plugin.__version__)
         return 0
     if args.command == 'docs':
-        return show_docs(args.page)
+        return show_docs(args.page, args.lang)
     try:
         check_demo_args(args)
     except ValueError as e:

@@ -125,26 +125,24 @@ def test_stable_run_does_not_warn(stable_runs):
         assert all('gkd/entropy_gap_warnings' not in r for r in run.logs)
 
 
-def test_warns_when_the_students_entropy_stays_above_a_sharp_teachers(tiny_ws, sharp_teacher, tmp_path):
-    """A peaked teacher and a student sampling at temperature 1.5: the gap holds from the first step; the warning
-    comes once, at the ENTROPY_GAP_STEPS-th logged step, names the flags, and is counted in the logs."""
+def test_a_flat_gap_above_a_sharp_teacher_does_not_warn(tiny_ws, sharp_teacher, tmp_path):
+    """A peaked teacher and a student sampling at temperature 1.5: the gap stays above the margin from the first step
+    but does not grow (1.7-2.2 nats, wobbling) and the loss falls; the trend rule (issue 57) keeps quiet, where the
+    former fixed-gap rule warned at the ENTROPY_GAP_STEPS-th logged step."""
     steps = ENTROPY_GAP_STEPS + 1
     run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), teacher_model=sharp_teacher, max_steps=steps,
                               gkd_sampling_temperature=1.5, **ON_POLICY))
     gaps = [r['gkd/entropy'] - r['gkd/teacher_entropy'] for r in run.logs]
     assert len(gaps) == steps and min(gaps) > ENTROPY_GAP_MARGIN, gaps
-    assert run.output.count(WARNING) == 1
-    for flag in ('--gkd_sampling_temperature', '--top_p', '--lmbda', '--gkd_skd_top_k', '--beta',
-                 '--gkd_rollout_max_tokens'):
-        assert flag in run.output
-    counts = [r.get('gkd/entropy_gap_warnings') for r in run.logs]
-    assert counts == [None] * (ENTROPY_GAP_STEPS - 1) + [1, 1]
+    assert WARNING not in run.output
+    assert all('gkd/entropy_gap_warnings' not in r for r in run.logs)
 
 
 def test_watch_counts_episodes():
-    """Once per episode: a step within the margin ends it; steps without the metrics are not fed to the watch."""
+    """Once per episode: a step within the margin ends it; steps without the metrics are not fed to the watch. The
+    gap grows by 1 nat from each step to the next where it fires (the trend rule needs growth)."""
     watch = EntropyGapWatch(margin=1.0, steps=2)
-    fired = [watch.update(e, 1.0) is not None for e in (3, 3, 3, 1.5, 3, 3, float('nan'), 3)]
+    fired = [watch.update(e, 1.0) is not None for e in (3, 4, 5, 1.5, 3, 4, float('nan'), 5)]
     assert fired == [False, True, False, False, False, True, False, False]
     assert watch.warnings == 2
 

@@ -25,7 +25,8 @@ def project_copy(tmp_path_factory):
         shutil.copy(os.path.join(PROJECT, name), root / name)
     shutil.copytree(os.path.join(PROJECT, 'swift_gkd_plugin'), root / 'swift_gkd_plugin',
                     ignore=shutil.ignore_patterns('__pycache__'))
-    shutil.copytree(os.path.join(PROJECT, 'docs_en'), root / 'docs_en')
+    for docs in ('docs_en', 'docs_zh'):
+        shutil.copytree(os.path.join(PROJECT, docs), root / docs)
     return root
 
 

@@ -11,7 +11,7 @@ Where it is computed: :func:`tempered_entropy` (dense rows, top-k buckets), :fun
 in registers (``core/kernels``).
 
 :class:`EntropyGapWatch` turns the two logged metrics into the warning of an on-policy run whose student's entropy
-runs away from the teacher's (both ``swift rlhf`` and ``megatron rlhf``).
+runs away from the teacher's, judged on the trend of the logged steps (both ``swift rlhf`` and ``megatron rlhf``).
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from typing import Optional
 
 import torch
 
-__all__ = ['ENTROPY_GAP_MARGIN', 'ENTROPY_GAP_STEPS', 'ENTROPY_RISE_GAP', 'ENTROPY_RISE_MARGIN', 'ENTROPY_RISE_STEPS',
-           'EntropyGapWatch', 'entropy_terms_', 'tempered_entropy']
+__all__ = ['ENTROPY_GAP_GROWTH', 'ENTROPY_GAP_MARGIN', 'ENTROPY_GAP_STEPS', 'ENTROPY_RISE_GAP', 'ENTROPY_RISE_MARGIN',
+           'ENTROPY_RISE_STEPS', 'REMEDIES', 'EntropyGapWatch', 'entropy_terms_', 'tempered_entropy']
 
 #: float32 bytes of one ``[rows, V]`` temporary of :func:`tempered_entropy` (32 MiB).
 _CHUNK_BYTES = 2**25
@@ -67,44 +67,82 @@ def tempered_entropy(logits: torch.Tensor, temperature: float = 1.0, chunk_rows:
 
 
 #: The gap, in nats, by which the student's entropy on its own samples (``gkd/entropy``) must exceed the teacher's at
-#: the same positions (``gkd/teacher_entropy``) for :class:`EntropyGapWatch` to count a logged step. Where it comes
-#: from: docs_en/quality.md (SmolLM2, supervised start, 12 on-policy steps): the teacher's entropy on the student's
-#: temperature-1 samples is 2.88 nats; the runs that degrade reach a student entropy of 5.5-6.4 (a gap of 2.6 or more
-#: if the teacher's stays near 2.9), the runs that hold (mixed, SKD, reverse KL, sampling at 0.5) end at 2.5-3.9 (a gap
-#: of 1.0 at most). The tiny on-policy runs (12 steps, tests' models): 6.09 vs 6.08 nats against the tiny teacher
-#: (a gap of 0.01), 5.99-6.09 vs 3.70-4.35 against that teacher with its head scaled by 10 (gaps of 1.7-2.4).
+#: the same positions (``gkd/teacher_entropy``) on each step of the window. Where it comes from: docs_en/quality.md
+#: (SmolLM2, supervised start, 12 on-policy steps): the teacher's entropy on the student's temperature-1 samples is
+#: 2.88 nats at the start; the runs that degrade reach a student entropy of 5.5-6.4, the runs that hold end at 2.5-3.9
+#: (a gap of 1.0 at most against that teacher); 1.5 lies between.
 ENTROPY_GAP_MARGIN = 1.5
-#: How many logged steps carrying both metrics in a row the gap must hold (a single noisy step does not warn; at
+#: The window: how many logged steps carrying both metrics the gap must stay above the margin and grow over (at
 #: ms-swift's default --logging_steps 5 that is 15 steps, about where the SmolLM2 runs above had doubled their
 #: entropy).
 ENTROPY_GAP_STEPS = 3
+#: How much the gap must grow across the window (its least-squares line, first to last logged step), in nats: a gap
+#: that holds or closes is a student that has not yet learnt the teacher's certainty, not a run going wrong. The
+#: swift-gkd demo (a near-deterministic teacher, 0.01 nats) starts 2.6 nats above it and closes the gap steadily
+#: (2.58 -> 0.64 over 80 steps, seed 0) while exact match climbs 0.21 -> 0.94; the tiny tests' flat gap against a
+#: peaked teacher moves by -0.47 to +0.30 across any 3 logged steps (noise); a student climbing 2.1 -> 5.9 nats in 12
+#: steps from a supervised start against a teacher that stays near 2.9 (the SmolLM2 pattern of docs_en/quality.md)
+#: grows it by about 3 nats across a window at --logging_steps 5. 0.5 lies between the two; not tuned further.
+ENTROPY_GAP_GROWTH = 0.5
 #: The second trigger, measured on the SmolLM2 runs of docs_en/onpolicy_remedies.md, where the first never fired: the
 #: teacher's entropy at the student's samples rises with the student's (2.2 -> 4.4-4.9 nats as the student's goes
 #: 2.1 -> 5.1-6.2), so their gap stays within 1.6 nats. The runs that ended worse than their start on both forward KL
 #: and the teacher's NLL rose by 2.3-3.8 nats while above the teacher by 0.6-1.6; the runs that held rose by 1.3 at
 #: most. A logged step counts when the student's entropy is more than ENTROPY_RISE_MARGIN above its first logged
 #: on-policy value and more than ENTROPY_RISE_GAP above the teacher's (a student rising to meet a flatter teacher
-#: does not count); ENTROPY_RISE_STEPS such steps in a row warn.
+#: does not count); ENTROPY_RISE_STEPS such steps in a row warn. A student whose entropy falls (the demo's) never
+#: counts.
 ENTROPY_RISE_MARGIN = 2.0
 ENTROPY_RISE_GAP = 0.5
 ENTROPY_RISE_STEPS = 2
 
+#: The warning's remedies (measured in docs_en/onpolicy_remedies.md), each with the test of the run's arguments that
+#: says it is already in effect (then it is left out of the warning).
+REMEDIES = (
+    ('nucleus rollouts (--top_p 0.9) or colder ones (--gkd_sampling_temperature 0.5), not both',
+     lambda a: _arg(a, 'top_p', 1.0) < 1 or _arg(a, 'gkd_sampling_temperature', 1.0) < 1),
+    ('a lower --lmbda (mixed: some steps on the dataset\'s responses)', lambda a: _arg(a, 'lmbda', 1.0) < 1),
+    ('--gkd_skd_top_k (speculative KD: the teacher replaces the tokens it would not propose)',
+     lambda a: _arg(a, 'gkd_skd_top_k', 0) > 0),
+    ('--beta towards 1 (reverse KL, mode-seeking)', lambda a: _arg(a, 'beta', 0.5) >= 1),
+    ('shorter rollouts (--gkd_rollout_max_tokens)', lambda a: _arg(a, 'gkd_rollout_max_tokens', 0) > 0),
+    ('a supervised start (SFT the student first)', lambda a: False),
+)
+
+
+def _arg(args, name: str, default: float) -> float:
+    """``args.name`` as a number; ``default`` when absent or unset (None)."""
+    value = getattr(args, name, None)
+    return default if value is None else float(value)
+
+
+def _slope(values) -> float:
+    """Least-squares slope of ``values`` against 0, 1, 2, ... (per logged step)."""
+    n = len(values)
+    mean_x, mean_y = (n - 1) / 2, sum(values) / n
+    return sum((i - mean_x) * (v - mean_y) for i, v in enumerate(values)) / sum((i - mean_x)**2 for i in range(n))
+
 
 class EntropyGapWatch:
     """Watches the logged ``gkd/entropy`` against ``gkd/teacher_entropy``: :meth:`update` returns a warning when
-    the student's entropy has exceeded the teacher's by more than ``margin`` nats for ``steps`` logged steps in a
-    row, or has risen more than ``rise`` nats above its first logged value while above the teacher's by more than
-    ``rise_gap`` for ``rise_steps`` logged steps in a row; once per episode (an episode ends at a logged step that
-    meets neither condition); ``warnings`` counts them. Logged steps without the two metrics (not on-policy) neither
-    count nor break a streak. Both trainers feed it their training log rows through :meth:`observe`."""
+    the evidence says the on-policy run is going wrong, not merely that the student is less certain than its
+    teacher: the gap has stayed above ``margin`` nats for ``steps`` logged steps in a row and grown by more than
+    ``growth`` nats across them (least-squares), or the student's entropy has risen more than ``rise`` nats above its
+    first logged value while above the teacher's by more than ``rise_gap`` for ``rise_steps`` logged steps in a
+    row (``steps`` >= 2). Once per episode (an episode ends at a logged step that meets neither condition);
+    ``warnings`` counts them. Logged steps without the two metrics (not on-policy) neither count nor break a streak.
+    ``args`` (the run's arguments, optional) leaves out of the warning the remedies already in effect. Both trainers
+    feed it their training log rows through :meth:`observe`."""
 
     def __init__(self, margin: float = ENTROPY_GAP_MARGIN, steps: int = ENTROPY_GAP_STEPS,
-                 rise: float = ENTROPY_RISE_MARGIN, rise_gap: float = ENTROPY_RISE_GAP,
-                 rise_steps: int = ENTROPY_RISE_STEPS):
-        self.margin, self.steps = margin, steps
+                 growth: float = ENTROPY_GAP_GROWTH, rise: float = ENTROPY_RISE_MARGIN,
+                 rise_gap: float = ENTROPY_RISE_GAP, rise_steps: int = ENTROPY_RISE_STEPS, args=None):
+        self.margin, self.steps, self.growth = margin, steps, growth
         self.rise, self.rise_gap, self.rise_steps = rise, rise_gap, rise_steps
+        self.args = args
         self.first: Optional[float] = None
-        self.streak = self.rise_streak = 0
+        self.gaps: list = []  # the last ``steps`` logged gaps
+        self.rise_streak = 0
         self.firing = False
         self.warnings = 0
 
@@ -122,11 +160,13 @@ class EntropyGapWatch:
         if self.first is None and entropy == entropy:
             self.first = entropy
         gap = entropy - teacher_entropy
-        self.streak = self.streak + 1 if gap > self.margin else 0  # NaN: False
+        self.gaps = (self.gaps + [gap])[-self.steps:]
+        grown = _slope(self.gaps) * (self.steps - 1) if len(self.gaps) == self.steps > 1 else float('nan')
         rising = entropy - self.first > self.rise and gap > self.rise_gap if self.first is not None else False
         self.rise_streak = self.rise_streak + 1 if rising else 0
-        if self.streak >= self.steps:
-            why = f'by more than {self.margin:g} nats for {self.steps} logged on-policy steps in a row'
+        if all(g > self.margin for g in self.gaps) and grown > self.growth:  # NaN: False
+            why = (f'by more than {self.margin:g} nats for {self.steps} logged on-policy steps in a row, the gap '
+                   f'growing by {grown:.2f} nats across them')
         elif self.rise_streak >= self.rise_steps:
             why = (f'by more than {self.rise_gap:g} nats after rising more than {self.rise:g} nats above its first '
                    f'logged value ({self.first:.2f}) for {self.rise_steps} logged on-policy steps in a row')
@@ -137,13 +177,11 @@ class EntropyGapWatch:
             return None
         self.firing = True
         self.warnings += 1
+        remedies = [text for text, in_effect in REMEDIES if self.args is None or not in_effect(self.args)]
         return (f'swift_gkd_plugin: the student\'s entropy on its own samples (gkd/entropy {entropy:.2f} nats) has '
                 f'exceeded the teacher\'s at the same positions (gkd/teacher_entropy {teacher_entropy:.2f}) {why} '
                 f'(warning {self.warnings} of this run; gkd/entropy_gap_warnings counts them). Likely cause: the '
-                'on-policy feedback loop: the student samples from its own high-entropy tail, and the divergence on those '
-                'prefixes raises its entropy further; such runs end worse than they started (docs_en/quality.md). '
-                'Remedies (measured in docs_en/onpolicy_remedies.md): nucleus rollouts (--top_p 0.9) or colder '
-                'ones (--gkd_sampling_temperature 0.5), not both; a lower --lmbda (mixed: some steps on the dataset\'s '
-                'responses), --gkd_skd_top_k (speculative KD: the teacher replaces the tokens it would not propose), '
-                '--beta towards 1 (reverse KL, mode-seeking), shorter rollouts (--gkd_rollout_max_tokens), or a '
-                'supervised start (SFT the student first).')
+                'on-policy feedback loop: the student samples from its own high-entropy tail, and the divergence on '
+                'those prefixes raises its entropy further; the measured runs whose entropy ran away like this ended '
+                'worse than they started (docs_en/quality.md#seeing-the-feedback-loop). Remedies not yet in effect '
+                '(measured in docs_en/onpolicy_remedies.md): ' + '; '.join(remedies) + '.')

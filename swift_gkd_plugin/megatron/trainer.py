@@ -31,6 +31,7 @@ from swift.utils import get_logger, to_device
 from transformers.utils import ContextManagers
 
 from swift_gkd_plugin.colocated_vllm import shutdown_engine, weight_sync_context
+from swift_gkd_plugin.completion_stats import CompletionWindow, end_of_turn_ids
 from swift_gkd_plugin.core import Divergence, Mode
 from swift_gkd_plugin.core.constants import IGNORE_INDEX
 from swift_gkd_plugin.core.entropy import EntropyGapWatch
@@ -59,7 +60,8 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
     def __init__(self, args, template, **kwargs):
         # vLLM syncs merge LoRA adapters into the base in place (every layer at once): keep the base exact
         self._base_keeper = BaseWeightsKeeper()
-        self._entropy_watch = EntropyGapWatch()
+        self._entropy_watch = EntropyGapWatch(args=args)  # the remedies in effect are left out of its warning
+        self._completions = CompletionWindow()  # sampled lengths and truncation, logged by _log_callback
         super().__init__(args, template, **kwargs)
         if getattr(self, 'request_config', None) is not None:  # vLLM's requests: --gkd_sampling_temperature
             self.request_config.temperature = sampling_temperature(args)
@@ -92,6 +94,8 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
             samples = self._sample_from_model(samples, teacher=mode is Mode.SEQ_KD)
         if mode is not Mode.OFF_POLICY:
             self._log_completions_from_samples(samples)
+            if training:  # this data-parallel rank's samples (the same on its tensor/pipeline/context peers)
+                self._completions.add(samples, end_of_turn_ids(self.template))
         return self._score(samples, _DATA_SOURCE[mode])
 
     def _log_completions_from_samples(self, samples) -> None:
@@ -160,7 +164,7 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
         samples = self._preprocess_inputs(samples)
         prompts = encode_prompts(self.template, samples, teacher=teacher)
         tokenizer = self.template.tokenizer
-        eos = sorted({tokenizer.eos_token_id, *(_stop_token_ids(self.template))} - {None})
+        eos = sorted(end_of_turn_ids(self.template))
         expert_parallel = (getattr(self.args, 'expert_model_parallel_size', 1) or 1) > 1
         padding_to = get_padding_to(self.args)
 
@@ -365,10 +369,16 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
         super().on_log(logs, prefix)
 
     def _log_callback(self, logs, n_steps):
-        """ms-swift turns the logged metrics into numbers; then, on training rows, the on-policy entropy warning
-        (:class:`~swift_gkd_plugin.core.entropy.EntropyGapWatch`, as in ``swift rlhf``)."""
+        """ms-swift turns the logged metrics into numbers; then, on training rows, the sampled completions' length
+        and truncation (:class:`~swift_gkd_plugin.completion_stats.CompletionWindow`) and the on-policy entropy
+        warning (:class:`~swift_gkd_plugin.core.entropy.EntropyGapWatch`), as in ``swift rlhf``."""
         super()._log_callback(logs, n_steps)
-        if getattr(self, '_log_prefix', '') or 'loss' not in logs:
+        if getattr(self, '_log_prefix', ''):
+            return
+        # every rank: the completions sampled since the last log, over the data-parallel ranks (a collective)
+        device = next(self.unwrapped_models[0].parameters()).device
+        logs.update(self._completions.logs(device, group=mpu.get_data_parallel_group()))
+        if 'loss' not in logs:
             return
         message = self._entropy_watch.observe(logs)
         if message and self.is_main_process:
@@ -452,19 +462,6 @@ class NothingLearnt(RuntimeError):
 
 class NonFiniteStep(RuntimeError):
     """A step whose gradient norm is NaN or infinite."""
-
-
-def _stop_token_ids(template) -> List[int]:
-    """Token ids that end a response for this template (e.g. ``<|im_end|>``), beyond the tokenizer's EOS."""
-    ids = []
-    for word in getattr(template.template_meta, 'stop_words', None) or []:
-        if isinstance(word, str):
-            encoded = template.tokenizer.encode(word, add_special_tokens=False)
-            if len(encoded) == 1:
-                ids.append(encoded[0])
-        elif isinstance(word, list) and len(word) == 1:
-            ids.append(word[0])
-    return ids
 
 
 def _positive(value) -> Optional[int]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import logging
 import math
 import os
@@ -106,7 +107,39 @@ def check_args(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -
     if args.torch_dtype not in DTYPES:
         return f'--torch_dtype must be one of {", ".join(DTYPES)}, got {args.torch_dtype!r}'
     problem = _device_problem(args.device) if args.device_map is None else None
-    return problem or _paths_problem(args) or _port_problem(args.host, args.port)
+    return problem or _paths_problem(args) or _model_type_problem(args) or _port_problem(args.host, args.port)
+
+
+def _model_type_problem(args) -> Optional[str]:
+    """A ``--model_type`` ms-swift does not know, or none where ``--template`` needs one that ms-swift cannot tell
+    from the model (a local folder whose name it does not know, with an architecture of several model types: the tiny
+    Qwen3's ``Qwen3ForCausalLM`` is qwen3, qwen3_emb or qwen3_reranker). Both failed after the load started, with a
+    traceback. Without ``--template`` such a model is served by plain transformers (token-id requests only)."""
+    if args.model_type is None and (args.template is None or not os.path.isdir(os.path.expanduser(args.model))):
+        return None
+    from swift.model.model_meta import MODEL_MAPPING, get_matched_model_meta, get_matched_model_types
+    if args.model_type is not None:
+        if args.model_type in MODEL_MAPPING:
+            return None
+        import difflib
+        close = difflib.get_close_matches(args.model_type, list(MODEL_MAPPING), n=3)
+        return (f'--model_type {args.model_type!r} is not an ms-swift model type'
+                f'{" (closest: " + ", ".join(close) + ")" if close else ""}')
+    folder = os.path.expanduser(args.model)
+    if get_matched_model_meta(folder) is not None or os.path.exists(os.path.join(folder, 'args.json')):
+        return None  # ms-swift knows the folder's name, or reads the model type from a checkpoint's args.json
+    try:
+        with open(os.path.join(folder, 'config.json'), encoding='utf-8') as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None  # ms-swift's own loader says what is wrong with the folder
+    types = get_matched_model_types(config.get('architectures'))
+    if len(types) < 2:
+        return None
+    example = config.get('model_type') if config.get('model_type') in types else types[0]
+    return (f'--model {args.model}: ms-swift cannot tell its model type (architecture {config["architectures"][0]} '
+            f'is one of {", ".join(types)}), which --template {args.template} needs: pass --model_type, e.g. '
+            f'--model_type {example}')
 
 
 def _paths_problem(args) -> Optional[str]:

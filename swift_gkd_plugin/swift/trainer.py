@@ -26,6 +26,7 @@ import torch
 from swift.rlhf_trainers.gkd_trainer import GKDTrainer
 from swift.utils import get_logger
 
+from swift_gkd_plugin.completion_stats import CompletionWindow
 from swift_gkd_plugin.core import Divergence, Mode
 from swift_gkd_plugin.core.modes import mode_log_path
 from swift_gkd_plugin.core.weights.offload import TeacherOffloader, is_partitioned
@@ -115,6 +116,7 @@ class GKDPluginTrainer(LossMixin, RolloutMixin, SamplersMixin, ScoringMixin, Bat
         for metrics in self.custom_metrics.values():
             metrics.default_factory = functools.partial(TokenMean, device=self.args.device)
         self._completion_columns: Dict[str, list] = {}  # reward columns of the completions log
+        self._completions = CompletionWindow()  # sampled lengths and truncation, logged by ScoringMixin.log
 
     def train(self, *args, **kwargs):
         """Training; a run stopped by a guard (:class:`RunError`, a :class:`FlagError` known only now) or by a teacher

@@ -14,7 +14,7 @@ from swift_gkd_plugin.core.constants import IGNORE_INDEX
 from swift_gkd_plugin.core.views import (check_same_response_count, check_views_aligned, generated_turns,
                                         prepare_teacher_view, without_history_loss)
 from swift_gkd_plugin.swift.rollout.correction import sampler_logprobs_of_batch
-from swift_gkd_plugin.swift.step.token_metrics import add_token_sum as _add_token_sum
+from swift_gkd_plugin.swift.sequence_parallel import group_size, pooled_samples
 
 logger = get_logger()
 
@@ -46,6 +46,14 @@ class BatchesMixin:
         if policy_gradient and self._measure_mismatch:
             self._attach_sampler_logprobs(batches, self.split_by_mini_batches(samples))
         return batches
+
+    def split_by_mini_batches(self, samples):
+        """The generation batch's micro-batches. Under sequence parallelism the ranks of a group pool their samples
+        and split them into as many micro-batches as one rank would (ms-swift makes N times as many, for GRPO)."""
+        if self.template.sequence_parallel_size == 1:
+            return super().split_by_mini_batches(samples)
+        steps = self.args.steps_per_generation if self.model.training else 1
+        return to_device(self._split_data_by_steps(pooled_samples(samples), steps), self.accelerator.device)
 
     def _encode_samples(self, samples):
         """Encode both views; a teacher view that does not score the student's response tokens names its row."""
@@ -118,23 +126,19 @@ class BatchesMixin:
         tokens = [torch.stack([count_loss_tokens(b['model_inputs']['labels']),
                                count_loss_tokens(b['teacher_model_inputs']['labels'])]) for b in batches]
         tokens = torch.stack(tokens).tolist() if batches else []  # the one read
-        # per optimizer step: response tokens, then (for gkd/completion_length) rows; one all-reduce for both
-        counts = [0.0] * (2 * steps)
+        counts = [0.0] * steps  # per optimizer step: response tokens (gkd/completion_length: rollout/sampling.py)
         for i, (batch, (n_student, n_teacher)) in enumerate(zip(batches, tokens)):
             if self._xtok is None:
                 check_same_response_count(n_student, n_teacher)
             batch['gkd_tokens'] = (n_student, n_teacher)
             counts[i // group] += n_student
-            counts[steps + i // group] += batch['gkd_rows']
         if training and self.accelerator.num_processes > 1:
             counts = torch.tensor(counts, dtype=torch.float64, device=self.accelerator.device)
             counts = self.accelerator.reduce(counts, reduction='sum').tolist()
+            counts = [c / group_size() for c in counts]  # a sequence-parallel group's ranks hold the same rows
         for i, batch in enumerate(batches):
             batch['gkd_step_tokens'] = float(counts[i // group])
             batch['gkd_mode'] = self._gkd_mode
-        if training and self._gkd_mode.needs_generation:
-            _add_token_sum(self.custom_metrics['train']['gkd/completion_length'], sum(counts[:steps]),
-                           int(sum(counts[steps:])))
 
 
 def encode_views(samples, template):

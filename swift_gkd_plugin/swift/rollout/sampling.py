@@ -26,16 +26,18 @@ from swift.rlhf_trainers.gkd_loss import DataSource
 from swift.rollout import invoke_async_hook, run_multi_turn
 from swift.utils import get_logger
 
+from swift_gkd_plugin.completion_stats import completion_length, end_of_turn_ids
 from swift_gkd_plugin.core import Mode
 from swift_gkd_plugin.core.modes import DATA_SOURCES, step_mode
 from swift_gkd_plugin.core.speculative import teacher_seed
-from swift_gkd_plugin.core.views import (generated_turns, prepare_teacher_view, student_trajectory, turn_ids,
+from swift_gkd_plugin.core.views import (generated_turns, prepare_teacher_view, student_trajectory,
                                         with_teacher_prompt)
 from swift_gkd_plugin.swift.setup.compile_cost import eager_sampling
 from swift_gkd_plugin.swift.rollout.group_resample import resample_failed_groups
 from swift_gkd_plugin.swift.step.hidden_states import head_rows
 from swift_gkd_plugin.swift.rollout.scheduler_guard import TRUNCATED, SchedulerGuard
 from swift_gkd_plugin.swift.rollout.speculative import cached_forward, server_teacher, skd_decoding
+from swift_gkd_plugin.swift.sequence_parallel import whole_sequences
 from swift_gkd_plugin.swift.step.token_metrics import add_token_sum as _add_token_sum
 
 logger = get_logger()
@@ -48,12 +50,8 @@ def _rollout_outputs(results) -> List[RolloutOutput]:
 
 def learnable_tokens(sample) -> int:
     """The response tokens of ``sample`` its loss mask keeps (all without a mask; 1 for a text-only response)."""
-    masks, ids = sample.response_loss_mask, sample.response_token_ids
-    if masks:
-        return sum(sum(mask) for mask in masks)
-    if not ids:  # text only: the template encodes the response
-        return 1
-    return sum(len(turn) for turn in turn_ids(ids))
+    n = completion_length(sample)
+    return 1 if n is None else n  # text only: the template encodes the response
 
 
 class RolloutMixin:
@@ -96,13 +94,22 @@ class RolloutMixin:
         if self.template.truncation_strategy == 'raise':
             inputs = self.resample_encode_failed_inputs(inputs, strip_response=mode.needs_generation)
         samples = self.to_samples(inputs)
-        with self._sampling_rng(step):
+        with self._sampling_rng(step), whole_sequences():
             if mode is Mode.ON_POLICY and self.args.gkd_skd_top_k:
                 samples = self._generate_with_skd(samples, step)
             elif mode is Mode.ON_POLICY:
                 samples = self._generate_completions(samples)  # ms-swift's loop drives a scheduler's turns
             elif mode is Mode.SEQ_KD:
                 samples = self._generate_with_teacher(samples)
+        teacher_tokens = mode is Mode.SEQ_KD and self._xtok is not None
+        if training and mode.needs_generation:  # gkd/completion_length*, gkd/clipped_ratio (in the sampler's tokens)
+            self._completions.add(samples, end_of_turn_ids(self._xtok.template if teacher_tokens else self.template))
+        if teacher_tokens:
+            for sample in samples:
+                # the sampled ids are the teacher's: both sides encode the text, ending the turn where the
+                # teacher stopped by itself
+                sample.response_token_ids, sample.response_loss_mask = [], []
+                sample.add_eos = sample.finish_reason == 'stop'
         if self.multi_turn_scheduler is not None and mode.needs_generation:
             self._log_trajectories(samples)
         return samples
@@ -177,14 +184,7 @@ class RolloutMixin:
                 outputs = self._teacher_multi_turn(engine, requests, config)
                 for prompt, output in zip(prompts, outputs):
                     output.messages = student_trajectory(prompt, output.messages, output.response_token_ids)
-        samples = self._postprocess_rollout_outputs(samples, outputs)
-        if self._xtok is not None:
-            for sample in samples:
-                # the sampled ids are the teacher's: both sides encode the text, ending the turn where the
-                # teacher stopped by itself
-                sample.response_token_ids, sample.response_loss_mask = [], []
-                sample.add_eos = sample.finish_reason == 'stop'
-        return samples
+        return self._postprocess_rollout_outputs(samples, outputs)  # with a teacher of another tokenizer: its ids
 
     def _teacher_multi_turn(self, engine, requests, config):
         """seq_kd's multi-turn rollouts: ms-swift's scheduler loop (:func:`swift.rollout.run_multi_turn`, as its

@@ -29,7 +29,7 @@ def install_run_guards(trainer) -> None:
     trainer.add_callback(RefuseEmptyEpochs())
     trainer._nothing_learnt = NothingLearnt(trainer)  # fed by the trainer's compute_loss
     trainer.add_callback(trainer._nothing_learnt)
-    trainer.callback_handler.callbacks.insert(0, WarnOnEntropyGap())  # before the callback that writes the logs
+    trainer.callback_handler.callbacks.insert(0, WarnOnEntropyGap(trainer.args))  # before the callback writing logs
     guard_checkpoint_saves(trainer)
     guard_gradient_norm(trainer)
     warn_replaced_rows(trainer)
@@ -201,10 +201,10 @@ def _copy_of_the_student(trainer, other_terms: bool = False) -> bool:
 class WarnOnEntropyGap(TrainerCallback):
     """The warning of :class:`~swift_gkd_plugin.core.entropy.EntropyGapWatch` on the logged training steps that carry
     ``gkd/entropy`` and ``gkd/teacher_entropy`` (on-policy steps), and ``gkd/entropy_gap_warnings`` in the logs
-    once it has fired (the count since the start)."""
+    once it has fired (the count since the start); ``args`` (the trainer's) leaves the remedies in effect out."""
 
-    def __init__(self):
-        self.watch = EntropyGapWatch()
+    def __init__(self, args=None):
+        self.watch = EntropyGapWatch(args=args)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or 'loss' not in logs:

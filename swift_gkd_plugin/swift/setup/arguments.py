@@ -30,6 +30,8 @@ from swift_gkd_plugin.swift.setup.compile_cost import torch_compile_warnings
 from swift_gkd_plugin.swift.setup.datasets import (check_dataset_paths, check_local_datasets,
                                                   check_self_teacher_has_something_to_add)
 from swift_gkd_plugin.swift.setup.paths import CreatedDirs, check_command_line_paths
+from swift_gkd_plugin.swift.setup.sequence_parallel import (check_sequence_parallel, check_sequence_parallel_heads,
+                                                            resolve_sequence_parallel)
 from swift_gkd_plugin.swift.setup.teacher_server import (check_teacher_server_config, check_teacher_servers,
                                                         check_teacher_tags, local_teacher_of)
 from swift_gkd_plugin.swift.setup.vllm import (check_vllm_launcher, check_vllm_server_mode,
@@ -171,6 +173,16 @@ def _head_rows(flag: str, model_dir: str) -> Optional[int]:
     except Exception as exc:  # an unusual config: the pipeline will report real problems
         logger.warning(f'swift_gkd_plugin: cannot read the vocabulary size of {flag} {model_dir} ({exc})')
         return None
+
+
+def check_sequence_parallel_models(args) -> None:
+    """``--sequence_parallel_size`` against the attention heads of the student and of a local ``--teacher_model``."""
+    if (args.sequence_parallel_size or 1) <= 1:
+        return
+    dirs = {'--model': args.model_dir}
+    if args.teacher_model is not None:
+        dirs['--teacher_model'] = model_dir_of('--teacher_model', args.teacher_model, args.teacher_model_revision, args)
+    check_sequence_parallel_heads(args.sequence_parallel_size, dirs)
 
 
 def check_topk_within_vocab(args) -> None:
@@ -393,6 +405,7 @@ def resolve_gkd_arguments(args) -> None:
     resolve_teacher_adapters(args)
     resolve_cross_tokenizer(args)
     resolve_vllm_environment(args)
+    resolve_sequence_parallel(args)
 
 
 def check_vllm_model(args) -> None:
@@ -416,6 +429,7 @@ def check_gkd_arguments(args) -> None:
     check_teacher_template(args)
     check_teacher(args)
     check_topk_within_vocab(args)
+    check_sequence_parallel_models(args)
     check_teacher_adapters(args)
     check_skd_teacher(args)
     check_reference(args)
@@ -454,6 +468,7 @@ def check_flags_only(args) -> None:
     check_vllm_installed(args)
     check_vllm_logprobs(args)
     check_teacher_server_config(args)
+    check_sequence_parallel(args)
     if args.use_vllm:
         check_vllm_server_mode(args)
         check_vllm_tensor_parallel_size(args)

@@ -106,8 +106,6 @@ def fused_fallback_reason(trainer) -> Optional[str]:
         for attr in _LOGIT_TRANSFORMS:
             if getattr(config, attr, None) not in (None, 0, 1, 1.0):
                 return f'the {label} model transforms its logits after the head ({attr})'
-    if trainer.template.sequence_parallel_size > 1:
-        return 'sequence parallelism'
     if getattr(trainer.args, 'ddp_find_unused_parameters', None):
         return 'ddp_find_unused_parameters=True would mark the bypassed head unused'
     return None

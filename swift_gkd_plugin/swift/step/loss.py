@@ -38,6 +38,7 @@ from swift_gkd_plugin.core.views import check_same_response_count
 from swift_gkd_plugin.swift.step.hidden_states import (fused_fallback_reason, gathered_heads, head_bypassed, head_is_sharded,
                                                   head_rows, output_head, topk_from_hidden)
 from swift_gkd_plugin.swift.run.guards import RunError
+from swift_gkd_plugin.swift.sequence_parallel import announce_batch, check_one_view, group_size, local_slice
 from swift_gkd_plugin.swift.setup.teacher_server import teacher_names
 from swift_gkd_plugin.swift.step.token_metrics import add_token_sum as _add_token_sum
 
@@ -104,18 +105,25 @@ class LossMixin:
                 self.prepare_logits_to_keep(teacher_inputs)
 
         student_labels = shift_labels(model_inputs['labels'])
+        teacher_labels = shift_labels(teacher_inputs['labels'])
+        sequence_parallel = self.template.sequence_parallel_size > 1
+        if sequence_parallel:  # both models' outputs are this rank's slice of each sequence: so are the labels
+            check_one_view(student_labels, teacher_labels, self.template.sequence_parallel_size)
+            announce_batch(model_inputs)
+            student_labels = teacher_labels = local_slice(student_labels)
         student_mask = student_labels != IGNORE_INDEX
-        teacher_mask = shift_labels(teacher_inputs['labels']) != IGNORE_INDEX
-        if 'gkd_tokens' in inputs:  # counted with the generation batch (batches.py, _count_step_tokens)
+        teacher_mask = teacher_labels != IGNORE_INDEX
+        if 'gkd_tokens' in inputs and not sequence_parallel:  # counted with the generation batch (_count_step_tokens)
             n_student, n_teacher = inputs['gkd_tokens']
-        else:  # a batch that did not come from there: read here (two host syncs)
+        else:  # a batch that did not come from there, or this rank's slice of it: read here (two host syncs)
             n_student, n_teacher = int(student_mask.sum()), int(teacher_mask.sum())
             if self._xtok is None:
                 check_same_response_count(n_student, n_teacher)
         step_tokens = inputs.get('gkd_step_tokens', float(n_student))
         # DDP and DeepSpeed average gradients over ranks: scaling by the world size makes the gradient that of
-        # (sum over every response token of the step) / (their count).
-        world = self.accelerator.num_processes if self.model.training else 1
+        # (sum over every response token of the step) / (their count). Under sequence parallelism a rank holds a
+        # slice of the tokens, its group all of them once: an evaluation loss is then the mean over the group.
+        world = self.accelerator.num_processes if self.model.training else group_size()
         normalizer = max(step_tokens, 1.0) / world
         # the SFT term needs dataset responses; a non-positive weight means none, in both loss implementations
         use_sft = mode is not Mode.ON_POLICY and self.args.sft_alpha > 0

@@ -56,7 +56,11 @@ class ScoringMixin:
             past.extend(columns.get(name, [None] * added))
 
     def log(self, logs: Dict[str, float], start_time=None) -> None:
-        """ms-swift's GKD ``log``; when rewards were logged, the completions table is written here with them."""
+        """ms-swift's GKD ``log``; when rewards were logged, the completions table is written here with them. A
+        training row gets the sampled completions' length and truncation since the last one (every rank logs: the
+        window's reduction is a collective)."""
+        if self.model.training:
+            logs.update(self._completions.logs(self.accelerator.device))
         pending = self.accelerator.is_main_process and self.log_completions and len(self._logs['prompt']) > 0
         if self._completion_columns and pending:
             n = len(self._logs['prompt'])
