@@ -91,6 +91,18 @@ def _status_mib(key):
         return int(re.search(key + r':\s+(\d+)', f.read()).group(1)) / 1024
 
 
+def _memory_baseline(cuda: bool, sync) -> float:
+    """Garbage collected, the device idle, its peak reset: what a measured call starts from (CUDA: bytes allocated;
+    CPU: resident MiB)."""
+    import gc
+    gc.collect()
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    return _status_mib('VmRSS')
+
+
 class _PeakRSS:
     """Peak resident memory of this process from now on: the kernel's VmHWM after a reset, else sampling."""
 
@@ -243,14 +255,8 @@ def run_worker(args):
 
         step(min(n, 1024 if method == 'liger' else 64))  # warm-up (liger: its compiled chunk shape)
         clear()
-        import gc
-        gc.collect()
-        sync()
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        else:
-            base = _status_mib('VmRSS')
+        base = _memory_baseline(cuda, sync)
+        if not cuda:
             if args.mem_limit_gb:
                 import resource
                 limit = int(_status_mib('VmSize') * 2**20 + args.mem_limit_gb * 2**30)

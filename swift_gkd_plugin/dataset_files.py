@@ -42,9 +42,20 @@ def no_privileged_view(entries: List[str], use_hf: Optional[bool], columns=None)
     files = local_dataset_files(entries, use_hf)
     if not entries or len(files) != len(entries) or not all(standard for _, standard in files):
         return False
+    return first_privileged_row(entries, use_hf, columns) is None
+
+
+def first_privileged_row(entries: List[str], use_hf: Optional[bool], columns=None) -> Optional[str]:
+    """``'PATH line N'`` (or ``index N``) of the first row with a teacher_prompt or teacher_messages (``--columns``
+    mapped) among the local ``--dataset`` files in ms-swift's standard format; None when they have none."""
     columns = columns if isinstance(columns, dict) else {}
     names = set(PRIVILEGED_COLUMNS) | {k for k, v in columns.items() if v in PRIVILEGED_COLUMNS}
-    return not any(row.get(name) for path, _ in files for _, row in dataset_rows('--dataset', path) for name in names)
+    for path, standard in local_dataset_files(list(entries or []), use_hf):
+        if standard:
+            for where, row in dataset_rows('--dataset', path):
+                if any(row.get(name) for name in names):
+                    return f'{path} {where}'
+    return None
 
 
 def check_teacher_given(args, teacher_flags: Tuple[str, ...], ways_out: str) -> None:

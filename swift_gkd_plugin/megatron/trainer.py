@@ -42,10 +42,11 @@ from swift_gkd_plugin.core.modes import DATA_SOURCES, mode_log_path, sampling_se
 from swift_gkd_plugin.core.views import prepare_teacher_view
 from swift_gkd_plugin.flags import rollout_max_tokens, sampling_temperature
 from swift_gkd_plugin.megatron.rollout.generation import generate
-from swift_gkd_plugin.megatron.step.loss import (defer_teacher, entropies_on_shards, fill_deferred_teacher,
-                                            gkd_loss_on_shards, shard_vocab_start, teacher_on_demand,
-                                            teacher_topk_per_micro_batch)
-from swift_gkd_plugin.megatron.rollout.samples import collate_for_forward, encode_prompts, last_logits, rollout_outputs
+from swift_gkd_plugin.megatron.step.loss import (check_views_split_alike, defer_teacher, entropies_on_shards,
+                                                 fill_deferred_teacher, gkd_loss_on_shards, shard_vocab_start,
+                                                 teacher_on_demand, teacher_topk_per_micro_batch)
+from swift_gkd_plugin.megatron.rollout.samples import (collate_for_forward, encode_prompts, last_logits, last_logits_cp,
+                                                       rollout_outputs)
 from swift_gkd_plugin.megatron.step.vocab import model_vocab_size
 
 logger = get_logger()
@@ -158,9 +159,10 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
 
     @torch.no_grad()
     def _sample_from_model(self, samples, teacher: bool):
-        """Sampling without vLLM. Every rank of a model-parallel group (TP x PP) runs each forward together on its
-        data-parallel batch; with expert parallelism the MoE all-to-alls span data-parallel ranks too, so then all
-        ranks keep running forwards until every rank's sequences have stopped."""
+        """Sampling without vLLM. Every rank of a model-parallel group (TP x CP x PP) runs each forward together on
+        its data-parallel batch (with CP, the last positions' logits are gathered from the ranks holding them); with
+        expert parallelism the MoE all-to-alls span data-parallel ranks too, so then all ranks keep running forwards
+        until every rank's sequences have stopped."""
         samples = self._preprocess_inputs(samples)
         prompts = encode_prompts(self.template, samples, teacher=teacher)
         tokenizer = self.template.tokenizer
@@ -176,7 +178,13 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
                 data.pop('loss_scale', None)
                 data.pop('labels', None)
                 logits = forward_step_helper(model, data)
-                return None if logits is None else last_logits(logits, positions)
+                if logits is None:
+                    return None
+                if mpu.get_context_parallel_world_size() > 1:  # each rank holds 2 chunks of every sequence
+                    packed = data.get('packed_seq_params')
+                    return last_logits_cp(logits, positions, None if packed is None else packed.cu_seqlens_q.tolist(),
+                                          mpu.get_context_parallel_group())
+                return last_logits(logits, positions)
 
             budget = self.args.max_completion_length if teacher else rollout_max_tokens(self.args)
             completions = generate(
@@ -391,6 +399,8 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
         summed losses by the step's summed counts over data- and context-parallel ranks (a per-token mean)."""
         args = self.args
         topk = teacher_output.is_topk_mode
+        if mpu.get_context_parallel_world_size() > 1:
+            check_views_split_alike(labels, teacher_output.labels, mpu.get_context_parallel_group())
         group = mpu.get_tensor_model_parallel_group()
         shards = dict(temperature=args.temperature, vocab_start=shard_vocab_start(output_tensor, group),
                       vocab_size=self._real_vocab, teacher_shard=None if topk else teacher_output.full_logits,

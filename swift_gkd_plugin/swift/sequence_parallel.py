@@ -5,6 +5,12 @@ sequence: ms-swift's forward hook splits the inputs of the student and of the te
 are this rank's slice, and the labels are split here the same way. The loss of a rank is the sum over its slice's
 tokens; the group's ranks together hold each token once (the normaliser, :meth:`BatchesMixin._count_step_tokens`,
 counts each group once).
+
+A row whose teacher reads a view of its own (``teacher_prompt`` / ``teacher_messages``: other positions than the
+student's) has its teacher run on the whole row, unsplit (:func:`whole_sequences`), and the teacher's signal taken at
+the response tokens of this rank's slice of the student's row (:func:`teacher_positions_of_slice`). Memory: each rank
+holds the teacher's outputs for its whole rows (logits ``[B, S_teacher, V]``, or hidden states for the fused loss),
+not a slice of them.
 """
 from __future__ import annotations
 
@@ -16,7 +22,6 @@ import torch.distributed as dist
 from swift.sequence_parallel import sequence_parallel
 
 from swift_gkd_plugin.core.constants import IGNORE_INDEX
-from swift_gkd_plugin.swift.run.guards import RunError
 
 
 def group_size() -> int:
@@ -32,10 +37,10 @@ def pooled_samples(samples: List) -> List:
 
 
 @contextmanager
-def whole_sequences():
-    """Forwards on whole sequences of this rank (sampling): ms-swift's forward hook and attention leave a forward
-    alone while its group size reads 1. Each rank samples its own rows; :func:`pooled_samples` then shares them."""
-    if not sequence_parallel.enabled():
+def whole_sequences(on: bool = True):
+    """Forwards on whole sequences of this rank (sampling; a teacher's own view): ms-swift's forward hook and
+    attention leave a forward alone while its group size reads 1. ``on=False``: a no-op."""
+    if not on or not sequence_parallel.enabled():
         yield
         return
     size, sequence_parallel.world_size = sequence_parallel.world_size, 1
@@ -59,9 +64,12 @@ def local_slice(shifted_labels: torch.Tensor) -> torch.Tensor:
     return sequence_parallel.split(padded, dim=1)
 
 
-def check_one_view(student_labels: torch.Tensor, teacher_labels: torch.Tensor, size: int) -> None:
-    """The teacher reads the student's rows: a row with a teacher view of its own (``teacher_messages``,
-    ``teacher_images``) would put its response tokens in other slices than the student's."""
-    if not torch.equal(student_labels, teacher_labels):
-        raise RunError(f'--sequence_parallel_size {size} is not supported with rows that give the teacher a view of '
-                       'their own (teacher_messages / teacher_images) yet (allowed: --sequence_parallel_size 1)')
+def teacher_positions_of_slice(student_labels: torch.Tensor, teacher_labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices into the teacher's whole rows ``[B, S_teacher]`` of the response tokens of this rank's slice of
+    the student's rows (``local_slice``), in the slice's order. Both take shifted labels; the k-th response token of
+    a student row is the k-th of its teacher row (``check_views_aligned``). One host sync (the slice's count)."""
+    student_mask = student_labels != IGNORE_INDEX
+    ordinal = (torch.cumsum(student_mask.reshape(-1), 0) - 1).view_as(student_labels)  # each token's rank, row-major
+    local = local_slice(ordinal.masked_fill(~student_mask, IGNORE_INDEX))
+    teacher_index = torch.nonzero((teacher_labels != IGNORE_INDEX).reshape(-1)).squeeze(1)
+    return teacher_index[local[local != IGNORE_INDEX]]

@@ -201,6 +201,8 @@ class _CudaToCpu(torch.overrides.TorchFunctionMode):
             return func(*args).replace('torch.', 'torch.cuda.', 1)
         if _is_cuda(kwargs.get('device')):
             kwargs = {**kwargs, 'device': 'cpu'}
+        if kwargs.get('pin_memory'):  # rope_utils.py ~62 (CP): pinned memory needs CUDA
+            kwargs = {**kwargs, 'pin_memory': False}
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
             args = (args[0], 'cpu', *args[2:])
         return func(*args, **kwargs)
@@ -282,6 +284,63 @@ def _marking_init(init, dim, mark):
         if isinstance(weight, torch.nn.Parameter) and not hasattr(weight, 'tensor_model_parallel'):
             mark(weight, True, dim, kwargs.get('stride', 1))
     return __init__
+
+
+# ------------------------------------------------------------------------------------------- context parallelism
+@_after('megatron.core.transformer.dot_product_attention')
+def _context_parallel_attention(module):
+    """``transformer/dot_product_attention.py`` ~57: the local attention asserts ``context_parallel_size == 1``
+    ('only supported by TEDotProductAttention'; TE's runs ring attention). Here, with CP > 1, each rank gathers the
+    context-parallel group's Q, K and V (already rotated at their own positions: rotary embeddings are CP-aware),
+    puts the load-balanced chunks back in sequence order (rank r holds chunks r and 2CP-1-r of 2CP), runs the local
+    attention on the whole sequence and keeps its own chunks of the output: what ring attention computes."""
+    cls = module.DotProductAttention
+    init, forward = cls.__init__, cls.forward
+
+    def __init__(self, config, *args, **kwargs):
+        cp, config.context_parallel_size = config.context_parallel_size, 1
+        try:
+            init(self, config, *args, **kwargs)
+        finally:
+            config.context_parallel_size = cp
+
+    def cp_forward(self, query, key, value, attention_mask, *args, **kwargs):
+        from megatron.core import mpu
+        group = mpu.get_context_parallel_group()
+        cp = torch.distributed.get_world_size(group)
+        if cp == 1:
+            return forward(self, query, key, value, attention_mask, *args, **kwargs)
+        rank = torch.distributed.get_rank(group)
+        whole = [_zigzag_whole(_GatherCP.apply(t, group), cp) for t in (query, key, value)]
+        out = forward(self, *whole, attention_mask, *args, **kwargs)  # [S, b, ...]
+        chunks = out.chunk(2 * cp, dim=0)
+        return torch.cat([chunks[rank], chunks[2 * cp - 1 - rank]], dim=0)
+
+    cls.__init__, cls.forward = __init__, cp_forward
+
+
+class _GatherCP(torch.autograd.Function):
+    """All-gather along a new leading dim (gloo has no reduce-scatter): the gradient is summed over the group
+    and each rank keeps its own slice."""
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        ctx.group = group
+        parts = [torch.empty_like(tensor) for _ in range(torch.distributed.get_world_size(group))]
+        torch.distributed.all_gather(parts, tensor.contiguous(), group=group)
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad[torch.distributed.get_rank(ctx.group)], None
+
+
+def _zigzag_whole(gathered, cp):
+    """``[cp, 2c, ...]`` (each rank's chunks r and 2cp-1-r) -> ``[2cp*c, ...]`` in sequence order."""
+    halves = gathered.chunk(2, dim=1)
+    return torch.cat([halves[0][i] if i < cp else halves[1][2 * cp - 1 - i] for i in range(2 * cp)], dim=0)
 
 
 # ------------------------------------------------------------------------------------------------------- LoRA

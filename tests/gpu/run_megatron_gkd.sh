@@ -4,7 +4,8 @@
 # TP=2 when the machine has 2 or more GPUs. Prints `SKIP: ...` and exits 0 without CUDA or without the Megatron stack
 # (transformer-engine, megatron-core, mcore-bridge). See tests/gpu/README.md.
 #
-# With 2 or more GPUs it also runs a tiny Qwen3-MoE pair with expert parallelism 2 (on-policy and seq_kd sampling).
+# With 2 or more GPUs it also runs a tiny Qwen3-MoE pair with expert parallelism 2 (on-policy and seq_kd sampling),
+# and the off-policy case with context parallelism 2, whose logged losses must equal the 1-GPU run's (bf16 tolerance).
 # Environment: PYTHON (python), WORK (a fresh temporary directory; logs and outputs are kept there), CASES (space
 # separated case names to run, default all), CASE_TIMEOUT (seconds per run, 900), ATTN_BACKEND (auto).
 set -uo pipefail
@@ -96,6 +97,7 @@ TP1_CASES=" off_policy on_policy seq_kd shared_base_lora_seq_kd offloaded_teache
 "$PYTHON" -c 'import vllm' >/dev/null 2>&1 && TP1_CASES="$TP1_CASES shared_base_lora_vllm "
 TP2_CASES=" off_policy on_policy seq_kd teacher_topk_tail "
 EP2_CASES=" moe_ep2_on_policy moe_ep2_seq_kd "
+CP2_CASES=" off_policy "
 CASES=" ${CASES:-$TP1_CASES $EP2_CASES} "
 
 free_port() {
@@ -136,17 +138,37 @@ print(f'  modes {[r["mode"] for r in rows]}, losses {losses}')
 EOF
 }
 
+# compare_losses OUT_CP1 OUT_CP2: the same iterations logged the same losses (bf16 tolerance): context parallelism
+# splits each sequence over the ranks; the loss is a per-token mean over all of them.
+compare_losses() {
+    "$PYTHON" - "$1" "$2" <<'EOF'
+import json
+import os
+import sys
+
+def losses(out):
+    path = os.path.join(out, 'logging.jsonl')
+    return [json.loads(line)['loss'] for line in open(path) if '"loss"' in line] if os.path.exists(path) else []
+
+one, two = losses(sys.argv[1]), losses(sys.argv[2])
+ok = bool(one) and len(one) == len(two) and all(abs(a - b) <= 3e-2 * max(abs(a), 1e-3) for a, b in zip(one, two))
+print(f'  CP=1 losses {one}, CP=2 losses {two}: {"equal" if ok else "DIFFERENT"} (rel. tolerance 3e-2, bf16)')
+sys.exit(0 if ok else 1)
+EOF
+}
+
 FAILED=()
 PASSED=()
-# run_case NPROC TP SPEC: one `megatron rlhf` run on NPROC GPUs, then check_run.
+# run_case NPROC TP SPEC [CP]: one `megatron rlhf` run on NPROC GPUs, then check_run.
 run_case() {
-    local nproc=$1 tp=$2 spec=$3
+    local nproc=$1 tp=$2 spec=$3 cp=${4:-1}
     local name student teacher model_type lmbda seq_kd extra
     IFS='|' read -r name student teacher model_type lmbda seq_kd extra <<<"$spec"
     local tag="gpu${nproc}_tp${tp}_${name}"
+    [ "$cp" -gt 1 ] && tag="gpu${nproc}_tp${tp}_cp${cp}_${name}"
     local out="$WORK/$tag" log="$WORK/$tag.log"
     # global batch 2: micro-batches of 2 on one data-parallel rank, or of 1 on two
-    local micro=$((2 * tp / nproc))
+    local micro=$((2 * tp * cp / nproc))
     rm -rf "$out"
     echo "=== $tag: student=$student teacher=$teacher lmbda=$lmbda seq_kd=$seq_kd $extra"
     # shellcheck disable=SC2086  # $extra is a list of flags
@@ -158,7 +180,7 @@ run_case() {
         --template qwen3_nothinking \
         --dataset "$WORK/train.jsonl" --split_dataset_ratio 0 --dataset_num_proc 1 --dataloader_num_workers 1 \
         --tuner_type full --torch_dtype bfloat16 --check_model false \
-        --tensor_model_parallel_size "$tp" --pipeline_model_parallel_size 1 --context_parallel_size 1 \
+        --tensor_model_parallel_size "$tp" --pipeline_model_parallel_size 1 --context_parallel_size "$cp" \
         --attention_backend "${ATTN_BACKEND:-auto}" \
         --lmbda "$lmbda" --seq_kd "$seq_kd" --beta 0.5 --temperature 1.0 --seed "$SEED" \
         --max_length 128 --max_completion_length 8 \
@@ -194,8 +216,15 @@ if [ "$N_GPUS" -ge 2 ]; then
     for spec in "${CASE_TABLE[@]}"; do
         selected "${spec%%|*}" "$EP2_CASES" && run_case 2 1 "$spec"
     done
+    for spec in "${CASE_TABLE[@]}"; do
+        name=${spec%%|*}
+        selected "$name" "$CP2_CASES" || continue
+        [ -d "$WORK/gpu1_tp1_$name" ] || run_case 1 1 "$spec"
+        run_case 2 1 "$spec" 2 && compare_losses "$WORK/gpu1_tp1_$name" "$WORK/gpu2_tp1_cp2_$name" ||
+            { [[ " ${FAILED[*]} " == *" gpu2_tp1_cp2_$name "* ]] || FAILED+=("gpu2_tp1_cp2_${name}_vs_cp1"); }
+    done
 else
-    echo "TP=2 and expert-parallel cases not run: fewer than 2 GPUs"
+    echo "TP=2, context-parallel and expert-parallel cases not run: fewer than 2 GPUs"
 fi
 
 echo "passed: ${PASSED[*]:-none}"

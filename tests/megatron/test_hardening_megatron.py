@@ -49,16 +49,10 @@ def test_no_teacher_and_no_privileged_prompt_is_refused_in_the_launcher(tiny_ws,
     assert_passed_the_checks(launch('--model', tiny_ws.student, '--dataset', str(privileged), '--use_vllm', 'false')[1])
 
 
-def test_context_parallel_on_policy_without_vllm_is_refused_in_the_launcher(tiny_ws):
-    """As seq_kd's rule is: it was refused in every rank, after they had started (two tracebacks, 80 s)."""
-    code, output = launch('--model', tiny_ws.student, *DATASET, '--teacher_model', tiny_ws.teacher, '--use_vllm',
-                          'false', '--context_parallel_size', '2')
-    assert_refused(code, output, 'on-policy steps (--lmbda 0.5) without vLLM sample from the Megatron model, which '
-                   'needs --context_parallel_size 1 (got 2): sample with vLLM (--use_vllm true --vllm_mode colocate or '
-                   'server), or pass --lmbda 0 (dataset responses only) or --context_parallel_size 1')
-    code, output = launch('--model', tiny_ws.student, *DATASET, '--teacher_model', tiny_ws.teacher,
-                          '--context_parallel_size', '2', env=NO_VLLM)  # --use_vllm true, but no vLLM to sample
-    assert_refused(code, output, 'server; pip install vllm first, it is not installed here)')
+def test_context_parallel_sampling_from_the_megatron_model_passes_the_launcher(tiny_ws):
+    """Refused before the plugin gathered the last positions' logits over the CP ranks (test_context_parallel.py)."""
+    assert_passed_the_checks(launch('--model', tiny_ws.student, *DATASET, '--teacher_model', tiny_ws.teacher,
+                                    '--use_vllm', 'false', '--seq_kd', 'true', '--context_parallel_size', '2')[1])
 
 
 def test_a_teacher_server_without_vllm_is_refused_in_the_launcher(tiny_ws):

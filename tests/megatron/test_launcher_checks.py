@@ -76,8 +76,6 @@ def assert_passed_the_checks(output):
       '--gkd_logits_topk', '8'), '(the local teacher for some tags) is supported by swift rlhf only'),
     (('--tensor_model_parallel_size', '2', '--teacher_tensor_model_parallel_size', '4'),
      '--teacher_tensor_model_parallel_size 4 differs from --tensor_model_parallel_size 2'),
-    (('--seq_kd', 'true', '--context_parallel_size', '2'), '--seq_kd true samples from the Megatron teacher, which '
-     'needs --context_parallel_size 1'),
     (('--teacher_adapters', '/tmp/adapter'), '--teacher_adapters is supported by swift rlhf only'),
     (('--seq_kd', 'maybe'), 'cannot read the GKD flags'),
     (('--teacher_model_server', 'http://127.0.0.1:9', '--gkd_logits_topk', '8', '--teacher_api_key', 'k',

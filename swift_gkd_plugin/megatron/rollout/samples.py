@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 from swift.infer_engine.protocol import (ChatCompletionResponse, ChatCompletionResponseChoice, ChatMessage,
                                          RolloutOutput, UsageInfo)
 from swift.utils import remove_response
@@ -74,11 +75,12 @@ def collate_for_forward(template, sequences: Sequence[Sequence[int]],
     """A training-format batch of token sequences (no loss positions) and the ``(row, column)`` of each sequence's
     last token in the model's logits: right-padded rows, or one packed row with ``--padding_free``."""
     items = [{'input_ids': list(seq), 'labels': [IGNORE_INDEX] * len(seq), 'length': len(seq)} for seq in sequences]
+    rows = list(items)  # the collator packs ``items`` in place
     batch = template.data_collator(items, padding_to=padding_to)
     lengths = [len(seq) for seq in sequences]
-    if template.padding_free:
-        ends = torch.tensor(lengths).cumsum(0).tolist()
-        positions = [(0, end - 1) for end in ends]
+    if template.padding_free:  # with context parallelism each sequence is padded to a multiple of 2 CP, in place
+        starts = [0] + torch.tensor([len(row['input_ids']) for row in rows]).cumsum(0).tolist()[:-1]
+        positions = [(0, start + length - 1) for start, length in zip(starts, lengths)]
     else:
         positions = [(row, length - 1) for row, length in enumerate(lengths)]
     return batch, positions
@@ -89,3 +91,27 @@ def last_logits(logits: torch.Tensor, positions: Sequence[Tuple[int, int]]) -> t
     rows = torch.tensor([r for r, _ in positions], device=logits.device)
     cols = torch.tensor([c for _, c in positions], device=logits.device)
     return logits[rows, cols]
+
+
+def last_logits_cp(logits: torch.Tensor, positions: Sequence[Tuple[int, int]], cu_seqlens: Optional[Sequence[int]],
+                   group) -> torch.Tensor:
+    """:func:`last_logits` when context parallelism split every sequence over ``group`` (Megatron-SWIFT's
+    ``get_batch_on_this_cp_rank``: of a sequence's 2 CP equal chunks rank r holds r and 2 CP - 1 - r, in that order).
+
+    ``positions`` are in the unsplit batch; ``cu_seqlens``: the packed row's (padded) sequence bounds, None for one
+    sequence per row. Each rank fills the positions it holds, zeros elsewhere; one all-reduce (sum) over ``group``
+    gives every rank all of them, bit-exact.
+    """
+    cp, rank = dist.get_world_size(group), dist.get_rank(group)
+    width = logits.shape[1] * cp  # an unpacked row's whole length
+    out = logits.new_zeros(len(positions), logits.shape[-1])
+    for i, (row, col) in enumerate(positions):
+        start, end = 0, width
+        if cu_seqlens is not None:
+            start, end = next((int(a), int(b)) for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:]) if a <= col < b)
+        chunk = (end - start) // (2 * cp)
+        index, offset = divmod(col - start, chunk)
+        if index == rank or index == 2 * cp - 1 - rank:
+            out[i] = logits[row, start // cp + (0 if index < cp else chunk) + offset]
+    dist.all_reduce(out, group=group)
+    return out

@@ -68,7 +68,7 @@ class GKDPluginMegatronRLHFArguments(MegatronGKDFlagsMixin, MegatronRLHFArgument
         warning = float32_warning(dtype_given, fp16_given, self.fp16)
         if warning:
             logger.warning(f'swift_gkd_plugin: {warning}')
-        check_model_sampling(self, vllm_samples=self.use_vllm, vllm_installed=is_vllm_available())
+        check_model_sampling(self, vllm_samples=self.use_vllm)
         keep_teacher_messages_column()
         logger.info(f'swift_gkd_plugin {swift_gkd_plugin.__version__}: GKD trainer active (megatron; '
                     f'lmbda={self.lmbda}, seq_kd={self.seq_kd}, beta={self.beta}, temperature={self.temperature})')

@@ -108,9 +108,6 @@ def check_megatron_gkd(args) -> None:
                          "through ms-swift's own client (no API key, its own timeouts); serve the teacher without "
                          '--api_key on a private network')
     refuse_rl_flags(rl_flags_set(args))
-    if args.seq_kd and (args.context_parallel_size or 1) > 1:
-        raise FlagError('--seq_kd true samples from the Megatron teacher, which needs --context_parallel_size 1 '
-                         f'(got {args.context_parallel_size})')
     # only the launcher's parser has it: ms-swift's Megatron arguments do not declare --teacher_adapters at all
     if getattr(args, 'teacher_adapters', None):
         raise FlagError('--teacher_adapters is supported by swift rlhf only; for megatron rlhf merge the adapter '
@@ -268,7 +265,7 @@ def check_megatron_command_line(argv: Sequence[str]) -> None:
     check_megatron_gkd(ns)
     vllm_installed = _importable('vllm')
     check_vllm_sampler(ns, vllm_installed=vllm_installed)
-    check_model_sampling(ns, vllm_samples=ns.use_vllm and vllm_installed, vllm_installed=vllm_installed)
+    check_model_sampling(ns, vllm_samples=ns.use_vllm and vllm_installed)
     check_teacher_client(ns, vllm_installed=vllm_installed)
     if ns.use_vllm and ns.vllm_mode == 'colocate' and ns.lmbda > 0 and ns.model and os.path.isdir(ns.model) \
             and vllm_installed:  # here rather than in every rank, with a traceback, after the ranks started
@@ -276,6 +273,7 @@ def check_megatron_command_line(argv: Sequence[str]) -> None:
     check_vocab_sizes(ns)
     if not (argv and str(argv[0]).endswith(CONFIG_FILE_SUFFIXES)):  # a config file's flags: ms-swift's, in the ranks
         check_training_set(ns)
+        check_context_parallel_views(ns)
         from swift_gkd_plugin.dataset_files import check_teacher_given  # ms-swift's dataset syntax: imported here
         check_teacher_given(SimpleNamespace(**{**vars(ns), 'columns': _json_or_none(ns.columns)}),
                             ('teacher_model', 'teacher_model_server'),
@@ -294,26 +292,36 @@ def _json_or_none(text):
         return None
 
 
-def check_model_sampling(args, vllm_samples: bool, vllm_installed: bool) -> None:
+def check_model_sampling(args, vllm_samples: bool) -> None:
     """Sampling from the Megatron model (on-policy steps when vLLM does not sample; seq_kd, whose own rule is in
-    :func:`check_megatron_gkd`) runs whole sequences through each model-parallel group: no context parallelism, no
-    virtual pipeline stages. In the launcher (where vLLM samples with ``--use_vllm true`` if it is installed) and in
-    the ranks (``vllm_samples``: ``--use_vllm`` as resolved there)."""
+    :func:`check_megatron_gkd`) runs whole sequences through each model-parallel group: no virtual pipeline stages
+    (context parallelism is supported: the last positions' logits are gathered from the ranks holding them). In the
+    launcher (where vLLM samples with ``--use_vllm true`` if it is installed) and in the ranks (``vllm_samples``:
+    ``--use_vllm`` as resolved there)."""
     sampling = args.seq_kd or (args.lmbda > 0 and not vllm_samples)
     if not sampling:
         return
-    cp = args.context_parallel_size or 1
-    if cp > 1:
-        install = '' if vllm_installed else '; pip install vllm first, it is not installed here'
-        raise FlagError(f'on-policy steps (--lmbda {args.lmbda:g}) without vLLM sample from the Megatron model, which '
-                         f'needs --context_parallel_size 1 (got {cp}): sample with vLLM (--use_vllm true --vllm_mode '
-                         f'colocate or server{install}), or pass --lmbda 0 (dataset responses only) or '
-                         '--context_parallel_size 1')
     vpp = getattr(args, 'virtual_pipeline_model_parallel_size', None)
     if vpp not in (None, 1):
         raise FlagError('sampling from the Megatron model (seq_kd, or on-policy steps without vLLM) does not '
                          f'support virtual pipeline stages (--virtual_pipeline_model_parallel_size {vpp}; allowed: '
                          '1 or unset)')
+
+
+def check_context_parallel_views(args) -> None:
+    """Context parallelism cuts each sequence at its own length, the teacher's view too: a local ``--dataset`` row
+    with a teacher prompt of its own is refused (the ranks refuse a batch whose views are cut apart, for datasets
+    that cannot be read here)."""
+    cp = args.context_parallel_size or 1
+    if cp == 1:
+        return
+    from swift_gkd_plugin.dataset_files import first_privileged_row  # ms-swift's dataset syntax: imported here
+    where = first_privileged_row(args.dataset, args.use_hf, _json_or_none(args.columns))
+    if where:
+        raise FlagError(f'--context_parallel_size {cp} with a teacher view of its own ({where} has a teacher_prompt '
+                        'or teacher_messages) is not supported in megatron rlhf: context parallelism cuts the '
+                        "student's and the teacher's sequences at their own lengths, so the teacher's response tokens "
+                        "are not on the ranks of the student's. Use --context_parallel_size 1, or swift rlhf")
 
 
 def check_teacher_client(args, vllm_installed: bool) -> None:

@@ -172,6 +172,28 @@ class _TeacherOnDemand:
         return micro_batch
 
 
+def check_views_split_alike(labels: torch.Tensor, teacher_labels: Optional[torch.Tensor], group: Group) -> None:
+    """Under context parallelism, the student's and the teacher's response positions on this rank must coincide.
+
+    Megatron-SWIFT cuts every sequence into 2 CP chunks at its own length (``get_batch_on_this_cp_rank``), the
+    teacher's view as well: a teacher prompt of another length (``teacher_prompt`` / ``teacher_messages``) puts the
+    teacher's response rows on other ranks than the student's, and the loss would pair other positions (silently
+    where the counts happen to agree). One all-reduce over ``group`` (the CP group): every rank decides alike.
+    """
+    if teacher_labels is None:
+        return
+    differ = teacher_labels.shape != labels.shape or not torch.equal(teacher_labels != IGNORE_INDEX,
+                                                                    labels != IGNORE_INDEX)
+    flag = torch.tensor([float(differ)], device=labels.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    if flag.item():
+        raise ValueError('a teacher view with a prompt of its own (a teacher_prompt or teacher_messages row) is not '
+                         'supported with --context_parallel_size > 1 in megatron rlhf: context parallelism cuts the '
+                         "student's and the teacher's sequences at their own lengths, so the teacher's response "
+                         "tokens are not on the ranks of the student's. Use --context_parallel_size 1 for such rows, "
+                         'or swift rlhf')
+
+
 def _full_width(width: int, device: torch.device, group: Group) -> int:
     """The padded vocabulary: the sum of the slice widths over ``group``."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:

@@ -60,8 +60,8 @@ def guard_gradient_norm(trainer) -> None:
     """A NaN or infinite gradient norm stops the run (:class:`RunError`) before its optimizer step, naming the step
     and the loss terms present: ms-swift drops a NaN gradient (the weights stay as they are) and the loss guard
     sees nothing when only the backward overflows (``--gkd_divergence_coef 1e38``: loss finite, every grad_norm
-    nan, exit code 0). It stops at once while no step of the run has had a finite norm (nothing learnt yet: the
-    overflow is the run's, not a step's); after that each skipped step is a counted warning and
+    nan, exit code 0). Without a loss scaler it stops at once while no step of the run has had a finite norm (nothing
+    learnt yet: the overflow is the run's, not a step's); after that each skipped step is a counted warning and
     :data:`SKIPPED_STEPS` in a row stop it (under a loss scaler, whose skips are by design, :data:`SCALER_STEPS`).
     Wraps transformers' ``Trainer._get_grad_norm`` (transformers 5), which every optimizer step calls; the norm is
     read once a step, right after ms-swift's own read of it (its NaN skip), so no wait is added."""
@@ -80,7 +80,7 @@ def guard_gradient_norm(trainer) -> None:
         overflows.append(trainer.state.global_step + 1)
         state['skipped'] += 1
         scaled = _loss_scaled(trainer)
-        if not state['learnt'] or len(overflows) >= (SCALER_STEPS if scaled else SKIPPED_STEPS):
+        if (not state['learnt'] and not scaled) or len(overflows) >= (SCALER_STEPS if scaled else SKIPPED_STEPS):
             why = ': the fp16 loss scaler skipped each' if scaled else ''
             step = overflows[-1] if len(overflows) == 1 else f'{overflows[-1]} ({len(overflows)} steps in a row{why})'
             raise RunError(non_finite_gradient_message(step, float(norm), loss_terms(trainer.args)))

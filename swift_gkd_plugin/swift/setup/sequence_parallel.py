@@ -1,8 +1,10 @@
 """``--sequence_parallel_size N`` (ms-swift's Ulysses): what the GKD trainer runs under it, and what it refuses.
 
-It runs dataset, on-policy and seq_kd steps with a local teacher (or the student's base), dense and fused loss: the
-ranks of a group pool their rows and each trains on its slice of every sequence (see
-:mod:`swift_gkd_plugin.swift.sequence_parallel`).
+It runs dataset, on-policy and seq_kd steps with every teacher placement (local, offloaded or served, the LoRA
+student's base, a teacher adapter; full or top-k), under DDP or DeepSpeed, dense and fused loss, rows
+with a teacher view of their own, and transformers or vLLM sampling (each rank samples its own rows, a colocated
+engine on whole sequences, as ms-swift's GRPO does): the ranks of a group pool their rows and each trains on its slice
+of every sequence (see :mod:`swift_gkd_plugin.swift.sequence_parallel`).
 """
 from __future__ import annotations
 
@@ -30,9 +32,7 @@ def check_sequence_parallel(args) -> None:
          '--gkd_sampled_kl_coef 0'),
         (bool(args.multi_turn_scheduler), f'--multi_turn_scheduler {args.multi_turn_scheduler}',
          'no --multi_turn_scheduler'),
-        (args.use_vllm, '--use_vllm true', '--use_vllm false'),
         (args.padding_free or args.packing, '--padding_free / --packing', '--padding_free false --packing false'),
-        (args.teacher_model_server is not None, '--teacher_model_server', 'a local --teacher_model'),
         (args.gkd_cross_tokenizer is not None, '--gkd_cross_tokenizer', 'a teacher with the student\'s tokenizer'),
         (args.gkd_ref_kl_coef > 0, f'--gkd_ref_kl_coef {args.gkd_ref_kl_coef:g}', '--gkd_ref_kl_coef 0'),
     ]

@@ -38,7 +38,8 @@ from swift_gkd_plugin.core.views import check_same_response_count
 from swift_gkd_plugin.swift.step.hidden_states import (fused_fallback_reason, gathered_heads, head_bypassed, head_is_sharded,
                                                   head_rows, output_head, topk_from_hidden)
 from swift_gkd_plugin.swift.run.guards import RunError
-from swift_gkd_plugin.swift.sequence_parallel import announce_batch, check_one_view, group_size, local_slice
+from swift_gkd_plugin.swift.sequence_parallel import (announce_batch, group_size, local_slice,
+                                                     teacher_positions_of_slice, whole_sequences)
 from swift_gkd_plugin.swift.setup.teacher_server import teacher_names
 from swift_gkd_plugin.swift.step.token_metrics import add_token_sum as _add_token_sum
 
@@ -107,9 +108,12 @@ class LossMixin:
         student_labels = shift_labels(model_inputs['labels'])
         teacher_labels = shift_labels(teacher_inputs['labels'])
         sequence_parallel = self.template.sequence_parallel_size > 1
-        if sequence_parallel:  # both models' outputs are this rank's slice of each sequence: so are the labels
-            check_one_view(student_labels, teacher_labels, self.template.sequence_parallel_size)
+        teacher_index = None  # the teacher's response positions, read from its mask below where None
+        own_view = sequence_parallel and not torch.equal(student_labels, teacher_labels)  # a privileged view
+        if sequence_parallel:  # the models' outputs are this rank's slice of each sequence: so are the labels
             announce_batch(model_inputs)
+            if own_view or self.use_teacher_api:  # the teacher read (a server scored) whole rows: its signal at
+                teacher_index = teacher_positions_of_slice(student_labels, teacher_labels)  # this slice's tokens
             student_labels = teacher_labels = local_slice(student_labels)
         student_mask = student_labels != IGNORE_INDEX
         teacher_mask = teacher_labels != IGNORE_INDEX
@@ -140,9 +144,11 @@ class LossMixin:
                             else None)
         owner = getattr(inputs.get('gkd_batch'), 'teacher_of_row', None) if sampled_kl else None
         token_teachers = None if owner is None else _rows(owner[:, None].expand(student_mask.shape), student_index)
+        if teacher_index is None:
+            teacher_index = response_positions(teacher_mask, n_teacher)
         return _LossSetup(student_mask, teacher_mask, _rows(student_labels, student_index), mode, normalizer,
-                          sft_alpha, token_advantages, student_index, response_positions(teacher_mask, n_teacher),
-                          sampler_logprobs, sampled_kl, token_teachers)
+                          sft_alpha, token_advantages, student_index, teacher_index, sampler_logprobs, sampled_kl,
+                          token_teachers, own_view)
 
     def _fused_loss(self, model, fwd, teacher_inputs, inputs, setup: '_LossSetup'):
         """The fused loss on the student's last hidden states; the heads are applied chunk by chunk.
@@ -189,7 +195,8 @@ class LossMixin:
             return TeacherTopK(*drop_ids_outside_vocab(setup.teacher_rows(gkd_batch.teacher_topk_indices),
                                                        setup.teacher_rows(gkd_batch.teacher_topk_logprobs).float(),
                                                        student_vocab), _token_logprobs(setup, gkd_batch))
-        t_hidden, (t_weight, t_bias) = self._teacher_forward(model, teacher_inputs, hidden=True)
+        with whole_sequences(setup.teacher_whole):
+            t_hidden, (t_weight, t_bias) = self._teacher_forward(model, teacher_inputs, hidden=True)
         t_hidden = setup.teacher_rows(t_hidden)
         if self.gkd_logits_topk is not None:
             return TeacherTopK(*topk_from_hidden(t_hidden, t_weight, t_bias, self.gkd_logits_topk, student_vocab))
@@ -329,7 +336,8 @@ class LossMixin:
         if self._xtok is not None:  # the teacher reads its own tokenization: aligned positions
             aligned = self._xtok.teacher_rows(setup.student_mask, setup.teacher_mask, inputs['gkd_xtok_rows'])
             return CrossTokenizerRows(self._teacher_forward(model, teacher_inputs), aligned)
-        teacher = setup.teacher_rows(self._teacher_forward(model, teacher_inputs))
+        with whole_sequences(setup.teacher_whole):
+            teacher = setup.teacher_rows(self._teacher_forward(model, teacher_inputs))
         if self.gkd_logits_topk is not None:
             return topk_of_logits(teacher, self.gkd_logits_topk)
         return TeacherLogits(teacher)
@@ -493,6 +501,7 @@ class _LossSetup:
     sampler_logprobs: Optional[torch.Tensor] = None  # per response token: the sampler's log-prob (NaN: none)
     sampled_kl: bool = False  # the sampled-token term applies to this micro-batch
     token_teachers: Optional[torch.Tensor] = None  # several tag-routed teachers: each response token's teacher
+    teacher_whole: bool = False  # sequence parallelism, a teacher view of its own: the teacher reads whole rows
 
     def student_rows(self, x: torch.Tensor) -> torch.Tensor:
         """``x[student_mask]`` (``x``: ``[B, S, ...]``) without a host sync."""

@@ -15,6 +15,7 @@ from swift_gkd_plugin.core.topk import topk_of_logits
 from swift_gkd_plugin.core.weights.offload import is_partitioned
 from swift_gkd_plugin.flags import local_teacher_index
 from swift_gkd_plugin.server.client import TopKResult
+from swift_gkd_plugin.swift.sequence_parallel import group_size, pooled_samples, whole_sequences
 from swift_gkd_plugin.swift.setup.teacher_server import teacher_configs, teacher_names
 from swift_gkd_plugin.swift.step.hidden_states import head_bypassed, head_rows, output_head, topk_from_hidden
 from swift_gkd_plugin.swift.step.token_metrics import add_token_sum as _add_token_sum
@@ -159,6 +160,8 @@ class TeacherMixin:
         """One request per generation batch: the teacher's top-k at every response position of every row."""
         if not self.use_teacher_api:
             return
+        if group_size() > 1:  # the micro-batches hold the rows of the whole sequence-parallel group
+            samples = pooled_samples(samples)
         if not self._teacher_topk_route:  # (True: /v1/topk or /v1/completions on the trainer's token ids)
             # a server with only ms-swift's routes: ms-swift's requests, routing, gather to the main process and
             # assembly, with _infer_teacher_requests above answering them (and checking the server's tokenization)
@@ -230,7 +233,7 @@ class TeacherMixin:
                 continue
             inputs = batch['teacher_model_inputs']
             ids = inputs['input_ids']
-            with torch.no_grad(), self.compute_loss_context_manager():
+            with torch.no_grad(), self.compute_loss_context_manager(), whole_sequences():  # whole rows, as served
                 out = self._teacher_forward(model, inputs, hidden=self._fused)
             for where, (pb, row, positions) in enumerate(places):
                 if pb != b:

@@ -8,6 +8,14 @@ Case ``long`` (after ``short``, the above): off-policy at ~3.3k tokens a row (a 
 answer; ``--max_length 4096``, gradient checkpointing, 5 steps at lr 0), batch 1 and 4, built-in / fused / dense:
 where the loss's memory shows (the short rows are ~100 tokens). A run that exits with CUDA's out-of-memory error is
 recorded as ``outcome: oom`` (the built-in at batch 4 on the first 80 GB run), not as a failure of the part.
+
+On request (``--cases long32k,sp``, each within the part's budget; not in the default):
+
+* ``long32k``: one row of ~31k tokens (``--max_length 32768``, gradient checkpointing, batch 1, 3 steps at lr 0),
+  built-in against fused, on one GPU.
+* ``sp``: ``--sequence_parallel_size 2`` on two GPUs (one group: each rank holds half of every row) against one
+  GPU without it, rows of ~15k tokens, fused, 3 steps at lr 0: the losses compared step by step, memory per rank
+  (rank 0's). With fewer than two GPUs the rows say ``outcome: skipped`` and why.
 """
 from __future__ import annotations
 
@@ -15,7 +23,7 @@ import json
 import os
 import random
 
-from common import Results, build_workspace, finite, ratio, rlhf_argv, run_rlhf
+from common import Results, build_workspace, finite, free_port, ratio, rlhf_argv, run_rlhf
 
 MODES = {'off_policy': dict(lmbda=0), 'on_policy': dict(lmbda=1, use_vllm='false'),
          'seq_kd': dict(lmbda=0, seq_kd='true')}
@@ -55,6 +63,13 @@ def run(args) -> Results:
                     error=r['error'])
     if 'long' in cases:
         run_long(args, res, ws, impls)
+    if 'long32k' in cases:
+        run_long32k(args, res, ws, [i for i in impls if i != 'dense'])
+    if 'sp' in cases:
+        run_sequence_parallel(args, res, ws)
+    ooms = [f"{r['mode']}/{r['impl']}" for r in res.rows if r.get('outcome') == 'oom']
+    if ooms:
+        res.note(f'out of memory (recorded, not a failure of the kit): {", ".join(ooms)}')
     # ratios against the built-in trainer of the same mode; loss agreement at lr 0
     by = {(r['mode'], r['impl']): r for r in res.rows}
     for r in res.rows:
@@ -68,7 +83,8 @@ def run(args) -> Results:
         if n:
             r['max_rel_loss_diff_vs_builtin'] = max(abs(a - b) / max(abs(b), 1e-6) for a, b in
                                                     zip(r['losses'][:n], base['losses'][:n]))
-    failed = [f"{r['mode']}/{r['impl']}" for r in res.rows if not r['ok'] and r.get('outcome') != 'oom']
+    failed = [f"{r['mode']}/{r['impl']}" for r in res.rows
+              if not r['ok'] and r.get('outcome') not in ('oom', 'skipped')]
     refused = [f for f in failed if f == 'seq_kd/builtin']
     if set(failed) - set(refused):
         res.status = 'partial'
@@ -107,31 +123,84 @@ def run_long(args, res: Results, ws, impls):
     steps = 2 if args.tiny else 5
     for batch in (1, 4):
         for impl in impls:
-            flags = dict(lmbda=0, learning_rate=0, dataset=data, max_length=max_length,
-                         per_device_train_batch_size=batch, gradient_checkpointing='true')
-            env = {'SWIFT_GKD_PLUGIN': '0'} if impl == 'builtin' else {}
-            if impl != 'builtin':
-                flags['gkd_loss_impl'] = impl
-            if args.device == 'cpu':
-                flags['use_cpu'] = 'true'
-            mode = f'long_batch{batch}'
-            left = res.seconds_left(args.part_budget_s)
-            if left < 60:
-                res.add(mode=mode, impl=impl, ok=False, rc='not run', error=f'part budget: {left:.0f} s left')
-                continue
-            log_path = os.path.join(args.work, f'a_{mode}_{impl}.log')
-            r = run_rlhf(rlhf_argv(ws, os.path.join(args.work, f'a_{mode}_{impl}'), steps, **flags), env=env,
-                         timeout=min(args.run_timeout, left), log_path=log_path)
-            with open(log_path) as f:
-                result = outcome(r['rc'], f.read())
-            ok = result == 'ok' and r['plugin_active'] == (impl != 'builtin') and bool(r['losses']) and all(
-                map(finite, r['losses']))
-            res.add(mode=mode, impl=impl, ok=ok, outcome=result, rc=r['rc'], plugin_active=r['plugin_active'],
-                    first_loss=r['losses'][0] if r['losses'] else None, losses=r['losses'], step_s=r['step_s'],
-                    reserved_gib=r['reserved_gib'], device_peak_gib=r['device_peak_gib'], wall_s=r['wall_s'],
-                    error=r['error'])
-    ooms = [f"{r['mode']}/{r['impl']}" for r in res.rows if r.get('outcome') == 'oom']
-    if ooms:
-        res.note(f'out of memory (recorded, not a failure of the kit): {", ".join(ooms)}')
+            _long_run(args, res, ws, f'long_batch{batch}', impl,
+                      dict(lmbda=0, learning_rate=0, dataset=data, max_length=max_length,
+                           per_device_train_batch_size=batch, gradient_checkpointing='true'), steps)
     res.note(f'long: {letters[0]}-letter prompts, {letters[1]}-letter answers, --max_length {max_length}, gradient '
              f'checkpointing, {steps} steps at lr 0, off-policy')
+
+
+def _long_run(args, res: Results, ws, mode: str, impl: str, flags: dict, steps: int, env=None):
+    """One ``swift rlhf`` run of a long-row case, recorded as a row (``outcome``: ok, oom or failed)."""
+    env = dict(env or {})
+    if impl == 'builtin':
+        env['SWIFT_GKD_PLUGIN'] = '0'
+    else:
+        flags = dict({'gkd_loss_impl': impl}, **flags)
+    if args.device == 'cpu':
+        flags = dict(flags, use_cpu='true')
+    left = res.seconds_left(args.part_budget_s)
+    if left < 60:
+        return res.add(mode=mode, impl=impl, ok=False, rc='not run', error=f'part budget: {left:.0f} s left')
+    log_path = os.path.join(args.work, f'a_{mode}_{impl}.log')
+    r = run_rlhf(rlhf_argv(ws, os.path.join(args.work, f'a_{mode}_{impl}'), steps, **flags), env=env,
+                 timeout=min(args.run_timeout, left), log_path=log_path)
+    with open(log_path) as f:
+        result = outcome(r['rc'], f.read())
+    ok = result == 'ok' and r['plugin_active'] == (impl != 'builtin') and bool(r['losses']) and all(
+        map(finite, r['losses']))
+    return res.add(mode=mode, impl=impl, ok=ok, outcome=result, rc=r['rc'], plugin_active=r['plugin_active'],
+                   first_loss=r['losses'][0] if r['losses'] else None, losses=r['losses'], step_s=r['step_s'],
+                   reserved_gib=r['reserved_gib'], device_peak_gib=r['device_peak_gib'], wall_s=r['wall_s'],
+                   error=r['error'])
+
+
+def run_long32k(args, res: Results, ws, impls):
+    """One ~31k-token row on one GPU: built-in against fused (the built-in may run out of memory: recorded)."""
+    letters, max_length = ((30, 300), 1024) if args.tiny else ((1000, 30000), 32768)
+    data = long_dataset(os.path.join(args.work, 'long32k.jsonl'), *letters, rows=16)
+    steps = 2 if args.tiny else 3
+    for impl in impls:
+        _long_run(args, res, ws, 'long32k', impl, dict(lmbda=0, learning_rate=0, dataset=data, max_length=max_length,
+                                                       per_device_train_batch_size=1, gradient_checkpointing='true'),
+                  steps)
+    res.note(f'long32k: {letters[0]}-letter prompts, {letters[1]}-letter answers, --max_length {max_length}, batch 1, '
+             f'gradient checkpointing, {steps} steps at lr 0, off-policy')
+
+
+def run_sequence_parallel(args, res: Results, ws):
+    """``--sequence_parallel_size 2`` on two devices (rows of 1 per rank, pooled: 2 per group) against one device
+    without it (rows of 2): the same rows each step, so the losses at lr 0 agree; memory is rank 0's."""
+    gpus = 0
+    if args.device == 'cuda':
+        import torch
+        gpus = torch.cuda.device_count()
+        if gpus < 2:
+            why = f'needs 2 GPUs, this machine has {gpus}'
+            res.note(f'sp: not run: {why}')
+            for impl in ('fused_sp1', 'fused_sp2'):
+                res.add(mode='sp', impl=impl, ok=False, outcome='skipped', rc='not run', error=why)
+            return
+    letters, max_length = ((30, 300), 1024) if args.tiny else ((1000, 14000), 16384)
+    data = long_dataset(os.path.join(args.work, 'sp.jsonl'), *letters, rows=16)
+    steps = 2 if args.tiny else 3
+    flags = dict(lmbda=0, learning_rate=0, dataset=data, max_length=max_length, gradient_checkpointing='true',
+                 gkd_loss_impl='fused')
+    one = _long_run(args, res, ws, 'sp', 'fused_sp1', dict(flags, per_device_train_batch_size=2), steps,
+                    env={'CUDA_VISIBLE_DEVICES': '0'} if gpus else None)
+    group_flags = dict(flags, per_device_train_batch_size=1, sequence_parallel_size=2)
+    if args.device == 'cpu':
+        group_flags['ddp_backend'] = 'gloo'
+    group = _long_run(args, res, ws, 'sp', 'fused_sp2', group_flags, steps,
+                      env={'NPROC_PER_NODE': '2', 'MASTER_PORT': str(free_port()),
+                           **({'CUDA_VISIBLE_DEVICES': '0,1'} if gpus else {})})
+    if one['ok'] and group['ok']:
+        n = min(len(one['losses']), len(group['losses']))
+        group['max_rel_loss_diff_vs_sp1'] = max(abs(a - b) / max(abs(b), 1e-6) for a, b in
+                                                zip(group['losses'][:n], one['losses'][:n]))
+        for key in ('step_s', 'reserved_gib', 'device_peak_gib'):
+            if ratio(group[key], one[key]) is not None:
+                group[f'{key}_vs_sp1'] = ratio(group[key], one[key])
+    res.note(f'sp: {letters[0]}-letter prompts, {letters[1]}-letter answers, --max_length {max_length}, fused, '
+             f'gradient checkpointing, {steps} steps at lr 0; sp1: 1 device, batch 2; sp2: 2 ranks, '
+             '--sequence_parallel_size 2, batch 1 each (pooled: 2); memory figures are rank 0\'s')

@@ -2,9 +2,9 @@
 
 Probes, in order, each recorded with its exact error: the imports (megatron.core, mcore_bridge, transformer_engine,
 ms-swift's Megatron modules, the plugin's Megatron trainer), then, when nothing blocks,
-``tests/gpu/run_megatron_gkd.sh`` (its off-policy case by default). transformer-engine is not in the kit (too
-large to carry, built for one CUDA): where ms-swift or mcore-bridge needs it whatever the flags, this part says
-where.
+``tests/gpu/run_megatron_gkd.sh`` (its off-policy case by default: on 2 GPUs also at TP = 2, and at CP = 2 compared
+with CP = 1). transformer-engine is not in the kit (too large to carry, built for one CUDA): where ms-swift or
+mcore-bridge needs it whatever the flags, this part says where.
 """
 from __future__ import annotations
 

@@ -50,7 +50,7 @@ def parse_args(argv=None):
     p.add_argument('--modes', type=lambda s: s.split(','), default=None, help='a: off_policy,on_policy,seq_kd')
     p.add_argument('--impls', type=lambda s: s.split(','), default=None, help='a: builtin,fused,dense')
     p.add_argument('--cases', type=lambda s: s.split(','), default=None,
-                   help='a: short,long; d: case names; f: megatron cases; v: c2,c1')
+                   help='a: short,long (default), long32k, sp; d: case names; f: megatron cases; v: c2,c1')
     p.add_argument('--methods', type=lambda s: s.split(','), default=None, help='b: floor,fused,liger,dense')
     p.add_argument('--ns', type=lambda s: [int(x) for x in s.split(',')], default=None, help='b: token counts')
     p.add_argument('--chunks', type=lambda s: [int(x) for x in s.split(',')], default=None,

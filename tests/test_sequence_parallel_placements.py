@@ -1,0 +1,83 @@
+"""Every teacher placement under ``--sequence_parallel_size 2`` (ms-swift's Ulysses) on two gloo ranks trains as one
+rank without it (issue 55): an offloaded teacher, the LoRA student's base (adapter off) and a teacher adapter on it,
+top-k teachers (with and without the tail), a served teacher (``swift-gkd serve-teacher``, both its routes, and beside a
+local one), and DeepSpeed ZeRO-2 / ZeRO-3."""
+import json
+
+import pytest
+from conftest import _free_port
+from server.test_teacher_server import VLLM_CHECK_SHIM, Server
+from test_sequence_parallel import _odd_rows, _one_rank_and_group
+
+LORA = dict(tuner_type='lora', lora_dropout=0)
+
+
+def test_offloaded_teacher(tiny_ws, tmp_path):
+    _, group = _one_rank_and_group(tiny_ws, tmp_path, lmbda=0, offload_teacher_model='true')
+    assert 'offloaded to CPU between uses' in group.output
+
+
+def test_lora_students_base_and_teacher_adapter(tiny_ws, adapters, tmp_path):
+    """The base with the student's adapter disabled, then a frozen teacher adapter on that same base."""
+    (tmp_path / 'base').mkdir(), (tmp_path / 'adapter').mkdir()
+    _, group = _one_rank_and_group(tiny_ws, tmp_path / 'base', lmbda=0, teacher_model=tiny_ws.student,
+                                   adapters=adapters['student_start'], **LORA)
+    assert 'Teacher model: base_model with LoRA disabled (frozen)' in group.output
+    _, group = _one_rank_and_group(tiny_ws, tmp_path / 'adapter', lmbda=0, teacher_model=None,
+                                   adapters=adapters['student_start'], teacher_adapters=adapters['fit'], **LORA)
+    assert 'Teacher model: base_model + teacher adapter' in group.output
+
+
+@pytest.mark.parametrize('impl,tail', [('dense', 'false'), ('fused', 'true')])
+def test_top_k_teacher(tiny_ws, tmp_path, impl, tail):
+    _one_rank_and_group(tiny_ws, tmp_path, lmbda=0, gkd_logits_topk=4, gkd_topk_tail=tail, gkd_loss_impl=impl)
+
+
+@pytest.fixture(scope='module')
+def servers(tiny_ws, tmp_path_factory):
+    """The plugin's server, and one with only ms-swift's routes (``/infer/``, as ``swift deploy``)."""
+    logs = tmp_path_factory.mktemp('sp_servers')
+    started = {'topk': Server(tiny_ws, str(logs / 'topk.log')),
+               'infer': Server(tiny_ws, str(logs / 'infer.log'), '--only_ms_swift_routes')}
+    try:
+        yield {name: server.wait() for name, server in started.items()}
+    finally:
+        for server in started.values():
+            server.stop()
+
+
+@pytest.mark.parametrize('route,impl', [('topk', 'dense'), ('topk', 'fused'), ('infer', 'dense')])
+def test_served_teacher(tiny_ws, servers, tmp_path, route, impl):
+    """The server scores whole rows, its top-k per position: each rank of the group reads its slice of it."""
+    extra = {}
+    if route == 'infer':  # ms-swift's client refuses to start without vLLM installed: lift that check only
+        shim = tmp_path / 'allow_vllm_infer_client.py'
+        shim.write_text(VLLM_CHECK_SHIM)
+        extra['external_plugins'] = str(shim)
+    request = '"POST /v1/topk' if route == 'topk' else '"POST /infer/'
+    n_calls = servers[route].log().count(request)
+    _one_rank_and_group(tiny_ws, tmp_path, lmbda=0, teacher_model=None, teacher_model_type=None,
+                        teacher_model_server=servers[route].url, gkd_logits_topk=8, gkd_loss_impl=impl, **extra)
+    assert servers[route].log().count(request) > n_calls
+
+
+def test_served_teacher_beside_a_local_one(tiny_ws, servers, tmp_path):
+    """``{"url": "local", ...}``: the local teacher scores its tag's rows whole, as the server scores the others."""
+    rows = open(_odd_rows(tmp_path / 'odd.jsonl')).readlines()
+    parts = [tmp_path / 'part0.jsonl', tmp_path / 'part1.jsonl']
+    for i, part in enumerate(parts):
+        part.write_text(''.join(rows[i::2]))
+    teachers = json.dumps([{'url': servers['topk'].url, 'tags': [str(parts[0])]},
+                           {'url': 'local', 'tags': [str(parts[1])]}])
+    _, group = _one_rank_and_group(tiny_ws, tmp_path, dataset=[str(p) for p in parts], lmbda=0,
+                                   teacher_model_server=teachers, gkd_logits_topk=8)
+    assert 'are scored by the local teacher' in group.output
+
+
+@pytest.mark.parametrize('zero', ['zero2', 'zero3'])
+def test_deepspeed(tiny_ws, tmp_path, zero):
+    """ZeRO averages the gradients over all ranks, as DDP does. (``--fp16 false``: ms-swift's ZeRO configs turn fp16
+    on for a float32 model, whose first steps overflow the loss scale on any layout.)"""
+    pytest.importorskip('deepspeed')
+    one_env = {'NPROC_PER_NODE': '1', 'MASTER_PORT': str(_free_port())}  # DeepSpeed wants a launcher
+    _one_rank_and_group(tiny_ws, tmp_path, one_env=one_env, lmbda=0, deepspeed=zero, fp16='false')
