@@ -126,17 +126,28 @@ def _docs(*argv):
     return subprocess.run([SWIFT_GKD, 'docs', *argv], capture_output=True, text=True, timeout=120)
 
 
+def _served(lang):
+    """Where ``swift-gkd docs`` serves ``lang`` from: the installed package's copy (CI's regular install), or the
+    checkout's (an editable install)."""
+    from swift_gkd_plugin.cli import docs_dir
+    return docs_dir(lang)
+
+
 @pytest.mark.parametrize('argv', [['docs_zh/skd.md'], ['zh/skd'], ['--lang', 'zh', 'skd'], ['--lang', 'zh', 'skd.md'],
                                   [os.path.join(ZH, 'skd.md')]])
 def test_swift_gkd_docs_serves_a_chinese_page(argv):
     done = _docs(*argv)
-    assert done.returncode == 0 and done.stdout.strip() == os.path.join(ZH, 'skd.md'), done.stdout + done.stderr
+    served = os.path.join(_served('zh'), 'skd.md')
+    assert done.returncode == 0 and done.stdout.strip() == served, done.stdout + done.stderr
+    with open(served) as page, open(os.path.join(ZH, 'skd.md')) as checkout:
+        assert page.read() == checkout.read()  # the Chinese page, not the English one
 
 
 def test_swift_gkd_docs_lists_the_chinese_pages_and_keeps_english_the_default():
-    assert _docs('skd').stdout.strip() == _docs('docs_en/skd.md').stdout.strip() == os.path.join(EN, 'skd.md')
+    english = os.path.join(_served('en'), 'skd.md')
+    assert _docs('skd').stdout.strip() == _docs('docs_en/skd.md').stdout.strip() == english
     listing = _docs('--lang', 'zh').stdout.splitlines()
-    assert listing[0] == ZH and 'gpu_results' in listing[1]
+    assert listing[0] == _served('zh') and 'gpu_results' in listing[1]
 
 
 @pytest.mark.parametrize('argv,needle', [

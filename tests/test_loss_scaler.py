@@ -13,7 +13,8 @@ def test_fp16_deepspeed_run_gets_past_the_loss_scalers_first_overflows(tiny_ws, 
     out = tmp_path / 'out'
     result = run_swift(base_args(tiny_ws, str(out), deepspeed='zero2', use_cpu='true', lmbda=0, max_steps=12,
                                  logging_steps=1, gradient_checkpointing='false'),
-                       env={'NPROC_PER_NODE': '1', 'MASTER_PORT': str(_free_port())}, check=False)  # DeepSpeed wants a launcher
+                       env={'NPROC_PER_NODE': '1', 'MASTER_PORT': str(_free_port())},  # DeepSpeed wants a launcher
+                       check=False)
     assert result.returncode == 0, result.output[-4000:]
     norms = [row['grad_norm'] for row in result.logs if 'grad_norm' in row]
     assert norms and any(n == n and abs(n) != float('inf') for n in norms), norms  # some steps learnt

@@ -343,6 +343,31 @@ def _zigzag_whole(gathered, cp):
     return torch.cat([halves[0][i] if i < cp else halves[1][2 * cp - 1 - i] for i in range(2 * cp)], dim=0)
 
 
+# -------------------------------------------------------------------------------------------- sequence parallelism
+@_after('megatron.core.transformer.torch_norm')
+def _sequence_parallel_norm(module):
+    """``transformer/torch_norm.py`` ~33: the local spec's torch norm asserts ``not config.sequence_parallel``
+    ('sequence parallel not supported by torch LayerNorm'). TE's ``LayerNorm`` / ``RMSNorm`` (``TENorm``, and the
+    norm fused in ``TELayerNormColumnParallelLinear``) run on the sequence shard and mark their weight (and bias)
+    ``sequence_parallel = True`` in ``reset_parameters``, as megatron-core's own ``FusedLayerNorm`` does
+    (``fusions/fused_layer_norm.py`` ~119): ``finalize_model_grads`` (``_allreduce_non_tensor_model_parallel_grads``
+    ~354) then sums their gradients over the tensor-parallel group. The torch norm is built and marked alike."""
+    cls = module.WrappedTorchNorm
+    new = cls.__new__
+
+    def __new__(cls, config, *args, **kwargs):
+        sequence_parallel, config.sequence_parallel = config.sequence_parallel, False
+        try:
+            norm = new(cls, config, *args, **kwargs)
+        finally:
+            config.sequence_parallel = sequence_parallel
+        for param in norm.parameters(recurse=False):
+            param.sequence_parallel = sequence_parallel
+        return norm
+
+    cls.__new__ = staticmethod(__new__)
+
+
 # ------------------------------------------------------------------------------------------------------- LoRA
 @_after('mcore_bridge.tuners.patcher')
 def _lora_on_local_linears(module):

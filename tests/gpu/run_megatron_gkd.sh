@@ -138,8 +138,8 @@ print(f'  modes {[r["mode"] for r in rows]}, losses {losses}')
 EOF
 }
 
-# compare_losses OUT_CP1 OUT_CP2: the same iterations logged the same losses (bf16 tolerance): context parallelism
-# splits each sequence over the ranks; the loss is a per-token mean over all of them.
+# compare_losses OUT_ONE OUT_SPLIT: the same iterations logged the same losses (bf16 tolerance): context and sequence
+# parallelism split each sequence over the ranks; the loss is a per-token mean over all of them.
 compare_losses() {
     "$PYTHON" - "$1" "$2" <<'EOF'
 import json
@@ -152,7 +152,7 @@ def losses(out):
 
 one, two = losses(sys.argv[1]), losses(sys.argv[2])
 ok = bool(one) and len(one) == len(two) and all(abs(a - b) <= 3e-2 * max(abs(a), 1e-3) for a, b in zip(one, two))
-print(f'  CP=1 losses {one}, CP=2 losses {two}: {"equal" if ok else "DIFFERENT"} (rel. tolerance 3e-2, bf16)')
+print(f'  one GPU: losses {one}; split: losses {two}: {"equal" if ok else "DIFFERENT"} (rel. tolerance 3e-2, bf16)')
 sys.exit(0 if ok else 1)
 EOF
 }
@@ -222,9 +222,13 @@ if [ "$N_GPUS" -ge 2 ]; then
         [ -d "$WORK/gpu1_tp1_$name" ] || run_case 1 1 "$spec"
         run_case 2 1 "$spec" 2 && compare_losses "$WORK/gpu1_tp1_$name" "$WORK/gpu2_tp1_cp2_$name" ||
             { [[ " ${FAILED[*]} " == *" gpu2_tp1_cp2_$name "* ]] || FAILED+=("gpu2_tp1_cp2_${name}_vs_cp1"); }
+        # Megatron's sequence parallelism (TP = 2, --sequence_parallel true, TE's norms) against the one-GPU run
+        run_case 2 2 "${name}_sp|${spec#*|} --sequence_parallel true" &&
+            compare_losses "$WORK/gpu1_tp1_$name" "$WORK/gpu2_tp2_${name}_sp" ||
+            { [[ " ${FAILED[*]} " == *" gpu2_tp2_${name}_sp "* ]] || FAILED+=("gpu2_tp2_${name}_sp_vs_tp1"); }
     done
 else
-    echo "TP=2, context-parallel and expert-parallel cases not run: fewer than 2 GPUs"
+    echo "TP=2, context-parallel, sequence-parallel and expert-parallel cases not run: fewer than 2 GPUs"
 fi
 
 echo "passed: ${PASSED[*]:-none}"
