@@ -17,8 +17,13 @@ Methods:
 * ``trl``: both full logits, then TRL's ``GKDTrainer.generalized_jsd_loss`` (``trl.experimental.gkd``).
 * ``liger``: ``liger_kernel.chunked_loss.LigerFusedLinearJSDLoss`` (its defaults: chunks of 1024 rows,
   ``torch.compile``); skipped with a note if it does not import.
-* ``fused``: ``swift_gkd_plugin.core.fused.loss.fused_linear_jsd`` (default chunk size, backend ``auto``: the
-  Triton kernel on CUDA, the PyTorch chunk path on CPU).
+* ``fused``: ``swift_gkd_plugin.core.fused.loss.fused_linear_jsd`` (default chunk size; on CUDA backend ``triton``,
+  the first kernel ``full_rows_kernel``, pinned so that a change of ``auto`` does not change what it measures; on
+  CPU ``auto``: the PyTorch chunk path).
+* ``fused2``: the same with ``backend='triton2'`` (the second kernel, ``full_rows2_kernel``); ``unavailable`` with
+  the reason where that backend is not in this checkout or cannot run here (CPU tensors).
+* ``fused2_serial``: ``fused2`` without its side stream (``SWIFT_GKD_TRITON2_OVERLAP=0``: chunks of the first
+  backend's rows, one stream), to tell the overlap's share from the kernel's.
 * ``fused_torch``: the same with ``backend='torch'`` (the PyTorch chunk path, the reference).
 * ``fused_topk`` / ``fused_topk_torch`` (on request): ``fused`` / ``fused_torch`` against the teacher's top-64 with
   the tail bucket (``--gkd_logits_topk 64 --gkd_topk_tail true``, a teacher server's signal), taken from the teacher
@@ -55,7 +60,8 @@ import sys
 import threading
 import time
 
-METHODS = ['floor', 'fused', 'fused_torch', 'liger', 'dense', 'swift', 'trl']  # also the run order within each N
+# also the run order within each N
+METHODS = ['floor', 'fused', 'fused2', 'fused2_serial', 'fused_torch', 'liger', 'dense', 'swift', 'trl']
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -145,6 +151,31 @@ def _make_inputs(torch, n, args, device, dtype):
     return x
 
 
+class Unavailable(Exception):
+    """The method cannot run here (a backend missing or not for this device): reported as ``unavailable``."""
+
+
+def _kernel_backend(name, device):
+    """``name`` if ``fused_linear_jsd(backend=name)`` can run on ``device`` in this checkout, else Unavailable with
+    the reason (a backend being added lands in ``kernels.BACKENDS`` first)."""
+    from swift_gkd_plugin.core.fused.kernels import BACKENDS, resolve_backend
+    if name not in BACKENDS:
+        raise Unavailable(f'backend {name!r} is not in this checkout (swift_gkd_plugin.core.fused.kernels.BACKENDS '
+                          f'= {BACKENDS})')
+    try:
+        resolve_backend(name, device)
+    except ValueError as exc:
+        raise Unavailable(f'backend {name!r}: {exc}') from None
+    return name
+
+
+def _fallbacks():
+    """Kernel variants that this process's self-check (``core/fused/loss.py``) sent to the PyTorch path: a time
+    measured on them is not the kernel's."""
+    loss = sys.modules.get('swift_gkd_plugin.core.fused.loss')
+    return sorted(f'{k[0]} {k[2]}' for k, v in getattr(loss, '_CHECKED', {}).items() if v != k[0])
+
+
 def _make_step(torch, method, x, args):
     """A closure running forward + backward of ``method`` on the first ``n`` tokens; returns the loss."""
     w, wt, beta, temp = x['w'], x['wt'], args.beta, args.temperature
@@ -186,10 +217,18 @@ def _make_step(torch, method, x, args):
 
         def loss_of(n):
             return fn(x['h'][:n], w, x['ht'][:n], wt, x['labels'][:n])
-    elif method in ('fused', 'fused_pg', 'fused_torch'):
+    elif method in ('fused', 'fused2', 'fused2_serial', 'fused_pg', 'fused_torch'):
         from swift_gkd_plugin.core.fused.loss import fused_linear_jsd
         from swift_gkd_plugin.core.teacher_signal import TeacherHead
-        pg, backend = {}, 'torch' if method == 'fused_torch' else None
+        backend = None  # fused_pg: auto
+        if method == 'fused_torch':
+            backend = 'torch'
+        elif method in ('fused2', 'fused2_serial'):
+            backend = _kernel_backend('triton2', w.device)
+            os.environ['SWIFT_GKD_TRITON2_OVERLAP'] = '0' if method == 'fused2_serial' else '1'
+        elif method == 'fused' and w.device.type == 'cuda':
+            backend = _kernel_backend('triton', w.device)
+        pg = {}
         if method == 'fused_pg':
             g = torch.Generator(device=w.device).manual_seed(1)
             tokens = torch.randint(0, w.shape[0], x['labels'].shape, generator=g, device=w.device)
@@ -240,7 +279,7 @@ def run_worker(args):
         x = _make_inputs(torch, n, args, device, dtype)
         try:
             step = _make_step(torch, method, x, args)
-        except ImportError as exc:
+        except (ImportError, Unavailable) as exc:
             result.update(status='unavailable', error=f'{type(exc).__name__}: {exc}')
             print(json.dumps(result), flush=True)
             return
@@ -276,6 +315,9 @@ def run_worker(args):
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else peak_rss.read() - base
         result.update(status='ok', time_s=statistics.median(times), times=[round(t, 3) for t in times],
                       cpu_s=statistics.median(cpu), peak_extra_mib=peak, loss=loss)
+        if _fallbacks():
+            result.update(status='fallback', error=f'the self-check sent {_fallbacks()} to the PyTorch path (its '
+                                                   'warning says why): not the kernel\'s time')
     except Exception as exc:  # report, never crash the table
         result.update(status='oom' if _is_oom(exc) else 'error', error=f'{type(exc).__name__}: {exc}'[:300])
     print(json.dumps(result), flush=True)

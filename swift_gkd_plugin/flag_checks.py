@@ -11,7 +11,8 @@ import os
 from dataclasses import dataclass
 from typing import List, Optional
 
-from swift_gkd_plugin.core.fused.kernels import BACKEND_ENV, BACKENDS as FUSED_BACKENDS, triton_available
+from swift_gkd_plugin.core.fused.kernels import (BACKEND_ENV, BACKENDS as FUSED_BACKENDS, KERNEL_BACKENDS,
+                                                  triton_available)
 
 #: Below this ``--temperature`` most positions of a real model's loss saturate: see :data:`TEMPERATURE_FLOOR_WHY`
 #: (measured in docs_en/README.md, "Bad input").
@@ -128,7 +129,7 @@ def check_fused_backend(args) -> None:
         if value and value not in FUSED_BACKENDS:
             raise FlagError(f'{BACKEND_ENV} (the default of --gkd_fused_backend) must be one of '
                             f'{list(FUSED_BACKENDS)} or empty, got {value!r}')
-    if value != 'triton':
+    if value not in KERNEL_BACKENDS:
         return
     if not triton_available():
         raise FlagError(f'{flag} needs the triton package (pip install triton); use --gkd_fused_backend auto or torch')
@@ -181,9 +182,9 @@ def check_rollout_flags(args) -> None:
         raise FlagError(f'--gkd_entropy_fkl_threshold {tau:g} adds KL(teacher || student) to the divergence, and '
                         '--gkd_cross_tokenizer uld compares sorted probabilities (no divergence): use '
                         '--gkd_cross_tokenizer hybrid or drop the flag')
-    if tau is not None and args.gkd_fused_backend == 'triton':
+    if tau is not None and args.gkd_fused_backend in KERNEL_BACKENDS:
         raise FlagError(f'--gkd_entropy_fkl_threshold {tau:g} runs on the PyTorch loss paths and --gkd_fused_backend '
-                        'triton forces the kernels, which do not compute the entropy-aware mix: pass '
+                        f'{args.gkd_fused_backend} forces the kernels, which do not compute the entropy-aware mix: pass '
                         '--gkd_fused_backend auto or torch')
 
 

@@ -137,11 +137,12 @@ def test_auto_backend_reasons(monkeypatch):
     monkeypatch.setenv(kernels.BACKEND_ENV, '')
     assert kernels.requested_backend() == ('auto', kernels.BACKEND_ENV)
     monkeypatch.setenv(kernels.BACKEND_ENV, 'cuda')
-    with pytest.raises(ValueError, match=r"SWIFT_GKD_FUSED_BACKEND must be one of \('auto', 'torch', 'triton'\), "
+    with pytest.raises(ValueError, match=r"SWIFT_GKD_FUSED_BACKEND must be one of "
+                                         r"\('auto', 'torch', 'triton', 'triton2'\), "
                                          r"got 'cuda'"):
         kernels.requested_backend()
     assert kernels.requested_backend('torch') == ('torch', 'backend')  # the argument wins over the variable
-    assert fused_loss.BACKENDS.keys() == {'torch', 'triton'}
+    assert fused_loss.BACKENDS.keys() == {'torch', 'triton', 'triton2'}
 
 
 _INTERPRET_AFTER_IMPORT = r'''

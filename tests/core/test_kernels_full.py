@@ -33,17 +33,23 @@ def device(request):
     return request.param
 
 
+@pytest.fixture(params=kernels.KERNEL_BACKENDS)
+def kernel(request):
+    """The kernel design: ``triton`` (``kernels/full_rows.py``) or ``triton2`` (``kernels/full_rows2.py``)."""
+    return request.param
+
+
 def divergence64(zs, zt, div: Divergence, temperature):
     """Float64 definition at ``temperature``, log-space mixtures (``large_logits.divergence64``)."""
     return large_logits.divergence64(torch.log_softmax(zs / temperature, -1), torch.log_softmax(zt / temperature, -1),
                                      div)
 
 
-def run_both(x, divergence, device, **kw):
-    """The fused loss with the kernel and with the PyTorch path on ``device``: ``{backend: (loss, grads, stats)}``
-    on the CPU."""
-    return {backend: tf.run(x, divergence=divergence, backend=backend, device=device, **kw)
-            for backend in ('triton', 'torch')}
+def run_both(x, divergence, device, kernel='triton', **kw):
+    """The fused loss with the ``kernel`` design and with the PyTorch path on ``device``: ``{'triton' | 'torch':
+    (loss, grads, stats)}`` on the CPU."""
+    return {name: tf.run(x, divergence=divergence, backend=backend, device=device, **kw)
+            for name, backend in (('triton', kernel), ('torch', 'torch'))}
 
 
 def reference_grads(x, divergence, temperature, mask):
@@ -72,7 +78,7 @@ DIVS = ([Divergence('jsd', beta=b) for b in (0.0, 0.3, 1.0)]
 
 
 @pytest.mark.parametrize('div', DIVS, ids=str)
-def test_every_divergence_matches_float64_and_the_torch_path(div, device):
+def test_every_divergence_matches_float64_and_the_torch_path(div, device, kernel):
     """Ragged chunks (11 tokens, 8 active, chunks of 3), -inf bias entries on both heads and on the student's
     alone where the divergence stays finite, temperature 0.8."""
     x = tf.make_inputs(seed=len(str(div)), n=11, v=320, vt=320, scale=4.0)
@@ -84,7 +90,7 @@ def test_every_divergence_matches_float64_and_the_torch_path(div, device):
         x['b'][200] = float('-inf')
     mask = torch.ones(11, dtype=torch.bool)
     mask[[1, 4, 9]] = False
-    got = run_both(x, div, device, mask=mask, temperature=0.8, chunk_size=3)
+    got = run_both(x, div, device, kernel, mask=mask, temperature=0.8, chunk_size=3)
     loss, grads, d = reference_grads(x, div, 0.8, mask)
     assert_same(got['triton'], (loss, grads, None), 2e-5)
     assert_same(got['triton'], got['torch'], 1e-5)
@@ -96,7 +102,7 @@ def test_every_divergence_matches_float64_and_the_torch_path(div, device):
 
 @pytest.mark.parametrize('name', ['skew_kl', 'skew_rkl'])
 @pytest.mark.parametrize('alpha', [1e-300, 1e-7])
-def test_skew_far_apart_distributions_tiny_alpha(name, alpha, device):
+def test_skew_far_apart_distributions_tiny_alpha(name, alpha, device, kernel):
     """Issue 27's case through the kernel: distributions > 17 nats apart and alpha far below float32's ``1 - a``
     resolution; the logits are exact (identity hidden states), so float32 can match float64 to its rounding."""
     v, n = 64, 6
@@ -111,7 +117,7 @@ def test_skew_far_apart_distributions_tiny_alpha(name, alpha, device):
     z64 = student.double().requires_grad_()
     ref = divergence64(z64, teacher.double(), div, 1.3)
     ref.sum().backward()
-    for backend in ('triton', 'torch'):
+    for backend in (kernel, 'torch'):
         w = head.clone().to(device).requires_grad_()
         loss, stats = fused_linear_jsd(eye.to(device), w, teacher=TeacherHead(eye.to(device), head_t.to(device)),
                                        divergence=div, temperature=1.3, normalizer=1.0, backend=backend)
@@ -132,7 +138,7 @@ CASES = [  # (teacher vocabulary offset, divergence, temperature, label temperat
 
 @pytest.mark.parametrize('offset, div, temperature, label_temperature', CASES,
                          ids=[f'vt{o:+d}-{d}-T{t}-Tl{tl_}' for o, d, t, tl_ in CASES])
-def test_padding_label_term_and_entropy(offset, div, temperature, label_temperature, device):
+def test_padding_label_term_and_entropy(offset, div, temperature, label_temperature, device, kernel):
     """Teacher vocabulary larger / smaller (padded by the other side), the signed weighted label term at its own
     temperature and the entropy: the kernel equals the PyTorch path, and the float64 reference for the jsd."""
     v = 300
@@ -140,7 +146,7 @@ def test_padding_label_term_and_entropy(offset, div, temperature, label_temperat
     weights = torch.randn(13, generator=torch.Generator().manual_seed(2)) * 2
     kw = dict(mask=x['mask'], labels=x['labels'], temperature=temperature, sft_alpha=0.6, label_weights=weights,
               label_temperature=label_temperature, return_entropy=True, chunk_size=5)
-    got = run_both(x, div, device, **kw)
+    got = run_both(x, div, device, kernel, **kw)
     assert_same(got['triton'], got['torch'], 1e-5)
     stats, ref_stats = got['triton'][2], got['torch'][2]
     for key in ('divergence_sum', 'sft_sum', 'entropy_sum', 'teacher_entropy_sum'):
@@ -162,37 +168,39 @@ def test_padding_label_term_and_entropy(offset, div, temperature, label_temperat
 
 
 @pytest.mark.parametrize('div', [Divergence('jsd', beta=0.5), Divergence('skew_kl', alpha=1e-9),
-                                 Divergence('skew_rkl', alpha=0.3)], ids=str)
-def test_many_blocks_per_row(div, monkeypatch, device):
-    """Blocks of 128 entries over a 700 + 50 entry row: the online logsumexp across blocks, ragged last block."""
+                                 Divergence('skew_rkl', alpha=0.3), Divergence('jsd', beta=0.0),
+                                 Divergence('jsd', beta=1.0)], ids=str)
+def test_many_blocks_per_row(div, monkeypatch, device, kernel):
+    """Blocks of 128 entries over a 700 + 50 entry row: the online logsumexp across blocks (and the second design's
+    online moment of KL(s || t)), ragged last block."""
     from swift_gkd_plugin.core.fused.kernels import full_rows
-    monkeypatch.setattr(full_rows, 'BLOCK', 128)
+    monkeypatch.setattr(full_rows, 'BLOCK', 128)  # both designs' launcher
     x = tf.make_inputs(seed=12, n=5, v=700, vt=750, scale=6.0)
     x['b'][[0, 129, 699]] = float('-inf')
     kw = dict(mask=torch.ones(5, dtype=torch.bool), labels=x['labels'], sft_alpha=0.5, return_entropy=True,
               temperature=0.9, label_temperature=1.1)
-    got = run_both(x, div, device, **kw)
+    got = run_both(x, div, device, kernel, **kw)
     assert_same(got['triton'], got['torch'], 1e-5)
     for key in ('entropy_sum', 'teacher_entropy_sum'):
         assert tf.rel_err(got['triton'][2][key], got['torch'][2][key]) <= 1e-5, key
 
 
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
-def test_half_inputs(dtype, device):
+def test_half_inputs(dtype, device, kernel):
     """bf16 / fp16 heads: logits in the matmul dtype, float32 inside the kernel, the gradient written in the
     matmul dtype; the tolerance of the PyTorch path's half-input test."""
     x = tf.make_inputs(seed=7, n=10, v=256, vt=256, dtype=dtype)
     kw = dict(mask=x['mask'], labels=x['labels'], temperature=1.0, sft_alpha=0.3, chunk_size=4)
-    got = tf.run(x, divergence=Divergence('jsd', beta=0.5), backend='triton', device=device, **kw)
+    got = tf.run(x, divergence=Divergence('jsd', beta=0.5), backend=kernel, device=device, **kw)
     assert got[0].dtype == torch.float32 and [g.dtype for g in got[1]] == [dtype] * 3
     tf.assert_close(got, tf.ref_of(x, beta=0.5, **kw), tol=2e-2)
 
 
-def test_identical_student_and_teacher(device):
+def test_identical_student_and_teacher(device, kernel):
     """Teacher = student: every row agrees on the argmax, the divergence and its gradient are ~0."""
     x = tf.make_inputs(seed=9, n=7, v=200, vt=200)
     x['ht'], x['wt'], x['bt'] = x['hs'], x['w'], x['b']
-    loss, grads, stats = tf.run(x, divergence=Divergence('jsd', beta=0.5), backend='triton', chunk_size=4,
+    loss, grads, stats = tf.run(x, divergence=Divergence('jsd', beta=0.5), backend=kernel, chunk_size=4,
                                 mask=torch.ones(7, dtype=torch.bool), device=device)
     assert int(stats['top1_agree']) == 7
     assert abs(float(loss)) <= 1e-7 and float(grads[0].abs().max()) <= 1e-6
@@ -207,7 +215,8 @@ def test_backend_choice(monkeypatch):
     assert kernels.resolve_backend(None, torch.device('cuda')) == 'torch'
     assert kernels.resolve_backend('triton', cpu) == 'triton'  # the argument wins over the variable
     monkeypatch.setenv(kernels.BACKEND_ENV, 'cuda')
-    with pytest.raises(ValueError, match=r"SWIFT_GKD_FUSED_BACKEND must be one of \('auto', 'torch', 'triton'\), "
+    with pytest.raises(ValueError, match=r"SWIFT_GKD_FUSED_BACKEND must be one of "
+                                         r"\('auto', 'torch', 'triton', 'triton2'\), "
                                          r"got 'cuda'"):
         kernels.resolve_backend(None, cpu)
     monkeypatch.setenv('TRITON_INTERPRET', '0')
@@ -219,7 +228,7 @@ def test_backend_choice(monkeypatch):
 _AOT = r'''
 import triton
 from triton.backends.compiler import GPUTarget
-from swift_gkd_plugin.core.fused.kernels import entry_math, full_rows
+from swift_gkd_plugin.core.fused.kernels import entry_math, full_rows, full_rows2
 from swift_gkd_plugin.core.row_divergence import REGISTRY, Divergence, kernel_form
 sig = dict(ZS='*bf16', ZT='*bf16', BS='*fp32', BT='*fp32', G='*bf16', LAB='*i64', LW='*fp32', CW='*fp32', DIV='*fp32',
            CE='*fp32', ENT='*fp32', TENT='*fp32', AGREE='*i32', stride_zs='i32', stride_zt='i32', stride_g='i32',
@@ -238,20 +247,27 @@ for i, div in enumerate(specs):
                                         'constexpr')}, constexprs=const)
         kernel = triton.compile(src, target=GPUTarget('cuda', 90, 32), options=dict(num_warps=8))
         assert kernel.asm['cubin'], div
-print('compiled', len(specs) * 2)
+        # the second design: VOWN is not a parameter there, MODE is
+        const2 = {k: v for k, v in const.items() if k != 'VOWN'}
+        const2['MODE'] = full_rows2.mode_of(kernel_form(div).entry)
+        src = triton.compiler.ASTSource(fn=full_rows2.full_rows2_kernel, signature={**sig, **dict.fromkeys(const2,
+                                        'constexpr')}, constexprs=const2)
+        kernel = triton.compile(src, target=GPUTarget('cuda', 90, 32), options=dict(num_warps=8))
+        assert kernel.asm['cubin'], (div, 'triton2')
+print('compiled', len(specs) * 2 * 2)
 '''
 
 
 def test_full_rows_compiles_for_h100():
-    """Ahead-of-time compilation to sm_90 cubin (Triton's bundled ptxas; no GPU needed) of every divergence form,
+    """Both kernel designs: ahead-of-time compilation to sm_90 cubin (Triton's bundled ptxas; no GPU needed) of every divergence form,
     with and without the label term / entropy / padding: what the interpreter cannot check (libdevice calls,
     constexpr function arguments, types). Not a run on a GPU."""
-    assert 'compiled 14' in compile_ahead_of_time(_AOT)
+    assert 'compiled 28' in compile_ahead_of_time(_AOT)
 
 
 @pytest.mark.parametrize('family', ['peaked', 'offset'])
 @pytest.mark.parametrize('scale', large_logits.SCALES, ids=lambda s: f'zT{s:g}')
-def test_large_tempered_logits_match_float64(scale, family, device):
+def test_large_tempered_logits_match_float64(scale, family, device, kernel):
     """``|z / T|`` up to 1e4 (logits 20 at T = 0.02 is 1e3): value and gradient within 2e-5 of float64 for every
     divergence form, on both backends, with a full teacher head and a top-k teacher with and without the tail.
     Before the log-probabilities were formed as ``(u - m) - log S`` (and the buckets in float64), the kernel's
@@ -261,7 +277,7 @@ def test_large_tempered_logits_match_float64(scale, family, device):
     for div in large_logits.DIVS:
         full = large_logits.reference_full(zs, zt, div, temperature)
         buckets = {tail: large_logits.reference_topk(zs, ids, lp, div, temperature, tail) for tail in (False, True)}
-        for backend in ('triton', 'torch'):
+        for backend in (kernel, 'torch'):
             got = large_logits.fused_full(zs, zt, div, temperature, backend, device)
             assert max(large_logits.errors(got, full)) <= 2e-5, (str(div), backend, 'full')
             for tail, want in buckets.items():

@@ -15,7 +15,7 @@ import torch
 
 from swift_gkd_plugin.core.constants import NEG_LOGIT as _NEG_LOGIT
 from swift_gkd_plugin.core.entropy import entropy_terms_
-from swift_gkd_plugin.core.fused.plan import ChunkResult, Plan, finite_bias, label_rows
+from swift_gkd_plugin.core.fused.plan import ChunkBackend, ChunkResult, Plan, finite_bias, label_rows
 from swift_gkd_plugin.core.row_divergence import RowBuffers, divergence_rows, gated_row_count, log_softmax_into
 from swift_gkd_plugin.core.topk import bucket_divergence, teacher_tail_logmass
 
@@ -36,11 +36,13 @@ def default_chunk_size(vocab_size: int, num_buffers: float = 4) -> int:
     return int(max(32, min(_MAX_CHUNK, rows // 32 * 32)))
 
 
-class TorchChunks:
+class TorchChunks(ChunkBackend):
     """The chunk backend on PyTorch ops: ``rows`` per chunk, :meth:`chunk` per chunk (see ``core/fused/plan.py``)."""
 
-    def __init__(self, plan: Plan, weight: torch.Tensor, bias: Optional[torch.Tensor], n: int, want_grad: bool):
+    def __init__(self, plan: Plan, weight: torch.Tensor, bias: Optional[torch.Tensor], hidden: torch.Tensor,
+                 want_grad: bool):
         self.plan, self.weight, self.want_grad = plan, weight, want_grad
+        n = hidden.shape[0]
         self.bias = None if bias is None else finite_bias(bias)
         vmax = max(plan.vocab, plan.teacher_weight.shape[0]) if plan.full else plan.vocab
         grad_dtype = weight.dtype if want_grad else torch.float32

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from swift_gkd_plugin.core.fused.plan import ChunkResult, Plan, finite_bias, label_rows
+from swift_gkd_plugin.core.fused.plan import ChunkBackend, ChunkResult, Plan, finite_bias, label_rows
 from swift_gkd_plugin.core.fused.kernels import entry_function
 from swift_gkd_plugin.core.row_divergence import kernel_form
 
@@ -31,11 +31,13 @@ def kernel_chunk_size(vocab: int, teacher_vocab: int, itemsize: int) -> int:
     return int(max(256, min(4096, rows // 256 * 256)))
 
 
-class TritonChunks:
+class TritonChunks(ChunkBackend):
     """The chunk backend on the Triton kernels: ``rows`` per chunk, :meth:`chunk` per chunk."""
 
-    def __init__(self, plan: Plan, weight: torch.Tensor, bias: Optional[torch.Tensor], n: int, want_grad: bool):
+    def __init__(self, plan: Plan, weight: torch.Tensor, bias: Optional[torch.Tensor], hidden: torch.Tensor,
+                 want_grad: bool):
         self.plan, self.weight, self.want_grad = plan, weight, want_grad
+        n = hidden.shape[0]
         self.bias = None if bias is None else finite_bias(bias)
         vt = plan.teacher_weight.shape[0] if plan.full else 0
         self.rows = min(n, plan.chunk_size or kernel_chunk_size(plan.vocab, vt, weight.element_size()))
@@ -44,24 +46,34 @@ class TritonChunks:
             self.entry = entry_function(self.form.entry)
 
     def chunk(self, h: torch.Tensor, sl: slice) -> ChunkResult:
-        zs = h @ self.weight.t()  # [C, V] in the matmul dtype; the kernels write the gradient over it
+        zs, zt = self.logits(h, sl)  # [C, V] in the matmul dtype; the kernels write the gradient over zs
         lab, ce_weight, w = label_rows(self.plan, sl) if self.plan.sft else (None, None, None)
         labels = None if lab is None else lab.squeeze(1)
         grad = zs if self.want_grad else None
-        sums = self._full(zs, sl, labels, w, ce_weight, grad) if self.plan.full else \
+        sums = self._full(zs, zt, labels, w, ce_weight, grad) if self.plan.full else \
             self._topk(zs, sl, labels, w, ce_weight, grad)
         return ChunkResult(*sums, grad=grad, grad_scale=1.0, bias_grad=grad)
 
-    def _full(self, zs, sl, labels, w, ce_weight, grad):
+    def logits(self, h: torch.Tensor, sl: slice):
+        """The chunk's student logits and, with a full head, the teacher's (else None), in the matmul dtype."""
+        zs = h @ self.weight.t()
+        zt = None
+        if self.plan.full:
+            with torch.no_grad():
+                zt = self.plan.teacher_hidden[sl].to(self.plan.teacher_weight.dtype) @ self.plan.teacher_weight.t()
+        return zs, zt
+
+    def _full_rows(self, zs, zt, **kw):
         from swift_gkd_plugin.core.fused.kernels.full_rows import full_rows
+        return full_rows(zs, zt, **kw)
+
+    def _full(self, zs, zt, labels, w, ce_weight, grad):
         plan = self.plan
-        with torch.no_grad():
-            zt = plan.teacher_hidden[sl].to(plan.teacher_weight.dtype) @ plan.teacher_weight.t()
         coef = self.form.sign * plan.div_scale / plan.temperature
-        res = full_rows(zs, zt, self.bias, plan.teacher_bias, entry=self.entry, constants=self.form.constants,
-                        threshold=self.form.threshold, coef=coef, temperature=plan.temperature, grad=grad,
-                        labels=labels, label_weight=w, ce_weight=ce_weight, label_temperature=plan.label_temperature,
-                        entropy=plan.entropy)
+        res = self._full_rows(zs, zt, bias_s=self.bias, bias_t=plan.teacher_bias, entry=self.entry,
+                              constants=self.form.constants, threshold=self.form.threshold, coef=coef,
+                              temperature=plan.temperature, grad=grad, labels=labels, label_weight=w,
+                              ce_weight=ce_weight, label_temperature=plan.label_temperature, entropy=plan.entropy)
         zero = res.divergence.new_zeros(())
         return (res.divergence.sum(), zero if res.label is None else res.label.sum(), res.agree.sum(),
                 *(zero if e is None else e.sum() for e in (res.entropy, res.teacher_entropy)))

@@ -7,9 +7,10 @@ into the chunk's ``grad_hidden`` and accumulates ``grad_weight`` / ``grad_bias``
 ``O(chunk x V)`` (reused across chunks) plus the ``[V, H]`` weight gradient every method needs; the work is the four
 matmuls of a plain ``lm_head`` forward/backward plus the chunk backend's passes over the logits.
 
-This file holds the API, the chunk loop and ``auto``'s self-check; a chunk is computed by one of two backends
-(``core/fused/plan.py`` says what one is): ``core/fused/chunk_torch.py`` (PyTorch ops on float32 scratch, the reference)
-or ``core/fused/chunk_triton.py`` (Triton kernels on the matmul-dtype logits, the default on CUDA). The choice:
+This file holds the API, the chunk loop and ``auto``'s self-check; a chunk is computed by one of three backends
+(``core/fused/plan.py`` says what one is): ``core/fused/chunk_torch.py`` (PyTorch ops on float32 scratch, the reference),
+``core/fused/chunk_triton.py`` (Triton kernels on the matmul-dtype logits, the default on CUDA) or
+``core/fused/chunk_triton2.py`` (the second kernel design, opt-in until a GPU has measured it). The choice:
 :func:`~swift_gkd_plugin.core.fused.kernels.choose_backend` (``--gkd_fused_backend``).
 
 The divergence of each row (the generalized JSD of ``beta`` or any registered one) and its closed-form gradient
@@ -41,7 +42,8 @@ from swift_gkd_plugin.core.constants import IGNORE_INDEX
 from swift_gkd_plugin.core.fused.plan import Plan, finite_bias
 from swift_gkd_plugin.core.fused.chunk_torch import TorchChunks, default_chunk_size
 from swift_gkd_plugin.core.fused.chunk_triton import TritonChunks, kernel_chunk_size
-from swift_gkd_plugin.core.fused.kernels import choose_backend
+from swift_gkd_plugin.core.fused.chunk_triton2 import Triton2Chunks
+from swift_gkd_plugin.core.fused.kernels import KERNEL_BACKENDS, choose_backend
 from swift_gkd_plugin.core.row_divergence import Divergence, as_divergence, gated_row_count, kernel_form
 from swift_gkd_plugin.core.teacher_signal import TeacherHead, TeacherTopK
 from swift_gkd_plugin.core.topk import topk_teacher_entropy
@@ -51,7 +53,7 @@ __all__ = ['fused_linear_jsd', 'default_chunk_size', 'kernel_chunk_size']
 Number = Union[float, int, torch.Tensor]
 logger = logging.getLogger('swift_gkd_plugin')
 #: the chunk backends (``core/fused/plan.py`` says what one is)
-BACKENDS = {'torch': TorchChunks, 'triton': TritonChunks}
+BACKENDS = {'torch': TorchChunks, 'triton': TritonChunks, 'triton2': Triton2Chunks}
 
 
 def fused_linear_jsd(student_hidden: torch.Tensor,
@@ -108,9 +110,9 @@ def fused_linear_jsd(student_hidden: torch.Tensor,
         return_entropy: also return ``stats['entropy_sum']`` and ``stats['teacher_entropy_sum']``.
         divergence: a :class:`~swift_gkd_plugin.core.row_divergence.Divergence` other than the generalized JSD of
             ``beta`` (e.g. ``skew_kl``); ``beta`` is then unused.
-        backend: ``auto`` / ``torch`` / ``triton`` (:func:`~swift_gkd_plugin.core.fused.kernels.choose_backend`); default
-            ``$SWIFT_GKD_FUSED_BACKEND``, else ``auto``. ``auto`` checks each kernel variant once per process against
-            the PyTorch path (:func:`_self_checked_backend`).
+        backend: ``auto`` / ``torch`` / ``triton`` / ``triton2`` (:func:`~swift_gkd_plugin.core.fused.kernels.
+            choose_backend`); default ``$SWIFT_GKD_FUSED_BACKEND``, else ``auto``. ``auto`` (and ``triton2`` on CUDA)
+            checks each kernel variant once per process against the PyTorch path (:func:`_self_checked_backend`).
 
     Returns:
         ``(loss, stats)``. ``loss`` is a float32 scalar,
@@ -147,8 +149,8 @@ def fused_linear_jsd(student_hidden: torch.Tensor,
     _check_label_weights(labels, label_weights, label_temperature)
 
     backend_name, self_check = choose_backend(backend, student_hidden.device)
-    if backend_name == 'triton' and as_divergence(divergence).fkl_above_entropy is not None:
-        if not self_check:  # forced: the kernels have no entropy-aware mix (kernel_form says so)
+    if backend_name in KERNEL_BACKENDS and as_divergence(divergence).fkl_above_entropy is not None:
+        if not self_check or backend_name == 'triton2':  # forced: no entropy-aware mix (kernel_form says so)
             kernel_form(divergence)
         backend_name, self_check = 'torch', False  # auto: the PyTorch path computes it
     hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
@@ -276,7 +278,7 @@ def _run(hidden, weight, bias, plan: Plan, need_h: bool, need_w: bool, need_b: b
     agree = torch.zeros((), dtype=torch.long, device=dev)
     gated = torch.zeros((), dtype=torch.long, device=dev)
     if n:
-        chunks = BACKENDS[plan.backend](plan, weight, bias, n, want_grad)
+        chunks = BACKENDS[plan.backend](plan, weight, bias, hidden, want_grad)
         for start in range(0, n, chunks.rows):
             sl = slice(start, min(start + chunks.rows, n))
             h = hidden[sl].to(weight.dtype)
@@ -288,7 +290,7 @@ def _run(hidden, weight, bias, plan: Plan, need_h: bool, need_w: bool, need_b: b
             if want_grad:
                 if grad_b is not None:
                     grad_b.add_(res.bias_grad.sum(0, dtype=f32), alpha=res.grad_scale)
-                _backprop_matmuls(res.grad, h, weight, res.grad_scale, sl, grad_h, grad_w, first=start == 0)
+                chunks.backprop(res.grad, h, res.grad_scale, sl, grad_h, grad_w, first=start == 0)
         del chunks, res
     elif grad_w is not None:
         grad_w.zero_()
@@ -308,26 +310,6 @@ def _run(hidden, weight, bias, plan: Plan, need_h: bool, need_w: bool, need_b: b
     return loss, grads
 
 
-def _backprop_matmuls(g, h, weight, alpha: float, sl, grad_h, grad_w, first: bool):
-    """``grad_h[sl] = alpha g @ weight``, ``grad_w (+)= alpha g.T @ h`` (``g`` in the matmul dtype).
-
-    The first chunk overwrites ``grad_w`` (allocated uninitialised: no separate zero-fill pass over ``[V, H]``).
-    """
-    if weight.dtype == torch.float32:
-        if grad_h is not None:
-            torch.addmm(grad_h[sl], g, weight, beta=0, alpha=alpha, out=grad_h[sl])
-        if grad_w is not None:
-            torch.addmm(grad_w, g.t(), h, beta=0 if first else 1, alpha=alpha, out=grad_w)
-        return
-    if grad_h is not None:
-        torch.mul(g @ weight, alpha, out=grad_h[sl])
-    if grad_w is not None:  # rounded once per chunk, accumulated in float32
-        if first:
-            torch.mul(g.t() @ h, alpha, out=grad_w)
-        else:
-            grad_w.add_(g.t() @ h, alpha=alpha)
-
-
 # ---- auto's self-check of the kernels -----------------------------------------------------------------------------
 
 #: rows of the first chunk that the self-check runs on both backends
@@ -339,8 +321,8 @@ _CHECKED: Dict[tuple, str] = {}
 def _variant(plan: Plan, weight: torch.Tensor) -> tuple:
     """What selects a compiled kernel variant (and so what one self-check covers)."""
     form = plan.divergence.name if plan.full else 'topk'
-    return (plan.full, form, plan.divergence.needs_flags, plan.tail, plan.sft, plan.label_temperature != 1.0,
-            plan.entropy, weight.dtype, str(weight.device))
+    return (plan.backend, plan.full, form, plan.divergence.needs_flags, plan.tail, plan.sft,
+            plan.label_temperature != 1.0, plan.entropy, weight.dtype, str(weight.device))
 
 
 def _self_checked_backend(hidden, weight, bias, plan: Plan) -> str:
@@ -350,7 +332,7 @@ def _self_checked_backend(hidden, weight, bias, plan: Plan) -> str:
     key = _variant(plan, weight)
     if key not in _CHECKED and hidden.shape[0]:
         _CHECKED[key] = _self_check(hidden, weight, bias, plan)
-    return _CHECKED.get(key, 'triton')
+    return _CHECKED.get(key, plan.backend)
 
 
 def _self_check(hidden, weight, bias, plan: Plan) -> str:
@@ -359,9 +341,11 @@ def _self_check(hidden, weight, bias, plan: Plan) -> str:
     c = min(hidden.shape[0], SELF_CHECK_ROWS)
     rowwise = ('teacher_hidden', 'topk_ids', 'topk_logprobs', 'labels', 'label_weights')
     sub = {k: getattr(plan, k)[:c] for k in rowwise if getattr(plan, k) is not None}
+    kernel = plan.backend
+    chunk = -(-c // 2) if kernel == 'triton2' else None  # two chunks: the side stream's hand-over runs too
     out = {}
-    for name in ('torch', 'triton'):
-        run = dataclasses.replace(plan, backend=name, stats={}, chunk_size=None, **sub)
+    for name in ('torch', kernel):
+        run = dataclasses.replace(plan, backend=name, stats={}, chunk_size=chunk, **sub)
         try:
             with torch.no_grad():  # _run forms the gradients itself
                 loss, grads = _run(hidden[:c].detach(), weight.detach(), None if bias is None else bias.detach(), run,
@@ -372,13 +356,13 @@ def _self_check(hidden, weight, bias, plan: Plan) -> str:
             return _fall_back(_key_text(plan, weight), f'failed: {type(exc).__name__}: {str(exc)[:300]}')
         out[name] = [loss, run.stats['divergence_sum'], grads[0]] + ([grads[2]] if bias is not None else [])
     tol = 1e-3 if weight.dtype == torch.float32 else 3e-2
-    errors = [_mismatch(a.float(), b.float()) for a, b in zip(out['triton'], out['torch'])]
+    errors = [_mismatch(a.float(), b.float()) for a, b in zip(out[kernel], out['torch'])]
     if not all(e <= tol for e in errors):  # NaN too
         names = ['loss', 'divergence', 'grad_hidden', 'grad_bias']
         found = ', '.join(f'{n} {e:.1e}' for n, e in zip(names, errors))
         return _fall_back(_key_text(plan, weight), f'differs from the PyTorch path on its first {c} rows (relative '
                           f'errors {found}; allowed {tol:g})')
-    return 'triton'
+    return kernel
 
 
 def _mismatch(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -390,7 +374,9 @@ def _mismatch(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _key_text(plan: Plan, weight: torch.Tensor) -> str:
     teacher = 'a full teacher head' if plan.full else f'a top-k teacher{" with the tail" if plan.tail else ""}'
-    return f'{plan.divergence} against {teacher}, {str(weight.dtype).replace("torch.", "")} on {weight.device}'
+    design = ', the second design' if plan.backend == 'triton2' else ''
+    return (f'{plan.divergence} against {teacher}, {str(weight.dtype).replace("torch.", "")} on {weight.device}'
+            f'{design}')
 
 
 def _fall_back(what: str, why: str) -> str:

@@ -1,9 +1,9 @@
-"""What the fused loss's chunk loop (``core/fused/loss.py``) and its two chunk backends share.
+"""What the fused loss's chunk loop (``core/fused/loss.py``) and its chunk backends share.
 
-A backend (``core/fused/chunk_torch.py``, ``core/fused/chunk_triton.py``) is built from a :class:`Plan` for one call, owns its
-scratch buffers, says how many rows a chunk has (``rows``) and turns a chunk's hidden states into a
-:class:`ChunkResult`: the chunk's sums and ``d loss / d z`` of its student logits, which the loop turns into the
-hidden, weight and bias gradients.
+A backend (:class:`ChunkBackend`: ``core/fused/chunk_torch.py``, ``chunk_triton.py``, ``chunk_triton2.py``) is built
+from a :class:`Plan` for one call, owns its scratch buffers, says how many rows a chunk has (``rows``), turns a chunk's
+hidden states into a :class:`ChunkResult` (the chunk's sums and ``d loss / d z`` of its student logits) and that
+gradient into the hidden, weight and bias gradients (:meth:`ChunkBackend.backprop`).
 """
 from __future__ import annotations
 
@@ -78,3 +78,37 @@ def label_rows(plan: Plan, sl):
     ce_weight = keep.float() if plan.label_weights is None else torch.where(keep, plan.label_weights[sl], 0.0)
     w = ce_weight * (plan.sft_scale / plan.label_temperature)
     return torch.where(keep, lab, 0).unsqueeze(1), ce_weight, w
+
+
+def backprop_matmuls(g, h, weight, alpha: float, sl, grad_h, grad_w, first: bool):
+    """``grad_h[sl] = alpha g @ weight``, ``grad_w (+)= alpha g.T @ h`` (``g`` in the matmul dtype).
+
+    The first chunk overwrites ``grad_w`` (allocated uninitialised: no separate zero-fill pass over ``[V, H]``).
+    """
+    if weight.dtype == torch.float32:
+        if grad_h is not None:
+            torch.addmm(grad_h[sl], g, weight, beta=0, alpha=alpha, out=grad_h[sl])
+        if grad_w is not None:
+            torch.addmm(grad_w, g.t(), h, beta=0 if first else 1, alpha=alpha, out=grad_w)
+        return
+    if grad_h is not None:
+        torch.mul(g @ weight, alpha, out=grad_h[sl])
+    if grad_w is not None:  # rounded once per chunk, accumulated in float32
+        if first:
+            torch.mul(g.t() @ h, alpha, out=grad_w)
+        else:
+            grad_w.add_(g.t() @ h, alpha=alpha)
+
+
+class ChunkBackend:
+    """What the loop calls: ``rows`` per chunk, :meth:`chunk` per chunk, then :meth:`backprop` with its gradient.
+    Built as ``Backend(plan, weight, bias, hidden, want_grad)`` (``hidden``: the ``[n, H]`` active rows)."""
+    rows: int
+    weight: torch.Tensor
+
+    def chunk(self, h: torch.Tensor, sl: slice) -> ChunkResult:
+        raise NotImplementedError
+
+    def backprop(self, g, h, alpha: float, sl, grad_h, grad_w, first: bool) -> None:
+        """``grad_h[sl] = alpha g @ W``, ``grad_w (+)= alpha g.T @ h`` (:func:`backprop_matmuls`)."""
+        backprop_matmuls(g, h, self.weight, alpha, sl, grad_h, grad_w, first)

@@ -11,7 +11,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..', 'core'))
 import large_logits as L  # noqa: E402
 
 device = sys.argv[1] if len(sys.argv) > 1 else ('cuda' if torch.cuda.is_available() else 'cpu')
-backends = ['torch', 'triton'] if device == 'cuda' or os.environ.get('TRITON_INTERPRET') == '1' else ['torch']
+backends = ['torch', 'triton', 'triton2'] if device == 'cuda' or os.environ.get('TRITON_INTERPRET') == '1' else ['torch']
 print(f'device {device}, backends {backends}')
 worst = {}
 for family, div, scale in [(f, d, s) for f in ('peaked', 'offset') for d in L.DIVS for s in L.SCALES]:

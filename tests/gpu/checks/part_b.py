@@ -1,68 +1,107 @@
-"""Part b: the loss alone, forward + backward from hidden states: fused (the Triton kernel on CUDA) vs fused_torch
-(the PyTorch chunk path) vs dense vs Liger's LigerFusedLinearJSD vs a matmul-only floor at N = 4k, 8k, 16k tokens,
-and a sweep of the fused loss's chunk size.
+"""Part b: the loss alone, forward + backward from hidden states, at N = 4k, 8k, 16k tokens: the first kernel
+(``fused``, backend ``triton``) against the second (``fused2``, backend ``triton2``), Liger's LigerFusedLinearJSD
+and a matmul-only floor at every N; dense at 4k/8k; fused2_serial (no side stream), fused_torch and fused_topk at
+8k; a 3-point sweep of the chunk size; then one chunk of each kernel under Nsight Compute (``ncu_chunk.py``). One
+GPU call, ~2.5 minutes.
 
 Reuses ``benchmarks/bench_loss.py`` (one subprocess per method and N, the same seeded inputs; on CUDA the peak
 is ``max_memory_allocated`` minus the allocation before the steps). Goals (issue 18): fused memory at or below
 Liger's, fused time within 1.2x of the floor; Liger's published anchor is 6.2x less memory and 3.5x faster than a
-dense JSD at 8k tokens on an H100; issue 25: the kernel within 1.5x of the floor at 8k and 16k tokens.
+dense JSD at 8k tokens on an H100; issue 25: the kernel within 1.5x of the floor at 8k and 16k tokens; issue 56:
+``triton2`` becomes the CUDA default only if faster than ``triton`` at every N with no more memory.
 """
 from __future__ import annotations
 
 import os
 import sys
+import time
 
+import ncu_chunk
 from common import REPO, Results, finite, fmt, ratio
 
 sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
 import bench_loss  # noqa: E402
 
-METHODS = ('floor', 'fused', 'fused_torch', 'fused_topk', 'fused_topk_torch', 'liger', 'dense')
+CORE = ('floor', 'fused', 'fused2', 'liger')  # at every N: what the verdict and the goals compare
+MEM_SLACK = 1.01  # "no more memory": the new kernel's peak at most 1% above the old one's
+
+
+def plan(ns, methods=None):
+    """``[(method, N)]`` in run order: ``methods`` at every N when given, else :data:`CORE` at every N, dense below
+    the largest N (its 16k row cost the most and says nothing new), fused2_serial (triton2 without its side stream),
+    fused_torch and fused_topk at the middle N."""
+    if methods:
+        return [(m, n) for n in ns for m in methods]
+    mid = ns[len(ns) // 2]
+    return [(m, n) for n in ns for m in CORE + (('dense', ) if n < max(ns) else ()) +
+            (('fused2_serial', 'fused_torch', 'fused_topk') if n == mid else ())]
+
+
+def _measure(res, kind, method, n, chunk, bargs, budget):
+    t0 = time.perf_counter()
+    r = bench_loss._spawn(bargs, method, n, budget)
+    return res.add(kind=kind, method=method, n=n, chunk=chunk, status=r['status'],
+                   time_ms=1e3 * r['time_s'] if 'time_s' in r else None, peak_extra_mib=r.get('peak_extra_mib'),
+                   loss=r.get('loss'), error=r.get('error'), wall_s=round(time.perf_counter() - t0, 1))
 
 
 def run(args) -> Results:
-    res = Results('b', 'GKD loss forward + backward from hidden states: fused, dense, Liger, matmul floor')
+    res = Results('b', 'GKD loss forward + backward: triton vs triton2 vs Liger vs matmul floor, ncu of one chunk')
     if args.tiny:
         hidden, vocab, dtype, ns, chunks = 64, 1024, 'float32', [64, 128], [16, 32, 64]
     else:
         hidden, vocab, dtype = 896, 151936, 'bfloat16'
-        ns, chunks = [4096, 8192, 16384], [128, 256, 512, 1024, 2048, 4096]
+        # around triton2's own rule (half the first kernel's 1,536 rows: two chunks' logits alive); 1,536 = fused's
+        ns, chunks = [4096, 8192, 16384], [512, 1536, 3072]
     ns = args.ns or ns
     sweep_n = ns[len(ns) // 2]  # the sweep runs at the middle N (8192 at real shapes)
     from swift_gkd_plugin.core.fused.loss import default_chunk_size, kernel_chunk_size
     from swift_gkd_plugin.core.fused.kernels import resolve_backend
     import torch
-    kernel = resolve_backend(None, torch.device(args.device)) == 'triton'
+    itemsize = 2 if dtype == 'bfloat16' else 4
+    kernel = resolve_backend(None, torch.device(args.device)) != 'torch'
     torch_default = default_chunk_size(vocab)
-    default = kernel_chunk_size(vocab, vocab, 2 if dtype == 'bfloat16' else 4) if kernel else torch_default
+    default = kernel_chunk_size(vocab, vocab, itemsize) if kernel else torch_default
+    # fused2: its backend's own rule (None: not known here)
     chunk_of = {'fused': default, 'fused_torch': torch_default,
-                'fused_topk': kernel_chunk_size(vocab, 0, 2 if dtype == 'bfloat16' else 4) if kernel else None}
+                'fused_topk': kernel_chunk_size(vocab, 0, itemsize) if kernel else None}
     base = ['--device', args.device, '--hidden', str(hidden), '--vocab', str(vocab), '--dtype', dtype,
             '--max-repeats', str(args.repeats)]
     bargs = bench_loss.parse_args(base)
     budget = 5.0 if args.tiny else 25.0
-    for n in ns:
-        for method in args.methods or METHODS:
-            r = bench_loss._spawn(bargs, method, n, budget)
-            res.add(kind='method', method=method, n=n, chunk=chunk_of.get(method),
-                    status=r['status'], time_ms=1e3 * r['time_s'] if 'time_s' in r else None,
-                    peak_extra_mib=r.get('peak_extra_mib'), loss=r.get('loss'), error=r.get('error'))
-    for chunk in args.chunks or chunks:
-        r = bench_loss._spawn(bench_loss.parse_args(base + ['--chunk-size', str(chunk)]), 'fused', sweep_n, budget)
-        res.add(kind='chunk_sweep', method='fused', n=sweep_n, chunk=chunk, status=r['status'],
-                time_ms=1e3 * r['time_s'] if 'time_s' in r else None, peak_extra_mib=r.get('peak_extra_mib'),
-                loss=r.get('loss'), error=r.get('error'))
+    for method, n in plan(ns, args.methods):
+        _measure(res, 'method', method, n, chunk_of.get(method), bargs, budget)
     by = {(r['method'], r['n']): r for r in res.rows if r['kind'] == 'method' and r['status'] == 'ok'}
+    # the sweep tunes the kernel that would be the default: the new one where it ran
+    swept = 'fused2' if any(m == 'fused2' for m, _ in by) else 'fused'
+    for chunk in args.chunks or chunks:
+        _measure(res, 'chunk_sweep', swept, sweep_n, chunk,
+                 bench_loss.parse_args(base + ['--chunk-size', str(chunk)]), budget)
     for (method, n), r in by.items():
         fused = by.get(('fused', n))
         if fused and method != 'fused':
             r['fused_time_ratio'] = ratio(fused['time_ms'], r['time_ms'])  # below 1: fused faster
             r['mem_ratio_vs_fused'] = ratio(r['peak_extra_mib'], fused['peak_extra_mib'])  # above 1: fused smaller
     for n in sorted({n for _, n in by}):
-        f, fl, li, de, ft = (by.get((m, n)) for m in ('fused', 'floor', 'liger', 'dense', 'fused_torch'))
+        f, f2, fl, li, de, ft = (by.get((m, n)) for m in ('fused', 'fused2', 'floor', 'liger', 'dense', 'fused_torch'))
         if f and fl:
             res.note(f'N={n}: fused/floor time {fmt(ratio(f["time_ms"], fl["time_ms"]))}x (goal <= 1.5x, stretch 1.2x; '
                      f'fused = {"Triton kernel" if kernel else "PyTorch path"})')
+        if f2 and fl:
+            res.note(f'N={n}: fused2/floor time {fmt(ratio(f2["time_ms"], fl["time_ms"]))}x')
+        if f2 and f:
+            res.note(f'N={n}: fused2/fused time {fmt(ratio(f2["time_ms"], f["time_ms"]))}x '
+                     f'({f2["time_ms"]:.1f} vs {f["time_ms"]:.1f} ms), peak memory '
+                     f'{fmt(ratio(f2["peak_extra_mib"], f["peak_extra_mib"]))}x '
+                     f'({f2["peak_extra_mib"]:.0f} vs {f["peak_extra_mib"]:.0f} MiB)')
+        f2s = by.get(('fused2_serial', n))
+        if f2 and f2s:
+            res.note(f'N={n}: fused2 with / without its side stream: {fmt(ratio(f2["time_ms"], f2s["time_ms"]))}x '
+                     f'time ({f2s["time_ms"]:.1f} ms one stream), peak {f2["peak_extra_mib"]:.0f} vs '
+                     f'{f2s["peak_extra_mib"]:.0f} MiB')
+        if f2 and li:
+            res.note(f'N={n}: fused2/Liger time {fmt(ratio(f2["time_ms"], li["time_ms"]))}x, memory '
+                     f'{f2["peak_extra_mib"]:.0f} vs {li["peak_extra_mib"]:.0f} MiB')
         if ft and fl:
             res.note(f'N={n}: fused_torch/floor time {fmt(ratio(ft["time_ms"], fl["time_ms"]))}x'
                      + (f', fused/fused_torch {fmt(ratio(f["time_ms"], ft["time_ms"]))}x' if f else ''))
@@ -76,10 +115,81 @@ def run(args) -> Results:
     sweep = [r for r in res.rows if r['kind'] == 'chunk_sweep' and r['status'] == 'ok' and finite(r['time_ms'])]
     if sweep:
         best = min(sweep, key=lambda r: r['time_ms'])
-        at_default = by.get(('fused', sweep_n))
-        res.note(f'chunk sweep at N={sweep_n}: fastest chunk {best["chunk"]} ({best["time_ms"]:.1f} ms, '
-                 f'{best["peak_extra_mib"]:.0f} MiB); default rule gives {default}'
+        at_default = by.get((swept, sweep_n))
+        res.note(f'chunk sweep of {swept} at N={sweep_n}: fastest chunk {best["chunk"]} ({best["time_ms"]:.1f} ms, '
+                 f'{best["peak_extra_mib"]:.0f} MiB); default rule '
+                 + (f'gives {default}' if swept == 'fused' else 'of triton2')
                  + (f' ({at_default["time_ms"]:.1f} ms)' if at_default else ''))
+    verdicts(res, ns, args.device)
+    ncu_pass(res, args, hidden, vocab, dtype, kernel_chunk_size(vocab, vocab, itemsize))
+    workers = [r['wall_s'] for r in res.rows if r['kind'] != 'ncu' and finite(r.get('wall_s'))]
+    res.note(f'time: {len(workers)} workers {sum(workers):.0f} s (slowest {max(workers, default=0):.0f} s), part '
+             f'{time.time() - res.started:.0f} s')
     if any(r['status'] not in ('ok', 'unavailable', 'oom') for r in res.rows):
         res.status = 'partial'
     return res
+
+
+def verdicts(res: Results, ns, device: str):
+    """A line per N and one overall: is triton2 faster than triton AND no larger in peak memory, at every N."""
+    rows = {(r['method'], r['n']): r for r in res.rows if r['kind'] == 'method'}
+    missing = next((r for (m, _), r in rows.items() if m == 'fused2' and r['status'] != 'ok'), None)
+    if device != 'cuda':
+        why = f'; fused2: {missing["status"]}: {missing.get("error")}' if missing else ''
+        res.note(f'make triton2 the CUDA default: no verdict: no GPU measured it (device {device}: fused is the '
+                 f'PyTorch path{why})')
+        return
+    fails = []
+    for n in ns:
+        old, new = rows.get(('fused', n)), rows.get(('fused2', n))
+        if not (old and new and old['status'] == new['status'] == 'ok'):
+            bad = next((r for r in (old, new) if r and r['status'] != 'ok'), None)
+            why = f'{bad["method"]} {bad["status"]}: {bad.get("error")}' if bad else 'not run'
+            res.note(f'N={n}: verdict: not measured ({why})')
+            fails.append(f'not measured at {n}')
+            continue
+        faster = new['time_ms'] < old['time_ms']
+        lean = new['peak_extra_mib'] <= old['peak_extra_mib'] * MEM_SLACK
+        res.note(f'N={n}: verdict: triton2 {"faster" if faster else "NOT faster"} '
+                 f'({new["time_ms"]:.1f} vs {old["time_ms"]:.1f} ms) and {"no more" if lean else "MORE"} memory '
+                 f'({new["peak_extra_mib"]:.0f} vs {old["peak_extra_mib"]:.0f} MiB): '
+                 + ('yes' if faster and lean else 'no'))
+        fails += ([] if faster else [f'slower at {n}']) + ([] if lean else [f'more memory at {n}'])
+    at = ', '.join(str(n) for n in ns)
+    res.note('make triton2 the CUDA default: ' + (f'no, because {"; ".join(fails)}' if fails else
+             f'yes, because faster than triton at N = {at} with no memory regression (<= {MEM_SLACK:g}x)'))
+
+
+def ncu_pass(res: Results, args, hidden: int, vocab: int, dtype: str, rows: int):
+    """One chunk of each kernel under ncu: a row per (variant, metric), notes of bandwidth and XU use."""
+    if args.device != 'cuda' or args.ncu_timeout <= 0:
+        why = 'no CUDA device (ncu profiles GPU kernels)' if args.device != 'cuda' else '--ncu-timeout 0'
+        res.add(kind='ncu', method='ncu', status='unavailable', error=why)
+        res.note(f'ncu: not run: {why}')
+        return
+    out = ncu_chunk.profile(os.path.join(args.work, 'ncu'), rows, hidden, vocab, dtype, timeout=args.ncu_timeout)
+    for label, why in (out.get('unavailable') or {}).items():
+        res.add(kind='ncu', method=label, n=rows, status='unavailable', error=why)
+    if out['status'] != 'ok':
+        res.add(kind='ncu', method='ncu', n=rows, status=out['status'], error=out.get('error'),
+                wall_s=out.get('wall_s'))
+        res.note(f'ncu: {out["status"]}: {out.get("error")}')
+        return
+    for m in out['metrics']:
+        res.add(kind='ncu', method=m['variant'], n=rows, status='ok', kernel=m['kernel'], metric=m['metric'],
+                value=m['value'], unit=m['unit'])
+    res.note(f'ncu: {len(out["order"])} kernels, one chunk of {rows} rows each, {out["wall_s"]} s'
+             + (f'; metrics ncu refused: {out["dropped"]}' if out['dropped'] else '')
+             + (f'; {out["error"]}' if out.get('error') else ''))
+    minimum = 3 * rows * vocab * (2 if dtype == 'bfloat16' else 4)  # read zs and zt, write the gradient, once
+    per = ncu_chunk.summary(out['metrics'], minimum)
+    for label, v in per.items():
+        res.note(f'ncu {label} ({v["kernel"]}): {fmt(v["time_us"], ".0f")} us; DRAM {fmt(v["dram_pct"], ".0f")}% of '
+                 f'peak, {fmt(v["gb_per_s"], ".0f")} GB/s, {fmt(v["gbytes"])} GB moved ({fmt(v["x_minimum"])}x the '
+                 f'minimum {minimum / 1e9:.2f} GB); XU pipe {fmt(v["xu_issue_pct"], ".0f")}% of peak issue, '
+                 f'{fmt(v["xu_active_pct"], ".0f")}% of cycles active')
+    old, new = per.get('fused beta=0.5'), per.get('fused2 beta=0.5')
+    if old and new:
+        res.note(f'ncu fused2/fused at beta 0.5: kernel time {fmt(ratio(new["time_us"], old["time_us"]))}x, DRAM '
+                 f'bytes {fmt(ratio(new["gbytes"], old["gbytes"]))}x, XU issue {fmt(new["xu_issue_pct"], ".0f")}% vs '
+                 f'{fmt(old["xu_issue_pct"], ".0f")}%')

@@ -25,9 +25,10 @@ from common import Results, markdown  # noqa: E402
 
 PARTS = 'abcdefv'
 ORDER_ALL = 'cbeadfv'  # cheapest and most informative first
-# device seconds per part at real shapes, from the first H100 run (a 505 s, b 135 s, d 536 s, c+e+f 164 s with the
-# models built; a and d stop starting runs at --part-budget-s): what `all` plans with (v: a guess, never run)
-ESTIMATE_S = dict(a=530, b=140, c=90, d=540, e=75, f=25, v=240)
+# device seconds per part at real shapes, from the first H100 run (a 505 s, d 536 s, c+e+f 164 s with the models
+# built; a and d stop starting runs at --part-budget-s); b: issue 56's trimmed plan, estimated from the 2026-11-26
+# H200 run (182 s for 27 workers) plus the ncu pass: what `all` plans with (v: a guess, never run)
+ESTIMATE_S = dict(a=530, b=170, c=90, d=540, e=75, f=25, v=240)
 CUDA_ONLY = dict(c='memory statistics and prefetch overlap (the offloader is a no-op on CPU)',
                  f='Megatron-SWIFT needs GPUs (imports are still probed)', v='vLLM needs a GPU')
 
@@ -51,11 +52,14 @@ def parse_args(argv=None):
     p.add_argument('--impls', type=lambda s: s.split(','), default=None, help='a: builtin,fused,dense')
     p.add_argument('--cases', type=lambda s: s.split(','), default=None,
                    help='a: short,long (default), long32k, sp; d: case names; f: megatron cases; v: c2,c1')
-    p.add_argument('--methods', type=lambda s: s.split(','), default=None, help='b: floor,fused,liger,dense')
+    p.add_argument('--methods', type=lambda s: s.split(','), default=None,
+                   help='b: floor,fused,fused2,liger,dense,... at every N (default: part_b.plan)')
     p.add_argument('--ns', type=lambda s: [int(x) for x in s.split(',')], default=None, help='b: token counts')
     p.add_argument('--chunks', type=lambda s: [int(x) for x in s.split(',')], default=None,
                    help='b: chunk sizes of the sweep')
     p.add_argument('--repeats', type=int, default=5, help='b: measured steps per worker (at most)')
+    p.add_argument('--ncu-timeout', type=float, default=90.0,
+                   help='b: seconds for the Nsight Compute pass of one chunk per kernel (0: skip it)')
     p.add_argument('--clients', type=lambda s: [int(x) for x in s.split(',')], default=None, help='e')
     p.add_argument('--seconds', type=float, default=None, help='e: seconds per load level')
     p.add_argument('--pretend-memory-mib', type=float, default=None,

@@ -9,7 +9,10 @@ Backend choice (:func:`choose_backend`): ``auto`` (the default) uses the kernels
 imports and the device is not ROCm, after a self-check of each kernel variant against the PyTorch path on its first
 chunk (``core/fused/loss.py``; a failure or mismatch logs one warning and that variant runs on the PyTorch path);
 ``torch`` forces the PyTorch chunk path (the reference); ``triton`` forces the kernels, never falls back (on CPU
-tensors only under ``TRITON_INTERPRET=1``, Triton's interpreter, which the CPU tests use). The ``backend=`` argument
+tensors only under ``TRITON_INTERPRET=1``, Triton's interpreter, which the CPU tests use); ``triton2`` runs the
+second kernel design (``core/fused/chunk_triton2.py``, :mod:`.full_rows2`) where ``triton`` would, self-checked
+on CUDA like ``auto`` (it falls back to the PyTorch path with a warning) until a GPU run makes it a default. The
+``backend=`` argument
 of :func:`~swift_gkd_plugin.core.fused.loss.fused_linear_jsd` (``--gkd_fused_backend``) wins over the environment
 variable ``SWIFT_GKD_FUSED_BACKEND``; an empty variable means ``auto``.
 """
@@ -24,10 +27,11 @@ from typing import Optional, Tuple
 import torch
 
 __all__ = ['BACKENDS', 'BACKEND_ENV', 'auto_backend', 'choose_backend', 'describe_backend', 'entry_function',
-           'interpreter_mismatch', 'requested_backend', 'resolve_backend', 'triton_available']
+           'interpreter_mismatch', 'KERNEL_BACKENDS', 'requested_backend', 'resolve_backend', 'triton_available']
 
 BACKEND_ENV = 'SWIFT_GKD_FUSED_BACKEND'
-BACKENDS = ('auto', 'torch', 'triton')
+BACKENDS = ('auto', 'torch', 'triton', 'triton2')
+KERNEL_BACKENDS = ('triton', 'triton2')  # the forced kernel designs: the first, the second
 
 
 def triton_available() -> bool:
@@ -66,22 +70,22 @@ def auto_backend(device: torch.device) -> Tuple[str, str]:
 
 
 def choose_backend(backend: Optional[str], device: torch.device) -> Tuple[str, bool]:
-    """``(backend that runs, whether auto chose the kernels)``: the second is what asks for the self-check. Raises
-    ValueError on an unknown name or a forced ``triton`` that cannot run."""
+    """``(backend that runs, whether it is self-checked)``: auto's kernels, and ``triton2`` on CUDA. Raises
+    ValueError on an unknown name or a forced kernel backend that cannot run."""
     choice, source = requested_backend(backend)
     if choice == 'auto':
         name = auto_backend(device)[0]
         return name, name == 'triton'
-    if choice == 'triton':
+    if choice in KERNEL_BACKENDS:
         if not triton_available():
-            raise ValueError(f'{source}=triton needs the triton package (pip install triton)')
+            raise ValueError(f'{source}={choice} needs the triton package (pip install triton)')
         if device.type != 'cuda' and os.environ.get('TRITON_INTERPRET', '0') != '1':
-            raise ValueError(f'{source}=triton runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 '
+            raise ValueError(f'{source}={choice} runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 '
                              f'(Triton\'s interpreter, set before triton is imported); got {device.type} tensors')
         mismatch = interpreter_mismatch()
         if mismatch:
-            raise ValueError(f'{source}=triton: {mismatch}')
-    return choice, False
+            raise ValueError(f'{source}={choice}: {mismatch}')
+    return choice, choice == 'triton2' and device.type == 'cuda'
 
 
 def interpreter_mismatch() -> Optional[str]:
@@ -110,6 +114,9 @@ def describe_backend(backend: Optional[str], device: Optional[torch.device] = No
     choice, source = requested_backend(backend)
     given = '--gkd_fused_backend' if source == 'backend' else (
         f'{BACKEND_ENV}' if os.environ.get(BACKEND_ENV, '').strip() else 'the default')
+    if choice == 'triton2':
+        return (f'triton2, the second kernel design ({given}; checked against the PyTorch path on its first chunk on '
+                'CUDA, falling back to it with a warning)')
     if choice != 'auto':
         return f'{choice} (forced by {given}; no fallback)' if choice == 'triton' else f'torch ({given})'
     name, why = auto_backend(device)

@@ -70,27 +70,55 @@ def _entropy_terms(own_cols, p, logp, x, m, total, OWN: tl.constexpr):
 
 
 @triton.jit
-def full_rows_kernel(ZS, ZT, BS, BT, G, LAB, LW, CW, DIV, CE, ENT, TENT, AGREE,
-                     stride_zs, stride_zt, stride_g, V, VT, inv_t, inv_tl, coef, k0, k1, k2, k3, threshold,
-                     VMAX: tl.constexpr, VOWN: tl.constexpr, ENTRY: tl.constexpr, HAS_BS: tl.constexpr,
-                     HAS_BT: tl.constexpr, LABEL: tl.constexpr,
-                     ENTROPY: tl.constexpr, OWN: tl.constexpr, TOWN: tl.constexpr, WANT_GRAD: tl.constexpr,
-                     BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    zs_row = row * stride_zs
-    zt_row = row * stride_zt
+def _probs(u, ut, inside, m_s, log_ss, inv_ss, m_t, log_st, inv_st):
+    """``(p_s, p_t, s, t)`` of a block: probabilities and log-probabilities as ``(u - m) - log S`` (0 outside)."""
+    ps = tl.where(inside, tl.exp(u - m_s) * inv_ss, 0.0)
+    pt = tl.where(inside, tl.exp(ut - m_t) * inv_st, 0.0)
+    s = tl.where(inside, (u - m_s) - log_ss, 0.0)
+    t = tl.where(inside, (ut - m_t) - log_st, 0.0)
+    return ps, pt, s, t
+
+
+@triton.jit
+def _entries(ZS, ZT, BS, BT, zs_row, zt_row, cols, inside, V, VT, inv_t, m_s, log_ss, inv_ss, m_t, log_st, inv_st,
+             k0, k1, k2, k3, ENTRY: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr):
+    """One block read and its per-entry math: ``(z, u, ut, p_s, p_t, s, t)`` and ``ENTRY``'s ``(term, stat, g_near,
+    g_far)`` (what a pass does not use, the compiler drops)."""
+    z, u, ut = _tempered(ZS, ZT, BS, BT, zs_row, zt_row, cols, V, VT, inv_t, HAS_BS, HAS_BT)
+    ps, pt, s, t = _probs(u, ut, inside, m_s, log_ss, inv_ss, m_t, log_st, inv_st)
+    term, stat, g_near, g_far = ENTRY(s, t, ps, pt, k0, k1, k2, k3)
+    return z, u, ut, ps, pt, s, t, term, stat, g_near, g_far
+
+
+@triton.jit
+def _statistics(ZS, ZT, BS, BT, LAB, CW, CE, AGREE, row, zs_row, zt_row, V, VT, inv_t, inv_tl,
+                VMAX: tl.constexpr, HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, LABEL: tl.constexpr,
+                ENTROPY: tl.constexpr, OWN: tl.constexpr, TOWN: tl.constexpr, MOMENT: tl.constexpr,
+                BLOCK: tl.constexpr):
+    """Pass 1, one read of the row: the online logsumexps ``(m, S)`` of the student, the teacher, the entropies'
+    own sides and the label term, the top-1 agreement and the label's cross-entropy (stored), and with ``MOMENT``
+    the online ``sum exp(u - m_s) (ut - u)`` (rescaled with ``S_s``; the second design's KL(s || t)). Returns
+    ``(m_s, S_s, m_t, S_t, m_o, S_o, m_q, S_q, m_l, S_l, label, moment)``."""
     offs = tl.arange(0, BLOCK)
     zero = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
     m_s, s_s, m_t, s_t = zero - float('inf'), zero, zero - float('inf'), zero
     m_o, s_o, m_l, s_l = zero - float('inf'), zero, zero - float('inf'), zero
     m_q, s_q = zero - float('inf'), zero  # the teacher's own Vt entries, when its row is padded (not TOWN)
+    moment = zero
     t_best, s_best = zero - float('inf'), zero - float('inf')
     t_arg = tl.sum(tl.zeros([BLOCK], tl.int32), 0)
-    # pass 1: online logsumexps, the teacher's argmax, the student's max
     for start in range(0, VMAX, BLOCK):
         cols = start + offs
         z, u, ut = _tempered(ZS, ZT, BS, BT, zs_row, zt_row, cols, V, VT, inv_t, HAS_BS, HAS_BT)
-        m_s, s_s = _online(m_s, s_s, u)
+        if MOMENT:
+            m_new = tl.maximum(m_s, tl.max(u, 0))
+            rescale = tl.exp(m_s - m_new)
+            e = tl.exp(u - m_new)  # shared by S_s and the moment: no exp of its own
+            s_s = s_s * rescale + tl.sum(e, 0)
+            moment = moment * rescale + tl.sum(tl.where(cols < VMAX, e * (ut - u), 0.0), 0)
+            m_s = m_new
+        else:
+            m_s, s_s = _online(m_s, s_s, u)
         m_t, s_t = _online(m_t, s_t, ut)
         in_s = cols < V
         u_own = tl.where(in_s, u, float('-inf'))
@@ -112,29 +140,45 @@ def full_rows_kernel(ZS, ZT, BS, BT, G, LAB, LW, CW, DIV, CE, ENT, TENT, AGREE,
     if HAS_BS:
         z_at += tl.load(BS + at)
     tl.store(AGREE + row, ((t_arg < V) & (z_at * inv_t >= s_best)).to(tl.int32))
-    # log-probabilities as (u - m) - log S: u - m is exact near the max, whereas m + log S rounded to float32 carries
-    # half an ulp of |m| (5e-4 at |u| = 1e4) into every entry
-    log_ss = tl.log(s_s)
-    log_st = tl.log(s_t)
-    inv_ss = 1.0 / s_s
-    inv_st = 1.0 / s_t
+    lab = 0
     if LABEL:
         lab = tl.load(LAB + row)
         z_lab = tl.load(ZS + zs_row + lab).to(tl.float32)
         if HAS_BS:
             z_lab += tl.load(BS + lab)
         tl.store(CE + row, -tl.load(CW + row) * (z_lab * inv_tl - m_l - tl.log(s_l)))
+    return m_s, s_s, m_t, s_t, m_o, s_o, m_q, s_q, m_l, s_l, lab, moment
+
+
+@triton.jit
+def full_rows_kernel(ZS, ZT, BS, BT, G, LAB, LW, CW, DIV, CE, ENT, TENT, AGREE,
+                     stride_zs, stride_zt, stride_g, V, VT, inv_t, inv_tl, coef, k0, k1, k2, k3, threshold,
+                     VMAX: tl.constexpr, VOWN: tl.constexpr, ENTRY: tl.constexpr, HAS_BS: tl.constexpr,
+                     HAS_BT: tl.constexpr, LABEL: tl.constexpr,
+                     ENTROPY: tl.constexpr, OWN: tl.constexpr, TOWN: tl.constexpr, WANT_GRAD: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    zs_row = row * stride_zs
+    zt_row = row * stride_zt
+    offs = tl.arange(0, BLOCK)
+    zero = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
+    m_s, s_s, m_t, s_t, m_o, s_o, m_q, s_q, m_l, s_l, lab, _ = _statistics(
+        ZS, ZT, BS, BT, LAB, CW, CE, AGREE, row, zs_row, zt_row, V, VT, inv_t, inv_tl, VMAX, HAS_BS, HAS_BT, LABEL,
+        ENTROPY, OWN, TOWN, False, BLOCK)
+    # log-probabilities as (u - m) - log S: u - m is exact near the max, whereas m + log S rounded to float32 carries
+    # half an ulp of |m| (5e-4 at |u| = 1e4) into every entry
+    log_ss = tl.log(s_s)
+    log_st = tl.log(s_t)
+    inv_ss = 1.0 / s_s
+    inv_st = 1.0 / s_t
     # pass 2: the value, the centring and switch sums, the entropy
     acc_div, acc_p, acc_stat, acc_near, acc_far, acc_ent, acc_tent = zero, zero, zero, zero, zero, zero, zero
     for start in range(0, VMAX, BLOCK):
         cols = start + offs
         inside = cols < VMAX
-        z, u, ut = _tempered(ZS, ZT, BS, BT, zs_row, zt_row, cols, V, VT, inv_t, HAS_BS, HAS_BT)
-        ps = tl.where(inside, tl.exp(u - m_s) * inv_ss, 0.0)
-        pt = tl.where(inside, tl.exp(ut - m_t) * inv_st, 0.0)
-        s = tl.where(inside, (u - m_s) - log_ss, 0.0)
-        t = tl.where(inside, (ut - m_t) - log_st, 0.0)
-        term, stat, g_near, g_far = ENTRY(s, t, ps, pt, k0, k1, k2, k3)
+        z, u, ut, ps, pt, s, t, term, stat, g_near, g_far = _entries(
+            ZS, ZT, BS, BT, zs_row, zt_row, cols, inside, V, VT, inv_t, m_s, log_ss, inv_ss, m_t, log_st, inv_st, k0,
+            k1, k2, k3, ENTRY, HAS_BS, HAS_BT)
         acc_div += tl.sum(tl.where(inside, term, 0.0), 0)
         acc_p += tl.sum(ps, 0)
         acc_stat += tl.sum(tl.where(inside, stat, 0.0), 0)
@@ -157,12 +201,9 @@ def full_rows_kernel(ZS, ZT, BS, BT, G, LAB, LW, CW, DIV, CE, ENT, TENT, AGREE,
         for start in range(0, VOWN, BLOCK):
             cols = start + offs
             in_s = cols < V
-            z, u, ut = _tempered(ZS, ZT, BS, BT, zs_row, zt_row, cols, V, VT, inv_t, HAS_BS, HAS_BT)
-            ps = tl.where(in_s, tl.exp(u - m_s) * inv_ss, 0.0)
-            pt = tl.where(in_s, tl.exp(ut - m_t) * inv_st, 0.0)
-            s = tl.where(in_s, (u - m_s) - log_ss, 0.0)
-            t = tl.where(in_s, (ut - m_t) - log_st, 0.0)
-            term, stat, g_near, g_far = ENTRY(s, t, ps, pt, k0, k1, k2, k3)
+            z, u, ut, ps, pt, s, t, term, stat, g_near, g_far = _entries(
+                ZS, ZT, BS, BT, zs_row, zt_row, cols, in_s, V, VT, inv_t, m_s, log_ss, inv_ss, m_t, log_st, inv_st,
+                k0, k1, k2, k3, ENTRY, HAS_BS, HAS_BT)
             g = coef * (tl.where(near, g_near, g_far) - ps * shift)
             if LABEL:
                 g += w_lab * (tl.exp(z * inv_tl - m_l) * inv_sl - tl.where(cols == lab, 1.0, 0.0))
@@ -198,6 +239,16 @@ def full_rows(zs: torch.Tensor, zt: torch.Tensor, bias_s: Optional[torch.Tensor]
     gradient weights including ``1 / T_l`` and the term's scale) and the entropies are optional (``entropy``: the
     student's over its own ``V`` entries and the teacher's over its own ``Vt``, each of ``softmax(. / T)``).
     """
+    return launch(full_rows_kernel, zs, zt, bias_s, bias_t, entry=entry, constants=constants, threshold=threshold,
+                  coef=coef, temperature=temperature, grad=grad, labels=labels, label_weight=label_weight,
+                  ce_weight=ce_weight, label_temperature=label_temperature, entropy=entropy, block=block,
+                  num_warps=num_warps, VOWN=zs.shape[1])
+
+
+def launch(kernel, zs, zt, bias_s, bias_t, *, entry, constants, threshold, coef, temperature, grad, labels,
+           label_weight, ce_weight, label_temperature, entropy, block, num_warps, **constexprs) -> RowResults:
+    """Allocate the per-row results and launch ``kernel`` (one program per row) with the arguments both designs
+    share (:func:`full_rows`'s) and the design's own ``constexprs``."""
     c, v = zs.shape
     vt = zt.shape[1]
     dev = zs.device
@@ -211,15 +262,14 @@ def full_rows(zs: torch.Tensor, zt: torch.Tensor, bias_s: Optional[torch.Tensor]
         return RowResults(div, ce, ent, agree, t_ent)
     dummy = div
     block = min(block or BLOCK, triton.next_power_of_2(max(v, vt)))
-    full_rows_kernel[(c, )](
+    kernel[(c, )](
         zs, zt, dummy if bias_s is None else bias_s, dummy if bias_t is None else bias_t,
         dummy if grad is None else grad, dummy if labels is None else labels,
         dummy if label_weight is None else label_weight, dummy if ce_weight is None else ce_weight,
         div, dummy if ce is None else ce, dummy if ent is None else ent, dummy if t_ent is None else t_ent, agree,
         zs.stride(0), zt.stride(0), 0 if grad is None else grad.stride(0), v, vt, 1.0 / temperature,
         1.0 / label_temperature, coef, *[float(k) for k in constants], float(threshold),
-        VMAX=max(v, vt), VOWN=v, ENTRY=entry, HAS_BS=bias_s is not None, HAS_BT=bias_t is not None,
-        LABEL=labels is not None,
+        VMAX=max(v, vt), ENTRY=entry, HAS_BS=bias_s is not None, HAS_BT=bias_t is not None, LABEL=labels is not None,
         ENTROPY=bool(entropy), OWN=vt <= v, TOWN=vt >= v, WANT_GRAD=grad is not None, BLOCK=block,
-        num_warps=num_warps)
+        num_warps=num_warps, **constexprs)
     return RowResults(div, ce, ent, agree, t_ent)

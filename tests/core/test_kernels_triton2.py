@@ -1,0 +1,198 @@
+"""The second kernel backend (``--gkd_fused_backend triton2``) beyond what ``test_kernels_full.py`` checks for both
+designs (every divergence, padding, label term, entropy, large logits against float64): its chunk backend's
+split-K and float32-output matmuls, the passes it saves (read off the compiled code), its self-check and fallback,
+and its flag. Kernels run on CPU tensors in Triton's interpreter or compiled on CUDA (``kernel_devices``)."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip('triton', reason='triton is not installed (the dev extra pins it)')
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+import test_fused_loss as tf  # noqa: E402
+from kernel_devices import DEVICES, compile_ahead_of_time  # noqa: E402
+from test_activation_and_bad_input import assert_refused_in_one_line  # noqa: E402
+from conftest import base_args, run_swift  # noqa: E402
+
+from swift_gkd_plugin.core.fused import chunk_triton2, kernels  # noqa: E402
+from swift_gkd_plugin.core.fused import loss as fused_loss  # noqa: E402
+from swift_gkd_plugin.core.fused.kernels import full_rows2  # noqa: E402
+from swift_gkd_plugin.core.row_divergence import Divergence  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings('ignore::RuntimeWarning')  # numpy's inf - inf in discarded where-branches
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+def test_split_k_rule():
+    """``g @ W`` is split over K until the output tiles fill the SMs, up to 8 parts, only where K divides."""
+    assert chunk_triton2.split_k(1536, 896, 151936, 132) == 4  # 48 tiles -> 192
+    assert chunk_triton2.split_k(768, 896, 151936, 132) == 8  # 24 tiles -> 192
+    assert chunk_triton2.split_k(4096, 896, 151936, 132) == 2  # 128 tiles -> 256
+    assert chunk_triton2.split_k(8192, 896, 151936, 132) == 1  # 256 tiles already
+    assert chunk_triton2.split_k(768, 896, 151935, 132) == 1  # an odd vocabulary: no even split
+    assert chunk_triton2.split_k(768, 896, 151936, None) == 1  # no GPU
+
+
+@pytest.mark.parametrize('parts', [1, 4])
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float32])
+def test_split_input_gradient_matches_float64(parts, dtype, device, monkeypatch):
+    """The input gradient split over K into ``parts`` (batched, summed in float32) equals the float64 reference and
+    the first design; ragged chunks, the label term, masked rows."""
+    monkeypatch.setattr(chunk_triton2, 'SPLIT_K', parts)
+    x = tf.make_inputs(seed=5, n=13, v=256, vt=256, dtype=dtype)
+    kw = dict(mask=x['mask'], labels=x['labels'], temperature=0.9, sft_alpha=0.3, chunk_size=5)
+    got = tf.run(x, divergence=Divergence('jsd', beta=0.5), backend='triton2', device=device, **kw)
+    first = tf.run(x, divergence=Divergence('jsd', beta=0.5), backend='triton', device=device, **kw)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    tf.assert_close(got, tf.ref_of(x, beta=0.5, **kw), tol=tol)
+    for a, b in zip(got[1], first[1]):
+        assert tf.rel_err(a, b) <= (1e-2 if dtype == torch.bfloat16 else 1e-6)
+
+
+_PTX = r'''
+import re, triton
+from triton.backends.compiler import GPUTarget
+from swift_gkd_plugin.core.fused.kernels import entry_math, full_rows, full_rows2
+from swift_gkd_plugin.core.row_divergence import Divergence, kernel_form
+sig = dict(ZS='*bf16', ZT='*bf16', BS='*fp32', BT='*fp32', G='*bf16', LAB='*i64', LW='*fp32', CW='*fp32', DIV='*fp32',
+           CE='*fp32', ENT='*fp32', TENT='*fp32', AGREE='*i32', stride_zs='i32', stride_zt='i32', stride_g='i32',
+           V='i32', VT='i32')
+sig.update({k: 'fp32' for k in ('inv_t', 'inv_tl', 'coef', 'k0', 'k1', 'k2', 'k3', 'threshold')})
+for beta in (0.0, 1.0):
+    form = kernel_form(Divergence('jsd', beta=beta))
+    base = dict(VMAX=151936, ENTRY=getattr(entry_math, form.entry.split(':')[1]), HAS_BS=False, HAS_BT=False,
+                LABEL=False, ENTROPY=False, OWN=True, TOWN=True, WANT_GRAD=True, BLOCK=2048)
+    for name, fn, const in (('v1', full_rows.full_rows_kernel, dict(base, VOWN=151936)),
+                            ('v2', full_rows2.full_rows2_kernel, dict(base, MODE=full_rows2.mode_of(form.entry)))):
+        src = triton.compiler.ASTSource(fn=fn, signature={**sig, **dict.fromkeys(const, 'constexpr')}, constexprs=const)
+        ptx = triton.compile(src, target=GPUTarget('cuda', 90, 32), options=dict(num_warps=8)).asm['ptx']
+        print(beta, name, len(re.findall(r'ld\.global', ptx)), len(re.findall(r'ex2\.approx', ptx)))
+'''
+
+
+def test_kl_rows_are_read_twice_not_three_times():
+    """Compiled for sm_90 (no GPU needed): for KL in either direction the second design has one loop over the row
+    fewer, so fewer global loads and fewer ``ex2`` (the special-function unit's exp) in its code than the first
+    (the counts are static, per compiled kernel; the loops run over the same blocks)."""
+    counts = {}
+    for line in compile_ahead_of_time(_PTX).split('\n'):
+        if line.strip():
+            beta, name, loads, exps = line.split()
+            counts[beta, name] = int(loads), int(exps)
+    for beta in ('0.0', '1.0'):
+        (l1, e1), (l2, e2) = counts[beta, 'v1'], counts[beta, 'v2']
+        assert l2 < l1 and e2 < e1, counts
+
+
+@pytest.fixture
+def self_checked_triton2(monkeypatch):
+    """``triton2`` chosen with its self-check (as on CUDA), on CPU tensors under the interpreter."""
+    if os.environ.get('TRITON_INTERPRET') != '1':
+        pytest.skip('the seam runs CPU tensors under the interpreter')
+    monkeypatch.setattr(fused_loss, 'choose_backend', lambda backend, device: ('triton2', True))
+    monkeypatch.setattr(fused_loss, '_CHECKED', {})
+
+
+def _run(x, backend=None):
+    return tf.run(x, backend=backend, mask=x['mask'], labels=x['labels'], sft_alpha=0.4, beta=0.5, chunk_size=16)
+
+
+def _warnings(caplog):
+    return [r.getMessage() for r in caplog.records if 'Triton kernel of the fused loss' in r.getMessage()]
+
+
+def test_self_check_falls_back_when_the_second_design_is_wrong(self_checked_triton2, monkeypatch, caplog):
+    """A wrong gradient from the second design (a miscompile): one warning naming it, the PyTorch path's results."""
+    real = full_rows2.full_rows2
+
+    def wrong(*args, **kw):
+        out = real(*args, **kw)
+        if kw.get('grad') is not None:
+            kw['grad'].mul_(1.5)
+        return out
+    monkeypatch.setattr(full_rows2, 'full_rows2', wrong)
+    x = tf.make_inputs(seed=31, n=40, v=300, vt=300)
+    with caplog.at_level(logging.WARNING, logger='swift_gkd_plugin'):
+        got = _run(x)
+    found = _warnings(caplog)
+    assert len(found) == 1 and 'the second design' in found[0] and 'differs from the PyTorch path' in found[0], found
+    assert set(fused_loss._CHECKED.values()) == {'torch'}
+    want = _run(x, backend='torch')
+    assert tf.rel_err(got[0], want[0]) <= 1e-6 and tf.rel_err(got[1][0], want[1][0]) <= 1e-6
+
+
+def test_self_check_runs_two_chunks_then_the_second_design(self_checked_triton2, monkeypatch, caplog):
+    """Correct kernels: no warning; the self-check ran the second design on two chunks (the hand-over between
+    chunks that the side stream does on CUDA), then every chunk runs on it."""
+    calls = []
+    real = chunk_triton2.Triton2Chunks.logits
+    monkeypatch.setattr(chunk_triton2.Triton2Chunks, 'logits',
+                        lambda self, h, sl: calls.append(sl) or real(self, h, sl))
+    x = tf.make_inputs(seed=31, n=40, v=300, vt=300)
+    with caplog.at_level(logging.WARNING, logger='swift_gkd_plugin'):
+        got = _run(x)
+    assert _warnings(caplog) == [] and list(fused_loss._CHECKED.values()) == ['triton2']
+    active = int(x['mask'].sum())
+    half = -(-active // 2)
+    assert calls[:2] == [slice(0, half), slice(half, active)], calls
+    assert len(calls) == 2 + -(-active // 16)
+    want = _run(x, backend='torch')
+    assert tf.rel_err(got[0], want[0]) <= 2e-5 and tf.rel_err(got[1][0], want[1][0]) <= 2e-5
+
+
+def test_backend_choice_and_description(monkeypatch):
+    monkeypatch.delenv(kernels.BACKEND_ENV, raising=False)
+    assert kernels.choose_backend('triton2', torch.device('cuda')) == ('triton2', True)  # self-checked on CUDA
+    if os.environ.get('TRITON_INTERPRET') == '1':
+        assert kernels.choose_backend('triton2', torch.device('cpu')) == ('triton2', False)
+    text = kernels.describe_backend('triton2', torch.device('cuda'))
+    assert text.startswith('triton2, the second kernel design') and 'falling back' in text
+    monkeypatch.setenv('TRITON_INTERPRET', '0')
+    with pytest.raises(ValueError, match='backend=triton2 runs on CUDA tensors'):
+        kernels.choose_backend('triton2', torch.device('cpu'))
+
+
+def test_mode_of_entries():
+    assert full_rows2.mode_of('m:kl_forward_entry') == full_rows2.KL_FORWARD
+    assert full_rows2.mode_of('m:kl_reverse_entry') == full_rows2.KL_REVERSE
+    assert full_rows2.mode_of('m:jsd_entry') == full_rows2.GENERIC
+
+
+@pytest.mark.skipif(os.path.exists('/dev/nvidiactl'), reason='a machine without a CUDA device')
+def test_flag_refusals_name_the_second_design(tiny_ws, tmp_path):
+    """``--gkd_fused_backend triton2`` without a CUDA device, and with the entropy-aware mix: refused before
+    loading, in one line naming the flag and its value."""
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), gkd_fused_backend='triton2'), check=False, timeout=120)
+    assert_refused_in_one_line(run, ['--gkd_fused_backend triton2 runs the kernels on CUDA devices and this '
+                                     'process sees none'])
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), gkd_fused_backend='triton2',
+                              gkd_entropy_fkl_threshold=1), check=False, timeout=120)
+    assert_refused_in_one_line(run, ['--gkd_entropy_fkl_threshold 1 runs on the PyTorch loss paths and '
+                                     '--gkd_fused_backend triton2 forces the kernels'])
+
+
+@pytest.mark.skipif(os.environ.get('TRITON_INTERPRET') != '1', reason='CPU runs of the kernels need the interpreter')
+def test_swift_rlhf_with_the_second_design_equals_the_pytorch_path(tiny_ws, tmp_path):
+    """A real ``swift rlhf`` run with ``--gkd_fused_backend triton2`` (kernels interpreted on CPU), dataset and
+    on-policy steps with the SFT term: the same losses and gradient norms as the PyTorch chunk path, and the start-up
+    log names the backend."""
+    flags = dict(max_steps=2, seed=3, lmbda=0.5, sft_alpha=0.2, beta=0.5)
+    runs = {b: run_swift(base_args(tiny_ws, str(tmp_path / b), gkd_fused_backend=b, **flags),
+                         env={'TRITON_INTERPRET': '1'}) for b in ('triton2', 'torch')}
+    assert 'its backend: triton2, the second kernel design (--gkd_fused_backend' in runs['triton2'].output
+    assert len(runs['triton2'].logs) == len(runs['torch'].logs) == 2
+    for a, b in zip(runs['triton2'].logs, runs['torch'].logs):
+        assert abs(a['loss'] - b['loss']) <= 1e-5 * max(abs(b['loss']), 1e-2), (runs['triton2'].losses,
+                                                                                  runs['torch'].losses)
+        assert abs(a['grad_norm'] - b['grad_norm']) <= 1e-4 * max(abs(b['grad_norm']), 1e-2)
