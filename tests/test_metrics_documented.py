@@ -163,12 +163,12 @@ def test_lengths_over_two_ranks(trained_ws, tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='the CPU harness of tests/megatron does nothing where CUDA is '
                     'present')
-def test_megatron_logs_the_same_truncation(tiny_ws, tmp_path):
-    """Two data-parallel ranks (the window's reduction over Megatron's data-parallel group)."""
+def test_megatron_logs_the_same_truncation(tiny_ws, shared_runs):
+    """Two data-parallel ranks (the window's reduction over Megatron's data-parallel group): the session's shared
+    ``dp2`` run (``--gkd_rollout_max_tokens 3 --max_completion_length 6``, tests/megatron/megatron_runs.py)."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'megatron'))
-    from megatron_runs import megatron_args, run_megatron, train_rows
-    run = run_megatron(megatron_args(tiny_ws, str(tmp_path / 'megatron'), seed=41, lmbda=0.5, seq_kd='true',
-                                     micro_batch_size=1, max_completion_length=6, gkd_rollout_max_tokens=3), nproc=2)
+    from megatron_runs import shared_megatron_runs, train_rows
+    run = shared_megatron_runs(tiny_ws, shared_runs)['dp2']
     rows = train_rows(run)
     on_policy, seq_kd = _rows(run, 'on_policy'), _rows(run, 'seq_kd')
     assert len(rows) == 2 and on_policy and seq_kd, rows

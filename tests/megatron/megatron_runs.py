@@ -9,9 +9,9 @@ import os
 import socket
 import subprocess
 import sys
-from typing import Dict, List
+from typing import Dict, List, Optional
 
-from conftest import OFFLINE_ENV, SwiftRun
+from conftest import OFFLINE_ENV, SharedRuns, SwiftRun
 
 MEGATRON = os.path.join(os.path.dirname(sys.executable), 'megatron')
 CPU_SITE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'cpu_site')
@@ -72,3 +72,32 @@ def run_megatron(argv: List[str], *, nproc: int = 1, timeout: int = 600, check: 
 def train_rows(run: SwiftRun) -> List[dict]:
     """The logged training rows (one per iteration with ``--logging_steps 1``)."""
     return [row for row in run.logs if 'loss' in row]
+
+
+# ----------------------------------------------------------------- the runs that several test modules compare with
+MIXED_SEED = 41  # lmbda 0.5 with seq_kd: on_policy, seq_kd, on_policy, seq_kd at steps 0-3
+# both sampling modes, the teacher offloaded, completions logged, a resumable save at step 2
+MIXED = dict(seed=MIXED_SEED, lmbda=0.5, seq_kd='true', offload_teacher_model='true', log_completions='true',
+             save_steps=2, save_safetensors='false')
+# both sampling modes on two data-parallel ranks, the rollouts cut (--gkd_rollout_max_tokens on on-policy steps,
+# --max_completion_length on seq_kd ones): test_megatron_rlhf.py and test_metrics_documented.py
+DP2 = dict(seed=MIXED_SEED, lmbda=0.5, seq_kd='true', micro_batch_size=1, max_completion_length=6,
+           gkd_rollout_max_tokens=3)
+
+
+def fixed_rows(ws) -> Dict[str, object]:
+    """The 4 fixed rows in one batch, off-policy, 3 steps at lr 1e-3: step 1 is the loss of exactly those rows (it is
+    logged before the update), the later steps show the weights after the updates."""
+    return dict(dataset=ws.fixed, lmbda=0, train_iters=3, micro_batch_size=4, global_batch_size=4, lr=1e-3)
+
+
+def shared_megatron_runs(ws, shared_runs, starts: Optional[Dict[str, object]] = None) -> SharedRuns:
+    """The megatron runs of this test session (``conftest.shared_runs``: each started once, for all xdist workers):
+    ``starts`` (name -> start(output_dir)), the one-rank runs that the TP, CP and SP tests compare with
+    (``fixed_rows``, ``mixed``) and ``dp2`` (their flags above). Starting a CPU ``megatron rlhf`` costs ~30 s a
+    rank: a run is shared, not rerun by each module that asserts on it."""
+    runs = shared_runs('megatron', {})
+    runs.starts.update({'fixed_rows': lambda out: run_megatron(megatron_args(ws, out, **fixed_rows(ws))),
+                        'mixed': lambda out: run_megatron(megatron_args(ws, out, **MIXED)),
+                        'dp2': lambda out: run_megatron(megatron_args(ws, out, **DP2), nproc=2)}, **(starts or {}))
+    return runs

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from megatron_runs import megatron_args, run_megatron, train_rows
+from megatron_runs import MIXED, fixed_rows, megatron_args, run_megatron, shared_megatron_runs, train_rows
 from test_shard_loss import jsd64
 
 VOCAB, PADDED, SEQ, K, T = 37, 40, 16, 6, 0.8
@@ -200,24 +200,28 @@ def _same_run(one, two, keys=('loss', 'grad_norm')):
         assert b['loss'] > 0
 
 
+@pytest.fixture(scope='module')
+def baselines(tiny_ws, shared_runs):
+    """The CP = 1 runs: the session's shared one-rank ``fixed_rows`` and ``mixed`` (megatron_runs.py)."""
+    return shared_megatron_runs(tiny_ws, shared_runs)
+
+
 @CPU_ONLY
-def test_megatron_rlhf_context_parallel_2_trains_as_1(tiny_ws, tmp_path):
+def test_megatron_rlhf_context_parallel_2_trains_as_1(tiny_ws, tmp_path, baselines):
     """The whole ``megatron rlhf`` at CP = 2 (2 ranks; the harness's attention on gathered Q/K/V stands in for TE's
-    ring attention) logs the loss and gradient norm of CP = 1 on the same 4 rows."""
-    flags = dict(dataset=tiny_ws.fixed, lmbda=0, train_iters=1, micro_batch_size=4, global_batch_size=4, lr=0)
-    one = run_megatron(megatron_args(tiny_ws, str(tmp_path / 'cp1'), **flags))
-    two = run_megatron(megatron_args(tiny_ws, str(tmp_path / 'cp2'), context_parallel_size=2, **flags), nproc=2)
-    _same_run(one, two)
+    ring attention) logs the loss and gradient norm of CP = 1 on the same 4 rows, at each of 3 steps."""
+    two = run_megatron(megatron_args(tiny_ws, str(tmp_path / 'cp2'), context_parallel_size=2, **fixed_rows(tiny_ws)),
+                       nproc=2)
+    _same_run(baselines['fixed_rows'], two)
 
 
 @CPU_ONLY
-def test_megatron_rlhf_context_parallel_2_samples_as_1(tiny_ws, tmp_path):
+def test_megatron_rlhf_context_parallel_2_samples_as_1(tiny_ws, tmp_path, baselines):
     """On-policy steps sampled by the student and seq_kd sampled by the teacher, both from the Megatron model, at
     CP = 2: the same completions, losses and gradient norms as CP = 1 (refused before: the last position's logits
-    are on the rank holding it)."""
-    flags = dict(seed=41, lmbda=0.5, seq_kd='true', log_completions='true')  # on_policy, then seq_kd
-    one = run_megatron(megatron_args(tiny_ws, str(tmp_path / 'cp1'), **flags))
-    two = run_megatron(megatron_args(tiny_ws, str(tmp_path / 'cp2'), context_parallel_size=2, **flags), nproc=2)
+    are on the rank holding it). The flags of the shared ``mixed`` run: the teacher offloaded, a save at step 2."""
+    two = run_megatron(megatron_args(tiny_ws, str(tmp_path / 'cp2'), context_parallel_size=2, **MIXED), nproc=2)
+    one = baselines['mixed']  # on_policy, then seq_kd
     assert [r['gkd/mode_on_policy'] for r in train_rows(two)] == [1.0, 0.0]
     _same_run(one, two)
     assert _completions(two) == _completions(one)

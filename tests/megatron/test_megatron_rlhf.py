@@ -2,8 +2,9 @@
 mcore-bridge building and training the tiny Qwen3 pair on CPU (the test-only harness of
 :mod:`swift_gkd_plugin.testing.megatron_cpu` stands in for CUDA and transformer-engine only).
 
-Every run is started once per test session (``shared_runs``) and asserted on by the tests below it: the plugin's
-trainer active, rc 0, a finite non-zero loss at every iteration, and the mode log equal to ``choose_mode``."""
+Every run is started once per test session (``shared_megatron_runs``, some shared with other modules) and asserted
+on by the tests below it: the plugin's trainer active, rc 0, a finite non-zero loss at every iteration, and the mode
+log equal to ``choose_mode``."""
 import glob
 import json
 import math
@@ -16,51 +17,40 @@ import pytest
 import torch
 
 from conftest import OFFLINE_ENV, base_args, run_swift
-from megatron_runs import ACTIVE, CPU_SITE, megatron_args, run_megatron, train_rows
+from megatron_runs import (ACTIVE, CPU_SITE, MIXED, MIXED_SEED, megatron_args, run_megatron, shared_megatron_runs,
+                          train_rows)
 
 from swift_gkd_plugin.core import choose_mode
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason='the CPU harness does nothing where CUDA is '
                                 'present: tests/gpu/run_megatron_gkd.sh runs Megatron-SWIFT there')
 
-MIXED_SEED = 41  # lmbda 0.5 with seq_kd: on_policy, seq_kd, on_policy, seq_kd at steps 0-3
 OFF_ON_SEED = 43  # lmbda 0.5 without seq_kd: off_policy, on_policy, on_policy
 assert [choose_mode(MIXED_SEED, s, 0.5, True).value for s in range(4)] == ['on_policy', 'seq_kd'] * 2
 assert [choose_mode(OFF_ON_SEED, s, 0.5, False).value for s in range(3)] == ['off_policy', 'on_policy', 'on_policy']
+OFF_ON = dict(seed=OFF_ON_SEED, lmbda=0.5, train_iters=3)
 
 
 def _starts(ws, runs):
-    """name -> start(output_dir) -> SwiftRun; ``runs`` gives the runs a start builds on."""
-
-    def mixed(out, **flags):  # both sampling modes, the teacher offloaded, completions logged, a resumable save
-        return run_megatron(megatron_args(
-            ws, out, seed=MIXED_SEED, lmbda=0.5, seq_kd='true', offload_teacher_model='true',
-            log_completions='true', save_steps=2, save_safetensors='false', **flags))
+    """name -> start(output_dir) -> SwiftRun; ``runs`` gives the runs a start builds on (and the shared ``mixed``
+    and ``fixed_rows``)."""
 
     def resumed(out):
         first = runs['mixed']
         shutil.copytree(first.output_dir, out)
-        return mixed(out, train_iters=4, mcore_model=os.path.join(out, 'checkpoint-2'), finetune='false',
-                     no_load_optim='true')
-
-    def fixed_rows(out, nproc=1, **flags):  # the 4 fixed rows in one step at lr 0: the loss of exactly those rows
-        return run_megatron(megatron_args(ws, out, dataset=ws.fixed, lmbda=0, train_iters=1, micro_batch_size=4,
-                                          global_batch_size=4, lr=0, **flags), nproc=nproc)
+        return run_megatron(megatron_args(ws, out, **MIXED, train_iters=4, finetune='false', no_load_optim='true',
+                                          mcore_model=os.path.join(out, 'checkpoint-2')))
 
     return {
-        'mixed': mixed,
         'resumed': resumed,
-        'off_policy': fixed_rows,
-        'tp2': lambda out: fixed_rows(out, nproc=2, tensor_model_parallel_size=2),
+        'off_on': lambda out: run_megatron(megatron_args(ws, out, **OFF_ON)),
         'topk_tail_eval': lambda out: run_megatron(megatron_args(
             ws, out, lmbda=0, gkd_logits_topk=8, gkd_topk_tail='true', split_dataset_ratio=0.25, eval_steps=1,
             eval_iters=1)),
-        'tp2_sampling': lambda out: run_megatron(megatron_args(
-            ws, out, seed=OFF_ON_SEED, lmbda=0.5, train_iters=3, tensor_model_parallel_size=2), nproc=2),
+        'tp2_sampling': lambda out: run_megatron(megatron_args(ws, out, **OFF_ON, tensor_model_parallel_size=2),
+                                                 nproc=2),
         'pp2': lambda out: run_megatron(megatron_args(
             ws, out, seed=MIXED_SEED, lmbda=0.5, seq_kd='true', pipeline_model_parallel_size=2), nproc=2),
-        'dp2': lambda out: run_megatron(megatron_args(
-            ws, out, seed=MIXED_SEED, lmbda=0.5, seq_kd='true', micro_batch_size=1), nproc=2),
         # self-distillation: the student's base with its (fresh) adapter disabled is the teacher
         'lora_privileged': lambda out: run_megatron(megatron_args(
             ws, out, teacher_model=ws.student, tuner_type='lora', dataset=_privileged(ws), seed=MIXED_SEED, lmbda=0.5,
@@ -85,9 +75,8 @@ def _privileged(ws) -> str:
 
 @pytest.fixture(scope='module')
 def runs(tiny_ws, shared_runs):
-    starts = {}
-    shared = shared_runs('megatron_rlhf', starts)
-    starts.update(_starts(tiny_ws, shared))
+    shared = shared_megatron_runs(tiny_ws, shared_runs)
+    shared.starts.update(_starts(tiny_ws, shared))
     return shared
 
 
@@ -130,19 +119,24 @@ def test_resume_continues_the_iteration_and_the_mode_sequence(runs):
 
 
 def test_off_policy_loss_equals_swift_rlhf_on_the_same_rows(runs, tiny_ws, tmp_path):
-    """One step on the same 4 rows: ``megatron rlhf``'s per-token loss equals ``swift rlhf``'s."""
-    run = runs['off_policy']
-    assert_trained(run, ['off_policy'], 42, 0.0, False)
+    """One step on the same 4 rows: ``megatron rlhf``'s per-token loss equals ``swift rlhf``'s (step 1 of
+    ``fixed_rows``: logged before its update)."""
+    run = runs['fixed_rows']
+    assert_trained(run, ['off_policy'] * 3, 42, 0.0, False)
     swift = run_swift(base_args(tiny_ws, str(tmp_path / 'swift'), dataset=tiny_ws.fixed, lmbda=0, max_steps=1,
                                 per_device_train_batch_size=4, learning_rate=0, seed=42))
     assert train_rows(run)[0]['loss'] == pytest.approx(swift.losses[0], rel=1e-4)
 
 
 def test_tensor_parallel_loss_and_gradient_equal_one_rank(runs):
-    """TP = 2 (the vocabulary-parallel divergence on logit shards): the same loss and gradient norm as TP = 1."""
-    one, two = train_rows(runs['off_policy'])[0], train_rows(runs['tp2'])[0]
-    assert two['loss'] == pytest.approx(one['loss'], rel=1e-5)
-    assert two['grad_norm'] == pytest.approx(one['grad_norm'], rel=1e-4)
+    """TP = 2 (the vocabulary-parallel divergence on logit shards): the same loss and gradient norm as TP = 1 at
+    every step: an off-policy step on the dataset's rows, then two on-policy steps (the same samples on both)."""
+    assert_trained(runs['off_on'], ['off_policy', 'on_policy', 'on_policy'], OFF_ON_SEED, 0.5, False)
+    ones, twos = train_rows(runs['off_on']), train_rows(runs['tp2_sampling'])
+    assert len(ones) == len(twos) == 3, (ones, twos)
+    for step, (one, two) in enumerate(zip(ones, twos), 1):
+        assert two['loss'] == pytest.approx(one['loss'], rel=1e-5), (step, one, two)
+        assert two['grad_norm'] == pytest.approx(one['grad_norm'], rel=1e-4), (step, one, two)
 
 
 def test_tensor_parallel_sampling(runs):
@@ -157,7 +151,8 @@ def test_pipeline_parallel_sampling_modes(runs):
 
 
 def test_data_parallel_sampling_modes(runs):
-    """DP = 2: every rank takes the same mode at every step."""
+    """DP = 2: every rank takes the same mode at every step (the shared ``dp2`` run: its rollouts are cut, which
+    test_metrics_documented.py checks)."""
     assert_trained(runs['dp2'], ['on_policy', 'seq_kd'], MIXED_SEED, 0.5, True, ranks=(0, 1))
 
 

@@ -1,10 +1,10 @@
 """TEST-ONLY: on ``PYTHONPATH``, this process cannot import ``vllm`` (as on a machine where it is not installed; this
-one has its CPU build), and every rank process torchrun starts (it has ``LOCAL_RANK``) exits at once, as with
-``stop_site``. Only the package is hidden: the plugin, ms-swift and the launcher run as they are."""
+one has its CPU build), and every rank process exits at once, as with ``stop_site``. Only the package is hidden:
+the plugin, ms-swift and the launcher run as they are."""
 import os
 import sys
 
-if 'LOCAL_RANK' in os.environ:
+if 'LOCAL_RANK' in os.environ or os.path.basename(os.path.dirname(sys.argv[0] if sys.argv else '')) == '_megatron':
     os._exit(0)
 
 
