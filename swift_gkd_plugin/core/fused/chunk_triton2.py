@@ -35,6 +35,15 @@ _TILE = (128, 256)
 #: forced split of ``g @ W`` (tests); None: :func:`split_k`'s rule
 SPLIT_K: Optional[int] = None
 _FLOAT32_OUT: Dict[str, bool] = {}
+_SIDE_STREAMS: Dict[str, 'torch.cuda.Stream'] = {}
+
+
+def side_stream(device: torch.device) -> 'torch.cuda.Stream':
+    """This process's side stream on ``device`` (one, reused by every call)."""
+    key = str(device)
+    if key not in _SIDE_STREAMS:
+        _SIDE_STREAMS[key] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[key]
 
 
 def split_k(rows: int, hidden: int, vocab: int, sm_count: Optional[int]) -> int:
@@ -87,7 +96,7 @@ class Triton2Chunks(TritonChunks):
         self.hidden, self.n = hidden, hidden.shape[0]
         dev = weight.device
         cuda = dev.type == 'cuda'
-        self.side = torch.cuda.Stream(dev) if cuda and os.environ.get(OVERLAP_ENV, '1') != '0' else None
+        self.side = side_stream(dev) if cuda and os.environ.get(OVERLAP_ENV, '1') != '0' else None
         if self.side is not None and not plan.chunk_size:  # two chunks alive: half the rows, the same memory
             vt = plan.teacher_weight.shape[0] if plan.full else 0
             self.rows = min(self.n, max(128, kernel_chunk_size(plan.vocab, vt, weight.element_size()) // 2))
