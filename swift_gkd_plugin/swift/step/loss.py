@@ -119,8 +119,8 @@ class LossMixin:
         teacher_mask = teacher_labels != IGNORE_INDEX
         if 'gkd_tokens' in inputs and not sequence_parallel:  # counted with the generation batch (_count_step_tokens)
             n_student, n_teacher = inputs['gkd_tokens']
-        else:  # a batch that did not come from there, or this rank's slice of it: read here (two host syncs)
-            n_student, n_teacher = int(student_mask.sum()), int(teacher_mask.sum())
+        else:  # a batch that did not come from there, or this rank's slice of it: read here (one host sync)
+            n_student, n_teacher = torch.stack([student_mask.sum(), teacher_mask.sum()]).tolist()
             if self._xtok is None:
                 check_same_response_count(n_student, n_teacher)
         step_tokens = inputs.get('gkd_step_tokens', float(n_student))
