@@ -512,7 +512,18 @@ class GKDPluginRLHFArguments(GKDPluginArgumentsMixin, RLHFArguments):
         """ms-swift creates the run's folder here (``--output_dir``, and its ``v<N>-<time>`` child under
         ``--add_version``); what it created is remembered, for a refusal of :meth:`_check_gkd` to remove."""
         created = CreatedDirs(self.output_dir)
-        super()._add_version()
+        try:
+            super()._add_version()
+        except FileExistsError:
+            if os.path.lexists(self.output_dir):
+                raise
+            # another rank's refusal removed the empty folder between ms-swift's mkdir and its isdir check: this rank
+            # makes it again (its version suffix is already in output_dir) and goes on to the same refusal
+            add_version, self.add_version = self.add_version, False
+            try:
+                super()._add_version()
+            finally:
+                self.add_version = add_version
         self._gkd_created_dirs = created.after(self.output_dir)
 
     def _check_teacher(self):
