@@ -105,7 +105,7 @@ def _rank(rank, world, method, n, args, out_dir):
         from swift_gkd_plugin.core.fused.loss import fused_linear_jsd
         from swift_gkd_plugin.core.teacher_signal import TeacherHead
         from swift_gkd_plugin.swift.sequence_parallel import local_slice
-        from swift_gkd_plugin.swift.step.loss import response_positions, shift_labels
+        from swift_gkd_plugin.core.views import response_positions, shift_labels
         if world > 1:  # ms-swift's Ulysses state as SequenceParallel.prepare sets it (no model to patch here)
             sequence_parallel.world_size, sequence_parallel.num_heads = world, world
             sequence_parallel._init_device_mesh()

@@ -430,9 +430,6 @@ def check_rl_flags(args) -> None:
         raise FlagError(f'--num_generations {g} samples several completions per prompt, but --lmbda 0 without '
                          '--seq_kd samples nothing (every step uses the dataset responses): set --lmbda > 0 or '
                          '--seq_kd true, or --num_generations 1')
-    if (args.sequence_parallel_size or 1) > 1:
-        raise FlagError(f'--num_generations > 1 and --reward_funcs are not supported with --sequence_parallel_size '
-                         f'{args.sequence_parallel_size} (allowed: 1)')
     if funcs and (args.padding_free or args.packing):
         raise FlagError('--reward_funcs is not supported with --padding_free / --packing yet (the advantages are '
                          'per row): pass --padding_free false --packing false')

@@ -1,7 +1,7 @@
 """``--sequence_parallel_size 2`` (ms-swift's Ulysses) on two gloo ranks trains as one rank without it (issue 55).
 
-The two ranks of the group pool their rows (1 each per micro-batch) and each trains on half of every sequence; the
-one-rank run reads the same rows (2 per micro-batch). Step 1's loss is computed at the initial weights (what a run
+Both runs take the same flags, ``--per_device_train_batch_size`` included: the two ranks of the group read the same
+rows as the one rank (ms-swift's batch semantics, as in ``swift sft``) and each trains on half of every sequence. Step 1's loss is computed at the initial weights (what a run
 at learning rate 0 logs); the later steps' losses and the saved weights follow the updates.
 """
 import glob
@@ -10,10 +10,18 @@ import os
 
 import pytest
 import torch
-from conftest import base_args, run_swift
+from conftest import RL_REWARD_PLUGIN, base_args, run_swift
 from test_activation_and_bad_input import assert_refused_in_one_line
+from test_host_syncs import _theirs
 
 SP = dict(sequence_parallel_size=2, ddp_backend='gloo', use_cpu='true')
+PROBE = __file__.replace('test_sequence_parallel.py', 'step_probe_plugin.py')
+SYNCS = __file__.replace('test_sequence_parallel.py', 'host_sync_plugin.py')
+
+
+def _not_ours(where) -> bool:
+    """A host sync outside the plugin (:data:`test_host_syncs.NOT_OURS`), or in ms-swift's Ulysses split."""
+    return _theirs(where) or 'swift/sequence_parallel/' in where
 
 
 def _odd_rows(path) -> str:
@@ -40,22 +48,54 @@ def _weights(run):
     return load_file(files[0])
 
 
-def _one_rank_and_group(tiny_ws, tmp_path, one_env=None, timeout=600, **flags):
+def _one_rank_and_group(tiny_ws, tmp_path, one_env=None, timeout=600, probes=False, **flags):
+    """The same flags, ``--per_device_train_batch_size`` included, on one rank and on a group of two ranks. With
+    ``probes`` both runs also count their work (``tests/step_probe_plugin.py``: ``run.probe``, ``{(rank, step):
+    record}``) and host syncs (``tests/host_sync_plugin.py``: ``run.syncs``, one record per micro-batch)."""
     flags = {'dataset': _odd_rows(tmp_path / 'odd.jsonl'), 'max_steps': 3, 'gradient_accumulation_steps': 2,
-             'learning_rate': 1e-3, 'save_strategy': 'steps', 'save_steps': 3, 'seed': 3, **flags}
-    one = run_swift(base_args(tiny_ws, str(tmp_path / 'one'), per_device_train_batch_size=2, **flags), env=one_env,
-                    timeout=timeout)
-    group = run_swift(base_args(tiny_ws, str(tmp_path / 'sp2'), per_device_train_batch_size=1, **SP, **flags),
-                      nproc=2, timeout=timeout)
-    assert len(one.logs) == len(group.logs) == 3, (one.logs, group.logs)
+             'per_device_train_batch_size': 2, 'learning_rate': 1e-3, 'save_strategy': 'steps', 'save_steps': 3,
+             'seed': 3, **flags}
+    envs = {'one': dict(one_env or {}), 'sp2': {}}
+    if probes:
+        flags['external_plugins'] = [PROBE, SYNCS]
+        for name, env in envs.items():
+            env.update(GKD_TEST_PROBE_LOG=str(tmp_path / f'{name}_probe.jsonl'),
+                       GKD_TEST_SYNC_LOG=str(tmp_path / f'{name}_syncs.jsonl'))
+    one = run_swift(base_args(tiny_ws, str(tmp_path / 'one'), **flags), env=envs['one'], timeout=timeout)
+    group = run_swift(base_args(tiny_ws, str(tmp_path / 'sp2'), **SP, **flags), nproc=2, env=envs['sp2'],
+                      timeout=timeout)
+    assert len(one.logs) == len(group.logs) == flags['max_steps'], (one.logs, group.logs)
     for a, b in zip(one.logs, group.logs):
         assert _rel(a['loss'], b['loss']) < 1e-5, (one.losses, group.losses)
+    if probes:
+        for name, run in (('one', one), ('sp2', group)):
+            run.probe = {(r['rank'], r['step']): r for r in map(json.loads, open(tmp_path / f'{name}_probe.jsonl'))}
+            run.syncs = [json.loads(line) for line in open(tmp_path / f'{name}_syncs.jsonl')]
+        _assert_each_rank_holds_half(one, group, flags['max_steps'])
+        assert len(group.syncs) == 2 * flags['max_steps'] * flags['gradient_accumulation_steps']
+        for record in group.syncs:  # the loss and its backward read nothing from the device
+            assert [where for _, where in record['loss'] + record['backward'] if not _not_ours(where)] == [], record
     return one, group
+
+
+def _assert_each_rank_holds_half(one, group, steps):
+    """At every step, the token positions the student's decoder layers ran on (its forward in the loss) and the
+    teacher's are, on each rank of the group, half the one rank's (up to the padding of odd rows to an even length):
+    before issue 63 the group pooled its rows and each rank held as many tokens as one rank without the group."""
+    assert len(one.probe) == steps and len(group.probe) == 2 * steps, (one.probe.keys(), group.probe.keys())
+    for step in range(1, steps + 1):
+        for phase in ('loss', 'teacher'):
+            tokens = one.probe[(0, step)]['phases'][phase]['layer_tokens']
+            for rank in (0, 1):
+                half = group.probe[(rank, step)]['phases'][phase]['layer_tokens']
+                assert tokens / 2 <= half <= tokens / 2 * 1.1, (step, phase, rank, tokens, half)
 
 
 @pytest.mark.parametrize('impl', ['dense', 'fused'])
 def test_sequence_parallel_equals_one_rank_off_policy(tiny_ws, tmp_path, impl):
-    one, group = _one_rank_and_group(tiny_ws, tmp_path, lmbda=0, gkd_loss_impl=impl)
+    """Dataset rows, two a micro-batch (of different lengths, padded before the split): each rank holds half of
+    every row in every forward, and no host sync is added to the loss."""
+    one, group = _one_rank_and_group(tiny_ws, tmp_path, lmbda=0, gkd_loss_impl=impl, probes=True)
     assert f'GKD loss implementation: {impl}' in group.output
     start = one.logs[0]['loss']
     assert one.losses[-1] < start  # the weights moved
@@ -66,17 +106,43 @@ def test_sequence_parallel_equals_one_rank_off_policy(tiny_ws, tmp_path, impl):
 
 
 def test_sequence_parallel_on_policy_and_seq_kd_share_the_samples(tiny_ws, tmp_path):
-    """Greedy sampling (``--top_k 1``): the group's ranks sample their own rows on whole sequences and both train on
-    all of them, so every step's loss is the one-rank run's (on-policy, seq_kd and dataset steps alike)."""
-    one, _ = _one_rank_and_group(tiny_ws, tmp_path, lmbda=0.5, seq_kd='true', top_k=1, max_completion_length=6)
+    """Greedy sampling (``--top_k 1``), one row a step (``--per_device_train_batch_size 1``, no accumulation): the
+    group samples each row once (its first rank; the second's share is empty) on whole sequences, and both ranks train
+    on it, each on its half, so every step's loss is the one-rank run's (on-policy and seq_kd steps); each rank holds
+    half of the row in the student's and the teacher's forward."""
+    one, _ = _one_rank_and_group(tiny_ws, tmp_path, lmbda=0.5, seq_kd='true', top_k=1, max_completion_length=6,
+                                 per_device_train_batch_size=1, gradient_accumulation_steps=1, max_steps=4,
+                                 save_steps=4, probes=True)
     modes = [next(m for m in ('on_policy', 'seq_kd', 'off_policy') if row[f'gkd/mode_{m}'] == 1) for row in one.logs]
     assert {'on_policy', 'seq_kd'} <= set(modes), modes
+
+
+def test_sequence_parallel_rewards_score_each_completion_once(tiny_ws, solution_dataset, tmp_path):
+    """``--reward_funcs`` under sequence parallelism: a group of 2 reads one prompt a step, sampled twice
+    (``--num_generations 2``); each rank samples and scores its share (one completion), and the group's two ranks train
+    on both with the same advantages: the reward function sees each completion once (2 a step, not 4), and the
+    completions log holds each once."""
+    log = tmp_path / 'rewards.jsonl'
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'sp2'), **SP, dataset=solution_dataset, num_generations=2,
+                              per_device_train_batch_size=2, max_steps=2, log_completions='true', temperature=1.5,
+                              lmbda=1, reward_funcs='tiny_letter_match', gkd_rl_coef=1,
+                              external_plugins=RL_REWARD_PLUGIN),
+                    nproc=2, env={'GKD_TEST_REWARD_LOG': str(log)})
+    calls = [json.loads(line) for line in open(log)]
+    assert sorted(c['rank'] for c in calls) == [0, 0, 1, 1] and all(len(c['completions']) == 1 for c in calls), calls
+    assert len(run.logs) == 2 and all(row['gkd/mode_on_policy'] == 1 for row in run.logs), run.logs
+    table = glob.glob(os.path.join(run.output_dir, '**', 'completions.jsonl'), recursive=True)
+    if table:  # ms-swift writes it where a reward was logged
+        steps = [step for line in open(table[0]) for step in json.loads(line)['step']]
+        assert sorted(steps) == ['1', '1', '2', '2'], steps  # 2 steps x 2 completions, each once
 
 
 REFUSED = [
     (dict(padding_free='true'), '--padding_free / --packing'),
     (dict(gkd_ref_kl_coef=0.1), '--gkd_ref_kl_coef 0.1'),
     (dict(lmbda=1, gkd_sampled_kl_coef=1), '--gkd_sampled_kl_coef 1'),
+    (dict(generation_batch_size=4), '--generation_batch_size 4'),
+    (dict(streaming='true', max_steps=2), '--streaming true'),
 ]
 
 

@@ -6,7 +6,20 @@ from __future__ import annotations
 
 from typing import List
 
+import torch
+
 from swift_gkd_plugin.core.constants import IGNORE_INDEX
+
+
+def response_positions(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """The flat indices of ``mask``'s ``count`` true entries, in order, without reading the mask on the host
+    (``nonzero_static``; a boolean selection ``x[mask]`` waits for the device to size its result)."""
+    return torch.nonzero_static(mask.reshape(-1), size=count).squeeze(1)
+
+
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Labels aligned with the logits that predict them (position i predicts token i + 1); -100 = no loss."""
+    return torch.nn.functional.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
 
 
 def turn_ids(response_token_ids) -> list:

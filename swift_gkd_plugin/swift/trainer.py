@@ -33,6 +33,7 @@ from swift_gkd_plugin.core.weights.offload import TeacherOffloader, is_partition
 from swift_gkd_plugin.core.views import check_privileged_columns
 from swift_gkd_plugin.flags import FlagError, sampling_temperature
 from swift_gkd_plugin.swift.rollout.batches import BatchesMixin
+from swift_gkd_plugin.swift.sequence_parallel import drop_right_padding_masks
 from swift_gkd_plugin.swift.run.clean_exit import (before_groups_go, destroy_process_groups_at_exit, note_run_failed,
                                                note_training_finished)
 from swift_gkd_plugin.swift.setup.command_line import PROG, refuse
@@ -62,6 +63,9 @@ class GKDPluginTrainer(LossMixin, RolloutMixin, SamplersMixin, ScoringMixin, Bat
         ref_model = kwargs.pop('ref_model', None)  # --gkd_ref_kl_coef's copy (ms-swift's GKDTrainer takes none)
         self._sampling_turn = 0  # a multi-turn rollout's later turn, while it samples (vLLM's request seeds)
         super().__init__(*args, **kwargs)
+        if self.template.sequence_parallel_size > 1:  # a group reads one set of rows (RolloutMixin.get_train_dataloader)
+            self.args.generation_batch_size //= self.template.sequence_parallel_size
+            drop_right_padding_masks()
         self._setup_reference(ref_model)
         destroy_process_groups_at_exit()  # ms-swift never does; a rank exiting with live gloo groups may abort
         if self.args.use_vllm and self.args.vllm_mode == 'colocate':

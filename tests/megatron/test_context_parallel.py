@@ -23,6 +23,8 @@ import torch.multiprocessing as mp
 from megatron_runs import MIXED, fixed_rows, megatron_args, run_megatron, shared_megatron_runs, train_rows
 from test_shard_loss import jsd64
 
+CP_TOKENS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'cp_tokens_plugin.py')
+
 VOCAB, PADDED, SEQ, K, T = 37, 40, 16, 6, 0.8
 
 
@@ -209,10 +211,20 @@ def baselines(tiny_ws, shared_runs):
 @CPU_ONLY
 def test_megatron_rlhf_context_parallel_2_trains_as_1(tiny_ws, tmp_path, baselines):
     """The whole ``megatron rlhf`` at CP = 2 (2 ranks; the harness's attention on gathered Q/K/V stands in for TE's
-    ring attention) logs the loss and gradient norm of CP = 1 on the same 4 rows, at each of 3 steps."""
-    two = run_megatron(megatron_args(tiny_ws, str(tmp_path / 'cp2'), context_parallel_size=2, **fixed_rows(tiny_ws)),
-                       nproc=2)
+    ring attention) logs the loss and gradient norm of CP = 1 on the same 4 rows, at each of 3 steps. Each rank holds
+    half of every micro-batch: the trainer's batches are split in two (``tests/megatron/cp_tokens_plugin.py``), and
+    every decoder-layer forward reads half of a batch's positions, never a whole one."""
+    log = tmp_path / 'cp_tokens.jsonl'
+    two = run_megatron(megatron_args(tiny_ws, str(tmp_path / 'cp2'), context_parallel_size=2,
+                                     external_plugins=CP_TOKENS, **fixed_rows(tiny_ws)),
+                       nproc=2, env={'GKD_TEST_CP_LOG': str(log)})
     _same_run(baselines['fixed_rows'], two)
+    records = [json.loads(line) for line in open(log)]
+    for rank in (0, 1):
+        batches = [r for r in records if r['rank'] == rank and 'batch' in r]
+        layers = {r['layer'] for r in records if r['rank'] == rank and 'layer' in r}
+        assert batches and all(2 * r['local'] == r['batch'] for r in batches), batches
+        assert layers and layers <= {r['local'] for r in batches}, (layers, batches)
 
 
 @CPU_ONLY

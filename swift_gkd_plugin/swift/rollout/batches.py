@@ -10,11 +10,10 @@ from swift.rlhf_trainers.utils import encode_sample
 from swift.utils import get_logger, to_device
 
 from swift_gkd_plugin.core import Mode
-from swift_gkd_plugin.core.constants import IGNORE_INDEX
-from swift_gkd_plugin.core.views import (check_same_response_count, check_views_aligned, generated_turns,
-                                        prepare_teacher_view, without_history_loss)
+from swift_gkd_plugin.core.views import (check_views_aligned, generated_turns, prepare_teacher_view,
+                                        without_history_loss)
 from swift_gkd_plugin.swift.rollout.correction import sampler_logprobs_of_batch
-from swift_gkd_plugin.swift.sequence_parallel import group_size, pooled_samples
+from swift_gkd_plugin.swift.sequence_parallel import group_size, response_token_counts, token_counts_entries
 
 logger = get_logger()
 
@@ -26,13 +25,12 @@ class BatchesMixin:
         """ms-swift's micro-batches, each with its number of rows and, on an on-policy step with rewards, their
         advantages."""
         self._xtok_rows = []  # filled by _encode_samples, one entry per micro-batch
+        self._own_views = []  # filled by _encode_samples, one entry per micro-batch
         batches = super()._prepare_batch_inputs(samples)
-        if self.template.sequence_parallel_size == 1:
-            sizes = [len(chunk) for chunk in self.split_by_mini_batches(samples)]  # the same split as ms-swift's
-        else:  # ms-swift splits the samples of the whole sequence-parallel group (no rewards here)
-            sizes = [batch['model_inputs']['labels'].shape[0] for batch in batches]
-        for batch, rows in zip(batches, sizes):
+        sizes = [len(chunk) for chunk in self.split_by_mini_batches(samples)]  # the same split as ms-swift's
+        for batch, rows, own_view in zip(batches, sizes, self._own_views):
             batch['gkd_rows'] = rows
+            batch['gkd_own_view'] = own_view
         if self._xtok is not None:
             for batch, rows in zip(batches, self._xtok_rows):
                 batch['gkd_xtok_rows'] = rows
@@ -48,12 +46,11 @@ class BatchesMixin:
         return batches
 
     def split_by_mini_batches(self, samples):
-        """The generation batch's micro-batches. Under sequence parallelism the ranks of a group pool their samples
-        and split them into as many micro-batches as one rank would (ms-swift makes N times as many, for GRPO)."""
-        if self.template.sequence_parallel_size == 1:
-            return super().split_by_mini_batches(samples)
+        """The generation batch's micro-batches, ``--steps_per_generation`` of them. Under sequence parallelism the
+        ranks of a group hold the same samples and split them alike (ms-swift pools the group's samples into N times
+        as many micro-batches, for GRPO): each rank then trains on its slice of every row."""
         steps = self.args.steps_per_generation if self.model.training else 1
-        return to_device(self._split_data_by_steps(pooled_samples(samples), steps), self.accelerator.device)
+        return self._split_data_by_steps(samples, steps)
 
     def _encode_samples(self, samples):
         """Encode both views; a teacher view that does not score the student's response tokens names its row."""
@@ -70,6 +67,7 @@ class BatchesMixin:
             return self._encode_cross_tokenizer(samples)
         with self._template_context(template):
             student_list, teacher_list, has_teacher_view = encode_views(samples, template)
+        self._own_views.append(has_teacher_view)
         for sample, student, teacher in zip(samples, student_list, teacher_list):
             if not has_teacher_view:
                 break
@@ -94,6 +92,7 @@ class BatchesMixin:
         with self._template_context(self.template):
             encoded = to_device(self.template.data_collator(student_list), self.accelerator.device)
         self._xtok_rows.append(rows)
+        self._own_views.append(True)
         return encoded, teacher_encoded
 
     def _attach_sampler_logprobs(self, batches, chunks) -> None:
@@ -117,21 +116,21 @@ class BatchesMixin:
 
         Micro-batches ``[i * GA, (i + 1) * GA)`` of one generation batch form optimizer step ``i``; their counts
         are summed over all micro-batches and all ranks with one all-reduce per generation batch. Each micro-batch
-        also gets its own response-token counts (``gkd_tokens``: student view, teacher view), read on the host here
-        once for the whole generation batch: they size the loss's tensors without a host sync per micro-batch.
+        also gets its own response-token counts (:func:`token_counts_entries`: this rank's slice of them under
+        sequence parallelism), read on the host here once for the whole generation batch: they size the loss's
+        tensors without a host sync per micro-batch.
         """
         training = self.model.training
         group = self.args.gradient_accumulation_steps if training else 1
         steps = (len(batches) + group - 1) // group
-        tokens = [torch.stack([count_loss_tokens(b['model_inputs']['labels']),
-                               count_loss_tokens(b['teacher_model_inputs']['labels'])]) for b in batches]
+        tokens = [response_token_counts(b['model_inputs']['labels'], b['teacher_model_inputs']['labels'])
+                  for b in batches]
         tokens = torch.stack(tokens).tolist() if batches else []  # the one read
         counts = [0.0] * steps  # per optimizer step: response tokens (gkd/completion_length: rollout/sampling.py)
-        for i, (batch, (n_student, n_teacher)) in enumerate(zip(batches, tokens)):
-            if self._xtok is None:
-                check_same_response_count(n_student, n_teacher)
-            batch['gkd_tokens'] = (n_student, n_teacher)
-            counts[i // group] += n_student
+        for i, (batch, batch_tokens) in enumerate(zip(batches, tokens)):
+            batch.update(token_counts_entries(batch_tokens, batch.get('gkd_own_view', True),
+                                              check_views=self._xtok is None))
+            counts[i // group] += batch['gkd_whole_tokens']
         if training and self.accelerator.num_processes > 1:
             counts = torch.tensor(counts, dtype=torch.float64, device=self.accelerator.device)
             counts = self.accelerator.reduce(counts, reduction='sum').tolist()
@@ -164,7 +163,3 @@ def encode_views(samples, template):
         teachers.append(teacher)
     return students, teachers, has_view
 
-
-def count_loss_tokens(labels: torch.Tensor) -> torch.Tensor:
-    """The number of response tokens (positions with a label to predict), on the labels' device (not read)."""
-    return (labels[..., 1:] != IGNORE_INDEX).sum()

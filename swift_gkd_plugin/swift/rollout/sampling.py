@@ -37,7 +37,8 @@ from swift_gkd_plugin.swift.rollout.group_resample import resample_failed_groups
 from swift_gkd_plugin.swift.step.hidden_states import head_rows
 from swift_gkd_plugin.swift.rollout.scheduler_guard import TRUNCATED, SchedulerGuard
 from swift_gkd_plugin.swift.rollout.speculative import cached_forward, server_teacher, skd_decoding
-from swift_gkd_plugin.swift.sequence_parallel import whole_sequences
+from swift_gkd_plugin.swift.sequence_parallel import (gather_shares, group_size, shard_over_data_parallel, share,
+                                                     whole_sequences)
 from swift_gkd_plugin.swift.step.token_metrics import add_token_sum as _add_token_sum
 
 logger = get_logger()
@@ -94,13 +95,9 @@ class RolloutMixin:
         if self.template.truncation_strategy == 'raise':
             inputs = self.resample_encode_failed_inputs(inputs, strip_response=mode.needs_generation)
         samples = self.to_samples(inputs)
-        with self._sampling_rng(step), whole_sequences():
-            if mode is Mode.ON_POLICY and self.args.gkd_skd_top_k:
-                samples = self._generate_with_skd(samples, step)
-            elif mode is Mode.ON_POLICY:
-                samples = self._generate_completions(samples)  # ms-swift's loop drives a scheduler's turns
-            elif mode is Mode.SEQ_KD:
-                samples = self._generate_with_teacher(samples)
+        if mode.needs_generation:  # once per sequence-parallel group: each rank its share, on whole sequences
+            with self._sampling_rng(step), whole_sequences():
+                samples = gather_shares(self._sample(mode, share(samples), step))
         teacher_tokens = mode is Mode.SEQ_KD and self._xtok is not None
         if training and mode.needs_generation:  # gkd/completion_length*, gkd/clipped_ratio (in the sampler's tokens)
             self._completions.add(samples, end_of_turn_ids(self._xtok.template if teacher_tokens else self.template))
@@ -113,6 +110,22 @@ class RolloutMixin:
         if self.multi_turn_scheduler is not None and mode.needs_generation:
             self._log_trajectories(samples)
         return samples
+
+    def _sample(self, mode: Mode, samples, step: int):
+        """The responses of an on-policy (SKD's where ``--gkd_skd_top_k``) or seq_kd generation batch."""
+        if mode is Mode.ON_POLICY and self.args.gkd_skd_top_k:
+            return self._generate_with_skd(samples, step)
+        if mode is Mode.ON_POLICY:
+            return self._generate_completions(samples)  # ms-swift's loop drives a scheduler's turns
+        return self._generate_with_teacher(samples)
+
+    def _add_prompt_id_to_inputs(self, samples):
+        """ms-swift's, whose gather over the ranks (a collective) it skips for an empty list: a rank's share of a
+        generation batch (sequence parallelism) may be empty while the others' are not."""
+        if not samples:
+            gather_object([])
+            return samples
+        return super()._add_prompt_id_to_inputs(samples)
 
     def _record_mode(self, step: int, mode: Mode) -> None:
         for m in Mode:
@@ -272,6 +285,20 @@ class RolloutMixin:
                 engine = self._teacher_engine
             stack.enter_context((self._xtok.template if self._xtok else self.template).generate_context())
             yield engine
+
+    def get_train_dataloader(self):
+        """ms-swift's GKD dataloader. Under sequence parallelism the ranks of a group read the same rows, as in
+        ``swift sft``: accelerate's sharding of the batches runs over the data-parallel groups, not over every rank
+        (:func:`shard_over_data_parallel`), so one optimizer step covers ``per_device x (world / N) x GA`` rows and an
+        epoch's length, ``--max_steps``, a resume's position and the learning-rate schedule follow."""
+        dataloader = super().get_train_dataloader()
+        if group_size() > 1:
+            shard_over_data_parallel(dataloader)
+        return dataloader
+
+    def get_total_train_batch_size(self, args) -> int:
+        """The rows of one optimizer step (logged at the start): a sequence-parallel group reads one set of rows."""
+        return super().get_total_train_batch_size(args) // group_size()
 
     def _get_train_sampler(self, train_dataset=None):
         """With ``--num_generations G`` each prompt appears G times in a row in its generation batch (GRPO's

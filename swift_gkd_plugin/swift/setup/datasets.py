@@ -565,8 +565,9 @@ class RefuseEmptyEpochs(TrainerCallback):
         per_rank = (f'--per_device_train_batch_size {args.per_device_train_batch_size}' if g == 1 else
                     f'{args.generation_batch_size // g} prompt(s) of --generation_batch_size '
                     f'{args.generation_batch_size} / --num_generations {g}')
+        readers_count, what = readers(args)
         raise FlagError(f'--dataset: the training set has {rows} row(s) after preprocessing, fewer than one batch '
-                         f'({per_rank} on each of {args.world_size} process(es)); GKD drops incomplete batches '
+                         f'({per_rank} on each of {readers_count} {what}); GKD drops incomplete batches '
                          f'(dataloader_drop_last), so not one step could train (--max_steps {args.max_steps}). Add '
                          'rows, or lower the batch size.')
 
@@ -580,9 +581,19 @@ def warn_rows_left_out(args, state, train_dataloader) -> None:
     if not one_row_per_prompt or not hasattr(dataset, '__len__') or not state.is_world_process_zero:
         return
     rows, steps = len(dataset), len(train_dataloader)
-    per_epoch = steps * args.per_device_train_batch_size * args.world_size
+    groups, what = readers(args)
+    per_epoch = steps * args.per_device_train_batch_size * groups
     if rows > per_epoch and state.max_steps * args.gradient_accumulation_steps >= steps:
         logger.warning(f'swift_gkd_plugin: --dataset: {rows - per_epoch} of the {rows} training rows are left out of '
                        f'each epoch: GKD drops incomplete batches (dataloader_drop_last; --per_device_train_batch_size '
-                       f'{args.per_device_train_batch_size} on {args.world_size} process(es)), and the sampler leaves '
-                       'out other rows each epoch')
+                       f'{args.per_device_train_batch_size} on {groups} {what}), and the sampler leaves out '
+                       'other rows each epoch')
+
+
+def readers(args) -> Tuple[int, str]:
+    """How many read rows of their own, and what they are: ``(2, 'process(es)')``, or under sequence parallelism
+    ``(1, 'sequence-parallel group(s)')`` (the ranks of a group read the same rows)."""
+    from swift_gkd_plugin.swift.sequence_parallel import data_parallel_size, group_size
+    if group_size() == 1:
+        return args.world_size, 'process(es)'
+    return data_parallel_size(args.world_size), 'sequence-parallel group(s)'

@@ -2,9 +2,9 @@
 
 It runs dataset, on-policy and seq_kd steps with every teacher placement (local, offloaded or served, the LoRA
 student's base, a teacher adapter; full or top-k), under DDP or DeepSpeed, dense and fused loss, rows
-with a teacher view of their own, and transformers or vLLM sampling (each rank samples its own rows, a colocated
-engine on whole sequences, as ms-swift's GRPO does): the ranks of a group pool their rows and each trains on its slice
-of every sequence (see :mod:`swift_gkd_plugin.swift.sequence_parallel`).
+with a teacher view of their own, and transformers or vLLM sampling (each rank of a group samples its share of the
+rows on whole sequences, the group gathers them): the ranks of a group read the same rows and each trains on its
+slice of every sequence (see :mod:`swift_gkd_plugin.swift.sequence_parallel`).
 """
 from __future__ import annotations
 
@@ -35,6 +35,10 @@ def check_sequence_parallel(args) -> None:
         (args.padding_free or args.packing, '--padding_free / --packing', '--padding_free false --packing false'),
         (args.gkd_cross_tokenizer is not None, '--gkd_cross_tokenizer', 'a teacher with the student\'s tokenizer'),
         (args.gkd_ref_kl_coef > 0, f'--gkd_ref_kl_coef {args.gkd_ref_kl_coef:g}', '--gkd_ref_kl_coef 0'),
+        # ms-swift derives the micro-batches of a generation batch from it over every rank, not over the groups
+        (args.generation_batch_size is not None, f'--generation_batch_size {args.generation_batch_size}',
+         '--steps_per_generation, or neither'),
+        (bool(args.streaming), '--streaming true', '--streaming false'),
     ]
     for refused, what, allowed in unsupported:
         if refused:

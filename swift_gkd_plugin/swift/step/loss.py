@@ -34,12 +34,13 @@ from swift_gkd_plugin.core.teacher_signal import (CrossTokenizerRows, TeacherHea
                                                   TeacherTopK)
 from swift_gkd_plugin.core.topk import (drop_ids_outside_vocab, topk_divergence_dense, topk_of_logits,
                                         topk_teacher_entropy)
-from swift_gkd_plugin.core.views import check_same_response_count
+from swift_gkd_plugin.core.views import response_positions, shift_labels
 from swift_gkd_plugin.swift.step.hidden_states import (fused_fallback_reason, gathered_heads, head_bypassed, head_is_sharded,
                                                   head_rows, output_head, topk_from_hidden)
 from swift_gkd_plugin.swift.run.guards import RunError
-from swift_gkd_plugin.swift.sequence_parallel import (announce_batch, group_size, local_slice,
-                                                     teacher_positions_of_slice, whole_sequences)
+from swift_gkd_plugin.swift.sequence_parallel import (announce_batch, group_size, local_slice, response_token_counts,
+                                                     teacher_positions_of_slice, token_counts_entries,
+                                                     whole_sequences)
 from swift_gkd_plugin.swift.setup.teacher_server import teacher_names
 from swift_gkd_plugin.swift.step.token_metrics import add_token_sum as _add_token_sum
 
@@ -109,21 +110,20 @@ class LossMixin:
         teacher_labels = shift_labels(teacher_inputs['labels'])
         sequence_parallel = self.template.sequence_parallel_size > 1
         teacher_index = None  # the teacher's response positions, read from its mask below where None
-        own_view = sequence_parallel and not torch.equal(student_labels, teacher_labels)  # a privileged view
+        if 'gkd_tokens' not in inputs:  # a batch that did not come from _count_step_tokens: counted here (one sync)
+            counts = response_token_counts(model_inputs['labels'], teacher_inputs['labels']).tolist()
+            own_view = sequence_parallel and not torch.equal(student_labels, teacher_labels)
+            inputs = {**inputs, **token_counts_entries(counts, own_view, check_views=self._xtok is None)}
+        n_student, n_teacher = inputs['gkd_tokens']  # (this rank's slice of the rows under sequence parallelism)
         if sequence_parallel:  # the models' outputs are this rank's slice of each sequence: so are the labels
             announce_batch(model_inputs)
-            if own_view or self.use_teacher_api:  # the teacher read (a server scored) whole rows: its signal at
-                teacher_index = teacher_positions_of_slice(student_labels, teacher_labels)  # this slice's tokens
+            if inputs['gkd_own_view'] or self.use_teacher_api:  # the teacher read (a server scored) whole rows: its
+                teacher_index = teacher_positions_of_slice(  # signal at this slice's tokens
+                    student_labels, teacher_labels, n_student, inputs['gkd_whole_tokens'])
             student_labels = teacher_labels = local_slice(student_labels)
         student_mask = student_labels != IGNORE_INDEX
         teacher_mask = teacher_labels != IGNORE_INDEX
-        if 'gkd_tokens' in inputs and not sequence_parallel:  # counted with the generation batch (_count_step_tokens)
-            n_student, n_teacher = inputs['gkd_tokens']
-        else:  # a batch that did not come from there, or this rank's slice of it: read here (one host sync)
-            n_student, n_teacher = torch.stack([student_mask.sum(), teacher_mask.sum()]).tolist()
-            if self._xtok is None:
-                check_same_response_count(n_student, n_teacher)
-        step_tokens = inputs.get('gkd_step_tokens', float(n_student))
+        step_tokens = inputs.get('gkd_step_tokens', float(inputs['gkd_whole_tokens']))
         # DDP and DeepSpeed average gradients over ranks: scaling by the world size makes the gradient that of
         # (sum over every response token of the step) / (their count). Under sequence parallelism a rank holds a
         # slice of the tokens, its group all of them once: an evaluation loss is then the mean over the group.
@@ -148,7 +148,7 @@ class LossMixin:
             teacher_index = response_positions(teacher_mask, n_teacher)
         return _LossSetup(student_mask, teacher_mask, _rows(student_labels, student_index), mode, normalizer,
                           sft_alpha, token_advantages, student_index, teacher_index, sampler_logprobs, sampled_kl,
-                          token_teachers, own_view)
+                          token_teachers, sequence_parallel and inputs['gkd_own_view'])
 
     def _fused_loss(self, model, fwd, teacher_inputs, inputs, setup: '_LossSetup'):
         """The fused loss on the student's last hidden states; the heads are applied chunk by chunk.
@@ -511,18 +511,6 @@ class _LossSetup:
         """``x[teacher_mask]`` without a host sync."""
         return _rows(x, self.teacher_index)
 
-
-
-def shift_labels(labels: torch.Tensor) -> torch.Tensor:
-    """Labels aligned with the logits that predict them (position i predicts token i + 1); -100 = no loss."""
-    return F.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
-
-
-
-def response_positions(mask: torch.Tensor, count: int) -> torch.Tensor:
-    """The flat indices of ``mask``'s ``count`` true entries, in order, without reading the mask on the host
-    (``nonzero_static``; a boolean selection ``x[mask]`` waits for the device to size its result)."""
-    return torch.nonzero_static(mask.reshape(-1), size=count).squeeze(1)
 
 
 

@@ -111,13 +111,17 @@ def score_completions(samples, funcs: List[Callable], names: List[str], device, 
 
 
 def global_advantages(local_rewards: torch.Tensor, weights: torch.Tensor, group_size: int, scale_rewards: str,
-                      rank: int, num_processes: int):
+                      rank: int, num_processes: int, replicas: int = 1):
     """Advantages of this rank's completions from the rewards of every rank's (groups may span ranks).
 
-    Returns ``(this rank's advantages [N], every rank's advantages [N * world], rewards [N * world] and per-function
-    rewards [N * world, F])``, the global ones in rank order.
+    ``replicas``: consecutive ranks that hold the same completions (a sequence-parallel group), counted once.
+    Returns ``(this rank's advantages [N], every rank's advantages [N * world / replicas], rewards and per-function
+    rewards [N * world / replicas, F])``, the global ones in rank order.
     """
     per_func = gather(local_rewards) if num_processes > 1 else local_rewards
+    if replicas > 1:
+        per_func = per_func.view(num_processes // replicas, replicas, *local_rewards.shape)[:, 0].flatten(0, 1)
+        rank = rank // replicas
     rewards = (per_func * weights.unsqueeze(0)).nansum(dim=1)
     advantages = group_advantages(rewards, group_size, scale_rewards)
     n = local_rewards.shape[0]

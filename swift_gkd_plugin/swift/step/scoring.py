@@ -3,7 +3,10 @@ from __future__ import annotations
 
 from typing import Dict
 
+import torch
+
 from swift_gkd_plugin.core import Mode
+from swift_gkd_plugin.swift.sequence_parallel import gather_shares, group_rank, group_size, share
 from swift_gkd_plugin.swift.step.rewards import global_advantages, score_completions
 
 
@@ -18,17 +21,27 @@ class ScoringMixin:
             return samples
         columns = {}
         if self._gkd_mode is Mode.ON_POLICY and self._reward_funcs:
-            local = score_completions(samples, self._reward_funcs, self._reward_names, self.accelerator.device,
-                                      self.state)
+            local = self._score_once_per_group(samples)
             scale = self.args.scale_rewards or 'group'
             self._advantages, advantages, rewards, per_func = global_advantages(
                 local, self._reward_weights, self.args.num_generations, scale, self.accelerator.process_index,
-                self.accelerator.num_processes)
+                self.accelerator.num_processes, replicas=group_size())
             self._log_rewards(rewards, per_func, scale)
             columns = {name: per_func[:, i].tolist() for i, name in enumerate(self._reward_names)}
             columns['advantage'] = advantages.tolist()
         self._log_completions(samples, columns)
         return samples
+
+    def _score_once_per_group(self, samples) -> torch.Tensor:
+        """``[N, F]`` rewards of this rank's completions; the ranks of a sequence-parallel group (the same rows) each
+        score their share of them and gather the rest."""
+        device = self.accelerator.device
+        mine = share(samples)
+        scored = (score_completions(mine, self._reward_funcs, self._reward_names, device, self.state) if mine else
+                  torch.zeros(0, len(self._reward_names), device=device))
+        if group_size() == 1:
+            return scored
+        return torch.stack(gather_shares(list(scored.cpu()))).to(device)
 
     def _log_rewards(self, rewards, per_func, scale: str) -> None:
         from swift.rl_core.advantage import compute_reward_metrics
@@ -47,6 +60,8 @@ class ScoringMixin:
         if not self.log_completions:
             return
         before = len(self._logs['prompt'])
+        if group_rank():  # a sequence-parallel group's first rank logs the rows the group shares
+            samples = []
         self._log_student_completions(samples)  # gathers every rank's completions to the main process
         if not self.accelerator.is_main_process:
             return

@@ -15,7 +15,7 @@ from swift_gkd_plugin.core.topk import topk_of_logits
 from swift_gkd_plugin.core.weights.offload import is_partitioned
 from swift_gkd_plugin.flags import local_teacher_index
 from swift_gkd_plugin.server.client import TopKResult
-from swift_gkd_plugin.swift.sequence_parallel import group_size, pooled_samples, whole_sequences
+from swift_gkd_plugin.swift.sequence_parallel import gather_shares, group_rank, group_size, share, whole_sequences
 from swift_gkd_plugin.swift.setup.teacher_server import teacher_configs, teacher_names
 from swift_gkd_plugin.swift.step.hidden_states import head_bypassed, head_rows, output_head, topk_from_hidden
 from swift_gkd_plugin.swift.step.token_metrics import add_token_sum as _add_token_sum
@@ -156,12 +156,22 @@ class TeacherMixin:
             return []
         return infer_prompt_logprobs(teacher_client or self.teacher_clients[0], handle['all_requests'], topk)
 
+    def _gather_teacher_requests(self, requests):
+        """ms-swift's gather of one teacher's requests to the main process (its ``/infer/`` route). The ranks of a
+        sequence-parallel group hold the same rows: the group's first rank sends them, once, and every rank of the
+        group reads the answers to them (the handle's counts point each rank at its group's)."""
+        if group_size() == 1:
+            return super()._gather_teacher_requests(requests)
+        first = self.accelerator.process_index - group_rank()
+        handle = super()._gather_teacher_requests([] if group_rank() else requests)
+        handle['all_counts'] = handle['all_counts'][:first] + [0] * (len(handle['all_counts']) - first)
+        handle['n_local'] = len(requests)
+        return handle
+
     def _postprocess_batch(self, samples, batch_encoded_inputs) -> None:
         """One request per generation batch: the teacher's top-k at every response position of every row."""
         if not self.use_teacher_api:
             return
-        if group_size() > 1:  # the micro-batches hold the rows of the whole sequence-parallel group
-            samples = pooled_samples(samples)
         if not self._teacher_topk_route:  # (True: /v1/topk or /v1/completions on the trainer's token ids)
             # a server with only ms-swift's routes: ms-swift's requests, routing, gather to the main process and
             # assembly, with _infer_teacher_requests above answering them (and checking the server's tokenization)
@@ -186,7 +196,9 @@ class TeacherMixin:
         results = [None] * len(requests)
         targets = self.args.gkd_sampled_kl_coef > 0  # the sampled-token term: each scored token's log-prob too
         names = teacher_names(self.teacher_configs)  # several teachers: per-teacher metrics from each token's log-prob
+        mine = set(share(range(len(requests))))  # a sequence-parallel group asks once per row: each rank its share
         for t_idx, indices in routing.items():
+            indices = [i for i in indices if i in mine]
             if t_idx == self._local_teacher:
                 answers = self._score_locally(batch_encoded_inputs, [places[i] for i in indices])
             else:
@@ -194,6 +206,7 @@ class TeacherMixin:
                                    targets or bool(names)) if indices else []
             for i, answer in zip(indices, answers):
                 results[i] = answer
+        results = gather_shares(share(results))
         owner = {}  # several teachers: (micro-batch, row) -> its teacher, for the loss's per-teacher metrics
         if names:
             self._log_teacher_metrics(names, routing, results)

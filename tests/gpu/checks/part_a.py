@@ -169,8 +169,9 @@ def run_long32k(args, res: Results, ws, impls):
 
 
 def run_sequence_parallel(args, res: Results, ws):
-    """``--sequence_parallel_size 2`` on two devices (rows of 1 per rank, pooled: 2 per group) against one device
-    without it (rows of 2): the same rows each step, so the losses at lr 0 agree; memory is rank 0's."""
+    """``--sequence_parallel_size 2`` on two devices against one device without it, both at batch 1: the two ranks
+    read the same row, each holds half of it, so the losses at lr 0 agree and rank 0's memory is what the split
+    saves."""
     gpus = 0
     if args.device == 'cuda':
         import torch
@@ -186,7 +187,7 @@ def run_sequence_parallel(args, res: Results, ws):
     steps = 2 if args.tiny else 3
     flags = dict(lmbda=0, learning_rate=0, dataset=data, max_length=max_length, gradient_checkpointing='true',
                  gkd_loss_impl='fused')
-    one = _long_run(args, res, ws, 'sp', 'fused_sp1', dict(flags, per_device_train_batch_size=2), steps,
+    one = _long_run(args, res, ws, 'sp', 'fused_sp1', dict(flags, per_device_train_batch_size=1), steps,
                     env={'CUDA_VISIBLE_DEVICES': '0'} if gpus else None)
     group_flags = dict(flags, per_device_train_batch_size=1, sequence_parallel_size=2)
     if args.device == 'cpu':
@@ -202,5 +203,5 @@ def run_sequence_parallel(args, res: Results, ws):
             if ratio(group[key], one[key]) is not None:
                 group[f'{key}_vs_sp1'] = ratio(group[key], one[key])
     res.note(f'sp: {letters[0]}-letter prompts, {letters[1]}-letter answers, --max_length {max_length}, fused, '
-             f'gradient checkpointing, {steps} steps at lr 0; sp1: 1 device, batch 2; sp2: 2 ranks, '
-             '--sequence_parallel_size 2, batch 1 each (pooled: 2); memory figures are rank 0\'s')
+             f'gradient checkpointing, {steps} steps at lr 0; sp1: 1 device, batch 1; sp2: 2 ranks, '
+             '--sequence_parallel_size 2, batch 1 (the same row, half each); memory figures are rank 0\'s')
