@@ -327,3 +327,13 @@ def solution_dataset(tiny_ws):
             row['solution'] = row['messages'][-1]['content']
             dst.write(json.dumps(row) + '\n')
     return path
+
+
+def pytest_report_header(config):
+    """Under ``.ci/run``: the seconds from its start to the first test (the virtual environment and the install), so
+    that a run's output holds its whole time (this, plus pytest's closing line)."""
+    started = os.environ.get('CI_STARTED_AT')
+    if started and started.isdigit():
+        import time
+        return f'ci: {time.time() - int(started):.0f} s from .ci/run\'s start to the tests (venv and install)'
+    return None
