@@ -480,7 +480,6 @@ RL_FLAGS = dict(num_generations=1, reward_funcs=[], reward_weights=None, scale_r
     ({'scale_rewards': 'gdpo'}, "--scale_rewards must be one of ['group', 'batch', 'none']"),
     ({'reward_funcs': ['a'], 'lmbda': 0, 'seq_kd': True}, '--reward_funcs only act on on-policy steps'),
     ({'num_generations': 2, 'lmbda': 0}, '--num_generations 2 samples several completions per prompt'),
-    ({'num_generations': 2, 'sequence_parallel_size': 2}, 'not supported with --sequence_parallel_size 2'),
     ({'reward_funcs': ['a'], 'padding_free': True}, '--padding_free'),
     ({'rollout_importance_sampling_mode': 'tis'}, "--rollout_importance_sampling_mode must be one of ['token_truncate', "
      "'token_mask', 'sequence_truncate', 'sequence_mask'] (or unset) for GKD, got 'tis'"),
@@ -494,3 +493,10 @@ def test_rl_flag_checks(changes, message):
     check_rl_flags(SimpleNamespace(**RL_FLAGS))  # the defaults pass
     with pytest.raises(ValueError, match=re.escape(message)):
         check_rl_flags(SimpleNamespace(**dict(RL_FLAGS, **changes)))
+
+
+def test_rl_flags_pass_under_sequence_parallelism():
+    """Several completions per prompt and rewards run under ``--sequence_parallel_size`` (issue 63; refused before:
+    the group pooled its rows): tests/test_sequence_parallel.py trains them."""
+    check_rl_flags(SimpleNamespace(**dict(RL_FLAGS, num_generations=2, reward_funcs=['a'], gkd_rl_coef=1.0,
+                                          sequence_parallel_size=2)))

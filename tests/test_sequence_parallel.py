@@ -67,6 +67,7 @@ def _one_rank_and_group(tiny_ws, tmp_path, one_env=None, timeout=600, probes=Fal
     assert len(one.logs) == len(group.logs) == flags['max_steps'], (one.logs, group.logs)
     for a, b in zip(one.logs, group.logs):
         assert _rel(a['loss'], b['loss']) < 1e-5, (one.losses, group.losses)
+    group.flags = flags
     if probes:
         for name, run in (('one', one), ('sp2', group)):
             run.probe = {(r['rank'], r['step']): r for r in map(json.loads, open(tmp_path / f'{name}_probe.jsonl'))}
@@ -94,8 +95,14 @@ def _assert_each_rank_holds_half(one, group, steps):
 @pytest.mark.parametrize('impl', ['dense', 'fused'])
 def test_sequence_parallel_equals_one_rank_off_policy(tiny_ws, tmp_path, impl):
     """Dataset rows, two a micro-batch (of different lengths, padded before the split): each rank holds half of
-    every row in every forward, and no host sync is added to the loss."""
-    one, group = _one_rank_and_group(tiny_ws, tmp_path, lmbda=0, gkd_loss_impl=impl, probes=True)
+    every row in every forward, and no host sync is added to the loss. 5 steps over the 8 rows (4 a step: 2.5
+    epochs), the weights compared at step 3. With the dense loss the group also resumes from its step-1 checkpoint
+    (in the middle of the first epoch: the batches it skips are its group's) and logs the uninterrupted run's steps
+    2 to 5, across two epoch boundaries. (Not from step 3: a resume past a whole epoch replays the first epoch's
+    order, on one rank as on a group: TRL's ``RepeatSampler`` draws each epoch's order from a generator seeded once,
+    and the skipped epochs are not drawn.)"""
+    one, group = _one_rank_and_group(tiny_ws, tmp_path, lmbda=0, gkd_loss_impl=impl, probes=True, max_steps=5,
+                                     save_steps=1)
     assert f'GKD loss implementation: {impl}' in group.output
     start = one.logs[0]['loss']
     assert one.losses[-1] < start  # the weights moved
@@ -103,6 +110,16 @@ def test_sequence_parallel_equals_one_rank_off_policy(tiny_ws, tmp_path, impl):
     assert before.keys() == after.keys()
     for name, value in before.items():
         torch.testing.assert_close(after[name], value, rtol=1e-5, atol=1e-5, msg=name)
+    if impl != 'dense':
+        return
+    checkpoint = os.path.dirname(glob.glob(os.path.join(group.output_dir, '**', 'checkpoint-1', 'model.safetensors'),
+                                           recursive=True)[0])
+    flags = {k: v for k, v in group.flags.items() if k != 'external_plugins'}
+    resumed = run_swift(base_args(tiny_ws, str(tmp_path / 'resumed'), **SP, **flags,
+                                  resume_from_checkpoint=checkpoint), nproc=2)
+    assert len(resumed.logs) == 4, resumed.logs
+    for a, b in zip(group.logs[1:], resumed.logs):
+        assert _rel(a['loss'], b['loss']) < 1e-5, (group.losses, resumed.losses)
 
 
 def test_sequence_parallel_on_policy_and_seq_kd_share_the_samples(tiny_ws, tmp_path):

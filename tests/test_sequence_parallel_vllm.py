@@ -65,10 +65,12 @@ def sp_vllm_ws(tmp_path_factory) -> Workspace:
 @pytest.mark.skipif(importlib.util.find_spec('vllm') is None, reason='vLLM is not installed (tests/test_vllm.py)')
 def test_sequence_parallel_vllm_colocate_equals_one_rank(sp_vllm_ws, tmp_path):
     """On-policy steps sampled greedily (``--top_k 1``) by vLLM colocate, the student synced into it after each
-    update: each rank of the group drives its own engine on its own rows (as ms-swift's GRPO), the group pools them,
-    and every step's loss is that of one rank whose one engine samples all the rows."""
+    update, one row a step: the group's first rank samples it on its engine, the second's share is empty (its engine
+    is synced and asked nothing), both train on the row, and every step's loss is that of one rank whose engine
+    samples the row."""
     launcher = {'NPROC_PER_NODE': '1', 'MASTER_PORT': str(_free_port())}  # colocate mode runs under one
     one, group = _one_rank_and_group(sp_vllm_ws, tmp_path, one_env=launcher, timeout=900, **VLLM, lmbda=1, top_k=1,
-                                     max_completion_length=6)
+                                     max_completion_length=6, per_device_train_batch_size=1,
+                                     gradient_accumulation_steps=1)
     assert all(row['gkd/mode_on_policy'] == 1 for row in one.logs + group.logs), one.logs
     assert 'use_vllm=True' in group.output

@@ -89,8 +89,9 @@ def whole_sequences(on: bool = True):
 
 def drop_right_padding_masks() -> None:
     """Under sequence parallelism ms-swift's Ulysses builds, for SDPA, each forward's ``[B, 1, L, L]`` mask over the
-    whole row on every rank, because it pads a row to a multiple of N: memory that grows as ``L^2`` (256 MiB at 16k
-    tokens, boolean), which the split does not divide. The GKD trainer's rows are padded on the right
+    whole row on every rank wherever a row is padded (it pads every row to a multiple of N): memory that grows as
+    ``L^2`` and that the split does not divide (72 MiB less per rank at 16k tokens without it, measured in
+    ``benchmarks/bench_sp_pipeline.py``). The GKD trainer's rows are padded on the right
     (:func:`~swift_gkd_plugin.swift.setup.sequence_parallel.resolve_sequence_parallel`, and ms-swift's own padding
     to a multiple of N), where a causal mask needs no padding term: a token attends to earlier positions only, all
     real, and a pad's output has no label. So the padding mask is left out of a plain causal mask (not of a sliding
