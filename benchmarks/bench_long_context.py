@@ -81,9 +81,8 @@ def _trainer_normalizer(full_labels, accelerator):
     return max(batch['gkd_step_tokens'], 1.0) / accelerator.num_processes
 
 
-def _rank(rank, world, method, n, args, out_dir):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR='127.0.0.1', MASTER_PORT=str(args.port))
+def _rank(rank, world, method, n, args, out_dir, store):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
     result = dict(method=method, n=n, sp=world, rank=rank)
     try:
         import torch
@@ -97,7 +96,9 @@ def _rank(rank, world, method, n, args, out_dir):
             torch.set_num_threads(threads)
         device = torch.device(f'cuda:{rank}' if cuda else 'cpu')
         from accelerate import Accelerator
-        accelerator = Accelerator(cpu=not cuda)  # initialises the process group (gloo / NCCL) from the env
+        # a file rendezvous: a free TCP port picked here could be taken by a parallel job before the ranks bind it
+        dist.init_process_group('nccl' if cuda else 'gloo', init_method=f'file://{store}', rank=rank, world_size=world)
+        accelerator = Accelerator(cpu=not cuda)  # adopts the process group above
         from swift.rlhf_trainers.gkd_loss import TeacherOutput, gkd_loss
         from swift.sequence_parallel import sequence_parallel
 
@@ -185,13 +186,6 @@ def _rank(rank, world, method, n, args, out_dir):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def dense_skip_reason(n, sp, args):
     """Why ``dense`` at (n, sp) would not fit (None if it may): ~14 float32 ``[rows, V]`` tensors per rank."""
     need = DENSE_BYTES_PER_LOGIT * math.ceil(n / sp) * args.vocab / 2**30
@@ -210,10 +204,10 @@ def dense_skip_reason(n, sp, args):
 def run_case(method, n, sp, args):
     """One (method, N, SP): SP rank processes; the per-rank results merged (max memory and time over ranks)."""
     import torch.multiprocessing as mp
-    args.port = _free_port()
-    with tempfile.TemporaryDirectory() as out_dir:
+    with tempfile.TemporaryDirectory() as out_dir, tempfile.TemporaryDirectory() as store_dir:
         try:
-            mp.spawn(_rank, args=(sp, method, n, args, out_dir), nprocs=sp, join=True)
+            mp.spawn(_rank, args=(sp, method, n, args, out_dir, os.path.join(store_dir, 'store')), nprocs=sp,
+                     join=True)
         except Exception as exc:  # a rank killed (the OOM killer) or crashed
             status = 'oom' if 'SIGKILL' in str(exc) else 'error'
             return dict(method=method, n=n, sp=sp, status=status, error=str(exc)[-200:])

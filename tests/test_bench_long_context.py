@@ -23,7 +23,8 @@ def test_bench_long_context_prints_ratios_of_its_measured_rows(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {(r['method'], r['sp']): r for r in json.loads(out.read_text())}
     assert sorted(rows) == [('dense', 1), ('dense', 2), ('fused', 1), ('fused', 2)]
-    assert all(r['status'] == 'ok' and r['peak_mib'] >= 0 and r['time_s'] > 0 for r in rows.values()), rows
+    assert all(r['status'] == 'ok' and r['peak_mib'] >= 0 and r['time_s'] > 0 for r in rows.values()), \
+        [(k, r['status'], r.get('error')) for k, r in rows.items()]
     for m in ('fused', 'dense'):
         one, two = rows[(m, 1)], rows[(m, 2)]
         # each rank holds half of the row's 63 response tokens; the trainer's normaliser: tokens / processes
