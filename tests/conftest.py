@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
@@ -23,6 +24,10 @@ from swift_gkd_plugin.cli import OFFLINE_ENV as CLI_OFFLINE_ENV
 if 'TRITON_INTERPRET' not in os.environ and not os.path.exists('/dev/nvidiactl'):
     os.environ['TRITON_INTERPRET'] = os.environ['SWIFT_GKD_TESTS_SET_INTERPRET'] = '1'
 _INTERPRET_SET_HERE = os.environ.get('SWIFT_GKD_TESTS_SET_INTERPRET') == '1'
+# every end-to-end run appends a line here (kind, seconds, test): the closing summary counts them by kind
+if 'GKD_TEST_RUN_LOG' not in os.environ:
+    import tempfile
+    os.environ['GKD_TEST_RUN_LOG'] = os.path.join(tempfile.mkdtemp(prefix='gkd_test_runs_'), 'runs.jsonl')
 
 OFFLINE_ENV = {**CLI_OFFLINE_ENV, 'TOKENIZERS_PARALLELISM': 'false', 'OMP_NUM_THREADS': '1'}
 SWIFT = os.path.join(os.path.dirname(sys.executable), 'swift')
@@ -153,15 +158,21 @@ def run_swift(argv: List[str], *, env: Optional[Dict[str, str]] = None, nproc: i
         full_env['MASTER_PORT'] = str(_free_port())
     full_env.update(env or {})
     child = launcher_child_command(command, argv, full_env)
-    zygote = None if launcher else _zygote_for(child, full_env)
+    zygote, ranks = (None, 0) if launcher else _zygote_for(child, full_env)
+    started = time.time()
     if zygote is not None:
         import tempfile
+        route, route_argv = (child[1], child[2:]) if ranks == 1 else (child[7], child[8:])
         with tempfile.TemporaryDirectory(prefix='run_swift_') as workdir:
-            returncode, stdout, stderr = zygote.run(child[1], child[2:], full_env, timeout, workdir)
+            returncode, stdout, stderr = zygote.run(route, route_argv, full_env, timeout, workdir, nproc=ranks,
+                                                    port=full_env.get('MASTER_PORT'))
         proc = subprocess.CompletedProcess(child, returncode, stdout, stderr)
     else:
         proc = subprocess.run([SWIFT, command] + argv if launcher else child, env=full_env, capture_output=True,
                               text=True, timeout=timeout)
+    how = 'launcher' if launcher else 'zygote fork' if zygote is not None else 'fresh'
+    how += ' (torchrun)' if child[1:3] == ['-m', 'torch.distributed.run'] else ''
+    log_run(f'swift {command}, {full_env.get("NPROC_PER_NODE", "1")} process(es), {how}', time.time() - started)
     output = proc.stdout + proc.stderr
     output_dir = argv[argv.index('--output_dir') + 1] if '--output_dir' in argv else ''
     if check and proc.returncode != 0:
@@ -177,29 +188,49 @@ def run_swift(argv: List[str], *, env: Optional[Dict[str, str]] = None, nproc: i
     return run
 
 
+def log_run(kind: str, seconds: float) -> None:
+    """Count one end-to-end run (``swift``, ``megatron``, a kit part) for the closing summary."""
+    with open(os.environ['GKD_TEST_RUN_LOG'], 'a') as f:
+        f.write(json.dumps({'kind': kind, 'seconds': seconds,
+                            'test': os.environ.get('PYTEST_CURRENT_TEST', '').split(' ')[0]}) + '\n')
+
+
 # the test worker's zygote (swift_gkd_plugin.testing.zygote): the start-up of its one-process runs, shared
 _ZYGOTE: Dict[str, object] = {}
 # read at run time only (by the test plugins): a run that sets these still forks from the zygote
 _RUNTIME_ENV_PREFIX = 'GKD_TEST_'
-_ZYGOTE_IGNORED = ('PYTEST_CURRENT_TEST',)
+# PYTORCH_NVML_BASED_CUDA_CHECK: set by an import (deepspeed's) in the test process and in every run alike
+_ZYGOTE_IGNORED = ('PYTEST_CURRENT_TEST', 'PYTORCH_NVML_BASED_CUDA_CHECK')
 
 
 def _zygote_for(child: List[str], env: Dict[str, str]):
-    """The zygote that can start ``child`` in ``env`` (a one-process route file whose environment differs from the
-    zygote's in run-time variables only), else None: a fresh process. ``GKD_TESTS_FRESH_PROCESSES=1`` turns it off."""
-    if os.environ.get('GKD_TESTS_FRESH_PROCESSES') == '1' or child[1] == '-m':
-        return None
+    """``(zygote, nproc)``: the zygote that can start ``child`` in ``env`` and the number of ranks it forks, else
+    ``(None, 0)``: a fresh process. It can: a route file, or ``torchrun --nproc_per_node N --master_port P`` of one
+    (forks with torchrun's worker environment), whose environment differs from the zygote's in run-time variables
+    only. ``GKD_TESTS_FRESH_PROCESSES=1`` turns it off."""
+    if os.environ.get('GKD_TESTS_FRESH_PROCESSES') == '1':
+        return None, 0
+    from swift_gkd_plugin.testing.zygote import TORCHRUN_WORKER_CONSTANTS, Zygote
+    nproc = 1
+    if child[1] == '-m':
+        torchrun = child[3:7]
+        if (child[2] != 'torch.distributed.run' or len(child) < 8 or torchrun[0] != '--nproc_per_node'
+                or torchrun[2] != '--master_port' or not torchrun[1].isdigit() or child[7].startswith('-')):
+            return None, 0
+        nproc = int(torchrun[1])
 
     def at_import(e):
-        return {k: v for k, v in e.items() if not k.startswith(_RUNTIME_ENV_PREFIX) and k not in _ZYGOTE_IGNORED}
-    if 'zygote' not in _ZYGOTE:
+        return {k: v for k, v in e.items() if not k.startswith(_RUNTIME_ENV_PREFIX) and k not in _ZYGOTE_IGNORED
+                and (nproc == 1 or k not in ('NPROC_PER_NODE', 'MASTER_PORT'))}
+    key = 'zygote' if nproc == 1 else 'torchrun'  # the second: torchrun's constant worker variables at import
+    if key not in _ZYGOTE:
         import atexit
-
-        from swift_gkd_plugin.testing.zygote import Zygote
-        _ZYGOTE['zygote'] = Zygote(at_import(_run_env()))
-        atexit.register(_ZYGOTE['zygote'].close)
-    zygote = _ZYGOTE['zygote']
-    return zygote if at_import(env) == at_import(zygote.env) else None
+        base = at_import(_run_env())
+        _ZYGOTE[key] = Zygote(base if nproc == 1 else dict(base, **TORCHRUN_WORKER_CONSTANTS))
+        atexit.register(_ZYGOTE[key].close)
+    zygote = _ZYGOTE[key]
+    wanted = at_import(env) if nproc == 1 else dict(at_import(env), **TORCHRUN_WORKER_CONSTANTS)
+    return (zygote, nproc) if wanted == at_import(zygote.env) else (None, 0)
 
 
 def launcher_child_command(command: str, argv: List[str], env: Dict[str, str]) -> List[str]:
@@ -331,9 +362,67 @@ def solution_dataset(tiny_ws):
 
 def pytest_report_header(config):
     """Under ``.ci/run``: the seconds from its start to the first test (the virtual environment and the install), so
-    that a run's output holds its whole time (this, plus pytest's closing line)."""
+    that a run's output holds its whole time (this, plus the closing summary)."""
     started = os.environ.get('CI_STARTED_AT')
     if started and started.isdigit():
         import time
         return f'ci: {time.time() - int(started):.0f} s from .ci/run\'s start to the tests (venv and install)'
     return None
+
+
+# each test's seconds (set-up + call + tear-down), summed on the controller from the workers' reports
+_SECONDS: Dict[str, float] = {}
+_SESSION: Dict[str, float] = {}
+
+
+def pytest_sessionstart(session):
+    import time
+    _SESSION['start'] = time.time()
+
+
+def pytest_runtest_logreport(report):
+    _SECONDS[report.nodeid] = _SECONDS.get(report.nodeid, 0.0) + report.duration
+
+
+def readme_suite_minutes(readme: str) -> Optional[tuple]:
+    """The README's figure for the whole suite under ``.ci/run`` with the install: ``(low, high)`` minutes."""
+    m = re.search(r'(\d+)(?:-(\d+))? (?:min )?with the install', readme)
+    return (int(m.group(1)), int(m.group(2) or m.group(1))) if m else None
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """The guard of the suite's time (issue 64): its wall time and its 10 slowest tests, at the end of every run;
+    under ``.ci/run`` also the whole time with the install, against the README's figure (refresh it past 10%)."""
+    import time
+    if not _SECONDS or 'start' not in _SESSION:
+        return
+    tr = terminalreporter
+    wall = time.time() - _SESSION['start']
+    tr.section('suite time')
+    tr.write_line(f'{len(_SECONDS)} tests in {wall:.0f} s of wall time ({wall / 60:.1f} min); '
+                  f'{sum(_SECONDS.values()):.0f} s summed over the tests')
+    started = os.environ.get('CI_STARTED_AT')
+    if started and started.isdigit():
+        total = (time.time() - int(started)) / 60
+        readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'README.md')
+        figure = readme_suite_minutes(open(readme).read()) if os.path.exists(readme) else None
+        line = f'.ci/run: {total:.1f} min with the install'
+        if figure:
+            off = total < 0.9 * figure[0] or total > 1.1 * figure[1]
+            line += (f"; the README says {figure[0]}-{figure[1]} min" +
+                     (': off by more than 10%, refresh it' if off else ' (within 10%)'))
+        tr.write_line(line)
+    runs = []
+    if os.path.exists(os.environ['GKD_TEST_RUN_LOG']):
+        with open(os.environ['GKD_TEST_RUN_LOG']) as f:
+            runs = [json.loads(line) for line in f]
+    if runs:
+        by_kind: Dict[str, List[float]] = {}
+        for r in runs:
+            by_kind.setdefault(r['kind'], []).append(r['seconds'])
+        tr.write_line(f'{len(runs)} end-to-end runs, {sum(r["seconds"] for r in runs):.0f} s of wall time in all:')
+        for kind, secs in sorted(by_kind.items(), key=lambda kv: -sum(kv[1])):
+            tr.write_line(f'{len(secs):6d} x {kind}: {sum(secs):.0f} s, {sum(secs) / len(secs):.1f} s each')
+    tr.write_line('the 10 slowest tests (set-up + call + tear-down):')
+    for nodeid, seconds in sorted(_SECONDS.items(), key=lambda kv: -kv[1])[:10]:
+        tr.write_line(f'{seconds:8.1f} s  {nodeid}')

@@ -1,10 +1,12 @@
-"""The suite's shared start-up (``swift_gkd_plugin.testing.zygote``, used by ``run_swift`` for one-process runs)
-changes nothing a run does: the same run forked from the zygote and started as a fresh process logs the same losses,
-modes and metrics, and a refusal gives the same one line and exit code."""
+"""The suite's shared start-up (``swift_gkd_plugin.testing.zygote``, used by ``run_swift`` for one-process runs and
+for torchrun's ranks) changes nothing a run does: the same run forked from the zygote and started as a fresh process
+(or under torchrun) logs the same losses, modes and metrics, and a refusal gives the same one line and exit code."""
+import json
 import os
+import subprocess
 
 import pytest
-from conftest import _ZYGOTE, base_args, run_swift
+from conftest import _ZYGOTE, _free_port, _run_env, _zygote_for, base_args, launcher_child_command, run_swift
 
 METRICS = ('loss', 'grad_norm', 'gkd/distill_loss', 'gkd/top1_agreement')
 
@@ -42,3 +44,59 @@ def test_a_run_past_its_timeout_is_stopped(tiny_ws, tmp_path):
     # the zygote serves the next run
     run = run_swift(base_args(tiny_ws, str(tmp_path / 'next'), beta=1.5), check=False, timeout=120)
     assert run.returncode == 2 and os.getpid() != _ZYGOTE['zygote'].proc.pid
+
+
+def test_two_ranks_forked_from_the_zygote_equal_torchrun(tiny_ws, tmp_path, monkeypatch):
+    """Two ranks (DDP on gloo, on-policy and dataset steps) forked from the torchrun zygote log what torchrun's two
+    fresh ranks log, on both ranks."""
+    forked, fresh = _both(monkeypatch, lambda name: base_args(tiny_ws, str(tmp_path / name), max_steps=3, lmbda=0.5,
+                                                              seed=3, per_device_train_batch_size=1,
+                                                              use_cpu='true'), nproc=2)
+    assert _ZYGOTE['torchrun'].proc is not None  # the forked run went through it
+    assert forked.modes(0) == fresh.modes(0) and forked.modes(1) == fresh.modes(1) and len(forked.logs) == 3
+    for a, b in zip(forked.logs, fresh.logs):
+        assert {k: a[k] for k in METRICS} == {k: b[k] for k in METRICS}
+
+
+def test_a_rank_sees_torchruns_environment(tmp_path):
+    """Each forked rank's environment is what torchrun gives its worker (this torch's torchrun, run here), but for the
+    agent's own store and error-file paths."""
+    script = tmp_path / 'dump_env.py'
+    script.write_text('import json, os\n'
+                      'json.dump(dict(os.environ), open(os.path.join(os.environ["GKD_TEST_DUMP_DIR"], os.environ["RANK"]), "w"))\n')
+    env = dict(_run_env(), NPROC_PER_NODE='2', MASTER_PORT=str(_free_port()))
+    dumps = {}
+    for how in ('torchrun', 'forked'):
+        env['GKD_TEST_DUMP_DIR'] = str(tmp_path / how)
+        os.makedirs(env['GKD_TEST_DUMP_DIR'])
+        child = launcher_child_command('rlhf', [], env)
+        child[7] = str(script)
+        if how == 'torchrun':
+            subprocess.run(child, env=env, check=True, capture_output=True, timeout=120)
+        else:
+            zygote, nproc = _zygote_for(child, env)
+            assert nproc == 2
+            rc, out, err = zygote.run(child[7], [], env, 120, str(tmp_path), nproc=nproc, port=env['MASTER_PORT'])
+            assert rc == 0, err
+        dumps[how] = [json.load(open(os.path.join(env['GKD_TEST_DUMP_DIR'], str(rank)))) for rank in (0, 1)]
+    agent_only = {'TORCHELASTIC_USE_AGENT_STORE', 'TORCHELASTIC_ERROR_FILE', 'GKD_TEST_DUMP_DIR'}
+    for rank in (0, 1):
+        torchrun, forked = ({k: v for k, v in d[rank].items() if k not in agent_only} for d in (dumps['torchrun'],
+                                                                                                dumps['forked']))
+        assert torchrun == forked, (set(torchrun.items()) ^ set(forked.items()))
+        assert dumps['forked'][rank]['RANK'] == str(rank) and 'TORCHELASTIC_ERROR_FILE' in dumps['forked'][rank]
+
+
+def test_a_failing_rank_stops_the_other_and_the_run_exits_1(tiny_ws, tmp_path):
+    """As torchrun: rank 1 fails before the first collective, rank 0 (waiting there) is stopped, exit code 1."""
+    script = tmp_path / 'fail_one.py'
+    script.write_text('import os, time, sys\n'
+                      'if os.environ["RANK"] == "1":\n    sys.exit(3)\n'
+                      'time.sleep(600)\n')
+    env = dict(_run_env(), NPROC_PER_NODE='2', MASTER_PORT=str(_free_port()))
+    child = launcher_child_command('rlhf', [], env)
+    zygote, nproc = _zygote_for(child, env)
+    import time
+    started = time.time()
+    rc, _, _ = zygote.run(str(script), [], env, 120, str(tmp_path), nproc=nproc, port=env['MASTER_PORT'])
+    assert rc == 1 and time.time() - started < 60

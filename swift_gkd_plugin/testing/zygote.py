@@ -7,8 +7,14 @@ working directory and output files and runs ms-swift's route file as ``__main__`
 would from there. Only what the zygote did differs: the imports, with the plugin's activation (the same start-up
 hooks a fresh process runs at those imports), and nothing else (no tensor op, no thread: ``fork`` must stay safe).
 
-:class:`Zygote` is the test side. Runs with another environment at import time (``SWIFT_GKD_PLUGIN=0``, several
-processes, the ``swift`` launcher) start fresh processes as before (``tests/conftest.py`` decides).
+Several processes: a run of N ranks (what ``torchrun --nproc_per_node N route ...`` starts) is N forks of a zygote
+whose environment holds torchrun's constant worker variables (``TORCHELASTIC_RUN_ID`` ...), each fork given the
+per-rank ones (:data:`TORCHRUN_RANK_VARIABLES`), and handled as torchrun handles them: the first rank to fail has
+the others stopped (SIGTERM, then SIGKILL after 30 s) and the run's exit code is 1. What differs from torchrun: no
+elastic agent (rank 0 hosts the rendezvous store, ``TORCHELASTIC_USE_AGENT_STORE`` unset) and no agent log lines.
+
+:class:`Zygote` is the test side. Runs with another environment at import time (``SWIFT_GKD_PLUGIN=0``, the
+``swift`` launcher, several nodes) start fresh processes as before (``tests/conftest.py`` decides).
 """
 from __future__ import annotations
 
@@ -17,23 +23,42 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from typing import Dict, List, Optional
 
 # what ms-swift's rlhf route file and its pipeline import, and the plugin's pieces they load later
 PRELOAD = ('swift.cli.utils', 'swift.pipelines', 'swift.pipelines.train.rlhf', 'swift.trainers.trainer_factory',
            'swift_gkd_plugin.swift.trainer', 'swift_gkd_plugin.swift.setup.arguments')
+# what torchrun (torch 2.13, one node, static rendezvous) sets in every worker's environment, whatever the rank
+TORCHRUN_WORKER_CONSTANTS = {
+    'TORCHELASTIC_RUN_ID': 'none', 'TORCHELASTIC_RESTART_COUNT': '0', 'TORCHELASTIC_MAX_RESTARTS': '0',
+    'TORCHELASTIC_SIGNALS_TO_HANDLE': 'SIGTERM,SIGINT,SIGHUP,SIGQUIT', 'ROLE_NAME': 'default', 'GROUP_RANK': '0',
+    'GROUP_WORLD_SIZE': '1', 'TORCH_NCCL_ASYNC_ERROR_HANDLING': '1', 'OMP_NUM_THREADS': '1'}
+# ... and per rank (:func:`torchrun_rank_env`); TORCHELASTIC_USE_AGENT_STORE is left out: there is no agent
+TORCHRUN_RANK_VARIABLES = ('RANK', 'LOCAL_RANK', 'ROLE_RANK', 'WORLD_SIZE', 'LOCAL_WORLD_SIZE', 'ROLE_WORLD_SIZE',
+                           'MASTER_ADDR', 'MASTER_PORT', 'TORCHELASTIC_ERROR_FILE')
 
 
-def _child(request: dict) -> None:
-    """In the forked child: become the run ``request`` describes, run the route file, exit as its process would."""
+def torchrun_rank_env(env: Dict[str, str], rank: int, world: int, port: str, error_file: str) -> Dict[str, str]:
+    """The environment torchrun gives rank ``rank`` of ``world`` (one node) started from ``env``."""
+    out = dict(env, **TORCHRUN_WORKER_CONSTANTS)
+    out.update(RANK=str(rank), LOCAL_RANK=str(rank), ROLE_RANK=str(rank), WORLD_SIZE=str(world),
+               LOCAL_WORLD_SIZE=str(world), ROLE_WORLD_SIZE=str(world), MASTER_ADDR='127.0.0.1', MASTER_PORT=port,
+               TORCHELASTIC_ERROR_FILE=error_file)
+    return out
+
+
+def _child(request: dict, env: Dict[str, str]) -> None:
+    """In the forked child: become the run ``request`` describes (in ``env``), run the route file, exit as its
+    process would."""
     os.setpgid(0, 0)  # its own process group: a timeout stops it with everything it started
-    write = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    write = os.O_WRONLY | os.O_CREAT | os.O_APPEND  # the ranks of a run share its two files, as torchrun's do
     for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, request['stdout'], write), (2, request['stderr'], write)):
         target = os.open(path, flags, 0o644)
         os.dup2(target, fd)
         os.close(target)
     os.environ.clear()
-    os.environ.update(request['env'])
+    os.environ.update(env)
     os.chdir(request['cwd'])
     sys.argv = [request['route'], *request['argv']]
     sys.path[0] = os.path.dirname(request['route'])  # as for `python route.py`
@@ -50,9 +75,49 @@ def _child(request: dict) -> None:
     raise SystemExit(code)  # atexit handlers and finalization, as at the end of a script
 
 
+def _status_code(status: int) -> int:
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
+def _wait_ranks(pids: List[int]) -> int:
+    """Wait for a run's forks. One fork: its exit code (a signal as ``-N``, as :mod:`subprocess` reports it). Several
+    (ranks): as torchrun, the first failure stops the others (SIGTERM, SIGKILL 30 s later) and the code is 1."""
+    if len(pids) == 1:
+        return _status_code(os.waitpid(pids[0], 0)[1])
+    codes: Dict[int, int] = {}
+    kill_at = None
+    while len(codes) < len(pids):
+        flags = os.WNOHANG if kill_at is not None else 0
+        pid, status = os.waitpid(-1, flags)
+        if pid == 0:  # stopping the others: poll until they are gone or the grace period ends
+            if time.time() > kill_at:
+                for other in pids:
+                    if other not in codes:
+                        _signal_group(other, signal.SIGKILL)
+                kill_at = float('inf')
+            time.sleep(0.1)
+            continue
+        if pid not in pids:
+            continue
+        codes[pid] = _status_code(status)
+        if codes[pid] != 0 and kill_at is None:
+            for other in pids:
+                if other not in codes:
+                    _signal_group(other, signal.SIGTERM)
+            kill_at = time.time() + 30
+    return 0 if all(c == 0 for c in codes.values()) else 1
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
 def serve() -> None:
-    """The zygote's loop: one JSON request per line on stdin; replies ``{"pid"}`` once the run is forked, then
-    ``{"rc"}`` (a signal as ``-N``, as :mod:`subprocess` reports it) when it ended."""
+    """The zygote's loop: one JSON request per line on stdin; replies ``{"pids"}`` once the run's processes are
+    forked (one per entry of ``envs``), then ``{"rc"}`` (:func:`_wait_ranks`) when they ended."""
     import importlib
     for name in PRELOAD:
         importlib.import_module(name)
@@ -61,14 +126,15 @@ def serve() -> None:
     out.flush()
     for line in sys.stdin:
         request = json.loads(line)
-        pid = os.fork()
-        if pid == 0:
-            _child(request)
-        out.write(json.dumps({'pid': pid}) + '\n')
+        pids = []
+        for env in request['envs']:
+            pid = os.fork()
+            if pid == 0:
+                _child(request, env)
+            pids.append(pid)
+        out.write(json.dumps({'pids': pids}) + '\n')
         out.flush()
-        _, status = os.waitpid(pid, 0)
-        rc = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-        out.write(json.dumps({'rc': rc}) + '\n')
+        out.write(json.dumps({'rc': _wait_ranks(pids)}) + '\n')
         out.flush()
 
 
@@ -96,22 +162,28 @@ class Zygote:
                 raise RuntimeError(f'the test zygote did not start:\n{_read(self.log)[-5000:]}')
         return self.proc
 
-    def run(self, route: str, argv: List[str], env: Dict[str, str], timeout: float, workdir: str):
-        """Run ``python route argv`` in a fork; returns ``(returncode, stdout, stderr)``; raises
-        :class:`subprocess.TimeoutExpired` (the run's process group killed) past ``timeout`` seconds."""
+    def run(self, route: str, argv: List[str], env: Dict[str, str], timeout: float, workdir: str,
+            nproc: int = 1, port: Optional[str] = None):
+        """Run ``python route argv`` in a fork, or as ``torchrun --nproc_per_node nproc --master_port port`` would on
+        one node (``nproc`` forks); returns ``(returncode, stdout, stderr)``; raises :class:`subprocess.TimeoutExpired`
+        (the run's process groups killed) past ``timeout`` seconds."""
         import queue
         proc = self._start()
         stdout, stderr = os.path.join(workdir, 'stdout'), os.path.join(workdir, 'stderr')
-        proc.stdin.write(json.dumps({'route': route, 'argv': argv, 'env': env, 'cwd': os.getcwd(),
+        envs = [env] if nproc == 1 else [
+            torchrun_rank_env(env, rank, nproc, port, os.path.join(workdir, f'error_{rank}.json'))
+            for rank in range(nproc)]
+        proc.stdin.write(json.dumps({'route': route, 'argv': argv, 'envs': envs, 'cwd': os.getcwd(),
                                      'stdout': stdout, 'stderr': stderr}) + '\n')
         proc.stdin.flush()
-        pid = self.replies.get(timeout=60).get('pid')
-        if pid is None:
+        pids = self.replies.get(timeout=60).get('pids')
+        if pids is None:
             raise RuntimeError(f'the test zygote ended:\n{_read(self.log)[-5000:]}')
         try:
             reply = self.replies.get(timeout=timeout)
         except queue.Empty:
-            os.killpg(pid, signal.SIGKILL)
+            for pid in pids:
+                _signal_group(pid, signal.SIGKILL)
             self.replies.get(timeout=60)  # its rc
             raise subprocess.TimeoutExpired([route, *argv], timeout, _read(stdout), _read(stderr)) from None
         if reply.get('ended'):

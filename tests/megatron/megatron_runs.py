@@ -9,9 +9,10 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from typing import Dict, List, Optional
 
-from conftest import OFFLINE_ENV, SharedRuns, SwiftRun
+from conftest import OFFLINE_ENV, SharedRuns, SwiftRun, log_run
 
 MEGATRON = os.path.join(os.path.dirname(sys.executable), 'megatron')
 CPU_SITE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'cpu_site')
@@ -57,7 +58,9 @@ def run_megatron(argv: List[str], *, nproc: int = 1, timeout: int = 600, check: 
     full_env.pop('TRITON_INTERPRET', None)  # the ranks run as a user's would
     full_env['PYTHONPATH'] = os.pathsep.join(p for p in (CPU_SITE, os.environ.get('PYTHONPATH')) if p)
     full_env.update(env or {})
+    started = time.time()
     proc = subprocess.run([MEGATRON, 'rlhf', *argv], env=full_env, capture_output=True, text=True, timeout=timeout)
+    log_run(f'megatron rlhf, {nproc} process(es)', time.time() - started)
     output = proc.stdout + proc.stderr
     output_dir = argv[argv.index('--output_dir') + 1]
     if check and proc.returncode != 0:

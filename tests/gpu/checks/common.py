@@ -259,6 +259,11 @@ def run_rlhf(argv: List[str], env: Optional[Dict[str, str]] = None, timeout: flo
         rc, output = 'timeout', f'{e.stdout or ""}{e.stderr or ""}'
         output = output.decode(errors='replace') if isinstance(output, bytes) else output
     wall = time.perf_counter() - t0
+    if os.environ.get('GKD_TEST_RUN_LOG'):  # counted by the test suite's closing summary (tests/conftest.py)
+        with open(os.environ['GKD_TEST_RUN_LOG'], 'a') as f:
+            f.write(json.dumps({'kind': f'swift rlhf (GPU kit), {full_env.get("NPROC_PER_NODE", "1")} process(es)',
+                                'seconds': wall, 'test': os.environ.get('PYTEST_CURRENT_TEST', '').split(' ')[0]})
+                    + '\n')
     device_peak = poll.close()
     if log_path:
         with open(log_path, 'w') as f:
