@@ -162,10 +162,11 @@ def run_swift(argv: List[str], *, env: Optional[Dict[str, str]] = None, nproc: i
     started = time.time()
     if zygote is not None:
         import tempfile
-        route, route_argv = (child[1], child[2:]) if ranks == 1 else (child[7], child[8:])
+        torchrun = child[1] == '-m'  # the ranks torchrun would start, or the route file itself
+        route, route_argv = (child[7], child[8:]) if torchrun else (child[1], child[2:])
         with tempfile.TemporaryDirectory(prefix='run_swift_') as workdir:
             returncode, stdout, stderr = zygote.run(route, route_argv, full_env, timeout, workdir, nproc=ranks,
-                                                    port=full_env.get('MASTER_PORT'))
+                                                    port=full_env['MASTER_PORT'] if torchrun else None)
         proc = subprocess.CompletedProcess(child, returncode, stdout, stderr)
     else:
         proc = subprocess.run([SWIFT, command] + argv if launcher else child, env=full_env, capture_output=True,
@@ -203,14 +204,16 @@ _RUNTIME_ENV_PREFIX = 'GKD_TEST_'
 _ZYGOTE_IGNORED = ('PYTEST_CURRENT_TEST', 'PYTORCH_NVML_BASED_CUDA_CHECK')
 
 
-def _zygote_for(child: List[str], env: Dict[str, str]):
+def _zygote_for(child: List[str], env: Dict[str, str], family: str = 'swift',
+                base_env: Optional[Dict[str, str]] = None):
     """``(zygote, nproc)``: the zygote that can start ``child`` in ``env`` and the number of ranks it forks, else
     ``(None, 0)``: a fresh process. It can: a route file, or ``torchrun --nproc_per_node N --master_port P`` of one
     (forks with torchrun's worker environment), whose environment differs from the zygote's in run-time variables
-    only. ``GKD_TESTS_FRESH_PROCESSES=1`` turns it off."""
+    only. ``family``: ``swift`` (the default run's environment) or ``megatron`` (``base_env``, its route file's
+    imports). ``GKD_TESTS_FRESH_PROCESSES=1`` turns it off."""
     if os.environ.get('GKD_TESTS_FRESH_PROCESSES') == '1':
         return None, 0
-    from swift_gkd_plugin.testing.zygote import TORCHRUN_WORKER_CONSTANTS, Zygote
+    from swift_gkd_plugin.testing.zygote import MEGATRON_PRELOAD, PRELOAD, TORCHRUN_WORKER_CONSTANTS, Zygote
     nproc = 1
     if child[1] == '-m':
         torchrun = child[3:7]
@@ -218,32 +221,40 @@ def _zygote_for(child: List[str], env: Dict[str, str]):
                 or torchrun[2] != '--master_port' or not torchrun[1].isdigit() or child[7].startswith('-')):
             return None, 0
         nproc = int(torchrun[1])
+    elif family != 'swift':
+        return None, 0
 
     def at_import(e):
         return {k: v for k, v in e.items() if not k.startswith(_RUNTIME_ENV_PREFIX) and k not in _ZYGOTE_IGNORED
-                and (nproc == 1 or k not in ('NPROC_PER_NODE', 'MASTER_PORT'))}
-    key = 'zygote' if nproc == 1 else 'torchrun'  # the second: torchrun's constant worker variables at import
+                and (child[1] != '-m' or k not in ('NPROC_PER_NODE', 'MASTER_PORT'))}
+    # torchrun's ranks: a zygote with torchrun's constant worker variables at import
+    key = family if child[1] != '-m' else f'{family} torchrun'
     if key not in _ZYGOTE:
         import atexit
-        base = at_import(_run_env())
-        _ZYGOTE[key] = Zygote(base if nproc == 1 else dict(base, **TORCHRUN_WORKER_CONSTANTS))
+        base = at_import(base_env if base_env is not None else _run_env())
+        if child[1] == '-m':
+            base.update(TORCHRUN_WORKER_CONSTANTS)
+        _ZYGOTE[key] = Zygote(base, MEGATRON_PRELOAD if family == 'megatron' else PRELOAD)
         atexit.register(_ZYGOTE[key].close)
     zygote = _ZYGOTE[key]
-    wanted = at_import(env) if nproc == 1 else dict(at_import(env), **TORCHRUN_WORKER_CONSTANTS)
+    wanted = at_import(env) if child[1] != '-m' else dict(at_import(env), **TORCHRUN_WORKER_CONSTANTS)
     return (zygote, nproc) if wanted == at_import(zygote.env) else (None, 0)
 
 
-def launcher_child_command(command: str, argv: List[str], env: Dict[str, str]) -> List[str]:
-    """The command ms-swift's ``swift`` launcher (``swift.cli.main.cli_main``) starts for ``swift <command> argv``
-    in the environment ``env``: the route file, under ``torch.distributed.run`` with the launcher's own
-    ``get_torchrun_args`` (evaluated with ``env`` as the process environment) when it asks for torchrun."""
+def launcher_child_command(command: str, argv: List[str], env: Dict[str, str], megatron: bool = False) -> List[str]:
+    """The command ms-swift's ``swift`` launcher (``swift.cli.main.cli_main``; ``megatron``: ``megatron``'s) starts
+    for ``swift <command> argv`` in the environment ``env``: the route file, under ``torch.distributed.run`` with the
+    launcher's own ``get_torchrun_args`` (evaluated with ``env`` as the process environment) when it asks for
+    torchrun."""
     from unittest.mock import patch
 
     from swift.cli.main import ROUTE_MAPPING, get_torchrun_args
+    if megatron:
+        from swift.cli._megatron.main import ROUTE_MAPPING
     route = importlib.util.find_spec(ROUTE_MAPPING[command.replace('_', '-')]).origin
     with patch.dict(os.environ, env, clear=True):  # the environment only: ms-swift's function runs as is
         torchrun = get_torchrun_args()
-    if torchrun is None or command not in {'pt', 'sft', 'rlhf', 'infer'}:
+    if torchrun is None or (not megatron and command not in {'pt', 'sft', 'rlhf', 'infer'}):
         return [sys.executable, route, *argv]
     return [sys.executable, '-m', 'torch.distributed.run', *torchrun, route, *argv]
 

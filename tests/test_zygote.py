@@ -22,7 +22,7 @@ def _both(monkeypatch, argv_of, **kwargs):
 def test_a_run_forked_from_the_zygote_equals_a_fresh_process(tiny_ws, tmp_path, monkeypatch):
     forked, fresh = _both(monkeypatch, lambda name: base_args(tiny_ws, str(tmp_path / name), max_steps=3, lmbda=0.5,
                                                               seed=3, sft_alpha=0.5))
-    assert _ZYGOTE['zygote'].proc is not None  # the first run went through it
+    assert _ZYGOTE['swift'].proc is not None  # the first run went through it
     assert forked.modes() == fresh.modes() and len(forked.logs) == 3
     for a, b in zip(forked.logs, fresh.logs):
         assert all(k in a for k in METRICS) and {k: a[k] for k in METRICS} == {k: b[k] for k in METRICS}
@@ -43,7 +43,7 @@ def test_a_run_past_its_timeout_is_stopped(tiny_ws, tmp_path):
         run_swift(base_args(tiny_ws, str(tmp_path / 'out'), max_steps=1000), timeout=3)
     # the zygote serves the next run
     run = run_swift(base_args(tiny_ws, str(tmp_path / 'next'), beta=1.5), check=False, timeout=120)
-    assert run.returncode == 2 and os.getpid() != _ZYGOTE['zygote'].proc.pid
+    assert run.returncode == 2 and os.getpid() != _ZYGOTE['swift'].proc.pid
 
 
 def test_two_ranks_forked_from_the_zygote_equal_torchrun(tiny_ws, tmp_path, monkeypatch):
@@ -52,7 +52,7 @@ def test_two_ranks_forked_from_the_zygote_equal_torchrun(tiny_ws, tmp_path, monk
     forked, fresh = _both(monkeypatch, lambda name: base_args(tiny_ws, str(tmp_path / name), max_steps=3, lmbda=0.5,
                                                               seed=3, per_device_train_batch_size=1,
                                                               use_cpu='true'), nproc=2)
-    assert _ZYGOTE['torchrun'].proc is not None  # the forked run went through it
+    assert _ZYGOTE['swift torchrun'].proc is not None  # the forked run went through it
     assert forked.modes(0) == fresh.modes(0) and forked.modes(1) == fresh.modes(1) and len(forked.logs) == 3
     for a, b in zip(forked.logs, fresh.logs):
         assert {k: a[k] for k in METRICS} == {k: b[k] for k in METRICS}

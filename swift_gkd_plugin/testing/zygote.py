@@ -29,6 +29,9 @@ from typing import Dict, List, Optional
 # what ms-swift's rlhf route file and its pipeline import, and the plugin's pieces they load later
 PRELOAD = ('swift.cli.utils', 'swift.pipelines', 'swift.pipelines.train.rlhf', 'swift.trainers.trainer_factory',
            'swift_gkd_plugin.swift.trainer', 'swift_gkd_plugin.swift.setup.arguments')
+# the same for ``megatron rlhf`` (its route file ``swift/cli/_megatron/rlhf.py``)
+MEGATRON_PRELOAD = ('swift.cli._megatron.main', 'swift.megatron.pipelines.train.rlhf',
+                    'swift_gkd_plugin.megatron.trainer')
 # what torchrun (torch 2.13, one node, static rendezvous) sets in every worker's environment, whatever the rank
 TORCHRUN_WORKER_CONSTANTS = {
     'TORCHELASTIC_RUN_ID': 'none', 'TORCHELASTIC_RESTART_COUNT': '0', 'TORCHELASTIC_MAX_RESTARTS': '0',
@@ -115,11 +118,12 @@ def _signal_group(pid: int, sig: int) -> None:
         pass
 
 
-def serve() -> None:
-    """The zygote's loop: one JSON request per line on stdin; replies ``{"pids"}`` once the run's processes are
-    forked (one per entry of ``envs``), then ``{"rc"}`` (:func:`_wait_ranks`) when they ended."""
+def serve(preload=PRELOAD) -> None:
+    """The zygote's loop, after importing ``preload``: one JSON request per line on stdin; replies ``{"pids"}`` once
+    the run's processes are forked (one per entry of ``envs``), then ``{"rc"}`` (:func:`_wait_ranks`) when they
+    ended."""
     import importlib
-    for name in PRELOAD:
+    for name in preload:
         importlib.import_module(name)
     out = sys.stdout
     out.write(json.dumps({'ready': os.getpid()}) + '\n')
@@ -142,8 +146,8 @@ class Zygote:
     """The test side: starts :func:`serve` with ``env`` (the default run's environment) on first use and runs route
     files in forks of it. One run at a time (a test worker runs one test at a time)."""
 
-    def __init__(self, env: Dict[str, str]):
-        self.env = dict(env)
+    def __init__(self, env: Dict[str, str], preload=PRELOAD):
+        self.env, self.preload = dict(env), tuple(preload)
         self.proc: Optional[subprocess.Popen] = None
 
     def _start(self) -> subprocess.Popen:
@@ -153,8 +157,9 @@ class Zygote:
             import tempfile
             self.log = tempfile.NamedTemporaryFile(prefix='zygote_', suffix='.log', delete=False).name
             with open(self.log, 'w') as log:  # its imports' messages; each run has its own output files
-                self.proc = subprocess.Popen([sys.executable, '-c', 'from swift_gkd_plugin.testing import zygote; '
-                                              'zygote.serve()'], env=self.env, stdin=subprocess.PIPE,
+                self.proc = subprocess.Popen([sys.executable, '-c', 'import sys; from swift_gkd_plugin.testing import '
+                                              'zygote; zygote.serve(sys.argv[1:])', *self.preload], env=self.env,
+                                             stdin=subprocess.PIPE,
                                              stdout=subprocess.PIPE, stderr=log, text=True, bufsize=1)
             self.replies = queue.Queue()
             threading.Thread(target=_pump, args=(self.proc.stdout, self.replies), daemon=True).start()
@@ -164,13 +169,13 @@ class Zygote:
 
     def run(self, route: str, argv: List[str], env: Dict[str, str], timeout: float, workdir: str,
             nproc: int = 1, port: Optional[str] = None):
-        """Run ``python route argv`` in a fork, or as ``torchrun --nproc_per_node nproc --master_port port`` would on
-        one node (``nproc`` forks); returns ``(returncode, stdout, stderr)``; raises :class:`subprocess.TimeoutExpired`
+        """Run ``python route argv`` in a fork, or (``port`` given) as ``torchrun --nproc_per_node nproc
+        --master_port port`` would on one node (``nproc`` forks); returns ``(returncode, stdout, stderr)``; raises :class:`subprocess.TimeoutExpired`
         (the run's process groups killed) past ``timeout`` seconds."""
         import queue
         proc = self._start()
         stdout, stderr = os.path.join(workdir, 'stdout'), os.path.join(workdir, 'stderr')
-        envs = [env] if nproc == 1 else [
+        envs = [env] if port is None else [
             torchrun_rank_env(env, rank, nproc, port, os.path.join(workdir, f'error_{rank}.json'))
             for rank in range(nproc)]
         proc.stdin.write(json.dumps({'route': route, 'argv': argv, 'envs': envs, 'cwd': os.getcwd(),

@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Dict, List, Optional
 
-from conftest import OFFLINE_ENV, SharedRuns, SwiftRun, log_run
+from conftest import OFFLINE_ENV, SharedRuns, SwiftRun, _zygote_for, launcher_child_command, log_run
 
 MEGATRON = os.path.join(os.path.dirname(sys.executable), 'megatron')
 CPU_SITE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'cpu_site')
@@ -50,17 +50,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _megatron_env(nproc: int) -> Dict[str, str]:
+    """The environment of a run's ranks, as the launcher passes it on (its import of ms-swift's CLI sets one)."""
+    import swift.cli.main  # noqa: F401 - it sets VLLM_LOGGING_LEVEL in this process's environment when imported
+    env = dict(os.environ, **OFFLINE_ENV, NPROC_PER_NODE=str(nproc), MASTER_PORT=str(free_port()))
+    env.pop('SWIFT_GKD_PLUGIN', None)
+    env.pop('TRITON_INTERPRET', None)  # the ranks run as a user's would
+    env['PYTHONPATH'] = os.pathsep.join(p for p in (CPU_SITE, os.environ.get('PYTHONPATH')) if p)
+    return env
+
+
 def run_megatron(argv: List[str], *, nproc: int = 1, timeout: int = 600, check: bool = True,
-                 env: Dict[str, str] = None) -> SwiftRun:
-    """``megatron rlhf argv`` through ms-swift's launcher, on ``nproc`` CPU ranks (torchrun, gloo)."""
-    full_env = dict(os.environ, **OFFLINE_ENV, NPROC_PER_NODE=str(nproc), MASTER_PORT=str(free_port()))
-    full_env.pop('SWIFT_GKD_PLUGIN', None)
-    full_env.pop('TRITON_INTERPRET', None)  # the ranks run as a user's would
-    full_env['PYTHONPATH'] = os.pathsep.join(p for p in (CPU_SITE, os.environ.get('PYTHONPATH')) if p)
+                 env: Dict[str, str] = None, launcher: Optional[bool] = None) -> SwiftRun:
+    """``megatron rlhf argv`` on ``nproc`` CPU ranks (torchrun, gloo). ``launcher`` (the default where ``check`` is
+    False: runs that may be refused): through ms-swift's ``megatron`` launcher; otherwise the ranks it would start,
+    forked from the test worker's Megatron zygote (``tests/test_zygote.py`` checks the two log the same run)."""
+    full_env = _megatron_env(nproc)
     full_env.update(env or {})
+    if launcher is None:
+        launcher = not check
+    child = launcher_child_command('rlhf', argv, full_env, megatron=True)
+    zygote, ranks = (None, 0) if launcher else _zygote_for(child, full_env, 'megatron', _megatron_env(nproc))
     started = time.time()
-    proc = subprocess.run([MEGATRON, 'rlhf', *argv], env=full_env, capture_output=True, text=True, timeout=timeout)
-    log_run(f'megatron rlhf, {nproc} process(es)', time.time() - started)
+    if zygote is not None:
+        import tempfile
+        with tempfile.TemporaryDirectory(prefix='run_megatron_') as workdir:
+            rc, stdout, stderr = zygote.run(child[7], child[8:], full_env, timeout, workdir, nproc=ranks,
+                                            port=full_env['MASTER_PORT'])
+        proc = subprocess.CompletedProcess(child, rc, stdout, stderr)
+    else:
+        proc = subprocess.run([MEGATRON, 'rlhf', *argv], env=full_env, capture_output=True, text=True,
+                              timeout=timeout)
+    how = 'launcher' if zygote is None else 'zygote fork (torchrun)'
+    log_run(f'megatron rlhf, {nproc} process(es), {how}', time.time() - started)
     output = proc.stdout + proc.stderr
     output_dir = argv[argv.index('--output_dir') + 1]
     if check and proc.returncode != 0:
