@@ -248,10 +248,10 @@ def launcher_child_command(command: str, argv: List[str], env: Dict[str, str], m
     torchrun."""
     from unittest.mock import patch
 
+    from swift.cli._megatron.main import ROUTE_MAPPING as MEGATRON_ROUTES
     from swift.cli.main import ROUTE_MAPPING, get_torchrun_args
-    if megatron:
-        from swift.cli._megatron.main import ROUTE_MAPPING
-    route = importlib.util.find_spec(ROUTE_MAPPING[command.replace('_', '-')]).origin
+    routes = MEGATRON_ROUTES if megatron else ROUTE_MAPPING
+    route = importlib.util.find_spec(routes[command.replace('_', '-')]).origin
     with patch.dict(os.environ, env, clear=True):  # the environment only: ms-swift's function runs as is
         torchrun = get_torchrun_args()
     if torchrun is None or (not megatron and command not in {'pt', 'sft', 'rlhf', 'infer'}):
