@@ -23,22 +23,20 @@ FRACTIONS = ('gkd/xtok_exact_fraction', 'gkd/xtok_fallback_fraction')
 
 
 @pytest.fixture(scope='module')
-def xtok_runs(tiny_ws, sp_teacher, tmp_path_factory):
-    """``runs(method, mode)``: one cached run. Off-policy runs train on the fixed four-row batch at a real learning
-    rate for eight steps (the loss must fall); the sampling modes run three steps on the training set."""
-    cache = {}
+def xtok_runs(tiny_ws, sp_teacher, shared_runs):
+    """``runs(method, mode)``: one run, shared by the test session. Off-policy runs train on the fixed four-row batch
+    at a real learning rate for eight steps (the loss must fall); the sampling modes run three steps on the training
+    set."""
+    def start(method, mode):
+        fixed = dict(dataset=tiny_ws.fixed, per_device_train_batch_size=4, learning_rate=5e-3, max_steps=STEPS,
+                     lr_scheduler_type='constant', warmup_ratio=0, temperature=1.0)
+        flags = dict(teacher_model=sp_teacher, gkd_cross_tokenizer=method, **MODES[mode],
+                     **(fixed if mode == 'off_policy' else {}))
+        return lambda out: run_swift(base_args(tiny_ws, out, **flags))
 
-    def runs(method, mode):
-        if (method, mode) not in cache:
-            out = str(tmp_path_factory.mktemp(f'xtok_{method}_{mode}'))
-            fixed = dict(dataset=tiny_ws.fixed, per_device_train_batch_size=4, learning_rate=5e-3, max_steps=STEPS,
-                         lr_scheduler_type='constant', warmup_ratio=0, temperature=1.0)
-            flags = dict(teacher_model=sp_teacher, gkd_cross_tokenizer=method, **MODES[mode],
-                         **(fixed if mode == 'off_policy' else {}))
-            cache[method, mode] = run_swift(base_args(tiny_ws, out, **flags))
-        return cache[method, mode]
-
-    return runs
+    shared = shared_runs('cross_tokenizer', {f'{method}_{mode}': start(method, mode) for method in ('uld', 'hybrid')
+                                             for mode in MODES})
+    return lambda method, mode: shared[f'{method}_{mode}']
 
 
 @pytest.mark.parametrize('mode', list(MODES))

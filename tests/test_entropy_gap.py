@@ -31,16 +31,18 @@ def sharp_teacher(tiny_ws) -> str:
 
 
 @pytest.fixture(scope='module')
-def stable_runs(tiny_ws, tmp_path_factory):
+def stable_runs(tiny_ws, shared_runs):
     """On-policy runs against the tiny teacher (as uncertain as the student: a stable run), dense and fused, at a
-    loss temperature of 1.3, each micro-batch's teacher view recorded."""
-    root = tmp_path_factory.mktemp('entropy_gap')
+    loss temperature of 1.3, each micro-batch's teacher view recorded (shared by the test session)."""
+    def start(impl):
+        return lambda out: run_swift(base_args(tiny_ws, out, max_steps=4, temperature=1.3, gkd_loss_impl=impl,
+                                               external_plugins=PROBE, **ON_POLICY),
+                                     env={'GKD_TEST_TRAJ_LOG': out + '.jsonl'})
+    shared = shared_runs('entropy_gap', {impl: start(impl) for impl in ('dense', 'fused')})
     runs = {}
     for impl in ('dense', 'fused'):
-        log = str(root / f'batches_{impl}.jsonl')
-        runs[impl] = run_swift(base_args(tiny_ws, str(root / impl), max_steps=4, temperature=1.3, gkd_loss_impl=impl,
-                                         external_plugins=PROBE, **ON_POLICY), env={'GKD_TEST_TRAJ_LOG': log})
-        with open(log) as f:
+        runs[impl] = shared[impl]
+        with open(runs[impl].output_dir + '.jsonl') as f:
             runs[impl].batches = [r for r in map(json.loads, f) if r['kind'] == 'batch']
     return runs
 

@@ -14,11 +14,14 @@ ONE_ROW = dict(per_device_train_batch_size=1, learning_rate=1e-3, lr_scheduler_t
                seed=5, max_completion_length=8)
 
 
-def probed_run(tiny_ws, root, name, **flags):
-    log = str(root / f'{name}.jsonl')
-    run = run_swift(base_args(tiny_ws, str(root / name), external_plugins=PROBE, **ONE_ROW, **flags),
-                    env={'GKD_TEST_TRAJ_LOG': log})
-    with open(log) as f:
+def probed_run(tiny_ws, out, **flags):
+    """A run whose samples and batches the probe logs next to its output folder (read by :func:`with_records`)."""
+    return run_swift(base_args(tiny_ws, out, external_plugins=PROBE, **ONE_ROW, **flags),
+                     env={'GKD_TEST_TRAJ_LOG': out + '.jsonl'})
+
+
+def with_records(run):
+    with open(run.output_dir + '.jsonl') as f:
         records = [json.loads(line) for line in f]
     run.samples = [r for r in records if r['kind'] == 'samples']
     run.batches = [r for r in records if r['kind'] == 'batch']
@@ -39,14 +42,25 @@ def argmax_agreement(student_dir: str, batch: dict) -> float:
     return float((logits[0, response - 1].argmax(-1) == ids[0, response]).double().mean())
 
 
+class _Runs:
+    """``runs[key]``: the shared run ``name(key)`` (started on first read, once per session), ``then`` applied."""
+
+    def __init__(self, shared, name=str, then=lambda run: run):
+        self.shared, self.name, self.then = shared, name, then
+
+    def __getitem__(self, key):
+        return self.then(self.shared[self.name(key)])
+
+
 @pytest.fixture(scope='module')
-def sampling_runs(tiny_ws, tmp_path_factory):
+def sampling_runs(tiny_ws, shared_runs):
     """One on-policy step each: no filter (the control), --top_k 1, --top_p 0.001 (both keep the argmax only), and
     --top_k 1 with --gkd_rollout_max_tokens 3."""
-    root = tmp_path_factory.mktemp('rollout_filters')
     flags = {'control': {}, 'top_k': dict(top_k=1), 'top_p': dict(top_p=0.001),
              'budget': dict(top_k=1, gkd_rollout_max_tokens=3)}
-    return {name: probed_run(tiny_ws, root, name, lmbda=1, max_steps=1, **extra) for name, extra in flags.items()}
+    starts = {name: (lambda extra: lambda out: probed_run(tiny_ws, out, lmbda=1, max_steps=1, **extra))(extra)
+              for name, extra in flags.items()}
+    return _Runs(shared_runs('rollout_filters', starts), then=with_records)
 
 
 @pytest.mark.parametrize('name', ['top_k', 'top_p'])
@@ -69,7 +83,8 @@ def test_rollout_budget_stops_the_students_samples(sampling_runs):
 
 def test_rollout_budget_leaves_seq_kd_samples_whole(tiny_ws, tmp_path):
     """lmbda 0.5 with seq_kd: the teacher's samples keep --max_completion_length, the student's stop at the budget."""
-    run = probed_run(tiny_ws, tmp_path, 'mixed', lmbda=0.5, seq_kd='true', max_steps=6, gkd_rollout_max_tokens=3)
+    run = with_records(probed_run(tiny_ws, str(tmp_path / 'mixed'), lmbda=0.5, seq_kd='true', max_steps=6,
+                                  gkd_rollout_max_tokens=3))
     by_mode = {}
     for s in run.samples:
         by_mode.setdefault(s['mode'], []).extend(len(ids) for ids in s['response_token_ids'])
@@ -78,19 +93,18 @@ def test_rollout_budget_leaves_seq_kd_samples_whole(tiny_ws, tmp_path):
 
 
 @pytest.fixture(scope='module')
-def entropy_mix_runs(tiny_ws, tmp_path_factory):
+def entropy_mix_runs(tiny_ws, shared_runs):
     """One on-policy step per loss: reverse KL, forward KL, and reverse KL with the entropy-aware mix at threshold 0
     (every position gated: RKL + FKL) and past log V (none), dense and fused. Step 1's samples and weights are the
     same in every run (same seed), so the losses must add up."""
-    root = tmp_path_factory.mktemp('entropy_mix')
-    runs = {}
-    for impl in ('dense', 'fused'):
-        for name, flags in {'rkl': dict(beta=1), 'fkl': dict(beta=0),
-                            'mix_all': dict(beta=1, gkd_entropy_fkl_threshold=0),
-                            'mix_none': dict(beta=1, gkd_entropy_fkl_threshold=100)}.items():
-            runs[impl, name] = run_swift(base_args(tiny_ws, str(root / f'{impl}_{name}'), lmbda=1, max_steps=1,
-                                                   gkd_loss_impl=impl, **ONE_ROW, **flags))
-    return runs
+    def start(impl, flags):
+        return lambda out: run_swift(base_args(tiny_ws, out, lmbda=1, max_steps=1, gkd_loss_impl=impl, **ONE_ROW,
+                                               **flags))
+    starts = {f'{impl}_{name}': start(impl, flags) for impl in ('dense', 'fused')
+              for name, flags in {'rkl': dict(beta=1), 'fkl': dict(beta=0),
+                                  'mix_all': dict(beta=1, gkd_entropy_fkl_threshold=0),
+                                  'mix_none': dict(beta=1, gkd_entropy_fkl_threshold=100)}.items()}
+    return _Runs(shared_runs('entropy_mix', starts), name=lambda key: f'{key[0]}_{key[1]}')
 
 
 @pytest.mark.parametrize('impl', ['dense', 'fused'])

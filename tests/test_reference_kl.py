@@ -16,18 +16,25 @@ ON_POLICY = dict(lmbda=1, per_device_train_batch_size=1, learning_rate=5e-3, lr_
                  external_plugins=PROBE)
 
 
-def _run(tiny_ws, root, name, **flags):
-    log = str(root / f'{name}.jsonl')
-    run = run_swift(base_args(tiny_ws, str(root / name), **{**ON_POLICY, **flags}), env={'GKD_TEST_TRAJ_LOG': log})
-    with open(log) as f:
+def _start(tiny_ws, out, **flags):
+    return run_swift(base_args(tiny_ws, out, **{**ON_POLICY, **flags}), env={'GKD_TEST_TRAJ_LOG': out + '.jsonl'})
+
+
+def _with_batches(run):
+    with open(run.output_dir + '.jsonl') as f:
         run.batches = [r for r in map(json.loads, f) if r['kind'] == 'batch']
     return run
 
 
+def _run(tiny_ws, root, name, **flags):
+    return _with_batches(_start(tiny_ws, str(root / name), **flags))
+
+
 @pytest.fixture(scope='module')
-def full_run(tiny_ws, tmp_path_factory):
-    """A fully tuned student, a checkpoint after every step."""
-    return _run(tiny_ws, tmp_path_factory.mktemp('ref_kl'), 'full', save_strategy='steps', save_steps=1)
+def full_run(tiny_ws, shared_runs):
+    """A fully tuned student, a checkpoint after every step (shared by the test session)."""
+    shared = shared_runs('ref_kl', {'full': lambda out: _start(tiny_ws, out, save_strategy='steps', save_steps=1)})
+    return _with_batches(shared['full'])
 
 
 def _ref_kl64(student_dir: str, reference_dir: str, batch: dict) -> float:

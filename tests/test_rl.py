@@ -31,22 +31,24 @@ def _advantages(rewards, group):
 
 
 @pytest.fixture(scope='module')
-def grouped_runs(tiny_ws, solution_dataset, tmp_path_factory):
+def grouped_runs(tiny_ws, solution_dataset, shared_runs):
     """G = 4 with micro-batches of 2 rows (each generation batch is one prompt sampled 4 times, split over the two
     micro-batches of the step), sampling temperature 1.5, learning rate 0 (both runs draw the same samples), with the
-    fused and the dense loss, in the dataset's order (``--dataset_shuffle false --train_dataloader_shuffle false``)."""
-    root = tmp_path_factory.mktemp('grouped')
-    runs = {}
-    for impl in ('fused', 'dense'):
-        log = str(root / f'rewards_{impl}.jsonl')
-        runs[impl] = run_swift(
-            base_args(tiny_ws, str(root / impl), dataset=solution_dataset, num_generations=4,
+    fused and the dense loss, in the dataset's order (``--dataset_shuffle false --train_dataloader_shuffle false``);
+    shared by the test session."""
+    def start(impl):
+        return lambda out: run_swift(
+            base_args(tiny_ws, out, dataset=solution_dataset, num_generations=4,
                       per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=3, learning_rate=0,
                       log_completions='true', seed=5, gkd_loss_impl=impl, dataset_shuffle='false',
                       train_dataloader_shuffle='false',
                       **dict(RL, temperature=1.5)),
-            env={'GKD_TEST_REWARD_LOG': log})
-        runs[impl].reward_log = log
+            env={'GKD_TEST_REWARD_LOG': out + '.rewards.jsonl'})
+    shared = shared_runs('rl_grouped', {impl: start(impl) for impl in ('fused', 'dense')})
+    runs = {}
+    for impl in ('fused', 'dense'):
+        runs[impl] = shared[impl]
+        runs[impl].reward_log = runs[impl].output_dir + '.rewards.jsonl'
     return runs
 
 

@@ -54,8 +54,16 @@ def runs(tiny_ws, skd_servers, shared_runs, adapters):
     lora_start = adapters['student_start']
 
     def start(flags, server=None):
-        flags = flags if server is None else _served(flags, skd_servers[server])
-        return lambda out: run_swift(base_args(tiny_ws, out, **flags))
+        if server is None:
+            return lambda out: run_swift(base_args(tiny_ws, out, **flags))
+
+        def served(out):  # the server's log lines of this run, kept with it (the server is this worker's)
+            before = len(skd_servers[server].log())
+            run = run_swift(base_args(tiny_ws, out, **_served(flags, skd_servers[server])))
+            with open(out + '.server.log', 'w') as f:
+                f.write(skd_servers[server].log()[before:])
+            return run
+        return served
 
     return shared_runs('skd_server', {
         'local': start(SKD),
@@ -108,12 +116,13 @@ def test_skd_on_a_server_returning_its_top16_judges_as_the_local_teacher(runs, s
           f'{replaced(local)}, server (top-16) {replaced(served)}')
 
 
-def test_each_verification_round_is_one_request_for_all_rows(runs, skd_servers):
+def test_each_verification_round_is_one_request_for_all_rows(runs):
     """The sampler asks the server once per verification round, for every row with a new draft together: its
     requests (those at the server's own k, 16; the loss asks for 8, the start-up probes for 1) number between the
     mean and the sum of the two rows' rounds of each step."""
     served = runs['server_top16_lora_greedy']
-    verifications = skd_servers['top16'].log().count(' k=16 ')
+    with open(served.output_dir + '.server.log') as f:  # the run may have been started by another test worker
+        verifications = f.read().count(' k=16 ')
     rounds = [r['gkd/skd_rounds'] for r in served.logs]  # mean over the step's two sequences
     assert sum(rounds) <= verifications <= 2 * sum(rounds), (verifications, rounds)
 
