@@ -143,9 +143,10 @@ def _run_env() -> Dict[str, str]:
     return env
 
 
-def run_swift(argv: List[str], *, env: Optional[Dict[str, str]] = None, nproc: int = 1, timeout: int = 600,
-              check: bool = True, command: str = 'rlhf', launcher: bool = False) -> SwiftRun:
-    """Run ``swift <command> argv`` in a child process, as a user would, and collect its logs.
+def run_swift(argv: List[str], *, env: Optional[Dict[str, Optional[str]]] = None, nproc: int = 1,
+              timeout: int = 600, check: bool = True, command: str = 'rlhf', launcher: bool = False) -> SwiftRun:
+    """Run ``swift <command> argv`` in a child process, as a user would, and collect its logs (``env``: variables
+    set for it, ``None`` removes one).
 
     ``swift`` itself (ms-swift's ``cli_main``) only imports ms-swift and modelscope to start one more process, the
     route file (under torchrun with ``nproc > 1``), and waits for it: ~2.5 s of CPU and ~5 s of wall time per run on
@@ -157,6 +158,8 @@ def run_swift(argv: List[str], *, env: Optional[Dict[str, str]] = None, nproc: i
         full_env['NPROC_PER_NODE'] = str(nproc)
         full_env['MASTER_PORT'] = str(_free_port())
     full_env.update(env or {})
+    for name in [k for k, v in full_env.items() if v is None]:  # env={'NAME': None}: the run without NAME
+        del full_env[name]
     child = launcher_child_command(command, argv, full_env)
     zygote, ranks = (None, 0) if launcher else _zygote_for(child, full_env)
     started = time.time()

@@ -63,7 +63,8 @@ def test_a_rank_sees_torchruns_environment(tmp_path):
     agent's own store and error-file paths."""
     script = tmp_path / 'dump_env.py'
     script.write_text('import json, os\n'
-                      'json.dump(dict(os.environ), open(os.path.join(os.environ["GKD_TEST_DUMP_DIR"], os.environ["RANK"]), "w"))\n')
+                      'path = os.path.join(os.environ["GKD_TEST_DUMP_DIR"], os.environ["RANK"])\n'
+                      'json.dump(dict(os.environ), open(path, "w"))\n')
     env = dict(_run_env(), NPROC_PER_NODE='2', MASTER_PORT=str(_free_port()))
     dumps = {}
     for how in ('torchrun', 'forked'):

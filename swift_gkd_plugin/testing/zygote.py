@@ -170,8 +170,8 @@ class Zygote:
     def run(self, route: str, argv: List[str], env: Dict[str, str], timeout: float, workdir: str,
             nproc: int = 1, port: Optional[str] = None):
         """Run ``python route argv`` in a fork, or (``port`` given) as ``torchrun --nproc_per_node nproc
-        --master_port port`` would on one node (``nproc`` forks); returns ``(returncode, stdout, stderr)``; raises :class:`subprocess.TimeoutExpired`
-        (the run's process groups killed) past ``timeout`` seconds."""
+        --master_port port`` would on one node (``nproc`` forks); returns ``(returncode, stdout, stderr)``; raises
+        :class:`subprocess.TimeoutExpired` (the run's process groups killed) past ``timeout`` seconds."""
         import queue
         proc = self._start()
         stdout, stderr = os.path.join(workdir, 'stdout'), os.path.join(workdir, 'stderr')

@@ -172,12 +172,15 @@ def test_mode_of_entries():
 @pytest.mark.skipif(os.path.exists('/dev/nvidiactl'), reason='a machine without a CUDA device')
 def test_flag_refusals_name_the_second_design(tiny_ws, tmp_path):
     """``--gkd_fused_backend triton2`` without a CUDA device, and with the entropy-aware mix: refused before
-    loading, in one line naming the flag and its value."""
-    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), gkd_fused_backend='triton2'), check=False, timeout=120)
+    loading, in one line naming the flag and its value. (Without the interpreter, which a user may have set for the
+    tests: with it, Triton runs on CPU.)"""
+    no_gpu = {'TRITON_INTERPRET': None}
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), gkd_fused_backend='triton2'), check=False, timeout=120,
+                    env=no_gpu)
     assert_refused_in_one_line(run, ['--gkd_fused_backend triton2 runs the kernels on CUDA devices and this '
                                      'process sees none'])
     run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), gkd_fused_backend='triton2',
-                              gkd_entropy_fkl_threshold=1), check=False, timeout=120)
+                              gkd_entropy_fkl_threshold=1), check=False, timeout=120, env=no_gpu)
     assert_refused_in_one_line(run, ['--gkd_entropy_fkl_threshold 1 runs on the PyTorch loss paths and '
                                      '--gkd_fused_backend triton2 forces the kernels'])
 

@@ -64,7 +64,8 @@ def run_megatron(argv: List[str], *, nproc: int = 1, timeout: int = 600, check: 
                  env: Dict[str, str] = None, launcher: Optional[bool] = None) -> SwiftRun:
     """``megatron rlhf argv`` on ``nproc`` CPU ranks (torchrun, gloo). ``launcher`` (the default where ``check`` is
     False: runs that may be refused): through ms-swift's ``megatron`` launcher; otherwise the ranks it would start,
-    forked from the test worker's Megatron zygote (``tests/megatron/test_megatron_zygote.py``: both log the same run)."""
+    forked from the test worker's Megatron zygote (``tests/megatron/test_megatron_zygote.py``: both log the same
+    run)."""
     full_env = _megatron_env(nproc)
     full_env.update(env or {})
     if launcher is None:
