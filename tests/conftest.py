@@ -132,10 +132,21 @@ def base_args(ws: Workspace, output_dir: str, **overrides) -> List[str]:
     return argv
 
 
+# what imports in this test process set in its environment (vLLM's, deepspeed's), which a user's shell does not have:
+# kept out of the runs' environment unless the shell had them (a run that imports them sets them itself)
+IMPORT_SIDE_EFFECTS = ('TILELANG_CLEANUP_TEMP_FILES', 'TORCHINDUCTOR_CACHE_DIR', 'TORCHINDUCTOR_COMPILE_THREADS',
+                       'TRITON_CACHE_AUTOTUNING', 'PYTORCH_NVML_BASED_CUDA_CHECK')
+_SHELL_HAD = {name for name in IMPORT_SIDE_EFFECTS if name in os.environ}
+
+
+def without_import_side_effects(env: Dict[str, str]) -> Dict[str, str]:
+    return {k: v for k, v in env.items() if k not in IMPORT_SIDE_EFFECTS or k in _SHELL_HAD}
+
+
 def _run_env() -> Dict[str, str]:
     """The environment of a one-process run that sets nothing itself."""
     import swift.cli.main  # noqa: F401 - it sets VLLM_LOGGING_LEVEL in this process's environment when imported
-    env = dict(os.environ, **OFFLINE_ENV)
+    env = dict(without_import_side_effects(os.environ), **OFFLINE_ENV)
     env.pop('SWIFT_GKD_PLUGIN', None)
     if _INTERPRET_SET_HERE:  # this process's interpreter is not the pipeline's: a run sees what a user's would
         env.pop('TRITON_INTERPRET', None)
@@ -176,7 +187,8 @@ def run_swift(argv: List[str], *, env: Optional[Dict[str, Optional[str]]] = None
                               text=True, timeout=timeout)
     how = 'launcher' if launcher else 'zygote fork' if zygote is not None else 'fresh'
     how += ' (torchrun)' if child[1:3] == ['-m', 'torch.distributed.run'] else ''
-    log_run(f'swift {command}, {full_env.get("NPROC_PER_NODE", "1")} process(es), {how}', time.time() - started)
+    log_run(f'swift {command}, {full_env.get("NPROC_PER_NODE", "1")} process(es), {how}', time.time() - started,
+            why_fresh=_ZYGOTE.get('why fresh') if how.startswith('fresh') else None)
     output = proc.stdout + proc.stderr
     output_dir = argv[argv.index('--output_dir') + 1] if '--output_dir' in argv else ''
     if check and proc.returncode != 0:
@@ -192,10 +204,11 @@ def run_swift(argv: List[str], *, env: Optional[Dict[str, Optional[str]]] = None
     return run
 
 
-def log_run(kind: str, seconds: float) -> None:
-    """Count one end-to-end run (``swift``, ``megatron``, a kit part) for the closing summary."""
+def log_run(kind: str, seconds: float, why_fresh: Optional[List[str]] = None) -> None:
+    """Count one end-to-end run (``swift``, ``megatron``, a kit part) for the closing summary; ``why_fresh``: the
+    variables that kept a run from the zygote."""
     with open(os.environ['GKD_TEST_RUN_LOG'], 'a') as f:
-        f.write(json.dumps({'kind': kind, 'seconds': seconds,
+        f.write(json.dumps({'kind': kind, 'seconds': seconds, 'why_fresh': why_fresh,
                             'test': os.environ.get('PYTEST_CURRENT_TEST', '').split(' ')[0]}) + '\n')
 
 
@@ -203,8 +216,7 @@ def log_run(kind: str, seconds: float) -> None:
 _ZYGOTE: Dict[str, object] = {}
 # read at run time only (by the test plugins): a run that sets these still forks from the zygote
 _RUNTIME_ENV_PREFIX = 'GKD_TEST_'
-# PYTORCH_NVML_BASED_CUDA_CHECK: set by an import (deepspeed's) in the test process and in every run alike
-_ZYGOTE_IGNORED = ('PYTEST_CURRENT_TEST', 'PYTORCH_NVML_BASED_CUDA_CHECK')
+_ZYGOTE_IGNORED = ('PYTEST_CURRENT_TEST',)
 
 
 def _zygote_for(child: List[str], env: Dict[str, str], family: str = 'swift',
@@ -241,7 +253,9 @@ def _zygote_for(child: List[str], env: Dict[str, str], family: str = 'swift',
         atexit.register(_ZYGOTE[key].close)
     zygote = _ZYGOTE[key]
     wanted = at_import(env) if child[1] != '-m' else dict(at_import(env), **TORCHRUN_WORKER_CONSTANTS)
-    return (zygote, nproc) if wanted == at_import(zygote.env) else (None, 0)
+    have = at_import(zygote.env)
+    _ZYGOTE['why fresh'] = sorted(k for k in set(wanted) | set(have) if wanted.get(k) != have.get(k))
+    return (zygote, nproc) if wanted == have else (None, 0)
 
 
 def launcher_child_command(command: str, argv: List[str], env: Dict[str, str], megatron: bool = False) -> List[str]:

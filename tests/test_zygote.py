@@ -101,3 +101,16 @@ def test_a_failing_rank_stops_the_other_and_the_run_exits_1(tiny_ws, tmp_path):
     started = time.time()
     rc, _, _ = zygote.run(str(script), [], env, 120, str(tmp_path), nproc=nproc, port=env['MASTER_PORT'])
     assert rc == 1 and time.time() - started < 60
+
+
+def test_what_an_import_sets_in_the_test_process_reaches_no_run(monkeypatch):
+    """vLLM's import sets TORCHINDUCTOR_COMPILE_THREADS (and more) in the test process: a run's environment is still a
+    user's (without it), so the runs after a vLLM test still fork from the zygote."""
+    from conftest import IMPORT_SIDE_EFFECTS, _SHELL_HAD
+    for name in IMPORT_SIDE_EFFECTS:
+        if name not in _SHELL_HAD:
+            monkeypatch.setenv(name, '1')
+    env = _run_env()
+    assert not any(name in env for name in IMPORT_SIDE_EFFECTS if name not in _SHELL_HAD)
+    zygote, nproc = _zygote_for(launcher_child_command('rlhf', [], env), env)
+    assert zygote is _ZYGOTE['swift'] and nproc == 1

@@ -12,7 +12,8 @@ import sys
 import time
 from typing import Dict, List, Optional
 
-from conftest import OFFLINE_ENV, SharedRuns, SwiftRun, _zygote_for, launcher_child_command, log_run
+from conftest import (OFFLINE_ENV, SharedRuns, SwiftRun, _zygote_for, launcher_child_command, log_run,
+                      without_import_side_effects)
 
 MEGATRON = os.path.join(os.path.dirname(sys.executable), 'megatron')
 CPU_SITE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'cpu_site')
@@ -53,7 +54,8 @@ def free_port() -> int:
 def _megatron_env(nproc: int) -> Dict[str, str]:
     """The environment of a run's ranks, as the launcher passes it on (its import of ms-swift's CLI sets one)."""
     import swift.cli.main  # noqa: F401 - it sets VLLM_LOGGING_LEVEL in this process's environment when imported
-    env = dict(os.environ, **OFFLINE_ENV, NPROC_PER_NODE=str(nproc), MASTER_PORT=str(free_port()))
+    env = dict(without_import_side_effects(os.environ), **OFFLINE_ENV, NPROC_PER_NODE=str(nproc),
+               MASTER_PORT=str(free_port()))
     env.pop('SWIFT_GKD_PLUGIN', None)
     env.pop('TRITON_INTERPRET', None)  # the ranks run as a user's would
     env['PYTHONPATH'] = os.pathsep.join(p for p in (CPU_SITE, os.environ.get('PYTHONPATH')) if p)
