@@ -437,7 +437,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         line = f'.ci/run: {total:.1f} min with the install'
         if figure:
             off = total < 0.9 * figure[0] or total > 1.1 * figure[1]
-            line += (f"; the README says {figure[0]}-{figure[1]} min" +
+            said = f'{figure[0]}' if figure[0] == figure[1] else f'{figure[0]}-{figure[1]}'
+            line += (f"; the README says {said} min" +
                      (': off by more than 10%, refresh it' if off else ' (within 10%)'))
         tr.write_line(line)
     runs = []
