@@ -9,7 +9,7 @@ hooks a fresh process runs at those imports), and nothing else (no tensor op, no
 
 Several processes: a run of N ranks (what ``torchrun --nproc_per_node N route ...`` starts) is N forks of a zygote
 whose environment holds torchrun's constant worker variables (``TORCHELASTIC_RUN_ID`` ...), each fork given the
-per-rank ones (:data:`TORCHRUN_RANK_VARIABLES`), and handled as torchrun handles them: the first rank to fail has
+per-rank ones (:func:`torchrun_rank_env`), and handled as torchrun handles them: the first rank to fail has
 the others stopped (SIGTERM, then SIGKILL after 30 s) and the run's exit code is 1. What differs from torchrun: no
 elastic agent (rank 0 hosts the rendezvous store, ``TORCHELASTIC_USE_AGENT_STORE`` unset) and no agent log lines.
 
@@ -37,13 +37,11 @@ TORCHRUN_WORKER_CONSTANTS = {
     'TORCHELASTIC_RUN_ID': 'none', 'TORCHELASTIC_RESTART_COUNT': '0', 'TORCHELASTIC_MAX_RESTARTS': '0',
     'TORCHELASTIC_SIGNALS_TO_HANDLE': 'SIGTERM,SIGINT,SIGHUP,SIGQUIT', 'ROLE_NAME': 'default', 'GROUP_RANK': '0',
     'GROUP_WORLD_SIZE': '1', 'TORCH_NCCL_ASYNC_ERROR_HANDLING': '1', 'OMP_NUM_THREADS': '1'}
-# ... and per rank (:func:`torchrun_rank_env`); TORCHELASTIC_USE_AGENT_STORE is left out: there is no agent
-TORCHRUN_RANK_VARIABLES = ('RANK', 'LOCAL_RANK', 'ROLE_RANK', 'WORLD_SIZE', 'LOCAL_WORLD_SIZE', 'ROLE_WORLD_SIZE',
-                           'MASTER_ADDR', 'MASTER_PORT', 'TORCHELASTIC_ERROR_FILE')
 
 
 def torchrun_rank_env(env: Dict[str, str], rank: int, world: int, port: str, error_file: str) -> Dict[str, str]:
-    """The environment torchrun gives rank ``rank`` of ``world`` (one node) started from ``env``."""
+    """The environment torchrun gives rank ``rank`` of ``world`` (one node) started from ``env``
+    (``TORCHELASTIC_USE_AGENT_STORE`` left out: there is no agent)."""
     out = dict(env, **TORCHRUN_WORKER_CONSTANTS)
     out.update(RANK=str(rank), LOCAL_RANK=str(rank), ROLE_RANK=str(rank), WORLD_SIZE=str(world),
                LOCAL_WORLD_SIZE=str(world), ROLE_WORLD_SIZE=str(world), MASTER_ADDR='127.0.0.1', MASTER_PORT=port,

@@ -6,13 +6,12 @@ from __future__ import annotations
 import glob
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from typing import Dict, List, Optional
 
-from conftest import (OFFLINE_ENV, SharedRuns, SwiftRun, _zygote_for, launcher_child_command, log_run,
+from conftest import (OFFLINE_ENV, SharedRuns, SwiftRun, _free_port, _zygote_for, launcher_child_command, log_run,
                       without_import_side_effects)
 
 MEGATRON = os.path.join(os.path.dirname(sys.executable), 'megatron')
@@ -45,17 +44,11 @@ def megatron_args(ws, output_dir: str, **overrides) -> List[str]:
     return argv
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def _megatron_env(nproc: int) -> Dict[str, str]:
     """The environment of a run's ranks, as the launcher passes it on (its import of ms-swift's CLI sets one)."""
     import swift.cli.main  # noqa: F401 - it sets VLLM_LOGGING_LEVEL in this process's environment when imported
     env = dict(without_import_side_effects(os.environ), **OFFLINE_ENV, NPROC_PER_NODE=str(nproc),
-               MASTER_PORT=str(free_port()))
+               MASTER_PORT=str(_free_port()))
     env.pop('SWIFT_GKD_PLUGIN', None)
     env.pop('TRITON_INTERPRET', None)  # the ranks run as a user's would
     env['PYTHONPATH'] = os.pathsep.join(p for p in (CPU_SITE, os.environ.get('PYTHONPATH')) if p)
