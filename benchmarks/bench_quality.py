@@ -47,7 +47,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))  # quality_presets, also when loaded from its path
@@ -106,20 +106,27 @@ def method_command(method: str, ws: Dict[str, Any], cfg: Dict[str, Any], seed: i
     return argv
 
 
-def run_method(method: str, ws: Dict[str, Any], cfg: Dict[str, Any], seed: int, out_root: str,
-               methods: Dict[str, tuple] = METHODS) -> List[str]:
-    """Run one method with one seed in ``out_root/<run_key>``; return its checkpoints in step order.  A failed run
-    stops the benchmark."""
-    output_dir = os.path.join(out_root, run_key(method, ws, cfg, seed, methods))
-    shutil.rmtree(output_dir, ignore_errors=True)
+def run_command(argv: List[str]) -> Tuple[int, str]:
+    """Run one ``swift`` command line offline, one thread a process unless the shell says otherwise; return its exit
+    code and its output."""
     env = dict(os.environ, **OFFLINE_ENV, TOKENIZERS_PARALLELISM='false')
     env.setdefault('OMP_NUM_THREADS', '1')
     env.pop('SWIFT_GKD_PLUGIN', None)
-    argv = method_command(method, ws, cfg, seed, output_dir, methods)
     proc = subprocess.run(argv, env=env, capture_output=True, text=True)
-    output = proc.stdout + proc.stderr
-    if proc.returncode != 0:
-        raise SystemExit(f'{method} seed {seed} failed ({proc.returncode}):\n{output[-4000:]}')
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def run_method(method: str, ws: Dict[str, Any], cfg: Dict[str, Any], seed: int, out_root: str,
+               methods: Dict[str, tuple] = METHODS, run: Callable[[List[str]], Tuple[int, str]] = run_command
+               ) -> List[str]:
+    """Run one method with one seed in ``out_root/<run_key>`` (``run``: how a command line runs; the tests start it
+    as they start every ``swift`` run); return its checkpoints in step order.  A failed run stops the benchmark."""
+    output_dir = os.path.join(out_root, run_key(method, ws, cfg, seed, methods))
+    shutil.rmtree(output_dir, ignore_errors=True)
+    argv = method_command(method, ws, cfg, seed, output_dir, methods)
+    returncode, output = run(argv)
+    if returncode != 0:
+        raise SystemExit(f'{method} seed {seed} failed ({returncode}):\n{output[-4000:]}')
     if _is_gkd_run(argv) and 'GKD trainer active' not in output:
         raise SystemExit(f'{method} seed {seed}: the run did not use the plugin (no "GKD trainer active" in its log)')
     with open(os.path.join(output_dir, 'run.log'), 'w') as f:

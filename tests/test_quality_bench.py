@@ -7,6 +7,7 @@ import json
 import os
 
 import pytest
+from conftest import run_swift
 
 from swift_gkd_plugin.testing import quality_task, tiny
 
@@ -23,6 +24,13 @@ def _load_bench(name):
 bench = _load_bench('bench_quality')
 rl_bench = _load_bench('bench_rl')
 xtok_bench = _load_bench('bench_xtok')
+
+
+def _as_the_suite_runs(argv):
+    """The bench's ``swift`` command line, started as the suite starts every run (``conftest.run_swift``: a fork of
+    the warm interpreter, the suite's offline environment) instead of a fresh process (``bench.run_command``)."""
+    run = run_swift(argv[2:], command=argv[1], check=False)
+    return run.returncode, run.output
 
 
 @pytest.fixture(scope='module')
@@ -44,7 +52,7 @@ EXPECTED_MODE = {'seqkd': 'seq_kd', 'supkd': 'off_policy', 'onpolicy_beta0': 'on
 @pytest.mark.parametrize('method', list(bench.METHODS))
 def test_each_method_runs_one_step_and_is_scored(method, quality_ws, tmp_path):
     cfg = dict(bench.PRESETS['quick'], steps=1, eval_every=1)
-    checkpoints = bench.run_method(method, quality_ws, cfg, 0, str(tmp_path))
+    checkpoints = bench.run_method(method, quality_ws, cfg, 0, str(tmp_path), run=_as_the_suite_runs)
     assert [os.path.basename(c) for c in checkpoints] == ['checkpoint-1']
     if method in EXPECTED_MODE:  # the mode schedule: lmbda 0 / 1 decide every step
         assert _modes(os.path.dirname(checkpoints[0])) == [EXPECTED_MODE[method]]
@@ -107,7 +115,7 @@ def test_rl_methods_run_with_the_exact_match_reward(method, reward_key, quality_
     """GRPO (ms-swift's trainer) and GKD + RL (the plugin's) score G = 4 samples per prompt with the reward file."""
     cfg = dict(rl_bench.PRESETS['quick'], steps=1, eval_every=1)
     methods = rl_bench.rl_methods(['1'])
-    checkpoints = bench.run_method(method, quality_ws, cfg, 0, str(tmp_path), methods)
+    checkpoints = bench.run_method(method, quality_ws, cfg, 0, str(tmp_path), methods, run=_as_the_suite_runs)
     assert [os.path.basename(c) for c in checkpoints] == ['checkpoint-1']
     output_dir = os.path.dirname(checkpoints[0])
     with open(os.path.join(output_dir, 'args.json')) as f:
@@ -171,7 +179,8 @@ def test_xtok_hybrid_runs_one_on_policy_step_through_the_other_family_teacher(xt
     """bench_xtok's cross-tokenizer command line works end to end (needs the --gkd_cross_tokenizer wiring)."""
     cfg = dict(xtok_bench.PRESETS['quick'], steps=1, eval_every=1)
     methods = xtok_bench.xtok_methods(xtok_ws, '1', '0.5')
-    checkpoints = xtok_bench.bq.run_method('gkd_xtok_hybrid', xtok_ws, cfg, 0, str(tmp_path), methods)
+    checkpoints = xtok_bench.bq.run_method('gkd_xtok_hybrid', xtok_ws, cfg, 0, str(tmp_path), methods,
+                                             run=_as_the_suite_runs)
     assert [os.path.basename(c) for c in checkpoints] == ['checkpoint-1']
     with open(os.path.join(os.path.dirname(checkpoints[0]), 'run.log')) as f:
         log = f.read()

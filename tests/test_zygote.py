@@ -114,3 +114,25 @@ def test_what_an_import_sets_in_the_test_process_reaches_no_run(monkeypatch):
     assert not any(name in env for name in IMPORT_SIDE_EFFECTS if name not in _SHELL_HAD)
     zygote, nproc = _zygote_for(launcher_child_command('rlhf', [], env), env)
     assert zygote is _ZYGOTE['swift'] and nproc == 1
+
+
+def test_a_preload_entry_with_a_function_runs_it_once_for_every_fork(tmp_path):
+    """``module:function`` in the preload is called in the zygote: the Megatron zygote runs inductor's CPU
+    instruction-set probe (a ``python`` subprocess per candidate, cached per process) once, and each fork inherits
+    the answer instead of probing again."""
+    from swift_gkd_plugin.testing.zygote import MEGATRON_PRELOAD, Zygote
+    assert 'torch._inductor.cpu_vec_isa:pick_vec_isa' in MEGATRON_PRELOAD
+    script = tmp_path / 'probed.py'
+    script.write_text('from torch._inductor.cpu_vec_isa import valid_vec_isa_list\n'
+                      'print("cached", valid_vec_isa_list.cache_info().currsize)\n')
+    outputs = []
+    for n, preload in enumerate((('torch._inductor.cpu_vec_isa', ), ('torch._inductor.cpu_vec_isa:pick_vec_isa', ))):
+        zygote, workdir = Zygote(_run_env(), preload), tmp_path / str(n)
+        workdir.mkdir()
+        try:
+            rc, out, err = zygote.run(str(script), [], _run_env(), 120, str(workdir))
+        finally:
+            zygote.close()
+        assert rc == 0, err
+        outputs.append(out.strip())
+    assert outputs == ['cached 0', 'cached 1']

@@ -30,8 +30,10 @@ from typing import Dict, List, Optional
 PRELOAD = ('swift.cli.utils', 'swift.pipelines', 'swift.pipelines.train.rlhf', 'swift.trainers.trainer_factory',
            'swift_gkd_plugin.swift.trainer', 'swift_gkd_plugin.swift.setup.arguments')
 # the same for ``megatron rlhf`` (its route file ``swift/cli/_megatron/rlhf.py``)
+# (its trainer warms megatron-core's fused functions with ``torch.compile``: inductor's CPU instruction-set probe,
+# a ``python`` subprocess per candidate and cached per process, ~9 s a run, is run once here, then inherited)
 MEGATRON_PRELOAD = ('swift.cli._megatron.main', 'swift.megatron.pipelines.train.rlhf',
-                    'swift_gkd_plugin.megatron.trainer')
+                    'swift_gkd_plugin.megatron.trainer', 'torch._inductor.cpu_vec_isa:pick_vec_isa')
 # what torchrun (torch 2.13, one node, static rendezvous) sets in every worker's environment, whatever the rank
 TORCHRUN_WORKER_CONSTANTS = {
     'TORCHELASTIC_RUN_ID': 'none', 'TORCHELASTIC_RESTART_COUNT': '0', 'TORCHELASTIC_MAX_RESTARTS': '0',
@@ -139,12 +141,15 @@ def _signal_group(pid: int, sig: int) -> None:
 
 
 def serve(preload=PRELOAD) -> None:
-    """The zygote's loop, after importing ``preload``: one JSON request per line on stdin; replies ``{"pids"}`` once
-    the run's processes are forked (one per entry of ``envs``), then ``{"rc"}`` (:func:`_wait_ranks`) when they
-    ended."""
+    """The zygote's loop, after importing ``preload`` (``module:function`` also calls the function): one JSON request
+    per line on stdin; replies ``{"pids"}`` once the run's processes are forked (one per entry of ``envs``), then
+    ``{"rc"}`` (:func:`_wait_ranks`) when they ended."""
     import importlib
     for name in preload:
-        importlib.import_module(name)
+        module, _, function = name.partition(':')
+        module = importlib.import_module(module)
+        if function:
+            getattr(module, function)()
     out = sys.stdout
     out.write(json.dumps({'ready': os.getpid()}) + '\n')
     out.flush()

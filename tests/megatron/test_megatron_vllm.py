@@ -23,13 +23,15 @@ VLLM = dict(lmbda=1, use_vllm='true', vllm_mode='colocate', vllm_enforce_eager='
             lr=1e-2, train_iters=STEPS, external_plugins=PROBE)
 
 
-def _vllm_run(ws, out, **flags):
+def _vllm_run(ws, out, launcher=False, **flags):
+    """A run expected to train (its ranks forked from the Megatron zygote), or (``launcher``) one the launcher may
+    refuse."""
     probe_log = out + '.probe.jsonl'
     if os.path.exists(probe_log):
         os.remove(probe_log)
     for name in ('VLLM_PLUGINS', 'VLLM_CPU_KVCACHE_SPACE'):  # the plugin sets them, not the user
         os.environ.pop(name, None)
-    return run_megatron(megatron_args(ws, out, **dict(VLLM, **flags)), check=False, timeout=900,
+    return run_megatron(megatron_args(ws, out, **dict(VLLM, **flags)), check=False, timeout=900, launcher=launcher,
                         env={'GKD_TEST_VLLM_PROBE_LOG': probe_log})
 
 
@@ -92,7 +94,7 @@ def test_megatron_vllm_colocate_lora_student(runs, name):
 def test_megatron_vllm_cpu_head_size_is_checked_before_loading(tiny_ws, tmp_path):
     """The standard tiny student has heads of 16, which vLLM's CPU attention refuses at its first generate: refused
     by the launcher, before any rank starts (it was refused in each rank, with a traceback)."""
-    run = _vllm_run(tiny_ws, str(tmp_path / 'out'))
+    run = _vllm_run(tiny_ws, str(tmp_path / 'out'), launcher=True)
     assert run.returncode == 2, run.output[-3000:]
     assert 'megatron rlhf: error: ' in run.output and 'Traceback' not in run.output
     assert 'has attention heads of size 16 (config.json), which its CPU attention does not support' in run.output
