@@ -350,6 +350,23 @@ def check_deepspeed_launch(args) -> None:
                      '(or the number of GPUs) so that swift starts torchrun, or drop --deepspeed')
 
 
+def check_cpu_processes(args) -> None:
+    """Several processes (``WORLD_SIZE`` > 1) on a machine without an accelerator and without ``--use_cpu true``:
+    transformers then gives each process a data-parallel world of one (accelerate forms a group of CPU processes only
+    when asked to), so each trains its own copy into the same ``--output_dir`` and exits 0."""
+    world = int(os.environ.get('WORLD_SIZE') or 1)
+    if world <= 1 or args.use_cpu or os.environ.get('ACCELERATE_USE_CPU', '').lower() in ('1', 'true', 'yes', 'on'):
+        return
+    import torch
+    from transformers.utils import is_torch_xla_available
+    if torch.accelerator.is_available() or is_torch_xla_available():
+        return
+    raise FlagError(f'--use_cpu false (the default) with {world} processes (NPROC_PER_NODE x NNODES) on a machine '
+                     'without a GPU: the processes would not form a data-parallel group, and each would train its own '
+                     'copy into the same --output_dir. Pass --use_cpu true to train on the CPU with gloo, or start one '
+                     'process (NPROC_PER_NODE=1)')
+
+
 def check_divergence_flags(args) -> None:
     """Neither divergence parameter given with the other divergence, where it would be silently unused (the ranges
     are declared). ``args.beta`` is None when unset, or ms-swift's GKD default 0.5 once resolved (which cannot be told

@@ -68,3 +68,13 @@ def test_vllm_tensor_parallel_size_divides_one_process(tiny_ws, tmp_path):
                                      '(allowed: 1)'], ranks_started=False)
     run = run_swift(args, check=False, timeout=180)
     assert_refused_in_one_line(run, ['--vllm_tensor_parallel_size 3 does not divide the 1 training process'])
+
+
+def test_cpu_processes_without_use_cpu_refused_in_the_launcher(tiny_ws, tmp_path):
+    """Issue 66: ``NPROC_PER_NODE=2`` on a machine without a GPU and without ``--use_cpu true`` exited 0, each process
+    training its own copy into the same folder (transformers forms no group of CPU processes unless asked)."""
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), ddp_backend='gloo'), nproc=2, launcher=True,
+                    check=False, timeout=180)
+    assert_refused_by_launcher(run, ['--use_cpu false (the default) with 2 processes', 'Pass --use_cpu true'],
+                               ranks_started=False)
+    assert not (tmp_path / 'out').exists()

@@ -19,11 +19,11 @@ import swift_gkd_plugin
 from swift_gkd_plugin.colocated_vllm import (check_vllm_cpu_head_dim, check_vllm_max_model_len, check_vllm_sleep_mode,
                                              resolve_vllm_environment)
 from swift_gkd_plugin.core.constants import ROLLOUT_IS_MODES, SCALE_REWARDS
-from swift_gkd_plugin.flags import (FlagError, GKDPluginArgumentsMixin, check_bf16_device, check_deepspeed_launch,
-                                    check_gkd_scalars, check_multi_turn_flags, check_no_plugin_flags_outside_gkd,
-                                    check_rl_flags, check_teacher_server_flags, check_torch_compile_checkpointing,
-                                    check_training_set, check_vllm_flags, ignored_flag_warnings,
-                                    resolve_num_generations, sampling_temperature)
+from swift_gkd_plugin.flags import (FlagError, GKDPluginArgumentsMixin, check_bf16_device, check_cpu_processes,
+                                    check_deepspeed_launch, check_gkd_scalars, check_multi_turn_flags,
+                                    check_no_plugin_flags_outside_gkd, check_rl_flags, check_teacher_server_flags,
+                                    check_torch_compile_checkpointing, check_training_set, check_vllm_flags,
+                                    ignored_flag_warnings, resolve_num_generations, sampling_temperature)
 from swift_gkd_plugin.ms_swift_state import grpo_num_generations, keep_teacher_messages_column
 from swift_gkd_plugin.swift.setup.checkpoints import check_resume_checkpoint
 from swift_gkd_plugin.swift.setup.compile_cost import torch_compile_warnings
@@ -464,6 +464,7 @@ def check_flags_only(args) -> None:
     check_multi_turn_flags(args)
     check_torch_compile_checkpointing(args)
     check_deepspeed_launch(args)
+    check_cpu_processes(args)
     check_vllm_flags(args)
     check_vllm_installed(args)
     check_vllm_logprobs(args)
