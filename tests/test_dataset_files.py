@@ -10,8 +10,8 @@ from conftest import base_args, run_swift
 from test_activation_and_bad_input import assert_refused_in_one_line
 
 from swift_gkd_plugin.flags import FlagError
-from swift_gkd_plugin.swift.setup.datasets import (Where, dataset_rows, privileged_problem, response_problem,
-                                                  row_problem)
+from swift_gkd_plugin.swift.setup.datasets import (Where, dataset_rows, empty_prompt, has_prompt, has_response,
+                                                  privileged_problem, response_problem, row_problem)
 
 
 def _row(user='Reverse: a b', answer='b a', role='user', **extra):
@@ -181,6 +181,70 @@ def test_rows_are_read_as_the_datasets_loaders_read_them(tmp_path):
 ])
 def test_row_and_response_problems(row, problem, response):
     assert (row_problem(row, {}), response_problem(row, {})) == (problem, response)
+
+
+SHAREGPT_PAIRS = [{'conversations': [{'human': f'Reverse: {a} {b}', 'assistant': f'{b} {a}'}]} for a, b in ('ab', 'cd')]
+
+
+@pytest.mark.parametrize('row,prompt,response', [
+    (SHAREGPT_PAIRS[0], True, True),  # ShareGPT's key form: ms-swift's sharegpt_to_messages reads a user and a response
+    ({'conversations': [{'user': 'q', 'gpt': 'a'}, {'human': 'q2', 'bot': 'a2'}]}, True, True),
+    ({'conversations': [{'human': 'q', 'assistant': ''}]}, True, False),  # an empty response is none
+    ({'conversations': [{'from': 'human', 'value': 'q'}, {'from': 'gpt', 'value': 'a'}]}, True, True),
+    ({'messages': [{'role': 'user', 'content': 'q'}]}, True, False),
+])
+def test_sharegpt_key_form_has_a_prompt_and_a_response(row, prompt, response):
+    assert (row_problem(row, {}), has_prompt(row, {}), has_response(row, {})) == (None, prompt, response)
+
+
+def test_sharegpt_key_form_trains_off_policy_and_a_prompt_only_file_on_policy_without_a_false_warning(tiny_ws,
+                                                                                                      tmp_path):
+    """Issue 66: ``{"conversations": [{"human": q, "assistant": a}]}`` was refused at ``--lmbda 0`` (and as
+    ``--val_dataset``) as having no assistant response; a prompt-only file at ``--lmbda 1`` warned about responses
+    that no step reads."""
+    pairs = tmp_path / 'sharegpt_pairs.jsonl'
+    pairs.write_bytes(_jsonl(SHAREGPT_PAIRS * 2))
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'pairs'), dataset=str(pairs), val_dataset=str(pairs), lmbda=0,
+                              max_steps=1, per_device_eval_batch_size=2), timeout=300)
+    assert len(run.losses) == 1 and run.logs[0]['gkd/mode_off_policy'] == 1.0, run.output[-3000:]
+    assert 'no assistant response' not in run.output
+    prompts = tmp_path / 'prompts.jsonl'
+    prompts.write_bytes(_jsonl([{'messages': row['messages'][:1]} for row in GOOD]))
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'prompts'), dataset=str(prompts), lmbda=1, max_steps=1),
+                    timeout=300)
+    assert len(run.losses) == 1 and 'no assistant response' not in run.output, run.output[-3000:]
+
+
+@pytest.mark.parametrize('row,empty', [
+    ({'instruction': '', 'input': '', 'output': 'a'}, True),
+    ({'instruction': ' ', 'input': '\n', 'output': 'a'}, True),
+    ({'instruction': 'Reverse', 'input': '', 'output': 'a'}, False),
+    ({'query': '', 'response': 'a'}, True),
+    ({'query': '', 'system': 'Write a poem.', 'response': 'a'}, False),  # the system prompt asks
+    (_row(user=''), True),
+    (_row(user='', images=['cat.png']), False),  # the image is the prompt
+    ({'conversations': [{'human': '', 'assistant': 'a'}]}, True),
+    (GOOD[0], False),
+])
+def test_empty_prompt(row, empty):
+    assert empty_prompt(row, {}) is empty
+
+
+def test_empty_prompts_are_counted_and_refused_when_every_row_has_one_and_every_step_samples(tiny_ws, tmp_path):
+    """Issue 66 item 6: Alpaca rows with an empty instruction and input, or ``query: ""``, trained silently at
+    ``--lmbda 1``: the student sampled unconditioned text."""
+    empty = [{'instruction': '', 'input': '', 'output': 'b a'}, {'query': '', 'response': 'd c'}]
+    path = tmp_path / 'empty.jsonl'
+    path.write_bytes(_jsonl(empty))
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), dataset=str(path), lmbda=1), check=False, timeout=120)
+    assert_refused_in_one_line(run, [f'--dataset {path}: 2 of 2 row(s) have an empty prompt (lines 1, 2): every step '
+                                     'samples (--lmbda 1.0, --seq_kd false)'])
+    mixed = tmp_path / 'mixed.jsonl'
+    mixed.write_bytes(_jsonl(GOOD + empty))
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'mixed_out'), dataset=str(mixed), lmbda=1, max_steps=1),
+                    timeout=300)
+    assert f'--dataset {mixed}: 2 of 6 row(s) have an empty prompt (lines 5, 6): on-policy and seq_kd' in run.output
+    assert len(run.losses) == 1
 
 
 @pytest.mark.parametrize('row,problem', [

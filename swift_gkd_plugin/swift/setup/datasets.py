@@ -97,8 +97,8 @@ def row_problem(row: dict, columns: Dict[str, str]) -> Optional[str]:
         if not isinstance(message, dict):
             return f'message {i} is {_kind(message)}, not an object'
         if not any(k in message for k in ROLE_KEYS):
-            if i == 0 and {'user', 'assistant'} & set(message):
-                return None  # ShareGPT's {"user": ..., "assistant": ...} pairs
+            if i == 0 and set(USER_ROLES + ASSISTANT_ROLES) & set(message):
+                return None  # ShareGPT's {"human": ..., "assistant": ...} pairs (its user and assistant keys)
             return f'message {i} has no "role"'
         role = _role(message)
         if role not in KNOWN_ROLES:
@@ -227,11 +227,19 @@ def _role(message) -> Optional[str]:
     return next((message[k] for k in ROLE_KEYS if k in message), None) if isinstance(message, dict) else None
 
 
+def _sharegpt_pairs(messages: list) -> bool:
+    """ShareGPT's key form, one ``{"human": q, "assistant": a}`` object a turn: ms-swift's ``sharegpt_to_messages``
+    reads it where the first message has neither a role nor a content key."""
+    return all(isinstance(m, dict) for m in messages) and not set(messages[0]) & set(ROLE_KEYS + CONTENT_KEYS)
+
+
 def has_response(row: dict, columns: Dict[str, str]) -> bool:
     """Whether ms-swift's automatic preprocessor finds a non-empty assistant response in ``row`` (after
     ``--columns``)."""
     row = _mapped(row, columns)
     messages = _messages(row)
+    if messages is not None and _sharegpt_pairs(messages):  # {"human": q, "assistant": a} turns
+        return next((messages[-1][k] for k in ASSISTANT_ROLES if k in messages[-1]), None) not in (None, '', [])
     if messages is not None:  # an empty content ('') encodes as a bare end of turn: nothing to distil either
         content = next((messages[-1][k] for k in CONTENT_KEYS if k in messages[-1]), None)
         return _role(messages[-1]) in ASSISTANT_ROLES and content not in ('', [])
@@ -250,6 +258,27 @@ def has_prompt(row: dict, columns: Dict[str, str]) -> bool:
         return (row['instruction'] or row['input']) is not None
     source = _response_columns(row)['query']
     return source is not None and row.get(source) is not None
+
+
+def empty_prompt(row: dict, columns: Dict[str, str]) -> bool:
+    """A row with a prompt (:func:`has_prompt`) whose text is all blank (its system and user messages, ShareGPT's user
+    keys, or the system and query columns; Alpaca's ``instruction`` and ``input``) and that names no media: a step
+    that samples gives the model nothing to answer."""
+    row = _mapped(row, columns)
+    if media_refs(row, {}):
+        return False
+    messages = _messages(row)
+    if messages is not None and _sharegpt_pairs(messages):
+        texts = [m[k] for m in messages for k in USER_ROLES if k in m]
+    elif messages is not None:
+        texts = [next((m[k] for k in CONTENT_KEYS if k in m), None) for m in messages
+                 if _role(m) in USER_ROLES + ('system', )]
+    elif 'instruction' in row and 'input' in row:
+        texts = [row['instruction'], row['input'], row.get('system')]
+    else:
+        found = _response_columns(row)
+        texts = [row.get(found['query']), row.get(found['system'])]
+    return all(text is None or isinstance(text, str) and not text.strip() for text in texts)
 
 
 def prompt_missing(row: dict, columns: Dict[str, str]) -> str:
@@ -319,11 +348,12 @@ def scan_rows(flag: str, path: str, standard_format: bool, columns: Dict[str, st
     """Reads the whole file (refusing what cannot be read): its number of rows, and where each of its rows is with
     a problem: ``bad`` (ms-swift would drop it) and ``privileged`` (its teacher columns) as ``(where, problem)``,
     ``no_response`` as ``(where, has a prompt)``, ``no_prompt`` (``(where, what it gives)``: a response and no prompt),
-    ``prompted`` (the number of rows with a prompt), ``media`` (it names media), ``broken`` (``(where, problem)`` of
+    ``prompted`` (the number of rows with a prompt), ``empty_prompt`` (a blank one: :func:`empty_prompt`), ``media`` (it
+    names media), ``broken`` (``(where, problem)`` of
     each unreadable media file), ``dataset_steps`` (``(where, problem)``: dropped on dataset steps only).
     ``by_steps(row)``: why ms-swift drops the row on every step, and on dataset steps only (:func:`_step_check`)."""
     found = {'no_response': [], 'no_prompt': [], 'media': [], 'broken': [], 'bad': [], 'privileged': [],
-             'dataset_steps': [], 'rows': 0, 'prompted': 0, 'no_response_columns': set()}
+             'dataset_steps': [], 'rows': 0, 'prompted': 0, 'empty_prompt': [], 'no_response_columns': set()}
     for where, row in dataset_rows(flag, path):
         found['rows'] += 1
         if not standard_format:
@@ -341,6 +371,8 @@ def scan_rows(flag: str, path: str, standard_format: bool, columns: Dict[str, st
             found['dataset_steps'].append((where, dataset_steps))
         prompt = has_prompt(row, columns)
         found['prompted'] += prompt
+        if prompt and empty_prompt(row, columns):
+            found['empty_prompt'].append(where)
         if not has_response(row, columns):
             found['no_response'].append((where, prompt))
             found['no_response_columns'].update(_mapped(row, columns))
@@ -410,6 +442,8 @@ def check_local_datasets(args) -> None:
                                 'place; fix or remove these rows.')
             if found['bad']:
                 skipped += _bad_rows(args, flag, path, found['bad'])
+            if flag == '--dataset' and can_sample and found['empty_prompt']:
+                _empty_prompts(args, path, found['empty_prompt'], found['prompted'])
             no_response = found['no_response']
             if not no_response:
                 continue
@@ -423,7 +457,7 @@ def check_local_datasets(args) -> None:
             sampled = [where for where, prompt in no_response if prompt]
             if flag == '--dataset':
                 dropped += [f'{path} {where}' for where in promptless]
-            if sampled:
+            if sampled and args.lmbda < 1 and not args.seq_kd:  # else no step reads a dataset response
                 logger.warning(f'swift_gkd_plugin: {flag} {path}: {len(sampled)} row(s) have no assistant response '
                                f'({_shown(sampled)}){typo}: dataset (off-policy) steps have nothing to distil on them; '
                                'on-policy and seq_kd steps sample a response for them.')
@@ -435,6 +469,18 @@ def check_local_datasets(args) -> None:
     if no_prompt:
         dropped += _rows_without_prompt(args, no_prompt, prompted)
     check_one_batch(args, train_rows - len(dropped) - len(skipped), dropped, skipped, partial)
+
+
+def _empty_prompts(args, path: str, empty: List[Where], prompted: int) -> None:
+    """``--dataset`` rows whose prompt is blank (:func:`empty_prompt`), where steps sample: refused when every row's is
+    and every step samples (``--lmbda 1``, or ``--seq_kd``), else a warning that counts them."""
+    rows = f'--dataset {path}: {len(empty)} of {prompted} row(s) have an empty prompt ({_shown(empty)})'
+    if len(empty) == prompted and (args.lmbda >= 1 or args.seq_kd):
+        raise FlagError(f'{rows}: every step samples (--lmbda {args.lmbda}, --seq_kd {str(args.seq_kd).lower()}), '
+                        'and a response sampled to an empty prompt is unconditioned text. Give the rows their '
+                        'prompts (Alpaca: instruction / input; messages: the user turn)')
+    logger.warning(f'swift_gkd_plugin: {rows}: on-policy and seq_kd steps sample a response to nothing for them '
+                   '(unconditioned text). Give them their prompts, or remove them.')
 
 
 def _rows_without_prompt(args, files: List[Tuple[str, List[Tuple[Where, str]]]], prompted: int) -> List[str]:
