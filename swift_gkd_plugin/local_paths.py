@@ -4,10 +4,14 @@ Shared by the pre-load checks of ``swift rlhf`` and of ``swift-gkd serve-teacher
 from __future__ import annotations
 
 import difflib
+import json
 import os
 from typing import Optional
 
 LOCAL_SUFFIXES = ('.jsonl', '.json', '.csv', '.txt', '.parquet', '.arrow', '.tsv')
+# the files transformers (and ms-swift's GGUF route) read weights from; a trainer checkpoint's other states are not
+WEIGHT_SUFFIXES = ('.safetensors', '.bin', '.pt', '.pth', '.ckpt', '.h5', '.msgpack', '.gguf')
+NOT_WEIGHTS = ('training_args.bin', 'optimizer.pt', 'scheduler.pt', 'scaler.pt', 'rng_state')
 
 
 def looks_local(path: str) -> bool:
@@ -28,18 +32,67 @@ def near_names(path: str) -> str:
 
 def not_a_model_folder(path: str, adapter_flag: str = '--adapters') -> Optional[str]:
     """Why the existing ``path`` cannot be a model folder (a file; a folder without ``config.json``, from which
-    transformers and ms-swift read the model's type: without it they fail with a traceback that never names the file),
-    as words to follow ``'<flag> <value>: '``; None for a model folder or a path that does not exist. A LoRA adapter's
-    folder is told to go to ``adapter_flag``."""
+    transformers and ms-swift read the model's type: without it they fail with a traceback that never names the file;
+    a ``config.json`` that is not a JSON object, or no weight files: a download or copy cut short, which failed after
+    the other model loaded), as words to follow ``'<flag> <value>: '``; None for a model folder or a path that does
+    not exist. A LoRA adapter's folder is told to go to ``adapter_flag``."""
     if os.path.isfile(path):
         folder = os.path.dirname(os.path.abspath(path))
         hint = f': pass its folder {folder!r}' if os.path.isfile(os.path.join(folder, 'config.json')) else ''
         return f'{path!r} is a file, not a model folder{hint}'
-    if not os.path.isdir(path) or os.path.isfile(os.path.join(path, 'config.json')):
+    if not os.path.isdir(path):
         return None
     names = sorted(os.listdir(path))
+    if 'config.json' in names:
+        return _config_problem(os.path.join(path, 'config.json')) or _weights_problem(path, names)
     held = ', '.join(names[:6]) + (', ...' if len(names) > 6 else '') if names else 'nothing'
     adapter = (f' (adapter_config.json: a LoRA adapter, to pass as {adapter_flag} beside its base model)'
                if 'adapter_config.json' in names else '')
     return (f'the folder {path!r} has no config.json (it holds {held}){adapter}; a model folder holds the config.json '
             'that transformers saves beside the weights and tokenizer')
+
+
+def _config_problem(config: str) -> Optional[str]:
+    try:
+        with open(config, encoding='utf-8') as f:
+            value = json.load(f)
+    except ValueError as exc:
+        where = f' ({exc.msg} at line {exc.lineno}, column {exc.colno})' if isinstance(exc, json.JSONDecodeError) else ''
+        return (f'{config!r} is not valid JSON{where}: a download or copy cut short? Fetch or copy the model '
+                'folder again')
+    except OSError as exc:
+        return f'{config!r} cannot be read ({exc.strerror or exc})'
+    return None if isinstance(value, dict) else f'{config!r} holds a JSON {type(value).__name__}, not an object'
+
+
+def _weights_problem(path: str, names) -> Optional[str]:
+    """No weight file beside ``config.json``, or a shard that its ``*.index.json`` names missing."""
+    weights = [n for n in names if n.endswith(WEIGHT_SUFFIXES) and not n.startswith(NOT_WEIGHTS)]
+    for index in [n for n in names if n.endswith('.index.json')]:
+        try:
+            with open(os.path.join(path, index), encoding='utf-8') as f:
+                shards = sorted(set(json.load(f)['weight_map'].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return f'its {index} is not a readable weight index (a download cut short?)'
+        missing = [shard for shard in shards if shard not in names]
+        if missing:
+            return (f'its {index} names {len(shards)} weight file(s), and {len(missing)} are missing ({missing[0]}'
+                    f'{", ..." if len(missing) > 1 else ""}): a download cut short? Fetch the model folder again')
+    if weights:
+        return None
+    held = ', '.join(names[:6]) + (', ...' if len(names) > 6 else '')
+    return (f'the folder {path!r} has a config.json but no weight files (it holds {held}): a download cut short? A '
+            f'model folder holds its weights ({", ".join("*" + s for s in WEIGHT_SUFFIXES[:2])}) beside config.json')
+
+
+def adapter_path_problem(flag: str, value: str) -> Optional[str]:
+    """Why ``value`` given to ``flag`` (``--adapters``: a LoRA adapter's folder) cannot be one, as one line: a file,
+    or a local-looking path that does not exist (otherwise taken for a hub id); None otherwise."""
+    path = os.path.expanduser(value)
+    if os.path.isfile(path):
+        folder = os.path.dirname(os.path.abspath(path))
+        return f'{flag} {value}: {path!r} is a file, not an adapter folder (pass the folder that holds it, {folder!r})'
+    if not os.path.isdir(path) and looks_local(value):
+        where = '' if os.path.isabs(path) else f' (relative to {os.getcwd()})'
+        return f'{flag} {value}: no such folder {path!r}{where}{near_names(path)} (hub models are named owner/name)'
+    return None

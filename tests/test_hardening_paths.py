@@ -98,3 +98,54 @@ def test_bfloat16_from_the_models_config_is_refused_naming_where_it_came_from(ti
     run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), model=student, torch_dtype=None), check=False,
                     timeout=120)
     assert_refused_in_one_line(run, ["--torch_dtype bfloat16 (not given: --model's config.json)", '--use_cpu true'])
+
+
+def _cut_config(folder):
+    config = os.path.join(folder, 'config.json')
+    text = open(config).read()
+    with open(config, 'w') as f:
+        f.write(text[:len(text) // 2])
+
+
+def _sharded(folder):
+    """The weights renamed to the first of two shards, an index naming both: the second never arrived."""
+    os.rename(os.path.join(folder, 'model.safetensors'), os.path.join(folder, 'model-00001-of-00002.safetensors'))
+    with open(os.path.join(folder, 'model.safetensors.index.json'), 'w') as f:
+        json.dump({'metadata': {}, 'weight_map': {'a': 'model-00001-of-00002.safetensors',
+                                                  'b': 'model-00002-of-00002.safetensors'}}, f)
+
+
+BROKEN_FOLDERS = {  # issue 66 item 4: name -> (how the teacher's copy is broken, the words of the refusal)
+    'config_cut_short': (_cut_config, "config.json' is not valid JSON (Unterminated string"),
+    'no_weight_files': (lambda f: [os.remove(os.path.join(f, n)) for n in os.listdir(f) if n.endswith('.safetensors')],
+                        'has a config.json but no weight files (it holds chat_template.jinja, config.json'),
+    'missing_shard': (_sharded, 'its model.safetensors.index.json names 2 weight file(s), and 1 are missing '
+                                '(model-00002-of-00002.safetensors)'),
+}
+
+
+@pytest.mark.parametrize('name', list(BROKEN_FOLDERS))
+def test_a_broken_model_folder_is_refused_naming_the_file(tiny_ws, tmp_path, name):
+    """A download or copy cut short: a config.json cut in half was a 119-line double traceback; a folder without its
+    weights loaded the other model first, then failed."""
+    breaks, needle = BROKEN_FOLDERS[name]
+    folder = str(tmp_path / name)
+    shutil.copytree(tiny_ws.teacher, folder)
+    breaks(folder)
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), teacher_model=folder), check=False, timeout=120)
+    assert_refused_in_one_line(run, [f'--teacher_model {folder}: ', needle])
+
+
+def test_adapters_naming_a_file_and_an_output_dir_through_a_dangling_link_are_refused(tiny_ws, adapters, tmp_path):
+    """Issue 66 items 4 and 5: ms-swift's ``_init_adapters`` and ``_add_version`` failed with 48- and 49-line
+    tracebacks."""
+    adapter_file = os.path.join(adapters['fit'], 'adapter_model.safetensors')
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), tuner_type='lora', adapters=adapter_file), check=False,
+                    timeout=120)
+    assert_refused_in_one_line(run, [f"--adapters {adapter_file}: {adapter_file!r} is a file, not an adapter folder "
+                                     f"(pass the folder that holds it, {adapters['fit']!r})"])
+    link = tmp_path / 'runs'
+    os.symlink(tmp_path / 'gone' / 'runs', link)
+    run = run_swift(base_args(tiny_ws, str(link / 'gkd')), check=False, timeout=120)
+    assert_refused_in_one_line(run, [f"--output_dir {link}/gkd: '{link}' is a symbolic link to "
+                                     f"'{tmp_path}/gone/runs', which does not exist"])

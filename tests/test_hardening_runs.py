@@ -100,6 +100,22 @@ def test_a_cut_short_newest_checkpoint_points_to_an_earlier_one(tiny_ws, saved_e
                                      f'{out} holds no other complete checkpoint to resume from'])
 
 
+def test_a_runs_folder_is_refused_naming_its_newest_complete_checkpoint(tiny_ws, saved_every_three_steps, tmp_path):
+    """Issue 66 item 3: the folder that holds checkpoint-3, checkpoint-6 and last-checkpoint was refused as a save "cut
+    short" with "no complete checkpoint"; also one level down, in ms-swift's ``v<N>-<time>`` run folders."""
+    out = _copy(saved_every_three_steps, tmp_path)
+    versioned = tmp_path / 'versioned'
+    shutil.copytree(out, versioned / 'v0-20261127-010203', symlinks=True)
+    for folder, newest in ((out, out), (versioned, versioned / 'v0-20261127-010203')):
+        run = run_swift(base_args(tiny_ws, str(tmp_path / 'resumed'), resume_from_checkpoint=str(folder), **RESUME),
+                        check=False)
+        assert_refused_in_one_line(run, [f"--resume_from_checkpoint {folder} is a run's folder, not one of its "
+                                         'checkpoints: resume from its newest complete checkpoint, '
+                                         f'--resume_from_checkpoint {newest}/'])
+        named = run.output.split('--resume_from_checkpoint ')[-1].split()[0]
+        assert os.path.realpath(named) == os.path.realpath(newest / 'checkpoint-6'), named
+
+
 @pytest.mark.parametrize('flags,needles', [
     (dict(max_steps=6), ['checkpoint-6 is at step 6 (trainer_state.json\'s global_step) and --max_steps is 6: nothing '
                          'is left to train', 'Pass --max_steps larger than 6']),

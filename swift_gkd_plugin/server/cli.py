@@ -146,18 +146,15 @@ def _paths_problem(args) -> Optional[str]:
     """A ``--model`` that names a local folder (the rule of ``swift rlhf``'s paths) and every ``--adapters`` folder
     exist: a missing one was taken for a hub id and failed after minutes, with a traceback. An existing ``--model`` is
     a model folder (:func:`~swift_gkd_plugin.local_paths.not_a_model_folder`), an ``--adapters`` path a folder."""
-    from swift_gkd_plugin.local_paths import looks_local, near_names, not_a_model_folder
+    from swift_gkd_plugin.local_paths import adapter_path_problem, looks_local, not_a_model_folder
     problem = not_a_model_folder(os.path.expanduser(args.model))
     if problem:
         return f'--model {args.model}: {problem}'
-    named = [('--model', args.model)] if looks_local(args.model) else []
+    named = [('--model', args.model)] if looks_local(args.model) else []  # (a --model file was refused above)
     for flag, value in named + [('--adapters', adapter) for adapter in args.adapters]:
-        path = os.path.expanduser(value)
-        if os.path.isfile(path):  # (a --model file was refused above)
-            return f'{flag} {value}: {path!r} is a file, not an adapter folder (pass the folder that holds it)'
-        if not os.path.isdir(path):
-            where = '' if os.path.isabs(path) else f' (relative to {os.getcwd()})'
-            return f'{flag} {value}: no such folder {path!r}{where}{near_names(path)} (hub models are named owner/name)'
+        problem = adapter_path_problem(flag, value)
+        if problem:
+            return problem
     return None
 
 

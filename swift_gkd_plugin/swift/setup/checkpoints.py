@@ -73,6 +73,18 @@ def newest_hint(output_dir: str, refused: Optional[str] = None, args=None) -> st
     return f'the newest complete checkpoint is {newest} (--resume_from_checkpoint {newest})'
 
 
+def newest_in_run(folder: str) -> Optional[str]:
+    """The newest complete checkpoint of a run's folder (``--output_dir``), or of its ``v<N>-<time>`` runs (ms-swift's
+    ``--add_version``): the one whose ``trainer_state.json`` was written last; None where it holds none."""
+    runs = [folder]
+    try:
+        runs += [os.path.join(folder, name) for name in os.listdir(folder) if re.match(r'^v\d+-', name)]
+    except OSError:
+        return None
+    found = [path for path in map(newest_complete, runs) if path]
+    return max(found, key=lambda path: os.path.getmtime(os.path.join(path, TRAINER_STATE)), default=None)
+
+
 #: The arguments that ms-swift saves beside the weights of each checkpoint (a copy of the run's args.json).
 ARGS_FILE = 'args.json'
 

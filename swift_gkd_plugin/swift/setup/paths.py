@@ -19,7 +19,7 @@ import tempfile
 from typing import List, Optional
 
 from swift_gkd_plugin.flags import FlagError
-from swift_gkd_plugin.local_paths import looks_local, near_names, not_a_model_folder
+from swift_gkd_plugin.local_paths import adapter_path_problem, looks_local, near_names, not_a_model_folder
 
 
 def check_model_given(args) -> None:
@@ -51,6 +51,16 @@ def check_model_paths(args) -> None:
                         'must exist (hub models are named owner/name)')
 
 
+def check_adapter_paths(args) -> None:
+    """Each ``--adapters`` value that names a local path is a folder (ms-swift's ``_init_adapters`` failed on a file
+    with 48 lines of traceback)."""
+    adapters = args.adapters or []
+    for value in [adapters] if isinstance(adapters, str) else adapters:
+        problem = adapter_path_problem('--adapters', value) if isinstance(value, str) else None
+        if problem:
+            raise FlagError(problem)
+
+
 def check_external_plugins(args) -> None:
     """Each ``--external_plugins`` file (and ms-swift 3's ``--custom_register_path``) exists."""
     for flag in ('external_plugins', 'custom_register_path'):
@@ -64,19 +74,28 @@ def check_external_plugins(args) -> None:
 
 
 def check_resume_folder(args) -> None:
-    """``--resume_from_checkpoint`` is a folder (ms-swift refuses a missing one with a traceback); what it holds is
+    """``--resume_from_checkpoint`` is a folder (ms-swift refuses a missing one with a traceback) and not a run's
+    folder (the one holding its ``checkpoint-N``: the newest complete one is named); what a checkpoint holds is
     checked once the arguments are resolved (:func:`swift_gkd_plugin.swift.setup.checkpoints.check_resume_checkpoint`)."""
     path = args.resume_from_checkpoint
-    if not path or os.path.isdir(os.path.expanduser(path)):
+    if not path:
         return
-    from swift_gkd_plugin.swift.setup.checkpoints import newest_hint
+    from swift_gkd_plugin.swift.setup.checkpoints import TRAINER_STATE, newest_hint, newest_in_run
+    folder = os.path.expanduser(path)
+    if os.path.isdir(folder):
+        newest = None if os.path.exists(os.path.join(folder, TRAINER_STATE)) else newest_in_run(folder)
+        if newest:
+            raise FlagError(f'--resume_from_checkpoint {path} is a run\'s folder, not one of its checkpoints: resume '
+                            f'from its newest complete checkpoint, --resume_from_checkpoint {newest}')
+        return
     what = 'is a file, not a checkpoint folder' if os.path.exists(path) else 'no such checkpoint folder'
     raise FlagError(f'--resume_from_checkpoint {path}: {what}{near_names(path)}; '
                     f'{newest_hint(os.path.dirname(os.path.abspath(path)))}.')
 
 
 def check_output_dir(args) -> None:
-    """``--output_dir`` (ms-swift's default ``output/<model>`` when not given) is a folder, or can be made, in which
+    """``--output_dir`` (ms-swift's default ``output/<model>`` when not given) is a folder, or can be made (no dangling
+    symbolic link on the way), in which
     this process can create files: ms-swift's ``os.makedirs`` raised a traceback for a file there, or below one, or on
     a read-only file system. Write access is tried (a probe file made and removed in the nearest existing folder):
     ``os.access`` says yes to root where creating fails (sysfs, root-squashed network mounts)."""
@@ -84,6 +103,9 @@ def check_output_dir(args) -> None:
     flag = f'--output_dir {value}' if value else '--output_dir (not given: ms-swift\'s output/<model>)'
     existing = os.path.abspath(os.path.expanduser(value or 'output'))
     while not os.path.exists(existing):
+        if os.path.islink(existing):  # ms-swift's os.makedirs fails on it with a traceback
+            raise FlagError(f'{flag}: {existing!r} is a symbolic link to {os.readlink(existing)!r}, which does not '
+                            'exist: create the folder it points to, or pass another --output_dir')
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         raise FlagError(f'{flag}: {existing!r} is a file, not a folder; the run\'s checkpoints and logs go in '
@@ -101,6 +123,7 @@ def check_command_line_paths(args) -> None:
     """Every check of this module, in this order."""
     check_model_given(args)
     check_model_paths(args)
+    check_adapter_paths(args)
     check_external_plugins(args)
     check_resume_folder(args)
     check_output_dir(args)
