@@ -175,9 +175,25 @@ def test_sequence_parallel_size_must_divide_processes_and_heads(tiny_ws, tmp_pat
     run = run_swift(base_args(tiny_ws, str(tmp_path / 'a'), sequence_parallel_size=2, lmbda=0), check=False,
                     timeout=120)
     assert_refused_in_one_line(run, ['--sequence_parallel_size 2 does not divide the 1 training process '
-                                     '(NPROC_PER_NODE x NNODES)', '(allowed: 1)'])
-    # four processes (WORLD_SIZE, as torchrun sets it), and the tiny models' 2 key-value heads
-    run = run_swift(base_args(tiny_ws, str(tmp_path / 'b'), sequence_parallel_size=4, lmbda=0),
-                    env={'WORLD_SIZE': '4'}, check=False, timeout=120)
-    assert_refused_in_one_line(run, ['--sequence_parallel_size 4 does not divide the 2 attention heads of --model '
-                                     '(num_key_value_heads in its config.json)', '(allowed: 1, 2)'])
+                                     '(NPROC_PER_NODE x NNODES)', '(allowed: 1); start 2 processes or a multiple, e.g. '
+                                     'NPROC_PER_NODE=2 swift rlhf ... (with --use_cpu true'])
+    # four ranks (started without the launcher: the ranks' own check of the resolved model), and the tiny models' 2
+    # key-value heads
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'b'), sequence_parallel_size=4, lmbda=0, use_cpu='true',
+                              ddp_backend='gloo'), nproc=4, check=False, timeout=300)
+    errors = {line for line in run.output.splitlines() if line.startswith('swift rlhf: error: ')}
+    assert run.returncode != 0 and len(errors) == 1 and 'Traceback' not in run.output, run.output[-3000:]
+    assert ('--sequence_parallel_size 4 does not divide the 2 attention heads of --model (num_key_value_heads in its '
+            'config.json), which each rank of a group splits (allowed: 1, 2)') in errors.pop()
+
+
+@pytest.mark.parametrize('size,nproc,needle', [
+    (-2, 2, '--sequence_parallel_size -2 must be at least 1'),  # a TypeError in each rank, after loading
+    (4, 4, '--sequence_parallel_size 4 does not divide the 2 attention heads of --model'),  # after 4 ranks started
+])
+def test_sequence_parallel_size_refused_in_the_launcher(tiny_ws, tmp_path, size, nproc, needle):
+    """Issue 66 item 7: both passed the launcher's checks."""
+    from test_hardening_launcher import CPU_RANKS, assert_refused_by_launcher
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), sequence_parallel_size=size, lmbda=0, **CPU_RANKS),
+                    nproc=nproc, launcher=True, check=False, timeout=180)
+    assert_refused_by_launcher(run, [needle], ranks_started=False)

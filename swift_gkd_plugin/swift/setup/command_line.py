@@ -110,6 +110,18 @@ def _rank_zero_environment(world_size: int):
                 os.environ[name] = value
 
 
+def check_local_model_heads(args) -> None:
+    """``--sequence_parallel_size`` against the attention heads of ``--model`` and ``--teacher_model`` where they are
+    local folders (the ranks check the resolved ones again): a size that does not divide them was refused only once
+    every rank had started."""
+    from swift_gkd_plugin.swift.setup.sequence_parallel import check_sequence_parallel_heads
+    if (args.sequence_parallel_size or 1) > 1:
+        dirs = {flag: os.path.expanduser(value) for flag, value in (('--model', args.model),
+                                                                    ('--teacher_model', args.teacher_model))
+                if isinstance(value, str) and os.path.isdir(os.path.expanduser(value))}
+        check_sequence_parallel_heads(args.sequence_parallel_size, dirs)
+
+
 def check_launcher_command_line(argv: List[str]) -> None:
     """In ``swift``'s launcher, before torchrun starts any rank: the checks every rank runs first on a ``swift rlhf
     --rlhf_type gkd`` command line (unknown flags, then
@@ -127,5 +139,6 @@ def check_launcher_command_line(argv: List[str]) -> None:
     with _rank_zero_environment(world_size):
         try:
             check_command_line_flags(args)
+            check_local_model_heads(args)
         except FlagError as exc:
             refuse(PROG, exc)

@@ -22,8 +22,13 @@ def resolve_sequence_parallel(args) -> None:
 
 
 def check_sequence_parallel(args) -> None:
-    """What the GKD trainer does not run under ``--sequence_parallel_size > 1`` yet."""
-    size = args.sequence_parallel_size or 1
+    """A size of at least 1 that divides the training processes, and what the GKD trainer does not run under
+    ``--sequence_parallel_size > 1`` yet."""
+    size = args.sequence_parallel_size
+    if size is not None and size < 1:  # (it failed in the ranks with a TypeError once both models were loaded)
+        raise FlagError(f'--sequence_parallel_size {size} must be at least 1: the number of ranks that split each row '
+                        '(1: no sequence parallelism)')
+    size = size or 1
     if size <= 1:
         return
     flag = f'--sequence_parallel_size {size}'
@@ -47,9 +52,11 @@ def check_sequence_parallel(args) -> None:
     processes = int(os.environ.get('WORLD_SIZE') or 1)  # torchrun's (the launcher sets rank 0's), 1 without one
     if processes % size:
         divisors = [d for d in range(1, processes + 1) if processes % d == 0]
+        start = (f'; start {size} processes or a multiple, e.g. NPROC_PER_NODE={size} swift rlhf ... (with '
+                 '--use_cpu true on a machine without GPUs)') if processes == 1 else ''
         raise FlagError(f'{flag} does not divide the {processes} training process{"es" if processes > 1 else ""} '
                         f'(NPROC_PER_NODE x NNODES): each group of {size} ranks splits the sequences (allowed: '
-                        f'{", ".join(map(str, divisors))})')
+                        f'{", ".join(map(str, divisors))}){start}')
 
 
 def check_sequence_parallel_heads(size: int, model_dirs: Dict[str, Optional[str]]) -> None:
