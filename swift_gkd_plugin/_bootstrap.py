@@ -2,7 +2,9 @@
 
 It must cost nothing: it imports neither torch nor ms-swift. It only registers post-import hooks so that, when a
 process imports ms-swift's rlhf pipeline or trainer factory, the plugin's arguments and trainer are put in place
-(see :mod:`swift_gkd_plugin.activation`). ``SWIFT_GKD_PLUGIN=0`` leaves ms-swift untouched.
+(see :mod:`swift_gkd_plugin.activation`). ``SWIFT_GKD_PLUGIN=0`` leaves ms-swift untouched, but for one line naming
+the variable where a command line holds a flag of the plugin (ms-swift's own error was a ``remaining_argv``
+traceback).
 
 It also sets how the process ends (:mod:`swift_gkd_plugin.process_exit`): a torchrun worker's last ``atexit``
 handler, the launcher's child exiting with the launcher, and torchrun quiet after a rank's refusal.
@@ -27,6 +29,7 @@ _HOOKS = {
     'swift.cli.main': 'on_swift_cli_imported',
     'mcore_bridge.model.rope': 'on_mcore_bridge_rope_imported',
 }
+_OFF_HOOKS = {'swift.pipelines.base': 'on_pipeline_base_imported_while_off'}  # with SWIFT_GKD_PLUGIN=0
 
 
 def auto_activation_enabled() -> bool:
@@ -51,8 +54,11 @@ class _Loader(importlib.abc.Loader):
 
 class _PostImportFinder(importlib.abc.MetaPathFinder):
 
+    def __init__(self, hooks):
+        self.hooks = hooks
+
     def find_spec(self, fullname, path=None, target=None):
-        hook_name = _HOOKS.get(fullname)
+        hook_name = self.hooks.get(fullname)
         if hook_name is None:
             return None
         for finder in sys.meta_path:  # the real spec, from the finders after us
@@ -71,17 +77,16 @@ def install() -> None:
         atexit.register(exit_after_clean_finish)
     quiet_torchrun_after_refusal()  # before exit_with_launcher() removes the launcher's variable
     exit_with_launcher()
-    if not auto_activation_enabled():
-        return
+    hooks = _HOOKS if auto_activation_enabled() else _OFF_HOOKS
     if any(isinstance(f, _PostImportFinder) for f in sys.meta_path):
         return
-    sys.meta_path.insert(0, _PostImportFinder())
+    sys.meta_path.insert(0, _PostImportFinder(hooks))
     # Modules imported before this point (unusual: the .pth runs at start-up) are patched right away.
-    already = [name for name in _HOOKS if name in sys.modules]
+    already = [name for name in hooks if name in sys.modules]
     if already:
         from swift_gkd_plugin import activation
         for name in already:
-            getattr(activation, _HOOKS[name])(sys.modules[name])
+            getattr(activation, hooks[name])(sys.modules[name])
 
 
 try:

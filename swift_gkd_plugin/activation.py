@@ -175,6 +175,33 @@ def on_swift_cli_imported(module) -> None:
     module.cli_main = cli_main
 
 
+def on_pipeline_base_imported_while_off(module) -> None:
+    """With ``SWIFT_GKD_PLUGIN=0``: a command line holding one of the plugin's flags (and no ``--external_plugins``,
+    which activates it explicitly) is refused in one line naming the variable, before ms-swift parses it; any other
+    command line is ms-swift's alone."""
+    pipeline = module.SwiftPipeline
+    original = pipeline._parse_args
+    if getattr(original, '_swift_gkd_plugin', False):
+        return
+
+    def _parse_args(self, args=None):
+        argv = sys.argv[1:] if args is None else args
+        if isinstance(argv, (list, tuple)) and not any(str(t).split('=', 1)[0] == '--external_plugins' for t in argv):
+            from swift_gkd_plugin.flags import plugin_flags_in
+            flags = plugin_flags_in([str(t) for t in argv])
+            if flags:
+                from swift_gkd_plugin.swift.setup.command_line import refuse
+                route = os.path.splitext(os.path.basename(sys.argv[0]))[0]
+                prog = f'{"megatron" if "_megatron" in sys.argv[0] else "swift"} {route}'
+                refuse(prog, f'{", ".join(flags)}: flag(s) of swift-gkd-plugin, which SWIFT_GKD_PLUGIN='
+                             f'{os.environ.get("SWIFT_GKD_PLUGIN")} turned off: unset SWIFT_GKD_PLUGIN (or set it to '
+                             '1), or drop the flag(s)')
+        return original(self, args)
+
+    _parse_args._swift_gkd_plugin = True
+    pipeline._parse_args = _parse_args
+
+
 def on_megatron_rlhf_pipeline_imported(module) -> None:
     """Parse ``megatron rlhf`` with the plugin's arguments class and build the plugin's trainer for 'gkd'."""
     from swift_gkd_plugin.megatron.setup.arguments import GKDPluginMegatronRLHFArguments

@@ -492,8 +492,8 @@ def check_teacher_server_flags(args, local_teacher: bool = False) -> None:
 
 
 def ignored_flag_warnings(args) -> List[str]:
-    """Flags whose values have no effect with the others given (warned about, not refused: the run still learns what
-    the user asked for otherwise)."""
+    """Flags whose values have no effect with the others given, and a learning rate of 0 (warned about, not refused:
+    the run still does what the user asked for otherwise; a run at learning rate 0 measures losses)."""
     warnings = []
     if args.gkd_cross_tokenizer == 'uld' and args.beta is not None:
         warnings.append(f'--beta {args.beta} is ignored with --gkd_cross_tokenizer uld (ULD compares sorted '
@@ -520,4 +520,7 @@ def ignored_flag_warnings(args) -> List[str]:
     if args.seq_kd and args.lmbda == 1:
         warnings.append('--seq_kd true has no effect with --lmbda 1: every step is on-policy (the student samples), '
                         'so the teacher never samples; lower --lmbda to mix in sequence-level KD steps')
+    if getattr(args, 'learning_rate', None) == 0:
+        warnings.append('--learning_rate 0: the weights never change, so the run measures losses and every checkpoint '
+                        'it saves holds the starting weights; pass a learning rate above 0 to train')
     return warnings

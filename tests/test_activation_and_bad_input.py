@@ -56,6 +56,16 @@ def test_opt_out_runs_ms_swift_trainer(tiny_ws, tmp_path):
     assert refused.returncode != 0 and 'seq_kd' in refused.output
 
 
+def test_a_plugin_flag_with_the_plugin_switched_off_names_the_variable(tiny_ws, tmp_path):
+    """Issue 66 item 9: ms-swift's ``ValueError: remaining_argv`` traceback, after it had built its arguments."""
+    out = tmp_path / 'out'
+    run = run_swift(base_args(tiny_ws, str(out), gkd_skd_top_k=1), env={'SWIFT_GKD_PLUGIN': '0'}, check=False,
+                    timeout=120)
+    assert_refused_in_one_line(run, ['--gkd_skd_top_k: flag(s) of swift-gkd-plugin, which SWIFT_GKD_PLUGIN=0 turned '
+                                     'off: unset SWIFT_GKD_PLUGIN (or set it to 1), or drop the flag(s)'])
+    assert not out.exists()
+
+
 def test_explicit_activation_through_external_plugins(tiny_ws, tmp_path):
     run = run_swift(
         base_args(tiny_ws, str(tmp_path / 'out'), lmbda=0, seq_kd='true', max_steps=2,

@@ -170,3 +170,13 @@ def test_a_non_finite_loss_names_the_terms_present(tiny_ws, tmp_path):
     _one_error_line(run, ['the loss is not finite on step 1 (off_policy step)',
                           'the terms present: --temperature 0.9, --gkd_divergence_coef 1, --sft_alpha 3e+38)'])
     assert '--gkd_rl_coef' not in run.output.split('swift rlhf: error: ')[1]
+
+
+def test_a_learning_rate_of_0_is_warned_about_at_start(tiny_ws, tmp_path):
+    """Issue 66 item 8: it trained, saved a checkpoint equal to the start and exited 0 without a word (--max_steps 0
+    is refused for this outcome; a run at learning rate 0 still measures losses)."""
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), learning_rate=0, max_steps=1))
+    warning = ('--learning_rate 0: the weights never change, so the run measures losses and every checkpoint it saves '
+               'holds the starting weights')
+    assert warning in run.output and len(run.losses) == 1
+    assert warning not in run_swift(base_args(tiny_ws, str(tmp_path / 'lr'), learning_rate=1e-5, max_steps=1)).output
