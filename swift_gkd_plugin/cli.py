@@ -20,9 +20,6 @@ BATCH_SIZE = 16
 DEMO_STEPS = 80
 DEMO_SKD_TOP_K = 1
 DEMO_SAMPLING_TEMPERATURE = 0.5
-#: Supervised steps that warm-start the demo's student (the GKD paper's setting: distillation starts from a
-#: supervised-FT student): it then writes well-formed answers, many of them wrong.
-DEMO_WARM_START_STEPS = 60  # held-out exact match 0.21-0.46 on the reversal task (seeds 0-2)
 #: Steps per logged row of the demo's run (the per-window modes and SKD replaced fraction printed at the end).
 DEMO_LOGGING_STEPS = 10
 #: Where the demo builds its models and writes its run (relative to the current folder).
@@ -214,8 +211,7 @@ def run_demo(args) -> int:
     root = os.path.abspath(args.workdir)
     t0, cpu0 = time.time(), cpu_seconds()
     log(f'building the tiny teacher and a warm-started student in {root} (cached after the first run) ...')
-    ws = tiny.build_demo_workspace(root, seed=args.seed, teacher_steps=args.teacher_steps,
-                                   student_steps=DEMO_WARM_START_STEPS, verbose=True)
+    ws = tiny.build_warm_workspace(root, seed=args.seed, teacher_steps=args.teacher_steps, verbose=True)
     test_rows = tiny.read_dataset(ws['test'])
     tokenizer = tiny.load_tokenizer(ws['student'])
     log('scoring the teacher and the student on the held-out prompts ...')

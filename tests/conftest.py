@@ -367,13 +367,14 @@ def adapters(tiny_ws) -> Dict[str, str]:
 
 @pytest.fixture(scope='session')
 def trained_ws(tmp_path_factory):
-    """The demo workspace (a teacher trained to reverse letters perfectly), built once for all xdist workers."""
+    """The demo workspace (a teacher trained to reverse letters perfectly, the student warm-started as the demo's and
+    the example scripts' CPU mode's), built once for all xdist workers."""
     from filelock import FileLock
 
     from swift_gkd_plugin.testing import tiny
     shared = tmp_path_factory.getbasetemp().parent  # common to the xdist workers of one run
     with FileLock(str(shared / 'trained_ws.lock')):
-        return tiny.build_demo_workspace(str(shared / 'trained_ws'), n_train=200, n_test=50)
+        return tiny.build_warm_workspace(str(shared / 'trained_ws'), n_train=200, n_test=50)
 
 
 @pytest.fixture(scope='session')

@@ -1,6 +1,6 @@
 # The tiny CPU mode of the example scripts, sourced by each of them (examples/README.md, "Run any example on CPU").
-# Unset GKD_EXAMPLE_TINY: nothing happens. GKD_EXAMPLE_TINY=DIR: the tiny offline models of `swift-gkd demo` (built in
-# DIR on first use, about a minute; a workspace already there is reused), and `swift` / `swift-gkd` become shell
+# Unset GKD_EXAMPLE_TINY: nothing happens. GKD_EXAMPLE_TINY=DIR: the tiny offline models of `swift-gkd demo`, its
+# student warm-started as the demo's (built in DIR on first use, about a minute; a workspace already there is reused), and `swift` / `swift-gkd` become shell
 # functions that run the script's command lines rewritten by rewrite.py: tiny models and train set, CPU, one process,
 # no DeepSpeed, no vLLM, GKD_EXAMPLE_TINY_STEPS steps (10) of batch 4, 16-token completions, outputs under DIR/runs.
 # A script whose programs cannot run on CPU sets GKD_TINY_NOT_APPLICABLE to the reason before sourcing this: the
@@ -20,8 +20,8 @@ if [ -n "${GKD_EXAMPLE_TINY:-}" ]; then
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
     if [ ! -f "$GKD_EXAMPLE_TINY/tiny_workspace.json" ]; then
         echo "[tiny mode] building the tiny models in $GKD_EXAMPLE_TINY (once) ..." >&2
-        python -c 'import sys; from swift_gkd_plugin.testing.tiny import build_demo_workspace
-build_demo_workspace(sys.argv[1])' "$GKD_EXAMPLE_TINY"
+        python -c 'import sys; from swift_gkd_plugin.testing.tiny import build_warm_workspace
+build_warm_workspace(sys.argv[1])' "$GKD_EXAMPLE_TINY"
     fi
     SOURCE_DATASET=${SOURCE_DATASET:-$GKD_EXAMPLE_TINY/train.jsonl}  # the self-distillation scripts' source rows
 
