@@ -499,26 +499,17 @@ def _workspace_complete(root: str, params: Dict[str, Any]) -> Optional[Dict[str,
     return info
 
 
-#: Supervised steps that warm-start the demo's student (the GKD paper's setting: distillation starts from a
-#: supervised-FT student): it then writes well-formed answers, many of them wrong.
-DEMO_WARM_START_STEPS = 60  # held-out exact match 0.21-0.46 on the reversal task (seeds 0-2)
+#: Supervised steps that warm-start the demo's student (as the GKD paper's SFT student): well-formed answers, many
+#: wrong (held-out exact match 0.21-0.46, seeds 0-2). The demo and the examples' CPU mode distil it.
+DEMO_WARM_START_STEPS = 60
 
 
 def build_warm_workspace(root: str, **kwargs) -> Dict[str, Any]:
-    """:func:`build_demo_workspace` with the demo's warm-started student (:data:`DEMO_WARM_START_STEPS`): what
-    ``swift-gkd demo`` and the example scripts' CPU mode distil, so that a try-out visibly learns."""
     return build_demo_workspace(root, student_steps=DEMO_WARM_START_STEPS, **kwargs)
 
 
-def build_demo_workspace(root: str,
-                         *,
-                         seed: int = 0,
-                         n_train: int = 2000,
-                         n_test: int = 200,
-                         teacher_steps: int = 250,
-                         student_steps: int = 0,
-                         force: bool = False,
-                         verbose: bool = False) -> Dict[str, Any]:
+def build_demo_workspace(root: str, *, seed: int = 0, n_train: int = 2000, n_test: int = 200, teacher_steps: int = 250,
+                         student_steps: int = 0, force: bool = False, verbose: bool = False) -> Dict[str, Any]:
     """Create (or reuse) a teacher/student distillation workspace under ``root``.
 
     Layout::

@@ -13,7 +13,8 @@ from swift_gkd_plugin.core.entropy import EntropyGapWatch
 from swift_gkd_plugin.core.guards.non_finite import loss_terms, non_finite_gradient_message
 from swift_gkd_plugin.core.guards.same_weights import copy_of_the_student_cause, privileged_row_count, same_parameters
 from swift_gkd_plugin.swift.setup.checkpoints import guard_checkpoint_saves
-from swift_gkd_plugin.swift.setup.datasets import RefuseEmptyEpochs, media_refs
+from swift_gkd_plugin.dataset_rows import media_refs
+from swift_gkd_plugin.swift.setup.datasets import RefuseEmptyEpochs
 
 logger = get_logger()
 
