@@ -104,6 +104,8 @@ def test_sequence_parallel_equals_one_rank_off_policy(tiny_ws, tmp_path, impl):
     one, group = _one_rank_and_group(tiny_ws, tmp_path, lmbda=0, gkd_loss_impl=impl, probes=True, max_steps=5,
                                      save_steps=1)
     assert f'GKD loss implementation: {impl}' in group.output
+    assert group.output.count('sequence parallelism on: 1 group(s) of 2 ranks (--sequence_parallel_size 2, 2 '
+                              'processes); each rank holds 1/2 of every row') == 1, group.output[-3000:]
     start = one.logs[0]['loss']
     assert one.losses[-1] < start  # the weights moved
     before, after = _weights(one), _weights(group)

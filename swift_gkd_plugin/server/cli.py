@@ -34,7 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--adapters', nargs='+', default=[], help='PEFT adapter directories merged into the model')
     parser.add_argument('--host', default='127.0.0.1',
                         help='address to bind (default loopback only; any other address requires an API key)')
-    parser.add_argument('--port', type=int, default=8000)
+    parser.add_argument('--port', type=int, default=8000,
+                        help="port to listen on (0: any free port); the trainer's --teacher_model_server is "
+                        'http://HOST:PORT')
     parser.add_argument('--top_k', '--topk', dest='topk', type=int, default=64,
                         help='largest k served (requests asking for more get 422) and the default k of /v1/topk; at '
                         "least the trainer's --gkd_logits_topk and --gkd_skd_top_k (--topk: the same flag)")
@@ -62,9 +64,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--device_map', default=None,
                         help='spread a teacher larger than one GPU over the visible GPUs: auto, balanced, '
                         'balanced_low_0 or sequential (transformers\' device_map; replaces --device). Default: none')
-    parser.add_argument('--served_model_name', default=None)
+    parser.add_argument('--served_model_name', default=None,
+                        help='the model name the server reports (GET /health and /v1/models, and the "model" of '
+                        "its answers); default: the --model folder's name")
     parser.add_argument('--num_threads', type=int, default=None, help='torch CPU threads')
-    parser.add_argument('--log_level', default='info', choices=['debug', 'info', 'warning', 'error'])
+    parser.add_argument('--log_level', default='info', choices=['debug', 'info', 'warning', 'error'],
+                        help='the server\'s log level (uvicorn\'s and its own)')
 
 
 def topk_values(argv: Sequence[str]) -> List[Tuple[str, str]]:

@@ -66,6 +66,12 @@ class GKDPluginTrainer(LossMixin, RolloutMixin, SamplersMixin, ScoringMixin, Bat
         if self.template.sequence_parallel_size > 1:  # a group reads one set of rows (RolloutMixin.get_train_dataloader)
             self.args.generation_batch_size //= self.template.sequence_parallel_size
             drop_right_padding_masks()
+            size, world, args = self.template.sequence_parallel_size, self.args.world_size, self.args
+            if self.args.process_index == 0:
+                logger.info(f'swift_gkd_plugin: sequence parallelism on: {world // size} group(s) of {size} ranks '
+                            f'(--sequence_parallel_size {size}, {world} processes); each rank holds 1/{size} of every '
+                            f'row, and a step covers {args.per_device_train_batch_size} x {world // size} x '
+                            f'{args.gradient_accumulation_steps} rows (per device x groups x accumulation)')
         self._setup_reference(ref_model)
         destroy_process_groups_at_exit()  # ms-swift never does; a rank exiting with live gloo groups may abort
         if self.args.use_vllm and self.args.vllm_mode == 'colocate':

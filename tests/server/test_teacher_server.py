@@ -783,6 +783,10 @@ def test_swift_rlhf_routes_samples_to_teachers_by_dataset_tag(tiny_ws, servers, 
                                  teacher_model_server=teachers, **common))
     local = run_swift(base_args(tiny_ws, str(tmp_path / 'local'), **common))
     assert np.allclose(remote.losses, local.losses, rtol=1e-4, atol=1e-7), (remote.losses, local.losses)
+    # the per-teacher metrics are named by the files' names, not their absolute paths (issue 66: gkd//tmp/.../part0...)
+    teacher_keys = {key for row in remote.logs for key in row if key.startswith('gkd/part')}
+    assert {'gkd/part0/tokens', 'gkd/part1/tokens'} <= teacher_keys, remote.logs[0]
+    assert not [key for row in remote.logs for key in row if str(tmp_path) in key or '//' in key]
 
 
 def _tagged_parts(ws, tmp_path):
@@ -1456,3 +1460,14 @@ def test_serve_teacher_refuses_a_port_in_use_before_loading(tiny_ws):
     errors = [line for line in proc.stderr.splitlines() if line.startswith('swift-gkd serve-teacher: error: ')]
     assert proc.returncode == 2 and len(errors) == 1 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
     assert f'--port {port}: cannot listen on 127.0.0.1:{port}' in errors[0] and 'loaded in' not in proc.stderr
+
+
+def test_every_serve_teacher_flag_has_help_text():
+    """Issue 66 item 13: --port and --served_model_name had none in ``swift-gkd serve-teacher --help``."""
+    import argparse
+
+    from swift_gkd_plugin.server.cli import add_arguments
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    flags = [action for action in parser._actions if action.option_strings and action.dest != 'help']
+    assert flags and [a.option_strings[0] for a in flags if not (a.help or '').strip()] == []

@@ -3,11 +3,13 @@ tokenizer), asked of the server, waiting for it as the trainer would."""
 from __future__ import annotations
 
 import json
+import os
 from typing import List, Optional, Tuple
 
 from swift.utils import get_logger
 
 from swift_gkd_plugin.flags import LOCAL_TEACHER_URL, FlagError, check_teacher_urls, local_teacher_index
+from swift_gkd_plugin.local_paths import LOCAL_SUFFIXES
 from swift_gkd_plugin.server.client import TeacherClient, TeacherServerError
 from swift_gkd_plugin.server.protocol import tokenizer_fingerprint
 
@@ -186,10 +188,23 @@ def _check_teacher_server(args, client: TeacherClient, tokenizer) -> None:
         check_same_tokenizer(client, tokenizer)
 
 
+def _metric_tag(tag: str) -> str:
+    """A tag as a metric name shows it: a path (``--teacher_tag_key dataset`` tags rows with their ``--dataset`` entry)
+    by its file name without the data suffix (``/data/chat.jsonl`` -> ``chat``), any other tag as it is."""
+    if '/' not in tag and os.sep not in tag:
+        return tag
+    base = os.path.basename(tag.rstrip('/' + os.sep)) or tag
+    stem, suffix = os.path.splitext(base)
+    return stem if suffix.lower() in LOCAL_SUFFIXES and stem else base
+
+
 def teacher_names(configs) -> List[str]:
-    """The name of each tag-routed teacher (its tags joined by ``+``) in metrics: ``gkd/<name>/...``; none for a
-    single teacher."""
-    return ['+'.join(cfg.tags) for cfg in configs] if len(configs) > 1 else []
+    """The name of each tag-routed teacher in metrics, ``gkd/<name>/...``: its tags (:func:`_metric_tag`, whole where
+    two teachers' names would be the same) joined by ``+``; none for a single teacher."""
+    if len(configs) < 2:
+        return []
+    short = ['+'.join(map(_metric_tag, cfg.tags)) for cfg in configs]
+    return short if len(set(short)) == len(short) else ['+'.join(cfg.tags) for cfg in configs]
 
 
 def check_teacher_tags(args) -> None:
