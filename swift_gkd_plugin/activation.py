@@ -193,9 +193,9 @@ def on_pipeline_base_imported_while_off(module) -> None:
                 from swift_gkd_plugin.swift.setup.command_line import refuse
                 route = os.path.splitext(os.path.basename(sys.argv[0]))[0]
                 prog = f'{"megatron" if "_megatron" in sys.argv[0] else "swift"} {route}'
-                refuse(prog, f'{", ".join(flags)}: flag(s) of swift-gkd-plugin, which SWIFT_GKD_PLUGIN='
-                             f'{os.environ.get("SWIFT_GKD_PLUGIN")} turned off: unset SWIFT_GKD_PLUGIN (or set it to '
-                             '1), or drop the flag(s)')
+                from swift_gkd_plugin.process_exit import PLUGIN_FLAGS_OFF
+                refuse(prog, f'{", ".join(flags)}: {PLUGIN_FLAGS_OFF}{os.environ.get("SWIFT_GKD_PLUGIN")} turned off: '
+                             'unset SWIFT_GKD_PLUGIN (or set it to 1), or drop the flag(s)')
         return original(self, args)
 
     _parse_args._swift_gkd_plugin = True

@@ -11,6 +11,7 @@ import sys
 import time
 
 import swift_gkd_plugin
+from swift_gkd_plugin.process_exit import PLUGIN_FLAGS_OFF
 
 #: The demo's distillation settings, chosen by measurement over 3 seeds and 1 and 2 threads
 #: (docs_en/quality.md, "The demo"): SKD with K = 1 from a student warm-started to well-formed answers, at a
@@ -229,11 +230,12 @@ def run_demo(args) -> int:
     env.setdefault('OMP_NUM_THREADS', '1')
     log(f'running (OMP_NUM_THREADS={env["OMP_NUM_THREADS"]}): ' + ' '.join(cmd))
     returncode, output = run_logged(cmd, env)
-    # without the plugin ms-swift's own parser refuses the plugin's flags (remaining_argv: ['--gkd_skd_top_k', ...])
-    plugin_flags_unknown = 'remaining_argv' in output and '--gkd_' in output
+    # without the plugin its flags are refused: in one line by its off-mode check (activation), else by ms-swift's own
+    # parser (remaining_argv: ['--gkd_skd_top_k', ...])
+    plugin_flags_unknown = PLUGIN_FLAGS_OFF in output or 'remaining_argv' in output and '--gkd_' in output
     if PLUGIN_ACTIVE_MARK not in output and (returncode == 0 or plugin_flags_unknown):
-        what = ("ms-swift's own argument parser refused the plugin's flags (remaining_argv), so nothing trained"
-                if plugin_flags_unknown else "ms-swift's own GKD trainer ran instead")
+        what = ("the plugin's flags were refused (the plugin was not active when the command line was parsed), so "
+                'nothing trained' if plugin_flags_unknown else "ms-swift's own GKD trainer ran instead")
         print(f'[swift-gkd demo] ERROR: the swift rlhf run did not use swift-gkd-plugin (no "{PLUGIN_ACTIVE_MARK}" '
               f'in its log): {what}. {PLUGIN_OFF_ADVICE}', file=sys.stderr)
         return 3

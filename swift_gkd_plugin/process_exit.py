@@ -22,6 +22,8 @@ import sys
 
 LAUNCHER_PID_ENV = 'SWIFT_GKD_PLUGIN_LAUNCHER_PID'  # set by the launcher (activation.on_swift_cli_imported)
 REFUSAL_FILE_ENV = 'SWIFT_GKD_PLUGIN_REFUSAL_FILE'  # set by the launcher for torchrun and its ranks (refusal_file)
+#: the words of the one-line refusal of a plugin flag while SWIFT_GKD_PLUGIN turns the plugin off (activation)
+PLUGIN_FLAGS_OFF = 'flag(s) of swift-gkd-plugin, which SWIFT_GKD_PLUGIN='
 # torchrun's loggers that report a failed rank ("failed (exitcode: 2) local_rank: 1 ...", "Sending process ... SIGTERM")
 _TORCHRUN_LOGGERS = ('torch.distributed.elastic.multiprocessing.api', 'torch.distributed.elastic.agent.server.api',
                      'torch.distributed.elastic.multiprocessing.errors', 'torch.distributed.launcher.api',
