@@ -110,6 +110,32 @@ def _rank_zero_environment(world_size: int):
                 os.environ[name] = value
 
 
+def check_launcher_values(argv: List[str]) -> None:
+    """One process (no torchrun): the declared range of each numeric flag given, checked in ``swift``'s launcher before
+    it starts the route's process, which imports ms-swift's pipeline first (a refusal in ~2 s instead of ~10: the
+    launcher has imported torch already, not ms-swift's arguments). A value that does not parse is left to the
+    parser; every other check runs in the process as before."""
+    from swift_gkd_plugin.flags import Range, declared_ranges
+    declared, given = declared_ranges(), {}
+    for i, token in enumerate(argv):
+        if token.startswith('--'):
+            name, eq, value = token[2:].partition('=')
+            following = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith('--') else None
+            given[name] = value if eq else following
+    for name, raw in given.items():
+        rule = declared.get(name)
+        if not isinstance(rule, Range) or raw is None:
+            continue
+        try:
+            value = int(raw) if rule.integer else float(raw)
+        except ValueError:
+            continue
+        try:
+            rule.check(name, value)
+        except FlagError as exc:
+            refuse(PROG, exc)
+
+
 def check_local_model_heads(args) -> None:
     """``--sequence_parallel_size`` against the attention heads of ``--model`` and ``--teacher_model`` where they are
     local folders (the ranks check the resolved ones again): a size that does not divide them was refused only once
