@@ -21,6 +21,8 @@ BATCH_SIZE = 16
 DEMO_STEPS = 80
 DEMO_SKD_TOP_K = 1
 DEMO_SAMPLING_TEMPERATURE = 0.5
+#: Checkpoints of the demo's run scored for its exact-match curve (one every steps / 4; the last is the trained one).
+DEMO_CURVE_POINTS = 4
 #: Steps per logged row of the demo's run (the per-window modes and SKD replaced fraction printed at the end).
 DEMO_LOGGING_STEPS = 10
 #: Where the demo builds its models and writes its run (relative to the current folder).
@@ -60,7 +62,8 @@ def demo_command(ws: dict, output_dir: str, steps: int, lmbda: float, seed: int,
         '--lr_scheduler_type', 'constant',
         '--per_device_train_batch_size', str(BATCH_SIZE), '--gradient_accumulation_steps', '1',
         '--max_length', '128', '--logging_steps', str(DEMO_LOGGING_STEPS),
-        '--save_strategy', 'steps', '--save_steps', str(steps), '--save_only_model', 'true', '--add_version', 'false',
+        '--save_strategy', 'steps', '--save_steps', str(max(1, steps // DEMO_CURVE_POINTS)), '--save_only_model',
+        'true', '--add_version', 'false',
         '--report_to', 'none', '--dataloader_num_workers', '0', '--dataset_num_proc', '1',
         '--seed', str(seed), '--output_dir', output_dir,
     ]
@@ -112,6 +115,37 @@ def demo_metrics(model_dir: str, tokenizer, rows) -> tuple:
     """(free-running greedy exact match, teacher-forced next-token accuracy) on ``rows``."""
     from swift_gkd_plugin.testing import quality_task, tiny
     return quality_task.reference_exact_match(model_dir, tokenizer, rows), tiny.score(model_dir, tokenizer, rows)
+
+
+def demo_curves(output_dir: str, tokenizer, rows, before: float, after: float) -> str:
+    """``<output_dir>/demo_curves.png`` (and its numbers in ``demo_curves.json``): the run's logged training loss, and
+    held-out exact match at step 0, at each checkpoint and at the end; returns the PNG's path."""
+    import glob
+
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    from swift_gkd_plugin.testing import quality_task
+    with open(os.path.join(output_dir, 'logging.jsonl')) as f:
+        logged = [row for row in map(json.loads, f) if 'loss' in row and 'global_step/max_steps' in row]
+    checkpoints = sorted(glob.glob(os.path.join(output_dir, 'checkpoint-*')), key=lambda p: int(p.rsplit('-', 1)[1]))
+    steps = [int(p.rsplit('-', 1)[1]) for p in checkpoints]
+    matches = [quality_task.reference_exact_match(p, tokenizer, rows) for p in checkpoints[:-1]] + [after]
+    curves = {'loss': [[int(r['global_step/max_steps'].split('/')[0]), r['loss']] for r in logged],
+              'exact_match': [[0, before]] + [list(point) for point in zip(steps, matches)]}
+    with open(os.path.join(output_dir, 'demo_curves.json'), 'w') as f:
+        json.dump(curves, f)
+    figure, (loss, match) = plt.subplots(1, 2, figsize=(9, 3.2))
+    loss.plot(*zip(*curves['loss']), 'o-')
+    loss.set(xlabel='step', ylabel='training loss (GKD)', title='loss')
+    match.plot(*zip(*curves['exact_match']), 'o-')
+    match.set(xlabel='step', ylabel='held-out exact match', ylim=(0, 1.02), title='the student')
+    figure.tight_layout()
+    path = os.path.join(output_dir, 'demo_curves.png')
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
 
 
 #: How the demo names a step's mode (an on-policy step samples with SKD when --gkd_skd_top_k > 0).
@@ -257,10 +291,12 @@ def run_demo(args) -> int:
     print(f'    {"":22}exact match   next-token')
     for name, (em, nt) in (('teacher', teacher), ('student before GKD', before), ('student after GKD', after)):
         print(f'    {name:22}{em:11.3f}   {nt:10.3f}')
+    curves = demo_curves(output_dir, tokenizer, test_rows, before[0], after[0])
     cpu = cpu_seconds() - cpu0
     sampler = f'SKD top-{args.skd_top_k}' if skd else 'plain sampling'
     print(f'    ({args.steps} GKD steps, lmbda={args.lmbda}, on-policy steps by {sampler}, {time.time() - t0:.0f}s '
           f'wall, {cpu:.0f}s CPU; trained student: {trained})')
+    log(f'curves (training loss, held-out exact match by step): {curves}')
     return 0
 
 

@@ -4,6 +4,7 @@ refused."""
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 import resource
@@ -36,6 +37,17 @@ def test_demo_default_distils_the_student(tmp_path, capsys):
     assert all(modes.startswith('skd') and ',' not in modes for _, _, _, modes in windows)  # lmbda 1: SKD throughout
     replaced = [float(w[2]) for w in windows]
     assert replaced[0] > 0.2 and replaced[-1] < replaced[0] / 2  # the teacher corrects less as the student learns
+    # issue 66 item 11: the curves, as a PNG and its numbers (exact match from the printed start to the printed end)
+    png = re.search(r'curves \(training loss, held-out exact match by step\): (\S+\.png)', out).group(1)
+    with open(png, 'rb') as f:
+        assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+    with open(png[:-len('png')] + 'json') as f:
+        curves = json.load(f)
+    assert [step for step, _ in curves['exact_match']] == [0, 20, 40, 60, 80]
+    assert abs(curves['exact_match'][0][1] - before) < 5e-4 and abs(curves['exact_match'][-1][1] - after) < 5e-4
+    every = cli.DEMO_LOGGING_STEPS  # (and the first step, as ms-swift logs it)
+    assert [s for s, _ in curves['loss']] == [1, *range(every, cli.DEMO_STEPS + 1, every)], curves['loss']
+    assert all(x > 0 for _, x in curves['loss'])
 
 
 def test_run_length_names_each_steps_mode_in_order():
