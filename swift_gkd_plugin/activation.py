@@ -149,9 +149,10 @@ def on_swift_cli_imported(module) -> None:
 
     ``swift rlhf --rlhf_type gkd`` in one process: the declared ranges of its numeric flags are checked here first
     (:func:`swift_gkd_plugin.swift.setup.command_line.check_launcher_values`). Under torchrun (``NPROC_PER_NODE`` /
-    ``NNODES`` set): the command line is checked here first, before any rank starts (the ranks' own checks of the flags and local paths,
-    :func:`swift_gkd_plugin.swift.setup.command_line.check_launcher_command_line`), and a refusal in the ranks is one
-    line and exit code 2, without torchrun's report (:func:`swift_gkd_plugin.process_exit.refusal_file`)."""
+    ``NNODES`` set): the command line is checked here first, before any rank starts (the ranks' own checks of the
+    flags and local paths, :func:`swift_gkd_plugin.swift.setup.command_line.check_launcher_command_line`), and a
+    refusal in the ranks is one line and exit code 2, without torchrun's report
+    (:func:`swift_gkd_plugin.process_exit.refusal_file`)."""
     original = module.cli_main
     if getattr(original, '_swift_gkd_plugin', False):
         return

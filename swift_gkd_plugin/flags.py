@@ -18,9 +18,9 @@ from swift_gkd_plugin.core.constants import ROLLOUT_IS_MODES, SCALE_REWARDS
 from swift_gkd_plugin.core.fused.kernels import BACKENDS as FUSED_BACKENDS
 from swift_gkd_plugin.flag_checks import (LOCAL_TEACHER_URL, SAMPLING_TEMPERATURE_FLOOR, SAMPLING_TEMPERATURE_FLOOR_WHY,
                                           SKD_PLACEMENTS, TEMPERATURE_CEILING, TEMPERATURE_CEILING_WHY,
-                                          TEMPERATURE_FLOOR, TEMPERATURE_FLOOR_WHY, VLLM_TEMPERATURE_CEILING,
-                                          FlagError, Range, check_bf16_device, check_cpu_processes,
-                                          check_cross_tokenizer_flags, check_deepspeed_launch, check_divergence_flags, check_fused_backend,
+                                          TEMPERATURE_FLOOR, TEMPERATURE_FLOOR_WHY, VLLM_TEMPERATURE_CEILING, FlagError,
+                                          Range, check_bf16_device, check_cpu_processes, check_cross_tokenizer_flags,
+                                          check_deepspeed_launch, check_divergence_flags, check_fused_backend,
                                           check_multi_turn_flags, check_no_multi_turn, check_reference_flags,
                                           check_rollout_flags, check_sampled_kl_flags, check_sampling_flags,
                                           check_teacher_server_flags, check_teacher_urls, check_temperature_ceiling,

@@ -57,7 +57,8 @@ def _config_problem(config: str) -> Optional[str]:
         with open(config, encoding='utf-8') as f:
             value = json.load(f)
     except ValueError as exc:
-        where = f' ({exc.msg} at line {exc.lineno}, column {exc.colno})' if isinstance(exc, json.JSONDecodeError) else ''
+        decode = isinstance(exc, json.JSONDecodeError)
+        where = f' ({exc.msg} at line {exc.lineno}, column {exc.colno})' if decode else ''
         return (f'{config!r} is not valid JSON{where}: a download or copy cut short? Fetch or copy the model '
                 'folder again')
     except OSError as exc:

@@ -268,14 +268,16 @@ def test_fused_backend_refusals_before_loading(tiny_ws, tmp_path):
 
 
 def test_teacher_folder_without_weights_is_refused_naming_it(tiny_ws, tmp_path):
-    """Its config and tokenizer are there, so only the weights' load failed (transformers' raw OSError)."""
+    """Its config and tokenizer are there, so only the weights' load failed (transformers' raw OSError); refused with
+    the other broken model folders (``local_paths.not_a_model_folder``), before anything resolves."""
     folder = tmp_path / 'no_weights'
     folder.mkdir()
     for name in os.listdir(tiny_ws.teacher):
         if not name.endswith('.safetensors'):
             shutil.copy(os.path.join(tiny_ws.teacher, name), folder / name)
     run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), teacher_model=str(folder)), check=False, timeout=120)
-    assert_refused_in_one_line(run, [f"--teacher_model '{folder}': the folder {folder} holds no model weights"])
+    assert_refused_in_one_line(run, [f"--teacher_model {folder}: the folder '{folder}' has a config.json but no weight "
+                                     'files'])
 
 
 def test_teacher_with_another_vocabulary_is_refused_naming_both(tiny_ws, tmp_path):
@@ -426,8 +428,9 @@ def test_rows_without_response_are_named_but_sampled_on_policy(tiny_ws, tmp_path
     warning says it is dropped."""
     path = tmp_path / 'some_prompt_only.jsonl'
     path.write_bytes(open(tiny_ws.fixed, 'rb').read() + PROMPT_ONLY_ROW + SYSTEM_ONLY_ROW)
-    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), dataset=str(path), lmbda=1, max_steps=1,
-                              max_completion_length=4), timeout=300)
+    # --lmbda 0.5: dataset steps read responses (at --lmbda 1 none does, and nothing is said); seed 4: step 0 on-policy
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), dataset=str(path), lmbda=0.5, max_steps=1,
+                              max_completion_length=4, seed=4), timeout=300)
     assert f'--dataset {path}: 1 row(s) have no assistant response (lines 5)' in run.output
     assert (f'--dataset {path}: 1 row(s) have neither a user message nor an assistant response (lines 6): '
             'nothing can be sampled for them') in run.output and 'they are dropped' in run.output

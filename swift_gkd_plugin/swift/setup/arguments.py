@@ -101,22 +101,6 @@ def resolve_cross_tokenizer(args) -> None:
         args.training_args.gkd_cross_tokenizer = None
 
 
-#: File endings of model weights that transformers loads (safetensors, PyTorch, their shard indexes, TF, Flax, GGUF)
-WEIGHT_SUFFIXES = ('.safetensors', '.bin', '.pt', '.pth', '.index.json', '.h5', '.msgpack', '.gguf')
-
-
-def check_teacher_weights(args) -> None:
-    """A local ``--teacher_model`` folder holds weights: without them transformers fails with a raw OSError once the
-    student is loaded. Hub ids are left to the download."""
-    path = os.path.abspath(os.path.expanduser(args.teacher_model or ''))
-    if args.teacher_model is None or not os.path.isdir(path):
-        return
-    names = [n for n in os.listdir(path) if n.endswith(WEIGHT_SUFFIXES) and n != 'training_args.bin']
-    if not names:
-        raise FlagError(f'--teacher_model {args.teacher_model!r}: the folder {path} holds no model weights (no '
-                        f'*{", *".join(WEIGHT_SUFFIXES)} file): pass the folder that the model was saved to')
-
-
 def check_teacher(args) -> None:
     """The teacher exists and speaks the student's vocabulary (a larger lm_head over the same tokenizer is fine), or
     ``--gkd_cross_tokenizer`` is given for a teacher with another tokenizer."""
@@ -126,7 +110,6 @@ def check_teacher(args) -> None:
             raise FlagError(f'--gkd_cross_tokenizer {cross} needs a --teacher_model with another tokenizer; without '
                              'one the teacher is the student itself (same tokenizer): drop the flag')
         return
-    check_teacher_weights(args)
     vocabularies = _vocabularies(args)
     if vocabularies is None:
         return

@@ -33,9 +33,9 @@ from transformers import TrainerCallback
 from swift_gkd_plugin.flags import FlagError
 from swift_gkd_plugin.local_paths import looks_local, near_names
 from swift_gkd_plugin.dataset_files import Where, check_teacher_given, dataset_rows, local_dataset_files
-from swift_gkd_plugin.dataset_rows import (empty_prompt, has_prompt, has_response, mapped_row, media_problem, media_refs,
-                                           misspelt_columns, privileged_problem, prompt_missing, response_problem,
-                                           row_problem)
+from swift_gkd_plugin.dataset_rows import (empty_prompt, has_prompt, has_response, mapped_row, media_problem,
+                                           media_refs, misspelt_columns, privileged_problem, prompt_missing,
+                                           response_problem, row_problem)
 
 logger = get_logger()
 

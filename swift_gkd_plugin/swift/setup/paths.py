@@ -76,7 +76,8 @@ def check_external_plugins(args) -> None:
 def check_resume_folder(args) -> None:
     """``--resume_from_checkpoint`` is a folder (ms-swift refuses a missing one with a traceback) and not a run's
     folder (the one holding its ``checkpoint-N``: the newest complete one is named); what a checkpoint holds is
-    checked once the arguments are resolved (:func:`swift_gkd_plugin.swift.setup.checkpoints.check_resume_checkpoint`)."""
+    checked once the arguments are resolved
+    (:func:`swift_gkd_plugin.swift.setup.checkpoints.check_resume_checkpoint`)."""
     path = args.resume_from_checkpoint
     if not path:
         return
