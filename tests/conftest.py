@@ -313,9 +313,34 @@ def shared_runs(tmp_path_factory) -> Callable[[str, Dict[str, Callable[[str], Sw
     return make
 
 
+_PORTS_PER_WORKER = 1000
+_next_port = [0]
+
+
 def _free_port() -> int:
+    """A free port for a run's rendezvous or a server that no other process of the suite picks in the meantime: from
+    this xdist worker's own block, below the kernel's ephemeral range (where ``bind(0)`` and outgoing connections
+    take theirs: a port picked that way and released was taken by another worker's run before this run bound it,
+    EADDRINUSE), each handed out in turn and checked free."""
     import socket
-    with socket.socket() as s:
+    worker = os.environ.get('PYTEST_XDIST_WORKER', 'gw0')
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    try:
+        with open('/proc/sys/net/ipv4/ip_local_port_range') as f:
+            ephemeral = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768
+    base = max(1024, ephemeral - _PORTS_PER_WORKER * (index + 1) - 2000)
+    for _ in range(_PORTS_PER_WORKER):
+        port = base + _next_port[0] % _PORTS_PER_WORKER
+        _next_port[0] += 1
+        with socket.socket() as s:
+            try:
+                s.bind(('127.0.0.1', port))
+            except OSError:
+                continue
+        return port
+    with socket.socket() as s:  # the whole block in use: the kernel's choice
         s.bind(('127.0.0.1', 0))
         return s.getsockname()[1]
 
