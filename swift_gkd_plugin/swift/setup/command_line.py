@@ -111,12 +111,13 @@ def _rank_zero_environment(world_size: int):
 
 
 def check_launcher_values(argv: List[str]) -> None:
-    """One process (no torchrun): the declared range of each numeric flag given, checked in ``swift``'s launcher before
+    """One process (no torchrun): the declared range of each numeric flag given (those the process checks
+    unconditionally, :data:`~swift_gkd_plugin.flags.SCALAR_FLAGS`), checked in ``swift``'s launcher before
     it starts the route's process, which imports ms-swift's pipeline first (a refusal in ~2 s instead of ~10: the
     launcher has imported torch already, not ms-swift's arguments). A value that does not parse is left to the
     parser; every other check runs in the process as before."""
-    from swift_gkd_plugin.flags import Range, declared_ranges
-    declared, given = declared_ranges(), {}
+    from swift_gkd_plugin.flags import SCALAR_FLAGS, Range, declared_ranges
+    declared, given = {name: rule for name, rule in declared_ranges().items() if name in SCALAR_FLAGS}, {}
     for i, token in enumerate(argv):
         if token.startswith('--'):
             name, eq, value = token[2:].partition('=')
