@@ -147,8 +147,8 @@ def on_swift_cli_imported(module) -> None:
     """ms-swift's launcher (``swift``, and ``megatron`` through it) tells the child it starts its own pid, so that
     the child exits with it (:func:`swift_gkd_plugin.process_exit.exit_with_launcher`).
 
-    ``swift rlhf --rlhf_type gkd`` in one process: the declared ranges of its numeric flags are checked here first
-    (:func:`swift_gkd_plugin.swift.setup.command_line.check_launcher_values`). Under torchrun (``NPROC_PER_NODE`` /
+    ``swift rlhf --rlhf_type gkd`` in one process: the declared values and the local paths are checked here first
+    (:func:`swift_gkd_plugin.swift.setup.command_line.check_launcher_early`). Under torchrun (``NPROC_PER_NODE`` /
     ``NNODES`` set): the command line is checked here first, before any rank starts (the ranks' own checks of the
     flags and local paths, :func:`swift_gkd_plugin.swift.setup.command_line.check_launcher_command_line`), and a
     refusal in the ranks is one line and exit code 2, without torchrun's report
@@ -167,8 +167,8 @@ def on_swift_cli_imported(module) -> None:
         sys.argv[2:] = argv
         if not module.use_torchrun():
             if _rlhf_type(argv) == 'gkd':
-                from swift_gkd_plugin.swift.setup.command_line import check_launcher_values
-                check_launcher_values(argv)
+                from swift_gkd_plugin.swift.setup.command_line import check_launcher_early
+                check_launcher_early(argv)
             return original(*args, **kwargs)
         if _rlhf_type(argv) == 'gkd':
             from swift_gkd_plugin.swift.setup.command_line import check_launcher_command_line

@@ -62,8 +62,8 @@ def test_fused_equals_dense_on_two_ranks(tiny_ws, tmp_path):
     fused = run_swift(base_args(tiny_ws, str(tmp_path / 'fused'), gkd_loss_impl='fused', **flags), nproc=2)
     for d, f in zip(dense.logs, fused.logs):
         assert _rel(d['loss'], f['loss']) < 1e-5 and _rel(d['grad_norm'], f['grad_norm']) < 1e-4
-    for rank in (0, 1):  # swift_gkd_plugin.swift.run.clean_exit: no process group left to interpreter finalization
-        assert f'swift_gkd_plugin: rank {rank} destroyed its process groups before exit' in fused.output
+    # swift_gkd_plugin.swift.run.clean_exit: no process group left to interpreter finalization; one line, rank 0's
+    assert fused.output.count('destroyed its process groups before exit') == 1, fused.output[-3000:]
 
 
 @pytest.mark.parametrize('case', ['full_tuning_separate_teacher', 'shared_base_lora'])

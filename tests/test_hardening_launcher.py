@@ -1,6 +1,7 @@
 """Refusals of ``swift rlhf`` under torchrun (``NPROC_PER_NODE`` set), through ms-swift's ``swift`` launcher: one
 ``error:`` line and exit code 2, without torchrun's ``ChildFailedError`` report; flag-only refusals before any rank
 starts."""
+import pytest
 import yaml
 from conftest import base_args, run_swift
 from test_activation_and_bad_input import assert_refused_in_one_line
@@ -90,3 +91,41 @@ def test_a_value_out_of_range_is_refused_by_the_launcher_of_one_process(tiny_ws,
     run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), beta=0.5, temperature='x'), launcher=True, check=False,
                     timeout=180)
     assert run.returncode == 2 and run.launched is not None, run.output[-2000:]  # the parser's, in the process
+
+
+@pytest.mark.parametrize('flags,needles', [
+    (dict(dataset='/nonexistent/train.jsonl'), ['--dataset /nonexistent/train.jsonl: no such file']),
+    (dict(val_dataset='./missing_val.jsonl#20'), ['--val_dataset ./missing_val.jsonl#20: no such file']),
+    (dict(teacher_model='./no_such_teacher'), ['--teacher_model ./no_such_teacher: no such model folder']),
+    (dict(gkd_fused_backend='nope'), ['--gkd_fused_backend must be one of', "got 'nope'"]),
+], ids=['dataset', 'val_dataset', 'teacher_model', 'choice'])
+def test_paths_and_choices_are_refused_by_the_launcher_of_one_process(tiny_ws, tmp_path, flags, needles):
+    """Issue 66 item 12: the checks that need no ms-swift import (local paths, the plugin's choices) answer in the
+    launcher (~2 s) instead of after the route's process imported ms-swift's pipeline (~9-10 s; a missing dataset was
+    refused only after ms-swift resolved the models)."""
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), **flags), launcher=True, check=False, timeout=180)
+    assert_refused_by_launcher(run, needles, ranks_started=False)
+
+
+@pytest.mark.parametrize('entry', ['{file}', '{file}#5', '{file}:default/other', 'hf::{file}', 'ms::{file}#3',
+                                   'owner/name', 'owner/name:sub#10', 'hf::owner/name', './missing.jsonl#4',
+                                   '/abs/missing.jsonl:subset'])
+def test_the_launchers_dataset_path_is_ms_swifts(tmp_path, entry):
+    """The launcher reads a ``--dataset`` entry's path without importing ``swift.dataset`` (6 s): it must agree with
+    ms-swift's own ``DatasetSyntax.parse`` on every form of the syntax."""
+    from swift.dataset.dataset_syntax import DatasetSyntax
+    from swift_gkd_plugin.local_paths import dataset_path
+    data = tmp_path / 'rows.jsonl'
+    data.write_text('{"messages": []}\n')
+    entry = entry.format(file=data)
+    assert dataset_path(entry) == DatasetSyntax.parse(entry).dataset
+
+
+@pytest.mark.parametrize('who', ['model', 'teacher_model'])
+def test_a_model_folder_of_several_types_names_the_flag(tiny_ws, tmp_path, who):
+    """A local folder whose config.json fits several of ms-swift's model types (``./student``: qwen3, qwen3_emb,
+    qwen3_reranker): ms-swift's ``Failed to automatically match`` traceback, for the teacher after the student
+    loaded; now one line naming --model_type / --teacher_model_type."""
+    flag = {'model': 'model_type', 'teacher_model': 'teacher_model_type'}[who]
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), **{flag: None}), check=False, timeout=180)
+    assert_refused_in_one_line(run, [f'--{who} ', "it fits ['qwen3',", f'pass --{flag}'])

@@ -74,6 +74,7 @@ def _destroy() -> None:
         shutdown()
     if dist.is_initialized():  # (an engine's shutdown may have destroyed them)
         dist.destroy_process_group()
-    print(f'swift_gkd_plugin: rank {rank} destroyed its process groups before exit', file=sys.stderr, flush=True)
+    if rank == 0:  # one line for the run, not one per rank (every rank destroys its own)
+        print('swift_gkd_plugin: rank 0 destroyed its process groups before exit', file=sys.stderr, flush=True)
     if _state['trained']:
         mark_clean_finish()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import json
 import os
 from dataclasses import dataclass, field
 from typing import List, Literal, Optional
@@ -27,8 +28,7 @@ from swift_gkd_plugin.flags import (FlagError, GKDPluginArgumentsMixin, check_bf
 from swift_gkd_plugin.ms_swift_state import grpo_num_generations, keep_teacher_messages_column
 from swift_gkd_plugin.swift.setup.checkpoints import check_resume_checkpoint
 from swift_gkd_plugin.swift.setup.compile_cost import torch_compile_warnings
-from swift_gkd_plugin.swift.setup.datasets import (check_dataset_paths, check_local_datasets,
-                                                  check_self_teacher_has_something_to_add)
+from swift_gkd_plugin.swift.setup.datasets import check_local_datasets, check_self_teacher_has_something_to_add
 from swift_gkd_plugin.swift.setup.paths import CreatedDirs, check_command_line_paths
 from swift_gkd_plugin.swift.setup.sequence_parallel import (check_sequence_parallel, check_sequence_parallel_heads,
                                                             resolve_sequence_parallel)
@@ -99,6 +99,23 @@ def resolve_cross_tokenizer(args) -> None:
     args.gkd_cross_tokenizer = None
     if getattr(args, 'training_args', None) is not None:
         args.training_args.gkd_cross_tokenizer = None
+
+
+def check_teacher_model_type(args) -> None:
+    """A local ``--teacher_model`` folder whose ``config.json`` fits several of ms-swift's model types names
+    ``--teacher_model_type``: ms-swift raised its ``Failed to automatically match`` traceback after loading the
+    student (the student's own case is one line at parse time, :func:`~.command_line.undetected_type_message`)."""
+    folder = os.path.expanduser(args.teacher_model) if isinstance(args.teacher_model, str) else None
+    if args.teacher_model_type is not None or folder is None or not os.path.isdir(folder) \
+            or os.path.exists(os.path.join(folder, 'args.json')):
+        return
+    from swift.model.model_meta import get_matched_model_types
+    with open(os.path.join(folder, 'config.json'), encoding='utf-8') as f:
+        architectures = json.load(f).get('architectures')
+    candidates = get_matched_model_types(architectures)
+    if len(candidates) > 1:
+        raise FlagError(f'--teacher_model {args.teacher_model}: ms-swift cannot tell its model type from the folder '
+                        f'(it fits {candidates}): pass --teacher_model_type')
 
 
 def check_teacher(args) -> None:
@@ -409,6 +426,7 @@ def check_gkd_arguments(args) -> None:
     check_generation_flags(args)
     check_vllm_model(args)
     check_teacher_server_flags(args, local_teacher=local_teacher_of(args) is not None)
+    check_teacher_model_type(args)
     check_teacher_template(args)
     check_teacher(args)
     check_topk_within_vocab(args)
@@ -416,7 +434,6 @@ def check_gkd_arguments(args) -> None:
     check_teacher_adapters(args)
     check_skd_teacher(args)
     check_reference(args)
-    check_dataset_paths(args)
     check_local_datasets(args)
     check_teacher_tags(args)
     check_self_teacher_has_something_to_add(args)

@@ -10,7 +10,9 @@ import contextlib
 import difflib
 import json
 import os
+import re
 import sys
+from types import SimpleNamespace
 from typing import List, NoReturn, Optional
 
 from swift_gkd_plugin.flags import FlagError
@@ -77,11 +79,37 @@ def check_unknown_flags(args_class, argv: Optional[List[str]]) -> argparse.Names
 def parse_command_line(pipeline, original_parse, args):
     """ms-swift's ``SwiftPipeline._parse_args`` for a command line (``args`` None or a list of strings), with the
     plugin's refusals (:class:`~swift_gkd_plugin.flags.FlagError`) printed as one line, exit code 2."""
-    check_unknown_flags(pipeline.args_class, args)
+    given = check_unknown_flags(pipeline.args_class, args)
     try:
         return original_parse(pipeline, args)
     except FlagError as exc:
         refuse(PROG, exc)
+    except ValueError as exc:
+        message = undetected_type_message(str(exc), given)
+        if message is None or getattr(given, 'rlhf_type', None) != 'gkd':
+            raise
+        refuse(PROG, message)
+
+
+_UNDETECTED = re.compile(r'Failed to automatically match `(model_type|template_type)` for `(.*?)`\. '
+                         r'(?:Multiple possible types found: (\[.*?\])\. )?')
+
+
+def undetected_type_message(error: str, given) -> Optional[str]:
+    """One line for ms-swift's traceback when a local model folder's ``config.json`` fits several model types or
+    templates (a folder whose name does not say which, e.g. ``./student``): the flag to pass and its candidates."""
+    match = _UNDETECTED.search(error)
+    if match is None:
+        return None
+    what, folder, candidates = match.groups()
+    is_teacher = bool(given.teacher_model) and os.path.abspath(os.path.expanduser(given.teacher_model)) == \
+        os.path.abspath(folder)
+    model_flag = '--teacher_model' if is_teacher else '--model'
+    flag = {'model_type': '--teacher_model_type' if is_teacher else '--model_type',
+            'template_type': '--template'}[what]
+    found = f' (it fits {candidates})' if candidates else ''
+    return (f'{model_flag} {folder}: ms-swift cannot tell its {what.split("_")[0]} type from the folder{found}: pass '
+            f'{flag}')
 
 
 def torchrun_world_size() -> Optional[int]:
@@ -110,31 +138,63 @@ def _rank_zero_environment(world_size: int):
                 os.environ[name] = value
 
 
-def check_launcher_values(argv: List[str]) -> None:
-    """One process (no torchrun): the declared range of each numeric flag given (those the process checks
-    unconditionally, :data:`~swift_gkd_plugin.flags.SCALAR_FLAGS`), checked in ``swift``'s launcher before
-    it starts the route's process, which imports ms-swift's pipeline first (a refusal in ~2 s instead of ~10: the
-    launcher has imported torch already, not ms-swift's arguments). A value that does not parse is left to the
-    parser; every other check runs in the process as before."""
-    from swift_gkd_plugin.flags import SCALAR_FLAGS, Range, declared_ranges
-    declared, given = {name: rule for name, rule in declared_ranges().items() if name in SCALAR_FLAGS}, {}
+#: the path flags checked in the launcher (ms-swift's list-valued ones as lists)
+_PATH_FLAGS = {'model': None, 'teacher_model': None, 'resume_from_checkpoint': None, 'output_dir': None,
+               'adapters': [], 'dataset': [], 'val_dataset': [], 'external_plugins': [], 'custom_register_path': []}
+
+
+def given_values(argv: List[str]) -> dict:
+    """Each ``--flag`` of a command line -> the values given to it (``--flag=value``, or the tokens up to the next
+    ``--flag``); the last occurrence wins, as in argparse."""
+    given = {}
     for i, token in enumerate(argv):
         if token.startswith('--'):
             name, eq, value = token[2:].partition('=')
-            following = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith('--') else None
-            given[name] = value if eq else following
-    for name, raw in given.items():
-        rule = declared.get(name)
-        if not isinstance(rule, Range) or raw is None:
-            continue
+            if eq:
+                given[name] = [value]
+                continue
+            end = next((j for j in range(i + 1, len(argv)) if argv[j].startswith('--')), len(argv))
+            given[name] = argv[i + 1:end]
+    return given
+
+
+def _check_declared_value(name: str, rule, raw: str) -> None:
+    """``raw`` against a declared :class:`~swift_gkd_plugin.flags.Range` or string choices; a value that does not
+    parse, or choices of another type, are left to the parser in the process."""
+    from swift_gkd_plugin.flags import Range, check_declared, choices_of
+    if isinstance(rule, Range):
         try:
             value = int(raw) if rule.integer else float(raw)
         except ValueError:
-            continue
-        try:
-            rule.check(name, value)
-        except FlagError as exc:
-            refuse(PROG, exc)
+            return
+        rule.check(name, value)
+        return
+    choices = choices_of(rule)
+    if choices and all(isinstance(choice, str) for choice in choices):
+        check_declared(SimpleNamespace(**{name: None if raw == 'None' else raw}), [name])
+
+
+def check_launcher_early(argv: List[str]) -> None:
+    """The checks that need no ms-swift import, in ``swift``'s launcher before it starts the route's process (or
+    torchrun's ranks), which import ms-swift's pipeline first: a refusal in ~2 s instead of ~10 (the launcher has
+    imported torch, not ms-swift's arguments). The declared range or choices of each flag given that the process
+    checks unconditionally (:data:`~swift_gkd_plugin.flags.SCALAR_FLAGS`), and the local paths
+    (:mod:`swift_gkd_plugin.swift.setup.paths`: models, adapters, datasets, plugins, the checkpoint, the output
+    folder). Every check runs in the process again, after the arguments are resolved; unknown flags need ms-swift's
+    arguments, so they are refused there (or in the torchrun launcher, :func:`check_launcher_command_line`)."""
+    from swift_gkd_plugin.flags import SCALAR_FLAGS, declared_ranges
+    from swift_gkd_plugin.swift.setup.paths import check_early_paths
+    given, declared = given_values(argv), declared_ranges()
+    paths = SimpleNamespace(**{name: list(given.get(name, ())) if isinstance(default, list) else
+                               (given[name][0] if len(given.get(name, ())) == 1 else default)
+                               for name, default in _PATH_FLAGS.items()})
+    try:
+        for name, values in given.items():
+            if name in SCALAR_FLAGS and len(values) == 1:
+                _check_declared_value(name, declared[name], values[0])
+        check_early_paths(paths)
+    except FlagError as exc:
+        refuse(PROG, exc)
 
 
 def check_local_model_heads(args) -> None:
@@ -161,6 +221,7 @@ def check_launcher_command_line(argv: List[str]) -> None:
     from swift_gkd_plugin.flags import resolve_num_generations
     from swift_gkd_plugin.ms_swift_state import grpo_num_generations
     from swift_gkd_plugin.swift.setup.arguments import GKDPluginRLHFArguments, check_command_line_flags
+    check_launcher_early(argv)
     args = check_unknown_flags(GKDPluginRLHFArguments, argv)
     resolve_num_generations(args, grpo_num_generations())
     with _rank_zero_environment(world_size):

@@ -23,7 +23,6 @@ a text-only model. URLs and inline (base64) media are left to ms-swift: they are
 """
 from __future__ import annotations
 
-import os
 from typing import Callable, Dict, List, Optional, Tuple
 
 from swift.dataset.dataset_syntax import DatasetSyntax
@@ -31,7 +30,6 @@ from swift.utils import get_logger
 from transformers import TrainerCallback
 
 from swift_gkd_plugin.flags import FlagError
-from swift_gkd_plugin.local_paths import looks_local, near_names
 from swift_gkd_plugin.dataset_files import Where, check_teacher_given, dataset_rows, local_dataset_files
 from swift_gkd_plugin.dataset_rows import (empty_prompt, has_prompt, has_response, mapped_row, media_problem,
                                            media_refs, misspelt_columns, privileged_problem, prompt_missing,
@@ -45,22 +43,6 @@ _NO_SAMPLING = {
                   'student (--lmbda > 0) or the teacher (--seq_kd true) sample responses for them.'),
     '--val_dataset': 'evaluation only distils on dataset responses. Remove those rows from the validation set.',
 }
-
-
-def check_dataset_paths(args) -> None:
-    """``--dataset`` / ``--val_dataset`` entries that name local files (an absolute or ``./`` path, a file ending such
-    as ``.jsonl``, more than one ``/``) must exist: otherwise ms-swift takes them for hub ids, loads both models and
-    then fails to reach the hub (or, offline, ends in hundreds of lines). ``#N`` and ``:subset`` suffixes allowed;
-    entries that look like hub ids (``owner/name``) are left to ms-swift."""
-    for flag, entries in (('--dataset', args.dataset), ('--val_dataset', args.val_dataset)):
-        for entry in entries or []:
-            path = DatasetSyntax.parse(entry).dataset
-            if os.path.exists(path) or not looks_local(path):
-                continue
-            where = '' if os.path.isabs(path) else f' (relative to {os.getcwd()})'
-            near = near_names(path)
-            raise FlagError(f'{flag} {entry}: no such file {path!r}{where}{near}; a local dataset must exist (hub '
-                            'datasets are named owner/name)')
 
 
 def scan_rows(flag: str, path: str, standard_format: bool, columns: Dict[str, str], multimodal: bool,

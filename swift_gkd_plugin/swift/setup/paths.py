@@ -4,7 +4,7 @@ leaves behind.
 ms-swift refuses a missing ``--model`` and a missing ``--external_plugins`` file itself, with 20-47 lines of
 traceback; a ``--model`` or ``--teacher_model`` path that does not exist is taken for a hub id ("Downloading the model
 from HuggingFace Hub ..."). Here each is one ``error:`` line naming the flag and the path, before anything is
-resolved. The paths' rule is the datasets' (:func:`swift_gkd_plugin.swift.setup.datasets.check_dataset_paths`): an
+resolved. The paths' rule is the datasets' (:func:`check_dataset_paths`): an
 absolute, ``./`` or ``~`` path, or more than one ``/``, names a local folder; ``owner/name`` is left to the hub.
 An existing model path must be a folder with a ``config.json``, and ``--output_dir`` a folder that can be written.
 
@@ -19,7 +19,8 @@ import tempfile
 from typing import List, Optional
 
 from swift_gkd_plugin.flags import FlagError
-from swift_gkd_plugin.local_paths import adapter_path_problem, looks_local, near_names, not_a_model_folder
+from swift_gkd_plugin.local_paths import (adapter_path_problem, dataset_path_problem, looks_local, near_names,
+                                          not_a_model_folder)
 
 
 def check_model_given(args) -> None:
@@ -59,6 +60,17 @@ def check_adapter_paths(args) -> None:
         problem = adapter_path_problem('--adapters', value) if isinstance(value, str) else None
         if problem:
             raise FlagError(problem)
+
+
+def check_dataset_paths(args) -> None:
+    """``--dataset`` / ``--val_dataset`` entries that name local files exist (see
+    :func:`~swift_gkd_plugin.local_paths.dataset_path_problem`): ms-swift took a missing one for a hub id, loaded both
+    models, then failed to reach the hub (offline: hundreds of lines)."""
+    for flag, entries in (('--dataset', args.dataset), ('--val_dataset', args.val_dataset)):
+        for entry in [entries] if isinstance(entries, str) else entries or []:
+            problem = dataset_path_problem(flag, entry)
+            if problem:
+                raise FlagError(problem)
 
 
 def check_external_plugins(args) -> None:
@@ -120,14 +132,20 @@ def check_output_dir(args) -> None:
                         'checkpoints and logs go in --output_dir: pass a writable --output_dir') from None
 
 
-def check_command_line_paths(args) -> None:
-    """Every check of this module, in this order."""
-    check_model_given(args)
+def check_early_paths(args) -> None:
+    """The checks of the paths as given, needing no default of ms-swift's (also run in ``swift``'s launcher)."""
     check_model_paths(args)
     check_adapter_paths(args)
+    check_dataset_paths(args)
     check_external_plugins(args)
     check_resume_folder(args)
     check_output_dir(args)
+
+
+def check_command_line_paths(args) -> None:
+    """Every check of this module, in this order."""
+    check_model_given(args)
+    check_early_paths(args)
 
 
 class CreatedDirs:
