@@ -102,13 +102,25 @@ def log(msg: str) -> None:
 
 
 def run_logged(cmd: list, env: dict) -> tuple:
-    """Run ``cmd``, echoing its output as it comes; return ``(exit code, whole output)``."""
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-    lines = []
-    for line in proc.stdout:
-        sys.stdout.write(line)
-        lines.append(line)
-    return proc.wait(), ''.join(lines)
+    """Run ``cmd``, echoing its output byte for byte as it comes; return ``(exit code, whole output)``. Bytes, not
+    text lines: text mode turns each ``\r`` of a progress bar's redraw into a new line (the last bar printed three
+    times)."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    chunks = []
+    while True:
+        chunk = os.read(proc.stdout.fileno(), 1 << 16)
+        if not chunk:
+            break
+        raw = getattr(sys.stdout, 'buffer', None)  # (a replaced sys.stdout may have none)
+        sys.stdout.flush()
+        if raw is None:
+            sys.stdout.write(chunk.decode('utf-8', errors='replace'))
+        else:
+            raw.write(chunk)
+            raw.flush()
+        chunks.append(chunk)
+    proc.stdout.close()
+    return proc.wait(), b''.join(chunks).decode('utf-8', errors='replace')
 
 
 def demo_metrics(model_dir: str, tokenizer, rows) -> tuple:

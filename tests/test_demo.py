@@ -48,6 +48,9 @@ def test_demo_default_distils_the_student(tmp_path, capsys):
     every = cli.DEMO_LOGGING_STEPS  # (and the first step, as ms-swift logs it)
     assert [s for s, _ in curves['loss']] == [1, *range(every, cli.DEMO_STEPS + 1, every)], curves['loss']
     assert all(x > 0 for _, x in curves['loss'])
+    # issue 66 item 13: the run's output is passed on byte for byte; read as text lines, each progress bar's redraw
+    # ('\r') became a line of its own (the last bar printed three times)
+    assert '\rTrain: 100%' in out and not re.search(r'^Train: 100%.*\n(Train: 100%.*\n)', out, re.M)
 
 
 def test_run_length_names_each_steps_mode_in_order():
