@@ -107,7 +107,8 @@ setup(
         'megatron': ['megatron-core>=0.14', 'mcore-bridge', 'triton'],
         # triton: the fused loss's kernels, tested on CPU in its interpreter (wheels exist for Linux x86-64 / aarch64)
         # megatron-core + mcore-bridge: the tests run megatron rlhf on CPU (tests/megatron/test_megatron_rlhf.py)
-        'dev': ['pytest>=8', 'pytest-xdist', 'pytest-timeout', 'psutil', 'deepspeed', 'gguf>=0.17',
+        # pyflakes: undefined names in code that only a GPU runs (tests/test_architecture.py)
+        'dev': ['pytest>=8', 'pytest-xdist', 'pytest-timeout', 'psutil', 'deepspeed', 'gguf>=0.17', 'pyflakes',
                 'triton==3.6.0; platform_system == "Linux" and platform_machine == "x86_64"', 'megatron-core>=0.14',
                 'mcore-bridge'],
         'bench': ['liger-kernel', 'psutil'],  # the optional Liger peer of benchmarks/bench_loss.py

@@ -44,7 +44,11 @@ during the measured steps, minus its resident size just before them (inputs allo
 peak is reset with ``/proc/self/clear_refs`` after the warm-up, so it covers only the measured steps (if that file
 is not writable, a thread samples ``VmRSS`` every millisecond instead). Every method allocates its own
 ``[V, H]`` float32 weight gradient within that figure. On CUDA: ``torch.cuda.max_memory_allocated()`` minus the
-allocation before the steps. A worker that runs out of memory (CPU: the address-space limit ``--mem-limit-gb``
+allocation before the steps, and ``peak_reserved_extra_mib``: ``max_memory_reserved()`` minus the reserve before
+them (what the caching allocator held: blocks it could not reuse, e.g. ones recorded on a running stream, show here
+and not in the allocated figure). ``fused2`` rows that ran the first design's weight-gradient products (the
+float32-output matmuls failed their probe) or the PyTorch path (the self-check) have status ``fallback``: not the
+second design's time. A worker that runs out of memory (CPU: the address-space limit ``--mem-limit-gb``
 that keeps the machine usable, default the available memory minus 1 GiB) or gets killed is reported as OOM.
 """
 from __future__ import annotations
@@ -101,6 +105,8 @@ def _memory_baseline(cuda: bool, sync) -> float:
     """Garbage collected, the device idle, its peak reset: what a measured call starts from (CUDA: bytes allocated;
     CPU: resident MiB)."""
     import gc
+
+    import torch
     gc.collect()
     sync()
     if cuda:
@@ -295,6 +301,7 @@ def run_worker(args):
         step(min(n, 1024 if method == 'liger' else 64))  # warm-up (liger: its compiled chunk shape)
         clear()
         base = _memory_baseline(cuda, sync)
+        base_reserved = torch.cuda.memory_reserved() if cuda else None
         if not cuda:
             if args.mem_limit_gb:
                 import resource
@@ -315,6 +322,14 @@ def run_worker(args):
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else peak_rss.read() - base
         result.update(status='ok', time_s=statistics.median(times), times=[round(t, 3) for t in times],
                       cpu_s=statistics.median(cpu), peak_extra_mib=peak, loss=loss)
+        if cuda:
+            result['peak_reserved_extra_mib'] = (torch.cuda.max_memory_reserved() - base_reserved) / 2**20
+        if method in ('fused2', 'fused2_serial'):
+            from swift_gkd_plugin.core.fused.matmuls import float32_output_matmuls, weight_grad_path
+            result['weight_grad_path'] = weight_grad_path(device, dtype)
+            if cuda and dtype != torch.float32 and not float32_output_matmuls(device, dtype):
+                result.update(status='fallback', error=f'weight gradient: {result["weight_grad_path"]}: not the '
+                                                       'second design\'s time')
         if _fallbacks():
             result.update(status='fallback', error=f'the self-check sent {_fallbacks()} to the PyTorch path (its '
                                                    'warning says why): not the kernel\'s time')

@@ -294,3 +294,29 @@ def test_no_module_is_over_600_lines():
                     if count > 600:
                         long[os.path.relpath(os.path.join(folder, name), REPO)] = count
     assert long == {}
+
+
+UNDEFINED = ('undefined name', 'undefined local variable', 'used before assignment')
+
+
+def _undefined_names(paths):
+    from pyflakes import api, reporter
+    import io
+    out = io.StringIO()
+    api.checkRecursive(paths, reporter.Reporter(out, out))
+    return [line for line in out.getvalue().splitlines() if any(kind in line for kind in UNDEFINED)]
+
+
+def test_no_undefined_name_in_code_a_cpu_run_never_reaches():
+    """The CUDA-only branches (stream hand-over, float32-output matmuls, the kit's GPU parts, the benchmarks'
+    device memory) run on no CPU test: a name missing there is found by reading, not running. (One was: bench_loss's
+    ``_memory_baseline`` called ``torch.cuda`` without importing torch, an error in every CUDA worker of kit part b.)"""
+    root = os.path.dirname(PACKAGE)
+    paths = [os.path.join(root, p) for p in ('swift_gkd_plugin', 'benchmarks', 'tests/gpu/checks', 'examples')]
+    assert _undefined_names([p for p in paths if os.path.exists(p)]) == []
+
+
+def test_the_undefined_name_reader_sees_one(tmp_path):
+    (tmp_path / 'gpu_only.py').write_text('def baseline(cuda):\n    if cuda:\n        torch.cuda.synchronize()\n')
+    found = _undefined_names([str(tmp_path)])
+    assert len(found) == 1 and "undefined name 'torch'" in found[0], found

@@ -130,23 +130,25 @@ def test_part_b_tiny_new_rows_and_verdict(tmp_path, interpret):
     assert 'make triton2 the CUDA default' in (out / 'b.md').read_text()
 
 
-def _verdict_notes(rows, device='cuda'):
+def _verdict_notes(rows, device='cuda', chunk_mib=None):
     from common import Results
     res = Results('b', 'verdict')
     res.rows = rows
-    part_b.verdicts(res, REAL_NS, device)
+    part_b.verdicts(res, REAL_NS, device, chunk_mib)
     return res.notes
 
 
-def _row(method, n, time_ms, mib, status='ok'):
-    return dict(kind='method', method=method, n=n, status=status, time_ms=time_ms, peak_extra_mib=mib)
+def _row(method, n, time_ms, mib, status='ok', reserved=None):
+    return dict(kind='method', method=method, n=n, status=status, time_ms=time_ms, peak_extra_mib=mib,
+                peak_reserved_extra_mib=reserved)
 
 
 def test_verdict_yes_only_when_faster_at_every_n_without_more_memory():
     old = [_row('fused', n, t, 1900) for n, t in zip(REAL_NS, (18.3, 35.3, 69.0))]
     notes = _verdict_notes(old + [_row('fused2', n, t, 1900) for n, t in zip(REAL_NS, (15.0, 30.0, 60.0))])
     assert notes[-1].startswith('make triton2 the CUDA default: yes, because faster than triton at N = 4096')
-    assert 'N=16384: verdict: triton2 faster (60.0 vs 69.0 ms) and no more memory (1900 vs 1900 MiB): yes' in notes
+    assert 'N=16384: verdict: triton2 faster (60.0 vs 69.0 ms) and no more memory (allocated 1900 vs 1900 MiB): yes' \
+        in notes
     notes = _verdict_notes(old + [_row('fused2', 4096, 15.0, 1900), _row('fused2', 8192, 30.0, 2100),
                                   _row('fused2', 16384, 70.0, 1900)])
     assert notes[-1] == 'make triton2 the CUDA default: no, because more memory at 8192; slower at 16384'
@@ -154,3 +156,24 @@ def test_verdict_yes_only_when_faster_at_every_n_without_more_memory():
                                   _row('fused2', 16384, 50.0, 1900, status='fallback')])
     assert notes[-1] == 'make triton2 the CUDA default: no, because not measured at 16384'
     assert notes[-2].startswith('N=16384: verdict: not measured (fused2 fallback')
+
+
+def test_verdict_fails_memory_that_grows_past_one_chunk():
+    """Issue 67 item 3: the side stream's buffers, if the allocator cannot reuse them, grow the reserved memory with
+    every chunk while the allocated figure stays flat: a reserved peak more than one chunk above triton's fails the
+    second design, and so does an allocated one; within one chunk (but above 1%) it is only 'more memory'."""
+    chunk = part_b.one_chunk_mib(151936, 151936, 2)
+    assert chunk == pytest.approx(768 * 2 * 151936 * 2 / 2**20)  # triton2's 768 rows of student + teacher logits
+    old = [_row('fused', n, t, 1900, reserved=2048) for n, t in zip(REAL_NS, (18.3, 35.3, 69.0))]
+    grown = [_row('fused2', 4096, 15.0, 1900, reserved=2048), _row('fused2', 8192, 30.0, 1900, reserved=4096),
+             _row('fused2', 16384, 60.0, 1900, reserved=2048 + chunk - 1)]
+    notes = _verdict_notes(old + grown, chunk_mib=chunk)
+    assert notes[-1] == ('make triton2 the CUDA default: no, because more memory at 8192; memory beyond one chunk at '
+                         '8192; more memory at 16384'), notes[-1]
+    line = next(n for n in notes if n.startswith('N=8192: verdict'))
+    assert 'reserved 4096 vs 2048 MiB' in line and 'MORE than one chunk (445 MiB) above triton' in line, line
+    assert 'within one chunk (445 MiB) of triton' in next(n for n in notes if n.startswith('N=16384: verdict'))
+    allocated = [_row('fused2', n, 15.0, 1900 + (chunk + 1 if n == 4096 else 0), reserved=2048) for n in REAL_NS]
+    assert 'memory beyond one chunk at 4096' in _verdict_notes(old + allocated, chunk_mib=chunk)[-1]
+    same = [_row('fused2', n, 15.0, 1900, reserved=2048) for n in REAL_NS]
+    assert _verdict_notes(old + same, chunk_mib=chunk)[-1].startswith('make triton2 the CUDA default: yes')

@@ -151,6 +151,34 @@ def test_self_check_runs_two_chunks_then_the_second_design(self_checked_triton2,
     assert tf.rel_err(got[0], want[0]) <= 2e-5 and tf.rel_err(got[1][0], want[1][0]) <= 2e-5
 
 
+def test_self_check_catches_a_weight_gradient_that_does_not_accumulate(self_checked_triton2, monkeypatch, caplog):
+    """Issue 67 item 2: a weight gradient that each chunk overwrites instead of accumulating (the float32-output
+    ``addmm`` at beta 0 on every chunk), the hidden-state gradient right: the self-check compares ``grad_w @ r``
+    over its two chunks, names it, and the run gets the PyTorch path's gradients."""
+    real = chunk_triton2.backprop_matmuls
+    monkeypatch.setattr(chunk_triton2, 'backprop_matmuls', lambda g, h, w, alpha, sl, grad_h, grad_w, first:
+                        real(g, h, w, alpha, sl, grad_h, grad_w, True))
+    x = tf.make_inputs(seed=31, n=40, v=300, vt=300)
+    with caplog.at_level(logging.WARNING, logger='swift_gkd_plugin'):
+        got = _run(x)
+    found = _warnings(caplog)
+    assert len(found) == 1 and 'differs from the PyTorch path' in found[0], found
+    errors = dict(re.findall(r'(grad_hidden|grad_weight @ r) ([0-9.e+-]+)', found[0]))
+    assert float(errors['grad_hidden']) < 1e-4 < float(errors['grad_weight @ r']), found[0]
+    want = _run(x, backend='torch')
+    assert tf.rel_err(got[1][1], want[1][1]) <= 1e-6
+
+
+def test_weight_gradient_path_is_said(monkeypatch):
+    """Issue 67 item 2: the start-up line says how triton2 forms the weight gradient."""
+    monkeypatch.delenv(kernels.BACKEND_ENV, raising=False)
+    text = kernels.describe_backend('triton2', torch.device('cpu'), torch.bfloat16)
+    assert "weight gradient: the first design's bfloat16 products (off CUDA)" in text, text
+    assert 'weight gradient: float32 matmuls' in kernels.describe_backend('triton2', torch.device('cpu'),
+                                                                          torch.float32)
+    assert 'weight gradient' not in kernels.describe_backend('triton', torch.device('cpu'), torch.bfloat16)
+
+
 def test_backend_choice_and_description(monkeypatch):
     monkeypatch.delenv(kernels.BACKEND_ENV, raising=False)
     assert kernels.choose_backend('triton2', torch.device('cuda')) == ('triton2', True)  # self-checked on CUDA

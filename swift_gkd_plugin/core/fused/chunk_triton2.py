@@ -11,11 +11,14 @@ bf16, C rows a chunk):
   SMs) split over ``K`` into a batched product that fills the GPU (:func:`split_k`), summed in float32;
 * on CUDA, two streams: the next chunk's logit matmuls run on a side stream under this chunk's kernel (the
   kernel is bound by the special-function units and memory, the matmuls by the tensor cores). Two chunks' logits
-  are then alive, so a chunk has half the rows of the first backend's rule: the same peak memory.
+  are then alive, so a chunk has half the rows of the first backend's rule: the same peak memory. An explicit
+  ``chunk_size`` (``fused_linear_jsd``'s argument) is kept as given: two chunks of that size are alive, twice the
+  first backend's logit memory at the same setting (``SWIFT_GKD_TRITON2_OVERLAP=0``: one).
 
-The float32-output matmuls are probed once per device (:func:`float32_output_matmuls`: a small product checked
-against float32 math); where they fail or are missing (CPU, older torch), the first backend's bf16 products are
-used. ``SWIFT_GKD_TRITON2_OVERLAP=0`` turns the second stream off (for measurements).
+The float32-output matmuls are probed once per device in the real call's layout
+(:func:`.matmuls.float32_output_matmuls`); where they fail or are missing (CPU, older torch), the first backend's
+bf16 products are used, and the start-up log says which (:func:`.matmuls.weight_grad_path`). ``SWIFT_GKD_TRITON2_OVERLAP=0`` turns the second stream off (for
+measurements).
 """
 from __future__ import annotations
 
@@ -25,16 +28,16 @@ from typing import Dict, Optional
 import torch
 
 from swift_gkd_plugin.core.fused.chunk_triton import TritonChunks, kernel_chunk_size
+from swift_gkd_plugin.core.fused.matmuls import float32_output_matmuls
 from swift_gkd_plugin.core.fused.plan import Plan, backprop_matmuls
 
-__all__ = ['OVERLAP_ENV', 'Triton2Chunks', 'float32_output_matmuls', 'split_k']
+__all__ = ['OVERLAP_ENV', 'Triton2Chunks', 'split_k']
 
 OVERLAP_ENV = 'SWIFT_GKD_TRITON2_OVERLAP'
 #: rows x columns of an output tile in cuBLAS's Hopper kernels for these shapes (tst_128x256 in the H100 profile)
 _TILE = (128, 256)
 #: forced split of ``g @ W`` (tests); None: :func:`split_k`'s rule
 SPLIT_K: Optional[int] = None
-_FLOAT32_OUT: Dict[str, bool] = {}
 _SIDE_STREAMS: Dict[str, 'torch.cuda.Stream'] = {}
 
 
@@ -58,32 +61,6 @@ def split_k(rows: int, hidden: int, vocab: int, sm_count: Optional[int]) -> int:
     while parts < 8 and tiles * parts < sm_count and vocab % (2 * parts) == 0:
         parts *= 2
     return parts
-
-
-def float32_output_matmuls(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``torch.addmm`` / ``torch.bmm`` with ``out_dtype=torch.float32`` work for ``dtype`` inputs on
-    ``device``, in place (``out`` is ``input``), ``beta`` 0 ignoring NaN: probed once per device and dtype on small
-    products checked against float32 math. Why: the backend relies on them where a wrong result would be silent."""
-    key = f'{device} {dtype}'
-    if key not in _FLOAT32_OUT:
-        ok = False
-        if device.type == 'cuda':
-            try:
-                g = torch.Generator(device=device).manual_seed(0)
-                a, b = (torch.randn(s, generator=g, device=device).to(dtype) for s in ((96, 64), (64, 80)))
-                c = torch.randn(96, 80, generator=g, device=device)
-                want = c + 0.5 * (a.float() @ b.float())
-                torch.addmm(c, a, b, beta=1, alpha=0.5, out_dtype=torch.float32, out=c)
-                nan = torch.full_like(c, float('nan'))
-                torch.addmm(nan, a, b, beta=0, alpha=1.0, out_dtype=torch.float32, out=nan)
-                parts = torch.bmm(a.view(96, 2, 32).transpose(0, 1), b.view(2, 32, 80), out_dtype=torch.float32)
-                ok = (torch.allclose(c, want, rtol=1e-3, atol=1e-3)
-                      and torch.allclose(nan, a.float() @ b.float(), rtol=1e-3, atol=1e-3)
-                      and torch.allclose(parts.sum(0), a.float() @ b.float(), rtol=1e-3, atol=1e-3))
-            except Exception:  # no out_dtype in this torch, or not for this device / dtype
-                ok = False
-        _FLOAT32_OUT[key] = ok
-    return _FLOAT32_OUT[key]
 
 
 class Triton2Chunks(TritonChunks):
@@ -112,25 +89,41 @@ class Triton2Chunks(TritonChunks):
 
     def logits(self, h: torch.Tensor, sl: slice):
         """The chunk's student logits (and teacher logits with a full head) in the matmul dtype: the ones the side
-        stream computed ahead, or computed now."""
+        stream computed ahead, or computed now; then the next chunk's are started on the side stream.
+
+        The memory rule: every buffer the side stream touches is allocated on the main stream and stays referenced
+        until the main stream has waited for the side stream, so the caching allocator never hands it out while the
+        side stream may still use it, and no ``record_stream`` is needed (with it, blocks freed while the host ran
+        ahead could not be reused: memory grew with every chunk). At most two chunks' logits are alive."""
         if self.pending is not None and self.pending[0] == sl.start:
-            _, zs, zt = self.pending
+            _, zs, zt, _inputs = self.pending
             self.pending = None
-            torch.cuda.current_stream(zs.device).wait_stream(self.side)
+            torch.cuda.current_stream(zs.device).wait_stream(self.side)  # then _inputs may go
         else:
             zs, zt = TritonChunks.logits(self, h, sl)
         nxt = slice(sl.stop, min(sl.stop + self.rows, self.n))
         if self.side is not None and nxt.start < nxt.stop:
-            main = torch.cuda.current_stream(zs.device)
-            self.side.wait_stream(main)
-            with torch.cuda.stream(self.side):
-                h_next = self.hidden[nxt].to(self.weight.dtype)
-                ahead = TritonChunks.logits(self, h_next, nxt)
-            for t in (h_next, *ahead):
-                if t is not None:
-                    t.record_stream(main)  # freed while the main stream may still use them: the allocator waits
-            self.pending = (nxt.start, *ahead)
+            self.pending = (nxt.start, *self._ahead(nxt))
         return zs, zt
+
+    def _ahead(self, sl: slice):
+        """``(student logits, teacher logits or None, inputs)`` of rows ``sl``, enqueued on the side stream into
+        buffers allocated (with the inputs' casts) on the main stream; see :meth:`logits` for the rule."""
+        main, dev = torch.cuda.current_stream(self.weight.device), self.weight.device
+        rows = sl.stop - sl.start
+        h = self.hidden[sl].to(self.weight.dtype)
+        zs = torch.empty(rows, self.weight.shape[0], dtype=self.weight.dtype, device=dev)
+        zt = th = None
+        if self.plan.full:
+            tw = self.plan.teacher_weight
+            th = self.plan.teacher_hidden[sl].to(tw.dtype)
+            zt = torch.empty(rows, tw.shape[0], dtype=tw.dtype, device=dev)
+        self.side.wait_stream(main)  # the buffers and inputs exist before the side stream reads or writes them
+        with torch.cuda.stream(self.side):
+            torch.mm(h, self.weight.t(), out=zs)
+            if zt is not None:
+                torch.mm(th, self.plan.teacher_weight.t(), out=zt)
+        return zs, zt, (h, th)
 
     def _full_rows(self, zs, zt, **kw):
         from swift_gkd_plugin.core.fused.kernels.full_rows2 import full_rows2

@@ -336,33 +336,44 @@ def _self_checked_backend(hidden, weight, bias, plan: Plan) -> str:
 
 
 def _self_check(hidden, weight, bias, plan: Plan) -> str:
-    """Run the first :data:`SELF_CHECK_ROWS` rows on both backends; compare the loss, the divergence and the hidden
-    and bias gradients (``grad_hidden = g @ W`` sees every entry of the kernel's ``d loss / d z``)."""
+    """Run the first :data:`SELF_CHECK_ROWS` rows on both backends, in two chunks (the weight gradient accumulates
+    over chunks, and triton2's side stream hands one over); compare the loss, the divergence, the hidden, weight and
+    bias gradients (``grad_hidden = g @ W`` sees every entry of the kernel's ``d loss / d z``; ``grad_weight`` is
+    the float32-output matmuls' accumulation, which nothing else on CPU reaches)."""
     c = min(hidden.shape[0], SELF_CHECK_ROWS)
     rowwise = ('teacher_hidden', 'topk_ids', 'topk_logprobs', 'labels', 'label_weights')
     sub = {k: getattr(plan, k)[:c] for k in rowwise if getattr(plan, k) is not None}
     kernel = plan.backend
-    chunk = -(-c // 2) if kernel == 'triton2' else None  # two chunks: the side stream's hand-over runs too
+    probe = torch.randn(weight.shape[1], generator=torch.Generator(device=weight.device).manual_seed(0),
+                        device=weight.device)
     out = {}
     for name in ('torch', kernel):
-        run = dataclasses.replace(plan, backend=name, stats={}, chunk_size=chunk, **sub)
+        run = dataclasses.replace(plan, backend=name, stats={}, chunk_size=-(-c // 2), **sub)
         try:
             with torch.no_grad():  # _run forms the gradients itself
                 loss, grads = _run(hidden[:c].detach(), weight.detach(), None if bias is None else bias.detach(), run,
-                                   True, False, bias is not None)
+                                   True, True, bias is not None)
         except Exception as exc:  # a compile / launch / driver error: any exception type
             if name == 'torch':
                 raise
             return _fall_back(_key_text(plan, weight), f'failed: {type(exc).__name__}: {str(exc)[:300]}')
-        out[name] = [loss, run.stats['divergence_sum'], grads[0]] + ([grads[2]] if bias is not None else [])
+        out[name] = [loss, run.stats['divergence_sum'], grads[0], _projected(grads[1], probe)] + (
+            [grads[2]] if bias is not None else [])
+        del grads  # the [V, H] weight gradient: only its projection is kept
     tol = 1e-3 if weight.dtype == torch.float32 else 3e-2
     errors = [_mismatch(a.float(), b.float()) for a, b in zip(out[kernel], out['torch'])]
     if not all(e <= tol for e in errors):  # NaN too
-        names = ['loss', 'divergence', 'grad_hidden', 'grad_bias']
+        names = ['loss', 'divergence', 'grad_hidden', 'grad_weight @ r', 'grad_bias']
         found = ', '.join(f'{n} {e:.1e}' for n, e in zip(names, errors))
         return _fall_back(_key_text(plan, weight), f'differs from the PyTorch path on its first {c} rows (relative '
                           f'errors {found}; allowed {tol:g})')
     return kernel
+
+
+def _projected(grad_w: torch.Tensor, r: torch.Tensor, block: int = 4096) -> torch.Tensor:
+    """``grad_w @ r`` in float32, a block of rows at a time (no float32 copy of a ``[V, H]`` gradient): a random
+    ``r`` mixes every entry of a row, so a wrong entry shows."""
+    return torch.cat([grad_w[i:i + block].float() @ r for i in range(0, grad_w.shape[0], block)])
 
 
 def _mismatch(a: torch.Tensor, b: torch.Tensor) -> float:

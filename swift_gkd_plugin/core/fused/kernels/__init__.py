@@ -107,16 +107,21 @@ def interpreter_mismatch() -> Optional[str]:
             'starts, or before anything imports triton')
 
 
-def describe_backend(backend: Optional[str], device: Optional[torch.device] = None) -> str:
-    """One line for the start-up log: the backend that runs on ``device`` (default: CUDA if visible) and why."""
+def describe_backend(backend: Optional[str], device: Optional[torch.device] = None,
+                     dtype: Optional[torch.dtype] = None) -> str:
+    """One line for the start-up log: the backend that runs on ``device`` (default: CUDA if visible) and why; for
+    ``triton2`` with the weights' ``dtype`` given, how it forms the weight gradient (the float32 epilogue, or the first
+    design's products where the probe failed)."""
     if device is None:
         device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     choice, source = requested_backend(backend)
     given = '--gkd_fused_backend' if source == 'backend' else (
         f'{BACKEND_ENV}' if os.environ.get(BACKEND_ENV, '').strip() else 'the default')
     if choice == 'triton2':
-        return (f'triton2, the second kernel design ({given}; checked against the PyTorch path on its first chunk on '
-                'CUDA, falling back to it with a warning)')
+        from swift_gkd_plugin.core.fused.matmuls import weight_grad_path
+        grad_w = '' if dtype is None else f'; weight gradient: {weight_grad_path(device, dtype)}'
+        return (f'triton2, the second kernel design ({given}; checked against the PyTorch path on its first two '
+                f'chunks on CUDA, falling back to it with a warning{grad_w})')
     if choice != 'auto':
         return f'{choice} (forced by {given}; no fallback)' if choice == 'triton' else f'torch ({given})'
     name, why = auto_backend(device)
