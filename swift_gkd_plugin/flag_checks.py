@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import math
 import os
 from dataclasses import dataclass
@@ -446,7 +447,15 @@ def teacher_url_problem(url) -> Optional[str]:
     if not isinstance(url, str) or not url.strip():
         return 'it is empty' if isinstance(url, str) else f'it is {type(url).__name__} {url!r}, not a URL string'
     from urllib.parse import urlsplit
-    parts = urlsplit(url.strip() if '://' in url else f'http://{url.strip()}')
+    text = url.strip()
+    try:
+        parts = urlsplit(text if '://' in text else f'http://{text}')
+    except ValueError as exc:  # e.g. an unclosed IPv6 bracket
+        return f'it does not parse as a URL ({exc})'
+    if '://' not in text and parts.path:  # HOST:PORT takes no path: 'http//h:8000' read as host 'http'
+        fixed = re.sub(r'^(https?):?/*', r'\1://', text) if re.match(r'^https?:?/', text) else None
+        hint = f' (did you mean {fixed}?)' if fixed else ''
+        return f"it has no scheme (no '://') and a path {parts.path!r} after the host {parts.netloc!r}{hint}"
     try:
         port = parts.port
     except ValueError:

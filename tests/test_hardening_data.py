@@ -87,10 +87,13 @@ BAD_URLS = [
      '--teacher_model_server entry 1 ("url": 8000): it is int 8000, not a URL string; allowed: http://HOST:PORT or '
      'https://HOST:PORT (a port of 1 to 65535), or "local"'),
     ('ftp://127.0.0.1:9', "its scheme 'ftp' is not http or https"),
+    # issue 65 item 4: urllib's 'Invalid IPv6 URL' without the flag; a host named 'http' with a path
+    ('http://[::1', '--teacher_model_server http://[::1: it does not parse as a URL (Invalid IPv6 URL)'),
+    ('http//127.0.0.1:8000', '(did you mean http://127.0.0.1:8000?)'),
 ]
 
 
-@pytest.mark.parametrize('server,message', BAD_URLS, ids=['port', 'int_url', 'scheme'])
+@pytest.mark.parametrize('server,message', BAD_URLS, ids=['port', 'int_url', 'scheme', 'ipv6', 'no_scheme'])
 def test_teacher_urls_that_never_parse_are_refused_before_the_wait(tiny_ws, tmp_path, server, message):
     """The health poll used to retry such a URL for the whole --teacher_server_wait (600 s by default), or the
     client failed with a TypeError traceback."""

@@ -183,6 +183,19 @@ def test_the_zero_loss_guard_sees_every_step(tiny_ws, tmp_path, name):
     _one_error_line(run, needles)
 
 
+def test_a_copy_of_a_lora_students_base_stops_before_the_first_step(tiny_ws, tmp_path):
+    """Issue 65 item 4: a LoRA student with a separate teacher that is a copy of its base (another folder, so not
+    the shared base): the fresh adapter adds nothing, every step's loss is 0; the copy check compared the LoRA
+    model's names with the plain teacher's, never equal, and the run was stopped only after 3 steps."""
+    import shutil
+    teacher = str(tmp_path / 'copy_of_the_base')
+    shutil.copytree(tiny_ws.student, teacher)
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), tuner_type='lora', teacher_model=teacher, lmbda=0,
+                              max_steps=6), check=False, timeout=300)
+    _one_error_line(run, [f'--teacher_model {teacher} has the student\'s weights exactly (a copy of --model)'])
+    assert run.logs == []  # before the first step
+
+
 def test_the_zero_loss_guard_waits_for_privileged_rows(tiny_ws, tmp_path):
     """A shared base whose teacher_prompt is on 4 of 32 rows: the steps before one of them is drawn have loss 0
     exactly, and the run used to be stopped at step 3 although it learns once they come up."""

@@ -36,7 +36,7 @@ from swift_gkd_plugin.core import Divergence, Mode
 from swift_gkd_plugin.core.constants import IGNORE_INDEX
 from swift_gkd_plugin.core.entropy import EntropyGapWatch
 from swift_gkd_plugin.core.guards.non_finite import loss_terms, non_finite_loss_message
-from swift_gkd_plugin.core.guards.same_weights import copy_of_the_student_cause, privileged_row_count, same_parameters
+from swift_gkd_plugin.core.guards.same_weights import copy_of_the_student, copy_of_the_student_cause, privileged_row_count
 from swift_gkd_plugin.core.weights.lora_round_trip import BaseWeightsKeeper, adapter_tensors_copied
 from swift_gkd_plugin.core.modes import DATA_SOURCES, mode_log_path, sampling_seed, step_mode
 from swift_gkd_plugin.core.views import prepare_teacher_view
@@ -353,7 +353,7 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
         counted = privileged_row_count(train_dataset)
         if counted is not None and counted[0]:
             return
-        same = all(same_parameters(dict(teacher.named_parameters()), dict(student.named_parameters()))
+        same = all(copy_of_the_student(dict(teacher.named_parameters()), dict(student.named_parameters()))
                    for teacher, student in zip(self.teacher_models, self.unwrapped_models))
         verdict = torch.tensor([float(same)], device=next(self.unwrapped_models[0].parameters()).device)
         torch.distributed.all_reduce(verdict, op=torch.distributed.ReduceOp.MIN)  # every rank's shards, one answer

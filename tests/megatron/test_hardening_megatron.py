@@ -80,13 +80,16 @@ cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason='the CPU harness
 
 
 @cpu_only
-def test_a_copy_of_the_student_as_teacher_stops_before_the_first_step(tiny_ws, tmp_path):
+@pytest.mark.parametrize('tuner', ['full', 'lora'])
+def test_a_copy_of_the_student_as_teacher_stops_before_the_first_step(tiny_ws, tmp_path, tuner):
     """Under ms-swift's default --weight_decay 0.1 the run exited 0: step 1's gradient norm was 0, then weight decay
-    moved the student (gradient norm 5e-7 at step 2). Decided from the weights at train begin, as swift rlhf does."""
+    moved the student (gradient norm 5e-7 at step 2). Decided from the weights at train begin, as swift rlhf does.
+    A LoRA student (issue 65 item 4): its fresh adapter adds nothing, so its base is compared (the names never
+    matched: it trained every step and ended with NothingLearnt)."""
     teacher = str(tmp_path / 'copy_of_the_student')
     shutil.copytree(tiny_ws.student, teacher)
-    run = run_megatron(megatron_args(tiny_ws, str(tmp_path / 'out'), teacher_model=teacher), check=False,
-                       launcher=False)  # refused by the ranks: forked from the Megatron zygote
+    run = run_megatron(megatron_args(tiny_ws, str(tmp_path / 'out'), teacher_model=teacher, tuner_type=tuner),
+                       check=False, launcher=False)  # refused by the ranks: forked from the Megatron zygote
     assert run.returncode != 0 and ACTIVE in run.output, run.output[-3000:]
     assert (f"--teacher_model {teacher} has the student's weights exactly (a copy of --model): distil from another "
             'model; no training row has a teacher_prompt or teacher_messages and --sft_alpha is 0') in run.output

@@ -146,8 +146,34 @@ def test_megatrons_default_use_vllm_needs_a_mode_where_vllm_is_installed():
            '--gkd_sampling_temperature', '0.7'),
 ])
 def test_good_command_lines_pass_the_checks(flags):
-    code, output = megatron_rlhf(*flags)
+    code, output = megatron_rlhf(*flags, env={'NPROC_PER_NODE': '2'})  # (tensor parallel 2 needs two ranks)
     assert_passed_the_checks(output)
+
+
+@pytest.mark.parametrize('flags,env,needle', [
+    (('--context_parallel_size', '3'), {'NPROC_PER_NODE': '2'},
+     '--context_parallel_size 3 = 3 ranks a model copy, which does not divide the 2 ranks (NPROC_PER_NODE x NNODES)'),
+    (('--tensor_model_parallel_size', '2', '--context_parallel_size', '2'), {'NPROC_PER_NODE': '2', 'NNODES': '1'},
+     '--tensor_model_parallel_size 2 x --context_parallel_size 2 = 4 ranks a model copy, which does not divide the 2'),
+    (('--tensor_model_parallel_size', '2'), {}, 'does not divide the 1 rank (NPROC_PER_NODE x NNODES)'),
+    (('--expert_model_parallel_size', '2'), {'NPROC_PER_NODE': '3'}, '--expert_model_parallel_size 2 does not divide '
+     'the 3 ranks'),
+    (('--dataset', './no_such_rows.jsonl'), {}, '--dataset ./no_such_rows.jsonl: no such file'),
+    (('--teacher_model', './no_such_teacher'), {}, '--teacher_model ./no_such_teacher: no such model folder'),
+    (('--teacher_model_server', 'http://[::1', '--gkd_logits_topk', '8'), {},
+     '--teacher_model_server http://[::1: it does not parse as a URL (Invalid IPv6 URL)'),
+    (('--teacher_model_server', 'http//127.0.0.1:8000', '--gkd_logits_topk', '8'), {},
+     "it has no scheme (no '://') and a path '//127.0.0.1:8000' after the host 'http' (did you mean "
+     'http://127.0.0.1:8000?)'),
+], ids=['cp3_of_2', 'tp2_cp2_of_2', 'tp2_of_1', 'ep2_of_3', 'dataset', 'teacher_model', 'ipv6_url', 'no_scheme_url'])
+def test_what_the_ranks_failed_on_is_refused_by_the_launcher(flags, env, needle):
+    """Issue 65 item 4: each was a traceback in every rank (a ZeroDivisionError for sizes that do not divide the
+    ranks, a ValueError after both models loaded for a missing dataset) or a message without the flag."""
+    code, output = megatron_rlhf(*GKD, '--use_vllm', 'false', *flags, env=env)
+    assert code == 2, output[-3000:]
+    errors = [line for line in output.splitlines() if line.startswith('megatron rlhf: error: ')]
+    assert len(errors) == 1 and needle in errors[0], output[-3000:]
+    assert SPAWNED not in output and 'Traceback' not in output
 
 
 def test_another_rlhf_type_reaches_the_ranks():
@@ -247,3 +273,20 @@ def test_float32_under_fp16_mixed_precision_is_warned():
     assert float32_warning(torch.float32, True, True) is None  # --fp16 true given
     assert float32_warning(torch.float32, False, False) is None
     assert float32_warning(torch.bfloat16, None, False) is None
+
+
+def test_rows_without_a_user_message_are_refused_where_steps_sample(tmp_path):
+    """Issue 65 item 4: such a row failed every rank with dacite's MissingValueError when an on-policy step drew it;
+    dataset steps alone (--lmbda 0) train on its response."""
+    import json
+    rows = [{'messages': [{'role': 'user', 'content': 'q'}, {'role': 'assistant', 'content': 'a'}]},
+            {'messages': [{'role': 'system', 'content': 's'}, {'role': 'assistant', 'content': 'a'}]}]
+    data = tmp_path / 'rows.jsonl'
+    data.write_text(''.join(json.dumps(row) + '\n' for row in rows))
+    code, output = megatron_rlhf(*GKD, '--use_vllm', 'false', '--lmbda', '1', '--dataset', str(data))
+    assert code == 2, output[-3000:]
+    assert (f'--dataset {data}: 1 row(s) without a user message (line 2: messages of the roles system, assistant (no '
+            '"user" message)); with --lmbda 1 the student or the teacher samples') in output, output[-3000:]
+    assert SPAWNED not in output and 'Traceback' not in output
+    assert_passed_the_checks(megatron_rlhf(*GKD, '--use_vllm', 'false', '--lmbda', '0', '--dataset', str(data),
+                                           '--teacher_model', 'Qwen/Qwen3-1.7B')[1])

@@ -2,9 +2,12 @@
 weight decay), so the run learns nothing. Decided from the weights at train begin, not from a zero gradient norm."""
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
 from swift_gkd_plugin.core.constants import PRIVILEGED_COLUMNS
+
+if TYPE_CHECKING:
+    import torch
 
 
 def same_parameters(ours: Dict[str, 'torch.Tensor'], theirs: Dict[str, 'torch.Tensor']) -> bool:
@@ -14,6 +17,38 @@ def same_parameters(ours: Dict[str, 'torch.Tensor'], theirs: Dict[str, 'torch.Te
     return bool(ours) and ours.keys() == theirs.keys() and all(
         p.shape == theirs[n].shape and p.numel() > 0 and bool((p.detach() == theirs[n].detach().to(p.device)).all())
         for n, p in ours.items())
+
+
+#: the name pieces of a PEFT LoRA model that the plain model does not have
+_PEFT_PREFIX, _BASE_LAYER = 'base_model.model.', '.base_layer'
+
+
+def computed_parameters(named: Dict[str, 'torch.Tensor']) -> Optional[Dict[str, 'torch.Tensor']]:
+    """The parameters a model computes with, under the plain model's names. A model without LoRA: ``named`` itself.
+    A PEFT LoRA model whose every ``lora_B`` is zero (a fresh adapter, which adds nothing): its base weights, named as
+    in the plain model (``base_model.model.`` and ``.base_layer`` dropped). None where the model computes something
+    else (a non-zero adapter) or a layout not read here (``modules_to_save``). Why: a LoRA student's names never
+    equal a plain teacher's, so a copy of its base as teacher passed the copy check."""
+    if not any('lora_' in name for name in named):
+        return named
+    base = {}
+    for name, p in named.items():
+        if 'modules_to_save' in name or 'original_module' in name:
+            return None
+        if 'lora_' in name:
+            if ('lora_B' in name or 'lora_embedding_B' in name) and bool(p.detach().ne(0).any()):
+                return None
+            continue
+        plain = name[len(_PEFT_PREFIX):] if name.startswith(_PEFT_PREFIX) else name
+        base[plain.replace(_BASE_LAYER, '')] = p
+    return base
+
+
+def copy_of_the_student(teacher: Dict[str, 'torch.Tensor'], student: Dict[str, 'torch.Tensor']) -> bool:
+    """Whether the teacher's named parameters (or local shards) are what the student computes with
+    (:func:`computed_parameters`): every step's divergence would be 0, with a zero gradient."""
+    computed = computed_parameters(student)
+    return computed is not None and same_parameters(teacher, computed)
 
 
 def copy_of_the_student_cause(teacher: str) -> str:

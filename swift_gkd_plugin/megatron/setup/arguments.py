@@ -14,7 +14,8 @@ from swift_gkd_plugin.colocated_vllm import (check_vllm_cpu_head_dim, check_vllm
                                              resolve_vllm_environment)
 from swift_gkd_plugin.flags import check_no_plugin_flags_outside_gkd, ignored_flag_warnings
 from swift_gkd_plugin.megatron.setup.checks import (MegatronGKDFlagsMixin, check_megatron_gkd, check_model_sampling,
-                                                    check_not_ray, check_vllm_sampler, float32_warning)
+                                                    check_not_ray, check_parallel_sizes, check_vllm_sampler,
+                                                    float32_warning)
 from swift_gkd_plugin.ms_swift_state import keep_teacher_messages_column
 
 logger = get_logger()
@@ -46,6 +47,7 @@ class GKDPluginMegatronRLHFArguments(MegatronGKDFlagsMixin, MegatronRLHFArgument
             return
         check_not_ray(self)
         check_megatron_gkd(self)
+        check_parallel_sizes(self)
         fp16_given, dtype_given = self.fp16, self.torch_dtype  # ms-swift turns float32 into float16 below
         for warning in ignored_flag_warnings(self):
             logger.warning(f'swift_gkd_plugin: {warning}')

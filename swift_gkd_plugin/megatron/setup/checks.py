@@ -215,6 +215,8 @@ def _command_line_parser() -> argparse.ArgumentParser:
     p.add_argument('--teacher_adapters', nargs='*', default=[])
     p.add_argument('--tensor_model_parallel_size', type=int, default=1)
     p.add_argument('--context_parallel_size', type=int, default=1)
+    p.add_argument('--pipeline_model_parallel_size', type=int, default=1)
+    p.add_argument('--expert_model_parallel_size', type=int, default=1)
     p.add_argument('--virtual_pipeline_model_parallel_size', type=int, default=None)
     p.add_argument('--dataset', nargs='*', default=[])
     p.add_argument('--cached_dataset', nargs='*', default=[])
@@ -272,8 +274,11 @@ def check_megatron_command_line(argv: Sequence[str]) -> None:
         check_vllm_cpu_head_dim(ns, ns.model)
     check_vocab_sizes(ns)
     if not (argv and str(argv[0]).endswith(CONFIG_FILE_SUFFIXES)):  # a config file's flags: ms-swift's, in the ranks
+        check_parallel_sizes(ns)
+        check_local_paths(ns)
         check_training_set(ns)
         check_context_parallel_views(ns)
+        check_rows_have_prompts(ns)
         from swift_gkd_plugin.dataset_files import check_teacher_given  # ms-swift's dataset syntax: imported here
         check_teacher_given(SimpleNamespace(**{**vars(ns), 'columns': _json_or_none(ns.columns)}),
                             ('teacher_model', 'teacher_model_server'),
@@ -290,6 +295,78 @@ def _json_or_none(text):
         return json.loads(text) if isinstance(text, str) else text
     except ValueError:  # not JSON: ms-swift's own parser decides
         return None
+
+
+def world_size() -> Optional[int]:
+    """The ranks of the run: ``WORLD_SIZE`` in a rank; in the launcher, the ones its torchrun starts,
+    ``NPROC_PER_NODE`` x ``NNODES`` (1 each when unset); None where one is not a number (``gpu``, an elastic
+    ``1:4``)."""
+    try:
+        if os.environ.get('WORLD_SIZE'):
+            return int(os.environ['WORLD_SIZE'])
+        return int(os.environ.get('NPROC_PER_NODE') or 1) * int(os.environ.get('NNODES') or 1)
+    except ValueError:
+        return None
+
+
+def check_parallel_sizes(args) -> None:
+    """Tensor x pipeline x context parallel sizes divide the ranks (each rank's ``ZeroDivisionError`` otherwise: no
+    data-parallel group fits), and so does the expert-parallel size."""
+    world = world_size()
+    if world is None:
+        return
+    sizes = [(flag, getattr(args, flag, None) or 1) for flag in
+             ('tensor_model_parallel_size', 'pipeline_model_parallel_size', 'context_parallel_size')]
+    expert = getattr(args, 'expert_model_parallel_size', None) or 1
+    for flag, size in sizes + [('expert_model_parallel_size', expert)]:
+        if size < 1:
+            raise FlagError(f'--{flag} {size}: allowed a positive integer')
+    ranks = f'{world} rank{"s" if world != 1 else ""} (NPROC_PER_NODE x NNODES)'
+    model_parallel = math.prod(size for _, size in sizes)
+    given = ' x '.join(f'--{flag} {size}' for flag, size in sizes if size > 1) or 'the model-parallel sizes'
+    if world % model_parallel:
+        raise FlagError(f'{given} = {model_parallel} ranks a model copy, which does not divide the {ranks}: pass '
+                        'sizes whose product divides them')
+    if world % expert:
+        raise FlagError(f'--expert_model_parallel_size {expert} does not divide the {ranks}')
+
+
+def check_local_paths(args) -> None:
+    """Local ``--dataset`` files and ``--model`` / ``--teacher_model`` folders exist (a missing dataset was found
+    after both models loaded, in every rank)."""
+    from swift_gkd_plugin.local_paths import dataset_path_problem, looks_local, near_names
+    for entry in args.dataset or []:
+        problem = dataset_path_problem('--dataset', entry)
+        if problem:
+            raise FlagError(problem)
+    for flag, value in (('--model', args.model), ('--teacher_model', args.teacher_model)):
+        if isinstance(value, str) and looks_local(value) and not os.path.exists(os.path.expanduser(value)):
+            path = os.path.expanduser(value)
+            raise FlagError(f'{flag} {value}: no such model folder {path!r}{near_names(path)}; a local model must '
+                            'exist (hub models are named owner/name)')
+
+
+def check_rows_have_prompts(args) -> None:
+    """Steps that sample (``--lmbda`` > 0, ``--seq_kd``) need a user message in every row: a local ``--dataset`` row
+    without one (a system turn alone, a response alone) failed every rank with dacite's ``MissingValueError`` when
+    drawn (``swift rlhf`` draws another row in its place)."""
+    if not (args.lmbda > 0 or args.seq_kd):
+        return
+    from swift_gkd_plugin.dataset_files import dataset_rows, local_dataset_files  # ms-swift's dataset syntax
+    from swift_gkd_plugin.dataset_rows import has_prompt, prompt_missing
+    columns = _json_or_none(args.columns)
+    columns = columns if isinstance(columns, dict) else {}
+    for path, standard in local_dataset_files(list(args.dataset or []), args.use_hf):
+        if not standard:
+            continue
+        missing = [(where, row) for where, row in dataset_rows('--dataset', path) if not has_prompt(row, columns)]
+        if missing:
+            where, row = missing[0]
+            steps = '--lmbda ' + f'{args.lmbda:g}' + (' and --seq_kd true' if args.seq_kd else '')
+            raise FlagError(f'--dataset {path}: {len(missing)} row(s) without a user message ({where}: '
+                            f'{prompt_missing(row, columns)}); with {steps} the student or the teacher samples a '
+                            'response to each row\'s user message, and megatron rlhf stops on a row without one: '
+                            'remove those rows, or pass --lmbda 0 --seq_kd false (dataset responses only)')
 
 
 def check_model_sampling(args, vllm_samples: bool) -> None:

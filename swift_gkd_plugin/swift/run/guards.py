@@ -11,7 +11,7 @@ from transformers import TrainerCallback
 
 from swift_gkd_plugin.core.entropy import EntropyGapWatch
 from swift_gkd_plugin.core.guards.non_finite import loss_terms, non_finite_gradient_message
-from swift_gkd_plugin.core.guards.same_weights import copy_of_the_student_cause, privileged_row_count, same_parameters
+from swift_gkd_plugin.core.guards.same_weights import copy_of_the_student, copy_of_the_student_cause, privileged_row_count
 from swift_gkd_plugin.swift.setup.checkpoints import guard_checkpoint_saves
 from swift_gkd_plugin.dataset_rows import media_refs
 from swift_gkd_plugin.swift.setup.datasets import RefuseEmptyEpochs
@@ -195,8 +195,8 @@ def _copy_of_the_student(trainer, other_terms: bool = False) -> bool:
     if (trainer.teacher_model is None or trainer.use_teacher_api or trainer._teacher_partitioned
             or not other_terms and (args.sft_alpha > 0 or args.gkd_rl_coef > 0)):
         return False
-    return same_parameters(dict(trainer.accelerator.unwrap_model(trainer.teacher_model).named_parameters()),
-                           dict(trainer.accelerator.unwrap_model(trainer.model).named_parameters()))
+    return copy_of_the_student(dict(trainer.accelerator.unwrap_model(trainer.teacher_model).named_parameters()),
+                               dict(trainer.accelerator.unwrap_model(trainer.model).named_parameters()))
 
 
 class WarnOnEntropyGap(TrainerCallback):
