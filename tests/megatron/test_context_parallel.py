@@ -287,7 +287,8 @@ def test_a_teacher_view_of_its_own_with_context_parallel_is_refused_in_the_launc
     privileged.write_text('{"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}]}\n'
                           '{"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}], '
                           '"teacher_prompt": "2+2? The answer is 4."}\n')
+    from test_hardening_megatron import STOP_RANKS
     code, output = launch('--model', tiny_ws.student, '--dataset', str(privileged), '--teacher_model', tiny_ws.teacher,
-                          '--lmbda', '0', '--context_parallel_size', '2')
+                          '--lmbda', '0', '--context_parallel_size', '2', env=dict(STOP_RANKS, NPROC_PER_NODE='2'))
     assert_refused(code, output, f'--context_parallel_size 2 with a teacher view of its own ({privileged} line 2 has a '
                    'teacher_prompt or teacher_messages) is not supported in megatron rlhf: context parallelism cuts')

@@ -52,7 +52,8 @@ def test_no_teacher_and_no_privileged_prompt_is_refused_in_the_launcher(tiny_ws,
 def test_context_parallel_sampling_from_the_megatron_model_passes_the_launcher(tiny_ws):
     """Refused before the plugin gathered the last positions' logits over the CP ranks (test_context_parallel.py)."""
     assert_passed_the_checks(launch('--model', tiny_ws.student, *DATASET, '--teacher_model', tiny_ws.teacher,
-                                    '--use_vllm', 'false', '--seq_kd', 'true', '--context_parallel_size', '2')[1])
+                                    '--use_vllm', 'false', '--seq_kd', 'true', '--context_parallel_size', '2',
+                                    env=dict(STOP_RANKS, NPROC_PER_NODE='2'))[1])  # (CP 2: two ranks)
 
 
 def test_a_teacher_server_without_vllm_is_refused_in_the_launcher(tiny_ws):
