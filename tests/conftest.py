@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import importlib.util
 import json
@@ -314,22 +315,31 @@ def shared_runs(tmp_path_factory) -> Callable[[str, Dict[str, Callable[[str], Sw
 
 
 _PORTS_PER_WORKER = 1000
-_next_port = [0]
+_next_port = [None]  # the next index into this worker's block (set on first use)
+
+
+@functools.lru_cache(maxsize=1)
+def _ephemeral_start() -> int:
+    """The first port of the kernel's ephemeral range (read once)."""
+    try:
+        with open('/proc/sys/net/ipv4/ip_local_port_range') as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def _free_port() -> int:
     """A free port for a run's rendezvous or a server that no other process of the suite picks in the meantime: from
     this xdist worker's own block, below the kernel's ephemeral range (where ``bind(0)`` and outgoing connections
     take theirs: a port picked that way and released was taken by another worker's run before this run bound it,
-    EADDRINUSE), each handed out in turn and checked free."""
+    EADDRINUSE), each handed out in turn from a start that depends on the process (two pytest sessions at once on
+    one machine start at different places of the block) and checked free."""
     import socket
     worker = os.environ.get('PYTEST_XDIST_WORKER', 'gw0')
     index = int(worker[2:]) if worker[2:].isdigit() else 0
-    try:
-        with open('/proc/sys/net/ipv4/ip_local_port_range') as f:
-            ephemeral = int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        ephemeral = 32768
+    ephemeral = _ephemeral_start()
+    if _next_port[0] is None:
+        _next_port[0] = os.getpid() * 7
     base = max(1024, ephemeral - _PORTS_PER_WORKER * (index + 1) - 2000)
     for _ in range(_PORTS_PER_WORKER):
         port = base + _next_port[0] % _PORTS_PER_WORKER
