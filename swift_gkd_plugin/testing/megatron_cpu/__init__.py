@@ -8,69 +8,26 @@ What it works around is what megatron-core 0.16, mcore-bridge 1.6 and ms-swift 4
 transformer-engine (TE), each named with the upstream place. Nothing here changes a behaviour of the plugin or of
 ms-swift's GKD logic: a workaround of a plugin or ms-swift bug belongs in the plugin, where GPU users get it too.
 
+MoE models (``qwen3_moe``) run with megatron-core's ``TEGroupedMLP`` over local stand-ins of TE's grouped linears
+(:mod:`.moe`), at any ``--expert_model_parallel_size``; :mod:`.hooks` holds the import hooks every patch registers
+with.
+
 The runs also need these flags (flags, not patches): ``--ddp_backend gloo``, ``--padding_free false`` (the local
 attention has no packed sequences), ``--fp16 false --bf16 false`` (float32), ``--masked_softmax_fusion false``.
 """
 from __future__ import annotations
 
 import contextlib
-import importlib.abc
 import os
 import sys
 import types
-from typing import Callable, Dict
 
 import torch
 
+from swift_gkd_plugin.testing.megatron_cpu.hooks import _FINDER, _after
+from swift_gkd_plugin.testing.megatron_cpu.moe import _grouped_linears
+
 ENV = 'SWIFT_GKD_MEGATRON_CPU_HARNESS'  # set by install(): the rank processes say in their log that it is on
-
-
-# ---------------------------------------------------------------------------------------------------------- imports
-class _Loader(importlib.abc.Loader):
-
-    def __init__(self, inner, around, after):
-        self._inner, self._around, self._after = inner, around, after
-
-    def create_module(self, spec):
-        return self._inner.create_module(spec)
-
-    def exec_module(self, module):
-        with (self._around() if self._around else contextlib.nullcontext()):
-            self._inner.exec_module(module)
-        if self._after:
-            self._after(module)
-
-
-class _Finder(importlib.abc.MetaPathFinder):
-    """Runs ``after[name](module)`` once module ``name`` has executed; ``around[name]()`` is a context manager its
-    execution runs in."""
-
-    def __init__(self):
-        self.after: Dict[str, Callable] = {}
-        self.around: Dict[str, Callable] = {}
-
-    def find_spec(self, fullname, path=None, target=None):
-        if fullname not in self.after and fullname not in self.around:
-            return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, 'find_spec'):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None:
-                if spec.loader is not None and hasattr(spec.loader, 'exec_module'):
-                    spec.loader = _Loader(spec.loader, self.around.get(fullname), self.after.get(fullname))
-                return spec
-        return None
-
-
-_FINDER = _Finder()
-
-
-def _after(name: str):
-    def register(fn):
-        _FINDER.after[name] = fn
-        return fn
-    return register
 
 
 # ------------------------------------------------------------------------------------------- transformer-engine
@@ -122,13 +79,14 @@ def _te_classes(module):
     which ``isinstance`` refuses (mcore-bridge ``model/register.py`` ~222, ms-swift ``megatron/utils/utils.py``
     ~26): each becomes an empty class that no module is an instance of, as no TE module exists in these runs. The
     three that mcore-bridge's LoRA builds its adapter factors from (``tuners/lora.py`` ~61-78, ~240, ~290) get
-    working local equivalents."""
+    working local equivalents, and so do the grouped ones of MoE experts (``_grouped_linears``)."""
     for name in dir(module):
         value = getattr(module, name)
         if name.startswith('TE') and (value is None or type(value).__module__ == 'unittest.mock'):
             setattr(module, name, type(name, (torch.nn.Module,), {'__module__': __name__}))
     module.TELinear = _DuplicatedLinear
     _te_parallel_linears()
+    _grouped_linears(module)  # (.moe)
 
 
 def _te_parallel_linears():
@@ -174,8 +132,7 @@ class _DuplicatedLinear(torch.nn.Module):
 def _bridge_patcher(module):
     """``patcher.py``: ``apply_patch`` imports transformer_engine unconditionally (~32) to re-export two of its names."""
     module._patch_transformer_engine = lambda: None
-    # ~77: sets an attribute on megatron-core's TEGroupedLinear, which is None without TE
-    module._patch_TEGroupedLinear = lambda: None
+    # ~67-77 ``_patch_TEGroupedLinear`` runs: it gives the MoE section's stand-in TE's grouped sharded_state_dict
 
 
 # ------------------------------------------------------------------------------------------------- CUDA -> CPU
@@ -216,6 +173,10 @@ class _NoStream:
 
     def __getattr__(self, item):
         return lambda *args, **kwargs: None
+
+    def record_event(self, *args, **kwargs):
+        """An event (MoE's token dispatcher synchronises on it: ``transformer/moe/token_dispatcher.py`` ~895/899)."""
+        return _NoStream()
 
     def __enter__(self):
         return self
@@ -379,12 +340,14 @@ def _lora_on_local_linears(module):
 @_after('swift.megatron.utils.utils')
 def _local_linears_are_linears(module):
     """ms-swift ``megatron/utils/utils.py`` ~26: ``find_all_linears`` (``--target_modules all-linear``) looks for TE's
-    linears: the local spec's parallel linears count as the linears they are."""
+    linears: the local spec's parallel linears count as the linears they are (and the experts' grouped linears, as
+    with TE)."""
+    from megatron.core.extensions.transformer_engine import TEGroupedLinear  # the MoE section's stand-in
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
     from swift.utils import find_layers
 
     def find_all_linears(model, extra_layers=None):
-        kinds = (ColumnParallelLinear, RowParallelLinear, torch.nn.Linear, *(extra_layers or ()))
+        kinds = (ColumnParallelLinear, RowParallelLinear, TEGroupedLinear, torch.nn.Linear, *(extra_layers or ()))
         return find_layers(model, lambda name, m: name != 'output_layer' and isinstance(m, kinds))
 
     module.find_all_linears = find_all_linears

@@ -1,0 +1,156 @@
+"""``megatron rlhf --rlhf_type gkd --model_type qwen3_moe`` end to end on CPU: a tiny Qwen3-MoE student (4 experts, 2
+active, every layer sparse) and a wider MoE teacher, built by megatron-core as ``TEGroupedMLP`` (ms-swift's default
+``--moe_grouped_gemm true``) over the harness's stand-ins of TE's grouped linears
+(:mod:`swift_gkd_plugin.testing.megatron_cpu.moe`), loaded and exported by mcore-bridge.
+
+Three runs, each started once per test session (``shared_megatron_runs``), on 2 ranks: expert parallelism 1 (data
+parallel 2) and 2 with the same flags (an off-policy step, then two on-policy steps on the same 4 rows, lr 1e-3), and
+LoRA on all linears at EP 2 with the student's base as teacher."""
+import dataclasses
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from conftest import base_args, run_swift
+from megatron_runs import ACTIVE, megatron_args, run_megatron, shared_megatron_runs, train_rows
+
+from swift_gkd_plugin.core import choose_mode
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason='the CPU harness does nothing where CUDA is '
+                                'present: tests/gpu/run_megatron_gkd.sh runs Megatron-SWIFT MoE there')
+
+SEED = 43  # lmbda 0.5 without seq_kd: off_policy, on_policy, on_policy
+MODES = ['off_policy', 'on_policy', 'on_policy']
+assert [choose_mode(SEED, s, 0.5, False).value for s in range(3)] == MODES
+
+
+@pytest.fixture(scope='module')
+def moe_ws(tiny_ws):
+    """``tiny_ws`` with a Qwen3-MoE pair (``student``, ``teacher``: 4 experts, 2 per token) and ``fixed`` rows with a
+    ``teacher_prompt`` that holds the answer (``privileged``, as an attribute)."""
+    from filelock import FileLock
+
+    from swift_gkd_plugin.testing import tiny
+    student, teacher = (os.path.join(tiny_ws.root, f'megatron_moe_{n}') for n in ('student', 'teacher'))
+    privileged = os.path.join(tiny_ws.root, 'megatron_moe_privileged.jsonl')
+    with FileLock(os.path.join(tiny_ws.root, 'megatron_moe.lock')):
+        if not os.path.exists(privileged):
+            tok = tiny.load_tokenizer(tiny_ws.student)
+            tiny.build_model(student, tok, seed=5, moe=True)
+            tiny.build_model(teacher, tok, seed=6, moe=True, hidden_size=96, intermediate_size=192)
+            with open(tiny_ws.fixed) as src, open(privileged + '.partial', 'w') as dst:
+                for row in map(json.loads, src):
+                    question, answer = row['messages'][0]['content'], row['messages'][1]['content']
+                    dst.write(json.dumps({**row, 'teacher_prompt': f'{question} The answer is {answer}.'}) + '\n')
+            os.replace(privileged + '.partial', privileged)
+    ws = dataclasses.replace(tiny_ws, student=student, teacher=teacher)
+    ws.privileged = privileged
+    return ws
+
+
+def _moe_flags(ws, **overrides):
+    """The 4 fixed rows in one global batch (2 per rank), 3 steps at lr 1e-3, off-policy then on-policy (the
+    student samples, no vLLM), completions logged."""
+    flags = dict(model_type='qwen3_moe', teacher_model_type='qwen3_moe', dataset=ws.fixed, train_iters=3,
+                 micro_batch_size=2, global_batch_size=4, lr=1e-3, seed=SEED, lmbda=0.5, log_completions='true')
+    flags.update(overrides)
+    return flags
+
+
+@pytest.fixture(scope='module')
+def runs(tiny_ws, moe_ws, shared_runs):
+    ws = moe_ws
+    return shared_megatron_runs(tiny_ws, shared_runs, {
+        'moe_ep1': lambda out: run_megatron(megatron_args(ws, out, **_moe_flags(ws, expert_model_parallel_size=1)),
+                                            nproc=2),
+        'moe_ep2': lambda out: run_megatron(megatron_args(ws, out, **_moe_flags(ws, expert_model_parallel_size=2)),
+                                            nproc=2),
+        # the student's base (adapter disabled) is the teacher; it sees the answer in its prompt
+        'moe_lora_ep2': lambda out: run_megatron(megatron_args(
+            ws, out, **_moe_flags(ws, expert_model_parallel_size=2, teacher_model=ws.student, tuner_type='lora',
+                                  target_modules='all-linear', dataset=ws.privileged, lmbda=0, train_iters=2,
+                                  log_completions=None)), nproc=2),
+    })
+
+
+def _assert_trained(run, modes):
+    assert run.returncode == 0 and ACTIVE in run.output, run.output[-3000:]
+    rows = train_rows(run)
+    assert len(rows) == len(modes), rows
+    for row, mode in zip(rows, modes):
+        assert math.isfinite(row['loss']) and row['loss'] > 0 and math.isfinite(row['grad_norm']), row
+        assert row[f'gkd/mode_{mode}'] == 1.0, row
+    for rank in (0, 1):
+        assert [r['mode'] for r in run.modes(rank)] == list(modes)
+    return rows
+
+
+def _grouped_experts(run, local_experts):
+    """The experts were built as megatron-core's ``TEGroupedMLP`` with ``local_experts`` per rank (the model printed
+    by rank 0)."""
+    assert 'TEGroupedMLP(' in run.output and 'SequentialMLP' not in run.output, run.output[-3000:]
+    for name in ('TEColumnParallelGroupedLinear', 'TERowParallelGroupedLinear'):
+        assert f'{name}(num_gemms={local_experts},' in run.output, run.output[-3000:]
+
+
+def test_moe_off_policy_loss_equals_swift_rlhf_on_the_same_rows(runs, moe_ws, tmp_path):
+    """EP 1: the first step (off-policy, logged before its update) on the 4 fixed rows, spread over 2 data-parallel
+    ranks, has ``swift rlhf``'s loss on the same rows in one batch (transformers' ``Qwen3MoeForCausalLM``, the same
+    separate MoE teacher, ``--lmbda 0``)."""
+    run = runs['moe_ep1']
+    _assert_trained(run, MODES)
+    _grouped_experts(run, local_experts=4)
+    swift = run_swift(base_args(moe_ws, str(tmp_path / 'swift'), model_type='qwen3_moe',
+                                teacher_model_type='qwen3_moe', dataset=moe_ws.fixed, lmbda=0, max_steps=1,
+                                per_device_train_batch_size=4, learning_rate=0, seed=42))
+    assert train_rows(run)[0]['loss'] == pytest.approx(swift.losses[0], rel=1e-4)
+
+
+def test_expert_parallel_loss_and_gradient_equal_one(runs):
+    """EP 2 (2 local experts a rank, tokens exchanged all-to-all) against EP 1 (all 4 on each rank), both on 2 ranks:
+    the same loss and gradient norm at each of the 3 steps (an off-policy one, then two on-policy ones after updates
+    at lr 1e-3). Measured: losses equal to the 8 logged digits, gradient norms within 1e-6 relative."""
+    ones, twos = _assert_trained(runs['moe_ep1'], MODES), _assert_trained(runs['moe_ep2'], MODES)
+    _grouped_experts(runs['moe_ep2'], local_experts=2)
+    for step, (one, two) in enumerate(zip(ones, twos), 1):
+        assert two['loss'] == pytest.approx(one['loss'], rel=1e-5), (step, one, two)
+        assert two['grad_norm'] == pytest.approx(one['grad_norm'], rel=1e-5), (step, one, two)
+
+
+def _completions(run):
+    with open(os.path.join(run.output_dir, 'completions.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_expert_parallel_on_policy_samples_equal_one(runs):
+    """The student's on-policy samples (steps 2 and 3, no vLLM: megatron-core's forward, the experts' all-to-all at
+    every decoded token under EP 2) are EP 1's, token for token."""
+    ones, twos = _completions(runs['moe_ep1']), _completions(runs['moe_ep2'])
+    assert [c['gen_step'] for c in ones] == [[1, 1], [2, 2]], ones
+    assert all(text for c in ones for text in c['completion']), ones
+    assert twos == ones
+
+
+def test_lora_on_all_linears_reaches_every_expert_under_expert_parallelism(runs):
+    """``--tuner_type lora --target_modules all-linear`` at EP 2, the teacher the student's base (adapter disabled,
+    with the answer in its prompt): the saved adapter (mcore-bridge's export, gathered over the expert-parallel
+    ranks) has LoRA factors for the gate, up and down projections of each of the 4 experts of both layers, and
+    every expert's B factor has moved from its zero initialisation: all of them were trained."""
+    from safetensors import safe_open
+    run = runs['moe_lora_ep2']
+    _assert_trained(run, ['off_policy'] * 2)
+    _grouped_experts(run, local_experts=2)
+    path = os.path.join(run.output_dir, 'checkpoint-2', 'adapter_model.safetensors')
+    with safe_open(path, 'pt') as f:
+        keys = set(f.keys())
+        expert_b = {k: f.get_tensor(k) for k in keys if '.experts.' in k and 'lora_B' in k}
+    prefix = 'base_model.model.model.layers'
+    expected = {f'{prefix}.{layer}.mlp.experts.{e}.{proj}.lora_{ab}.weight' for layer in range(2) for e in range(4)
+                for proj in ('gate_proj', 'up_proj', 'down_proj') for ab in 'AB'}
+    assert expected <= keys, sorted(expected - keys)
+    assert len(expert_b) == 24 and all(t.abs().max() > 0 for t in expert_b.values()), \
+        {k: float(t.abs().max()) for k, t in expert_b.items()}
+    assert any('self_attn.q_proj.lora_A' in k for k in keys)
