@@ -45,6 +45,14 @@ if [ ! -f "$DATA" ]; then
     python "$(dirname "${BASH_SOURCE[0]}")/privileged_teacher_data.py" "$SOURCE_DATASET" "$DATA"
 fi
 
+# The experts: transformers 5 keeps each MoE layer's experts as fused 3-D weights, which --target_modules all-linear
+# does not reach (LoRA on attention only; the run says so in a warning). To adapt them too, add
+# --target_parameters mlp.experts.gate_up_proj mlp.experts.down_proj and set --lora_dropout 0 (peft's LoRA on
+# parameters takes no dropout); tested on tiny Qwen3-MoE / Qwen3-VL-MoE models (docs_en/teacher_placement.md), not on
+# this model. / 专家：transformers 5 把每个 MoE 层的专家存为融合的 3 维权重，--target_modules all-linear 覆盖不到（LoRA 只在
+# 注意力上；运行时会警告）。如需同时适配专家，加上 --target_parameters mlp.experts.gate_up_proj mlp.experts.down_proj
+# 并设 --lora_dropout 0（peft 在参数上的 LoRA 不支持 dropout）；已在微型 Qwen3-MoE / Qwen3-VL-MoE 上测试
+# （docs_zh/teacher_placement.md），未在本模型上测试。
 EXTRA=()
 if [ -n "$TEACHER_ADAPTERS" ]; then
     EXTRA+=(--teacher_adapters "$TEACHER_ADAPTERS")

@@ -249,8 +249,11 @@ def moe_models(tiny_ws):
     return student, teacher
 
 
-@pytest.mark.parametrize('placement', ['separate', 'shared_base'])
+@pytest.mark.parametrize('placement', ['separate', 'shared_base', 'shared_base_experts'])
 def test_moe_student_trains_with_either_teacher_placement(tiny_ws, moe_models, tmp_path, placement):
+    """A LoRA on the attention only (``--target_modules``) leaves the experts' fused weights out, which the run says
+    in one warning naming ``--target_parameters``; with it, the saved adapter covers both fused weights of every
+    layer."""
     student, teacher = moe_models
     flags = dict(model=student, model_type='qwen3_moe', lmbda=0.5, seq_kd='true', max_steps=3,
                  per_device_train_batch_size=4, dataset=tiny_ws.fixed, learning_rate=5e-3)
@@ -261,11 +264,26 @@ def test_moe_student_trains_with_either_teacher_placement(tiny_ws, moe_models, t
         # loss of exactly 0, which the trainer now stops)
         flags.update(teacher_model=student, teacher_model_type='qwen3_moe', tuner_type='lora',
                      target_modules=['q_proj', 'k_proj', 'v_proj', 'o_proj'], sft_alpha=0.5, lmbda=0, seq_kd='false')
+        if placement == 'shared_base_experts':
+            flags.update(target_parameters=list(EXPERT_WEIGHTS), lora_dropout=0, save_strategy='steps', save_steps=3)
     run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), **flags))
     assert len(run.losses) == 3 and all(x == x and x >= 0 for x in run.losses)
+    warned = 'the LoRA adapter leaves the experts out' in run.output
     if placement == 'shared_base':
         assert 'Teacher model: base_model with LoRA disabled (frozen)' in run.output
         assert _weights_loaded(run) == 1
+        assert warned and f'pass --target_parameters {" ".join(EXPERT_WEIGHTS)}' in run.output, run.output[-3000:]
+    if placement == 'shared_base_experts':
+        from safetensors import safe_open
+        [checkpoint] = run.checkpoints()
+        with safe_open(os.path.join(checkpoint, 'adapter_model.safetensors'), 'pt') as f:
+            experts = [k for k in f.keys() if '.experts.' in k]
+        assert not warned and len(experts) == 2 * 2 * 2, experts  # 2 layers x 2 fused weights x (A, B)
+    assert placement == 'shared_base' or not warned
+
+
+#: the fused expert weights of transformers 5's Qwen3-MoE layers (3-D parameters: --target_modules does not reach them)
+EXPERT_WEIGHTS = ('mlp.experts.down_proj', 'mlp.experts.gate_up_proj')
 
 
 def test_shared_base_under_zero2_and_zero3_on_two_processes(tiny_ws, adapters, tmp_path):

@@ -36,6 +36,7 @@ from swift_gkd_plugin.swift.rollout.batches import BatchesMixin
 from swift_gkd_plugin.swift.sequence_parallel import drop_right_padding_masks
 from swift_gkd_plugin.swift.run.clean_exit import (before_groups_go, destroy_process_groups_at_exit, note_run_failed,
                                                note_training_finished)
+from swift_gkd_plugin.swift.setup.adapters import unadapted_experts
 from swift_gkd_plugin.swift.setup.command_line import PROG, refuse
 from swift_gkd_plugin.swift.teacher.cross_tokenizer import CrossTokenizerTeacher
 from swift_gkd_plugin.swift.step.loss import LossMixin
@@ -103,6 +104,13 @@ class GKDPluginTrainer(LossMixin, RolloutMixin, SamplersMixin, ScoringMixin, Bat
             self._teacher_offloader = TeacherOffloader(
                 self.accelerator.unwrap_model(self.teacher_model), self.accelerator.device)
         self._log_teacher_placement()
+        experts = unadapted_experts(self.accelerator.unwrap_model(self.model))
+        if experts and self.args.process_index == 0:
+            logger.warning(f'swift_gkd_plugin: the LoRA adapter leaves the experts out: this mixture-of-experts model '
+                           f'keeps them as fused weights ({", ".join(experts)}), which --target_modules does not reach '
+                           '(all-linear neither), so only attention and the other linear layers learn. To adapt the '
+                           f'experts too, pass --target_parameters {" ".join(experts)} (with --lora_dropout 0: peft\'s '
+                           'LoRA on parameters takes no dropout)')
         self._xtok = None  # --gkd_cross_tokenizer: the teacher's template, vocabulary mapping and alignment
         self._xtok_rows: List[list] = []  # per micro-batch, in encoding order, until attached to the batch
         if self.args.gkd_cross_tokenizer and self.teacher_model is not None:

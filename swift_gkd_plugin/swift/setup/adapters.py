@@ -1,5 +1,6 @@
-"""A teacher LoRA adapter checked against its base before any model loads (``--teacher_adapters``): shapes read from
-the adapter's safetensors header and the base built on the meta device, no weights loaded."""
+"""LoRA adapters: a teacher adapter checked against its base before any model loads (``--teacher_adapters``: shapes read
+from the adapter's safetensors header and the base built on the meta device, no weights loaded); and a student's LoRA
+that leaves a mixture-of-experts model's fused expert weights out, said once the model is built."""
 from __future__ import annotations
 
 import json
@@ -51,3 +52,17 @@ def adapter_base_mismatch(adapter_dir: str, model_dir: str) -> str | None:
                 return (f'its tensor {key} has shape {list(shape)}, but the base module has '
                         f'{in_features} inputs and {out_features} outputs')
     return None
+
+
+def unadapted_experts(model) -> list:
+    """The fused expert weights of a LoRA model that carry no adapter, as ``--target_parameters`` names them (e.g.
+    ``mlp.experts.gate_up_proj``): transformers 5 stores a MoE layer's experts as 3-D parameters, not linear layers,
+    so ``--target_modules`` (``all-linear`` too) puts LoRA on attention only. Empty for a model without LoRA, without
+    fused experts, or whose experts carry adapters (``--target_parameters``)."""
+    names = [name for name, _ in model.named_parameters()]
+    if not any('lora_' in name for name in names) or any('.experts.' in n and 'lora_' in n for n in names):
+        return []
+    fused = {'.'.join(name.split('.')[-3:]) for name, p in model.named_parameters()
+             if p.dim() == 3 and '.experts.' in name}
+    return sorted(fused)
+
