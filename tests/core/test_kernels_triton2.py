@@ -169,6 +169,24 @@ def test_self_check_catches_a_weight_gradient_that_does_not_accumulate(self_chec
     assert tf.rel_err(got[1][1], want[1][1]) <= 1e-6
 
 
+def test_a_frozen_head_is_self_checked_without_a_weight_gradient(self_checked_triton2, monkeypatch):
+    """A frozen head (a LoRA student's): the run forms no weight gradient, so neither does the self-check (a
+    ``[V, H]`` float32 buffer, GBs at real vocabularies, that the run itself never allocates); the accumulation bug of
+    the test above then has nothing to show and the second design runs."""
+    from swift_gkd_plugin.core.fused.loss import fused_linear_jsd
+    from swift_gkd_plugin.core.teacher_signal import TeacherHead
+    real, seen = chunk_triton2.backprop_matmuls, []
+    monkeypatch.setattr(chunk_triton2, 'backprop_matmuls', lambda g, h, w, alpha, sl, grad_h, grad_w, first:
+                        seen.append(grad_w) or real(g, h, w, alpha, sl, grad_h, grad_w, True))
+    x = tf.make_inputs(seed=31, n=40, v=300, vt=300)
+    hs = x['hs'].clone().requires_grad_()
+    loss, _ = fused_linear_jsd(hs, x['w'], None, teacher=TeacherHead(x['ht'], x['wt'], x['bt']), beta=0.5,
+                               chunk_size=16)
+    loss.backward()
+    assert seen and all(grad_w is None for grad_w in seen)
+    assert list(fused_loss._CHECKED.values()) == ['triton2']
+
+
 def test_weight_gradient_path_is_said(monkeypatch):
     """Issue 67 item 2: the start-up line says how triton2 forms the weight gradient."""
     monkeypatch.delenv(kernels.BACKEND_ENV, raising=False)

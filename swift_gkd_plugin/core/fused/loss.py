@@ -322,7 +322,7 @@ def _variant(plan: Plan, weight: torch.Tensor) -> tuple:
     """What selects a compiled kernel variant (and so what one self-check covers)."""
     form = plan.divergence.name if plan.full else 'topk'
     return (plan.backend, plan.full, form, plan.divergence.needs_flags, plan.tail, plan.sft,
-            plan.label_temperature != 1.0, plan.entropy, weight.dtype, str(weight.device))
+            plan.label_temperature != 1.0, plan.entropy, weight.dtype, str(weight.device), weight.requires_grad)
 
 
 def _self_checked_backend(hidden, weight, bias, plan: Plan) -> str:
@@ -339,8 +339,10 @@ def _self_check(hidden, weight, bias, plan: Plan) -> str:
     """Run the first :data:`SELF_CHECK_ROWS` rows on both backends, in two chunks (the weight gradient accumulates
     over chunks, and triton2's side stream hands one over); compare the loss, the divergence, the hidden, weight and
     bias gradients (``grad_hidden = g @ W`` sees every entry of the kernel's ``d loss / d z``; ``grad_weight`` is
-    the float32-output matmuls' accumulation, which nothing else on CPU reaches)."""
+    the float32-output matmuls' accumulation, which nothing else on CPU reaches). The weight gradient only where the
+    run forms one (a trainable head): a frozen head (LoRA) would pay a ``[V, H]`` float32 buffer it never uses."""
     c = min(hidden.shape[0], SELF_CHECK_ROWS)
+    need_w = weight.requires_grad and plan.grad_enabled
     rowwise = ('teacher_hidden', 'topk_ids', 'topk_logprobs', 'labels', 'label_weights')
     sub = {k: getattr(plan, k)[:c] for k in rowwise if getattr(plan, k) is not None}
     kernel = plan.backend
@@ -352,19 +354,21 @@ def _self_check(hidden, weight, bias, plan: Plan) -> str:
         try:
             with torch.no_grad():  # _run forms the gradients itself
                 loss, grads = _run(hidden[:c].detach(), weight.detach(), None if bias is None else bias.detach(), run,
-                                   True, True, bias is not None)
+                                   True, need_w, bias is not None)
         except Exception as exc:  # a compile / launch / driver error: any exception type
             if name == 'torch':
                 raise
             return _fall_back(_key_text(plan, weight), f'failed: {type(exc).__name__}: {str(exc)[:300]}')
-        out[name] = [loss, run.stats['divergence_sum'], grads[0], _projected(grads[1], probe)] + (
-            [grads[2]] if bias is not None else [])
+        out[name] = {'loss': loss, 'divergence': run.stats['divergence_sum'], 'grad_hidden': grads[0]}
+        if need_w:
+            out[name]['grad_weight @ r'] = _projected(grads[1], probe)
+        if bias is not None:
+            out[name]['grad_bias'] = grads[2]
         del grads  # the [V, H] weight gradient: only its projection is kept
     tol = 1e-3 if weight.dtype == torch.float32 else 3e-2
-    errors = [_mismatch(a.float(), b.float()) for a, b in zip(out[kernel], out['torch'])]
-    if not all(e <= tol for e in errors):  # NaN too
-        names = ['loss', 'divergence', 'grad_hidden', 'grad_weight @ r', 'grad_bias']
-        found = ', '.join(f'{n} {e:.1e}' for n, e in zip(names, errors))
+    errors = {n: _mismatch(out[kernel][n].float(), out['torch'][n].float()) for n in out['torch']}
+    if not all(e <= tol for e in errors.values()):  # NaN too
+        found = ', '.join(f'{n} {e:.1e}' for n, e in errors.items())
         return _fall_back(_key_text(plan, weight), f'differs from the PyTorch path on its first {c} rows (relative '
                           f'errors {found}; allowed {tol:g})')
     return kernel
