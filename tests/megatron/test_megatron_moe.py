@@ -154,3 +154,39 @@ def test_lora_on_all_linears_reaches_every_expert_under_expert_parallelism(runs)
     assert len(expert_b) == 24 and all(t.abs().max() > 0 for t in expert_b.values()), \
         {k: float(t.abs().max()) for k, t in expert_b.items()}
     assert any('self_attn.q_proj.lora_A' in k for k in keys)
+
+
+def test_the_exported_checkpoints_load_in_transformers_and_expert_parallelism_exports_the_same_model(runs, moe_ws):
+    """The final checkpoint of each run is a Hugging Face model (mcore-bridge's export, its experts gathered over the
+    expert-parallel ranks under EP 2) that transformers loads as ``Qwen3MoeForCausalLM`` and generates from; EP 2's
+    weights equal EP 1's (the two runs trained the same model: within 1% of each tensor's update), and every expert
+    differs from the starting student (it trained)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def checkpoint(run):
+        found = sorted(d for d in os.listdir(run.output_dir) if d.startswith('checkpoint-'))
+        assert found, os.listdir(run.output_dir)
+        return os.path.join(run.output_dir, found[-1])
+
+    def weights(path):
+        out = {}
+        for name in sorted(os.listdir(path)):
+            if name.endswith('.safetensors'):
+                out.update(load_file(os.path.join(path, name)))
+        return out
+
+    one, two = checkpoint(runs['moe_ep1']), checkpoint(runs['moe_ep2'])
+    w1, w2, w0 = weights(one), weights(two), weights(moe_ws.student)
+    assert w1.keys() == w2.keys() == w0.keys() and any('.experts.' in k for k in w1), sorted(w1)[:10]
+    # Adam turns the runs' gradient-norm differences (6e-7 relative) into weight differences of up to 1.4e-6 against
+    # updates of 2e-3 (measured); an expert gathered into the wrong place would differ by a weight's size (~0.02)
+    apart = {k: float((w1[k] - w2[k]).abs().max() / (w1[k] - w0[k]).abs().max().clamp_min(1e-12)) for k in w1}
+    assert max(apart.values()) < 1e-2, sorted(apart.items(), key=lambda kv: -kv[1])[:5]
+    assert all(not torch.equal(w1[k], w0[k]) for k in w1 if '.experts.' in k)  # every expert trained
+    model = AutoModelForCausalLM.from_pretrained(two, dtype=torch.float32)
+    assert type(model).__name__ == 'Qwen3MoeForCausalLM'
+    tok = AutoTokenizer.from_pretrained(moe_ws.student)
+    ids = tok('abc', return_tensors='pt')['input_ids']
+    out = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 4
