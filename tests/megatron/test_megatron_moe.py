@@ -3,9 +3,9 @@ active, every layer sparse) and a wider MoE teacher, built by megatron-core as `
 ``--moe_grouped_gemm true``) over the harness's stand-ins of TE's grouped linears
 (:mod:`swift_gkd_plugin.testing.megatron_cpu.moe`), loaded and exported by mcore-bridge.
 
-Three runs, each started once per test session (``shared_megatron_runs``), on 2 ranks: expert parallelism 1 (data
-parallel 2) and 2 with the same flags (an off-policy step, then two on-policy steps on the same 4 rows, lr 1e-3), and
-LoRA on all linears at EP 2 with the student's base as teacher."""
+Four runs, each started once per test session (``shared_megatron_runs``), on 2 ranks: expert parallelism 1 (data
+parallel 2) and 2 with the same flags (an off-policy step, then two on-policy steps on the same 4 rows, lr 1e-3), EP 2
+with the teacher offloaded, and LoRA on all linears at EP 2 with the student's base as teacher."""
 import dataclasses
 import json
 import math
@@ -68,6 +68,8 @@ def runs(tiny_ws, moe_ws, shared_runs):
                                             nproc=2),
         'moe_ep2': lambda out: run_megatron(megatron_args(ws, out, **_moe_flags(ws, expert_model_parallel_size=2)),
                                             nproc=2),
+        'moe_ep2_offload': lambda out: run_megatron(megatron_args(ws, out, **_moe_flags(
+            ws, expert_model_parallel_size=2, offload_teacher_model='true', log_completions=None)), nproc=2),
         # the student's base (adapter disabled) is the teacher; it sees the answer in its prompt
         'moe_lora_ep2': lambda out: run_megatron(megatron_args(
             ws, out, **_moe_flags(ws, expert_model_parallel_size=2, teacher_model=ws.student, tuner_type='lora',
@@ -190,3 +192,15 @@ def test_the_exported_checkpoints_load_in_transformers_and_expert_parallelism_ex
     ids = tok('abc', return_tensors='pt')['input_ids']
     out = model.generate(ids, max_new_tokens=4, do_sample=False)
     assert out.shape[1] == ids.shape[1] + 4
+
+
+def test_an_offloaded_teacher_under_expert_parallelism_gives_the_same_run(runs):
+    """``--offload_teacher_model true`` at EP 2 (the MoE teacher's expert shards moved off and back around each use):
+    the same losses and gradient norms as the resident teacher's run."""
+    resident, offloaded = _assert_trained(runs['moe_ep2'], MODES), _assert_trained(runs['moe_ep2_offload'], MODES)
+    with open(os.path.join(runs['moe_ep2_offload'].output_dir, 'args.json')) as f:
+        args = json.load(f)
+    assert args['offload_teacher_model'] is True and args['expert_model_parallel_size'] == 2
+    for step, (a, b) in enumerate(zip(resident, offloaded), 1):
+        assert b['loss'] == pytest.approx(a['loss'], rel=1e-6) and b['grad_norm'] == pytest.approx(a['grad_norm'],
+                                                                                                   rel=1e-6), step
