@@ -36,7 +36,8 @@ from swift_gkd_plugin.core import Divergence, Mode
 from swift_gkd_plugin.core.constants import IGNORE_INDEX
 from swift_gkd_plugin.core.entropy import EntropyGapWatch
 from swift_gkd_plugin.core.guards.non_finite import loss_terms, non_finite_loss_message
-from swift_gkd_plugin.core.guards.same_weights import copy_of_the_student, copy_of_the_student_cause, privileged_row_count
+from swift_gkd_plugin.core.guards.same_weights import (copy_of_the_student, copy_of_the_student_cause,
+                                                      privileged_row_count)
 from swift_gkd_plugin.core.weights.lora_round_trip import BaseWeightsKeeper, adapter_tensors_copied
 from swift_gkd_plugin.core.modes import DATA_SOURCES, mode_log_path, sampling_seed, step_mode
 from swift_gkd_plugin.core.views import prepare_teacher_view

@@ -17,8 +17,8 @@ bf16, C rows a chunk):
 
 The float32-output matmuls are probed once per device in the real call's layout
 (:func:`.matmuls.float32_output_matmuls`); where they fail or are missing (CPU, older torch), the first backend's
-bf16 products are used, and the start-up log says which (:func:`.matmuls.weight_grad_path`). ``SWIFT_GKD_TRITON2_OVERLAP=0`` turns the second stream off (for
-measurements).
+bf16 products are used, and the start-up log says which (:func:`.matmuls.weight_grad_path`).
+``SWIFT_GKD_TRITON2_OVERLAP=0`` turns the second stream off (for measurements).
 """
 from __future__ import annotations
 

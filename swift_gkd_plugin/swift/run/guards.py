@@ -11,7 +11,8 @@ from transformers import TrainerCallback
 
 from swift_gkd_plugin.core.entropy import EntropyGapWatch
 from swift_gkd_plugin.core.guards.non_finite import loss_terms, non_finite_gradient_message
-from swift_gkd_plugin.core.guards.same_weights import copy_of_the_student, copy_of_the_student_cause, privileged_row_count
+from swift_gkd_plugin.core.guards.same_weights import (copy_of_the_student, copy_of_the_student_cause,
+                                                      privileged_row_count)
 from swift_gkd_plugin.swift.setup.checkpoints import guard_checkpoint_saves
 from swift_gkd_plugin.dataset_rows import media_refs
 from swift_gkd_plugin.swift.setup.datasets import RefuseEmptyEpochs
