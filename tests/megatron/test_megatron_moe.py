@@ -3,9 +3,10 @@ active, every layer sparse) and a wider MoE teacher, built by megatron-core as `
 ``--moe_grouped_gemm true``) over the harness's stand-ins of TE's grouped linears
 (:mod:`swift_gkd_plugin.testing.megatron_cpu.moe`), loaded and exported by mcore-bridge.
 
-Four runs, each started once per test session (``shared_megatron_runs``), on 2 ranks: expert parallelism 1 (data
-parallel 2) and 2 with the same flags (an off-policy step, then two on-policy steps on the same 4 rows, lr 1e-3), EP 2
-with the teacher offloaded, and LoRA on all linears at EP 2 with the student's base as teacher."""
+Six runs, each started once per test session (``shared_megatron_runs``), on 2 ranks: expert parallelism 1 (data
+parallel 2) and 2 with the same flags (an off-policy step, then two on-policy steps on the same 4 rows, lr 1e-3), the
+same pair with a seq_kd step (the MoE teacher samples), EP 2 with the teacher offloaded, and LoRA on all linears at EP 2
+with the student's base as teacher."""
 import dataclasses
 import json
 import math
@@ -25,6 +26,9 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason='the CPU harne
 SEED = 43  # lmbda 0.5 without seq_kd: off_policy, on_policy, on_policy
 MODES = ['off_policy', 'on_policy', 'on_policy']
 assert [choose_mode(SEED, s, 0.5, False).value for s in range(3)] == MODES
+SEQ_KD_SEED = 41  # lmbda 0.5 with seq_kd: on_policy, seq_kd, on_policy
+SEQ_KD_MODES = ['on_policy', 'seq_kd', 'on_policy']
+assert [choose_mode(SEQ_KD_SEED, s, 0.5, True).value for s in range(3)] == SEQ_KD_MODES
 
 
 @pytest.fixture(scope='module')
@@ -68,6 +72,11 @@ def runs(tiny_ws, moe_ws, shared_runs):
                                             nproc=2),
         'moe_ep2': lambda out: run_megatron(megatron_args(ws, out, **_moe_flags(ws, expert_model_parallel_size=2)),
                                             nproc=2),
+        # seq_kd: the MoE teacher samples from its Megatron model (the experts' all-to-all at every decoded token)
+        'moe_ep1_seq_kd': lambda out: run_megatron(megatron_args(ws, out, **_moe_flags(
+            ws, expert_model_parallel_size=1, seq_kd='true', seed=SEQ_KD_SEED)), nproc=2),
+        'moe_ep2_seq_kd': lambda out: run_megatron(megatron_args(ws, out, **_moe_flags(
+            ws, expert_model_parallel_size=2, seq_kd='true', seed=SEQ_KD_SEED)), nproc=2),
         'moe_ep2_offload': lambda out: run_megatron(megatron_args(ws, out, **_moe_flags(
             ws, expert_model_parallel_size=2, offload_teacher_model='true', log_completions=None)), nproc=2),
         # the student's base (adapter disabled) is the teacher; it sees the answer in its prompt
@@ -204,3 +213,16 @@ def test_an_offloaded_teacher_under_expert_parallelism_gives_the_same_run(runs):
     for step, (a, b) in enumerate(zip(resident, offloaded), 1):
         assert b['loss'] == pytest.approx(a['loss'], rel=1e-6) and b['grad_norm'] == pytest.approx(a['grad_norm'],
                                                                                                    rel=1e-6), step
+
+
+def test_expert_parallel_seq_kd_equals_one(runs):
+    """seq_kd at EP 2: the MoE teacher samples the step's responses from its own Megatron model (its experts split
+    over the 2 ranks); the completions, losses and gradient norms are EP 1's."""
+    ones = _assert_trained(runs['moe_ep1_seq_kd'], SEQ_KD_MODES)
+    twos = _assert_trained(runs['moe_ep2_seq_kd'], SEQ_KD_MODES)
+    sampled = _completions(runs['moe_ep1_seq_kd'])
+    assert [c['gen_step'] for c in sampled] == [[0, 0], [1, 1], [2, 2]], sampled  # the teacher's samples included
+    assert _completions(runs['moe_ep2_seq_kd']) == sampled
+    for step, (one, two) in enumerate(zip(ones, twos), 1):
+        assert two['loss'] == pytest.approx(one['loss'], rel=1e-5), (step, one, two)
+        assert two['grad_norm'] == pytest.approx(one['grad_norm'], rel=1e-5), (step, one, two)
