@@ -6,6 +6,8 @@
 transformers engine also says 'length' for one that ends its turn on the limit's last token: not cut here). A mean
 of means or of maxima would be wrong for every split into micro-batches and ranks, so the window keeps sums and
 extremes and reduces them once per log: sums for the mean and the share, MIN/MAX for the extremes.
+``gkd/idle_decode_ratio`` (``megatron rlhf`` sampling under expert parallelism only): the share of decode forwards a
+rank ran with all its rows stopped, only to keep the experts' all-to-alls matched.
 """
 from __future__ import annotations
 
@@ -15,10 +17,11 @@ import torch
 
 from swift_gkd_plugin.core.views import turn_ids
 
-__all__ = ['COMPLETION_KEYS', 'CompletionWindow', 'completion_length', 'end_of_turn_ids']
+__all__ = ['COMPLETION_KEYS', 'IDLE_DECODE_KEY', 'CompletionWindow', 'completion_length', 'end_of_turn_ids']
 
 COMPLETION_KEYS = ('gkd/completion_length', 'gkd/completion_length_min', 'gkd/completion_length_max',
                    'gkd/clipped_ratio')
+IDLE_DECODE_KEY = 'gkd/idle_decode_ratio'
 
 
 def completion_length(sample) -> Optional[int]:
@@ -63,6 +66,7 @@ class CompletionWindow:
     def _reset(self) -> None:
         self.total, self.count, self.clipped = 0, 0, 0
         self.low, self.high = float('inf'), float('-inf')
+        self.forwards, self.idle = 0, 0
 
     def add(self, samples: Iterable, end_ids: Collection[int]) -> None:
         """Count ``samples`` (ms-swift ``OnPolicySample``s after a rollout), cut or not (:func:`is_cut` with
@@ -76,19 +80,28 @@ class CompletionWindow:
             self.clipped += int(is_cut(sample, end_ids))
             self.low, self.high = min(self.low, n), max(self.high, n)
 
+    def add_decode(self, forwards: int, idle: int) -> None:
+        """Count a sampler's decode forwards, ``idle`` of them with all of this rank's rows stopped (a sampler whose
+        forwards span data-parallel ranks, e.g. expert parallelism; others do not call it, and log no ratio)."""
+        self.forwards, self.idle = self.forwards + forwards, self.idle + idle
+
     def logs(self, device, group=None) -> Dict[str, float]:
         """The window's metrics over every rank of ``group`` (a collective: every rank calls it at the same log),
-        empty when no rank sampled; then a new window. Two all-reduces: SUM of (lengths, completions, clipped), MAX
-        of (-min, max)."""
-        sums = torch.tensor([self.total, self.count, self.clipped], dtype=torch.float64, device=device)
+        empty when no rank sampled; then a new window. Two all-reduces: SUM of (lengths, completions, clipped,
+        decode forwards, idle ones), MAX of (-min, max)."""
+        sums = torch.tensor([self.total, self.count, self.clipped, self.forwards, self.idle], dtype=torch.float64,
+                            device=device)
         extremes = torch.tensor([-self.low, self.high], dtype=torch.float64, device=device)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(sums, op=torch.distributed.ReduceOp.SUM, group=group)
             torch.distributed.all_reduce(extremes, op=torch.distributed.ReduceOp.MAX, group=group)
         self._reset()
-        (total, count, clipped), (low, high) = sums.tolist(), extremes.tolist()
+        (total, count, clipped, forwards, idle), (low, high) = sums.tolist(), extremes.tolist()
         if not count:
             return {}
         keys = COMPLETION_KEYS
-        return {keys[0]: total / count, keys[1]: -low, keys[2]: high, keys[3]: clipped / count}
+        out = {keys[0]: total / count, keys[1]: -low, keys[2]: high, keys[3]: clipped / count}
+        if forwards:
+            out[IDLE_DECODE_KEY] = idle / forwards
+        return out
 

@@ -163,13 +163,14 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
         """Sampling without vLLM. Every rank of a model-parallel group (TP x CP x PP) runs each forward together on
         its data-parallel batch (with CP, the last positions' logits are gathered from the ranks holding them); with
         expert parallelism the MoE all-to-alls span data-parallel ranks too, so then all ranks keep running forwards
-        until every rank's sequences have stopped."""
+        until every rank's sequences have stopped (the idle ones are logged: ``gkd/idle_decode_ratio``)."""
         samples = self._preprocess_inputs(samples)
         prompts = encode_prompts(self.template, samples, teacher=teacher)
         tokenizer = self.template.tokenizer
         eos = sorted(end_of_turn_ids(self.template))
         expert_parallel = (getattr(self.args, 'expert_model_parallel_size', 1) or 1) > 1
         padding_to = get_padding_to(self.args)
+        counts = {} if expert_parallel else None
 
         with self._sampler(teacher) as model:
 
@@ -196,7 +197,9 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
                 vocab_size=self._real_vocab, tp_group=mpu.get_tensor_model_parallel_group(),
                 broadcast_group=mpu.get_pipeline_model_parallel_group(),
                 broadcast_src=mpu.get_pipeline_model_parallel_last_rank(),  # each pipeline's last stage decides
-                sync_group=torch.distributed.group.WORLD if expert_parallel else None)
+                sync_group=torch.distributed.group.WORLD if expert_parallel else None, counts=counts)
+        if counts and self.unwrapped_models[0].training:
+            self._completions.add_decode(counts['forwards'], counts['idle'])
         outputs = rollout_outputs(tokenizer, prompts, completions, eos)
         return self._postprocess_rollout_outputs(samples, outputs)
 

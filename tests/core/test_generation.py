@@ -384,9 +384,11 @@ def _world4_cases(table, rank, prompts, eos, vocab_size):
         calls = []
         fn = _tp_logits(table, SPLITS['unequal'], tp_rank, calls, group=dp_groups[tp_rank], same_sequences=False)
         kw = dict(common, max_new_tokens=REPLICA1_MAX_NEW) if replica else common
+        counts = {}
         out[f'dp/{mode}'] = generate(fn, prompts[2:] if replica else prompts[:2], tp_group=tp_groups[replica],
-                                     sync_group=dp_groups[tp_rank], **kw)
+                                     sync_group=dp_groups[tp_rank], counts=counts, **kw)
         out[f'dp/{mode}/calls'] = calls
+        out[f'dp/{mode}/counts'] = counts
     return out
 
 
@@ -459,5 +461,7 @@ def test_data_parallel_replicas_stay_in_step_with_sync_group(ws, world4, mode):
     for rank, r in enumerate(world4):
         calls = r[key + '/calls']
         assert len(calls) == steps, (rank, len(calls))  # also the replica that finished first
+        # every forward counted; the idle ones are those after the replica's own rows stopped
+        assert r[key + '/counts'] == {'forwards': steps, 'idle': steps - own[rank // 2]}, (rank, r[key + '/counts'])
     _same_calls(world4[:2], key)
     _same_calls(world4[2:], key)

@@ -290,3 +290,45 @@ def test_rows_without_a_user_message_are_refused_where_steps_sample(tmp_path):
     assert SPAWNED not in output and 'Traceback' not in output
     assert_passed_the_checks(megatron_rlhf(*GKD, '--use_vllm', 'false', '--lmbda', '0', '--dataset', str(data),
                                            '--teacher_model', 'Qwen/Qwen3-1.7B')[1])
+
+
+def test_sequential_experts_are_refused_before_any_rank_starts(tiny_ws, tmp_path):
+    """Issue 65: ``--moe_grouped_gemm false`` with a mixture-of-experts model (student or teacher) made megatron-core
+    build ``SequentialMLP`` experts, and each rank then failed in mcore-bridge's loader (``'SequentialMLP' object has
+    no attribute 'linear_fc1'``). Refused by the launcher in one line naming the flag and the allowed value; the
+    same check (which the ranks run again on the resolved folders) passes dense pairs and ``--moe_grouped_gemm
+    true``, and refuses a MoE teacher."""
+    from swift_gkd_plugin.megatron.setup.checks import check_grouped_experts, parse_megatron_command_line
+    from swift_gkd_plugin.testing import tiny
+    moe = tiny.build_model(str(tmp_path / 'moe'), tiny.load_tokenizer(tiny_ws.student), seed=0, moe=True)
+    code, output = megatron_rlhf_with(moe, *GKD, '--teacher_model', tiny_ws.teacher, '--use_vllm', 'false',
+                                      '--moe_grouped_gemm', 'false')
+    assert code == 2, output[-3000:]
+    errors = [line for line in output.splitlines() if line.startswith('megatron rlhf: error: ')]
+    assert len(errors) == 1 and f'--moe_grouped_gemm false: --model {moe} is a mixture of experts (4 routed ' \
+        'experts)' in errors[0] and 'Allowed: --moe_grouped_gemm true (the default)' in errors[0], output[-3000:]
+    assert SPAWNED not in output and 'Traceback' not in output
+
+    def check(model, teacher, grouped):
+        ns = parse_megatron_command_line(['--rlhf_type', 'gkd', '--moe_grouped_gemm', grouped])
+        check_grouped_experts(ns, [('--model', model), ('--teacher_model', teacher)])
+
+    with pytest.raises(ValueError, match=f'--moe_grouped_gemm false: --teacher_model {moe} is a mixture of experts'):
+        check(tiny_ws.student, moe, 'false')
+    check(tiny_ws.student, tiny_ws.teacher, 'false')  # dense: the flag changes nothing
+    check(moe, moe, 'true')
+    check('Qwen/Qwen3-30B-A3B', None, 'false')  # a hub id: the ranks check its downloaded folder
+
+
+def test_routed_experts_are_found_in_nested_configs(tiny_ws, tmp_path):
+    """A multimodal MoE keeps its experts in its text config (transformers' ``Qwen3VLMoeConfig``, saved as a model
+    folder's ``config.json``); a dense model has none; a folder without a config is left to the ranks."""
+    from transformers import Qwen3VLMoeConfig
+
+    from swift_gkd_plugin.megatron.setup.checks import routed_experts
+    config = Qwen3VLMoeConfig()
+    config.text_config.num_experts = 6
+    config.save_pretrained(str(tmp_path / 'vl_moe'))
+    assert routed_experts(str(tmp_path / 'vl_moe')) == 6
+    assert routed_experts(tiny_ws.student) == 0
+    assert routed_experts(str(tmp_path)) is None

@@ -18,6 +18,7 @@ import torch
 from conftest import base_args, run_swift
 from megatron_runs import ACTIVE, megatron_args, run_megatron, shared_megatron_runs, train_rows
 
+from swift_gkd_plugin.completion_stats import COMPLETION_KEYS, IDLE_DECODE_KEY
 from swift_gkd_plugin.core import choose_mode
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason='the CPU harness does nothing where CUDA is '
@@ -26,9 +27,34 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason='the CPU harne
 SEED = 43  # lmbda 0.5 without seq_kd: off_policy, on_policy, on_policy
 MODES = ['off_policy', 'on_policy', 'on_policy']
 assert [choose_mode(SEED, s, 0.5, False).value for s in range(3)] == MODES
+STOP_LOGIT = 4.0
 SEQ_KD_SEED = 41  # lmbda 0.5 with seq_kd: on_policy, seq_kd, on_policy
 SEQ_KD_MODES = ['on_policy', 'seq_kd', 'on_policy']
 assert [choose_mode(SEQ_KD_SEED, s, 0.5, True).value for s in range(3)] == SEQ_KD_MODES
+
+
+def plant_stop(model_dir: str, stop_logit: float) -> None:
+    """Make the random tiny model in ``model_dir`` end its turn early and at varied lengths (it reached the token cap
+    on every row): hidden dimension 0 becomes a constant channel that only the output head reads. Every token
+    embedding holds ``1.0`` there (fifty times the other entries' scale: one Adam step at lr 1e-3 washed out 0.1);
+    every weight inside the layers ignores it (its index-0 slice along each axis of the hidden size is zeroed: no
+    attention, router or expert reads or writes it, so the routing stays spread over the experts); ``<|im_end|>``'s
+    lm_head row reads only it, scaled so that its logit is ``stop_logit`` on average over a probe sequence (the
+    others are near 0)."""
+    from swift_gkd_plugin.testing import tiny
+    model = tiny.load_model(model_dir)
+    hidden, stop_id = model.config.hidden_size, model.config.eos_token_id
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 1.0
+        for param in model.model.layers.parameters():
+            for axis, size in enumerate(param.shape if param.dim() >= 2 else ()):
+                if size == hidden:
+                    param.select(axis, 0).zero_()
+        probe = torch.arange(1, 33).unsqueeze(0)
+        normed = model.model(probe).last_hidden_state[0, :, 0]  # after the final norm
+        model.lm_head.weight[stop_id].zero_()
+        model.lm_head.weight[stop_id, 0] = stop_logit / float(normed.mean())
+    model.save_pretrained(model_dir)
 
 
 @pytest.fixture(scope='module')
@@ -43,8 +69,10 @@ def moe_ws(tiny_ws):
     with FileLock(os.path.join(tiny_ws.root, 'megatron_moe.lock')):
         if not os.path.exists(privileged):
             tok = tiny.load_tokenizer(tiny_ws.student)
-            tiny.build_model(student, tok, seed=5, moe=True)
-            tiny.build_model(teacher, tok, seed=6, moe=True, hidden_size=96, intermediate_size=192)
+            # <|im_end|> ~15% likely at each sampled token (temperature 0.9): rows stop at different lengths
+            plant_stop(tiny.build_model(student, tok, seed=5, moe=True), STOP_LOGIT)
+            plant_stop(tiny.build_model(teacher, tok, seed=6, moe=True, hidden_size=96, intermediate_size=192),
+                       STOP_LOGIT)
             with open(tiny_ws.fixed) as src, open(privileged + '.partial', 'w') as dst:
                 for row in map(json.loads, src):
                     question, answer = row['messages'][0]['content'], row['messages'][1]['content']
@@ -136,13 +164,28 @@ def _completions(run):
         return [json.loads(line) for line in f]
 
 
+def _stop_apart(one_rows, two_rows):
+    """The sampling steps of EP 1 and EP 2 logged the same completion lengths; rows stopped at different lengths,
+    some before the cap (the tiny MoE's planted end of turn), so that under EP 2 a rank whose rows had all stopped
+    kept running forwards for the other's all-to-alls: ``gkd/idle_decode_ratio`` > 0 on some step, logged only
+    there."""
+    for one, two in zip(one_rows, two_rows):
+        assert IDLE_DECODE_KEY not in one, one
+        for key in COMPLETION_KEYS:
+            assert two[key] == pytest.approx(one[key]), (key, one, two)
+    assert any(r['gkd/completion_length_min'] < r['gkd/completion_length_max'] for r in two_rows), two_rows
+    assert any(r['gkd/clipped_ratio'] < 1 for r in two_rows), two_rows
+    ratios = [r[IDLE_DECODE_KEY] for r in two_rows]
+    assert all(0 <= x < 1 for x in ratios) and any(x > 0 for x in ratios), ratios
+
+
 def test_expert_parallel_on_policy_samples_equal_one(runs):
     """The student's on-policy samples (steps 2 and 3, no vLLM: megatron-core's forward, the experts' all-to-all at
-    every decoded token under EP 2) are EP 1's, token for token."""
+    every decoded token under EP 2) are EP 1's, token for token, with rows that stop at different lengths."""
     ones, twos = _completions(runs['moe_ep1']), _completions(runs['moe_ep2'])
     assert [c['gen_step'] for c in ones] == [[1, 1], [2, 2]], ones
-    assert all(text for c in ones for text in c['completion']), ones
     assert twos == ones
+    _stop_apart(train_rows(runs['moe_ep1'])[1:], train_rows(runs['moe_ep2'])[1:])
 
 
 def test_lora_on_all_linears_reaches_every_expert_under_expert_parallelism(runs):
@@ -199,7 +242,7 @@ def test_the_exported_checkpoints_load_in_transformers_and_expert_parallelism_ex
     assert type(model).__name__ == 'Qwen3MoeForCausalLM'
     tok = AutoTokenizer.from_pretrained(moe_ws.student)
     ids = tok('abc', return_tensors='pt')['input_ids']
-    out = model.generate(ids, max_new_tokens=4, do_sample=False)
+    out = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)  # (it would end its turn)
     assert out.shape[1] == ids.shape[1] + 4
 
 
@@ -223,6 +266,7 @@ def test_expert_parallel_seq_kd_equals_one(runs):
     sampled = _completions(runs['moe_ep1_seq_kd'])
     assert [c['gen_step'] for c in sampled] == [[0, 0], [1, 1], [2, 2]], sampled  # the teacher's samples included
     assert _completions(runs['moe_ep2_seq_kd']) == sampled
+    _stop_apart(ones, twos)  # the student samples at steps 1 and 3, the teacher at step 2
     for step, (one, two) in enumerate(zip(ones, twos), 1):
         assert two['loss'] == pytest.approx(one['loss'], rel=1e-5), (step, one, two)
         assert two['grad_norm'] == pytest.approx(one['grad_norm'], rel=1e-5), (step, one, two)

@@ -23,7 +23,7 @@ path.
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -248,6 +248,12 @@ def _any_running(local: bool, group: Group) -> bool:
     return bool(flag.item())
 
 
+def _count(counts: Optional[Dict[str, int]], idle: bool) -> None:
+    if counts is not None:
+        counts['forwards'] = counts.get('forwards', 0) + 1
+        counts['idle'] = counts.get('idle', 0) + int(idle)
+
+
 def generate(next_logits: NextLogits,
              prompts: Sequence[Sequence[int]],
              *,
@@ -261,7 +267,8 @@ def generate(next_logits: NextLogits,
              tp_group: Group = None,
              broadcast_group: Group = None,
              broadcast_src: Optional[int] = None,
-             sync_group: Group = None) -> List[List[int]]:
+             sync_group: Group = None,
+             counts: Optional[Dict[str, int]] = None) -> List[List[int]]:
     """Sample completions of ``prompts`` token by token with a tensor/pipeline-parallel model, without a KV cache.
 
     Each step calls ``next_logits`` once under ``torch.no_grad()``, with the token lists (prompt + tokens generated
@@ -299,6 +306,9 @@ def generate(next_logits: NextLogits,
             that is done keeps calling ``next_logits`` with all of its (finished) sequences and ignores the result.
             The replicas may differ in prompts, their number (also 0: ``next_logits`` then gets an empty list) and
             ``max_new_tokens``. ``None``: no synchronisation across replicas.
+        counts: if given, ``counts['forwards']`` is increased by the number of ``next_logits`` calls and
+            ``counts['idle']`` by those of them made only to match ``sync_group``'s collectives (the cost of rows
+            that stop at different lengths on different replicas).
 
     Returns:
         the ``B`` completions (generated ids only, EOS included when emitted), in prompt order, identical on every
@@ -331,11 +341,13 @@ def generate(next_logits: NextLogits,
             if not active:  # idle replica: a forward whose output is ignored, to match the collectives
                 with torch.no_grad():
                     next_logits([p + c for p, c in zip(prompts, completions)])
+                _count(counts, idle=True)
                 continue
         elif not active:
             break
         with torch.no_grad():
             shard = next_logits([prompts[i] + completions[i] for i in running])
+        _count(counts, idle=False)
         tokens = None
         if shard is not None:
             if shard.dim() != 2 or shard.shape[0] != len(running):

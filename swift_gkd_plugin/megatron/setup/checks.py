@@ -224,6 +224,8 @@ def _command_line_parser() -> argparse.ArgumentParser:
     p.add_argument('--use_hf', type=_bool, default=None)
     p.add_argument('--use_ray', type=_bool, nargs='?', const=True, default=False)  # a bare --use_ray is true
     p.add_argument('--use_vllm', type=_bool, default=True)
+    p.add_argument('--moe_grouped_gemm', type=_bool, default=True)
+    p.add_argument('--bridge_backend', default='mcore-bridge')
     p.add_argument('--vllm_mode', default=None)
     # the RL + distillation flags of swift rlhf, refused here; None: not on the command line
     p.add_argument('--reward_funcs', nargs='*', default=[])
@@ -276,6 +278,7 @@ def check_megatron_command_line(argv: Sequence[str]) -> None:
     if not (argv and str(argv[0]).endswith(CONFIG_FILE_SUFFIXES)):  # a config file's flags: ms-swift's, in the ranks
         check_parallel_sizes(ns)
         check_local_paths(ns)
+        check_grouped_experts(ns, [('--model', ns.model), ('--teacher_model', ns.teacher_model)])
         check_training_set(ns)
         check_context_parallel_views(ns)
         check_rows_have_prompts(ns)
@@ -329,6 +332,44 @@ def check_parallel_sizes(args) -> None:
                         'sizes whose product divides them')
     if world % expert:
         raise FlagError(f'--expert_model_parallel_size {expert} does not divide the {ranks}')
+
+
+#: the config.json keys that count a model's routed experts (mcore-bridge's ``config/parser.py``, ``num_moe_experts``)
+EXPERT_KEYS = ('num_experts', 'n_routed_experts', 'moe_num_experts', 'num_local_experts')
+
+
+def routed_experts(model_dir: str) -> Optional[int]:
+    """The routed experts of the model in the local directory ``model_dir``: the largest of :data:`EXPERT_KEYS` in its
+    ``config.json``, nested configs included (a multimodal model keeps them in its text config); 0 for a dense model,
+    None when there is no readable ``config.json``."""
+    try:
+        with open(os.path.join(model_dir, 'config.json'), encoding='utf-8') as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    found, stack = 0, [config]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            found = max([found] + [v for k, v in node.items() if k in EXPERT_KEYS and isinstance(v, int)])
+            stack.extend(v for v in node.values() if isinstance(v, dict))
+    return found
+
+
+def check_grouped_experts(args, model_dirs: Sequence[tuple]) -> None:
+    """``--moe_grouped_gemm false`` with a mixture-of-experts model among ``model_dirs`` (``(flag, local dir)``
+    pairs): megatron-core then builds ``SequentialMLP`` experts, which mcore-bridge (ms-swift's default
+    ``--bridge_backend``) can neither load nor export: each rank failed after building the model with
+    ``'SequentialMLP' object has no attribute 'linear_fc1'``."""
+    if getattr(args, 'moe_grouped_gemm', True) or getattr(args, 'bridge_backend', 'mcore-bridge') != 'mcore-bridge':
+        return
+    for flag, path in model_dirs:
+        experts = routed_experts(path) if isinstance(path, str) and os.path.isdir(path) else None
+        if experts:
+            raise FlagError(f'--moe_grouped_gemm false: {flag} {path} is a mixture of experts ({experts} routed '
+                            'experts), and mcore-bridge loads and exports experts only as grouped linears '
+                            "(megatron-core's TEGroupedMLP); with false megatron-core builds SequentialMLP experts, "
+                            'which it cannot fill. Allowed: --moe_grouped_gemm true (the default)')
 
 
 def check_local_paths(args) -> None:
