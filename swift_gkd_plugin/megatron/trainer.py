@@ -256,6 +256,13 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
         out.labels = labels
         return out
 
+    def _replace_data_iterator(self, data_iterator):
+        """ms-swift counts its training steps from 0 in every process, also in a resumed run (whose completions log
+        then restarted at ``gen_step`` 0): the first training step of a run starts the count at its iteration."""
+        if self._step == 0 and self.unwrapped_models[0].training:
+            self._step = int(self.state.iteration)
+        return super()._replace_data_iterator(data_iterator)
+
     def _on_train_step_batch(self, encoded_batches: List[Dict]) -> None:
         super()._on_train_step_batch(encoded_batches)
         if self._teacher_deferral() == 'step':

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -92,14 +93,32 @@ def _moe_flags(ws, **overrides):
     return flags
 
 
+def _resume(ws, runs, out):
+    """``moe_ep2`` resumed from its step-2 checkpoint (megatron-core's distributed checkpoint, the experts sharded
+    over the 2 EP ranks) for its last step. Without the optimizer state, as the dense resume test: loading it,
+    megatron-core 0.16.1's distributed optimizer asserts a single step count when neither Apex nor transformer-engine
+    is installed (``distrib_optimizer.py`` ~642), which is this CPU harness's case, not a GPU user's."""
+    shutil.copytree(runs['moe_ep2'].output_dir, out)
+    shutil.rmtree(os.path.join(out, 'checkpoint-3'))  # as if stopped after saving step 2: its logs end there too
+    for name, keep in (('logging.jsonl', 2), ('completions.jsonl', 1), ('gkd_modes/rank0.jsonl', 2),
+                       ('gkd_modes/rank1.jsonl', 2)):
+        with open(os.path.join(out, name)) as f:
+            lines = f.readlines()[:keep]
+        with open(os.path.join(out, name), 'w') as f:
+            f.writelines(lines)
+    return run_megatron(megatron_args(ws, out, **_moe_flags(ws, expert_model_parallel_size=2, finetune='false',
+                                                            no_load_optim='true', mcore_model=os.path.join(out, 'checkpoint-2'))), nproc=2)
+
+
 @pytest.fixture(scope='module')
 def runs(tiny_ws, moe_ws, shared_runs):
     ws = moe_ws
-    return shared_megatron_runs(tiny_ws, shared_runs, {
+    shared = shared_megatron_runs(tiny_ws, shared_runs, {
         'moe_ep1': lambda out: run_megatron(megatron_args(ws, out, **_moe_flags(ws, expert_model_parallel_size=1)),
                                             nproc=2),
-        'moe_ep2': lambda out: run_megatron(megatron_args(ws, out, **_moe_flags(ws, expert_model_parallel_size=2)),
-                                            nproc=2),
+        'moe_ep2': lambda out: run_megatron(megatron_args(ws, out, **_moe_flags(ws, expert_model_parallel_size=2,
+                                                                                save_steps=2)), nproc=2),
+        'moe_ep2_resumed': lambda out: _resume(ws, shared, out),  # (bound below, called later)
         # seq_kd: the MoE teacher samples from its Megatron model (the experts' all-to-all at every decoded token)
         'moe_ep1_seq_kd': lambda out: run_megatron(megatron_args(ws, out, **_moe_flags(
             ws, expert_model_parallel_size=1, seq_kd='true', seed=SEQ_KD_SEED)), nproc=2),
@@ -113,6 +132,7 @@ def runs(tiny_ws, moe_ws, shared_runs):
                                   target_modules='all-linear', dataset=ws.privileged, lmbda=0, train_iters=2,
                                   log_completions=None)), nproc=2),
     })
+    return shared
 
 
 def _assert_trained(run, modes):
@@ -270,3 +290,20 @@ def test_expert_parallel_seq_kd_equals_one(runs):
     for step, (one, two) in enumerate(zip(ones, twos), 1):
         assert two['loss'] == pytest.approx(one['loss'], rel=1e-5), (step, one, two)
         assert two['grad_norm'] == pytest.approx(one['grad_norm'], rel=1e-5), (step, one, two)
+
+
+def test_a_run_resumed_from_an_expert_parallel_checkpoint_continues_it_exactly(runs):
+    """``moe_ep2`` resumed at EP 2 from its step-2 checkpoint (``--mcore_model``, ``--finetune false``: the weights
+    with their expert shards, the iteration) trains step 3 as the uninterrupted run did: the same mode (on-policy,
+    appended to the mode log), the same completions, and the same loss and gradient norm (both taken before the
+    step's update, so they depend on the restored weights alone: an expert shard restored on the wrong rank or not at
+    all changes them)."""
+    whole, resumed = runs['moe_ep2'], runs['moe_ep2_resumed']
+    assert resumed.returncode == 0 and ACTIVE in resumed.output, resumed.output[-3000:]
+    rows = train_rows(resumed)
+    assert [r['iteration'] for r in rows] == ['1/3', '2/3', '3/3'], rows  # the first two: the copied log
+    for rank in (0, 1):
+        assert [r['mode'] for r in resumed.modes(rank)] == MODES
+    assert rows[2]['loss'] == pytest.approx(train_rows(whole)[2]['loss'], rel=1e-6)
+    assert rows[2]['grad_norm'] == pytest.approx(train_rows(whole)[2]['grad_norm'], rel=1e-6)
+    assert _completions(resumed)[-1] == _completions(whole)[-1]
