@@ -3,10 +3,11 @@ active, every layer sparse) and a wider MoE teacher, built by megatron-core as `
 ``--moe_grouped_gemm true``) over the harness's stand-ins of TE's grouped linears
 (:mod:`swift_gkd_plugin.testing.megatron_cpu.moe`), loaded and exported by mcore-bridge.
 
-Six runs, each started once per test session (``shared_megatron_runs``), on 2 ranks: expert parallelism 1 (data
-parallel 2) and 2 with the same flags (an off-policy step, then two on-policy steps on the same 4 rows, lr 1e-3), the
-same pair with a seq_kd step (the MoE teacher samples), EP 2 with the teacher offloaded, and LoRA on all linears at EP 2
-with the student's base as teacher."""
+Eight runs, each started once per test session (``shared_megatron_runs``), on 2 ranks: expert parallelism 1 (data
+parallel 2) and 2 with the same flags (an off-policy step, then two on-policy steps on the same 4 rows, lr 1e-3), EP 2
+resumed from its step-2 checkpoint, the same pair with a seq_kd step (the MoE teacher samples), TP 2 with each expert
+split over TP (expert TP 2) and with whole experts over EP 2 (the teacher offloaded), and LoRA on all linears at EP 2
+with the student's base as teacher. The pair ends its turn early at varied lengths (:func:`plant_stop`)."""
 import dataclasses
 import json
 import math
@@ -119,13 +120,19 @@ def runs(tiny_ws, moe_ws, shared_runs):
         'moe_ep2': lambda out: run_megatron(megatron_args(ws, out, **_moe_flags(ws, expert_model_parallel_size=2,
                                                                                 save_steps=2)), nproc=2),
         'moe_ep2_resumed': lambda out: _resume(ws, shared, out),  # (bound below, called later)
+        # tensor parallel: each expert split over the 2 TP ranks (expert TP 2), or whole and split over EP 2 (expert
+        # TP 1, ms-swift's default)
+        'moe_tp2': lambda out: run_megatron(megatron_args(ws, out, **_moe_flags(
+            ws, tensor_model_parallel_size=2, sequence_parallel='true', expert_tensor_parallel_size=2)), nproc=2),
+        # ... with the teacher offloaded (its expert shards moved off and back around each use)
+        'moe_tp2_ep2_offload': lambda out: run_megatron(megatron_args(ws, out, **_moe_flags(
+            ws, tensor_model_parallel_size=2, sequence_parallel='true', expert_model_parallel_size=2,
+            expert_tensor_parallel_size=1, offload_teacher_model='true')), nproc=2),
         # seq_kd: the MoE teacher samples from its Megatron model (the experts' all-to-all at every decoded token)
         'moe_ep1_seq_kd': lambda out: run_megatron(megatron_args(ws, out, **_moe_flags(
             ws, expert_model_parallel_size=1, seq_kd='true', seed=SEQ_KD_SEED)), nproc=2),
         'moe_ep2_seq_kd': lambda out: run_megatron(megatron_args(ws, out, **_moe_flags(
             ws, expert_model_parallel_size=2, seq_kd='true', seed=SEQ_KD_SEED)), nproc=2),
-        'moe_ep2_offload': lambda out: run_megatron(megatron_args(ws, out, **_moe_flags(
-            ws, expert_model_parallel_size=2, offload_teacher_model='true', log_completions=None)), nproc=2),
         # the student's base (adapter disabled) is the teacher; it sees the answer in its prompt
         'moe_lora_ep2': lambda out: run_megatron(megatron_args(
             ws, out, **_moe_flags(ws, expert_model_parallel_size=2, teacher_model=ws.student, tuner_type='lora',
@@ -266,18 +273,6 @@ def test_the_exported_checkpoints_load_in_transformers_and_expert_parallelism_ex
     assert out.shape[1] == ids.shape[1] + 4
 
 
-def test_an_offloaded_teacher_under_expert_parallelism_gives_the_same_run(runs):
-    """``--offload_teacher_model true`` at EP 2 (the MoE teacher's expert shards moved off and back around each use):
-    the same losses and gradient norms as the resident teacher's run."""
-    resident, offloaded = _assert_trained(runs['moe_ep2'], MODES), _assert_trained(runs['moe_ep2_offload'], MODES)
-    with open(os.path.join(runs['moe_ep2_offload'].output_dir, 'args.json')) as f:
-        args = json.load(f)
-    assert args['offload_teacher_model'] is True and args['expert_model_parallel_size'] == 2
-    for step, (a, b) in enumerate(zip(resident, offloaded), 1):
-        assert b['loss'] == pytest.approx(a['loss'], rel=1e-6) and b['grad_norm'] == pytest.approx(a['grad_norm'],
-                                                                                                   rel=1e-6), step
-
-
 def test_expert_parallel_seq_kd_equals_one(runs):
     """seq_kd at EP 2: the MoE teacher samples the step's responses from its own Megatron model (its experts split
     over the 2 ranks); the completions, losses and gradient norms are EP 1's."""
@@ -307,3 +302,27 @@ def test_a_run_resumed_from_an_expert_parallel_checkpoint_continues_it_exactly(r
     assert rows[2]['loss'] == pytest.approx(train_rows(whole)[2]['loss'], rel=1e-6)
     assert rows[2]['grad_norm'] == pytest.approx(train_rows(whole)[2]['grad_norm'], rel=1e-6)
     assert _completions(resumed)[-1] == _completions(whole)[-1]
+
+
+def test_tensor_parallel_moe_equals_one(runs):
+    """TP 2 with sequence parallelism, each expert split over the 2 TP ranks (``--expert_tensor_parallel_size 2``:
+    half of each expert's gate/up outputs and down inputs a rank), or whole and split over EP 2 (expert TP 1, ms-swift's
+    default) with the teacher offloaded (``--offload_teacher_model true``): the off-policy first step has EP 1's loss
+    and gradient norm (one data-parallel copy here, two there: the same 4 rows), and the two layouts, which sample
+    alike (one data-parallel rank each), agree over all 3 steps (measured: losses to the 8 logged digits, gradient
+    norms within 2e-6)."""
+    names = ('moe_ep1', 'moe_tp2', 'moe_tp2_ep2_offload')
+    ones, split, whole = (_assert_trained(runs[n], MODES) for n in names)
+    assert 'TEColumnParallelGroupedLinear(num_gemms=4, in_features=64, out_features=128)' in runs['moe_tp2'].output
+    assert 'TERowParallelGroupedLinear(num_gemms=4, in_features=64, out_features=64)' in runs['moe_tp2'].output
+    _grouped_experts(runs['moe_tp2_ep2_offload'], local_experts=2)
+    with open(os.path.join(runs['moe_tp2_ep2_offload'].output_dir, 'args.json')) as f:
+        args = json.load(f)
+    assert args['offload_teacher_model'] is True and args['expert_model_parallel_size'] == 2
+    for rows in (split, whole):
+        assert rows[0]['loss'] == pytest.approx(ones[0]['loss'], rel=1e-5), (ones[0], rows[0])
+        assert rows[0]['grad_norm'] == pytest.approx(ones[0]['grad_norm'], rel=1e-5), (ones[0], rows[0])
+    assert _completions(runs['moe_tp2']) == _completions(runs['moe_tp2_ep2_offload'])
+    for step, (a, b) in enumerate(zip(split, whole), 1):
+        assert b['loss'] == pytest.approx(a['loss'], rel=1e-5) and b['grad_norm'] == pytest.approx(
+            a['grad_norm'], rel=1e-5), (step, a, b)
