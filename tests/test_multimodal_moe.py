@@ -8,7 +8,8 @@ The model and its image path run in transformers and peft with Pillow only (the 
 which imports ``torchvision`` at module level; PyPI's torchvision wheels are CUDA builds that cannot load beside the
 CPU build of torch (``RuntimeError: operator torchvision::nms does not exist``), so these runs are skipped, with that
 error as the reason, where torchvision does not load (CI's CPU machines today); they run where it does (GPU machines,
-or a CPU torchvision wheel from the PyTorch index).
+or a CPU torchvision wheel from the PyTorch index). The same ``swift rlhf`` runs on the tiny InternVL3.5-MoE
+(``tests/tiny_internvl_moe.py``), whose ms-swift path needs no torchvision, run everywhere.
 """
 import math
 import os
@@ -17,6 +18,7 @@ import re
 import pytest
 from conftest import Workspace, base_args, run_swift
 
+import tiny_internvl_moe as tivl
 import tiny_multimodal_moe as tmoe
 
 import swift_gkd_plugin
@@ -29,13 +31,25 @@ EXPERT_PARAMETERS = ('mlp.experts.gate_up_proj', 'mlp.experts.down_proj')
 LORA = dict(tuner_type='lora', lora_rank=4, lora_alpha=16, lora_dropout=0, target_parameters=list(EXPERT_PARAMETERS))
 
 
+def _workspace(builder, root) -> Workspace:
+    built = builder.build_workspace(root, n_rows=N_ROWS)
+    ws = Workspace(root, built['model'], built['model'], '', built['train'], built['train'])
+    ws.images, ws.family = built['images'], builder
+    return ws
+
+
 @pytest.fixture(scope='module')
 def moe(tmp_path_factory) -> Workspace:
-    root = str(tmp_path_factory.mktemp('tiny_mm_moe'))
-    built = tmoe.build_workspace(root, n_rows=N_ROWS)
-    ws = Workspace(root, built['model'], built['model'], '', built['train'], built['train'])
-    ws.images = built['images']
-    return ws
+    return _workspace(tmoe, str(tmp_path_factory.mktemp('tiny_mm_moe')))
+
+
+@pytest.fixture(scope='module')
+def internvl_moe(tmp_path_factory) -> Workspace:
+    return _workspace(tivl, str(tmp_path_factory.mktemp('tiny_internvl_moe')))
+
+
+#: the two families of the swift rlhf runs: Qwen3-VL-MoE where torchvision loads, InternVL3.5-MoE everywhere
+FAMILIES = ['moe', 'internvl_moe']
 
 
 # ---------------------------------------------------------------- the model, without ms-swift
@@ -90,16 +104,16 @@ def test_lora_on_the_fused_experts_trains_them(moe):
 
 
 # ---------------------------------------------------------------- swift rlhf
-def _needs_swift_path():
-    why = tmoe.swift_ready()
+def _needs_swift_path(ws):
+    why = tmoe.swift_ready() if ws.family is tmoe else None
     if why is not None:
         pytest.skip(f"ms-swift's qwen3_vl_moe loader and qwen3_vl template import qwen_vl_utils, which does not "
                     f'import here: {why}')
 
 
 def moe_args(ws, output_dir, **overrides):
-    flags = dict(model_type=tmoe.MODEL_TYPE, teacher_model=ws.student, teacher_model_type=tmoe.MODEL_TYPE,
-                 template=tmoe.TEMPLATE, per_device_train_batch_size=2, max_steps=2, seed=7, learning_rate=1e-2,
+    flags = dict(model_type=ws.family.MODEL_TYPE, teacher_model=ws.student, teacher_model_type=ws.family.MODEL_TYPE,
+                 template=ws.family.TEMPLATE, per_device_train_batch_size=2, max_steps=2, seed=7, learning_rate=1e-2,
                  max_length=256, save_strategy='steps', save_steps=2, **LORA)
     return base_args(ws, output_dir, **{**flags, **overrides})
 
@@ -122,25 +136,30 @@ def _assert_self_distilled(run, steps, zero3=False):
     experts = [k for k in keys if '.mlp.experts.' in k]
     # LoRA A and B on both fused expert weights of both decoder layers
     assert len(experts) == 2 * 2 * 2, keys
-    assert not any('visual' in k for k in keys), keys  # the vision tower stays frozen
+    assert not any('visual' in k or 'vision_tower' in k for k in keys), keys  # the vision tower stays frozen
 
 
+@pytest.mark.parametrize('family', FAMILIES)
 @pytest.mark.parametrize('mode', ['off_policy', 'on_policy'])
-def test_shared_base_lora_self_distillation_of_a_vision_moe(moe, tmp_path, mode):
+def test_shared_base_lora_self_distillation_of_a_vision_moe(request, family, tmp_path, mode):
     """``--teacher_model`` = ``--model`` with ``--tuner_type lora``: the teacher is the base with the adapter off,
     reading each row's privileged teacher_prompt (the answer as a hint) with its image; a fresh LoRA (B = 0) would
     give the student the teacher's own outputs without that prompt, so a non-zero loss shows the teacher read it.
-    Off-policy (dataset responses) and on-policy (the student samples with transformers' generate)."""
-    _needs_swift_path()
+    Off-policy (dataset responses) and on-policy (the student samples with transformers' generate). Qwen3-VL-MoE
+    where torchvision loads; InternVL3.5-MoE (HF layout) on every machine."""
+    moe = request.getfixturevalue(family)
+    _needs_swift_path(moe)
     extra = {'lmbda': 0} if mode == 'off_policy' else {'lmbda': 1, 'use_vllm': 'false', 'max_completion_length': 4}
     run = run_swift(moe_args(moe, str(tmp_path / 'out'), **extra), timeout=300)
     _assert_self_distilled(run, steps=2)
     assert [m['mode'] for m in run.modes()] == [mode] * 2
 
 
-def test_shared_base_lora_self_distillation_of_a_vision_moe_under_zero3(moe, tmp_path):
+@pytest.mark.parametrize('family', FAMILIES)
+def test_shared_base_lora_self_distillation_of_a_vision_moe_under_zero3(request, family, tmp_path):
     """The recipe's set-up: the same under DeepSpeed ZeRO-3 on 2 processes (CPU), off-policy."""
-    _needs_swift_path()
+    moe = request.getfixturevalue(family)
+    _needs_swift_path(moe)
     pytest.importorskip('deepspeed')
     run = run_swift(moe_args(moe, str(tmp_path / 'out'), lmbda=0, deepspeed='zero3', fp16='false', use_cpu='true',
                              per_device_train_batch_size=1), nproc=2, timeout=300)
