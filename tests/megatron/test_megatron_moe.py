@@ -8,7 +8,7 @@ parallel 2) and 2 with the same flags (an off-policy step, then two on-policy st
 resumed from its step-2 checkpoint, the same pair with a seq_kd step (the MoE teacher samples), TP 2 with each expert
 split over TP (expert TP 2) and with whole experts over EP 2 (the teacher offloaded), PP 2, CP 2 x EP 2, and LoRA on all linears at EP 2
 with the student's base as teacher. The pair ends its turn early at varied lengths (:func:`plant_stop`). One run of its
-own: the copy guard on a LoRA MoE student."""
+own (one rank): the copy guard on a LoRA MoE student."""
 import dataclasses
 import json
 import math
@@ -348,14 +348,15 @@ def test_pipeline_and_context_parallel_moe_equal_tensor_parallel(runs, name):
 
 
 def test_a_copy_of_a_lora_moe_student_as_teacher_stops_before_the_first_step(moe_ws, tmp_path):
-    """The copy guard on a MoE pair: LoRA on all linears at EP 2 (adapters on the grouped experts, each rank holding
-    half of them) with a copy of the student's folder as teacher and no privileged rows: the bases are compared (the
-    experts' shards included) and the run stops before its first step, naming the teacher."""
+    """The copy guard on a MoE pair: LoRA on all linears (adapters on the grouped experts) with a copy of the
+    student's folder as teacher and no privileged rows: the bases are compared, the experts' included (the comparison
+    needs the same names), and the run stops before its first step, naming the teacher. One rank (forked from the
+    Megatron zygote): the verdict's all-reduce over the ranks' shards is the dense test's."""
     teacher = str(tmp_path / 'copy_of_the_student')
     shutil.copytree(moe_ws.student, teacher)
     run = run_megatron(megatron_args(moe_ws, str(tmp_path / 'out'), **_moe_flags(
-        moe_ws, expert_model_parallel_size=2, teacher_model=teacher, tuner_type='lora', target_modules='all-linear',
-        lmbda=0, log_completions=None)), nproc=2, check=False)
+        moe_ws, teacher_model=teacher, tuner_type='lora', target_modules='all-linear', lmbda=0, log_completions=None,
+        micro_batch_size=2, global_batch_size=2)), check=False, launcher=False)
     assert run.returncode != 0 and ACTIVE in run.output, run.output[-3000:]
     assert f"--teacher_model {teacher} has the student's weights exactly (a copy of --model)" in run.output
     assert train_rows(run) == []
