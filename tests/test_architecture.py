@@ -163,7 +163,7 @@ STAGES = {  # stage -> the stages it may import (its own modules aside)
     'megatron.rollout': set(),
 }
 BELOW_THE_ADAPTERS = ['core', 'server', 'testing', 'flags', 'flag_checks', 'local_paths', 'process_exit', 'ms_swift_state',
-                      'colocated_vllm', 'dataset_files']
+                      'colocated_vllm', 'dataset_files', 'ms_swift_flag_table', '_ms_swift_flags']
 MOST_MODULES_IN_A_FOLDER = 12
 
 

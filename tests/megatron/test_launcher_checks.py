@@ -111,6 +111,8 @@ def assert_passed_the_checks(output):
     (('--gkd_divergence_coef', '0.5'), '--gkd_divergence_coef 0.5 is supported by swift rlhf only yet'),
     (('--use_ray', 'true'), "--use_ray true is not supported with the plugin: it runs ms-swift's own Ray GKD trainer"),
     (('--use_ray', ), "--use_ray true is not supported with the plugin"),
+    # issue 74 item 10a: refused in every rank (a remaining_argv traceback once the arguments were built)
+    (('--gkd_lmbda', '0.5'), 'unrecognized arguments: --gkd_lmbda 0.5 (--gkd_lmbda: did you mean --lmbda?)'),
 ])
 def test_bad_gkd_flags_are_refused_before_any_rank_starts(flags, needle):
     code, output = megatron_rlhf(*GKD, *flags)

@@ -20,6 +20,7 @@ from types import SimpleNamespace
 from dataclasses import dataclass, field, fields
 from typing import List, Optional, Sequence
 
+from swift_gkd_plugin import ms_swift_flag_table
 from swift_gkd_plugin.colocated_vllm import check_vllm_cpu_head_dim
 from swift_gkd_plugin.flags import (GKD_LOSS_IMPLS, LOCAL_TEACHER_URL, SCALAR_FLAGS, SKD_PLACEMENTS, FlagError,
                                     GKDPluginArgumentsMixin, check_gkd_scalars, check_no_multi_turn,
@@ -263,6 +264,10 @@ def check_megatron_command_line(argv: Sequence[str]) -> None:
         if given:
             raise FlagError(f'{given} only apply to --rlhf_type gkd (got --rlhf_type {ns.rlhf_type})')
         return
+    if not (argv and str(argv[0]).endswith(CONFIG_FILE_SUFFIXES)):  # flags neither ms-swift nor the plugin declares
+        unknown = ms_swift_flag_table.unknown_flags('megatron rlhf', argv, MegatronGKDFlagsMixin)
+        if unknown is not None:  # (None: the table cannot tell; the ranks' parser refuses them then)
+            raise FlagError(unknown)
     num_generations = [] if ns.num_generations in (None, 1) else ['--num_generations']
     refuse_rl_flags(rl_flags_set(ns) + num_generations)
     check_not_ray(ns)

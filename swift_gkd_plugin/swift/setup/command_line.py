@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import difflib
 import json
 import os
 import re
@@ -15,6 +14,7 @@ import sys
 from types import SimpleNamespace
 from typing import List, NoReturn, Optional
 
+from swift_gkd_plugin import ms_swift_flag_table
 from swift_gkd_plugin.flags import FlagError
 from swift_gkd_plugin.process_exit import record_refusal
 
@@ -47,18 +47,7 @@ def _parser(args_class):
 
 def unknown_flags_message(parser, remaining: List[str]) -> str:
     """``remaining`` (what the parser did not recognise) with the closest known flag of each unknown one."""
-    known = [s for action in parser._actions for s in action.option_strings
-             if s.startswith('--') and '-' not in s[2:]]  # not transformers' --dashed-aliases
-    hints = []
-    for token in remaining:
-        if not token.startswith('--'):
-            continue
-        name = token.split('=', 1)[0]
-        close = difflib.get_close_matches(name, known, n=1)
-        if close:
-            hints.append(f'{name}: did you mean {close[0]}?')
-    hint = f' ({"; ".join(hints)})' if hints else ' (`swift rlhf --help` lists the flags)'
-    return f'unrecognized arguments: {" ".join(remaining)}{hint}'
+    return ms_swift_flag_table.unknown_flags_message(parser, remaining, PROG)
 
 
 def check_unknown_flags(args_class, argv: Optional[List[str]]) -> argparse.Namespace:
@@ -177,13 +166,17 @@ def _check_declared_value(name: str, rule, raw: str) -> None:
 def check_launcher_early(argv: List[str]) -> None:
     """The checks that need no ms-swift import, in ``swift``'s launcher before it starts the route's process (or
     torchrun's ranks), which import ms-swift's pipeline first: a refusal in ~2 s instead of ~10 (the launcher has
-    imported torch, not ms-swift's arguments). The declared range or choices of each flag given that the process
-    checks unconditionally (:data:`~swift_gkd_plugin.flags.SCALAR_FLAGS`), and the local paths
-    (:mod:`swift_gkd_plugin.swift.setup.paths`: models, adapters, datasets, plugins, the checkpoint, the output
-    folder). Every check runs in the process again, after the arguments are resolved; unknown flags need ms-swift's
-    arguments, so they are refused there (or in the torchrun launcher, :func:`check_launcher_command_line`)."""
-    from swift_gkd_plugin.flags import SCALAR_FLAGS, declared_ranges
+    imported torch, not ms-swift's arguments). Flags that neither ms-swift nor the plugin declares, the declared
+    range or choices of each flag given that the process checks unconditionally
+    (:data:`~swift_gkd_plugin.flags.SCALAR_FLAGS`), and the local paths (:mod:`swift_gkd_plugin.swift.setup.paths`:
+    models, adapters, datasets, plugins, the checkpoint, the output folder). Unknown flags first, from the table of ms-swift's flags (:mod:`swift_gkd_plugin.ms_swift_flag_table`;
+    under another ms-swift version than the table's they are refused in the process, as before: 8-17 s). Every check
+    runs in the process again, after the arguments are resolved."""
+    from swift_gkd_plugin.flags import SCALAR_FLAGS, GKDPluginArgumentsMixin, declared_ranges
     from swift_gkd_plugin.swift.setup.paths import check_early_paths
+    unknown = ms_swift_flag_table.unknown_flags(PROG, argv, GKDPluginArgumentsMixin)
+    if unknown is not None:
+        refuse(PROG, unknown)
     given, declared = given_values(argv), declared_ranges()
     paths = SimpleNamespace(**{name: list(given.get(name, ())) if isinstance(default, list) else
                                (given[name][0] if len(given.get(name, ())) == 1 else default)
