@@ -100,11 +100,76 @@ def dataset_path(entry: str) -> str:
     return path.strip()
 
 
+def dataset_sample_problem(flag: str, entry: str) -> Optional[str]:
+    """Why the ``#N`` of a ``flag`` entry (``path#N``: N rows drawn from it) cannot be ms-swift's row count: what
+    follows the last ``#`` of an entry that is not itself a path must be a whole number of at least 1 (ms-swift's
+    ``DatasetSyntax.parse`` raised a bare ValueError on ``#abc``; ``#0`` and ``#-1`` loaded both models, then failed
+    a bare ``assert dataset_sample > 0``). None for an entry without one, or a good one."""
+    if os.path.exists(entry):
+        return None
+    _, sep, tail = entry.partition('::')
+    path = tail if sep else entry
+    if os.path.exists(path) or '#' not in path:
+        return None
+    count = path.rsplit('#', 1)[1]
+    try:
+        rows = int(count)  # ms-swift's own reading of it
+    except ValueError:
+        rows = None
+    if rows is not None and rows >= 1:
+        return None
+    base = entry.rsplit('#', 1)[0]
+    return (f'{flag} {entry}: the row count after \'#\' must be a whole number >= 1, got {count!r}; allowed: '
+            f'{base}#N (N >= 1 rows drawn from it), or {base} (all its rows)')
+
+
+#: the endings of the files the ``datasets`` library loads from a folder (``datasets.packaged_modules``'
+#: ``_EXTENSION_TO_MODULE``, lower-cased; tests/test_hardening_dataset_paths.py compares them): ms-swift loads a
+#: ``--dataset`` folder with ``datasets.load_dataset(folder)``, which finds no data in a folder without one of them
+DATA_FILE_SUFFIXES = frozenset((
+    '.arrow', '.csv', '.eval', '.geoparquet', '.gpq', '.h5', '.hdf5', '.json', '.jsonl', '.lance', '.ndjson',
+    '.parquet', '.pdf', '.tar', '.tsv', '.txt', '.xml',
+    # images (imagefolder)
+    '.apng', '.blp', '.bmp', '.bufr', '.bw', '.cur', '.dcx', '.dds', '.dib', '.emf', '.eps', '.fit', '.fits', '.flc',
+    '.fli', '.ftc', '.ftu', '.gbr', '.gif', '.grib', '.icb', '.icns', '.ico', '.iim', '.im', '.j2c', '.j2k', '.jfif',
+    '.jp2', '.jpc', '.jpe', '.jpeg', '.jpf', '.jpg', '.jpx', '.msp', '.pbm', '.pcd', '.pcx', '.pgm', '.png', '.pnm',
+    '.ppm', '.ps', '.psd', '.pxr', '.ras', '.rgb', '.rgba', '.sgi', '.tga', '.tif', '.tiff', '.vda', '.webp', '.wmf',
+    '.xbm', '.xpm',
+    # audio and video (audiofolder, videofolder), NIfTI
+    '.3g2', '.3gp', '.aiff', '.asf', '.au', '.avi', '.avr', '.caf', '.f4v', '.flac', '.flv', '.htk', '.ircam',
+    '.m4v', '.mat4', '.mat5', '.mkv', '.mov', '.mp3', '.mp4', '.mpc2k', '.mpeg', '.mpg', '.mxf', '.nii', '.nist',
+    '.nut', '.ogg', '.ogm', '.opus', '.paf', '.pvf', '.raw', '.rf64', '.sd2', '.sds', '.svx', '.voc', '.vst', '.w64',
+    '.wav', '.wavex', '.webm', '.wma', '.wmv', '.wve', '.xi'))
+#: a compressed data file (``train.jsonl.gz``) or an archive of them: left to ``datasets``
+ARCHIVE_SUFFIXES = ('.gz', '.bz2', '.xz', '.zst', '.lz4', '.zip', '.7z')
+
+
+def _holds_a_data_file(folder: str) -> bool:
+    """Whether a file under ``folder`` (at any depth) ends as a data file (:data:`DATA_FILE_SUFFIXES`, or a compressed
+    one); stops at the first."""
+    for _, _, names in os.walk(folder):
+        for name in names:
+            suffixes = [s.lower() for s in name.split('.')[1:]]
+            if any(f'.{s}' in DATA_FILE_SUFFIXES or f'.{s}' in ARCHIVE_SUFFIXES for s in suffixes):
+                return True
+    return False
+
+
 def dataset_path_problem(flag: str, entry: str) -> Optional[str]:
-    """Why the ``flag`` entry (``--dataset``, ``--val_dataset``) cannot be read: a local-looking path (see
-    :func:`looks_local`) that does not exist, which ms-swift would take for a hub id after loading both models; None
-    for an existing path or a hub id."""
+    """Why the ``flag`` entry (``--dataset``, ``--val_dataset``) cannot be read: a bad ``#N`` row count
+    (:func:`dataset_sample_problem`); a local-looking path (see :func:`looks_local`) that does not exist, which
+    ms-swift would take for a hub id after loading both models; a folder without a data file (``datasets`` raised
+    ``EmptyDatasetError`` after both models loaded). None for a readable path or a hub id."""
+    problem = dataset_sample_problem(flag, entry)
+    if problem:
+        return problem
     path = dataset_path(entry)
+    if os.path.isdir(path) and not _holds_a_data_file(path):
+        names = sorted(os.listdir(path))
+        held = ', '.join(names[:6]) + (', ...' if len(names) > 6 else '') if names else 'nothing'
+        return (f'{flag} {entry}: the folder {path!r} holds no data file (it holds {held}); allowed: a data file '
+                '(.jsonl, .json, .csv, .parquet, .arrow), or a folder holding such files, which ms-swift loads as one '
+                'dataset')
     if os.path.exists(path) or not looks_local(path):
         return None
     where = '' if os.path.isabs(path) else f' (relative to {os.getcwd()})'

@@ -19,8 +19,8 @@ import tempfile
 from typing import List, Optional
 
 from swift_gkd_plugin.flags import FlagError
-from swift_gkd_plugin.local_paths import (adapter_path_problem, dataset_path_problem, looks_local, near_names,
-                                          not_a_model_folder)
+from swift_gkd_plugin.local_paths import (adapter_path_problem, dataset_path, dataset_path_problem, looks_local,
+                                          near_names, not_a_model_folder)
 
 
 def check_model_given(args) -> None:
@@ -101,9 +101,44 @@ def check_resume_folder(args) -> None:
             raise FlagError(f'--resume_from_checkpoint {path} is a run\'s folder, not one of its checkpoints: resume '
                             f'from its newest complete checkpoint, --resume_from_checkpoint {newest}')
         return
+    if os.path.islink(folder) and not os.path.exists(folder):  # its own name is the near name of a dangling link
+        raise FlagError(f'--resume_from_checkpoint {path}: {folder!r} is a symbolic link to '
+                        f'{os.readlink(folder)!r}, which does not exist; allowed: a checkpoint folder (checkpoint-N, '
+                        f'with {TRAINER_STATE}): point the link at one, or pass the checkpoint itself. '
+                        f'{newest_hint(os.path.dirname(os.path.abspath(folder)))}.')
     what = 'is a file, not a checkpoint folder' if os.path.exists(path) else 'no such checkpoint folder'
     raise FlagError(f'--resume_from_checkpoint {path}: {what}{near_names(path)}; '
                     f'{newest_hint(os.path.dirname(os.path.abspath(path)))}.')
+
+
+def output_dir_used(value: Optional[str]):
+    """``(how to name it, the folder)`` of ``--output_dir`` as ms-swift resolves it (``sft_args.py``): not given,
+    ``output/<model>`` (here its first folder, ``output``); given, the absolute path of the value, so ``''`` is the
+    current folder."""
+    if value is None:
+        return '--output_dir (not given: ms-swift\'s output/<model>)', os.path.abspath('output')
+    folder = os.path.abspath(os.path.expanduser(value))
+    name = f'--output_dir {value}' if value else f"--output_dir '' (ms-swift's: the current folder, {folder!r})"
+    return name, folder
+
+
+def check_output_dir_outside_datasets(args) -> None:
+    """``--output_dir`` is not a ``--dataset`` / ``--val_dataset`` folder nor inside one: ms-swift loads a folder with
+    every data file in it, and the run writes ``args.json``, ``logging.jsonl`` and its checkpoints' JSON files there,
+    so the next run on that folder trained on the first one's logs."""
+    flag, output = output_dir_used(args.output_dir)
+    output = os.path.realpath(output)
+    for data_flag, entries in (('--dataset', args.dataset), ('--val_dataset', args.val_dataset)):
+        for entry in [entries] if isinstance(entries, str) else entries or []:
+            path = dataset_path(entry)
+            if not os.path.isdir(path):
+                continue
+            folder = os.path.realpath(path)
+            if output == folder or output.startswith(folder.rstrip(os.sep) + os.sep):
+                raise FlagError(f'{flag}: the run\'s folder {output!r} is inside the {data_flag} folder {path!r}, '
+                                'which ms-swift reads whole: the run writes args.json, logging.jsonl and checkpoints '
+                                'there, and the next run on that folder would train on them as rows; allowed: an '
+                                f'--output_dir outside {folder!r}')
 
 
 def check_output_dir(args) -> None:
@@ -112,9 +147,7 @@ def check_output_dir(args) -> None:
     this process can create files: ms-swift's ``os.makedirs`` raised a traceback for a file there, or below one, or on
     a read-only file system. Write access is tried (a probe file made and removed in the nearest existing folder):
     ``os.access`` says yes to root where creating fails (sysfs, root-squashed network mounts)."""
-    value = args.output_dir
-    flag = f'--output_dir {value}' if value else '--output_dir (not given: ms-swift\'s output/<model>)'
-    existing = os.path.abspath(os.path.expanduser(value or 'output'))
+    flag, existing = output_dir_used(args.output_dir)
     while not os.path.exists(existing):
         if os.path.islink(existing):  # ms-swift's os.makedirs fails on it with a traceback
             raise FlagError(f'{flag}: {existing!r} is a symbolic link to {os.readlink(existing)!r}, which does not '
@@ -140,6 +173,7 @@ def check_early_paths(args) -> None:
     check_external_plugins(args)
     check_resume_folder(args)
     check_output_dir(args)
+    check_output_dir_outside_datasets(args)
 
 
 def check_command_line_paths(args) -> None:
