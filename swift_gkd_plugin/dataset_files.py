@@ -78,6 +78,28 @@ def check_teacher_given(args, teacher_flags: Tuple[str, ...], ways_out: str) -> 
                         'teacher_prompt column, or set --sft_alpha > 0')
 
 
+def check_fresh_adapter_teacher(args, shared_base: bool, starts: Tuple[str, ...]) -> None:
+    """A LoRA student whose teacher is its own base (``shared_base``: ``--teacher_model`` = ``--model`` with
+    ``--tuner_type lora``, the teacher being the student with its adapter off) and whose adapter is fresh (none of
+    ``starts``, the flags that load a trained one: ``--adapters``, ``--resume_from_checkpoint``): a fresh adapter adds
+    nothing (its B matrices are 0), so the student is its teacher and every divergence and its gradient are exactly 0
+    from step 1. Refused where no row gives the teacher a view of its own (:func:`no_privileged_view`) and no other
+    term learns (``--sft_alpha``, ``--gkd_rl_coef``); other datasets are left to the trainers' run guards."""
+    if not shared_base or any(getattr(args, flag, None) for flag in starts):
+        return
+    if (args.sft_alpha or 0) > 0 or (getattr(args, 'gkd_rl_coef', 0) or 0) > 0:
+        return
+    if no_privileged_view(args.dataset, args.use_hf, args.columns):
+        ways = ' or '.join(f'--{flag}' for flag in starts)
+        raise FlagError(f'--teacher_model {args.model} is --model with --tuner_type lora: the teacher is the '
+                        'student\'s base with its LoRA adapter off, and a fresh adapter adds nothing (its B '
+                        'matrices start at 0), so the student is its teacher; no row of --dataset has a '
+                        'teacher_prompt or teacher_messages column to give the teacher a view of its own, so the '
+                        'loss and its gradient would be exactly 0 from step 1 and the run would learn nothing. Start '
+                        f'from a trained adapter ({ways}), add a teacher_prompt column, set --sft_alpha > 0, or pass '
+                        'another --teacher_model')
+
+
 class Where(NamedTuple):
     """Where a row is in its file: ``line`` (jsonl, csv: the line it starts on) or ``index`` (a JSON array, from 0)."""
     kind: str

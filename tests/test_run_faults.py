@@ -155,12 +155,36 @@ def _one_error_line(run, needles, code=1):
         assert needle in errors[0], f'{needle!r} missing from:\n{errors[0]}'
 
 
-def test_a_run_that_learns_nothing_stops_instead_of_exiting_0(tiny_ws, tmp_path):
-    """A shared base with a fresh LoRA adapter (zero B): student = teacher exactly, so every loss and gradient is 0.
-    The pre-load check lets a shared base through (a real adapter makes it learn); the trainer stops the run after
-    three steps, naming the cause in one line, instead of exiting 0 having learnt nothing."""
+def _as_folder(path: str, folder) -> str:
+    """A dataset folder (``folder``, made) holding ``path``: ms-swift reads it whole, the checks before loading do
+    not (a run guard then decides what only the run can know)."""
+    import shutil
+    folder.mkdir()
+    shutil.copy(path, folder / os.path.basename(path))
+    return str(folder)
+
+
+def test_a_fresh_lora_on_its_own_base_without_a_teacher_view_is_refused_before_loading(tiny_ws, tmp_path):
+    """Issue 74 item 5: --teacher_model = --model with --tuner_type lora, no --adapters, no --resume_from_checkpoint,
+    rows without a teacher_prompt: the fresh adapter adds nothing, the student is its teacher, loss 0 from step 1.
+    Both models loaded and three steps ran before the run guard stopped it; now one line before loading."""
+    from test_activation_and_bad_input import assert_refused_in_one_line
     run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), tuner_type='lora', teacher_model=tiny_ws.student,
                               lmbda=0, max_steps=6), check=False, timeout=300)
+    assert_refused_in_one_line(run, [f'--teacher_model {tiny_ws.student} is --model with --tuner_type lora',
+                                     'a fresh adapter adds nothing', 'exactly 0 from step 1',
+                                     'Start from a trained adapter (--adapters or --resume_from_checkpoint), add a '
+                                     'teacher_prompt column'])
+    assert not run.logs
+
+
+def test_a_run_that_learns_nothing_stops_instead_of_exiting_0(tiny_ws, tmp_path):
+    """A shared base with a fresh LoRA adapter (zero B): student = teacher exactly, so every loss and gradient is 0.
+    Where the rows cannot be read before loading (a dataset folder) the pre-load check lets it through; the trainer
+    stops the run after three steps, naming the cause in one line, instead of exiting 0 having learnt nothing."""
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), tuner_type='lora', teacher_model=tiny_ws.student,
+                              lmbda=0, max_steps=6, dataset=_as_folder(tiny_ws.train, tmp_path / 'data')), check=False,
+                    timeout=300)
     _one_error_line(run, ['the run stops after 3 step(s) with loss 0 exactly', 'the student\'s base with its LoRA '
                           'adapter off, and the adapter is still zero'])
     assert len(run.logs) == 2 and all(log['loss'] == 0 and log['grad_norm'] == 0 for log in run.logs)  # (3rd: stopped)
@@ -170,10 +194,12 @@ def test_a_run_that_learns_nothing_stops_instead_of_exiting_0(tiny_ws, tmp_path)
 def test_the_zero_loss_guard_sees_every_step(tiny_ws, tmp_path, name):
     """Issue 45: the guard read the logged steps only, so a 6-step run logging every 5 steps, or a 2-step epoch,
     ended with exit code 0 at loss 0; a teacher that is a copy of the student (loss 0 on the first step, then
-    weight decay's drift only) was never caught."""
-    flags = {'logging_steps': dict(tuner_type='lora', teacher_model=tiny_ws.student, logging_steps=5, max_steps=6),
-             'one_epoch': dict(tuner_type='lora', teacher_model=tiny_ws.student, dataset=tiny_ws.fixed,
-                               max_steps=None, num_train_epochs=1),
+    weight decay's drift only) was never caught. (The shared-base runs read a dataset folder, which the pre-load
+    refusal of a fresh adapter on its own base cannot read.)"""
+    flags = {'logging_steps': dict(tuner_type='lora', teacher_model=tiny_ws.student, logging_steps=5, max_steps=6,
+                                   dataset=_as_folder(tiny_ws.train, tmp_path / 'train')),
+             'one_epoch': dict(tuner_type='lora', teacher_model=tiny_ws.student, max_steps=None, num_train_epochs=1,
+                               dataset=_as_folder(tiny_ws.fixed, tmp_path / 'fixed')),
              'copy': dict(teacher_model=tiny_ws.student, logging_steps=5, max_steps=6)}[name]
     run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), lmbda=0, **flags), check=False, timeout=300)
     needles = {'logging_steps': ['the run stops after 3 step(s) with loss 0 exactly'],

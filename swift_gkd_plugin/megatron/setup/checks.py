@@ -214,6 +214,9 @@ def _command_line_parser() -> argparse.ArgumentParser:
     p.add_argument('--teacher_model_server', default=None)
     p.add_argument('--offload_teacher_model', type=_bool, default=False)
     p.add_argument('--teacher_adapters', nargs='*', default=[])
+    p.add_argument('--tuner_type', default='full')
+    p.add_argument('--adapters', nargs='*', default=[])
+    p.add_argument('--mcore_adapter', default=None)
     p.add_argument('--tensor_model_parallel_size', type=int, default=1)
     p.add_argument('--context_parallel_size', type=int, default=1)
     p.add_argument('--pipeline_model_parallel_size', type=int, default=1)
@@ -287,10 +290,15 @@ def check_megatron_command_line(argv: Sequence[str]) -> None:
         check_training_set(ns)
         check_context_parallel_views(ns)
         check_rows_have_prompts(ns)
-        from swift_gkd_plugin.dataset_files import check_teacher_given  # ms-swift's dataset syntax: imported here
-        check_teacher_given(SimpleNamespace(**{**vars(ns), 'columns': _json_or_none(ns.columns)}),
-                            ('teacher_model', 'teacher_model_server'),
-                            '--teacher_model (with a LoRA student, --teacher_model equal to --model distils from its base)')
+        # ms-swift's dataset syntax: imported here
+        from swift_gkd_plugin.dataset_files import check_fresh_adapter_teacher, check_teacher_given
+        view = SimpleNamespace(**{**vars(ns), 'columns': _json_or_none(ns.columns)})
+        check_teacher_given(view, ('teacher_model', 'teacher_model_server'),
+                            '--teacher_model (another model; --model itself only for a LoRA student that starts '
+                            'from a trained adapter, --adapters or --mcore_adapter)')
+        # ms-swift's shared base (megatron_args.py, _check_teacher): the teacher is the student with its adapter off
+        check_fresh_adapter_teacher(view, ns.teacher_model is not None and ns.teacher_model == ns.model
+                                    and ns.tuner_type == 'lora', ('adapters', 'mcore_adapter'))
     check_megatron_installed()
 
 

@@ -30,7 +30,8 @@ from swift.utils import get_logger
 from transformers import TrainerCallback
 
 from swift_gkd_plugin.flags import FlagError
-from swift_gkd_plugin.dataset_files import Where, check_teacher_given, dataset_rows, local_dataset_files
+from swift_gkd_plugin.dataset_files import (Where, check_fresh_adapter_teacher, check_teacher_given, dataset_rows,
+                                            local_dataset_files)
 from swift_gkd_plugin.dataset_rows import (empty_prompt, has_prompt, has_response, mapped_row, media_problem,
                                            media_refs, misspelt_columns, privileged_problem, prompt_missing,
                                            response_problem, row_problem)
@@ -239,12 +240,16 @@ def _shown_rows(rows: List[str]) -> str:
 
 
 def check_self_teacher_has_something_to_add(args) -> None:
-    """A student-itself teacher with nothing to add (:func:`~swift_gkd_plugin.dataset_files.check_teacher_given`);
-    a shared-base LoRA set-up is a teacher too."""
-    if not getattr(args, '_teacher_use_disable_adapter', False):
-        check_teacher_given(args, ('teacher_model', 'teacher_model_server', 'teacher_adapters'),
-                            '--teacher_model (or a LoRA student with --teacher_model equal to --model, or '
-                            '--teacher_adapters)')
+    """A student-itself teacher with nothing to add (:func:`~swift_gkd_plugin.dataset_files.check_teacher_given`),
+    and a shared-base LoRA student (ms-swift's ``_teacher_use_disable_adapter``) whose fresh adapter makes it its
+    own teacher (:func:`~swift_gkd_plugin.dataset_files.check_fresh_adapter_teacher`)."""
+    if getattr(args, '_teacher_use_disable_adapter', False):
+        check_fresh_adapter_teacher(args, args.teacher_model_server is None,
+                                    ('adapters', 'resume_from_checkpoint'))
+        return
+    check_teacher_given(args, ('teacher_model', 'teacher_model_server', 'teacher_adapters'),
+                        '--teacher_model (another model; --model itself only for a LoRA student that starts from a '
+                        'trained adapter, --adapters), or --teacher_adapters')
 
 
 def _bad_rows(args, flag: str, path: str, bad: List[Tuple[Where, str]]) -> List[str]:
