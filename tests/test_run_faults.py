@@ -21,18 +21,39 @@ def test_a_dataset_smaller_than_one_batch_is_refused_before_any_model_loads(tiny
     data = _first_rows(tiny_ws, tmp_path / 'one.jsonl', 1)
     run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), dataset=data, lmbda=0), check=False)
     assert run.returncode != 0
-    assert (f'--dataset: 1 row(s) in {data}, fewer than one batch (--per_device_train_batch_size 2)'
-            in run.output), run.output[-3000:]
+    assert (f'--dataset: 1 row(s) in {data}, fewer than one generation batch of 2 row(s) '
+            '(--per_device_train_batch_size 2 x 1 step(s) per generation (--gradient_accumulation_steps 1) x 1 '
+            'process(es))' in run.output), run.output[-3000:]
+    assert 'Pass --per_device_train_batch_size 1 --gradient_accumulation_steps 1' in run.output
     assert 'Loading weights' not in run.output and not run.logs
 
 
+GENERATION_BATCH = ("fewer than one generation batch of 16 row(s) (--per_device_train_batch_size 2 x 8 step(s) per "
+                    "generation (--gradient_accumulation_steps 8; ms-swift's default when not given: 16 / (2 x 1 "
+                    "process(es)), rounded up) x 1 process(es))")
+
+
+def test_a_dataset_smaller_than_one_generation_batch_names_it_before_loading(tiny_ws, tmp_path):
+    """Issue 74 item 7: 4 rows at --per_device_train_batch_size 2 without --gradient_accumulation_steps (ms-swift's
+    default: 8 on one process) passed the check against one per-device batch, loaded both models, and was refused
+    naming that batch. GKD reads a generation batch of 2 x 8 x 1 = 16 rows: named, with the change that trains."""
+    from test_activation_and_bad_input import assert_refused_in_one_line
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), dataset=tiny_ws.fixed, gradient_accumulation_steps=None),
+                    check=False, timeout=300)
+    assert_refused_in_one_line(run, [f'--dataset: 4 row(s) in {tiny_ws.fixed}, {GENERATION_BATCH}',
+                                     'Pass --gradient_accumulation_steps 2 (a generation batch of 4 row(s)), or add '
+                                     'rows'])
+
+
 def test_a_training_set_sampled_smaller_than_one_batch_is_refused_when_training_starts(tiny_ws, tmp_path):
-    """``path#1`` samples one row of a 64-row file: known only once ms-swift has loaded the dataset, and refused when
-    training starts, naming the numbers."""
-    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), dataset=f'{tiny_ws.train}#1', lmbda=0), check=False)
+    """``path#4`` samples 4 rows of a 64-row file: known only once ms-swift has loaded the dataset, and refused when
+    training starts, naming the generation batch (issue 74 item 7: it named the per-device batch) and the change."""
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), dataset=f'{tiny_ws.train}#4', lmbda=0,
+                              gradient_accumulation_steps=None), check=False)
     assert run.returncode != 0
-    assert ('the training set has 1 row(s) after preprocessing, fewer than one batch (--per_device_train_batch_size '
-            '2 on each of 1 process(es))') in run.output, run.output[-3000:]
+    assert (f'the training set has 4 row(s) after preprocessing (--max_steps 3), {GENERATION_BATCH}'
+            in run.output), run.output[-3000:]
+    assert 'Pass --gradient_accumulation_steps 2 (a generation batch of 4 row(s)), or add rows' in run.output
     assert not run.logs
 
 

@@ -23,7 +23,9 @@ a text-only model. URLs and inline (base64) media are left to ms-swift: they are
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Tuple
+import math
+import os
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from swift.dataset.dataset_syntax import DatasetSyntax
 from swift.utils import get_logger
@@ -268,10 +270,11 @@ def check_one_batch(args, rows: int, dropped: List[str] = (), skipped: List[str]
     """Training sets of local jsonl, json, csv, parquet and arrow files only: with no row that can be encoded
     (``dropped``: rows with neither a user message nor a response; ``skipped``: rows left out by ``--gkd_drop_bad_rows true``; or, on dataset
     steps, none but ``partial`` rows), ms-swift would load both models and then fail to resample ("Increase
-    max_length"). Read whole (no ``#N`` sampling), fewer rows than one device's batch can never fill a batch, and GKD
-    drops incomplete ones. Preprocessing only removes rows, so these refusals are certain; the other cases (several
-    processes, ``--num_generations``, rows dropped while encoding, hub datasets) are refused when training starts
-    (:class:`RefuseEmptyEpochs`)."""
+    max_length"). Read whole (no ``#N`` sampling), fewer rows than one generation batch (:class:`GenerationBatch`: the
+    per-device batch x the steps per generation, ms-swift's gradient accumulation by default, x the processes) can
+    never fill one, and GKD drops incomplete ones. Preprocessing only removes rows, so these refusals are certain; the
+    other cases (``#N`` sampling, sequence-parallel groups, rows dropped while encoding, hub datasets) are refused when
+    training starts (:class:`RefuseEmptyEpochs`)."""
     entries = args.dataset or []
     local_files = len(local_dataset_files(entries, args.use_hf)) == len(entries)
     if not entries or not local_files or args.streaming:
@@ -292,13 +295,80 @@ def check_one_batch(args, rows: int, dropped: List[str] = (), skipped: List[str]
                         'be sampled or distilled for them. Give each row a user message (the prompt), or an assistant '
                         'response too')
     whole = all(DatasetSyntax.parse(entry).dataset_sample is None for entry in entries)
-    batch = args.per_device_train_batch_size
-    if not whole or args.num_generations != 1 or rows >= batch:
+    world = int(os.environ.get('WORLD_SIZE') or 1)
+    if not whole or (getattr(args, 'sequence_parallel_size', 1) or 1) > 1:
+        return  # sampled (#N) or read by sequence-parallel groups: refused when training starts
+    per_device = args.per_device_train_batch_size
+    if args.steps_per_generation:
+        spg, flag = args.steps_per_generation, '--steps_per_generation'
+    elif args.generation_batch_size:
+        spg, flag = max(1, args.generation_batch_size // (per_device * world)), '--generation_batch_size'
+    else:  # not given: ms-swift's default, set after this check (trainers/arguments.py)
+        spg = args.gradient_accumulation_steps or max(1, math.ceil(16 / per_device / world))
+        flag = '--gradient_accumulation_steps'
+    batch = GenerationBatch(per_device, spg, flag, world, 'process(es)', args.num_generations or 1, world)
+    if rows >= batch.rows:
         return
     unusable = f' (and {len(dropped)} without a user message or a response, dropped)' if dropped else ''
-    raise FlagError(f'--dataset: {rows} row(s){unusable} in {", ".join(entries)}, fewer than one batch '
-                    f'(--per_device_train_batch_size {batch}); GKD drops incomplete batches (dataloader_drop_last), '
-                    'so not one step could train. Add rows, or lower --per_device_train_batch_size.')
+    raise FlagError(f'--dataset: {rows} row(s){unusable} in {", ".join(entries)}, {batch.fewer_than(rows)}')
+
+
+class GenerationBatch(NamedTuple):
+    """The rows GKD reads at a time (ms-swift's GKD sampler, the plugin's for ``--num_generations`` G): a generation
+    batch of ``per_device x steps per generation x readers`` samples, G of them per row, and an incomplete one is
+    dropped. ``flag`` sets the steps per generation: ``--gradient_accumulation_steps`` (ms-swift's default, and its
+    own default ``ceil(16 / (per-device batch x processes))`` when not given), ``--steps_per_generation`` or
+    ``--generation_batch_size``."""
+    per_device: int
+    steps: int
+    flag: str
+    readers: int
+    what: str
+    generations: int
+    processes: int
+
+    @property
+    def rows(self) -> int:
+        return self.per_device * self.steps * self.readers // self.generations
+
+    def _steps_words(self) -> str:
+        if self.flag == '--generation_batch_size':
+            return f'--generation_batch_size {self.per_device * self.steps * self.readers}'
+        if self.flag == '--steps_per_generation':
+            return f'--steps_per_generation {self.steps}'
+        default = max(1, math.ceil(16 / self.per_device / self.processes))
+        why = (f"; ms-swift's default when not given: 16 / ({self.per_device} x {self.processes} process(es)), "
+               'rounded up' if self.steps == default else '')
+        return f'--gradient_accumulation_steps {self.steps}{why}'
+
+    def _value(self, steps: int) -> int:
+        return self.per_device * steps * self.readers if self.flag == '--generation_batch_size' else steps
+
+    def smallest_change(self, rows: int) -> Optional[str]:
+        """The flags that make one generation batch fit in ``rows``: fewer steps per generation first (the same
+        micro-batches), else a smaller per-device batch at one step (its ``flag`` given too: ms-swift's default
+        accumulation grows as the batch shrinks)."""
+        for steps in range(self.steps - 1, 0, -1):
+            samples = self.per_device * steps * self.readers
+            if samples % self.generations == 0 and samples // self.generations <= rows:
+                return f'{self.flag} {self._value(steps)} (a generation batch of {samples // self.generations} row(s))'
+        for per_device in range(self.per_device - 1, 0, -1):
+            samples = per_device * self.readers
+            if samples % self.generations == 0 and samples // self.generations <= rows:
+                value = samples if self.flag == '--generation_batch_size' else 1
+                return (f'--per_device_train_batch_size {per_device} {self.flag} {value} (a generation batch of '
+                        f'{samples // self.generations} row(s))')
+        return None
+
+    def fewer_than(self, rows) -> str:
+        """The words after ``N row(s)``: the batch, its flags, and the change that trains."""
+        per_prompt = f' / --num_generations {self.generations}' if self.generations > 1 else ''
+        change = self.smallest_change(rows) if isinstance(rows, int) else None
+        fix = f'Pass {change}, or add rows' if change else f'Add rows (or train on fewer {self.what})'
+        return (f'fewer than one generation batch of {self.rows} row(s) (--per_device_train_batch_size '
+                f'{self.per_device} x {self.steps} step(s) per generation ({self._steps_words()}) x {self.readers} '
+                f'{self.what}{per_prompt}): GKD samples and distils a whole generation batch at a time and drops an '
+                f'incomplete one, so not one step could train. {fix}.')
 
 
 class RefuseEmptyEpochs(TrainerCallback):
@@ -314,15 +384,14 @@ class RefuseEmptyEpochs(TrainerCallback):
             warn_rows_left_out(args, state, train_dataloader)
             return
         rows = len(train_dataloader.dataset) if hasattr(train_dataloader.dataset, '__len__') else '?'
-        g = getattr(args, 'num_generations', 1) or 1
-        per_rank = (f'--per_device_train_batch_size {args.per_device_train_batch_size}' if g == 1 else
-                    f'{args.generation_batch_size // g} prompt(s) of --generation_batch_size '
-                    f'{args.generation_batch_size} / --num_generations {g}')
         readers_count, what = readers(args)
-        raise FlagError(f'--dataset: the training set has {rows} row(s) after preprocessing, fewer than one batch '
-                         f'({per_rank} on each of {readers_count} {what}); GKD drops incomplete batches '
-                         f'(dataloader_drop_last), so not one step could train (--max_steps {args.max_steps}). Add '
-                         'rows, or lower the batch size.')
+        steps = args.steps_per_generation
+        accumulation = steps == args.gradient_accumulation_steps
+        flag = '--gradient_accumulation_steps' if accumulation else '--steps_per_generation'
+        batch = GenerationBatch(args.per_device_train_batch_size, steps, flag, readers_count, what,
+                                getattr(args, 'num_generations', 1) or 1, args.world_size)
+        raise FlagError(f'--dataset: the training set has {rows} row(s) after preprocessing (--max_steps '
+                        f'{args.max_steps}), {batch.fewer_than(rows)}')
 
 
 def warn_rows_left_out(args, state, train_dataloader) -> None:
