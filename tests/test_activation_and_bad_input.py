@@ -235,6 +235,13 @@ BAD_INPUTS = [
      ['--gkd_ref_kl_coef 1 compares the student\'s full logits', '--gkd_loss_impl auto', 'or dense']),
     ({'gkd_ref_kl_coef': 1, 'gkd_logits_topk': 4, 'gkd_topk_tail': 'true'},
      ['--gkd_ref_kl_coef 1 runs on the dense loss and --gkd_topk_tail true needs the fused one']),
+    # issue 74 item 10b: a hub id while offline (the tests' HF_HUB_OFFLINE=1, USE_HF=1) was a 107-line traceback
+    ({'model': 'Qwen/Qwen2.5-0.5B-Instruct'},
+     ['--model Qwen/Qwen2.5-0.5B-Instruct: not a local folder, and the Hugging Face Hub cannot be reached',
+      'HF_HUB_OFFLINE=1', 'pass the path of a local model folder']),
+    ({'teacher_model': 'Qwen/Qwen2.5-7B-Instruct'},
+     ['--teacher_model Qwen/Qwen2.5-7B-Instruct: not a local folder, and the Hugging Face Hub cannot be reached',
+      'HF_HUB_OFFLINE=1']),
 ]
 
 
