@@ -113,3 +113,55 @@ def test_a_nan_teacher_weight_names_the_model_and_the_step(tiny_ws, tmp_path):
     assert (f'the teacher (--teacher_model {teacher}): its logits hold NaN at response token 1 of ') in run.output
     assert 'a dataset response) on step 1 (off_policy step), so the loss is not finite' in run.output
     assert 'found NaN in local grad norm' not in run.output
+
+
+# ----------------------------------------------------------------- issue 74 items 5 and 8: refused by the launcher
+@pytest.mark.parametrize('flag', ['tensor_model_parallel_size', 'pipeline_model_parallel_size',
+                                  'context_parallel_size', 'expert_model_parallel_size'])
+def test_a_parallel_size_of_0_is_refused_in_the_launcher(tiny_ws, tmp_path, flag):
+    """``check_parallel_sizes`` read ``getattr(args, flag) or 1``, turning 0 into 1 before its own check: the
+    launcher let it through and every rank stopped on a ZeroDivisionError."""
+    run = run_megatron(megatron_args(tiny_ws, str(tmp_path / 'out'), **{flag: 0}), check=False)
+    assert_refused(run.returncode, run.output, f'--{flag} 0: allowed a positive integer (1: not split)')
+
+
+@pytest.fixture(scope='module')
+def three_experts(tiny_ws):
+    """A tiny Qwen3-MoE with 3 routed experts (2 per token), and one with 4."""
+    from filelock import FileLock
+
+    from swift_gkd_plugin.testing import tiny
+    paths = {n: os.path.join(tiny_ws.root, f'moe_{n}_experts') for n in (3, 4)}
+    with FileLock(os.path.join(tiny_ws.root, 'moe_experts.lock')):
+        for n, path in paths.items():
+            if not os.path.exists(path):
+                tiny.build_model(path + '.partial', tiny.load_tokenizer(tiny_ws.student), seed=n, moe=True,
+                                 num_experts=n)
+                os.replace(path + '.partial', path)
+    return paths
+
+
+@pytest.mark.parametrize('who', ['teacher_model', 'model'])
+def test_an_expert_count_that_the_ep_size_does_not_divide_is_refused_in_the_launcher(tiny_ws, three_experts,
+                                                                                       tmp_path, who):
+    """A teacher of 3 experts at --expert_model_parallel_size 2 passed the launcher; megatron-core asserted on both
+    ranks once the student had loaded. The student's and the teacher's counts are read from their config.json."""
+    models = {'model': three_experts[4], 'teacher_model': three_experts[4], who: three_experts[3]}
+    run = run_megatron(megatron_args(tiny_ws, str(tmp_path / 'out'), model_type='qwen3_moe',
+                                     teacher_model_type='qwen3_moe', expert_model_parallel_size=2,
+                                     global_batch_size=4, **models),
+                       nproc=2, check=False)
+    assert_refused(run.returncode, run.output, f'--expert_model_parallel_size 2 does not divide the 3 routed experts '
+                   f'of --{who} {three_experts[3]}: each expert-parallel rank holds an equal share of every MoE '
+                   "layer's experts (the teacher is built in the student's layout); allowed: [1, 3]")
+
+
+def test_a_fresh_lora_on_its_own_base_without_a_teacher_view_is_refused_in_the_launcher(tiny_ws, tmp_path):
+    """--teacher_model = --model with --tuner_type lora and no trained adapter (--adapters, --mcore_adapter), rows
+    without a teacher_prompt: the student is its teacher, loss 0 from step 1; the ranks loaded it and trained to the
+    run guard's error (``lora_nothing_to_learn``, test_megatron_rlhf.py, still shows that guard)."""
+    run = run_megatron(megatron_args(tiny_ws, str(tmp_path / 'out'), teacher_model=tiny_ws.student, tuner_type='lora',
+                                     lmbda=0), check=False)
+    assert_refused(run.returncode, run.output, f'--teacher_model {tiny_ws.student} is --model with --tuner_type lora')
+    assert ('Start from a trained adapter (--adapters or --mcore_adapter), add a teacher_prompt column'
+            in run.output), run.output[-3000:]

@@ -287,6 +287,7 @@ def check_megatron_command_line(argv: Sequence[str]) -> None:
         check_parallel_sizes(ns)
         check_local_paths(ns)
         check_grouped_experts(ns, [('--model', ns.model), ('--teacher_model', ns.teacher_model)])
+        check_expert_counts(ns, [('--model', ns.model), ('--teacher_model', ns.teacher_model)])
         check_training_set(ns)
         check_context_parallel_views(ns)
         check_rows_have_prompts(ns)
@@ -328,15 +329,15 @@ def world_size() -> Optional[int]:
 def check_parallel_sizes(args) -> None:
     """Tensor x pipeline x context parallel sizes divide the ranks (each rank's ``ZeroDivisionError`` otherwise: no
     data-parallel group fits), and so does the expert-parallel size."""
+    sizes = [(flag, _size(args, flag)) for flag in
+             ('tensor_model_parallel_size', 'pipeline_model_parallel_size', 'context_parallel_size')]
+    expert = _size(args, 'expert_model_parallel_size')
+    for flag, size in sizes + [('expert_model_parallel_size', expert)]:
+        if size < 1:  # 0 divided every rank's layout by zero (ZeroDivisionError)
+            raise FlagError(f'--{flag} {size}: allowed a positive integer (1: not split)')
     world = world_size()
     if world is None:
         return
-    sizes = [(flag, getattr(args, flag, None) or 1) for flag in
-             ('tensor_model_parallel_size', 'pipeline_model_parallel_size', 'context_parallel_size')]
-    expert = getattr(args, 'expert_model_parallel_size', None) or 1
-    for flag, size in sizes + [('expert_model_parallel_size', expert)]:
-        if size < 1:
-            raise FlagError(f'--{flag} {size}: allowed a positive integer')
     ranks = f'{world} rank{"s" if world != 1 else ""} (NPROC_PER_NODE x NNODES)'
     model_parallel = math.prod(size for _, size in sizes)
     given = ' x '.join(f'--{flag} {size}' for flag, size in sizes if size > 1) or 'the model-parallel sizes'
@@ -345,6 +346,29 @@ def check_parallel_sizes(args) -> None:
                         'sizes whose product divides them')
     if world % expert:
         raise FlagError(f'--expert_model_parallel_size {expert} does not divide the {ranks}')
+
+
+def _size(args, flag: str) -> int:
+    """A parallel size as given; unset (None) is 1. Not ``or 1``, which turned a given 0 into 1."""
+    size = getattr(args, flag, None)
+    return 1 if size is None else size
+
+
+def check_expert_counts(args, model_dirs: Sequence[tuple]) -> None:
+    """``--expert_model_parallel_size`` divides the routed experts of each mixture-of-experts model among
+    ``model_dirs`` (``(flag, local dir)`` pairs: the student and the teacher, built in the same layout): megatron-core
+    asserted it in every rank after the student had loaded ("num_moe_experts must be divisible by
+    expert_model_parallel_size")."""
+    expert = _size(args, 'expert_model_parallel_size')
+    if expert <= 1:
+        return
+    for flag, path in model_dirs:
+        experts = routed_experts(path) if isinstance(path, str) and os.path.isdir(path) else None
+        if experts and experts % expert:
+            allowed = [n for n in range(1, experts + 1) if experts % n == 0]
+            raise FlagError(f'--expert_model_parallel_size {expert} does not divide the {experts} routed experts of '
+                            f'{flag} {path}: each expert-parallel rank holds an equal share of every MoE layer\'s '
+                            f'experts (the teacher is built in the student\'s layout); allowed: {allowed}')
 
 
 #: the config.json keys that count a model's routed experts (mcore-bridge's ``config/parser.py``, ``num_moe_experts``)
