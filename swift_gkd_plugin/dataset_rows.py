@@ -292,3 +292,25 @@ def media_problem(key: str, ref: str) -> Optional[str]:
         except Exception as exc:
             return f'{key} {ref!r}: not a readable image ({type(exc).__name__}: {exc})'
     return None
+
+
+#: the media tag of each media column, as ms-swift's templates read them from the messages
+MEDIA_TAGS = {'images': '<image>', 'videos': '<video>', 'audios': '<audio>'}
+
+
+def media_tag_problem(row: dict, columns: Dict[str, str]) -> Optional[str]:
+    """A messages row whose text holds more ``<image>`` (``<video>``, ``<audio>``) tags than the row has images
+    (videos, audios): the template has no image for the tag and the model trains on the tag alone."""
+    row = mapped_row(row, columns)
+    messages = _messages(row)
+    if messages is None:
+        return None
+    text = ''.join(m.get(k, '') for m in messages if isinstance(m, dict) for k in CONTENT_KEYS
+                   if isinstance(m.get(k), str))
+    given = [key for key, _ in media_refs(row, {})]
+    for key, tag in MEDIA_TAGS.items():
+        tags, media = text.count(tag), given.count(key)
+        if tags > media:
+            return (f'its messages hold {tags} {tag} tag(s) and the row {media} {key} (the "{key}" column): the '
+                    f'template has no {key[:-1]} for the tag')
+    return None

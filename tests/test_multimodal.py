@@ -359,3 +359,69 @@ def test_skd_is_refused_for_multimodal_models_before_they_load(mm, tmp_path):
     assert run.returncode != 0
     assert '--gkd_skd_top_k 4 supports text-only models yet' in run.output, run.output[-3000:]
     assert 'Loading weights' not in run.output
+
+
+# ---------------------------------------------------------------- --max_length, rows that never encode (issue 74)
+@pytest.mark.parametrize('name,flags,needle', [
+    ('image_cut', dict(truncation_strategy='right', max_length=tmm.NUM_IMAGE_TOKENS - 1),
+     f'holds {tmm.NUM_IMAGE_TOKENS} image tokens, more than --max_length {tmm.NUM_IMAGE_TOKENS - 1} '
+     '(--truncation_strategy right): its images cannot be cut'),
+    ('all_too_long', dict(max_length=6), 'the first 8 rows drawn are all longer than --max_length 6 (the longest: '),
+], ids=['image_cut', 'all_too_long'])
+def test_image_rows_that_cannot_fit_max_length_stop_the_run_in_one_line(mm, tmp_path, name, flags, needle):
+    """``right`` (or ``left``) with fewer tokens allowed than an image's: refused, the image is never cut; ``delete``
+    with every row too long: one line at the first batch saying so and the longest row's length (before: ms-swift's
+    resampling traceback, "resample: only collected 0/8")."""
+    run = run_swift(mm_args(mm, str(tmp_path / 'out'), lmbda=0, max_steps=1, **flags), check=False)
+    assert run.returncode == 1, run.output[-3000:]
+    errors = [line for line in run.output.splitlines() if 'error:' in line]
+    assert len(errors) == 1 and needle in errors[0], run.output[-3000:]
+    assert 'Traceback' not in run.output
+
+
+def test_image_rows_are_cut_around_their_images(mm, tmp_path):
+    """``left`` at a few tokens over the image's: every forward of the loss holds at most ``--max_length`` tokens, the
+    image's tokens all of them (before: the whole rows)."""
+    from test_max_length import PROBE
+    log = str(tmp_path / 'forwards.jsonl')
+    cap = tmm.NUM_IMAGE_TOKENS + 6
+    run = run_swift(mm_args(mm, str(tmp_path / 'out'), lmbda=0, max_steps=1, truncation_strategy='left',
+                            max_length=cap, external_plugins=PROBE), env={'GKD_TEST_MAXLEN_LOG': log})
+    with open(log) as f:
+        forwards = [json.loads(line) for line in f]
+    assert {line['who'] for line in forwards} == {'student', 'teacher'}, forwards
+    for line in forwards:
+        assert max(line['rows']) <= cap and line['shape'][1] <= cap, line
+        assert line['image_tokens'] == [tmm.NUM_IMAGE_TOKENS] * len(line['rows']), line
+    assert run.logs[0]['gkd/cut_rows'] == N_ROWS and run.losses[0] > 0, run.logs
+
+
+def test_rows_that_never_encode_stop_the_run_naming_the_first(mm, tmp_path):
+    """Every image an unreachable URL (an offline machine): the run used to draw rows without end ("row(s) replaced
+    so far", ~6 s a row with ms-swift's retries); it stops after 8 rows with none encoded, naming the first URL."""
+    import time
+    rows = tmm.read_dataset(mm.train)
+    for i, row in enumerate(rows):
+        row['images'] = [f'http://127.0.0.1:9/square{i}.png']
+    data = tmm.write_dataset(str(tmp_path / 'urls.jsonl'), rows)
+    started = time.time()
+    run = run_swift(mm_args(mm, str(tmp_path / 'out'), dataset=data, lmbda=0, max_steps=1), check=False)
+    spent = time.time() - started
+    assert run.returncode == 1, run.output[-3000:]
+    errors = [line for line in run.output.splitlines() if 'error:' in line]
+    assert len(errors) == 1, run.output[-3000:]
+    assert ('the first 8 rows drawn all fail to encode, so no row can be trained on; the first: ConnectionError: '
+            in errors[0] and '(its media: http://127.0.0.1:9/square' in errors[0]), errors
+    assert spent < 120, spent
+
+
+def test_an_image_tag_without_its_image_is_refused_before_loading(mm, tmp_path):
+    """A prompt with ``<image>`` and no image trained on the tag as text, silently."""
+    rows = tmm.read_dataset(mm.train)
+    del rows[2]['images']
+    data = tmm.write_dataset(str(tmp_path / 'train.jsonl'), rows)
+    run = run_swift(mm_args(mm, str(tmp_path / 'out'), dataset=data), check=False)
+    assert run.returncode == 2, run.output[-3000:]
+    assert (f'--dataset {data}: 1 row(s) have a media tag without its media: line 3: its messages hold 1 <image> '
+            'tag(s) and the row 0 images (the "images" column)') in run.output, run.output[-3000:]
+    assert 'Loading weights' not in run.output

@@ -1,6 +1,6 @@
 """Samples to micro-batches: both views encoded (the teacher's through its own template when it has another
-tokenizer), each micro-batch's rows, advantages and sampler log-probabilities, and the response-token counts that
-size and normalise the loss."""
+tokenizer) and cut at ``--max_length`` (:mod:`.max_length`), each micro-batch's rows, advantages and sampler
+log-probabilities, and the response-token counts that size and normalise the loss."""
 from __future__ import annotations
 
 import copy
@@ -13,6 +13,7 @@ from swift_gkd_plugin.core import Mode
 from swift_gkd_plugin.core.views import (check_views_aligned, generated_turns, prepare_teacher_view,
                                         without_history_loss)
 from swift_gkd_plugin.swift.rollout.correction import sampler_logprobs_of_batch
+from swift_gkd_plugin.swift.rollout.max_length import length_cap
 from swift_gkd_plugin.swift.sequence_parallel import group_size, response_token_counts, token_counts_entries
 
 logger = get_logger()
@@ -65,8 +66,10 @@ class BatchesMixin:
                     sample.teacher_messages = without_history_loss(sample.teacher_messages, turns)
         if self._xtok is not None:  # the teacher reads the samples through its own template, not the student's
             return self._encode_cross_tokenizer(samples)
-        with self._template_context(template):
+        cap = length_cap(self)
+        with self._template_context(template):  # (ms-swift's: --max_length unset while encoding)
             student_list, teacher_list, has_teacher_view = encode_views(samples, template)
+        cap.cut(samples, student_list, teacher_list, has_teacher_view)  # --max_length, as swift sft cuts
         self._own_views.append(has_teacher_view)
         for sample, student, teacher in zip(samples, student_list, teacher_list):
             if not has_teacher_view:

@@ -2,9 +2,13 @@
 named by their cause. One hook, called from the trainer's ``__init__``."""
 from __future__ import annotations
 
+import inspect
 import math
 import os
+import re
+from typing import Optional
 
+import torch
 from swift.template import MaxLengthError
 from swift.utils import get_logger
 from transformers import TrainerCallback
@@ -217,44 +221,148 @@ class WarnOnEntropyGap(TrainerCallback):
 
 
 class ReplacedRows(TrainerCallback):
-    """``gkd/replaced_rows`` in the training logs once a row was replaced: the count since the start on this
-    process. Runs before ms-swift's own logging callback, which writes ``logging.jsonl``."""
+    """The rows the run did not train as given, counted since the start on this process, in the training logs once
+    non-zero: ``gkd/replaced_rows`` (failed to encode, replaced by another row), ``gkd/deleted_rows`` (longer than
+    ``--max_length`` under ``--truncation_strategy delete``, replaced by another row) and ``gkd/cut_rows`` (encodings
+    cut at ``--max_length``: :mod:`swift_gkd_plugin.swift.rollout.max_length`). Runs before ms-swift's own logging
+    callback, which writes ``logging.jsonl``."""
 
     def __init__(self):
-        self.count = 0
+        self.count = self.deleted = self.cut = 0
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.count and logs is not None and 'loss' in logs:
-            logs['gkd/replaced_rows'] = self.count
+        if logs is None or 'loss' not in logs:
+            return
+        for key, value in (('replaced', self.count), ('deleted', self.deleted), ('cut', self.cut)):
+            if value:
+                logs[f'gkd/{key}_rows'] = value
+
+
+#: rows that fail to encode (or are too long under delete) before any row of the run encodes, that stop the run: a
+#: dataset none of whose rows can encode (every image URL unreachable on an offline machine: ~6 s a row with
+#: ms-swift's download retries) would otherwise be drawn again and again
+FAILED_ROWS = 8
+_LENGTH = re.compile(r'Current length of row\((\d+)\)')
+
+
+class _NoRowEncodes(BaseException):
+    """Raised from within a row's encode, which ms-swift's resampling wraps in ``except Exception``: becomes a
+    :class:`RunError` once out of it."""
+
+
+class Failures:
+    """Rows that failed to encode: how many, how many of them were too long (and the longest), the first one's error
+    and media."""
+
+    def __init__(self):
+        self.count = self.too_long = self.longest = 0
+        self.first = None
+
+    def add(self, exc: Exception, media, length: Optional[int]) -> None:
+        self.count += 1
+        self.first = self.first or (exc, media)
+        if length is not None:
+            self.too_long += 1
+            self.longest = max(self.longest, length)
+
+    def message(self, drawn: str, max_length) -> str:
+        """Why no row is left to train on: every row drawn too long (the longest), or the first failure."""
+        if self.too_long == self.count:
+            return (f'{drawn} are all longer than --max_length {max_length} (the longest: {self.longest} tokens), so '
+                    '--truncation_strategy delete leaves no row to train on: raise --max_length, or pass '
+                    '--truncation_strategy right or left (cut as swift sft cuts)')
+        exc, media = self.first
+        media = f' (its media: {", ".join(map(str, media))})' if media else ''
+        too_long = f', {self.too_long} of them longer than --max_length {max_length}' if self.too_long else ''
+        return (f'{drawn} all fail to encode{too_long}, so no row can be trained on; the first: '
+                f'{type(exc).__name__}: {exc}{media}')
+
+
+class EncodeWatch:
+    """The rows the trainer's resampling encodes: each failure warned about and counted (:class:`ReplacedRows`), and
+    the run stopped (:class:`RunError`, one line) where no row can encode: :data:`FAILED_ROWS` failures before any row
+    of the run encoded, or ms-swift's resampling out of draws (:meth:`out_of_draws`)."""
+
+    def __init__(self, counter: ReplacedRows, max_length):
+        self.counter, self.max_length = counter, max_length
+        self.encoded = 0  # rows encoded since the start
+        self.before = Failures()  # before the first row encoded
+        self.call = Failures()  # in the current resampling
+
+    def ok(self) -> None:
+        self.encoded += 1
+
+    def too_long_row(self, exc: Exception) -> None:
+        self.counter.deleted += 1
+        if self.counter.deleted == 1:
+            logger.warning(f'swift_gkd_plugin: a dataset row is longer than --max_length {self.max_length} ({exc}); '
+                           '--truncation_strategy delete: ms-swift trains on another row in its place (said once; '
+                           'counted in gkd/deleted_rows)')
+        match = _LENGTH.search(str(exc))
+        self._failed(exc, [], int(match.group(1)) if match else 0)
+
+    def failed_row(self, exc: Exception, media) -> None:
+        self.counter.count += 1
+        logger.warning(f'swift_gkd_plugin: a dataset row cannot be encoded ({type(exc).__name__}: {exc}); its '
+                       f'media: {media}; ms-swift trains on another row in its place ({self.counter.count} row(s) '
+                       'replaced so far)')
+        self._failed(exc, media, None)
+
+    def _failed(self, exc: Exception, media, length: Optional[int]) -> None:
+        self.call.add(exc, media, length)
+        if self.encoded:
+            return
+        self.before.add(exc, media, length)
+        if self.before.count >= FAILED_ROWS:  # past ms-swift's `except Exception` around each encode
+            raise _NoRowEncodes(self.before.message(f'the first {self.before.count} rows drawn', self.max_length))
+
+    def out_of_draws(self, rows: int) -> str:
+        return self.call.message(f'a batch of {rows} row(s) could not be filled: the {self.call.count} rows that '
+                                 'failed', self.max_length)
 
 
 def warn_replaced_rows(trainer) -> None:
     """ms-swift encodes each batch's rows in the trainer and replaces a row that fails to encode by another one, with
     an INFO line only (an image URL that does not answer, inline media that does not decode: what the pre-load check
-    cannot read). Each such row is named here in a warning (its error and media) and counted (:class:`ReplacedRows`).
-    Rows too long for ``--max_length`` (``MaxLengthError``) are ms-swift's expected skip and are not counted."""
+    cannot read). Each such row is named here in a warning (its error and media) and counted (:class:`ReplacedRows`);
+    rows too long for ``--max_length`` (``MaxLengthError``, ``--truncation_strategy delete``) are counted too, warned
+    about once. Where no row can encode the run stops in one line (:class:`EncodeWatch`), not in ms-swift's
+    resampling traceback or after minutes of draws."""
     counter = ReplacedRows()
+    trainer._replaced_rows = counter  # also counts the rows cut at --max_length (rollout/max_length.py)
     trainer.callback_handler.callbacks.insert(0, counter)
     resample = trainer.resample_encode_failed_inputs
     template = trainer.template
+    watch = EncodeWatch(counter, template.max_length)
+    # ms-swift's encode retries a failing row 3 times (retry_decorator), on top of its media download's own 3
+    # retries: 18 s for each row whose image URL does not answer. Here a row that fails is replaced by another one,
+    # so each is encoded once (its download still retried)
+    encode_once = inspect.unwrap(type(template).encode)
 
     def encode_or_warn(row, *args, **kwargs):
         try:
-            return type(template).encode(template, row, *args, **kwargs)
-        except MaxLengthError:
+            with torch.inference_mode():
+                encoded = encode_once(template, row, *args, **kwargs)
+        except MaxLengthError as exc:
+            watch.too_long_row(exc)
             raise
         except Exception as exc:
-            counter.count += 1
-            media = [ref if len(ref) <= 200 else ref[:200] + '...' for _, ref in media_refs(row, {})]
-            logger.warning(f'swift_gkd_plugin: a dataset row cannot be encoded ({type(exc).__name__}: {exc}); its '
-                           f'media: {media}; ms-swift trains on another row in its place ({counter.count} row(s) '
-                           'replaced so far)')
+            watch.failed_row(exc, [ref if len(ref) <= 200 else ref[:200] + '...' for _, ref in media_refs(row, {})])
             raise
+        watch.ok()
+        return encoded
 
-    def resample_and_warn(*args, **kwargs):
+    def resample_and_warn(inputs, *args, **kwargs):
         template.encode = encode_or_warn  # for this call only: the template's other encodes are left alone
+        watch.call = Failures()
         try:
-            return resample(*args, **kwargs)
+            return resample(inputs, *args, **kwargs)
+        except _NoRowEncodes as exc:
+            raise RunError(str(exc)) from None
+        except RuntimeError as exc:  # ms-swift's (or the group resampling's) draws ran out
+            if isinstance(exc, RunError) or not watch.call.count:
+                raise
+            raise RunError(watch.out_of_draws(len(inputs))) from exc
         finally:
             del template.encode
 

@@ -35,8 +35,8 @@ from swift_gkd_plugin.flags import FlagError
 from swift_gkd_plugin.dataset_files import (Where, check_fresh_adapter_teacher, check_teacher_given, dataset_rows,
                                             local_dataset_files)
 from swift_gkd_plugin.dataset_rows import (empty_prompt, has_prompt, has_response, mapped_row, media_problem,
-                                           media_refs, misspelt_columns, privileged_problem, prompt_missing,
-                                           response_problem, row_problem)
+                                           media_refs, media_tag_problem, misspelt_columns, privileged_problem,
+                                           prompt_missing, response_problem, row_problem)
 
 logger = get_logger()
 
@@ -55,9 +55,10 @@ def scan_rows(flag: str, path: str, standard_format: bool, columns: Dict[str, st
     ``no_response`` as ``(where, has a prompt)``, ``no_prompt`` (``(where, what it gives)``: a response and no prompt),
     ``prompted`` (the number of rows with a prompt), ``empty_prompt`` (a blank one: :func:`empty_prompt`), ``media`` (it
     names media), ``broken`` (``(where, problem)`` of
-    each unreadable media file), ``dataset_steps`` (``(where, problem)``: dropped on dataset steps only).
+    each unreadable media file), ``tags`` (``(where, problem)``: a media tag without its media), ``dataset_steps``
+    (``(where, problem)``: dropped on dataset steps only).
     ``by_steps(row)``: why ms-swift drops the row on every step, and on dataset steps only (:func:`_step_check`)."""
-    found = {'no_response': [], 'no_prompt': [], 'media': [], 'broken': [], 'bad': [], 'privileged': [],
+    found = {'no_response': [], 'no_prompt': [], 'media': [], 'broken': [], 'bad': [], 'privileged': [], 'tags': [],
              'dataset_steps': [], 'rows': 0, 'prompted': 0, 'empty_prompt': [], 'no_response_columns': set()}
     for where, row in dataset_rows(flag, path):
         found['rows'] += 1
@@ -87,6 +88,8 @@ def scan_rows(flag: str, path: str, standard_format: bool, columns: Dict[str, st
         if refs:
             found['media'].append(where)
         if multimodal:
+            problem = media_tag_problem(row, columns)
+            found['tags'] += [(where, problem)] if problem else []
             found['broken'] += [(where, problem) for problem in (media_problem(*ref) for ref in refs) if problem]
     return found
 
@@ -115,7 +118,7 @@ def check_local_datasets(args) -> None:
     train_samples = args.lmbda > 0 or args.seq_kd
     meta = getattr(args, 'model_meta', None)
     multimodal = meta is None or meta.is_multimodal  # unknown: not refused here
-    from swift_gkd_plugin.swift.setup.row_lengths import RowLengths  # (imports ms-swift: loaded on use)
+    from swift_gkd_plugin.swift.setup.row_lengths import RowLengths, over_summary  # (imports ms-swift: on use)
     lengths = RowLengths.of(args)
     train_rows, dropped, skipped, partial = 0, [], [], []
     prompted, no_prompt = 0, []
@@ -123,6 +126,8 @@ def check_local_datasets(args) -> None:
                                                                                     False)):
         for path, standard_format in local_dataset_files(entries, args.use_hf):
             by_steps = _step_check(args, lengths, can_sample)
+            if lengths is not None:
+                lengths.over = []
             found = scan_rows(flag, path, standard_format, columns, multimodal, by_steps)
             if flag == '--dataset':
                 train_rows, prompted = train_rows + found['rows'], prompted + found['prompted']
@@ -145,8 +150,12 @@ def check_local_datasets(args) -> None:
                 raise FlagError(f'{flag} {path}: {len(found["broken"])} media file(s) cannot be read: '
                                 f'{_listed(found["broken"])}. ms-swift would silently train on other rows in their '
                                 'place; fix or remove these rows.')
+            if found['tags']:
+                raise FlagError(f'{flag} {path}: {len(found["tags"])} row(s) have a media tag without its media: '
+                                f'{_listed(found["tags"])}. ms-swift would train on the tag as text, the model never '
+                                'seeing an image: give each row its media, or remove the tag.')
             if found['bad']:
-                skipped += _bad_rows(args, flag, path, found['bad'])
+                skipped += _bad_rows(args, flag, path, found['bad'], over_summary(lengths, found['rows']))
             if flag == '--dataset' and can_sample and found['empty_prompt']:
                 _empty_prompts(args, path, found['empty_prompt'], found['prompted'])
             no_response = found['no_response']
@@ -254,10 +263,10 @@ def check_self_teacher_has_something_to_add(args) -> None:
                         'trained adapter, --adapters), or --teacher_adapters')
 
 
-def _bad_rows(args, flag: str, path: str, bad: List[Tuple[Where, str]]) -> List[str]:
+def _bad_rows(args, flag: str, path: str, bad: List[Tuple[Where, str]], lengths: str = '') -> List[str]:
     """Rows ms-swift would drop without a word: refused, or with ``--gkd_drop_bad_rows true`` counted in a warning
-    and left out (returned as dropped training rows)."""
-    text = f'{flag} {path}: {len(bad)} row(s) that ms-swift would drop without a word: {_listed(bad)}'
+    and left out (returned as dropped training rows); ``lengths``: how many are too long, the longest."""
+    text = f'{flag} {path}: {len(bad)} row(s) that ms-swift would drop without a word{lengths}: {_listed(bad)}'
     if not getattr(args, 'gkd_drop_bad_rows', False):
         raise FlagError(f'{text}. Fix them, or pass --gkd_drop_bad_rows true to train without them (counted in a '
                         'warning)')

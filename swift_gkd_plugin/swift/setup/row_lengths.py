@@ -32,6 +32,7 @@ class RowLengths:
     def __init__(self, args):
         self.args, self.max_length = args, args.max_length
         self._skeletons = {}  # roles -> length of the row with empty messages
+        self.over = []  # the lengths of the rows found over --max_length (reset by the caller per file)
 
     @functools.cached_property
     def template(self):
@@ -86,13 +87,23 @@ class RowLengths:
         return self._skeletons[key] + sum(len(m['content'].encode()) + BOUND_MARGIN for m in messages)
 
     def problem(self, row: dict, columns: Dict[str, str], prompt_only: bool) -> Optional[str]:
-        """Why the trainer drops the row for its length, or None."""
+        """Why the trainer drops the row for its length, or None (its length kept in :attr:`over`)."""
         length = self.tokens(row, columns, prompt_only, exact=False)
         if length is None or length <= self.max_length:
             return None
+        self.over.append(length)
         what = 'its prompt is' if prompt_only else 'it is'
         return (f'{what} {length} tokens with the template, over --max_length {self.max_length} (--truncation_strategy '
                 'delete: raise --max_length, or pass --truncation_strategy left)')
+
+
+def over_summary(lengths: Optional[RowLengths], rows: int) -> str:
+    """`` (every row (64) is longer than --max_length 8, the longest 20 tokens)``, or how many of ``rows`` are, for the
+    rows :meth:`RowLengths.problem` found too long; empty where none."""
+    if lengths is None or not lengths.over:
+        return ''
+    many = f'every row ({rows})' if len(lengths.over) == rows else f'{len(lengths.over)} of the {rows} rows'
+    return f' ({many} longer than --max_length {lengths.max_length}, the longest {max(lengths.over)} tokens)'
 
 
 def standard_row(row: dict, columns: Dict[str, str]) -> dict:
