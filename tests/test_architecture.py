@@ -163,7 +163,8 @@ STAGES = {  # stage -> the stages it may import (its own modules aside)
     'megatron.rollout': set(),
 }
 BELOW_THE_ADAPTERS = ['core', 'server', 'testing', 'flags', 'flag_checks', 'local_paths', 'process_exit', 'ms_swift_state',
-                      'colocated_vllm', 'dataset_files', 'ms_swift_flag_table', '_ms_swift_flags']
+                      'colocated_vllm', 'dataset_files', 'ms_swift_flag_table', '_ms_swift_flags',
+                      'hub_models']
 MOST_MODULES_IN_A_FOLDER = 12
 
 

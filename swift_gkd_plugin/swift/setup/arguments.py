@@ -25,6 +25,7 @@ from swift_gkd_plugin.flags import (FlagError, GKDPluginArgumentsMixin, check_bf
                                     check_no_plugin_flags_outside_gkd, check_rl_flags, check_teacher_server_flags,
                                     check_torch_compile_checkpointing, check_training_set, check_vllm_flags,
                                     ignored_flag_warnings, resolve_num_generations, sampling_temperature)
+from swift_gkd_plugin.hub_models import hub_lookup_failed, hub_unreachable
 from swift_gkd_plugin.ms_swift_state import grpo_num_generations, keep_teacher_messages_column
 from swift_gkd_plugin.swift.setup.checkpoints import check_resume_checkpoint
 from swift_gkd_plugin.swift.setup.compile_cost import torch_compile_warnings
@@ -54,46 +55,6 @@ def model_dir_of(flag: str, model_id: str, revision: Optional[str], args) -> str
             model_id, revision=revision, download_model=False, use_hf=args.use_hf, hub_token=args.hub_token)
     except Exception as exc:
         raise hub_lookup_failed(flag, model_id, exc, args) from exc
-
-
-#: the exceptions (by class name, in the chain of what the download raised) of a hub that cannot be reached:
-#: huggingface_hub offline or without a cached copy, httpx / requests / urllib3 / socket failing to connect,
-#: ModelScope's NetworkError
-UNREACHABLE = {'OfflineModeIsEnabled', 'LocalEntryNotFoundError', 'ConnectError', 'ConnectTimeout', 'ConnectionError',
-               'NameResolutionError', 'MaxRetryError', 'NewConnectionError', 'NetworkError', 'gaierror', 'Timeout',
-               'ReadTimeout', 'TimeoutException'}
-#: the variables that keep the hubs offline
-OFFLINE_VARIABLES = ('HF_HUB_OFFLINE', 'TRANSFORMERS_OFFLINE', 'MODELSCOPE_OFFLINE')
-
-
-def _chain(exc: BaseException) -> list:
-    seen = []
-    while exc is not None and all(exc is not e for e in seen):
-        seen.append(exc)
-        exc = exc.__cause__ or exc.__context__
-    return seen
-
-
-def hub_lookup_failed(flag: str, model_id: str, exc: BaseException, args) -> FlagError:
-    """The one-line refusal of a ``model_id`` that is no local folder and that the hub ms-swift downloads from
-    (ModelScope, or the Hugging Face Hub with ``--use_hf true`` / ``USE_HF=1``) did not give: unreachable (an
-    offline variable set, no network) or another failure, named by its first line."""
-    use_hf = bool(getattr(args, 'use_hf', False)) or os.environ.get('USE_HF', '').strip().lower() in ('1', 'true')
-    hub = 'the Hugging Face Hub' if use_hf else 'ModelScope (the hub ms-swift uses unless --use_hf true / USE_HF=1)'
-    chain = _chain(exc)
-    if any(type(e).__name__ in UNREACHABLE for e in chain):
-        offline = [f'{name}={os.environ[name]}' for name in OFFLINE_VARIABLES
-                   if os.environ.get(name, '').strip().lower() in ('1', 'true', 'yes', 'on')]
-        if offline:
-            why, fix = (f'{", ".join(offline)} set: offline', f'unset {" and ".join(n.split("=")[0] for n in offline)} '
-                        'on a machine that reaches the hub (once it is cached, they can stay set)')
-        else:
-            why, fix = 'no network', 'run once where the hub can be reached (it is cached then)'
-        return FlagError(f'{flag} {model_id}: not a local folder, and {hub} cannot be reached ({why}) to fetch it: '
-                         f'pass the path of a local model folder (one with its config.json), or {fix}')
-    first = (str(exc).strip().splitlines() or [''])[0]
-    return FlagError(f'{flag} {model_id!r} cannot be found: not a local directory, and the hub lookup failed '
-                     f'({type(exc).__name__}: {first})')
 
 
 @functools.lru_cache(maxsize=4)  # read by resolve_cross_tokenizer and check_teacher
@@ -548,8 +509,8 @@ class GKDPluginRLHFArguments(GKDPluginArgumentsMixin, RLHFArguments):
             super()._init_torch_dtype()  # also where ms-swift resolves --model: a hub id is downloaded here
         except Exception as exc:
             model = self.model if isinstance(self.model, str) else None
-            if self.rlhf_type != 'gkd' or model is None or os.path.exists(os.path.expanduser(model)) or not any(
-                    type(e).__name__ in UNREACHABLE for e in _chain(exc)):
+            if self.rlhf_type != 'gkd' or model is None or os.path.exists(os.path.expanduser(model)) or \
+                    not hub_unreachable(exc):
                 raise
             raise hub_lookup_failed('--model', model, exc, self) from exc
         if self.rlhf_type == 'gkd':

@@ -1,0 +1,52 @@
+"""A ``--model`` / ``--teacher_model`` value that is no local folder and that the hub did not give: one line naming
+the flag, the value and why (the hub cannot be reached: an offline variable set, no network; or the hub's own
+error). ms-swift downloads from ModelScope, or from the Hugging Face Hub with ``--use_hf true`` / ``USE_HF=1``; a
+``--model`` hub id offline was a 107-line traceback. No ms-swift import."""
+from __future__ import annotations
+
+import os
+from typing import List
+
+from swift_gkd_plugin.flags import FlagError
+
+#: the exceptions (by class name, in the chain of what the download raised) of a hub that cannot be reached:
+#: huggingface_hub offline or without a cached copy, httpx / requests / urllib3 / socket failing to connect,
+#: ModelScope's NetworkError
+UNREACHABLE = {'OfflineModeIsEnabled', 'LocalEntryNotFoundError', 'ConnectError', 'ConnectTimeout', 'ConnectionError',
+               'NameResolutionError', 'MaxRetryError', 'NewConnectionError', 'NetworkError', 'gaierror', 'Timeout',
+               'ReadTimeout', 'TimeoutException'}
+#: the variables that keep the hubs offline
+OFFLINE_VARIABLES = ('HF_HUB_OFFLINE', 'TRANSFORMERS_OFFLINE', 'MODELSCOPE_OFFLINE')
+
+
+def _chain(exc: BaseException) -> List[BaseException]:
+    seen = []
+    while exc is not None and all(exc is not e for e in seen):
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return seen
+
+
+def hub_unreachable(exc: BaseException) -> bool:
+    """``exc`` (or an exception it came from) says that the hub cannot be reached."""
+    return any(type(e).__name__ in UNREACHABLE for e in _chain(exc))
+
+
+def hub_lookup_failed(flag: str, model_id: str, exc: BaseException, args) -> FlagError:
+    """The refusal of ``model_id`` that the hub of ``args`` (``use_hf``) did not give when asked, raising ``exc``."""
+    use_hf = bool(getattr(args, 'use_hf', False)) or os.environ.get('USE_HF', '').strip().lower() in ('1', 'true')
+    hub = 'the Hugging Face Hub' if use_hf else 'ModelScope (the hub ms-swift uses unless --use_hf true / USE_HF=1)'
+    if hub_unreachable(exc):
+        offline = [name for name in OFFLINE_VARIABLES
+                   if os.environ.get(name, '').strip().lower() in ('1', 'true', 'yes', 'on')]
+        if offline:
+            why = f'{", ".join(f"{name}={os.environ[name]}" for name in offline)} set: offline'
+            fix = (f'unset {" and ".join(offline)} on a machine that reaches the hub (once it is cached, they can '
+                   'stay set)')
+        else:
+            why, fix = 'no network', 'run once where the hub can be reached (it is cached then)'
+        return FlagError(f'{flag} {model_id}: not a local folder, and {hub} cannot be reached ({why}) to fetch it: '
+                         f'pass the path of a local model folder (one with its config.json), or {fix}')
+    first = (str(exc).strip().splitlines() or [''])[0]
+    return FlagError(f'{flag} {model_id!r} cannot be found: not a local directory, and the hub lookup failed '
+                     f'({type(exc).__name__}: {first})')
