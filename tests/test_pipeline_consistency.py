@@ -49,9 +49,38 @@ def test_resume_continues_the_same_modes_and_losses(tiny_ws, saved_every_three_s
     assert resumed.modes() == full.modes()[3:]
     assert len(resumed.logs) == 3
     assert 'was trained with another loss' not in resumed.output
+    # issue 74 item 10d: the start of a resumed run names the checkpoint and the step it continues from
+    assert (f'swift_gkd_plugin: resuming from --resume_from_checkpoint {ckpt[0]} at global step 3 of 6: the next step '
+            'is 4') in resumed.output, resumed.output[-3000:]
     for a, b in zip(resumed.logs, full.logs[3:]):
         assert a['global_step/max_steps'] == b['global_step/max_steps']
         assert _rel(a['loss'], b['loss']) < 1e-4, (resumed.losses, full.losses)
+
+
+def test_the_model_card_names_the_distillation_and_its_snippet_runs_on_a_cpu(tiny_ws, saved_every_three_steps,
+                                                                             tmp_path):
+    """Issue 74 item 10e: the run folder's README.md was TRL's card ("a fine-tuned version of [None]", a snippet on
+    device="cuda"); it names the student, the teacher, the GKD settings and the versions, and its snippet loads the
+    newest checkpoint and generates on a CPU."""
+    import re
+    import subprocess
+    import sys
+
+    import swift_gkd_plugin
+    with open(os.path.join(saved_every_three_steps.output_dir, 'README.md')) as f:
+        card = f.read()
+    assert 'fine-tuned version of' not in card and 'device="cuda"' not in card, card
+    for needle in (f'| student (--model) | `{tiny_ws.student}` |',
+                   f'| teacher | `{tiny_ws.teacher}` (--teacher_model) |',
+                   '| --lmbda | 0.5 ', '| --seq_kd | True ', '| --beta | 0.5 ', '| --temperature | 1.0 ',
+                   '| loss | jsd(beta=0.5) on the ', '--gkd_divergence jsd', '| tuner | full |', '| steps | 6 of 6 ',
+                   f'swift-gkd-plugin {swift_gkd_plugin.__version__}, ms-swift 4.6'):
+        assert needle in card, (needle, card)
+    snippet = re.search(r'```python\n(.*?)```', card, re.S).group(1)
+    assert os.path.join(saved_every_three_steps.output_dir, 'checkpoint-6') in snippet
+    proc = subprocess.run([sys.executable, '-c', snippet], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env=dict(os.environ, CUDA_VISIBLE_DEVICES='', HF_HUB_OFFLINE='1', OMP_NUM_THREADS='1'))
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 @pytest.mark.parametrize('last_checkpoint_link', [True, False])

@@ -149,3 +149,10 @@ class GKDPluginTrainer(LossMixin, RolloutMixin, SamplersMixin, ScoringMixin, Bat
             refuse(PROG, teacher_server_failed_message(self, exc), code=1)
         note_training_finished()  # a clean exit may now skip interpreter finalization (see clean_exit)
         return result
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        """The plugin's ``README.md`` in the run folder (:func:`~swift_gkd_plugin.swift.run.records.write_model_card`:
+        student, teacher, GKD settings, a snippet that runs on a CPU) in place of TRL's, which its ``_save_checkpoint``
+        writes before each checkpoint."""
+        from swift_gkd_plugin.swift.run.records import write_model_card
+        write_model_card(self)

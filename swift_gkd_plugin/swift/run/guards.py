@@ -17,6 +17,7 @@ from swift_gkd_plugin.core.entropy import EntropyGapWatch
 from swift_gkd_plugin.core.guards.non_finite import loss_terms, non_finite_gradient_message
 from swift_gkd_plugin.core.guards.same_weights import (copy_of_the_student, copy_of_the_student_cause,
                                                       privileged_row_count)
+from swift_gkd_plugin.swift.run.records import LogResume
 from swift_gkd_plugin.swift.setup.checkpoints import guard_checkpoint_saves
 from swift_gkd_plugin.dataset_rows import media_refs
 from swift_gkd_plugin.swift.setup.datasets import RefuseEmptyEpochs
@@ -37,6 +38,7 @@ def install_run_guards(trainer) -> None:
     trainer.add_callback(trainer._nothing_learnt)
     trainer.callback_handler.callbacks.insert(0, WarnOnEntropyGap(trainer.args))  # before the callback writing logs
     guard_checkpoint_saves(trainer)
+    trainer.add_callback(LogResume())  # the checkpoint and step a resumed run continues from
     guard_gradient_norm(trainer)
     warn_replaced_rows(trainer)
 
