@@ -28,6 +28,7 @@ _HOOKS = {
     'swift.cli._megatron.main': 'on_megatron_cli_imported',
     'swift.cli.main': 'on_swift_cli_imported',
     'mcore_bridge.model.rope': 'on_mcore_bridge_rope_imported',
+    'swift.pipelines.infer.rollout': 'on_rollout_server_imported',
 }
 _OFF_HOOKS = {'swift.pipelines.base': 'on_pipeline_base_imported_while_off'}  # with SWIFT_GKD_PLUGIN=0
 

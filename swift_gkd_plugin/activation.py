@@ -233,6 +233,14 @@ def on_megatron_rlhf_pipeline_imported(module) -> None:
     module.MegatronRLHFArguments = GKDPluginMegatronRLHFArguments
 
 
+def on_rollout_server_imported(module) -> None:
+    """``swift rollout`` (the student's vLLM server in ``--vllm_mode server``): each weight sync loads through vLLM's
+    layerwise reload where vLLM repacked its weights, and a sync that failed in a worker is answered with an error
+    instead of 200 (:mod:`swift_gkd_plugin.swift.rollout.rollout_server`)."""
+    from swift_gkd_plugin.swift.rollout.rollout_server import patch_rollout_server
+    patch_rollout_server(module)
+
+
 def on_mcore_bridge_rope_imported(module) -> None:
     """mcore-bridge 1.6 (``model/rope.py`` ~101/115) writes its own ``'default'`` RoPE initialisation into
     transformers' global ``ROPE_INIT_FUNCTIONS`` whenever it builds a model. It reads ``config.rope_theta``, which a

@@ -533,3 +533,17 @@ def ignored_flag_warnings(args) -> List[str]:
         warnings.append('--learning_rate 0: the weights never change, so the run measures losses and every checkpoint '
                         'it saves holds the starting weights; pass a learning rate above 0 to train')
     return warnings
+
+
+def check_training_length(args) -> None:
+    """The run has optimizer steps to take: ``--max_steps`` positive or -1 (the default: ``--num_train_epochs``
+    decides, then positive). ``--max_steps 0`` ran one step at learning rate 0, ``--num_train_epochs 0`` none, both
+    loading the models and ending with exit code 0."""
+    steps, epochs = args.max_steps, args.num_train_epochs
+    if steps == 0 or steps < -1:
+        what = ' trains nothing (one step at learning rate 0)' if steps == 0 else ''
+        raise FlagError(f'--max_steps {steps}{what}: allowed a positive number of optimizer steps, or -1 (the '
+                        'default: --num_train_epochs decides)')
+    if steps == -1 and not epochs > 0:
+        raise FlagError(f'--num_train_epochs {epochs:g} with --max_steps -1 trains no step: allowed > 0 (a fraction '
+                        'of an epoch too), or a positive --max_steps, which then decides')

@@ -46,7 +46,8 @@ from swift_gkd_plugin.swift.teacher.reference import ReferenceMixin
 from swift_gkd_plugin.swift.step.rewards import load_reward_funcs
 from swift_gkd_plugin.swift.rollout.sampling import RolloutMixin
 from swift_gkd_plugin.server.client import TeacherServerError
-from swift_gkd_plugin.swift.run.guards import RunError, install_run_guards, teacher_server_failed_message
+from swift_gkd_plugin.swift.run.guards import RunError, install_run_guards, server_failed_message
+from swift_gkd_plugin.swift.rollout.rollout_server import RolloutServerError
 from swift_gkd_plugin.swift.rollout.samplers import SamplersMixin
 from swift_gkd_plugin.swift.step.scoring import ScoringMixin
 from swift_gkd_plugin.swift.teacher.placement import TeacherMixin
@@ -138,7 +139,8 @@ class GKDPluginTrainer(LossMixin, RolloutMixin, SamplersMixin, ScoringMixin, Bat
 
     def train(self, *args, **kwargs):
         """Training; a run stopped by a guard (:class:`RunError`, a :class:`FlagError` known only now) or by a teacher
-        server that stayed unreachable ends with its one ``swift rlhf: error:`` line and exit code 1, no traceback."""
+        server that stayed unreachable or a rollout server that failed ends with its one ``swift rlhf: error:`` line and
+        exit code 1, no traceback."""
         try:
             result = super().train(*args, **kwargs)
         except (RunError, FlagError) as exc:
@@ -146,7 +148,10 @@ class GKDPluginTrainer(LossMixin, RolloutMixin, SamplersMixin, ScoringMixin, Bat
             refuse(PROG, exc, code=1)
         except TeacherServerError as exc:  # its retries and wait spent: the error, and where to resume from
             note_run_failed()
-            refuse(PROG, teacher_server_failed_message(self, exc), code=1)
+            refuse(PROG, server_failed_message(self, exc), code=1)
+        except RolloutServerError as exc:  # the student's vLLM server (--vllm_mode server) failed or went away
+            note_run_failed()
+            refuse(PROG, server_failed_message(self, exc, 'the student\'s rollout server'), code=1)
         note_training_finished()  # a clean exit may now skip interpreter finalization (see clean_exit)
         return result
 

@@ -16,6 +16,7 @@ from swift_gkd_plugin.core.weights.lora_round_trip import (HostBuffer, adapter_t
 from swift_gkd_plugin.core.modes import Mode, sampling_seed
 from swift_gkd_plugin.flags import rollout_max_tokens
 from swift_gkd_plugin.swift.step.hidden_states import head_rows
+from swift_gkd_plugin.swift.rollout.rollout_server import watch_rollout_client
 from swift_gkd_plugin.swift.rollout.media_tokens import cut_at_media_placeholders, suppress_media_placeholders
 from swift_gkd_plugin.swift.rollout.correction import SamplerLogprobsEngine
 from swift_gkd_plugin.swift.rollout.speculative import SpeculativeEngine
@@ -132,6 +133,8 @@ class SamplersMixin:
         FSDP2 is left to ms-swift (it merges out of place itself)."""
         if getattr(self, '_sync_buffer', None) is None:
             self._sync_buffer = HostBuffer()
+        if self.vllm_mode == 'server':  # its failures named, a failed load in the server's workers refused
+            watch_rollout_client(getattr(self, 'vllm_client', None))
         with exact_lora_sync([self.model], self._sync_buffer, enabled=not getattr(self, '_is_fsdp2', False),
                              out_of_place=True) as self._lora_sync:
             try:

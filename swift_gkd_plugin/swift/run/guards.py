@@ -371,10 +371,10 @@ def warn_replaced_rows(trainer) -> None:
     trainer.resample_encode_failed_inputs = resample_and_warn
 
 
-def teacher_server_failed_message(trainer, error: BaseException) -> str:
-    """A teacher server that stayed unreachable or failing through its retries and ``--teacher_server_wait``: the
-    step, the server's error, and the checkpoint to resume from (the weights of the completed steps; the failed
-    step's accumulated gradients were never applied)."""
+def server_failed_message(trainer, error: BaseException, server: str = 'the teacher server') -> str:
+    """A server that failed (a teacher server through its retries and ``--teacher_server_wait``, the student's
+    rollout server): the step, the server's error, and the checkpoint to resume from (the weights of the completed
+    steps; the failed step's accumulated gradients were never applied)."""
     from transformers.trainer_utils import get_last_checkpoint
     out = trainer.args.output_dir
     last = get_last_checkpoint(out) if out and os.path.isdir(out) else None
@@ -385,5 +385,5 @@ def teacher_server_failed_message(trainer, error: BaseException) -> str:
     else:
         kept = (f'No checkpoint was saved before it ({done} step(s) done; --save_strategy '
                 f'{getattr(trainer.args.save_strategy, "value", trainer.args.save_strategy)}, --save_steps '
-                f'{trainer.args.save_steps}): save more often against a remote teacher')
-    return f'the teacher server failed during step {done + 1}: {error}. {kept}'
+                f'{trainer.args.save_steps}): save more often against a server')
+    return f'{server} failed during step {done + 1}: {error}. {kept}'

@@ -25,6 +25,7 @@ from swift_gkd_plugin.flags import (FlagError, GKDPluginArgumentsMixin, check_bf
                                     check_no_plugin_flags_outside_gkd, check_rl_flags, check_teacher_server_flags,
                                     check_torch_compile_checkpointing, check_training_set, check_vllm_flags,
                                     ignored_flag_warnings, resolve_num_generations, sampling_temperature)
+from swift_gkd_plugin.flag_checks import check_training_length
 from swift_gkd_plugin.hub_models import hub_lookup_failed, hub_unreachable
 from swift_gkd_plugin.ms_swift_state import grpo_num_generations, keep_teacher_messages_column
 from swift_gkd_plugin.swift.setup.checkpoints import check_resume_checkpoint
@@ -36,7 +37,7 @@ from swift_gkd_plugin.swift.setup.sequence_parallel import (check_sequence_paral
 from swift_gkd_plugin.swift.setup.teacher_server import (check_teacher_server_config, check_teacher_servers,
                                                         check_teacher_tags, local_teacher_of)
 from swift_gkd_plugin.swift.setup.vllm import (check_vllm_launcher, check_vllm_server_mode,
-                                              check_vllm_tensor_parallel_size)
+                                              check_vllm_tensor_parallel_size, rollout_server_named)
 from swift_gkd_plugin.swift.setup.zero3_lora import zero3_lora_warnings
 
 logger = get_logger()
@@ -441,20 +442,6 @@ def check_gkd_arguments(args) -> None:
     check_teacher_servers(args)  # last: it waits for the servers
 
 
-def check_training_length(args) -> None:
-    """The run has optimizer steps to take: ``--max_steps`` positive or -1 (the default: ``--num_train_epochs``
-    decides, then positive). ``--max_steps 0`` ran one step at learning rate 0, ``--num_train_epochs 0`` none, both
-    loading the models and ending with exit code 0."""
-    steps, epochs = args.max_steps, args.num_train_epochs
-    if steps == 0 or steps < -1:
-        what = ' trains nothing (one step at learning rate 0)' if steps == 0 else ''
-        raise FlagError(f'--max_steps {steps}{what}: allowed a positive number of optimizer steps, or -1 (the '
-                        'default: --num_train_epochs decides)')
-    if steps == -1 and not epochs > 0:
-        raise FlagError(f'--num_train_epochs {epochs:g} with --max_steps -1 trains no step: allowed > 0 (a fraction '
-                        'of an epoch too), or a positive --max_steps, which then decides')
-
-
 def check_flags_only(args) -> None:
     """The checks that need nothing but the flags (also run before ms-swift resolves models or vLLM servers)."""
     check_gkd_scalars(args)
@@ -515,6 +502,11 @@ class GKDPluginRLHFArguments(GKDPluginArgumentsMixin, RLHFArguments):
             raise hub_lookup_failed('--model', model, exc, self) from exc
         if self.rlhf_type == 'gkd':
             check_bf16_device(self, torch_dtype_given, bf16_given)
+
+    def _init_external_vllm(self):
+        """ms-swift connects rank 0 to the ``swift rollout`` server here (``--vllm_mode server``)."""
+        with rollout_server_named(self):
+            super()._init_external_vllm()
 
     def _add_version(self):
         """ms-swift creates the run's folder here (``--output_dir``, and its ``v<N>-<time>`` child under

@@ -5,6 +5,7 @@ colocate mode, a GPU for server mode); the checks and the environment resolver s
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 from swift_gkd_plugin.flags import FlagError
 
@@ -19,15 +20,21 @@ def check_vllm_launcher(args) -> None:
 
 
 def check_vllm_server_mode(args) -> None:
-    """ms-swift 4.6 syncs the student's weights to a ``swift rollout`` server through NCCL (``PyNcclCommunicator``),
-    and ``swift rollout`` refuses to start without a GPU."""
+    """ms-swift 4.6 syncs the student's weights to a ``swift rollout`` server through vLLM's ``PyNcclCommunicator``
+    (or what it swaps in for Ascend or Kunlun devices), and ``swift rollout`` refuses to start without a device. Without
+    CUDA only the tests pass, whose processes run with a gloo stand-in for that communicator installed
+    (:mod:`swift_gkd_plugin.testing.rollout_cpu`, never in a user's process)."""
     if not (args.use_vllm and args.vllm_mode == 'server'):
         return
+    import sys
+
     import torch
-    if not torch.cuda.is_available():
-        raise FlagError('--vllm_mode server needs a CUDA GPU here: ms-swift syncs the student\'s weights to the '
-                        'rollout server over NCCL, and swift rollout needs a GPU too. On this machine use '
-                        '--vllm_mode colocate (vLLM\'s CPU build) or --use_vllm false')
+    stand_in = sys.modules.get('swift_gkd_plugin.testing.rollout_cpu')
+    if torch.cuda.is_available() or getattr(stand_in, 'INSTALLED', False):
+        return
+    raise FlagError('--vllm_mode server needs a CUDA GPU here: ms-swift syncs the student\'s weights to the '
+                    'rollout server over NCCL, and swift rollout needs a GPU too. On this machine use '
+                    '--vllm_mode colocate (vLLM\'s CPU build) or --use_vllm false')
 
 
 def check_vllm_tensor_parallel_size(args) -> None:
@@ -42,3 +49,21 @@ def check_vllm_tensor_parallel_size(args) -> None:
         raise FlagError(f'--vllm_tensor_parallel_size {size} does not divide the {processes} training process'
                         f'{"es" if processes > 1 else ""} (NPROC_PER_NODE x NNODES): colocate mode splits them into '
                         f'vLLM groups of that size (allowed: {", ".join(map(str, divisors))})')
+
+
+@contextmanager
+def rollout_server_named(args):
+    """ms-swift's connection to the ``swift rollout`` server (rank 0), which raises a ``ConnectionError`` traceback
+    when none answers within ``--vllm_server_timeout``: one line naming the address flags instead."""
+    import requests
+    try:
+        yield
+    except (ConnectionError, requests.ConnectionError) as exc:
+        if args.rlhf_type != 'gkd':
+            raise
+        where = (f'--vllm_server_base_url {" ".join(args.vllm_server_base_url)}' if args.vllm_server_base_url
+                 else f'--vllm_server_host {" ".join(map(str, args.vllm_server_host))} --vllm_server_port '
+                 f'{" ".join(map(str, args.vllm_server_port))}')
+        raise FlagError(f'{where}: no rollout server answered within --vllm_server_timeout '
+                        f'{args.vllm_server_timeout:g} s ({exc}): start it first (swift rollout --model <the student> '
+                        '...) on devices of its own, or correct the address') from exc

@@ -30,10 +30,18 @@ class _Finder(importlib.abc.MetaPathFinder):
     def __init__(self):
         self.after: Dict[str, Callable] = {}
         self.around: Dict[str, Callable] = {}
+        self._looking: set = set()
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname not in self.after and fullname not in self.around:
-            return None
+        if fullname not in self.after and fullname not in self.around or fullname in self._looking:
+            return None  # (re-entered from another post-import finder hooking the same module, e.g. the plugin's)
+        self._looking.add(fullname)
+        try:
+            return self._find_spec(fullname, path, target)
+        finally:
+            self._looking.discard(fullname)
+
+    def _find_spec(self, fullname, path, target):
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, 'find_spec'):
                 continue

