@@ -304,14 +304,12 @@ class RolloutMixin:
         """With ``--num_generations G`` each prompt appears G times in a row in its generation batch (GRPO's
         layout: ``generation_batch_size / G`` prompts per generation batch), shuffled as ``--train_dataloader_shuffle``
         says (as with one completion per prompt)."""
-        g = self.args.num_generations
-        if g == 1:
-            return super()._get_train_sampler(train_dataset)
-        from trl.trainer.utils import RepeatSampler
-        return RepeatSampler(
+        g = self.args.num_generations  # the order is a function of (seed, epoch): a resume replays it (epoch_sampler)
+        from swift_gkd_plugin.swift.rollout.epoch_sampler import EpochSampler
+        return EpochSampler(
             data_source=train_dataset or self.train_dataset,
             mini_repeat_count=g,
             batch_size=self.args.generation_batch_size // g,
             repeat_count=self.args.steps_per_generation,
-            shuffle=self.args.train_dataloader_shuffle,
-            seed=self.args.seed)
+            shuffle=self.args.train_dataloader_shuffle if g > 1 else getattr(self, 'shuffle_dataset', True),
+            seed=self.args.seed, epoch_of=lambda: int(self.state.epoch or 0))

@@ -307,11 +307,43 @@ def check_resume_checkpoint(args) -> None:
     problem = other_model_problem(path, args) or (past_max_steps_problem(path, args) if state_read else None)
     if problem:
         raise FlagError(problem)
-    if not args.resume_only_model and not any(RNG_STATE.match(name) for name in os.listdir(path)):
-        from swift.utils import get_logger
+    if args.resume_only_model:
+        return
+    from swift.utils import get_logger
+    if not any(RNG_STATE.match(name) for name in os.listdir(path)):
         get_logger().warning(f'swift_gkd_plugin: --resume_from_checkpoint {path} has no rng_state.pth: the run resumes '
                              'with other random draws than an uninterrupted run (dropout, on-policy samples), so its '
                              'losses will differ from it')
+        return
+    problem = rng_state_problem(path, int(os.environ.get('WORLD_SIZE') or 1))
+    if problem:
+        get_logger().warning(f'swift_gkd_plugin: --resume_from_checkpoint {path} {problem}')
+
+
+def rng_state_problem(path: str, processes: int) -> Optional[str]:
+    """What a resume on ``processes`` processes cannot restore of the random number generator states in checkpoint
+    ``path`` (HF's Trainer reads ``rng_state.pth`` on one process, ``rng_state_<rank>.pth`` on several, and only
+    logs an info line where its file is missing), or None where every process finds the file it saved: one phrase
+    of a warning. The rows' order does not depend on it (a function of the seed and the epoch:
+    :mod:`swift_gkd_plugin.swift.rollout.epoch_sampler`)."""
+    names = os.listdir(path)
+    ranks = sorted(int(m.group(1)[1:]) for m in map(RNG_STATE.match, names) if m and m.group(1))
+    saved = len(ranks) if ranks else 1 if 'rng_state.pth' in names else 0
+    if not saved or saved == processes:
+        return None
+    files = ', '.join(f'rng_state_{r}.pth' for r in ranks) if ranks else 'rng_state.pth'
+    head = (f'was saved by {saved} process{"es" if saved > 1 else ""} ({files}) and this run has {processes}: it '
+            'could not restore ')
+    tail = ': they resume with other random draws than an uninterrupted run (dropout, on-policy samples)'
+    if processes == 1:
+        return head + 'their random number generator states (rng_state.pth is what one process reads)' + tail
+    if not ranks:
+        return head + f'the random number generator states of its {processes} processes (rng_state_<rank>.pth)' + tail
+    shared = min(saved, processes)
+    what = (f'the random number generator states of ranks {shared}-{processes - 1} (no rng_state_<rank>.pth), and '
+            if processes > saved else '')
+    return (head + what + f'an uninterrupted run\'s states of ranks 0-{shared - 1}: they take those of the saved ranks '
+            'of the same index, which drew for another layout' + tail)
 
 
 def _write_failure(exc: BaseException) -> bool:
