@@ -20,7 +20,7 @@ from swift_gkd_plugin.swift.setup.teacher_server import teacher_configs, teacher
 from swift_gkd_plugin.swift.step.hidden_states import head_bypassed, head_rows, output_head, topk_from_hidden
 from swift_gkd_plugin.swift.step.token_metrics import add_token_sum as _add_token_sum
 from swift_gkd_plugin.swift.teacher.adapters import TEACHER_ADAPTER, active_adapter, eval_mode
-from swift_gkd_plugin.swift.teacher.served import (attach_trainer_token_ids, connect_teacher_servers,
+from swift_gkd_plugin.swift.teacher.served import (attach_trainer_token_ids, connect_teacher_servers, fit_answer,
                                                    infer_prompt_logprobs, score_at)
 
 logger = get_logger()
@@ -222,8 +222,12 @@ class TeacherMixin:
             batch['gkd_batch'].teacher_topk_indices = torch.zeros(shape, dtype=torch.long, device=device)
             if targets:
                 batch['gkd_batch'].teacher_token_logprobs = torch.full(shape[:-1], float('nan'), device=device)
-        for (b, row, positions), result in zip(places, results):
+        served_by = {i: self.teacher_clients[t_idx] for t_idx, indices in routing.items() for i in indices}
+        for i, ((b, row, positions), result) in enumerate(zip(places, results)):
             gkd_batch = batch_encoded_inputs[b]['gkd_batch']
+            client = served_by.get(i)
+            result = fit_answer(result, len(positions), k, f'row {row} of micro-batch {b} (request {i} of this step, '
+                                f'teacher {f"server {client.url}" if client is not None else "local"})')
             gkd_batch.teacher_topk_logprobs[row, positions] = result.logprobs.to(device).float()
             gkd_batch.teacher_topk_indices[row, positions] = result.ids.to(device).long()
             if targets:

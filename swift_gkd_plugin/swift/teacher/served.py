@@ -71,6 +71,35 @@ def score_at(client: TeacherClient, requests: List[Tuple[list, list]], topk: int
     return client.topk_at(requests, topk=topk, with_targets=with_targets)
 
 
+def fit_answer(result: TopKResult, positions: int, k: int, where: str) -> TopKResult:
+    """A served teacher's answer for one row, checked and shaped for the batch's ``[positions, k]`` slots.
+
+    One row per scored position, or one error naming the row and both counts (``where``: the row, its micro-batch
+    and its server): a tensor assignment broadcast a one-row answer over every position and refused any other count
+    with a shape message that named nothing. An answer of fewer than ``k`` entries a position (a server serving a
+    smaller top-k) fills the rest with unused slots (id 0, log-probability ``-inf``: buckets of probability 0 in every
+    loss); one of more keeps its ``k`` most likely."""
+    import torch
+    ids, logprobs = result.ids, result.logprobs
+    if ids.dim() != 2 or ids.shape != logprobs.shape or ids.shape[0] != positions:
+        raise ValueError(f'the teacher answered {tuple(logprobs.shape)[0] if logprobs.dim() else 0} positions for '
+                         f'{where}, whose labels score {positions}: its log-probs would land on the wrong tokens '
+                         f'(ids {tuple(ids.shape)}, log-probs {tuple(logprobs.shape)}, top-{k} asked). Does the server '
+                         'tokenize or truncate the rows otherwise than the trainer (--max_length, --template)?')
+    if ids.shape[1] > k:
+        logprobs, order = logprobs.topk(k, dim=-1)
+        ids = ids.gather(-1, order)
+    elif ids.shape[1] < k:
+        pad = k - ids.shape[1]
+        ids = torch.cat([ids, ids.new_zeros(positions, pad)], -1)
+        logprobs = torch.cat([logprobs, logprobs.new_full((positions, pad), float('-inf'))], -1)
+    targets = result.target_logprobs
+    if targets is not None and targets.shape != (positions, ):
+        raise ValueError(f'the teacher answered {targets.numel()} next-token log-probs for {where}, whose labels score '
+                         f'{positions}')
+    return TopKResult(ids, logprobs, result.tail, target_logprobs=targets)
+
+
 def check_topk_served(url: str, health: dict, topk: int) -> None:
     """``--gkd_logits_topk`` within what the server says it serves (this plugin's server reports ``max_topk``;
     others report nothing and are trusted): refused at start-up rather than at the first teacher request."""

@@ -1,0 +1,74 @@
+"""Issue 74 item 9: a served teacher's answers placed on the trainer's batch (``TeacherMixin._postprocess_batch``).
+
+An answer with another number of positions than the row's labels score used to be assigned by tensor indexing: a
+one-position answer was broadcast over every position (a silently wrong loss), any other count failed with torch's
+shape message naming no row. An answer of fewer than ``k`` entries a position (a server serving a smaller top-k) was
+refused the same way."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from swift_gkd_plugin.core.constants import IGNORE_INDEX
+from swift_gkd_plugin.server.client import TopKResult
+from swift_gkd_plugin.swift.teacher import placement
+
+K = 4
+
+
+def _trainer(answer_rows, answer_k=K):
+    """A trainer's state as ``_postprocess_batch`` reads it: one served teacher whose answer to each row holds
+    ``answer_rows(row, positions)`` positions of ``answer_k`` entries."""
+    client = SimpleNamespace(url='http://teacher:8000')
+
+    def score_at(client_, requests, topk, with_targets):
+        out = []
+        for r, (ids, positions) in enumerate(requests):
+            n = answer_rows(r, len(positions))
+            lps = torch.log_softmax(torch.randn(n, answer_k, dtype=torch.float64), -1).sort(-1, descending=True)[0]
+            out.append(TopKResult(torch.arange(answer_k).repeat(n, 1) + 1, lps.float()))
+        return out
+
+    return SimpleNamespace(use_teacher_api=True, _teacher_topk_route=True, teacher_configs=[SimpleNamespace(tags=[])],
+                           args=SimpleNamespace(teacher_tag_key='dataset', gkd_sampled_kl_coef=0.0),
+                           _local_teacher=None, teacher_clients=[client], gkd_logits_topk=K), score_at
+
+
+def _batches():
+    ids = torch.arange(1, 17).reshape(2, 8)
+    labels = torch.full((2, 8), IGNORE_INDEX)
+    labels[0, 5:] = ids[0, 5:]  # row 0: 3 labelled tokens
+    labels[1, 3:] = ids[1, 3:]  # row 1: 5
+    return [{'teacher_model_inputs': {'input_ids': ids, 'labels': labels}, 'gkd_batch': SimpleNamespace()}]
+
+
+def _place(monkeypatch, answer_rows, answer_k=K):
+    trainer, score_at = _trainer(answer_rows, answer_k)
+    monkeypatch.setattr(placement, 'score_at', score_at)
+    batches = _batches()
+    placement.TeacherMixin._postprocess_batch(trainer, [SimpleNamespace()] * 2, batches)
+    return batches[0]['gkd_batch']
+
+
+@pytest.mark.parametrize('answered', [1, 4])
+def test_an_answer_for_another_number_of_positions_is_one_error_naming_the_row_and_both_counts(monkeypatch,
+                                                                                                 answered):
+    with pytest.raises(ValueError) as refused:
+        _place(monkeypatch, lambda r, n: answered if r == 1 else n)
+    assert str(refused.value).startswith(
+        f'the teacher answered {answered} positions for row 1 of micro-batch 0 (request 1 of this step, teacher '
+        'server http://teacher:8000), whose labels score 5: its log-probs would land on the wrong tokens'), refused
+
+
+def test_an_answer_of_the_right_length_lands_on_the_labelled_positions(monkeypatch):
+    batch = _place(monkeypatch, lambda r, n: n)
+    finite = batch.teacher_topk_logprobs[..., 0] > float('-inf')
+    # position p predicts token p + 1: the positions before each labelled token
+    assert finite.tolist() == [[False] * 4 + [True] * 3 + [False], [False] * 2 + [True] * 5 + [False]]
+
+
+def test_an_answer_of_fewer_than_k_entries_fills_the_rest_with_unused_slots(monkeypatch):
+    batch = _place(monkeypatch, lambda r, n: n, answer_k=2)
+    row = batch.teacher_topk_logprobs[1, 2]
+    assert torch.isfinite(row[:2]).all() and row[2:].tolist() == [float('-inf')] * 2
+    assert batch.teacher_topk_indices[1, 2].tolist() == [1, 2, 0, 0]
