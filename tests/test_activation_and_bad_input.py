@@ -128,6 +128,13 @@ def test_swift_sft_is_untouched(tiny_ws, tmp_path):
 
 BAD_INPUTS = [
     ({'beta': 1.5}, ['--beta must be in [0, 1]', '1.5']),
+    ({'async_generate': 'true'}, ['--async_generate true samples the next step on a rollout server',
+                                  '--use_vllm true --vllm_mode server']),
+    ({'async_generate': 'true', 'use_vllm': 'true', 'vllm_mode': 'colocate'}, ['--vllm_mode server']),
+    ({'async_generate': 'true', 'use_vllm': 'true', 'vllm_mode': 'server', 'vllm_server_host': '127.0.0.1',
+      'sequence_parallel_size': 2}, ['--async_generate true does not run beside --sequence_parallel_size 2']),
+    ({'async_generate': 'true', 'use_vllm': 'true', 'vllm_mode': 'server', 'vllm_server_host': '127.0.0.1',
+      'lmbda': 0}, ['--async_generate true with --lmbda 0']),
     ({'beta': -0.1}, ['--beta must be in [0, 1]']),
     ({'lmbda': -0.1}, ['--lmbda must be in [0, 1]']),
     ({'lmbda': 2}, ['--lmbda must be in [0, 1]']),

@@ -45,12 +45,21 @@ def test_one_rank_per_engine_gets_no_request_seeds():
                                      vllm_mode='colocate') is config
 
 
-@pytest.mark.parametrize('mode', ['server', None])
-def test_server_mode_is_left_to_ms_swift(mode):
-    """The rollout server's workers number their share of the requests from one seed: it stays ms-swift's."""
+def test_server_mode_seeds_per_step_with_one_completion_per_prompt():
+    """Server mode, one completion per prompt: the requests are seeded from (seed, step, turn), the same on every rank
+    (rank 0 sends them all), new at every step and turn, so a resumed or ``--async_generate`` run draws what the
+    synchronous, uninterrupted run drew. With several completions per prompt, and without vLLM, it stays ms-swift's:
+    the server's data-parallel workers number their share from one seed (copies of a prompt would draw alike)."""
     config = RequestConfig(temperature=1.0, seed=None)
-    assert seeded_request_config(config, seed=1, step=2, process_index=0, tensor_parallel_size=1,
-                                 vllm_mode=mode) is config
+    seeds = {(step, turn, rank): seeded_request_config(config, seed=1, step=step, process_index=rank,
+                                                       tensor_parallel_size=1, vllm_mode='server', turn=turn).seed
+             for step in (2, 3) for turn in (0, 1) for rank in (0, 1)}
+    assert all(s is not None for s in seeds.values())
+    assert all(seeds[(step, turn, 0)] == seeds[(step, turn, 1)] for step in (2, 3) for turn in (0, 1))
+    assert len({seeds[(step, turn, 0)] for step in (2, 3) for turn in (0, 1)}) == 4
+    for mode, copies in (('server', 4), (None, 1)):
+        assert seeded_request_config(config, seed=1, step=2, process_index=0, tensor_parallel_size=1,
+                                     vllm_mode=mode, copies=copies) is config
 
 
 def test_each_turn_of_a_multi_turn_rollout_draws_from_its_own_seeds():

@@ -31,6 +31,7 @@ RUN = dict(ON_POLICY, **SERVER)
 for _name in ('vllm_mode', 'vllm_enforce_eager', 'vllm_max_model_len'):
     RUN.pop(_name, None)
 RUN.update(SERVER)
+MIXED_LR0 = dict(lmbda=0.5, seq_kd='true', learning_rate=0, max_steps=6)
 
 if importlib.util.find_spec('vllm') is None:  # CI installs it
     if os.environ.get('CI'):
@@ -126,18 +127,29 @@ def assert_server_is_on_policy(run, syncs):
 def runs(vllm_ws, shared_runs):
     ws = vllm_ws
     student, tied = ws.student, os.path.join(ws.root, 'student_tied')
-    return shared_runs('vllm_server', {
+    runs = shared_runs('vllm_server', {
         'full': lambda out: server_run(ws, out, server(ws, 'student', student), max_steps=3),
         'lora': lambda out: server_run(ws, out, server(ws, 'student', student), tuner_type='lora', lora_dropout=0,
                                        target_modules='all-linear', max_steps=3),
         'two_ranks': lambda out: server_run(ws, out, server(ws, 'student', student), nproc=2, use_cpu='true',
                                             max_steps=2),
+        # --async_generate: at learning rate 0 the same samples and losses as the synchronous run (mixed modes: only
+        # on-policy steps are prefetched), at 1e-2 one version old, a checkpoint keeping the next step's samples
+        'sync_lr0': lambda out: server_run(ws, out, server(ws, 'student', student), **MIXED_LR0),
+        'async_lr0': lambda out: server_run(ws, out, server(ws, 'student', student), async_generate='true',
+                                            **MIXED_LR0),
+        'async': lambda out: server_run(ws, out, server(ws, 'student', student), async_generate='true', max_steps=4,
+                                        save_strategy='steps', save_steps=2),
+        'async_resumed': lambda out: server_run(
+            ws, out, server(ws, 'student', student), async_generate='true', max_steps=4,
+            resume_from_checkpoint=os.path.join(runs['async'].output_dir, 'checkpoint-2')),
         'tied': lambda out: server_run(ws, out, server(ws, 'tied', tied, '--vllm_enable_lora', 'true'),
                                        model=tied, max_steps=3),
         'tied_lora_adapter': lambda out: server_run(
             ws, out, server(ws, 'tied', tied, '--vllm_enable_lora', 'true'), model=tied, tuner_type='lora',
             lora_dropout=0, vllm_enable_lora='true', max_steps=3),
     })
+    return runs
 
 
 def test_server_mode_samples_from_the_synced_student(runs):
@@ -169,6 +181,46 @@ def test_server_mode_tied_embedding_student(runs):
 def test_server_mode_adapter_only_sync(runs):
     """``--vllm_enable_lora true`` on the server and the trainer: the base once, then the adapter alone."""
     assert_server_is_on_policy(runs['tied_lora_adapter'], syncs=3)
+
+
+def _steps(run, key):
+    return [row.get(key) for row in run.logs]
+
+
+def test_async_generate_at_learning_rate_0_trains_what_the_synchronous_run_trains(runs):
+    """``--async_generate true``, lmbda 0.5 with seq_kd, learning rate 0: every step's mode, completion lengths and
+    loss equal the synchronous run's (the rows are read one step ahead; the server's draws are seeded per step); each
+    on-policy step but step 0 trained on samples prefetched while the step before trained (whatever its mode), one
+    weight version old, the trainer's wait logged."""
+    sync, run = _ok(runs['sync_lr0']), _ok(runs['async_lr0'])
+    for key in ('gkd/mode_on_policy', 'gkd/mode_seq_kd', 'gkd/completion_length', 'loss'):
+        assert _steps(run, key) == _steps(sync, key), key
+    on = _steps(run, 'gkd/mode_on_policy')
+    prefetched = [i for i in range(1, len(on)) if on[i]]  # every on-policy step but a first one
+    assert prefetched and not all(on), on  # (seed 0 draws both kinds)
+    assert [i for i, row in enumerate(run.logs) if 'gkd/staleness' in row] == prefetched
+    assert all(run.logs[i]['gkd/staleness'] == 1 and run.logs[i]['gkd/staleness_max'] == 1 and
+               run.logs[i]['gkd/sample_wait_s'] >= 0 for i in prefetched)
+    assert not any('gkd/staleness' in row for row in sync.logs)
+
+
+def test_async_generate_syncs_every_step_and_samples_one_version_behind(runs):
+    """At learning rate 1e-2: the server holds the trained weights after every sync (the sync for step t + 1's
+    samples happens at step t; the last step prefetches nothing), and steps 2-4 train on samples of the weights
+    before their last update."""
+    run = runs['async']
+    assert_server_is_on_policy(run, syncs=3)  # steps 0 (its own samples, then step 1's), 1 and 2 (the next's)
+    assert [row.get('gkd/staleness') for row in run.logs] == [None, 1, 1, 1]
+    assert os.path.exists(os.path.join(run.output_dir, 'checkpoint-2', 'gkd_prefetched.pkl'))
+
+
+def test_async_generate_resumed_run_trains_the_prefetched_batch_once(runs):
+    """A run resumed from an async run's checkpoint trains the samples that checkpoint kept for its next step (not
+    lost, not sampled again with newer weights): steps 3 and 4 equal the uninterrupted run's."""
+    full, resumed = _ok(runs['async']), _ok(runs['async_resumed'])
+    assert len(resumed.logs) == 2
+    for key in ('loss', 'grad_norm', 'gkd/completion_length', 'gkd/staleness'):
+        assert _steps(resumed, key) == _steps(full, key)[2:], key
 
 
 def test_server_of_another_model_stops_the_run_at_the_first_sync(vllm_ws, tmp_path):

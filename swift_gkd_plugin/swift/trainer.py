@@ -48,6 +48,7 @@ from swift_gkd_plugin.swift.rollout.sampling import RolloutMixin
 from swift_gkd_plugin.server.client import TeacherServerError
 from swift_gkd_plugin.swift.run.guards import RunError, install_run_guards, server_failed_message
 from swift_gkd_plugin.swift.rollout.rollout_server import RolloutServerError
+from swift_gkd_plugin.swift.rollout.prefetch import PrefetchMixin
 from swift_gkd_plugin.swift.rollout.samplers import SamplersMixin
 from swift_gkd_plugin.swift.step.scoring import ScoringMixin
 from swift_gkd_plugin.swift.teacher.placement import TeacherMixin
@@ -57,14 +58,16 @@ from swift_gkd_plugin.colocated_vllm import shutdown_engine
 logger = get_logger()
 
 
-class GKDPluginTrainer(LossMixin, RolloutMixin, SamplersMixin, ScoringMixin, BatchesMixin, TeacherMixin,
-                       ReferenceMixin, GKDTrainer):
+class GKDPluginTrainer(PrefetchMixin, LossMixin, RolloutMixin, SamplersMixin, ScoringMixin, BatchesMixin,
+                       TeacherMixin, ReferenceMixin, GKDTrainer):
     """ms-swift's GKD trainer with the plugin's modes (seq_kd included), loss, normalisation and metrics."""
 
     def __init__(self, *args, **kwargs):
         ref_model = kwargs.pop('ref_model', None)  # --gkd_ref_kl_coef's copy (ms-swift's GKDTrainer takes none)
         self._sampling_turn = 0  # a multi-turn rollout's later turn, while it samples (vLLM's request seeds)
+        async_generate = self.take_async_flag(kwargs['args'])  # before ms-swift's trainer reads it
         super().__init__(*args, **kwargs)
+        self._setup_prefetch(async_generate)
         if self.template.sequence_parallel_size > 1:  # a group reads one set of rows (RolloutMixin.get_train_dataloader)
             self.args.generation_batch_size //= self.template.sequence_parallel_size
             drop_right_padding_masks()

@@ -77,6 +77,7 @@ def assert_passed_the_checks(output):
     (('--tensor_model_parallel_size', '2', '--teacher_tensor_model_parallel_size', '4'),
      '--teacher_tensor_model_parallel_size 4 differs from --tensor_model_parallel_size 2'),
     (('--teacher_adapters', '/tmp/adapter'), '--teacher_adapters is supported by swift rlhf only'),
+    (('--async_generate', 'true'), '--async_generate true is not supported by megatron rlhf (allowed: false'),
     (('--seq_kd', 'maybe'), 'cannot read the GKD flags'),
     (('--teacher_model_server', 'http://127.0.0.1:9', '--gkd_logits_topk', '8', '--teacher_api_key', 'k',
       '--teacher_server_wait', '30'), "['--teacher_api_key', '--teacher_server_wait'] are supported by swift rlhf only"),

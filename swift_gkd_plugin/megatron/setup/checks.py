@@ -51,6 +51,10 @@ def check_megatron_gkd(args) -> None:
 
     ``args.beta`` may be None (ms-swift's Megatron default, resolved to 0.5 for GKD).
     """
+    if getattr(args, 'async_generate', False):
+        raise FlagError('--async_generate true is not supported by megatron rlhf (allowed: false; ms-swift\'s '
+                        'Megatron GRPO refuses it too): its samples are drawn between the training steps. swift rlhf '
+                        'runs it, with --use_vllm true --vllm_mode server')
     if args.gkd_loss_impl not in MEGATRON_LOSS_IMPLS:
         raise FlagError(f'--gkd_loss_impl {args.gkd_loss_impl!r} is not available in megatron rlhf (allowed: '
                          f'{list(MEGATRON_LOSS_IMPLS)}): the output layer is vocabulary-parallel there, and the '
@@ -231,6 +235,7 @@ def _command_line_parser() -> argparse.ArgumentParser:
     p.add_argument('--moe_grouped_gemm', type=_bool, default=True)
     p.add_argument('--bridge_backend', default='mcore-bridge')
     p.add_argument('--vllm_mode', default=None)
+    p.add_argument('--async_generate', type=_bool, default=False)
     # the RL + distillation flags of swift rlhf, refused here; None: not on the command line
     p.add_argument('--reward_funcs', nargs='*', default=[])
     p.add_argument('--reward_weights', nargs='*', type=float, default=None)

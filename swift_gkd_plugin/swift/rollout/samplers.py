@@ -97,10 +97,12 @@ class SamplersMixin:
             return untruncated_top_k(config, self.accelerator.unwrap_model(self.model))
         if not self.model.training:
             return config
-        return seeded_request_config(config, seed=self.args.seed, step=int(self.state.global_step),
+        step = getattr(self, '_request_step', None)  # a prefetched step's (--async_generate), else this one
+        return seeded_request_config(config, seed=self.args.seed,
+                                     step=int(self.state.global_step) if step is None else step,
                                      process_index=self.accelerator.process_index,
                                      tensor_parallel_size=self._vllm_tp_size(), vllm_mode=self.args.vllm_mode,
-                                     turn=self._sampling_turn)
+                                     turn=self._sampling_turn, copies=self.args.num_generations)
 
     def _request_sampler_logprobs(self) -> None:
         """The RL term's sampler/policy mismatch correction (``--rollout_importance_sampling_mode``) and its metrics
@@ -207,7 +209,7 @@ def untruncated_top_k(config, model):
 
 
 def seeded_request_config(config, *, seed: int, step: int, process_index: int, tensor_parallel_size: int,
-                          vllm_mode: str, turn: int = 0):
+                          vllm_mode: str, turn: int = 0, copies: int = 1):
     """``config`` with vLLM per-request seeds that make a colocated engine split over ``tensor_parallel_size`` > 1
     ranks sample as a function of (``--seed``, step, TP group, turn); ``config`` itself otherwise.
 
@@ -222,16 +224,22 @@ def seeded_request_config(config, *, seed: int, step: int, process_index: int, t
     off its fused top-k/top-p sampler; the engine draws from the process's default generator instead, which the
     trainer seeds per (seed, step, rank) around each rollout (:meth:`SamplersMixin._sampling_rng`).
 
-    Server mode is left to ms-swift (each rollout worker seeds itself at random): the trainer's client splits the
+    Server mode (rank 0 sends every rank's requests) with one completion per prompt: seeded from (seed, step, turn),
+    so a resumed run and ``--async_generate`` draw what the synchronous, uninterrupted run drew. With several
+    completions per prompt it is left to ms-swift (each rollout worker seeds itself at random): the client splits the
     requests between servers and each server between its data-parallel workers, which number their share from the
     same ``config.seed``, so one seed would give copies of a prompt on different workers the same draws.
 
     ``turn``: the turn of a multi-turn rollout (0: the first). Each later turn gets a range of its own: with one seed
     for every turn, request ``i`` would draw from the same random stream at every turn of its trajectory.
     """
+    stream = 'sampling' if not turn else f'sampling-turn{int(turn)}'
+    if vllm_mode == 'server' and copies == 1:
+        config = copy(config)
+        config.seed = sampling_seed(seed, step, 0, f'server-{stream}') >> 1
+        return config
     if vllm_mode != 'colocate' or int(tensor_parallel_size) <= 1:
         return config
     config = copy(config)
-    stream = 'sampling' if not turn else f'sampling-turn{int(turn)}'
     config.seed = sampling_seed(seed, step, process_index // int(tensor_parallel_size), stream) >> 1
     return config

@@ -109,6 +109,8 @@ class RolloutMixin:
                 sample.add_eos = sample.finish_reason == 'stop'
         if self.multi_turn_scheduler is not None and mode.needs_generation:
             self._log_trajectories(samples)
+        if training:
+            self._prefetch_next(step)  # --async_generate: the next step's samples, while this one trains
         return samples
 
     def _sample(self, mode: Mode, samples, step: int):
@@ -116,7 +118,7 @@ class RolloutMixin:
         if mode is Mode.ON_POLICY and self.args.gkd_skd_top_k:
             return self._generate_with_skd(samples, step)
         if mode is Mode.ON_POLICY:
-            return self._generate_completions(samples)  # ms-swift's loop drives a scheduler's turns
+            return self._student_samples(samples, step)  # prefetched (--async_generate) or ms-swift's loop
         return self._generate_with_teacher(samples)
 
     def _add_prompt_id_to_inputs(self, samples):

@@ -36,7 +36,7 @@ from swift_gkd_plugin.swift.setup.sequence_parallel import (check_sequence_paral
                                                             resolve_sequence_parallel)
 from swift_gkd_plugin.swift.setup.teacher_server import (check_teacher_server_config, check_teacher_servers,
                                                         check_teacher_tags, local_teacher_of)
-from swift_gkd_plugin.swift.setup.vllm import (check_vllm_launcher, check_vllm_server_mode,
+from swift_gkd_plugin.swift.setup.vllm import (check_async_generate, check_vllm_launcher, check_vllm_server_mode,
                                               check_vllm_tensor_parallel_size, rollout_server_named)
 from swift_gkd_plugin.swift.setup.zero3_lora import zero3_lora_warnings
 
@@ -393,8 +393,6 @@ def check_generation_flags(args) -> None:
     if is_mp() and args.use_vllm:
         raise FlagError('--use_vllm true is not compatible with device_map model parallelism: set '
                          'NPROC_PER_NODE to the number of processes.')
-    if args.async_generate:
-        raise FlagError('--async_generate true is not supported for GKD (allowed: false)')
     if args.teacher_model_server is not None and (args.padding_free or args.packing):
         raise FlagError('--teacher_model_server does not support --padding_free / --packing yet')
 
@@ -456,6 +454,7 @@ def check_flags_only(args) -> None:
     check_vllm_installed(args)
     check_vllm_logprobs(args)
     check_teacher_server_config(args)
+    check_async_generate(args)
     check_sequence_parallel(args)
     if args.use_vllm:
         check_vllm_server_mode(args)

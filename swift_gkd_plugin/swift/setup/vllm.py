@@ -67,3 +67,29 @@ def rollout_server_named(args):
         raise FlagError(f'{where}: no rollout server answered within --vllm_server_timeout '
                         f'{args.vllm_server_timeout:g} s ({exc}): start it first (swift rollout --model <the student> '
                         '...) on devices of its own, or correct the address') from exc
+
+
+def check_async_generate(args) -> None:
+    """``--async_generate true`` (:mod:`swift_gkd_plugin.swift.rollout.prefetch`): the next on-policy step is sampled on
+    a rollout server while this one trains, one optimizer step per generation batch; what it cannot run beside is
+    refused."""
+    if not args.async_generate:
+        return
+    if not (args.use_vllm and args.vllm_mode == 'server'):
+        raise FlagError('--async_generate true samples the next step on a rollout server while this one trains: it '
+                        'needs --use_vllm true --vllm_mode server (swift rollout on devices of its own); a colocated '
+                        'or transformers sampler shares the training devices (allowed there: --async_generate false)')
+    if args.lmbda == 0:
+        raise FlagError('--async_generate true with --lmbda 0: no step samples from the student, nothing to prefetch '
+                        '(allowed: --lmbda > 0, or --async_generate false)')
+    refused = [(int(getattr(args, 'sequence_parallel_size', 1) or 1) > 1,
+                f'--sequence_parallel_size {getattr(args, "sequence_parallel_size", 1)}'),
+               (args.multi_turn_scheduler is not None, f'--multi_turn_scheduler {args.multi_turn_scheduler}'),
+               (bool(getattr(args, 'gkd_skd_top_k', None)), f'--gkd_skd_top_k {getattr(args, "gkd_skd_top_k", None)}')]
+    spg, ga = getattr(args, 'steps_per_generation', None), args.gradient_accumulation_steps
+    refused.append((spg is not None and ga is not None and spg != ga, f'--steps_per_generation {spg}'))
+    for given, flag in refused:
+        if given:
+            raise FlagError(f'--async_generate true does not run beside {flag} yet (allowed: --async_generate false): '
+                            'it prefetches one whole generation batch per optimizer step, sampled in one call to the '
+                            'rollout server')
