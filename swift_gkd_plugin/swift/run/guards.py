@@ -235,9 +235,10 @@ class ReplacedRows(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or 'loss' not in logs:
             return
-        for key, value in (('replaced', self.count), ('deleted', self.deleted), ('cut', self.cut)):
+        for key, value in (('gkd/replaced_rows', self.count), ('gkd/deleted_rows', self.deleted),
+                           ('gkd/cut_rows', self.cut)):
             if value:
-                logs[f'gkd/{key}_rows'] = value
+                logs[key] = value
 
 
 #: rows that fail to encode (or are too long under delete) before any row of the run encodes, that stop the run: a
