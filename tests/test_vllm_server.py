@@ -78,22 +78,43 @@ def server(ws, name: str, model: str, *flags: str, env=None) -> int:
     with open(log, 'w') as out:
         proc = subprocess.Popen(cmd, env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     atexit.register(_stop, proc)
+    _wait_for(proc, f'http://127.0.0.1:{port}/health', log)
+    _servers[name] = (proc, port, log)
+    return port
+
+
+def teacher_server(ws) -> str:
+    """The URL of this process's ``swift-gkd serve-teacher`` on the workspace's teacher (top-k 8)."""
+    if 'teacher_topk' in _servers and _servers['teacher_topk'][0].poll() is None:
+        return f'http://127.0.0.1:{_servers["teacher_topk"][1]}'
+    port = _free_port()
+    log = os.path.join(ws.root, f'teacher_server_{os.getpid()}_{port}.log')
+    cmd = [os.path.join(os.path.dirname(sys.executable), 'swift-gkd'), 'serve-teacher', '--model', ws.teacher,
+           '--model_type', 'qwen3', '--template', 'qwen3_nothinking', '--port', str(port), '--top_k', '8',
+           '--torch_dtype', 'float32', '--device', 'cpu']
+    with open(log, 'w') as out:
+        proc = subprocess.Popen(cmd, env=dict(os.environ, **OFFLINE_ENV), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    atexit.register(_stop, proc)
+    _wait_for(proc, f'http://127.0.0.1:{port}/health/', log)
+    _servers['teacher_topk'] = (proc, port, log)
+    return f'http://127.0.0.1:{port}'
+
+
+def _wait_for(proc, url: str, log: str) -> None:
     import requests
     deadline = time.time() + 600
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f'swift rollout exited ({proc.returncode}):\n{open(log).read()[-6000:]}')
+            raise AssertionError(f'the server exited ({proc.returncode}):\n{open(log).read()[-6000:]}')
         try:
-            if requests.get(f'http://127.0.0.1:{port}/health', timeout=2).status_code == 200:
-                break
+            if requests.get(url, timeout=2).status_code == 200:
+                return
         except requests.RequestException:
             pass
         time.sleep(1)
-    else:
-        _stop(proc)
-        raise AssertionError(f'swift rollout did not answer within 600 s:\n{open(log).read()[-6000:]}')
-    _servers[name] = (proc, port, log)
-    return port
+    _stop(proc)
+    raise AssertionError(f'the server did not answer within 600 s:\n{open(log).read()[-6000:]}')
 
 
 def server_run(ws, out: str, port: int, plugins=(PROBE,), env=None, nproc: int = 1, **flags):
@@ -143,6 +164,11 @@ def runs(vllm_ws, shared_runs):
         'async_resumed': lambda out: server_run(
             ws, out, server(ws, 'student', student), async_generate='true', max_steps=4,
             resume_from_checkpoint=os.path.join(runs['async'].output_dir, 'checkpoint-2')),
+        # beside a served teacher (this plugin's top-k server): the same at learning rate 0
+        **{f'{name}_served_teacher': (lambda flags: lambda out: server_run(
+            ws, out, server(ws, 'student', student), teacher_model=None, teacher_model_type=None,
+            teacher_model_server=teacher_server(ws), gkd_logits_topk=8, learning_rate=0, max_steps=3, **flags))(flags)
+           for name, flags in (('sync', {}), ('async', {'async_generate': 'true'}))},
         'tied': lambda out: server_run(ws, out, server(ws, 'tied', tied, '--vllm_enable_lora', 'true'),
                                        model=tied, max_steps=3),
         'tied_lora_adapter': lambda out: server_run(
@@ -221,6 +247,14 @@ def test_async_generate_resumed_run_trains_the_prefetched_batch_once(runs):
     assert len(resumed.logs) == 2
     for key in ('loss', 'grad_norm', 'gkd/completion_length', 'gkd/staleness'):
         assert _steps(resumed, key) == _steps(full, key)[2:], key
+
+
+def test_async_generate_beside_a_served_teacher(runs):
+    """A served teacher (``--teacher_model_server``, top-k 8) scores the prefetched samples as it scores synchronous
+    ones: at learning rate 0 the same losses; steps 2-3 one version stale."""
+    sync, run = _ok(runs['sync_served_teacher']), _ok(runs['async_served_teacher'])
+    assert _steps(run, 'loss') == _steps(sync, 'loss') and len(run.logs) == 3
+    assert _steps(run, 'gkd/staleness') == [None, 1, 1]
 
 
 def test_server_of_another_model_stops_the_run_at_the_first_sync(vllm_ws, tmp_path):
