@@ -154,6 +154,8 @@ def runs(vllm_ws, shared_runs):
                                        target_modules='all-linear', max_steps=3),
         'two_ranks': lambda out: server_run(ws, out, server(ws, 'student', student), nproc=2, use_cpu='true',
                                             max_steps=2),
+        'two_ranks_async': lambda out: server_run(ws, out, server(ws, 'student', student), nproc=2, use_cpu='true',
+                                                  async_generate='true', max_steps=3),
         # --async_generate: at learning rate 0 the same samples and losses as the synchronous run (mixed modes: only
         # on-policy steps are prefetched), at 1e-2 one version old, a checkpoint keeping the next step's samples
         'sync_lr0': lambda out: server_run(ws, out, server(ws, 'student', student), **MIXED_LR0),
@@ -247,6 +249,15 @@ def test_async_generate_resumed_run_trains_the_prefetched_batch_once(runs):
     assert len(resumed.logs) == 2
     for key in ('loss', 'grad_norm', 'gkd/completion_length', 'gkd/staleness'):
         assert _steps(resumed, key) == _steps(full, key)[2:], key
+
+
+def test_async_generate_on_two_trainer_ranks(runs):
+    """Two ranks: rank 0 sends both ranks' prefetched prompts and the samples come back to each rank's rows; the server
+    holds the trained weights after each sync."""
+    run = runs['two_ranks_async']
+    assert_server_is_on_policy(run, syncs=2)
+    assert _steps(run, 'gkd/staleness') == [None, 1, 1]
+    assert all(row['gkd/completion_length'] > 0 for row in run.logs)
 
 
 def test_async_generate_beside_a_served_teacher(runs):
