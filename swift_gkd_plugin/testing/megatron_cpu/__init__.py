@@ -226,6 +226,23 @@ def _seeded_tracker(module):
     module.set_random_seed = seeded
 
 
+@_after('megatron.core.dist_checkpointing.strategies.filesystem_async')
+def _forked_results_queue(module):
+    """``strategies/filesystem_async.py`` ~51: a checkpoint save's write results come back through the queue of a
+    ``multiprocessing`` manager started with ``spawn`` (a fresh interpreter, as forked CUDA state would break it):
+    ~4 s of a rank's save in the CPU runs, and ~1 s more to stop it at exit. Without CUDA it is forked, as the
+    writers themselves are (``write_preloaded_data_multiproc``, ``fork``); what is written, and how, is
+    megatron-core's."""
+    import multiprocessing
+
+    def write_results_queue():
+        if module._results_queue is None:
+            module._results_queue = multiprocessing.get_context('fork').Manager().Queue()
+        return module._results_queue
+
+    module._get_write_results_queue = write_results_queue
+
+
 @_after('megatron.core.tensor_parallel.layers')
 def _parallel_attributes(module):
     """``tensor_parallel/layers.py`` ~244/855/1178: the local layers mark their weights as split over the tensor-
