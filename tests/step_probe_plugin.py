@@ -19,6 +19,8 @@ Events, each per phase:
 - ``seconds``: wall time.
 
 Also per step: ``response_tokens`` (the step's student response tokens on this rank) and the optimizer step's index.
+An evaluation (``evaluation_loop``) is not part of a step: it writes a line of its own, ``step`` ``eval<N>`` after
+optimizer step N.
 """
 import functools
 import json
@@ -162,3 +164,24 @@ def training_step(self, *args, **kwargs):
 
 
 GKDPluginTrainer.training_step = training_step
+
+
+_evaluation_loop = GKDPluginTrainer.evaluation_loop
+
+
+def evaluation_loop(self, *args, **kwargs):
+    held = {k: dict(v) for k, v in _counts.items()}  # the step running (an evaluation runs between steps: none)
+    _counts.clear()
+    try:
+        return _evaluation_loop(self, *args, **kwargs)
+    finally:
+        record = {'rank': int(os.environ.get('RANK', '0')), 'step': f'eval{self.state.global_step}',
+                  'phases': {k: dict(v) for k, v in _counts.items()}}
+        with open(_LOG, 'a') as f:
+            f.write(json.dumps(record) + '\n')
+        _counts.clear()
+        for phase, events in held.items():
+            _counts[phase].update(events)
+
+
+GKDPluginTrainer.evaluation_loop = evaluation_loop

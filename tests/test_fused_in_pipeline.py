@@ -69,12 +69,15 @@ def test_fused_equals_dense_on_two_ranks(tiny_ws, tmp_path):
 @pytest.mark.parametrize('case', ['full_tuning_separate_teacher', 'shared_base_lora'])
 def test_fused_equals_dense_under_zero3_on_two_processes(tiny_ws, adapters, tmp_path, case):
     """ZeRO-3 partitions both output heads: the fused loss gathers them for its forward, and the head's full-size
-    gradient reaches the shards (full tuning: the head is trained; the grad-norm includes its gradient)."""
+    gradient reaches the shards (full tuning: the head is trained; the grad-norm includes its gradient). The shared
+    base samples its seq_kd rows with ZeRO-3 gathering each layer as it runs (``--ds3_gather_for_generation
+    false``): the first training forward after it failed, in both loss paths (issue 74 item 1)."""
     pytest.importorskip('deepspeed')
     flags = dict(max_steps=2, seed=3, use_cpu='true', lmbda=0.5, seq_kd='true', deepspeed='zero3', fp16='false',
                  learning_rate=1e-3)
     if case == 'shared_base_lora':
-        flags.update(tuner_type='lora', lora_dropout=0, teacher_model=tiny_ws.student, adapters=adapters['fit'])
+        flags.update(tuner_type='lora', lora_dropout=0, teacher_model=tiny_ws.student, adapters=adapters['fit'],
+                     ds3_gather_for_generation='false')
     dense = run_swift(base_args(tiny_ws, str(tmp_path / 'dense'), gkd_loss_impl='dense', **flags), nproc=2)
     fused = run_swift(base_args(tiny_ws, str(tmp_path / 'fused'), gkd_loss_impl='fused', **flags), nproc=2)
     assert 'GKD loss implementation: fused (--gkd_loss_impl fused)' in fused.output

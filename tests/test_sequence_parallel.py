@@ -24,12 +24,12 @@ def _not_ours(where) -> bool:
     return _theirs(where) or 'swift/sequence_parallel/' in where
 
 
-def _odd_rows(path) -> str:
+def _odd_rows(path, lengths=(3, 4, 5, 6, 6, 5, 4, 3)) -> str:
     """Eight rows of different lengths, every one odd (19 to 25 tokens: each letter is one token of the prompt and
     one of the answer, and the answer has one more), so every batch is padded before its split in two."""
     letters = 'abcdefgh'
     with open(path, 'w') as f:
-        for i, n in enumerate([3, 4, 5, 6, 6, 5, 4, 3]):
+        for i, n in enumerate(lengths):
             prompt = [letters[(i + 3 * j) % 8] for j in range(n)]
             answer = prompt[::-1] + [letters[i]]
             f.write(json.dumps({'messages': [{'role': 'user', 'content': 'Reverse: ' + ' '.join(prompt)},
@@ -48,13 +48,27 @@ def _weights(run):
     return load_file(files[0])
 
 
-def _one_rank_and_group(tiny_ws, tmp_path, one_env=None, timeout=600, probes=False, **flags):
+def _eval_logs(run):
+    """The ``eval_*`` rows of a run's logging.jsonl."""
+    rows = []
+    for path in sorted(glob.glob(os.path.join(run.output_dir, '**', 'logging.jsonl'), recursive=True)):
+        with open(path) as f:
+            rows += [row for row in map(json.loads, f) if 'eval_loss' in row]
+    return rows
+
+
+def _one_rank_and_group(tiny_ws, tmp_path, one_env=None, timeout=600, probes=False, evaluate=False, **flags):
     """The same flags, ``--per_device_train_batch_size`` included, on one rank and on a group of two ranks. With
     ``probes`` both runs also count their work (``tests/step_probe_plugin.py``: ``run.probe``, ``{(rank, step):
-    record}``) and host syncs (``tests/host_sync_plugin.py``: ``run.syncs``, one record per micro-batch)."""
+    record}``) and host syncs (``tests/host_sync_plugin.py``: ``run.syncs``, one record per micro-batch). With
+    ``evaluate`` both evaluate after every step on 5 rows of odd lengths, 2 a batch (the last batch holds one row),
+    and log the same ``eval_loss`` (issue 74 item 1: the group's first evaluation aborted in gloo)."""
     flags = {'dataset': _odd_rows(tmp_path / 'odd.jsonl'), 'max_steps': 3, 'gradient_accumulation_steps': 2,
              'per_device_train_batch_size': 2, 'learning_rate': 1e-3, 'save_strategy': 'steps', 'save_steps': 3,
              'seed': 3, **flags}
+    if evaluate:
+        flags.update(val_dataset=_odd_rows(tmp_path / 'val.jsonl', (5, 3, 6, 4, 5)), eval_strategy='steps',
+                     eval_steps=1, per_device_eval_batch_size=2)
     envs = {'one': dict(one_env or {}), 'sp2': {}}
     if probes:
         flags['external_plugins'] = [PROBE, SYNCS]
@@ -67,6 +81,12 @@ def _one_rank_and_group(tiny_ws, tmp_path, one_env=None, timeout=600, probes=Fal
     assert len(one.logs) == len(group.logs) == flags['max_steps'], (one.logs, group.logs)
     for a, b in zip(one.logs, group.logs):
         assert _rel(a['loss'], b['loss']) < 1e-5, (one.losses, group.losses)
+    if evaluate:
+        evals = _eval_logs(one), _eval_logs(group)
+        assert len(evals[0]) == len(evals[1]) == flags['max_steps'], evals
+        for a, b in zip(*evals):
+            for key in ('eval_loss', 'eval_gkd/distill_loss'):
+                assert _rel(a[key], b[key]) < 1e-5, (key, evals)
     group.flags = flags
     if probes:
         for name, run in (('one', one), ('sp2', group)):
@@ -80,11 +100,14 @@ def _one_rank_and_group(tiny_ws, tmp_path, one_env=None, timeout=600, probes=Fal
 
 
 def _assert_each_rank_holds_half(one, group, steps):
-    """At every step, the token positions the student's decoder layers ran on (its forward in the loss) and the
-    teacher's are, on each rank of the group, half the one rank's (up to the padding of odd rows to an even length):
-    before issue 63 the group pooled its rows and each rank held as many tokens as one rank without the group."""
-    assert len(one.probe) == steps and len(group.probe) == 2 * steps, (one.probe.keys(), group.probe.keys())
-    for step in range(1, steps + 1):
+    """At every step, and at every evaluation, the token positions the student's decoder layers ran on (its forward
+    in the loss) and the teacher's are, on each rank of the group, half the one rank's (up to the padding of odd rows
+    to an even length): before issue 63 the group pooled its rows and each rank held as many tokens as one rank
+    without the group."""
+    evals = sorted({step for _, step in one.probe if isinstance(step, str)})
+    assert len(one.probe) == steps + len(evals) and len(group.probe) == 2 * (steps + len(evals)), \
+        (one.probe.keys(), group.probe.keys())
+    for step in list(range(1, steps + 1)) + evals:
         for phase in ('loss', 'teacher'):
             tokens = one.probe[(0, step)]['phases'][phase]['layer_tokens']
             for rank in (0, 1):
@@ -95,14 +118,15 @@ def _assert_each_rank_holds_half(one, group, steps):
 @pytest.mark.parametrize('impl', ['dense', 'fused'])
 def test_sequence_parallel_equals_one_rank_off_policy(tiny_ws, tmp_path, impl):
     """Dataset rows, two a micro-batch (of different lengths, padded before the split): each rank holds half of
-    every row in every forward, and no host sync is added to the loss. 5 steps over the 8 rows (4 a step: 2.5
+    every row in every forward, and no host sync is added to the loss; an evaluation after every step logs the one
+    rank's. 5 steps over the 8 rows (4 a step: 2.5
     epochs), the weights compared at step 3. With the dense loss the group also resumes from its step-1 checkpoint
     (in the middle of the first epoch: the batches it skips are its group's) and logs the uninterrupted run's steps
     2 to 5, across two epoch boundaries. (Not from step 3: a resume past a whole epoch replays the first epoch's
     order, on one rank as on a group: TRL's ``RepeatSampler`` draws each epoch's order from a generator seeded once,
     and the skipped epochs are not drawn.)"""
     one, group = _one_rank_and_group(tiny_ws, tmp_path, lmbda=0, gkd_loss_impl=impl, probes=True, max_steps=5,
-                                     save_steps=1)
+                                     save_steps=1, evaluate=True)
     assert f'GKD loss implementation: {impl}' in group.output
     assert group.output.count('sequence parallelism on: 1 group(s) of 2 ranks (--sequence_parallel_size 2, 2 '
                               'processes); each rank holds 1/2 of every row') == 1, group.output[-3000:]
@@ -127,11 +151,11 @@ def test_sequence_parallel_equals_one_rank_off_policy(tiny_ws, tmp_path, impl):
 def test_sequence_parallel_on_policy_and_seq_kd_share_the_samples(tiny_ws, tmp_path):
     """Greedy sampling (``--top_k 1``), one row a step (``--per_device_train_batch_size 1``, no accumulation): the
     group samples each row once (its first rank; the second's share is empty) on whole sequences, and both ranks train
-    on it, each on its half, so every step's loss is the one-rank run's (on-policy and seq_kd steps); each rank holds
-    half of the row in the student's and the teacher's forward."""
+    on it, each on its half, so every step's loss is the one-rank run's (on-policy and seq_kd steps), and so is the
+    evaluation after each step; each rank holds half of the row in the student's and the teacher's forward."""
     one, _ = _one_rank_and_group(tiny_ws, tmp_path, lmbda=0.5, seq_kd='true', top_k=1, max_completion_length=6,
                                  per_device_train_batch_size=1, gradient_accumulation_steps=1, max_steps=4,
-                                 save_steps=4, probes=True)
+                                 save_steps=4, probes=True, evaluate=True)
     modes = [next(m for m in ('on_policy', 'seq_kd', 'off_policy') if row[f'gkd/mode_{m}'] == 1) for row in one.logs]
     assert {'on_policy', 'seq_kd'} <= set(modes), modes
 

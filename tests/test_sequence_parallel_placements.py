@@ -74,10 +74,23 @@ def test_served_teacher_beside_a_local_one(tiny_ws, servers, tmp_path):
     assert 'are scored by the local teacher' in group.output
 
 
+# ZeRO-3 gathering each layer's weights as it samples (seed 4: on-policy, on-policy, seq_kd; greedy) and evaluating
+# after every step: the weights it gathered under the sampler's torch.inference_mode() stayed inference tensors, and
+# the first training forward after the student sampled failed, on one rank as on the group (issue 74 item 1)
+LAYERWISE_SAMPLING = dict(ds3_gather_for_generation='false', lmbda=0.5, seq_kd='true', seed=4, top_k=1,
+                          max_completion_length=6, gradient_accumulation_steps=1, evaluate=True)
+
+
 @pytest.mark.parametrize('zero', ['zero2', 'zero3'])
 def test_deepspeed(tiny_ws, tmp_path, zero):
     """ZeRO averages the gradients over all ranks, as DDP does. (``--fp16 false``: ms-swift's ZeRO configs turn fp16
-    on for a float32 model, whose first steps overflow the loss scale on any layout.)"""
+    on for a float32 model, whose first steps overflow the loss scale on any layout.) ZeRO-3 samples with
+    ``--ds3_gather_for_generation false`` and evaluates after every step."""
     pytest.importorskip('deepspeed')
     one_env = {'NPROC_PER_NODE': '1', 'MASTER_PORT': str(_free_port())}  # DeepSpeed wants a launcher
-    _one_rank_and_group(tiny_ws, tmp_path, one_env=one_env, lmbda=0, deepspeed=zero, fp16='false')
+    flags = LAYERWISE_SAMPLING if zero == 'zero3' else dict(lmbda=0)
+    one, _ = _one_rank_and_group(tiny_ws, tmp_path, one_env=one_env, deepspeed=zero, fp16='false', **flags)
+    if zero == 'zero3':
+        modes = [next(m for m in ('on_policy', 'seq_kd', 'off_policy') if row[f'gkd/mode_{m}'] == 1)
+                 for row in one.logs]
+        assert modes == ['on_policy', 'on_policy', 'seq_kd'], modes

@@ -43,16 +43,20 @@ def data_parallel_size(world_size: int) -> int:
     return world_size // group_size()
 
 
-def shard_over_data_parallel(dataloader) -> None:
+def shard_over_data_parallel(dataloader, evaluation: bool = False) -> None:
     """Make a dataloader that accelerate prepared (its ``BatchSamplerShard`` hands rank r batches r, r + world, ...)
     hand each data-parallel group its batches instead, the same on every rank of the group (ms-swift's
-    ``SequenceParallelSampler`` does so for ``swift sft``)."""
+    ``SequenceParallelSampler`` does so for ``swift sft``). ``evaluation``: a lone group's last batch is left short,
+    as one process's is (accelerate completes it with the first rows where it shards, and an evaluation's metrics
+    would count them)."""
     from accelerate.data_loader import BatchSamplerShard
     shard = getattr(dataloader, 'batch_sampler', None)
     if not isinstance(shard, BatchSamplerShard):  # (an iterable dataset: accelerate dispatches its batches)
-        raise TypeError(f'--sequence_parallel_size {group_size()}: the training dataloader is not sharded by batches '
+        raise TypeError(f'--sequence_parallel_size {group_size()}: a dataloader is not sharded by batches '
                         f'({type(shard).__name__}); a dataset of known length is needed (--streaming false)')
     shard.num_processes, shard.process_index = sequence_parallel.dp_world_size, sequence_parallel.dp_rank
+    if evaluation and shard.num_processes == 1:
+        shard.even_batches = False
 
 
 def share(items: List) -> List:
@@ -71,6 +75,28 @@ def gather_shares(done: List) -> List:
     parts = [None] * n
     dist.all_gather_object(parts, done, group=sequence_parallel.sp_group)
     return [parts[i % n][i // n] for i in range(sum(len(p) for p in parts))]
+
+
+def group_mean(value: torch.Tensor) -> torch.Tensor:
+    """The mean of ``value`` over this rank's group (an evaluation loss: each rank's is its slice's share), the same
+    on every rank of the group; ``value`` itself without sequence parallelism."""
+    if group_size() == 1:
+        return value
+    total = value.detach().clone()
+    dist.all_reduce(total, group=sequence_parallel.sp_group)
+    return total / group_size()
+
+
+def gather_once_per_group(accelerator, data: torch.Tensor) -> torch.Tensor:
+    """accelerate's ``gather_for_metrics`` of a tensor that every rank of a group holds alike (:func:`group_mean`):
+    each group's once, in the groups' order, and the last batch's rows past the dataset's end dropped as for
+    ``world / N`` data-parallel ranks (the evaluation dataloader is sharded over the groups:
+    :func:`shard_over_data_parallel`)."""
+    gathered = accelerator.gather(data).view(-1, group_size(), *data.shape)[:, 0].flatten(0, 1)  # [world x n, ...]
+    state = accelerator.gradient_state
+    if state.end_of_dataloader and state.remainder > 0:
+        gathered = gathered[:state.remainder]
+    return gathered
 
 
 @contextmanager

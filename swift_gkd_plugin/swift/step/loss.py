@@ -26,6 +26,7 @@ from swift_gkd_plugin.core.fused.loss import fused_linear_jsd
 from swift_gkd_plugin.core.fused.kernels import describe_backend
 from swift_gkd_plugin.core.guards.non_finite import loss_terms, non_finite_loss_message
 from swift_gkd_plugin.core.weights.offload import is_partitioned
+from swift_gkd_plugin.core.weights.inference_tensors import reclaim_after_inference_sampling
 from swift_gkd_plugin.core.policy_gradient import (head_token_logprobs, policy_gradient_loss,
                                                    rollout_importance_weights, sampled_token_stats)
 from swift_gkd_plugin.core.row_divergence import gated_row_count
@@ -42,19 +43,25 @@ from swift_gkd_plugin.swift.sequence_parallel import (announce_batch, group_size
                                                      teacher_positions_of_slice, token_counts_entries,
                                                      whole_sequences)
 from swift_gkd_plugin.swift.setup.teacher_server import teacher_names
+from swift_gkd_plugin.swift.step.evaluation import EvaluationMixin
 from swift_gkd_plugin.swift.step.token_metrics import add_token_sum as _add_token_sum
 
 logger = get_logger()
 
 
-class LossMixin:
-    """The loss of one micro-batch (``compute_loss``) and its metrics."""
+class LossMixin(EvaluationMixin):
+    """The loss of one micro-batch (``compute_loss``) and its metrics; evaluation under sequence parallelism from
+    :class:`EvaluationMixin`."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """One micro-batch: the teacher's signal, the loss terms (divergence, SFT or policy-gradient term), their
         metrics; fused on hidden states where it applies, else on the full logits."""
         setup = self._loss_setup(inputs)
         fwd = {k: v for k, v in inputs['model_inputs'].items() if k != 'labels'}
+        if self.model.training and not self.args.ds3_gather_for_generation:  # ZeRO-3 gathered as they sampled
+            for sampler in (model, self.teacher_model):
+                if sampler is not None:
+                    reclaim_after_inference_sampling(sampler)
 
         if self._teacher_offloader is not None and not self.use_teacher_api:
             self._teacher_offloader.prefetch()  # the upload overlaps the student's forward

@@ -12,6 +12,7 @@ from swift.utils import get_logger, unwrap_model_for_generation
 from swift_gkd_plugin.core.constants import IGNORE_INDEX
 from swift_gkd_plugin.core.policy_gradient import head_token_logprobs, sampled_token_stats
 from swift_gkd_plugin.core.topk import topk_of_logits
+from swift_gkd_plugin.core.weights.inference_tensors import reclaim_after_inference_sampling
 from swift_gkd_plugin.core.weights.offload import is_partitioned
 from swift_gkd_plugin.flags import local_teacher_index
 from swift_gkd_plugin.server.client import TopKResult
@@ -80,7 +81,9 @@ class TeacherMixin:
     @contextmanager
     def _teacher_view_of_student(self, unwrapped):
         """The student module as the teacher: adapter off or the teacher adapter on when both share the base, else
-        the student as it is; always in eval mode, as a separately loaded teacher runs (no dropout)."""
+        the student as it is; always in eval mode, as a separately loaded teacher runs (no dropout). Where ZeRO-3
+        gathered the weights layer by layer as the view sampled, they are made trainable again before the adapter's
+        parameters are set to require gradients (:func:`reclaim_after_inference_sampling`)."""
         with eval_mode(unwrapped):
             if self._teacher_adapter is not None:
                 view = active_adapter(unwrapped, TEACHER_ADAPTER)
@@ -89,7 +92,11 @@ class TeacherMixin:
             else:
                 view = nullcontext()
             with view:
-                yield
+                try:
+                    yield
+                finally:
+                    if not self.args.ds3_gather_for_generation:
+                        reclaim_after_inference_sampling(self.model_wrapped)
 
     def _teacher_for_generation(self, stack: ExitStack):
         """The separate teacher, resident (an offloaded one uploaded) and unwrapped, held by ``stack``."""
