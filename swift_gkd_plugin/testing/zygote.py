@@ -31,9 +31,11 @@ PRELOAD = ('swift.cli.utils', 'swift.pipelines', 'swift.pipelines.train.rlhf', '
            'swift_gkd_plugin.swift.trainer', 'swift_gkd_plugin.swift.setup.arguments')
 # the same for ``megatron rlhf`` (its route file ``swift/cli/_megatron/rlhf.py``)
 # (its trainer warms megatron-core's fused functions with ``torch.compile``: inductor's CPU instruction-set probe,
-# a ``python`` subprocess per candidate and cached per process, ~9 s a run, is run once here, then inherited)
+# a ``python`` subprocess per candidate and cached per process, ~9 s a run, is run once here, then inherited; so is
+# the hash of triton's sources that inductor's cache keys hold, ~0.9 s a rank)
 MEGATRON_PRELOAD = ('swift.cli._megatron.main', 'swift.megatron.pipelines.train.rlhf',
-                    'swift_gkd_plugin.megatron.trainer', 'torch._inductor.cpu_vec_isa:pick_vec_isa')
+                    'swift_gkd_plugin.megatron.trainer', 'torch._inductor.cpu_vec_isa:pick_vec_isa',
+                    'torch._inductor.codecache:triton_key')
 # what torchrun (torch 2.13, one node, static rendezvous) sets in every worker's environment, whatever the rank
 TORCHRUN_WORKER_CONSTANTS = {
     'TORCHELASTIC_RUN_ID': 'none', 'TORCHELASTIC_RESTART_COUNT': '0', 'TORCHELASTIC_MAX_RESTARTS': '0',
