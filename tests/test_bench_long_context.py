@@ -12,7 +12,7 @@ from types import SimpleNamespace
 HERE = os.path.dirname(os.path.abspath(__file__))
 BENCH = os.path.join(os.path.dirname(HERE), 'benchmarks', 'bench_long_context.py')
 sys.path.insert(0, os.path.join(HERE, 'gpu', 'checks'))
-from test_gpu_checks import finite, run_part  # noqa: E402
+from test_gpu_checks import finite, run_part_forked  # noqa: E402
 
 
 def test_bench_long_context_prints_ratios_of_its_measured_rows(tmp_path):
@@ -49,8 +49,8 @@ def test_bench_long_context_prints_ratios_of_its_measured_rows(tmp_path):
     assert len(table) == 4 and '# memory: peak RSS (VmHWM' in out_text
 
 
-def test_kit_part_a_long32k_and_sequence_parallel_cases(tmp_path):
-    doc, md = run_part(tmp_path, 'a', '--impls', 'builtin,fused', '--cases', 'long32k,sp', timeout=900)
+def test_kit_part_a_long32k_and_sequence_parallel_cases(tmp_path, monkeypatch):
+    doc, md = run_part_forked(tmp_path, monkeypatch, 'a', '--impls', 'builtin,fused', '--cases', 'long32k,sp')
     assert doc['status'] == 'ok', doc
     rows = {(r['mode'], r['impl']): r for r in doc['rows']}
     assert sorted(rows) == [('long32k', 'builtin'), ('long32k', 'fused'), ('sp', 'fused_sp1'), ('sp', 'fused_sp2')]

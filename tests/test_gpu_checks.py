@@ -13,6 +13,18 @@ import sys
 import pytest
 
 RUN = os.path.join(os.path.dirname(__file__), 'gpu', 'checks', 'run.py')
+if os.path.dirname(RUN) not in sys.path:  # the kit's modules (common, run, part_*), as run.py imports them
+    sys.path.insert(0, os.path.dirname(RUN))
+
+
+def _written(out, part):
+    """The part's ``<part>.json`` (as a dict) and ``<part>.md``, the only files it wrote."""
+    assert sorted(os.listdir(out)) == [f'{part}.json', f'{part}.md']
+    with open(out / f'{part}.json') as f:
+        doc = json.load(f)
+    md = (out / f'{part}.md').read_text()
+    assert doc['part'] == part and doc['env']['versions']['ms-swift'] and md.startswith(f'# Part {part}:')
+    return doc, md
 
 
 def run_part(tmp_path, part, *extra, timeout=600):
@@ -21,12 +33,29 @@ def run_part(tmp_path, part, *extra, timeout=600):
                            '--work', str(tmp_path / 'work'), *extra], capture_output=True, text=True,
                           timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS='1'))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert sorted(os.listdir(out)) == [f'{part}.json', f'{part}.md']
-    with open(out / f'{part}.json') as f:
-        doc = json.load(f)
-    md = (out / f'{part}.md').read_text()
-    assert doc['part'] == part and doc['env']['versions']['ms-swift'] and md.startswith(f'# Part {part}:')
-    return doc, md
+    return _written(out, part)
+
+
+def run_part_forked(tmp_path, monkeypatch, part, *extra):
+    """:func:`run_part` with the part run inside this test process and its ``swift rlhf`` runs forked from the test
+    worker's zygote (``conftest.run_swift``: the child command the launcher starts, ~15 s a run less than ``swift``
+    and a fresh interpreter; a run with ``SWIFT_GKD_PLUGIN=0`` starts fresh, without the launcher). The part's own
+    code, flags and results are the same; run.py's command line and the ``swift`` launcher of the kit stay tested by
+    the parts that go through :func:`run_part` (part a's short case among them)."""
+    import common
+    import run
+    from conftest import _free_port, run_swift
+
+    def start_rlhf(argv, env, timeout):
+        if 'MASTER_PORT' in env:  # a port of this worker's block (conftest._free_port), not bind(0)'s
+            env = dict(env, MASTER_PORT=str(_free_port()))
+        r = run_swift(argv, env=env, timeout=int(timeout), check=False)
+        return r.returncode, r.output
+
+    monkeypatch.setattr(common, 'start_rlhf', start_rlhf)
+    out = tmp_path / 'out'
+    run.main([part, '--tiny', '--device', 'cpu', '--out', str(out), '--work', str(tmp_path / 'work'), *extra])
+    return _written(out, part)
 
 
 def finite(x):
@@ -46,8 +75,8 @@ def test_part_a_pipeline_against_builtin(tmp_path):
     assert '| off_policy | fused | True |' in md
 
 
-def test_part_a_long_sequences_batch_1_and_4(tmp_path):
-    doc, md = run_part(tmp_path, 'a', '--impls', 'builtin,fused', '--cases', 'long')
+def test_part_a_long_sequences_batch_1_and_4(tmp_path, monkeypatch):
+    doc, md = run_part_forked(tmp_path, monkeypatch, 'a', '--impls', 'builtin,fused', '--cases', 'long')
     assert doc['status'] == 'ok', doc
     rows = {(r['mode'], r['impl']): r for r in doc['rows']}
     assert sorted(rows) == [('long_batch1', 'builtin'), ('long_batch1', 'fused'), ('long_batch4', 'builtin'),

@@ -239,17 +239,12 @@ class _GpuMemoryPoller:
         return self.peak
 
 
-def run_rlhf(argv: List[str], env: Optional[Dict[str, str]] = None, timeout: float = 480,
-             log_path: Optional[str] = None) -> Dict[str, Any]:
-    """Run ``swift rlhf`` (the console script of this environment) and summarise it: exit code, whether the plugin
-    was active, losses, step time (mean over the steps after the first, from ms-swift's ``train_speed(s/it)``),
-    ms-swift's ``memory(GiB)`` (max reserved), the device's peak memory in use, wall time."""
+def start_rlhf(argv: List[str], env: Dict[str, str], timeout: float):
+    """``swift rlhf argv`` (the console script of this environment) with ``env`` added to this process's environment:
+    ``(exit code or 'timeout', output)``. (tests/test_gpu_checks.py's in-process parts replace it: the runs fork from
+    the test worker's zygote.)"""
     from swift_gkd_plugin.cli import swift_executable
-    full_env = dict(os.environ, **OFFLINE_ENV)
-    full_env.update(env or {})
-    out_dir = argv[argv.index('--output_dir') + 1]
-    shutil.rmtree(out_dir, ignore_errors=True)  # the logs read below are this run's (work folders are reused)
-    poll = _GpuMemoryPoller()
+    full_env = dict(os.environ, **env)
     t0 = time.perf_counter()
     try:
         proc = subprocess.run([swift_executable(), 'rlhf'] + argv, env=full_env, capture_output=True, text=True,
@@ -258,12 +253,25 @@ def run_rlhf(argv: List[str], env: Optional[Dict[str, str]] = None, timeout: flo
     except subprocess.TimeoutExpired as e:
         rc, output = 'timeout', f'{e.stdout or ""}{e.stderr or ""}'
         output = output.decode(errors='replace') if isinstance(output, bytes) else output
-    wall = time.perf_counter() - t0
     if os.environ.get('GKD_TEST_RUN_LOG'):  # counted by the test suite's closing summary (tests/conftest.py)
         with open(os.environ['GKD_TEST_RUN_LOG'], 'a') as f:
             f.write(json.dumps({'kind': f'swift rlhf (GPU kit), {full_env.get("NPROC_PER_NODE", "1")} process(es)',
-                                'seconds': wall, 'test': os.environ.get('PYTEST_CURRENT_TEST', '').split(' ')[0]})
-                    + '\n')
+                                'seconds': time.perf_counter() - t0,
+                                'test': os.environ.get('PYTEST_CURRENT_TEST', '').split(' ')[0]}) + '\n')
+    return rc, output
+
+
+def run_rlhf(argv: List[str], env: Optional[Dict[str, str]] = None, timeout: float = 480,
+             log_path: Optional[str] = None) -> Dict[str, Any]:
+    """Run ``swift rlhf`` (the console script of this environment) and summarise it: exit code, whether the plugin
+    was active, losses, step time (mean over the steps after the first, from ms-swift's ``train_speed(s/it)``),
+    ms-swift's ``memory(GiB)`` (max reserved), the device's peak memory in use, wall time."""
+    out_dir = argv[argv.index('--output_dir') + 1]
+    shutil.rmtree(out_dir, ignore_errors=True)  # the logs read below are this run's (work folders are reused)
+    poll = _GpuMemoryPoller()
+    t0 = time.perf_counter()
+    rc, output = start_rlhf(argv, dict(OFFLINE_ENV, **(env or {})), timeout)
+    wall = time.perf_counter() - t0
     device_peak = poll.close()
     if log_path:
         with open(log_path, 'w') as f:
