@@ -41,7 +41,7 @@ def run_part_forked(tmp_path, monkeypatch, part, *extra):
     worker's zygote (``conftest.run_swift``: the child command the launcher starts, ~15 s a run less than ``swift``
     and a fresh interpreter; a run with ``SWIFT_GKD_PLUGIN=0`` starts fresh, without the launcher). The part's own
     code, flags and results are the same; run.py's command line and the ``swift`` launcher of the kit stay tested by
-    the parts that go through :func:`run_part` (part a's short case among them)."""
+    the parts that go through :func:`run_part` (part a's short case, c, e, f, v)."""
     import common
     import run
     from conftest import _free_port, run_swift
@@ -131,9 +131,9 @@ def test_part_c_offload_runs_on_cpu_and_says_what_needs_cuda(tmp_path):
     assert any('needs CUDA' in n for n in doc['notes'])
 
 
-def test_part_d_deepspeed_zero2_and_zero3_torch_compile(tmp_path):
+def test_part_d_deepspeed_zero2_and_zero3_torch_compile(tmp_path, monkeypatch):
     pytest.importorskip('deepspeed')
-    doc, md = run_part(tmp_path, 'd', '--cases', 'zero2,zero3_torch_compile')
+    doc, md = run_part_forked(tmp_path, monkeypatch, 'd', '--cases', 'zero2,zero3_torch_compile')
     assert doc['status'] == 'ok', doc
     assert [r['case'] for r in doc['rows']] == ['zero2', 'zero3_torch_compile']
     for row in doc['rows']:
@@ -141,10 +141,11 @@ def test_part_d_deepspeed_zero2_and_zero3_torch_compile(tmp_path):
     assert doc['rows'][1]['fused'] is True
 
 
-def test_part_d_shared_base_lora_from_a_trained_adapter_equals_a_separate_base(tmp_path):
+def test_part_d_shared_base_lora_from_a_trained_adapter_equals_a_separate_base(tmp_path, monkeypatch):
     """The adapter moves from step 1 (SFT term, lr 1e-3): afterwards the divergence is not 0, and the shared base's
     adapter-off teacher gives the same losses as the base loaded as a separate model."""
-    doc, md = run_part(tmp_path, 'd', '--cases', 'shared_base_lora,separate_base_lora', '--steps', '3')
+    doc, md = run_part_forked(tmp_path, monkeypatch, 'd', '--cases', 'shared_base_lora,separate_base_lora',
+                              '--steps', '3')
     assert doc['status'] == 'ok', doc
     shared, separate = doc['rows']
     for r in (shared, separate):
