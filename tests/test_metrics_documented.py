@@ -157,8 +157,9 @@ def test_lengths_over_two_ranks(trained_ws, tmp_path):
         assert row['gkd/completion_length_max'] == max(lengths), (row, lengths)
         assert row['gkd/completion_length'] == pytest.approx(sum(lengths) / 4), (row, lengths)
         assert row['gkd/clipped_ratio'] == pytest.approx(sum(clipped) / 4), (row, clipped)
-    # both kinds in a step: the extremes are not the mean, nor the share 0 or 1
-    assert any(0 < sum(c for _, c in v) < 4 and len({n for n, _ in v}) > 1 for v in by_step.values()), by_step
+    # both kinds in a step: the share is neither 0 nor 1 (the teacher's answers to the eight letters may all reach
+    # the limit with their end of turn, as on this machine: 'b b h' and its end is 4 tokens, so lengths can all be 4)
+    assert any(0 < sum(c for _, c in v) < 4 for v in by_step.values()), by_step
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='the CPU harness of tests/megatron does nothing where CUDA is '
