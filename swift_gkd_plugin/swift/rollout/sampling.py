@@ -28,17 +28,19 @@ from swift.utils import get_logger
 
 from swift_gkd_plugin.completion_stats import completion_length, end_of_turn_ids
 from swift_gkd_plugin.core import Mode
-from swift_gkd_plugin.core.modes import DATA_SOURCES, step_mode
+from swift_gkd_plugin.core.modes import DATA_SOURCES, mode_log_path, step_mode
 from swift_gkd_plugin.core.speculative import teacher_seed
 from swift_gkd_plugin.core.views import (generated_turns, prepare_teacher_view, student_trajectory,
                                         with_teacher_prompt)
 from swift_gkd_plugin.swift.setup.compile_cost import eager_sampling
+from swift_gkd_plugin.flags import sampling_temperature
 from swift_gkd_plugin.swift.rollout.group_resample import resample_failed_groups
+from swift_gkd_plugin.swift.rollout.media_tokens import suppress_media_placeholders
 from swift_gkd_plugin.swift.step.hidden_states import head_rows
 from swift_gkd_plugin.swift.rollout.scheduler_guard import TRUNCATED, SchedulerGuard
 from swift_gkd_plugin.swift.rollout.speculative import cached_forward, server_teacher, skd_decoding
-from swift_gkd_plugin.swift.sequence_parallel import (gather_shares, group_size, shard_over_data_parallel, share,
-                                                     whole_sequences)
+from swift_gkd_plugin.swift.sequence_parallel import (drop_right_padding_masks, gather_shares, group_size,
+                                                     shard_over_data_parallel, share, whole_sequences)
 from swift_gkd_plugin.swift.step.token_metrics import add_token_sum as _add_token_sum
 
 logger = get_logger()
@@ -57,6 +59,36 @@ def learnable_tokens(sample) -> int:
 
 class RolloutMixin:
     """Generation batches: their mode, their prompts and their samples."""
+
+    def _setup_sequence_parallel(self) -> None:
+        """Under ``--sequence_parallel_size`` the ranks of a group read one set of rows (:meth:`get_train_dataloader`):
+        a generation batch holds the rows of the groups, not of every rank."""
+        size = self.template.sequence_parallel_size
+        if size <= 1:
+            return
+        self.args.generation_batch_size //= size
+        drop_right_padding_masks()
+        world, args = self.args.world_size, self.args
+        if args.process_index == 0:
+            logger.info(f'swift_gkd_plugin: sequence parallelism on: {world // size} group(s) of {size} ranks '
+                        f'(--sequence_parallel_size {size}, {world} processes); each rank holds 1/{size} of every '
+                        f'row, and a step covers {args.per_device_train_batch_size} x {world // size} x '
+                        f'{args.gradient_accumulation_steps} rows (per device x groups x accumulation)')
+
+    def _setup_sampling(self) -> None:
+        """Each step's mode and its log, the sampling temperature, a multi-turn scheduler's guard, the sampler's
+        log-probabilities where a policy-gradient term needs them, media placeholders kept out of samples."""
+        self._guard_scheduler()  # a multi-turn scheduler's return values checked, its trajectories within --max_length
+        self._gkd_mode = Mode.OFF_POLICY
+        self._teacher_engine = None
+        # --gkd_sampling_temperature: ms-swift built every sampler's request config from --temperature (the loss's)
+        self._sampling_temperature = sampling_temperature(self.args)
+        self.request_config.temperature = self._sampling_temperature
+        self._mode_log = mode_log_path(self.args.output_dir, self.args.process_index)
+        self._sampler_logprobs_noted, self._measure_mismatch = False, False
+        if self.args.gkd_rl_coef > 0 or self.args.gkd_sampled_kl_coef > 0:  # the policy-gradient terms
+            self._request_sampler_logprobs()
+        suppress_media_placeholders(getattr(self, 'engine', None), self.template)  # the student's own sampler
 
     def _guard_scheduler(self) -> None:
         """A multi-turn scheduler's hooks checked and its trajectories kept within ``--max_length``

@@ -78,3 +78,14 @@ def _destroy() -> None:
         print('swift_gkd_plugin: rank 0 destroyed its process groups before exit', file=sys.stderr, flush=True)
     if _state['trained']:
         mark_clean_finish()
+
+
+def setup_clean_exit(trainer) -> None:
+    """The trainer's process groups destroyed at exit (ms-swift never does; a rank exiting with live gloo groups may
+    abort), a colocated vLLM engine shut down before them (it uses the groups too)."""
+    destroy_process_groups_at_exit()
+    if trainer.args.use_vllm and trainer.args.vllm_mode == 'colocate':
+        import functools
+
+        from swift_gkd_plugin.colocated_vllm import shutdown_engine
+        before_groups_go(functools.partial(shutdown_engine, trainer.engine))

@@ -66,3 +66,14 @@ def unadapted_experts(model) -> list:
              if p.dim() == 3 and '.experts.' in name}
     return sorted(fused)
 
+
+def warn_unadapted_experts(trainer) -> None:
+    """One warning (rank 0) where the student's LoRA leaves a mixture-of-experts model's fused experts out."""
+    experts = unadapted_experts(trainer.accelerator.unwrap_model(trainer.model))
+    if experts and trainer.args.process_index == 0:
+        from swift.utils import get_logger
+        get_logger().warning(
+            f'swift_gkd_plugin: the LoRA adapter leaves the experts out: this mixture-of-experts model keeps them as '
+            f'fused weights ({", ".join(experts)}), which --target_modules does not reach (all-linear neither), so only '
+            f'attention and the other linear layers learn. To adapt the experts too, pass --target_parameters '
+            f'{" ".join(experts)} (with --lora_dropout 0: peft\'s LoRA on parameters takes no dropout)')

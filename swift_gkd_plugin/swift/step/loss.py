@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from swift.utils import get_logger
 
-from swift_gkd_plugin.core import Mode, align_vocab, generalized_jsd
+from swift_gkd_plugin.core import Divergence, Mode, align_vocab, generalized_jsd
 from swift_gkd_plugin.core.constants import IGNORE_INDEX
 from swift_gkd_plugin.core.entropy import tempered_entropy
 from swift_gkd_plugin.core.fused.loss import fused_linear_jsd
@@ -52,6 +52,18 @@ logger = get_logger()
 class LossMixin(EvaluationMixin):
     """The loss of one micro-batch (``compute_loss``) and its metrics; evaluation under sequence parallelism from
     :class:`EvaluationMixin`."""
+
+    def _setup_loss(self) -> None:
+        """The loss of every step: fused or dense (:meth:`_decide_loss_impl`), the one divergence every path computes
+        (``core.row_divergence``; ``--beta`` is the JSD's parameter), normalised over the whole step."""
+        self._loss_batch, self._check_now = None, False  # training_step's non-finite check
+        # compute_loss already divides by the step's token count: the HF Trainer must not divide by the number
+        # of gradient-accumulation steps again (nor DeepSpeed, which the Trainer tells via scale_wrt_gas=False).
+        self.loss_is_scaled_for_ga = True
+        self._fused = self._decide_loss_impl()
+        self._divergence = Divergence(self.args.gkd_divergence, beta=self.args.beta, alpha=self.args.gkd_skew_alpha,
+                                      fkl_above_entropy=self.args.gkd_entropy_fkl_threshold)
+        logger.info(f'swift_gkd_plugin: divergence {self._divergence} at temperature {self.args.temperature}')
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """One micro-batch: the teacher's signal, the loss terms (divergence, SFT or policy-gradient term), their

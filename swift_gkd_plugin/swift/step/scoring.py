@@ -1,17 +1,32 @@
 """Rewards of on-policy completions (``--reward_funcs``), their group advantages, and the completions log."""
 from __future__ import annotations
 
+import functools
 from typing import Dict
 
 import torch
 
+from swift_gkd_plugin.completion_stats import CompletionWindow
 from swift_gkd_plugin.core import Mode
 from swift_gkd_plugin.swift.sequence_parallel import gather_shares, group_rank, group_size, share
-from swift_gkd_plugin.swift.step.rewards import global_advantages, score_completions
+from swift_gkd_plugin.swift.step.rewards import global_advantages, load_reward_funcs, score_completions
+from swift_gkd_plugin.swift.step.token_metrics import TokenMean
 
 
 class ScoringMixin:
     """ms-swift's scoring stage: rewards and advantages on on-policy steps, the completions log."""
+
+    def _setup_scoring(self) -> None:
+        """The reward functions and weights (RL beside the divergence), token-weighted metrics summed on the device
+        and read once per logging step (ms-swift's ``MeanMetric`` reads each update), the completions window."""
+        self._reward_funcs, self._reward_names = load_reward_funcs(self.args)
+        weights = self.args.reward_weights or [1.0] * len(self._reward_names)
+        self._reward_weights = torch.tensor(weights, dtype=torch.float32, device=self.accelerator.device)
+        self._advantages = None  # this rank's advantages of the current generation batch (on-policy steps)
+        for metrics in self.custom_metrics.values():
+            metrics.default_factory = functools.partial(TokenMean, device=self.args.device)
+        self._completion_columns: Dict[str, list] = {}  # reward columns of the completions log
+        self._completions = CompletionWindow()  # sampled lengths and truncation, logged by log()
 
     def _score_completions(self, samples):
         """On an on-policy step with ``--reward_funcs``: rewards, group advantages (over every rank's completions)

@@ -13,14 +13,16 @@ from swift_gkd_plugin.core.constants import IGNORE_INDEX
 from swift_gkd_plugin.core.policy_gradient import head_token_logprobs, sampled_token_stats
 from swift_gkd_plugin.core.topk import topk_of_logits
 from swift_gkd_plugin.core.weights.inference_tensors import reclaim_after_inference_sampling
-from swift_gkd_plugin.core.weights.offload import is_partitioned
+from swift_gkd_plugin.core.views import check_privileged_columns
+from swift_gkd_plugin.core.weights.offload import TeacherOffloader, is_partitioned
 from swift_gkd_plugin.flags import local_teacher_index
 from swift_gkd_plugin.server.client import TopKResult
 from swift_gkd_plugin.swift.sequence_parallel import gather_shares, group_rank, group_size, share, whole_sequences
 from swift_gkd_plugin.swift.setup.teacher_server import teacher_configs, teacher_names
 from swift_gkd_plugin.swift.step.hidden_states import head_bypassed, head_rows, output_head, topk_from_hidden
 from swift_gkd_plugin.swift.step.token_metrics import add_token_sum as _add_token_sum
-from swift_gkd_plugin.swift.teacher.adapters import TEACHER_ADAPTER, active_adapter, eval_mode
+from swift_gkd_plugin.swift.teacher.adapters import TEACHER_ADAPTER, active_adapter, eval_mode, load_frozen_adapter
+from swift_gkd_plugin.swift.teacher.cross_tokenizer import CrossTokenizerTeacher
 from swift_gkd_plugin.swift.teacher.served import (attach_trainer_token_ids, connect_teacher_servers, fit_answer,
                                                    infer_prompt_logprobs, score_at)
 
@@ -131,6 +133,32 @@ class TeacherMixin:
                 return out
             weight, bias = head
             return out, (weight.to(out.device), None if bias is None else bias.to(out.device))
+
+    def _place_teacher(self) -> None:
+        """The teacher's views, adapter, offload and tokenizer, once ms-swift has built both models: privileged
+        columns checked, a frozen teacher adapter on the shared base, our offload of a whole replicated teacher, the
+        placement logged, a teacher of another tokenizer's alignment."""
+        check_privileged_columns(self.train_dataset)
+        check_privileged_columns(self.eval_dataset)
+        self._teacher_adapter = None
+        if self.args.teacher_adapters and self.teacher_model is None and not self.use_teacher_api:
+            # one copy of the base: the teacher is the student's base with the frozen teacher adapter active
+            self._teacher_adapter = self.args.teacher_adapters[0]
+            load_frozen_adapter(self.model, self._teacher_adapter)
+        self._teacher_offloader = None
+        self._teacher_partitioned = self.teacher_model is not None and is_partitioned(self.teacher_model)
+        if self.args.offload_teacher_model and self.teacher_model is not None and not self._teacher_partitioned:
+            # Partitioned (ZeRO-3, FSDP) teachers keep ms-swift's offload of their shards, which its
+            # load_teacher_model_context brings back; whole replicated teachers use ours.
+            self._teacher_offloader = TeacherOffloader(
+                self.accelerator.unwrap_model(self.teacher_model), self.accelerator.device)
+        self._log_teacher_placement()
+        self._xtok = None  # --gkd_cross_tokenizer: the teacher's template, vocabulary mapping and alignment
+        self._xtok_rows: List[list] = []  # per micro-batch, in encoding order, until attached to the batch
+        if self.args.gkd_cross_tokenizer and self.teacher_model is not None:
+            teacher = self.accelerator.unwrap_model(self.teacher_model)
+            self._xtok = CrossTokenizerTeacher(self.args.gkd_cross_tokenizer, teacher.model_dir,
+                                               teacher.model_meta.model_type, self.template, self.args.teacher_template)
 
     def _setup_teacher(self) -> None:
         """A served teacher is reached through the plugin's client (no vLLM needed), from every rank. A
