@@ -166,6 +166,20 @@ def _positions(ids, turns, masks):
     return out
 
 
+def _kept_prefix(ids, turns) -> int:
+    """How many of the last turn's tokens the encoding holds after the earlier turns (all of it unless cut)."""
+    start = 0
+    for turn in turns[:-1]:
+        start = _find(ids, turn, start) + len(turn)
+    for n in range(len(turns[-1]), 0, -1):
+        try:
+            _find(ids, turns[-1][:n], start)
+            return n
+        except AssertionError:
+            continue
+    return 0
+
+
 def _targets(labels):
     return {p for p, label in enumerate(labels) if label != IGNORE}
 
@@ -312,8 +326,13 @@ def _cut_trajectories_learn_up_to_the_limit(run, tokenizer, limit=MAX_LENGTH):
     for (ids, labels), (messages, turns, masks) in zip(rows, trajectories):
         assert messages[-1]['role'] == 'assistant'
         assert len(turns) == len([m for m in messages if m['role'] == 'assistant'])
-        assert _targets(labels) == _expected_targets(ids, turns, masks)
         length = len(ids) - ids.index(next(t for t in ids if t != pad))  # left padding
+        # the encoding is cut at --max_length (issue 74 item 2): the last turn learns the tokens that fit, its start
+        # at the least (its prompt fit)
+        kept = _kept_prefix(ids, turns)
+        assert kept and (kept == len(turns[-1]) or length <= limit), (kept, length, limit)
+        turns, masks = turns[:-1] + [turns[-1][:kept]], masks[:-1] + [masks[-1][:kept]]
+        assert _targets(labels) == _expected_targets(ids, turns, masks)
         assert length - len(turns[-1]) <= limit < length + 200
     return [m for m, _, _ in trajectories]
 

@@ -272,14 +272,14 @@ def check_megatron_command_line(argv: Sequence[str]) -> None:
         if given:
             raise FlagError(f'{given} only apply to --rlhf_type gkd (got --rlhf_type {ns.rlhf_type})')
         return
+    num_generations = [] if ns.num_generations in (None, 1) else ['--num_generations']
+    refuse_rl_flags(rl_flags_set(ns) + num_generations)
+    check_not_ray(ns)
+    check_megatron_gkd(ns)  # first: it names swift rlhf's flags (--teacher_adapters) that megatron rlhf does not take
     if not (argv and str(argv[0]).endswith(CONFIG_FILE_SUFFIXES)):  # flags neither ms-swift nor the plugin declares
         unknown = ms_swift_flag_table.unknown_flags('megatron rlhf', argv, MegatronGKDFlagsMixin)
         if unknown is not None:  # (None: the table cannot tell; the ranks' parser refuses them then)
             raise FlagError(unknown)
-    num_generations = [] if ns.num_generations in (None, 1) else ['--num_generations']
-    refuse_rl_flags(rl_flags_set(ns) + num_generations)
-    check_not_ray(ns)
-    check_megatron_gkd(ns)
     vllm_installed = _importable('vllm')
     check_vllm_sampler(ns, vllm_installed=vllm_installed)
     check_model_sampling(ns, vllm_samples=ns.use_vllm and vllm_installed)
