@@ -20,7 +20,7 @@ import sys
 import time
 
 import pytest
-from conftest import OFFLINE_ENV, _free_port, base_args, run_swift
+from conftest import OFFLINE_ENV, RL_REWARD_PLUGIN, _free_port, base_args, run_swift
 from test_vllm import ON_POLICY, _ok, _probe, vllm_ws  # noqa: F401 (vllm_ws: the workspace fixture, heads of 32)
 
 HERE = os.path.dirname(__file__)
@@ -172,6 +172,13 @@ def runs(vllm_ws, shared_runs):
         'async_resumed': lambda out: on_server(
             out, async_generate='true', max_steps=4,
             resume_from_checkpoint=os.path.join(runs['async'].output_dir, 'checkpoint-2')),
+        # RL + distillation with ms-swift's importance weights from the server's log-probabilities, sync and async
+        **{name: (lambda flags: lambda out: on_server(
+            out, plugins=(PROBE, RL_REWARD_PLUGIN), env={'GKD_TEST_REWARD_LOG': out + '.rewards.jsonl'},
+            dataset=os.path.join(ws.root, 'train_solution.jsonl'), reward_funcs='tiny_letter_match', gkd_rl_coef=1,
+            temperature=1.0, num_generations=2, rollout_importance_sampling_mode='token_truncate', max_steps=3,
+            **flags))(flags)
+           for name, flags in (('rl', {}), ('rl_async', {'async_generate': 'true'}))},
         # beside a served teacher (this plugin's top-k server): the same at learning rate 0
         **{f'{name}_served_teacher': (lambda flags: lambda out: on_server(
             out, teacher_model=None, teacher_model_type=None, teacher_model_server=teacher_server(ws),
@@ -255,6 +262,19 @@ def test_async_generate_on_two_trainer_ranks(runs):
     assert_server_is_on_policy(run, syncs=2)
     assert _steps(run, 'gkd/staleness') == [None, 1, 1]
     assert all(row['gkd/completion_length'] > 0 for row in run.logs)
+
+
+def test_importance_weights_see_the_staleness(runs):
+    """RL beside the divergence with ``--rollout_importance_sampling_mode token_truncate`` and the server's
+    log-probabilities: synchronously the sampler is the trained student (weights 1, |log pi - log mu| ~0); with
+    ``--async_generate`` steps 2-3 were sampled one version earlier at learning rate 1e-2, and the weights see it."""
+    sync, run = _ok(runs['rl']), _ok(runs['rl_async'])
+    assert len(sync.logs) == len(run.logs) == 3
+    for row in sync.logs:
+        assert row['gkd/rollout_logprob_diff'] < 1e-4 and row['gkd/rollout_is_weight'] == pytest.approx(1.0, abs=1e-3)
+    assert _steps(run, 'gkd/staleness') == [None, 1, 1]
+    assert run.logs[0]['gkd/rollout_logprob_diff'] < 1e-4
+    assert all(row['gkd/rollout_logprob_diff'] > 1e-3 for row in run.logs[1:]), run.logs
 
 
 def test_async_generate_beside_a_served_teacher(runs):
