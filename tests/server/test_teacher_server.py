@@ -747,6 +747,47 @@ def test_an_infer_only_server_beside_other_teachers_is_refused_before_loading(ti
                                      f"others: {infer_only_server.url} (ms-swift's /infer/ protocol", tail])
 
 
+#: --max_length small enough to cut every row (15-22 tokens; with a teacher_prompt view 25-35): ``right`` at 16 cuts the
+#: ends of the responses (a teacher view keeps its own prompt whole); ``left`` at 12 cuts the starts of the prompts of
+#: rows without a view (the teacher reads the student's cut row; a view would stay whole, its response untouched).
+#: Seed 0 with --lmbda 0.5: a dataset step, then an on-policy step
+CUTS = {'right': dict(truncation_strategy='right', max_length=16), 'left': dict(truncation_strategy='left', max_length=12)}
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize('strategy', list(CUTS))
+def test_served_teachers_score_cut_rows_as_the_local_teacher(tiny_ws, servers, infer_only_server, tmp_path, strategy):
+    """Issue 74 item 9: rows cut at ``--max_length`` (``right``: the ends of rows with a ``teacher_prompt`` view of
+    their own; ``left``: the starts of rows without one), a dataset step then an on-policy step. The plugin's server
+    (``/v1/topk``) scores the trainer's own token ids: its losses equal the local teacher's top-k to float precision.
+    ms-swift's ``/infer/`` (``swift deploy``) re-encodes whole chats: after a ``right`` cut the positions the loss
+    reads are a prefix of the server's encoding, and its losses equal the local teacher's too (the check of the
+    server's ``prompt_token_ids`` refused it as another tokenization: a run that was right, stopped); after a ``left``
+    cut they are not, and the first step stops naming the request, both counts, the cut and the ways out (it was named
+    another tokenization, whose remedy, the server's template, cannot help)."""
+    from test_max_length import _teacher_prompt_dataset
+    data = _teacher_prompt_dataset(tiny_ws, tmp_path) if strategy == 'right' else tiny_ws.train
+    common = dict(dataset=data, gkd_logits_topk=8, lmbda=0.5, seed=0, max_steps=2, **CUTS[strategy])
+    served = dict(teacher_model=None, teacher_model_type=None)
+    local = run_swift(base_args(tiny_ws, str(tmp_path / 'local'), **common))
+    assert [m['mode'] for m in local.modes()] == ['off_policy', 'on_policy']
+    assert local.logs[0]['gkd/cut_rows'] > 0, local.logs
+    topk = run_swift(base_args(tiny_ws, str(tmp_path / 'topk'), teacher_model_server=servers['main'].url, **served,
+                               **common))
+    assert np.allclose(topk.losses, local.losses, rtol=1e-5, atol=1e-7), (topk.losses, local.losses)
+    infer = run_swift(base_args(tiny_ws, str(tmp_path / 'infer'), teacher_model_server=infer_only_server.url,
+                                **served, **common), check=False)
+    if strategy == 'right':
+        assert np.allclose(infer.losses, local.losses, rtol=1e-5, atol=1e-7), (infer.losses, local.losses)
+        return
+    assert infer.returncode != 0 and not infer.losses, infer.output[-3000:]
+    assert re.search(rf'the teacher server {infer_only_server.url} cannot score request \d+ of this step: the trainer '
+                     r'cut the row at its start to --max_length \(--truncation_strategy left\), .* its '
+                     r"prompt_token_ids \(\d+ tokens\) differ from the trainer's \(12 tokens, \d+ read by the loss\) "
+                     r'from position 0: .* Pass --truncation_strategy right or delete', infer.output), \
+        infer.output[-3000:]
+
+
 @pytest.mark.timeout(600)
 def test_swift_rlhf_with_the_tail_bucket_against_the_server(tiny_ws, servers, tmp_path):
     server = servers['main']

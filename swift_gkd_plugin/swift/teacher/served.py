@@ -127,20 +127,31 @@ def attach_trainer_token_ids(batches) -> None:
 
 
 def check_infer_tokenization(url: str, index: int, server_ids: List[int], trainer_ids: List[int], needed: int):
-    """The server's encoding of request ``index`` (``prompt_token_ids``) must be the trainer's row, at least through
-    its last labelled token: the teacher's log-probs are placed on the trainer's positions by index."""
+    """The server's encoding of request ``index`` (``prompt_token_ids``) must be the trainer's row through its last
+    labelled token (``needed`` tokens): the teacher's log-probs are placed on the trainer's positions by index, and
+    ms-swift's assembly drops those beyond the trainer's row. So a longer encoding whose start is the trainer's whole
+    row is right: the trainer cut the row's end (``--truncation_strategy right`` at ``--max_length``), the server
+    scored the whole chat, and a causal teacher's log-probs at the kept positions do not depend on what follows. A row
+    cut at its start (``left``) cannot be scored through ``/infer/``, which sends whole chats: named as such."""
     n = min(len(server_ids), len(trainer_ids))
-    diff = next((p for p in range(n) if server_ids[p] != trainer_ids[p]), None)
-    if diff is None and len(server_ids) <= len(trainer_ids) and len(server_ids) >= needed:
+    diff = next((p for p in range(min(n, needed)) if server_ids[p] != trainer_ids[p]), None)
+    if diff is None and len(server_ids) >= needed:
         return
     at = diff if diff is not None else n
+    counts = (f"its prompt_token_ids ({len(server_ids)} tokens) {'differ from' if diff is not None else 'do not cover'}"
+              f" the trainer's ({len(trainer_ids)} tokens, {needed} read by the loss) from position {at}: server "
+              f"{server_ids[max(0, at - 3):at + 5]}, trainer {trainer_ids[max(0, at - 3):at + 5]}")
+    if 0 < len(trainer_ids) < len(server_ids) and server_ids[-len(trainer_ids):] == trainer_ids:
+        raise ValueError(
+            f"the teacher server {url} cannot score request {index} of this step: the trainer cut the row at its start "
+            f"to --max_length (--truncation_strategy left), and ms-swift's /infer/ protocol sends whole chats, so the "
+            f"server scored the uncut row: {counts}. Pass --truncation_strategy right or delete, or a --max_length the "
+            "rows fit, or serve the teacher with `swift-gkd serve-teacher` or `vllm serve` (they score the trainer's "
+            "own token ids)")
     raise ValueError(
-        f'the teacher server {url} tokenizes request {index} of this step differently from the trainer: its '
-        f'prompt_token_ids ({len(server_ids)} tokens) {"differ from" if diff is not None else "do not cover"} the '
-        f"trainer's ({len(trainer_ids)} tokens, {needed} read by the loss) from position {at}: server "
-        f"{server_ids[max(0, at - 3):at + 5]}, trainer {trainer_ids[max(0, at - 3):at + 5]}. Its log-probs would land "
-        "on the wrong tokens. Start the teacher's server with the trainer's --template (and the same system prompt "
-        'and max_length), and a tokenizer equal to the student\'s')
+        f'the teacher server {url} tokenizes request {index} of this step differently from the trainer: {counts}. Its '
+        "log-probs would land on the wrong tokens. Start the teacher's server with the trainer's --template (and the "
+        "same system prompt and max_length), and a tokenizer equal to the student's")
 
 
 def infer_prompt_logprobs(client: TeacherClient, requests: List[Any], topk: int) -> List[Tuple[list, list]]:
