@@ -100,8 +100,10 @@ def test_vllm_prompt_logprobs_equal_a_direct_forward(vllm_ws, vllm_teacher):  # 
 def test_swift_rlhf_sampled_token_term_against_a_vllm_server(vllm_ws, vllm_teacher, tmp_path):  # noqa: F811
     """``--gkd_sampled_kl_coef`` with ``vllm serve`` as the teacher: at learning rate 0 the logged reverse-KL
     estimate equals the local teacher's on the same samples; with a learning rate and the term alone
-    (``--gkd_divergence_coef 0``) the student gets a gradient from it and moves."""
-    common = dict(lmbda=1, gkd_sampled_kl_coef=1, max_steps=2, seed=3, temperature=1.0, gkd_logits_topk=8)
+    (``--gkd_divergence_coef 0``) the student gets a gradient from it and moves. The rows are cut at their starts
+    (``--truncation_strategy left``, issue 74 item 9): the server scores the trainer's cut rows, token for token."""
+    common = dict(lmbda=1, gkd_sampled_kl_coef=1, max_steps=2, seed=3, temperature=1.0, gkd_logits_topk=8,
+                  truncation_strategy='left', max_length=12)
     before = vllm_teacher.completions()
     remote = run_swift(base_args(vllm_ws, str(tmp_path / 'remote'), teacher_model_server=vllm_teacher.url,
                                  learning_rate=0, **TEACHER, **common))
@@ -110,6 +112,7 @@ def test_swift_rlhf_sampled_token_term_against_a_vllm_server(vllm_ws, vllm_teach
     local = run_swift(base_args(vllm_ws, str(tmp_path / 'local'), learning_rate=0,
                                 **dict(common, gkd_logits_topk=None)))  # (a local teacher gives its whole row)
     assert len(remote.logs) == 2 and all('gkd/sampled_kl' in row for row in remote.logs), remote.output[-3000:]
+    assert all(row['gkd/cut_rows'] > 0 for row in remote.logs), remote.logs
     assert np.allclose([r['gkd/sampled_kl'] for r in remote.logs], [r['gkd/sampled_kl'] for r in local.logs],
                        rtol=1e-4, atol=1e-5), (remote.logs, local.logs)
     # the term alone, with a learning rate: the same first step, then a student that has moved
@@ -144,11 +147,13 @@ def test_two_teachers_routed_by_a_column_train_in_one_run(vllm_ws, vllm_teacher,
     plugin's server, ``code`` rows to ``vllm serve``. Both serve the same weights, so the losses and the sampled-token
     estimate equal those of the plugin's server alone (learning rate 0, the top-k divergence); each teacher is asked,
     and the per-teacher metrics are logged (their token shares sum to 1, and their sampled-token estimates weighted by
-    those shares give the whole batch's)."""
+    those shares give the whole batch's). The rows are cut at their ends (``--truncation_strategy right``, issue 74
+    item 9): each server scores the trainer's cut rows."""
     data = _domain_dataset(vllm_ws, str(tmp_path / 'domains.jsonl'), ['chat', 'code'])
     teachers = json.dumps([{'url': plugin_teacher.url, 'tags': ['chat']}, {'url': vllm_teacher.url, 'tags': ['code']}])
     common = dict(dataset=data, lmbda=0.5, gkd_sampled_kl_coef=1, max_steps=3, seed=1, temperature=1.0,
-                  gkd_logits_topk=8, learning_rate=0, per_device_train_batch_size=4)
+                  gkd_logits_topk=8, learning_rate=0, per_device_train_batch_size=4, truncation_strategy='right',
+                  max_length=16)
     before = vllm_teacher.completions()
     routed = run_swift(base_args(vllm_ws, str(tmp_path / 'routed'), teacher_model_server=teachers,
                                  teacher_tag_key='domain', **TEACHER, **common))
@@ -156,6 +161,7 @@ def test_two_teachers_routed_by_a_column_train_in_one_run(vllm_ws, vllm_teacher,
     alone = run_swift(base_args(vllm_ws, str(tmp_path / 'alone'), teacher_model_server=plugin_teacher.url, **TEACHER,
                                 **common))
     assert 'scored through POST /v1/topk' in routed.output
+    assert routed.logs[-1]['gkd/cut_rows'] > 0, routed.logs
     assert np.allclose(routed.losses, alone.losses, rtol=1e-4, atol=1e-5), (routed.losses, alone.losses)
     assert np.allclose([r['gkd/sampled_kl'] for r in routed.logs if 'gkd/sampled_kl' in r],
                        [r['gkd/sampled_kl'] for r in alone.logs if 'gkd/sampled_kl' in r], rtol=1e-4, atol=1e-5)
