@@ -114,7 +114,7 @@ setup(
         'bench': ['liger-kernel', 'psutil'],  # the optional Liger peer of benchmarks/bench_loss.py
         'smollm': ['gguf>=0.17'],  # bench_quality.py --preset smollm reads the teacher's GGUF weights
     },
-    entry_points={'console_scripts': ['swift-gkd = swift_gkd_plugin.cli:main']},
+    entry_points={'console_scripts': ['swift-gkd = swift_gkd_plugin.entry.cli:main']},
     cmdclass={'build_py': BuildWithPth, 'editable_wheel': EditableWheelWithPth},
     # plugin/ is deliberately not a package: ms-swift puts its directory on sys.path (see activation.py)
     package_data={'swift_gkd_plugin': ['plugin/*.py']},

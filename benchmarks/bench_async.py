@@ -65,7 +65,7 @@ def start_server(model: str, port: int, core, log: str):
     if importlib.util.find_spec('torchvision') is None:  # ms-swift's vLLM plugin imports it
         from importlib.metadata import entry_points
 
-        from swift_gkd_plugin.colocated_vllm import UEMBED_PLUGIN
+        from swift_gkd_plugin.rollout.colocated_vllm import UEMBED_PLUGIN
         extra['VLLM_PLUGINS'] = ','.join(sorted({e.name for e in entry_points(group='vllm.general_plugins')}
                                                 - {UEMBED_PLUGIN}))
     cmd = _pinned(core) + [os.path.join(os.path.dirname(sys.executable), 'swift'), 'rollout', '--model', model,

@@ -52,7 +52,7 @@ from typing import Any, Callable, Dict, List, Tuple
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))  # quality_presets, also when loaded from its path
 
-from swift_gkd_plugin.cli import OFFLINE_ENV, swift_executable  # noqa: E402
+from swift_gkd_plugin.entry.cli import OFFLINE_ENV, swift_executable  # noqa: E402
 from swift_gkd_plugin.testing import quality_task, tiny  # noqa: E402
 
 from quality_presets import capacity, default, smollm, tools  # noqa: E402

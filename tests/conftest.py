@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Optional
 
 import pytest
 
-from swift_gkd_plugin.cli import OFFLINE_ENV as CLI_OFFLINE_ENV
+from swift_gkd_plugin.entry.cli import OFFLINE_ENV as CLI_OFFLINE_ENV
 
 # Without an NVIDIA GPU, Triton kernels can only run in its interpreter, which must be chosen before triton is
 # imported (its standard library is compiled at import): tests/core/test_kernels_full.py runs the kernels that way.

@@ -14,8 +14,8 @@ import pytest
 from conftest import OFFLINE_ENV, RL_REWARD_PLUGIN, base_args, run_swift
 
 import swift_gkd_plugin
-from swift_gkd_plugin.flags import RL_FLAGS as RL_FLAG_NAMES
-from swift_gkd_plugin.flags import (FINITE_FLAGS, GKDPluginArgumentsMixin, check_gkd_scalars, check_rl_flags,
+from swift_gkd_plugin.options.flags import RL_FLAGS as RL_FLAG_NAMES
+from swift_gkd_plugin.options.flags import (FINITE_FLAGS, GKDPluginArgumentsMixin, check_gkd_scalars, check_rl_flags,
                                     declared_ranges)
 
 SWIFT_GKD = os.path.join(os.path.dirname(sys.executable), 'swift-gkd')

@@ -1,6 +1,6 @@
 """The package's layering, read from the source (every import statement, those inside functions included):
 core/ imports no ms-swift and no adapter; megatron/ and swift/ import core/, never each other; no two modules import
-each other, directly or round a circle (activation.py, which patches ms-swift, is imported only by the start-up
+each other, directly or round a circle (entry/activation.py, which patches ms-swift, is imported only by the start-up
 hooks); ms-swift's dataset columns are patched in one module."""
 import ast
 import re
@@ -101,10 +101,10 @@ def test_the_import_graph_has_no_circle():
 def test_activation_is_the_top():
     """activation.py imports the adapters; only the start-up hook and the ``--external_plugins`` file import it."""
     graph = import_graph()
-    importers = sorted(name for name, targets in graph.items() if 'swift_gkd_plugin.activation' in targets)
-    assert importers == ['swift_gkd_plugin._bootstrap', 'swift_gkd_plugin.plugin.activate_swift_gkd']
+    importers = sorted(name for name, targets in graph.items() if 'swift_gkd_plugin.entry.activation' in targets)
+    assert importers == ['swift_gkd_plugin.entry.bootstrap', 'swift_gkd_plugin.plugin.activate_swift_gkd']
     assert {'swift_gkd_plugin.swift.setup.arguments', 'swift_gkd_plugin.megatron.setup.arguments'} <= graph[
-        'swift_gkd_plugin.activation']
+        'swift_gkd_plugin.entry.activation']
 
 
 def test_the_circle_finder_sees_a_circle():
@@ -162,9 +162,9 @@ STAGES = {  # stage -> the stages it may import (its own modules aside)
     'megatron.step': set(),
     'megatron.rollout': set(),
 }
-BELOW_THE_ADAPTERS = ['core', 'server', 'testing', 'flags', 'flag_checks', 'local_paths', 'process_exit', 'ms_swift_state',
-                      'colocated_vllm', 'dataset_files', 'ms_swift_flag_table', '_ms_swift_flags',
-                      'hub_models']
+BELOW_THE_ADAPTERS = ['core', 'server', 'testing', 'runtime', 'options', 'data', 'rollout']
+# the rooms at the package's top below the adapters, bottom first: a room imports only rooms before it in this list
+TOP_ROOMS_BOTTOM_UP = ['runtime', 'options', 'data', 'rollout']
 MOST_MODULES_IN_A_FOLDER = 12
 
 
@@ -199,7 +199,7 @@ def test_the_stages_import_one_way():
 
 def test_no_room_below_the_adapters_imports_one_above():
     """core/, server/, testing/ and the small modules at the bottom never import swift/, megatron/ or the top."""
-    above = ('swift', 'megatron', 'activation', 'cli', '_bootstrap', 'plugin')
+    above = ('swift', 'megatron', 'entry', 'plugin')
     bad = {a: sorted(b for b in targets if b.split('.')[0] in above)
            for a, targets in room_arrows().items() if a.split('.')[0] in BELOW_THE_ADAPTERS}
     assert {a: b for a, b in bad.items() if b} == {}
@@ -209,7 +209,7 @@ def test_the_room_checks_see_a_wrong_arrow():
     """The checks above are not vacuous: the rooms of modules, and an arrow up, are read as such."""
     assert room('swift_gkd_plugin.swift.step.loss') == 'swift.step'
     assert room('swift_gkd_plugin.swift.step') == 'swift.step'
-    assert room('swift_gkd_plugin.flags') == 'flags'
+    assert room('swift_gkd_plugin.options.flags') == 'options'
     assert room('swift_gkd_plugin.core.fused.kernels.full_rows') == 'core.fused.kernels'
     assert 'swift.setup' in room_arrows()['swift.rollout']  # rollout -> setup (eager_sampling) is down, allowed
     assert circles({'swift.setup': {'swift.teacher'}, 'swift.teacher': {'swift.setup'}}) == [
@@ -241,13 +241,56 @@ def test_ms_swift_row_columns_are_patched_in_one_module():
     """``RowPreprocessor.standard_keys`` (ms-swift's dataset columns) is mutated in ms_swift_state.py (which both
     argument adapters call) and nowhere else."""
     users = []
-    for sub in ('', 'core', 'swift', 'megatron', 'server'):
-        for path in _modules(sub) if sub else sorted(os.path.join(PACKAGE, n) for n in os.listdir(PACKAGE)
-                                                     if n.endswith('.py')):
-            with open(path) as f:
-                if 'standard_keys' in f.read():
-                    users.append(os.path.relpath(path, PACKAGE))
-    assert users == ['ms_swift_state.py']
+    for path in package_modules().values():
+        with open(path) as f:
+            if 'standard_keys' in f.read():
+                users.append(os.path.relpath(path, PACKAGE).replace(os.sep, '/'))
+    assert users == ['runtime/ms_swift_state.py']
+
+
+def test_the_top_level_is_rooms():
+    """The package's top holds no module but its ``__init__``: every module lives in a room, and each room's
+    ``__init__`` docstring says what belongs there."""
+    loose = sorted(n for n in os.listdir(PACKAGE) if n.endswith('.py') and n != '__init__.py')
+    assert loose == []
+    rooms = sorted(n for n in os.listdir(PACKAGE) if os.path.isfile(os.path.join(PACKAGE, n, '__init__.py')))
+    undocumented = []
+    for name in rooms:
+        with open(os.path.join(PACKAGE, name, '__init__.py')) as f:
+            if len(ast.get_docstring(ast.parse(f.read())) or '') < 80:
+                undocumented.append(name)
+    assert undocumented == []
+    assert set(TOP_ROOMS_BOTTOM_UP + ['entry']) <= set(rooms)
+
+
+def test_the_top_rooms_import_downwards():
+    """runtime/ <- options/ <- data/, rollout/: a top room imports only rooms below it (and core/); entry/ is above
+    the adapters (checked by test_no_room_below_the_adapters_imports_one_above)."""
+    arrows = room_arrows()
+    wrong = {}
+    for i, name in enumerate(TOP_ROOMS_BOTTOM_UP):
+        allowed = set(TOP_ROOMS_BOTTOM_UP[:i])
+        bad = sorted(b for b in arrows.get(name, ()) if b.split('.')[0] not in allowed | {'core'})
+        if bad:
+            wrong[name] = bad
+    assert wrong == {}
+
+
+def test_no_code_imports_a_moved_module_by_its_old_name():
+    """The old top-level names (``swift_gkd_plugin.flags``) are aliases for users for one release; the package, its
+    tests, benchmarks and examples name the rooms."""
+    old = '|'.join(re.escape(name) for name in swift_gkd_plugin.MOVED_MODULES)
+    pattern = re.compile(rf'\bswift_gkd_plugin\.({old})\b|from swift_gkd_plugin import [^\n]*\b({old})\b')
+    offenders = []
+    for top in ('swift_gkd_plugin', 'tests', 'benchmarks', 'examples'):
+        for folder, _, names in os.walk(os.path.join(REPO, top)):
+            for name in names:
+                path = os.path.join(folder, name)
+                if name.endswith(('.py', '.sh')) and path not in (swift_gkd_plugin.__file__, __file__.replace('.pyc', '.py')):
+                    with open(path, encoding='utf-8') as f:
+                        offenders += [f'{os.path.relpath(path, REPO)}:{i}' for i, line in enumerate(f, 1)
+                                      if pattern.search(line) and 'test_module_aliases' not in path]
+    assert offenders == []
 
 
 def test_the_literal_ignore_index_is_defined_once():

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from swift_gkd_plugin.core.divergence import generalized_jsd
-from swift_gkd_plugin.flags import (CROSS_TOKENIZER_METHODS, GKD_LOSS_IMPLS, MS_SWIFT_FLAGS, SCALAR_FLAGS,
+from swift_gkd_plugin.options.flags import (CROSS_TOKENIZER_METHODS, GKD_LOSS_IMPLS, MS_SWIFT_FLAGS, SCALAR_FLAGS,
                                     TEMPERATURE_CEILING, TEMPERATURE_FLOOR, GKDPluginArgumentsMixin, Range,
                                     check_gkd_scalars, check_multi_turn_flags, declared_ranges, ignored_flag_warnings)
 
@@ -106,9 +106,9 @@ def _functions(module):
     return [node for node in tree.body if isinstance(node, ast.FunctionDef)]
 
 
-CHECK_MODULES = ['swift_gkd_plugin.flags', 'swift_gkd_plugin.flag_checks', 'swift_gkd_plugin.swift.setup.arguments',
+CHECK_MODULES = ['swift_gkd_plugin.options.flags', 'swift_gkd_plugin.options.flag_checks', 'swift_gkd_plugin.swift.setup.arguments',
                  'swift_gkd_plugin.megatron.setup.checks', 'swift_gkd_plugin.swift.setup.vllm',
-                 'swift_gkd_plugin.colocated_vllm']
+                 'swift_gkd_plugin.rollout.colocated_vllm']
 
 
 @pytest.mark.parametrize('module_name', CHECK_MODULES)
@@ -257,8 +257,8 @@ def test_ms_swifts_arguments_leave_num_generations_to_the_resolver():
     (the resolver gives GKD 1 and the other rlhf types GRPO's 8; the run itself: test_activation_and_bad_input)."""
     from swift.arguments import RLHFArguments
 
-    from swift_gkd_plugin.flags import resolve_num_generations
-    from swift_gkd_plugin.ms_swift_state import grpo_num_generations
+    from swift_gkd_plugin.options.flags import resolve_num_generations
+    from swift_gkd_plugin.runtime.ms_swift_state import grpo_num_generations
     assert RLHFArguments.__dataclass_fields__['num_generations'].default is None
     assert inspect.signature(RLHFArguments.__init__).parameters['num_generations'].default is None
     assert grpo_num_generations() == 8
@@ -277,7 +277,7 @@ def test_skd_is_refused_where_it_cannot_run_naming_the_flag_the_value_and_where_
     """``--gkd_skd_top_k`` with vLLM sampling (swift rlhf) or in megatron rlhf: refused by the flag checks (before any
     model loads), naming the flag, its value, why, and every placement where SKD runs (one sentence, SKD_PLACEMENTS,
     also the docs' table)."""
-    from swift_gkd_plugin.flags import SKD_PLACEMENTS, check_sampling_flags
+    from swift_gkd_plugin.options.flags import SKD_PLACEMENTS, check_sampling_flags
     from swift_gkd_plugin.megatron.setup.checks import check_megatron_command_line
     with pytest.raises(ValueError) as refused:
         if where == 'vllm':
@@ -311,7 +311,7 @@ def _compile_args(**changes):
     ('1', dict(torch_compile=False), False),
 ])
 def test_torch_compile_with_reentrant_checkpointing_is_refused(monkeypatch, world, changes, refused):
-    from swift_gkd_plugin.flags import check_torch_compile_checkpointing
+    from swift_gkd_plugin.options.flags import check_torch_compile_checkpointing
     monkeypatch.setenv('WORLD_SIZE', world)
     args = _compile_args(**changes)
     if not refused:
@@ -328,7 +328,7 @@ def test_deepspeed_without_a_launcher_is_refused(monkeypatch, env, refused):
     both models load; with NPROC_PER_NODE=1 torchrun gives DeepSpeed its rank."""
     import importlib.util
 
-    from swift_gkd_plugin.flags import check_deepspeed_launch
+    from swift_gkd_plugin.options.flags import check_deepspeed_launch
     if importlib.util.find_spec('mpi4py') is not None:
         pytest.skip('mpi4py is installed: DeepSpeed can discover its rank over MPI')
     for name in ('WORLD_SIZE', 'LOCAL_RANK'):
@@ -346,7 +346,7 @@ def test_deepspeed_without_a_launcher_is_refused(monkeypatch, env, refused):
 def test_head_dim_of_reads_the_text_models_heads(tmp_path):
     """vLLM's CPU head-size check reads config.json: an explicit head_dim, else hidden_size / heads, in the text
     model's config of multimodal models (Qwen2.5-VL's text_config, Qwen3-Omni's thinker_config.text_config)."""
-    from swift_gkd_plugin.colocated_vllm import head_dim_of
+    from swift_gkd_plugin.rollout.colocated_vllm import head_dim_of
 
     def head_dim(config):
         (tmp_path / 'config.json').write_text(json.dumps(config))
@@ -363,7 +363,7 @@ def test_head_dim_of_reads_the_text_models_heads(tmp_path):
 
 
 def test_rollout_budget_resolves_and_is_checked():
-    from swift_gkd_plugin.flags import FlagError, rollout_max_tokens
+    from swift_gkd_plugin.options.flags import FlagError, rollout_max_tokens
     assert rollout_max_tokens(good()) == 8  # unset: --max_completion_length
     assert rollout_max_tokens(good(gkd_rollout_max_tokens=3)) == 3
     check_gkd_scalars(good(gkd_rollout_max_tokens=8, lmbda=1))  # the whole length is allowed
@@ -382,7 +382,7 @@ def test_the_sampling_floor_is_where_sampling_stays_finite():
     floor, NaN at 1e-40."""
     from transformers.generation.logits_process import TemperatureLogitsWarper
 
-    from swift_gkd_plugin.flags import SAMPLING_TEMPERATURE_FLOOR
+    from swift_gkd_plugin.options.flags import SAMPLING_TEMPERATURE_FLOOR
     logits = torch.randn(4, 151936, generator=torch.Generator().manual_seed(0)) * 10
 
     def probs(temperature):

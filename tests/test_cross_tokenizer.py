@@ -11,7 +11,7 @@ from conftest import base_args, run_swift
 from test_activation_and_bad_input import \
     test_bad_input_is_refused_before_any_model_is_loaded as refused_before_loading
 
-from swift_gkd_plugin.flags import check_gkd_scalars
+from swift_gkd_plugin.options.flags import check_gkd_scalars
 
 MODES = {  # mode -> flags that give it on every step
     'off_policy': dict(lmbda=0),
@@ -88,7 +88,7 @@ BAD_FLAGS = [  # (flags, words the error must contain); flag-only checks, no ms-
 def test_bad_flag_combinations_are_named(flags, needles):
     from dataclasses import fields
 
-    from swift_gkd_plugin.flags import GKDPluginArgumentsMixin
+    from swift_gkd_plugin.options.flags import GKDPluginArgumentsMixin
     plugin_defaults = {f.name: f.default for f in fields(GKDPluginArgumentsMixin)}
     args = SimpleNamespace(**dict(plugin_defaults, beta=0.5, lmbda=0.0, temperature=0.9, sft_alpha=0.0,
                                   max_completion_length=8, seq_kd=False, gkd_logits_topk=None, top_k=-1, top_p=1.0,

@@ -9,9 +9,9 @@ import pytest
 from conftest import base_args, run_swift
 from test_activation_and_bad_input import assert_refused_in_one_line
 
-from swift_gkd_plugin.flags import FlagError
-from swift_gkd_plugin.dataset_files import Where, dataset_rows
-from swift_gkd_plugin.dataset_rows import (empty_prompt, has_prompt, has_response, privileged_problem,
+from swift_gkd_plugin.options.flags import FlagError
+from swift_gkd_plugin.data.dataset_files import Where, dataset_rows
+from swift_gkd_plugin.data.dataset_rows import (empty_prompt, has_prompt, has_response, privileged_problem,
                                            response_problem, row_problem)
 
 

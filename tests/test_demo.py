@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from swift_gkd_plugin import cli
+from swift_gkd_plugin.entry import cli
 
 
 def _exact_match(out: str, name: str) -> float:
@@ -130,7 +130,7 @@ def test_demo_cpu_figure_is_its_own(tmp_path):
     what it used since it started (issue 37 item 8: 221 s CPU in a 57 s wall on 2 cores)."""
     burn = ('import time\nt = time.process_time()\nwhile time.process_time() - t < 6: pass\n'
             'print("burned", time.process_time())')
-    demo = [sys.executable, '-m', 'swift_gkd_plugin.cli', 'demo', '--workdir', str(tmp_path / 'ws'), '--steps', '2',
+    demo = [sys.executable, '-m', 'swift_gkd_plugin.entry.cli', 'demo', '--workdir', str(tmp_path / 'ws'), '--steps', '2',
             '--teacher_steps', '2']
     script = f'{sys.executable} -c {shlex.quote(burn)}; exec {" ".join(map(shlex.quote, demo))}'
     before = resource.getrusage(resource.RUSAGE_CHILDREN)

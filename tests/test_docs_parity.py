@@ -129,7 +129,7 @@ def _docs(*argv):
 def _served(lang):
     """Where ``swift-gkd docs`` serves ``lang`` from: the installed package's copy (CI's regular install), or the
     checkout's (an editable install)."""
-    from swift_gkd_plugin.cli import docs_dir
+    from swift_gkd_plugin.entry.cli import docs_dir
     return docs_dir(lang)
 
 
@@ -172,7 +172,7 @@ def test_wheel_ships_the_chinese_docs(project_copy, tmp_path):
         assert '](../docs_en/img/quality_exact_match_bar.png)' in quality
         assert '`examples/gkd_rl_reward.sh` (in the source tree)' in rl
         wheel.extractall(tmp_path / 'site')
-    code = ('import site, sys; site.addsitedir(sys.argv[1]); from swift_gkd_plugin import cli; '
+    code = ('import site, sys; site.addsitedir(sys.argv[1]); from swift_gkd_plugin.entry import cli; '
             'sys.exit(cli.show_docs("docs_zh/skd.md"))')
     done = subprocess.run([sys.executable, '-I', '-S', '-c', code, str(tmp_path / 'site')], capture_output=True,
                           text=True, timeout=120)

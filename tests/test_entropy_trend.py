@@ -8,7 +8,7 @@ import types
 import pytest
 from test_entropy_gap import DEGRADING, HOLDING
 
-from swift_gkd_plugin import cli
+from swift_gkd_plugin.entry import cli
 from swift_gkd_plugin.core.entropy import ENTROPY_GAP_MARGIN, EntropyGapWatch
 
 #: gkd/entropy / gkd/teacher_entropy at every logged step (1, 10, ..., 80) of ``swift-gkd demo`` with its defaults

@@ -287,7 +287,7 @@ def test_skd_server_example_serves_a_topk_that_covers_k(tmp_path):
 
 def test_tiny_cpu_example_has_its_own_folder_not_the_demos(tmp_path):
     """It builds an untrained workspace: in the demo's default folder it overwrote the demo's trained student."""
-    from swift_gkd_plugin.cli import DEMO_WORKDIR
+    from swift_gkd_plugin.entry.cli import DEMO_WORKDIR
     commands = record_commands(os.path.join(EXAMPLES, 'gkd_tiny_cpu.sh'), tmp_path)  # no WS: the script's default
     folder = commands['swift'][commands['swift'].index('--model') + 1].split('/')[0]
     assert folder == 'swift_gkd_tiny_cpu'

@@ -1,4 +1,4 @@
-"""The launchers' table of ms-swift's flags (:mod:`swift_gkd_plugin.ms_swift_flag_table`) against ms-swift's own
+"""The launchers' table of ms-swift's flags (:mod:`swift_gkd_plugin.options.ms_swift_flag_table`) against ms-swift's own
 parsers of ``swift rlhf`` and ``megatron rlhf``: the same flags, each taking as many values, and the same refusal of
 an unknown flag; under another ms-swift version the table gives way to the process's parser."""
 import json
@@ -9,10 +9,10 @@ import sys
 import pytest
 from conftest import OFFLINE_ENV
 
-from swift_gkd_plugin import _ms_swift_flags, ms_swift_flag_table
-from swift_gkd_plugin.flags import GKDPluginArgumentsMixin
+from swift_gkd_plugin.options import _ms_swift_flags, ms_swift_flag_table
+from swift_gkd_plugin.options.flags import GKDPluginArgumentsMixin
 
-REGENERATE = 'regenerate it: PYTHONPATH=tests/megatron/cpu_site python -m swift_gkd_plugin.ms_swift_flag_table'
+REGENERATE = 'regenerate it: PYTHONPATH=tests/megatron/cpu_site python -m swift_gkd_plugin.options.ms_swift_flag_table'
 CPU_SITE = os.path.join(os.path.dirname(__file__), 'megatron', 'cpu_site')
 
 
@@ -39,7 +39,7 @@ def test_swift_rlhf_table_is_ms_swifts_parser():
 def test_megatron_rlhf_table_is_ms_swifts_parser():
     """The same for ``megatron rlhf`` (``MegatronRLHFArguments``; the plugin's ``GKDPluginMegatronRLHFArguments``),
     read in a process with the tests' stand-in for transformer-engine."""
-    script = ('import json\nfrom swift_gkd_plugin import ms_swift_flag_table as t\n'
+    script = ('import json\nfrom swift_gkd_plugin.options import ms_swift_flag_table as t\n'
               'from swift.megatron.arguments import MegatronRLHFArguments\n'
               'from swift_gkd_plugin.megatron.setup.arguments import GKDPluginMegatronRLHFArguments\n'
               'print("OPTIONS", json.dumps([t.live_options(MegatronRLHFArguments), '

@@ -38,7 +38,7 @@ def test_a_dataset_folder_without_a_data_file_is_refused(tiny_ws, tmp_path):
 
 def test_the_data_file_endings_are_those_datasets_loads_from_a_folder():
     from datasets.packaged_modules import _EXTENSION_TO_MODULE
-    from swift_gkd_plugin.local_paths import DATA_FILE_SUFFIXES
+    from swift_gkd_plugin.options.local_paths import DATA_FILE_SUFFIXES
     assert DATA_FILE_SUFFIXES == {suffix.lower() for suffix in _EXTENSION_TO_MODULE}
 
 

@@ -116,7 +116,7 @@ def test_the_launchers_dataset_path_is_ms_swifts(tmp_path, entry):
     """The launcher reads a ``--dataset`` entry's path without importing ``swift.dataset`` (6 s): it must agree with
     ms-swift's own ``DatasetSyntax.parse`` on every form of the syntax."""
     from swift.dataset.dataset_syntax import DatasetSyntax
-    from swift_gkd_plugin.local_paths import dataset_path
+    from swift_gkd_plugin.options.local_paths import dataset_path
     data = tmp_path / 'rows.jsonl'
     data.write_text('{"messages": []}\n')
     entry = entry.format(file=data)

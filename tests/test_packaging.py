@@ -49,7 +49,7 @@ def bootstrap_active_in(site_dir) -> str:
     """``python -I -S`` (no site-packages, no PYTHONPATH, no working directory on sys.path) with ``site_dir`` added
     as a site directory, as pip's install into site-packages would."""
     code = ('import site, sys; site.addsitedir(sys.argv[1]); '
-            'import swift_gkd_plugin._bootstrap as b; '
+            'import swift_gkd_plugin.entry.bootstrap as b; '
             'print(any(isinstance(f, b._PostImportFinder) for f in sys.meta_path), b.__file__)')
     done = subprocess.run([sys.executable, '-I', '-S', '-c', code, str(site_dir)], capture_output=True, text=True,
                           timeout=120)
@@ -87,7 +87,7 @@ def test_wheel_ships_the_docs_that_help_texts_cite(project_copy, tmp_path):
         for page in pages:
             assert '](../' not in wheel.read(f'swift_gkd_plugin/docs_en/{page}').decode(), page
         wheel.extractall(tmp_path / 'site')
-    code = 'import site, sys; site.addsitedir(sys.argv[1]); from swift_gkd_plugin import cli; print(cli.docs_dir())'
+    code = 'import site, sys; site.addsitedir(sys.argv[1]); from swift_gkd_plugin.entry import cli; print(cli.docs_dir())'
     done = subprocess.run([sys.executable, '-I', '-S', '-c', code, str(tmp_path / 'site')], capture_output=True,
                           text=True, timeout=120)
     assert done.stdout.strip() == str(tmp_path / 'site' / 'swift_gkd_plugin' / 'docs_en'), done.stderr[-3000:]

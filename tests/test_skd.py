@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 from conftest import RL_REWARD_PLUGIN, base_args, run_swift
 
-from swift_gkd_plugin.flags import TEMPERATURE_FLOOR, check_declared, check_sampling_flags, sampling_temperature
+from swift_gkd_plugin.options.flags import TEMPERATURE_FLOOR, check_declared, check_sampling_flags, sampling_temperature
 
 VOCAB = 448  # the tiny models' vocabulary (tests/test_activation_and_bad_input.py checks it too)
 # on-policy steps only, completions long enough for several draft blocks (SKD drafts 8 tokens at a time), the same

@@ -46,7 +46,7 @@ def _vllm_plugins() -> str:
     plugin sets for colocated engines (``colocated_vllm.resolve_vllm_environment``); a user's server has it."""
     from importlib.metadata import entry_points
 
-    from swift_gkd_plugin.colocated_vllm import UEMBED_PLUGIN
+    from swift_gkd_plugin.rollout.colocated_vllm import UEMBED_PLUGIN
     return ','.join(sorted({e.name for e in entry_points(group='vllm.general_plugins')} - {UEMBED_PLUGIN}))
 
 

@@ -30,8 +30,8 @@ from swift.rlhf_trainers.gkd_loss import DataSource, TeacherOutput
 from swift.utils import get_logger, to_device
 from transformers.utils import ContextManagers
 
-from swift_gkd_plugin.colocated_vllm import shutdown_engine, weight_sync_context
-from swift_gkd_plugin.completion_stats import CompletionWindow, end_of_turn_ids
+from swift_gkd_plugin.rollout.colocated_vllm import shutdown_engine, weight_sync_context
+from swift_gkd_plugin.rollout.completion_stats import CompletionWindow, end_of_turn_ids
 from swift_gkd_plugin.core import Divergence, Mode
 from swift_gkd_plugin.core.constants import IGNORE_INDEX
 from swift_gkd_plugin.core.entropy import EntropyGapWatch
@@ -41,7 +41,7 @@ from swift_gkd_plugin.core.guards.same_weights import (copy_of_the_student, copy
 from swift_gkd_plugin.core.weights.lora_round_trip import BaseWeightsKeeper, adapter_tensors_copied
 from swift_gkd_plugin.core.modes import DATA_SOURCES, mode_log_path, sampling_seed, step_mode
 from swift_gkd_plugin.core.views import prepare_teacher_view
-from swift_gkd_plugin.flags import rollout_max_tokens, sampling_temperature
+from swift_gkd_plugin.options.flags import rollout_max_tokens, sampling_temperature
 from swift_gkd_plugin.megatron.rollout.generation import generate
 from swift_gkd_plugin.megatron.step.loss import (check_views_split_alike, defer_teacher, entropies_on_shards,
                                                  fill_deferred_teacher, gkd_loss_on_shards, shard_vocab_start,
@@ -305,7 +305,7 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
         """ms-swift's export of the (merged) student into a colocated vLLM (``rollout_mixin.py`` ~624-654:
         ``load_weights`` and its whole-model post-load pass), through vLLM's in-place layerwise reload where vLLM
         repacked its weights after loading (its CPU build: ``load_weights`` then fails with ``'Parameter' object has
-        no attribute 'weight_loader'``, see :mod:`swift_gkd_plugin.colocated_vllm`); elsewhere ms-swift's path as it
+        no attribute 'weight_loader'``, see :mod:`swift_gkd_plugin.rollout.colocated_vllm`); elsewhere ms-swift's path as it
         is."""
         if self.vllm_mode != 'colocate':
             return super()._export_and_load_weights(*args, **kwargs)
@@ -389,7 +389,7 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
 
     def _log_callback(self, logs, n_steps):
         """ms-swift turns the logged metrics into numbers; then, on training rows, the sampled completions' length
-        and truncation (:class:`~swift_gkd_plugin.completion_stats.CompletionWindow`) and the on-policy entropy
+        and truncation (:class:`~swift_gkd_plugin.rollout.completion_stats.CompletionWindow`) and the on-policy entropy
         warning (:class:`~swift_gkd_plugin.core.entropy.EntropyGapWatch`), as in ``swift rlhf``."""
         super()._log_callback(logs, n_steps)
         if getattr(self, '_log_prefix', ''):

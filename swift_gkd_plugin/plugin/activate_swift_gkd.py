@@ -2,6 +2,6 @@
 
 It lives alone in its directory because ms-swift puts the plugin file's directory on ``sys.path``.
 """
-from swift_gkd_plugin.activation import activate_from_external_plugin
+from swift_gkd_plugin.entry.activation import activate_from_external_plugin
 
 activate_from_external_plugin()

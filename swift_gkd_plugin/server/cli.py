@@ -150,8 +150,8 @@ def _model_type_problem(args) -> Optional[str]:
 def _paths_problem(args) -> Optional[str]:
     """A ``--model`` that names a local folder (the rule of ``swift rlhf``'s paths) and every ``--adapters`` folder
     exist: a missing one was taken for a hub id and failed after minutes, with a traceback. An existing ``--model`` is
-    a model folder (:func:`~swift_gkd_plugin.local_paths.not_a_model_folder`), an ``--adapters`` path a folder."""
-    from swift_gkd_plugin.local_paths import adapter_path_problem, looks_local, not_a_model_folder
+    a model folder (:func:`~swift_gkd_plugin.options.local_paths.not_a_model_folder`), an ``--adapters`` path a folder."""
+    from swift_gkd_plugin.options.local_paths import adapter_path_problem, looks_local, not_a_model_folder
     problem = not_a_model_folder(os.path.expanduser(args.model))
     if problem:
         return f'--model {args.model}: {problem}'

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from swift.rlhf_trainers.gkd_trainer import GKDTrainer
 
-from swift_gkd_plugin.flags import FlagError
+from swift_gkd_plugin.options.flags import FlagError
 from swift_gkd_plugin.server.client import TeacherServerError
 from swift_gkd_plugin.swift.rollout.batches import BatchesMixin
 from swift_gkd_plugin.swift.rollout.prefetch import PrefetchMixin

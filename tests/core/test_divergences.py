@@ -227,7 +227,7 @@ def test_flag_values_are_the_registry():
     """The flag's Literal (argparse's choices) and the checks' tuple name exactly the registered divergences."""
     import typing
 
-    from swift_gkd_plugin.flags import GKD_DIVERGENCES, GKDPluginArgumentsMixin
+    from swift_gkd_plugin.options.flags import GKD_DIVERGENCES, GKDPluginArgumentsMixin
     hint = typing.get_type_hints(GKDPluginArgumentsMixin)['gkd_divergence']
     assert typing.get_args(hint) == GKD_DIVERGENCES == DIVERGENCES
 

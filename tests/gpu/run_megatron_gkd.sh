@@ -34,7 +34,7 @@ export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 unset SWIFT_GKD_PLUGIN
 if ! "$PYTHON" - <<'EOF'
 import sys
-from swift_gkd_plugin._bootstrap import _PostImportFinder
+from swift_gkd_plugin.entry.bootstrap import _PostImportFinder
 sys.exit(0 if any(isinstance(f, _PostImportFinder) for f in sys.meta_path) else 1)
 EOF
 then

@@ -21,7 +21,7 @@ import torch
 from conftest import base_args, run_swift
 from megatron_runs import ACTIVE, megatron_args, run_megatron, shared_megatron_runs, train_rows
 
-from swift_gkd_plugin.completion_stats import COMPLETION_KEYS, IDLE_DECODE_KEY
+from swift_gkd_plugin.rollout.completion_stats import COMPLETION_KEYS, IDLE_DECODE_KEY
 from swift_gkd_plugin.core import choose_mode
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason='the CPU harness does nothing where CUDA is '

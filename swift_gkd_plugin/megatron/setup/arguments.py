@@ -10,13 +10,13 @@ from swift.megatron.arguments import MegatronRLHFArguments
 from swift.utils import get_logger, is_vllm_available
 
 import swift_gkd_plugin
-from swift_gkd_plugin.colocated_vllm import (check_vllm_cpu_head_dim, check_vllm_max_model_len, check_vllm_sleep_mode,
+from swift_gkd_plugin.rollout.colocated_vllm import (check_vllm_cpu_head_dim, check_vllm_max_model_len, check_vllm_sleep_mode,
                                              resolve_vllm_environment)
-from swift_gkd_plugin.flags import check_no_plugin_flags_outside_gkd, ignored_flag_warnings
+from swift_gkd_plugin.options.flags import check_no_plugin_flags_outside_gkd, ignored_flag_warnings
 from swift_gkd_plugin.megatron.setup.checks import (MegatronGKDFlagsMixin, check_expert_counts, check_grouped_experts,
                                                     check_megatron_gkd, check_model_sampling, check_not_ray,
                                                     check_parallel_sizes, check_vllm_sampler, float32_warning)
-from swift_gkd_plugin.ms_swift_state import keep_teacher_messages_column
+from swift_gkd_plugin.runtime.ms_swift_state import keep_teacher_messages_column
 
 logger = get_logger()
 
@@ -30,7 +30,7 @@ def resolve_sampler(args) -> None:
 
 def check_colocated_vllm(args) -> None:
     """What the platform of a colocated vLLM engine (built in every rank by ms-swift's rollout mixin) cannot run,
-    checked as for ``swift rlhf`` (:mod:`swift_gkd_plugin.colocated_vllm`), before the models load."""
+    checked as for ``swift rlhf`` (:mod:`swift_gkd_plugin.rollout.colocated_vllm`), before the models load."""
     check_vllm_max_model_len(args, args.model_dir)
     check_vllm_cpu_head_dim(args, args.model_dir)
     check_vllm_sleep_mode(args)

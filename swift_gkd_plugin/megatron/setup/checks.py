@@ -20,9 +20,9 @@ from types import SimpleNamespace
 from dataclasses import dataclass, field, fields
 from typing import List, Optional, Sequence
 
-from swift_gkd_plugin import ms_swift_flag_table
-from swift_gkd_plugin.colocated_vllm import check_vllm_cpu_head_dim
-from swift_gkd_plugin.flags import (GKD_LOSS_IMPLS, LOCAL_TEACHER_URL, SCALAR_FLAGS, SKD_PLACEMENTS, FlagError,
+from swift_gkd_plugin.options import ms_swift_flag_table
+from swift_gkd_plugin.rollout.colocated_vllm import check_vllm_cpu_head_dim
+from swift_gkd_plugin.options.flags import (GKD_LOSS_IMPLS, LOCAL_TEACHER_URL, SCALAR_FLAGS, SKD_PLACEMENTS, FlagError,
                                     GKDPluginArgumentsMixin, check_gkd_scalars, check_no_multi_turn,
                                     check_teacher_server_flags, check_training_set, entry_urls, local_teacher_index,
                                     plugin_flags_in)
@@ -297,7 +297,7 @@ def check_megatron_command_line(argv: Sequence[str]) -> None:
         check_context_parallel_views(ns)
         check_rows_have_prompts(ns)
         # ms-swift's dataset syntax: imported here
-        from swift_gkd_plugin.dataset_files import check_fresh_adapter_teacher, check_teacher_given
+        from swift_gkd_plugin.data.dataset_files import check_fresh_adapter_teacher, check_teacher_given
         view = SimpleNamespace(**{**vars(ns), 'columns': _json_or_none(ns.columns)})
         check_teacher_given(view, ('teacher_model', 'teacher_model_server'),
                             '--teacher_model (another model; --model itself only for a LoRA student that starts '
@@ -417,7 +417,7 @@ def check_grouped_experts(args, model_dirs: Sequence[tuple]) -> None:
 def check_local_paths(args) -> None:
     """Local ``--dataset`` files and ``--model`` / ``--teacher_model`` folders exist (a missing dataset was found
     after both models loaded, in every rank)."""
-    from swift_gkd_plugin.local_paths import dataset_path_problem, looks_local, near_names
+    from swift_gkd_plugin.options.local_paths import dataset_path_problem, looks_local, near_names
     for entry in args.dataset or []:
         problem = dataset_path_problem('--dataset', entry)
         if problem:
@@ -435,8 +435,8 @@ def check_rows_have_prompts(args) -> None:
     drawn (``swift rlhf`` draws another row in its place)."""
     if not (args.lmbda > 0 or args.seq_kd):
         return
-    from swift_gkd_plugin.dataset_files import dataset_rows, local_dataset_files  # ms-swift's dataset syntax
-    from swift_gkd_plugin.dataset_rows import has_prompt, prompt_missing
+    from swift_gkd_plugin.data.dataset_files import dataset_rows, local_dataset_files  # ms-swift's dataset syntax
+    from swift_gkd_plugin.data.dataset_rows import has_prompt, prompt_missing
     columns = _json_or_none(args.columns)
     columns = columns if isinstance(columns, dict) else {}
     for path, standard in local_dataset_files(list(args.dataset or []), args.use_hf):
@@ -475,7 +475,7 @@ def check_context_parallel_views(args) -> None:
     cp = args.context_parallel_size or 1
     if cp == 1:
         return
-    from swift_gkd_plugin.dataset_files import first_privileged_row  # ms-swift's dataset syntax: imported here
+    from swift_gkd_plugin.data.dataset_files import first_privileged_row  # ms-swift's dataset syntax: imported here
     where = first_privileged_row(args.dataset, args.use_hf, _json_or_none(args.columns))
     if where:
         raise FlagError(f'--context_parallel_size {cp} with a teacher view of its own ({where} has a teacher_prompt '

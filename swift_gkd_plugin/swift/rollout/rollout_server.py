@@ -5,7 +5,7 @@ ms-swift's server sends every weight bucket to its workers fire-and-forget and a
 ``/process_weights_after_loading/`` with 200 whatever happened: a load that failed in a worker (a layout vLLM
 repacked, a name it does not know) left the server sampling from the old weights while training went on, exit code 0
 (found on vLLM's CPU build, where every sync failed so). Here each worker loads a whole sync through vLLM's in-place
-layerwise reload where vLLM repacked its weights (as :mod:`swift_gkd_plugin.colocated_vllm` does in colocate mode),
+layerwise reload where vLLM repacked its weights (as :mod:`swift_gkd_plugin.rollout.colocated_vllm` does in colocate mode),
 keeps the sync's first failure, and the closing request answers 500 with it, which ms-swift's client raises.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ def _loads(method):
     def load(self, *args, **kwargs):
         model = self.model_runner.model
         if not getattr(self, '_gkd_reloading', False) and getattr(self, '_gkd_error', None) is None:
-            from swift_gkd_plugin.colocated_vllm import weights_repacked
+            from swift_gkd_plugin.rollout.colocated_vllm import weights_repacked
             if weights_repacked(model):
                 from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
                 initialize_layerwise_reload(model)

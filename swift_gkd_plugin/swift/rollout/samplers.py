@@ -14,13 +14,13 @@ from swift.utils import get_logger, unwrap_model_for_generation
 from swift_gkd_plugin.core.weights.lora_round_trip import (HostBuffer, adapter_tensors_copied, exact_lora_sync,
                                                            lora_merges_skipped)
 from swift_gkd_plugin.core.modes import Mode, sampling_seed
-from swift_gkd_plugin.flags import rollout_max_tokens
+from swift_gkd_plugin.options.flags import rollout_max_tokens
 from swift_gkd_plugin.swift.step.hidden_states import head_rows
 from swift_gkd_plugin.swift.rollout.rollout_server import watch_rollout_client
 from swift_gkd_plugin.swift.rollout.media_tokens import cut_at_media_placeholders, suppress_media_placeholders
 from swift_gkd_plugin.swift.rollout.correction import SamplerLogprobsEngine
 from swift_gkd_plugin.swift.rollout.speculative import SpeculativeEngine
-from swift_gkd_plugin.colocated_vllm import weight_sync_context
+from swift_gkd_plugin.rollout.colocated_vllm import weight_sync_context
 
 logger = get_logger()
 
@@ -177,7 +177,7 @@ class SamplersMixin:
 
     def _move_full_model_to_vllm(self, *args, **kwargs):
         """ms-swift's sync of the (merged) student, through vLLM's in-place reload where vLLM repacked its weights
-        (its CPU build: see :mod:`swift_gkd_plugin.colocated_vllm`)."""
+        (its CPU build: see :mod:`swift_gkd_plugin.rollout.colocated_vllm`)."""
         if self.vllm_mode != 'colocate':
             return super()._move_full_model_to_vllm(*args, **kwargs)
         with weight_sync_context(self):

@@ -26,14 +26,14 @@ from swift.rlhf_trainers.gkd_loss import DataSource
 from swift.rollout import invoke_async_hook, run_multi_turn
 from swift.utils import get_logger
 
-from swift_gkd_plugin.completion_stats import completion_length, end_of_turn_ids
+from swift_gkd_plugin.rollout.completion_stats import completion_length, end_of_turn_ids
 from swift_gkd_plugin.core import Mode
 from swift_gkd_plugin.core.modes import DATA_SOURCES, mode_log_path, step_mode
 from swift_gkd_plugin.core.speculative import teacher_seed
 from swift_gkd_plugin.core.views import (generated_turns, prepare_teacher_view, student_trajectory,
                                         with_teacher_prompt)
 from swift_gkd_plugin.swift.setup.compile_cost import eager_sampling
-from swift_gkd_plugin.flags import sampling_temperature
+from swift_gkd_plugin.options.flags import sampling_temperature
 from swift_gkd_plugin.swift.rollout.group_resample import resample_failed_groups
 from swift_gkd_plugin.swift.rollout.media_tokens import suppress_media_placeholders
 from swift_gkd_plugin.swift.step.hidden_states import head_rows

@@ -16,7 +16,7 @@ training succeeded, pytorch/torchtitan#1342).
 Destroying the groups did not remove every abort (two in one full test run of 2-process runs, each after training
 had finished and both ranks had destroyed their groups). So when the trainer has also finished training
 (:func:`note_training_finished`), the worker then skips interpreter finalization altogether, with exit code 0
-(:func:`swift_gkd_plugin.process_exit.exit_after_clean_finish`, the process's last ``atexit`` handler).
+(:func:`swift_gkd_plugin.runtime.process_exit.exit_after_clean_finish`, the process's last ``atexit`` handler).
 
 What holds groups of its own is shut down first (:func:`before_groups_go`): a colocated vLLM engine tears down its
 groups (and the default one) in its own shutdown, which otherwise ran after ours and failed ("Invalid process group
@@ -29,7 +29,7 @@ import sys
 
 import torch.distributed as dist
 
-from swift_gkd_plugin.process_exit import mark_clean_finish
+from swift_gkd_plugin.runtime.process_exit import mark_clean_finish
 
 _state = {'registered': False, 'failed': False, 'trained': False}
 _shutdowns = []  # run before the groups are destroyed, in the order registered
@@ -87,5 +87,5 @@ def setup_clean_exit(trainer) -> None:
     if trainer.args.use_vllm and trainer.args.vllm_mode == 'colocate':
         import functools
 
-        from swift_gkd_plugin.colocated_vllm import shutdown_engine
+        from swift_gkd_plugin.rollout.colocated_vllm import shutdown_engine
         before_groups_go(functools.partial(shutdown_engine, trainer.engine))

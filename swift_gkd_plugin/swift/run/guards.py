@@ -19,7 +19,7 @@ from swift_gkd_plugin.core.guards.same_weights import (copy_of_the_student, copy
                                                       privileged_row_count)
 from swift_gkd_plugin.swift.run.records import LogResume
 from swift_gkd_plugin.swift.setup.checkpoints import guard_checkpoint_saves
-from swift_gkd_plugin.dataset_rows import media_refs
+from swift_gkd_plugin.data.dataset_rows import media_refs
 from swift_gkd_plugin.swift.setup.datasets import RefuseEmptyEpochs
 
 logger = get_logger()

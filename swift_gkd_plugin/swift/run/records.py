@@ -53,7 +53,7 @@ def _teacher(given: dict) -> str:
 
 
 def _ms_swift_version() -> str:
-    from swift_gkd_plugin.ms_swift_flag_table import installed_ms_swift
+    from swift_gkd_plugin.options.ms_swift_flag_table import installed_ms_swift
     return installed_ms_swift() or 'unknown'
 
 

@@ -17,17 +17,17 @@ from swift.rlhf_trainers import GKDConfig
 from swift.utils import get_logger
 
 import swift_gkd_plugin
-from swift_gkd_plugin.colocated_vllm import (check_vllm_cpu_head_dim, check_vllm_max_model_len, check_vllm_sleep_mode,
+from swift_gkd_plugin.rollout.colocated_vllm import (check_vllm_cpu_head_dim, check_vllm_max_model_len, check_vllm_sleep_mode,
                                              resolve_vllm_environment)
 from swift_gkd_plugin.core.constants import ROLLOUT_IS_MODES, SCALE_REWARDS
-from swift_gkd_plugin.flags import (FlagError, GKDPluginArgumentsMixin, check_bf16_device, check_cpu_processes,
+from swift_gkd_plugin.options.flags import (FlagError, GKDPluginArgumentsMixin, check_bf16_device, check_cpu_processes,
                                     check_deepspeed_launch, check_gkd_scalars, check_multi_turn_flags,
                                     check_no_plugin_flags_outside_gkd, check_rl_flags, check_teacher_server_flags,
                                     check_torch_compile_checkpointing, check_training_set, check_vllm_flags,
                                     ignored_flag_warnings, resolve_num_generations, sampling_temperature)
-from swift_gkd_plugin.flag_checks import check_training_length
-from swift_gkd_plugin.hub_models import hub_lookup_failed, hub_unreachable
-from swift_gkd_plugin.ms_swift_state import grpo_num_generations, keep_teacher_messages_column
+from swift_gkd_plugin.options.flag_checks import check_training_length
+from swift_gkd_plugin.options.hub_models import hub_lookup_failed, hub_unreachable
+from swift_gkd_plugin.runtime.ms_swift_state import grpo_num_generations, keep_teacher_messages_column
 from swift_gkd_plugin.swift.setup.checkpoints import check_resume_checkpoint
 from swift_gkd_plugin.swift.setup.compile_cost import torch_compile_warnings
 from swift_gkd_plugin.swift.setup.datasets import check_local_datasets, check_self_teacher_has_something_to_add

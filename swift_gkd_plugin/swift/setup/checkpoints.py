@@ -17,7 +17,7 @@ import resource
 import shutil
 from typing import List, Optional
 
-from swift_gkd_plugin.flags import FlagError
+from swift_gkd_plugin.options.flags import FlagError
 
 TRAINER_STATE = 'trainer_state.json'  # transformers.trainer.TRAINER_STATE_NAME, written last
 LAST_CHECKPOINT = 'last-checkpoint'  # ms-swift's symlink to the newest complete checkpoint

@@ -1,5 +1,5 @@
 """``swift rlhf``'s command line as the plugin parses it: a refused flag is one ``error:`` line and exit code 2 (no
-traceback), as in the ``megatron`` launcher (:func:`swift_gkd_plugin.activation.on_megatron_cli_imported`); an
+traceback), as in the ``megatron`` launcher (:func:`swift_gkd_plugin.entry.activation.on_megatron_cli_imported`); an
 unknown flag is named with the closest flags of ms-swift and the plugin, before any argument is resolved. Under
 torchrun the ``swift`` launcher runs the first of these checks before any rank starts
 (:func:`check_launcher_command_line`)."""
@@ -14,9 +14,9 @@ import sys
 from types import SimpleNamespace
 from typing import List, NoReturn, Optional
 
-from swift_gkd_plugin import ms_swift_flag_table
-from swift_gkd_plugin.flags import FlagError
-from swift_gkd_plugin.process_exit import record_refusal
+from swift_gkd_plugin.options import ms_swift_flag_table
+from swift_gkd_plugin.options.flags import FlagError
+from swift_gkd_plugin.runtime.process_exit import record_refusal
 
 PROG = 'swift rlhf'
 
@@ -24,7 +24,7 @@ PROG = 'swift rlhf'
 def refuse(prog: str, message, code: int = 2) -> NoReturn:
     """Print ``prog: error: message`` (one line) and exit with ``code``: 2 (as argparse does) for a refused command
     line, 1 for a run stopped later. Under the launcher's torchrun only the first rank to refuse prints it, and
-    torchrun exits with ``code`` without its own report (:mod:`swift_gkd_plugin.process_exit`)."""
+    torchrun exits with ``code`` without its own report (:mod:`swift_gkd_plugin.runtime.process_exit`)."""
     sys.stdout.flush()
     if record_refusal(code, f'{prog}: error: {message}'):
         sys.stderr.write(f'{prog}: error: {message}\n')
@@ -67,7 +67,7 @@ def check_unknown_flags(args_class, argv: Optional[List[str]]) -> argparse.Names
 
 def parse_command_line(pipeline, original_parse, args):
     """ms-swift's ``SwiftPipeline._parse_args`` for a command line (``args`` None or a list of strings), with the
-    plugin's refusals (:class:`~swift_gkd_plugin.flags.FlagError`) printed as one line, exit code 2."""
+    plugin's refusals (:class:`~swift_gkd_plugin.options.flags.FlagError`) printed as one line, exit code 2."""
     given = check_unknown_flags(pipeline.args_class, args)
     try:
         return original_parse(pipeline, args)
@@ -148,9 +148,9 @@ def given_values(argv: List[str]) -> dict:
 
 
 def _check_declared_value(name: str, rule, raw: str) -> None:
-    """``raw`` against a declared :class:`~swift_gkd_plugin.flags.Range` or string choices; a value that does not
+    """``raw`` against a declared :class:`~swift_gkd_plugin.options.flags.Range` or string choices; a value that does not
     parse, or choices of another type, are left to the parser in the process."""
-    from swift_gkd_plugin.flags import Range, check_declared, choices_of
+    from swift_gkd_plugin.options.flags import Range, check_declared, choices_of
     if isinstance(rule, Range):
         try:
             value = int(raw) if rule.integer else float(raw)
@@ -168,11 +168,11 @@ def check_launcher_early(argv: List[str]) -> None:
     torchrun's ranks), which import ms-swift's pipeline first: a refusal in ~2 s instead of ~10 (the launcher has
     imported torch, not ms-swift's arguments). Flags that neither ms-swift nor the plugin declares, the declared
     range or choices of each flag given that the process checks unconditionally
-    (:data:`~swift_gkd_plugin.flags.SCALAR_FLAGS`), and the local paths (:mod:`swift_gkd_plugin.swift.setup.paths`:
-    models, adapters, datasets, plugins, the checkpoint, the output folder). Unknown flags first, from the table of ms-swift's flags (:mod:`swift_gkd_plugin.ms_swift_flag_table`;
+    (:data:`~swift_gkd_plugin.options.flags.SCALAR_FLAGS`), and the local paths (:mod:`swift_gkd_plugin.swift.setup.paths`:
+    models, adapters, datasets, plugins, the checkpoint, the output folder). Unknown flags first, from the table of ms-swift's flags (:mod:`swift_gkd_plugin.options.ms_swift_flag_table`;
     under another ms-swift version than the table's they are refused in the process, as before: 8-17 s). Every check
     runs in the process again, after the arguments are resolved."""
-    from swift_gkd_plugin.flags import SCALAR_FLAGS, GKDPluginArgumentsMixin, declared_ranges
+    from swift_gkd_plugin.options.flags import SCALAR_FLAGS, GKDPluginArgumentsMixin, declared_ranges
     from swift_gkd_plugin.swift.setup.paths import check_early_paths
     unknown = ms_swift_flag_table.unknown_flags(PROG, argv, GKDPluginArgumentsMixin)
     if unknown is not None:
@@ -211,8 +211,8 @@ def check_launcher_command_line(argv: List[str]) -> None:
     world_size = torchrun_world_size()
     if world_size is None:
         return  # the ranks check it, knowing their number
-    from swift_gkd_plugin.flags import resolve_num_generations
-    from swift_gkd_plugin.ms_swift_state import grpo_num_generations
+    from swift_gkd_plugin.options.flags import resolve_num_generations
+    from swift_gkd_plugin.runtime.ms_swift_state import grpo_num_generations
     from swift_gkd_plugin.swift.setup.arguments import GKDPluginRLHFArguments, check_command_line_flags
     check_launcher_early(argv)
     args = check_unknown_flags(GKDPluginRLHFArguments, argv)

@@ -31,10 +31,10 @@ from swift.dataset.dataset_syntax import DatasetSyntax
 from swift.utils import get_logger
 from transformers import TrainerCallback
 
-from swift_gkd_plugin.flags import FlagError
-from swift_gkd_plugin.dataset_files import (Where, check_fresh_adapter_teacher, check_teacher_given, dataset_rows,
+from swift_gkd_plugin.options.flags import FlagError
+from swift_gkd_plugin.data.dataset_files import (Where, check_fresh_adapter_teacher, check_teacher_given, dataset_rows,
                                             local_dataset_files)
-from swift_gkd_plugin.dataset_rows import (empty_prompt, has_prompt, has_response, mapped_row, media_problem,
+from swift_gkd_plugin.data.dataset_rows import (empty_prompt, has_prompt, has_response, mapped_row, media_problem,
                                            media_refs, media_tag_problem, misspelt_columns, privileged_problem,
                                            prompt_missing, response_problem, row_problem)
 
@@ -251,9 +251,9 @@ def _shown_rows(rows: List[str]) -> str:
 
 
 def check_self_teacher_has_something_to_add(args) -> None:
-    """A student-itself teacher with nothing to add (:func:`~swift_gkd_plugin.dataset_files.check_teacher_given`),
+    """A student-itself teacher with nothing to add (:func:`~swift_gkd_plugin.data.dataset_files.check_teacher_given`),
     and a shared-base LoRA student (ms-swift's ``_teacher_use_disable_adapter``) whose fresh adapter makes it its
-    own teacher (:func:`~swift_gkd_plugin.dataset_files.check_fresh_adapter_teacher`)."""
+    own teacher (:func:`~swift_gkd_plugin.data.dataset_files.check_fresh_adapter_teacher`)."""
     if getattr(args, '_teacher_use_disable_adapter', False):
         check_fresh_adapter_teacher(args, args.teacher_model_server is None,
                                     ('adapters', 'resume_from_checkpoint'))

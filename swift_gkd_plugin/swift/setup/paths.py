@@ -18,8 +18,8 @@ import os
 import tempfile
 from typing import List, Optional
 
-from swift_gkd_plugin.flags import FlagError
-from swift_gkd_plugin.local_paths import (adapter_path_problem, dataset_path, dataset_path_problem, looks_local,
+from swift_gkd_plugin.options.flags import FlagError
+from swift_gkd_plugin.options.local_paths import (adapter_path_problem, dataset_path, dataset_path_problem, looks_local,
                                           near_names, not_a_model_folder)
 
 
@@ -64,7 +64,7 @@ def check_adapter_paths(args) -> None:
 
 def check_dataset_paths(args) -> None:
     """``--dataset`` / ``--val_dataset`` entries that name local files exist (see
-    :func:`~swift_gkd_plugin.local_paths.dataset_path_problem`): ms-swift took a missing one for a hub id, loaded both
+    :func:`~swift_gkd_plugin.options.local_paths.dataset_path_problem`): ms-swift took a missing one for a hub id, loaded both
     models, then failed to reach the hub (offline: hundreds of lines)."""
     for flag, entries in (('--dataset', args.dataset), ('--val_dataset', args.val_dataset)):
         for entry in [entries] if isinstance(entries, str) else entries or []:

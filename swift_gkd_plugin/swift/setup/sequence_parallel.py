@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 from typing import Dict, Optional
 
-from swift_gkd_plugin.colocated_vllm import text_config_of
-from swift_gkd_plugin.flags import FlagError
+from swift_gkd_plugin.rollout.colocated_vllm import text_config_of
+from swift_gkd_plugin.options.flags import FlagError
 
 
 def resolve_sequence_parallel(args) -> None:

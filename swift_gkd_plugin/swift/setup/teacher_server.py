@@ -8,8 +8,8 @@ from typing import List, Optional, Tuple
 
 from swift.utils import get_logger
 
-from swift_gkd_plugin.flags import LOCAL_TEACHER_URL, FlagError, check_teacher_urls, local_teacher_index
-from swift_gkd_plugin.local_paths import LOCAL_SUFFIXES
+from swift_gkd_plugin.options.flags import LOCAL_TEACHER_URL, FlagError, check_teacher_urls, local_teacher_index
+from swift_gkd_plugin.options.local_paths import LOCAL_SUFFIXES
 from swift_gkd_plugin.server.client import TeacherClient, TeacherServerError
 from swift_gkd_plugin.server.protocol import tokenizer_fingerprint
 
@@ -230,7 +230,7 @@ def check_teacher_tags(args) -> None:
                                 f'teacher {json.dumps(tag)}, or route by a column of the rows with --teacher_tag_key '
                                 'COLUMN')
         return
-    from swift_gkd_plugin.dataset_files import dataset_rows, local_dataset_files
+    from swift_gkd_plugin.data.dataset_files import dataset_rows, local_dataset_files
     for path, _ in local_dataset_files(args.dataset, args.use_hf):
         bad = [(where, row.get(key)) for where, row in dataset_rows('--dataset', path)
                if (str(row[key]) if row.get(key) is not None else None) not in tags]

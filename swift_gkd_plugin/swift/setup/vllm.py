@@ -1,13 +1,13 @@
 """``swift rlhf --use_vllm true`` before anything loads: the checks that only ``swift rlhf`` needs (a launcher for
 colocate mode, a GPU for server mode); the checks and the environment resolver shared with ``megatron rlhf`` are in
-:mod:`swift_gkd_plugin.colocated_vllm`.
+:mod:`swift_gkd_plugin.rollout.colocated_vllm`.
 """
 from __future__ import annotations
 
 import os
 from contextlib import contextmanager
 
-from swift_gkd_plugin.flags import FlagError
+from swift_gkd_plugin.options.flags import FlagError
 
 
 def check_vllm_launcher(args) -> None:

@@ -6,7 +6,7 @@ from typing import Dict
 
 import torch
 
-from swift_gkd_plugin.completion_stats import CompletionWindow
+from swift_gkd_plugin.rollout.completion_stats import CompletionWindow
 from swift_gkd_plugin.core import Mode
 from swift_gkd_plugin.swift.sequence_parallel import gather_shares, group_rank, group_size, share
 from swift_gkd_plugin.swift.step.rewards import global_advantages, load_reward_funcs, score_completions

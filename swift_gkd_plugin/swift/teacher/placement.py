@@ -15,7 +15,7 @@ from swift_gkd_plugin.core.topk import topk_of_logits
 from swift_gkd_plugin.core.weights.inference_tensors import reclaim_after_inference_sampling
 from swift_gkd_plugin.core.views import check_privileged_columns
 from swift_gkd_plugin.core.weights.offload import TeacherOffloader, is_partitioned
-from swift_gkd_plugin.flags import local_teacher_index
+from swift_gkd_plugin.options.flags import local_teacher_index
 from swift_gkd_plugin.server.client import TopKResult
 from swift_gkd_plugin.swift.sequence_parallel import gather_shares, group_rank, group_size, share, whole_sequences
 from swift_gkd_plugin.swift.setup.teacher_server import teacher_configs, teacher_names

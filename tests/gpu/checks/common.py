@@ -243,7 +243,7 @@ def start_rlhf(argv: List[str], env: Dict[str, str], timeout: float):
     """``swift rlhf argv`` (the console script of this environment) with ``env`` added to this process's environment:
     ``(exit code or 'timeout', output)``. (tests/test_gpu_checks.py's in-process parts replace it: the runs fork from
     the test worker's zygote.)"""
-    from swift_gkd_plugin.cli import swift_executable
+    from swift_gkd_plugin.entry.cli import swift_executable
     full_env = dict(os.environ, **env)
     t0 = time.perf_counter()
     try:

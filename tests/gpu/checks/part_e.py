@@ -45,7 +45,7 @@ import bench_teacher_server  # noqa: E402
 
 
 def run(args) -> Results:
-    from swift_gkd_plugin.cli import swift_executable
+    from swift_gkd_plugin.entry.cli import swift_executable
     from swift_gkd_plugin.server import TeacherClient
     from swift_gkd_plugin.server.client import TeacherServerError
     res = Results('e', 'teacher server under concurrent load, and a batch that does not fit')

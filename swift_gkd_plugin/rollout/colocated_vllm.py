@@ -29,7 +29,7 @@ from typing import Iterator, Optional
 
 from swift.utils import get_logger
 
-from swift_gkd_plugin.flags import FlagError
+from swift_gkd_plugin.options.flags import FlagError
 
 logger = get_logger()
 

@@ -2,11 +2,11 @@
 
 It must cost nothing: it imports neither torch nor ms-swift. It only registers post-import hooks so that, when a
 process imports ms-swift's rlhf pipeline or trainer factory, the plugin's arguments and trainer are put in place
-(see :mod:`swift_gkd_plugin.activation`). ``SWIFT_GKD_PLUGIN=0`` leaves ms-swift untouched, but for one line naming
+(see :mod:`swift_gkd_plugin.entry.activation`). ``SWIFT_GKD_PLUGIN=0`` leaves ms-swift untouched, but for one line naming
 the variable where a command line holds a flag of the plugin (ms-swift's own error was a ``remaining_argv``
 traceback).
 
-It also sets how the process ends (:mod:`swift_gkd_plugin.process_exit`): a torchrun worker's last ``atexit``
+It also sets how the process ends (:mod:`swift_gkd_plugin.runtime.process_exit`): a torchrun worker's last ``atexit``
 handler, the launcher's child exiting with the launcher, and torchrun quiet after a rank's refusal.
 """
 import atexit
@@ -15,11 +15,11 @@ import importlib.util
 import os
 import sys
 
-from swift_gkd_plugin.process_exit import exit_after_clean_finish, exit_with_launcher, quiet_torchrun_after_refusal
+from swift_gkd_plugin.runtime.process_exit import exit_after_clean_finish, exit_with_launcher, quiet_torchrun_after_refusal
 
 _OFF_VALUES = {'0', 'false', 'no', 'off'}
 
-# module name -> function name in swift_gkd_plugin.activation, called right after that module has executed
+# module name -> function name in swift_gkd_plugin.entry.activation, called right after that module has executed
 _HOOKS = {
     'swift.arguments.rlhf_args': 'on_rlhf_arguments_imported',
     'swift.pipelines.train.rlhf': 'on_rlhf_pipeline_imported',
@@ -49,7 +49,7 @@ class _Loader(importlib.abc.Loader):
 
     def exec_module(self, module):
         self._inner.exec_module(module)
-        from swift_gkd_plugin import activation
+        from swift_gkd_plugin.entry import activation
         getattr(activation, self._hook_name)(module)
 
 
@@ -85,7 +85,7 @@ def install() -> None:
     # Modules imported before this point (unusual: the .pth runs at start-up) are patched right away.
     already = [name for name in hooks if name in sys.modules]
     if already:
-        from swift_gkd_plugin import activation
+        from swift_gkd_plugin.entry import activation
         for name in already:
             getattr(activation, hooks[name])(sys.modules[name])
 

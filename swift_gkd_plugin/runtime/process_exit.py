@@ -1,6 +1,6 @@
 """How a plugin process ends: with its launcher, and without interpreter finalization after a clean finish.
 
-Imported by the start-up hook (:mod:`swift_gkd_plugin._bootstrap`) in every Python process, so it imports neither
+Imported by the start-up hook (:mod:`swift_gkd_plugin.entry.bootstrap`) in every Python process, so it imports neither
 torch nor ms-swift.
 
 A torchrun worker registers, before anything else can, the last ``atexit`` handler of the process

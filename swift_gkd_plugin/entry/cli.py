@@ -11,7 +11,7 @@ import sys
 import time
 
 import swift_gkd_plugin
-from swift_gkd_plugin.process_exit import PLUGIN_FLAGS_OFF
+from swift_gkd_plugin.runtime.process_exit import PLUGIN_FLAGS_OFF
 
 #: The demo's distillation settings, chosen by measurement over 3 seeds and 1 and 2 threads
 #: (docs_en/quality.md, "The demo"): SKD with K = 1 from a student warm-started to well-formed answers, at a
@@ -209,7 +209,7 @@ def check_demo_args(args) -> None:
     is built, which takes a minute, rather than by ``swift rlhf`` after it."""
     import dataclasses
 
-    from swift_gkd_plugin.flags import Range, declared_ranges
+    from swift_gkd_plugin.options.flags import Range, declared_ranges
     ranges = declared_ranges()
     for name, (swift_flag, why) in DEMO_FLAG_RANGES.items():
         rule = ranges[swift_flag]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from typing import List
 
-from swift_gkd_plugin.flags import FlagError
+from swift_gkd_plugin.options.flags import FlagError
 
 #: the exceptions (by class name, in the chain of what the download raised) of a hub that cannot be reached:
 #: huggingface_hub offline or without a cached copy, httpx / requests / urllib3 / socket failing to connect,

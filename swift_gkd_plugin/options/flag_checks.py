@@ -1,6 +1,6 @@
 """The rules between flags (combinations GKD refuses, or warns about, naming every flag involved) and what every
 flag check shares: :class:`FlagError`, :class:`Range` and the temperature bounds. Imports no ms-swift and not
-:mod:`swift_gkd_plugin.flags`, which declares the flags, checks each against its declaration, and re-exports these.
+:mod:`swift_gkd_plugin.options.flags`, which declares the flags, checks each against its declaration, and re-exports these.
 """
 from __future__ import annotations
 

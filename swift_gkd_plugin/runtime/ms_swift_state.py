@@ -13,7 +13,7 @@ def remember_grpo_num_generations(default: int) -> int:
 
 def grpo_num_generations() -> int:
     """ms-swift's default ``num_generations`` (GRPO's G), also after activation has unset it
-    (:func:`swift_gkd_plugin.activation.on_rlhf_arguments_imported`)."""
+    (:func:`swift_gkd_plugin.entry.activation.on_rlhf_arguments_imported`)."""
     if 'value' not in _GRPO_NUM_GENERATIONS:
         from swift.arguments import RLHFArguments
         _GRPO_NUM_GENERATIONS['value'] = RLHFArguments.__dataclass_fields__['num_generations'].default

@@ -12,7 +12,7 @@ from swift.dataset.dataset_syntax import DatasetSyntax
 from swift.dataset.preprocessor import AutoPreprocessor
 
 from swift_gkd_plugin.core.constants import PRIVILEGED_COLUMNS
-from swift_gkd_plugin.flags import FlagError
+from swift_gkd_plugin.options.flags import FlagError
 
 
 #: the local files read here before loading (ms-swift reads them with the ``datasets`` loader of their ending)

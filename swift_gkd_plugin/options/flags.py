@@ -5,7 +5,7 @@ Framework-free (no ms-swift import): shared by ``swift rlhf`` (:mod:`swift_gkd_p
 rank starts. Each range is declared once, beside its field (``metadata['range']`` of the plugin's fields,
 :data:`MS_SWIFT_FLAGS` for ms-swift's own), and the checks are generated from the declarations; allowed values of a
 choice come from its ``Literal`` type. Every message names the flag, the value and the allowed values. The
-hand-written rules between flags are in :mod:`swift_gkd_plugin.flag_checks`, re-exported here: import from this module.
+hand-written rules between flags are in :mod:`swift_gkd_plugin.options.flag_checks`, re-exported here: import from this module.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Dict, List, Literal, Optional, Tuple
 
 from swift_gkd_plugin.core.constants import ROLLOUT_IS_MODES, SCALE_REWARDS
 from swift_gkd_plugin.core.fused.kernels import BACKENDS as FUSED_BACKENDS
-from swift_gkd_plugin.flag_checks import (LOCAL_TEACHER_URL, SAMPLING_TEMPERATURE_FLOOR, SAMPLING_TEMPERATURE_FLOOR_WHY,
+from swift_gkd_plugin.options.flag_checks import (LOCAL_TEACHER_URL, SAMPLING_TEMPERATURE_FLOOR, SAMPLING_TEMPERATURE_FLOOR_WHY,
                                           SKD_PLACEMENTS, TEMPERATURE_CEILING, TEMPERATURE_CEILING_WHY,
                                           TEMPERATURE_FLOOR, TEMPERATURE_FLOOR_WHY, VLLM_TEMPERATURE_CEILING, FlagError,
                                           Range, check_bf16_device, check_cpu_processes, check_cross_tokenizer_flags,
@@ -324,7 +324,7 @@ def check_declared(args, names) -> None:
     for name in names:
         if not hasattr(args, name):
             raise AttributeError(f'swift_gkd_plugin declares the allowed values of --{name}, but the arguments have '
-                                 f'no field {name!r} (renamed or removed?): update swift_gkd_plugin/flags.py')
+                                 f'no field {name!r} (renamed or removed?): update swift_gkd_plugin/options/flags.py')
         value, rule = getattr(args, name), declared[name]
         if isinstance(rule, Range):
             rule.check(name, value)

@@ -2,7 +2,7 @@
 
 Two ways in, same effect:
 
-* automatic (default): ``swift_gkd_plugin.pth`` installs import hooks (:mod:`swift_gkd_plugin._bootstrap`) that
+* automatic (default): ``swift_gkd_plugin.pth`` installs import hooks (:mod:`swift_gkd_plugin.entry.bootstrap`) that
   call the ``on_*_imported`` functions below as soon as ms-swift's modules are imported, in every process,
   torchrun ranks included. The plugin's arguments class is then used to parse the command line, so its flags
   are accepted like ms-swift's own.
@@ -19,8 +19,8 @@ import inspect
 import os
 import sys
 
-from swift_gkd_plugin.ms_swift_state import remember_grpo_num_generations
-from swift_gkd_plugin.process_exit import LAUNCHER_PID_ENV, refusal_file
+from swift_gkd_plugin.runtime.ms_swift_state import remember_grpo_num_generations
+from swift_gkd_plugin.runtime.process_exit import LAUNCHER_PID_ENV, refusal_file
 
 TRAINER_PATH = 'swift_gkd_plugin.swift.trainer.GKDPluginTrainer'
 CONFIG_PATH = 'swift_gkd_plugin.swift.setup.arguments.GKDPluginConfig'
@@ -31,12 +31,12 @@ _state = {'rlhf_pipeline': False}  # True once this process parses swift rlhf wi
 def on_rlhf_arguments_imported(module) -> None:
     """ms-swift's ``RLHFArguments`` gives ``num_generations`` GRPO's default (8) whatever the rlhf type, where GKD's
     is 1 (the plugin's command line). Its default becomes None, resolved per rlhf type at the start of
-    ``__post_init__`` (:func:`swift_gkd_plugin.flags.resolve_num_generations`), so that arguments built in Python
+    ``__post_init__`` (:func:`swift_gkd_plugin.options.flags.resolve_num_generations`), so that arguments built in Python
     (``rlhf_main(RLHFArguments(...))``) get the command line's default; other rlhf types keep GRPO's."""
     cls = module.RLHFArguments
     if getattr(cls.__post_init__, '_swift_gkd_plugin', False):
         return
-    from swift_gkd_plugin.flags import GKDPluginArgumentsMixin, resolve_num_generations
+    from swift_gkd_plugin.options.flags import GKDPluginArgumentsMixin, resolve_num_generations
     # arguments built in Python from ms-swift's class get the plugin's checks too, its flags at their defaults
     for f in dataclasses.fields(GKDPluginArgumentsMixin):
         if f.name not in cls.__dataclass_fields__:
@@ -145,14 +145,14 @@ def on_megatron_cli_imported(module) -> None:
 
 def on_swift_cli_imported(module) -> None:
     """ms-swift's launcher (``swift``, and ``megatron`` through it) tells the child it starts its own pid, so that
-    the child exits with it (:func:`swift_gkd_plugin.process_exit.exit_with_launcher`).
+    the child exits with it (:func:`swift_gkd_plugin.runtime.process_exit.exit_with_launcher`).
 
     ``swift rlhf --rlhf_type gkd`` in one process: the declared values and the local paths are checked here first
     (:func:`swift_gkd_plugin.swift.setup.command_line.check_launcher_early`). Under torchrun (``NPROC_PER_NODE`` /
     ``NNODES`` set): the command line is checked here first, before any rank starts (the ranks' own checks of the
     flags and local paths, :func:`swift_gkd_plugin.swift.setup.command_line.check_launcher_command_line`), and a
     refusal in the ranks is one line and exit code 2, without torchrun's report
-    (:func:`swift_gkd_plugin.process_exit.refusal_file`)."""
+    (:func:`swift_gkd_plugin.runtime.process_exit.refusal_file`)."""
     original = module.cli_main
     if getattr(original, '_swift_gkd_plugin', False):
         return
@@ -192,13 +192,13 @@ def on_pipeline_base_imported_while_off(module) -> None:
     def _parse_args(self, args=None):
         argv = sys.argv[1:] if args is None else args
         if isinstance(argv, (list, tuple)) and not any(str(t).split('=', 1)[0] == '--external_plugins' for t in argv):
-            from swift_gkd_plugin.flags import plugin_flags_in
+            from swift_gkd_plugin.options.flags import plugin_flags_in
             flags = plugin_flags_in([str(t) for t in argv])
             if flags:
                 from swift_gkd_plugin.swift.setup.command_line import refuse
                 route = os.path.splitext(os.path.basename(sys.argv[0]))[0]
                 prog = f'{"megatron" if "_megatron" in sys.argv[0] else "swift"} {route}'
-                from swift_gkd_plugin.process_exit import PLUGIN_FLAGS_OFF
+                from swift_gkd_plugin.runtime.process_exit import PLUGIN_FLAGS_OFF
                 refuse(prog, f'{", ".join(flags)}: {PLUGIN_FLAGS_OFF}{os.environ.get("SWIFT_GKD_PLUGIN")} turned off: '
                              'unset SWIFT_GKD_PLUGIN (or set it to 1), or drop the flag(s)')
         return original(self, args)
@@ -293,7 +293,7 @@ def activate_from_external_plugin() -> None:
     from swift.arguments import RLHFArguments
     from swift.trainers import trainer_factory
 
-    from swift_gkd_plugin.flags import plugin_flags_in
+    from swift_gkd_plugin.options.flags import plugin_flags_in
     from swift_gkd_plugin.swift.setup.arguments import GKDPluginRLHFArguments
     flags = plugin_flags_in(sys.argv[1:])
     # ms-swift's parser also gave GKD its GRPO default --num_generations 8, where the plugin's default is 1
