@@ -165,13 +165,17 @@ def runs(vllm_ws, shared_runs):
         'two_ranks': lambda out: on_server(out, nproc=2, use_cpu='true', max_steps=2),
         'two_ranks_async': lambda out: on_server(out, nproc=2, use_cpu='true', async_generate='true', max_steps=3),
         # --async_generate: at learning rate 0 the same samples and losses as the synchronous run (mixed modes: only
-        # on-policy steps are prefetched), at 1e-2 one version old, a checkpoint keeping the next step's samples
+        # on-policy steps are prefetched); at 1e-2 with a queue of two steps (--gkd_max_staleness 2) 1 and 2 versions
+        # old, each checkpoint keeping the samples of its next steps; resumed with the same queue and with a shallower
+        # one (the batch older than 1 dropped and sampled again)
         'sync_lr0': lambda out: on_server(out, **MIXED_LR0),
         'async_lr0': lambda out: on_server(out, async_generate='true', **MIXED_LR0),
-        'async': lambda out: on_server(out, async_generate='true', max_steps=4, save_strategy='steps', save_steps=2),
-        'async_resumed': lambda out: on_server(
-            out, async_generate='true', max_steps=4,
-            resume_from_checkpoint=os.path.join(runs['async'].output_dir, 'checkpoint-2')),
+        'async': lambda out: on_server(out, async_generate='true', gkd_max_staleness=2, max_steps=4,
+                                       save_strategy='steps', save_steps=1),
+        **{name: (lambda k: lambda out: on_server(
+            out, async_generate='true', gkd_max_staleness=k, max_steps=4,
+            resume_from_checkpoint=os.path.join(runs['async'].output_dir, 'checkpoint-1')))(k)
+           for name, k in (('async_resumed', 2), ('async_resumed_k1', 1))},
         # RL + distillation with ms-swift's importance weights from the server's log-probabilities, sync and async
         **{name: (lambda flags: lambda out: on_server(
             out, plugins=(PROBE, RL_REWARD_PLUGIN), env={'GKD_TEST_REWARD_LOG': out + '.rewards.jsonl'},
@@ -236,23 +240,40 @@ def test_async_generate_at_learning_rate_0_trains_what_the_synchronous_run_train
     assert not any('gkd/staleness' in row for row in sync.logs)
 
 
-def test_async_generate_syncs_every_step_and_samples_one_version_behind(runs):
-    """At learning rate 1e-2: the server holds the trained weights after every sync (the sync for step t + 1's
-    samples happens at step t; the last step prefetches nothing), and steps 2-4 train on samples of the weights
-    before their last update."""
+def test_async_generate_with_a_queue_of_two_steps(runs):
+    """``--gkd_max_staleness 2`` at learning rate 1e-2: the server is synced once every two steps (at step 0 for its
+    own samples and those of steps 1-2, at step 2 for step 3's; the last step prefetches nothing) and holds the
+    trained weights after each sync; steps 1, 2, 3 train on samples 1, 2, 1 versions old, none dropped; the
+    checkpoint after step 0 keeps both queued batches."""
+    import pickle
     run = runs['async']
-    assert_server_is_on_policy(run, syncs=3)  # steps 0 (its own samples, then step 1's), 1 and 2 (the next's)
-    assert [row.get('gkd/staleness') for row in run.logs] == [None, 1, 1, 1]
-    assert os.path.exists(os.path.join(run.output_dir, 'checkpoint-2', 'gkd_prefetched.pkl'))
+    assert_server_is_on_policy(run, syncs=2)
+    assert _steps(run, 'gkd/staleness') == [None, 1, 2, 1]
+    assert _steps(run, 'gkd/staleness_max') == [None, 1, 2, 1]
+    assert _steps(run, 'gkd/stale_dropped') == [None, 0, 0, 0]
+    with open(os.path.join(run.output_dir, 'checkpoint-1', 'gkd_prefetched.pkl'), 'rb') as f:
+        queue = pickle.load(f)['queue']
+    assert [(b['step'], b['version'], len(b['outputs'])) for b in queue] == [(1, 0, 2), (2, 0, 2)]
 
 
-def test_async_generate_resumed_run_trains_the_prefetched_batch_once(runs):
-    """A run resumed from an async run's checkpoint trains the samples that checkpoint kept for its next step (not
-    lost, not sampled again with newer weights): steps 3 and 4 equal the uninterrupted run's."""
+def test_async_generate_resumed_run_trains_the_queued_batches_once(runs):
+    """A run resumed from the checkpoint after step 0, which kept the samples of steps 1 and 2, trains them (not lost,
+    not sampled again with newer weights) and syncs where the uninterrupted run synced: steps 1-3 equal its steps."""
     full, resumed = _ok(runs['async']), _ok(runs['async_resumed'])
-    assert len(resumed.logs) == 2
-    for key in ('loss', 'grad_norm', 'gkd/completion_length', 'gkd/staleness'):
-        assert _steps(resumed, key) == _steps(full, key)[2:], key
+    assert len(resumed.logs) == 3
+    for key in ('loss', 'grad_norm', 'gkd/completion_length', 'gkd/staleness', 'gkd/stale_dropped'):
+        assert _steps(resumed, key) == _steps(full, key)[1:], key
+
+
+def test_async_generate_drops_samples_older_than_the_bound(runs):
+    """The same checkpoint resumed with ``--gkd_max_staleness 1``: step 1's batch (one version old) is trained as the
+    uninterrupted run trained it; step 2's (two versions old) is dropped, counted (its 2 samples) and its rows sampled
+    again with the current weights; step 3 is prefetched one step ahead."""
+    full, run = _ok(runs['async']), _ok(runs['async_resumed_k1'])
+    assert _steps(run, 'gkd/staleness') == [1, None, 1]
+    assert _steps(run, 'gkd/stale_dropped') == [0, 2, 0]
+    assert run.logs[0]['loss'] == full.logs[1]['loss']
+    assert 'weight versions old, more than --gkd_max_staleness 1: dropped' in run.output
 
 
 def test_async_generate_on_two_trainer_ranks(runs):

@@ -257,6 +257,17 @@ SKD_PLACEMENTS = ('swift rlhf with transformers sampling (--use_vllm false) and 
                   'plugin\'s teacher server (--teacher_model_server with `swift-gkd serve-teacher`)')
 
 
+def check_max_staleness(args) -> None:
+    """``--gkd_max_staleness`` K > 1 is the depth of ``--async_generate true``'s queue on the rollout server; without
+    it every step samples with its own weights and K would be ignored."""
+    k = getattr(args, 'gkd_max_staleness', 1)
+    if k != 1 and not getattr(args, 'async_generate', False):
+        raise FlagError(f'--gkd_max_staleness {k} bounds how many steps ahead --async_generate true samples on a '
+                        'rollout server, and --async_generate is false: every step samples with its own weights '
+                        '(allowed: --gkd_max_staleness 1, or --async_generate true with --use_vllm true --vllm_mode '
+                        'server in swift rlhf)')
+
+
 def check_sampling_flags(args) -> None:
     """``--gkd_skd_top_k`` (SKD): the set-ups SKD cannot run in (the ranges of both sampling flags are declared)."""
     k = args.gkd_skd_top_k

@@ -22,7 +22,8 @@ from swift_gkd_plugin.options.flag_checks import (LOCAL_TEACHER_URL, SAMPLING_TE
                                           Range, check_bf16_device, check_cpu_processes, check_cross_tokenizer_flags,
                                           check_deepspeed_launch, check_divergence_flags, check_fused_backend,
                                           check_multi_turn_flags, check_no_multi_turn, check_reference_flags,
-                                          check_rollout_flags, check_sampled_kl_flags, check_sampling_flags,
+                                          check_max_staleness, check_rollout_flags, check_sampled_kl_flags,
+                                          check_sampling_flags,
                                           check_teacher_server_flags, check_teacher_urls, check_temperature_ceiling,
                                           check_torch_compile_checkpointing, check_training_set, entry_urls,
                                           ignored_flag_warnings, local_teacher_index)
@@ -41,7 +42,7 @@ __all__ = [
     'check_reference_flags', 'check_sampled_kl_flags', 'check_training_set', 'SKD_PLACEMENTS', 'check_sampling_flags', 'check_multi_turn_flags', 'check_no_multi_turn',
     'check_torch_compile_checkpointing', 'check_deepspeed_launch', 'check_cpu_processes', 'check_divergence_flags',
     'check_cross_tokenizer_flags', 'check_teacher_server_flags', 'ignored_flag_warnings', 'LOCAL_TEACHER_URL',
-    'local_teacher_index', 'entry_urls', 'check_teacher_urls',
+    'local_teacher_index', 'entry_urls', 'check_teacher_urls', 'check_max_staleness',
 ]
 
 
@@ -216,6 +217,16 @@ class GKDPluginArgumentsMixin:
             'off. Transformers sampling (--use_vllm false) with a teacher of the student\'s tokenizer, local or this '
             'plugin\'s server (its --top_k >= K). See docs_en/skd.md.',
             range=Range(0, integer=True, why='the teacher\'s top-K that accepts a student token; 0 = off')))
+    gkd_max_staleness: int = field(
+        default=1,
+        metadata=FlagMetadata(
+            help='With --async_generate true: how many optimizer steps ahead the rollout server samples, and so how '
+            'many weight versions old a sample may be (K). The server is synced once every K steps and samples the '
+            'on-policy steps of the next K while they train (1 to K versions old; a batch older than K, from a '
+            'checkpoint of a deeper queue, is dropped and sampled again, counted in gkd/stale_dropped). 1 (default): '
+            'ms-swift\'s one step of lookahead, a sync every step. Integer >= 1; > 1 needs --async_generate true. '
+            'See docs_en/vllm.md.',
+            range=Range(1, integer=True, why='1 = one step ahead, as ms-swift\'s --async_generate')))
 
 
 PLUGIN_FLAGS: List[str] = [f.name for f in fields(GKDPluginArgumentsMixin)]
@@ -375,6 +386,7 @@ def check_gkd_scalars(args) -> None:
     check_divergence_flags(args)
     check_cross_tokenizer_flags(args)
     check_sampling_flags(args)
+    check_max_staleness(args)
     check_rollout_flags(args)
     check_reference_flags(args)
     check_sampled_kl_flags(args)

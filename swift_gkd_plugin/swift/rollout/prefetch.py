@@ -1,15 +1,19 @@
-"""``--async_generate true``: the next generation batch is sampled on the rollout server (``--vllm_mode server``) with
-the last synced weights while the current one trains.
+"""``--async_generate true``: on-policy steps are sampled on the rollout server (``--vllm_mode server``) with the last
+synced weights while earlier steps train, up to ``--gkd_max_staleness`` (K) optimizer steps ahead.
 
-In: the next optimizer step's rows, read one step ahead of the trainer (:meth:`PrefetchMixin.get_batch_samples`).
-Out: that step's on-policy samples, each batch with the weight version it was sampled with (``gkd/staleness``).
+In: the rows of the next K optimizer steps, read ahead of the trainer (:meth:`PrefetchMixin.get_batch_samples`).
+Out: those steps' on-policy samples, each batch with the weight version it was sampled with (``gkd/staleness``).
 
-At the start of generation step ``g`` the trainer takes step ``g``'s samples (sampled with the weights of step
-``g - 1``), syncs the weights of step ``g`` to the server and sends it step ``g + 1``'s prompts; the server samples
-them while step ``g`` trains, whatever step ``g``'s own mode. So every on-policy step but the first trains on samples
-one weight version old (ms-swift's one step); off-policy and seq_kd steps run as without ``--async_generate``. The
-rows, their order and each step's mode are those of the synchronous run: only the weights that sampled differ. A
-checkpoint keeps the samples of its next step, so a resumed run trains what the uninterrupted run trained.
+A window of K steps: at generation step ``g``, once every batch sampled ahead has been taken, the trainer syncs the
+weights of step ``g`` to the server and sends it the prompts of the on-policy steps among ``g + 1 .. g + K``; the
+server samples them in order while steps ``g .. g + K - 1`` train, whatever their own modes. So step ``g + j`` trains
+on samples ``j`` weight versions old (1 to K; K = 1: ms-swift's one step, a sync every step), the server is synced
+once per window, and no sample can be older than K. Off-policy and seq_kd steps run as without ``--async_generate``.
+The rows, their order and each step's mode are those of the synchronous run, and each step's weight version is a
+function of the step and K alone: only the weights that sampled differ, the same in every run. A checkpoint keeps
+every batch sampled ahead, so a resumed run trains what the uninterrupted run trained; a batch older than K (a
+checkpoint of a deeper queue resumed with a smaller K) is dropped and its rows sampled again with the current weights
+(``gkd/stale_dropped``).
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import pickle
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from accelerate.utils import broadcast_object_list, gather_object
 from swift.utils import get_logger
@@ -28,7 +32,7 @@ from swift_gkd_plugin.core.modes import choose_mode
 from swift_gkd_plugin.swift.step.token_metrics import add_token_sum
 
 logger = get_logger()
-SAVED = 'gkd_prefetched.pkl'  # in a checkpoint: the server's samples of its next step (rank 0's file)
+SAVED = 'gkd_prefetched.pkl'  # in a checkpoint: the server's samples of its next steps (rank 0's file)
 
 
 @dataclass
@@ -49,7 +53,8 @@ class Prefetched:
 
 
 class PrefetchMixin:
-    """The rows one optimizer step ahead, their samples prefetched on the server, taken by the step they are for."""
+    """The rows up to K optimizer steps ahead, their samples prefetched on the server, taken by the steps they are
+    for."""
 
     @staticmethod
     def take_async_flag(args) -> bool:
@@ -61,37 +66,42 @@ class PrefetchMixin:
 
     def _setup_prefetch(self, on: bool) -> None:
         self._prefetch_on = on
+        self._max_staleness = int(getattr(self.args, 'gkd_max_staleness', 1) or 1)
         self._request_step = None  # the step a request config is made for, when not the current one
-        self._ahead = (None, [])  # (the epoch's iterator, the batches already read for the next optimizer step)
-        self._next_rows = None  # the next generation batch's rows on this rank
-        self._prefetched: Optional[Prefetched] = None
+        self._ahead = (None, [])  # (the epoch's iterator, the batches already read for the next optimizer steps)
+        self._rows_ahead: Dict[int, object] = {}  # step -> that generation batch's rows on this rank
+        self._gkd_queue: Dict[int, Prefetched] = {}  # step -> its batch sampled ahead, in step order
         self._prefetch_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix='gkd-prefetch') \
             if self._prefetch_on else None
         self._last_rollout_start = None
         if self._prefetch_on and self.args.process_index == 0:
-            logger.info('swift_gkd_plugin: --async_generate true: each on-policy step\'s samples are drawn on the '
-                        'rollout server while the step before trains, with its weights (one version old: '
-                        'gkd/staleness); the rows and modes are those of the synchronous run')
+            k = self._max_staleness
+            logger.info('swift_gkd_plugin: --async_generate true: on-policy steps are sampled on the rollout server '
+                        f'while earlier steps train, up to {k} step{"s" if k > 1 else ""} ahead (--gkd_max_staleness '
+                        f'{k}: samples 1 to {k} weight versions old, gkd/staleness); the rows and modes are those of '
+                        'the synchronous run')
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
-        """The Trainer's batches of this optimizer step, and (async) the next step's read one step early."""
+        """The Trainer's batches of this optimizer step, and (async) the next K steps' read early."""
         if not self._prefetch_on:
             return super().get_batch_samples(epoch_iterator, num_batches, device)
         source, read = self._ahead
         read = list(read) if source is epoch_iterator else []
         batches, read = read[:num_batches], read[num_batches:]
         batches += _take(epoch_iterator, num_batches - len(batches))
-        following = int(self.state.global_step) + 1  # the optimizer step after this one
-        if self.state.max_steps <= 0 or following < self.state.max_steps:
-            read += _take(epoch_iterator, self.args.gradient_accumulation_steps - len(read))
+        step, per_step = int(self.state.global_step), self.args.gradient_accumulation_steps
+        ahead = self._max_staleness
+        if self.state.max_steps > 0:
+            ahead = min(ahead, self.state.max_steps - step - 1)  # no step past the last
+        read += _take(epoch_iterator, max(ahead, 0) * per_step - len(read))
         self._ahead = (epoch_iterator, read)
-        self._next_rows = read[0] if read else None
+        self._rows_ahead = {step + 1 + i: read[i * per_step] for i in range((len(read) + per_step - 1) // per_step)}
         return batches, self._get_num_items_in_batch(batches, device)
 
     # --- the sampling side ------------------------------------------------------------------------------------------
 
     def _student_samples(self, samples, step: int):
-        """Step ``step``'s on-policy samples: prefetched ones where there are, else sampled now."""
+        """Step ``step``'s on-policy samples: prefetched ones where there are (not older than K), else sampled now."""
         prefetched = self._take_prefetched(step)
         if prefetched is None:
             return self._generate_completions(samples)
@@ -103,23 +113,29 @@ class PrefetchMixin:
             logger.warning(f'swift_gkd_plugin: the samples prefetched for step {step} are not for its rows (a row '
                            'was replaced since): sampled now')
             return self._generate_completions(samples)
+        metrics = self.custom_metrics['train']
+        staleness = step - prefetched.version
+        if staleness > self._max_staleness:  # (the same on every rank: versions are broadcast)
+            add_token_sum(metrics['gkd/stale_dropped'], float(sum(lengths)), 1)
+            if self.accelerator.is_main_process:
+                logger.warning(f'swift_gkd_plugin: the {sum(lengths)} samples prefetched for step {step} are '
+                               f'{staleness} weight versions old, more than --gkd_max_staleness '
+                               f'{self._max_staleness}: dropped, and their rows sampled now with the current weights')
+            return self._generate_completions(samples)
+        add_token_sum(metrics['gkd/stale_dropped'], 0.0, 1)
         outputs = prefetched.result() if self.accelerator.is_main_process else [None] * sum(lengths)
         outputs = broadcast_object_list(outputs, from_process=0)
         start = sum(lengths[:self.accelerator.process_index])
-        staleness = step - prefetched.version
-        metrics = self.custom_metrics['train']
         add_token_sum(metrics['gkd/staleness'], float(staleness), 1)
         self._staleness_max = max(getattr(self, '_staleness_max', None) or 0, staleness)
         return self._postprocess_rollout_outputs(samples, outputs[start:start + lengths[self.accelerator.process_index]])
 
     def _take_prefetched(self, step: int) -> Optional[Prefetched]:
         """The batch prefetched for ``step`` (waited for: ``gkd/sample_wait_s``), or one a checkpoint kept."""
-        prefetched, self._prefetched = self._prefetched, None
-        if prefetched is None:
-            prefetched = self._load_prefetched(step)
-        if prefetched is None or prefetched.step != step:
-            self._wait(prefetched)
-            return None
+        self._load_prefetched(step)
+        for earlier in [s for s in self._gkd_queue if s < step]:  # (none: every queued step is on-policy, taken in turn)
+            self._wait(self._gkd_queue.pop(earlier))
+        prefetched = self._gkd_queue.pop(step, None)
         self._wait(prefetched)
         return prefetched
 
@@ -133,68 +149,79 @@ class PrefetchMixin:
         add_token_sum(self.custom_metrics['train']['gkd/sample_wait_s'], waited, 1)
 
     def _prefetch_next(self, step: int) -> None:
-        """Send the next step's prompts to the server when that step is on-policy: the weights of this step synced
-        first (after any batch still sampling), then sampled in the background (rank 0 talks to the server)."""
-        if not self._prefetch_on or self._next_rows is None:
+        """Once every batch sampled ahead has been taken, send the prompts of the on-policy steps among the next K to
+        the server: the weights of this step synced first, then sampled in the background, in step order (rank 0
+        talks to the server)."""
+        if not self._prefetch_on:
             return
-        rows, self._next_rows = self._next_rows, None
-        following = step + 1
-        if choose_mode(self.args.seed, following, self.args.lmbda, self.args.seq_kd) is not Mode.ON_POLICY:
+        self._load_prefetched(step + 1)  # (a resumed run: the checkpoint's queue first)
+        if any(s > step for s in self._gkd_queue):
+            return  # the window still runs: the server samples its steps with the weights synced at its start
+        rows_ahead, self._rows_ahead = self._rows_ahead, {}
+        wanted = [(s, rows) for s, rows in sorted(rows_ahead.items()) if step < s <= step + self._max_staleness
+                  and choose_mode(self.args.seed, s, self.args.lmbda, self.args.seq_kd) is Mode.ON_POLICY]
+        if not wanted:
             return
-        self._wait(self._prefetched)
-        samples = self._preprocess_inputs(self.to_samples(rows))
-        requests = self.samples2requests(samples)
-        lengths = gather_object([len(requests)])
-        all_requests = gather_object(requests)
+        for prefetched in self._gkd_queue.values():
+            self._wait(prefetched)
         if self._last_loaded_step != self.state.global_step:
             self._move_model_to_vllm(skip_async_check=True)
             self._last_loaded_step = self.state.global_step
-        # the request config of the step it samples (its mode's budget, its seeds)
-        saved, (self._gkd_mode, self._request_step) = (self._gkd_mode, self._request_step), (Mode.ON_POLICY, following)
-        try:
-            config = self._get_request_config()
-        finally:
-            self._gkd_mode, self._request_step = saved
-        future = None
-        if self.accelerator.is_main_process:
-            future = self._prefetch_pool.submit(self._engine_infer, infer_requests=all_requests,
-                                                request_config=config)
-        self._prefetched = Prefetched(following, int(self.state.global_step), lengths, future,
-                                      prompts=_prompts(samples))
+        for following, rows in wanted:
+            samples = self._preprocess_inputs(self.to_samples(rows))
+            requests = self.samples2requests(samples)
+            lengths = gather_object([len(requests)])
+            all_requests = gather_object(requests)
+            # the request config of the step it samples (its mode's budget, its seeds)
+            saved = (self._gkd_mode, self._request_step)
+            self._gkd_mode, self._request_step = Mode.ON_POLICY, following
+            try:
+                config = self._get_request_config()
+            finally:
+                self._gkd_mode, self._request_step = saved
+            future = None
+            if self.accelerator.is_main_process:
+                future = self._prefetch_pool.submit(self._engine_infer, infer_requests=all_requests,
+                                                    request_config=config)
+            self._gkd_queue[following] = Prefetched(following, int(self.state.global_step), lengths, future,
+                                                prompts=_prompts(samples))
 
     # --- checkpoints ------------------------------------------------------------------------------------------------
 
     def _save_checkpoint(self, model, trial):
-        """A checkpoint also keeps the samples prefetched for its next step (rank 0 holds them): a resumed run trains
+        """A checkpoint also keeps every batch sampled for its next steps (rank 0 holds them): a resumed run trains
         them, as the uninterrupted run does."""
         result = super()._save_checkpoint(model, trial)
-        prefetched = self._prefetched
-        if prefetched is not None and self.accelerator.is_main_process:
+        if self._gkd_queue and self.accelerator.is_main_process:
             from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
             folder = os.path.join(self._get_output_dir(trial=trial),
                                   f'{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}')
-            self._wait(prefetched)
+            queue = []
+            for prefetched in self._gkd_queue.values():
+                self._wait(prefetched)
+                queue.append({'step': prefetched.step, 'version': prefetched.version, 'lengths': prefetched.lengths,
+                              'outputs': prefetched.result()})
             with open(os.path.join(folder, SAVED), 'wb') as f:
-                pickle.dump({'step': prefetched.step, 'version': prefetched.version, 'lengths': prefetched.lengths,
-                             'outputs': prefetched.result()}, f)
+                pickle.dump({'queue': queue}, f)
         return result
 
-    def _load_prefetched(self, step: int) -> Optional[Prefetched]:
-        """The prefetched batch of the checkpoint this run resumed from, if it is for ``step`` (read once)."""
+    def _load_prefetched(self, step: int) -> None:
+        """The batches of the checkpoint this run resumed from, for ``step`` and later (read once), into the queue."""
         path = getattr(self, '_resumed_from', None)
         self._resumed_from = None
         if not path or not os.path.exists(os.path.join(path, SAVED)):
-            return None
-        lengths = None
+            return
+        saved = None
         if self.accelerator.is_main_process:
             with open(os.path.join(path, SAVED), 'rb') as f:
                 saved = pickle.load(f)
-            lengths = [saved['step'], saved['version'], saved['lengths'], saved['outputs']]
-        saved_step, version, lengths, outputs = broadcast_object_list(
-            lengths if lengths is not None else [None] * 4, from_process=0)
-        if saved_step != step:
-            return None
-        return Prefetched(step, version, lengths, outputs=outputs if self.accelerator.is_main_process else None)
+            saved = saved['queue'] if 'queue' in saved else [saved]  # (a single batch: the first format)
+        meta = [[(b['step'], b['version'], b['lengths']) for b in saved] if saved is not None else None]
+        meta = broadcast_object_list(meta, from_process=0)[0]
+        for i, (saved_step, version, lengths) in enumerate(meta):
+            if saved_step >= step:
+                outputs = saved[i]['outputs'] if saved is not None else None
+                self._gkd_queue[saved_step] = Prefetched(saved_step, version, lengths, outputs=outputs)
 
     def _load_rng_state(self, checkpoint):
         self._resumed_from = checkpoint if self._prefetch_on else None
