@@ -72,3 +72,30 @@ def test_an_answer_of_fewer_than_k_entries_fills_the_rest_with_unused_slots(monk
     row = batch.teacher_topk_logprobs[1, 2]
     assert torch.isfinite(row[:2]).all() and row[2:].tolist() == [float('-inf')] * 2
     assert batch.teacher_topk_indices[1, 2].tolist() == [1, 2, 0, 0]
+
+
+def test_an_infer_answer_short_of_the_scored_tokens_is_one_error_when_the_server_reports_no_token_ids():
+    """ms-swift's ``/infer/`` answers of a server that does not report ``prompt_token_ids``: their tokenization cannot
+    be compared with the trainer's, but their length can. An answer whose prompt log-probs stop before the last token
+    the loss reads (a server that truncates) was laid on the row by ms-swift's assembly with the rest left ``-inf``
+    (probability 0 in the top-k loss: a silently wrong loss); it is one error naming the request and both counts."""
+    from swift.infer_engine import InferRequest
+
+    from swift_gkd_plugin.swift.teacher.served import infer_prompt_logprobs
+    requests = [InferRequest(messages=[{'role': 'user', 'content': 'a'}]) for _ in range(2)]
+    for request, n in zip(requests, (9, 12)):
+        request._gkd_trainer_ids = (list(range(1, n + 1)), n)  # (the trainer's row, the tokens the loss reads)
+
+    class Client:  # the plugin's TeacherClient's interface: answers as a server without prompt_token_ids gives them
+        url = 'http://teacher:8000'
+
+        def infer(self, infer_requests, config):
+            lengths = (9, 7)  # request 1 answered for 7 of its 12 tokens
+            return [{'prompt_logprobs': [None] + [{'1': {'logprob': -0.5}}] * (n - 1)} for n in lengths]
+
+    with pytest.raises(ValueError) as refused:
+        infer_prompt_logprobs(Client(), requests, topk=1)
+    assert str(refused.value).startswith(
+        'the teacher server http://teacher:8000 answered prompt log-probs for 7 tokens of request 1 of this step, '
+        "whose row the loss reads through 12 tokens (the trainer's row: 12): the teacher's log-probs would miss its "
+        'last 5 scored tokens'), refused

@@ -154,6 +154,19 @@ def check_infer_tokenization(url: str, index: int, server_ids: List[int], traine
         "same system prompt and max_length), and a tokenizer equal to the student's")
 
 
+def check_infer_answer_length(url: str, index: int, scored: int, trainer_ids: List[int], needed: int):
+    """Without ``prompt_token_ids``, the answer to request ``index`` must at least reach the last token the loss reads:
+    ``scored`` prompt positions (vLLM's ``prompt_logprobs``, one per prompt token) against the ``needed`` tokens of
+    the trainer's row. A shorter answer (a server that truncates) left the row's last scored positions without a
+    teacher distribution, which the top-k loss reads as probability 0: a silently wrong loss."""
+    if scored < needed:
+        raise ValueError(
+            f"the teacher server {url} answered prompt log-probs for {scored} tokens of request {index} of this step, "
+            f"whose row the loss reads through {needed} tokens (the trainer's row: {len(trainer_ids)}): the teacher's "
+            f'log-probs would miss its last {needed - scored} scored tokens. Does the server truncate the rows (its '
+            'max_length) or use another --template?')
+
+
 def infer_prompt_logprobs(client: TeacherClient, requests: List[Any], topk: int) -> List[Tuple[list, list]]:
     """ms-swift's teacher call (``RolloutTrainerMixin._infer_teacher_requests``) through the plugin's client:
     the same request config and parsing, without vLLM, and with the client's waits, logged retries and checks of
@@ -169,7 +182,8 @@ def infer_prompt_logprobs(client: TeacherClient, requests: List[Any], topk: int)
             if not getattr(client, '_warned_no_token_ids', False):
                 client._warned_no_token_ids = True
                 logger.warning(f'Teacher server {client.url} does not report prompt_token_ids: its tokenization '
-                               'cannot be checked against the trainer\'s')
+                               'cannot be checked against the trainer\'s, only its answers\' lengths')
+            check_infer_answer_length(client.url, i, len(answer.get('prompt_logprobs') or []), *expected)
             continue
         check_infer_tokenization(client.url, i, answer['prompt_token_ids'], *expected)
     return [parse_prompt_logprobs(ChatCompletionResponse(**answer), topk=topk) for answer in answers]
