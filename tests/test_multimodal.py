@@ -361,6 +361,28 @@ def test_skd_is_refused_for_multimodal_models_before_they_load(mm, tmp_path):
     assert 'Loading weights' not in run.output
 
 
+def test_a_served_teacher_of_token_ids_is_refused_for_multimodal_rows_before_loading(mm, tiny_ws, tmp_path):
+    """Issue 74 item 9: the trainer's ``POST /v1/topk`` (and ``vllm serve``'s ``/v1/completions``) requests carry the
+    rows' token ids alone, so a served teacher read the image tokens without the images and the run trained on that
+    blind teacher's answers. Refused in one line when the server's route is known, before any model loads (the plugin's
+    server of the tiny text teacher: the route, not the model, decides)."""
+    from server.test_teacher_server import TEMPLATE, InProcessServer
+    from test_activation_and_bad_input import assert_refused_in_one_line
+
+    from swift_gkd_plugin.server.backend import TransformersTeacher
+    teacher = TransformersTeacher.load(tiny_ws.teacher, model_type='qwen3', template=TEMPLATE, torch_dtype='float32',
+                                       device='cpu')
+    server = InProcessServer(teacher, topk=8)
+    try:
+        run = run_swift(mm_args(mm, str(tmp_path / 'out'), teacher_model=None, teacher_model_type=None,
+                                teacher_model_server=server.url, gkd_logits_topk=8), check=False)
+    finally:
+        server.stop()
+    assert_refused_in_one_line(run, [f"--teacher_model_server {server.url} scores token ids only (POST /v1/topk (this "
+                                     f"plugin's server)), and the student (--model_type {tmm.MODEL_TYPE}) is "
+                                     "multimodal: the teacher would read its rows' image tokens without the images"])
+
+
 # ---------------------------------------------------------------- --max_length, rows that never encode (issue 74)
 @pytest.mark.parametrize('name,flags,needle', [
     ('image_cut', dict(truncation_strategy='right', max_length=tmm.NUM_IMAGE_TOKENS - 1),

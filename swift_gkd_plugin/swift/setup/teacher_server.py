@@ -173,6 +173,7 @@ def _check_teacher_server(args, client: TeacherClient, tokenizer) -> None:
                 f'{client.wait:g}s, --teacher_server_wait)')
     client.health_doc = client.wait_until_ready()
     client.route_name = route = client.route()
+    check_multimodal_route(args, client.url, route)
     k = args.gkd_skd_top_k
     if k:
         _check_skd_server(k, client, route)
@@ -186,6 +187,20 @@ def _check_teacher_server(args, client: TeacherClient, tokenizer) -> None:
         _check_completions_server(args, client)
     if tokenizer is not None and route != 'infer':
         check_same_tokenizer(client, tokenizer)
+
+
+def check_multimodal_route(args, url: str, route: str) -> None:
+    """A multimodal student's rows hold image (video, audio) tokens, which the trainer's encoding expands from the
+    row's media with the student's processor. ``/v1/topk`` and ``/v1/completions`` score the trainer's token ids
+    alone: the teacher would read the media tokens without the media (issue 74 item 9). ms-swift's ``/infer/`` sends
+    the media with each chat, the server's processor expands them, and each answer's ``prompt_token_ids`` are checked
+    against the trainer's row (:func:`~swift_gkd_plugin.swift.teacher.served.check_infer_tokenization`)."""
+    meta = getattr(args, 'model_meta', None)
+    if route != 'infer' and meta is not None and meta.is_multimodal:
+        raise FlagError(f'--teacher_model_server {url} scores token ids only ({ROUTE_NAMES[route]}), and the student '
+                        f'(--model_type {args.model_type}) is multimodal: the teacher would read its rows\' image '
+                        'tokens without the images. Serve the teacher behind ms-swift\'s POST /infer/ (`swift deploy '
+                        '--infer_backend vllm`: the requests carry the images), or load it with --teacher_model')
 
 
 def _metric_tag(tag: str) -> str:
