@@ -225,8 +225,9 @@ def _zygote_for(child: List[str], env: Dict[str, str], family: str = 'swift',
     """``(zygote, nproc)``: the zygote that can start ``child`` in ``env`` and the number of ranks it forks, else
     ``(None, 0)``: a fresh process. It can: a route file, or ``torchrun --nproc_per_node N --master_port P`` of one
     (forks with torchrun's worker environment), whose environment differs from the zygote's in run-time variables
-    only. ``family``: ``swift`` (the default run's environment) or ``megatron`` (``base_env``, its route file's
-    imports). ``GKD_TESTS_FRESH_PROCESSES=1`` turns it off."""
+    only, or also in :data:`ZYGOTE_VARIANTS` (then a zygote started with their values). ``family``: ``swift`` (the
+    default run's environment) or ``megatron`` (``base_env``, its route file's imports).
+    ``GKD_TESTS_FRESH_PROCESSES=1`` turns it off."""
     if os.environ.get('GKD_TESTS_FRESH_PROCESSES') == '1':
         return None, 0
     from swift_gkd_plugin.testing.zygote import MEGATRON_PRELOAD, PRELOAD, TORCHRUN_WORKER_CONSTANTS, Zygote
@@ -255,8 +256,33 @@ def _zygote_for(child: List[str], env: Dict[str, str], family: str = 'swift',
     zygote = _ZYGOTE[key]
     wanted = at_import(env) if child[1] != '-m' else dict(at_import(env), **TORCHRUN_WORKER_CONSTANTS)
     have = at_import(zygote.env)
-    _ZYGOTE['why fresh'] = sorted(k for k in set(wanted) | set(have) if wanted.get(k) != have.get(k))
-    return (zygote, nproc) if wanted == have else (None, 0)
+    differ = sorted(k for k in set(wanted) | set(have) if wanted.get(k) != have.get(k))
+    _ZYGOTE['why fresh'] = differ
+    if not differ:
+        return zygote, nproc
+    if not set(differ) <= set(ZYGOTE_VARIANTS):
+        return None, 0
+    # a run that differs at import only in variables a zygote can be started with: a zygote of its own
+    variant = f'{key} ' + ' '.join(f'{k}={wanted.get(k, "(unset)")}' for k in differ)
+    if variant not in _ZYGOTE:
+        import atexit
+        _ZYGOTE[variant] = Zygote(wanted, _preload_for(zygote.preload, wanted))
+        atexit.register(_ZYGOTE[variant].close)
+    return _ZYGOTE[variant], nproc
+
+
+# what a run may set at import and still fork, from a zygote started with it (``_zygote_for``): the plugin switched
+# off, the server-mode tests' ``sitecustomize`` on PYTHONPATH, Triton's interpreter. One more zygote per worker and
+# value, started on first use (~5 s, instead of ~8 s more for each fresh run)
+ZYGOTE_VARIANTS = ('SWIFT_GKD_PLUGIN', 'PYTHONPATH', 'TRITON_INTERPRET')
+
+
+def _preload_for(preload, env: Dict[str, str]) -> tuple:
+    """``preload`` for a zygote of ``env``: without the plugin's own modules where ``SWIFT_GKD_PLUGIN`` turns it off
+    (a fresh process of that environment imports only ms-swift's, with the plugin's off-hooks)."""
+    if env.get('SWIFT_GKD_PLUGIN', '1').strip().lower() not in {'0', 'false', 'no', 'off'}:  # as _bootstrap reads it
+        return tuple(preload)
+    return tuple(name for name in preload if not name.startswith('swift_gkd_plugin'))
 
 
 def launcher_child_command(command: str, argv: List[str], env: Dict[str, str], megatron: bool = False) -> List[str]:

@@ -39,9 +39,10 @@ def run_part(tmp_path, part, *extra, timeout=600):
 def run_part_forked(tmp_path, monkeypatch, part, *extra):
     """:func:`run_part` with the part run inside this test process and its ``swift rlhf`` runs forked from the test
     worker's zygote (``conftest.run_swift``: the child command the launcher starts, ~15 s a run less than ``swift``
-    and a fresh interpreter; a run with ``SWIFT_GKD_PLUGIN=0`` starts fresh, without the launcher). The part's own
-    code, flags and results are the same; run.py's command line and the ``swift`` launcher of the kit stay tested by
-    the parts that go through :func:`run_part` (part a's short case, c, e, f, v)."""
+    and a fresh interpreter; a run with ``SWIFT_GKD_PLUGIN=0`` from a zygote started with it,
+    ``conftest.ZYGOTE_VARIANTS``). The part's own code, flags and results are the same; run.py's command line and the
+    ``swift`` launcher of the kit stay tested by the parts that go through :func:`run_part` (part a's short case, c,
+    e, f, v)."""
     import common
     import run
     from conftest import _free_port, run_swift

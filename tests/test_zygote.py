@@ -28,9 +28,15 @@ def test_a_run_forked_from_the_zygote_equals_a_fresh_process(tiny_ws, tmp_path, 
         assert all(k in a for k in METRICS) and {k: a[k] for k in METRICS} == {k: b[k] for k in METRICS}
 
 
-def test_a_refusal_is_the_same_line_and_exit_code(tiny_ws, tmp_path, monkeypatch):
-    forked, fresh = _both(monkeypatch, lambda name: base_args(tiny_ws, str(tmp_path / name), beta=1.5), check=False,
-                          timeout=120)
+@pytest.mark.parametrize('flags,env', [({'beta': 1.5}, {}),
+                                       # the plugin off at import: a zygote started with SWIFT_GKD_PLUGIN=0
+                                       # (conftest.ZYGOTE_VARIANTS), whose start-up hooks refuse the plugin's flag
+                                       ({'gkd_skd_top_k': 1}, {'SWIFT_GKD_PLUGIN': '0'})], ids=['plugin', 'plugin_off'])
+def test_a_refusal_is_the_same_line_and_exit_code(tiny_ws, tmp_path, monkeypatch, flags, env):
+    forked, fresh = _both(monkeypatch, lambda name: base_args(tiny_ws, str(tmp_path / name), **flags), check=False,
+                          timeout=120, env=env)
+    if env:
+        assert _ZYGOTE['swift SWIFT_GKD_PLUGIN=0'].proc is not None  # the forked run went through it
     assert forked.returncode == fresh.returncode == 2
     errors = [[line for line in run.output.splitlines() if line.startswith('swift rlhf: error: ')]
               for run in (forked, fresh)]

@@ -13,8 +13,10 @@ per-rank ones (:func:`torchrun_rank_env`), and handled as torchrun handles them:
 the others stopped (SIGTERM, then SIGKILL after 30 s) and the run's exit code is 1. What differs from torchrun: no
 elastic agent (rank 0 hosts the rendezvous store, ``TORCHELASTIC_USE_AGENT_STORE`` unset) and no agent log lines.
 
-:class:`Zygote` is the test side. Runs with another environment at import time (``SWIFT_GKD_PLUGIN=0``, the
-``swift`` launcher, several nodes) start fresh processes as before (``tests/conftest.py`` decides).
+:class:`Zygote` is the test side. A run whose environment at import time differs in ``SWIFT_GKD_PLUGIN``,
+``PYTHONPATH`` or ``TRITON_INTERPRET`` forks from a zygote started with those values; runs through the ``swift``
+launcher, on several nodes or with any other difference at import start fresh processes (``tests/conftest.py``
+decides: ``_zygote_for``).
 """
 from __future__ import annotations
 
