@@ -142,8 +142,17 @@ def with_teacher_prompt(sample, request):
     return request
 
 
-def check_same_response_count(n_student: int, n_teacher: int) -> None:
-    """Both views of a batch must hold the same number of response tokens (the teacher scores the student's)."""
-    if n_student != n_teacher:
-        raise ValueError(f'teacher and student views hold different numbers of response tokens ({n_teacher} vs '
-                         f'{n_student}): the teacher must score exactly the student response tokens')
+def check_same_response_count(n_student: int, n_teacher: int, student_mask=None, teacher_mask=None) -> None:
+    """Both views of a batch must hold the same number of response tokens (the teacher scores the student's). With
+    the views' ``[B, S]`` response masks the error names the first row whose counts differ, and both."""
+    if n_student == n_teacher:
+        return
+    where = ''
+    if student_mask is not None and teacher_mask is not None and student_mask.dim() == teacher_mask.dim() == 2:
+        rows = student_mask.sum(-1).tolist(), teacher_mask.sum(-1).tolist()
+        row = next((i for i, (s, t) in enumerate(zip(*rows)) if s != t), None)
+        if row is not None:
+            where = (f'; row {row} of the micro-batch: the teacher view {rows[1][row]}, the student view '
+                     f'{rows[0][row]}')
+    raise ValueError(f'teacher and student views hold different numbers of response tokens ({n_teacher} vs '
+                     f'{n_student}{where}): the teacher must score exactly the student response tokens')

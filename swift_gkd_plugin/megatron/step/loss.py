@@ -243,7 +243,7 @@ def gkd_loss_on_shards(student_shard: torch.Tensor,
     student_mask = labels != IGNORE_INDEX
     teacher_mask = student_mask if teacher_labels is None else teacher_labels != IGNORE_INDEX
     n_student = int(student_mask.sum())
-    check_same_response_count(n_student, int(teacher_mask.sum()))
+    check_same_response_count(n_student, int(teacher_mask.sum()), student_mask, teacher_mask)
     student = mask_padded_vocab(student_shard[student_mask], vocab_start, vocab_size)
     if teacher_topk_ids is not None:
         limit = vocab_size if vocab_size is not None else _full_width(student.shape[-1], student.device, group)
