@@ -383,6 +383,41 @@ def test_a_served_teacher_of_token_ids_is_refused_for_multimodal_rows_before_loa
                                      "multimodal: the teacher would read its rows' image tokens without the images"])
 
 
+def _teacher_with_another_processor(mm, out_dir, change):
+    """``patch``: a trained-size teacher of patch 7 (its processor expands an image into 16 tokens, the student's into
+    4; the same 28 x 28 pixels); ``normalisation``: the trained teacher whose processor normalises with mean and std
+    0.5 (4 tokens from other pixel values)."""
+    if change == 'patch':
+        return tmm.build_model(out_dir, os.path.join(mm.root, 'tok'), seed=1, patch_size=7, **tmm.TEACHER_KWARGS)
+    shutil.copytree(mm.teacher, out_dir)
+    with open(os.path.join(out_dir, 'processor_config.json')) as f:
+        config = json.load(f)
+    config['image_processor'].update(image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    with open(os.path.join(out_dir, 'processor_config.json'), 'w') as f:
+        json.dump(config, f)
+    return out_dir
+
+
+@pytest.mark.parametrize('change,needle', [
+    ('patch', f'into 16 media tokens, the student\'s processor into {tmm.NUM_IMAGE_TOKENS}. '),
+    ('normalisation', f'into as many media tokens ({tmm.NUM_IMAGE_TOKENS}) but other pixel_values (differing by up '),
+], ids=['patch', 'normalisation'])
+def test_a_local_teacher_whose_processor_expands_images_otherwise_is_refused_before_loading(mm, tmp_path, change,
+                                                                                            needle):
+    """Issue 74 item 9: a separate local teacher scores the student's encoding of each row (its image tokens and
+    pixel values). One whose processor expands an image into 16 tokens failed in its first forward after both models
+    loaded ("Image features and image tokens do not match, tokens: 32, features: 12288"); one that normalises otherwise
+    trained silently on pixels it was not made for. Refused in one line naming the row, both counts and the settings
+    that differ."""
+    from test_activation_and_bad_input import assert_refused_in_one_line
+    teacher = _teacher_with_another_processor(mm, str(tmp_path / 'teacher'), change)
+    setting = ("patch_size 14 (student) / 7 (teacher)" if change == 'patch' else
+               'image_processor.image_mean (0.48145466, 0.4578275, 0.40821073) (student) / (0.5, 0.5, 0.5) (teacher)')
+    run = run_swift(mm_args(mm, str(tmp_path / 'out'), teacher_model=teacher, lmbda=0, max_steps=1), check=False)
+    assert_refused_in_one_line(run, [f'--teacher_model {teacher}: its processor encodes the media of --dataset '
+                                     f'{mm.train} line 1 {needle}', f'The processors differ in {setting}'])
+
+
 # ---------------------------------------------------------------- --max_length, rows that never encode (issue 74)
 @pytest.mark.parametrize('name,flags,needle', [
     ('image_cut', dict(truncation_strategy='right', max_length=tmm.NUM_IMAGE_TOKENS - 1),

@@ -157,18 +157,19 @@ def build_tokenizer(out_dir: str):
     return PreTrainedTokenizerFast.from_pretrained(out_dir)
 
 
-def build_processor(out_dir: str, tokenizer):
+def build_processor(out_dir: str, tokenizer, image_size: int = IMAGE_SIZE, patch_size: int = PATCH_SIZE):
     """A ``LlavaProcessor`` (PIL-backend CLIP image processor + ``tokenizer``) saved into ``out_dir``.
 
-    The image processor resizes the shortest edge to :data:`IMAGE_SIZE`, centre-crops to
-    ``IMAGE_SIZE x IMAGE_SIZE`` and normalises with CLIP's mean/std.  It needs Pillow and numpy only; where
-    torchvision is installed, transformers may load its torchvision twin (same outputs).
+    The image processor resizes the shortest edge to ``image_size``, centre-crops to ``image_size x image_size`` and
+    normalises with CLIP's mean/std; the processor expands ``<image>`` into ``(image_size // patch_size) ** 2``
+    tokens.  It needs Pillow and numpy only; where torchvision is installed, transformers may load its torchvision
+    twin (same outputs).
     """
     from transformers import LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-    image_processor = CLIPImageProcessorPil(size={'shortest_edge': IMAGE_SIZE},
-                                            crop_size={'height': IMAGE_SIZE, 'width': IMAGE_SIZE})
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH_SIZE,
+    image_processor = CLIPImageProcessorPil(size={'shortest_edge': image_size},
+                                            crop_size={'height': image_size, 'width': image_size})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
                                vision_feature_select_strategy='default', num_additional_image_tokens=1,
                                image_token=IMAGE_TOKEN, chat_template=CHAT_TEMPLATE)
     processor.save_pretrained(out_dir)
@@ -196,13 +197,16 @@ def build_model(out_dir: str,
                 vision_hidden_size: int = 32,
                 vision_layers: int = 2,
                 vision_heads: int = 2,
+                image_size: int = IMAGE_SIZE,
+                patch_size: int = PATCH_SIZE,
                 seed: int = 0) -> str:
     """Create a randomly initialised tiny ``LlavaForConditionalGeneration`` and save it (with its tokenizer and
     processor) into ``out_dir``; return ``out_dir``.
 
-    * vision tower: CLIP, ``IMAGE_SIZE`` x ``IMAGE_SIZE`` images, ``PATCH_SIZE`` patches, ``vision_layers``
-      layers of width ``vision_hidden_size``; features of the second-to-last layer, CLS dropped
-      (``vision_feature_layer=-2``, ``vision_feature_select_strategy='default'``), like llava-1.5;
+    * vision tower: CLIP, ``image_size`` x ``image_size`` images (:data:`IMAGE_SIZE`), ``patch_size`` patches
+      (:data:`PATCH_SIZE`), ``vision_layers`` layers of width ``vision_hidden_size``; features of the
+      second-to-last layer, CLS dropped (``vision_feature_layer=-2``, ``vision_feature_select_strategy='default'``),
+      like llava-1.5;
     * projector: ``Linear-GELU-Linear`` to the decoder width;
     * decoder: Llama, ``vocab_size = len(tokenizer)`` rounded up to a multiple of 8, untied head,
       ``max_position_embeddings=512``;
@@ -238,8 +242,8 @@ def build_model(out_dir: str,
         projection_dim=vision_hidden_size,
         num_hidden_layers=vision_layers,
         num_attention_heads=vision_heads,
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH_SIZE,
+        image_size=image_size,
+        patch_size=patch_size,
     )
     config = LlavaConfig(
         vision_config=vision_config,
@@ -248,7 +252,7 @@ def build_model(out_dir: str,
         projector_hidden_act='gelu',
         vision_feature_select_strategy='default',
         vision_feature_layer=-2,
-        image_seq_length=NUM_IMAGE_TOKENS,
+        image_seq_length=(image_size // patch_size)**2,
         tie_word_embeddings=False,
     )
     for key in ('bos_token_id', 'eos_token_id', 'pad_token_id'):
@@ -261,7 +265,7 @@ def build_model(out_dir: str,
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    build_processor(out_dir, tokenizer)
+    build_processor(out_dir, tokenizer, image_size, patch_size)
     return out_dir
 
 

@@ -30,7 +30,8 @@ from swift_gkd_plugin.options.hub_models import hub_lookup_failed, hub_unreachab
 from swift_gkd_plugin.runtime.ms_swift_state import grpo_num_generations, keep_teacher_messages_column
 from swift_gkd_plugin.swift.setup.checkpoints import check_resume_checkpoint
 from swift_gkd_plugin.swift.setup.compile_cost import torch_compile_warnings
-from swift_gkd_plugin.swift.setup.datasets import check_local_datasets, check_self_teacher_has_something_to_add
+from swift_gkd_plugin.swift.setup.datasets import (check_local_datasets, check_self_teacher_has_something_to_add,
+                                                   check_teacher_media)
 from swift_gkd_plugin.swift.setup.paths import CreatedDirs, check_command_line_paths
 from swift_gkd_plugin.swift.setup.sequence_parallel import (check_sequence_parallel, check_sequence_parallel_heads,
                                                             resolve_sequence_parallel)
@@ -434,6 +435,8 @@ def check_gkd_arguments(args) -> None:
     check_skd_teacher(args)
     check_reference(args)
     check_local_datasets(args)
+    check_teacher_media(args, args.teacher_model and model_dir_of('--teacher_model', args.teacher_model,
+                                                                  args.teacher_model_revision, args))
     check_teacher_tags(args)
     check_self_teacher_has_something_to_add(args)
     check_resume_checkpoint(args)

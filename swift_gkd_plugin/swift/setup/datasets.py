@@ -250,6 +250,126 @@ def _shown_rows(rows: List[str]) -> str:
     return ', '.join(rows[:LINES_SHOWN]) + (', ...' if len(rows) > LINES_SHOWN else '')
 
 
+#: media rows of the local datasets that both processors encode, at most, where their settings differ
+MEDIA_ROWS_COMPARED = 64
+
+
+def check_teacher_media(args, teacher_dir: Optional[str]) -> None:
+    """A separate local teacher of a multimodal student scores the student's encoding of each row: the media tokens
+    and pixel inputs the student's processor made. A teacher whose own processor expands an image otherwise (another
+    image size, patch or merge size) failed in its first forward, after both models loaded ("Image features and image
+    tokens do not match", "Input image size (28*28) doesn't match model (56*56)"); one that expands it into as many
+    tokens from other pixel inputs (another normalisation) read images it was not made for, silently. Refused before
+    loading, naming the first row the two processors encode differently and both counts. Processors with the same
+    settings expand every row alike and are not compared row by row; otherwise the first :data:`MEDIA_ROWS_COMPARED`
+    media rows of the local ``--dataset`` and ``--val_dataset`` files are encoded by both."""
+    meta = getattr(args, 'model_meta', None)
+    if (meta is None or not meta.is_multimodal or teacher_dir is None or args.gkd_cross_tokenizer
+            or getattr(args, '_teacher_use_disable_adapter', False)
+            or os.path.realpath(teacher_dir) == os.path.realpath(getattr(args, 'model_dir', None) or args.model)):
+        return
+    try:  # the processors only, never the weights
+        student = args.get_model_processor(load_model=False)[1]
+        teacher = args.get_model_processor(load_model=False, model=teacher_dir, model_type=args.teacher_model_type,
+                                           revision=args.teacher_model_revision)[1]
+    except Exception as exc:  # the pipeline reports a teacher it cannot load
+        logger.warning(f'swift_gkd_plugin: the teacher\'s processor is not compared with the student\'s before loading '
+                       f'({type(exc).__name__}: {exc})')
+        return
+    differences = _processor_differences(student, teacher)
+    if not differences:
+        return
+    templates = [args.get_template(student), args.get_template(
+        teacher, template_type=getattr(getattr(teacher, 'model_meta', None), 'template', None) or args.template)]
+    for template in templates:
+        template.set_mode('train')
+        template.max_length = None
+    columns = args.columns if isinstance(args.columns, dict) else {}
+    compared = 0
+    for flag, path, where, row in _media_rows(args, columns):
+        problem = _encoded_otherwise(templates, row, columns)
+        compared += 1
+        if problem:
+            raise FlagError(
+                f'--teacher_model {args.teacher_model}: its processor encodes the media of {flag} {path} {where} '
+                f'{problem}. The teacher scores the student\'s encoding of each row (the student\'s media tokens and '
+                'pixel inputs), so its forward would fail after loading, or read images it was not made for. The '
+                f'processors differ in {differences}: distil from a teacher whose processor takes the student\'s '
+                'images as they are (the same image size, patch and merge sizes, normalisation)')
+        if compared == MEDIA_ROWS_COMPARED:
+            break
+    if compared == 0:
+        logger.warning(f'swift_gkd_plugin: the teacher\'s processor differs from the student\'s ({differences}) and no '
+                       'local dataset row with media was found to compare them on: the teacher scores the student\'s '
+                       'media tokens and pixel inputs, and its forward fails if it expands images otherwise')
+    else:
+        logger.info(f'swift_gkd_plugin: the teacher\'s processor differs from the student\'s ({differences}), and '
+                    f'encodes the media of the first {compared} dataset row(s) as the student\'s does')
+
+
+def _processor_differences(student, teacher) -> str:
+    """The settings (``key a / b``, nested ones dotted) in which two processors differ, the first four; empty where
+    they are the same (a chat template or class name aside)."""
+    def flat(processor) -> dict:
+        try:
+            settings = processor.to_dict()
+        except Exception:  # noqa: BLE001 -- then compared row by row
+            return {'(settings)': id(processor)}
+        out = {}
+        for key, value in settings.items():
+            if key in ('chat_template', 'processor_class', 'auto_map'):
+                continue
+            items = value.items() if isinstance(value, dict) else [(None, value)]
+            out.update({f'{key}.{sub}' if sub else key: v for sub, v in items
+                        if sub not in ('image_processor_type', 'processor_class', 'auto_map')})
+        return out
+    a, b = flat(student), flat(teacher)
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    shown = [f'{k} {a.get(k)!r} (student) / {b.get(k)!r} (teacher)' for k in keys[:4]]
+    return '; '.join(shown) + (f' (and {len(keys) - 4} more)' if len(keys) > 4 else '')
+
+
+def _media_rows(args, columns):
+    """``(flag, path, where, row)`` of each row with media of the local ``--dataset`` and ``--val_dataset`` files."""
+    for flag, entries in (('--dataset', args.dataset), ('--val_dataset', args.val_dataset)):
+        for path, standard_format in local_dataset_files(entries, args.use_hf):
+            if standard_format:
+                yield from ((flag, path, where, row) for where, row in dataset_rows(flag, path)
+                            if media_refs(row, columns))
+
+
+def _encoded_otherwise(templates, row: dict, columns: Dict[str, str]) -> Optional[str]:
+    """How the teacher's template (``templates[1]``) encodes ``row``'s media otherwise than the student's: another
+    number of media tokens, or other media tensors (beyond two roundings of their dtype); None where alike, or where
+    the row does not encode (the other checks' and ms-swift's to report)."""
+    import torch
+
+    from swift_gkd_plugin.swift.setup.row_lengths import standard_row
+    encoded, counts = [], []
+    for template in templates:
+        try:
+            encoded.append(template.encode(standard_row(row, columns)))
+        except Exception:  # noqa: BLE001 -- not this check's problem
+            return None
+        ids = {t for t in template.placeholder_tokens if isinstance(t, int) and t >= 0}
+        counts.append(sum(t in ids for t in encoded[-1]['input_ids']))
+    if counts[0] != counts[1]:
+        return f'into {counts[1]} media tokens, the student\'s processor into {counts[0]}'
+    student, teacher = ({k: v for k, v in e.items() if isinstance(v, torch.Tensor)} for e in encoded)
+    for key in sorted(set(student) | set(teacher)):
+        s, t = student.get(key), teacher.get(key)
+        if s is None or t is None or s.shape != t.shape:
+            shape = [None if x is None else list(x.shape) for x in (t, s)]
+            return (f'into as many media tokens ({counts[0]}) but another {key}: {shape[0]}, the student\'s '
+                    f'processor {shape[1]}')
+        gap = (s.double() - t.double()).abs().max().item() if s.numel() else 0.0
+        eps = torch.finfo(s.dtype).eps if s.is_floating_point() else 0.0
+        if gap > max(1e-3, 2 * eps * s.double().abs().max().item()):
+            return (f'into as many media tokens ({counts[0]}) but other {key} (differing by up to {gap:.3g}): another '
+                    'normalisation or resizing')
+    return None
+
+
 def check_self_teacher_has_something_to_add(args) -> None:
     """A student-itself teacher with nothing to add (:func:`~swift_gkd_plugin.data.dataset_files.check_teacher_given`),
     and a shared-base LoRA student (ms-swift's ``_teacher_use_disable_adapter``) whose fresh adapter makes it its
