@@ -1,6 +1,7 @@
 """Shared fixtures: tiny offline models and a runner for the real ``swift rlhf`` command line."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import glob
@@ -25,8 +26,10 @@ from swift_gkd_plugin.entry.cli import OFFLINE_ENV as CLI_OFFLINE_ENV
 if 'TRITON_INTERPRET' not in os.environ and not os.path.exists('/dev/nvidiactl'):
     os.environ['TRITON_INTERPRET'] = os.environ['SWIFT_GKD_TESTS_SET_INTERPRET'] = '1'
 _INTERPRET_SET_HERE = os.environ.get('SWIFT_GKD_TESTS_SET_INTERPRET') == '1'
-# every end-to-end run appends a line here (kind, seconds, test): the closing summary counts them by kind
-if 'GKD_TEST_RUN_LOG' not in os.environ:
+# every end-to-end run appends a line here (kind, seconds, test): the closing summary counts them by kind; the
+# process that sets it (pytest's, xdist's controller) also stops the session's shared servers at its end
+_OWNS_THE_SESSION = 'GKD_TEST_RUN_LOG' not in os.environ
+if _OWNS_THE_SESSION:
     import tempfile
     os.environ['GKD_TEST_RUN_LOG'] = os.path.join(tempfile.mkdtemp(prefix='gkd_test_runs_'), 'runs.jsonl')
 
@@ -322,6 +325,84 @@ class SharedRuns:
                 os.replace(path + '.json.partial', path + '.json')
         with open(path + '.json') as f:
             return SwiftRun(**json.load(f))
+
+
+class SharedServers:
+    """Servers that every xdist worker of the test session uses (a ``swift rollout`` takes 30-60 s to start), each
+    started by the first caller of :meth:`use` and kept for the others: its pid, port and health URL as JSON under
+    ``root``, a file lock per server. The session's own process stops them at its end (``pytest_sessionfinish``),
+    not the worker that started one, which may end while the other still runs against it."""
+
+    def __init__(self, root: str):
+        self.root = root
+        os.makedirs(root, exist_ok=True)
+
+    @contextlib.contextmanager
+    def use(self, name: str, start: Callable[[], tuple], stop_after: bool = False):
+        """The server ``name`` (a dict: ``pid``, ``port``, ``health``) for this block alone: one caller at a time, as
+        a run that syncs its weights into the server must have it (the lock is held until the block ends).
+        ``start()`` -> ``(pid, port, health URL)`` starts it and waits until it answers; it runs where no server of
+        that name was started yet or the last one no longer answers (a test stopped it). ``stop_after``: stopped
+        when the block ends (a server that one test uses: its memory back at once)."""
+        from filelock import FileLock
+        path = os.path.join(self.root, re.sub(r'[^A-Za-z0-9_.-]', '_', name))
+        with FileLock(path + '.lock'):
+            record = json.load(open(path + '.json')) if os.path.exists(path + '.json') else None
+            if record is None or not _answers(record['health']):
+                if record is not None:
+                    _stop_group(record)
+                pid, port, health = start()
+                record = {'name': name, 'pid': pid, 'port': port, 'health': health, 'cmdline': _cmdline(pid)}
+                with open(path + '.json', 'w') as f:
+                    json.dump(record, f)
+            try:
+                yield record
+            finally:
+                if stop_after:
+                    _stop_group(record)
+                    os.remove(path + '.json')
+
+    def stop_all(self) -> None:
+        for path in glob.glob(os.path.join(self.root, '*.json')):
+            with open(path) as f:
+                _stop_group(json.load(f))
+            os.remove(path)
+
+
+def _cmdline(pid: int) -> Optional[str]:
+    try:
+        with open(f'/proc/{pid}/cmdline') as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _answers(url: str) -> bool:
+    import requests
+    try:
+        return requests.get(url, timeout=5).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def _stop_group(record: Dict) -> None:
+    """SIGKILL the process group of a server started in a session of its own, if its process is still the one started
+    (its pid may have been given to another process since it ended)."""
+    import signal
+    if record['cmdline'] is not None and _cmdline(record['pid']) == record['cmdline']:
+        try:
+            os.killpg(record['pid'], signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+# the session's shared servers (SharedServers), beside the run log that the session's process created
+SHARED_SERVERS = SharedServers(os.path.join(os.path.dirname(os.environ['GKD_TEST_RUN_LOG']), 'servers'))
+
+
+def pytest_sessionfinish(session):
+    if _OWNS_THE_SESSION:
+        SHARED_SERVERS.stop_all()
 
 
 @pytest.fixture(scope='session')
