@@ -6,7 +6,7 @@
     python benchmarks/bench_quality.py --preset smollm --quick     # SmolLM2-135M-Instruct -> its pruned copy, 1 seed
     python benchmarks/bench_quality.py --preset smollm --device cuda   # its full preset, 3 seeds, on a GPU
     python benchmarks/bench_quality.py --preset tools --quick      # multi-turn tool use (a calculator), 1 seed, ~7 min
-    python benchmarks/bench_quality.py --preset staleness          # sync against --async_generate, 3 seeds (vLLM)
+    python benchmarks/bench_quality.py --preset staleness          # sync against --async_generate, 5 seeds (vLLM)
     python benchmarks/bench_quality.py --help
 
 Task: sort eight distinct letters, ascending or descending (both right; the dataset's reference picks one at
@@ -34,9 +34,9 @@ held-out success rate of the tool loop (greedy, 3 turns at most); results under 
 
 ``--preset staleness``: on-policy GKD sampled on a ``swift rollout`` server (vLLM; its CPU build without a GPU),
 synchronously against ``--async_generate true`` (one weight version stale; with ``--gkd_max_staleness 4`` too where
-the plugin has it), at beta 0 (forward KL) and beta 1 (reverse KL), 3 seeds, 60 steps (quick) or 120 (full); the
-default's task, teacher and scoring, a student with heads of 32 (the smallest vLLM's CPU build takes); exact match,
-the gap closed and each async run's difference from the synchronous one (paired by seed); results under
+the plugin has it), at beta 0 (forward KL) and beta 1 (reverse KL), 3 seeds and 60 steps (quick) or 5 and 120
+(full); the default's task, teacher and scoring, a student with heads of 32 (the smallest vLLM's CPU build takes);
+exact match, the gap closed and each async run's difference from the synchronous one (paired by seed); results under
 ``<workdir>/staleness``; the last line is ``quality[staleness]: ...``.
 
 Outputs (under ``--workdir``): ``results.json``, ``results.csv``, ``exact_match_vs_step.png``, ``exact_match_bar.png``;

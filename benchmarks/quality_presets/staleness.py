@@ -32,7 +32,7 @@ STALENESS_STUDENT = dict(tiny.STUDENT_KWARGS, num_heads=2, num_kv_heads=1)
 _COMMON = dict(batch_size=16, n_train=4000, n_test=200, teacher_steps=300, student_steps=60, eval_every=20)
 STALENESS_PRESETS = {
     'quick': dict(_COMMON, seeds=[0, 1, 2], steps=60),
-    'full': dict(_COMMON, seeds=[0, 1, 2], steps=120),
+    'full': dict(_COMMON, seeds=[0, 1, 2, 3, 4], steps=120),
 }
 #: the server flags every method shares; the port and the weight-sync port are added per run (not in the cache key)
 SERVER_FLAGS = {'use_vllm': 'true', 'vllm_mode': 'server', 'vllm_server_host': '127.0.0.1',
