@@ -38,7 +38,8 @@ from swift_gkd_plugin.swift.setup.sequence_parallel import (check_sequence_paral
 from swift_gkd_plugin.swift.setup.teacher_server import (check_teacher_server_config, check_teacher_servers,
                                                         check_teacher_tags, local_teacher_of)
 from swift_gkd_plugin.swift.setup.vllm import (check_async_generate, check_vllm_launcher, check_vllm_server_mode,
-                                              check_vllm_tensor_parallel_size, rollout_server_named)
+                                              check_vllm_tensor_parallel_size, rollout_server_named,
+                                              stale_sample_warnings)
 from swift_gkd_plugin.swift.setup.zero3_lora import zero3_lora_warnings
 
 logger = get_logger()
@@ -559,7 +560,8 @@ class GKDPluginRLHFArguments(GKDPluginArgumentsMixin, RLHFArguments):
             if created is not None:
                 created.remove_empty()
             raise
-        for warning in torch_compile_warnings(self) + zero3_lora_warnings(self):  # slow: warned, not refused
+        # slow, or samples staler than the loss tolerates: warned, not refused
+        for warning in torch_compile_warnings(self) + zero3_lora_warnings(self) + stale_sample_warnings(self):
             logger.warning(f'swift_gkd_plugin: {warning}')
         logger.info(f'swift_gkd_plugin {swift_gkd_plugin.__version__}: GKD trainer active '
                     f'(lmbda={self.lmbda}, seq_kd={self.seq_kd}, beta={self.beta}, temperature={self.temperature}, '

@@ -6,8 +6,36 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
+from typing import List
 
 from swift_gkd_plugin.options.flags import FlagError
+
+#: ``bench_quality.py --preset staleness`` (5 seeds, 120 steps): exact match at K 4 minus the synchronous run's, paired
+#: by seed, mean ± std, for --beta 1 and --beta 0 (docs_en/vllm.md, quality under staleness)
+STALE_RKL_LOSS = '-0.061 ± 0.113'
+STALE_FKL_LOSS = '+0.026 ± 0.094'
+
+
+def stale_sample_warnings(args) -> List[str]:
+    """``--async_generate true --gkd_max_staleness K`` > 1 with a divergence weighted by the student (``jsd`` at
+    ``--beta`` > 0.5, ``skew_rkl``): warned, not refused. Measured with ``benchmarks/bench_quality.py --preset
+    staleness`` (docs_en/vllm.md, quality under staleness); AsyncOPD (arXiv 2606.24143) reports reverse KL vulnerable
+    to stale samples and forward KL robust."""
+    k = int(getattr(args, 'gkd_max_staleness', 1) or 1)
+    if not getattr(args, 'async_generate', False) or k <= 1:
+        return []
+    divergence, beta = getattr(args, 'gkd_divergence', 'jsd'), getattr(args, 'beta', None)
+    if divergence == 'jsd' and beta is not None and beta > 0.5:
+        loss = f'--beta {beta:g} ({"" if beta == 1 else "mostly "}reverse KL)'
+    elif divergence == 'skew_rkl':
+        loss = '--gkd_divergence skew_rkl (reverse KL)'
+    else:
+        return []
+    return [f'--async_generate true --gkd_max_staleness {k} with {loss}: samples up to {k} weight versions old, '
+            'and reverse KL is reported vulnerable to stale samples (AsyncOPD). On the tiny quality benchmark at K 4 '
+            f'it had the lowest exact match of the grid, {STALE_RKL_LOSS} against the synchronous run paired by seed '
+            f'(5 seeds: within the spread, not significant), where forward KL (--beta 0) had {STALE_FKL_LOSS} and K 1 '
+            'changed neither (docs_en/vllm.md, quality under staleness). --beta 0 or --gkd_max_staleness 1 avoid it']
 
 
 def check_vllm_launcher(args) -> None:
