@@ -13,12 +13,17 @@ the runs: the optimizer step's seconds (steps per second), the ``generate`` phas
 encoding: for the synchronous run the trainer waits all of it; for the asynchronous one it holds the wait for the
 prefetched batch, ``gkd/sample_wait_s``, and the next batch's submission) and its share of the step, the staleness,
 and the speed-up. Sampling and training should take comparable time for the overlap to pay: ``--completion`` and
-``--batch`` move the balance. Run it on a quiet machine.
+``--batch`` move the balance. ``--max_staleness K`` runs the asynchronous side with a queue of K steps
+(``--gkd_max_staleness``). ``--served_teacher`` scores with ``swift-gkd serve-teacher`` (top-k 8, on the server's core)
+instead of a local teacher: the asynchronous run's producer then asks it for each batch it prefetched, and the table
+adds the trainer's seconds asking the teacher per step (``gkd/teacher_wait_s``; the synchronous run waits for the
+teacher inside its generate phase). Run it on a quiet machine.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import signal
@@ -59,8 +64,6 @@ def _env(extra=None) -> dict:
 def start_server(model: str, port: int, core, log: str):
     """``swift rollout`` serving ``model`` on ``port``; returns the process once ``/health`` answers."""
     import importlib.util
-
-    import requests
     extra = {}
     if importlib.util.find_spec('torchvision') is None:  # ms-swift's vLLM plugin imports it
         from importlib.metadata import entry_points
@@ -71,23 +74,36 @@ def start_server(model: str, port: int, core, log: str):
     cmd = _pinned(core) + [os.path.join(os.path.dirname(sys.executable), 'swift'), 'rollout', '--model', model,
                            '--model_type', 'qwen3', '--template', 'qwen3_nothinking', '--host', '127.0.0.1',
                            '--port', str(port), '--vllm_enforce_eager', 'true', '--vllm_max_model_len', '512']
+    return _started(cmd, f'http://127.0.0.1:{port}/health', log, 'swift rollout', extra)
+
+
+def start_teacher(model: str, port: int, core, log: str):
+    """``swift-gkd serve-teacher`` (top-k 8) on ``model``; returns the process once ``/health/`` answers."""
+    cmd = _pinned(core) + [os.path.join(os.path.dirname(sys.executable), 'swift-gkd'), 'serve-teacher', '--model',
+                           model, '--model_type', 'qwen3', '--template', 'qwen3_nothinking', '--port', str(port),
+                           '--top_k', '8', '--torch_dtype', 'float32', '--device', 'cpu']
+    return _started(cmd, f'http://127.0.0.1:{port}/health/', log, 'swift-gkd serve-teacher')
+
+
+def _started(cmd, url: str, log: str, name: str, extra=None):
+    import requests
     with open(log, 'w') as out:
         proc = subprocess.Popen(cmd, env=_env(extra), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 900
     while time.time() < deadline:
         if proc.poll() is not None:
-            sys.exit(f'swift rollout exited ({proc.returncode}):\n{open(log).read()[-4000:]}')
+            sys.exit(f'{name} exited ({proc.returncode}):\n{open(log).read()[-4000:]}')
         try:
-            if requests.get(f'http://127.0.0.1:{port}/health', timeout=2).status_code == 200:
+            if requests.get(url, timeout=2).status_code == 200:
                 return proc
         except requests.RequestException:
             pass
         time.sleep(1)
     os.killpg(proc.pid, signal.SIGKILL)
-    sys.exit('swift rollout did not start within 900 s')
+    sys.exit(f'{name} did not start within 900 s')
 
 
-def run(ws: dict, asynchronous: bool, out: str, port: int, args) -> dict:
+def run(ws: dict, asynchronous: bool, out: str, port: int, args, teacher_url=None) -> dict:
     """One ``swift rlhf`` run against the server; its steps' probe records and logged rows."""
     log = out + '.steps.jsonl'
     if os.path.exists(log):
@@ -103,6 +119,11 @@ def run(ws: dict, asynchronous: bool, out: str, port: int, args) -> dict:
              'seed': '0', 'learning_rate': '1e-4', 'use_vllm': 'true', 'vllm_mode': 'server',
              'vllm_server_host': '127.0.0.1', 'vllm_server_port': str(port),
              'vllm_server_group_port': str(_free_port()), 'async_generate': str(asynchronous).lower()}
+    if asynchronous and args.max_staleness != 1:
+        flags['gkd_max_staleness'] = str(args.max_staleness)
+    if teacher_url:
+        del flags['teacher_model'], flags['teacher_model_type']
+        flags.update(teacher_model_server=teacher_url, gkd_logits_topk='8')
     argv = [a for k, v in flags.items() for a in (f'--{k}', v)] + ['--external_plugins', PROBE]
     cmd = _pinned(args.trainer_core) + [os.path.join(os.path.dirname(sys.executable), 'swift'), 'rlhf', *argv]
     proc = subprocess.run(cmd, env=_env({'GKD_TEST_PROBE_LOG': log}), capture_output=True, text=True)
@@ -116,8 +137,10 @@ def run(ws: dict, asynchronous: bool, out: str, port: int, args) -> dict:
     step_s = [sum(p.get('seconds', 0.0) for p in s['phases'].values()) for s in kept]
     generate = [s['phases']['generate']['seconds'] for s in kept]
     wait = [r['gkd/sample_wait_s'] for r in rows[2:] if 'gkd/sample_wait_s' in r]
+    teacher = [r['gkd/teacher_wait_s'] for r in rows[2:] if 'gkd/teacher_wait_s' in r]
     return {'step_s': statistics.median(step_s), 'generate_s': statistics.median(generate),
             'wait_s': statistics.median(wait) if wait else statistics.median(generate),
+            'teacher_s': statistics.median(teacher) if teacher else float('nan'),
             'staleness': statistics.mean(r.get('gkd/staleness', 0) for r in rows[2:]),
             'tokens': statistics.mean(r['gkd/completion_length'] for r in rows) * args.batch}
 
@@ -133,6 +156,9 @@ def main(argv=None):
     parser.add_argument('--rounds', type=int, default=2, help='sync/async rounds')
     parser.add_argument('--server_core', type=int, default=1, help='the server\'s core (taskset); -1: not pinned')
     parser.add_argument('--trainer_core', type=int, default=0, help='the trainer\'s core (taskset); -1: not pinned')
+    parser.add_argument('--max_staleness', type=int, default=1, help='--gkd_max_staleness of the async runs')
+    parser.add_argument('--served_teacher', action='store_true',
+                        help='a swift-gkd serve-teacher teacher (top-k 8, on the server\'s core), not a local one')
     args = parser.parse_args(argv)
     if args.hidden % 64 or args.steps < 4:
         parser.error('--hidden must be a multiple of 64 and --steps >= 4')
@@ -144,29 +170,40 @@ def main(argv=None):
     ws = build(args.workdir, args.hidden, args.layers)
     port = _free_port()
     server = start_server(ws['student'], port, args.server_core, os.path.join(args.workdir, 'server.log'))
+    teacher, teacher_url = None, None
     try:
+        if args.served_teacher:
+            teacher_port = _free_port()
+            teacher = start_teacher(ws['teacher'], teacher_port, args.server_core,
+                                    os.path.join(args.workdir, 'teacher.log'))
+            teacher_url = f'http://127.0.0.1:{teacher_port}'
         results = {'sync': [], 'async': []}
         for r in range(args.rounds):
             for name in results:
-                results[name].append(run(ws, name == 'async', os.path.join(args.workdir, f'{name}_{r}'), port, args))
+                results[name].append(run(ws, name == 'async', os.path.join(args.workdir, f'{name}_{r}'), port, args,
+                                         teacher_url))
     finally:
-        os.killpg(server.pid, signal.SIGKILL)
+        for proc in (server, teacher):
+            if proc is not None:
+                os.killpg(proc.pid, signal.SIGKILL)
     import torch
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f'CPU ({cores} cores)'
     pinned = f'server on core {args.server_core}, trainer on core {args.trainer_core}' \
         if args.server_core is not None else 'not pinned'
     print(f'on-policy GKD against a swift rollout server, {device}, {pinned}, student hidden {args.hidden} x '
           f'{args.layers} layers, {args.batch} prompts x {args.completion} tokens, steps 3-{args.steps} of '
-          f'{args.rounds} runs each')
+          f'{args.rounds} runs each; teacher: {"served (swift-gkd serve-teacher, top-k 8)" if teacher_url else "local"}'
+          f'{f"; async --gkd_max_staleness {args.max_staleness}" if args.max_staleness != 1 else ""}')
     print('| mode | step s | steps/s | sampled tokens/step | generate phase s | trainer waits s (share of step) | '
-          'staleness |')
-    print('| --- | --- | --- | --- | --- | --- | --- |')
+          'staleness | trainer asks the teacher s |')
+    print('| --- | --- | --- | --- | --- | --- | --- | --- |')
     med = {}
     for name, rows in results.items():
         med[name] = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
         m = med[name]
+        teacher_s = '-' if math.isnan(m['teacher_s']) else f'{m["teacher_s"]:.4f}'
         print(f'| {name} | {m["step_s"]:.3f} | {1 / m["step_s"]:.2f} | {m["tokens"]:.0f} | {m["generate_s"]:.3f} | '
-              f'{m["wait_s"]:.3f} ({m["wait_s"] / m["step_s"]:.0%}) | {m["staleness"]:.2f} |')
+              f'{m["wait_s"]:.3f} ({m["wait_s"] / m["step_s"]:.0%}) | {m["staleness"]:.2f} | {teacher_s} |')
     print(f'async / sync: {med["sync"]["step_s"] / med["async"]["step_s"]:.2f}x the steps per second ({device})')
 
 

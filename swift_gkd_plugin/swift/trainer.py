@@ -34,13 +34,14 @@ from swift_gkd_plugin.swift.setup.adapters import warn_unadapted_experts
 from swift_gkd_plugin.swift.setup.command_line import PROG, refuse
 from swift_gkd_plugin.swift.step.loss import LossMixin
 from swift_gkd_plugin.swift.step.scoring import ScoringMixin
+from swift_gkd_plugin.swift.teacher.ahead import TeacherAheadMixin
 from swift_gkd_plugin.swift.teacher.placement import TeacherMixin
 from swift_gkd_plugin.swift.teacher.reference import ReferenceMixin
 
 
 
 class GKDPluginTrainer(PrefetchMixin, LossMixin, RolloutMixin, SamplersMixin, ScoringMixin, BatchesMixin,
-                       TeacherMixin, ReferenceMixin, GKDTrainer):
+                       TeacherMixin, TeacherAheadMixin, ReferenceMixin, GKDTrainer):
     """ms-swift's GKD trainer with the plugin's modes (seq_kd included), loss, normalisation and metrics."""
 
     def __init__(self, *args, **kwargs):

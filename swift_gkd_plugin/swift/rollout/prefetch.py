@@ -45,10 +45,11 @@ class Prefetched:
     future: Optional[Future] = None
     outputs: Optional[list] = field(default=None)
     prompts: Optional[List[str]] = None  # this rank's prompts, to check against the step's own rows
+    answers: Optional[object] = None  # a served teacher's answers to the rows (a future while the producer asks)
 
     def result(self) -> list:
         if self.outputs is None and self.future is not None:
-            self.outputs = self.future.result()
+            self.outputs, self.answers = self.future.result()
         return self.outputs
 
 
@@ -125,6 +126,8 @@ class PrefetchMixin:
         add_token_sum(metrics['gkd/stale_dropped'], 0.0, 1)
         outputs = prefetched.result() if self.accelerator.is_main_process else [None] * sum(lengths)
         outputs = broadcast_object_list(outputs, from_process=0)
+        if self._teacher_ahead_on():  # the served teacher's answers come with the batch: read by this step's
+            self._answers_ahead(prefetched.answers, pending=True)  # teacher stage (teacher/ahead.py)
         start = sum(lengths[:self.accelerator.process_index])
         add_token_sum(metrics['gkd/staleness'], float(staleness), 1)
         self._staleness_max = max(getattr(self, '_staleness_max', None) or 0, staleness)
@@ -136,6 +139,7 @@ class PrefetchMixin:
         for earlier in [s for s in self._gkd_queue if s < step]:  # (none: every queued step is on-policy, taken in turn)
             self._wait(self._gkd_queue.pop(earlier))
         prefetched = self._gkd_queue.pop(step, None)
+        self._answers_ahead(None)
         self._wait(prefetched)
         return prefetched
 
@@ -167,11 +171,13 @@ class PrefetchMixin:
         if self._last_loaded_step != self.state.global_step:
             self._move_model_to_vllm(skip_async_check=True)
             self._last_loaded_step = self.state.global_step
+        score = self._teacher_ahead_on()  # a served teacher: the producer asks it too (teacher/ahead.py)
         for following, rows in wanted:
             samples = self._preprocess_inputs(self.to_samples(rows))
             requests = self.samples2requests(samples)
             lengths = gather_object([len(requests)])
             all_requests = gather_object(requests)
+            all_samples = gather_object(samples) if score else None
             # the request config of the step it samples (its mode's budget, its seeds)
             saved = (self._gkd_mode, self._request_step)
             self._gkd_mode, self._request_step = Mode.ON_POLICY, following
@@ -181,8 +187,7 @@ class PrefetchMixin:
                 self._gkd_mode, self._request_step = saved
             future = None
             if self.accelerator.is_main_process:
-                future = self._prefetch_pool.submit(self._engine_infer, infer_requests=all_requests,
-                                                    request_config=config)
+                future = self._prefetch_pool.submit(self._produce, all_requests, config, all_samples)
             self._gkd_queue[following] = Prefetched(following, int(self.state.global_step), lengths, future,
                                                 prompts=_prompts(samples))
 
@@ -199,8 +204,10 @@ class PrefetchMixin:
             queue = []
             for prefetched in self._gkd_queue.values():
                 self._wait(prefetched)
+                outputs, answers = prefetched.result(), prefetched.answers
+                answers = answers.result() if isinstance(answers, Future) else answers
                 queue.append({'step': prefetched.step, 'version': prefetched.version, 'lengths': prefetched.lengths,
-                              'outputs': prefetched.result()})
+                              'outputs': outputs, 'answers': answers})
             with open(os.path.join(folder, SAVED), 'wb') as f:
                 pickle.dump({'queue': queue}, f)
         return result
@@ -220,8 +227,9 @@ class PrefetchMixin:
         meta = broadcast_object_list(meta, from_process=0)[0]
         for i, (saved_step, version, lengths) in enumerate(meta):
             if saved_step >= step:
-                outputs = saved[i]['outputs'] if saved is not None else None
-                self._gkd_queue[saved_step] = Prefetched(saved_step, version, lengths, outputs=outputs)
+                batch = saved[i] if saved is not None else {}
+                self._gkd_queue[saved_step] = Prefetched(saved_step, version, lengths, outputs=batch.get('outputs'),
+                                                         answers=batch.get('answers'))
 
     def _load_rng_state(self, checkpoint):
         self._resumed_from = checkpoint if self._prefetch_on else None

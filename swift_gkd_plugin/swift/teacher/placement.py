@@ -24,7 +24,7 @@ from swift_gkd_plugin.swift.step.token_metrics import add_token_sum as _add_toke
 from swift_gkd_plugin.swift.teacher.adapters import TEACHER_ADAPTER, active_adapter, eval_mode, load_frozen_adapter
 from swift_gkd_plugin.swift.teacher.cross_tokenizer import CrossTokenizerTeacher
 from swift_gkd_plugin.swift.teacher.served import (attach_trainer_token_ids, connect_teacher_servers, fit_answer,
-                                                   infer_prompt_logprobs, score_at)
+                                                   infer_prompt_logprobs)
 
 logger = get_logger()
 
@@ -213,6 +213,7 @@ class TeacherMixin:
             attach_trainer_token_ids(batch_encoded_inputs)
             super()._postprocess_batch(samples, batch_encoded_inputs)
             return
+        self._resolve_answers_ahead()  # --async_generate: the producer's answers to this batch (teacher/ahead.py)
         requests, places = [], []
         for b, batch in enumerate(batch_encoded_inputs):
             inputs = batch['teacher_model_inputs']
@@ -237,8 +238,9 @@ class TeacherMixin:
             if t_idx == self._local_teacher:
                 answers = self._score_locally(batch_encoded_inputs, [places[i] for i in indices])
             else:
-                answers = score_at(self.teacher_clients[t_idx], [requests[i] for i in indices], self.gkd_logits_topk,
-                                   targets or bool(names)) if indices else []
+                # (--async_generate: the producer's answers where it asked the same request, teacher/ahead.py)
+                answers = self._teacher_answers(t_idx, [requests[i] for i in indices],
+                                                targets or bool(names)) if indices else []
             for i, answer in zip(indices, answers):
                 results[i] = answer
         results = gather_shares(share(results))

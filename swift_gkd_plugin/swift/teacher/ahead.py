@@ -1,0 +1,149 @@
+"""``--async_generate true`` beside a served teacher: the producer asks the teacher, so its latency leaves the
+training path.
+
+In: a batch the rollout server just sampled ahead (its rows and outputs, every rank's), in the producer's thread.
+Out: the served teachers' answers to the rows' requests, keyed by the request, read by the trainer's teacher stage for
+the step the batch is for (:meth:`TeacherMixin._postprocess_batch`: a row whose request has an answer is not asked
+again; any other row, a local teacher's included, is scored there as without ``--async_generate``).
+
+Each finished batch's rows are encoded as the trainer encodes them (each view through a private copy of the
+template: the trainer's own is in use on the main thread) and sent to the teacher their tag routes them to, one
+request per teacher with the trainer's token ids, as the trainer would send them. A row the trainer encodes otherwise
+(cut at ``--max_length``, rewritten since) finds no answer under its request and is scored in the trainer: the
+answers are keyed by the exact token ids and positions the loss reads, never matched by row. The teacher is asked in
+a thread of its own once the samples are back, so the trainer takes the samples, syncs and sends the next prompts
+without waiting for it, and waits for the answers only in its teacher stage. Logged per step: ``gkd/teacher_ahead``
+(the share of served rows answered by the producer) and ``gkd/teacher_wait_s`` (the seconds the trainer spent waiting
+for the producer's answers or asking the served teachers itself)."""
+from __future__ import annotations
+
+import copy
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Dict, List, Optional, Tuple
+
+from swift.utils import get_logger
+
+from swift_gkd_plugin.core.constants import IGNORE_INDEX
+from swift_gkd_plugin.core.views import prepare_teacher_view
+from swift_gkd_plugin.server.client import TopKResult
+from swift_gkd_plugin.swift.setup.teacher_server import teacher_names
+from swift_gkd_plugin.swift.step.token_metrics import add_token_sum
+from swift_gkd_plugin.swift.teacher.served import score_at
+
+logger = get_logger()
+Key = Tuple[Tuple[int, ...], Tuple[int, ...]]
+
+
+def request_key(request: Tuple[list, list]) -> Key:
+    """The key of a teacher request ``(input_ids, positions)``: its exact token ids and scored positions."""
+    return tuple(request[0]), tuple(request[1])
+
+
+class TeacherAheadMixin:
+    """Served teachers scored in the producer's thread (``--async_generate true``), their answers read by the step."""
+
+    def _teacher_ahead_on(self) -> bool:
+        """Whether the producer asks the teachers: a served teacher answering on the trainer's token ids
+        (``/v1/topk`` or ``/v1/completions``), one tokenizer (a teacher of another reads its own template)."""
+        return bool(getattr(self, 'use_teacher_api', False) and getattr(self, '_teacher_topk_route', False)
+                    and getattr(self, '_xtok', None) is None and getattr(self, 'teacher_clients', None))
+
+    def _produce(self, infer_requests, request_config, samples=None):
+        """The producer's job for one batch (rank 0's thread): the server's samples, then, with ``samples`` (every
+        rank's rows, as sent), the served teachers' answers to them, asked in a thread of their own. Returns
+        ``(outputs, answers)``, ``answers`` a future: the trainer takes the samples (and syncs, and sends the next
+        prompts) as soon as they are back, and waits for the answers only in its teacher stage, so the teacher's call
+        overlaps the server's next batch as it did when the trainer asked."""
+        outputs = self._engine_infer(infer_requests=infer_requests, request_config=request_config)
+        answers = None
+        if samples is not None:
+            if getattr(self, '_teacher_pool', None) is None:
+                self._teacher_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix='gkd-teacher-ahead')
+            answers = self._teacher_pool.submit(self._score_ahead_or_none, samples, outputs)
+        return outputs, answers
+
+    def _score_ahead_or_none(self, samples, outputs) -> Optional[Dict[Key, TopKResult]]:
+        try:
+            return self._score_ahead(samples, outputs)
+        except Exception as exc:  # the trainer asks again (and reports the failure itself if it persists)
+            logger.warning(f'swift_gkd_plugin: the producer could not ask the teacher ({exc!r}): the step\'s rows '
+                           'are scored in the trainer')
+            return None
+
+    def _score_ahead(self, samples, outputs) -> Dict[Key, TopKResult]:
+        """The served teachers' answers to the rows of ``samples`` completed by ``outputs``, keyed by request."""
+        from swift.rlhf_trainers.gkd_helpers import route_samples_to_teachers
+        from swift.rlhf_trainers.utils import encode_sample
+        template = getattr(self, '_ahead_template', None)
+        if template is None:
+            template = self._ahead_template = copy.deepcopy(self.template)
+        rows = []
+        for sample, output in zip(samples, outputs):  # (as the trainer's _postprocess_rollout_outputs and
+            sample = copy.deepcopy(sample)  # _encode_samples prepare them)
+            sample.apply_rollout_output(rollout_output=output)
+            prepare_teacher_view(sample)
+            rows.append(sample)
+        has_view = any([sample.build_teacher_view() for sample in rows])
+        requests = []
+        with self._template_context(template):
+            for sample in rows:
+                view = sample
+                if has_view:
+                    view = copy.copy(sample)
+                    view.messages = sample.teacher_messages or sample.messages
+                    if sample.teacher_images is not None:
+                        view.images = sample.teacher_images
+                encoded = encode_sample(view, template)
+                ids, labels = list(encoded['input_ids']), list(encoded['labels'])
+                positions = [p for p in range(len(labels) - 1) if labels[p + 1] != IGNORE_INDEX]
+                requests.append((ids, positions))
+        routing = route_samples_to_teachers(rows, self.teacher_configs, tag_key=self.args.teacher_tag_key)
+        targets = self.args.gkd_sampled_kl_coef > 0 or bool(teacher_names(self.teacher_configs))  # (as the trainer)
+        answers = {}
+        for t_idx, indices in routing.items():
+            if t_idx == self._local_teacher or not indices:
+                continue
+            results = score_at(self.teacher_clients[t_idx], [requests[i] for i in indices], self.gkd_logits_topk,
+                               targets)
+            for i, result in zip(indices, results):
+                answers[request_key(requests[i])] = result
+        return answers
+
+    def _answers_ahead(self, answers=None, pending: bool = False) -> None:
+        """The answers the producer is getting for this step's batch (rank 0: a future or the answers; ``pending`` on
+        every rank), resolved at the start of the step's teacher stage (:meth:`_resolve_answers_ahead`)."""
+        self._ahead_answers, self._ahead_pending = answers, pending
+
+    def _resolve_answers_ahead(self) -> None:
+        """Every rank: the producer's answers for this step (rank 0 waits for them, then sends them to every rank)."""
+        if not getattr(self, '_ahead_pending', False):
+            return
+        started = time.perf_counter()
+        answers = self._ahead_answers
+        if isinstance(answers, Future):
+            answers = answers.result()
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+            answers = broadcast_object_list([answers], from_process=0)[0]
+        self._ahead_answers, self._ahead_pending = answers, False
+        self._ahead_waited = time.perf_counter() - started
+
+    def _teacher_answers(self, client_index: int, requests: List[Tuple[list, list]], with_targets: bool):
+        """Teacher ``client_index``'s answers to ``requests``: the producer's where it asked the same request, the
+        others asked now (timed: ``gkd/teacher_wait_s``; the share answered ahead: ``gkd/teacher_ahead``)."""
+        ahead = getattr(self, '_ahead_answers', None) or {}
+        answers = [ahead.get(request_key(r)) for r in requests]
+        missing = [i for i, a in enumerate(answers) if a is None]
+        started = time.perf_counter()
+        if missing:
+            asked = score_at(self.teacher_clients[client_index], [requests[i] for i in missing], self.gkd_logits_topk,
+                             with_targets)
+            for i, answer in zip(missing, asked):
+                answers[i] = answer
+        if getattr(self, '_prefetch_on', False) and self.model.training:
+            metrics = self.custom_metrics['train']
+            waited, self._ahead_waited = time.perf_counter() - started + getattr(self, '_ahead_waited', 0.0), 0.0
+            add_token_sum(metrics['gkd/teacher_wait_s'], waited, 1)
+            add_token_sum(metrics['gkd/teacher_ahead'], float(len(requests) - len(missing)), len(requests))
+        return answers
