@@ -4,14 +4,14 @@ An answer with another number of positions than the row's labels score used to b
 one-position answer was broadcast over every position (a silently wrong loss), any other count failed with torch's
 shape message naming no row. An answer of fewer than ``k`` entries a position (a server serving a smaller top-k) was
 refused the same way."""
-from types import SimpleNamespace
+from types import MethodType, SimpleNamespace
 
 import pytest
 import torch
 
 from swift_gkd_plugin.core.constants import IGNORE_INDEX
 from swift_gkd_plugin.server.client import TopKResult
-from swift_gkd_plugin.swift.teacher import placement
+from swift_gkd_plugin.swift.teacher import ahead, placement
 
 K = 4
 
@@ -29,9 +29,12 @@ def _trainer(answer_rows, answer_k=K):
             out.append(TopKResult(torch.arange(answer_k).repeat(n, 1) + 1, lps.float()))
         return out
 
-    return SimpleNamespace(use_teacher_api=True, _teacher_topk_route=True, teacher_configs=[SimpleNamespace(tags=[])],
-                           args=SimpleNamespace(teacher_tag_key='dataset', gkd_sampled_kl_coef=0.0),
-                           _local_teacher=None, teacher_clients=[client], gkd_logits_topk=K), score_at
+    trainer = SimpleNamespace(use_teacher_api=True, _teacher_topk_route=True, teacher_configs=[SimpleNamespace(tags=[])],
+                              args=SimpleNamespace(teacher_tag_key='dataset', gkd_sampled_kl_coef=0.0),
+                              _local_teacher=None, teacher_clients=[client], gkd_logits_topk=K)
+    for name in ('_resolve_answers_ahead', '_teacher_answers'):  # the trainer's own (no --async_generate: asked now)
+        setattr(trainer, name, MethodType(getattr(ahead.TeacherAheadMixin, name), trainer))
+    return trainer, score_at
 
 
 def _batches():
@@ -44,7 +47,7 @@ def _batches():
 
 def _place(monkeypatch, answer_rows, answer_k=K):
     trainer, score_at = _trainer(answer_rows, answer_k)
-    monkeypatch.setattr(placement, 'score_at', score_at)
+    monkeypatch.setattr(ahead, 'score_at', score_at)
     batches = _batches()
     placement.TeacherMixin._postprocess_batch(trainer, [SimpleNamespace()] * 2, batches)
     return batches[0]['gkd_batch']
