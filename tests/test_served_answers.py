@@ -29,7 +29,8 @@ def _trainer(answer_rows, answer_k=K):
             out.append(TopKResult(torch.arange(answer_k).repeat(n, 1) + 1, lps.float()))
         return out
 
-    trainer = SimpleNamespace(use_teacher_api=True, _teacher_topk_route=True, teacher_configs=[SimpleNamespace(tags=[])],
+    trainer = SimpleNamespace(use_teacher_api=True, _teacher_topk_route=True,
+                              teacher_configs=[SimpleNamespace(tags=[])],
                               args=SimpleNamespace(teacher_tag_key='dataset', gkd_sampled_kl_coef=0.0),
                               _local_teacher=None, teacher_clients=[client], gkd_logits_topk=K)
     for name in ('_resolve_answers_ahead', '_teacher_answers'):  # the trainer's own (no --async_generate: asked now)
