@@ -3,11 +3,11 @@ active, every layer sparse) and a wider MoE teacher, built by megatron-core as `
 ``--moe_grouped_gemm true``) over the harness's stand-ins of TE's grouped linears
 (:mod:`swift_gkd_plugin.testing.megatron_cpu.moe`), loaded and exported by mcore-bridge.
 
-Ten runs, each started once per test session (``shared_megatron_runs``), on 2 ranks: expert parallelism 1 (data
+Nine runs, each started once per test session (``shared_megatron_runs``), on 2 ranks: expert parallelism 1 (data
 parallel 2) and 2 with the same flags (an off-policy step, then two on-policy steps on the same 4 rows, lr 1e-3), EP 2
 resumed from its step-2 checkpoint, the same pair with a seq_kd step (the MoE teacher samples), TP 2 with each expert
-split over TP (expert TP 2) and with whole experts over EP 2 (the teacher offloaded), PP 2, CP 2 x EP 2, and LoRA on all linears at EP 2
-with the student's base as teacher. The pair ends its turn early at varied lengths (:func:`plant_stop`). One run of its
+split over TP (expert TP 2) and with whole experts over EP 2 (the teacher offloaded), and LoRA on all linears at EP 2
+with the student's base as teacher; on 4 ranks PP 2 x CP 2 x EP 2. The pair ends its turn early at varied lengths (:func:`plant_stop`). One run of its
 own (one rank): the copy guard on a LoRA MoE student."""
 import dataclasses
 import json
@@ -129,11 +129,10 @@ def runs(tiny_ws, moe_ws, shared_runs):
         'moe_tp2_ep2_offload': lambda out: run_megatron(megatron_args(ws, out, **_moe_flags(
             ws, tensor_model_parallel_size=2, sequence_parallel='true', expert_model_parallel_size=2,
             expert_tensor_parallel_size=1, offload_teacher_model='true')), nproc=2),
-        # pipeline parallel (a layer a stage) and context parallel x EP 2: one data-parallel copy, as the TP runs
-        'moe_pp2': lambda out: run_megatron(megatron_args(ws, out, **_moe_flags(
-            ws, pipeline_model_parallel_size=2)), nproc=2),
-        'moe_cp2_ep2': lambda out: run_megatron(megatron_args(ws, out, **_moe_flags(
-            ws, context_parallel_size=2, expert_model_parallel_size=2)), nproc=2),
+        # pipeline parallel (a layer a stage) x context parallel 2 x EP 2 on 4 ranks: one data-parallel copy, as the
+        # TP runs
+        'moe_pp2_cp2_ep2': lambda out: run_megatron(megatron_args(ws, out, **_moe_flags(
+            ws, pipeline_model_parallel_size=2, context_parallel_size=2, expert_model_parallel_size=2)), nproc=4),
         # seq_kd: the MoE teacher samples from its Megatron model (the experts' all-to-all at every decoded token)
         'moe_ep1_seq_kd': lambda out: run_megatron(megatron_args(ws, out, **_moe_flags(
             ws, expert_model_parallel_size=1, seq_kd='true', seed=SEQ_KD_SEED)), nproc=2),
@@ -334,14 +333,18 @@ def test_tensor_parallel_moe_equals_one(runs):
             a['grad_norm'], rel=1e-5), (step, a, b)
 
 
-@pytest.mark.parametrize('name', ['moe_pp2', 'moe_cp2_ep2'])
-def test_pipeline_and_context_parallel_moe_equal_tensor_parallel(runs, name):
-    """PP 2 (one MoE layer a stage; the last stage samples and broadcasts) and CP 2 x EP 2 (each rank holds 2 of the
-    4 chunks of every row and 2 of the 4 experts; the experts' all-to-all spans the CP ranks): the same completions,
-    losses and gradient norms as TP 2 over 3 steps, all three with one data-parallel copy (measured: losses to all
-    logged digits, gradient norms within 2e-6)."""
-    ones, rows = _assert_trained(runs['moe_tp2'], MODES), _assert_trained(runs[name], MODES)
-    assert _completions(runs[name]) == _completions(runs['moe_tp2'])
+def test_pipeline_and_context_parallel_moe_equal_tensor_parallel(runs):
+    """PP 2 x CP 2 x EP 2 on 4 ranks (one MoE layer a stage, the last stage samples and broadcasts; each rank holds 2
+    of the 4 chunks of every row and 2 of the 4 experts, the experts' all-to-all spanning the CP ranks): the same
+    completions, losses and gradient norms as TP 2 over 3 steps, both with one data-parallel copy (measured: losses
+    to all logged digits, gradient norms within 2e-6; PP 2 alone and CP 2 x EP 2 alone, 2 ranks each, gave the
+    same)."""
+    run = runs['moe_pp2_cp2_ep2']
+    ones, rows = _assert_trained(runs['moe_tp2'], MODES), _assert_trained(run, MODES)
+    assert 'TP: 1, PP: 2, VPP: None, CP: 2, EP: 2, ETP: 1' in run.output, run.output[-3000:]
+    for rank in (2, 3):
+        assert [r['mode'] for r in run.modes(rank)] == MODES
+    assert _completions(run) == _completions(runs['moe_tp2'])
     for step, (a, b) in enumerate(zip(ones, rows), 1):
         assert b['loss'] == pytest.approx(a['loss'], rel=1e-5) and b['grad_norm'] == pytest.approx(
             a['grad_norm'], rel=1e-5), (step, a, b)
