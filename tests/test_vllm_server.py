@@ -13,6 +13,7 @@ run of that model in turn, from either worker (``server``)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -143,10 +144,23 @@ def assert_server_is_on_policy(run, syncs):
     assert rows[0]['server'] != rows[-1]['server'], 'the weights the server samples from never changed'
 
 
+def _split_rows(path: str, halves):
+    """The rows of ``path`` dealt alternately into the files ``halves`` (written once); returns ``halves``."""
+    if not all(os.path.exists(h) for h in halves):
+        with open(path) as f:
+            rows = [line for line in f if line.strip()]
+        for i, half in enumerate(halves):
+            with open(half + '.tmp', 'w') as f:
+                f.writelines(rows[i::len(halves)])
+            os.replace(half + '.tmp', half)
+    return halves
+
+
 @pytest.fixture(scope='module')
 def runs(vllm_ws, shared_runs):
     ws = vllm_ws
     tied = os.path.join(ws.root, 'student_tied')
+    routed = _split_rows(ws.train, [os.path.join(ws.root, f'train_{half}.jsonl') for half in ('local', 'served')])
 
     def on_server(out, *server_flags, **flags):
         """A run against a shared server of the tied-embedding student (as most small students are); one started with
@@ -186,10 +200,12 @@ def runs(vllm_ws, shared_runs):
             temperature=1.0, num_generations=2, rollout_importance_sampling_mode='token_truncate', max_steps=3,
             **flags))(flags)
            for name, flags in (('rl', {}), ('rl_async', {'async_generate': 'true'}))},
-        # beside a served teacher (this plugin's top-k server): the same at learning rate 0
+        # beside two teachers, one per row (tag routing by --dataset file): the local teacher and a served one (this
+        # plugin's top-k server): the same at learning rate 0
         **{f'{name}_served_teacher': (lambda flags: lambda out: on_server(
-            out, teacher_model=None, teacher_model_type=None, teacher_model_server=teacher_server(ws),
-            gkd_logits_topk=8, learning_rate=0, max_steps=3, **flags))(flags)
+            out, dataset=list(routed), teacher_model_server=json.dumps(
+                [{'url': 'local', 'tags': [routed[0]]}, {'url': teacher_server(ws), 'tags': [routed[1]]}]),
+            gkd_logits_topk=8, learning_rate=0, max_steps=4, **flags))(flags)
            for name, flags in (('sync', {}), ('async', {'async_generate': 'true'}))},
     })
     return runs
@@ -304,16 +320,22 @@ def test_importance_weights_see_the_staleness(runs):
 
 
 def test_async_generate_beside_a_served_teacher(runs):
-    """A served teacher (``--teacher_model_server``, top-k 8) scores the prefetched samples in the producer, as soon as
-    the server returns them: the trainer reads the answers that came with the batch (``gkd/teacher_ahead`` 1: every
-    row, where step 0, sampled in the trainer, asked for none; the trainer's time waiting for the teacher is
-    ``gkd/teacher_wait_s``), and at learning rate 0 the losses are the synchronous run's; steps 2-3 one version
+    """Two teachers, one per row (tag routing: the local teacher and a served one, top-k 8): the producer asks the
+    served teacher about its rows of each prefetched batch as soon as the server returns them, the local teacher
+    scores its rows in the trainer: ``gkd/teacher_ahead``, the share of the served teacher's rows answered ahead, is 0
+    at step 0 (sampled in the trainer) and 1 after (absent in a step without its rows); the trainer's time waiting
+    for it is ``gkd/teacher_wait_s``. At learning rate 0 the losses are the synchronous run's; steps 2-4 one version
     stale."""
     sync, run = _ok(runs['sync_served_teacher']), _ok(runs['async_served_teacher'])
-    assert _steps(run, 'loss') == _steps(sync, 'loss') and len(run.logs) == 3
-    assert _steps(run, 'gkd/staleness') == [None, 1, 1]
-    assert _steps(run, 'gkd/teacher_ahead') == [0, 1, 1]
-    assert all(w >= 0 for w in _steps(run, 'gkd/teacher_wait_s'))  # (timings: docs_en/vllm.md, not asserted)
+    assert _steps(run, 'loss') == _steps(sync, 'loss') and len(run.logs) == 4
+    assert _steps(run, 'gkd/staleness') == [None, 1, 1, 1]
+    ahead = _steps(run, 'gkd/teacher_ahead')
+    assert ahead[0] in (0, None) and all(a in (1, None) for a in ahead[1:]) and 1 in ahead[1:], ahead
+    for name in ('train_local', 'train_served'):  # both teachers scored rows, in both runs alike
+        tokens = _steps(run, f'gkd/{name}/tokens')
+        assert any(t for t in tokens) and tokens == _steps(sync, f'gkd/{name}/tokens'), (name, tokens)
+    waits = _steps(run, 'gkd/teacher_wait_s')  # (timings: docs_en/vllm.md, not asserted)
+    assert [w is None for w in waits] == [a is None for a in ahead] and all(w >= 0 for w in waits if w is not None)
     assert not any('gkd/teacher_wait_s' in row or 'gkd/teacher_ahead' in row for row in sync.logs)
 
 
