@@ -383,6 +383,54 @@ def test_a_served_teacher_of_token_ids_is_refused_for_multimodal_rows_before_loa
                                      "multimodal: the teacher would read its rows' image tokens without the images"])
 
 
+@pytest.mark.timeout(300)
+def test_a_swift_deploy_teacher_encodes_the_image_rows_as_the_trainer_but_gives_no_prompt_logprobs(mm, tmp_path):
+    """Issue 74 item 9: ms-swift's ``/infer/`` (a real ``swift deploy`` of the trained teacher, transformers backend,
+    CPU) receives the rows' messages and images and encodes them itself. Its ``prompt_token_ids`` equal the trainer's
+    rows (the image expanded alike: the tokenization check passes), but ms-swift's transformers engine ignores
+    ``prompt_logprobs``: answers without any, which the client retried as failed answers and named without a cause
+    (ms-swift's assembly would read every position as probability 0). Now the first step stops naming the request,
+    both counts and the backend that gives them (``--infer_backend vllm``), without a retry."""
+    import subprocess
+    import time
+
+    import httpx
+    from conftest import OFFLINE_ENV, SWIFT, _free_port
+    port = _free_port()
+    log_path = tmp_path / 'deploy.log'
+    env = {**os.environ, **OFFLINE_ENV}
+    t0 = time.monotonic()
+    with open(log_path, 'w') as log:
+        server = subprocess.Popen([SWIFT, 'deploy', '--model', mm.teacher, '--model_type', tmm.MODEL_TYPE, '--template',
+                                   tmm.TEMPLATE, '--infer_backend', 'transformers', '--torch_dtype', 'float32',
+                                   '--host', '127.0.0.1', '--port', str(port)], stdout=log, stderr=subprocess.STDOUT,
+                                  env=env, start_new_session=True)
+    try:
+        while True:
+            assert server.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() - t0 < 180, log_path.read_text()[-3000:]
+            try:
+                if httpx.get(f'http://127.0.0.1:{port}/health', timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        print(f'swift deploy answered /health after {time.monotonic() - t0:.1f}s')
+        run = run_swift(mm_args(mm, str(tmp_path / 'out'), model=mm.trained_student, teacher_model=None,
+                                teacher_model_type=None, teacher_model_server=f'http://127.0.0.1:{port}',
+                                gkd_logits_topk=8, temperature=1.0, **MODES['off_policy']), check=False)
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(30)
+    assert "scored through ms-swift's /infer/ protocol" in run.output, run.output[-3000:]
+    assert run.returncode != 0 and not run.losses, run.output[-3000:]
+    found = re.search(rf'the teacher server http://127.0.0.1:{port} answered request 0 of this step without prompt '
+                      r"log-probs \(its prompt_token_ids: (\d+) tokens; the trainer's row: (\d+) tokens, \d+ read by "
+                      r'the loss\): .*--infer_backend transformers` ignores prompt_logprobs: serve the teacher with '
+                      r'`swift deploy --infer_backend vllm`', run.output)
+    assert found and found[1] == found[2], run.output[-3000:]
+    assert 'attempt 1 failed' not in run.output  # asked once: a server that computes none never will
+
+
 def _teacher_with_another_processor(mm, out_dir, change):
     """``patch``: a trained-size teacher of patch 7 (its processor expands an image into 16 tokens, the student's into
     4; the same 28 x 28 pixels); ``normalisation``: the trained teacher whose processor normalises with mean and std

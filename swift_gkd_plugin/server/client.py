@@ -493,7 +493,8 @@ def _check_rows(i: int, ids, lps, tail, vocab: Optional[int]) -> None:
 def check_infer_answer(answer: Any, i: int, topk: Optional[int], vocab: Optional[int]) -> None:
     """One answer of ms-swift's ``/infer/`` protocol: ``prompt_token_ids`` (when reported) and, when asked,
     ``prompt_logprobs`` (``None``, then one ``{id: {"logprob": x}}`` per further token) with ids in ``[0, vocab)``
-    and log-probs as in the compact answers."""
+    and log-probs as in the compact answers. An answer without ``prompt_logprobs`` (a server that computes none, as
+    ms-swift's transformers engine) is passed on unretried: the caller names the request and its counts."""
     if not isinstance(answer, dict):
         raise InvalidAnswer(f'answer {i}: expected a chat completion, got {type(answer).__name__}')
     ids = answer.get('prompt_token_ids')  # vLLM's ms-swift engine reports them only with return_details
@@ -502,6 +503,8 @@ def check_infer_answer(answer: Any, i: int, topk: Optional[int], vocab: Optional
     if topk is None:
         return
     table = answer.get('prompt_logprobs')
+    if table is None:  # a server that computes none (`swift deploy --infer_backend transformers`): never retried,
+        return  # every answer would be the same; the caller names the request and its counts
     if not isinstance(table, list) or not table or (ids is not None and len(table) != len(ids)):
         raise InvalidAnswer(f'answer {i}: prompt_logprobs of {len(table) if isinstance(table, list) else table!r:.40} '
                             f'entries for {len(ids) if ids is not None else "some"} prompt tokens')

@@ -167,6 +167,20 @@ def check_infer_answer_length(url: str, index: int, scored: int, trainer_ids: Li
             'max_length) or use another --template?')
 
 
+def raise_no_prompt_logprobs(url: str, index: int, server_ids, expected):
+    """An answer to request ``index`` without ``prompt_logprobs``: the server computes none (ms-swift's transformers
+    engine ignores the request's ``prompt_logprobs``), so every answer would lack them; ms-swift's assembly would have
+    left every position -inf (probability 0: a wrong loss), the client's checks retried it as a failed answer."""
+    counts = ([f'its prompt_token_ids: {len(server_ids)} tokens'] if server_ids is not None else []) + (
+        [f"the trainer's row: {len(expected[0])} tokens, {expected[1]} read by the loss"] if expected else [])
+    raise ValueError(
+        f"the teacher server {url} answered request {index} of this step without prompt log-probs "
+        f"({'; '.join(counts) or 'asked for each prompt token'}): it computes none, so the teacher's "
+        "top-k cannot be read. ms-swift's `swift deploy --infer_backend transformers` ignores prompt_logprobs: serve "
+        "the teacher with `swift deploy --infer_backend vllm` (or, for a text-only student, `swift-gkd "
+        "serve-teacher`)")
+
+
 def infer_prompt_logprobs(client: TeacherClient, requests: List[Any], topk: int) -> List[Tuple[list, list]]:
     """ms-swift's teacher call (``RolloutTrainerMixin._infer_teacher_requests``) through the plugin's client:
     the same request config and parsing, without vLLM, and with the client's waits, logged retries and checks of
@@ -176,14 +190,14 @@ def infer_prompt_logprobs(client: TeacherClient, requests: List[Any], topk: int)
     answers = client.infer([asdict(r) for r in requests], asdict(config))
     for i, (request, answer) in enumerate(zip(requests, answers)):
         expected = getattr(request, '_gkd_trainer_ids', None)
-        if expected is None:
-            continue
-        if answer.get('prompt_token_ids') is None:
+        if expected is not None and answer.get('prompt_token_ids') is not None:
+            check_infer_tokenization(client.url, i, answer['prompt_token_ids'], *expected)
+        if answer.get('prompt_logprobs') is None:
+            raise_no_prompt_logprobs(client.url, i, answer.get('prompt_token_ids'), expected)
+        if expected is not None and answer.get('prompt_token_ids') is None:
             if not getattr(client, '_warned_no_token_ids', False):
                 client._warned_no_token_ids = True
                 logger.warning(f'Teacher server {client.url} does not report prompt_token_ids: its tokenization '
                                'cannot be checked against the trainer\'s, only its answers\' lengths')
-            check_infer_answer_length(client.url, i, len(answer.get('prompt_logprobs') or []), *expected)
-            continue
-        check_infer_tokenization(client.url, i, answer['prompt_token_ids'], *expected)
+            check_infer_answer_length(client.url, i, len(answer['prompt_logprobs']), *expected)
     return [parse_prompt_logprobs(ChatCompletionResponse(**answer), topk=topk) for answer in answers]
