@@ -429,6 +429,7 @@ def test_a_swift_deploy_teacher_encodes_the_image_rows_as_the_trainer_but_gives_
                       r'`swift deploy --infer_backend vllm`', run.output)
     assert found and found[1] == found[2], run.output[-3000:]
     assert 'attempt 1 failed' not in run.output  # asked once: a server that computes none never will
+    assert run.returncode == 1 and 'Traceback' not in run.output, run.output[-3000:]  # one line (TeacherAnswerError)
 
 
 def _teacher_with_another_processor(mm, out_dir, change):

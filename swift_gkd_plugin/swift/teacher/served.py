@@ -19,10 +19,16 @@ from swift.utils import get_logger
 
 from swift_gkd_plugin.core.constants import IGNORE_INDEX
 from swift_gkd_plugin.server.client import TeacherClient, TopKResult
+from swift_gkd_plugin.swift.run.guards import RunError
 from swift_gkd_plugin.swift.setup.teacher_server import (ROUTE_NAMES, check_routes_mix, check_same_tokenizer,
                                                         teacher_client)
 
 logger = get_logger()
+
+
+class TeacherAnswerError(RunError, ValueError):
+    """A served teacher's answer that cannot be laid on the trainer's row (another length, tokenization, no
+    log-probs): the run stops with its one ``swift rlhf: error:`` line, exit code 1 (a ``ValueError`` as before)."""
 
 
 def connect_teacher_servers(args, configs, accelerator, topk: int, tokenizer=None,
@@ -82,10 +88,12 @@ def fit_answer(result: TopKResult, positions: int, k: int, where: str) -> TopKRe
     import torch
     ids, logprobs = result.ids, result.logprobs
     if ids.dim() != 2 or ids.shape != logprobs.shape or ids.shape[0] != positions:
-        raise ValueError(f'the teacher answered {tuple(logprobs.shape)[0] if logprobs.dim() else 0} positions for '
-                         f'{where}, whose labels score {positions}: its log-probs would land on the wrong tokens '
-                         f'(ids {tuple(ids.shape)}, log-probs {tuple(logprobs.shape)}, top-{k} asked). Does the server '
-                         'tokenize or truncate the rows otherwise than the trainer (--max_length, --template)?')
+        answered = tuple(logprobs.shape)[0] if logprobs.dim() else 0
+        raise TeacherAnswerError(
+            f'the teacher answered {answered} positions for {where}, whose labels score {positions}: its log-probs '
+            f'would land on the wrong tokens (ids {tuple(ids.shape)}, log-probs {tuple(logprobs.shape)}, top-{k} '
+            'asked). Does the server tokenize or truncate the rows otherwise than the trainer (--max_length, '
+            '--template)?')
     if ids.shape[1] > k:
         logprobs, order = logprobs.topk(k, dim=-1)
         ids = ids.gather(-1, order)
@@ -95,8 +103,8 @@ def fit_answer(result: TopKResult, positions: int, k: int, where: str) -> TopKRe
         logprobs = torch.cat([logprobs, logprobs.new_full((positions, pad), float('-inf'))], -1)
     targets = result.target_logprobs
     if targets is not None and targets.shape != (positions, ):
-        raise ValueError(f'the teacher answered {targets.numel()} next-token log-probs for {where}, whose labels score '
-                         f'{positions}')
+        raise TeacherAnswerError(f'the teacher answered {targets.numel()} next-token log-probs for {where}, whose '
+                                 f'labels score {positions}')
     return TopKResult(ids, logprobs, result.tail, target_logprobs=targets)
 
 
@@ -142,13 +150,13 @@ def check_infer_tokenization(url: str, index: int, server_ids: List[int], traine
               f" the trainer's ({len(trainer_ids)} tokens, {needed} read by the loss) from position {at}: server "
               f"{server_ids[max(0, at - 3):at + 5]}, trainer {trainer_ids[max(0, at - 3):at + 5]}")
     if 0 < len(trainer_ids) < len(server_ids) and server_ids[-len(trainer_ids):] == trainer_ids:
-        raise ValueError(
+        raise TeacherAnswerError(
             f"the teacher server {url} cannot score request {index} of this step: the trainer cut the row at its start "
             f"to --max_length (--truncation_strategy left), and ms-swift's /infer/ protocol sends whole chats, so the "
             f"server scored the uncut row: {counts}. Pass --truncation_strategy right or delete, or a --max_length the "
             "rows fit, or serve the teacher with `swift-gkd serve-teacher` or `vllm serve` (they score the trainer's "
             "own token ids)")
-    raise ValueError(
+    raise TeacherAnswerError(
         f'the teacher server {url} tokenizes request {index} of this step differently from the trainer: {counts}. Its '
         "log-probs would land on the wrong tokens. Start the teacher's server with the trainer's --template (and the "
         "same system prompt and max_length), and a tokenizer equal to the student's")
@@ -160,7 +168,7 @@ def check_infer_answer_length(url: str, index: int, scored: int, trainer_ids: Li
     the trainer's row. A shorter answer (a server that truncates) left the row's last scored positions without a
     teacher distribution, which the top-k loss reads as probability 0: a silently wrong loss."""
     if scored < needed:
-        raise ValueError(
+        raise TeacherAnswerError(
             f"the teacher server {url} answered prompt log-probs for {scored} tokens of request {index} of this step, "
             f"whose row the loss reads through {needed} tokens (the trainer's row: {len(trainer_ids)}): the teacher's "
             f'log-probs would miss its last {needed - scored} scored tokens. Does the server truncate the rows (its '
@@ -173,7 +181,7 @@ def raise_no_prompt_logprobs(url: str, index: int, server_ids, expected):
     left every position -inf (probability 0: a wrong loss), the client's checks retried it as a failed answer."""
     counts = ([f'its prompt_token_ids: {len(server_ids)} tokens'] if server_ids is not None else []) + (
         [f"the trainer's row: {len(expected[0])} tokens, {expected[1]} read by the loss"] if expected else [])
-    raise ValueError(
+    raise TeacherAnswerError(
         f"the teacher server {url} answered request {index} of this step without prompt log-probs "
         f"({'; '.join(counts) or 'asked for each prompt token'}): it computes none, so the teacher's "
         "top-k cannot be read. ms-swift's `swift deploy --infer_backend transformers` ignores prompt_logprobs: serve "
