@@ -139,12 +139,17 @@ def base_args(ws: Workspace, output_dir: str, **overrides) -> List[str]:
 # what imports in this test process set in its environment (vLLM's, deepspeed's), which a user's shell does not have:
 # kept out of the runs' environment unless the shell had them (a run that imports them sets them itself)
 IMPORT_SIDE_EFFECTS = ('TILELANG_CLEANUP_TEMP_FILES', 'TORCHINDUCTOR_CACHE_DIR', 'TORCHINDUCTOR_COMPILE_THREADS',
-                       'TRITON_CACHE_AUTOTUNING', 'PYTORCH_NVML_BASED_CUDA_CHECK')
-_SHELL_HAD = {name for name in IMPORT_SIDE_EFFECTS if name in os.environ}
+                       'TRITON_CACHE_AUTOTUNING', 'PYTORCH_NVML_BASED_CUDA_CHECK',
+                       # vLLM's CPU attention backend (imported in-process by tests/test_staleness_preset.py): aiter's
+                       # flag, and cv2's library folder prepended to LD_LIBRARY_PATH
+                       'AITER_SITUV2_A4W4', 'LD_LIBRARY_PATH')
+_SHELL_VALUES = {name: os.environ[name] for name in IMPORT_SIDE_EFFECTS if name in os.environ}
+_SHELL_HAD = set(_SHELL_VALUES)
 
 
 def without_import_side_effects(env: Dict[str, str]) -> Dict[str, str]:
-    return {k: v for k, v in env.items() if k not in IMPORT_SIDE_EFFECTS or k in _SHELL_HAD}
+    """``env`` (this process's) as the shell gave it: what an import set or changed in it undone."""
+    return dict({k: v for k, v in env.items() if k not in IMPORT_SIDE_EFFECTS}, **_SHELL_VALUES)
 
 
 def _run_env() -> Dict[str, str]:
