@@ -556,8 +556,14 @@ def pytest_sessionstart(session):
     _SESSION['start'] = time.time()
 
 
+_TIMELINE: List[tuple] = []
+
+
 def pytest_runtest_logreport(report):
     _SECONDS[report.nodeid] = _SECONDS.get(report.nodeid, 0.0) + report.duration
+    node = getattr(report, 'node', None)  # xdist: the worker that ran it
+    _TIMELINE.append((report.nodeid, report.when, getattr(getattr(node, 'gateway', None), 'id', 'main'),
+                      getattr(report, 'start', 0.0), getattr(report, 'stop', 0.0)))
 
 
 def readme_suite_minutes(readme: str) -> Optional[tuple]:
@@ -600,6 +606,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         tr.write_line(f'{len(runs)} end-to-end runs, {sum(r["seconds"] for r in runs):.0f} s of wall time in all:')
         for kind, secs in sorted(by_kind.items(), key=lambda kv: -sum(kv[1])):
             tr.write_line(f'{len(secs):6d} x {kind}: {sum(secs):.0f} s, {sum(secs) / len(secs):.1f} s each')
+    if os.environ.get('GKD_SUITE_TIMELINE'):  # each phase's worker, start and stop: where the workers sat idle
+        with open(os.environ['GKD_SUITE_TIMELINE'], 'w') as f:
+            json.dump(_TIMELINE, f)
     tr.write_line('the 10 slowest tests (set-up + call + tear-down):')
     for nodeid, seconds in sorted(_SECONDS.items(), key=lambda kv: -kv[1])[:10]:
         tr.write_line(f'{seconds:8.1f} s  {nodeid}')
