@@ -3,8 +3,6 @@ tokenizer) and cut at ``--max_length`` (:mod:`.max_length`), each micro-batch's 
 log-probabilities, and the response-token counts that size and normalise the loss."""
 from __future__ import annotations
 
-import copy
-
 import torch
 from swift.rlhf_trainers.utils import encode_sample
 from swift.utils import get_logger, to_device
@@ -15,6 +13,7 @@ from swift_gkd_plugin.core.views import (check_views_aligned, generated_turns, p
 from swift_gkd_plugin.swift.rollout.correction import sampler_logprobs_of_batch
 from swift_gkd_plugin.swift.rollout.max_length import length_cap
 from swift_gkd_plugin.swift.sequence_parallel import group_size, response_token_counts, token_counts_entries
+from swift_gkd_plugin.swift.step.encoding import encode_views
 
 logger = get_logger()
 
@@ -141,28 +140,4 @@ class BatchesMixin:
         for i, batch in enumerate(batches):
             batch['gkd_step_tokens'] = float(counts[i // group])
             batch['gkd_mode'] = self._gkd_mode
-
-
-def encode_views(samples, template):
-    """``(student rows, teacher rows, any privileged view)``: ms-swift's ``encode_gkd_samples``, except that a
-    privileged teacher view is encoded like the student's (:func:`encode_sample` on the teacher's messages and images),
-    so it keeps the sample's ``response_loss_mask`` (ms-swift's drops it: the teacher would score tokens a multi-turn
-    scheduler masked), and a sample without a view of its own keeps the student's messages."""
-    has_view = any([sample.build_teacher_view() for sample in samples])  # a list: every sample builds its view
-    students, teachers = [], []
-    for sample in samples:
-        student = encode_sample(sample, template)
-        student.pop('_extra_kwargs', None)
-        students.append(student)
-        if not has_view:
-            teachers.append(student.copy())
-            continue
-        view = copy.copy(sample)
-        view.messages = sample.teacher_messages or sample.messages
-        if sample.teacher_images is not None:
-            view.images = sample.teacher_images
-        teacher = encode_sample(view, template)
-        teacher.pop('_extra_kwargs', None)
-        teachers.append(teacher)
-    return students, teachers, has_view
 

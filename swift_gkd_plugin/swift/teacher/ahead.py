@@ -28,6 +28,7 @@ from swift_gkd_plugin.core.constants import IGNORE_INDEX
 from swift_gkd_plugin.core.views import prepare_teacher_view
 from swift_gkd_plugin.server.client import TopKResult
 from swift_gkd_plugin.swift.setup.teacher_server import teacher_names
+from swift_gkd_plugin.swift.step.encoding import encode_views
 from swift_gkd_plugin.swift.step.token_metrics import add_token_sum
 from swift_gkd_plugin.swift.teacher.served import score_at
 
@@ -74,7 +75,6 @@ class TeacherAheadMixin:
     def _score_ahead(self, samples, outputs) -> Dict[Key, TopKResult]:
         """The served teachers' answers to the rows of ``samples`` completed by ``outputs``, keyed by request."""
         from swift.rlhf_trainers.gkd_helpers import route_samples_to_teachers
-        from swift.rlhf_trainers.utils import encode_sample
         template = getattr(self, '_ahead_template', None)
         if template is None:
             template = self._ahead_template = copy.deepcopy(self.template)
@@ -84,20 +84,12 @@ class TeacherAheadMixin:
             sample.apply_rollout_output(rollout_output=output)
             prepare_teacher_view(sample)
             rows.append(sample)
-        has_view = any([sample.build_teacher_view() for sample in rows])
-        requests = []
         with self._template_context(template):
-            for sample in rows:
-                view = sample
-                if has_view:
-                    view = copy.copy(sample)
-                    view.messages = sample.teacher_messages or sample.messages
-                    if sample.teacher_images is not None:
-                        view.images = sample.teacher_images
-                encoded = encode_sample(view, template)
-                ids, labels = list(encoded['input_ids']), list(encoded['labels'])
-                positions = [p for p in range(len(labels) - 1) if labels[p + 1] != IGNORE_INDEX]
-                requests.append((ids, positions))
+            _, teachers, _ = encode_views(rows, template)  # the teacher's rows, as the trainer's step encodes them
+        requests = []
+        for encoded in teachers:
+            ids, labels = list(encoded['input_ids']), list(encoded['labels'])
+            requests.append((ids, [p for p in range(len(labels) - 1) if labels[p + 1] != IGNORE_INDEX]))
         routing = route_samples_to_teachers(rows, self.teacher_configs, tag_key=self.args.teacher_tag_key)
         targets = self.args.gkd_sampled_kl_coef > 0 or bool(teacher_names(self.teacher_configs))  # (as the trainer)
         answers = {}

@@ -1,0 +1,34 @@
+"""A sample's two views as token rows: the student's and the teacher's (its privileged messages and images, if any).
+
+One place for both readers: the trainer's micro-batches (:mod:`swift.rollout.batches`) and the producer's requests to
+a served teacher ahead of the step (:mod:`swift.teacher.ahead`), so a row asked ahead is the row the loss reads.
+"""
+from __future__ import annotations
+
+import copy
+
+from swift.rlhf_trainers.utils import encode_sample
+
+
+def encode_views(samples, template):
+    """``(student rows, teacher rows, any privileged view)``: ms-swift's ``encode_gkd_samples``, except that a
+    privileged teacher view is encoded like the student's (:func:`encode_sample` on the teacher's messages and images),
+    so it keeps the sample's ``response_loss_mask`` (ms-swift's drops it: the teacher would score tokens a multi-turn
+    scheduler masked), and a sample without a view of its own keeps the student's messages."""
+    has_view = any([sample.build_teacher_view() for sample in samples])  # a list: every sample builds its view
+    students, teachers = [], []
+    for sample in samples:
+        student = encode_sample(sample, template)
+        student.pop('_extra_kwargs', None)
+        students.append(student)
+        if not has_view:
+            teachers.append(student.copy())
+            continue
+        view = copy.copy(sample)
+        view.messages = sample.teacher_messages or sample.messages
+        if sample.teacher_images is not None:
+            view.images = sample.teacher_images
+        teacher = encode_sample(view, template)
+        teacher.pop('_extra_kwargs', None)
+        teachers.append(teacher)
+    return students, teachers, has_view
