@@ -503,22 +503,37 @@ def test_image_rows_are_cut_around_their_images(mm, tmp_path):
 
 
 def test_rows_that_never_encode_stop_the_run_naming_the_first(mm, tmp_path):
-    """Every image an unreachable URL (an offline machine): the run used to draw rows without end ("row(s) replaced
-    so far", ~6 s a row with ms-swift's retries); it stops after 8 rows with none encoded, naming the first URL."""
-    import time
-    rows = tmm.read_dataset(mm.train)
-    for i, row in enumerate(rows):
-        row['images'] = [f'http://127.0.0.1:9/square{i}.png']
-    data = tmm.write_dataset(str(tmp_path / 'urls.jsonl'), rows)
-    started = time.time()
-    run = run_swift(mm_args(mm, str(tmp_path / 'out'), dataset=data, lmbda=0, max_steps=1), check=False)
-    spent = time.time() - started
+    """Every image a dead link (a local web server that answers 404): the run used to draw rows without end ("row(s)
+    replaced so far"); it stops after 8 rows with none encoded, naming the first URL. (A 404 fails at once; an
+    unreachable host fails the same way after ms-swift's fixed retries, ~6 s a row, which this test need not wait.)"""
+    import http.server
+    import threading
+    served = []
+
+    class DeadLinks(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            served.append(self.path)
+            self.send_error(404)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), DeadLinks)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        rows = tmm.read_dataset(mm.train)
+        for i, row in enumerate(rows):
+            row['images'] = [f'http://127.0.0.1:{server.server_address[1]}/square{i}.png']
+        data = tmm.write_dataset(str(tmp_path / 'urls.jsonl'), rows)
+        run = run_swift(mm_args(mm, str(tmp_path / 'out'), dataset=data, lmbda=0, max_steps=1), check=False)
+    finally:
+        server.shutdown()
     assert run.returncode == 1, run.output[-3000:]
     errors = [line for line in run.output.splitlines() if 'error:' in line]
     assert len(errors) == 1, run.output[-3000:]
-    assert ('the first 8 rows drawn all fail to encode, so no row can be trained on; the first: ConnectionError: '
-            in errors[0] and '(its media: http://127.0.0.1:9/square' in errors[0]), errors
-    assert spent < 120, spent
+    assert ('the first 8 rows drawn all fail to encode, so no row can be trained on; the first: HTTPError: 404 '
+            in errors[0] and f'(its media: http://127.0.0.1:{server.server_address[1]}/square' in errors[0]), errors
+    assert len(set(served)) >= 8, served  # every row drawn asked for its image
 
 
 def test_an_image_tag_without_its_image_is_refused_before_loading(mm, tmp_path):
