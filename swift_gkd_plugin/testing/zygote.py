@@ -35,9 +35,12 @@ PRELOAD = ('swift.cli.utils', 'swift.pipelines', 'swift.pipelines.train.rlhf', '
 # (its trainer warms megatron-core's fused functions with ``torch.compile``: inductor's CPU instruction-set probe,
 # a ``python`` subprocess per candidate and cached per process, ~9 s a run, is run once here, then inherited; so is
 # the hash of triton's sources that inductor's cache keys hold, ~0.9 s a rank)
+# (and at its end the last rank draws the run's TensorBoard scalars as PNGs, ms-swift's plot_images: its two imports,
+# ~0.6 s a run)
 MEGATRON_PRELOAD = ('swift.cli._megatron.main', 'swift.megatron.pipelines.train.rlhf',
                     'swift_gkd_plugin.megatron.trainer', 'torch._inductor.cpu_vec_isa:pick_vec_isa',
-                    'torch._inductor.codecache:triton_key')
+                    'torch._inductor.codecache:triton_key', 'matplotlib.pyplot',
+                    'tensorboard.backend.event_processing.event_accumulator')
 # what torchrun (torch 2.13, one node, static rendezvous) sets in every worker's environment, whatever the rank
 TORCHRUN_WORKER_CONSTANTS = {
     'TORCHELASTIC_RUN_ID': 'none', 'TORCHELASTIC_RESTART_COUNT': '0', 'TORCHELASTIC_MAX_RESTARTS': '0',
