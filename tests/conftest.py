@@ -26,6 +26,11 @@ from swift_gkd_plugin.entry.cli import OFFLINE_ENV as CLI_OFFLINE_ENV
 if 'TRITON_INTERPRET' not in os.environ and not os.path.exists('/dev/nvidiactl'):
     os.environ['TRITON_INTERPRET'] = os.environ['SWIFT_GKD_TESTS_SET_INTERPRET'] = '1'
 _INTERPRET_SET_HERE = os.environ.get('SWIFT_GKD_TESTS_SET_INTERPRET') == '1'
+# The README's test install skips pip's byte-compiling (--no-compile: 31k files, ~1 min, of which a session imports
+# ~5k): each module is compiled where first imported and its .pyc written for every later process of the session,
+# which a shell's PYTHONDONTWRITEBYTECODE (set on this project's machines) would forbid: every run would compile again.
+os.environ.pop('PYTHONDONTWRITEBYTECODE', None)
+sys.dont_write_bytecode = False
 # every end-to-end run appends a line here (kind, seconds, test): the closing summary counts them by kind; the
 # process that sets it (pytest's, xdist's controller) also stops the session's shared servers at its end
 _OWNS_THE_SESSION = 'GKD_TEST_RUN_LOG' not in os.environ
