@@ -218,6 +218,31 @@ def run_swift(argv: List[str], *, env: Optional[Dict[str, Optional[str]]] = None
     return run
 
 
+MEGATRON = os.path.join(os.path.dirname(sys.executable), 'megatron')
+# what ms-swift's launcher reads when it runs (get_torchrun_args), not at import: a launcher run that sets them forks
+LAUNCHER_RUN_TIME_ENV = ('NPROC_PER_NODE', 'MASTER_PORT', 'NNODES', 'NODE_RANK', 'MASTER_ADDR')
+
+
+def run_megatron_launcher(argv: List[str], env: Dict[str, str], timeout: int = 300) -> subprocess.CompletedProcess:
+    """``megatron argv`` in ``env`` (the whole environment): ms-swift's ``megatron`` console script, run as
+    ``__main__`` in a fork of a zygote that imported the launcher (``MEGATRON_LAUNCHER_PRELOAD``: ~1.7 s of a refusal's
+    ~2 s), else in a fresh process (an environment that differs from the zygote's at import); what it starts (torchrun,
+    the ranks) are fresh processes either way."""
+    child = [sys.executable, MEGATRON, *argv]
+    zygote, _ = _zygote_for(child, env, 'megatron launcher', env)
+    started = time.time()
+    if zygote is not None:
+        import tempfile
+        with tempfile.TemporaryDirectory(prefix='run_megatron_launcher_') as workdir:
+            returncode, stdout, stderr = zygote.run(MEGATRON, list(argv), env, timeout, workdir)
+        proc = subprocess.CompletedProcess(child[1:], returncode, stdout, stderr)
+    else:
+        proc = subprocess.run(child[1:], env=env, capture_output=True, text=True, timeout=timeout)
+    log_run(f'megatron {argv[0] if argv else ""} (the launcher alone), {"zygote fork" if zygote else "fresh"}',
+            time.time() - started, why_fresh=_ZYGOTE.get('why fresh') if zygote is None else None)
+    return proc
+
+
 def log_run(kind: str, seconds: float, why_fresh: Optional[List[str]] = None) -> None:
     """Count one end-to-end run (``swift``, ``megatron``, a kit part) for the closing summary; ``why_fresh``: the
     variables that kept a run from the zygote."""
@@ -239,11 +264,13 @@ def _zygote_for(child: List[str], env: Dict[str, str], family: str = 'swift',
     ``(None, 0)``: a fresh process. It can: a route file, or ``torchrun --nproc_per_node N --master_port P`` of one
     (forks with torchrun's worker environment), whose environment differs from the zygote's in run-time variables
     only, or also in :data:`ZYGOTE_VARIANTS` (then a zygote started with their values). ``family``: ``swift`` (the
-    default run's environment) or ``megatron`` (``base_env``, its route file's imports).
+    default run's environment), ``megatron`` (``base_env``, its route file's imports) or ``megatron launcher``
+    (``base_env``, the ``megatron`` console script's imports: :func:`run_megatron_launcher`).
     ``GKD_TESTS_FRESH_PROCESSES=1`` turns it off."""
     if os.environ.get('GKD_TESTS_FRESH_PROCESSES') == '1':
         return None, 0
-    from swift_gkd_plugin.testing.zygote import MEGATRON_PRELOAD, PRELOAD, TORCHRUN_WORKER_CONSTANTS, Zygote
+    from swift_gkd_plugin.testing.zygote import (MEGATRON_LAUNCHER_PRELOAD, MEGATRON_PRELOAD, PRELOAD,
+                                                 TORCHRUN_WORKER_CONSTANTS, Zygote)
     nproc = 1
     if child[1] == '-m':
         torchrun = child[3:7]
@@ -251,12 +278,13 @@ def _zygote_for(child: List[str], env: Dict[str, str], family: str = 'swift',
                 or torchrun[2] != '--master_port' or not torchrun[1].isdigit() or child[7].startswith('-')):
             return None, 0
         nproc = int(torchrun[1])
-    elif family != 'swift':
+    elif family not in ('swift', 'megatron launcher'):
         return None, 0
 
     def at_import(e):
         return {k: v for k, v in e.items() if not k.startswith(_RUNTIME_ENV_PREFIX) and k not in _ZYGOTE_IGNORED
-                and (child[1] != '-m' or k not in ('NPROC_PER_NODE', 'MASTER_PORT'))}
+                and (child[1] != '-m' or k not in ('NPROC_PER_NODE', 'MASTER_PORT'))
+                and (family != 'megatron launcher' or k not in LAUNCHER_RUN_TIME_ENV)}
     # torchrun's ranks: a zygote with torchrun's constant worker variables at import
     key = family if child[1] != '-m' else f'{family} torchrun'
     if key not in _ZYGOTE:
@@ -264,7 +292,8 @@ def _zygote_for(child: List[str], env: Dict[str, str], family: str = 'swift',
         base = at_import(base_env if base_env is not None else _run_env())
         if child[1] == '-m':
             base.update(TORCHRUN_WORKER_CONSTANTS)
-        _ZYGOTE[key] = Zygote(base, MEGATRON_PRELOAD if family == 'megatron' else PRELOAD)
+        _ZYGOTE[key] = Zygote(base, {'megatron': MEGATRON_PRELOAD,
+                                     'megatron launcher': MEGATRON_LAUNCHER_PRELOAD}.get(family, PRELOAD))
         atexit.register(_ZYGOTE[key].close)
     zygote = _ZYGOTE[key]
     wanted = at_import(env) if child[1] != '-m' else dict(at_import(env), **TORCHRUN_WORKER_CONSTANTS)

@@ -1,27 +1,27 @@
 """``megatron rlhf --rlhf_type gkd``: what used to reach the ranks (a traceback per rank, or exit code 0 having
 learnt nothing) is refused by the launcher in one line, and what only training can show stops naming its cause.
 
-Launcher refusals: the real ``megatron`` CLI in a subprocess, its ranks stopped at once if it starts them
+Launcher refusals: the real ``megatron`` CLI (its console script, forked from a zygote that imported it: conftest
+``run_megatron_launcher``), its ranks stopped at once if it starts them
 (``stop_site``); "without vLLM" hides the installed package from that process (``no_vllm_site``). The two guards
 are end-to-end runs on the tiny pair (:mod:`megatron_runs`)."""
 import os
 import shutil
-import subprocess
 
 import pytest
 import torch
-from conftest import OFFLINE_ENV
+from conftest import OFFLINE_ENV, run_megatron_launcher, without_import_side_effects
 from megatron_runs import ACTIVE, megatron_args, run_megatron, train_rows
-from test_launcher_checks import DATASET, GKD, MEGATRON, SPAWNED, STOP_RANKS, assert_passed_the_checks
+from test_launcher_checks import DATASET, GKD, SPAWNED, STOP_RANKS, assert_passed_the_checks
 
 NO_VLLM = {'PYTHONPATH': os.path.join(os.path.dirname(__file__), 'no_vllm_site')}
 
 
 def launch(*flags, env=STOP_RANKS):
     """``megatron rlhf --rlhf_type gkd FLAGS``: (exit code, output)."""
-    full_env = dict(os.environ, **OFFLINE_ENV, **env)
+    full_env = dict(without_import_side_effects(os.environ), **OFFLINE_ENV, **env)
     full_env.pop('SWIFT_GKD_PLUGIN', None)
-    proc = subprocess.run([MEGATRON, 'rlhf', *GKD, *flags], env=full_env, capture_output=True, text=True, timeout=300)
+    proc = run_megatron_launcher(['rlhf', *GKD, *flags], full_env)
     return proc.returncode, proc.stdout + proc.stderr
 
 

@@ -4,13 +4,10 @@ import argparse
 import ast
 import importlib.util
 import os
-import subprocess
-import sys
 
 import pytest
-from conftest import OFFLINE_ENV
+from conftest import OFFLINE_ENV, run_megatron_launcher, without_import_side_effects
 
-MEGATRON = os.path.join(os.path.dirname(sys.executable), 'megatron')
 SPAWNED = 'run sh: `'  # printed by ms-swift's launcher just before it starts the rank processes
 
 
@@ -27,10 +24,9 @@ DATASET = ('--dataset', 'AI-ModelScope/alpaca-gpt4-data-en')
 
 
 def megatron_rlhf_with(model, *flags, env=None):
-    argv = [MEGATRON, 'rlhf', '--model', model, *DATASET, *flags]
-    full_env = dict(os.environ, **OFFLINE_ENV, **STOP_RANKS, **(env or {}))
+    full_env = dict(without_import_side_effects(os.environ), **OFFLINE_ENV, **STOP_RANKS, **(env or {}))
     full_env.pop('SWIFT_GKD_PLUGIN', None) if env is None or 'SWIFT_GKD_PLUGIN' not in env else None
-    proc = subprocess.run(argv, env=full_env, capture_output=True, text=True, timeout=300)
+    proc = run_megatron_launcher(['rlhf', '--model', model, *DATASET, *flags], full_env)
     return proc.returncode, proc.stdout + proc.stderr
 
 
