@@ -197,9 +197,13 @@ def run_swift(argv: List[str], *, env: Optional[Dict[str, Optional[str]]] = None
                                                     port=full_env['MASTER_PORT'] if torchrun else None)
         proc = subprocess.CompletedProcess(child, returncode, stdout, stderr)
     else:
-        proc = subprocess.run([SWIFT, command] + argv if launcher else child, env=full_env, capture_output=True,
-                              text=True, timeout=timeout)
-    how = 'launcher' if launcher else 'zygote fork' if zygote is not None else 'fresh'
+        forked = False
+        if launcher:
+            proc, forked = launch(SWIFT, [command, *argv], full_env, timeout)
+        else:
+            proc = subprocess.run(child, env=full_env, capture_output=True, text=True, timeout=timeout)
+    how = ('launcher' + (' forked' if forked else '') if launcher else 'zygote fork' if zygote is not None
+           else 'fresh')
     how += ' (torchrun)' if child[1:3] == ['-m', 'torch.distributed.run'] else ''
     log_run(f'swift {command}, {full_env.get("NPROC_PER_NODE", "1")} process(es), {how}', time.time() - started,
             why_fresh=_ZYGOTE.get('why fresh') if how.startswith('fresh') else None)
@@ -223,23 +227,27 @@ MEGATRON = os.path.join(os.path.dirname(sys.executable), 'megatron')
 LAUNCHER_RUN_TIME_ENV = ('NPROC_PER_NODE', 'MASTER_PORT', 'NNODES', 'NODE_RANK', 'MASTER_ADDR')
 
 
+def launch(script: str, argv: List[str], env: Dict[str, str], timeout: int = 300):
+    """``(process, forked)``: ms-swift's console script ``script`` (``SWIFT`` or ``MEGATRON``) with ``argv`` in ``env``
+    (the whole environment), run as ``__main__`` in a fork of a zygote that imported its launcher
+    (``LAUNCHER_PRELOAD``: ~1.7 s of a refused command line's ~2 s), else in a fresh process (an environment that
+    differs from the zygote's at import); what the launcher starts (torchrun, the route file) is a fresh process."""
+    child = [sys.executable, script, *argv]
+    zygote, _ = _zygote_for(child, env, f'{os.path.basename(script)} launcher', env)
+    if zygote is None:
+        return subprocess.run(child[1:], env=env, capture_output=True, text=True, timeout=timeout), False
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix='launcher_') as workdir:
+        returncode, stdout, stderr = zygote.run(script, list(argv), env, timeout, workdir)
+    return subprocess.CompletedProcess(child[1:], returncode, stdout, stderr), True
+
+
 def run_megatron_launcher(argv: List[str], env: Dict[str, str], timeout: int = 300) -> subprocess.CompletedProcess:
-    """``megatron argv`` in ``env`` (the whole environment): ms-swift's ``megatron`` console script, run as
-    ``__main__`` in a fork of a zygote that imported the launcher (``MEGATRON_LAUNCHER_PRELOAD``: ~1.7 s of a refusal's
-    ~2 s), else in a fresh process (an environment that differs from the zygote's at import); what it starts (torchrun,
-    the ranks) are fresh processes either way."""
-    child = [sys.executable, MEGATRON, *argv]
-    zygote, _ = _zygote_for(child, env, 'megatron launcher', env)
+    """``megatron argv`` through :func:`launch`, counted as a launcher-only run (tests of what it refuses)."""
     started = time.time()
-    if zygote is not None:
-        import tempfile
-        with tempfile.TemporaryDirectory(prefix='run_megatron_launcher_') as workdir:
-            returncode, stdout, stderr = zygote.run(MEGATRON, list(argv), env, timeout, workdir)
-        proc = subprocess.CompletedProcess(child[1:], returncode, stdout, stderr)
-    else:
-        proc = subprocess.run(child[1:], env=env, capture_output=True, text=True, timeout=timeout)
-    log_run(f'megatron {argv[0] if argv else ""} (the launcher alone), {"zygote fork" if zygote else "fresh"}',
-            time.time() - started, why_fresh=_ZYGOTE.get('why fresh') if zygote is None else None)
+    proc, forked = launch(MEGATRON, argv, env, timeout)
+    log_run(f'megatron {argv[0] if argv else ""} (the launcher alone), {"zygote fork" if forked else "fresh"}',
+            time.time() - started, why_fresh=None if forked else _ZYGOTE.get('why fresh'))
     return proc
 
 
@@ -264,13 +272,13 @@ def _zygote_for(child: List[str], env: Dict[str, str], family: str = 'swift',
     ``(None, 0)``: a fresh process. It can: a route file, or ``torchrun --nproc_per_node N --master_port P`` of one
     (forks with torchrun's worker environment), whose environment differs from the zygote's in run-time variables
     only, or also in :data:`ZYGOTE_VARIANTS` (then a zygote started with their values). ``family``: ``swift`` (the
-    default run's environment), ``megatron`` (``base_env``, its route file's imports) or ``megatron launcher``
-    (``base_env``, the ``megatron`` console script's imports: :func:`run_megatron_launcher`).
+    default run's environment), ``megatron`` (``base_env``, its route file's imports) or ``swift launcher``,
+    ``megatron launcher`` (``base_env``, the console script's imports: :func:`launch`).
     ``GKD_TESTS_FRESH_PROCESSES=1`` turns it off."""
     if os.environ.get('GKD_TESTS_FRESH_PROCESSES') == '1':
         return None, 0
-    from swift_gkd_plugin.testing.zygote import (MEGATRON_LAUNCHER_PRELOAD, MEGATRON_PRELOAD, PRELOAD,
-                                                 TORCHRUN_WORKER_CONSTANTS, Zygote)
+    from swift_gkd_plugin.testing.zygote import (LAUNCHER_PRELOAD, MEGATRON_PRELOAD, PRELOAD, TORCHRUN_WORKER_CONSTANTS,
+                                                 Zygote)
     nproc = 1
     if child[1] == '-m':
         torchrun = child[3:7]
@@ -278,13 +286,13 @@ def _zygote_for(child: List[str], env: Dict[str, str], family: str = 'swift',
                 or torchrun[2] != '--master_port' or not torchrun[1].isdigit() or child[7].startswith('-')):
             return None, 0
         nproc = int(torchrun[1])
-    elif family not in ('swift', 'megatron launcher'):
+    elif family not in ('swift', 'swift launcher', 'megatron launcher'):
         return None, 0
 
     def at_import(e):
         return {k: v for k, v in e.items() if not k.startswith(_RUNTIME_ENV_PREFIX) and k not in _ZYGOTE_IGNORED
                 and (child[1] != '-m' or k not in ('NPROC_PER_NODE', 'MASTER_PORT'))
-                and (family != 'megatron launcher' or k not in LAUNCHER_RUN_TIME_ENV)}
+                and (not family.endswith('launcher') or k not in LAUNCHER_RUN_TIME_ENV)}
     # torchrun's ranks: a zygote with torchrun's constant worker variables at import
     key = family if child[1] != '-m' else f'{family} torchrun'
     if key not in _ZYGOTE:
@@ -292,8 +300,7 @@ def _zygote_for(child: List[str], env: Dict[str, str], family: str = 'swift',
         base = at_import(base_env if base_env is not None else _run_env())
         if child[1] == '-m':
             base.update(TORCHRUN_WORKER_CONSTANTS)
-        _ZYGOTE[key] = Zygote(base, {'megatron': MEGATRON_PRELOAD,
-                                     'megatron launcher': MEGATRON_LAUNCHER_PRELOAD}.get(family, PRELOAD))
+        _ZYGOTE[key] = Zygote(base, {'megatron': MEGATRON_PRELOAD, **LAUNCHER_PRELOAD}.get(family, PRELOAD))
         atexit.register(_ZYGOTE[key].close)
     zygote = _ZYGOTE[key]
     wanted = at_import(env) if child[1] != '-m' else dict(at_import(env), **TORCHRUN_WORKER_CONSTANTS)

@@ -41,9 +41,10 @@ MEGATRON_PRELOAD = ('swift.cli._megatron.main', 'swift.megatron.pipelines.train.
                     'swift_gkd_plugin.megatron.trainer', 'torch._inductor.cpu_vec_isa:pick_vec_isa',
                     'torch._inductor.codecache:triton_key', 'matplotlib.pyplot',
                     'tensorboard.backend.event_processing.event_accumulator')
-# the ``megatron`` launcher itself (its console script): ms-swift's cli modules and the plugin's checks of its command
+# ms-swift's launchers themselves (their console scripts): its cli modules and the plugin's checks of the command
 # line, the ~1.7 s of a refused command line's ~2 s
-MEGATRON_LAUNCHER_PRELOAD = ('swift.cli._megatron.main', 'swift_gkd_plugin.megatron.setup.checks')
+LAUNCHER_PRELOAD = {'swift launcher': ('swift.cli.main', 'swift_gkd_plugin.swift.setup.command_line'),
+                    'megatron launcher': ('swift.cli._megatron.main', 'swift_gkd_plugin.megatron.setup.checks')}
 # what torchrun (torch 2.13, one node, static rendezvous) sets in every worker's environment, whatever the rank
 TORCHRUN_WORKER_CONSTANTS = {
     'TORCHELASTIC_RUN_ID': 'none', 'TORCHELASTIC_RESTART_COUNT': '0', 'TORCHELASTIC_MAX_RESTARTS': '0',

@@ -7,14 +7,12 @@ import glob
 import json
 import os
 import subprocess
-import sys
 import time
 from typing import Dict, List, Optional
 
-from conftest import (OFFLINE_ENV, SharedRuns, SwiftRun, _free_port, _zygote_for, launcher_child_command, log_run,
-                      without_import_side_effects)
+from conftest import (MEGATRON, OFFLINE_ENV, SharedRuns, SwiftRun, _free_port, _zygote_for, launch,
+                      launcher_child_command, log_run, without_import_side_effects)
 
-MEGATRON = os.path.join(os.path.dirname(sys.executable), 'megatron')
 CPU_SITE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'cpu_site')
 ACTIVE = 'GKD trainer active (megatron'
 
@@ -75,9 +73,8 @@ def run_megatron(argv: List[str], *, nproc: int = 1, timeout: int = 600, check: 
                                             port=full_env['MASTER_PORT'])
         proc = subprocess.CompletedProcess(child, rc, stdout, stderr)
     else:
-        proc = subprocess.run([MEGATRON, 'rlhf', *argv], env=full_env, capture_output=True, text=True,
-                              timeout=timeout)
-    how = 'launcher' if zygote is None else 'zygote fork (torchrun)'
+        proc, forked = launch(MEGATRON, ['rlhf', *argv], full_env, timeout)
+    how = ('launcher forked' if forked else 'launcher') if zygote is None else 'zygote fork (torchrun)'
     log_run(f'megatron rlhf, {nproc} process(es), {how}', time.time() - started)
     output = proc.stdout + proc.stderr
     output_dir = argv[argv.index('--output_dir') + 1]
