@@ -53,6 +53,17 @@ def pytest_cmdline_main(config):
         config.option.dist = 'worksteal'
 
 
+# the modules whose tests share the session's servers (SHARED_SERVERS: one run at a time on each): collected first, so
+# that one worker runs them all (worksteal hands a worker the first half of the queue and steals from the ends of the
+# queues), instead of both workers at the end of the suite, each waiting for the other's runs on the server
+SERVER_MODULES = ('test_vllm_server.py',)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """:data:`SERVER_MODULES` first, in their order; the rest as collected."""
+    items.sort(key=lambda item: os.path.basename(str(item.fspath)) not in SERVER_MODULES)
+
+
 @dataclass
 class Workspace:
     root: str
