@@ -198,7 +198,7 @@ def run_swift(argv: List[str], *, env: Optional[Dict[str, Optional[str]]] = None
         del full_env[name]
     child = launcher_child_command(command, argv, full_env)
     zygote, ranks = (None, 0) if launcher else _zygote_for(child, full_env)
-    started = time.time()
+    started, forked = time.time(), False
     if zygote is not None:
         import tempfile
         torchrun = child[1] == '-m'  # the ranks torchrun would start, or the route file itself
@@ -207,14 +207,11 @@ def run_swift(argv: List[str], *, env: Optional[Dict[str, Optional[str]]] = None
             returncode, stdout, stderr = zygote.run(route, route_argv, full_env, timeout, workdir, nproc=ranks,
                                                     port=full_env['MASTER_PORT'] if torchrun else None)
         proc = subprocess.CompletedProcess(child, returncode, stdout, stderr)
+    elif launcher:
+        proc, forked = launch(SWIFT, [command, *argv], full_env, timeout)
     else:
-        forked = False
-        if launcher:
-            proc, forked = launch(SWIFT, [command, *argv], full_env, timeout)
-        else:
-            proc = subprocess.run(child, env=full_env, capture_output=True, text=True, timeout=timeout)
-    how = ('launcher' + (' forked' if forked else '') if launcher else 'zygote fork' if zygote is not None
-           else 'fresh')
+        proc = subprocess.run(child, env=full_env, capture_output=True, text=True, timeout=timeout)
+    how = ('launcher forked' if forked else 'launcher') if launcher else 'zygote fork' if zygote else 'fresh'
     how += ' (torchrun)' if child[1:3] == ['-m', 'torch.distributed.run'] else ''
     log_run(f'swift {command}, {full_env.get("NPROC_PER_NODE", "1")} process(es), {how}', time.time() - started,
             why_fresh=_ZYGOTE.get('why fresh') if how.startswith('fresh') else None)
@@ -613,9 +610,10 @@ _TIMELINE: List[tuple] = []
 
 def pytest_runtest_logreport(report):
     _SECONDS[report.nodeid] = _SECONDS.get(report.nodeid, 0.0) + report.duration
-    node = getattr(report, 'node', None)  # xdist: the worker that ran it
-    _TIMELINE.append((report.nodeid, report.when, getattr(getattr(node, 'gateway', None), 'id', 'main'),
-                      getattr(report, 'start', 0.0), getattr(report, 'stop', 0.0)))
+    if os.environ.get('GKD_SUITE_TIMELINE'):
+        node = getattr(report, 'node', None)  # xdist: the worker that ran it
+        _TIMELINE.append((report.nodeid, report.when, getattr(getattr(node, 'gateway', None), 'id', 'main'),
+                          getattr(report, 'start', 0.0), getattr(report, 'stop', 0.0)))
 
 
 def readme_suite_minutes(readme: str) -> Optional[tuple]:

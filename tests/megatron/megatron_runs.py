@@ -65,7 +65,7 @@ def run_megatron(argv: List[str], *, nproc: int = 1, timeout: int = 600, check: 
         launcher = not check
     child = launcher_child_command('rlhf', argv, full_env, megatron=True)
     zygote, ranks = (None, 0) if launcher else _zygote_for(child, full_env, 'megatron', _megatron_env(nproc))
-    started = time.time()
+    started, forked = time.time(), False
     if zygote is not None:
         import tempfile
         with tempfile.TemporaryDirectory(prefix='run_megatron_') as workdir:
@@ -74,7 +74,7 @@ def run_megatron(argv: List[str], *, nproc: int = 1, timeout: int = 600, check: 
         proc = subprocess.CompletedProcess(child, rc, stdout, stderr)
     else:
         proc, forked = launch(MEGATRON, ['rlhf', *argv], full_env, timeout)
-    how = ('launcher forked' if forked else 'launcher') if zygote is None else 'zygote fork (torchrun)'
+    how = 'zygote fork (torchrun)' if zygote else 'launcher forked' if forked else 'launcher'
     log_run(f'megatron rlhf, {nproc} process(es), {how}', time.time() - started)
     output = proc.stdout + proc.stderr
     output_dir = argv[argv.index('--output_dir') + 1]

@@ -28,7 +28,7 @@ from swift_gkd_plugin.core.constants import IGNORE_INDEX
 from swift_gkd_plugin.core.views import prepare_teacher_view
 from swift_gkd_plugin.server.client import TopKResult
 from swift_gkd_plugin.swift.setup.teacher_server import teacher_names
-from swift_gkd_plugin.swift.step.encoding import encode_views
+from swift_gkd_plugin.swift.step.encoding import encode_teacher_views
 from swift_gkd_plugin.swift.step.token_metrics import add_token_sum
 from swift_gkd_plugin.swift.teacher.served import score_at
 
@@ -85,7 +85,7 @@ class TeacherAheadMixin:
             prepare_teacher_view(sample)
             rows.append(sample)
         with self._template_context(template):
-            _, teachers, _ = encode_views(rows, template)  # the teacher's rows, as the trainer's step encodes them
+            teachers = encode_teacher_views(rows, template)  # as the trainer's step encodes them
         requests = []
         for encoded in teachers:
             ids, labels = list(encoded['input_ids']), list(encoded['labels'])
