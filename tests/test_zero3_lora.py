@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 from conftest import base_args, run_swift
 
-from swift_gkd_plugin.swift.setup.zero3_lora import zero3_lora_warnings
+from swift_gkd_plugin.swift.setup.compile_cost import zero3_lora_warnings
 
 PROBE = __file__.replace('test_zero3_lora.py', 'step_probe_plugin.py')
 

@@ -401,7 +401,20 @@ def main(argv=None) -> int:
                            'for swift rlhf --teacher_model_server. See docs_en/teacher_server.md (swift-gkd docs '
                            'teacher_server).')
     server_cli.add_arguments(serve)
-    args = parser.parse_args(argv)
+    from swift_gkd_plugin.entry import score as score_cli
+    score = sub.add_parser('score', help='score a dataset with a teacher once, into a teacher-score store',
+                           formatter_class=defaults, description=score_cli.__doc__.split('\n')[0] + ' Other flags '
+                           'go to swift rlhf as they are. See docs_en/teacher_store.md (swift-gkd docs teacher_store).')
+    score_cli.add_arguments(score)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == 'score':
+        try:
+            command = score_cli.score_command(args, rest)
+        except ValueError as e:
+            score.error(str(e))  # exit code 2, before anything loads
+        return score_cli.run(args, rest) if command else 1
+    if rest:
+        parser.error(f'unrecognized arguments: {" ".join(rest)}')
     if args.command == 'serve-teacher':
         return server_cli.run(args, sys.argv[1:] if argv is None else argv)
     if args.command == 'plugin-path':

@@ -227,6 +227,28 @@ class GKDPluginArgumentsMixin:
             'ms-swift\'s one step of lookahead, a sync every step. Integer >= 1; > 1 needs --async_generate true. '
             'See docs_en/vllm.md.',
             range=Range(1, integer=True, why='1 = one step ahead, as ms-swift\'s --async_generate')))
+    teacher_scores: Optional[str] = field(
+        default=None,
+        metadata={'help': 'A teacher-score store (written by `swift-gkd score` or --save_teacher_scores): rows found '
+                  'there take their teacher top-k from it, a missing row is scored by the teacher if one is given, '
+                  'else refused. Where the store covers every row of the --dataset (a finished `swift-gkd score` of '
+                  'the same files and encoding) and no step samples, --teacher_model is not loaded. See '
+                  'docs_en/teacher_store.md.'})
+    save_teacher_scores: Optional[str] = field(
+        default=None,
+        metadata={'help': 'Keep what the teacher scores in this run (its top-k, with --gkd_logits_topk) in a '
+                  'teacher-score store in this folder, for --teacher_scores of a later epoch or run. See '
+                  'docs_en/teacher_store.md.'})
+    teacher_scores_dtype: Literal['float16', 'bfloat16', 'float32'] = field(
+        default='float16',
+        metadata={'help': 'Dtype of the log-probabilities a new teacher-score store keeps (--save_teacher_scores, '
+                  '`swift-gkd score`): float16 (default: 4x the precision of bfloat16 for log-probabilities, which '
+                  'lie in [-65504, 0]; the live top-k losses to ~1e-3), bfloat16, or float32 (the live losses to '
+                  'float32 rounding, ~1.8x the bytes).'})
+    gkd_score_only: bool = field(
+        default=False,
+        metadata={'help': 'What `swift-gkd score` runs: every row of --dataset encoded as training encodes it and '
+                  'scored by the teacher into --save_teacher_scores, once; no training step, no checkpoint.'})
 
 
 PLUGIN_FLAGS: List[str] = [f.name for f in fields(GKDPluginArgumentsMixin)]

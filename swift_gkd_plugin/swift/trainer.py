@@ -37,10 +37,11 @@ from swift_gkd_plugin.swift.step.scoring import ScoringMixin
 from swift_gkd_plugin.swift.teacher.ahead import TeacherAheadMixin
 from swift_gkd_plugin.swift.teacher.placement import TeacherMixin
 from swift_gkd_plugin.swift.teacher.reference import ReferenceMixin
+from swift_gkd_plugin.swift.teacher.store import TeacherStoreMixin
 
 
 
-class GKDPluginTrainer(PrefetchMixin, LossMixin, RolloutMixin, SamplersMixin, ScoringMixin, BatchesMixin,
+class GKDPluginTrainer(TeacherStoreMixin, PrefetchMixin, LossMixin, RolloutMixin, SamplersMixin, ScoringMixin, BatchesMixin,
                        TeacherMixin, TeacherAheadMixin, ReferenceMixin, GKDTrainer):
     """ms-swift's GKD trainer with the plugin's modes (seq_kd included), loss, normalisation and metrics."""
 
@@ -56,6 +57,7 @@ class GKDPluginTrainer(PrefetchMixin, LossMixin, RolloutMixin, SamplersMixin, Sc
         install_run_guards(self)  # run/guards.py: a training set smaller than one batch, a save out of space, ...
         self._setup_sampling()  # rollout/sampling.py: modes, sampling temperature, scheduler guard, sampler log-probs
         self._place_teacher()  # teacher/placement.py: privileged views, teacher adapter, offload, cross-tokenizer
+        self._setup_teacher_store()  # teacher/store.py: --teacher_scores, --save_teacher_scores, --gkd_score_only
         warn_unadapted_experts(self)  # setup/adapters.py: a MoE student's LoRA without its fused experts
         self._setup_loss()  # step/loss.py: fused or dense, the divergence, normalisation over the step
         self._setup_scoring()  # step/scoring.py: rewards, token-weighted metrics, the completions window
@@ -67,6 +69,8 @@ class GKDPluginTrainer(PrefetchMixin, LossMixin, RolloutMixin, SamplersMixin, Sc
         exit code 1, no traceback."""
         try:
             result = super().train(*args, **kwargs)
+            if self.args.gkd_score_only:
+                self._finish_score_only()  # teacher/store.py: the last shards, the datasets the store covers
         except (RunError, FlagError) as exc:
             note_run_failed()
             refuse(PROG, exc, code=1)
@@ -76,6 +80,8 @@ class GKDPluginTrainer(PrefetchMixin, LossMixin, RolloutMixin, SamplersMixin, Sc
         except RolloutServerError as exc:  # the student's vLLM server (--vllm_mode server) failed or went away
             note_run_failed()
             refuse(PROG, server_failed_message(self, exc, 'the student\'s rollout server'), code=1)
+        finally:
+            self._flush_teacher_scores()  # what the teacher scored is kept, whatever stopped the run
         note_training_finished()  # a clean exit may now skip interpreter finalization (see clean_exit)
         return result
 

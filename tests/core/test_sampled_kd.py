@@ -9,7 +9,7 @@ import torch
 
 from swift_gkd_plugin.core.divergence import generalized_jsd, tempered_divergence_rows
 from swift_gkd_plugin.core.row_divergence import Divergence
-from swift_gkd_plugin.core.sampled_kd import draw_teacher_samples, sampled_forward_kl
+from swift_gkd_plugin.core.scores.sampled_kd import draw_teacher_samples, sampled_forward_kl
 
 pytestmark = pytest.mark.quick  # core math: part of `pytest -m quick`
 

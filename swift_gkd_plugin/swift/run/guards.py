@@ -132,6 +132,8 @@ class NothingLearnt(TrainerCallback):
         self.viewed = self.viewed | (student.shape != teacher.shape or (student != teacher).any())
 
     def on_train_begin(self, args, state, control, **kwargs):
+        if not self.armed:  # (--gkd_score_only: nothing is trained, by design)
+            return
         counted = privileged_row_count(self.trainer.train_dataset)
         if counted is None:
             return  # unknown: only steps that drew a privileged view count

@@ -40,7 +40,8 @@ from swift_gkd_plugin.swift.setup.teacher_server import (check_teacher_server_co
 from swift_gkd_plugin.swift.setup.vllm import (check_async_generate, check_vllm_launcher, check_vllm_server_mode,
                                               check_vllm_tensor_parallel_size, rollout_server_named,
                                               stale_sample_warnings)
-from swift_gkd_plugin.swift.setup.zero3_lora import zero3_lora_warnings
+from swift_gkd_plugin.swift.setup.compile_cost import zero3_lora_warnings
+from swift_gkd_plugin.swift.setup.teacher_scores import check_teacher_scores, resolve_teacher_scores
 
 logger = get_logger()
 
@@ -407,6 +408,7 @@ def resolve_gkd_arguments(args) -> None:
     resolve_cross_tokenizer(args)
     resolve_vllm_environment(args)
     resolve_sequence_parallel(args)
+    resolve_teacher_scores(args)
 
 
 def check_vllm_model(args) -> None:
@@ -441,6 +443,7 @@ def check_gkd_arguments(args) -> None:
     check_teacher_tags(args)
     check_self_teacher_has_something_to_add(args)
     check_resume_checkpoint(args)
+    check_teacher_scores(args)
     check_teacher_servers(args)  # last: it waits for the servers
 
 

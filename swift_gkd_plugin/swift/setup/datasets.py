@@ -374,6 +374,8 @@ def check_self_teacher_has_something_to_add(args) -> None:
     """A student-itself teacher with nothing to add (:func:`~swift_gkd_plugin.data.dataset_files.check_teacher_given`),
     and a shared-base LoRA student (ms-swift's ``_teacher_use_disable_adapter``) whose fresh adapter makes it its
     own teacher (:func:`~swift_gkd_plugin.data.dataset_files.check_fresh_adapter_teacher`)."""
+    if args.teacher_scores or args.gkd_score_only:  # the store is the teacher, or the model scores itself
+        return
     if getattr(args, '_teacher_use_disable_adapter', False):
         check_fresh_adapter_teacher(args, args.teacher_model_server is None,
                                     ('adapters', 'resume_from_checkpoint'))

@@ -33,7 +33,7 @@ class TeacherMixin:
     """The teacher: placement, contexts, forward, and a served teacher's signal."""
 
     def _log_teacher_placement(self) -> None:
-        if self._local_teacher is not None:
+        if self._local_teacher is not None and self.teacher_model_server is not None:
             tags = self.teacher_configs[self._local_teacher].tags
             logger.info(f'Teacher models: served at {self.teacher_model_server}; the rows tagged {tags} '
                         f'(--teacher_tag_key {self.args.teacher_tag_key}) are scored by the local teacher:')
@@ -50,8 +50,11 @@ class TeacherMixin:
                 where = ('its partitions offloaded to CPU between uses by ms-swift' if self._teacher_partitioned else
                          'offloaded to CPU between uses')
             logger.info(f'Teacher model: a separate frozen model ({where})')
-        elif self.use_teacher_api:
+        elif self.use_teacher_api and self.teacher_model_server is not None:
             logger.info(f'Teacher model: served at {self.teacher_model_server}')
+        elif self.use_teacher_api and self._local_teacher is None:
+            logger.info(f'Teacher model: none loaded; the teacher\'s scores come from --teacher_scores '
+                        f'{self.args.teacher_scores}')
         else:
             logger.info('Teacher model: the student itself (no --teacher_model), frozen for the teacher forward')
 
@@ -170,6 +173,8 @@ class TeacherMixin:
         self.teacher_model_server = server
         self._local_teacher = None
         if server is None:
+            if self.args.teacher_scores or self.args.save_teacher_scores:
+                self._answer_through_store()
             return
         self.teacher_configs = teacher_configs(server)
         self._local_teacher = local_teacher_index([cfg.url for cfg in self.teacher_configs])
@@ -184,6 +189,21 @@ class TeacherMixin:
             clients.insert(self._local_teacher, None)
         self.teacher_clients = clients
         # (a served teacher without each token's log-prob, ms-swift's /infer/, is refused with the flags: before loading)
+
+    def _answer_through_store(self) -> None:
+        """A teacher-score store without a teacher server: every row's teacher signal is a top-k answer, from the
+        store or from the local teacher (the routed local entry's path, one teacher for every row); without a
+        local teacher (none given, or not loaded since the store covers every row) the store answers alone."""
+        from swift.rlhf_trainers.gkd_helpers import TeacherServerConfig
+        args = self.args
+        local = (self.teacher_model is not None or self._teacher_use_disable_adapter or bool(args.teacher_adapters)
+                 or args.gkd_score_only)
+        self.use_teacher_api = True
+        self._teacher_topk_route = True
+        self.teacher_configs = [TeacherServerConfig(url='local', tags=[])] if local else []
+        self._local_teacher = 0 if local else None
+        self.teacher_clients = [None] if local else []
+        self._is_self_distillation = local and self.teacher_model is None
 
     def _infer_teacher_requests(self, handle, topk, teacher_client=None):
         """ms-swift's /infer/ call (main process) through the plugin's client: no vLLM, waits and logged retries."""
@@ -228,19 +248,24 @@ class TeacherMixin:
                 places.append((b, row, positions + offset))
         # each sample goes to the teacher whose tags hold its tag (ms-swift's rule); one request per teacher
         from swift.rlhf_trainers.gkd_helpers import route_samples_to_teachers
-        routing = route_samples_to_teachers(samples, self.teacher_configs, tag_key=self.args.teacher_tag_key)
-        results = [None] * len(requests)
+        routing = (route_samples_to_teachers(samples, self.teacher_configs, tag_key=self.args.teacher_tag_key)
+                   if self.teacher_configs else {})  # (none: --teacher_scores alone)
         targets = self.args.gkd_sampled_kl_coef > 0  # the sampled-token term: each scored token's log-prob too
         names = teacher_names(self.teacher_configs)  # several teachers: per-teacher metrics from each token's log-prob
         mine = set(share(range(len(requests))))  # a sequence-parallel group asks once per row: each rank its share
+        results = self._stored_answers(requests)  # --teacher_scores: the rows the store holds (teacher/store.py)
+        fresh = [i for i in sorted(mine) if results[i] is None]  # scored by a teacher now: kept by a store writer
+        if fresh and not self.teacher_configs:
+            self._refuse_missing(requests, fresh, lambda i: f'row {places[i][1]} of micro-batch {places[i][0]}')
+        ask_targets = targets or bool(names) or self._store_writer is not None  # (a store keeps them too)
         for t_idx, indices in routing.items():
-            indices = [i for i in indices if i in mine]
+            indices = [i for i in indices if i in mine and results[i] is None]
             if t_idx == self._local_teacher:
                 answers = self._score_locally(batch_encoded_inputs, [places[i] for i in indices])
             else:
                 # (--async_generate: the producer's answers where it asked the same request, teacher/ahead.py)
                 answers = self._teacher_answers(t_idx, [requests[i] for i in indices],
-                                                targets or bool(names)) if indices else []
+                                                ask_targets) if indices else []
             for i, answer in zip(indices, answers):
                 results[i] = answer
         results = gather_shares(share(results))
@@ -260,11 +285,14 @@ class TeacherMixin:
             if targets:
                 batch['gkd_batch'].teacher_token_logprobs = torch.full(shape[:-1], float('nan'), device=device)
         served_by = {i: self.teacher_clients[t_idx] for t_idx, indices in routing.items() for i in indices}
+        fresh_set = set(fresh)
         for i, ((b, row, positions), result) in enumerate(zip(places, results)):
             gkd_batch = batch_encoded_inputs[b]['gkd_batch']
             client = served_by.get(i)
             result = fit_answer(result, len(positions), k, f'row {row} of micro-batch {b} (request {i} of this step, '
                                 f'teacher {f"server {client.url}" if client is not None else "local"})')
+            if i in fresh_set:
+                self._keep_answer(requests[i], result)
             gkd_batch.teacher_topk_logprobs[row, positions] = result.logprobs.to(device).float()
             gkd_batch.teacher_topk_indices[row, positions] = result.ids.to(device).long()
             if targets:

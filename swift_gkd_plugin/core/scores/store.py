@@ -1,0 +1,352 @@
+"""A teacher-score store: the teacher's top-k per scored token, written once, read by later epochs, runs and students.
+
+In: per row, the teacher view's token ids and scored positions (the key, :func:`row_key`) and a :class:`RowScores`.
+Out: ``DIR/manifest.json`` (what scored: teacher, its weights' fingerprint, tokenizer, template, k, samples, dtype,
+temperature) and ``DIR/shards/*.safetensors`` (rows, never pickle), read back by :class:`TeacherStore`.
+
+Why a row is keyed by its token ids and positions, not by its index in a seeded order: the same row encoded the same
+way finds its scores whatever the order, the ranks, the epoch or the student; a row encoded otherwise (another
+``--max_length``, template or system prompt) finds none instead of someone else's. Each row's payload is compressed on
+its own (zlib over byte planes: ids sorted per position and delta-coded, log-probabilities in the store's dtype), so a
+lookup reads only its row's bytes (safetensors slices are memory-mapped) and a CRC32 checks them. The format and a
+20-line numpy reader: ``docs_en/teacher_store.md``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import uuid
+import zlib
+from array import array
+from dataclasses import asdict, dataclass, fields
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+__all__ = ['FORMAT', 'VERSION', 'DTYPES', 'StoreIdentity', 'RowScores', 'StoreError', 'row_key', 'encode_row',
+           'decode_row', 'StoreWriter', 'TeacherStore', 'weights_fingerprint', 'tokenizer_fingerprint',
+           'identity_differences']
+
+FORMAT = 'swift-gkd-teacher-scores'
+VERSION = 1
+MANIFEST = 'manifest.json'
+SHARDS = 'shards'
+DTYPES = {'bfloat16': torch.bfloat16, 'float16': torch.float16, 'float32': torch.float32}
+_INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+#: a shard is closed once its compressed rows pass this size (a finished shard survives a killed writer)
+SHARD_BYTES = 64 * 2**20
+
+
+class StoreError(ValueError):
+    """A store that cannot be read as asked: another format, a damaged shard, a row from another tokenization."""
+
+
+@dataclass(frozen=True)
+class StoreIdentity:
+    """What scored a store, kept in its manifest; a reader compares it with its own run before loading anything."""
+    teacher: str  # the --teacher_model path or id, or the --teacher_model_server URL
+    teacher_hash: str  # weights_fingerprint of a local teacher's folder ('' for a served one)
+    tokenizer: str  # tokenizer_fingerprint of the tokenizer that made the rows' ids
+    template: str  # the chat template's name
+    topk: int  # top-k entries a scored token (0: none)
+    samples: int  # tokens drawn from the teacher a scored token (0: none)
+    dtype: str  # of the stored log-probabilities: a key of DTYPES
+    temperature: float  # the samples' temperature (top-k log-probabilities are at temperature 1 whatever it is)
+    vocab_size: int  # the teacher's output rows
+    processor: str = ''  # a multimodal processor's settings, '' for text
+
+
+@dataclass
+class RowScores:
+    """One row's teacher answer at its ``n`` scored positions (the row's own order)."""
+    ids: torch.Tensor  # [n, k] int64
+    logprobs: torch.Tensor  # [n, k] float32, at temperature 1; -inf: an unused slot
+    tail: Optional[torch.Tensor] = None  # [n] log of the mass outside the top-k
+    token_logprobs: Optional[torch.Tensor] = None  # [n] the next token's log-prob (nan: unknown)
+    samples: Optional[torch.Tensor] = None  # [n, S] int64 ids drawn from the tempered teacher, sorted
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.ids.shape[0] if self.ids is not None else self.samples.shape[0])
+
+
+def row_key(input_ids: Sequence[int], positions: Sequence[int]) -> str:
+    """The key of a row: BLAKE2b-128 of its token ids and scored positions (int64, each list with its length)."""
+    h = hashlib.blake2b(digest_size=16)
+    for values in (input_ids, positions):
+        h.update(array('q', [len(values)]).tobytes())
+        h.update(array('q', values).tobytes())
+    return h.hexdigest()
+
+
+def _planes(x: torch.Tensor) -> bytes:
+    """``x``'s bytes, byte 0 of every element first, then byte 1, ...: the high bytes of small numbers are runs."""
+    b = x.contiguous().view(torch.uint8).reshape(-1, x.element_size())
+    return b.t().contiguous().numpy().tobytes()
+
+
+def _from_planes(data: memoryview, count: int, dtype: torch.dtype) -> torch.Tensor:
+    size = torch.empty((), dtype=dtype).element_size()
+    b = torch.frombuffer(bytearray(data[:count * size]), dtype=torch.uint8).reshape(size, count)
+    return b.t().contiguous().view(dtype).reshape(count)
+
+
+def _sorted_deltas(ids: torch.Tensor) -> torch.Tensor:
+    """Ids sorted along the last dimension, each after the first its distance to the one before (int32)."""
+    ids = ids.to(torch.int64).sort(-1).values
+    return torch.cat([ids[..., :1], ids[..., 1:] - ids[..., :-1]], -1).to(torch.int32)
+
+
+def encode_row(scores: RowScores, k: int, samples: int, dtype: torch.dtype) -> bytes:
+    """One row's payload: its top-k (ids ascending within a position, delta-coded; log-probabilities in ``dtype``
+    in the same order), tail, next-token log-probs and samples, as byte planes, zlib-compressed."""
+    n = scores.num_tokens
+    parts = []
+    if k:
+        order = scores.ids.to(torch.int64).argsort(-1)
+        parts.append(_planes(_sorted_deltas(scores.ids)))
+        parts.append(_planes(scores.logprobs.float().gather(-1, order).to(dtype).view(_INT_VIEW[dtype])))
+    nan = torch.full((n, ), float('nan'))
+    for values in (scores.tail, scores.token_logprobs):
+        parts.append(_planes((values.float() if values is not None else nan).to(dtype).view(_INT_VIEW[dtype])))
+    if samples:
+        parts.append(_planes(_sorted_deltas(scores.samples)))
+    return zlib.compress(b''.join(parts), 6)
+
+
+def decode_row(payload: bytes, n: int, k: int, samples: int, dtype: torch.dtype) -> RowScores:
+    """:func:`encode_row`'s inverse (ids ascending within a position)."""
+    data = memoryview(zlib.decompress(payload))
+    size = torch.empty((), dtype=dtype).element_size()
+    at, out = 0, {}
+    if k:
+        out['ids'] = _from_planes(data[at:], n * k, torch.int32).reshape(n, k).to(torch.int64).cumsum(-1)
+        at += n * k * 4
+        out['logprobs'] = _from_planes(data[at:], n * k, _INT_VIEW[dtype]).view(dtype).reshape(n, k).float()
+        at += n * k * size
+    for name in ('tail', 'token_logprobs'):
+        out[name] = _from_planes(data[at:], n, _INT_VIEW[dtype]).view(dtype).float()
+        at += n * size
+    if samples:
+        out['samples'] = _from_planes(data[at:], n * samples, torch.int32).reshape(n, samples).to(
+            torch.int64).cumsum(-1)
+        at += n * samples * 4
+    if at != len(data):
+        raise StoreError(f'a row decoded to {len(data)} bytes where its layout holds {at}')
+    return RowScores(out.get('ids'), out.get('logprobs'), out['tail'], out['token_logprobs'], out.get('samples'))
+
+
+def _write_json_atomic(path: str, doc: dict) -> None:
+    tmp = f'{path}.{uuid.uuid4().hex}.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(doc, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _read_manifest(root: str) -> dict:
+    path = os.path.join(root, MANIFEST)
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        raise StoreError(f'{root} is not a teacher-score store: it has no {MANIFEST} (write one with '
+                         '`swift-gkd score` or --save_teacher_scores)') from None
+    except (OSError, ValueError) as e:
+        raise StoreError(f'{path} cannot be read as JSON: {e}') from None
+    if not isinstance(doc, dict) or doc.get('format') != FORMAT:
+        raise StoreError(f'{path} is not a teacher-score manifest (format {doc.get("format")!r}, expected {FORMAT!r})')
+    if doc.get('version') != VERSION:
+        raise StoreError(f'{path} has format version {doc.get("version")!r}; this plugin reads version {VERSION}')
+    return doc
+
+
+def identity_of(doc: dict) -> StoreIdentity:
+    names = {f.name for f in fields(StoreIdentity)}
+    try:
+        return StoreIdentity(**{k: v for k, v in doc['identity'].items() if k in names})
+    except (KeyError, TypeError) as e:
+        raise StoreError(f'the manifest\'s identity cannot be read: {e}') from None
+
+
+def identity_differences(stored: StoreIdentity, wanted: StoreIdentity,
+                         fields_: Iterable[str] = ('tokenizer', 'template', 'teacher_hash', 'dtype', 'samples',
+                                                   'temperature', 'processor')) -> List[Tuple[str, object, object]]:
+    """``(field, stored, wanted)`` for each of ``fields_`` where the two differ."""
+    return [(name, getattr(stored, name), getattr(wanted, name)) for name in fields_
+            if getattr(stored, name) != getattr(wanted, name)]
+
+
+class StoreWriter:
+    """Appends rows to a store: this writer's shards (``r{rank}-{session}-{n}.safetensors``), each written whole
+    under a temporary name and renamed when done, so a killed writer leaves only finished shards. The manifest is
+    made by the first writer; a writer whose identity differs from an existing manifest's is refused."""
+
+    def __init__(self, root: str, identity: StoreIdentity, rank: int = 0, shard_bytes: int = SHARD_BYTES):
+        self.root, self.identity, self.rank, self.shard_bytes = root, identity, rank, shard_bytes
+        self.dtype = DTYPES[identity.dtype]
+        os.makedirs(os.path.join(root, SHARDS), exist_ok=True)
+        path = os.path.join(root, MANIFEST)
+        if os.path.exists(path):
+            stored = identity_of(_read_manifest(root))
+            diff = identity_differences(stored, identity, ('teacher', 'teacher_hash', 'tokenizer', 'template',
+                                                             'topk', 'samples', 'dtype', 'temperature', 'vocab_size',
+                                                             'processor'))
+            if diff:
+                name, old, new = diff[0]
+                raise StoreError(f'{root} holds scores of another {name} ({old!r}; this run: {new!r}): write to '
+                                 'another folder')
+        else:
+            _write_json_atomic(path, {'format': FORMAT, 'version': VERSION, 'identity': asdict(identity),
+                                      'created': time.strftime('%Y-%m-%dT%H:%M:%S')})
+        self.session = f'{time.strftime("%Y%m%d%H%M%S")}-{uuid.uuid4().hex[:6]}'
+        self._count = 0
+        self._reset()
+        self.rows_written = self.tokens_written = self.bytes_written = 0
+
+    def _reset(self) -> None:
+        self._keys, self._tokens, self._payloads, self._size = [], [], [], 0
+
+    def add(self, key: str, scores: RowScores) -> None:
+        """Buffer one row; a full buffer becomes a shard."""
+        payload = encode_row(scores, self.identity.topk, self.identity.samples, self.dtype)
+        self._keys.append(bytes.fromhex(key))
+        self._tokens.append(scores.num_tokens)
+        self._payloads.append(payload)
+        self._size += len(payload)
+        if self._size >= self.shard_bytes:
+            self.flush()
+
+    def flush(self) -> Optional[str]:
+        """Write the buffered rows as one shard; its path, or None when nothing was buffered."""
+        if not self._keys:
+            return None
+        from safetensors.torch import save_file
+        lengths = torch.tensor([len(p) for p in self._payloads], dtype=torch.int64)
+        blob = torch.frombuffer(bytearray(b''.join(self._payloads)), dtype=torch.uint8)
+        tensors = {
+            'keys': torch.frombuffer(bytearray(b''.join(self._keys)), dtype=torch.uint8).reshape(-1, 16),
+            'tokens': torch.tensor(self._tokens, dtype=torch.int64),
+            'offsets': torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]),
+            'crc32': torch.tensor([zlib.crc32(p) for p in self._payloads], dtype=torch.int64),
+            'payload': blob,
+        }
+        name = f'r{self.rank:04d}-{self.session}-{self._count:05d}.safetensors'
+        path = os.path.join(self.root, SHARDS, name)
+        tmp = path + '.tmp'
+        save_file(tensors, tmp, metadata={'format': FORMAT, 'version': str(VERSION), 'rows': str(len(self._keys))})
+        with open(tmp, 'rb+') as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        self._count += 1
+        self.rows_written += len(self._keys)
+        self.tokens_written += sum(self._tokens)
+        self.bytes_written += os.path.getsize(path)
+        self._reset()
+        return path
+
+
+class TeacherStore:
+    """A store opened for reading: every finished shard's keys indexed; a row's bytes read and checked on demand."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self.manifest = _read_manifest(root)
+        self.identity = identity_of(self.manifest)
+        if self.identity.dtype not in DTYPES:
+            raise StoreError(f'{root}: unknown dtype {self.identity.dtype!r} in its manifest')
+        self.dtype = DTYPES[self.identity.dtype]
+        self._index: Dict[bytes, Tuple[int, int]] = {}
+        self._shards: List[dict] = []
+        self.tokens = 0
+        self.bytes = 0
+        self._open_shards()
+
+    def _open_shards(self) -> None:
+        from safetensors import safe_open
+        folder = os.path.join(self.root, SHARDS)
+        names = sorted(n for n in os.listdir(folder) if n.endswith('.safetensors')) if os.path.isdir(folder) else []
+        for name in names:
+            path = os.path.join(folder, name)
+            try:
+                handle = safe_open(path, framework='pt')
+                if handle.metadata().get('format') != FORMAT:
+                    raise StoreError(f'format {handle.metadata().get("format")!r}')
+                keys = handle.get_tensor('keys')
+                shard = {'path': path, 'handle': handle, 'tokens': handle.get_tensor('tokens'),
+                         'offsets': handle.get_tensor('offsets'), 'crc32': handle.get_tensor('crc32'),
+                         'payload': handle.get_slice('payload')}
+            except StoreError as e:
+                raise StoreError(f'{path} is not a shard of this store ({e})') from None
+            except Exception as e:  # safetensors' own errors: a truncated or foreign file
+                raise StoreError(f'{path} cannot be read as a safetensors shard ({type(e).__name__}: {e}); a '
+                                 'killed writer leaves only *.tmp files: remove this one, or score its rows again')
+            if keys.dim() != 2 or keys.shape[1] != 16 or shard['tokens'].shape[0] != keys.shape[0] or \
+                    shard['offsets'].shape[0] != keys.shape[0] + 1:
+                raise StoreError(f'{path}: its tensors do not describe the same rows')
+            s = len(self._shards)
+            self._shards.append(shard)
+            for r, key in enumerate(keys.numpy()):
+                self._index[key.tobytes()] = (s, r)
+            self.tokens += int(shard['tokens'].sum())
+            self.bytes += os.path.getsize(path)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, key: str) -> bool:
+        return bytes.fromhex(key) in self._index
+
+    def keys(self) -> List[str]:
+        return [k.hex() for k in self._index]
+
+    def get(self, key: str) -> Optional[RowScores]:
+        """The row's scores, or None when the store has no such row; a damaged row raises :class:`StoreError`."""
+        where = self._index.get(bytes.fromhex(key))
+        if where is None:
+            return None
+        shard = self._shards[where[0]]
+        r = where[1]
+        start, end = int(shard['offsets'][r]), int(shard['offsets'][r + 1])
+        payload = shard['payload'][start:end].numpy().tobytes()
+        if zlib.crc32(payload) != int(shard['crc32'][r]):
+            raise StoreError(f'{shard["path"]}: row {r} (key {key}) fails its CRC32 check: the shard is damaged; '
+                             'remove it and score its rows again')
+        try:
+            return decode_row(payload, int(shard['tokens'][r]), self.identity.topk, self.identity.samples, self.dtype)
+        except (zlib.error, RuntimeError, StoreError) as e:
+            raise StoreError(f'{shard["path"]}: row {r} (key {key}) cannot be decoded ({e})') from None
+
+
+def weights_fingerprint(model_dir: str, sample_bytes: int = 1 << 16) -> str:
+    """A fingerprint of a model folder's weights without reading them whole: SHA-256 over ``config.json`` and, per
+    weight file (sorted), its name, size and three ``sample_bytes`` windows (start, middle, end). Another checkpoint
+    of the same architecture differs there with near certainty; reading a 235B teacher's 470 GB to hash would not
+    pay. '' where the folder has no weight file (a hub id, a server)."""
+    if not model_dir or not os.path.isdir(model_dir):
+        return ''
+    h = hashlib.sha256()
+    names = sorted(n for n in os.listdir(model_dir)
+                   if n.endswith(('.safetensors', '.bin', '.pt', '.pth', '.gguf')) or n == 'config.json')
+    if not any(n != 'config.json' for n in names):
+        return ''
+    for name in names:
+        path = os.path.join(model_dir, name)
+        size = os.path.getsize(path)
+        h.update(f'{name}\0{size}\0'.encode())
+        with open(path, 'rb') as f:
+            for at in sorted({0, max(0, size // 2 - sample_bytes // 2), max(0, size - sample_bytes)}):
+                f.seek(at)
+                h.update(f.read(sample_bytes))
+    return h.hexdigest()[:32]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """SHA-256 of what makes a tokenizer's ids: its vocabulary (token -> id) and its special tokens' ids."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    special = {name: getattr(tokenizer, f'{name}_token_id', None) for name in ('bos', 'eos', 'pad', 'unk')}
+    doc = json.dumps({'vocab': vocab, 'special': special}, ensure_ascii=False, separators=(',', ':'))
+    return hashlib.sha256(doc.encode()).hexdigest()[:32]

@@ -1,0 +1,84 @@
+"""``swift-gkd score``: a teacher scores a dataset once into a teacher-score store.
+
+In: ``swift rlhf``'s teacher flags (``--teacher_model``, or ``--teacher_model_server`` with the ``--model`` whose
+tokenizer and template make the rows), ``--dataset``, ``--template``, ``--max_length``, ``--gkd_logits_topk``,
+``--output_dir``. Out: the store in ``--output_dir`` (``manifest.json``, ``shards/``), made by a ``swift rlhf`` run
+with ``--gkd_score_only true``: every row encoded exactly as training encodes it, scored by the teacher as training
+scores it, nothing trained. Other flags go to ``swift rlhf`` as they are (``--torch_dtype``, ``--device_map``, ...);
+``NPROC_PER_NODE`` splits the rows over processes. Run it again after a kill: the finished shards are kept, their rows
+found in the store and not scored again.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from typing import List
+
+#: ``swift rlhf`` flags a score run sets itself
+OWN = ('rlhf_type', 'gkd_score_only', 'save_teacher_scores', 'teacher_scores', 'lmbda', 'seq_kd', 'num_train_epochs',
+       'max_steps', 'split_dataset_ratio', 'save_strategy', 'eval_strategy', 'teacher_model')
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--teacher_model', default=None, help='the teacher (a folder or hub id); it is the model the '
+                        'run loads, and its tokenizer makes the rows')
+    parser.add_argument('--teacher_model_server', default=None,
+                        help='a served teacher (`swift-gkd serve-teacher`, `vllm serve`) instead; then --model gives '
+                        'the tokenizer and template (the student)')
+    parser.add_argument('--model', default=None, help='with --teacher_model_server: the model whose tokenizer and '
+                        'template make the rows (loaded, not trained)')
+    parser.add_argument('--dataset', nargs='+', required=True, help='the rows to score, as swift rlhf reads them')
+    parser.add_argument('--output_dir', required=True, help='the store\'s folder (made; an existing store of the same '
+                        'teacher, tokenizer, template, k and dtype is completed, not rewritten)')
+    parser.add_argument('--gkd_logits_topk', type=int, default=64, help='top-k entries kept a scored token')
+    parser.add_argument('--teacher_scores_dtype', default='float16', choices=['float16', 'bfloat16', 'float32'],
+                        help='dtype of the stored log-probabilities')
+    parser.add_argument('--per_device_train_batch_size', type=int, default=8, help='rows scored at once a process')
+
+
+def score_command(args, rest: List[str]) -> List[str]:
+    """The ``swift rlhf`` command line of a score run (``rest``: the flags passed through)."""
+    given = {a[2:].split('=')[0] for a in rest if a.startswith('--')}
+    clash = sorted(given & set(OWN))
+    if clash:
+        raise ValueError(f'--{clash[0]} is set by swift-gkd score itself (it scores every row once, trains nothing): '
+                         'leave it out')
+    if (args.teacher_model is None) == (args.teacher_model_server is None):
+        raise ValueError('pass one teacher: --teacher_model PATH, or --teacher_model_server URL with --model PATH')
+    if args.teacher_model_server is not None and args.model is None:
+        raise ValueError('--teacher_model_server needs --model: the model whose tokenizer and template make the rows '
+                         '(the student you will train)')
+    if args.teacher_model is not None and args.model is not None:
+        raise ValueError('--model is for --teacher_model_server only: with --teacher_model the teacher\'s own '
+                         'tokenizer makes the rows (a student must share it to read the store)')
+    if args.gkd_logits_topk < 1:
+        raise ValueError(f'--gkd_logits_topk {args.gkd_logits_topk}: a positive integer')
+    if args.per_device_train_batch_size < 1:
+        raise ValueError(f'--per_device_train_batch_size {args.per_device_train_batch_size}: a positive integer')
+    out = os.path.abspath(args.output_dir)
+    cmd = ['rlhf', '--rlhf_type', 'gkd', '--gkd_score_only', 'true', '--save_teacher_scores', out,
+           '--model', args.teacher_model or args.model, '--dataset', *args.dataset,
+           '--gkd_logits_topk', str(args.gkd_logits_topk), '--teacher_scores_dtype', args.teacher_scores_dtype,
+           '--per_device_train_batch_size', str(args.per_device_train_batch_size),
+           '--lmbda', '0', '--seq_kd', 'false', '--num_train_epochs', '1', '--split_dataset_ratio', '0',
+           '--save_strategy', 'no', '--eval_strategy', 'no']
+    if args.teacher_model_server is not None:
+        cmd += ['--teacher_model_server', args.teacher_model_server]
+    if os.path.exists(os.path.join(out, 'manifest.json')):  # a run before this one: its finished rows are kept
+        cmd += ['--teacher_scores', out]
+    if 'output_dir' not in given:
+        cmd += ['--output_dir', os.path.join(out, 'runs')]
+    if 'report_to' not in given:
+        cmd += ['--report_to', 'none']
+    return cmd + rest
+
+
+def run(args, rest: List[str]) -> int:
+    """Run the score as ``swift rlhf`` (its launcher: ``NPROC_PER_NODE`` processes) and return its exit code."""
+    cmd = score_command(args, rest)
+    swift = shutil.which('swift') or os.path.join(os.path.dirname(sys.executable), 'swift')
+    print(f'swift-gkd score: swift {" ".join(cmd)}', flush=True)
+    return subprocess.call([swift, *cmd])

@@ -1,0 +1,207 @@
+"""``--teacher_scores``, ``--save_teacher_scores`` and ``--gkd_score_only`` before any model loads: a store that does not
+fit the run is refused in one line, and a store that covers every row spares loading the teacher.
+
+A store covers a dataset when a finished ``swift-gkd score`` scored that file (by its SHA-256) with this encoding
+(template, ``--max_length``, ``--truncation_strategy``, ``--system``, tokenizer): the manifest's ``covered`` list.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from types import SimpleNamespace
+from typing import List, Optional
+
+from swift.utils import get_logger
+
+from swift_gkd_plugin.core.scores.store import (MANIFEST, StoreError, TeacherStore, _read_manifest, _write_json_atomic,
+                                                identity_of, tokenizer_fingerprint, weights_fingerprint)
+from swift_gkd_plugin.options.flags import FlagError
+
+logger = get_logger()
+
+
+def store_teacher(args) -> Optional[str]:
+    """The teacher that can score rows the store lacks, as the flag that gives it, or None (the store alone)."""
+    if args.teacher_model_server:
+        return '--teacher_model_server'
+    if args.teacher_model:
+        return '--teacher_model'
+    if args.teacher_adapters:
+        return '--teacher_adapters'
+    if getattr(args, '_teacher_use_disable_adapter', False):
+        return '--model\'s base (its LoRA adapter off)'
+    if args.gkd_score_only:
+        return '--model'
+    return None
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer_fingerprint(model_dir: str) -> Optional[str]:
+    from transformers import AutoTokenizer
+    try:
+        return tokenizer_fingerprint(AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True))
+    except Exception as exc:  # a processor-only repo: the run's own tokenizer is compared at start-up
+        logger.warning(f'swift_gkd_plugin: cannot read the tokenizer of {model_dir} to compare it with the teacher '
+                       f'scores\' ({exc})')
+        return None
+
+
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 22), b''):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _encoding(args) -> dict:
+    """What makes a row's token ids besides its text."""
+    return {'template': args.template, 'max_length': args.max_length, 'truncation_strategy': args.truncation_strategy,
+            'system': args.system, 'tokenizer': _tokenizer_fingerprint(args.model_dir)}
+
+
+def _dataset_files(values) -> Optional[List[str]]:
+    """The local files of ``--dataset`` (a ``#N`` subset suffix dropped), or None where one is not a local file."""
+    files = []
+    for value in values or []:
+        path = value.split('#')[0] if not os.path.isfile(value) else value
+        if not os.path.isfile(path):
+            return None
+        files.append(os.path.abspath(path))
+    return files
+
+
+def mark_covered(run_dir: str) -> None:
+    """A finished score-only run: record in the manifest that the store covers its ``--dataset`` files (read from
+    the run's ``args.json``, ms-swift's record of its command-line arguments)."""
+    with open(os.path.join(run_dir, 'args.json')) as f:
+        args = SimpleNamespace(**json.load(f))
+    files = _dataset_files(args.dataset)
+    if not files:
+        return
+    root = args.save_teacher_scores
+    doc = _read_manifest(root)
+    covered = doc.setdefault('covered', [])
+    for path in files:
+        entry = {'sha256': _file_sha256(path), 'file': os.path.basename(path), 'encoding': _encoding(args)}
+        if entry not in covered:
+            covered.append(entry)
+    _write_json_atomic(os.path.join(root, MANIFEST), doc)
+
+
+def _covers(doc: dict, args) -> bool:
+    files = _dataset_files(list(args.dataset or []) + list(args.val_dataset or []))
+    if not files:
+        return False
+    encoding = _encoding(args)
+    done = {(e.get('sha256'), repr(sorted(e.get('encoding', {}).items()))) for e in doc.get('covered', [])}
+    return all((_file_sha256(p), repr(sorted(encoding.items()))) in done for p in files)
+
+
+def _samples(args) -> bool:
+    """Whether a step may sample new tokens (on-policy, seq_kd), which no store can hold."""
+    return args.lmbda > 0 or bool(args.seq_kd)
+
+
+def resolve_teacher_scores(args) -> None:
+    """``--gkd_logits_topk`` unset: the store's k. A store that covers every row of an off-policy run: the
+    ``--teacher_model`` is not loaded (said in the start-up log)."""
+    if not args.teacher_scores:
+        return
+    try:
+        doc = _read_manifest(args.teacher_scores)
+    except StoreError:
+        return  # refused by check_teacher_scores
+    if args.gkd_logits_topk is None:
+        args.gkd_logits_topk = int(doc['identity'].get('topk') or 0) or None
+        _set_training_arg(args, 'gkd_logits_topk', args.gkd_logits_topk)
+    if args.teacher_model and not args.teacher_model_server and not _samples(args) and _covers(doc, args):
+        logger.info(f'swift_gkd_plugin: --teacher_scores {args.teacher_scores} covers every row of --dataset (a '
+                    f'finished `swift-gkd score` of these files and this encoding): --teacher_model '
+                    f'{args.teacher_model} is not loaded')
+        args.teacher_model = None
+        _set_training_arg(args, 'teacher_model', None)
+
+
+def _set_training_arg(args, name: str, value) -> None:
+    if getattr(args, 'training_args', None) is not None and hasattr(args.training_args, name):
+        setattr(args.training_args, name, value)
+
+
+def check_teacher_scores(args) -> None:
+    """Refuses, naming the flag, a store or store flags the run cannot use (before any model loads)."""
+    flags = [f for f in ('teacher_scores', 'save_teacher_scores') if getattr(args, f)]
+    if args.gkd_score_only and not args.save_teacher_scores:
+        raise FlagError('--gkd_score_only true needs --save_teacher_scores DIR (the store it writes): run '
+                        '`swift-gkd score`')
+    if not flags:
+        return
+    named = ' / '.join(f'--{f}' for f in flags)
+    if args.gkd_cross_tokenizer:
+        raise FlagError(f'{named} with --gkd_cross_tokenizer {args.gkd_cross_tokenizer}: a store keeps the teacher\'s '
+                        'top-k over the student\'s own token ids; a teacher of another tokenizer has none')
+    if args.padding_free or args.packing:
+        raise FlagError(f'{named} does not support --padding_free / --packing yet: rows are keyed one by one')
+    meta = getattr(args, 'model_meta', None)
+    if getattr(meta, 'is_multimodal', False):
+        raise FlagError(f'{named} with a multimodal --model ({args.model}): rows are keyed by their token ids, '
+                        'which do not hold the images; text-only stores for now')
+    if args.save_teacher_scores and not args.gkd_logits_topk:
+        raise FlagError('--save_teacher_scores keeps the teacher\'s top-k: pass --gkd_logits_topk K (e.g. 64; '
+                        'the store\'s size grows with K, ~170 bytes a token at 64 in bfloat16)')
+    if args.gkd_score_only:
+        if _samples(args):
+            raise FlagError(f'--gkd_score_only true scores the dataset\'s rows: --lmbda must be 0 and --seq_kd '
+                            f'false (got --lmbda {args.lmbda}, --seq_kd {args.seq_kd})')
+        if args.deepspeed:
+            raise FlagError('--gkd_score_only true (swift-gkd score) does not run under --deepspeed: score a teacher '
+                            'larger than one device with --device_map auto, or serve it (vllm serve, swift-gkd '
+                            'serve-teacher) and pass --teacher_model_server')
+    if args.teacher_scores:
+        _check_store_fits(args)
+    if args.save_teacher_scores and os.path.exists(os.path.join(args.save_teacher_scores, MANIFEST)):
+        _check_store_fits(args, args.save_teacher_scores, '--save_teacher_scores', writing=True)
+
+
+def _check_store_fits(args, root: Optional[str] = None, flag: str = '--teacher_scores', writing: bool = False) -> None:
+    root = root or args.teacher_scores
+    try:
+        store = TeacherStore(root) if not writing else None
+        identity = store.identity if store is not None else identity_of(_read_manifest(root))
+    except (StoreError, OSError) as exc:
+        raise FlagError(f'{flag} {root}: {exc}') from None
+    fingerprint = _tokenizer_fingerprint(args.model_dir)
+    if fingerprint is not None and fingerprint != identity.tokenizer:
+        raise FlagError(f'{flag} {root} was scored on the token ids of another tokenizer than --model '
+                        f'{args.model}\'s (fingerprint {identity.tokenizer} against {fingerprint}): its rows would '
+                        'be other tokens. Score the dataset again with this tokenizer')
+    if args.template and identity.template != args.template:
+        raise FlagError(f'{flag} {root} was scored with --template {identity.template}, this run uses --template '
+                        f'{args.template}: pass --template {identity.template}, or score again')
+    k = args.gkd_logits_topk
+    if identity.topk and k and k > identity.topk and not writing:
+        raise FlagError(f'--gkd_logits_topk {k} is larger than {flag} {root} holds (top-{identity.topk}): pass '
+                        f'--gkd_logits_topk 1 to {identity.topk}, or score again with a larger k')
+    if writing and (identity.topk != k or identity.dtype != args.teacher_scores_dtype):
+        raise FlagError(f'{flag} {root} holds top-{identity.topk} in {identity.dtype}, this run would add top-{k} in '
+                        f'{args.teacher_scores_dtype}: pass those, or another folder')
+    if identity.samples and abs(identity.temperature - args.temperature) > 1e-9:
+        raise FlagError(f'{flag} {root} drew its samples at --temperature {identity.temperature}, this run uses '
+                        f'{args.temperature}')
+    if args.teacher_model and identity.teacher_hash and not writing:
+        teacher_dir = args.teacher_model if os.path.isdir(args.teacher_model) else None
+        if teacher_dir and weights_fingerprint(teacher_dir) != identity.teacher_hash:
+            raise FlagError(f'{flag} {root} was scored by another teacher ({identity.teacher}) than --teacher_model '
+                            f'{args.teacher_model} (their weights differ): the store and the teacher would give '
+                            'two teachers\' answers in one run. Pass the store\'s teacher, or another store')
+    if writing:
+        return
+    if store_teacher(args) is None:
+        if _samples(args):
+            raise FlagError(f'--lmbda {args.lmbda} / --seq_kd {args.seq_kd} sample new tokens, which {flag} cannot '
+                            'hold, and this run has no teacher to score them: pass --teacher_model (or '
+                            '--teacher_model_server), or --lmbda 0 --seq_kd false')
+        if len(store) == 0:
+            raise FlagError(f'{flag} {root} holds no row yet (no finished shard) and this run has no teacher')

@@ -1,0 +1,168 @@
+"""The teacher-score store in ``swift rlhf``: ``--teacher_scores`` answers the rows it holds, ``--save_teacher_scores``
+keeps what the teacher scored, ``--gkd_score_only`` (``swift-gkd score``) scores every row once and trains nothing.
+
+In: the step's teacher requests (each row's token ids and scored positions, as the teacher stage sends them to a
+served teacher). Out: the stored answers (None for a row the store lacks), and the new answers appended to the store
+being written. Rows are matched by :func:`~swift_gkd_plugin.core.scores.store.row_key`, never by order.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import List, Optional, Tuple
+
+import torch
+from swift.utils import get_logger
+
+from swift_gkd_plugin.core.scores.store import (RowScores, StoreError, StoreIdentity, StoreWriter, TeacherStore, row_key,
+                                                tokenizer_fingerprint, weights_fingerprint)
+from swift_gkd_plugin.core.topk import teacher_tail_logmass
+from swift_gkd_plugin.server.client import TopKResult
+from swift_gkd_plugin.swift.run.guards import RunError
+from swift_gkd_plugin.swift.step.token_metrics import add_token_sum
+
+logger = get_logger()
+Request = Tuple[list, list]
+#: seconds between two progress lines of a score-only run
+PROGRESS_EVERY = 10.0
+
+
+class TeacherStoreMixin:
+    """Reads and writes the teacher-score store around the teacher stage (:meth:`TeacherMixin._postprocess_batch`)."""
+
+    def _setup_teacher_store(self) -> None:
+        """Open ``--teacher_scores``, start ``--save_teacher_scores``'s writer (one per rank, shards of its own)."""
+        args = self.args
+        self._store = self._store_writer = None
+        if args.teacher_scores:
+            self._store = TeacherStore(args.teacher_scores)
+            logger.info(f'swift_gkd_plugin: teacher scores from {args.teacher_scores}: {len(self._store)} rows, '
+                        f'{self._store.tokens} tokens, top-{self._store.identity.topk} of '
+                        f'{self._store.identity.teacher}; '
+                        + ('no teacher model is loaded: every row must be in the store' if not self._store_can_score()
+                           else 'a row missing from it is scored by the teacher'))
+        if args.save_teacher_scores:
+            self._store_writer = StoreWriter(args.save_teacher_scores, self._store_identity(),
+                                             rank=self.accelerator.process_index)
+            logger.info(f'swift_gkd_plugin: keeping the teacher\'s top-{self.gkd_logits_topk} in '
+                        f'{args.save_teacher_scores} ({args.teacher_scores_dtype})')
+        self._score_progress = {'rows': 0, 'tokens': 0, 'found': 0, 'started': None, 'said': 0.0}
+        if args.gkd_score_only:
+            self._nothing_learnt.armed = False  # nothing is trained, by design
+
+    def _store_can_score(self) -> bool:
+        """A teacher that can score a row now: a served one, a local model, or the student's own base or adapter."""
+        return bool(getattr(self, 'teacher_configs', None))
+
+    def _store_identity(self) -> StoreIdentity:
+        """What scores this run keeps: the teacher, its weights' fingerprint, the tokenizer, template, k and dtype."""
+        args = self.args
+        teacher_dir = None
+        if self.teacher_model_server and getattr(self, '_local_teacher', None) is None:
+            name = self.teacher_model_server
+        elif self.teacher_model is not None:
+            teacher_dir = getattr(self.accelerator.unwrap_model(self.teacher_model), 'model_dir', None)
+            name = teacher_dir
+        else:  # the student's own module: its base (adapter off, or the teacher adapter), or itself (score-only)
+            teacher_dir = getattr(self.accelerator.unwrap_model(self.model), 'model_dir', None)
+            name = str(teacher_dir) + (f' + {args.teacher_adapters[0]}' if args.teacher_adapters else '')
+        vocab = self.accelerator.unwrap_model(self.model).get_output_embeddings().weight.shape[0]
+        return StoreIdentity(
+            teacher=str(name), teacher_hash=weights_fingerprint(teacher_dir) if teacher_dir else '',
+            tokenizer=tokenizer_fingerprint(self.template.tokenizer),
+            template=self.template.template_meta.template_type, topk=int(self.gkd_logits_topk), samples=0,
+            dtype=args.teacher_scores_dtype, temperature=float(args.temperature), vocab_size=int(vocab))
+
+    def _stored_answers(self, requests: List[Request]) -> List[Optional[TopKResult]]:
+        """The store's answer to each request, None where it has none (every request None without a store)."""
+        if self._store is None:
+            return [None] * len(requests)
+        answers = []
+        for ids, positions in requests:
+            try:
+                row = self._store.get(row_key(ids, positions))
+            except StoreError as exc:  # a damaged shard: one line naming it
+                raise RunError(f'--teacher_scores {self.args.teacher_scores}: {exc}') from None
+            answers.append(None if row is None else TopKResult(row.ids, row.logprobs, row.tail,
+                                                               target_logprobs=row.token_logprobs))
+        if self.model.training:
+            found = sum(a is not None for a in answers)
+            add_token_sum(self.custom_metrics['train']['gkd/teacher_store_rows'], float(found), len(requests))
+            self._score_progress['found'] += found
+        return answers
+
+    def _refuse_missing(self, requests: List[Request], missing: List[int], where) -> None:
+        """Rows neither the store nor a teacher can answer: one error naming the first."""
+        i = missing[0]
+        raise RunError(f'{where(i)} is not in --teacher_scores {self.args.teacher_scores} ({len(missing)} of this '
+                       f'step\'s {len(requests)} rows are not; key {row_key(*requests[i])}, {len(requests[i][0])} '
+                       'tokens) and this run has no teacher to score it: pass --teacher_model (or '
+                       '--teacher_model_server), or score the dataset into the store first (`swift-gkd score` with '
+                       'the same --template, --max_length and --truncation_strategy)')
+
+    def _keep_answer(self, request: Request, answer: TopKResult) -> None:
+        """Append one row the teacher scored now to ``--save_teacher_scores``."""
+        if self._store_writer is None:
+            return
+        logprobs = answer.logprobs.detach().float().cpu()
+        tail = answer.tail
+        if tail is None:
+            tail = teacher_tail_logmass(logprobs, (logprobs > float('-inf')).sum(-1), self._store_writer.identity
+                                        .vocab_size)
+        token = answer.target_logprobs
+        self._store_writer.add(row_key(*request), RowScores(
+            answer.ids.detach().long().cpu(), logprobs, tail.detach().float().cpu(),
+            None if token is None else token.detach().float().cpu()))
+        self._score_progress['rows'] += 1
+        self._score_progress['tokens'] += len(request[1])
+
+    def _flush_teacher_scores(self) -> None:
+        """Write what this rank buffered as a shard (at a checkpoint, at the end of training)."""
+        if getattr(self, '_store_writer', None) is not None:
+            self._store_writer.flush()
+
+    def _say_score_progress(self, done: bool = False) -> None:
+        """A score-only run's progress line: rows and tokens scored, tokens/s, rows found, ETA (every 10 s)."""
+        p = self._score_progress
+        now = time.time()
+        if p['started'] is None:
+            p['started'] = p['said'] = now
+        if not done and now - p['said'] < PROGRESS_EVERY:
+            return
+        p['said'] = now
+        spent = max(now - p['started'], 1e-9)
+        steps, total = self.state.global_step, self.state.max_steps
+        eta = spent / steps * (total - steps) if steps and total else float('nan')
+        logger.info(f'swift-gkd score: {"done, " if done else ""}rank {self.accelerator.process_index}: {p["rows"]} '
+                    f'rows / {p["tokens"]} tokens scored ({p["tokens"] / spent:.0f} tokens/s), {p["found"]} found in '
+                    f'the store already, step {steps}/{total}' + ('' if done else f', ETA {eta:.0f}s'))
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        """``--gkd_score_only``: :meth:`_score_only_step`; otherwise the training step."""
+        if self.args.gkd_score_only:
+            return self._score_only_step(inputs)
+        return super().training_step(model, inputs, *args, **kwargs)
+
+    def _save_checkpoint(self, *args, **kwargs):
+        """A checkpoint holds every row scored before it: a resumed run finds them in the store."""
+        self._flush_teacher_scores()
+        return super()._save_checkpoint(*args, **kwargs)
+
+    def _score_only_step(self, inputs) -> torch.Tensor:
+        """``--gkd_score_only``: the step's rows encoded and scored (the teacher stage keeps them), nothing trained."""
+        self._prepare_inputs(inputs)
+        self._say_score_progress()
+        return torch.zeros((), device=self.accelerator.device)
+
+    def _finish_score_only(self) -> None:
+        """The end of a score-only run: every rank's shards written; rank 0 marks the datasets the store covers."""
+        self._flush_teacher_scores()
+        self._say_score_progress(done=True)
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            from swift_gkd_plugin.swift.setup.teacher_scores import mark_covered
+            mark_covered(self.args.output_dir)
+        if self._store_writer is not None and self.accelerator.is_main_process:
+            written = TeacherStore(self.args.save_teacher_scores)
+            logger.info(f'swift-gkd score: {self.args.save_teacher_scores} holds {len(written)} rows, '
+                        f'{written.tokens} tokens, {written.bytes / max(written.tokens, 1):.1f} bytes a token')
