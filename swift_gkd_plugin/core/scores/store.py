@@ -35,7 +35,8 @@ MANIFEST = 'manifest.json'
 SHARDS = 'shards'
 DTYPES = {'bfloat16': torch.bfloat16, 'float16': torch.float16, 'float32': torch.float32}
 _INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
-#: a shard is closed once its compressed rows pass this size (a finished shard survives a killed writer)
+#: a shard is closed once its compressed rows pass this size (a finished shard survives a killed writer); the
+#: environment variable SWIFT_GKD_STORE_SHARD_BYTES sets another (a smaller one loses fewer rows to a kill)
 SHARD_BYTES = 64 * 2**20
 
 
@@ -185,7 +186,9 @@ class StoreWriter:
     under a temporary name and renamed when done, so a killed writer leaves only finished shards. The manifest is
     made by the first writer; a writer whose identity differs from an existing manifest's is refused."""
 
-    def __init__(self, root: str, identity: StoreIdentity, rank: int = 0, shard_bytes: int = SHARD_BYTES):
+    def __init__(self, root: str, identity: StoreIdentity, rank: int = 0, shard_bytes: Optional[int] = None):
+        if shard_bytes is None:
+            shard_bytes = int(os.environ.get('SWIFT_GKD_STORE_SHARD_BYTES') or SHARD_BYTES)
         self.root, self.identity, self.rank, self.shard_bytes = root, identity, rank, shard_bytes
         self.dtype = DTYPES[identity.dtype]
         os.makedirs(os.path.join(root, SHARDS), exist_ok=True)

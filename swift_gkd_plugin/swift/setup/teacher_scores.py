@@ -117,7 +117,9 @@ def resolve_teacher_scores(args) -> None:
     if args.gkd_logits_topk is None:
         args.gkd_logits_topk = int(doc['identity'].get('topk') or 0) or None
         _set_training_arg(args, 'gkd_logits_topk', args.gkd_logits_topk)
-    if args.teacher_model and not args.teacher_model_server and not _samples(args) and _covers(doc, args):
+    same_teacher = os.path.isdir(args.teacher_model or '') and weights_fingerprint(args.teacher_model) == doc[
+        'identity'].get('teacher_hash')  # (another teacher is refused by check_teacher_scores)
+    if same_teacher and not args.teacher_model_server and not _samples(args) and _covers(doc, args):
         logger.info(f'swift_gkd_plugin: --teacher_scores {args.teacher_scores} covers every row of --dataset (a '
                     f'finished `swift-gkd score` of these files and this encoding): --teacher_model '
                     f'{args.teacher_model} is not loaded')

@@ -1,0 +1,193 @@
+"""The teacher-score store (issue 80) through real ``swift rlhf`` runs: written by ``swift-gkd score`` (its command
+line, run as ``swift rlhf --gkd_score_only``) and by a training run (``--save_teacher_scores``), read by later runs
+(``--teacher_scores``) on one and two ranks, a killed score resumed, and the refusals before loading.
+
+At learning rate 0 every run trains the same rows in the same order (``--seed``), so a run from a float32 store must
+log the live teacher's top-k losses, and a run whose store covers every row must not load the teacher at all."""
+import argparse
+import dataclasses
+import glob
+import json
+import os
+import subprocess
+import time
+
+import pytest
+from conftest import OFFLINE_ENV, _run_env, base_args, launcher_child_command, run_swift
+
+from swift_gkd_plugin.core.scores.store import TeacherStore
+from swift_gkd_plugin.entry import score as score_cli
+
+K = 8
+OFF_POLICY = dict(lmbda=0, seq_kd='false', learning_rate=0, max_steps=4, gkd_logits_topk=K, seed=5)
+
+
+def score_argv(ws, store, **extra):
+    """``swift-gkd score``'s ``swift rlhf`` command line (without ``rlhf``) for the tiny teacher over ``ws.train``."""
+    parser = argparse.ArgumentParser()
+    score_cli.add_arguments(parser)
+    args, rest = parser.parse_known_args(
+        ['--teacher_model', ws.teacher, '--dataset', ws.train, '--output_dir', store, '--gkd_logits_topk', str(K),
+         '--teacher_scores_dtype', 'float32', '--model_type', 'qwen3', '--template', 'qwen3_nothinking',
+         '--max_length', '128', '--torch_dtype', 'float32', '--check_model', 'false', '--dataloader_num_workers', '0',
+         '--dataset_num_proc', '1', '--add_version', 'false']
+        + [x for key, value in extra.items() for x in (f'--{key}', str(value))])
+    return score_cli.score_command(args, rest)[1:]
+
+
+@pytest.fixture(scope='module')
+def runs(tiny_ws, shared_runs):
+    def train(out, **flags):
+        return run_swift(base_args(tiny_ws, out, **dict(OFF_POLICY, **flags)))
+
+    def scored(out):  # (its run's logs are under out/runs; the store is out)
+        return dataclasses.replace(run_swift(score_argv(tiny_ws, out)), output_dir=out)
+
+    shared = shared_runs('teacher_store', {
+        # the live teacher's top-k, kept while training (float32)
+        'live': lambda out: train(out, save_teacher_scores=os.path.join(out, 'store'), teacher_scores_dtype='float32'),
+        'score': scored,  # swift-gkd score of the whole training set
+        # the score's store alone (it covers every row: --teacher_model is given and not loaded)
+        'from_score': lambda out: after('score', lambda: train(out, teacher_scores=runs_dir(out, 'score'))),
+        # the live run's store (the first 8 rows), with the teacher for anything missing
+        'from_live': lambda out: after('live', lambda: train(
+            out, teacher_scores=os.path.join(runs_dir(out, 'live'), 'store'))),
+        # two ranks of one row each, the score's store alone, no teacher flag at all
+        'two_ranks': lambda out: after('score', lambda: run_swift(base_args(tiny_ws, out, **dict(
+            OFF_POLICY, teacher_scores=runs_dir(out, 'score'), teacher_model=None, teacher_model_type=None,
+            per_device_train_batch_size=1, use_cpu='true')), nproc=2)),
+        # the live run's 8-row store alone over 8 steps: rows it lacks and no teacher
+        'missing': lambda out: after('live', lambda: run_swift(base_args(tiny_ws, out, **dict(
+            OFF_POLICY, max_steps=8, teacher_scores=os.path.join(runs_dir(out, 'live'), 'store'), teacher_model=None,
+            teacher_model_type=None)), check=False)),
+    })
+
+    def after(name, start):
+        """``start()`` once the run ``name`` (whose store it reads) has finished."""
+        assert shared[name].returncode == 0, shared[name].output[-4000:]
+        return start()
+
+    return shared
+
+
+def runs_dir(out: str, name: str) -> str:
+    """Another shared run's folder (``shared_runs`` puts each key's folder beside the others)."""
+    return os.path.join(os.path.dirname(out), name)
+
+
+def test_score_writes_a_store_that_covers_the_dataset(runs, tiny_ws):
+    run = runs['score']
+    assert run.returncode == 0, run.output[-4000:]
+    store = TeacherStore(run.output_dir)
+    with open(tiny_ws.train) as f:
+        rows = sum(1 for line in f if line.strip())
+    assert len(store) == rows == 64
+    assert store.identity.topk == K and store.identity.dtype == 'float32' and store.identity.teacher_hash
+    assert 'swift-gkd score: done' in run.output and f'holds {rows} rows' in run.output
+    with open(os.path.join(run.output_dir, 'manifest.json')) as f:
+        covered = json.load(f)['covered']
+    assert [c['file'] for c in covered] == ['train.jsonl']
+    assert covered[0]['encoding']['max_length'] == 128 and covered[0]['encoding']['template'] == 'qwen3_nothinking'
+
+
+def test_a_store_that_covers_every_row_logs_the_live_teachers_losses_without_loading_it(runs):
+    live, stored = runs['live'], runs['from_score']
+    assert stored.returncode == 0, stored.output[-4000:]
+    assert 'is not loaded' in stored.output and 'no teacher model is loaded' in stored.output
+    assert 'Teacher model: none loaded' in stored.output
+    assert len(stored.logs) == len(live.logs) == 4
+    for a, b in zip(stored.logs, live.logs):
+        assert a['loss'] == pytest.approx(b['loss'], rel=1e-6)
+        assert a['gkd/teacher_store_rows'] == 1.0
+    assert 'gkd/teacher_store_rows' not in live.logs[0]
+
+
+def test_a_store_written_while_training_is_read_by_the_next_run(runs):
+    live, again = runs['live'], runs['from_live']
+    assert live.returncode == 0 and again.returncode == 0, again.output[-4000:]
+    store = TeacherStore(os.path.join(live.output_dir, 'store'))
+    assert len(store) == 8 and store.identity.dtype == 'float32'  # 4 steps of 2 rows
+    assert 'a row missing from it is scored by the teacher' in again.output
+    for a, b in zip(again.logs, live.logs):
+        assert a['gkd/teacher_store_rows'] == 1.0  # the same rows, in the same order: every one found
+        assert a['loss'] == pytest.approx(b['loss'], rel=1e-6)
+
+
+def test_two_ranks_read_the_store_alone(runs):
+    """No teacher flag at all: the store answers every row on both ranks; the step's loss is the one-rank run's."""
+    run = runs['two_ranks']
+    assert run.returncode == 0, run.output[-4000:]
+    assert 'Teacher model: none loaded' in run.output
+    for a, b in zip(run.logs, runs['from_score'].logs):
+        assert a['loss'] == pytest.approx(b['loss'], rel=1e-5)
+        assert a['gkd/teacher_store_rows'] == 1.0
+
+
+def test_a_row_missing_without_a_teacher_stops_the_run_naming_it(runs):
+    run = runs['missing']
+    assert run.returncode == 1, run.output[-3000:]
+    line = next(line for line in run.output.splitlines() if 'is not in --teacher_scores' in line)
+    assert 'swift rlhf: error: row ' in line and 'this run has no teacher to score it' in line  # (after tqdm's bar)
+    assert 'Traceback' not in run.output
+
+
+def test_a_killed_score_resumes_keeping_its_finished_shards(tiny_ws, tmp_path):
+    """Killed (SIGKILL) once a few rows are written (a shard per row), then run again as ``swift-gkd score`` runs a
+    second time (with ``--teacher_scores`` on its own folder): the finished rows are found, not scored again."""
+    store = str(tmp_path / 'store')
+    argv = score_argv(tiny_ws, store, per_device_train_batch_size=1)
+    env = dict(_run_env(), SWIFT_GKD_STORE_SHARD_BYTES='1')
+    proc = subprocess.Popen(launcher_child_command('rlhf', argv, env), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    shards = os.path.join(store, 'shards')
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and len(glob.glob(os.path.join(shards, '*.safetensors'))) < 3:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    kept = len(TeacherStore(store))
+    assert 3 <= kept < 64, kept
+    resumed = run_swift(score_argv(tiny_ws, store, per_device_train_batch_size=1), env={
+        'SWIFT_GKD_STORE_SHARD_BYTES': None})
+    assert resumed.returncode == 0, resumed.output[-4000:]
+    assert '--teacher_scores' in score_argv(tiny_ws, store)  # the second run reads its own folder
+    assert f'{kept} found in the store already' in resumed.output
+    final = TeacherStore(store)
+    assert len(final) == 64 and f'{64 - kept} rows' in resumed.output.split('swift-gkd score: done')[1]
+
+
+@pytest.mark.parametrize('flags, says', [
+    (dict(teacher_scores='MISSING'), '--teacher_scores MISSING: MISSING is not a teacher-score store'),
+    (dict(teacher_scores='SCORE', gkd_logits_topk=16), '--gkd_logits_topk 16 is larger than --teacher_scores'),
+    (dict(teacher_scores='SCORE', lmbda=0.5, teacher_model=None, teacher_model_type=None),
+     'sample new tokens, which --teacher_scores cannot hold'),
+    (dict(teacher_scores='SCORE', template='chatml'), 'was scored with --template qwen3_nothinking'),
+    (dict(teacher_scores='SCORE', model='OTHER', teacher_model=None, teacher_model_type=None),
+     'on the token ids of another tokenizer'),
+    (dict(teacher_scores='SCORE', teacher_model='STUDENT'), 'was scored by another teacher'),
+    (dict(save_teacher_scores='NEW', gkd_logits_topk=None), '--save_teacher_scores keeps the teacher\'s top-k'),
+    (dict(save_teacher_scores='NEW', gkd_cross_tokenizer='uld', gkd_logits_topk=None, teacher_model='OTHER'),
+     'a store keeps the teacher\'s top-k over'),
+    (dict(gkd_score_only='true'), '--gkd_score_only true needs --save_teacher_scores'),
+])
+def test_refused_before_loading(runs, tiny_ws, tmp_path, flags, says):
+    assert runs['score'].returncode == 0
+    names = {'SCORE': runs['score'].output_dir, 'MISSING': str(tmp_path / 'none'), 'NEW': str(tmp_path / 'new'),
+             'OTHER': tiny_ws.other_vocab_teacher, 'STUDENT': tiny_ws.student}
+    flags = {k: names.get(v, v) if isinstance(v, str) else v for k, v in flags.items()}
+    says = says.replace('MISSING', names['MISSING'])
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), **dict(OFF_POLICY, **flags)), check=False)
+    assert run.returncode != 0
+    assert says in run.output, run.output[-3000:]
+    assert 'Traceback' not in run.output and 'model_info' not in run.output  # refused before any model loads
+
+
+def test_swift_gkd_score_refuses_its_own_flags_in_one_line(tiny_ws, tmp_path):
+    from swift_gkd_plugin.entry.cli import main
+    for argv, says in [(['--dataset', tiny_ws.train, '--output_dir', str(tmp_path)], 'pass one teacher'),
+                       (['--teacher_model', tiny_ws.teacher, '--dataset', tiny_ws.train, '--output_dir',
+                         str(tmp_path), '--lmbda', '1'], '--lmbda is set by swift-gkd score itself')]:
+        with pytest.raises(SystemExit) as stop:
+            main(['score', *argv])
+        assert stop.value.code == 2
+    assert 'OFFLINE' not in says and OFFLINE_ENV  # (the runs above are offline)
