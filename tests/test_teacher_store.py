@@ -19,6 +19,7 @@ from swift_gkd_plugin.core.scores.store import TeacherStore
 from swift_gkd_plugin.entry import score as score_cli
 
 K = 8
+SAMPLES = 64  # tokens drawn from the teacher a position (many: the test compares the estimate's mean)
 OFF_POLICY = dict(lmbda=0, seq_kd='false', learning_rate=0, max_steps=4, gkd_logits_topk=K, seed=5)
 
 
@@ -40,8 +41,8 @@ def runs(tiny_ws, shared_runs):
     def train(out, **flags):
         return run_swift(base_args(tiny_ws, out, **dict(OFF_POLICY, **flags)))
 
-    def scored(out):  # (its run's logs are under out/runs; the store is out)
-        return dataclasses.replace(run_swift(score_argv(tiny_ws, out)), output_dir=out)
+    def scored(out):  # (its run's logs are under out/runs; the store is out); top-k and 64 draws a position
+        return dataclasses.replace(run_swift(score_argv(tiny_ws, out, teacher_scores_samples=SAMPLES)), output_dir=out)
 
     shared = shared_runs('teacher_store', {
         # the live teacher's top-k, kept while training (float32)
@@ -56,6 +57,12 @@ def runs(tiny_ws, shared_runs):
         'two_ranks': lambda out: after('score', lambda: run_swift(base_args(tiny_ws, out, **dict(
             OFF_POLICY, teacher_scores=runs_dir(out, 'score'), teacher_model=None, teacher_model_type=None,
             per_device_train_batch_size=1, use_cpu='true')), nproc=2)),
+        # two epochs of the 4 fixed rows, kept while training: the second epoch reads what the first scored
+        'epochs': lambda out: train(out, dataset=tiny_ws.fixed, save_teacher_scores=os.path.join(out, 'store')),
+        # the score's draws: the sampled forward KL, against the live teacher's full-vocabulary forward KL
+        'from_samples': lambda out: after('score', lambda: train(
+            out, teacher_scores=runs_dir(out, 'score'), teacher_scores_samples=SAMPLES, beta=0, gkd_logits_topk=None)),
+        'live_fkl': lambda out: train(out, beta=0, gkd_logits_topk=None),
         # the live run's 8-row store alone over 8 steps: rows it lacks and no teacher
         'missing': lambda out: after('live', lambda: run_swift(base_args(tiny_ws, out, **dict(
             OFF_POLICY, max_steps=8, teacher_scores=os.path.join(runs_dir(out, 'live'), 'store'), teacher_model=None,
@@ -99,7 +106,7 @@ def test_a_store_that_covers_every_row_logs_the_live_teachers_losses_without_loa
     for a, b in zip(stored.logs, live.logs):
         assert a['loss'] == pytest.approx(b['loss'], rel=1e-6)
         assert a['gkd/teacher_store_rows'] == 1.0
-    assert 'gkd/teacher_store_rows' not in live.logs[0]
+    assert [row['gkd/teacher_store_rows'] for row in live.logs] == [0.0] * 4  # (its own store, being written)
 
 
 def test_a_store_written_while_training_is_read_by_the_next_run(runs):
@@ -111,6 +118,30 @@ def test_a_store_written_while_training_is_read_by_the_next_run(runs):
     for a, b in zip(again.logs, live.logs):
         assert a['gkd/teacher_store_rows'] == 1.0  # the same rows, in the same order: every one found
         assert a['loss'] == pytest.approx(b['loss'], rel=1e-6)
+
+
+def test_the_sampled_estimator_from_the_stored_draws_estimates_the_live_forward_kl(runs):
+    """The store's 64 draws a position (and the teacher's entropy): the loss trained on is the sampled
+    cross-entropy (its gradient an unbiased estimate of forward KL's, tested in float64 in tests/core), the logged
+    divergence that cross-entropy less the entropy, an estimate of the live teacher's full-vocabulary forward KL."""
+    stored, live = runs['from_samples'], runs['live_fkl']
+    assert stored.returncode == 0 and live.returncode == 0, stored.output[-4000:]
+    assert TeacherStore(runs['score'].output_dir).identity.samples == SAMPLES
+    assert 'the sampled cross-entropy over the stored draws' in stored.output
+    estimate = sum(r['gkd/distill_loss'] for r in stored.logs) / len(stored.logs)
+    exact = sum(r['gkd/distill_loss'] for r in live.logs) / len(live.logs)
+    assert estimate == pytest.approx(exact, rel=0.15), (estimate, exact)
+    for a in stored.logs:  # the loss is the cross-entropy: KL + the teacher's entropy (~ log V for a random teacher)
+        assert a['loss'] > 10 * a['gkd/distill_loss'] and a['gkd/teacher_store_rows'] == 1.0
+
+
+def test_a_second_epoch_reuses_what_the_first_scored(runs):
+    run = runs['epochs']
+    assert run.returncode == 0, run.output[-4000:]
+    assert [row['gkd/teacher_store_rows'] for row in run.logs] == [0.0, 0.0, 1.0, 1.0]
+    store = TeacherStore(os.path.join(run.output_dir, 'store'))
+    assert len(store) == 4
+    assert sum(len(s['tokens']) for s in store._shards) == 4  # nothing scored twice
 
 
 def test_two_ranks_read_the_store_alone(runs):
@@ -169,6 +200,8 @@ def test_a_killed_score_resumes_keeping_its_finished_shards(tiny_ws, tmp_path):
     (dict(save_teacher_scores='NEW', gkd_cross_tokenizer='uld', gkd_logits_topk=None, teacher_model='OTHER'),
      'a store keeps the teacher\'s top-k over'),
     (dict(gkd_score_only='true'), '--gkd_score_only true needs --save_teacher_scores'),
+    (dict(teacher_scores='SCORE', teacher_scores_samples=64, beta=0.5), 'an unbiased estimate of the forward KL'),
+    (dict(teacher_scores='SCORE', teacher_scores_samples=12, beta=0), 'holds 64 drawn tokens a position'),
 ])
 def test_refused_before_loading(runs, tiny_ws, tmp_path, flags, says):
     assert runs['score'].returncode == 0

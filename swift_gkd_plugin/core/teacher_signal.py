@@ -10,7 +10,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-__all__ = ['CrossTokenizerRows', 'TeacherHead', 'TeacherLogits', 'TeacherSignal', 'TeacherTopK']
+__all__ = ['CrossTokenizerRows', 'TeacherHead', 'TeacherLogits', 'TeacherSamples', 'TeacherSignal', 'TeacherTopK']
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,17 @@ class TeacherTopK:
     ids: torch.Tensor
     logprobs: torch.Tensor
     token_logprobs: Optional[torch.Tensor] = None
+
+
+@dataclass(frozen=True)
+class TeacherSamples:
+    """Token ids drawn from the tempered teacher ``[N, S]`` (``-1``: an unused slot), the loss's sampled
+    cross-entropy (:mod:`.scores.sampled_kd`, forward KL only); ``entropy`` ``[N]``: the tempered teacher's entropy
+    there (the logged divergence is cross-entropy minus it), or None; ``top1`` ``[N]``: the teacher's most likely
+    token (top-1 agreement), or None."""
+    ids: torch.Tensor
+    entropy: Optional[torch.Tensor] = None
+    top1: Optional[torch.Tensor] = None
 
 
 @dataclass(frozen=True)
@@ -57,4 +68,4 @@ class CrossTokenizerRows:
     rows: Any
 
 
-TeacherSignal = Union[TeacherLogits, TeacherTopK, TeacherHead, CrossTokenizerRows]
+TeacherSignal = Union[TeacherLogits, TeacherTopK, TeacherSamples, TeacherHead, CrossTokenizerRows]

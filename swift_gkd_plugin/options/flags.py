@@ -242,9 +242,18 @@ class GKDPluginArgumentsMixin:
     teacher_scores_dtype: Literal['float16', 'bfloat16', 'float32'] = field(
         default='float16',
         metadata={'help': 'Dtype of the log-probabilities a new teacher-score store keeps (--save_teacher_scores, '
-                  '`swift-gkd score`): float16 (default: 4x the precision of bfloat16 for log-probabilities, which '
+                  '`swift-gkd score`): float16 (default: 8x the precision of bfloat16 for log-probabilities, which '
                   'lie in [-65504, 0]; the live top-k losses to ~1e-3), bfloat16, or float32 (the live losses to '
                   'float32 rounding, ~1.8x the bytes).'})
+    teacher_scores_samples: int = field(
+        default=0,
+        metadata=FlagMetadata(
+            help='Tokens drawn from the tempered teacher at each scored position (random-sampling KD, Anshumann et '
+            'al. 2025; 12 is the paper\'s). Writing (--save_teacher_scores, `swift-gkd score`): the store keeps them '
+            'beside the top-k, with the teacher\'s entropy (a local teacher only). Reading (--teacher_scores): the '
+            'loss is the sampled cross-entropy over them, an unbiased estimate of forward KL\'s gradient (--beta 0 '
+            'only), instead of the top-k divergence. 0 (default): none.',
+            range=Range(0, integer=True, why='0 = none')))
     gkd_score_only: bool = field(
         default=False,
         metadata={'help': 'What `swift-gkd score` runs: every row of --dataset encoded as training encodes it and '

@@ -84,6 +84,8 @@ class TopKResult:
     target_logprobs: Any = None  # torch.FloatTensor [R]: the log-prob of the token each row predicts, or None
     input_ids: Optional[List[int]] = None  # messages form: the encoded sequence
     positions: Optional[List[int]] = None  # messages form: the scored positions
+    samples: Any = None  # torch.LongTensor [R, S]: ids drawn from the tempered teacher (a local teacher's), or None
+    entropy: Any = None  # torch.FloatTensor [R]: the tempered teacher's entropy there, with samples
 
 
 class TeacherClient:

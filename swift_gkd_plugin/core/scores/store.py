@@ -67,6 +67,7 @@ class RowScores:
     tail: Optional[torch.Tensor] = None  # [n] log of the mass outside the top-k
     token_logprobs: Optional[torch.Tensor] = None  # [n] the next token's log-prob (nan: unknown)
     samples: Optional[torch.Tensor] = None  # [n, S] int64 ids drawn from the tempered teacher, sorted
+    entropy: Optional[torch.Tensor] = None  # [n] the tempered teacher's entropy (with samples: KL = CE - entropy)
 
     @property
     def num_tokens(self) -> int:
@@ -89,9 +90,11 @@ def _planes(x: torch.Tensor) -> bytes:
 
 
 def _from_planes(data: memoryview, count: int, dtype: torch.dtype) -> torch.Tensor:
+    if count == 0:  # (frombuffer refuses an empty buffer)
+        return torch.empty(0, dtype=dtype)
     size = torch.empty((), dtype=dtype).element_size()
     b = torch.frombuffer(bytearray(data[:count * size]), dtype=torch.uint8).reshape(size, count)
-    return b.t().contiguous().view(dtype).reshape(count)
+    return b.t().reshape(-1).clone().view(dtype)
 
 
 def _sorted_deltas(ids: torch.Tensor) -> torch.Tensor:
@@ -102,7 +105,8 @@ def _sorted_deltas(ids: torch.Tensor) -> torch.Tensor:
 
 def encode_row(scores: RowScores, k: int, samples: int, dtype: torch.dtype) -> bytes:
     """One row's payload: its top-k (ids ascending within a position, delta-coded; log-probabilities in ``dtype``
-    in the same order), tail, next-token log-probs and samples, as byte planes, zlib-compressed."""
+    in the same order), tail, next-token log-probs, and with samples their ids (delta-coded) and the teacher's
+    entropy, as byte planes, zlib-compressed."""
     n = scores.num_tokens
     parts = []
     if k:
@@ -114,6 +118,8 @@ def encode_row(scores: RowScores, k: int, samples: int, dtype: torch.dtype) -> b
         parts.append(_planes((values.float() if values is not None else nan).to(dtype).view(_INT_VIEW[dtype])))
     if samples:
         parts.append(_planes(_sorted_deltas(scores.samples)))
+        entropy = scores.entropy.float() if scores.entropy is not None else nan
+        parts.append(_planes(entropy.to(dtype).view(_INT_VIEW[dtype])))
     return zlib.compress(b''.join(parts), 6)
 
 
@@ -134,9 +140,12 @@ def decode_row(payload: bytes, n: int, k: int, samples: int, dtype: torch.dtype)
         out['samples'] = _from_planes(data[at:], n * samples, torch.int32).reshape(n, samples).to(
             torch.int64).cumsum(-1)
         at += n * samples * 4
+        out['entropy'] = _from_planes(data[at:], n, _INT_VIEW[dtype]).view(dtype).float()
+        at += n * size
     if at != len(data):
         raise StoreError(f'a row decoded to {len(data)} bytes where its layout holds {at}')
-    return RowScores(out.get('ids'), out.get('logprobs'), out['tail'], out['token_logprobs'], out.get('samples'))
+    return RowScores(out.get('ids'), out.get('logprobs'), out['tail'], out['token_logprobs'], out.get('samples'),
+                     out.get('entropy'))
 
 
 def _write_json_atomic(path: str, doc: dict) -> None:
@@ -209,13 +218,25 @@ class StoreWriter:
         self._count = 0
         self._reset()
         self.rows_written = self.tokens_written = self.bytes_written = 0
+        self.reader = TeacherStore(root)  # what the folder holds, this writer's finished shards added as they come
 
     def _reset(self) -> None:
         self._keys, self._tokens, self._payloads, self._size = [], [], [], 0
+        self._pending: Dict[bytes, int] = {}
+
+    def get(self, key: str) -> Optional[RowScores]:
+        """A row this folder holds or this writer buffered, else None: a later epoch reuses what an earlier one
+        scored."""
+        at = self._pending.get(bytes.fromhex(key))
+        if at is not None:
+            identity = self.identity
+            return decode_row(self._payloads[at], self._tokens[at], identity.topk, identity.samples, self.dtype)
+        return self.reader.get(key)
 
     def add(self, key: str, scores: RowScores) -> None:
         """Buffer one row; a full buffer becomes a shard."""
         payload = encode_row(scores, self.identity.topk, self.identity.samples, self.dtype)
+        self._pending[bytes.fromhex(key)] = len(self._keys)
         self._keys.append(bytes.fromhex(key))
         self._tokens.append(scores.num_tokens)
         self._payloads.append(payload)
@@ -244,6 +265,7 @@ class StoreWriter:
         with open(tmp, 'rb+') as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        self.reader.add_shard(path)
         self._count += 1
         self.rows_written += len(self._keys)
         self.tokens_written += sum(self._tokens)
@@ -269,33 +291,36 @@ class TeacherStore:
         self._open_shards()
 
     def _open_shards(self) -> None:
-        from safetensors import safe_open
         folder = os.path.join(self.root, SHARDS)
         names = sorted(n for n in os.listdir(folder) if n.endswith('.safetensors')) if os.path.isdir(folder) else []
         for name in names:
-            path = os.path.join(folder, name)
-            try:
-                handle = safe_open(path, framework='pt')
-                if handle.metadata().get('format') != FORMAT:
-                    raise StoreError(f'format {handle.metadata().get("format")!r}')
-                keys = handle.get_tensor('keys')
-                shard = {'path': path, 'handle': handle, 'tokens': handle.get_tensor('tokens'),
-                         'offsets': handle.get_tensor('offsets'), 'crc32': handle.get_tensor('crc32'),
-                         'payload': handle.get_slice('payload')}
-            except StoreError as e:
-                raise StoreError(f'{path} is not a shard of this store ({e})') from None
-            except Exception as e:  # safetensors' own errors: a truncated or foreign file
-                raise StoreError(f'{path} cannot be read as a safetensors shard ({type(e).__name__}: {e}); a '
-                                 'killed writer leaves only *.tmp files: remove this one, or score its rows again')
-            if keys.dim() != 2 or keys.shape[1] != 16 or shard['tokens'].shape[0] != keys.shape[0] or \
-                    shard['offsets'].shape[0] != keys.shape[0] + 1:
-                raise StoreError(f'{path}: its tensors do not describe the same rows')
-            s = len(self._shards)
-            self._shards.append(shard)
-            for r, key in enumerate(keys.numpy()):
-                self._index[key.tobytes()] = (s, r)
-            self.tokens += int(shard['tokens'].sum())
-            self.bytes += os.path.getsize(path)
+            self.add_shard(os.path.join(folder, name))
+
+    def add_shard(self, path: str) -> None:
+        """Index one finished shard (a later one's rows replace an earlier one's of the same key)."""
+        from safetensors import safe_open
+        try:
+            handle = safe_open(path, framework='pt')
+            if handle.metadata().get('format') != FORMAT:
+                raise StoreError(f'format {handle.metadata().get("format")!r}')
+            keys = handle.get_tensor('keys')
+            shard = {'path': path, 'handle': handle, 'tokens': handle.get_tensor('tokens'),
+                     'offsets': handle.get_tensor('offsets'), 'crc32': handle.get_tensor('crc32'),
+                     'payload': handle.get_slice('payload')}
+        except StoreError as e:
+            raise StoreError(f'{path} is not a shard of this store ({e})') from None
+        except Exception as e:  # safetensors' own errors: a truncated or foreign file
+            raise StoreError(f'{path} cannot be read as a safetensors shard ({type(e).__name__}: {e}); a '
+                             'killed writer leaves only *.tmp files: remove this one, or score its rows again')
+        if keys.dim() != 2 or keys.shape[1] != 16 or shard['tokens'].shape[0] != keys.shape[0] or \
+                shard['offsets'].shape[0] != keys.shape[0] + 1:
+            raise StoreError(f'{path}: its tensors do not describe the same rows')
+        s = len(self._shards)
+        self._shards.append(shard)
+        for r, key in enumerate(keys.numpy()):
+            self._index[key.tobytes()] = (s, r)
+        self.tokens += int(shard['tokens'].sum())
+        self.bytes += os.path.getsize(path)
 
     def __len__(self) -> int:
         return len(self._index)

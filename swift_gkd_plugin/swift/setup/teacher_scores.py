@@ -62,11 +62,12 @@ def _encoding(args) -> dict:
             'system': args.system, 'tokenizer': _tokenizer_fingerprint(args.model_dir)}
 
 
-def _dataset_files(values) -> Optional[List[str]]:
-    """The local files of ``--dataset`` (a ``#N`` subset suffix dropped), or None where one is not a local file."""
+def _dataset_files(values, subsets: bool = True) -> Optional[List[str]]:
+    """The local files of ``--dataset``, or None where one is not a local file (or, without ``subsets``, names a
+    ``#N`` subset: a score of a subset does not cover its file; a run on a subset of a covered file is covered)."""
     files = []
     for value in values or []:
-        path = value.split('#')[0] if not os.path.isfile(value) else value
+        path = value if os.path.isfile(value) or not subsets else value.split('#')[0]
         if not os.path.isfile(path):
             return None
         files.append(os.path.abspath(path))
@@ -78,7 +79,7 @@ def mark_covered(run_dir: str) -> None:
     the run's ``args.json``, ms-swift's record of its command-line arguments)."""
     with open(os.path.join(run_dir, 'args.json')) as f:
         args = SimpleNamespace(**json.load(f))
-    files = _dataset_files(args.dataset)
+    files = _dataset_files(args.dataset, subsets=False)
     if not files:
         return
     root = args.save_teacher_scores
@@ -138,9 +139,15 @@ def check_teacher_scores(args) -> None:
     if args.gkd_score_only and not args.save_teacher_scores:
         raise FlagError('--gkd_score_only true needs --save_teacher_scores DIR (the store it writes): run '
                         '`swift-gkd score`')
+    samples = args.teacher_scores_samples
+    if samples and not flags:
+        raise FlagError(f'--teacher_scores_samples {samples} draws tokens for a teacher-score store or trains on a '
+                        'store\'s: pass --save_teacher_scores DIR or --teacher_scores DIR')
     if not flags:
         return
     named = ' / '.join(f'--{f}' for f in flags)
+    if samples:
+        _check_samples(args, samples)
     if args.gkd_cross_tokenizer:
         raise FlagError(f'{named} with --gkd_cross_tokenizer {args.gkd_cross_tokenizer}: a store keeps the teacher\'s '
                         'top-k over the student\'s own token ids; a teacher of another tokenizer has none')
@@ -167,6 +174,23 @@ def check_teacher_scores(args) -> None:
         _check_store_fits(args, args.save_teacher_scores, '--save_teacher_scores', writing=True)
 
 
+def _check_samples(args, samples: int) -> None:
+    """The sampled estimator: forward KL only, on full student logits, from a teacher that can draw."""
+    if args.teacher_scores:
+        beta = args.beta if args.beta is not None else 0.5
+        if args.gkd_divergence != 'jsd' or beta != 0:
+            raise FlagError(f'--teacher_scores_samples {samples} trains on tokens drawn from the teacher: an unbiased '
+                            'estimate of the forward KL alone, KL(teacher||student): pass --beta 0 (got --beta '
+                            f'{beta}, --gkd_divergence {args.gkd_divergence}), or --teacher_scores_samples 0 for '
+                            'the top-k divergence')
+        if args.gkd_loss_impl == 'fused' or args.gkd_topk_tail:
+            raise FlagError(f'--teacher_scores_samples {samples} runs on the dense loss (full student logits): drop '
+                            '--gkd_loss_impl fused / --gkd_topk_tail true')
+    if args.teacher_model_server:
+        raise FlagError(f'--teacher_scores_samples {samples} with --teacher_model_server: a server answers top-k '
+                        'log-probabilities, not draws from its distribution; a local --teacher_model draws them')
+
+
 def _check_store_fits(args, root: Optional[str] = None, flag: str = '--teacher_scores', writing: bool = False) -> None:
     root = root or args.teacher_scores
     try:
@@ -186,9 +210,16 @@ def _check_store_fits(args, root: Optional[str] = None, flag: str = '--teacher_s
     if identity.topk and k and k > identity.topk and not writing:
         raise FlagError(f'--gkd_logits_topk {k} is larger than {flag} {root} holds (top-{identity.topk}): pass '
                         f'--gkd_logits_topk 1 to {identity.topk}, or score again with a larger k')
-    if writing and (identity.topk != k or identity.dtype != args.teacher_scores_dtype):
-        raise FlagError(f'{flag} {root} holds top-{identity.topk} in {identity.dtype}, this run would add top-{k} in '
+    if writing and (identity.topk != k or identity.dtype != args.teacher_scores_dtype
+                    or identity.samples != args.teacher_scores_samples):
+        raise FlagError(f'{flag} {root} holds top-{identity.topk} and {identity.samples} samples in {identity.dtype}, '
+                        f'this run would add top-{k} and {args.teacher_scores_samples} samples in '
                         f'{args.teacher_scores_dtype}: pass those, or another folder')
+    if not writing and args.teacher_scores_samples and identity.samples != args.teacher_scores_samples:
+        raise FlagError(f'--teacher_scores_samples {args.teacher_scores_samples}: {flag} {root} holds '
+                        f'{identity.samples} drawn tokens a position (pass --teacher_scores_samples '
+                        f'{identity.samples}: a subset of the sorted draws would not be a sample of the teacher; 0 '
+                        'trains on its top-k)')
     if identity.samples and abs(identity.temperature - args.temperature) > 1e-9:
         raise FlagError(f'{flag} {root} drew its samples at --temperature {identity.temperature}, this run uses '
                         f'{args.temperature}')

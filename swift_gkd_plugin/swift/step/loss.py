@@ -31,8 +31,9 @@ from swift_gkd_plugin.core.policy_gradient import (head_token_logprobs, policy_g
                                                    rollout_importance_weights, sampled_token_stats)
 from swift_gkd_plugin.core.row_divergence import gated_row_count
 from swift_gkd_plugin.core.sampled_kl import discounted_returns, other_rows_baseline, token_log_ratios
-from swift_gkd_plugin.core.teacher_signal import (CrossTokenizerRows, TeacherHead, TeacherLogits, TeacherSignal,
-                                                  TeacherTopK)
+from swift_gkd_plugin.core.scores.sampled_kd import sampled_forward_kl
+from swift_gkd_plugin.core.teacher_signal import (CrossTokenizerRows, TeacherHead, TeacherLogits, TeacherSamples,
+                                                  TeacherSignal, TeacherTopK)
 from swift_gkd_plugin.core.topk import (drop_ids_outside_vocab, topk_divergence_dense, topk_of_logits,
                                         topk_teacher_entropy)
 from swift_gkd_plugin.core.views import response_positions, shift_labels
@@ -311,7 +312,10 @@ class LossMixin(EvaluationMixin):
         if student.shape[0] == 0:
             loss = loss + outputs.logits.sum() * 0.0  # keep the graph connected for DDP/ZeRO
         self._check_finite(loss, setup.mode, teacher, [('logits', student)])
-        self._log_loss_metrics(setup.mode, per_token.detach().float().sum(), per_token.numel(), agreements,
+        logged = per_token.detach().float()
+        if isinstance(teacher, TeacherSamples):  # the sampled cross-entropy less the teacher's entropy: KL's estimate
+            logged = logged - teacher.entropy.float()
+        self._log_loss_metrics(setup.mode, logged.sum(), per_token.numel(), agreements,
                                n_compared, pg_sum=pg_sum, entropy_sum=entropy_sum,
                                teacher_entropy_sum=teacher_entropy_sum, gated_rows=gated_rows)
         return loss, outputs
@@ -342,6 +346,8 @@ class LossMixin(EvaluationMixin):
         if isinstance(teacher, TeacherTopK):
             _, logprobs = drop_ids_outside_vocab(teacher.ids.clamp_min(0), teacher.logprobs.float(), student_vocab)
             return topk_teacher_entropy(logprobs, temperature, False, student_vocab)
+        if isinstance(teacher, TeacherSamples):
+            return teacher.entropy.float()
         # CrossTokenizerRows: every teacher position once (no [N, Vt] copy of the aligned rows), then the partners
         return tempered_entropy(teacher.logits, temperature).reshape(-1)[teacher.rows.teacher_index]
 
@@ -349,6 +355,11 @@ class LossMixin(EvaluationMixin):
         """The teacher's side of the dense loss: a server's top-k, aligned rows of a teacher with another
         tokenizer, the top-k of a local teacher (``--gkd_logits_topk``) or its full logits."""
         gkd_batch = inputs['gkd_batch']
+        if self.use_teacher_api and getattr(gkd_batch, 'teacher_samples', None) is not None:
+            ids, logprobs = gkd_batch.teacher_topk_indices, gkd_batch.teacher_topk_logprobs
+            return TeacherSamples(setup.teacher_rows(gkd_batch.teacher_samples),
+                                  setup.teacher_rows(gkd_batch.teacher_entropy),
+                                  setup.teacher_rows(ids.gather(-1, logprobs.argmax(-1, keepdim=True))[..., 0]))
         if self.use_teacher_api:
             return TeacherTopK(setup.teacher_rows(gkd_batch.teacher_topk_indices),
                                setup.teacher_rows(gkd_batch.teacher_topk_logprobs), _token_logprobs(setup, gkd_batch))
@@ -366,6 +377,10 @@ class LossMixin(EvaluationMixin):
         compared tokens whose two top-1 tokens agree (a device tensor) and the number of compared tokens."""
         if isinstance(teacher, TeacherTopK):
             return self._topk_divergence(student, teacher.ids, teacher.logprobs)
+        if isinstance(teacher, TeacherSamples):  # forward KL from the stored draws (core/scores/sampled_kd.py)
+            per_token, _ = sampled_forward_kl(student, teacher.ids, self.args.temperature)
+            agree = student.argmax(-1) == teacher.top1
+            return per_token, agree.sum(), agree.numel()
         if isinstance(teacher, CrossTokenizerRows):
             self._log_alignment_metrics(teacher.rows.exact)
             per_token, agree = self._xtok.loss(student, teacher.logits, teacher.rows, self._divergence,
@@ -469,6 +484,10 @@ class LossMixin(EvaluationMixin):
     def _decide_loss_impl(self) -> bool:
         """--gkd_loss_impl: fused wherever it applies; otherwise dense, and the log says why (once)."""
         impl = self.args.gkd_loss_impl
+        if getattr(self, '_train_on_samples', False):
+            logger.info('swift_gkd_plugin: GKD loss implementation: dense (--teacher_scores_samples: the sampled '
+                        'cross-entropy over the stored draws)')
+            return False
         if impl == 'dense':
             logger.info('swift_gkd_plugin: GKD loss implementation: dense (--gkd_loss_impl dense)')
             return False
@@ -500,6 +519,8 @@ def _signal_parts(teacher: TeacherSignal):
     """``(what, tensor, log-probabilities?)`` of a teacher signal, for :meth:`LossMixin._check_finite`."""
     if isinstance(teacher, TeacherTopK):
         return [('top-k log-probabilities', teacher.logprobs, True)]
+    if isinstance(teacher, TeacherSamples):
+        return [('entropy', teacher.entropy, False)]
     if isinstance(teacher, TeacherHead):
         return [('last hidden states', teacher.hidden, False), ('output head', teacher.weight, False)]
     return [('logits', teacher.logits.flatten(0, -2), False)]  # TeacherLogits, CrossTokenizerRows

@@ -284,15 +284,23 @@ class TeacherMixin:
             batch['gkd_batch'].teacher_topk_indices = torch.zeros(shape, dtype=torch.long, device=device)
             if targets:
                 batch['gkd_batch'].teacher_token_logprobs = torch.full(shape[:-1], float('nan'), device=device)
+            if self._train_on_samples:  # --teacher_scores_samples: the sampled estimator's ids and entropies
+                batch['gkd_batch'].teacher_samples = torch.full(shape[:-1] + (self.args.teacher_scores_samples, ),
+                                                                -1, dtype=torch.long, device=device)
+                batch['gkd_batch'].teacher_entropy = torch.full(shape[:-1], float('nan'), device=device)
         served_by = {i: self.teacher_clients[t_idx] for t_idx, indices in routing.items() for i in indices}
         fresh_set = set(fresh)
         for i, ((b, row, positions), result) in enumerate(zip(places, results)):
             gkd_batch = batch_encoded_inputs[b]['gkd_batch']
             client = served_by.get(i)
+            drawn = result
             result = fit_answer(result, len(positions), k, f'row {row} of micro-batch {b} (request {i} of this step, '
                                 f'teacher {f"server {client.url}" if client is not None else "local"})')
             if i in fresh_set:
-                self._keep_answer(requests[i], result)
+                self._keep_answer(requests[i], result, drawn)
+            if self._train_on_samples:
+                gkd_batch.teacher_samples[row, positions] = drawn.samples.to(device).long()
+                gkd_batch.teacher_entropy[row, positions] = drawn.entropy.to(device).float()
             gkd_batch.teacher_topk_logprobs[row, positions] = result.logprobs.to(device).float()
             gkd_batch.teacher_topk_indices[row, positions] = result.ids.to(device).long()
             if targets:
@@ -332,7 +340,11 @@ class TeacherMixin:
                     rows = out[row, positions]
                     top_ids, top_lps = topk_of_logits(rows, self.gkd_logits_topk)
                     target = sampled_token_stats(rows, nxt)[0]
-                answers[where] = TopKResult(ids=top_ids, logprobs=top_lps, target_logprobs=target.float())
+                samples = entropy = None
+                if self._samples_to_draw():  # --teacher_scores_samples (teacher/store.py)
+                    samples, entropy = self._draw_from_teacher(rows, (weight, bias) if self._fused else None)
+                answers[where] = TopKResult(ids=top_ids, logprobs=top_lps, target_logprobs=target.float(),
+                                            samples=samples, entropy=entropy)
         return [answers[i] for i in range(len(places))]
 
     def _log_teacher_metrics(self, names, routing, results) -> None:

@@ -46,6 +46,8 @@ class TeacherStoreMixin:
                                              rank=self.accelerator.process_index)
             logger.info(f'swift_gkd_plugin: keeping the teacher\'s top-{self.gkd_logits_topk} in '
                         f'{args.save_teacher_scores} ({args.teacher_scores_dtype})')
+        # --teacher_scores_samples on a store read: the loss is the sampled estimator (step/loss.py, dense)
+        self._train_on_samples = bool(args.teacher_scores and args.teacher_scores_samples)
         self._score_progress = {'rows': 0, 'tokens': 0, 'found': 0, 'started': None, 'said': 0.0}
         if args.gkd_score_only:
             self._nothing_learnt.armed = False  # nothing is trained, by design
@@ -70,21 +72,27 @@ class TeacherStoreMixin:
         return StoreIdentity(
             teacher=str(name), teacher_hash=weights_fingerprint(teacher_dir) if teacher_dir else '',
             tokenizer=tokenizer_fingerprint(self.template.tokenizer),
-            template=self.template.template_meta.template_type, topk=int(self.gkd_logits_topk), samples=0,
+            template=self.template.template_meta.template_type, topk=int(self.gkd_logits_topk),
+            samples=int(args.teacher_scores_samples),
             dtype=args.teacher_scores_dtype, temperature=float(args.temperature), vocab_size=int(vocab))
 
     def _stored_answers(self, requests: List[Request]) -> List[Optional[TopKResult]]:
-        """The store's answer to each request, None where it has none (every request None without a store)."""
-        if self._store is None:
+        """The store's answer to each request (``--teacher_scores``, then what ``--save_teacher_scores`` holds: a
+        later epoch reuses an earlier one's), None where it has none."""
+        if self._store is None and self._store_writer is None:
             return [None] * len(requests)
         answers = []
         for ids, positions in requests:
+            key = row_key(ids, positions)
             try:
-                row = self._store.get(row_key(ids, positions))
+                row = self._store.get(key) if self._store is not None else None
+                if row is None and self._store_writer is not None:  # scored earlier in this run or folder
+                    row = self._store_writer.get(key)
             except StoreError as exc:  # a damaged shard: one line naming it
                 raise RunError(f'--teacher_scores {self.args.teacher_scores}: {exc}') from None
             answers.append(None if row is None else TopKResult(row.ids, row.logprobs, row.tail,
-                                                               target_logprobs=row.token_logprobs))
+                                                               target_logprobs=row.token_logprobs,
+                                                               samples=row.samples, entropy=row.entropy))
         if self.model.training:
             found = sum(a is not None for a in answers)
             add_token_sum(self.custom_metrics['train']['gkd/teacher_store_rows'], float(found), len(requests))
@@ -100,21 +108,54 @@ class TeacherStoreMixin:
                        '--teacher_model_server), or score the dataset into the store first (`swift-gkd score` with '
                        'the same --template, --max_length and --truncation_strategy)')
 
-    def _keep_answer(self, request: Request, answer: TopKResult) -> None:
-        """Append one row the teacher scored now to ``--save_teacher_scores``."""
+    def _keep_answer(self, request: Request, answer: TopKResult, drawn: Optional[TopKResult] = None) -> None:
+        """Append one row the teacher scored now to ``--save_teacher_scores`` (``drawn``: the answer as the teacher
+        gave it, with its samples, where ``answer`` is the one fitted to the batch's top-k slots)."""
         if self._store_writer is None:
             return
+        drawn = drawn or answer
         logprobs = answer.logprobs.detach().float().cpu()
         tail = answer.tail
         if tail is None:
             tail = teacher_tail_logmass(logprobs, (logprobs > float('-inf')).sum(-1), self._store_writer.identity
                                         .vocab_size)
         token = answer.target_logprobs
+        samples, entropy = drawn.samples, drawn.entropy
         self._store_writer.add(row_key(*request), RowScores(
             answer.ids.detach().long().cpu(), logprobs, tail.detach().float().cpu(),
-            None if token is None else token.detach().float().cpu()))
+            None if token is None else token.detach().float().cpu(),
+            None if samples is None else samples.detach().long().cpu(),
+            None if entropy is None else entropy.detach().float().cpu()))
         self._score_progress['rows'] += 1
         self._score_progress['tokens'] += len(request[1])
+
+    def _samples_to_draw(self) -> int:
+        """Tokens the local teacher draws at each position it scores now: ``--teacher_scores_samples`` where a store
+        keeps them or the loss trains on them, else 0."""
+        args = self.args
+        wanted = self._store_writer is not None or bool(args.teacher_scores)
+        return int(args.teacher_scores_samples) if wanted else 0
+
+    def _draw_from_teacher(self, rows: torch.Tensor, head=None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(samples [n, S], entropy [n])`` of the tempered teacher at ``rows``: its logits, or with ``head``
+        ``(weight, bias)`` its hidden states (logits made 256 rows at a time: a ``[256, V]`` chunk at most)."""
+        from swift_gkd_plugin.core.entropy import tempered_entropy
+        from swift_gkd_plugin.core.scores.sampled_kd import draw_teacher_samples
+        if getattr(self, '_sample_generator', None) is None or self._sample_generator.device != rows.device:
+            self._sample_generator = torch.Generator(device=rows.device).manual_seed(
+                int(self.args.seed) * 1000003 + self.accelerator.process_index)
+        n, temperature = self._samples_to_draw(), float(self.args.temperature)
+        samples, entropies = [], []
+        for start in range(0, rows.shape[0], 256):
+            logits = rows[start:start + 256]
+            if head is not None:
+                weight, bias = head
+                logits = logits.to(weight.dtype) @ weight.t() + (0 if bias is None else bias)
+            samples.append(draw_teacher_samples(logits.float(), n, temperature, self._sample_generator))
+            entropies.append(tempered_entropy(logits.float(), temperature))
+        if not samples:
+            return rows.new_zeros((0, n), dtype=torch.long), rows.new_zeros(0, dtype=torch.float32)
+        return torch.cat(samples), torch.cat(entropies).float()
 
     def _flush_teacher_scores(self) -> None:
         """Write what this rank buffered as a shard (at a checkpoint, at the end of training)."""
