@@ -20,6 +20,7 @@ from swift_gkd_plugin.entry import score as score_cli
 
 K = 8
 SAMPLES = 64  # tokens drawn from the teacher a position (many: the test compares the estimate's mean)
+EVAL = dict(val_dataset=None, eval_strategy='steps', eval_steps=2)  # val_dataset: the first 4 training rows
 OFF_POLICY = dict(lmbda=0, seq_kd='false', learning_rate=0, max_steps=4, gkd_logits_topk=K, seed=5)
 
 
@@ -38,6 +39,8 @@ def score_argv(ws, store, **extra):
 
 @pytest.fixture(scope='module')
 def runs(tiny_ws, shared_runs):
+    EVAL['val_dataset'] = f'{tiny_ws.train}#4'
+
     def train(out, **flags):
         return run_swift(base_args(tiny_ws, out, **dict(OFF_POLICY, **flags)))
 
@@ -49,14 +52,14 @@ def runs(tiny_ws, shared_runs):
         'live': lambda out: train(out, save_teacher_scores=os.path.join(out, 'store'), teacher_scores_dtype='float32'),
         'score': scored,  # swift-gkd score of the whole training set
         # the score's store alone (it covers every row: --teacher_model is given and not loaded)
-        'from_score': lambda out: after('score', lambda: train(out, teacher_scores=runs_dir(out, 'score'))),
+        'from_score': lambda out: after('score', lambda: train(out, teacher_scores=runs_dir(out, 'score'), **EVAL)),
         # the live run's store (the first 8 rows), with the teacher for anything missing
         'from_live': lambda out: after('live', lambda: train(
             out, teacher_scores=os.path.join(runs_dir(out, 'live'), 'store'))),
-        # two ranks of one row each, the score's store alone, no teacher flag at all
+        # two ranks holding half of every row (sequence parallelism), the score's store alone, no teacher flag
         'two_ranks': lambda out: after('score', lambda: run_swift(base_args(tiny_ws, out, **dict(
             OFF_POLICY, teacher_scores=runs_dir(out, 'score'), teacher_model=None, teacher_model_type=None,
-            per_device_train_batch_size=1, use_cpu='true')), nproc=2)),
+            sequence_parallel_size=2, use_cpu='true', **EVAL)), nproc=2)),
         # two epochs of the 4 fixed rows, kept while training: the second epoch reads what the first scored
         'epochs': lambda out: train(out, dataset=tiny_ws.fixed, save_teacher_scores=os.path.join(out, 'store')),
         # the score's draws: the sampled forward KL, against the live teacher's full-vocabulary forward KL
@@ -144,14 +147,21 @@ def test_a_second_epoch_reuses_what_the_first_scored(runs):
     assert sum(len(s['tokens']) for s in store._shards) == 4  # nothing scored twice
 
 
-def test_two_ranks_read_the_store_alone(runs):
-    """No teacher flag at all: the store answers every row on both ranks; the step's loss is the one-rank run's."""
+def eval_losses(run):
+    with open(glob.glob(os.path.join(run.output_dir, '**', 'logging.jsonl'), recursive=True)[0]) as f:
+        return [row['eval_loss'] for row in map(json.loads, f) if 'eval_loss' in row]
+
+
+def test_two_sequence_parallel_ranks_read_the_store_alone_beside_evaluation(runs):
+    """No teacher flag at all, each rank holding half of every row: the store answers every row of the group on
+    both ranks (the answers shared as a served teacher's are); evaluation reads the store too, and its losses are the
+    one-rank run's."""
     run = runs['two_ranks']
     assert run.returncode == 0, run.output[-4000:]
     assert 'Teacher model: none loaded' in run.output
-    for a, b in zip(run.logs, runs['from_score'].logs):
-        assert a['loss'] == pytest.approx(b['loss'], rel=1e-5)
-        assert a['gkd/teacher_store_rows'] == 1.0
+    assert len(run.logs) == 4 and all(row['gkd/teacher_store_rows'] == 1.0 for row in run.logs)
+    one = eval_losses(runs['from_score'])
+    assert len(one) == 2 and eval_losses(run) == pytest.approx(one, rel=1e-5)
 
 
 def test_a_row_missing_without_a_teacher_stops_the_run_naming_it(runs):
