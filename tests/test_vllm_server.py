@@ -205,8 +205,10 @@ def runs(vllm_ws, shared_runs):
         **{f'{name}_served_teacher': (lambda flags: lambda out: on_server(
             out, dataset=list(routed), teacher_model_server=json.dumps(
                 [{'url': 'local', 'tags': [routed[0]]}, {'url': teacher_server(ws), 'tags': [routed[1]]}]),
-            gkd_logits_topk=8, learning_rate=0, max_steps=4, **flags))(flags)
-           for name, flags in (('sync', {}), ('async', {'async_generate': 'true'}))},
+            gkd_logits_topk=8, learning_rate=0, max_steps=4,
+            **{k: os.path.join(out, 'store') if v == 'STORE' else v for k, v in flags.items()}))(flags)
+           for name, flags in (('sync', {}), ('async', {'async_generate': 'true', 'save_teacher_scores': 'STORE',
+                                                        'teacher_scores_dtype': 'float32'}))},
     })
     return runs
 
@@ -337,6 +339,10 @@ def test_async_generate_beside_a_served_teacher(runs):
     waits = _steps(run, 'gkd/teacher_wait_s')  # (timings: docs_en/vllm.md, not asserted)
     assert [w is None for w in waits] == [a is None for a in ahead] and all(w >= 0 for w in waits if w is not None)
     assert not any('gkd/teacher_wait_s' in row or 'gkd/teacher_ahead' in row for row in sync.logs)
+    # --save_teacher_scores (issue 80): the store keeps both teachers' rows, the served ones as the producer got them
+    from swift_gkd_plugin.core.scores.store import TeacherStore
+    store = TeacherStore(os.path.join(run.output_dir, 'store'))
+    assert len(store) == 2 * len(run.logs) and store.identity.topk == 8 and 'local' in store.identity.teacher
 
 
 def test_server_of_another_model_stops_the_run_at_the_first_sync(vllm_ws, tmp_path):

@@ -1,5 +1,5 @@
-"""``--teacher_scores``, ``--save_teacher_scores`` and ``--gkd_score_only`` before any model loads: a store that does not
-fit the run is refused in one line, and a store that covers every row spares loading the teacher.
+"""``--teacher_scores``, ``--save_teacher_scores`` and ``--gkd_score_only`` before any model loads: a store that does
+not fit the run is refused in one line, and a store that covers every row spares loading the teacher.
 
 A store covers a dataset when a finished ``swift-gkd score`` scored that file (by its SHA-256) with this encoding
 (template, ``--max_length``, ``--truncation_strategy``, ``--system``, tokenizer): the manifest's ``covered`` list.

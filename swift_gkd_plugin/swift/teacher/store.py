@@ -14,8 +14,8 @@ from typing import List, Optional, Tuple
 import torch
 from swift.utils import get_logger
 
-from swift_gkd_plugin.core.scores.store import (RowScores, StoreError, StoreIdentity, StoreWriter, TeacherStore, row_key,
-                                                tokenizer_fingerprint, weights_fingerprint)
+from swift_gkd_plugin.core.scores.store import (RowScores, StoreError, StoreIdentity, StoreWriter, TeacherStore,
+                                                row_key, tokenizer_fingerprint, weights_fingerprint)
 from swift_gkd_plugin.core.topk import teacher_tail_logmass
 from swift_gkd_plugin.server.client import TopKResult
 from swift_gkd_plugin.swift.run.guards import RunError
@@ -60,7 +60,7 @@ class TeacherStoreMixin:
         """What scores this run keeps: the teacher, its weights' fingerprint, the tokenizer, template, k and dtype."""
         args = self.args
         teacher_dir = None
-        if self.teacher_model_server and getattr(self, '_local_teacher', None) is None:
+        if self.teacher_model_server:  # served (and a routed local one): named by the flag
             name = self.teacher_model_server
         elif self.teacher_model is not None:
             teacher_dir = getattr(self.accelerator.unwrap_model(self.teacher_model), 'model_dir', None)
