@@ -234,3 +234,34 @@ def test_swift_gkd_score_refuses_its_own_flags_in_one_line(tiny_ws, tmp_path):
             main(['score', *argv])
         assert stop.value.code == 2
     assert 'OFFLINE' not in says and OFFLINE_ENV  # (the runs above are offline)
+
+
+def test_offline_on_policy_samples_once_and_trains_from_the_store(trained_ws, tmp_path):
+    """``swift-gkd score --sample_with STUDENT --num_samples 2`` (Lightning OPD's offline on-policy distillation): the
+    warm student samples each prompt twice, the teacher scores the samples, the finished ones become
+    ``samples.jsonl`` beside their scores; a run on that dataset finds every row in the store and loads no teacher."""
+    store = str(tmp_path / 'opd')
+    parser = argparse.ArgumentParser()
+    score_cli.add_arguments(parser)
+    args, rest = parser.parse_known_args(
+        ['--sample_with', trained_ws['student'], '--num_samples', '2', '--teacher_model', trained_ws['teacher'],
+         '--dataset', f'{trained_ws["train"]}#8', '--output_dir', store, '--gkd_logits_topk', str(K),
+         '--model_type', 'qwen3', '--teacher_model_type', 'qwen3', '--template', 'qwen3_nothinking',
+         '--max_length', '128', '--max_completion_length', '16', '--torch_dtype', 'float32', '--check_model', 'false',
+         '--dataloader_num_workers', '0', '--dataset_num_proc', '1', '--add_version', 'false'])
+    sampled = run_swift(score_cli.score_command(args, rest)[1:])
+    assert sampled.returncode == 0, sampled.output[-4000:]
+    with open(os.path.join(store, 'samples.jsonl')) as f:
+        rows = [json.loads(line) for line in f]
+    assert 12 <= len(rows) <= 16 and all(r['messages'][-1]['role'] == 'assistant' for r in rows)  # (cut ones out)
+    assert len(TeacherStore(store)) == 16  # every sample scored, the cut ones too
+    train = run_swift(['--rlhf_type', 'gkd', '--model', trained_ws['student'], '--model_type', 'qwen3',
+                       '--teacher_model', trained_ws['teacher'], '--teacher_model_type', 'qwen3',
+                       '--template', 'qwen3_nothinking', '--dataset', os.path.join(store, 'samples.jsonl'),
+                       '--teacher_scores', store, '--tuner_type', 'full', '--torch_dtype', 'float32',
+                       '--check_model', 'false', '--max_steps', '3', '--per_device_train_batch_size', '4',
+                       '--max_length', '128', '--logging_steps', '1', '--save_strategy', 'no', '--report_to', 'none',
+                       '--dataloader_num_workers', '0', '--dataset_num_proc', '1', '--lmbda', '0',
+                       '--gkd_logits_topk', str(K), '--output_dir', str(tmp_path / 'train'), '--add_version', 'false'])
+    assert 'is not loaded' in train.output
+    assert len(train.logs) == 3 and all(row['gkd/teacher_store_rows'] == 1.0 for row in train.logs)

@@ -19,7 +19,7 @@ from typing import List
 
 #: ``swift rlhf`` flags a score run sets itself
 OWN = ('rlhf_type', 'gkd_score_only', 'save_teacher_scores', 'teacher_scores', 'lmbda', 'seq_kd', 'num_train_epochs',
-       'max_steps', 'split_dataset_ratio', 'save_strategy', 'eval_strategy', 'teacher_model')
+       'max_steps', 'split_dataset_ratio', 'save_strategy', 'eval_strategy', 'teacher_model', 'num_generations')
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,6 +37,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--teacher_scores_dtype', default='float16', choices=['float16', 'bfloat16', 'float32'],
                         help='dtype of the stored log-probabilities')
     parser.add_argument('--per_device_train_batch_size', type=int, default=8, help='rows scored at once a process')
+    parser.add_argument('--sample_with', default=None,
+                        help='offline on-policy distillation: this model (the student, e.g. after SFT) samples '
+                        '--num_samples completions of each --dataset prompt once, the teacher scores them, and the '
+                        'finished ones are written as OUTPUT_DIR/samples.jsonl beside their scores (train on it with '
+                        '--dataset OUTPUT_DIR/samples.jsonl --teacher_scores OUTPUT_DIR); sampling flags (e.g. '
+                        '--max_completion_length, --use_vllm true) go to swift rlhf')
+    parser.add_argument('--num_samples', type=int, default=1, help='with --sample_with: completions a prompt')
 
 
 def score_command(args, rest: List[str]) -> List[str]:
@@ -48,6 +55,13 @@ def score_command(args, rest: List[str]) -> List[str]:
                          'leave it out')
     if (args.teacher_model is None) == (args.teacher_model_server is None):
         raise ValueError('pass one teacher: --teacher_model PATH, or --teacher_model_server URL with --model PATH')
+    if args.num_samples < 1 or (args.num_samples > 1 and args.sample_with is None):
+        raise ValueError(f'--num_samples {args.num_samples}: a positive integer, with --sample_with')
+    if args.sample_with is not None and args.model is not None:
+        raise ValueError('--sample_with is the model whose samples are scored (and whose tokenizer makes the rows): '
+                         'leave --model out')
+    if args.sample_with is not None:
+        return _sample_command(args, rest, given)
     if args.teacher_model_server is not None and args.model is None:
         raise ValueError('--teacher_model_server needs --model: the model whose tokenizer and template make the rows '
                          '(the student you will train)')
@@ -69,6 +83,25 @@ def score_command(args, rest: List[str]) -> List[str]:
         cmd += ['--teacher_model_server', args.teacher_model_server]
     if os.path.exists(os.path.join(out, 'manifest.json')):  # a run before this one: its finished rows are kept
         cmd += ['--teacher_scores', out]
+    if 'output_dir' not in given:
+        cmd += ['--output_dir', os.path.join(out, 'runs')]
+    if 'report_to' not in given:
+        cmd += ['--report_to', 'none']
+    return cmd + rest
+
+
+def _sample_command(args, rest: List[str], given) -> List[str]:
+    """``--sample_with``: a score-only run of on-policy steps (the model samples, the teacher scores)."""
+    out = os.path.abspath(args.output_dir)
+    cmd = ['rlhf', '--rlhf_type', 'gkd', '--gkd_score_only', 'true', '--save_teacher_scores', out,
+           '--model', args.sample_with, '--dataset', *args.dataset,
+           '--gkd_logits_topk', str(args.gkd_logits_topk), '--teacher_scores_dtype', args.teacher_scores_dtype,
+           '--per_device_train_batch_size', str(args.per_device_train_batch_size),
+           '--num_generations', str(args.num_samples),
+           '--lmbda', '1', '--seq_kd', 'false', '--num_train_epochs', '1', '--split_dataset_ratio', '0',
+           '--save_strategy', 'no', '--eval_strategy', 'no']
+    cmd += ['--teacher_model', args.teacher_model] if args.teacher_model else ['--teacher_model_server',
+                                                                             args.teacher_model_server]
     if 'output_dir' not in given:
         cmd += ['--output_dir', os.path.join(out, 'runs')]
     if 'report_to' not in given:

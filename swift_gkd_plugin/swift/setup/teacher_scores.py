@@ -34,7 +34,7 @@ def store_teacher(args) -> Optional[str]:
         return '--model\'s base (its LoRA adapter off)'
     if args.gkd_score_only:
         return '--model'
-    return None
+    return None  # (a score-only run with --lmbda 1 has --teacher_model or a server: checked apart)
 
 
 @functools.lru_cache(maxsize=4)
@@ -74,12 +74,13 @@ def _dataset_files(values, subsets: bool = True) -> Optional[List[str]]:
     return files
 
 
-def mark_covered(run_dir: str) -> None:
-    """A finished score-only run: record in the manifest that the store covers its ``--dataset`` files (read from
-    the run's ``args.json``, ms-swift's record of its command-line arguments)."""
+def mark_covered(run_dir: str, files: Optional[List[str]] = None) -> None:
+    """A finished score-only run: record in the manifest that the store covers ``files`` (default: its
+    ``--dataset`` files), encoded as the run encoded (read from its ``args.json``, ms-swift's record of its
+    command-line arguments)."""
     with open(os.path.join(run_dir, 'args.json')) as f:
         args = SimpleNamespace(**json.load(f))
-    files = _dataset_files(args.dataset, subsets=False)
+    files = files or _dataset_files(args.dataset, subsets=False)
     if not files:
         return
     root = args.save_teacher_scores
@@ -161,9 +162,16 @@ def check_teacher_scores(args) -> None:
         raise FlagError('--save_teacher_scores keeps the teacher\'s top-k: pass --gkd_logits_topk K (e.g. 64; '
                         'the store\'s size grows with K, ~170 bytes a token at 64 in bfloat16)')
     if args.gkd_score_only:
-        if _samples(args):
-            raise FlagError(f'--gkd_score_only true scores the dataset\'s rows: --lmbda must be 0 and --seq_kd '
-                            f'false (got --lmbda {args.lmbda}, --seq_kd {args.seq_kd})')
+        if args.seq_kd or args.lmbda not in (0, 1):
+            raise FlagError(f'--gkd_score_only true scores the dataset\'s rows (--lmbda 0) or the model\'s samples '
+                            f'(--lmbda 1, swift-gkd score --sample_with), with --seq_kd false (got --lmbda '
+                            f'{args.lmbda}, --seq_kd {args.seq_kd})')
+        if args.lmbda == 1 and not (args.teacher_model or args.teacher_model_server):
+            raise FlagError('--gkd_score_only true with --lmbda 1 (swift-gkd score --sample_with): the samples of '
+                            '--model are scored by a teacher: pass --teacher_model or --teacher_model_server')
+        if args.lmbda == 1 and os.path.exists(os.path.join(args.save_teacher_scores, MANIFEST)):
+            raise FlagError(f'swift-gkd score --sample_with writes a new store: {args.save_teacher_scores} holds one '
+                            'already (samples drawn again would be other rows); pass another --output_dir')
         if args.deepspeed:
             raise FlagError('--gkd_score_only true (swift-gkd score) does not run under --deepspeed: score a teacher '
                             'larger than one device with --device_map auto, or serve it (vllm serve, swift-gkd '

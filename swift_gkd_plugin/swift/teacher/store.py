@@ -7,6 +7,7 @@ being written. Rows are matched by :func:`~swift_gkd_plugin.core.scores.store.ro
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import List, Optional, Tuple
@@ -162,6 +163,27 @@ class TeacherStoreMixin:
         if getattr(self, '_store_writer', None) is not None:
             self._store_writer.flush()
 
+    def _gather_sampled_rows(self) -> str:
+        """Every rank's sampled rows in one ``samples.jsonl`` (rank files removed); its path."""
+        import glob
+        root = self.args.save_teacher_scores
+        target = os.path.join(root, 'samples.jsonl')
+        parts = sorted(glob.glob(os.path.join(root, 'samples.r*.jsonl')))
+        rows = 0
+        with open(target + '.tmp', 'w') as out:
+            for part in parts:
+                with open(part) as f:
+                    for line in f:
+                        out.write(line)
+                        rows += 1
+        os.replace(target + '.tmp', target)
+        for part in parts:
+            os.remove(part)
+        cut = self._score_progress.get('cut', 0)
+        logger.info(f'swift-gkd score: {rows} sampled rows in {target}' + (
+            f'; {cut} completion(s) cut at --max_completion_length left out (this rank)' if cut else ''))
+        return target
+
     def _say_score_progress(self, done: bool = False) -> None:
         """A score-only run's progress line: rows and tokens scored, tokens/s, rows found, ETA (every 10 s)."""
         p = self._score_progress
@@ -195,14 +217,44 @@ class TeacherStoreMixin:
         self._say_score_progress()
         return torch.zeros((), device=self.accelerator.device)
 
+    def _sampling_for_store(self) -> bool:
+        """``swift-gkd score --sample_with``: a score-only run whose steps are on-policy (the model samples, the
+        teacher scores the samples, the samples become a dataset)."""
+        return bool(self.args.gkd_score_only and self.args.lmbda > 0)
+
+    def _encode_samples(self, samples):
+        """``--sample_with``: each finished completion is encoded from its text, as the dataset row it becomes
+        (``samples.jsonl`` beside the store) will be, so the row a later run reads finds these scores."""
+        if self._sampling_for_store():
+            self._write_sampled_rows(samples)
+        return super()._encode_samples(samples)
+
+    def _write_sampled_rows(self, samples) -> None:
+        from swift_gkd_plugin.swift.sequence_parallel import group_rank
+        path = os.path.join(self.args.save_teacher_scores, f'samples.r{self.accelerator.process_index:04d}.jsonl')
+        cut = 0
+        with open(path, 'a') as f:
+            for sample in samples:
+                sample.response_token_ids, sample.response_loss_mask = [], []
+                sample.add_eos = True  # (a dataset row's answer ends its turn)
+                if getattr(sample, 'finish_reason', None) == 'length':
+                    cut += 1  # cut at --max_completion_length: no such row in the dataset
+                elif group_rank() == 0:
+                    f.write(json.dumps({'messages': sample.messages}, ensure_ascii=False) + '\n')
+        self._score_progress['cut'] = self._score_progress.get('cut', 0) + cut
+
     def _finish_score_only(self) -> None:
-        """The end of a score-only run: every rank's shards written; rank 0 marks the datasets the store covers."""
+        """The end of a score-only run: every rank's shards written; rank 0 marks the datasets the store covers
+        (with ``--sample_with``: the sampled rows, gathered into ``samples.jsonl``)."""
         self._flush_teacher_scores()
         self._say_score_progress(done=True)
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             from swift_gkd_plugin.swift.setup.teacher_scores import mark_covered
-            mark_covered(self.args.output_dir)
+            files = None
+            if self._sampling_for_store():
+                files = [self._gather_sampled_rows()]
+            mark_covered(self.args.output_dir, files)
         if self._store_writer is not None and self.accelerator.is_main_process:
             written = TeacherStore(self.args.save_teacher_scores)
             logger.info(f'swift-gkd score: {self.args.save_teacher_scores} holds {len(written)} rows, '
