@@ -9,6 +9,7 @@ import dataclasses
 import glob
 import json
 import os
+import re
 import subprocess
 import time
 
@@ -188,13 +189,19 @@ def test_a_killed_score_resumes_keeping_its_finished_shards(tiny_ws, tmp_path):
     proc.wait()
     kept = len(TeacherStore(store))
     assert 3 <= kept < 64, kept
-    resumed = run_swift(score_argv(tiny_ws, store, per_device_train_batch_size=1), env={
-        'SWIFT_GKD_STORE_SHARD_BYTES': None})
+    # resumed on two processes (NPROC_PER_NODE=2): each scores its half of the rows into shards of its own
+    resumed = run_swift(score_argv(tiny_ws, store, per_device_train_batch_size=1, use_cpu='true'), nproc=2,
+                        env={'SWIFT_GKD_STORE_SHARD_BYTES': None})
     assert resumed.returncode == 0, resumed.output[-4000:]
     assert '--teacher_scores' in score_argv(tiny_ws, store)  # the second run reads its own folder
-    assert f'{kept} found in the store already' in resumed.output
+    done = re.findall(r'swift-gkd score: done, rank (\d): (\d+) rows / \d+ tokens scored \(\d+ tokens/s\), (\d+) found',
+                      resumed.output)
+    assert sorted(rank for rank, _, _ in done) == ['0', '1']
+    assert sum(int(found) for _, _, found in done) == kept  # the finished shards' rows, not scored again
+    assert sum(int(rows) for _, rows, _ in done) == 64 - kept
     final = TeacherStore(store)
-    assert len(final) == 64 and f'{64 - kept} rows' in resumed.output.split('swift-gkd score: done')[1]
+    assert len(final) == 64
+    assert {os.path.basename(p)[:5] for p in glob.glob(os.path.join(shards, '*.safetensors'))} == {'r0000', 'r0001'}
 
 
 @pytest.mark.parametrize('flags, says', [
