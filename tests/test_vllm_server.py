@@ -374,3 +374,35 @@ def test_server_that_dies_mid_run_names_it_and_keeps_the_checkpoint(vllm_ws, tmp
     assert last.startswith('swift rlhf: error: the student\'s rollout server failed during step 2'), last
     assert f'127.0.0.1:{port}' in last and 'checkpoint-1' in last, last
     assert os.path.isdir(os.path.join(str(tmp_path / 'out'), 'checkpoint-1'))
+
+
+def test_swift_gkd_score_through_the_served_teacher_is_the_local_score(vllm_ws, tmp_path):
+    """``swift-gkd score --teacher_model_server`` (this plugin's top-k server, the student giving the tokenizer and
+    template) writes the store ``swift-gkd score --teacher_model`` writes: the same rows (keys), ids and log-probs."""
+    import argparse
+
+    import torch
+
+    from swift_gkd_plugin.core.scores.store import TeacherStore
+    from swift_gkd_plugin.entry import score as score_cli
+    stores = {}
+    for name, teacher in (('local', ['--teacher_model', vllm_ws.teacher]),
+                          ('served', ['--teacher_model_server', teacher_server(vllm_ws), '--model', vllm_ws.student])):
+        parser = argparse.ArgumentParser()
+        score_cli.add_arguments(parser)
+        args, rest = parser.parse_known_args(teacher + [
+            '--dataset', f'{vllm_ws.train}#16', '--output_dir', str(tmp_path / name), '--gkd_logits_topk', '8',
+            '--teacher_scores_dtype', 'float32', '--model_type', 'qwen3', '--template', 'qwen3_nothinking',
+            '--max_length', '128', '--torch_dtype', 'float32', '--check_model', 'false',
+            '--dataloader_num_workers', '0', '--dataset_num_proc', '1', '--add_version', 'false'])
+        run = run_swift(score_cli.score_command(args, rest)[1:])
+        assert run.returncode == 0, run.output[-4000:]
+        stores[name] = TeacherStore(str(tmp_path / name))
+    local, served = stores['local'], stores['served']
+    assert len(local) == 16 and sorted(local.keys()) == sorted(served.keys())
+    assert served.identity.teacher.startswith('http://') and local.identity.teacher_hash
+    for key in local.keys():
+        a, b = local.get(key), served.get(key)
+        assert torch.equal(a.ids, b.ids)
+        assert torch.allclose(a.logprobs, b.logprobs, atol=1e-5) and torch.allclose(a.token_logprobs,
+                                                                                    b.token_logprobs, atol=1e-5)
