@@ -19,7 +19,8 @@ from swift_gkd_plugin.options.flags import local_teacher_index
 from swift_gkd_plugin.server.client import TopKResult
 from swift_gkd_plugin.swift.sequence_parallel import gather_shares, group_rank, group_size, share, whole_sequences
 from swift_gkd_plugin.swift.setup.teacher_server import teacher_configs, teacher_names
-from swift_gkd_plugin.swift.step.hidden_states import head_bypassed, head_rows, output_head, topk_from_hidden
+from swift_gkd_plugin.swift.step.hidden_states import (gathered_heads, head_bypassed, head_rows, output_head,
+                                                      topk_from_hidden)
 from swift_gkd_plugin.swift.step.token_metrics import add_token_sum as _add_token_sum
 from swift_gkd_plugin.swift.teacher.adapters import TEACHER_ADAPTER, active_adapter, eval_mode, load_frozen_adapter
 from swift_gkd_plugin.swift.teacher.cross_tokenizer import CrossTokenizerTeacher
@@ -315,36 +316,38 @@ class TeacherMixin:
         micro-batch is forwarded, on every rank, whatever its rows' tags."""
         model = self.model_wrapped if self.model_wrapped is not None else self.model
         student = self.accelerator.unwrap_model(self.model)
+        teacher = None if self.teacher_model is None else self.accelerator.unwrap_model(self.teacher_model)
         partitioned = self._teacher_partitioned or (self._is_self_distillation and is_partitioned(model))
         wanted = {b for b, _, _ in places}
         answers = {}
         for b, batch in enumerate(batch_encoded_inputs):
             if b not in wanted and not partitioned:
                 continue
-            inputs = batch['teacher_model_inputs']
-            ids = inputs['input_ids']
-            with torch.no_grad(), self.compute_loss_context_manager(), whole_sequences():  # whole rows, as served
-                out = self._teacher_forward(model, inputs, hidden=self._fused)
-            for where, (pb, row, positions) in enumerate(places):
-                if pb != b:
-                    continue
-                positions = positions.to(ids.device)
-                nxt = ids[row, positions + 1]
-                if self._fused:
-                    hidden, (weight, bias) = out
-                    rows = hidden[row, positions]
-                    top_ids, top_lps = topk_from_hidden(rows, weight, bias, self.gkd_logits_topk,
-                                                        head_rows(student))
-                    target = head_token_logprobs(rows, weight, bias, nxt, 1.0)
-                else:
-                    rows = out[row, positions]
-                    top_ids, top_lps = topk_of_logits(rows, self.gkd_logits_topk)
-                    target = sampled_token_stats(rows, nxt)[0]
-                samples = entropy = None
-                if self._samples_to_draw():  # --teacher_scores_samples (teacher/store.py)
-                    samples, entropy = self._draw_from_teacher(rows, (weight, bias) if self._fused else None)
-                answers[where] = TopKResult(ids=top_ids, logprobs=top_lps, target_logprobs=target.float(),
-                                            samples=samples, entropy=entropy)
+            with gathered_heads([student, teacher]):  # (ZeRO-3: the heads are shards outside a forward)
+                inputs = batch['teacher_model_inputs']
+                ids = inputs['input_ids']
+                with torch.no_grad(), self.compute_loss_context_manager(), whole_sequences():  # (whole rows)
+                    out = self._teacher_forward(model, inputs, hidden=self._fused)
+                for where, (pb, row, positions) in enumerate(places):
+                    if pb != b:
+                        continue
+                    positions = positions.to(ids.device)
+                    nxt = ids[row, positions + 1]
+                    if self._fused:
+                        hidden, (weight, bias) = out
+                        rows = hidden[row, positions]
+                        top_ids, top_lps = topk_from_hidden(rows, weight, bias, self.gkd_logits_topk,
+                                                            head_rows(student))
+                        target = head_token_logprobs(rows, weight, bias, nxt, 1.0)
+                    else:
+                        rows = out[row, positions]
+                        top_ids, top_lps = topk_of_logits(rows, self.gkd_logits_topk)
+                        target = sampled_token_stats(rows, nxt)[0]
+                    samples = entropy = None
+                    if self._samples_to_draw():  # --teacher_scores_samples (teacher/store.py)
+                        samples, entropy = self._draw_from_teacher(rows, (weight, bias) if self._fused else None)
+                    answers[where] = TopKResult(ids=top_ids, logprobs=top_lps, target_logprobs=target.float(),
+                                                samples=samples, entropy=entropy)
         return [answers[i] for i in range(len(places))]
 
     def _log_teacher_metrics(self, names, routing, results) -> None:
