@@ -62,7 +62,13 @@ def runs(tiny_ws, shared_runs):
             OFF_POLICY, teacher_scores=runs_dir(out, 'score'), teacher_model=None, teacher_model_type=None,
             sequence_parallel_size=2, use_cpu='true', **EVAL)), nproc=2)),
         # two epochs of the 4 fixed rows, kept while training: the second epoch reads what the first scored
-        'epochs': lambda out: train(out, dataset=tiny_ws.fixed, save_teacher_scores=os.path.join(out, 'store')),
+        'epochs': lambda out: train(out, dataset=tiny_ws.fixed, save_teacher_scores=os.path.join(out, 'store'),
+                                    save_strategy='steps', save_steps=2),
+        # resumed from its checkpoint-2 (the first epoch), writing to the same store: the rows flushed with the
+        # checkpoint answer the second epoch
+        'epochs_resumed': lambda out: after('epochs', lambda: train(
+            out, dataset=tiny_ws.fixed, save_teacher_scores=os.path.join(runs_dir(out, 'epochs'), 'store'),
+            resume_from_checkpoint=os.path.join(runs_dir(out, 'epochs'), 'checkpoint-2'))),
         # ZeRO-3 (one torchrun rank): the partitioned teacher scores, its top-k kept while training
         'zero3': lambda out: run_swift(base_args(tiny_ws, out, **dict(
             OFF_POLICY, deepspeed='zero3', save_teacher_scores=os.path.join(out, 'store'),
@@ -162,6 +168,10 @@ def test_a_second_epoch_reuses_what_the_first_scored(runs):
     run = runs['epochs']
     assert run.returncode == 0, run.output[-4000:]
     assert [row['gkd/teacher_store_rows'] for row in run.logs] == [0.0, 0.0, 1.0, 1.0]
+    resumed = runs['epochs_resumed']  # (read after the first run: both wrote to its store)
+    assert resumed.returncode == 0, resumed.output[-4000:]
+    assert [row['gkd/teacher_store_rows'] for row in resumed.logs] == [1.0, 1.0]
+    assert [row['loss'] for row in resumed.logs] == pytest.approx([row['loss'] for row in run.logs[2:]], rel=1e-6)
     store = TeacherStore(os.path.join(run.output_dir, 'store'))
     assert len(store) == 4
     assert sum(len(s['tokens']) for s in store._shards) == 4  # nothing scored twice
