@@ -19,7 +19,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from contextlib import contextmanager
+import sys
+from contextlib import contextmanager, nullcontext
 from typing import Dict, List, Optional
 
 import torch
@@ -45,7 +46,9 @@ from swift_gkd_plugin.options.flags import rollout_max_tokens, sampling_temperat
 from swift_gkd_plugin.megatron.rollout.generation import generate
 from swift_gkd_plugin.megatron.step.loss import (check_views_split_alike, defer_teacher, entropies_on_shards,
                                                  fill_deferred_teacher, gkd_loss_on_shards, shard_vocab_start,
-                                                 teacher_on_demand, teacher_topk_per_micro_batch)
+                                                 teacher_on_demand, teacher_topk_logprobs,
+                                                 teacher_topk_per_micro_batch)
+from swift_gkd_plugin.megatron.step.stored_teacher import StoredTeacher, TeacherRowMissing, split_over_context_parallel
 from swift_gkd_plugin.megatron.rollout.samples import (collate_for_forward, encode_prompts, last_logits, last_logits_cp,
                                                        rollout_outputs)
 from swift_gkd_plugin.megatron.step.vocab import model_vocab_size
@@ -64,6 +67,7 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
         self._base_keeper = BaseWeightsKeeper()
         self._entropy_watch = EntropyGapWatch(args=args)  # the remedies in effect are left out of its warning
         self._completions = CompletionWindow()  # sampled lengths and truncation, logged by _log_callback
+        self._teacher_store = None  # --teacher_scores, opened once ms-swift has resolved the teacher
         super().__init__(args, template, **kwargs)
         if getattr(self, 'request_config', None) is not None:  # vLLM's requests: --gkd_sampling_temperature
             self.request_config.temperature = sampling_temperature(args)
@@ -79,6 +83,7 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
         if not self.use_vllm and args.lmbda > 0:
             logger.info('swift_gkd_plugin: on-policy steps sample from the training model (no KV cache: each new '
                         'token re-runs the sequence; --use_vllm true is much faster for long completions)')
+        self._setup_teacher_store()
 
     # ------------------------------------------------------------------ modes and sampling
     def _generate_and_score_completions(self, inputs: List[Dict]) -> List[Dict]:
@@ -204,6 +209,72 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
         return self._postprocess_rollout_outputs(samples, outputs)
 
     # ------------------------------------------------------------------ teacher signal
+    def _setup_teacher_store(self) -> None:
+        """``--teacher_scores``: the store opened (:class:`StoredTeacher`); each micro-batch's rows are looked up in
+        it before any teacher runs."""
+        args = self.args
+        self._teacher_store = StoredTeacher(args.teacher_scores) if getattr(args, 'teacher_scores', None) else None
+        if self._teacher_store is None:
+            return
+        store = self._teacher_store.store
+        logger.info(f'swift_gkd_plugin: teacher scores from {args.teacher_scores}: {len(store)} rows, {store.tokens} '
+                    f'tokens, top-{store.identity.topk} of {store.identity.teacher} (top-{self.gkd_logits_topk} '
+                    'read); ' + ('a row missing from it is scored by the teacher' if self._store_can_score() else
+                                 'no teacher model is loaded: every row must be in the store'))
+
+    def _store_can_score(self) -> bool:
+        """Beside ``--teacher_scores``, a local teacher that scores the rows the store lacks: ``--teacher_model``, or
+        the student's base with its LoRA adapter off. Without one the student is not its own teacher: the store
+        answers every row."""
+        return not self._is_self_distillation or bool(self._teacher_use_disable_adapter)
+
+    def _teacher_from_store(self, encoded_batches: List[Dict], vp_stage: Optional[int] = None) -> None:
+        """``--teacher_scores``: each micro-batch's top-k from the store, for the rows it holds (each position's
+        ``--gkd_logits_topk`` most likely entries); a micro-batch with a row the store lacks runs the local teacher,
+        whose top-k those rows take (the stored rows keep the store's). Without a teacher such a row stops the run
+        (:class:`TeacherRowMissing`, naming it)."""
+        k = self.gkd_logits_topk
+        padding_free = bool(getattr(self.template, 'padding_free', False))
+        answers = [self._teacher_store.answer(batch['teacher_model_inputs'], k, padding_free)
+                   for batch in encoded_batches]
+        missing = sum(len(a.missing) for a in answers)
+        can_score = self._store_can_score()
+        if missing and not can_score:
+            first = next(i for i, a in enumerate(answers) if a.missing)
+            where = (f'training step {int(self.state.iteration) + 1}' if self.unwrapped_models[0].training else
+                     f'evaluation after step {int(self.state.iteration)}')
+            raise TeacherRowMissing('swift_gkd_plugin: ' + self._teacher_store.missing_message(
+                where, first, answers[first], sum(a.rows for a in answers), missing))
+        forward = [bool(a.missing) for a in answers]
+        if can_score and (getattr(self.args, 'expert_model_parallel_size', 1) or 1) > 1:
+            forward = self._on_any_rank(forward)  # the MoE all-to-alls of a forward span data-parallel ranks
+        model, context = self._local_teacher(vp_stage) if any(forward) else (None, nullcontext())
+        group = mpu.get_tensor_model_parallel_group()
+        with torch.no_grad(), context:
+            for batch, answer, run in zip(encoded_batches, answers, forward):
+                data, labels = self._teacher_data(batch['teacher_model_inputs'], vp_stage)
+                logprobs, ids, found = split_over_context_parallel(  # as _prepare_batch cut the micro-batch
+                    (answer.topk_logprobs, answer.topk_ids, answer.found), data.get('packed_seq_params'),
+                    getattr(self.args, 'cp_partition_mode', 'zigzag'))
+                logits = forward_step_helper(model, data) if run else None
+                if logits is not None:  # the teacher's top-k where the store has nothing
+                    live, live_ids = teacher_topk_logprobs(logits.detach(), k, shard_vocab_start(logits, group),
+                                                           self._real_vocab, group)
+                    del logits
+                    logprobs = torch.where(found[..., None], logprobs, live)
+                    ids = torch.where(found[..., None], ids, live_ids)
+                out = TeacherOutput(topk_logprobs=logprobs, topk_indices=ids)
+                out.labels = labels
+                out.store_rows = (answer.rows_found, answer.rows)  # gkd/teacher_store_rows
+                batch['teacher_output'] = out
+
+    def _on_any_rank(self, flags: List[bool]) -> List[bool]:
+        """Each flag true where it is on any rank (one all-reduce over the world)."""
+        device = next(self.unwrapped_models[0].parameters()).device
+        values = torch.tensor([float(f) for f in flags], device=device)
+        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
+        return [bool(v) for v in values.tolist()]
+
     def _compute_teacher_logits(self, encoded_batches: List[Dict], vp_stage: Optional[int] = None) -> None:
         """ms-swift defers a self-distilled or shared-base teacher to ``_on_train_step_batch``, which its
         ``evaluate`` never calls (``KeyError: 'teacher_output'``); in evaluation the weights do not change, so the
@@ -217,6 +288,9 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
         """ms-swift's local teacher forward, with each micro-batch's ``[B, S, V/tp]`` logits cut to the top-k right
         after its forward (a generation batch's full logits are never held at once), the top-k taken from true
         log-probabilities (needed by the tail) with the padded vocabulary excluded."""
+        if self._teacher_store is not None:  # --teacher_scores
+            self._teacher_from_store(encoded_batches, vp_stage)
+            return
         topk = self.gkd_logits_topk
         if topk is None:
             if self._teacher_deferral() is not None:
@@ -281,12 +355,17 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
             return self.unwrapped_models[vp_stage or 0], ContextManagers(contexts)
         return self.teacher_models[vp_stage or 0], self.load_teacher_model_context()
 
-    def _teacher_forward(self, model, teacher_inputs: Dict, vp_stage: Optional[int]):
-        """One micro-batch through the teacher: ``(logits [B, S, V/tp] or None off the last stage, labels)``."""
+    def _teacher_data(self, teacher_inputs: Dict, vp_stage: Optional[int]):
+        """A micro-batch's teacher view as the teacher's forward takes it (``_prepare_batch`` on a copy: labels
+        shifted, cut over the context-parallel ranks): ``(data, labels)``."""
         data = self._prepare_batch({k: v.clone() if isinstance(v, torch.Tensor) else v
                                     for k, v in teacher_inputs.items()}, vp_stage)
         data.pop('loss_scale', None)
-        labels = data.pop('labels', None)
+        return data, data.pop('labels', None)
+
+    def _teacher_forward(self, model, teacher_inputs: Dict, vp_stage: Optional[int]):
+        """One micro-batch through the teacher: ``(logits [B, S, V/tp] or None off the last stage, labels)``."""
+        data, labels = self._teacher_data(teacher_inputs, vp_stage)
         logits = forward_step_helper(model, data)
         return (None if logits is None else logits.detach()), labels
 
@@ -343,7 +422,19 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
         self._refuse_a_copy_of_the_student(train_dataset)
         self._first_step = int(self.state.iteration)
         self._steps_without_learning = 0
-        super().train(train_dataset, val_dataset)
+        try:
+            super().train(train_dataset, val_dataset)
+        except TeacherRowMissing as exc:  # one line, exit code 1 (each model-parallel group's first rank says it)
+            for callback in self.callbacks:  # the steps logged so far stay readable (TensorBoard flushes every 120 s)
+                writer = getattr(callback, 'writer', None)
+                if writer is not None and hasattr(writer, 'flush'):
+                    writer.flush()
+            sys.stdout.flush()
+            if (mpu.get_tensor_model_parallel_rank() == 0 and mpu.get_context_parallel_rank() == 0
+                    and mpu.get_pipeline_model_parallel_rank() == 0):
+                sys.stderr.write(f'megatron rlhf: error: {exc}\n')
+                sys.stderr.flush()
+            sys.exit(1)
         self._shut_down_colocated_engine()
         trained = int(self.state.iteration) - self._first_step
         if trained == 0 or self._steps_without_learning == trained:
@@ -440,6 +531,9 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
                   **{f'gkd/mode_{m.value}': torch.stack([one * float(m is mode), one]) for m in Mode}}
         if sft is not None:
             metric['sft_loss'] = torch.stack([sft.detach().float(), n])
+        store_rows = getattr(teacher_output, 'store_rows', None)
+        if store_rows is not None:  # --teacher_scores: the share of rows the store answered
+            metric['gkd/teacher_store_rows'] = torch.stack([one * store_rows[0], one * store_rows[1]])
         if mode is Mode.ON_POLICY:  # the student's entropy on its samples and the teacher's there, as swift rlhf's
             entropy, teacher_entropy, gated = entropies_on_shards(output_tensor, labels, divergence=self._divergence,
                                                                   **shards)
@@ -468,6 +562,13 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
 
     def _teacher_name(self) -> str:
         """The teacher in an error message: its flag and value, or what it is."""
+        if self._teacher_store is not None:
+            scores = f'--teacher_scores {self.args.teacher_scores}'
+            if not self._store_can_score():
+                return f'the teacher ({scores})'
+            local = ('the student\'s base with its LoRA adapter off' if self._teacher_use_disable_adapter
+                     else f'--teacher_model {self.args.teacher_model}')
+            return f'the teacher ({scores}, and {local} for the rows it lacks)'
         if self.use_teacher_api:
             return f'the teacher (--teacher_model_server {self.teacher_model_server})'
         if self._teacher_use_disable_adapter:

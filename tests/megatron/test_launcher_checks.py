@@ -108,6 +108,21 @@ def assert_passed_the_checks(output):
     (('--gkd_divergence_coef', '0.5'), '--gkd_divergence_coef 0.5 is supported by swift rlhf only yet'),
     (('--use_ray', 'true'), "--use_ray true is not supported with the plugin: it runs ms-swift's own Ray GKD trainer"),
     (('--use_ray', ), "--use_ray true is not supported with the plugin"),
+    # the teacher-score store: megatron rlhf reads one (--teacher_scores) and writes none
+    (('--save_teacher_scores', '/tmp/store'), '--save_teacher_scores /tmp/store is supported by swift rlhf only: '
+     'megatron rlhf reads a teacher-score store (--teacher_scores) and writes none; write the store with `swift-gkd '
+     'score` (or `swift rlhf --save_teacher_scores DIR`), then pass it here as --teacher_scores DIR'),
+    (('--gkd_score_only', 'true'), '--gkd_score_only true is supported by swift rlhf only (it is what `swift-gkd '
+     'score` runs): megatron rlhf reads a teacher-score store (--teacher_scores) and writes none; write the store'),
+    (('--teacher_scores_dtype', 'float32'), '--teacher_scores_dtype float32 is the dtype of a store being written, '
+     'which megatron rlhf does not write'),
+    (('--teacher_scores_samples', '12'), '--teacher_scores_samples 12 is supported by swift rlhf only'),
+    (('--teacher_scores', '/tmp/store', '--lmbda', '0.5'), '--lmbda 0.5 / --seq_kd false sample new tokens, which '
+     '--teacher_scores cannot hold, and this run has no teacher to score them: pass --teacher_model'),
+    (('--teacher_scores', '/tmp/store', '--lmbda', '0', '--seq_kd', 'true'), '--lmbda 0 / --seq_kd true sample new '
+     'tokens, which --teacher_scores cannot hold'),
+    (('--teacher_scores', '/tmp/store', '--teacher_model_server', 'http://127.0.0.1:9', '--gkd_logits_topk', '8'),
+     '--teacher_scores with --teacher_model_server http://127.0.0.1:9 is supported by swift rlhf only yet'),
     # issue 74 item 10a: refused in every rank (a remaining_argv traceback once the arguments were built)
     (('--gkd_lmbda', '0.5'), 'unrecognized arguments: --gkd_lmbda 0.5 (--gkd_lmbda: did you mean --lmbda?)'),
 ])

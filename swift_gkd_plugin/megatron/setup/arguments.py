@@ -16,6 +16,7 @@ from swift_gkd_plugin.options.flags import check_no_plugin_flags_outside_gkd, ig
 from swift_gkd_plugin.megatron.setup.checks import (MegatronGKDFlagsMixin, check_expert_counts, check_grouped_experts,
                                                     check_megatron_gkd, check_model_sampling, check_not_ray,
                                                     check_parallel_sizes, check_vllm_sampler, float32_warning)
+from swift_gkd_plugin.megatron.setup.teacher_scores import resolve_store_topk, resolve_teacher_store
 from swift_gkd_plugin.runtime.ms_swift_state import keep_teacher_messages_column
 
 logger = get_logger()
@@ -46,6 +47,7 @@ class GKDPluginMegatronRLHFArguments(MegatronGKDFlagsMixin, MegatronRLHFArgument
             super().__post_init__()
             return
         check_not_ray(self)
+        resolve_store_topk(self)  # --teacher_scores without --gkd_logits_topk: the store's k
         check_megatron_gkd(self)
         check_parallel_sizes(self)
         fp16_given, dtype_given = self.fp16, self.torch_dtype  # ms-swift turns float32 into float16 below
@@ -74,6 +76,7 @@ class GKDPluginMegatronRLHFArguments(MegatronGKDFlagsMixin, MegatronRLHFArgument
         if warning:
             logger.warning(f'swift_gkd_plugin: {warning}')
         check_model_sampling(self, vllm_samples=self.use_vllm)
+        resolve_teacher_store(self)
         keep_teacher_messages_column()
         logger.info(f'swift_gkd_plugin {swift_gkd_plugin.__version__}: GKD trainer active (megatron; '
                     f'lmbda={self.lmbda}, seq_kd={self.seq_kd}, beta={self.beta}, temperature={self.temperature})')

@@ -26,6 +26,8 @@ from swift_gkd_plugin.options.flags import (GKD_LOSS_IMPLS, LOCAL_TEACHER_URL, S
                                     GKDPluginArgumentsMixin, check_gkd_scalars, check_no_multi_turn,
                                     check_teacher_server_flags, check_training_set, entry_urls, local_teacher_index,
                                     plugin_flags_in)
+from swift_gkd_plugin.megatron.setup.teacher_scores import (check_teacher_store, check_teacher_store_flags,
+                                                            resolve_store_topk)
 
 #: ``--gkd_loss_impl`` values of megatron rlhf: the fused loss on hidden states is for swift rlhf only
 MEGATRON_LOSS_IMPLS = tuple(impl for impl in GKD_LOSS_IMPLS if impl != 'fused')
@@ -97,6 +99,7 @@ def check_megatron_gkd(args) -> None:
                         'tag-routed teacher through ms-swift\'s client. Serve that teacher too (`swift-gkd '
                         'serve-teacher` or `vllm serve`) and give its URL, or run with swift rlhf --rlhf_type gkd')
     check_no_multi_turn(args)
+    check_teacher_store_flags(args)
     teacher_tp = args.teacher_tensor_model_parallel_size
     student_tp = args.tensor_model_parallel_size or 1
     if teacher_tp is not None and teacher_tp != student_tp:
@@ -205,6 +208,7 @@ def _command_line_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     p.add_argument('--rlhf_type', default='dpo')
     p.add_argument('--model', default=None)
+    p.add_argument('--template', default=None)
     p.add_argument('--beta', type=float, default=None)
     p.add_argument('--lmbda', type=float, default=0.5)
     p.add_argument('--temperature', type=float, default=0.9)
@@ -275,6 +279,7 @@ def check_megatron_command_line(argv: Sequence[str]) -> None:
     num_generations = [] if ns.num_generations in (None, 1) else ['--num_generations']
     refuse_rl_flags(rl_flags_set(ns) + num_generations)
     check_not_ray(ns)
+    resolve_store_topk(ns)  # --teacher_scores without --gkd_logits_topk: the store's k, before the checks read it
     check_megatron_gkd(ns)  # first: it names swift rlhf's flags (--teacher_adapters) that megatron rlhf does not take
     if not (argv and str(argv[0]).endswith(CONFIG_FILE_SUFFIXES)):  # flags neither ms-swift nor the plugin declares
         unknown = ms_swift_flag_table.unknown_flags('megatron rlhf', argv, MegatronGKDFlagsMixin)
@@ -289,6 +294,8 @@ def check_megatron_command_line(argv: Sequence[str]) -> None:
         check_vllm_cpu_head_dim(ns, ns.model)
     check_vocab_sizes(ns)
     if not (argv and str(argv[0]).endswith(CONFIG_FILE_SUFFIXES)):  # a config file's flags: ms-swift's, in the ranks
+        # first: before the dataset checks import ms-swift's dataset package (~4 s)
+        check_teacher_store(ns, ns.model if isinstance(ns.model, str) and os.path.isdir(ns.model) else None)
         check_parallel_sizes(ns)
         check_local_paths(ns)
         check_grouped_experts(ns, [('--model', ns.model), ('--teacher_model', ns.teacher_model)])
@@ -299,9 +306,10 @@ def check_megatron_command_line(argv: Sequence[str]) -> None:
         # ms-swift's dataset syntax: imported here
         from swift_gkd_plugin.data.dataset_files import check_fresh_adapter_teacher, check_teacher_given
         view = SimpleNamespace(**{**vars(ns), 'columns': _json_or_none(ns.columns)})
-        check_teacher_given(view, ('teacher_model', 'teacher_model_server'),
-                            '--teacher_model (another model; --model itself only for a LoRA student that starts '
-                            'from a trained adapter, --adapters or --mcore_adapter)')
+        if not ns.teacher_scores:  # (a store is the teacher: megatron rlhf then loads none)
+            check_teacher_given(view, ('teacher_model', 'teacher_model_server'),
+                                '--teacher_model (another model; --model itself only for a LoRA student that starts '
+                                'from a trained adapter, --adapters or --mcore_adapter)')
         # ms-swift's shared base (megatron_args.py, _check_teacher): the teacher is the student with its adapter off
         check_fresh_adapter_teacher(view, ns.teacher_model is not None and ns.teacher_model == ns.model
                                     and ns.tuner_type == 'lora', ('adapters', 'mcore_adapter'))

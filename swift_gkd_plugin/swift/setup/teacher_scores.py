@@ -6,8 +6,6 @@ A store covers a dataset when a finished ``swift-gkd score`` scored that file (b
 """
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import os
 from types import SimpleNamespace
@@ -15,9 +13,11 @@ from typing import List, Optional
 
 from swift.utils import get_logger
 
-from swift_gkd_plugin.core.scores.store import (MANIFEST, StoreError, TeacherStore, _read_manifest, _write_json_atomic,
-                                                identity_of, tokenizer_fingerprint, weights_fingerprint)
+from swift_gkd_plugin.core.scores.store import (MANIFEST, StoreError, _read_manifest, _write_json_atomic,
+                                                weights_fingerprint)
 from swift_gkd_plugin.options.flags import FlagError
+from swift_gkd_plugin.options.teacher_scores import (check_store_fits, covers, dataset_files, encoding, file_sha256,
+                                                     samples as _samples)
 
 logger = get_logger()
 
@@ -37,74 +37,24 @@ def store_teacher(args) -> Optional[str]:
     return None  # (a score-only run with --lmbda 1 has --teacher_model or a server: checked apart)
 
 
-@functools.lru_cache(maxsize=4)
-def _tokenizer_fingerprint(model_dir: str) -> Optional[str]:
-    from transformers import AutoTokenizer
-    try:
-        return tokenizer_fingerprint(AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True))
-    except Exception as exc:  # a processor-only repo: the run's own tokenizer is compared at start-up
-        logger.warning(f'swift_gkd_plugin: cannot read the tokenizer of {model_dir} to compare it with the teacher '
-                       f'scores\' ({exc})')
-        return None
-
-
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 22), b''):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _encoding(args) -> dict:
-    """What makes a row's token ids besides its text."""
-    return {'template': args.template, 'max_length': args.max_length, 'truncation_strategy': args.truncation_strategy,
-            'system': args.system, 'tokenizer': _tokenizer_fingerprint(args.model_dir)}
-
-
-def _dataset_files(values, subsets: bool = True) -> Optional[List[str]]:
-    """The local files of ``--dataset``, or None where one is not a local file (or, without ``subsets``, names a
-    ``#N`` subset: a score of a subset does not cover its file; a run on a subset of a covered file is covered)."""
-    files = []
-    for value in values or []:
-        path = value if os.path.isfile(value) or not subsets else value.split('#')[0]
-        if not os.path.isfile(path):
-            return None
-        files.append(os.path.abspath(path))
-    return files
-
-
 def mark_covered(run_dir: str, files: Optional[List[str]] = None) -> None:
     """A finished score-only run: record in the manifest that the store covers ``files`` (default: its
     ``--dataset`` files), encoded as the run encoded (read from its ``args.json``, ms-swift's record of its
     command-line arguments)."""
     with open(os.path.join(run_dir, 'args.json')) as f:
         args = SimpleNamespace(**json.load(f))
-    files = files or _dataset_files(args.dataset, subsets=False)
+    files = files or dataset_files(args.dataset, subsets=False)
     if not files:
         return
     root = args.save_teacher_scores
     doc = _read_manifest(root)
     covered = doc.setdefault('covered', [])
     for path in files:
-        entry = {'sha256': _file_sha256(path), 'file': os.path.basename(path), 'encoding': _encoding(args)}
+        entry = {'sha256': file_sha256(path), 'file': os.path.basename(path),
+                 'encoding': encoding(args, args.model_dir)}
         if entry not in covered:
             covered.append(entry)
     _write_json_atomic(os.path.join(root, MANIFEST), doc)
-
-
-def _covers(doc: dict, args) -> bool:
-    files = _dataset_files(list(args.dataset or []) + list(args.val_dataset or []))
-    if not files:
-        return False
-    encoding = _encoding(args)
-    done = {(e.get('sha256'), repr(sorted(e.get('encoding', {}).items()))) for e in doc.get('covered', [])}
-    return all((_file_sha256(p), repr(sorted(encoding.items()))) in done for p in files)
-
-
-def _samples(args) -> bool:
-    """Whether a step may sample new tokens (on-policy, seq_kd), which no store can hold."""
-    return args.lmbda > 0 or bool(args.seq_kd)
 
 
 def resolve_teacher_scores(args) -> None:
@@ -121,7 +71,7 @@ def resolve_teacher_scores(args) -> None:
         _set_training_arg(args, 'gkd_logits_topk', args.gkd_logits_topk)
     same_teacher = os.path.isdir(args.teacher_model or '') and weights_fingerprint(args.teacher_model) == doc[
         'identity'].get('teacher_hash')  # (another teacher is refused by check_teacher_scores)
-    if same_teacher and not args.teacher_model_server and not _samples(args) and _covers(doc, args):
+    if same_teacher and not args.teacher_model_server and not _samples(args) and covers(doc, args, args.model_dir):
         logger.info(f'swift_gkd_plugin: --teacher_scores {args.teacher_scores} covers every row of --dataset (a '
                     f'finished `swift-gkd score` of these files and this encoding): --teacher_model '
                     f'{args.teacher_model} is not loaded')
@@ -200,43 +150,10 @@ def _check_samples(args, samples: int) -> None:
 
 
 def _check_store_fits(args, root: Optional[str] = None, flag: str = '--teacher_scores', writing: bool = False) -> None:
+    """What makes a store fit a run (:func:`~swift_gkd_plugin.options.teacher_scores.check_store_fits`, shared with
+    megatron rlhf); then, reading, what swift rlhf needs of a store without a teacher."""
+    store = check_store_fits(args, args.model_dir, root, flag, writing)
     root = root or args.teacher_scores
-    try:
-        store = TeacherStore(root) if not writing else None
-        identity = store.identity if store is not None else identity_of(_read_manifest(root))
-    except (StoreError, OSError) as exc:
-        raise FlagError(f'{flag} {root}: {exc}') from None
-    fingerprint = _tokenizer_fingerprint(args.model_dir)
-    if fingerprint is not None and fingerprint != identity.tokenizer:
-        raise FlagError(f'{flag} {root} was scored on the token ids of another tokenizer than --model '
-                        f'{args.model}\'s (fingerprint {identity.tokenizer} against {fingerprint}): its rows would '
-                        'be other tokens. Score the dataset again with this tokenizer')
-    if args.template and identity.template != args.template:
-        raise FlagError(f'{flag} {root} was scored with --template {identity.template}, this run uses --template '
-                        f'{args.template}: pass --template {identity.template}, or score again')
-    k = args.gkd_logits_topk
-    if identity.topk and k and k > identity.topk and not writing:
-        raise FlagError(f'--gkd_logits_topk {k} is larger than {flag} {root} holds (top-{identity.topk}): pass '
-                        f'--gkd_logits_topk 1 to {identity.topk}, or score again with a larger k')
-    if writing and (identity.topk != k or identity.dtype != args.teacher_scores_dtype
-                    or identity.samples != args.teacher_scores_samples):
-        raise FlagError(f'{flag} {root} holds top-{identity.topk} and {identity.samples} samples in {identity.dtype}, '
-                        f'this run would add top-{k} and {args.teacher_scores_samples} samples in '
-                        f'{args.teacher_scores_dtype}: pass those, or another folder')
-    if not writing and args.teacher_scores_samples and identity.samples != args.teacher_scores_samples:
-        raise FlagError(f'--teacher_scores_samples {args.teacher_scores_samples}: {flag} {root} holds '
-                        f'{identity.samples} drawn tokens a position (pass --teacher_scores_samples '
-                        f'{identity.samples}: a subset of the sorted draws would not be a sample of the teacher; 0 '
-                        'trains on its top-k)')
-    if identity.samples and abs(identity.temperature - args.temperature) > 1e-9:
-        raise FlagError(f'{flag} {root} drew its samples at --temperature {identity.temperature}, this run uses '
-                        f'{args.temperature}')
-    if args.teacher_model and identity.teacher_hash and not writing:
-        teacher_dir = args.teacher_model if os.path.isdir(args.teacher_model) else None
-        if teacher_dir and weights_fingerprint(teacher_dir) != identity.teacher_hash:
-            raise FlagError(f'{flag} {root} was scored by another teacher ({identity.teacher}) than --teacher_model '
-                            f'{args.teacher_model} (their weights differ): the store and the teacher would give '
-                            'two teachers\' answers in one run. Pass the store\'s teacher, or another store')
     if writing:
         return
     if store_teacher(args) is None:

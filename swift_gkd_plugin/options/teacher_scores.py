@@ -1,0 +1,130 @@
+"""``--teacher_scores``: whether a store fits a run, checked before any model loads, for ``swift rlhf`` and
+``megatron rlhf`` alike (each adapter adds its own rules: ``swift/setup/teacher_scores.py``,
+``megatron/setup/checks.py``).
+
+A store fits a run when it was scored on the token ids of the run's tokenizer, with its template, holds at least the
+run's ``--gkd_logits_topk`` entries a token, and (with ``--teacher_model``) by that teacher's weights. A store covers
+a dataset when a finished ``swift-gkd score`` scored that file (by its SHA-256) with this encoding (template,
+``--max_length``, ``--truncation_strategy``, ``--system``, tokenizer): the manifest's ``covered`` list.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+from typing import List, Optional
+
+from swift_gkd_plugin.core.scores.store import (StoreError, TeacherStore, _read_manifest, identity_of,
+                                                tokenizer_fingerprint, weights_fingerprint)
+from swift_gkd_plugin.options.flags import FlagError
+
+logger = logging.getLogger('swift')  # ms-swift's logger, where ms-swift has set it up
+
+__all__ = ['samples', 'model_tokenizer_fingerprint', 'file_sha256', 'encoding', 'dataset_files', 'covers',
+           'check_store_fits']
+
+
+def samples(args) -> bool:
+    """Whether a step may sample new tokens (on-policy, seq_kd), which no store can hold."""
+    return args.lmbda > 0 or bool(args.seq_kd)
+
+
+@functools.lru_cache(maxsize=4)
+def model_tokenizer_fingerprint(model_dir: str) -> Optional[str]:
+    """The :func:`~swift_gkd_plugin.core.scores.store.tokenizer_fingerprint` of a local model folder's tokenizer, or
+    None where it cannot be read (a processor-only repo: the run's own tokenizer is compared at start-up)."""
+    from transformers import AutoTokenizer
+    try:
+        return tokenizer_fingerprint(AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True))
+    except Exception as exc:
+        logger.warning(f'swift_gkd_plugin: cannot read the tokenizer of {model_dir} to compare it with the teacher '
+                       f'scores\' ({exc})')
+        return None
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 22), b''):
+            h.update(block)
+    return h.hexdigest()
+
+
+def encoding(args, model_dir: Optional[str]) -> dict:
+    """What makes a row's token ids besides its text."""
+    return {'template': args.template, 'max_length': args.max_length, 'truncation_strategy': args.truncation_strategy,
+            'system': args.system, 'tokenizer': model_tokenizer_fingerprint(model_dir) if model_dir else None}
+
+
+def dataset_files(values, subsets: bool = True) -> Optional[List[str]]:
+    """The local files of ``--dataset``, or None where one is not a local file (or, without ``subsets``, names a
+    ``#N`` subset: a score of a subset does not cover its file; a run on a subset of a covered file is covered)."""
+    files = []
+    for value in values or []:
+        path = value if os.path.isfile(value) or not subsets else value.split('#')[0]
+        if not os.path.isfile(path):
+            return None
+        files.append(os.path.abspath(path))
+    return files
+
+
+def covers(doc: dict, args, model_dir: Optional[str]) -> bool:
+    """Whether the manifest ``doc`` covers every ``--dataset`` and ``--val_dataset`` file of ``args`` with their
+    encoding."""
+    files = dataset_files(list(args.dataset or []) + list(getattr(args, 'val_dataset', None) or []))
+    if not files:
+        return False
+    wanted = encoding(args, model_dir)
+    done = {(e.get('sha256'), repr(sorted(e.get('encoding', {}).items()))) for e in doc.get('covered', [])}
+    return all((file_sha256(p), repr(sorted(wanted.items()))) in done for p in files)
+
+
+def check_store_fits(args, model_dir: Optional[str], root: Optional[str] = None, flag: str = '--teacher_scores',
+                     writing: bool = False, reads_samples: bool = True) -> Optional[TeacherStore]:
+    """Refuses (:class:`FlagError`, naming the flag) a store at ``root`` (``--teacher_scores``) that does not fit the
+    run: unreadable, another tokenizer than ``model_dir``'s (skipped where None: a hub id the launcher does not
+    download), another ``--template`` (skipped where ``args.template`` is None), fewer top-k entries than
+    ``--gkd_logits_topk``, another count of draws than ``--teacher_scores_samples`` asks for, draws at another
+    ``--temperature`` (unless the run reads no draws: not ``reads_samples``), or scored by another
+    ``--teacher_model``. ``writing``: a store this run would append to (``--save_teacher_scores``): the same k, draws
+    and dtype instead. Returns the store opened for reading (None when ``writing``)."""
+    root = root or args.teacher_scores
+    try:
+        store = TeacherStore(root) if not writing else None
+        identity = store.identity if store is not None else identity_of(_read_manifest(root))
+    except (StoreError, OSError) as exc:
+        raise FlagError(f'{flag} {root}: {exc}') from None
+    if args.template and identity.template != args.template:
+        raise FlagError(f'{flag} {root} was scored with --template {identity.template}, this run uses --template '
+                        f'{args.template}: pass --template {identity.template}, or score again')
+    k = args.gkd_logits_topk
+    if identity.topk and k and k > identity.topk and not writing:
+        raise FlagError(f'--gkd_logits_topk {k} is larger than {flag} {root} holds (top-{identity.topk}): pass '
+                        f'--gkd_logits_topk 1 to {identity.topk}, or score again with a larger k')
+    drawn = getattr(args, 'teacher_scores_samples', 0) or 0
+    if writing and (identity.topk != k or identity.dtype != args.teacher_scores_dtype or identity.samples != drawn):
+        raise FlagError(f'{flag} {root} holds top-{identity.topk} and {identity.samples} samples in {identity.dtype}, '
+                        f'this run would add top-{k} and {drawn} samples in {args.teacher_scores_dtype}: pass those, '
+                        'or another folder')
+    if not writing and drawn and identity.samples != drawn:
+        raise FlagError(f'--teacher_scores_samples {drawn}: {flag} {root} holds {identity.samples} drawn tokens a '
+                        f'position (pass --teacher_scores_samples {identity.samples}: a subset of the sorted draws '
+                        'would not be a sample of the teacher; 0 trains on its top-k)')
+    if identity.samples and reads_samples and abs(identity.temperature - args.temperature) > 1e-9:
+        raise FlagError(f'{flag} {root} drew its samples at --temperature {identity.temperature}, this run uses '
+                        f'{args.temperature}')
+    teacher = getattr(args, 'teacher_model', None)
+    if teacher and identity.teacher_hash and not writing:
+        teacher_dir = teacher if os.path.isdir(teacher) else None
+        if teacher_dir and weights_fingerprint(teacher_dir) != identity.teacher_hash:
+            raise FlagError(f'{flag} {root} was scored by another teacher ({identity.teacher}) than --teacher_model '
+                            f'{teacher} (their weights differ): the store and the teacher would give '
+                            'two teachers\' answers in one run. Pass the store\'s teacher, or another store')
+    # last: reading the tokenizer imports transformers' tokenizers (~4 s of a launcher's start)
+    fingerprint = model_tokenizer_fingerprint(model_dir) if model_dir else None
+    if fingerprint is not None and fingerprint != identity.tokenizer:
+        raise FlagError(f'{flag} {root} was scored on the token ids of another tokenizer than --model '
+                        f'{args.model}\'s (fingerprint {identity.tokenizer} against {fingerprint}): its rows would '
+                        'be other tokens. Score the dataset again with this tokenizer')
+    return store
