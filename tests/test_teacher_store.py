@@ -14,7 +14,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import OFFLINE_ENV, _run_env, base_args, launcher_child_command, run_swift
+from conftest import OFFLINE_ENV, _free_port, _run_env, base_args, launcher_child_command, run_swift
 
 from swift_gkd_plugin.core.scores.store import TeacherStore
 from swift_gkd_plugin.entry import score as score_cli
@@ -72,7 +72,8 @@ def runs(tiny_ws, shared_runs):
         # ZeRO-3 (one torchrun rank): the partitioned teacher scores, its top-k kept while training
         'zero3': lambda out: run_swift(base_args(tiny_ws, out, **dict(
             OFF_POLICY, deepspeed='zero3', save_teacher_scores=os.path.join(out, 'store'),
-            teacher_scores_dtype='float32')), nproc=1, env={'NPROC_PER_NODE': '1'}),
+            teacher_scores_dtype='float32', fp16='false', use_cpu='true')), nproc=1,
+            env={'NPROC_PER_NODE': '1', 'MASTER_PORT': str(_free_port())}),
         # the score's draws: the sampled forward KL, against the live teacher's full-vocabulary forward KL
         'from_samples': lambda out: after('score', lambda: train(
             out, teacher_scores=runs_dir(out, 'score'), teacher_scores_samples=SAMPLES, beta=0, gkd_logits_topk=None)),
