@@ -15,7 +15,7 @@ import logging
 import os
 from typing import List, Optional
 
-from swift_gkd_plugin.core.scores.store import (StoreError, TeacherStore, _read_manifest, identity_of,
+from swift_gkd_plugin.core.scores.store import (StoreError, TeacherStore, read_manifest, identity_of,
                                                 tokenizer_fingerprint, weights_fingerprint)
 from swift_gkd_plugin.options.flags import FlagError
 
@@ -92,7 +92,7 @@ def check_store_fits(args, model_dir: Optional[str], root: Optional[str] = None,
     root = root or args.teacher_scores
     try:
         store = TeacherStore(root) if not writing else None
-        identity = store.identity if store is not None else identity_of(_read_manifest(root))
+        identity = store.identity if store is not None else identity_of(read_manifest(root))
     except (StoreError, OSError) as exc:
         raise FlagError(f'{flag} {root}: {exc}') from None
     if args.template and identity.template != args.template:

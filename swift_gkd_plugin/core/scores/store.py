@@ -26,8 +26,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 
 __all__ = ['FORMAT', 'VERSION', 'DTYPES', 'StoreIdentity', 'RowScores', 'StoreError', 'row_key', 'encode_row',
-           'decode_row', 'StoreWriter', 'TeacherStore', 'weights_fingerprint', 'tokenizer_fingerprint',
-           'identity_differences']
+           'decode_row', 'StoreWriter', 'TeacherStore', 'weights_fingerprint', 'tokenizer_fingerprint', 'read_manifest',
+           'write_json_atomic', 'identity_differences']
 
 FORMAT = 'swift-gkd-teacher-scores'
 VERSION = 1
@@ -148,7 +148,7 @@ def decode_row(payload: bytes, n: int, k: int, samples: int, dtype: torch.dtype)
                      out.get('entropy'))
 
 
-def _write_json_atomic(path: str, doc: dict) -> None:
+def write_json_atomic(path: str, doc: dict) -> None:
     tmp = f'{path}.{uuid.uuid4().hex}.tmp'
     with open(tmp, 'w') as f:
         json.dump(doc, f, indent=1, sort_keys=True)
@@ -157,7 +157,7 @@ def _write_json_atomic(path: str, doc: dict) -> None:
     os.replace(tmp, path)
 
 
-def _read_manifest(root: str) -> dict:
+def read_manifest(root: str) -> dict:
     path = os.path.join(root, MANIFEST)
     try:
         with open(path) as f:
@@ -203,7 +203,7 @@ class StoreWriter:
         os.makedirs(os.path.join(root, SHARDS), exist_ok=True)
         path = os.path.join(root, MANIFEST)
         if os.path.exists(path):
-            stored = identity_of(_read_manifest(root))
+            stored = identity_of(read_manifest(root))
             diff = identity_differences(stored, identity, ('teacher', 'teacher_hash', 'tokenizer', 'template',
                                                              'topk', 'samples', 'dtype', 'temperature', 'vocab_size',
                                                              'processor'))
@@ -212,7 +212,7 @@ class StoreWriter:
                 raise StoreError(f'{root} holds scores of another {name} ({old!r}; this run: {new!r}): write to '
                                  'another folder')
         else:
-            _write_json_atomic(path, {'format': FORMAT, 'version': VERSION, 'identity': asdict(identity),
+            write_json_atomic(path, {'format': FORMAT, 'version': VERSION, 'identity': asdict(identity),
                                       'created': time.strftime('%Y-%m-%dT%H:%M:%S')})
         self.session = f'{time.strftime("%Y%m%d%H%M%S")}-{uuid.uuid4().hex[:6]}'
         self._count = 0
@@ -279,7 +279,7 @@ class TeacherStore:
 
     def __init__(self, root: str):
         self.root = root
-        self.manifest = _read_manifest(root)
+        self.manifest = read_manifest(root)
         self.identity = identity_of(self.manifest)
         if self.identity.dtype not in DTYPES:
             raise StoreError(f'{root}: unknown dtype {self.identity.dtype!r} in its manifest')

@@ -61,9 +61,9 @@ def resolve_store_topk(args) -> None:
     cannot be read is left to :func:`check_teacher_store`."""
     if not args.teacher_scores or args.gkd_logits_topk is not None:
         return
-    from swift_gkd_plugin.core.scores.store import StoreError, _read_manifest
+    from swift_gkd_plugin.core.scores.store import StoreError, read_manifest
     try:
-        args.gkd_logits_topk = int(_read_manifest(args.teacher_scores)['identity'].get('topk') or 0) or None
+        args.gkd_logits_topk = int(read_manifest(args.teacher_scores)['identity'].get('topk') or 0) or None
     except (StoreError, OSError, TypeError, ValueError):
         pass
 

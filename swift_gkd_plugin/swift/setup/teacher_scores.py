@@ -13,7 +13,7 @@ from typing import List, Optional
 
 from swift.utils import get_logger
 
-from swift_gkd_plugin.core.scores.store import (MANIFEST, StoreError, _read_manifest, _write_json_atomic,
+from swift_gkd_plugin.core.scores.store import (MANIFEST, StoreError, read_manifest, write_json_atomic,
                                                 weights_fingerprint)
 from swift_gkd_plugin.options.flags import FlagError
 from swift_gkd_plugin.options.teacher_scores import (check_store_fits, covers, dataset_files, encoding, file_sha256,
@@ -47,14 +47,14 @@ def mark_covered(run_dir: str, files: Optional[List[str]] = None) -> None:
     if not files:
         return
     root = args.save_teacher_scores
-    doc = _read_manifest(root)
+    doc = read_manifest(root)
     covered = doc.setdefault('covered', [])
     for path in files:
         entry = {'sha256': file_sha256(path), 'file': os.path.basename(path),
                  'encoding': encoding(args, args.model_dir)}
         if entry not in covered:
             covered.append(entry)
-    _write_json_atomic(os.path.join(root, MANIFEST), doc)
+    write_json_atomic(os.path.join(root, MANIFEST), doc)
 
 
 def resolve_teacher_scores(args) -> None:
@@ -63,7 +63,7 @@ def resolve_teacher_scores(args) -> None:
     if not args.teacher_scores:
         return
     try:
-        doc = _read_manifest(args.teacher_scores)
+        doc = read_manifest(args.teacher_scores)
     except StoreError:
         return  # refused by check_teacher_scores
     if args.gkd_logits_topk is None:
