@@ -11,7 +11,7 @@ import torch
 
 from swift_gkd_plugin.core.constants import IGNORE_INDEX
 from swift_gkd_plugin.server.client import TopKResult
-from swift_gkd_plugin.swift.teacher import ahead, placement
+from swift_gkd_plugin.swift.teacher import ahead, placement, store
 
 K = 4
 
@@ -32,9 +32,12 @@ def _trainer(answer_rows, answer_k=K):
     trainer = SimpleNamespace(use_teacher_api=True, _teacher_topk_route=True,
                               teacher_configs=[SimpleNamespace(tags=[])],
                               args=SimpleNamespace(teacher_tag_key='dataset', gkd_sampled_kl_coef=0.0),
-                              _local_teacher=None, teacher_clients=[client], gkd_logits_topk=K)
+                              _local_teacher=None, teacher_clients=[client], gkd_logits_topk=K,
+                              _store=None, _store_writer=None, _train_on_samples=False)  # (no teacher-score store)
     for name in ('_resolve_answers_ahead', '_teacher_answers'):  # the trainer's own (no --async_generate: asked now)
         setattr(trainer, name, MethodType(getattr(ahead.TeacherAheadMixin, name), trainer))
+    for name in ('_stored_answers', '_keep_answer'):
+        setattr(trainer, name, MethodType(getattr(store.TeacherStoreMixin, name), trainer))
     return trainer, score_at
 
 
