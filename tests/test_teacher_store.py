@@ -158,6 +158,7 @@ def test_a_store_written_under_zero3_holds_the_teachers_top_k(runs):
     assert run.returncode == 0, run.output[-4000:]
     written, scored = TeacherStore(os.path.join(run.output_dir, 'store')), TeacherStore(runs['score'].output_dir)
     assert len(written) == 8 and set(written.keys()) <= set(scored.keys())
+    assert written.identity.vocab_size == scored.identity.vocab_size  # (the head's whole size, not its shard's)
     for key in written.keys():
         a, b = written.get(key), scored.get(key)
         same = (a.ids == b.ids).all(-1)  # (ZeRO-3 computes in its own precision: near-ties may swap the k-th id)

@@ -20,6 +20,7 @@ from swift_gkd_plugin.core.scores.store import (RowScores, StoreError, StoreIden
 from swift_gkd_plugin.core.topk import teacher_tail_logmass
 from swift_gkd_plugin.server.client import TopKResult
 from swift_gkd_plugin.swift.run.guards import RunError
+from swift_gkd_plugin.swift.step.hidden_states import head_rows
 from swift_gkd_plugin.swift.step.token_metrics import add_token_sum
 
 logger = get_logger()
@@ -69,7 +70,7 @@ class TeacherStoreMixin:
         else:  # the student's own module: its base (adapter off, or the teacher adapter), or itself (score-only)
             teacher_dir = getattr(self.accelerator.unwrap_model(self.model), 'model_dir', None)
             name = str(teacher_dir) + (f' + {args.teacher_adapters[0]}' if args.teacher_adapters else '')
-        vocab = self.accelerator.unwrap_model(self.model).get_output_embeddings().weight.shape[0]
+        vocab = head_rows(self.accelerator.unwrap_model(self.model))  # (a ZeRO-3 shard's whole size too)
         return StoreIdentity(
             teacher=str(name), teacher_hash=weights_fingerprint(teacher_dir) if teacher_dir else '',
             tokenizer=tokenizer_fingerprint(self.template.tokenizer),
