@@ -662,3 +662,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     tr.write_line('the 10 slowest tests (set-up + call + tear-down):')
     for nodeid, seconds in sorted(_SECONDS.items(), key=lambda kv: -kv[1])[:10]:
         tr.write_line(f'{seconds:8.1f} s  {nodeid}')
+    by_file: Dict[str, List[float]] = {}
+    for nodeid, seconds in _SECONDS.items():
+        by_file.setdefault(nodeid.split('::')[0], []).append(seconds)
+    tr.write_line('the 15 costliest files (seconds summed over their tests, tests):')
+    for path, secs in sorted(by_file.items(), key=lambda kv: -sum(kv[1]))[:15]:
+        tr.write_line(f'{sum(secs):8.1f} s  {len(secs):4d}  {path}')
+    if os.environ.get('GKD_SUITE_DURATIONS'):  # every test's seconds, for planning the suite's time
+        with open(os.environ['GKD_SUITE_DURATIONS'], 'w') as f:
+            json.dump(_SECONDS, f, indent=0, sort_keys=True)
