@@ -2,8 +2,13 @@
 wrong rows) are refused by ``swift``'s launcher, before the route's process starts, in one line naming the flag, the
 value and what is allowed: a ``#N`` row count that is not a whole number >= 1, a dataset folder without a data file,
 an ``--output_dir`` inside a dataset folder (``--output_dir ''`` being the current folder, as in ms-swift), and a
-dangling symbolic link given to ``--resume_from_checkpoint``."""
+dangling symbolic link given to ``--resume_from_checkpoint``. Issue 81 item 2: a dataset folder is read as
+``datasets.load_dataset(folder)`` reads it (the same files, resolved by ``datasets`` itself), and a folder it would
+fail on (data in hidden files only, an empty file) or read only in part (another format than the most common
+ending's, another split) is refused, naming the files."""
+import json
 import os
+import pathlib
 import shutil
 
 import pytest
@@ -34,6 +39,81 @@ def test_a_dataset_folder_without_a_data_file_is_refused(tiny_ws, tmp_path):
                     timeout=180)
     assert_refused_by_launcher(run, [f"--dataset {folder}: the folder '{folder}' holds no data file (it holds "
                                      'README.md, make_rows.py); allowed: a data file'], ranks_started=False)
+
+
+def _rows(n: int, start: int = 0) -> list:
+    return [{'messages': [{'role': 'user', 'content': f'q{i}'}, {'role': 'assistant', 'content': f'a{i}'}]}
+            for i in range(start, start + n)]
+
+
+def _write(path, rows) -> None:
+    """``rows`` as a jsonl, a JSON array or a query/response csv, by ``path``'s ending."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == '.json':
+        path.write_text(json.dumps(rows))
+    elif path.suffix == '.csv':
+        path.write_text('query,response\n' + ''.join(f'{r["messages"][0]["content"]},{r["messages"][1]["content"]}\n'
+                                                      for r in rows))
+    else:
+        path.write_text(''.join(json.dumps(r) + '\n' for r in rows))
+
+
+#: folder -> {file: rows (None: empty)}, and the words of its refusal
+BAD_FOLDERS = {
+    'formats': ({'a.jsonl': 8, 'b.json': 8, 'c.csv': 16}, ["datasets would read 2 file(s) of the folder", '(a.jsonl, '
+                'b.json) and leave out 1', "c.csv (not json: datasets reads one format, the most common ending's)"]),
+    'hidden': ({'.cache/x.jsonl': 8}, ['datasets reads no training rows from the folder', 'EmptyDatasetError',
+                                       '.cache/x.jsonl (hidden: datasets skips names starting with "." or "__")']),
+    'hidden_beside': ({'x.jsonl': 8, '.old/y.jsonl': 8}, ['leave out 1', '.old/y.jsonl (hidden']),
+    'empty': ({'x.jsonl': None}, ['holds 1 empty data file(s) (x.jsonl): datasets fails on an empty file']),
+    'split': ({'train.jsonl': 8, 'test.jsonl': 4}, ["test.jsonl (split 'test': ms-swift reads the split train only)"]),
+    'no_split': ({'train.jsonl': 8, 'more.jsonl': 4}, ['more.jsonl (named after no split, where other files are']),
+}
+
+
+@pytest.mark.parametrize('case', sorted(BAD_FOLDERS))
+def test_a_dataset_folder_that_datasets_reads_in_part_or_fails_on_is_refused(tiny_ws, tmp_path, case):
+    """Before: the folder of ``formats`` trained on its 16 JSON rows (the csv's 16 left out), exit 0; ``hidden`` and
+    ``empty`` loaded both models, then failed in ``datasets`` with a traceback."""
+    files, needles = BAD_FOLDERS[case]
+    folder = tmp_path / 'data'
+    for name, count in files.items():
+        _write(folder / name, [] if count is None else _rows(count))
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), dataset=str(folder)), launcher=True, check=False,
+                    timeout=180)
+    assert_refused_by_launcher(run, [f'--dataset {folder}: '] + needles, ranks_started=False)
+
+
+def test_the_files_of_a_folder_are_those_datasets_reads():
+    """What the check takes ``datasets`` to read of a folder is what ``load_dataset(folder, split='train')`` (ms-swift's
+    call) loads: the rows of those files, in number, for folders of one format, of several, with a hidden folder."""
+    import tempfile
+
+    from datasets import load_dataset
+    from swift_gkd_plugin.options.local_paths import folder_files
+    layouts = [{'a.jsonl': 3, 'b.json': 5}, {'a.jsonl': 3, 'b.json': 5, 'c.csv': 16, 'd.csv': 2},
+               {'x.jsonl': 4, '.cache/y.jsonl': 6, 'sub/z.jsonl': 2}, {'train.jsonl': 3, 'test.jsonl': 7}]
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, layout in enumerate(layouts):
+            folder = os.path.join(tmp, f'd{i}')
+            for name, count in layout.items():
+                _write(pathlib.Path(folder, name), _rows(count))
+            read = folder_files(os.path.realpath(folder)).read
+            expected = sum(count for name, count in layout.items() if os.path.join(os.path.realpath(folder), name)
+                           in read)
+            loaded = load_dataset(folder, name='default', split='train', cache_dir=os.path.join(tmp, 'cache'))
+            assert len(loaded) == expected and expected > 0, (layout, read)
+
+
+def test_the_rows_of_a_folder_are_checked_as_a_file_s(tiny_ws, tmp_path):
+    """The rows of the files a folder is read from go through the checks of a file's (before: a folder was left to
+    ms-swift): a line that is not JSON is named by file and line, before loading."""
+    folder = tmp_path / 'data'
+    _write(folder / 'a.jsonl', _rows(4))
+    (folder / 'b.jsonl').write_text(json.dumps(_rows(1)[0]) + '\n{"messages": [\n')
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), dataset=str(folder)), launcher=True, check=False,
+                    timeout=300)
+    assert_refused_in_one_line(run, [f'--dataset {os.path.realpath(folder / "b.jsonl")}: line 2 is not valid JSON'])
 
 
 def test_the_data_file_endings_are_those_datasets_loads_from_a_folder():

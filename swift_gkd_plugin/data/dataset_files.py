@@ -13,6 +13,7 @@ from swift.dataset.preprocessor import AutoPreprocessor
 
 from swift_gkd_plugin.core.constants import PRIVILEGED_COLUMNS
 from swift_gkd_plugin.options.flags import FlagError
+from swift_gkd_plugin.options.local_paths import folder_files
 
 
 #: the local files read here before loading (ms-swift reads them with the ``datasets`` loader of their ending)
@@ -22,25 +23,38 @@ TABLE_SUFFIXES = ('.parquet', '.arrow')  # columnar files, read with pyarrow
 
 def local_dataset_files(entries: List[str], use_hf: Optional[bool]) -> List[Tuple[str, bool]]:
     """``(path, standard_format)`` for each local file of a checked format (``CHECKED_SUFFIXES``) among
-    ``--dataset``-style entries (``path``, ``path#N``, ``path:subset``). ``standard_format`` is False for files
+    ``--dataset``-style entries (``path``, ``path#N``, ``path:subset``), a folder's being the files ``datasets`` reads
+    of it (:func:`~swift_gkd_plugin.options.local_paths.folder_files`). ``standard_format`` is False for files
     registered with a preprocessor of their own, whose columns this check cannot interpret."""
-    files = []
-    for entry in entries or []:
-        syntax = DatasetSyntax.parse(entry)
-        if not (syntax.dataset.endswith(CHECKED_SUFFIXES) and os.path.isfile(syntax.dataset)):
-            continue  # a hub id, a folder or another format: read by ms-swift alone
-        preprocess = syntax.get_dataset_meta(use_hf).preprocess_func
-        files.append((syntax.dataset, isinstance(preprocess, AutoPreprocessor) and not preprocess.columns))
-    return files
+    return [file for entry in entries or [] for file in _entry_files(entry, use_hf) or []]
+
+
+def all_read_here(entries: List[str], use_hf: Optional[bool], standard_only: bool = True) -> bool:
+    """Whether every entry is a local file, or a folder of files, of a checked format (``standard_only``: in ms-swift's
+    standard format): its rows are all read before loading."""
+    files = [_entry_files(entry, use_hf) for entry in entries or []]
+    return bool(files) and all(f and (not standard_only or all(standard for _, standard in f)) for f in files)
+
+
+def _entry_files(entry: str, use_hf: Optional[bool]) -> Optional[List[Tuple[str, bool]]]:
+    """The checked files of one entry; None for a hub id, a folder with other files, or another format."""
+    syntax = DatasetSyntax.parse(entry)
+    if os.path.isdir(syntax.dataset):
+        paths = folder_files(os.path.realpath(syntax.dataset)).read
+    else:
+        paths = [syntax.dataset] if os.path.isfile(syntax.dataset) else []
+    if not paths or not all(path.endswith(CHECKED_SUFFIXES) for path in paths):
+        return None  # a hub id, a folder ms-swift reads alone, or another format
+    preprocess = syntax.get_dataset_meta(use_hf).preprocess_func
+    standard = isinstance(preprocess, AutoPreprocessor) and not preprocess.columns
+    return [(path, standard) for path in paths]
 
 
 def no_privileged_view(entries: List[str], use_hf: Optional[bool], columns=None) -> bool:
     """True when every ``--dataset`` entry is a local file in ms-swift's standard format and no row of them has a
     teacher_prompt or teacher_messages (``--columns`` mapped): the student-itself teacher then sees what the student
     sees. False when a row has one, or when some entry cannot be read here (a hub id, a registered preprocessor)."""
-    entries = list(entries or [])
-    files = local_dataset_files(entries, use_hf)
-    if not entries or len(files) != len(entries) or not all(standard for _, standard in files):
+    if not all_read_here(entries, use_hf):
         return False
     return first_privileged_row(entries, use_hf, columns) is None
 

@@ -1,12 +1,14 @@
 """Whether a command-line value names a local file or folder, and the near names of one that does not exist (a typo).
 
-Shared by the pre-load checks of ``swift rlhf`` and of ``swift-gkd serve-teacher``: the standard library only."""
+Shared by the pre-load checks of ``swift rlhf`` and of ``swift-gkd serve-teacher``: the standard library only, and
+``datasets``' own resolution of a dataset folder's files (imported for a folder only)."""
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import os
-from typing import Optional
+from typing import Dict, List, NamedTuple, Optional
 
 LOCAL_SUFFIXES = ('.jsonl', '.json', '.csv', '.txt', '.parquet', '.arrow', '.tsv')
 # the files transformers (and ms-swift's GGUF route) read weights from; a trainer checkpoint's other states are not
@@ -144,32 +146,121 @@ DATA_FILE_SUFFIXES = frozenset((
 ARCHIVE_SUFFIXES = ('.gz', '.bz2', '.xz', '.zst', '.lz4', '.zip', '.7z')
 
 
-def _holds_a_data_file(folder: str) -> bool:
-    """Whether a file under ``folder`` (at any depth) ends as a data file (:data:`DATA_FILE_SUFFIXES`, or a compressed
-    one); stops at the first."""
-    for _, _, names in os.walk(folder):
-        for name in names:
-            suffixes = [s.lower() for s in name.split('.')[1:]]
-            if any(f'.{s}' in DATA_FILE_SUFFIXES or f'.{s}' in ARCHIVE_SUFFIXES for s in suffixes):
-                return True
-    return False
+def _is_data_file(name: str) -> bool:
+    """Whether a file name ends as a data file (:data:`DATA_FILE_SUFFIXES`, or a compressed one)."""
+    suffixes = [f'.{s.lower()}' for s in name.split('.')[1:]]
+    return any(s in DATA_FILE_SUFFIXES or s in ARCHIVE_SUFFIXES for s in suffixes)
+
+
+def _data_files_under(folder: str) -> List[str]:
+    """The data files under ``folder`` at any depth, hidden ones included, as sorted absolute paths (``datasets``'
+    ``dataset_infos.json`` aside: ms-swift renames it before loading)."""
+    return sorted(os.path.realpath(os.path.join(root, name)) for root, _, names in os.walk(folder)
+                  for name in names if _is_data_file(name) and name != 'dataset_infos.json')
+
+
+class FolderFiles(NamedTuple):
+    """What ``datasets.load_dataset(folder)`` reads of a folder (ms-swift's ``--dataset FOLDER``: its config
+    ``default``, its split ``train``): ``module`` (the format of the folder's most common ending: ``json``, ``csv``,
+    ...; None where it finds no data), ``splits`` (split -> files), ``error`` (what ``datasets`` raised, else '')."""
+    module: Optional[str]
+    splits: Dict[str, List[str]]
+    error: str
+
+    @property
+    def read(self) -> List[str]:
+        return self.splits.get('train', [])
+
+
+@functools.lru_cache(maxsize=16)
+def folder_files(folder: str) -> FolderFiles:
+    """The files of ``folder`` that ``datasets`` reads, resolved by ``datasets`` itself (its data-file patterns, a
+    README's ``configs``, hidden files and folders skipped, the format inferred from the most common ending), without
+    reading them; imports ``datasets`` (1.7 s), for folders only."""
+    from datasets.load import LocalDatasetModuleFactory
+    try:
+        module = LocalDatasetModuleFactory(folder).get_module()
+    except Exception as exc:  # noqa: BLE001 -- datasets' own words, for the refusal
+        return FolderFiles(None, {}, f'{type(exc).__name__}: {str(exc).strip()}')
+    params = module.builder_configs_parameters
+    configs = {config.name: config for config in params.builder_configs}
+    config = configs.get('default') or configs.get(params.default_config_name) or params.builder_configs[0]
+    splits = {str(split): [os.path.realpath(f) for f in files] for split, files in (config.data_files or {}).items()}
+    return FolderFiles(module.module_path.rsplit('.', 1)[-1], splits, '')
+
+
+def _shown_files(folder: str, files: List[str]) -> str:
+    names = [os.path.relpath(f, folder) for f in files]
+    return ', '.join(names[:6]) + (f' (and {len(names) - 6} more)' if len(names) > 6 else '')
+
+
+def _left_out_why(folder: str, path: str, found: FolderFiles) -> str:
+    """Why ``datasets`` does not read ``path`` of ``folder`` as ms-swift's training rows."""
+    relative = os.path.relpath(path, folder)
+    if any(part.startswith(('.', '__')) for part in relative.split(os.sep)):
+        return f'{relative} (hidden: datasets skips names starting with "." or "__")'
+    split = next((split for split, files in found.splits.items() if path in files), None)
+    if split:
+        return f'{relative} (split {split!r}: ms-swift reads the split train only)'
+    from datasets.packaged_modules import _MODULE_TO_EXTENSIONS
+    if not any(f'.{s.lower()}' in _MODULE_TO_EXTENSIONS.get(found.module, ()) for s in relative.split('.')[1:]):
+        return f'{relative} (not {found.module}: datasets reads one format, the most common ending\'s)'
+    return f'{relative} (named after no split, where other files are: datasets then reads only those)'
+
+
+def folder_problem(flag: str, entry: str, folder: str) -> Optional[str]:
+    """Why ``datasets`` would fail on, or drop rows of, the ``flag`` folder ``folder`` (:func:`folder_files`): no data
+    file; data in hidden files or folders only, or no split train (it raised after both models loaded); data files
+    it leaves out (another format than the most common ending's, hidden, another split: trained without them, exit
+    0); a file it reads that is empty (a bare StopIteration after both models loaded). None for a folder read whole."""
+    everything = _data_files_under(folder)
+    if not everything:
+        names = sorted(os.listdir(folder))
+        held = ', '.join(names[:6]) + (', ...' if len(names) > 6 else '') if names else 'nothing'
+        return (f'{flag} {entry}: the folder {folder!r} holds no data file (it holds {held}); allowed: a data file '
+                '(.jsonl, .json, .csv, .parquet, .arrow), or a folder holding such files, which ms-swift loads as one '
+                'dataset')
+    found, real = folder_files(os.path.realpath(folder)), os.path.realpath(folder)
+    allowed = ('allowed: a folder whose data files datasets reads all (one format, none hidden, no split but train), '
+               'or each file as its own --dataset entry')
+    left = [path for path in everything if path not in found.read]
+    if not found.read:
+        why = found.error or f'it finds the splits {", ".join(found.splits)} and ms-swift reads train'
+        return (f'{flag} {entry}: datasets reads no training rows from the folder {folder!r} ({why}): '
+                f'{"; ".join(_left_out_why(real, path, found) for path in left[:6])}; {allowed}')
+    if left:
+        return (f'{flag} {entry}: datasets would read {len(found.read)} file(s) of the folder {folder!r} '
+                f'({_shown_files(real, found.read)}) and leave out {len(left)}, whose rows would not be trained on: '
+                f'{"; ".join(_left_out_why(real, path, found) for path in left[:6])}'
+                f'{f" (and {len(left) - 6} more)" if len(left) > 6 else ""}; {allowed}')
+    empty = [path for path in found.read if _empty(path)]
+    if empty:
+        return (f'{flag} {entry}: the folder {folder!r} holds {len(empty)} empty data file(s) '
+                f'({_shown_files(real, empty)}): datasets fails on an empty file after both models loaded; allowed: '
+                'data files with rows (remove the empty ones)')
+    return None
+
+
+def _empty(path: str) -> bool:
+    """An empty file, or one of white space only (text formats)."""
+    size = os.path.getsize(path)
+    if size == 0 or size > 4096:
+        return size == 0
+    with open(path, 'rb') as f:
+        return not f.read().strip()
 
 
 def dataset_path_problem(flag: str, entry: str) -> Optional[str]:
     """Why the ``flag`` entry (``--dataset``, ``--val_dataset``) cannot be read: a bad ``#N`` row count
     (:func:`dataset_sample_problem`); a local-looking path (see :func:`looks_local`) that does not exist, which
-    ms-swift would take for a hub id after loading both models; a folder without a data file (``datasets`` raised
-    ``EmptyDatasetError`` after both models loaded). None for a readable path or a hub id."""
+    ms-swift would take for a hub id after loading both models; a folder that ``datasets`` fails on or reads only in
+    part (:func:`folder_problem`). None for a readable path or a hub id."""
     problem = dataset_sample_problem(flag, entry)
     if problem:
         return problem
     path = dataset_path(entry)
-    if os.path.isdir(path) and not _holds_a_data_file(path):
-        names = sorted(os.listdir(path))
-        held = ', '.join(names[:6]) + (', ...' if len(names) > 6 else '') if names else 'nothing'
-        return (f'{flag} {entry}: the folder {path!r} holds no data file (it holds {held}); allowed: a data file '
-                '(.jsonl, .json, .csv, .parquet, .arrow), or a folder holding such files, which ms-swift loads as one '
-                'dataset')
+    if os.path.isdir(path):
+        return folder_problem(flag, entry, path)
     if os.path.exists(path) or not looks_local(path):
         return None
     where = '' if os.path.isabs(path) else f' (relative to {os.getcwd()})'

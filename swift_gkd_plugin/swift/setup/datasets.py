@@ -1,5 +1,5 @@
-"""Local datasets of a GKD run (``.jsonl``, ``.json``, ``.csv``, ``.parquet``, ``.arrow``), read once before any model
-is loaded.
+"""Local datasets of a GKD run (``.jsonl``, ``.json``, ``.csv``, ``.parquet``, ``.arrow``; of a folder, the files
+``datasets`` reads of it), read once before any model is loaded.
 
 ms-swift reads them later, after both models are loaded, and then fails badly: an empty file ends in a bare
 ``StopIteration``, a line that is not UTF-8 in a ``UnicodeDecodeError`` that names neither the file nor the line, a
@@ -32,8 +32,8 @@ from swift.utils import get_logger
 from transformers import TrainerCallback
 
 from swift_gkd_plugin.options.flags import FlagError
-from swift_gkd_plugin.data.dataset_files import (Where, check_fresh_adapter_teacher, check_teacher_given, dataset_rows,
-                                            local_dataset_files)
+from swift_gkd_plugin.data.dataset_files import (Where, all_read_here, check_fresh_adapter_teacher, check_teacher_given,
+                                                 dataset_rows, local_dataset_files)
 from swift_gkd_plugin.data.dataset_rows import (empty_prompt, has_prompt, has_response, mapped_row, media_problem,
                                            media_refs, media_tag_problem, misspelt_columns, privileged_problem,
                                            prompt_missing, response_problem, row_problem)
@@ -207,8 +207,7 @@ def _rows_without_prompt(args, files: List[Tuple[str, List[Tuple[Where, str]]]],
                          + (['--seq_kd true makes seq_kd steps'] if args.seq_kd else []))
     every_step = args.lmbda >= 1 or args.seq_kd
     path, rows = files[0]
-    read = local_dataset_files(args.dataset, args.use_hf)  # every --dataset a local file ms-swift reads as such
-    if prompted == 0 and len(read) == len(args.dataset) and all(standard for _, standard in read):
+    if prompted == 0 and all_read_here(args.dataset, args.use_hf):  # every --dataset read here
         where = f' of {path}' if len(files) > 1 else ''
         raise FlagError(f'--dataset {" ".join(p for p, _ in files)}: no row has a prompt: {len(rows)} row(s){where} '
                         f'({_shown([w for w, _ in rows])}) give {rows[0][1]}; {steps}, which sample a response to '
@@ -407,8 +406,7 @@ def check_one_batch(args, rows: int, dropped: List[str] = (), skipped: List[str]
     other cases (``#N`` sampling, sequence-parallel groups, rows dropped while encoding, hub datasets) are refused when
     training starts (:class:`RefuseEmptyEpochs`)."""
     entries = args.dataset or []
-    local_files = len(local_dataset_files(entries, args.use_hf)) == len(entries)
-    if not entries or not local_files or args.streaming:
+    if not entries or not all_read_here(entries, args.use_hf, standard_only=False) or args.streaming:
         return
     if rows <= 0 and skipped:
         promptless = f', {len(dropped)} without a user message or a response' if dropped else ''
