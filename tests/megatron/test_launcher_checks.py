@@ -179,7 +179,18 @@ def test_good_command_lines_pass_the_checks(flags):
     (('--teacher_model_server', 'http//127.0.0.1:8000', '--gkd_logits_topk', '8'), {},
      "it has no scheme (no '://') and a path '//127.0.0.1:8000' after the host 'http' (did you mean "
      'http://127.0.0.1:8000?)'),
-], ids=['cp3_of_2', 'tp2_cp2_of_2', 'tp2_of_1', 'ep2_of_3', 'dataset', 'teacher_model', 'ipv6_url', 'no_scheme_url'])
+    # issue 81 item 5: each passed the launcher and failed in every rank (--lmbda 0: no step samples from the model,
+    # whose own check refuses virtual stages)
+    (('--virtual_pipeline_model_parallel_size', '0', '--lmbda', '0'), {}, '--virtual_pipeline_model_parallel_size 0: allowed a '
+     'positive integer or unset'),
+    (('--expert_tensor_parallel_size', '0'), {}, '--expert_tensor_parallel_size 0: allowed a positive integer'),
+    (('--virtual_pipeline_model_parallel_size', '2', '--lmbda', '0'), {}, '--virtual_pipeline_model_parallel_size 2 needs '
+     '--pipeline_model_parallel_size > 1'),
+    (('--expert_tensor_parallel_size', '2', '--expert_model_parallel_size', '2'), {'NPROC_PER_NODE': '2'},
+     '--expert_tensor_parallel_size 2 x --expert_model_parallel_size 2 x --pipeline_model_parallel_size 1 = 4 ranks '
+     'an expert layout, which does not divide the 2 ranks'),
+], ids=['cp3_of_2', 'tp2_cp2_of_2', 'tp2_of_1', 'ep2_of_3', 'dataset', 'teacher_model', 'ipv6_url', 'no_scheme_url',
+        'vpp0', 'etp0', 'vpp2_pp1', 'etp2_ep2_of_2'])
 def test_what_the_ranks_failed_on_is_refused_by_the_launcher(flags, env, needle):
     """Issue 65 item 4: each was a traceback in every rank (a ZeroDivisionError for sizes that do not divide the
     ranks, a ValueError after both models loaded for a missing dataset) or a message without the flag."""
@@ -312,7 +323,8 @@ def test_sequential_experts_are_refused_before_any_rank_starts(tiny_ws, tmp_path
     no attribute 'linear_fc1'``). Refused by the launcher in one line naming the flag and the allowed value; the
     same check (which the ranks run again on the resolved folders) passes dense pairs and ``--moe_grouped_gemm
     true``, and refuses a MoE teacher."""
-    from swift_gkd_plugin.megatron.setup.checks import check_grouped_experts, parse_megatron_command_line
+    from swift_gkd_plugin.megatron.setup.checks import parse_megatron_command_line
+    from swift_gkd_plugin.megatron.setup.layout import check_grouped_experts
     from swift_gkd_plugin.testing import tiny
     moe = tiny.build_model(str(tmp_path / 'moe'), tiny.load_tokenizer(tiny_ws.student), seed=0, moe=True)
     code, output = megatron_rlhf_with(moe, *GKD, '--teacher_model', tiny_ws.teacher, '--use_vllm', 'false',
@@ -339,10 +351,73 @@ def test_routed_experts_are_found_in_nested_configs(tiny_ws, tmp_path):
     folder's ``config.json``); a dense model has none; a folder without a config is left to the ranks."""
     from transformers import Qwen3VLMoeConfig
 
-    from swift_gkd_plugin.megatron.setup.checks import routed_experts
+    from swift_gkd_plugin.megatron.setup.layout import routed_experts
     config = Qwen3VLMoeConfig()
     config.text_config.num_experts = 6
     config.save_pretrained(str(tmp_path / 'vl_moe'))
     assert routed_experts(str(tmp_path / 'vl_moe')) == 6
     assert routed_experts(tiny_ws.student) == 0
     assert routed_experts(str(tmp_path)) is None
+
+
+@pytest.fixture(scope='module')
+def config_only_models(tmp_path_factory):
+    """Model folders holding a config.json alone (what the launcher's layout checks read): a dense 3-layer model, a
+    4-layer one, a 3-layer mixture of experts (4 routed experts)."""
+    import json
+    root = tmp_path_factory.mktemp('layouts')
+    configs = {'dense3': {'model_type': 'qwen3', 'num_hidden_layers': 3},
+               'dense4': {'model_type': 'qwen3', 'num_hidden_layers': 4},
+               'moe3': {'model_type': 'qwen3_moe', 'num_hidden_layers': 3, 'num_experts': 4}}
+    for name, config in configs.items():
+        (root / name).mkdir()
+        (root / name / 'config.json').write_text(json.dumps(config))
+    return {name: str(root / name) for name in configs}
+
+
+@pytest.mark.parametrize('model,teacher,flags,needle', [
+    ('dense3', None, ('--pipeline_model_parallel_size', '2'),
+     '--pipeline_model_parallel_size 2 with the 3 decoder layers of --model {dense3} (config.json num_hidden_layers): '
+     'megatron-core splits them into 2 equal stages and 3 is not a multiple of 2: pass '
+     '--decoder_first_pipeline_num_layers 2 (the other stages then hold 1 each), or a --pipeline_model_parallel_size '
+     'that divides it (allowed: [1, 3])'),
+    ('dense4', 'dense3', ('--pipeline_model_parallel_size', '2'), 'the 3 decoder layers of --teacher_model {dense3}'),
+    ('dense4', None, ('--pipeline_model_parallel_size', '2', '--decoder_first_pipeline_num_layers', '4'),
+     '--decoder_first_pipeline_num_layers 4 leave 0 layers for the 1 middle stage(s) of --pipeline_model_parallel_size '
+     '2, and megatron-core needs them split equally'),
+    ('dense4', None, ('--pipeline_model_parallel_size', '2', '--virtual_pipeline_model_parallel_size', '2',
+                      '--decoder_last_pipeline_num_layers', '1', '--lmbda', '0'),
+     'the stages hold [1, 3] layers, and each must be a multiple of --virtual_pipeline_model_parallel_size 2'),
+    ('moe3', None, ('--tensor_model_parallel_size', '2'),
+     '--tensor_model_parallel_size 2 with --model {moe3}, a mixture of experts (4 routed experts), needs '
+     '--sequence_parallel true'),
+], ids=['pp2_of_3_layers', 'teacher_3_layers', 'first_takes_all', 'vpp_of_uneven', 'moe_tp2_without_sp'])
+def test_layouts_the_model_cannot_take_are_refused_by_the_launcher(config_only_models, model, teacher, flags, needle):
+    """Issue 81 item 5: megatron-core asserted these in every rank (layers per pipeline stage) or raised at the first
+    training forward after both models loaded (MoE under tensor parallelism without sequence parallelism)."""
+    teacher_flags = ('--teacher_model', config_only_models[teacher]) if teacher else ()
+    code, output = megatron_rlhf_with(config_only_models[model], *GKD, '--use_vllm', 'false', *teacher_flags, *flags,
+                                      env={'NPROC_PER_NODE': '2'})
+    assert code == 2, output[-3000:]
+    errors = [line for line in output.splitlines() if line.startswith('megatron rlhf: error: ')]
+    assert len(errors) == 1 and needle.format(**config_only_models) in errors[0], output[-3000:]
+    assert SPAWNED not in output and 'Traceback' not in output
+
+
+@pytest.mark.parametrize('model,flags', [
+    ('dense3', ('--pipeline_model_parallel_size', '2', '--decoder_first_pipeline_num_layers', '2')),
+    ('dense3', ('--pipeline_model_parallel_size', '2', '--decoder_last_pipeline_num_layers', '1')),
+    ('dense4', ('--pipeline_model_parallel_size', '2', '--virtual_pipeline_model_parallel_size', '2')),
+    ('moe3', ('--tensor_model_parallel_size', '2', '--sequence_parallel', 'true')),
+], ids=['first_2_of_3', 'last_1_of_3', 'vpp2_of_4', 'moe_tp2_sp'])
+def test_the_layouts_the_refusals_name_pass_the_checks(config_only_models, model, flags, monkeypatch):
+    """What the refusals advise passes the same checks on the launcher's parse of the command line (in process: a
+    launcher run that passes starts two ranks, ~40 s)."""
+    from swift_gkd_plugin.megatron.setup.checks import parse_megatron_command_line
+    from swift_gkd_plugin.megatron.setup.layout import (check_moe_sequence_parallel, check_parallel_sizes,
+                                                        check_pipeline_layers)
+    ns = parse_megatron_command_line(['--rlhf_type', 'gkd', *flags])
+    monkeypatch.setenv('NPROC_PER_NODE', '2')  # (the launcher's environment for two ranks)
+    check_parallel_sizes(ns)
+    check_pipeline_layers(ns, [('--model', config_only_models[model])])
+    check_moe_sequence_parallel(ns, config_only_models[model])

@@ -13,9 +13,11 @@ import swift_gkd_plugin
 from swift_gkd_plugin.rollout.colocated_vllm import (check_vllm_cpu_head_dim, check_vllm_max_model_len, check_vllm_sleep_mode,
                                              resolve_vllm_environment)
 from swift_gkd_plugin.options.flags import check_no_plugin_flags_outside_gkd, ignored_flag_warnings
-from swift_gkd_plugin.megatron.setup.checks import (MegatronGKDFlagsMixin, check_expert_counts, check_grouped_experts,
-                                                    check_megatron_gkd, check_model_sampling, check_not_ray,
-                                                    check_parallel_sizes, check_vllm_sampler, float32_warning)
+from swift_gkd_plugin.megatron.setup.checks import (MegatronGKDFlagsMixin, check_megatron_gkd, check_model_sampling,
+                                                    check_not_ray, check_vllm_sampler, float32_warning)
+from swift_gkd_plugin.megatron.setup.layout import (check_expert_counts, check_grouped_experts,
+                                                    check_moe_sequence_parallel, check_parallel_sizes,
+                                                    check_pipeline_layers)
 from swift_gkd_plugin.megatron.setup.teacher_scores import resolve_store_topk, resolve_teacher_store
 from swift_gkd_plugin.runtime.ms_swift_state import keep_teacher_messages_column
 
@@ -65,6 +67,8 @@ class GKDPluginMegatronRLHFArguments(MegatronGKDFlagsMixin, MegatronRLHFArgument
         model_dirs = [('--model', self.model_dir), ('--teacher_model', getattr(self, 'teacher_model_dir', None))]
         check_grouped_experts(self, model_dirs)
         check_expert_counts(self, model_dirs)  # hub models too, now resolved: before megatron-core's assertion
+        check_pipeline_layers(self, model_dirs)
+        check_moe_sequence_parallel(self, self.model_dir)
         resolve_sampler(self)
         check_vllm_sampler(self, vllm_installed=self.use_vllm)
         if self.use_vllm and self.vllm_mode == 'colocate' and self.lmbda > 0:  # ms-swift builds the engine then

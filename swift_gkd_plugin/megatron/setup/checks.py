@@ -26,6 +26,9 @@ from swift_gkd_plugin.options.flags import (GKD_LOSS_IMPLS, LOCAL_TEACHER_URL, S
                                     GKDPluginArgumentsMixin, check_gkd_scalars, check_no_multi_turn,
                                     check_teacher_server_flags, check_training_set, entry_urls, local_teacher_index,
                                     plugin_flags_in)
+from swift_gkd_plugin.megatron.setup.layout import (check_expert_counts, check_grouped_experts,
+                                                    check_moe_sequence_parallel, check_parallel_sizes,
+                                                    check_pipeline_layers)
 from swift_gkd_plugin.megatron.setup.teacher_scores import (check_teacher_store, check_teacher_store_flags,
                                                             resolve_store_topk)
 
@@ -230,6 +233,13 @@ def _command_line_parser() -> argparse.ArgumentParser:
     p.add_argument('--pipeline_model_parallel_size', type=int, default=1)
     p.add_argument('--expert_model_parallel_size', type=int, default=1)
     p.add_argument('--virtual_pipeline_model_parallel_size', type=int, default=None)
+    p.add_argument('--expert_tensor_parallel_size', type=int, default=1)
+    p.add_argument('--decoder_first_pipeline_num_layers', type=int, default=None)
+    p.add_argument('--decoder_last_pipeline_num_layers', type=int, default=None)
+    p.add_argument('--account_for_embedding_in_pipeline_split', type=_bool, default=False)
+    p.add_argument('--account_for_loss_in_pipeline_split', type=_bool, default=False)
+    p.add_argument('--pipeline_model_parallel_layout', default=None)
+    p.add_argument('--sequence_parallel', type=_bool, default=False)
     p.add_argument('--dataset', nargs='*', default=[])
     p.add_argument('--cached_dataset', nargs='*', default=[])
     p.add_argument('--columns', default=None)
@@ -300,6 +310,8 @@ def check_megatron_command_line(argv: Sequence[str]) -> None:
         check_local_paths(ns)
         check_grouped_experts(ns, [('--model', ns.model), ('--teacher_model', ns.teacher_model)])
         check_expert_counts(ns, [('--model', ns.model), ('--teacher_model', ns.teacher_model)])
+        check_pipeline_layers(ns, [('--model', ns.model), ('--teacher_model', ns.teacher_model)])
+        check_moe_sequence_parallel(ns, ns.model)
         check_training_set(ns)
         check_context_parallel_views(ns)
         check_rows_have_prompts(ns)
@@ -325,101 +337,6 @@ def _json_or_none(text):
         return json.loads(text) if isinstance(text, str) else text
     except ValueError:  # not JSON: ms-swift's own parser decides
         return None
-
-
-def world_size() -> Optional[int]:
-    """The ranks of the run: ``WORLD_SIZE`` in a rank; in the launcher, the ones its torchrun starts,
-    ``NPROC_PER_NODE`` x ``NNODES`` (1 each when unset); None where one is not a number (``gpu``, an elastic
-    ``1:4``)."""
-    try:
-        if os.environ.get('WORLD_SIZE'):
-            return int(os.environ['WORLD_SIZE'])
-        return int(os.environ.get('NPROC_PER_NODE') or 1) * int(os.environ.get('NNODES') or 1)
-    except ValueError:
-        return None
-
-
-def check_parallel_sizes(args) -> None:
-    """Tensor x pipeline x context parallel sizes divide the ranks (each rank's ``ZeroDivisionError`` otherwise: no
-    data-parallel group fits), and so does the expert-parallel size."""
-    sizes = [(flag, _size(args, flag)) for flag in
-             ('tensor_model_parallel_size', 'pipeline_model_parallel_size', 'context_parallel_size')]
-    expert = _size(args, 'expert_model_parallel_size')
-    for flag, size in sizes + [('expert_model_parallel_size', expert)]:
-        if size < 1:  # 0 divided every rank's layout by zero (ZeroDivisionError)
-            raise FlagError(f'--{flag} {size}: allowed a positive integer (1: not split)')
-    world = world_size()
-    if world is None:
-        return
-    ranks = f'{world} rank{"s" if world != 1 else ""} (NPROC_PER_NODE x NNODES)'
-    model_parallel = math.prod(size for _, size in sizes)
-    given = ' x '.join(f'--{flag} {size}' for flag, size in sizes if size > 1) or 'the model-parallel sizes'
-    if world % model_parallel:
-        raise FlagError(f'{given} = {model_parallel} ranks a model copy, which does not divide the {ranks}: pass '
-                        'sizes whose product divides them')
-    if world % expert:
-        raise FlagError(f'--expert_model_parallel_size {expert} does not divide the {ranks}')
-
-
-def _size(args, flag: str) -> int:
-    """A parallel size as given; unset (None) is 1. Not ``or 1``, which turned a given 0 into 1."""
-    size = getattr(args, flag, None)
-    return 1 if size is None else size
-
-
-def check_expert_counts(args, model_dirs: Sequence[tuple]) -> None:
-    """``--expert_model_parallel_size`` divides the routed experts of each mixture-of-experts model among
-    ``model_dirs`` (``(flag, local dir)`` pairs: the student and the teacher, built in the same layout): megatron-core
-    asserted it in every rank after the student had loaded ("num_moe_experts must be divisible by
-    expert_model_parallel_size")."""
-    expert = _size(args, 'expert_model_parallel_size')
-    if expert <= 1:
-        return
-    for flag, path in model_dirs:
-        experts = routed_experts(path) if isinstance(path, str) and os.path.isdir(path) else None
-        if experts and experts % expert:
-            allowed = [n for n in range(1, experts + 1) if experts % n == 0]
-            raise FlagError(f'--expert_model_parallel_size {expert} does not divide the {experts} routed experts of '
-                            f'{flag} {path}: each expert-parallel rank holds an equal share of every MoE layer\'s '
-                            f'experts (the teacher is built in the student\'s layout); allowed: {allowed}')
-
-
-#: the config.json keys that count a model's routed experts (mcore-bridge's ``config/parser.py``, ``num_moe_experts``)
-EXPERT_KEYS = ('num_experts', 'n_routed_experts', 'moe_num_experts', 'num_local_experts')
-
-
-def routed_experts(model_dir: str) -> Optional[int]:
-    """The routed experts of the model in the local directory ``model_dir``: the largest of :data:`EXPERT_KEYS` in its
-    ``config.json``, nested configs included (a multimodal model keeps them in its text config); 0 for a dense model,
-    None when there is no readable ``config.json``."""
-    try:
-        with open(os.path.join(model_dir, 'config.json'), encoding='utf-8') as f:
-            config = json.load(f)
-    except (OSError, ValueError):
-        return None
-    found, stack = 0, [config]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            found = max([found] + [v for k, v in node.items() if k in EXPERT_KEYS and isinstance(v, int)])
-            stack.extend(v for v in node.values() if isinstance(v, dict))
-    return found
-
-
-def check_grouped_experts(args, model_dirs: Sequence[tuple]) -> None:
-    """``--moe_grouped_gemm false`` with a mixture-of-experts model among ``model_dirs`` (``(flag, local dir)``
-    pairs): megatron-core then builds ``SequentialMLP`` experts, which mcore-bridge (ms-swift's default
-    ``--bridge_backend``) can neither load nor export: each rank failed after building the model with
-    ``'SequentialMLP' object has no attribute 'linear_fc1'``."""
-    if getattr(args, 'moe_grouped_gemm', True) or getattr(args, 'bridge_backend', 'mcore-bridge') != 'mcore-bridge':
-        return
-    for flag, path in model_dirs:
-        experts = routed_experts(path) if isinstance(path, str) and os.path.isdir(path) else None
-        if experts:
-            raise FlagError(f'--moe_grouped_gemm false: {flag} {path} is a mixture of experts ({experts} routed '
-                            'experts), and mcore-bridge loads and exports experts only as grouped linears '
-                            "(megatron-core's TEGroupedMLP); with false megatron-core builds SequentialMLP experts, "
-                            'which it cannot fill. Allowed: --moe_grouped_gemm true (the default)')
 
 
 def check_local_paths(args) -> None:
