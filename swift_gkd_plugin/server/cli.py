@@ -112,7 +112,8 @@ def check_args(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -
     if args.torch_dtype not in DTYPES:
         return f'--torch_dtype must be one of {", ".join(DTYPES)}, got {args.torch_dtype!r}'
     problem = _device_problem(args.device) if args.device_map is None else None
-    return problem or _paths_problem(args) or _model_type_problem(args) or _port_problem(args.host, args.port)
+    return problem or _paths_problem(args) or _model_type_problem(args) or _template_problem(args) or \
+        _port_problem(args.host, args.port)
 
 
 def _model_type_problem(args) -> Optional[str]:
@@ -145,6 +146,30 @@ def _model_type_problem(args) -> Optional[str]:
     return (f'--model {args.model}: ms-swift cannot tell its model type (architecture {config["architectures"][0]} '
             f'is one of {", ".join(types)}), which --template {args.template} needs: pass --model_type, e.g. '
             f'--model_type {example}')
+
+
+def _template_problem(args) -> Optional[str]:
+    """No ``--template`` for a model whose ms-swift model type has several templates (``--model_type qwen3``: qwen3,
+    qwen3_thinking, qwen3_nothinking, ...) and whose folder name picks none: ms-swift's own template lookup
+    (``get_template_meta``, what ``swift rlhf`` runs before loading) asked here, as the load resolves the model type,
+    instead of its traceback after the load. A model ms-swift does not know is left to the load (plain
+    transformers)."""
+    if args.template is not None:
+        return None
+    from swift.model.model_meta import MODEL_MAPPING, get_matched_model_meta
+    from swift.template import get_template_meta
+    from swift_gkd_plugin.options.model_types import undetected_type_message
+    meta = get_matched_model_meta(args.model)  # as ms-swift's get_model_info_meta: the name, then --model_type
+    if args.model_type is not None and (meta is None or meta.model_type != args.model_type):
+        meta = MODEL_MAPPING.get(args.model_type)
+    if meta is None:
+        return None
+    folder = os.path.expanduser(args.model)
+    try:
+        get_template_meta(argparse.Namespace(model_dir=folder), meta, None)  # (reads a checkpoint's args.json)
+    except ValueError as exc:
+        return undetected_type_message(str(exc), lambda _: ('--model', '--model_type'))
+    return None
 
 
 def _paths_problem(args) -> Optional[str]:

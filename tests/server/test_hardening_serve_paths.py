@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 from conftest import OFFLINE_ENV
@@ -41,3 +42,17 @@ def test_serve_teacher_says_a_file_is_a_file(tiny_ws, flag):
     argv = ['--model', weights] if flag == '--model' else ['--model', tiny_ws.teacher, '--adapters', weights]
     error = _serve_refusal(argv)
     assert f'{flag} {weights}: {weights!r} is a file, not ' in error and 'did you mean' not in error
+
+
+def test_serve_teacher_refuses_a_model_type_of_several_templates_without_template(tiny_ws):
+    """Issue 81 item 8: ``--model_type qwen3`` without ``--template`` on a folder whose name picks no template loaded
+    the model, then failed in ms-swift's template lookup with a traceback; the same lookup now runs before the load
+    and its error is the line ``swift rlhf`` prints. With ``--template`` the check passes."""
+    from swift_gkd_plugin.server.cli import _template_problem
+    error = _serve_refusal(['--model', tiny_ws.teacher, '--model_type', 'qwen3'])
+    assert (f'--model {tiny_ws.teacher}: ms-swift cannot tell its template type from the folder (it fits [\'qwen3\', '
+            in error and "'qwen3_nothinking']): pass --template" in error), error
+    parsed = SimpleNamespace(model=tiny_ws.teacher, model_type='qwen3', template='qwen3_nothinking')
+    assert _template_problem(parsed) is None
+    assert _template_problem(SimpleNamespace(model=tiny_ws.teacher, model_type=None, template=None)) is None  # (plain
+    # transformers: ms-swift does not know the folder)

@@ -9,12 +9,11 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import sys
 from types import SimpleNamespace
 from typing import List, NoReturn, Optional
 
-from swift_gkd_plugin.options import ms_swift_flag_table
+from swift_gkd_plugin.options import model_types, ms_swift_flag_table
 from swift_gkd_plugin.options.flags import FlagError
 from swift_gkd_plugin.runtime.process_exit import record_refusal
 
@@ -80,25 +79,15 @@ def parse_command_line(pipeline, original_parse, args):
         refuse(PROG, message)
 
 
-_UNDETECTED = re.compile(r'Failed to automatically match `(model_type|template_type)` for `(.*?)`\. '
-                         r'(?:Multiple possible types found: (\[.*?\])\. )?')
-
-
 def undetected_type_message(error: str, given) -> Optional[str]:
-    """One line for ms-swift's traceback when a local model folder's ``config.json`` fits several model types or
-    templates (a folder whose name does not say which, e.g. ``./student``): the flag to pass and its candidates."""
-    match = _UNDETECTED.search(error)
-    if match is None:
-        return None
-    what, folder, candidates = match.groups()
-    is_teacher = bool(given.teacher_model) and os.path.abspath(os.path.expanduser(given.teacher_model)) == \
-        os.path.abspath(folder)
-    model_flag = '--teacher_model' if is_teacher else '--model'
-    flag = {'model_type': '--teacher_model_type' if is_teacher else '--model_type',
-            'template_type': '--template'}[what]
-    found = f' (it fits {candidates})' if candidates else ''
-    return (f'{model_flag} {folder}: ms-swift cannot tell its {what.split("_")[0]} type from the folder{found}: pass '
-            f'{flag}')
+    """One line for ms-swift's traceback when a local model folder fits several model types or templates
+    (:func:`~swift_gkd_plugin.options.model_types.undetected_type_message`), naming the teacher's flags for the
+    ``--teacher_model`` folder."""
+    def flags_of(folder):
+        is_teacher = bool(given.teacher_model) and os.path.abspath(os.path.expanduser(given.teacher_model)) == \
+            os.path.abspath(folder)
+        return ('--teacher_model', '--teacher_model_type') if is_teacher else ('--model', '--model_type')
+    return model_types.undetected_type_message(error, flags_of)
 
 
 def torchrun_world_size() -> Optional[int]:
@@ -185,9 +174,24 @@ def check_launcher_early(argv: List[str]) -> None:
         for name, values in given.items():
             if name in SCALAR_FLAGS and len(values) == 1:
                 _check_declared_value(name, declared[name], values[0])
+        _check_ms_swift_values(given)
         check_early_paths(paths)
     except FlagError as exc:
         refuse(PROG, exc)
+
+
+def _check_ms_swift_values(given: dict) -> None:
+    """The checks of ms-swift flags' values that need nothing else (``--max_length``, ``--predict_with_generate``),
+    on the values given; one that does not parse is left to the parser in the process."""
+    from swift_gkd_plugin.options.flag_checks import check_max_length, check_no_generation_in_evaluation
+    values = {name: given[name][0] for name in ('max_length', 'predict_with_generate') if len(given.get(name, ())) == 1}
+    try:
+        max_length = int(values['max_length']) if 'max_length' in values else None
+    except ValueError:
+        max_length = None
+    generate = values.get('predict_with_generate', '').lower() in ('true', '1', 'yes', 'y', 't', 'on')
+    check_max_length(SimpleNamespace(max_length=max_length))
+    check_no_generation_in_evaluation(SimpleNamespace(predict_with_generate=generate))
 
 
 def check_local_model_heads(args) -> None:
