@@ -33,7 +33,8 @@ def _trainer(answer_rows, answer_k=K):
                               teacher_configs=[SimpleNamespace(tags=[])],
                               args=SimpleNamespace(teacher_tag_key='dataset', gkd_sampled_kl_coef=0.0),
                               _local_teacher=None, teacher_clients=[client], gkd_logits_topk=K,
-                              _store=None, _store_writer=None, _train_on_samples=False)  # (no teacher-score store)
+                              _store=None, _store_writer=None, _train_on_samples=False,  # (no teacher-score store)
+                              accelerator=SimpleNamespace(is_main_process=True))
     for name in ('_resolve_answers_ahead', '_teacher_answers'):  # the trainer's own (no --async_generate: asked now)
         setattr(trainer, name, MethodType(getattr(ahead.TeacherAheadMixin, name), trainer))
     for name in ('_stored_answers', '_keep_answer'):
@@ -74,11 +75,30 @@ def test_an_answer_of_the_right_length_lands_on_the_labelled_positions(monkeypat
     assert finite.tolist() == [[False] * 4 + [True] * 3 + [False], [False] * 2 + [True] * 5 + [False]]
 
 
-def test_an_answer_of_fewer_than_k_entries_fills_the_rest_with_unused_slots(monkeypatch):
-    batch = _place(monkeypatch, lambda r, n: n, answer_k=2)
+@pytest.mark.parametrize('route,flag', [('completions', "vLLM's --max-logprobs (`vllm serve ... --max-logprobs 4`; "
+                                                        'default 20)'),
+                                        ('infer', '`swift deploy --max_logprobs 4` (default 20), or for `swift '
+                                         'rollout`, which leaves vLLM\'s default of 20, `--vllm_engine_kwargs '
+                                         '\'{"max_logprobs": 4}\'`')])
+def test_an_answer_of_fewer_than_k_entries_fills_the_rest_with_unused_slots(monkeypatch, route, flag):
+    """Issue 81 item 9: padded silently before; now warned once a run (rank 0), naming both counts and the server
+    flag of its route that raises the cap (ms-swift's `swift rollout` answers at most 20, ms-swift issues 9644, 9718)."""
+    from swift_gkd_plugin.swift.teacher import placement as module
+    warnings = []
+    monkeypatch.setattr(module.logger, 'warning', warnings.append)
+    trainer, score_at = _trainer(lambda r, n: n, answer_k=2)
+    trainer.teacher_clients[0].route_name = route
+    monkeypatch.setattr(ahead, 'score_at', score_at)
+    for _ in range(2):  # two steps: one warning
+        batches = _batches()
+        placement.TeacherMixin._postprocess_batch(trainer, [SimpleNamespace()] * 2, batches)
+    batch = batches[0]['gkd_batch']
     row = batch.teacher_topk_logprobs[1, 2]
     assert torch.isfinite(row[:2]).all() and row[2:].tolist() == [float('-inf')] * 2
     assert batch.teacher_topk_indices[1, 2].tolist() == [1, 2, 0, 0]
+    assert warnings == [f'Teacher server http://teacher:8000 answered 2 entries a position for --gkd_logits_topk {K}: '
+                        'the other 2 slots are padded (probability 0), so the loss reads the teacher\'s top-2. Raise '
+                        f'the server\'s cap with {flag}, or pass --gkd_logits_topk 2 (warned once)'], warnings
 
 
 def test_an_infer_answer_short_of_the_scored_tokens_is_one_error_when_the_server_reports_no_token_ids():

@@ -21,6 +21,8 @@ a 500 and an answer that fails the checks below) is also retried at least ``retr
 date); a ``Retry-After`` beyond the time left of ``wait`` stops at once, saying so. Every retry is logged with its
 cause and the budget left. Another 4xx answer (401, 404, 413, 422, ...) is the client's fault and is raised at once.
 Every failure raises :class:`TeacherServerError`, whose message names the URL, the number of attempts and the cause.
+A request that took :data:`SLOW_SHARE` of ``timeout`` or more is logged once a client, naming the timeout
+(``timeout_flag``: the caller's name for it) and its value: a slow server otherwise stalled a run without a word.
 
 Answers are checked before use (:class:`InvalidAnswer` names the sequence and row): decodable, one result per
 sequence and one row per asked position, token ids in ``[0, vocabulary)``, log-probabilities NaN-free and <= 0
@@ -54,6 +56,8 @@ API_KEY_ENV = 'SWIFT_GKD_TEACHER_API_KEY'
 # rate-limited (a gateway), a proxy without its server, or a busy server: retried within ``wait``
 _UNAVAILABLE_STATUS = {429, 502, 503, 504}
 _SERVER_ERROR_STATUS = {500}  # the server is up but failed: retried ``retries`` times only
+#: the share of ``timeout`` a request may take before the client says so (once)
+SLOW_SHARE = 0.2
 _NOT_FOUND_STATUS = {404, 405}  # a route this server does not have
 _logger = logging.getLogger(__name__)
 
@@ -93,12 +97,15 @@ class TeacherClient:
 
     def __init__(self, url: str, api_key: Optional[str] = None, timeout: float = 60.0, retries: int = 3,
                  backoff: float = 0.5, *, wait: float = 0.0, max_backoff: float = 10.0, binary: Optional[bool] = None,
-                 logprobs_dtype: str = 'float32', log: Optional[Callable[[str], None]] = None):
+                 logprobs_dtype: str = 'float32', log: Optional[Callable[[str], None]] = None,
+                 timeout_flag: str = 'timeout'):
         if '://' not in url:
             url = f'http://{url}'
         self.url = url.rstrip('/')
         self.api_key = api_key if api_key is not None else (os.environ.get(API_KEY_ENV) or None)
         self.timeout = float(timeout)
+        self.timeout_flag = timeout_flag
+        self._said_slow = False
         self.retries = max(0, int(retries))
         self.backoff = float(backoff)
         self.wait = max(0.0, float(wait))
@@ -138,6 +145,7 @@ class TeacherClient:
     def _attempt(self, method: str, url: str, body: Optional[bytes],
                  headers: Optional[Dict[str, str]]) -> Tuple[Optional[requests.Response], str, Optional[int]]:
         """One HTTP attempt: ``(response, '', status)`` on an answer, ``(None, cause, None)`` on no answer."""
+        t0 = time.monotonic()
         try:
             resp = self._session.request(method, url, data=body, headers={**self._headers(), **(headers or {})},
                                          timeout=self.timeout)
@@ -147,7 +155,18 @@ class TeacherClient:
             return None, f'connection failed ({type(e).__name__}: {_short(e)})', None
         except requests.RequestException as e:
             return None, f'{type(e).__name__}: {_short(e)}', None
+        self._note_slow(url, time.monotonic() - t0)
         return resp, '', resp.status_code
+
+    def _note_slow(self, url: str, seconds: float) -> None:
+        """Log once a client that an answer took :data:`SLOW_SHARE` of the timeout or more, naming the timeout."""
+        if self._said_slow or seconds < SLOW_SHARE * self.timeout:
+            return
+        self._said_slow = True
+        self.log(f'teacher server {url} took {seconds:.1f}s to answer a request, {seconds / self.timeout:.0%} of '
+                 f'{self.timeout_flag} {self.timeout:g}s (a request unanswered by then fails and is retried): each '
+                 f'step waits for such answers; if the server is this slow by design, raise {self.timeout_flag} '
+                 '(said once)')
 
     def _retry_delay(self, attempt: int, elapsed: float, unavailable: bool, retry_after: float) -> Optional[float]:
         """Seconds to sleep before attempt ``attempt + 1``, or None when the budget is spent (see the module doc)."""

@@ -1512,3 +1512,31 @@ def test_every_serve_teacher_flag_has_help_text():
     add_arguments(parser)
     flags = [action for action in parser._actions if action.option_strings and action.dest != 'help']
     assert flags and [a.option_strings[0] for a in flags if not (a.help or '').strip()] == []
+
+
+@pytest.mark.timeout(120)
+def test_a_slow_answer_names_the_timeout_once(inproc_teacher):
+    """Issue 81 item 9: a server answering in 30 s held each step without a word (a 2-process run went 11.5 minutes
+    without a step). An answer taking a fifth of the client's timeout or more is logged once, naming the timeout's
+    flag and value (swift rlhf's client: --teacher_server_timeout)."""
+    import asyncio
+
+    def slow_gateway(app):
+        async def delayed(scope, receive, send):
+            if scope['type'] == 'http' and scope['path'].startswith('/v1/topk'):
+                await asyncio.sleep(2.5)
+            await app(scope, receive, send)
+        return delayed
+
+    server = InProcessServer(inproc_teacher, wrap=slow_gateway, topk=8)
+    try:
+        lines = []
+        client = TeacherClient(server.url, timeout=10, retries=0, log=lines.append,
+                               timeout_flag='--teacher_server_timeout')
+        for _ in range(2):
+            client.topk([([1, 2, 3], [4, 5])], topk=4)
+        assert len(lines) == 1 and lines[0].startswith(f'teacher server {server.url}/v1/topk took '), lines
+        assert 'of --teacher_server_timeout 10s (a request unanswered by then fails and is retried)' in lines[0]
+        assert 'raise --teacher_server_timeout (said once)' in lines[0], lines
+    finally:
+        server.stop()

@@ -27,7 +27,8 @@ ROUTE_NAMES = {'topk': 'POST /v1/topk (this plugin\'s server)', 'infer': 'ms-swi
 def teacher_client(args, url: str) -> TeacherClient:
     """A client of the teacher server at ``url`` with the trainer's key, timeout, retries and wait."""
     return TeacherClient(url, api_key=args.teacher_api_key, timeout=args.teacher_server_timeout,
-                         retries=args.teacher_server_retries, wait=args.teacher_server_wait, log=logger.warning)
+                         retries=args.teacher_server_retries, wait=args.teacher_server_wait, log=logger.warning,
+                         timeout_flag='--teacher_server_timeout')
 
 
 def tokenizer_probe(tokenizer) -> Tuple[str, List[int]]:

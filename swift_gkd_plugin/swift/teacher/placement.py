@@ -25,7 +25,7 @@ from swift_gkd_plugin.swift.step.token_metrics import add_token_sum as _add_toke
 from swift_gkd_plugin.swift.teacher.adapters import TEACHER_ADAPTER, active_adapter, eval_mode, load_frozen_adapter
 from swift_gkd_plugin.swift.teacher.cross_tokenizer import CrossTokenizerTeacher
 from swift_gkd_plugin.swift.teacher.served import (attach_trainer_token_ids, connect_teacher_servers, fit_answer,
-                                                   infer_prompt_logprobs)
+                                                   infer_prompt_logprobs, short_answer_warning)
 
 logger = get_logger()
 
@@ -295,6 +295,12 @@ class TeacherMixin:
             gkd_batch = batch_encoded_inputs[b]['gkd_batch']
             client = served_by.get(i)
             drawn = result
+            if client is not None and drawn.ids.dim() == 2 and drawn.ids.shape[1] < k and \
+                    not getattr(self, '_warned_short_answer', False):
+                self._warned_short_answer = True
+                if self.accelerator.is_main_process:
+                    logger.warning(short_answer_warning(client.url, getattr(client, 'route_name', None),
+                                                        drawn.ids.shape[1], k))
             result = fit_answer(result, len(positions), k, f'row {row} of micro-batch {b} (request {i} of this step, '
                                 f'teacher {f"server {client.url}" if client is not None else "local"})')
             if i in fresh_set:

@@ -108,6 +108,23 @@ def fit_answer(result: TopKResult, positions: int, k: int, where: str) -> TopKRe
     return TopKResult(ids, logprobs, result.tail, target_logprobs=targets)
 
 
+#: the flag that raises a server's cap on the entries it answers a position, by route (issue 81)
+CAP_FLAGS = {'topk': 'its --top_k (`swift-gkd serve-teacher --top_k {k}`)',
+             'completions': "vLLM's --max-logprobs (`vllm serve ... --max-logprobs {k}`; default 20)",
+             'infer': "`swift deploy --max_logprobs {k}` (default 20), or for `swift rollout`, which leaves vLLM's "
+                      'default of 20, `--vllm_engine_kwargs \'{{"max_logprobs": {k}}}\'`'}
+
+
+def short_answer_warning(url: str, route: str, answered: int, k: int) -> str:
+    """The warning for a served teacher that answered ``answered`` < ``k`` (``--gkd_logits_topk``) entries a position:
+    its answers are padded with unused slots (probability 0), so the loss's top-k is the server's, silently smaller;
+    names both counts and the server flag of its ``route`` that raises its cap."""
+    raise_it = CAP_FLAGS.get(route, CAP_FLAGS['infer']).format(k=k)
+    return (f'Teacher server {url} answered {answered} entries a position for --gkd_logits_topk {k}: the other '
+            f'{k - answered} slots are padded (probability 0), so the loss reads the teacher\'s top-{answered}. Raise '
+            f'the server\'s cap with {raise_it}, or pass --gkd_logits_topk {answered} (warned once)')
+
+
 def check_topk_served(url: str, health: dict, topk: int) -> None:
     """``--gkd_logits_topk`` within what the server says it serves (this plugin's server reports ``max_topk``;
     others report nothing and are trusted): refused at start-up rather than at the first teacher request."""
