@@ -123,3 +123,45 @@ def test_text_rows_all_over_max_length_are_refused_before_loading_with_the_longe
     assert (f'(every row ({len(lengths)}) longer than --max_length 8, the longest {max(lengths)} tokens)'
             in run.output), run.output[-3000:]
     assert 'Loading weights' not in run.output
+
+
+# ------------------------------------------------------------- issue 81 item 3: a cut that leaves no response token
+@pytest.mark.parametrize('flag,value,needle', [
+    ('max_length', '0', '--max_length 0: allowed a positive number of tokens'),
+    ('max_length', '-1', '--max_length -1: allowed a positive number of tokens'),
+    ('predict_with_generate', 'true', "--predict_with_generate true: GKD's evaluation scores the dataset's responses "
+                                      'with the loss and never generates')], ids=['max_length_0', 'max_length_-1', 'generate'])
+def test_a_max_length_of_no_token_and_generation_in_evaluation_are_refused_by_the_launcher(tiny_ws, tmp_path, flag,
+                                                                                           value, needle):
+    """``--max_length 0`` was refused only at the first batch, after both models loaded; ``--predict_with_generate
+    true`` beside evaluation was taken and ignored, and ms-swift's generation metric asked every rank for ``jieba``."""
+    from test_hardening_launcher import assert_refused_by_launcher
+    flags = {flag: value, **({'val_dataset': tiny_ws.fixed, 'eval_steps': 1} if flag != 'max_length' else {})}
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), **flags), launcher=True, check=False)
+    assert_refused_by_launcher(run, [needle], ranks_started=False)
+
+
+CUT_AWAY = {  # the tiny rows' prompts are 14 tokens with the template: --max_length 14 keeps none of a response
+    'off_policy': dict(lmbda=0),
+    'on_policy': dict(lmbda=1),
+    'privileged': dict(lmbda=0.5, teacher_model=None, teacher_model_type=None),
+}
+
+
+@pytest.mark.parametrize('name', list(CUT_AWAY))
+def test_text_rows_cut_to_no_response_are_refused_before_loading(tiny_ws, tmp_path, name):
+    """``--truncation_strategy right`` with every prompt at least ``--max_length`` tokens: each step trained on
+    nothing (loss 0, ``gkd/cut_rows`` 2), and the run-end guard blamed the teacher (or asked rows that have a
+    ``teacher_prompt`` for one). Refused before loading, dataset steps, on-policy ones and privileged rows alike."""
+    from test_activation_and_bad_input import assert_refused_in_one_line
+    flags = dict(CUT_AWAY[name])
+    if name == 'privileged':
+        flags['dataset'] = _teacher_prompt_dataset(tiny_ws, tmp_path)
+    rows = 16 if name == 'privileged' else len(_rows(tiny_ws.train))
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), truncation_strategy='right', max_length=14, **flags),
+                    launcher=True, check=False)
+    assert_refused_in_one_line(run, [
+        f'(every row ({rows}) with a prompt of at least --max_length 14, the longest 14 tokens)',
+        'its prompt is 14 tokens with the template, at least --max_length 14: --truncation_strategy right keeps its '
+        'first 14 tokens, none of its response'])
+    assert 'Loading weights' not in run.output

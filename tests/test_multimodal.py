@@ -473,11 +473,16 @@ def test_a_local_teacher_whose_processor_expands_images_otherwise_is_refused_bef
      f'holds {tmm.NUM_IMAGE_TOKENS} image tokens, more than --max_length {tmm.NUM_IMAGE_TOKENS - 1} '
      '(--truncation_strategy right): its images cannot be cut'),
     ('all_too_long', dict(max_length=6), 'the first 8 rows drawn are all longer than --max_length 6 (the longest: '),
-], ids=['image_cut', 'all_too_long'])
+    ('response_cut', dict(truncation_strategy='right', max_length=tmm.NUM_IMAGE_TOKENS + 2),
+     f'Cause: --max_length {tmm.NUM_IMAGE_TOKENS + 2} (--truncation_strategy right) cut every response token away '
+     'from 8 row(s) on this process'),
+], ids=['image_cut', 'all_too_long', 'response_cut'])
 def test_image_rows_that_cannot_fit_max_length_stop_the_run_in_one_line(mm, tmp_path, name, flags, needle):
     """``right`` (or ``left``) with fewer tokens allowed than an image's: refused, the image is never cut; ``delete``
     with every row too long: one line at the first batch saying so and the longest row's length (before: ms-swift's
-    resampling traceback, "resample: only collected 0/8")."""
+    resampling traceback, "resample: only collected 0/8"); ``right`` leaving no response token (the image rows'
+    lengths are not known before loading): the run-end guard names the cut (issue 81; before: it blamed the
+    teacher, "the teacher gives the student's distribution")."""
     run = run_swift(mm_args(mm, str(tmp_path / 'out'), lmbda=0, max_steps=1, **flags), check=False)
     assert run.returncode == 1, run.output[-3000:]
     errors = [line for line in run.output.splitlines() if 'error:' in line]

@@ -558,3 +558,22 @@ def check_training_length(args) -> None:
     if steps == -1 and not epochs > 0:
         raise FlagError(f'--num_train_epochs {epochs:g} with --max_steps -1 trains no step: allowed > 0 (a fraction '
                         'of an epoch too), or a positive --max_steps, which then decides')
+
+
+def check_max_length(args) -> None:
+    """``--max_length``, where given, is a positive number of tokens: 0 or less left no token of any row (0 was
+    refused only at the first batch, after both models loaded)."""
+    max_length = getattr(args, 'max_length', None)
+    if max_length is not None and max_length <= 0:
+        raise FlagError(f'--max_length {max_length}: allowed a positive number of tokens (a row\'s prompt and '
+                        'response together), or not given (the model\'s own limit)')
+
+
+def check_no_generation_in_evaluation(args) -> None:
+    """``--predict_with_generate true``: GKD's evaluation scores the dataset's responses and never generates, so the
+    flag was taken and ignored, and ms-swift's generation metric it selects asked for ``jieba`` (a traceback on every
+    rank)."""
+    if getattr(args, 'predict_with_generate', False):
+        raise FlagError('--predict_with_generate true: GKD\'s evaluation scores the dataset\'s responses with the '
+                        'loss and never generates, so the flag would be ignored (and ms-swift\'s generation metric '
+                        'it selects fails on every rank); allowed: false (the default)')

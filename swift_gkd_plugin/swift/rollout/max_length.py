@@ -55,9 +55,11 @@ class LengthCap:
                 self._cut_teacher(teachers[i], *kept)
             else:
                 teachers[i] = student.copy()
-            self._count()
+            self._count(sample, emptied=not kept[2])
 
-    def _count(self) -> None:
+    def _count(self, sample, emptied: bool) -> None:
+        """One row cut; ``emptied``: cut to no scored response token (it adds nothing to the loss): counted apart,
+        for the run guard to name the cut where it leaves a step nothing to learn."""
         if self.counter is None:
             return
         self.counter.cut += 1
@@ -66,6 +68,14 @@ class LengthCap:
                     f'a row is cut at its {"end" if self.strategy == "right" else "start"}')
             logger.warning(f'swift_gkd_plugin: {what} to --max_length {self.max_length} (--truncation_strategy '
                            f'{self.given}, as swift sft cuts); said once, counted in gkd/cut_rows')
+        if not emptied:
+            return
+        self.counter.emptied += 1
+        if self.counter.emptied == 1:
+            logger.warning(f'swift_gkd_plugin: {row_name(sample)}: --max_length {self.max_length} '
+                           f'(--truncation_strategy {self.given}) cuts every response token away (its prompt fills '
+                           '--max_length): it adds nothing to the loss. Said once, counted in gkd/cut_empty_rows; '
+                           'raise --max_length above the prompts\' length')
 
     def _mask(self, ids: torch.Tensor) -> torch.Tensor:
         """The positions ``Template._truncate`` keeps: every placeholder (image) token, and the first (``right``) or

@@ -178,7 +178,15 @@ class NothingLearnt(TrainerCallback):
 
 
 def zero_loss_cause(trainer) -> str:
-    """Why a step's loss is 0 exactly, from what the trainer distils from."""
+    """Why a step's loss is 0 exactly: rows cut to no response token at ``--max_length``, else from what the trainer
+    distils from."""
+    emptied = getattr(getattr(trainer, '_replaced_rows', None), 'emptied', 0)
+    if emptied:
+        cap = trainer._length_cap  # (rollout/max_length.py: it counted them)
+        max_length, strategy = cap.max_length, cap.given
+        return (f'--max_length {max_length} (--truncation_strategy {strategy}) cut every response token away from '
+                f'{emptied} row(s) on this process (their prompts fill --max_length; gkd/cut_empty_rows), leaving '
+                'nothing to distil: raise --max_length above the prompts\' length')
     if trainer.use_teacher_api:
         return (f'--teacher_model_server {trainer.teacher_model_server} returns the student\'s distribution at every '
                 'response token (the student\'s own model served?)')
@@ -228,17 +236,17 @@ class ReplacedRows(TrainerCallback):
     """The rows the run did not train as given, counted since the start on this process, in the training logs once
     non-zero: ``gkd/replaced_rows`` (failed to encode, replaced by another row), ``gkd/deleted_rows`` (longer than
     ``--max_length`` under ``--truncation_strategy delete``, replaced by another row) and ``gkd/cut_rows`` (encodings
-    cut at ``--max_length``: :mod:`swift_gkd_plugin.swift.rollout.max_length`). Runs before ms-swift's own logging
-    callback, which writes ``logging.jsonl``."""
+    cut at ``--max_length``: :mod:`swift_gkd_plugin.swift.rollout.max_length`), and of those ``gkd/cut_empty_rows``
+    (cut to no response token). Runs before ms-swift's own logging callback, which writes ``logging.jsonl``."""
 
     def __init__(self):
-        self.count = self.deleted = self.cut = 0
+        self.count = self.deleted = self.cut = self.emptied = 0
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or 'loss' not in logs:
             return
         for key, value in (('gkd/replaced_rows', self.count), ('gkd/deleted_rows', self.deleted),
-                           ('gkd/cut_rows', self.cut)):
+                           ('gkd/cut_rows', self.cut), ('gkd/cut_empty_rows', self.emptied)):
             if value:
                 logs[key] = value
 

@@ -25,7 +25,8 @@ from swift_gkd_plugin.options.flags import (FlagError, GKDPluginArgumentsMixin, 
                                     check_no_plugin_flags_outside_gkd, check_rl_flags, check_teacher_server_flags,
                                     check_torch_compile_checkpointing, check_training_set, check_vllm_flags,
                                     ignored_flag_warnings, resolve_num_generations, sampling_temperature)
-from swift_gkd_plugin.options.flag_checks import check_training_length
+from swift_gkd_plugin.options.flag_checks import (check_max_length, check_no_generation_in_evaluation,
+                                                 check_training_length)
 from swift_gkd_plugin.options.hub_models import hub_lookup_failed, hub_unreachable
 from swift_gkd_plugin.runtime.ms_swift_state import grpo_num_generations, keep_teacher_messages_column
 from swift_gkd_plugin.swift.setup.checkpoints import check_resume_checkpoint
@@ -452,6 +453,8 @@ def check_flags_only(args) -> None:
     check_gkd_scalars(args)
     check_training_set(args)
     check_training_length(args)
+    check_max_length(args)
+    check_no_generation_in_evaluation(args)
     check_rl_flags(args)
     check_multi_turn_flags(args)
     check_torch_compile_checkpointing(args)

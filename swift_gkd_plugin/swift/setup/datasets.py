@@ -387,11 +387,15 @@ def check_self_teacher_has_something_to_add(args) -> None:
 def _bad_rows(args, flag: str, path: str, bad: List[Tuple[Where, str]], lengths: str = '') -> List[str]:
     """Rows ms-swift would drop without a word: refused, or with ``--gkd_drop_bad_rows true`` counted in a warning
     and left out (returned as dropped training rows); ``lengths``: how many are too long, the longest."""
-    text = f'{flag} {path}: {len(bad)} row(s) that ms-swift would drop without a word{lengths}: {_listed(bad)}'
+    cut = args.truncation_strategy == 'right' and lengths  # rows whose prompt fills --max_length among them
+    fate = 'drop, or cut to no response token,' if cut else 'drop'
+    text = f'{flag} {path}: {len(bad)} row(s) that ms-swift would {fate} without a word{lengths}: {_listed(bad)}'
     if not getattr(args, 'gkd_drop_bad_rows', False):
         raise FlagError(f'{text}. Fix them, or pass --gkd_drop_bad_rows true to train without them (counted in a '
                         'warning)')
-    logger.warning(f'swift_gkd_plugin: {text}; --gkd_drop_bad_rows true: training without them')
+    cut = (' (the rows cut to no response token are still drawn: they add nothing to the loss, counted in '
+           'gkd/cut_empty_rows)') if cut else ''
+    logger.warning(f'swift_gkd_plugin: {text}; --gkd_drop_bad_rows true: training without them{cut}')
     return [f'{path} {where}' for where, _ in bad] if flag == '--dataset' else []
 
 

@@ -8,7 +8,11 @@ after loading both models ("resample: only collected 0/2"). Here each row is enc
 prompt for on-policy and seq_kd steps, prompt and response for dataset steps and evaluation; a row whose UTF-8 bytes
 show it fits (:meth:`RowLengths.bound`) is not encoded (20,000 short rows: 0.4 s instead of 5.7). Multimodal models are
 left out (their processors read the media, which is not cheap); so is ``--truncation_strategy left``, which
-truncates instead of dropping.
+truncates instead of dropping, keeping the response's end.
+
+With ``--truncation_strategy right`` a row is cut to its first ``--max_length`` tokens: one whose prompt is
+``--max_length`` tokens or more keeps no response token, in every mode (a sampled response is cut away too), and its
+steps trained on nothing (loss 0): such rows are measured by their prompt and refused the same way.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ class RowLengths:
 
     def __init__(self, args):
         self.args, self.max_length = args, args.max_length
+        self.cuts = args.truncation_strategy == 'right'  # else delete: a row too long is dropped
         self._skeletons = {}  # roles -> length of the row with empty messages
         self.over = []  # the lengths of the rows found over --max_length (reset by the caller per file)
 
@@ -49,10 +54,11 @@ class RowLengths:
 
     @classmethod
     def of(cls, args) -> Optional['RowLengths']:
-        """None where rows are not measured: ``--truncation_strategy`` other than delete, no ``--max_length``, a
-        multimodal (or unknown) model."""
+        """None where rows are not measured: ``--truncation_strategy`` other than delete or right, no
+        ``--max_length``, a multimodal (or unknown) model."""
         meta = getattr(args, 'model_meta', None)
-        if args.truncation_strategy != 'delete' or not args.max_length or meta is None or meta.is_multimodal:
+        if (args.truncation_strategy not in ('delete', 'right') or not args.max_length or meta is None
+                or meta.is_multimodal):
             return None
         return cls(args)
 
@@ -66,7 +72,7 @@ class RowLengths:
             standard = standard_row(row, columns)
             if prompt_only:
                 remove_response(standard['messages'])
-            if not exact and self.bound(standard) <= self.max_length:
+            if not exact and self.bound(standard) <= self.max_length - self.cuts:  # right: fits below it
                 return None
             return self.template.encode(standard, return_length=True)['length']
         except Exception:  # not a length problem
@@ -87,7 +93,16 @@ class RowLengths:
         return self._skeletons[key] + sum(len(m['content'].encode()) + BOUND_MARGIN for m in messages)
 
     def problem(self, row: dict, columns: Dict[str, str], prompt_only: bool) -> Optional[str]:
-        """Why the trainer drops the row for its length, or None (its length kept in :attr:`over`)."""
+        """Why the trainer drops the row for its length (under right: why its cut keeps no response token, whatever
+        ``prompt_only``), or None (its length kept in :attr:`over`)."""
+        if self.cuts:
+            length = self.tokens(row, columns, prompt_only=True, exact=False)
+            if length is None or length < self.max_length:
+                return None
+            self.over.append(length)
+            return (f'its prompt is {length} tokens with the template, at least --max_length {self.max_length}: '
+                    f'--truncation_strategy right keeps its first {self.max_length} tokens, none of its response, so '
+                    f'it trains on nothing (raise --max_length above {length}, or pass --truncation_strategy left)')
         length = self.tokens(row, columns, prompt_only, exact=False)
         if length is None or length <= self.max_length:
             return None
@@ -103,7 +118,8 @@ def over_summary(lengths: Optional[RowLengths], rows: int) -> str:
     if lengths is None or not lengths.over:
         return ''
     many = f'every row ({rows})' if len(lengths.over) == rows else f'{len(lengths.over)} of the {rows} rows'
-    return f' ({many} longer than --max_length {lengths.max_length}, the longest {max(lengths.over)} tokens)'
+    what = 'with a prompt of at least' if lengths.cuts else 'longer than'
+    return f' ({many} {what} --max_length {lengths.max_length}, the longest {max(lengths.over)} tokens)'
 
 
 def standard_row(row: dict, columns: Dict[str, str]) -> dict:
