@@ -211,3 +211,143 @@ def test_the_first_word_is_compared_without_a_prefix_space_of_one_side(tiny_ws, 
     wrong = byte_spaced if not student_is_sentencepiece else 'b'
     (right, right_agrees), (spaced, spaced_agrees) = first_position_loss(s_first), first_position_loss(wrong)
     assert right < 0.05 < spaced and right_agrees and not spaced_agrees
+
+
+# ---------------------------------------------------------------- multi-turn rows (issue 81)
+TURNS = (2, 3)  # the fixed batch holds two rows of each
+
+
+@pytest.fixture(scope='module')
+def multi_turn_rows(tiny_ws, tmp_path_factory) -> str:
+    """Four rows: two of two turns and two of three (each turn a question of the tiny task and its answer)."""
+    from swift_gkd_plugin.testing import tiny
+    singles = tiny.make_rows(10, seed=7, split='train')
+    rows, used = [], 0
+    for turns in TURNS:
+        for _ in range(2):
+            rows.append({'messages': [m for row in singles[used:used + turns] for m in row['messages']]})
+            used += turns
+    return tiny.write_dataset(str(tmp_path_factory.mktemp('multi_turn') / 'rows.jsonl'), rows)
+
+
+def _one_step(tiny_ws, out, data, **flags):
+    return run_swift(base_args(tiny_ws, out, dataset=data, per_device_train_batch_size=4, max_steps=1,
+                               learning_rate=0, **flags))
+
+
+@pytest.mark.parametrize('method,flags', [
+    ('hybrid', dict(lmbda=0)),  # ms-swift's GKD default (--loss_scale last_round): the last answer
+    ('uld', dict(lmbda=1, loss_scale='default')),  # every answer: the dataset's earlier ones and the sampled last
+], ids=['hybrid_last_turn', 'uld_on_policy_every_turn'])
+def test_multi_turn_rows_train_with_a_teacher_of_another_tokenizer(tiny_ws, sp_teacher, multi_turn_rows, tmp_path,
+                                                                  method, flags):
+    """Two- and three-turn rows with a teacher of another tokenizer: the teacher's view scores the turns the student
+    scores (its template takes the student's --loss_scale), each turn aligned with its own. Before, the teacher's
+    template scored every answer where the student scored the last: step 1 failed with a traceback blaming the
+    teacher's template."""
+    run = _one_step(tiny_ws, str(tmp_path / 'out'), multi_turn_rows, teacher_model=sp_teacher,
+                    gkd_cross_tokenizer=method, **flags)
+    (row, ) = run.logs
+    assert math.isfinite(row['loss']) and row['loss'] > 0
+    if flags['lmbda'] == 0:  # the dataset's answers: every student token has its exact partner, in every turn
+        assert row['gkd/xtok_exact_fraction'] == 1
+    else:
+        assert row['gkd/xtok_exact_fraction'] > 0 and 'gkd/loss_on_policy' in row
+
+
+def _uld_reference(student_dir, teacher_dir, data, temperature, loss_scale):
+    """float64 ULD (sorted probabilities, L1) at every position ms-swift's template scores, the teacher at the same
+    positions (its tokenizer is the student's with tokens added): the mean over the batch's scored tokens. Also the
+    scored text, to say which turns the template scores."""
+    import json
+
+    import torch
+    from swift.model import get_processor
+    from swift.template import get_template
+
+    from swift_gkd_plugin.testing import tiny
+    template = get_template(get_processor(student_dir, model_type='qwen3'), template_type='qwen3_nothinking',
+                            max_length=128, loss_scale=loss_scale)
+    template.set_mode('train')
+    student, teacher = (tiny.load_model(d).double().eval() for d in (student_dir, teacher_dir))
+    total, count, scored = 0.0, 0, []
+    for line in open(data):
+        encoded = template.encode({'messages': json.loads(line)['messages']})
+        ids, labels = torch.tensor([encoded['input_ids']]), torch.tensor(encoded['labels'])
+        predicting = (labels[1:] != -100).nonzero().squeeze(1)  # logit row i predicts token i + 1
+        scored.append(template.tokenizer.decode(ids[0, predicting + 1]))
+        with torch.no_grad():
+            p_s, p_t = (torch.softmax(model(ids).logits[0, predicting] / temperature, -1).sort(-1, descending=True)[0]
+                        for model in (student, teacher))
+        p_s = torch.nn.functional.pad(p_s, (0, p_t.shape[-1] - p_s.shape[-1]))
+        total += float((p_s - p_t).abs().sum())
+        count += len(predicting)
+    return total / count, scored
+
+
+def test_multi_turn_loss_equals_a_float64_reference(tiny_ws, multi_turn_rows, tmp_path):
+    """Where the two tokenizers cut every text alike (the teacher's is the student's with 16 tokens added) each
+    student token's partner is its own position in the teacher's view: the logged ULD loss of a step on two- and
+    three-turn rows, every answer scored (--loss_scale default), equals the float64 reference at the scored positions,
+    and not the reference on the last turns alone."""
+    run = _one_step(tiny_ws, str(tmp_path / 'out'), multi_turn_rows, teacher_model=tiny_ws.other_vocab_teacher,
+                    gkd_cross_tokenizer='uld', lmbda=0, loss_scale='default', temperature=0.9)
+    (row, ) = run.logs
+    assert row['gkd/xtok_exact_fraction'] == 1
+    every, scored = _uld_reference(tiny_ws.student, tiny_ws.other_vocab_teacher, multi_turn_rows, 0.9, 'default')
+    last, last_scored = _uld_reference(tiny_ws.student, tiny_ws.other_vocab_teacher, multi_turn_rows, 0.9,
+                                       'last_round')
+    assert [text.count('<|im_end|>') for text in scored] == [2, 2, 3, 3]  # every answer and its end of turn
+    assert [text.count('<|im_end|>') for text in last_scored] == [1] * 4  # ms-swift's GKD default: the last one
+    assert row['loss'] == pytest.approx(every, rel=2e-6, abs=0) and abs(every - last) > 1e-4, (row['loss'], every,
+                                                                                                last)
+
+
+def test_a_teacher_view_of_other_turns_stops_in_one_line(tiny_ws, sp_teacher):
+    """A teacher view that scores another number of turns than the student's (here a teacher_messages with an earlier
+    turn, every answer scored) stops the run in one line naming the row (:class:`RunError`), before any forward.
+    ms-swift's own templates and encoding; no model loaded."""
+    from swift.rl_core.data import GKDSample
+    from swift.rlhf_trainers.utils import encode_sample
+
+    from swift_gkd_plugin.swift.run.guards import RunError
+    xtok, student_template = _xtok_teacher(tiny_ws.student, sp_teacher, 'hybrid')  # every answer scored
+    answer = [{'role': 'user', 'content': 'Reverse: a b'}, {'role': 'assistant', 'content': 'b a'}]
+    sample = GKDSample(messages=answer, teacher_messages=[{'role': 'user', 'content': 'Reverse: c d'},
+                                                          {'role': 'assistant', 'content': 'd c'}] + answer)
+    with pytest.raises(RunError, match=r"the dataset row whose last user message is 'Reverse: a b': the teacher's "
+                                       r"view scores 2 assistant turn\(s\), the student's 1"):
+        xtok.encode_and_align([sample], [encode_sample(sample, student_template)])
+
+
+def test_every_scored_turn_pairs_with_the_teachers_same_turn(tiny_ws, sp_teacher):
+    """Every answer scored (--loss_scale default), tokenized into other numbers of tokens by the two tokenizers
+    (``ab``: one byte-level token, ``▁a b`` for the sentencepiece teacher): each student token's partner lies in the
+    teacher's same turn, every end of turn pairs with the teacher's, all exactly, and the first token of each turn
+    is compared through the first-word mapping. Before, the turns after the first were zero-width tokens paired in
+    order across the row: the student's end token met the teacher's ``b``. ms-swift's own templates and encoding."""
+    import torch
+    from swift.rl_core.data import GKDSample
+    from swift.rlhf_trainers.utils import encode_sample
+
+    from swift_gkd_plugin.core.views import response_ids, scored_turns
+    xtok, student_template = _xtok_teacher(tiny_ws.student, sp_teacher, 'hybrid')  # every answer scored
+    answers = ['ab c', 'c ab', 'b ab a']
+    sample = GKDSample(messages=[m for k, answer in enumerate(answers) for m in (
+        {'role': 'user', 'content': f'Reverse: {k}'}, {'role': 'assistant', 'content': answer})])
+    student = encode_sample(sample, student_template)
+    (teacher, ), (row, ) = xtok.encode_and_align([sample], [student])
+    s_turns, t_turns = scored_turns(student), scored_turns(teacher)
+    assert len(s_turns) == len(t_turns) == 3 and [len(t) for t in s_turns] != [len(t) for t in t_turns]
+
+    def turn_of(turns):
+        return torch.tensor([k for k, turn in enumerate(turns) for _ in turn])
+    assert torch.equal(turn_of(t_turns)[row.alignment.teacher], turn_of(s_turns)) and row.alignment.exact.all()
+    s_ids, t_ids = torch.tensor(response_ids(student)), torch.tensor(response_ids(teacher))
+    s_end, t_end = (tok.convert_tokens_to_ids('<|im_end|>') for tok in (student_template.tokenizer, xtok.tokenizer))
+    assert torch.equal(s_ids == s_end, t_ids[row.alignment.teacher] == t_end) and int((s_ids == s_end).sum()) == 3
+    aligned = xtok.teacher_rows(torch.ones(1, len(s_ids), dtype=torch.bool), torch.ones(1, len(t_ids),
+                                                                                          dtype=torch.bool), [row])
+    firsts = torch.zeros(len(s_ids), dtype=torch.bool)
+    firsts[[0, len(s_turns[0]), len(s_turns[0]) + len(s_turns[1])]] = True
+    assert torch.equal(aligned.first_word, firsts)

@@ -256,9 +256,22 @@ def test_empty_prompts_are_counted_and_refused_when_every_row_has_one_and_every_
     ({'teacher_messages': []}, 'teacher_messages is list []; allowed: a non-empty list'),
     ({'teacher_messages': [{'role': 'human', 'content': 'x'}]}, 'teacher_messages message 0 is dict {"role": "human"'),
     ({'tp': 3}, 'teacher_prompt is int 3'),  # after --columns
+    # a teacher_messages that ends with an answer: the row's own only (messages, a response column, --columns)
+    ({'messages': [{'role': 'user', 'content': 'q'}, {'role': 'assistant', 'content': 'b a'}],
+      'teacher_messages': [{'role': 'user', 'content': 'Q'}, {'role': 'assistant', 'content': 'b a'}]}, None),
+    ({'messages': [{'role': 'user', 'content': 'q'}, {'role': 'assistant', 'content': 'b a'}],
+      'teacher_messages': [{'role': 'user', 'content': 'Q'}, {'role': 'assistant', 'content': 'a b'}]},
+     'teacher_messages ends with the assistant answer "a b" where the row\'s answer (the response the student scores) '
+     'is "b a"; allowed: the teacher\'s prompt alone'),
+    ({'query': 'q', 'answer': 'b a', 'teacher_messages': [{'role': 'assistant', 'content': 'a b'}]},
+     'teacher_messages ends with the assistant answer "a b" where the row\'s answer'),
+    ({'conv': [{'from': 'human', 'value': 'q'}, {'from': 'gpt', 'value': 'b a'}],
+      'teacher_messages': [{'role': 'user', 'content': 'Q'}, {'role': 'assistant', 'content': 'b a'}]}, None),
+    ({'messages': [{'role': 'user', 'content': 'q'}], 'teacher_messages': [{'role': 'assistant', 'content': 'x'}]},
+     None),  # no answer of the row's own: on-policy steps replace it by the sample
 ])
 def test_privileged_problem(row, problem):
-    found = privileged_problem(row, {'tp': 'teacher_prompt'})
+    found = privileged_problem(row, {'tp': 'teacher_prompt', 'conv': 'conversation'})
     assert found == problem if problem is None else found.startswith(problem), found
 
 

@@ -192,22 +192,33 @@ def test_seq_kd_teacher_samples_from_its_own_prompt(trained_ws, tiny_ws, tmp_pat
     assert all('a b c d' not in r['messages'][0]['content'] for r in rows)
 
 
-def test_misaligned_teacher_view_names_the_row(tiny_ws, tmp_path):
-    data = _with_columns(tiny_ws, tmp_path / 'bad.jsonl', lambda r: {'teacher_messages': [
-        {'role': 'user', 'content': _question(r)}, {'role': 'assistant', 'content': 'not the student response'}]})
-    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), dataset=data, lmbda=0, max_steps=1), check=False)
-    assert run.returncode != 0
-    assert 'cannot align the teacher prompt with the student response for the dataset row' in run.output
-    assert "last user message is 'Reverse:" in run.output
+def test_misaligned_teacher_view_names_the_row_in_one_line(tiny_ws, tmp_path):
+    """A teacher view that the pre-load check cannot judge (its last answer is the row's; an earlier answer the
+    student scores, every answer scored by --loss_scale default, is another) stops step 1 in one line naming the row,
+    not in the step's traceback."""
+    earlier = [{'role': 'user', 'content': 'Reverse: a b'}, {'role': 'assistant', 'content': 'b a'}]
+    data = _with_columns(tiny_ws, tmp_path / 'bad.jsonl', lambda r: {
+        'messages': earlier + r['messages'],
+        'teacher_messages': [earlier[0], {'role': 'assistant', 'content': 'a b'}] + r['messages']})
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), dataset=data, lmbda=0, max_steps=1,
+                              loss_scale='default'), check=False)
+    errors = [line for line in run.output.splitlines() if line.startswith('swift rlhf: error: ')]
+    assert run.returncode == 1 and len(errors) == 1 and 'Traceback' not in run.output, run.output[-3000:]
+    assert 'cannot align the teacher prompt with the student response for the dataset row' in errors[0]
+    assert "last user message is 'Reverse:" in errors[0] and '(--loss_scale)' in errors[0]
 
 
 @pytest.mark.parametrize('column,value,needle', [
     ('teacher_prompt', 7, 'line 1: teacher_prompt is int 7; allowed: text'),
     ('teacher_messages', 'just a string', 'line 1: teacher_messages is str "just a string"; allowed: a non-empty list'),
+    ('teacher_messages', [{'role': 'user', 'content': 'Reverse: a b'}, {'role': 'assistant', 'content': 'no'}],
+     'line 1: teacher_messages ends with the assistant answer "no" where the row\'s answer (the response the student '
+     'scores) is "'),
 ])
 def test_privileged_column_of_the_wrong_type_is_refused(tiny_ws, tmp_path, column, value, needle):
     """Before loading, by file and line (the trainer refused the column once both models were loaded; it still does
-    for datasets read by ms-swift alone: test_views)."""
+    for datasets read by ms-swift alone: test_views); so is a teacher_messages whose last answer is not the row's
+    (the step refused it, in a traceback)."""
     data = _with_columns(tiny_ws, tmp_path / 'bad.jsonl', lambda r: {column: value})
     run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), dataset=data, lmbda=0, max_steps=1), check=False)
     assert_refused_in_one_line(run, [f'--dataset {data}', needle])

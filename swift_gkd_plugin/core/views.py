@@ -112,6 +112,20 @@ def response_ids(encoded: dict) -> List[int]:
     return [t for t, label in zip(encoded['input_ids'], encoded['labels']) if label != IGNORE_INDEX]
 
 
+def scored_turns(encoded: dict) -> List[List[int]]:
+    """The token ids an encoded row scores, one list per run of consecutive scored positions: a template scores each
+    assistant turn it trains on as one run (the answer and its end tokens), the prompt between two turns never."""
+    runs, previous = [], False
+    for token, label in zip(encoded['input_ids'], encoded['labels']):
+        scored = label != IGNORE_INDEX
+        if scored and not previous:
+            runs.append([])
+        if scored:
+            runs[-1].append(token)
+        previous = scored
+    return runs
+
+
 def row_name(sample) -> str:
     user = [m['content'] for m in sample.messages if m['role'] == 'user']
     text = user[-1] if user else ''
@@ -126,7 +140,8 @@ def check_views_aligned(sample, student: dict, teacher: dict) -> None:
         raise ValueError(f'cannot align the teacher prompt with the student response for {row_name(sample)}: the '
                          f'teacher view scores {len(t_ids)} response tokens, the student view {len(s_ids)}'
                          f'{"" if len(s_ids) != len(t_ids) else " (different tokens)"}. Check its teacher_prompt / '
-                         'teacher_messages column: it must hold only the prompt, not a response.')
+                         'teacher_messages column: it must hold only the prompt, not a response, and the assistant '
+                         'turns the student scores (--loss_scale) as its messages hold them.')
 
 
 def with_teacher_prompt(sample, request):

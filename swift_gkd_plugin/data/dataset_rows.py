@@ -143,7 +143,40 @@ def privileged_problem(row: dict, columns: Dict[str, str]) -> Optional[str]:
         if not (isinstance(message, dict) and message.get('role') in STANDARD_ROLES
                 and isinstance(message.get('content'), (str, list))):
             return f'teacher_messages message {i} is {_kind(message)}; {allowed}'
-    return None
+    return _other_answer(messages[-1], row, columns)
+
+
+def _other_answer(last: dict, row: dict, columns: Dict[str, str]) -> Optional[str]:
+    """A ``teacher_messages`` that ends with an assistant answer other than the row's own (the student's response):
+    the teacher would score that answer's tokens where the student scores its own (the step's error, after
+    loading). Its prompt alone (the student's answer is appended), or the same answer, is what it may hold."""
+    if last['role'] != 'assistant':
+        return None
+    answer = _dataset_answer(mapped_row(row, columns))
+    if answer is None or answer == last['content']:
+        return None
+    return (f'teacher_messages ends with the assistant answer {_quoted(last["content"])} where the row\'s answer '
+            f'(the response the student scores) is {_quoted(answer)}; allowed: the teacher\'s prompt alone (the '
+            'student\'s response is appended to it), or ending with that same answer')
+
+
+def _dataset_answer(row: dict):
+    """The row's last answer as ms-swift reads it (the last message's content when it is the assistant's, else a
+    response column's), or None (no answer, or a form not judged here such as ShareGPT's keys)."""
+    messages = _messages(row)
+    if messages is not None:
+        if _sharegpt_pairs(messages) or _role(messages[-1]) not in ASSISTANT_ROLES:
+            return None
+        return next((messages[-1][k] for k in CONTENT_KEYS if k in messages[-1]), None)
+    if any(k in row for k in MESSAGES_KEYS):
+        return None
+    value = row.get(_response_columns(row)['response'])
+    return value[0] if isinstance(value, list) and value else value
+
+
+def _quoted(value, width: int = 60) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= width else text[:width] + '...'
 
 
 def _kind(value) -> str:

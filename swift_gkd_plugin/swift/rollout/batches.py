@@ -12,6 +12,7 @@ from swift_gkd_plugin.core.views import (check_views_aligned, generated_turns, p
                                         without_history_loss)
 from swift_gkd_plugin.swift.rollout.correction import sampler_logprobs_of_batch
 from swift_gkd_plugin.swift.rollout.max_length import length_cap
+from swift_gkd_plugin.swift.run.guards import RunError
 from swift_gkd_plugin.swift.sequence_parallel import group_size, response_token_counts, token_counts_entries
 from swift_gkd_plugin.swift.step.encoding import encode_views
 
@@ -73,7 +74,10 @@ class BatchesMixin:
         for sample, student, teacher in zip(samples, student_list, teacher_list):
             if not has_teacher_view:
                 break
-            check_views_aligned(sample, student, teacher)
+            try:
+                check_views_aligned(sample, student, teacher)
+            except ValueError as exc:  # one line naming the row, not the step's traceback
+                raise RunError(str(exc)) from None
         with self._template_context(template):
             encoded = to_device(template.data_collator(student_list), self.accelerator.device)
             teacher_encoded = (to_device(template.data_collator(teacher_list), self.accelerator.device)

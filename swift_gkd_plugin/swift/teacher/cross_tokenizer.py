@@ -6,6 +6,12 @@ and paired; the loss (:mod:`swift_gkd_plugin.core.cross_tokenizer.loss`) compare
 response token ``i`` with the teacher position that predicts its partner ``teacher[i]``. Logit row ``k`` of a side's
 response mask predicts that side's ``k``-th response token, so the pairing of tokens is the pairing of rows.
 
+Multi-turn rows: the teacher's template takes the student's ``--loss_scale``, so both score the same assistant turns
+(ms-swift's GKD default ``last_round``: the last answer); each scored turn (a run of scored positions,
+:func:`~swift_gkd_plugin.core.views.scored_turns`) is aligned with the teacher's turn in the same place, and the
+student's response replaces the last answer of the teacher's view only. A row whose views cannot be paired stops the
+run in one line (:class:`~swift_gkd_plugin.swift.run.guards.RunError`).
+
 Chat end tokens (``<|im_end|>``, ``<|eot_id|>``, ...) and what the template puts after them are not text of the
 response: from the first special token on, each token gets the zero-width span ``(len, len)``, so the two end
 sequences pair in order (exactly) even when their names differ.
@@ -30,7 +36,8 @@ from swift.utils import get_logger
 from swift_gkd_plugin.core.cross_tokenizer.loss import hybrid_loss, uld_loss
 from swift_gkd_plugin.core.cross_tokenizer.alignment import (Alignment, adds_prefix_space, align_positions, shared_vocabulary,
                                                    spans_of_ids)
-from swift_gkd_plugin.core.views import response_ids, row_name
+from swift_gkd_plugin.core.views import response_ids, row_name, scored_turns
+from swift_gkd_plugin.swift.run.guards import RunError
 
 logger = get_logger()
 
@@ -39,9 +46,13 @@ _BYTE_TOKEN = re.compile(r'^<0x[0-9A-Fa-f]{2}>$')
 
 @dataclass
 class RowAlignment:
-    """One row's pairing: ``alignment`` is None when the student row has no response token."""
+    """One row's pairing: ``alignment`` is None when the student row has no response token. A row whose template
+    scores several assistant turns is paired turn by turn: ``student_starts`` / ``teacher_starts`` index each scored
+    turn's first token among the row's response tokens (its first word, see the module docstring)."""
     alignment: Optional[Alignment]
     n_teacher: int  # the teacher's response tokens in this row
+    student_starts: Tuple[int, ...] = (0, )
+    teacher_starts: Tuple[int, ...] = (0, )
 
 
 @dataclass
@@ -81,12 +92,16 @@ def without_leading_space(text: str, spans: List[Tuple[int, int]]) -> Tuple[str,
 
 def build_teacher_template(teacher_dir: str, model_type: str, student_template, template_type: Optional[str] = None):
     """The teacher's own template (``template_type``, --teacher_template, else its model type's), set up like the
-    student's (length, truncation, padding)."""
+    student's (length, truncation, padding, and the ``--loss_scale`` that decides which assistant turns are scored:
+    ms-swift's GKD default ``last_round`` scores a multi-turn row's last answer only, a template's own default every
+    answer)."""
     from swift.model import get_processor
     from swift.template import get_template
     processor = get_processor(teacher_dir, model_type=model_type)
     kwargs = dict(max_length=student_template.max_length, truncation_strategy=student_template.truncation_strategy,
-                  padding_side=student_template.padding_side)
+                  padding_side=student_template.padding_side,
+                  loss_scale=student_template._loss_scale,  # (the name given; ``.loss_scale`` is the object built)
+                  is_binary_loss_scale=student_template.is_binary_loss_scale)
     try:  # template_type None: the model type's
         template = get_template(processor, template_type=template_type, **kwargs)
     except ValueError as exc:  # e.g. a model type with several candidate templates
@@ -139,41 +154,71 @@ class CrossTokenizerTeacher:
         data = sample.to_teacher_template_dict() if sample.teacher_messages else sample.to_template_dict()
         messages = [dict(m) for m in data['messages']]
         if not messages or messages[-1].get('role') != 'assistant':
-            raise ValueError(f'{row_name(sample)}: no assistant response to distil on')
+            raise RunError(f'{row_name(sample)}: no assistant response to distil on')
         messages[-1]['content'] = text
         data['messages'] = messages
         data['add_eos'] = ends_turn
         return data
 
     def encode_and_align(self, samples, student_list: List[dict]) -> Tuple[List[dict], List[RowAlignment]]:
-        """Each sample's teacher encoding, and the pairing of its student response tokens with the teacher's."""
+        """Each sample's teacher encoding, and the pairing of its student response tokens with the teacher's: turn
+        by turn where the row scores several assistant turns (both templates score the same ones, ``--loss_scale``).
+        A row whose two views cannot be paired stops the run in one line naming it (:class:`RunError`)."""
         teacher_list, rows = [], []
-        s_specials, t_specials = self._specials
+        s_specials = self._specials[0]
         for sample, student in zip(samples, student_list):
-            s_ids = response_ids(student)
-            s_text, s_spans = response_spans(self.student_tokenizer, s_ids, s_specials)
-            ends_turn = any(t in s_specials for t in s_ids)
+            s_turns = scored_turns(student)
+            last = s_turns[-1] if s_turns else []
+            s_text = response_spans(self.student_tokenizer, last, s_specials)[0]
+            ends_turn = any(t in s_specials for t in last)
             encoded = self.template.encode(self.teacher_row(sample, s_text, ends_turn), return_length=True)
             encoded.pop('_extra_kwargs', None)
             teacher_list.append(encoded)
-            t_ids = response_ids(encoded)
-            if not s_spans:
-                rows.append(RowAlignment(None, len(t_ids)))
+            t_turns = scored_turns(encoded)
+            if not s_turns:
+                rows.append(RowAlignment(None, sum(map(len, t_turns))))
                 continue
-            t_text, t_spans = response_spans(self.tokenizer, t_ids, t_specials)
-            if t_text != s_text:  # e.g. a sentencepiece decoder drops the response's leading space
-                (s_text, s_spans), (t_text, t_spans) = without_leading_space(s_text, s_spans), without_leading_space(
-                    t_text, t_spans)
-            if t_text != s_text:
-                raise ValueError(f'{row_name(sample)}: the teacher\'s template turns the response {s_text[:80]!r} '
-                                 f'into {t_text[:80]!r}; cross-tokenizer distillation needs both to hold the same '
-                                 'response text (check the teacher\'s template)')
-            try:
-                alignment = align_positions(s_spans, t_spans, row=row_name(sample))
-            except ValueError as exc:
-                raise ValueError(f'cross-tokenizer alignment failed: {exc}') from exc
-            rows.append(RowAlignment(alignment, len(t_ids)))
+            if len(t_turns) != len(s_turns):
+                raise RunError(f'cross-tokenizer alignment: {row_name(sample)}: the teacher\'s view scores '
+                               f'{len(t_turns)} assistant turn(s), the student\'s {len(s_turns)}; the teacher must '
+                               'score the turns the student scores (check its teacher_messages column: the same '
+                               'assistant turns as its messages)')
+            rows.append(self._align_turns(sample, s_turns, t_turns))
         return teacher_list, rows
+
+    def _align_turns(self, sample, s_turns: List[List[int]], t_turns: List[List[int]]) -> RowAlignment:
+        """The pairing of a row's scored turns, each with the teacher's turn in the same place, as one alignment over
+        the row's response tokens."""
+        teacher, exact, s_starts, t_starts = [], [], [], []
+        s_offset = t_offset = 0
+        for turn, (s_ids, t_ids) in enumerate(zip(s_turns, t_turns)):
+            alignment = self._align_turn(sample, s_ids, t_ids, f' (scored turn {turn + 1} of {len(s_turns)})'
+                                         if len(s_turns) > 1 else '')
+            teacher.append(alignment.teacher + t_offset)
+            exact.append(alignment.exact)
+            s_starts.append(s_offset)
+            t_starts.append(t_offset)
+            s_offset, t_offset = s_offset + len(s_ids), t_offset + len(t_ids)
+        return RowAlignment(Alignment(torch.cat(teacher), torch.cat(exact)), t_offset, tuple(s_starts),
+                            tuple(t_starts))
+
+    def _align_turn(self, sample, s_ids: List[int], t_ids: List[int], turn: str) -> Alignment:
+        """One scored turn: both sides' tokens given spans in its text, and paired (:func:`align_positions`)."""
+        s_specials, t_specials = self._specials
+        s_text, s_spans = response_spans(self.student_tokenizer, s_ids, s_specials)
+        t_text, t_spans = response_spans(self.tokenizer, t_ids, t_specials)
+        if t_text != s_text:  # e.g. a sentencepiece decoder drops the response's leading space
+            (s_text, s_spans), (t_text, t_spans) = without_leading_space(s_text, s_spans), without_leading_space(
+                t_text, t_spans)
+        if t_text != s_text:
+            raise RunError(f'cross-tokenizer alignment: {row_name(sample)}{turn}: the teacher\'s view holds the answer '
+                           f'{t_text[:80]!r} where the student\'s holds {s_text[:80]!r}; both views must hold the '
+                           'same answer text (check its teacher_messages column and the teacher\'s template, '
+                           '--teacher_template)')
+        try:
+            return align_positions(s_spans, t_spans, row=row_name(sample) + turn)
+        except ValueError as exc:
+            raise RunError(f'cross-tokenizer alignment failed: {exc}') from None
 
     # ------------------------------------------------------------------ loss
     def teacher_rows(self, student_mask: torch.Tensor, teacher_mask: torch.Tensor,
@@ -193,7 +238,7 @@ class CrossTokenizerTeacher:
             if row.alignment is not None:
                 index.append(offset + row.alignment.teacher)
                 exact.append(row.alignment.exact)
-                first_word.append(self._first_word_pairs(row.alignment))
+                first_word.append(self._first_word_pairs(row))
             offset += t_counts[b]
         if not index:
             empty = flat.new_zeros(0)
@@ -202,14 +247,15 @@ class CrossTokenizerTeacher:
         return AlignedRows(flat[torch.cat(index).to(device)], torch.cat(exact).to(device),
                            torch.cat(first_word).to(device))
 
-    def _first_word_pairs(self, alignment: Alignment) -> torch.Tensor:
-        """Pairs in which exactly one side's position is the first of a response whose first word its tokenizer
-        writes with a prefix space of its own (see the module docstring)."""
+    def _first_word_pairs(self, row: RowAlignment) -> torch.Tensor:
+        """Pairs in which exactly one side's position is the first of a response (of a scored turn) whose first word
+        its tokenizer writes with a prefix space of its own (see the module docstring)."""
+        alignment = row.alignment
         student_first = torch.zeros_like(alignment.exact)
         if self.first_word_side is None:
             return student_first
-        student_first[0] = self._prefix_space[0]
-        teacher_first = (alignment.teacher == 0) & self._prefix_space[1]
+        student_first[list(row.student_starts)] = self._prefix_space[0]
+        teacher_first = torch.isin(alignment.teacher, torch.tensor(row.teacher_starts)) & self._prefix_space[1]
         return student_first != teacher_first
 
     def loss(self, student: torch.Tensor, teacher_logits: torch.Tensor, rows: AlignedRows, beta: float,
