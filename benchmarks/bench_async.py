@@ -11,8 +11,11 @@ is vLLM's CPU build and the weight sync runs over the tests' gloo stand-in for m
 out). ``tests/step_probe_plugin.py`` times each step's phases. Printed per mode, medians of steps 3 to the last over
 the runs: the optimizer step's seconds (steps per second), the ``generate`` phase (sampling, the weight sync and the
 encoding: for the synchronous run the trainer waits all of it; for the asynchronous one it holds the wait for the
-prefetched batch, ``gkd/sample_wait_s``, and the next batch's submission) and its share of the step, the staleness,
-and the speed-up. Sampling and training should take comparable time for the overlap to pay: ``--completion`` and
+prefetched batch, ``gkd/sample_wait_s``, and the next batch's submission) and its share of the step, the staleness.
+The speed-up is paired: each round runs sync then async back to back, and each pair's ratio (the sync run's step
+seconds over the async run's) is printed with the 1-minute load average before and after the pair
+(``os.getloadavg``), then their median and range. (Medians of each mode taken apart paired a slow synchronous round
+with a fast asynchronous one under a shifting load: 1.44x printed where the pairs gave 1.46, 0.90 and 0.95.) Sampling and training should take comparable time for the overlap to pay: ``--completion`` and
 ``--batch`` move the balance. ``--max_staleness K`` runs the asynchronous side with a queue of K steps
 (``--gkd_max_staleness``). ``--served_teacher`` scores with ``swift-gkd serve-teacher`` (top-k 8, on the server's core)
 instead of a local teacher: the asynchronous run's producer then asks it for each batch it prefetched, and the table
@@ -145,6 +148,15 @@ def run(ws: dict, asynchronous: bool, out: str, port: int, args, teacher_url=Non
             'tokens': statistics.mean(r['gkd/completion_length'] for r in rows) * args.batch}
 
 
+def paired_report(sync_step_s, async_step_s, loads) -> dict:
+    """The paired speed-up of back-to-back rounds: ``sync_step_s[i] / async_step_s[i]`` per pair, their median and
+    range (min, max), and each pair's 1-minute load average before and after it (``loads[i]``: a pair)."""
+    ratios = [s / a for s, a in zip(sync_step_s, async_step_s)]
+    return {'pair_ratios': ratios, 'median_ratio': statistics.median(ratios),
+            'ratio_range': (min(ratios), max(ratios)), 'pair_loads': [tuple(pair) for pair in loads],
+            'load_range': (min(min(pair) for pair in loads), max(max(pair) for pair in loads))}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--workdir', default='bench_async_ws')
@@ -177,11 +189,13 @@ def main(argv=None):
             teacher = start_teacher(ws['teacher'], teacher_port, args.server_core,
                                     os.path.join(args.workdir, 'teacher.log'))
             teacher_url = f'http://127.0.0.1:{teacher_port}'
-        results = {'sync': [], 'async': []}
-        for r in range(args.rounds):
+        results, loads = {'sync': [], 'async': []}, []
+        for r in range(args.rounds):  # a pair: sync then async, back to back, the load before and after
+            before = os.getloadavg()[0]
             for name in results:
                 results[name].append(run(ws, name == 'async', os.path.join(args.workdir, f'{name}_{r}'), port, args,
                                          teacher_url))
+            loads.append((before, os.getloadavg()[0]))
     finally:
         for proc in (server, teacher):
             if proc is not None:
@@ -204,7 +218,17 @@ def main(argv=None):
         teacher_s = '-' if math.isnan(m['teacher_s']) else f'{m["teacher_s"]:.4f}'
         print(f'| {name} | {m["step_s"]:.3f} | {1 / m["step_s"]:.2f} | {m["tokens"]:.0f} | {m["generate_s"]:.3f} | '
               f'{m["wait_s"]:.3f} ({m["wait_s"] / m["step_s"]:.0%}) | {m["staleness"]:.2f} | {teacher_s} |')
-    print(f'async / sync: {med["sync"]["step_s"] / med["async"]["step_s"]:.2f}x the steps per second ({device})')
+    report = paired_report([r['step_s'] for r in results['sync']], [r['step_s'] for r in results['async']], loads)
+    print('| pair | sync step s | async step s | async / sync steps per second | load before -> after |')
+    print('| --- | --- | --- | --- | --- |')
+    for i, (ratio, (before, after)) in enumerate(zip(report['pair_ratios'], report['pair_loads'])):
+        print(f'| {i} | {results["sync"][i]["step_s"]:.3f} | {results["async"][i]["step_s"]:.3f} | {ratio:.2f}x | '
+              f'{before:.1f} -> {after:.1f} |')
+    low, high = report['ratio_range']
+    print(f'async / sync: {report["median_ratio"]:.2f}x the steps per second, the median of '
+          f'{len(report["pair_ratios"])} back-to-back pairs (range {low:.2f}-{high:.2f}x; load '
+          f'{report["load_range"][0]:.1f}-{report["load_range"][1]:.1f}; {device})')
+    return report
 
 
 if __name__ == '__main__':
