@@ -163,6 +163,15 @@ _SHELL_VALUES = {name: os.environ[name] for name in IMPORT_SIDE_EFFECTS if name 
 _SHELL_HAD = set(_SHELL_VALUES)
 
 
+def load_benchmark(name: str):
+    """The module ``benchmarks/<name>.py`` (the benchmarks are scripts, not a package), imported afresh."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks', f'{name}.py')
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def without_import_side_effects(env: Dict[str, str]) -> Dict[str, str]:
     """``env`` (this process's) as the shell gave it: what an import set or changed in it undone."""
     return dict({k: v for k, v in env.items() if k not in IMPORT_SIDE_EFFECTS}, **_SHELL_VALUES)

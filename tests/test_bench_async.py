@@ -2,21 +2,15 @@
 range, and the load each pair ran at (issue 81 item 11)."""
 from __future__ import annotations
 
-import importlib.util
-import os
 import statistics
 
 import pytest
-
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks', 'bench_async.py')
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope='module')
 def bench():
-    spec = importlib.util.spec_from_file_location('bench_async', BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark('bench_async')
 
 
 def test_the_speed_up_is_the_median_of_paired_rounds_with_their_loads(bench):

@@ -3,23 +3,16 @@ wrote over the tokens they hold, the stores it writes read back as the rows' top
 time and loss comparisons it prints are what its helpers compute."""
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 
 import pytest
 import torch
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-BENCH = os.path.join(os.path.dirname(HERE), 'benchmarks', 'bench_teacher_store.py')
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope='module')
 def bench():
-    spec = importlib.util.spec_from_file_location('bench_teacher_store', BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark('bench_teacher_store')
 
 
 def test_bytes_per_token_is_the_written_shards_over_their_tokens(bench, tmp_path):
