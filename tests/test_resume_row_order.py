@@ -98,3 +98,20 @@ def test_the_samplers_order_is_a_function_of_the_seed_and_the_epoch():
             assert list(fresh) == orders[-1]
         assert orders[0] != orders[1] != orders[2]
         assert g == 1 or all(order[i] == order[i + 1] for order in orders for i in range(0, len(order), 2)), orders
+
+
+def test_train_dataloader_shuffle_false_keeps_the_datasets_order_and_a_resume_keeps_it(tiny_ws, tmp_path):
+    """Issue 81 item 4: with one completion per prompt ms-swift's GKD sampler shuffled whatever
+    ``--train_dataloader_shuffle`` said (its losses were bit-identical to the default run's); ``swift sft`` honours
+    it. With it false (and ``--dataset_shuffle false``, ms-swift's shuffle when it loads the rows) each epoch reads
+    the file's rows in order, and a run resumed from checkpoint-4 trains the uninterrupted run's rows."""
+    import json as _json
+    dataset = _six_rows(tmp_path)
+    prompts = [[m['content'] for m in _json.loads(line)['messages'] if m['role'] == 'user'][-1]
+               for line in open(dataset)]
+    in_order = {step: prompts[2 * (step % 3):2 * (step % 3) + 2] for step in range(6)}
+    flags = dict(dataset=dataset, train_dataloader_shuffle='false', dataset_shuffle='false')
+    full = _run(tiny_ws, tmp_path, 'full', **flags)
+    assert full.rows[0] == in_order, full.rows
+    resumed = _run(tiny_ws, tmp_path, 'resumed', resume_from_checkpoint=_checkpoint_4(full), **flags)
+    assert resumed.rows[0] == {s: in_order[s] for s in (4, 5)}, resumed.rows

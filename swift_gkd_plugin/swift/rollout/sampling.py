@@ -337,7 +337,8 @@ class RolloutMixin:
     def _get_train_sampler(self, train_dataset=None):
         """With ``--num_generations G`` each prompt appears G times in a row in its generation batch (GRPO's
         layout: ``generation_batch_size / G`` prompts per generation batch), shuffled as ``--train_dataloader_shuffle``
-        says (as with one completion per prompt)."""
+        says, as ``swift sft`` reads it (false: the rows in the order ms-swift loaded them; ms-swift's GKD sampler
+        shuffled whatever it said)."""
         g = self.args.num_generations  # the order is a function of (seed, epoch): a resume replays it (epoch_sampler)
         from swift_gkd_plugin.swift.rollout.epoch_sampler import EpochSampler
         return EpochSampler(
@@ -345,5 +346,5 @@ class RolloutMixin:
             mini_repeat_count=g,
             batch_size=self.args.generation_batch_size // g,
             repeat_count=self.args.steps_per_generation,
-            shuffle=self.args.train_dataloader_shuffle if g > 1 else getattr(self, 'shuffle_dataset', True),
+            shuffle=self.args.train_dataloader_shuffle,
             seed=self.args.seed, epoch_of=lambda: int(self.state.epoch or 0))
