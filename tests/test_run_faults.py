@@ -177,11 +177,12 @@ def _one_error_line(run, needles, code=1):
 
 
 def _as_folder(path: str, folder) -> str:
-    """A dataset folder (``folder``, made) holding ``path``: ms-swift reads it whole, the checks before loading do
-    not (a run guard then decides what only the run can know)."""
+    """A dataset folder (``folder``, made) holding ``path`` as ``.ndjson``: ms-swift reads it whole (``datasets``' json
+    loader), the checks before loading do not (they read a folder's jsonl, json, csv, parquet and arrow files), so a
+    run guard decides what only the run can know."""
     import shutil
     folder.mkdir()
-    shutil.copy(path, folder / os.path.basename(path))
+    shutil.copy(path, folder / (os.path.splitext(os.path.basename(path))[0] + '.ndjson'))
     return str(folder)
 
 
