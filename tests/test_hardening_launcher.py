@@ -131,3 +131,45 @@ def test_a_model_folder_of_several_types_names_the_flag(tiny_ws, tmp_path, who):
     flag = {'model': 'model_type', 'teacher_model': 'teacher_model_type'}[who]
     run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), **{flag: None}), check=False, timeout=180)
     assert_refused_in_one_line(run, [f'--{who} ', "it fits ['qwen3',", f'pass --{flag}'])
+
+
+@pytest.mark.parametrize('flags,model_dtype,cpu_fp16,needle', [
+    ({}, 'float32', False, "--torch_dtype float32 (not given: --model's config.json) with --deepspeed zero2 (ms-swift "
+     'trains a float16 or float32 model in fp16 mixed precision unless --fp16 is given): DeepSpeed does not take fp16 '
+     'on this CPU'),
+    ({'torch_dtype': 'float16'}, 'bfloat16', False, '--torch_dtype float16 with --deepspeed zero2 (ms-swift trains'),
+    ({'fp16': True, 'torch_dtype': 'bfloat16'}, None, False, '--fp16 true with --deepspeed zero2: DeepSpeed does not '
+     'take fp16 on this CPU'),
+    ({'fp16': False}, 'float32', False, None),  # float32 training: what the refusal advises
+    ({'torch_dtype': 'bfloat16'}, 'float32', False, None),  # bf16 mixed precision
+    ({}, 'float32', True, None),  # a CPU whose oneDNN has fp16 kernels (this machine's): DeepSpeed takes it
+    ({'deepspeed': None}, 'float32', False, None),
+], ids=['config_float32', 'given_float16', 'fp16_true', 'fp16_false', 'bfloat16', 'cpu_with_fp16', 'no_deepspeed'])
+def test_deepspeed_fp16_on_a_cpu_without_it_is_named_before_loading(flags, model_dtype, cpu_fp16, needle):
+    """Issue 81 item 6: a float32 model without --fp16 false trains in fp16 (ms-swift's default), which DeepSpeed
+    refuses on a CPU without oneDNN fp16 kernels, in every rank after both models loaded; the launcher now names
+    --fp16 false / --torch_dtype bfloat16 first. This machine's CPU has the kernels (AVX512-FP16): a ZeRO-2 run here
+    trains in fp16, so the refusal is driven by its condition, which the next test holds to DeepSpeed's own."""
+    from types import SimpleNamespace
+
+    from swift_gkd_plugin.swift.setup.command_line import deepspeed_fp16_problem
+    args = SimpleNamespace(**dict(dict(deepspeed='zero2', fp16=None, torch_dtype=None), **flags))
+    problem = deepspeed_fp16_problem(args, model_dtype, cpu_fp16)
+    if needle is None:
+        assert problem is None, problem
+    else:
+        assert needle in problem and problem.endswith('Pass --fp16 false (train in float32), or --torch_dtype '
+                                                      'bfloat16'), problem
+
+
+def test_the_cpu_fp16_condition_is_deepspeeds():
+    """What the launcher asks (:func:`cpu_fp16_supported`) is DeepSpeed's CPU accelerator's answer on this machine."""
+    pytest.importorskip('deepspeed')
+    import torch
+    if torch.accelerator.is_available():
+        pytest.skip('DeepSpeed picks the GPU accelerator here')
+    from deepspeed.accelerator import get_accelerator
+
+    from swift_gkd_plugin.swift.setup.command_line import cpu_fp16_supported
+    assert get_accelerator().device_name() == 'cpu'
+    assert cpu_fp16_supported() == bool(get_accelerator().is_fp16_supported())
