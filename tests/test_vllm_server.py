@@ -34,6 +34,7 @@ for _name in ('vllm_mode', 'vllm_enforce_eager', 'vllm_max_model_len'):
     RUN.pop(_name, None)
 RUN.update(SERVER)
 MIXED_LR0 = dict(lmbda=0.5, seq_kd='true', learning_rate=0, max_steps=6)
+EVAL = dict(eval_strategy='steps', eval_steps=2)  # with --val_dataset: evaluation while the server samples ahead
 
 if importlib.util.find_spec('vllm') is None:  # CI installs it
     if os.environ.get('CI'):
@@ -122,7 +123,7 @@ def server_run(ws, out: str, port: int, plugins=(PROBE,), env=None, nproc: int =
     probe_log = out + '.probe.jsonl'
     if os.path.exists(probe_log):
         os.remove(probe_log)
-    argv = base_args(ws, out, external_plugins=list(plugins),
+    argv = base_args(ws, out, external_plugins=list(plugins) or None,
                      **dict(RUN, vllm_server_port=port, vllm_server_group_port=_free_port(), **flags))
     env = dict({'PYTHONPATH': SITE, 'GKD_TEST_VLLM_PROBE_LOG': probe_log}, **(env or {}))
     return run_swift(argv, env=env, nproc=nproc, check=False, timeout=900)
@@ -144,6 +145,40 @@ def assert_server_is_on_policy(run, syncs):
     assert rows[0]['server'] != rows[-1]['server'], 'the weights the server samples from never changed'
 
 
+def _rows_file(path: str, n: int, seed: int) -> str:
+    """``n`` rows of the tiny task drawn with ``seed`` at ``path`` (written once)."""
+    if not os.path.exists(path):
+        from swift_gkd_plugin.testing import tiny
+        tiny.write_dataset(path, tiny.make_rows(n, seed=seed, split='train'))
+    return path
+
+
+def _resume_from_a_copy(checkpoint: str, out: str, cut=None) -> str:
+    """A copy of ``checkpoint`` beside ``out`` with ``cut(copy)`` applied (a write a kill interrupted)."""
+    import shutil
+    copy = os.path.join(out + '.saved', os.path.basename(checkpoint))
+    shutil.rmtree(os.path.dirname(copy), ignore_errors=True)
+    shutil.copytree(checkpoint, copy)
+    if cut:
+        cut(copy)
+    return copy
+
+
+def _half_of_the_queue(checkpoint: str) -> None:
+    """The queue file cut half-way, as a kill while the old in-place write ran left it."""
+    path = os.path.join(checkpoint, 'gkd_prefetched.json')
+    with open(path, 'rb') as f:
+        data = f.read()
+    with open(path, 'wb') as f:
+        f.write(data[:len(data) // 2])
+
+
+def _eval_rows(run):
+    """The evaluation rows of the run's ``logging.jsonl``."""
+    with open(os.path.join(run.output_dir, 'logging.jsonl')) as f:
+        return [row for row in map(json.loads, f) if 'eval_loss' in row]
+
+
 def _split_rows(path: str, halves):
     """The rows of ``path`` dealt alternately into the files ``halves`` (written once); returns ``halves``."""
     if not all(os.path.exists(h) for h in halves):
@@ -161,6 +196,8 @@ def runs(vllm_ws, shared_runs):
     ws = vllm_ws
     tied = os.path.join(ws.root, 'student_tied')
     routed = _split_rows(ws.train, [os.path.join(ws.root, f'train_{half}.jsonl') for half in ('local', 'served')])
+    val = _rows_file(os.path.join(ws.root, 'val.jsonl'), 4, seed=2)
+    other = _rows_file(os.path.join(ws.root, 'train_other.jsonl'), 64, seed=1)  # new prompts, as many rows
 
     def on_server(out, *server_flags, **flags):
         """A run against a shared server of the tied-embedding student (as most small students are); one started with
@@ -174,19 +211,39 @@ def runs(vllm_ws, shared_runs):
         'full': lambda out: on_server(out, max_steps=3),
         'lora': lambda out: on_server(out, tuner_type='lora', lora_dropout=0, target_modules='all-linear',
                                       max_steps=3),
+        # --vllm_enable_lora true (its own server) with --async_generate (a queue of two steps), evaluation every two
+        # steps and a checkpoint every step; resumed on the plain server (the LoRA merged): from checkpoint-1 with half
+        # of its queue file (a kill while it was written), with --ignore_data_skip true, with another dataset of as
+        # many rows (new prompts: the queue's samples are for other rows)
         'lora_adapter': lambda out: on_server(out, '--vllm_enable_lora', 'true', tuner_type='lora', lora_dropout=0,
-                                              vllm_enable_lora='true', max_steps=3),
+                                              vllm_enable_lora='true', async_generate='true', gkd_max_staleness=2,
+                                              max_steps=4, save_strategy='steps', save_steps=1, val_dataset=val,
+                                              **EVAL),
+        **{name: (lambda flags, cut: lambda out: on_server(
+            out, tuner_type='lora', lora_dropout=0, async_generate='true', gkd_max_staleness=2, max_steps=4,
+            resume_from_checkpoint=_resume_from_a_copy(
+                os.path.join(runs['lora_adapter'].output_dir, 'checkpoint-1'), out, cut), **flags))(flags, cut)
+           for name, flags, cut in (('lora_resumed_half_queue', {}, _half_of_the_queue),
+                                    ('lora_resumed_ignore_data_skip', {'ignore_data_skip': 'true'}, None),
+                                    ('lora_resumed_other_dataset', {'dataset': other}, None))},
         'two_ranks': lambda out: on_server(out, nproc=2, use_cpu='true', max_steps=2),
-        # (and a served teacher: the producer asks it for both ranks' rows)
+        # (and a served teacher: the producer asks it for both ranks' rows; a checkpoint keeps its answers)
         'two_ranks_async': lambda out: on_server(out, nproc=2, use_cpu='true', async_generate='true', max_steps=3,
                                                  teacher_model=None, teacher_model_type=None,
-                                                 teacher_model_server=teacher_server(ws), gkd_logits_topk=8),
+                                                 teacher_model_server=teacher_server(ws), gkd_logits_topk=8,
+                                                 save_strategy='steps', save_steps=2),
         # --async_generate: at learning rate 0 the same samples and losses as the synchronous run (mixed modes: only
         # on-policy steps are prefetched); at 1e-2 with a queue of two steps (--gkd_max_staleness 2) 1 and 2 versions
         # old, each checkpoint keeping the samples of its next steps; resumed with the same queue and with a shallower
         # one (the batch older than 1 dropped and sampled again)
-        'sync_lr0': lambda out: on_server(out, **MIXED_LR0),
-        'async_lr0': lambda out: on_server(out, async_generate='true', **MIXED_LR0),
+        'sync_lr0': lambda out: on_server(out, val_dataset=val, **MIXED_LR0, **EVAL),
+        'async_lr0': lambda out: on_server(out, async_generate='true', val_dataset=val, **MIXED_LR0, **EVAL),
+        # ZeRO-3 on two ranks (the sync gathers the partitioned weights on every rank), at learning rate 0; without
+        # the probe (its forward on rank 0 alone would wait for rank 1's shards)
+        **{name: (lambda flags: lambda out: on_server(
+            out, nproc=2, use_cpu='true', deepspeed='zero3', fp16='false', learning_rate=0, max_steps=3,
+            per_device_train_batch_size=1, plugins=(), **flags))(flags)
+           for name, flags in (('zero3_sync_lr0', {}), ('zero3_async_lr0', {'async_generate': 'true'}))},
         'async': lambda out: on_server(out, async_generate='true', gkd_max_staleness=2, max_steps=4,
                                        save_strategy='steps', save_steps=1),
         **{name: (lambda k: lambda out: on_server(
@@ -236,8 +293,83 @@ def test_server_mode_two_trainer_ranks_share_one_server(runs):
 
 
 def test_server_mode_adapter_only_sync(runs):
-    """``--vllm_enable_lora true`` on the server and the trainer: the base once, then the adapter alone."""
-    assert_server_is_on_policy(runs['lora_adapter'], syncs=3)
+    """``--vllm_enable_lora true`` on the server and the trainer: the base once, then the adapter alone, with
+    ``--async_generate true`` (a queue of two steps: synced at steps 0 and 2): the server samples the synced adapter,
+    not the base (ms-swift issue 9855's symptom), and trains 1, 2, 1 versions stale. Evaluation every two steps ran
+    beside the server's sampling ahead; every checkpoint holds its queue, written before ``trainer_state.json``."""
+    run = _ok(runs['lora_adapter'])
+    assert_server_is_on_policy(run, syncs=2)
+    assert _steps(run, 'gkd/staleness') == [None, 1, 2, 1]
+    assert _steps(run, 'gkd/prefetch_resampled') == [None, 0, 0, 0]
+    evals = _eval_rows(run)
+    assert [row['global_step/max_steps'].split('/')[0] for row in evals][:2] == ['2', '4'], evals
+    assert all(row['eval_loss'] > 0 for row in evals)
+    queued = {}
+    for checkpoint in run.checkpoints():
+        queue_file, state = (os.path.join(checkpoint, name) for name in ('gkd_prefetched.json', 'trainer_state.json'))
+        assert os.stat(queue_file).st_mtime_ns < os.stat(state).st_mtime_ns, checkpoint
+        assert not os.path.exists(os.path.join(checkpoint, 'gkd_prefetched.pkl'))
+        with open(queue_file) as f:
+            queue = json.load(f)['queue']
+        queued[int(checkpoint.rsplit('-', 1)[1])] = [(b['step'], b['version'], len(b['outputs'])) for b in queue]
+        assert all(len(b['keys']) == 1 and len(b['keys'][0]) == 2 for b in queue)
+    assert queued == {1: [(1, 0, 2), (2, 0, 2)], 2: [(2, 0, 2)], 3: [(3, 2, 2)], 4: []}, queued
+
+
+def _base_greedy(runs):
+    """The server's greedy continuation at the LoRA run's first sync (its adapter still 0: the base's)."""
+    return _probe(runs['lora_adapter'])[0]['server']
+
+
+def test_async_resume_from_half_a_queue_file_names_it_and_samples_again(runs):
+    """A kill while the queue was written (the file cut half-way, in a checkpoint resumed on a server without
+    ``--vllm_enable_lora``: the LoRA merged): the resumed run names the file in one warning and samples its steps
+    again (step 1 in the trainer, 2-3 ahead) instead of failing with a traceback; the server samples the trained
+    adapter, not the base."""
+    run = _ok(runs['lora_resumed_half_queue'])
+    warned = [line for line in run.output.splitlines() if 'gkd_prefetched.json cannot be read' in line]
+    assert len(warned) == 1 and 'checkpoint-1' in warned[0] and 'sampled again' in warned[0], warned
+    assert _steps(run, 'gkd/staleness') == [None, 1, 2]
+    rows = _probe(run)
+    assert rows and all(row['server'] == row['transformers'] for row in rows), rows
+    assert rows[-1]['server'] != _base_greedy(runs)
+
+
+@pytest.mark.parametrize('name', ['lora_resumed_ignore_data_skip', 'lora_resumed_other_dataset'])
+def test_async_resume_drops_a_queue_sampled_for_other_rows(runs, name):
+    """Resumed with ``--ignore_data_skip true`` (steps 1-3 read the rows of steps 0-2) or with another dataset of as
+    many rows: the checkpoint's samples for steps 1 and 2 are not for those steps' rows (their keys differ), so they
+    are not trained: one warning with the counts, ``gkd/prefetch_resampled`` 2 samples at steps 1 and 2, and the
+    rows sampled again with the resumed weights (step 1 in the trainer, 2-3 ahead)."""
+    run = _ok(runs[name])
+    warned = [line for line in run.output.splitlines() if 'rows that are not this run\'s rows' in line]
+    assert len(warned) == 1 and 'of 2 steps (1, 2: 4 samples)' in warned[0], warned
+    assert _steps(run, 'gkd/prefetch_resampled') == [2, 2, 0]
+    assert _steps(run, 'gkd/staleness') == [None, 1, 2]
+    assert all(row['server'] == row['transformers'] for row in _probe(run))
+
+
+def test_async_queue_files_that_are_not_this_versions_are_never_unpickled(runs, tmp_path):
+    """A checkpoint whose queue is an earlier version's pickle (or has no queue file) is named and not read: the
+    pickle's code does not run."""
+    import pickle
+
+    from swift_gkd_plugin.swift.rollout.prefetch import _read_queue
+    checkpoint = _resume_from_a_copy(os.path.join(runs['lora_adapter'].output_dir, 'checkpoint-1'),
+                                     str(tmp_path / 'out'), lambda c: os.remove(os.path.join(c, 'gkd_prefetched.json')))
+    queue, why = _read_queue(checkpoint)
+    assert queue is None and f'{checkpoint} has no gkd_prefetched.json' in why, why
+    marker = tmp_path / 'ran'
+
+    class Payload:
+        def __reduce__(self):
+            return open, (str(marker), 'w')
+
+    with open(os.path.join(checkpoint, 'gkd_prefetched.pkl'), 'wb') as f:
+        pickle.dump({'queue': Payload()}, f)
+    queue, why = _read_queue(checkpoint)
+    assert queue is None and 'gkd_prefetched.pkl is the queue of an earlier swift_gkd_plugin' in why, why
+    assert not marker.exists()
 
 
 def _steps(run, key):
@@ -246,12 +378,15 @@ def _steps(run, key):
 
 def test_async_generate_at_learning_rate_0_trains_what_the_synchronous_run_trains(runs):
     """``--async_generate true``, lmbda 0.5 with seq_kd, learning rate 0: every step's mode, completion lengths and
-    loss equal the synchronous run's (the rows are read one step ahead; the server's draws are seeded per step); each
+    loss, and every evaluation's loss, equal the synchronous run's (the rows are read one step ahead; the server's draws are seeded per step); each
     on-policy step but step 0 trained on samples prefetched while the step before trained (whatever its mode), one
     weight version old, the trainer's wait logged."""
     sync, run = _ok(runs['sync_lr0']), _ok(runs['async_lr0'])
     for key in ('gkd/mode_on_policy', 'gkd/mode_seq_kd', 'gkd/completion_length', 'loss'):
         assert _steps(run, key) == _steps(sync, key), key
+    # evaluation every two steps, while the server samples ahead: the synchronous run's losses
+    evals = [row['eval_loss'] for row in _eval_rows(run)]
+    assert len(evals) >= 3 and evals == [row['eval_loss'] for row in _eval_rows(sync)]
     on = _steps(run, 'gkd/mode_on_policy')
     prefetched = [i for i in range(1, len(on)) if on[i]]  # every on-policy step but a first one
     assert prefetched and not all(on), on  # (seed 0 draws both kinds)
@@ -266,14 +401,13 @@ def test_async_generate_with_a_queue_of_two_steps(runs):
     own samples and those of steps 1-2, at step 2 for step 3's; the last step prefetches nothing) and holds the
     trained weights after each sync; steps 1, 2, 3 train on samples 1, 2, 1 versions old, none dropped; the
     checkpoint after step 0 keeps both queued batches."""
-    import pickle
     run = runs['async']
     assert_server_is_on_policy(run, syncs=2)
     assert _steps(run, 'gkd/staleness') == [None, 1, 2, 1]
     assert _steps(run, 'gkd/staleness_max') == [None, 1, 2, 1]
     assert _steps(run, 'gkd/stale_dropped') == [None, 0, 0, 0]
-    with open(os.path.join(run.output_dir, 'checkpoint-1', 'gkd_prefetched.pkl'), 'rb') as f:
-        queue = pickle.load(f)['queue']
+    with open(os.path.join(run.output_dir, 'checkpoint-1', 'gkd_prefetched.json')) as f:
+        queue = json.load(f)['queue']
     assert [(b['step'], b['version'], len(b['outputs'])) for b in queue] == [(1, 0, 2), (2, 0, 2)]
 
 
@@ -300,12 +434,32 @@ def test_async_generate_drops_samples_older_than_the_bound(runs):
 def test_async_generate_on_two_trainer_ranks(runs):
     """Two ranks: rank 0 sends both ranks' prefetched prompts and the samples come back to each rank's rows; the server
     holds the trained weights after each sync; the producer asks the served teacher for both ranks' rows, and each
-    rank finds its rows' answers among them."""
+    rank finds its rows' answers among them. The checkpoint after step 1 keeps the queued step 2: both ranks' row keys,
+    and the teacher's answers to its rows (their tensors in safetensors), read back as they were."""
+    from swift_gkd_plugin.server.client import TopKResult
+    from swift_gkd_plugin.swift.rollout.prefetch import _read_queue
     run = runs['two_ranks_async']
     assert_server_is_on_policy(run, syncs=2)
     assert _steps(run, 'gkd/staleness') == [None, 1, 1]
     assert _steps(run, 'gkd/teacher_ahead') == [0, 1, 1]
     assert all(row['gkd/completion_length'] > 0 for row in run.logs)
+    checkpoint = os.path.join(run.output_dir, 'checkpoint-2')
+    assert os.path.exists(os.path.join(checkpoint, 'gkd_prefetched.safetensors'))
+    [batch], why = _read_queue(checkpoint)
+    assert why is None and (batch['step'], batch['version'], batch['lengths']) == (2, 1, [2, 2])
+    assert [len(keys) for keys in batch['keys']] == [2, 2] and batch['keys'][0] != batch['keys'][1]
+    answers = list(batch['answers'].values())
+    assert len(answers) == 4 and all(isinstance(a, TopKResult) and a.ids.shape[1] == 8 and
+                                     a.logprobs.shape == a.ids.shape for a in answers), answers
+
+
+def test_async_generate_under_zero3_trains_what_the_synchronous_run_trains(runs):
+    """ZeRO-3 on two ranks at learning rate 0: the partitioned weights are gathered for each sync, both ranks' rows
+    are sampled ahead, and every step's completion lengths and loss equal the synchronous run's."""
+    sync, run = _ok(runs['zero3_sync_lr0']), _ok(runs['zero3_async_lr0'])
+    assert len(run.logs) == 3 and _steps(run, 'gkd/staleness') == [None, 1, 1]
+    for key in ('gkd/completion_length', 'loss'):
+        assert _steps(run, key) == _steps(sync, key), key
 
 
 def test_importance_weights_see_the_staleness(runs):

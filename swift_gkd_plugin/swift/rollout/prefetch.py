@@ -10,29 +10,40 @@ server samples them in order while steps ``g .. g + K - 1`` train, whatever thei
 on samples ``j`` weight versions old (1 to K; K = 1: ms-swift's one step, a sync every step), the server is synced
 once per window, and no sample can be older than K. Off-policy and seq_kd steps run as without ``--async_generate``.
 The rows, their order and each step's mode are those of the synchronous run, and each step's weight version is a
-function of the step and K alone: only the weights that sampled differ, the same in every run. A checkpoint keeps
-every batch sampled ahead, so a resumed run trains what the uninterrupted run trained; a batch older than K (a
-checkpoint of a deeper queue resumed with a smaller K) is dropped and its rows sampled again with the current weights
-(``gkd/stale_dropped``).
+function of the step and K alone: only the weights that sampled differ, the same in every run.
+
+A checkpoint keeps every batch sampled ahead (:data:`SAVED`, written atomically before ``trainer_state.json`` marks
+the checkpoint complete; data only: JSON, a served teacher's tensors in :data:`SAVED_TENSORS`; never a pickle), with
+a key of each row it was sampled for, so a resumed run trains what the uninterrupted run trained. A resume drops, and
+samples again with the current weights: a batch older than K (a checkpoint of a deeper queue resumed with a smaller K;
+``gkd/stale_dropped``), a batch whose rows are not the step's rows (``--ignore_data_skip true``, another
+``--dataset``; ``gkd/prefetch_resampled``, one warning with the counts), and the whole queue of a checkpoint without a
+readable queue file (a cut write, an earlier version's ``gkd_prefetched.pkl``: named in a warning, never unpickled).
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
-import pickle
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from accelerate.utils import broadcast_object_list, gather_object
 from swift.utils import get_logger
 
 from swift_gkd_plugin.core import Mode
 from swift_gkd_plugin.core.modes import choose_mode
+from swift_gkd_plugin.core.scores.store import write_json_atomic
 from swift_gkd_plugin.swift.step.token_metrics import add_token_sum
 
 logger = get_logger()
-SAVED = 'gkd_prefetched.pkl'  # in a checkpoint: the server's samples of its next steps (rank 0's file)
+SAVED = 'gkd_prefetched.json'  # in a checkpoint: the server's samples of its next steps and their rows' keys
+SAVED_TENSORS = 'gkd_prefetched.safetensors'  # the served teacher's answers to them (tensors), where there are
+LEGACY = 'gkd_prefetched.pkl'  # the pickle of earlier versions: never read
+FORMAT = 1
 
 
 @dataclass
@@ -44,7 +55,7 @@ class Prefetched:
     lengths: List[int]
     future: Optional[Future] = None
     outputs: Optional[list] = field(default=None)
-    prompts: Optional[List[str]] = None  # this rank's prompts, to check against the step's own rows
+    keys: Optional[List[List[str]]] = None  # every rank's row keys (:func:`_row_keys`), checked against the step's
     answers: Optional[object] = None  # a served teacher's answers to the rows (a future while the producer asks)
 
     def result(self) -> list:
@@ -72,6 +83,7 @@ class PrefetchMixin:
         self._ahead = (None, [])  # (the epoch's iterator, the batches already read for the next optimizer steps)
         self._rows_ahead: Dict[int, object] = {}  # step -> that generation batch's rows on this rank
         self._gkd_queue: Dict[int, Prefetched] = {}  # step -> its batch sampled ahead, in step order
+        self._resampled: Dict[int, int] = {}  # step -> samples a resume dropped for it (not its rows): sampled again
         self._prefetch_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix='gkd-prefetch') \
             if self._prefetch_on else None
         self._last_rollout_start = None
@@ -103,18 +115,24 @@ class PrefetchMixin:
 
     def _student_samples(self, samples, step: int):
         """Step ``step``'s on-policy samples: prefetched ones where there are (not older than K), else sampled now."""
-        prefetched = self._take_prefetched(step)
+        prefetched = self._take_prefetched(step, samples)
+        metrics = self.custom_metrics['train']
+        resampled = self._resampled.pop(step, 0)  # (a resume dropped this step's batch: not its rows)
         if prefetched is None:
+            if resampled:
+                add_token_sum(metrics['gkd/prefetch_resampled'], float(resampled), 1)
             return self._generate_completions(samples)
+        keys = _row_keys(samples)
         samples = self._preprocess_inputs(samples)
         lengths = gather_object([len(samples)])
-        same = prefetched.prompts is None or prefetched.prompts == _prompts(samples)
-        if lengths != prefetched.lengths or not all(gather_object([same])):
+        if lengths != prefetched.lengths or not all(gather_object([prefetched.keys[self.accelerator.process_index]
+                                                                   == keys])):
             # the step's rows are not those read ahead (a row replaced since): sampled now rather than mixed up
             logger.warning(f'swift_gkd_plugin: the samples prefetched for step {step} are not for its rows (a row '
                            'was replaced since): sampled now')
+            add_token_sum(metrics['gkd/prefetch_resampled'], float(resampled + sum(lengths)), 1)
             return self._generate_completions(samples)
-        metrics = self.custom_metrics['train']
+        add_token_sum(metrics['gkd/prefetch_resampled'], float(resampled), 1)
         staleness = step - prefetched.version
         if staleness > self._max_staleness:  # (the same on every rank: versions are broadcast)
             add_token_sum(metrics['gkd/stale_dropped'], float(sum(lengths)), 1)
@@ -133,9 +151,10 @@ class PrefetchMixin:
         self._staleness_max = max(getattr(self, '_staleness_max', None) or 0, staleness)
         return self._postprocess_rollout_outputs(samples, outputs[start:start + lengths[self.accelerator.process_index]])
 
-    def _take_prefetched(self, step: int) -> Optional[Prefetched]:
-        """The batch prefetched for ``step`` (waited for: ``gkd/sample_wait_s``), or one a checkpoint kept."""
-        self._load_prefetched(step)
+    def _take_prefetched(self, step: int, samples) -> Optional[Prefetched]:
+        """The batch prefetched for ``step`` (waited for: ``gkd/sample_wait_s``), or one a checkpoint kept (``samples``:
+        the step's rows on this rank)."""
+        self._load_prefetched(step, samples)
         for earlier in [s for s in self._gkd_queue if s < step]:  # (none: every queued step is on-policy, taken in turn)
             self._wait(self._gkd_queue.pop(earlier))
         prefetched = self._gkd_queue.pop(step, None)
@@ -173,7 +192,9 @@ class PrefetchMixin:
             self._last_loaded_step = self.state.global_step
         score = self._teacher_ahead_on()  # a served teacher: the producer asks it too (teacher/ahead.py)
         for following, rows in wanted:
-            samples = self._preprocess_inputs(self.to_samples(rows))
+            samples = self.to_samples(rows)
+            keys = gather_object([_row_keys(samples)])
+            samples = self._preprocess_inputs(samples)
             requests = self.samples2requests(samples)
             lengths = gather_object([len(requests)])
             all_requests = gather_object(requests)
@@ -189,47 +210,79 @@ class PrefetchMixin:
             if self.accelerator.is_main_process:
                 future = self._prefetch_pool.submit(self._produce, all_requests, config, all_samples)
             self._gkd_queue[following] = Prefetched(following, int(self.state.global_step), lengths, future,
-                                                prompts=_prompts(samples))
+                                                    keys=keys)
 
     # --- checkpoints ------------------------------------------------------------------------------------------------
 
     def _save_checkpoint(self, model, trial):
-        """A checkpoint also keeps every batch sampled for its next steps (rank 0 holds them): a resumed run trains
-        them, as the uninterrupted run does."""
-        result = super()._save_checkpoint(model, trial)
-        if self._gkd_queue and self.accelerator.is_main_process:
+        """A checkpoint also keeps every batch sampled for its next steps (rank 0 holds them), written before ms-swift
+        and transformers write the checkpoint's files (``trainer_state.json`` last): a resumed run trains them, as the
+        uninterrupted run does, and a checkpoint marked complete has its queue."""
+        if self._prefetch_on and self.accelerator.is_main_process:
             from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
             folder = os.path.join(self._get_output_dir(trial=trial),
                                   f'{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}')
-            queue = []
-            for prefetched in self._gkd_queue.values():
-                self._wait(prefetched)
-                outputs, answers = prefetched.result(), prefetched.answers
-                answers = answers.result() if isinstance(answers, Future) else answers
-                queue.append({'step': prefetched.step, 'version': prefetched.version, 'lengths': prefetched.lengths,
-                              'outputs': outputs, 'answers': answers})
-            with open(os.path.join(folder, SAVED), 'wb') as f:
-                pickle.dump({'queue': queue}, f)
-        return result
+            self._save_queue(folder)
+        return super()._save_checkpoint(model, trial)
 
-    def _load_prefetched(self, step: int) -> None:
-        """The batches of the checkpoint this run resumed from, for ``step`` and later (read once), into the queue."""
+    def _save_queue(self, folder: str) -> None:
+        """:data:`SAVED` (and :data:`SAVED_TENSORS`) in ``folder``, each written to a temporary file and renamed; an
+        empty queue is saved too (a checkpoint of an ``--async_generate`` run always has the file)."""
+        os.makedirs(folder, exist_ok=True)
+        queue, tensors = [], {}
+        for prefetched in self._gkd_queue.values():
+            self._wait(prefetched)
+            answers = prefetched.answers.result() if isinstance(prefetched.answers, Future) else prefetched.answers
+            queue.append({'step': prefetched.step, 'version': prefetched.version, 'lengths': prefetched.lengths,
+                          'keys': prefetched.keys, 'outputs': [o.model_dump(mode='json') for o in prefetched.result()],
+                          'answers': _answers_to_json(answers, f'{prefetched.step}', tensors)})
+        if tensors:
+            from safetensors.torch import save_file
+            tmp = os.path.join(folder, f'{SAVED_TENSORS}.tmp')
+            save_file(tensors, tmp)
+            os.replace(tmp, os.path.join(folder, SAVED_TENSORS))
+        write_json_atomic(os.path.join(folder, SAVED), {'format': FORMAT, 'queue': queue})
+
+    def _load_prefetched(self, step: int, samples=None) -> None:
+        """The batches of the checkpoint this run resumed from, for ``step`` and later (read once), into the queue:
+        those whose rows are this run's rows for their steps (``samples``: this step's on this rank; later steps' read
+        ahead); the others, and a queue that cannot be read, are sampled again (warned once, with the counts)."""
         path = getattr(self, '_resumed_from', None)
         self._resumed_from = None
-        if not path or not os.path.exists(os.path.join(path, SAVED)):
+        if not path:
             return
-        saved = None
-        if self.accelerator.is_main_process:
-            with open(os.path.join(path, SAVED), 'rb') as f:
-                saved = pickle.load(f)
-            saved = saved['queue'] if 'queue' in saved else [saved]  # (a single batch: the first format)
-        meta = [[(b['step'], b['version'], b['lengths']) for b in saved] if saved is not None else None]
-        meta = broadcast_object_list(meta, from_process=0)[0]
-        for i, (saved_step, version, lengths) in enumerate(meta):
-            if saved_step >= step:
-                batch = saved[i] if saved is not None else {}
-                self._gkd_queue[saved_step] = Prefetched(saved_step, version, lengths, outputs=batch.get('outputs'),
-                                                         answers=batch.get('answers'))
+        saved, problem = _read_queue(path) if self.accelerator.is_main_process else (None, None)
+        meta = [(problem, [(b['step'], b['version'], b['lengths'], b['keys']) for b in saved or []])]
+        problem, meta = broadcast_object_list(meta, from_process=0)[0]
+        if problem:
+            if self.accelerator.is_main_process:
+                logger.warning(f'swift_gkd_plugin: {problem}: the steps its run had sampled ahead are sampled again '
+                               'with the resumed weights (so they differ from the uninterrupted run\'s)')
+            return
+        rank, ranks = self.accelerator.process_index, self.accelerator.num_processes
+        mine = []
+        for saved_step, _, lengths, keys in meta:
+            rows = samples if saved_step == step and samples is not None else self._rows_ahead.get(saved_step)
+            mine.append(saved_step >= step and rows is not None and len(keys) == ranks
+                        and keys[rank] == _row_keys(self.to_samples(rows)))  # (samples pass through)
+        agreed = [all(flags) for flags in zip(*gather_object([mine]))] if meta else []
+        dropped = []
+        for i, (saved_step, version, lengths, keys) in enumerate(meta):
+            if saved_step < step:
+                continue
+            if not agreed[i]:
+                dropped.append((saved_step, sum(lengths)))
+                self._resampled[saved_step] = sum(lengths)
+                continue
+            batch = saved[i] if saved is not None else {}
+            self._gkd_queue[saved_step] = Prefetched(saved_step, version, lengths, outputs=batch.get('outputs'),
+                                                     answers=batch.get('answers'), keys=keys)
+        if dropped and self.accelerator.is_main_process:
+            logger.warning(f'swift_gkd_plugin: {os.path.join(path, SAVED)} holds samples of {len(dropped)} step'
+                           f'{"s" if len(dropped) > 1 else ""} ({", ".join(str(s) for s, _ in dropped)}: '
+                           f'{sum(n for _, n in dropped)} samples) for rows that are not this run\'s rows of those '
+                           'steps (resumed with --ignore_data_skip true, or another --dataset): not trained; their '
+                           'rows are sampled again with the resumed weights (gkd/prefetch_resampled)')
 
     def _load_rng_state(self, checkpoint):
         self._resumed_from = checkpoint if self._prefetch_on else None
@@ -243,9 +296,76 @@ class PrefetchMixin:
             self._staleness_max = None
 
 
-def _prompts(samples) -> List[str]:
-    import json
-    return [json.dumps(s.messages, sort_keys=True, default=str) for s in samples]
+def _row_keys(samples) -> List[str]:
+    """A key of each sample's prompt: BLAKE2b of its messages without the response, tools and media."""
+    keys = []
+    for s in samples:
+        messages = list(s.messages)
+        if messages and messages[-1].get('role') == 'assistant':  # (what ms-swift's remove_response drops)
+            messages = messages[:-1]
+        blob = json.dumps([messages, s.tools, s.images, s.videos, s.audios], sort_keys=True, default=_media_bytes)
+        keys.append(hashlib.blake2b(blob.encode(), digest_size=16).hexdigest())
+    return keys
+
+
+def _media_bytes(obj) -> str:
+    """A stable stand-in for what JSON cannot write (a decoded image: its bytes' hash; never an address)."""
+    data = obj if isinstance(obj, (bytes, bytearray)) else getattr(obj, 'tobytes', lambda: repr(type(obj)))()
+    return hashlib.blake2b(data if isinstance(data, (bytes, bytearray)) else str(data).encode(),
+                           digest_size=16).hexdigest()
+
+
+def _answers_to_json(answers, prefix: str, tensors: dict):
+    """A served teacher's answers (``{request key: TopKResult}`` or None) as JSON, their tensors put in ``tensors``
+    under ``prefix``-based names."""
+    if answers is None:
+        return None
+    import torch
+    out = []
+    for i, ((ids, positions), result) in enumerate(answers.items()):
+        fields = {}
+        for f in dataclasses.fields(result):
+            value = getattr(result, f.name)
+            if isinstance(value, torch.Tensor):
+                name = f'{prefix}.{i}.{f.name}'
+                tensors[name] = value.detach().cpu().contiguous().clone()
+                value = {'tensor': name}
+            fields[f.name] = value
+        out.append({'input_ids': list(ids), 'positions': list(positions), 'result': fields})
+    return out
+
+
+def _read_queue(path: str) -> Tuple[Optional[list], Optional[str]]:
+    """The queue a checkpoint kept (its outputs and answers rebuilt), or ``(None, why not)``."""
+    file = os.path.join(path, SAVED)
+    if not os.path.exists(file):
+        if os.path.exists(os.path.join(path, LEGACY)):
+            return None, (f'{os.path.join(path, LEGACY)} is the queue of an earlier swift_gkd_plugin, a pickle: not '
+                          'read (unpickling a file runs code)')
+        return None, (f'{path} has no {SAVED} (an --async_generate run writes it before trainer_state.json: the '
+                      'checkpoint is of a synchronous run, or its queue was removed)')
+    try:
+        with open(file) as f:
+            doc = json.load(f)
+        if doc.get('format') != FORMAT:
+            raise ValueError(f'format {doc.get("format")!r}, this version reads {FORMAT}')
+        tensors = None
+        if any(b['answers'] for b in doc['queue']):
+            from safetensors.torch import load_file
+            tensors = load_file(os.path.join(path, SAVED_TENSORS))
+        from swift.infer_engine.protocol import RolloutOutput
+
+        from swift_gkd_plugin.server.client import TopKResult
+        for batch in doc['queue']:
+            batch['outputs'] = [RolloutOutput.model_validate(o) for o in batch['outputs']]
+            if batch['answers'] is not None:
+                batch['answers'] = {
+                    (tuple(a['input_ids']), tuple(a['positions'])): TopKResult(**{
+                        k: tensors[v['tensor']] if isinstance(v, dict) and 'tensor' in v else v
+                        for k, v in a['result'].items()}) for a in batch['answers']}
+        return doc['queue'], None
+    except Exception as exc:  # a cut or foreign file: its steps are sampled again
+        return None, f'{file} cannot be read ({type(exc).__name__}: {exc})'
 
 
 def _take(iterator, n: int) -> list:
