@@ -35,7 +35,7 @@ class RowLengths:
 
     def __init__(self, args):
         self.args, self.max_length = args, args.max_length
-        self.cuts = args.truncation_strategy == 'right'  # else delete: a row too long is dropped
+        self.cuts = getattr(args, 'truncation_strategy', 'delete') == 'right'  # else delete: a too long row is dropped
         self._skeletons = {}  # roles -> length of the row with empty messages
         self.over = []  # the lengths of the rows found over --max_length (reset by the caller per file)
 
