@@ -560,6 +560,12 @@ def check_training_length(args) -> None:
                         'of an epoch too), or a positive --max_steps, which then decides')
 
 
+def check_ms_swift_values(args) -> None:
+    """The values of ms-swift flags that GKD refuses on their own (also in ``swift``'s launcher, on the values given)."""
+    check_max_length(args)
+    check_no_generation_in_evaluation(args)
+
+
 def check_max_length(args) -> None:
     """``--max_length``, where given, is a positive number of tokens: 0 or less left no token of any row (0 was
     refused only at the first batch, after both models loaded)."""

@@ -25,12 +25,11 @@ from swift_gkd_plugin.options.flags import (FlagError, GKDPluginArgumentsMixin, 
                                     check_no_plugin_flags_outside_gkd, check_rl_flags, check_teacher_server_flags,
                                     check_torch_compile_checkpointing, check_training_set, check_vllm_flags,
                                     ignored_flag_warnings, resolve_num_generations, sampling_temperature)
-from swift_gkd_plugin.options.flag_checks import (check_max_length, check_no_generation_in_evaluation,
-                                                 check_training_length)
+from swift_gkd_plugin.options.flag_checks import check_ms_swift_values, check_training_length
 from swift_gkd_plugin.options.hub_models import hub_lookup_failed, hub_unreachable
 from swift_gkd_plugin.runtime.ms_swift_state import grpo_num_generations, keep_teacher_messages_column
 from swift_gkd_plugin.swift.setup.checkpoints import check_resume_checkpoint
-from swift_gkd_plugin.swift.setup.compile_cost import torch_compile_warnings
+from swift_gkd_plugin.swift.setup.compile_cost import torch_compile_warnings, zero3_lora_warnings
 from swift_gkd_plugin.swift.setup.datasets import (check_local_datasets, check_self_teacher_has_something_to_add,
                                                    check_teacher_media)
 from swift_gkd_plugin.swift.setup.paths import CreatedDirs, check_command_line_paths
@@ -41,7 +40,6 @@ from swift_gkd_plugin.swift.setup.teacher_server import (check_teacher_server_co
 from swift_gkd_plugin.swift.setup.vllm import (check_async_generate, check_vllm_launcher, check_vllm_server_mode,
                                               check_vllm_tensor_parallel_size, rollout_server_named,
                                               stale_sample_warnings)
-from swift_gkd_plugin.swift.setup.compile_cost import zero3_lora_warnings
 from swift_gkd_plugin.swift.setup.teacher_scores import check_teacher_scores, resolve_teacher_scores
 
 logger = get_logger()
@@ -453,8 +451,7 @@ def check_flags_only(args) -> None:
     check_gkd_scalars(args)
     check_training_set(args)
     check_training_length(args)
-    check_max_length(args)
-    check_no_generation_in_evaluation(args)
+    check_ms_swift_values(args)
     check_rl_flags(args)
     check_multi_turn_flags(args)
     check_torch_compile_checkpointing(args)

@@ -183,15 +183,14 @@ def check_launcher_early(argv: List[str]) -> None:
 def _check_ms_swift_values(given: dict) -> None:
     """The checks of ms-swift flags' values that need nothing else (``--max_length``, ``--predict_with_generate``),
     on the values given; one that does not parse is left to the parser in the process."""
-    from swift_gkd_plugin.options.flag_checks import check_max_length, check_no_generation_in_evaluation
+    from swift_gkd_plugin.options.flag_checks import check_ms_swift_values
     values = {name: given[name][0] for name in ('max_length', 'predict_with_generate') if len(given.get(name, ())) == 1}
     try:
         max_length = int(values['max_length']) if 'max_length' in values else None
     except ValueError:
         max_length = None
     generate = values.get('predict_with_generate', '').lower() in ('true', '1', 'yes', 'y', 't', 'on')
-    check_max_length(SimpleNamespace(max_length=max_length))
-    check_no_generation_in_evaluation(SimpleNamespace(predict_with_generate=generate))
+    check_ms_swift_values(SimpleNamespace(max_length=max_length, predict_with_generate=generate))
 
 
 def check_local_model_heads(args) -> None:
