@@ -34,6 +34,7 @@ for _name in ('vllm_mode', 'vllm_enforce_eager', 'vllm_max_model_len'):
     RUN.pop(_name, None)
 RUN.update(SERVER)
 MIXED_LR0 = dict(lmbda=0.5, seq_kd='true', learning_rate=0, max_steps=6)
+ASYNC_2 = dict(async_generate='true', gkd_max_staleness=2)
 EVAL = dict(eval_strategy='steps', eval_steps=2)  # with --val_dataset: evaluation while the server samples ahead
 
 if importlib.util.find_spec('vllm') is None:  # CI installs it
@@ -219,13 +220,15 @@ def runs(vllm_ws, shared_runs):
                                               vllm_enable_lora='true', async_generate='true', gkd_max_staleness=2,
                                               max_steps=4, save_strategy='steps', save_steps=1, val_dataset=val,
                                               **EVAL),
+        # (and the last synchronously: its first step samples the new rows with the checkpoint's weights)
         **{name: (lambda flags, cut: lambda out: on_server(
-            out, tuner_type='lora', lora_dropout=0, async_generate='true', gkd_max_staleness=2, max_steps=4,
-            resume_from_checkpoint=_resume_from_a_copy(
+            out, tuner_type='lora', lora_dropout=0, max_steps=4, resume_from_checkpoint=_resume_from_a_copy(
                 os.path.join(runs['lora_adapter'].output_dir, 'checkpoint-1'), out, cut), **flags))(flags, cut)
-           for name, flags, cut in (('lora_resumed_half_queue', {}, _half_of_the_queue),
-                                    ('lora_resumed_ignore_data_skip', {'ignore_data_skip': 'true'}, None),
-                                    ('lora_resumed_other_dataset', {'dataset': other}, None))},
+           for name, flags, cut in (
+               ('lora_resumed_half_queue', dict(ASYNC_2), _half_of_the_queue),
+               ('lora_resumed_ignore_data_skip', dict(ASYNC_2, ignore_data_skip='true'), None),
+               ('lora_resumed_other_dataset', dict(ASYNC_2, dataset=other), None),
+               ('lora_resumed_other_dataset_sync', dict(dataset=other), None))},
         'two_ranks': lambda out: on_server(out, nproc=2, use_cpu='true', max_steps=2),
         # (and a served teacher: the producer asks it for both ranks' rows; a checkpoint keeps its answers)
         'two_ranks_async': lambda out: on_server(out, nproc=2, use_cpu='true', async_generate='true', max_steps=3,
@@ -347,6 +350,10 @@ def test_async_resume_drops_a_queue_sampled_for_other_rows(runs, name):
     assert _steps(run, 'gkd/prefetch_resampled') == [2, 2, 0]
     assert _steps(run, 'gkd/staleness') == [None, 1, 2]
     assert all(row['server'] == row['transformers'] for row in _probe(run))
+    if name == 'lora_resumed_other_dataset':  # step 1 trained the new rows' own samples: the synchronous resume's
+        sync = _ok(runs['lora_resumed_other_dataset_sync'])
+        assert run.logs[0]['loss'] == sync.logs[0]['loss'], (run.logs[0], sync.logs[0])
+        assert run.logs[0]['gkd/completion_length'] == sync.logs[0]['gkd/completion_length']
 
 
 def test_async_queue_files_that_are_not_this_versions_are_never_unpickled(runs, tmp_path):
