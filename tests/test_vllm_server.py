@@ -366,6 +366,15 @@ def test_async_queue_files_that_are_not_this_versions_are_never_unpickled(runs, 
                                      str(tmp_path / 'out'), lambda c: os.remove(os.path.join(c, 'gkd_prefetched.json')))
     queue, why = _read_queue(checkpoint)
     assert queue is None and f'{checkpoint} has no gkd_prefetched.json' in why, why
+    import json
+    with open(os.path.join(checkpoint, 'args.json')) as f:
+        args = json.load(f)
+    assert args['async_generate'] is True
+    with open(os.path.join(checkpoint, 'args.json'), 'w') as f:  # a synchronous run's checkpoint: nothing queued
+        json.dump(dict(args, async_generate=False), f)
+    assert _read_queue(checkpoint) == ([], None)
+    with open(os.path.join(checkpoint, 'args.json'), 'w') as f:
+        json.dump(args, f)
     marker = tmp_path / 'ran'
 
     class Payload:

@@ -335,6 +335,16 @@ def _answers_to_json(answers, prefix: str, tensors: dict):
     return out
 
 
+def _async_checkpoint(path: str) -> bool:
+    """Whether the run that wrote checkpoint ``path`` had ``--async_generate true`` (its ``args.json``, which
+    ms-swift copies into each checkpoint; True where that file is missing or unreadable: the queue is then looked for)."""
+    try:
+        with open(os.path.join(path, 'args.json')) as f:
+            return bool(json.load(f).get('async_generate', True))
+    except (OSError, ValueError, AttributeError):
+        return True
+
+
 def _read_queue(path: str) -> Tuple[Optional[list], Optional[str]]:
     """The queue a checkpoint kept (its outputs and answers rebuilt), or ``(None, why not)``."""
     file = os.path.join(path, SAVED)
@@ -342,8 +352,10 @@ def _read_queue(path: str) -> Tuple[Optional[list], Optional[str]]:
         if os.path.exists(os.path.join(path, LEGACY)):
             return None, (f'{os.path.join(path, LEGACY)} is the queue of an earlier swift_gkd_plugin, a pickle: not '
                           'read (unpickling a file runs code)')
-        return None, (f'{path} has no {SAVED} (an --async_generate run writes it before trainer_state.json: the '
-                      'checkpoint is of a synchronous run, or its queue was removed)')
+        if not _async_checkpoint(path):
+            return [], None  # a synchronous run's checkpoint: it sampled nothing ahead
+        return None, (f'{path} has no {SAVED} (an --async_generate run writes it before trainer_state.json: its '
+                      'queue was removed, or the write was cut)')
     try:
         with open(file) as f:
             doc = json.load(f)
