@@ -122,6 +122,17 @@ def test_what_an_import_sets_in_the_test_process_reaches_no_run(monkeypatch):
     assert zygote is _ZYGOTE['swift'] and nproc == 1
 
 
+def test_a_fork_inherits_deepspeed_and_a_heap_its_collections_skip(tmp_path):
+    """The zygote imported deepspeed (every run's trainer does) and froze what its imports left (``gc.freeze``): a
+    fork's ``gc.collect()`` does not walk the inherited heap."""
+    script = tmp_path / 'heap.py'
+    script.write_text('import gc, sys\nprint("deepspeed" in sys.modules, gc.get_freeze_count() > 100000)\n')
+    env = _run_env()
+    zygote, _ = _zygote_for(launcher_child_command('rlhf', [], env), env)
+    rc, out, err = zygote.run(str(script), [], env, 120, str(tmp_path))
+    assert rc == 0 and out.split() == ['True', 'True'], err
+
+
 def test_a_preload_entry_with_a_function_runs_it_once_for_every_fork(tmp_path):
     """``module:function`` in the preload is called in the zygote: the Megatron zygote runs inductor's CPU
     instruction-set probe (a ``python`` subprocess per candidate, cached per process) once, and each fork inherits
