@@ -133,6 +133,23 @@ def test_a_fork_inherits_deepspeed_and_a_heap_its_collections_skip(tmp_path):
     assert rc == 0 and out.split() == ['True', 'True'], err
 
 
+def test_inductors_python_subprocesses_leave_the_megatron_harness_out(monkeypatch):
+    """The Megatron harness's ``sitecustomize`` keeps its folder off the ``PYTHONPATH`` of inductor's python
+    subprocesses (the CPU instruction-set probe's ~10, each of which imported torch and the harness through it, ~28 s
+    of CPU a Megatron zygote or rank): they get the rest of ``sys.path``."""
+    import sys
+
+    from swift_gkd_plugin.testing import megatron_cpu
+    site = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'megatron', 'cpu_site')
+    monkeypatch.setattr(sys, 'path', [site, *sys.path])
+    monkeypatch.setenv('TORCH_CUSTOM_PYTHONPATH', '')
+    monkeypatch.delenv('TORCH_CUSTOM_PYTHONPATH')  # restored (unset) after the test
+    megatron_cpu._probes_without(site)
+    # inductor's subprocesses' PYTHONPATH (torch._inductor.utils.python_subprocess_env) where it is set
+    assert os.environ['TORCH_CUSTOM_PYTHONPATH'].split(os.pathsep) == sys.path[1:]
+    assert 'megatron_cpu.install(site_folder=' in open(os.path.join(site, 'sitecustomize.py')).read()
+
+
 def test_a_preload_entry_with_a_function_runs_it_once_for_every_fork(tmp_path):
     """``module:function`` in the preload is called in the zygote: the Megatron zygote runs inductor's CPU
     instruction-set probe (a ``python`` subprocess per candidate, cached per process) once, and each fork inherits

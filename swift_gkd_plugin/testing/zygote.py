@@ -35,7 +35,7 @@ PRELOAD = ('swift.cli.utils', 'swift.pipelines', 'swift.pipelines.train.rlhf', '
            'swift_gkd_plugin.swift.trainer', 'swift_gkd_plugin.swift.setup.arguments', 'deepspeed')
 # the same for ``megatron rlhf`` (its route file ``swift/cli/_megatron/rlhf.py``)
 # (its trainer warms megatron-core's fused functions with ``torch.compile``: inductor's CPU instruction-set probe,
-# a ``python`` subprocess per candidate and cached per process, ~9 s a run, is run once here, then inherited; so is
+# a ``python`` subprocess per candidate and cached per process, ~2 s a run, is run once here, then inherited; so is
 # the hash of triton's sources that inductor's cache keys hold, ~0.9 s a rank)
 # (and at its end the last rank draws the run's TensorBoard scalars as PNGs, ms-swift's plot_images: its two imports,
 # ~0.6 s a run)

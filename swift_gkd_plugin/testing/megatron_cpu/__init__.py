@@ -421,12 +421,26 @@ def _bridge_config(module):
 
 
 # ---------------------------------------------------------------------------------------------------------- install
-def install() -> bool:
+def _probes_without(site_folder: str) -> None:
+    """inductor's python subprocesses get this process's ``sys.path`` as their ``PYTHONPATH``
+    (``utils.python_subprocess_env``), ``site_folder`` (the harness's ``sitecustomize``) with it: each of the ~10
+    processes of its CPU instruction-set probe (``cpu_vec_isa.pick_vec_isa``, a ``dlopen`` of a test library) then
+    imported torch and this harness, ~28 s of CPU for the probe instead of ~2. They get that path without the folder
+    (``TORCH_CUSTOM_PYTHONPATH``, which inductor reads in its place); they run no megatron code."""
+    if 'TORCH_CUSTOM_PYTHONPATH' not in os.environ:
+        folder = os.path.abspath(site_folder)
+        os.environ['TORCH_CUSTOM_PYTHONPATH'] = os.pathsep.join(p for p in sys.path if os.path.abspath(p) != folder)
+
+
+def install(site_folder: str = None) -> bool:
     """Put the workarounds in place for this process (and, through the environment, its children). Returns False,
-    doing nothing, where CUDA is available."""
+    doing nothing, where CUDA is available. ``site_folder``: the folder of the ``sitecustomize`` that installs it, kept
+    off inductor's python subprocesses (:func:`_probes_without`)."""
     if torch.cuda.is_available():
         return False
     os.environ[ENV] = '1'
+    if site_folder is not None:
+        _probes_without(site_folder)
     _cuda_calls_on_cpu()
     if _FINDER not in sys.meta_path:
         sys.meta_path.insert(0, _FINDER)
