@@ -122,9 +122,12 @@ class TeacherMixin:
         if self._is_self_distillation:
             unwrapped = self.accelerator.unwrap_model(model)
             head = _detached_head(unwrapped) if hidden else None  # the student's own head, frozen for the teacher
+            # DDP's forward broadcasts the buffers, a collective: a rank whose rows the store (or another teacher)
+            # answered skips this forward, and the others would wait for it forever; no gradient flows here
+            forward = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
             with torch.no_grad(), self._teacher_view_of_student(unwrapped), disable_gradient_checkpointing(
                     model, self.args.gradient_checkpointing_kwargs), head_bypassed(unwrapped, hidden):
-                out = model(**fwd).logits
+                out = forward(**fwd).logits
             return (out, head) if hidden else out
         unwrapped = self.accelerator.unwrap_model(self.teacher_model)
         with torch.no_grad(), self.load_teacher_model_context(), disable_gradient_checkpointing(
