@@ -148,6 +148,18 @@ def decode_row(payload: bytes, n: int, k: int, samples: int, dtype: torch.dtype)
                      out.get('entropy'))
 
 
+def save_safetensors_atomic(tensors: Dict[str, torch.Tensor], path: str, metadata: Optional[Dict[str, str]] = None
+                            ) -> None:
+    """``tensors`` as the safetensors file ``path``: written to a temporary file, synced, renamed (a kill leaves the
+    old file or none, never half of one)."""
+    from safetensors.torch import save_file
+    tmp = path + '.tmp'
+    save_file(tensors, tmp, metadata=metadata)
+    with open(tmp, 'rb+') as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def write_json_atomic(path: str, doc: dict) -> None:
     tmp = f'{path}.{uuid.uuid4().hex}.tmp'
     with open(tmp, 'w') as f:
@@ -248,7 +260,6 @@ class StoreWriter:
         """Write the buffered rows as one shard; its path, or None when nothing was buffered."""
         if not self._keys:
             return None
-        from safetensors.torch import save_file
         lengths = torch.tensor([len(p) for p in self._payloads], dtype=torch.int64)
         blob = torch.frombuffer(bytearray(b''.join(self._payloads)), dtype=torch.uint8)
         tensors = {
@@ -260,11 +271,8 @@ class StoreWriter:
         }
         name = f'r{self.rank:04d}-{self.session}-{self._count:05d}.safetensors'
         path = os.path.join(self.root, SHARDS, name)
-        tmp = path + '.tmp'
-        save_file(tensors, tmp, metadata={'format': FORMAT, 'version': str(VERSION), 'rows': str(len(self._keys))})
-        with open(tmp, 'rb+') as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        save_safetensors_atomic(tensors, path, {'format': FORMAT, 'version': str(VERSION),
+                                                'rows': str(len(self._keys))})
         self.reader.add_shard(path)
         self._count += 1
         self.rows_written += len(self._keys)

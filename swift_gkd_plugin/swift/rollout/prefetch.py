@@ -36,7 +36,7 @@ from swift.utils import get_logger
 
 from swift_gkd_plugin.core import Mode
 from swift_gkd_plugin.core.modes import choose_mode
-from swift_gkd_plugin.core.scores.store import write_json_atomic
+from swift_gkd_plugin.core.scores.store import save_safetensors_atomic, write_json_atomic
 from swift_gkd_plugin.swift.step.token_metrics import add_token_sum
 
 logger = get_logger()
@@ -237,10 +237,7 @@ class PrefetchMixin:
                           'keys': prefetched.keys, 'outputs': [o.model_dump(mode='json') for o in prefetched.result()],
                           'answers': _answers_to_json(answers, f'{prefetched.step}', tensors)})
         if tensors:
-            from safetensors.torch import save_file
-            tmp = os.path.join(folder, f'{SAVED_TENSORS}.tmp')
-            save_file(tensors, tmp)
-            os.replace(tmp, os.path.join(folder, SAVED_TENSORS))
+            save_safetensors_atomic(tensors, os.path.join(folder, SAVED_TENSORS))
         write_json_atomic(os.path.join(folder, SAVED), {'format': FORMAT, 'queue': queue})
 
     def _load_prefetched(self, step: int, samples=None) -> None:
