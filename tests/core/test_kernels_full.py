@@ -6,6 +6,7 @@ the entropy, half-precision inputs. Shapes are small: the interpreter runs each 
 references and comparisons run on the CPU."""
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -79,17 +80,18 @@ DIVS = ([Divergence('jsd', beta=b) for b in (0.0, 0.3, 1.0)]
 
 @pytest.mark.parametrize('div', DIVS, ids=str)
 def test_every_divergence_matches_float64_and_the_torch_path(div, device, kernel):
-    """Ragged chunks (11 tokens, 8 active, chunks of 3), -inf bias entries on both heads and on the student's
-    alone where the divergence stays finite, temperature 0.8."""
-    x = tf.make_inputs(seed=len(str(div)), n=11, v=320, vt=320, scale=4.0)
+    """Ragged chunks (7 tokens, 5 active, chunks of 3 and 2), -inf bias entries on both heads and on the student's
+    alone where the divergence stays finite, temperature 0.8. (Each row is one program of the interpreter: ~0.1 s a
+    row and call; the edge cases are the divergences' parameters, the masked entries and rows and the ragged chunk.)"""
+    x = tf.make_inputs(seed=len(str(div)), n=7, v=320, vt=320, scale=4.0)
     x['b'][[5, 77]] = float('-inf')
     x['bt'][[5, 77]] = float('-inf')
     masked = [5, 77]
     if not ((div.name == 'jsd' and div.beta == 0) or (div.name == 'skew_kl' and div.alpha == 0)):  # stays finite
         masked.append(200)
         x['b'][200] = float('-inf')
-    mask = torch.ones(11, dtype=torch.bool)
-    mask[[1, 4, 9]] = False
+    mask = torch.ones(7, dtype=torch.bool)
+    mask[[1, 4]] = False
     got = run_both(x, div, device, kernel, mask=mask, temperature=0.8, chunk_size=3)
     loss, grads, d = reference_grads(x, div, 0.8, mask)
     assert_same(got['triton'], (loss, grads, None), 2e-5)
@@ -105,7 +107,7 @@ def test_every_divergence_matches_float64_and_the_torch_path(div, device, kernel
 def test_skew_far_apart_distributions_tiny_alpha(name, alpha, device, kernel):
     """Issue 27's case through the kernel: distributions > 17 nats apart and alpha far below float32's ``1 - a``
     resolution; the logits are exact (identity hidden states), so float32 can match float64 to its rounding."""
-    v, n = 64, 6
+    v, n = 64, 3
     g = torch.Generator().manual_seed(3)
     student, teacher = torch.randn(n, v, generator=g) * 2, torch.randn(n, v, generator=g) * 2
     student[:, :4] -= 45.0
@@ -140,12 +142,14 @@ CASES = [  # (teacher vocabulary offset, divergence, temperature, label temperat
                          ids=[f'vt{o:+d}-{d}-T{t}-Tl{tl_}' for o, d, t, tl_ in CASES])
 def test_padding_label_term_and_entropy(offset, div, temperature, label_temperature, device, kernel):
     """Teacher vocabulary larger / smaller (padded by the other side), the signed weighted label term at its own
-    temperature and the entropy: the kernel equals the PyTorch path, and the float64 reference for the jsd."""
+    temperature and the entropy: the kernel equals the PyTorch path, and the float64 reference for the jsd. 8 rows
+    (seeded: masked rows and ignored labels among the active rows in every case), chunks of 3."""
     v = 300
-    x = tf.make_inputs(seed=abs(offset) + 1, n=13, v=v, vt=v + offset, ht=10)
-    weights = torch.randn(13, generator=torch.Generator().manual_seed(2)) * 2
+    x = tf.make_inputs(seed=abs(offset) + 1, n=8, v=v, vt=v + offset, ht=10)
+    assert not x['mask'].all() and ((x['labels'] == -100) & x['mask']).any() and (x['labels'] != -100).any()
+    weights = torch.randn(8, generator=torch.Generator().manual_seed(2)) * 2
     kw = dict(mask=x['mask'], labels=x['labels'], temperature=temperature, sft_alpha=0.6, label_weights=weights,
-              label_temperature=label_temperature, return_entropy=True, chunk_size=5)
+              label_temperature=label_temperature, return_entropy=True, chunk_size=3)
     got = run_both(x, div, device, kernel, **kw)
     assert_same(got['triton'], got['torch'], 1e-5)
     stats, ref_stats = got['triton'][2], got['torch'][2]
@@ -171,13 +175,15 @@ def test_padding_label_term_and_entropy(offset, div, temperature, label_temperat
                                  Divergence('skew_rkl', alpha=0.3), Divergence('jsd', beta=0.0),
                                  Divergence('jsd', beta=1.0)], ids=str)
 def test_many_blocks_per_row(div, monkeypatch, device, kernel):
-    """Blocks of 128 entries over a 700 + 50 entry row: the online logsumexp across blocks (and the second design's
-    online moment of KL(s || t)), ragged last block."""
+    """Blocks of 128 entries over a 300 + 50 entry row (3 blocks each side, the last ragged: 44 and 94 entries): the
+    online logsumexp across blocks (and the second design's online moment of KL(s || t)); -inf bias entries at a
+    block's first, a block's second and the row's last entry; 3 rows, labels in blocks 0 and 1 and one ignored."""
     from swift_gkd_plugin.core.fused.kernels import full_rows
     monkeypatch.setattr(full_rows, 'BLOCK', 128)  # both designs' launcher
-    x = tf.make_inputs(seed=12, n=5, v=700, vt=750, scale=6.0)
-    x['b'][[0, 129, 699]] = float('-inf')
-    kw = dict(mask=torch.ones(5, dtype=torch.bool), labels=x['labels'], sft_alpha=0.5, return_entropy=True,
+    x = tf.make_inputs(seed=12, n=3, v=300, vt=350, scale=6.0)
+    assert x['labels'].tolist() == [254, -100, 66]
+    x['b'][[0, 129, 299]] = float('-inf')
+    kw = dict(mask=torch.ones(3, dtype=torch.bool), labels=x['labels'], sft_alpha=0.5, return_entropy=True,
               temperature=0.9, label_temperature=1.1)
     got = run_both(x, div, device, kernel, **kw)
     assert_same(got['triton'], got['torch'], 1e-5)
@@ -265,6 +271,23 @@ def test_full_rows_compiles_for_h100():
     assert 'compiled 28' in compile_ahead_of_time(_AOT)
 
 
+@functools.cache
+def large_case(scale, family, device):
+    """A ``large_logits`` case of 2 rows (each row is one program of the interpreter; the rows are alike) with its
+    float64 references and the PyTorch path's results, per divergence: ``(case, top-k, {div: {form: (reference,
+    torch)}})``, the forms ``full``, top-k without (``False``) and with (``True``) the tail. Shared by both designs."""
+    zs, zt, temperature = large_logits.case(scale, seed=int(scale) % 97, family=family, n=2)
+    lp, ids = torch.log_softmax(zt.double(), -1).float().topk(8, -1)
+    forms = {}
+    for div in large_logits.DIVS:
+        forms[div] = {'full': (large_logits.reference_full(zs, zt, div, temperature),
+                               large_logits.fused_full(zs, zt, div, temperature, 'torch', device))}
+        for tail in (False, True):
+            forms[div][tail] = (large_logits.reference_topk(zs, ids, lp, div, temperature, tail),
+                                large_logits.fused_topk(zs, ids, lp, div, temperature, tail, 'torch', device))
+    return (zs, zt, temperature), (lp, ids), forms
+
+
 @pytest.mark.parametrize('family', ['peaked', 'offset'])
 @pytest.mark.parametrize('scale', large_logits.SCALES, ids=lambda s: f'zT{s:g}')
 def test_large_tempered_logits_match_float64(scale, family, device, kernel):
@@ -272,14 +295,12 @@ def test_large_tempered_logits_match_float64(scale, family, device, kernel):
     divergence form, on both backends, with a full teacher head and a top-k teacher with and without the tail.
     Before the log-probabilities were formed as ``(u - m) - log S`` (and the buckets in float64), the kernel's
     gradient was 4e-4 off at 1e4 and the tail bucket's 1e-3 on both backends."""
-    zs, zt, temperature = large_logits.case(scale, seed=int(scale) % 97, family=family)
-    lp, ids = torch.log_softmax(zt.double(), -1).float().topk(8, -1)
+    (zs, zt, temperature), (lp, ids), forms = large_case(scale, family, device)
     for div in large_logits.DIVS:
-        full = large_logits.reference_full(zs, zt, div, temperature)
-        buckets = {tail: large_logits.reference_topk(zs, ids, lp, div, temperature, tail) for tail in (False, True)}
-        for backend in (kernel, 'torch'):
-            got = large_logits.fused_full(zs, zt, div, temperature, backend, device)
-            assert max(large_logits.errors(got, full)) <= 2e-5, (str(div), backend, 'full')
-            for tail, want in buckets.items():
-                got = large_logits.fused_topk(zs, ids, lp, div, temperature, tail, backend, device)
-                assert max(large_logits.errors(got, want)) <= 2e-5, (str(div), backend, tail)
+        for form, (want, torch_path) in forms[div].items():
+            if form == 'full':
+                got = large_logits.fused_full(zs, zt, div, temperature, kernel, device)
+            else:
+                got = large_logits.fused_topk(zs, ids, lp, div, temperature, form, kernel, device)
+            for backend, result in ((kernel, got), ('torch', torch_path)):
+                assert max(large_logits.errors(result, want)) <= 2e-5, (str(div), backend, form)
