@@ -100,6 +100,19 @@ def test_the_samplers_order_is_a_function_of_the_seed_and_the_epoch():
         assert g == 1 or all(order[i] == order[i + 1] for order in orders for i in range(0, len(order), 2)), orders
 
 
+def test_a_score_runs_sampler_fills_its_last_chunk_instead_of_dropping_it():
+    """``fill_last`` (swift-gkd score): 10 rows in chunks of 4 are 3 chunks, the last completed with the epoch's first
+    rows; RepeatSampler's two chunks left rows 8 and 9 out. Without shuffling: the rows in order."""
+    from swift_gkd_plugin.swift.rollout.epoch_sampler import EpochSampler
+    layout = dict(data_source=list(range(10)), mini_repeat_count=1, batch_size=4, repeat_count=1, seed=5)
+    assert sorted(EpochSampler(**layout)) != list(range(10))  # (what is fixed: 8 of the 10)
+    filled = list(EpochSampler(**layout, fill_last=True))
+    assert len(filled) == len(EpochSampler(**layout, fill_last=True)) == 12 and set(filled) == set(range(10))
+    assert filled[10:] == filled[:2] and filled[:8] == list(EpochSampler(**layout))  # (the same epoch order)
+    plain = dict(layout, shuffle=False, batch_size=16, repeat_count=2)  # fewer rows than one chunk, repeated
+    assert list(EpochSampler(**plain, fill_last=True)) == (list(range(10)) + list(range(6))) * 2
+
+
 def test_train_dataloader_shuffle_false_keeps_the_datasets_order_and_a_resume_keeps_it(tiny_ws, tmp_path):
     """Issue 81 item 4: with one completion per prompt ms-swift's GKD sampler shuffled whatever
     ``--train_dataloader_shuffle`` said (its losses were bit-identical to the default run's); ``swift sft`` honours

@@ -10,6 +10,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import subprocess
 import time
 
@@ -18,6 +19,8 @@ from conftest import OFFLINE_ENV, _free_port, _run_env, base_args, launcher_chil
 
 from swift_gkd_plugin.core.scores.store import TeacherStore
 from swift_gkd_plugin.entry import score as score_cli
+from swift_gkd_plugin.testing import tiny_multimodal as tmm
+from test_multimodal import mm  # noqa: F401 (the tiny LLaVA workspace, built once for every module)
 
 K = 8
 SAMPLES = 64  # tokens drawn from the teacher a position (many: the test compares the estimate's mean)
@@ -303,3 +306,66 @@ def test_offline_on_policy_samples_once_and_trains_from_the_store(trained_ws, tm
                        '--gkd_logits_topk', str(K), '--output_dir', str(tmp_path / 'train'), '--add_version', 'false'])
     assert 'is not loaded' in train.output
     assert len(train.logs) == 3 and all(row['gkd/teacher_store_rows'] == 1.0 for row in train.logs)
+
+
+# ---------------------------------------------------------------- multimodal rows (tiny LLaVA, an image a row)
+@pytest.fixture(scope='module')
+def mm_runs(mm, shared_runs):
+    """``swift-gkd score`` of the 8 image rows by the multimodal teacher, then one lr-0 step over them from the store
+    (no teacher loaded) and one from the live teacher."""
+    from test_multimodal import mm_args
+    flags = dict(lmbda=0, seq_kd='false', learning_rate=0, max_steps=1, gkd_logits_topk=K, temperature=1.0)
+
+    def scored(out):
+        parser = argparse.ArgumentParser()
+        score_cli.add_arguments(parser)
+        args, rest = parser.parse_known_args(
+            ['--teacher_model', mm.teacher, '--dataset', mm.train, '--output_dir', out, '--gkd_logits_topk', str(K),
+             '--teacher_scores_dtype', 'float32', '--model_type', tmm.MODEL_TYPE, '--template', tmm.TEMPLATE,
+             '--max_length', '128', '--torch_dtype', 'float32', '--check_model', 'false',
+             '--dataloader_num_workers', '0', '--dataset_num_proc', '1', '--add_version', 'false'])
+        return dataclasses.replace(run_swift(score_cli.score_command(args, rest)[1:]), output_dir=out)
+
+    shared = shared_runs('teacher_store_mm', {
+        'score': scored,
+        'live': lambda out: run_swift(mm_args(mm, out, **flags)),
+        'from_store': lambda out: run_swift(mm_args(mm, out, teacher_scores=runs_dir(out, 'score'), **flags))
+        if shared['score'].returncode == 0 else shared['score'],
+    })
+    return shared
+
+
+def test_image_rows_of_the_same_text_are_stored_apart_and_read_back_as_the_live_teacher(mm_runs, mm):
+    """The 8 rows share their question and repeat answers: their token ids repeat, their images do not. Each is its
+    own row in the store (its key holds its image's bytes), and a step over them from the store alone logs the live
+    teacher's loss: with text-only keys one image's scores would answer another's row."""
+    score, live, stored = mm_runs['score'], mm_runs['live'], mm_runs['from_store']
+    assert score.returncode == 0, score.output[-4000:]
+    rows = tmm.read_dataset(mm.train)
+    texts = [json.dumps(r['messages']) for r in rows]
+    assert len(set(texts)) < len(rows) == len({r['images'][0] for r in rows}) == 8  # (what the test tells apart)
+    store = TeacherStore(score.output_dir)
+    assert len(store) == 8 and store.identity.processor  # (the processor's settings named in the manifest)
+    # 8 rows, a generation batch of 16 (8 a step x ms-swift's default 2 steps): filled up, not dropped (refused before)
+    assert '8 rows / ' in score.output and '(8 rows repeated to fill the last batch)' in score.output
+    assert stored.returncode == 0 and live.returncode == 0, stored.output[-4000:]
+    assert 'is not loaded' in stored.output and 'Teacher model: none loaded' in stored.output
+    assert stored.logs[0]['gkd/teacher_store_rows'] == 1.0
+    assert stored.logs[0]['loss'] == pytest.approx(live.logs[0]['loss'], rel=1e-6)
+
+
+def test_a_store_of_other_processor_settings_is_refused_before_loading(mm_runs, mm, tmp_path):
+    """The student's image processor resizes otherwise than the scoring model's: its rows would be other inputs."""
+    from test_multimodal import mm_args
+    assert mm_runs['score'].returncode == 0
+    student = tmp_path / 'student'
+    shutil.copytree(mm.student, student, symlinks=True)
+    config = student / 'processor_config.json'  # (transformers 5: the image processor's settings inside)
+    doc = json.loads(config.read_text())
+    doc['image_processor']['image_mean'] = [0.5, 0.5, 0.5]
+    config.write_text(json.dumps(doc))
+    run = run_swift(mm_args(mm, str(tmp_path / 'out'), model=str(student), teacher_scores=mm_runs['score'].output_dir,
+                            lmbda=0, gkd_logits_topk=K, teacher_model=None, teacher_model_type=None), check=False)
+    assert run.returncode == 2, run.output[-3000:]
+    assert 'was scored with other processor settings than --model' in run.output
+    assert 'Traceback' not in run.output and 'model_info' not in run.output

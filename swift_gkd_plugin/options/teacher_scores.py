@@ -15,6 +15,7 @@ import logging
 import os
 from typing import List, Optional
 
+from swift_gkd_plugin.core.scores.media import PROCESSOR_FILES, processor_fingerprint
 from swift_gkd_plugin.core.scores.store import (StoreError, TeacherStore, read_manifest, identity_of,
                                                 tokenizer_fingerprint, weights_fingerprint)
 from swift_gkd_plugin.options.flags import FlagError
@@ -52,9 +53,13 @@ def file_sha256(path: str) -> str:
 
 
 def encoding(args, model_dir: Optional[str]) -> dict:
-    """What makes a row's token ids besides its text."""
-    return {'template': args.template, 'max_length': args.max_length, 'truncation_strategy': args.truncation_strategy,
-            'system': args.system, 'tokenizer': model_tokenizer_fingerprint(model_dir) if model_dir else None}
+    """What makes a row's token ids (and a multimodal row's inputs) besides its text."""
+    found = {'template': args.template, 'max_length': args.max_length, 'truncation_strategy': args.truncation_strategy,
+             'system': args.system, 'tokenizer': model_tokenizer_fingerprint(model_dir) if model_dir else None}
+    processor = processor_fingerprint(model_dir)
+    if processor:  # (a text model's encoding is as before media were keyed)
+        found['processor'] = processor
+    return found
 
 
 def dataset_files(values, subsets: bool = True) -> Optional[List[str]]:
@@ -121,6 +126,12 @@ def check_store_fits(args, model_dir: Optional[str], root: Optional[str] = None,
             raise FlagError(f'{flag} {root} was scored by another teacher ({identity.teacher}) than --teacher_model '
                             f'{teacher} (their weights differ): the store and the teacher would give '
                             'two teachers\' answers in one run. Pass the store\'s teacher, or another store')
+    processor = processor_fingerprint(model_dir) if model_dir and os.path.isdir(model_dir) else None
+    if processor is not None and processor != identity.processor:
+        raise FlagError(f'{flag} {root} was scored with other processor settings than --model {args.model}\'s ('
+                        + (f'fingerprint {identity.processor or "none: a text store"} against {processor or "none"}'
+                           ) + f' of its {" / ".join(PROCESSOR_FILES)}): its media would be other inputs. '
+                        'Score the dataset again with this model\'s processor')
     # last: reading the tokenizer imports transformers' tokenizers (~4 s of a launcher's start)
     fingerprint = model_tokenizer_fingerprint(model_dir) if model_dir else None
     if fingerprint is not None and fingerprint != identity.tokenizer:

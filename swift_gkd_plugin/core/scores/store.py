@@ -74,12 +74,16 @@ class RowScores:
         return int(self.ids.shape[0] if self.ids is not None else self.samples.shape[0])
 
 
-def row_key(input_ids: Sequence[int], positions: Sequence[int]) -> str:
-    """The key of a row: BLAKE2b-128 of its token ids and scored positions (int64, each list with its length)."""
+def row_key(input_ids: Sequence[int], positions: Sequence[int], media: str = '') -> str:
+    """The key of a row: BLAKE2b-128 of its token ids and scored positions (int64, each list with its length), and of
+    ``media`` where the row has any (:func:`~swift_gkd_plugin.core.scores.media.media_digest`: the ids hold an image
+    only as placeholders)."""
     h = hashlib.blake2b(digest_size=16)
     for values in (input_ids, positions):
         h.update(array('q', [len(values)]).tobytes())
         h.update(array('q', values).tobytes())
+    if media:  # (a text row's key is unchanged: the stores written before media were keyed)
+        h.update(b'media:' + media.encode())
     return h.hexdigest()
 
 

@@ -94,8 +94,9 @@ def resolve_teacher_store(args) -> None:
     if not args.teacher_scores:
         return
     if getattr(getattr(args, 'model_meta', None), 'is_multimodal', False):
-        raise FlagError(f'--teacher_scores with a multimodal --model ({args.model}): rows are keyed by their token '
-                        'ids, which do not hold the images; text-only stores for now')
+        raise FlagError(f'--teacher_scores with a multimodal --model ({args.model}): megatron rlhf reads text-only '
+                        'stores for now (a multimodal row\'s key holds its media, which megatron\'s batches do not '
+                        'carry); swift rlhf reads multimodal stores')
     store = check_teacher_store(args, args.model_dir)
     teacher = args.teacher_model
     if not teacher or args.teacher_model_server or samples(args) or not os.path.isdir(teacher):

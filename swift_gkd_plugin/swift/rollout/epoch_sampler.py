@@ -29,9 +29,9 @@ class EpochSampler(RepeatSampler):
     two-rank resume in epoch 1 drew epoch 0's order again.
     """
 
-    def __init__(self, *args, epoch_of: Optional[Callable[[], int]] = None, **kwargs):
+    def __init__(self, *args, epoch_of: Optional[Callable[[], int]] = None, fill_last: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        self.epoch, self.epoch_of = 0, epoch_of
+        self.epoch, self.epoch_of, self.fill_last = 0, epoch_of, fill_last
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch the next iteration draws, where no ``epoch_of`` was given."""
@@ -43,4 +43,22 @@ class EpochSampler(RepeatSampler):
         if self.shuffle:
             self.generator = torch.Generator()
             self.generator.manual_seed((self.seed or 0) + self.epoch)
-        return super().__iter__()
+        return self._filled() if self.fill_last else super().__iter__()
+
+    def _filled(self):
+        """``fill_last``: every row, the last incomplete chunk completed with the epoch's first rows (a score run
+        scores each row; ``RepeatSampler`` drops that chunk, and those rows were never scored)."""
+        order = (torch.randperm(self.num_samples, generator=self.generator).tolist() if self.shuffle
+                 else list(range(self.num_samples)))
+        while len(order) % self.batch_size:
+            order += order[:self.batch_size - len(order) % self.batch_size]
+        for start in range(0, len(order), self.batch_size):
+            for _ in range(self.repeat_count):
+                for index in order[start:start + self.batch_size]:
+                    yield from [index] * self.mini_repeat_count
+
+    def __len__(self) -> int:
+        if not self.fill_last:
+            return super().__len__()
+        chunks = -(-self.num_samples // self.batch_size)
+        return chunks * self.batch_size * self.mini_repeat_count * self.repeat_count

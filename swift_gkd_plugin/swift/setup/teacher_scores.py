@@ -104,10 +104,6 @@ def check_teacher_scores(args) -> None:
                         'top-k over the student\'s own token ids; a teacher of another tokenizer has none')
     if args.padding_free or args.packing:
         raise FlagError(f'{named} does not support --padding_free / --packing yet: rows are keyed one by one')
-    meta = getattr(args, 'model_meta', None)
-    if getattr(meta, 'is_multimodal', False):
-        raise FlagError(f'{named} with a multimodal --model ({args.model}): rows are keyed by their token ids, '
-                        'which do not hold the images; text-only stores for now')
     if args.save_teacher_scores and not args.gkd_logits_topk:
         raise FlagError('--save_teacher_scores keeps the teacher\'s top-k: pass --gkd_logits_topk K (e.g. 64; '
                         'the store\'s size grows with K, ~170 bytes a token at 64 in bfloat16)')

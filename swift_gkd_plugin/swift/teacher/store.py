@@ -15,6 +15,7 @@ from typing import List, Optional, Tuple
 import torch
 from swift.utils import get_logger
 
+from swift_gkd_plugin.core.scores.media import media_digest, processor_fingerprint
 from swift_gkd_plugin.core.scores.store import (RowScores, StoreError, StoreIdentity, StoreWriter, TeacherStore,
                                                 row_key, tokenizer_fingerprint, weights_fingerprint)
 from swift_gkd_plugin.core.topk import teacher_tail_logmass
@@ -50,7 +51,7 @@ class TeacherStoreMixin:
                         f'{args.save_teacher_scores} ({args.teacher_scores_dtype})')
         # --teacher_scores_samples on a store read: the loss is the sampled estimator (step/loss.py, dense)
         self._train_on_samples = bool(args.teacher_scores and args.teacher_scores_samples)
-        self._score_progress = {'rows': 0, 'tokens': 0, 'found': 0, 'started': None, 'said': 0.0}
+        self._score_progress = {'rows': 0, 'tokens': 0, 'found': 0, 'again': 0, 'started': None, 'said': 0.0}
         if args.gkd_score_only:
             self._nothing_learnt.armed = False  # nothing is trained, by design
 
@@ -71,25 +72,37 @@ class TeacherStoreMixin:
             teacher_dir = getattr(self.accelerator.unwrap_model(self.model), 'model_dir', None)
             name = str(teacher_dir) + (f' + {args.teacher_adapters[0]}' if args.teacher_adapters else '')
         vocab = head_rows(self.accelerator.unwrap_model(self.model))  # (a ZeRO-3 shard's whole size too)
+        model_dir = getattr(self.accelerator.unwrap_model(self.model), 'model_dir', None)
         return StoreIdentity(
+            processor=processor_fingerprint(model_dir),  # (the rows are the run's --model's encoding)
             teacher=str(name), teacher_hash=weights_fingerprint(teacher_dir) if teacher_dir else '',
             tokenizer=tokenizer_fingerprint(self.template.tokenizer),
             template=self.template.template_meta.template_type, topk=int(self.gkd_logits_topk),
             samples=int(args.teacher_scores_samples),
             dtype=args.teacher_scores_dtype, temperature=float(args.temperature), vocab_size=int(vocab))
 
-    def _stored_answers(self, requests: List[Request]) -> List[Optional[TopKResult]]:
+    def _row_media(self, samples) -> List[str]:
+        """Each sample's :func:`media_digest` ('' for text rows), where a store is read or written; its rows' keys."""
+        if self._store is None and self._store_writer is None:
+            return [''] * len(samples)
+        try:
+            return [media_digest(s.images, s.videos, s.audios) for s in samples]
+        except (TypeError, OSError) as exc:
+            raise RunError(f'--teacher_scores / --save_teacher_scores: a row\'s media cannot be keyed: {exc}') from None
+
+    def _stored_answers(self, requests: List[Request], media: List[str]) -> List[Optional[TopKResult]]:
         """The store's answer to each request (``--teacher_scores``, then what ``--save_teacher_scores`` holds: a
-        later epoch reuses an earlier one's), None where it has none."""
+        later epoch reuses an earlier one's), None where it has none. ``media``: each row's :meth:`_row_media`."""
         if self._store is None and self._store_writer is None:
             return [None] * len(requests)
-        answers = []
-        for ids, positions in requests:
-            key = row_key(ids, positions)
+        answers, again = [], 0
+        for (ids, positions), row_media in zip(requests, media, strict=True):
+            key = row_key(ids, positions, row_media)
             try:
                 row = self._store.get(key) if self._store is not None else None
                 if row is None and self._store_writer is not None:  # scored earlier in this run or folder
                     row = self._store_writer.get(key)
+                    again += row is not None
             except StoreError as exc:  # a damaged shard: one line naming it
                 raise RunError(f'--teacher_scores {self.args.teacher_scores}: {exc}') from None
             answers.append(None if row is None else TopKResult(row.ids, row.logprobs, row.tail,
@@ -98,21 +111,26 @@ class TeacherStoreMixin:
         if self.model.training:
             found = sum(a is not None for a in answers)
             add_token_sum(self.custom_metrics['train']['gkd/teacher_store_rows'], float(found), len(requests))
+            if self.args.gkd_score_only:  # (a score run's own rows again: the last batch filled up)
+                self._score_progress['again'] += again
+                found -= again
             self._score_progress['found'] += found
         return answers
 
-    def _refuse_missing(self, requests: List[Request], missing: List[int], where) -> None:
+    def _refuse_missing(self, requests: List[Request], media: List[str], missing: List[int], where) -> None:
         """Rows neither the store nor a teacher can answer: one error naming the first."""
         i = missing[0]
         raise RunError(f'{where(i)} is not in --teacher_scores {self.args.teacher_scores} ({len(missing)} of this '
-                       f'step\'s {len(requests)} rows are not; key {row_key(*requests[i])}, {len(requests[i][0])} '
+                       f'step\'s {len(requests)} rows are not; key {row_key(*requests[i], media[i])}, {len(requests[i][0])} '
                        'tokens) and this run has no teacher to score it: pass --teacher_model (or '
                        '--teacher_model_server), or score the dataset into the store first (`swift-gkd score` with '
                        'the same --template, --max_length and --truncation_strategy)')
 
-    def _keep_answer(self, request: Request, answer: TopKResult, drawn: Optional[TopKResult] = None) -> None:
-        """Append one row the teacher scored now to ``--save_teacher_scores`` (``drawn``: the answer as the teacher
-        gave it, with its samples, where ``answer`` is the one fitted to the batch's top-k slots)."""
+    def _keep_answer(self, request: Request, media: str, answer: TopKResult,
+                     drawn: Optional[TopKResult] = None) -> None:
+        """Append one row the teacher scored now to ``--save_teacher_scores`` (``media``: its :meth:`_row_media`;
+        ``drawn``: the answer as the teacher gave it, with its samples, where ``answer`` is the one fitted to the
+        batch's top-k slots)."""
         if self._store_writer is None:
             return
         drawn = drawn or answer
@@ -123,7 +141,7 @@ class TeacherStoreMixin:
                                         .vocab_size)
         token = answer.target_logprobs
         samples, entropy = drawn.samples, drawn.entropy
-        self._store_writer.add(row_key(*request), RowScores(
+        self._store_writer.add(row_key(*request, media), RowScores(
             answer.ids.detach().long().cpu(), logprobs, tail.detach().float().cpu(),
             None if token is None else token.detach().float().cpu(),
             None if samples is None else samples.detach().long().cpu(),
@@ -199,7 +217,8 @@ class TeacherStoreMixin:
         eta = spent / steps * (total - steps) if steps and total else float('nan')
         logger.info(f'swift-gkd score: {"done, " if done else ""}rank {self.accelerator.process_index}: {p["rows"]} '
                     f'rows / {p["tokens"]} tokens scored ({p["tokens"] / spent:.0f} tokens/s), {p["found"]} found in '
-                    f'the store already, step {steps}/{total}' + ('' if done else f', ETA {eta:.0f}s'))
+                    f'the store already, step {steps}/{total}' + ('' if done else f', ETA {eta:.0f}s')
+                    + (f' ({p["again"]} rows repeated to fill the last batch)' if p['again'] else ''))
 
     def training_step(self, model, inputs, *args, **kwargs):
         """``--gkd_score_only``: :meth:`_score_only_step`; otherwise the training step."""
@@ -241,7 +260,7 @@ class TeacherStoreMixin:
                 if getattr(sample, 'finish_reason', None) == 'length':
                     cut += 1  # cut at --max_completion_length: no such row in the dataset
                 elif group_rank() == 0:
-                    f.write(json.dumps({'messages': sample.messages}, ensure_ascii=False) + '\n')
+                    f.write(json.dumps(_sampled_row(sample), ensure_ascii=False) + '\n')
         self._score_progress['cut'] = self._score_progress.get('cut', 0) + cut
 
     def _finish_score_only(self) -> None:
@@ -260,3 +279,19 @@ class TeacherStoreMixin:
             written = TeacherStore(self.args.save_teacher_scores)
             logger.info(f'swift-gkd score: {self.args.save_teacher_scores} holds {len(written)} rows, '
                         f'{written.tokens} tokens, {written.bytes / max(written.tokens, 1):.1f} bytes a token')
+
+
+def _sampled_row(sample) -> dict:
+    """A ``--sample_with`` row as a dataset line: its messages and its media as the dataset gave them (paths, URLs,
+    base64), so the row a later run reads is the row scored."""
+    row = {'messages': sample.messages}
+    for name in ('images', 'videos', 'audios'):
+        items = list(getattr(sample, name, None) or [])
+        if not items:
+            continue
+        paths = [x.get('path') if isinstance(x, dict) and x.get('bytes') is None else x for x in items]
+        if not all(isinstance(x, str) for x in paths):
+            raise RunError(f'swift-gkd score --sample_with: a row\'s {name} are decoded objects '
+                           f'({type(items[0]).__name__}), which a dataset line cannot hold: give them as paths or URLs')
+        row[name] = paths
+    return row
