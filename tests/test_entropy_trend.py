@@ -6,6 +6,7 @@ import os
 import types
 
 import pytest
+from test_demo import default_demo  # noqa: F401 (the demo's run, shared with tests/test_demo.py)
 from test_entropy_gap import DEGRADING, HOLDING
 
 from swift_gkd_plugin.entry import cli
@@ -83,13 +84,14 @@ def test_remedies_already_in_effect_are_left_out():
         'student first).' in _messages(GROWING_GAP, args=everything)[-1]
 
 
-def test_the_demo_run_does_not_warn(tmp_path, capsys):
-    """``swift-gkd demo`` through the real ``swift rlhf``, 30 steps (logged at 1, 10, 20, 30): the former rule warned
-    at step 20 while the student was learning."""
-    assert cli.main(['demo', '--workdir', str(tmp_path), '--steps', '30']) == 0
-    out = capsys.readouterr().out
+def test_the_demo_run_does_not_warn(default_demo):
+    """``swift-gkd demo`` through the real ``swift rlhf`` (its 80 default steps, logged at 1, 10, ..., 80: the run
+    tests/test_demo.py checks): the former rule warned at step 20 while the student was learning."""
+    out = default_demo['out']
     assert 'GKD trainer active' in out and 'gkd/entropy_gap_warnings' not in out
     assert "the student's entropy on its own samples" not in out
-    with open(os.path.join(tmp_path, 'output', 'logging.jsonl')) as f:
+    with open(os.path.join(default_demo['workdir'], 'output', 'logging.jsonl')) as f:
         rows = [r for r in map(json.loads, f) if 'gkd/entropy' in r]
-    assert len(rows) == 4 and float(rows[2]['gkd/entropy']) - float(rows[2]['gkd/teacher_entropy']) > 1.5
+    assert [int(r['global_step/max_steps'].split('/')[0]) for r in rows] == [
+        1, *range(cli.DEMO_LOGGING_STEPS, cli.DEMO_STEPS + 1, cli.DEMO_LOGGING_STEPS)]
+    assert float(rows[2]['gkd/entropy']) - float(rows[2]['gkd/teacher_entropy']) > 1.5  # step 20
