@@ -8,7 +8,7 @@ import json
 from types import SimpleNamespace
 
 import pytest
-from conftest import base_args, run_swift
+from conftest import _free_port, base_args, run_swift
 
 from swift_gkd_plugin.swift.setup.compile_cost import torch_compile_warnings, zero_stage
 
@@ -21,9 +21,9 @@ def test_sampling_of_a_compiled_deepspeed_student_runs_eager(tiny_ws, tmp_path):
     run_swift(base_args(tiny_ws, str(tmp_path / 'out'), external_plugins=PROBE, deepspeed='zero2', fp16='false',
                         use_cpu='true', torch_compile='true', torch_compile_backend='eager',
                         gradient_checkpointing='false', gkd_loss_impl='fused', lmbda=1, max_steps=2, seed=3),
-              env={'GKD_TEST_PROBE_LOG': str(log)}, nproc=2)
-    steps = [json.loads(line) for line in open(log)]
-    assert len(steps) == 4  # 2 steps x 2 ranks
+              env={'GKD_TEST_PROBE_LOG': str(log), 'NPROC_PER_NODE': '1', 'MASTER_PORT': str(_free_port())})
+    steps = [json.loads(line) for line in open(log)]  # (one rank: DeepSpeed compiles each rank's module alike)
+    assert len(steps) == 2  # 2 steps
     for step in steps:
         assert step['mode'] == 'on_policy'
         assert step['phases']['generate']['forwards'] > 1  # it did sample, token by token
