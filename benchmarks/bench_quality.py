@@ -136,14 +136,15 @@ def run_command(argv: List[str], env: Dict[str, str] = None) -> Tuple[int, str]:
 
 
 def run_method(method: str, ws: Dict[str, Any], cfg: Dict[str, Any], seed: int, out_root: str,
-               methods: Dict[str, tuple] = METHODS, run: Callable[[List[str]], Tuple[int, str]] = run_command
+               methods: Dict[str, tuple] = METHODS, run: Callable[[List[str]], Tuple[int, str]] = None
                ) -> List[str]:
-    """Run one method with one seed in ``out_root/<run_key>`` (``run``: how a command line runs; the tests start it
-    as they start every ``swift`` run); return its checkpoints in step order.  A failed run stops the benchmark."""
+    """Run one method with one seed in ``out_root/<run_key>`` (``run``: how a command line runs, :func:`run_command`
+    as this module holds it at the call when None; the tests start it as they start every ``swift`` run); return its
+    checkpoints in step order.  A failed run stops the benchmark."""
     output_dir = os.path.join(out_root, run_key(method, ws, cfg, seed, methods))
     shutil.rmtree(output_dir, ignore_errors=True)
     argv = method_command(method, ws, cfg, seed, output_dir, methods)
-    returncode, output = run(argv)
+    returncode, output = (run or run_command)(argv)
     if returncode != 0:
         raise SystemExit(f'{method} seed {seed} failed ({returncode}):\n{output[-4000:]}')
     if _is_gkd_run(argv) and 'GKD trainer active' not in output:
@@ -300,7 +301,7 @@ def closing_line(summary, ws, prefix: str = 'quality') -> str:
 
 
 def collect_curves(names: List[str], ws: Dict[str, Any], cfg: Dict[str, Any], workdir: str,
-                   methods: Dict[str, tuple] = METHODS, run: Callable[[List[str]], Tuple[int, str]] = run_command
+                   methods: Dict[str, tuple] = METHODS, run: Callable[[List[str]], Tuple[int, str]] = None
                    ) -> Dict[str, Dict[int, List[Dict[str, Any]]]]:
     """method -> seed -> curve of every method in ``names`` and seed of ``cfg``: run (or reuse) and score each
     (``run``: how a command line runs, :func:`run_method`'s)."""

@@ -13,7 +13,7 @@ import pytest
 from swift_gkd_plugin.testing import quality_task, tiny
 from swift_gkd_plugin.testing.capacity_task import PROMPT_PREFIX, CapacityTask
 
-from test_quality_bench import bench
+from test_quality_bench import _as_the_suite_runs, bench
 
 
 WRAP = CapacityTask(**bench.CAPACITY_TASK)  # the preset: one table, the last letter wrapping around
@@ -80,7 +80,10 @@ def test_held_out_prompts_are_new_sequences_whose_table_entries_all_occur_in_tra
 def test_capacity_preset_runs_end_to_end(tmp_path, monkeypatch, capsys):
     """``--preset capacity --quick`` on tiny sizes: the capacity workspace (table task, the preset's model sizes),
     the capacity learning rate on the methods' command lines, ``--sampling_temperature`` reaching the GKD runs only,
-    results under ``<workdir>/capacity``."""
+    results under ``<workdir>/capacity``. Its ``swift`` command lines start as the suite starts every run
+    (:func:`test_quality_bench._as_the_suite_runs`); the two-table test below keeps the bench's own
+    ``run_command``."""
+    monkeypatch.setattr(bench, 'run_command', _as_the_suite_runs)
     tiny_preset = dict(bench.CAPACITY_PRESETS['quick'], n_train=64, n_test=8, teacher_steps=2)
     monkeypatch.setitem(bench.CAPACITY_PRESETS, 'quick', tiny_preset)
     code = bench.main(['--preset', 'capacity', '--quick', '--workdir', str(tmp_path), '--steps', '2',
@@ -201,7 +204,8 @@ def test_two_table_split_is_disjoint_and_every_needed_entry_of_both_tables_is_ta
 
 def test_two_table_task_runs_end_to_end(tmp_path, monkeypatch):
     """``--capacity_task two_tables`` on tiny sizes: its own workspace (two-table rows) and results folder, the
-    ``mixed_tables`` metric in every evaluation, the preset's folders untouched."""
+    ``mixed_tables`` metric in every evaluation, the preset's folders untouched. Its run starts as the bench starts
+    one (``bench.run_command``: ``swift`` in a fresh process, offline)."""
     monkeypatch.setitem(bench.CAPACITY_PRESETS, 'quick', dict(bench.CAPACITY_PRESETS['quick'], n_train=64, n_test=8))
     monkeypatch.setitem(bench.CAPACITY_VARIANTS, 'two_tables', dict(bench.CAPACITY_VARIANTS['two_tables'],
                                                                     teacher_steps=2))

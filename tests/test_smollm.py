@@ -15,7 +15,7 @@ import torch
 
 from swift_gkd_plugin.testing import smollm
 
-from test_quality_bench import bench
+from test_quality_bench import _as_the_suite_runs, bench
 
 gguf = pytest.importorskip('gguf')
 
@@ -188,7 +188,9 @@ def test_prompt_split_holds_out_whole_functions():
 def test_smollm_preset_runs_end_to_end_and_reuses_its_cache(tiny_gguf, tmp_path, monkeypatch, capsys):
     """``--preset smollm --quick`` on the tiny GGUF (standing in for the wheel's): the workspace (converted teacher,
     the cut with the lowest NLL, held-out rows), two methods through real ``swift sft`` / ``swift rlhf`` with
-    ``--model_type llama --template chatml``, the metrics, and a second run that reuses every cached piece."""
+    ``--model_type llama --template chatml``, the metrics, and a second run that reuses every cached piece. The
+    ``swift`` command lines start as the suite starts every run (:func:`test_quality_bench._as_the_suite_runs`)."""
+    monkeypatch.setattr(bench, 'run_command', _as_the_suite_runs)
     calls = []
     monkeypatch.setattr(smollm, 'fetch_gguf', lambda cache, log=print: calls.append(cache) or tiny_gguf)
     monkeypatch.setattr(smollm, 'CUTS', ((1, 1), (2, 0), 'even'))
