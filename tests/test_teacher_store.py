@@ -347,7 +347,8 @@ def test_image_rows_of_the_same_text_are_stored_apart_and_read_back_as_the_live_
     store = TeacherStore(score.output_dir)
     assert len(store) == 8 and store.identity.processor  # (the processor's settings named in the manifest)
     # 8 rows, a generation batch of 16 (8 a step x ms-swift's default 2 steps): filled up, not dropped (refused before)
-    assert '8 rows / ' in score.output and '(8 rows repeated to fill the last batch)' in score.output
+    done = [line for line in score.output.splitlines() if 'swift-gkd score: done' in line]
+    assert len(done) == 1 and '8 rows / ' in done[0] and '(8 rows repeated to fill the last batch)' in done[0], done
     assert stored.returncode == 0 and live.returncode == 0, stored.output[-4000:]
     assert 'is not loaded' in stored.output and 'Teacher model: none loaded' in stored.output
     assert stored.logs[0]['gkd/teacher_store_rows'] == 1.0

@@ -249,6 +249,10 @@ class StoreWriter:
             return decode_row(self._payloads[at], self._tokens[at], identity.topk, identity.samples, self.dtype)
         return self.reader.get(key)
 
+    def __contains__(self, key: str) -> bool:
+        """Whether this folder holds the row or this writer buffered it."""
+        return bytes.fromhex(key) in self._pending or key in self.reader
+
     def add(self, key: str, scores: RowScores) -> None:
         """Buffer one row; a full buffer becomes a shard."""
         payload = encode_row(scores, self.identity.topk, self.identity.samples, self.dtype)

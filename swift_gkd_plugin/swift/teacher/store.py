@@ -133,6 +133,9 @@ class TeacherStoreMixin:
         batch's top-k slots)."""
         if self._store_writer is None:
             return
+        if row_key(*request, media) in self._store_writer:  # (a step that holds a row twice: a filled last batch)
+            self._score_progress['again'] += 1
+            return
         drawn = drawn or answer
         logprobs = answer.logprobs.detach().float().cpu()
         tail = answer.tail
