@@ -7,6 +7,7 @@ import glob
 import json
 import os
 import subprocess
+import sys
 import time
 from typing import Dict, List, Optional
 
@@ -85,6 +86,32 @@ def run_megatron(argv: List[str], *, nproc: int = 1, timeout: int = 600, check: 
         with open(path) as f:
             logs += [row for row in map(json.loads, f) if 'loss' in row or 'eval_loss' in row]
     return SwiftRun(proc.returncode, output, output_dir, logs)
+
+
+RANK_MAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'rank_main.py')
+
+
+def spawn_ranks(fn, args: tuple, nprocs: int, timeout: int = 600) -> None:
+    """``torch.multiprocessing.spawn(fn, args, nprocs)`` for a module-level ``fn`` of a test module of this folder and
+    JSON arguments: ``fn(rank, *args)`` in ``nprocs`` processes, here forked from the test worker's Megatron zygote as
+    the ranks of a torchrun run (``rank_main.py``): a spawned process imported torch, megatron-core and ms-swift
+    itself, ~15 s of CPU each. Spawned as before where no zygote can start them (CUDA present, or
+    ``GKD_TESTS_FRESH_PROCESSES=1``); raises with the ranks' output if one fails."""
+    import torch
+    env = _megatron_env(nproc=nprocs)
+    child = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nprocs), '--master_port',
+             env['MASTER_PORT'], RANK_MAIN, fn.__module__, fn.__name__, json.dumps(list(args))]
+    zygote = None if torch.cuda.is_available() else _zygote_for(child, env, 'megatron', _megatron_env(nprocs))[0]
+    if zygote is None:
+        torch.multiprocessing.spawn(fn, args=args, nprocs=nprocs, join=True)
+        return
+    import tempfile
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix='spawn_ranks_') as workdir:
+        rc, stdout, stderr = zygote.run(child[7], child[8:], env, timeout, workdir, nproc=nprocs,
+                                        port=env['MASTER_PORT'])
+    log_run(f'{nprocs} spawned rank(s), zygote fork', time.time() - started)
+    assert rc == 0, f'{fn.__module__}.{fn.__name__}: a rank failed ({rc}):\n{(stdout + stderr)[-8000:]}'
 
 
 def train_rows(run: SwiftRun) -> List[dict]:

@@ -18,9 +18,9 @@ import types
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from megatron_runs import MIXED, fixed_rows, megatron_args, run_megatron, shared_megatron_runs, train_rows
+from megatron_runs import (MIXED, fixed_rows, megatron_args, run_megatron, shared_megatron_runs, spawn_ranks,
+                          train_rows)
 from test_shard_loss import jsd64
 
 CP_TOKENS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'cp_tokens_plugin.py')
@@ -128,7 +128,7 @@ def _worker(rank, world, tp, cp, init_file, out_dir):
 @pytest.mark.parametrize('tp,cp', [(1, 2), (2, 2)], ids=['cp2', 'tp2_cp2'])
 def test_loss_and_gradient_under_context_parallel_equal_one_process(tmp_path, tp, cp):
     world = tp * cp
-    mp.spawn(_worker, args=(world, tp, cp, str(tmp_path / 'init'), str(tmp_path)), nprocs=world, join=True)
+    spawn_ranks(_worker, (world, tp, cp, str(tmp_path / 'init'), str(tmp_path)), world)
     results = [torch.load(tmp_path / f'rank{r}.pt') for r in range(world)]
     for rank, res in enumerate(results):
         for topk in (False, True):
@@ -178,7 +178,7 @@ def _sampling_worker(rank, world, init_file, out_dir):
 
 
 def test_sampling_last_logits_under_context_parallel(tmp_path):
-    mp.spawn(_sampling_worker, args=(2, str(tmp_path / 'init'), str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(_sampling_worker, (2, str(tmp_path / 'init'), str(tmp_path)), 2)
     for rank in range(2):
         assert torch.load(tmp_path / f'{rank}.pt') == {'rows': 0.0, 'packed': 0.0}, rank
 
@@ -272,7 +272,7 @@ def _view_worker(rank, world, init_file, out_dir):
 
 
 def test_a_teacher_view_of_its_own_is_refused_under_context_parallel(tmp_path):
-    mp.spawn(_view_worker, args=(2, str(tmp_path / 'init'), str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(_view_worker, (2, str(tmp_path / 'init'), str(tmp_path)), 2)
     found = [torch.load(tmp_path / f'{rank}.pt') for rank in range(2)]
     print(found)
     assert any('different numbers of response tokens' in str(f['unchecked']) for f in found)  # what it was

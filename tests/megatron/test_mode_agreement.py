@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from megatron_runs import spawn_ranks
 
 from swift_gkd_plugin.core import choose_mode
 from swift_gkd_plugin.core.modes import mode_log_path, step_mode
@@ -56,7 +56,7 @@ def _read(path):
 
 
 def test_every_rank_takes_and_logs_the_same_decisions(tmp_path):
-    mp.spawn(_worker, args=(WORLD, str(tmp_path / 'init'), str(tmp_path)), nprocs=WORLD, join=True)
+    spawn_ranks(_worker, (WORLD, str(tmp_path / 'init'), str(tmp_path)), WORLD)
     seen = set()
     for i, (seed, lmbda, seq_kd) in enumerate(CONFIGS):
         expected = [choose_mode(seed, step, lmbda, seq_kd).value for step in STEPS]

@@ -10,7 +10,7 @@ import weakref
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from megatron_runs import spawn_ranks
 
 from swift_gkd_plugin.core.row_divergence import Divergence
 from swift_gkd_plugin.core.tensor_parallel import vocab_parallel_topk_jsd
@@ -159,7 +159,7 @@ def _worker(rank, world, init_file, out_dir):
 @pytest.fixture(scope='module', params=[2, 4], ids=['tp2', 'tp4'])
 def ranks(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f'shard_loss_tp{request.param}')
-    mp.spawn(_worker, args=(request.param, str(root / 'init'), str(root)), nprocs=request.param, join=True)
+    spawn_ranks(_worker, (request.param, str(root / 'init'), str(root)), request.param)
     return [torch.load(root / f'rank{r}.pt') for r in range(request.param)]
 
 

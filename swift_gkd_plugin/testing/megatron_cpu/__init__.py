@@ -432,12 +432,19 @@ def _probes_without(site_folder: str) -> None:
         os.environ['TORCH_CUSTOM_PYTHONPATH'] = os.pathsep.join(p for p in sys.path if os.path.abspath(p) != folder)
 
 
+_INSTALLED = []  # this process (or the zygote it was forked from) installed it
+
+
 def install(site_folder: str = None) -> bool:
     """Put the workarounds in place for this process (and, through the environment, its children). Returns False,
     doing nothing, where CUDA is available. ``site_folder``: the folder of the ``sitecustomize`` that installs it, kept
-    off inductor's python subprocesses (:func:`_probes_without`)."""
+    off inductor's python subprocesses (:func:`_probes_without`). Once a process: a second install (a test's worker
+    forked from the Megatron zygote, whose ``sitecustomize`` installed it) changes nothing."""
     if torch.cuda.is_available():
         return False
+    if _INSTALLED:
+        return True
+    _INSTALLED.append(True)
     os.environ[ENV] = '1'
     if site_folder is not None:
         _probes_without(site_folder)
