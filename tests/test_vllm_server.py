@@ -12,6 +12,7 @@ A server starts once per test session and name (30-60 s here), whichever test wo
 run of that model in turn, from either worker (``server``)."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -21,8 +22,8 @@ import sys
 import time
 
 import pytest
-from conftest import (OFFLINE_ENV, RL_REWARD_PLUGIN, SHARED_SERVERS, _free_port, base_args, launcher_child_command,
-                      run_swift)
+from conftest import (OFFLINE_ENV, RL_REWARD_PLUGIN, SHARED_SERVERS, SwiftRun, _free_port, base_args,
+                      launcher_child_command, run_swift)
 from test_vllm import ON_POLICY, _ok, _probe, vllm_ws  # noqa: F401 (vllm_ws: the workspace fixture, heads of 32)
 
 HERE = os.path.dirname(__file__)
@@ -70,7 +71,10 @@ def server(ws, name: str, model: str, *flags: str, env=None, stop_after: bool = 
         log = os.path.join(ws.root, f'server_{name}_{os.getpid()}_{port}.log')
         import swift.cli.main  # noqa: F401 - the launcher's import sets VLLM_LOGGING_LEVEL: its child gets it too
         full_env = dict(os.environ, **OFFLINE_ENV)
-        full_env.update(PYTHONPATH=SITE, VLLM_CPU_KVCACHE_SPACE='1', OMP_NUM_THREADS='1')
+        # vLLM's engine in the server's worker process (its engine core and model executor are two more processes
+        # otherwise, each importing vLLM again: 85 -> 50 s of CPU to start); the same engine, sampling and sync
+        full_env.update(PYTHONPATH=SITE, VLLM_CPU_KVCACHE_SPACE='1', OMP_NUM_THREADS='1',
+                        VLLM_ENABLE_V1_MULTIPROCESSING='0')
         if importlib.util.find_spec('torchvision') is None:
             full_env['VLLM_PLUGINS'] = _vllm_plugins()
         full_env.update(env or {})
@@ -146,6 +150,11 @@ def assert_server_is_on_policy(run, syncs):
     assert rows[0]['server'] != rows[-1]['server'], 'the weights the server samples from never changed'
 
 
+def _read_run(path: str) -> SwiftRun:
+    with open(path) as f:
+        return SwiftRun(**json.load(f))
+
+
 def _rows_file(path: str, n: int, seed: int) -> str:
     """``n`` rows of the tiny task drawn with ``seed`` at ``path`` (written once)."""
     if not os.path.exists(path):
@@ -200,13 +209,26 @@ def runs(vllm_ws, shared_runs):
     val = _rows_file(os.path.join(ws.root, 'val.jsonl'), 4, seed=2)
     other = _rows_file(os.path.join(ws.root, 'train_other.jsonl'), 64, seed=1)  # new prompts, as many rows
 
-    def on_server(out, *server_flags, **flags):
+    def on_server(out, *server_flags, then=None, **flags):
         """A run against a shared server of the tied-embedding student (as most small students are); one started with
         ``--vllm_enable_lora true`` serves the adapter-only sync apart (a LoRA run there leaves its adapter loaded,
-        and ms-swift's server applies it to the next run's requests)."""
-        one_run = bool(server_flags)  # the --vllm_enable_lora server serves one run: stopped after it
+        and ms-swift's server applies it to the next run's requests). ``then(port)``: after the run, on that server."""
+        one_run = bool(server_flags)  # the --vllm_enable_lora server serves one run (and then): stopped after it
         with server(ws, 'student' + ''.join(server_flags), tied, *server_flags, stop_after=one_run) as served:
-            return server_run(ws, out, served['port'], **dict({'model': tied}, **flags))
+            run = server_run(ws, out, served['port'], **dict({'model': tied}, **flags))
+            if then is not None:
+                then(served['port'])
+            return run
+
+    def another_model(out):
+        """The teacher (other shapes; the student teaching it) trained against the ``--vllm_enable_lora`` server of the
+        tied student, after that server's own run and before it stops (a server start saved): kept beside ``out`` for
+        ``other_model``."""
+        def run(port):
+            failed = server_run(ws, out + '.other_model', port, model=ws.teacher, teacher_model=ws.student, max_steps=2)
+            with open(out + '.other_model.json', 'w') as f:
+                json.dump(dataclasses.asdict(failed), f)
+        return run
 
     runs = shared_runs('vllm_server', {
         'full': lambda out: on_server(out, max_steps=3),
@@ -219,7 +241,8 @@ def runs(vllm_ws, shared_runs):
         'lora_adapter': lambda out: on_server(out, '--vllm_enable_lora', 'true', tuner_type='lora', lora_dropout=0,
                                               vllm_enable_lora='true', async_generate='true', gkd_max_staleness=2,
                                               max_steps=4, save_strategy='steps', save_steps=1, val_dataset=val,
-                                              **EVAL),
+                                              then=another_model(out), **EVAL),
+        'other_model': lambda out: _read_run(runs['lora_adapter'].output_dir + '.other_model.json'),
         # (and the last synchronously: its first step samples the new rows with the checkpoint's weights)
         **{name: (lambda flags, cut: lambda out: on_server(
             out, tuner_type='lora', lora_dropout=0, max_steps=4, resume_from_checkpoint=_resume_from_a_copy(
@@ -515,12 +538,12 @@ def test_async_generate_beside_a_served_teacher(runs):
     assert len(store) == 2 * len(run.logs) and store.identity.topk == 8 and 'local' in store.identity.teacher
 
 
-def test_server_of_another_model_stops_the_run_at_the_first_sync(vllm_ws, tmp_path):
-    """A server that serves another model (the teacher: other shapes): its workers fail to load the student's
-    weights, and the run stops with one line naming the server and the failure (ms-swift's server answered 200)."""
-    with server(vllm_ws, 'teacher', vllm_ws.teacher, stop_after=True) as served:
-        port = served['port']
-        run = server_run(vllm_ws, str(tmp_path / 'out'), port, max_steps=2)
+def test_server_of_another_model_stops_the_run_at_the_first_sync(runs):
+    """A server that serves another model than the one trained (the tied student's, the run training the teacher:
+    other shapes): its workers fail to load the trained weights, and the run stops with one line naming the server
+    and the failure (ms-swift's server answered 200)."""
+    run = runs['other_model']
+    port = run.child_command[run.child_command.index('--vllm_server_port') + 1]
     last = error_line(run, 1)
     assert last.startswith('swift rlhf: error: the student\'s rollout server failed during step 1'), last
     assert f'127.0.0.1:{port}' in last and 'weight sync failed on the rollout server' in last, last
