@@ -44,16 +44,24 @@ def test_split_k_rule():
     assert chunk_triton2.split_k(768, 896, 151936, None) == 1  # no GPU
 
 
+_FIRST_DESIGN = {}  # (dtype, device): the first design's result on test_split_input_gradient_matches_float64's rows
+
+
 @pytest.mark.parametrize('parts', [1, 4])
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float32])
 def test_split_input_gradient_matches_float64(parts, dtype, device, monkeypatch):
     """The input gradient split over K into ``parts`` (batched, summed in float32) equals the float64 reference and
-    the first design; ragged chunks, the label term, masked rows."""
+    the first design; ragged chunks (6 active rows of 8, chunks of 5 and 1), the label term (one ignored label), masked
+    rows. The first design's result does not depend on ``parts``: run once per dtype."""
     monkeypatch.setattr(chunk_triton2, 'SPLIT_K', parts)
-    x = tf.make_inputs(seed=5, n=13, v=256, vt=256, dtype=dtype)
+    x = tf.make_inputs(seed=5, n=8, v=256, vt=256, dtype=dtype)
+    assert int(x['mask'].sum()) == 6 and ((x['labels'] == -100) & x['mask']).any()
     kw = dict(mask=x['mask'], labels=x['labels'], temperature=0.9, sft_alpha=0.3, chunk_size=5)
     got = tf.run(x, divergence=Divergence('jsd', beta=0.5), backend='triton2', device=device, **kw)
-    first = tf.run(x, divergence=Divergence('jsd', beta=0.5), backend='triton', device=device, **kw)
+    key = (dtype, device)
+    if key not in _FIRST_DESIGN:
+        _FIRST_DESIGN[key] = tf.run(x, divergence=Divergence('jsd', beta=0.5), backend='triton', device=device, **kw)
+    first = _FIRST_DESIGN[key]
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
     tf.assert_close(got, tf.ref_of(x, beta=0.5, **kw), tol=tol)
     for a, b in zip(got[1], first[1]):
