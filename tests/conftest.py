@@ -259,6 +259,21 @@ def launch(script: str, argv: List[str], env: Dict[str, str], timeout: int = 300
     return subprocess.CompletedProcess(child[1:], returncode, stdout, stderr), True
 
 
+SWIFT_GKD = os.path.join(os.path.dirname(sys.executable), 'swift-gkd')
+
+
+def run_swift_gkd(argv: List[str], env: Optional[Dict[str, str]] = None,
+                  timeout: int = 120) -> subprocess.CompletedProcess:
+    """``swift-gkd argv`` (e.g. a ``serve-teacher`` command line it refuses) through :func:`launch`, in ``env`` (default:
+    this process's with ``OFFLINE_ENV``): a fork of the ``'swift-gkd launcher'`` zygote. Not for a server that keeps
+    running (the zygote waits for each fork)."""
+    started = time.time()
+    proc, forked = launch(SWIFT_GKD, argv, env if env is not None else dict(os.environ, **OFFLINE_ENV), timeout)
+    log_run(f'swift-gkd {argv[0] if argv else ""}, {"zygote fork" if forked else "fresh"}', time.time() - started,
+            why_fresh=None if forked else _ZYGOTE.get('why fresh'))
+    return proc
+
+
 def run_megatron_launcher(argv: List[str], env: Dict[str, str], timeout: int = 300) -> subprocess.CompletedProcess:
     """``megatron argv`` through :func:`launch`, counted as a launcher-only run (tests of what it refuses)."""
     started = time.time()
@@ -303,7 +318,7 @@ def _zygote_for(child: List[str], env: Dict[str, str], family: str = 'swift',
                 or torchrun[2] != '--master_port' or not torchrun[1].isdigit() or child[7].startswith('-')):
             return None, 0
         nproc = int(torchrun[1])
-    elif family not in ('swift', 'swift launcher', 'megatron launcher'):
+    elif family not in ('swift', 'swift launcher', 'megatron launcher', 'swift-gkd launcher'):
         return None, 0
 
     def at_import(e):

@@ -6,7 +6,8 @@ import os
 import subprocess
 
 import pytest
-from conftest import _ZYGOTE, _free_port, _run_env, _zygote_for, base_args, launcher_child_command, run_swift
+from conftest import (OFFLINE_ENV, SWIFT_GKD, _ZYGOTE, _free_port, _run_env, _zygote_for, base_args,
+                      launcher_child_command, run_swift, run_swift_gkd)
 
 METRICS = ('loss', 'grad_norm', 'gkd/distill_loss', 'gkd/top1_agreement')
 
@@ -41,6 +42,18 @@ def test_a_refusal_is_the_same_line_and_exit_code(tiny_ws, tmp_path, monkeypatch
     errors = [[line for line in run.output.splitlines() if line.startswith('swift rlhf: error: ')]
               for run in (forked, fresh)]
     assert errors[0] == errors[1] and len(errors[0]) == 1, forked.output[-2000:]
+
+
+def test_a_swift_gkd_refusal_forked_is_the_fresh_processs(tiny_ws):
+    """``run_swift_gkd`` (the serve-teacher refusals) forks ``swift-gkd`` from the ``'swift-gkd launcher'`` zygote:
+    the same stdout, stderr and exit code as the console script started fresh."""
+    argv = ['serve-teacher', '--model', tiny_ws.teacher, '--port', '70000']
+    forked = run_swift_gkd(argv)
+    assert _ZYGOTE['swift-gkd launcher'].proc is not None  # it went through it
+    fresh = subprocess.run([SWIFT_GKD, *argv], env=dict(os.environ, **OFFLINE_ENV), capture_output=True, text=True,
+                           timeout=120)
+    assert (forked.returncode, forked.stdout, forked.stderr) == (fresh.returncode, fresh.stdout, fresh.stderr) and \
+        fresh.returncode == 2 and '--port must be in [0, 65535]' in fresh.stderr, (forked, fresh)
 
 
 def test_a_run_past_its_timeout_is_stopped(tiny_ws, tmp_path):

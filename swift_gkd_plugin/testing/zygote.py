@@ -44,13 +44,16 @@ MEGATRON_PRELOAD = ('swift.cli._megatron.main', 'swift.megatron.pipelines.train.
                     'torch._inductor.codecache:triton_key', 'matplotlib.pyplot',
                     'tensorboard.backend.event_processing.event_accumulator')
 # ms-swift's launchers themselves (their console scripts): its cli modules and the plugin's checks of the command
-# line, the ~1.7 s of a refused command line's ~2 s
+# line, the ~1.7 s of a refused command line's ~2 s; and the plugin's ``swift-gkd`` (its ``serve-teacher`` checks of
+# --model_type / --template import ms-swift's model and template tables, ~13 s of CPU a refusal, and torch)
 LAUNCHER_PRELOAD = {'swift launcher': ('swift.cli.main', 'swift_gkd_plugin.swift.setup.command_line'),
                     # (megatron: and what its checks import on first use, ms-swift's dataset package to read a local
                     # --dataset's rows where steps sample, transformers' config classes with it for the vocabulary
                     # sizes of local model folders: ~5-10 s of each launch that gets that far)
                     'megatron launcher': ('swift.cli._megatron.main', 'swift_gkd_plugin.megatron.setup.checks',
-                                          'swift_gkd_plugin.data.dataset_files')}
+                                          'swift_gkd_plugin.data.dataset_files'),
+                    'swift-gkd launcher': ('swift_gkd_plugin.entry.cli', 'swift_gkd_plugin.server.cli', 'torch',
+                                           'swift.model.model_meta', 'swift.template')}
 # what torchrun (torch 2.13, one node, static rendezvous) sets in every worker's environment, whatever the rank
 TORCHRUN_WORKER_CONSTANTS = {
     'TORCHELASTIC_RUN_ID': 'none', 'TORCHELASTIC_RESTART_COUNT': '0', 'TORCHELASTIC_MAX_RESTARTS': '0',

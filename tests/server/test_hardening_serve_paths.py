@@ -5,20 +5,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
-from conftest import OFFLINE_ENV
-
-SWIFT_GKD = os.path.join(os.path.dirname(sys.executable), 'swift-gkd')
+from conftest import run_swift_gkd
 
 
 def _serve_refusal(argv) -> str:
     """The one error line of ``swift-gkd serve-teacher argv``, which must exit 2 without a traceback or a load."""
-    proc = subprocess.run([SWIFT_GKD, 'serve-teacher', *argv, '--port', '0', '--device', 'cpu'],
-                          env=dict(os.environ, **OFFLINE_ENV), capture_output=True, text=True, timeout=120)
+    proc = run_swift_gkd(['serve-teacher', *argv, '--port', '0', '--device', 'cpu'])
     errors = [line for line in proc.stderr.splitlines() if line.startswith('swift-gkd serve-teacher: error: ')]
     assert proc.returncode == 2 and len(errors) == 1 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
     assert 'loaded in' not in proc.stderr and 'Loading weights' not in proc.stderr
