@@ -11,7 +11,7 @@ from dataclasses import fields
 from types import SimpleNamespace
 
 import pytest
-from conftest import OFFLINE_ENV, RL_REWARD_PLUGIN, base_args, run_swift
+from conftest import RL_REWARD_PLUGIN, _run_env, _zygote_for, base_args, run_swift
 
 import swift_gkd_plugin
 from swift_gkd_plugin.options.flags import RL_FLAGS as RL_FLAG_NAMES
@@ -96,12 +96,18 @@ def test_arguments_built_in_python_get_the_command_lines_num_generations(tiny_ws
     """``rlhf_main(RLHFArguments(...))`` gets GKD's default of the command line (1 completion per prompt), not
     GRPO's 8 (with 2 prompts per step ms-swift refused the run), and the plugin's checks and trainer."""
     argv = base_args(tiny_ws, str(tmp_path / 'out'), lmbda=1, max_steps=1)
-    env = dict(os.environ, **OFFLINE_ENV)
-    env.pop('SWIFT_GKD_PLUGIN', None)
-    proc = subprocess.run([sys.executable, '-c', PYTHON_API_RUN, *argv], env=env, capture_output=True, text=True,
-                          timeout=300)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-3000:]
+    script = tmp_path / 'python_api_run.py'
+    script.write_text(PYTHON_API_RUN)
+    env = _run_env()  # a fork of the swift zygote where it can (as run_swift's runs; tests/test_zygote.py), else fresh
+    zygote, _ = _zygote_for([sys.executable, str(script), *argv], env)
+    if zygote is not None:
+        returncode, stdout, stderr = zygote.run(str(script), argv, env, 300, str(tmp_path))
+    else:
+        proc = subprocess.run([sys.executable, str(script), *argv], env=env, capture_output=True, text=True,
+                              timeout=300)
+        returncode, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
+    output = stdout + stderr
+    assert returncode == 0, output[-3000:]
     assert 'num_generations 1' in output
     assert f'swift_gkd_plugin {swift_gkd_plugin.__version__}: GKD trainer active' in output
     with open(tmp_path / 'out' / 'gkd_modes' / 'rank0.jsonl') as f:

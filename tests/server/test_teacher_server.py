@@ -24,7 +24,8 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import OFFLINE_ENV, RL_REWARD_PLUGIN, SWIFT, base_args, run_swift
+from conftest import (OFFLINE_ENV, RL_REWARD_PLUGIN, base_args, launcher_child_command, run_swift,
+                      run_swift_gkd)
 
 from swift_gkd_plugin.server import TeacherClient, TeacherServerError
 from swift_gkd_plugin.testing import tiny
@@ -593,10 +594,12 @@ def test_client_reports_a_killed_server_and_recovers_after_restart(tiny_ws, tmp_
 
 
 @pytest.mark.timeout(900)
-def test_a_server_that_dies_mid_run_stops_it_naming_the_checkpoint_to_resume(tiny_ws, tmp_path):
+def test_a_server_that_dies_mid_run_stops_it_naming_the_checkpoint_to_resume(tiny_ws, servers, tmp_path):
     """The teacher server killed during training: once the client's retries are spent (--teacher_server_wait 0,
     --teacher_server_retries 1) the run stops with one error line naming the server, the step and the last checkpoint
-    (no traceback), the checkpoint is kept whole, and with the server back a run resumed from it finishes."""
+    (no traceback), the checkpoint is kept whole, and with a server of that teacher answering (the module's main one:
+    a restart on the same port is test_client_reports_a_killed_server_and_recovers_after_restart's) a run resumed
+    from it finishes its next step."""
     import glob
     server = Server(tiny_ws, str(tmp_path / 'a.log')).wait()
     out = tmp_path / 'out'
@@ -627,14 +630,10 @@ def test_a_server_that_dies_mid_run_stops_it_naming_the_checkpoint_to_resume(tin
     step, checkpoint, saved = int(match.group(1)), match.group(3), int(match.group(4))
     assert saved == step - 1 and os.path.isfile(os.path.join(checkpoint, 'trainer_state.json')), errors[0]
 
-    restarted = Server(tiny_ws, str(tmp_path / 'b.log'), port=server.port).wait()
-    try:
-        resumed = run_swift(base_args(tiny_ws, str(tmp_path / 'resumed'), max_steps=saved + 2,
-                                      resume_from_checkpoint=checkpoint, **common))
-    finally:
-        restarted.stop()
-    assert [r['global_step/max_steps'] for r in resumed.logs] == [f'{saved + 1}/{saved + 2}',
-                                                                 f'{saved + 2}/{saved + 2}'], resumed.logs
+    common['teacher_model_server'] = servers['main'].url
+    resumed = run_swift(base_args(tiny_ws, str(tmp_path / 'resumed'), max_steps=saved + 1,
+                                  resume_from_checkpoint=checkpoint, **common))
+    assert [r['global_step/max_steps'] for r in resumed.logs] == [f'{saved + 1}/{saved + 1}'], resumed.logs
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -921,7 +920,7 @@ def test_swift_rlhf_waits_for_a_teacher_server_that_is_still_loading(tiny_ws, tm
     env.pop('SWIFT_GKD_PLUGIN', None)
     log_path = tmp_path / 'train.log'
     with open(log_path, 'wb') as log:
-        trainer = subprocess.Popen([SWIFT, 'rlhf', *argv],
+        trainer = subprocess.Popen(launcher_child_command('rlhf', argv, env),  # what `swift rlhf` starts
                                    stdout=log, stderr=subprocess.STDOUT, env=env)
     server = None
     try:
@@ -1438,9 +1437,7 @@ def test_device_map_loads_and_scores(tiny_ws, reference):
     res = teacher.score([ScoreSpec(ids, torch.arange(3, 20), topk=8)])[0]
     ref_ids, ref_lp, _ = reference(ids, list(range(3, 20)), 8)
     assert torch.equal(res.ids, ref_ids) and torch.allclose(res.logprobs, ref_lp, atol=1e-5, rtol=0)
-    env = dict(os.environ, **OFFLINE_ENV)
-    proc = subprocess.run([SWIFT_GKD, 'serve-teacher', '--model', tiny_ws.teacher, '--device_map', 'everywhere'],
-                          env=env, capture_output=True, text=True, timeout=60)
+    proc = run_swift_gkd(['serve-teacher', '--model', tiny_ws.teacher, '--device_map', 'everywhere'])
     assert proc.returncode == 2
     assert "--device_map 'everywhere' is not one of auto, balanced, balanced_low_0, sequential" in proc.stderr
 
@@ -1480,9 +1477,7 @@ SERVE_BAD_FLAGS = [
 def test_serve_teacher_refuses_bad_flags_before_loading(tiny_ws, flags, message):
     """Every flag is checked before the model loads (they used to fail after the load with a traceback, or start a
     server that answered 413 to everything, or silently take the last of --top_k / --topk): one error line, exit 2."""
-    env = dict(os.environ, **OFFLINE_ENV)
-    proc = subprocess.run([SWIFT_GKD, 'serve-teacher', '--model', tiny_ws.teacher, *flags], env=env,
-                          capture_output=True, text=True, timeout=60)
+    proc = run_swift_gkd(['serve-teacher', '--model', tiny_ws.teacher, *flags])
     errors = [line for line in proc.stderr.splitlines() if line.startswith('swift-gkd serve-teacher: error: ')]
     assert proc.returncode == 2 and len(errors) == 1 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
     assert message in errors[0]
@@ -1496,8 +1491,7 @@ def test_serve_teacher_refuses_a_port_in_use_before_loading(tiny_ws):
         taken.bind(('127.0.0.1', 0))
         taken.listen()
         port = taken.getsockname()[1]
-        proc = subprocess.run([SWIFT_GKD, 'serve-teacher', '--model', tiny_ws.teacher, '--port', str(port)],
-                              env=dict(os.environ, **OFFLINE_ENV), capture_output=True, text=True, timeout=60)
+        proc = run_swift_gkd(['serve-teacher', '--model', tiny_ws.teacher, '--port', str(port)])
     errors = [line for line in proc.stderr.splitlines() if line.startswith('swift-gkd serve-teacher: error: ')]
     assert proc.returncode == 2 and len(errors) == 1 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
     assert f'--port {port}: cannot listen on 127.0.0.1:{port}' in errors[0] and 'loaded in' not in proc.stderr
