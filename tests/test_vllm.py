@@ -118,10 +118,11 @@ def runs(vllm_ws, shared_runs):
                                                     max_completion_length=32, **ON_POLICY),
         'saved': lambda out: _vllm_run(ws, out, save_strategy='steps', save_steps=2, **dict(ON_POLICY, max_steps=4),
                                        env={'GKD_TEST_VLLM_SEED_LOG': out + '.seeds.jsonl'}),
-        'tied': lambda out: _vllm_run(ws, out, model=os.path.join(ws.root, 'student_tied'), **ON_POLICY),
+        # (with the model and the optimizer offloaded while vLLM samples: one run for both tests)
+        'tied': lambda out: _vllm_run(ws, out, model=os.path.join(ws.root, 'student_tied'), offload_model='true',
+                                      offload_optimizer='true', **ON_POLICY),
         'lora_adapter_sync': lambda out: _vllm_run(ws, out, tuner_type='lora', lora_dropout=0, vllm_enable_lora='true',
                                                    **ON_POLICY),
-        'offload_model': lambda out: _vllm_run(ws, out, offload_model='true', offload_optimizer='true', **ON_POLICY),
         'two_ranks': lambda out: _vllm_run(ws, out, use_cpu='true', **ON_POLICY, env={
             'NPROC_PER_NODE': '2', 'GKD_TEST_VLLM_SEED_LOG': out + '.seeds.jsonl'}),
         'tensor_parallel': lambda out: _without_stale_cpu_shm(lambda: _vllm_run(
@@ -251,8 +252,9 @@ def test_vllm_lora_shared_base_syncs_the_merged_student(runs):
 
 @pytest.mark.parametrize('name', ['tied', 'tied_lora'])
 def test_vllm_tied_embedding_student_syncs(runs, vllm_ws, name):
-    """A student whose embeddings are tied to its output head (full-parameter, and LoRA merged at each sync): vLLM
-    samples from the weights being trained after every sync, and the trained head is still the embedding."""
+    """A student whose embeddings are tied to its output head (full-parameter, offloaded while vLLM samples, and LoRA
+    merged at each sync): vLLM samples from the weights being trained after every sync, and the trained head is still
+    the embedding."""
     run = _ok(runs[name])
     _assert_vllm_is_on_policy(run, syncs=3)
     assert all(('merged_sent' in row) == (name == 'tied_lora') for row in _probe(run))
@@ -276,8 +278,11 @@ def test_vllm_enable_lora_syncs_the_adapter_only_and_leaves_it_unscaled(runs):
 def test_vllm_offload_model_and_optimizer_keep_the_sync(runs):
     """--offload_model/--offload_optimizer true (the model and optimizer leave the device while vLLM samples; on this
     CPU machine the moves are host to host, so this checks ms-swift's offload path and the sync around it, not the
-    memory saved): vLLM samples what the student would after every step."""
-    run = _ok(runs['offload_model'])
+    memory saved): vLLM samples what the student would after every step. (The tied-embedding student's run.)"""
+    run = _ok(runs['tied'])
+    with open(os.path.join(run.output_dir, 'args.json')) as f:
+        args = json.load(f)
+    assert args['offload_model'] is True and args['offload_optimizer'] is True
     _assert_vllm_is_on_policy(run, syncs=3)
     assert all(row['loss'] > 0 for row in run.logs)
 
