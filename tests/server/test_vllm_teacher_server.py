@@ -127,12 +127,11 @@ def test_swift_rlhf_sampled_token_term_against_a_vllm_server(vllm_ws, vllm_teach
 
 
 @pytest.fixture(scope='module')
-def plugin_teacher(vllm_ws, tmp_path_factory):  # noqa: F811
-    server = Server(vllm_ws, str(tmp_path_factory.mktemp('plugin_teacher') / 'server.log'))
-    try:
-        yield server.wait()
-    finally:
-        server.stop()
+def plugin_teacher(vllm_ws):  # noqa: F811
+    """The URL of this plugin's server of the teacher (top-k 8): the session's, shared with tests/test_vllm_server.py
+    (``teacher_server``: one start for both files)."""
+    from test_vllm_server import teacher_server
+    return teacher_server(vllm_ws)
 
 
 def _domain_dataset(ws, path: str, domains) -> str:
@@ -152,7 +151,7 @@ def test_two_teachers_routed_by_a_column_train_in_one_run(vllm_ws, vllm_teacher,
     those shares give the whole batch's). The rows are cut at their ends (``--truncation_strategy right``, issue 74
     item 9): each server scores the trainer's cut rows."""
     data = _domain_dataset(vllm_ws, str(tmp_path / 'domains.jsonl'), ['chat', 'code'])
-    teachers = json.dumps([{'url': plugin_teacher.url, 'tags': ['chat']}, {'url': vllm_teacher.url, 'tags': ['code']}])
+    teachers = json.dumps([{'url': plugin_teacher, 'tags': ['chat']}, {'url': vllm_teacher.url, 'tags': ['code']}])
     common = dict(dataset=data, lmbda=0.5, gkd_sampled_kl_coef=1, max_steps=3, seed=1, temperature=1.0,
                   gkd_logits_topk=8, learning_rate=0, per_device_train_batch_size=4, truncation_strategy='right',
                   max_length=16)
@@ -160,7 +159,7 @@ def test_two_teachers_routed_by_a_column_train_in_one_run(vllm_ws, vllm_teacher,
     routed = run_swift(base_args(vllm_ws, str(tmp_path / 'routed'), teacher_model_server=teachers,
                                  teacher_tag_key='domain', **TEACHER, **common))
     assert vllm_teacher.completions() >= before + 2, vllm_teacher.log()[-3000:]  # the probe, then its rows
-    alone = run_swift(base_args(vllm_ws, str(tmp_path / 'alone'), teacher_model_server=plugin_teacher.url, **TEACHER,
+    alone = run_swift(base_args(vllm_ws, str(tmp_path / 'alone'), teacher_model_server=plugin_teacher, **TEACHER,
                                 **common))
     assert 'scored through POST /v1/topk' in routed.output
     assert routed.logs[-1]['gkd/cut_rows'] > 0, routed.logs
