@@ -37,7 +37,7 @@ def _trainer(answer_rows, answer_k=K):
                               accelerator=SimpleNamespace(is_main_process=True))
     for name in ('_resolve_answers_ahead', '_teacher_answers'):  # the trainer's own (no --async_generate: asked now)
         setattr(trainer, name, MethodType(getattr(ahead.TeacherAheadMixin, name), trainer))
-    for name in ('_row_media', '_stored_answers', '_keep_answer'):
+    for name in ('_row_keys', '_stored_answers', '_keep_answer'):
         setattr(trainer, name, MethodType(getattr(store.TeacherStoreMixin, name), trainer))
     return trainer, score_at
 

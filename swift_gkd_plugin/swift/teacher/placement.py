@@ -257,11 +257,11 @@ class TeacherMixin:
         targets = self.args.gkd_sampled_kl_coef > 0  # the sampled-token term: each scored token's log-prob too
         names = teacher_names(self.teacher_configs)  # several teachers: per-teacher metrics from each token's log-prob
         mine = set(share(range(len(requests))))  # a sequence-parallel group asks once per row: each rank its share
-        media = self._row_media(samples)  # a multimodal row's key holds its media too (teacher/store.py)
-        results = self._stored_answers(requests, media)  # --teacher_scores: the rows the store holds
+        keys = self._row_keys(requests, samples)  # a multimodal row's key holds its media too (teacher/store.py)
+        results = self._stored_answers(requests, keys)  # --teacher_scores: the rows the store holds
         fresh = [i for i in sorted(mine) if results[i] is None]  # scored by a teacher now: kept by a store writer
         if fresh and not self.teacher_configs:
-            self._refuse_missing(requests, media, fresh,
+            self._refuse_missing(requests, keys, fresh,
                                  lambda i: f'row {places[i][1]} of micro-batch {places[i][0]}')
         ask_targets = targets or bool(names) or self._store_writer is not None  # (a store keeps them too)
         for t_idx, indices in routing.items():
@@ -309,7 +309,7 @@ class TeacherMixin:
             result = fit_answer(result, len(positions), k, f'row {row} of micro-batch {b} (request {i} of this step, '
                                 f'teacher {f"server {client.url}" if client is not None else "local"})')
             if i in fresh_set:
-                self._keep_answer(requests[i], media[i], result, drawn)
+                self._keep_answer(requests[i], keys[i], result, drawn)
             if self._train_on_samples:
                 gkd_batch.teacher_samples[row, positions] = drawn.samples.to(device).long()
                 gkd_batch.teacher_entropy[row, positions] = drawn.entropy.to(device).float()

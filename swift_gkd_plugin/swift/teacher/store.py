@@ -81,23 +81,24 @@ class TeacherStoreMixin:
             samples=int(args.teacher_scores_samples),
             dtype=args.teacher_scores_dtype, temperature=float(args.temperature), vocab_size=int(vocab))
 
-    def _row_media(self, samples) -> List[str]:
-        """Each sample's :func:`media_digest` ('' for text rows), where a store is read or written; its rows' keys."""
+    def _row_keys(self, requests: List[Request], samples) -> List[Optional[str]]:
+        """Each row's store key (:func:`row_key` of its request and its sample's :func:`media_digest`), where a store
+        is read or written; else None each."""
         if self._store is None and self._store_writer is None:
-            return [''] * len(samples)
+            return [None] * len(requests)
         try:
-            return [media_digest(s.images, s.videos, s.audios) for s in samples]
+            media = [media_digest(s.images, s.videos, s.audios) for s in samples]
         except (TypeError, OSError) as exc:
             raise RunError(f'--teacher_scores / --save_teacher_scores: a row\'s media cannot be keyed: {exc}') from None
+        return [row_key(ids, positions, m) for (ids, positions), m in zip(requests, media, strict=True)]
 
-    def _stored_answers(self, requests: List[Request], media: List[str]) -> List[Optional[TopKResult]]:
+    def _stored_answers(self, requests: List[Request], keys: List[Optional[str]]) -> List[Optional[TopKResult]]:
         """The store's answer to each request (``--teacher_scores``, then what ``--save_teacher_scores`` holds: a
-        later epoch reuses an earlier one's), None where it has none. ``media``: each row's :meth:`_row_media`."""
+        later epoch reuses an earlier one's), None where it has none. ``keys``: the rows' :meth:`_row_keys`."""
         if self._store is None and self._store_writer is None:
             return [None] * len(requests)
         answers, again = [], 0
-        for (ids, positions), row_media in zip(requests, media, strict=True):
-            key = row_key(ids, positions, row_media)
+        for key in keys:
             try:
                 row = self._store.get(key) if self._store is not None else None
                 if row is None and self._store_writer is not None:  # scored earlier in this run or folder
@@ -117,23 +118,23 @@ class TeacherStoreMixin:
             self._score_progress['found'] += found
         return answers
 
-    def _refuse_missing(self, requests: List[Request], media: List[str], missing: List[int], where) -> None:
+    def _refuse_missing(self, requests: List[Request], keys: List[str], missing: List[int], where) -> None:
         """Rows neither the store nor a teacher can answer: one error naming the first."""
         i = missing[0]
         raise RunError(f'{where(i)} is not in --teacher_scores {self.args.teacher_scores} ({len(missing)} of this '
-                       f'step\'s {len(requests)} rows are not; key {row_key(*requests[i], media[i])}, {len(requests[i][0])} '
+                       f'step\'s {len(requests)} rows are not; key {keys[i]}, {len(requests[i][0])} '
                        'tokens) and this run has no teacher to score it: pass --teacher_model (or '
                        '--teacher_model_server), or score the dataset into the store first (`swift-gkd score` with '
                        'the same --template, --max_length and --truncation_strategy)')
 
-    def _keep_answer(self, request: Request, media: str, answer: TopKResult,
+    def _keep_answer(self, request: Request, key: str, answer: TopKResult,
                      drawn: Optional[TopKResult] = None) -> None:
-        """Append one row the teacher scored now to ``--save_teacher_scores`` (``media``: its :meth:`_row_media`;
+        """Append one row the teacher scored now to ``--save_teacher_scores`` (``key``: its :meth:`_row_keys`;
         ``drawn``: the answer as the teacher gave it, with its samples, where ``answer`` is the one fitted to the
         batch's top-k slots)."""
         if self._store_writer is None:
             return
-        if row_key(*request, media) in self._store_writer:  # (a step that holds a row twice: a filled last batch)
+        if key in self._store_writer:  # (a step that holds a row twice: a filled last batch)
             self._score_progress['again'] += 1
             return
         drawn = drawn or answer
@@ -144,7 +145,7 @@ class TeacherStoreMixin:
                                         .vocab_size)
         token = answer.target_logprobs
         samples, entropy = drawn.samples, drawn.entropy
-        self._store_writer.add(row_key(*request, media), RowScores(
+        self._store_writer.add(key, RowScores(
             answer.ids.detach().long().cpu(), logprobs, tail.detach().float().cpu(),
             None if token is None else token.detach().float().cpu(),
             None if samples is None else samples.detach().long().cpu(),
