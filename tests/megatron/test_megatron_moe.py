@@ -3,12 +3,13 @@ active, every layer sparse) and a wider MoE teacher, built by megatron-core as `
 ``--moe_grouped_gemm true``) over the harness's stand-ins of TE's grouped linears
 (:mod:`swift_gkd_plugin.testing.megatron_cpu.moe`), loaded and exported by mcore-bridge.
 
-Nine runs, each started once per test session (``shared_megatron_runs``), on 2 ranks: expert parallelism 1 (data
-parallel 2) and 2 with the same flags (an off-policy step, then two on-policy steps on the same 4 rows, lr 1e-3), EP 2
-resumed from its step-2 checkpoint, the same pair with a seq_kd step (the MoE teacher samples), TP 2 with each expert
-split over TP (expert TP 2) and with whole experts over EP 2 (the teacher offloaded), and LoRA on all linears at EP 2
-with the student's base as teacher; on 4 ranks PP 2 x CP 2 x EP 2. The pair ends its turn early at varied lengths (:func:`plant_stop`). One run of its
-own (one rank): the copy guard on a LoRA MoE student."""
+Seven runs, each started once per test session (``shared_megatron_runs``), on 2 ranks: expert parallelism 1 (data
+parallel 2) and 2 with the same flags (on the same 4 rows at lr 1e-3, an on-policy step, a seq_kd step (the MoE
+teacher samples), another on-policy step), EP 2 resumed from its step-2 checkpoint, TP 2 with each expert split over
+TP (expert TP 2) and with whole experts over EP 2 (the teacher offloaded), both an off-policy step then two on-policy
+ones, and LoRA on all linears at EP 2 with the student's base as teacher; on 4 ranks PP 2 x CP 2 x EP 2. The pair ends
+its turn early at varied lengths (:func:`plant_stop`). One run of its own (one rank): the copy guard on a LoRA MoE
+student."""
 import dataclasses
 import json
 import math
@@ -27,11 +28,11 @@ from swift_gkd_plugin.core import choose_mode
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason='the CPU harness does nothing where CUDA is '
                                 'present: tests/gpu/run_megatron_gkd.sh runs Megatron-SWIFT MoE there')
 
-SEED = 43  # lmbda 0.5 without seq_kd: off_policy, on_policy, on_policy
+SEED = 43  # lmbda 0.5 without seq_kd: off_policy, on_policy, on_policy (the TP and PP x CP runs)
 MODES = ['off_policy', 'on_policy', 'on_policy']
 assert [choose_mode(SEED, s, 0.5, False).value for s in range(3)] == MODES
 STOP_LOGIT = 4.0
-SEQ_KD_SEED = 41  # lmbda 0.5 with seq_kd: on_policy, seq_kd, on_policy
+SEQ_KD_SEED = 41  # lmbda 0.5 with seq_kd: on_policy, seq_kd, on_policy (the EP pair)
 SEQ_KD_MODES = ['on_policy', 'seq_kd', 'on_policy']
 assert [choose_mode(SEQ_KD_SEED, s, 0.5, True).value for s in range(3)] == SEQ_KD_MODES
 
@@ -95,6 +96,11 @@ def _moe_flags(ws, **overrides):
     return flags
 
 
+def _ep(ws, **overrides):
+    """The EP pair's flags: seq_kd, the student sampling at steps 1 and 3 and the teacher at step 2."""
+    return _moe_flags(ws, seq_kd='true', seed=SEQ_KD_SEED, **overrides)
+
+
 def _resume(ws, runs, out):
     """``moe_ep2`` resumed from its step-2 checkpoint (megatron-core's distributed checkpoint, the experts sharded
     over the 2 EP ranks) for its last step. Without the optimizer state, as the dense resume test: loading it,
@@ -102,24 +108,26 @@ def _resume(ws, runs, out):
     is installed (``distrib_optimizer.py`` ~642), which is this CPU harness's case, not a GPU user's."""
     shutil.copytree(runs['moe_ep2'].output_dir, out)
     shutil.rmtree(os.path.join(out, 'checkpoint-3'))  # as if stopped after saving step 2: its logs end there too
-    for name, keep in (('logging.jsonl', 2), ('completions.jsonl', 1), ('gkd_modes/rank0.jsonl', 2),
+    for name, keep in (('logging.jsonl', 2), ('completions.jsonl', 2), ('gkd_modes/rank0.jsonl', 2),
                        ('gkd_modes/rank1.jsonl', 2)):
         with open(os.path.join(out, name)) as f:
             lines = f.readlines()[:keep]
         with open(os.path.join(out, name), 'w') as f:
             f.writelines(lines)
-    return run_megatron(megatron_args(ws, out, **_moe_flags(ws, expert_model_parallel_size=2, finetune='false',
-                                                            no_load_optim='true', mcore_model=os.path.join(out, 'checkpoint-2'))), nproc=2)
+    return run_megatron(megatron_args(ws, out, **_ep(ws, expert_model_parallel_size=2, finetune='false',
+                                                     no_load_optim='true',
+                                                     mcore_model=os.path.join(out, 'checkpoint-2'))), nproc=2)
 
 
 @pytest.fixture(scope='module')
 def runs(tiny_ws, moe_ws, shared_runs):
     ws = moe_ws
     shared = shared_megatron_runs(tiny_ws, shared_runs, {
-        'moe_ep1': lambda out: run_megatron(megatron_args(ws, out, **_moe_flags(ws, expert_model_parallel_size=1)),
-                                            nproc=2),
-        'moe_ep2': lambda out: run_megatron(megatron_args(ws, out, **_moe_flags(ws, expert_model_parallel_size=2,
-                                                                                save_steps=2)), nproc=2),
+        # seq_kd: at step 2 the MoE teacher samples from its Megatron model (the experts' all-to-all at every
+        # decoded token), the student at steps 1 and 3
+        'moe_ep1': lambda out: run_megatron(megatron_args(ws, out, **_ep(ws, expert_model_parallel_size=1)), nproc=2),
+        'moe_ep2': lambda out: run_megatron(megatron_args(ws, out, **_ep(ws, expert_model_parallel_size=2,
+                                                                         save_steps=2)), nproc=2),
         'moe_ep2_resumed': lambda out: _resume(ws, shared, out),  # (bound below, called later)
         # tensor parallel: each expert split over the 2 TP ranks (expert TP 2), or whole and split over EP 2 (expert
         # TP 1, ms-swift's default)
@@ -133,11 +141,6 @@ def runs(tiny_ws, moe_ws, shared_runs):
         # TP runs
         'moe_pp2_cp2_ep2': lambda out: run_megatron(megatron_args(ws, out, **_moe_flags(
             ws, pipeline_model_parallel_size=2, context_parallel_size=2, expert_model_parallel_size=2)), nproc=4),
-        # seq_kd: the MoE teacher samples from its Megatron model (the experts' all-to-all at every decoded token)
-        'moe_ep1_seq_kd': lambda out: run_megatron(megatron_args(ws, out, **_moe_flags(
-            ws, expert_model_parallel_size=1, seq_kd='true', seed=SEQ_KD_SEED)), nproc=2),
-        'moe_ep2_seq_kd': lambda out: run_megatron(megatron_args(ws, out, **_moe_flags(
-            ws, expert_model_parallel_size=2, seq_kd='true', seed=SEQ_KD_SEED)), nproc=2),
         # the student's base (adapter disabled) is the teacher; it sees the answer in its prompt
         'moe_lora_ep2': lambda out: run_megatron(megatron_args(
             ws, out, **_moe_flags(ws, expert_model_parallel_size=2, teacher_model=ws.student, tuner_type='lora',
@@ -168,23 +171,24 @@ def _grouped_experts(run, local_experts):
 
 
 def test_moe_off_policy_loss_equals_swift_rlhf_on_the_same_rows(runs, moe_ws, tmp_path):
-    """EP 1: the first step (off-policy, logged before its update) on the 4 fixed rows, spread over 2 data-parallel
-    ranks, has ``swift rlhf``'s loss on the same rows in one batch (transformers' ``Qwen3MoeForCausalLM``, the same
-    separate MoE teacher, ``--lmbda 0``)."""
-    run = runs['moe_ep1']
-    _assert_trained(run, MODES)
-    _grouped_experts(run, local_experts=4)
+    """TP 2, each expert split over the 2 TP ranks or whole over EP 2: the first step (off-policy, logged before its
+    update) on the 4 fixed rows, 2 micro-batches of 2, has ``swift rlhf``'s loss and gradient norm on the same rows in
+    one batch (transformers' ``Qwen3MoeForCausalLM``, the same separate MoE teacher, ``--lmbda 0``)."""
     swift = run_swift(base_args(moe_ws, str(tmp_path / 'swift'), model_type='qwen3_moe',
                                 teacher_model_type='qwen3_moe', dataset=moe_ws.fixed, lmbda=0, max_steps=1,
                                 per_device_train_batch_size=4, learning_rate=0, seed=42))
-    assert train_rows(run)[0]['loss'] == pytest.approx(swift.losses[0], rel=1e-4)
+    for name in ('moe_tp2', 'moe_tp2_ep2_offload'):
+        first = _assert_trained(runs[name], MODES)[0]
+        assert first['loss'] == pytest.approx(swift.losses[0], rel=1e-4), (name, first, swift.logs[0])
+        assert first['grad_norm'] == pytest.approx(swift.logs[0]['grad_norm'], rel=1e-4), (name, first, swift.logs[0])
 
 
 def test_expert_parallel_loss_and_gradient_equal_one(runs):
     """EP 2 (2 local experts a rank, tokens exchanged all-to-all) against EP 1 (all 4 on each rank), both on 2 ranks:
-    the same loss and gradient norm at each of the 3 steps (an off-policy one, then two on-policy ones after updates
-    at lr 1e-3). Measured: losses equal to the 8 logged digits, gradient norms within 1e-6 relative."""
-    ones, twos = _assert_trained(runs['moe_ep1'], MODES), _assert_trained(runs['moe_ep2'], MODES)
+    the same loss and gradient norm at each of the 3 steps (on-policy, seq_kd, on-policy, after updates at lr 1e-3).
+    Measured: losses equal to the 8 logged digits, gradient norms within 1e-6 relative."""
+    ones, twos = _assert_trained(runs['moe_ep1'], SEQ_KD_MODES), _assert_trained(runs['moe_ep2'], SEQ_KD_MODES)
+    _grouped_experts(runs['moe_ep1'], local_experts=4)
     _grouped_experts(runs['moe_ep2'], local_experts=2)
     for step, (one, two) in enumerate(zip(ones, twos), 1):
         assert two['loss'] == pytest.approx(one['loss'], rel=1e-5), (step, one, two)
@@ -197,7 +201,8 @@ def _completions(run):
 
 
 def _stop_apart(one_rows, two_rows):
-    """The sampling steps of EP 1 and EP 2 logged the same completion lengths; rows stopped at different lengths,
+    """The sampling steps of EP 1 and EP 2 (all 3: the student's, the teacher's, the student's) logged the same
+    completion lengths; rows stopped at different lengths,
     some before the cap (the tiny MoE's planted end of turn), so that under EP 2 a rank whose rows had all stopped
     kept running forwards for the other's all-to-alls: ``gkd/idle_decode_ratio`` > 0 on some step, logged only
     there."""
@@ -211,13 +216,14 @@ def _stop_apart(one_rows, two_rows):
     assert all(0 <= x < 1 for x in ratios) and any(x > 0 for x in ratios), ratios
 
 
-def test_expert_parallel_on_policy_samples_equal_one(runs):
-    """The student's on-policy samples (steps 2 and 3, no vLLM: megatron-core's forward, the experts' all-to-all at
-    every decoded token under EP 2) are EP 1's, token for token, with rows that stop at different lengths."""
+def test_expert_parallel_samples_equal_one(runs):
+    """The student's on-policy samples (steps 1 and 3) and the MoE teacher's seq_kd samples (step 2, from its own
+    Megatron model, its experts split over the 2 ranks), no vLLM: megatron-core's forward, the experts' all-to-all at
+    every decoded token under EP 2, are EP 1's, token for token, with rows that stop at different lengths."""
     ones, twos = _completions(runs['moe_ep1']), _completions(runs['moe_ep2'])
-    assert [c['gen_step'] for c in ones] == [[1, 1], [2, 2]], ones
+    assert [c['gen_step'] for c in ones] == [[0, 0], [1, 1], [2, 2]], ones  # the teacher's samples included
     assert twos == ones
-    _stop_apart(train_rows(runs['moe_ep1'])[1:], train_rows(runs['moe_ep2'])[1:])
+    _stop_apart(train_rows(runs['moe_ep1']), train_rows(runs['moe_ep2']))
 
 
 def test_lora_on_all_linears_reaches_every_expert_under_expert_parallelism(runs):
@@ -278,24 +284,10 @@ def test_the_exported_checkpoints_load_in_transformers_and_expert_parallelism_ex
     assert out.shape[1] == ids.shape[1] + 4
 
 
-def test_expert_parallel_seq_kd_equals_one(runs):
-    """seq_kd at EP 2: the MoE teacher samples the step's responses from its own Megatron model (its experts split
-    over the 2 ranks); the completions, losses and gradient norms are EP 1's."""
-    ones = _assert_trained(runs['moe_ep1_seq_kd'], SEQ_KD_MODES)
-    twos = _assert_trained(runs['moe_ep2_seq_kd'], SEQ_KD_MODES)
-    sampled = _completions(runs['moe_ep1_seq_kd'])
-    assert [c['gen_step'] for c in sampled] == [[0, 0], [1, 1], [2, 2]], sampled  # the teacher's samples included
-    assert _completions(runs['moe_ep2_seq_kd']) == sampled
-    _stop_apart(ones, twos)  # the student samples at steps 1 and 3, the teacher at step 2
-    for step, (one, two) in enumerate(zip(ones, twos), 1):
-        assert two['loss'] == pytest.approx(one['loss'], rel=1e-5), (step, one, two)
-        assert two['grad_norm'] == pytest.approx(one['grad_norm'], rel=1e-5), (step, one, two)
-
-
 def test_a_run_resumed_from_an_expert_parallel_checkpoint_continues_it_exactly(runs):
     """``moe_ep2`` resumed at EP 2 from its step-2 checkpoint (``--mcore_model``, ``--finetune false``: the weights
     with their expert shards, the iteration) trains step 3 as the uninterrupted run did: the same mode (on-policy,
-    appended to the mode log), the same completions, and the same loss and gradient norm (both taken before the
+    appended to the mode log after on-policy and seq_kd), the same completions, and the same loss and gradient norm (both taken before the
     step's update, so they depend on the restored weights alone: an expert shard restored on the wrong rank or not at
     all changes them)."""
     whole, resumed = runs['moe_ep2'], runs['moe_ep2_resumed']
@@ -303,7 +295,7 @@ def test_a_run_resumed_from_an_expert_parallel_checkpoint_continues_it_exactly(r
     rows = train_rows(resumed)
     assert [r['iteration'] for r in rows] == ['1/3', '2/3', '3/3'], rows  # the first two: the copied log
     for rank in (0, 1):
-        assert [r['mode'] for r in resumed.modes(rank)] == MODES
+        assert [r['mode'] for r in resumed.modes(rank)] == SEQ_KD_MODES
     assert rows[2]['loss'] == pytest.approx(train_rows(whole)[2]['loss'], rel=1e-6)
     assert rows[2]['grad_norm'] == pytest.approx(train_rows(whole)[2]['grad_norm'], rel=1e-6)
     assert _completions(resumed)[-1] == _completions(whole)[-1]
@@ -312,21 +304,17 @@ def test_a_run_resumed_from_an_expert_parallel_checkpoint_continues_it_exactly(r
 def test_tensor_parallel_moe_equals_one(runs):
     """TP 2 with sequence parallelism, each expert split over the 2 TP ranks (``--expert_tensor_parallel_size 2``:
     half of each expert's gate/up outputs and down inputs a rank), or whole and split over EP 2 (expert TP 1, ms-swift's
-    default) with the teacher offloaded (``--offload_teacher_model true``): the off-policy first step has EP 1's loss
-    and gradient norm (one data-parallel copy here, two there: the same 4 rows), and the two layouts, which sample
-    alike (one data-parallel rank each), agree over all 3 steps (measured: losses to the 8 logged digits, gradient
-    norms within 2e-6)."""
-    names = ('moe_ep1', 'moe_tp2', 'moe_tp2_ep2_offload')
-    ones, split, whole = (_assert_trained(runs[n], MODES) for n in names)
+    default) with the teacher offloaded (``--offload_teacher_model true``): the two layouts, which sample alike (one
+    data-parallel rank each), agree over all 3 steps, an off-policy one then two on-policy ones (measured: losses to
+    the 8 logged digits, gradient norms within 2e-6); their off-policy first step is ``swift rlhf``'s
+    (test_moe_off_policy_loss_equals_swift_rlhf_on_the_same_rows)."""
+    split, whole = (_assert_trained(runs[n], MODES) for n in ('moe_tp2', 'moe_tp2_ep2_offload'))
     assert 'TEColumnParallelGroupedLinear(num_gemms=4, in_features=64, out_features=128)' in runs['moe_tp2'].output
     assert 'TERowParallelGroupedLinear(num_gemms=4, in_features=64, out_features=64)' in runs['moe_tp2'].output
     _grouped_experts(runs['moe_tp2_ep2_offload'], local_experts=2)
     with open(os.path.join(runs['moe_tp2_ep2_offload'].output_dir, 'args.json')) as f:
         args = json.load(f)
     assert args['offload_teacher_model'] is True and args['expert_model_parallel_size'] == 2
-    for rows in (split, whole):
-        assert rows[0]['loss'] == pytest.approx(ones[0]['loss'], rel=1e-5), (ones[0], rows[0])
-        assert rows[0]['grad_norm'] == pytest.approx(ones[0]['grad_norm'], rel=1e-5), (ones[0], rows[0])
     assert _completions(runs['moe_tp2']) == _completions(runs['moe_tp2_ep2_offload'])
     for step, (a, b) in enumerate(zip(split, whole), 1):
         assert b['loss'] == pytest.approx(a['loss'], rel=1e-5) and b['grad_norm'] == pytest.approx(
