@@ -10,14 +10,12 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import OFFLINE_ENV, base_args, run_swift
-from megatron_runs import (ACTIVE, CPU_SITE, MIXED, MIXED_SEED, megatron_args, run_megatron, shared_megatron_runs,
+from conftest import base_args, run_swift
+from megatron_runs import (ACTIVE, MIXED, MIXED_SEED, megatron_args, run_megatron, shared_megatron_runs, spawn_ranks,
                           train_rows)
 
 from swift_gkd_plugin.core import choose_mode
@@ -183,26 +181,25 @@ def test_a_run_that_learns_nothing_ends_with_an_error(runs):
     assert os.path.exists(os.path.join(run.output_dir, 'checkpoint-2', 'adapter_model.safetensors'))
 
 
-ROPE_PROBE = '''
-import sys, torch
-from transformers import AutoConfig, AutoModelForCausalLM
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-config = AutoConfig.from_pretrained(sys.argv[1])
-expected = AutoModelForCausalLM.from_config(config).model.rotary_emb.inv_freq.clone()
-import mcore_bridge.model.rope as rope
-ROPE_INIT_FUNCTIONS.update(rope.EXTENDED_ROPE_INIT_FUNCTIONS)  # what mcore-bridge's GPTModel does when it is built
-after = AutoModelForCausalLM.from_config(config).model.rotary_emb.inv_freq
-print('ROPE', torch.equal(after, expected))
-'''
+def _rope_probe(rank, model_dir):
+    """In a ``megatron rlhf`` rank (``spawn_ranks``): a Qwen3 model built by transformers before and after
+    mcore-bridge's RoPE table went into transformers' (what its ``GPTModel`` does when it is built) has the same
+    inverse frequencies."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    config = AutoConfig.from_pretrained(model_dir)
+    expected = AutoModelForCausalLM.from_config(config).model.rotary_emb.inv_freq.clone()
+    import mcore_bridge.model.rope as rope
+    ROPE_INIT_FUNCTIONS.update(rope.EXTENDED_ROPE_INIT_FUNCTIONS)
+    after = AutoModelForCausalLM.from_config(config).model.rotary_emb.inv_freq
+    assert torch.equal(after, expected), (after, expected)
 
 
 def test_transformers_models_build_after_mcore_bridge_built_a_model(tiny_ws):
     """mcore-bridge puts a ``'default'`` RoPE initialisation that reads ``config.rope_theta`` into transformers'
     global table; transformers 5 keeps the theta in ``rope_parameters`` and prefers that table in ``_init_weights``,
     so building a Qwen3 model afterwards (ms-swift's final save did) raised ``AttributeError: 'Qwen3Config' object
-    has no attribute 'rope_theta'``. With the plugin active it builds, with the same inverse frequencies."""
-    env = dict(os.environ, **OFFLINE_ENV, PYTHONPATH=CPU_SITE)
-    env.pop('SWIFT_GKD_PLUGIN', None)
-    proc = subprocess.run([sys.executable, '-c', ROPE_PROBE, tiny_ws.student], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0 and 'ROPE True' in proc.stdout, (proc.stdout + proc.stderr)[-3000:]
+    has no attribute 'rope_theta'``. With the plugin active it builds, with the same inverse frequencies: in a
+    ``megatron rlhf`` rank's process (``spawn_ranks``, forked from the Megatron zygote; a fresh ``python`` importing
+    transformers and mcore-bridge took ~20 s of CPU)."""
+    spawn_ranks(_rope_probe, (tiny_ws.student, ), 1)
