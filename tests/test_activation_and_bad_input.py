@@ -41,12 +41,27 @@ def assert_launched_as_run_swift_starts_it(run):
     assert os.path.samefile(run.launched[0], run.child_command[0])  # the same interpreter
 
 
+ROUTE_STOP_SITE = os.path.join(os.path.dirname(__file__), 'route_stop_site')
+
+
+def launch_only(argv, env=None, command='rlhf'):
+    """``swift <command> argv`` through the real launcher, what it starts stopped at once (``route_stop_site``): what
+    the launcher accepted, and the command it started (``launched``), without a second start-up of ms-swift's
+    pipeline in a fresh process; the tests run that same command through ``run_swift`` (forked)."""
+    site = os.pathsep.join(filter(None, [ROUTE_STOP_SITE, (env or {}).get('PYTHONPATH', _run_env().get('PYTHONPATH'))]))
+    run = run_swift(argv, env=dict(env or {}, PYTHONPATH=site), command=command, launcher=True, check=False)
+    assert run.returncode == 0, run.output[-3000:]
+    assert_launched_as_run_swift_starts_it(run)
+    return run
+
+
 @pytest.mark.quick
 def test_opt_out_runs_ms_swift_trainer(tiny_ws, tmp_path):
-    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), lmbda=0, max_steps=1), env={'SWIFT_GKD_PLUGIN': '0'},
-                    launcher=True)
-    assert_launched_as_run_swift_starts_it(run)
-    assert 'swift_gkd_plugin' not in run.output
+    argv = base_args(tiny_ws, str(tmp_path / 'out'), lmbda=0, max_steps=1)
+    launched = launch_only(argv, env={'SWIFT_GKD_PLUGIN': '0'})
+    run = run_swift(argv, env={'SWIFT_GKD_PLUGIN': '0'})
+    assert 'swift_gkd_plugin' not in launched.output + run.output
+    assert len(run.logs) == 1
     assert not os.path.exists(tmp_path / 'out' / 'gkd_modes')
     # ms-swift's own trainer still refuses what only the plugin can do
     refused = run_swift(
@@ -70,12 +85,10 @@ def test_explicit_activation_through_external_plugins(tiny_ws, tmp_path):
     """``SWIFT_GKD_PLUGIN=0`` with ``--external_plugins`` naming the plugin's file, through the ``swift`` launcher: the
     plugin's trainer runs (the mode only it has, seq_kd on both steps) and its flags are accepted, by the launcher and
     by the process (``--gkd_loss_impl dense``: one run for what were two)."""
-    run = run_swift(
-        base_args(tiny_ws, str(tmp_path / 'out'), lmbda=0, seq_kd='true', max_steps=2, gkd_loss_impl='dense',
-                  external_plugins=_plugin_path()),
-        env={'SWIFT_GKD_PLUGIN': '0'}, launcher=True)
-    assert_launched_as_run_swift_starts_it(run)
-    assert '--gkd_loss_impl dense' in ' '.join(run.launched)
+    argv = base_args(tiny_ws, str(tmp_path / 'out'), lmbda=0, seq_kd='true', max_steps=2, gkd_loss_impl='dense',
+                     external_plugins=_plugin_path())
+    assert '--gkd_loss_impl dense' in ' '.join(launch_only(argv, env={'SWIFT_GKD_PLUGIN': '0'}).launched)
+    run = run_swift(argv, env={'SWIFT_GKD_PLUGIN': '0'})
     assert f'swift_gkd_plugin {swift_gkd_plugin.__version__}: GKD trainer active' in run.output
     assert [m['mode'] for m in run.modes()] == ['seq_kd', 'seq_kd']
 
@@ -120,9 +133,10 @@ def test_swift_sft_is_untouched(tiny_ws, tmp_path):
             '--max_steps', '1', '--per_device_train_batch_size', '2', '--gradient_accumulation_steps', '1',
             '--save_strategy', 'no', '--report_to', 'none', '--output_dir', str(tmp_path / 'sft'),
             '--dataset_num_proc', '1']
-    run = run_swift(argv, command='sft', launcher=True)
-    assert_launched_as_run_swift_starts_it(run)
-    assert 'swift_gkd_plugin' not in run.output
+    launched = launch_only(argv, command='sft')
+    run = run_swift(argv, command='sft')
+    assert 'swift_gkd_plugin' not in launched.output + run.output
+    assert len(run.logs) == 1
     bad = run_swift(argv + ['--gkd_loss_impl', 'dense'], command='sft', check=False)
     assert bad.returncode != 0 and 'remaining_argv' in bad.output
 

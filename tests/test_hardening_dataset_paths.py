@@ -13,7 +13,7 @@ import shutil
 
 import pytest
 from conftest import base_args, run_swift
-from test_activation_and_bad_input import assert_refused_in_one_line
+from test_activation_and_bad_input import assert_refused_in_one_line, launch_only
 from test_hardening_launcher import assert_refused_by_launcher
 
 
@@ -111,8 +111,7 @@ def test_the_rows_of_a_folder_are_checked_as_a_file_s(tiny_ws, tmp_path):
     folder = tmp_path / 'data'
     _write(folder / 'a.jsonl', _rows(4))
     (folder / 'b.jsonl').write_text(json.dumps(_rows(1)[0]) + '\n{"messages": [\n')
-    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), dataset=str(folder)), launcher=True, check=False,
-                    timeout=300)
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), dataset=str(folder)), check=False, timeout=300)
     assert_refused_in_one_line(run, [f'--dataset {os.path.realpath(folder / "b.jsonl")}: line 2 is not valid JSON'])
 
 
@@ -154,9 +153,11 @@ def test_an_empty_output_dir_is_the_current_folder(tiny_ws, tmp_path, monkeypatc
     (elsewhere / 'output').write_text('not a folder\n')
     monkeypatch.chdir(elsewhere)
     # the paths pass; the run goes on to a refusal that needs the resolved model (its vocabulary), before loading
-    run = run_swift(base_args(tiny_ws, '', gkd_logits_topk=100000), launcher=True, check=False, timeout=300)
+    argv = base_args(tiny_ws, '', gkd_logits_topk=100000)
+    assert 'is a file, not a folder' not in launch_only(argv).output  # the launcher starts the run
+    run = run_swift(argv, check=False, timeout=300)
     assert_refused_in_one_line(run, ['--gkd_logits_topk 100000 is larger than the vocabulary'])
-    assert run.launched is not None and 'is a file, not a folder' not in run.output
+    assert 'is a file, not a folder' not in run.output
 
 
 def test_a_dangling_link_to_resume_from_is_named_as_a_link(tiny_ws, tmp_path):
