@@ -6,7 +6,10 @@ import subprocess
 import time
 
 import pytest
-from conftest import OFFLINE_ENV, SWIFT, _free_port, base_args, launcher_child_command, run_swift
+from conftest import OFFLINE_ENV, SWIFT, _free_port, base_args, run_swift
+
+
+FILE_SIZE_LIMIT_PLUGIN = os.path.join(os.path.dirname(__file__), 'file_size_limit_plugin.py')
 
 
 def _first_rows(tiny_ws, path, n):
@@ -93,19 +96,16 @@ def test_a_full_disk_during_a_save_is_named(tiny_ws, small_tmpfs):
 
 
 def test_a_file_size_limit_during_a_save_is_named(tiny_ws, tmp_path):
-    """The same fault without root: the process may write files of at most 600 KiB (``ulimit -f``), enough for the
-    weights but not for the optimizer state, whose torch writer says only 'unexpected pos ...'."""
-    import resource
+    """The same fault without root: the process may write files of at most 600 KiB (``ulimit -f``, set by a test
+    plugin as ms-swift loads it, before the models load), enough for the weights but not for the optimizer state,
+    whose torch writer says only 'unexpected pos ...'."""
     out = tmp_path / 'out'
-    argv = base_args(tiny_ws, str(out), lmbda=0, max_steps=2, save_strategy='steps', save_steps=1,
-                     save_only_model='false')
-    env = dict(os.environ, **OFFLINE_ENV)
-    env.pop('SWIFT_GKD_PLUGIN', None)
     limit = 600 * 1024
-    done = subprocess.run(launcher_child_command('rlhf', argv, env), env=env, capture_output=True, text=True,
-                          timeout=600, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
-    output = done.stdout + done.stderr
-    assert done.returncode != 0
+    run = run_swift(base_args(tiny_ws, str(out), lmbda=0, max_steps=2, save_strategy='steps', save_steps=1,
+                              save_only_model='false', external_plugins=FILE_SIZE_LIMIT_PLUGIN),
+                    env={'GKD_TEST_FILE_SIZE_LIMIT': str(limit)}, check=False)
+    output = run.output
+    assert run.returncode != 0
     assert (f'saving {out}/checkpoint-1 failed, file too large: this process may write files of at most {limit} '
             'bytes (ulimit -f)') in output, output[-4000:]
     assert os.path.getsize(out / 'checkpoint-1' / 'model.safetensors') < limit  # the weights were written
