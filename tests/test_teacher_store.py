@@ -11,11 +11,9 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import time
 
 import pytest
-from conftest import OFFLINE_ENV, _free_port, _run_env, base_args, launcher_child_command, run_swift
+from conftest import OFFLINE_ENV, _free_port, base_args, run_swift
 
 from swift_gkd_plugin.core.scores.store import TeacherStore
 from swift_gkd_plugin.entry import score as score_cli
@@ -23,6 +21,7 @@ from swift_gkd_plugin.testing import tiny_multimodal as tmm
 from test_multimodal import mm  # noqa: F401 (the tiny LLaVA workspace, built once for every module)
 
 K = 8
+KILL_AFTER_SHARDS = os.path.join(os.path.dirname(__file__), 'kill_after_shards_plugin.py')
 SAMPLES = 64  # tokens drawn from the teacher a position (many: the test compares the estimate's mean)
 EVAL = dict(val_dataset=None, eval_strategy='steps', eval_steps=2)  # val_dataset: the first 4 training rows
 OFF_POLICY = dict(lmbda=0, seq_kd='false', learning_rate=0, max_steps=4, gkd_logits_topk=K, seed=5)
@@ -211,16 +210,10 @@ def test_a_killed_score_resumes_keeping_its_finished_shards(tiny_ws, tmp_path):
     """Killed (SIGKILL) once a few rows are written (a shard per row), then run again as ``swift-gkd score`` runs a
     second time (with ``--teacher_scores`` on its own folder): the finished rows are found, not scored again."""
     store = str(tmp_path / 'store')
-    argv = score_argv(tiny_ws, store, per_device_train_batch_size=1)
-    env = dict(_run_env(), SWIFT_GKD_STORE_SHARD_BYTES='1')
-    proc = subprocess.Popen(launcher_child_command('rlhf', argv, env), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    killed = run_swift(score_argv(tiny_ws, store, per_device_train_batch_size=1, external_plugins=KILL_AFTER_SHARDS),
+                       env={'GKD_TEST_KILL_AFTER_SHARDS': '3'}, check=False, timeout=300)
+    assert killed.returncode == -9, killed.output[-3000:]  # SIGKILL, 3 shards (rows) in
     shards = os.path.join(store, 'shards')
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and len(glob.glob(os.path.join(shards, '*.safetensors'))) < 3:
-        time.sleep(0.05)
-    proc.kill()
-    proc.wait()
     kept = len(TeacherStore(store))
     assert 3 <= kept < 64, kept
     # resumed on two processes (NPROC_PER_NODE=2): each scores its half of the rows into shards of its own
