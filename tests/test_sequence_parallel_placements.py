@@ -6,7 +6,7 @@ import json
 
 import pytest
 from conftest import _free_port
-from server.test_teacher_server import VLLM_CHECK_SHIM, Server
+from server.test_teacher_server import VLLM_CHECK_SHIM, infer_only_server_of, main_server
 from test_sequence_parallel import _odd_rows, _one_rank_and_group
 
 LORA = dict(tuner_type='lora', lora_dropout=0)
@@ -34,16 +34,10 @@ def test_top_k_teacher(tiny_ws, tmp_path, impl, tail):
 
 
 @pytest.fixture(scope='module')
-def servers(tiny_ws, tmp_path_factory):
-    """The plugin's server, and one with only ms-swift's routes (``/infer/``, as ``swift deploy``)."""
-    logs = tmp_path_factory.mktemp('sp_servers')
-    started = {'topk': Server(tiny_ws, str(logs / 'topk.log')),
-               'infer': Server(tiny_ws, str(logs / 'infer.log'), '--only_ms_swift_routes')}
-    try:
-        yield {name: server.wait() for name, server in started.items()}
-    finally:
-        for server in started.values():
-            server.stop()
+def servers(tiny_ws):
+    """The session's server of the teacher (server/test_teacher_server.py's), and its server with only ms-swift's
+    routes (``/infer/``, as ``swift deploy``)."""
+    return {'topk': main_server(tiny_ws), 'infer': infer_only_server_of(tiny_ws)}
 
 
 #: rows cut at --max_length (the odd rows are 19 to 25 tokens; issue 74 item 9): the server scores the cut rows, each

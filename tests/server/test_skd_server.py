@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import base_args, run_swift
 from test_activation_and_bad_input import MODEL_LOADED_MARKERS
-from test_teacher_server import Server
+from test_teacher_server import infer_only_server_of, shared_server
 
 VOCAB = 448  # the tiny models' vocabulary
 # on-policy steps only, completions long enough for several draft blocks, the same prompts and seeds in every run; the
@@ -26,23 +26,13 @@ GREEDY_LORA = dict(SKD, gkd_skd_top_k=3, gkd_sampling_temperature=1e-6, tuner_ty
 
 
 @pytest.fixture(scope='module')
-def skd_servers(tiny_ws, tmp_path_factory):
-    """The tiny teacher served with its whole vocabulary as top-k and with ms-swift's routes only, and the tiny
-    student's base with its top-16."""
-    logs = tmp_path_factory.mktemp('skd_server_logs')
+def skd_servers(tiny_ws):
+    """The session's servers (started on first use): the tiny teacher with its whole vocabulary as top-k and with
+    ms-swift's routes only, and the tiny student's base with its top-16."""
     base = SimpleNamespace(teacher=tiny_ws.student)
-    started = {
-        'full': Server(tiny_ws, str(logs / 'full.log'), '--top_k', str(VOCAB)),
-        'top16': Server(base, str(logs / 'top16.log'), '--top_k', '16'),
-        'infer_only': Server(tiny_ws, str(logs / 'infer_only.log'), '--only_ms_swift_routes'),
-    }
-    try:
-        for server in started.values():
-            server.wait()
-        yield started
-    finally:
-        for server in started.values():
-            server.stop()
+    return {'full': lambda: shared_server(tiny_ws, 'serve_teacher_whole_vocabulary', '--top_k', str(VOCAB)),
+            'top16': lambda: shared_server(base, 'serve_teacher_student_top16', '--top_k', '16'),
+            'infer_only': lambda: infer_only_server_of(tiny_ws)}
 
 
 def _served(flags, server):
@@ -57,11 +47,12 @@ def runs(tiny_ws, skd_servers, shared_runs, adapters):
         if server is None:
             return lambda out: run_swift(base_args(tiny_ws, out, **flags))
 
-        def served(out):  # the server's log lines of this run, kept with it (the server is this worker's)
-            before = len(skd_servers[server].log())
-            run = run_swift(base_args(tiny_ws, out, **_served(flags, skd_servers[server])))
+        def served(out):  # the server's log lines of this run, kept with it (its only user: the tests of this module)
+            started = skd_servers[server]()
+            before = len(started.log())
+            run = run_swift(base_args(tiny_ws, out, **_served(flags, started)))
             with open(out + '.server.log', 'w') as f:
-                f.write(skd_servers[server].log()[before:])
+                f.write(started.log()[before:])
             return run
         return served
 
@@ -83,7 +74,7 @@ def replaced(run):
 
 
 @pytest.mark.timeout(900)
-def test_skd_on_a_server_returning_the_whole_vocabulary_is_the_local_skd(runs, skd_servers):
+def test_skd_on_a_server_returning_the_whole_vocabulary_is_the_local_skd(runs):
     """With the server's top-k = the vocabulary, its top-k truncation is the teacher's whole distribution: the same
     accept/reject decisions and replacements as the local teacher on the same seed, hence the same completions,
     replaced fractions and rounds, and the same losses (the loss's top-8 comes from the server in one, from the local
@@ -100,7 +91,7 @@ def test_skd_on_a_server_returning_the_whole_vocabulary_is_the_local_skd(runs, s
 
 
 @pytest.mark.timeout(900)
-def test_skd_on_a_server_returning_its_top16_judges_as_the_local_teacher(runs, skd_servers):
+def test_skd_on_a_server_returning_its_top16_judges_as_the_local_teacher(runs):
     """With the server's top-16 (K = 3 <= 16 < the vocabulary) the drafts are judged on the returned top-k: with
     near-greedy sampling every replacement is the teacher's argmax, which the top-16 truncation keeps, so the same
     drafts, decisions and replacements as the local teacher (the LoRA student's base, adapter off): equal completions
@@ -135,12 +126,13 @@ def test_each_verification_round_is_one_request_for_all_rows(runs):
 ])
 def test_a_server_that_cannot_verify_is_refused_before_any_model_loads(tiny_ws, skd_servers, tmp_path, server, k,
                                                                         needles):
-    flags = dict(_served(SKD, skd_servers[server]), gkd_skd_top_k=k, teacher_server_wait=30)
+    started = skd_servers[server]()
+    flags = dict(_served(SKD, started), gkd_skd_top_k=k, teacher_server_wait=30)
     run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), **flags), check=False, timeout=180)
     assert run.returncode != 0
     for needle in needles:
         assert needle in run.output, f'{needle!r} missing from:\n{run.output[-3000:]}'
-    assert skd_servers[server].url in run.output
+    assert started.url in run.output
     assert not any(marker in run.output for marker in MODEL_LOADED_MARKERS)
 
 
