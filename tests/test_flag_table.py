@@ -36,19 +36,35 @@ def test_swift_rlhf_table_is_ms_swifts_parser():
     assert sorted(launcher) == _options(ms_swift_flag_table.live_options(GKDPluginRLHFArguments))
 
 
-def test_megatron_rlhf_table_is_ms_swifts_parser():
+def write_megatron_options(rank: int, path: str) -> None:
+    """In a process with the tests' stand-in for transformer-engine: the live options of ``MegatronRLHFArguments`` and
+    of the plugin's ``GKDPluginMegatronRLHFArguments``, as JSON to ``path``."""
+    from swift.megatron.arguments import MegatronRLHFArguments
+
+    from swift_gkd_plugin.megatron.setup.arguments import GKDPluginMegatronRLHFArguments
+    with open(path, 'w') as f:
+        json.dump([ms_swift_flag_table.live_options(MegatronRLHFArguments),
+                   ms_swift_flag_table.live_options(GKDPluginMegatronRLHFArguments)], f)
+
+
+def test_megatron_rlhf_table_is_ms_swifts_parser(tmp_path):
     """The same for ``megatron rlhf`` (``MegatronRLHFArguments``; the plugin's ``GKDPluginMegatronRLHFArguments``),
-    read in a process with the tests' stand-in for transformer-engine."""
-    script = ('import json\nfrom swift_gkd_plugin.options import ms_swift_flag_table as t\n'
-              'from swift.megatron.arguments import MegatronRLHFArguments\n'
-              'from swift_gkd_plugin.megatron.setup.arguments import GKDPluginMegatronRLHFArguments\n'
-              'print("OPTIONS", json.dumps([t.live_options(MegatronRLHFArguments), '
-              't.live_options(GKDPluginMegatronRLHFArguments)]))\n')
-    env = dict(os.environ, **OFFLINE_ENV, PYTHONPATH=CPU_SITE)
-    proc = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True, timeout=300)
-    line = [row for row in proc.stdout.splitlines() if row.startswith('OPTIONS ')]
-    assert proc.returncode == 0 and line, proc.stdout[-2000:] + proc.stderr[-3000:]
-    ms_swift, plugin = ([(tuple(strings), nargs) for strings, nargs in rows] for rows in json.loads(line[0][8:]))
+    read in a process with the tests' stand-in for transformer-engine: a rank forked from the test worker's Megatron
+    zygote (``megatron_runs.spawn_ranks``; it imported them), else a fresh process (~20 s of imports)."""
+    import torch
+    path = str(tmp_path / 'options.json')
+    if torch.cuda.is_available() or os.environ.get('GKD_TESTS_FRESH_PROCESSES') == '1':
+        script = (f'import sys\nsys.path.insert(0, {os.path.dirname(__file__)!r})\nimport test_flag_table\n'
+                  f'test_flag_table.write_megatron_options(0, {path!r})\n')
+        env = dict(os.environ, **OFFLINE_ENV, PYTHONPATH=CPU_SITE)
+        proc = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    else:
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'megatron'))
+        from megatron_runs import spawn_ranks
+        spawn_ranks(write_megatron_options, (path,), nprocs=1)
+    with open(path) as f:
+        ms_swift, plugin = ([(tuple(strings), nargs) for strings, nargs in rows] for rows in json.load(f))
     assert _options(ms_swift_flag_table.table('megatron rlhf')) == _options(ms_swift), REGENERATE
     from swift_gkd_plugin.megatron.setup.checks import MegatronGKDFlagsMixin
     launcher = {(strings, nargs) for strings, nargs in ms_swift_flag_table.table('megatron rlhf')
