@@ -3,13 +3,14 @@ active, every layer sparse) and a wider MoE teacher, built by megatron-core as `
 ``--moe_grouped_gemm true``) over the harness's stand-ins of TE's grouped linears
 (:mod:`swift_gkd_plugin.testing.megatron_cpu.moe`), loaded and exported by mcore-bridge.
 
-Seven runs, each started once per test session (``shared_megatron_runs``), on 2 ranks: expert parallelism 1 (data
+Six runs, each started once per test session (``shared_megatron_runs``), on 2 ranks: expert parallelism 1 (data
 parallel 2) and 2 with the same flags (on the same 4 rows at lr 1e-3, an on-policy step, a seq_kd step (the MoE
 teacher samples), another on-policy step), EP 2 resumed from its step-2 checkpoint, TP 2 with each expert split over
 TP (expert TP 2) and with whole experts over EP 2 (the teacher offloaded), both an off-policy step then two on-policy
-ones, and LoRA on all linears at EP 2 with the student's base as teacher; on 4 ranks PP 2 x CP 2 x EP 2. The pair ends
-its turn early at varied lengths (:func:`plant_stop`). One run of its own (one rank): the copy guard on a LoRA MoE
-student."""
+ones; on 4 ranks PP 2 x CP 2 x EP 2. The pair ends its turn early at varied lengths (:func:`plant_stop`). One run of
+its own (one rank): the copy guard on a LoRA MoE student. LoRA on all linears at EP 2 with the student's base as
+teacher, every expert's factors exported and trained: test_megatron_multimodal_moe.py (its decoder is this Qwen3-MoE
+in megatron-core)."""
 import dataclasses
 import json
 import math
@@ -63,28 +64,21 @@ def plant_stop(model_dir: str, stop_logit: float) -> None:
 
 @pytest.fixture(scope='module')
 def moe_ws(tiny_ws):
-    """``tiny_ws`` with a Qwen3-MoE pair (``student``, ``teacher``: 4 experts, 2 per token) and ``fixed`` rows with a
-    ``teacher_prompt`` that holds the answer (``privileged``, as an attribute)."""
+    """``tiny_ws`` with a Qwen3-MoE pair (``student``, ``teacher``: 4 experts, 2 per token)."""
     from filelock import FileLock
 
     from swift_gkd_plugin.testing import tiny
     student, teacher = (os.path.join(tiny_ws.root, f'megatron_moe_{n}') for n in ('student', 'teacher'))
-    privileged = os.path.join(tiny_ws.root, 'megatron_moe_privileged.jsonl')
+    built = os.path.join(tiny_ws.root, 'megatron_moe.built')
     with FileLock(os.path.join(tiny_ws.root, 'megatron_moe.lock')):
-        if not os.path.exists(privileged):
+        if not os.path.exists(built):
             tok = tiny.load_tokenizer(tiny_ws.student)
             # <|im_end|> ~15% likely at each sampled token (temperature 0.9): rows stop at different lengths
             plant_stop(tiny.build_model(student, tok, seed=5, moe=True), STOP_LOGIT)
             plant_stop(tiny.build_model(teacher, tok, seed=6, moe=True, hidden_size=96, intermediate_size=192),
                        STOP_LOGIT)
-            with open(tiny_ws.fixed) as src, open(privileged + '.partial', 'w') as dst:
-                for row in map(json.loads, src):
-                    question, answer = row['messages'][0]['content'], row['messages'][1]['content']
-                    dst.write(json.dumps({**row, 'teacher_prompt': f'{question} The answer is {answer}.'}) + '\n')
-            os.replace(privileged + '.partial', privileged)
-    ws = dataclasses.replace(tiny_ws, student=student, teacher=teacher)
-    ws.privileged = privileged
-    return ws
+            open(built, 'w').close()
+    return dataclasses.replace(tiny_ws, student=student, teacher=teacher)
 
 
 def _moe_flags(ws, **overrides):
@@ -141,11 +135,6 @@ def runs(tiny_ws, moe_ws, shared_runs):
         # TP runs
         'moe_pp2_cp2_ep2': lambda out: run_megatron(megatron_args(ws, out, **_moe_flags(
             ws, pipeline_model_parallel_size=2, context_parallel_size=2, expert_model_parallel_size=2)), nproc=4),
-        # the student's base (adapter disabled) is the teacher; it sees the answer in its prompt
-        'moe_lora_ep2': lambda out: run_megatron(megatron_args(
-            ws, out, **_moe_flags(ws, expert_model_parallel_size=2, teacher_model=ws.student, tuner_type='lora',
-                                  target_modules='all-linear', dataset=ws.privileged, lmbda=0, train_iters=2,
-                                  log_completions=None)), nproc=2),
     })
     return shared
 
@@ -224,28 +213,6 @@ def test_expert_parallel_samples_equal_one(runs):
     assert [c['gen_step'] for c in ones] == [[0, 0], [1, 1], [2, 2]], ones  # the teacher's samples included
     assert twos == ones
     _stop_apart(train_rows(runs['moe_ep1']), train_rows(runs['moe_ep2']))
-
-
-def test_lora_on_all_linears_reaches_every_expert_under_expert_parallelism(runs):
-    """``--tuner_type lora --target_modules all-linear`` at EP 2, the teacher the student's base (adapter disabled,
-    with the answer in its prompt): the saved adapter (mcore-bridge's export, gathered over the expert-parallel
-    ranks) has LoRA factors for the gate, up and down projections of each of the 4 experts of both layers, and
-    every expert's B factor has moved from its zero initialisation: all of them were trained."""
-    from safetensors import safe_open
-    run = runs['moe_lora_ep2']
-    _assert_trained(run, ['off_policy'] * 2)
-    _grouped_experts(run, local_experts=2)
-    path = os.path.join(run.output_dir, 'checkpoint-2', 'adapter_model.safetensors')
-    with safe_open(path, 'pt') as f:
-        keys = set(f.keys())
-        expert_b = {k: f.get_tensor(k) for k in keys if '.experts.' in k and 'lora_B' in k}
-    prefix = 'base_model.model.model.layers'
-    expected = {f'{prefix}.{layer}.mlp.experts.{e}.{proj}.lora_{ab}.weight' for layer in range(2) for e in range(4)
-                for proj in ('gate_proj', 'up_proj', 'down_proj') for ab in 'AB'}
-    assert expected <= keys, sorted(expected - keys)
-    assert len(expert_b) == 24 and all(t.abs().max() > 0 for t in expert_b.values()), \
-        {k: float(t.abs().max()) for k, t in expert_b.items()}
-    assert any('self_attn.q_proj.lora_A' in k for k in keys)
 
 
 def test_the_exported_checkpoints_load_in_transformers_and_expert_parallelism_exports_the_same_model(runs, moe_ws):

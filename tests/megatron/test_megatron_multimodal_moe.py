@@ -8,6 +8,7 @@ model sample with vLLM).
 
 One shared run of 2 ranks (``--vit_attn_impl sdpa``: mcore-bridge builds the vision tower with flash attention
 otherwise, which a CPU has not)."""
+import itertools
 import json
 import math
 import os
@@ -52,13 +53,20 @@ def test_multimodal_moe_self_distillation_under_expert_parallelism(runs, internv
     """Shared-base LoRA on image rows at EP 2: the first step's loss (logged before its update: a fresh adapter adds
     nothing, so it is the base reading the privileged prompt against the base reading the plain one, each with the
     image) equals ``swift rlhf``'s on the same 4 rows (transformers' ``InternVLForConditionalGeneration``); both steps
-    train; the saved adapter has LoRA on the gate, up and down projections of all 4 experts of both layers (gathered
-    over the 2 EP ranks), moved from zero, and none on the vision tower."""
+    train; the experts were built as megatron-core's ``TEGroupedMLP`` (2 local experts a rank); the saved adapter
+    (``--target_modules all-linear``) has LoRA A and B factors on the gate, up and down projections of all 4 experts of
+    both layers (mcore-bridge's export, gathered over the 2 EP ranks) and on the attention, every expert's B factor
+    moved from its zero initialisation (all of them were trained), and none on the vision tower."""
     from safetensors import safe_open
     run = runs['internvl_moe_lora_ep2']
     assert run.returncode == 0 and ACTIVE in run.output, run.output[-3000:]
     rows = train_rows(run)
     assert len(rows) == 2 and all(math.isfinite(r['loss']) and r['loss'] > 0 and r['grad_norm'] > 0 for r in rows)
+    for rank in (0, 1):
+        assert [r['mode'] for r in run.modes(rank)] == ['off_policy'] * 2
+    assert 'TEGroupedMLP(' in run.output and 'SequentialMLP' not in run.output, run.output[-3000:]
+    for name in ('TEColumnParallelGroupedLinear', 'TERowParallelGroupedLinear'):
+        assert f'{name}(num_gemms=2,' in run.output, run.output[-3000:]
     swift = run_swift(base_args(internvl_ws, str(tmp_path / 'swift'), model_type='internvl', teacher_model_type='internvl',
                                 template='internvl_hf', tuner_type='lora', lora_dropout=0, lmbda=0, max_steps=1,
                                 per_device_train_batch_size=4, learning_rate=0, max_length=256))
@@ -66,7 +74,12 @@ def test_multimodal_moe_self_distillation_under_expert_parallelism(runs, internv
     with safe_open(os.path.join(run.output_dir, 'checkpoint-2', 'adapter_model.safetensors'), 'pt') as f:
         keys = set(f.keys())
         expert_b = {k: f.get_tensor(k) for k in keys if '.experts.' in k and 'lora_B' in k}
+    for layer, expert, proj, factor in itertools.product(range(2), range(4), ('gate_proj', 'up_proj', 'down_proj'),
+                                                         'AB'):
+        tail = f'.layers.{layer}.mlp.experts.{expert}.{proj}.lora_{factor}.weight'
+        assert sum(k.endswith(tail) for k in keys) == 1, (tail, sorted(keys)[:20])
     assert len(expert_b) == 2 * 4 * 3 and all(t.abs().max() > 0 for t in expert_b.values()), sorted(keys)[:20]
+    assert any('self_attn.q_proj.lora_A' in k for k in keys), sorted(keys)[:20]
     assert not any('vision' in k for k in keys), sorted(keys)
     with open(os.path.join(run.output_dir, 'args.json')) as f:
         assert json.load(f)['expert_model_parallel_size'] == 2
