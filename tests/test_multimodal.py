@@ -395,16 +395,17 @@ def test_a_swift_deploy_teacher_encodes_the_image_rows_as_the_trainer_but_gives_
     import time
 
     import httpx
-    from conftest import OFFLINE_ENV, SWIFT, _free_port
+    from conftest import OFFLINE_ENV, _free_port, launcher_child_command
     port = _free_port()
     log_path = tmp_path / 'deploy.log'
     env = {**os.environ, **OFFLINE_ENV}
     t0 = time.monotonic()
+    # what `swift deploy ...` starts (its route file in a fresh interpreter), without the launcher's own start-up
+    cmd = launcher_child_command('deploy', ['--model', mm.teacher, '--model_type', tmm.MODEL_TYPE, '--template',
+                                            tmm.TEMPLATE, '--infer_backend', 'transformers', '--torch_dtype', 'float32',
+                                            '--host', '127.0.0.1', '--port', str(port)], env)
     with open(log_path, 'w') as log:
-        server = subprocess.Popen([SWIFT, 'deploy', '--model', mm.teacher, '--model_type', tmm.MODEL_TYPE, '--template',
-                                   tmm.TEMPLATE, '--infer_backend', 'transformers', '--torch_dtype', 'float32',
-                                   '--host', '127.0.0.1', '--port', str(port)], stdout=log, stderr=subprocess.STDOUT,
-                                  env=env, start_new_session=True)
+        server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         while True:
             assert server.poll() is None, log_path.read_text()[-3000:]
