@@ -492,10 +492,9 @@ def test_ids_outside_int64_are_refused_with_422_and_not_retried(servers, wire):
         assert r.status_code == 422, (path, body, r.status_code, r.text)
         assert r.json()['object'] == 'error'
     patient = TeacherClient(url, retries=5, backoff=10, wait=600, binary=wire == 'msgpack')
-    t0 = time.monotonic()
-    with pytest.raises(TeacherServerError, match='422') as err:
+    with pytest.raises(TeacherServerError, match='422') as err:  # a client error is not retried (backoff 10 s)
         patient.topk_at([([1, 2, 3], [0, big])], topk=2)
-    assert err.value.attempts == 1 and err.value.status == 422 and time.monotonic() - t0 < 10
+    assert err.value.attempts == 1 and err.value.status == 422
     assert servers['main'].alive()
 
 
@@ -525,10 +524,8 @@ def test_100_concurrent_clients(servers, reference, tokenizer):
                 out.append((i, r.status_code, r.json()))
         return out
 
-    t0 = time.monotonic()
     with ThreadPoolExecutor(100) as ex:
         answers = [a for chunk in ex.map(worker, range(100)) for a in chunk]
-    elapsed = time.monotonic() - t0
     assert len(answers) == 500
     assert all(status == 200 for _, status, _ in answers), {s for _, s, _ in answers}
     for i, _, doc in answers:
@@ -539,7 +536,6 @@ def test_100_concurrent_clients(servers, reference, tokenizer):
         ref_ids, ref_lp, _ = expected[i]
         assert np.array_equal(ids, ref_ids.numpy())
         assert np.allclose(lps, ref_lp.numpy(), atol=1e-5, rtol=0)
-    assert elapsed < 240, f'500 requests took {elapsed:.0f}s'
     stats = httpx.get(f'{url}/health/').json()['batcher']
     assert stats['batches'] < stats['sequences'], 'concurrent requests were never batched together'
 
