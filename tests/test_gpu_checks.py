@@ -27,27 +27,31 @@ def _written(out, part):
     return doc, md
 
 
-def run_part(tmp_path, part, *extra, timeout=600):
+def run_part(tmp_path, part, *extra, timeout=600, **env):
     out = tmp_path / 'out'
     proc = subprocess.run([sys.executable, RUN, part, '--tiny', '--device', 'cpu', '--out', str(out),
                            '--work', str(tmp_path / 'work'), *extra], capture_output=True, text=True,
-                          timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS='1'))
+                          timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS='1', **env))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return _written(out, part)
 
 
-def run_part_forked(tmp_path, monkeypatch, part, *extra):
+def run_part_forked(tmp_path, monkeypatch, part, *extra, launched=lambda env: False):
     """:func:`run_part` with the part run inside this test process and its ``swift rlhf`` runs forked from the test
     worker's zygote (``conftest.run_swift``: the child command the launcher starts, ~15 s a run less than ``swift``
     and a fresh interpreter; a run with ``SWIFT_GKD_PLUGIN=0`` from a zygote started with it,
-    ``conftest.ZYGOTE_VARIANTS``). The part's own code, flags and results are the same; run.py's command line and the
-    ``swift`` launcher of the kit stay tested by the parts that go through :func:`run_part` (part a's short case, c,
-    e, f, v)."""
+    ``conftest.ZYGOTE_VARIANTS``), but those whose environment ``launched(env)`` accepts: the kit's own
+    ``common.start_rlhf`` (the ``swift`` launcher; part a's short case, its plugin run). The part's own code, flags
+    and results are the same; run.py's command line stays tested by the parts that go through :func:`run_part` (b,
+    c, f, v)."""
     import common
     import run
     from conftest import _free_port, run_swift
+    kits = common.start_rlhf
 
     def start_rlhf(argv, env, timeout):
+        if launched(env):
+            return kits(argv, env, timeout)
         if 'MASTER_PORT' in env:  # a port of this worker's block (conftest._free_port), not bind(0)'s
             env = dict(env, MASTER_PORT=str(_free_port()))
         r = run_swift(argv, env=env, timeout=int(timeout), check=False)
@@ -63,8 +67,11 @@ def finite(x):
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def test_part_a_pipeline_against_builtin(tmp_path):
-    doc, md = run_part(tmp_path, 'a', '--modes', 'off_policy', '--impls', 'builtin,fused', '--cases', 'short')
+def test_part_a_pipeline_against_builtin(tmp_path, monkeypatch):
+    """The plugin's run through the kit's own launch of ``swift rlhf`` (the console script), the built-in's forked
+    from the ``SWIFT_GKD_PLUGIN=0`` zygote."""
+    doc, md = run_part_forked(tmp_path, monkeypatch, 'a', '--modes', 'off_policy', '--impls', 'builtin,fused',
+                              '--cases', 'short', launched=lambda env: env.get('SWIFT_GKD_PLUGIN') != '0')
     assert doc['status'] == 'ok', doc
     rows = {r['impl']: r for r in doc['rows']}
     assert rows['builtin']['plugin_active'] is False and rows['fused']['plugin_active'] is True
@@ -101,18 +108,29 @@ def test_part_a_out_of_memory_is_an_outcome_not_a_failure():
 
 
 def test_part_b_loss_methods_and_chunk_sweep(tmp_path):
-    doc, md = run_part(tmp_path, 'b', '--methods', 'floor,fused,dense', '--ns', '64', '--chunks', '16',
-                       '--repeats', '1')
+    """Under Triton's interpreter (the CPU tests' setting) both kernels run; the sweep tunes the new one (fused2),
+    which gives fused's loss. No verdict: no GPU measured it (tests/test_kit_part_b_kernels.py: the rows without the
+    interpreter, where fused2 is unavailable, and the verdict's rules)."""
+    doc, md = run_part(tmp_path, 'b', '--methods', 'floor,fused,fused2,dense', '--ns', '64', '--chunks', '16',
+                       '--repeats', '1', TRITON_INTERPRET='1')
     assert doc['status'] == 'ok', doc
     by = {(r['kind'], r['method']): r for r in doc['rows']}
-    for key in [('method', 'floor'), ('method', 'fused'), ('method', 'dense'), ('chunk_sweep', 'fused')]:
+    for key in [('method', 'floor'), ('method', 'fused'), ('method', 'fused2'), ('method', 'dense'),
+                ('chunk_sweep', 'fused2')]:
         r = by[key]
         assert r['status'] == 'ok' and finite(r['time_ms']) and finite(r['peak_extra_mib']) and finite(r['loss'])
-    # the same seeded inputs: fused (default chunk and chunk 16) and dense give the same loss
-    assert by[('method', 'fused')]['loss'] == pytest.approx(by[('method', 'dense')]['loss'], rel=1e-4)
-    assert by[('chunk_sweep', 'fused')]['loss'] == pytest.approx(by[('method', 'dense')]['loss'], rel=1e-4)
+    assert by[('method', 'fused')]['wall_s'] > 0
+    # the same seeded inputs: fused, fused2 (default chunk and chunk 16) and dense give the same loss
+    for key in [('method', 'fused'), ('method', 'fused2'), ('chunk_sweep', 'fused2')]:
+        assert by[key]['loss'] == pytest.approx(by[('method', 'dense')]['loss'], rel=1e-4), key
     assert finite(by[('method', 'dense')]['fused_time_ratio'])
     assert any('fused/floor time' in n for n in doc['notes']) and any('chunk sweep' in n for n in doc['notes'])
+    assert any(n.startswith('N=64: fused2/fused time') for n in doc['notes'])
+    verdict = [n for n in doc['notes'] if n.startswith('make triton2 the CUDA default')]
+    assert len(verdict) == 1 and 'no GPU measured it' in verdict[0] and 'make triton2 the CUDA default' in md
+    ncu = by[('ncu', 'ncu')]
+    assert ncu['status'] == 'unavailable' and 'no CUDA device' in ncu['error']
+    assert any(n.startswith('ncu: not run') for n in doc['notes'])
 
 
 def test_part_c_offload_runs_on_cpu_and_says_what_needs_cuda(tmp_path):
@@ -155,8 +173,8 @@ def test_part_d_shared_base_lora_from_a_trained_adapter_equals_a_separate_base(t
     assert any('against a separate base model' in n for n in doc['notes'])
 
 
-def test_part_e_teacher_server_load_and_oversized_batch(tmp_path):
-    doc, md = run_part(tmp_path, 'e', '--clients', '1,2', '--seconds', '1')
+def test_part_e_teacher_server_load_and_oversized_batch(tmp_path, monkeypatch):
+    doc, md = run_part_forked(tmp_path, monkeypatch, 'e', '--clients', '1,2', '--seconds', '1')  # (no swift rlhf)
     assert doc['status'] == 'ok', doc
     load = [r for r in doc['rows'] if r['kind'] == 'load']
     assert [r['clients'] for r in load] == [1, 2]
@@ -167,13 +185,14 @@ def test_part_e_teacher_server_load_and_oversized_batch(tmp_path):
     assert big['next_request'] == 'ok' and big['server_alive'] is True and big['as_expected'] is True
 
 
-def test_part_e_oversized_request_passes_every_server_limit(tmp_path):
+def test_part_e_oversized_request_passes_every_server_limit(tmp_path, monkeypatch):
     """The GPU's oversized request, sized against a pretended 2 MiB of memory (tiny teacher: hidden 96, float32):
     one sequence of 6,827 tokens whose hidden states are 1.25x that memory. The server started with
     ``oversized_server_limits`` must score it (on CPU it fits): no limit refuses it, so on a GPU only memory can."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), 'gpu', 'checks'))
     from part_e import MARGIN, oversized_tokens
-    doc, md = run_part(tmp_path, 'e', '--clients', '1', '--seconds', '0.5', '--pretend-memory-mib', '2')
+    doc, md = run_part_forked(tmp_path, monkeypatch, 'e', '--clients', '1', '--seconds', '0.5',
+                              '--pretend-memory-mib', '2')
     assert doc['status'] == 'ok', doc
     (big,) = [r for r in doc['rows'] if r['kind'] == 'oversized']
     tokens = oversized_tokens(2 * 2**20, 96, 4)
