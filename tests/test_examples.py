@@ -126,17 +126,21 @@ def test_megatron_moe_example_gives_the_teacher_the_same_privileged_prompt(tiny_
     """The Megatron MoE example self-distils a zero LoRA too (same --model and --teacher_model): it trains on the
     dataset the Omni example writes (a teacher_prompt column in every row), which makes the loss non-zero at step 1
     (the next test; the MoE model itself does not run on CPU, and tests/megatron/test_megatron_rlhf.py trains a
-    dense shared-base LoRA with a teacher_prompt end to end)."""
+    dense shared-base LoRA with a teacher_prompt end to end). Its data step is recorded, not run: the Omni example's
+    own (the same script on the same source rows, into the file --dataset reads), whose rows the fixture wrote."""
     commands = record_commands(os.path.join(EXAMPLES, 'megatron_gkd_moe.sh'), tmp_path,
-                               env={'SOURCE_DATASET': tiny_ws.train}, run_python=True)
+                               env={'SOURCE_DATASET': tiny_ws.train})
     argv = commands['megatron']
     assert argv[argv.index('--model') + 1] == argv[argv.index('--teacher_model') + 1]
     assert argv[argv.index('--tuner_type') + 1] == 'lora'
-    data = os.path.join(tmp_path, argv[argv.index('--dataset') + 1])
-    with open(data) as f, open(omni_privileged_data[1]) as omni:
-        rows = [json.loads(line) for line in f]
-        assert rows == [json.loads(line) for line in omni]
-    assert all(row['teacher_prompt'] for row in rows)
+    data = argv[argv.index('--dataset') + 1]
+    assert commands['python'] == [os.path.join(EXAMPLES, 'privileged_teacher_data.py'), tiny_ws.train, data]
+    omni = record_commands(os.path.join(EXAMPLES, 'gkd_self_distill_qwen3_omni_lora.sh'), tmp_path / 'omni',
+                           env={'SOURCE_DATASET': tiny_ws.train})['python']
+    omni_data = omni_privileged_data[1]
+    assert omni[:2] == commands['python'][:2] and os.path.basename(data) == os.path.basename(omni_data)
+    with open(omni_data) as f:
+        assert all(json.loads(line)['teacher_prompt'] for line in f)
 
 
 def test_self_distillation_example_gives_the_teacher_a_privileged_prompt(tiny_ws, omni_privileged_data, tmp_path):
