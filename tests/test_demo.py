@@ -18,10 +18,15 @@ import pytest
 from swift_gkd_plugin.entry import cli
 
 
-def _cached(demo: dict, workdir) -> str:
+def _cached(demo: dict, workdir, held_out: int = 4) -> str:
     """A copy of ``demo``'s workspace (its models and data, not its run) as ``workdir``, where a demo with the same
-    seed and --teacher_steps finds it cached (as a second demo run on a machine does)."""
+    seed and --teacher_steps finds it cached (as a second demo run on a machine does), its held-out prompts cut to
+    the first ``held_out`` (the demo scores both models on them before its run: the refusals read no score)."""
     shutil.copytree(demo['workdir'], str(workdir), ignore=shutil.ignore_patterns('output'))
+    with open(os.path.join(str(workdir), 'test.jsonl')) as f:
+        rows = f.readlines()[:held_out]
+    with open(os.path.join(str(workdir), 'test.jsonl'), 'w') as f:
+        f.writelines(rows)
     return str(workdir)
 
 
@@ -107,8 +112,24 @@ def test_run_length_names_each_steps_mode_in_order():
     assert cli.run_length(['on-policy']) == 'on-policy'
 
 
+def _run_forked(monkeypatch):
+    """The demo's ``swift rlhf`` run forked from the test worker's zygote (``conftest.run_swift``: the command the
+    ``swift`` launcher starts, its ``SWIFT_GKD_PLUGIN`` as the demo passes it: a zygote started with it) instead of
+    the launcher and a fresh process (~10 s of CPU a run); :func:`default_demo` runs the demo's own launch."""
+    from conftest import run_swift
+
+    def run_logged(cmd, env):
+        assert cmd[:2] == [cli.swift_executable(), 'rlhf'], cmd
+        run = run_swift(cmd[2:], env={'SWIFT_GKD_PLUGIN': env.get('SWIFT_GKD_PLUGIN')}, check=False, timeout=300)
+        print(run.output, end='')  # echoed, as the demo echoes its run
+        return run.returncode, run.output
+
+    monkeypatch.setattr(cli, 'run_logged', run_logged)
+
+
 def test_demo_fails_loudly_when_the_plugin_did_not_run(default_demo, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv('SWIFT_GKD_PLUGIN', '0')  # ms-swift's own GKD trainer runs, and does not know --gkd_* flags
+    _run_forked(monkeypatch)
     workdir = _cached(default_demo, tmp_path / 'ws')
     code = cli.main(['demo', '--workdir', workdir, '--steps', '1'])
     err = capsys.readouterr().err
@@ -124,6 +145,7 @@ def test_demo_without_skd_still_refuses_a_run_without_the_plugin(default_demo, t
     """With ``--skd_top_k 0`` the command line still carries the plugin's --gkd_sampling_temperature, which
     ms-swift's own parser refuses: the error says so (nothing ran), not that ms-swift's trainer ran."""
     monkeypatch.setenv('SWIFT_GKD_PLUGIN', '0')
+    _run_forked(monkeypatch)
     code = cli.main(['demo', '--workdir', _cached(default_demo, tmp_path / 'ws'), '--steps', '1', '--skd_top_k', '0'])
     err = capsys.readouterr().err
     assert code == 3 and 'did not use swift-gkd-plugin' in err
