@@ -3,7 +3,7 @@ import json
 import os
 
 import pytest
-from conftest import base_args, run_swift
+from conftest import _run_env, _zygote_for, base_args, launcher_child_command, run_swift
 from transformers import AutoTokenizer
 
 
@@ -11,10 +11,20 @@ def _rel(a, b):
     return abs(a - b) / max(abs(a), abs(b), 1e-12)
 
 
-def test_two_processes_agree_on_every_mode_decision(tiny_ws, tmp_path):
-    run = run_swift(
-        base_args(tiny_ws, str(tmp_path / 'out'), lmbda=0.5, seq_kd='true', max_steps=6, use_cpu='true', seed=7),
-        nproc=2, launcher=True)
+#: 6 steps that mix on-policy and seq_kd steps (seed 7) on two CPU ranks
+TWO_RANKS = dict(lmbda=0.5, seq_kd='true', max_steps=6, use_cpu='true', seed=7)
+
+
+@pytest.fixture(scope='module')
+def two_ranks_launched(tiny_ws, shared_runs):
+    """:data:`TWO_RANKS` through ms-swift's ``swift`` launcher (torchrun and its two ranks: fresh processes); also
+    tests/test_zygote.py's reference for two ranks forked from the zygote."""
+    return shared_runs('two_ranks_launched', {'run': lambda out: run_swift(base_args(tiny_ws, out, **TWO_RANKS),
+                                                                           nproc=2, launcher=True)})['run']
+
+
+def test_two_processes_agree_on_every_mode_decision(two_ranks_launched):
+    run = two_ranks_launched
     # through ms-swift's launcher, which started torchrun exactly as run_swift does without it in the other tests
     assert run.launched and run.launched[1:4] == ['-m', 'torch.distributed.run', '--nproc_per_node']
     assert run.launched[1:] == run.child_command[1:] and os.path.samefile(run.launched[0], run.child_command[0])
@@ -78,9 +88,18 @@ def test_the_model_card_names_the_distillation_and_its_snippet_runs_on_a_cpu(tin
         assert needle in card, (needle, card)
     snippet = re.search(r'```python\n(.*?)```', card, re.S).group(1)
     assert os.path.join(saved_every_three_steps.output_dir, 'checkpoint-6') in snippet
-    proc = subprocess.run([sys.executable, '-c', snippet], capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                          env=dict(os.environ, CUDA_VISIBLE_DEVICES='', HF_HUB_OFFLINE='1', OMP_NUM_THREADS='1'))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # a python process on a CPU: a fork of the test worker's zygote (it imported torch and transformers, ~5 s of a
+    # fresh interpreter's start), else a fresh one (GKD_TESTS_FRESH_PROCESSES=1)
+    (tmp_path / 'snippet.py').write_text(snippet)
+    env = dict(_run_env(), CUDA_VISIBLE_DEVICES='', HF_HUB_OFFLINE='1', OMP_NUM_THREADS='1')
+    zygote, _ = _zygote_for(launcher_child_command('rlhf', [], _run_env()), _run_env())
+    if zygote is not None:
+        returncode, _, stderr = zygote.run(str(tmp_path / 'snippet.py'), [], env, 300, str(tmp_path))
+    else:
+        proc = subprocess.run([sys.executable, str(tmp_path / 'snippet.py')], capture_output=True, text=True,
+                              timeout=300, cwd=tmp_path, env=env)
+        returncode, stderr = proc.returncode, proc.stderr
+    assert returncode == 0, stderr[-3000:]
 
 
 @pytest.mark.parametrize('last_checkpoint_link', [True, False])

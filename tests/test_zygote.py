@@ -8,6 +8,7 @@ import subprocess
 import pytest
 from conftest import (OFFLINE_ENV, SWIFT_GKD, _ZYGOTE, _free_port, _run_env, _zygote_for, base_args,
                       launcher_child_command, run_swift, run_swift_gkd)
+from test_pipeline_consistency import TWO_RANKS, two_ranks_launched  # noqa: F401 (its shared launcher run)
 
 METRICS = ('loss', 'grad_norm', 'gkd/distill_loss', 'gkd/top1_agreement')
 
@@ -65,14 +66,15 @@ def test_a_run_past_its_timeout_is_stopped(tiny_ws, tmp_path):
     assert run.returncode == 2 and os.getpid() != _ZYGOTE['swift'].proc.pid
 
 
-def test_two_ranks_forked_from_the_zygote_equal_torchrun(tiny_ws, tmp_path, monkeypatch):
-    """Two ranks (DDP on gloo, on-policy and dataset steps) forked from the torchrun zygote log what torchrun's two
-    fresh ranks log, on both ranks."""
-    forked, fresh = _both(monkeypatch, lambda name: base_args(tiny_ws, str(tmp_path / name), max_steps=3, lmbda=0.5,
-                                                              seed=3, per_device_train_batch_size=1,
-                                                              use_cpu='true'), nproc=2)
+def test_two_ranks_forked_from_the_zygote_equal_torchrun(tiny_ws, tmp_path, two_ranks_launched):
+    """Two ranks (DDP on gloo, on-policy and seq_kd steps) forked from the torchrun zygote log what torchrun's two
+    fresh ranks log, on both ranks: those started by the ``swift`` launcher in test_pipeline_consistency's shared run
+    (``two_ranks_launched``, whose test checks that the launcher started the command ``run_swift`` forks)."""
+    fresh = two_ranks_launched
+    forked = run_swift(base_args(tiny_ws, str(tmp_path / 'forked'), **TWO_RANKS), nproc=2)
     assert _ZYGOTE['swift torchrun'].proc is not None  # the forked run went through it
-    assert forked.modes(0) == fresh.modes(0) and forked.modes(1) == fresh.modes(1) and len(forked.logs) == 3
+    assert forked.modes(0) == fresh.modes(0) and forked.modes(1) == fresh.modes(1)
+    assert len(forked.logs) == len(fresh.logs) == 6
     for a, b in zip(forked.logs, fresh.logs):
         assert {k: a[k] for k in METRICS} == {k: b[k] for k in METRICS}
 
@@ -166,20 +168,25 @@ def test_inductors_python_subprocesses_leave_the_megatron_harness_out(monkeypatc
 def test_a_preload_entry_with_a_function_runs_it_once_for_every_fork(tmp_path):
     """``module:function`` in the preload is called in the zygote: the Megatron zygote runs inductor's CPU
     instruction-set probe (a ``python`` subprocess per candidate, cached per process) once, and each fork inherits
-    the answer instead of probing again."""
-    from swift_gkd_plugin.testing.zygote import MEGATRON_PRELOAD, Zygote
-    assert 'torch._inductor.cpu_vec_isa:pick_vec_isa' in MEGATRON_PRELOAD
+    the answer instead of probing again. (Against a fork of the worker's ``'swift'`` zygote, whose preload of
+    modules alone, torch's included, leaves that cache empty.)"""
+    from swift_gkd_plugin.testing.zygote import MEGATRON_PRELOAD, PRELOAD, Zygote
+    assert 'torch._inductor.cpu_vec_isa:pick_vec_isa' in MEGATRON_PRELOAD and not any(':' in p for p in PRELOAD)
     script = tmp_path / 'probed.py'
     script.write_text('from torch._inductor.cpu_vec_isa import valid_vec_isa_list\n'
                       'print("cached", valid_vec_isa_list.cache_info().currsize)\n')
+    env = _run_env()
     outputs = []
-    for n, preload in enumerate((('torch._inductor.cpu_vec_isa', ), ('torch._inductor.cpu_vec_isa:pick_vec_isa', ))):
-        zygote, workdir = Zygote(_run_env(), preload), tmp_path / str(n)
+    for n in range(2):
+        workdir = tmp_path / str(n)
         workdir.mkdir()
+        zygote = _zygote_for(launcher_child_command('rlhf', [], env), env)[0] if n == 0 else \
+            Zygote(env, ('torch._inductor.cpu_vec_isa:pick_vec_isa', ))
         try:
-            rc, out, err = zygote.run(str(script), [], _run_env(), 120, str(workdir))
+            rc, out, err = zygote.run(str(script), [], env, 120, str(workdir))
         finally:
-            zygote.close()
+            if n:
+                zygote.close()
         assert rc == 0, err
         outputs.append(out.strip())
     assert outputs == ['cached 0', 'cached 1']
