@@ -42,17 +42,16 @@ def _starts(ws, runs):
     return {
         'resumed': resumed,
         'off_on': lambda out: run_megatron(megatron_args(ws, out, **OFF_ON)),
-        'topk_tail_eval': lambda out: run_megatron(megatron_args(
-            ws, out, lmbda=0, gkd_logits_topk=8, gkd_topk_tail='true', split_dataset_ratio=0.25, eval_steps=1,
-            eval_iters=1)),
         'tp2_sampling': lambda out: run_megatron(megatron_args(ws, out, **OFF_ON, tensor_model_parallel_size=2),
                                                  nproc=2),
         'pp2': lambda out: run_megatron(megatron_args(
             ws, out, seed=MIXED_SEED, lmbda=0.5, seq_kd='true', pipeline_model_parallel_size=2), nproc=2),
-        # self-distillation: the student's base with its (fresh) adapter disabled is the teacher
+        # self-distillation: the student's base with its (fresh) adapter disabled is the teacher; its top-8 logits
+        # with the tail, an evaluation after each step on a quarter of the rows
         'lora_privileged': lambda out: run_megatron(megatron_args(
             ws, out, teacher_model=ws.student, tuner_type='lora', dataset=_privileged(ws), seed=MIXED_SEED, lmbda=0.5,
-            seq_kd='true')),
+            seq_kd='true', gkd_logits_topk=8, gkd_topk_tail='true', split_dataset_ratio=0.25, eval_steps=1,
+            eval_iters=1)),
         'lora_nothing_to_learn': lambda out: run_megatron(megatron_args(
             ws, out, teacher_model=ws.student, tuner_type='lora', lmbda=0), check=False, launcher=False),
     }
@@ -155,16 +154,21 @@ def test_data_parallel_sampling_modes(runs):
 
 
 def test_teacher_topk_with_tail_and_evaluation(runs):
-    """``--gkd_logits_topk 8 --gkd_topk_tail true`` trains, and evaluation scores the held-out rows."""
-    run = runs['topk_tail_eval']
-    assert_trained(run, ['off_policy', 'off_policy'], 42, 0.0, False)
+    """``--gkd_logits_topk 8 --gkd_topk_tail true`` trains (``lora_privileged``: on-policy and seq_kd, the teacher the
+    student's base), and evaluation scores the held-out rows after each step."""
+    run = runs['lora_privileged']
+    assert_trained(run, ['on_policy', 'seq_kd'], MIXED_SEED, 0.5, True)
+    with open(os.path.join(run.output_dir, 'args.json')) as f:
+        args = json.load(f)
+    assert (args['gkd_logits_topk'], args['gkd_topk_tail']) == (8, True), args
     evals = [r for r in run.logs if 'eval_loss' in r]
     assert len(evals) == 2 and all(math.isfinite(r['eval_loss']) and r['eval_loss'] > 0 for r in evals), evals
 
 
 def test_shared_base_lora_self_distillation_with_a_privileged_teacher_prompt(runs):
     """``--teacher_model`` = ``--model`` with LoRA: one copy of the weights, the teacher is the base with the adapter
-    disabled and sees the ``teacher_prompt``; on-policy and seq_kd (the adapter-off base samples) both learn."""
+    disabled and sees the ``teacher_prompt``; on-policy and seq_kd (the adapter-off base samples) both learn (its
+    top-8 logits with the tail: test_teacher_topk_with_tail_and_evaluation)."""
     run = runs['lora_privileged']
     assert_trained(run, ['on_policy', 'seq_kd'], MIXED_SEED, 0.5, True)
     assert os.path.exists(os.path.join(run.output_dir, 'checkpoint-2', 'adapter_model.safetensors'))
