@@ -162,14 +162,15 @@ def _grouped_experts(run, local_experts):
 def test_moe_off_policy_loss_equals_swift_rlhf_on_the_same_rows(runs, moe_ws, tmp_path):
     """TP 2, each expert split over the 2 TP ranks or whole over EP 2: the first step (off-policy, logged before its
     update) on the 4 fixed rows, 2 micro-batches of 2, has ``swift rlhf``'s loss and gradient norm on the same rows in
-    one batch (transformers' ``Qwen3MoeForCausalLM``, the same separate MoE teacher, ``--lmbda 0``)."""
+    one batch (transformers' ``Qwen3MoeForCausalLM``, the same separate MoE teacher, ``--lmbda 0``). Measured: the
+    losses equal to the 8 logged digits, the gradient norms within 4e-7 relative."""
     swift = run_swift(base_args(moe_ws, str(tmp_path / 'swift'), model_type='qwen3_moe',
                                 teacher_model_type='qwen3_moe', dataset=moe_ws.fixed, lmbda=0, max_steps=1,
                                 per_device_train_batch_size=4, learning_rate=0, seed=42))
     for name in ('moe_tp2', 'moe_tp2_ep2_offload'):
         first = _assert_trained(runs[name], MODES)[0]
-        assert first['loss'] == pytest.approx(swift.losses[0], rel=1e-4), (name, first, swift.logs[0])
-        assert first['grad_norm'] == pytest.approx(swift.logs[0]['grad_norm'], rel=1e-4), (name, first, swift.logs[0])
+        assert first['loss'] == pytest.approx(swift.losses[0], rel=1e-5), (name, first, swift.logs[0])
+        assert first['grad_norm'] == pytest.approx(swift.logs[0]['grad_norm'], rel=1e-5), (name, first, swift.logs[0])
 
 
 def test_expert_parallel_loss_and_gradient_equal_one(runs):
