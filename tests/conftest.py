@@ -310,7 +310,7 @@ def _zygote_for(child: List[str], env: Dict[str, str], family: str = 'swift',
     if os.environ.get('GKD_TESTS_FRESH_PROCESSES') == '1':
         return None, 0
     from swift_gkd_plugin.testing.zygote import (LAUNCHER_PRELOAD, MEGATRON_PRELOAD, PRELOAD, TORCHRUN_WORKER_CONSTANTS,
-                                                 Zygote)
+                                                 VLLM_COLOCATE_PRELOAD, Zygote)
     nproc = 1
     if child[1] == '-m':
         torchrun = child[3:7]
@@ -327,12 +327,17 @@ def _zygote_for(child: List[str], env: Dict[str, str], family: str = 'swift',
                 and (not family.endswith('launcher') or k not in LAUNCHER_RUN_TIME_ENV)}
     # torchrun's ranks: a zygote with torchrun's constant worker variables at import
     key = family if child[1] != '-m' else f'{family} torchrun'
+    # a vLLM colocate run (its command line): a zygote that also imported vLLM
+    colocate = family in ('swift', 'megatron') and _flag(child, '--use_vllm', '').lower() == 'true' and \
+        _flag(child, '--vllm_mode', '') == 'colocate'
+    key += ' vllm colocate' if colocate else ''
     if key not in _ZYGOTE:
         import atexit
         base = at_import(base_env if base_env is not None else _run_env())
         if child[1] == '-m':
             base.update(TORCHRUN_WORKER_CONSTANTS)
-        _ZYGOTE[key] = Zygote(base, {'megatron': MEGATRON_PRELOAD, **LAUNCHER_PRELOAD}.get(family, PRELOAD))
+        _ZYGOTE[key] = Zygote(base, {'megatron': MEGATRON_PRELOAD, **LAUNCHER_PRELOAD}.get(family, PRELOAD)
+                              + (VLLM_COLOCATE_PRELOAD if colocate else ()))
         atexit.register(_ZYGOTE[key].close)
     zygote = _ZYGOTE[key]
     wanted = at_import(env) if child[1] != '-m' else dict(at_import(env), **TORCHRUN_WORKER_CONSTANTS)
@@ -350,6 +355,12 @@ def _zygote_for(child: List[str], env: Dict[str, str], family: str = 'swift',
         _ZYGOTE[variant] = Zygote(wanted, _preload_for(zygote.preload, wanted))
         atexit.register(_ZYGOTE[variant].close)
     return _ZYGOTE[variant], nproc
+
+
+def _flag(argv: List[str], name: str, default: str) -> str:
+    """The value after the last ``name`` in ``argv``, else ``default``."""
+    at = [i for i, arg in enumerate(argv[:-1]) if arg == name]
+    return argv[at[-1] + 1] if at else default
 
 
 # what a run may set at import and still fork, from a zygote started with it (``_zygote_for``): the plugin switched

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 
 import pytest
 from conftest import RL_REWARD_PLUGIN, Workspace, _free_port, base_args, run_swift
@@ -167,6 +168,48 @@ def test_vllm_on_policy_samples_from_the_synced_student(runs):
     _assert_vllm_is_on_policy(run, syncs=3)
     assert [row['post_load_passes'] for row in _probe(run)] == [1, 1, 1]
     assert all(row['loss'] > 0 for row in run.logs)
+
+
+def test_vllm_run_forked_from_the_zygote_equals_a_fresh_process(runs, vllm_ws, tmp_path, monkeypatch):
+    """The forked colocate runs come from a zygote that also imported vLLM and ms-swift's engine over it
+    (``VLLM_COLOCATE_PRELOAD``): ``on_policy`` started as a fresh torchrun process logs the same losses and metrics,
+    vLLM samples the same continuations after every sync, and the run prints the same lines (times, addresses and
+    paths aside), vLLM's and the plugin's included."""
+    from conftest import _run_env, _zygote_for
+    forked = _ok(runs['on_policy'])
+    # what ms-swift's engine module sets in the environment at import (a fresh run's import sets it in its own): each
+    # fork of that zygote has it too
+    zygote = _zygote_for(forked.child_command, _run_env())[0]
+    assert 'swift_gkd_plugin.rollout.colocated_vllm' in zygote.preload
+    (tmp_path / 'env.py').write_text('import os; print(os.environ.get("VLLM_WORKER_MULTIPROC_METHOD"))')
+    assert zygote.run(str(tmp_path / 'env.py'), [], _run_env(), 60, str(tmp_path))[1] == 'spawn\n'
+    monkeypatch.setenv('GKD_TESTS_FRESH_PROCESSES', '1')
+    fresh = _ok(_vllm_run(vllm_ws, str(tmp_path / 'fresh'), gkd_loss_impl='fused', **ON_POLICY))
+    assert forked.child_command[:3] == fresh.child_command[:3] == [sys.executable, '-m', 'torch.distributed.run']
+    assert len(forked.logs) == len(fresh.logs) == 3
+    for a, b in zip(forked.logs, fresh.logs):
+        assert _untimed(a) == _untimed(b) and 'gkd/distill_loss' in a
+    assert _probe(forked) == _probe(fresh)
+    import difflib
+    lines = _lines(forked), _lines(fresh)
+    assert lines[0] == lines[1], '\n'.join(difflib.unified_diff(*lines, 'forked', 'fresh', lineterm='', n=0))
+
+
+def _untimed(row):
+    return {k: v for k, v in row.items() if not any(w in k for w in ('speed', 'runtime', 'per_second', 'time'))}
+
+
+def _lines(run):
+    """The run's lines from vLLM and the plugin, without what differs between two identical runs (times, rates,
+    addresses, paths). (The zygote printed its imports' messages, e.g. deepspeed's accelerator line, to its own log;
+    progress bars carry times.)"""
+    import re
+    out = run.output.replace(run.output_dir, '<out>')
+    out = re.sub(r'\d{4}-\d\d-\d\d[ T][\d:,.]+|\d\d:\d\d:\d\d[.,\d]*|\d+\.\d+ ?(?:s|it/s|s/it)\b|\b\d{4,}\b|0x[0-9a-f]+',
+                 '#', out)
+    lines = [line for line in out.splitlines() if re.search('vllm|swift_gkd_plugin', line, re.IGNORECASE)]
+    assert len(lines) > 10, run.output[-4000:]
+    return lines
 
 
 def test_vllm_sync_that_fails_half_way_stops_with_a_clear_error(vllm_ws, tmp_path):

@@ -54,6 +54,10 @@ LAUNCHER_PRELOAD = {'swift launcher': ('swift.cli.main', 'swift_gkd_plugin.swift
                                           'swift_gkd_plugin.data.dataset_files'),
                     'swift-gkd launcher': ('swift_gkd_plugin.entry.cli', 'swift_gkd_plugin.server.cli', 'torch',
                                            'swift.model.model_meta', 'swift.template')}
+# a run with vLLM colocate (``--use_vllm true --vllm_mode colocate``, ``swift rlhf`` or ``megatron rlhf``): also vLLM
+# and ms-swift's engine over it, which its trainer imports when it builds the engine (~5 s of CPU a rank), and the
+# plugin's colocate module (``tests/conftest.py``: ``_zygote_for`` picks that zygote by the command line)
+VLLM_COLOCATE_PRELOAD = ('swift.infer_engine.grpo_vllm_engine', 'swift_gkd_plugin.rollout.colocated_vllm')
 # what torchrun (torch 2.13, one node, static rendezvous) sets in every worker's environment, whatever the rank
 TORCHRUN_WORKER_CONSTANTS = {
     'TORCHELASTIC_RUN_ID': 'none', 'TORCHELASTIC_RESTART_COUNT': '0', 'TORCHELASTIC_MAX_RESTARTS': '0',
@@ -71,9 +75,10 @@ def torchrun_rank_env(env: Dict[str, str], rank: int, world: int, port: str, err
     return out
 
 
-def _child(request: dict, env: Dict[str, str]) -> None:
-    """In the forked child: become the run ``request`` describes (in ``env``), run the route file, exit as its
-    process would."""
+def _child(request: dict, env: Dict[str, str], imported_env: Dict[str, Optional[str]]) -> None:
+    """In the forked child: become the run ``request`` describes (in ``env``, with ``imported_env``: what the
+    zygote's vLLM imports set in their environment, which a fresh process's same imports would set in its own), run
+    the route file, exit as its process would."""
     os.setpgid(0, 0)  # its own process group: a timeout stops it with everything it started
     write = os.O_WRONLY | os.O_CREAT | os.O_APPEND  # the ranks of a run share its two files, as torchrun's do
     for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, request['stdout'], write), (2, request['stderr'], write)):
@@ -82,6 +87,11 @@ def _child(request: dict, env: Dict[str, str]) -> None:
         os.close(target)
     os.environ.clear()
     os.environ.update(env)
+    for name, value in imported_env.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
     os.chdir(request['cwd'])
     sys.argv = [request['route'], *request['argv']]
     sys.path[0] = os.path.dirname(request['route'])  # as for `python route.py`
@@ -170,12 +180,21 @@ def serve(preload=PRELOAD) -> None:
     # writes its accelerator line there); sys.stdout stays the same object, which the loggers made at import hold
     replies = os.dup(1)
     os.dup2(2, 1)
+    before = None
     for name in preload:
+        if name in VLLM_COLOCATE_PRELOAD and before is None:
+            before = dict(os.environ)
         module, _, function = name.partition(':')
         module = importlib.import_module(module)
         if function:
             getattr(module, function)()
     sys.stdout.flush()
+    # what the vLLM imports set, changed or removed in the environment (ms-swift's engine module sets vLLM's worker
+    # start method, cv2 prepends its library folder): the zygote's environment at import is the run's, so these are
+    # the values the run's own imports of them would leave. (What the other imports set stays out of the forks, as a
+    # rank's environment is torchrun's: tests/test_zygote.py.)
+    imported_env = {} if before is None else {
+        k: os.environ.get(k) for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k)}
     os.dup2(replies, 1)
     os.close(replies)
     # the heap the imports left, which every fork inherits, is left out of the collector's scans (gc.freeze): a
@@ -193,7 +212,7 @@ def serve(preload=PRELOAD) -> None:
         for env in request['envs']:
             pid = os.fork()
             if pid == 0:
-                _child(request, env)
+                _child(request, env, imported_env)
             pids.append(pid)
         out.write(json.dumps({'pids': pids}) + '\n')
         out.flush()
