@@ -328,8 +328,8 @@ def _zygote_for(child: List[str], env: Dict[str, str], family: str = 'swift',
     # torchrun's ranks: a zygote with torchrun's constant worker variables at import
     key = family if child[1] != '-m' else f'{family} torchrun'
     # a vLLM colocate run's ranks (its command line; without torchrun it is refused before vLLM loads): a zygote that
-    # also imported vLLM
-    colocate = child[1] == '-m' and family in ('swift', 'megatron') and \
+    # also imported vLLM (not megatron rlhf's: its three such runs saved less than one more Megatron zygote costs)
+    colocate = child[1] == '-m' and family == 'swift' and \
         _flag(child, '--use_vllm', '').lower() == 'true' and _flag(child, '--vllm_mode', '') == 'colocate'
     key += ' vllm colocate' if colocate else ''
     if key not in _ZYGOTE:

@@ -54,7 +54,7 @@ LAUNCHER_PRELOAD = {'swift launcher': ('swift.cli.main', 'swift_gkd_plugin.swift
                                           'swift_gkd_plugin.data.dataset_files'),
                     'swift-gkd launcher': ('swift_gkd_plugin.entry.cli', 'swift_gkd_plugin.server.cli', 'torch',
                                            'swift.model.model_meta', 'swift.template')}
-# a run with vLLM colocate (``--use_vllm true --vllm_mode colocate``, ``swift rlhf`` or ``megatron rlhf``): also vLLM
+# a ``swift rlhf`` run with vLLM colocate (``--use_vllm true --vllm_mode colocate``, its torchrun ranks): also vLLM
 # and ms-swift's engine over it, which its trainer imports when it builds the engine (~5 s of CPU a rank), and the
 # plugin's colocate module (``tests/conftest.py``: ``_zygote_for`` picks that zygote by the command line)
 VLLM_COLOCATE_PRELOAD = ('swift.infer_engine.grpo_vllm_engine', 'swift_gkd_plugin.rollout.colocated_vllm')
