@@ -37,6 +37,7 @@ _OWNS_THE_SESSION = 'GKD_TEST_RUN_LOG' not in os.environ
 if _OWNS_THE_SESSION:
     import tempfile
     os.environ['GKD_TEST_RUN_LOG'] = os.path.join(tempfile.mkdtemp(prefix='gkd_test_runs_'), 'runs.jsonl')
+    os.environ['GKD_TEST_SESSION_PID'] = str(os.getpid())  # the session's zygotes end with it
 
 OFFLINE_ENV = {**CLI_OFFLINE_ENV, 'TOKENIZERS_PARALLELISM': 'false', 'OMP_NUM_THREADS': '1'}
 SWIFT = os.path.join(os.path.dirname(sys.executable), 'swift')
@@ -295,7 +296,9 @@ def log_run(kind: str, seconds: float, why_fresh: Optional[List[str]] = None) ->
 _ZYGOTE: Dict[str, object] = {}
 # read at run time only (by the test plugins): a run that sets these still forks from the zygote
 _RUNTIME_ENV_PREFIX = 'GKD_TEST_'
-_ZYGOTE_IGNORED = ('PYTEST_CURRENT_TEST',)
+# (and the xdist worker's name: the workers share the session's zygotes; the plugin's variables that it reads when a
+# run reaches them, not at import: swift_gkd_plugin/core/fused/kernels.requested_backend)
+_ZYGOTE_IGNORED = ('PYTEST_CURRENT_TEST', 'PYTEST_XDIST_WORKER', 'SWIFT_GKD_FUSED_BACKEND')
 
 
 def _zygote_for(child: List[str], env: Dict[str, str], family: str = 'swift',
@@ -337,8 +340,8 @@ def _zygote_for(child: List[str], env: Dict[str, str], family: str = 'swift',
         base = at_import(base_env if base_env is not None else _run_env())
         if child[1] == '-m':
             base.update(TORCHRUN_WORKER_CONSTANTS)
-        _ZYGOTE[key] = Zygote(base, {'megatron': MEGATRON_PRELOAD, **LAUNCHER_PRELOAD}.get(family, PRELOAD)
-                              + (VLLM_COLOCATE_PRELOAD if colocate else ()))
+        _ZYGOTE[key] = _shared_zygote(Zygote, base, {'megatron': MEGATRON_PRELOAD, **LAUNCHER_PRELOAD}.get(
+            family, PRELOAD) + (VLLM_COLOCATE_PRELOAD if colocate else ()))
         atexit.register(_ZYGOTE[key].close)
     zygote = _ZYGOTE[key]
     wanted = at_import(env) if child[1] != '-m' else dict(at_import(env), **TORCHRUN_WORKER_CONSTANTS)
@@ -353,9 +356,16 @@ def _zygote_for(child: List[str], env: Dict[str, str], family: str = 'swift',
     variant = f'{key} ' + ' '.join(f'{k}={wanted.get(k, "(unset)")}' for k in differ)
     if variant not in _ZYGOTE:
         import atexit
-        _ZYGOTE[variant] = Zygote(wanted, _preload_for(zygote.preload, wanted))
+        _ZYGOTE[variant] = _shared_zygote(Zygote, wanted, _preload_for(zygote.preload, wanted))
         atexit.register(_ZYGOTE[variant].close)
     return _ZYGOTE[variant], nproc
+
+
+def _shared_zygote(zygote_class, env: Dict[str, str], preload):
+    """A zygote of ``env`` and ``preload`` shared by the session's workers (beside its shared servers, stopped with
+    them), its start counted in the closing summary with the CPU seconds of its imports."""
+    return zygote_class(env, preload, shared_dir=SHARED_SERVERS.root, outlive=int(os.environ.get('GKD_TEST_SESSION_PID', os.getpid())),
+                        on_start=lambda cpu: log_run('zygote start', cpu))
 
 
 def _flag(argv: List[str], name: str, default: str) -> str:
@@ -685,6 +695,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if os.path.exists(os.environ['GKD_TEST_RUN_LOG']):
         with open(os.environ['GKD_TEST_RUN_LOG']) as f:
             runs = [json.loads(line) for line in f]
+    starts = [r['seconds'] for r in runs if r['kind'].startswith('zygote start')]
+    runs = [r for r in runs if not r['kind'].startswith('zygote start')]
+    if starts:  # the session's shared start-ups (swift_gkd_plugin.testing.zygote), each once for all its workers
+        tr.write_line(f'{len(starts)} zygotes started, {sum(starts):.0f} s of CPU importing in all')
     if runs:
         by_kind: Dict[str, List[float]] = {}
         for r in runs:

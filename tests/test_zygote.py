@@ -24,7 +24,7 @@ def _both(monkeypatch, argv_of, **kwargs):
 def test_a_run_forked_from_the_zygote_equals_a_fresh_process(tiny_ws, tmp_path, monkeypatch):
     forked, fresh = _both(monkeypatch, lambda name: base_args(tiny_ws, str(tmp_path / name), max_steps=3, lmbda=0.5,
                                                               seed=3, sft_alpha=0.5))
-    assert _ZYGOTE['swift'].proc is not None  # the first run went through it
+    assert _ZYGOTE['swift'].runs  # the first run went through it
     assert forked.modes() == fresh.modes() and len(forked.logs) == 3
     for a, b in zip(forked.logs, fresh.logs):
         assert all(k in a for k in METRICS) and {k: a[k] for k in METRICS} == {k: b[k] for k in METRICS}
@@ -38,7 +38,7 @@ def test_a_refusal_is_the_same_line_and_exit_code(tiny_ws, tmp_path, monkeypatch
     forked, fresh = _both(monkeypatch, lambda name: base_args(tiny_ws, str(tmp_path / name), **flags), check=False,
                           timeout=120, env=env)
     if env:
-        assert _ZYGOTE['swift SWIFT_GKD_PLUGIN=0'].proc is not None  # the forked run went through it
+        assert _ZYGOTE['swift SWIFT_GKD_PLUGIN=0'].runs  # the forked run went through it
     assert forked.returncode == fresh.returncode == 2
     errors = [[line for line in run.output.splitlines() if line.startswith('swift rlhf: error: ')]
               for run in (forked, fresh)]
@@ -50,7 +50,7 @@ def test_a_swift_gkd_refusal_forked_is_the_fresh_processs(tiny_ws):
     the same stdout, stderr and exit code as the console script started fresh."""
     argv = ['serve-teacher', '--model', tiny_ws.teacher, '--port', '70000']
     forked = run_swift_gkd(argv)
-    assert _ZYGOTE['swift-gkd launcher'].proc is not None  # it went through it
+    assert _ZYGOTE['swift-gkd launcher'].runs  # it went through it
     fresh = subprocess.run([SWIFT_GKD, *argv], env=dict(os.environ, **OFFLINE_ENV), capture_output=True, text=True,
                            timeout=120)
     assert (forked.returncode, forked.stdout, forked.stderr) == (fresh.returncode, fresh.stdout, fresh.stderr) and \
@@ -62,8 +62,9 @@ def test_a_run_past_its_timeout_is_stopped(tiny_ws, tmp_path):
     with pytest.raises(subprocess.TimeoutExpired):
         run_swift(base_args(tiny_ws, str(tmp_path / 'out'), max_steps=1000), timeout=3)
     # the zygote serves the next run
+    runs = _ZYGOTE['swift'].runs
     run = run_swift(base_args(tiny_ws, str(tmp_path / 'next'), beta=1.5), check=False, timeout=120)
-    assert run.returncode == 2 and os.getpid() != _ZYGOTE['swift'].proc.pid
+    assert run.returncode == 2 and _ZYGOTE['swift'].runs == runs + 1
 
 
 def test_two_ranks_forked_from_the_zygote_equal_torchrun(tiny_ws, tmp_path, two_ranks_launched):
@@ -72,7 +73,7 @@ def test_two_ranks_forked_from_the_zygote_equal_torchrun(tiny_ws, tmp_path, two_
     (``two_ranks_launched``, whose test checks that the launcher started the command ``run_swift`` forks)."""
     fresh = two_ranks_launched
     forked = run_swift(base_args(tiny_ws, str(tmp_path / 'forked'), **TWO_RANKS), nproc=2)
-    assert _ZYGOTE['swift torchrun'].proc is not None  # the forked run went through it
+    assert _ZYGOTE['swift torchrun'].runs  # the forked run went through it
     assert forked.modes(0) == fresh.modes(0) and forked.modes(1) == fresh.modes(1)
     assert len(forked.logs) == len(fresh.logs) == 6
     for a, b in zip(forked.logs, fresh.logs):
@@ -190,3 +191,37 @@ def test_a_preload_entry_with_a_function_runs_it_once_for_every_fork(tmp_path):
         assert rc == 0, err
         outputs.append(out.strip())
     assert outputs == ['cached 0', 'cached 1']
+
+
+def test_one_zygote_serves_several_workers_at_once(tmp_path):
+    """A shared zygote (``shared_dir``: the session's xdist workers) starts once for every client of the same
+    environment and preload, and serves their runs at the same time: two runs that each wait for the other's file
+    end only if both run together."""
+    import threading
+
+    from swift_gkd_plugin.testing.zygote import Zygote
+    script = tmp_path / 'meet.py'
+    script.write_text('import os, sys, time\n'
+                      'me, other = sys.argv[1:]\n'
+                      'open(me, "w").close()\n'
+                      'while not os.path.exists(other):\n    time.sleep(0.05)\n'
+                      'print(os.getpid())\n')
+    env, started = _run_env(), []
+    clients = [Zygote(env, ('json', ), shared_dir=str(tmp_path), on_start=started.append) for _ in range(2)]
+    results = {}
+
+    def run(n):
+        workdir = tmp_path / f'run{n}'
+        workdir.mkdir()
+        results[n] = clients[n].run(str(script), [str(tmp_path / f'm{n}'), str(tmp_path / f'm{1 - n}')], env, 60,
+                                    str(workdir))
+    try:
+        run_first = threading.Thread(target=run, args=(0, ))
+        run_first.start()
+        run(1)
+        run_first.join()
+    finally:
+        os.killpg(clients[0].pid, 9)
+    assert len(started) == 1 and clients[0].pid == clients[1].pid  # one start-up for both
+    assert [results[n][0] for n in (0, 1)] == [0, 0], results
+    assert results[0][1] != results[1][1]  # two forks

@@ -1,10 +1,11 @@
 """TEST-ONLY: start-ups shared between the test suite's ``swift rlhf`` runs.
 
 A fresh ``python swift/cli/rlhf.py ...`` spends ~5 s of CPU importing torch, transformers and ms-swift before it reads
-its command line. The zygote (:func:`serve`, one process per test worker, started with the run's default
-environment) imports them once; each run is then a ``fork`` of it that sets its own command line, environment,
+its command line. The zygote (:func:`serve`, one process per test session and kind of start-up, shared by its xdist
+workers over a Unix socket, started with the run's default environment) imports them once; each run is then a ``fork`` of it that sets its own command line, environment,
 working directory and output files and runs ms-swift's route file as ``__main__``, exactly as the fresh process
-would from there. Only what the zygote did differs: the imports, with the plugin's activation (the same start-up
+would from there (the fork's parent is a fork of the zygote that serves that one request). Only what the zygote did
+differs: the imports, with the plugin's activation (the same start-up
 hooks a fresh process runs at those imports), the collector's freeze of the heap they left (``gc.freeze``: the
 forks' collections skip it), and nothing else (no tensor op, no thread: ``fork`` must stay safe).
 
@@ -170,10 +171,9 @@ def _signal_group(pid: int, sig: int) -> None:
         pass
 
 
-def serve(preload=PRELOAD) -> None:
-    """The zygote's loop, after importing ``preload`` (``module:function`` also calls the function): one JSON request
-    per line on stdin; replies ``{"pids"}`` once the run's processes are forked (one per entry of ``envs``), then
-    ``{"rc"}`` (:func:`_wait_ranks`) when they ended."""
+def _preload(preload) -> Dict[str, Optional[str]]:
+    """Import ``preload`` (``module:function`` also calls the function) and freeze the heap they left; returns what the
+    vLLM imports set, changed or removed in the environment (:func:`_child` sets it again in each fork)."""
     import gc
     import importlib
     # what the imports print goes to the zygote's log (stderr), not into its replies on stdout (deepspeed's logger
@@ -203,86 +203,193 @@ def serve(preload=PRELOAD) -> None:
     # in a fresh process
     gc.collect()
     gc.freeze()
-    out = sys.stdout
-    out.write(json.dumps({'ready': os.getpid()}) + '\n')
-    out.flush()
-    for line in sys.stdin:
-        request = json.loads(line)
-        pids = []
-        for env in request['envs']:
-            pid = os.fork()
-            if pid == 0:
-                _child(request, env, imported_env)
-            pids.append(pid)
-        out.write(json.dumps({'pids': pids}) + '\n')
-        out.flush()
-        out.write(json.dumps({'rc': _wait_ranks(pids)}) + '\n')
-        out.flush()
+    return imported_env
+
+
+def serve(argv: List[str]) -> None:
+    """The zygote: ``argv`` is ``[socket path, pid to outlive, *preload]``. After :func:`_preload` it prints
+    ``{"ready"}`` and accepts connections on the socket until the watched process is gone; each connection is served
+    by a fork of it (:func:`_supervise`), so several test workers run forks of one zygote at the same time."""
+    import socket
+    path, watched, preload = argv[0], int(argv[1]), argv[2:]
+    imported_env = _preload(preload)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(64)
+    listener.settimeout(2)  # a poll: no thread in the zygote (fork must stay safe)
+    sys.stdout.write(json.dumps({'ready': os.getpid()}) + '\n')
+    sys.stdout.flush()
+    os.dup2(2, 1)  # its starter reads no more: anything printed later goes to the log
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except socket.timeout:
+            _reap()
+            if not _alive(watched):
+                return
+            continue
+        conn.setblocking(True)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                listener.close()
+                _supervise(conn, imported_env)
+            finally:  # never back into this loop
+                os._exit(1)
+        conn.close()
+        _reap()
+
+
+def _supervise(conn, imported_env: Dict[str, Optional[str]]) -> None:
+    """In a fork of the zygote, for one connection: read the run's JSON request, fork its processes (one per entry of
+    ``envs``) and reply ``{"pids"}``, then ``{"rc"}`` (:func:`_wait_ranks`) when they ended."""
+    stream = conn.makefile('rw')
+    line = stream.readline()
+    if not line:  # a probe (Zygote._answers)
+        os._exit(0)
+    request = json.loads(line)
+    pids = []
+    for env in request['envs']:
+        pid = os.fork()
+        if pid == 0:
+            stream.close()
+            conn.close()
+            _child(request, env, imported_env)
+        pids.append(pid)
+    stream.write(json.dumps({'pids': pids}) + '\n')
+    stream.flush()
+    stream.write(json.dumps({'rc': _wait_ranks(pids)}) + '\n')
+    stream.flush()
+    os._exit(0)
+
+
+def _reap() -> None:
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
+    except ChildProcessError:
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` itself (``/proc/PID/stat``)."""
+    with open(f'/proc/{pid}/stat') as f:
+        fields = f.read().rsplit(')', 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
 
 
 class Zygote:
-    """The test side: starts :func:`serve` with ``env`` (the default run's environment) on first use and runs route
-    files in forks of it. One run at a time (a test worker runs one test at a time)."""
+    """The test side of a zygote of ``env`` (the default run's environment) and ``preload``, started on first use.
 
-    def __init__(self, env: Dict[str, str], preload=PRELOAD):
+    ``shared_dir``: the zygote is shared by every process that asks for the same ``env`` and ``preload`` there (the
+    test session's xdist workers: one start-up instead of one per worker, ~5-45 s of CPU each), started by the first
+    under a file lock, and outlives its starter until ``outlive`` (a pid: the test session's process) ends or it is
+    killed (its record ``<name>.json`` there: ``pid``, ``cmdline``, as ``tests/conftest.py``'s shared servers). Without
+    ``shared_dir`` it is this process's own and :meth:`close` stops it. ``on_start(cpu_seconds)``: told the CPU its
+    imports took when this process started it."""
+
+    def __init__(self, env: Dict[str, str], preload=PRELOAD, shared_dir: Optional[str] = None,
+                 outlive: Optional[int] = None, on_start=None):
+        import hashlib
+        import tempfile
         self.env, self.preload = dict(env), tuple(preload)
-        self.proc: Optional[subprocess.Popen] = None
+        self.shared = shared_dir is not None
+        self.dir = shared_dir if self.shared else tempfile.mkdtemp(prefix='zygote_')
+        key = hashlib.sha256(json.dumps([sorted(self.env.items()), self.preload]).encode()).hexdigest()[:16]
+        self.name = os.path.join(self.dir, f'zygote-{key}')
+        self.outlive = outlive or os.getpid()
+        self.on_start = on_start
+        self.pid: Optional[int] = None  # the zygote's, once this process used it
+        self.runs = 0  # runs this process forked from it
+        self.log = self.name + '.log'
 
-    def _start(self) -> subprocess.Popen:
-        if self.proc is None or self.proc.poll() is not None:
-            import queue
-            import threading
-            import tempfile
-            self.log = tempfile.NamedTemporaryFile(prefix='zygote_', suffix='.log', delete=False).name
-            with open(self.log, 'w') as log:  # its imports' messages; each run has its own output files
-                self.proc = subprocess.Popen([sys.executable, '-c', 'import sys; from swift_gkd_plugin.testing import '
-                                              'zygote; zygote.serve(sys.argv[1:])', *self.preload], env=self.env,
-                                             stdin=subprocess.PIPE,
-                                             stdout=subprocess.PIPE, stderr=log, text=True, bufsize=1)
-            self.replies = queue.Queue()
-            threading.Thread(target=_pump, args=(self.proc.stdout, self.replies), daemon=True).start()
-            if 'ready' not in self.replies.get(timeout=300):
-                raise RuntimeError(f'the test zygote did not start:\n{_read(self.log)[-5000:]}')
-        return self.proc
+    def _answers(self) -> bool:
+        import socket
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(self.name + '.sock')
+                return True
+            except OSError:
+                return False
+
+    def _start(self) -> str:
+        """The zygote's socket path; starts it where no live one answers there."""
+        import fcntl
+        if self.pid is not None and _alive(self.pid):
+            return self.name + '.sock'
+        with open(self.name + '.lock', 'w') as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            record = json.load(open(self.name + '.json')) if os.path.exists(self.name + '.json') else None
+            if record is None or not _alive(record['pid']) or not self._answers():
+                if os.path.exists(self.name + '.sock'):
+                    os.remove(self.name + '.sock')
+                with open(self.log, 'w') as log:  # its imports' messages; each run has its own output files
+                    proc = subprocess.Popen([sys.executable, '-c', 'import sys; from swift_gkd_plugin.testing import '
+                                             'zygote; zygote.serve(sys.argv[1:])', self.name + '.sock',
+                                             str(self.outlive), *self.preload], env=self.env,
+                                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, text=True,
+                                            start_new_session=True)
+                line = proc.stdout.readline()  # blocks until ready or its end
+                if 'ready' not in line:
+                    raise RuntimeError(f'the test zygote did not start:\n{_read(self.log)[-5000:]}')
+                if self.on_start is not None:
+                    self.on_start(_cpu_seconds(proc.pid))
+                with open(f'/proc/{proc.pid}/cmdline') as f:
+                    record = {'name': os.path.basename(self.name), 'pid': proc.pid, 'cmdline': f.read(),
+                              'preload': self.preload}
+                with open(self.name + '.json', 'w') as f:
+                    json.dump(record, f)
+            self.pid = record['pid']
+        return self.name + '.sock'
 
     def run(self, route: str, argv: List[str], env: Dict[str, str], timeout: float, workdir: str,
             nproc: int = 1, port: Optional[str] = None):
         """Run ``python route argv`` in a fork, or (``port`` given) as ``torchrun --nproc_per_node nproc
         --master_port port`` would on one node (``nproc`` forks); returns ``(returncode, stdout, stderr)``; raises
         :class:`subprocess.TimeoutExpired` (the run's process groups killed) past ``timeout`` seconds."""
-        import queue
-        proc = self._start()
+        import socket
+        path = self._start()
         stdout, stderr = os.path.join(workdir, 'stdout'), os.path.join(workdir, 'stderr')
         envs = [env] if port is None else [
             torchrun_rank_env(env, rank, nproc, port, os.path.join(workdir, f'error_{rank}.json'))
             for rank in range(nproc)]
-        proc.stdin.write(json.dumps({'route': route, 'argv': argv, 'envs': envs, 'cwd': os.getcwd(),
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.connect(path)
+            stream = conn.makefile('rw')
+            stream.write(json.dumps({'route': route, 'argv': argv, 'envs': envs, 'cwd': os.getcwd(),
                                      'stdout': stdout, 'stderr': stderr}) + '\n')
-        proc.stdin.flush()
-        pids = self.replies.get(timeout=60).get('pids')
-        if pids is None:
-            raise RuntimeError(f'the test zygote ended:\n{_read(self.log)[-5000:]}')
-        try:
-            reply = self.replies.get(timeout=timeout)
-        except queue.Empty:
-            for pid in pids:
-                _signal_group(pid, signal.SIGKILL)
-            self.replies.get(timeout=60)  # its rc
-            raise subprocess.TimeoutExpired([route, *argv], timeout, _read(stdout), _read(stderr)) from None
-        if reply.get('ended'):
-            raise RuntimeError(f'the test zygote ended during a run:\n{_read(stdout)}{_read(stderr)}')
-        return reply['rc'], _read(stdout), _read(stderr)
+            stream.flush()
+            conn.settimeout(60)
+            line = stream.readline()
+            if not line:
+                raise RuntimeError(f'the test zygote ended:\n{_read(self.log)[-5000:]}')
+            pids = json.loads(line)['pids']
+            self.runs += 1
+            conn.settimeout(timeout)
+            try:
+                line = stream.readline()
+            except socket.timeout:
+                for pid in pids:
+                    _signal_group(pid, signal.SIGKILL)
+                raise subprocess.TimeoutExpired([route, *argv], timeout, _read(stdout), _read(stderr)) from None
+            if not line:
+                raise RuntimeError(f'the test zygote ended during a run:\n{_read(stdout)}{_read(stderr)}')
+            return json.loads(line)['rc'], _read(stdout), _read(stderr)
 
     def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.stdin.close()
-            self.proc.wait(timeout=30)
-
-
-def _pump(stream, replies) -> None:
-    for line in stream:
-        replies.put(json.loads(line))
-    replies.put({'ended': True})
+        """Stop this process's own zygote (a shared one is stopped with the test session)."""
+        if not self.shared and self.pid is not None:
+            _signal_group(self.pid, signal.SIGKILL)
 
 
 def _read(path: str) -> str:
