@@ -252,8 +252,9 @@ def runs(vllm_ws, shared_runs):
                ('lora_resumed_ignore_data_skip', dict(ASYNC_2, ignore_data_skip='true'), None),
                ('lora_resumed_other_dataset', dict(ASYNC_2, dataset=other), None),
                ('lora_resumed_other_dataset_sync', dict(dataset=other), None))},
-        'two_ranks': lambda out: on_server(out, nproc=2, use_cpu='true', max_steps=2),
-        # (and a served teacher: the producer asks it for both ranks' rows; a checkpoint keeps its answers)
+        # two ranks, --async_generate: step 0 is sampled in the trainer as a synchronous run samples every step (rank
+        # 0 holds the client, syncs, sends both ranks' prompts), steps 1-2 ahead; and a served teacher: the producer
+        # asks it for both ranks' rows; a checkpoint keeps its answers
         'two_ranks_async': lambda out: on_server(out, nproc=2, use_cpu='true', async_generate='true', max_steps=3,
                                                  teacher_model=None, teacher_model_type=None,
                                                  teacher_model_server=teacher_server(ws), gkd_logits_topk=8,
@@ -312,10 +313,13 @@ def test_server_mode_lora_student_syncs_the_merged_weights(runs):
 
 
 def test_server_mode_two_trainer_ranks_share_one_server(runs):
-    """Two trainer ranks, one server: rank 0 holds the client and syncs, both ranks' prompts are sampled there."""
-    run = runs['two_ranks']
+    """Two trainer ranks, one server: rank 0 holds the client and syncs, both ranks' prompts are sampled there. Read
+    on the two-rank ``--async_generate`` run, whose step 0 is sampled in the trainer as every step of a synchronous
+    run is (no staleness: not prefetched), its weights synced first; the second sync holds the trained weights."""
+    run = _ok(runs['two_ranks_async'])
     assert_server_is_on_policy(run, syncs=2)
-    assert len(run.logs) == 2 and all(row['gkd/completion_length'] > 0 for row in run.logs)
+    assert len(run.logs) == 3 and all(row['gkd/completion_length'] > 0 for row in run.logs)
+    assert 'gkd/staleness' not in run.logs[0] and _steps(run, 'gkd/stale_dropped')[0] is None, run.logs[0]
 
 
 def test_server_mode_adapter_only_sync(runs):
