@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import _free_port
 
 RANK_SCRIPT = """
@@ -47,9 +48,15 @@ def run_ranks(tmp_path, outcome):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
 
 
-def test_groups_destroyed_by_each_rank_after_a_clean_exit(tmp_path):
+@pytest.fixture(scope='module')
+def clean_exit(tmp_path_factory):
+    """Two ranks that end without error, training not finished: read by two tests."""
+    return run_ranks(tmp_path_factory.mktemp('clean_exit'), 'ok')
+
+
+def test_groups_destroyed_by_each_rank_after_a_clean_exit(clean_exit):
     """Each rank destroys its groups; rank 0 alone says so (issue 66: one line per rank of a 64-rank run)."""
-    proc = run_ranks(tmp_path, 'ok')
+    proc = clean_exit
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     for rank in (0, 1):
@@ -67,7 +74,7 @@ def test_groups_left_alone_after_an_uncaught_exception(tmp_path):
     assert 'swift_gkd_plugin: rank 0 destroyed its process groups before exit' in out, out[-3000:]
 
 
-def test_a_finished_training_skips_interpreter_finalization_with_exit_code_0(tmp_path):
+def test_a_finished_training_skips_interpreter_finalization_with_exit_code_0(tmp_path, clean_exit):
     """After the trainer's train() returned and the groups are destroyed, each worker leaves through the last atexit
     handler (registered by the start-up hook) with exit code 0: the other atexit handlers run, finalization (where
     ranks aborted now and then with SIGABRT after training) does not. Without train() finishing, it runs as before."""
@@ -78,6 +85,6 @@ def test_a_finished_training_skips_interpreter_finalization_with_exit_code_0(tmp
     assert out.count('at exit: groups initialized = False') == 2, out[-3000:]
     assert out.count('destroyed its process groups before exit') == 1, out[-3000:]
     assert 'rank finalized by the interpreter' not in out, out[-3000:]
-    plain = run_ranks(tmp_path, 'ok')
+    plain = clean_exit
     assert plain.returncode == 0
     assert (plain.stdout + plain.stderr).count('rank finalized by the interpreter') == 2, plain.stdout[-3000:]
