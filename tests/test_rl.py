@@ -185,16 +185,29 @@ def test_a_mismatched_sampler_is_corrected_by_truncated_weights(mismatched_runs)
     print('mismatched sampler:', [{k.split('/')[-1]: row[k] for k in row if 'rollout' in k} for row in fused.logs])
 
 
-def test_two_processes_share_groups_and_agree(tiny_ws, solution_dataset, tmp_path):
+@pytest.fixture(scope='module')
+def zero3_runs(tiny_ws, adapters, solution_dataset, shared_runs):
+    """G = 4 over 2 ranks with 2 rows each (every group spans both ranks), shared-base LoRA (the teacher is the base
+    with the adapter off) under ZeRO-3, learning rate 0 (both runs draw the same samples), with the fused and the
+    dense loss; shared by the test session."""
+    pytest.importorskip('deepspeed')
+
+    def start(impl):
+        return lambda out: run_swift(
+            base_args(tiny_ws, out, dataset=solution_dataset, num_generations=4, per_device_train_batch_size=2,
+                      max_steps=2, seed=8, use_cpu='true', deepspeed='zero3', fp16='false', learning_rate=0,
+                      tuner_type='lora', lora_dropout=0, teacher_model=tiny_ws.student,
+                      adapters=adapters['student_start'], log_completions='true', gkd_loss_impl=impl, **RL),
+            env={'GKD_TEST_REWARD_LOG': out + '.rewards.jsonl'}, nproc=2)
+    return shared_runs('rl_zero3', {impl: start(impl) for impl in ('fused', 'dense')})
+
+
+def test_two_processes_share_groups_and_agree(zero3_runs):
     """G = 4 over 2 ranks with 2 rows each: every group spans both ranks. Each rank samples from its own stream,
     the rewards are gathered and every rank computes the same advantages; mode decisions agree."""
-    log = str(tmp_path / 'rewards.jsonl')
-    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), dataset=solution_dataset, num_generations=4,
-                              per_device_train_batch_size=2, max_steps=2, use_cpu='true', log_completions='true',
-                              seed=9, **RL),
-                    env={'GKD_TEST_REWARD_LOG': log}, nproc=2)
+    run = zero3_runs['fused']
     assert run.modes(0) == run.modes(1)
-    calls = _reward_calls(log)
+    calls = _reward_calls(run.output_dir + '.rewards.jsonl')
     by_rank = {r: [c for c in calls if c['rank'] == r] for r in (0, 1)}
     assert [len(by_rank[r]) for r in (0, 1)] == [2, 2]
     tables = _completion_tables(run)
@@ -336,16 +349,12 @@ def test_rewards_of_any_real_number_type_are_taken():
     torch.testing.assert_close(rewards[:, 1], expected.flip(0), equal_nan=True)
 
 
-def test_lora_self_distillation_under_zero3_on_two_processes(tiny_ws, adapters, solution_dataset, tmp_path):
+def test_lora_self_distillation_under_zero3_on_two_processes(zero3_runs):
     """Shared-base LoRA (the teacher is the base with the adapter off), ZeRO-3 on 2 ranks, a group of 4 over both
     ranks: the fused loss's policy-gradient term equals the dense one (learning rate 0: the same samples)."""
-    pytest.importorskip('deepspeed')
-    flags = dict(dataset=solution_dataset, num_generations=4, per_device_train_batch_size=2, max_steps=2, seed=8,
-                 use_cpu='true', deepspeed='zero3', fp16='false', learning_rate=0, tuner_type='lora', lora_dropout=0,
-                 teacher_model=tiny_ws.student, adapters=adapters['student_start'], **RL)
-    dense = run_swift(base_args(tiny_ws, str(tmp_path / 'dense'), gkd_loss_impl='dense', **flags), nproc=2)
-    fused = run_swift(base_args(tiny_ws, str(tmp_path / 'fused'), gkd_loss_impl='fused', **flags), nproc=2)
+    dense, fused = zero3_runs['dense'], zero3_runs['fused']
     assert 'Teacher model: base_model with LoRA disabled' in fused.output
+    assert len(fused.logs) == len(dense.logs) == 2
     for a, b in zip(fused.logs, dense.logs):
         for key in ('loss', 'grad_norm', 'gkd/pg_loss', 'gkd/entropy', 'gkd/reward'):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
