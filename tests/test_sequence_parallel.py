@@ -119,14 +119,15 @@ def _assert_each_rank_holds_half(one, group, steps):
 def test_sequence_parallel_equals_one_rank_off_policy(tiny_ws, tmp_path, impl):
     """Dataset rows, two a micro-batch (of different lengths, padded before the split): each rank holds half of
     every row in every forward, and no host sync is added to the loss; an evaluation after every step logs the one
-    rank's. 5 steps over the 8 rows (4 a step: 2.5
-    epochs), the weights compared at step 3. With the dense loss the group also resumes from its step-1 checkpoint
-    (in the middle of the first epoch: the batches it skips are its group's) and logs the uninterrupted run's steps
-    2 to 5, across two epoch boundaries. (Not from step 3: a resume past a whole epoch replays the first epoch's
-    order, on one rank as on a group: TRL's ``RepeatSampler`` draws each epoch's order from a generator seeded once,
-    and the skipped epochs are not drawn.)"""
-    one, group = _one_rank_and_group(tiny_ws, tmp_path, lmbda=0, gkd_loss_impl=impl, probes=True, max_steps=5,
-                                     save_steps=1, evaluate=True)
+    rank's; the weights are compared at step 3. With the dense loss, 5 steps over the 8 rows (4 a step: 2.5 epochs)
+    and a checkpoint every step: the group also resumes from its step-1 checkpoint (in the middle of the first epoch:
+    the batches it skips are its group's) and logs the uninterrupted run's steps 2 to 5, across two epoch boundaries.
+    (Not from step 3: a resume past a whole epoch replays the first epoch's order, on one rank as on a group: TRL's
+    ``RepeatSampler`` draws each epoch's order from a generator seeded once, and the skipped epochs are not drawn.)
+    With the fused loss, 3 steps (across the first epoch boundary) and a checkpoint at step 3."""
+    steps = dict(max_steps=5, save_steps=1) if impl == 'dense' else dict(max_steps=3, save_steps=3)
+    one, group = _one_rank_and_group(tiny_ws, tmp_path, lmbda=0, gkd_loss_impl=impl, probes=True, evaluate=True,
+                                     **steps)
     assert f'GKD loss implementation: {impl}' in group.output
     assert group.output.count('sequence parallelism on: 1 group(s) of 2 ranks (--sequence_parallel_size 2, 2 '
                               'processes); each rank holds 1/2 of every row') == 1, group.output[-3000:]
