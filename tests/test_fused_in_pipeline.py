@@ -48,6 +48,8 @@ def test_fused_equals_dense(tiny_ws, adapters, tmp_path, case):
     fused = run_swift(base_args(tiny_ws, str(tmp_path / 'fused'), gkd_loss_impl='fused', **flags))
     assert 'GKD loss implementation: fused' in fused.output
     assert 'its backend: PyTorch chunk path (auto, the default: cpu tensors)' in fused.output  # and why
+    if case == 'teacher_adapter':  # --teacher_model unset: one true line about the teacher, not ms-swift's
+        assert 'self-distillation mode (teacher = student)' not in dense.output + fused.output
     if case in DIVERGENCE_LOGGED:  # the flags reach the trainer of both implementations
         assert DIVERGENCE_LOGGED[case] in dense.output and DIVERGENCE_LOGGED[case] in fused.output
     assert len(dense.logs) == len(fused.logs) == 3
@@ -56,30 +58,59 @@ def test_fused_equals_dense(tiny_ws, adapters, tmp_path, case):
         assert _rel(d['grad_norm'], f['grad_norm']) < 1e-4
 
 
-def test_fused_equals_dense_on_two_ranks(tiny_ws, tmp_path):
-    flags = dict(max_steps=2, seed=3, use_cpu='true', lmbda=0.5, seq_kd='true')
-    dense = run_swift(base_args(tiny_ws, str(tmp_path / 'dense'), gkd_loss_impl='dense', **flags), nproc=2)
-    fused = run_swift(base_args(tiny_ws, str(tmp_path / 'fused'), gkd_loss_impl='fused', **flags), nproc=2)
+# Two-rank runs, test_teacher_placement.py's too: full tuning with a separate teacher under ZeRO-3 (its resident
+# teacher against one offloaded by ms-swift) and DDP, and the shared-base LoRA student under ZeRO-3, DDP and ZeRO-2.
+TWO_RANKS = dict(max_steps=2, seed=3, use_cpu='true', lmbda=0.5, seq_kd='true', learning_rate=1e-3)
+ZERO3 = dict(deepspeed='zero3', fp16='false')
+SHARED_BASE = dict(tuner_type='lora', lora_dropout=0)
+
+
+def two_rank_runs(tiny_ws, adapters, shared_runs):
+    """The group ``two_ranks``: ``full_{dense,fused}`` (ZeRO-3, full tuning, a separate teacher), ``full_offloaded``
+    (``full_dense`` with ``--offload_teacher_model true``), ``full_ddp_fused`` (plain DDP), ``lora_{dense,fused}``
+    (ZeRO-3, the shared base with the ``fit`` adapter, sampling with ``--ds3_gather_for_generation false``),
+    ``lora_ddp`` and ``lora_zero2`` (the same student under plain DDP and ZeRO-2, gathering as ms-swift does by
+    default)."""
+    lora = dict(SHARED_BASE, teacher_model=tiny_ws.student, adapters=adapters['fit'])
+
+    def start(**flags):
+        return lambda out: run_swift(base_args(tiny_ws, out, **TWO_RANKS, **flags), nproc=2)
+
+    return shared_runs('two_ranks', {
+        'full_dense': start(**ZERO3, gkd_loss_impl='dense'),
+        'full_fused': start(**ZERO3, gkd_loss_impl='fused'),
+        'full_offloaded': start(**ZERO3, gkd_loss_impl='dense', offload_teacher_model='true'),
+        'full_ddp_fused': start(gkd_loss_impl='fused'),
+        'lora_dense': start(**ZERO3, **lora, ds3_gather_for_generation='false', gkd_loss_impl='dense'),
+        'lora_fused': start(**ZERO3, **lora, ds3_gather_for_generation='false', gkd_loss_impl='fused'),
+        'lora_ddp': start(**lora, gkd_loss_impl='dense'),
+        'lora_zero2': start(deepspeed='zero2', fp16='false', **lora, gkd_loss_impl='dense')})
+
+
+def test_fused_equals_dense_on_two_ranks(tiny_ws, adapters, shared_runs):
+    """Plain DDP: the fused loss logs the dense loss's losses and gradient norms (those of the dense ZeRO-3 run, one
+    reference for the three: test_teacher_placement.py's shared-base runs tie ZeRO-3 to DDP with the dense loss)."""
+    pytest.importorskip('deepspeed')
+    runs = two_rank_runs(tiny_ws, adapters, shared_runs)
+    dense, fused = runs['full_dense'], runs['full_ddp_fused']
+    assert 'GKD loss implementation: fused (--gkd_loss_impl fused)' in fused.output
+    assert len(dense.logs) == len(fused.logs) == 2
     for d, f in zip(dense.logs, fused.logs):
-        assert _rel(d['loss'], f['loss']) < 1e-5 and _rel(d['grad_norm'], f['grad_norm']) < 1e-4
+        assert _rel(d['loss'], f['loss']) < 1e-5 and _rel(d['grad_norm'], f['grad_norm']) < 1e-4, (dense.logs,
+                                                                                                     fused.logs)
     # swift_gkd_plugin.swift.run.clean_exit: no process group left to interpreter finalization; one line, rank 0's
     assert fused.output.count('destroyed its process groups before exit') == 1, fused.output[-3000:]
 
 
-@pytest.mark.parametrize('case', ['full_tuning_separate_teacher', 'shared_base_lora'])
-def test_fused_equals_dense_under_zero3_on_two_processes(tiny_ws, adapters, tmp_path, case):
+@pytest.mark.parametrize('case', ['full', 'lora'])
+def test_fused_equals_dense_under_zero3_on_two_processes(tiny_ws, adapters, shared_runs, case):
     """ZeRO-3 partitions both output heads: the fused loss gathers them for its forward, and the head's full-size
     gradient reaches the shards (full tuning: the head is trained; the grad-norm includes its gradient). The shared
     base samples its seq_kd rows with ZeRO-3 gathering each layer as it runs (``--ds3_gather_for_generation
     false``): the first training forward after it failed, in both loss paths (issue 74 item 1)."""
     pytest.importorskip('deepspeed')
-    flags = dict(max_steps=2, seed=3, use_cpu='true', lmbda=0.5, seq_kd='true', deepspeed='zero3', fp16='false',
-                 learning_rate=1e-3)
-    if case == 'shared_base_lora':
-        flags.update(tuner_type='lora', lora_dropout=0, teacher_model=tiny_ws.student, adapters=adapters['fit'],
-                     ds3_gather_for_generation='false')
-    dense = run_swift(base_args(tiny_ws, str(tmp_path / 'dense'), gkd_loss_impl='dense', **flags), nproc=2)
-    fused = run_swift(base_args(tiny_ws, str(tmp_path / 'fused'), gkd_loss_impl='fused', **flags), nproc=2)
+    runs = two_rank_runs(tiny_ws, adapters, shared_runs)
+    dense, fused = runs[f'{case}_dense'], runs[f'{case}_fused']
     assert 'GKD loss implementation: fused (--gkd_loss_impl fused)' in fused.output
     assert len(dense.logs) == len(fused.logs) == 2
     for d, f in zip(dense.logs, fused.logs):

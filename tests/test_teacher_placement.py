@@ -7,6 +7,7 @@ import re
 import pytest
 from conftest import base_args, run_swift
 from test_activation_and_bad_input import assert_refused_in_one_line
+from test_fused_in_pipeline import two_rank_runs
 
 LORA = dict(tuner_type='lora', lora_dropout=0, lmbda=0, max_steps=3, seed=3, learning_rate=5e-3)
 
@@ -61,28 +62,33 @@ def test_shared_base_teacher_is_the_base_with_the_adapter_disabled(tiny_ws, adap
     assert_same_losses(shared, separate)
 
 
-def test_teacher_adapter_on_the_shared_base_equals_a_separate_teacher(tiny_ws, adapters, tmp_path):
+TEACHER_ADAPTER = dict(LORA, lmbda=0.5, seq_kd='true')
+
+
+@pytest.fixture(scope='module')
+def teacher_adapter_mixed_run(tiny_ws, adapters, shared_runs):
+    """The teacher adapter on the shared base (given as the student's path; test_fused_in_pipeline.py's
+    ``teacher_adapter`` case leaves --teacher_model unset), seed 3: steps 1-2 seq_kd (the teacher samples), step 3
+    on-policy (the student samples)."""
+    return shared_runs('teacher_adapter_mixed', {'run': lambda out: run_swift(base_args(
+        tiny_ws, out, teacher_model=tiny_ws.student, adapters=adapters['student_start'],
+        teacher_adapters=adapters['fit'], **TEACHER_ADAPTER))})['run']
+
+
+def test_teacher_adapter_on_the_shared_base_equals_a_separate_teacher(tiny_ws, adapters, teacher_adapter_mixed_run,
+                                                                       tmp_path):
     """The teacher adapter has LoRA dropout: on the shared base it must run without it, in its forwards and when it
     samples (steps 1-2 are seq_kd, step 3 on-policy), exactly as a separately loaded teacher."""
+    shared = teacher_adapter_mixed_run
     # both students start from the same saved adapter (a random LoRA init would depend on what was loaded before)
-    flags = dict(LORA, adapters=adapters['student_start'], teacher_adapters=adapters['fit'], lmbda=0.5, seq_kd='true')
-    shared = run_swift(base_args(tiny_ws, str(tmp_path / 'shared'), teacher_model=None, **flags))
     separate = run_swift(base_args(tiny_ws, str(tmp_path / 'separate'), teacher_model=adapters['student_alias'],
-                                   **flags))
+                                   adapters=adapters['student_start'], teacher_adapters=adapters['fit'],
+                                   **TEACHER_ADAPTER))
     assert [m['mode'] for m in shared.modes()] == ['seq_kd', 'seq_kd', 'on_policy']
     assert 'Teacher model: base_model + teacher adapter' in shared.output
     assert 'self-distillation mode (teacher = student)' not in shared.output  # one true line about the teacher
     assert _weights_loaded(shared) == 1 and _weights_loaded(separate) == 2
     assert_same_losses(shared, separate)
-
-
-@pytest.fixture(scope='module')
-def teacher_adapter_mixed_run(tiny_ws, adapters, shared_runs):
-    """The teacher adapter on the shared base (given as the student's path), seed 3: steps 1-2 seq_kd (the teacher
-    samples), step 3 on-policy (the student samples)."""
-    return shared_runs('teacher_adapter_mixed', {'run': lambda out: run_swift(base_args(
-        tiny_ws, out, teacher_model=tiny_ws.student, teacher_adapters=adapters['fit'],
-        **dict(LORA, lmbda=0.5, seq_kd='true')))})['run']
 
 
 @pytest.mark.parametrize('mode', ['seq_kd', 'on_policy'])
@@ -113,16 +119,15 @@ def test_offloaded_and_resident_teachers_give_the_same_losses(tiny_ws, tmp_path)
     assert_same_losses(resident, offloaded, tol=1e-6)
 
 
-def test_zero3_teacher_offload_keeps_ms_swifts_partition_offload(tiny_ws, tmp_path):
+def test_zero3_teacher_offload_keeps_ms_swifts_partition_offload(tiny_ws, adapters, shared_runs):
     """--deepspeed zero3 without --teacher_deepspeed: ms-swift prepares the teacher as ZeRO-3 from the student's
     config and moves its partitions to the CPU. The offload is decided from that prepared model: ms-swift's
     load_teacher_model_context brings the partitions back for each use (the plugin's whole-model offloader, which
-    does not, is not built), and the losses are those of the resident ZeRO-3 teacher."""
+    does not, is not built), and the losses are those of the resident ZeRO-3 teacher (test_fused_in_pipeline.py's
+    two-rank ZeRO-3 run, on-policy and seq_kd steps)."""
     pytest.importorskip('deepspeed')
-    flags = dict(deepspeed='zero3', fp16='false', use_cpu='true', lmbda=0.5, seq_kd='true', max_steps=2, seed=4)
-    resident = run_swift(base_args(tiny_ws, str(tmp_path / 'resident'), **flags), nproc=2)
-    offloaded = run_swift(base_args(tiny_ws, str(tmp_path / 'offloaded'), offload_teacher_model='true', **flags),
-                          nproc=2)
+    runs = two_rank_runs(tiny_ws, adapters, shared_runs)
+    resident, offloaded = runs['full_dense'], runs['full_offloaded']
     assert ('Teacher model: a separate frozen model (its partitions offloaded to CPU between uses by ms-swift)'
             in offloaded.output), offloaded.output[-3000:]
     assert_same_losses(resident, offloaded, tol=1e-6)
@@ -297,14 +302,12 @@ def test_moe_student_trains_with_either_teacher_placement(tiny_ws, moe_models, t
 EXPERT_WEIGHTS = ('mlp.experts.down_proj', 'mlp.experts.gate_up_proj')
 
 
-def test_shared_base_under_zero2_and_zero3_on_two_processes(tiny_ws, adapters, tmp_path):
-    """One copy of the base, sharded or not: ZeRO-2 and ZeRO-3 give the same losses as plain DDP."""
+def test_shared_base_under_zero2_and_zero3_on_two_processes(tiny_ws, adapters, shared_runs):
+    """One copy of the base, sharded or not: ZeRO-2 and ZeRO-3 give the same losses as plain DDP (the ZeRO-3 run
+    samples gathering each layer as it runs, test_fused_in_pipeline.py's)."""
     pytest.importorskip('deepspeed')
-    flags = dict(teacher_model=tiny_ws.student, tuner_type='lora', lora_dropout=0, adapters=adapters['fit'],
-                 lmbda=0.5, seq_kd='true', max_steps=2, use_cpu='true', seed=3)
-    ddp = run_swift(base_args(tiny_ws, str(tmp_path / 'ddp'), **flags), nproc=2)
-    runs = {z: run_swift(base_args(tiny_ws, str(tmp_path / z), deepspeed=z, fp16='false', **flags), nproc=2)
-            for z in ('zero2', 'zero3')}
-    for z, run in runs.items():
-        assert 'Teacher model: base_model with LoRA disabled (frozen)' in run.output, z
-        assert_same_losses(ddp, run)
+    runs = two_rank_runs(tiny_ws, adapters, shared_runs)
+    ddp = runs['lora_ddp']
+    for z in ('lora_zero2', 'lora_dense'):
+        assert 'Teacher model: base_model with LoRA disabled (frozen)' in runs[z].output, z
+        assert_same_losses(ddp, runs[z])
