@@ -13,7 +13,8 @@ second from the store against a live teacher, and the losses at learning rate 0,
    to stdlib prompts, and on random logits (scale 3) over Qwen's 151,936 tokens. Targets (issue 80): top-64 + tail
    at most 200 B/token, 12 samples at most 40.
 2. **Steps per second**: real ``swift rlhf`` runs (``--lmbda 0 --seq_kd false``, top-``--topk``) on tiny offline
-   models, a student and a teacher ~4x its parameters (``SETTINGS``: ``small`` 9.9M / 38.7M, ``tiny`` 131K / 558K),
+   models, a student and a teacher ~4x its parameters (``SETTINGS``: ``small`` 9.9M / 38.7M, ``tiny`` 131K / 558K;
+   ``--settings medium``: 38.7M / 153M),
    the live teacher against the float16 store ``swift-gkd score`` wrote first (timed: the one-off cost), in
    back-to-back pairs whose order alternates. A step's time: the median interval between step ends from step 2 on
    (a callback stamps each end; start-up, loading and step 1 left out), in wall and in the trainer's CPU time (which
@@ -232,8 +233,9 @@ RSS_WRAPPER = ('import resource, subprocess, sys; r = subprocess.run(sys.argv[2:
 
 #: model settings: (student hidden, student layers, teacher hidden, teacher layers); intermediate 2 x hidden, 4 heads,
 #: 2 KV heads, the tiny tokenizer's 448-row vocabulary. ``tiny``: the teacher's forward is a small part of a step;
-#: ``small``: the models' compute outweighs the trainer's fixed cost a step, as with real models
-SETTINGS = {'tiny': (64, 2, 128, 3), 'small': (512, 4, 1024, 4)}
+#: ``small``: the models' compute outweighs the trainer's fixed cost a step, as with real models; ``medium`` (37.7M /
+#: 151M): the matrix products large enough that the teacher's forward costs about its share of the parameters
+SETTINGS = {'tiny': (64, 2, 128, 3), 'small': (512, 4, 1024, 4), 'medium': (1024, 4, 2048, 4)}
 
 
 def build_tiny(workdir: str, sizes: Sequence[int], rows: int) -> dict:
