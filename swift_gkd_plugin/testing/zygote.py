@@ -272,13 +272,12 @@ def _reap() -> None:
 
 
 def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs: not gone, and not a zombie (a zygote that died, its starter not having reaped it)."""
     try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
+        with open(f'/proc/{pid}/stat') as f:
+            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+    except (FileNotFoundError, ProcessLookupError):
         return False
-    except PermissionError:
-        return True
 
 
 def _cpu_seconds(pid: int) -> float:
