@@ -6,13 +6,15 @@
 #                                      (git-ignored), the plugin's wheel built from this checkout; fails above 60 MiB
 #   bash tests/gpu/kit.sh selfcheck    CPU, after prepare: installs the kit with no index into fresh environments
 #                                      and runs one tiny `swift rlhf --rlhf_type gkd` step with the plugin active
-#   bash tests/gpu/kit.sh run PART     GPU: installs the kit into /tmp (no network), runs part a|b|c|d|e|f|all;
+#   bash tests/gpu/kit.sh run PART     GPU: installs the kit into /tmp (no network), runs part a|b|c|d|e|f|v|s|all;
 #                                      results (markdown + JSON) go to $GPUKIT_OUT, else $OUT, else ./gpukit_results
 #   bash tests/gpu/kit.sh prepare-big  CPU, PyPI reachable: transformer-engine (cu13 wheel + torch sdist) and the
 #                                      newest vLLM that pins the image's torch, with their missing dependencies,
 #                                      split into parts of < 60 MiB in bundles .gpukit/big/carry/NN (tests/gpu/big.py)
 #   bash tests/gpu/kit.sh assemble     GPU, once per carried bundle: parts into /tmp/gpukit-big, then (all there)
 #                                      join, sha256, install; transformer-engine-torch built from its sdist (timed)
+#   bash tests/gpu/kit.sh kernels      GPU: the CUDA cases of tests/core (compiled Triton kernels against float64),
+#                                      summary into $GPUKIT_OUT/kernels.txt
 #   bash tests/gpu/kit.sh install      installs the kit into $GPUKIT_SITE (default /tmp/gpukit-site) and prints the
 #                                      two exports that make it active in a shell
 #
@@ -271,6 +273,20 @@ run() {
     PYTHONUNBUFFERED=1 "$PY" tests/gpu/checks/run.py "$part" --out "$out" "${@:2}"
 }
 
+# ------------------------------------------------------------------------------------------------------- kernels
+# the CUDA cases of tests/core (compiled kernels against float64 and the PyTorch path; a GPU machine leaves
+# TRITON_INTERPRET unset, so the cpu cases skip): the summary into $out/kernels.txt, the exit code pytest's
+kernels() {
+    local out=${GPUKIT_OUT:-${OUT:-$REPO/gpukit_results}}
+    mkdir -p "$out"
+    activate "$PY" "${GPUKIT_SITE:-/tmp/gpukit-site}" "${GPUKIT_WHEELS:-$KIT/wheels}"
+    cd "$REPO"
+    "$PY" -m pytest -q -rfE -n "${GPUKIT_KERNEL_WORKERS:-8}" -p no:cacheprovider --durations 10 tests/core "$@" \
+        >"$out/kernels.txt" 2>&1 && rc=0 || rc=$?
+    tail -n 30 "$out/kernels.txt"
+    return "$rc"
+}
+
 PY312=${GPUKIT_PY312:-/root/.pyenv/versions/3.12.1/bin/python3}
 PY311=${GPUKIT_PY311:-python3.11}
 case "${1:-}" in
@@ -279,12 +295,13 @@ size) size_report ;;
 selfcheck) selfcheck ;;
 install) install "$PY" "${GPUKIT_SITE:-/tmp/gpukit-site}" ;;
 run) run "${@:2}" ;;
+kernels) kernels "${@:2}" ;;
 prepare-big) "$PY" "$REPO/tests/gpu/big.py" prepare --kit "$KIT" "${@:2}" ;;
 assemble)
     # the kit first (the built sdist imports torch and the carried wheels from the same site), then the parts
     [ -d "$KIT/wheels" ] && activate "$PY" "${GPUKIT_SITE:-/tmp/gpukit-site}" "${GPUKIT_WHEELS:-$KIT/wheels}"
     "$PY" "$REPO/tests/gpu/big.py" assemble --kit "$KIT" --site "${GPUKIT_SITE:-/tmp/gpukit-site}" "${@:2}"
     ;;
-*) die "usage: bash tests/gpu/kit.sh prepare|selfcheck|install|run [a|b|c|d|e|f|v|all]|prepare-big|assemble" \
+*) die "usage: bash tests/gpu/kit.sh prepare|selfcheck|install|run [a|b|c|d|e|f|v|s|all]|kernels|prepare-big|assemble" \
     "(see tests/gpu/README.md)" ;;
 esac

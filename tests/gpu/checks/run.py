@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Runs one part of the GPU checks (issue 18) and writes ``<part>.json`` and ``<part>.md`` into ``--out``.
 
-    python tests/gpu/checks/run.py a|b|c|d|e|f|v|all [--out DIR] [--device cuda|cpu] [--tiny] ...
+    python tests/gpu/checks/run.py a|b|c|d|e|f|v|s|all [--out DIR] [--device cuda|cpu] [--tiny] ...
 
 On the GPU machine ``bash tests/gpu/kit.sh run PART`` calls this after installing the kit. ``all`` runs the parts
-in the order c, b, e, a, d, f, v, each in a subprocess, while ``--budget-s`` (default 540 s: inside the device's
+in the order c, b, e, a, d, f, v, s, each in a subprocess, while ``--budget-s`` (default 540 s: inside the device's
 10-minute command) lasts, skipping a part that has too little time left, and merges everything into ``all.json``
 and ``all.md``. ``--tiny`` uses tiny models and shapes: how the CPU tests run these scripts.
 """
@@ -23,12 +23,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from common import Results, markdown  # noqa: E402
 
-PARTS = 'abcdefv'
-ORDER_ALL = 'cbeadfv'  # cheapest and most informative first
+PARTS = 'abcdefvs'
+ORDER_ALL = 'cbeadfvs'  # cheapest and most informative first
 # device seconds per part at real shapes, from the first H100 run (a 505 s, d 536 s, c+e+f 164 s with the models
 # built; a and d stop starting runs at --part-budget-s); b: issue 56's trimmed plan, estimated from the 2026-11-26
-# H200 run (182 s for 27 workers) plus the ncu pass: what `all` plans with (v: a guess, never run)
-ESTIMATE_S = dict(a=530, b=170, c=90, d=540, e=75, f=25, v=240)
+# H200 run (182 s for 27 workers) plus the ncu pass: what `all` plans with (v: a guess, never run; s: five runs
+# of ~50 s, part a's)
+ESTIMATE_S = dict(a=530, b=170, c=90, d=540, e=75, f=25, v=240, s=300)
 CUDA_ONLY = dict(c='memory statistics and prefetch overlap (the offloader is a no-op on CPU)',
                  f='Megatron-SWIFT needs GPUs (imports are still probed)', v='vLLM needs a GPU')
 
@@ -42,7 +43,7 @@ def parse_args(argv=None):
     p.add_argument('--work', default=os.environ.get('GPUKIT_WORK'),
                    help='scratch folder (models, logs; reused: models are built once); default $GPUKIT_WORK, '
                         'else a fresh temporary one')
-    p.add_argument('--steps', type=int, default=None, help='training steps per run (parts a, c, d)')
+    p.add_argument('--steps', type=int, default=None, help='training steps per run (parts a, c, d, s)')
     p.add_argument('--run-timeout', type=float, default=480.0, help='seconds per swift run / server start')
     p.add_argument('--budget-s', type=float, default=540.0, help='all: total seconds')
     p.add_argument('--part-budget-s', type=float, default=530.0,
