@@ -275,13 +275,14 @@ run() {
 
 # ------------------------------------------------------------------------------------------------------- kernels
 # the CUDA cases of tests/core (compiled kernels against float64 and the PyTorch path; a GPU machine leaves
-# TRITON_INTERPRET unset, so the cpu cases skip): the summary into $out/kernels.txt, the exit code pytest's
+# TRITON_INTERPRET unset, so the cpu cases skip), or the pytest paths given: into $out/kernels.txt, pytest's exit code
 kernels() {
     local out=${GPUKIT_OUT:-${OUT:-$REPO/gpukit_results}}
     mkdir -p "$out"
     activate "$PY" "${GPUKIT_SITE:-/tmp/gpukit-site}" "${GPUKIT_WHEELS:-$KIT/wheels}"
     cd "$REPO"
-    "$PY" -m pytest -q -rfE -n "${GPUKIT_KERNEL_WORKERS:-8}" -p no:cacheprovider --durations 10 tests/core "$@" \
+    # -v: a line per test, so that a run stopped at its time limit still names what failed
+    "$PY" -m pytest -v -rfE -n "${GPUKIT_KERNEL_WORKERS:-8}" -p no:cacheprovider --durations 10 "${@:-tests/core}" \
         >"$out/kernels.txt" 2>&1 && rc=0 || rc=$?
     tail -n 30 "$out/kernels.txt"
     return "$rc"

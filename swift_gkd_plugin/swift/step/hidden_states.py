@@ -120,7 +120,7 @@ def topk_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[
     """
     ids, logprobs = [], []
     for start in range(0, hidden.shape[0], chunk_size):
-        logits = hidden[start:start + chunk_size] @ weight.t()
+        logits = hidden[start:start + chunk_size].to(weight.dtype) @ weight.t()  # the head's dtype, as the model
         if bias is not None:
             logits = logits + bias
         lp, ix = torch.log_softmax(logits.float(), -1).topk(k, dim=-1)

@@ -167,13 +167,14 @@ class Workspace:
     tiny: bool
 
 
-def build_workspace(root: str, tiny: bool, device: str) -> Workspace:
+def build_workspace(root: str, tiny: bool, device: str, dtype: Optional[str] = None) -> Workspace:
     """Student and teacher of real shapes (Qwen2.5-0.5B / 1.5B, vocabulary 151,936, bf16) or tiny ones (``tiny``,
-    float32, for the CPU tests of these scripts), and the tiny task's training rows."""
+    float32 unless ``dtype`` says otherwise, for the CPU tests of these scripts), and the tiny task's training rows.
+    The models are built once per ``root`` (give another root for another dtype)."""
     from swift_gkd_plugin.testing import tiny as tiny_mod
     os.makedirs(root, exist_ok=True)
     vocab, tokens = (TINY_VOCAB, TINY_TOKENS) if tiny else (QWEN_VOCAB, QWEN_TOKENS)
-    dtype = 'float32' if tiny else 'bfloat16'
+    dtype = dtype or ('float32' if tiny else 'bfloat16')
     tok_dir = os.path.join(root, 'tok')
     if os.path.exists(os.path.join(tok_dir, 'tokenizer.json')):
         tok = tiny_mod.load_tokenizer(tok_dir)

@@ -66,7 +66,10 @@ def run_score(args, res: Results, ws, data: str, dtype: str, max_length: int):
 
 def run(args) -> Results:
     res = Results('s', 'the teacher-score store at real shapes: swift-gkd score, then swift rlhf from it vs live')
-    ws = build_workspace(args.work, args.tiny, args.device)
+    # bfloat16 models at every size: users' dtype, whose teacher hidden states reach the top-k head in float32
+    # (on CPU too: the tiny run is the CPU test of this path)
+    ws = build_workspace(os.path.join(args.work, 's_bf16') if args.tiny else args.work, args.tiny, args.device,
+                         dtype='bfloat16')
     steps = args.steps or (2 if args.tiny else 6)
     batch = 2 if args.tiny else 4
     letters, max_length = ((20, 100), 512) if args.tiny else ((300, 3000), 4096)
