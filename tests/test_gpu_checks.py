@@ -96,6 +96,25 @@ def test_part_a_long_sequences_batch_1_and_4(tmp_path, monkeypatch):
     assert any('long: 30-letter prompts' in n for n in doc['notes'])
 
 
+def test_part_s_store_written_by_swift_gkd_score_against_the_live_teacher_in_bfloat16(tmp_path, monkeypatch):
+    """Part s on tiny bfloat16 models (users' dtype: the teacher's hidden states reach the top-k head in float32,
+    which stopped a bfloat16 teacher with --gkd_logits_topk at its first step until 971bcde): swift-gkd score's
+    bfloat16 and float32 stores, then lr-0 runs from each without the teacher against the live teacher."""
+    doc, md = run_part_forked(tmp_path, monkeypatch, 's')
+    assert doc['status'] == 'ok', doc
+    rows = {r['case']: r for r in doc['rows']}
+    assert list(rows) == ['score_bfloat16', 'score_float32', 'live', 'store_bfloat16', 'store_float32']
+    for dtype in ('bfloat16', 'float32'):
+        score, run = rows[f'score_{dtype}'], rows[f'store_{dtype}']
+        assert score['ok'] and score['covered'] and score['rows'] == 4 and finite(score['tokens_per_s'])
+        assert run['ok'] and run['teacher_loaded'] is False and run['store_rows'] == [1.0, 1.0]
+    assert rows['live']['ok'] and rows['live']['teacher_loaded'] is True and len(rows['live']['losses']) == 2
+    assert rows['store_float32']['max_rel_loss_diff_vs_live'] < 1e-6  # the live teacher's top-k, kept exactly
+    assert rows['store_bfloat16']['max_rel_loss_diff_vs_live'] < 1e-2  # 8 mantissa bits (3.5e-3 at this tiny loss)
+    assert rows['score_bfloat16']['bytes_per_token'] < rows['score_float32']['bytes_per_token']
+    assert '| store_float32 | 0 |' in md
+
+
 def test_part_a_out_of_memory_is_an_outcome_not_a_failure():
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), 'gpu', 'checks'))
     from part_a import outcome
