@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-import torch
-
-from swift_gkd_plugin.testing.megatron_cpu.hooks import _after, _FINDER
+# (no torch at import: every Python process of a test server's environment runs this, torch.compile's instruction-set
+# probes too, which exist to spare themselves torch's import; the patches import it when their targets load)
+from swift_gkd_plugin.testing import _after, _FINDER
 
 
 class GlooCommunicator:
@@ -24,6 +24,7 @@ class GlooCommunicator:
     ``device``, ``rank``, ``world_size``), over gloo on the stateless group's own store."""
 
     def __init__(self, group, device=None):
+        import torch
         from torch.distributed import PrefixStore
         from vllm.distributed.utils import init_gloo_process_group
         self.group, self.rank, self.world_size = group, group.rank, group.world_size
@@ -31,7 +32,8 @@ class GlooCommunicator:
         self._pg = init_gloo_process_group(PrefixStore('gkd_test_gloo_sync', group.store), group.rank,
                                            group.world_size, timedelta(seconds=300))
 
-    def broadcast(self, tensor: torch.Tensor, src: int, stream=None) -> None:
+    def broadcast(self, tensor, src: int, stream=None) -> None:
+        import torch
         opts = torch.distributed.BroadcastOptions()
         opts.rootRank = src
         self._pg.broadcast([tensor], opts).wait()
@@ -49,6 +51,7 @@ def _cpu_synchronize(module):
     """``swift.utils.synchronize`` calls ``torch.cuda.synchronize`` on any machine but NPU and MUSA; on the CPU the
     work is done when a call returns. The client's broadcast also enters ``get_torch_device().device(...)``, which
     ``torch.cpu`` lacks."""
+    import torch
     original = module.synchronize
 
     def synchronize(device=None):
