@@ -282,7 +282,7 @@ kernels() {
     activate "$PY" "${GPUKIT_SITE:-/tmp/gpukit-site}" "${GPUKIT_WHEELS:-$KIT/wheels}"
     cd "$REPO"
     # -v: a line per test, so that a run stopped at its time limit still names what failed
-    "$PY" -m pytest -v -rfE -n "${GPUKIT_KERNEL_WORKERS:-8}" -p no:cacheprovider --durations 10 "${@:-tests/core}" \
+    "$PY" -m pytest -v -rfE -n "${GPUKIT_KERNEL_WORKERS:-auto}" -p no:cacheprovider --durations 10 "${@:-tests/core}" \
         >"$out/kernels.txt" 2>&1 && rc=0 || rc=$?
     tail -n 30 "$out/kernels.txt"
     return "$rc"
