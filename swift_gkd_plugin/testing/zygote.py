@@ -2,12 +2,12 @@
 
 A fresh ``python swift/cli/rlhf.py ...`` spends ~5 s of CPU importing torch, transformers and ms-swift before it reads
 its command line. The zygote (:func:`serve`, one process per test session and kind of start-up, shared by its xdist
-workers over a Unix socket, started with the run's default environment) imports them once; each run is then a ``fork`` of it that sets its own command line, environment,
-working directory and output files and runs ms-swift's route file as ``__main__``, exactly as the fresh process
-would from there (the fork's parent is a fork of the zygote that serves that one request). Only what the zygote did
-differs: the imports, with the plugin's activation (the same start-up
-hooks a fresh process runs at those imports), the collector's freeze of the heap they left (``gc.freeze``: the
-forks' collections skip it), and nothing else (no tensor op, no thread: ``fork`` must stay safe).
+workers over a Unix socket, started with the run's default environment) imports them once; each run is then a
+``fork`` of it that sets its own command line, environment, working directory and output files and runs ms-swift's
+route file as ``__main__``, exactly as the fresh process would from there (the fork's parent is a fork of the zygote
+that serves that one request). Only what the zygote did differs: the imports, with the plugin's activation (the same
+start-up hooks a fresh process runs at those imports), the collector's freeze of the heap they left (``gc.freeze``:
+the forks' collections skip it), and nothing else (no tensor op, no thread: ``fork`` must stay safe).
 
 Several processes: a run of N ranks (what ``torchrun --nproc_per_node N route ...`` starts) is N forks of a zygote
 whose environment holds torchrun's constant worker variables (``TORCHELASTIC_RUN_ID`` ...), each fork given the
@@ -271,19 +271,23 @@ def _reap() -> None:
         pass
 
 
+def _stat(pid: int) -> List[str]:
+    """The fields of ``/proc/PID/stat`` after the command name (the first: the state)."""
+    with open(f'/proc/{pid}/stat') as f:
+        return f.read().rsplit(')', 1)[1].split()
+
+
 def _alive(pid: int) -> bool:
     """Whether process ``pid`` runs: not gone, and not a zombie (a zygote that died, its starter not having reaped it)."""
     try:
-        with open(f'/proc/{pid}/stat') as f:
-            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+        return _stat(pid)[0] != 'Z'
     except (FileNotFoundError, ProcessLookupError):
         return False
 
 
 def _cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` itself (``/proc/PID/stat``)."""
-    with open(f'/proc/{pid}/stat') as f:
-        fields = f.read().rsplit(')', 1)[1].split()
+    """User + system CPU seconds of process ``pid`` itself."""
+    fields = _stat(pid)
     return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
 
 

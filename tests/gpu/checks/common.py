@@ -266,7 +266,8 @@ def run_rlhf(argv: List[str], env: Optional[Dict[str, str]] = None, timeout: flo
              log_path: Optional[str] = None) -> Dict[str, Any]:
     """Run ``swift rlhf`` (the console script of this environment) and summarise it: exit code, whether the plugin
     was active, losses, step time (mean over the steps after the first, from ms-swift's ``train_speed(s/it)``),
-    ms-swift's ``memory(GiB)`` (max reserved), the device's peak memory in use, wall time."""
+    ms-swift's ``memory(GiB)`` (max reserved), the device's peak memory in use, wall time, ms-swift's ``train_runtime``
+    (the training loop alone: start-up and loading left out)."""
     out_dir = argv[argv.index('--output_dir') + 1]
     shutil.rmtree(out_dir, ignore_errors=True)  # the logs read below are this run's (work folders are reused)
     poll = _GpuMemoryPoller()
@@ -290,6 +291,7 @@ def run_rlhf(argv: List[str], env: Optional[Dict[str, str]] = None, timeout: flo
         step_s = (s1 * k1 - s0 * k0) / (k1 - k0)
     elif speeds:
         step_s = speeds[-1][1]
+    runtime = next((r['train_runtime'] for r in reversed(rows) if 'train_runtime' in r), None)
     mem = [r['memory(GiB)'] for r in steps if 'memory(GiB)' in r]
     error = None
     if rc != 0:
@@ -297,7 +299,12 @@ def run_rlhf(argv: List[str], env: Optional[Dict[str, str]] = None, timeout: flo
         error = ' / '.join(tail)[-400:]
     return dict(rc=rc, plugin_active='GKD trainer active' in output, losses=[r['loss'] for r in steps], logs=steps,
                 step_s=step_s, reserved_gib=max(mem) if mem else None, device_peak_gib=device_peak,
-                wall_s=round(wall, 1), error=error)
+                wall_s=round(wall, 1), runtime_s=runtime, error=error)
+
+
+def max_rel(a, b, floor: float) -> float:
+    """max |a_i - b_i| / max(|b_i|, floor) over the pairs of ``a`` and ``b`` (the shorter's length; not empty)."""
+    return max(abs(x - y) / max(abs(y), floor) for x, y in zip(a, b))
 
 
 def finite(x) -> bool:

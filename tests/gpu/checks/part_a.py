@@ -23,7 +23,7 @@ import json
 import os
 import random
 
-from common import Results, build_workspace, finite, free_port, ratio, rlhf_argv, run_rlhf
+from common import Results, build_workspace, finite, free_port, max_rel, ratio, rlhf_argv, run_rlhf
 
 MODES = {'off_policy': dict(lmbda=0), 'on_policy': dict(lmbda=1, use_vllm='false'),
          'seq_kd': dict(lmbda=0, seq_kd='true')}
@@ -79,10 +79,8 @@ def run(args) -> Results:
         for key in ('step_s', 'reserved_gib', 'device_peak_gib'):
             if ratio(r[key], base[key]) is not None:
                 r[f'{key}_vs_builtin'] = ratio(r[key], base[key])
-        n = min(len(r['losses']), len(base['losses']))
-        if n:
-            r['max_rel_loss_diff_vs_builtin'] = max(abs(a - b) / max(abs(b), 1e-6) for a, b in
-                                                    zip(r['losses'][:n], base['losses'][:n]))
+        if r['losses'] and base['losses']:
+            r['max_rel_loss_diff_vs_builtin'] = max_rel(r['losses'], base['losses'], 1e-6)
     failed = [f"{r['mode']}/{r['impl']}" for r in res.rows
               if not r['ok'] and r.get('outcome') not in ('oom', 'skipped')]
     refused = [f for f in failed if f == 'seq_kd/builtin']
@@ -196,9 +194,7 @@ def run_sequence_parallel(args, res: Results, ws):
                       env={'NPROC_PER_NODE': '2', 'MASTER_PORT': str(free_port()),
                            **({'CUDA_VISIBLE_DEVICES': '0,1'} if gpus else {})})
     if one['ok'] and group['ok']:
-        n = min(len(one['losses']), len(group['losses']))
-        group['max_rel_loss_diff_vs_sp1'] = max(abs(a - b) / max(abs(b), 1e-6) for a, b in
-                                                zip(group['losses'][:n], one['losses'][:n]))
+        group['max_rel_loss_diff_vs_sp1'] = max_rel(group['losses'], one['losses'], 1e-6)
         for key in ('step_s', 'reserved_gib', 'device_peak_gib'):
             if ratio(group[key], one[key]) is not None:
                 group[f'{key}_vs_sp1'] = ratio(group[key], one[key])

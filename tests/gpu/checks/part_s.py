@@ -10,12 +10,10 @@ without the teacher.
 from __future__ import annotations
 
 import argparse
-import glob
-import json
 import os
 import shutil
 
-from common import Results, build_workspace, finite, ratio, rlhf_argv, run_rlhf, start_rlhf, OFFLINE_ENV
+from common import Results, build_workspace, finite, max_rel, ratio, rlhf_argv, run_rlhf
 from part_a import long_dataset
 
 TOPK = 64
@@ -33,32 +31,21 @@ def score_argv(ws, store: str, data: str, dtype: str, max_length: int, batch: in
         '--model_type', 'qwen2', '--template', 'qwen2_5', '--max_length', str(max_length), '--torch_dtype', ws.dtype,
         '--check_model', 'false', '--dataloader_num_workers', '0', '--dataset_num_proc', '1', '--logging_steps', '1',
         *(['--use_cpu', 'true'] if device == 'cpu' else [])])
-    return score.score_command(args, rest)[1:]  # without 'rlhf': start_rlhf runs `swift rlhf`
+    return score.score_command(args, rest)[1:]  # without 'rlhf': run_rlhf runs `swift rlhf`
 
 
 def run_score(args, res: Results, ws, data: str, dtype: str, max_length: int):
-    """One ``swift-gkd score`` into a fresh store: its row (rows, tokens, bytes a token, tokens a second)."""
-    from swift_gkd_plugin.core.scores.store import TeacherStore
-    import time
+    """One ``swift-gkd score`` into a fresh store: its row (rows, tokens, bytes a token, the scoring loop's tokens a
+    second: ms-swift's ``train_runtime``, start-up and loading left out)."""
+    from swift_gkd_plugin.core.scores.store import TeacherStore, read_manifest
     store = os.path.join(args.work, f's_store_{dtype}')
     shutil.rmtree(store, ignore_errors=True)
-    t0 = time.perf_counter()
-    rc, output = start_rlhf(score_argv(ws, store, data, dtype, max_length, 4, args.device), dict(OFFLINE_ENV),
-                            args.run_timeout)
-    wall = time.perf_counter() - t0
-    with open(os.path.join(args.work, f's_score_{dtype}.log'), 'w') as f:
-        f.write(output)
-    row = dict(case=f'score_{dtype}', rc=rc, wall_s=round(wall, 1))
-    if rc != 0 or not os.path.exists(os.path.join(store, 'manifest.json')):
-        tail = [ln for ln in output.strip().splitlines() if ln.strip()][-3:]
-        return res.add(**row, ok=False, error=' / '.join(tail)[-400:])
-    written = TeacherStore(store)
-    with open(os.path.join(store, 'manifest.json')) as f:
-        covered = bool(json.load(f).get('covered'))
-    loop = None  # the scoring loop's seconds (ms-swift's train_runtime: start-up and loading left out)
-    for path in glob.glob(os.path.join(store, 'runs', '**', 'logging.jsonl'), recursive=True):
-        with open(path) as f:
-            loop = next((json.loads(ln)['train_runtime'] for ln in f if '"train_runtime"' in ln), loop)
+    r = run_rlhf(score_argv(ws, store, data, dtype, max_length, 4, args.device), timeout=args.run_timeout,
+                 log_path=os.path.join(args.work, f's_score_{dtype}.log'))
+    row = dict(case=f'score_{dtype}', rc=r['rc'], wall_s=r['wall_s'])
+    if r['rc'] != 0 or not os.path.exists(os.path.join(store, 'manifest.json')):
+        return res.add(**row, ok=False, error=r['error'] or 'no manifest.json written')
+    written, covered, loop = TeacherStore(store), bool(read_manifest(store).get('covered')), r['runtime_s']
     return res.add(**row, ok=covered and written.tokens > 0, store=store, covered=covered, rows=len(written),
                    tokens=written.tokens, bytes=written.bytes, bytes_per_token=written.bytes / max(written.tokens, 1),
                    loop_s=loop, tokens_per_s=written.tokens / loop if finite(loop) and loop else None)
@@ -103,8 +90,7 @@ def run(args) -> Results:
     for case, r in runs.items():
         if case == 'live' or not live or not live['ok'] or not r['ok']:
             continue
-        r['max_rel_loss_diff_vs_live'] = max(abs(a - b) / max(abs(b), 1e-12) for a, b in
-                                             zip(r['losses'], live['losses']))
+        r['max_rel_loss_diff_vs_live'] = max_rel(r['losses'], live['losses'], 1e-12)
         r['aim'] = 1e-6 if case.endswith('float32') else 1e-3
         r['within_aim'] = r['max_rel_loss_diff_vs_live'] <= r['aim']
         r['speedup_vs_live'] = ratio(live['step_s'], r['step_s'])
