@@ -4,7 +4,8 @@ function, called before the load). The standard library only."""
 from __future__ import annotations
 
 import re
-from typing import Callable, Optional, Tuple
+import difflib
+from typing import Callable, Iterable, Optional, Tuple
 
 #: ms-swift's message (``swift/model/model_meta.py``, ``swift/template/register.py``)
 _UNDETECTED = re.compile(r'Failed to automatically match `(model_type|template_type)` for `(.*?)`\. '
@@ -25,3 +26,13 @@ def undetected_type_message(error: str, flags_of: Callable[[str], Tuple[str, str
     found = f' (it fits {candidates})' if candidates else ''
     return (f'{model_flag} {folder}: ms-swift cannot tell its {what.split("_")[0]} type from the folder{found}: pass '
             f'{flag}')
+
+
+def unknown_template_message(flag: str, name: str, known: Iterable[str]) -> str:
+    """One line for a ``flag`` (``--template``, ``--teacher_template``) naming ``name``, which is not one of ms-swift's
+    registered template types ``known``: its close matches (the whole list where none is close)."""
+    known = list(known)
+    close = difflib.get_close_matches(name, known, n=5)
+    allowed = f'close matches: {close}' if close else f'allowed: {sorted(known)}'
+    return (f'{flag} {name!r} is not a registered ms-swift template type ({allowed}; the --template choices of '
+            '`swift rlhf --help`)')

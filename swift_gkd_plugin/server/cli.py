@@ -13,6 +13,8 @@ from typing import List, Optional, Sequence, Tuple
 API_KEY_ENV = 'SWIFT_GKD_TEACHER_API_KEY'
 LOOPBACK_NAMES = {'localhost', 'ip6-localhost'}
 DEVICE_MAPS = ('auto', 'balanced', 'balanced_low_0', 'sequential')
+MIN_BODY_MB = 2**-10  # 1 KiB: the smallest request is ~100 bytes
+MAX_BATCH_WAIT_MS = 60000.0
 DTYPES = ('auto', 'float32', 'fp32', 'bfloat16', 'bf16', 'float16', 'fp16')  # backend._DTYPES and auto
 
 
@@ -87,6 +89,9 @@ def topk_values(argv: Sequence[str]) -> List[Tuple[str, str]]:
 def check_args(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -> Optional[str]:
     """The first problem with the flags, as one line naming the flag, the value and the allowed values (None: all
     good). Everything is checked here, before the model loads: a refusal after a 7B load wastes minutes."""
+    problem = _api_key_problem(args.api_key)
+    if problem:
+        return problem
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if not is_loopback(args.host) and not api_key:
         return (f'refusing to bind {args.host!r} without an API key: pass --api_key or set {API_KEY_ENV} (or bind '
@@ -104,16 +109,36 @@ def check_args(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -
             return f'--{"top_k" if name == "topk" else name} must be >= 1, got {getattr(args, name)}'
     if args.num_threads is not None and args.num_threads < 1:
         return f'--num_threads must be >= 1 (or unset for torch\'s default), got {args.num_threads}'
-    if not (math.isfinite(args.max_body_mb) and args.max_body_mb > 0):
-        return (f'--max_body_mb must be a finite number > 0 (the request body limit in MiB; every request would get '
-                f'413), got {args.max_body_mb}')
-    if not (math.isfinite(args.batch_wait_ms) and args.batch_wait_ms >= 0):
-        return f'--batch_wait_ms must be a finite number >= 0, got {args.batch_wait_ms}'
+    if args.max_length is not None and args.max_length < 1:
+        return (f'--max_length must be >= 1 (the longest encoded messages request, in tokens) or unset for the '
+                f'model\'s, got {args.max_length}')
+    if not (math.isfinite(args.max_body_mb) and args.max_body_mb >= MIN_BODY_MB):
+        return (f'--max_body_mb must be a finite number >= {MIN_BODY_MB:g} (1 KiB; the request body limit in MiB: '
+                f'below it every request would get 413), got {args.max_body_mb}')
+    if not (math.isfinite(args.batch_wait_ms) and 0 <= args.batch_wait_ms <= MAX_BATCH_WAIT_MS):
+        return (f'--batch_wait_ms must be a finite number from 0 to {MAX_BATCH_WAIT_MS:g} (a minute: every batch waits '
+                f'this long before its forward), got {args.batch_wait_ms:g}')
     if args.torch_dtype not in DTYPES:
         return f'--torch_dtype must be one of {", ".join(DTYPES)}, got {args.torch_dtype!r}'
     problem = _device_problem(args.device) if args.device_map is None else None
     return problem or _paths_problem(args) or _model_type_problem(args) or _template_problem(args) or \
         _port_problem(args.host, args.port)
+
+
+def _api_key_problem(value: Optional[str]) -> Optional[str]:
+    """``--api_key`` (or ``SWIFT_GKD_TEACHER_API_KEY``) blank or with surrounding spaces: HTTP strips a header's
+    value, so no client could ever send that key (every request 401), and a blank key counted as one for a
+    non-loopback ``--host``."""
+    for name, key in (('--api_key', value), (API_KEY_ENV, os.environ.get(API_KEY_ENV))):
+        if key is None or (name == API_KEY_ENV and (value is not None or key == '')):  # '': unset, as before
+            continue
+        if not key.strip():
+            return (f'{name} is blank ({key!r}): give a key of visible characters, or leave it unset (loopback '
+                    'only)')
+        if key != key.strip():
+            return (f'{name} {key!r} has surrounding spaces, which HTTP strips from the Authorization header (every '
+                    f'client would get 401): pass {key.strip()!r}')
+    return None
 
 
 def _model_type_problem(args) -> Optional[str]:
@@ -154,11 +179,13 @@ def _template_problem(args) -> Optional[str]:
     (``get_template_meta``, what ``swift rlhf`` runs before loading) asked here, as the load resolves the model type,
     instead of its traceback after the load. A model ms-swift does not know is left to the load (plain
     transformers)."""
+    from swift.template import TEMPLATE_MAPPING
+    from swift_gkd_plugin.options.model_types import undetected_type_message, unknown_template_message
     if args.template is not None:
-        return None
+        return None if args.template in TEMPLATE_MAPPING else unknown_template_message('--template', args.template,
+                                                                                        TEMPLATE_MAPPING)
     from swift.model.model_meta import MODEL_MAPPING, get_matched_model_meta
     from swift.template import get_template_meta
-    from swift_gkd_plugin.options.model_types import undetected_type_message
     meta = get_matched_model_meta(args.model)  # as ms-swift's get_model_info_meta: the name, then --model_type
     if args.model_type is not None and (meta is None or meta.model_type != args.model_type):
         meta = MODEL_MAPPING.get(args.model_type)
@@ -185,6 +212,11 @@ def _paths_problem(args) -> Optional[str]:
         problem = adapter_path_problem(flag, value)
         if problem:
             return problem
+    for adapter in args.adapters:
+        folder = os.path.expanduser(adapter)
+        if os.path.isdir(folder) and not os.path.isfile(os.path.join(folder, 'adapter_config.json')):
+            return (f'--adapters {adapter}: the folder holds no adapter_config.json, so it is not a PEFT adapter '
+                    '(pass the folder `save_pretrained` wrote, e.g. a LoRA checkpoint-N of `swift rlhf`)')
     return None
 
 

@@ -1478,16 +1478,31 @@ def test_top_k_is_the_trainers_name_and_topk_stays_an_alias(flag):
 
 
 SERVE_BAD_FLAGS = [
-    (['--max_body_mb', '-1'], '--max_body_mb must be a finite number > 0 (the request body limit in MiB; every request '
-                              'would get 413), got -1.0'),
-    (['--max_body_mb', '0'], '--max_body_mb must be a finite number > 0'),
+    (['--max_body_mb', '-1'], '--max_body_mb must be a finite number >= 0.000976562 (1 KiB; the request body limit in '
+                              'MiB: below it every request would get 413), got -1.0'),
+    (['--max_body_mb', '0'], '--max_body_mb must be a finite number >= 0.000976562'),
+    # issue 89 item 15: a 0-byte limit, a wait of 31 years, no tokens, keys no client can send, a folder that is no
+    # adapter and a misspelled template (the last two failed with tracebacks after the load)
+    (['--max_body_mb', '1e-9'], '--max_body_mb must be a finite number >= 0.000976562 (1 KiB'),
+    (['--batch_wait_ms', '1e12'], '--batch_wait_ms must be a finite number from 0 to 60000 (a minute: every batch '
+                                  'waits this long before its forward), got 1e+12'),
+    (['--max_length', '0'], '--max_length must be >= 1 (the longest encoded messages request, in tokens) or unset'),
+    (['--max_length', '-5'], 'got -5'),
+    (['--api_key', ' k1 '], "--api_key ' k1 ' has surrounding spaces, which HTTP strips from the Authorization header "
+                            "(every client would get 401): pass 'k1'"),
+    (['--host', '0.0.0.0', '--api_key', ' '], "--api_key is blank (' '): give a key of visible characters"),
+    (['--adapters', '{teacher}'], '--adapters {teacher}: the folder holds no adapter_config.json, so it is not a PEFT '
+                                  'adapter'),
+    (['--model_type', 'qwen3', '--template', 'qwen3_nothinkng'],
+     "--template 'qwen3_nothinkng' is not a registered ms-swift template type (close matches: ['qwen3_nothinking'"),
     (['--port', '70000'], '--port must be in [0, 65535] (0: any free port), got 70000'),
     (['--device', 'cuda'], '--device cuda: this process sees no CUDA device (use --device cpu or auto)'),
     (['--device', 'tpu'], "--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
     (['--torch_dtype', 'float8'], "--torch_dtype must be one of auto, float32, fp32, bfloat16, bf16, float16, fp16, "
                                   "got 'float8'"),
     (['--top_k', '5', '--topk', '9'], '--top_k 5 --topk 9: --top_k and --topk are one flag given different values'),
-    (['--batch_wait_ms', 'nan'], '--batch_wait_ms must be a finite number >= 0, got nan'),
+    (['--batch_wait_ms', 'nan'], '--batch_wait_ms must be a finite number from 0 to 60000 (a minute: every batch '
+                                 'waits this long before its forward), got nan'),
     (['--num_threads', '0'], '--num_threads must be >= 1'),
     # issue 45: taken for a hub id, failing after minutes with a traceback
     (['--model', './teachers/tiny'], "--model ./teachers/tiny: no such folder './teachers/tiny'"),
@@ -1500,10 +1515,11 @@ SERVE_BAD_FLAGS = [
 def test_serve_teacher_refuses_bad_flags_before_loading(tiny_ws, flags, message):
     """Every flag is checked before the model loads (they used to fail after the load with a traceback, or start a
     server that answered 413 to everything, or silently take the last of --top_k / --topk): one error line, exit 2."""
-    proc = run_swift_gkd(['serve-teacher', '--model', tiny_ws.teacher, *flags])
+    proc = run_swift_gkd(['serve-teacher', '--model', tiny_ws.teacher,
+                          *[flag.format(teacher=tiny_ws.teacher) for flag in flags]])
     errors = [line for line in proc.stderr.splitlines() if line.startswith('swift-gkd serve-teacher: error: ')]
     assert proc.returncode == 2 and len(errors) == 1 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
-    assert message in errors[0]
+    assert message.format(teacher=tiny_ws.teacher) in errors[0]
     assert 'loaded in' not in proc.stderr  # the teacher never loaded
 
 

@@ -162,10 +162,8 @@ def check_teacher_template(args) -> None:
     from swift.template import TEMPLATE_MAPPING
     if name in TEMPLATE_MAPPING:
         return
-    close = difflib.get_close_matches(name, list(TEMPLATE_MAPPING), n=5)
-    allowed = f'close matches: {close}' if close else f'allowed: {sorted(TEMPLATE_MAPPING)}'
-    raise FlagError(f'--teacher_template {name!r} is not a registered ms-swift template type ({allowed}; '
-                     'the --template choices of `swift rlhf --help`)')
+    from swift_gkd_plugin.options.model_types import unknown_template_message
+    raise FlagError(unknown_template_message('--teacher_template', name, TEMPLATE_MAPPING))
 
 
 def _head_rows(flag: str, model_dir: str) -> Optional[int]:
