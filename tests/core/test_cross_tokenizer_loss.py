@@ -199,7 +199,8 @@ def test_backward_keeps_only_views_of_the_inputs(loss_fn):
     kept = []
 
     def pack(tensor):
-        kept.append(tensor.untyped_storage().data_ptr())
+        if tensor.untyped_storage().nbytes():  # torch 2.11's checkpointing saves an empty placeholder: no memory
+            kept.append(tensor.untyped_storage().data_ptr())
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
