@@ -50,7 +50,8 @@ try:
 except ImportError:
     msgpack = None
 
-__all__ = ['InvalidAnswer', 'TeacherClient', 'TeacherServerError', 'TopKResult', 'check_infer_answer']
+__all__ = ['InvalidAnswer', 'TeacherClient', 'TeacherReplaced', 'TeacherServerError', 'TopKResult',
+           'check_infer_answer']
 
 API_KEY_ENV = 'SWIFT_GKD_TEACHER_API_KEY'
 # rate-limited (a gateway), a proxy without its server, or a busy server: retried within ``wait``
@@ -78,6 +79,16 @@ class TeacherServerError(RuntimeError):
         self.url = url
         self.status = status
         self.attempts = attempts
+
+
+class TeacherReplaced(TeacherServerError):
+    """The server answers for another model (or tokenizer) than the one :meth:`TeacherClient.remember_identity`
+    recorded: restarted with another teacher on the same URL."""
+    resume_when = 'once the run\'s teacher is served there again'
+
+
+#: what names a served teacher in its ``GET /health`` (this plugin's server; vLLM's ``/v1/models`` id as ``model``)
+IDENTITY_KEYS = ('model', 'tokenizer_sha256', 'vocab_size')
 
 
 @dataclass
@@ -119,6 +130,8 @@ class TeacherClient:
         self.logprobs_dtype = logprobs_dtype
         self._session = requests.Session()
         self.vocab_size: Optional[int] = None  # the teacher's output rows when known (answers are checked against it)
+        self.identity: Optional[Dict[str, Any]] = None  # the teacher at the start (remember_identity), or None
+        self._checking_identity = False
         self.last_request_bytes = 0
         self.last_response_bytes = 0
 
@@ -184,11 +197,15 @@ class TeacherClient:
         url = f'{self.url}{path}'
         t0 = time.monotonic()
         attempt = 0
+        lost = False  # an attempt found no server (or a restarting one): the one answering now may be another
         while True:
             attempt += 1
             resp, cause, status = self._attempt(method, url, body, headers)
             retry_after = 0.0
+            lost = lost or status is None or status in _UNAVAILABLE_STATUS
             if status == 200:
+                if lost:
+                    self.check_identity(f'after {attempt - 1} failed attempt{"s" if attempt > 2 else ""}')
                 if parse is None:
                     return resp
                 try:
@@ -221,6 +238,51 @@ class TeacherClient:
     def health(self) -> Dict[str, Any]:
         """The server's ``GET /health`` document (``{}`` when it answers 200 with no JSON, as ``swift deploy`` does)."""
         return _json_or_empty(self._call('GET', '/health'))
+
+    def served_identity(self) -> Dict[str, Any]:
+        """What names the teacher the server serves now (:data:`IDENTITY_KEYS` of its ``GET /health``; without a
+        ``model`` there, the id of its ``GET /v1/models``, as ``vllm serve`` reports it)."""
+        health = self.health()
+        identity = {key: health[key] for key in IDENTITY_KEYS if health.get(key) is not None}
+        if 'model' not in identity:
+            model = (self.openai_model() or {}).get('id')
+            if model is not None:
+                identity['model'] = model
+        return identity
+
+    def remember_identity(self) -> Dict[str, Any]:
+        """Record the served teacher (:meth:`served_identity`): after any attempt that found no server or a
+        restarting one, and in every ``/v1/topk`` answer (its ``model``), the answering teacher is compared with it
+        and a different one raises :class:`TeacherReplaced` (a server restarted with another model on this URL)."""
+        self.identity = None
+        self.identity = self.served_identity()
+        return self.identity
+
+    def check_identity(self, when: str) -> None:
+        """:class:`TeacherReplaced` when the server now serves another teacher than :meth:`remember_identity`'s
+        (nothing before it, and nothing while asking)."""
+        if self.identity is None or self._checking_identity:
+            return
+        self._checking_identity = True
+        try:
+            now = self.served_identity()
+        finally:
+            self._checking_identity = False
+        self._compare_identity(now, f'its GET /health {when}')
+
+    def _compare_identity(self, now: Dict[str, Any], where: str) -> None:
+        before = self.identity or {}
+        changed = [key for key in IDENTITY_KEYS if key in before and key in now and before[key] != now[key]]
+        if not changed:
+            return
+
+        def show(doc):
+            return ', '.join(f'{key} {str(doc[key])[:16]!r}' for key in IDENTITY_KEYS if key in doc)
+
+        raise TeacherReplaced(
+            f'teacher server {self.url} now serves another teacher: {where} reports {show(now)}, the run started '
+            f'against {show(before)} ({", ".join(changed)} changed: the server was restarted with another model). '
+            'Its answers are not the teacher\'s: serve the run\'s teacher at this URL again', url=self.url)
 
     def wait_until_ready(self, timeout: Optional[float] = None) -> Dict[str, Any]:
         """Poll ``GET /health`` until it answers 200 (a server still loading its model), at most ``timeout``
@@ -388,7 +450,10 @@ class TeacherClient:
 
         def parse(resp):
             self.last_request_bytes, self.last_response_bytes = len(body), len(resp.content)
-            return _parse_topk(_decode(resp), expected, self.vocab_size)
+            out = _decode(resp)
+            if isinstance(out, dict) and out.get('model') is not None:  # every answer names the teacher that gave it
+                self._compare_identity({'model': out['model']}, 'its answer')
+            return _parse_topk(out, expected, self.vocab_size)
 
         return self._call('POST', '/v1/topk', body=body, headers=headers, parse=parse)
 

@@ -60,11 +60,12 @@ def _free_port() -> int:
 class Server:
     HEALTH = '/health/'  # polled until it answers 200
 
-    def __init__(self, ws, log_path: str, *extra: str, port: int = None, env=None, session: bool = False):
+    def __init__(self, ws, log_path: str, *extra: str, port: int = None, env=None, session: bool = False,
+                 model: str = None):
         self.port = port or _free_port()
         self.url = f'http://127.0.0.1:{self.port}'
         self.log_path = log_path
-        cmd = [SWIFT_GKD, 'serve-teacher', '--model', ws.teacher, '--model_type', 'qwen3', '--template', TEMPLATE,
+        cmd = [SWIFT_GKD, 'serve-teacher', '--model', model or ws.teacher, '--model_type', 'qwen3', '--template', TEMPLATE,
                '--port', str(self.port), '--top_k', str(SERVER_TOPK), '--torch_dtype', 'float32', '--device', 'cpu',
                '--max_batch_tokens', str(MAX_BATCH_TOKENS), *extra]
         full_env = dict(os.environ, **OFFLINE_ENV)
@@ -598,7 +599,10 @@ def test_a_server_started_late_killed_mid_run_and_restarted_on_its_port(tiny_ws,
        checkpoint (no traceback), the checkpoint kept whole; a client then reports the dead server (3 attempts,
        connection refused) at once, and its health check fails;
     3. restarted on the same port while a patient client is already retrying: the client rides it out, logging each
-       retry, and its answer equals a direct forward; the run resumed from the checkpoint finishes its next step."""
+       retry, and its answer equals a direct forward; the run resumed from the checkpoint finishes its next step;
+    4. then restarted serving another model (the student: the same tokenizer) while that run goes on (issue 89 item
+       16: it trained on the other model's answers, exit 0): the run rides out the restart, finds another model
+       answering and stops in one line naming both models, exit 1."""
     import glob
     port = _free_port()
     url = f'http://127.0.0.1:{port}'
@@ -693,9 +697,29 @@ def test_a_server_started_late_killed_mid_run_and_restarted_on_its_port(tiny_ws,
         for n, line in enumerate(retries, start=1):  # each retry: the attempt, its cause and the time left
             assert f'{url}/v1/topk: attempt {n} failed (connection failed' in line, line
             assert 'Connection refused' in line and 'of the 300s wait left' in line, line
-        resumed = run_swift(base_args(tiny_ws, str(tmp_path / 'resumed'), max_steps=saved + 1,
-                                      resume_from_checkpoint=checkpoint, **common))
-        assert [r['global_step/max_steps'] for r in resumed.logs] == [f'{saved + 1}/{saved + 1}'], resumed.logs
+        resumed_out = tmp_path / 'resumed'
+        worker = threading.Thread(target=lambda: done.update(resumed=run_swift(
+            base_args(tiny_ws, str(resumed_out), max_steps=500, resume_from_checkpoint=checkpoint,
+                      **dict(common, teacher_server_wait=300, save_strategy='no')), check=False)))
+        worker.start()
+        try:  # 4. once its next step is logged, another model on the port
+            deadline = time.monotonic() + 300
+            while worker.is_alive() and time.monotonic() < deadline and '"loss"' not in (
+                    (resumed_out / 'logging.jsonl').read_text() if (resumed_out / 'logging.jsonl').exists() else ''):
+                time.sleep(0.2)
+        finally:
+            started[-1].proc.kill()
+            started[-1].proc.wait(10)
+            started.append(Server(tiny_ws, str(tmp_path / 'c.log'), port=port, model=tiny_ws.student))
+            worker.join(600)
+        resumed = done['resumed']
+        assert resumed.returncode == 1 and resumed.logs, resumed.output[-3000:]
+        assert resumed.logs[0]['global_step/max_steps'] == f'{saved + 1}/500', resumed.logs
+        errors = [line for line in resumed.output.splitlines() if line.startswith('swift rlhf: error:')]
+        assert len(errors) == 1 and 'Traceback' not in resumed.output, resumed.output[-3000:]
+        assert (f"teacher server {url} now serves another teacher: its GET /health after" in errors[0]
+                and "reports model 'student'" in errors[0] and "the run started against model 'teacher'" in errors[0]
+                and 'the server was restarted with another model' in errors[0]), errors[0]
     finally:
         for server in started:
             server.stop()

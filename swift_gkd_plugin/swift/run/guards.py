@@ -391,8 +391,8 @@ def server_failed_message(trainer, error: BaseException, server: str = 'the teac
     last = get_last_checkpoint(out) if out and os.path.isdir(out) else None
     done = trainer.state.global_step
     if last:
-        kept = (f'The last checkpoint, {last}, is kept: once the server answers again, resume with '
-                f'--resume_from_checkpoint {last}')
+        when = getattr(error, 'resume_when', 'once the server answers again')
+        kept = f'The last checkpoint, {last}, is kept: {when}, resume with --resume_from_checkpoint {last}'
     else:
         kept = (f'No checkpoint was saved before it ({done} step(s) done; --save_strategy '
                 f'{getattr(trainer.args.save_strategy, "value", trainer.args.save_strategy)}, --save_steps '

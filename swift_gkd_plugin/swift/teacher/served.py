@@ -61,7 +61,8 @@ def connect_teacher_servers(args, configs, accelerator, topk: int, tokenizer=Non
             client.openai_model_id = (client.openai_model() or {}).get('id')
         if tokenizer is not None:
             check_same_tokenizer(client, tokenizer)
-        logger.info(f'Teacher server {client.url}: scored through {ROUTE_NAMES[route]}')
+        identity = client.remember_identity()  # a server restarted with another teacher stops the run
+        logger.info(f'Teacher server {client.url}: scored through {ROUTE_NAMES[route]} ({identity or "unnamed"})')
     # (checked before loading too; again here: a server restarted since then may speak otherwise)
     check_routes_mix([(c.url, c.route_name) for c in clients], local=local)
     return clients, clients[0].route_name != 'infer'
