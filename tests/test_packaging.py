@@ -5,6 +5,7 @@ then unpacked into a directory that a bare interpreter (``python -S``) adds as a
 would: the plugin's start-up hook must be active in that interpreter.
 """
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -106,6 +107,11 @@ def test_swift_gkd_version_help_and_docs():
     assert run('--version').strip() == f'swift-gkd-plugin {__version__}' and run('version').strip() == __version__
     top = run('--help')
     assert '``' not in top and './swift_gkd_demo' in top and 'swift-gkd docs' in top
+    # every command argparse lists under 'positional arguments' is described in the overview above it
+    commands = re.findall(r'^    ([a-z][a-z-]+)\b', top.split('positional arguments:')[1], re.M)
+    assert 'score' in commands and 'serve-teacher' in commands
+    for name in commands:
+        assert f'  swift-gkd {name}' in top.split('positional arguments:')[0], f'swift-gkd --help omits {name}'
     demo = run('demo', '--help')
     assert '(default: swift_gkd_demo)' in demo and '(default: 80)' in demo
     assert '(default: 64)' in run('serve-teacher', '--help')

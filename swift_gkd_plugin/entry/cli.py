@@ -82,6 +82,9 @@ DESCRIPTION = """Helper commands of swift-gkd-plugin, the GKD trainer of swift r
                                 match before and after
   swift-gkd serve-teacher --model PATH [--template T] [--port 8000] [--top_k 64] ...
                                 serve a teacher's top-k log-probabilities over HTTP (no vLLM needed)
+  swift-gkd score --teacher_model PATH --dataset FILE --output_dir STORE ...
+                                score a dataset with a teacher once, into a teacher-score store that swift rlhf /
+                                megatron rlhf --teacher_scores STORE train from without the teacher (docs: teacher_store)
   swift-gkd plugin-path         the file to pass to --external_plugins (explicit activation)
   swift-gkd docs [--lang zh] [PAGE]
                                 where the documentation is installed (help texts and errors cite its pages,
