@@ -185,6 +185,9 @@ def create_app(teacher: TransformersTeacher, config: ServerConfig) -> FastAPI:
     max_seq_len = min(config.max_seq_len, config.max_batch_tokens, teacher.max_length or config.max_batch_tokens)
     vocab, n_emb = teacher.vocab_size, teacher.num_embeddings
     fingerprint = tokenizer_fingerprint(teacher.tokenizer)  # the trainer refuses a teacher of another tokenizer
+    # a text of more characters than this cannot encode into max_seq_len tokens (no token spells more than the
+    # longest vocabulary entry): longer messages are refused before the tokenizer reads them
+    max_chars = max_seq_len * max((len(token) for token in teacher.tokenizer.get_vocab()), default=1)
 
     from contextlib import asynccontextmanager
 
@@ -256,6 +259,15 @@ def create_app(teacher: TransformersTeacher, config: ServerConfig) -> FastAPI:
         if n > max_seq_len:
             raise _error(413, f'{what}: {n} tokens; this server takes at most {max_seq_len} per sequence')
 
+    def _limit_chars(parts, what: str):
+        """Messages (and their tools) of more characters than ``max_chars`` would encode beyond ``max_seq_len``:
+        refused before the tokenizer reads them (a 21 MB request was tokenized whole, 7.3M tokens, for a
+        512-token limit)."""
+        n = sum(_characters(part) for part in parts)
+        if n > max_chars:
+            raise _error(413, f'{what}: {n} characters of messages, more than the {max_seq_len} tokens this server '
+                         f'takes per sequence can hold ({max_chars} characters at most)')
+
     @app.get('/health')
     @app.get('/health/')
     async def health():
@@ -310,6 +322,7 @@ def create_app(teacher: TransformersTeacher, config: ServerConfig) -> FastAPI:
         def encode_all():
             out = []
             for i, r in enumerate(body.infer_requests):
+                _limit_chars([r.messages, r.tools, r.chat_template_kwargs], f'infer_requests[{i}]')
                 req = {'messages': r.messages, 'tools': r.tools, 'objects': r.objects,
                        'chat_template_kwargs': r.chat_template_kwargs or {}}
                 if r.add_eos is not None:
@@ -381,7 +394,11 @@ def create_app(teacher: TransformersTeacher, config: ServerConfig) -> FastAPI:
                     positions = torch.as_tensor(s.positions, dtype=torch.long)
                     if int(positions.min()) < 0 or int(positions.max()) >= len(ids):
                         raise _error(422, f'sequences[{i}]: positions must lie in [0, {len(ids)})')
+                    if len(positions) > len(ids):
+                        raise _error(422, f'sequences[{i}]: {len(positions)} positions for a sequence of {len(ids)} '
+                                     'tokens: each position at most once')
                 else:
+                    _limit_chars([s.messages, s.tools, s.chat_template_kwargs], f'sequences[{i}]')
                     req = {'messages': s.messages, 'tools': s.tools,
                            'chat_template_kwargs': s.chat_template_kwargs or {}}
                     if s.add_eos is not None:
@@ -453,6 +470,14 @@ def _prompt_logprobs(ids: List[int], res, k: int, table: List[str]) -> List[Opti
             entry[key] = {'logprob': t_lp[p], 'rank': int(t_rank[p]), 'decoded_token': table[tok]}
         out.append(entry)
     return out
+
+
+def _characters(obj) -> int:
+    """The characters of every string value in a JSON value (keys left out: a lower bound of the text encoded)."""
+    if isinstance(obj, str):
+        return len(obj)
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    return sum(_characters(value) for value in values)
 
 
 def _log_error(request: Request, message: str):

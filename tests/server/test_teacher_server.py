@@ -454,6 +454,21 @@ def test_malformed_and_oversize_requests_are_refused(servers, reference, tokeniz
     long_chat = {'infer_requests': [{'messages': [{'role': 'user', 'content': 'a ' * 5000}]}],
                  'request_config': {'prompt_logprobs': 2}}
     assert httpx.post(f'{url}/infer/', json=long_chat).status_code == 413
+    # issue 89 item 17: messages bounded in characters before the tokenizer reads them (a 21 MB request was encoded
+    # whole, 7.3M tokens, against a 512-token limit; roles count), and more positions than tokens (repeated) refused
+    limit = httpx.get(f'{url}/health').json()['max_seq_len']
+    longest = max(len(token) for token in tokenizer.get_vocab())
+    chat = [{'role': 'user', 'content': 'a' * 200_000}, {'role': 'assistant', 'content': 'b'}]
+    for route, body, what in [('/v1/topk', {'sequences': [{'messages': chat}]}, 'sequences[0]'),
+                              ('/infer/', {'infer_requests': [{'messages': chat}]}, 'infer_requests[0]')]:
+        r = httpx.post(f'{url}{route}', json=body)
+        assert r.status_code == 413 and r.json()['message'] == (
+            f'{what}: 200014 characters of messages, more than the {limit} tokens this server takes per sequence can '
+            f'hold ({limit * longest} characters at most)'), r.text
+    repeated = {'sequences': [{'input_ids': [1, 2, 3], 'positions': [0, 1, 1, 0]}]}
+    r = httpx.post(f'{url}/v1/topk', json=repeated)
+    assert r.status_code == 422 and r.json()['message'] == (
+        'sequences[0]: 4 positions for a sequence of 3 tokens: each position at most once'), r.text
 
     # still healthy, still correct, every refusal logged
     assert server.alive()
