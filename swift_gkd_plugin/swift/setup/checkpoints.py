@@ -23,7 +23,9 @@ TRAINER_STATE = 'trainer_state.json'  # transformers.trainer.TRAINER_STATE_NAME,
 LAST_CHECKPOINT = 'last-checkpoint'  # ms-swift's symlink to the newest complete checkpoint
 _CHECKPOINT = re.compile(r'^checkpoint-(\d+)$')
 # what a failed write looks like: OSError's own errno, or the text of torch's and safetensors' writers
-_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+# a folder that cannot be written: no permission, a read-only file system, a file where a folder goes
+_WRITE_ERRNOS = _SPACE_ERRNOS | {errno.EACCES, errno.EPERM, errno.EROFS, errno.EEXIST, errno.ENOTDIR}
 _WRITE_FAILED = re.compile(r'unexpected pos \d+ vs \d+|No space left on device|Disk quota exceeded|File too large|'
                            r'PytorchStreamWriter failed|file write failed', re.IGNORECASE)
 LOW_SPACE = 64 * 2**20  # bytes: below this, a failed write is taken for a full disk
@@ -372,8 +374,10 @@ def _cause(exc: BaseException, folder: str) -> tuple:
 
 
 def guard_checkpoint_saves(trainer) -> None:
-    """A checkpoint save that fails writing a file raises an OSError naming the cause (no space left, the file-size
-    limit), the checkpoint and the newest complete one, instead of the writer's own message."""
+    """A checkpoint save that fails writing a file (no space left, the file-size limit, a folder that cannot be
+    written) stops the run with one ``swift rlhf: error:`` line at exit (a :class:`RunError`, exit code 1) naming the
+    checkpoint, the cause and the newest complete checkpoint, instead of the writer's tracebacks."""
+    from swift_gkd_plugin.swift.run.guards import RunError
     original = trainer._save_checkpoint
 
     def _save_checkpoint(*args, **kwargs):
@@ -385,8 +389,9 @@ def guard_checkpoint_saves(trainer) -> None:
             output_dir = trainer.args.output_dir
             checkpoint = os.path.join(output_dir, f'checkpoint-{trainer.state.global_step}')
             code, cause = _cause(exc, checkpoint if os.path.isdir(checkpoint) else output_dir)
-            raise OSError(code, f'saving {checkpoint} failed, {cause}. That checkpoint is incomplete (no '
-                          f'{TRAINER_STATE}); {newest_hint(output_dir)}. Free space (or pass another --output_dir) '
-                          f'and resume.') from exc
+            remedy = ('Free space (or pass another --output_dir)' if code in _SPACE_ERRNOS else
+                      f'Make {output_dir} writable (or pass another --output_dir)')
+            raise RunError(f'saving {checkpoint} failed, {cause}. That checkpoint is incomplete (no '
+                           f'{TRAINER_STATE}); {newest_hint(output_dir)}. {remedy} and resume.') from exc
 
     trainer._save_checkpoint = _save_checkpoint
