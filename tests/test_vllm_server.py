@@ -415,6 +415,41 @@ def test_async_queue_files_that_are_not_this_versions_are_never_unpickled(runs, 
     assert not marker.exists()
 
 
+QUEUE_DAMAGES = [  # issue 89 item 9: valid JSON, a field missing or wrong (each a traceback after loading)
+    (lambda b: b.pop('keys'), "queue[0] has no 'keys'"),
+    (lambda b: b.pop('lengths'), "queue[0] has no 'lengths'"),
+    (lambda b: b.update(step='1'), 'queue[0]["step"] is \'1\', not a whole number'),
+    (lambda b: b.update(outputs=[]), 'queue[0]["outputs"] holds 0 outputs for lengths [2] (one per sample, at least '
+                                     'one)'),
+    (lambda b: b.update(keys=[['k']]), 'queue[0]["keys"] does not hold one row key per sample of each of its 1 rank(s) '
+                                       '(lengths [2])'),
+]
+
+
+def test_async_queue_fields_are_read_inside_the_checks_that_resample(runs, tmp_path):
+    """A queue file of valid JSON whose first batch lacks a field or holds a wrong one: the reader names the file and
+    the field, which the resumed run turns into its one warning and samples those steps again (as
+    ``test_async_resume_from_half_a_queue_file_names_it_and_samples_again`` shows for a cut file), instead of a
+    KeyError or TypeError after loading."""
+    from swift_gkd_plugin.swift.rollout.prefetch import _read_queue
+    checkpoint = _resume_from_a_copy(os.path.join(runs['lora_adapter'].output_dir, 'checkpoint-1'),
+                                     str(tmp_path / 'out'))
+    path = os.path.join(checkpoint, 'gkd_prefetched.json')
+    with open(path) as f:
+        doc = json.load(f)
+    for damage, message in QUEUE_DAMAGES:
+        damaged = json.loads(json.dumps(doc))
+        damage(damaged['queue'][0])
+        with open(path, 'w') as f:
+            json.dump(damaged, f)
+        queue, why = _read_queue(checkpoint)
+        assert queue is None and why == f'{path} cannot be read (ValueError: {message})', why
+    with open(path, 'w') as f:
+        json.dump(doc, f)
+    queue, why = _read_queue(checkpoint)
+    assert why is None and [len(b['outputs']) for b in queue] == [2, 2]
+
+
 def _steps(run, key):
     return [row.get(key) for row in run.logs]
 

@@ -356,8 +356,13 @@ def _read_queue(path: str) -> Tuple[Optional[list], Optional[str]]:
     try:
         with open(file) as f:
             doc = json.load(f)
-        if doc.get('format') != FORMAT:
-            raise ValueError(f'format {doc.get("format")!r}, this version reads {FORMAT}')
+        if not isinstance(doc, dict) or doc.get('format') != FORMAT:
+            found = doc.get('format') if isinstance(doc, dict) else type(doc).__name__
+            raise ValueError(f'format {found!r}, this version reads {FORMAT}')
+        if not isinstance(doc.get('queue'), list):
+            raise ValueError(f'"queue" is {type(doc.get("queue")).__name__}, not a list of batches')
+        for i, batch in enumerate(doc['queue']):
+            _check_batch(i, batch)
         tensors = None
         if any(b['answers'] for b in doc['queue']):
             from safetensors.torch import load_file
@@ -375,6 +380,36 @@ def _read_queue(path: str) -> Tuple[Optional[list], Optional[str]]:
         return doc['queue'], None
     except Exception as exc:  # a cut or foreign file: its steps are sampled again
         return None, f'{file} cannot be read ({type(exc).__name__}: {exc})'
+
+
+def _check_batch(i: int, batch) -> None:
+    """A ValueError naming what is wrong with batch ``i`` of a saved queue (a field missing or of another type, or
+    outputs that do not match its ranks' lengths and keys), read before any of its fields is used."""
+    def whole(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    if not isinstance(batch, dict):
+        raise ValueError(f'queue[{i}] is {type(batch).__name__}, not a batch object')
+    missing = [name for name in ('step', 'version', 'lengths', 'keys', 'outputs', 'answers') if name not in batch]
+    if missing:
+        raise ValueError(f'queue[{i}] has no {", ".join(repr(m) for m in missing)}')
+    for name in ('step', 'version'):
+        if not whole(batch[name]):
+            raise ValueError(f'queue[{i}]["{name}"] is {batch[name]!r}, not a whole number')
+    lengths, keys, outputs = batch['lengths'], batch['keys'], batch['outputs']
+    if not isinstance(lengths, list) or not lengths or not all(whole(n) for n in lengths):
+        raise ValueError(f'queue[{i}]["lengths"] is {lengths!r}, not a list of each rank\'s sample count')
+    if not (isinstance(keys, list) and len(keys) == len(lengths)
+            and all(isinstance(k, list) and len(k) == n and all(isinstance(x, str) for x in k)
+                    for k, n in zip(keys, lengths))):
+        raise ValueError(f'queue[{i}]["keys"] does not hold one row key per sample of each of its {len(lengths)} '
+                         f'rank(s) (lengths {lengths})')
+    if not isinstance(outputs, list) or len(outputs) != sum(lengths) or not sum(lengths):
+        count = len(outputs) if isinstance(outputs, list) else type(outputs).__name__
+        raise ValueError(f'queue[{i}]["outputs"] holds {count} outputs for lengths {lengths} (one per sample, at '
+                         'least one)')
+    if batch['answers'] is not None and not isinstance(batch['answers'], list):
+        raise ValueError(f'queue[{i}]["answers"] is {type(batch["answers"]).__name__}, not a list or null')
 
 
 def _take(iterator, n: int) -> list:
