@@ -33,7 +33,7 @@ def score_argv(ws, store, **extra):
     score_cli.add_arguments(parser)
     args, rest = parser.parse_known_args(
         ['--teacher_model', ws.teacher, '--dataset', ws.train, '--output_dir', store, '--gkd_logits_topk', str(K),
-         '--teacher_scores_dtype', 'float32', '--model_type', 'qwen3', '--template', 'qwen3_nothinking',
+         '--teacher_scores_dtype', 'float32', '--teacher_model_type', 'qwen3', '--template', 'qwen3_nothinking',
          '--max_length', '128', '--torch_dtype', 'float32', '--check_model', 'false', '--dataloader_num_workers', '0',
          '--dataset_num_proc', '1', '--add_version', 'false']
         + [x for key, value in extra.items() for x in (f'--{key}', str(value))])
@@ -80,6 +80,11 @@ def runs(tiny_ws, shared_runs):
         'from_samples': lambda out: after('score', lambda: train(
             out, teacher_scores=runs_dir(out, 'score'), teacher_scores_samples=SAMPLES, beta=0, gkd_logits_topk=None)),
         'live_fkl': lambda out: train(out, beta=0, gkd_logits_topk=None),
+        # the score's store with the tail bucket and no --gkd_logits_topk (the store's k), rows encoded with another
+        # --loss_scale than the score's (ms-swift's rlhf default last_round): the store covers none of them
+        'tail_loss_scale': lambda out: after('score', lambda: train(
+            out, teacher_scores=runs_dir(out, 'score'), gkd_logits_topk=None, gkd_topk_tail='true',
+            loss_scale='default', max_steps=1)),
         # the live run's 8-row store alone over 8 steps: rows it lacks and no teacher
         'missing': lambda out: after('live', lambda: run_swift(base_args(tiny_ws, out, **dict(
             OFF_POLICY, max_steps=8, teacher_scores=os.path.join(runs_dir(out, 'live'), 'store'), teacher_model=None,
@@ -112,6 +117,13 @@ def test_score_writes_a_store_that_covers_the_dataset(runs, tiny_ws):
         covered = json.load(f)['covered']
     assert [c['file'] for c in covered] == ['train.jsonl']
     assert covered[0]['encoding']['max_length'] == 128 and covered[0]['encoding']['template'] == 'qwen3_nothinking'
+    assert covered[0]['encoding']['loss_scale'] == 'last_round'  # (ms-swift's rlhf default: in the encoding, issue 89)
+    # issue 89: shards of the mode the user's umask gives any file, as the manifest (safetensors wrote 0600)
+    modes = {oct(os.stat(p).st_mode & 0o777) for p in glob.glob(os.path.join(run.output_dir, 'shards', '*'))}
+    assert modes == {oct(os.stat(os.path.join(run.output_dir, 'manifest.json')).st_mode & 0o777)}, modes
+    # issue 89: --teacher_model_type names the scored model (it is the run's --model): score_argv passes only it
+    argv = score_argv(tiny_ws, run.output_dir)
+    assert argv[argv.index('--model_type') + 1] == 'qwen3' and '--teacher_model_type' not in argv
 
 
 def test_a_store_that_covers_every_row_logs_the_live_teachers_losses_without_loading_it(runs):
@@ -206,6 +218,37 @@ def test_a_row_missing_without_a_teacher_stops_the_run_naming_it(runs):
     assert 'Traceback' not in run.output
 
 
+def test_the_tail_bucket_takes_the_stores_k_and_another_loss_scale_is_not_covered(runs):
+    """Issue 89: ``--gkd_topk_tail true`` with ``--teacher_scores`` and no ``--gkd_logits_topk`` was refused before
+    the store's k was taken; and ``covers`` ignored ``--loss_scale``, so a store scored with another loss scale
+    dropped the teacher (then a multi-turn row was missing, 'no teacher to score it'). Now the run takes top-8 from the
+    store and, the encoding differing, keeps its teacher (these one-turn rows are found all the same)."""
+    run = runs['tail_loss_scale']
+    assert run.returncode == 0, run.output[-4000:]
+    assert 'is not loaded' not in run.output and 'a row missing from it is scored by the teacher' in run.output
+    assert len(run.logs) == 1 and run.logs[0]['gkd/teacher_store_rows'] == 1.0
+    with open(glob.glob(os.path.join(run.output_dir, '**', 'args.json'), recursive=True)[0]) as f:
+        used = json.load(f)
+    assert used['gkd_logits_topk'] == K and used['gkd_topk_tail'] and used['loss_scale'] == 'default'
+
+
+def test_a_row_two_ranks_wrote_counts_its_tokens_once(tmp_path):
+    """Issue 89: a filled last batch on two ranks has both write a row; the store (and the score's closing line,
+    which reads it) kept both rows' tokens (1,532 against 1,254). The reader keeps one row a key, and counts it once."""
+    import torch
+    from swift_gkd_plugin.core.scores.store import RowScores, StoreIdentity, StoreWriter
+    identity = StoreIdentity(teacher='t', teacher_hash='', tokenizer='x', template='qwen3', topk=2, samples=0,
+                             dtype='float32', temperature=1.0, vocab_size=8)
+    rows = {f'{i:032x}': RowScores(torch.tensor([[1, 2]] * (i + 3)), torch.full((i + 3, 2), -0.7)) for i in range(3)}
+    for rank, keys in enumerate([['0' * 32, f'{1:032x}'], [f'{1:032x}', f'{2:032x}']]):
+        writer = StoreWriter(str(tmp_path), identity, rank=rank)
+        for key in keys:
+            writer.add(key, rows[key])
+        writer.flush()
+    store = TeacherStore(str(tmp_path))
+    assert len(store) == 3 and store.tokens == 3 + 4 + 5
+
+
 def test_a_killed_score_resumes_keeping_its_finished_shards(tiny_ws, tmp_path):
     """Killed (SIGKILL) once a few rows are written (a shard per row), then run again as ``swift-gkd score`` runs a
     second time (with ``--teacher_scores`` on its own folder): the finished rows are found, not scored again."""
@@ -244,29 +287,108 @@ def test_a_killed_score_resumes_keeping_its_finished_shards(tiny_ws, tmp_path):
     (dict(save_teacher_scores='NEW', gkd_cross_tokenizer='uld', gkd_logits_topk=None, teacher_model='OTHER'),
      'a store keeps the teacher\'s top-k over'),
     (dict(gkd_score_only='true'), '--gkd_score_only true needs --save_teacher_scores'),
+    # issue 89: a folder that cannot be written, before loading (a traceback after it, or after the whole training)
+    (dict(save_teacher_scores='FILE/store'), '--save_teacher_scores FILE/store: FILE is a file, not a folder'),
+    (dict(save_teacher_scores='READONLY'), '--save_teacher_scores READONLY: READONLY cannot be written'),
     (dict(teacher_scores='SCORE', teacher_scores_samples=64, beta=0.5), 'an unbiased estimate of the forward KL'),
     (dict(teacher_scores='SCORE', teacher_scores_samples=12, beta=0), 'holds 64 drawn tokens a position'),
 ])
 def test_refused_before_loading(runs, tiny_ws, tmp_path, flags, says):
     assert runs['score'].returncode == 0
     names = {'SCORE': runs['score'].output_dir, 'MISSING': str(tmp_path / 'none'), 'NEW': str(tmp_path / 'new'),
-             'OTHER': tiny_ws.other_vocab_teacher, 'STUDENT': tiny_ws.student}
-    flags = {k: names.get(v, v) if isinstance(v, str) else v for k, v in flags.items()}
-    says = says.replace('MISSING', names['MISSING'])
+             'OTHER': tiny_ws.other_vocab_teacher, 'STUDENT': tiny_ws.student, 'FILE': str(tmp_path / 'file'),
+             'READONLY': str(tmp_path / 'readonly')}
+    if 'READONLY' in flags.values():  # an existing store the user cannot write (root writes anyway: not tested)
+        if os.geteuid() == 0:
+            pytest.skip('root writes into a read-only folder: the FILE case refuses the same check')
+        shutil.copytree(runs['score'].output_dir, names['READONLY'])
+        for folder in (os.path.join(names['READONLY'], 'shards'), names['READONLY']):
+            os.chmod(folder, 0o555)
+    (tmp_path / 'file').write_text('')
+    flags = {k: re.sub('|'.join(names), lambda m: names[m.group(0)], v) if isinstance(v, str) else v
+             for k, v in flags.items()}
+    says = re.sub('MISSING|FILE|READONLY', lambda m: names[m.group(0)], says)
     run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), **dict(OFF_POLICY, **flags)), check=False)
     assert run.returncode != 0
     assert says in run.output, run.output[-3000:]
     assert 'Traceback' not in run.output and 'model_info' not in run.output  # refused before any model loads
 
 
-def test_swift_gkd_score_refuses_its_own_flags_in_one_line(tiny_ws, tmp_path):
+def changed_in_one_middle_tensor(model_dir: str, out: str) -> str:
+    """A copy of ``model_dir`` whose one tensor away from the start, middle and end 64 KiB of its weight file (the
+    windows the sampled fingerprint read) is scaled by 3: a LoRA merge or a partial fine-tune of one layer."""
+    import struct
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    shutil.copytree(model_dir, out)
+    path = os.path.join(out, 'model.safetensors')
+    size = os.path.getsize(path)
+    with open(path, 'rb') as f:
+        header = struct.unpack('<Q', f.read(8))[0]
+        layout = json.loads(f.read(header))
+    windows = [(0, 1 << 16), (size // 2 - (1 << 15), size // 2 + (1 << 15)), (size - (1 << 16), size)]
+    name = next(n for n, t in layout.items() if n != '__metadata__' and 'layers' in n and all(
+        8 + header + t['data_offsets'][1] <= a or 8 + header + t['data_offsets'][0] >= b for a, b in windows))
+    with safe_open(path, framework='pt') as f:
+        tensors = {n: f.get_tensor(n) for n in f.keys()}
+        metadata = f.metadata()
+    tensors[name] = tensors[name] * 3
+    save_file(tensors, path, metadata=metadata)
+    assert os.path.getsize(path) == size
+    return out
+
+
+def test_a_teacher_changed_in_one_middle_tensor_is_refused_before_loading(runs, tiny_ws, tmp_path):
+    """Issue 89: the fingerprint read three 64 KiB windows of each weight file, so a teacher changed in one middle
+    tensor passed as the store's (a covering store then trained on the other teacher's scores, exit 0). Every byte
+    is hashed now; a file's hash is cached by its identity, so the second look reads nothing."""
+    from swift_gkd_plugin.core.scores.store import (FULL_HASH, same_weights, sampled_weights_fingerprint,
+                                                    weights_fingerprint)
+    assert runs['score'].returncode == 0
+    changed = changed_in_one_middle_tensor(tiny_ws.teacher, str(tmp_path / 'changed'))
+    assert sampled_weights_fingerprint(changed) == sampled_weights_fingerprint(tiny_ws.teacher)  # (what passed)
+    stored = TeacherStore(runs['score'].output_dir).identity.teacher_hash
+    assert stored.startswith(FULL_HASH) and same_weights(tiny_ws.teacher, stored)
+    assert weights_fingerprint(changed) != stored
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), **dict(
+        OFF_POLICY, teacher_scores=runs['score'].output_dir, teacher_model=changed)), check=False)
+    assert run.returncode == 2, run.output[-3000:]
+    assert 'was scored by another teacher' in run.output and f'--teacher_model {changed}' in run.output
+    assert 'Traceback' not in run.output and 'model_info' not in run.output
+
+
+def test_the_weights_fingerprint_reads_a_file_once_per_identity(tiny_ws, tmp_path, monkeypatch):
+    """A file's SHA-256 is kept by its identity (path, size, mtime_ns, inode): read once; a file rewritten in place
+    (a new mtime) is read again; an older store's sampled fingerprint is still compared by its own windows."""
+    from swift_gkd_plugin.core.scores import store as store_module
+    monkeypatch.setenv('SWIFT_GKD_CACHE', str(tmp_path / 'cache'))
+    model = str(tmp_path / 'model')
+    shutil.copytree(tiny_ws.teacher, model)
+    reads = []
+    real = store_module.file_sha256
+    monkeypatch.setattr(store_module, 'file_sha256', lambda p: reads.append(p) or real(p))
+    first = store_module.weights_fingerprint(model)
+    assert len(reads) == 2  # config.json and model.safetensors
+    assert store_module.weights_fingerprint(model) == first and len(reads) == 2  # cached
+    weights = os.path.join(model, 'model.safetensors')
+    st = os.stat(weights)
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert store_module.weights_fingerprint(model) == first and len(reads) == 3
+    old = store_module.sampled_weights_fingerprint(model)
+    assert store_module.same_weights(model, old) and not store_module.same_weights(model, old[:-1] + 'x')
+
+
+def test_swift_gkd_score_refuses_its_own_flags_in_one_line(tiny_ws, tmp_path, capsys):
     from swift_gkd_plugin.entry.cli import main
     for argv, says in [(['--dataset', tiny_ws.train, '--output_dir', str(tmp_path)], 'pass one teacher'),
                        (['--teacher_model', tiny_ws.teacher, '--dataset', tiny_ws.train, '--output_dir',
-                         str(tmp_path), '--lmbda', '1'], '--lmbda is set by swift-gkd score itself')]:
+                         str(tmp_path), '--lmbda', '1'], '--lmbda is set by swift-gkd score itself'),
+                       (['--teacher_model', tiny_ws.teacher, '--dataset', tiny_ws.train, '--output_dir',
+                         str(tmp_path), '--teacher_model_type', 'qwen3', '--model_type', 'llama'],
+                        'give its --model_type once')]:
         with pytest.raises(SystemExit) as stop:
             main(['score', *argv])
-        assert stop.value.code == 2
+        assert stop.value.code == 2 and says in capsys.readouterr().err
     assert 'OFFLINE' not in says and OFFLINE_ENV  # (the runs above are offline)
 
 
@@ -274,12 +396,15 @@ def test_offline_on_policy_samples_once_and_trains_from_the_store(trained_ws, tm
     """``swift-gkd score --sample_with STUDENT --num_samples 2`` (Lightning OPD's offline on-policy distillation): the
     warm student samples each prompt twice, the teacher scores the samples, the finished ones become
     ``samples.jsonl`` beside their scores; a run on that dataset finds every row in the store and loads no teacher."""
-    store = str(tmp_path / 'opd')
+    store, prompts = str(tmp_path / 'opd'), str(tmp_path / 'prompts.jsonl')
+    with open(trained_ws['train']) as f, open(prompts, 'w') as out:  # 5 prompts: a generation batch (8) not filled
+        asked = [json.loads(line) for line in f][:5]
+        out.writelines(json.dumps(row) + '\n' for row in asked)
     parser = argparse.ArgumentParser()
     score_cli.add_arguments(parser)
     args, rest = parser.parse_known_args(
         ['--sample_with', trained_ws['student'], '--num_samples', '2', '--teacher_model', trained_ws['teacher'],
-         '--dataset', f'{trained_ws["train"]}#8', '--output_dir', store, '--gkd_logits_topk', str(K),
+         '--dataset', prompts, '--output_dir', store, '--gkd_logits_topk', str(K),
          '--model_type', 'qwen3', '--teacher_model_type', 'qwen3', '--template', 'qwen3_nothinking',
          '--max_length', '128', '--max_completion_length', '16', '--torch_dtype', 'float32', '--check_model', 'false',
          '--dataloader_num_workers', '0', '--dataset_num_proc', '1', '--add_version', 'false'])
@@ -289,6 +414,11 @@ def test_offline_on_policy_samples_once_and_trains_from_the_store(trained_ws, tm
         rows = [json.loads(line) for line in f]
     assert 12 <= len(rows) <= 16 and all(r['messages'][-1]['role'] == 'assistant' for r in rows)  # (cut ones out)
     assert len(TeacherStore(store)) == 16  # every sample scored, the cut ones too
+    # issue 89: the last incomplete batch of prompts is filled up with the first ones, not dropped (5 prompts of a
+    # batch of 8 gave no sample): each prompt sampled, the first 3 twice as often
+    def user(row):
+        return next(m['content'] for m in row['messages'] if m['role'] == 'user')
+    assert {user(r) for r in rows} == {user(r) for r in asked}
     train = run_swift(['--rlhf_type', 'gkd', '--model', trained_ws['student'], '--model_type', 'qwen3',
                        '--teacher_model', trained_ws['teacher'], '--teacher_model_type', 'qwen3',
                        '--template', 'qwen3_nothinking', '--dataset', os.path.join(store, 'samples.jsonl'),

@@ -22,9 +22,14 @@ OWN = ('rlhf_type', 'gkd_score_only', 'save_teacher_scores', 'teacher_scores', '
        'max_steps', 'split_dataset_ratio', 'save_strategy', 'eval_strategy', 'teacher_model', 'num_generations')
 
 
+#: with ``--teacher_model``: the teacher's flags that name the model a score run loads, and its own flag for it
+TEACHER_FLAGS = {'teacher_model_type': 'model_type', 'teacher_model_revision': 'model_revision'}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--teacher_model', default=None, help='the teacher (a folder or hub id); it is the model the '
-                        'run loads, and its tokenizer makes the rows')
+                        'run loads, and its tokenizer makes the rows (--teacher_model_type and '
+                        '--teacher_model_revision name it too)')
     parser.add_argument('--teacher_model_server', default=None,
                         help='a served teacher (`swift-gkd serve-teacher`, `vllm serve`) instead; then --model gives '
                         'the tokenizer and template (the student)')
@@ -72,6 +77,8 @@ def score_command(args, rest: List[str]) -> List[str]:
         raise ValueError(f'--gkd_logits_topk {args.gkd_logits_topk}: a positive integer')
     if args.per_device_train_batch_size < 1:
         raise ValueError(f'--per_device_train_batch_size {args.per_device_train_batch_size}: a positive integer')
+    if args.teacher_model is not None:
+        rest = _teacher_flags_as_the_models(rest)
     out = os.path.abspath(args.output_dir)
     cmd = ['rlhf', '--rlhf_type', 'gkd', '--gkd_score_only', 'true', '--save_teacher_scores', out,
            '--model', args.teacher_model or args.model, '--dataset', *args.dataset,
@@ -88,6 +95,28 @@ def score_command(args, rest: List[str]) -> List[str]:
     if 'report_to' not in given:
         cmd += ['--report_to', 'none']
     return cmd + rest
+
+
+def _teacher_flags_as_the_models(rest: List[str]) -> List[str]:
+    """With ``--teacher_model`` the teacher is the model the score run loads (``--model``): the teacher's own flags
+    (:data:`TEACHER_FLAGS`) name it, as ``--model_type`` / ``--model_revision``; both for one model, differing, are
+    refused."""
+    out, given = [], {}
+    for i, token in enumerate(rest):
+        name, _, value = token[2:].partition('=') if token.startswith('--') else ('', '', '')
+        if name in TEACHER_FLAGS or name in TEACHER_FLAGS.values():
+            given.setdefault(TEACHER_FLAGS.get(name, name), []).append((name, value or (
+                rest[i + 1] if i + 1 < len(rest) and not rest[i + 1].startswith('--') else '')))
+        if name in TEACHER_FLAGS:
+            out.append(token.replace(f'--{name}', f'--{TEACHER_FLAGS[name]}', 1))
+        else:
+            out.append(token)
+    for model_flag, values in given.items():
+        if len({v for _, v in values}) > 1:
+            shown = ', '.join(f'--{n} {v}' for n, v in values)
+            raise ValueError(f'{shown}: with --teacher_model the teacher is the model scored; give its '
+                             f'--{model_flag} once (--teacher_{model_flag} or --{model_flag})')
+    return out
 
 
 def _sample_command(args, rest: List[str], given) -> List[str]:

@@ -4,20 +4,21 @@
 
 A store fits a run when it was scored on the token ids of the run's tokenizer, with its template, holds at least the
 run's ``--gkd_logits_topk`` entries a token, and (with ``--teacher_model``) by that teacher's weights. A store covers
-a dataset when a finished ``swift-gkd score`` scored that file (by its SHA-256) with this encoding (template,
-``--max_length``, ``--truncation_strategy``, ``--system``, tokenizer): the manifest's ``covered`` list.
+a dataset when a finished ``swift-gkd score`` scored that file (by its SHA-256) with this encoding (the
+settings that make a row's ids and scored positions: ``ENCODING_FLAGS``, the tokenizer): the manifest's ``covered``
+list.
 """
 from __future__ import annotations
 
 import functools
-import hashlib
+import json
 import logging
 import os
 from typing import List, Optional
 
 from swift_gkd_plugin.core.scores.media import PROCESSOR_FILES, processor_fingerprint
-from swift_gkd_plugin.core.scores.store import (StoreError, TeacherStore, read_manifest, identity_of,
-                                                tokenizer_fingerprint, weights_fingerprint)
+from swift_gkd_plugin.core.scores.store import (StoreError, TeacherStore, file_sha256, read_manifest, identity_of,
+                                                same_weights, tokenizer_fingerprint)
 from swift_gkd_plugin.options.flags import FlagError
 
 logger = logging.getLogger('swift')  # ms-swift's logger, where ms-swift has set it up
@@ -44,22 +45,26 @@ def model_tokenizer_fingerprint(model_dir: str) -> Optional[str]:
         return None
 
 
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 22), b''):
-            h.update(block)
-    return h.hexdigest()
+#: the settings besides a row's text that make its token ids or its scored positions (what ms-swift's template reads
+#: to encode a row: TemplateArguments.get_template_kwargs, the loss scale among them, and the dataset columns and
+#: self-cognition names that rewrite a row's text; the teacher's own template): a store covers a file only encoded with
+#: the same ones
+ENCODING_FLAGS = ('template', 'max_length', 'truncation_strategy', 'system', 'loss_scale', 'is_binary_loss_scale',
+                  'max_pixels', 'agent_template', 'norm_bbox', 'use_chat_template', 'response_prefix',
+                  'enable_thinking', 'preserve_thinking', 'add_non_thinking_prefix', 'teacher_template', 'columns',
+                  'model_name', 'model_author')
 
 
 def encoding(args, model_dir: Optional[str]) -> dict:
-    """What makes a row's token ids (and a multimodal row's inputs) besides its text."""
-    found = {'template': args.template, 'max_length': args.max_length, 'truncation_strategy': args.truncation_strategy,
-             'system': args.system, 'tokenizer': model_tokenizer_fingerprint(model_dir) if model_dir else None}
+    """What makes a row's token ids and scored positions (and a multimodal row's inputs) besides its text: the
+    :data:`ENCODING_FLAGS` as the run resolved them, the tokenizer's fingerprint, the processor's; as JSON keeps them
+    (a manifest's ``covered`` entries compare with it)."""
+    found = {name: getattr(args, name, None) for name in ENCODING_FLAGS}
+    found['tokenizer'] = model_tokenizer_fingerprint(model_dir) if model_dir else None
     processor = processor_fingerprint(model_dir)
     if processor:  # (a text model's encoding is as before media were keyed)
         found['processor'] = processor
-    return found
+    return json.loads(json.dumps(found, default=str))
 
 
 def dataset_files(values, subsets: bool = True) -> Optional[List[str]]:
@@ -80,9 +85,15 @@ def covers(doc: dict, args, model_dir: Optional[str]) -> bool:
     files = dataset_files(list(args.dataset or []) + list(getattr(args, 'val_dataset', None) or []))
     if not files:
         return False
-    wanted = encoding(args, model_dir)
-    done = {(e.get('sha256'), repr(sorted(e.get('encoding', {}).items()))) for e in doc.get('covered', [])}
-    return all((file_sha256(p), repr(sorted(wanted.items()))) in done for p in files)
+    wanted = _canonical(encoding(args, model_dir))
+    done = {(e.get('sha256'), _canonical(e.get('encoding', {}))) for e in doc.get('covered', [])}
+    return all((file_sha256(p), wanted) in done for p in files)
+
+
+def _canonical(found: dict) -> str:
+    """An encoding as one string (an entry of a store written before :data:`ENCODING_FLAGS` grew lacks the new
+    settings, so it covers nothing: the teacher is loaded, and the store's rows are still read by their keys)."""
+    return json.dumps(found, sort_keys=True, default=str)
 
 
 def check_store_fits(args, model_dir: Optional[str], root: Optional[str] = None, flag: str = '--teacher_scores',
@@ -122,7 +133,7 @@ def check_store_fits(args, model_dir: Optional[str], root: Optional[str] = None,
     teacher = getattr(args, 'teacher_model', None)
     if teacher and identity.teacher_hash and not writing:
         teacher_dir = teacher if os.path.isdir(teacher) else None
-        if teacher_dir and weights_fingerprint(teacher_dir) != identity.teacher_hash:
+        if teacher_dir and not same_weights(teacher_dir, identity.teacher_hash):
             raise FlagError(f'{flag} {root} was scored by another teacher ({identity.teacher}) than --teacher_model '
                             f'{teacher} (their weights differ): the store and the teacher would give '
                             'two teachers\' answers in one run. Pass the store\'s teacher, or another store')

@@ -27,7 +27,8 @@ import torch
 
 __all__ = ['FORMAT', 'VERSION', 'DTYPES', 'StoreIdentity', 'RowScores', 'StoreError', 'row_key', 'encode_row',
            'decode_row', 'StoreWriter', 'TeacherStore', 'weights_fingerprint', 'tokenizer_fingerprint', 'read_manifest',
-           'write_json_atomic', 'identity_differences']
+           'write_json_atomic', 'identity_differences', 'same_weights',
+           'sampled_weights_fingerprint', 'file_digest', 'file_sha256', 'FULL_HASH']
 
 FORMAT = 'swift-gkd-teacher-scores'
 VERSION = 1
@@ -159,9 +160,17 @@ def save_safetensors_atomic(tensors: Dict[str, torch.Tensor], path: str, metadat
     from safetensors.torch import save_file
     tmp = path + '.tmp'
     save_file(tensors, tmp, metadata=metadata)
+    os.chmod(tmp, 0o666 & ~_umask())  # (safetensors writes 0600: the mode open() gives, as the manifest's)
     with open(tmp, 'rb+') as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _umask() -> int:
+    """This process's umask (read by setting it back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_json_atomic(path: str, doc: dict) -> None:
@@ -334,6 +343,9 @@ class TeacherStore:
         s = len(self._shards)
         self._shards.append(shard)
         for r, key in enumerate(keys.numpy()):
+            replaced = self._index.get(key.tobytes())
+            if replaced is not None:  # (a row two ranks scored, a filled last batch: its tokens counted once)
+                self.tokens -= int(self._shards[replaced[0]]['tokens'][replaced[1]])
             self._index[key.tobytes()] = (s, r)
         self.tokens += int(shard['tokens'].sum())
         self.bytes += os.path.getsize(path)
@@ -365,18 +377,58 @@ class TeacherStore:
             raise StoreError(f'{shard["path"]}: row {r} (key {key}) cannot be decoded ({e})') from None
 
 
-def weights_fingerprint(model_dir: str, sample_bytes: int = 1 << 16) -> str:
-    """A fingerprint of a model folder's weights without reading them whole: SHA-256 over ``config.json`` and, per
-    weight file (sorted), its name, size and three ``sample_bytes`` windows (start, middle, end). Another checkpoint
-    of the same architecture differs there with near certainty; reading a 235B teacher's 470 GB to hash would not
-    pay. '' where the folder has no weight file (a hub id, a server)."""
+#: the prefix of a fingerprint of every weight byte (:func:`weights_fingerprint`); a stored ``teacher_hash`` without it
+#: is the sampled fingerprint of the stores written before (:func:`sampled_weights_fingerprint`)
+FULL_HASH = 'sha256-all:'
+WEIGHT_FILES = ('.safetensors', '.bin', '.pt', '.pth', '.gguf')
+
+
+def _weight_files(model_dir: str) -> List[str]:
+    """``config.json`` and the weight files of a model folder, sorted; [] where it has no weight file."""
+    names = sorted(n for n in os.listdir(model_dir) if n.endswith(WEIGHT_FILES) or n == 'config.json')
+    return names if any(n != 'config.json' for n in names) else []
+
+
+def weights_fingerprint(model_dir: str, like: str = '') -> str:
+    """A fingerprint of a model folder's weights: ``sha256-all:`` and SHA-256 (32 hex digits) over ``config.json``
+    and, per weight file (sorted), its name, size and the SHA-256 of all its bytes, so a change to any tensor changes
+    it. A file's hash is cached by its identity (path, size, mtime_ns, inode: :func:`file_digest`), so a large teacher
+    is read whole once per machine, not once per run. '' where the folder has no weight file (a hub id, a server).
+    ``like``: a stored fingerprint without the prefix (a store written before) makes this the sampled one of
+    :func:`sampled_weights_fingerprint`, which compares with it."""
+    if like and not like.startswith(FULL_HASH):
+        return sampled_weights_fingerprint(model_dir)
     if not model_dir or not os.path.isdir(model_dir):
         return ''
-    h = hashlib.sha256()
-    names = sorted(n for n in os.listdir(model_dir)
-                   if n.endswith(('.safetensors', '.bin', '.pt', '.pth', '.gguf')) or n == 'config.json')
-    if not any(n != 'config.json' for n in names):
+    names = _weight_files(model_dir)
+    if not names:
         return ''
+    paths = [os.path.join(model_dir, name) for name in names]
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max(1, min(8, len(paths), os.cpu_count() or 1))) as pool:  # (hashlib frees the GIL)
+        digests = list(pool.map(file_digest, paths))
+    h = hashlib.sha256()
+    for name, path, digest in zip(names, paths, digests):
+        h.update(f'{name}\0{os.path.getsize(path)}\0{digest}\0'.encode())
+    return FULL_HASH + h.hexdigest()[:32]
+
+
+def same_weights(model_dir: str, stored: str) -> bool:
+    """Whether ``model_dir``'s weights are those a store's ``teacher_hash`` ``stored`` fingerprinted (in its
+    scheme: a store written before the full fingerprint is compared by its sampled windows)."""
+    return weights_fingerprint(model_dir, like=stored) == stored
+
+
+def sampled_weights_fingerprint(model_dir: str, sample_bytes: int = 1 << 16) -> str:
+    """The fingerprint of the stores written before :data:`FULL_HASH`: SHA-256 over ``config.json`` and, per weight
+    file, its name, size and three ``sample_bytes`` windows (start, middle, end). A teacher changed elsewhere (one
+    layer of a LoRA merge) passes it: kept only to compare with those stores."""
+    if not model_dir or not os.path.isdir(model_dir):
+        return ''
+    names = _weight_files(model_dir)
+    if not names:
+        return ''
+    h = hashlib.sha256()
     for name in names:
         path = os.path.join(model_dir, name)
         size = os.path.getsize(path)
@@ -386,6 +438,65 @@ def weights_fingerprint(model_dir: str, sample_bytes: int = 1 << 16) -> str:
                 f.seek(at)
                 h.update(f.read(sample_bytes))
     return h.hexdigest()[:32]
+
+
+def digest_cache_dir() -> str:
+    """Where :func:`file_digest` keeps a file's SHA-256: ``SWIFT_GKD_CACHE``, else ``$XDG_CACHE_HOME/swift_gkd_plugin``
+    (``~/.cache/swift_gkd_plugin``), folder ``file_sha256``."""
+    root = os.environ.get('SWIFT_GKD_CACHE') or os.path.join(
+        os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'swift_gkd_plugin')
+    return os.path.join(root, 'file_sha256')
+
+
+def file_digest(path: str) -> str:
+    """SHA-256 (hex) of a file's bytes, read whole once per file identity (real path, device, inode, size,
+    mtime_ns): the answer is cached in :func:`digest_cache_dir`, one small file a key, under a lock, so several
+    processes of a run read a file once between them. A folder that cannot be written: no cache, the file is read."""
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    identity = f'{real}\0{st.st_dev}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}'
+    folder = digest_cache_dir()
+    entry = os.path.join(folder, hashlib.blake2b(identity.encode(), digest_size=16).hexdigest())
+    cached = _read_text(entry)
+    if cached:
+        return cached
+    try:
+        os.makedirs(folder, exist_ok=True)
+        lock = open(entry + '.lock', 'a')
+    except OSError:
+        return file_sha256(real)
+    with lock:
+        import fcntl
+        fcntl.flock(lock, fcntl.LOCK_EX)  # (another process hashing it: wait, then read its answer)
+        cached = _read_text(entry)
+        if cached:
+            return cached
+        digest = file_sha256(real)
+        try:
+            tmp = f'{entry}.{uuid.uuid4().hex}.tmp'
+            with open(tmp, 'w') as f:
+                f.write(digest)
+            os.replace(tmp, entry)
+        except OSError:
+            pass
+    return digest
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ''
+
+
+def file_sha256(path: str) -> str:
+    """SHA-256 (hex) of a file's bytes, read now."""
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 22), b''):
+            h.update(block)
+    return h.hexdigest()
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -101,8 +101,8 @@ def resolve_teacher_store(args) -> None:
     teacher = args.teacher_model
     if not teacher or args.teacher_model_server or samples(args) or not os.path.isdir(teacher):
         return
-    from swift_gkd_plugin.core.scores.store import weights_fingerprint
-    if weights_fingerprint(teacher) != store.identity.teacher_hash or not covers(store.manifest, args, args.model_dir):
+    from swift_gkd_plugin.core.scores.store import same_weights
+    if not same_weights(teacher, store.identity.teacher_hash) or not covers(store.manifest, args, args.model_dir):
         return
     logger.info(f'swift_gkd_plugin: --teacher_scores {args.teacher_scores} covers every row of --dataset (a '
                 f'finished `swift-gkd score` of these files and this encoding): --teacher_model {teacher} is not '

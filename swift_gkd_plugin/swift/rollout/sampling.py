@@ -348,4 +348,4 @@ class RolloutMixin:
             repeat_count=self.args.steps_per_generation,
             shuffle=self.args.train_dataloader_shuffle,
             seed=self.args.seed, epoch_of=lambda: int(self.state.epoch or 0),
-            fill_last=self.args.gkd_score_only and self.args.lmbda == 0)  # (swift-gkd score: every row scored)
+            fill_last=bool(self.args.gkd_score_only))  # (swift-gkd score: every row scored, every prompt sampled)

@@ -429,7 +429,7 @@ def check_one_batch(args, rows: int, dropped: List[str] = (), skipped: List[str]
                         'response too')
     whole = all(DatasetSyntax.parse(entry).dataset_sample is None for entry in entries)
     world = int(os.environ.get('WORLD_SIZE') or 1)
-    if getattr(args, 'gkd_score_only', False) and args.lmbda == 0:
+    if getattr(args, 'gkd_score_only', False):
         return  # a score run's sampler fills its last batch up with rows again (epoch_sampler.fill_last)
     if not whole or (getattr(args, 'sequence_parallel_size', 1) or 1) > 1:
         return  # sampled (#N) or read by sequence-parallel groups: refused when training starts

@@ -156,13 +156,21 @@ def check_output_dir(args) -> None:
     if not os.path.isdir(existing):
         raise FlagError(f'{flag}: {existing!r} is a file, not a folder; the run\'s checkpoints and logs go in '
                         '--output_dir: pass a folder (or a path to create)')
+    cause = write_probe_error(existing)
+    if cause:
+        raise FlagError(f'{flag}: cannot create anything in {existing!r} ({cause}); the run\'s '
+                        'checkpoints and logs go in --output_dir: pass a writable --output_dir')
+
+
+def write_probe_error(folder: str) -> Optional[str]:
+    """Why no file can be made in ``folder`` now (a probe file made and removed), or None where one can."""
     try:
-        fd, probe = tempfile.mkstemp(prefix='.swift_gkd_write_probe_', dir=existing)
+        fd, probe = tempfile.mkstemp(prefix='.swift_gkd_write_probe_', dir=folder)
         os.close(fd)
         os.remove(probe)
     except OSError as exc:
-        raise FlagError(f'{flag}: cannot create anything in {existing!r} ({exc.strerror or exc}); the run\'s '
-                        'checkpoints and logs go in --output_dir: pass a writable --output_dir') from None
+        return str(exc.strerror or exc)
+    return None
 
 
 def check_early_paths(args) -> None:

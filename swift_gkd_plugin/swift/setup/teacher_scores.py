@@ -2,7 +2,8 @@
 not fit the run is refused in one line, and a store that covers every row spares loading the teacher.
 
 A store covers a dataset when a finished ``swift-gkd score`` scored that file (by its SHA-256) with this encoding
-(template, ``--max_length``, ``--truncation_strategy``, ``--system``, tokenizer): the manifest's ``covered`` list.
+(the settings that make a row's ids and scored positions: ``options.teacher_scores.ENCODING_FLAGS``, the tokenizer): the
+manifest's ``covered`` list.
 """
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ from typing import List, Optional
 
 from swift.utils import get_logger
 
-from swift_gkd_plugin.core.scores.store import (MANIFEST, StoreError, read_manifest, write_json_atomic,
-                                                weights_fingerprint)
+from swift_gkd_plugin.core.scores.store import MANIFEST, StoreError, read_manifest, same_weights, write_json_atomic
 from swift_gkd_plugin.options.flags import FlagError
 from swift_gkd_plugin.options.teacher_scores import (check_store_fits, covers, dataset_files, encoding, file_sha256,
                                                      samples as _samples)
+from swift_gkd_plugin.swift.setup.paths import write_probe_error
 
 logger = get_logger()
 
@@ -69,8 +70,9 @@ def resolve_teacher_scores(args) -> None:
     if args.gkd_logits_topk is None:
         args.gkd_logits_topk = int(doc['identity'].get('topk') or 0) or None
         _set_training_arg(args, 'gkd_logits_topk', args.gkd_logits_topk)
-    same_teacher = os.path.isdir(args.teacher_model or '') and weights_fingerprint(args.teacher_model) == doc[
-        'identity'].get('teacher_hash')  # (another teacher is refused by check_teacher_scores)
+    stored_hash = doc['identity'].get('teacher_hash')
+    same_teacher = os.path.isdir(args.teacher_model or '') and bool(stored_hash) and same_weights(
+        args.teacher_model, stored_hash)  # (another teacher is refused by check_teacher_scores)
     if same_teacher and not args.teacher_model_server and not _samples(args) and covers(doc, args, args.model_dir):
         logger.info(f'swift_gkd_plugin: --teacher_scores {args.teacher_scores} covers every row of --dataset (a '
                     f'finished `swift-gkd score` of these files and this encoding): --teacher_model '
@@ -124,8 +126,31 @@ def check_teacher_scores(args) -> None:
                             'serve-teacher) and pass --teacher_model_server')
     if args.teacher_scores:
         _check_store_fits(args)
+        if args.gkd_topk_tail and not args.gkd_logits_topk:  # (the store's k, resolved: none)
+            raise FlagError(f'--gkd_topk_tail true needs a top-k: --teacher_scores {args.teacher_scores} holds none '
+                            '(only tokens drawn from the teacher); pass --gkd_topk_tail false, or a store of a top-k')
+    if args.save_teacher_scores:
+        check_writable(args.save_teacher_scores)
     if args.save_teacher_scores and os.path.exists(os.path.join(args.save_teacher_scores, MANIFEST)):
         _check_store_fits(args, args.save_teacher_scores, '--save_teacher_scores', writing=True)
+
+
+def check_writable(root: str) -> None:
+    """``--save_teacher_scores``: the folder (or, not made yet, the nearest folder above it that exists), and an
+    existing store's ``shards/``, take a new file now, not after the models loaded or the whole training ran (a file
+    is made and removed: permissions alone do not tell, e.g. a read-only mount)."""
+    here = os.path.abspath(root)
+    while not os.path.lexists(here):
+        here = os.path.dirname(here)
+    if not os.path.isdir(here):
+        raise FlagError(f'--save_teacher_scores {root}: {here} is a file, not a folder: pass a folder (made if '
+                        'missing) that this user can write')
+    shards = os.path.join(here, 'shards')
+    for folder in [here] + ([shards] if here == os.path.abspath(root) and os.path.isdir(shards) else []):
+        cause = write_probe_error(folder)
+        if cause:
+            raise FlagError(f'--save_teacher_scores {root}: {folder} cannot be written ({cause}): pass a folder this '
+                            'user can write (made if missing), or make this one writable')
 
 
 def _check_samples(args, samples: int) -> None:

@@ -16,8 +16,9 @@ import torch
 from swift.utils import get_logger
 
 from swift_gkd_plugin.core.scores.media import media_digest, processor_fingerprint
-from swift_gkd_plugin.core.scores.store import (RowScores, StoreError, StoreIdentity, StoreWriter, TeacherStore,
-                                                row_key, tokenizer_fingerprint, weights_fingerprint)
+from swift_gkd_plugin.core.scores.store import (MANIFEST, RowScores, StoreError, StoreIdentity, StoreWriter,
+                                                TeacherStore, identity_of, read_manifest, row_key,
+                                                tokenizer_fingerprint, weights_fingerprint)
 from swift_gkd_plugin.core.topk import teacher_tail_logmass
 from swift_gkd_plugin.server.client import TopKResult
 from swift_gkd_plugin.swift.run.guards import RunError
@@ -72,10 +73,13 @@ class TeacherStoreMixin:
             teacher_dir = getattr(self.accelerator.unwrap_model(self.model), 'model_dir', None)
             name = str(teacher_dir) + (f' + {args.teacher_adapters[0]}' if args.teacher_adapters else '')
         vocab = head_rows(self.accelerator.unwrap_model(self.model))  # (a ZeRO-3 shard's whole size too)
+        like = ''  # a store being completed keeps its fingerprint's scheme (one written before the full one)
+        if args.save_teacher_scores and os.path.exists(os.path.join(args.save_teacher_scores, MANIFEST)):
+            like = identity_of(read_manifest(args.save_teacher_scores)).teacher_hash
         model_dir = getattr(self.accelerator.unwrap_model(self.model), 'model_dir', None)
         return StoreIdentity(
             processor=processor_fingerprint(model_dir),  # (the rows are the run's --model's encoding)
-            teacher=str(name), teacher_hash=weights_fingerprint(teacher_dir) if teacher_dir else '',
+            teacher=str(name), teacher_hash=weights_fingerprint(teacher_dir, like) if teacher_dir else '',
             tokenizer=tokenizer_fingerprint(self.template.tokenizer),
             template=self.template.template_meta.template_type, topk=int(self.gkd_logits_topk),
             samples=int(args.teacher_scores_samples),
