@@ -467,7 +467,10 @@ def file_digest(path: str) -> str:
         return file_sha256(real)
     with lock:
         import fcntl
-        fcntl.flock(lock, fcntl.LOCK_EX)  # (another process hashing it: wait, then read its answer)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # (another process hashing it: wait, then read its answer)
+        except OSError:  # (a file system without locks: each process reads the file)
+            pass
         cached = _read_text(entry)
         if cached:
             return cached
