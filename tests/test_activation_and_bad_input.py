@@ -267,6 +267,9 @@ BAD_INPUTS = [
     ({'teacher_model': 'Qwen/Qwen2.5-7B-Instruct'},
      ['--teacher_model Qwen/Qwen2.5-7B-Instruct: not a local folder, and the Hugging Face Hub cannot be reached',
       'HF_HUB_OFFLINE=1']),
+    # issue 89 item 13: a prompt beyond the student's 512 positions failed at its first rollout, after loading
+    ({'lmbda': 0.5, 'max_length': 1024}, ["--max_length 1024 is longer than the student's context", '512 positions',
+                                          'on-policy sampling (--lmbda 0.5)', 'pass --max_length 512 or less']),
 ]
 
 

@@ -226,9 +226,10 @@ def test_shared_base_trains_with_sampling(mm, tmp_path, mode):
 
 # ---------------------------------------------------------------- samplers that would draw media placeholders
 # ms-swift's multimodal GKD example (examples/train/multimodal/rlhf/gkd/full.sh), scaled down: 4 rows per batch,
-# --max_length 4096, vision tower and projector frozen. A sampled <image> made the re-encoded sample ask for one
-# image more than it has, and the forward failed ("Image features and image tokens do not match").
-EXAMPLE = dict(per_device_train_batch_size=4, max_length=4096, max_completion_length=12, freeze_vit='true',
+# --max_length 4096 (here the tiny models' 512 positions: a --max_length above the student's context is refused with
+# on-policy sampling, issue 89 item 13), vision tower and projector frozen. A sampled <image> made the re-encoded
+# sample ask for one image more than it has, and the forward failed ("Image features and image tokens do not match").
+EXAMPLE = dict(per_device_train_batch_size=4, max_length=512, max_completion_length=12, freeze_vit='true',
                freeze_aligner='true', log_completions='true')
 
 

@@ -397,6 +397,26 @@ def check_generation_flags(args) -> None:
         raise FlagError('--teacher_model_server does not support --padding_free / --packing yet')
 
 
+def check_sampling_context(args) -> None:
+    """On-policy sampling (``--lmbda`` > 0) with ``--max_length`` above the student's context (ms-swift's
+    ``max_model_len`` of the model's ``config.json``, what its sampling engine allows): a prompt longer than the
+    context, which ``--max_length`` lets through, failed at its first rollout after loading ("Input length (569) leaves
+    no room for generation"). ``--vllm_max_model_len`` is checked on its own, a rollout server samples with its own;
+    a multi-turn run's trajectories are cut at the engine's context (:mod:`..rollout.scheduler_guard`)."""
+    if not args.lmbda or not args.max_length or args.vllm_max_model_len is not None:
+        return
+    if getattr(args, 'multi_turn_scheduler', None):
+        return
+    if args.use_vllm and args.vllm_mode == 'server':
+        return
+    limit = getattr(getattr(args, 'model_info', None), 'max_model_len', None)
+    if limit and args.max_length > limit:
+        raise FlagError(f'--max_length {args.max_length} is longer than the student\'s context (--model {args.model}: '
+                        f'{limit} positions, config.json): on-policy sampling (--lmbda {args.lmbda:g}) fails at the '
+                        'first prompt that fills it ("leaves no room for generation"); pass --max_length '
+                        f'{limit} or less, or --lmbda 0')
+
+
 def resolve_gkd_arguments(args) -> None:
     """Every resolver, in this order (each changes arguments, none raises)."""
     resolve_num_generations(args, grpo_num_generations())
@@ -425,6 +445,7 @@ def check_gkd_arguments(args) -> None:
     check_fresh_samples_for_rl(args)
     check_generation_flags(args)
     check_vllm_model(args)
+    check_sampling_context(args)
     check_teacher_server_flags(args, local_teacher=local_teacher_of(args) is not None)
     check_teacher_model_type(args)
     check_teacher_template(args)
