@@ -22,7 +22,7 @@ from conftest import run_swift
 from megatron_runs import ACTIVE, megatron_args, run_megatron, train_rows
 from test_hardening_megatron import assert_refused, launch
 from test_launcher_checks import assert_passed_the_checks
-from test_teacher_store import SAMPLES, score_argv
+from test_teacher_store import SAMPLES, changed_in_one_middle_tensor, score_argv
 
 from swift_gkd_plugin.core.scores.store import StoreWriter, TeacherStore
 from swift_gkd_plugin.testing import tiny
@@ -194,9 +194,13 @@ def _store_flags(ws, store, *flags):
     (('--model', 'OTHER'), '--teacher_scores STORE was scored on the token ids of another tokenizer than --model '
      'OTHER\'s'),
     (('--teacher_scores', 'NONE'), '--teacher_scores NONE: NONE is not a teacher-score store'),
-], ids=['k', 'template', 'tokenizer', 'not_a_store'])
+    # issue 89: the store's teacher with one middle tensor scaled by 3 (the old sampled fingerprint passed it)
+    (('--teacher_model', 'CHANGED'), '--teacher_scores STORE was scored by another teacher'),
+], ids=['k', 'template', 'tokenizer', 'not_a_store', 'changed_teacher'])
 def test_a_store_that_does_not_fit_is_refused_before_any_rank_starts(tiny_ws, store, tmp_path, flags, says):
     names = {'STORE': store, 'OTHER': tiny_ws.other_vocab_teacher, 'NONE': str(tmp_path / 'none')}
+    if 'CHANGED' in flags:
+        names['CHANGED'] = changed_in_one_middle_tensor(tiny_ws.teacher, str(tmp_path / 'changed'))
     flags = [names.get(f, f) for f in flags]
     for name, value in names.items():
         says = says.replace(name, value)
