@@ -289,6 +289,29 @@ def test_bad_input_is_refused_before_any_model_is_loaded(tiny_ws, tmp_path, flag
     assert_refused_in_one_line(run, needles)
 
 
+DEEPSPEED_FILES = {  # issue 89 item 11: each a traceback, two of them after loading
+    'missing': (None, ['no such file', "give a DeepSpeed JSON file, JSON text, or one of ms-swift's zero0"]),
+    'cut': ('{"zero_optimization": {"stage": 2, "overlap_c', ['the file is not a JSON object (JSONDecodeError',
+                                                             'a cut or damaged file?']),
+    'stage_7': ('{"zero_optimization": {"stage": 7}}', ['"zero_optimization": {"stage": 7} is not a ZeRO stage']),
+    'micro_batch': ('{"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2}}',
+                    ['"train_micro_batch_size_per_gpu": 4 disagrees with --per_device_train_batch_size 2',
+                     'set it to "auto"']),
+    'nvme': ('{"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}}',
+             ['"zero_optimization": {"offload_param": {"device": "nvme"}} without "nvme_path"']),
+}
+
+
+@pytest.mark.parametrize('name', list(DEEPSPEED_FILES))
+def test_a_bad_deepspeed_file_is_refused_before_loading(tiny_ws, tmp_path, name):
+    text, needles = DEEPSPEED_FILES[name]
+    path = tmp_path / 'ds.json'
+    if text is not None:
+        path.write_text(text)
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), deepspeed=str(path)), check=False, timeout=120)
+    assert_refused_in_one_line(run, [f'--deepspeed {path}: '] + needles)
+
+
 @pytest.mark.skipif(os.path.exists('/dev/nvidiactl'), reason='a machine without a CUDA device')
 def test_fused_backend_refusals_before_loading(tiny_ws, tmp_path):
     """A bad SWIFT_GKD_FUSED_BACKEND (the flag's default) is named as the variable; a forced triton without a CUDA

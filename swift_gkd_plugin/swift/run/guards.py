@@ -37,7 +37,7 @@ def install_run_guards(trainer) -> None:
     trainer._nothing_learnt = NothingLearnt(trainer)  # fed by the trainer's compute_loss
     trainer.add_callback(trainer._nothing_learnt)
     trainer.callback_handler.callbacks.insert(0, WarnOnEntropyGap(trainer.args))  # before the callback writing logs
-    guard_checkpoint_saves(trainer)
+    guard_checkpoint_saves(trainer, RunError)
     trainer.add_callback(LogResume())  # the checkpoint and step a resumed run continues from
     guard_gradient_norm(trainer)
     warn_replaced_rows(trainer)

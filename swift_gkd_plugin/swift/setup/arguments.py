@@ -25,6 +25,7 @@ from swift_gkd_plugin.options.flags import (FlagError, GKDPluginArgumentsMixin, 
                                     check_no_plugin_flags_outside_gkd, check_rl_flags, check_teacher_server_flags,
                                     check_torch_compile_checkpointing, check_training_set, check_vllm_flags,
                                     ignored_flag_warnings, resolve_num_generations, sampling_temperature)
+from swift_gkd_plugin.options.deepspeed_config import check_deepspeed_config
 from swift_gkd_plugin.options.flag_checks import check_ms_swift_values, check_training_length
 from swift_gkd_plugin.options.hub_models import hub_lookup_failed, hub_unreachable
 from swift_gkd_plugin.runtime.ms_swift_state import grpo_num_generations, keep_teacher_messages_column
@@ -37,6 +38,7 @@ from swift_gkd_plugin.swift.setup.sequence_parallel import (check_sequence_paral
                                                             resolve_sequence_parallel)
 from swift_gkd_plugin.swift.setup.teacher_server import (check_teacher_server_config, check_teacher_servers,
                                                         check_teacher_tags, local_teacher_of)
+from swift_gkd_plugin.swift.setup.row_lengths import check_sampling_context
 from swift_gkd_plugin.swift.setup.vllm import (check_async_generate, check_vllm_launcher, check_vllm_server_mode,
                                               check_vllm_tensor_parallel_size, rollout_server_named,
                                               stale_sample_warnings)
@@ -397,26 +399,6 @@ def check_generation_flags(args) -> None:
         raise FlagError('--teacher_model_server does not support --padding_free / --packing yet')
 
 
-def check_sampling_context(args) -> None:
-    """On-policy sampling (``--lmbda`` > 0) with ``--max_length`` above the student's context (ms-swift's
-    ``max_model_len`` of the model's ``config.json``, what its sampling engine allows): a prompt longer than the
-    context, which ``--max_length`` lets through, failed at its first rollout after loading ("Input length (569) leaves
-    no room for generation"). ``--vllm_max_model_len`` is checked on its own, a rollout server samples with its own;
-    a multi-turn run's trajectories are cut at the engine's context (:mod:`..rollout.scheduler_guard`)."""
-    if not args.lmbda or not args.max_length or args.vllm_max_model_len is not None:
-        return
-    if getattr(args, 'multi_turn_scheduler', None):
-        return
-    if args.use_vllm and args.vllm_mode == 'server':
-        return
-    limit = getattr(getattr(args, 'model_info', None), 'max_model_len', None)
-    if limit and args.max_length > limit:
-        raise FlagError(f'--max_length {args.max_length} is longer than the student\'s context (--model {args.model}: '
-                        f'{limit} positions, config.json): on-policy sampling (--lmbda {args.lmbda:g}) fails at the '
-                        'first prompt that fills it ("leaves no room for generation"); pass --max_length '
-                        f'{limit} or less, or --lmbda 0')
-
-
 def resolve_gkd_arguments(args) -> None:
     """Every resolver, in this order (each changes arguments, none raises)."""
     resolve_num_generations(args, grpo_num_generations())
@@ -474,6 +456,7 @@ def check_flags_only(args) -> None:
     check_rl_flags(args)
     check_multi_turn_flags(args)
     check_torch_compile_checkpointing(args)
+    check_deepspeed_config(args)  # (before the launch check: a wrong file is wrong however it is started)
     check_deepspeed_launch(args)
     check_cpu_processes(args)
     check_vllm_flags(args)

@@ -373,11 +373,10 @@ def _cause(exc: BaseException, folder: str) -> tuple:
     return code, f'a write failed ({type(exc).__name__}: {exc}); {usage.free / 2**20:.1f} MiB free in {folder}'
 
 
-def guard_checkpoint_saves(trainer) -> None:
+def guard_checkpoint_saves(trainer, error: type) -> None:
     """A checkpoint save that fails writing a file (no space left, the file-size limit, a folder that cannot be
-    written) stops the run with one ``swift rlhf: error:`` line at exit (a :class:`RunError`, exit code 1) naming the
-    checkpoint, the cause and the newest complete checkpoint, instead of the writer's tracebacks."""
-    from swift_gkd_plugin.swift.run.guards import RunError
+    written) raises ``error`` (the run guards' ``RunError``: one ``swift rlhf: error:`` line at exit, exit code 1)
+    naming the checkpoint, the cause and the newest complete checkpoint, instead of the writer's tracebacks."""
     original = trainer._save_checkpoint
 
     def _save_checkpoint(*args, **kwargs):
@@ -391,7 +390,7 @@ def guard_checkpoint_saves(trainer) -> None:
             code, cause = _cause(exc, checkpoint if os.path.isdir(checkpoint) else output_dir)
             remedy = ('Free space (or pass another --output_dir)' if code in _SPACE_ERRNOS else
                       f'Make {output_dir} writable (or pass another --output_dir)')
-            raise RunError(f'saving {checkpoint} failed, {cause}. That checkpoint is incomplete (no '
-                           f'{TRAINER_STATE}); {newest_hint(output_dir)}. {remedy} and resume.') from exc
+            raise error(f'saving {checkpoint} failed, {cause}. That checkpoint is incomplete (no {TRAINER_STATE}); '
+                        f'{newest_hint(output_dir)}. {remedy} and resume.') from exc
 
     trainer._save_checkpoint = _save_checkpoint

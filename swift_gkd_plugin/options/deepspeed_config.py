@@ -1,0 +1,84 @@
+"""``--deepspeed`` / ``--teacher_deepspeed`` read before ms-swift reads them (it loads the file, or parses the text as
+JSON, in its arguments' ``__post_init__``, and DeepSpeed and transformers check its values only once the models are
+loaded). The standard library only."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+from swift_gkd_plugin.options.flag_checks import FlagError
+
+__all__ = ['DEEPSPEED_PRESETS', 'check_deepspeed_config']
+
+
+#: ms-swift's own --deepspeed configurations (swift/config/<name>.json)
+DEEPSPEED_PRESETS = ('zero0', 'zero1', 'zero2', 'zero3', 'zero2_offload', 'zero3_offload')
+
+
+def check_deepspeed_config(args) -> None:
+    """``--deepspeed`` / ``--teacher_deepspeed`` (a file, or JSON text) read as ms-swift reads it, before it does: a
+    missing file (ms-swift parsed the path as JSON text, "repaired" it, and failed later with a traceback), a cut file,
+    a ``zero_optimization.stage`` other than 0-3, a ``train_micro_batch_size_per_gpu`` other than
+    ``--per_device_train_batch_size`` (or ``gradient_accumulation_steps`` other than its flag; transformers refused
+    both after loading) and an NVMe offload without ``nvme_path``."""
+    for flag in ('deepspeed', 'teacher_deepspeed'):
+        value = getattr(args, flag, None)
+        if not value or (isinstance(value, str) and value in DEEPSPEED_PRESETS):
+            continue
+        config = value if isinstance(value, dict) else _deepspeed_json(f'--{flag}', value)
+        problem = _deepspeed_problem(config, args, flag == 'deepspeed')
+        if problem:
+            raise FlagError(f'--{flag} {value if isinstance(value, str) else "(a dict)"}: {problem}')
+
+
+def _deepspeed_json(flag: str, value: str) -> dict:
+    """The configuration of a ``--deepspeed`` file or JSON text, or a FlagError naming why it cannot be one."""
+    from swift_gkd_plugin.options.local_paths import near_names
+    path = os.path.expanduser(value)
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding='utf-8') as f:
+                config = json.load(f)
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise FlagError(f'{flag} {value}: the file is not a JSON object ({type(exc).__name__}: {exc}); a cut or '
+                            'damaged file?') from None
+        where = 'the file'
+    elif value.lstrip().startswith('{'):
+        try:
+            config = json.loads(value)
+        except ValueError as exc:
+            raise FlagError(f'{flag}: the JSON text does not parse ({exc})') from None
+        where = 'the JSON text'
+    else:
+        folder = '' if os.path.isabs(path) else f' (relative to {os.getcwd()})'
+        raise FlagError(f'{flag} {value}: no such file {path!r}{folder}{near_names(path)}; give a DeepSpeed JSON file, '
+                        f'JSON text, or one of ms-swift\'s {", ".join(DEEPSPEED_PRESETS)}')
+    if not isinstance(config, dict):
+        raise FlagError(f'{flag} {value}: {where} holds a JSON {type(config).__name__}, not a DeepSpeed configuration '
+                        'object')
+    return config
+
+
+def _deepspeed_problem(config: dict, args, student: bool) -> Optional[str]:
+    """What in a DeepSpeed configuration DeepSpeed or transformers would refuse only once the models are loaded."""
+    zero = config.get('zero_optimization') or {}
+    if not isinstance(zero, dict):
+        return f'"zero_optimization" is {type(zero).__name__}, not an object'
+    stage = zero.get('stage', 0)
+    if stage not in (0, 1, 2, 3) or isinstance(stage, bool):
+        return f'"zero_optimization": {{"stage": {json.dumps(stage)}}} is not a ZeRO stage (0, 1, 2 or 3)'
+    for key in ('offload_param', 'offload_optimizer'):
+        offload = zero.get(key)
+        if isinstance(offload, dict) and offload.get('device') == 'nvme' and not offload.get('nvme_path'):
+            return (f'"zero_optimization": {{"{key}": {{"device": "nvme"}}}} without "nvme_path": DeepSpeed needs the '
+                    'folder of the NVMe drive to offload to (or use "device": "cpu")')
+    if not student:
+        return None
+    for key, flag in (('train_micro_batch_size_per_gpu', 'per_device_train_batch_size'),
+                      ('gradient_accumulation_steps', 'gradient_accumulation_steps')):
+        given, ours = config.get(key), getattr(args, flag, None)
+        if isinstance(given, int) and not isinstance(given, bool) and isinstance(ours, int) and given != ours:
+            return (f'"{key}": {given} disagrees with --{flag} {ours} (transformers refused it after loading the '
+                    f'models): set it to "auto" (filled in from --{flag}) or to {ours}')
+    return None
