@@ -47,9 +47,15 @@ def _rows(n: int, start: int = 0) -> list:
 
 
 def _write(path, rows) -> None:
-    """``rows`` as a jsonl, a JSON array or a query/response csv, by ``path``'s ending."""
+    """``rows`` as a jsonl, a JSON array or a query/response csv, by ``path``'s ending (gzip-compressed under
+    ``.gz``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == '.json':
+    if path.suffix == '.gz':
+        import gzip
+        _write(path.with_suffix(''), rows)
+        path.write_bytes(gzip.compress(path.with_suffix('').read_bytes()))
+        path.with_suffix('').unlink()
+    elif path.suffix == '.json':
         path.write_text(json.dumps(rows))
     elif path.suffix == '.csv':
         path.write_text('query,response\n' + ''.join(f'{r["messages"][0]["content"]},{r["messages"][1]["content"]}\n'
@@ -92,15 +98,22 @@ def test_the_files_of_a_folder_are_those_datasets_reads():
     from datasets import load_dataset
     from swift_gkd_plugin.options.local_paths import folder_files
     layouts = [{'a.jsonl': 3, 'b.json': 5}, {'a.jsonl': 3, 'b.json': 5, 'c.csv': 16, 'd.csv': 2},
-               {'x.jsonl': 4, '.cache/y.jsonl': 6, 'sub/z.jsonl': 2}, {'train.jsonl': 3, 'test.jsonl': 7}]
+               {'x.jsonl': 4, '.cache/y.jsonl': 6, 'sub/z.jsonl': 2}, {'train.jsonl': 3, 'test.jsonl': 7},
+               # issue 89 item 10: a README card's configs (its patterns are the folder's), compressed files
+               {'README.md': CARD, 'rows/a.jsonl': 3, 'rows/b.jsonl.gz': 4, 'other/c.jsonl': 5},
+               {'a.jsonl.gz': 2, 'b.jsonl': 6}]
     with tempfile.TemporaryDirectory() as tmp:
         for i, layout in enumerate(layouts):
             folder = os.path.join(tmp, f'd{i}')
             for name, count in layout.items():
+                if name == 'README.md':
+                    pathlib.Path(folder).mkdir(parents=True, exist_ok=True)
+                    pathlib.Path(folder, name).write_text(count)
+                    continue
                 _write(pathlib.Path(folder, name), _rows(count))
             read = folder_files(os.path.realpath(folder)).read
             expected = sum(count for name, count in layout.items() if os.path.join(os.path.realpath(folder), name)
-                           in read)
+                           in read and name != 'README.md')
             loaded = load_dataset(folder, name='default', split='train', cache_dir=os.path.join(tmp, 'cache'))
             assert len(loaded) == expected and expected > 0, (layout, read)
 
@@ -113,6 +126,38 @@ def test_the_rows_of_a_folder_are_checked_as_a_file_s(tiny_ws, tmp_path):
     (folder / 'b.jsonl').write_text(json.dumps(_rows(1)[0]) + '\n{"messages": [\n')
     run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), dataset=str(folder)), check=False, timeout=300)
     assert_refused_in_one_line(run, [f'--dataset {os.path.realpath(folder / "b.jsonl")}: line 2 is not valid JSON'])
+
+
+#: a dataset card whose configs read the files under rows/ (the other data files are not the dataset's)
+CARD = '---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: "rows/*"\n---\n# rows\n'
+
+
+def test_a_card_folder_and_its_compressed_rows_are_checked_as_datasets_reads_them(tiny_ws, tmp_path):
+    """Issue 89 item 10: a folder whose README.md card lists ``configs`` was refused, its patterns resolved against the
+    working directory (the message named a wrong path), and a bad row of its ``.jsonl.gz`` was dropped silently:
+    the card's files are the folder's, and the compressed file's rows are checked as any file's."""
+    import gzip
+    folder = tmp_path / 'data'
+    _write(folder / 'rows' / 'a.jsonl', _rows(4))
+    bad = json.dumps(_rows(1)[0]) + '\n{"messages": [\n'
+    (folder / 'rows' / 'b.jsonl.gz').write_bytes(gzip.compress(bad.encode()))
+    (folder / 'README.md').write_text(CARD)
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), dataset=str(folder)), check=False, timeout=300)
+    assert_refused_in_one_line(run, [f'--dataset {os.path.realpath(folder / "rows" / "b.jsonl.gz")}: line 2 is not '
+                                     'valid JSON'])
+
+
+@pytest.mark.parametrize('suffix', ['', '#4'])
+def test_a_compressed_dataset_file_is_refused_by_name(tiny_ws, tmp_path, suffix):
+    """``--dataset FILE.jsonl.gz``: ms-swift asked the Hub for a loader named 'gz' after loading both models."""
+    path = tmp_path / 'rows.jsonl.gz'
+    _write(path, _rows(8))
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), dataset=f'{path}{suffix}'), launcher=True, check=False,
+                    timeout=180)
+    assert_refused_by_launcher(run, [f"--dataset {path}{suffix}: ms-swift reads a local file with the datasets loader "
+                                     "named by its last ending ('gz'), which does not exist", 'allowed: the '
+                                     'decompressed file (rows.jsonl), or a folder holding rows.jsonl.gz'],
+                               ranks_started=False)
 
 
 def test_the_data_file_endings_are_those_datasets_loads_from_a_folder():

@@ -4,7 +4,10 @@ naming the flag, the file and the line; whether a student-itself teacher has a p
 checks of both adapters before any model loads (``swift rlhf``'s, and the ``megatron`` launcher's)."""
 from __future__ import annotations
 
+import bz2
+import gzip
 import json
+import lzma
 import os
 from typing import Iterator, List, NamedTuple, Optional, Tuple
 
@@ -16,9 +19,27 @@ from swift_gkd_plugin.options.flags import FlagError
 from swift_gkd_plugin.options.local_paths import folder_files
 
 
+#: compressed text files of a folder, which ``datasets`` reads decompressed (a ``--dataset`` file of them is refused:
+#: ms-swift takes its last ending for the loader's name)
+COMPRESSIONS = {'.gz': gzip.open, '.bz2': bz2.open, '.xz': lzma.open}
 #: the local files read here before loading (ms-swift reads them with the ``datasets`` loader of their ending)
-CHECKED_SUFFIXES = ('.jsonl', '.json', '.csv', '.parquet', '.arrow')
+CHECKED_SUFFIXES = ('.jsonl', '.json', '.csv', '.parquet', '.arrow') + tuple(
+    text + compression for text in ('.jsonl', '.json', '.csv') for compression in COMPRESSIONS)
 TABLE_SUFFIXES = ('.parquet', '.arrow')  # columnar files, read with pyarrow
+
+
+def _open(path: str, mode: str = 'rb', **kwargs):
+    """``path`` opened as ``open`` would, decompressed where it ends as one of :data:`COMPRESSIONS`."""
+    opener = COMPRESSIONS.get(os.path.splitext(path)[1].lower())
+    if opener is None:
+        return open(path, mode, **kwargs)
+    return opener(path, mode if 'b' in mode else mode.replace('r', 'rt'), **kwargs)
+
+
+def _format(path: str) -> str:
+    """The ending that names the format of ``path`` (``.jsonl`` of ``rows.jsonl.gz``), lower-cased."""
+    stem, ending = os.path.splitext(path.lower())
+    return os.path.splitext(stem)[1] if ending in COMPRESSIONS else ending
 
 
 def local_dataset_files(entries: List[str], use_hf: Optional[bool]) -> List[Tuple[str, bool]]:
@@ -128,12 +149,15 @@ def dataset_rows(flag: str, path: str) -> Iterator[Tuple[Where, dict]]:
     the ``datasets`` json loader reads both) or ``.csv`` file; a FlagError naming the flag, the file and the line (or
     array index) for what cannot be read, and for a file without rows."""
     found = False
-    if path.lower().endswith(TABLE_SUFFIXES):
+    if _format(path) in TABLE_SUFFIXES:
         rows = table_rows(flag, path)
     else:
-        rows = csv_rows(flag, path) if path.lower().endswith('.csv') else (
-            json_array_rows(flag, path) if _first_byte(path) == b'[' else jsonl_rows(flag, path))
-    for where, row in rows:
+        try:
+            rows = csv_rows(flag, path) if _format(path) == '.csv' else (
+                json_array_rows(flag, path) if _first_byte(path) == b'[' else jsonl_rows(flag, path))
+        except (OSError, EOFError, lzma.LZMAError) as exc:
+            raise FlagError(f'{flag} {path}: not a readable {os.path.splitext(path)[1][1:]} file ({exc})') from None
+    for where, row in _decompressed(flag, path, rows):
         if not isinstance(row, dict):
             raise FlagError(f'{flag} {path}: {where} is a JSON {type(row).__name__}, not an object (one row per '
                             'line, or an array of rows: {"messages": [...]})')
@@ -142,6 +166,14 @@ def dataset_rows(flag: str, path: str) -> Iterator[Tuple[Where, dict]]:
     if not found:
         raise FlagError(f'{flag} {path}: the file has no rows (a dataset needs one JSON object per line, an array of '
                         'them, or a csv header and rows)')
+
+
+def _decompressed(flag: str, path: str, rows):
+    """``rows``, with a compressed file's read error (a cut or damaged file) as a FlagError naming it."""
+    try:
+        yield from rows
+    except (OSError, EOFError, lzma.LZMAError) as exc:
+        raise FlagError(f'{flag} {path}: not a readable {os.path.splitext(path)[1][1:]} file ({exc})') from None
 
 
 def table_rows(flag: str, path: str) -> Iterator[Tuple[Where, dict]]:
@@ -166,7 +198,7 @@ def table_rows(flag: str, path: str) -> Iterator[Tuple[Where, dict]]:
 
 def _first_byte(path: str) -> bytes:
     """The first byte that is not white space or a UTF-8 byte order mark."""
-    with open(path, 'rb') as f:
+    with _open(path, 'rb') as f:
         head = f.read(4096).lstrip(b'\xef\xbb\xbf \t\r\n')
     return head[:1]
 
@@ -183,7 +215,7 @@ def _utf8(flag: str, path: str, raw: bytes, line_no: int = 1) -> str:
 
 def jsonl_rows(flag: str, path: str) -> Iterator[Tuple[Where, object]]:
     """One JSON value per non-blank line; a line that is not UTF-8 or not JSON is refused by its number."""
-    with open(path, 'rb') as f:
+    with _open(path, 'rb') as f:
         for line_no, raw in enumerate(f, 1):
             text = _utf8(flag, path, raw, line_no)
             if not text.strip():
@@ -202,7 +234,7 @@ def jsonl_rows(flag: str, path: str) -> Iterator[Tuple[Where, object]]:
 
 def _one_object(path: str) -> bool:
     try:
-        with open(path, 'rb') as f:
+        with _open(path, 'rb') as f:
             return isinstance(json.loads(f.read()), dict)
     except ValueError:
         return False
@@ -211,7 +243,7 @@ def _one_object(path: str) -> bool:
 def json_array_rows(flag: str, path: str) -> Iterator[Tuple[Where, object]]:
     """The items of a file that is one JSON array, each named by its index; a file that does not parse is refused
     with the parser's line and column."""
-    with open(path, 'rb') as f:
+    with _open(path, 'rb') as f:
         text = _utf8(flag, path, f.read())
     try:
         items = json.loads(text)
@@ -228,9 +260,9 @@ def csv_rows(flag: str, path: str) -> Iterator[Tuple[Where, dict]]:
     import csv
 
     import pandas as pd
-    with open(path, 'rb') as f:
+    with _open(path, 'rb') as f:
         _utf8(flag, path, f.read())
-    with open(path, newline='', encoding='utf-8-sig') as f:
+    with _open(path, 'r', newline='', encoding='utf-8-sig') as f:
         reader, starts = csv.reader(f), []
         try:
             while True:

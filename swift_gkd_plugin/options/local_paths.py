@@ -142,7 +142,8 @@ DATA_FILE_SUFFIXES = frozenset((
     '.m4v', '.mat4', '.mat5', '.mkv', '.mov', '.mp3', '.mp4', '.mpc2k', '.mpeg', '.mpg', '.mxf', '.nii', '.nist',
     '.nut', '.ogg', '.ogm', '.opus', '.paf', '.pvf', '.raw', '.rf64', '.sd2', '.sds', '.svx', '.voc', '.vst', '.w64',
     '.wav', '.wavex', '.webm', '.wma', '.wmv', '.wve', '.xi'))
-#: a compressed data file (``train.jsonl.gz``) or an archive of them: left to ``datasets``
+#: a compressed data file (``train.jsonl.gz``) or an archive of them: ``datasets`` reads them in a folder, ms-swift not
+#: as a ``--dataset`` file
 ARCHIVE_SUFFIXES = ('.gz', '.bz2', '.xz', '.zst', '.lz4', '.zip', '.7z')
 
 
@@ -185,6 +186,13 @@ def folder_files(folder: str) -> FolderFiles:
     params = module.builder_configs_parameters
     configs = {config.name: config for config in params.builder_configs}
     config = configs.get('default') or configs.get(params.default_config_name) or params.builder_configs[0]
+    resolve = getattr(config, '_resolve_data_files', None)
+    if resolve is not None:  # a README card's configs hold patterns, relative to the folder (datasets' builder does this)
+        from datasets import DownloadConfig
+        try:
+            resolve(base_path=module.builder_kwargs.get('base_path') or folder, download_config=DownloadConfig())
+        except Exception as exc:  # noqa: BLE001 -- a pattern that matches nothing: datasets' own words
+            return FolderFiles(None, {}, f'{type(exc).__name__}: {str(exc).strip()}')
     splits = {str(split): [os.path.realpath(f) for f in files] for split, files in (config.data_files or {}).items()}
     return FolderFiles(module.module_path.rsplit('.', 1)[-1], splits, '')
 
@@ -261,6 +269,13 @@ def dataset_path_problem(flag: str, entry: str) -> Optional[str]:
     path = dataset_path(entry)
     if os.path.isdir(path):
         return folder_problem(flag, entry, path)
+    ending = os.path.splitext(path)[1]
+    if os.path.isfile(path) and ending.lower() in ARCHIVE_SUFFIXES:
+        inner = os.path.basename(path)[:-len(ending)]
+        return (f'{flag} {entry}: ms-swift reads a local file with the datasets loader named by its last ending '
+                f'({ending[1:]!r}), which does not exist (it failed after loading both models, looking for {ending[1:]!r} '
+                f'on the Hub); allowed: the decompressed file ({inner}), or a folder holding {os.path.basename(path)} '
+                '(datasets reads the compressed files of a folder)')
     if os.path.exists(path) or not looks_local(path):
         return None
     where = '' if os.path.isabs(path) else f' (relative to {os.getcwd()})'
