@@ -312,6 +312,25 @@ def test_a_bad_deepspeed_file_is_refused_before_loading(tiny_ws, tmp_path, name)
     assert_refused_in_one_line(run, [f'--deepspeed {path}: '] + needles)
 
 
+PACKING_ON_CPU = [  # issue 89 item 14: ms-swift's ValueError (or transformers' ImportError) with a traceback
+    ({'packing': 'true'}, ['--packing true packs rows into one sequence, which needs a flash attention implementation, '
+                           'which runs on CUDA GPUs only (this machine has none): --attn_impl is unset',
+                           'or --packing false']),
+    ({'padding_free': 'true'}, ['--padding_free true packs rows', 'pass --attn_impl one of flash_attn, '
+                                'flash_attention_2, flash_attention_3, flash_attention_4 on a GPU machine']),
+    ({'padding_free': 'true', 'attn_impl': 'flash_attn'},
+     ['--padding_free true with --attn_impl flash_attn: flash attention runs on CUDA GPUs only and this machine has '
+      'none; pass --padding_free false to train here']),
+]
+
+
+@pytest.mark.skipif(os.path.exists('/dev/nvidiactl'), reason='a machine without a CUDA device')
+@pytest.mark.parametrize('flags,needles', PACKING_ON_CPU, ids=[str(f) for f, _ in PACKING_ON_CPU])
+def test_packing_on_a_cpu_is_refused_in_one_line(tiny_ws, tmp_path, flags, needles):
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), **flags), check=False, timeout=120)
+    assert_refused_in_one_line(run, needles)
+
+
 @pytest.mark.skipif(os.path.exists('/dev/nvidiactl'), reason='a machine without a CUDA device')
 def test_fused_backend_refusals_before_loading(tiny_ws, tmp_path):
     """A bad SWIFT_GKD_FUSED_BACKEND (the flag's default) is named as the variable; a forced triton without a CUDA

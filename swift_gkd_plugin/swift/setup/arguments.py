@@ -21,11 +21,11 @@ from swift_gkd_plugin.rollout.colocated_vllm import (check_vllm_cpu_head_dim, ch
                                              resolve_vllm_environment)
 from swift_gkd_plugin.core.constants import ROLLOUT_IS_MODES, SCALE_REWARDS
 from swift_gkd_plugin.options.flags import (FlagError, GKDPluginArgumentsMixin, check_bf16_device, check_cpu_processes,
-                                    check_deepspeed_launch, check_gkd_scalars, check_multi_turn_flags,
+                                    check_gkd_scalars, check_multi_turn_flags,
                                     check_no_plugin_flags_outside_gkd, check_rl_flags, check_teacher_server_flags,
                                     check_torch_compile_checkpointing, check_training_set, check_vllm_flags,
                                     ignored_flag_warnings, resolve_num_generations, sampling_temperature)
-from swift_gkd_plugin.options.deepspeed_config import check_deepspeed_config
+from swift_gkd_plugin.options.backends import check_deepspeed, check_packing_attention
 from swift_gkd_plugin.options.flag_checks import check_ms_swift_values, check_training_length
 from swift_gkd_plugin.options.hub_models import hub_lookup_failed, hub_unreachable
 from swift_gkd_plugin.runtime.ms_swift_state import grpo_num_generations, keep_teacher_messages_column
@@ -456,8 +456,7 @@ def check_flags_only(args) -> None:
     check_rl_flags(args)
     check_multi_turn_flags(args)
     check_torch_compile_checkpointing(args)
-    check_deepspeed_config(args)  # (before the launch check: a wrong file is wrong however it is started)
-    check_deepspeed_launch(args)
+    check_deepspeed(args)
     check_cpu_processes(args)
     check_vllm_flags(args)
     check_vllm_installed(args)
@@ -468,6 +467,7 @@ def check_flags_only(args) -> None:
     if args.use_vllm:
         check_vllm_server_mode(args)
         check_vllm_tensor_parallel_size(args)
+    check_packing_attention(args)  # last: a refusal of packing beside another flag says more
 
 
 def check_command_line_flags(args) -> None:

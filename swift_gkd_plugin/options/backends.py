@@ -1,15 +1,46 @@
-"""``--deepspeed`` / ``--teacher_deepspeed`` read before ms-swift reads them (it loads the file, or parses the text as
-JSON, in its arguments' ``__post_init__``, and DeepSpeed and transformers check its values only once the models are
-loaded). The standard library only."""
+"""The training back-ends' settings, checked before ms-swift reads them in its arguments' ``__post_init__``:
+``--deepspeed`` / ``--teacher_deepspeed`` (ms-swift loads the file, or parses the text as JSON; DeepSpeed and
+transformers check its values only once the models are loaded) and the flash attention that ``--packing`` /
+``--padding_free`` need (ms-swift's refusal was a traceback)."""
 from __future__ import annotations
 
 import json
 import os
 from typing import Optional
 
-from swift_gkd_plugin.options.flag_checks import FlagError
+from swift_gkd_plugin.options.flag_checks import FlagError, check_deepspeed_launch
 
-__all__ = ['DEEPSPEED_PRESETS', 'check_deepspeed_config']
+__all__ = ['DEEPSPEED_PRESETS', 'FLASH_ATTN_IMPLS', 'check_deepspeed', 'check_deepspeed_config',
+           'check_packing_attention']
+
+#: the ``--attn_impl`` values ms-swift takes for ``--packing`` / ``--padding_free`` (``SftArguments._check_padding_free``)
+FLASH_ATTN_IMPLS = ('flash_attn', 'flash_attention_2', 'flash_attention_3', 'flash_attention_4')
+
+
+def check_deepspeed(args) -> None:
+    """The DeepSpeed configuration (:func:`check_deepspeed_config`), then how the process was started
+    (:func:`~swift_gkd_plugin.options.flag_checks.check_deepspeed_launch`): a wrong file is wrong however it starts."""
+    check_deepspeed_config(args)
+    check_deepspeed_launch(args)
+
+
+def check_packing_attention(args) -> None:
+    """``--packing`` / ``--padding_free`` need a flash attention ``--attn_impl`` (ms-swift raised a ValueError with a
+    traceback), and flash attention a CUDA GPU (transformers' ImportError came after ms-swift resolved the model)."""
+    if not (getattr(args, 'packing', False) or getattr(args, 'padding_free', False)):
+        return
+    flag = '--packing' if getattr(args, 'packing', False) else '--padding_free'
+    impl = getattr(args, 'attn_impl', None)
+    import torch
+    gpu = torch.cuda.is_available()
+    if impl not in FLASH_ATTN_IMPLS:
+        where = '' if gpu else ', which runs on CUDA GPUs only (this machine has none)'
+        raise FlagError(f'{flag} true packs rows into one sequence, which needs a flash attention implementation'
+                        f'{where}: --attn_impl is {impl or "unset"}; pass --attn_impl one of '
+                        f'{", ".join(FLASH_ATTN_IMPLS)}{"" if gpu else " on a GPU machine"}, or {flag} false')
+    if not gpu:
+        raise FlagError(f'{flag} true with --attn_impl {impl}: flash attention runs on CUDA GPUs only and this '
+                        f'machine has none; pass {flag} false to train here')
 
 
 #: ms-swift's own --deepspeed configurations (swift/config/<name>.json)
