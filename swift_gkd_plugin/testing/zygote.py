@@ -186,7 +186,7 @@ def _preload(preload) -> Dict[str, Optional[str]]:
             before = dict(os.environ)
         module, _, function = name.partition(':')
         module = importlib.import_module(module)
-        if function:
+        if function and hasattr(module, function):  # a warm-up this torch lacks (2.11: no codecache.triton_key)
             getattr(module, function)()
     sys.stdout.flush()
     # what the vLLM imports set, changed or removed in the environment (ms-swift's engine module sets vLLM's worker

@@ -45,6 +45,7 @@ from swift_gkd_plugin.swift.sequence_parallel import (announce_batch, group_size
                                                      whole_sequences)
 from swift_gkd_plugin.swift.setup.teacher_server import teacher_names
 from swift_gkd_plugin.swift.step.evaluation import EvaluationMixin
+from swift_gkd_plugin.swift.step.accumulation import undo_trainer_ga_division
 from swift_gkd_plugin.swift.step.token_metrics import add_token_sum as _add_token_sum
 
 logger = get_logger()
@@ -58,8 +59,7 @@ class LossMixin(EvaluationMixin):
         """The loss of every step: fused or dense (:meth:`_decide_loss_impl`), the one divergence every path computes
         (``core.row_divergence``; ``--beta`` is the JSD's parameter), normalised over the whole step."""
         self._loss_batch, self._check_now = None, False  # training_step's non-finite check
-        # compute_loss already divides by the step's token count: the HF Trainer must not divide by the number
-        # of gradient-accumulation steps again (nor DeepSpeed, which the Trainer tells via scale_wrt_gas=False).
+        # compute_loss divides by the step's token count: the Trainer must not divide again (step/accumulation.py)
         self.loss_is_scaled_for_ga = True
         self._fused = self._decide_loss_impl()
         self._divergence = Divergence(self.args.gkd_divergence, beta=self.args.beta, alpha=self.args.gkd_skew_alpha,
@@ -83,6 +83,7 @@ class LossMixin(EvaluationMixin):
         if self.model.training:
             self._nothing_learnt.add(loss, inputs)  # run_guards.NothingLearnt: a run whose loss stays 0 stops
             self._loss_batch = inputs  # for training_step's check of a non-finite loss
+        loss = undo_trainer_ga_division(self, loss, num_items_in_batch)  # transformers <= 5.17 divides it after
         return (loss, outputs) if return_outputs else loss
 
     def training_step(self, model, inputs, *args, **kwargs):
