@@ -54,6 +54,9 @@ def runs(tiny_ws, shared_runs):
         # the live teacher's top-k, kept while training (float32)
         'live': lambda out: train(out, save_teacher_scores=os.path.join(out, 'store'), teacher_scores_dtype='float32'),
         'score': scored,  # swift-gkd score of the whole training set
+        # the same score as before issue 90: the teacher wrapped in ms-swift's default LoRA
+        'score_lora': lambda out: dataclasses.replace(run_swift(score_argv(
+            tiny_ws, out, teacher_scores_samples=SAMPLES, tuner_type='lora')), output_dir=out),
         # the score's store alone (it covers every row: --teacher_model is given and not loaded)
         'from_score': lambda out: after('score', lambda: train(out, teacher_scores=runs_dir(out, 'score'), **EVAL)),
         # the live run's store (the first 8 rows), with the teacher for anything missing
@@ -124,6 +127,32 @@ def test_score_writes_a_store_that_covers_the_dataset(runs, tiny_ws):
     # issue 89: --teacher_model_type names the scored model (it is the run's --model): score_argv passes only it
     argv = score_argv(tiny_ws, run.output_dir)
     assert argv[argv.index('--model_type') + 1] == 'qwen3' and '--teacher_model_type' not in argv
+
+
+def shard_payloads(root: str) -> dict:
+    """Every row's payload bytes in a store's shards, by key."""
+    from safetensors import safe_open
+    out = {}
+    for path in sorted(glob.glob(os.path.join(root, 'shards', '*.safetensors'))):
+        with safe_open(path, framework='pt') as h:
+            offsets, blob = h.get_tensor('offsets'), h.get_tensor('payload').numpy().tobytes()
+            for r, key in enumerate(h.get_tensor('keys').numpy()):
+                out[key.tobytes()] = blob[int(offsets[r]):int(offsets[r + 1])]
+    return out
+
+
+def test_the_bare_teacher_writes_the_store_the_lora_wrapped_one_wrote(runs, tiny_ws):
+    """Issue 90: swift-gkd score loads its model bare (--tuner_type full); the store of its run (top-k and 64 draws a
+    position, float32) holds the same keys and the same payload bytes as the run of the LoRA-wrapped teacher that
+    swift-gkd score ran before, on the same rows and batches."""
+    assert '--tuner_type' in (argv := score_argv(tiny_ws, 'x')) and argv[argv.index('--tuner_type') + 1] == 'full'
+    bare, wrapped = runs['score'], runs['score_lora']
+    assert wrapped.returncode == 0, wrapped.output[-4000:]
+    assert 'tuner_type=lora' in wrapped.output and 'tuner_type=full' in bare.output
+    new, old = shard_payloads(bare.output_dir), shard_payloads(wrapped.output_dir)
+    assert len(new) == 64 and new.keys() == old.keys()
+    assert [k for k in new if new[k] != old[k]] == []
+    assert TeacherStore(bare.output_dir).identity == TeacherStore(wrapped.output_dir).identity
 
 
 def test_a_store_that_covers_every_row_logs_the_live_teachers_losses_without_loading_it(runs):

@@ -5,8 +5,9 @@ tokenizer and template make the rows), ``--dataset``, ``--template``, ``--max_le
 ``--output_dir``. Out: the store in ``--output_dir`` (``manifest.json``, ``shards/``), made by a ``swift rlhf`` run
 with ``--gkd_score_only true``: every row encoded exactly as training encodes it, scored by the teacher as training
 scores it, nothing trained. Other flags go to ``swift rlhf`` as they are (``--torch_dtype``, ``--device_map``, ...);
-``NPROC_PER_NODE`` splits the rows over processes. Run it again after a kill: the finished shards are kept, their rows
-found in the store and not scored again.
+``NPROC_PER_NODE`` splits the rows over processes. The model is loaded bare (``--tuner_type full`` unless given: no
+adapter wraps it; no backward runs, so no gradient is made and the optimizer keeps no state). Run it again after a
+kill: the finished shards are kept, their rows found in the store and not scored again.
 """
 from __future__ import annotations
 
@@ -94,6 +95,8 @@ def score_command(args, rest: List[str]) -> List[str]:
         cmd += ['--output_dir', os.path.join(out, 'runs')]
     if 'report_to' not in given:
         cmd += ['--report_to', 'none']
+    if 'tuner_type' not in given:  # (issue 90: nothing is trained; ms-swift's default LoRA wrapped every linear)
+        cmd += ['--tuner_type', 'full']
     return cmd + rest
 
 
@@ -135,6 +138,8 @@ def _sample_command(args, rest: List[str], given) -> List[str]:
         cmd += ['--output_dir', os.path.join(out, 'runs')]
     if 'report_to' not in given:
         cmd += ['--report_to', 'none']
+    if 'tuner_type' not in given:  # (issue 90: nothing is trained; ms-swift's default LoRA wrapped every linear)
+        cmd += ['--tuner_type', 'full']
     return cmd + rest
 
 
