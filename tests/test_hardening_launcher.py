@@ -47,7 +47,8 @@ def test_rank_refusal_is_one_line_without_torchrun_report(tiny_ws, tmp_path):
     """A refusal that needs the models' configs (resolved in the ranks): the first rank to refuse prints it, the
     other stays silent, torchrun exits 2 without its report. ``--deepspeed`` also shows that the launcher checks in
     the ranks' environment (in one process without a launcher it is refused for want of mpi4py)."""
-    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), gkd_logits_topk=100000, deepspeed='zero2',
+    # --fp16 false: on a CPU without oneDNN's fp16 kernels the launcher refuses ZeRO's fp16 default first
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), gkd_logits_topk=100000, deepspeed='zero2', fp16='false',
                               **CPU_RANKS), nproc=2, launcher=True, check=False, timeout=300)
     assert_refused_by_launcher(run, ['--gkd_logits_topk 100000 is larger than the vocabulary', 'allowed 1 to 448'],
                                ranks_started=True)
