@@ -1,0 +1,170 @@
+"""``swift-gkd score`` against the limit it can reach (issue 90 item 2): the score loop's tokens/s beside the same
+teacher's bare forward + top-k over the same rows, at the same batches and dtype, in one invocation.
+
+    python benchmarks/bench_score_loop.py                 # medium setting (153M teacher), 192 long-tailed rows
+    python benchmarks/bench_teacher_store.py --score      # the same
+    python benchmarks/bench_score_loop.py --setting small --rows 64
+
+1. **The score loop**: ``swift-gkd score`` of the teacher (``bench_teacher_store.SETTINGS``; ``medium``: hidden 2048,
+   4 layers, 153M parameters, the tiny tokenizer's 448-token vocabulary) over ``--rows`` rows whose lengths are
+   long-tailed (the tiny reversal task, its prompt repeated a log-normal number of times, 1-30: 10-300 tokens),
+   ``--max_length 256``, float32, ``--per_device_train_batch_size`` ``--batch``. A plugin (``score_batches_plugin.py``)
+   records every batch the teacher forwards (its ids, mask and positions, as the loop made them) and the seconds of
+   each forward. Its tokens/s: the real (not padding) tokens of those batches over ms-swift's ``train_runtime`` (the
+   loop: encoding, the forward, the top-k, the store's encoding and writes; loading and the dataset's preprocessing
+   left out). Peak RSS: ``getrusage(RUSAGE_CHILDREN)`` of a wrapper (its largest process, the score run).
+2. **The bare forward + top-k**: the same teacher loaded by ``transformers`` alone, ``torch.inference_mode``, the
+   recorded batches as they are (same rows, padding, batch size, dtype, threads): logits, ``log_softmax`` and the top-k
+   at each row's response positions; the real tokens over its seconds. Peak RSS: this process's.
+3. **Padding share** (padding positions over all positions forwarded): the loop's batches in dataset order, and the
+   same rows regrouped by length into batches of the same size (sorted), with the bare forward's time on those.
+
+The last line is ``score_loop: ...``; results in ``<workdir>/score_loop.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import random
+import resource
+import shutil
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import bench_teacher_store as bts  # noqa: E402
+
+PLUGIN = os.path.join(HERE, 'score_batches_plugin.py')
+
+
+def long_tailed_rows(train: str, out: str, rows: int, seed: int = 0) -> str:
+    """``rows`` rows made from ``train``'s: the prompt repeated a log-normal number of times (1-30), the answer half as
+    often, each row distinct (its index in the answer)."""
+    base = [json.loads(line) for line in open(train) if line.strip()]
+    rng = random.Random(seed)
+    with open(out, 'w') as f:
+        for i in range(rows):
+            user, answer = (m['content'] for m in base[i % len(base)]['messages'])
+            rep = min(30, max(1, int(rng.lognormvariate(0.3, 1.0))))
+            f.write(json.dumps({'messages': [
+                {'role': 'user', 'content': ' '.join([user] * rep)},
+                {'role': 'assistant', 'content': ' '.join([answer] * max(1, rep // 2)) + f' {i}'}]}) + '\n')
+    return out
+
+
+def padding_share(batches) -> float:
+    real = sum(int(b['attention_mask'].sum()) for b in batches)
+    return 1 - real / sum(b['attention_mask'].numel() for b in batches)
+
+
+def regrouped_by_length(batches, size: int):
+    """The recorded rows (left-padded) as batches of ``size`` rows sorted by length, left-padded again."""
+    rows = []
+    for b in batches:
+        for r in range(b['input_ids'].shape[0]):
+            keep = b['attention_mask'][r].bool()
+            rows.append({k: b[k][r][keep] for k in ('input_ids', 'labels', 'position_ids') if k in b})
+    rows.sort(key=lambda r: len(r['input_ids']))
+    out = []
+    for start in range(0, len(rows), size):
+        group = rows[start:start + size]
+        width = max(len(r['input_ids']) for r in group)
+        batch = {'attention_mask': torch.zeros(len(group), width, dtype=torch.long)}
+        for k, fill in (('input_ids', 0), ('labels', -100), ('position_ids', 0)):
+            if k in group[0]:
+                batch[k] = torch.full((len(group), width), fill, dtype=torch.long)
+        for i, r in enumerate(group):
+            n = len(r['input_ids'])
+            batch['attention_mask'][i, width - n:] = 1
+            for k in r:
+                batch[k][i, width - n:] = r[k]
+        out.append(batch)
+    return out
+
+
+def bare_forward_topk(model, batches, k: int) -> float:
+    """Seconds of the bare forward + top-k over ``batches``."""
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for b in batches:
+            fwd = {n: b[n] for n in ('input_ids', 'attention_mask', 'position_ids') if n in b}
+            logits = model(**fwd).logits
+            if 'labels' in b:  # the scored positions: the next token is a response token
+                where = b['labels'][:, 1:] != -100
+                rows = logits[:, :-1][where]
+            else:
+                rows = logits[b['attention_mask'].bool()]
+            rows.float().log_softmax(-1).topk(k, dim=-1)
+    return time.perf_counter() - start
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--workdir', default=os.path.join(bts.ROOT, '.bench_cache', 'teacher_store'))
+    parser.add_argument('--setting', choices=list(bts.SETTINGS), default='medium')
+    parser.add_argument('--rows', type=int, default=192, help='long-tailed rows scored')
+    parser.add_argument('--batch', type=int, default=8, help='--per_device_train_batch_size')
+    parser.add_argument('--topk', type=int, default=64, help='--gkd_logits_topk')
+    parser.add_argument('--max_length', type=int, default=256)
+    args = parser.parse_args(argv)
+    args.workdir = os.path.abspath(args.workdir)
+    os.makedirs(args.workdir, exist_ok=True)
+    threads = int(os.environ.setdefault('OMP_NUM_THREADS', '1'))
+    torch.set_num_threads(threads)
+    bts.log(f'score loop bench: {os.cpu_count()} CPUs, OMP_NUM_THREADS={threads}, torch {torch.__version__}')
+    ws = bts.build_tiny(args.workdir, bts.SETTINGS[args.setting], 64)
+    data = long_tailed_rows(ws['train'], os.path.join(ws['root'], f'long_tailed_{args.rows}.jsonl'), args.rows)
+    store = os.path.join(args.workdir, 'stores', f'score_loop_{args.setting}')
+    record = os.path.join(args.workdir, 'logs', f'score_loop_{args.setting}.batches.pt')
+    shutil.rmtree(store, ignore_errors=True)
+    for p in glob.glob(record + '*'):
+        os.remove(p)
+    cmd = [bts._bin('swift-gkd'), 'score', '--teacher_model', ws['teacher'], '--dataset', data, '--output_dir', store,
+           '--gkd_logits_topk', str(args.topk), '--per_device_train_batch_size', str(args.batch),
+           *[x if x != '128' else str(args.max_length) for x in bts.COMMON], '--external_plugins', PLUGIN]
+    os.environ['BENCH_SCORE_BATCHES'] = record
+    loop = bts.run_measured(cmd, f'score_loop_{args.setting}', args.workdir)
+    runs = sorted(glob.glob(os.path.join(store, 'runs', '*', 'logging.jsonl')))
+    runtime = bts.read_logging(os.path.dirname(runs[-1]))['train_runtime']
+    recorded = torch.load(record)
+    batches, forward_s = recorded['batches'], recorded['forward_s']
+    tokens = sum(int(b['attention_mask'].sum()) for b in batches)
+
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(ws['teacher'], dtype=torch.float32).eval()
+    bare_forward_topk(model, batches[:1], args.topk)  # (warm-up)
+    bare_s = bare_forward_topk(model, batches, args.topk)
+    sorted_batches = regrouped_by_length(batches, args.batch)
+    sorted_s = bare_forward_topk(model, sorted_batches, args.topk)
+    bare_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result = {
+        'setting': args.setting, 'teacher_parameters': ws['teacher_parameters'], 'rows': args.rows,
+        'batch': args.batch, 'batches': len(batches), 'tokens': tokens,
+        'row_tokens': sorted(int(b['attention_mask'][r].sum()) for b in batches for r in range(len(b['input_ids']))),
+        'loop_s': runtime, 'loop_forward_s': sum(forward_s), 'loop_tokens_per_s': tokens / runtime,
+        'bare_s': bare_s, 'bare_tokens_per_s': tokens / bare_s, 'ratio': bare_s / runtime,
+        'padding_share': padding_share(batches), 'padding_share_sorted': padding_share(sorted_batches),
+        'bare_sorted_s': sorted_s, 'loop_rss_bytes': loop['rss_bytes'], 'bare_rss_bytes': bare_rss,
+        'load_before': loop['load_before'], 'load_end': bts.load(), 'uptime': os.popen('uptime').read().strip()}
+    with open(os.path.join(args.workdir, 'score_loop.json'), 'w') as f:
+        json.dump(result, f, indent=1)
+    lengths = result.pop('row_tokens')
+    bts.log(f'row lengths (tokens): min {lengths[0]}, median {lengths[len(lengths) // 2]}, '
+            f'90th {lengths[int(len(lengths) * 0.9)]}, max {lengths[-1]}')
+    print(f'score_loop: {args.setting} ({ws["teacher_parameters"] / 1e6:.0f}M teacher), {args.rows} rows, '
+          f'{tokens} tokens, batch {args.batch}, float32: swift-gkd score {result["loop_tokens_per_s"]:.0f} tokens/s '
+          f'({runtime:.1f} s loop, of which the forwards {result["loop_forward_s"]:.1f} s), bare forward + top-k '
+          f'{result["bare_tokens_per_s"]:.0f} tokens/s ({bare_s:.1f} s): {result["ratio"]:.2f}x; padding '
+          f'{result["padding_share"]:.0%} in dataset order, {result["padding_share_sorted"]:.0%} sorted by length '
+          f'(bare {sorted_s:.1f} s); peak RSS loop {loop["rss_bytes"] / 2**20:.0f} MiB, bare {bare_rss / 2**20:.0f} '
+          f'MiB; load {loop["load_before"]} -> {result["load_end"]}', flush=True)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
