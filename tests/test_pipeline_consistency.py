@@ -80,8 +80,12 @@ def test_the_model_card_names_the_distillation_and_its_snippet_runs_on_a_cpu(tin
     with open(os.path.join(saved_every_three_steps.output_dir, 'README.md')) as f:
         card = f.read()
     assert 'fine-tuned version of' not in card and 'device="cuda"' not in card, card
-    for needle in (f'| student (--model) | `{tiny_ws.student}` |',
-                   f'| teacher | `{tiny_ws.teacher}` (--teacher_model) |',
+    # the models of the run as it was started (the workspace of the xdist worker that started the shared run)
+    with open(os.path.join(saved_every_three_steps.output_dir, 'args.json')) as f:
+        started = json.load(f)
+    assert os.path.basename(started['model']) == 'student' and os.path.basename(started['teacher_model']) == 'teacher'
+    for needle in (f'| student (--model) | `{started["model"]}` |',
+                   f'| teacher | `{started["teacher_model"]}` (--teacher_model) |',
                    '| --lmbda | 0.5 ', '| --seq_kd | True ', '| --beta | 0.5 ', '| --temperature | 1.0 ',
                    '| loss | jsd(beta=0.5) on the ', '--gkd_divergence jsd', '| tuner | full |', '| steps | 6 of 6 ',
                    f'swift-gkd-plugin {swift_gkd_plugin.__version__}, ms-swift 4.6'):
