@@ -16,8 +16,10 @@ teacher's bare forward + top-k over the same rows, at the same batches and dtype
 2. **The bare forward + top-k**: the same teacher loaded by ``transformers`` alone, ``torch.inference_mode``, the
    recorded batches as they are (same rows, padding, batch size, dtype, threads): logits, ``log_softmax`` and the top-k
    at each row's response positions; the real tokens over its seconds. Peak RSS: this process's.
-3. **Padding share** (padding positions over all positions forwarded): the loop's batches in dataset order, and the
-   same rows regrouped by length into batches of the same size (sorted), with the bare forward's time on those.
+3. **Padding share** (padding positions over all positions forwarded) of the loop's batches.
+
+Both, twice: the rows in dataset order (``--group_by_length false``, the loop before issue 90) and batched by length
+(``swift-gkd score``'s default since), each loop against the bare pass over its own batches.
 
 The last line is ``score_loop: ...``; results in ``<workdir>/score_loop.json``.
 """
@@ -62,31 +64,6 @@ def padding_share(batches) -> float:
     return 1 - real / sum(b['attention_mask'].numel() for b in batches)
 
 
-def regrouped_by_length(batches, size: int):
-    """The recorded rows (left-padded) as batches of ``size`` rows sorted by length, left-padded again."""
-    rows = []
-    for b in batches:
-        for r in range(b['input_ids'].shape[0]):
-            keep = b['attention_mask'][r].bool()
-            rows.append({k: b[k][r][keep] for k in ('input_ids', 'labels', 'position_ids') if k in b})
-    rows.sort(key=lambda r: len(r['input_ids']))
-    out = []
-    for start in range(0, len(rows), size):
-        group = rows[start:start + size]
-        width = max(len(r['input_ids']) for r in group)
-        batch = {'attention_mask': torch.zeros(len(group), width, dtype=torch.long)}
-        for k, fill in (('input_ids', 0), ('labels', -100), ('position_ids', 0)):
-            if k in group[0]:
-                batch[k] = torch.full((len(group), width), fill, dtype=torch.long)
-        for i, r in enumerate(group):
-            n = len(r['input_ids'])
-            batch['attention_mask'][i, width - n:] = 1
-            for k in r:
-                batch[k][i, width - n:] = r[k]
-        out.append(batch)
-    return out
-
-
 def bare_forward_topk(model, batches, k: int) -> float:
     """Seconds of the bare forward + top-k over ``batches``."""
     start = time.perf_counter()
@@ -119,51 +96,60 @@ def main(argv=None) -> int:
     bts.log(f'score loop bench: {os.cpu_count()} CPUs, OMP_NUM_THREADS={threads}, torch {torch.__version__}')
     ws = bts.build_tiny(args.workdir, bts.SETTINGS[args.setting], 64)
     data = long_tailed_rows(ws['train'], os.path.join(ws['root'], f'long_tailed_{args.rows}.jsonl'), args.rows)
-    store = os.path.join(args.workdir, 'stores', f'score_loop_{args.setting}')
-    record = os.path.join(args.workdir, 'logs', f'score_loop_{args.setting}.batches.pt')
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(ws['teacher'], dtype=torch.float32).eval()
+    result = {'setting': args.setting, 'teacher_parameters': ws['teacher_parameters'], 'rows': args.rows,
+              'batch': args.batch, 'uptime_before': os.popen('uptime').read().strip()}
+    for order, flag in (('in_order', 'false'), ('by_length', 'true')):
+        result[order] = one_order(args, ws, data, model, order, flag)
+    result['uptime'] = os.popen('uptime').read().strip()
+    with open(os.path.join(args.workdir, 'score_loop.json'), 'w') as f:
+        json.dump(result, f, indent=1)
+    lengths = result['in_order'].pop('row_tokens')
+    bts.log(f'row lengths (tokens): min {lengths[0]}, median {lengths[len(lengths) // 2]}, '
+            f'90th {lengths[int(len(lengths) * 0.9)]}, max {lengths[-1]}')
+    a, b = result['in_order'], result['by_length']
+    print(f'score_loop: {args.setting} ({ws["teacher_parameters"] / 1e6:.0f}M teacher), {args.rows} rows, '
+          f'{a["tokens"]} tokens, batch {args.batch}, float32: swift-gkd score by length (its default) '
+          f'{b["loop_tokens_per_s"]:.0f} tokens/s ({b["loop_s"]:.1f} s, forwards {b["loop_forward_s"]:.1f} s), bare '
+          f'forward + top-k over its batches {b["bare_tokens_per_s"]:.0f} ({b["bare_s"]:.1f} s): {b["ratio"]:.2f}x, '
+          f'padding {b["padding_share"]:.0%}; in dataset order (--group_by_length false) {a["loop_tokens_per_s"]:.0f} '
+          f'tokens/s ({a["loop_s"]:.1f} s), bare {a["bare_tokens_per_s"]:.0f}: {a["ratio"]:.2f}x, padding '
+          f'{a["padding_share"]:.0%}; by length / in order: {b["loop_tokens_per_s"] / a["loop_tokens_per_s"]:.2f}x; '
+          f'peak RSS loop {b["loop_rss_bytes"] / 2**20:.0f} MiB, bare {b["bare_rss_bytes"] / 2**20:.0f} MiB; '
+          f'{result["uptime_before"]} -> {result["uptime"]}', flush=True)
+    return 0
+
+
+def one_order(args, ws, data, model, order: str, group_by_length: str) -> dict:
+    """``swift-gkd score`` with ``--group_by_length`` ``group_by_length`` (its batches recorded), then the bare
+    forward + top-k over those batches: tokens/s, their ratio, padding share, peak RSS."""
+    store = os.path.join(args.workdir, 'stores', f'score_loop_{args.setting}_{order}')
+    record = os.path.join(args.workdir, 'logs', f'score_loop_{args.setting}_{order}.batches.pt')
     shutil.rmtree(store, ignore_errors=True)
     for p in glob.glob(record + '*'):
         os.remove(p)
     cmd = [bts._bin('swift-gkd'), 'score', '--teacher_model', ws['teacher'], '--dataset', data, '--output_dir', store,
            '--gkd_logits_topk', str(args.topk), '--per_device_train_batch_size', str(args.batch),
+           '--group_by_length', group_by_length,
            *[x if x != '128' else str(args.max_length) for x in bts.COMMON], '--external_plugins', PLUGIN]
     os.environ['BENCH_SCORE_BATCHES'] = record
-    loop = bts.run_measured(cmd, f'score_loop_{args.setting}', args.workdir)
+    loop = bts.run_measured(cmd, f'score_loop_{args.setting}_{order}', args.workdir)
     runs = sorted(glob.glob(os.path.join(store, 'runs', '*', 'logging.jsonl')))
     runtime = bts.read_logging(os.path.dirname(runs[-1]))['train_runtime']
     recorded = torch.load(record)
     batches, forward_s = recorded['batches'], recorded['forward_s']
     tokens = sum(int(b['attention_mask'].sum()) for b in batches)
-
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(ws['teacher'], dtype=torch.float32).eval()
     bare_forward_topk(model, batches[:1], args.topk)  # (warm-up)
     bare_s = bare_forward_topk(model, batches, args.topk)
-    sorted_batches = regrouped_by_length(batches, args.batch)
-    sorted_s = bare_forward_topk(model, sorted_batches, args.topk)
-    bare_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    result = {
-        'setting': args.setting, 'teacher_parameters': ws['teacher_parameters'], 'rows': args.rows,
-        'batch': args.batch, 'batches': len(batches), 'tokens': tokens,
+    return {
+        'batches': len(batches), 'tokens': tokens,
         'row_tokens': sorted(int(b['attention_mask'][r].sum()) for b in batches for r in range(len(b['input_ids']))),
         'loop_s': runtime, 'loop_forward_s': sum(forward_s), 'loop_tokens_per_s': tokens / runtime,
         'bare_s': bare_s, 'bare_tokens_per_s': tokens / bare_s, 'ratio': bare_s / runtime,
-        'padding_share': padding_share(batches), 'padding_share_sorted': padding_share(sorted_batches),
-        'bare_sorted_s': sorted_s, 'loop_rss_bytes': loop['rss_bytes'], 'bare_rss_bytes': bare_rss,
-        'load_before': loop['load_before'], 'load_end': bts.load(), 'uptime': os.popen('uptime').read().strip()}
-    with open(os.path.join(args.workdir, 'score_loop.json'), 'w') as f:
-        json.dump(result, f, indent=1)
-    lengths = result.pop('row_tokens')
-    bts.log(f'row lengths (tokens): min {lengths[0]}, median {lengths[len(lengths) // 2]}, '
-            f'90th {lengths[int(len(lengths) * 0.9)]}, max {lengths[-1]}')
-    print(f'score_loop: {args.setting} ({ws["teacher_parameters"] / 1e6:.0f}M teacher), {args.rows} rows, '
-          f'{tokens} tokens, batch {args.batch}, float32: swift-gkd score {result["loop_tokens_per_s"]:.0f} tokens/s '
-          f'({runtime:.1f} s loop, of which the forwards {result["loop_forward_s"]:.1f} s), bare forward + top-k '
-          f'{result["bare_tokens_per_s"]:.0f} tokens/s ({bare_s:.1f} s): {result["ratio"]:.2f}x; padding '
-          f'{result["padding_share"]:.0%} in dataset order, {result["padding_share_sorted"]:.0%} sorted by length '
-          f'(bare {sorted_s:.1f} s); peak RSS loop {loop["rss_bytes"] / 2**20:.0f} MiB, bare {bare_rss / 2**20:.0f} '
-          f'MiB; load {loop["load_before"]} -> {result["load_end"]}', flush=True)
-    return 0
+        'padding_share': padding_share(batches), 'loop_rss_bytes': loop['rss_bytes'],
+        'bare_rss_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        'load_before': loop['load_before'], 'load_end': bts.load()}
 
 
 if __name__ == '__main__':

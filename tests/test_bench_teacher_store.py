@@ -68,27 +68,13 @@ def test_step_times_and_loss_differences(bench):
     assert bench.phase_medians(probe) == {'loss': pytest.approx(0.1), 'teacher': pytest.approx(0.4)}
 
 
-def test_score_loop_regroups_the_recorded_rows_by_length():
-    """bench_score_loop.py (issue 90): the rows regrouped by length are the recorded rows (ids, labels, positions, left
-    padded again), and the padding share is the padding positions over all positions."""
+def test_score_loop_padding_share_counts_the_padding_positions():
+    """bench_score_loop.py (issue 90): the padding share is the padding positions over all positions forwarded."""
     loop = load_benchmark('bench_score_loop')
-    lengths = [5, 1, 4, 2, 3, 6]
     batches = []
-    for group in (lengths[:3], lengths[3:]):
-        width = max(group)
-        b = {'input_ids': torch.zeros(len(group), width, dtype=torch.long),
-             'attention_mask': torch.zeros(len(group), width, dtype=torch.long),
-             'labels': torch.full((len(group), width), -100, dtype=torch.long),
-             'position_ids': torch.zeros(len(group), width, dtype=torch.long)}
+    for group in ([5, 1, 4], [2, 3, 6]):
+        mask = torch.zeros(len(group), max(group), dtype=torch.long)
         for i, n in enumerate(group):
-            b['input_ids'][i, width - n:] = torch.arange(n) + 10 * n
-            b['attention_mask'][i, width - n:] = 1
-            b['labels'][i, -1] = n
-            b['position_ids'][i, width - n:] = torch.arange(n)
-        batches.append(b)
+            mask[i, max(group) - n:] = 1
+        batches.append({'attention_mask': mask})
     assert loop.padding_share(batches) == pytest.approx(1 - 21 / 33)  # (widths 5 and 6, 3 rows each)
-    regrouped = loop.regrouped_by_length(batches, 3)
-    assert loop.padding_share(regrouped) == pytest.approx(1 - 21 / 27)  # (widths 3 and 6)
-    rows = [(b['input_ids'][i][b['attention_mask'][i].bool()].tolist(), int(b['labels'][i, -1]),
-             b['position_ids'][i][b['attention_mask'][i].bool()].tolist()) for b in regrouped for i in range(3)]
-    assert rows == [(list(range(10 * n, 11 * n)), n, list(range(n))) for n in sorted(lengths)]

@@ -13,7 +13,9 @@ import re
 import shutil
 
 import pytest
+import torch
 from conftest import OFFLINE_ENV, _free_port, base_args, run_swift
+from safetensors import safe_open
 
 from swift_gkd_plugin.core.scores.store import TeacherStore
 from swift_gkd_plugin.entry import score as score_cli
@@ -54,9 +56,9 @@ def runs(tiny_ws, shared_runs):
         # the live teacher's top-k, kept while training (float32)
         'live': lambda out: train(out, save_teacher_scores=os.path.join(out, 'store'), teacher_scores_dtype='float32'),
         'score': scored,  # swift-gkd score of the whole training set
-        # the same score as before issue 90: the teacher wrapped in ms-swift's default LoRA
-        'score_lora': lambda out: dataclasses.replace(run_swift(score_argv(
-            tiny_ws, out, teacher_scores_samples=SAMPLES, tuner_type='lora')), output_dir=out),
+        # issue 90: rows of mixed lengths scored in dataset order and batched by length (swift-gkd score's default)
+        'score_in_order': lambda out: mixed_score(tiny_ws, out, 'false'),
+        'score_by_length': lambda out: mixed_score(tiny_ws, out, 'true'),
         # the score's store alone (it covers every row: --teacher_model is given and not loaded)
         'from_score': lambda out: after('score', lambda: train(out, teacher_scores=runs_dir(out, 'score'), **EVAL)),
         # the live run's store (the first 8 rows), with the teacher for anything missing
@@ -102,6 +104,27 @@ def runs(tiny_ws, shared_runs):
     return shared
 
 
+def mixed_rows(train: str, out: str, rows: int = 24) -> str:
+    """``rows`` rows of ``train``'s task whose lengths vary about sixfold (the prompt repeated 1-6 times), in an
+    order that mixes the lengths."""
+    base = [json.loads(line) for line in open(train) if line.strip()]
+    with open(out, 'w') as f:
+        for i in range(rows):
+            user, answer = (m['content'] for m in base[i]['messages'])
+            rep = 1 + (i * 7) % 6
+            f.write(json.dumps({'messages': [{'role': 'user', 'content': ' '.join([user] * rep)},
+                                             {'role': 'assistant', 'content': f'{answer} {i}'}]}) + '\n')
+    return out
+
+
+def mixed_score(ws, out: str, by_length: str):
+    """swift-gkd score of :func:`mixed_rows` (float32, top-8, batch 4) with ``--group_by_length by_length``."""
+    data = mixed_rows(ws.train, os.path.join(os.path.dirname(out), f'mixed_{by_length}.jsonl'))
+    argv = score_argv(ws, out, per_device_train_batch_size=4, group_by_length=by_length)
+    argv[argv.index('--dataset') + 1] = data
+    return dataclasses.replace(run_swift(argv), output_dir=out)
+
+
 def runs_dir(out: str, name: str) -> str:
     """Another shared run's folder (``shared_runs`` puts each key's folder beside the others)."""
     return os.path.join(os.path.dirname(out), name)
@@ -129,33 +152,54 @@ def test_score_writes_a_store_that_covers_the_dataset(runs, tiny_ws):
     assert argv[argv.index('--model_type') + 1] == 'qwen3' and '--teacher_model_type' not in argv
 
 
-def shard_payloads(root: str) -> dict:
-    """Every row's payload bytes in a store's shards, by key."""
-    from safetensors import safe_open
-    out = {}
-    for path in sorted(glob.glob(os.path.join(root, 'shards', '*.safetensors'))):
-        with safe_open(path, framework='pt') as h:
-            offsets, blob = h.get_tensor('offsets'), h.get_tensor('payload').numpy().tobytes()
-            for r, key in enumerate(h.get_tensor('keys').numpy()):
-                out[key.tobytes()] = blob[int(offsets[r]):int(offsets[r + 1])]
-    return out
+GOLDEN = os.path.join(os.path.dirname(__file__), 'golden', 'score_store_crc32.json')
 
 
-def test_the_bare_teacher_writes_the_store_the_lora_wrapped_one_wrote(runs, tiny_ws):
-    """Issue 90: swift-gkd score loads its model bare (--tuner_type full); the store of its run (top-k and 64 draws a
-    position, float32) holds the same keys and the same payload bytes as the run of the LoRA-wrapped teacher that
-    swift-gkd score ran before, on the same rows and batches."""
+def test_the_score_loop_writes_the_bytes_it_wrote_before_issue_90(runs, tiny_ws):
+    """Issue 90: swift-gkd score loads its model bare (--tuner_type full), forwards under inference_mode, takes each
+    batch's top-k and next-token log-probs in one pass of the head, and encodes the store off the forward's thread;
+    its store holds the same keys and payload bytes (crc32) as the loop before those changes wrote for the same rows
+    and batches (the tiny rows are of one length: batched by length they are in dataset order). The golden file was
+    written by commit 25d495c on torch 2.13's CPU kernels; other kernels may round otherwise, and are skipped."""
     assert '--tuner_type' in (argv := score_argv(tiny_ws, 'x')) and argv[argv.index('--tuner_type') + 1] == 'full'
-    bare, wrapped = runs['score'], runs['score_lora']
-    assert wrapped.returncode == 0, wrapped.output[-4000:]
-    assert 'tuner_type=lora' in wrapped.output and 'tuner_type=full' in bare.output
-    new, old = shard_payloads(bare.output_dir), shard_payloads(wrapped.output_dir)
-    assert len(new) == 64 and new.keys() == old.keys()
-    assert [k for k in new if new[k] != old[k]] == []
-    # the same teacher (its weights' fingerprint), rows and settings; its path is the workspace of the xdist worker
-    # that started each shared run
-    same, other = TeacherStore(bare.output_dir).identity, TeacherStore(wrapped.output_dir).identity
-    assert dataclasses.replace(same, teacher='') == dataclasses.replace(other, teacher='') and same.teacher_hash
+    run = runs['score']
+    assert run.returncode == 0, run.output[-4000:]
+    assert 'tuner_type=full' in run.output and 'padding 0% of the 1280 positions forwarded' in run.output
+    with open(GOLDEN) as f:
+        golden = json.load(f)
+    here = (torch.__version__.split('+')[0], torch.backends.cpu.get_cpu_capability())
+    if here != (golden['torch'], golden['cpu_capability']):
+        pytest.skip(f'the golden store was written with torch {golden["torch"]} on {golden["cpu_capability"]} '
+                    f'kernels; this is torch {here[0]} on {here[1]}')
+    crc = {}
+    for path in glob.glob(os.path.join(run.output_dir, 'shards', '*.safetensors')):
+        with safe_open(path, 'pt') as h:
+            crc.update(zip((k.tobytes().hex() for k in h.get_tensor('keys').numpy()), h.get_tensor('crc32').tolist()))
+    assert crc.keys() == golden['crc32'].keys()
+    assert [k for k in crc if crc[k] != golden['crc32'][k]] == []
+
+
+def test_rows_batched_by_length_pad_less_and_keep_their_keys_and_scores(runs):
+    """Issue 90: batched by length (swift-gkd score's default) rows of mixed lengths pad less than in dataset order;
+    the store holds the same keys, and each row's scores up to float32 rounding (a row's logits depend on its
+    batch's padding by ~1e-6, so the bytes may differ)."""
+    share = {}
+    for name in ('score_in_order', 'score_by_length'):
+        run = runs[name]
+        assert run.returncode == 0, run.output[-4000:]
+        share[name] = re.findall(r'padding (\d+)% of the (\d+) positions forwarded \(rows (batched by length|in '
+                                 r'dataset order)\)', run.output)
+    (in_order, positions, how), = share['score_in_order']
+    (by_length, fewer, how_now), = share['score_by_length']
+    assert (how, how_now) == ('in dataset order', 'batched by length')
+    assert int(by_length) < int(in_order) / 2 and int(fewer) < int(positions), share
+    a, b = TeacherStore(runs['score_in_order'].output_dir), TeacherStore(runs['score_by_length'].output_dir)
+    assert sorted(a.keys()) == sorted(b.keys()) and len(a) == 24
+    for key in a.keys():
+        x, y = a.get(key), b.get(key)
+        assert torch.equal(x.ids, y.ids)  # (ids ascending a position: the same top-8 sets)
+        torch.testing.assert_close(y.logprobs, x.logprobs, rtol=0, atol=1e-4)
+        torch.testing.assert_close(y.token_logprobs, x.token_logprobs, rtol=0, atol=1e-4)
 
 
 def test_a_store_that_covers_every_row_logs_the_live_teachers_losses_without_loading_it(runs):

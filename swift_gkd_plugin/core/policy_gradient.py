@@ -26,7 +26,7 @@ import torch
 from swift_gkd_plugin.core.constants import IGNORE_INDEX, ROLLOUT_IS_MODES, SCALE_REWARDS
 from swift_gkd_plugin.core.entropy import entropy_terms_
 
-__all__ = ['RolloutCorrection', 'group_advantages', 'head_token_logprobs', 'policy_gradient_loss',
+__all__ = ['RolloutCorrection', 'group_advantages', 'head_token_logprobs', 'policy_gradient_loss', 'token_logprobs',
            'rollout_importance_weights', 'sampled_token_stats']
 
 
@@ -165,8 +165,18 @@ def head_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: Option
         logits = hidden[start:start + rows].to(weight.dtype) @ weight.t()
         if bias is not None:
             logits = logits + bias
-        out[start:start + rows] = _sampled_chunks(logits, tokens[start:start + rows], temperature, None, rows)[0]
+        out[start:start + rows] = token_logprobs(logits, tokens[start:start + rows], temperature, rows)
     return out
+
+
+@torch.no_grad()
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
+                   chunk_rows: Optional[int] = None) -> torch.Tensor:
+    """``log_softmax(logits / T)[tokens]`` of ``[N, V]`` logits and ``[N]`` ids, without gradient or entropy (the
+    cheap half of :func:`sampled_token_stats`); ``[N]`` float32 at least, 0 where ``-100``. Row by row the same
+    bits whatever the chunking (:func:`head_token_logprobs` calls it on each chunk of its own logits)."""
+    _check_temperature('temperature', temperature)
+    return _sampled_chunks(logits, tokens, temperature, None, _chunk_rows(logits.shape[-1], chunk_rows))[0]
 
 
 def _sampled_chunks(z: torch.Tensor, y: torch.Tensor, temperature: float, entropy_temperature: Optional[float],

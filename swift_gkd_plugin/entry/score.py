@@ -6,8 +6,9 @@ tokenizer and template make the rows), ``--dataset``, ``--template``, ``--max_le
 with ``--gkd_score_only true``: every row encoded exactly as training encodes it, scored by the teacher as training
 scores it, nothing trained. Other flags go to ``swift rlhf`` as they are (``--torch_dtype``, ``--device_map``, ...);
 ``NPROC_PER_NODE`` splits the rows over processes. The model is loaded bare (``--tuner_type full`` unless given: no
-adapter wraps it; no backward runs, so no gradient is made and the optimizer keeps no state). Run it again after a
-kill: the finished shards are kept, their rows found in the store and not scored again.
+adapter wraps it; no backward runs, so no gradient is made and the optimizer keeps no state), and the rows are batched
+by length (``--group_by_length true`` unless given: a store is keyed by content, so the order is free and a batch pads
+little). Run it again after a kill: the finished shards are kept, their rows found in the store and not scored again.
 """
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--gkd_logits_topk', type=int, default=64, help='top-k entries kept a scored token')
     parser.add_argument('--teacher_scores_dtype', default='float16', choices=['float16', 'bfloat16', 'float32'],
                         help='dtype of the stored log-probabilities')
-    parser.add_argument('--per_device_train_batch_size', type=int, default=8, help='rows scored at once a process')
+    parser.add_argument('--per_device_train_batch_size', type=int, default=8, help='rows scored at once a process (of '
+                        'about one length: --group_by_length true unless given)')
     parser.add_argument('--sample_with', default=None,
                         help='offline on-policy distillation: this model (the student, e.g. after SFT) samples '
                         '--num_samples completions of each --dataset prompt once, the teacher scores them, and the '
@@ -91,13 +93,7 @@ def score_command(args, rest: List[str]) -> List[str]:
         cmd += ['--teacher_model_server', args.teacher_model_server]
     if os.path.exists(os.path.join(out, 'manifest.json')):  # a run before this one: its finished rows are kept
         cmd += ['--teacher_scores', out]
-    if 'output_dir' not in given:
-        cmd += ['--output_dir', os.path.join(out, 'runs')]
-    if 'report_to' not in given:
-        cmd += ['--report_to', 'none']
-    if 'tuner_type' not in given:  # (issue 90: nothing is trained; ms-swift's default LoRA wrapped every linear)
-        cmd += ['--tuner_type', 'full']
-    return cmd + rest
+    return cmd + _defaults(given, out) + rest
 
 
 def _teacher_flags_as_the_models(rest: List[str]) -> List[str]:
@@ -134,13 +130,16 @@ def _sample_command(args, rest: List[str], given) -> List[str]:
            '--save_strategy', 'no', '--eval_strategy', 'no']
     cmd += ['--teacher_model', args.teacher_model] if args.teacher_model else ['--teacher_model_server',
                                                                              args.teacher_model_server]
-    if 'output_dir' not in given:
-        cmd += ['--output_dir', os.path.join(out, 'runs')]
-    if 'report_to' not in given:
-        cmd += ['--report_to', 'none']
-    if 'tuner_type' not in given:  # (issue 90: nothing is trained; ms-swift's default LoRA wrapped every linear)
-        cmd += ['--tuner_type', 'full']
-    return cmd + rest
+    return cmd + _defaults(given, out) + rest
+
+
+def _defaults(given, out: str) -> List[str]:
+    """The flags a score run sets unless given: its logs under the store, no reporting, the model bare (issue 90:
+    nothing is trained; ms-swift's default LoRA wrapped every linear) and rows batched by length (a store is keyed by
+    content, so the order is free: less padding)."""
+    defaults = {'output_dir': os.path.join(out, 'runs'), 'report_to': 'none', 'tuner_type': 'full',
+                'group_by_length': 'true'}
+    return [x for name, value in defaults.items() if name not in given for x in (f'--{name}', value)]
 
 
 def run(args, rest: List[str]) -> int:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from swift_gkd_plugin.core.policy_gradient import (group_advantages, head_token_logprobs, policy_gradient_loss,
-                                                   rollout_importance_weights, sampled_token_stats)
+                                                   rollout_importance_weights, sampled_token_stats, token_logprobs)
 
 
 def reference_advantages(rewards, group_size, scale, eps=1e-4):
@@ -231,6 +231,22 @@ def test_head_token_logprobs_equals_the_dense_definition():
     ours = head_token_logprobs(hidden, weight, bias, tokens, 0.6, chunk_rows=4)
     ref, _ = reference_token_stats((hidden.double() @ weight.double().t() + bias.double()), tokens, 0.6)
     torch.testing.assert_close(ours.double(), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_token_logprobs_equals_the_definition_and_keeps_each_rows_bits_whatever_the_chunking():
+    """token_logprobs (issue 90: the score loop's next-token log-probs from the top-k's own logits): float64 from the
+    definition, 0 where -100, and the same bits for a row whether its chunk holds 1, 3 or all rows."""
+    gen = torch.Generator().manual_seed(6)
+    logits, tokens = torch.randn(7, 11, generator=gen) * 4, torch.randint(0, 11, (7, ), generator=gen)
+    tokens[2] = -100
+    ref, _ = reference_token_stats(logits.double(), tokens, 1.3)
+    torch.testing.assert_close(token_logprobs(logits.double(), tokens, 1.3), ref, rtol=1e-12, atol=1e-12)
+    whole = token_logprobs(logits, tokens, 1.3)
+    assert whole[2] == 0 and whole.dtype == torch.float32
+    for rows in (1, 3):
+        assert torch.equal(token_logprobs(logits, tokens, 1.3, chunk_rows=rows), whole)
+    with pytest.raises(ValueError, match='temperature'):
+        token_logprobs(logits, tokens, 0.0)
 
 
 def reference_rollout_weights(policy, sampler, mode, threshold, rows):

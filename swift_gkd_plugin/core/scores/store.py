@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
+import threading
 import time
 import uuid
 import zlib
@@ -39,6 +41,8 @@ _INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.floa
 #: a shard is closed once its compressed rows pass this size (a finished shard survives a killed writer); the
 #: environment variable SWIFT_GKD_STORE_SHARD_BYTES sets another (a smaller one loses fewer rows to a kill)
 SHARD_BYTES = 64 * 2**20
+#: rows a background writer holds before its caller waits (memory stays flat: a 4k-token top-64 row is ~3 MB)
+QUEUE_ROWS = 32
 
 
 class StoreError(ValueError):
@@ -218,9 +222,15 @@ def identity_differences(stored: StoreIdentity, wanted: StoreIdentity,
 class StoreWriter:
     """Appends rows to a store: this writer's shards (``r{rank}-{session}-{n}.safetensors``), each written whole
     under a temporary name and renamed when done, so a killed writer leaves only finished shards. The manifest is
-    made by the first writer; a writer whose identity differs from an existing manifest's is refused."""
+    made by the first writer; a writer whose identity differs from an existing manifest's is refused.
 
-    def __init__(self, root: str, identity: StoreIdentity, rank: int = 0, shard_bytes: Optional[int] = None):
+    ``background=True``: :meth:`add` hands the row to one worker thread that encodes it and writes full shards, so
+    the caller's next forward overlaps them (issue 90); at most ``queue_rows`` rows wait (``add`` blocks beyond:
+    memory stays flat). Rows are encoded in the order added, so the shards hold what the synchronous writer's would.
+    :meth:`get`, ``in`` and :meth:`flush` see every row added; a worker's failure is raised by the next call."""
+
+    def __init__(self, root: str, identity: StoreIdentity, rank: int = 0, shard_bytes: Optional[int] = None,
+                 background: bool = False, queue_rows: int = QUEUE_ROWS):
         if shard_bytes is None:
             shard_bytes = int(os.environ.get('SWIFT_GKD_STORE_SHARD_BYTES') or SHARD_BYTES)
         self.root, self.identity, self.rank, self.shard_bytes = root, identity, rank, shard_bytes
@@ -244,6 +254,11 @@ class StoreWriter:
         self._reset()
         self.rows_written = self.tokens_written = self.bytes_written = 0
         self.reader = TeacherStore(root)  # what the folder holds, this writer's finished shards added as they come
+        self._lock = threading.Lock()  # the buffer, the reader and the counters: the worker's and the caller's
+        self._queue = queue.Queue(maxsize=queue_rows) if background else None
+        self._queued: Dict[bytes, int] = {}  # rows added and not yet encoded (background), by key
+        self._worker: Optional[threading.Thread] = None
+        self._failure: Optional[BaseException] = None
 
     def _reset(self) -> None:
         self._keys, self._tokens, self._payloads, self._size = [], [], [], 0
@@ -252,29 +267,82 @@ class StoreWriter:
     def get(self, key: str) -> Optional[RowScores]:
         """A row this folder holds or this writer buffered, else None: a later epoch reuses what an earlier one
         scored."""
-        at = self._pending.get(bytes.fromhex(key))
-        if at is not None:
-            identity = self.identity
-            return decode_row(self._payloads[at], self._tokens[at], identity.topk, identity.samples, self.dtype)
-        return self.reader.get(key)
+        if bytes.fromhex(key) in self._queued:
+            self._drain()
+        with self._lock:
+            at = self._pending.get(bytes.fromhex(key))
+            if at is not None:
+                identity = self.identity
+                return decode_row(self._payloads[at], self._tokens[at], identity.topk, identity.samples, self.dtype)
+            return self.reader.get(key)
 
     def __contains__(self, key: str) -> bool:
-        """Whether this folder holds the row or this writer buffered it."""
-        return bytes.fromhex(key) in self._pending or key in self.reader
+        """Whether this folder holds the row or this writer was given it."""
+        raw = bytes.fromhex(key)
+        with self._lock:
+            return raw in self._queued or raw in self._pending or key in self.reader
 
     def add(self, key: str, scores: RowScores) -> None:
-        """Buffer one row; a full buffer becomes a shard."""
+        """Buffer one row (background: queue it); a full buffer becomes a shard."""
+        self._raise_failure()
+        if self._queue is None:
+            self._append(key, scores)
+            return
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._work, name=f'store-writer-r{self.rank}', daemon=True)
+            self._worker.start()
+        raw = bytes.fromhex(key)
+        with self._lock:
+            self._queued[raw] = self._queued.get(raw, 0) + 1
+        self._queue.put((key, scores))
+
+    def _append(self, key: str, scores: RowScores) -> None:
         payload = encode_row(scores, self.identity.topk, self.identity.samples, self.dtype)
-        self._pending[bytes.fromhex(key)] = len(self._keys)
-        self._keys.append(bytes.fromhex(key))
-        self._tokens.append(scores.num_tokens)
-        self._payloads.append(payload)
-        self._size += len(payload)
-        if self._size >= self.shard_bytes:
-            self.flush()
+        with self._lock:
+            self._pending[bytes.fromhex(key)] = len(self._keys)
+            self._keys.append(bytes.fromhex(key))
+            self._tokens.append(scores.num_tokens)
+            self._payloads.append(payload)
+            self._size += len(payload)
+            if self._size >= self.shard_bytes:
+                self._write_shard()
+
+    def _work(self) -> None:
+        """The background worker: encode each queued row (after a failure: drop them, so a drain still ends)."""
+        while True:
+            key, scores = self._queue.get()
+            try:
+                if self._failure is None:
+                    self._append(key, scores)
+            except BaseException as exc:  # raised to the caller by its next add, get or flush
+                self._failure = exc
+            finally:
+                raw = bytes.fromhex(key)
+                with self._lock:
+                    left = self._queued.pop(raw) - 1
+                    if left:
+                        self._queued[raw] = left
+                self._queue.task_done()
+
+    def _drain(self) -> None:
+        """Wait until every row added is encoded (background)."""
+        if self._queue is not None:
+            self._queue.join()
+        self._raise_failure()
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise StoreError(f'{self.root}: writing the store failed ({type(self._failure).__name__}: '
+                             f'{self._failure}); the rows of its finished shards are kept') from self._failure
 
     def flush(self) -> Optional[str]:
-        """Write the buffered rows as one shard; its path, or None when nothing was buffered."""
+        """Write the buffered rows as one shard (every row added first encoded); its path, or None when nothing
+        was buffered."""
+        self._drain()
+        with self._lock:
+            return self._write_shard()
+
+    def _write_shard(self) -> Optional[str]:
         if not self._keys:
             return None
         lengths = torch.tensor([len(p) for p in self._payloads], dtype=torch.int64)

@@ -9,12 +9,12 @@ same in an uninterrupted and a resumed run, on any number of processes.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, List, Optional, Sequence
 
 import torch
 from trl.trainer.utils import RepeatSampler
 
-__all__ = ['EpochSampler']
+__all__ = ['EpochSampler', 'text_lengths']
 
 
 class EpochSampler(RepeatSampler):
@@ -29,9 +29,10 @@ class EpochSampler(RepeatSampler):
     two-rank resume in epoch 1 drew epoch 0's order again.
     """
 
-    def __init__(self, *args, epoch_of: Optional[Callable[[], int]] = None, fill_last: bool = False, **kwargs):
+    def __init__(self, *args, epoch_of: Optional[Callable[[], int]] = None, fill_last: bool = False,
+                 lengths: Optional[Sequence[int]] = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.epoch, self.epoch_of, self.fill_last = 0, epoch_of, fill_last
+        self.epoch, self.epoch_of, self.fill_last, self.lengths = 0, epoch_of, fill_last, lengths
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch the next iteration draws, where no ``epoch_of`` was given."""
@@ -47,11 +48,16 @@ class EpochSampler(RepeatSampler):
 
     def _filled(self):
         """``fill_last``: every row, the last incomplete chunk completed with the epoch's first rows (a score run
-        scores each row; ``RepeatSampler`` drops that chunk, and those rows were never scored)."""
+        scores each row; ``RepeatSampler`` drops that chunk, and those rows were never scored). With ``lengths`` the
+        rows go longest first, so a batch holds rows of about one length (little padding), and the last chunk is
+        completed with the shortest rows."""
         order = (torch.randperm(self.num_samples, generator=self.generator).tolist() if self.shuffle
                  else list(range(self.num_samples)))
+        if self.lengths is not None:  # longest first (a batch that does not fit fails at once); ties keep the order
+            order.sort(key=lambda i: -self.lengths[i])
         while len(order) % self.batch_size:
-            order += order[:self.batch_size - len(order) % self.batch_size]
+            need = self.batch_size - len(order) % self.batch_size
+            order += order[-need:] if self.lengths is not None else order[:need]  # (by length: the shortest again)
         for start in range(0, len(order), self.batch_size):
             for _ in range(self.repeat_count):
                 for index in order[start:start + self.batch_size]:
@@ -62,3 +68,11 @@ class EpochSampler(RepeatSampler):
             return super().__len__()
         chunks = -(-self.num_samples // self.batch_size)
         return chunks * self.batch_size * self.mini_repeat_count * self.repeat_count
+
+
+def text_lengths(dataset) -> Optional[List[int]]:
+    """Each row's length in UTF-8 bytes of its messages' text, the order of its token count read without a tokenizer
+    (``swift-gkd score``'s grouping by length); None where the rows have no ``messages`` column."""
+    if 'messages' not in (getattr(dataset, 'column_names', None) or []):
+        return None
+    return [sum(len(str(m.get('content') or '').encode()) for m in messages or []) for messages in dataset['messages']]

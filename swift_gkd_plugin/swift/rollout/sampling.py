@@ -340,9 +340,13 @@ class RolloutMixin:
         says, as ``swift sft`` reads it (false: the rows in the order ms-swift loaded them; ms-swift's GKD sampler
         shuffled whatever it said)."""
         g = self.args.num_generations  # the order is a function of (seed, epoch): a resume replays it (epoch_sampler)
-        from swift_gkd_plugin.swift.rollout.epoch_sampler import EpochSampler
+        from swift_gkd_plugin.swift.rollout.epoch_sampler import EpochSampler, text_lengths
+        dataset = train_dataset or self.train_dataset
+        by_length = self.args.gkd_score_only and self.args.group_by_length  # (a store is keyed by content)
+        lengths = text_lengths(dataset) if by_length else None
+        self._rows_by_length = lengths is not None  # (said in a score run's progress line)
         return EpochSampler(
-            data_source=train_dataset or self.train_dataset,
+            data_source=dataset, lengths=lengths,
             mini_repeat_count=g,
             batch_size=self.args.generation_batch_size // g,
             repeat_count=self.args.steps_per_generation,

@@ -13,6 +13,8 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
+from swift_gkd_plugin.core.policy_gradient import token_logprobs
+
 # config attributes of models that transform the logits after the head (the fused loss would skip that)
 _LOGIT_TRANSFORMS = ('final_logit_softcapping', 'logit_scale', 'logits_scaling', 'output_multiplier_scale')
 
@@ -113,12 +115,14 @@ def fused_fallback_reason(trainer) -> Optional[str]:
 
 @torch.no_grad()
 def topk_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], k: int,
-                     student_vocab: int, chunk_size: int = 1024):
+                     student_vocab: int, chunk_size: int = 1024, tokens: Optional[torch.Tensor] = None):
     """The teacher's top-k ids and full-vocabulary log-probs, made chunk by chunk from its hidden states.
 
-    Ids of the teacher's padded output rows (``>= student_vocab``) are marked unused (-inf).
+    Ids of the teacher's padded output rows (``>= student_vocab``) are marked unused (-inf). With ``tokens`` (``[N]``
+    next-token ids) also each one's log-prob at temperature 1 (:func:`token_logprobs`), from the same chunk of
+    logits: one pass of the head over the vocabulary instead of two (issue 90).
     """
-    ids, logprobs = [], []
+    ids, logprobs, targets = [], [], []
     for start in range(0, hidden.shape[0], chunk_size):
         logits = hidden[start:start + chunk_size].to(weight.dtype) @ weight.t()  # the head's dtype, as the model
         if bias is not None:
@@ -127,7 +131,11 @@ def topk_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[
         outside = ix >= student_vocab
         ids.append(ix.masked_fill(outside, 0))
         logprobs.append(lp.masked_fill(outside, float('-inf')))
+        if tokens is not None:
+            targets.append(token_logprobs(logits, tokens[start:start + chunk_size]))
     if not ids:
-        return (torch.zeros(0, k, dtype=torch.long, device=hidden.device),
-                torch.zeros(0, k, dtype=torch.float32, device=hidden.device))
-    return torch.cat(ids), torch.cat(logprobs)
+        empty = (torch.zeros(0, k, dtype=torch.long, device=hidden.device),
+                 torch.zeros(0, k, dtype=torch.float32, device=hidden.device))
+        return empty if tokens is None else empty + (torch.zeros(0, dtype=torch.float32, device=hidden.device), )
+    out = torch.cat(ids), torch.cat(logprobs)
+    return out if tokens is None else out + (torch.cat(targets), )

@@ -10,7 +10,7 @@ from swift.trainers import disable_gradient_checkpointing
 from swift.utils import get_logger, unwrap_model_for_generation
 
 from swift_gkd_plugin.core.constants import IGNORE_INDEX
-from swift_gkd_plugin.core.policy_gradient import head_token_logprobs, sampled_token_stats
+from swift_gkd_plugin.core.policy_gradient import token_logprobs
 from swift_gkd_plugin.core.topk import topk_of_logits
 from swift_gkd_plugin.core.weights.inference_tensors import reclaim_after_inference_sampling
 from swift_gkd_plugin.core.views import check_privileged_columns
@@ -322,14 +322,16 @@ class TeacherMixin:
     def _score_locally(self, batch_encoded_inputs, places) -> List[TopKResult]:
         """The local teacher's answer at each ``(micro-batch, row, positions)`` of ``places``, as a server's: its
         top-k (:func:`topk_from_hidden`, or :func:`topk_of_logits` where the fused loss does not apply) and the
-        log-prob of each next token, at temperature 1, from one forward of each micro-batch that holds such a row.
-        Where the teacher's weights are partitioned over the ranks (ZeRO-3) each forward is collective: every
-        micro-batch is forwarded, on every rank, whatever its rows' tags."""
+        log-prob of each next token, at temperature 1, from one forward of each micro-batch that holds such a row and
+        one pass of its head over all of that micro-batch's scored positions. Where the teacher's weights are
+        partitioned over the ranks (ZeRO-3) each forward is collective: every micro-batch is forwarded, on every rank,
+        whatever its rows' tags. A score-only run (``swift-gkd score``) forwards under ``inference_mode``."""
         model = self.model_wrapped if self.model_wrapped is not None else self.model
         student = self.accelerator.unwrap_model(self.model)
         teacher = None if self.teacher_model is None else self.accelerator.unwrap_model(self.teacher_model)
         partitioned = self._teacher_partitioned or (self._is_self_distillation and is_partitioned(model))
         wanted = {b for b, _, _ in places}
+        no_grad = torch.inference_mode if self.args.gkd_score_only else torch.no_grad  # (nothing is trained)
         answers = {}
         for b, batch in enumerate(batch_encoded_inputs):
             if b not in wanted and not partitioned:
@@ -337,29 +339,41 @@ class TeacherMixin:
             with gathered_heads([student, teacher]):  # (ZeRO-3: the heads are shards outside a forward)
                 inputs = batch['teacher_model_inputs']
                 ids = inputs['input_ids']
-                with torch.no_grad(), self.compute_loss_context_manager(), whole_sequences():  # (whole rows)
+                with no_grad(), self.compute_loss_context_manager(), whole_sequences():  # (whole rows)
                     out = self._teacher_forward(model, inputs, hidden=self._fused)
-                for where, (pb, row, positions) in enumerate(places):
-                    if pb != b:
-                        continue
-                    positions = positions.to(ids.device)
-                    nxt = ids[row, positions + 1]
-                    if self._fused:
-                        hidden, (weight, bias) = out
-                        rows = hidden[row, positions]
-                        top_ids, top_lps = topk_from_hidden(rows, weight, bias, self.gkd_logits_topk,
-                                                            head_rows(student))
-                        target = head_token_logprobs(rows, weight, bias, nxt, 1.0)
-                    else:
-                        rows = out[row, positions]
-                        top_ids, top_lps = topk_of_logits(rows, self.gkd_logits_topk)
-                        target = sampled_token_stats(rows, nxt)[0]
-                    samples = entropy = None
-                    if self._samples_to_draw():  # --teacher_scores_samples (teacher/store.py)
-                        samples, entropy = self._draw_from_teacher(rows, (weight, bias) if self._fused else None)
-                    answers[where] = TopKResult(ids=top_ids, logprobs=top_lps, target_logprobs=target.float(),
-                                                samples=samples, entropy=entropy)
+                    if self.args.gkd_score_only:
+                        self._note_forwarded(inputs)  # (its padding share, in the progress line: teacher/store.py)
+                    mine = [where for where, (pb, _, _) in enumerate(places) if pb == b]
+                    answers.update(zip(mine, self._score_rows(out, ids, [places[i] for i in mine], student)))
         return [answers[i] for i in range(len(places))]
+
+    def _score_rows(self, out, ids, places, student) -> List[TopKResult]:
+        """:meth:`_score_locally`'s answers to the rows ``places`` of one forwarded micro-batch (``out``: its logits,
+        or hidden states and head), their positions scored together; ``--teacher_scores_samples`` draws row by row."""
+        if not places:
+            return []
+        at = [(torch.full_like(positions, row), positions) for _, row, positions in places]
+        row_of = torch.cat([r for r, _ in at]).to(ids.device)
+        where = torch.cat([p for _, p in at]).to(ids.device)
+        nxt = ids[row_of, where + 1]
+        if self._fused:
+            hidden, (weight, bias) = out
+            rows = hidden[row_of, where]
+            top_ids, top_lps, target = topk_from_hidden(rows, weight, bias, self.gkd_logits_topk, head_rows(student),
+                                                        tokens=nxt)
+        else:
+            rows = out[row_of, where]
+            top_ids, top_lps = topk_of_logits(rows, self.gkd_logits_topk)
+            target = token_logprobs(rows, nxt)
+        counts = [len(p) for _, p in at]
+        answers = []
+        for rows_i, ids_i, lps_i, target_i in zip(*(x.split(counts) for x in (rows, top_ids, top_lps, target))):
+            samples = entropy = None
+            if self._samples_to_draw():  # --teacher_scores_samples (teacher/store.py)
+                samples, entropy = self._draw_from_teacher(rows_i, (weight, bias) if self._fused else None)
+            answers.append(TopKResult(ids=ids_i, logprobs=lps_i, target_logprobs=target_i.float(), samples=samples,
+                                      entropy=entropy))
+        return answers
 
     def _log_teacher_metrics(self, names, routing, results) -> None:
         """Per tag-routed teacher: ``gkd/<name>/teacher_logprob``, the mean log-prob it gives the tokens trained on

@@ -47,12 +47,13 @@ class TeacherStoreMixin:
                            else 'a row missing from it is scored by the teacher'))
         if args.save_teacher_scores:
             self._store_writer = StoreWriter(args.save_teacher_scores, self._store_identity(),
-                                             rank=self.accelerator.process_index)
+                                             rank=self.accelerator.process_index, background=True)
             logger.info(f'swift_gkd_plugin: keeping the teacher\'s top-{self.gkd_logits_topk} in '
                         f'{args.save_teacher_scores} ({args.teacher_scores_dtype})')
         # --teacher_scores_samples on a store read: the loss is the sampled estimator (step/loss.py, dense)
         self._train_on_samples = bool(args.teacher_scores and args.teacher_scores_samples)
-        self._score_progress = {'rows': 0, 'tokens': 0, 'found': 0, 'again': 0, 'started': None, 'said': 0.0}
+        self._score_progress = {'rows': 0, 'tokens': 0, 'found': 0, 'again': 0, 'started': None, 'said': 0.0,
+                                'positions': 0, 'padding': 0}
         if args.gkd_score_only:
             self._nothing_learnt.armed = False  # nothing is trained, by design
 
@@ -185,6 +186,13 @@ class TeacherStoreMixin:
             return rows.new_zeros((0, n), dtype=torch.long), rows.new_zeros(0, dtype=torch.float32)
         return torch.cat(samples), torch.cat(entropies).float()
 
+    def _note_forwarded(self, inputs) -> None:
+        """A score-only run's count of the positions its teacher forwarded, and of those that were padding."""
+        mask = inputs.get('attention_mask')
+        if mask is not None and mask.dim() == 2:
+            self._score_progress['positions'] += mask.numel()
+            self._score_progress['padding'] += mask.numel() - int(mask.sum())
+
     def _flush_teacher_scores(self) -> None:
         """Write what this rank buffered as a shard (at a checkpoint, at the end of training)."""
         if getattr(self, '_store_writer', None) is not None:
@@ -226,7 +234,11 @@ class TeacherStoreMixin:
         logger.info(f'swift-gkd score: {"done, " if done else ""}rank {self.accelerator.process_index}: {p["rows"]} '
                     f'rows / {p["tokens"]} tokens scored ({p["tokens"] / spent:.0f} tokens/s), {p["found"]} found in '
                     f'the store already, step {steps}/{total}' + ('' if done else f', ETA {eta:.0f}s')
-                    + (f' ({p["again"]} rows repeated to fill the last batch)' if p['again'] else ''))
+                    + (f' ({p["again"]} rows repeated to fill the last batch)' if p['again'] else '')
+                    + (f'; padding {p["padding"] / p["positions"]:.0%} of the {p["positions"]} positions forwarded'
+                       + (' (rows batched by length)' if getattr(self, '_rows_by_length', False) else
+                          ' (rows in dataset order)')
+                       if p['positions'] else ''))
 
     def training_step(self, model, inputs, *args, **kwargs):
         """``--gkd_score_only``: :meth:`_score_only_step`; otherwise the training step."""
