@@ -363,6 +363,8 @@ def test_a_killed_score_resumes_keeping_its_finished_shards(tiny_ws, tmp_path):
     (dict(save_teacher_scores='NEW', gkd_cross_tokenizer='uld', gkd_logits_topk=None, teacher_model='OTHER'),
      'a store keeps the teacher\'s top-k over'),
     (dict(gkd_score_only='true'), '--gkd_score_only true needs --save_teacher_scores'),
+    # issue 90: ms-swift's flag, honoured by swift-gkd score's sampler; GKD training's seeded order would ignore it
+    (dict(group_by_length='true'), '--group_by_length true batches rows by length in swift-gkd score'),
     # issue 89: a folder that cannot be written, before loading (a traceback after it, or after the whole training)
     (dict(save_teacher_scores='FILE/store'), '--save_teacher_scores FILE/store: FILE is a file, not a folder'),
     # (sysfs: nothing can be made there, by root either, as in a read-only store or mount; chmod binds no root)

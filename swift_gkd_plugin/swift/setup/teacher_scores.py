@@ -92,6 +92,10 @@ def check_teacher_scores(args) -> None:
     if args.gkd_score_only and not args.save_teacher_scores:
         raise FlagError('--gkd_score_only true needs --save_teacher_scores DIR (the store it writes): run '
                         '`swift-gkd score`')
+    if getattr(args, 'group_by_length', False) and not args.gkd_score_only:
+        raise FlagError('--group_by_length true batches rows by length in swift-gkd score (--gkd_score_only true) '
+                        'only: training draws its rows in a seeded order of generation batches (a resume replays '
+                        'it); pass --group_by_length false')
     samples = args.teacher_scores_samples
     if samples and not flags:
         raise FlagError(f'--teacher_scores_samples {samples} draws tokens for a teacher-score store or trains on a '
