@@ -155,22 +155,34 @@ def test_score_writes_a_store_that_covers_the_dataset(runs, tiny_ws):
 GOLDEN = os.path.join(os.path.dirname(__file__), 'golden', 'score_store_crc32.json')
 
 
+def cpu_isa() -> str:
+    """The CPU's AVX-512 and AMX extensions (``/proc/cpuinfo``): a microarchitecture's float32 kernels may sum in
+    another order than another's, so the golden bytes hold where these are the golden file's."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            flags = next(line for line in f if line.startswith('flags')).split(':', 1)[1].split()
+    except (OSError, StopIteration):
+        return ''
+    return ' '.join(sorted(x for x in flags if x.startswith(('avx512', 'amx'))))
+
+
 def test_the_score_loop_writes_the_bytes_it_wrote_before_issue_90(runs, tiny_ws):
     """Issue 90: swift-gkd score loads its model bare (--tuner_type full), forwards under inference_mode, takes each
     batch's top-k and next-token log-probs in one pass of the head, and encodes the store off the forward's thread;
     its store holds the same keys and payload bytes (crc32) as the loop before those changes wrote for the same rows
     and batches (the tiny rows are of one length: batched by length they are in dataset order). The golden file was
-    written by commit 25d495c on torch 2.13's CPU kernels; other kernels may round otherwise, and are skipped."""
+    written by commit 25d495c on torch 2.13's AVX-512 CPU kernels of one microarchitecture; other kernels may round
+    otherwise, and are skipped."""
     assert '--tuner_type' in (argv := score_argv(tiny_ws, 'x')) and argv[argv.index('--tuner_type') + 1] == 'full'
     run = runs['score']
     assert run.returncode == 0, run.output[-4000:]
     assert 'tuner_type=full' in run.output and 'padding 0% of the 1280 positions forwarded' in run.output
     with open(GOLDEN) as f:
         golden = json.load(f)
-    here = (torch.__version__.split('+')[0], torch.backends.cpu.get_cpu_capability())
-    if here != (golden['torch'], golden['cpu_capability']):
+    here = (torch.__version__.split('+')[0], torch.backends.cpu.get_cpu_capability(), cpu_isa())
+    if here != (golden['torch'], golden['cpu_capability'], golden['cpu_isa']):
         pytest.skip(f'the golden store was written with torch {golden["torch"]} on {golden["cpu_capability"]} '
-                    f'kernels; this is torch {here[0]} on {here[1]}')
+                    f'kernels ({golden["cpu_isa"]}); this is torch {here[0]} on {here[1]} ({here[2]})')
     crc = {}
     for path in glob.glob(os.path.join(run.output_dir, 'shards', '*.safetensors')):
         with safe_open(path, 'pt') as h:
