@@ -341,9 +341,10 @@ class TeacherMixin:
                 ids = inputs['input_ids']
                 with no_grad(), self.compute_loss_context_manager(), whole_sequences():  # (whole rows)
                     out = self._teacher_forward(model, inputs, hidden=self._fused)
-                    if self.args.gkd_score_only:
-                        self._note_forwarded(inputs)  # (its padding share, in the progress line: teacher/store.py)
-                    mine = [where for where, (pb, _, _) in enumerate(places) if pb == b]
+                if self.args.gkd_score_only:
+                    self._note_forwarded(inputs)  # (its padding share, in the progress line: teacher/store.py)
+                mine = [where for where, (pb, _, _) in enumerate(places) if pb == b]
+                with no_grad():  # (the head in its own dtype: outside the forward's autocast, as the fused loss's)
                     answers.update(zip(mine, self._score_rows(out, ids, [places[i] for i in mine], student)))
         return [answers[i] for i in range(len(places))]
 
