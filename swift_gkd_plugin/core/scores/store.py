@@ -267,10 +267,11 @@ class StoreWriter:
     def get(self, key: str) -> Optional[RowScores]:
         """A row this folder holds or this writer buffered, else None: a later epoch reuses what an earlier one
         scored."""
-        if bytes.fromhex(key) in self._queued:
+        raw = bytes.fromhex(key)
+        if raw in self._queued:
             self._drain()
         with self._lock:
-            at = self._pending.get(bytes.fromhex(key))
+            at = self._pending.get(raw)
             if at is not None:
                 identity = self.identity
                 return decode_row(self._payloads[at], self._tokens[at], identity.topk, identity.samples, self.dtype)
@@ -298,9 +299,10 @@ class StoreWriter:
 
     def _append(self, key: str, scores: RowScores) -> None:
         payload = encode_row(scores, self.identity.topk, self.identity.samples, self.dtype)
+        raw = bytes.fromhex(key)
         with self._lock:
-            self._pending[bytes.fromhex(key)] = len(self._keys)
-            self._keys.append(bytes.fromhex(key))
+            self._pending[raw] = len(self._keys)
+            self._keys.append(raw)
             self._tokens.append(scores.num_tokens)
             self._payloads.append(payload)
             self._size += len(payload)
