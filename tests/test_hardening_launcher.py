@@ -175,3 +175,24 @@ def test_the_cpu_fp16_condition_is_deepspeeds():
     from swift_gkd_plugin.swift.setup.command_line import cpu_fp16_supported
     assert get_accelerator().device_name() == 'cpu'
     assert cpu_fp16_supported() == bool(get_accelerator().is_fp16_supported())
+
+
+def test_a_run_stopped_mid_progress_bar_prints_its_error_on_a_line_of_its_own(capsys):
+    """A run stopped during training (``refuse(..., code=1)``) while the trainer's tqdm bar sits mid-line after a
+    ``\\r`` refresh: the bar is ended first, so ``^swift rlhf: error:`` finds the line (CI once saw it glued to
+    ``Train:   1%| 3/500``)."""
+    import sys
+
+    from tqdm import tqdm
+
+    from swift_gkd_plugin.swift.setup.command_line import PROG, refuse
+    bar = tqdm(total=500, desc='Train', file=sys.stderr)
+    bar.update(3)
+    bar.refresh()  # the line as the trainer leaves it: `\rTrain:   1%| 3/500 ...`, no newline
+    with pytest.raises(SystemExit) as stop:
+        refuse(PROG, 'the teacher server failed during step 4', code=1)
+    err = capsys.readouterr().err
+    assert stop.value.code == 1
+    assert 'Train' in err and '3/500' in err, err
+    errors = [line for line in err.splitlines() if line.startswith('swift rlhf: error:')]
+    assert errors == ['swift rlhf: error: the teacher server failed during step 4'], repr(err)

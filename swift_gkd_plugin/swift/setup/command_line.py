@@ -24,11 +24,21 @@ def refuse(prog: str, message, code: int = 2) -> NoReturn:
     """Print ``prog: error: message`` (one line) and exit with ``code``: 2 (as argparse does) for a refused command
     line, 1 for a run stopped later. Under the launcher's torchrun only the first rank to refuse prints it, and
     torchrun exits with ``code`` without its own report (:mod:`swift_gkd_plugin.runtime.process_exit`)."""
+    _end_progress_bars()
     sys.stdout.flush()
     if record_refusal(code, f'{prog}: error: {message}'):
         sys.stderr.write(f'{prog}: error: {message}\n')
         sys.stderr.flush()
     sys.exit(code)
+
+
+def _end_progress_bars() -> None:
+    """Close the open tqdm bars (the trainer's ``Train:`` bar, left mid-line by its last ``\\r`` refresh), so that
+    the ``error:`` line starts a line of its own: users and scripts find it with ``grep '^swift rlhf: error:'``."""
+    tqdm = sys.modules.get('tqdm')
+    for bar in list(getattr(getattr(tqdm, 'tqdm', None), '_instances', ())):
+        with contextlib.suppress(Exception):
+            bar.close()
 
 
 def _parser(args_class):
