@@ -111,7 +111,8 @@ def main(argv=None) -> int:
     a, b = result['in_order'], result['by_length']
     print(f'score_loop: {args.setting} ({ws["teacher_parameters"] / 1e6:.0f}M teacher), {args.rows} rows, '
           f'{a["tokens"]} tokens, batch {args.batch}, float32: swift-gkd score by length (its default) '
-          f'{b["loop_tokens_per_s"]:.0f} tokens/s ({b["loop_s"]:.1f} s, forwards {b["loop_forward_s"]:.1f} s), bare '
+          f'{b["loop_tokens_per_s"]:.0f} tokens/s ({b["loop_s"]:.1f} s, forwards {b["loop_forward_s"]:.1f} s, the store '
+          f'writer thread {b["writer_cpu_s"]:.1f} s of CPU beside them), bare '
           f'forward + top-k over its batches {b["bare_tokens_per_s"]:.0f} ({b["bare_s"]:.1f} s): {b["ratio"]:.2f}x, '
           f'padding {b["padding_share"]:.0%}; in dataset order (--group_by_length false) {a["loop_tokens_per_s"]:.0f} '
           f'tokens/s ({a["loop_s"]:.1f} s), bare {a["bare_tokens_per_s"]:.0f}: {a["ratio"]:.2f}x, padding '
@@ -146,6 +147,7 @@ def one_order(args, ws, data, model, order: str, group_by_length: str) -> dict:
         'batches': len(batches), 'tokens': tokens,
         'row_tokens': sorted(int(b['attention_mask'][r].sum()) for b in batches for r in range(len(b['input_ids']))),
         'loop_s': runtime, 'loop_forward_s': sum(forward_s), 'loop_tokens_per_s': tokens / runtime,
+        'writer_cpu_s': recorded.get('writer_cpu_s'),
         'bare_s': bare_s, 'bare_tokens_per_s': tokens / bare_s, 'ratio': bare_s / runtime,
         'padding_share': padding_share(batches), 'loop_rss_bytes': loop['rss_bytes'],
         'bare_rss_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
