@@ -147,7 +147,7 @@ def one_order(args, ws, data, model, order: str, group_by_length: str) -> dict:
         'batches': len(batches), 'tokens': tokens,
         'row_tokens': sorted(int(b['attention_mask'][r].sum()) for b in batches for r in range(len(b['input_ids']))),
         'loop_s': runtime, 'loop_forward_s': sum(forward_s), 'loop_tokens_per_s': tokens / runtime,
-        'writer_cpu_s': recorded.get('writer_cpu_s'),
+        'writer_cpu_s': recorded['writer_cpu_s'],
         'bare_s': bare_s, 'bare_tokens_per_s': tokens / bare_s, 'ratio': bare_s / runtime,
         'padding_share': padding_share(batches), 'loop_rss_bytes': loop['rss_bytes'],
         'bare_rss_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,

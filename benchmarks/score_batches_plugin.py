@@ -36,7 +36,8 @@ def _recorded_forward(self, model, teacher_inputs, *args, **kwargs):
 @functools.wraps(_finish)
 def _finish_and_save(self, *args, **kwargs):
     result = _finish(self, *args, **kwargs)
-    torch.save({'batches': _batches, 'forward_s': _seconds, 'writer_cpu_s': _writer_cpu[0]}, os.environ['BENCH_SCORE_BATCHES'])
+    torch.save({'batches': _batches, 'forward_s': _seconds, 'writer_cpu_s': _writer_cpu[0]},
+               os.environ['BENCH_SCORE_BATCHES'])
     return result
 
 

@@ -17,6 +17,7 @@ import torch
 from swift_gkd_plugin.swift.trainer import GKDPluginTrainer
 
 _forward = GKDPluginTrainer._teacher_forward
+_DIRECT_FIRST = os.environ.get('SCORE_PROBE_ORDER') == 'direct'
 _seconds = {'loop': 0.0, 'direct': 0.0, 'direct_base': 0.0, 'batches': 0}
 
 
@@ -37,10 +38,10 @@ def _probed_forward(self, model, teacher_inputs, *args, **kwargs):
             _timed('direct', lambda: unwrapped(**inputs))
             _timed('direct_base', lambda: getattr(unwrapped, 'model', unwrapped)(**inputs))
 
-    if os.environ.get('SCORE_PROBE_ORDER') == 'direct':
+    if _DIRECT_FIRST:
         direct()
     out = _timed('loop', lambda: _forward(self, model, teacher_inputs, *args, **kwargs))
-    if os.environ.get('SCORE_PROBE_ORDER') != 'direct':
+    if not _DIRECT_FIRST:
         direct()
     _seconds['batches'] += 1
     if _seconds['batches'] % 8 == 0:
