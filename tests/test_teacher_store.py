@@ -61,9 +61,11 @@ def runs(tiny_ws, shared_runs):
         'score_by_length': lambda out: mixed_score(tiny_ws, out, 'true'),
         # the score's store alone (it covers every row: --teacher_model is given and not loaded)
         'from_score': lambda out: after('score', lambda: train(out, teacher_scores=runs_dir(out, 'score'), **EVAL)),
-        # the live run's store (the first 8 rows), with the teacher for anything missing
-        'from_live': lambda out: after('live', lambda: train(
-            out, teacher_scores=os.path.join(runs_dir(out, 'live'), 'store'))),
+        # the live run's store (the first 8 rows), with the teacher for anything missing, named by a hub id (a hub
+        # cache that holds it, offline): its weights are compared with the store's once downloaded and loaded
+        'from_live': lambda out: after('live', lambda: run_swift(base_args(tiny_ws, out, **dict(
+            OFF_POLICY, teacher_scores=os.path.join(runs_dir(out, 'live'), 'store'), teacher_model=HUB_TEACHER)),
+            env=hub_cache(os.path.join(out, 'hub'), HUB_TEACHER, tiny_ws.teacher))),
         # two ranks holding half of every row (sequence parallelism), the score's store alone, no teacher flag
         'two_ranks': lambda out: after('score', lambda: run_swift(base_args(tiny_ws, out, **dict(
             OFF_POLICY, teacher_scores=runs_dir(out, 'score'), teacher_model=None, teacher_model_type=None,
@@ -102,6 +104,24 @@ def runs(tiny_ws, shared_runs):
         return start()
 
     return shared
+
+
+HUB_TEACHER = 'tiny-org/teacher'  # a hub id, resolved from a hub cache made by hub_cache (the tests run offline)
+
+
+def hub_cache(root: str, repo: str, model_dir: str) -> dict:
+    """A Hugging Face hub cache at ``root`` whose ``repo`` (revision main) holds ``model_dir``'s files, as
+    ``huggingface_hub`` lays out a download (a snapshot of links to the files); the environment of a run that finds
+    ``repo`` there, offline."""
+    snapshot = os.path.join(root, 'models--' + repo.replace('/', '--'), 'snapshots', '0' * 40)
+    os.makedirs(snapshot, exist_ok=True)
+    for name in os.listdir(model_dir):
+        if not os.path.lexists(os.path.join(snapshot, name)):
+            os.symlink(os.path.join(os.path.abspath(model_dir), name), os.path.join(snapshot, name))
+    os.makedirs(os.path.join(os.path.dirname(os.path.dirname(snapshot)), 'refs'), exist_ok=True)
+    with open(os.path.join(os.path.dirname(os.path.dirname(snapshot)), 'refs', 'main'), 'w') as f:
+        f.write('0' * 40)
+    return {'HF_HUB_CACHE': root}
 
 
 def mixed_rows(train: str, out: str, rows: int = 24) -> str:
@@ -232,6 +252,8 @@ def test_a_store_written_while_training_is_read_by_the_next_run(runs):
     store = TeacherStore(os.path.join(live.output_dir, 'store'))
     assert len(store) == 8 and store.identity.dtype == 'float32'  # 4 steps of 2 rows
     assert 'a row missing from it is scored by the teacher' in again.output
+    # the hub id's weights, checked once loaded (the launcher cannot: it downloads no weights)
+    assert f'--teacher_model {HUB_TEACHER} has the weights that scored --teacher_scores' in again.output
     for a, b in zip(again.logs, live.logs):
         assert a['gkd/teacher_store_rows'] == 1.0  # the same rows, in the same order: every one found
         assert a['loss'] == pytest.approx(b['loss'], rel=1e-6)
@@ -425,10 +447,11 @@ def changed_in_one_middle_tensor(model_dir: str, out: str) -> str:
     return out
 
 
-def test_a_teacher_changed_in_one_middle_tensor_is_refused_before_loading(runs, tiny_ws, tmp_path):
+def test_a_teacher_changed_in_one_middle_tensor_is_refused_before_loading_or_once_downloaded(runs, tiny_ws, tmp_path):
     """Issue 89: the fingerprint read three 64 KiB windows of each weight file, so a teacher changed in one middle
     tensor passed as the store's (a covering store then trained on the other teacher's scores, exit 0). Every byte
-    is hashed now; a file's hash is cached by its identity, so the second look reads nothing."""
+    is hashed now; a file's hash is cached by its identity, so the second look reads nothing. A hub id was not
+    compared at all (no weights before the download): the trainer compares the loaded teacher's folder."""
     from swift_gkd_plugin.core.scores.store import (FULL_HASH, same_weights, sampled_weights_fingerprint,
                                                     weights_fingerprint)
     assert runs['score'].returncode == 0
@@ -442,6 +465,17 @@ def test_a_teacher_changed_in_one_middle_tensor_is_refused_before_loading(runs, 
     assert run.returncode == 2, run.output[-3000:]
     assert 'was scored by another teacher' in run.output and f'--teacher_model {changed}' in run.output
     assert 'Traceback' not in run.output and 'model_info' not in run.output
+    # the same teacher named by a hub id (the launcher gets its config, not its weights): refused once loaded, before
+    # step 1, in one line naming the folder the hub gave
+    cache = str(tmp_path / 'hub')
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out_hub'), **dict(
+        OFF_POLICY, teacher_scores=runs['score'].output_dir, teacher_model=HUB_TEACHER)),
+        env=hub_cache(cache, HUB_TEACHER, changed), check=False)
+    errors = [line for line in run.output.splitlines() if line.startswith('swift rlhf: error: ')]
+    assert run.returncode == 1 and len(errors) == 1, run.output[-3000:]
+    assert 'was scored by another teacher' in errors[0] and f'than --teacher_model {HUB_TEACHER} (loaded from ' \
+        f'{cache}' in errors[0], errors[0]
+    assert 'Traceback' not in run.output and not run.logs  # no step ran
 
 
 def test_the_weights_fingerprint_reads_a_file_once_per_identity(tiny_ws, tmp_path, monkeypatch):

@@ -123,21 +123,24 @@ def on_rlhf_pipeline_imported(module) -> None:
 
 def on_megatron_cli_imported(module) -> None:
     """The ``megatron`` launcher: refuse a bad ``megatron rlhf --rlhf_type gkd`` command line before any rank starts
-    (and so before CUDA, transformer-engine or a model is touched)."""
+    (and so before CUDA, transformer-engine or a model is touched); a run the ranks stop is one line and its exit
+    code, without torchrun's report (:func:`swift_gkd_plugin.runtime.process_exit.refusal_file`)."""
     original = module.cli_main
     if getattr(original, '_swift_gkd_plugin', False):
         return
 
     def cli_main():
         argv = sys.argv[1:]
-        if argv and argv[0] == 'rlhf':
-            from swift_gkd_plugin.megatron.setup.checks import check_megatron_command_line
-            try:
-                check_megatron_command_line(argv[1:])
-            except ValueError as exc:
-                sys.stderr.write(f'megatron rlhf: error: {exc}\n')
-                sys.exit(2)
-        return original()
+        if not argv or argv[0] != 'rlhf':
+            return original()
+        from swift_gkd_plugin.megatron.setup.checks import check_megatron_command_line
+        try:
+            check_megatron_command_line(argv[1:])
+        except ValueError as exc:
+            sys.stderr.write(f'megatron rlhf: error: {exc}\n')
+            sys.exit(2)
+        with refusal_file():
+            return original()
 
     cli_main._swift_gkd_plugin = True
     module.cli_main = cli_main

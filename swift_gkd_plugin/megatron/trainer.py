@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import sys
 from contextlib import contextmanager, nullcontext
 from typing import Dict, List, Optional
 
@@ -42,8 +41,10 @@ from swift_gkd_plugin.core.guards.same_weights import (copy_of_the_student, copy
 from swift_gkd_plugin.core.weights.lora_round_trip import BaseWeightsKeeper, adapter_tensors_copied
 from swift_gkd_plugin.core.modes import DATA_SOURCES, mode_log_path, sampling_seed, step_mode
 from swift_gkd_plugin.core.views import prepare_teacher_view
-from swift_gkd_plugin.options.flags import rollout_max_tokens, sampling_temperature
+from swift_gkd_plugin.options.flags import FlagError, rollout_max_tokens, sampling_temperature
+from swift_gkd_plugin.runtime.process_exit import refuse
 from swift_gkd_plugin.megatron.rollout.generation import generate
+from swift_gkd_plugin.megatron.setup.teacher_scores import check_loaded_teacher
 from swift_gkd_plugin.megatron.step.loss import (check_views_split_alike, defer_teacher, entropies_on_shards,
                                                  fill_deferred_teacher, gkd_loss_on_shards, shard_vocab_start,
                                                  teacher_on_demand, teacher_topk_logprobs,
@@ -423,18 +424,15 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
         self._first_step = int(self.state.iteration)
         self._steps_without_learning = 0
         try:
+            if self._teacher_store is not None and not self.use_teacher_api and self._store_can_score():
+                check_loaded_teacher(self.args, self._teacher_store.store)  # (not the store's: stops here)
             super().train(train_dataset, val_dataset)
-        except TeacherRowMissing as exc:  # one line, exit code 1 (each model-parallel group's first rank says it)
+        except (TeacherRowMissing, FlagError) as exc:  # one line, exit code 1, without torchrun's report
             for callback in self.callbacks:  # the steps logged so far stay readable (TensorBoard flushes every 120 s)
                 writer = getattr(callback, 'writer', None)
                 if writer is not None and hasattr(writer, 'flush'):
                     writer.flush()
-            sys.stdout.flush()
-            if (mpu.get_tensor_model_parallel_rank() == 0 and mpu.get_context_parallel_rank() == 0
-                    and mpu.get_pipeline_model_parallel_rank() == 0):
-                sys.stderr.write(f'megatron rlhf: error: {exc}\n')
-                sys.stderr.flush()
-            sys.exit(1)
+            refuse('megatron rlhf', exc, code=1)  # (under the launcher: printed by the first rank to refuse)
         self._shut_down_colocated_engine()
         trained = int(self.state.iteration) - self._first_step
         if trained == 0 or self._steps_without_learning == trained:

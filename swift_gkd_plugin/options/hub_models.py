@@ -1,11 +1,11 @@
 """A ``--model`` / ``--teacher_model`` value that is no local folder and that the hub did not give: one line naming
 the flag, the value and why (the hub cannot be reached: an offline variable set, no network; or the hub's own
 error). ms-swift downloads from ModelScope, or from the Hugging Face Hub with ``--use_hf true`` / ``USE_HF=1``; a
-``--model`` hub id offline was a 107-line traceback. No ms-swift import."""
+``--model`` hub id offline was a 107-line traceback. ms-swift is imported inside :func:`model_dir_of` only."""
 from __future__ import annotations
 
 import os
-from typing import List
+from typing import List, Optional
 
 from swift_gkd_plugin.options.flags import FlagError
 
@@ -50,3 +50,19 @@ def hub_lookup_failed(flag: str, model_id: str, exc: BaseException, args) -> Fla
     first = (str(exc).strip().splitlines() or [''])[0]
     return FlagError(f'{flag} {model_id!r} cannot be found: not a local directory, and the hub lookup failed '
                      f'({type(exc).__name__}: {first})')
+
+
+def model_dir_of(flag: str, model_id: str, revision: Optional[str], args) -> str:
+    """A local directory for ``model_id`` (a path, or a hub id: its config and tokenizer fetched, never its weights),
+    or a :class:`FlagError` that names ``flag``."""
+    path = os.path.abspath(os.path.expanduser(model_id))
+    if os.path.isdir(path):
+        return path
+    if model_id.startswith(('/', './', '../', '~')) or os.path.exists(path):
+        raise FlagError(f'{flag} {model_id!r}: no such model directory')
+    from swift.utils import safe_snapshot_download
+    try:  # config and tokenizer files only, never the weights
+        return safe_snapshot_download(
+            model_id, revision=revision, download_model=False, use_hf=args.use_hf, hub_token=args.hub_token)
+    except Exception as exc:
+        raise hub_lookup_failed(flag, model_id, exc, args) from exc

@@ -17,14 +17,14 @@ import os
 from typing import List, Optional
 
 from swift_gkd_plugin.core.scores.media import PROCESSOR_FILES, processor_fingerprint
-from swift_gkd_plugin.core.scores.store import (StoreError, TeacherStore, file_sha256, read_manifest, identity_of,
-                                                same_weights, tokenizer_fingerprint)
+from swift_gkd_plugin.core.scores.store import (StoreError, StoreIdentity, TeacherStore, file_sha256, identity_of,
+                                                read_manifest, tokenizer_fingerprint, weights_fingerprint)
 from swift_gkd_plugin.options.flags import FlagError
 
 logger = logging.getLogger('swift')  # ms-swift's logger, where ms-swift has set it up
 
 __all__ = ['samples', 'model_tokenizer_fingerprint', 'file_sha256', 'encoding', 'dataset_files', 'covers',
-           'check_store_fits']
+           'check_store_fits', 'check_store_teacher']
 
 
 def samples(args) -> bool:
@@ -96,6 +96,24 @@ def _canonical(found: dict) -> str:
     return json.dumps(found, sort_keys=True, default=str)
 
 
+def check_store_teacher(root: str, identity: StoreIdentity, teacher: str, teacher_dir: Optional[str],
+                        flag: str = '--teacher_scores') -> bool:
+    """Refuses (:class:`FlagError`) reading the store at ``root`` beside a local teacher whose weights
+    (``teacher_dir``'s files) are not those the store's ``teacher_hash`` fingerprinted: the run would train on two
+    teachers' answers. ``teacher``: how the run names it (``--teacher_model ID``). Returns whether the weights were
+    compared: not where the store keeps no fingerprint (a served teacher scored it) or ``teacher_dir`` holds no
+    weight file (a hub id before its download; the trainer checks once the teacher is loaded)."""
+    found = weights_fingerprint(teacher_dir, like=identity.teacher_hash) if identity.teacher_hash and teacher_dir else ''
+    if not found:
+        return False
+    if found != identity.teacher_hash:
+        where = '' if teacher_dir in teacher else f' (loaded from {teacher_dir})'
+        raise FlagError(f'{flag} {root} was scored by another teacher ({identity.teacher}) than {teacher}{where}: '
+                        'their weights differ, and the store and the teacher would give two teachers\' answers in one '
+                        'run. Pass the store\'s teacher, or another store')
+    return True
+
+
 def check_store_fits(args, model_dir: Optional[str], root: Optional[str] = None, flag: str = '--teacher_scores',
                      writing: bool = False, reads_samples: bool = True) -> Optional[TeacherStore]:
     """Refuses (:class:`FlagError`, naming the flag) a store at ``root`` (``--teacher_scores``) that does not fit the
@@ -131,12 +149,8 @@ def check_store_fits(args, model_dir: Optional[str], root: Optional[str] = None,
         raise FlagError(f'{flag} {root} drew its samples at --temperature {identity.temperature}, this run uses '
                         f'{args.temperature}')
     teacher = getattr(args, 'teacher_model', None)
-    if teacher and identity.teacher_hash and not writing:
-        teacher_dir = teacher if os.path.isdir(teacher) else None
-        if teacher_dir and not same_weights(teacher_dir, identity.teacher_hash):
-            raise FlagError(f'{flag} {root} was scored by another teacher ({identity.teacher}) than --teacher_model '
-                            f'{teacher} (their weights differ): the store and the teacher would give '
-                            'two teachers\' answers in one run. Pass the store\'s teacher, or another store')
+    if teacher and not writing and os.path.isdir(teacher):  # (a hub id: checked once loaded, by the trainer)
+        check_store_teacher(root, identity, f'--teacher_model {teacher}', teacher, flag)
     processor = processor_fingerprint(model_dir) if model_dir and os.path.isdir(model_dir) else None
     if processor is not None and processor != identity.processor:
         raise FlagError(f'{flag} {root} was scored with other processor settings than --model {args.model}\'s ('

@@ -11,14 +11,15 @@ The process that ms-swift's ``swift`` / ``megatron`` launcher starts exits with 
 (:func:`exit_with_launcher`): the launcher waits on its child without forwarding signals, so a SIGTERM to it (a job
 scheduler, ``kill``) left the trainer running as an orphan, holding its GPUs.
 
-A ``swift rlhf`` refusal in torchrun's ranks is one line and the refusal's exit code: the first rank to refuse prints
-it and records it (:func:`record_refusal`) in the file the launcher names (:func:`refusal_file`), and torchrun, which
+A ``swift rlhf`` or ``megatron rlhf`` refusal in torchrun's ranks (:func:`refuse`) is one line and the refusal's exit
+code: the first rank to refuse prints it and records it (:func:`record_refusal`) in the file the launcher names (:func:`refusal_file`), and torchrun, which
 reads that file, leaves out its own report of the failed rank (:func:`quiet_torchrun_after_refusal`).
 """
 import contextlib
 import os
 import signal
 import sys
+from typing import NoReturn
 
 LAUNCHER_PID_ENV = 'SWIFT_GKD_PLUGIN_LAUNCHER_PID'  # set by the launcher (activation.on_swift_cli_imported)
 REFUSAL_FILE_ENV = 'SWIFT_GKD_PLUGIN_REFUSAL_FILE'  # set by the launcher for torchrun and its ranks (refusal_file)
@@ -104,6 +105,27 @@ def record_refusal(code: int, message: str) -> bool:
         with contextlib.suppress(OSError):
             os.remove(draft)
     return True
+
+
+def refuse(prog: str, message, code: int = 2) -> NoReturn:
+    """Print ``prog: error: message`` (one line) and exit with ``code``: 2 (as argparse does) for a refused command
+    line, 1 for a run stopped later (``swift rlhf`` and ``megatron rlhf`` alike). Under the launcher's torchrun only
+    the first rank to refuse prints it, and torchrun exits with ``code`` without its own report."""
+    _end_progress_bars()
+    sys.stdout.flush()
+    if record_refusal(code, f'{prog}: error: {message}'):
+        sys.stderr.write(f'{prog}: error: {message}\n')
+        sys.stderr.flush()
+    sys.exit(code)
+
+
+def _end_progress_bars() -> None:
+    """Close the open tqdm bars (the trainer's ``Train:`` bar, left mid-line by its last ``\\r`` refresh), so that
+    the ``error:`` line starts a line of its own: users and scripts find it with ``grep '^swift rlhf: error:'``."""
+    tqdm = sys.modules.get('tqdm')
+    for bar in list(getattr(getattr(tqdm, 'tqdm', None), '_instances', ())):
+        with contextlib.suppress(Exception):
+            bar.close()
 
 
 def refused_code(path: str):

@@ -68,6 +68,7 @@ class GKDPluginTrainer(TeacherStoreMixin, PrefetchMixin, LossMixin, RolloutMixin
         server that stayed unreachable or a rollout server that failed ends with its one ``swift rlhf: error:`` line and
         exit code 1, no traceback."""
         try:
+            self._check_store_teacher()  # teacher/store.py: a loaded teacher that is not the store's stops here
             result = super().train(*args, **kwargs)
             if self.args.gkd_score_only:
                 self._finish_score_only()  # teacher/store.py: the last shards, the datasets the store covers

@@ -22,7 +22,7 @@ from conftest import run_swift
 from megatron_runs import ACTIVE, megatron_args, run_megatron, train_rows
 from test_hardening_megatron import assert_refused, launch
 from test_launcher_checks import assert_passed_the_checks
-from test_teacher_store import SAMPLES, changed_in_one_middle_tensor, score_argv
+from test_teacher_store import HUB_TEACHER, SAMPLES, changed_in_one_middle_tensor, hub_cache, score_argv
 
 from swift_gkd_plugin.core.scores.store import StoreWriter, TeacherStore
 from swift_gkd_plugin.testing import tiny
@@ -82,9 +82,10 @@ def runs(tiny_ws, shared_runs, store):
         'alone': lambda out: run_megatron(megatron_args(
             tiny_ws, out, **FROM_STORE, teacher_scores=store, teacher_model=None, teacher_model_type=None,
             val_dataset=held_out(tiny_ws), eval_steps=STEPS, eval_iters=1), check=False, launcher=False),
+        # the teacher named by a hub id (a hub cache that holds it, offline): compared with the store's once loaded
         'mixed': lambda out: run_megatron(megatron_args(
-            tiny_ws, out, **FROM_STORE, teacher_scores=partial_store(store, out), context_parallel_size=2),
-            nproc=2),
+            tiny_ws, out, **FROM_STORE, teacher_scores=partial_store(store, out), context_parallel_size=2,
+            teacher_model=HUB_TEACHER), nproc=2, env=hub_cache(os.path.join(out, 'hub'), HUB_TEACHER, tiny_ws.teacher)),
     })
 
 
@@ -123,6 +124,24 @@ def test_the_teacher_scores_the_rows_a_partial_store_lacks(runs):
     assert run.returncode == 0 and ACTIVE in run.output, run.output[-4000:]
     assert 'a row missing from it is scored by the teacher' in run.output
     assert [r['gkd/teacher_store_rows'] for r in train_rows(run)] == PARTIAL_SHARES
+    # the hub id's weights, compared once loaded (the launcher gets its config, not its weights)
+    assert f'--teacher_model {HUB_TEACHER} has the weights that scored --teacher_scores' in run.output
+
+
+def test_a_hub_teacher_that_is_not_the_stores_stops_the_run_before_step_1(tiny_ws, store, tmp_path):
+    """``--teacher_model`` a hub id whose weights (downloaded with the model, after the launcher's checks) are the
+    store's teacher with one middle tensor changed: through the ``megatron`` launcher, one error line naming the
+    store, the id and the folder, exit code 1, no step, and no report of torchrun's."""
+    changed = changed_in_one_middle_tensor(tiny_ws.teacher, str(tmp_path / 'changed'))
+    cache = str(tmp_path / 'hub')
+    run = run_megatron(megatron_args(tiny_ws, str(tmp_path / 'out'), **FROM_STORE, teacher_scores=store,
+                                     teacher_model=HUB_TEACHER), env=hub_cache(cache, HUB_TEACHER, changed),
+                       check=False, launcher=True)
+    errors = [line for line in run.output.splitlines() if 'megatron rlhf: error: ' in line]
+    assert run.returncode == 1 and len(errors) == 1, run.output[-4000:]
+    assert (f'megatron rlhf: error: --teacher_scores {store} was scored by another teacher' in errors[0]
+            and f'than --teacher_model {HUB_TEACHER} (loaded from {cache}' in errors[0]), errors[0]
+    assert not train_rows(run) and 'Traceback' not in run.output
 
 
 def test_losses_from_the_store_are_the_live_teachers(runs):

@@ -13,7 +13,7 @@ from dataclasses import fields
 from typing import Optional
 
 from swift_gkd_plugin.options.flags import FlagError, GKDPluginArgumentsMixin
-from swift_gkd_plugin.options.teacher_scores import check_store_fits, covers, samples
+from swift_gkd_plugin.options.teacher_scores import check_store_fits, check_store_teacher, covers, samples
 
 logger = logging.getLogger('swift')  # ms-swift's logger, where ms-swift has set it up
 
@@ -108,3 +108,17 @@ def resolve_teacher_store(args) -> None:
                 f'finished `swift-gkd score` of these files and this encoding): --teacher_model {teacher} is not '
                 'loaded')
     args.teacher_model = args.teacher_model_dir = None
+
+
+def check_loaded_teacher(args, store) -> None:
+    """``--teacher_scores`` beside the local teacher the ranks loaded (``--teacher_model``, or the student's base with
+    its LoRA adapter off): its weights are those that scored ``store``, or :class:`FlagError` (the trainer stops before
+    step 1, as ``swift rlhf``'s). A hub id's weights exist only once downloaded: the launcher compared a local folder
+    only."""
+    if args.teacher_model_dir:
+        named, folder = f'--teacher_model {args.teacher_model}', args.teacher_model_dir
+    else:  # the student's base
+        named, folder = f'this run\'s teacher, the student\'s base {args.model_dir}', args.model_dir
+    if check_store_teacher(args.teacher_scores, store.identity, named, folder):
+        logger.info(f'swift_gkd_plugin: {named} has the weights that scored --teacher_scores {args.teacher_scores} '
+                    f'(their fingerprint {store.identity.teacher_hash})')

@@ -27,7 +27,7 @@ from swift_gkd_plugin.options.flags import (FlagError, GKDPluginArgumentsMixin, 
                                     ignored_flag_warnings, resolve_num_generations, sampling_temperature)
 from swift_gkd_plugin.options.backends import check_deepspeed, check_packing_attention
 from swift_gkd_plugin.options.flag_checks import check_ms_swift_values, check_training_length
-from swift_gkd_plugin.options.hub_models import hub_lookup_failed, hub_unreachable
+from swift_gkd_plugin.options.hub_models import hub_lookup_failed, hub_unreachable, model_dir_of
 from swift_gkd_plugin.runtime.ms_swift_state import grpo_num_generations, keep_teacher_messages_column
 from swift_gkd_plugin.swift.setup.checkpoints import check_resume_checkpoint
 from swift_gkd_plugin.swift.setup.compile_cost import torch_compile_warnings, zero3_lora_warnings
@@ -45,21 +45,6 @@ from swift_gkd_plugin.swift.setup.vllm import (check_async_generate, check_vllm_
 from swift_gkd_plugin.swift.setup.teacher_scores import check_teacher_scores, resolve_teacher_scores
 
 logger = get_logger()
-
-
-def model_dir_of(flag: str, model_id: str, revision: Optional[str], args) -> str:
-    """A local directory for ``model_id`` (a path or a hub id), or a ValueError that names ``flag``."""
-    path = os.path.abspath(os.path.expanduser(model_id))
-    if os.path.isdir(path):
-        return path
-    if model_id.startswith(('/', './', '../', '~')) or os.path.exists(path):
-        raise FlagError(f'{flag} {model_id!r}: no such model directory')
-    from swift.utils import safe_snapshot_download
-    try:  # config and tokenizer files only, never the weights
-        return safe_snapshot_download(
-            model_id, revision=revision, download_model=False, use_hf=args.use_hf, hub_token=args.hub_token)
-    except Exception as exc:
-        raise hub_lookup_failed(flag, model_id, exc, args) from exc
 
 
 @functools.lru_cache(maxsize=4)  # read by resolve_cross_tokenizer and check_teacher
@@ -582,8 +567,10 @@ class GKDPluginRLHFArguments(GKDPluginArgumentsMixin, RLHFArguments):
 @dataclass
 class GKDPluginConfig(GKDPluginArgumentsMixin, GKDConfig):
     """The trainer's configuration: ms-swift's ``GKDConfig`` plus the plugin's flags."""
-    # forwarded from the command line so that the trainer can load a teacher adapter on the shared base
+    # forwarded from the command line: the trainer loads a teacher adapter on the shared base, and names the teacher
+    # as the user did (a hub id, not the folder it was loaded from)
     teacher_adapters: List[str] = field(default_factory=list)
+    teacher_model: Optional[str] = None
     # ms-swift's GRPO flags that GKD + RL reads (ms-swift's GKDConfig does not declare them). Declaring
     # num_generations also makes ms-swift's generation-batch check refuse a generation_batch_size it does not divide.
     num_generations: int = 1

@@ -11,34 +11,13 @@ import json
 import os
 import sys
 from types import SimpleNamespace
-from typing import List, NoReturn, Optional
+from typing import List, Optional
 
 from swift_gkd_plugin.options import model_types, ms_swift_flag_table
 from swift_gkd_plugin.options.flags import FlagError
-from swift_gkd_plugin.runtime.process_exit import record_refusal
+from swift_gkd_plugin.runtime.process_exit import refuse  # noqa: F401 (the trainer and activation import it here)
 
 PROG = 'swift rlhf'
-
-
-def refuse(prog: str, message, code: int = 2) -> NoReturn:
-    """Print ``prog: error: message`` (one line) and exit with ``code``: 2 (as argparse does) for a refused command
-    line, 1 for a run stopped later. Under the launcher's torchrun only the first rank to refuse prints it, and
-    torchrun exits with ``code`` without its own report (:mod:`swift_gkd_plugin.runtime.process_exit`)."""
-    _end_progress_bars()
-    sys.stdout.flush()
-    if record_refusal(code, f'{prog}: error: {message}'):
-        sys.stderr.write(f'{prog}: error: {message}\n')
-        sys.stderr.flush()
-    sys.exit(code)
-
-
-def _end_progress_bars() -> None:
-    """Close the open tqdm bars (the trainer's ``Train:`` bar, left mid-line by its last ``\\r`` refresh), so that
-    the ``error:`` line starts a line of its own: users and scripts find it with ``grep '^swift rlhf: error:'``."""
-    tqdm = sys.modules.get('tqdm')
-    for bar in list(getattr(getattr(tqdm, 'tqdm', None), '_instances', ())):
-        with contextlib.suppress(Exception):
-            bar.close()
 
 
 def _parser(args_class):

@@ -20,6 +20,7 @@ from swift_gkd_plugin.core.scores.store import (MANIFEST, RowScores, StoreError,
                                                 TeacherStore, identity_of, read_manifest, row_key,
                                                 tokenizer_fingerprint, weights_fingerprint)
 from swift_gkd_plugin.core.topk import teacher_tail_logmass
+from swift_gkd_plugin.options.teacher_scores import check_store_teacher
 from swift_gkd_plugin.server.client import TopKResult
 from swift_gkd_plugin.swift.run.guards import RunError
 from swift_gkd_plugin.swift.step.hidden_states import head_rows
@@ -61,18 +62,37 @@ class TeacherStoreMixin:
         """A teacher that can score a row now: a served one, a local model, or the student's own base or adapter."""
         return bool(getattr(self, 'teacher_configs', None))
 
+    def _live_teacher(self) -> Tuple[str, Optional[str]]:
+        """The teacher that scores rows in this run: its name (as a store's manifest keeps it) and the folder of its
+        weights (None for a served one)."""
+        args = self.args
+        if self.teacher_model_server:  # served (and a routed local one): named by the flag
+            return self.teacher_model_server, None
+        if self.teacher_model is not None:
+            teacher_dir = getattr(self.accelerator.unwrap_model(self.teacher_model), 'model_dir', None)
+            return str(teacher_dir), teacher_dir
+        # the student's own module: its base (adapter off, or the teacher adapter), or itself (score-only)
+        teacher_dir = getattr(self.accelerator.unwrap_model(self.model), 'model_dir', None)
+        return str(teacher_dir) + (f' + {args.teacher_adapters[0]}' if args.teacher_adapters else ''), teacher_dir
+
+    def _check_store_teacher(self) -> None:
+        """``--teacher_scores`` beside a local teacher: the loaded teacher's weights are the store's teacher's, or
+        the run stops before step 1 (:class:`FlagError`). The launcher compares a local ``--teacher_model`` folder
+        before loading; a hub id's weights exist only once downloaded, and the student's base (``--teacher_model``
+        the ``--model`` of a LoRA run) is compared here too."""
+        if self._store is None or self._local_teacher is None:
+            return
+        name, teacher_dir = self._live_teacher()
+        named = (f'--teacher_model {self.args.teacher_model}' if self.teacher_model is not None
+                 else f'this run\'s teacher, the student\'s base {name}')
+        if check_store_teacher(self.args.teacher_scores, self._store.identity, named, teacher_dir):
+            logger.info(f'swift_gkd_plugin: {named} has the weights that scored --teacher_scores '
+                        f'{self.args.teacher_scores} (their fingerprint {self._store.identity.teacher_hash})')
+
     def _store_identity(self) -> StoreIdentity:
         """What scores this run keeps: the teacher, its weights' fingerprint, the tokenizer, template, k and dtype."""
         args = self.args
-        teacher_dir = None
-        if self.teacher_model_server:  # served (and a routed local one): named by the flag
-            name = self.teacher_model_server
-        elif self.teacher_model is not None:
-            teacher_dir = getattr(self.accelerator.unwrap_model(self.teacher_model), 'model_dir', None)
-            name = teacher_dir
-        else:  # the student's own module: its base (adapter off, or the teacher adapter), or itself (score-only)
-            teacher_dir = getattr(self.accelerator.unwrap_model(self.model), 'model_dir', None)
-            name = str(teacher_dir) + (f' + {args.teacher_adapters[0]}' if args.teacher_adapters else '')
+        name, teacher_dir = self._live_teacher()
         vocab = head_rows(self.accelerator.unwrap_model(self.model))  # (a ZeRO-3 shard's whole size too)
         like = ''  # a store being completed keeps its fingerprint's scheme (one written before the full one)
         if args.save_teacher_scores and os.path.exists(os.path.join(args.save_teacher_scores, MANIFEST)):
