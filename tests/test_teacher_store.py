@@ -478,6 +478,20 @@ def test_a_teacher_changed_in_one_middle_tensor_is_refused_before_loading_or_onc
     assert 'Traceback' not in run.output and not run.logs  # no step ran
 
 
+def test_a_lora_students_base_as_its_teacher_is_compared_with_the_stores_once_loaded(runs, tiny_ws, tmp_path):
+    """``--teacher_model`` the ``--model`` of a LoRA run: the teacher is the student's base, adapter off (ms-swift
+    clears ``--teacher_model`` before the checks), so only the trainer can compare it with the store's teacher."""
+    assert runs['score'].returncode == 0
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), **dict(
+        OFF_POLICY, teacher_scores=runs['score'].output_dir, teacher_model=tiny_ws.student, tuner_type='lora')),
+        check=False)
+    errors = [line for line in run.output.splitlines() if line.startswith('swift rlhf: error: ')]
+    assert run.returncode == 1 and len(errors) == 1, run.output[-3000:]
+    assert 'was scored by another teacher' in errors[0] and ("than this run's teacher, the student's base "
+                                                             f'{tiny_ws.student}') in errors[0], errors[0]
+    assert not run.logs
+
+
 def test_the_weights_fingerprint_reads_a_file_once_per_identity(tiny_ws, tmp_path, monkeypatch):
     """A file's SHA-256 is kept by its identity (path, size, mtime_ns, inode): read once; a file rewritten in place
     (a new mtime) is read again; an older store's sampled fingerprint is still compared by its own windows."""
