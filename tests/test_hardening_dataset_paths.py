@@ -47,13 +47,16 @@ def _rows(n: int, start: int = 0) -> list:
 
 
 def _write(path, rows) -> None:
-    """``rows`` as a jsonl, a JSON array or a query/response csv, by ``path``'s ending (gzip-compressed under
-    ``.gz``)."""
+    """``rows`` as a jsonl, a JSON array or a query/response csv, by ``path``'s ending (compressed under ``.gz`` and
+    ``.zst``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == '.gz':
+    if path.suffix in ('.gz', '.zst'):
         import gzip
+
+        import zstandard
+        compress = gzip.compress if path.suffix == '.gz' else zstandard.ZstdCompressor().compress
         _write(path.with_suffix(''), rows)
-        path.write_bytes(gzip.compress(path.with_suffix('').read_bytes()))
+        path.write_bytes(compress(path.with_suffix('').read_bytes()))
         path.with_suffix('').unlink()
     elif path.suffix == '.json':
         path.write_text(json.dumps(rows))
@@ -101,7 +104,7 @@ def test_the_files_of_a_folder_are_those_datasets_reads():
                {'x.jsonl': 4, '.cache/y.jsonl': 6, 'sub/z.jsonl': 2}, {'train.jsonl': 3, 'test.jsonl': 7},
                # issue 89 item 10: a README card's configs (its patterns are the folder's), compressed files
                {'README.md': CARD, 'rows/a.jsonl': 3, 'rows/b.jsonl.gz': 4, 'other/c.jsonl': 5},
-               {'a.jsonl.gz': 2, 'b.jsonl': 6}]
+               {'a.jsonl.gz': 2, 'b.jsonl': 6}, {'a.jsonl.zst': 3, 'b.jsonl': 2}]
     with tempfile.TemporaryDirectory() as tmp:
         for i, layout in enumerate(layouts):
             folder = os.path.join(tmp, f'd{i}')
@@ -132,19 +135,24 @@ def test_the_rows_of_a_folder_are_checked_as_a_file_s(tiny_ws, tmp_path):
 CARD = '---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: "rows/*"\n---\n# rows\n'
 
 
-def test_a_card_folder_and_its_compressed_rows_are_checked_as_datasets_reads_them(tiny_ws, tmp_path):
+@pytest.mark.parametrize('compression', ['gz', 'zst'])
+def test_a_card_folder_and_its_compressed_rows_are_checked_as_datasets_reads_them(tiny_ws, tmp_path, compression):
     """Issue 89 item 10: a folder whose README.md card lists ``configs`` was refused, its patterns resolved against the
     working directory (the message named a wrong path), and a bad row of its ``.jsonl.gz`` was dropped silently:
-    the card's files are the folder's, and the compressed file's rows are checked as any file's."""
+    the card's files are the folder's, and the compressed file's rows are checked as any file's (``.zst`` too:
+    zstandard is an ms-swift dependency; such a folder was left unchecked)."""
     import gzip
+
+    import zstandard
+    compress = {'gz': gzip.compress, 'zst': zstandard.ZstdCompressor().compress}[compression]
     folder = tmp_path / 'data'
     _write(folder / 'rows' / 'a.jsonl', _rows(4))
     bad = json.dumps(_rows(1)[0]) + '\n{"messages": [\n'
-    (folder / 'rows' / 'b.jsonl.gz').write_bytes(gzip.compress(bad.encode()))
+    (folder / 'rows' / f'b.jsonl.{compression}').write_bytes(compress(bad.encode()))
     (folder / 'README.md').write_text(CARD)
     run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), dataset=str(folder)), check=False, timeout=300)
-    assert_refused_in_one_line(run, [f'--dataset {os.path.realpath(folder / "rows" / "b.jsonl.gz")}: line 2 is not '
-                                     'valid JSON'])
+    assert_refused_in_one_line(run, [f'--dataset {os.path.realpath(folder / "rows" / f"b.jsonl.{compression}")}: '
+                                     'line 2 is not valid JSON'])
 
 
 @pytest.mark.parametrize('suffix', ['', '#4'])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import io
 import json
 import lzma
 import os
@@ -19,9 +20,17 @@ from swift_gkd_plugin.options.flags import FlagError
 from swift_gkd_plugin.options.local_paths import folder_files
 
 
+def _zstd_open(path: str, mode: str = 'rb', **kwargs):
+    """A ``.zst`` file (zstandard, an ms-swift dependency) opened as ``open`` would: line by line, in text too."""
+    import zstandard
+    raw = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, 'rb'), closefd=True))
+    return io.TextIOWrapper(raw, **kwargs) if 't' in mode else raw
+
+
 #: compressed text files of a folder, which ``datasets`` reads decompressed (a ``--dataset`` file of them is refused:
-#: ms-swift takes its last ending for the loader's name)
-COMPRESSIONS = {'.gz': gzip.open, '.bz2': bz2.open, '.xz': lzma.open}
+#: ms-swift takes its last ending for the loader's name); ``.lz4`` (read by ``datasets`` where the lz4 package is
+#: installed, not an ms-swift dependency) is left unchecked
+COMPRESSIONS = {'.gz': gzip.open, '.bz2': bz2.open, '.xz': lzma.open, '.zst': _zstd_open}
 #: the local files read here before loading (ms-swift reads them with the ``datasets`` loader of their ending)
 CHECKED_SUFFIXES = ('.jsonl', '.json', '.csv', '.parquet', '.arrow') + tuple(
     text + compression for text in ('.jsonl', '.json', '.csv') for compression in COMPRESSIONS)
