@@ -103,7 +103,9 @@ def check_store_teacher(root: str, identity: StoreIdentity, teacher: str, teache
     teachers' answers. ``teacher``: how the run names it (``--teacher_model ID``). Returns whether the weights were
     compared: not where the store keeps no fingerprint (a served teacher scored it) or ``teacher_dir`` holds no
     weight file (a hub id before its download; the trainer checks once the teacher is loaded)."""
-    found = weights_fingerprint(teacher_dir, like=identity.teacher_hash) if identity.teacher_hash and teacher_dir else ''
+    if not identity.teacher_hash or not teacher_dir:
+        return False
+    found = weights_fingerprint(teacher_dir, like=identity.teacher_hash)
     if not found:
         return False
     if found != identity.teacher_hash:

@@ -12,8 +12,9 @@ The process that ms-swift's ``swift`` / ``megatron`` launcher starts exits with 
 scheduler, ``kill``) left the trainer running as an orphan, holding its GPUs.
 
 A ``swift rlhf`` or ``megatron rlhf`` refusal in torchrun's ranks (:func:`refuse`) is one line and the refusal's exit
-code: the first rank to refuse prints it and records it (:func:`record_refusal`) in the file the launcher names (:func:`refusal_file`), and torchrun, which
-reads that file, leaves out its own report of the failed rank (:func:`quiet_torchrun_after_refusal`).
+code: the first rank to refuse prints it and records it (:func:`record_refusal`) in the file the launcher names
+(:func:`refusal_file`), and torchrun, which reads that file, leaves out its own report of the failed rank
+(:func:`quiet_torchrun_after_refusal`).
 """
 import contextlib
 import os

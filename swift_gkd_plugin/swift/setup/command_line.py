@@ -15,7 +15,7 @@ from typing import List, Optional
 
 from swift_gkd_plugin.options import model_types, ms_swift_flag_table
 from swift_gkd_plugin.options.flags import FlagError
-from swift_gkd_plugin.runtime.process_exit import refuse  # noqa: F401 (the trainer and activation import it here)
+from swift_gkd_plugin.runtime.process_exit import refuse
 
 PROG = 'swift rlhf'
 
