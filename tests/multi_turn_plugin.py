@@ -134,6 +134,10 @@ if _LOG:
     def _rows(t):
         return t.detach().cpu().tolist()
 
+    def _mask(model_inputs):
+        mask = model_inputs.get('attention_mask')
+        return None if mask is None else _rows(mask)
+
     _compute_loss, _teacher_forward = GKDPluginTrainer.compute_loss, GKDPluginTrainer._teacher_forward
     _encode_samples = GKDPluginTrainer._encode_samples
 
@@ -148,11 +152,13 @@ if _LOG:
         return result
 
     def compute_loss(self, model, inputs, *args, **kwargs):
-        record = {'kind': 'batch', 'mode': str(inputs.get('gkd_mode')),
+        record = {'kind': 'batch', 'mode': str(inputs.get('gkd_mode')), 'training': bool(self.model.training),
                   'input_ids': _rows(inputs['model_inputs']['input_ids']),
+                  'attention_mask': _mask(inputs['model_inputs']),
                   'labels': _rows(inputs['model_inputs']['labels']),
                   'teacher_input_ids': _rows(inputs['teacher_model_inputs']['input_ids']),
-                  'teacher_labels': _rows(inputs['teacher_model_inputs']['labels'])}
+                  'teacher_labels': _rows(inputs['teacher_model_inputs']['labels']),
+                  'teacher_attention_mask': _mask(inputs['teacher_model_inputs'])}
         with open(_LOG, 'a') as f:
             f.write(json.dumps(record) + '\n')
         return _compute_loss(self, model, inputs, *args, **kwargs)
