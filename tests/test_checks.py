@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from swift_gkd_plugin.core.divergence import generalized_jsd
-from swift_gkd_plugin.options.flags import (CROSS_TOKENIZER_METHODS, GKD_LOSS_IMPLS, MS_SWIFT_FLAGS, SCALAR_FLAGS,
-                                    TEMPERATURE_CEILING, TEMPERATURE_FLOOR, GKDPluginArgumentsMixin, Range,
+from swift_gkd_plugin.options.flags import (CROSS_TOKENIZER_METHODS, FLAG_DECLARATIONS, GKD_LOSS_IMPLS, MS_SWIFT_FLAGS,
+                                    SCALAR_FLAGS, TEMPERATURE_CEILING, TEMPERATURE_FLOOR, GKDPluginArgumentsMixin, Range,
                                     check_gkd_scalars, check_multi_turn_flags, declared_ranges, ignored_flag_warnings)
 
 # the plugin's flags at their defaults (flags added later included), ms-swift's at good values
@@ -48,9 +48,50 @@ def test_allowed_values_come_from_the_literal_types():
     hints = typing.get_type_hints(GKDPluginArgumentsMixin)
     assert GKD_LOSS_IMPLS == typing.get_args(hints['gkd_loss_impl']) == ('auto', 'fused', 'dense')
     cross = next(f for f in fields(GKDPluginArgumentsMixin) if f.name == 'gkd_cross_tokenizer')
-    assert CROSS_TOKENIZER_METHODS == typing.get_args(cross.metadata['choices']) == ('uld', 'hybrid')
-    # what argparse receives: help, never the declarations (HfArgumentParser passes metadata.copy() as keywords)
-    assert cross.metadata.copy() == {'help': cross.metadata['help']}
+    assert CROSS_TOKENIZER_METHODS == typing.get_args(FLAG_DECLARATIONS['gkd_cross_tokenizer']) == ('uld', 'hybrid')
+    # what argparse receives: help, never the declarations (HfArgumentParser passes the metadata's keys as keywords)
+    assert dict(cross.metadata) == {'help': cross.metadata['help']}
+
+
+def every_metadata_key_parser(args_class):
+    """transformers 5.23+'s ``HfArgumentParser`` of ``args_class``: every key of a field's metadata but ``aliases``
+    reaches ``argparse.add_argument`` as a keyword (its ``kwargs = dict(field.metadata)``, where 5.22 and earlier called
+    ``field.metadata.copy()``). The installed parser, each field's metadata given to it as a plain mapping; built as
+    ms-swift's ``parse_args`` builds it."""
+    import copy
+    from types import MappingProxyType
+
+    from swift.utils import utils as swift_utils
+    from transformers import HfArgumentParser
+
+    class Parser(HfArgumentParser):
+        @staticmethod
+        def _parse_dataclass_field(parser, f):
+            f = copy.copy(f)
+            f.metadata = MappingProxyType(dict(f.metadata))
+            HfArgumentParser._parse_dataclass_field(parser, f)
+
+    with swift_utils._patch_get_type_hints():
+        return Parser([args_class])
+
+
+@pytest.mark.parametrize('who', ['swift', 'megatron'])
+def test_the_flags_parse_where_every_metadata_key_reaches_argparse(who):
+    """Issue 96 item 2: the declared ranges and choices were hidden from the parser by the metadata's ``copy()``;
+    transformers 5.23 reads the metadata without it, and every plugin run crashed parsing its flags
+    (``_StoreAction.__init__() got an unexpected keyword argument 'range'``). A field's metadata holds its help only."""
+    if who == 'swift':
+        from swift_gkd_plugin.swift.setup.arguments import GKDPluginRLHFArguments as args_class
+    else:
+        from swift_gkd_plugin.megatron.setup.checks import MegatronGKDFlagsMixin as args_class
+    parser = every_metadata_key_parser(args_class)
+    namespace, remaining = parser.parse_known_args(['--gkd_fused_backend', 'torch', '--teacher_server_timeout', '5',
+                                                    '--gkd_cross_tokenizer', 'uld', '--gkd_skew_alpha', '0.2'])
+    assert remaining == []
+    assert (namespace.gkd_fused_backend, namespace.teacher_server_timeout, namespace.gkd_cross_tokenizer,
+            namespace.gkd_skew_alpha) == ('torch', 5.0, 'uld', 0.2)
+    for f in fields(GKDPluginArgumentsMixin):
+        assert set(f.metadata) == {'help'}, (f.name, set(f.metadata))
 
 
 def _outside(rule: Range):

@@ -2,7 +2,7 @@
 
 Framework-free (no ms-swift import): shared by ``swift rlhf`` (:mod:`swift_gkd_plugin.swift.setup.arguments`) and
 ``megatron rlhf`` (:mod:`swift_gkd_plugin.megatron.setup.checks`), where they also run in the launcher process, before any
-rank starts. Each range is declared once, beside its field (``metadata['range']`` of the plugin's fields,
+rank starts. Each range is declared once, beside its field (:func:`flag_field`'s ``range`` for the plugin's fields,
 :data:`MS_SWIFT_FLAGS` for ms-swift's own), and the checks are generated from the declarations; allowed values of a
 choice come from its ``Literal`` type. Every message names the flag, the value and the allowed values. The
 hand-written rules between flags are in :mod:`swift_gkd_plugin.options.flag_checks`, re-exported here: import from this module.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import Field, dataclass, field, fields
 from typing import Dict, List, Literal, Optional, Tuple
 
 from swift_gkd_plugin.core.constants import ROLLOUT_IS_MODES, SCALE_REWARDS
@@ -30,7 +30,7 @@ from swift_gkd_plugin.options.flag_checks import (LOCAL_TEACHER_URL, SAMPLING_TE
 
 # this module's names and flag_checks' (callers import both from here)
 __all__ = [
-    'FlagMetadata', 'choices_of', 'GKDPluginArgumentsMixin', 'PLUGIN_FLAGS', 'MS_SWIFT_FLAGS', 'VLLM_FLAGS',
+    'flag_field', 'FLAG_DECLARATIONS', 'choices_of', 'GKDPluginArgumentsMixin', 'PLUGIN_FLAGS', 'MS_SWIFT_FLAGS', 'VLLM_FLAGS',
     'check_vllm_flags', 'declared_ranges', 'GKD_LOSS_IMPLS', 'CROSS_TOKENIZER_METHODS', 'GKD_DIVERGENCES',
     'FINITE_FLAGS', 'RL_FLAGS', 'SCALAR_FLAGS', 'check_declared', 'plugin_flags_in',
     'check_no_plugin_flags_outside_gkd', 'resolve_num_generations', 'check_gkd_scalars', 'rollout_max_tokens',
@@ -46,14 +46,20 @@ __all__ = [
 ]
 
 
-class FlagMetadata(dict):
-    """A field's metadata with the plugin's declarations (``range``: a :class:`Range`; ``choices``: a ``Literal``
-    type) beside its ``help``. Its ``copy()`` leaves them out: HfArgumentParser passes ``metadata.copy()`` on to
-    ``argparse.add_argument`` as keywords."""
-    OWN = ('range', 'choices')
+#: the declarations of the plugin's fields made with :func:`flag_field`, by field (:data:`FLAG_DECLARATIONS` by name)
+_DECLARED: Dict[Field, object] = {}
 
-    def copy(self):
-        return {k: v for k, v in self.items() if k not in self.OWN}
+
+def flag_field(*, default, help: str, range: Optional[Range] = None, choices=None) -> Field:
+    """A plugin flag's field with its declared allowed values: ``range`` (a :class:`Range`) or ``choices`` (a
+    ``Literal`` type, for a field whose annotation stays ``str``). The field's metadata is its ``help`` alone:
+    transformers' ``HfArgumentParser`` hands every metadata key but ``aliases`` to ``argparse.add_argument`` (5.23 and
+    later read it without calling ``copy()``), so the declaration is kept beside the field, out of the parser's sight,
+    in :data:`FLAG_DECLARATIONS`."""
+    f = field(default=default, metadata={'help': help})
+    if range is not None or choices is not None:
+        _DECLARED[f] = range if range is not None else choices
+    return f
 
 
 def choices_of(annotation) -> Tuple:
@@ -73,15 +79,14 @@ class GKDPluginArgumentsMixin:
         default='auto',
         metadata={'help': 'GKD loss implementation: auto (fused where it applies, else dense), fused, or dense.'})
     # the annotation stays str (argparse would refuse other values with its own message); the choices are declared:
-    gkd_fused_backend: Optional[str] = field(
+    gkd_fused_backend: Optional[str] = flag_field(
         default=None,
-        metadata=FlagMetadata(
-            help='Backend of the fused loss: auto (Triton kernels on CUDA, each kernel variant checked once against '
-            'the PyTorch path on its first chunk, falling back to it with a warning; the PyTorch path elsewhere), '
-            'torch (the PyTorch chunk path), triton (the kernels, never a fallback) or triton2 (a second kernel design '
-            'with fewer passes over a row, self-checked like auto; not yet run on a GPU). Unset (default): the '
-            'SWIFT_GKD_FUSED_BACKEND environment variable, else auto. See docs_en/fused_loss.md.',
-            choices=Literal[FUSED_BACKENDS]))
+        help='Backend of the fused loss: auto (Triton kernels on CUDA, each kernel variant checked once against '
+        'the PyTorch path on its first chunk, falling back to it with a warning; the PyTorch path elsewhere), '
+        'torch (the PyTorch chunk path), triton (the kernels, never a fallback) or triton2 (a second kernel design '
+        'with fewer passes over a row, self-checked like auto; not yet run on a GPU). Unset (default): the '
+        'SWIFT_GKD_FUSED_BACKEND environment variable, else auto. See docs_en/fused_loss.md.',
+        choices=Literal[FUSED_BACKENDS])
     gkd_drop_bad_rows: bool = field(
         default=False,
         metadata={'help': 'Train without the rows of local jsonl, json, csv, parquet and arrow datasets that ms-swift '
@@ -92,58 +97,50 @@ class GKDPluginArgumentsMixin:
         default=None,
         metadata={'help': 'API key of --teacher_model_server (default: the SWIFT_GKD_TEACHER_API_KEY environment '
                   'variable, which, unlike the flag, is not written to args.json).'})
-    teacher_server_timeout: float = field(
-        default=120.0,
-        metadata=FlagMetadata(help='seconds per teacher-server request', range=Range(0, low_open=True,
-                                                                                      unit='seconds')))
-    teacher_server_retries: int = field(
-        default=3,
-        metadata=FlagMetadata(help='retries of a failed teacher-server request (at least; an HTTP 500 gets only '
-                              'these)', range=Range(0, integer=True)))
-    teacher_server_wait: float = field(
+    teacher_server_timeout: float = flag_field(
+        default=120.0, help='seconds per teacher-server request', range=Range(0, low_open=True, unit='seconds'))
+    teacher_server_retries: int = flag_field(
+        default=3, help='retries of a failed teacher-server request (at least; an HTTP 500 gets only these)',
+        range=Range(0, integer=True))
+    teacher_server_wait: float = flag_field(
         default=600.0,
-        metadata=FlagMetadata(
-            help='seconds to wait for an unreachable, starting or busy teacher server (connection refused, timeouts, '
-            'HTTP 502/503/504): at start-up until it is healthy, and for each request, retrying with a logged '
-            'backoff; long enough for a 7B teacher to (re)load. 0: only the retries.',
-            range=Range(0, unit='seconds')))
+        help='seconds to wait for an unreachable, starting or busy teacher server (connection refused, timeouts, '
+        'HTTP 502/503/504): at start-up until it is healthy, and for each request, retrying with a logged '
+        'backoff; long enough for a 7B teacher to (re)load. 0: only the retries.',
+        range=Range(0, unit='seconds'))
     gkd_topk_tail: bool = field(
         default=False,
         metadata={'help': 'With top-k teachers (--gkd_logits_topk, teacher servers): add a bucket holding the '
                   'probability mass outside the top-k on both sides (fused loss).'})
-    gkd_rl_coef: float = field(
+    gkd_rl_coef: float = flag_field(
         default=0.0,
-        metadata=FlagMetadata(
-            help='Weight c of the policy-gradient term added to the divergence on on-policy steps: '
-            'c * sum A * (-log p(sampled token)) / tokens, A the group-normalised reward of the completion '
-            '(--reward_funcs, --num_generations, --scale_rewards). 0 (default): off. Finite, >= 0.',
-            range=Range(0, why='the weight of the policy-gradient term; 0 = off')))
-    gkd_divergence_coef: float = field(
+        help='Weight c of the policy-gradient term added to the divergence on on-policy steps: '
+        'c * sum A * (-log p(sampled token)) / tokens, A the group-normalised reward of the completion '
+        '(--reward_funcs, --num_generations, --scale_rewards). 0 (default): off. Finite, >= 0.',
+        range=Range(0, why='the weight of the policy-gradient term; 0 = off'))
+    gkd_divergence_coef: float = flag_field(
         default=1.0,
-        metadata=FlagMetadata(
-            help='Weight of the divergence (--gkd_divergence at --beta, on every step). 0: the divergence is only '
-            'logged (gkd/distill_loss) and on-policy steps learn from the policy-gradient terms alone, as sampled-token '
-            'distillation runs elsewhere (needs --lmbda 1 and --gkd_sampled_kl_coef or --gkd_rl_coef > 0). Default 1. '
-            'Finite, >= 0. swift rlhf.',
-            range=Range(0, why='the weight of the divergence; 0 = logged only')))
-    gkd_sampled_kl_coef: float = field(
+        help='Weight of the divergence (--gkd_divergence at --beta, on every step). 0: the divergence is only '
+        'logged (gkd/distill_loss) and on-policy steps learn from the policy-gradient terms alone, as sampled-token '
+        'distillation runs elsewhere (needs --lmbda 1 and --gkd_sampled_kl_coef or --gkd_rl_coef > 0). Default 1. '
+        'Finite, >= 0. swift rlhf.',
+        range=Range(0, why='the weight of the divergence; 0 = logged only'))
+    gkd_sampled_kl_coef: float = flag_field(
         default=0.0,
-        metadata=FlagMetadata(
-            help='Weight c of the sampled-token distillation term on on-policy steps (Tinker\'s kl_penalty_coef): each '
-            'token the student sampled gets the advantage A = log p_teacher(y) - log p_student(y) (constant; at the '
-            'sampling temperature; summed over the later tokens with --gkd_sampled_kl_discount), trained as a policy '
-            'gradient c * sum A * (-log p(y)) / tokens with the rollout importance weights; its expectation is the '
-            'gradient of the reverse KL. Added to the divergence and the reward term. Logged as gkd/sampled_kl (the '
-            'reverse-KL estimate). 0 (default): off. Finite, >= 0. See docs_en/sampled_kl.md.',
-            range=Range(0, why='the weight of the sampled-token term; 0 = off')))
-    gkd_sampled_kl_discount: float = field(
+        help='Weight c of the sampled-token distillation term on on-policy steps (Tinker\'s kl_penalty_coef): each '
+        'token the student sampled gets the advantage A = log p_teacher(y) - log p_student(y) (constant; at the '
+        'sampling temperature; summed over the later tokens with --gkd_sampled_kl_discount), trained as a policy '
+        'gradient c * sum A * (-log p(y)) / tokens with the rollout importance weights; its expectation is the '
+        'gradient of the reverse KL. Added to the divergence and the reward term. Logged as gkd/sampled_kl (the '
+        'reverse-KL estimate). 0 (default): off. Finite, >= 0. See docs_en/sampled_kl.md.',
+        range=Range(0, why='the weight of the sampled-token term; 0 = off'))
+    gkd_sampled_kl_discount: float = flag_field(
         default=0.0,
-        metadata=FlagMetadata(
-            help='Discount g of --gkd_sampled_kl_coef\'s advantages (Tinker\'s kl_discount_factor): A_t = sum over the '
-            'later response tokens k of g^(k - t) (log p_teacher(y_k) - log p_student(y_k)), masked tokens (tool '
-            'outputs) skipped. 0 (default): each token alone (the per-token reverse KL); 1: the whole rest of the '
-            'sequence (the sequence-level reverse KL). In [0, 1].',
-            range=Range(0, 1, why='0 = each token alone, 1 = the sequence-level reverse KL')))
+        help='Discount g of --gkd_sampled_kl_coef\'s advantages (Tinker\'s kl_discount_factor): A_t = sum over the '
+        'later response tokens k of g^(k - t) (log p_teacher(y_k) - log p_student(y_k)), masked tokens (tool '
+        'outputs) skipped. 0 (default): each token alone (the per-token reverse KL); 1: the whole rest of the '
+        'sequence (the sequence-level reverse KL). In [0, 1].',
+        range=Range(0, 1, why='0 = each token alone, 1 = the sequence-level reverse KL'))
     gkd_sampled_kl_baseline: Literal['none', 'batch'] = field(
         default='none',
         metadata={'help': 'Baseline of --gkd_sampled_kl_coef\'s advantages. none (default): the advantages as they '
@@ -152,81 +149,73 @@ class GKDPluginArgumentsMixin:
                   'far from its teacher (every log-ratio negative) pushes down whatever was sampled. See '
                   'docs_en/sampled_kl.md.'})
     # the annotation stays str (argparse would refuse other values with its own message); the choices are declared:
-    gkd_cross_tokenizer: Optional[str] = field(
+    gkd_cross_tokenizer: Optional[str] = flag_field(
         default=None,
-        metadata=FlagMetadata(
-            help='Distil from a --teacher_model whose tokenizer differs from the student\'s: uld (sorted-probability '
-            'L1, any two vocabularies) or hybrid (generalized JSD on the tokens both vocabularies share, ULD on the '
-            'rest). Unset (default): the teacher must use the student\'s tokenizer. See docs_en/cross_tokenizer.md.',
-            choices=Literal['uld', 'hybrid']))
+        help='Distil from a --teacher_model whose tokenizer differs from the student\'s: uld (sorted-probability '
+        'L1, any two vocabularies) or hybrid (generalized JSD on the tokens both vocabularies share, ULD on the '
+        'rest). Unset (default): the teacher must use the student\'s tokenizer. See docs_en/cross_tokenizer.md.',
+        choices=Literal['uld', 'hybrid'])
     gkd_divergence: Literal['jsd', 'skew_kl', 'skew_rkl'] = field(
         default='jsd',
         metadata={'help': 'The distillation divergence, at --temperature: jsd (the generalized JSD of --beta, '
                   'default), skew_kl = KL(teacher || a teacher + (1 - a) student) or skew_rkl = KL(student || '
                   '(1 - a) teacher + a student), a = --gkd_skew_alpha (DistiLLM). See docs_en/fused_loss.md.'})
-    gkd_skew_alpha: float = field(
+    gkd_skew_alpha: float = flag_field(
         default=0.1,
-        metadata=FlagMetadata(
-            help='The skew a of --gkd_divergence skew_kl / skew_rkl, in [0, 1) (0: the plain forward / reverse KL). '
-            'Default 0.1.',
-            range=Range(0, 1, high_open=True, why='0 = the plain KL; at 1 the loss is 0')))
+        help='The skew a of --gkd_divergence skew_kl / skew_rkl, in [0, 1) (0: the plain forward / reverse KL). '
+        'Default 0.1.',
+        range=Range(0, 1, high_open=True, why='0 = the plain KL; at 1 the loss is 0'))
     teacher_template: Optional[str] = field(
         default=None,
         metadata={'help': 'With --gkd_cross_tokenizer: the teacher\'s ms-swift template type (as --template is the '
                   'student\'s). Unset (default): its model type\'s, or the student\'s --template when that type has '
                   'several candidates. See docs_en/cross_tokenizer.md.'})
-    gkd_sampling_temperature: Optional[float] = field(
+    gkd_sampling_temperature: Optional[float] = flag_field(
         default=None,
-        metadata=FlagMetadata(
-            help='Temperature of on-policy sampling (the student\'s, and the teacher\'s on seq_kd steps and SKD '
-            'replacements), separate from --temperature, which stays the temperature of the loss. Unset (default): '
-            f'--temperature, as ms-swift. Finite, >= {SAMPLING_TEMPERATURE_FLOOR:g}, at most 2 with vLLM.',
-            range=Range(0, low_open=True, optional=True, says='> 0', why='or unset for --temperature')))
-    gkd_rollout_max_tokens: Optional[int] = field(
+        help='Temperature of on-policy sampling (the student\'s, and the teacher\'s on seq_kd steps and SKD '
+        'replacements), separate from --temperature, which stays the temperature of the loss. Unset (default): '
+        f'--temperature, as ms-swift. Finite, >= {SAMPLING_TEMPERATURE_FLOOR:g}, at most 2 with vLLM.',
+        range=Range(0, low_open=True, optional=True, says='> 0', why='or unset for --temperature'))
+    gkd_rollout_max_tokens: Optional[int] = flag_field(
         default=None,
-        metadata=FlagMetadata(
-            help='Early-stopped rollouts: the student\'s on-policy samples (SKD\'s included) stop after this many '
-            'tokens (per turn with --multi_turn_scheduler; the whole trajectory where ms-swift bounds the total: vLLM '
-            'colocate with --completion_length_limit_scope total), while --max_completion_length keeps bounding seq_kd '
-            'samples and dataset responses. Unset (default): --max_completion_length. Integer in 1 to '
-            '--max_completion_length. See docs_en/onpolicy_remedies.md.',
-            range=Range(1, integer=True, optional=True, why='or unset for --max_completion_length')))
-    gkd_entropy_fkl_threshold: Optional[float] = field(
+        help='Early-stopped rollouts: the student\'s on-policy samples (SKD\'s included) stop after this many '
+        'tokens (per turn with --multi_turn_scheduler; the whole trajectory where ms-swift bounds the total: vLLM '
+        'colocate with --completion_length_limit_scope total), while --max_completion_length keeps bounding seq_kd '
+        'samples and dataset responses. Unset (default): --max_completion_length. Integer in 1 to '
+        '--max_completion_length. See docs_en/onpolicy_remedies.md.',
+        range=Range(1, integer=True, optional=True, why='or unset for --max_completion_length'))
+    gkd_entropy_fkl_threshold: Optional[float] = flag_field(
         default=None,
-        metadata=FlagMetadata(
-            help='Entropy-aware mix (arXiv 2603.07079): at every position where the teacher\'s entropy (nats, at '
-            '--temperature, over the loss\'s support: the vocabulary, or the top-k buckets) exceeds this value, '
-            'KL(teacher || student) is added to the --beta divergence. Unset (default): off. Finite, >= 0 (0: every '
-            'position). PyTorch loss paths (--gkd_fused_backend auto picks them). gkd/entropy_fkl_fraction logs the '
-            'share of sampled positions past the threshold. See docs_en/onpolicy_remedies.md.',
-            range=Range(0, optional=True, says='>= 0 (nats)', why='or unset: off')))
-    gkd_ref_kl_coef: float = field(
+        help='Entropy-aware mix (arXiv 2603.07079): at every position where the teacher\'s entropy (nats, at '
+        '--temperature, over the loss\'s support: the vocabulary, or the top-k buckets) exceeds this value, '
+        'KL(teacher || student) is added to the --beta divergence. Unset (default): off. Finite, >= 0 (0: every '
+        'position). PyTorch loss paths (--gkd_fused_backend auto picks them). gkd/entropy_fkl_fraction logs the '
+        'share of sampled positions past the threshold. See docs_en/onpolicy_remedies.md.',
+        range=Range(0, optional=True, says='>= 0 (nats)', why='or unset: off'))
+    gkd_ref_kl_coef: float = flag_field(
         default=0.0,
-        metadata=FlagMetadata(
-            help='Reference anchor (StableOPD, arXiv 2604.08527): adds COEF * KL(student || reference) per response '
-            'token on every step, the reference being the initial student at --temperature (a LoRA student\'s base '
-            'with its adapter off; a fully tuned student\'s frozen copy loaded from --model). Keeps on-policy runs '
-            'from drifting into long, repetitive samples. 0 (default): off. swift rlhf, dense loss (--gkd_loss_impl '
-            'auto picks it). Logged as gkd/ref_kl. See docs_en/onpolicy_remedies.md.',
-            range=Range(0, says='>= 0', why='0: off')))
-    gkd_skd_top_k: int = field(
+        help='Reference anchor (StableOPD, arXiv 2604.08527): adds COEF * KL(student || reference) per response '
+        'token on every step, the reference being the initial student at --temperature (a LoRA student\'s base '
+        'with its adapter off; a fully tuned student\'s frozen copy loaded from --model). Keeps on-policy runs '
+        'from drifting into long, repetitive samples. 0 (default): off. swift rlhf, dense loss (--gkd_loss_impl '
+        'auto picks it). Logged as gkd/ref_kl. See docs_en/onpolicy_remedies.md.',
+        range=Range(0, says='>= 0', why='0: off'))
+    gkd_skd_top_k: int = flag_field(
         default=0,
-        metadata=FlagMetadata(
-            help='Speculative KD on on-policy steps: a token the student samples that is outside the teacher\'s '
-            'top-K at its position is replaced by a token sampled from the teacher (the paper uses 25). 0 (default): '
-            'off. Transformers sampling (--use_vllm false) with a teacher of the student\'s tokenizer, local or this '
-            'plugin\'s server (its --top_k >= K). See docs_en/skd.md.',
-            range=Range(0, integer=True, why='the teacher\'s top-K that accepts a student token; 0 = off')))
-    gkd_max_staleness: int = field(
+        help='Speculative KD on on-policy steps: a token the student samples that is outside the teacher\'s '
+        'top-K at its position is replaced by a token sampled from the teacher (the paper uses 25). 0 (default): '
+        'off. Transformers sampling (--use_vllm false) with a teacher of the student\'s tokenizer, local or this '
+        'plugin\'s server (its --top_k >= K). See docs_en/skd.md.',
+        range=Range(0, integer=True, why='the teacher\'s top-K that accepts a student token; 0 = off'))
+    gkd_max_staleness: int = flag_field(
         default=1,
-        metadata=FlagMetadata(
-            help='With --async_generate true: how many optimizer steps ahead the rollout server samples, and so how '
-            'many weight versions old a sample may be (K). The server is synced once every K steps and samples the '
-            'on-policy steps of the next K while they train (1 to K versions old; a batch older than K, from a '
-            'checkpoint of a deeper queue, is dropped and sampled again, counted in gkd/stale_dropped). 1 (default): '
-            'ms-swift\'s one step of lookahead, a sync every step. Integer >= 1; > 1 needs --async_generate true. '
-            'See docs_en/vllm.md.',
-            range=Range(1, integer=True, why='1 = one step ahead, as ms-swift\'s --async_generate')))
+        help='With --async_generate true: how many optimizer steps ahead the rollout server samples, and so how '
+        'many weight versions old a sample may be (K). The server is synced once every K steps and samples the '
+        'on-policy steps of the next K while they train (1 to K versions old; a batch older than K, from a '
+        'checkpoint of a deeper queue, is dropped and sampled again, counted in gkd/stale_dropped). 1 (default): '
+        'ms-swift\'s one step of lookahead, a sync every step. Integer >= 1; > 1 needs --async_generate true. '
+        'See docs_en/vllm.md.',
+        range=Range(1, integer=True, why='1 = one step ahead, as ms-swift\'s --async_generate'))
     teacher_scores: Optional[str] = field(
         default=None,
         metadata={'help': 'A teacher-score store (written by `swift-gkd score` or --save_teacher_scores): rows found '
@@ -245,15 +234,14 @@ class GKDPluginArgumentsMixin:
                   '`swift-gkd score`): float16 (default: 8x the precision of bfloat16 for log-probabilities, which '
                   'lie in [-65504, 0]; the live top-k losses to ~1e-3), bfloat16, or float32 (the live losses to '
                   'float32 rounding, ~1.8x the bytes).'})
-    teacher_scores_samples: int = field(
+    teacher_scores_samples: int = flag_field(
         default=0,
-        metadata=FlagMetadata(
-            help='Tokens drawn from the tempered teacher at each scored position (random-sampling KD, Anshumann et '
-            'al. 2025; 12 is the paper\'s). Writing (--save_teacher_scores, `swift-gkd score`): the store keeps them '
-            'beside the top-k, with the teacher\'s entropy (a local teacher only). Reading (--teacher_scores): the '
-            'loss is the sampled cross-entropy over them, an unbiased estimate of forward KL\'s gradient (--beta 0 '
-            'only), instead of the top-k divergence. 0 (default): none.',
-            range=Range(0, integer=True, why='0 = none')))
+        help='Tokens drawn from the tempered teacher at each scored position (random-sampling KD, Anshumann et '
+        'al. 2025; 12 is the paper\'s). Writing (--save_teacher_scores, `swift-gkd score`): the store keeps them '
+        'beside the top-k, with the teacher\'s entropy (a local teacher only). Reading (--teacher_scores): the '
+        'loss is the sampled cross-entropy over them, an unbiased estimate of forward KL\'s gradient (--beta 0 '
+        'only), instead of the top-k divergence. 0 (default): none.',
+        range=Range(0, integer=True, why='0 = none'))
     gkd_score_only: bool = field(
         default=False,
         metadata={'help': 'What `swift-gkd score` runs: every row of --dataset encoded as training encodes it and '
@@ -261,6 +249,9 @@ class GKDPluginArgumentsMixin:
 
 
 PLUGIN_FLAGS: List[str] = [f.name for f in fields(GKDPluginArgumentsMixin)]
+#: the plugin's flags declared with :func:`flag_field`: name -> its :class:`Range`, or the ``Literal`` type of its
+#: choices
+FLAG_DECLARATIONS: Dict[str, object] = {f.name: _DECLARED[f] for f in fields(GKDPluginArgumentsMixin) if f in _DECLARED}
 _HINTS = typing.get_type_hints(GKDPluginArgumentsMixin)
 
 #: ms-swift's own flags that GKD checks, with their allowed values (declared here once: ms-swift's classes are not
@@ -337,10 +328,11 @@ def declared_ranges() -> Dict[str, object]:
     declared = dict(MS_SWIFT_FLAGS)
     for f in fields(GKDPluginArgumentsMixin):
         hint = _HINTS[f.name]
-        if 'range' in f.metadata:
-            declared[f.name] = f.metadata['range']
-        elif 'choices' in f.metadata or choices_of(hint):
-            choices = f.metadata.get('choices', hint)
+        declaration = FLAG_DECLARATIONS.get(f.name)
+        if isinstance(declaration, Range):
+            declared[f.name] = declaration
+        elif declaration is not None or choices_of(hint):
+            choices = hint if declaration is None else declaration
             declared[f.name] = Optional[choices] if type(None) in typing.get_args(hint) else choices
     return declared
 
