@@ -9,6 +9,7 @@ import pytest
 from conftest import RL_REWARD_PLUGIN, base_args, run_swift
 
 RL = dict(lmbda=1, reward_funcs='tiny_letter_match', gkd_rl_coef=1, external_plugins=RL_REWARD_PLUGIN, temperature=1.0)
+RL_COEF = 0.5  # the grouped runs' --gkd_rl_coef: an ordinary weight, so that a term that drops it shows
 
 
 def _reward_calls(path):
@@ -33,7 +34,8 @@ def _advantages(rewards, group):
 @pytest.fixture(scope='module')
 def grouped_runs(tiny_ws, solution_dataset, shared_runs):
     """G = 4 with micro-batches of 2 rows (each generation batch is one prompt sampled 4 times, split over the two
-    micro-batches of the step), sampling temperature 1.5, learning rate 0 (both runs draw the same samples), with the
+    micro-batches of the step), sampling temperature 1.5, ``--gkd_rl_coef 0.5``, learning rate 0 (both runs draw the
+    same samples), with the
     fused and the dense loss, in the dataset's order (``--dataset_shuffle false --train_dataloader_shuffle false``);
     shared by the test session."""
     def start(impl):
@@ -42,7 +44,7 @@ def grouped_runs(tiny_ws, solution_dataset, shared_runs):
                       per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=3, learning_rate=0,
                       log_completions='true', seed=5, gkd_loss_impl=impl, dataset_shuffle='false',
                       train_dataloader_shuffle='false',
-                      **dict(RL, temperature=1.5)),
+                      **dict(RL, temperature=1.5, gkd_rl_coef=RL_COEF)),
             env={'GKD_TEST_REWARD_LOG': out + '.rewards.jsonl'})
     shared = shared_runs('rl_grouped', {impl: start(impl) for impl in ('fused', 'dense')})
     runs = {}
@@ -70,8 +72,6 @@ def test_every_completion_is_scored_once_in_groups_that_span_micro_batches(group
         assert row['gkd/rewards/tiny_letter_match/mean'] == pytest.approx(statistics.mean(call['rewards']), abs=1e-6)
         for key in ('gkd/pg_loss', 'gkd/distill_loss', 'gkd/entropy', 'gkd/completion_length', 'gkd/reward_std'):
             assert key in row, sorted(row)
-        # the step loss is the divergence plus the policy-gradient term, both per response token
-        assert row['loss'] == pytest.approx(row['gkd/distill_loss'] + row['gkd/pg_loss'], rel=1e-4, abs=1e-7)
         assert 0 < row['gkd/entropy'] < 6.2  # at most log(448) nats
     assert any(abs(r['gkd/pg_loss']) > 1e-4 for r in run.logs)
 
@@ -96,6 +96,18 @@ def test_fused_and_dense_losses_agree_with_rewards(grouped_runs):
 
 
 @pytest.mark.parametrize('impl', ['fused', 'dense'])
+def test_the_loss_is_the_divergence_plus_the_coefficient_times_the_policy_gradient_term(grouped_runs, impl):
+    """Each step's loss = gkd/distill_loss + --gkd_rl_coef x gkd/pg_loss (the term's token mean before its weight);
+    with the fused and dense runs' agreement on the loss (above), a path that drops the weight fails one of the two."""
+    run = grouped_runs[impl]
+    assert len(run.logs) == 3
+    assert any(abs(row['gkd/pg_loss']) > 1e-3 for row in run.logs), run.logs  # a term whose weight shows
+    for row in run.logs:  # both per response token
+        assert row['loss'] == pytest.approx(row['gkd/distill_loss'] + RL_COEF * row['gkd/pg_loss'], rel=1e-5,
+                                            abs=2e-8), row
+
+
+@pytest.mark.parametrize('impl', ['fused', 'dense'])
 def test_policy_gradient_term_is_at_the_sampling_temperature(grouped_runs, tiny_ws, solution_dataset, tmp_path, impl):
     """The label of the policy-gradient term is the sampled token, drawn at the sampling temperature: with the loss at
     --temperature 1 and sampling at --gkd_sampling_temperature 1.5, the samples and the policy-gradient term are those
@@ -105,7 +117,7 @@ def test_policy_gradient_term_is_at_the_sampling_temperature(grouped_runs, tiny_
         base_args(tiny_ws, str(tmp_path / 'out'), dataset=solution_dataset, num_generations=4,
                   per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=3, learning_rate=0,
                   log_completions='true', seed=5, gkd_loss_impl=impl, gkd_sampling_temperature=1.5,
-                  dataset_shuffle='false', train_dataloader_shuffle='false', **RL),
+                  dataset_shuffle='false', train_dataloader_shuffle='false', **dict(RL, gkd_rl_coef=RL_COEF)),
         env={'GKD_TEST_REWARD_LOG': log})
     both = grouped_runs[impl]
     assert _reward_calls(log) == _reward_calls(both.reward_log)

@@ -9,6 +9,7 @@ import pytest
 from conftest import base_args, run_swift
 
 SAMPLED = dict(lmbda=1, gkd_sampled_kl_coef=1, learning_rate=0, max_steps=2, seed=3, temperature=1.0)
+ALONE = dict(gkd_sampled_kl_coef=0.5)  # the term alone at an ordinary weight: a path that drops it shows
 
 
 @pytest.fixture(scope='module')
@@ -21,10 +22,10 @@ def runs(tiny_ws, shared_runs):
         'fused_discount1': lambda out: run(out, gkd_loss_impl='fused', gkd_sampled_kl_discount=1),
         'off': lambda out: run(out, gkd_loss_impl='fused', gkd_sampled_kl_coef=0),
         'weighted': lambda out: run(out, gkd_loss_impl='fused', rollout_importance_sampling_mode='token_truncate'),
-        'alone_fused': lambda out: run(out, gkd_loss_impl='fused', gkd_divergence_coef=0),
-        'alone_dense': lambda out: run(out, gkd_loss_impl='dense', gkd_divergence_coef=0),
+        'alone_fused': lambda out: run(out, gkd_loss_impl='fused', gkd_divergence_coef=0, **ALONE),
+        'alone_dense': lambda out: run(out, gkd_loss_impl='dense', gkd_divergence_coef=0, **ALONE),
         'alone_baseline': lambda out: run(out, gkd_loss_impl='fused', gkd_divergence_coef=0,
-                                          gkd_sampled_kl_baseline='batch'),
+                                          gkd_sampled_kl_baseline='batch', **ALONE),
     })
 
 
@@ -73,13 +74,15 @@ def test_rollout_importance_weights_reach_the_sampled_term(runs):
 
 @pytest.mark.parametrize('impl', ['fused', 'dense'])
 def test_the_term_alone_with_the_divergence_weight_0(runs, impl):
-    """--gkd_divergence_coef 0: the divergence is logged but not trained on; the loss is the sampled-token term alone,
-    the with-divergence run's loss minus its divergence (same samples)."""
+    """--gkd_divergence_coef 0 and --gkd_sampled_kl_coef 0.5: the divergence is logged but not trained on; the loss
+    is the sampled-token term alone at half its weight: half the with-divergence run's (weight 1) loss minus its
+    divergence (same samples)."""
     alone, both = runs[f'alone_{impl}'], runs[impl]
     assert alone.returncode == 0, alone.output[-4000:]
     for a, b in zip(alone.logs, both.logs):
         assert a['gkd/distill_loss'] == pytest.approx(b['gkd/distill_loss'], rel=1e-5)
-        assert a['loss'] == pytest.approx(b['loss'] - b['gkd/distill_loss'], rel=1e-3, abs=1e-5)
+        assert abs(b['loss'] - b['gkd/distill_loss']) > 1e-3, b  # a term whose weight shows
+        assert a['loss'] == pytest.approx(0.5 * (b['loss'] - b['gkd/distill_loss']), rel=1e-3, abs=1e-5)
         assert a['gkd/sampled_kl'] == pytest.approx(b['gkd/sampled_kl'], rel=1e-5)
 
 
