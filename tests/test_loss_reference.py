@@ -21,7 +21,7 @@ BETA, TEMPERATURE, SFT_ALPHA, SEED = 0.3, 0.8, 0.5, 0
 # two steps of 2 micro-batches of 2 rows: the first off-policy (seq_kd with --seq_kd true), the second on-policy
 COMMON = dict(lmbda=0.5, beta=BETA, temperature=TEMPERATURE, sft_alpha=SFT_ALPHA, seed=SEED, max_steps=2,
               per_device_train_batch_size=2, gradient_accumulation_steps=2, learning_rate=0, external_plugins=PROBE,
-              eval_strategy='steps', eval_steps=2, per_device_eval_batch_size=4)
+              eval_strategy='steps', eval_steps=2, per_device_eval_batch_size=2)
 assert [choose_mode(SEED, s, 0.5, False).value for s in range(2)] == ['off_policy', 'on_policy']
 assert [choose_mode(SEED, s, 0.5, True).value for s in range(2)] == ['seq_kd', 'on_policy']
 # name: (loss implementation, --seq_kd, --gkd_divergence_coef)
@@ -68,13 +68,18 @@ def test_each_steps_loss_is_the_float64_loss_of_its_definition(runs, tiny_ws, na
 
 @pytest.mark.parametrize('name', list(RUNS))
 def test_the_evaluation_loss_is_the_float64_loss_of_its_definition(runs, tiny_ws, name):
-    """Evaluation scores the dataset responses (off-policy) with the same terms and coefficients as training."""
+    """Evaluation scores the dataset responses (off-policy) with the same terms and coefficients as training, each
+    batch over its own response tokens (gradient accumulation groups training micro-batches only): ``eval_loss`` is
+    the mean of the two batches' losses (the HF Trainer's, over equal batches), ``eval_gkd/loss_off_policy`` the
+    divergence's mean over every evaluated token."""
     run, (_, _, coef) = runs[name], RUNS[name]
     batches = _batches(run, training=False)
     rows = _eval_rows(run)
-    assert len(batches) == 1 and len(rows) == 1, (len(batches), rows)  # 4 rows, one batch, after step 2
-    want = expected(batches, tiny_ws.student, tiny_ws.teacher, beta=BETA, temperature=TEMPERATURE,
+    assert len(batches) == 2 and len(rows) == 1, (len(batches), rows)  # 4 rows in batches of 2, after step 2
+    each = [expected([b], tiny_ws.student, tiny_ws.teacher, beta=BETA, temperature=TEMPERATURE,
+                     divergence_coef=coef, sft_alpha=SFT_ALPHA) for b in batches]
+    both = expected(batches, tiny_ws.student, tiny_ws.teacher, beta=BETA, temperature=TEMPERATURE,
                     divergence_coef=coef, sft_alpha=SFT_ALPHA)
-    assert want.mode == 'off_policy'
-    assert rows[0]['eval_loss'] == pytest.approx(want.loss, rel=2e-5), (rows, want)
-    assert rows[0]['eval_gkd/loss_off_policy'] == pytest.approx(want.divergence, rel=2e-5), (rows, want)
+    assert both.mode == 'off_policy'
+    assert rows[0]['eval_loss'] == pytest.approx((each[0].loss + each[1].loss) / 2, rel=2e-5), (rows, each)
+    assert rows[0]['eval_gkd/loss_off_policy'] == pytest.approx(both.divergence, rel=2e-5), (rows, both)
