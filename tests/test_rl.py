@@ -256,6 +256,25 @@ def test_several_samples_per_prompt_without_rewards(tiny_ws, tmp_path):
     assert all('gkd/pg_loss' not in r and 'gkd/reward' not in r for r in run.logs)
 
 
+def test_rewards_score_the_students_samples_only(tiny_ws, solution_dataset, tmp_path):
+    """--lmbda 0.5 --seq_kd true (a seq_kd step, then an on-policy one): the reward functions score the student's
+    samples, not the teacher's; the seq_kd step's loss is its divergence alone, the on-policy step's adds the term."""
+    from swift_gkd_plugin.core import choose_mode
+    assert [choose_mode(0, s, 0.5, True).value for s in range(2)] == ['seq_kd', 'on_policy']
+    log = str(tmp_path / 'rewards.jsonl')
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), dataset=solution_dataset, num_generations=2,
+                              per_device_train_batch_size=2, max_steps=2, learning_rate=0, seed=0,
+                              **dict(RL, lmbda=0.5, seq_kd='true', gkd_rl_coef=RL_COEF)),
+                    env={'GKD_TEST_REWARD_LOG': log})
+    assert len(_reward_calls(log)) == 1  # the on-policy step's
+    seq_kd, on_policy = run.logs
+    assert seq_kd['gkd/mode_seq_kd'] == 1 and 'gkd/reward' not in seq_kd and 'gkd/pg_loss' not in seq_kd, seq_kd
+    assert seq_kd['loss'] == pytest.approx(seq_kd['gkd/distill_loss'], rel=1e-6), seq_kd
+    assert on_policy['gkd/mode_on_policy'] == 1 and 'gkd/reward' in on_policy, on_policy
+    assert on_policy['loss'] == pytest.approx(on_policy['gkd/distill_loss'] + RL_COEF * on_policy['gkd/pg_loss'],
+                                              rel=1e-5, abs=2e-8), on_policy
+
+
 def test_rows_that_do_not_encode_are_replaced_with_their_whole_group(tiny_ws, solution_dataset, tmp_path):
     """G = 2 over 2 ranks with 3 rows each: the middle group of every generation batch spans both ranks. Half of the
     prompts are longer than --max_length (--truncation_strategy delete; --gkd_drop_bad_rows true, else they are refused

@@ -124,8 +124,11 @@ def test_sequence_parallel_equals_one_rank_off_policy(tiny_ws, tmp_path, impl):
     the batches it skips are its group's) and logs the uninterrupted run's steps 2 to 5, across two epoch boundaries.
     (Not from step 3: a resume past a whole epoch replays the first epoch's order, on one rank as on a group: TRL's
     ``RepeatSampler`` draws each epoch's order from a generator seeded once, and the skipped epochs are not drawn.)
-    With the fused loss, 3 steps (across the first epoch boundary) and a checkpoint at step 3."""
-    steps = dict(max_steps=5, save_steps=1) if impl == 'dense' else dict(max_steps=3, save_steps=3)
+    With the fused loss, 3 steps (across the first epoch boundary) and a checkpoint at step 3, and the SFT term
+    (``--sft_alpha 0.005``: its cross-entropy, ~6 a token here, weighs about as much as the divergence, so an error in
+    either shows at the comparison's 1e-5) over each rank's half of the response tokens."""
+    steps = (dict(max_steps=5, save_steps=1) if impl == 'dense' else
+             dict(max_steps=3, save_steps=3, sft_alpha=0.005))
     one, group = _one_rank_and_group(tiny_ws, tmp_path, lmbda=0, gkd_loss_impl=impl, probes=True, evaluate=True,
                                      **steps)
     assert f'GKD loss implementation: {impl}' in group.output
