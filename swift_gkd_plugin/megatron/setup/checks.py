@@ -1,7 +1,7 @@
 """``megatron rlhf --rlhf_type gkd``: the plugin's Megatron flags and the checks that need nothing but the flags.
 
-Framework-free (no Megatron import; ms-swift's dataset syntax only to read a local ``--dataset``), because the
-checks run twice:
+Framework-free (no Megatron import; ms-swift's dataset syntax only to read a local ``--dataset``, and its model
+table for ``--model_type``), because the checks run twice:
 
 * in the ``megatron`` launcher process, on its command line, before any rank is started, any CUDA or
   transformer-engine import and any model load (:func:`check_megatron_command_line`); a bad flag costs the user
@@ -211,6 +211,10 @@ def _command_line_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     p.add_argument('--rlhf_type', default='dpo')
     p.add_argument('--model', default=None)
+    p.add_argument('--model_type', default=None)
+    p.add_argument('--teacher_model_type', default=None)
+    p.add_argument('--custom_register_path', nargs='*', default=[])
+    p.add_argument('--external_plugins', nargs='*', default=[])
     p.add_argument('--template', default=None)
     p.add_argument('--beta', type=float, default=None)
     p.add_argument('--lmbda', type=float, default=0.5)
@@ -317,6 +321,7 @@ def check_megatron_command_line(argv: Sequence[str]) -> None:
         check_rows_have_prompts(ns)
         # ms-swift's dataset syntax: imported here
         from swift_gkd_plugin.data.dataset_files import check_fresh_adapter_teacher, check_teacher_given
+        check_model_types(ns)  # (ms-swift's model table: imported with its dataset package)
         view = SimpleNamespace(**{**vars(ns), 'columns': _json_or_none(ns.columns)})
         if not ns.teacher_scores:  # (a store is the teacher: megatron rlhf then loads none)
             check_teacher_given(view, ('teacher_model', 'teacher_model_server'),
@@ -326,6 +331,21 @@ def check_megatron_command_line(argv: Sequence[str]) -> None:
         check_fresh_adapter_teacher(view, ns.teacher_model is not None and ns.teacher_model == ns.model
                                     and ns.tuner_type == 'lora', ('adapters', 'mcore_adapter'))
     check_megatron_installed()
+
+
+def check_model_types(args) -> None:
+    """``--model_type`` / ``--teacher_model_type`` name model types ms-swift registers (every rank raised ms-swift's
+    traceback listing them all), and a type that contradicts a local folder's ``config.json`` is warned about (it
+    trained without a word): :mod:`swift_gkd_plugin.options.model_types`, as in ``swift rlhf``. Left to the ranks
+    with ``--custom_register_path`` / ``--external_plugins``, which may register types."""
+    from swift.utils import get_logger
+
+    from swift_gkd_plugin.options import model_types
+    if model_types.types_may_be_registered_later(args):
+        return
+    model_types.check_model_types(args, 'megatron rlhf')
+    for warning in model_types.model_type_warnings(args, resolved=False):
+        get_logger().warning(f'swift_gkd_plugin: {warning}')
 
 
 #: a first argument ms-swift reads as a config file holding the flags (``swift/cli/main.py``, ``parse_yaml_args``)

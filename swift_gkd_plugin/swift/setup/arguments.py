@@ -28,6 +28,7 @@ from swift_gkd_plugin.options.flags import (FlagError, GKDPluginArgumentsMixin, 
 from swift_gkd_plugin.options.backends import check_deepspeed, check_packing_attention
 from swift_gkd_plugin.options.flag_checks import check_ms_swift_values, check_training_length
 from swift_gkd_plugin.options.hub_models import hub_lookup_failed, hub_unreachable, model_dir_of
+from swift_gkd_plugin.options import model_types
 from swift_gkd_plugin.runtime.ms_swift_state import grpo_num_generations, keep_teacher_messages_column
 from swift_gkd_plugin.swift.setup.checkpoints import check_resume_checkpoint
 from swift_gkd_plugin.swift.setup.compile_cost import torch_compile_warnings, zero3_lora_warnings
@@ -414,6 +415,7 @@ def check_gkd_arguments(args) -> None:
     check_vllm_model(args)
     check_sampling_context(args)
     check_teacher_server_flags(args, local_teacher=local_teacher_of(args) is not None)
+    model_types.check_model_types(args)  # (again: --custom_register_path / --external_plugins are imported now)
     check_teacher_model_type(args)
     check_teacher_template(args)
     check_teacher(args)
@@ -460,6 +462,8 @@ def check_command_line_flags(args) -> None:
     servers; run in every process (``__post_init__``) and, under torchrun, in the launcher before any rank starts
     (:func:`swift_gkd_plugin.swift.setup.command_line.check_launcher_command_line`)."""
     check_flags_only(args)
+    if not model_types.types_may_be_registered_later(args):
+        model_types.check_model_types(args)
     check_command_line_paths(args)
 
 
@@ -550,8 +554,9 @@ class GKDPluginRLHFArguments(GKDPluginArgumentsMixin, RLHFArguments):
             if created is not None:
                 created.remove_empty()
             raise
-        # slow, or samples staler than the loss tolerates: warned, not refused
-        for warning in torch_compile_warnings(self) + zero3_lora_warnings(self) + stale_sample_warnings(self):
+        # slow, samples staler than the loss tolerates, a model type its config.json contradicts: warned, not refused
+        for warning in (torch_compile_warnings(self) + zero3_lora_warnings(self) + stale_sample_warnings(self)
+                        + model_types.model_type_warnings(self, resolved=True)):
             logger.warning(f'swift_gkd_plugin: {warning}')
         logger.info(f'swift_gkd_plugin {swift_gkd_plugin.__version__}: GKD trainer active '
                     f'(lmbda={self.lmbda}, seq_kd={self.seq_kd}, beta={self.beta}, temperature={self.temperature}, '

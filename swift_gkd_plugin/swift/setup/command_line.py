@@ -62,7 +62,7 @@ def parse_command_line(pipeline, original_parse, args):
     except FlagError as exc:
         refuse(PROG, exc)
     except ValueError as exc:
-        message = undetected_type_message(str(exc), given)
+        message = undetected_type_message(str(exc), given) or unregistered_type_message(str(exc), given)
         if message is None or getattr(given, 'rlhf_type', None) != 'gkd':
             raise
         refuse(PROG, message)
@@ -77,6 +77,16 @@ def undetected_type_message(error: str, given) -> Optional[str]:
             os.path.abspath(folder)
         return ('--teacher_model', '--teacher_model_type') if is_teacher else ('--model', '--model_type')
     return model_types.undetected_type_message(error, flags_of)
+
+
+def unregistered_type_message(error: str, given) -> Optional[str]:
+    """One line for ms-swift's ``model_type: '...' not in [every type]`` traceback, which a model type that
+    ``--custom_register_path`` / ``--external_plugins`` did not register still ends in (the plugin checks the model
+    types before ms-swift only without them: :func:`~swift_gkd_plugin.swift.setup.arguments.check_model_types`)."""
+    if not model_types.UNREGISTERED_MODEL_TYPE.search(error):
+        return None
+    from swift.model.model_meta import MODEL_MAPPING
+    return model_types.unknown_model_type_message(given, MODEL_MAPPING)
 
 
 def torchrun_world_size() -> Optional[int]:
