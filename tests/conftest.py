@@ -116,6 +116,25 @@ class SwiftRun:
                       key=lambda p: int(p.rsplit('-', 1)[1]))
 
 
+def early_stopper(student_dir: str, scale: float = 2.0):
+    """``(model, tokenizer)``: the tiny student of ``student_dir`` with its ``<|im_end|>`` output row aimed at its
+    average last hidden state after 8 prompts (logit ~``scale`` there): its samples stop after a random number of
+    tokens, often at once for a large ``scale``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from swift_gkd_plugin.testing import tiny
+    tok = tiny.load_tokenizer(student_dir)
+    model = AutoModelForCausalLM.from_pretrained(student_dir)
+    with torch.no_grad():
+        prompts = [f"<|im_start|>user\n{r['messages'][0]['content']}<|im_end|>\n<|im_start|>assistant\n"
+                   for r in tiny.make_rows(8, seed=0)]
+        hidden = torch.cat([model(**tok(p, return_tensors='pt'), output_hidden_states=True).hidden_states[-1][0]
+                            for p in prompts]).mean(0)
+        model.lm_head.weight[tok.convert_tokens_to_ids('<|im_end|>')] = hidden * scale / hidden.dot(hidden)
+    return model, tok
+
+
 def base_args(ws: Workspace, output_dir: str, **overrides) -> List[str]:
     """A CPU-friendly ``swift rlhf --rlhf_type gkd`` command line; ``overrides`` replace or add flags."""
     flags = {

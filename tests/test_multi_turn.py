@@ -398,6 +398,9 @@ def test_a_trajectory_with_nothing_to_learn_is_counted_and_warned(runs):
         in run.output
     assert run.returncode != 0
     assert 'the run ended after 1 step(s) with loss 0 exactly' in run.output and 'Traceback' not in run.output
+    # the cause named: no token to learn from, not a teacher that agrees with the student (issue 96 item 1)
+    assert 'Cause: those steps held no response token to learn from' in run.output, run.output[-2000:]
+    assert 'the teacher gives the student' not in run.output
 
 
 def test_the_guard_takes_numpy_bools_and_refuses_other_values():

@@ -3,7 +3,7 @@ import json
 import os
 
 import pytest
-from conftest import _run_env, _zygote_for, base_args, launcher_child_command, run_swift
+from conftest import _run_env, _zygote_for, base_args, early_stopper, launcher_child_command, run_swift
 from transformers import AutoTokenizer
 
 
@@ -223,21 +223,10 @@ def test_loss_does_not_depend_on_the_micro_batch_split(tiny_ws, one_process_two_
 def early_stopping_student(tiny_ws):
     """The tiny student with its ``<|im_end|>`` output row aimed at its average last hidden state (logit ~2 there):
     its samples stop after a random number of tokens, so on-policy micro-batches hold different token counts."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from swift_gkd_plugin.testing import tiny
     out = os.path.join(tiny_ws.root, 'early_stopping_student')
     if os.path.exists(out):
         return out
-    tok = tiny.load_tokenizer(tiny_ws.student)
-    model = AutoModelForCausalLM.from_pretrained(tiny_ws.student)
-    with torch.no_grad():
-        prompts = [f"<|im_start|>user\n{r['messages'][0]['content']}<|im_end|>\n<|im_start|>assistant\n"
-                   for r in tiny.make_rows(8, seed=0)]
-        hidden = torch.cat([model(**tok(p, return_tensors='pt'), output_hidden_states=True).hidden_states[-1][0]
-                            for p in prompts]).mean(0)
-        model.lm_head.weight[tok.convert_tokens_to_ids('<|im_end|>')] = hidden * 2.0 / hidden.dot(hidden)
+    model, tok = early_stopper(tiny_ws.student, scale=2.0)
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out

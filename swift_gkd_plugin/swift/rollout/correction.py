@@ -9,15 +9,15 @@ import math
 from typing import Optional
 
 import torch
-from swift.infer_engine import TransformersEngine
-
 from swift_gkd_plugin.core.constants import IGNORE_INDEX
+from swift_gkd_plugin.swift.rollout.stop_token import TransformersSampler
 
 __all__ = ['SamplerLogprobsEngine', 'sampler_logprobs_of_batch']
 
 
-class SamplerLogprobsEngine(TransformersEngine):
-    """ms-swift's transformers engine, whose log-probabilities are those of the distribution it sampled from.
+class SamplerLogprobsEngine(TransformersSampler):
+    """ms-swift's transformers engine (keeping each answer's stop token), whose log-probabilities are those of the
+    distribution it sampled from.
 
     ms-swift's engine reports ``log_softmax`` of the raw logits (temperature 1, no top-k/top-p), while vLLM, as
     ms-swift starts it, reports ``processed_logprobs`` (after temperature and truncation). This engine reports the

@@ -8,7 +8,6 @@ from contextlib import ExitStack, contextmanager
 from copy import copy
 
 import torch
-from swift.infer_engine import TransformersEngine
 from swift.utils import get_logger, unwrap_model_for_generation
 
 from swift_gkd_plugin.core.weights.lora_round_trip import (HostBuffer, adapter_tensors_copied, exact_lora_sync,
@@ -20,6 +19,7 @@ from swift_gkd_plugin.swift.rollout.rollout_server import watch_rollout_client
 from swift_gkd_plugin.swift.rollout.media_tokens import cut_at_media_placeholders, suppress_media_placeholders
 from swift_gkd_plugin.swift.rollout.correction import SamplerLogprobsEngine
 from swift_gkd_plugin.swift.rollout.speculative import SpeculativeEngine
+from swift_gkd_plugin.swift.rollout.stop_token import TransformersSampler
 from swift_gkd_plugin.rollout.colocated_vllm import weight_sync_context
 
 logger = get_logger()
@@ -29,10 +29,11 @@ class SamplersMixin:
     """The engines and settings that draw a generation batch's samples."""
 
     def _sampling_engine(self, model, template=None, decode=None):
-        """A transformers engine on ``model``; ``decode``: SKD's decoding loop (:class:`SpeculativeEngine`)."""
+        """A transformers engine on ``model`` that keeps each answer's stop token (:mod:`.stop_token`); ``decode``:
+        SKD's decoding loop (:class:`SpeculativeEngine`)."""
         template = template or self.template
         if decode is None:
-            engine = TransformersEngine(model, template=self._infer_template(template), max_batch_size=0)
+            engine = TransformersSampler(model, template=self._infer_template(template), max_batch_size=0)
         else:
             engine = SpeculativeEngine(model, template=self._infer_template(template), decode=decode)
         suppress_media_placeholders(engine, template)

@@ -21,6 +21,7 @@ from typing import Any, Dict, List
 
 import torch
 from accelerate.utils import gather_object
+from swift.infer_engine import TransformersEngine
 from swift.infer_engine.protocol import RolloutOutput
 from swift.rlhf_trainers.gkd_loss import DataSource
 from swift.rollout import invoke_async_hook, run_multi_turn
@@ -86,6 +87,8 @@ class RolloutMixin:
         self.request_config.temperature = self._sampling_temperature
         self._mode_log = mode_log_path(self.args.output_dir, self.args.process_index)
         self._sampler_logprobs_noted, self._measure_mismatch = False, False
+        if type(getattr(self, 'engine', None)) is TransformersEngine:  # ms-swift's: one that keeps the stop token
+            self.engine = self._sampling_engine(self.model)
         if self.args.gkd_rl_coef > 0 or self.args.gkd_sampled_kl_coef > 0:  # the policy-gradient terms
             self._request_sampler_logprobs()
         suppress_media_placeholders(getattr(self, 'engine', None), self.template)  # the student's own sampler

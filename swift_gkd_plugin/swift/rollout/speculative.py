@@ -11,15 +11,16 @@ from contextlib import nullcontext
 from typing import Callable, List, Optional
 
 import torch
-from swift.infer_engine import TransformersEngine
 from swift.template.utils import StopWordsCriteria
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from swift_gkd_plugin.core.speculative import Forward, SpeculativeResult, scored_forward, speculative_sample
+from swift_gkd_plugin.swift.rollout.stop_token import TransformersSampler
 
 
-class SpeculativeEngine(TransformersEngine):
-    """A transformers engine whose ``generate`` runs ``decode`` (a transformers ``custom_generate`` callable)."""
+class SpeculativeEngine(TransformersSampler):
+    """A transformers engine (keeping each answer's stop token) whose ``generate`` runs ``decode`` (a transformers
+    ``custom_generate`` callable)."""
 
     def __init__(self, model, *, template, decode: Callable):
         super().__init__(model, template=template, max_batch_size=0)

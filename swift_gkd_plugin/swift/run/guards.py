@@ -115,19 +115,21 @@ class NothingLearnt(TrainerCallback):
     def __init__(self, trainer):
         self.trainer = trainer
         self.armed = True
-        self.zero_steps = self.evidence = 0
+        self.zero_steps = self.evidence = self.empty_steps = 0
         self.privileged_rows = self.rows = None  # counted when training starts
         self._reset()
 
     def _reset(self):
-        self.loss, self.viewed = 0.0, False
+        self.loss, self.viewed, self.tokens = 0.0, False, None
 
     def add(self, loss, inputs) -> None:
-        """One training micro-batch: its loss, and whether a row had a privileged teacher view (device tensors, no
-        host read)."""
+        """One training micro-batch: its loss, whether a row had a privileged teacher view (device tensors, no
+        host read) and its step's response tokens over every rank (a number the rollout counted)."""
         if not self.armed:
             return
         self.loss = self.loss + loss.detach().abs().sum()
+        if inputs.get('gkd_step_tokens') is not None:
+            self.tokens = float(inputs['gkd_step_tokens'])
         student, teacher = inputs['model_inputs']['input_ids'], inputs['teacher_model_inputs']['input_ids']
         self.viewed = self.viewed | (student.shape != teacher.shape or (student != teacher).any())
 
@@ -150,6 +152,7 @@ class NothingLearnt(TrainerCallback):
         import torch
         values = torch.stack([torch.as_tensor(self.loss, dtype=torch.float32, device=args.device).reshape(()),
                               torch.as_tensor(self.viewed, dtype=torch.float32, device=args.device).reshape(())])
+        empty = self.tokens == 0  # no response token on any rank
         self._reset()
         if args.world_size > 1:
             torch.distributed.all_reduce(values)
@@ -158,7 +161,8 @@ class NothingLearnt(TrainerCallback):
             self.armed = False  # it learns
             return
         self.zero_steps += 1
-        self.evidence += bool(viewed) or self.privileged_rows == 0
+        self.empty_steps += empty
+        self.evidence += bool(viewed) or self.privileged_rows == 0 or empty
         if self.evidence >= self.STEPS:
             raise RunError(self._message(state))
 
@@ -174,12 +178,13 @@ class NothingLearnt(TrainerCallback):
             drawn = 'the training set has no teacher_prompt or teacher_messages column'
         when = 'the run ended after' if ended else 'the run stops after'
         return (f'{when} {self.zero_steps} step(s) with loss 0 exactly ({drawn}): it learns nothing, and would '
-                f'otherwise end with exit code 0. Cause: {zero_loss_cause(self.trainer)}')
+                f'otherwise end with exit code 0. Cause: '
+                f'{zero_loss_cause(self.trainer, empty=self.empty_steps == self.zero_steps)}')
 
 
-def zero_loss_cause(trainer) -> str:
-    """Why a step's loss is 0 exactly: rows cut to no response token at ``--max_length``, else from what the trainer
-    distils from."""
+def zero_loss_cause(trainer, empty: bool = False) -> str:
+    """Why a step's loss is 0 exactly: rows cut to no response token at ``--max_length``; steps without a response
+    token (``empty``: their completions were empty or masked out); else what the trainer distils from."""
     emptied = getattr(getattr(trainer, '_replaced_rows', None), 'emptied', 0)
     if emptied:
         cap = trainer._length_cap  # (rollout/max_length.py: it counted them)
@@ -187,6 +192,10 @@ def zero_loss_cause(trainer) -> str:
         return (f'--max_length {max_length} (--truncation_strategy {strategy}) cut every response token away from '
                 f'{emptied} row(s) on this process (their prompts fill --max_length; gkd/cut_empty_rows), leaving '
                 'nothing to distil: raise --max_length above the prompts\' length')
+    if empty:
+        return ('those steps held no response token to learn from: every completion was empty or masked out of the '
+                'loss (a multi-turn scheduler whose response_loss_mask is all 0, a sampler that returned no token, '
+                'dataset rows without a response), not a teacher that agrees with the student')
     if trainer.use_teacher_api:
         return (f'--teacher_model_server {trainer.teacher_model_server} returns the student\'s distribution at every '
                 'response token (the student\'s own model served?)')
