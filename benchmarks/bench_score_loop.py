@@ -2,7 +2,6 @@
 teacher's bare forward + top-k over the same rows, at the same batches and dtype, in one invocation.
 
     python benchmarks/bench_score_loop.py                 # medium setting (153M teacher), 192 long-tailed rows
-    python benchmarks/bench_teacher_store.py --score      # the same
     python benchmarks/bench_score_loop.py --setting small --rows 64
 
 1. **The score loop**: ``swift-gkd score`` of the teacher (``bench_teacher_store.SETTINGS``; ``medium``: hidden 2048,

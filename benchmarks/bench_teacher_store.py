@@ -4,7 +4,7 @@ second from the store against a live teacher, and the losses at learning rate 0,
     python benchmarks/bench_teacher_store.py            # SmolLM2 + synthetic bytes; small and tiny: 3 pairs x 30 steps
     python benchmarks/bench_teacher_store.py --quick    # fewer rows, 1 pair x 10 steps a setting
     python benchmarks/bench_teacher_store.py --skip_smollm --settings small --pairs 5 --steps 40
-    python benchmarks/bench_teacher_store.py --score    # swift-gkd score against the bare forward (bench_score_loop)
+    python benchmarks/bench_score_loop.py               # swift-gkd score against the bare forward (its own script)
 
 1. **Bytes a token**: rows scored straight from a model's logits, written with the store's own writer (the format
    ``swift-gkd score`` writes): top-64 + tail (and the next token's log-prob) in float16, bfloat16 and float32; 12 ids
@@ -442,8 +442,6 @@ def _fmt_bpt(results: Dict[str, dict], name: str) -> str:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if '--score' in argv:  # the score loop against the bare forward + top-k (bench_score_loop.py, issue 90)
-        return __import__('bench_score_loop').main([a for a in argv if a != '--score'])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--quick', action='store_true', help='1 pair of 10 steps, fewer SmolLM2 and synthetic rows')
     parser.add_argument('--workdir', default=os.path.join(ROOT, '.bench_cache', 'teacher_store'),

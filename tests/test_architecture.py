@@ -98,6 +98,36 @@ def test_the_import_graph_has_no_circle():
     assert circles(import_graph()) == []
 
 
+def script_graph(folder):
+    """A folder of scripts (benchmarks/, tests/): file stem -> the sibling stems it imports, by an import statement
+    or by ``__import__`` / ``importlib.import_module`` of a literal name."""
+    stems = {name[:-3] for name in os.listdir(folder) if name.endswith('.py')}
+    graph = {}
+    for stem in stems:
+        path = os.path.join(folder, stem + '.py')
+        named = {name.split('.')[0] for name in imported_modules(path)}
+        with open(path) as f:
+            for node in ast.walk(ast.parse(f.read(), path)):
+                if (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
+                        and getattr(node.func, 'id', getattr(node.func, 'attr', None)) in ('__import__',
+                                                                                           'import_module')):
+                    named.add(str(node.args[0].value).split('.')[0])
+        graph[stem] = (named & stems) - {stem}
+    return graph
+
+
+@pytest.mark.parametrize('folder', ['benchmarks', 'tests', 'tests/megatron', 'tests/server', 'tests/gpu'])
+def test_no_script_folder_has_an_import_circle(folder):
+    """The benchmarks and the test harness too: no two scripts import each other, directly or round a circle."""
+    assert circles(script_graph(os.path.join(REPO, folder))) == []
+
+
+def test_the_script_reader_sees_a_dynamic_import(tmp_path):
+    (tmp_path / 'a.py').write_text("import b\n")
+    (tmp_path / 'b.py').write_text("main = __import__('a').main\n")
+    assert circles(script_graph(str(tmp_path))) == [['a', 'b']]
+
+
 def test_activation_is_the_top():
     """activation.py imports the adapters; only the start-up hook and the ``--external_plugins`` file import it."""
     graph = import_graph()
