@@ -119,8 +119,8 @@ def sampled_token_stats(logits: torch.Tensor, tokens: torch.Tensor, temperature:
 
     The dense counterpart of the label term and ``entropy_sum`` of
     :func:`swift_gkd_plugin.core.fused.loss.fused_linear_jsd`. Chunked over rows: float32 temporaries of at most
-    ``chunk_rows x V`` (never a full-vocabulary float32 ``[N, V]`` copy, which the dense loss's entropy metric alone
-    used to cost on every on-policy step); the log-probabilities carry a gradient only when grad mode is on and
+    ``chunk_rows x V`` (never a full-vocabulary float32 ``[N, V]`` copy: the entropy metric of every on-policy step
+    would cost one); the log-probabilities carry a gradient only when grad mode is on and
     ``logits`` require it, and their backward also works chunk by chunk into ``logits``' own gradient.
 
     Args:

@@ -134,8 +134,8 @@ def _sample_command(args, rest: List[str], given) -> List[str]:
 
 
 def _defaults(given, out: str) -> List[str]:
-    """The flags a score run sets unless given: its logs under the store, no reporting, the model bare (issue 90:
-    nothing is trained; ms-swift's default LoRA wrapped every linear) and rows batched by length (a store is keyed by
+    """The flags a score run sets unless given: its logs under the store, no reporting, the model bare (nothing
+    is trained; ms-swift's default LoRA wrapped every linear) and rows batched by length (a store is keyed by
     content, so the order is free: less padding)."""
     defaults = {'output_dir': os.path.join(out, 'runs'), 'report_to': 'none', 'tuner_type': 'full',
                 'group_by_length': 'true'}

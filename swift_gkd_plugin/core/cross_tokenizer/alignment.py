@@ -1,4 +1,4 @@
-"""Aligning two tokenizations of the same text, for distillation across tokenizers (issue 13).
+"""Aligning two tokenizations of the same text, for distillation across tokenizers.
 
 A causal LM's logits at the position before token ``i`` predict token ``i`` from the text that precedes it. Two
 tokenizations of one text give comparable next-token distributions exactly where a student token and a teacher

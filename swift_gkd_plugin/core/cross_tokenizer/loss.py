@@ -1,4 +1,4 @@
-"""Distillation losses between distributions over DIFFERENT vocabularies (issue 13).
+"""Distillation losses between distributions over DIFFERENT vocabularies.
 
 Rows are aligned positions (:func:`swift_gkd_plugin.core.cross_tokenizer.alignment.align_positions`): row ``n`` of the
 student logits and row ``n`` of the teacher logits predict the next token after the same text.

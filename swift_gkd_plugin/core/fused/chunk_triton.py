@@ -24,8 +24,8 @@ def kernel_chunk_size(vocab: int, teacher_vocab: int, itemsize: int) -> int:
 
     Why: on a GPU the per-chunk fixed cost is the read-modify-write of the float32 ``[V, H]`` weight gradient
     (0.5 GB at V = 151,936, H = 896) and the matmuls' efficiency, which both favour large chunks; the kernel's own
-    cost does not depend on the chunk. Measured on an H100 at 8k tokens (bf16, V = Vt = 151,936, H = 896): 1,536
-    rows (this rule) 38.6 ms, 4,096 rows 34.3 ms at 4.1 GiB of peak instead of 1.9 (docs_en/gpu_results.md).
+    cost does not depend on the chunk. About 1 GiB keeps most of the large chunks' speed at half their peak memory
+    (the measurements: docs_en/gpu_results.md).
     """
     rows = _KERNEL_LOGIT_BYTES // (itemsize * max(vocab + teacher_vocab, 1))
     return int(max(256, min(4096, rows // 256 * 256)))

@@ -225,7 +225,7 @@ class StoreWriter:
     made by the first writer; a writer whose identity differs from an existing manifest's is refused.
 
     ``background=True``: :meth:`add` hands the row to one worker thread that encodes it and writes full shards, so
-    the caller's next forward overlaps them (issue 90); at most ``queue_rows`` rows wait (``add`` blocks beyond:
+    the caller's next forward overlaps them; at most ``queue_rows`` rows wait (``add`` blocks beyond:
     memory stays flat). Rows are encoded in the order added, so the shards hold what the synchronous writer's would.
     :meth:`get`, ``in`` and :meth:`flush` see every row added; a worker's failure is raised by the next call."""
 

@@ -3,9 +3,9 @@ and a save that fails for lack of space named as such.
 
 The HF Trainer writes ``trainer_state.json`` last in each ``checkpoint-N`` (after the weights, optimizer, scheduler
 and RNG states), and ms-swift points ``last-checkpoint`` at a checkpoint only once it is written: a checkpoint
-without ``trainer_state.json`` is one whose save was cut short (a killed process, a full disk). Resuming from it
-used to fail only after both models had loaded, with a raw ``FileNotFoundError``; a full disk during a save
-surfaced as torch's ``unexpected pos 765248 vs 765140``.
+without ``trainer_state.json`` is one whose save was cut short (a killed process, a full disk): a resume from it is
+refused before loading (ms-swift would fail after both models loaded, with a raw ``FileNotFoundError``), and a full
+disk during a save is named as such (torch says ``unexpected pos ...``).
 """
 from __future__ import annotations
 

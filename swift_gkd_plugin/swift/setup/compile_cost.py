@@ -1,31 +1,23 @@
 """The costs warned about before loading: ``--torch_compile`` (what the plugin keeps out of the compiled model, and the
-configuration it warns about) and LoRA under DeepSpeed ZeRO-3 (:func:`zero3_lora_warnings`).
-
-Measured on CPU (tiny Qwen3, 2 ranks, gloo, dynamo with the ``eager`` backend: tracing and guards without kernels;
-``tests/test_compile_cost.py``) and on one H100 (part d of the GPU kit, inductor, 0.5B-shaped student):
+configuration it warns about) and LoRA under DeepSpeed ZeRO-3 (:func:`zero3_lora_warnings`). Their measured costs, on
+CPU and on a GPU, are in docs_en/fused_loss.md, docs_en/teacher_placement.md and docs_en/gpu_results.md (part d).
 
 - Under DeepSpeed, accelerate compiles the engine's module in place (``engine.compile`` -> ``nn.Module.compile``), so
   everything that calls the student module runs through dynamo, sampling included. Sampling calls it once per new
   token with a growing KV cache: each new shape is a recompilation of the model's forward, and those count against the
-  same per-function limit (``torch._dynamo.config.recompile_limit``, 8) as the training forward's own variants.
-  Before sampling ran eager, ZeRO-3 + compile spent 21 s and 26 s of dynamo time in the sampling of steps 1 and 2
-  (CPU, 8 tokens per sample) and 25 s in step 1's training forward.
+  same per-function limit (``torch._dynamo.config.recompile_limit``, 8) as the training forward's own variants. So
+  sampling runs eager (:func:`eager_sampling`).
 - ZeRO-3 itself: DeepSpeed registers a forward and a backward hook on every submodule (parameter fetch and release).
   The compiled module traces them: they break the graph (``parameter_offload.py``) and are recompiled per submodule
   type, output type and grad mode until each reaches the recompile limit, after which they run eager. That cost is
   DeepSpeed's and dynamo's, not the plugin's: :func:`torch_compile_warnings` warns before loading.
 
-LoRA under DeepSpeed ZeRO-3: warned about before loading, with the measured cost and the faster configuration.
-
-Counted per step on CPU (tiny Qwen3, 2 ranks, gloo, ``tests/step_probe_plugin.py``, ``tests/test_zero3_lora.py``):
-ZeRO-3 issues 2.3x the all-gather calls of a full-model ZeRO-3 run on the same base (231 against 100 per step), with
-the same forwards (one teacher, one student, one recomputation under gradient checkpointing). About 90 of the extra
-calls come with LoRA itself (PEFT's wrapped linears are fetched module by module; a LoRA student with a separate
-teacher makes 190), the rest is the shared-base teacher pass, which gathers the base again (0.75x of it, 38 calls)
-where a separate ZeRO-3 teacher's partitions stay gathered after its first use. ms-swift's ZeRO-3 presets do not
-overlap communication (``overlap_comm: false``): every call is on the step's critical path. None of it is a redundant
-forward of the plugin's. For LoRA the frozen base is what ZeRO-3 partitions, and the optimizer state is the
-adapter's only: ZeRO-2 or no DeepSpeed keeps the base whole at little memory cost.
+LoRA under DeepSpeed ZeRO-3: warned about before loading, with the measured cost and the faster configuration. ZeRO-3
+fetches PEFT's wrapped linears module by module, and a shared-base teacher pass gathers the base again where a separate
+ZeRO-3 teacher's partitions stay gathered after its first use; ms-swift's ZeRO-3 presets do not overlap communication
+(``overlap_comm: false``), so every call is on the step's critical path. None of it is a redundant forward of the
+plugin's. For LoRA the frozen base is what ZeRO-3 partitions, and the optimizer state is the adapter's only: ZeRO-2 or
+no DeepSpeed keeps the base whole at little memory cost.
 """
 from __future__ import annotations
 

@@ -193,7 +193,7 @@ def _check_teacher_server(args, client: TeacherClient, tokenizer) -> None:
 def check_multimodal_route(args, url: str, route: str) -> None:
     """A multimodal student's rows hold image (video, audio) tokens, which the trainer's encoding expands from the
     row's media with the student's processor. ``/v1/topk`` and ``/v1/completions`` score the trainer's token ids
-    alone: the teacher would read the media tokens without the media (issue 74 item 9). ms-swift's ``/infer/`` sends
+    alone: the teacher would read the media tokens without the media. ms-swift's ``/infer/`` sends
     the media with each chat, the server's processor expands them, and each answer's ``prompt_token_ids`` are checked
     against the trainer's row (:func:`~swift_gkd_plugin.swift.teacher.served.check_infer_tokenization`)."""
     meta = getattr(args, 'model_meta', None)

@@ -120,7 +120,7 @@ def topk_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[
 
     Ids of the teacher's padded output rows (``>= student_vocab``) are marked unused (-inf). With ``tokens`` (``[N]``
     next-token ids) also each one's log-prob at temperature 1 (:func:`token_logprobs`), from the same chunk of
-    logits: one pass of the head over the vocabulary instead of two (issue 90).
+    logits: one pass of the head over the vocabulary instead of two.
     """
     ids, logprobs, targets = [], [], []
     for start in range(0, hidden.shape[0], chunk_size):

@@ -233,7 +233,6 @@ class LossMixin(EvaluationMixin):
         if isinstance(teacher_side, TeacherHead) and teacher_side.uses_student_head:
             teacher_side = teacher_side.with_head(weight, bias)  # frozen for the teacher's side
         # the label term: the SFT cross-entropy on dataset responses, or the policy-gradient term on the student's
-        # samples (advantage-weighted, at the sampling temperature); never both in one step
         # samples (advantage-weighted, at the sampling temperature: the reward term's, the sampled-token term's or
         # both, their weights folded into one per-token weight); never both kinds in one step
         label_term, pg_sum_scale = {}, None

@@ -1,4 +1,4 @@
-"""Distillation across tokenizers on the transformers path (``--gkd_cross_tokenizer uld|hybrid``, issue 13).
+"""Distillation across tokenizers on the transformers path (``--gkd_cross_tokenizer uld|hybrid``).
 
 The teacher reads every conversation through its OWN template and tokenizer. For each row the student's response
 tokens and the teacher's are given character spans in the response text (:mod:`swift_gkd_plugin.core.cross_tokenizer.alignment`)

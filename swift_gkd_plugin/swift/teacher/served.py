@@ -109,7 +109,7 @@ def fit_answer(result: TopKResult, positions: int, k: int, where: str) -> TopKRe
     return TopKResult(ids, logprobs, result.tail, target_logprobs=targets)
 
 
-#: the flag that raises a server's cap on the entries it answers a position, by route (issue 81)
+#: the flag that raises a server's cap on the entries it answers a position, by route
 CAP_FLAGS = {'topk': 'its --top_k (`swift-gkd serve-teacher --top_k {k}`)',
              'completions': "vLLM's --max-logprobs (`vllm serve ... --max-logprobs {k}`; default 20)",
              'infer': "`swift deploy --max_logprobs {k}` (default 20), or for `swift rollout`, which leaves vLLM's "

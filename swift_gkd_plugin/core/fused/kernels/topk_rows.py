@@ -22,7 +22,7 @@ statistic), the row max (top-1 agreement) and the gradient. Two passes, one prog
    gradient, the label's softmax there, ``-w_l`` when the label is one of them.
 
 Bytes per ``[C, V]`` entry: pass 1 reads 2 (bf16 logits) or 4, pass 2 reads as much and writes as much; the PyTorch
-path made ~8-12 passes of 8 bytes. Tests passed on an H100; the speed is not measured on a GPU yet.
+path makes ~8-12 passes of 8 bytes. Its speed on a GPU is not measured (docs_en/gpu_results.md says what ran where).
 
 Dispatch: :func:`~swift_gkd_plugin.core.fused.kernels.choose_backend` (``--gkd_fused_backend``; on CPU tensors only under
 ``TRITON_INTERPRET=1``, Triton's interpreter, set before this module is first imported, as the tests do).
