@@ -20,8 +20,9 @@ Methods:
 * ``fused``: ``swift_gkd_plugin.core.fused.loss.fused_linear_jsd`` (default chunk size; on CUDA backend ``triton``,
   the first kernel ``full_rows_kernel``, pinned so that a change of ``auto`` does not change what it measures; on
   CPU ``auto``: the PyTorch chunk path).
-* ``fused2``: the same with ``backend='triton2'`` (the second kernel, ``full_rows2_kernel``); ``unavailable`` with
-  the reason where that backend is not in this checkout or cannot run here (CPU tensors).
+* ``fused2``: the same with ``backend='triton2'``, the GPU kit's experiment (``tests/gpu/experiments/triton2``, the
+  second kernel design ``full_rows2_kernel``, enabled in the worker; not in the package); ``unavailable`` with the
+  reason where that experiment is not in this checkout or cannot run here (CPU tensors).
 * ``fused2_serial``: ``fused2`` without its side stream (``SWIFT_GKD_TRITON2_OVERLAP=0``: chunks of the first
   backend's rows, one stream), to tell the overlap's share from the kernel's.
 * ``fused_torch``: the same with ``backend='torch'`` (the PyTorch chunk path, the reference).
@@ -67,6 +68,7 @@ import time
 # also the run order within each N
 METHODS = ['floor', 'fused', 'fused2', 'fused2_serial', 'fused_torch', 'liger', 'dense', 'swift', 'trl']
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRITON2 = os.path.join(REPO, 'tests', 'gpu', 'experiments', 'triton2')  # the GPU kit's experiment: method fused2
 
 
 def parse_args(argv=None):
@@ -161,15 +163,32 @@ class Unavailable(Exception):
     """The method cannot run here (a backend missing or not for this device): reported as ``unavailable``."""
 
 
+def _triton2():
+    """The GPU kit's experiment ``triton2`` (``tests/gpu/experiments/triton2/triton2_backend.py``), its folder put on
+    the path; ImportError where this checkout has none."""
+    if TRITON2 not in sys.path:
+        sys.path.insert(0, TRITON2)
+    import triton2_backend
+    return triton2_backend
+
+
 def _kernel_backend(name, device):
     """``name`` if ``fused_linear_jsd(backend=name)`` can run on ``device`` in this checkout, else Unavailable with
-    the reason (a backend being added lands in ``kernels.BACKENDS`` first)."""
-    from swift_gkd_plugin.core.fused.kernels import BACKENDS, resolve_backend
-    if name not in BACKENDS:
+    the reason. ``triton2``, the experiment, is enabled in this process first."""
+    from swift_gkd_plugin.core.fused import kernels
+    choose = kernels.choose_backend
+    if name == 'triton2':
+        try:
+            experiment = _triton2()
+        except ImportError as exc:
+            raise Unavailable(f'backend {name!r}: the experiment is not in this checkout ({exc})') from None
+        experiment.enable()
+        choose = experiment.choose_backend
+    elif name not in kernels.BACKENDS:
         raise Unavailable(f'backend {name!r} is not in this checkout (swift_gkd_plugin.core.fused.kernels.BACKENDS '
-                          f'= {BACKENDS})')
+                          f'= {kernels.BACKENDS})')
     try:
-        resolve_backend(name, device)
+        choose(name, device)
     except ValueError as exc:
         raise Unavailable(f'backend {name!r}: {exc}') from None
     return name
@@ -325,7 +344,7 @@ def run_worker(args):
         if cuda:
             result['peak_reserved_extra_mib'] = (torch.cuda.max_memory_reserved() - base_reserved) / 2**20
         if method in ('fused2', 'fused2_serial'):
-            from swift_gkd_plugin.core.fused.matmuls import float32_output_matmuls, weight_grad_path
+            from triton2_matmuls import float32_output_matmuls, weight_grad_path  # (the experiment's folder)
             result['weight_grad_path'] = weight_grad_path(device, dtype)
             if cuda and dtype != torch.float32 and not float32_output_matmuls(device, dtype):
                 result.update(status='fallback', error=f'weight gradient: {result["weight_grad_path"]}: not the '

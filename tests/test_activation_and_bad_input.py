@@ -239,7 +239,7 @@ BAD_INPUTS = [
     ({'teacher_model': None, 'teacher_model_type': None},
      ['no teacher: without --teacher_model, --teacher_model_server or --teacher_adapters the teacher is the student '
       'itself', 'teacher_prompt', '--sft_alpha > 0']),
-    ({'gkd_fused_backend': 'nonsense'}, ["--gkd_fused_backend must be one of ['auto', 'torch', 'triton', 'triton2']",
+    ({'gkd_fused_backend': 'nonsense'}, ["--gkd_fused_backend must be one of ['auto', 'torch', 'triton']",
                                          "got 'nonsense'"]),
     # the on-policy remedies (docs_en/onpolicy_remedies.md) and ms-swift's rollout filters
     ({'top_p': 0}, ['--top_p must be in (0, 1] (nucleus sampling; 1 = off), got 0']),
@@ -338,7 +338,7 @@ def test_fused_backend_refusals_before_loading(tiny_ws, tmp_path):
     run = run_swift(base_args(tiny_ws, str(tmp_path / 'out')), env={'SWIFT_GKD_FUSED_BACKEND': 'cuda'}, check=False,
                     timeout=120)
     assert_refused_in_one_line(run, ["SWIFT_GKD_FUSED_BACKEND (the default of --gkd_fused_backend) must be one of "
-                                     "['auto', 'torch', 'triton', 'triton2'] or empty, got 'cuda'"])
+                                     "['auto', 'torch', 'triton'] or empty, got 'cuda'"])
     run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), gkd_fused_backend='triton'), check=False, timeout=120)
     assert_refused_in_one_line(run, ['--gkd_fused_backend triton runs the kernels on CUDA devices and this process '
                                      'sees none', '--gkd_fused_backend auto'])

@@ -83,8 +83,7 @@ class GKDPluginArgumentsMixin:
         default=None,
         help='Backend of the fused loss: auto (Triton kernels on CUDA, each kernel variant checked once against '
         'the PyTorch path on its first chunk, falling back to it with a warning; the PyTorch path elsewhere), '
-        'torch (the PyTorch chunk path), triton (the kernels, never a fallback) or triton2 (a second kernel design '
-        'with fewer passes over a row, self-checked like auto; not yet run on a GPU). Unset (default): the '
+        'torch (the PyTorch chunk path) or triton (the kernels, never a fallback). Unset (default): the '
         'SWIFT_GKD_FUSED_BACKEND environment variable, else auto. See docs_en/fused_loss.md.',
         choices=Literal[FUSED_BACKENDS])
     gkd_drop_bad_rows: bool = field(

@@ -140,11 +140,14 @@ def test_auto_backend_reasons(monkeypatch):
     assert kernels.requested_backend() == ('auto', kernels.BACKEND_ENV)
     monkeypatch.setenv(kernels.BACKEND_ENV, 'cuda')
     with pytest.raises(ValueError, match=r"SWIFT_GKD_FUSED_BACKEND must be one of "
-                                         r"\('auto', 'torch', 'triton', 'triton2'\), "
+                                         r"\('auto', 'torch', 'triton'\), "
                                          r"got 'cuda'"):
         kernels.requested_backend()
     assert kernels.requested_backend('torch') == ('torch', 'backend')  # the argument wins over the variable
-    assert fused_loss.BACKENDS.keys() == {'torch', 'triton', 'triton2'}
+    assert fused_loss.BACKENDS.keys() == {'torch', 'triton'}
+    # one Triton design for users: the second is an experiment of the GPU kit (tests/gpu/experiments/triton2)
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'torch', 'triton'\), got 'triton2'"):
+        kernels.requested_backend('triton2')
 
 
 _INTERPRET_AFTER_IMPORT = r'''

@@ -36,7 +36,8 @@ def device(request):
 
 @pytest.fixture(params=kernels.KERNEL_BACKENDS)
 def kernel(request):
-    """The kernel design: ``triton`` (``kernels/full_rows.py``) or ``triton2`` (``kernels/full_rows2.py``)."""
+    """The kernel design: ``triton`` (``kernels/full_rows.py``). The GPU kit's experiment runs the tests that take
+    this fixture on its own design too (``tests/gpu/experiments/triton2/test_kernels_triton2.py``)."""
     return request.param
 
 
@@ -176,10 +177,11 @@ def test_padding_label_term_and_entropy(offset, div, temperature, label_temperat
                                  Divergence('jsd', beta=1.0)], ids=str)
 def test_many_blocks_per_row(div, monkeypatch, device, kernel):
     """Blocks of 128 entries over a 300 + 50 entry row (3 blocks each side, the last ragged: 44 and 94 entries): the
-    online logsumexp across blocks (and the second design's online moment of KL(s || t)); -inf bias entries at a
-    block's first, a block's second and the row's last entry; 3 rows, labels in blocks 0 and 1 and one ignored."""
+    online logsumexp across blocks (and the online moment of KL(s || t), in a design that has it); -inf bias entries
+    at a block's first, a block's second and the row's last entry; 3 rows, labels in blocks 0 and 1 and one
+    ignored."""
     from swift_gkd_plugin.core.fused.kernels import full_rows
-    monkeypatch.setattr(full_rows, 'BLOCK', 128)  # both designs' launcher
+    monkeypatch.setattr(full_rows, 'BLOCK', 128)  # the launcher of every full-row kernel
     x = tf.make_inputs(seed=12, n=3, v=300, vt=350, scale=6.0)
     assert x['labels'].tolist() == [254, -100, 66]
     x['b'][[0, 129, 299]] = float('-inf')
@@ -222,7 +224,7 @@ def test_backend_choice(monkeypatch):
     assert kernels.resolve_backend('triton', cpu) == 'triton'  # the argument wins over the variable
     monkeypatch.setenv(kernels.BACKEND_ENV, 'cuda')
     with pytest.raises(ValueError, match=r"SWIFT_GKD_FUSED_BACKEND must be one of "
-                                         r"\('auto', 'torch', 'triton', 'triton2'\), "
+                                         r"\('auto', 'torch', 'triton'\), "
                                          r"got 'cuda'"):
         kernels.resolve_backend(None, cpu)
     monkeypatch.setenv('TRITON_INTERPRET', '0')
@@ -234,7 +236,7 @@ def test_backend_choice(monkeypatch):
 _AOT = r'''
 import triton
 from triton.backends.compiler import GPUTarget
-from swift_gkd_plugin.core.fused.kernels import entry_math, full_rows, full_rows2
+from swift_gkd_plugin.core.fused.kernels import entry_math, full_rows
 from swift_gkd_plugin.core.row_divergence import REGISTRY, Divergence, kernel_form
 sig = dict(ZS='*bf16', ZT='*bf16', BS='*fp32', BT='*fp32', G='*bf16', LAB='*i64', LW='*fp32', CW='*fp32', DIV='*fp32',
            CE='*fp32', ENT='*fp32', TENT='*fp32', AGREE='*i32', stride_zs='i32', stride_zt='i32', stride_g='i32',
@@ -253,29 +255,22 @@ for i, div in enumerate(specs):
                                         'constexpr')}, constexprs=const)
         kernel = triton.compile(src, target=GPUTarget('cuda', 90, 32), options=dict(num_warps=8))
         assert kernel.asm['cubin'], div
-        # the second design: VOWN is not a parameter there, MODE is
-        const2 = {k: v for k, v in const.items() if k != 'VOWN'}
-        const2['MODE'] = full_rows2.mode_of(kernel_form(div).entry)
-        src = triton.compiler.ASTSource(fn=full_rows2.full_rows2_kernel, signature={**sig, **dict.fromkeys(const2,
-                                        'constexpr')}, constexprs=const2)
-        kernel = triton.compile(src, target=GPUTarget('cuda', 90, 32), options=dict(num_warps=8))
-        assert kernel.asm['cubin'], (div, 'triton2')
-print('compiled', len(specs) * 2 * 2)
+print('compiled', len(specs) * 2)
 '''
 
 
 def test_full_rows_compiles_for_h100():
-    """Both kernel designs: ahead-of-time compilation to sm_90 cubin (Triton's bundled ptxas; no GPU needed) of every divergence form,
+    """Ahead-of-time compilation to sm_90 cubin (Triton's bundled ptxas; no GPU needed) of every divergence form,
     with and without the label term / entropy / padding: what the interpreter cannot check (libdevice calls,
     constexpr function arguments, types). Not a run on a GPU."""
-    assert 'compiled 28' in compile_ahead_of_time(_AOT)
+    assert 'compiled 14' in compile_ahead_of_time(_AOT)
 
 
 @functools.cache
 def large_case(scale, family, device):
     """A ``large_logits`` case of 2 rows (each row is one program of the interpreter; the rows are alike) with its
     float64 references and the PyTorch path's results, per divergence: ``(case, top-k, {div: {form: (reference,
-    torch)}})``, the forms ``full``, top-k without (``False``) and with (``True``) the tail. Shared by both designs."""
+    torch)}})``, the forms ``full``, top-k without (``False``) and with (``True``) the tail. Shared by every design."""
     zs, zt, temperature = large_logits.case(scale, seed=int(scale) % 97, family=family, n=2)
     lp, ids = torch.log_softmax(zt.double(), -1).float().topk(8, -1)
     forms = {}

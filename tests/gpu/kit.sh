@@ -13,8 +13,9 @@
 #                                      split into parts of < 60 MiB in bundles .gpukit/big/carry/NN (tests/gpu/big.py)
 #   bash tests/gpu/kit.sh assemble     GPU, once per carried bundle: parts into /tmp/gpukit-big, then (all there)
 #                                      join, sha256, install; transformer-engine-torch built from its sdist (timed)
-#   bash tests/gpu/kit.sh kernels      GPU: the CUDA cases of tests/core (compiled Triton kernels against float64),
-#                                      summary into $GPUKIT_OUT/kernels.txt
+#   bash tests/gpu/kit.sh kernels      GPU: the CUDA cases of tests/core and of the kernel experiments in
+#                                      tests/gpu/experiments (compiled Triton kernels against float64), summary into
+#                                      $GPUKIT_OUT/kernels.txt
 #   bash tests/gpu/kit.sh install      installs the kit into $GPUKIT_SITE (default /tmp/gpukit-site) and prints the
 #                                      two exports that make it active in a shell
 #
@@ -274,15 +275,17 @@ run() {
 }
 
 # ------------------------------------------------------------------------------------------------------- kernels
-# the CUDA cases of tests/core (compiled kernels against float64 and the PyTorch path; a GPU machine leaves
-# TRITON_INTERPRET unset, so the cpu cases skip), or the pytest paths given: into $out/kernels.txt, pytest's exit code
+# the CUDA cases of tests/core and tests/gpu/experiments (compiled kernels against float64 and the PyTorch path; a GPU
+# machine leaves TRITON_INTERPRET unset, so the cpu cases skip), or the pytest paths given: into $out/kernels.txt,
+# pytest's exit code
 kernels() {
-    local out=${GPUKIT_OUT:-${OUT:-$REPO/gpukit_results}}
+    local out=${GPUKIT_OUT:-${OUT:-$REPO/gpukit_results}} paths=("$@")
+    [ ${#paths[@]} -gt 0 ] || paths=(tests/core tests/gpu/experiments)
     mkdir -p "$out"
     activate "$PY" "${GPUKIT_SITE:-/tmp/gpukit-site}" "${GPUKIT_WHEELS:-$KIT/wheels}"
     cd "$REPO"
     # -v: a line per test, so that a run stopped at its time limit still names what failed
-    "$PY" -m pytest -v -rfE -n "${GPUKIT_KERNEL_WORKERS:-auto}" -p no:cacheprovider --durations 10 "${@:-tests/core}" \
+    "$PY" -m pytest -v -rfE -n "${GPUKIT_KERNEL_WORKERS:-auto}" -p no:cacheprovider --durations 10 "${paths[@]}" \
         >"$out/kernels.txt" 2>&1 && rc=0 || rc=$?
     tail -n 30 "$out/kernels.txt"
     return "$rc"

@@ -7,10 +7,9 @@ into the chunk's ``grad_hidden`` and accumulates ``grad_weight`` / ``grad_bias``
 ``O(chunk x V)`` (reused across chunks) plus the ``[V, H]`` weight gradient every method needs; the work is the four
 matmuls of a plain ``lm_head`` forward/backward plus the chunk backend's passes over the logits.
 
-This file holds the API, the chunk loop and ``auto``'s self-check; a chunk is computed by one of three backends
-(``core/fused/plan.py`` says what one is): ``core/fused/chunk_torch.py`` (PyTorch ops on float32 scratch, the reference),
-``core/fused/chunk_triton.py`` (Triton kernels on the matmul-dtype logits, the default on CUDA) or
-``core/fused/chunk_triton2.py`` (the second kernel design, opt-in until a GPU has measured it). The choice:
+This file holds the API, the chunk loop and ``auto``'s self-check; a chunk is computed by one of two backends
+(``core/fused/plan.py`` says what one is): ``core/fused/chunk_torch.py`` (PyTorch ops on float32 scratch, the reference)
+or ``core/fused/chunk_triton.py`` (Triton kernels on the matmul-dtype logits, the default on CUDA). The choice:
 :func:`~swift_gkd_plugin.core.fused.kernels.choose_backend` (``--gkd_fused_backend``).
 
 The divergence of each row (the generalized JSD of ``beta`` or any registered one) and its closed-form gradient
@@ -42,7 +41,6 @@ from swift_gkd_plugin.core.constants import IGNORE_INDEX
 from swift_gkd_plugin.core.fused.plan import Plan, finite_bias
 from swift_gkd_plugin.core.fused.chunk_torch import TorchChunks, default_chunk_size
 from swift_gkd_plugin.core.fused.chunk_triton import TritonChunks, kernel_chunk_size
-from swift_gkd_plugin.core.fused.chunk_triton2 import Triton2Chunks
 from swift_gkd_plugin.core.fused.kernels import KERNEL_BACKENDS, choose_backend
 from swift_gkd_plugin.core.row_divergence import Divergence, as_divergence, gated_row_count, kernel_form
 from swift_gkd_plugin.core.teacher_signal import TeacherHead, TeacherTopK
@@ -53,7 +51,7 @@ __all__ = ['fused_linear_jsd', 'default_chunk_size', 'kernel_chunk_size']
 Number = Union[float, int, torch.Tensor]
 logger = logging.getLogger('swift_gkd_plugin')
 #: the chunk backends (``core/fused/plan.py`` says what one is)
-BACKENDS = {'torch': TorchChunks, 'triton': TritonChunks, 'triton2': Triton2Chunks}
+BACKENDS = {'torch': TorchChunks, 'triton': TritonChunks}
 
 
 def fused_linear_jsd(student_hidden: torch.Tensor,
@@ -110,9 +108,9 @@ def fused_linear_jsd(student_hidden: torch.Tensor,
         return_entropy: also return ``stats['entropy_sum']`` and ``stats['teacher_entropy_sum']``.
         divergence: a :class:`~swift_gkd_plugin.core.row_divergence.Divergence` other than the generalized JSD of
             ``beta`` (e.g. ``skew_kl``); ``beta`` is then unused.
-        backend: ``auto`` / ``torch`` / ``triton`` / ``triton2`` (:func:`~swift_gkd_plugin.core.fused.kernels.
-            choose_backend`); default ``$SWIFT_GKD_FUSED_BACKEND``, else ``auto``. ``auto`` (and ``triton2`` on CUDA)
-            checks each kernel variant once per process against the PyTorch path (:func:`_self_checked_backend`).
+        backend: ``auto`` / ``torch`` / ``triton`` (:func:`~swift_gkd_plugin.core.fused.kernels.choose_backend`);
+            default ``$SWIFT_GKD_FUSED_BACKEND``, else ``auto``. ``auto`` checks each kernel variant once per process
+            against the PyTorch path (:func:`_self_checked_backend`).
 
     Returns:
         ``(loss, stats)``. ``loss`` is a float32 scalar,
@@ -150,7 +148,7 @@ def fused_linear_jsd(student_hidden: torch.Tensor,
 
     backend_name, self_check = choose_backend(backend, student_hidden.device)
     if backend_name in KERNEL_BACKENDS and as_divergence(divergence).fkl_above_entropy is not None:
-        if not self_check or backend_name == 'triton2':  # forced: no entropy-aware mix (kernel_form says so)
+        if not self_check:  # forced: no entropy-aware mix (kernel_form says so)
             kernel_form(divergence)
         backend_name, self_check = 'torch', False  # auto: the PyTorch path computes it
     hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
@@ -337,10 +335,10 @@ def _self_checked_backend(hidden, weight, bias, plan: Plan) -> str:
 
 def _self_check(hidden, weight, bias, plan: Plan) -> str:
     """Run the first :data:`SELF_CHECK_ROWS` rows on both backends, in two chunks (the weight gradient accumulates
-    over chunks, and triton2's side stream hands one over); compare the loss, the divergence, the hidden, weight and
-    bias gradients (``grad_hidden = g @ W`` sees every entry of the kernel's ``d loss / d z``; ``grad_weight`` is
-    the float32-output matmuls' accumulation, which nothing else on CPU reaches). The weight gradient only where the
-    run forms one (a trainable head): a frozen head (LoRA) would pay a ``[V, H]`` float32 buffer it never uses."""
+    over chunks); compare the loss, the divergence, the hidden, weight and bias gradients (``grad_hidden = g @ W``
+    sees every entry of the kernel's ``d loss / d z``; ``grad_weight`` is the backend's accumulation over chunks).
+    The weight gradient only where the run forms one (a trainable head): a frozen head (LoRA) would pay a ``[V, H]``
+    float32 buffer it never uses."""
     c = min(hidden.shape[0], SELF_CHECK_ROWS)
     need_w = weight.requires_grad and plan.grad_enabled
     rowwise = ('teacher_hidden', 'topk_ids', 'topk_logprobs', 'labels', 'label_weights')
@@ -389,9 +387,7 @@ def _mismatch(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _key_text(plan: Plan, weight: torch.Tensor) -> str:
     teacher = 'a full teacher head' if plan.full else f'a top-k teacher{" with the tail" if plan.tail else ""}'
-    design = ', the second design' if plan.backend == 'triton2' else ''
-    return (f'{plan.divergence} against {teacher}, {str(weight.dtype).replace("torch.", "")} on {weight.device}'
-            f'{design}')
+    return f'{plan.divergence} against {teacher}, {str(weight.dtype).replace("torch.", "")} on {weight.device}'
 
 
 def _fall_back(what: str, why: str) -> str:

@@ -1,9 +1,9 @@
 """What the fused loss's chunk loop (``core/fused/loss.py``) and its chunk backends share.
 
-A backend (:class:`ChunkBackend`: ``core/fused/chunk_torch.py``, ``chunk_triton.py``, ``chunk_triton2.py``) is built
-from a :class:`Plan` for one call, owns its scratch buffers, says how many rows a chunk has (``rows``), turns a chunk's
-hidden states into a :class:`ChunkResult` (the chunk's sums and ``d loss / d z`` of its student logits) and that
-gradient into the hidden, weight and bias gradients (:meth:`ChunkBackend.backprop`).
+A backend (:class:`ChunkBackend`: ``core/fused/chunk_torch.py``, ``chunk_triton.py``) is built from a :class:`Plan`
+for one call, owns its scratch buffers, says how many rows a chunk has (``rows``), turns a chunk's hidden states into
+a :class:`ChunkResult` (the chunk's sums and ``d loss / d z`` of its student logits) and that gradient into the hidden,
+weight and bias gradients (:meth:`ChunkBackend.backprop`).
 """
 from __future__ import annotations
 

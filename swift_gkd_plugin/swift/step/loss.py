@@ -494,7 +494,7 @@ class LossMixin(EvaluationMixin):
         reason = fused_fallback_reason(self)
         if reason is None:
             logger.info(f'swift_gkd_plugin: GKD loss implementation: fused (--gkd_loss_impl {impl}); its backend: '
-                        f'{describe_backend(self.args.gkd_fused_backend, dtype=getattr(self.model, "dtype", None))}')
+                        f'{describe_backend(self.args.gkd_fused_backend)}')
             return True
         if self.args.gkd_topk_tail:
             raise ValueError(f'--gkd_topk_tail true needs the fused loss, which cannot apply here ({reason})')

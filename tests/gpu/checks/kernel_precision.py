@@ -1,5 +1,6 @@
 """Print the fused loss's relative errors against float64 at large tempered logits (tests/core/large_logits.py), for
-each backend that runs here: full teacher head and top-k (+ tail), every divergence form, |z / T| up to 1e4."""
+each backend that runs here (the package's, and the experiment ``triton2``): full teacher head and top-k (+ tail),
+every divergence form, |z / T| up to 1e4."""
 from __future__ import annotations
 
 import os
@@ -8,8 +9,11 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..', 'core'))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'experiments', 'triton2'))
 import large_logits as L  # noqa: E402
+import triton2_backend  # noqa: E402  (the second kernel design: an experiment, outside the package)
 
+triton2_backend.enable()
 device = sys.argv[1] if len(sys.argv) > 1 else ('cuda' if torch.cuda.is_available() else 'cpu')
 backends = ['torch', 'triton', 'triton2'] if device == 'cuda' or os.environ.get('TRITON_INTERPRET') == '1' else ['torch']
 print(f'device {device}, backends {backends}')

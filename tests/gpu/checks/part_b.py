@@ -1,5 +1,6 @@
-"""Part b: the loss alone, forward + backward from hidden states, at N = 4k, 8k, 16k tokens: the first kernel
-(``fused``, backend ``triton``) against the second (``fused2``, backend ``triton2``), Liger's LigerFusedLinearJSD
+"""Part b: the loss alone, forward + backward from hidden states, at N = 4k, 8k, 16k tokens: the package's kernel
+(``fused``, backend ``triton``) against the second design (``fused2``, ``triton2``: the experiment of
+``tests/gpu/experiments/triton2``, outside the package), Liger's LigerFusedLinearJSD
 and a matmul-only floor at every N; dense at 4k/8k; fused2_serial (no side stream), fused_torch and fused_topk at
 8k; a 3-point sweep of the chunk size; then one chunk of each kernel under Nsight Compute (``ncu_chunk.py``). One
 GPU call, ~2.5 minutes.
@@ -7,10 +8,11 @@ GPU call, ~2.5 minutes.
 Reuses ``benchmarks/bench_loss.py`` (one subprocess per method and N, the same seeded inputs; on CUDA the peak
 is ``max_memory_allocated`` minus the allocation before the steps). Goals (issue 18): fused memory at or below
 Liger's, fused time within 1.2x of the floor; Liger's published anchor is 6.2x less memory and 3.5x faster than a
-dense JSD at 8k tokens on an H100; issue 25: the kernel within 1.5x of the floor at 8k and 16k tokens; issue 56:
-``triton2`` becomes the CUDA default only if faster than ``triton`` at every N with no more memory (allocated and
-reserved); issue 67: its peak within one chunk of ``triton``'s (bounded), and a ``fused2`` row that ran a fallback
-(the PyTorch path, or the first design's weight-gradient products) is not timed as the kernel.
+dense JSD at 8k tokens on an H100; issue 25: the kernel within 1.5x of the floor at 8k and 16k tokens; issues 56
+and 95: ``triton2`` comes into the package, as the CUDA default, only if faster than ``triton`` at every N with no
+more memory (allocated and reserved); issue 67: its peak within one chunk of ``triton``'s (bounded), and a
+``fused2`` row that ran a fallback (the PyTorch path, or the first design's weight-gradient products) is not timed as
+the kernel.
 """
 from __future__ import annotations
 

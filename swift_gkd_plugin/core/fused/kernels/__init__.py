@@ -9,10 +9,7 @@ Backend choice (:func:`choose_backend`): ``auto`` (the default) uses the kernels
 imports and the device is not ROCm, after a self-check of each kernel variant against the PyTorch path on its first
 chunk (``core/fused/loss.py``; a failure or mismatch logs one warning and that variant runs on the PyTorch path);
 ``torch`` forces the PyTorch chunk path (the reference); ``triton`` forces the kernels, never falls back (on CPU
-tensors only under ``TRITON_INTERPRET=1``, Triton's interpreter, which the CPU tests use); ``triton2`` runs the
-second kernel design (``core/fused/chunk_triton2.py``, :mod:`.full_rows2`) where ``triton`` would, self-checked
-on CUDA like ``auto`` (it falls back to the PyTorch path with a warning) until a GPU run makes it a default. The
-``backend=`` argument
+tensors only under ``TRITON_INTERPRET=1``, Triton's interpreter, which the CPU tests use). The ``backend=`` argument
 of :func:`~swift_gkd_plugin.core.fused.loss.fused_linear_jsd` (``--gkd_fused_backend``) wins over the environment
 variable ``SWIFT_GKD_FUSED_BACKEND``; an empty variable means ``auto``.
 """
@@ -30,8 +27,8 @@ __all__ = ['BACKENDS', 'BACKEND_ENV', 'auto_backend', 'choose_backend', 'describ
            'interpreter_mismatch', 'KERNEL_BACKENDS', 'requested_backend', 'resolve_backend', 'triton_available']
 
 BACKEND_ENV = 'SWIFT_GKD_FUSED_BACKEND'
-BACKENDS = ('auto', 'torch', 'triton', 'triton2')
-KERNEL_BACKENDS = ('triton', 'triton2')  # the forced kernel designs: the first, the second
+BACKENDS = ('auto', 'torch', 'triton')
+KERNEL_BACKENDS = ('triton', )  # the forced kernels
 
 
 def triton_available() -> bool:
@@ -70,7 +67,7 @@ def auto_backend(device: torch.device) -> Tuple[str, str]:
 
 
 def choose_backend(backend: Optional[str], device: torch.device) -> Tuple[str, bool]:
-    """``(backend that runs, whether it is self-checked)``: auto's kernels, and ``triton2`` on CUDA. Raises
+    """``(backend that runs, whether it is self-checked)``: ``auto``'s kernels are, a forced backend is not. Raises
     ValueError on an unknown name or a forced kernel backend that cannot run."""
     choice, source = requested_backend(backend)
     if choice == 'auto':
@@ -85,7 +82,7 @@ def choose_backend(backend: Optional[str], device: torch.device) -> Tuple[str, b
         mismatch = interpreter_mismatch()
         if mismatch:
             raise ValueError(f'{source}={choice}: {mismatch}')
-    return choice, choice == 'triton2' and device.type == 'cuda'
+    return choice, False
 
 
 def interpreter_mismatch() -> Optional[str]:
@@ -107,21 +104,13 @@ def interpreter_mismatch() -> Optional[str]:
             'starts, or before anything imports triton')
 
 
-def describe_backend(backend: Optional[str], device: Optional[torch.device] = None,
-                     dtype: Optional[torch.dtype] = None) -> str:
-    """One line for the start-up log: the backend that runs on ``device`` (default: CUDA if visible) and why; for
-    ``triton2`` with the weights' ``dtype`` given, how it forms the weight gradient (the float32 epilogue, or the first
-    design's products where the probe failed)."""
+def describe_backend(backend: Optional[str], device: Optional[torch.device] = None) -> str:
+    """One line for the start-up log: the backend that runs on ``device`` (default: CUDA if visible) and why."""
     if device is None:
         device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     choice, source = requested_backend(backend)
     given = '--gkd_fused_backend' if source == 'backend' else (
         f'{BACKEND_ENV}' if os.environ.get(BACKEND_ENV, '').strip() else 'the default')
-    if choice == 'triton2':
-        from swift_gkd_plugin.core.fused.matmuls import weight_grad_path
-        grad_w = '' if dtype is None else f'; weight gradient: {weight_grad_path(device, dtype)}'
-        return (f'triton2, the second kernel design ({given}; checked against the PyTorch path on its first two '
-                f'chunks on CUDA, falling back to it with a warning{grad_w})')
     if choice != 'auto':
         return f'{choice} (forced by {given}; no fallback)' if choice == 'triton' else f'torch ({given})'
     name, why = auto_backend(device)

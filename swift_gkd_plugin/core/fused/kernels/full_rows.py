@@ -97,7 +97,8 @@ def _statistics(ZS, ZT, BS, BT, LAB, CW, CE, AGREE, row, zs_row, zt_row, V, VT, 
                 BLOCK: tl.constexpr):
     """Pass 1, one read of the row: the online logsumexps ``(m, S)`` of the student, the teacher, the entropies'
     own sides and the label term, the top-1 agreement and the label's cross-entropy (stored), and with ``MOMENT``
-    the online ``sum exp(u - m_s) (ut - u)`` (rescaled with ``S_s``; the second design's KL(s || t)). Returns
+    the online ``sum exp(u - m_s) (ut - u)`` (rescaled with ``S_s``: KL(s || t)'s centring shift without a pass of its
+    own, for a kernel that reads the row twice). Returns
     ``(m_s, S_s, m_t, S_t, m_o, S_o, m_q, S_q, m_l, S_l, label, moment)``."""
     offs = tl.arange(0, BLOCK)
     zero = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
@@ -247,8 +248,8 @@ def full_rows(zs: torch.Tensor, zt: torch.Tensor, bias_s: Optional[torch.Tensor]
 
 def launch(kernel, zs, zt, bias_s, bias_t, *, entry, constants, threshold, coef, temperature, grad, labels,
            label_weight, ce_weight, label_temperature, entropy, block, num_warps, **constexprs) -> RowResults:
-    """Allocate the per-row results and launch ``kernel`` (one program per row) with the arguments both designs
-    share (:func:`full_rows`'s) and the design's own ``constexprs``."""
+    """Allocate the per-row results and launch ``kernel`` (one program per row) with :func:`full_rows`'s arguments,
+    which every full-row kernel takes, and the kernel's own ``constexprs``."""
     c, v = zs.shape
     vt = zt.shape[1]
     dev = zs.device

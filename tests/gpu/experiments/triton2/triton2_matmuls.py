@@ -1,6 +1,7 @@
-"""The float32-output matmuls of the second kernel design (:mod:`.chunk_triton2`): whether they work on a device
-(probed once, in the real call's layout), and how the weight gradient is formed, for the start-up log. A leaf: the
-backend description (:mod:`.kernels`) reads it without importing the chunk backends."""
+"""The float32-output matmuls of the second kernel design (:mod:`chunk_triton2`): whether they work on a device
+(probed once, in the real call's layout), and how the weight gradient is formed, for the backend's description
+(:func:`triton2_backend.describe_backend`) and the benchmark's rows. A leaf: it imports neither the chunk backend
+nor the kernel."""
 from __future__ import annotations
 
 from typing import Dict

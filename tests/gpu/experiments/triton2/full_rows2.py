@@ -1,9 +1,10 @@
-"""The second design of the full-teacher-head kernel (``--gkd_fused_backend triton2``): the contract of
-:func:`.full_rows.full_rows` (same arguments, same per-row results, the gradient written once over the student's
-logits), with fewer passes over a row and fewer transcendentals per entry. The per-entry math is the same
-``ENTRY`` function of :mod:`.entry_math` (the same precision); what changes is which pass computes what.
+"""The second design of the full-teacher-head kernel (the experiment ``triton2``, :mod:`triton2_backend`): the
+contract of the package's ``full_rows`` (``swift_gkd_plugin/core/fused/kernels/full_rows.py``: same arguments, same
+per-row results, the gradient written once over the student's logits), with fewer passes over a row and fewer
+transcendentals per entry. The per-entry math is the same ``ENTRY`` function of the package's ``entry_math`` (the
+same precision); what changes is which pass computes what.
 
-With ``u``, ``ut`` the tempered student / teacher logits and one program per row, as in :mod:`.full_rows`:
+With ``u``, ``ut`` the tempered student / teacher logits and one program per row, as in ``full_rows``:
 
 1. *statistics* (one read of ``z``, ``zt``): the online logsumexps, the teacher's argmax, the student's max (and the
    entropy's and label term's own normalisers when on); for ``KL(s || t)`` also the online moment
@@ -18,7 +19,7 @@ The shift in closed form (pass 2 skipped, two reads instead of three): ``KL(t ||
 has ``g = p_s - p_t``, whose sum is ``1 - 1 = 0``; ``KL(s || t)`` (beta 1, skew_rkl at alpha 0) has ``g = p_s d``
 with ``d = t - s``, shift ``sum p_s d = A / S + (lse_s - lse_t)`` from pass 1.
 
-What it saves per ``[C, V]`` entry against :mod:`.full_rows` (bf16 logits: 4 bytes of student + teacher per read;
+What it saves per ``[C, V]`` entry against ``full_rows`` (bf16 logits: 4 bytes of student + teacher per read;
 MUFU = ``ex2``-class special-function ops, libdevice = ``expm1`` / ``log1p`` calls, several instructions each):
 
 =====================  ===========  =============  ====================================
@@ -149,7 +150,7 @@ def full_rows2_kernel(ZS, ZT, BS, BT, G, LAB, LW, CW, DIV, CE, ENT, TENT, AGREE,
 def full_rows2(zs: torch.Tensor, zt: torch.Tensor, bias_s, bias_t, *, entry, mode: int, constants, threshold: float,
                coef: float, temperature: float, grad, labels=None, label_weight=None, ce_weight=None,
                label_temperature: float = 1.0, entropy: bool = False, block=None, num_warps: int = 8) -> RowResults:
-    """Launch :func:`full_rows2_kernel` on a chunk: the arguments and results of :func:`.full_rows.full_rows`, plus
+    """Launch :func:`full_rows2_kernel` on a chunk: the arguments and results of the package's ``full_rows``, plus
     ``mode`` (:func:`mode_of` the entry)."""
     return launch(full_rows2_kernel, zs, zt, bias_s, bias_t, entry=entry, constants=constants, threshold=threshold,
                   coef=coef, temperature=temperature, grad=grad, labels=labels, label_weight=label_weight,

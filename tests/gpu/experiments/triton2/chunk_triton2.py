@@ -1,8 +1,9 @@
-"""The second Triton chunk backend (``--gkd_fused_backend triton2``): the first one's contract (``chunk_triton.py``)
-with each cost of a chunk beside the matmuls cut where it can be. Per choice, what it saves (V = 151,936, H = 896,
+"""The second Triton chunk backend (the experiment ``triton2``, :mod:`triton2_backend`): the package's Triton chunk
+backend's contract (``swift_gkd_plugin/core/fused/chunk_triton.py``) with each cost of a chunk beside the matmuls cut
+where it can be. Per choice, what it saves (V = 151,936, H = 896,
 bf16, C rows a chunk):
 
-* the full-head kernel: :mod:`.kernels.full_rows2` (two reads of a row instead of three for KL in either
+* the full-head kernel: :mod:`full_rows2` (two reads of a row instead of three for KL in either
   direction, fewer exp / log per logit for every form; its docstring has the table);
 * the weight gradient accumulated in float32 by the matmul itself (``addmm`` with ``out_dtype=float32``, cuBLAS's
   epilogue): no bf16 ``[V, H]`` product written and read back (2 x 0.27 GB) nor a separate read-modify-write of the
@@ -16,8 +17,9 @@ bf16, C rows a chunk):
   first backend's logit memory at the same setting (``SWIFT_GKD_TRITON2_OVERLAP=0``: one).
 
 The float32-output matmuls are probed once per device in the real call's layout
-(:func:`.matmuls.float32_output_matmuls`); where they fail or are missing (CPU, older torch), the first backend's
-bf16 products are used, and the start-up log says which (:func:`.matmuls.weight_grad_path`).
+(:func:`triton2_matmuls.float32_output_matmuls`); where they fail or are missing (CPU, older torch), the first
+backend's bf16 products are used, and :func:`triton2_backend.describe_backend` says which
+(:func:`triton2_matmuls.weight_grad_path`).
 ``SWIFT_GKD_TRITON2_OVERLAP=0`` turns the second stream off (for measurements).
 """
 from __future__ import annotations
@@ -28,8 +30,8 @@ from typing import Dict, Optional
 import torch
 
 from swift_gkd_plugin.core.fused.chunk_triton import TritonChunks, kernel_chunk_size
-from swift_gkd_plugin.core.fused.matmuls import float32_output_matmuls
 from swift_gkd_plugin.core.fused.plan import Plan, backprop_matmuls
+from triton2_matmuls import float32_output_matmuls
 
 __all__ = ['OVERLAP_ENV', 'Triton2Chunks', 'split_k']
 
@@ -64,7 +66,7 @@ def split_k(rows: int, hidden: int, vocab: int, sm_count: Optional[int]) -> int:
 
 
 class Triton2Chunks(TritonChunks):
-    """The second chunk backend: :class:`~.chunk_triton.TritonChunks` with the second full-head kernel, the
+    """The second chunk backend: the package's ``TritonChunks`` with the second full-head kernel, the
     float32-output backward matmuls, split-K and, on CUDA, the next chunk's logits on a side stream."""
 
     def __init__(self, plan: Plan, weight: torch.Tensor, bias: Optional[torch.Tensor], hidden: torch.Tensor,
@@ -84,7 +86,7 @@ class Triton2Chunks(TritonChunks):
         self.parts = split_k(self.rows, weight.shape[1], weight.shape[0], sms)
         self.pending = None  # (start row, student logits, teacher logits) computed ahead on the side stream
         if plan.full:
-            from swift_gkd_plugin.core.fused.kernels.full_rows2 import mode_of
+            from full_rows2 import mode_of
             self.mode = mode_of(self.form.entry)
 
     def logits(self, h: torch.Tensor, sl: slice):
@@ -126,11 +128,12 @@ class Triton2Chunks(TritonChunks):
         return zs, zt, (h, th)
 
     def _full_rows(self, zs, zt, **kw):
-        from swift_gkd_plugin.core.fused.kernels.full_rows2 import full_rows2
+        from full_rows2 import full_rows2
         return full_rows2(zs, zt, mode=self.mode, **kw)
 
     def backprop(self, g, h, alpha: float, sl, grad_h, grad_w, first: bool) -> None:
-        """As :func:`~.plan.backprop_matmuls`, with float32 outputs from the matmuls and ``g @ W`` split over K."""
+        """As the package's ``backprop_matmuls`` (``core/fused/plan.py``), with float32 outputs from the matmuls and
+        ``g @ W`` split over K."""
         w = self.weight
         if w.dtype == torch.float32 or (not self.f32_out and self.parts == 1):
             return backprop_matmuls(g, h, w, alpha, sl, grad_h, grad_w, first)

@@ -1,9 +1,13 @@
-"""The second kernel backend (``--gkd_fused_backend triton2``) beyond what ``test_kernels_full.py`` checks for both
-designs (every divergence, padding, label term, entropy, large logits against float64): its chunk backend's
-split-K and float32-output matmuls, the passes it saves (read off the compiled code), its self-check and fallback,
-and its flag. Kernels run on CPU tensors in Triton's interpreter or compiled on CUDA (``kernel_devices``)."""
+"""The GPU kit's experiment ``triton2`` (the second kernel design, ``triton2_backend.py``): the package's tests of
+its own design (``tests/core/test_kernels_full.py``, those that take its ``kernel`` fixture: every divergence form,
+padding, the label term, the entropy, many blocks per row, half inputs, large tempered logits, against float64 and the
+PyTorch path) run here on the second design, unchanged; then its chunk backend's split-K and float32-output matmuls,
+the passes it saves (read off the compiled code, every divergence form compiled), its self-check and fallback, its
+choice and description. Kernels run on CPU tensors in Triton's interpreter or compiled on CUDA
+(``tests/core/kernel_devices.py``)."""
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import re
@@ -14,16 +18,18 @@ import torch
 
 pytest.importorskip('triton', reason='triton is not installed (the dev extra pins it)')
 
-sys.path.insert(0, os.path.dirname(__file__))
-sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, '..', '..', '..', 'core'))
 import test_fused_loss as tf  # noqa: E402
+import test_kernels_full  # noqa: E402
 from kernel_devices import DEVICES, compile_ahead_of_time  # noqa: E402
-from test_activation_and_bad_input import assert_refused_in_one_line  # noqa: E402
-from conftest import base_args, run_swift  # noqa: E402
 
-from swift_gkd_plugin.core.fused import chunk_triton2, kernels  # noqa: E402
+import chunk_triton2  # noqa: E402
+import full_rows2  # noqa: E402
+import triton2_backend  # noqa: E402
+from swift_gkd_plugin.core.fused import kernels  # noqa: E402
 from swift_gkd_plugin.core.fused import loss as fused_loss  # noqa: E402
-from swift_gkd_plugin.core.fused.kernels import full_rows2  # noqa: E402
 from swift_gkd_plugin.core.row_divergence import Divergence  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings('ignore::RuntimeWarning')  # numpy's inf - inf in discarded where-branches
@@ -32,6 +38,23 @@ pytestmark = pytest.mark.filterwarnings('ignore::RuntimeWarning')  # numpy's inf
 @pytest.fixture(params=DEVICES)
 def device(request):
     return request.param
+
+
+@pytest.fixture
+def enabled(monkeypatch):
+    """``fused_linear_jsd(backend='triton2')`` runs the experiment, for this test."""
+    triton2_backend.enable(monkeypatch.setattr)
+
+
+@pytest.fixture
+def kernel(enabled):
+    """The design that the package's tests below run: the experiment."""
+    return triton2_backend.NAME
+
+
+# the package's tests that take ``kernel``, collected here as this module's own
+globals().update({name: test for name, test in vars(test_kernels_full).items()
+                  if name.startswith('test_') and 'kernel' in inspect.signature(test).parameters})
 
 
 def test_split_k_rule():
@@ -49,7 +72,7 @@ _FIRST_DESIGN = {}  # (dtype, device): the first design's result on test_split_i
 
 @pytest.mark.parametrize('parts', [1, 4])
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float32])
-def test_split_input_gradient_matches_float64(parts, dtype, device, monkeypatch):
+def test_split_input_gradient_matches_float64(parts, dtype, device, monkeypatch, enabled):
     """The input gradient split over K into ``parts`` (batched, summed in float32) equals the float64 reference and
     the first design; ragged chunks (6 active rows of 8, chunks of 5 and 1), the label term (one ignored label), masked
     rows. The first design's result does not depend on ``parts``: run once per dtype."""
@@ -68,10 +91,11 @@ def test_split_input_gradient_matches_float64(parts, dtype, device, monkeypatch)
         assert tf.rel_err(a, b) <= (1e-2 if dtype == torch.bfloat16 else 1e-6)
 
 
-_PTX = r'''
+_PTX = f'import sys; sys.path.insert(0, {HERE!r})\n' + r'''
 import re, triton
 from triton.backends.compiler import GPUTarget
-from swift_gkd_plugin.core.fused.kernels import entry_math, full_rows, full_rows2
+import full_rows2
+from swift_gkd_plugin.core.fused.kernels import entry_math, full_rows
 from swift_gkd_plugin.core.row_divergence import Divergence, kernel_form
 sig = dict(ZS='*bf16', ZT='*bf16', BS='*fp32', BT='*fp32', G='*bf16', LAB='*i64', LW='*fp32', CW='*fp32', DIV='*fp32',
            CE='*fp32', ENT='*fp32', TENT='*fp32', AGREE='*i32', stride_zs='i32', stride_zt='i32', stride_g='i32',
@@ -103,8 +127,20 @@ def test_kl_rows_are_read_twice_not_three_times():
         assert l2 < l1 and e2 < e1, counts
 
 
+def test_full_rows2_compiles_for_h100():
+    """The package's ahead-of-time compilation to sm_90 cubin (``test_kernels_full.py``: every divergence form, with
+    and without the label term / entropy / padding; no GPU needed) of the second design's kernel, whose ``MODE``
+    stands where the first's ``VOWN`` does."""
+    script = f'import sys; sys.path.insert(0, {HERE!r})\nimport full_rows2\n' + test_kernels_full._AOT
+    for old, new in (('fn=full_rows.full_rows_kernel', 'fn=full_rows2.full_rows2_kernel'),
+                     ('VOWN=151936, ', 'MODE=full_rows2.mode_of(kernel_form(div).entry), ')):
+        assert old in script, old
+        script = script.replace(old, new)
+    assert 'compiled 14' in compile_ahead_of_time(script)
+
+
 @pytest.fixture
-def self_checked_triton2(monkeypatch):
+def self_checked_triton2(monkeypatch, enabled):
     """``triton2`` chosen with its self-check (as on CUDA), on CPU tensors under the interpreter."""
     if os.environ.get('TRITON_INTERPRET') != '1':
         pytest.skip('the seam runs CPU tensors under the interpreter')
@@ -196,60 +232,32 @@ def test_a_frozen_head_is_self_checked_without_a_weight_gradient(self_checked_tr
 
 
 def test_weight_gradient_path_is_said(monkeypatch):
-    """Issue 67 item 2: the start-up line says how triton2 forms the weight gradient."""
+    """Issue 67 item 2: the backend's line says how triton2 forms the weight gradient."""
     monkeypatch.delenv(kernels.BACKEND_ENV, raising=False)
-    text = kernels.describe_backend('triton2', torch.device('cpu'), torch.bfloat16)
+    text = triton2_backend.describe_backend('triton2', torch.device('cpu'), torch.bfloat16)
     assert "weight gradient: the first design's bfloat16 products (off CUDA)" in text, text
-    assert 'weight gradient: float32 matmuls' in kernels.describe_backend('triton2', torch.device('cpu'),
-                                                                          torch.float32)
-    assert 'weight gradient' not in kernels.describe_backend('triton', torch.device('cpu'), torch.bfloat16)
+    assert 'weight gradient: float32 matmuls' in triton2_backend.describe_backend('triton2', torch.device('cpu'),
+                                                                                  torch.float32)
+    assert 'weight gradient' not in triton2_backend.describe_backend('triton', torch.device('cpu'), torch.bfloat16)
 
 
 def test_backend_choice_and_description(monkeypatch):
     monkeypatch.delenv(kernels.BACKEND_ENV, raising=False)
-    assert kernels.choose_backend('triton2', torch.device('cuda')) == ('triton2', True)  # self-checked on CUDA
+    choose = triton2_backend.choose_backend
+    assert choose('triton2', torch.device('cuda')) == ('triton2', True)  # self-checked on CUDA
     if os.environ.get('TRITON_INTERPRET') == '1':
-        assert kernels.choose_backend('triton2', torch.device('cpu')) == ('triton2', False)
-    text = kernels.describe_backend('triton2', torch.device('cuda'))
+        assert choose('triton2', torch.device('cpu')) == ('triton2', False)
+    text = triton2_backend.describe_backend('triton2', torch.device('cuda'))
     assert text.startswith('triton2, the second kernel design') and 'falling back' in text
+    assert choose('torch', torch.device('cuda')) == kernels.choose_backend('torch', torch.device('cuda'))
     monkeypatch.setenv('TRITON_INTERPRET', '0')
     with pytest.raises(ValueError, match='backend=triton2 runs on CUDA tensors'):
-        kernels.choose_backend('triton2', torch.device('cpu'))
+        choose('triton2', torch.device('cpu'))
+    with pytest.raises(ValueError, match="got 'triton2'"):  # the package's own choice: not a user's
+        kernels.choose_backend('triton2', torch.device('cuda'))
 
 
 def test_mode_of_entries():
     assert full_rows2.mode_of('m:kl_forward_entry') == full_rows2.KL_FORWARD
     assert full_rows2.mode_of('m:kl_reverse_entry') == full_rows2.KL_REVERSE
     assert full_rows2.mode_of('m:jsd_entry') == full_rows2.GENERIC
-
-
-@pytest.mark.skipif(os.path.exists('/dev/nvidiactl'), reason='a machine without a CUDA device')
-def test_flag_refusals_name_the_second_design(tiny_ws, tmp_path):
-    """``--gkd_fused_backend triton2`` without a CUDA device, and with the entropy-aware mix: refused before
-    loading, in one line naming the flag and its value. (Without the interpreter, which a user may have set for the
-    tests: with it, Triton runs on CPU.)"""
-    no_gpu = {'TRITON_INTERPRET': None}
-    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), gkd_fused_backend='triton2'), check=False, timeout=120,
-                    env=no_gpu)
-    assert_refused_in_one_line(run, ['--gkd_fused_backend triton2 runs the kernels on CUDA devices and this '
-                                     'process sees none'])
-    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), gkd_fused_backend='triton2',
-                              gkd_entropy_fkl_threshold=1), check=False, timeout=120, env=no_gpu)
-    assert_refused_in_one_line(run, ['--gkd_entropy_fkl_threshold 1 runs on the PyTorch loss paths and '
-                                     '--gkd_fused_backend triton2 forces the kernels'])
-
-
-@pytest.mark.skipif(os.environ.get('TRITON_INTERPRET') != '1', reason='CPU runs of the kernels need the interpreter')
-def test_swift_rlhf_with_the_second_design_equals_the_pytorch_path(tiny_ws, tmp_path):
-    """A real ``swift rlhf`` run with ``--gkd_fused_backend triton2`` (kernels interpreted on CPU), dataset and
-    on-policy steps with the SFT term: the same losses and gradient norms as the PyTorch chunk path, and the start-up
-    log names the backend."""
-    flags = dict(max_steps=2, seed=3, lmbda=0.5, sft_alpha=0.2, beta=0.5)
-    runs = {b: run_swift(base_args(tiny_ws, str(tmp_path / b), gkd_fused_backend=b, **flags),
-                         env={'TRITON_INTERPRET': '1'}) for b in ('triton2', 'torch')}
-    assert 'its backend: triton2, the second kernel design (--gkd_fused_backend' in runs['triton2'].output
-    assert len(runs['triton2'].logs) == len(runs['torch'].logs) == 2
-    for a, b in zip(runs['triton2'].logs, runs['torch'].logs):
-        assert abs(a['loss'] - b['loss']) <= 1e-5 * max(abs(b['loss']), 1e-2), (runs['triton2'].losses,
-                                                                                  runs['torch'].losses)
-        assert abs(a['grad_norm'] - b['grad_norm']) <= 1e-4 * max(abs(b['grad_norm']), 1e-2)
