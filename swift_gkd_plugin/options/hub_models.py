@@ -66,3 +66,27 @@ def model_dir_of(flag: str, model_id: str, revision: Optional[str], args) -> str
             model_id, revision=revision, download_model=False, use_hf=args.use_hf, hub_token=args.hub_token)
     except Exception as exc:
         raise hub_lookup_failed(flag, model_id, exc, args) from exc
+
+
+def is_modelscope_download(folder: str) -> bool:
+    """A folder ModelScope's ``snapshot_download`` wrote (its ``.mdl`` model meta) or a git clone of a hub repo."""
+    return any(os.path.exists(os.path.join(folder, name)) for name in ('.mdl', '.git'))
+
+
+def resolve_check_model(args) -> None:
+    """``--check_model`` (ms-swift's, on by default) asks the ModelScope hub whether the student's folder is the latest
+    revision of the model it was downloaded as. A folder ModelScope did not download names no model (ModelScope reads
+    its id as ``unknown``): the question only waits on the hub, offline for its whole timeout. Off for such a folder,
+    said once; kept for a ModelScope download."""
+    folder = getattr(args, 'model_dir', None)
+    if not getattr(args, 'check_model', False) or not folder or not os.path.isdir(folder):
+        return
+    if is_modelscope_download(folder):
+        return
+    args.check_model = False
+    training = getattr(args, 'training_args', None)  # ms-swift built the trainer's copy before the plugin's resolvers
+    if training is not None and hasattr(training, 'check_model'):
+        training.check_model = False
+    from swift.utils import get_logger
+    get_logger().info(f'swift_gkd_plugin: --check_model false: --model {folder} is not a ModelScope download, so there '
+                      'is no hub revision to compare it with (ms-swift would ask the hub and wait)')

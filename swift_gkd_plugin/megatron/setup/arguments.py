@@ -13,6 +13,7 @@ import swift_gkd_plugin
 from swift_gkd_plugin.rollout.colocated_vllm import (check_vllm_cpu_head_dim, check_vllm_max_model_len, check_vllm_sleep_mode,
                                              resolve_vllm_environment)
 from swift_gkd_plugin.options.flags import check_no_plugin_flags_outside_gkd, ignored_flag_warnings
+from swift_gkd_plugin.options.hub_models import resolve_check_model
 from swift_gkd_plugin.megatron.setup.checks import (MegatronGKDFlagsMixin, check_megatron_gkd, check_model_sampling,
                                                     check_not_ray, check_vllm_sampler, float32_warning)
 from swift_gkd_plugin.megatron.setup.layout import (check_expert_counts, check_grouped_experts,
@@ -70,6 +71,7 @@ class GKDPluginMegatronRLHFArguments(MegatronGKDFlagsMixin, MegatronRLHFArgument
         check_pipeline_layers(self, model_dirs)
         check_moe_sequence_parallel(self, self.model_dir)
         resolve_sampler(self)
+        resolve_check_model(self)
         check_vllm_sampler(self, vllm_installed=self.use_vllm)
         if self.use_vllm and self.vllm_mode == 'colocate' and self.lmbda > 0:  # ms-swift builds the engine then
             # the environment vLLM needs (without it a machine without torchvision failed building the engine:

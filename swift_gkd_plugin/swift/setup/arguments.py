@@ -27,7 +27,7 @@ from swift_gkd_plugin.options.flags import (FlagError, GKDPluginArgumentsMixin, 
                                     ignored_flag_warnings, resolve_num_generations, sampling_temperature)
 from swift_gkd_plugin.options.backends import check_deepspeed, check_packing_attention
 from swift_gkd_plugin.options.flag_checks import check_ms_swift_values, check_training_length
-from swift_gkd_plugin.options.hub_models import hub_lookup_failed, hub_unreachable, model_dir_of
+from swift_gkd_plugin.options.hub_models import hub_lookup_failed, hub_unreachable, model_dir_of, resolve_check_model
 from swift_gkd_plugin.options import model_types
 from swift_gkd_plugin.runtime.ms_swift_state import grpo_num_generations, keep_teacher_messages_column
 from swift_gkd_plugin.swift.setup.checkpoints import check_resume_checkpoint
@@ -394,6 +394,7 @@ def resolve_gkd_arguments(args) -> None:
     resolve_vllm_environment(args)
     resolve_sequence_parallel(args)
     resolve_teacher_scores(args)
+    resolve_check_model(args)
 
 
 def check_vllm_model(args) -> None:
