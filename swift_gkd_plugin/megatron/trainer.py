@@ -39,7 +39,8 @@ from swift_gkd_plugin.core.guards.non_finite import loss_terms, non_finite_loss_
 from swift_gkd_plugin.core.guards.same_weights import (copy_of_the_student, copy_of_the_student_cause,
                                                       privileged_row_count)
 from swift_gkd_plugin.core.weights.lora_round_trip import BaseWeightsKeeper, adapter_tensors_copied
-from swift_gkd_plugin.core.modes import DATA_SOURCES, mode_log_path, sampling_seed, step_mode
+from swift_gkd_plugin.core.modes import mode_log_path, sampling_seed, step_mode
+from swift_gkd_plugin.runtime.ms_swift_state import data_source, mode_of
 from swift_gkd_plugin.core.views import prepare_teacher_view
 from swift_gkd_plugin.options.flags import FlagError, rollout_max_tokens, sampling_temperature
 from swift_gkd_plugin.runtime.process_exit import refuse
@@ -56,8 +57,6 @@ from swift_gkd_plugin.megatron.step.vocab import model_vocab_size
 
 logger = get_logger()
 
-_DATA_SOURCE = {mode: DataSource(value) for mode, value in DATA_SOURCES.items()}
-_MODE = {source: mode for mode, source in _DATA_SOURCE.items()}
 _CHUNK = 512  # rows per pass of the vocabulary-parallel divergence: bounds its [chunk, V/tp] temporaries
 
 
@@ -104,7 +103,7 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
             self._log_completions_from_samples(samples)
             if training:  # this data-parallel rank's samples (the same on its tensor/pipeline/context peers)
                 self._completions.add(samples, end_of_turn_ids(self.template))
-        return self._score(samples, _DATA_SOURCE[mode])
+        return self._score(samples, data_source(mode))
 
     def _log_completions_from_samples(self, samples) -> None:
         """ms-swift's, on copies of the messages: its ``_apply_chat_template_to_messages_list``
@@ -517,7 +516,7 @@ class GKDPluginMegatronTrainer(MegatronGKDTrainer):
             per_token_ce = model.compute_language_model_loss(labels, output_tensor.transpose(0, 1).contiguous())
             sft = (per_token_ce * student_mask).sum()
             loss = loss + self.sft_alpha * sft
-        mode = _MODE[data_source]
+        mode = mode_of(data_source)
         if not bool(torch.isfinite(loss.detach())):  # before megatron-core's NaN check on the gradients fires
             teacher_mask = student_mask if teacher_output.labels is None else teacher_output.labels != IGNORE_INDEX
             self._stop_on_non_finite(output_tensor[student_mask], teacher_output, teacher_mask, mode)

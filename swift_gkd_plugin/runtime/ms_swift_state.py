@@ -26,3 +26,19 @@ def keep_teacher_messages_column() -> None:
     from swift.dataset.preprocessor.core import RowPreprocessor
     if 'teacher_messages' not in RowPreprocessor.standard_keys:
         RowPreprocessor.standard_keys.append('teacher_messages')
+
+
+def data_source(mode):
+    """ms-swift's ``DataSource`` of a GKD mode (:data:`swift_gkd_plugin.core.modes.DATA_SOURCES`: on-policy is the
+    student's, seq_kd the teacher's, off-policy the dataset's), as ms-swift's GKD loss and encoding take it."""
+    from swift.rlhf_trainers.gkd_loss import DataSource
+
+    from swift_gkd_plugin.core.modes import DATA_SOURCES
+    return DataSource(DATA_SOURCES[mode])
+
+
+def mode_of(source):
+    """The GKD mode of an ms-swift ``DataSource`` (the inverse of :func:`data_source`)."""
+    from swift_gkd_plugin.core.modes import DATA_SOURCES
+    value = getattr(source, 'value', source)
+    return next(mode for mode, name in DATA_SOURCES.items() if name == value)

@@ -23,13 +23,13 @@ import torch
 from accelerate.utils import gather_object
 from swift.infer_engine import TransformersEngine
 from swift.infer_engine.protocol import RolloutOutput
-from swift.rlhf_trainers.gkd_loss import DataSource
 from swift.rollout import invoke_async_hook, run_multi_turn
 from swift.utils import get_logger
 
 from swift_gkd_plugin.rollout.completion_stats import completion_length, end_of_turn_ids
 from swift_gkd_plugin.core import Mode
-from swift_gkd_plugin.core.modes import DATA_SOURCES, mode_log_path, step_mode
+from swift_gkd_plugin.core.modes import mode_log_path, step_mode
+from swift_gkd_plugin.runtime.ms_swift_state import data_source
 from swift_gkd_plugin.core.speculative import teacher_seed
 from swift_gkd_plugin.core.views import (generated_turns, prepare_teacher_view, student_trajectory,
                                         with_teacher_prompt)
@@ -45,7 +45,6 @@ from swift_gkd_plugin.swift.sequence_parallel import (drop_right_padding_masks, 
 from swift_gkd_plugin.swift.step.token_metrics import add_token_sum as _add_token_sum
 
 logger = get_logger()
-_DATA_SOURCE = {mode: DataSource(value) for mode, value in DATA_SOURCES.items()}
 
 
 def _rollout_outputs(results) -> List[RolloutOutput]:
@@ -123,7 +122,7 @@ class RolloutMixin:
         step = int(self.state.global_step)
         mode = step_mode(self.args, step, training, self._mode_log)
         self._gkd_mode = mode
-        self._data_source = _DATA_SOURCE[mode]
+        self._data_source = data_source(mode)
         if training:
             self._record_mode(step, mode)
 
