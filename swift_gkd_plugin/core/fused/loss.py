@@ -133,18 +133,8 @@ def fused_linear_jsd(student_hidden: torch.Tensor,
     and are upcast chunk by chunk; ``grad_weight`` is accumulated in float32.
     """
     divergence = as_divergence(beta if divergence is None else divergence)
-    if not 0 < temperature < float('inf'):  # NaN too; at T = inf both distributions are uniform
-        raise ValueError(f'temperature must be a finite number > 0, got {temperature}')
+    _check_arguments(teacher, temperature, sft_alpha, labels, label_weights, label_temperature)
     full = isinstance(teacher, TeacherHead)
-    if not full and not isinstance(teacher, TeacherTopK):
-        raise ValueError(f'teacher must be a TeacherHead or a TeacherTopK, got {type(teacher).__name__}')
-    if full and teacher.uses_student_head:
-        raise ValueError('TeacherHead without a weight: resolve the student\'s head first (TeacherHead.with_head)')
-    if not sft_alpha >= 0:  # NaN too; the trainers treat 0 as "no SFT term" and never pass a negative weight
-        raise ValueError(f'sft_alpha must be >= 0, got {sft_alpha}')
-    if sft_alpha > 0 and labels is None:
-        raise ValueError('sft_alpha > 0 needs labels')
-    _check_label_weights(labels, label_weights, label_temperature)
 
     backend_name, self_check = choose_backend(backend, student_hidden.device)
     if backend_name in KERNEL_BACKENDS and as_divergence(divergence).fkl_above_entropy is not None:
@@ -161,23 +151,7 @@ def fused_linear_jsd(student_hidden: torch.Tensor,
         plan.teacher_bias = None if teacher.bias is None else finite_bias(teacher.bias)
     else:
         logprobs = _token_rows(teacher.logprobs, n_all).float()
-    # Host syncs: none for a full teacher without a mask. Selecting the active rows (a mask, or top-k rows with no
-    # teacher information) sizes a tensor: one read, which also carries the top-k ids' range check.
-    if full and mask is None:
-        idx, everyone = None, True
-    else:
-        active = torch.ones(n_all, dtype=torch.bool, device=dev) if mask is None else mask.reshape(-1).bool()
-        outside = torch.zeros((), dtype=torch.long, device=dev)
-        if not full:
-            valid = logprobs > float('-inf')
-            active = active & valid.any(-1)  # no teacher information: nothing to distil
-            ids_all = _token_rows(teacher.ids, n_all)
-            outside = ((valid & ((ids_all < 0) | (ids_all >= vocab))).any(-1) & active).sum()
-        n_active, n_outside = torch.stack([active.sum(), outside]).tolist()  # the one read
-        if n_outside:
-            raise ValueError(f'teacher top-k ids must lie in [0, {vocab}) (the student vocabulary)')
-        idx = torch.nonzero_static(active, size=n_active).squeeze(1)
-        everyone = n_active == n_all  # then skip the gathers (and their scatter in backward)
+    idx, everyone = _active_rows(mask, None if full else (teacher.ids, logprobs), n_all, vocab, dev)
 
     def rows(t):
         t = _token_rows(t, n_all)
@@ -215,6 +189,45 @@ def fused_linear_jsd(student_hidden: torch.Tensor,
     stats['num_tokens'] = torch.full((), num_tokens, dtype=torch.long, device=dev)  # filled on the device: no copy
     stats['num_sft_tokens'] = num_sft
     return loss, stats
+
+
+def _check_arguments(teacher, temperature, sft_alpha, labels, label_weights, label_temperature) -> None:
+    """The errors of :func:`fused_linear_jsd`'s arguments, before any work."""
+    if not 0 < temperature < float('inf'):  # NaN too; at T = inf both distributions are uniform
+        raise ValueError(f'temperature must be a finite number > 0, got {temperature}')
+    full = isinstance(teacher, TeacherHead)
+    if not full and not isinstance(teacher, TeacherTopK):
+        raise ValueError(f'teacher must be a TeacherHead or a TeacherTopK, got {type(teacher).__name__}')
+    if full and teacher.uses_student_head:
+        raise ValueError('TeacherHead without a weight: resolve the student\'s head first (TeacherHead.with_head)')
+    if not sft_alpha >= 0:  # NaN too; the trainers treat 0 as "no SFT term" and never pass a negative weight
+        raise ValueError(f'sft_alpha must be >= 0, got {sft_alpha}')
+    if sft_alpha > 0 and labels is None:
+        raise ValueError('sft_alpha > 0 needs labels')
+    _check_label_weights(labels, label_weights, label_temperature)
+
+
+def _active_rows(mask, topk, n_all: int, vocab: int, dev):
+    """``(idx, everyone)``: the flat indices of the tokens that take part (``None`` with ``everyone`` True: all of
+    them, no gather needed). A token takes part where ``mask`` is set (default: every one) and, for a top-k teacher
+    (``topk``: its ``(ids, float32 log-probabilities)``), where the teacher has a finite log-probability.
+
+    Host syncs: none for a full teacher (``topk`` None) without a mask. Otherwise one read sizes the selection and
+    also carries the top-k ids' range check (ids of finite entries must lie in ``[0, vocab)``: ``ValueError``)."""
+    if topk is None and mask is None:
+        return None, True
+    active = torch.ones(n_all, dtype=torch.bool, device=dev) if mask is None else mask.reshape(-1).bool()
+    outside = torch.zeros((), dtype=torch.long, device=dev)
+    if topk is not None:
+        ids, logprobs = topk
+        valid = logprobs > float('-inf')
+        active = active & valid.any(-1)  # no teacher information: nothing to distil
+        ids_all = _token_rows(ids, n_all)
+        outside = ((valid & ((ids_all < 0) | (ids_all >= vocab))).any(-1) & active).sum()
+    n_active, n_outside = torch.stack([active.sum(), outside]).tolist()  # the one read
+    if n_outside:
+        raise ValueError(f'teacher top-k ids must lie in [0, {vocab}) (the student vocabulary)')
+    return torch.nonzero_static(active, size=n_active).squeeze(1), n_active == n_all  # all: skip the gathers
 
 
 def _check_label_weights(labels, label_weights, label_temperature) -> None:
