@@ -183,7 +183,7 @@ def test_the_swift_rlhf_order_resolves_first_then_checks():
                  if isinstance(n, ast.Call)]
     assert [r for r in resolvers if r.startswith('resolve_')] == [
         'resolve_num_generations', 'resolve_reward_columns', 'resolve_teacher_adapters', 'resolve_cross_tokenizer',
-        'resolve_vllm_environment', 'resolve_sequence_parallel', 'resolve_teacher_scores']
+        'resolve_vllm_environment', 'resolve_sequence_parallel', 'resolve_teacher_scores', 'resolve_check_model']
 
 
 # ---------------------------------------------------------------------------------------------------- the temperature

@@ -16,6 +16,7 @@ from typing import Dict, List, Literal, Optional, Tuple
 
 from swift_gkd_plugin.core.constants import ROLLOUT_IS_MODES, SCALE_REWARDS
 from swift_gkd_plugin.core.fused.kernels import BACKENDS as FUSED_BACKENDS
+from swift_gkd_plugin.core.row_divergence import DIVERGENCES
 from swift_gkd_plugin.options.flag_checks import (LOCAL_TEACHER_URL, SAMPLING_TEMPERATURE_FLOOR, SAMPLING_TEMPERATURE_FLOOR_WHY,
                                           SKD_PLACEMENTS, TEMPERATURE_CEILING, TEMPERATURE_CEILING_WHY,
                                           TEMPERATURE_FLOOR, TEMPERATURE_FLOOR_WHY, VLLM_TEMPERATURE_CEILING, FlagError,
@@ -154,7 +155,7 @@ class GKDPluginArgumentsMixin:
         'L1, any two vocabularies) or hybrid (generalized JSD on the tokens both vocabularies share, ULD on the '
         'rest). Unset (default): the teacher must use the student\'s tokenizer. See docs_en/cross_tokenizer.md.',
         choices=Literal['uld', 'hybrid'])
-    gkd_divergence: Literal['jsd', 'skew_kl', 'skew_rkl'] = field(
+    gkd_divergence: Literal[DIVERGENCES] = field(  # the registry's names (core/row_divergence.py)
         default='jsd',
         metadata={'help': 'The distillation divergence, at --temperature: jsd (the generalized JSD of --beta, '
                   'default), skew_kl = KL(teacher || a teacher + (1 - a) student) or skew_rkl = KL(student || '
