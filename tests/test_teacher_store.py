@@ -158,6 +158,7 @@ def test_score_writes_a_store_that_covers_the_dataset(runs, tiny_ws):
         rows = sum(1 for line in f if line.strip())
     assert len(store) == rows == 64
     assert store.identity.topk == K and store.identity.dtype == 'float32' and store.identity.teacher_hash
+    assert store.identity.teacher_adapters_hash == ''  # (issue 96: scored without an adapter, and known to be)
     assert 'swift-gkd score: done' in run.output and f'holds {rows} rows' in run.output
     with open(os.path.join(run.output_dir, 'manifest.json')) as f:
         covered = json.load(f)['covered']
@@ -490,6 +491,105 @@ def test_a_lora_students_base_as_its_teacher_is_compared_with_the_stores_once_lo
     assert 'was scored by another teacher' in errors[0] and ("than this run's teacher, the student's base "
                                                              f'{tiny_ws.student}') in errors[0], errors[0]
     assert not run.logs
+
+
+# ---------------------------------------------------------------- teacher adapters (issue 96 item 5)
+#: one step from the first rows, the teacher the student's base plus --teacher_adapters (a LoRA student: one copy of
+#: the base), or with --teacher_model the alias of that base (a separate teacher, full student)
+ADAPTED = dict(OFF_POLICY, max_steps=1)
+
+
+@pytest.fixture(scope='module')
+def adapter_runs(tiny_ws, adapters, shared_runs):
+    """A store scored by the student's base + the adapter ``fit``, then read beside that base + another adapter
+    (``student_start``, refused once loaded) and beside the same teacher loaded apart (accepted)."""
+
+    def shared_base(out, adapter, **flags):
+        return run_swift(base_args(tiny_ws, out, **dict(ADAPTED, tuner_type='lora', teacher_model=tiny_ws.student,
+                                                        teacher_adapters=adapter, **flags)), check=False)
+
+    def store(out):
+        return os.path.join(runs_dir(out, 'written'), 'store')
+
+    shared = shared_runs('teacher_store_adapters', {
+        'written': lambda out: shared_base(out, adapters['fit'], save_teacher_scores=os.path.join(out, 'store')),
+        'other_adapter': lambda out: after('written', lambda: shared_base(out, adapters['student_start'],
+                                                                         teacher_scores=store(out))),
+        'same_apart': lambda out: after('written', lambda: run_swift(base_args(tiny_ws, out, **dict(
+            ADAPTED, teacher_model=adapters['student_alias'], teacher_adapters=adapters['fit'],
+            teacher_scores=store(out))), check=False)),
+    })
+
+    def after(name, start):
+        assert shared[name].returncode == 0, shared[name].output[-4000:]
+        return start()
+
+    return shared
+
+
+def test_a_store_keeps_the_teacher_adapters_fingerprint_and_another_adapter_is_refused(adapter_runs, adapters,
+                                                                                       tiny_ws):
+    """Issue 96 item 5: a store scored by base + adapter A passed beside base + adapter B (only the base's weights
+    were fingerprinted). The manifest keeps the adapter's fingerprint beside the base's; another adapter on the same
+    base stops the run before step 1 in one line naming both fingerprints and where each came from."""
+    from swift_gkd_plugin.core.scores.store import adapters_fingerprint, weights_fingerprint
+    written, other, apart = adapter_runs['written'], adapter_runs['other_adapter'], adapter_runs['same_apart']
+    assert written.returncode == 0, written.output[-4000:]
+    identity = TeacherStore(os.path.join(written.output_dir, 'store')).identity
+    fit = adapters_fingerprint([adapters['fit']])
+    assert identity.teacher_hash == weights_fingerprint(tiny_ws.student)
+    assert identity.teacher_adapters_hash == fit and fit.startswith('sha256-all:')
+    assert adapters_fingerprint([adapters['student_start']]) != fit and adapters_fingerprint([]) == ''
+    errors = [line for line in other.output.splitlines() if line.startswith('swift rlhf: error: ')]
+    assert other.returncode == 1 and len(errors) == 1, other.output[-3000:]
+    assert 'was scored by another teacher' in errors[0] and 'their adapters differ' in errors[0], errors[0]
+    assert f"the store's manifest.json: {fit}" in errors[0], errors[0]
+    assert adapters_fingerprint([adapters['student_start']]) in errors[0] and adapters['student_start'] in errors[0]
+    assert 'Traceback' not in other.output and not other.logs  # no step ran
+    # the same teacher loaded apart (the base under another name, the same adapter): its rows are the store's
+    assert apart.returncode == 0, apart.output[-4000:]
+    assert f'--teacher_model {adapters["student_alias"]} --teacher_adapters {adapters["fit"]} has the weights ' \
+        'that scored --teacher_scores' in apart.output
+    assert f'adapters {fit}' in apart.output
+    assert apart.logs[0]['gkd/teacher_store_rows'] == 1.0
+
+
+@pytest.mark.parametrize('adapter', ['student_start', None])
+def test_a_separate_teacher_with_another_adapter_or_none_is_refused_before_loading(adapter_runs, adapters, tiny_ws,
+                                                                                    tmp_path, adapter):
+    """A local --teacher_model beside a store scored with an adapter: another --teacher_adapters, or none, is refused
+    by the launcher before any model loads (the base's weights alone passed)."""
+    from test_activation_and_bad_input import assert_refused_in_one_line
+    assert adapter_runs['written'].returncode == 0
+    store = os.path.join(adapter_runs['written'].output_dir, 'store')
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), **dict(
+        ADAPTED, teacher_model=adapters['student_alias'], teacher_adapters=adapters[adapter] if adapter else None,
+        teacher_scores=store)), check=False)
+    assert_refused_in_one_line(run, [f'--teacher_scores {store} was scored by another teacher', 'their adapters differ',
+                                     f'this run\'s: {"sha256-all:" if adapter else "none"}'])
+
+
+def test_a_store_written_before_adapters_were_fingerprinted_is_compared_by_its_base(adapter_runs, adapters, tiny_ws,
+                                                                                   tmp_path):
+    """A store written before issue 96 keeps no adapter fingerprint (its ``teacher_hash`` is the base's whether or not
+    an adapter was on): it still loads and is compared by its base alone, the log saying the adapter was not."""
+    from swift_gkd_plugin.options.flags import FlagError
+    from swift_gkd_plugin.options.teacher_scores import check_store_teacher
+    assert adapter_runs['written'].returncode == 0
+    old = str(tmp_path / 'old')
+    shutil.copytree(os.path.join(adapter_runs['written'].output_dir, 'store'), old)
+    with open(os.path.join(old, 'manifest.json')) as f:
+        doc = json.load(f)
+    del doc['identity']['teacher_adapters_hash']
+    with open(os.path.join(old, 'manifest.json'), 'w') as f:
+        json.dump(doc, f)
+    store = TeacherStore(old)
+    assert store.identity.teacher_adapters_hash is None and len(store) == 2
+    said = check_store_teacher(old, store.identity, 'the teacher', adapters['student_alias'],
+                               adapters=[adapters['student_start']])
+    assert 'written before adapters were fingerprinted' in said, said
+    with pytest.raises(FlagError, match='their weights differ'):  # (the base is still compared)
+        check_store_teacher(old, store.identity, 'the teacher', tiny_ws.teacher)
 
 
 def test_the_weights_fingerprint_reads_a_file_once_per_identity(tiny_ws, tmp_path, monkeypatch):

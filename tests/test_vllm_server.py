@@ -633,6 +633,9 @@ def test_swift_gkd_score_through_the_served_teacher_is_the_local_score(vllm_ws, 
     local, served = stores['local'], stores['served']
     assert len(local) == 16 and sorted(local.keys()) == sorted(served.keys())
     assert served.identity.teacher.startswith('http://') and local.identity.teacher_hash
+    # issue 96: the served teacher's store keeps the fingerprint its GET /health reports: the local teacher's
+    assert served.identity.teacher_hash == local.identity.teacher_hash
+    assert served.identity.teacher_adapters_hash == local.identity.teacher_adapters_hash == ''
     for key in local.keys():
         a, b = local.get(key), served.get(key)
         assert torch.equal(a.ids, b.ids)

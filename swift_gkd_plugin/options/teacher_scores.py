@@ -3,7 +3,8 @@
 ``megatron/setup/checks.py``).
 
 A store fits a run when it was scored on the token ids of the run's tokenizer, with its template, holds at least the
-run's ``--gkd_logits_topk`` entries a token, and (with ``--teacher_model``) by that teacher's weights. A store covers
+run's ``--gkd_logits_topk`` entries a token, and (with ``--teacher_model``) by that teacher's weights and adapters
+(a served teacher's: those its ``GET /health`` reports, compared by the trainer once connected). A store covers
 a dataset when a finished ``swift-gkd score`` scored that file (by its SHA-256) with this encoding (the
 settings that make a row's ids and scored positions: ``ENCODING_FLAGS``, the tokenizer): the manifest's ``covered``
 list.
@@ -14,17 +15,24 @@ import functools
 import json
 import logging
 import os
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from swift_gkd_plugin.core.scores.media import PROCESSOR_FILES, processor_fingerprint
-from swift_gkd_plugin.core.scores.store import (StoreError, StoreIdentity, TeacherStore, file_sha256, identity_of,
-                                                read_manifest, tokenizer_fingerprint, weights_fingerprint)
+from swift_gkd_plugin.core.scores.store import (FULL_HASH, StoreError, StoreIdentity, TeacherStore,
+                                                adapters_fingerprint, file_sha256, identity_of, read_manifest,
+                                                tokenizer_fingerprint, weights_fingerprint)
 from swift_gkd_plugin.options.flags import FlagError
 
 logger = logging.getLogger('swift')  # ms-swift's logger, where ms-swift has set it up
 
 __all__ = ['samples', 'model_tokenizer_fingerprint', 'file_sha256', 'encoding', 'dataset_files', 'covers',
-           'check_store_fits', 'check_store_teacher']
+           'check_store_fits', 'check_store_teacher', 'check_store_served_teacher', 'compare_teacher',
+           'teacher_named']
+
+
+def teacher_named(teacher: str, adapters: Sequence[str]) -> str:
+    """A local teacher as the run's flags name it: ``--teacher_model ID`` and its ``--teacher_adapters``."""
+    return f'--teacher_model {teacher}' + (f' --teacher_adapters {" ".join(adapters)}' if adapters else '')
 
 
 def samples(args) -> bool:
@@ -97,23 +105,63 @@ def _canonical(found: dict) -> str:
 
 
 def check_store_teacher(root: str, identity: StoreIdentity, teacher: str, teacher_dir: Optional[str],
-                        flag: str = '--teacher_scores') -> bool:
+                        flag: str = '--teacher_scores', adapters: Sequence[str] = ()) -> str:
     """Refuses (:class:`FlagError`) reading the store at ``root`` beside a local teacher whose weights
-    (``teacher_dir``'s files) are not those the store's ``teacher_hash`` fingerprinted: the run would train on two
-    teachers' answers. ``teacher``: how the run names it (``--teacher_model ID``). Returns whether the weights were
-    compared: not where the store keeps no fingerprint (a served teacher scored it) or ``teacher_dir`` holds no
-    weight file (a hub id before its download; the trainer checks once the teacher is loaded)."""
+    (``teacher_dir``'s files) or adapters (``adapters``' files: ``--teacher_adapters``) are not those the store's
+    ``teacher_hash`` and ``teacher_adapters_hash`` fingerprinted: the run would train on two teachers' answers.
+    ``teacher``: how the run names it (``--teacher_model ID``). Returns what was compared, for the log; '' where
+    nothing was: the store keeps no fingerprint (a served teacher that reported none scored it) or ``teacher_dir`` holds
+    no weight file (a hub id before its download; the trainer checks once the teacher is loaded)."""
     if not identity.teacher_hash or not teacher_dir:
-        return False
+        return ''
     found = weights_fingerprint(teacher_dir, like=identity.teacher_hash)
     if not found:
-        return False
-    if found != identity.teacher_hash:
-        where = '' if teacher_dir in teacher else f' (loaded from {teacher_dir})'
-        raise FlagError(f'{flag} {root} was scored by another teacher ({identity.teacher}) than {teacher}{where}: '
-                        'their weights differ, and the store and the teacher would give two teachers\' answers in one '
-                        'run. Pass the store\'s teacher, or another store')
-    return True
+        return ''
+    where = '' if teacher_dir in teacher else f' (loaded from {teacher_dir})'
+    found_adapters = None if identity.teacher_adapters_hash is None else adapters_fingerprint(adapters)
+    return compare_teacher(root, identity, teacher + where, found, found_adapters, "this run's", flag)
+
+
+def compare_teacher(root: str, identity: StoreIdentity, teacher: str, weights: str, adapters: Optional[str],
+                    source: str, flag: str = '--teacher_scores') -> str:
+    """Refuses (:class:`FlagError`, one line naming the store, ``teacher``, the differing fingerprints and where each
+    came from: the store's manifest, ``source``) a run's teacher whose fingerprints (``weights``, ``adapters``: None
+    where unknown) are not the store's. The adapters are compared where both are known. Returns what was compared."""
+    stored = identity.teacher_adapters_hash
+    if weights != identity.teacher_hash:
+        what, theirs, ours = 'weights', identity.teacher_hash, weights
+    elif stored is not None and adapters is not None and adapters != stored:
+        what, theirs, ours = 'adapters', stored or 'none', adapters or 'none'
+    elif stored is None:
+        return (f'fingerprint {weights}; the store was written before adapters were fingerprinted, so an adapter was '
+                'not compared')
+    elif adapters is None:
+        return f'fingerprint {weights}; no fingerprint of its adapters, which were not compared'
+    else:
+        return f'fingerprint {weights}, ' + (f'adapters {adapters}' if adapters else 'no adapter')
+    raise FlagError(f'{flag} {root} was scored by another teacher ({identity.teacher}) than {teacher}: their {what} '
+                    f'differ (the store\'s manifest.json: {theirs}; {source}: {ours}), and the store and the teacher '
+                    'would give two teachers\' answers in one run. Pass the store\'s teacher, or another store')
+
+
+def check_store_served_teacher(root: str, identity: StoreIdentity, url: str, weights: Optional[str],
+                               adapters: Optional[str], flag: str = '--teacher_scores') -> str:
+    """Refuses (:class:`FlagError`) reading the store at ``root`` beside the teacher served at ``url`` whose
+    fingerprints, as its ``GET /health`` reports them (``weights``, ``adapters``: None where it reports none), are
+    not the store's teacher's: another model behind the same URL. Returns the log's line: what was compared, or why
+    nothing could be (a server that reports no fingerprint, a store that keeps none)."""
+    if not weights:
+        return (f'the teacher server {url} reports no fingerprint of its weights (GET /health: ms-swift\'s server, '
+                f'or this plugin\'s before issue 96), so whether it serves the teacher that scored {flag} {root} '
+                f'({identity.teacher}) was not compared')
+    if not identity.teacher_hash.startswith(FULL_HASH):
+        kept = ('keeps no fingerprint of its teacher (a served teacher that reported none scored it)'
+                if not identity.teacher_hash else 'keeps the sampled fingerprint of a store written before issue 89')
+        return f'{flag} {root} {kept}, so the teacher server {url} was not compared with its teacher'
+    account = compare_teacher(root, identity, f'--teacher_model_server {url} serves', weights, adapters,
+                              f'GET {url}/health', flag)
+    return f'the teacher server {url} serves the weights that scored {flag} {root} ({account}; reported by its GET ' \
+        '/health)'
 
 
 def check_store_fits(args, model_dir: Optional[str], root: Optional[str] = None, flag: str = '--teacher_scores',
@@ -152,7 +200,8 @@ def check_store_fits(args, model_dir: Optional[str], root: Optional[str] = None,
                         f'{args.temperature}')
     teacher = getattr(args, 'teacher_model', None)
     if teacher and not writing and os.path.isdir(teacher):  # (a hub id: checked once loaded, by the trainer)
-        check_store_teacher(root, identity, f'--teacher_model {teacher}', teacher, flag)
+        adapters = list(getattr(args, 'teacher_adapters', None) or [])
+        check_store_teacher(root, identity, teacher_named(teacher, adapters), teacher, flag, adapters)
     processor = processor_fingerprint(model_dir) if model_dir and os.path.isdir(model_dir) else None
     if processor is not None and processor != identity.processor:
         raise FlagError(f'{flag} {root} was scored with other processor settings than --model {args.model}\'s ('

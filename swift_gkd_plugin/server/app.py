@@ -2,7 +2,8 @@
 
 Routes::
 
-    GET  /health, /health/   status, model, vocabulary size, tokenizer fingerprint, limits, batcher statistics
+    GET  /health, /health/   status, model, vocabulary size, tokenizer fingerprint, the weights' and adapters'
+                             fingerprints, limits, batcher statistics
     GET  /v1/models          the served model (OpenAI-style list)
     POST /infer/, /infer     ms-swift's teacher protocol (VLLMInferClient): prompt_logprobs per request
     POST /v1/topk            compact top-k (+ tail, + each next token's log-prob) arrays for token-id sequences
@@ -31,8 +32,8 @@ from starlette.concurrency import run_in_threadpool
 
 from swift_gkd_plugin.core.constants import IGNORE_INDEX
 from swift_gkd_plugin.server.backend import DynamicBatcher, EncodeError, QueueFull, ScoreSpec, TooLong, TransformersTeacher
-from swift_gkd_plugin.server.protocol import (IDS_DTYPE, LOGPROB_DTYPES, MSGPACK, TAIL_DTYPE, InferBody, TopKRequest, pack_array,
-                       tokenizer_fingerprint)
+from swift_gkd_plugin.server.protocol import (ADAPTERS_KEY, IDS_DTYPE, LOGPROB_DTYPES, MSGPACK, TAIL_DTYPE, WEIGHTS_KEY,
+                                              InferBody, TopKRequest, pack_array, tokenizer_fingerprint)
 
 try:
     import msgpack
@@ -185,6 +186,10 @@ def create_app(teacher: TransformersTeacher, config: ServerConfig) -> FastAPI:
     max_seq_len = min(config.max_seq_len, config.max_batch_tokens, teacher.max_length or config.max_batch_tokens)
     vocab, n_emb = teacher.vocab_size, teacher.num_embeddings
     fingerprint = tokenizer_fingerprint(teacher.tokenizer)  # the trainer refuses a teacher of another tokenizer
+    # the served weights (computed once, as the teacher loaded): a teacher-score store keeps them, a run reading one
+    # beside this server compares them (none where unknown)
+    weights = {WEIGHTS_KEY: teacher.weights_fingerprint, ADAPTERS_KEY: teacher.adapters_fingerprint} \
+        if teacher.weights_fingerprint else {}
     # a text of more characters than this cannot encode into max_seq_len tokens (no token spells more than the
     # longest vocabulary entry): longer messages are refused before the tokenizer reads them
     max_chars = max_seq_len * max((len(token) for token in teacher.tokenizer.get_vocab()), default=1)
@@ -272,7 +277,7 @@ def create_app(teacher: TransformersTeacher, config: ServerConfig) -> FastAPI:
     @app.get('/health/')
     async def health():
         return {'status': 'ok', 'model': teacher.name, 'vocab_size': vocab, 'tokenizer_size': len(teacher.tokenizer),
-                'tokenizer_sha256': fingerprint, 'max_topk': config.topk,
+                'tokenizer_sha256': fingerprint, **weights, 'max_topk': config.topk,
                 'max_seq_len': max_seq_len, 'max_request_tokens': config.max_request_tokens,
                 'msgpack': msgpack is not None, 'chat_template': teacher.template is not None,
                 'batcher': batcher.stats()}

@@ -165,6 +165,9 @@ class TransformersTeacher:
         self._decoded: Optional[List[str]] = None
         self._decoded_lock = threading.Lock()
         self._split = self._head_only_matches()
+        # what GET /health reports of the served weights (set by load: the folder's and the adapters' fingerprints)
+        self.weights_fingerprint = ''
+        self.adapters_fingerprint = ''
 
     # ------------------------------------------------------------------------------------------------------------
     # loading
@@ -180,6 +183,13 @@ class TransformersTeacher:
         dev = resolve_device(device)
         dtype = resolve_dtype(torch_dtype, dev if device_map is None else resolve_device('auto'))
         t0 = time.time()
+        from swift_gkd_plugin.core.scores.store import adapters_fingerprint, weights_fingerprint
+        folder, hashed = os.path.expanduser(model), {}
+        # a local folder's files hashed while the model loads (once a machine: file_digest caches each file's hash)
+        hashing = threading.Thread(target=lambda: hashed.update(found=weights_fingerprint(folder)), daemon=True,
+                                   name='weights-fingerprint')
+        if os.path.isdir(folder):
+            hashing.start()
         hf_model, processor, tpl, train_tpl = None, None, None, None
         try:
             from swift.model import get_model_processor
@@ -196,6 +206,7 @@ class TransformersTeacher:
                                                             device_map=device_map)
             if device_map is None:
                 hf_model.to(dev)
+        loaded_from = getattr(hf_model, 'model_dir', None)  # (a hub id's download, as ms-swift resolved it)
         for path in adapters:
             from peft import PeftModel
             hf_model = PeftModel.from_pretrained(hf_model, path).merge_and_unload()
@@ -210,6 +221,13 @@ class TransformersTeacher:
         hf_model.requires_grad_(False)
         teacher = cls(hf_model, tokenizer, tpl, train_tpl, name=served_model_name or os.path.basename(
             os.path.normpath(model)), max_length=max_length or (tpl.max_length if tpl is not None else None))
+        if hashing.ident is not None:
+            hashing.join()
+        teacher.weights_fingerprint = hashed.get('found') or (weights_fingerprint(loaded_from) if loaded_from else '')
+        teacher.adapters_fingerprint = adapters_fingerprint(adapters)
+        logger.info(f'weights fingerprint {teacher.weights_fingerprint or "unknown (no local folder)"}'
+                    + (f', adapters {teacher.adapters_fingerprint}' if adapters else '')
+                    + ' (reported by GET /health; a teacher-score store keeps it)')
         tpl_name = getattr(getattr(tpl, 'template_meta', None), 'template_type', None)
         where = dev if device_map is None else sorted({str(p.device) for p in hf_model.parameters()})
         logger.info(f'teacher {model!r} loaded in {time.time() - t0:.1f}s on {where} ({dtype}), vocabulary '

@@ -42,7 +42,7 @@ import requests
 
 from swift_gkd_plugin.server.answers import (InvalidAnswer, TopKResult, _decode, _parse_completions, _parse_topk,
                                              _short, check_infer_answer)
-from swift_gkd_plugin.server.protocol import LOGPROB_DTYPES, MSGPACK
+from swift_gkd_plugin.server.protocol import LOGPROB_DTYPES, MSGPACK, WEIGHTS_KEY
 
 try:
     import msgpack
@@ -78,8 +78,9 @@ class TeacherReplaced(TeacherServerError):
     resume_when = 'once the run\'s teacher is served there again'
 
 
-#: what names a served teacher in its ``GET /health`` (this plugin's server; vLLM's ``/v1/models`` id as ``model``)
-IDENTITY_KEYS = ('model', 'tokenizer_sha256', 'vocab_size')
+#: what names a served teacher in its ``GET /health`` (this plugin's server; vLLM's ``/v1/models`` id as ``model``);
+#: its weights' fingerprint tells another model of the same name and tokenizer apart
+IDENTITY_KEYS = ('model', 'tokenizer_sha256', 'vocab_size', WEIGHTS_KEY)
 
 
 class TeacherClient:

@@ -34,7 +34,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from typing import Annotated, Any, Dict, List, Literal, Optional, Union
+from typing import Annotated, Any, Dict, List, Literal, Optional, Tuple, Union
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_
 __all__ = [
     'MSGPACK', 'TopKSequence', 'TopKRequest', 'InferRequestModel', 'RequestConfigModel', 'InferBody',
     'pack_array', 'unpack_array', 'IDS_DTYPE', 'TAIL_DTYPE', 'LOGPROB_DTYPES', 'tokenizer_fingerprint',
+    'WEIGHTS_KEY', 'ADAPTERS_KEY', 'reported_fingerprints',
 ]
 
 MSGPACK = 'application/msgpack'
@@ -160,3 +161,18 @@ def tokenizer_fingerprint(tokenizer) -> str:
     (an output head padded beyond the tokenizer does not change it)."""
     pairs = sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
     return hashlib.sha256(json.dumps(pairs, ensure_ascii=False).encode()).hexdigest()
+
+
+#: ``GET /health``'s fingerprints of the served weights (issue 96): the folder the model was loaded from and its
+#: ``--adapters``, by the functions a teacher-score store fingerprints a local teacher with
+#: (:func:`~swift_gkd_plugin.core.scores.store.weights_fingerprint`, ``adapters_fingerprint``); absent where the server
+#: cannot tell (a hub id loaded by plain transformers) and on servers before issue 96 and ms-swift's
+WEIGHTS_KEY, ADAPTERS_KEY = 'weights_fingerprint', 'adapters_fingerprint'
+
+
+def reported_fingerprints(health) -> Tuple[Optional[str], Optional[str]]:
+    """``(weights, adapters)`` as a ``GET /health`` document reports them, None each where it does not."""
+    if not isinstance(health, dict) or not isinstance(health.get(WEIGHTS_KEY), str) or not health[WEIGHTS_KEY]:
+        return None, None
+    adapters = health.get(ADAPTERS_KEY)
+    return health[WEIGHTS_KEY], adapters if isinstance(adapters, str) else None

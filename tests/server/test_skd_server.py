@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from conftest import base_args, run_swift
 from test_activation_and_bad_input import MODEL_LOADED_MARKERS
-from test_teacher_server import infer_only_server_of, shared_server
+from test_teacher_server import infer_only_server_of, shared_server, student_server_of
 
 VOCAB = 448  # the tiny models' vocabulary
 # on-policy steps only, completions long enough for several draft blocks, the same prompts and seeds in every run; the
@@ -29,9 +28,8 @@ GREEDY_LORA = dict(SKD, gkd_skd_top_k=3, gkd_sampling_temperature=1e-6, tuner_ty
 def skd_servers(tiny_ws):
     """The session's servers (started on first use): the tiny teacher with its whole vocabulary as top-k and with
     ms-swift's routes only, and the tiny student's base with its top-16."""
-    base = SimpleNamespace(teacher=tiny_ws.student)
     return {'full': lambda: shared_server(tiny_ws, 'serve_teacher_whole_vocabulary', '--top_k', str(VOCAB)),
-            'top16': lambda: shared_server(base, 'serve_teacher_student_top16', '--top_k', '16'),
+            'top16': lambda: student_server_of(tiny_ws),
             'infer_only': lambda: infer_only_server_of(tiny_ws)}
 
 

@@ -19,6 +19,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -148,6 +149,11 @@ def infer_only_server_of(ws) -> SharedServer:
     """The session's server of the tiny teacher behind only GET /health and POST /infer/, the routes of `swift deploy`
     (ms-swift's teacher_server.sh)."""
     return shared_server(ws, 'serve_teacher_infer_only', '--only_ms_swift_routes')
+
+
+def student_server_of(ws) -> SharedServer:
+    """The session's server of the tiny student's base (top-16): another model of the teacher's tokenizer."""
+    return shared_server(SimpleNamespace(teacher=ws.student), 'serve_teacher_student_top16', '--top_k', '16')
 
 
 @pytest.fixture(scope='module')
@@ -1032,6 +1038,10 @@ def test_adapters_are_merged(tiny_ws, tmp_path):
     assert torch.equal(res.ids, idx)
     assert torch.allclose(res.logprobs, vals, atol=1e-5, rtol=0)
     assert torch.allclose(res.tail, torch.logsumexp(lp.scatter(-1, idx, float('-inf')), -1), atol=1e-5, rtol=0)
+    # issue 96: what GET /health reports of the served weights, the store's fingerprints of the base and the adapter
+    from swift_gkd_plugin.core.scores.store import adapters_fingerprint, weights_fingerprint
+    assert teacher.weights_fingerprint == weights_fingerprint(tiny_ws.teacher)
+    assert teacher.adapters_fingerprint == adapters_fingerprint([str(tmp_path / 'adapter')]) != ''
 
 
 @pytest.fixture(scope='module')

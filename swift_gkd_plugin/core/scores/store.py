@@ -1,8 +1,8 @@
 """A teacher-score store: the teacher's top-k per scored token, written once, read by later epochs, runs and students.
 
 In: per row, the teacher view's token ids and scored positions (the key, :func:`row_key`) and a :class:`RowScores`.
-Out: ``DIR/manifest.json`` (what scored: teacher, its weights' fingerprint, tokenizer, template, k, samples, dtype,
-temperature) and ``DIR/shards/*.safetensors`` (rows, never pickle), read back by :class:`TeacherStore`.
+Out: ``DIR/manifest.json`` (what scored: teacher, its weights' and adapters' fingerprints, tokenizer, template, k,
+samples, dtype, temperature) and ``DIR/shards/*.safetensors`` (rows, never pickle), read back by :class:`TeacherStore`.
 
 Why a row is keyed by its token ids and positions, not by its index in a seeded order: the same row encoded the same
 way finds its scores whatever the order, the ranks, the epoch or the student; a row encoded otherwise (another
@@ -30,7 +30,8 @@ import torch
 __all__ = ['FORMAT', 'VERSION', 'DTYPES', 'StoreIdentity', 'RowScores', 'StoreError', 'row_key', 'encode_row',
            'decode_row', 'StoreWriter', 'TeacherStore', 'weights_fingerprint', 'tokenizer_fingerprint', 'read_manifest',
            'write_json_atomic', 'identity_differences', 'same_weights',
-           'sampled_weights_fingerprint', 'file_digest', 'file_sha256', 'FULL_HASH']
+           'sampled_weights_fingerprint', 'file_digest', 'file_sha256', 'FULL_HASH', 'adapters_fingerprint',
+           'same_adapters']
 
 FORMAT = 'swift-gkd-teacher-scores'
 VERSION = 1
@@ -53,7 +54,7 @@ class StoreError(ValueError):
 class StoreIdentity:
     """What scored a store, kept in its manifest; a reader compares it with its own run before loading anything."""
     teacher: str  # the --teacher_model path or id, or the --teacher_model_server URL
-    teacher_hash: str  # weights_fingerprint of a local teacher's folder ('' for a served one)
+    teacher_hash: str  # weights_fingerprint of the teacher's folder: a local one's, or a served one's reported ('': none)
     tokenizer: str  # tokenizer_fingerprint of the tokenizer that made the rows' ids
     template: str  # the chat template's name
     topk: int  # top-k entries a scored token (0: none)
@@ -62,6 +63,9 @@ class StoreIdentity:
     temperature: float  # the samples' temperature (top-k log-probabilities are at temperature 1 whatever it is)
     vocab_size: int  # the teacher's output rows
     processor: str = ''  # a multimodal processor's settings, '' for text
+    # adapters_fingerprint of the teacher's adapters ('': none); None: not known (a store written before issue 96,
+    # whose teacher_hash is its base's with or without an adapter, or a served teacher that reported none)
+    teacher_adapters_hash: Optional[str] = None
 
 
 @dataclass
@@ -239,9 +243,9 @@ class StoreWriter:
         path = os.path.join(root, MANIFEST)
         if os.path.exists(path):
             stored = identity_of(read_manifest(root))
-            diff = identity_differences(stored, identity, ('teacher', 'teacher_hash', 'tokenizer', 'template',
-                                                             'topk', 'samples', 'dtype', 'temperature', 'vocab_size',
-                                                             'processor'))
+            diff = identity_differences(stored, identity, ('teacher', 'teacher_hash', 'teacher_adapters_hash',
+                                                             'tokenizer', 'template', 'topk', 'samples', 'dtype',
+                                                             'temperature', 'vocab_size', 'processor'))
             if diff:
                 name, old, new = diff[0]
                 raise StoreError(f'{root} holds scores of another {name} ({old!r}; this run: {new!r}): write to '
@@ -473,13 +477,39 @@ def weights_fingerprint(model_dir: str, like: str = '') -> str:
     names = _weight_files(model_dir)
     if not names:
         return ''
-    paths = [os.path.join(model_dir, name) for name in names]
+    h = hashlib.sha256()
+    _hash_files(h, model_dir, names)
+    return FULL_HASH + h.hexdigest()[:32]
+
+
+def _hash_files(h, folder: str, names: List[str]) -> None:
+    """Each of ``folder``'s files ``names``, in order, into ``h``: its name, size and SHA-256 (:func:`file_digest`,
+    the files hashed in parallel)."""
+    paths = [os.path.join(folder, name) for name in names]
     from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(max(1, min(8, len(paths), os.cpu_count() or 1))) as pool:  # (hashlib frees the GIL)
         digests = list(pool.map(file_digest, paths))
-    h = hashlib.sha256()
     for name, path, digest in zip(names, paths, digests):
         h.update(f'{name}\0{os.path.getsize(path)}\0{digest}\0'.encode())
+
+
+def adapters_fingerprint(adapters: Sequence[str]) -> str:
+    """A fingerprint of a teacher's adapters (``--teacher_adapters``, a server's ``--adapters``), in their order:
+    ``sha256-all:`` and SHA-256 (32 hex digits) over, per adapter folder, its ``adapter_config.json`` (its rank, scale
+    and target modules) and ``adapter_model*`` weight files, each by name, size and the SHA-256 of all its bytes
+    (:func:`file_digest`, cached); a checkpoint's other files (optimizer, trainer state) are not the adapter. '' for no
+    adapter."""
+    if not adapters:
+        return ''
+    h = hashlib.sha256()
+    for i, adapter in enumerate(adapters):
+        h.update(f'adapter {i}\0'.encode())
+        folder = os.path.expanduser(adapter)
+        if not os.path.isdir(folder):  # (a hub id: its name only; the flags' checks want folders)
+            h.update(f'{adapter}\0'.encode())
+            continue
+        _hash_files(h, folder, sorted(n for n in os.listdir(folder) if n == 'adapter_config.json' or (
+            n.startswith('adapter_model') and n.endswith(WEIGHT_FILES))))
     return FULL_HASH + h.hexdigest()[:32]
 
 
@@ -487,6 +517,12 @@ def same_weights(model_dir: str, stored: str) -> bool:
     """Whether ``model_dir``'s weights are those a store's ``teacher_hash`` ``stored`` fingerprinted (in its
     scheme: a store written before the full fingerprint is compared by its sampled windows)."""
     return weights_fingerprint(model_dir, like=stored) == stored
+
+
+def same_adapters(adapters: Sequence[str], stored: Optional[str]) -> bool:
+    """Whether ``adapters`` are those a store's ``teacher_adapters_hash`` ``stored`` fingerprinted; True where the
+    store keeps none (None: written before adapters were fingerprinted, compared by its base alone)."""
+    return stored is None or adapters_fingerprint(adapters) == stored
 
 
 def sampled_weights_fingerprint(model_dir: str, sample_bytes: int = 1 << 16) -> str:

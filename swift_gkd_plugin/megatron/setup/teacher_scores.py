@@ -101,9 +101,10 @@ def resolve_teacher_store(args) -> None:
     teacher = args.teacher_model
     if not teacher or args.teacher_model_server or samples(args) or not os.path.isdir(teacher):
         return
-    from swift_gkd_plugin.core.scores.store import same_weights
-    if not same_weights(teacher, store.identity.teacher_hash) or not covers(store.manifest, args, args.model_dir):
-        return
+    from swift_gkd_plugin.core.scores.store import same_adapters, same_weights
+    if not same_weights(teacher, store.identity.teacher_hash) or not same_adapters(
+            [], store.identity.teacher_adapters_hash) or not covers(store.manifest, args, args.model_dir):
+        return  # (megatron rlhf's teacher has no adapter: a store scored with one is refused once it loads)
     logger.info(f'swift_gkd_plugin: --teacher_scores {args.teacher_scores} covers every row of --dataset (a '
                 f'finished `swift-gkd score` of these files and this encoding): --teacher_model {teacher} is not '
                 'loaded')
@@ -112,13 +113,14 @@ def resolve_teacher_store(args) -> None:
 
 def check_loaded_teacher(args, store) -> None:
     """``--teacher_scores`` beside the local teacher the ranks loaded (``--teacher_model``, or the student's base with
-    its LoRA adapter off): its weights are those that scored ``store``, or :class:`FlagError` (the trainer stops before
-    step 1, as ``swift rlhf``'s). A hub id's weights exist only once downloaded: the launcher compared a local folder
-    only."""
+    its LoRA adapter off): its weights are those that scored ``store``, with no adapter as the store's teacher (a
+    store scored with one is another teacher), or :class:`FlagError` (the trainer stops before step 1, as ``swift
+    rlhf``'s). A hub id's weights exist only once downloaded: the launcher compared a local folder only."""
     if args.teacher_model_dir:
         named, folder = f'--teacher_model {args.teacher_model}', args.teacher_model_dir
     else:  # the student's base
         named, folder = f'this run\'s teacher, the student\'s base {args.model_dir}', args.model_dir
-    if check_store_teacher(args.teacher_scores, store.identity, named, folder):
+    compared = check_store_teacher(args.teacher_scores, store.identity, named, folder)
+    if compared:
         logger.info(f'swift_gkd_plugin: {named} has the weights that scored --teacher_scores {args.teacher_scores} '
-                    f'(their fingerprint {store.identity.teacher_hash})')
+                    f'({compared})')

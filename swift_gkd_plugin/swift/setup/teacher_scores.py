@@ -14,7 +14,8 @@ from typing import List, Optional
 
 from swift.utils import get_logger
 
-from swift_gkd_plugin.core.scores.store import MANIFEST, StoreError, read_manifest, same_weights, write_json_atomic
+from swift_gkd_plugin.core.scores.store import (MANIFEST, StoreError, read_manifest, same_adapters, same_weights,
+                                                write_json_atomic)
 from swift_gkd_plugin.options.flags import FlagError
 from swift_gkd_plugin.options.teacher_scores import (check_store_fits, covers, dataset_files, encoding, file_sha256,
                                                      samples as _samples)
@@ -72,7 +73,8 @@ def resolve_teacher_scores(args) -> None:
         _set_training_arg(args, 'gkd_logits_topk', args.gkd_logits_topk)
     stored_hash = doc['identity'].get('teacher_hash')
     same_teacher = os.path.isdir(args.teacher_model or '') and bool(stored_hash) and same_weights(
-        args.teacher_model, stored_hash)  # (another teacher is refused by check_teacher_scores)
+        args.teacher_model, stored_hash) and same_adapters(args.teacher_adapters or [], doc['identity'].get(
+            'teacher_adapters_hash'))  # (another teacher is refused by check_teacher_scores)
     if same_teacher and not args.teacher_model_server and not _samples(args) and covers(doc, args, args.model_dir):
         logger.info(f'swift_gkd_plugin: --teacher_scores {args.teacher_scores} covers every row of --dataset (a '
                     f'finished `swift-gkd score` of these files and this encoding): --teacher_model '

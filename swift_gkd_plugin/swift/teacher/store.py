@@ -17,11 +17,12 @@ from swift.utils import get_logger
 
 from swift_gkd_plugin.core.scores.media import media_digest, processor_fingerprint
 from swift_gkd_plugin.core.scores.store import (MANIFEST, RowScores, StoreError, StoreIdentity, StoreWriter,
-                                                TeacherStore, identity_of, read_manifest, row_key,
-                                                tokenizer_fingerprint, weights_fingerprint)
+                                                TeacherStore, adapters_fingerprint, identity_of, read_manifest,
+                                                row_key, tokenizer_fingerprint, weights_fingerprint)
 from swift_gkd_plugin.core.topk import teacher_tail_logmass
-from swift_gkd_plugin.options.teacher_scores import check_store_teacher
+from swift_gkd_plugin.options.teacher_scores import check_store_served_teacher, check_store_teacher, teacher_named
 from swift_gkd_plugin.server.client import TopKResult
+from swift_gkd_plugin.server.protocol import reported_fingerprints
 from swift_gkd_plugin.swift.run.guards import RunError
 from swift_gkd_plugin.swift.step.hidden_states import head_rows
 from swift_gkd_plugin.swift.step.token_metrics import add_token_sum
@@ -62,45 +63,81 @@ class TeacherStoreMixin:
         """A teacher that can score a row now: a served one, a local model, or the student's own base or adapter."""
         return bool(getattr(self, 'teacher_configs', None))
 
-    def _live_teacher(self) -> Tuple[str, Optional[str]]:
-        """The teacher that scores rows in this run: its name (as a store's manifest keeps it) and the folder of its
-        weights (None for a served one)."""
+    def _live_teacher(self) -> Tuple[str, Optional[str], List[str]]:
+        """The teacher that scores rows in this run: its name (as a store's manifest keeps it), the folder of its
+        weights (None for a served one) and its adapters (``--teacher_adapters``: on a separate ``--teacher_model``,
+        or on the student's base)."""
         args = self.args
         if self.teacher_model_server:  # served (and a routed local one): named by the flag
-            return self.teacher_model_server, None
+            return self.teacher_model_server, None, []
+        adapters = list(args.teacher_adapters or [])
         if self.teacher_model is not None:
             teacher_dir = getattr(self.accelerator.unwrap_model(self.teacher_model), 'model_dir', None)
-            return str(teacher_dir), teacher_dir
+            return str(teacher_dir), teacher_dir, adapters
         # the student's own module: its base (adapter off, or the teacher adapter), or itself (score-only)
         teacher_dir = getattr(self.accelerator.unwrap_model(self.model), 'model_dir', None)
-        return str(teacher_dir) + (f' + {args.teacher_adapters[0]}' if args.teacher_adapters else ''), teacher_dir
+        return str(teacher_dir) + (f' + {adapters[0]}' if adapters else ''), teacher_dir, adapters
+
+    def _served_teacher(self):
+        """The client of the one served teacher that scores every row (``--teacher_model_server URL``), or None (a
+        local teacher, several teachers by tag, none)."""
+        clients = [c for c in getattr(self, 'teacher_clients', None) or [] if c is not None]
+        served = self.teacher_model_server and self._local_teacher is None and len(clients) == 1
+        return clients[0] if served else None
 
     def _check_store_teacher(self) -> None:
-        """``--teacher_scores`` beside a local teacher: the loaded teacher's weights are the store's teacher's, or
-        the run stops before step 1 (:class:`FlagError`). The launcher compares a local ``--teacher_model`` folder
-        before loading; a hub id's weights exist only once downloaded, and the student's base (``--teacher_model``
-        the ``--model`` of a LoRA run) is compared here too."""
-        if self._store is None or self._local_teacher is None:
+        """``--teacher_scores`` beside a teacher: the loaded teacher's weights and adapters, or the served teacher's
+        (as its ``GET /health`` reports them), are the store's teacher's, or the run stops before step 1
+        (:class:`FlagError`). The launcher compares a local ``--teacher_model`` folder before loading; a hub id's
+        weights exist only once downloaded, and the student's base (``--teacher_model`` the ``--model`` of a LoRA
+        run) and a served teacher are compared here."""
+        if self._store is None:
             return
-        name, teacher_dir = self._live_teacher()
-        named = (f'--teacher_model {self.args.teacher_model}' if self.teacher_model is not None
+        root, identity = self.args.teacher_scores, self._store.identity
+        client = self._served_teacher()
+        if client is not None:
+            weights, adapters = reported_fingerprints(getattr(client, 'health_doc', None))
+            logger.info('swift_gkd_plugin: ' + check_store_served_teacher(root, identity, client.url, weights,
+                                                                          adapters))
+            return
+        if self.teacher_model_server and identity.teacher_hash:
+            logger.info(f'swift_gkd_plugin: --teacher_scores {root} was scored by {identity.teacher}; this run\'s '
+                        'several teachers (by tag) are not compared with it')
+        if self._local_teacher is None:
+            return
+        name, teacher_dir, adapters = self._live_teacher()
+        named = (teacher_named(self.args.teacher_model, adapters) if self.teacher_model is not None
                  else f'this run\'s teacher, the student\'s base {name}')
-        if check_store_teacher(self.args.teacher_scores, self._store.identity, named, teacher_dir):
-            logger.info(f'swift_gkd_plugin: {named} has the weights that scored --teacher_scores '
-                        f'{self.args.teacher_scores} (their fingerprint {self._store.identity.teacher_hash})')
+        compared = check_store_teacher(root, identity, named, teacher_dir, adapters=adapters)
+        if compared:
+            logger.info(f'swift_gkd_plugin: {named} has the weights that scored --teacher_scores {root} ({compared})')
 
     def _store_identity(self) -> StoreIdentity:
-        """What scores this run keeps: the teacher, its weights' fingerprint, the tokenizer, template, k and dtype."""
+        """What scores this run keeps: the teacher, its weights' and adapters' fingerprints (a served teacher's as its
+        ``GET /health`` reports them), the tokenizer, template, k and dtype."""
         args = self.args
-        name, teacher_dir = self._live_teacher()
+        name, teacher_dir, adapters = self._live_teacher()
         vocab = head_rows(self.accelerator.unwrap_model(self.model))  # (a ZeRO-3 shard's whole size too)
-        like = ''  # a store being completed keeps its fingerprint's scheme (one written before the full one)
+        stored = None  # a store being completed keeps its fingerprints' scheme (one written before the full one)
         if args.save_teacher_scores and os.path.exists(os.path.join(args.save_teacher_scores, MANIFEST)):
-            like = identity_of(read_manifest(args.save_teacher_scores)).teacher_hash
+            stored = identity_of(read_manifest(args.save_teacher_scores))
+        client = self._served_teacher()
+        if client is not None:
+            weights, adapters_hash = reported_fingerprints(getattr(client, 'health_doc', None))
+            weights = weights or ''
+        elif teacher_dir:
+            weights = weights_fingerprint(teacher_dir, stored.teacher_hash if stored else '')
+            adapters_hash = adapters_fingerprint(adapters)
+        else:  # (several teachers by tag: no one fingerprint)
+            weights, adapters_hash = '', None
+        if stored is not None and not stored.teacher_hash:  # (what it did not know, it still does not)
+            weights = ''
+        if not weights or (stored is not None and stored.teacher_adapters_hash is None):
+            adapters_hash = None
         model_dir = getattr(self.accelerator.unwrap_model(self.model), 'model_dir', None)
         return StoreIdentity(
             processor=processor_fingerprint(model_dir),  # (the rows are the run's --model's encoding)
-            teacher=str(name), teacher_hash=weights_fingerprint(teacher_dir, like) if teacher_dir else '',
+            teacher=str(name), teacher_hash=weights, teacher_adapters_hash=adapters_hash,
             tokenizer=tokenizer_fingerprint(self.template.tokenizer),
             template=self.template.template_meta.template_type, topk=int(self.gkd_logits_topk),
             samples=int(args.teacher_scores_samples),
