@@ -6,7 +6,9 @@ Phases (the innermost one running gets the event): ``generate`` (sampling and en
 student's forward and the loss), ``backward`` (``Accelerator.backward``), ``step`` (the rest of ``training_step``).
 Events, each per phase:
 
-- ``forwards``: calls of a causal-LM module (``*ForCausalLM``; a PEFT wrapper's call reaches it once);
+- ``forwards``: forwards of a causal LM, counted once per outermost call of a ``*ForCausalLM`` module: a PEFT wrapper
+  (``PeftModelForCausalLM``) and the model it calls are one forward, whether the wrapper reaches the model through
+  ``forward`` (peft 0.20, no hooks run) or ``__call__`` (peft 0.21);
 - ``layer_tokens``: the token positions the decoder layers ran on (one layer forward of ``B x S`` counts ``B * S``),
   the measure of how much model work a phase did, whatever its batch shapes;
 - ``gathers``, ``gathered``: DeepSpeed all-gather calls and the elements they returned (ZeRO-3 parameter fetches:
@@ -86,17 +88,28 @@ def _dynamo_frames() -> int:
     return counters['frames']['total']
 
 
+_lm_depth = [0]  # causal-LM calls running (a PEFT wrapper's call and the model's inside it: 2)
+
+
 def _on_forward(module, args, kwargs):
     name = type(module).__name__
     if name.endswith('ForCausalLM'):
-        _add('forwards')
+        if not _lm_depth[0]:
+            _add('forwards')
+        _lm_depth[0] += 1
     elif name.endswith('DecoderLayer'):
         hidden = args[0] if args else kwargs.get('hidden_states')
         if isinstance(hidden, torch.Tensor):
             _add('layer_tokens', hidden.numel() // hidden.shape[-1])
 
 
+def _after_forward(module, args, output):
+    if type(module).__name__.endswith('ForCausalLM'):
+        _lm_depth[0] -= 1
+
+
 torch.nn.modules.module.register_module_forward_pre_hook(lambda m, a: _on_forward(m, a, {}))
+torch.nn.modules.module.register_module_forward_hook(_after_forward, always_call=True)
 
 
 def _count_gathers():
