@@ -165,3 +165,64 @@ def test_text_rows_cut_to_no_response_are_refused_before_loading(tiny_ws, tmp_pa
         'its prompt is 14 tokens with the template, at least --max_length 14: --truncation_strategy right keeps its '
         'first 14 tokens, none of its response'])
     assert 'Loading weights' not in run.output
+
+
+# ------------------------------------------------ issue 96 item 5: --max_length against the seq_kd teacher's context
+def short_context_copy(model: str, folder, positions: int) -> str:
+    """A copy of the model folder ``model`` whose ``config.json`` allows ``positions`` positions (the weights are the
+    same: a rotary model has no table of positions)."""
+    import shutil
+    shutil.copytree(model, folder)
+    config = json.loads((folder / 'config.json').read_text())
+    config['max_position_embeddings'] = positions
+    (folder / 'config.json').write_text(json.dumps(config))
+    return str(folder)
+
+
+def test_max_length_above_the_seq_kd_teachers_context_is_refused_before_loading(tiny_ws, tmp_path):
+    """A teacher of 256 positions beside a student of 512 and ``--max_length 384``: seq_kd steps have the teacher
+    answer prompts of up to 384 tokens, and ms-swift's engine refused the first one longer than its context after
+    both models had loaded ("leaves no room for generation"); only the student's context was checked. At
+    ``--max_length 256`` the run trains."""
+    from test_activation_and_bad_input import assert_refused_in_one_line
+    teacher = short_context_copy(tiny_ws.teacher, tmp_path / 'teacher256', 256)
+    flags = dict(teacher_model=teacher, seq_kd='true', lmbda=0, max_steps=1)
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), max_length=384, **flags), check=False)
+    assert_refused_in_one_line(run, [
+        f"--max_length 384 is longer than the teacher's context (--teacher_model {teacher}: 256 positions, "
+        'config.json): seq_kd steps (--seq_kd true) have the teacher answer prompts of up to --max_length tokens',
+        'pass --max_length 256 or less, or --seq_kd false'])
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'fits'), max_length=256, **flags))
+    assert len(run.losses) == 1
+
+
+def test_the_sampling_contexts_each_mode_checks():
+    """Which context bounds ``--max_length`` (:func:`swift_gkd_plugin.options.model_context.check_sampling_context`,
+    shared by ``swift rlhf`` and ``megatron rlhf``'s launcher): the student's on on-policy steps unless another
+    engine's context applies, the teacher's (or the student's, its own teacher) on seq_kd steps."""
+    from types import SimpleNamespace
+
+    from swift_gkd_plugin.options.flags import FlagError
+    from swift_gkd_plugin.options.model_context import check_sampling_context
+
+    def refused(student=512, teacher=None, **flags):
+        args = SimpleNamespace(**{**dict(max_length=1024, lmbda=0.5, seq_kd=False, model='s', teacher_model=None,
+                                         vllm_max_model_len=None, use_vllm=False, vllm_mode=None,
+                                         multi_turn_scheduler=None), **flags})
+        try:
+            check_sampling_context(args, student, teacher)
+        except FlagError as exc:
+            return str(exc)
+        return None
+
+    assert "longer than the student's context (--model s: 512 positions" in refused()
+    assert refused(max_length=512) is None and refused(student=None) is None and refused(lmbda=0) is None
+    assert refused(vllm_max_model_len=1024) is None  # (checked against --max_length on its own)
+    assert refused(use_vllm=True, vllm_mode='server') is None  # the rollout server's own context
+    assert refused(multi_turn_scheduler='math_tip_trick') is None  # trajectories cut at the context
+    assert "longer than the student's context" in refused(use_vllm=True, vllm_mode='colocate')
+    assert "the teacher's context (--teacher_model t: 256 positions" in refused(
+        lmbda=0, seq_kd=True, teacher_model='t', teacher=256, max_length=384)
+    assert refused(lmbda=0, seq_kd=True, teacher_model='t', teacher=None, max_length=384) is None  # a hub teacher
+    assert 'the student, its own seq_kd teacher (--model s: 512 positions' in refused(lmbda=0, seq_kd=True)
+    assert refused(lmbda=0, seq_kd=False, teacher_model='t', teacher=256, max_length=384) is None

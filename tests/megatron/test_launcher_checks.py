@@ -421,3 +421,41 @@ def test_the_layouts_the_refusals_name_pass_the_checks(config_only_models, model
     check_parallel_sizes(ns)
     check_pipeline_layers(ns, [('--model', config_only_models[model])])
     check_moe_sequence_parallel(ns, config_only_models[model])
+
+
+def _short_context_config(model: str, folder, positions: int) -> str:
+    """A folder holding ``model``'s ``config.json`` with ``positions`` positions (all the launcher reads of it)."""
+    import json
+    folder.mkdir()
+    with open(os.path.join(model, 'config.json')) as f:
+        config = json.load(f)
+    config['max_position_embeddings'] = positions
+    (folder / 'config.json').write_text(json.dumps(config))
+    return str(folder)
+
+
+@pytest.mark.parametrize('case', ['student', 'seq_kd_teacher'])
+def test_max_length_above_a_sampling_models_context_is_refused_by_the_launcher(tiny_ws, tmp_path, case):
+    """Issue 96 item 5: ``swift rlhf`` refused a ``--max_length`` above the student's context (512 positions) with
+    on-policy sampling, ``megatron rlhf`` did not (vLLM refused such a prompt at its first rollout, the model's own
+    sampler ran past its positions), and neither checked the teacher's context on seq_kd steps. The launcher reads the
+    local folders' ``config.json`` with the same check as ``swift rlhf``; what fits passes it."""
+    teacher = _short_context_config(tiny_ws.teacher, tmp_path / 'teacher256', 256)
+    if case == 'student':
+        flags = ('--teacher_model', tiny_ws.teacher, '--lmbda', '0.5', '--max_length')
+        too_long, fits = '1024', '512'
+        needle = (f"--max_length 1024 is longer than the student's context (--model {tiny_ws.student}: 512 positions, "
+                  'config.json): on-policy sampling (--lmbda 0.5) continues prompts of up to --max_length tokens')
+    else:
+        flags = ('--teacher_model', teacher, '--lmbda', '0', '--seq_kd', 'true', '--max_length')
+        too_long, fits = '384', '256'
+        needle = (f"--max_length 384 is longer than the teacher's context (--teacher_model {teacher}: 256 positions, "
+                  'config.json): seq_kd steps (--seq_kd true) have the teacher answer prompts')
+    code, output = megatron_rlhf_with(tiny_ws.student, *GKD, '--use_vllm', 'false', *flags, too_long)
+    assert code == 2, output[-3000:]
+    errors = [line for line in output.splitlines() if line.startswith('megatron rlhf: error: ')]
+    assert len(errors) == 1 and needle in errors[0], output[-3000:]
+    assert f'pass --max_length {fits} or less' in errors[0]
+    assert SPAWNED not in output and 'Traceback' not in output
+    code, output = megatron_rlhf_with(tiny_ws.student, *GKD, '--use_vllm', 'false', *flags, fits)
+    assert_passed_the_checks(output)

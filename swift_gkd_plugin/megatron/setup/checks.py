@@ -221,6 +221,8 @@ def _command_line_parser() -> argparse.ArgumentParser:
     p.add_argument('--temperature', type=float, default=0.9)
     p.add_argument('--sft_alpha', type=float, default=0.0)
     p.add_argument('--max_completion_length', type=int, default=512)
+    p.add_argument('--max_length', type=int, default=None)
+    p.add_argument('--vllm_max_model_len', type=int, default=None)
     p.add_argument('--seq_kd', type=_bool, default=False)
     p.add_argument('--gkd_logits_topk', type=int, default=None)
     p.add_argument('--top_k', type=int, default=-1)
@@ -322,6 +324,7 @@ def check_megatron_command_line(argv: Sequence[str]) -> None:
         # ms-swift's dataset syntax: imported here
         from swift_gkd_plugin.data.dataset_files import check_fresh_adapter_teacher, check_teacher_given
         check_model_types(ns)  # (ms-swift's model table: imported with its dataset package)
+        check_sampling_contexts(ns, vllm_installed=vllm_installed)
         view = SimpleNamespace(**{**vars(ns), 'columns': _json_or_none(ns.columns)})
         if not ns.teacher_scores:  # (a store is the teacher: megatron rlhf then loads none)
             check_teacher_given(view, ('teacher_model', 'teacher_model_server'),
@@ -346,6 +349,23 @@ def check_model_types(args) -> None:
     model_types.check_model_types(args, 'megatron rlhf')
     for warning in model_types.model_type_warnings(args, resolved=False):
         get_logger().warning(f'swift_gkd_plugin: {warning}')
+
+
+def check_sampling_contexts(args, vllm_installed: bool) -> None:
+    """``--max_length`` within the student's context on on-policy steps and the teacher's on seq_kd steps, read from
+    the local folders' ``config.json`` (:func:`swift_gkd_plugin.options.model_context.check_sampling_context`, as
+    ``swift rlhf`` checks it; hub ids are left to the ranks): a prompt that fills a sampler's context leaves it no
+    room to sample (vLLM's engine refused it at its first rollout; the model's own sampler ran past its positions).
+    ``--use_vllm true`` samples with vLLM only where it is installed (``arguments.resolve_sampler``)."""
+    if not args.max_length:
+        return
+    from swift_gkd_plugin.options.model_context import check_sampling_context, model_context
+
+    def local(path):
+        return os.path.expanduser(path) if isinstance(path, str) else None
+
+    view = SimpleNamespace(**{**vars(args), 'use_vllm': args.use_vllm and vllm_installed})
+    check_sampling_context(view, model_context(local(args.model)), model_context(local(args.teacher_model)))
 
 
 #: a first argument ms-swift reads as a config file holding the flags (``swift/cli/main.py``, ``parse_yaml_args``)

@@ -24,7 +24,8 @@ from typing import Dict, Optional
 
 from swift.utils import get_logger, remove_response
 
-from swift_gkd_plugin.options.flags import FlagError
+from swift_gkd_plugin.options import model_context as contexts
+from swift_gkd_plugin.options.hub_models import model_dir_of
 
 logger = get_logger()
 #: tokens allowed per message beyond its UTF-8 bytes in :meth:`RowLengths.bound`
@@ -147,20 +148,14 @@ def _preprocessor(columns: frozenset):
 
 
 def check_sampling_context(args) -> None:
-    """On-policy sampling (``--lmbda`` > 0) with ``--max_length`` above the student's context (ms-swift's
-    ``max_model_len`` of the model's ``config.json``, what its sampling engine allows): a prompt longer than the
-    context, which ``--max_length`` lets through, failed at its first rollout after loading ("Input length (569) leaves
-    no room for generation"). ``--vllm_max_model_len`` is checked on its own, a rollout server samples with its own;
-    a multi-turn run's trajectories are cut at the engine's context (``swift/rollout/scheduler_guard.py``)."""
-    if not args.lmbda or not args.max_length or args.vllm_max_model_len is not None:
-        return
-    if getattr(args, 'multi_turn_scheduler', None):
-        return
-    if args.use_vllm and args.vllm_mode == 'server':
-        return
-    limit = getattr(getattr(args, 'model_info', None), 'max_model_len', None)
-    if limit and args.max_length > limit:
-        raise FlagError(f'--max_length {args.max_length} is longer than the student\'s context (--model {args.model}: '
-                        f'{limit} positions, config.json): on-policy sampling (--lmbda {args.lmbda:g}) fails at the '
-                        'first prompt that fills it ("leaves no room for generation"); pass --max_length '
-                        f'{limit} or less, or --lmbda 0')
+    """``--max_length`` within the student's context on on-policy steps and the teacher's on seq_kd steps
+    (:func:`swift_gkd_plugin.options.model_context.check_sampling_context`): the student's as ms-swift resolved it
+    (``model_info.max_model_len``), a ``--teacher_model``'s from its folder's ``config.json`` (a hub id's fetched
+    without its weights). Before, a prompt longer than either failed at its first rollout after loading ("Input length
+    (569) leaves no room for generation")."""
+    student = getattr(getattr(args, 'model_info', None), 'max_model_len', None)
+    teacher = None
+    if args.seq_kd and args.teacher_model and args.max_length and getattr(args, 'teacher_model_server', None) is None:
+        folder = model_dir_of('--teacher_model', args.teacher_model, args.teacher_model_revision, args)
+        teacher = contexts.model_context(folder)
+    contexts.check_sampling_context(args, student, teacher)
