@@ -108,6 +108,42 @@ def test_a_file_size_limit_during_a_save_is_named(tiny_ws, tmp_path):
     assert os.path.getsize(out / 'checkpoint-1' / 'model.safetensors') < limit  # the weights were written
 
 
+OUTPUT_DIR_FAULT_PLUGIN = os.path.join(os.path.dirname(__file__), 'output_dir_fault_plugin.py')
+
+
+def _fault_after_step_2(tiny_ws, out, fault):
+    """A 2-step run saving each step (checkpoint-1 saved), whose --output_dir stops taking writes (``fault``) at the
+    end of step 2: after the last step, before ms-swift writes its logs and saves its checkpoint."""
+    return run_swift(base_args(tiny_ws, str(out), lmbda=0, max_steps=2, save_strategy='steps', save_steps=1,
+                               save_only_model='true', external_plugins=OUTPUT_DIR_FAULT_PLUGIN),
+                     env={'GKD_TEST_OUTPUT_FAULT_AFTER_STEP': '2', 'GKD_TEST_OUTPUT_FAULT': fault}, check=False)
+
+
+def test_a_disk_that_fills_up_after_the_last_step_fails_the_final_save_in_one_line(tiny_ws, small_tmpfs):
+    """Issue 96 item 5: the final save (the last step's checkpoint, ms-swift's only save after the last step) on a disk
+    that filled up after that step: one line, exit code 1, naming checkpoint-1 to resume from. (The step's log line
+    still fits in the last page of ``logging.jsonl`` on the tmpfs; the next test makes that write fail.)"""
+    out = small_tmpfs / 'out'
+    run = _fault_after_step_2(tiny_ws, out, 'fill')
+    _one_error_line(run, [f'saving {out}/checkpoint-2 failed, no space left on device: the filesystem of '
+                          f'{out}/checkpoint-2 has 0.0 MiB free of 1.5 MiB. That checkpoint is incomplete (no '
+                          f'trainer_state.json); the newest complete checkpoint is {out}/checkpoint-1 '
+                          f'(--resume_from_checkpoint {out}/checkpoint-1). Free space (or pass another --output_dir) '
+                          'and resume.'])
+
+
+def test_an_output_folder_gone_after_the_last_step_is_named_as_a_failed_save(tiny_ws, tmp_path):
+    """Issue 96 item 5: after the last step ms-swift writes the step's logs (``logging.jsonl``), then saves its
+    checkpoint; the checkpoint save was guarded, the log write was not: an output folder that cannot be written after
+    the last step (here a file where it was) ended the run in ms-swift's ``FileExistsError`` traceback. Now one line,
+    exit code 1, as a failed checkpoint save: the file, the cause and the remedy."""
+    out = tmp_path / 'out'
+    run = _fault_after_step_2(tiny_ws, out, 'file')
+    _one_error_line(run, [f"writing the logs of step 2 ({out}/logging.jsonl) failed, a write failed (FileExistsError: "
+                          f"[Errno 17] File exists: '{out}')", f'{out} holds no complete checkpoint to resume from. '
+                          f'Make {out} writable (or pass another --output_dir) and resume.'])
+
+
 def test_a_checkpoint_folder_that_cannot_be_written_is_named(tiny_ws, tmp_path):
     """A checkpoint that cannot be written for another cause than space (here a file where its folder goes; a folder
     without write permission, a read-only file system alike): one line naming the checkpoint and the cause."""

@@ -18,7 +18,7 @@ from swift_gkd_plugin.core.guards.non_finite import loss_terms, non_finite_gradi
 from swift_gkd_plugin.core.guards.same_weights import (copy_of_the_student, copy_of_the_student_cause,
                                                       privileged_row_count)
 from swift_gkd_plugin.swift.run.records import LogResume
-from swift_gkd_plugin.swift.setup.checkpoints import guard_checkpoint_saves
+from swift_gkd_plugin.swift.setup.checkpoints import guard_checkpoint_saves, guard_log_writes
 from swift_gkd_plugin.data.dataset_rows import media_refs
 from swift_gkd_plugin.swift.setup.datasets import RefuseEmptyEpochs
 
@@ -27,7 +27,7 @@ logger = get_logger()
 
 def install_run_guards(trainer) -> None:
     """A training set smaller than one batch is refused at the start; a run whose steps learn nothing stops
-    (:class:`NothingLearnt`); a checkpoint save that cannot write its files
+    (:class:`NothingLearnt`); a checkpoint save, or a step's logs, that cannot write its files
     names the cause (no space left) and the newest complete checkpoint; a row replaced because it fails to encode is
     named in a warning and counted; a NaN or infinite loss stops the run naming its source (the trainer's loss
     calls :func:`~swift_gkd_plugin.core.guards.non_finite.non_finite_loss_message`), and a NaN or infinite gradient
@@ -38,6 +38,7 @@ def install_run_guards(trainer) -> None:
     trainer.add_callback(trainer._nothing_learnt)
     trainer.callback_handler.callbacks.insert(0, WarnOnEntropyGap(trainer.args))  # before the callback writing logs
     guard_checkpoint_saves(trainer, RunError)
+    guard_log_writes(trainer, RunError)
     trainer.add_callback(LogResume())  # the checkpoint and step a resumed run continues from
     guard_gradient_norm(trainer)
     warn_replaced_rows(trainer)

@@ -1,5 +1,5 @@
 """Checkpoints of a GKD run: which are complete, a resume from an incomplete one refused before any model loads,
-and a save that fails for lack of space named as such.
+and a save (or a step's log write) that fails for lack of space named as such.
 
 The HF Trainer writes ``trainer_state.json`` last in each ``checkpoint-N`` (after the weights, optimizer, scheduler
 and RNG states), and ms-swift points ``last-checkpoint`` at a checkpoint only once it is written: a checkpoint
@@ -21,6 +21,7 @@ from swift_gkd_plugin.options.flags import FlagError
 
 TRAINER_STATE = 'trainer_state.json'  # transformers.trainer.TRAINER_STATE_NAME, written last
 LAST_CHECKPOINT = 'last-checkpoint'  # ms-swift's symlink to the newest complete checkpoint
+LOGGING_FILE = 'logging.jsonl'  # the logs ms-swift appends each logged step to, in --output_dir
 _CHECKPOINT = re.compile(r'^checkpoint-(\d+)$')
 # what a failed write looks like: OSError's own errno, or the text of torch's and safetensors' writers
 _SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
@@ -362,6 +363,7 @@ def _write_failure(exc: BaseException) -> bool:
 def _cause(exc: BaseException, folder: str) -> tuple:
     """``(errno, words)`` naming why a write into ``folder`` failed: a full filesystem, the file-size limit of the
     process (``ulimit -f``), else the error itself."""
+    folder = _existing(folder)
     usage = shutil.disk_usage(folder)
     if usage.free < LOW_SPACE:
         return errno.ENOSPC, (f'no space left on device: the filesystem of {folder} has {usage.free / 2**20:.1f} MiB '
@@ -371,6 +373,32 @@ def _cause(exc: BaseException, folder: str) -> tuple:
         return errno.EFBIG, f'file too large: this process may write files of at most {limit} bytes (ulimit -f)'
     code = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO
     return code, f'a write failed ({type(exc).__name__}: {exc}); {usage.free / 2**20:.1f} MiB free in {folder}'
+
+
+def _existing(path: str) -> str:
+    """``path``, or its nearest ancestor that exists (a folder removed under the run)."""
+    while path and not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path or os.sep
+
+
+def _failed_write(exc: BaseException, what: str, folder: str, output_dir: str, incomplete: str = '') -> str:
+    """The one line of a failed write of ``what`` into ``folder``: the cause, where to resume from, the remedy."""
+    code, cause = _cause(exc, folder)
+    remedy = ('Free space (or pass another --output_dir)' if code in _SPACE_ERRNOS else
+              f'Make {output_dir} writable (or pass another --output_dir)')
+    return f'{what} failed, {cause}.{incomplete} {newest_hint(output_dir)}. {remedy} and resume.'
+
+
+def _failed_file(exc: BaseException) -> Optional[str]:
+    """The file (or folder) a failed write named, in ``exc`` or an exception it was raised from."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.filename:
+            return os.fspath(exc.filename)
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def guard_checkpoint_saves(trainer, error: type) -> None:
@@ -387,10 +415,31 @@ def guard_checkpoint_saves(trainer, error: type) -> None:
                 raise
             output_dir = trainer.args.output_dir
             checkpoint = os.path.join(output_dir, f'checkpoint-{trainer.state.global_step}')
-            code, cause = _cause(exc, checkpoint if os.path.isdir(checkpoint) else output_dir)
-            remedy = ('Free space (or pass another --output_dir)' if code in _SPACE_ERRNOS else
-                      f'Make {output_dir} writable (or pass another --output_dir)')
-            raise error(f'saving {checkpoint} failed, {cause}. That checkpoint is incomplete (no {TRAINER_STATE}); '
-                        f'{newest_hint(output_dir)}. {remedy} and resume.') from exc
+            folder = checkpoint if os.path.isdir(checkpoint) else output_dir
+            incomplete = f' That checkpoint is incomplete (no {TRAINER_STATE});'
+            raise error(_failed_write(exc, f'saving {checkpoint}', folder, output_dir, incomplete)) from exc
 
     trainer._save_checkpoint = _save_checkpoint
+
+
+def guard_log_writes(trainer, error: type) -> None:
+    """A step's logs that cannot be written raise ``error`` as a failed checkpoint save does (one line, exit code 1),
+    naming the file, the cause and the newest complete checkpoint. ms-swift appends every logged step to
+    ``logging.jsonl`` in ``--output_dir`` (the last step's too, before its checkpoint is saved): a disk that filled up
+    or an output folder that went away after the last step ended the run in a traceback."""
+    log = trainer.log
+
+    def log_or_stop(logs, *args, **kwargs):
+        try:
+            return log(logs, *args, **kwargs)
+        except Exception as exc:
+            if not _write_failure(exc):
+                raise
+            output_dir = trainer.args.output_dir
+            path = _failed_file(exc)
+            if path is None or os.path.abspath(path) == os.path.abspath(output_dir):  # (the folder: ms-swift's makedirs)
+                path = os.path.join(output_dir, LOGGING_FILE)
+            what = f'writing the logs of step {trainer.state.global_step} ({path})'
+            raise error(_failed_write(exc, what, output_dir, output_dir)) from exc
+
+    trainer.log = log_or_stop
