@@ -6,6 +6,7 @@ dangling symbolic link given to ``--resume_from_checkpoint``. Issue 81 item 2: a
 ``datasets.load_dataset(folder)`` reads it (the same files, resolved by ``datasets`` itself), and a folder it would
 fail on (data in hidden files only, an empty file) or read only in part (another format than the most common
 ending's, another split) is refused, naming the files."""
+import importlib.util
 import json
 import os
 import pathlib
@@ -135,16 +136,20 @@ def test_the_rows_of_a_folder_are_checked_as_a_file_s(tiny_ws, tmp_path):
 CARD = '---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: "rows/*"\n---\n# rows\n'
 
 
-@pytest.mark.parametrize('compression', ['gz', 'zst'])
+@pytest.mark.parametrize('compression', ['gz', 'zst', 'lz4'])
 def test_a_card_folder_and_its_compressed_rows_are_checked_as_datasets_reads_them(tiny_ws, tmp_path, compression):
     """Issue 89 item 10: a folder whose README.md card lists ``configs`` was refused, its patterns resolved against the
     working directory (the message named a wrong path), and a bad row of its ``.jsonl.gz`` was dropped silently:
     the card's files are the folder's, and the compressed file's rows are checked as any file's (``.zst`` too:
-    zstandard is an ms-swift dependency; such a folder was left unchecked)."""
+    zstandard is an ms-swift dependency; such a folder was left unchecked; ``.lz4`` where the lz4 package is
+    installed, which ms-swift does not install: without it such a folder is refused, the next test)."""
     import gzip
 
     import zstandard
-    compress = {'gz': gzip.compress, 'zst': zstandard.ZstdCompressor().compress}[compression]
+    if compression == 'lz4':
+        lz4_frame = pytest.importorskip('lz4.frame', reason='lz4 is not installed here: the folder is refused')
+    compress = {'gz': gzip.compress, 'zst': zstandard.ZstdCompressor().compress,
+                'lz4': lambda data: lz4_frame.compress(data)}[compression]
     folder = tmp_path / 'data'
     _write(folder / 'rows' / 'a.jsonl', _rows(4))
     bad = json.dumps(_rows(1)[0]) + '\n{"messages": [\n'
@@ -153,6 +158,22 @@ def test_a_card_folder_and_its_compressed_rows_are_checked_as_datasets_reads_the
     run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), dataset=str(folder)), check=False, timeout=300)
     assert_refused_in_one_line(run, [f'--dataset {os.path.realpath(folder / "rows" / f"b.jsonl.{compression}")}: '
                                      'line 2 is not valid JSON'])
+
+
+@pytest.mark.skipif(importlib.util.find_spec('lz4') is not None, reason='lz4 is installed here: its rows are checked')
+def test_a_folder_with_an_lz4_file_is_refused_without_the_lz4_package(tiny_ws, tmp_path):
+    """Issue 96 item 5: ``datasets`` reads a folder's ``.lz4`` files only with the lz4 package, which ms-swift does not
+    install: such a folder was neither checked nor refused, and ``datasets`` failed after both models loaded
+    ("Compression type lz4 not supported"). Refused by the launcher, naming the file and the two fixes (the file's
+    bytes are never read)."""
+    folder = tmp_path / 'data'
+    _write(folder / 'a.jsonl', _rows(4))
+    (folder / 'b.jsonl.lz4').write_bytes(b'\x04\x22\x4d\x18 not read')
+    run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), dataset=str(folder)), launcher=True, check=False,
+                    timeout=180)
+    assert_refused_by_launcher(run, [f"--dataset {folder}: the folder '{folder}' holds b.jsonl.lz4, which datasets "
+                                     'reads only with the lz4 package, not installed here', 'allowed: decompress it '
+                                     '(lz4 -d b.jsonl.lz4', 'or pip install lz4'], ranks_started=False)
 
 
 @pytest.mark.parametrize('suffix', ['', '#4'])

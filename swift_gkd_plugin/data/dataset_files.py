@@ -17,7 +17,7 @@ from swift.dataset.preprocessor import AutoPreprocessor
 
 from swift_gkd_plugin.core.constants import PRIVILEGED_COLUMNS
 from swift_gkd_plugin.options.flags import FlagError
-from swift_gkd_plugin.options.local_paths import folder_files
+from swift_gkd_plugin.options.local_paths import folder_files, lz4_installed
 
 
 def _zstd_open(path: str, mode: str = 'rb', **kwargs):
@@ -27,10 +27,18 @@ def _zstd_open(path: str, mode: str = 'rb', **kwargs):
     return io.TextIOWrapper(raw, **kwargs) if 't' in mode else raw
 
 
+def _lz4_open(path: str, mode: str = 'rb', **kwargs):
+    """A ``.lz4`` file (an LZ4 frame, as ``datasets`` reads it) opened as ``open`` would; needs the lz4 package."""
+    import lz4.frame
+    return lz4.frame.open(path, mode, **kwargs)
+
+
 #: compressed text files of a folder, which ``datasets`` reads decompressed (a ``--dataset`` file of them is refused:
-#: ms-swift takes its last ending for the loader's name); ``.lz4`` (read by ``datasets`` where the lz4 package is
-#: installed, not an ms-swift dependency) is left unchecked
-COMPRESSIONS = {'.gz': gzip.open, '.bz2': bz2.open, '.xz': lzma.open, '.zst': _zstd_open}
+#: ms-swift takes its last ending for the loader's name); ``.lz4`` where the lz4 package is installed (not an ms-swift
+#: dependency: without it ``datasets`` cannot read such a file, and a folder holding one is refused,
+#: :func:`~swift_gkd_plugin.options.local_paths.folder_problem`)
+COMPRESSIONS = {'.gz': gzip.open, '.bz2': bz2.open, '.xz': lzma.open, '.zst': _zstd_open,
+                **({'.lz4': _lz4_open} if lz4_installed() else {})}
 #: the local files read here before loading (ms-swift reads them with the ``datasets`` loader of their ending)
 CHECKED_SUFFIXES = ('.jsonl', '.json', '.csv', '.parquet', '.arrow') + tuple(
     text + compression for text in ('.jsonl', '.json', '.csv') for compression in COMPRESSIONS)

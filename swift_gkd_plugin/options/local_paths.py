@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import importlib.util
 import json
 import os
 from typing import Dict, List, NamedTuple, Optional
@@ -147,6 +148,11 @@ DATA_FILE_SUFFIXES = frozenset((
 ARCHIVE_SUFFIXES = ('.gz', '.bz2', '.xz', '.zst', '.lz4', '.zip', '.7z')
 
 
+def lz4_installed() -> bool:
+    """The lz4 package, which ``datasets`` needs to read a ``.lz4`` file (not an ms-swift dependency), is importable."""
+    return importlib.util.find_spec('lz4') is not None
+
+
 def _is_data_file(name: str) -> bool:
     """Whether a file name ends as a data file (:data:`DATA_FILE_SUFFIXES`, or a compressed one)."""
     suffixes = [f'.{s.lower()}' for s in name.split('.')[1:]]
@@ -220,7 +226,8 @@ def folder_problem(flag: str, entry: str, folder: str) -> Optional[str]:
     """Why ``datasets`` would fail on, or drop rows of, the ``flag`` folder ``folder`` (:func:`folder_files`): no data
     file; data in hidden files or folders only, or no split train (it raised after both models loaded); data files
     it leaves out (another format than the most common ending's, hidden, another split: trained without them, exit
-    0); a file it reads that is empty (a bare StopIteration after both models loaded). None for a folder read whole."""
+    0); a file it reads that is empty (a bare StopIteration after both models loaded); a ``.lz4`` file it reads
+    without the lz4 package (it raised after both models loaded). None for a folder read whole."""
     everything = _data_files_under(folder)
     if not everything:
         names = sorted(os.listdir(folder))
@@ -241,6 +248,15 @@ def folder_problem(flag: str, entry: str, folder: str) -> Optional[str]:
                 f'({_shown_files(real, found.read)}) and leave out {len(left)}, whose rows would not be trained on: '
                 f'{"; ".join(_left_out_why(real, path, found) for path in left[:6])}'
                 f'{f" (and {len(left) - 6} more)" if len(left) > 6 else ""}; {allowed}')
+    lz4 = [path for path in found.read if path.lower().endswith('.lz4')]
+    if lz4 and not lz4_installed():
+        first = os.path.relpath(lz4[0], real)
+        more = f' (and {len(lz4) - 1} more .lz4 file(s))' if len(lz4) > 1 else ''
+        return (f'{flag} {entry}: the folder {folder!r} holds {first}{more}, which datasets reads only with the lz4 '
+                'package, not installed here (ms-swift does not install it: datasets failed after both models loaded, '
+                f'"Compression type lz4 not supported"); allowed: decompress it (lz4 -d {first}, or lz4 -dm *.lz4 in '
+                'its folder) and remove the .lz4 file, or pip install lz4 (its rows are then checked as the folder\'s '
+                'other files)')
     empty = [path for path in found.read if _empty(path)]
     if empty:
         return (f'{flag} {entry}: the folder {folder!r} holds {len(empty)} empty data file(s) '
