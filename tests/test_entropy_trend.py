@@ -33,7 +33,8 @@ FLAT_GAP = [(6.08933401, 3.92958379), (6.08828115, 4.20247555), (6.08607531, 4.3
 #: docs_en/quality.md's degrading SmolLM2 pattern for the gap trigger: a student at 4.5 nats climbing to 5.5-6.4
 #: while the teacher's entropy stays near its start's 2.88 (three logged steps, watched from mid-run).
 GROWING_GAP = [(4.5, 2.88), (5.5, 2.88), (6.4, 2.88)]
-#: The demo's sampling flags (cli.demo_command): SKD with K = 1 at sampling temperature 0.5, lmbda 1, beta 0.5.
+#: A run with SKD and cold sampling in effect (the demo's former flags): SKD with K = 1 at sampling temperature 0.5,
+#: lmbda 1, beta 0.5.
 DEMO_ARGS = types.SimpleNamespace(gkd_skd_top_k=1, gkd_sampling_temperature=0.5, lmbda=1.0, beta=0.5, top_p=1.0,
                                   gkd_rollout_max_tokens=None)
 
@@ -73,7 +74,7 @@ def test_the_runs_that_held_stay_quiet_with_the_trend_rule(name):
 
 
 def test_remedies_already_in_effect_are_left_out():
-    """The demo's flags: SKD and cold sampling are in effect, so neither they nor top-p (not both) are suggested."""
+    """SKD and cold sampling in effect (the demo's former flags): neither they nor top-p (not both) are suggested."""
     quiet, told = _messages(GROWING_GAP, args=DEMO_ARGS)[-1], _messages(GROWING_GAP)[-1]
     for flag in ('--gkd_skd_top_k', '--gkd_sampling_temperature', '--top_p'):
         assert flag in told and flag not in quiet
