@@ -22,8 +22,8 @@ SEED = next(s for s in range(100) if len({choose_mode(s, i, LMBDA, False) for i 
 # the syncs that are not the plugin's (see the module docstring): (file fragment, function)
 NOT_OURS = [('swift/trainers/mixin.py', 'prepare_logits_to_keep'), ('transformers/', '')]
 # the fused loss against a top-k teacher drops the rows without teacher information (their number sizes a tensor)
-# and checks the ids' range: one read of both, in fused_linear_jsd
-TOPK_READS = [('tolist', 'fused_linear_jsd')]
+# and checks the ids' range: one read of both, in fused_linear_jsd's _active_rows
+TOPK_READS = [('tolist', '_active_rows')]
 
 CASES = {
     'fused': dict(gkd_loss_impl='fused', sft_alpha=0.5),
