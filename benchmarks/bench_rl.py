@@ -6,7 +6,7 @@
 
 The task and the scoring are ``bench_quality.py``'s (sort eight letters, greedy free-running exact match on
 held-out prompts), with a teacher stopped early so that its own exact match is about 0.67, and an exact-match reward
-(``swift_gkd_plugin/testing/quality_reward.py``, passed with ``--external_plugins``).  From the same warm-started
+(``tests/harness/quality_reward.py``, passed with ``--external_plugins``).  From the same warm-started
 student, with the same steps, completions per step, completions per prompt (G), learning-rate schedule and seeds:
 
 * ``gkd``: on-policy GKD (``--lmbda 1 --num_generations G --gkd_rl_coef 0``; the reward is only logged);
@@ -49,7 +49,7 @@ NUM_GENERATIONS = '4'
 BETA = '0.5'
 #: --gkd_rl_coef: 1 was the best of 0.5 / 1 / 2 / 4 / 20 in the quick preset's pilot (seed 0, docs_en/rl_quality.md).
 COEFS = ('1',)
-REWARD_FILE = os.path.join(os.path.dirname(quality_task.__file__), 'quality_reward.py')
+REWARD_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tests/harness/quality_reward.py')
 REWARD = {'reward_funcs': 'sort_exact_match', 'external_plugins': REWARD_FILE}
 GKD = {'lmbda': '1', 'beta': BETA, 'num_generations': NUM_GENERATIONS, 'gkd_loss_impl': 'dense', **REWARD}
 GRPO = {'rlhf_type': 'grpo', 'teacher_model': None, 'teacher_model_type': None, 'beta': '0', 'use_vllm': 'false',

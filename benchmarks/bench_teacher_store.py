@@ -46,6 +46,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.append(os.path.join(os.path.dirname(HERE), 'tests'))  # harness (tests/harness/: smollm), not installed
 ROOT = os.path.dirname(HERE)
 OFFLINE = {'HF_HUB_OFFLINE': '1', 'HF_DATASETS_OFFLINE': '1', 'TRANSFORMERS_OFFLINE': '1', 'MODELSCOPE_OFFLINE': '1',
            'USE_HF': '1'}
@@ -159,7 +160,7 @@ def smollm_rows(workdir: str, prompts: int, answer_tokens: int) -> Tuple[Iterabl
     the answer tokens (the positions a GKD run scores); the model's parameters and vocabulary in the dict."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from swift_gkd_plugin.testing import smollm
+    from harness import smollm
     cache = os.path.join(workdir, 'smollm_cache')
     teacher_dir = os.path.join(cache, 'teacher')
     marker = os.path.join(teacher_dir, 'converted.json')

@@ -311,7 +311,7 @@ def log_run(kind: str, seconds: float, why_fresh: Optional[List[str]] = None) ->
                             'test': os.environ.get('PYTEST_CURRENT_TEST', '').split(' ')[0]}) + '\n')
 
 
-# the test worker's zygote (swift_gkd_plugin.testing.zygote): the start-up of its one-process runs, shared
+# the test worker's zygote (harness.zygote): the start-up of its one-process runs, shared
 _ZYGOTE: Dict[str, object] = {}
 # read at run time only (by the test plugins): a run that sets these still forks from the zygote
 _RUNTIME_ENV_PREFIX = 'GKD_TEST_'
@@ -331,7 +331,7 @@ def _zygote_for(child: List[str], env: Dict[str, str], family: str = 'swift',
     ``GKD_TESTS_FRESH_PROCESSES=1`` turns it off."""
     if os.environ.get('GKD_TESTS_FRESH_PROCESSES') == '1':
         return None, 0
-    from swift_gkd_plugin.testing.zygote import (LAUNCHER_PRELOAD, MEGATRON_PRELOAD, PRELOAD, TORCHRUN_WORKER_CONSTANTS,
+    from harness.zygote import (LAUNCHER_PRELOAD, MEGATRON_PRELOAD, PRELOAD, TORCHRUN_WORKER_CONSTANTS,
                                                  VLLM_COLOCATE_PRELOAD, Zygote)
     nproc = 1
     if child[1] == '-m':
@@ -716,7 +716,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             runs = [json.loads(line) for line in f]
     starts = [r['seconds'] for r in runs if r['kind'].startswith('zygote start')]
     runs = [r for r in runs if not r['kind'].startswith('zygote start')]
-    if starts:  # the session's shared start-ups (swift_gkd_plugin.testing.zygote), each once for all its workers
+    if starts:  # the session's shared start-ups (harness.zygote), each once for all its workers
         tr.write_line(f'{len(starts)} zygotes started, {sum(starts):.0f} s of CPU importing in all')
     if runs:
         by_kind: Dict[str, List[float]] = {}

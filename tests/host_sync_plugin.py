@@ -2,7 +2,7 @@
 
 Runs the plugin trainer's ``compute_loss``, accelerate's ``Accelerator.backward`` and the backward of the plugin's
 autograd functions (autograd's engine runs those without the caller's torch-function mode) under
-:class:`swift_gkd_plugin.testing.host_syncs.HostSyncCounter`, and appends one json line per training micro-batch
+:class:`harness.host_syncs.HostSyncCounter`, and appends one json line per training micro-batch
 (its mode and the would-be syncs of its loss and of its backward, each with its caller) to the file named by
 ``GKD_TEST_SYNC_LOG``.
 """
@@ -15,7 +15,7 @@ from accelerate import Accelerator
 from swift_gkd_plugin.core.divergence import RowwiseDivergence
 from swift_gkd_plugin.core.fused.loss import _FusedLinearJSD
 from swift_gkd_plugin.swift.trainer import GKDPluginTrainer
-from swift_gkd_plugin.testing.host_syncs import HostSyncCounter
+from harness.host_syncs import HostSyncCounter
 
 _LOG = os.environ['GKD_TEST_SYNC_LOG']
 _current = {}  # the micro-batch being counted

@@ -1,5 +1,5 @@
 """The capacity preset of ``benchmarks/bench_quality.py``: the table task's checker and split
-(``swift_gkd_plugin.testing.capacity_task``), and the preset's command line end to end on tiny sizes (real
+(``harness.capacity_task``), and the preset's command line end to end on tiny sizes (real
 ``swift sft`` / ``swift rlhf``)."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import random
 import pytest
 
 from swift_gkd_plugin.testing import quality_task, tiny
-from swift_gkd_plugin.testing.capacity_task import PROMPT_PREFIX, CapacityTask
+from harness.capacity_task import PROMPT_PREFIX, CapacityTask
 
 from test_quality_bench import _as_the_suite_runs, bench
 

@@ -2,7 +2,7 @@
 backward read nothing from the device, on either loss implementation and in either mode; its metrics stay on the
 device until the logging step.
 
-Counted with :class:`~swift_gkd_plugin.testing.host_syncs.HostSyncCounter` around each micro-batch's
+Counted with :class:`~harness.host_syncs.HostSyncCounter` around each micro-batch's
 ``compute_loss`` and backward (``tests/host_sync_plugin.py``, loaded through ``--external_plugins``). What remains is
 not the plugin's: ms-swift's ``prepare_logits_to_keep`` reads the first response position of each view, and the
 model's forward (transformers' attention-mask helpers) reads its mask.

@@ -3,7 +3,7 @@
 
 The tiny models are ms-swift's ``llava1_5_hf`` model type / template (CLIP vision tower + Llama decoder): its
 image path needs only Pillow (the Qwen-VL templates need torchvision, see
-:mod:`swift_gkd_plugin.testing.tiny_multimodal`).  The task -- name the colour of a square -- can only be solved
+:mod:`harness.tiny_multimodal`).  The task -- name the colour of a square -- can only be solved
 from the image, so models trained on it show whether the image reached each forward and each sampler.
 """
 import json
@@ -16,7 +16,7 @@ from collections import Counter
 import pytest
 from conftest import Workspace, base_args, run_swift
 
-from swift_gkd_plugin.testing import tiny_multimodal as tmm
+from harness import tiny_multimodal as tmm
 
 N_ROWS = 8  # one batch of 8 rows per step: each step sees every row once
 MODES = {'off_policy': {'lmbda': 0}, 'on_policy': {'lmbda': 1}, 'seq_kd': {'lmbda': 0, 'seq_kd': 'true'}}

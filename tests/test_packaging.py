@@ -87,6 +87,12 @@ def test_wheel_ships_the_docs_that_help_texts_cite(project_copy, tmp_path):
         assert '](../' not in rl and '`examples/gkd_rl_reward.sh` (in the source tree)' in rl
         for page in pages:
             assert '](../' not in wheel.read(f'swift_gkd_plugin/docs_en/{page}').decode(), page
+        # the wheel ships what users run: the demo's and the examples' fixtures, never the test harness (tests/harness/)
+        assert sorted(n for n in names if n.startswith('swift_gkd_plugin/testing/')) == [
+            f'swift_gkd_plugin/testing/{m}.py' for m in
+            ('__init__', 'quality_task', 'tiny', 'tiny_text', 'tool_scheduler', 'tool_task')]
+        harness = {n[:-3] for n in os.listdir(os.path.join(PROJECT, 'tests', 'harness')) if n.endswith('.py')}
+        assert harness - {'__init__'} and not {n for n in names if os.path.basename(n)[:-3] in harness - {'__init__'}}
         wheel.extractall(tmp_path / 'site')
     code = 'import site, sys; site.addsitedir(sys.argv[1]); from swift_gkd_plugin.entry import cli; print(cli.docs_dir())'
     done = subprocess.run([sys.executable, '-I', '-S', '-c', code, str(tmp_path / 'site')], capture_output=True,

@@ -1,11 +1,11 @@
-"""The sorting task's exact-match reward (``swift_gkd_plugin/testing/quality_reward.py``), loaded the way
+"""The sorting task's exact-match reward (``tests/harness/quality_reward.py``), loaded the way
 ``--external_plugins`` loads it and called through ms-swift's own reward path on real GKD and GRPO samples."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from swift_gkd_plugin.testing import quality_reward
+from harness import quality_reward
 
 PROMPT = 'Sort: k c a m f h b p'
 

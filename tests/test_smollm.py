@@ -1,4 +1,4 @@
-"""The smollm workspace (``swift_gkd_plugin.testing.smollm``) and ``bench_quality.py --preset smollm``.
+"""The smollm workspace (``harness.smollm``) and ``bench_quality.py --preset smollm``.
 
 CI never downloads the 93 MB wheel: a tiny llama GGUF written here with the ``gguf`` package (SmolLM2's chat template,
 EOS deliberately set to ``<|im_start|>`` as the bug report had it) drives the real conversion path (transformers'
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from swift_gkd_plugin.testing import smollm
+from harness import smollm
 
 from test_quality_bench import _as_the_suite_runs, bench
 

@@ -19,7 +19,7 @@ from safetensors import safe_open
 
 from swift_gkd_plugin.core.scores.store import TeacherStore
 from swift_gkd_plugin.entry import score as score_cli
-from swift_gkd_plugin.testing import tiny_multimodal as tmm
+from harness import tiny_multimodal as tmm
 from test_multimodal import mm  # noqa: F401 (the tiny LLaVA workspace, built once for every module)
 
 K = 8

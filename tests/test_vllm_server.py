@@ -4,7 +4,7 @@ runs, with the server on vLLM's CPU build.
 The server is ms-swift's ``swift rollout``, the client and the weight sync ms-swift's own: which tensors are sent, in
 what order and under what names. One piece stands in for what this machine lacks: the NCCL communicator of the sync
 (``PyNcclCommunicator``) is a gloo one, and ``swift rollout``'s device-count check accepts the CPU
-(:mod:`swift_gkd_plugin.testing.rollout_cpu`, installed by ``tests/rollout_cpu_site/sitecustomize.py`` on the
+(:mod:`harness.rollout_cpu`, installed by ``tests/rollout_cpu_site/sitecustomize.py`` on the
 ``PYTHONPATH`` of these servers and trainers only). ``tests/vllm_server_probe_plugin.py`` compares, after every sync,
 the server's greedy continuation (asked through ms-swift's client) with the trained model's own argmax along it.
 

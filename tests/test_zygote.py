@@ -1,4 +1,4 @@
-"""The suite's shared start-up (``swift_gkd_plugin.testing.zygote``, used by ``run_swift`` for one-process runs and
+"""The suite's shared start-up (``harness.zygote``, used by ``run_swift`` for one-process runs and
 for torchrun's ranks) changes nothing a run does: the same run forked from the zygote and started as a fresh process
 (or under torchrun) logs the same losses, modes and metrics, and a refusal gives the same one line and exit code."""
 import json
@@ -155,7 +155,7 @@ def test_inductors_python_subprocesses_leave_the_megatron_harness_out(monkeypatc
     of CPU a Megatron zygote or rank): they get the rest of ``sys.path``."""
     import sys
 
-    from swift_gkd_plugin.testing import megatron_cpu
+    from harness import megatron_cpu
     site = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'megatron', 'cpu_site')
     monkeypatch.setattr(sys, 'path', [site, *sys.path])
     monkeypatch.setenv('TORCH_CUSTOM_PYTHONPATH', '')
@@ -171,7 +171,7 @@ def test_a_preload_entry_with_a_function_runs_it_once_for_every_fork(tmp_path):
     instruction-set probe (a ``python`` subprocess per candidate, cached per process) once, and each fork inherits
     the answer instead of probing again. (Against a fork of the worker's ``'swift'`` zygote, whose preload of
     modules alone, torch's included, leaves that cache empty.)"""
-    from swift_gkd_plugin.testing.zygote import MEGATRON_PRELOAD, PRELOAD, Zygote
+    from harness.zygote import MEGATRON_PRELOAD, PRELOAD, Zygote
     assert 'torch._inductor.cpu_vec_isa:pick_vec_isa' in MEGATRON_PRELOAD and not any(':' in p for p in PRELOAD)
     script = tmp_path / 'probed.py'
     script.write_text('from torch._inductor.cpu_vec_isa import valid_vec_isa_list\n'
@@ -199,7 +199,7 @@ def test_one_zygote_serves_several_workers_at_once(tmp_path):
     end only if both run together."""
     import threading
 
-    from swift_gkd_plugin.testing.zygote import Zygote
+    from harness.zygote import Zygote
     script = tmp_path / 'meet.py'
     script.write_text('import os, sys, time\n'
                       'me, other = sys.argv[1:]\n'

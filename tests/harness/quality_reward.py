@@ -3,8 +3,7 @@
 Pass this file with ``--external_plugins`` and name the reward with ``--reward_funcs``, for GRPO and for GKD + RL
 alike (``benchmarks/bench_rl.py`` does)::
 
-    swift rlhf --rlhf_type grpo --external_plugins "$(python -c 'import swift_gkd_plugin.testing.quality_reward as m;
-    print(m.__file__)')" --reward_funcs sort_exact_match ...
+    swift rlhf --rlhf_type grpo --external_plugins tests/harness/quality_reward.py --reward_funcs sort_exact_match ...
 
 A completion scores 1.0 when :func:`.quality_task.is_correct` accepts it for its prompt (the last user message of the
 row's ``messages`` column, which ms-swift hands to every reward function), else 0.0; rows whose prompt is not a

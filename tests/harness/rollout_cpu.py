@@ -16,7 +16,7 @@ from datetime import timedelta
 
 # (no torch at import: every Python process of a test server's environment runs this, torch.compile's instruction-set
 # probes too, which exist to spare themselves torch's import; the patches import it when their targets load)
-from swift_gkd_plugin.testing import _after, _FINDER
+from harness import _after, _FINDER
 
 
 class GlooCommunicator:
@@ -67,21 +67,21 @@ def _swap(module):
     module.PyNcclCommunicator = GlooCommunicator
 
 
+def _allow_server_mode(module):  # the plugin's check that --vllm_mode server has CUDA: this process needs none
+    module.allow_server_mode_without_cuda()
+
+
 # where each patch applies: the modules that define what ms-swift's server and client import by name
 _PATCHES = {
     'swift.arguments.deploy_args': _deploy_args,
     'swift.utils.torch_utils': _cpu_synchronize,
     'vllm.distributed.device_communicators.pynccl': _swap,
+    'swift_gkd_plugin.swift.setup.vllm': _allow_server_mode,
 }
-
-
-INSTALLED = False  # read by the plugin's server-mode check (swift/setup/vllm.py)
 
 
 def install() -> None:
     import sys
-    global INSTALLED
-    INSTALLED = True
     for name, patch in _PATCHES.items():
         _after(name)(patch)
         if name in sys.modules:

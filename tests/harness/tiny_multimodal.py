@@ -31,7 +31,7 @@ where the single ``<image>`` placeholder is expanded to ``(IMAGE_SIZE // PATCH_S
 
 Typical use::
 
-    from swift_gkd_plugin.testing import tiny_multimodal as tmm
+    from harness import tiny_multimodal as tmm
     ws = tmm.build_workspace('/tmp/mm')
     # ws['student'], ws['teacher'], ws['train'] (jsonl with 'messages' and 'images'), ws['images'] ...
 

@@ -30,6 +30,8 @@ import sys
 import time
 from typing import Dict, List, Optional
 
+_TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/: where the zygote imports this harness
+
 # what ms-swift's rlhf route file and its pipeline import, and the plugin's pieces they load later
 # (and deepspeed, which accelerate's unwrap_model imports in the set-up of every run's trainer: ~0.35 s of CPU a run)
 PRELOAD = ('swift.cli.utils', 'swift.pipelines', 'swift.pipelines.train.rlhf', 'swift.trainers.trainer_factory',
@@ -337,8 +339,9 @@ class Zygote:
                 if os.path.exists(self.name + '.sock'):
                     os.remove(self.name + '.sock')
                 with open(self.log, 'w') as log:  # its imports' messages; each run has its own output files
-                    proc = subprocess.Popen([sys.executable, '-c', 'import sys; from swift_gkd_plugin.testing import '
-                                             'zygote; zygote.serve(sys.argv[1:])', self.name + '.sock',
+                    code = (f'import sys; sys.path.append({_TESTS!r}); '
+                            'from harness import zygote; zygote.serve(sys.argv[1:])')
+                    proc = subprocess.Popen([sys.executable, '-c', code, self.name + '.sock',
                                              str(self.outlive), *self.preload], env=self.env,
                                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, text=True,
                                             start_new_session=True)

@@ -1,5 +1,5 @@
 """Runs of the real ``megatron rlhf --rlhf_type gkd`` (ms-swift's launcher, torchrun, megatron-core, mcore-bridge) on
-the tiny offline models, on CPU: the test-only harness :mod:`swift_gkd_plugin.testing.megatron_cpu` is put on the
+the tiny offline models, on CPU: the test-only harness :mod:`harness.megatron_cpu` is put on the
 ranks' ``PYTHONPATH`` (``cpu_site/sitecustomize.py``); the plugin itself is active as for any user."""
 from __future__ import annotations
 

@@ -70,7 +70,7 @@ def _trainer():
 
 def _worker(rank, world, tp, cp, init_file, out_dir):
     torch.set_num_threads(1)
-    from swift_gkd_plugin.testing import megatron_cpu
+    from harness import megatron_cpu
     megatron_cpu.install()  # Megatron-SWIFT's modules import on CPU (test-only; the loss code is the plugin's)
     references = {topk: reference(topk) for topk in (False, True)}  # before the groups: one process's computation
     dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world,
@@ -146,7 +146,7 @@ def _join_cp_group(rank, world, init_file, **parallel):
     """This process as rank ``rank`` of a gloo world with megatron-core's groups (``parallel``: its sizes; default
     context parallel over the whole world). Megatron-SWIFT's modules import on CPU through the test-only layer."""
     torch.set_num_threads(1)
-    from swift_gkd_plugin.testing import megatron_cpu
+    from harness import megatron_cpu
     megatron_cpu.install()
     dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))

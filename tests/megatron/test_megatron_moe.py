@@ -1,7 +1,7 @@
 """``megatron rlhf --rlhf_type gkd --model_type qwen3_moe`` end to end on CPU: a tiny Qwen3-MoE student (4 experts, 2
 active, every layer sparse) and a wider MoE teacher, built by megatron-core as ``TEGroupedMLP`` (ms-swift's default
 ``--moe_grouped_gemm true``) over the harness's stand-ins of TE's grouped linears
-(:mod:`swift_gkd_plugin.testing.megatron_cpu.moe`), loaded and exported by mcore-bridge.
+(:mod:`harness.megatron_cpu.moe`), loaded and exported by mcore-bridge.
 
 Six runs, each started once per test session (``shared_megatron_runs``), on 2 ranks: expert parallelism 1 (data
 parallel 2) and 2 with the same flags (on the same 4 rows at lr 1e-3, an on-policy step, a seq_kd step (the MoE

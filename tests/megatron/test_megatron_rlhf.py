@@ -1,6 +1,6 @@
 """``megatron rlhf --rlhf_type gkd`` end to end: the real launcher, torchrun ranks on gloo, megatron-core and
 mcore-bridge building and training the tiny Qwen3 pair on CPU (the test-only harness of
-:mod:`swift_gkd_plugin.testing.megatron_cpu` stands in for CUDA and transformer-engine only).
+:mod:`harness.megatron_cpu` stands in for CUDA and transformer-engine only).
 
 Every run is started once per test session (``shared_megatron_runs``, some shared with other modules) and asserted
 on by the tests below it: the plugin's trainer active, rc 0, a finite non-zero loss at every iteration, and the mode

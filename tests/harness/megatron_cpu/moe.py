@@ -8,7 +8,7 @@ import contextlib
 
 import torch
 
-from swift_gkd_plugin.testing import _after
+from harness import _after
 
 
 class _GroupedLinear(torch.nn.Module):
