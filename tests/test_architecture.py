@@ -117,7 +117,7 @@ def script_graph(folder):
 
 
 @pytest.mark.parametrize('folder', ['benchmarks', 'tests', 'tests/megatron', 'tests/server', 'tests/gpu',
-                                    'tests/gpu/experiments/triton2'])
+                                    'tests/gpu/experiments/triton2', 'tests/harness'])
 def test_no_script_folder_has_an_import_circle(folder):
     """The benchmarks and the test harness too: no two scripts import each other, directly or round a circle."""
     assert circles(script_graph(os.path.join(REPO, folder))) == []
