@@ -179,51 +179,39 @@ def _check_ids(ids: List[int], vocab: int, what: str):
         raise _error(422, f'{what}: token ids must lie in [0, {vocab}), got min {low} max {high}')
 
 
-def create_app(teacher: TransformersTeacher, config: ServerConfig) -> FastAPI:
-    """The FastAPI app (wrapped in the gate) serving ``teacher`` under ``config``."""
-    batcher = DynamicBatcher(teacher.score, max_batch_tokens=config.max_batch_tokens, max_queue=config.max_queue,
-                             batch_wait_s=config.batch_wait_ms / 1e3)
-    max_seq_len = min(config.max_seq_len, config.max_batch_tokens, teacher.max_length or config.max_batch_tokens)
-    vocab, n_emb = teacher.vocab_size, teacher.num_embeddings
-    fingerprint = tokenizer_fingerprint(teacher.tokenizer)  # the trainer refuses a teacher of another tokenizer
-    # the served weights (computed once, as the teacher loaded): a teacher-score store keeps them, a run reading one
-    # beside this server compares them (none where unknown)
-    weights = {WEIGHTS_KEY: teacher.weights_fingerprint, ADAPTERS_KEY: teacher.adapters_fingerprint} \
-        if teacher.weights_fingerprint else {}
-    # a text of more characters than this cannot encode into max_seq_len tokens (no token spells more than the
-    # longest vocabulary entry): longer messages are refused before the tokenizer reads them
-    max_chars = max_seq_len * max((len(token) for token in teacher.tokenizer.get_vocab()), default=1)
+class _Routes:
+    """The server's routes over one teacher: each route one method (``/health``, ``/v1/models``, ms-swift's
+    ``/infer``, the compact ``/v1/topk``), sharing the teacher, its batcher and the request limits of ``config``."""
 
-    from contextlib import asynccontextmanager
+    def __init__(self, teacher: TransformersTeacher, config: ServerConfig):
+        self.teacher, self.config = teacher, config
+        self.batcher = DynamicBatcher(teacher.score, max_batch_tokens=config.max_batch_tokens,
+                                      max_queue=config.max_queue, batch_wait_s=config.batch_wait_ms / 1e3)
+        self.max_seq_len = min(config.max_seq_len, config.max_batch_tokens,
+                               teacher.max_length or config.max_batch_tokens)
+        self.vocab, self.n_emb = teacher.vocab_size, teacher.num_embeddings
+        self.fingerprint = tokenizer_fingerprint(teacher.tokenizer)  # the trainer refuses another tokenizer's teacher
+        # the served weights (computed once, as the teacher loaded): a teacher-score store keeps them, a run reading
+        # one beside this server compares them (none where unknown)
+        self.weights = ({WEIGHTS_KEY: teacher.weights_fingerprint, ADAPTERS_KEY: teacher.adapters_fingerprint}
+                        if teacher.weights_fingerprint else {})
+        # a text of more characters than this cannot encode into max_seq_len tokens (no token spells more than the
+        # longest vocabulary entry): longer messages are refused before the tokenizer reads them
+        self.max_chars = self.max_seq_len * max((len(token) for token in teacher.tokenizer.get_vocab()), default=1)
 
-    @asynccontextmanager
-    async def lifespan(_app):
-        batcher.start()
-        try:
-            yield
-        finally:
-            batcher.stop()
+    async def health(self):
+        teacher, config = self.teacher, self.config
+        return {'status': 'ok', 'model': teacher.name, 'vocab_size': self.vocab,
+                'tokenizer_size': len(teacher.tokenizer), 'tokenizer_sha256': self.fingerprint, **self.weights,
+                'max_topk': config.topk, 'max_seq_len': self.max_seq_len,
+                'max_request_tokens': config.max_request_tokens, 'msgpack': msgpack is not None,
+                'chat_template': teacher.template is not None, 'batcher': self.batcher.stats()}
 
-    app = FastAPI(title='swift-gkd teacher server', lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
-    app.state.teacher = teacher
-    app.state.batcher = batcher
-    app.state.config = config
+    async def models(self):
+        return {'object': 'list',
+                'data': [{'id': self.teacher.name, 'object': 'model', 'owned_by': 'swift-gkd-plugin'}]}
 
-    @app.exception_handler(HTTPException)
-    async def _http_error(request: Request, exc: HTTPException):
-        _log_error(request, str(exc.detail))
-        return JSONResponse({'object': 'error', 'message': str(exc.detail), 'code': exc.status_code},
-                            status_code=exc.status_code, headers=exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError):
-        errors = [{k: v for k, v in e.items() if k not in ('input', 'url', 'ctx')} for e in exc.errors()]
-        _log_error(request, '; '.join(f'{".".join(map(str, e.get("loc", ())))}: {e.get("msg")}' for e in errors))
-        return JSONResponse({'object': 'error', 'message': 'malformed request', 'detail': _jsonable(errors),
-                             'code': 422}, status_code=422)
-
-    async def _score(request: Request, specs: List[ScoreSpec]):
+    async def score(self, request: Request, specs: List[ScoreSpec]):
         """Queue ``specs`` and wait for their results (503 when the queue is full, 500 when the forward fails)."""
         import asyncio
         loop = asyncio.get_running_loop()
@@ -239,16 +227,16 @@ def create_app(teacher: TransformersTeacher, config: ServerConfig) -> FastAPI:
             loop.call_soon_threadsafe(resolve)
 
         n_tok = sum(s.num_tokens for s in specs)
-        if len(specs) > config.max_queue:
+        if len(specs) > self.config.max_queue:
             raise _error(413, f'{len(specs)} sequences in one request; this server takes at most '
-                         f'{config.max_queue} (--max_queue)')
-        if n_tok > config.max_request_tokens:
+                         f'{self.config.max_queue} (--max_queue)')
+        if n_tok > self.config.max_request_tokens:
             raise _error(413, f'{n_tok} tokens in one request; this server takes at most '
-                         f'{config.max_request_tokens} (--max_request_tokens)')
+                         f'{self.config.max_request_tokens} (--max_request_tokens)')
         log = request.scope['state']['log']
         log.update(seqs=len(specs), tokens=n_tok)
         try:
-            job = batcher.submit(specs, on_done)
+            job = self.batcher.submit(specs, on_done)
         except QueueFull as e:
             log['queue'] = 'full'
             raise _error(503, f'teacher server busy: {e}; retry later', {'Retry-After': str(e.retry_after)})
@@ -259,36 +247,18 @@ def create_app(teacher: TransformersTeacher, config: ServerConfig) -> FastAPI:
         if job.started is not None:
             log['wait_ms'] = f'{(job.started - job.enqueued) * 1e3:.1f}'
         return results
-
-    def _limit_len(n: int, what: str):
-        if n > max_seq_len:
-            raise _error(413, f'{what}: {n} tokens; this server takes at most {max_seq_len} per sequence')
-
-    def _limit_chars(parts, what: str):
+    def limit_len(self, n: int, what: str):
+        if n > self.max_seq_len:
+            raise _error(413, f'{what}: {n} tokens; this server takes at most {self.max_seq_len} per sequence')
+    def limit_chars(self, parts, what: str):
         """Messages (and their tools) of more characters than ``max_chars`` would encode beyond ``max_seq_len``:
         refused before the tokenizer reads them (a 21 MB request was tokenized whole, 7.3M tokens, for a
         512-token limit)."""
         n = sum(_characters(part) for part in parts)
-        if n > max_chars:
-            raise _error(413, f'{what}: {n} characters of messages, more than the {max_seq_len} tokens this server '
-                         f'takes per sequence can hold ({max_chars} characters at most)')
-
-    @app.get('/health')
-    @app.get('/health/')
-    async def health():
-        return {'status': 'ok', 'model': teacher.name, 'vocab_size': vocab, 'tokenizer_size': len(teacher.tokenizer),
-                'tokenizer_sha256': fingerprint, **weights, 'max_topk': config.topk,
-                'max_seq_len': max_seq_len, 'max_request_tokens': config.max_request_tokens,
-                'msgpack': msgpack is not None, 'chat_template': teacher.template is not None,
-                'batcher': batcher.stats()}
-
-    @app.get('/v1/models')
-    async def models():
-        return {'object': 'list', 'data': [{'id': teacher.name, 'object': 'model', 'owned_by': 'swift-gkd-plugin'}]}
-
-    # ---------------------------------------------------------------- ms-swift's protocol
-
-    async def _parse(request: Request, model_cls):
+        if n > self.max_chars:
+            raise _error(413, f'{what}: {n} characters of messages, more than the {self.max_seq_len} tokens this server '
+                         f'takes per sequence can hold ({self.max_chars} characters at most)')
+    async def parse(self, request: Request, model_cls):
         """Decode (JSON or msgpack) and validate the body, off the event loop (bodies may be megabytes)."""
         raw = await request.body()
         ctype = request.headers.get('content-type', '').split(';')[0].strip().lower()
@@ -306,11 +276,8 @@ def create_app(teacher: TransformersTeacher, config: ServerConfig) -> FastAPI:
                 raise RequestValidationError(e.errors())
 
         return await run_in_threadpool(decode)
-
-    @app.post('/infer/')
-    @app.post('/infer')
-    async def infer(request: Request):
-        body: InferBody = await _parse(request, InferBody)
+    async def infer(self, request: Request):
+        body: InferBody = await self.parse(request, InferBody)
         cfg = body.request_config
         k = cfg.prompt_logprobs if cfg is not None else None
         if cfg is not None:
@@ -319,45 +286,45 @@ def create_app(teacher: TransformersTeacher, config: ServerConfig) -> FastAPI:
             if cfg.max_tokens is not None and cfg.max_tokens > 1:
                 raise _error(422, f'this teacher server only scores (it generates at most 1 token): '
                              f'max_tokens={cfg.max_tokens}')
-        if k is not None and k > config.topk:
-            raise _error(422, f'prompt_logprobs={k} exceeds the server limit of {config.topk} (--top_k)')
+        if k is not None and k > self.config.topk:
+            raise _error(422, f'prompt_logprobs={k} exceeds the server limit of {self.config.topk} (--top_k)')
         if not body.infer_requests:
             return JSONResponse([])
 
         def encode_all():
             out = []
             for i, r in enumerate(body.infer_requests):
-                _limit_chars([r.messages, r.tools, r.chat_template_kwargs], f'infer_requests[{i}]')
+                self.limit_chars([r.messages, r.tools, r.chat_template_kwargs], f'infer_requests[{i}]')
                 req = {'messages': r.messages, 'tools': r.tools, 'objects': r.objects,
                        'chat_template_kwargs': r.chat_template_kwargs or {}}
                 if r.add_eos is not None:
                     req['add_eos'] = r.add_eos
                 try:
-                    ids, _ = teacher.encode(req)
+                    ids, _ = self.teacher.encode(req)
                 except TooLong as e:
                     raise _error(413, f'infer_requests[{i}]: {e}')
                 except EncodeError as e:
                     raise _error(422, f'infer_requests[{i}]: {e}')
                 if not ids:
                     raise _error(422, f'infer_requests[{i}]: encodes to no tokens')
-                _check_ids(ids, n_emb, f'infer_requests[{i}]')
-                _limit_len(len(ids), f'infer_requests[{i}]')
+                _check_ids(ids, self.n_emb, f'infer_requests[{i}]')
+                self.limit_len(len(ids), f'infer_requests[{i}]')
                 out.append(ids)
             return out
 
         encoded = await run_in_threadpool(encode_all)
         specs = [ScoreSpec(ids, torch.arange(len(ids)), topk=k or 0, with_targets=k is not None) for ids in encoded]
-        results = await _score(request, specs)
+        results = await self.score(request, specs)
         request.scope['state']['log']['k'] = k
 
         def build():
-            table = teacher.decoded_tokens()
-            eos = getattr(teacher.tokenizer, 'eos_token_id', None)
+            table = self.teacher.decoded_tokens()
+            eos = getattr(self.teacher.tokenizer, 'eos_token_id', None)
             out = []
             for ids, res in zip(encoded, results):
                 nxt = int(res.argmax[-1])
                 resp = {
-                    'model': teacher.name,
+                    'model': self.teacher.name,
                     'choices': [{'index': 0, 'message': {'role': 'assistant', 'content': table[nxt]},
                                  'finish_reason': 'stop' if nxt == eos else 'length', 'logprobs': None,
                                  'token_ids': [nxt]}],
@@ -371,15 +338,12 @@ def create_app(teacher: TransformersTeacher, config: ServerConfig) -> FastAPI:
 
         payload = await run_in_threadpool(build)
         return Response(payload, media_type='application/json')
-
-    # ---------------------------------------------------------------- compact endpoint
-
-    async def topk(request: Request):
-        body: TopKRequest = await _parse(request, TopKRequest)
-        k = body.topk if body.topk is not None else config.topk
-        if k > config.topk:
-            raise _error(422, f'topk={k} exceeds the server limit of {config.topk} (--top_k)')
-        k = min(k, vocab)
+    async def topk(self, request: Request):
+        body: TopKRequest = await self.parse(request, TopKRequest)
+        k = body.topk if body.topk is not None else self.config.topk
+        if k > self.config.topk:
+            raise _error(422, f'topk={k} exceeds the server limit of {self.config.topk} (--top_k)')
+        k = min(k, self.vocab)
         binary = MSGPACK in request.headers.get('accept', '') and msgpack is not None
         encoding = 'raw' if binary else body.encoding
 
@@ -390,12 +354,12 @@ def create_app(teacher: TransformersTeacher, config: ServerConfig) -> FastAPI:
                 if s.prompt_ids is not None:  # with targets the last response token is read too (it is one)
                     ids = list(s.prompt_ids) + list(s.response_ids if body.with_targets else s.response_ids[:-1])
                     P, R = len(s.prompt_ids), len(s.response_ids)
-                    _check_ids(s.prompt_ids, n_emb, f'sequences[{i}]')
-                    _check_ids(s.response_ids, vocab, f'sequences[{i}]')
+                    _check_ids(s.prompt_ids, self.n_emb, f'sequences[{i}]')
+                    _check_ids(s.response_ids, self.vocab, f'sequences[{i}]')
                     positions = torch.arange(P - 1, P + R - 1)
                 elif s.input_ids is not None:
                     ids = list(s.input_ids)
-                    _check_ids(ids, n_emb, f'sequences[{i}]')
+                    _check_ids(ids, self.n_emb, f'sequences[{i}]')
                     positions = torch.as_tensor(s.positions, dtype=torch.long)
                     if int(positions.min()) < 0 or int(positions.max()) >= len(ids):
                         raise _error(422, f'sequences[{i}]: positions must lie in [0, {len(ids)})')
@@ -403,13 +367,13 @@ def create_app(teacher: TransformersTeacher, config: ServerConfig) -> FastAPI:
                         raise _error(422, f'sequences[{i}]: {len(positions)} positions for a sequence of {len(ids)} '
                                      'tokens: each position at most once')
                 else:
-                    _limit_chars([s.messages, s.tools, s.chat_template_kwargs], f'sequences[{i}]')
+                    self.limit_chars([s.messages, s.tools, s.chat_template_kwargs], f'sequences[{i}]')
                     req = {'messages': s.messages, 'tools': s.tools,
                            'chat_template_kwargs': s.chat_template_kwargs or {}}
                     if s.add_eos is not None:
                         req['add_eos'] = s.add_eos
                     try:
-                        ids, labels = teacher.encode(req, train=True)
+                        ids, labels = self.teacher.encode(req, train=True)
                     except TooLong as e:
                         raise _error(413, f'sequences[{i}]: {e}')
                     except EncodeError as e:
@@ -417,16 +381,16 @@ def create_app(teacher: TransformersTeacher, config: ServerConfig) -> FastAPI:
                     pos = [p for p in range(len(ids) - 1) if labels is not None and labels[p + 1] != IGNORE_INDEX]
                     if not pos:
                         raise _error(422, f'sequences[{i}]: the messages hold no response token to score')
-                    _check_ids(ids, n_emb, f'sequences[{i}]')
+                    _check_ids(ids, self.n_emb, f'sequences[{i}]')
                     positions = torch.as_tensor(pos, dtype=torch.long)
                     extra = {'input_ids': ids, 'positions': pos}
-                _limit_len(len(ids), f'sequences[{i}]')
+                self.limit_len(len(ids), f'sequences[{i}]')
                 specs.append(ScoreSpec(ids, positions, topk=k, with_tail=body.with_tail, with_targets=body.with_targets))
                 extras.append(extra)
             return specs, extras
 
         specs, extras = await run_in_threadpool(prepare)
-        results = await _score(request, specs)
+        results = await self.score(request, specs)
         log = request.scope['state']['log']
         log.update(k=k, positions=sum(int(s.positions.numel()) for s in specs))
         lp_dtype = LOGPROB_DTYPES[body.logprobs_dtype]
@@ -443,7 +407,7 @@ def create_app(teacher: TransformersTeacher, config: ServerConfig) -> FastAPI:
                     item['target_logprobs'] = pack_array(res.target_logprobs.numpy(), TAIL_DTYPE, encoding)
                 item.update(extra)
                 out.append(item)
-            doc = {'object': 'teacher.topk', 'model': teacher.name, 'topk': k, 'vocab_size': vocab,
+            doc = {'object': 'teacher.topk', 'model': self.teacher.name, 'topk': k, 'vocab_size': self.vocab,
                    'encoding': 'raw' if binary else body.encoding,
                    'dtypes': {'ids': 'int32', 'logprobs': body.logprobs_dtype, 'tail': 'float32'}, 'results': out}
             if binary:
@@ -453,9 +417,49 @@ def create_app(teacher: TransformersTeacher, config: ServerConfig) -> FastAPI:
         payload, media = await run_in_threadpool(build)
         return Response(payload, media_type=media)
 
-    if config.topk_route:
-        app.post('/v1/topk')(topk)
+
+def create_app(teacher: TransformersTeacher, config: ServerConfig) -> FastAPI:
+    """The FastAPI app (wrapped in the gate) serving ``teacher`` under ``config``: the routes of :class:`_Routes`,
+    their errors as JSON, the batcher started and stopped with the app."""
+    from contextlib import asynccontextmanager
+    routes = _Routes(teacher, config)
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        routes.batcher.start()
+        try:
+            yield
+        finally:
+            routes.batcher.stop()
+
+    app = FastAPI(title='swift-gkd teacher server', lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.teacher = teacher
+    app.state.batcher = routes.batcher
+    app.state.config = config
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    for path in ('/health', '/health/'):
+        app.add_api_route(path, routes.health, methods=['GET'])
+    app.add_api_route('/v1/models', routes.models, methods=['GET'])
+    for path in ('/infer/', '/infer'):  # ms-swift's protocol
+        app.add_api_route(path, routes.infer, methods=['POST'])
+    if config.topk_route:  # the compact endpoint
+        app.add_api_route('/v1/topk', routes.topk, methods=['POST'])
     return _Gate(app, config)
+
+
+async def _http_error(request: Request, exc: HTTPException):
+    _log_error(request, str(exc.detail))
+    return JSONResponse({'object': 'error', 'message': str(exc.detail), 'code': exc.status_code},
+                        status_code=exc.status_code, headers=exc.headers)
+
+
+async def _validation_error(request: Request, exc: RequestValidationError):
+    errors = [{k: v for k, v in e.items() if k not in ('input', 'url', 'ctx')} for e in exc.errors()]
+    _log_error(request, '; '.join(f'{".".join(map(str, e.get("loc", ())))}: {e.get("msg")}' for e in errors))
+    return JSONResponse({'object': 'error', 'message': 'malformed request', 'detail': _jsonable(errors),
+                         'code': 422}, status_code=422)
 
 
 def _prompt_logprobs(ids: List[int], res, k: int, table: List[str]) -> List[Optional[Dict[str, Any]]]:
