@@ -370,3 +370,42 @@ def test_the_undefined_name_reader_sees_one(tmp_path):
     (tmp_path / 'gpu_only.py').write_text('def baseline(cuda):\n    if cuda:\n        torch.cuda.synchronize()\n')
     found = _undefined_names([str(tmp_path)])
     assert len(found) == 1 and "undefined name 'torch'" in found[0], found
+
+
+#: Cross-file ``self.method()`` calls inside ``swift/`` (:func:`cross_file_self_calls`): a stage reaching another
+#: stage's methods through the trainer. A ratchet: issue 95 item 3 lowers it to 12 (stages handed what they use as
+#: arguments or collaborators); it may only go down.
+MOST_CROSS_FILE_SELF_CALLS = 56
+
+
+def cross_file_self_calls(root: str) -> list:
+    """``(file, line, method)`` of every ``self.m(...)`` call in ``root``'s modules whose method ``m`` is defined in a
+    class of another module of ``root`` and not in the calling one."""
+    defined, calls = {}, []
+    for folder, _, names in os.walk(root):
+        for name in sorted(n for n in names if n.endswith('.py')):
+            path = os.path.join(folder, name)
+            rel = os.path.relpath(path, root)
+            with open(path) as f:
+                tree = ast.parse(f.read(), path)
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ClassDef):
+                    for item in node.body:
+                        if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                            defined.setdefault(item.name, set()).add(rel)
+                elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                      and isinstance(node.func.value, ast.Name) and node.func.value.id == 'self'):
+                    calls.append((rel, node.lineno, node.func.attr))
+    return [(rel, line, m) for rel, line, m in calls if m in defined and rel not in defined[m]]
+
+
+def test_the_swift_stages_reach_each_other_through_self_no_more_than_the_ratchet():
+    found = cross_file_self_calls(os.path.join(PACKAGE, 'swift'))
+    assert len(found) <= MOST_CROSS_FILE_SELF_CALLS, found
+
+
+def test_the_self_call_counter_sees_a_cross_file_call(tmp_path):
+    (tmp_path / 'a.py').write_text('class A:\n    def run(self):\n        return self.helper()\n')
+    (tmp_path / 'b.py').write_text('class B:\n    def helper(self):\n        return self.own()\n\n    def own(self):\n'
+                                   '        return 1\n')
+    assert cross_file_self_calls(str(tmp_path)) == [('a.py', 3, 'helper')]
