@@ -60,15 +60,15 @@ def batch_sums(batch: Dict, student_dir: str, teacher_dir: str, beta: float, tem
     student, teacher = float64_model(student_dir), float64_model(teacher_dir)
     div = ce = 0.0
     tokens = 0
-    for r in range(len(batch['input_ids'])):
-        s_logits, targets = _labelled_logits(student, batch['input_ids'][r], batch['labels'][r],
-                                             (batch.get('attention_mask') or [None] * (r + 1))[r])
+    rows = len(batch['input_ids'])
+    masks, teacher_masks = (batch.get(key) or [None] * rows for key in ('attention_mask', 'teacher_attention_mask'))
+    for r in range(rows):
+        s_logits, targets = _labelled_logits(student, batch['input_ids'][r], batch['labels'][r], masks[r])
         t_logits, t_targets = _labelled_logits(teacher, batch['teacher_input_ids'][r], batch['teacher_labels'][r],
-                                               (batch.get('teacher_attention_mask') or [None] * (r + 1))[r])
+                                               teacher_masks[r])
         assert torch.equal(targets, t_targets), 'the two views label different tokens'
-        v = min(s_logits.shape[-1], t_logits.shape[-1])
         assert s_logits.shape[-1] == t_logits.shape[-1], 'the reference assumes one vocabulary'
-        div += float(reference_jsd(s_logits[:, :v], t_logits[:, :v], beta, temperature).sum())
+        div += float(reference_jsd(s_logits, t_logits, beta, temperature).sum())
         ce += float(torch.nn.functional.cross_entropy(s_logits, targets, reduction='sum'))
         tokens += int(targets.numel())
     return Sums(div, ce, tokens)

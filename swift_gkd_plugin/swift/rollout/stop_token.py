@@ -12,6 +12,7 @@ teacher's, SKD's, the log-probability reporting one).
 """
 from __future__ import annotations
 
+import functools
 from typing import Iterable, Optional, Sequence, Set
 
 from swift.infer_engine import TransformersEngine
@@ -63,8 +64,8 @@ class TransformersSampler(TransformersEngine):
         tokenizer = self.tokenizer
         end_ids = end_token_ids(tokenizer, self.generation_config)
         stop_words = [*(getattr(self.template.template_meta, 'stop_words', None) or ()), *request_stop]
+        decode = functools.partial(tokenizer.decode, skip_special_tokens=False)
         for response in responses:
             for choice in getattr(response, 'choices', None) or ():
                 restore_stop_token(choice.token_ids, choice.finish_reason, pad_id=tokenizer.pad_token_id,
-                                   end_ids=end_ids, stop_words=stop_words,
-                                   decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=False))
+                                   end_ids=end_ids, stop_words=stop_words, decode=decode)
