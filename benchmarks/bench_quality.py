@@ -381,7 +381,7 @@ def parse_args(argv=None):
                              'use a GPU whenever ms-swift sees one); cuda needs a CUDA device')
     parser.add_argument('--capacity_task', choices=list(CAPACITY_VARIANTS), default='wrap',
                         help='the capacity preset\'s task: wrap (one table whose last letter wraps around, the '
-                             'preset) or two_tables (two valid tables with disjoint letters; docs_en/quality.md)')
+                             'preset) or two_tables (two valid tables with disjoint letters; docs_en/quality_results.md)')
     args = parser.parse_args(argv)
     if args.device == 'cuda':
         import torch

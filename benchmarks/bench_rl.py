@@ -47,7 +47,7 @@ LEARNING_RATE = '3e-4'
 NUM_GENERATIONS = '4'
 #: JSD(0.5): bounded, ms-swift's default, and the best on-policy divergence of bench_quality.py at temperature 1.
 BETA = '0.5'
-#: --gkd_rl_coef: 1 was the best of 0.5 / 1 / 2 / 4 / 20 in the quick preset's pilot (seed 0, docs_en/rl_quality.md).
+#: --gkd_rl_coef: 1 was the best of 0.5 / 1 / 2 / 4 / 20 in the quick preset's pilot (seed 0, docs_en/rl_results.md).
 COEFS = ('1',)
 REWARD_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tests/harness/quality_reward.py')
 REWARD = {'reward_funcs': 'sort_exact_match', 'external_plugins': REWARD_FILE}

@@ -16,10 +16,10 @@ the same way (``quality_task.build_xtok_teacher``).  From the same warm start, w
   ``--gkd_cross_tokenizer uld`` / ``hybrid``.
 
 The default GKD mode is on-policy (``--lmbda 1 --beta 0.5``) at temperature 0.5, the best on-policy temperature
-measured by ``bench_quality.py`` (docs_en/quality.md; beta 0.5, ms-swift's default, within the spread of beta 0);
+measured by ``bench_quality.py`` (docs_en/quality_results.md; beta 0.5, ms-swift's default, within the spread of beta 0);
 on-policy is also the mode where the cross-tokenizer path does the most (the student's samples are decoded and
 re-encoded for the teacher).  ``--lmbda 0 --beta 0 --temperature 1.0`` measures supervised KD.  Results:
-docs_en/xtok_quality.md.
+docs_en/cross_tokenizer_results.md.
 
 Outputs (under ``--workdir``): ``results.json``, ``results.csv``, ``exact_match_vs_step.png``, ``exact_match_bar.png``,
 a markdown table on stdout, and as the last line of stdout ``xtok: same-tokenizer gain G, uld keeps X%, hybrid keeps

@@ -175,7 +175,7 @@ def test_the_first_word_is_compared_without_a_prefix_space_of_one_side(tiny_ws, 
     ``b``: at the first position the one must pull the other towards its own way of writing ``b``, not towards
     ``Ġb`` / ``▁b`` by text (`` b``, a space the other side never writes first). Before the first-word mapping the
     loss preferred the space-prefixed token (the measured cause of the cross-tokenizer benchmark's loss:
-    docs_en/xtok_quality.md). Both directions: a sentencepiece teacher and a sentencepiece student. ms-swift's own
+    docs_en/cross_tokenizer_results.md). Both directions: a sentencepiece teacher and a sentencepiece student. ms-swift's own
     templates and encoding; no model loaded."""
     import torch
     from swift.rl_core.data import GKDSample

@@ -80,7 +80,7 @@ def _swift_gkd() -> list:
 def test_demo_default_distils_the_student(default_demo):
     """Seed 0 with the demo's defaults: the seed whose earliest default (40 plain on-policy steps, learning rate 3e-3,
     batch 8) moved exact match 0.210 -> 0.315 here and 0.210 -> 0.145 on another CPU; the issue's bar is a gain of
-    0.15 (measured: to the teacher's 1.000 on 5 seeds and 1 and 2 threads, docs_en/quality.md)."""
+    0.15 (measured: to the teacher's 1.000 on 5 seeds and 1 and 2 threads, docs_en/quality_results.md)."""
     out = default_demo['out']
     before, after = _exact_match(out, 'student before GKD'), _exact_match(out, 'student after GKD')
     teacher = _exact_match(out, 'teacher')

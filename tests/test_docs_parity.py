@@ -168,7 +168,7 @@ def test_wheel_ships_the_chinese_docs(project_copy, tmp_path):
     with zipfile.ZipFile(build(project_copy, 'build_wheel', tmp_path / 'dist')) as wheel:
         assert {f'swift_gkd_plugin/docs_zh/{page}' for page in PAGES} <= set(wheel.namelist())
         assert 'swift_gkd_plugin/docs_zh/skd.md' in record_paths(wheel)
-        quality, rl = (wheel.read(f'swift_gkd_plugin/docs_zh/{page}').decode() for page in ('quality.md', 'rl.md'))
+        quality, rl = (wheel.read(f'swift_gkd_plugin/docs_zh/{page}').decode() for page in ('quality_results.md', 'rl.md'))
         assert '](../docs_en/img/quality_exact_match_bar.png)' in quality
         assert '`examples/gkd_rl_reward.sh` (in the source tree)' in rl
         wheel.extractall(tmp_path / 'site')

@@ -30,7 +30,7 @@ DEMO = {'seed0': [(2.58994846, 0.01348206), (2.4312685, 0.0136413), (2.18251472,
 #: falling 0.36 -> 0.30. The former rule fired at the third logged step.
 FLAT_GAP = [(6.08933401, 3.92958379), (6.08828115, 4.20247555), (6.08607531, 4.33161259), (6.08110094, 3.88866854),
             (6.07606649, 4.29763269), (6.06905603, 4.34769583)]
-#: docs_en/quality.md's degrading SmolLM2 pattern for the gap trigger: a student at 4.5 nats climbing to 5.5-6.4
+#: docs_en/quality_results.md's degrading SmolLM2 pattern for the gap trigger: a student at 4.5 nats climbing to 5.5-6.4
 #: while the teacher's entropy stays near its start's 2.88 (three logged steps, watched from mid-run).
 GROWING_GAP = [(4.5, 2.88), (5.5, 2.88), (6.4, 2.88)]
 #: A run with SKD and cold sampling in effect (the demo's former flags): SKD with K = 1 at sampling temperature 0.5,

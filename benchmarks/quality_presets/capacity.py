@@ -10,7 +10,7 @@ from swift_gkd_plugin.testing import tiny
 from quality_presets import default
 
 #: ``--preset capacity``: a table task (capacity_task), a teacher and a third-size student, the student supervised
-#: until it stops improving (the start of every method, as in the GKD paper); measured in docs_en/quality.md.
+#: until it stops improving (the start of every method, as in the GKD paper); measured in docs_en/quality_results.md.
 #: ``--capacity_task``: ``wrap`` (the preset: one table, the last letter wrapping around) or ``two_tables`` (the second
 #: attempt: two valid tables writing disjoint letters, each reference wholly one of them, no wrap-around).
 _LETTERS = 'abcdefghijklmnopqrstuvwxyz'

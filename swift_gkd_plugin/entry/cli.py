@@ -13,7 +13,7 @@ import time
 import swift_gkd_plugin
 from swift_gkd_plugin.runtime.process_exit import PLUGIN_FLAGS_OFF
 
-#: The demo's distillation settings, chosen by measurement over seeds and 1 and 2 threads (docs_en/quality.md,
+#: The demo's distillation settings, chosen by measurement over seeds and 1 and 2 threads (docs_en/quality_results.md,
 #: "The demo"): the GKD paper's on-policy mode, sampling at temperature 0.5, from a student warm-started to
 #: well-formed answers, at a learning rate and batch size at which one run's float rounding cannot flip the sign of
 #: its result (SKD, --skd_top_k 1, is the option).
@@ -398,7 +398,7 @@ def main(argv=None) -> int:
                           formatter_class=defaults,
                           description='Build a tiny teacher and a warm-started student offline in --workdir (cached '
                           'there for the next run), distil one into the other on CPU with swift rlhf, and print the '
-                          'student\'s exact match before and after. See docs_en/quality.md (swift-gkd docs quality).')
+                          'student\'s exact match before and after. See docs_en/quality_results.md (swift-gkd docs quality_results).')
     demo.add_argument('--workdir', default=DEMO_WORKDIR, help='where models, data and outputs go (relative to the '
                       'current folder; the trained student ends up in WORKDIR/output)')
     demo.add_argument('--steps', type=int, default=DEMO_STEPS, help='GKD optimizer steps')

@@ -11,16 +11,16 @@ the table applied to the ``window`` letters starting at position ``i`` (cyclical
 map from every ``window``-tuple of symbols to a symbol (seeded, :meth:`CapacityTask.table`): with 16 symbols and a
 window of 2 it has 256 entries, with a window of 3 4,096 entries.  A model must memorise the table and look up the
 right neighbours; the last letters' windows wrap around to the first input letters, a lookup at another distance
-(with the benchmark's sizes, the lookup a one-layer student does not learn: docs_en/quality.md).  Why this task: on
+(with the benchmark's sizes, the lookup a one-layer student does not learn: docs_en/quality_results.md).  Why this task: on
 the sorting task (:mod:`.quality_task`) a student a third of the teacher's size learns the rule from references
-alone (docs_en/quality.md), so no method can show what only the teacher knows.
+alone (docs_en/quality_results.md), so no method can show what only the teacher knows.
 
 Two valid tables (``tables=2``, ``wrap=False``, ``disjoint=True``: ``bench_quality.py --capacity_task two_tables``):
 each row's reference is wholly one table's answer (drawn per row, like the sorting task's two directions), the
 checker accepts either table's answer and nothing that mixes them (:meth:`CapacityTask.mixed_fraction` counts those),
 there is no wrap-around (``length - window + 1`` letters), and with ``disjoint`` the tables write disjoint letters, so
 any one letter of an answer tells which table it follows.  Why: a teacher whose distribution says more than the
-references (two modes), for the GKD paper's mode-seeking argument (docs_en/quality.md).
+references (two modes), for the GKD paper's mode-seeking argument (docs_en/quality_results.md).
 
 Train and test prompts are disjoint: a prompt's split is a hash of its letter sequence (:meth:`CapacityTask.split_of`);
 held-out prompts are new sequences, while (with the benchmark's sizes) every table entry occurs in training.

@@ -356,7 +356,7 @@ def pair_metrics(student, teacher, tokenizer, prompts: Sequence[str], teacher_an
 def distinct_ngrams(texts: Sequence[str], n: int = 2) -> float:
     """Mean over ``texts`` of (distinct word ``n``-grams) / (word ``n``-grams) of each text (1.0 for a text shorter
     than ``n`` words).  Why: a repetitive answer ("The Python is a Python." again and again) is predictable, so the
-    teacher's NLL of it is low; this tells such answers apart (docs_en/quality.md)."""
+    teacher's NLL of it is low; this tells such answers apart (docs_en/quality_results.md)."""
     ratios = []
     for text in texts:
         words = text.split()

@@ -22,7 +22,7 @@ exactly one of the two tokenizers adds that prefix space, the pairs at the first
 second vocabulary mapping in which that side's ``▁word`` stands for ``word``
 (:func:`~swift_gkd_plugin.core.cross_tokenizer.alignment.shared_vocabulary` with ``strip_leading_space``); every other pair
 uses the text mapping. Without it the teacher's first word ``▁a`` meets the student's ``Ġa`` (`` a``), which the
-student then learns to write first (measured: docs_en/xtok_quality.md).
+student then learns to write first (measured: docs_en/cross_tokenizer_results.md).
 """
 from __future__ import annotations
 
