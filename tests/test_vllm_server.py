@@ -568,7 +568,7 @@ def test_async_generate_beside_a_served_teacher(runs):
     for name in ('train_local', 'train_served'):  # both teachers scored rows, in both runs alike
         tokens = _steps(run, f'gkd/{name}/tokens')
         assert any(t for t in tokens) and tokens == _steps(sync, f'gkd/{name}/tokens'), (name, tokens)
-    waits = _steps(run, 'gkd/teacher_wait_s')  # (timings: docs_en/vllm.md, not asserted)
+    waits = _steps(run, 'gkd/teacher_wait_s')  # (timings: docs_en/scale_results.md, not asserted)
     assert [w is None for w in waits] == [a is None for a in ahead] and all(w >= 0 for w in waits if w is not None)
     assert not any('gkd/teacher_wait_s' in row or 'gkd/teacher_ahead' in row for row in sync.logs)
     # --save_teacher_scores (issue 80): the store keeps both teachers' rows, the served ones as the producer got them
