@@ -24,7 +24,7 @@ trap 'kill $SERVER' EXIT
 
 # 2) the student samples with vLLM at temperature 1 (the server scores at temperature 1); --gkd_divergence_coef 0
 #    trains on the sampled-token term alone (the top-k divergence is still logged as gkd/distill_loss); a lower
-#    learning rate than for the dense losses: the one-sample estimator is noisier (docs_en/sampled_kl.md#quality).
+#    learning rate than for the dense losses: the one-sample estimator is noisier (docs_en/methods_results.md#quality-cpu-the-default-preset).
 #    学生用 vLLM 在温度 1 下采样（服务端在温度 1 下打分）；--gkd_divergence_coef 0 只用采样 token 项训练（top-k 散度仍记录为
 #    gkd/distill_loss）；学习率低于 dense 损失：单样本估计量噪声更大。
 CUDA_VISIBLE_DEVICES=0,1,2,3,4,5,6 NPROC_PER_NODE=7 \

@@ -199,7 +199,7 @@ def test_a_temperature_below_the_floor_is_refused_naming_it(temperature):
 def test_the_floor_is_where_a_gap_of_2_saturates():
     """Top two logits 2 apart (bf16 values of an LM's range): below the floor the loss's float32 softmax is exactly
     one-hot on both sides (zero gradient); at the floor the second token still has a probability. Most positions of a
-    real model's answers have larger gaps (docs_en/README.md, "Bad input"): at 1e-3 they all learn nothing."""
+    real model's answers have larger gaps (docs_en/quality_results.md): at 1e-3 they all learn nothing."""
     top = torch.tensor([20.0, 18.0, 10.0, 3.0], dtype=torch.bfloat16)
     swapped = top[[1, 0, 2, 3]]
     student, teacher = torch.stack([top, swapped]).float(), torch.stack([swapped, top]).float()

@@ -150,7 +150,7 @@ def test_watch_counts_episodes():
 
 
 #: gkd/entropy / gkd/teacher_entropy at the logged steps (1, 5, 10, 12) of the SmolLM2 warm-start runs
-#: (docs_en/onpolicy_remedies.md, seed 0 unless named): the runs that ended worse than their start first, then those
+#: (docs_en/methods_results.md, seed 0 unless named): the runs that ended worse than their start first, then those
 #: that held. The gap criterion alone fired on none of them.
 DEGRADING = {'beta0': [(2.10, 2.23), (3.62, 3.45), (5.72, 4.51), (5.91, 4.88)],
              'beta0_seed1': [(2.77, 3.27), (3.86, 3.71), (6.08, 4.68), (6.21, 4.66)],

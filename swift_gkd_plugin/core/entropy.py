@@ -84,7 +84,7 @@ ENTROPY_GAP_STEPS = 3
 #: steps from a supervised start against a teacher that stays near 2.9 (the SmolLM2 pattern of docs_en/quality_results.md)
 #: grows it by about 3 nats across a window at --logging_steps 5. 0.5 lies between the two; not tuned further.
 ENTROPY_GAP_GROWTH = 0.5
-#: The second trigger, measured on the SmolLM2 runs of docs_en/onpolicy_remedies.md, where the first never fired: the
+#: The second trigger, measured on the SmolLM2 runs of docs_en/methods_results.md, where the first never fired: the
 #: teacher's entropy at the student's samples rises with the student's (2.2 -> 4.4-4.9 nats as the student's goes
 #: 2.1 -> 5.1-6.2), so their gap stays within 1.6 nats. The runs that ended worse than their start on both forward KL
 #: and the teacher's NLL rose by 2.3-3.8 nats while above the teacher by 0.6-1.6; the runs that held rose by 1.3 at
