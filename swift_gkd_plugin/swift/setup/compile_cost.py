@@ -1,6 +1,6 @@
 """The costs warned about before loading: ``--torch_compile`` (what the plugin keeps out of the compiled model, and the
 configuration it warns about) and LoRA under DeepSpeed ZeRO-3 (:func:`zero3_lora_warnings`). Their measured costs, on
-CPU and on a GPU, are in docs_en/scale_results.md, docs_en/teacher_placement.md and docs_en/gpu_results.md (part d).
+CPU and on a GPU, are in docs_en/scale_results.md, docs_en/teacher_results.md and docs_en/gpu_results.md (part d).
 
 - Under DeepSpeed, accelerate compiles the engine's module in place (``engine.compile`` -> ``nn.Module.compile``), so
   everything that calls the student module runs through dynamo, sampling included. Sampling calls it once per new
