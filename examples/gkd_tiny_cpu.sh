@@ -8,12 +8,12 @@
 #
 # A complete GKD run on CPU with the demo's tiny offline teacher and its student, warm-started as the demo's by 60
 # supervised steps (build_warm_workspace; held-out exact match 0.210 on seed 0, an untrained one 0.000), on 2
-# processes, mixing on-policy and seq_kd steps (`swift-gkd demo` itself runs one process with SKD: its command line is
-# printed by the demo). The cost above was measured with an untrained student: the first build now also runs the 60
+# processes, mixing on-policy and seq_kd steps (`swift-gkd demo` itself runs one process of on-policy steps by plain
+# sampling: its command line is printed by the demo). The cost above was measured with an untrained student: the first build now also runs the 60
 # warm-start steps.
 # 在 CPU 上用演示的离线小教师及其学生（与演示一样先用 60 步监督训练热启动，build_warm_workspace；种子 0 的留出集完全匹配率
-# 为 0.210，未训练的为 0.000）、2 个进程完整运行一次 GKD，混合 on-policy 与 seq_kd 步（`swift-gkd demo` 本身是单进程
-# SKD：演示会打印其命令行）。上面的开销是用未训练学生测得的：现在首次构建还包含这 60 步热启动。
+# 为 0.210，未训练的为 0.000）、2 个进程完整运行一次 GKD，混合 on-policy 与 seq_kd 步（`swift-gkd demo` 本身是单进程、
+# 以普通采样进行的 on-policy 步：演示会打印其命令行）。上面的开销是用未训练学生测得的：现在首次构建还包含这 60 步热启动。
 # Its own folder (WS), never the demo's ./swift_gkd_demo, whose trained student it would overwrite.
 # 使用自己的目录（WS），而不是演示的 ./swift_gkd_demo（否则会覆盖演示训练好的学生模型）。
 set -euo pipefail
