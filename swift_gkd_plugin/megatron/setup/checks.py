@@ -197,79 +197,22 @@ def check_vocab_sizes(args) -> None:
                      'teacher with a larger head, and distils across tokenizers with --gkd_cross_tokenizer')
 
 
-def _bool(value: str) -> bool:
-    low = str(value).strip().lower()
-    if low in ('true', '1', 'yes', 'y', 't'):
-        return True
-    if low in ('false', '0', 'no', 'n', 'f'):
-        return False
-    raise argparse.ArgumentTypeError(f'expected true or false, got {value!r}')
+#: the launcher's own readings beside the table's fields (:data:`ms_swift_flag_table.TYPED_FIELDS`): a flag of swift
+#: rlhf that ms-swift's Megatron arguments do not declare, read to be refused, and defaults that say "not given"
+LAUNCHER_FIELDS = {
+    'teacher_adapters': ('list[str]', []),  # refused by check_megatron_gkd: merge the adapter first
+    'num_generations': ('int', None),  # ms-swift's default is 8, set to 1 for gkd later: None = not given
+    'use_hf': ('bool', None),  # ms-swift's default is false: None = not given, the USE_HF environment decides
+}
 
 
 def _command_line_parser() -> argparse.ArgumentParser:
-    """The flags the checks read, with ms-swift 4.6's Megatron defaults; everything else is left to ms-swift."""
-    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    p.add_argument('--rlhf_type', default='dpo')
-    p.add_argument('--model', default=None)
-    p.add_argument('--model_type', default=None)
-    p.add_argument('--teacher_model_type', default=None)
-    p.add_argument('--custom_register_path', nargs='*', default=[])
-    p.add_argument('--external_plugins', nargs='*', default=[])
-    p.add_argument('--template', default=None)
-    p.add_argument('--beta', type=float, default=None)
-    p.add_argument('--lmbda', type=float, default=0.5)
-    p.add_argument('--temperature', type=float, default=0.9)
-    p.add_argument('--sft_alpha', type=float, default=0.0)
-    p.add_argument('--max_completion_length', type=int, default=512)
-    p.add_argument('--max_length', type=int, default=None)
-    p.add_argument('--vllm_max_model_len', type=int, default=None)
-    p.add_argument('--seq_kd', type=_bool, default=False)
-    p.add_argument('--gkd_logits_topk', type=int, default=None)
-    p.add_argument('--top_k', type=int, default=-1)
-    p.add_argument('--top_p', type=float, default=1.0)
-    p.add_argument('--teacher_model', default=None)
-    p.add_argument('--teacher_model_server', default=None)
-    p.add_argument('--offload_teacher_model', type=_bool, default=False)
-    p.add_argument('--teacher_adapters', nargs='*', default=[])
-    p.add_argument('--tuner_type', default='full')
-    p.add_argument('--adapters', nargs='*', default=[])
-    p.add_argument('--mcore_adapter', default=None)
-    p.add_argument('--tensor_model_parallel_size', type=int, default=1)
-    p.add_argument('--context_parallel_size', type=int, default=1)
-    p.add_argument('--pipeline_model_parallel_size', type=int, default=1)
-    p.add_argument('--expert_model_parallel_size', type=int, default=1)
-    p.add_argument('--virtual_pipeline_model_parallel_size', type=int, default=None)
-    p.add_argument('--expert_tensor_parallel_size', type=int, default=1)
-    p.add_argument('--decoder_first_pipeline_num_layers', type=int, default=None)
-    p.add_argument('--decoder_last_pipeline_num_layers', type=int, default=None)
-    p.add_argument('--account_for_embedding_in_pipeline_split', type=_bool, default=False)
-    p.add_argument('--account_for_loss_in_pipeline_split', type=_bool, default=False)
-    p.add_argument('--pipeline_model_parallel_layout', default=None)
-    p.add_argument('--sequence_parallel', type=_bool, default=False)
-    p.add_argument('--dataset', nargs='*', default=[])
-    p.add_argument('--cached_dataset', nargs='*', default=[])
-    p.add_argument('--columns', default=None)
-    p.add_argument('--use_hf', type=_bool, default=None)
-    p.add_argument('--use_ray', type=_bool, nargs='?', const=True, default=False)  # a bare --use_ray is true
-    p.add_argument('--use_vllm', type=_bool, default=True)
-    p.add_argument('--moe_grouped_gemm', type=_bool, default=True)
-    p.add_argument('--bridge_backend', default='mcore-bridge')
-    p.add_argument('--vllm_mode', default=None)
-    p.add_argument('--async_generate', type=_bool, default=False)
-    # the RL + distillation flags of swift rlhf, refused here; None: not on the command line
-    p.add_argument('--reward_funcs', nargs='*', default=[])
-    p.add_argument('--reward_weights', nargs='*', type=float, default=None)
-    p.add_argument('--num_generations', type=int, default=None)
-    p.add_argument('--rollout_importance_sampling_mode', default=None)
-    p.add_argument('--log_rollout_offpolicy_metrics', type=_bool, default=False)
-    # ms-swift's multi-turn rollout flags, refused for gkd
-    p.add_argument('--multi_turn_scheduler', default=None)
-    p.add_argument('--max_turns', type=int, default=None)
-    # annotations are strings here
-    kinds = {'bool': _bool, 'int': int, 'Optional[int]': int, 'float': float, 'Optional[float]': float}
-    for f in fields(MegatronGKDFlagsMixin):
-        p.add_argument(f'--{f.name}', type=kinds.get(str(f.type), str), default=f.default)
-    return p
+    """The flags the checks read: ms-swift's with their types and defaults from the generated table
+    (:func:`~swift_gkd_plugin.options.ms_swift_flag_table.typed_fields`), the launcher's own readings
+    (:data:`LAUNCHER_FIELDS`) and the plugin's flags (:class:`MegatronGKDFlagsMixin`); everything else is left to
+    ms-swift."""
+    return ms_swift_flag_table.typed_parser({**ms_swift_flag_table.typed_fields('megatron rlhf'), **LAUNCHER_FIELDS,
+                                             **ms_swift_flag_table.class_fields(MegatronGKDFlagsMixin)})
 
 
 def parse_megatron_command_line(argv: Sequence[str]) -> argparse.Namespace:
