@@ -17,15 +17,15 @@ import json
 import math
 import os
 from types import SimpleNamespace
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from typing import List, Optional, Sequence
 
 from swift_gkd_plugin.options import ms_swift_flag_table
 from swift_gkd_plugin.rollout.colocated_vllm import check_vllm_cpu_head_dim
 from swift_gkd_plugin.options.flags import (GKD_LOSS_IMPLS, LOCAL_TEACHER_URL, SCALAR_FLAGS, SKD_PLACEMENTS, FlagError,
-                                    GKDPluginArgumentsMixin, check_gkd_scalars, check_no_multi_turn,
-                                    check_teacher_server_flags, check_training_set, entry_urls, local_teacher_index,
-                                    plugin_flags_in)
+                                            GKDPluginArgumentsMixin, MegatronGKDFlagsMixin, check_gkd_scalars,
+                                            check_no_multi_turn, check_teacher_server_flags, check_training_set,
+                                            entry_urls, local_teacher_index, plugin_flags_in)
 from swift_gkd_plugin.megatron.setup.layout import (check_expert_counts, check_grouped_experts,
                                                     check_moe_sequence_parallel, check_parallel_sizes,
                                                     check_pipeline_layers)
@@ -36,18 +36,6 @@ from swift_gkd_plugin.megatron.setup.teacher_scores import (check_teacher_store,
 MEGATRON_LOSS_IMPLS = tuple(impl for impl in GKD_LOSS_IMPLS if impl != 'fused')
 #: the teacher-server client's flags of swift rlhf (megatron rlhf uses ms-swift's own client)
 CLIENT_FLAGS = ('teacher_api_key', 'teacher_server_timeout', 'teacher_server_retries', 'teacher_server_wait')
-
-
-@dataclass
-class MegatronGKDFlagsMixin(GKDPluginArgumentsMixin):
-    """The plugin's flags for ``megatron rlhf`` (those of ``swift rlhf`` plus the Megatron-only ones)."""
-    teacher_tensor_model_parallel_size: Optional[int] = field(
-        default=None,
-        metadata={'help': 'Tensor-parallel size of a --teacher_model. The Megatron teacher is built in the '
-                  "student's parallel layout: only the student's --tensor_model_parallel_size (the default) is "
-                  'supported; serve a teacher in another layout and pass --teacher_model_server.'})
-
-
 MEGATRON_PLUGIN_FLAGS: List[str] = [f.name for f in fields(MegatronGKDFlagsMixin)]
 
 
