@@ -149,7 +149,7 @@ def _functions(module):
 
 CHECK_MODULES = ['swift_gkd_plugin.options.flags', 'swift_gkd_plugin.options.flag_checks', 'swift_gkd_plugin.swift.setup.arguments',
                  'swift_gkd_plugin.megatron.setup.checks', 'swift_gkd_plugin.megatron.setup.layout',
-                 'swift_gkd_plugin.swift.setup.vllm',
+                 'swift_gkd_plugin.swift.setup.vllm', 'swift_gkd_plugin.options.teacher_scores',
                  'swift_gkd_plugin.rollout.colocated_vllm']
 
 

@@ -426,7 +426,7 @@ def check_gkd_scalars(args) -> None:
                         'learns nothing; allowed: --gkd_logits_topk 2 or more, or 1 with --gkd_topk_tail true (the '
                         'mass outside the top token as a second bucket)')
     if args.gkd_topk_tail:
-        # (with --teacher_scores an unset k is the store's, resolved after this check: swift/setup/teacher_scores.py)
+        # (with --teacher_scores an unset k is the store's, resolved after this check: options/teacher_scores.py)
         if args.gkd_logits_topk is None and not getattr(args, 'teacher_scores', None):
             raise FlagError('--gkd_topk_tail true needs --gkd_logits_topk (the tail is the mass outside the top-k)')
         if args.gkd_loss_impl == 'dense':

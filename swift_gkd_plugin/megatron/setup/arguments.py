@@ -19,7 +19,8 @@ from swift_gkd_plugin.megatron.setup.checks import (MegatronGKDFlagsMixin, check
 from swift_gkd_plugin.megatron.setup.layout import (check_expert_counts, check_grouped_experts,
                                                     check_moe_sequence_parallel, check_parallel_sizes,
                                                     check_pipeline_layers)
-from swift_gkd_plugin.megatron.setup.teacher_scores import resolve_store_topk, resolve_teacher_store
+from swift_gkd_plugin.options.teacher_scores import (check_rank_teacher_store, resolve_store_topk,
+                                                     resolve_teacher_store)
 from swift_gkd_plugin.runtime.ms_swift_state import keep_teacher_messages_column
 
 logger = get_logger()
@@ -82,6 +83,7 @@ class GKDPluginMegatronRLHFArguments(MegatronGKDFlagsMixin, MegatronRLHFArgument
         if warning:
             logger.warning(f'swift_gkd_plugin: {warning}')
         check_model_sampling(self, vllm_samples=self.use_vllm)
+        check_rank_teacher_store(self)
         resolve_teacher_store(self)
         keep_teacher_messages_column()
         logger.info(f'swift_gkd_plugin {swift_gkd_plugin.__version__}: GKD trainer active (megatron; '

@@ -29,8 +29,8 @@ from swift_gkd_plugin.options.flags import (GKD_LOSS_IMPLS, LOCAL_TEACHER_URL, S
 from swift_gkd_plugin.megatron.setup.layout import (check_expert_counts, check_grouped_experts,
                                                     check_moe_sequence_parallel, check_parallel_sizes,
                                                     check_pipeline_layers)
-from swift_gkd_plugin.megatron.setup.teacher_scores import (check_teacher_store, check_teacher_store_flags,
-                                                            resolve_store_topk)
+from swift_gkd_plugin.options.teacher_scores import (check_teacher_store, check_teacher_store_flags,
+                                                     resolve_store_topk)
 
 #: ``--gkd_loss_impl`` values of megatron rlhf: the fused loss on hidden states is for swift rlhf only
 MEGATRON_LOSS_IMPLS = tuple(impl for impl in GKD_LOSS_IMPLS if impl != 'fused')

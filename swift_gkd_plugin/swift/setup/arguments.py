@@ -43,7 +43,7 @@ from swift_gkd_plugin.swift.setup.row_lengths import check_sampling_context
 from swift_gkd_plugin.swift.setup.vllm import (check_async_generate, check_vllm_launcher, check_vllm_server_mode,
                                               check_vllm_tensor_parallel_size, rollout_server_named,
                                               stale_sample_warnings)
-from swift_gkd_plugin.swift.setup.teacher_scores import check_teacher_scores, resolve_teacher_scores
+from swift_gkd_plugin.options.teacher_scores import check_teacher_scores, resolve_teacher_scores
 
 logger = get_logger()
 

@@ -15,12 +15,11 @@ A refusal after ms-swift built its arguments comes after it created the run's fo
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import List, Optional
 
 from swift_gkd_plugin.options.flags import FlagError
 from swift_gkd_plugin.options.local_paths import (adapter_path_problem, dataset_path, dataset_path_problem, looks_local,
-                                          near_names, not_a_model_folder)
+                                          near_names, not_a_model_folder, write_probe_error)
 
 
 def check_model_given(args) -> None:
@@ -160,17 +159,6 @@ def check_output_dir(args) -> None:
     if cause:
         raise FlagError(f'{flag}: cannot create anything in {existing!r} ({cause}); the run\'s '
                         'checkpoints and logs go in --output_dir: pass a writable --output_dir')
-
-
-def write_probe_error(folder: str) -> Optional[str]:
-    """Why no file can be made in ``folder`` now (a probe file made and removed), or None where one can."""
-    try:
-        fd, probe = tempfile.mkstemp(prefix='.swift_gkd_write_probe_', dir=folder)
-        os.close(fd)
-        os.remove(probe)
-    except OSError as exc:
-        return str(exc.strerror or exc)
-    return None
 
 
 def check_early_paths(args) -> None:
