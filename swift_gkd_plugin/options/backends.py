@@ -11,7 +11,8 @@ from typing import Optional
 from swift_gkd_plugin.options.flag_checks import FlagError, check_deepspeed_launch
 
 __all__ = ['DEEPSPEED_PRESETS', 'FLASH_ATTN_IMPLS', 'check_deepspeed', 'check_deepspeed_config',
-           'check_packing_attention']
+           'check_packing_attention', 'config_dtype', 'cpu_fp16_supported', 'deepspeed_fp16_problem',
+           'check_deepspeed_fp16_on_cpu']
 
 #: the ``--attn_impl`` values ms-swift takes for ``--packing`` / ``--padding_free`` (``SftArguments._check_padding_free``)
 FLASH_ATTN_IMPLS = ('flash_attn', 'flash_attention_2', 'flash_attention_3', 'flash_attention_4')
@@ -113,3 +114,62 @@ def _deepspeed_problem(config: dict, args, student: bool) -> Optional[str]:
             return (f'"{key}": {given} disagrees with --{flag} {ours} (transformers refused it after loading the '
                     f'models): set it to "auto" (filled in from --{flag}) or to {ours}')
     return None
+
+
+def config_dtype(model_dir: str) -> Optional[str]:
+    """The dtype of a local model folder's ``config.json`` (``dtype``, or ``torch_dtype``, of it or of its text config):
+    what ms-swift resolves an unset ``--torch_dtype`` to; None when unreadable or absent."""
+    try:
+        with open(os.path.join(model_dir, 'config.json'), encoding='utf-8') as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    for node in (config, config.get('text_config')):
+        if isinstance(node, dict):
+            value = node.get('dtype') or node.get('torch_dtype')
+            if isinstance(value, str):
+                return value.replace('torch.', '')
+    return None
+
+
+def cpu_fp16_supported() -> bool:
+    """Whether DeepSpeed's CPU accelerator takes fp16 (its ``is_fp16_supported``: oneDNN's fp16 kernels, on CPUs with
+    AVX512-FP16 or AMX-FP16)."""
+    import torch
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except Exception:  # (DeepSpeed's answer then: not supported)
+        return False
+
+
+def deepspeed_fp16_problem(args, model_dtype: Optional[str], cpu_fp16: bool) -> Optional[str]:
+    """Why DeepSpeed would refuse this run's fp16 on the CPU, or None: ``--deepspeed`` with fp16 mixed precision, given
+    or ms-swift's default for a float16 / float32 model (``--torch_dtype``, else ``model_dtype``, the local
+    ``--model``'s config; ms-swift sets ``--fp16 true`` unless ``--fp16`` is given), on a CPU whose DeepSpeed
+    accelerator does not take fp16 (``cpu_fp16`` False). DeepSpeed raised it in every rank after both models loaded
+    ("Type fp16 is not supported on your device")."""
+    if not getattr(args, 'deepspeed', None) or args.fp16 is False or cpu_fp16:
+        return None
+    dtype = str(args.torch_dtype).replace('torch.', '') if args.torch_dtype is not None else model_dtype
+    if not (args.fp16 or dtype in ('float16', 'float32', 'fp16', 'fp32')):
+        return None
+    given = '--fp16 true' if args.fp16 else (f'--torch_dtype {dtype}' + (
+        '' if args.torch_dtype is not None else " (not given: --model's config.json)"))
+    why = '' if args.fp16 else ' (ms-swift trains a float16 or float32 model in fp16 mixed precision unless --fp16 is given)'
+    return (f'{given} with --deepspeed {args.deepspeed}{why}: DeepSpeed does not take fp16 on this CPU (no oneDNN fp16 '
+            'kernels: they need AVX512-FP16 or AMX-FP16) and refused it in every rank after both models loaded. Pass '
+            '--fp16 false (train in float32), or --torch_dtype bfloat16')
+
+
+def check_deepspeed_fp16_on_cpu(args) -> None:
+    """:func:`deepspeed_fp16_problem` on this machine: no accelerator (DeepSpeed then picks its CPU one)."""
+    if not getattr(args, 'deepspeed', None) or args.fp16 is False:
+        return
+    import torch
+    if torch.accelerator.is_available():
+        return
+    model = os.path.expanduser(args.model) if isinstance(args.model, str) else None
+    problem = deepspeed_fp16_problem(args, config_dtype(model) if model and os.path.isdir(model) else None,
+                                     cpu_fp16_supported())
+    if problem:
+        raise FlagError(problem)

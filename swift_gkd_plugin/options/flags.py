@@ -410,11 +410,18 @@ def check_no_plugin_flags_outside_gkd(args, mixin=GKDPluginArgumentsMixin) -> No
         raise FlagError(f'{changed} only apply to --rlhf_type gkd (got --rlhf_type {args.rlhf_type})')
 
 
-def resolve_num_generations(args, grpo_default: int) -> None:
+def resolve_num_generations(args, grpo_default: Optional[int] = None) -> None:
     """An unset ``num_generations`` (None): 1 for GKD (one completion per prompt, as ms-swift GKD), GRPO's default for
-    the other rlhf types; the one default of the command line and of arguments built in Python."""
+    the other rlhf types (``grpo_default``, else ms-swift's: :func:`~swift_gkd_plugin.runtime.ms_swift_state.
+    grpo_num_generations`); the one default of the command line and of arguments built in Python."""
     if args.num_generations is None:
-        args.num_generations = 1 if args.rlhf_type == 'gkd' else grpo_default
+        if args.rlhf_type == 'gkd':
+            args.num_generations = 1
+            return
+        if grpo_default is None:
+            from swift_gkd_plugin.runtime.ms_swift_state import grpo_num_generations
+            grpo_default = grpo_num_generations()
+        args.num_generations = grpo_default
 
 
 def check_gkd_scalars(args) -> None:

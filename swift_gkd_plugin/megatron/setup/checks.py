@@ -21,7 +21,10 @@ from dataclasses import fields
 from typing import List, Optional, Sequence
 
 from swift_gkd_plugin.options import ms_swift_flag_table
-from swift_gkd_plugin.rollout.colocated_vllm import check_vllm_cpu_head_dim
+from swift_gkd_plugin.options.hub_models import resolve_check_model
+from swift_gkd_plugin.rollout.colocated_vllm import (check_vllm_cpu_head_dim, check_vllm_max_model_len,
+                                                     check_vllm_sleep_mode, resolve_vllm_environment)
+from swift_gkd_plugin.runtime.ms_swift_state import keep_teacher_messages_column
 from swift_gkd_plugin.options.flags import (GKD_LOSS_IMPLS, LOCAL_TEACHER_URL, SCALAR_FLAGS, SKD_PLACEMENTS, FlagError,
                                             GKDPluginArgumentsMixin, MegatronGKDFlagsMixin, check_gkd_scalars,
                                             check_no_multi_turn, check_teacher_server_flags, check_training_set,
@@ -29,8 +32,9 @@ from swift_gkd_plugin.options.flags import (GKD_LOSS_IMPLS, LOCAL_TEACHER_URL, S
 from swift_gkd_plugin.megatron.setup.layout import (check_expert_counts, check_grouped_experts,
                                                     check_moe_sequence_parallel, check_parallel_sizes,
                                                     check_pipeline_layers)
-from swift_gkd_plugin.options.teacher_scores import (check_teacher_store, check_teacher_store_flags,
-                                                     resolve_store_topk)
+from swift_gkd_plugin.options.teacher_scores import (check_rank_teacher_store, check_teacher_store,
+                                                     check_teacher_store_flags, resolve_store_topk,
+                                                     resolve_teacher_store)
 
 #: ``--gkd_loss_impl`` values of megatron rlhf: the fused loss on hidden states is for swift rlhf only
 MEGATRON_LOSS_IMPLS = tuple(impl for impl in GKD_LOSS_IMPLS if impl != 'fused')
@@ -213,7 +217,9 @@ def parse_megatron_command_line(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def check_megatron_command_line(argv: Sequence[str]) -> None:
-    """Refuse a bad ``megatron rlhf --rlhf_type gkd`` command line in the launcher, before any rank starts.
+    """Refuse a bad ``megatron rlhf --rlhf_type gkd`` command line in the launcher, before any rank starts: the
+    launcher's phases of :data:`MEGATRON_RLHF_PHASES`, in order (those that read local files not for a config file's
+    command line, whose flags are ms-swift's to read in the ranks), with the unknown flags after the flags' own checks.
 
     Plugin flags with another ``--rlhf_type`` are refused too (they would be silently ignored otherwise).
     """
@@ -223,48 +229,76 @@ def check_megatron_command_line(argv: Sequence[str]) -> None:
         if given:
             raise FlagError(f'{given} only apply to --rlhf_type gkd (got --rlhf_type {ns.rlhf_type})')
         return
-    num_generations = [] if ns.num_generations in (None, 1) else ['--num_generations']
-    refuse_rl_flags(rl_flags_set(ns) + num_generations)
-    check_not_ray(ns)
-    resolve_store_topk(ns)  # --teacher_scores without --gkd_logits_topk: the store's k, before the checks read it
-    check_megatron_gkd(ns)  # first: it names swift rlhf's flags (--teacher_adapters) that megatron rlhf does not take
-    if not (argv and str(argv[0]).endswith(CONFIG_FILE_SUFFIXES)):  # flags neither ms-swift nor the plugin declares
+    config_file = bool(argv) and str(argv[0]).endswith(CONFIG_FILE_SUFFIXES)
+    run_phase(MEGATRON_RLHF_PHASES['launcher: flags'], ns)
+    if not config_file:  # flags neither ms-swift nor the plugin declares
         unknown = ms_swift_flag_table.unknown_flags('megatron rlhf', argv, MegatronGKDFlagsMixin)
         if unknown is not None:  # (None: the table cannot tell; the ranks' parser refuses them then)
             raise FlagError(unknown)
+    run_phase(MEGATRON_RLHF_PHASES['launcher: this machine'], ns)
+    if not config_file:  # a config file's flags: ms-swift's, in the ranks
+        run_phase(MEGATRON_RLHF_PHASES['launcher: local files'], ns)
+    run_phase(MEGATRON_RLHF_PHASES['launcher: installed'], ns)
+
+
+def check_launcher_rl_flags(args) -> None:
+    """The RL flags of swift rlhf (:func:`rl_flags_set`), and ``--num_generations`` where the command line gives it."""
+    num_generations = [] if args.num_generations in (None, 1) else ['--num_generations']
+    refuse_rl_flags(rl_flags_set(args) + num_generations)
+
+
+def check_launcher_sampling(args) -> None:
+    """The samplers with vLLM as installed on this machine (the ranks check them with ``--use_vllm`` as resolved:
+    :func:`check_rank_sampling`); a colocated engine's head size here rather than in every rank, with a traceback,
+    after the ranks started."""
     vllm_installed = _importable('vllm')
-    check_vllm_sampler(ns, vllm_installed=vllm_installed)
-    check_model_sampling(ns, vllm_samples=ns.use_vllm and vllm_installed)
-    check_teacher_client(ns, vllm_installed=vllm_installed)
-    if ns.use_vllm and ns.vllm_mode == 'colocate' and ns.lmbda > 0 and ns.model and os.path.isdir(ns.model) \
-            and vllm_installed:  # here rather than in every rank, with a traceback, after the ranks started
-        check_vllm_cpu_head_dim(ns, ns.model)
-    check_vocab_sizes(ns)
-    if not (argv and str(argv[0]).endswith(CONFIG_FILE_SUFFIXES)):  # a config file's flags: ms-swift's, in the ranks
-        # first: before the dataset checks import ms-swift's dataset package (~4 s)
-        check_teacher_store(ns, ns.model if isinstance(ns.model, str) and os.path.isdir(ns.model) else None)
-        check_parallel_sizes(ns)
-        check_local_paths(ns)
-        check_grouped_experts(ns, [('--model', ns.model), ('--teacher_model', ns.teacher_model)])
-        check_expert_counts(ns, [('--model', ns.model), ('--teacher_model', ns.teacher_model)])
-        check_pipeline_layers(ns, [('--model', ns.model), ('--teacher_model', ns.teacher_model)])
-        check_moe_sequence_parallel(ns, ns.model)
-        check_training_set(ns)
-        check_context_parallel_views(ns)
-        check_rows_have_prompts(ns)
-        # ms-swift's dataset syntax: imported here
-        from swift_gkd_plugin.data.dataset_files import check_fresh_adapter_teacher, check_teacher_given
-        check_model_types(ns)  # (ms-swift's model table: imported with its dataset package)
-        check_sampling_contexts(ns, vllm_installed=vllm_installed)
-        view = SimpleNamespace(**{**vars(ns), 'columns': _json_or_none(ns.columns)})
-        if not ns.teacher_scores:  # (a store is the teacher: megatron rlhf then loads none)
-            check_teacher_given(view, ('teacher_model', 'teacher_model_server'),
-                                '--teacher_model (another model; --model itself only for a LoRA student that starts '
-                                'from a trained adapter, --adapters or --mcore_adapter)')
-        # ms-swift's shared base (megatron_args.py, _check_teacher): the teacher is the student with its adapter off
-        check_fresh_adapter_teacher(view, ns.teacher_model is not None and ns.teacher_model == ns.model
-                                    and ns.tuner_type == 'lora', ('adapters', 'mcore_adapter'))
-    check_megatron_installed()
+    check_vllm_sampler(args, vllm_installed=vllm_installed)
+    check_model_sampling(args, vllm_samples=args.use_vllm and vllm_installed)
+    check_teacher_client(args, vllm_installed=vllm_installed)
+    if args.use_vllm and args.vllm_mode == 'colocate' and args.lmbda > 0 and args.model \
+            and os.path.isdir(args.model) and vllm_installed:
+        check_vllm_cpu_head_dim(args, args.model)
+
+
+def check_launcher_store(args) -> None:
+    """``--teacher_scores`` against the local ``--model`` (first of the file checks: before the dataset checks import
+    ms-swift's dataset package, ~4 s)."""
+    check_teacher_store(args, args.model if isinstance(args.model, str) and os.path.isdir(args.model) else None)
+
+
+def _launcher_models(args):
+    return [('--model', args.model), ('--teacher_model', args.teacher_model)]
+
+
+def check_model_layouts(args, models, student) -> None:
+    """The parallel layout against the models' folders (``models``: (flag, folder) pairs; ``student``: --model's)."""
+    check_grouped_experts(args, models)
+    check_expert_counts(args, models)
+    check_pipeline_layers(args, models)
+    check_moe_sequence_parallel(args, student)
+
+
+def check_launcher_layouts(args) -> None:
+    """The parallel layout against the local folders of ``--model`` and ``--teacher_model``."""
+    check_model_layouts(args, _launcher_models(args), args.model)
+
+
+def check_launcher_contexts(args) -> None:
+    check_sampling_contexts(args, vllm_installed=_importable('vllm'))
+
+
+def check_launcher_teachers(args) -> None:
+    """A teacher is given (a store is the teacher: megatron rlhf then loads none), and ms-swift's shared base
+    (``megatron_args.py``, ``_check_teacher``: the teacher is the student with its adapter off) has something to add."""
+    # ms-swift's dataset syntax: imported here
+    from swift_gkd_plugin.data.dataset_files import check_fresh_adapter_teacher, check_teacher_given
+    view = SimpleNamespace(**{**vars(args), 'columns': _json_or_none(args.columns)})
+    if not args.teacher_scores:
+        check_teacher_given(view, ('teacher_model', 'teacher_model_server'),
+                            '--teacher_model (another model; --model itself only for a LoRA student that starts '
+                            'from a trained adapter, --adapters or --mcore_adapter)')
+    check_fresh_adapter_teacher(view, args.teacher_model is not None and args.teacher_model == args.model
+                                and args.tuner_type == 'lora', ('adapters', 'mcore_adapter'))
 
 
 def check_model_types(args) -> None:
@@ -429,7 +463,7 @@ def _importable(module: str) -> bool:
         return False
 
 
-def check_megatron_installed() -> None:
+def check_megatron_installed(args=None) -> None:
     """The ``megatron`` extra is installed: without it every rank stops at its first import, in a traceback."""
     missing = [package for module, package in MEGATRON_MODULES.items() if not _importable(module)]
     if missing:
@@ -437,3 +471,79 @@ def check_megatron_installed() -> None:
                         'the plugin\'s megatron extra (pip install ".[megatron]" in the plugin\'s checkout), then '
                         'transformer-engine built for your CUDA toolkit as Megatron-SWIFT\'s install guide says (see '
                         'the Megatron page of the plugin\'s docs)')
+
+
+# --- the ranks (GKDPluginMegatronRLHFArguments.__post_init__), framework-free as the launcher's ---
+
+def resolve_sampler(args) -> None:
+    """ms-swift's Megatron default is ``use_vllm=True``; without vLLM the plugin samples from the model itself."""
+    from swift.utils import get_logger, is_vllm_available
+    if args.use_vllm and not is_vllm_available():
+        get_logger().info('swift_gkd_plugin: vLLM is not installed: on-policy steps sample from the training model')
+        args.use_vllm = False
+
+
+def resolve_colocated_vllm(args) -> None:
+    """The environment a colocated vLLM engine needs, where ms-swift builds one (without it a machine without
+    torchvision failed building the engine: ms-swift's swift_uembed vLLM plugin imports it)."""
+    if args.use_vllm and args.vllm_mode == 'colocate' and args.lmbda > 0:
+        resolve_vllm_environment(args)
+
+
+def resolve_teacher_messages_column(args) -> None:
+    """ms-swift's dataset rows keep their ``teacher_messages`` column (:func:`keep_teacher_messages_column`)."""
+    keep_teacher_messages_column()
+
+
+def _rank_models(args):
+    return [('--model', args.model_dir), ('--teacher_model', getattr(args, 'teacher_model_dir', None))]
+
+
+def check_rank_layouts(args) -> None:
+    """The parallel layout against the resolved model folders (hub models too, now downloaded: before
+    megatron-core's assertion)."""
+    check_model_layouts(args, _rank_models(args), args.model_dir)
+
+
+def check_rank_sampling(args) -> None:
+    """The samplers with ``--use_vllm`` as resolved (:func:`resolve_sampler`); what the platform of a colocated vLLM
+    engine (built in every rank by ms-swift's rollout mixin) cannot run, checked as for ``swift rlhf``
+    (:mod:`swift_gkd_plugin.rollout.colocated_vllm`), before the models load."""
+    check_vllm_sampler(args, vllm_installed=args.use_vllm)
+    if args.use_vllm and args.vllm_mode == 'colocate' and args.lmbda > 0:  # ms-swift builds the engine then
+        check_colocated_vllm(args)
+    check_model_sampling(args, vllm_samples=args.use_vllm)
+
+
+def check_colocated_vllm(args) -> None:
+    check_vllm_max_model_len(args, args.model_dir)
+    check_vllm_cpu_head_dim(args, args.model_dir)
+    check_vllm_sleep_mode(args)
+
+
+#: Which check (or resolver) runs when, for ``megatron rlhf --rlhf_type gkd``: phase -> its functions of the arguments,
+#: in order. The launcher's phases run on its command line before any rank starts (:func:`check_megatron_command_line`);
+#: the ranks' in ``GKDPluginMegatronRLHFArguments.__post_init__``, before and after ms-swift's own. A resolver changes
+#: the arguments and raises nothing; a check raises and changes nothing.
+MEGATRON_RLHF_PHASES = {
+    'launcher: flags': (resolve_store_topk,  # --teacher_scores without --gkd_logits_topk: the store's k
+                        check_launcher_rl_flags, check_not_ray,
+                        check_megatron_gkd),  # then the unknown flags: it names swift rlhf's flags first
+    'launcher: this machine': (check_launcher_sampling, check_vocab_sizes),
+    'launcher: local files': (check_launcher_store, check_parallel_sizes, check_local_paths, check_launcher_layouts,
+                              check_training_set, check_context_parallel_views, check_rows_have_prompts,
+                              check_model_types,  # (ms-swift's model table: imported with its dataset package)
+                              check_launcher_contexts, check_launcher_teachers),
+    'launcher: installed': (check_megatron_installed,),
+    'rank: flags': (resolve_store_topk, check_not_ray, check_megatron_gkd, check_parallel_sizes),
+    # ms-swift's __post_init__ runs here: the models resolved (downloaded), its defaults filled in
+    'rank: resolve': (resolve_sampler, resolve_check_model, resolve_colocated_vllm),
+    'rank: resolved': (check_rank_layouts, check_rank_sampling, check_rank_teacher_store),
+    'rank: store': (resolve_teacher_store, resolve_teacher_messages_column),
+}
+
+
+def run_phase(functions, args) -> None:
+    """Each function of a phase of :data:`MEGATRON_RLHF_PHASES` on ``args``, in order."""
+    for function in functions:
+        function(args)

@@ -89,6 +89,14 @@ def check_vllm_tensor_parallel_size(args) -> None:
                         f'vLLM groups of that size (allowed: {", ".join(map(str, divisors))})')
 
 
+def check_vllm_rollout(args) -> None:
+    """With ``--use_vllm true``: its mode's needs (:func:`check_vllm_server_mode`) and tensor-parallel size
+    (:func:`check_vllm_tensor_parallel_size`)."""
+    if args.use_vllm:
+        check_vllm_server_mode(args)
+        check_vllm_tensor_parallel_size(args)
+
+
 @contextmanager
 def rollout_server_named(args):
     """ms-swift's connection to the ``swift rollout`` server (rank 0), which raises a ``ConnectionError`` traceback
