@@ -4,6 +4,7 @@ transformers check its values only once the models are loaded) and the flash att
 ``--padding_free`` need (ms-swift's refusal was a traceback)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from typing import Optional
@@ -12,7 +13,8 @@ from swift_gkd_plugin.options.flag_checks import FlagError, check_deepspeed_laun
 
 __all__ = ['DEEPSPEED_PRESETS', 'FLASH_ATTN_IMPLS', 'check_deepspeed', 'check_deepspeed_config',
            'check_packing_attention', 'config_dtype', 'cpu_fp16_supported', 'deepspeed_fp16_problem',
-           'check_deepspeed_fp16_on_cpu']
+           'check_deepspeed_fp16_on_cpu', 'check_not_ray', 'check_vllm_sampler', 'check_teacher_client',
+           'MEGATRON_MODULES', 'importable', 'check_megatron_installed']
 
 #: the ``--attn_impl`` values ms-swift takes for ``--packing`` / ``--padding_free`` (``SftArguments._check_padding_free``)
 FLASH_ATTN_IMPLS = ('flash_attn', 'flash_attention_2', 'flash_attention_3', 'flash_attention_4')
@@ -173,3 +175,56 @@ def check_deepspeed_fp16_on_cpu(args) -> None:
                                      cpu_fp16_supported())
     if problem:
         raise FlagError(problem)
+
+
+# --- megatron rlhf: ms-swift's Ray pipeline, vLLM as its sampler and its teacher client, the megatron extra ---
+
+def check_not_ray(args) -> None:
+    """``--use_ray true`` starts ms-swift's own Ray pipeline (``swift/ray/megatron/``), whose GKD trainer and loss are
+    not the plugin's: refused, rather than run without the plugin's modes, loss and checks."""
+    if args.use_ray:
+        raise FlagError('--use_ray true is not supported with the plugin: it runs ms-swift\'s own Ray GKD trainer '
+                         '(swift/ray/megatron), not this plugin\'s. Run megatron rlhf --rlhf_type gkd without --use_ray '
+                         '(torchrun ranks; NNODES, NODE_RANK and MASTER_ADDR for several nodes), or set '
+                         'SWIFT_GKD_PLUGIN=0 to run ms-swift\'s own GKD on Ray')
+
+
+def check_vllm_sampler(args, vllm_installed: bool) -> None:
+    """ms-swift's Megatron default is ``--use_vllm true``: where vLLM is installed, on-policy steps need its mode
+    (without vLLM the plugin samples from the training model instead, see
+    :func:`swift_gkd_plugin.megatron.setup.checks.resolve_sampler`)."""
+    if args.use_vllm and vllm_installed and args.lmbda > 0 and args.vllm_mode not in ('colocate', 'server'):
+        raise FlagError(f'--use_vllm true needs --vllm_mode colocate or server (got {args.vllm_mode!r}); or pass '
+                         '--use_vllm false to sample from the training model (megatron rlhf defaults to --use_vllm '
+                         'true, and vLLM is installed here)')
+
+
+def check_teacher_client(args, vllm_installed: bool) -> None:
+    """ms-swift's teacher-server client (``VLLMInferClient``, built by its Megatron GKD trainer) refuses to start
+    without vLLM, although it only speaks HTTP: named here, before any rank starts, with the fix."""
+    if args.teacher_model_server is not None and not vllm_installed:
+        raise FlagError(f'--teacher_model_server {args.teacher_model_server} needs vLLM installed on this machine, the '
+                         "trainer's: megatron rlhf asks the server through ms-swift's teacher client, which refuses to "
+                         'start without it (pip install vllm; the server may run elsewhere). swift rlhf --rlhf_type gkd '
+                         "asks it through the plugin's own client, without vLLM")
+
+
+#: the modules of the plugin's ``megatron`` extra (setup.py), which Megatron-SWIFT imports in every rank
+MEGATRON_MODULES = {'megatron.core': 'megatron-core', 'mcore_bridge': 'mcore-bridge'}
+
+
+def importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # the parent package is missing
+        return False
+
+
+def check_megatron_installed(args=None) -> None:
+    """The ``megatron`` extra is installed: without it every rank stops at its first import, in a traceback."""
+    missing = [package for module, package in MEGATRON_MODULES.items() if not importable(module)]
+    if missing:
+        raise FlagError(f'megatron rlhf --rlhf_type gkd needs {" and ".join(missing)}, not installed here: install '
+                        'the plugin\'s megatron extra (pip install ".[megatron]" in the plugin\'s checkout), then '
+                        'transformer-engine built for your CUDA toolkit as Megatron-SWIFT\'s install guide says (see '
+                        'the Megatron page of the plugin\'s docs)')

@@ -1,4 +1,5 @@
-"""``megatron rlhf --rlhf_type gkd``: the plugin's Megatron flags and the checks that need nothing but the flags.
+"""``megatron rlhf --rlhf_type gkd``: the launcher's reading of its command line, the checks of Megatron's own rules,
+and :data:`MEGATRON_RLHF_PHASES`, which check (or resolver) runs when, in the launcher and in the ranks.
 
 Framework-free (no Megatron import; ms-swift's dataset syntax only to read a local ``--dataset``, and its model
 table for ``--model_type``), because the checks run twice:
@@ -8,11 +9,16 @@ table for ``--model_type``), because the checks run twice:
   seconds, not a cluster allocation;
 * in every rank, on the parsed arguments (:class:`swift_gkd_plugin.megatron.setup.arguments.GKDPluginMegatronRLHFArguments`),
   for callers that build the arguments in Python.
+
+The checks of a concept shared with ``swift rlhf`` live in its module (the backends in ``options/backends.py``, the
+models' contexts and vocabularies in ``options/model_context.py``, the teacher-score store in
+``options/teacher_scores.py``, the parallel layout in ``layout.py``); those here are Megatron's own rules between
+flags (:func:`check_megatron_gkd`) and its dataset checks, which import ms-swift's dataset syntax when they run (the
+launcher imports it only then).
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -21,6 +27,9 @@ from dataclasses import fields
 from typing import List, Optional, Sequence
 
 from swift_gkd_plugin.options import ms_swift_flag_table
+from swift_gkd_plugin.options.backends import (check_megatron_installed, check_not_ray, check_teacher_client,
+                                               check_vllm_sampler, importable as _importable)
+from swift_gkd_plugin.options.model_context import check_sampling_contexts, check_vocab_sizes
 from swift_gkd_plugin.options.hub_models import resolve_check_model
 from swift_gkd_plugin.rollout.colocated_vllm import (check_vllm_cpu_head_dim, check_vllm_max_model_len,
                                                      check_vllm_sleep_mode, resolve_vllm_environment)
@@ -158,37 +167,6 @@ def _scalar_view(args):
 _SCALAR_NAMES = SCALAR_FLAGS + ('seq_kd', 'gkd_topk_tail', 'teacher_template')
 
 
-def padded_vocab_size(model_dir: str, tensor_parallel: int) -> Optional[int]:
-    """The rows of the output layer Megatron-SWIFT builds for the model in the local directory ``model_dir``: its
-    config's ``vocab_size`` (of the language model) rounded up to a multiple of the tensor-parallel size, as
-    mcore-bridge's ``GPTModel`` does. None when the config cannot be read (the first step still compares widths)."""
-    from transformers import AutoConfig
-    try:
-        size = AutoConfig.from_pretrained(model_dir, trust_remote_code=True).get_text_config().vocab_size
-    except Exception:  # an unusual config, or not a model directory: left to the ranks
-        return None
-    return math.ceil(size / tensor_parallel) * tensor_parallel if size else None
-
-
-def check_vocab_sizes(args) -> None:
-    """A local ``--teacher_model`` whose (padded) vocabulary differs from the local ``--model``'s: refused here, not at
-    the first step after both models are loaded. Hub ids are left to that step (the launcher does not download)."""
-    teacher, student = args.teacher_model, args.model
-    if teacher is None or args.teacher_model_server is not None or student is None:
-        return
-    if not (os.path.isdir(teacher) and os.path.isdir(student)):
-        return
-    tp = args.tensor_model_parallel_size or 1
-    sizes = {flag: padded_vocab_size(path, tp) for flag, path in (('--model', student), ('--teacher_model', teacher))}
-    if None in sizes.values() or len(set(sizes.values())) == 1:
-        return
-    raise FlagError(f'--teacher_model {teacher} has {sizes["--teacher_model"]} output rows and --model {student} '
-                     f'{sizes["--model"]} (config.json vocab_size, padded to a multiple of '
-                     f'--tensor_model_parallel_size {tp}): megatron rlhf compares teacher and student logits row by row over one vocabulary, so '
-                     'they must be equal (allowed: a teacher with the student\'s vocab_size). swift rlhf aligns a '
-                     'teacher with a larger head, and distils across tokenizers with --gkd_cross_tokenizer')
-
-
 #: the launcher's own readings beside the table's fields (:data:`ms_swift_flag_table.TYPED_FIELDS`): a flag of swift
 #: rlhf that ms-swift's Megatron arguments do not declare, read to be refused, and defaults that say "not given"
 LAUNCHER_FIELDS = {
@@ -316,23 +294,6 @@ def check_model_types(args) -> None:
         get_logger().warning(f'swift_gkd_plugin: {warning}')
 
 
-def check_sampling_contexts(args, vllm_installed: bool) -> None:
-    """``--max_length`` within the student's context on on-policy steps and the teacher's on seq_kd steps, read from
-    the local folders' ``config.json`` (:func:`swift_gkd_plugin.options.model_context.check_sampling_context`, as
-    ``swift rlhf`` checks it; hub ids are left to the ranks): a prompt that fills a sampler's context leaves it no
-    room to sample (vLLM's engine refused it at its first rollout; the model's own sampler ran past its positions).
-    ``--use_vllm true`` samples with vLLM only where it is installed (``arguments.resolve_sampler``)."""
-    if not args.max_length:
-        return
-    from swift_gkd_plugin.options.model_context import check_sampling_context, model_context
-
-    def local(path):
-        return os.path.expanduser(path) if isinstance(path, str) else None
-
-    view = SimpleNamespace(**{**vars(args), 'use_vllm': args.use_vllm and vllm_installed})
-    check_sampling_context(view, model_context(local(args.model)), model_context(local(args.teacher_model)))
-
-
 #: a first argument ms-swift reads as a config file holding the flags (``swift/cli/main.py``, ``parse_yaml_args``)
 CONFIG_FILE_SUFFIXES = ('.json', '.yaml', '.yml')
 
@@ -357,6 +318,7 @@ def check_local_paths(args) -> None:
             path = os.path.expanduser(value)
             raise FlagError(f'{flag} {value}: no such model folder {path!r}{near_names(path)}; a local model must '
                             'exist (hub models are named owner/name)')
+
 
 
 def check_rows_have_prompts(args) -> None:
@@ -414,26 +376,6 @@ def check_context_parallel_views(args) -> None:
                         "are not on the ranks of the student's. Use --context_parallel_size 1, or swift rlhf")
 
 
-def check_teacher_client(args, vllm_installed: bool) -> None:
-    """ms-swift's teacher-server client (``VLLMInferClient``, built by its Megatron GKD trainer) refuses to start
-    without vLLM, although it only speaks HTTP: named here, before any rank starts, with the fix."""
-    if args.teacher_model_server is not None and not vllm_installed:
-        raise FlagError(f'--teacher_model_server {args.teacher_model_server} needs vLLM installed on this machine, the '
-                         "trainer's: megatron rlhf asks the server through ms-swift's teacher client, which refuses to "
-                         'start without it (pip install vllm; the server may run elsewhere). swift rlhf --rlhf_type gkd '
-                         "asks it through the plugin's own client, without vLLM")
-
-
-def check_not_ray(args) -> None:
-    """``--use_ray true`` starts ms-swift's own Ray pipeline (``swift/ray/megatron/``), whose GKD trainer and loss are
-    not the plugin's: refused, rather than run without the plugin's modes, loss and checks."""
-    if args.use_ray:
-        raise FlagError('--use_ray true is not supported with the plugin: it runs ms-swift\'s own Ray GKD trainer '
-                         '(swift/ray/megatron), not this plugin\'s. Run megatron rlhf --rlhf_type gkd without --use_ray '
-                         '(torchrun ranks; NNODES, NODE_RANK and MASTER_ADDR for several nodes), or set '
-                         'SWIFT_GKD_PLUGIN=0 to run ms-swift\'s own GKD on Ray')
-
-
 def float32_warning(torch_dtype, fp16_given, fp16) -> Optional[str]:
     """The warning for a float32 model that ms-swift trains in fp16 mixed precision (it sets ``--fp16 true`` for
     ``--torch_dtype float32``, ``arguments/base_args/model_args.py`` ~133, unless ``--fp16`` was given), else None."""
@@ -441,36 +383,6 @@ def float32_warning(torch_dtype, fp16_given, fp16) -> Optional[str]:
         return ('--torch_dtype float32 trains in fp16 mixed precision under Megatron-SWIFT (ms-swift sets --fp16 true '
                 'for float32 models); pass --fp16 false --bf16 false to train in float32')
     return None
-
-
-def check_vllm_sampler(args, vllm_installed: bool) -> None:
-    """ms-swift's Megatron default is ``--use_vllm true``: where vLLM is installed, on-policy steps need its mode
-    (without vLLM the plugin samples from the training model instead, see ``arguments.resolve_sampler``)."""
-    if args.use_vllm and vllm_installed and args.lmbda > 0 and args.vllm_mode not in ('colocate', 'server'):
-        raise FlagError(f'--use_vllm true needs --vllm_mode colocate or server (got {args.vllm_mode!r}); or pass '
-                         '--use_vllm false to sample from the training model (megatron rlhf defaults to --use_vllm '
-                         'true, and vLLM is installed here)')
-
-
-#: the modules of the plugin's ``megatron`` extra (setup.py), which Megatron-SWIFT imports in every rank
-MEGATRON_MODULES = {'megatron.core': 'megatron-core', 'mcore_bridge': 'mcore-bridge'}
-
-
-def _importable(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ImportError:  # the parent package is missing
-        return False
-
-
-def check_megatron_installed(args=None) -> None:
-    """The ``megatron`` extra is installed: without it every rank stops at its first import, in a traceback."""
-    missing = [package for module, package in MEGATRON_MODULES.items() if not _importable(module)]
-    if missing:
-        raise FlagError(f'megatron rlhf --rlhf_type gkd needs {" and ".join(missing)}, not installed here: install '
-                        'the plugin\'s megatron extra (pip install ".[megatron]" in the plugin\'s checkout), then '
-                        'transformer-engine built for your CUDA toolkit as Megatron-SWIFT\'s install guide says (see '
-                        'the Megatron page of the plugin\'s docs)')
 
 
 # --- the ranks (GKDPluginMegatronRLHFArguments.__post_init__), framework-free as the launcher's ---

@@ -14,8 +14,6 @@ from types import SimpleNamespace
 from typing import List, Optional
 
 from swift_gkd_plugin.options import model_types, ms_swift_flag_table
-from swift_gkd_plugin.options.backends import (check_deepspeed_fp16_on_cpu, config_dtype,  # noqa: F401 (moved there)
-                                               cpu_fp16_supported, deepspeed_fp16_problem)
 from swift_gkd_plugin.options.flags import FlagError
 from swift_gkd_plugin.runtime.process_exit import refuse
 
