@@ -32,7 +32,7 @@ from swift_gkd_plugin.options.flag_checks import (LOCAL_TEACHER_URL, SAMPLING_TE
 # this module's names and flag_checks' (callers import both from here)
 __all__ = [
     'flag_field', 'FLAG_DECLARATIONS', 'choices_of', 'GKDPluginArgumentsMixin', 'PLUGIN_FLAGS',
-    'MegatronGKDFlagsMixin', 'SWIFT_RLHF_ONLY', 'NO_EFFECT_IN_MEGATRON', 'MS_SWIFT_FLAGS', 'VLLM_FLAGS',
+    'MegatronGKDFlagsMixin', 'SWIFT_RLHF_ONLY', 'NO_EFFECT_IN_MEGATRON', 'TEACHER_CLIENT_FLAGS', 'MS_SWIFT_FLAGS', 'VLLM_FLAGS',
     'check_vllm_flags', 'declared_ranges', 'GKD_LOSS_IMPLS', 'CROSS_TOKENIZER_METHODS', 'GKD_DIVERGENCES',
     'FINITE_FLAGS', 'RL_FLAGS', 'SCALAR_FLAGS', 'check_declared', 'plugin_flags_in',
     'check_no_plugin_flags_outside_gkd', 'resolve_num_generations', 'check_gkd_scalars', 'rollout_max_tokens',
@@ -265,11 +265,12 @@ class MegatronGKDFlagsMixin(GKDPluginArgumentsMixin):
 #: the plugin's flags that only ``swift rlhf`` acts on: ``megatron rlhf`` refuses each away from its default, naming
 #: the flag (:func:`swift_gkd_plugin.megatron.setup.checks.check_megatron_gkd`), except those of
 #: :data:`NO_EFFECT_IN_MEGATRON`, which it takes without effect. The flag reference's launchers column reads it.
-SWIFT_RLHF_ONLY = ('gkd_fused_backend', 'gkd_drop_bad_rows', 'teacher_api_key', 'teacher_server_timeout',
-                   'teacher_server_retries', 'teacher_server_wait', 'gkd_rl_coef', 'gkd_divergence_coef',
-                   'gkd_sampled_kl_coef', 'gkd_sampled_kl_discount', 'gkd_sampled_kl_baseline', 'gkd_cross_tokenizer',
-                   'teacher_template', 'gkd_ref_kl_coef', 'gkd_skd_top_k', 'gkd_max_staleness',
-                   'save_teacher_scores', 'teacher_scores_dtype', 'teacher_scores_samples', 'gkd_score_only')
+#: the teacher-server client's flags of swift rlhf (megatron rlhf asks a server through ms-swift's own client)
+TEACHER_CLIENT_FLAGS = ('teacher_api_key', 'teacher_server_timeout', 'teacher_server_retries', 'teacher_server_wait')
+SWIFT_RLHF_ONLY = ('gkd_fused_backend', 'gkd_drop_bad_rows') + TEACHER_CLIENT_FLAGS + (
+    'gkd_rl_coef', 'gkd_divergence_coef', 'gkd_sampled_kl_coef', 'gkd_sampled_kl_discount', 'gkd_sampled_kl_baseline',
+    'gkd_cross_tokenizer', 'teacher_template', 'gkd_ref_kl_coef', 'gkd_skd_top_k', 'gkd_max_staleness',
+    'save_teacher_scores', 'teacher_scores_dtype', 'teacher_scores_samples', 'gkd_score_only')
 #: ``megatron rlhf`` warns that ``--gkd_fused_backend`` has no effect there; ``--gkd_drop_bad_rows`` is read by
 #: ``swift rlhf``'s dataset checks only
 NO_EFFECT_IN_MEGATRON = ('gkd_fused_backend', 'gkd_drop_bad_rows')

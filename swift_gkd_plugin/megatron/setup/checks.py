@@ -35,7 +35,8 @@ from swift_gkd_plugin.rollout.colocated_vllm import (check_vllm_cpu_head_dim, ch
                                                      check_vllm_sleep_mode, resolve_vllm_environment)
 from swift_gkd_plugin.runtime.ms_swift_state import keep_teacher_messages_column
 from swift_gkd_plugin.options.flags import (GKD_LOSS_IMPLS, LOCAL_TEACHER_URL, SCALAR_FLAGS, SKD_PLACEMENTS, FlagError,
-                                            GKDPluginArgumentsMixin, MegatronGKDFlagsMixin, check_gkd_scalars,
+                                            GKDPluginArgumentsMixin, MegatronGKDFlagsMixin, TEACHER_CLIENT_FLAGS,
+                                            check_gkd_scalars,
                                             check_no_multi_turn, check_teacher_server_flags, check_training_set,
                                             entry_urls, local_teacher_index, plugin_flags_in)
 from swift_gkd_plugin.megatron.setup.layout import (check_expert_counts, check_grouped_experts,
@@ -48,7 +49,7 @@ from swift_gkd_plugin.options.teacher_scores import (check_rank_teacher_store, c
 #: ``--gkd_loss_impl`` values of megatron rlhf: the fused loss on hidden states is for swift rlhf only
 MEGATRON_LOSS_IMPLS = tuple(impl for impl in GKD_LOSS_IMPLS if impl != 'fused')
 #: the teacher-server client's flags of swift rlhf (megatron rlhf uses ms-swift's own client)
-CLIENT_FLAGS = ('teacher_api_key', 'teacher_server_timeout', 'teacher_server_retries', 'teacher_server_wait')
+CLIENT_FLAGS = TEACHER_CLIENT_FLAGS
 MEGATRON_PLUGIN_FLAGS: List[str] = [f.name for f in fields(MegatronGKDFlagsMixin)]
 
 
@@ -289,7 +290,7 @@ def check_model_types(args) -> None:
     from swift_gkd_plugin.options import model_types
     if model_types.types_may_be_registered_later(args):
         return
-    model_types.check_model_types(args, 'megatron rlhf')
+    model_types.check_given_model_types(args, 'megatron rlhf')
     for warning in model_types.model_type_warnings(args, resolved=False):
         get_logger().warning(f'swift_gkd_plugin: {warning}')
 

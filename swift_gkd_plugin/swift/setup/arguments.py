@@ -393,12 +393,6 @@ def check_vllm_model(args) -> None:
         check_vllm_launcher(args)  # last: the refusals above also reach a user who runs without one
 
 
-def check_model_types_given(args) -> None:
-    """The model types given, unless ``--custom_register_path`` / ``--external_plugins`` may register them later."""
-    if not model_types.types_may_be_registered_later(args):
-        model_types.check_model_types(args)
-
-
 def check_teacher_server_entries(args) -> None:
     """``--teacher_model_server``'s entries, one of them the local ``--teacher_model`` where it says so."""
     check_teacher_server_flags(args, local_teacher=local_teacher_of(args) is not None)
@@ -423,7 +417,7 @@ FLAGS_ONLY = (check_gkd_scalars, check_training_set, check_training_length, chec
 #: the device (:func:`~swift_gkd_plugin.options.flags.check_bf16_device`, on the flags as given).
 SWIFT_RLHF_PHASES = {
     # every process's __post_init__, before ms-swift's own, and swift's launcher under torchrun before any rank starts
-    'command line': FLAGS_ONLY + (check_model_types_given, check_command_line_paths),
+    'command line': FLAGS_ONLY + (model_types.check_given_model_types, check_command_line_paths),
     # swift's launcher only, after 'command line' (the ranks check the resolved models in 'resolved')
     'launcher': (check_local_model_heads, check_deepspeed_fp16_on_cpu),
     # _check_gkd, inside ms-swift's __post_init__ once the models' folders are known
