@@ -1,8 +1,11 @@
 """``swift rlhf`` arguments: the plugin's flags, the resolvers that fill in GKD's arguments and the checks that refuse
 bad GKD input before any model is loaded.
 
-Resolvers change arguments and never raise; checks raise and never change arguments. :func:`resolve_gkd_arguments`
-runs every resolver, in its order, then :func:`check_gkd_arguments` every check."""
+Resolvers change arguments and never raise; checks raise and never change arguments. :data:`SWIFT_RLHF_PHASES` lists
+which check (or resolver) runs when, in order: :func:`resolve_gkd_arguments` runs the phase 'resolve', then
+:func:`check_gkd_arguments` the phase 'resolved'. The checks defined here read ms-swift's runtime (its registries of
+reward functions, schedulers, templates and model types, the resolved model folders), so they stay in the adapter;
+the checks of a concept shared with ``megatron rlhf`` live in ``options/``."""
 from __future__ import annotations
 
 import difflib

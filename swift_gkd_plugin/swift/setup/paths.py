@@ -1,5 +1,6 @@
 """The paths of a ``swift rlhf`` command line, checked before ms-swift resolves them, and the run folder a refusal
-leaves behind.
+leaves behind. Framework-free, but in the adapter: a resume folder is read through :mod:`.checkpoints`, whose save
+guards ``swift/run/`` imports (``megatron rlhf``'s launcher has its own path check, ``check_local_paths``).
 
 ms-swift refuses a missing ``--model`` and a missing ``--external_plugins`` file itself, with 20-47 lines of
 traceback; a ``--model`` or ``--teacher_model`` path that does not exist is taken for a hub id ("Downloading the model

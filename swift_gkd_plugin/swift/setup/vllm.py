@@ -1,6 +1,7 @@
 """``swift rlhf --use_vllm true`` before anything loads: the checks that only ``swift rlhf`` needs (a launcher for
 colocate mode, a GPU for server mode); the checks and the environment resolver shared with ``megatron rlhf`` are in
-:mod:`swift_gkd_plugin.rollout.colocated_vllm`.
+:mod:`swift_gkd_plugin.rollout.colocated_vllm`. Framework-free, but in the adapter: the tests' stand-in for the NCCL
+weight sync registers itself here by this module's name (``tests/harness/rollout_cpu.py``).
 """
 from __future__ import annotations
 
