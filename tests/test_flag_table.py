@@ -31,6 +31,9 @@ def test_swift_rlhf_table_is_ms_swifts_parser():
     from swift.arguments import RLHFArguments
     assert _options(ms_swift_flag_table.table('swift rlhf')) == _options(
         ms_swift_flag_table.live_options(RLHFArguments)), REGENERATE
+    # the types and defaults of the path flags that swift's launcher reads before ms-swift's arguments are built
+    assert ms_swift_flag_table.typed_fields('swift rlhf') == ms_swift_flag_table.class_fields(
+        RLHFArguments, ms_swift_flag_table.TYPED_FIELDS['swift rlhf']), REGENERATE
     launcher = {(strings, nargs) for strings, nargs in ms_swift_flag_table.table('swift rlhf')
                 + ms_swift_flag_table.plugin_options(GKDPluginArgumentsMixin)}
     assert sorted(launcher) == _options(ms_swift_flag_table.live_options(GKDPluginRLHFArguments))

@@ -28,9 +28,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 COMMANDS = ('swift rlhf', 'megatron rlhf')
 #: the fields of ms-swift's argument classes whose type and default the table records, by command: those that the
-#: launcher's checks read (:func:`swift_gkd_plugin.megatron.setup.checks.parse_megatron_command_line`). A check that
-#: reads another field adds it here and regenerates the table.
+#: launchers' checks read before ms-swift's arguments are built (:func:`swift_gkd_plugin.megatron.setup.checks.
+#: parse_megatron_command_line`, the path flags of ``swift``'s early launcher checks). A check that reads another field
+#: adds it here and regenerates the table.
 TYPED_FIELDS = {
+    'swift rlhf': ('model', 'teacher_model', 'resume_from_checkpoint', 'output_dir', 'adapters', 'dataset',
+                   'val_dataset', 'external_plugins', 'custom_register_path'),
     'megatron rlhf': (
         'rlhf_type', 'model', 'model_type', 'teacher_model_type', 'custom_register_path', 'external_plugins',
         'template', 'beta', 'lmbda', 'temperature', 'sft_alpha', 'max_completion_length', 'max_length',
@@ -138,8 +141,10 @@ def class_fields(args_class, names: Optional[Sequence[str]] = None) -> Typed:
 def typed_fields(command: str) -> Typed:
     """The table's types and defaults of ``command``'s :data:`TYPED_FIELDS` (those of the table's ms-swift version,
     whatever version is installed: under another one the ranks' parser has the last word)."""
+    import copy
+
     from swift_gkd_plugin.options import _ms_swift_flags
-    return dict(_ms_swift_flags.FIELDS[command])
+    return copy.deepcopy(_ms_swift_flags.FIELDS[command])  # (a caller's list default is its own)
 
 
 def parse_bool(value: str) -> bool:

@@ -115,9 +115,8 @@ def _rank_zero_environment(world_size: int):
                 os.environ[name] = value
 
 
-#: the path flags checked in the launcher (ms-swift's list-valued ones as lists)
-_PATH_FLAGS = {'model': None, 'teacher_model': None, 'resume_from_checkpoint': None, 'output_dir': None,
-               'adapters': [], 'dataset': [], 'val_dataset': [], 'external_plugins': [], 'custom_register_path': []}
+#: the path flags checked in the launcher, with ms-swift's defaults (its list-valued ones as lists), from the table
+_PATH_FLAGS = {name: default for name, (_, default) in ms_swift_flag_table.typed_fields(PROG).items()}
 
 
 def given_values(argv: List[str]) -> dict:
