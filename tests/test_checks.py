@@ -149,7 +149,7 @@ def _functions(module):
 
 CHECK_MODULES = ['swift_gkd_plugin.options.flags', 'swift_gkd_plugin.options.flag_checks', 'swift_gkd_plugin.swift.setup.arguments',
                  'swift_gkd_plugin.megatron.setup.checks', 'swift_gkd_plugin.megatron.setup.layout',
-                 'swift_gkd_plugin.swift.setup.vllm',
+                 'swift_gkd_plugin.swift.setup.vllm', 'swift_gkd_plugin.options.teacher_scores',
                  'swift_gkd_plugin.rollout.colocated_vllm']
 
 
@@ -179,11 +179,65 @@ def test_the_swift_rlhf_order_resolves_first_then_checks():
     from swift_gkd_plugin.swift.setup import arguments
     body = inspect.getsource(arguments.GKDPluginRLHFArguments._check_gkd)
     assert body.index('resolve_gkd_arguments(self)') < body.index('check_gkd_arguments(self)')
-    resolvers = [ast.unparse(n.func) for n in ast.walk(ast.parse(inspect.getsource(arguments.resolve_gkd_arguments)))
-                 if isinstance(n, ast.Call)]
+    resolvers = [f.__name__ for f in arguments.SWIFT_RLHF_PHASES['resolve']]  # what resolve_gkd_arguments runs
+    assert 'run_phase(\'resolve\', args)' in inspect.getsource(arguments.resolve_gkd_arguments)
     assert [r for r in resolvers if r.startswith('resolve_')] == [
         'resolve_num_generations', 'resolve_reward_columns', 'resolve_teacher_adapters', 'resolve_cross_tokenizer',
         'resolve_vllm_environment', 'resolve_sequence_parallel', 'resolve_teacher_scores', 'resolve_check_model']
+
+
+#: the folders whose check_* functions run before a model loads (or are the runners of the phases)
+CHECK_FOLDERS = ('options', 'data', 'swift/setup', 'megatron/setup')
+#: the phase runners; the parser's refusal of unknown flags (before any phase, in the process too) and the refusal of
+#: plugin flags with another --rlhf_type (no GKD phase runs then); the store's checks that run once a teacher is loaded
+#: or connected (run time, not a phase)
+NOT_IN_A_PHASE = {'check_flags_only', 'check_command_line_flags', 'check_gkd_arguments', 'check_launcher_command_line',
+                  'check_megatron_command_line', 'check_unknown_flags', 'check_no_plugin_flags_outside_gkd',
+                  'check_loaded_teacher', 'check_store_served_teacher'}
+
+
+def _calls_by_function():
+    """Every function defined in :data:`CHECK_FOLDERS` -> the names it calls or mentions (read from the source)."""
+    import os
+
+    import swift_gkd_plugin
+    root = os.path.dirname(swift_gkd_plugin.__file__)
+    calls = {}
+    for folder in CHECK_FOLDERS:
+        for name in sorted(os.listdir(os.path.join(root, folder))):
+            if name.endswith('.py'):
+                with open(os.path.join(root, folder, name), encoding='utf-8') as f:
+                    tree = ast.parse(f.read())
+                for fn in (n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)):
+                    calls.setdefault(fn.name, set()).update(
+                        n.id if isinstance(n, ast.Name) else n.attr for n in ast.walk(fn)
+                        if isinstance(n, (ast.Name, ast.Attribute)))
+    return calls
+
+
+def test_every_check_before_loading_runs_in_a_phase_of_its_launcher():
+    """Issue 95 item 2: which check runs when is one ordered list per launcher (``SWIFT_RLHF_PHASES``,
+    ``MEGATRON_RLHF_PHASES``), of checks and resolvers only; every ``check_*`` function of the check folders is run by
+    a phase (directly or through a function it calls), but the runners and the run-time store checks."""
+    from swift_gkd_plugin.megatron.setup.checks import MEGATRON_RLHF_PHASES
+    from swift_gkd_plugin.swift.setup.arguments import SWIFT_RLHF_PHASES
+    entries = set()
+    for phases in (SWIFT_RLHF_PHASES, MEGATRON_RLHF_PHASES):
+        for name, functions in phases.items():
+            assert functions and all(f.__name__.startswith(('check_', 'resolve_')) for f in functions), name
+            entries.update(f.__name__ for f in functions)
+    # what runs outside the lists: swift's launcher on the raw command line, and the bf16 check of _init_torch_dtype
+    entries.update({'check_launcher_early', 'check_bf16_device'})
+    calls = _calls_by_function()
+    reached, todo = set(), list(entries)
+    while todo:
+        name = todo.pop()
+        if name not in reached:
+            reached.add(name)
+            todo.extend(c for c in calls.get(name, ()) if c in calls)
+    unreached = sorted(n for n in calls if n.startswith('check_') and n not in reached and n not in NOT_IN_A_PHASE)
+    assert unreached == []
+    assert NOT_IN_A_PHASE <= set(calls)  # (each exemption names a check that exists)
 
 
 # ---------------------------------------------------------------------------------------------------- the temperature

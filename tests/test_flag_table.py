@@ -31,6 +31,9 @@ def test_swift_rlhf_table_is_ms_swifts_parser():
     from swift.arguments import RLHFArguments
     assert _options(ms_swift_flag_table.table('swift rlhf')) == _options(
         ms_swift_flag_table.live_options(RLHFArguments)), REGENERATE
+    # the types and defaults of the path flags that swift's launcher reads before ms-swift's arguments are built
+    assert ms_swift_flag_table.typed_fields('swift rlhf') == ms_swift_flag_table.class_fields(
+        RLHFArguments, ms_swift_flag_table.TYPED_FIELDS['swift rlhf']), REGENERATE
     launcher = {(strings, nargs) for strings, nargs in ms_swift_flag_table.table('swift rlhf')
                 + ms_swift_flag_table.plugin_options(GKDPluginArgumentsMixin)}
     assert sorted(launcher) == _options(ms_swift_flag_table.live_options(GKDPluginRLHFArguments))
@@ -38,13 +41,16 @@ def test_swift_rlhf_table_is_ms_swifts_parser():
 
 def write_megatron_options(rank: int, path: str) -> None:
     """In a process with the tests' stand-in for transformer-engine: the live options of ``MegatronRLHFArguments`` and
-    of the plugin's ``GKDPluginMegatronRLHFArguments``, as JSON to ``path``."""
+    of the plugin's ``GKDPluginMegatronRLHFArguments``, and the types and defaults of ``MegatronRLHFArguments``'s
+    fields that the table types, as JSON to ``path``."""
     from swift.megatron.arguments import MegatronRLHFArguments
 
     from swift_gkd_plugin.megatron.setup.arguments import GKDPluginMegatronRLHFArguments
     with open(path, 'w') as f:
         json.dump([ms_swift_flag_table.live_options(MegatronRLHFArguments),
-                   ms_swift_flag_table.live_options(GKDPluginMegatronRLHFArguments)], f)
+                   ms_swift_flag_table.live_options(GKDPluginMegatronRLHFArguments),
+                   ms_swift_flag_table.class_fields(MegatronRLHFArguments,
+                                                    ms_swift_flag_table.TYPED_FIELDS['megatron rlhf'])], f)
 
 
 def test_megatron_rlhf_table_is_ms_swifts_parser(tmp_path):
@@ -64,12 +70,35 @@ def test_megatron_rlhf_table_is_ms_swifts_parser(tmp_path):
         from megatron_runs import spawn_ranks
         spawn_ranks(write_megatron_options, (path,), nprocs=1)
     with open(path) as f:
-        ms_swift, plugin = ([(tuple(strings), nargs) for strings, nargs in rows] for rows in json.load(f))
+        *rows, typed = json.load(f)
+    ms_swift, plugin = ([(tuple(strings), nargs) for strings, nargs in options] for options in rows)
     assert _options(ms_swift_flag_table.table('megatron rlhf')) == _options(ms_swift), REGENERATE
+    # the launcher's parser: ms-swift's types and defaults (JSON has lists for tuples)
+    assert {name: list(field) for name, field in ms_swift_flag_table.typed_fields('megatron rlhf').items()} == typed, \
+        REGENERATE
     from swift_gkd_plugin.megatron.setup.checks import MegatronGKDFlagsMixin
     launcher = {(strings, nargs) for strings, nargs in ms_swift_flag_table.table('megatron rlhf')
                 + ms_swift_flag_table.plugin_options(MegatronGKDFlagsMixin)}
     assert sorted(launcher) == _options(plugin)
+
+
+def test_megatron_launcher_parses_with_the_tables_types_and_defaults():
+    """``megatron rlhf``'s launcher reads its command line with the table's fields (ms-swift's types and defaults),
+    its own readings (each one the table does not have, or whose default it changes) and the plugin's flags."""
+    from swift_gkd_plugin.megatron.setup.checks import (LAUNCHER_FIELDS, MegatronGKDFlagsMixin,
+                                                        parse_megatron_command_line)
+    table = ms_swift_flag_table.typed_fields('megatron rlhf')
+    assert set(table) == set(ms_swift_flag_table.TYPED_FIELDS['megatron rlhf'])
+    for name, (kind, default) in LAUNCHER_FIELDS.items():
+        assert name not in table or table[name] != (kind, default), name
+    typed = {**table, **LAUNCHER_FIELDS, **ms_swift_flag_table.class_fields(MegatronGKDFlagsMixin)}
+    assert vars(parse_megatron_command_line([])) == {name: default for name, (_, default) in typed.items()}
+    assert table['lmbda'] == ('float', 0.5) and table['use_vllm'] == ('bool', True)  # ms-swift 4.6's Megatron ones
+    ns = parse_megatron_command_line(['--seq_kd', '--use_vllm', 'false', '--reward_weights', '1', '2', '--lmbda',
+                                      '0.25', '--dataset', 'a.jsonl', 'b.jsonl', '--gkd_topk_tail', '--bogus', '3'])
+    # a bare boolean is true, as in ms-swift's parser; unknown flags are left over
+    assert (ns.seq_kd, ns.use_vllm, ns.gkd_topk_tail) == (True, False, True)
+    assert (ns.reward_weights, ns.lmbda, ns.dataset) == ([1.0, 2.0], 0.25, ['a.jsonl', 'b.jsonl'])
 
 
 COMMAND_LINES = {

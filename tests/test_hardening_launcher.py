@@ -154,7 +154,7 @@ def test_deepspeed_fp16_on_a_cpu_without_it_is_named_before_loading(flags, model
     trains in fp16, so the refusal is driven by its condition, which the next test holds to DeepSpeed's own."""
     from types import SimpleNamespace
 
-    from swift_gkd_plugin.swift.setup.command_line import deepspeed_fp16_problem
+    from swift_gkd_plugin.options.backends import deepspeed_fp16_problem
     args = SimpleNamespace(**dict(dict(deepspeed='zero2', fp16=None, torch_dtype=None), **flags))
     problem = deepspeed_fp16_problem(args, model_dtype, cpu_fp16)
     if needle is None:
@@ -172,7 +172,7 @@ def test_the_cpu_fp16_condition_is_deepspeeds():
         pytest.skip('DeepSpeed picks the GPU accelerator here')
     from deepspeed.accelerator import get_accelerator
 
-    from swift_gkd_plugin.swift.setup.command_line import cpu_fp16_supported
+    from swift_gkd_plugin.options.backends import cpu_fp16_supported
     assert get_accelerator().device_name() == 'cpu'
     assert cpu_fp16_supported() == bool(get_accelerator().is_fp16_supported())
 

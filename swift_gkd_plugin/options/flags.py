@@ -31,7 +31,8 @@ from swift_gkd_plugin.options.flag_checks import (LOCAL_TEACHER_URL, SAMPLING_TE
 
 # this module's names and flag_checks' (callers import both from here)
 __all__ = [
-    'flag_field', 'FLAG_DECLARATIONS', 'choices_of', 'GKDPluginArgumentsMixin', 'PLUGIN_FLAGS', 'MS_SWIFT_FLAGS', 'VLLM_FLAGS',
+    'flag_field', 'FLAG_DECLARATIONS', 'choices_of', 'GKDPluginArgumentsMixin', 'PLUGIN_FLAGS',
+    'MegatronGKDFlagsMixin', 'SWIFT_RLHF_ONLY', 'NO_EFFECT_IN_MEGATRON', 'TEACHER_CLIENT_FLAGS', 'MS_SWIFT_FLAGS', 'VLLM_FLAGS',
     'check_vllm_flags', 'declared_ranges', 'GKD_LOSS_IMPLS', 'CROSS_TOKENIZER_METHODS', 'GKD_DIVERGENCES',
     'FINITE_FLAGS', 'RL_FLAGS', 'SCALAR_FLAGS', 'check_declared', 'plugin_flags_in',
     'check_no_plugin_flags_outside_gkd', 'resolve_num_generations', 'check_gkd_scalars', 'rollout_max_tokens',
@@ -249,6 +250,30 @@ class GKDPluginArgumentsMixin:
 
 
 PLUGIN_FLAGS: List[str] = [f.name for f in fields(GKDPluginArgumentsMixin)]
+
+
+@dataclass
+class MegatronGKDFlagsMixin(GKDPluginArgumentsMixin):
+    """The plugin's flags for ``megatron rlhf`` (those of ``swift rlhf`` plus the Megatron-only ones)."""
+    teacher_tensor_model_parallel_size: Optional[int] = field(
+        default=None,
+        metadata={'help': 'Tensor-parallel size of a --teacher_model. The Megatron teacher is built in the '
+                  "student's parallel layout: only the student's --tensor_model_parallel_size (the default) is "
+                  'supported; serve a teacher in another layout and pass --teacher_model_server.'})
+
+
+#: the plugin's flags that only ``swift rlhf`` acts on: ``megatron rlhf`` refuses each away from its default, naming
+#: the flag (:func:`swift_gkd_plugin.megatron.setup.checks.check_megatron_gkd`), except those of
+#: :data:`NO_EFFECT_IN_MEGATRON`, which it takes without effect. The flag reference's launchers column reads it.
+#: the teacher-server client's flags of swift rlhf (megatron rlhf asks a server through ms-swift's own client)
+TEACHER_CLIENT_FLAGS = ('teacher_api_key', 'teacher_server_timeout', 'teacher_server_retries', 'teacher_server_wait')
+SWIFT_RLHF_ONLY = ('gkd_fused_backend', 'gkd_drop_bad_rows') + TEACHER_CLIENT_FLAGS + (
+    'gkd_rl_coef', 'gkd_divergence_coef', 'gkd_sampled_kl_coef', 'gkd_sampled_kl_discount', 'gkd_sampled_kl_baseline',
+    'gkd_cross_tokenizer', 'teacher_template', 'gkd_ref_kl_coef', 'gkd_skd_top_k', 'gkd_max_staleness',
+    'save_teacher_scores', 'teacher_scores_dtype', 'teacher_scores_samples', 'gkd_score_only')
+#: ``megatron rlhf`` warns that ``--gkd_fused_backend`` has no effect there; ``--gkd_drop_bad_rows`` is read by
+#: ``swift rlhf``'s dataset checks only
+NO_EFFECT_IN_MEGATRON = ('gkd_fused_backend', 'gkd_drop_bad_rows')
 #: the plugin's flags declared with :func:`flag_field`: name -> its :class:`Range`, or the ``Literal`` type of its
 #: choices
 FLAG_DECLARATIONS: Dict[str, object] = {f.name: _DECLARED[f] for f in fields(GKDPluginArgumentsMixin) if f in _DECLARED}
@@ -386,11 +411,18 @@ def check_no_plugin_flags_outside_gkd(args, mixin=GKDPluginArgumentsMixin) -> No
         raise FlagError(f'{changed} only apply to --rlhf_type gkd (got --rlhf_type {args.rlhf_type})')
 
 
-def resolve_num_generations(args, grpo_default: int) -> None:
+def resolve_num_generations(args, grpo_default: Optional[int] = None) -> None:
     """An unset ``num_generations`` (None): 1 for GKD (one completion per prompt, as ms-swift GKD), GRPO's default for
-    the other rlhf types; the one default of the command line and of arguments built in Python."""
+    the other rlhf types (``grpo_default``, else ms-swift's: :func:`~swift_gkd_plugin.runtime.ms_swift_state.
+    grpo_num_generations`); the one default of the command line and of arguments built in Python."""
     if args.num_generations is None:
-        args.num_generations = 1 if args.rlhf_type == 'gkd' else grpo_default
+        if args.rlhf_type == 'gkd':
+            args.num_generations = 1
+            return
+        if grpo_default is None:
+            from swift_gkd_plugin.runtime.ms_swift_state import grpo_num_generations
+            grpo_default = grpo_num_generations()
+        args.num_generations = grpo_default
 
 
 def check_gkd_scalars(args) -> None:
@@ -402,7 +434,7 @@ def check_gkd_scalars(args) -> None:
                         'learns nothing; allowed: --gkd_logits_topk 2 or more, or 1 with --gkd_topk_tail true (the '
                         'mass outside the top token as a second bucket)')
     if args.gkd_topk_tail:
-        # (with --teacher_scores an unset k is the store's, resolved after this check: swift/setup/teacher_scores.py)
+        # (with --teacher_scores an unset k is the store's, resolved after this check: options/teacher_scores.py)
         if args.gkd_logits_topk is None and not getattr(args, 'teacher_scores', None):
             raise FlagError('--gkd_topk_tail true needs --gkd_logits_topk (the tail is the mass outside the top-k)')
         if args.gkd_loss_impl == 'dense':

@@ -9,6 +9,7 @@ import functools
 import importlib.util
 import json
 import os
+import tempfile
 from typing import Dict, List, NamedTuple, Optional
 
 LOCAL_SUFFIXES = ('.jsonl', '.json', '.csv', '.txt', '.parquet', '.arrow', '.tsv')
@@ -309,4 +310,15 @@ def adapter_path_problem(flag: str, value: str) -> Optional[str]:
     if not os.path.isdir(path) and looks_local(value):
         where = '' if os.path.isabs(path) else f' (relative to {os.getcwd()})'
         return f'{flag} {value}: no such folder {path!r}{where}{near_names(path)} (hub models are named owner/name)'
+    return None
+
+
+def write_probe_error(folder: str) -> Optional[str]:
+    """Why no file can be made in ``folder`` now (a probe file made and removed), or None where one can."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix='.swift_gkd_write_probe_', dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as exc:
+        return str(exc.strerror or exc)
     return None

@@ -7,7 +7,9 @@ launcher (local folders' ``config.json``). ms-swift is imported inside :func:`mo
 from __future__ import annotations
 
 import json
+import math
 import os
+from types import SimpleNamespace
 from typing import Optional
 
 from swift_gkd_plugin.options.flags import FlagError
@@ -65,3 +67,52 @@ def check_sampling_context(args, student_context: Optional[int], teacher_context
                         'steps (--seq_kd true) have the teacher answer prompts of up to --max_length tokens and score '
                         'its answers, and a prompt that fills its context leaves no room for generation; pass '
                         f'--max_length {context} or less, or --seq_kd false')
+
+
+# --- megatron rlhf's launcher: its local folders' contexts and vocabularies ---
+
+def padded_vocab_size(model_dir: str, tensor_parallel: int) -> Optional[int]:
+    """The rows of the output layer Megatron-SWIFT builds for the model in the local directory ``model_dir``: its
+    config's ``vocab_size`` (of the language model) rounded up to a multiple of the tensor-parallel size, as
+    mcore-bridge's ``GPTModel`` does. None when the config cannot be read (the first step still compares widths)."""
+    from transformers import AutoConfig
+    try:
+        size = AutoConfig.from_pretrained(model_dir, trust_remote_code=True).get_text_config().vocab_size
+    except Exception:  # an unusual config, or not a model directory: left to the ranks
+        return None
+    return math.ceil(size / tensor_parallel) * tensor_parallel if size else None
+
+
+def check_vocab_sizes(args) -> None:
+    """A local ``--teacher_model`` whose (padded) vocabulary differs from the local ``--model``'s: refused here, not at
+    the first step after both models are loaded. Hub ids are left to that step (the launcher does not download)."""
+    teacher, student = args.teacher_model, args.model
+    if teacher is None or args.teacher_model_server is not None or student is None:
+        return
+    if not (os.path.isdir(teacher) and os.path.isdir(student)):
+        return
+    tp = args.tensor_model_parallel_size or 1
+    sizes = {flag: padded_vocab_size(path, tp) for flag, path in (('--model', student), ('--teacher_model', teacher))}
+    if None in sizes.values() or len(set(sizes.values())) == 1:
+        return
+    raise FlagError(f'--teacher_model {teacher} has {sizes["--teacher_model"]} output rows and --model {student} '
+                     f'{sizes["--model"]} (config.json vocab_size, padded to a multiple of '
+                     f'--tensor_model_parallel_size {tp}): megatron rlhf compares teacher and student logits row by row over one vocabulary, so '
+                     'they must be equal (allowed: a teacher with the student\'s vocab_size). swift rlhf aligns a '
+                     'teacher with a larger head, and distils across tokenizers with --gkd_cross_tokenizer')
+
+
+def check_sampling_contexts(args, vllm_installed: bool) -> None:
+    """``--max_length`` within the student's context on on-policy steps and the teacher's on seq_kd steps, read from
+    the local folders' ``config.json`` (:func:`swift_gkd_plugin.options.model_context.check_sampling_context`, as
+    ``swift rlhf`` checks it; hub ids are left to the ranks): a prompt that fills a sampler's context leaves it no
+    room to sample (vLLM's engine refused it at its first rollout; the model's own sampler ran past its positions).
+    ``--use_vllm true`` samples with vLLM only where it is installed (``megatron.setup.checks.resolve_sampler``)."""
+    if not args.max_length:
+        return
+
+    def local(path):
+        return os.path.expanduser(path) if isinstance(path, str) else None
+
+    view = SimpleNamespace(**{**vars(args), 'use_vllm': args.use_vllm and vllm_installed})
+    check_sampling_context(view, model_context(local(args.model)), model_context(local(args.teacher_model)))

@@ -126,6 +126,14 @@ def check_model_types(args, prog: str = 'swift rlhf') -> None:
         raise FlagError(message)
 
 
+def check_given_model_types(args, prog: str = 'swift rlhf') -> None:
+    """:func:`check_model_types` on the command line's flags, unless ``--custom_register_path`` / ``--external_plugins``
+    may register the types later (:func:`types_may_be_registered_later`: ms-swift's own refusal has the last word
+    then)."""
+    if not types_may_be_registered_later(args):
+        check_model_types(args, prog)
+
+
 def model_type_warnings(args, resolved: bool) -> List[str]:
     """:func:`model_type_mismatch` of ``--model_type`` / ``--teacher_model_type`` where set. ``resolved``: the folders
     ms-swift resolved (``swift rlhf`` once its arguments are built: ``args.model_dir``, the teacher's folder, hub

@@ -35,8 +35,8 @@ MISSING_EXTRA = 'megatron rlhf: error: megatron rlhf --rlhf_type gkd needs megat
 
 
 def megatron_installed() -> bool:
-    from swift_gkd_plugin.megatron.setup.checks import MEGATRON_MODULES, _importable
-    return all(_importable(module) for module in MEGATRON_MODULES)
+    from swift_gkd_plugin.options.backends import MEGATRON_MODULES, importable
+    return all(importable(module) for module in MEGATRON_MODULES)
 
 
 def assert_passed_the_checks(output):
@@ -230,7 +230,7 @@ def test_a_teacher_with_another_vocabulary_size_is_refused_before_any_rank_start
 
 
 def test_padded_sizes_follow_the_tensor_parallel_size(tiny_ws):
-    from swift_gkd_plugin.megatron.setup.checks import padded_vocab_size
+    from swift_gkd_plugin.options.model_context import padded_vocab_size
     assert [padded_vocab_size(tiny_ws.other_vocab_teacher, tp) for tp in (1, 2, 3, 5)] == [464, 464, 465, 465]
     assert padded_vocab_size(tiny_ws.root, 1) is None  # not a model directory: left to the ranks
 

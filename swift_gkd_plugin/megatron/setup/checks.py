@@ -1,4 +1,5 @@
-"""``megatron rlhf --rlhf_type gkd``: the plugin's Megatron flags and the checks that need nothing but the flags.
+"""``megatron rlhf --rlhf_type gkd``: the launcher's reading of its command line, the checks of Megatron's own rules,
+and :data:`MEGATRON_RLHF_PHASES`, which check (or resolver) runs when, in the launcher and in the ranks.
 
 Framework-free (no Megatron import; ms-swift's dataset syntax only to read a local ``--dataset``, and its model
 table for ``--model_type``), because the checks run twice:
@@ -8,46 +9,47 @@ table for ``--model_type``), because the checks run twice:
   seconds, not a cluster allocation;
 * in every rank, on the parsed arguments (:class:`swift_gkd_plugin.megatron.setup.arguments.GKDPluginMegatronRLHFArguments`),
   for callers that build the arguments in Python.
+
+The checks of a concept shared with ``swift rlhf`` live in its module (the backends in ``options/backends.py``, the
+models' contexts and vocabularies in ``options/model_context.py``, the teacher-score store in
+``options/teacher_scores.py``, the parallel layout in ``layout.py``); those here are Megatron's own rules between
+flags (:func:`check_megatron_gkd`) and its dataset checks, which import ms-swift's dataset syntax when they run (the
+launcher imports it only then).
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
 from types import SimpleNamespace
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from typing import List, Optional, Sequence
 
 from swift_gkd_plugin.options import ms_swift_flag_table
-from swift_gkd_plugin.rollout.colocated_vllm import check_vllm_cpu_head_dim
+from swift_gkd_plugin.options.backends import (check_megatron_installed, check_not_ray, check_teacher_client,
+                                               check_vllm_sampler, importable as _importable)
+from swift_gkd_plugin.options.model_context import check_sampling_contexts, check_vocab_sizes
+from swift_gkd_plugin.options.hub_models import resolve_check_model
+from swift_gkd_plugin.rollout.colocated_vllm import (check_vllm_cpu_head_dim, check_vllm_max_model_len,
+                                                     check_vllm_sleep_mode, resolve_vllm_environment)
+from swift_gkd_plugin.runtime.ms_swift_state import keep_teacher_messages_column
 from swift_gkd_plugin.options.flags import (GKD_LOSS_IMPLS, LOCAL_TEACHER_URL, SCALAR_FLAGS, SKD_PLACEMENTS, FlagError,
-                                    GKDPluginArgumentsMixin, check_gkd_scalars, check_no_multi_turn,
-                                    check_teacher_server_flags, check_training_set, entry_urls, local_teacher_index,
-                                    plugin_flags_in)
+                                            GKDPluginArgumentsMixin, MegatronGKDFlagsMixin, TEACHER_CLIENT_FLAGS,
+                                            check_gkd_scalars,
+                                            check_no_multi_turn, check_teacher_server_flags, check_training_set,
+                                            entry_urls, local_teacher_index, plugin_flags_in)
 from swift_gkd_plugin.megatron.setup.layout import (check_expert_counts, check_grouped_experts,
                                                     check_moe_sequence_parallel, check_parallel_sizes,
                                                     check_pipeline_layers)
-from swift_gkd_plugin.megatron.setup.teacher_scores import (check_teacher_store, check_teacher_store_flags,
-                                                            resolve_store_topk)
+from swift_gkd_plugin.options.teacher_scores import (check_rank_teacher_store, check_teacher_store,
+                                                     check_teacher_store_flags, resolve_store_topk,
+                                                     resolve_teacher_store)
 
 #: ``--gkd_loss_impl`` values of megatron rlhf: the fused loss on hidden states is for swift rlhf only
 MEGATRON_LOSS_IMPLS = tuple(impl for impl in GKD_LOSS_IMPLS if impl != 'fused')
 #: the teacher-server client's flags of swift rlhf (megatron rlhf uses ms-swift's own client)
-CLIENT_FLAGS = ('teacher_api_key', 'teacher_server_timeout', 'teacher_server_retries', 'teacher_server_wait')
-
-
-@dataclass
-class MegatronGKDFlagsMixin(GKDPluginArgumentsMixin):
-    """The plugin's flags for ``megatron rlhf`` (those of ``swift rlhf`` plus the Megatron-only ones)."""
-    teacher_tensor_model_parallel_size: Optional[int] = field(
-        default=None,
-        metadata={'help': 'Tensor-parallel size of a --teacher_model. The Megatron teacher is built in the '
-                  "student's parallel layout: only the student's --tensor_model_parallel_size (the default) is "
-                  'supported; serve a teacher in another layout and pass --teacher_model_server.'})
-
-
+CLIENT_FLAGS = TEACHER_CLIENT_FLAGS
 MEGATRON_PLUGIN_FLAGS: List[str] = [f.name for f in fields(MegatronGKDFlagsMixin)]
 
 
@@ -166,110 +168,22 @@ def _scalar_view(args):
 _SCALAR_NAMES = SCALAR_FLAGS + ('seq_kd', 'gkd_topk_tail', 'teacher_template')
 
 
-def padded_vocab_size(model_dir: str, tensor_parallel: int) -> Optional[int]:
-    """The rows of the output layer Megatron-SWIFT builds for the model in the local directory ``model_dir``: its
-    config's ``vocab_size`` (of the language model) rounded up to a multiple of the tensor-parallel size, as
-    mcore-bridge's ``GPTModel`` does. None when the config cannot be read (the first step still compares widths)."""
-    from transformers import AutoConfig
-    try:
-        size = AutoConfig.from_pretrained(model_dir, trust_remote_code=True).get_text_config().vocab_size
-    except Exception:  # an unusual config, or not a model directory: left to the ranks
-        return None
-    return math.ceil(size / tensor_parallel) * tensor_parallel if size else None
-
-
-def check_vocab_sizes(args) -> None:
-    """A local ``--teacher_model`` whose (padded) vocabulary differs from the local ``--model``'s: refused here, not at
-    the first step after both models are loaded. Hub ids are left to that step (the launcher does not download)."""
-    teacher, student = args.teacher_model, args.model
-    if teacher is None or args.teacher_model_server is not None or student is None:
-        return
-    if not (os.path.isdir(teacher) and os.path.isdir(student)):
-        return
-    tp = args.tensor_model_parallel_size or 1
-    sizes = {flag: padded_vocab_size(path, tp) for flag, path in (('--model', student), ('--teacher_model', teacher))}
-    if None in sizes.values() or len(set(sizes.values())) == 1:
-        return
-    raise FlagError(f'--teacher_model {teacher} has {sizes["--teacher_model"]} output rows and --model {student} '
-                     f'{sizes["--model"]} (config.json vocab_size, padded to a multiple of '
-                     f'--tensor_model_parallel_size {tp}): megatron rlhf compares teacher and student logits row by row over one vocabulary, so '
-                     'they must be equal (allowed: a teacher with the student\'s vocab_size). swift rlhf aligns a '
-                     'teacher with a larger head, and distils across tokenizers with --gkd_cross_tokenizer')
-
-
-def _bool(value: str) -> bool:
-    low = str(value).strip().lower()
-    if low in ('true', '1', 'yes', 'y', 't'):
-        return True
-    if low in ('false', '0', 'no', 'n', 'f'):
-        return False
-    raise argparse.ArgumentTypeError(f'expected true or false, got {value!r}')
+#: the launcher's own readings beside the table's fields (:data:`ms_swift_flag_table.TYPED_FIELDS`): a flag of swift
+#: rlhf that ms-swift's Megatron arguments do not declare, read to be refused, and defaults that say "not given"
+LAUNCHER_FIELDS = {
+    'teacher_adapters': ('list[str]', []),  # refused by check_megatron_gkd: merge the adapter first
+    'num_generations': ('int', None),  # ms-swift's default is 8, set to 1 for gkd later: None = not given
+    'use_hf': ('bool', None),  # ms-swift's default is false: None = not given, the USE_HF environment decides
+}
 
 
 def _command_line_parser() -> argparse.ArgumentParser:
-    """The flags the checks read, with ms-swift 4.6's Megatron defaults; everything else is left to ms-swift."""
-    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    p.add_argument('--rlhf_type', default='dpo')
-    p.add_argument('--model', default=None)
-    p.add_argument('--model_type', default=None)
-    p.add_argument('--teacher_model_type', default=None)
-    p.add_argument('--custom_register_path', nargs='*', default=[])
-    p.add_argument('--external_plugins', nargs='*', default=[])
-    p.add_argument('--template', default=None)
-    p.add_argument('--beta', type=float, default=None)
-    p.add_argument('--lmbda', type=float, default=0.5)
-    p.add_argument('--temperature', type=float, default=0.9)
-    p.add_argument('--sft_alpha', type=float, default=0.0)
-    p.add_argument('--max_completion_length', type=int, default=512)
-    p.add_argument('--max_length', type=int, default=None)
-    p.add_argument('--vllm_max_model_len', type=int, default=None)
-    p.add_argument('--seq_kd', type=_bool, default=False)
-    p.add_argument('--gkd_logits_topk', type=int, default=None)
-    p.add_argument('--top_k', type=int, default=-1)
-    p.add_argument('--top_p', type=float, default=1.0)
-    p.add_argument('--teacher_model', default=None)
-    p.add_argument('--teacher_model_server', default=None)
-    p.add_argument('--offload_teacher_model', type=_bool, default=False)
-    p.add_argument('--teacher_adapters', nargs='*', default=[])
-    p.add_argument('--tuner_type', default='full')
-    p.add_argument('--adapters', nargs='*', default=[])
-    p.add_argument('--mcore_adapter', default=None)
-    p.add_argument('--tensor_model_parallel_size', type=int, default=1)
-    p.add_argument('--context_parallel_size', type=int, default=1)
-    p.add_argument('--pipeline_model_parallel_size', type=int, default=1)
-    p.add_argument('--expert_model_parallel_size', type=int, default=1)
-    p.add_argument('--virtual_pipeline_model_parallel_size', type=int, default=None)
-    p.add_argument('--expert_tensor_parallel_size', type=int, default=1)
-    p.add_argument('--decoder_first_pipeline_num_layers', type=int, default=None)
-    p.add_argument('--decoder_last_pipeline_num_layers', type=int, default=None)
-    p.add_argument('--account_for_embedding_in_pipeline_split', type=_bool, default=False)
-    p.add_argument('--account_for_loss_in_pipeline_split', type=_bool, default=False)
-    p.add_argument('--pipeline_model_parallel_layout', default=None)
-    p.add_argument('--sequence_parallel', type=_bool, default=False)
-    p.add_argument('--dataset', nargs='*', default=[])
-    p.add_argument('--cached_dataset', nargs='*', default=[])
-    p.add_argument('--columns', default=None)
-    p.add_argument('--use_hf', type=_bool, default=None)
-    p.add_argument('--use_ray', type=_bool, nargs='?', const=True, default=False)  # a bare --use_ray is true
-    p.add_argument('--use_vllm', type=_bool, default=True)
-    p.add_argument('--moe_grouped_gemm', type=_bool, default=True)
-    p.add_argument('--bridge_backend', default='mcore-bridge')
-    p.add_argument('--vllm_mode', default=None)
-    p.add_argument('--async_generate', type=_bool, default=False)
-    # the RL + distillation flags of swift rlhf, refused here; None: not on the command line
-    p.add_argument('--reward_funcs', nargs='*', default=[])
-    p.add_argument('--reward_weights', nargs='*', type=float, default=None)
-    p.add_argument('--num_generations', type=int, default=None)
-    p.add_argument('--rollout_importance_sampling_mode', default=None)
-    p.add_argument('--log_rollout_offpolicy_metrics', type=_bool, default=False)
-    # ms-swift's multi-turn rollout flags, refused for gkd
-    p.add_argument('--multi_turn_scheduler', default=None)
-    p.add_argument('--max_turns', type=int, default=None)
-    # annotations are strings here
-    kinds = {'bool': _bool, 'int': int, 'Optional[int]': int, 'float': float, 'Optional[float]': float}
-    for f in fields(MegatronGKDFlagsMixin):
-        p.add_argument(f'--{f.name}', type=kinds.get(str(f.type), str), default=f.default)
-    return p
+    """The flags the checks read: ms-swift's with their types and defaults from the generated table
+    (:func:`~swift_gkd_plugin.options.ms_swift_flag_table.typed_fields`), the launcher's own readings
+    (:data:`LAUNCHER_FIELDS`) and the plugin's flags (:class:`MegatronGKDFlagsMixin`); everything else is left to
+    ms-swift."""
+    return ms_swift_flag_table.typed_parser({**ms_swift_flag_table.typed_fields('megatron rlhf'), **LAUNCHER_FIELDS,
+                                             **ms_swift_flag_table.class_fields(MegatronGKDFlagsMixin)})
 
 
 def parse_megatron_command_line(argv: Sequence[str]) -> argparse.Namespace:
@@ -282,7 +196,9 @@ def parse_megatron_command_line(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def check_megatron_command_line(argv: Sequence[str]) -> None:
-    """Refuse a bad ``megatron rlhf --rlhf_type gkd`` command line in the launcher, before any rank starts.
+    """Refuse a bad ``megatron rlhf --rlhf_type gkd`` command line in the launcher, before any rank starts: the
+    launcher's phases of :data:`MEGATRON_RLHF_PHASES`, in order (those that read local files not for a config file's
+    command line, whose flags are ms-swift's to read in the ranks), with the unknown flags after the flags' own checks.
 
     Plugin flags with another ``--rlhf_type`` are refused too (they would be silently ignored otherwise).
     """
@@ -292,48 +208,76 @@ def check_megatron_command_line(argv: Sequence[str]) -> None:
         if given:
             raise FlagError(f'{given} only apply to --rlhf_type gkd (got --rlhf_type {ns.rlhf_type})')
         return
-    num_generations = [] if ns.num_generations in (None, 1) else ['--num_generations']
-    refuse_rl_flags(rl_flags_set(ns) + num_generations)
-    check_not_ray(ns)
-    resolve_store_topk(ns)  # --teacher_scores without --gkd_logits_topk: the store's k, before the checks read it
-    check_megatron_gkd(ns)  # first: it names swift rlhf's flags (--teacher_adapters) that megatron rlhf does not take
-    if not (argv and str(argv[0]).endswith(CONFIG_FILE_SUFFIXES)):  # flags neither ms-swift nor the plugin declares
+    config_file = bool(argv) and str(argv[0]).endswith(CONFIG_FILE_SUFFIXES)
+    run_phase(MEGATRON_RLHF_PHASES['launcher: flags'], ns)
+    if not config_file:  # flags neither ms-swift nor the plugin declares
         unknown = ms_swift_flag_table.unknown_flags('megatron rlhf', argv, MegatronGKDFlagsMixin)
         if unknown is not None:  # (None: the table cannot tell; the ranks' parser refuses them then)
             raise FlagError(unknown)
+    run_phase(MEGATRON_RLHF_PHASES['launcher: this machine'], ns)
+    if not config_file:  # a config file's flags: ms-swift's, in the ranks
+        run_phase(MEGATRON_RLHF_PHASES['launcher: local files'], ns)
+    run_phase(MEGATRON_RLHF_PHASES['launcher: installed'], ns)
+
+
+def check_launcher_rl_flags(args) -> None:
+    """The RL flags of swift rlhf (:func:`rl_flags_set`), and ``--num_generations`` where the command line gives it."""
+    num_generations = [] if args.num_generations in (None, 1) else ['--num_generations']
+    refuse_rl_flags(rl_flags_set(args) + num_generations)
+
+
+def check_launcher_sampling(args) -> None:
+    """The samplers with vLLM as installed on this machine (the ranks check them with ``--use_vllm`` as resolved:
+    :func:`check_rank_sampling`); a colocated engine's head size here rather than in every rank, with a traceback,
+    after the ranks started."""
     vllm_installed = _importable('vllm')
-    check_vllm_sampler(ns, vllm_installed=vllm_installed)
-    check_model_sampling(ns, vllm_samples=ns.use_vllm and vllm_installed)
-    check_teacher_client(ns, vllm_installed=vllm_installed)
-    if ns.use_vllm and ns.vllm_mode == 'colocate' and ns.lmbda > 0 and ns.model and os.path.isdir(ns.model) \
-            and vllm_installed:  # here rather than in every rank, with a traceback, after the ranks started
-        check_vllm_cpu_head_dim(ns, ns.model)
-    check_vocab_sizes(ns)
-    if not (argv and str(argv[0]).endswith(CONFIG_FILE_SUFFIXES)):  # a config file's flags: ms-swift's, in the ranks
-        # first: before the dataset checks import ms-swift's dataset package (~4 s)
-        check_teacher_store(ns, ns.model if isinstance(ns.model, str) and os.path.isdir(ns.model) else None)
-        check_parallel_sizes(ns)
-        check_local_paths(ns)
-        check_grouped_experts(ns, [('--model', ns.model), ('--teacher_model', ns.teacher_model)])
-        check_expert_counts(ns, [('--model', ns.model), ('--teacher_model', ns.teacher_model)])
-        check_pipeline_layers(ns, [('--model', ns.model), ('--teacher_model', ns.teacher_model)])
-        check_moe_sequence_parallel(ns, ns.model)
-        check_training_set(ns)
-        check_context_parallel_views(ns)
-        check_rows_have_prompts(ns)
-        # ms-swift's dataset syntax: imported here
-        from swift_gkd_plugin.data.dataset_files import check_fresh_adapter_teacher, check_teacher_given
-        check_model_types(ns)  # (ms-swift's model table: imported with its dataset package)
-        check_sampling_contexts(ns, vllm_installed=vllm_installed)
-        view = SimpleNamespace(**{**vars(ns), 'columns': _json_or_none(ns.columns)})
-        if not ns.teacher_scores:  # (a store is the teacher: megatron rlhf then loads none)
-            check_teacher_given(view, ('teacher_model', 'teacher_model_server'),
-                                '--teacher_model (another model; --model itself only for a LoRA student that starts '
-                                'from a trained adapter, --adapters or --mcore_adapter)')
-        # ms-swift's shared base (megatron_args.py, _check_teacher): the teacher is the student with its adapter off
-        check_fresh_adapter_teacher(view, ns.teacher_model is not None and ns.teacher_model == ns.model
-                                    and ns.tuner_type == 'lora', ('adapters', 'mcore_adapter'))
-    check_megatron_installed()
+    check_vllm_sampler(args, vllm_installed=vllm_installed)
+    check_model_sampling(args, vllm_samples=args.use_vllm and vllm_installed)
+    check_teacher_client(args, vllm_installed=vllm_installed)
+    if args.use_vllm and args.vllm_mode == 'colocate' and args.lmbda > 0 and args.model \
+            and os.path.isdir(args.model) and vllm_installed:
+        check_vllm_cpu_head_dim(args, args.model)
+
+
+def check_launcher_store(args) -> None:
+    """``--teacher_scores`` against the local ``--model`` (first of the file checks: before the dataset checks import
+    ms-swift's dataset package, ~4 s)."""
+    check_teacher_store(args, args.model if isinstance(args.model, str) and os.path.isdir(args.model) else None)
+
+
+def _launcher_models(args):
+    return [('--model', args.model), ('--teacher_model', args.teacher_model)]
+
+
+def check_model_layouts(args, models, student) -> None:
+    """The parallel layout against the models' folders (``models``: (flag, folder) pairs; ``student``: --model's)."""
+    check_grouped_experts(args, models)
+    check_expert_counts(args, models)
+    check_pipeline_layers(args, models)
+    check_moe_sequence_parallel(args, student)
+
+
+def check_launcher_layouts(args) -> None:
+    """The parallel layout against the local folders of ``--model`` and ``--teacher_model``."""
+    check_model_layouts(args, _launcher_models(args), args.model)
+
+
+def check_launcher_contexts(args) -> None:
+    check_sampling_contexts(args, vllm_installed=_importable('vllm'))
+
+
+def check_launcher_teachers(args) -> None:
+    """A teacher is given (a store is the teacher: megatron rlhf then loads none), and ms-swift's shared base
+    (``megatron_args.py``, ``_check_teacher``: the teacher is the student with its adapter off) has something to add."""
+    # ms-swift's dataset syntax: imported here
+    from swift_gkd_plugin.data.dataset_files import check_fresh_adapter_teacher, check_teacher_given
+    view = SimpleNamespace(**{**vars(args), 'columns': _json_or_none(args.columns)})
+    if not args.teacher_scores:
+        check_teacher_given(view, ('teacher_model', 'teacher_model_server'),
+                            '--teacher_model (another model; --model itself only for a LoRA student that starts '
+                            'from a trained adapter, --adapters or --mcore_adapter)')
+    check_fresh_adapter_teacher(view, args.teacher_model is not None and args.teacher_model == args.model
+                                and args.tuner_type == 'lora', ('adapters', 'mcore_adapter'))
 
 
 def check_model_types(args) -> None:
@@ -346,26 +290,9 @@ def check_model_types(args) -> None:
     from swift_gkd_plugin.options import model_types
     if model_types.types_may_be_registered_later(args):
         return
-    model_types.check_model_types(args, 'megatron rlhf')
+    model_types.check_given_model_types(args, 'megatron rlhf')
     for warning in model_types.model_type_warnings(args, resolved=False):
         get_logger().warning(f'swift_gkd_plugin: {warning}')
-
-
-def check_sampling_contexts(args, vllm_installed: bool) -> None:
-    """``--max_length`` within the student's context on on-policy steps and the teacher's on seq_kd steps, read from
-    the local folders' ``config.json`` (:func:`swift_gkd_plugin.options.model_context.check_sampling_context`, as
-    ``swift rlhf`` checks it; hub ids are left to the ranks): a prompt that fills a sampler's context leaves it no
-    room to sample (vLLM's engine refused it at its first rollout; the model's own sampler ran past its positions).
-    ``--use_vllm true`` samples with vLLM only where it is installed (``arguments.resolve_sampler``)."""
-    if not args.max_length:
-        return
-    from swift_gkd_plugin.options.model_context import check_sampling_context, model_context
-
-    def local(path):
-        return os.path.expanduser(path) if isinstance(path, str) else None
-
-    view = SimpleNamespace(**{**vars(args), 'use_vllm': args.use_vllm and vllm_installed})
-    check_sampling_context(view, model_context(local(args.model)), model_context(local(args.teacher_model)))
 
 
 #: a first argument ms-swift reads as a config file holding the flags (``swift/cli/main.py``, ``parse_yaml_args``)
@@ -392,6 +319,7 @@ def check_local_paths(args) -> None:
             path = os.path.expanduser(value)
             raise FlagError(f'{flag} {value}: no such model folder {path!r}{near_names(path)}; a local model must '
                             'exist (hub models are named owner/name)')
+
 
 
 def check_rows_have_prompts(args) -> None:
@@ -449,26 +377,6 @@ def check_context_parallel_views(args) -> None:
                         "are not on the ranks of the student's. Use --context_parallel_size 1, or swift rlhf")
 
 
-def check_teacher_client(args, vllm_installed: bool) -> None:
-    """ms-swift's teacher-server client (``VLLMInferClient``, built by its Megatron GKD trainer) refuses to start
-    without vLLM, although it only speaks HTTP: named here, before any rank starts, with the fix."""
-    if args.teacher_model_server is not None and not vllm_installed:
-        raise FlagError(f'--teacher_model_server {args.teacher_model_server} needs vLLM installed on this machine, the '
-                         "trainer's: megatron rlhf asks the server through ms-swift's teacher client, which refuses to "
-                         'start without it (pip install vllm; the server may run elsewhere). swift rlhf --rlhf_type gkd '
-                         "asks it through the plugin's own client, without vLLM")
-
-
-def check_not_ray(args) -> None:
-    """``--use_ray true`` starts ms-swift's own Ray pipeline (``swift/ray/megatron/``), whose GKD trainer and loss are
-    not the plugin's: refused, rather than run without the plugin's modes, loss and checks."""
-    if args.use_ray:
-        raise FlagError('--use_ray true is not supported with the plugin: it runs ms-swift\'s own Ray GKD trainer '
-                         '(swift/ray/megatron), not this plugin\'s. Run megatron rlhf --rlhf_type gkd without --use_ray '
-                         '(torchrun ranks; NNODES, NODE_RANK and MASTER_ADDR for several nodes), or set '
-                         'SWIFT_GKD_PLUGIN=0 to run ms-swift\'s own GKD on Ray')
-
-
 def float32_warning(torch_dtype, fp16_given, fp16) -> Optional[str]:
     """The warning for a float32 model that ms-swift trains in fp16 mixed precision (it sets ``--fp16 true`` for
     ``--torch_dtype float32``, ``arguments/base_args/model_args.py`` ~133, unless ``--fp16`` was given), else None."""
@@ -478,31 +386,77 @@ def float32_warning(torch_dtype, fp16_given, fp16) -> Optional[str]:
     return None
 
 
-def check_vllm_sampler(args, vllm_installed: bool) -> None:
-    """ms-swift's Megatron default is ``--use_vllm true``: where vLLM is installed, on-policy steps need its mode
-    (without vLLM the plugin samples from the training model instead, see ``arguments.resolve_sampler``)."""
-    if args.use_vllm and vllm_installed and args.lmbda > 0 and args.vllm_mode not in ('colocate', 'server'):
-        raise FlagError(f'--use_vllm true needs --vllm_mode colocate or server (got {args.vllm_mode!r}); or pass '
-                         '--use_vllm false to sample from the training model (megatron rlhf defaults to --use_vllm '
-                         'true, and vLLM is installed here)')
+# --- the ranks (GKDPluginMegatronRLHFArguments.__post_init__), framework-free as the launcher's ---
+
+def resolve_sampler(args) -> None:
+    """ms-swift's Megatron default is ``use_vllm=True``; without vLLM the plugin samples from the model itself."""
+    from swift.utils import get_logger, is_vllm_available
+    if args.use_vllm and not is_vllm_available():
+        get_logger().info('swift_gkd_plugin: vLLM is not installed: on-policy steps sample from the training model')
+        args.use_vllm = False
 
 
-#: the modules of the plugin's ``megatron`` extra (setup.py), which Megatron-SWIFT imports in every rank
-MEGATRON_MODULES = {'megatron.core': 'megatron-core', 'mcore_bridge': 'mcore-bridge'}
+def resolve_colocated_vllm(args) -> None:
+    """The environment a colocated vLLM engine needs, where ms-swift builds one (without it a machine without
+    torchvision failed building the engine: ms-swift's swift_uembed vLLM plugin imports it)."""
+    if args.use_vllm and args.vllm_mode == 'colocate' and args.lmbda > 0:
+        resolve_vllm_environment(args)
 
 
-def _importable(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ImportError:  # the parent package is missing
-        return False
+def resolve_teacher_messages_column(args) -> None:
+    """ms-swift's dataset rows keep their ``teacher_messages`` column (:func:`keep_teacher_messages_column`)."""
+    keep_teacher_messages_column()
 
 
-def check_megatron_installed() -> None:
-    """The ``megatron`` extra is installed: without it every rank stops at its first import, in a traceback."""
-    missing = [package for module, package in MEGATRON_MODULES.items() if not _importable(module)]
-    if missing:
-        raise FlagError(f'megatron rlhf --rlhf_type gkd needs {" and ".join(missing)}, not installed here: install '
-                        'the plugin\'s megatron extra (pip install ".[megatron]" in the plugin\'s checkout), then '
-                        'transformer-engine built for your CUDA toolkit as Megatron-SWIFT\'s install guide says (see '
-                        'the Megatron page of the plugin\'s docs)')
+def _rank_models(args):
+    return [('--model', args.model_dir), ('--teacher_model', getattr(args, 'teacher_model_dir', None))]
+
+
+def check_rank_layouts(args) -> None:
+    """The parallel layout against the resolved model folders (hub models too, now downloaded: before
+    megatron-core's assertion)."""
+    check_model_layouts(args, _rank_models(args), args.model_dir)
+
+
+def check_rank_sampling(args) -> None:
+    """The samplers with ``--use_vllm`` as resolved (:func:`resolve_sampler`); what the platform of a colocated vLLM
+    engine (built in every rank by ms-swift's rollout mixin) cannot run, checked as for ``swift rlhf``
+    (:mod:`swift_gkd_plugin.rollout.colocated_vllm`), before the models load."""
+    check_vllm_sampler(args, vllm_installed=args.use_vllm)
+    if args.use_vllm and args.vllm_mode == 'colocate' and args.lmbda > 0:  # ms-swift builds the engine then
+        check_colocated_vllm(args)
+    check_model_sampling(args, vllm_samples=args.use_vllm)
+
+
+def check_colocated_vllm(args) -> None:
+    check_vllm_max_model_len(args, args.model_dir)
+    check_vllm_cpu_head_dim(args, args.model_dir)
+    check_vllm_sleep_mode(args)
+
+
+#: Which check (or resolver) runs when, for ``megatron rlhf --rlhf_type gkd``: phase -> its functions of the arguments,
+#: in order. The launcher's phases run on its command line before any rank starts (:func:`check_megatron_command_line`);
+#: the ranks' in ``GKDPluginMegatronRLHFArguments.__post_init__``, before and after ms-swift's own. A resolver changes
+#: the arguments and raises nothing; a check raises and changes nothing.
+MEGATRON_RLHF_PHASES = {
+    'launcher: flags': (resolve_store_topk,  # --teacher_scores without --gkd_logits_topk: the store's k
+                        check_launcher_rl_flags, check_not_ray,
+                        check_megatron_gkd),  # then the unknown flags: it names swift rlhf's flags first
+    'launcher: this machine': (check_launcher_sampling, check_vocab_sizes),
+    'launcher: local files': (check_launcher_store, check_parallel_sizes, check_local_paths, check_launcher_layouts,
+                              check_training_set, check_context_parallel_views, check_rows_have_prompts,
+                              check_model_types,  # (ms-swift's model table: imported with its dataset package)
+                              check_launcher_contexts, check_launcher_teachers),
+    'launcher: installed': (check_megatron_installed,),
+    'rank: flags': (resolve_store_topk, check_not_ray, check_megatron_gkd, check_parallel_sizes),
+    # ms-swift's __post_init__ runs here: the models resolved (downloaded), its defaults filled in
+    'rank: resolve': (resolve_sampler, resolve_check_model, resolve_colocated_vllm),
+    'rank: resolved': (check_rank_layouts, check_rank_sampling, check_rank_teacher_store),
+    'rank: store': (resolve_teacher_store, resolve_teacher_messages_column),
+}
+
+
+def run_phase(functions, args) -> None:
+    """Each function of a phase of :data:`MEGATRON_RLHF_PHASES` on ``args``, in order."""
+    for function in functions:
+        function(args)

@@ -1,8 +1,11 @@
 """``swift rlhf`` arguments: the plugin's flags, the resolvers that fill in GKD's arguments and the checks that refuse
 bad GKD input before any model is loaded.
 
-Resolvers change arguments and never raise; checks raise and never change arguments. :func:`resolve_gkd_arguments`
-runs every resolver, in its order, then :func:`check_gkd_arguments` every check."""
+Resolvers change arguments and never raise; checks raise and never change arguments. :data:`SWIFT_RLHF_PHASES` lists
+which check (or resolver) runs when, in order: :func:`resolve_gkd_arguments` runs the phase 'resolve', then
+:func:`check_gkd_arguments` the phase 'resolved'. The checks defined here read ms-swift's runtime (its registries of
+reward functions, schedulers, templates and model types, the resolved model folders), so they stay in the adapter;
+the checks of a concept shared with ``megatron rlhf`` live in ``options/``."""
 from __future__ import annotations
 
 import difflib
@@ -25,25 +28,24 @@ from swift_gkd_plugin.options.flags import (FlagError, GKDPluginArgumentsMixin, 
                                     check_no_plugin_flags_outside_gkd, check_rl_flags, check_teacher_server_flags,
                                     check_torch_compile_checkpointing, check_training_set, check_vllm_flags,
                                     ignored_flag_warnings, resolve_num_generations, sampling_temperature)
-from swift_gkd_plugin.options.backends import check_deepspeed, check_packing_attention
+from swift_gkd_plugin.options.backends import check_deepspeed, check_deepspeed_fp16_on_cpu, check_packing_attention
 from swift_gkd_plugin.options.flag_checks import check_ms_swift_values, check_training_length
 from swift_gkd_plugin.options.hub_models import hub_lookup_failed, hub_unreachable, model_dir_of, resolve_check_model
 from swift_gkd_plugin.options import model_types
-from swift_gkd_plugin.runtime.ms_swift_state import grpo_num_generations, keep_teacher_messages_column
+from swift_gkd_plugin.runtime.ms_swift_state import keep_teacher_messages_column
 from swift_gkd_plugin.swift.setup.checkpoints import check_resume_checkpoint
 from swift_gkd_plugin.swift.setup.compile_cost import torch_compile_warnings, zero3_lora_warnings
 from swift_gkd_plugin.swift.setup.datasets import (check_local_datasets, check_self_teacher_has_something_to_add,
                                                    check_teacher_media)
 from swift_gkd_plugin.swift.setup.paths import CreatedDirs, check_command_line_paths
-from swift_gkd_plugin.swift.setup.sequence_parallel import (check_sequence_parallel, check_sequence_parallel_heads,
-                                                            resolve_sequence_parallel)
+from swift_gkd_plugin.swift.setup.sequence_parallel import (check_local_model_heads, check_sequence_parallel,
+                                                            check_sequence_parallel_heads, resolve_sequence_parallel)
 from swift_gkd_plugin.swift.setup.teacher_server import (check_teacher_server_config, check_teacher_servers,
                                                         check_teacher_tags, local_teacher_of)
 from swift_gkd_plugin.swift.setup.row_lengths import check_sampling_context
-from swift_gkd_plugin.swift.setup.vllm import (check_async_generate, check_vllm_launcher, check_vllm_server_mode,
-                                              check_vllm_tensor_parallel_size, rollout_server_named,
-                                              stale_sample_warnings)
-from swift_gkd_plugin.swift.setup.teacher_scores import check_teacher_scores, resolve_teacher_scores
+from swift_gkd_plugin.swift.setup.vllm import (check_async_generate, check_vllm_launcher, check_vllm_rollout,
+                                              rollout_server_named, stale_sample_warnings)
+from swift_gkd_plugin.options.teacher_scores import check_teacher_scores, resolve_teacher_scores
 
 logger = get_logger()
 
@@ -385,18 +387,6 @@ def check_generation_flags(args) -> None:
         raise FlagError('--teacher_model_server does not support --padding_free / --packing yet')
 
 
-def resolve_gkd_arguments(args) -> None:
-    """Every resolver, in this order (each changes arguments, none raises)."""
-    resolve_num_generations(args, grpo_num_generations())
-    resolve_reward_columns(args)
-    resolve_teacher_adapters(args)
-    resolve_cross_tokenizer(args)
-    resolve_vllm_environment(args)
-    resolve_sequence_parallel(args)
-    resolve_teacher_scores(args)
-    resolve_check_model(args)
-
-
 def check_vllm_model(args) -> None:
     """What vLLM's platform here cannot run of the student (see :mod:`.vllm`)."""
     if args.use_vllm and args.vllm_mode == 'colocate':
@@ -406,66 +396,75 @@ def check_vllm_model(args) -> None:
         check_vllm_launcher(args)  # last: the refusals above also reach a user who runs without one
 
 
-def check_gkd_arguments(args) -> None:
-    """Every check, in this order (each raises, none changes arguments)."""
-    check_flags_only(args)
-    check_reward_funcs(args)
-    check_multi_turn_scheduler(args)
-    check_fresh_samples_for_rl(args)
-    check_generation_flags(args)
-    check_vllm_model(args)
-    check_sampling_context(args)
+def check_teacher_server_entries(args) -> None:
+    """``--teacher_model_server``'s entries, one of them the local ``--teacher_model`` where it says so."""
     check_teacher_server_flags(args, local_teacher=local_teacher_of(args) is not None)
-    model_types.check_model_types(args)  # (again: --custom_register_path / --external_plugins are imported now)
-    check_teacher_model_type(args)
-    check_teacher_template(args)
-    check_teacher(args)
-    check_topk_within_vocab(args)
-    check_sequence_parallel_models(args)
-    check_teacher_adapters(args)
-    check_skd_teacher(args)
-    check_reference(args)
-    check_local_datasets(args)
+
+
+def check_local_teacher_media(args) -> None:
     check_teacher_media(args, args.teacher_model and model_dir_of('--teacher_model', args.teacher_model,
                                                                   args.teacher_model_revision, args))
-    check_teacher_tags(args)
-    check_self_teacher_has_something_to_add(args)
-    check_resume_checkpoint(args)
-    check_teacher_scores(args)
-    check_teacher_servers(args)  # last: it waits for the servers
+
+
+#: The checks that need nothing but the flags (also run before ms-swift resolves models or vLLM servers).
+FLAGS_ONLY = (check_gkd_scalars, check_training_set, check_training_length, check_ms_swift_values, check_rl_flags,
+              check_multi_turn_flags, check_torch_compile_checkpointing, check_deepspeed, check_cpu_processes,
+              check_vllm_flags, check_vllm_installed, check_vllm_logprobs, check_teacher_server_config,
+              check_async_generate, check_sequence_parallel, check_vllm_rollout,
+              check_packing_attention)  # last: a refusal of packing beside another flag says more
+
+#: Which check (or resolver) runs when, for ``swift rlhf --rlhf_type gkd``: phase -> its functions of the arguments,
+#: in order. A resolver changes the arguments and raises nothing; a check raises and changes nothing. Before these,
+#: ``swift``'s launcher refuses unknown flags, out-of-range values and missing paths on the raw command line
+#: (:func:`~swift_gkd_plugin.swift.setup.command_line.check_launcher_early`); ``_init_torch_dtype`` checks bf16 on
+#: the device (:func:`~swift_gkd_plugin.options.flags.check_bf16_device`, on the flags as given).
+SWIFT_RLHF_PHASES = {
+    # every process's __post_init__, before ms-swift's own, and swift's launcher under torchrun before any rank starts
+    'command line': FLAGS_ONLY + (model_types.check_given_model_types, check_command_line_paths),
+    # swift's launcher only, after 'command line' (the ranks check the resolved models in 'resolved')
+    'launcher': (check_local_model_heads, check_deepspeed_fp16_on_cpu),
+    # _check_gkd, inside ms-swift's __post_init__ once the models' folders are known
+    'resolve': (resolve_num_generations, resolve_reward_columns, resolve_teacher_adapters, resolve_cross_tokenizer,
+                resolve_vllm_environment, resolve_sequence_parallel, resolve_teacher_scores, resolve_check_model),
+    'resolved': FLAGS_ONLY + (
+        check_reward_funcs, check_multi_turn_scheduler, check_fresh_samples_for_rl, check_generation_flags,
+        check_vllm_model, check_sampling_context, check_teacher_server_entries,
+        model_types.check_model_types,  # (again: --custom_register_path / --external_plugins are imported now)
+        check_teacher_model_type, check_teacher_template, check_teacher, check_topk_within_vocab,
+        check_sequence_parallel_models, check_teacher_adapters, check_skd_teacher, check_reference,
+        check_local_datasets, check_local_teacher_media, check_teacher_tags, check_self_teacher_has_something_to_add,
+        check_resume_checkpoint, check_teacher_scores,
+        check_teacher_servers),  # last: it waits for the servers
+}
+
+
+def run_phase(name: str, args) -> None:
+    """Each function of the phase ``name`` of :data:`SWIFT_RLHF_PHASES` on ``args``, in order."""
+    for function in SWIFT_RLHF_PHASES[name]:
+        function(args)
+
+
+def resolve_gkd_arguments(args) -> None:
+    """Every resolver, in the order of the phase 'resolve' (each changes arguments, none raises)."""
+    run_phase('resolve', args)
+
+
+def check_gkd_arguments(args) -> None:
+    """Every check, in the order of the phase 'resolved' (each raises, none changes arguments)."""
+    run_phase('resolved', args)
 
 
 def check_flags_only(args) -> None:
-    """The checks that need nothing but the flags (also run before ms-swift resolves models or vLLM servers)."""
-    check_gkd_scalars(args)
-    check_training_set(args)
-    check_training_length(args)
-    check_ms_swift_values(args)
-    check_rl_flags(args)
-    check_multi_turn_flags(args)
-    check_torch_compile_checkpointing(args)
-    check_deepspeed(args)
-    check_cpu_processes(args)
-    check_vllm_flags(args)
-    check_vllm_installed(args)
-    check_vllm_logprobs(args)
-    check_teacher_server_config(args)
-    check_async_generate(args)
-    check_sequence_parallel(args)
-    if args.use_vllm:
-        check_vllm_server_mode(args)
-        check_vllm_tensor_parallel_size(args)
-    check_packing_attention(args)  # last: a refusal of packing beside another flag says more
+    """The checks that need nothing but the flags (:data:`FLAGS_ONLY`)."""
+    for check in FLAGS_ONLY:
+        check(args)
 
 
 def check_command_line_flags(args) -> None:
     """The first checks of a GKD command line, before ms-swift resolves models, imports plugins or connects to vLLM
     servers; run in every process (``__post_init__``) and, under torchrun, in the launcher before any rank starts
-    (:func:`swift_gkd_plugin.swift.setup.command_line.check_launcher_command_line`)."""
-    check_flags_only(args)
-    if not model_types.types_may_be_registered_later(args):
-        model_types.check_model_types(args)
-    check_command_line_paths(args)
+    (:func:`swift_gkd_plugin.swift.setup.command_line.check_launcher_command_line`): the phase 'command line'."""
+    run_phase('command line', args)
 
 
 @dataclass
@@ -478,7 +477,7 @@ class GKDPluginRLHFArguments(GKDPluginArgumentsMixin, RLHFArguments):
                   'steps, default 1).'})
 
     def __post_init__(self):
-        resolve_num_generations(self, grpo_num_generations())
+        resolve_num_generations(self)
         if self.rlhf_type == 'gkd':
             resolve_reward_columns(self)
             check_command_line_flags(self)

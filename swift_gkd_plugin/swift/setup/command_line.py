@@ -115,9 +115,8 @@ def _rank_zero_environment(world_size: int):
                 os.environ[name] = value
 
 
-#: the path flags checked in the launcher (ms-swift's list-valued ones as lists)
-_PATH_FLAGS = {'model': None, 'teacher_model': None, 'resume_from_checkpoint': None, 'output_dir': None,
-               'adapters': [], 'dataset': [], 'val_dataset': [], 'external_plugins': [], 'custom_register_path': []}
+#: the path flags checked in the launcher, with ms-swift's defaults (its list-valued ones as lists), from the table
+_PATH_FLAGS = {name: default for name, (_, default) in ms_swift_flag_table.typed_fields(PROG).items()}
 
 
 def given_values(argv: List[str]) -> dict:
@@ -192,96 +191,23 @@ def _check_ms_swift_values(given: dict) -> None:
     check_ms_swift_values(SimpleNamespace(max_length=max_length, predict_with_generate=generate))
 
 
-def check_local_model_heads(args) -> None:
-    """``--sequence_parallel_size`` against the attention heads of ``--model`` and ``--teacher_model`` where they are
-    local folders (the ranks check the resolved ones again): a size that does not divide them was refused only once
-    every rank had started."""
-    from swift_gkd_plugin.swift.setup.sequence_parallel import check_sequence_parallel_heads
-    if (args.sequence_parallel_size or 1) > 1:
-        dirs = {flag: os.path.expanduser(value) for flag, value in (('--model', args.model),
-                                                                    ('--teacher_model', args.teacher_model))
-                if isinstance(value, str) and os.path.isdir(os.path.expanduser(value))}
-        check_sequence_parallel_heads(args.sequence_parallel_size, dirs)
-
-
-def config_dtype(model_dir: str) -> Optional[str]:
-    """The dtype of a local model folder's ``config.json`` (``dtype``, or ``torch_dtype``, of it or of its text config):
-    what ms-swift resolves an unset ``--torch_dtype`` to; None when unreadable or absent."""
-    try:
-        with open(os.path.join(model_dir, 'config.json'), encoding='utf-8') as f:
-            config = json.load(f)
-    except (OSError, ValueError):
-        return None
-    for node in (config, config.get('text_config')):
-        if isinstance(node, dict):
-            value = node.get('dtype') or node.get('torch_dtype')
-            if isinstance(value, str):
-                return value.replace('torch.', '')
-    return None
-
-
-def cpu_fp16_supported() -> bool:
-    """Whether DeepSpeed's CPU accelerator takes fp16 (its ``is_fp16_supported``: oneDNN's fp16 kernels, on CPUs with
-    AVX512-FP16 or AMX-FP16)."""
-    import torch
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
-    except Exception:  # (DeepSpeed's answer then: not supported)
-        return False
-
-
-def deepspeed_fp16_problem(args, model_dtype: Optional[str], cpu_fp16: bool) -> Optional[str]:
-    """Why DeepSpeed would refuse this run's fp16 on the CPU, or None: ``--deepspeed`` with fp16 mixed precision, given
-    or ms-swift's default for a float16 / float32 model (``--torch_dtype``, else ``model_dtype``, the local
-    ``--model``'s config; ms-swift sets ``--fp16 true`` unless ``--fp16`` is given), on a CPU whose DeepSpeed
-    accelerator does not take fp16 (``cpu_fp16`` False). DeepSpeed raised it in every rank after both models loaded
-    ("Type fp16 is not supported on your device")."""
-    if not getattr(args, 'deepspeed', None) or args.fp16 is False or cpu_fp16:
-        return None
-    dtype = str(args.torch_dtype).replace('torch.', '') if args.torch_dtype is not None else model_dtype
-    if not (args.fp16 or dtype in ('float16', 'float32', 'fp16', 'fp32')):
-        return None
-    given = '--fp16 true' if args.fp16 else (f'--torch_dtype {dtype}' + (
-        '' if args.torch_dtype is not None else " (not given: --model's config.json)"))
-    why = '' if args.fp16 else ' (ms-swift trains a float16 or float32 model in fp16 mixed precision unless --fp16 is given)'
-    return (f'{given} with --deepspeed {args.deepspeed}{why}: DeepSpeed does not take fp16 on this CPU (no oneDNN fp16 '
-            'kernels: they need AVX512-FP16 or AMX-FP16) and refused it in every rank after both models loaded. Pass '
-            '--fp16 false (train in float32), or --torch_dtype bfloat16')
-
-
-def check_deepspeed_fp16_on_cpu(args) -> None:
-    """:func:`deepspeed_fp16_problem` on this machine: no accelerator (DeepSpeed then picks its CPU one)."""
-    if not getattr(args, 'deepspeed', None) or args.fp16 is False:
-        return
-    import torch
-    if torch.accelerator.is_available():
-        return
-    model = os.path.expanduser(args.model) if isinstance(args.model, str) else None
-    problem = deepspeed_fp16_problem(args, config_dtype(model) if model and os.path.isdir(model) else None,
-                                     cpu_fp16_supported())
-    if problem:
-        raise FlagError(problem)
-
-
 def check_launcher_command_line(argv: List[str]) -> None:
     """In ``swift``'s launcher, before torchrun starts any rank: the checks every rank runs first on a ``swift rlhf
-    --rlhf_type gkd`` command line (unknown flags, then
-    :func:`~swift_gkd_plugin.swift.setup.arguments.check_command_line_flags`: the flags and local paths), in the
+    --rlhf_type gkd`` command line (unknown flags, then the phases 'command line' and 'launcher' of
+    :data:`~swift_gkd_plugin.swift.setup.arguments.SWIFT_RLHF_PHASES`: the flags and local paths), in the
     environment torchrun gives rank 0. A refusal is one line, exit code 2, before N ranks import torch and ms-swift
     to refuse it; the cost is the import of ms-swift's arguments in the launcher."""
     world_size = torchrun_world_size()
     if world_size is None:
         return  # the ranks check it, knowing their number
     from swift_gkd_plugin.options.flags import resolve_num_generations
-    from swift_gkd_plugin.runtime.ms_swift_state import grpo_num_generations
-    from swift_gkd_plugin.swift.setup.arguments import GKDPluginRLHFArguments, check_command_line_flags
+    from swift_gkd_plugin.swift.setup.arguments import GKDPluginRLHFArguments, run_phase
     check_launcher_early(argv)
     args = check_unknown_flags(GKDPluginRLHFArguments, argv)
-    resolve_num_generations(args, grpo_num_generations())
+    resolve_num_generations(args)
     with _rank_zero_environment(world_size):
-        try:
-            check_command_line_flags(args)
-            check_local_model_heads(args)
-            check_deepspeed_fp16_on_cpu(args)
+        try:  # the phases 'command line' and 'launcher' of SWIFT_RLHF_PHASES
+            run_phase('command line', args)
+            run_phase('launcher', args)
         except FlagError as exc:
             refuse(PROG, exc)

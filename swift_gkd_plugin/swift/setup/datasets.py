@@ -1,5 +1,5 @@
 """Local datasets of a GKD run (``.jsonl``, ``.json``, ``.csv``, ``.parquet``, ``.arrow``; of a folder, the files
-``datasets`` reads of it), read once before any model is loaded.
+``datasets`` reads of it), read once before any model is loaded. In the adapter: it reads ms-swift's dataset syntax and preprocessors (ms-swift's runtime).
 
 ms-swift reads them later, after both models are loaded, and then fails badly: an empty file ends in a bare
 ``StopIteration``, a line that is not UTF-8 in a ``UnicodeDecodeError`` that names neither the file nor the line, a

@@ -1,5 +1,6 @@
 """The paths of a ``swift rlhf`` command line, checked before ms-swift resolves them, and the run folder a refusal
-leaves behind.
+leaves behind. Framework-free, but in the adapter: a resume folder is read through :mod:`.checkpoints`, whose save
+guards ``swift/run/`` imports (``megatron rlhf``'s launcher has its own path check, ``check_local_paths``).
 
 ms-swift refuses a missing ``--model`` and a missing ``--external_plugins`` file itself, with 20-47 lines of
 traceback; a ``--model`` or ``--teacher_model`` path that does not exist is taken for a hub id ("Downloading the model
@@ -15,12 +16,11 @@ A refusal after ms-swift built its arguments comes after it created the run's fo
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import List, Optional
 
 from swift_gkd_plugin.options.flags import FlagError
 from swift_gkd_plugin.options.local_paths import (adapter_path_problem, dataset_path, dataset_path_problem, looks_local,
-                                          near_names, not_a_model_folder)
+                                          near_names, not_a_model_folder, write_probe_error)
 
 
 def check_model_given(args) -> None:
@@ -160,17 +160,6 @@ def check_output_dir(args) -> None:
     if cause:
         raise FlagError(f'{flag}: cannot create anything in {existing!r} ({cause}); the run\'s '
                         'checkpoints and logs go in --output_dir: pass a writable --output_dir')
-
-
-def write_probe_error(folder: str) -> Optional[str]:
-    """Why no file can be made in ``folder`` now (a probe file made and removed), or None where one can."""
-    try:
-        fd, probe = tempfile.mkstemp(prefix='.swift_gkd_write_probe_', dir=folder)
-        os.close(fd)
-        os.remove(probe)
-    except OSError as exc:
-        return str(exc.strerror or exc)
-    return None
 
 
 def check_early_paths(args) -> None:

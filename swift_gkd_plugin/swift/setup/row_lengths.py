@@ -1,5 +1,5 @@
 """Rows longer than ``--max_length``, measured before any model is loaded with the student's own template (its
-tokenizer only, read from the model folder).
+tokenizer only, read from the model folder). In the adapter: it encodes with ms-swift's template (ms-swift's runtime).
 
 With ``--truncation_strategy delete`` (ms-swift's default) ms-swift replaces a row that does not fit by another
 one, with an INFO line: a prompt longer than ``--max_length`` can never be trained on, and a row whose prompt and

@@ -72,3 +72,14 @@ def check_sequence_parallel_heads(size: int, model_dirs: Dict[str, Optional[str]
                 raise FlagError(f'--sequence_parallel_size {size} does not divide the {heads} attention heads of '
                                 f'{flag} ({key} in its config.json), which each rank of a group splits (allowed: '
                                 f'{divisors})')
+
+
+def check_local_model_heads(args) -> None:
+    """``--sequence_parallel_size`` against the attention heads of ``--model`` and ``--teacher_model`` where they are
+    local folders (the ranks check the resolved ones again): a size that does not divide them was refused only once
+    every rank had started."""
+    if (args.sequence_parallel_size or 1) > 1:
+        dirs = {flag: os.path.expanduser(value) for flag, value in (('--model', args.model),
+                                                                    ('--teacher_model', args.teacher_model))
+                if isinstance(value, str) and os.path.isdir(os.path.expanduser(value))}
+        check_sequence_parallel_heads(args.sequence_parallel_size, dirs)

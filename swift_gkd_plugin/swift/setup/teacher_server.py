@@ -1,5 +1,6 @@
 """Served teachers before any model loads: what the flags need of each server (its route, its top-k, its context, its
-tokenizer), asked of the server, waiting for it as the trainer would."""
+tokenizer), asked of the server, waiting for it as the trainer would. In the adapter: it reads ms-swift's dataset
+registry and its GKD helpers (ms-swift's runtime)."""
 from __future__ import annotations
 
 import json

@@ -1,6 +1,7 @@
 """``swift rlhf --use_vllm true`` before anything loads: the checks that only ``swift rlhf`` needs (a launcher for
 colocate mode, a GPU for server mode); the checks and the environment resolver shared with ``megatron rlhf`` are in
-:mod:`swift_gkd_plugin.rollout.colocated_vllm`.
+:mod:`swift_gkd_plugin.rollout.colocated_vllm`. Framework-free, but in the adapter: the tests' stand-in for the NCCL
+weight sync registers itself here by this module's name (``tests/harness/rollout_cpu.py``).
 """
 from __future__ import annotations
 
@@ -87,6 +88,14 @@ def check_vllm_tensor_parallel_size(args) -> None:
         raise FlagError(f'--vllm_tensor_parallel_size {size} does not divide the {processes} training process'
                         f'{"es" if processes > 1 else ""} (NPROC_PER_NODE x NNODES): colocate mode splits them into '
                         f'vLLM groups of that size (allowed: {", ".join(map(str, divisors))})')
+
+
+def check_vllm_rollout(args) -> None:
+    """With ``--use_vllm true``: its mode's needs (:func:`check_vllm_server_mode`) and tensor-parallel size
+    (:func:`check_vllm_tensor_parallel_size`)."""
+    if args.use_vllm:
+        check_vllm_server_mode(args)
+        check_vllm_tensor_parallel_size(args)
 
 
 @contextmanager
