@@ -65,8 +65,9 @@ def test_rows_left_out_of_each_epoch_are_counted(tiny_ws, tmp_path):
     data = _first_rows(tiny_ws, tmp_path / 'five.jsonl', 5)
     run = run_swift(base_args(tiny_ws, str(tmp_path / 'out'), dataset=data, lmbda=0, max_steps=None,
                               num_train_epochs=1))
-    assert ('--dataset: 1 of the 5 training rows are left out of each epoch: GKD drops incomplete batches '
-            '(dataloader_drop_last; --per_device_train_batch_size 2 on 1 process(es))') in run.output
+    assert ('--dataset: 1 of the 5 training rows are left out of each epoch: GKD drops incomplete generation batches '
+            '(dataloader_drop_last; a generation batch is --per_device_train_batch_size 2 x '
+            '--gradient_accumulation_steps 1 on 1 process(es) = 2 rows)') in run.output
     assert len(run.logs) == 2
 
 

@@ -328,12 +328,12 @@ def check_teacher_scores(args) -> None:
         raise FlagError(f'{named} does not support --padding_free / --packing yet: rows are keyed one by one')
     if args.save_teacher_scores and not args.gkd_logits_topk:
         raise FlagError('--save_teacher_scores keeps the teacher\'s top-k: pass --gkd_logits_topk K (e.g. 64; '
-                        'the store\'s size grows with K, ~170 bytes a token at 64 in bfloat16)')
+                        'the store\'s size grows with K, ~150-170 bytes a token at 64)')
     if args.gkd_score_only:
         if args.seq_kd or args.lmbda not in (0, 1):
             raise FlagError(f'--gkd_score_only true scores the dataset\'s rows (--lmbda 0) or the model\'s samples '
                             f'(--lmbda 1, swift-gkd score --sample_with), with --seq_kd false (got --lmbda '
-                            f'{args.lmbda}, --seq_kd {args.seq_kd})')
+                            f'{args.lmbda}, --seq_kd {str(bool(args.seq_kd)).lower()})')
         if args.lmbda == 1 and not (args.teacher_model or args.teacher_model_server):
             raise FlagError('--gkd_score_only true with --lmbda 1 (swift-gkd score --sample_with): the samples of '
                             '--model are scored by a teacher: pass --teacher_model or --teacher_model_server')
@@ -399,7 +399,7 @@ def _check_store_fits(args, root: Optional[str] = None, flag: str = '--teacher_s
         return
     if store_teacher(args) is None:
         if samples(args):
-            raise FlagError(f'--lmbda {args.lmbda} / --seq_kd {args.seq_kd} sample new tokens, which {flag} cannot '
+            raise FlagError(f'--lmbda {args.lmbda} / --seq_kd {str(bool(args.seq_kd)).lower()} sample new tokens, which {flag} cannot '
                             'hold, and this run has no teacher to score them: pass --teacher_model (or '
                             '--teacher_model_server), or --lmbda 0 --seq_kd false')
         if len(store) == 0:

@@ -541,10 +541,13 @@ def warn_rows_left_out(args, state, train_dataloader) -> None:
     groups, what = readers(args)
     per_epoch = steps * args.per_device_train_batch_size * groups
     if rows > per_epoch and state.max_steps * args.gradient_accumulation_steps >= steps:
+        batch, per_generation = args.per_device_train_batch_size, args.steps_per_generation
+        flag = ('--gradient_accumulation_steps' if per_generation == args.gradient_accumulation_steps
+                else '--steps_per_generation')
         logger.warning(f'swift_gkd_plugin: --dataset: {rows - per_epoch} of the {rows} training rows are left out of '
-                       f'each epoch: GKD drops incomplete batches (dataloader_drop_last; --per_device_train_batch_size '
-                       f'{args.per_device_train_batch_size} on {groups} {what}), and the sampler leaves out '
-                       'other rows each epoch')
+                       f'each epoch: GKD drops incomplete generation batches (dataloader_drop_last; a generation '
+                       f'batch is --per_device_train_batch_size {batch} x {flag} {per_generation} on {groups} {what} '
+                       f'= {batch * per_generation * groups} rows), and the sampler leaves out other rows each epoch')
 
 
 def readers(args) -> Tuple[int, str]:
