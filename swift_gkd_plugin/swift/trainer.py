@@ -35,14 +35,14 @@ from swift_gkd_plugin.swift.setup.command_line import PROG, refuse
 from swift_gkd_plugin.swift.step.loss import LossMixin
 from swift_gkd_plugin.swift.step.scoring import ScoringMixin
 from swift_gkd_plugin.swift.teacher.ahead import TeacherAheadMixin
-from swift_gkd_plugin.swift.teacher.placement import TeacherMixin
-from swift_gkd_plugin.swift.teacher.reference import ReferenceMixin
+from swift_gkd_plugin.swift.teacher.placement import TeacherMixin, TeacherModel
+from swift_gkd_plugin.swift.teacher.reference import Reference
 from swift_gkd_plugin.swift.teacher.store import TeacherStoreMixin
 
 
 
 class GKDPluginTrainer(TeacherStoreMixin, PrefetchMixin, LossMixin, RolloutMixin, SamplersMixin, ScoringMixin, BatchesMixin,
-                       TeacherMixin, TeacherAheadMixin, ReferenceMixin, GKDTrainer):
+                       TeacherMixin, TeacherAheadMixin, GKDTrainer):
     """ms-swift's GKD trainer with the plugin's modes (seq_kd included), loss, normalisation and metrics."""
 
     def __init__(self, *args, **kwargs):
@@ -52,11 +52,11 @@ class GKDPluginTrainer(TeacherStoreMixin, PrefetchMixin, LossMixin, RolloutMixin
         async_generate = self.take_async_flag(kwargs['args'])  # before ms-swift's trainer reads it
         super().__init__(*args, **kwargs)
         self._setup_sequence_parallel()  # rollout/sampling.py: a group reads one set of rows
-        self._setup_reference(ref_model)  # teacher/reference.py: --gkd_ref_kl_coef's anchor
+        self.reference = Reference(self, ref_model)  # teacher/reference.py: --gkd_ref_kl_coef's anchor
         setup_clean_exit(self)  # run/clean_exit.py: process groups and a colocated engine shut down at exit
         install_run_guards(self)  # run/guards.py: a training set smaller than one batch, a save out of space, ...
         self._setup_sampling()  # rollout/sampling.py: modes, sampling temperature, scheduler guard, sampler log-probs
-        self._place_teacher()  # teacher/placement.py: privileged views, teacher adapter, offload, cross-tokenizer
+        self.teacher = TeacherModel(self)  # teacher/placement.py: views, teacher adapter, offload, cross-tokenizer
         self._setup_teacher_store()  # teacher/store.py: --teacher_scores, --save_teacher_scores, --gkd_score_only
         warn_unadapted_experts(self)  # setup/adapters.py: a MoE student's LoRA without its fused experts
         self._setup_loss()  # step/loss.py: fused or dense, the divergence, normalisation over the step

@@ -132,9 +132,10 @@ class RolloutMixin:
         if mode.needs_generation:  # once per sequence-parallel group: each rank its share, on whole sequences
             with self._sampling_rng(step), whole_sequences():
                 samples = gather_shares(self._sample(mode, share(samples), step))
-        teacher_tokens = mode is Mode.SEQ_KD and self._xtok is not None
+        teacher_tokens = mode is Mode.SEQ_KD and self.teacher.xtok is not None
         if training and mode.needs_generation:  # gkd/completion_length*, gkd/clipped_ratio (in the sampler's tokens)
-            self._completions.add(samples, end_of_turn_ids(self._xtok.template if teacher_tokens else self.template))
+            template = self.teacher.xtok.template if teacher_tokens else self.template
+            self._completions.add(samples, end_of_turn_ids(template))
         if teacher_tokens:
             for sample in samples:
                 # the sampled ids are the teacher's: both sides encode the text, ending the turn where the
@@ -192,10 +193,10 @@ class RolloutMixin:
             if self.use_teacher_api:  # this plugin's teacher server (checked before loading: /v1/topk, k >= K)
                 teacher = server_teacher(self.teacher_clients[0], self.args.gkd_skd_top_k)
             elif self.teacher_model is None:  # the student's base, adapter off (or the teacher adapter on)
-                view = lambda: self._teacher_view_of_student(unwrapped)  # noqa: E731
+                view = lambda: self.teacher.view_of_student(unwrapped)  # noqa: E731
                 teacher = lambda model, _: cached_forward(model, view)  # noqa: E731
             else:
-                teacher_model = self._teacher_for_generation(stack)
+                teacher_model = self.teacher.for_generation(stack)
                 teacher = lambda model, _: cached_forward(teacher_model)  # noqa: E731
             decode = skd_decoding(teacher, top_k=self.args.gkd_skd_top_k, temperature=self._sampling_temperature,
                                   generator=generator, on_result=results.append)
@@ -217,7 +218,7 @@ class RolloutMixin:
 
     def _generate_with_teacher(self, samples):
         """seq_kd: the teacher samples the responses (transformers engine on the teacher's weights)."""
-        if self.teacher_model is None and not self._teacher_use_disable_adapter and self._teacher_adapter is None:
+        if self.teacher.is_the_student():
             # The teacher is the student itself (no --teacher_model): its samples are the student's.
             return self._generate_completions(samples)
         for sample in samples:
@@ -311,15 +312,16 @@ class RolloutMixin:
             if self.teacher_model is None:
                 # One copy of the weights: the teacher is the student's base (adapter off or teacher adapter on).
                 unwrapped = self._student_for_generation(stack)
-                stack.enter_context(self._teacher_view_of_student(unwrapped))
+                stack.enter_context(self.teacher.view_of_student(unwrapped))
                 engine = self._sampling_engine(unwrapped)
             else:
-                unwrapped = self._teacher_for_generation(stack)
+                unwrapped = self.teacher.for_generation(stack)
                 if self._teacher_engine is None or self._teacher_engine.model is not unwrapped:
                     # a teacher with another tokenizer samples through its own template
-                    self._teacher_engine = self._sampling_engine(unwrapped, self._xtok and self._xtok.template)
+                    xtok = self.teacher.xtok
+                    self._teacher_engine = self._sampling_engine(unwrapped, xtok and xtok.template)
                 engine = self._teacher_engine
-            stack.enter_context((self._xtok.template if self._xtok else self.template).generate_context())
+            stack.enter_context((self.teacher.xtok.template if self.teacher.xtok else self.template).generate_context())
             yield engine
 
     def get_train_dataloader(self):

@@ -48,7 +48,7 @@ class TeacherAheadMixin:
         """Whether the producer asks the teachers: a served teacher answering on the trainer's token ids
         (``/v1/topk`` or ``/v1/completions``), one tokenizer (a teacher of another reads its own template)."""
         return bool(getattr(self, 'use_teacher_api', False) and getattr(self, '_teacher_topk_route', False)
-                    and getattr(self, '_xtok', None) is None and getattr(self, 'teacher_clients', None))
+                    and self.teacher.xtok is None and getattr(self, 'teacher_clients', None))
 
     def _produce(self, infer_requests, request_config, samples=None):
         """The producer's job for one batch (rank 0's thread): the server's samples, then, with ``samples`` (every
