@@ -37,7 +37,7 @@ from swift_gkd_plugin.swift.step.scoring import ScoringMixin
 from swift_gkd_plugin.swift.teacher.ahead import TeacherAheadMixin
 from swift_gkd_plugin.swift.teacher.placement import TeacherMixin, TeacherModel
 from swift_gkd_plugin.swift.teacher.reference import Reference
-from swift_gkd_plugin.swift.teacher.store import TeacherStoreMixin
+from swift_gkd_plugin.swift.teacher.store import ScoreStore, TeacherStoreMixin
 
 
 
@@ -57,7 +57,7 @@ class GKDPluginTrainer(TeacherStoreMixin, PrefetchMixin, LossMixin, RolloutMixin
         install_run_guards(self)  # run/guards.py: a training set smaller than one batch, a save out of space, ...
         self._setup_sampling()  # rollout/sampling.py: modes, sampling temperature, scheduler guard, sampler log-probs
         self.teacher = TeacherModel(self)  # teacher/placement.py: views, teacher adapter, offload, cross-tokenizer
-        self._setup_teacher_store()  # teacher/store.py: --teacher_scores, --save_teacher_scores, --gkd_score_only
+        self.score_store = ScoreStore(self)  # teacher/store.py: --teacher_scores, --save_teacher_scores, score-only
         warn_unadapted_experts(self)  # setup/adapters.py: a MoE student's LoRA without its fused experts
         self._setup_loss()  # step/loss.py: fused or dense, the divergence, normalisation over the step
         self._setup_scoring()  # step/scoring.py: rewards, token-weighted metrics, the completions window
@@ -68,10 +68,10 @@ class GKDPluginTrainer(TeacherStoreMixin, PrefetchMixin, LossMixin, RolloutMixin
         server that stayed unreachable or a rollout server that failed ends with its one ``swift rlhf: error:`` line and
         exit code 1, no traceback."""
         try:
-            self._check_store_teacher()  # teacher/store.py: a loaded teacher that is not the store's stops here
+            self.score_store.check_teacher()  # teacher/store.py: a loaded teacher that is not the store's stops here
             result = super().train(*args, **kwargs)
             if self.args.gkd_score_only:
-                self._finish_score_only()  # teacher/store.py: the last shards, the datasets the store covers
+                self.score_store.finish_score_only()  # teacher/store.py: the last shards, the datasets the store covers
         except (RunError, FlagError) as exc:
             note_run_failed()
             refuse(PROG, exc, code=1)
@@ -82,7 +82,7 @@ class GKDPluginTrainer(TeacherStoreMixin, PrefetchMixin, LossMixin, RolloutMixin
             note_run_failed()
             refuse(PROG, server_failed_message(self, exc, 'the student\'s rollout server'), code=1)
         finally:
-            self._flush_teacher_scores()  # what the teacher scored is kept, whatever stopped the run
+            self.score_store.flush()  # what the teacher scored is kept, whatever stopped the run
         note_training_finished()  # a clean exit may now skip interpreter finalization (see clean_exit)
         return result
 

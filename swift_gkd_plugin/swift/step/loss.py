@@ -485,7 +485,7 @@ class LossMixin(EvaluationMixin):
     def _decide_loss_impl(self) -> bool:
         """--gkd_loss_impl: fused wherever it applies; otherwise dense, and the log says why (once)."""
         impl = self.args.gkd_loss_impl
-        if getattr(self, '_train_on_samples', False):
+        if self.score_store.train_on_samples:
             logger.info('swift_gkd_plugin: GKD loss implementation: dense (--teacher_scores_samples: the sampled '
                         'cross-entropy over the stored draws)')
             return False

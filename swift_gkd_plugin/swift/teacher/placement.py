@@ -281,13 +281,13 @@ class TeacherMixin:
         targets = self.args.gkd_sampled_kl_coef > 0  # the sampled-token term: each scored token's log-prob too
         names = teacher_names(self.teacher_configs)  # several teachers: per-teacher metrics from each token's log-prob
         mine = set(share(range(len(requests))))  # a sequence-parallel group asks once per row: each rank its share
-        keys = self._row_keys(requests, samples)  # a multimodal row's key holds its media too (teacher/store.py)
-        results = self._stored_answers(requests, keys)  # --teacher_scores: the rows the store holds
+        keys = self.score_store.row_keys(requests, samples)  # a multimodal row's key holds its media too
+        results = self.score_store.stored_answers(requests, keys)  # --teacher_scores: the rows the store holds
         fresh = [i for i in sorted(mine) if results[i] is None]  # scored by a teacher now: kept by a store writer
         if fresh and not self.teacher_configs:
-            self._refuse_missing(requests, keys, fresh,
+            self.score_store.refuse_missing(requests, keys, fresh,
                                  lambda i: f'row {places[i][1]} of micro-batch {places[i][0]}')
-        ask_targets = targets or bool(names) or self._store_writer is not None  # (a store keeps them too)
+        ask_targets = targets or bool(names) or self.score_store.writer is not None  # (a store keeps them too)
         for t_idx, indices in routing.items():
             indices = [i for i in indices if i in mine and results[i] is None]
             if t_idx == self._local_teacher:
@@ -314,7 +314,7 @@ class TeacherMixin:
             batch['gkd_batch'].teacher_topk_indices = torch.zeros(shape, dtype=torch.long, device=device)
             if targets:
                 batch['gkd_batch'].teacher_token_logprobs = torch.full(shape[:-1], float('nan'), device=device)
-            if self._train_on_samples:  # --teacher_scores_samples: the sampled estimator's ids and entropies
+            if self.score_store.train_on_samples:  # --teacher_scores_samples: the sampled estimator's ids and entropies
                 batch['gkd_batch'].teacher_samples = torch.full(shape[:-1] + (self.args.teacher_scores_samples, ),
                                                                 -1, dtype=torch.long, device=device)
                 batch['gkd_batch'].teacher_entropy = torch.full(shape[:-1], float('nan'), device=device)
@@ -333,8 +333,8 @@ class TeacherMixin:
             result = fit_answer(result, len(positions), k, f'row {row} of micro-batch {b} (request {i} of this step, '
                                 f'teacher {f"server {client.url}" if client is not None else "local"})')
             if i in fresh_set:
-                self._keep_answer(requests[i], keys[i], result, drawn)
-            if self._train_on_samples:
+                self.score_store.keep_answer(requests[i], keys[i], result, drawn)
+            if self.score_store.train_on_samples:
                 gkd_batch.teacher_samples[row, positions] = drawn.samples.to(device).long()
                 gkd_batch.teacher_entropy[row, positions] = drawn.entropy.to(device).float()
             gkd_batch.teacher_topk_logprobs[row, positions] = result.logprobs.to(device).float()
@@ -366,7 +366,7 @@ class TeacherMixin:
                 with no_grad(), self.compute_loss_context_manager(), whole_sequences():  # (whole rows)
                     out = self.teacher.forward(model, inputs, hidden=self._fused)
                 if self.args.gkd_score_only:
-                    self._note_forwarded(inputs)  # (its padding share, in the progress line: teacher/store.py)
+                    self.score_store.note_forwarded(inputs)  # (its padding share, in the progress line)
                 mine = [where for where, (pb, _, _) in enumerate(places) if pb == b]
                 with no_grad():  # (the head in its own dtype: outside the forward's autocast, as the fused loss's)
                     answers.update(zip(mine, self._score_rows(out, ids, [places[i] for i in mine], student)))
@@ -394,8 +394,8 @@ class TeacherMixin:
         answers = []
         for rows_i, ids_i, lps_i, target_i in zip(*(x.split(counts) for x in (rows, top_ids, top_lps, target))):
             samples = entropy = None
-            if self._samples_to_draw():  # --teacher_scores_samples (teacher/store.py)
-                samples, entropy = self._draw_from_teacher(rows_i, (weight, bias) if self._fused else None)
+            if self.score_store.samples_to_draw():  # --teacher_scores_samples (teacher/store.py)
+                samples, entropy = self.score_store.draw_from_teacher(rows_i, (weight, bias) if self._fused else None)
             answers.append(TopKResult(ids=ids_i, logprobs=lps_i, target_logprobs=target_i.float(), samples=samples,
                                       entropy=entropy))
         return answers
