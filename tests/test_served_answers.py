@@ -31,7 +31,8 @@ def _trainer(answer_rows, answer_k=K):
 
     trainer = SimpleNamespace(use_teacher_api=True, _teacher_topk_route=True,
                               teacher_configs=[SimpleNamespace(tags=[])],
-                              args=SimpleNamespace(teacher_tag_key='dataset', gkd_sampled_kl_coef=0.0, gkd_score_only=False,
+                              args=SimpleNamespace(teacher_tag_key='dataset', gkd_sampled_kl_coef=0.0,
+                                                   gkd_score_only=False,
                                                    teacher_scores=None, save_teacher_scores=None,
                                                    teacher_scores_samples=0),
                               _local_teacher=None, teacher_clients=[client], gkd_logits_topk=K,

@@ -26,7 +26,7 @@ from swift_gkd_plugin.server.client import TeacherServerError
 from swift_gkd_plugin.swift.rollout.batches import BatchesMixin
 from swift_gkd_plugin.swift.rollout.prefetch import PrefetchMixin
 from swift_gkd_plugin.swift.rollout.rollout_server import RolloutServerError
-from swift_gkd_plugin.swift.rollout.samplers import SamplersMixin
+from swift_gkd_plugin.swift.rollout.samplers import Samplers, WeightSyncMixin
 from swift_gkd_plugin.swift.rollout.sampling import RolloutMixin
 from swift_gkd_plugin.swift.run.clean_exit import note_run_failed, note_training_finished, setup_clean_exit
 from swift_gkd_plugin.swift.run.guards import RunError, install_run_guards, server_failed_message
@@ -41,14 +41,15 @@ from swift_gkd_plugin.swift.teacher.store import ScoreStore, TeacherStoreMixin
 
 
 
-class GKDPluginTrainer(TeacherStoreMixin, PrefetchMixin, LossMixin, RolloutMixin, SamplersMixin, ScoringMixin, BatchesMixin,
-                       TeacherMixin, TeacherAheadMixin, GKDTrainer):
+class GKDPluginTrainer(TeacherStoreMixin, PrefetchMixin, LossMixin, RolloutMixin, WeightSyncMixin, ScoringMixin,
+                       BatchesMixin, TeacherMixin, TeacherAheadMixin, GKDTrainer):
     """ms-swift's GKD trainer with the plugin's modes (seq_kd included), loss, normalisation and metrics."""
 
     def __init__(self, *args, **kwargs):
         """ms-swift's trainer, then each feature's set-up, in its own room (a new feature adds one line here)."""
         ref_model = kwargs.pop('ref_model', None)  # --gkd_ref_kl_coef's copy (ms-swift's GKDTrainer takes none)
         self._sampling_turn = 0  # a multi-turn rollout's later turn, while it samples (vLLM's request seeds)
+        self.samplers = Samplers(self)  # rollout/samplers.py: engines, request configs (ms-swift's asks for one)
         async_generate = self.take_async_flag(kwargs['args'])  # before ms-swift's trainer reads it
         super().__init__(*args, **kwargs)
         self._setup_sequence_parallel()  # rollout/sampling.py: a group reads one set of rows

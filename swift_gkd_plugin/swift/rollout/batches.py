@@ -42,7 +42,7 @@ class BatchesMixin:
         # the policy-gradient terms' samples: the reward term's, and the sampled-token term's on on-policy steps
         policy_gradient = ((self._advantages is not None and self.args.gkd_rl_coef > 0)
                            or (self.args.gkd_sampled_kl_coef > 0 and self._gkd_mode is Mode.ON_POLICY))
-        if policy_gradient and self._measure_mismatch:
+        if policy_gradient and self.samplers.measure_mismatch:
             self._attach_sampler_logprobs(batches, self.split_by_mini_batches(samples))
         return batches
 

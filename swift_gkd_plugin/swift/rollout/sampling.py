@@ -36,7 +36,7 @@ from swift_gkd_plugin.core.views import (generated_turns, prepare_teacher_view, 
 from swift_gkd_plugin.swift.setup.compile_cost import eager_sampling
 from swift_gkd_plugin.options.flags import sampling_temperature
 from swift_gkd_plugin.swift.rollout.group_resample import resample_failed_groups
-from swift_gkd_plugin.swift.rollout.media_tokens import suppress_media_placeholders
+from swift_gkd_plugin.swift.rollout.media_tokens import cut_at_media_placeholders, suppress_media_placeholders
 from swift_gkd_plugin.swift.step.hidden_states import head_rows
 from swift_gkd_plugin.swift.rollout.scheduler_guard import TRUNCATED, SchedulerGuard
 from swift_gkd_plugin.swift.rollout.speculative import cached_forward, server_teacher, skd_decoding
@@ -85,11 +85,11 @@ class RolloutMixin:
         self._sampling_temperature = sampling_temperature(self.args)
         self.request_config.temperature = self._sampling_temperature
         self._mode_log = mode_log_path(self.args.output_dir, self.args.process_index)
-        self._sampler_logprobs_noted, self._measure_mismatch = False, False
+        self._sampler_logprobs_noted = False
         if type(getattr(self, 'engine', None)) is TransformersEngine:  # ms-swift's: one that keeps the stop token
-            self.engine = self._sampling_engine(self.model)
+            self.engine = self.samplers.engine(self.model)
         if self.args.gkd_rl_coef > 0 or self.args.gkd_sampled_kl_coef > 0:  # the policy-gradient terms
-            self._request_sampler_logprobs()
+            self.samplers.request_sampler_logprobs()
         suppress_media_placeholders(getattr(self, 'engine', None), self.template)  # the student's own sampler
 
     def _guard_scheduler(self) -> None:
@@ -116,6 +116,21 @@ class RolloutMixin:
         self._count_step_tokens(batches)
         return batches
 
+    def _get_request_config(self, logprobs: bool = True):
+        """ms-swift's request config as the samplers adapt it (:meth:`~.samplers.Samplers.request_config`) for this
+        step's mode, the step a request is made for (a prefetched step's under ``--async_generate``, else this one)
+        and a multi-turn rollout's turn; ``logprobs=False`` for samplers whose log-probabilities are unused."""
+        return self.samplers.request_config(super()._get_request_config(), logprobs,
+                                            mode=getattr(self, '_gkd_mode', None),
+                                            step=getattr(self, '_request_step', None), turn=self._sampling_turn)
+
+    def _postprocess_rollout_outputs(self, samples, outputs):
+        """Every sampler's responses (student or teacher, any engine) as samples, cut before a media placeholder
+        that a sampler outside this process may still have drawn."""
+        samples = super()._postprocess_rollout_outputs(samples, outputs)
+        cut_at_media_placeholders(samples, self.template)
+        return samples
+
     def _rollout_samples(self, inputs):
         """Pick the mode of this generation batch and produce its responses."""
         training = self.model.training
@@ -130,7 +145,7 @@ class RolloutMixin:
             inputs = self.resample_encode_failed_inputs(inputs, strip_response=mode.needs_generation)
         samples = self.to_samples(inputs)
         if mode.needs_generation:  # once per sequence-parallel group: each rank its share, on whole sequences
-            with self._sampling_rng(step), whole_sequences():
+            with self.samplers.rng(step), whole_sequences():
                 samples = gather_shares(self._sample(mode, share(samples), step))
         teacher_tokens = mode is Mode.SEQ_KD and self.teacher.xtok is not None
         if training and mode.needs_generation:  # gkd/completion_length*, gkd/clipped_ratio (in the sampler's tokens)
@@ -189,7 +204,7 @@ class RolloutMixin:
         results = []
         with ExitStack() as stack:
             stack.callback(self.model.train, self.model.training)  # the engine calls eval() on the student
-            unwrapped = self._student_for_generation(stack)
+            unwrapped = self.samplers.student(stack)
             if self.use_teacher_api:  # this plugin's teacher server (checked before loading: /v1/topk, k >= K)
                 teacher = server_teacher(self.teacher_clients[0], self.args.gkd_skd_top_k)
             elif self.teacher_model is None:  # the student's base, adapter off (or the teacher adapter on)
@@ -200,7 +215,7 @@ class RolloutMixin:
                 teacher = lambda model, _: cached_forward(teacher_model)  # noqa: E731
             decode = skd_decoding(teacher, top_k=self.args.gkd_skd_top_k, temperature=self._sampling_temperature,
                                   generator=generator, on_result=results.append)
-            engine = self._sampling_engine(unwrapped, decode=decode)
+            engine = self.samplers.engine(unwrapped, decode=decode)
             stack.enter_context(self.template.generate_context())
             # SKD's tokens come from a student/teacher mixture: no sampler log-probabilities, no correction
             outputs = engine.infer(requests, self._get_request_config(logprobs=False), use_tqdm=False)
@@ -311,15 +326,15 @@ class RolloutMixin:
             stack.callback(self.model.train, self.model.training)
             if self.teacher_model is None:
                 # One copy of the weights: the teacher is the student's base (adapter off or teacher adapter on).
-                unwrapped = self._student_for_generation(stack)
+                unwrapped = self.samplers.student(stack)
                 stack.enter_context(self.teacher.view_of_student(unwrapped))
-                engine = self._sampling_engine(unwrapped)
+                engine = self.samplers.engine(unwrapped)
             else:
                 unwrapped = self.teacher.for_generation(stack)
                 if self._teacher_engine is None or self._teacher_engine.model is not unwrapped:
                     # a teacher with another tokenizer samples through its own template
                     xtok = self.teacher.xtok
-                    self._teacher_engine = self._sampling_engine(unwrapped, xtok and xtok.template)
+                    self._teacher_engine = self.samplers.engine(unwrapped, xtok and xtok.template)
                 engine = self._teacher_engine
             stack.enter_context((self.teacher.xtok.template if self.teacher.xtok else self.template).generate_context())
             yield engine
