@@ -34,7 +34,7 @@ from swift_gkd_plugin.swift.setup.adapters import warn_unadapted_experts
 from swift_gkd_plugin.swift.setup.command_line import PROG, refuse
 from swift_gkd_plugin.swift.step.loss import LossMixin
 from swift_gkd_plugin.swift.step.scoring import ScoringMixin
-from swift_gkd_plugin.swift.teacher.ahead import TeacherAheadMixin
+from swift_gkd_plugin.swift.teacher.ahead import TeacherAhead
 from swift_gkd_plugin.swift.teacher.placement import TeacherMixin, TeacherModel
 from swift_gkd_plugin.swift.teacher.reference import Reference
 from swift_gkd_plugin.swift.teacher.store import ScoreStore, TeacherStoreMixin
@@ -42,7 +42,7 @@ from swift_gkd_plugin.swift.teacher.store import ScoreStore, TeacherStoreMixin
 
 
 class GKDPluginTrainer(TeacherStoreMixin, PrefetchMixin, LossMixin, RolloutMixin, WeightSyncMixin, ScoringMixin,
-                       BatchesMixin, TeacherMixin, TeacherAheadMixin, GKDTrainer):
+                       BatchesMixin, TeacherMixin, GKDTrainer):
     """ms-swift's GKD trainer with the plugin's modes (seq_kd included), loss, normalisation and metrics."""
 
     def __init__(self, *args, **kwargs):
@@ -62,6 +62,7 @@ class GKDPluginTrainer(TeacherStoreMixin, PrefetchMixin, LossMixin, RolloutMixin
         warn_unadapted_experts(self)  # setup/adapters.py: a MoE student's LoRA without its fused experts
         self._setup_loss()  # step/loss.py: fused or dense, the divergence, normalisation over the step
         self._setup_scoring()  # step/scoring.py: rewards, token-weighted metrics, the completions window
+        self.teacher_ahead = TeacherAhead(self, async_generate)  # teacher/ahead.py: served teachers asked ahead
         self._setup_prefetch(async_generate)  # rollout/prefetch.py: --async_generate
 
     def train(self, *args, **kwargs):

@@ -144,8 +144,8 @@ class PrefetchMixin:
         add_token_sum(metrics['gkd/stale_dropped'], 0.0, 1)
         outputs = prefetched.result() if self.accelerator.is_main_process else [None] * sum(lengths)
         outputs = broadcast_object_list(outputs, from_process=0)
-        if self._teacher_ahead_on():  # the served teacher's answers come with the batch: read by this step's
-            self._answers_ahead(prefetched.answers, pending=True)  # teacher stage (teacher/ahead.py)
+        if self.teacher_ahead.on():  # the served teacher's answers come with the batch: read by this step's
+            self.teacher_ahead.expect(prefetched.answers, pending=True)  # teacher stage (teacher/ahead.py)
         start = sum(lengths[:self.accelerator.process_index])
         add_token_sum(metrics['gkd/staleness'], float(staleness), 1)
         self._staleness_max = max(getattr(self, '_staleness_max', None) or 0, staleness)
@@ -158,7 +158,7 @@ class PrefetchMixin:
         for earlier in [s for s in self._gkd_queue if s < step]:  # (none: every queued step is on-policy, taken in turn)
             self._wait(self._gkd_queue.pop(earlier))
         prefetched = self._gkd_queue.pop(step, None)
-        self._answers_ahead(None)
+        self.teacher_ahead.expect(None)
         self._wait(prefetched)
         return prefetched
 
@@ -190,7 +190,7 @@ class PrefetchMixin:
         if self._last_loaded_step != self.state.global_step:
             self._move_model_to_vllm(skip_async_check=True)
             self._last_loaded_step = self.state.global_step
-        score = self._teacher_ahead_on()  # a served teacher: the producer asks it too (teacher/ahead.py)
+        score = self.teacher_ahead.on()  # a served teacher: the producer asks it too (teacher/ahead.py)
         for following, rows in wanted:
             samples = self.to_samples(rows)
             keys = gather_object([_row_keys(samples)])
@@ -211,6 +211,17 @@ class PrefetchMixin:
                 future = self._prefetch_pool.submit(self._produce, all_requests, config, all_samples)
             self._gkd_queue[following] = Prefetched(following, int(self.state.global_step), lengths, future,
                                                     keys=keys)
+
+    def _produce(self, infer_requests, request_config, samples=None):
+        """The producer's job for one batch (rank 0's thread): the server's samples, then, with ``samples`` (every
+        rank's rows, as sent), the served teachers' answers to them, asked in a thread of their own
+        (:meth:`~swift_gkd_plugin.swift.teacher.ahead.TeacherAhead.submit`). Returns ``(outputs, answers)``,
+        ``answers`` a future: the trainer takes the samples (and syncs, and sends the next prompts) as soon as they are
+        back, and waits for the answers only in its teacher stage, so the teacher's call overlaps the server's next
+        batch as it did when the trainer asked."""
+        outputs = self._engine_infer(infer_requests=infer_requests, request_config=request_config)
+        answers = None if samples is None else self.teacher_ahead.submit(samples, outputs)
+        return outputs, answers
 
     # --- checkpoints ------------------------------------------------------------------------------------------------
 

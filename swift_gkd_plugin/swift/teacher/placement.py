@@ -261,7 +261,7 @@ class TeacherMixin:
             attach_trainer_token_ids(batch_encoded_inputs)
             super()._postprocess_batch(samples, batch_encoded_inputs)
             return
-        self._resolve_answers_ahead()  # --async_generate: the producer's answers to this batch (teacher/ahead.py)
+        self.teacher_ahead.resolve()  # --async_generate: the producer's answers to this batch (teacher/ahead.py)
         requests, places = [], []
         for b, batch in enumerate(batch_encoded_inputs):
             inputs = batch['teacher_model_inputs']
@@ -294,7 +294,7 @@ class TeacherMixin:
                 answers = self._score_locally(batch_encoded_inputs, [places[i] for i in indices])
             else:
                 # (--async_generate: the producer's answers where it asked the same request, teacher/ahead.py)
-                answers = self._teacher_answers(t_idx, [requests[i] for i in indices],
+                answers = self.teacher_ahead.answers(t_idx, [requests[i] for i in indices],
                                                 ask_targets) if indices else []
             for i, answer in zip(indices, answers):
                 results[i] = answer
