@@ -24,7 +24,7 @@ from swift.rlhf_trainers.gkd_trainer import GKDTrainer
 from swift_gkd_plugin.options.flags import FlagError
 from swift_gkd_plugin.server.client import TeacherServerError
 from swift_gkd_plugin.swift.rollout.batches import BatchesMixin
-from swift_gkd_plugin.swift.rollout.prefetch import PrefetchMixin
+from swift_gkd_plugin.swift.rollout.prefetch import Prefetch, PrefetchMixin, take_async_flag
 from swift_gkd_plugin.swift.rollout.rollout_server import RolloutServerError
 from swift_gkd_plugin.swift.rollout.samplers import Samplers, WeightSyncMixin
 from swift_gkd_plugin.swift.rollout.sampling import RolloutMixin
@@ -50,7 +50,7 @@ class GKDPluginTrainer(TeacherStoreMixin, PrefetchMixin, LossMixin, RolloutMixin
         ref_model = kwargs.pop('ref_model', None)  # --gkd_ref_kl_coef's copy (ms-swift's GKDTrainer takes none)
         self._sampling_turn = 0  # a multi-turn rollout's later turn, while it samples (vLLM's request seeds)
         self.samplers = Samplers(self)  # rollout/samplers.py: engines, request configs (ms-swift's asks for one)
-        async_generate = self.take_async_flag(kwargs['args'])  # before ms-swift's trainer reads it
+        async_generate = take_async_flag(kwargs['args'])  # before ms-swift's trainer reads it
         super().__init__(*args, **kwargs)
         self._setup_sequence_parallel()  # rollout/sampling.py: a group reads one set of rows
         self.reference = Reference(self, ref_model)  # teacher/reference.py: --gkd_ref_kl_coef's anchor
@@ -63,7 +63,7 @@ class GKDPluginTrainer(TeacherStoreMixin, PrefetchMixin, LossMixin, RolloutMixin
         self._setup_loss()  # step/loss.py: fused or dense, the divergence, normalisation over the step
         self._setup_scoring()  # step/scoring.py: rewards, token-weighted metrics, the completions window
         self.teacher_ahead = TeacherAhead(self, async_generate)  # teacher/ahead.py: served teachers asked ahead
-        self._setup_prefetch(async_generate)  # rollout/prefetch.py: --async_generate
+        self.prefetch = Prefetch(self, async_generate)  # rollout/prefetch.py: --async_generate
 
     def train(self, *args, **kwargs):
         """Training; a run stopped by a guard (:class:`RunError`, a :class:`FlagError` known only now) or by a teacher

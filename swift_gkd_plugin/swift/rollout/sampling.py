@@ -116,13 +116,14 @@ class RolloutMixin:
         self._count_step_tokens(batches)
         return batches
 
-    def _get_request_config(self, logprobs: bool = True):
+    def _get_request_config(self, logprobs: bool = True, for_step=None):
         """ms-swift's request config as the samplers adapt it (:meth:`~.samplers.Samplers.request_config`) for this
-        step's mode, the step a request is made for (a prefetched step's under ``--async_generate``, else this one)
-        and a multi-turn rollout's turn; ``logprobs=False`` for samplers whose log-probabilities are unused."""
-        return self.samplers.request_config(super()._get_request_config(), logprobs,
-                                            mode=getattr(self, '_gkd_mode', None),
-                                            step=getattr(self, '_request_step', None), turn=self._sampling_turn)
+        step's mode and a multi-turn rollout's turn; ``logprobs=False`` for samplers whose log-probabilities are
+        unused; ``for_step``: an on-policy step sampled ahead (``--async_generate``), whose budget and seeds it gets
+        instead of this step's."""
+        mode = Mode.ON_POLICY if for_step is not None else getattr(self, '_gkd_mode', None)
+        return self.samplers.request_config(super()._get_request_config(), logprobs, mode=mode, step=for_step,
+                                            turn=self._sampling_turn)
 
     def _postprocess_rollout_outputs(self, samples, outputs):
         """Every sampler's responses (student or teacher, any engine) as samples, cut before a media placeholder
@@ -160,7 +161,7 @@ class RolloutMixin:
         if self.multi_turn_scheduler is not None and mode.needs_generation:
             self._log_trajectories(samples)
         if training:
-            self._prefetch_next(step)  # --async_generate: the next step's samples, while this one trains
+            self.prefetch.send_next(step)  # --async_generate: the next step's samples, while this one trains
         return samples
 
     def _sample(self, mode: Mode, samples, step: int):
@@ -168,7 +169,7 @@ class RolloutMixin:
         if mode is Mode.ON_POLICY and self.args.gkd_skd_top_k:
             return self._generate_with_skd(samples, step)
         if mode is Mode.ON_POLICY:
-            return self._student_samples(samples, step)  # prefetched (--async_generate) or ms-swift's loop
+            return self.prefetch.samples(samples, step)  # prefetched (--async_generate) or ms-swift's loop
         return self._generate_with_teacher(samples)
 
     def _add_prompt_id_to_inputs(self, samples):
