@@ -10,12 +10,19 @@ logic with the plugin's core:
   by the number of response tokens of the whole optimizer step (all micro-batches, all ranks), so its value and
   gradient do not depend on how the step is split into micro-batches or ranks.
 
-The trainer is composed of one mixin per concern, by the stage a batch passes: :mod:`.rollout.sampling` (each
-generation batch's mode and samples), :mod:`.rollout.samplers` (the engines and request configs that sample),
-:mod:`.rollout.batches` (samples to micro-batches), :mod:`.teacher.placement` (the teacher's placement and forward, a
-served teacher), :mod:`.teacher.reference` (``--gkd_ref_kl_coef``'s initial student), :mod:`.step.scoring` (rewards,
-completions log), :mod:`.step.loss` (the loss of a micro-batch and its metrics) and :mod:`.rollout.prefetch`
-(``--async_generate``). This module holds their composition: the constructor is the list of their set-ups.
+The trainer composes plain objects, each built in the constructor with what it uses (the trainer itself as a
+documented collaborator where it reads ms-swift's state or calls ms-swift's hooks) and handed to the stages that use
+them: :class:`~.rollout.samplers.Samplers` (engines, request configs, sampling streams),
+:class:`~.teacher.placement.TeacherModel` (where the teacher lives, its views and forward),
+:class:`~.teacher.store.ScoreStore` (``--teacher_scores``, ``--save_teacher_scores``, score-only runs),
+:class:`~.teacher.ahead.TeacherAhead` (a served teacher asked by the producer), :class:`~.rollout.prefetch.Prefetch`
+(``--async_generate``) and :class:`~.teacher.reference.Reference` (``--gkd_ref_kl_coef``'s initial student). The mixins
+are ms-swift's hooks, one per stage a batch passes: :mod:`.rollout.sampling` (each generation batch's mode and
+samples), :mod:`.rollout.batches` (samples to micro-batches), :mod:`.teacher.placement` (a served teacher, the
+teacher's top-k on the batch), :mod:`.step.scoring` (rewards, completions log), :mod:`.step.loss` (the loss of a
+micro-batch and its metrics), and the hooks the objects take part in (vLLM's weight syncs, the store's and the
+prefetch's checkpoints); where ms-swift calls a hook, the mixin's override delegates to the object. This module holds
+their composition: the constructor is the list of the objects and set-ups.
 """
 from __future__ import annotations
 
@@ -30,6 +37,7 @@ from swift_gkd_plugin.swift.rollout.samplers import Samplers, WeightSyncMixin
 from swift_gkd_plugin.swift.rollout.sampling import RolloutMixin
 from swift_gkd_plugin.swift.run.clean_exit import note_run_failed, note_training_finished, setup_clean_exit
 from swift_gkd_plugin.swift.run.guards import RunError, install_run_guards, server_failed_message
+from swift_gkd_plugin.swift.sequence_parallel import setup_sequence_parallel
 from swift_gkd_plugin.swift.setup.adapters import warn_unadapted_experts
 from swift_gkd_plugin.swift.setup.command_line import PROG, refuse
 from swift_gkd_plugin.swift.step.loss import LossMixin
@@ -40,19 +48,19 @@ from swift_gkd_plugin.swift.teacher.reference import Reference
 from swift_gkd_plugin.swift.teacher.store import ScoreStore, TeacherStoreMixin
 
 
-
 class GKDPluginTrainer(TeacherStoreMixin, PrefetchMixin, LossMixin, RolloutMixin, WeightSyncMixin, ScoringMixin,
                        BatchesMixin, TeacherMixin, GKDTrainer):
     """ms-swift's GKD trainer with the plugin's modes (seq_kd included), loss, normalisation and metrics."""
 
     def __init__(self, *args, **kwargs):
-        """ms-swift's trainer, then each feature's set-up, in its own room (a new feature adds one line here)."""
+        """ms-swift's trainer, then each feature's object or set-up, in its own room (a new feature adds one line
+        here)."""
         ref_model = kwargs.pop('ref_model', None)  # --gkd_ref_kl_coef's copy (ms-swift's GKDTrainer takes none)
         self._sampling_turn = 0  # a multi-turn rollout's later turn, while it samples (vLLM's request seeds)
         self.samplers = Samplers(self)  # rollout/samplers.py: engines, request configs (ms-swift's asks for one)
         async_generate = take_async_flag(kwargs['args'])  # before ms-swift's trainer reads it
         super().__init__(*args, **kwargs)
-        self._setup_sequence_parallel()  # rollout/sampling.py: a group reads one set of rows
+        setup_sequence_parallel(self.args, self.template)  # sequence_parallel.py: a group reads one set of rows
         self.reference = Reference(self, ref_model)  # teacher/reference.py: --gkd_ref_kl_coef's anchor
         setup_clean_exit(self)  # run/clean_exit.py: process groups and a colocated engine shut down at exit
         install_run_guards(self)  # run/guards.py: a training set smaller than one batch, a save out of space, ...

@@ -13,7 +13,7 @@ from swift.utils import get_logger, unwrap_model_for_generation
 from swift_gkd_plugin.core.weights.lora_round_trip import (HostBuffer, adapter_tensors_copied, exact_lora_sync,
                                                            lora_merges_skipped)
 from swift_gkd_plugin.core.modes import Mode, sampling_seed
-from swift_gkd_plugin.options.flags import rollout_max_tokens
+from swift_gkd_plugin.options.flags import rollout_max_tokens, sampling_temperature
 from swift_gkd_plugin.swift.step.hidden_states import head_rows
 from swift_gkd_plugin.swift.rollout.rollout_server import watch_rollout_client
 from swift_gkd_plugin.swift.rollout.media_tokens import suppress_media_placeholders
@@ -36,6 +36,12 @@ class Samplers:
     def __init__(self, trainer) -> None:
         self.trainer = trainer
         self.measure_mismatch = False  # the sampler's log-probabilities are asked for (request_sampler_logprobs)
+
+    @property
+    def temperature(self) -> float:
+        """The temperature of on-policy and seq_kd sampling (``--gkd_sampling_temperature``, else ``--temperature``),
+        which the policy-gradient terms also read their samples at."""
+        return sampling_temperature(self.trainer.args)
 
     def engine(self, model, template=None, decode=None):
         """A transformers engine on ``model`` that keeps each answer's stop token (:mod:`.stop_token`); ``decode``:

@@ -34,14 +34,13 @@ from swift_gkd_plugin.core.speculative import teacher_seed
 from swift_gkd_plugin.core.views import (generated_turns, prepare_teacher_view, student_trajectory,
                                         with_teacher_prompt)
 from swift_gkd_plugin.swift.setup.compile_cost import eager_sampling
-from swift_gkd_plugin.options.flags import sampling_temperature
 from swift_gkd_plugin.swift.rollout.group_resample import resample_failed_groups
 from swift_gkd_plugin.swift.rollout.media_tokens import cut_at_media_placeholders, suppress_media_placeholders
 from swift_gkd_plugin.swift.step.hidden_states import head_rows
 from swift_gkd_plugin.swift.rollout.scheduler_guard import TRUNCATED, SchedulerGuard
 from swift_gkd_plugin.swift.rollout.speculative import cached_forward, server_teacher, skd_decoding
-from swift_gkd_plugin.swift.sequence_parallel import (drop_right_padding_masks, gather_shares, group_size,
-                                                     shard_over_data_parallel, share, whole_sequences)
+from swift_gkd_plugin.swift.sequence_parallel import (gather_shares, group_size, shard_over_data_parallel, share,
+                                                     whole_sequences)
 from swift_gkd_plugin.swift.step.token_metrics import add_token_sum as _add_token_sum
 
 logger = get_logger()
@@ -60,21 +59,6 @@ def learnable_tokens(sample) -> int:
 class RolloutMixin:
     """Generation batches: their mode, their prompts and their samples."""
 
-    def _setup_sequence_parallel(self) -> None:
-        """Under ``--sequence_parallel_size`` the ranks of a group read one set of rows (:meth:`get_train_dataloader`):
-        a generation batch holds the rows of the groups, not of every rank."""
-        size = self.template.sequence_parallel_size
-        if size <= 1:
-            return
-        self.args.generation_batch_size //= size
-        drop_right_padding_masks()
-        world, args = self.args.world_size, self.args
-        if args.process_index == 0:
-            logger.info(f'swift_gkd_plugin: sequence parallelism on: {world // size} group(s) of {size} ranks '
-                        f'(--sequence_parallel_size {size}, {world} processes); each rank holds 1/{size} of every '
-                        f'row, and a step covers {args.per_device_train_batch_size} x {world // size} x '
-                        f'{args.gradient_accumulation_steps} rows (per device x groups x accumulation)')
-
     def _setup_sampling(self) -> None:
         """Each step's mode and its log, the sampling temperature, a multi-turn scheduler's guard, the sampler's
         log-probabilities where a policy-gradient term needs them, media placeholders kept out of samples."""
@@ -82,8 +66,7 @@ class RolloutMixin:
         self._gkd_mode = Mode.OFF_POLICY
         self._teacher_engine = None
         # --gkd_sampling_temperature: ms-swift built every sampler's request config from --temperature (the loss's)
-        self._sampling_temperature = sampling_temperature(self.args)
-        self.request_config.temperature = self._sampling_temperature
+        self.request_config.temperature = self.samplers.temperature
         self._mode_log = mode_log_path(self.args.output_dir, self.args.process_index)
         self._sampler_logprobs_noted = False
         if type(getattr(self, 'engine', None)) is TransformersEngine:  # ms-swift's: one that keeps the stop token
@@ -214,7 +197,7 @@ class RolloutMixin:
             else:
                 teacher_model = self.teacher.for_generation(stack)
                 teacher = lambda model, _: cached_forward(teacher_model)  # noqa: E731
-            decode = skd_decoding(teacher, top_k=self.args.gkd_skd_top_k, temperature=self._sampling_temperature,
+            decode = skd_decoding(teacher, top_k=self.args.gkd_skd_top_k, temperature=self.samplers.temperature,
                                   generator=generator, on_result=results.append)
             engine = self.samplers.engine(unwrapped, decode=decode)
             stack.enter_context(self.template.generate_context())

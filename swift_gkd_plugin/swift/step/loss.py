@@ -239,7 +239,7 @@ class LossMixin(EvaluationMixin):
         if setup.sft_alpha > 0:
             label_term = dict(labels=labels, sft_alpha=setup.sft_alpha)
         elif token_advantages is not None or setup.sampled_kl:
-            t = self._sampling_temperature
+            t = self.samplers.temperature
             policy = None
             if setup.sampler_logprobs is not None or setup.sampled_kl:  # the sampled tokens' log-probs, detached
                 policy = head_token_logprobs(student_hidden, weight, bias, labels, t)
@@ -289,7 +289,7 @@ class LossMixin(EvaluationMixin):
             rl = setup.token_advantages is not None
             with torch.set_grad_enabled((rl or setup.sampled_kl) and torch.is_grad_enabled()):  # else a metric
                 # the sampled tokens' log-probabilities at their own (sampling) temperature, the entropy at the loss's
-                logprobs, entropy = sampled_token_stats(student, setup.labels, self._sampling_temperature,
+                logprobs, entropy = sampled_token_stats(student, setup.labels, self.samplers.temperature,
                                                         entropy_temperature=self.args.temperature)
             entropy_sum = entropy.detach().sum()
             teacher_entropies = self._teacher_entropies(teacher, student.shape[-1])
@@ -304,7 +304,7 @@ class LossMixin(EvaluationMixin):
                 teacher_lp = getattr(teacher, 'token_logprobs', None)  # a server's (TeacherTopK)
                 if isinstance(teacher, TeacherLogits):
                     with torch.no_grad():
-                        teacher_lp = sampled_token_stats(teacher.logits, setup.labels, self._sampling_temperature)[0]
+                        teacher_lp = sampled_token_stats(teacher.logits, setup.labels, self.samplers.temperature)[0]
                 advantages = self._sampled_kl_advantages(setup, logprobs.detach(), teacher_lp)
                 total = total + self.args.gkd_sampled_kl_coef * policy_gradient_loss(logprobs, advantages * weights
                                                                                      ).sum()
