@@ -116,23 +116,37 @@ class RolloutMixin:
         return samples
 
     def _rollout_samples(self, inputs):
-        """Pick the mode of this generation batch and produce its responses."""
+        """This generation batch's mode, its rows (resampled where they do not encode), their responses where the
+        mode samples them, then the next steps' prompts sent ahead (``--async_generate``)."""
         training = self.model.training
         step = int(self.state.global_step)
+        mode = self._choose_mode(step, training)
+        if self.template.truncation_strategy == 'raise':
+            inputs = self.resample_encode_failed_inputs(inputs, strip_response=mode.needs_generation)
+        samples = self.to_samples(inputs)
+        if mode.needs_generation:
+            samples = self._generated(mode, samples, step, training)
+        if training:
+            self.prefetch.send_next(step)  # --async_generate: the next step's samples, while this one trains
+        return samples
+
+    def _choose_mode(self, step: int, training: bool) -> Mode:
+        """The mode of this generation batch (:func:`step_mode`), kept for the stages that follow and logged."""
         mode = step_mode(self.args, step, training, self._mode_log)
         self._gkd_mode = mode
         self._data_source = data_source(mode)
         if training:
             self._record_mode(step, mode)
+        return mode
 
-        if self.template.truncation_strategy == 'raise':
-            inputs = self.resample_encode_failed_inputs(inputs, strip_response=mode.needs_generation)
-        samples = self.to_samples(inputs)
-        if mode.needs_generation:  # once per sequence-parallel group: each rank its share, on whole sequences
-            with self.samplers.rng(step), whole_sequences():
-                samples = gather_shares(self._sample(mode, share(samples), step))
+    def _generated(self, mode: Mode, samples, step: int, training: bool):
+        """The responses of an on-policy or seq_kd batch (once per sequence-parallel group: each rank its share, on
+        whole sequences), their lengths logged, a cross-tokenizer teacher's answers turned into text both sides
+        encode, a multi-turn rollout's trajectories logged."""
+        with self.samplers.rng(step), whole_sequences():
+            samples = gather_shares(self._sample(mode, share(samples), step))
         teacher_tokens = mode is Mode.SEQ_KD and self.teacher.xtok is not None
-        if training and mode.needs_generation:  # gkd/completion_length*, gkd/clipped_ratio (in the sampler's tokens)
+        if training:  # gkd/completion_length*, gkd/clipped_ratio (in the sampler's tokens)
             template = self.teacher.xtok.template if teacher_tokens else self.template
             self._completions.add(samples, end_of_turn_ids(template))
         if teacher_tokens:
@@ -141,10 +155,8 @@ class RolloutMixin:
                 # teacher stopped by itself
                 sample.response_token_ids, sample.response_loss_mask = [], []
                 sample.add_eos = sample.finish_reason == 'stop'
-        if self.multi_turn_scheduler is not None and mode.needs_generation:
+        if self.multi_turn_scheduler is not None:
             self._log_trajectories(samples)
-        if training:
-            self.prefetch.send_next(step)  # --async_generate: the next step's samples, while this one trains
         return samples
 
     def _sample(self, mode: Mode, samples, step: int):

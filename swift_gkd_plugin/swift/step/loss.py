@@ -71,13 +71,7 @@ class LossMixin(EvaluationMixin):
         metrics; fused on hidden states where it applies, else on the full logits."""
         setup = self._loss_setup(inputs)
         fwd = {k: v for k, v in inputs['model_inputs'].items() if k != 'labels'}
-        if self.model.training and not self.args.ds3_gather_for_generation:  # ZeRO-3 gathered as they sampled
-            for sampler in (model, self.teacher_model):
-                if sampler is not None:
-                    reclaim_after_inference_sampling(sampler)
-
-        if self.teacher.offloader is not None and not self.use_teacher_api:
-            self.teacher.offloader.prefetch()  # the upload overlaps the student's forward
+        self._ready_the_models(model)
         loss_impl = self._fused_loss if self._fused else self._dense_loss
         loss, outputs = loss_impl(model, fwd, inputs['teacher_model_inputs'], inputs, setup)
         if self.model.training:
@@ -85,6 +79,16 @@ class LossMixin(EvaluationMixin):
             self._loss_batch = inputs  # for training_step's check of a non-finite loss
         loss = undo_trainer_ga_division(self, loss, num_items_in_batch)  # transformers <= 5.17 divides it after
         return (loss, outputs) if return_outputs else loss
+
+    def _ready_the_models(self, model) -> None:
+        """Before a micro-batch's forwards: the weights ZeRO-3 gathered as the samplers drew made trainable again, an
+        offloaded teacher's upload started (it overlaps the student's forward)."""
+        if self.model.training and not self.args.ds3_gather_for_generation:  # ZeRO-3 gathered as they sampled
+            for sampler in (model, self.teacher_model):
+                if sampler is not None:
+                    reclaim_after_inference_sampling(sampler)
+        if self.teacher.offloader is not None and not self.use_teacher_api:
+            self.teacher.offloader.prefetch()  # the upload overlaps the student's forward
 
     def training_step(self, model, inputs, *args, **kwargs):
         """One training micro-batch; a NaN or infinite loss stops the run (:class:`RunError`). The loss is read
