@@ -77,7 +77,8 @@ def _trainer_normalizer(full_labels, accelerator):
 
     from swift_gkd_plugin.core import Mode
     from swift_gkd_plugin.swift.rollout.batches import BatchesMixin
-    trainer = SimpleNamespace(model=SimpleNamespace(training=True), accelerator=accelerator, _xtok=None,
+    trainer = SimpleNamespace(model=SimpleNamespace(training=True), accelerator=accelerator,
+                              teacher=SimpleNamespace(xtok=None),
                               args=SimpleNamespace(gradient_accumulation_steps=1), _gkd_mode=Mode.OFF_POLICY)
     batch = {'model_inputs': {'labels': full_labels}, 'teacher_model_inputs': {'labels': full_labels}}
     BatchesMixin._count_step_tokens(trainer, [batch])

@@ -9,10 +9,11 @@ import time
 import torch
 
 from swift_gkd_plugin.core.scores.store import StoreWriter
-from swift_gkd_plugin.swift.trainer import GKDPluginTrainer
+from swift_gkd_plugin.swift.teacher.placement import TeacherModel
+from swift_gkd_plugin.swift.teacher.store import ScoreStore
 
 _batches, _seconds, _writer_cpu = [], [], [0.0]
-_forward, _finish, _append = GKDPluginTrainer._teacher_forward, GKDPluginTrainer._finish_score_only, StoreWriter._append
+_forward, _finish, _append = TeacherModel.forward, ScoreStore.finish_score_only, StoreWriter._append
 
 
 @functools.wraps(_append)
@@ -41,6 +42,6 @@ def _finish_and_save(self, *args, **kwargs):
     return result
 
 
-GKDPluginTrainer._teacher_forward = _recorded_forward
-GKDPluginTrainer._finish_score_only = _finish_and_save
+TeacherModel.forward = _recorded_forward
+ScoreStore.finish_score_only = _finish_and_save
 StoreWriter._append = _timed_append

@@ -14,9 +14,9 @@ import time
 
 import torch
 
-from swift_gkd_plugin.swift.trainer import GKDPluginTrainer
+from swift_gkd_plugin.swift.teacher.placement import TeacherModel
 
-_forward = GKDPluginTrainer._teacher_forward
+_forward = TeacherModel.forward
 _DIRECT_FIRST = os.environ.get('SCORE_PROBE_ORDER') == 'direct'
 _seconds = {'loop': 0.0, 'direct': 0.0, 'direct_base': 0.0, 'batches': 0}
 
@@ -30,7 +30,8 @@ def _timed(key, call):
 
 @functools.wraps(_forward)
 def _probed_forward(self, model, teacher_inputs, *args, **kwargs):
-    unwrapped = self.accelerator.unwrap_model(self.teacher_model if self.teacher_model is not None else model)
+    trainer = self.trainer
+    unwrapped = trainer.accelerator.unwrap_model(trainer.teacher_model if trainer.teacher_model is not None else model)
     inputs = {k: v for k, v in teacher_inputs.items() if k != 'labels'}
 
     def direct():
@@ -49,4 +50,4 @@ def _probed_forward(self, model, teacher_inputs, *args, **kwargs):
     return out
 
 
-GKDPluginTrainer._teacher_forward = _probed_forward
+TeacherModel.forward = _probed_forward

@@ -7,6 +7,7 @@ import os
 
 import torch
 
+from swift_gkd_plugin.swift.teacher.placement import TeacherModel
 from swift_gkd_plugin.swift.trainer import GKDPluginTrainer
 
 _LOG = os.environ['GKD_TEST_MAXLEN_LOG']
@@ -43,10 +44,10 @@ def _call_impl(self, *args, **kwargs):
 torch.nn.Module.__call__ = _call_impl
 
 
-def _phase(name, method):
+def _phase(name, method, trainer_of=lambda trainer: trainer):
 
     def wrapper(self, *args, **kwargs):
-        if not self.model.training:
+        if not trainer_of(self).model.training:
             return method(self, *args, **kwargs)
         _who.append(name)
         try:
@@ -58,4 +59,4 @@ def _phase(name, method):
 
 
 GKDPluginTrainer.compute_loss = _phase('student', GKDPluginTrainer.compute_loss)
-GKDPluginTrainer._teacher_forward = _phase('teacher', GKDPluginTrainer._teacher_forward)
+TeacherModel.forward = _phase('teacher', TeacherModel.forward, trainer_of=lambda teacher: teacher.trainer)

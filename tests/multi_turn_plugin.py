@@ -129,6 +129,7 @@ multi_turns['gkd_test_no_tokens'] = NoTokensScheduler
 
 _LOG = os.environ.get('GKD_TEST_TRAJ_LOG')
 if _LOG:
+    from swift_gkd_plugin.swift.teacher.placement import TeacherModel
     from swift_gkd_plugin.swift.trainer import GKDPluginTrainer
 
     def _rows(t):
@@ -138,7 +139,7 @@ if _LOG:
         mask = model_inputs.get('attention_mask')
         return None if mask is None else _rows(mask)
 
-    _compute_loss, _teacher_forward = GKDPluginTrainer.compute_loss, GKDPluginTrainer._teacher_forward
+    _compute_loss, _teacher_forward = GKDPluginTrainer.compute_loss, TeacherModel.forward
     _encode_samples = GKDPluginTrainer._encode_samples
 
     def encode_samples(self, samples):
@@ -176,4 +177,4 @@ if _LOG:
 
     GKDPluginTrainer.compute_loss = compute_loss
     GKDPluginTrainer._encode_samples = encode_samples
-    GKDPluginTrainer._teacher_forward = teacher_forward
+    TeacherModel.forward = teacher_forward

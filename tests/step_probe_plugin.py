@@ -2,7 +2,7 @@
 did, and appends one json line per step and rank to the file named by ``GKD_TEST_PROBE_LOG``.
 
 Phases (the innermost one running gets the event): ``generate`` (sampling and encoding a generation batch:
-``_generate_and_score_completions``), ``teacher`` (``_teacher_forward``), ``loss`` (the rest of ``compute_loss``: the
+``_generate_and_score_completions``), ``teacher`` (``TeacherModel.forward``), ``loss`` (the rest of ``compute_loss``:
 student's forward and the loss), ``backward`` (``Accelerator.backward``), ``step`` (the rest of ``training_step``).
 Events, each per phase:
 
@@ -33,6 +33,7 @@ from collections import defaultdict
 import torch
 from accelerate import Accelerator
 
+from swift_gkd_plugin.swift.teacher.placement import TeacherModel
 from swift_gkd_plugin.swift.trainer import GKDPluginTrainer
 
 _LOG = os.environ['GKD_TEST_PROBE_LOG']
@@ -144,7 +145,7 @@ def _count_gathers():
 _count_gathers()
 
 GKDPluginTrainer._generate_and_score_completions = _phase('generate')(GKDPluginTrainer._generate_and_score_completions)
-GKDPluginTrainer._teacher_forward = _phase('teacher')(GKDPluginTrainer._teacher_forward)
+TeacherModel.forward = _phase('teacher')(TeacherModel.forward)
 Accelerator.backward = _phase('backward')(Accelerator.backward)
 _compute_loss = _phase('loss')(GKDPluginTrainer.compute_loss)
 

@@ -4,7 +4,7 @@ An answer with another number of positions than the row's labels score used to b
 one-position answer was broadcast over every position (a silently wrong loss), any other count failed with torch's
 shape message naming no row. An answer of fewer than ``k`` entries a position (a server serving a smaller top-k) was
 refused the same way."""
-from types import MethodType, SimpleNamespace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -31,14 +31,14 @@ def _trainer(answer_rows, answer_k=K):
 
     trainer = SimpleNamespace(use_teacher_api=True, _teacher_topk_route=True,
                               teacher_configs=[SimpleNamespace(tags=[])],
-                              args=SimpleNamespace(teacher_tag_key='dataset', gkd_sampled_kl_coef=0.0),
+                              args=SimpleNamespace(teacher_tag_key='dataset', gkd_sampled_kl_coef=0.0,
+                                                   gkd_score_only=False,
+                                                   teacher_scores=None, save_teacher_scores=None,
+                                                   teacher_scores_samples=0),
                               _local_teacher=None, teacher_clients=[client], gkd_logits_topk=K,
-                              _store=None, _store_writer=None, _train_on_samples=False,  # (no teacher-score store)
                               accelerator=SimpleNamespace(is_main_process=True))
-    for name in ('_resolve_answers_ahead', '_teacher_answers'):  # the trainer's own (no --async_generate: asked now)
-        setattr(trainer, name, MethodType(getattr(ahead.TeacherAheadMixin, name), trainer))
-    for name in ('_row_keys', '_stored_answers', '_keep_answer'):
-        setattr(trainer, name, MethodType(getattr(store.TeacherStoreMixin, name), trainer))
+    trainer.teacher_ahead = ahead.TeacherAhead(trainer, prefetch_on=False)  # (no --async_generate: asked now)
+    trainer.score_store = store.ScoreStore(trainer)  # (no teacher-score store)
     return trainer, score_at
 
 

@@ -22,9 +22,12 @@ from typing import List
 import torch
 import torch.distributed as dist
 from swift.sequence_parallel import sequence_parallel
+from swift.utils import get_logger
 
 from swift_gkd_plugin.core.constants import IGNORE_INDEX
 from swift_gkd_plugin.core.views import check_same_response_count, response_positions, shift_labels
+
+logger = get_logger()
 
 
 def group_size() -> int:
@@ -111,6 +114,24 @@ def whole_sequences(on: bool = True):
         yield
     finally:
         sequence_parallel.world_size = size
+
+
+def setup_sequence_parallel(args, template) -> None:
+    """Under ``--sequence_parallel_size`` the ranks of a group read one set of rows
+    (:meth:`~swift_gkd_plugin.swift.rollout.sampling.RolloutMixin.get_train_dataloader`): a generation batch
+    (``args.generation_batch_size``) holds the rows of the groups, not of every rank; the padding masks are dropped
+    (:func:`drop_right_padding_masks`)."""
+    size = template.sequence_parallel_size
+    if size <= 1:
+        return
+    args.generation_batch_size //= size
+    drop_right_padding_masks()
+    world = args.world_size
+    if args.process_index == 0:
+        logger.info(f'swift_gkd_plugin: sequence parallelism on: {world // size} group(s) of {size} ranks '
+                    f'(--sequence_parallel_size {size}, {world} processes); each rank holds 1/{size} of every '
+                    f'row, and a step covers {args.per_device_train_batch_size} x {world // size} x '
+                    f'{args.gradient_accumulation_steps} rows (per device x groups x accumulation)')
 
 
 def drop_right_padding_masks() -> None:

@@ -32,7 +32,7 @@ class BatchesMixin:
         for batch, rows, own_view in zip(batches, sizes, self._own_views):
             batch['gkd_rows'] = rows
             batch['gkd_own_view'] = own_view
-        if self._xtok is not None:
+        if self.teacher.xtok is not None:
             for batch, rows in zip(batches, self._xtok_rows):
                 batch['gkd_xtok_rows'] = rows
             self._xtok_rows = []
@@ -42,7 +42,7 @@ class BatchesMixin:
         # the policy-gradient terms' samples: the reward term's, and the sampled-token term's on on-policy steps
         policy_gradient = ((self._advantages is not None and self.args.gkd_rl_coef > 0)
                            or (self.args.gkd_sampled_kl_coef > 0 and self._gkd_mode is Mode.ON_POLICY))
-        if policy_gradient and self._measure_mismatch:
+        if policy_gradient and self.samplers.measure_mismatch:
             self._attach_sampler_logprobs(batches, self.split_by_mini_batches(samples))
         return batches
 
@@ -64,7 +64,7 @@ class BatchesMixin:
                 sample.messages = without_history_loss(sample.messages, turns)
                 if sample.teacher_messages:
                     sample.teacher_messages = without_history_loss(sample.teacher_messages, turns)
-        if self._xtok is not None:  # the teacher reads the samples through its own template, not the student's
+        if self.teacher.xtok is not None:  # the teacher reads the samples through its own template, not the student's
             return self._encode_cross_tokenizer(samples)
         cap = length_cap(self)
         with self._template_context(template):  # (ms-swift's: --max_length unset while encoding)
@@ -91,9 +91,9 @@ class BatchesMixin:
             student_list = [encode_sample(sample, self.template) for sample in samples]
         for student in student_list:
             student.pop('_extra_kwargs', None)
-        teacher_template = self._xtok.template
+        teacher_template = self.teacher.xtok.template
         with self._template_context(teacher_template):
-            teacher_list, rows = self._xtok.encode_and_align(samples, student_list)
+            teacher_list, rows = self.teacher.xtok.encode_and_align(samples, student_list)
             teacher_encoded = to_device(teacher_template.data_collator(teacher_list), self.accelerator.device)
         with self._template_context(self.template):
             encoded = to_device(self.template.data_collator(student_list), self.accelerator.device)
@@ -135,7 +135,7 @@ class BatchesMixin:
         counts = [0.0] * steps  # per optimizer step: response tokens (gkd/completion_length: rollout/sampling.py)
         for i, (batch, batch_tokens) in enumerate(zip(batches, tokens)):
             batch.update(token_counts_entries(batch_tokens, batch.get('gkd_own_view', True),
-                                              check_views=self._xtok is None))
+                                              check_views=self.teacher.xtok is None))
             counts[i // group] += batch['gkd_whole_tokens']
         if training and self.accelerator.num_processes > 1:
             counts = torch.tensor(counts, dtype=torch.float64, device=self.accelerator.device)

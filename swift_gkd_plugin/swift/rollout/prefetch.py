@@ -64,101 +64,106 @@ class Prefetched:
         return self.outputs
 
 
-class PrefetchMixin:
+def take_async_flag(args) -> bool:
+    """``--async_generate`` is the plugin's to run: ms-swift's trainer would start its own GRPO prefetch (a callback
+    and a queue its ``_fast_infer`` reads) when it sees the flag, so the trainer's arguments hold False and the plugin
+    keeps the value."""
+    value, args.async_generate = bool(getattr(args, 'async_generate', False)), False
+    return value
+
+
+class Prefetch:
     """The rows up to K optimizer steps ahead, their samples prefetched on the server, taken by the steps they are
-    for."""
+    for.
 
-    @staticmethod
-    def take_async_flag(args) -> bool:
-        """``--async_generate`` is the plugin's to run: ms-swift's trainer would start its own GRPO prefetch (a
-        callback and a queue its ``_fast_infer`` reads) when it sees the flag, so the trainer's arguments hold
-        False and the plugin keeps the value."""
-        value, args.async_generate = bool(getattr(args, 'async_generate', False)), False
-        return value
+    Built by the trainer with ``trainer``: the ms-swift trainer whose state it reads (``args``, ``state``,
+    ``accelerator``, ``custom_metrics``, ms-swift's ``_last_loaded_step``), whose rollout hooks it calls as ms-swift's
+    loop does (``_generate_completions``, ``_preprocess_inputs``, ``to_samples``, ``samples2requests``,
+    ``_get_request_config``, ``_postprocess_rollout_outputs``, ``_move_model_to_vllm``, ``_engine_infer``) and whose
+    :class:`~swift_gkd_plugin.swift.teacher.ahead.TeacherAhead` it hands a served teacher's answers; ``on``:
+    ``--async_generate``."""
 
-    def _setup_prefetch(self, on: bool) -> None:
-        self._prefetch_on = on
-        self._max_staleness = int(getattr(self.args, 'gkd_max_staleness', 1) or 1)
-        self._request_step = None  # the step a request config is made for, when not the current one
+    def __init__(self, trainer, on: bool) -> None:
+        self.trainer = trainer
+        self.on = on
+        self.max_staleness = int(getattr(trainer.args, 'gkd_max_staleness', 1) or 1)
         self._ahead = (None, [])  # (the epoch's iterator, the batches already read for the next optimizer steps)
         self._rows_ahead: Dict[int, object] = {}  # step -> that generation batch's rows on this rank
-        self._gkd_queue: Dict[int, Prefetched] = {}  # step -> its batch sampled ahead, in step order
+        self.queue: Dict[int, Prefetched] = {}  # step -> its batch sampled ahead, in step order
         self._resampled: Dict[int, int] = {}  # step -> samples a resume dropped for it (not its rows): sampled again
-        self._prefetch_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix='gkd-prefetch') \
-            if self._prefetch_on else None
-        self._last_rollout_start = None
-        if self._prefetch_on and self.args.process_index == 0:
-            k = self._max_staleness
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix='gkd-prefetch') if on else None
+        self._staleness_max = None  # the most weight versions a step's samples lagged since the last log
+        self.resumed_from = None  # the checkpoint a resumed run's queue is read from (once)
+        if on and trainer.args.process_index == 0:
+            k = self.max_staleness
             logger.info('swift_gkd_plugin: --async_generate true: on-policy steps are sampled on the rollout server '
                         f'while earlier steps train, up to {k} step{"s" if k > 1 else ""} ahead (--gkd_max_staleness '
                         f'{k}: samples 1 to {k} weight versions old, gkd/staleness); the rows and modes are those of '
                         'the synchronous run')
 
-    def get_batch_samples(self, epoch_iterator, num_batches, device):
-        """The Trainer's batches of this optimizer step, and (async) the next K steps' read early."""
-        if not self._prefetch_on:
-            return super().get_batch_samples(epoch_iterator, num_batches, device)
+    def read_ahead(self, epoch_iterator, num_batches, device):
+        """The Trainer's batches of this optimizer step, and the next K steps' read early."""
         source, read = self._ahead
         read = list(read) if source is epoch_iterator else []
         batches, read = read[:num_batches], read[num_batches:]
         batches += _take(epoch_iterator, num_batches - len(batches))
-        step, per_step = int(self.state.global_step), self.args.gradient_accumulation_steps
-        ahead = self._max_staleness
-        if self.state.max_steps > 0:
-            ahead = min(ahead, self.state.max_steps - step - 1)  # no step past the last
+        state = self.trainer.state
+        step, per_step = int(state.global_step), self.trainer.args.gradient_accumulation_steps
+        ahead = self.max_staleness
+        if state.max_steps > 0:
+            ahead = min(ahead, state.max_steps - step - 1)  # no step past the last
         read += _take(epoch_iterator, max(ahead, 0) * per_step - len(read))
         self._ahead = (epoch_iterator, read)
         self._rows_ahead = {step + 1 + i: read[i * per_step] for i in range((len(read) + per_step - 1) // per_step)}
-        return batches, self._get_num_items_in_batch(batches, device)
+        return batches, self.trainer._get_num_items_in_batch(batches, device)
 
-    # --- the sampling side ------------------------------------------------------------------------------------------
-
-    def _student_samples(self, samples, step: int):
+    def samples(self, samples, step: int):
         """Step ``step``'s on-policy samples: prefetched ones where there are (not older than K), else sampled now."""
-        prefetched = self._take_prefetched(step, samples)
-        metrics = self.custom_metrics['train']
+        trainer = self.trainer
+        prefetched = self._take(step, samples)
+        metrics = trainer.custom_metrics['train']
         resampled = self._resampled.pop(step, 0)  # (a resume dropped this step's batch: not its rows)
         if prefetched is None:
             if resampled:
                 add_token_sum(metrics['gkd/prefetch_resampled'], float(resampled), 1)
-            return self._generate_completions(samples)
+            return trainer._generate_completions(samples)
         keys = _row_keys(samples)
-        samples = self._preprocess_inputs(samples)
+        samples = trainer._preprocess_inputs(samples)
         lengths = gather_object([len(samples)])
-        if lengths != prefetched.lengths or not all(gather_object([prefetched.keys[self.accelerator.process_index]
-                                                                   == keys])):
+        rank = trainer.accelerator.process_index
+        if lengths != prefetched.lengths or not all(gather_object([prefetched.keys[rank] == keys])):
             # the step's rows are not those read ahead (a row replaced since): sampled now rather than mixed up
             logger.warning(f'swift_gkd_plugin: the samples prefetched for step {step} are not for its rows (a row '
                            'was replaced since): sampled now')
             add_token_sum(metrics['gkd/prefetch_resampled'], float(resampled + sum(lengths)), 1)
-            return self._generate_completions(samples)
+            return trainer._generate_completions(samples)
         add_token_sum(metrics['gkd/prefetch_resampled'], float(resampled), 1)
         staleness = step - prefetched.version
-        if staleness > self._max_staleness:  # (the same on every rank: versions are broadcast)
+        if staleness > self.max_staleness:  # (the same on every rank: versions are broadcast)
             add_token_sum(metrics['gkd/stale_dropped'], float(sum(lengths)), 1)
-            if self.accelerator.is_main_process:
+            if trainer.accelerator.is_main_process:
                 logger.warning(f'swift_gkd_plugin: the {sum(lengths)} samples prefetched for step {step} are '
                                f'{staleness} weight versions old, more than --gkd_max_staleness '
-                               f'{self._max_staleness}: dropped, and their rows sampled now with the current weights')
-            return self._generate_completions(samples)
+                               f'{self.max_staleness}: dropped, and their rows sampled now with the current weights')
+            return trainer._generate_completions(samples)
         add_token_sum(metrics['gkd/stale_dropped'], 0.0, 1)
-        outputs = prefetched.result() if self.accelerator.is_main_process else [None] * sum(lengths)
+        outputs = prefetched.result() if trainer.accelerator.is_main_process else [None] * sum(lengths)
         outputs = broadcast_object_list(outputs, from_process=0)
-        if self._teacher_ahead_on():  # the served teacher's answers come with the batch: read by this step's
-            self._answers_ahead(prefetched.answers, pending=True)  # teacher stage (teacher/ahead.py)
-        start = sum(lengths[:self.accelerator.process_index])
+        if trainer.teacher_ahead.on():  # the served teacher's answers come with the batch: read by this step's
+            trainer.teacher_ahead.expect(prefetched.answers, pending=True)  # teacher stage (teacher/ahead.py)
+        start = sum(lengths[:rank])
         add_token_sum(metrics['gkd/staleness'], float(staleness), 1)
-        self._staleness_max = max(getattr(self, '_staleness_max', None) or 0, staleness)
-        return self._postprocess_rollout_outputs(samples, outputs[start:start + lengths[self.accelerator.process_index]])
+        self._staleness_max = max(self._staleness_max or 0, staleness)
+        return trainer._postprocess_rollout_outputs(samples, outputs[start:start + lengths[rank]])
 
-    def _take_prefetched(self, step: int, samples) -> Optional[Prefetched]:
+    def _take(self, step: int, samples) -> Optional[Prefetched]:
         """The batch prefetched for ``step`` (waited for: ``gkd/sample_wait_s``), or one a checkpoint kept (``samples``:
         the step's rows on this rank)."""
-        self._load_prefetched(step, samples)
-        for earlier in [s for s in self._gkd_queue if s < step]:  # (none: every queued step is on-policy, taken in turn)
-            self._wait(self._gkd_queue.pop(earlier))
-        prefetched = self._gkd_queue.pop(step, None)
-        self._answers_ahead(None)
+        self._load(step, samples)
+        for earlier in [s for s in self.queue if s < step]:  # (none: every queued step is on-policy, taken in turn)
+            self._wait(self.queue.pop(earlier))
+        prefetched = self.queue.pop(step, None)
+        self.trainer.teacher_ahead.expect(None)
         self._wait(prefetched)
         return prefetched
 
@@ -169,68 +174,62 @@ class PrefetchMixin:
         started = time.perf_counter()
         prefetched.result()
         waited = time.perf_counter() - started
-        add_token_sum(self.custom_metrics['train']['gkd/sample_wait_s'], waited, 1)
+        add_token_sum(self.trainer.custom_metrics['train']['gkd/sample_wait_s'], waited, 1)
 
-    def _prefetch_next(self, step: int) -> None:
+    def send_next(self, step: int) -> None:
         """Once every batch sampled ahead has been taken, send the prompts of the on-policy steps among the next K to
         the server: the weights of this step synced first, then sampled in the background, in step order (rank 0
         talks to the server)."""
-        if not self._prefetch_on:
+        trainer, args = self.trainer, self.trainer.args
+        if not self.on:
             return
-        self._load_prefetched(step + 1)  # (a resumed run: the checkpoint's queue first)
-        if any(s > step for s in self._gkd_queue):
+        self._load(step + 1)  # (a resumed run: the checkpoint's queue first)
+        if any(s > step for s in self.queue):
             return  # the window still runs: the server samples its steps with the weights synced at its start
         rows_ahead, self._rows_ahead = self._rows_ahead, {}
-        wanted = [(s, rows) for s, rows in sorted(rows_ahead.items()) if step < s <= step + self._max_staleness
-                  and choose_mode(self.args.seed, s, self.args.lmbda, self.args.seq_kd) is Mode.ON_POLICY]
+        wanted = [(s, rows) for s, rows in sorted(rows_ahead.items()) if step < s <= step + self.max_staleness
+                  and choose_mode(args.seed, s, args.lmbda, args.seq_kd) is Mode.ON_POLICY]
         if not wanted:
             return
-        for prefetched in self._gkd_queue.values():
+        for prefetched in self.queue.values():
             self._wait(prefetched)
-        if self._last_loaded_step != self.state.global_step:
-            self._move_model_to_vllm(skip_async_check=True)
-            self._last_loaded_step = self.state.global_step
-        score = self._teacher_ahead_on()  # a served teacher: the producer asks it too (teacher/ahead.py)
+        if trainer._last_loaded_step != trainer.state.global_step:
+            trainer._move_model_to_vllm(skip_async_check=True)
+            trainer._last_loaded_step = trainer.state.global_step
+        score = trainer.teacher_ahead.on()  # a served teacher: the producer asks it too (teacher/ahead.py)
         for following, rows in wanted:
-            samples = self.to_samples(rows)
+            samples = trainer.to_samples(rows)
             keys = gather_object([_row_keys(samples)])
-            samples = self._preprocess_inputs(samples)
-            requests = self.samples2requests(samples)
+            samples = trainer._preprocess_inputs(samples)
+            requests = trainer.samples2requests(samples)
             lengths = gather_object([len(requests)])
             all_requests = gather_object(requests)
             all_samples = gather_object(samples) if score else None
             # the request config of the step it samples (its mode's budget, its seeds)
-            saved = (self._gkd_mode, self._request_step)
-            self._gkd_mode, self._request_step = Mode.ON_POLICY, following
-            try:
-                config = self._get_request_config()
-            finally:
-                self._gkd_mode, self._request_step = saved
+            config = trainer._get_request_config(for_step=following)
             future = None
-            if self.accelerator.is_main_process:
-                future = self._prefetch_pool.submit(self._produce, all_requests, config, all_samples)
-            self._gkd_queue[following] = Prefetched(following, int(self.state.global_step), lengths, future,
-                                                    keys=keys)
+            if trainer.accelerator.is_main_process:
+                future = self._pool.submit(self._produce, all_requests, config, all_samples)
+            self.queue[following] = Prefetched(following, int(trainer.state.global_step), lengths, future,
+                                               keys=keys)
 
-    # --- checkpoints ------------------------------------------------------------------------------------------------
+    def _produce(self, infer_requests, request_config, samples=None):
+        """The producer's job for one batch (rank 0's thread): the server's samples, then, with ``samples`` (every
+        rank's rows, as sent), the served teachers' answers to them, asked in a thread of their own
+        (:meth:`~swift_gkd_plugin.swift.teacher.ahead.TeacherAhead.submit`). Returns ``(outputs, answers)``,
+        ``answers`` a future: the trainer takes the samples (and syncs, and sends the next prompts) as soon as they are
+        back, and waits for the answers only in its teacher stage, so the teacher's call overlaps the server's next
+        batch as it did when the trainer asked."""
+        outputs = self.trainer._engine_infer(infer_requests=infer_requests, request_config=request_config)
+        answers = None if samples is None else self.trainer.teacher_ahead.submit(samples, outputs)
+        return outputs, answers
 
-    def _save_checkpoint(self, model, trial):
-        """A checkpoint also keeps every batch sampled for its next steps (rank 0 holds them), written before ms-swift
-        and transformers write the checkpoint's files (``trainer_state.json`` last): a resumed run trains them, as the
-        uninterrupted run does, and a checkpoint marked complete has its queue."""
-        if self._prefetch_on and self.accelerator.is_main_process:
-            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-            folder = os.path.join(self._get_output_dir(trial=trial),
-                                  f'{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}')
-            self._save_queue(folder)
-        return super()._save_checkpoint(model, trial)
-
-    def _save_queue(self, folder: str) -> None:
+    def save_queue(self, folder: str) -> None:
         """:data:`SAVED` (and :data:`SAVED_TENSORS`) in ``folder``, each written to a temporary file and renamed; an
         empty queue is saved too (a checkpoint of an ``--async_generate`` run always has the file)."""
         os.makedirs(folder, exist_ok=True)
         queue, tensors = [], {}
-        for prefetched in self._gkd_queue.values():
+        for prefetched in self.queue.values():
             self._wait(prefetched)
             answers = prefetched.answers.result() if isinstance(prefetched.answers, Future) else prefetched.answers
             queue.append({'step': prefetched.step, 'version': prefetched.version, 'lengths': prefetched.lengths,
@@ -240,28 +239,28 @@ class PrefetchMixin:
             save_safetensors_atomic(tensors, os.path.join(folder, SAVED_TENSORS))
         write_json_atomic(os.path.join(folder, SAVED), {'format': FORMAT, 'queue': queue})
 
-    def _load_prefetched(self, step: int, samples=None) -> None:
+    def _load(self, step: int, samples=None) -> None:
         """The batches of the checkpoint this run resumed from, for ``step`` and later (read once), into the queue:
         those whose rows are this run's rows for their steps (``samples``: this step's on this rank; later steps' read
         ahead); the others, and a queue that cannot be read, are sampled again (warned once, with the counts)."""
-        path = getattr(self, '_resumed_from', None)
-        self._resumed_from = None
+        trainer = self.trainer
+        path, self.resumed_from = self.resumed_from, None
         if not path:
             return
-        saved, problem = _read_queue(path) if self.accelerator.is_main_process else (None, None)
+        saved, problem = _read_queue(path) if trainer.accelerator.is_main_process else (None, None)
         meta = [(problem, [(b['step'], b['version'], b['lengths'], b['keys']) for b in saved or []])]
         problem, meta = broadcast_object_list(meta, from_process=0)[0]
         if problem:
-            if self.accelerator.is_main_process:
+            if trainer.accelerator.is_main_process:
                 logger.warning(f'swift_gkd_plugin: {problem}: the steps its run had sampled ahead are sampled again '
                                'with the resumed weights (so they differ from the uninterrupted run\'s)')
             return
-        rank, ranks = self.accelerator.process_index, self.accelerator.num_processes
+        rank, ranks = trainer.accelerator.process_index, trainer.accelerator.num_processes
         mine = []
         for saved_step, _, lengths, keys in meta:
             rows = samples if saved_step == step and samples is not None else self._rows_ahead.get(saved_step)
             mine.append(saved_step >= step and rows is not None and len(keys) == ranks
-                        and keys[rank] == _row_keys(self.to_samples(rows)))  # (samples pass through)
+                        and keys[rank] == _row_keys(trainer.to_samples(rows)))  # (samples pass through)
         agreed = [all(flags) for flags in zip(*gather_object([mine]))] if meta else []
         dropped = []
         for i, (saved_step, version, lengths, keys) in enumerate(meta):
@@ -272,25 +271,46 @@ class PrefetchMixin:
                 self._resampled[saved_step] = sum(lengths)
                 continue
             batch = saved[i] if saved is not None else {}
-            self._gkd_queue[saved_step] = Prefetched(saved_step, version, lengths, outputs=batch.get('outputs'),
-                                                     answers=batch.get('answers'), keys=keys)
-        if dropped and self.accelerator.is_main_process:
+            self.queue[saved_step] = Prefetched(saved_step, version, lengths, outputs=batch.get('outputs'),
+                                                answers=batch.get('answers'), keys=keys)
+        if dropped and trainer.accelerator.is_main_process:
             logger.warning(f'swift_gkd_plugin: {os.path.join(path, SAVED)} holds samples of {len(dropped)} step'
                            f'{"s" if len(dropped) > 1 else ""} ({", ".join(str(s) for s, _ in dropped)}: '
                            f'{sum(n for _, n in dropped)} samples) for rows that are not this run\'s rows of those '
                            'steps (resumed with --ignore_data_skip true, or another --dataset): not trained; their '
                            'rows are sampled again with the resumed weights (gkd/prefetch_resampled)')
 
-    def _load_rng_state(self, checkpoint):
-        self._resumed_from = checkpoint if self._prefetch_on else None
-        return super()._load_rng_state(checkpoint)
-
-    def _log_prefetch(self, logs) -> None:
+    def log_into(self, logs) -> None:
         """``gkd/staleness_max``: the most weight versions a step's samples lagged since the last log (the mean is
         ``gkd/staleness``)."""
-        if getattr(self, '_staleness_max', None) is not None:
+        if self._staleness_max is not None:
             logs['gkd/staleness_max'] = self._staleness_max
             self._staleness_max = None
+
+
+class PrefetchMixin:
+    """ms-swift's hooks the prefetch takes part in: the batches read ahead, a checkpoint's queue, a resume's."""
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The Trainer's batches of this optimizer step, and (async) the next K steps' read early."""
+        if not self.prefetch.on:
+            return super().get_batch_samples(epoch_iterator, num_batches, device)
+        return self.prefetch.read_ahead(epoch_iterator, num_batches, device)
+
+    def _save_checkpoint(self, model, trial):
+        """A checkpoint also keeps every batch sampled for its next steps (rank 0 holds them), written before ms-swift
+        and transformers write the checkpoint's files (``trainer_state.json`` last): a resumed run trains them, as the
+        uninterrupted run does, and a checkpoint marked complete has its queue."""
+        if self.prefetch.on and self.accelerator.is_main_process:
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+            folder = os.path.join(self._get_output_dir(trial=trial),
+                                  f'{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}')
+            self.prefetch.save_queue(folder)
+        return super()._save_checkpoint(model, trial)
+
+    def _load_rng_state(self, checkpoint):
+        self.prefetch.resumed_from = checkpoint if self.prefetch.on else None
+        return super()._load_rng_state(checkpoint)
 
 
 def _row_keys(samples) -> List[str]:

@@ -13,10 +13,10 @@ from swift.utils import get_logger, unwrap_model_for_generation
 from swift_gkd_plugin.core.weights.lora_round_trip import (HostBuffer, adapter_tensors_copied, exact_lora_sync,
                                                            lora_merges_skipped)
 from swift_gkd_plugin.core.modes import Mode, sampling_seed
-from swift_gkd_plugin.options.flags import rollout_max_tokens
+from swift_gkd_plugin.options.flags import rollout_max_tokens, sampling_temperature
 from swift_gkd_plugin.swift.step.hidden_states import head_rows
 from swift_gkd_plugin.swift.rollout.rollout_server import watch_rollout_client
-from swift_gkd_plugin.swift.rollout.media_tokens import cut_at_media_placeholders, suppress_media_placeholders
+from swift_gkd_plugin.swift.rollout.media_tokens import suppress_media_placeholders
 from swift_gkd_plugin.swift.rollout.correction import SamplerLogprobsEngine
 from swift_gkd_plugin.swift.rollout.speculative import SpeculativeEngine
 from swift_gkd_plugin.swift.rollout.stop_token import TransformersSampler
@@ -25,107 +25,127 @@ from swift_gkd_plugin.rollout.colocated_vllm import weight_sync_context
 logger = get_logger()
 
 
-class SamplersMixin:
-    """The engines and settings that draw a generation batch's samples."""
+class Samplers:
+    """The engines and settings that draw a generation batch's samples.
 
-    def _sampling_engine(self, model, template=None, decode=None):
+    Built by the trainer before ms-swift's constructor (which asks for a request config) with ``trainer``: the ms-swift
+    trainer whose public state it reads (``args``, ``accelerator``, ``model``, ``model_wrapped``, ``template``,
+    ``state``, ``vllm_tensor_parallel_size``) and whose sampler settings it sets (``engine``, ``request_config``);
+    the rollout asks it for engines, the unwrapped student, each step's sampling stream and request configs."""
+
+    def __init__(self, trainer) -> None:
+        self.trainer = trainer
+        self.measure_mismatch = False  # the sampler's log-probabilities are asked for (request_sampler_logprobs)
+
+    @property
+    def temperature(self) -> float:
+        """The temperature of on-policy and seq_kd sampling (``--gkd_sampling_temperature``, else ``--temperature``),
+        which the policy-gradient terms also read their samples at."""
+        return sampling_temperature(self.trainer.args)
+
+    def engine(self, model, template=None, decode=None):
         """A transformers engine on ``model`` that keeps each answer's stop token (:mod:`.stop_token`); ``decode``:
         SKD's decoding loop (:class:`SpeculativeEngine`)."""
-        template = template or self.template
+        template = template or self.trainer.template
         if decode is None:
-            engine = TransformersSampler(model, template=self._infer_template(template), max_batch_size=0)
+            engine = TransformersSampler(model, template=self.infer_template(template), max_batch_size=0)
         else:
-            engine = SpeculativeEngine(model, template=self._infer_template(template), decode=decode)
+            engine = SpeculativeEngine(model, template=self.infer_template(template), decode=decode)
         suppress_media_placeholders(engine, template)
         return engine
 
-    def _infer_template(self, template=None):
-        template = copy(template or self.template)
+    def infer_template(self, template=None):
+        template = copy(template or self.trainer.template)
         template.padding_free = False
         template.sequence_parallel_size = 1
         template.remove_unused_columns = True
         return template
 
-    def _student_for_generation(self, stack: ExitStack):
+    def student(self, stack: ExitStack):
         """The unwrapped student, held by ``stack`` for sampling (ZeRO-3 weights gathered per
         ``--ds3_gather_for_generation``)."""
+        trainer = self.trainer
         return stack.enter_context(
             unwrap_model_for_generation(
-                self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation))
-
-    def _postprocess_rollout_outputs(self, samples, outputs):
-        """Every sampler's responses (student or teacher, any engine) as samples, cut before a media placeholder
-        that a sampler outside this process may still have drawn."""
-        samples = super()._postprocess_rollout_outputs(samples, outputs)
-        cut_at_media_placeholders(samples, self.template)
-        return samples
+                trainer.model_wrapped, trainer.accelerator,
+                gather_deepspeed3_params=trainer.args.ds3_gather_for_generation))
 
     @contextmanager
-    def _sampling_rng(self, step: int):
+    def rng(self, step: int):
         """Every rank samples from its own stream seeded by (seed, step, rank) with several completions per prompt
         (the copies of a prompt on different ranks must not draw the same completion) and under vLLM colocate with
         one rank per engine (the engine, in this process, draws from the device's default generator: requests without
         a seed of their own keep vLLM's batched sampler, and a resumed run draws what the uninterrupted run drew).
         Otherwise the trainer's common stream (ms-swift's behaviour; a checkpoint restores it)."""
-        if self.args.num_generations == 1 and not self._vllm_draws_from_this_process():
+        args = self.trainer.args
+        if args.num_generations == 1 and not self.vllm_draws_from_this_process():
             yield
             return
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(sampling_seed(self.args.seed, step, self.args.process_index))
+            torch.manual_seed(sampling_seed(args.seed, step, args.process_index))
             yield
 
-    def _vllm_draws_from_this_process(self) -> bool:
+    def vllm_draws_from_this_process(self) -> bool:
         """vLLM colocate with one rank per engine: its unseeded requests draw from this process's generator."""
-        return bool(self.args.use_vllm) and self.args.vllm_mode == 'colocate' and self._vllm_tp_size() == 1
+        args = self.trainer.args
+        return bool(args.use_vllm) and args.vllm_mode == 'colocate' and self.vllm_tp_size() == 1
 
-    def _vllm_tp_size(self) -> int:
-        return int(getattr(self, 'vllm_tensor_parallel_size', 1) or 1)
+    def vllm_tp_size(self) -> int:
+        return int(getattr(self.trainer, 'vllm_tensor_parallel_size', 1) or 1)
 
-    def _get_request_config(self, logprobs: bool = True):
-        """ms-swift's request config, with vLLM's per-request seeds derived from (seed, step, rank) in colocate mode
-        (see :func:`seeded_request_config`) and, on on-policy steps, ``--gkd_rollout_max_tokens`` as its token budget;
-        ``logprobs=False`` for samplers whose log-probabilities are unused (the teacher's, SKD's)."""
-        config = super()._get_request_config()
+    def request_config(self, config, logprobs: bool, mode, step, turn: int):
+        """ms-swift's request ``config``, with vLLM's per-request seeds derived from (seed, step, rank) in colocate
+        mode (see :func:`seeded_request_config`) and, on on-policy steps (``mode``), ``--gkd_rollout_max_tokens`` as its
+        token budget; ``logprobs=False`` for samplers whose log-probabilities are unused (the teacher's, SKD's).
+        ``step``: a prefetched step's (``--async_generate``), else None (this one); ``turn``: a multi-turn rollout's
+        later turn."""
+        trainer = self.trainer
+        args = trainer.args
         if not logprobs and config.logprobs:
             config = copy(config)
             config.logprobs = False
-        budget = rollout_max_tokens(self.args)  # early-stopped rollouts: the student's on-policy samples only
-        if getattr(self, '_gkd_mode', None) is Mode.ON_POLICY and config.max_tokens and budget < config.max_tokens:
+        budget = rollout_max_tokens(args)  # early-stopped rollouts: the student's on-policy samples only
+        if mode is Mode.ON_POLICY and config.max_tokens and budget < config.max_tokens:
             config = copy(config)
             config.max_tokens = budget
-        if not self.args.use_vllm:  # (ms-swift keeps the flag on args alone)
-            return untruncated_top_k(config, self.accelerator.unwrap_model(self.model))
-        if not self.model.training:
+        if not args.use_vllm:  # (ms-swift keeps the flag on args alone)
+            return untruncated_top_k(config, trainer.accelerator.unwrap_model(trainer.model))
+        if not trainer.model.training:
             return config
-        step = getattr(self, '_request_step', None)  # a prefetched step's (--async_generate), else this one
-        return seeded_request_config(config, seed=self.args.seed,
-                                     step=int(self.state.global_step) if step is None else step,
-                                     process_index=self.accelerator.process_index,
-                                     tensor_parallel_size=self._vllm_tp_size(), vllm_mode=self.args.vllm_mode,
-                                     turn=self._sampling_turn, copies=self.args.num_generations)
+        return seeded_request_config(config, seed=args.seed,
+                                     step=int(trainer.state.global_step) if step is None else step,
+                                     process_index=trainer.accelerator.process_index,
+                                     tensor_parallel_size=self.vllm_tp_size(), vllm_mode=args.vllm_mode,
+                                     turn=turn, copies=args.num_generations)
 
-    def _request_sampler_logprobs(self) -> None:
+    def request_sampler_logprobs(self) -> None:
         """The RL term's sampler/policy mismatch correction (``--rollout_importance_sampling_mode``) and its metrics
         (also alone: ``--log_rollout_offpolicy_metrics``, as in GRPO) need the sampler's per-token log-probabilities:
         vLLM reports them anyway (ms-swift asks for its processed ones); the transformers engine is asked only then
         (it keeps every decoding step's scores meanwhile)."""
-        mode, threshold = self.args.rollout_importance_sampling_mode, self.args.rollout_importance_sampling_threshold
+        trainer = self.trainer
+        args = trainer.args
+        mode, threshold = args.rollout_importance_sampling_mode, args.rollout_importance_sampling_threshold
         # (vLLM before 0.10.2 reports raw log-probabilities: refused by swift.arguments.check_vllm_logprobs)
-        self._measure_mismatch = mode is not None or self.args.log_rollout_offpolicy_metrics
-        if self._measure_mismatch and not self.args.use_vllm:
-            self.request_config.logprobs = True
-            self.engine = SamplerLogprobsEngine(self.model, template=self._infer_template(self.template),
-                                                max_batch_size=0)
+        self.measure_mismatch = mode is not None or args.log_rollout_offpolicy_metrics
+        if self.measure_mismatch and not args.use_vllm:
+            trainer.request_config.logprobs = True
+            trainer.engine = SamplerLogprobsEngine(trainer.model, template=self.infer_template(trainer.template),
+                                                   max_batch_size=0)
         if mode is None:
-            logged = ('the mismatch (gkd/rollout_*) is logged' if self._measure_mismatch else
+            logged = ('the mismatch (gkd/rollout_*) is logged' if self.measure_mismatch else
                       '--log_rollout_offpolicy_metrics true logs the mismatch')
             logger.info('swift_gkd_plugin: no sampler/policy mismatch correction of the policy-gradient term '
                         f'(--rollout_importance_sampling_mode unset); {logged}')
         else:
             logger.info(f'swift_gkd_plugin: the policy-gradient term is weighted by {mode} importance weights '
                         f'min(pi / mu, {threshold:g}) of the sampler\'s log-probabilities '
-                        f'({"vLLM" if self.args.use_vllm else "transformers engine"})')
+                        f'({"vLLM" if args.use_vllm else "transformers engine"})')
+
+
+class WeightSyncMixin:
+    """ms-swift's weight syncs to vLLM, exact for a LoRA student."""
 
     def _move_model_to_vllm(self, *args, **kwargs):
         """ms-swift's sync merges the LoRA adapter into the base in place and unmerges it (``W + d - d != W`` in
@@ -223,7 +243,7 @@ def seeded_request_config(config, *, seed: int, step: int, process_index: int, t
 
     With one rank per engine no request is seeded: per-request generators put vLLM on a per-request sampling loop and
     off its fused top-k/top-p sampler; the engine draws from the process's default generator instead, which the
-    trainer seeds per (seed, step, rank) around each rollout (:meth:`SamplersMixin._sampling_rng`).
+    trainer seeds per (seed, step, rank) around each rollout (:meth:`Samplers.rng`).
 
     Server mode (rank 0 sends every rank's requests) with one completion per prompt: seeded from (seed, step, turn),
     so a resumed run and ``--async_generate`` draw what the synchronous, uninterrupted run drew. With several

@@ -34,14 +34,13 @@ from swift_gkd_plugin.core.speculative import teacher_seed
 from swift_gkd_plugin.core.views import (generated_turns, prepare_teacher_view, student_trajectory,
                                         with_teacher_prompt)
 from swift_gkd_plugin.swift.setup.compile_cost import eager_sampling
-from swift_gkd_plugin.options.flags import sampling_temperature
 from swift_gkd_plugin.swift.rollout.group_resample import resample_failed_groups
-from swift_gkd_plugin.swift.rollout.media_tokens import suppress_media_placeholders
+from swift_gkd_plugin.swift.rollout.media_tokens import cut_at_media_placeholders, suppress_media_placeholders
 from swift_gkd_plugin.swift.step.hidden_states import head_rows
 from swift_gkd_plugin.swift.rollout.scheduler_guard import TRUNCATED, SchedulerGuard
 from swift_gkd_plugin.swift.rollout.speculative import cached_forward, server_teacher, skd_decoding
-from swift_gkd_plugin.swift.sequence_parallel import (drop_right_padding_masks, gather_shares, group_size,
-                                                     shard_over_data_parallel, share, whole_sequences)
+from swift_gkd_plugin.swift.sequence_parallel import (gather_shares, group_size, shard_over_data_parallel, share,
+                                                     whole_sequences)
 from swift_gkd_plugin.swift.step.token_metrics import add_token_sum as _add_token_sum
 
 logger = get_logger()
@@ -60,21 +59,6 @@ def learnable_tokens(sample) -> int:
 class RolloutMixin:
     """Generation batches: their mode, their prompts and their samples."""
 
-    def _setup_sequence_parallel(self) -> None:
-        """Under ``--sequence_parallel_size`` the ranks of a group read one set of rows (:meth:`get_train_dataloader`):
-        a generation batch holds the rows of the groups, not of every rank."""
-        size = self.template.sequence_parallel_size
-        if size <= 1:
-            return
-        self.args.generation_batch_size //= size
-        drop_right_padding_masks()
-        world, args = self.args.world_size, self.args
-        if args.process_index == 0:
-            logger.info(f'swift_gkd_plugin: sequence parallelism on: {world // size} group(s) of {size} ranks '
-                        f'(--sequence_parallel_size {size}, {world} processes); each rank holds 1/{size} of every '
-                        f'row, and a step covers {args.per_device_train_batch_size} x {world // size} x '
-                        f'{args.gradient_accumulation_steps} rows (per device x groups x accumulation)')
-
     def _setup_sampling(self) -> None:
         """Each step's mode and its log, the sampling temperature, a multi-turn scheduler's guard, the sampler's
         log-probabilities where a policy-gradient term needs them, media placeholders kept out of samples."""
@@ -82,14 +66,13 @@ class RolloutMixin:
         self._gkd_mode = Mode.OFF_POLICY
         self._teacher_engine = None
         # --gkd_sampling_temperature: ms-swift built every sampler's request config from --temperature (the loss's)
-        self._sampling_temperature = sampling_temperature(self.args)
-        self.request_config.temperature = self._sampling_temperature
+        self.request_config.temperature = self.samplers.temperature
         self._mode_log = mode_log_path(self.args.output_dir, self.args.process_index)
-        self._sampler_logprobs_noted, self._measure_mismatch = False, False
+        self._sampler_logprobs_noted = False
         if type(getattr(self, 'engine', None)) is TransformersEngine:  # ms-swift's: one that keeps the stop token
-            self.engine = self._sampling_engine(self.model)
+            self.engine = self.samplers.engine(self.model)
         if self.args.gkd_rl_coef > 0 or self.args.gkd_sampled_kl_coef > 0:  # the policy-gradient terms
-            self._request_sampler_logprobs()
+            self.samplers.request_sampler_logprobs()
         suppress_media_placeholders(getattr(self, 'engine', None), self.template)  # the student's own sampler
 
     def _guard_scheduler(self) -> None:
@@ -116,35 +99,64 @@ class RolloutMixin:
         self._count_step_tokens(batches)
         return batches
 
+    def _get_request_config(self, logprobs: bool = True, for_step=None):
+        """ms-swift's request config as the samplers adapt it (:meth:`~.samplers.Samplers.request_config`) for this
+        step's mode and a multi-turn rollout's turn; ``logprobs=False`` for samplers whose log-probabilities are
+        unused; ``for_step``: an on-policy step sampled ahead (``--async_generate``), whose budget and seeds it gets
+        instead of this step's."""
+        mode = Mode.ON_POLICY if for_step is not None else getattr(self, '_gkd_mode', None)
+        return self.samplers.request_config(super()._get_request_config(), logprobs, mode=mode, step=for_step,
+                                            turn=self._sampling_turn)
+
+    def _postprocess_rollout_outputs(self, samples, outputs):
+        """Every sampler's responses (student or teacher, any engine) as samples, cut before a media placeholder
+        that a sampler outside this process may still have drawn."""
+        samples = super()._postprocess_rollout_outputs(samples, outputs)
+        cut_at_media_placeholders(samples, self.template)
+        return samples
+
     def _rollout_samples(self, inputs):
-        """Pick the mode of this generation batch and produce its responses."""
+        """This generation batch's mode, its rows (resampled where they do not encode), their responses where the
+        mode samples them, then the next steps' prompts sent ahead (``--async_generate``)."""
         training = self.model.training
         step = int(self.state.global_step)
+        mode = self._choose_mode(step, training)
+        if self.template.truncation_strategy == 'raise':
+            inputs = self.resample_encode_failed_inputs(inputs, strip_response=mode.needs_generation)
+        samples = self.to_samples(inputs)
+        if mode.needs_generation:
+            samples = self._generated(mode, samples, step, training)
+        if training:
+            self.prefetch.send_next(step)  # --async_generate: the next step's samples, while this one trains
+        return samples
+
+    def _choose_mode(self, step: int, training: bool) -> Mode:
+        """The mode of this generation batch (:func:`step_mode`), kept for the stages that follow and logged."""
         mode = step_mode(self.args, step, training, self._mode_log)
         self._gkd_mode = mode
         self._data_source = data_source(mode)
         if training:
             self._record_mode(step, mode)
+        return mode
 
-        if self.template.truncation_strategy == 'raise':
-            inputs = self.resample_encode_failed_inputs(inputs, strip_response=mode.needs_generation)
-        samples = self.to_samples(inputs)
-        if mode.needs_generation:  # once per sequence-parallel group: each rank its share, on whole sequences
-            with self._sampling_rng(step), whole_sequences():
-                samples = gather_shares(self._sample(mode, share(samples), step))
-        teacher_tokens = mode is Mode.SEQ_KD and self._xtok is not None
-        if training and mode.needs_generation:  # gkd/completion_length*, gkd/clipped_ratio (in the sampler's tokens)
-            self._completions.add(samples, end_of_turn_ids(self._xtok.template if teacher_tokens else self.template))
+    def _generated(self, mode: Mode, samples, step: int, training: bool):
+        """The responses of an on-policy or seq_kd batch (once per sequence-parallel group: each rank its share, on
+        whole sequences), their lengths logged, a cross-tokenizer teacher's answers turned into text both sides
+        encode, a multi-turn rollout's trajectories logged."""
+        with self.samplers.rng(step), whole_sequences():
+            samples = gather_shares(self._sample(mode, share(samples), step))
+        teacher_tokens = mode is Mode.SEQ_KD and self.teacher.xtok is not None
+        if training:  # gkd/completion_length*, gkd/clipped_ratio (in the sampler's tokens)
+            template = self.teacher.xtok.template if teacher_tokens else self.template
+            self._completions.add(samples, end_of_turn_ids(template))
         if teacher_tokens:
             for sample in samples:
                 # the sampled ids are the teacher's: both sides encode the text, ending the turn where the
                 # teacher stopped by itself
                 sample.response_token_ids, sample.response_loss_mask = [], []
                 sample.add_eos = sample.finish_reason == 'stop'
-        if self.multi_turn_scheduler is not None and mode.needs_generation:
+        if self.multi_turn_scheduler is not None:
             self._log_trajectories(samples)
-        if training:
-            self._prefetch_next(step)  # --async_generate: the next step's samples, while this one trains
         return samples
 
     def _sample(self, mode: Mode, samples, step: int):
@@ -152,7 +164,7 @@ class RolloutMixin:
         if mode is Mode.ON_POLICY and self.args.gkd_skd_top_k:
             return self._generate_with_skd(samples, step)
         if mode is Mode.ON_POLICY:
-            return self._student_samples(samples, step)  # prefetched (--async_generate) or ms-swift's loop
+            return self.prefetch.samples(samples, step)  # prefetched (--async_generate) or ms-swift's loop
         return self._generate_with_teacher(samples)
 
     def _add_prompt_id_to_inputs(self, samples):
@@ -188,18 +200,18 @@ class RolloutMixin:
         results = []
         with ExitStack() as stack:
             stack.callback(self.model.train, self.model.training)  # the engine calls eval() on the student
-            unwrapped = self._student_for_generation(stack)
+            unwrapped = self.samplers.student(stack)
             if self.use_teacher_api:  # this plugin's teacher server (checked before loading: /v1/topk, k >= K)
                 teacher = server_teacher(self.teacher_clients[0], self.args.gkd_skd_top_k)
             elif self.teacher_model is None:  # the student's base, adapter off (or the teacher adapter on)
-                view = lambda: self._teacher_view_of_student(unwrapped)  # noqa: E731
+                view = lambda: self.teacher.view_of_student(unwrapped)  # noqa: E731
                 teacher = lambda model, _: cached_forward(model, view)  # noqa: E731
             else:
-                teacher_model = self._teacher_for_generation(stack)
+                teacher_model = self.teacher.for_generation(stack)
                 teacher = lambda model, _: cached_forward(teacher_model)  # noqa: E731
-            decode = skd_decoding(teacher, top_k=self.args.gkd_skd_top_k, temperature=self._sampling_temperature,
+            decode = skd_decoding(teacher, top_k=self.args.gkd_skd_top_k, temperature=self.samplers.temperature,
                                   generator=generator, on_result=results.append)
-            engine = self._sampling_engine(unwrapped, decode=decode)
+            engine = self.samplers.engine(unwrapped, decode=decode)
             stack.enter_context(self.template.generate_context())
             # SKD's tokens come from a student/teacher mixture: no sampler log-probabilities, no correction
             outputs = engine.infer(requests, self._get_request_config(logprobs=False), use_tqdm=False)
@@ -217,7 +229,7 @@ class RolloutMixin:
 
     def _generate_with_teacher(self, samples):
         """seq_kd: the teacher samples the responses (transformers engine on the teacher's weights)."""
-        if self.teacher_model is None and not self._teacher_use_disable_adapter and self._teacher_adapter is None:
+        if self.teacher.is_the_student():
             # The teacher is the student itself (no --teacher_model): its samples are the student's.
             return self._generate_completions(samples)
         for sample in samples:
@@ -310,16 +322,17 @@ class RolloutMixin:
             stack.callback(self.model.train, self.model.training)
             if self.teacher_model is None:
                 # One copy of the weights: the teacher is the student's base (adapter off or teacher adapter on).
-                unwrapped = self._student_for_generation(stack)
-                stack.enter_context(self._teacher_view_of_student(unwrapped))
-                engine = self._sampling_engine(unwrapped)
+                unwrapped = self.samplers.student(stack)
+                stack.enter_context(self.teacher.view_of_student(unwrapped))
+                engine = self.samplers.engine(unwrapped)
             else:
-                unwrapped = self._teacher_for_generation(stack)
+                unwrapped = self.teacher.for_generation(stack)
                 if self._teacher_engine is None or self._teacher_engine.model is not unwrapped:
                     # a teacher with another tokenizer samples through its own template
-                    self._teacher_engine = self._sampling_engine(unwrapped, self._xtok and self._xtok.template)
+                    xtok = self.teacher.xtok
+                    self._teacher_engine = self.samplers.engine(unwrapped, xtok and xtok.template)
                 engine = self._teacher_engine
-            stack.enter_context((self._xtok.template if self._xtok else self.template).generate_context())
+            stack.enter_context((self.teacher.xtok.template if self.teacher.xtok else self.template).generate_context())
             yield engine
 
     def get_train_dataloader(self):

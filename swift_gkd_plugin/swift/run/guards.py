@@ -204,8 +204,8 @@ def zero_loss_cause(trainer, empty: bool = False) -> str:
         return ('the teacher is the student\'s base with its LoRA adapter off, and the adapter is still zero (a fresh '
                 'LoRA: its B matrices are 0), so the student is its teacher: start from a trained adapter '
                 '(--adapters), give rows a teacher_prompt, or pass another --teacher_model')
-    if trainer._teacher_adapter is not None:
-        return f'--teacher_adapters {trainer._teacher_adapter} changes nothing in the student\'s outputs'
+    if trainer.teacher.adapter is not None:
+        return f'--teacher_adapters {trainer.teacher.adapter} changes nothing in the student\'s outputs'
     if trainer.teacher_model is None:
         return ('the teacher is the student itself (no --teacher_model) and saw what the student saw: give rows a '
                 'teacher_prompt, or pass --teacher_model')
@@ -219,7 +219,7 @@ def _copy_of_the_student(trainer, other_terms: bool = False) -> bool:
     """A separate, whole teacher whose parameters equal the student's (unless another term learns, where
     ``other_terms`` is False)."""
     args = trainer.args
-    if (trainer.teacher_model is None or trainer.use_teacher_api or trainer._teacher_partitioned
+    if (trainer.teacher_model is None or trainer.use_teacher_api or trainer.teacher.partitioned
             or not other_terms and (args.sft_alpha > 0 or args.gkd_rl_coef > 0)):
         return False
     return copy_of_the_student(dict(trainer.accelerator.unwrap_model(trainer.teacher_model).named_parameters()),

@@ -88,7 +88,7 @@ def head_bypassed(model: nn.Module, enabled: bool = True):
 
 def fused_fallback_reason(trainer) -> Optional[str]:
     """Why the fused loss cannot run in this trainer's configuration, or None when it can."""
-    if getattr(trainer, '_xtok', None) is not None:
+    if trainer.teacher.xtok is not None:
         return 'cross-tokenizer distillation (--gkd_cross_tokenizer) compares aligned positions of two vocabularies'
     if getattr(trainer.args, 'gkd_ref_kl_coef', 0.0):
         return '--gkd_ref_kl_coef compares the student\'s full logits with the reference\'s'

@@ -71,13 +71,7 @@ class LossMixin(EvaluationMixin):
         metrics; fused on hidden states where it applies, else on the full logits."""
         setup = self._loss_setup(inputs)
         fwd = {k: v for k, v in inputs['model_inputs'].items() if k != 'labels'}
-        if self.model.training and not self.args.ds3_gather_for_generation:  # ZeRO-3 gathered as they sampled
-            for sampler in (model, self.teacher_model):
-                if sampler is not None:
-                    reclaim_after_inference_sampling(sampler)
-
-        if self._teacher_offloader is not None and not self.use_teacher_api:
-            self._teacher_offloader.prefetch()  # the upload overlaps the student's forward
+        self._ready_the_models(model)
         loss_impl = self._fused_loss if self._fused else self._dense_loss
         loss, outputs = loss_impl(model, fwd, inputs['teacher_model_inputs'], inputs, setup)
         if self.model.training:
@@ -85,6 +79,16 @@ class LossMixin(EvaluationMixin):
             self._loss_batch = inputs  # for training_step's check of a non-finite loss
         loss = undo_trainer_ga_division(self, loss, num_items_in_batch)  # transformers <= 5.17 divides it after
         return (loss, outputs) if return_outputs else loss
+
+    def _ready_the_models(self, model) -> None:
+        """Before a micro-batch's forwards: the weights ZeRO-3 gathered as the samplers drew made trainable again, an
+        offloaded teacher's upload started (it overlaps the student's forward)."""
+        if self.model.training and not self.args.ds3_gather_for_generation:  # ZeRO-3 gathered as they sampled
+            for sampler in (model, self.teacher_model):
+                if sampler is not None:
+                    reclaim_after_inference_sampling(sampler)
+        if self.teacher.offloader is not None and not self.use_teacher_api:
+            self.teacher.offloader.prefetch()  # the upload overlaps the student's forward
 
     def training_step(self, model, inputs, *args, **kwargs):
         """One training micro-batch; a NaN or infinite loss stops the run (:class:`RunError`). The loss is read
@@ -134,7 +138,7 @@ class LossMixin(EvaluationMixin):
         if 'gkd_tokens' not in inputs:  # a batch that did not come from _count_step_tokens: counted here (one sync)
             counts = response_token_counts(model_inputs['labels'], teacher_inputs['labels']).tolist()
             own_view = sequence_parallel and not torch.equal(student_labels, teacher_labels)
-            inputs = {**inputs, **token_counts_entries(counts, own_view, check_views=self._xtok is None)}
+            inputs = {**inputs, **token_counts_entries(counts, own_view, check_views=self.teacher.xtok is None)}
         n_student, n_teacher = inputs['gkd_tokens']  # (this rank's slice of the rows under sequence parallelism)
         if sequence_parallel:  # the models' outputs are this rank's slice of each sequence: so are the labels
             announce_batch(model_inputs)
@@ -217,7 +221,7 @@ class LossMixin(EvaluationMixin):
                                                        setup.teacher_rows(gkd_batch.teacher_topk_logprobs).float(),
                                                        student_vocab), _token_logprobs(setup, gkd_batch))
         with whole_sequences(setup.teacher_whole):
-            t_hidden, (t_weight, t_bias) = self._teacher_forward(model, teacher_inputs, hidden=True)
+            t_hidden, (t_weight, t_bias) = self.teacher.forward(model, teacher_inputs, hidden=True)
         t_hidden = setup.teacher_rows(t_hidden)
         if self.gkd_logits_topk is not None:
             return TeacherTopK(*topk_from_hidden(t_hidden, t_weight, t_bias, self.gkd_logits_topk, student_vocab))
@@ -239,7 +243,7 @@ class LossMixin(EvaluationMixin):
         if setup.sft_alpha > 0:
             label_term = dict(labels=labels, sft_alpha=setup.sft_alpha)
         elif token_advantages is not None or setup.sampled_kl:
-            t = self._sampling_temperature
+            t = self.samplers.temperature
             policy = None
             if setup.sampler_logprobs is not None or setup.sampled_kl:  # the sampled tokens' log-probs, detached
                 policy = head_token_logprobs(student_hidden, weight, bias, labels, t)
@@ -281,7 +285,7 @@ class LossMixin(EvaluationMixin):
         total = per_token.sum() * self.args.gkd_divergence_coef
         coef = self.args.gkd_ref_kl_coef
         if coef:  # --gkd_ref_kl_coef: the anchor to the initial student
-            total = total + coef * self._reference_kl_sum(model, fwd, setup.student_rows, student)
+            total = total + coef * self.reference.kl_sum(model, fwd, setup.student_rows, student)
         if setup.sft_alpha > 0:
             total = total + setup.sft_alpha * F.cross_entropy(student.float(), setup.labels, reduction='sum')
         pg_sum = entropy_sum = teacher_entropy_sum = gated_rows = None
@@ -289,7 +293,7 @@ class LossMixin(EvaluationMixin):
             rl = setup.token_advantages is not None
             with torch.set_grad_enabled((rl or setup.sampled_kl) and torch.is_grad_enabled()):  # else a metric
                 # the sampled tokens' log-probabilities at their own (sampling) temperature, the entropy at the loss's
-                logprobs, entropy = sampled_token_stats(student, setup.labels, self._sampling_temperature,
+                logprobs, entropy = sampled_token_stats(student, setup.labels, self.samplers.temperature,
                                                         entropy_temperature=self.args.temperature)
             entropy_sum = entropy.detach().sum()
             teacher_entropies = self._teacher_entropies(teacher, student.shape[-1])
@@ -304,7 +308,7 @@ class LossMixin(EvaluationMixin):
                 teacher_lp = getattr(teacher, 'token_logprobs', None)  # a server's (TeacherTopK)
                 if isinstance(teacher, TeacherLogits):
                     with torch.no_grad():
-                        teacher_lp = sampled_token_stats(teacher.logits, setup.labels, self._sampling_temperature)[0]
+                        teacher_lp = sampled_token_stats(teacher.logits, setup.labels, self.samplers.temperature)[0]
                 advantages = self._sampled_kl_advantages(setup, logprobs.detach(), teacher_lp)
                 total = total + self.args.gkd_sampled_kl_coef * policy_gradient_loss(logprobs, advantages * weights
                                                                                      ).sum()
@@ -330,8 +334,8 @@ class LossMixin(EvaluationMixin):
             return
         if bool(torch.isfinite(loss.detach()).all()):
             return
-        parts = [(self._teacher_name(), what, tensor, logprobs) for what, tensor, logprobs in _signal_parts(teacher)]
-        parts += [(self._student_name(), what, tensor, False) for what, tensor in student_parts]
+        parts = [(self.teacher.name(), what, tensor, logprobs) for what, tensor, logprobs in _signal_parts(teacher)]
+        parts += [(self.teacher.student_name(), what, tensor, False) for what, tensor in student_parts]
         raise RunError(non_finite_loss_message(self.state.global_step + self.model.training, mode.value,
                                                self.model.training, parts, terms=loss_terms(self.args)))
 
@@ -363,11 +367,12 @@ class LossMixin(EvaluationMixin):
         if self.use_teacher_api:
             return TeacherTopK(setup.teacher_rows(gkd_batch.teacher_topk_indices),
                                setup.teacher_rows(gkd_batch.teacher_topk_logprobs), _token_logprobs(setup, gkd_batch))
-        if self._xtok is not None:  # the teacher reads its own tokenization: aligned positions
-            aligned = self._xtok.teacher_rows(setup.student_mask, setup.teacher_mask, inputs['gkd_xtok_rows'])
-            return CrossTokenizerRows(self._teacher_forward(model, teacher_inputs), aligned)
+        if self.teacher.xtok is not None:  # the teacher reads its own tokenization: aligned positions
+            aligned = self.teacher.xtok.teacher_rows(setup.student_mask, setup.teacher_mask,
+                                                     inputs['gkd_xtok_rows'])
+            return CrossTokenizerRows(self.teacher.forward(model, teacher_inputs), aligned)
         with whole_sequences(setup.teacher_whole):
-            teacher = setup.teacher_rows(self._teacher_forward(model, teacher_inputs))
+            teacher = setup.teacher_rows(self.teacher.forward(model, teacher_inputs))
         if self.gkd_logits_topk is not None:
             return topk_of_logits(teacher, self.gkd_logits_topk)
         return TeacherLogits(teacher)
@@ -383,7 +388,7 @@ class LossMixin(EvaluationMixin):
             return per_token, agree.sum(), agree.numel()
         if isinstance(teacher, CrossTokenizerRows):
             self._log_alignment_metrics(teacher.rows.exact)
-            per_token, agree = self._xtok.loss(student, teacher.logits, teacher.rows, self._divergence,
+            per_token, agree = self.teacher.xtok.loss(student, teacher.logits, teacher.rows, self._divergence,
                                                self.args.temperature)
             return per_token, agree.sum(), agree.numel()
         student_aligned, teacher_aligned = align_vocab(student, teacher.logits)
@@ -484,7 +489,7 @@ class LossMixin(EvaluationMixin):
     def _decide_loss_impl(self) -> bool:
         """--gkd_loss_impl: fused wherever it applies; otherwise dense, and the log says why (once)."""
         impl = self.args.gkd_loss_impl
-        if getattr(self, '_train_on_samples', False):
+        if self.score_store.train_on_samples:
             logger.info('swift_gkd_plugin: GKD loss implementation: dense (--teacher_scores_samples: the sampled '
                         'cross-entropy over the stored draws)')
             return False

@@ -91,7 +91,7 @@ class ScoringMixin:
         window's reduction is a collective)."""
         if self.model.training:
             logs.update(self._completions.logs(self.accelerator.device))
-            self._log_prefetch(logs)
+            self.prefetch.log_into(logs)
         pending = self.accelerator.is_main_process and self.log_completions and len(self._logs['prompt']) > 0
         if self._completion_columns and pending:
             n = len(self._logs['prompt'])

@@ -41,101 +41,111 @@ def request_key(request: Tuple[list, list]) -> Key:
     return tuple(request[0]), tuple(request[1])
 
 
-class TeacherAheadMixin:
-    """Served teachers scored in the producer's thread (``--async_generate true``), their answers read by the step."""
+class TeacherAhead:
+    """Served teachers scored in the producer's thread (``--async_generate true``), their answers read by the step.
 
-    def _teacher_ahead_on(self) -> bool:
+    Built by the trainer with ``trainer``: the ms-swift trainer whose state it reads (``args``, ``accelerator``,
+    ``model``, ``template`` and its ``_template_context``, ``custom_metrics``, the served teachers as ms-swift's
+    ``_setup_teacher`` hook left them: ``use_teacher_api``, ``teacher_configs``, ``teacher_clients``,
+    ``_local_teacher``, ``_teacher_topk_route``, and its :class:`~.placement.TeacherModel`'s ``xtok``), and
+    ``prefetch_on``: whether ``--async_generate`` runs (then :meth:`answers` logs ``gkd/teacher_wait_s`` and
+    ``gkd/teacher_ahead``)."""
+
+    def __init__(self, trainer, prefetch_on: bool) -> None:
+        self.trainer = trainer
+        self.prefetch_on = prefetch_on
+        self._pool = None  # the producer's teacher thread
+        self._template = None  # a private copy of the trainer's template, for the producer's encoding
+        self._answers, self._pending, self._waited = None, False, 0.0
+
+    def on(self) -> bool:
         """Whether the producer asks the teachers: a served teacher answering on the trainer's token ids
         (``/v1/topk`` or ``/v1/completions``), one tokenizer (a teacher of another reads its own template)."""
-        return bool(getattr(self, 'use_teacher_api', False) and getattr(self, '_teacher_topk_route', False)
-                    and getattr(self, '_xtok', None) is None and getattr(self, 'teacher_clients', None))
+        trainer = self.trainer
+        return bool(getattr(trainer, 'use_teacher_api', False) and getattr(trainer, '_teacher_topk_route', False)
+                    and trainer.teacher.xtok is None and getattr(trainer, 'teacher_clients', None))
 
-    def _produce(self, infer_requests, request_config, samples=None):
-        """The producer's job for one batch (rank 0's thread): the server's samples, then, with ``samples`` (every
-        rank's rows, as sent), the served teachers' answers to them, asked in a thread of their own. Returns
-        ``(outputs, answers)``, ``answers`` a future: the trainer takes the samples (and syncs, and sends the next
-        prompts) as soon as they are back, and waits for the answers only in its teacher stage, so the teacher's call
-        overlaps the server's next batch as it did when the trainer asked."""
-        outputs = self._engine_infer(infer_requests=infer_requests, request_config=request_config)
-        answers = None
-        if samples is not None:
-            if getattr(self, '_teacher_pool', None) is None:
-                self._teacher_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix='gkd-teacher-ahead')
-            answers = self._teacher_pool.submit(self._score_ahead_or_none, samples, outputs)
-        return outputs, answers
+    def submit(self, samples, outputs) -> Future:
+        """The served teachers' answers to the rows of ``samples`` (every rank's rows, as sent) completed by
+        ``outputs``, asked in a thread of their own (rank 0, from the producer): a future of :meth:`_score_or_none`."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix='gkd-teacher-ahead')
+        return self._pool.submit(self._score_or_none, samples, outputs)
 
-    def _score_ahead_or_none(self, samples, outputs) -> Optional[Dict[Key, TopKResult]]:
+    def _score_or_none(self, samples, outputs) -> Optional[Dict[Key, TopKResult]]:
         try:
-            return self._score_ahead(samples, outputs)
+            return self._score(samples, outputs)
         except Exception as exc:  # the trainer asks again (and reports the failure itself if it persists)
             logger.warning(f'swift_gkd_plugin: the producer could not ask the teacher ({exc!r}): the step\'s rows '
                            'are scored in the trainer')
             return None
 
-    def _score_ahead(self, samples, outputs) -> Dict[Key, TopKResult]:
+    def _score(self, samples, outputs) -> Dict[Key, TopKResult]:
         """The served teachers' answers to the rows of ``samples`` completed by ``outputs``, keyed by request."""
         from swift.rlhf_trainers.gkd_helpers import route_samples_to_teachers
-        template = getattr(self, '_ahead_template', None)
+        trainer = self.trainer
+        template = self._template
         if template is None:
-            template = self._ahead_template = copy.deepcopy(self.template)
+            template = self._template = copy.deepcopy(trainer.template)
         rows = []
         for sample, output in zip(samples, outputs):  # (as the trainer's _postprocess_rollout_outputs and
             sample = copy.deepcopy(sample)  # _encode_samples prepare them)
             sample.apply_rollout_output(rollout_output=output)
             prepare_teacher_view(sample)
             rows.append(sample)
-        with self._template_context(template):
+        with trainer._template_context(template):
             teachers = encode_teacher_views(rows, template)  # as the trainer's step encodes them
         requests = []
         for encoded in teachers:
             ids, labels = list(encoded['input_ids']), list(encoded['labels'])
             requests.append((ids, [p for p in range(len(labels) - 1) if labels[p + 1] != IGNORE_INDEX]))
-        routing = route_samples_to_teachers(rows, self.teacher_configs, tag_key=self.args.teacher_tag_key)
-        targets = self.args.gkd_sampled_kl_coef > 0 or bool(teacher_names(self.teacher_configs))  # (as the trainer)
+        routing = route_samples_to_teachers(rows, trainer.teacher_configs, tag_key=trainer.args.teacher_tag_key)
+        targets = trainer.args.gkd_sampled_kl_coef > 0 or bool(teacher_names(trainer.teacher_configs))  # (as trainer)
         answers = {}
         for t_idx, indices in routing.items():
-            if t_idx == self._local_teacher or not indices:
+            if t_idx == trainer._local_teacher or not indices:
                 continue
-            results = score_at(self.teacher_clients[t_idx], [requests[i] for i in indices], self.gkd_logits_topk,
-                               targets)
+            results = score_at(trainer.teacher_clients[t_idx], [requests[i] for i in indices],
+                               trainer.gkd_logits_topk, targets)
             for i, result in zip(indices, results):
                 answers[request_key(requests[i])] = result
         return answers
 
-    def _answers_ahead(self, answers=None, pending: bool = False) -> None:
+    def expect(self, answers=None, pending: bool = False) -> None:
         """The answers the producer is getting for this step's batch (rank 0: a future or the answers; ``pending`` on
-        every rank), resolved at the start of the step's teacher stage (:meth:`_resolve_answers_ahead`)."""
-        self._ahead_answers, self._ahead_pending = answers, pending
+        every rank), resolved at the start of the step's teacher stage (:meth:`resolve`)."""
+        self._answers, self._pending = answers, pending
 
-    def _resolve_answers_ahead(self) -> None:
+    def resolve(self) -> None:
         """Every rank: the producer's answers for this step (rank 0 waits for them, then sends them to every rank)."""
-        if not getattr(self, '_ahead_pending', False):
+        if not self._pending:
             return
         started = time.perf_counter()
-        answers = self._ahead_answers
+        answers = self._answers
         if isinstance(answers, Future):
             answers = answers.result()
-        if self.accelerator.num_processes > 1:
+        if self.trainer.accelerator.num_processes > 1:
             from accelerate.utils import broadcast_object_list
             answers = broadcast_object_list([answers], from_process=0)[0]
-        self._ahead_answers, self._ahead_pending = answers, False
-        self._ahead_waited = time.perf_counter() - started
+        self._answers, self._pending = answers, False
+        self._waited = time.perf_counter() - started
 
-    def _teacher_answers(self, client_index: int, requests: List[Tuple[list, list]], with_targets: bool):
+    def answers(self, client_index: int, requests: List[Tuple[list, list]], with_targets: bool):
         """Teacher ``client_index``'s answers to ``requests``: the producer's where it asked the same request, the
         others asked now (timed: ``gkd/teacher_wait_s``; the share answered ahead: ``gkd/teacher_ahead``)."""
-        ahead = getattr(self, '_ahead_answers', None) or {}
+        trainer = self.trainer
+        ahead = self._answers or {}
         answers = [ahead.get(request_key(r)) for r in requests]
         missing = [i for i, a in enumerate(answers) if a is None]
         started = time.perf_counter()
         if missing:
-            asked = score_at(self.teacher_clients[client_index], [requests[i] for i in missing], self.gkd_logits_topk,
-                             with_targets)
+            asked = score_at(trainer.teacher_clients[client_index], [requests[i] for i in missing],
+                             trainer.gkd_logits_topk, with_targets)
             for i, answer in zip(missing, asked):
                 answers[i] = answer
-        if getattr(self, '_prefetch_on', False) and self.model.training:
-            metrics = self.custom_metrics['train']
-            waited, self._ahead_waited = time.perf_counter() - started + getattr(self, '_ahead_waited', 0.0), 0.0
+        if self.prefetch_on and trainer.model.training:
+            metrics = trainer.custom_metrics['train']
+            waited, self._waited = time.perf_counter() - started + self._waited, 0.0
             add_token_sum(metrics['gkd/teacher_wait_s'], waited, 1)
             add_token_sum(metrics['gkd/teacher_ahead'], float(len(requests) - len(missing)), len(requests))
         return answers

@@ -30,70 +30,103 @@ from swift_gkd_plugin.swift.teacher.served import (attach_trainer_token_ids, con
 logger = get_logger()
 
 
-class TeacherMixin:
-    """The teacher: placement, contexts, forward, and a served teacher's signal."""
+class TeacherModel:
+    """The teacher's weights as the loss, the samplers and the local scorer use them: where they live (a separate
+    model, offloaded or not; the student's base with its adapter off or the teacher adapter on), their views, their
+    forward and their name in an error message.
 
-    def _log_teacher_placement(self) -> None:
-        if self._local_teacher is not None and self.teacher_model_server is not None:
-            tags = self.teacher_configs[self._local_teacher].tags
-            logger.info(f'Teacher models: served at {self.teacher_model_server}; the rows tagged {tags} '
-                        f'(--teacher_tag_key {self.args.teacher_tag_key}) are scored by the local teacher:')
-        if self._teacher_adapter is not None:
-            logger.info(f'Teacher model: the student base with the frozen adapter {self._teacher_adapter} (one copy '
+    Built by the trainer once ms-swift has built both models, with ``trainer``: the ms-swift trainer whose public state
+    it reads (``args``, ``accelerator``, ``model``, ``model_wrapped``, ``teacher_model``, ``template``, the datasets,
+    ``use_teacher_api``, ms-swift's ``_teacher_use_disable_adapter`` and ``_is_self_distillation``, its
+    ``load_teacher_model_context``). Construction places the teacher: privileged columns checked, a frozen teacher
+    adapter on the shared base (:attr:`adapter`), our offload of a whole replicated teacher (:attr:`offloader`), the
+    placement logged, a teacher of another tokenizer's alignment (:attr:`xtok`)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        args = trainer.args
+        check_privileged_columns(trainer.train_dataset)
+        check_privileged_columns(trainer.eval_dataset)
+        self.adapter = None
+        if args.teacher_adapters and trainer.teacher_model is None and not trainer.use_teacher_api:
+            # one copy of the base: the teacher is the student's base with the frozen teacher adapter active
+            self.adapter = args.teacher_adapters[0]
+            load_frozen_adapter(trainer.model, self.adapter)
+        self.offloader = None
+        self.partitioned = trainer.teacher_model is not None and is_partitioned(trainer.teacher_model)
+        if args.offload_teacher_model and trainer.teacher_model is not None and not self.partitioned:
+            # Partitioned (ZeRO-3, FSDP) teachers keep ms-swift's offload of their shards, which its
+            # load_teacher_model_context brings back; whole replicated teachers use ours.
+            self.offloader = TeacherOffloader(
+                trainer.accelerator.unwrap_model(trainer.teacher_model), trainer.accelerator.device)
+        self._log_placement()
+        self.xtok = None  # --gkd_cross_tokenizer: the teacher's template, vocabulary mapping and alignment
+        if args.gkd_cross_tokenizer and trainer.teacher_model is not None:
+            teacher = trainer.accelerator.unwrap_model(trainer.teacher_model)
+            self.xtok = CrossTokenizerTeacher(args.gkd_cross_tokenizer, teacher.model_dir,
+                                              teacher.model_meta.model_type, trainer.template, args.teacher_template)
+
+    def _log_placement(self) -> None:
+        trainer = self.trainer
+        if trainer._local_teacher is not None and trainer.teacher_model_server is not None:
+            tags = trainer.teacher_configs[trainer._local_teacher].tags
+            logger.info(f'Teacher models: served at {trainer.teacher_model_server}; the rows tagged {tags} '
+                        f'(--teacher_tag_key {trainer.args.teacher_tag_key}) are scored by the local teacher:')
+        if self.adapter is not None:
+            logger.info(f'Teacher model: the student base with the frozen adapter {self.adapter} (one copy '
                         'of the base weights)')
-        elif self._teacher_use_disable_adapter:
+        elif trainer._teacher_use_disable_adapter:
             logger.info('Using shared base model architecture:\n'
                         '  - Student model: base_model + LoRA (trainable)\n'
                         '  - Teacher model: base_model with LoRA disabled (frozen)')
-        elif self.teacher_model is not None:
+        elif trainer.teacher_model is not None:
             where = 'resident'
-            if self.args.offload_teacher_model:
-                where = ('its partitions offloaded to CPU between uses by ms-swift' if self._teacher_partitioned else
+            if trainer.args.offload_teacher_model:
+                where = ('its partitions offloaded to CPU between uses by ms-swift' if self.partitioned else
                          'offloaded to CPU between uses')
             logger.info(f'Teacher model: a separate frozen model ({where})')
-        elif self.use_teacher_api and self.teacher_model_server is not None:
-            logger.info(f'Teacher model: served at {self.teacher_model_server}')
-        elif self.use_teacher_api and self._local_teacher is None:
+        elif trainer.use_teacher_api and trainer.teacher_model_server is not None:
+            logger.info(f'Teacher model: served at {trainer.teacher_model_server}')
+        elif trainer.use_teacher_api and trainer._local_teacher is None:
             logger.info(f'Teacher model: none loaded; the teacher\'s scores come from --teacher_scores '
-                        f'{self.args.teacher_scores}')
+                        f'{trainer.args.teacher_scores}')
         else:
             logger.info('Teacher model: the student itself (no --teacher_model), frozen for the teacher forward')
 
-    def _teacher_name(self) -> str:
+    def is_the_student(self) -> bool:
+        """The teacher is the student itself (no --teacher_model, no adapter switched): its samples are the
+        student's."""
+        trainer = self.trainer
+        return trainer.teacher_model is None and not trainer._teacher_use_disable_adapter and self.adapter is None
+
+    def name(self) -> str:
         """The teacher in an error message: its flag and value, or what it is."""
-        if self._teacher_adapter is not None:
-            return f'the teacher (--teacher_adapters {self._teacher_adapter} on the student\'s base)'
-        if self._teacher_use_disable_adapter:
+        trainer = self.trainer
+        if self.adapter is not None:
+            return f'the teacher (--teacher_adapters {self.adapter} on the student\'s base)'
+        if trainer._teacher_use_disable_adapter:
             return 'the teacher (the student\'s base with its LoRA adapter off)'
-        if self.teacher_model is not None:
-            path = getattr(self.accelerator.unwrap_model(self.teacher_model), 'model_dir', '?')
+        if trainer.teacher_model is not None:
+            path = getattr(trainer.accelerator.unwrap_model(trainer.teacher_model), 'model_dir', '?')
             return f'the teacher (--teacher_model {path})'
-        if self.use_teacher_api:
-            return f'the teacher (--teacher_model_server {self.teacher_model_server})'
+        if trainer.use_teacher_api:
+            return f'the teacher (--teacher_model_server {trainer.teacher_model_server})'
         return 'the teacher (the student itself)'
 
-    def _student_name(self) -> str:
-        return f'the student (--model {getattr(self.accelerator.unwrap_model(self.model), "model_dir", "?")})'
+    def student_name(self) -> str:
+        trainer = self.trainer
+        return f'the student (--model {getattr(trainer.accelerator.unwrap_model(trainer.model), "model_dir", "?")})'
 
     @contextmanager
-    def load_teacher_model_context(self):
-        if self._teacher_offloader is not None and self._teacher_offloader.enabled:
-            with self._teacher_offloader.resident():
-                yield
-        else:
-            with super().load_teacher_model_context():
-                yield
-
-    @contextmanager
-    def _teacher_view_of_student(self, unwrapped):
+    def view_of_student(self, unwrapped):
         """The student module as the teacher: adapter off or the teacher adapter on when both share the base, else
         the student as it is; always in eval mode, as a separately loaded teacher runs (no dropout). Where ZeRO-3
         gathered the weights layer by layer as the view sampled, they are made trainable again before the adapter's
         parameters are set to require gradients (:func:`reclaim_after_inference_sampling`)."""
         with eval_mode(unwrapped):
-            if self._teacher_adapter is not None:
+            if self.adapter is not None:
                 view = active_adapter(unwrapped, TEACHER_ADAPTER)
-            elif self._teacher_use_disable_adapter:
+            elif self.trainer._teacher_use_disable_adapter:
                 view = unwrapped.disable_adapter()
             else:
                 view = nullcontext()
@@ -101,71 +134,62 @@ class TeacherMixin:
                 try:
                     yield
                 finally:
-                    if not self.args.ds3_gather_for_generation:
-                        reclaim_after_inference_sampling(self.model_wrapped)
+                    if not self.trainer.args.ds3_gather_for_generation:
+                        reclaim_after_inference_sampling(self.trainer.model_wrapped)
 
-    def _teacher_for_generation(self, stack: ExitStack):
+    def for_generation(self, stack: ExitStack):
         """The separate teacher, resident (an offloaded one uploaded) and unwrapped, held by ``stack``."""
-        stack.enter_context(self.load_teacher_model_context())
+        trainer = self.trainer
+        stack.enter_context(trainer.load_teacher_model_context())
         return stack.enter_context(
             unwrap_model_for_generation(
-                self.teacher_model, self.accelerator,
-                gather_deepspeed3_params=self.teacher_ds3_gather_for_generation is not False))
+                trainer.teacher_model, trainer.accelerator,
+                gather_deepspeed3_params=trainer.teacher_ds3_gather_for_generation is not False))
 
-    def _teacher_forward(self, model, teacher_inputs, hidden: bool = False):
+    def forward(self, model, teacher_inputs, hidden: bool = False):
         """The teacher's logits, or (``hidden=True``) its last hidden states and output head ``(weight, bias)``.
 
         The head is taken (detached) before the forward: under ZeRO-3 a head tied to the input embedding is released
         by the embedding's post-forward hook, even inside ``gathered_heads``, and read afterwards it is an empty shard.
         """
+        trainer = self.trainer
         fwd = {k: v for k, v in teacher_inputs.items() if k != 'labels'}
-        if self._is_self_distillation:
-            unwrapped = self.accelerator.unwrap_model(model)
+        if trainer._is_self_distillation:
+            unwrapped = trainer.accelerator.unwrap_model(model)
             head = _detached_head(unwrapped) if hidden else None  # the student's own head, frozen for the teacher
             # DDP's forward broadcasts the buffers, a collective: a rank whose rows the store (or another teacher)
             # answered skips this forward, and the others would wait for it forever; no gradient flows here
             forward = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-            with torch.no_grad(), self._teacher_view_of_student(unwrapped), disable_gradient_checkpointing(
-                    model, self.args.gradient_checkpointing_kwargs), head_bypassed(unwrapped, hidden):
+            with torch.no_grad(), self.view_of_student(unwrapped), disable_gradient_checkpointing(
+                    model, trainer.args.gradient_checkpointing_kwargs), head_bypassed(unwrapped, hidden):
                 out = forward(**fwd).logits
             return (out, head) if hidden else out
-        unwrapped = self.accelerator.unwrap_model(self.teacher_model)
-        with torch.no_grad(), self.load_teacher_model_context(), disable_gradient_checkpointing(
-                self.teacher_model, self.args.gradient_checkpointing_kwargs):
+        unwrapped = trainer.accelerator.unwrap_model(trainer.teacher_model)
+        with torch.no_grad(), trainer.load_teacher_model_context(), disable_gradient_checkpointing(
+                trainer.teacher_model, trainer.args.gradient_checkpointing_kwargs):
             # detached inside the block: an offloaded teacher's parameters point back to the CPU copy when it ends
             head = _detached_head(unwrapped) if hidden else None
             with head_bypassed(unwrapped, hidden):
-                out = self.teacher_model(**fwd).logits
+                out = trainer.teacher_model(**fwd).logits
             if not hidden:
                 return out
             weight, bias = head
             return out, (weight.to(out.device), None if bias is None else bias.to(out.device))
 
-    def _place_teacher(self) -> None:
-        """The teacher's views, adapter, offload and tokenizer, once ms-swift has built both models: privileged
-        columns checked, a frozen teacher adapter on the shared base, our offload of a whole replicated teacher, the
-        placement logged, a teacher of another tokenizer's alignment."""
-        check_privileged_columns(self.train_dataset)
-        check_privileged_columns(self.eval_dataset)
-        self._teacher_adapter = None
-        if self.args.teacher_adapters and self.teacher_model is None and not self.use_teacher_api:
-            # one copy of the base: the teacher is the student's base with the frozen teacher adapter active
-            self._teacher_adapter = self.args.teacher_adapters[0]
-            load_frozen_adapter(self.model, self._teacher_adapter)
-        self._teacher_offloader = None
-        self._teacher_partitioned = self.teacher_model is not None and is_partitioned(self.teacher_model)
-        if self.args.offload_teacher_model and self.teacher_model is not None and not self._teacher_partitioned:
-            # Partitioned (ZeRO-3, FSDP) teachers keep ms-swift's offload of their shards, which its
-            # load_teacher_model_context brings back; whole replicated teachers use ours.
-            self._teacher_offloader = TeacherOffloader(
-                self.accelerator.unwrap_model(self.teacher_model), self.accelerator.device)
-        self._log_teacher_placement()
-        self._xtok = None  # --gkd_cross_tokenizer: the teacher's template, vocabulary mapping and alignment
-        self._xtok_rows: List[list] = []  # per micro-batch, in encoding order, until attached to the batch
-        if self.args.gkd_cross_tokenizer and self.teacher_model is not None:
-            teacher = self.accelerator.unwrap_model(self.teacher_model)
-            self._xtok = CrossTokenizerTeacher(self.args.gkd_cross_tokenizer, teacher.model_dir,
-                                               teacher.model_meta.model_type, self.template, self.args.teacher_template)
+
+class TeacherMixin:
+    """ms-swift's teacher hooks: a served teacher's set-up and requests, the teacher's top-k placed on the batch (a
+    served teacher's, the store's or the local teacher's, through :class:`TeacherModel`)."""
+
+    @contextmanager
+    def load_teacher_model_context(self):
+        offloader = self.teacher.offloader
+        if offloader is not None and offloader.enabled:
+            with offloader.resident():
+                yield
+        else:
+            with super().load_teacher_model_context():
+                yield
 
     def _setup_teacher(self) -> None:
         """A served teacher is reached through the plugin's client (no vLLM needed), from every rank. A
@@ -237,7 +261,7 @@ class TeacherMixin:
             attach_trainer_token_ids(batch_encoded_inputs)
             super()._postprocess_batch(samples, batch_encoded_inputs)
             return
-        self._resolve_answers_ahead()  # --async_generate: the producer's answers to this batch (teacher/ahead.py)
+        self.teacher_ahead.resolve()  # --async_generate: the producer's answers to this batch (teacher/ahead.py)
         requests, places = [], []
         for b, batch in enumerate(batch_encoded_inputs):
             inputs = batch['teacher_model_inputs']
@@ -257,20 +281,20 @@ class TeacherMixin:
         targets = self.args.gkd_sampled_kl_coef > 0  # the sampled-token term: each scored token's log-prob too
         names = teacher_names(self.teacher_configs)  # several teachers: per-teacher metrics from each token's log-prob
         mine = set(share(range(len(requests))))  # a sequence-parallel group asks once per row: each rank its share
-        keys = self._row_keys(requests, samples)  # a multimodal row's key holds its media too (teacher/store.py)
-        results = self._stored_answers(requests, keys)  # --teacher_scores: the rows the store holds
+        keys = self.score_store.row_keys(requests, samples)  # a multimodal row's key holds its media too
+        results = self.score_store.stored_answers(requests, keys)  # --teacher_scores: the rows the store holds
         fresh = [i for i in sorted(mine) if results[i] is None]  # scored by a teacher now: kept by a store writer
         if fresh and not self.teacher_configs:
-            self._refuse_missing(requests, keys, fresh,
+            self.score_store.refuse_missing(requests, keys, fresh,
                                  lambda i: f'row {places[i][1]} of micro-batch {places[i][0]}')
-        ask_targets = targets or bool(names) or self._store_writer is not None  # (a store keeps them too)
+        ask_targets = targets or bool(names) or self.score_store.writer is not None  # (a store keeps them too)
         for t_idx, indices in routing.items():
             indices = [i for i in indices if i in mine and results[i] is None]
             if t_idx == self._local_teacher:
                 answers = self._score_locally(batch_encoded_inputs, [places[i] for i in indices])
             else:
                 # (--async_generate: the producer's answers where it asked the same request, teacher/ahead.py)
-                answers = self._teacher_answers(t_idx, [requests[i] for i in indices],
+                answers = self.teacher_ahead.answers(t_idx, [requests[i] for i in indices],
                                                 ask_targets) if indices else []
             for i, answer in zip(indices, answers):
                 results[i] = answer
@@ -290,7 +314,7 @@ class TeacherMixin:
             batch['gkd_batch'].teacher_topk_indices = torch.zeros(shape, dtype=torch.long, device=device)
             if targets:
                 batch['gkd_batch'].teacher_token_logprobs = torch.full(shape[:-1], float('nan'), device=device)
-            if self._train_on_samples:  # --teacher_scores_samples: the sampled estimator's ids and entropies
+            if self.score_store.train_on_samples:  # --teacher_scores_samples: the sampled estimator's ids and entropies
                 batch['gkd_batch'].teacher_samples = torch.full(shape[:-1] + (self.args.teacher_scores_samples, ),
                                                                 -1, dtype=torch.long, device=device)
                 batch['gkd_batch'].teacher_entropy = torch.full(shape[:-1], float('nan'), device=device)
@@ -309,8 +333,8 @@ class TeacherMixin:
             result = fit_answer(result, len(positions), k, f'row {row} of micro-batch {b} (request {i} of this step, '
                                 f'teacher {f"server {client.url}" if client is not None else "local"})')
             if i in fresh_set:
-                self._keep_answer(requests[i], keys[i], result, drawn)
-            if self._train_on_samples:
+                self.score_store.keep_answer(requests[i], keys[i], result, drawn)
+            if self.score_store.train_on_samples:
                 gkd_batch.teacher_samples[row, positions] = drawn.samples.to(device).long()
                 gkd_batch.teacher_entropy[row, positions] = drawn.entropy.to(device).float()
             gkd_batch.teacher_topk_logprobs[row, positions] = result.logprobs.to(device).float()
@@ -329,7 +353,7 @@ class TeacherMixin:
         model = self.model_wrapped if self.model_wrapped is not None else self.model
         student = self.accelerator.unwrap_model(self.model)
         teacher = None if self.teacher_model is None else self.accelerator.unwrap_model(self.teacher_model)
-        partitioned = self._teacher_partitioned or (self._is_self_distillation and is_partitioned(model))
+        partitioned = self.teacher.partitioned or (self._is_self_distillation and is_partitioned(model))
         wanted = {b for b, _, _ in places}
         no_grad = torch.inference_mode if self.args.gkd_score_only else torch.no_grad  # (nothing is trained)
         answers = {}
@@ -340,9 +364,9 @@ class TeacherMixin:
                 inputs = batch['teacher_model_inputs']
                 ids = inputs['input_ids']
                 with no_grad(), self.compute_loss_context_manager(), whole_sequences():  # (whole rows)
-                    out = self._teacher_forward(model, inputs, hidden=self._fused)
+                    out = self.teacher.forward(model, inputs, hidden=self._fused)
                 if self.args.gkd_score_only:
-                    self._note_forwarded(inputs)  # (its padding share, in the progress line: teacher/store.py)
+                    self.score_store.note_forwarded(inputs)  # (its padding share, in the progress line)
                 mine = [where for where, (pb, _, _) in enumerate(places) if pb == b]
                 with no_grad():  # (the head in its own dtype: outside the forward's autocast, as the fused loss's)
                     answers.update(zip(mine, self._score_rows(out, ids, [places[i] for i in mine], student)))
@@ -370,8 +394,8 @@ class TeacherMixin:
         answers = []
         for rows_i, ids_i, lps_i, target_i in zip(*(x.split(counts) for x in (rows, top_ids, top_lps, target))):
             samples = entropy = None
-            if self._samples_to_draw():  # --teacher_scores_samples (teacher/store.py)
-                samples, entropy = self._draw_from_teacher(rows_i, (weight, bias) if self._fused else None)
+            if self.score_store.samples_to_draw():  # --teacher_scores_samples (teacher/store.py)
+                samples, entropy = self.score_store.draw_from_teacher(rows_i, (weight, bias) if self._fused else None)
             answers.append(TopKResult(ids=ids_i, logprobs=lps_i, target_logprobs=target_i.float(), samples=samples,
                                       entropy=entropy))
         return answers

@@ -39,17 +39,19 @@ def load_reference_copy(pipeline) -> None:
                 f'the initial student ({args.model})')
 
 
-class ReferenceMixin:
-    """The reference model's placement and forward (``--gkd_ref_kl_coef``)."""
+class Reference:
+    """The reference model's placement and forward (``--gkd_ref_kl_coef``), built by the trainer with ``trainer``
+    (the ms-swift trainer whose public state it reads: ``args``, ``accelerator``, ``model``, ``custom_metrics``, the
+    DeepSpeed and FSDP flags) and ``ref_model``: the copy the pipeline loaded (a fully tuned student), else None."""
 
-    def _setup_reference(self, ref_model) -> None:
-        """``ref_model``: the copy the pipeline loaded (a fully tuned student), else None."""
-        coef = self.args.gkd_ref_kl_coef
-        self._ref_model = None
+    def __init__(self, trainer, ref_model) -> None:
+        self.trainer = trainer
+        coef = trainer.args.gkd_ref_kl_coef
+        self.model = None
         if not coef:
             return
         if ref_model is None:
-            student = self.accelerator.unwrap_model(self.model)
+            student = trainer.accelerator.unwrap_model(trainer.model)
             if not hasattr(student, 'disable_adapter'):
                 raise ValueError(f'--gkd_ref_kl_coef {coef:g}: the student has no adapter to switch off and no '
                                  'reference copy was loaded (--tuner_type full loads one)')
@@ -57,32 +59,33 @@ class ReferenceMixin:
                         'adapter off (the initial student; no second copy)')
             return
         # as ms-swift's RLHFTrainerMixin prepares a DPO reference
-        if self.is_deepspeed_enabled:
+        if trainer.is_deepspeed_enabled:
             from trl.models.utils import prepare_deepspeed
-            self._ref_model = prepare_deepspeed(ref_model, self.accelerator)
-        elif self.is_fsdp_enabled:
+            self.model = prepare_deepspeed(ref_model, trainer.accelerator)
+        elif trainer.is_fsdp_enabled:
             from swift.rlhf_trainers.utils import prepare_fsdp
-            self._ref_model = prepare_fsdp(ref_model, self.accelerator)
+            self.model = prepare_fsdp(ref_model, trainer.accelerator)
         else:
-            self._ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+            self.model = trainer.accelerator.prepare_model(ref_model, evaluation_mode=True)
 
-    def _reference_kl_sum(self, model, fwd, rows, student: torch.Tensor) -> torch.Tensor:
+    def kl_sum(self, model, fwd, rows, student: torch.Tensor) -> torch.Tensor:
         """``sum KL(student || reference)`` over the response rows ``student`` ``[N, V]`` (``rows`` picks them from the
         reference's logits), at ``--temperature``; its mean per token is logged as ``gkd/ref_kl``."""
-        ref_kl = generalized_jsd(student, rows(self._reference_logits(model, fwd)), 1.0, self.args.temperature)
-        metrics = self.custom_metrics['train' if self.model.training else 'eval']
+        trainer = self.trainer
+        ref_kl = generalized_jsd(student, rows(self.logits(model, fwd)), 1.0, trainer.args.temperature)
+        metrics = trainer.custom_metrics['train' if trainer.model.training else 'eval']
         add_token_sum(metrics['gkd/ref_kl'], ref_kl.detach().float().sum(), ref_kl.numel())
         return ref_kl.sum()
 
     @torch.no_grad()
-    def _reference_logits(self, model, fwd) -> torch.Tensor:
+    def logits(self, model, fwd) -> torch.Tensor:
         """The reference's logits on the student's own inputs ``fwd`` (same layout as the student's)."""
-        if self._ref_model is not None:
-            return self._ref_model(**fwd).logits
-        unwrapped = self.accelerator.unwrap_model(model)
+        if self.model is not None:
+            return self.model(**fwd).logits
+        unwrapped = self.trainer.accelerator.unwrap_model(model)
         with eval_mode(unwrapped), unwrapped.disable_adapter(), disable_gradient_checkpointing(
-                model, self.args.gradient_checkpointing_kwargs):
+                model, self.trainer.args.gradient_checkpointing_kwargs):
             return model(**fwd).logits
 
 
-__all__ = ['ReferenceMixin', 'load_reference_copy', 'reference_is_a_copy']
+__all__ = ['Reference', 'load_reference_copy', 'reference_is_a_copy']
