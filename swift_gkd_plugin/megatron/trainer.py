@@ -45,7 +45,7 @@ from swift_gkd_plugin.core.views import prepare_teacher_view
 from swift_gkd_plugin.options.flags import FlagError, rollout_max_tokens, sampling_temperature
 from swift_gkd_plugin.runtime.process_exit import refuse
 from swift_gkd_plugin.megatron.rollout.generation import generate
-from swift_gkd_plugin.megatron.setup.teacher_scores import check_loaded_teacher
+from swift_gkd_plugin.options.teacher_scores import check_loaded_teacher
 from swift_gkd_plugin.megatron.step.loss import (check_views_split_alike, defer_teacher, entropies_on_shards,
                                                  fill_deferred_teacher, gkd_loss_on_shards, shard_vocab_start,
                                                  teacher_on_demand, teacher_topk_logprobs,

@@ -342,7 +342,7 @@ class ScoreStore:
         self.say_progress(done=True)
         self.trainer.accelerator.wait_for_everyone()
         if self.trainer.accelerator.is_main_process:
-            from swift_gkd_plugin.swift.setup.teacher_scores import mark_covered
+            from swift_gkd_plugin.options.teacher_scores import mark_covered
             files = None
             if self.sampling():
                 files = [self._gather_sampled_rows()]
