@@ -448,3 +448,34 @@ def test_the_private_state_counter_sees_a_cross_file_read(tmp_path):
     (tmp_path / 'b.py').write_text('class B:\n    def run(self):\n        self._own = 2\n'
                                    '        return self._mode + self._own + self.__dict__\n')
     assert cross_file_private_reads(str(tmp_path)) == [('b.py', 4, '_mode')]
+
+
+#: Issue 95 item 4: a function's body (its docstring aside) longer than this says why in its docstring, with the
+#: words "long because".
+MOST_FUNCTION_BODY_LINES = 100
+
+
+def long_functions(root: str, most: int = MOST_FUNCTION_BODY_LINES) -> list:
+    """``(file, name, lines)`` of each function in ``root`` whose body, its docstring aside, is longer than ``most``
+    lines and whose docstring does not say ``long because``."""
+    found = []
+    for rel, node in _module_nodes(root):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        docstring = ast.get_docstring(node) or ''
+        body = node.body[1:] if docstring and len(node.body) > 1 else node.body
+        lines = node.end_lineno - body[0].lineno + 1
+        if lines > most and 'long because' not in docstring.lower():
+            found.append((rel, node.name, lines))
+    return found
+
+
+def test_no_function_is_longer_than_the_limit_without_saying_why():
+    assert long_functions(PACKAGE) == []
+
+
+def test_the_length_check_sees_a_long_body_and_reads_the_reason(tmp_path):
+    body = ''.join(f'    x{i} = {i}\n' for i in range(5))
+    (tmp_path / 'a.py').write_text(f'def short():\n    """Doc."""\n{body}\n\ndef why():\n    """Long because a table.'
+                                   f'"""\n{body}\n\ndef bare():\n{body}')
+    assert long_functions(str(tmp_path), most=4) == [('a.py', 'short', 5), ('a.py', 'bare', 5)]
