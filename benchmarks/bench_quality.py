@@ -11,7 +11,7 @@
     python benchmarks/bench_quality.py --help
 
 Task: sort eight distinct letters, ascending or descending (both right; the dataset's reference picks one at
-random): ``swift_gkd_plugin.testing.quality_task``.  The benchmark trains a teacher and a three-times smaller
+random): ``swift_gkd_plugin.demo.quality_task``.  The benchmark trains a teacher and a three-times smaller
 student (a short supervised warm start), caches both, then runs every method from that warm start through the real
 ``swift sft`` / ``swift rlhf --rlhf_type gkd`` command line with the same steps, batch size and learning-rate
 schedule, saves checkpoints and scores each one on the held-out prompts with greedy free-running generation.
@@ -26,8 +26,8 @@ line is ``quality[smollm]: ...``.  ``--student_steps N`` starts every method fro
 SFT on the teacher's answers (as the GKD paper starts from a supervised student; results under
 ``<workdir>/smollm_warm<N>``).
 
-``--preset tools``: multi-turn tool use (``swift_gkd_plugin.testing.tool_task``: add two three-digit numbers through a
-calculator call; the ``gkd_calculator`` scheduler of ``swift_gkd_plugin/testing/tool_scheduler.py``).  On-policy GKD
+``--preset tools``: multi-turn tool use (``swift_gkd_plugin.demo.tool_task``: add two three-digit numbers through a
+calculator call; the ``gkd_calculator`` scheduler of ``swift_gkd_plugin/demo/tool_scheduler.py``).  On-policy GKD
 whose student drives the tool turns, against the same without the scheduler (the student samples its first turn only),
 SFT on the teacher's own tool-loop trajectories and SeqKD with the scheduler (the teacher drives the turns); the
 held-out success rate of the tool loop (greedy, 3 turns at most); results under ``<workdir>/tools``; the last line is
@@ -71,7 +71,7 @@ sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))  # quality_preset
 sys.path.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tests'))  # harness
 
 from swift_gkd_plugin.entry.cli import OFFLINE_ENV, swift_executable  # noqa: E402
-from swift_gkd_plugin.testing import quality_task, tiny  # noqa: E402
+from swift_gkd_plugin.demo import quality_task, tiny  # noqa: E402
 
 from quality_presets import capacity, default, smollm, staleness, store, tools  # noqa: E402
 from quality_presets.capacity import (CAPACITY_LEARNING_RATE, CAPACITY_PRESETS, CAPACITY_TASK,  # noqa: E402

@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_quality as bq  # noqa: E402
 
-from swift_gkd_plugin.testing import quality_task  # noqa: E402
+from swift_gkd_plugin.demo import quality_task  # noqa: E402
 
 #: teacher_steps 65: the teacher is stopped just before it has learnt the rule (greedy exact match 0.67; at 60 steps
 #: 0.50, at 70 already 0.94).  student_steps 80: a start whose temperature-0.5 samples are right often enough

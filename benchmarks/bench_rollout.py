@@ -44,7 +44,7 @@ PLUGINS = {'vllm_seeded': [SEEDED]}
 
 def build(workdir: str, hidden: int, layers: int) -> dict:
     """Tokenizer, student (``hidden``, heads of 32), a wider teacher and 256 prompts, once per ``workdir``."""
-    from swift_gkd_plugin.testing import tiny
+    from swift_gkd_plugin.demo import tiny
     ws = {'student': os.path.join(workdir, f'student_h{hidden}_l{layers}'),
           'teacher': os.path.join(workdir, f'teacher_h{hidden}_l{layers}'),
           'train': os.path.join(workdir, 'train.jsonl')}

@@ -32,7 +32,7 @@ def main() -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     from swift_gkd_plugin.swift.rollout.speculative import cached_forward, skd_decoding
-    from swift_gkd_plugin.testing import tiny
+    from swift_gkd_plugin.demo import tiny
 
     torch.set_num_threads(1)
     root = args.workdir or tempfile.mkdtemp(prefix='bench_skd_')

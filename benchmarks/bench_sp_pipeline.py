@@ -55,7 +55,7 @@ def parse_args(argv=None):
 def build_models(root: str, args) -> dict:
     """A student and a teacher of ``--layers`` x ``--hidden`` (4 heads, 2 key-value heads: SP 1, 2 divide them),
     positions up to 64k."""
-    from swift_gkd_plugin.testing import tiny
+    from swift_gkd_plugin.demo import tiny
     tok = tiny.build_tokenizer(os.path.join(root, 'tok'))
     dirs = {}
     for name, seed in (('student', 0), ('teacher', 1)):
@@ -75,7 +75,7 @@ def build_models(root: str, args) -> dict:
 
 def write_rows(path: str, tokens: int, rows: int) -> str:
     """``rows`` rows of about ``tokens`` tokens: a short prompt and a response of one letter token per position."""
-    from swift_gkd_plugin.testing.tiny import SYMBOLS
+    from swift_gkd_plugin.demo.tiny import SYMBOLS
     with open(path, 'w') as f:
         for r in range(rows):
             answer = ' '.join(SYMBOLS[(r + 3 * i + i // 7) % len(SYMBOLS)] for i in range(tokens - PROMPT_TOKENS))

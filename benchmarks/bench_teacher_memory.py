@@ -35,7 +35,7 @@ def main() -> int:
     parser.add_argument('--workdir', default=None)
     parser.add_argument('--steps', type=int, default=3)
     args = parser.parse_args()
-    from swift_gkd_plugin.testing import tiny
+    from swift_gkd_plugin.demo import tiny
 
     root = args.workdir or tempfile.mkdtemp(prefix='bench_teacher_memory_')
     model_dir = os.path.join(root, 'model')

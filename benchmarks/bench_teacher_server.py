@@ -6,7 +6,7 @@ Usage::
     python benchmarks/bench_teacher_server.py                    # about 2-3 minutes on 2 CPU cores
     python benchmarks/bench_teacher_server.py --seconds 10 --clients 1,8,32,64 --json-out bench.json
 
-Everything runs on the tiny offline models of ``swift_gkd_plugin.testing.tiny``: the trained demo teacher
+Everything runs on the tiny offline models of ``swift_gkd_plugin.demo.tiny``: the trained demo teacher
 (``build_demo_workspace``, cached under ``--workdir``) served by a real ``swift-gkd serve-teacher`` subprocess on
 loopback, and the untrained demo student. Three parts:
 
@@ -97,7 +97,7 @@ def start_server(teacher, args, log_path):
 
 
 def make_pairs(tokenizer, rows):
-    from swift_gkd_plugin.testing import tiny
+    from swift_gkd_plugin.demo import tiny
     pairs = []
     for row in rows:
         enc = tiny.encode_row(tokenizer, row)
@@ -336,7 +336,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM
 
-    from swift_gkd_plugin.testing import tiny
+    from swift_gkd_plugin.demo import tiny
 
     os.makedirs(args.workdir, exist_ok=True)
     print(f'[bench] workspace {args.workdir}/ws (trained tiny teacher; cached) ...', flush=True)

@@ -242,7 +242,7 @@ SETTINGS = {'tiny': (64, 2, 128, 3), 'small': (512, 4, 1024, 4), 'medium': (1024
 
 def build_tiny(workdir: str, sizes: Sequence[int], rows: int) -> dict:
     """The tokenizer, student, teacher (``sizes``: :data:`SETTINGS`) and dataset of ``rows`` rows, built once."""
-    from swift_gkd_plugin.testing import tiny
+    from swift_gkd_plugin.demo import tiny
     sh, sl, th, tl = sizes
     params = {'student': [sh, sl], 'teacher': [th, tl], 'rows': rows, 'v': 1}
     root = os.path.join(workdir, f'tiny_s{sh}x{sl}_t{th}x{tl}_r{rows}')

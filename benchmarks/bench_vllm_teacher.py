@@ -85,7 +85,7 @@ def main(argv=None):
     os.environ.update(OFFLINE_ENV)
     os.makedirs(args.workdir, exist_ok=True)
     from swift_gkd_plugin.server import TeacherClient
-    from swift_gkd_plugin.testing import tiny
+    from swift_gkd_plugin.demo import tiny
     teacher = os.path.join(args.workdir, 'teacher')
     tok = tiny.build_tokenizer(os.path.join(args.workdir, 'tok'))
     if not os.path.exists(os.path.join(teacher, 'config.json')):

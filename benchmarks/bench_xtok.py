@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_quality as bq  # noqa: E402
 
-from swift_gkd_plugin.testing import quality_task  # noqa: E402
+from swift_gkd_plugin.demo import quality_task  # noqa: E402
 
 PRESETS = bq.PRESETS
 #: bench_quality.py's best on-policy setting: temperature 0.5 doubled on-policy exact match against 1.0.

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_quality as bq  # noqa: E402
 from quality_presets import staleness  # noqa: E402
 
-from swift_gkd_plugin.testing import quality_task, tiny  # noqa: E402
+from swift_gkd_plugin.demo import quality_task, tiny  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument('--workdir', default='bench_quality_out', help="bench_quality.py's (the workspace is reused)")

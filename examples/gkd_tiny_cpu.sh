@@ -19,7 +19,7 @@
 set -euo pipefail
 WS=${WS:-swift_gkd_tiny_cpu}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # more threads per process: many times slower on a small machine
-python -c "from swift_gkd_plugin.testing.tiny import build_warm_workspace; build_warm_workspace('$WS')"
+python -c "from swift_gkd_plugin.demo.tiny import build_warm_workspace; build_warm_workspace('$WS')"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MODELSCOPE_OFFLINE=1 USE_HF=1
 NPROC_PER_NODE=2 \
 swift rlhf \

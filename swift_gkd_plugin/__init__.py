@@ -2,7 +2,8 @@
 
 Rooms (docs_en/architecture.md): entry/ (what Python, ms-swift and the shell run first), runtime/ (how a process
 ends, ms-swift's shared state), options/ (flags and the checks before loading), data/ (dataset rows and files),
-rollout/ (sampling pieces both adapters use), then swift/, megatron/, server/, core/ and testing/.
+rollout/ (sampling pieces both adapters use), then swift/, megatron/, server/, core/ and demo/ (the tiny offline models and tasks of `swift-gkd demo` and the
+examples).
 """
 import importlib
 import importlib.abc
@@ -12,8 +13,10 @@ import warnings
 
 __version__ = '0.1.0'
 
-# 0.1.0 moved the top-level modules into rooms; their old names import the new modules, with a DeprecationWarning,
-# for one release (a user's script, an old console script or a checkpoint's pickle may still name them).
+# 0.1.0 moved the top-level modules into rooms and renamed testing/ to demo/; their old names import the new modules
+# (a package's submodules too: swift_gkd_plugin.testing.tiny is swift_gkd_plugin.demo.tiny), with a
+# DeprecationWarning, for one release (a user's script, an old console script or a checkpoint's pickle may still name
+# them).
 MOVED_MODULES = {
     '_bootstrap': 'entry.bootstrap', 'activation': 'entry.activation', 'cli': 'entry.cli',
     'process_exit': 'runtime.process_exit', 'ms_swift_state': 'runtime.ms_swift_state',
@@ -21,6 +24,7 @@ MOVED_MODULES = {
     'ms_swift_flag_table': 'options.ms_swift_flag_table', 'local_paths': 'options.local_paths',
     'hub_models': 'options.hub_models', 'dataset_files': 'data.dataset_files', 'dataset_rows': 'data.dataset_rows',
     'colocated_vllm': 'rollout.colocated_vllm', 'completion_stats': 'rollout.completion_stats',
+    'testing': 'demo',
 }
 
 
@@ -42,14 +46,19 @@ class _MovedModuleLoader(importlib.abc.Loader):
 
 
 class _MovedModuleFinder(importlib.abc.MetaPathFinder):
-    """Resolves ``swift_gkd_plugin.<old name>`` to the module's room, after every other finder has said no."""
+    """Resolves ``swift_gkd_plugin.<old name>[.<submodule>]`` to the module in its room. It runs before the path
+    finder: a moved package's submodule would otherwise load a second time, under the old name, from the package's
+    path."""
 
     def find_spec(self, fullname, path=None, target=None):
-        package, _, name = fullname.rpartition('.')
-        if package != __name__ or name not in MOVED_MODULES:
+        if not fullname.startswith(__name__ + '.'):
             return None
-        return importlib.util.spec_from_loader(fullname, _MovedModuleLoader(f'{__name__}.{MOVED_MODULES[name]}'))
+        old, _, rest = fullname[len(__name__) + 1:].partition('.')
+        if old not in MOVED_MODULES:
+            return None
+        new = f'{__name__}.{MOVED_MODULES[old]}' + (f'.{rest}' if rest else '')
+        return importlib.util.spec_from_loader(fullname, _MovedModuleLoader(new))
 
 
 if not any(isinstance(f, _MovedModuleFinder) for f in sys.meta_path):
-    sys.meta_path.append(_MovedModuleFinder())
+    sys.meta_path.insert(0, _MovedModuleFinder())

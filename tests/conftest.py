@@ -77,7 +77,7 @@ class Workspace:
 
 @pytest.fixture(scope='session')
 def tiny_ws(tmp_path_factory) -> Workspace:
-    from swift_gkd_plugin.testing import tiny
+    from swift_gkd_plugin.demo import tiny
     root = str(tmp_path_factory.mktemp('tiny'))
     tok = tiny.build_tokenizer(os.path.join(root, 'tok'))
     student = tiny.build_model(os.path.join(root, 'student'), tok, seed=0)
@@ -123,7 +123,7 @@ def early_stopper(student_dir: str, scale: float = 2.0):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from swift_gkd_plugin.testing import tiny
+    from swift_gkd_plugin.demo import tiny
     tok = tiny.load_tokenizer(student_dir)
     model = AutoModelForCausalLM.from_pretrained(student_dir)
     with torch.no_grad():
@@ -586,7 +586,7 @@ def sp_teacher(tiny_ws) -> str:
     """A teacher of another tokenizer family (sentencepiece-style Metaspace BPE with byte fallback, 600 entries, the
     same ChatML specials and template) and a sharpened output head, for cross-tokenizer runs; built once next to
     ``tiny_ws``."""
-    from swift_gkd_plugin.testing import tiny
+    from swift_gkd_plugin.demo import tiny
     out = os.path.join(tiny_ws.root, 'sp_teacher')
     if not os.path.exists(os.path.join(out, 'config.json')):
         tok = tiny.build_sentencepiece_tokenizer(os.path.join(tiny_ws.root, 'sp_tok'))
@@ -632,7 +632,7 @@ def trained_ws(tmp_path_factory):
     the example scripts' CPU mode's), built once for all xdist workers."""
     from filelock import FileLock
 
-    from swift_gkd_plugin.testing import tiny
+    from swift_gkd_plugin.demo import tiny
     shared = tmp_path_factory.getbasetemp().parent  # common to the xdist workers of one run
     with FileLock(str(shared / 'trained_ws.lock')):
         return tiny.build_warm_workspace(str(shared / 'trained_ws'), n_train=200, n_test=50)

@@ -193,7 +193,7 @@ STAGES = {  # stage -> the stages it may import (its own modules aside)
     'megatron.step': set(),
     'megatron.rollout': set(),
 }
-BELOW_THE_ADAPTERS = ['core', 'server', 'testing', 'runtime', 'options', 'data', 'rollout']
+BELOW_THE_ADAPTERS = ['core', 'server', 'demo', 'runtime', 'options', 'data', 'rollout']
 # the rooms at the package's top below the adapters, bottom first: a room imports only rooms before it in this list
 TOP_ROOMS_BOTTOM_UP = ['runtime', 'options', 'data', 'rollout']
 
@@ -228,7 +228,7 @@ def test_the_stages_import_one_way():
 
 
 def test_no_room_below_the_adapters_imports_one_above():
-    """core/, server/, testing/ and the small modules at the bottom never import swift/, megatron/ or the top."""
+    """core/, server/, demo/ and the small modules at the bottom never import swift/, megatron/ or the top."""
     above = ('swift', 'megatron', 'entry', 'plugin')
     bad = {a: sorted(b for b in targets if b.split('.')[0] in above)
            for a, targets in room_arrows().items() if a.split('.')[0] in BELOW_THE_ADAPTERS}

@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from swift_gkd_plugin.testing import quality_task, tiny
+from swift_gkd_plugin.demo import quality_task, tiny
 from harness.capacity_task import PROMPT_PREFIX, CapacityTask
 
 from test_quality_bench import _as_the_suite_runs, bench

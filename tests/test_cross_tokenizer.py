@@ -117,7 +117,7 @@ def test_response_spans_end_tokens_pair_and_byte_tokens_are_text(tiny_ws, sp_tea
     sampled response that decodes to U+FFFD re-encodes into them)."""
     from swift_gkd_plugin.core.cross_tokenizer.alignment import align_positions
     from swift_gkd_plugin.swift.teacher.cross_tokenizer import response_spans, special_ids
-    from swift_gkd_plugin.testing import tiny
+    from swift_gkd_plugin.demo import tiny
     text = 'Y\ufffd 9ishor b d'
     sides = []
     for tok in (tiny.load_tokenizer(tiny_ws.student), tiny.load_tokenizer(sp_teacher)):
@@ -220,7 +220,7 @@ TURNS = (2, 3)  # the fixed batch holds two rows of each
 @pytest.fixture(scope='module')
 def multi_turn_rows(tiny_ws, tmp_path_factory) -> str:
     """Four rows: two of two turns and two of three (each turn a question of the tiny task and its answer)."""
-    from swift_gkd_plugin.testing import tiny
+    from swift_gkd_plugin.demo import tiny
     singles = tiny.make_rows(10, seed=7, split='train')
     rows, used = [], 0
     for turns in TURNS:
@@ -265,7 +265,7 @@ def _uld_reference(student_dir, teacher_dir, data, temperature, loss_scale):
     from swift.model import get_processor
     from swift.template import get_template
 
-    from swift_gkd_plugin.testing import tiny
+    from swift_gkd_plugin.demo import tiny
     template = get_template(get_processor(student_dir, model_type='qwen3'), template_type='qwen3_nothinking',
                             max_length=128, loss_scale=loss_scale)
     template.set_mode('train')

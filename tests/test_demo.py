@@ -186,7 +186,7 @@ def test_demo_refuses_skd_without_on_policy_steps_before_building_anything(tmp_p
 def test_the_demos_vocabulary_is_known_before_anything_is_built(tmp_path):
     """--skd_top_k is checked against :data:`tiny.MODEL_VOCAB_SIZE` before the workspace is built: the size its
     models get."""
-    from swift_gkd_plugin.testing import tiny
+    from swift_gkd_plugin.demo import tiny
     assert tiny.padded_vocab_size(len(tiny.build_tokenizer(str(tmp_path / 'tok')))) == tiny.MODEL_VOCAB_SIZE == 448
 
 

@@ -19,7 +19,7 @@ ON_POLICY = dict(lmbda=1, per_device_train_batch_size=1, learning_rate=1e-3, lr_
 @pytest.fixture(scope='module')
 def sharp_teacher(tiny_ws) -> str:
     """The tiny teacher with its output head scaled by 10: a peaked teacher (low entropy), the student's tokenizer."""
-    from swift_gkd_plugin.testing import tiny
+    from swift_gkd_plugin.demo import tiny
     out = os.path.join(tiny_ws.root, 'sharp_teacher')
     if not os.path.exists(os.path.join(out, 'config.json')):
         model = tiny.load_model(tiny_ws.teacher)

@@ -194,7 +194,7 @@ def test_rl_example_rewards_exact_matches_in_a_tiny_run(trained_ws, tiny_ws, tmp
     """The RL example's reward file and RL flags through the real ``swift rlhf`` on the demo's tiny models, the
     trained teacher (which reverses most prompts) as the student so that exact match is sometimes 1, sometimes 0:
     every logged reward is the completion compared with its row's `solution` column, and the step optimises it."""
-    from swift_gkd_plugin.testing.tiny import solve
+    from swift_gkd_plugin.demo.tiny import solve
     argv = record_commands(os.path.join(EXAMPLES, 'gkd_rl_reward.sh'), tmp_path)['swift']
     rl_flags = {name: argv[argv.index(f'--{name}') + 1] for name in
                 ('external_plugins', 'reward_funcs', 'num_generations', 'scale_rewards', 'gkd_rl_coef', 'lmbda',
@@ -310,9 +310,9 @@ def test_multi_turn_example_runs_the_calculator_scheduler(tmp_path):
     def flag(name):
         return argv[argv.index(f'--{name}') + 1]
 
-    import swift_gkd_plugin.testing
+    import swift_gkd_plugin.demo
     plugin = flag('external_plugins')
-    assert plugin == os.path.join(os.path.dirname(swift_gkd_plugin.testing.__file__), 'tool_scheduler.py')
+    assert plugin == os.path.join(os.path.dirname(swift_gkd_plugin.demo.__file__), 'tool_scheduler.py')
     assert (flag('multi_turn_scheduler'), flag('max_turns'), flag('lmbda'), flag('use_vllm')) == \
         ('gkd_calculator', '3', '1', 'false')
     if not os.path.exists(plugin):

@@ -135,7 +135,7 @@ def confident_teacher(tiny_ws):
 
     import torch
 
-    from swift_gkd_plugin.testing import tiny
+    from swift_gkd_plugin.demo import tiny
     out = os.path.join(tiny_ws.root, 'confident_teacher')
     if not os.path.exists(os.path.join(out, 'config.json')):
         shutil.copytree(tiny_ws.teacher, out)  # tokenizer and config

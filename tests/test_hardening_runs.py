@@ -25,7 +25,7 @@ def lora_checkpoint(tiny_ws, shared_runs):
 @pytest.fixture(scope='module')
 def wide_model(tiny_ws):
     """The student's architecture at hidden size 128 (64 in the student), its tokenizer."""
-    from swift_gkd_plugin.testing import tiny
+    from swift_gkd_plugin.demo import tiny
     out = os.path.join(tiny_ws.root, 'wide_student')
     if not os.path.exists(os.path.join(out, 'config.json')):
         tiny.build_model(out, os.path.join(tiny_ws.root, 'tok'), seed=5, hidden_size=128, intermediate_size=256)

@@ -139,7 +139,7 @@ def test_lengths_over_two_ranks(trained_ws, tmp_path):
     run = run_swift(base_args(ws, out, lmbda=0, seq_kd='true', max_steps=2, max_completion_length=limit,
                               log_completions='true', use_cpu='true', dataset_shuffle='false',
                               train_dataloader_shuffle='false'), nproc=2)
-    from swift_gkd_plugin.testing import tiny
+    from swift_gkd_plugin.demo import tiny
     tokenizer = tiny.load_tokenizer(trained_ws['tokenizer'])
     by_step = {}  # step: [(length, clipped)], every rank's completions
     with open(os.path.join(out, 'completions.jsonl')) as f:

@@ -50,3 +50,17 @@ def test_the_old_start_up_line_and_console_script_still_work():
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ['1', 'swift-gkd-plugin', swift_gkd_plugin.__version__], out.stdout
+
+
+def test_a_submodule_of_a_renamed_package_is_the_moved_submodule():
+    """``testing/`` became ``demo/``: ``swift_gkd_plugin.testing.tiny`` (the examples' and users' scripts named it) is
+    ``swift_gkd_plugin.demo.tiny`` itself, not a second copy loaded from the package's path, in a fresh interpreter."""
+    code = ('import warnings; warnings.simplefilter("error", DeprecationWarning)\n'
+            'import swift_gkd_plugin.demo.tiny as new\n'
+            'warnings.simplefilter("ignore", DeprecationWarning)\n'
+            'import swift_gkd_plugin.testing.tiny as old\n'
+            'from swift_gkd_plugin.testing.tiny import build_warm_workspace\n'
+            'print(old is new, build_warm_workspace is new.build_warm_workspace)\n')
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ['True', 'True'], out.stdout

@@ -88,8 +88,8 @@ def test_wheel_ships_the_docs_that_help_texts_cite(project_copy, tmp_path):
         for page in pages:
             assert '](../' not in wheel.read(f'swift_gkd_plugin/docs_en/{page}').decode(), page
         # the wheel ships what users run: the demo's and the examples' fixtures, never the test harness (tests/harness/)
-        assert sorted(n for n in names if n.startswith('swift_gkd_plugin/testing/')) == [
-            f'swift_gkd_plugin/testing/{m}.py' for m in
+        assert sorted(n for n in names if n.startswith('swift_gkd_plugin/demo/')) == [
+            f'swift_gkd_plugin/demo/{m}.py' for m in
             ('__init__', 'quality_task', 'tiny', 'tiny_text', 'tool_scheduler', 'tool_task')]
         harness = {n[:-3] for n in os.listdir(os.path.join(PROJECT, 'tests', 'harness')) if n.endswith('.py')}
         assert harness - {'__init__'} and not {n for n in names if os.path.basename(n)[:-3] in harness - {'__init__'}}

@@ -9,7 +9,7 @@ import os
 import pytest
 from conftest import run_swift
 
-from swift_gkd_plugin.testing import quality_task, tiny
+from swift_gkd_plugin.demo import quality_task, tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

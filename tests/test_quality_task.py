@@ -1,4 +1,4 @@
-"""The quality benchmark's task generator, checker and metrics (``swift_gkd_plugin.testing.quality_task``)."""
+"""The quality benchmark's task generator, checker and metrics (``swift_gkd_plugin.demo.quality_task``)."""
 from __future__ import annotations
 
 import os
@@ -6,8 +6,8 @@ import os
 import pytest
 import torch
 
-from swift_gkd_plugin.testing import quality_task as q
-from swift_gkd_plugin.testing import tiny
+from swift_gkd_plugin.demo import quality_task as q
+from swift_gkd_plugin.demo import tiny
 
 PROMPT = 'Sort: k c a m f h b p'
 UP, DOWN = 'a b c f h k m p', 'p m k h f c b a'

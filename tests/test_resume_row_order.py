@@ -16,7 +16,7 @@ SP = dict(sequence_parallel_size=2, ddp_backend='gloo', use_cpu='true')
 
 
 def _six_rows(tmp_path) -> str:
-    from swift_gkd_plugin.testing import tiny
+    from swift_gkd_plugin.demo import tiny
     return tiny.write_dataset(str(tmp_path / 'six.jsonl'), tiny.make_rows(6, seed=0, split='train'))
 
 

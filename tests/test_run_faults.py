@@ -314,7 +314,7 @@ def test_a_non_finite_model_stops_the_run_naming_it(tiny_ws, tmp_path, side, imp
 
     import torch
 
-    from swift_gkd_plugin.testing import tiny
+    from swift_gkd_plugin.demo import tiny
     source = tiny_ws.teacher if side == 'teacher' else tiny_ws.student
     broken = str(tmp_path / f'{side}_nan')
     shutil.copytree(source, broken)

@@ -53,7 +53,7 @@ def test_sequence_parallel_teacher_view_equals_one_rank(tiny_ws, tmp_path, name)
 @pytest.fixture(scope='module')
 def sp_vllm_ws(tmp_path_factory) -> Workspace:
     """Tiny models that both vLLM's CPU attention (heads of 32) and a group of 2 (2 key-value heads) can run."""
-    from swift_gkd_plugin.testing import tiny
+    from swift_gkd_plugin.demo import tiny
     root = str(tmp_path_factory.mktemp('sp_vllm_ws'))
     tok = tiny.build_tokenizer(os.path.join(root, 'tok'))
     student, teacher = os.path.join(root, 'student'), os.path.join(root, 'teacher')

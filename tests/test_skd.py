@@ -29,7 +29,7 @@ def _start(ws, **flags):
 
 @pytest.fixture(scope='module')
 def runs(tiny_ws, shared_runs, tmp_path_factory, adapters, solution_dataset):
-    from swift_gkd_plugin.testing import tiny
+    from swift_gkd_plugin.demo import tiny
     one_prompt = tiny.write_dataset(str(tmp_path_factory.mktemp('skd') / 'one_prompt.jsonl'), tiny.make_rows(1) * 16)
     return shared_runs('skd', {
         'plain': _start(tiny_ws),

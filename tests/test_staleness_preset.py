@@ -8,7 +8,7 @@ from test_quality_bench import ROOT, bench
 
 from swift_gkd_plugin.options.flags import PLUGIN_FLAGS
 from swift_gkd_plugin.rollout.colocated_vllm import cpu_head_sizes
-from swift_gkd_plugin.testing import tiny
+from swift_gkd_plugin.demo import tiny
 
 staleness = bench.staleness
 

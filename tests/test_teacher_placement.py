@@ -257,7 +257,7 @@ def test_offload_with_a_teacher_server_is_refused(tiny_ws, tmp_path):
 # ---------------------------------------------------------------- mixture of experts
 @pytest.fixture(scope='module')
 def moe_models(tiny_ws):
-    from swift_gkd_plugin.testing import tiny
+    from swift_gkd_plugin.demo import tiny
     tok = tiny.load_tokenizer(tiny_ws.student)
     student = tiny.build_model(os.path.join(tiny_ws.root, 'moe_student'), tok, seed=5, moe=True)
     teacher = tiny.build_model(os.path.join(tiny_ws.root, 'moe_teacher'), tok, seed=6, moe=True, hidden_size=96,

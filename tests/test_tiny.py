@@ -1,4 +1,4 @@
-"""Tests of the offline fixtures in ``swift_gkd_plugin.testing.tiny`` (tokenizer, models, task, training, score)."""
+"""Tests of the offline fixtures in ``swift_gkd_plugin.demo.tiny`` (tokenizer, models, task, training, score)."""
 from __future__ import annotations
 
 import filecmp
@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from swift_gkd_plugin.testing import tiny
+from swift_gkd_plugin.demo import tiny
 
 
 @pytest.fixture(scope='module')

@@ -1,11 +1,11 @@
-"""The calculator tool task (``swift_gkd_plugin.testing.tool_task``), its ms-swift scheduler (``tool_scheduler``) and
+"""The calculator tool task (``swift_gkd_plugin.demo.tool_task``), its ms-swift scheduler (``tool_scheduler``) and
 the closing line of ``bench_quality.py --preset tools``.  Real ms-swift classes (template, scheduler, multi-turn
 driver); the only stand-in is the model of the driver test, whose turns are written out."""
 from __future__ import annotations
 
 import pytest
 
-from swift_gkd_plugin.testing import tiny, tool_task
+from swift_gkd_plugin.demo import tiny, tool_task
 
 from test_quality_bench import bench
 
@@ -90,7 +90,7 @@ def _choice(tok, text, finish_reason='stop'):
 def _scheduler(model_dir, template, max_turns=3):
     from swift.rollout import multi_turns
 
-    from swift_gkd_plugin.testing import tool_scheduler
+    from swift_gkd_plugin.demo import tool_scheduler
     assert multi_turns['gkd_calculator'] is tool_scheduler.CalculatorScheduler
     return multi_turns['gkd_calculator'](max_turns=max_turns, tokenizer=tiny.load_tokenizer(model_dir),
                                          template=template)

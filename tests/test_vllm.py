@@ -51,7 +51,7 @@ def _build(root: str) -> None:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from swift_gkd_plugin.testing import tiny
+    from swift_gkd_plugin.demo import tiny
     tok = tiny.build_tokenizer(os.path.join(root, 'tok'))
     student = tiny.build_model(os.path.join(root, 'student'), tok, seed=0, hidden_size=64, num_heads=2,
                                num_kv_heads=1)

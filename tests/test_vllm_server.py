@@ -158,7 +158,7 @@ def _read_run(path: str) -> SwiftRun:
 def _rows_file(path: str, n: int, seed: int) -> str:
     """``n`` rows of the tiny task drawn with ``seed`` at ``path`` (written once)."""
     if not os.path.exists(path):
-        from swift_gkd_plugin.testing import tiny
+        from swift_gkd_plugin.demo import tiny
         tiny.write_dataset(path, tiny.make_rows(n, seed=seed, split='train'))
     return path
 

@@ -7,7 +7,7 @@ Layout
 ------
 ``InternVLForConditionalGeneration``: a 1-layer InternVL vision tower (patch 14 on 56 x 56 images, pixel shuffle
 0.5: 4 image tokens an image), a 2-layer MLP projector, and a 2-layer Qwen3-MoE decoder (4 experts, 2 active per
-token, fused expert weights in transformers 5). The tokenizer is :mod:`swift_gkd_plugin.testing.tiny`'s (ChatML,
+token, fused expert weights in transformers 5). The tokenizer is :mod:`swift_gkd_plugin.demo.tiny`'s (ChatML,
 442 tokens) with InternVL's ``<img>``, ``</img>``, ``<IMG_CONTEXT>`` and ``<video>``.
 
 Processor
@@ -33,7 +33,7 @@ import torch
 
 from tiny_multimodal_moe import make_rows, write_images
 
-from swift_gkd_plugin.testing.tiny import build_tokenizer, write_dataset
+from swift_gkd_plugin.demo.tiny import build_tokenizer, write_dataset
 
 MODEL_TYPE: str = 'internvl'
 TEMPLATE: str = 'internvl_hf'

@@ -40,7 +40,7 @@ The task is :mod:`harness.tiny_multimodal`'s (name the colour of a square), with
 (the smallest that ``qwen_vl_utils.fetch_image`` leaves unscaled: 4 x 4 patches, 4 image tokens after the merge).
 
 This module imports only ``torch``, ``transformers``, ``tokenizers``, ``PIL``, ``safetensors`` and the standard
-library -- never ms-swift.  It lives beside the tests (it was kept out of the package's ``testing/`` folder, then
+library -- never ms-swift.  It lives beside the tests (it was kept out of the package's ``testing/`` (now ``demo/``) folder, then
 at the 12 modules ``tests/test_architecture.py`` allows a folder).
 """
 from __future__ import annotations
@@ -52,7 +52,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from swift_gkd_plugin.testing.tiny import read_dataset, write_dataset  # noqa: F401 (part of this API)
+from swift_gkd_plugin.demo.tiny import read_dataset, write_dataset  # noqa: F401 (part of this API)
 from harness.tiny_multimodal import COLORS, QUESTION
 
 __all__ = [
@@ -119,7 +119,7 @@ def build_tokenizer(out_dir: str):
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    from swift_gkd_plugin.testing.tiny import train_bpe
+    from swift_gkd_plugin.demo.tiny import train_bpe
     spec = json.loads(train_bpe(_tokenizer_corpus(), [], _BPE_VOCAB_SIZE).to_str())
     added = []
     for i, token in enumerate(QWEN_SPECIAL_TOKENS):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Dict
 
 from harness import capacity_task  # tests/harness/, on sys.path through bench_quality.py
-from swift_gkd_plugin.testing import tiny
+from swift_gkd_plugin.demo import tiny
 
 from quality_presets import default
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any, Dict
 
-from swift_gkd_plugin.testing import quality_task
+from swift_gkd_plugin.demo import quality_task
 
 from quality_presets.common import log
 

@@ -1,4 +1,4 @@
-"""``--preset smollm``: SmolLM2-135M-Instruct distilled into its half-depth pruned copy (``testing.smollm``); per-token
+"""``--preset smollm``: SmolLM2-135M-Instruct distilled into its half-depth pruned copy (``harness.smollm``); per-token
 metrics against the teacher on held-out prompts, on its answers and on the student's own (forward KL, teacher NLL,
 ROUGE-L, rep-4)."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 import time
 from typing import Any, Dict, List
 
-from swift_gkd_plugin.testing import quality_task, tiny
+from swift_gkd_plugin.demo import quality_task, tiny
 
 from quality_presets.common import log, logged, mean_std, without_answers
 from quality_presets.default import METHODS, ONPOLICY

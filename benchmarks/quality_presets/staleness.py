@@ -21,7 +21,7 @@ import statistics
 from typing import Any, Dict, List
 
 from swift_gkd_plugin.options.flags import PLUGIN_FLAGS
-from swift_gkd_plugin.testing import tiny
+from swift_gkd_plugin.demo import tiny
 
 from quality_presets.common import log, mean_std
 from quality_presets.default import DEFAULT_LEARNING_RATE

@@ -236,7 +236,7 @@ def distribution_gap(model_dir: str, teacher, tokenizer, rows, k: int = STORE_K)
     positions.  ``teacher``: a loaded model."""
     import torch
 
-    from swift_gkd_plugin.testing import tiny
+    from swift_gkd_plugin.demo import tiny
     student = tiny.load_model(model_dir).eval()
     teacher.eval()
     outside, kl, n = 0.0, 0.0, 0
@@ -261,7 +261,7 @@ def distribution_gap(model_dir: str, teacher, tokenizer, rows, k: int = STORE_K)
 def distribution_gaps(bq, workdir: str, ws, cfg, methods, names: List[str], n_rows: int = 200) -> Dict[str, Any]:
     """:func:`distribution_gap` of the warm start and of each run's last checkpoint on the first ``n_rows`` held-out
     prompts (their references); ``{'start': {...}, method: {seed: {...}}}``."""
-    from swift_gkd_plugin.testing import tiny
+    from swift_gkd_plugin.demo import tiny
     tokenizer = tiny.load_tokenizer(ws['tokenizer'])
     teacher = tiny.load_model(ws['teacher'])
     rows = tiny.read_dataset(ws['test'])[:n_rows]

@@ -1,4 +1,4 @@
-"""``--preset tools``: multi-turn tool use (``testing.tool_task``: add two numbers through a calculator call); on-policy
+"""``--preset tools``: multi-turn tool use (``demo.tool_task``: add two numbers through a calculator call); on-policy
 GKD with and without the ``gkd_calculator`` scheduler against SFT and SeqKD, scored by the held-out success rate."""
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import shutil
 import time
 from typing import Any, Dict, List
 
-from swift_gkd_plugin.testing import tiny, tool_task
+from swift_gkd_plugin.demo import tiny, tool_task
 
 from quality_presets.common import log, mean_std
 from quality_presets.remedies import remedy_methods, versus
 from quality_presets.smollm import SMOLLM_REMEDIES
 
-#: ``--preset tools``: the calculator task (swift_gkd_plugin.testing.tool_task), a teacher that uses the tool and the
+#: ``--preset tools``: the calculator task (swift_gkd_plugin.demo.tool_task), a teacher that uses the tool and the
 #: student after a short supervised warm start on the reference trajectories (it calls the tool, mostly wrongly).
 TOOLS_COMMON = dict(n_train=4000, n_test=200, teacher_steps=400, student_steps=100, batch_size=16,
                     max_completion_length=32)
@@ -24,7 +24,7 @@ TOOLS_PRESETS = {
 }
 #: the repository's scheduler plugin (its absolute path is part of the runs' cache keys)
 TOOL_SCHEDULER = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                              'swift_gkd_plugin', 'testing', 'tool_scheduler.py')
+                              'swift_gkd_plugin', 'demo', 'tool_scheduler.py')
 MULTI_TURN = {'multi_turn_scheduler': 'gkd_calculator', 'max_turns': str(tool_task.MAX_TURNS),
               'external_plugins': TOOL_SCHEDULER}
 TOOLS_BASELINE_NAMES = ('onpolicy_tools', 'onpolicy_tools_fkl', 'onpolicy_tools_rkl', 'single_turn', 'seqkd_sft',

@@ -20,7 +20,7 @@ if [ -n "${GKD_EXAMPLE_TINY:-}" ]; then
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
     if [ ! -f "$GKD_EXAMPLE_TINY/tiny_workspace.json" ]; then
         echo "[tiny mode] building the tiny models in $GKD_EXAMPLE_TINY (once) ..." >&2
-        python -c 'import sys; from swift_gkd_plugin.testing.tiny import build_warm_workspace
+        python -c 'import sys; from swift_gkd_plugin.demo.tiny import build_warm_workspace
 build_warm_workspace(sys.argv[1])' "$GKD_EXAMPLE_TINY"
     fi
     SOURCE_DATASET=${SOURCE_DATASET:-$GKD_EXAMPLE_TINY/train.jsonl}  # the self-distillation scripts' source rows

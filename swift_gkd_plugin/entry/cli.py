@@ -129,7 +129,7 @@ def run_logged(cmd: list, env: dict) -> tuple:
 
 def demo_metrics(model_dir: str, tokenizer, rows) -> tuple:
     """(free-running greedy exact match, teacher-forced next-token accuracy) on ``rows``."""
-    from swift_gkd_plugin.testing import quality_task, tiny
+    from swift_gkd_plugin.demo import quality_task, tiny
     return quality_task.reference_exact_match(model_dir, tokenizer, rows), tiny.score(model_dir, tokenizer, rows)
 
 
@@ -144,7 +144,7 @@ def demo_curves(output_dir: str, tokenizer, rows, before: float, after: float, t
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
-    from swift_gkd_plugin.testing import quality_task
+    from swift_gkd_plugin.demo import quality_task
     with open(os.path.join(output_dir, 'logging.jsonl')) as f:
         logged = [row for row in map(json.loads, f) if 'loss' in row and 'global_step/max_steps' in row]
     checkpoints = sorted(glob.glob(os.path.join(output_dir, 'checkpoint-*')), key=lambda p: int(p.rsplit('-', 1)[1]))
@@ -232,7 +232,7 @@ def check_demo_args(args) -> None:
         Range(1, integer=True, why='optimizer steps').check(name, getattr(args, name))
     Range(0, SEED_MAX, integer=True, says=f'an integer in [0, {SEED_MAX}]', why='numpy\'s seeds').check(
         'seed', args.seed)
-    from swift_gkd_plugin.testing.tiny import MODEL_VOCAB_SIZE  # swift rlhf checks it once the models exist
+    from swift_gkd_plugin.demo.tiny import MODEL_VOCAB_SIZE  # swift rlhf checks it once the models exist
     Range(0, MODEL_VOCAB_SIZE, integer=True, why=f'the demo\'s models have {MODEL_VOCAB_SIZE} output rows; 0 = off'
           ).check('skd_top_k', args.skd_top_k)
     if args.skd_top_k and args.lmbda == 0:  # swift rlhf's own rule (flags.check_sampling_flags), in the demo's names
@@ -265,7 +265,7 @@ def cpu_seconds() -> float:
 
 
 def run_demo(args) -> int:
-    from swift_gkd_plugin.testing import tiny
+    from swift_gkd_plugin.demo import tiny
 
     root = os.path.abspath(args.workdir)
     t0, cpu0 = time.time(), cpu_seconds()

@@ -236,7 +236,7 @@ def ws(tmp_path_factory):
     ``logits_file``: the full logits of every sequence the references passed to ``next_logits`` (and of every
     finished sequence), for the workers, which then need not import transformers.
     """
-    from swift_gkd_plugin.testing import tiny
+    from swift_gkd_plugin.demo import tiny
     root = tmp_path_factory.mktemp('generation')
     tok = tiny.build_tokenizer(str(root / 'tok'))
     model = tiny.load_model(tiny.build_model(str(root / 'model'), tok, **MODEL_KWARGS))

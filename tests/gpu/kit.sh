@@ -236,7 +236,7 @@ print("  imported: ms-swift", swift.__version__, "plugin", swift_gkd_plugin.__ve
     echo "== 4. one tiny swift rlhf --rlhf_type gkd step (tiny offline models, CPU)"
     (cd "$work" && "$vpy" - "$work" <<'EOF') || die "the swift rlhf step failed"
 import glob, json, math, os, subprocess, sys
-from swift_gkd_plugin.testing import tiny
+from swift_gkd_plugin.demo import tiny
 work = sys.argv[1]
 tok = tiny.build_tokenizer(os.path.join(work, 'tok'))
 student = tiny.build_model(os.path.join(work, 'student'), tok, seed=0)

@@ -56,7 +56,7 @@ echo "work directory: $WORK ($N_GPUS GPU(s))"
 import os
 import sys
 
-from swift_gkd_plugin.testing import tiny
+from swift_gkd_plugin.demo import tiny
 
 root = sys.argv[1]
 tok = tiny.build_tokenizer(os.path.join(root, 'tok'))

@@ -1,7 +1,7 @@
 """The test suite's harness (not installed): the test zygote (:mod:`.zygote`), the CPU stand-ins for Megatron and
 ``swift rollout`` (:mod:`.megatron_cpu`, :mod:`.rollout_cpu`) and the fixtures only tests and benchmarks use. Imported
 as ``harness`` with ``tests/`` on ``sys.path`` (pytest puts it there; the site folders and the zygote's start add it
-for their processes; the benchmarks add it themselves). The demo's fixtures stay in :mod:`swift_gkd_plugin.testing`.
+for their processes; the benchmarks add it themselves). The demo's fixtures stay in :mod:`swift_gkd_plugin.demo`.
 
 Below, the import hooks the test-only CPU harnesses' patches register with (:mod:`.megatron_cpu`, :mod:`.rollout_cpu`):
 ``_after(name)`` runs a function on module ``name`` once it has executed; ``around`` is a context its execution runs

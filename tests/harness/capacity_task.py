@@ -33,7 +33,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Any, Dict, List, Sequence, Tuple
 
-from swift_gkd_plugin.testing import quality_task
+from swift_gkd_plugin.demo import quality_task
 
 __all__ = ['CapacityTask', 'PROMPT_PREFIX', 'DEFAULT']
 

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from swift.rewards.orm import ORM, orms
 
-from swift_gkd_plugin.testing.quality_task import PROMPT_PREFIX, is_correct
+from swift_gkd_plugin.demo.quality_task import PROMPT_PREFIX, is_correct
 
 REWARD_NAME = 'sort_exact_match'
 

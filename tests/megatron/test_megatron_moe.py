@@ -46,7 +46,7 @@ def plant_stop(model_dir: str, stop_logit: float) -> None:
     attention, router or expert reads or writes it, so the routing stays spread over the experts); ``<|im_end|>``'s
     lm_head row reads only it, scaled so that its logit is ``stop_logit`` on average over a probe sequence (the
     others are near 0)."""
-    from swift_gkd_plugin.testing import tiny
+    from swift_gkd_plugin.demo import tiny
     model = tiny.load_model(model_dir)
     hidden, stop_id = model.config.hidden_size, model.config.eos_token_id
     with torch.no_grad():
@@ -67,7 +67,7 @@ def moe_ws(tiny_ws):
     """``tiny_ws`` with a Qwen3-MoE pair (``student``, ``teacher``: 4 experts, 2 per token)."""
     from filelock import FileLock
 
-    from swift_gkd_plugin.testing import tiny
+    from swift_gkd_plugin.demo import tiny
     student, teacher = (os.path.join(tiny_ws.root, f'megatron_moe_{n}') for n in ('student', 'teacher'))
     built = os.path.join(tiny_ws.root, 'megatron_moe.built')
     with FileLock(os.path.join(tiny_ws.root, 'megatron_moe.lock')):

@@ -30,7 +30,7 @@ def _greedy(model_dir, prompt_ids, max_new, end_ids):
 def test_seq_kd_completions_are_the_teachers(tiny_ws, tmp_path):
     """One seq_kd step on two fixed rows, greedy: each logged completion is the teacher's greedy decode (8 tokens at
     most, up to an end token), not the student's."""
-    from swift_gkd_plugin.testing import tiny
+    from swift_gkd_plugin.demo import tiny
     run = run_megatron(megatron_args(tiny_ws, str(tmp_path / 'out'), dataset=tiny_ws.fixed, lmbda=0, seq_kd='true',
                                      top_k=1, train_iters=1, micro_batch_size=2, global_batch_size=2,
                                      log_completions='true'))

@@ -25,7 +25,7 @@ from test_launcher_checks import assert_passed_the_checks
 from test_teacher_store import HUB_TEACHER, SAMPLES, changed_in_one_middle_tensor, hub_cache, score_argv
 
 from swift_gkd_plugin.core.scores.store import StoreWriter, TeacherStore
-from swift_gkd_plugin.testing import tiny
+from swift_gkd_plugin.demo import tiny
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason='the CPU harness does nothing where CUDA is '
                                 'present: tests/gpu/run_megatron_gkd.sh runs Megatron-SWIFT there')

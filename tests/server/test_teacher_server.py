@@ -29,7 +29,7 @@ from conftest import (OFFLINE_ENV, RL_REWARD_PLUGIN, SHARED_SERVERS, base_args, 
                       run_swift_gkd)
 
 from swift_gkd_plugin.server import TeacherClient, TeacherServerError
-from swift_gkd_plugin.testing import tiny
+from swift_gkd_plugin.demo import tiny
 
 SWIFT_GKD = os.path.join(os.path.dirname(sys.executable), 'swift-gkd')
 TEMPLATE = 'qwen3_nothinking'

@@ -121,9 +121,9 @@ def environment() -> Dict[str, Any]:
 
 
 def build_tokenizer(out_dir: str, num_tokens: int):
-    """The tiny trained BPE of ``swift_gkd_plugin.testing.tiny`` (ChatML specials and template), padded with plain
+    """The tiny trained BPE of ``swift_gkd_plugin.demo.tiny`` (ChatML specials and template), padded with plain
     added tokens to ``num_tokens`` entries so that every id the model can sample decodes and re-encodes."""
-    from swift_gkd_plugin.testing import tiny
+    from swift_gkd_plugin.demo import tiny
     tok = tiny.build_tokenizer(out_dir)
     if num_tokens > len(tok):
         tok.add_tokens([f'<|pad{i}|>' for i in range(num_tokens - len(tok))])
@@ -171,7 +171,7 @@ def build_workspace(root: str, tiny: bool, device: str, dtype: Optional[str] = N
     """Student and teacher of real shapes (Qwen2.5-0.5B / 1.5B, vocabulary 151,936, bf16) or tiny ones (``tiny``,
     float32 unless ``dtype`` says otherwise, for the CPU tests of these scripts), and the tiny task's training rows.
     The models are built once per ``root`` (give another root for another dtype)."""
-    from swift_gkd_plugin.testing import tiny as tiny_mod
+    from swift_gkd_plugin.demo import tiny as tiny_mod
     os.makedirs(root, exist_ok=True)
     vocab, tokens = (TINY_VOCAB, TINY_TOKENS) if tiny else (QWEN_VOCAB, QWEN_TOKENS)
     dtype = dtype or ('float32' if tiny else 'bfloat16')

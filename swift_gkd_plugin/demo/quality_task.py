@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from swift_gkd_plugin.testing import tiny
+from swift_gkd_plugin.demo import tiny
 
 __all__ = [
     'SYMBOLS', 'NUM_SYMBOLS', 'PROMPT_PREFIX', 'split_of', 'valid_answers', 'is_correct', 'make_rows',

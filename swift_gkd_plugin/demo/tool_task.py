@@ -39,7 +39,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from swift_gkd_plugin.testing import quality_task, tiny
+from swift_gkd_plugin.demo import quality_task, tiny
 
 __all__ = [
     'PROMPT_PREFIX', 'CALL_OPEN', 'CALL_CLOSE', 'MAX_TURNS', 'split_of', 'operands_of', 'solve', 'is_success',

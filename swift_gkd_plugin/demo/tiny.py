@@ -29,7 +29,7 @@ tokenizer this is identical to tokenizing the whole string at once).
 
 Typical use::
 
-    from swift_gkd_plugin.testing import tiny
+    from swift_gkd_plugin.demo import tiny
     ws = tiny.build_demo_workspace('/tmp/gkd_demo')
     # ws['teacher'], ws['student'], ws['train'], ws['test'], ws['teacher_score'] ...
 """
@@ -45,7 +45,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from swift_gkd_plugin.testing.tiny_text import (
+from swift_gkd_plugin.demo.tiny_text import (
     CHAT_TEMPLATE, EXTRA_TOKENS, MAX_LEN, MIN_LEN, PROMPT_PREFIX, SPECIAL_TOKENS, SYMBOLS, _BPE_VOCAB_SIZE,
     _as_tokenizer, _render_prompt, _save_chatml_tokenizer, _tokenizer_corpus, build_sentencepiece_tokenizer,
     build_tokenizer, encode_row, load_tokenizer, make_rows, read_dataset, solve, split_of, train_bpe, write_dataset)

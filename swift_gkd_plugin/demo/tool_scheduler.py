@@ -16,7 +16,7 @@ from typing import Dict
 from swift.infer_engine.protocol import ChatCompletionResponseChoice, RolloutInferRequest
 from swift.rollout import MultiTurnScheduler, multi_turns
 
-from swift_gkd_plugin.testing import tool_task
+from swift_gkd_plugin.demo import tool_task
 
 __all__ = ['CalculatorScheduler', 'NAME']
 
