@@ -13,12 +13,15 @@ from swift_gkd_plugin.options import flag_reference
 from swift_gkd_plugin.options.flags import (NO_EFFECT_IN_MEGATRON, SWIFT_RLHF_ONLY, FlagError, GKDPluginArgumentsMixin,
                                             MegatronGKDFlagsMixin)
 
+from test_packaging import PROJECT
+
 REGENERATE = 'regenerate them: python -m swift_gkd_plugin.options.flag_reference'
 
 
 @pytest.mark.parametrize('language', list(flag_reference.PAGES))
 def test_the_pages_are_the_generated_reference(language):
-    with open(os.path.join(flag_reference.ROOT, flag_reference.PAGES[language]), encoding='utf-8') as f:
+    """The checkout's pages (CI installs the package into site-packages, where the docs sit inside the package)."""
+    with open(os.path.join(PROJECT, flag_reference.PAGES[language]), encoding='utf-8') as f:
         assert f.read() == flag_reference.page(language), REGENERATE
 
 

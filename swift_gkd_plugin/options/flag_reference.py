@@ -9,6 +9,7 @@ is the same tables under translated headings and introduction (the help text sta
 from __future__ import annotations
 
 import os
+import sys
 import typing
 from dataclasses import MISSING, fields
 from typing import Dict, List
@@ -18,7 +19,8 @@ from swift_gkd_plugin.options.flags import (FLAG_DECLARATIONS, MS_SWIFT_FLAGS, N
                                             choices_of)
 from swift_gkd_plugin.options.ms_swift_flag_table import type_name
 
-#: the checkout's root (the wheel ships no docs: the generator writes into a checkout)
+#: the checkout's root when the package runs from one (an editable install); the generator is a developer's tool that
+#: writes into a checkout: ``python -m swift_gkd_plugin.options.flag_reference [CHECKOUT]``
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PAGES = {'en': os.path.join('docs_en', 'flags.md'), 'zh': os.path.join('docs_zh', 'flags.md')}
 BOTH, SWIFT, MEGATRON = 'swift rlhf, megatron rlhf', 'swift rlhf', 'megatron rlhf'
@@ -136,5 +138,5 @@ def write_pages(root: str = ROOT) -> Dict[str, str]:
 
 
 if __name__ == '__main__':
-    for path in write_pages().values():
+    for path in write_pages(sys.argv[1] if len(sys.argv) > 1 else ROOT).values():
         print(path)
