@@ -51,6 +51,7 @@ REFUSED_IN_MEGATRON = {
     'gkd_max_staleness': {'gkd_max_staleness': 2},
     'save_teacher_scores': {'save_teacher_scores': 'out'}, 'teacher_scores_dtype': {'teacher_scores_dtype': 'float32'},
     'teacher_scores_samples': {'teacher_scores_samples': 4}, 'gkd_score_only': {'gkd_score_only': True},
+    'gkd_drop_bad_rows': {'gkd_drop_bad_rows': True},
 }
 
 

@@ -271,9 +271,8 @@ SWIFT_RLHF_ONLY = ('gkd_fused_backend', 'gkd_drop_bad_rows') + TEACHER_CLIENT_FL
     'gkd_rl_coef', 'gkd_divergence_coef', 'gkd_sampled_kl_coef', 'gkd_sampled_kl_discount', 'gkd_sampled_kl_baseline',
     'gkd_cross_tokenizer', 'teacher_template', 'gkd_ref_kl_coef', 'gkd_skd_top_k', 'gkd_max_staleness',
     'save_teacher_scores', 'teacher_scores_dtype', 'teacher_scores_samples', 'gkd_score_only')
-#: ``megatron rlhf`` warns that ``--gkd_fused_backend`` has no effect there; ``--gkd_drop_bad_rows`` is read by
-#: ``swift rlhf``'s dataset checks only
-NO_EFFECT_IN_MEGATRON = ('gkd_fused_backend', 'gkd_drop_bad_rows')
+#: ``megatron rlhf`` warns that ``--gkd_fused_backend`` has no effect there
+NO_EFFECT_IN_MEGATRON = ('gkd_fused_backend',)
 #: the plugin's flags declared with :func:`flag_field`: name -> its :class:`Range`, or the ``Literal`` type of its
 #: choices
 FLAG_DECLARATIONS: Dict[str, object] = {f.name: _DECLARED[f] for f in fields(GKDPluginArgumentsMixin) if f in _DECLARED}

@@ -86,6 +86,8 @@ def assert_passed_the_checks(output):
     (('--rollout_importance_sampling_mode', 'token_truncate', '--log_rollout_offpolicy_metrics', 'true'),
      "['--rollout_importance_sampling_mode', '--log_rollout_offpolicy_metrics'] are supported by swift rlhf only"),
     (('--gkd_cross_tokenizer', 'uld'), '--gkd_cross_tokenizer uld is supported by swift rlhf only'),
+    (('--gkd_drop_bad_rows', 'true'), '--gkd_drop_bad_rows true is read by swift rlhf only (allowed here: false): '
+     'megatron rlhf trains on every row'),
     (('--temperature', '0.001'), '--temperature must be >= 0.02 (the loss divides the logits by it'),
     (('--multi_turn_scheduler', 'x', '--max_turns', '2'), '--multi_turn_scheduler x, --max_turns 2: multi-turn '
      'rollouts are supported by swift rlhf only'),

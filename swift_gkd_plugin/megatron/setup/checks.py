@@ -73,6 +73,10 @@ def check_megatron_gkd(args) -> None:
         raise FlagError(f'{", ".join(cross)} is supported by swift rlhf only: the Megatron loss works on '
                          'vocabulary-parallel logit shards of one shared vocabulary. Distil across tokenizers with '
                          'swift rlhf --rlhf_type gkd (docs_en/cross_tokenizer.md)')
+    if getattr(args, 'gkd_drop_bad_rows', False):
+        raise FlagError('--gkd_drop_bad_rows true is read by swift rlhf only (allowed here: false): megatron rlhf '
+                        'trains on every row, and its launcher names a local row it cannot sample from by file and '
+                        'line: remove such rows from the dataset')
     if args.gkd_skd_top_k:
         raise FlagError(f'--gkd_skd_top_k {args.gkd_skd_top_k} is supported by swift rlhf only: megatron rlhf '
                          'samples with vLLM or with its own tensor-parallel sampler, and neither has SKD\'s step where '
