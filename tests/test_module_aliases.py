@@ -47,9 +47,7 @@ def test_the_old_start_up_line_and_console_script_still_work():
             'from swift_gkd_plugin.cli import main\n'
             'sys.argv = ["swift-gkd", "--version"]\n'
             'main()\n')
-    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ['1', 'swift-gkd-plugin', swift_gkd_plugin.__version__], out.stdout
+    assert _fresh_python(code) == ['1', 'swift-gkd-plugin', swift_gkd_plugin.__version__]
 
 
 def test_a_submodule_of_a_renamed_package_is_the_moved_submodule():
@@ -61,6 +59,11 @@ def test_a_submodule_of_a_renamed_package_is_the_moved_submodule():
             'import swift_gkd_plugin.testing.tiny as old\n'
             'from swift_gkd_plugin.testing.tiny import build_warm_workspace\n'
             'print(old is new, build_warm_workspace is new.build_warm_workspace)\n')
+    assert _fresh_python(code) == ['True', 'True']
+
+
+def _fresh_python(code: str) -> list:
+    """The words ``code`` prints in a fresh interpreter, which must exit 0."""
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ['True', 'True'], out.stdout
+    return out.stdout.split()

@@ -519,14 +519,17 @@ class RefuseEmptyEpochs(TrainerCallback):
             warn_rows_left_out(args, state, train_dataloader)
             return
         rows = len(train_dataloader.dataset) if hasattr(train_dataloader.dataset, '__len__') else '?'
-        readers_count, what = readers(args)
-        steps = args.steps_per_generation
-        accumulation = steps == args.gradient_accumulation_steps
-        flag = '--gradient_accumulation_steps' if accumulation else '--steps_per_generation'
-        batch = GenerationBatch(args.per_device_train_batch_size, steps, flag, readers_count, what,
-                                getattr(args, 'num_generations', 1) or 1, args.world_size)
         raise FlagError(f'--dataset: the training set has {rows} row(s) after preprocessing (--max_steps '
-                        f'{args.max_steps}), {batch.fewer_than(rows)}')
+                        f'{args.max_steps}), {training_generation_batch(args).fewer_than(rows)}')
+
+
+def training_generation_batch(args) -> GenerationBatch:
+    """The generation batch of a run whose arguments ms-swift resolved (``--steps_per_generation`` filled in: it is
+    ``--gradient_accumulation_steps`` unless given)."""
+    steps, (readers_count, what) = args.steps_per_generation, readers(args)
+    flag = '--gradient_accumulation_steps' if steps == args.gradient_accumulation_steps else '--steps_per_generation'
+    return GenerationBatch(args.per_device_train_batch_size, steps, flag, readers_count, what,
+                           getattr(args, 'num_generations', 1) or 1, args.world_size)
 
 
 def warn_rows_left_out(args, state, train_dataloader) -> None:
@@ -541,13 +544,12 @@ def warn_rows_left_out(args, state, train_dataloader) -> None:
     groups, what = readers(args)
     per_epoch = steps * args.per_device_train_batch_size * groups
     if rows > per_epoch and state.max_steps * args.gradient_accumulation_steps >= steps:
-        batch, per_generation = args.per_device_train_batch_size, args.steps_per_generation
-        flag = ('--gradient_accumulation_steps' if per_generation == args.gradient_accumulation_steps
-                else '--steps_per_generation')
+        batch = training_generation_batch(args)
         logger.warning(f'swift_gkd_plugin: --dataset: {rows - per_epoch} of the {rows} training rows are left out of '
                        f'each epoch: GKD drops incomplete generation batches (dataloader_drop_last; a generation '
-                       f'batch is --per_device_train_batch_size {batch} x {flag} {per_generation} on {groups} {what} '
-                       f'= {batch * per_generation * groups} rows), and the sampler leaves out other rows each epoch')
+                       f'batch is --per_device_train_batch_size {batch.per_device} x {batch.flag} {batch.steps} on '
+                       f'{batch.readers} {batch.what} = {batch.rows} rows), and the sampler leaves out other rows each '
+                       'epoch')
 
 
 def readers(args) -> Tuple[int, str]:
